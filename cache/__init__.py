@@ -1,0 +1,1 @@
+"""Corpus readers and the HDF5 feature cache (DESIGN.md format v1)."""

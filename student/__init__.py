@@ -1,0 +1,1 @@
+"""The BiomedCLIP-architecture student: presets, build, projection heads, freezing, export and load."""

@@ -1,0 +1,94 @@
+"""open_clip back-end: built-in `MODEL/TAG`, `hf-hub:org/repo` and `local-dir:PATH` models.
+
+Also the fix for moved exports: stock open_clip finds a Hugging Face text tower's config by the name in
+`text_cfg.hf_model_name`, which goes stale when an exported folder is moved; `local_dir_overrides` points it
+at the config inside the folder instead (used here and by `student.load_student`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .base import Teacher
+from .spec import Spec
+from .transforms import PreprocessCfg
+
+
+def local_dir_overrides(path: str | os.PathLike) -> dict:
+    """Model kwargs that make `create_model("local-dir:PATH")` work after the folder was moved.
+
+    Returns `{"text_cfg": {...}}` with `hf_model_name`/`hf_tokenizer_name` pointing into PATH when PATH
+    holds the text tower's own `config.json`; `{}` when nothing needs fixing.
+    """
+    path = Path(path)
+    cfg_file = path / "open_clip_config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found: a local-dir: model folder needs open_clip_config.json")
+    try:
+        model_cfg = json.loads(cfg_file.read_text())["model_cfg"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{cfg_file}: not a valid open_clip config ({e})") from e
+    text_cfg = dict(model_cfg.get("text_cfg", {}))
+    if "hf_model_name" not in text_cfg or not (path / "config.json").is_file():
+        return {}
+    text_cfg["hf_model_name"] = str(path.resolve())
+    text_cfg["hf_model_pretrained"] = False  # weights come from the folder's safetensors
+    if text_cfg.get("hf_tokenizer_name"):
+        text_cfg["hf_tokenizer_name"] = str(path.resolve())
+    return {"text_cfg": text_cfg}
+
+
+def create_open_clip(spec: Spec, device: str | torch.device = "cpu"):
+    """(model, preprocess, tokenizer) for an open_clip SPEC, offline-safe for our own exports."""
+    import open_clip
+
+    if spec.kind == "local-dir":
+        name, pretrained, kwargs = f"local-dir:{spec.target}", None, local_dir_overrides(spec.target)
+    elif spec.kind == "hf-hub":
+        name, pretrained, kwargs = f"hf-hub:{spec.target}", None, {}
+    else:
+        model_name, _, tag = spec.target.partition("/")
+        name, pretrained, kwargs = model_name, tag, {}
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        name, pretrained=pretrained, device=device, **kwargs)
+    tokenizer = open_clip.get_tokenizer(name)
+    return model, preprocess, tokenizer
+
+
+class OpenClipTeacher(Teacher):
+    """A frozen open_clip model; its own preprocess and tokenizer come from open_clip."""
+
+    def __init__(self, spec: Spec, device: str | torch.device = "cpu"):
+        from open_clip.model import get_model_preprocess_cfg
+
+        model, preprocess, tokenizer = create_open_clip(spec, device)
+        pp = get_model_preprocess_cfg(model)
+        size = pp.get("size", 224)
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        cfg = PreprocessCfg(image_size=size, mean=tuple(pp["mean"]), std=tuple(pp["std"]),
+                            interpolation=pp.get("interpolation", "bicubic"),
+                            resize_mode=pp.get("resize_mode", "shortest"))
+        ctx = getattr(tokenizer, "context_length", None) or getattr(model, "context_length", 77)
+        with torch.no_grad():
+            dim = model.encode_image(torch.zeros(1, 3, *size, device=device)).shape[-1]
+        super().__init__(model, spec=spec.raw, embed_dim=dim, logit_scale=float(model.logit_scale.exp().item()),
+                         preprocess_cfg=cfg, context_length=ctx)
+        self._preprocess = preprocess
+        self._tokenizer = tokenizer
+
+    @property
+    def image_transform(self):
+        return self._preprocess
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self._tokenizer(list(texts))
+
+    def _image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk.encode_image(images)
+
+    def _text_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.trunk.encode_text(tokens)

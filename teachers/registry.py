@@ -1,0 +1,59 @@
+"""Aliases for the real biomedical teachers, and `load_teacher`, the one entry point from SPEC to Teacher.
+
+timm-style: `list_teachers("*clip*")` matches with fnmatch; an unknown alias suggests near matches.
+"""
+from __future__ import annotations
+
+import torch
+
+from distill.registry import Registry
+
+from .base import Teacher
+from .spec import Spec, parse_spec
+
+TEACHER_ALIASES: Registry[str] = Registry("teacher alias")
+
+for _name, _spec in {
+    "biomedclip": "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+    "quiltnet-b32": "hf-hub:wisdomik/QuiltNet-B-32",
+    "quiltnet-b16": "hf-hub:wisdomik/QuiltNet-B-16",
+    "genmedclip": "hf-hub:wisdomik/GenMedClip",
+    "plip": "hf-clip:vinid/plip",
+    "pubmedclip": "hf-clip:flaviagiammarino/pubmed-clip-vit-base-patch32",
+}.items():
+    TEACHER_ALIASES.add(_name, _spec)
+
+
+def register_teacher(name: str, spec: str) -> None:
+    """Add an alias (for example a lab's own `py:` teacher) usable wherever a SPEC is."""
+    parse_spec(spec)
+    TEACHER_ALIASES.add(name, spec)
+
+
+def list_teachers(pattern: str = "*") -> list[str]:
+    return TEACHER_ALIASES.list(pattern)
+
+
+def resolve_spec(spec: str) -> Spec:
+    """Parse SPEC, following registry aliases to the spec they stand for."""
+    parsed = parse_spec(spec)
+    if parsed.kind == "alias":
+        return parse_spec(TEACHER_ALIASES.get(parsed.target))
+    return parsed
+
+
+def load_teacher(spec: str, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> Teacher:
+    """Load any SPEC as a frozen Teacher on `device` (eval mode, no gradients, autocast on GPU)."""
+    parsed = resolve_spec(spec)
+    if parsed.backend == "open_clip":
+        from .open_clip_teacher import OpenClipTeacher
+        teacher: Teacher = OpenClipTeacher(parsed, device=device)
+    elif parsed.backend == "hf-clip":
+        from .hf_teacher import HFClipTeacher
+        teacher = HFClipTeacher(parsed, device=device, trust_remote_code=trust_remote_code)
+    elif parsed.backend == "py":
+        from .py_teacher import load_py_teacher
+        return load_py_teacher(parsed, device=device)
+    else:  # pragma: no cover - parse_spec guarantees the kinds above
+        raise ValueError(f"no back-end for SPEC {spec!r}")
+    return teacher.to_device(device)

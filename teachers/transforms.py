@@ -1,0 +1,85 @@
+"""Image transforms shared by teachers, the cache and the student.
+
+A stored view is 5 numbers per sample: the relative crop box (x0, y0, w, h in [0, 1]) and a flip flag. Applying
+it to the decoded PIL image *before* any model's resize lets each teacher (and later the student) see exactly
+the same view at its own resolution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+from torchvision.transforms import InterpolationMode
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_INTERP = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
+           "nearest": InterpolationMode.NEAREST}
+
+
+@dataclass(frozen=True)
+class PreprocessCfg:
+    """What a model expects of an image: size, normalisation, interpolation."""
+
+    image_size: tuple[int, int] = (224, 224)
+    mean: tuple[float, ...] = OPENAI_MEAN
+    std: tuple[float, ...] = OPENAI_STD
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"  # eval: resize shortest side then centre-crop ("squash": resize to size)
+
+    def to_attrs(self) -> dict:
+        return {"image_size": list(self.image_size), "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation, "resize_mode": self.resize_mode}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def apply_view(img: Image.Image, params: Sequence[float]) -> Image.Image:
+    """Crop the relative box (x0, y0, w, h) and flip horizontally when params[4] > 0.5."""
+    x0, y0, w, h, flip = (float(p) for p in params)
+    W, H = img.size
+    left, top = int(round(x0 * W)), int(round(y0 * H))
+    right = max(left + 1, min(W, int(round((x0 + w) * W))))
+    bottom = max(top + 1, min(H, int(round((y0 + h) * H))))
+    out = img.crop((left, top, right, bottom))
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip > 0.5 else out
+
+
+def _normalise(t: torch.Tensor, cfg: PreprocessCfg) -> torch.Tensor:
+    return TF.normalize(t, list(cfg.mean), list(cfg.std))
+
+
+def make_eval_transform(cfg: PreprocessCfg) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize (shortest side, or squash), centre-crop, normalise: the usual CLIP eval transform."""
+    interp = _INTERP[cfg.interpolation]
+    size = list(cfg.image_size)
+
+    def transform(img: Image.Image) -> torch.Tensor:
+        img = to_rgb(img)
+        if cfg.resize_mode == "squash":
+            img = TF.resize(img, size, interpolation=interp)
+        else:
+            img = TF.resize(img, min(size), interpolation=interp)
+            img = TF.center_crop(img, size)
+        return _normalise(TF.to_tensor(img), cfg)
+
+    return transform
+
+
+def make_view_transform(cfg: PreprocessCfg) -> Callable[[Image.Image, Sequence[float]], torch.Tensor]:
+    """Apply a stored view, then resize the crop to the model's size (as RandomResizedCrop does)."""
+    interp = _INTERP[cfg.interpolation]
+    size = list(cfg.image_size)
+
+    def transform(img: Image.Image, params: Sequence[float]) -> torch.Tensor:
+        img = apply_view(to_rgb(img), params)
+        img = TF.resize(img, size, interpolation=interp)
+        return _normalise(TF.to_tensor(img), cfg)
+
+    return transform
