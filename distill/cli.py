@@ -1,0 +1,208 @@
+"""The `distill` command line: the only module that imports argparse.
+
+Each subcommand parses its flags into a config dataclass and calls library code, so no library module ever
+sees a Namespace (STYLE.md: avoid open_clip's one-namespace-threaded-everywhere trainer).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from . import __version__
+
+EPILOG = """SPEC forms: hf-hub:ORG/REPO, local-dir:PATH, MODEL/PRETRAINED_TAG (open_clip built-in),
+hf-clip:HUB_ID_OR_FOLDER, py:module:function, or an alias (distill info --list-teachers lists them)."""
+
+
+def _name_spec(value: str) -> tuple[str, str]:
+    name, sep, spec = value.partition("=")
+    if not sep or not name or not spec:
+        raise argparse.ArgumentTypeError(f"expected NAME=SPEC, got {value!r} (for example biomedclip=biomedclip)")
+    return name, spec
+
+
+def _pairs(values: Sequence[tuple[str, str]], flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, spec in values:
+        if name in out:
+            raise SystemExit(f"error: {flag} {name}= given twice")
+        out[name] = spec
+    return out
+
+
+# -- subcommands -------------------------------------------------------------------------------------
+def cmd_cache(args: argparse.Namespace) -> int:
+    from cache.build import CacheJob, build_cache
+
+    job = CacheJob(data=args.data, teachers=_pairs(args.teacher, "--teacher"), out=args.out,
+                   batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+                   dtype=args.dtype, views=args.views, on_bad_sample=args.on_bad_sample, seed=args.seed)
+    build_cache(job)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    if args.list_teachers:
+        from teachers.registry import TEACHER_ALIASES, list_teachers
+
+        for name in list_teachers():
+            print(f"{name:16s} {TEACHER_ALIASES.get(name)}")
+        return 0
+    if not args.features:
+        raise SystemExit("error: distill info needs FEATURES.h5 (or --list-teachers)")
+    from cache.inspect import info
+
+    print(info(args.features))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    return train_main(["--config", args.config, *args.overrides])
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """Entry for `accelerate launch -m distill.train --config C.yaml [section.key=value ...]`."""
+    parser = argparse.ArgumentParser(prog="distill train", description="Train a student (see configs/).")
+    parser.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=100")
+    args = parser.parse_args(argv)
+    from .config import Config
+    from .train import train
+
+    train(Config.from_yaml(args.config, overrides=args.overrides))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from student.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, report=args.report,
+                            text_config_from_hub=args.text_config_from_hub)
+    print(f"exported student to {out}")
+    if args.push_to_hub:
+        from student.export import push_to_hub
+
+        push_to_hub(args.out, args.push_to_hub)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import EvalJob, run_eval
+
+    job = EvalJob(models=_pairs(args.model, "--model"), tasks=list(args.task), out=args.out, device=args.device,
+                  batch_size=args.batch_size, num_workers=args.num_workers, bootstrap=args.bootstrap,
+                  seed=args.seed, student=args.student)
+    run_eval(job)
+    return 0
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from cache.corpus import open_corpus
+    from student.tokenizer import train_wordpiece
+
+    corpus = open_corpus(args.data)
+    out = train_wordpiece(corpus.captions, args.out, vocab_size=args.vocab_size,
+                          model_max_length=args.context_length)
+    print(f"wrote a {args.vocab_size}-token WordPiece tokenizer trained on {len(corpus)} captions to {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoJob, run_demo
+
+    run_demo(DemoJob(out=args.out, steps=args.steps, rows=args.rows))
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distill", description="biomed-distill: distil biomedical CLIP teachers "
+                                "into one BiomedCLIP-architecture student.", epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"biomed-distill {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("cache", help="embed a corpus with every teacher into an HDF5 feature cache",
+                       description="Every teacher embeds every image-caption pair once, into FEATURES.h5. "
+                       "Resumable: rerun the same command after an interruption. Run under `accelerate launch` "
+                       "or torchrun to split the corpus over processes.", epilog=EPILOG)
+    c.add_argument("--data", required=True, help="corpus: CSV/TSV/JSONL (image, caption[, key]) or WebDataset "
+                   "shards (a folder of .tar or a brace pattern)")
+    c.add_argument("--teacher", required=True, action="append", type=_name_spec, metavar="NAME=SPEC",
+                   help="a teacher to cache (repeatable)")
+    c.add_argument("--out", required=True, help="FEATURES.h5 (created, resumed or extended)")
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--num-workers", type=int, default=2, help="DataLoader workers decoding images")
+    c.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    c.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype")
+    c.add_argument("--views", type=int, default=0, metavar="K",
+                   help="K augmented views per image (crop box + flip stored once, replayed for every teacher)")
+    c.add_argument("--on-bad-sample", default="skip", choices=["skip", "fail"],
+                   help="skip (record and go on) or fail at the first unreadable image or empty caption")
+    c.add_argument("--seed", type=int, default=0, help="seed of the view parameters")
+    c.set_defaults(func=cmd_cache)
+
+    i = sub.add_parser("info", help="describe a feature cache")
+    i.add_argument("features", nargs="?", help="FEATURES.h5")
+    i.add_argument("--list-teachers", action="store_true", help="list the teacher aliases and their SPECs")
+    i.set_defaults(func=cmd_info)
+
+    t = sub.add_parser("train", help="train a student (same as accelerate launch -m distill.train)")
+    t.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
+    t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=100")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="export a checkpoint as an open_clip-loadable student folder")
+    e.add_argument("checkpoint", help="a checkpoint-STEP folder, or a run folder (its newest checkpoint)")
+    e.add_argument("--out", required=True, help="STUDENT_DIR to write")
+    e.add_argument("--report", help="report.json from distill eval, summarised in the model card")
+    e.add_argument("--text-config-from-hub", metavar="HUB_ID",
+                   help="name this hub id as the text tower's config (for publishing, as BiomedCLIP does)")
+    e.add_argument("--push-to-hub", metavar="REPO", help="upload the folder to the Hugging Face Hub")
+    e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("eval", help="evaluate students and teachers side by side", epilog=EPILOG)
+    v.add_argument("--model", required=True, action="append", type=_name_spec, metavar="NAME=SPEC")
+    v.add_argument("--task", required=True, action="append", help="built-in task name or task YAML file")
+    v.add_argument("--out", required=True, help="REPORT_DIR (report.json, report.md, PNG charts)")
+    v.add_argument("--student", help="which --model is the student (for the gain-over-best-teacher column)")
+    v.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    v.add_argument("--batch-size", type=int, default=64)
+    v.add_argument("--num-workers", type=int, default=0)
+    v.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    v.add_argument("--seed", type=int, default=0)
+    v.set_defaults(func=cmd_eval)
+
+    k = sub.add_parser("tokenizer", help="train a WordPiece vocabulary on a corpus's captions")
+    k.add_argument("--data", required=True, help="corpus (as for distill cache)")
+    k.add_argument("--vocab-size", type=int, required=True)
+    k.add_argument("--out", required=True, help="tokenizer folder to write")
+    k.add_argument("--context-length", type=int, default=256)
+    k.set_defaults(func=cmd_tokenizer)
+
+    d = sub.add_parser("demo", help="the whole pipeline on a generated corpus with tiny teachers, offline")
+    d.add_argument("--out", default="demo-out")
+    d.add_argument("--steps", type=int, default=60)
+    d.add_argument("--rows", type=int, default=96)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, KeyError, PermissionError) as e:
+        if args.verbose:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"distill {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
