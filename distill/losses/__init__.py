@@ -1,0 +1,29 @@
+"""Training losses: sharded InfoNCE, feature matching, ICL and affinity distillation, teacher combination, PHI-S.
+
+    loss = DistillLoss([LossTermCfg("infonce", "infonce"), LossTermCfg("feat_mse", "feature", 50.0,
+                        kwargs={"metric": "mse"})], teacher_names=["biomedclip", "plip"])
+    out = loss(StudentOutput(...), TeacherBatch(...), generator)   # {"infonce": ..., "feat_mse": ..., "loss": ...}
+    print(loss)                                                      # Loss = 1.0 * infonce + 50.0 * feat_mse
+"""
+from .distill_loss import DistillLoss
+from .distributed import GatherFn, all_gather_rows
+from .phi_s import PhiS, hadamard, phi_s_affine
+from .terms import LOSSES, LossTerm, StepContext, register_loss
+from .types import CombineCfg, LossTermCfg, StudentOutput, TeacherBatch
+
+__all__ = [
+    "DistillLoss",
+    "LossTermCfg",
+    "CombineCfg",
+    "StudentOutput",
+    "TeacherBatch",
+    "LOSSES",
+    "LossTerm",
+    "StepContext",
+    "register_loss",
+    "GatherFn",
+    "all_gather_rows",
+    "PhiS",
+    "hadamard",
+    "phi_s_affine",
+]

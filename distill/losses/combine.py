@@ -1,0 +1,79 @@
+"""Per-sample teacher weights: weighted sum, one random teacher per sample (MMKD-CLIP), teacher dropping.
+
+Every mode is a (B, T) weight matrix that multiplies the (B, T) per-sample, per-teacher values of a term; the
+term is then the batch mean of the row sums. Rows sum to 1, so
+- weighted_sum: row = the term's teacher weights renormalised over the kept teachers, term = sum_t w_t mean_i l_it;
+- random_teacher: row = one-hot on the sample's teacher, drawn with probability w_t (over the kept teachers), so
+  the term is the batch mean of each sample's loss against exactly its teacher, an unbiased estimate of the
+  weighted sum. Equivalently: each teacher's mean over the samples assigned to it, weighted by its share.
+Dropped teachers get weight 0 rather than being skipped, so every projection head stays in the graph (DDP needs no
+find_unused_parameters) and all ranks run the same collectives.
+
+Draw order (one step, one generator): T uniforms for dropping (when drop_prob > 0), then for each term whose
+teachers were all dropped (fewest teachers first) one randint to revive one of them, then world_size * B
+uniforms for the assignment (random_teacher), of which this rank keeps its own B. A sample's uniform is shared by every term
+(inverse-CDF over that term's kept teachers), so terms with the same teachers give a sample the same teacher.
+Seed the generator identically on every rank: every rank then drops the same teachers, and each sample gets the
+teacher a one-process run over the global batch would give it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .distributed import world_and_rank
+from .types import CombineCfg
+
+
+@dataclass(frozen=True)
+class TeacherDraw:
+    """One step's random choices: which teachers are kept, and each sample's uniform for the assignment."""
+
+    kept: dict[str, bool]
+    uniforms: Tensor | None  # (B,) in [0, 1), only for random_teacher
+
+
+def draw(
+    cfg: CombineCfg,
+    teacher_names: list[str],
+    term_teachers: list[list[str]],
+    batch_size: int,
+    generator: torch.Generator | None = None,
+) -> TeacherDraw:
+    """Draw the step's dropped teachers (never all of any term's) and per-sample uniforms."""
+    kept = {t: True for t in teacher_names}
+    if cfg.drop_prob > 0 and teacher_names:
+        u = torch.rand(len(teacher_names), generator=generator)
+        kept = {t: bool(u[i] >= cfg.drop_prob) for i, t in enumerate(teacher_names)}
+        # revive for the terms with the fewest teachers first, so one revival can serve several terms
+        for names in sorted(term_teachers, key=len):
+            if names and not any(kept[t] for t in names):
+                revive = int(torch.randint(len(names), (1,), generator=generator))
+                kept[names[revive]] = True
+    uniforms = None
+    if cfg.mode == "random_teacher":  # draw for the global batch, keep this rank's rows: same as one process
+        world, rank = world_and_rank()
+        uniforms = torch.rand(world * batch_size, generator=generator)[rank * batch_size : (rank + 1) * batch_size]
+    return TeacherDraw(kept=kept, uniforms=uniforms)
+
+
+def weight_matrix(
+    cfg: CombineCfg, weights: dict[str, float], step: TeacherDraw, batch_size: int, device=None
+) -> Tensor:
+    """(B, T) weights for a term with teacher weights `weights` (in that order), rows summing to 1."""
+    w = torch.tensor([weights[t] if step.kept[t] else 0.0 for t in weights], dtype=torch.float64)
+    if w.sum() <= 0:  # a term whose only positive-weight teachers were dropped: fall back to its kept ones
+        w = torch.tensor([1.0 if step.kept[t] else 0.0 for t in weights], dtype=torch.float64)
+    w = w / w.sum()
+    if cfg.mode == "weighted_sum":
+        out = w.expand(batch_size, -1)
+    else:
+        cdf = torch.cumsum(w, 0)
+        # a weight-0 teacher has a zero-width interval, so it is never picked; from the last positive teacher on
+        # the CDF is lifted past 1 so rounding cannot hand a uniform near 1 to a trailing dropped teacher
+        cdf[int(torch.nonzero(w > 0).max()):] = 2.0
+        idx = torch.searchsorted(cdf, step.uniforms.to(torch.float64), right=True)
+        out = torch.nn.functional.one_hot(idx, len(w)).to(torch.float64)
+    return out.to(device=device, dtype=torch.float32)

@@ -1,0 +1,113 @@
+"""`DistillLoss`: the weighted sum of named terms that the trainer calls once per step."""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import combine as _combine
+from .distributed import GatherFn, StepGather, all_gather_rows
+from .phi_s import PhiS
+from .terms import LOSSES, LossTerm, StepContext
+from .types import CombineCfg, LossTermCfg, StudentOutput, TeacherBatch
+
+
+def _build_term(cfg: LossTermCfg) -> LossTerm:
+    cls = LOSSES.get(cfg.kind)
+    try:
+        inspect.signature(cls).bind(**cfg.kwargs)
+    except TypeError as e:
+        opts = [p for p in inspect.signature(cls).parameters]
+        raise ValueError(
+            f"loss term {cfg.name!r} (kind {cfg.kind!r}): bad options {sorted(cfg.kwargs)}: {e}; "
+            f"its options are: {', '.join(opts) or 'none'}"
+        ) from None
+    return cls(**cfg.kwargs)
+
+
+class DistillLoss(nn.Module):
+    """Builds the configured terms and returns {term name: weight * term, ..., "loss": total} each step.
+
+    teacher_names: the teachers in the cache (the student has one projection head per teacher).
+    combine: weighted sum or one random teacher per sample, teacher dropping, PHI-S balancing (see combine.py).
+        `forward`'s generator drives the random choices: seed it identically on every rank, per step.
+    teacher_stats: cache statistics for balance="phi_s": {teacher: {"image_mean", "image_cov", "text_mean",
+        "text_cov"}} as numpy arrays. PHI-S standardises the targets of `feature` terms only: `icl` and `affinity`
+        compare unit vectors through the teacher's logit scale, which a centred, rescaled target would break.
+    gather_fn: how rows are gathered across processes, (x, with_grad) -> (global rows, offset of the local ones);
+        default: torch.distributed when it is initialised, else the identity (plain one-process losses).
+    """
+
+    def __init__(
+        self,
+        terms: list[LossTermCfg],
+        teacher_names: list[str],
+        combine: CombineCfg = CombineCfg(),
+        teacher_stats: dict[str, dict[str, np.ndarray]] | None = None,
+        gather_fn: GatherFn | None = None,
+    ):
+        super().__init__()
+        names = [t.name for t in terms]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"loss term names must be unique; repeated: {', '.join(dupes)}")
+        self.teacher_names = list(teacher_names)
+        self.combine_cfg = combine
+        self.gather_fn = gather_fn or all_gather_rows
+        self.cfgs = {t.name: t for t in terms if t.weight > 0}
+        if not self.cfgs:
+            raise ValueError("no loss term has a weight > 0; give at least one term a positive weight")
+        self.terms = nn.ModuleDict({name: _build_term(cfg) for name, cfg in self.cfgs.items()})
+        self.teacher_weights: dict[str, dict[str, float]] = {}
+        for name, cfg in self.cfgs.items():
+            term = self.terms[name]
+            if not term.uses_teachers:
+                if cfg.teachers is not None:
+                    raise ValueError(f"loss term {name!r} (kind {cfg.kind!r}) uses no teachers; remove `teachers`")
+                continue
+            if not self.teacher_names:
+                raise ValueError(f"loss term {name!r} (kind {cfg.kind!r}) needs teachers, but none are given")
+            given = cfg.teachers if cfg.teachers is not None else {t: 1.0 for t in self.teacher_names}
+            unknown = [t for t in given if t not in self.teacher_names]
+            if unknown:
+                raise KeyError(
+                    f"loss term {name!r} names teacher(s) {', '.join(map(repr, unknown))} that are not in the "
+                    f"cache; the teachers are: {', '.join(self.teacher_names)}"
+                )
+            self.teacher_weights[name] = {t: float(w) for t, w in given.items() if w > 0}
+        self.phi_s: PhiS | None = None
+        if combine.balance == "phi_s":
+            featured = sorted({t for n, w in self.teacher_weights.items() if self.cfgs[n].kind == "feature" for t in w})
+            if teacher_stats is None:
+                raise ValueError("balance='phi_s' needs teacher_stats (the cache's per-teacher mean and covariance)")
+            self.phi_s = PhiS(teacher_stats, featured)
+
+    def __str__(self) -> str:
+        return "Loss = " + " + ".join(f"{float(c.weight)!r} * {n}" for n, c in self.cfgs.items())
+
+    def draw(self, batch_size: int, generator: torch.Generator | None = None) -> _combine.TeacherDraw:
+        """The step's random teacher choices (what `forward` draws first from `generator`)."""
+        return _combine.draw(
+            self.combine_cfg, self.teacher_names, [list(w) for w in self.teacher_weights.values()], batch_size,
+            generator,
+        )
+
+    def forward(
+        self, student: StudentOutput, teachers: TeacherBatch | None, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        ctx = StepContext(student, teachers, StepGather(self.gather_fn), self.phi_s)
+        step = self.draw(ctx.batch_size, generator) if self.teacher_weights else None
+        out: dict[str, Tensor] = {}
+        for name, term in self.terms.items():
+            if not term.uses_teachers:
+                value = term.per_sample(ctx, None).mean()
+            else:
+                weights = self.teacher_weights[name]
+                per = torch.stack([term.per_sample(ctx, t) for t in weights], dim=1)  # (B, T)
+                mix = _combine.weight_matrix(self.combine_cfg, weights, step, ctx.batch_size, per.device)
+                value = (mix * per).sum(1).mean()
+            out[name] = self.cfgs[name].weight * value
+        out["loss"] = torch.stack(list(out.values())).sum()
+        return out

@@ -1,0 +1,63 @@
+"""Gathering rows across processes for the sharded contrastive terms.
+
+Each process scores its own B rows against the global batch (world_size * B columns), as open_clip's
+`ClipLoss(local_loss=True, gather_with_grad=True)` and BiomedCLIP do: memory grows with B * global batch, not
+global batch squared. Student features are gathered WITH gradients (`torch.distributed.nn.functional.all_gather`,
+whose backward sums every rank's gradient into the owner), so with DDP's gradient averaging the step equals the
+one-process loss over the whole global batch. Cached teacher features are constants: gathered without autograd.
+
+All processes must call with the same local batch size (use drop_last or Accelerate's even_batches).
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+
+
+class GatherFn(Protocol):
+    def __call__(self, x: Tensor, with_grad: bool) -> tuple[Tensor, int]:
+        """(B, D) local rows -> ((world_size * B, D) global rows, index of this process's first row)."""
+
+
+def world_and_rank() -> tuple[int, int]:
+    """(world size, rank) of the default process group, (1, 0) when torch.distributed is not initialised."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def all_gather_rows(x: Tensor, with_grad: bool = True) -> tuple[Tensor, int]:
+    """Gather `x` from every process of the default group; identity when not distributed."""
+    world, rank = world_and_rank()
+    if world == 1:
+        return x, 0
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
+
+    if with_grad:
+        parts = list(dist_fn.all_gather(x.contiguous()))
+    else:
+        with torch.no_grad():
+            parts = [torch.empty_like(x) for _ in range(world)]
+            dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts, dim=0), rank * x.shape[0]
+
+
+class StepGather:
+    """Memoises gathers for one step so a tensor shared by several terms is sent once.
+
+    Every process builds the same terms in the same order, so the collectives line up across ranks.
+    """
+
+    def __init__(self, fn: GatherFn | Callable[[Tensor, bool], tuple[Tensor, int]] = all_gather_rows):
+        self.fn = fn
+        self._memo: dict[str, tuple[Tensor, int]] = {}
+
+    def __call__(self, key: str, x: Tensor, with_grad: bool) -> tuple[Tensor, int]:
+        if key not in self._memo:
+            self._memo[key] = self.fn(x, with_grad)
+        return self._memo[key]

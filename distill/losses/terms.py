@@ -1,0 +1,202 @@
+"""The loss terms, registered by kind: infonce, feature, icl, affinity.
+
+Each term returns PER-SAMPLE values (B,) for this process's rows, for one teacher (or none); `DistillLoss` weights
+and averages them (see combine.py). The contrastive-type terms score local rows against the global batch
+gathered across processes (see distributed.py), so their batch mean, averaged over ranks, is the one-process value.
+All maths runs in float32 whatever the autocast dtype of the inputs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill.registry import Registry
+
+from .distributed import StepGather
+from .phi_s import PhiS
+from .types import StudentOutput, TeacherBatch
+
+LOSSES: Registry[type["LossTerm"]] = Registry("loss")
+register_loss = LOSSES.register
+MODALITIES = ("image", "text")
+MAX_LOGIT_SCALE = 100.0
+
+
+class StepContext:
+    """One step's inputs with checked, float32 accessors, memoised cross-process gathers and PHI-S targets."""
+
+    def __init__(
+        self, student: StudentOutput, teachers: TeacherBatch | None, gather: StepGather, phi_s: PhiS | None = None
+    ):
+        self.student = student
+        self.teachers = teachers
+        self.gather = gather
+        self.phi_s = phi_s
+        self.batch_size = student.image.shape[0]
+        self.scale = student.logit_scale.float().clamp(max=MAX_LOGIT_SCALE)
+
+    def labels(self, offset: int) -> Tensor:
+        return torch.arange(self.batch_size, device=self.student.image.device) + offset
+
+    def student_feats(self, modality: str) -> Tensor:
+        return getattr(self.student, modality).float()
+
+    def student_global(self, modality: str) -> tuple[Tensor, int]:
+        return self.gather(f"student/{modality}", self.student_feats(modality), True)
+
+    def teacher(self, name: str, modality: str) -> Tensor:
+        if self.teachers is None:
+            raise ValueError(
+                f"a loss term needs cached features of teacher {name!r}, but the batch has no teacher features "
+                "(train with --cache / data.features, or use only the infonce term)"
+            )
+        if name not in self.teachers.feats:
+            raise KeyError(
+                f"the batch has no features for teacher {name!r}; it has {sorted(self.teachers.feats) or 'none'}"
+            )
+        y = self.teachers.feats[name][modality]
+        if y.dim() != 2 or y.shape[0] != self.batch_size:
+            raise ValueError(
+                f"teacher {name!r} {modality} features have shape {tuple(y.shape)}; expected ({self.batch_size}, D), "
+                "one row per student row (for a cache with augmented views, pick one view per row when loading)"
+            )
+        return y.to(self.student.image.device).float()
+
+    def teacher_global(self, name: str, modality: str) -> tuple[Tensor, int]:
+        return self.gather(f"teacher/{name}/{modality}", self.teacher(name, modality), False)
+
+    def teacher_scale(self, name: str) -> float:
+        if self.teachers is None or name not in self.teachers.logit_scale:
+            raise KeyError(f"the batch has no logit scale for teacher {name!r} (the cache attr `logit_scale`)")
+        return float(self.teachers.logit_scale[name])
+
+    def projected(self, name: str, modality: str, dim: int) -> Tensor:
+        heads = self.student.projected.get(name)
+        if heads is None or modality not in heads:
+            raise KeyError(
+                f"the student has no {modality} projection head for teacher {name!r}; "
+                f"it has {sorted(self.student.projected) or 'none'} (build ProjectionHeads with every teacher)"
+            )
+        p = heads[modality].float()
+        if p.shape[-1] != dim:
+            raise ValueError(
+                f"student projection for teacher {name!r} ({modality}) has dim {p.shape[-1]}, but the teacher's "
+                f"features have dim {dim}: the projection heads were built for another cache"
+            )
+        return p
+
+    def feature_target(self, name: str, modality: str) -> Tensor:
+        """The teacher features a feature term regresses to: PHI-S standardised when balancing is on."""
+        y = self.teacher(name, modality)
+        return self.phi_s(y, name, modality) if self.phi_s is not None else y
+
+
+def _soft_ce(teacher_logits: Tensor, student_logits: Tensor, kl: bool) -> Tensor:
+    """Per-row cross-entropy (or KL) of the student's softmax from the teacher's."""
+    log_p_t = teacher_logits.log_softmax(-1)
+    ce = -(log_p_t.exp() * student_logits.log_softmax(-1)).sum(-1)
+    return ce + (log_p_t.exp() * log_p_t).sum(-1) if kl else ce
+
+
+class LossTerm(nn.Module):
+    """A term computed per sample; `uses_teachers` says whether `teacher` is a teacher name or None."""
+
+    uses_teachers = True
+
+    def per_sample(self, ctx: StepContext, teacher: str | None) -> Tensor:  # (B,)
+        raise NotImplementedError
+
+
+@register_loss(key="infonce")
+class InfoNCE(LossTerm):
+    """CLIP's symmetric InfoNCE with the student's logit scale, sharded: local rows vs the gathered global batch."""
+
+    uses_teachers = False
+
+    def per_sample(self, ctx: StepContext, teacher: str | None = None) -> Tensor:
+        img, txt = ctx.student_feats("image"), ctx.student_feats("text")
+        all_img, offset = ctx.student_global("image")
+        all_txt, _ = ctx.student_global("text")
+        labels = ctx.labels(offset)
+        i2t = F.cross_entropy(ctx.scale * img @ all_txt.T, labels, reduction="none")
+        t2i = F.cross_entropy(ctx.scale * txt @ all_img.T, labels, reduction="none")
+        return (i2t + t2i) / 2
+
+
+@register_loss(key="feature")
+class FeatureMatch(LossTerm):
+    """Projected student features vs cached teacher features, image and text averaged.
+
+    metric: "cosine" (1 - cos), "mse" (mean over dims; MMKD-CLIP uses it with weight 50), "smooth_l1" (beta).
+    The projection is L2-normalised first, like the teacher features, except under PHI-S balancing, where the
+    targets are standardised (per-dim variance 1, not unit norm) and the head regresses them directly.
+    """
+
+    METRICS = ("cosine", "mse", "smooth_l1")
+
+    def __init__(self, metric: str = "cosine", modalities: tuple[str, ...] | list[str] = MODALITIES, beta: float = 1.0):
+        super().__init__()
+        if metric not in self.METRICS:
+            raise ValueError(f"feature metric {metric!r} is unknown; use one of {', '.join(self.METRICS)}")
+        bad = [m for m in modalities if m not in MODALITIES]
+        if bad or not modalities:
+            raise ValueError(f"feature modalities must be a non-empty subset of {MODALITIES}, got {modalities!r}")
+        self.metric, self.modalities, self.beta = metric, tuple(modalities), float(beta)
+
+    def per_sample(self, ctx: StepContext, teacher: str | None) -> Tensor:
+        vals = []
+        for m in self.modalities:
+            y = ctx.feature_target(teacher, m)
+            p = ctx.projected(teacher, m, y.shape[-1])
+            if ctx.phi_s is None:
+                p = F.normalize(p, dim=-1)
+            if self.metric == "cosine":
+                vals.append(1 - F.cosine_similarity(p, y, dim=-1))
+            elif self.metric == "mse":
+                vals.append(((p - y) ** 2).mean(-1))
+            else:
+                vals.append(F.smooth_l1_loss(p, y, reduction="none", beta=self.beta).mean(-1))
+        return torch.stack(vals).mean(0)
+
+
+@register_loss(key="icl")
+class InteractiveContrastive(LossTerm):
+    """Cross-modal InfoNCE with the teacher's embeddings as the other side (CLIP-KD's ICL, used by MMKD-CLIP).
+
+    Student image (projected to the teacher's dim, normalised) vs the teacher's texts of the global batch, and
+    student text vs teacher images, both with the student's logit scale; the two directions are averaged.
+    """
+
+    def per_sample(self, ctx: StepContext, teacher: str | None) -> Tensor:
+        vals = []
+        for mine, other in (("image", "text"), ("text", "image")):
+            all_t, offset = ctx.teacher_global(teacher, other)
+            p = F.normalize(ctx.projected(teacher, mine, all_t.shape[-1]), dim=-1)
+            vals.append(F.cross_entropy(ctx.scale * p @ all_t.T, ctx.labels(offset), reduction="none"))
+        return (vals[0] + vals[1]) / 2
+
+
+@register_loss(key="affinity")
+class Affinity(LossTerm):
+    """Match the student's image-text similarity distribution to the teacher's (open_clip's DistillClipLoss).
+
+    Rows of softmax(student scale * img @ txt^T) against the teacher's rows (teacher's own logit scale), image->text
+    and text->image averaged. Cross-entropy by default (as DistillClipLoss, MobileCLIP); kl=True subtracts the
+    teacher's entropy so the value is 0 at a perfect match (same gradients).
+    """
+
+    def __init__(self, kl: bool = False):
+        super().__init__()
+        self.kl = bool(kl)
+
+    def per_sample(self, ctx: StepContext, teacher: str | None) -> Tensor:
+        t_scale = ctx.teacher_scale(teacher)
+        vals = []
+        for mine, other in (("image", "text"), ("text", "image")):
+            all_s, _ = ctx.student_global(other)
+            all_t, _ = ctx.teacher_global(teacher, other)
+            s_logits = ctx.scale * ctx.student_feats(mine) @ all_s.T
+            t_logits = t_scale * ctx.teacher(teacher, mine) @ all_t.T
+            vals.append(_soft_ce(t_logits, s_logits, self.kl))
+        return (vals[0] + vals[1]) / 2

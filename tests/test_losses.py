@@ -1,0 +1,441 @@
+"""Each loss term against a hand computation (explicit loops), teacher combination, PHI-S and errors."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill.losses import (
+    CombineCfg,
+    DistillLoss,
+    LossTermCfg,
+    StudentOutput,
+    TeacherBatch,
+    hadamard,
+    phi_s_affine,
+)
+from distill.losses.combine import weight_matrix
+
+B, E = 6, 8
+DIMS = {"a": 3, "b": 5}  # two teachers of different dimensions
+SCALES = {"a": 50.0, "b": 100.0}
+
+
+def _unit(*shape, g):
+    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1).float()
+
+
+def make_batch(seed=0, b=B, dims=DIMS):
+    g = torch.Generator().manual_seed(seed)
+    student = StudentOutput(
+        image=_unit(b, E, g=g),
+        text=_unit(b, E, g=g),
+        logit_scale=torch.tensor(14.0),
+        projected={t: {m: torch.randn(b, d, generator=g) for m in ("image", "text")} for t, d in dims.items()},
+    )
+    teachers = TeacherBatch(
+        feats={t: {m: _unit(b, d, g=g) for m in ("image", "text")} for t, d in dims.items()},
+        logit_scale={t: SCALES.get(t, 30.0) for t in dims},
+    )
+    return student, teachers
+
+
+def _loss(terms, teachers=("a", "b"), **kw):
+    return DistillLoss(terms, list(teachers), **kw)
+
+
+def _dot(u, v):
+    return sum(float(u[k]) * float(v[k]) for k in range(len(u)))
+
+
+def _log_softmax_row(logits, i):
+    m = max(logits)
+    return logits[i] - m - math.log(sum(math.exp(x - m) for x in logits))
+
+
+def _hand_infonce(img, txt, s):
+    n = len(img)
+    tot = 0.0
+    for i in range(n):
+        tot -= _log_softmax_row([s * _dot(img[i], txt[j]) for j in range(n)], i)
+        tot -= _log_softmax_row([s * _dot(txt[i], img[j]) for j in range(n)], i)
+    return tot / (2 * n)
+
+
+def _norm(v):
+    n = math.sqrt(sum(float(x) ** 2 for x in v))
+    return [float(x) / n for x in v]
+
+
+# ---------------------------------------------------------------------------------------------- infonce
+
+
+def test_infonce_equals_hand_computation_and_open_clip():
+    from open_clip.loss import ClipLoss
+
+    student, _ = make_batch()
+    out = _loss([LossTermCfg("infonce", "infonce")], teachers=())(student, None)
+    ref = ClipLoss()(student.image, student.text, student.logit_scale)
+    assert out["infonce"].item() == pytest.approx(ref.item(), rel=1e-5)
+    assert out["infonce"].item() == pytest.approx(_hand_infonce(student.image, student.text, 14.0), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(out["infonce"].item())
+
+
+def test_infonce_gradients_equal_open_clip_and_scale_is_clamped():
+    from open_clip.loss import ClipLoss
+
+    student, _ = make_batch(seed=1)
+    grads = []
+    for fn in (lambda s: _loss([LossTermCfg("c", "infonce")], ())(s, None)["loss"],
+               lambda s: ClipLoss()(s.image, s.text, s.logit_scale.clamp(max=100))):
+        img, txt = student.image.clone().requires_grad_(), student.text.clone().requires_grad_()
+        fn(StudentOutput(img, txt, torch.tensor(400.0))).backward()
+        grads.append((img.grad, txt.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-6)
+    assert grads[0][0].abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------- feature
+
+
+def _hand_feature(p, y, metric, normalise=True):
+    """Per-sample metric, a plain loop over dims."""
+    out = []
+    for i in range(len(p)):
+        pi = _norm(p[i]) if normalise else [float(x) for x in p[i]]
+        yi = [float(x) for x in y[i]]
+        if metric == "cosine":
+            out.append(1 - _dot(pi, yi) / math.sqrt(_dot(pi, pi) * _dot(yi, yi)))
+        elif metric == "mse":
+            out.append(sum((u - v) ** 2 for u, v in zip(pi, yi)) / len(yi))
+        else:  # smooth_l1, beta 1
+            d = [abs(u - v) for u, v in zip(pi, yi)]
+            out.append(sum(0.5 * x * x if x < 1 else x - 0.5 for x in d) / len(d))
+    return out
+
+
+@pytest.mark.parametrize("metric", ["cosine", "mse", "smooth_l1"])
+def test_feature_term_weighted_over_two_teachers(metric):
+    student, teachers = make_batch(seed=2)
+    cfg = LossTermCfg("feat", "feature", weight=50.0, teachers={"a": 1.0, "b": 3.0}, kwargs={"metric": metric})
+    out = _loss([cfg])(student, teachers)
+    want = 0.0
+    for t, share in (("a", 0.25), ("b", 0.75)):
+        per = [
+            (u + v) / 2
+            for u, v in zip(
+                *(_hand_feature(student.projected[t][m], teachers.feats[t][m], metric) for m in ("image", "text"))
+            )
+        ]
+        want += share * sum(per) / B
+    assert out["feat"].item() == pytest.approx(50.0 * want, rel=1e-5)
+
+
+def test_feature_image_only_and_smooth_l1_beta():
+    student, teachers = make_batch(seed=3)
+    for t in DIMS:  # scale targets up so |diff| crosses beta
+        teachers.feats[t]["image"] = teachers.feats[t]["image"] * 4
+    cfg = LossTermCfg("f", "feature", teachers={"a": 1.0}, kwargs={"metric": "smooth_l1", "modalities": ["image"],
+                                                                   "beta": 0.5})
+    got = _loss([cfg])(student, teachers)["f"].item()
+    p, y = student.projected["a"]["image"], teachers.feats["a"]["image"]
+    tot = 0.0
+    for i in range(B):
+        pi = _norm(p[i])
+        d = [abs(u - float(v)) for u, v in zip(pi, y[i])]
+        tot += sum(0.5 * x * x / 0.5 if x < 0.5 else x - 0.25 for x in d) / len(d)
+    assert got == pytest.approx(tot / B, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- icl
+
+
+def _hand_icl(student, teachers, t, s=14.0):
+    tot = 0.0
+    for mine, other in (("image", "text"), ("text", "image")):
+        p = [_norm(v) for v in student.projected[t][mine]]
+        y = teachers.feats[t][other]
+        for i in range(B):
+            tot -= _log_softmax_row([s * _dot(p[i], y[j]) for j in range(B)], i) / 2
+    return tot / B
+
+
+def test_icl_two_teachers_of_different_dims():
+    student, teachers = make_batch(seed=4)
+    out = _loss([LossTermCfg("icl", "icl", weight=2.0)])(student, teachers)
+    want = 0.5 * _hand_icl(student, teachers, "a") + 0.5 * _hand_icl(student, teachers, "b")
+    assert out["icl"].item() == pytest.approx(2.0 * want, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- affinity
+
+
+def _hand_affinity(student, teachers, t, s=14.0, kl=False):
+    ts = SCALES[t]
+    tot = 0.0
+    for mine, other in (("image", "text"), ("text", "image")):
+        si, sj = getattr(student, mine), getattr(student, other)
+        ti, tj = teachers.feats[t][mine], teachers.feats[t][other]
+        for i in range(B):
+            s_log = [_log_softmax_row([s * _dot(si[i], sj[k]) for k in range(B)], j) for j in range(B)]
+            t_log = [_log_softmax_row([ts * _dot(ti[i], tj[k]) for k in range(B)], j) for j in range(B)]
+            row = -sum(math.exp(tl) * sl for tl, sl in zip(t_log, s_log))
+            if kl:
+                row += sum(math.exp(tl) * tl for tl in t_log)
+            tot += row / 2
+    return tot / B
+
+
+@pytest.mark.parametrize("kl", [False, True])
+def test_affinity_two_teachers_of_different_dims(kl):
+    student, teachers = make_batch(seed=5)
+    cfg = LossTermCfg("aff", "affinity", teachers={"a": 2.0, "b": 1.0}, kwargs={"kl": kl})
+    out = _loss([cfg])(student, teachers)
+    want = 2 / 3 * _hand_affinity(student, teachers, "a", kl=kl) + 1 / 3 * _hand_affinity(student, teachers, "b", kl=kl)
+    assert out["aff"].item() == pytest.approx(want, rel=1e-5)
+
+
+def test_affinity_equals_open_clip_distill_loss():
+    from open_clip.loss import DistillClipLoss
+
+    student, teachers = make_batch(seed=6)
+    out = _loss([LossTermCfg("aff", "affinity", teachers={"b": 1.0})])(student, teachers)
+    f = teachers.feats["b"]
+    ref = DistillClipLoss()(student.image, student.text, student.logit_scale, f["image"], f["text"],
+                            torch.tensor(SCALES["b"]), output_dict=True)["distill_loss"]
+    assert out["aff"].item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- combination
+
+
+def _hand_feature_both(student, teachers, t, metric):
+    """Per-sample feature term for teacher t: image and text averaged."""
+    img, txt = (_hand_feature(student.projected[t][m], teachers.feats[t][m], metric) for m in ("image", "text"))
+    return [(u + v) / 2 for u, v in zip(img, txt)]
+
+
+def test_random_teacher_each_sample_uses_exactly_its_teacher():
+    n = 16
+    student, teachers = make_batch(seed=7, b=n)
+    loss = _loss([LossTermCfg("f", "feature", kwargs={"metric": "mse"})], combine=CombineCfg(mode="random_teacher"))
+    g = torch.Generator().manual_seed(123)
+    draw = loss.draw(n, torch.Generator().manual_seed(123))  # the same draws forward makes first
+
+    mix = weight_matrix(loss.combine_cfg, loss.teacher_weights["f"], draw, n)
+    assert torch.equal(mix.sum(1), torch.ones(n)) and set(mix.flatten().tolist()) == {0.0, 1.0}
+    assigned = ["a" if mix[i, 0] == 1 else "b" for i in range(n)]
+    assert 0 < assigned.count("a") < n  # both teachers used with equal weights and 16 samples
+
+    got = loss(student, teachers, generator=g)["f"].item()
+    per = {t: _hand_feature_both(student, teachers, t, "mse") for t in DIMS}
+    assert got == pytest.approx(sum(per[assigned[i]][i] for i in range(n)) / n, rel=1e-5)
+
+    # changing teacher b's targets on the rows assigned to a leaves the loss unchanged; on b's rows it does not
+    for rows_of, changes in (("a", False), ("b", True)):
+        t2 = TeacherBatch({t: {m: v.clone() for m, v in f.items()} for t, f in teachers.feats.items()},
+                          teachers.logit_scale)
+        rows = [i for i in range(n) if assigned[i] == rows_of]
+        t2.feats["b"]["image"][rows] = -t2.feats["b"]["image"][rows]
+        again = loss(student, t2, generator=torch.Generator().manual_seed(123))["f"].item()
+        assert (again != pytest.approx(got, rel=1e-6)) == changes
+
+
+def test_random_teacher_follows_teacher_weights():
+    n = 4000
+    student, teachers = make_batch(seed=8, b=8)
+    cfg = LossTermCfg("f", "feature", teachers={"a": 1.0, "b": 3.0})
+    loss = _loss([cfg], combine=CombineCfg(mode="random_teacher"))
+
+    draw = loss.draw(n, torch.Generator().manual_seed(0))
+    share_b = weight_matrix(loss.combine_cfg, loss.teacher_weights["f"], draw, n)[:, 1].mean().item()
+    assert share_b == pytest.approx(0.75, abs=0.03)
+
+
+def test_teacher_dropping_never_drops_all_and_renormalises():
+    names = ["a", "b", "c"]
+    dims = {"a": 3, "b": 5, "c": 4}
+    terms = [LossTermCfg("f", "feature", teachers={"a": 1.0, "b": 1.0, "c": 2.0}),
+             LossTermCfg("g", "icl", teachers={"c": 1.0})]
+    loss = DistillLoss(terms, names, CombineCfg(drop_prob=0.9))
+    g = torch.Generator().manual_seed(0)
+    kept_counts = {t: 0 for t in names}
+    for _ in range(300):
+        d = loss.draw(4, g)
+        assert any(d.kept[t] for t in names) and d.kept["c"]  # term g has only c: never dropped
+        for t in names:
+            kept_counts[t] += d.kept[t]
+    assert kept_counts["a"] < 60 and kept_counts["b"] < 60  # dropped ~90% of the time (c serves both terms)
+
+    # with a fixed generator the term equals the renormalised weighted sum over the kept teachers
+    student, teachers = make_batch(seed=9, dims=dims)
+    for seed in range(6):
+        kept = loss.draw(B, torch.Generator().manual_seed(seed)).kept
+        got = loss(student, teachers, generator=torch.Generator().manual_seed(seed))["f"].item()
+        w = {t: ww for t, ww in {"a": 1.0, "b": 1.0, "c": 2.0}.items() if kept[t]}
+        want = sum(w[t] / sum(w.values()) * sum(_hand_feature_both(student, teachers, t, "cosine")) / B for t in w)
+        assert got == pytest.approx(want, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- PHI-S
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 12, 20, 24, 28, 40, 64, 384, 768])
+def test_hadamard_orders(n):
+    h = hadamard(n)
+    assert h is not None and set(np.unique(h)) <= {-1, 1}
+    assert np.array_equal(h @ h.T, n * np.eye(n, dtype=h.dtype))
+
+
+def test_hadamard_absent_sizes():
+    assert hadamard(6) is None and hadamard(7) is None
+
+
+def _anisotropic(n, d, seed):
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(d, d)))[0]
+    spread = np.exp(rng.normal(size=d) * 2)  # eigenvalues over several orders of magnitude
+    return rng.normal(size=(n, d)) * np.sqrt(spread) @ basis.T + rng.normal(size=d) * 3
+
+
+@pytest.mark.parametrize("dims", [(24, 40), (6, 10)])  # Hadamard sizes; sizes with none (exact fallback)
+def test_phi_s_gives_every_teacher_unit_variance_per_dimension(dims):
+    variances = []
+    for k, d in enumerate(dims):
+        x = _anisotropic(3000, d, seed=k) * (10.0 ** k)  # teachers with very different scales
+        w, b = phi_s_affine(x.mean(0), np.cov(x, rowvar=False))
+        y = x @ w.T + b
+        np.testing.assert_allclose(y.mean(0), 0, atol=1e-9)
+        var = y.var(0, ddof=1)
+        np.testing.assert_allclose(var, 1.0, rtol=1e-8)
+        variances.append(var)
+        # W is alpha times a rotation: PHI-S is isotropic (a single scale) and invertible
+        alpha2 = (w @ w.T)[0, 0]
+        np.testing.assert_allclose(w @ w.T, alpha2 * np.eye(d), atol=1e-9 * alpha2)
+        before = x.var(0, ddof=1)
+        assert before.max() / before.min() > 5  # the input really was anisotropic
+    assert np.concatenate(variances).std() < 1e-8
+
+
+def test_phi_s_standardises_feature_targets_in_the_loss():
+    student, teachers = make_batch(seed=10, dims={"a": 4, "b": 6})
+    stats = {}
+    for k, (t, d) in enumerate({"a": 4, "b": 6}.items()):
+        x = _anisotropic(500, d, seed=20 + k)
+        stats[t] = {"image_mean": x.mean(0), "image_cov": np.cov(x, rowvar=False),
+                    "text_mean": -x.mean(0), "text_cov": 2 * np.cov(x, rowvar=False)}
+    loss = _loss([LossTermCfg("f", "feature", kwargs={"metric": "mse"})], combine=CombineCfg(balance="phi_s"),
+                 teacher_stats=stats)
+    got = loss(student, teachers)["f"].item()
+    want = 0.0
+    for t in ("a", "b"):
+        per = []
+        for m in ("image", "text"):
+            w, b = phi_s_affine(stats[t][f"{m}_mean"], stats[t][f"{m}_cov"])
+            y = teachers.feats[t][m].double().numpy() @ w.T + b
+            per.append(_hand_feature(student.projected[t][m], y, "mse", normalise=False))
+        want += 0.5 * sum((u + v) / 2 for u, v in zip(*per)) / B
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- the whole loss
+
+
+def test_formula_total_and_zero_weight_terms_skipped():
+    terms = [
+        LossTermCfg("infonce", "infonce"),
+        LossTermCfg("feat_mse", "feature", weight=50.0, kwargs={"metric": "mse"}),
+        LossTermCfg("icl", "icl", weight=0.0),
+        LossTermCfg("aff", "affinity", weight=0.5),
+    ]
+    loss = _loss(terms)
+    assert str(loss) == "Loss = 1.0 * infonce + 50.0 * feat_mse + 0.5 * aff"
+    assert list(loss.terms) == ["infonce", "feat_mse", "aff"]
+    student, teachers = make_batch(seed=11)
+    out = loss(student, teachers)
+    assert set(out) == {"infonce", "feat_mse", "aff", "loss"}
+    assert out["loss"].item() == pytest.approx(sum(out[k].item() for k in ("infonce", "feat_mse", "aff")), rel=1e-6)
+    half = _loss([LossTermCfg("aff", "affinity", weight=1.0)])(student, teachers)["aff"].item()
+    assert out["aff"].item() == pytest.approx(0.5 * half, rel=1e-6)
+
+
+def test_training_on_the_loss_makes_it_fall():
+    torch.manual_seed(0)
+    n, din = 16, 12
+    g = torch.Generator().manual_seed(0)
+    x_img, x_txt = torch.randn(n, din, generator=g), torch.randn(n, din, generator=g)
+    student, teachers = make_batch(seed=12, b=n)
+    towers = torch.nn.ModuleDict({"image": torch.nn.Linear(din, E), "text": torch.nn.Linear(din, E)})
+    heads = torch.nn.ModuleDict({f"{t}_{m}": torch.nn.Linear(E, d) for t, d in DIMS.items() for m in ("image", "text")})
+    log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+    loss = _loss([LossTermCfg("infonce", "infonce"), LossTermCfg("f", "feature", 10.0),
+                  LossTermCfg("icl", "icl"), LossTermCfg("aff", "affinity")],
+                 combine=CombineCfg(mode="random_teacher", drop_prob=0.3))
+    opt = torch.optim.Adam([*towers.parameters(), *heads.parameters(), log_scale], lr=0.05)
+    history = []
+    for step in range(60):
+        img, txt = F.normalize(towers["image"](x_img), dim=-1), F.normalize(towers["text"](x_txt), dim=-1)
+        proj = {t: {"image": heads[f"{t}_image"](img), "text": heads[f"{t}_text"](txt)} for t in DIMS}
+        out = loss(StudentOutput(img, txt, log_scale.exp(), proj), teachers, torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        history.append({k: v.item() for k, v in out.items()})
+    for k in ("infonce", "f", "icl", "aff"):
+        first, last = np.mean([h[k] for h in history[:5]]), np.mean([h[k] for h in history[-5:]])
+        assert last < 0.7 * first, (k, first, last)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_unknown_teacher_names_it_and_the_known_ones():
+    with pytest.raises(KeyError, match=r"'zz'.*teachers are: a, b"):
+        _loss([LossTermCfg("f", "feature", teachers={"a": 1.0, "zz": 1.0})])
+
+
+def test_bad_weights_kinds_options_and_modes():
+    with pytest.raises(ValueError, match="weight must be a finite number >= 0"):
+        LossTermCfg("f", "feature", weight=-1.0)
+    with pytest.raises(ValueError, match="weight of teacher 'a'"):
+        LossTermCfg("f", "feature", teachers={"a": -0.5})
+    with pytest.raises(KeyError, match="did you mean infonce"):
+        LossTermCfg("c", "infonse")
+    with pytest.raises(ValueError, match=r"bad options \['metrc'\].*metric"):
+        _loss([LossTermCfg("f", "feature", kwargs={"metrc": "mse"})])
+    with pytest.raises(ValueError, match="feature metric 'l3' is unknown"):
+        _loss([LossTermCfg("f", "feature", kwargs={"metric": "l3"})])
+    with pytest.raises(ValueError, match="drop_prob"):
+        CombineCfg(drop_prob=1.0)
+    with pytest.raises(ValueError, match="combine mode 'random'"):
+        CombineCfg(mode="random")
+    with pytest.raises(ValueError, match="no loss term has a weight > 0"):
+        _loss([LossTermCfg("f", "feature", weight=0.0)])
+    with pytest.raises(ValueError, match="uses no teachers"):
+        _loss([LossTermCfg("c", "infonce", teachers={"a": 1.0})])
+    with pytest.raises(ValueError, match="repeated: f"):
+        _loss([LossTermCfg("f", "feature"), LossTermCfg("f", "icl")])
+    with pytest.raises(ValueError, match="needs teacher_stats"):
+        _loss([LossTermCfg("f", "feature")], combine=CombineCfg(balance="phi_s"))
+    with pytest.raises(KeyError, match=r"statistics of teacher 'a' lack \['text_cov'\]"):
+        _loss([LossTermCfg("f", "feature")], combine=CombineCfg(balance="phi_s"),
+              teacher_stats={t: {"image_mean": np.zeros(3), "image_cov": np.eye(3), "text_mean": np.zeros(3)}
+                             for t in DIMS})
+
+
+def test_bad_batches_name_what_is_missing():
+    student, teachers = make_batch(seed=13)
+    loss = _loss([LossTermCfg("f", "feature")])
+    with pytest.raises(ValueError, match="no teacher features"):
+        loss(student, None)
+    del teachers.feats["b"]
+    with pytest.raises(KeyError, match=r"no features for teacher 'b'; it has \['a'\]"):
+        loss(student, teachers)
+    student, teachers = make_batch(seed=13)
+    student.projected["b"]["image"] = torch.randn(B, 7)
+    with pytest.raises(ValueError, match=r"teacher 'b' \(image\) has dim 7.*have dim 5"):
+        loss(student, teachers)

@@ -1,0 +1,103 @@
+"""Sharded losses: 2 processes (gloo, CPU) each holding half the global batch == 1 process over the whole batch.
+
+DDP convention: each rank backpropagates its local loss; gathered-with-grad features sum every rank's gradient
+into their owner, and DDP averages parameter gradients, so rank gradient / world_size == 1-process gradient and the
+mean of the rank losses == the 1-process loss.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from distill.losses import CombineCfg, DistillLoss, LossTermCfg, StudentOutput, TeacherBatch
+from distill.losses.combine import weight_matrix
+
+WORLD, N, E = 2, 8, 6
+DIMS = {"a": 3, "b": 5}
+TERMS = [
+    LossTermCfg("infonce", "infonce"),
+    LossTermCfg("feat", "feature", weight=5.0, teachers={"a": 1.0, "b": 2.0}, kwargs={"metric": "mse"}),
+    LossTermCfg("icl", "icl"),
+    LossTermCfg("aff", "affinity", weight=0.5),
+]
+GRAD_KEYS = ["image", "text"] + [f"{t}/{m}" for t in DIMS for m in ("image", "text")]
+# plain weighted sum; and random teacher per sample with dropping, which with the same generator seed on every rank
+# draws the teachers a one-process run over the global batch draws
+SEED = 8  # with this seed the random mode keeps both teachers and mixes them within each rank's half (checked)
+COMBINES = {"sum": CombineCfg(), "random": CombineCfg(mode="random_teacher", drop_prob=0.5)}
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(0)
+    unit = lambda d: F.normalize(torch.randn(N, d, generator=g), dim=-1)  # noqa: E731
+    leaves = {"image": unit(E), "text": unit(E)}
+    leaves.update({f"{t}/{m}": torch.randn(N, d, generator=g) for t, d in DIMS.items() for m in ("image", "text")})
+    teachers = {t: {m: unit(d) for m in ("image", "text")} for t, d in DIMS.items()}
+    return leaves, teachers
+
+
+def _run(rows: slice, combine: CombineCfg):
+    """Loss and gradients for the given rows of the global batch, in whatever process group is current."""
+    leaves, feats = _global_batch()
+    leaves = {k: v[rows].clone().requires_grad_() for k, v in leaves.items()}
+    scale = torch.tensor(12.0, requires_grad=True)
+    student = StudentOutput(
+        leaves["image"], leaves["text"], scale,
+        {t: {m: leaves[f"{t}/{m}"] for m in ("image", "text")} for t in DIMS},
+    )
+    teachers = TeacherBatch({t: {m: v[rows] for m, v in f.items()} for t, f in feats.items()}, {"a": 40.0, "b": 90.0})
+    out = DistillLoss(TERMS, list(DIMS), combine)(student, teachers, torch.Generator().manual_seed(SEED))
+    out["loss"].backward()
+    grads = {k: v.grad for k, v in leaves.items()}
+    grads["logit_scale"] = scale.grad
+    return {k: v.detach() for k, v in out.items()}, grads
+
+
+def _worker(rank: int, init_file: str, out_dir: str):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        b = N // WORLD
+        for name, combine in COMBINES.items():
+            out, grads = _run(slice(rank * b, (rank + 1) * b), combine)
+            torch.save({"out": out, "grads": grads}, os.path.join(out_dir, f"{name}{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_loss_and_gradients(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    for name, combine in COMBINES.items():
+        _compare([torch.load(tmp_path / f"{name}{r}.pt", weights_only=True) for r in range(WORLD)], combine)
+
+
+def test_the_random_draw_exercises_both_teachers_on_both_ranks():
+    loss = DistillLoss(TERMS, list(DIMS), COMBINES["random"])
+    draw = loss.draw(N, torch.Generator().manual_seed(SEED))
+    assert all(draw.kept.values())
+    mix = weight_matrix(COMBINES["random"], loss.teacher_weights["feat"], draw, N)[:, 0].view(WORLD, -1)
+    assert ((mix.sum(1) > 0) & (mix.sum(1) < N // WORLD)).all()
+
+
+def _compare(ranks, combine):
+    ref_out, ref_grads = _run(slice(None), combine)
+
+    for k, v in ref_out.items():
+        mean = sum(r["out"][k] for r in ranks) / WORLD
+        torch.testing.assert_close(mean, v, rtol=1e-5, atol=1e-6, msg=f"term {k}")
+    # each rank's local loss differs from the global one: the test would notice a missing gather
+    assert not torch.allclose(ranks[0]["out"]["infonce"], ref_out["infonce"], rtol=1e-3)
+
+    for k in GRAD_KEYS:
+        got = torch.cat([r["grads"][k] for r in ranks]) / WORLD
+        torch.testing.assert_close(got, ref_grads[k], rtol=1e-4, atol=1e-6, msg=f"gradient of {k}")
+        assert ref_grads[k].abs().sum() > 0
+    scale_grad = sum(r["grads"]["logit_scale"] for r in ranks) / WORLD
+    torch.testing.assert_close(scale_grad, ref_grads["logit_scale"], rtol=1e-4, atol=1e-6)
