@@ -22,7 +22,9 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 bench: install
+	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/python benchmarks/cache_overhead.py
+	$(BIN)/python benchmarks/train_overhead.py
 
 clean:
 	rm -rf $(VENV) demo-out build *.egg-info
