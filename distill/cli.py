@@ -93,7 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     job = EvalJob(models=_pairs(args.model, "--model"), tasks=list(args.task), out=args.out, device=args.device,
                   batch_size=args.batch_size, num_workers=args.num_workers, bootstrap=args.bootstrap,
-                  seed=args.seed, student=args.student)
+                  seed=args.seed, student=args.student, max_samples=args.max_samples, cache_dir=args.cache_dir)
     run_eval(job)
     return 0
 
@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--num-workers", type=int, default=0)
     v.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--max-samples", type=int, help="cap every split of every task (quick looks, CI)")
+    v.add_argument("--cache-dir", help="keep image embeddings on disk here and reuse them across runs")
     v.set_defaults(func=cmd_eval)
 
     k = sub.add_parser("tokenizer", help="train a WordPiece vocabulary on a corpus's captions")

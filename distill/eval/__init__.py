@@ -1,0 +1,14 @@
+"""Evaluation (`distill eval`): students and teachers side by side on the same tasks, with bootstrap CIs.
+
+Tasks are YAML files (`tasks.py`), read by `datasets.py`; image embeddings are computed once per model and split
+(`embeddings.py`); each task kind has its own module (`zeroshot`, `retrieval`, `linear_probe`, `finetune`);
+`metrics.py` and `bootstrap.py` are pure numpy; `report.py` writes report.json, report.md and PNG charts.
+"""
+from .bootstrap import Estimate, bootstrap
+from .datasets import SplitData, load_splits
+from .runner import EVALUATORS, EvalJob, is_our_export, pick_student, run_eval
+from .tasks import DatasetCfg, FinetuneCfg, ProbeCfg, TaskCfg, TaskError, data_root, list_tasks, load_task
+
+__all__ = ["EvalJob", "run_eval", "EVALUATORS", "is_our_export", "pick_student", "Estimate", "bootstrap",
+           "SplitData", "load_splits", "TaskCfg", "DatasetCfg", "ProbeCfg", "FinetuneCfg", "TaskError",
+           "data_root", "list_tasks", "load_task"]

@@ -1,0 +1,277 @@
+"""Readers for evaluation datasets: CSV (image + label or caption), MedMNIST `.npz`, and a folder per class.
+
+Every reader returns one `SplitData` per split role (train/val/test) with the same shape: images (paths or a
+uint8 array), labels (class ids, or multi-hot for multi-label tasks) and captions. Errors name the file, the row
+or key and what to set in the task file.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from .tasks import DATA_ENV, SPLIT_ROLES, TaskCfg, TaskError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True, eq=False)
+class SplitData:
+    """The samples of one split. `key` identifies it for the embedding cache."""
+
+    key: str
+    source: str                                 # file and split, for messages
+    images: Sequence | np.ndarray               # image paths, or a uint8 array (N, H, W[, C])
+    labels: np.ndarray | None = None            # (N,) int64 class ids, or (N, C) float32 multi-hot
+    captions: tuple[str, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image(self, i: int) -> Image.Image:
+        item = self.images[i]
+        if isinstance(item, np.ndarray):
+            return Image.fromarray(item).convert("RGB")
+        with Image.open(item) as img:
+            return img.convert("RGB")
+
+    def subset(self, idx: np.ndarray, tag: str) -> "SplitData":
+        """Rows `idx`, as a new split with its own cache key (`tag` says which subset)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        images = self.images[idx] if isinstance(self.images, np.ndarray) else [self.images[i] for i in idx]
+        return SplitData(key=f"{self.key}::{tag}", source=self.source, images=images,
+                         labels=None if self.labels is None else self.labels[idx],
+                         captions=None if self.captions is None else tuple(self.captions[i] for i in idx))
+
+
+def _fmt(task: TaskCfg, path: Path) -> str:
+    fmt = task.dataset.format
+    if fmt != "auto":
+        return fmt
+    if path.is_dir():
+        return "folder"
+    if path.suffix.lower() == ".npz":
+        return "npz"
+    if path.suffix.lower() in (".csv", ".tsv"):
+        return "csv"
+    raise TaskError(f"{task.source}: cannot tell the format of {path} from its name; set dataset.format "
+                    "to csv, npz or folder")
+
+
+def load_splits(task: TaskCfg) -> dict[str, SplitData]:
+    """The splits `task` needs (test; plus train and val for linear probe and fine-tuning)."""
+    path = task.dataset_path
+    if not path.exists():
+        raise TaskError(f"{task.source}: dataset {path} not found. Built-in tasks read their data from "
+                        f"${DATA_ENV} (default ../shared/data beside the current directory); set {DATA_ENV} "
+                        "to the folder holding the data, or fix dataset.path")
+    fmt = _fmt(task, path)
+    reader = {"csv": _read_csv, "npz": _read_npz, "folder": _read_folder}[fmt]
+    roles = task.needs_roles()
+    splits = reader(task, path, roles)
+    out = {}
+    for role in roles:
+        data = splits[role]
+        if len(data) == 0:
+            raise TaskError(f"{task.source}: the {role} split of {data.source} is empty; check dataset.splits, "
+                            "dataset.split_column or dataset.split_fractions")
+        m = task.dataset.max_samples
+        if m is not None and len(data) > m:
+            rng = np.random.default_rng(task.dataset.seed + 1000 * (1 + SPLIT_ROLES.index(role)))  # same rows in every task
+            data = data.subset(np.sort(rng.choice(len(data), m, replace=False)), f"max{m}s{task.dataset.seed}")
+        out[role] = data
+    return out
+
+
+def _fraction_split(n: int, task: TaskCfg) -> dict[str, np.ndarray]:
+    """Seeded random (train, val, test) partition of n rows by dataset.split_fractions."""
+    perm = np.random.default_rng(task.dataset.seed).permutation(n)
+    f = task.dataset.split_fractions
+    n_train, n_val = int(round(f[0] * n)), int(round(f[1] * n))
+    return {"train": np.sort(perm[:n_train]), "val": np.sort(perm[n_train:n_train + n_val]),
+            "test": np.sort(perm[n_train + n_val:])}
+
+
+def _no_splits(task: TaskCfg, path: Path, roles: Sequence[str]) -> None:
+    if any(r != "test" for r in roles):
+        raise TaskError(f"{task.source}: a {task.kind} task needs train, val and test splits but {path} has none; "
+                        "set dataset.split_fractions (e.g. [0.6, 0.1, 0.3]) or dataset.split_column")
+
+
+# -- labels --------------------------------------------------------------------------------------------
+def _label_lookup(task: TaskCfg) -> dict[str, int]:
+    return {str(v): i for i, v in enumerate(task.label_names)}
+
+
+def _parse_label(value: str, task: TaskCfg, lookup: dict[str, int], where: str) -> int | np.ndarray:
+    n = len(task.classes)
+
+    def one(tok: str) -> int:
+        tok = tok.strip()
+        if tok in lookup:
+            return lookup[tok]
+        try:
+            k = int(float(tok))
+        except ValueError:
+            k = -1
+        if 0 <= k < n and float(tok) == k:
+            return k
+        raise TaskError(f"{where}: label {tok!r} is not a known class (classes: {', '.join(task.label_names)}; "
+                        f"or an index 0..{n - 1}); fix the data or the task's classes/label_values")
+
+    if not task.multilabel:
+        return one(value)
+    hot = np.zeros(n, dtype=np.float32)
+    for tok in str(value).split(task.dataset.label_separator):
+        if tok.strip():
+            hot[one(tok)] = 1.0
+    return hot
+
+
+# -- CSV -----------------------------------------------------------------------------------------------
+def _read_csv(task: TaskCfg, path: Path, roles: Sequence[str]) -> dict[str, SplitData]:
+    ds = task.dataset
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        columns = reader.fieldnames or []
+        rows = list(reader)
+    needed = [ds.image_column]
+    if task.kind == "retrieval":
+        needed.append(ds.caption_column)
+    elif ds.label_columns:
+        needed += list(ds.label_columns)
+    else:
+        needed.append(ds.label_column)
+    if ds.split_column:
+        needed.append(ds.split_column)
+    for col in needed:
+        if col not in columns:
+            raise TaskError(f"{path}: column {col!r} not found (columns: {', '.join(columns) or 'none'}); "
+                            f"fix the CSV or the dataset section of {task.source}")
+    if ds.split_column:
+        index = {r: np.array([i for i, row in enumerate(rows) if row[ds.split_column] == ds.splits.get(r, r)],
+                             dtype=np.int64) for r in roles}
+    elif ds.split_fractions:
+        index = _fraction_split(len(rows), task)
+    else:
+        _no_splits(task, path, roles)
+        index = {"test": np.arange(len(rows))}
+    lookup = _label_lookup(task)
+    out = {}
+    for role in roles:
+        sel = index[role]
+        images, labels, captions = [], [], []
+        for i in sel:
+            row, where = rows[i], f"{path} row {i + 2}"
+            rel = (row[ds.image_column] or "").strip()
+            if not rel:
+                raise TaskError(f"{where}: empty {ds.image_column!r}")
+            img = Path(rel) if Path(rel).is_absolute() else path.parent / rel
+            if not img.is_file():
+                raise TaskError(f"{where}: image {img} not found (paths are relative to the CSV's folder)")
+            images.append(img)
+            if task.kind == "retrieval":
+                cap = (row[ds.caption_column] or "").strip()
+                if not cap:
+                    raise TaskError(f"{where}: empty caption in column {ds.caption_column!r}")
+                captions.append(cap)
+            elif ds.label_columns:
+                try:
+                    labels.append(np.array([float(row[c]) > 0 for c in ds.label_columns], dtype=np.float32))
+                except ValueError:
+                    raise TaskError(f"{where}: multi-hot columns {list(ds.label_columns)} must hold 0/1") from None
+            else:
+                labels.append(_parse_label(row[ds.label_column] or "", task, lookup, where))
+        split_name = ds.splits.get(role, role) if ds.split_column else role
+        key = f"csv:{path.resolve()}::{role}:{split_name}:{ds.split_column}:{list(ds.split_fractions)}:{ds.seed}"
+        lab = None if task.kind == "retrieval" else (
+            np.stack(labels) if task.multilabel and labels else np.asarray(labels, dtype=np.int64))
+        out[role] = SplitData(key, f"{path} ({role})", images, lab, tuple(captions) if captions else None)
+    return out
+
+
+# -- MedMNIST npz --------------------------------------------------------------------------------------
+def _read_npz(task: TaskCfg, path: Path, roles: Sequence[str]) -> dict[str, SplitData]:
+    if task.kind == "retrieval":
+        raise TaskError(f"{task.source}: {path} is a labelled .npz; retrieval needs a CSV with captions")
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    out = {}
+    for role in roles:
+        name = task.dataset.splits.get(role, role)
+        ik, lk = f"{name}_images", f"{name}_labels"
+        for k in (ik, lk):
+            if k not in arrays:
+                raise TaskError(f"{path}: key {k!r} not found (keys: {', '.join(sorted(arrays))}); "
+                                f"set dataset.splits.{role} in {task.source}")
+        images, labels = arrays[ik], arrays[lk]
+        if images.dtype != np.uint8 or images.ndim not in (3, 4):
+            raise TaskError(f"{path}: {ik} must be uint8 (N, H, W) or (N, H, W, C), got {images.dtype} "
+                            f"{images.shape}")
+        if len(labels) != len(images):
+            raise TaskError(f"{path}: {ik} has {len(images)} rows but {lk} has {len(labels)}")
+        labels = labels.reshape(len(labels), -1)
+        n = len(task.classes)
+        if labels.shape[1] > 1:
+            if not task.multilabel or labels.shape[1] != n:
+                raise TaskError(f"{path}: {lk} is multi-hot with {labels.shape[1]} columns; the task needs "
+                                f"multilabel: true and {labels.shape[1]} classes (has {n})")
+            labels = (labels > 0).astype(np.float32)
+        else:
+            labels = labels[:, 0].astype(np.int64)
+            bad = np.flatnonzero((labels < 0) | (labels >= n))
+            if len(bad):
+                raise TaskError(f"{path}: {lk}[{bad[0]}] = {labels[bad[0]]} is not a class index 0..{n - 1} "
+                                f"({n} classes in {task.source})")
+            if task.multilabel:
+                labels = np.eye(n, dtype=np.float32)[labels]
+        out[role] = SplitData(f"npz:{path.resolve()}::{role}:{name}", f"{path} ({name})", images, labels)
+    return out
+
+
+# -- folder per class ----------------------------------------------------------------------------------
+def _scan_classes(folder: Path, task: TaskCfg) -> tuple[list[Path], list[int]]:
+    lookup = _label_lookup(task)
+    images, labels = [], []
+    for d in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if d.name not in lookup:
+            raise TaskError(f"{d}: folder {d.name!r} is not a known class (classes: {', '.join(task.label_names)})")
+        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        images += files
+        labels += [lookup[d.name]] * len(files)
+    return images, labels
+
+
+def _read_folder(task: TaskCfg, path: Path, roles: Sequence[str]) -> dict[str, SplitData]:
+    if task.kind == "retrieval":
+        raise TaskError(f"{task.source}: {path} is a folder per class; retrieval needs a CSV with captions")
+    split_dirs = {r: path / task.dataset.splits.get(r, r) for r in SPLIT_ROLES}
+    per_split = any(d.is_dir() for d in split_dirs.values())
+    n = len(task.classes)
+
+    def make(images, labels, role) -> SplitData:
+        lab = np.asarray(labels, dtype=np.int64)
+        if task.multilabel:
+            lab = np.eye(n, dtype=np.float32)[lab]
+        return SplitData(f"folder:{path.resolve()}::{role}:{list(task.dataset.split_fractions)}:{task.dataset.seed}",
+                         f"{path} ({role})", images, lab)
+
+    if per_split:
+        out = {}
+        for role in roles:
+            if not split_dirs[role].is_dir():
+                raise TaskError(f"{path}: split folder {split_dirs[role].name!r} not found for the {role} split; "
+                                f"set dataset.splits.{role} in {task.source}")
+            out[role] = make(*_scan_classes(split_dirs[role], task), role)
+        return out
+    images, labels = _scan_classes(path, task)
+    if task.dataset.split_fractions:
+        idx = _fraction_split(len(images), task)
+    else:
+        _no_splits(task, path, roles)
+        idx = {"test": np.arange(len(images))}
+    return {r: make([images[i] for i in idx[r]], [labels[i] for i in idx[r]], r) for r in roles}

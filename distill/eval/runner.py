@@ -1,0 +1,139 @@
+"""`distill eval`'s library entry point: every model on every task, then the report.
+
+Models are loaded one at a time (several ViT-B teachers need not fit together); datasets are read and validated
+once, before any model is loaded, so a bad task file fails in seconds rather than after an hour of encoding.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distill.registry import Registry
+
+from .bootstrap import Estimate
+from .context import EvalContext
+from .datasets import SplitData, load_splits
+from .embeddings import EmbeddingCache
+from .finetune import evaluate_finetune
+from .linear_probe import evaluate_linear_probe
+from .report import build_report, write_report
+from .retrieval import evaluate_retrieval
+from .tasks import TaskCfg, load_task
+from .zeroshot import evaluate_zeroshot
+
+log = logging.getLogger(__name__)
+
+EVALUATORS: Registry = Registry("task kind")
+EVALUATORS.add("zeroshot", evaluate_zeroshot)
+EVALUATORS.add("retrieval", evaluate_retrieval)
+EVALUATORS.add("linear_probe", evaluate_linear_probe)
+EVALUATORS.add("finetune", evaluate_finetune)
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """What `distill eval` asks for. Every model is loaded with `teachers.load_teacher`."""
+
+    models: dict[str, str]              # NAME -> SPEC (students, teachers, any open_clip or HF CLIP)
+    tasks: list[str]                    # built-in task names or paths to task YAML files
+    out: str                            # REPORT_DIR
+    device: str = "auto"                # cpu | cuda | cuda:N | auto
+    batch_size: int = 64
+    num_workers: int = 0
+    bootstrap: int = 1000               # bootstrap resamples for 95% CIs (0: none)
+    seed: int = 0
+    student: str | None = None          # the model whose gain over the best teacher is reported
+    max_samples: int | None = None      # cap every split of every task (smoke runs, CI)
+    cache_dir: str | None = None        # keep image embeddings on disk here across runs (default: memory only)
+
+    def __post_init__(self):
+        if not self.models:
+            raise ValueError("eval needs at least one --model NAME=SPEC")
+        if not self.tasks:
+            raise ValueError("eval needs at least one --task (a built-in name or a task .yaml file)")
+        if self.student is not None and self.student not in self.models:
+            raise ValueError(f"student {self.student!r} is not one of the models ({', '.join(self.models)})")
+        if self.bootstrap < 0 or self.batch_size < 1:
+            raise ValueError("bootstrap must be >= 0 and batch_size >= 1")
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def is_our_export(spec: str) -> bool:
+    """True for a `local-dir:` folder written by `distill export` (its model card or config names us)."""
+    from teachers import resolve_spec
+
+    try:
+        parsed = resolve_spec(spec)
+    except (ValueError, KeyError):
+        return False
+    if parsed.kind != "local-dir":
+        return False
+    folder = Path(parsed.target)
+    card, cfg = folder / "README.md", folder / "open_clip_config.json"
+    if card.is_file() and "biomed-distill" in card.read_text(errors="replace"):
+        return True
+    try:
+        return "biomed_distill" in json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def pick_student(job: EvalJob) -> str:
+    """job.student, else the first model exported by us, else the first model."""
+    if job.student is not None:
+        return job.student
+    ours = [name for name, spec in job.models.items() if is_our_export(spec)]
+    return ours[0] if ours else next(iter(job.models))
+
+
+def _task_info(task: TaskCfg, splits: dict[str, SplitData]) -> dict:
+    return {"kind": task.kind, "source": task.source, "dataset": str(task.dataset_path),
+            "n": {r: len(d) for r, d in splits.items()}, "classes": list(task.classes),
+            "multilabel": task.multilabel}
+
+
+def run_eval(job: EvalJob) -> dict:
+    """Evaluate every model on every task; write report.json, report.md and charts/ into job.out."""
+    out = Path(job.out)
+    tasks = [load_task(t, max_samples=job.max_samples) for t in job.tasks]
+    names = [t.name for t in tasks]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ValueError(f"two tasks share the name {sorted(dup)[0]!r}; task names must be unique")
+    data = {t.name: load_splits(t) for t in tasks}  # validate every dataset before loading any model
+    device = resolve_device(job.device)
+    ctx = EvalContext(device=device, batch_size=job.batch_size, num_workers=job.num_workers,
+                      bootstrap=job.bootstrap, seed=job.seed, cache=EmbeddingCache(job.cache_dir))
+    from teachers import load_teacher
+
+    results: dict[str, dict[str, dict[str, Estimate]]] = {t.name: {} for t in tasks}
+    models: dict[str, dict] = {}
+    for name, spec in job.models.items():
+        log.info("loading model %s (%s) on %s", name, spec, device)
+        model = load_teacher(spec, device=device)
+        models[name] = {"spec": spec, "embed_dim": model.embed_dim}
+        for task in tasks:
+            log.info("%s: %s (%s)", name, task.name, task.kind)
+            results[task.name][name] = EVALUATORS.get(task.kind)(task, model, name, data[task.name], ctx)
+        ctx.cache.drop_model(name)
+        del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    settings = {"bootstrap": job.bootstrap, "seed": job.seed, "device": device, "max_samples": job.max_samples,
+                "confidence": 0.95}
+    report = build_report(models, pick_student(job), {t.name: _task_info(t, data[t.name]) for t in tasks},
+                          results, settings)
+    paths = write_report(report, out)
+    log.info("report written to %s", paths["md"])
+    return report

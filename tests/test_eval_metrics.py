@@ -1,0 +1,113 @@
+"""Metrics, retrieval ranks and bootstrap intervals against hand-computed cases."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from distill.eval import metrics as M
+from distill.eval.bootstrap import bootstrap
+from distill.eval.classification import classification_metrics
+from distill.eval.retrieval import dedupe_captions, retrieval_metrics, retrieval_ranks
+
+
+def test_rankdata_averages_ties():
+    assert M.rankdata(np.array([0.3, 0.1, 0.3, 0.2])).tolist() == [3.5, 1.0, 3.5, 2.0]
+
+
+def test_auroc_hand_cases():
+    # positives 0.8, 0.4 vs negatives 0.6, 0.2: 3 of 4 pairs ordered correctly
+    assert M.auroc(np.array([1, 0, 1, 0]), np.array([0.8, 0.6, 0.4, 0.2])) == pytest.approx(0.75)
+    # a tie between a positive and a negative counts one half: (0.5 + 1) / 2
+    assert M.auroc(np.array([1, 0, 0]), np.array([0.5, 0.5, 0.1])) == pytest.approx(0.75)
+    y = np.array([0, 1, 1, 0, 1])
+    assert M.auroc(y, y * 2.0 + 1) == 1.0
+    assert M.auroc(y, -y.astype(float)) == 0.0
+    assert M.auroc(y, np.full(5, 0.3)) == 0.5
+    assert math.isnan(M.auroc(np.ones(4), np.arange(4.0)))
+
+
+def test_label_metrics_hand_case():
+    y = np.array([0, 0, 0, 1, 1, 2])
+    pred = np.array([0, 0, 1, 1, 2, 2])
+    assert M.accuracy(y, pred) == pytest.approx(4 / 6)
+    assert M.balanced_accuracy(y, pred, 3) == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    # F1 per class: 2*2/(3+2), 2*1/(2+2), 2*1/(1+2)
+    assert M.macro_f1(y, pred, 3) == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+    # a class absent from y and pred is not averaged in (scikit-learn's label set)
+    assert M.macro_f1(y, pred, 5) == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+
+
+def test_perfect_and_constant_models():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 60)
+    perfect = np.eye(3)[y] * 0.9 + 0.05
+    res = classification_metrics(y, perfect, ["a", "b", "c"], resamples=50)
+    assert {k: v.point for k, v in res.items()} == {"accuracy": 1.0, "balanced_accuracy": 1.0,
+                                                    "macro_f1": 1.0, "macro_auroc": 1.0}
+    assert res["accuracy"].ci_low == res["accuracy"].ci_high == 1.0
+
+    y = np.array([0] * 7 + [1] * 3)
+    const = np.tile([0.6, 0.4], (10, 1))              # always predicts the majority class
+    res = classification_metrics(y, const, ["a", "b"], resamples=0)
+    assert res["accuracy"].point == pytest.approx(0.7)  # the majority share
+    assert res["balanced_accuracy"].point == pytest.approx(0.5)
+    assert res["macro_f1"].point == pytest.approx(2 * 7 / (7 + 10) / 2)  # F1(a) = 2*7/(7+10), F1(b) = 0
+    assert res["macro_auroc"].point == pytest.approx(0.5)
+
+
+def test_multilabel_auroc_skips_undefined_classes():
+    t = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
+    s = np.array([[0.9, 0.1, 0.5], [0.2, 0.8, 0.5], [0.7, 0.3, 0.5], [0.1, 0.4, 0.5]])
+    per = M.per_class_auroc(t > 0, s)
+    assert per[0] == 1.0 and per[1] == pytest.approx(0.75) and math.isnan(per[2])  # class 2 never positive
+    res = classification_metrics(t, s, ["x", "y", "z"], multilabel=True, resamples=0)
+    assert res["mean_auroc"].point == pytest.approx(0.875)
+    assert res["auroc/x"].point == 1.0 and res["auroc/z"].ci_low != res["auroc/z"].ci_low  # NaN
+
+
+def test_first_hit_rank_and_ties_are_pessimistic():
+    sim = np.array([[0.9, 0.5, 0.1], [0.2, 0.2, 0.2]])
+    pos = np.array([[False, True, False], [True, False, False]])
+    assert M.first_hit_rank(sim, pos).tolist() == [1, 2]  # a constant row never scores a hit by tie luck
+
+
+def test_retrieval_with_shared_captions():
+    captions = ["left lung nodule", "left  lung nodule ", "brain mass", "liver cyst"]  # images 0, 1 share one
+    unique, owner = dedupe_captions(captions)
+    assert unique == ["left lung nodule", "brain mass", "liver cyst"] and owner.tolist() == [0, 0, 1, 2]
+    text = torch.eye(3)
+    images = torch.tensor([[0.9, 0.1, 0.0],    # caption A, ranks A first
+                           [0.2, 0.8, 0.0],    # caption A, ranks B first -> rank 1
+                           [0.1, 0.9, 0.05],   # caption B -> rank 0
+                           [0.7, 0.0, 0.6]])   # caption C, ranks A first -> rank 1
+    i2t, t2i = retrieval_ranks(images, text, owner)
+    assert i2t.tolist() == [0, 1, 0, 1]
+    assert t2i.tolist() == [0, 0, 0]  # text A is right when ANY of images 0, 1 comes first
+    res = retrieval_metrics(i2t, t2i, resamples=0)
+    assert res["image_to_text_R@1"].point == 0.5 and res["image_to_text_R@1"].n == 4
+    assert res["image_to_text_R@5"].point == 1.0
+    assert res["text_to_image_R@1"].point == 1.0 and res["text_to_image_R@1"].n == 3
+
+
+def test_bootstrap_contains_point_narrows_and_is_seeded():
+    rng = np.random.default_rng(1)
+    widths = []
+    for n in (40, 2000):
+        y = rng.integers(0, 2, n)
+        pred = np.where(rng.random(n) < 0.8, y, 1 - y)
+        est = bootstrap({"acc": lambda i: M.accuracy(y[i], pred[i])}, n, resamples=300, seed=3)["acc"]
+        assert est.ci_low <= est.point <= est.ci_high and est.n == n
+        widths.append(est.ci_high - est.ci_low)
+        again = bootstrap({"acc": lambda i: M.accuracy(y[i], pred[i])}, n, resamples=300, seed=3)["acc"]
+        assert again == est
+    assert widths[1] < widths[0] / 3  # ~1/sqrt(n): 40 -> 2000 samples is ~7x narrower
+
+
+def test_bootstrap_skips_undefined_resamples():
+    y = np.array([1] + [0] * 9)
+    s = np.linspace(1, 0, 10)
+    est = bootstrap({"auc": lambda i: M.auroc(y[i], s[i])}, 10, resamples=200, seed=0)["auc"]
+    assert est.point == 1.0 and est.ci_low == 1.0 and est.ci_high == 1.0  # resamples without the positive skipped

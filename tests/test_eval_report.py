@@ -1,0 +1,169 @@
+"""run_eval end to end: a student and two tiny teachers on tmp data (and on real data where present)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from distill.eval import EvalJob, is_our_export, list_tasks, run_eval
+from distill.eval.bootstrap import Estimate
+from distill.eval.embeddings import EmbeddingCache
+from distill.eval.report import build_report, markdown_table
+from distill.eval.tasks import load_task
+from distill.eval.datasets import load_splits
+from teachers import load_teacher
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def student_spec(tmp_path_factory) -> str:
+    """A third tiny open_clip model dressed as our export (its model card names biomed-distill)."""
+    from teachers.tiny import make_tiny_open_clip
+
+    d = make_tiny_open_clip(tmp_path_factory.mktemp("student") / "s", embed_dim=24, seed=7)
+    (d / "README.md").write_text("# student\nDistilled with biomed-distill from two teachers.\n")
+    return f"local-dir:{d}"
+
+
+@pytest.fixture(scope="module")
+def tmp_tasks(tmp_path_factory) -> list[str]:
+    """A CSV zero-shot task, a CSV retrieval task (shared captions) and an npz linear-probe task."""
+    root = tmp_path_factory.mktemp("evaldata")
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir()
+    rows = []
+    for i in range(18):
+        label = i % 3
+        arr = np.clip(rng.normal(60 + 70 * label, 25, (20, 20, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(root / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,{['dark', 'grey', 'bright'][label]},a {['dark', 'grey', 'bright'][label]} scan {i % 6}")
+    (root / "data.csv").write_text("image,label,caption\n" + "\n".join(rows) + "\n")
+    np.savez(root / "toy.npz", **{f"{s}_images": rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+                                  for s, n in (("train", 30), ("val", 12), ("test", 20))},
+             **{f"{s}_labels": (np.arange(n) % 2)[:, None] for s, n in (("train", 30), ("val", 12), ("test", 20))})
+    tasks = {
+        "toy-zeroshot": {"kind": "zeroshot", "dataset": {"path": "data.csv"}, "classes": ["dark", "grey", "bright"],
+                         "templates": ["a {} scan", "an image that is {}"]},
+        "toy-retrieval": {"kind": "retrieval", "dataset": {"path": "data.csv"}},
+        "toy-probe": {"kind": "linear_probe", "dataset": {"path": "toy.npz"}, "classes": ["no", "yes"],
+                      "linear_probe": {"shots": [2], "l2_grid": [1e-2, 1.0]}},
+    }
+    paths = []
+    for name, t in tasks.items():
+        (root / f"{name}.yaml").write_text(yaml.safe_dump({"name": name, **t}))
+        paths.append(str(root / f"{name}.yaml"))
+    return paths
+
+
+def _check_estimates(report: dict) -> None:
+    for task in report["tasks"].values():
+        for row in task["metrics"].values():
+            for e in row.values():
+                if e["point"] is None:
+                    continue
+                assert 0.0 <= e["point"] <= 1.0 and e["n"] > 0
+                if e["ci_low"] is not None:
+                    assert e["ci_low"] - 1e-9 <= e["point"] <= e["ci_high"] + 1e-9
+
+
+def test_report_student_vs_two_teachers(tmp_path, tiny_teachers, student_spec, tmp_tasks):
+    models = {"oc": tiny_teachers["oc"], "hf": tiny_teachers["hf"], "ours": student_spec}
+    assert is_our_export(student_spec) and not is_our_export(tiny_teachers["oc"])
+    job = EvalJob(models=models, tasks=tmp_tasks, out=str(tmp_path / "rep"), device="cpu", batch_size=8,
+                  bootstrap=100, seed=0)
+    report = run_eval(job)
+    assert report["student"] == "ours" and report["teachers"] == ["oc", "hf"]  # picked as our export
+    on_disk = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert on_disk == report
+    assert set(report["tasks"]) == {"toy-zeroshot", "toy-retrieval", "toy-probe"}
+    zs = report["tasks"]["toy-zeroshot"]
+    assert zs["n"] == {"test": 18}
+    assert set(zs["metrics"]) == {"accuracy", "balanced_accuracy", "macro_f1", "macro_auroc"}
+    assert set(zs["metrics"]["accuracy"]) == {"oc", "hf", "ours"}
+    rt = report["tasks"]["toy-retrieval"]["metrics"]
+    assert rt["text_to_image_R@1"]["oc"]["n"] == 6 and rt["image_to_text_R@1"]["oc"]["n"] == 18  # 6 unique captions
+    assert all(rt["image_to_text_R@10"][m]["point"] == 1.0 for m in models)  # only 6 distinct captions to rank
+    assert set(report["tasks"]["toy-probe"]["metrics"]) >= {"2-shot/accuracy", "full/macro_auroc"}
+    _check_estimates(report)
+    assert report["results"]["ours"]["toy-zeroshot"]["accuracy"] == zs["metrics"]["accuracy"]["ours"]["point"]
+    for task in report["tasks"].values():  # gain = student minus the best teacher, row by row
+        for metric, row in task["metrics"].items():
+            want = row["ours"]["point"] - max(row["oc"]["point"], row["hf"]["point"])
+            assert task["gain"][metric] == pytest.approx(want)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| task | metric | oc | hf | ours (student) | ours − best teacher |" in md
+    acc = zs["metrics"]["accuracy"]
+    best = max(acc, key=lambda m: acc[m]["point"])
+    line = next(l for l in md.splitlines() if l.startswith("| toy-zeroshot | accuracy |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2 + list(models).index(best)].startswith("**")
+    assert cells[-1] == f"{zs['gain']['accuracy']:+.3f}"
+    for name in ("toy-zeroshot", "toy-retrieval", "toy-probe"):
+        png = tmp_path / "rep" / "charts" / f"{name}.png"
+        assert png.read_bytes()[:8] == PNG_MAGIC and f"](charts/{name}.png)" in md
+        with Image.open(png) as im:
+            assert im.size[0] > 300 and im.size[1] > 200
+
+
+def test_same_seed_same_report_and_student_override(tmp_path, tiny_teachers, tmp_tasks):
+    kw = dict(models={"a": tiny_teachers["oc"], "b": tiny_teachers["oc"]}, tasks=tmp_tasks[:1], device="cpu",
+              bootstrap=50, student="b")
+    r1 = run_eval(EvalJob(out=str(tmp_path / "1"), **kw))
+    r2 = run_eval(EvalJob(out=str(tmp_path / "2"), **kw))
+    assert r1["tasks"] == r2["tasks"] and r1["student"] == "b"
+    # the same model under two names: identical numbers, zero gain
+    row = r1["tasks"]["toy-zeroshot"]["metrics"]["accuracy"]
+    assert row["a"] == row["b"] and r1["tasks"]["toy-zeroshot"]["gain"]["accuracy"] == 0.0
+    with pytest.raises(ValueError, match="student 'c' is not one of the models"):
+        EvalJob(out=str(tmp_path), student="c", **{k: v for k, v in kw.items() if k != "student"})
+
+
+def test_embedding_cache_on_disk_is_reused(tmp_path, tiny_teachers, tmp_tasks):
+    task = load_task(tmp_tasks[0])
+    test = load_splits(task)["test"]
+    model = load_teacher(tiny_teachers["hf"])
+    first = EmbeddingCache(tmp_path / "emb").images("hf", model, test, batch_size=5)
+    files = list((tmp_path / "emb").glob("*.safetensors"))
+    assert len(files) == 1 and first.shape == (18, 40)
+    assert torch.allclose(first.norm(dim=-1), torch.ones(18), atol=1e-5)
+    again = EmbeddingCache(tmp_path / "emb")
+    again._mem.clear()
+    reloaded = again.images("hf", model, test, batch_size=7)
+    assert torch.equal(first, reloaded)
+
+
+def test_markdown_table_bold_best_and_gain():
+    e = lambda p, lo, hi: Estimate(p, lo, hi, 100)  # noqa: E731
+    report = build_report({"s": {"spec": "x"}, "t1": {"spec": "y"}, "t2": {"spec": "z"}}, "s",
+                          {"task": {"kind": "zeroshot"}},
+                          {"task": {"s": {"acc": e(0.812, 0.78, 0.84), "auc": e(0.5, 0.4, 0.6)},
+                                    "t1": {"acc": e(0.7, 0.6, 0.8), "auc": e(0.9, 0.85, 0.95)},
+                                    "t2": {"acc": e(0.75, 0.7, 0.8), "auc": e(float("nan"), float("nan"),
+                                                                                float("nan"))}}},
+                          {"bootstrap": 100, "seed": 0})
+    table = markdown_table(report, "task").splitlines()
+    assert table[2] == "| task | acc | **0.812 [0.78, 0.84]** | 0.700 [0.60, 0.80] | 0.750 [0.70, 0.80] | +0.062 |"
+    assert table[3] == "| task | auc | 0.500 [0.40, 0.60] | **0.900 [0.85, 0.95]** | n/a | -0.400 |"
+    assert report["tasks"]["task"]["metrics"]["auc"]["t2"]["point"] is None  # NaN -> null in JSON
+
+
+def test_builtin_tasks_on_real_data(tmp_path, shared_data, monkeypatch, tiny_teachers, student_spec):
+    monkeypatch.setenv("BIOMED_DISTILL_DATA", str(shared_data))
+    job = EvalJob(models={"hf": tiny_teachers["hf"], "ours": student_spec}, tasks=list_tasks(),
+                  out=str(tmp_path / "real"), device="cpu", batch_size=32, bootstrap=50, max_samples=48)
+    report = run_eval(job)
+    assert set(report["tasks"]) == set(list_tasks())
+    for name, task in report["tasks"].items():
+        assert all(n == 48 for n in task["n"].values()), name
+    medpix = report["tasks"]["medpix-retrieval"]["metrics"]["text_to_image_R@1"]["ours"]
+    assert medpix["n"] <= 48  # captions shared by several images are deduplicated
+    ham = report["tasks"]["ham10000-zeroshot"]["metrics"]
+    assert ham["accuracy"]["ours"]["n"] == 48 and math.isfinite(ham["macro_auroc"]["ours"]["point"])
+    _check_estimates(report)
+    assert (tmp_path / "real" / "charts" / "pneumoniamnist-finetune.png").is_file()
