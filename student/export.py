@@ -1,0 +1,260 @@
+"""Export a trained student as an open_clip `local-dir:` folder, load it back anywhere, publish it.
+
+Layout (DESIGN.md "Student export"): `open_clip_config.json`, `open_clip_model.safetensors` (student only,
+never the projection heads or optimizer state), the tokenizer files, the text tower's `config.json` and a
+`README.md` model card. Stock open_clip loads it from where it was written; `load_student` loads it after
+the folder was moved, by pointing the text tower at the `config.json` inside it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .card import make_model_card, read_report
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "open_clip_model.safetensors"
+CONFIG_NAME = "open_clip_config.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {folder} is not a student folder (made by build_student "
+                                f"or export)")
+    try:
+        cfg = json.loads(path.read_text())
+        cfg["model_cfg"]["text_cfg"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a valid open_clip config ({e!r})") from e
+    return cfg
+
+
+def _text_config(folder: Path) -> dict[str, Any] | None:
+    path = folder / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _name_text_tower(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    text = cfg["model_cfg"]["text_cfg"]
+    if "hf_model_name" in text:
+        text["hf_model_name"] = name
+        if "hf_tokenizer_name" in text:
+            text["hf_tokenizer_name"] = name
+    text.pop("hf_model_pretrained", None)
+    return cfg
+
+
+def _student_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    model = getattr(model, "module", model)  # DDP / accelerate wrappers
+    sd = model.state_dict()
+    bad = [k for k in sd if k.startswith(("heads.", "student."))]
+    if bad:
+        raise ValueError(f"export_student needs the open_clip student itself, got a module with {bad[0]!r}; "
+                         f"pass the training module's .student")
+    out, seen = {}, set()
+    for k, v in sd.items():
+        v = v.detach().cpu().contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v  # safetensors refuses shared storage
+        seen.add(ptr)
+    return out
+
+
+def export_student(model: nn.Module, student_dir: str | Path, out_dir: str | Path,
+                   card: Mapping[str, Any] | None = None, text_config_from_hub: str | None = None) -> Path:
+    """Write the export folder for `model` (the open_clip student) built by `build_student` into `student_dir`.
+
+    `text_config_from_hub`: name a hub id (e.g. BiomedBERT's) as the text tower's config and tokenizer instead
+    of the export folder's absolute path, for publishing; `load_student` works either way.
+    """
+    from safetensors.torch import save_file
+
+    src, out = Path(student_dir), Path(out_dir)
+    cfg = _read_config(src)
+    out.mkdir(parents=True, exist_ok=True)
+    if src.resolve() != out.resolve():
+        for f in src.iterdir():
+            if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in ("README.md", CONFIG_NAME):
+                shutil.copy2(f, out / f.name)
+    cfg = _name_text_tower(cfg, text_config_from_hub or str(out.resolve()))
+    sd = _student_state_dict(model)
+    save_file(sd, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    n_params = sum(p.numel() for p in getattr(model, "module", model).parameters())
+    (out / "README.md").write_text(make_model_card(card, cfg["model_cfg"], _text_config(out), n_params,
+                                                   load_path=str(out.resolve())))
+    log.info("exported student (%d tensors) to %s", len(sd), out)
+    return out
+
+
+def _checkpoint_step(ckpt: Path) -> int:
+    state = ckpt / "train_state.json"
+    if state.is_file():
+        try:
+            data = json.loads(state.read_text())
+            return int(data.get("step", data.get("global_step")))
+        except (json.JSONDecodeError, TypeError, ValueError):
+            pass
+    m = re.search(r"(\d+)$", ckpt.name)
+    return int(m.group(1)) if m else -1
+
+
+def _weights_file(folder: Path) -> Path | None:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path]:
+    """(checkpoint folder, run folder) for a `checkpoint-STEP/` folder or a run folder (its newest checkpoint)."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} not found (give RUN/checkpoint-STEP or a run folder)")
+    if _weights_file(path):
+        ckpt = path
+    else:
+        # checkpoint-STEP folders with weights (not a `.tmp` still being written); finished ones
+        # (train_state.json present) win over unfinished ones, then the highest step
+        cands = [d for d in path.iterdir() if d.is_dir() and re.fullmatch(r"checkpoint-\d+", d.name)
+                 and _weights_file(d)]
+        if not cands:
+            raise FileNotFoundError(f"{path} holds neither model.safetensors nor checkpoint-STEP/ folders with one; "
+                                    f"give a checkpoint folder or a run folder")
+        ckpt = max(cands, key=lambda d: ((d / "train_state.json").is_file(), _checkpoint_step(d)))
+    run = ckpt.parent
+    if not (run / "student" / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{run / 'student' / CONFIG_NAME} not found: the run folder of {ckpt} must hold "
+                                f"the student/ folder written by build_student")
+    return ckpt, run
+
+
+def load_training_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The trained module's state dict from a checkpoint folder, with wrapper prefixes removed."""
+    f = _weights_file(ckpt)
+    if f is None:
+        raise FileNotFoundError(f"no model.safetensors in checkpoint {ckpt}")
+    if f.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(f))
+    else:
+        sd = torch.load(f, map_location="cpu", weights_only=True)
+    clean = {}
+    for k, v in sd.items():
+        while k.startswith(_WRAPPER_PREFIXES):
+            k = k.split(".", 1)[1]
+        clean[k] = v
+    return clean
+
+
+def _json_or_empty(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def card_from_run(run: Path, ckpt: Path, report: str | Path | None = None) -> dict[str, Any]:
+    """Model card fields from `run_meta.json`, the checkpoint's `train_state.json` and an eval report."""
+    meta, state = _json_or_empty(run / "run_meta.json"), _json_or_empty(ckpt / "train_state.json")
+    student_cfg = meta.get("config", {}).get("student", {}) if isinstance(meta.get("config"), Mapping) else {}
+    card: dict[str, Any] = {
+        "name": meta.get("name") or run.resolve().name,
+        "source": meta.get("student") or (student_cfg.get("preset") if isinstance(student_cfg, Mapping) else None),
+        "teachers": meta.get("teachers"),
+        "corpus": meta.get("corpus"),
+        "corpus_size": meta.get("corpus_size"),
+        "steps": state.get("step", state.get("global_step", _checkpoint_step(ckpt))),
+        "final_losses": state.get("last_losses") or state.get("losses") or state.get("final_losses") or {},
+        "samples_seen": state.get("samples_seen"),
+    }
+    if report is not None:
+        card["eval"] = read_report(report)
+    return card
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, report: str | Path | None = None,
+                      text_config_from_hub: str | None = None) -> Path:
+    """`distill export`: the student of a training checkpoint (heads dropped) as an export folder."""
+    from teachers.open_clip_teacher import local_dir_overrides
+
+    from .build import instantiate
+
+    ckpt, run = resolve_checkpoint(checkpoint)
+    student_dir = run / "student"
+    sd = load_training_state(ckpt)
+    student_sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
+    if not student_sd:
+        raise ValueError(f"{_weights_file(ckpt)}: no 'student.' keys (found e.g. {next(iter(sd), None)!r}); "
+                         f"expected the training module's state dict with student.* and heads.* keys")
+    cfg = _read_config(student_dir)
+    model_cfg = {**cfg["model_cfg"], **local_dir_overrides(student_dir)}
+    model = instantiate(model_cfg, cfg.get("preprocess_cfg"))
+    try:
+        missing, unexpected = model.load_state_dict(student_sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"{_weights_file(ckpt)} does not match the student in {student_dir}: {e}") from e
+    if missing or unexpected:
+        raise ValueError(f"{_weights_file(ckpt)} does not match the student in {student_dir}: missing "
+                         f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                         f"{'...' if len(unexpected) > 5 else ''}")
+    ignored = sorted({k.split(".")[0] for k in sd if not k.startswith("student.")})
+    log.info("exporting %s (step %s); not exported: %s", ckpt, _checkpoint_step(ckpt), ", ".join(ignored) or "-")
+    return export_student(model, student_dir, out_dir, card=card_from_run(run, ckpt, report),
+                          text_config_from_hub=text_config_from_hub)
+
+
+def load_student(path: str | Path, device: str | torch.device = "cpu"):
+    """(model, preprocess, tokenizer) of an exported student, wherever the folder now lives; model in eval mode."""
+    import open_clip
+
+    from teachers.open_clip_teacher import local_dir_overrides
+
+    folder = Path(path)
+    _read_config(folder)
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{folder / WEIGHTS_NAME} not found: {folder} has no weights (a run's student/ "
+                                f"folder is not an export; run `distill export CHECKPOINT --out DIR`)")
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        f"local-dir:{folder}", device=device, **local_dir_overrides(folder))
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    model.eval()
+    return model, preprocess, tokenizer
+
+
+def push_to_hub(path: str | Path, repo: str, private: bool = False,
+                commit_message: str = "Upload biomed-distill student") -> str:
+    """Upload an export to the Hugging Face Hub so `open_clip.create_model("hf-hub:REPO")` works for anyone.
+
+    The uploaded `open_clip_config.json` names REPO itself as the text tower's config and tokenizer (the repo
+    holds both at its top level), unless the export already names a hub id.
+    """
+    from huggingface_hub import HfApi
+
+    folder = Path(path)
+    cfg = _read_config(folder)
+    text = cfg["model_cfg"]["text_cfg"]
+    api = HfApi()
+    api.create_repo(repo, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "export"
+        shutil.copytree(folder, staged)
+        if "hf_model_name" in text and Path(text["hf_model_name"]).is_absolute():
+            (staged / CONFIG_NAME).write_text(json.dumps(_name_text_tower(cfg, repo), indent=2) + "\n")
+        info = api.upload_folder(repo_id=repo, folder_path=str(staged), commit_message=commit_message)
+    return str(getattr(info, "commit_url", info))
