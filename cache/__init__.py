@@ -1,1 +1,18 @@
-"""Corpus readers and the HDF5 feature cache (DESIGN.md format v1)."""
+"""Corpus readers and the HDF5 feature cache (DESIGN.md format v1).
+
+Public API:
+    open_corpus(path) -> Corpus          CSV/TSV/JSONL tables and WebDataset shards (cache.corpus)
+    Corpus, BadSampleError, CorpusError
+    CacheJob, build_cache(job) -> CacheSummary   `distill cache` (cache.build)
+    info(path) -> str                    `distill info` (cache.inspect)
+    FeatureReader, BlockShuffleSampler   reading features for training (cache.h5_reader)
+    CacheError                           refusals: other corpus, spec clash, lock held, bad format
+"""
+from .build import CacheJob, CacheSummary, TeacherSummary, build_cache
+from .corpus import BadSampleError, Corpus, CorpusError, open_corpus
+from .h5_reader import BlockShuffleSampler, FeatureReader
+from .inspect import info
+from .schema import CacheError
+
+__all__ = ["open_corpus", "Corpus", "BadSampleError", "CorpusError", "CacheJob", "CacheSummary",
+           "TeacherSummary", "build_cache", "info", "FeatureReader", "BlockShuffleSampler", "CacheError"]

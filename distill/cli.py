@@ -38,7 +38,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     job = CacheJob(data=args.data, teachers=_pairs(args.teacher, "--teacher"), out=args.out,
                    batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
-                   dtype=args.dtype, views=args.views, on_bad_sample=args.on_bad_sample, seed=args.seed)
+                   dtype=args.dtype, views=args.views, on_bad_sample=args.on_bad_sample, seed=args.seed,
+                   retry_bad=args.retry_bad)
     build_cache(job)
     return 0
 
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K augmented views per image (crop box + flip stored once, replayed for every teacher)")
     c.add_argument("--on-bad-sample", default="skip", choices=["skip", "fail"],
                    help="skip (record and go on) or fail at the first unreadable image or empty caption")
+    c.add_argument("--retry-bad", action="store_true", help="retry rows recorded as bad in an earlier run")
     c.add_argument("--seed", type=int, default=0, help="seed of the view parameters")
     c.set_defaults(func=cmd_cache)
 
@@ -196,9 +198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from cache.corpus import BadSampleError
+    from cache.schema import CacheError
+
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError, PermissionError) as e:
+    except (FileNotFoundError, ValueError, KeyError, PermissionError, CacheError, BadSampleError) as e:
         if args.verbose:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -1,0 +1,293 @@
+"""Writing the feature cache so that a kill -9 at any instant loses at most the chunk in flight.
+
+The scheme (known-safe because it leans only on POSIX rename, never on HDF5's own crash behaviour):
+
+1. **Parts.** Workers never touch FEATURES.h5. Each finished chunk of rows becomes one small `.npz` file in
+   `FEATURES.h5.parts/NAME/` (rows, image and text embeddings, bad samples), written to a temporary name,
+   fsynced, then renamed: a part either exists complete or not at all. That rename is the commit.
+2. **Fold.** Only the lock holder changes FEATURES.h5, and only by copy-on-write: copy it to `FEATURES.h5.tmp`,
+   write the parts' rows and `done` flags (and statistics, bad-sample records) into the copy, fsync, then
+   `os.replace` it over the original. Parts are deleted only after the rename, so a kill anywhere leaves the old
+   complete file or the new one, and the parts not yet folded; folding a part twice writes the same values.
+
+So a killed run leaves a file that opens and keeps every committed row (in the file, or in parts that the next
+run folds in first). The cost is one file copy per fold (once per teacher per run), small next to embedding.
+Multi-process runs write parts from every process (one file each, never two writers on one file) and the
+lock holder folds them: that is the shard-then-merge step.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from typing import Callable, Iterable
+
+import h5py
+import numpy as np
+
+from .schema import FORMAT, VERSION, CacheError, created_by, storage_dtype, str_dtype
+
+STATS_BLOCK_ROWS = 4096
+
+
+# -- atomic file replacement ------------------------------------------------------------------------------
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        _fsync_path(os.path.dirname(os.path.abspath(path)) or ".")
+    except OSError:  # some filesystems refuse fsync on directories; rename is still atomic
+        pass
+
+
+def atomic_update(path: str, fn: Callable[[h5py.File], None]) -> None:
+    """Apply `fn` to a copy of `path` (or a new file) and rename it over `path`: all of fn's changes or none."""
+    tmp = path + ".tmp"
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    exists = os.path.exists(path)
+    try:
+        if exists:
+            shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "r+" if exists else "w") as f:
+            fn(f)
+        _fsync_path(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+    _fsync_dir(path)
+
+
+def create_file(path: str, keys: list[str], fingerprint: str, source: str) -> None:
+    """A new, empty cache: root attrs and /keys; teachers arrive with their first fold."""
+    def fn(f: h5py.File) -> None:
+        f.attrs.update({"format": FORMAT, "version": VERSION, "corpus_fingerprint": fingerprint,
+                        "created_by": created_by(), "num_rows": len(keys), "corpus_source": str(source)})
+        f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=str_dtype())
+        f.create_group("teachers")
+    atomic_update(path, fn)
+
+
+def add_views(path: str, params: np.ndarray, seed: int, h5_chunk_rows: int = 256) -> None:
+    """Store the (N, K, 5) view parameters once; every teacher with views replays them."""
+    from . import views as V
+
+    def fn(f: h5py.File) -> None:
+        n, k, _ = params.shape
+        ds = f.create_dataset("views/params", data=params.astype(np.float32),
+                              chunks=(max(1, min(n, h5_chunk_rows)), k, 5))
+        ds.attrs.update({"seed": int(seed), "scale": list(V.SCALE), "ratio": list(V.RATIO), "flip_p": V.FLIP_P,
+                         "layout": "x0, y0, w, h (relative crop box), flip"})
+    atomic_update(path, fn)
+
+
+# -- parts ------------------------------------------------------------------------------------------------
+def parts_root(out: str) -> str:
+    return out + ".parts"
+
+
+def teacher_parts_dir(out: str, name: str) -> str:
+    return os.path.join(parts_root(out), name)
+
+
+def write_meta(out: str, name: str, meta: dict) -> None:
+    """What a fold needs to create teacher NAME's group without loading the model (attrs, dtype, shapes)."""
+    d = teacher_parts_dir(out, name)
+    os.makedirs(d, exist_ok=True)
+    _atomic_write_bytes(os.path.join(d, "meta.json"), json.dumps(meta, indent=1).encode())
+
+
+def read_meta(out: str, name: str) -> dict | None:
+    p = os.path.join(teacher_parts_dir(out, name), "meta.json")
+    if not os.path.isfile(p):
+        return None
+    with open(p) as f:
+        return json.load(f)
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_part(out: str, name: str, rows: np.ndarray, image: np.ndarray, text: np.ndarray,
+               bad_rows: Iterable[int] = (), bad_reasons: Iterable[str] = (), tag: str = "") -> str:
+    """Commit one chunk of rows for teacher NAME (atomic rename); returns the part's path."""
+    rows = np.asarray(rows, dtype=np.int64)
+    bad_rows = np.asarray(list(bad_rows), dtype=np.int64)
+    bad_reasons = np.asarray(list(bad_reasons), dtype=str)
+    first = int(rows[0]) if len(rows) else (int(bad_rows[0]) if len(bad_rows) else 0)
+    d = teacher_parts_dir(out, name)
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, f"part-{first:010d}-{len(rows)}-{os.getpid()}{tag}.npz")
+    tmp = os.path.join(d, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    with open(tmp, "wb") as f:
+        np.savez(f, rows=rows, image=image, text=text, bad_rows=bad_rows, bad_reasons=bad_reasons)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def list_parts(out: str, name: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(teacher_parts_dir(out, name), "part-*.npz")))
+
+
+def pending_teachers(out: str) -> list[str]:
+    """Teachers with a parts folder (committed chunks not yet folded, or a run in progress)."""
+    root = parts_root(out)
+    if not os.path.isdir(root):
+        return []
+    return sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)))
+
+
+def clean_temporaries(out: str) -> None:
+    """Remove half-written files of killed runs (never a committed part)."""
+    for p in [out + ".tmp", *glob.glob(os.path.join(parts_root(out), "*", ".tmp-*"))]:
+        try:
+            os.remove(p)
+        except FileNotFoundError:
+            pass
+
+
+# -- folding parts into the file --------------------------------------------------------------------------
+def _ensure_group(f: h5py.File, name: str, meta: dict) -> h5py.Group:
+    if f"teachers/{name}" in f:
+        return f[f"teachers/{name}"]
+    n = int(f.attrs["num_rows"])
+    d, k = int(meta["attrs"]["embed_dim"]), int(meta["attrs"]["views"])
+    dtype = storage_dtype(meta["dtype"])
+    c = max(1, min(n, int(meta.get("h5_chunk_rows", 256))))
+    g = f.create_group(f"teachers/{name}")
+    g.attrs.update(meta["attrs"])
+    g.attrs["dtype"] = meta["dtype"]
+    g.create_dataset("image", shape=(n, k, d) if k else (n, d), dtype=dtype, chunks=(c, k, d) if k else (c, d))
+    g.create_dataset("text", shape=(n, d), dtype=dtype, chunks=(c, d))
+    g.create_dataset("done", shape=(n,), dtype=bool, chunks=(max(1, min(n, 65536)),))
+    return g
+
+
+def _write_rows(ds: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
+    if len(rows) == 0:
+        return
+    if rows[-1] - rows[0] + 1 == len(rows):  # contiguous: one hyperslab
+        ds[int(rows[0]):int(rows[-1]) + 1] = values
+    else:
+        ds[rows] = values
+
+
+def read_bad(f: h5py.File) -> dict[int, str]:
+    if "bad" not in f:
+        return {}
+    return dict(zip(f["bad/rows"][:].tolist(), f["bad/reasons"].asstr()[:].tolist()))
+
+
+def _write_bad(f: h5py.File, bad: dict[int, str]) -> None:
+    if "bad" in f:
+        del f["bad"]
+    rows = np.array(sorted(bad), dtype=np.int64)
+    keys = f["keys"].asstr()[rows] if len(rows) else np.array([], dtype=object)
+    g = f.create_group("bad")
+    g.create_dataset("rows", data=rows, dtype=np.int64)
+    g.create_dataset("keys", data=np.asarray(keys, dtype=object), dtype=str_dtype())
+    g.create_dataset("reasons", data=np.array([bad[int(r)] for r in rows], dtype=object), dtype=str_dtype())
+
+
+def compute_stats(g: h5py.Group, usable: np.ndarray, block: int = STATS_BLOCK_ROWS) -> None:
+    """Mean and covariance of the usable rows' image (all views) and text embeddings, into NAME/stats/."""
+    if "stats" in g:
+        del g["stats"]
+    s = g.create_group("stats")
+    for what in ("image", "text"):
+        ds = g[what]
+        d = ds.shape[-1]
+        total, outer, n = np.zeros(d), np.zeros((d, d)), 0
+        for start in range(0, ds.shape[0], block):
+            m = usable[start:start + block]
+            if not m.any():
+                continue
+            x = ds[start:start + block][m].astype(np.float64).reshape(-1, d)
+            total += x.sum(0)
+            outer += x.T @ x
+            n += len(x)
+        mean = total / max(n, 1)
+        cov = (outer - n * np.outer(mean, mean)) / max(n - 1, 1)
+        s.create_dataset(f"{what}_mean", data=mean.astype(np.float32))
+        s.create_dataset(f"{what}_cov", data=cov.astype(np.float32))
+        s.attrs[f"{what}_count"] = n
+    s.attrs["count"] = int(usable.sum())
+
+
+def fold(out: str, names: Iterable[str] | None = None) -> dict[str, int]:
+    """Fold committed parts of the named teachers (default: all pending) into `out`, atomically.
+
+    Returns the number of rows folded per teacher. Statistics are (re)written for a teacher once every row is
+    either done or recorded as bad.
+    """
+    names = pending_teachers(out) if names is None else [n for n in names if n in pending_teachers(out)]
+    plan = {n: (read_meta(out, n), list_parts(out, n)) for n in names}
+    plan = {n: (m, p) for n, (m, p) in plan.items() if m is not None}
+    if not plan:
+        return {}
+    folded: dict[str, int] = {}
+
+    def fn(f: h5py.File) -> None:
+        bad = read_bad(f)
+        groups = {}
+        for name, (meta, parts) in plan.items():
+            g = groups[name] = _ensure_group(f, name, meta)
+            done = g["done"][:]
+            count = 0
+            for p in parts:
+                with np.load(p, allow_pickle=False) as z:
+                    rows = z["rows"]
+                    if len(rows):
+                        _write_rows(g["image"], rows, z["image"])
+                        _write_rows(g["text"], rows, z["text"])
+                        done[rows] = True
+                        count += len(rows)
+                        for r in rows.tolist():
+                            bad.pop(r, None)
+                    for r, reason in zip(z["bad_rows"].tolist(), z["bad_reasons"].tolist()):
+                        if not done[r]:
+                            bad[int(r)] = str(reason)
+            g["done"][...] = done
+            folded[name] = count
+        _write_bad(f, bad)
+        bad_mask = np.zeros(int(f.attrs["num_rows"]), dtype=bool)
+        bad_mask[list(bad)] = True
+        for name, g in groups.items():
+            done = g["done"][:]
+            if (done | bad_mask).all():
+                compute_stats(g, done & ~bad_mask)
+
+    atomic_update(out, fn)
+    for name, (_, parts) in plan.items():  # only now: the rows are safe in the file
+        for p in parts:
+            os.remove(p)
+        d = teacher_parts_dir(out, name)
+        if not list_parts(out, name):
+            shutil.rmtree(d, ignore_errors=True)
+    root = parts_root(out)
+    if os.path.isdir(root) and not os.listdir(root):
+        os.rmdir(root)
+    return folded
+
+
+def ensure_writable_target(out: str) -> None:
+    d = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(d):
+        raise CacheError(f"output folder {d} does not exist; create it first")

@@ -1,0 +1,83 @@
+"""One writer per feature cache: a `FEATURES.h5.lock` file holding the writer's pid and host.
+
+Created with O_EXCL so two writers cannot both win. A lock left by a killed writer (same host, pid gone) is
+stale and taken over; a live one is refused with the pid named, so nothing is overwritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+from .schema import CacheError
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class WriterLock:
+    """Context manager: `with WriterLock("features.h5"): ...` holds `features.h5.lock`."""
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path) + ".lock"
+        self.target = os.fspath(path)
+        self.held = False
+
+    def _holder(self) -> dict | None:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, OSError):
+            return {}  # half-written by a writer killed mid-create: treat as stale
+
+    def acquire(self) -> "WriterLock":
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:
+                    continue  # released between our two calls: try again
+                pid, host = holder.get("pid"), holder.get("host")
+                if pid == me["pid"] and host == me["host"]:
+                    raise CacheError(f"{self.target} is already being written by this process")
+                if host not in (None, me["host"]):
+                    raise CacheError(f"{self.target} is locked by pid {pid} on host {host} ({self.path}); if no "
+                                     f"writer is running there, delete {self.path} and rerun")
+                if isinstance(pid, int) and _pid_alive(pid):
+                    raise CacheError(f"{self.target} is being written by another process (pid {pid}); wait for "
+                                     f"it to finish, or if that process is not a cache writer, delete {self.path}")
+                try:  # stale: its writer is gone
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise CacheError(f"could not take the lock {self.path}; delete it if no writer is running")
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+            self.held = False
+
+    def __enter__(self) -> "WriterLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,109 @@
+"""Names, attributes and compatibility checks of the feature cache, HDF5 format version 1 (DESIGN.md).
+
+    /                      attrs: format, version, corpus_fingerprint, created_by, num_rows, corpus_source
+    /keys                  (N,) UTF-8 strings, corpus order
+    /views/params          (N, K, 5) float32: relative crop box (x0, y0, w, h) + flip, when views were drawn
+    /teachers/NAME/        attrs: spec, resolved_spec, embed_dim, logit_scale, image_size, mean, std,
+                                  interpolation, resize_mode, context_length, views
+    /teachers/NAME/image   (N, D) or (N, K, D); /text (N, D); /done (N,) bool
+    /teachers/NAME/stats/  image_mean, image_cov, text_mean, text_cov (attrs: count), once a teacher completes
+    /bad/rows, /bad/keys, /bad/reasons   samples that could not be embedded, with why
+
+Every check here raises `CacheError` with the file named and what to do, before anything is written.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+FORMAT = "biomed-distill-features"
+VERSION = 1
+
+TEACHER_ATTRS = ("spec", "resolved_spec", "embed_dim", "logit_scale", "image_size", "mean", "std",
+                 "interpolation", "resize_mode", "context_length", "views")
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+class CacheError(RuntimeError):
+    """The cache cannot be (re)built as asked: wrong corpus, conflicting teacher, lock held, bad format."""
+
+
+def str_dtype():
+    import h5py
+    return h5py.string_dtype("utf-8")
+
+
+def created_by() -> str:
+    from distill import __version__
+    return f"biomed-distill {__version__}"
+
+
+def storage_dtype(name: str) -> np.dtype:
+    if name not in DTYPES:
+        raise CacheError(f"dtype {name!r} not supported; use one of {', '.join(DTYPES)}")
+    return np.dtype(DTYPES[name])
+
+
+def resolved(spec: str) -> str:
+    """The spec an alias stands for, so `biomedclip` and its hf-hub: spec count as the same teacher."""
+    from teachers import resolve_spec
+    try:
+        s = resolve_spec(spec)
+        return f"{s.kind}:{s.target}"
+    except (ValueError, KeyError):
+        return spec
+
+
+def check_root(f, path: str, fingerprint: str | None = None, num_rows: int | None = None) -> None:
+    """Refuse a file that is not ours, of another version, or built from another corpus."""
+    fmt, ver = f.attrs.get("format"), f.attrs.get("version")
+    if fmt != FORMAT:
+        raise CacheError(f"{path} is not a biomed-distill feature cache (format attr {fmt!r}); "
+                         "choose another --out path")
+    if int(ver) != VERSION:
+        raise CacheError(f"{path} has cache format version {ver}; this package reads version {VERSION}")
+    if fingerprint is not None and f.attrs["corpus_fingerprint"] != fingerprint:
+        raise CacheError(
+            f"{path} was built from another corpus (fingerprint {f.attrs['corpus_fingerprint'][:12]}..., this "
+            f"corpus {fingerprint[:12]}...: keys or captions differ); refusing to mix them. Write to a new --out "
+            "file, or delete the old one to rebuild")
+    if num_rows is not None and int(f.attrs["num_rows"]) != num_rows:
+        raise CacheError(f"{path} has {int(f.attrs['num_rows'])} rows, the corpus {num_rows}")
+
+
+def teacher_attrs(describe: dict, views: int) -> dict:
+    """The group attrs of one teacher: `Teacher.describe()` plus the resolved spec and the number of views."""
+    out = {k: describe[k] for k in ("spec", "embed_dim", "logit_scale", "context_length", "image_size", "mean",
+                                     "std", "interpolation", "resize_mode") if k in describe}
+    out["resolved_spec"] = resolved(describe["spec"])
+    out["views"] = int(views)
+    return out
+
+
+def check_teacher(path: str, name: str, existing: dict, spec: str, views: int, dtype: str) -> None:
+    """Refuse reusing teacher NAME with another spec, number of views or storage dtype."""
+    old_spec = str(existing.get("spec"))
+    if resolved(old_spec) != resolved(spec):
+        raise CacheError(f"{path}: teacher {name!r} already exists with spec {old_spec!r}, not {spec!r}; "
+                         f"use another name (--teacher OTHER={spec}) or write to a new file")
+    if int(existing.get("views", 0)) != int(views):
+        raise CacheError(f"{path}: teacher {name!r} was cached with views={int(existing.get('views', 0))}, "
+                         f"this run asks views={views}; rerun with --views {int(existing.get('views', 0))} "
+                         "or use another teacher name")
+    old_dtype = existing.get("dtype")
+    if old_dtype is not None and str(old_dtype) != dtype:
+        raise CacheError(f"{path}: teacher {name!r} is stored as {old_dtype}, this run asks {dtype}; "
+                         f"rerun with --dtype {old_dtype}")
+
+
+def attrs_to_dict(attrs) -> dict:
+    """h5py attrs -> plain Python values (arrays to lists, numpy scalars to Python scalars)."""
+    out = {}
+    for k, v in attrs.items():
+        if isinstance(v, np.ndarray):
+            v = v.tolist()
+        elif isinstance(v, np.generic):
+            v = v.item()
+        elif isinstance(v, bytes):
+            v = v.decode()
+        out[k] = v
+    return out
