@@ -1,0 +1,185 @@
+"""Everything a training run needs, built from a `Config`: data, student, heads, loss, and the derived `RunPlan`.
+
+Why apart from train.py: the loop stays short and readable, and each builder here is testable on its own. Values
+derived at run time (teachers found in the cache, accumulation per epoch, total steps) live in `RunPlan`; the
+Config is never modified.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from distill.config import Config, ConfigError, LossTerm, TrainCfg
+from distill.data import CacheJoin, Collate, EpochSampler, PairDataset, join_cache, student_preprocess
+from distill.losses import LOSSES, CombineCfg, DistillLoss, LossTermCfg
+from distill.optim import accum_for_epoch, global_batch_for_epoch, steps_per_epoch
+from distill.student_model import DistillModel
+
+log = logging.getLogger(__name__)
+
+# The terms a mode trains with when loss.terms is empty (MMKD-CLIP's stage 2 minus its 50x weight).
+DEFAULT_TERMS = {
+    "contrastive": (LossTerm("infonce"),),
+    "distill": (LossTerm("feature", kwargs={"metric": "cosine"}), LossTerm("icl")),
+    "hybrid": (LossTerm("infonce"), LossTerm("feature", kwargs={"metric": "cosine"}), LossTerm("icl")),
+}
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Derived values: how many processes, rows, steps, which teachers with which weights and dims."""
+
+    train: TrainCfg
+    per_device_batch: int
+    num_processes: int
+    num_rows: int
+    total_steps: int
+    teachers: dict[str, float] = field(default_factory=dict)  # name -> weight
+    teacher_attrs: dict[str, dict] = field(default_factory=dict)  # name -> cache attrs (spec, embed_dim, ...)
+
+    def global_batch(self, epoch: int) -> int:
+        return global_batch_for_epoch(self.train, self.per_device_batch, self.num_processes, epoch)
+
+    def accum(self, epoch: int) -> int:
+        return accum_for_epoch(self.train, self.per_device_batch, self.num_processes, epoch)
+
+
+@dataclass
+class Run:
+    plan: RunPlan
+    model: DistillModel
+    loss: DistillLoss
+    loader: DataLoader
+    student_dir: Path
+    corpus: object
+    join: CacheJoin | None
+    terms: list[LossTermCfg]
+    _tmp: tempfile.TemporaryDirectory | None = None
+
+
+def uses_teachers(kind: str) -> bool:
+    return bool(LOSSES.get(kind).uses_teachers)
+
+
+def resolve_terms(cfg: Config, teacher_weights: dict[str, float]) -> list[LossTermCfg]:
+    """The config's terms (or the mode's defaults) as LossTermCfg, teacher terms defaulting to loss.teachers."""
+    terms = cfg.loss.terms or DEFAULT_TERMS[cfg.mode]
+    return [LossTermCfg(name=t.label, kind=t.kind, weight=t.weight,
+                        teachers=(t.teachers or dict(teacher_weights)) if uses_teachers(t.kind) else None,
+                        kwargs=dict(t.kwargs)) for t in terms]
+
+
+def named_teachers(cfg: Config) -> list[str] | None:
+    """Teachers the config names (loss.teachers and per-term teachers), or None: use every cached teacher."""
+    names = list(cfg.loss.teachers or {})
+    for t in cfg.loss.terms:
+        names += [n for n in (t.teachers or {}) if n not in names]
+    return names or None
+
+
+def build_tokenizer_dir(cfg: Config, corpus, output_dir: Path, accelerator) -> str | None:
+    """The tokenizer folder: the configured one, the preset's own (None), or WordPiece trained on the corpus."""
+    from student.presets import PRESETS
+
+    if cfg.student.tokenizer_dir or cfg.student.preset not in PRESETS:
+        return cfg.student.tokenizer_dir
+    if PRESETS.get(cfg.student.preset).tokenizer_hub_id:
+        return None
+    out = output_dir / "tokenizer"
+    with accelerator.main_process_first():
+        if accelerator.is_main_process and not (out / "tokenizer.json").is_file():
+            from student.tokenizer import train_wordpiece
+
+            log.info("training a %d-token WordPiece vocabulary on %d captions -> %s", cfg.student.vocab_size,
+                     len(corpus), out)
+            train_wordpiece(corpus.captions, out, vocab_size=cfg.student.vocab_size)
+    return str(out)
+
+
+def build_student_model(cfg: Config, student_dir: Path, tokenizer_dir: str | None):
+    from student.build import build_student
+    from student.freeze import apply_freezing
+
+    s = cfg.student
+    bundle = build_student(s.preset, student_dir, tokenizer_dir=tokenizer_dir, image_size=s.image_size,
+                           **s.overrides)
+    apply_freezing(bundle.model, image_blocks=s.freeze_vision_blocks, text_layers=s.lock_text_layers,
+                   patch_dropout=s.patch_dropout or None, grad_checkpointing=s.grad_checkpointing)
+    return bundle
+
+
+def build_run(cfg: Config, accelerator) -> Run:
+    from accelerate.utils import set_seed
+
+    from cache.corpus import open_corpus
+    from student.heads import ProjectionHeads
+
+    output_dir = Path(cfg.train.output_dir)
+    corpus = open_corpus(cfg.data.corpus)
+    join = None
+    if cfg.mode != "contrastive":
+        join = join_cache(corpus, cfg.data.features, named_teachers(cfg), use_views=cfg.data.use_views)
+    teachers = dict(cfg.loss.teachers) if cfg.loss.teachers else {t: 1.0 for t in (join.teachers if join else {})}
+    terms = resolve_terms(cfg, teachers)
+    used = sorted({t for term in terms for t in (term.teachers or {})}, key=list(join.teachers if join else []).index)
+
+    tokenizer_dir = build_tokenizer_dir(cfg, corpus, output_dir, accelerator)
+    tmp = None
+    student_dir = output_dir / "student"
+    if not accelerator.is_main_process:  # only the main process writes RUN/student
+        tmp = tempfile.TemporaryDirectory(prefix="student-")
+        student_dir = Path(tmp.name)
+    set_seed(cfg.train.seed)  # identical initialisation on every process and on resume
+    bundle = build_student_model(cfg, student_dir, tokenizer_dir)
+    heads = ProjectionHeads(bundle.embed_dim, {t: int(join.teachers[t]["embed_dim"]) for t in used}) if used else None
+    stats = _teacher_stats(cfg.data.features, used) if cfg.loss.combine.balance == "phi_s" else None
+    loss = DistillLoss(terms, teacher_names=used, combine=CombineCfg(**dataclasses.asdict(cfg.loss.combine)),
+                       teacher_stats=stats)
+
+    pp = student_preprocess(bundle.preprocess_cfg)
+    views = join.view_params if join is not None else None
+    ds = PairDataset(corpus, pp, crop_scale=cfg.data.crop_scale, flip=cfg.data.flip, seed=cfg.train.seed,
+                     corpus_rows=join.corpus_rows if join else None, cache_rows=join.cache_rows if join else None,
+                     view_params=views)
+    plan = RunPlan(train=cfg.train, per_device_batch=cfg.data.batch_size, num_processes=accelerator.num_processes,
+                   num_rows=len(ds), total_steps=0, teachers={t: teachers.get(t, 1.0) for t in used},
+                   teacher_attrs={t: join.teachers[t] for t in used})
+    plan = dataclasses.replace(plan, total_steps=_total_steps(cfg, plan))
+    collate = Collate(bundle.tokenizer, cfg.data.features if used else None, used, use_views=views is not None)
+    loader = DataLoader(ds, batch_size=cfg.data.batch_size, drop_last=True, collate_fn=collate,
+                        sampler=EpochSampler(len(ds), cfg.train.seed, plan.global_batch),
+                        num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.train.seed),
+                        pin_memory=torch.cuda.is_available())
+    return Run(plan, DistillModel(bundle.model, heads), loss, loader, student_dir if tmp is None else
+               output_dir / "student", corpus, join, terms, tmp)
+
+
+def _total_steps(cfg: Config, plan: RunPlan) -> int:
+    first = plan.global_batch(0)
+    plan.accum(0)  # raises when the schedule does not divide
+    if steps_per_epoch(plan.num_rows, first) == 0:
+        raise ConfigError(f"{plan.num_rows} usable rows are fewer than one global batch of {first} "
+                          f"(data.batch_size x processes x accumulation); lower data.batch_size or train.grad_accum")
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    total = 0
+    for e in range(cfg.train.epochs):
+        plan.accum(e)
+        total += steps_per_epoch(plan.num_rows, plan.global_batch(e))
+    return total
+
+
+def _teacher_stats(features: str, teachers: list[str]) -> dict:
+    from cache.h5_reader import FeatureReader
+
+    reader = FeatureReader(features)
+    try:
+        return {t: reader.stats(t) for t in teachers}
+    finally:
+        getattr(reader, "close", lambda: None)()

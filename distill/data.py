@@ -1,0 +1,273 @@
+"""Training data: corpus rows joined BY KEY to feature-cache rows, the student's augmentation, typed batches.
+
+Why per-sample generators: a sample's crop (or stored view) is drawn from a generator seeded by (seed, epoch,
+index), not from the global RNG, so a resumed run, a run with more workers or a run over more processes shows
+the student exactly the same pixels as an uninterrupted single-process one.
+Why the cache is read in the collate function: one batched HDF5 read per batch, inside the worker, from a reader
+each worker opens for itself (h5py handles must not cross a fork).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from teachers.transforms import PreprocessCfg, make_view_transform
+
+log = logging.getLogger(__name__)
+
+RATIO = (3 / 4, 4 / 3)
+
+
+class DataError(ValueError):
+    """The corpus and the cache cannot be used together as configured; the message says how to fix it."""
+
+
+@dataclass
+class TrainBatch:
+    """One micro-batch: student inputs plus the cached features of the same rows."""
+
+    images: torch.Tensor  # (B, 3, H, W) normalised for the student
+    tokens: torch.Tensor  # (B, L) student token ids
+    rows: torch.Tensor  # (B,) corpus rows
+    views: torch.Tensor  # (B,) stored view index shown, -1 for the student's own crop
+    teacher_feats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # t -> {"image","text"}
+
+    def to(self, device, non_blocking: bool = False) -> "TrainBatch":
+        """Accelerate's send_to_device calls this."""
+        mv = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return TrainBatch(mv(self.images), mv(self.tokens), mv(self.rows), mv(self.views),
+                          {t: {m: mv(x) for m, x in d.items()} for t, d in self.teacher_feats.items()})
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def student_preprocess(pp: dict) -> PreprocessCfg:
+    """open_clip's preprocess_cfg dict (size, mean, std, interpolation, resize_mode) -> our PreprocessCfg."""
+    size = pp.get("size", 224)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return PreprocessCfg(image_size=size, mean=tuple(pp["mean"]), std=tuple(pp["std"]),
+                         interpolation=pp.get("interpolation", "bicubic"),
+                         resize_mode=pp.get("resize_mode", "shortest"))
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A generator owned by one sample of one epoch (independent of workers, processes and resumption)."""
+    s = np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(s) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def random_crop_params(gen: torch.Generator, width: int, height: int, scale: Sequence[float],
+                       flip: bool) -> list[float]:
+    """A RandomResizedCrop box (torchvision's algorithm, our generator) as relative (x0, y0, w, h, flip)."""
+    area = width * height
+    u = torch.rand(4 * 10 + 1, generator=gen, dtype=torch.float64).tolist()
+    box = None
+    for i in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[4 * i])
+        log_r = math.log(RATIO[0]) + (math.log(RATIO[1]) - math.log(RATIO[0])) * u[4 * i + 1]
+        w = int(round(math.sqrt(target * math.exp(log_r))))
+        h = int(round(math.sqrt(target / math.exp(log_r))))
+        if 0 < w <= width and 0 < h <= height:
+            x0 = int(u[4 * i + 2] * (width - w + 1))
+            y0 = int(u[4 * i + 3] * (height - h + 1))
+            box = (x0, y0, w, h)
+            break
+    if box is None:  # fallback: the whole image (scale upper bound is 1 here)
+        box = (0, 0, width, height)
+    x0, y0, w, h = box
+    do_flip = 1.0 if flip and u[-1] < 0.5 else 0.0
+    return [x0 / width, y0 / height, w / width, h / height, do_flip]
+
+
+class EpochSampler(Sampler):
+    """A permutation seeded by (seed, epoch), cut to whole global batches; yields (epoch, index) pairs.
+
+    Cutting to whole global batches makes every optimizer step see exactly the scheduled global batch, and every
+    epoch end on an accumulation boundary. No `generator` attribute on purpose: Accelerate would reseed it.
+    """
+
+    def __init__(self, num_rows: int, seed: int, global_batch_of: Callable[[int], int], shuffle: bool = True):
+        self.num_rows, self.seed, self.global_batch_of, self.shuffle = num_rows, seed, global_batch_of, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        gb = self.global_batch_of(self.epoch)
+        return self.num_rows // gb * gb
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.num_rows)
+        for i in order[: len(self)].tolist():
+            yield (self.epoch, i)
+
+
+class PairDataset(Dataset):
+    """Usable corpus rows, each with the cache row of the same key; items are (epoch, index) or plain indices."""
+
+    def __init__(self, corpus, preprocess: PreprocessCfg, *, crop_scale=(0.9, 1.0), flip: bool = False,
+                 seed: int = 0, cache_rows: np.ndarray | None = None, corpus_rows: np.ndarray | None = None,
+                 view_params: np.ndarray | None = None):
+        self.corpus = corpus
+        self.preprocess = preprocess
+        self.crop_scale, self.flip, self.seed = tuple(crop_scale), flip, seed
+        self.corpus_rows = np.arange(len(corpus)) if corpus_rows is None else np.asarray(corpus_rows)
+        self.cache_rows = self.corpus_rows if cache_rows is None else np.asarray(cache_rows)
+        self.view_params = view_params  # (N_cache, K, 5) or None: stored views to show
+        self.transform = make_view_transform(preprocess)
+
+    def __len__(self) -> int:
+        return len(self.corpus_rows)
+
+    def choose(self, item) -> tuple[int, torch.Generator]:
+        epoch, i = item if isinstance(item, tuple) else (0, item)
+        return int(i), sample_generator(self.seed, int(epoch), int(i))
+
+    def __getitem__(self, item) -> dict:
+        i, gen = self.choose(item)
+        row, cache_row = int(self.corpus_rows[i]), int(self.cache_rows[i])
+        from cache.corpus import BadSampleError
+
+        try:
+            img = self.corpus.load_image(row)
+        except BadSampleError as e:
+            raise DataError(f"{e}; build a feature cache (`distill cache`) to find and skip bad samples, "
+                            f"or fix or remove that row") from e
+        if self.view_params is not None:
+            k = int(torch.randint(self.view_params.shape[1], (1,), generator=gen))
+            params = self.view_params[cache_row, k].tolist()
+        else:
+            k = -1
+            params = random_crop_params(gen, img.width, img.height, self.crop_scale, self.flip)
+        return {"image": self.transform(img, params), "caption": self.corpus.captions[row], "row": row,
+                "cache_row": cache_row, "view": k}
+
+
+class Collate:
+    """Stacks items, tokenises captions, reads the rows' teacher features (same stored view) from the cache."""
+
+    def __init__(self, tokenizer, features: str | None = None, teachers: Sequence[str] = (),
+                 use_views: bool = False):
+        self.tokenizer, self.features, self.teachers, self.use_views = tokenizer, features, list(teachers), use_views
+        self._reader = None
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_reader"] = None  # each worker opens its own reader
+        return d
+
+    @property
+    def reader(self):
+        if self._reader is None:
+            from cache.h5_reader import FeatureReader
+
+            self._reader = FeatureReader(self.features, teachers=self.teachers)
+        return self._reader
+
+    def __call__(self, items: list[dict]) -> TrainBatch:
+        views = torch.tensor([it["view"] for it in items], dtype=torch.long)
+        feats: dict[str, dict[str, torch.Tensor]] = {}
+        if self.features and self.teachers:
+            rows = np.array([it["cache_row"] for it in items])
+            got = self.reader.read(rows, self.teachers, views=views.numpy() if self.use_views else None)
+            feats = {t: {m: _one_view(torch.as_tensor(np.asarray(x), dtype=torch.float32)) for m, x in d.items()}
+                     for t, d in got.items()}
+        return TrainBatch(images=torch.stack([it["image"] for it in items]),
+                          tokens=self.tokenizer([it["caption"] for it in items]),
+                          rows=torch.tensor([it["row"] for it in items], dtype=torch.long), views=views,
+                          teacher_feats=feats)
+
+
+def _one_view(x: torch.Tensor) -> torch.Tensor:
+    """(B, K, D) view embeddings when the student does not use stored views: their normalised mean."""
+    return torch.nn.functional.normalize(x.mean(1), dim=-1) if x.ndim == 3 else x
+
+
+@dataclass(frozen=True)
+class CacheJoin:
+    """Which corpus rows train, the cache row of each, and what the cache says about its teachers."""
+
+    corpus_rows: np.ndarray
+    cache_rows: np.ndarray
+    teachers: dict[str, dict]  # name -> teacher attrs (spec, embed_dim, logit_scale, views, ...)
+    view_params: np.ndarray | None
+    skipped_bad: int
+
+
+def join_cache(corpus, features: str | Path, teachers: Sequence[str] | None, use_views: bool = True) -> CacheJoin:
+    """Match corpus keys to cache keys and keep rows every used teacher has done; clear errors otherwise."""
+    from cache.h5_reader import FeatureReader
+
+    path = str(features)
+    if not Path(path).is_file():
+        raise DataError(f"data.features={path} does not exist; build it with `distill cache --data "
+                        f"{corpus.source} --teacher NAME=SPEC --out {path}`")
+    reader = FeatureReader(path)
+    try:
+        fix = f"`distill cache --data {corpus.source} --out {path} --teacher NAME=SPEC`"
+        available = list(reader.teacher_names)
+        if not available:
+            raise DataError(f"{path} holds no teachers yet; add some with {fix}")
+        names = list(available) if teachers is None else list(teachers)
+        missing = [t for t in names if t not in available]
+        if missing:
+            raise DataError(f"{path} lacks teacher(s) {missing} (it has {available}); add each with "
+                            f"`distill cache --data {corpus.source} --out {path} --teacher {missing[0]}=SPEC`, "
+                            f"or drop it from the config's loss.teachers")
+        cache_keys = list(reader.keys)
+        if reader.fingerprint != corpus.fingerprint():
+            raise DataError(f"{path} was built from another corpus than {corpus.source} (corpus fingerprint "
+                            f"differs: keys or captions changed, so cached text features would be stale); "
+                            f"rebuild it with {fix} into a new file, or point data.features at this corpus's cache")
+        index = {k: r for r, k in enumerate(cache_keys)}
+        absent = [k for k in corpus.keys if k not in index]
+        if absent:
+            raise DataError(f"{len(absent)} corpus key(s) of {corpus.source} are not in {path} (first: "
+                            f"{absent[0]!r}): the cache was built from another version of the corpus; "
+                            f"rebuild it with {fix}")
+        cache_rows_all = np.array([index[k] for k in corpus.keys], dtype=np.int64)
+        usable = set(np.asarray(reader.usable_rows(names)).tolist())
+        done_any = _undone(reader, names, cache_rows_all)
+        if done_any:
+            t, n = done_any
+            raise DataError(f"{path}: teacher {t!r} has not embedded {n} of the corpus's {len(corpus)} rows "
+                            f"(an interrupted or partial cache); finish it by rerunning `distill cache --data "
+                            f"{corpus.source} --out {path} --teacher {t}=SPEC` (it fills only missing rows)")
+        keep = np.array([r in usable for r in cache_rows_all.tolist()], dtype=bool)
+        if not keep.any():
+            raise DataError(f"{path}: no corpus row is usable by every teacher in {names}")
+        attrs = {t: dict(reader.teacher_attrs(t)) for t in names}
+        views = None
+        if use_views and reader.num_views:
+            views = reader.view_params(np.arange(len(cache_keys)))
+        skipped = int((~keep).sum())
+        if skipped:
+            log.warning("skipping %d corpus rows the cache marks bad", skipped)
+        return CacheJoin(np.flatnonzero(keep), cache_rows_all[keep], attrs, views, skipped)
+    finally:
+        close = getattr(reader, "close", None)
+        if close is not None:
+            close()
+
+
+def _undone(reader, names: Sequence[str], cache_rows: np.ndarray) -> tuple[str, int] | None:
+    """(teacher, count) of the first teacher with rows neither done nor marked bad, else None."""
+    bad = set(np.asarray(reader.bad_rows).tolist())
+    for t in names:
+        done = set(np.asarray(reader.usable_rows([t])).tolist())
+        n = sum(1 for r in cache_rows.tolist() if r not in done and r not in bad)
+        if n:
+            return t, n
+    return None

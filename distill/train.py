@@ -1,0 +1,156 @@
+"""The Accelerate training loop: `accelerate launch -m distill.train --config C.yaml [section.key=value ...]`.
+
+One `prepare`, `accumulate` for the global batch schedule, `backward`, `save_state` checkpoints with a registered
+TrainState. No teacher runs here: teacher features come from the cache inside the batches. Builders live in
+`distill.build_run`, the optimizer recipe in `distill.optim`, checkpoints in `distill.checkpoint`, logs in
+`distill.train_log`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from distill.checkpoint import TrainState, install_unwrapped_state_hooks, resolve_resume, save_checkpoint
+from distill.config import Config
+from distill.losses import TeacherBatch
+from distill.optim import build_optimizer, build_scheduler
+from distill.train_log import RunLogger, plot_loss_curves
+
+log = logging.getLogger(__name__)
+
+
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # The scheduler counts optimizer steps (we step it ourselves after each real optimizer step), so it does not
+    # depend on the number of processes. Teacher-only term sets can leave the logit scale out of the graph, which
+    # DDP refuses unless told to look for unused parameters.
+    return Accelerator(mixed_precision=cfg.train.mixed_precision, step_scheduler_with_optimizer=False,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.mode != "contrastive")])
+
+
+def write_run_meta(cfg: Config, run, out: Path, resumed_from: Path | None) -> None:
+    plan = run.plan
+    teachers = {t: {"weight": w, "embed_dim": int(plan.teacher_attrs[t]["embed_dim"]),
+                    "spec": plan.teacher_attrs[t].get("spec"), "logit_scale": plan.teacher_attrs[t].get("logit_scale")}
+                for t, w in plan.teachers.items()}
+    meta = {"mode": cfg.mode, "teachers": teachers, "student_dir": str(run.student_dir),
+            "corpus": {"path": cfg.data.corpus, "size": len(run.corpus), "rows_used": plan.num_rows,
+                       "fingerprint": run.corpus.fingerprint()},
+            "features": cfg.data.features, "loss": str(run.loss), "total_steps": plan.total_steps,
+            "num_processes": plan.num_processes, "global_batch_epoch0": plan.global_batch(0),
+            "resumed_from": str(resumed_from) if resumed_from else None, "config": cfg.to_dict()}
+    (out / "run_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def train(cfg: Config) -> dict:
+    """Train as configured; returns {"output_dir", "step", "losses", "checkpoint"}."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from distill.build_run import build_run
+
+    accelerator = make_accelerator(cfg)
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.train.seed)
+    run = build_run(cfg, accelerator)
+    plan = run.plan
+    optimizer = build_optimizer(run.model, cfg.optim)
+    scheduler = build_scheduler(optimizer, plan.total_steps, cfg.optim)
+    model, optimizer, loader, scheduler = accelerator.prepare(run.model, optimizer, run.loader, scheduler)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    install_unwrapped_state_hooks(accelerator)
+    resume = resolve_resume(cfg.train.resume, out)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        accelerator.print(f"Resuming from {resume} at step {state.step} (epoch {state.epoch})")
+    if accelerator.is_main_process:
+        write_run_meta(cfg, run, out, resume)
+        accelerator.print(str(run.loss))
+    logger = RunLogger(out, enabled=accelerator.is_main_process, tensorboard=cfg.train.tensorboard)
+    logger.truncate_after(state.step)
+    scales = {t: float(a["logit_scale"]) for t, a in plan.teacher_attrs.items()}
+    unwrapped = accelerator.unwrap_model(model)
+    bar = tqdm(total=plan.total_steps, initial=state.step, disable=not accelerator.is_main_process, unit="step")
+    last_ckpt, sums, t_step = None, {}, time.perf_counter()
+
+    while state.step < plan.total_steps:
+        accelerator.gradient_accumulation_steps = accum = plan.accum(state.epoch)
+        loader.set_epoch(state.epoch)
+        batches = accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
+        for batch in batches:
+            with accelerator.accumulate(model):
+                out_s = model(batch.images, batch.tokens)
+                teachers = TeacherBatch(batch.teacher_feats, scales) if batch.teacher_feats else None
+                gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + state.step * 1009
+                                                    + state.batches_in_epoch % accum)  # same on every rank
+                losses = run.loss(out_s, teachers, gen)
+                accelerator.backward(losses["loss"])
+                if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batches_in_epoch += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
+            if not accelerator.sync_gradients:
+                continue
+            if not optimizer.step_was_skipped:  # fp16 overflow: keep lr where it was
+                scheduler.step()
+            unwrapped.clamp_logit_scale(cfg.optim.logit_scale_max)
+            state.step += 1
+            state.samples_seen += plan.global_batch(state.epoch)
+            keys = sorted(sums)
+            mean = accelerator.reduce(torch.stack([sums[k] for k in keys]).to(accelerator.device), "mean")
+            state.last_losses, sums = {k: float(v) for k, v in zip(keys, mean.tolist())}, {}
+            now = time.perf_counter()
+            rate, t_step = plan.global_batch(state.epoch) / max(now - t_step, 1e-9), now
+            bar.update(1)
+            bar.set_postfix(loss=f"{state.last_losses['loss']:.4f}", samples_s=f"{rate:.1f}")
+            if state.step % cfg.train.log_every == 0 or state.step == plan.total_steps:
+                logger.log(state.step, {**state.last_losses, "lr": scheduler.get_last_lr()[0],
+                                        "samples_per_s": rate, "epoch": state.epoch})
+            if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
+                last_ckpt = save_checkpoint(accelerator, out, state, cfg.train.keep_last)
+            if state.step >= plan.total_steps:
+                break
+        else:  # the epoch ran out: the next one starts from its first batch
+            if state.batches_in_epoch == 0:
+                raise RuntimeError(f"epoch {state.epoch} has no batches: {plan.num_rows} rows are fewer than its "
+                                   f"global batch {plan.global_batch(state.epoch)}; shorten train.batch_schedule")
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+
+    bar.close()
+    if last_ckpt is None or not last_ckpt.name.endswith(f"-{state.step}"):
+        last_ckpt = save_checkpoint(accelerator, out, state, cfg.train.keep_last)
+    if accelerator.is_main_process:
+        logger.close()
+        plot_loss_curves(out / "log.jsonl", out / "loss_curves.png")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"output_dir": str(out), "step": state.step, "losses": dict(state.last_losses),
+            "checkpoint": str(last_ckpt)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
+    result = train(Config.from_argv(sys.argv[1:] if argv is None else argv))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The training loop end to end on the tiny corpus: losses fall in every mode, logs, run files, data joins, views."""
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from distill.data import DataError, PairDataset, join_cache, student_preprocess
+from distill.train import train
+from teachers.transforms import make_view_transform
+
+from train_fixtures import load_weights, read_log, tiny_cache, tiny_config  # noqa: F401  (fixture)
+
+# Contrastive-from-scratch sits on the ln(batch) plateau for ~25 steps before it breaks symmetry, so it gets more
+# steps; the teacher terms give a signal from the first step.
+STEPS = {"contrastive": 60, "distill": 30, "hybrid": 30}
+
+
+@pytest.mark.parametrize("mode", ["contrastive", "distill", "hybrid"])
+def test_loss_falls_and_run_files(mode, tiny_corpus, tiny_cache, tmp_path):
+    out = tmp_path / mode
+    cfg = tiny_config(tiny_corpus, out, tiny_cache if mode != "contrastive" else None, mode=mode,
+                      train__max_steps=STEPS[mode], train__checkpoint_every=0)
+    result = train(cfg)
+    rows = read_log(out)
+    assert [r["step"] for r in rows] == list(range(1, STEPS[mode] + 1))
+    terms = {"contrastive": {"infonce"}, "distill": {"feature", "icl"}, "hybrid": {"infonce", "feature", "icl"}}[mode]
+    for r in rows:  # every per-term key, the total under "loss", and it is their sum
+        assert terms | {"loss", "lr", "samples_per_s"} <= set(r)
+        assert r["loss"] == pytest.approx(sum(r[t] for t in terms), rel=1e-5)
+    first, last = np.mean([r["loss"] for r in rows[:5]]), np.mean([r["loss"] for r in rows[-5:]])
+    assert last < first - 0.1, f"{mode}: loss did not fall ({first:.3f} -> {last:.3f})"
+    assert result["step"] == STEPS[mode] and result["losses"]["loss"] == pytest.approx(rows[-1]["loss"])
+
+    meta = json.loads((out / "run_meta.json").read_text())
+    assert meta["mode"] == mode and meta["corpus"]["size"] == 32
+    if mode == "contrastive":
+        assert meta["teachers"] == {}
+    else:  # no teacher named: every cached teacher, equal weights, native dims
+        assert meta["teachers"] == {"oc": pytest.approx({**meta["teachers"]["oc"], "weight": 1.0, "embed_dim": 24}),
+                                    "hf": pytest.approx({**meta["teachers"]["hf"], "weight": 1.0, "embed_dim": 40})}
+    assert (out / "student" / "open_clip_config.json").is_file() and (out / "loss_curves.png").stat().st_size > 0
+    weights = load_weights(out / f"checkpoint-{STEPS[mode]}")
+    assert all(k.startswith(("student.", "heads.")) for k in weights)
+    assert any(k.startswith("heads.image.hf") for k in weights) == (mode != "contrastive")
+    assert weights["student.logit_scale"].item() <= np.log(100) + 1e-6
+
+
+def test_dataset_shows_the_student_the_stored_view(tiny_corpus, tiny_cache):
+    from cache.corpus import open_corpus
+    from cache.h5_reader import FeatureReader
+
+    corpus = open_corpus(tiny_corpus)
+    join = join_cache(corpus, tiny_cache, None)
+    assert join.view_params.shape == (32, 2, 5) and sorted(join.teachers) == ["hf", "oc"]
+    pp = student_preprocess({"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic"})
+    ds = PairDataset(corpus, pp, seed=0, corpus_rows=join.corpus_rows, cache_rows=join.cache_rows,
+                     view_params=join.view_params)
+    seen = set()
+    for epoch, i in [(0, 3), (1, 3), (2, 3), (3, 3), (0, 11)]:
+        item = ds[(epoch, i)]
+        k = item["view"]
+        seen.add(k)
+        expected = make_view_transform(pp)(corpus.load_image(item["row"]), join.view_params[item["cache_row"], k])
+        assert torch.equal(item["image"], expected)
+        assert torch.equal(ds[(epoch, i)]["image"], item["image"])  # the same (epoch, index): the same pixels
+    assert seen == {0, 1}  # the view index is drawn per sample and epoch
+    # the batch carries the same view's teacher features
+    from distill.data import Collate
+
+    items = [ds[(0, i)] for i in range(4)]
+    batch = Collate(lambda caps: torch.zeros(len(caps), 4, dtype=torch.long), str(tiny_cache), ["oc", "hf"],
+                    use_views=True)(items)
+    with FeatureReader(str(tiny_cache)) as r:
+        for j, it in enumerate(items):
+            want = r.read([it["cache_row"]], ["oc"])["oc"]["image"][0, it["view"]]
+            assert torch.allclose(batch.teacher_feats["oc"]["image"][j], torch.from_numpy(want))
+    assert batch.teacher_feats["hf"]["image"].shape == (4, 40)
+
+
+def test_cache_missing_teacher_or_rows_is_a_clear_error(tiny_corpus, tiny_cache, tmp_path):
+    from cache.corpus import open_corpus
+
+    corpus = open_corpus(tiny_corpus)
+    with pytest.raises(DataError, match=r"lacks teacher\(s\) \['biomedclip'\].*--teacher biomedclip=SPEC"):
+        join_cache(corpus, tiny_cache, ["oc", "biomedclip"])
+    partial = tmp_path / "partial.h5"
+    partial.write_bytes(tiny_cache.read_bytes())
+    with h5py.File(partial, "r+") as f:
+        f["teachers/hf/done"][5:9] = False
+    with pytest.raises(DataError, match=r"teacher 'hf' has not embedded 4 of the corpus's 32 rows.*"
+                                        r"--teacher hf=SPEC"):
+        join_cache(corpus, partial, None)
+    assert len(join_cache(corpus, partial, ["oc"]).corpus_rows) == 32  # a teacher that is complete still works
+    with pytest.raises(DataError, match=r"does not exist; build it with `distill cache"):
+        join_cache(corpus, tmp_path / "none.h5", None)
+
+
+def test_cache_from_another_corpus_is_refused(tiny_cache, tmp_path):
+    from cache.corpus import open_corpus
+    from cache.synthetic import make_synthetic_corpus
+
+    other = open_corpus(make_synthetic_corpus(tmp_path / "other", n=32, image_size=48, seed=5))
+    with pytest.raises(DataError, match=r"built from another corpus.*fingerprint differs"):
+        join_cache(other, tiny_cache, None)
+
+
+def test_bad_rows_in_the_cache_are_skipped(tiny_corpus, tiny_cache, tmp_path):
+    from cache.corpus import open_corpus
+
+    marked = tmp_path / "bad.h5"
+    marked.write_bytes(tiny_cache.read_bytes())
+    with h5py.File(marked, "r+") as f:
+        if "bad" in f:
+            del f["bad"]
+        f.create_dataset("bad/rows", data=np.array([2, 7]))
+        f["teachers/oc/done"][[2, 7]] = False  # a bad sample is never done
+        f["teachers/hf/done"][[2, 7]] = False
+    join = join_cache(open_corpus(tiny_corpus), marked, None)
+    assert join.skipped_bad == 2 and 2 not in join.corpus_rows and 7 not in join.corpus_rows
+    assert len(join.corpus_rows) == 30

@@ -1,0 +1,55 @@
+"""Two processes (gloo on CPU) with 4 rows each end with the same weights as one process with 8 rows per step:
+sharded InfoNCE, DDP gradient averaging, the sampler split and the teacher features all line up."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from train_fixtures import ROOT, load_weights, read_log, tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(cfg, tmp_path, name: str, nproc: int) -> subprocess.CompletedProcess:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={_free_port()}", "-m", "distill.train", "--config", str(path)]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res
+
+
+def test_two_processes_equal_one_over_the_same_global_batch(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path):
+    runs = {}
+    for name, nproc, per_device in [("one", 1, 8), ("two", 2, 4)]:
+        cfg = tiny_config(tiny_corpus, tmp_path / name, tiny_cache, tokenizer=tiny_tokenizer, train__max_steps=3,
+                          train__checkpoint_every=0, data__batch_size=per_device, train__tensorboard="false")
+        res = _launch(cfg, tmp_path, name, nproc)
+        assert res.stdout.count('"step": 3') == 1  # only the main process prints the result
+        runs[name] = tmp_path / name
+    meta = (runs["two"] / "run_meta.json").read_text()
+    assert '"num_processes": 2' in meta and '"global_batch_epoch0": 8' in meta
+    a, b = load_weights(runs["one"] / "checkpoint-3"), load_weights(runs["two"] / "checkpoint-3")
+    assert a.keys() == b.keys()  # no DDP "module." prefix in what the export reads
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-5), (k, (a[k] - b[k]).abs().max().item())
+    la, lb = read_log(runs["one"]), read_log(runs["two"])
+    for ra, rb in zip(la, lb):  # the logged losses are the global-batch losses in both
+        assert ra["step"] == rb["step"]
+        for key in ("loss", "infonce", "feature", "icl"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-4)
