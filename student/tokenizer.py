@@ -2,6 +2,11 @@
 
 The result is a `BertTokenizerFast` folder, loadable by `transformers.AutoTokenizer` and by open_clip's
 `HFTokenizer`, so a from-scratch student's tokenizer travels with its export like BiomedCLIP's does.
+
+Reproducibility: the `tokenizers` WordPiece trainer breaks ties between equally frequent merges in hash order,
+so two trainings on the same captions can differ in a few rare pieces. Train once (`distill tokenizer`) and point
+configs at the folder (`student.tokenizer_dir`) when separate runs must be comparable; a run that trains its own
+keeps it in RUN/tokenizer, so resuming that run is exact.
 """
 from __future__ import annotations
 
