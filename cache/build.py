@@ -201,25 +201,27 @@ def _embed_teacher(job: CacheJob, corpus: Corpus, teacher, name: str, chunks: li
     good_rows: list[int] = []
     images: list[np.ndarray] = []
     bad: list[tuple[int, str]] = []
-    for b, (batch_rows, x, batch_bad) in enumerate(loader):
-        for row, reason, where in batch_bad:
-            if job.on_bad_sample == "fail":
-                raise BadSampleError(corpus.keys[row], reason + " (rerun with --on-bad-sample skip to skip "
-                                     "and record bad samples)", where)
-            bad.append((row, reason))
-        if x is not None:
-            if job.views:
-                bsz, k = x.shape[:2]
-                emb = teacher.encode_image(x.flatten(0, 1)).reshape(bsz, k, -1)
-            else:
-                emb = teacher.encode_image(x)
-            images.append(emb.cpu().numpy().astype(dtype))
-            good_rows.extend(batch_rows)
-        bar.update(len(batch_rows) + len(batch_bad))
-        if b in ends:
-            _commit_chunk(job, corpus, teacher, name, good_rows, images, bad, dtype)
-            good_rows, images, bad = [], [], []
-    bar.close()
+    try:  # closed on error too, so a message printed after it starts on its own line
+        for b, (batch_rows, x, batch_bad) in enumerate(loader):
+            for row, reason, where in batch_bad:
+                if job.on_bad_sample == "fail":
+                    raise BadSampleError(corpus.keys[row], reason + " (rerun with --on-bad-sample skip to skip "
+                                         "and record bad samples)", where)
+                bad.append((row, reason))
+            if x is not None:
+                if job.views:
+                    bsz, k = x.shape[:2]
+                    emb = teacher.encode_image(x.flatten(0, 1)).reshape(bsz, k, -1)
+                else:
+                    emb = teacher.encode_image(x)
+                images.append(emb.cpu().numpy().astype(dtype))
+                good_rows.extend(batch_rows)
+            bar.update(len(batch_rows) + len(batch_bad))
+            if b in ends:
+                _commit_chunk(job, corpus, teacher, name, good_rows, images, bad, dtype)
+                good_rows, images, bad = [], [], []
+    finally:
+        bar.close()
 
 
 def _commit_chunk(job, corpus, teacher, name, good_rows, images, bad, dtype) -> None:

@@ -39,7 +39,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     job = CacheJob(data=args.data, teachers=_pairs(args.teacher, "--teacher"), out=args.out,
                    batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
                    dtype=args.dtype, views=args.views, on_bad_sample=args.on_bad_sample, seed=args.seed,
-                   retry_bad=args.retry_bad)
+                   retry_bad=args.retry_bad, chunk_rows=args.chunk_rows)
     build_cache(job)
     return 0
 
@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip (record and go on) or fail at the first unreadable image or empty caption")
     c.add_argument("--retry-bad", action="store_true", help="retry rows recorded as bad in an earlier run")
     c.add_argument("--seed", type=int, default=0, help="seed of the view parameters")
+    c.add_argument("--chunk-rows", type=int, default=512, help="rows per committed chunk (a kill loses at most "
+                   "this many per process; chunks are dealt round-robin to the processes)")
     c.set_defaults(func=cmd_cache)
 
     i = sub.add_parser("info", help="describe a feature cache")

@@ -5,6 +5,7 @@ embeddings equal calling `transformers` directly; no `trust_remote_code` unless 
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -22,6 +23,10 @@ class HFClipTeacher(Teacher):
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
         path = spec.target
+        if path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
+            raise FileNotFoundError(f"SPEC {spec.raw!r}: folder {path} not found (hf-clip: takes a hub id "
+                                    "ORG/NAME or a folder written by save_pretrained)")
+        path = os.path.expanduser(path)
         model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code).to(device)
         processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -6,6 +6,7 @@ at the config inside the folder instead (used here and by `student.load_student`
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from pathlib import Path
@@ -42,17 +43,42 @@ def local_dir_overrides(path: str | os.PathLike) -> dict:
     return {"text_cfg": text_cfg}
 
 
+def open_clip_args(spec: Spec) -> tuple[str, str | None, dict]:
+    """(model_name, pretrained, kwargs) for `open_clip.create_model_and_transforms`, checked before any download.
+
+    Every form must load real weights (`require_pretrained`): open_clip only warns and returns a randomly
+    initialised model when an `hf-hub:` repo lacks weights, which would silently fill a cache with noise.
+    A built-in `MODEL/TAG` whose tag was trained with QuickGELU (the `openai` tags) gets `force_quick_gelu`, as
+    open_clip's README asks; otherwise the activations differ from training and the embeddings are wrong.
+    """
+    from open_clip import list_models
+    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+
+    kwargs: dict = {"require_pretrained": True}
+    if spec.kind == "local-dir":
+        return f"local-dir:{spec.target}", None, {**kwargs, **local_dir_overrides(spec.target)}
+    if spec.kind == "hf-hub":
+        return f"hf-hub:{spec.target}", None, kwargs
+    model_name, _, tag = spec.target.partition("/")
+    if model_name not in list_models():
+        near = difflib.get_close_matches(model_name, list_models(), n=3)
+        raise ValueError(f"SPEC {spec.raw!r}: {model_name!r} is not an open_clip built-in model"
+                         + (f"; did you mean {', '.join(near)}?" if near else "; see open_clip.list_models()"))
+    cfg = get_pretrained_cfg(model_name, tag)
+    if not cfg:
+        tags = list_pretrained_tags_by_model(model_name)
+        raise ValueError(f"SPEC {spec.raw!r}: {tag!r} is not a pretrained tag of {model_name}; known tags: "
+                         f"{', '.join(tags) or 'none (use hf-hub:ORG/REPO or local-dir:PATH)'}")
+    if cfg.get("quick_gelu", False):
+        kwargs["force_quick_gelu"] = True
+    return model_name, tag, kwargs
+
+
 def create_open_clip(spec: Spec, device: str | torch.device = "cpu"):
     """(model, preprocess, tokenizer) for an open_clip SPEC, offline-safe for our own exports."""
     import open_clip
 
-    if spec.kind == "local-dir":
-        name, pretrained, kwargs = f"local-dir:{spec.target}", None, local_dir_overrides(spec.target)
-    elif spec.kind == "hf-hub":
-        name, pretrained, kwargs = f"hf-hub:{spec.target}", None, {}
-    else:
-        model_name, _, tag = spec.target.partition("/")
-        name, pretrained, kwargs = model_name, tag, {}
+    name, pretrained, kwargs = open_clip_args(spec)
     model, _, preprocess = open_clip.create_model_and_transforms(
         name, pretrained=pretrained, device=device, **kwargs)
     tokenizer = open_clip.get_tokenizer(name)
@@ -75,7 +101,8 @@ class OpenClipTeacher(Teacher):
         ctx = getattr(tokenizer, "context_length", None) or getattr(model, "context_length", 77)
         with torch.no_grad():
             dim = model.encode_image(torch.zeros(1, 3, *size, device=device)).shape[-1]
-        super().__init__(model, spec=spec.raw, embed_dim=dim, logit_scale=float(model.logit_scale.exp().item()),
+        scale = float(model.logit_scale.detach().exp().item())
+        super().__init__(model, spec=spec.raw, embed_dim=dim, logit_scale=scale,
                          preprocess_cfg=cfg, context_length=ctx)
         self._preprocess = preprocess
         self._tokenizer = tokenizer

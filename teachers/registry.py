@@ -4,6 +4,8 @@ timm-style: `list_teachers("*clip*")` matches with fnmatch; an unknown alias sug
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from distill.registry import Registry
@@ -42,18 +44,39 @@ def resolve_spec(spec: str) -> Spec:
     return parsed
 
 
+class TeacherLoadError(ValueError):
+    """A SPEC that parses but whose model cannot be loaded (missing folder or weights, not in the offline cache)."""
+
+
+def _load_hint() -> str:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return ("\nhint: offline (HF_HUB_OFFLINE=1), a hub model must already be in the Hugging Face cache "
+                f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}), "
+                "or give a local folder (local-dir:PATH, hf-clip:PATH)")
+    return ""
+
+
 def load_teacher(spec: str, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> Teacher:
-    """Load any SPEC as a frozen Teacher on `device` (eval mode, no gradients, autocast on GPU)."""
+    """Load any SPEC as a frozen Teacher on `device` (eval mode, no gradients, autocast on GPU).
+
+    A model that cannot be loaded raises `TeacherLoadError` naming the SPEC (the library's error chained),
+    never a randomly initialised teacher.
+    """
     parsed = resolve_spec(spec)
-    if parsed.backend == "open_clip":
-        from .open_clip_teacher import OpenClipTeacher
-        teacher: Teacher = OpenClipTeacher(parsed, device=device)
-    elif parsed.backend == "hf-clip":
-        from .hf_teacher import HFClipTeacher
-        teacher = HFClipTeacher(parsed, device=device, trust_remote_code=trust_remote_code)
-    elif parsed.backend == "py":
+    if parsed.backend == "py":
         from .py_teacher import load_py_teacher
-        return load_py_teacher(parsed, device=device)
-    else:  # pragma: no cover - parse_spec guarantees the kinds above
-        raise ValueError(f"no back-end for SPEC {spec!r}")
+        return load_py_teacher(parsed, device=device)  # the user's own code: its errors are its own
+    try:
+        if parsed.backend == "open_clip":
+            from .open_clip_teacher import OpenClipTeacher
+            teacher: Teacher = OpenClipTeacher(parsed, device=device)
+        elif parsed.backend == "hf-clip":
+            from .hf_teacher import HFClipTeacher
+            teacher = HFClipTeacher(parsed, device=device, trust_remote_code=trust_remote_code)
+        else:  # pragma: no cover - parse_spec guarantees the kinds above
+            raise ValueError(f"no back-end for SPEC {spec!r}")
+    except (OSError, RuntimeError) as e:
+        alias = f" (alias of {parsed.raw})" if parsed.raw != spec else ""
+        raise TeacherLoadError(f"cannot load teacher SPEC {spec!r}{alias} with the {parsed.backend} back-end: "
+                               f"{e}{_load_hint()}") from e
     return teacher.to_device(device)

@@ -313,3 +313,30 @@ def test_info_describes_the_file(full_cache, tiny_corpus, tiny_teachers):
     assert "dim 40, views 0, dtype float16, done 32/32" in text
     with pytest.raises(CacheError, match="not found"):
         info(str(full_cache) + ".missing")
+
+
+def test_webdataset_shards_cache_like_the_table(tmp_path, full_cache, tiny_corpus, tiny_teachers):
+    """The same samples as .tar shards: same keys and fingerprint, same features as the CSV cache."""
+    import io
+    import tarfile
+
+    with open(tiny_corpus, newline="") as f:
+        rows = list(csv.DictReader(f))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(0, 32, 12):
+        with tarfile.open(shards / f"{s // 12:05d}.tar", "w") as tar:
+            for r in rows[s:s + 12]:
+                image = (tiny_corpus.parent / r["image"]).read_bytes()
+                for ext, data in (("png", image), ("txt", r["caption"].encode())):
+                    ti = tarfile.TarInfo(f"{r['key']}.{ext}")
+                    ti.size = len(data)
+                    tar.addfile(ti, io.BytesIO(data))
+    out = tmp_path / "wds.h5"
+    build_cache(_job(f"{shards}/{{00000..00002}}.tar", {"oc": tiny_teachers["oc"]}, out))
+    with h5py.File(out, "r") as a, h5py.File(full_cache, "r") as b:
+        assert a.attrs["corpus_fingerprint"] == b.attrs["corpus_fingerprint"]
+        assert a["keys"].asstr()[:].tolist() == [r["key"] for r in rows]
+        for what in ("image", "text"):
+            np.testing.assert_allclose(a[f"teachers/oc/{what}"][:].astype(np.float32),
+                                       b[f"teachers/oc/{what}"][:].astype(np.float32), atol=ATOL)

@@ -72,3 +72,34 @@ def test_two_processes_equal_one(tmp_path, tiny_corpus, tiny_teachers):
                                            atol=2e-3)
             np.testing.assert_allclose(gb["stats/text_cov"][:], ga["stats/text_cov"][:], atol=1e-4)
     assert not Path(str(multi) + ".parts").exists() and not Path(str(multi) + ".lock").exists()
+
+
+def test_accelerate_launch_of_the_cli_equals_one_process(tmp_path, tiny_corpus, tiny_teachers):
+    """The README's command: `accelerate launch ... -m distill.cli cache`. On CPU, accelerate needs --multi_gpu to
+    start N processes (it launches through torchrun); `--cpu --num_processes N` alone starts just one."""
+    oc = {"oc": tiny_teachers["oc"]}
+    single = tmp_path / "single.h5"
+    build_cache(CacheJob(data=str(tiny_corpus), teachers=oc, out=str(single), batch_size=4, chunk_rows=4,
+                         num_workers=0, progress=False))
+    multi = tmp_path / "multi.h5"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf_home")}  # no user accelerate config
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "distill.cli", "cache", "--data", str(tiny_corpus), "--teacher",
+                           f"oc={tiny_teachers['oc']}", "--out", str(multi), "--batch-size", "4", "--chunk-rows", "4",
+                           "--num-workers", "0", "--device", "cpu"],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # rank 0's bar: 2 processes, and rank 0 embedded half of the rows (chunks dealt round-robin)
+    assert "cache oc (rank 0 of 2): 100%" in proc.stderr and "16/16" in proc.stderr, proc.stderr[-2000:]
+    assert proc.stdout.count("feature cache") == 1 and "oc: computed 32, done 32/32, skipped 0" in proc.stdout
+    with h5py.File(single, "r") as a, h5py.File(multi, "r") as b:
+        assert b["teachers/oc/done"][:].all()
+        for what in ("image", "text"):
+            np.testing.assert_allclose(b[f"teachers/oc/{what}"][:].astype(np.float32),
+                                       a[f"teachers/oc/{what}"][:].astype(np.float32), atol=2e-3)
+        np.testing.assert_allclose(b["teachers/oc/stats/image_cov"][:], a["teachers/oc/stats/image_cov"][:],
+                                   atol=1e-4)
+    assert not Path(str(multi) + ".parts").exists() and not Path(str(multi) + ".lock").exists()

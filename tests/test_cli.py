@@ -1,7 +1,9 @@
 """The `distill` command line: every subcommand is wired, documented, and fails with a clear message."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +98,127 @@ def test_train_module_entry_point_parses_like_the_cli(tmp_path):
                        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert r.returncode != 0
     assert "missing.yaml" in r.stderr
+
+
+# -- distill cache / distill info through the CLI: refusals, progress, summary, info, views ----------------
+def _corpus_copy(src: Path, dst: Path, edit=None) -> Path:
+    """`src` with absolute image paths (and `edit` applied to its rows), written to `dst`."""
+    import csv
+
+    with open(src, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["image"] = str(src.parent / r["image"])
+    if edit:
+        edit(rows)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(dst, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "caption", "key"])
+        w.writeheader()
+        w.writerows(rows)
+    return dst
+
+
+def _cache_argv(data, out, *teachers, extra=()) -> list[str]:
+    argv = ["cache", "--data", str(data), "--out", str(out), "--batch-size", "8", "--num-workers", "0",
+            "--device", "cpu", *extra]
+    for t in teachers:
+        argv += ["--teacher", t]
+    return argv
+
+
+def _sha(path) -> str:
+    import hashlib
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_cache_refusals_exit_2_with_a_message_and_leave_the_file(tiny_corpus, tiny_teachers, tmp_path, capsys):
+    import socket
+
+    out = tmp_path / "f.h5"
+    oc, hf = f"oc={tiny_teachers['oc']}", f"hf={tiny_teachers['hf']}"
+    assert main(_cache_argv(tiny_corpus, out, oc)) == 0
+    sha = _sha(out)
+    other = _corpus_copy(tiny_corpus, tmp_path / "other" / "c.csv", lambda rows: rows[0].update(caption="new"))
+    bad = _corpus_copy(tiny_corpus, tmp_path / "bad" / "c.csv", lambda rows: rows[4].update(image="/no/such.png"))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    cases = [
+        (_cache_argv(other, out, oc), "was built from another corpus"),
+        (_cache_argv(tiny_corpus, out, f"oc={tiny_teachers['hf']}"), "teacher 'oc' already exists with spec"),
+        (_cache_argv(tiny_corpus, out, oc, extra=["--views", "2"]), "views=0, this run asks views=2"),
+        (_cache_argv(tiny_corpus, out, oc, extra=["--dtype", "float32"]), "stored as float16, this run asks float32"),
+        (_cache_argv(tiny_corpus, out, "x=hf-hub:nobody/nothing"), "cannot load teacher SPEC 'hf-hub:nobody/nothing'"),
+        (_cache_argv(bad, tmp_path / "g.h5", oc, extra=["--on-bad-sample", "fail"]),
+         r"c\.csv row 5 \(line 6\).*missing image file"),
+        (_cache_argv(tiny_corpus, out, hf), rf"being written by another process \(pid {holder.pid}\)"),
+    ]
+    try:
+        for argv, message in cases:
+            if "another process" in message:
+                Path(f"{out}.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+            capsys.readouterr()
+            assert main(argv) == 2, message
+            err = capsys.readouterr().err
+            assert re.search(r"(?m)^distill cache: error: .*" + message, err), err
+            assert "Traceback" not in err
+            assert _sha(out) == sha, f"{message}: the file changed"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "f.h5.parts").exists()
+
+
+def test_cache_shows_rates_and_summarises_bad_samples(tiny_corpus, tiny_teachers, tmp_path, capsys):
+    def edit(rows):
+        rows[2]["image"] = "/no/such.png"
+        rows[6]["caption"] = ""
+    data = _corpus_copy(tiny_corpus, tmp_path / "c" / "corpus.csv", edit)
+    keys = [l.split(",")[-1] for l in data.read_text().splitlines()[1:]]
+    out = tmp_path / "f.h5"
+    assert main(_cache_argv(data, out, f"oc={tiny_teachers['oc']}", f"hf={tiny_teachers['hf']}")) == 0
+    cap = capsys.readouterr()
+    for name in ("oc", "hf"):  # one bar per teacher, counting samples per second
+        assert re.search(rf"cache {name}: 100%.*32/32 \[[^\]]*sample/s\]", cap.err), cap.err
+    assert f"feature cache {out}: 32 rows" in cap.out
+    assert "oc: computed 30, done 30/32, skipped 2" in cap.out and "hf: computed 30, done 30/32, skipped 2" in cap.out
+    assert "2 bad sample(s) skipped (recorded in /bad)" in cap.out
+    assert re.search(rf"{keys[2]}: missing image file.*such\.png", cap.out) and f"{keys[6]}: empty caption" in cap.out
+
+
+def test_info_on_views_bad_samples_and_an_incomplete_teacher(tiny_corpus, tiny_teachers, tmp_path, capsys):
+    from cache import FeatureReader, open_corpus
+    from teachers import load_teacher
+
+    data = _corpus_copy(tiny_corpus, tmp_path / "c" / "corpus.csv", lambda rows: rows[9].update(caption=" "))
+    out = tmp_path / "f.h5"
+    # hf stops at the empty caption (row 9): chunks of 4 before it are kept, the teacher is incomplete
+    assert main(_cache_argv(data, out, f"hf={tiny_teachers['hf']}",
+                            extra=["--on-bad-sample", "fail", "--chunk-rows", "4"])) == 2
+    assert main(_cache_argv(data, out, f"oc={tiny_teachers['oc']}", extra=["--views", "2", "--seed", "3"])) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    keys = open_corpus(data).keys
+    assert "biomed-distill-features version 1" in text and "rows: 32" in text
+    size = float(re.search(r"size on disk: ([\d.]+) KiB", text).group(1))
+    assert abs(size - os.path.getsize(out) / 1024) <= 0.05
+    assert f"keys: {keys[0]}, {keys[1]}, {keys[2]}, ..., {keys[31]}" in text
+    assert "views: 2 per image (seed 3)" in text
+    assert "bad samples: 1" in text and f"{keys[9]}: empty caption" in text
+    assert f"hf: {tiny_teachers['hf']}" in text and f"oc: {tiny_teachers['oc']}" in text
+    assert "dim 40, views 0, dtype float16, done 8/32, skipped 1, incomplete, stats no" in text
+    assert "dim 24, views 2, dtype float16, done 31/32, skipped 1, complete, stats yes" in text
+
+    # the --views cache read for training: one view index per row, the view the teacher embedded
+    reader = FeatureReader(str(out), teachers=["oc"])
+    np.testing.assert_array_equal(reader.usable_rows(), [r for r in range(32) if r != 9])
+    rows, views = np.array([12, 3, 12]), np.array([1, 0, 0])
+    got = reader.read(rows, views=views)["oc"]["image"]
+    params = reader.view_params(rows)
+    assert got.shape == (3, 24) and params.shape == (3, 2, 5)
+    t = load_teacher(tiny_teachers["oc"])
+    corpus = open_corpus(data)
+    for i, (r, v) in enumerate(zip(rows, views)):
+        want = t.encode_image(t.view_transform(corpus.load_image(int(r)), params[i, v])[None])[0].numpy()
+        np.testing.assert_allclose(got[i], want, atol=2e-3)
+    assert np.abs(got[0] - got[2]).max() > 1e-3  # same row, other view: other embedding
