@@ -138,9 +138,23 @@ def make_model_card(card: Mapping[str, Any] | None, model_cfg: Mapping[str, Any]
         lines += ["", "## Evaluation", "", metrics_table(card["eval"])]
     if card.get("notes"):
         lines += ["", str(card["notes"])]
-    lines += ["", "## Usage", "", "```python", "import open_clip", "",
-              f'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:{load_path}")',
-              f'tokenizer = open_clip.get_tokenizer("local-dir:{load_path}")', "",
-              "# after moving or copying the folder (offline):", "from student import load_student", "",
-              f'model, preprocess, tokenizer = load_student("{load_path}")', "```", ""]
+    lines += usage_section(load_path)
     return "\n".join(lines)
+
+
+def usage_section(load_path: str | None = None, hub_repo: str | None = None) -> list[str]:
+    """The card's `## Usage` lines: for the export folder at `load_path`, or for the Hub repo `hub_repo`."""
+    spec = f"hf-hub:{hub_repo}" if hub_repo else f"local-dir:{load_path}"
+    lines = ["", "## Usage", "", "```python", "import open_clip", "",
+             f'model, _, preprocess = open_clip.create_model_and_transforms("{spec}")',
+             f'tokenizer = open_clip.get_tokenizer("{spec}")']
+    if not hub_repo:
+        lines += ["", "# after moving or copying the folder (offline):", "from student import load_student", "",
+                  f'model, preprocess, tokenizer = load_student("{load_path}")']
+    return lines + ["```", ""]
+
+
+def card_for_hub(card_text: str, repo: str) -> str:
+    """The card with its Usage section rewritten for `hf-hub:REPO` (the local paths mean nothing there)."""
+    head, sep, _ = card_text.partition("\n## Usage\n")
+    return (head if sep else card_text).rstrip("\n") + "\n" + "\n".join(usage_section(hub_repo=repo))

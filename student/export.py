@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .card import make_model_card, read_report
+from .card import card_for_hub, make_model_card, read_report
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,37 @@ def _name_text_tower(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     return cfg
 
 
+_TEXT_SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "intermediate_size", "max_position_embeddings", "type_vocab_size")
+
+
+def check_hub_text_config(hub_id: str, student_dir: Path) -> None:
+    """Refuse a `text_config_from_hub` whose config would build a different text tower than the student's.
+
+    Stock open_clip builds the text tower from that id's config, so it must match the student's `config.json`
+    (BiomedBERT for a student initialised from BiomedCLIP; not for one with its own WordPiece vocabulary). The id
+    is checked when its config is reachable offline (HF cache or a folder); otherwise a warning says what to check.
+    """
+    ours_file = student_dir / "config.json"
+    if not ours_file.is_file():
+        return
+    from transformers import AutoConfig
+
+    try:
+        theirs = AutoConfig.from_pretrained(hub_id, local_files_only=True).to_dict()
+    except (OSError, ValueError):
+        log.warning("text_config_from_hub %s: its config is not available offline, so it cannot be checked here; "
+                    "make sure it equals %s (same architecture and vocabulary), or stock open_clip will fail to "
+                    "load the published student", hub_id, ours_file)
+        return
+    ours = json.loads(ours_file.read_text())
+    diff = {k: (ours.get(k), theirs.get(k)) for k in _TEXT_SHAPE_KEYS if ours.get(k) != theirs.get(k)}
+    if diff:
+        raise ValueError(f"text_config_from_hub {hub_id!r} describes a different text tower than the student's "
+                         f"{ours_file} (student vs hub: {diff}); stock open_clip would build the wrong model. Name "
+                         f"the hub model the student's text tower came from, or leave the option out")
+
+
 def _student_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     model = getattr(model, "module", model)  # DDP / accelerate wrappers
     sd = model.state_dict()
@@ -83,6 +114,8 @@ def export_student(model: nn.Module, student_dir: str | Path, out_dir: str | Pat
 
     src, out = Path(student_dir), Path(out_dir)
     cfg = _read_config(src)
+    if text_config_from_hub:
+        check_hub_text_config(text_config_from_hub, src)
     out.mkdir(parents=True, exist_ok=True)
     if src.resolve() != out.resolve():
         for f in src.iterdir():
@@ -237,24 +270,38 @@ def load_student(path: str | Path, device: str | torch.device = "cpu"):
     return model, preprocess, tokenizer
 
 
+def stage_for_hub(path: str | Path, repo: str, staged: str | Path) -> Path:
+    """Copy an export into `staged` as it should appear on the Hub under REPO.
+
+    `open_clip_config.json` names REPO itself as the text tower's config and tokenizer (the repo holds both at
+    its top level) unless the export already names a hub id (`--text-config-from-hub`); the model card's usage
+    says `hf-hub:REPO`.
+    """
+    folder, staged = Path(path), Path(staged)
+    cfg = _read_config(folder)
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{folder / WEIGHTS_NAME} not found: push an export made by `distill export`")
+    shutil.copytree(folder, staged)
+    name = cfg["model_cfg"]["text_cfg"].get("hf_model_name")
+    if name is not None and (Path(name).is_absolute() or Path(name).exists()):
+        (staged / CONFIG_NAME).write_text(json.dumps(_name_text_tower(cfg, repo), indent=2) + "\n")
+    card = staged / "README.md"
+    if card.is_file():
+        card.write_text(card_for_hub(card.read_text(), repo))
+    return staged
+
+
 def push_to_hub(path: str | Path, repo: str, private: bool = False,
                 commit_message: str = "Upload biomed-distill student") -> str:
     """Upload an export to the Hugging Face Hub so `open_clip.create_model("hf-hub:REPO")` works for anyone.
 
-    The uploaded `open_clip_config.json` names REPO itself as the text tower's config and tokenizer (the repo
-    holds both at its top level), unless the export already names a hub id.
+    Needs a network and a token (`huggingface-cli login` or HF_TOKEN); see `stage_for_hub` for what is uploaded.
     """
     from huggingface_hub import HfApi
 
-    folder = Path(path)
-    cfg = _read_config(folder)
-    text = cfg["model_cfg"]["text_cfg"]
-    api = HfApi()
-    api.create_repo(repo, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        staged = Path(tmp) / "export"
-        shutil.copytree(folder, staged)
-        if "hf_model_name" in text and Path(text["hf_model_name"]).is_absolute():
-            (staged / CONFIG_NAME).write_text(json.dumps(_name_text_tower(cfg, repo), indent=2) + "\n")
+        staged = stage_for_hub(path, repo, Path(tmp) / "export")
+        api = HfApi()
+        api.create_repo(repo, private=private, exist_ok=True)
         info = api.upload_folder(repo_id=repo, folder_path=str(staged), commit_message=commit_message)
     return str(getattr(info, "commit_url", info))

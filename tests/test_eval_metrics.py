@@ -10,7 +10,7 @@ import torch
 from distill.eval import metrics as M
 from distill.eval.bootstrap import bootstrap
 from distill.eval.classification import classification_metrics
-from distill.eval.retrieval import dedupe_captions, retrieval_metrics, retrieval_ranks
+from distill.eval.retrieval import dedupe_captions, retrieval_hits, retrieval_metrics
 
 
 def test_rankdata_averages_ties():
@@ -68,10 +68,17 @@ def test_multilabel_auroc_skips_undefined_classes():
     assert res["auroc/x"].point == 1.0 and res["auroc/z"].ci_low != res["auroc/z"].ci_low  # NaN
 
 
-def test_first_hit_rank_and_ties_are_pessimistic():
-    sim = np.array([[0.9, 0.5, 0.1], [0.2, 0.2, 0.2]])
-    pos = np.array([[False, True, False], [True, False, False]])
-    assert M.first_hit_rank(sim, pos).tolist() == [1, 2]  # a constant row never scores a hit by tie luck
+def test_hit_probabilities_without_and_with_ties():
+    sim = np.array([[0.9, 0.5, 0.1],   # positive 2nd
+                    [0.2, 0.2, 0.2],   # constant row, 1 positive of 3: chance
+                    [0.7, 0.7, 0.1],   # positive tied with one negative for first place
+                    [0.3, 0.3, 0.3]])  # constant row, 2 positives of 3
+    pos = np.array([[False, True, False], [True, False, False], [False, True, False], [True, False, True]])
+    hits = M.hit_probabilities(sim, pos, (1, 2, 3))
+    assert hits[0].tolist() == [0.0, 1.0, 1.0]
+    assert hits[1] == pytest.approx([1 / 3, 2 / 3, 1.0])   # k / G for one positive among G items
+    assert hits[2] == pytest.approx([0.5, 1.0, 1.0])
+    assert hits[3] == pytest.approx([2 / 3, 1.0, 1.0])     # 1 - P(the negative comes first)
 
 
 def test_retrieval_with_shared_captions():
@@ -80,16 +87,29 @@ def test_retrieval_with_shared_captions():
     assert unique == ["left lung nodule", "brain mass", "liver cyst"] and owner.tolist() == [0, 0, 1, 2]
     text = torch.eye(3)
     images = torch.tensor([[0.9, 0.1, 0.0],    # caption A, ranks A first
-                           [0.2, 0.8, 0.0],    # caption A, ranks B first -> rank 1
-                           [0.1, 0.9, 0.05],   # caption B -> rank 0
-                           [0.7, 0.0, 0.6]])   # caption C, ranks A first -> rank 1
-    i2t, t2i = retrieval_ranks(images, text, owner)
-    assert i2t.tolist() == [0, 1, 0, 1]
-    assert t2i.tolist() == [0, 0, 0]  # text A is right when ANY of images 0, 1 comes first
+                           [0.2, 0.8, 0.0],    # caption A, ranks B first -> miss at 1
+                           [0.1, 0.9, 0.05],   # caption B -> hit at 1
+                           [0.7, 0.0, 0.6]])   # caption C, ranks A first -> miss at 1
+    i2t, t2i = retrieval_hits(images, text, owner)
+    assert i2t.tolist() == [[1, 1, 1], [0, 1, 1], [1, 1, 1], [0, 1, 1]]
+    assert t2i[:, 0].tolist() == [1, 1, 1]  # text A is right when ANY of images 0, 1 comes first
     res = retrieval_metrics(i2t, t2i, resamples=0)
     assert res["image_to_text_R@1"].point == 0.5 and res["image_to_text_R@1"].n == 4
     assert res["image_to_text_R@5"].point == 1.0
     assert res["text_to_image_R@1"].point == 1.0 and res["text_to_image_R@1"].n == 3
+
+
+def test_retrieval_of_perfect_and_constant_models():
+    rng = np.random.default_rng(0)
+    owner = np.repeat(np.arange(20), 2)                      # 40 images, 20 captions, two images each
+    text = torch.nn.functional.normalize(torch.as_tensor(rng.normal(size=(20, 8)), dtype=torch.float32), dim=-1)
+    perfect = retrieval_metrics(*retrieval_hits(text[owner], text, owner), resamples=0)
+    assert all(e.point == pytest.approx(1.0) for e in perfect.values())
+    const = retrieval_metrics(*retrieval_hits(torch.ones(40, 8), torch.ones(20, 8), owner), resamples=0)
+    for k in (1, 5, 10):
+        assert const[f"image_to_text_R@{k}"].point == pytest.approx(k / 20)  # one right caption of 20
+        # two right images of 40: 1 - C(38, k) / C(40, k)
+        assert const[f"text_to_image_R@{k}"].point == pytest.approx(1 - (40 - k) * (39 - k) / (40 * 39))
 
 
 def test_bootstrap_contains_point_narrows_and_is_seeded():

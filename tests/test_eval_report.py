@@ -16,7 +16,7 @@ from distill.eval.embeddings import EmbeddingCache
 from distill.eval.report import build_report, markdown_table
 from distill.eval.tasks import load_task
 from distill.eval.datasets import load_splits
-from teachers import load_teacher
+from teachers import Teacher, load_teacher
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -72,12 +72,23 @@ def _check_estimates(report: dict) -> None:
                     assert e["ci_low"] - 1e-9 <= e["point"] <= e["ci_high"] + 1e-9
 
 
-def test_report_student_vs_two_teachers(tmp_path, tiny_teachers, student_spec, tmp_tasks):
+def test_report_student_vs_two_teachers(tmp_path, tiny_teachers, student_spec, tmp_tasks, monkeypatch):
     models = {"oc": tiny_teachers["oc"], "hf": tiny_teachers["hf"], "ours": student_spec}
     assert is_our_export(student_spec) and not is_our_export(tiny_teachers["oc"])
+    encoded: dict[str, int] = {}
+    real_encode = Teacher.encode_image
+
+    def counting_encode(self, images):
+        encoded[self.spec] = encoded.get(self.spec, 0) + len(images)
+        return real_encode(self, images)
+
+    monkeypatch.setattr(Teacher, "encode_image", counting_encode)
     job = EvalJob(models=models, tasks=tmp_tasks, out=str(tmp_path / "rep"), device="cpu", batch_size=8,
                   bootstrap=100, seed=0)
     report = run_eval(job)
+    # zero-shot and retrieval share data.csv's 18 test images, the probe adds npz train/val/test (30 + 12 + 20):
+    # each model encodes every image once (without reuse it would be 18 + 18 + 62)
+    assert encoded == {spec: 18 + 30 + 12 + 20 for spec in models.values()}
     assert report["student"] == "ours" and report["teachers"] == ["oc", "hf"]  # picked as our export
     on_disk = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert on_disk == report
@@ -133,9 +144,24 @@ def test_embedding_cache_on_disk_is_reused(tmp_path, tiny_teachers, tmp_tasks):
     assert len(files) == 1 and first.shape == (18, 40)
     assert torch.allclose(first.norm(dim=-1), torch.ones(18), atol=1e-5)
     again = EmbeddingCache(tmp_path / "emb")
-    again._mem.clear()
     reloaded = again.images("hf", model, test, batch_size=7)
-    assert torch.equal(first, reloaded)
+    assert torch.equal(first, reloaded) and len(list((tmp_path / "emb").glob("*.safetensors"))) == 1
+
+
+def test_embedding_cache_on_disk_notices_new_weights(tmp_path, tiny_teachers, tmp_tasks):
+    """A model re-exported into the same folder keeps its SPEC but must not get the old embeddings back."""
+    import os
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_teachers["hf"].split(":", 1)[1], folder)
+    test = load_splits(load_task(tmp_tasks[0]))["test"]
+    model = load_teacher(f"hf-clip:{folder}")
+    EmbeddingCache(tmp_path / "emb").images("m", model, test)
+    weights = next(f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    EmbeddingCache(tmp_path / "emb").images("m", model, test)
+    assert len(list((tmp_path / "emb").glob("*.safetensors"))) == 2
 
 
 def test_markdown_table_bold_best_and_gain():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import math
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,16 @@ class BrightnessCLIP(Teacher):
         return torch.stack([t, -t], -1)
 
 
+class ConstantCLIP(BrightnessCLIP):
+    """A useless toy CLIP: every image and every text embeds to the same vector (scores must be chance)."""
+
+    def _image_features(self, images):
+        return torch.tensor([[1.0, 0.0]]).expand(len(images), 2)
+
+    def _text_features(self, tokens):
+        return torch.tensor([[1.0, 0.0]]).expand(len(tokens), 2)
+
+
 @pytest.fixture()
 def bright_csv(tmp_path) -> Path:
     rows = write_images(tmp_path, 24)
@@ -140,6 +151,14 @@ def test_csv_errors_name_file_row_and_column(tmp_path, bright_csv):
     nosplit = write_task(tmp_path / "p.yaml", **{**base, "kind": "linear_probe", "dataset": {"path": "data.csv"}})
     with pytest.raises(TaskError, match="needs train, val and test splits.*split_fractions"):
         load_splits(load_task(str(nosplit)))
+    write_csv(tmp_path / "none.csv", ["image", "label"], [])
+    none = write_task(tmp_path / "n.yaml", **{**base, "dataset": {"path": "none.csv"}})
+    with pytest.raises(TaskError, match=r"none\.csv: the dataset is empty \(a header and no rows\).*n\.yaml"):
+        load_splits(load_task(str(none)))
+    (tmp_path / "nofiles" / "dark").mkdir(parents=True)
+    nofiles = write_task(tmp_path / "nf.yaml", **{**base, "dataset": {"path": "nofiles"}})
+    with pytest.raises(TaskError, match=r"nofiles: the dataset is empty \(no .*images in class folders"):
+        load_splits(load_task(str(nofiles)))
     write_csv(tmp_path / "gone.csv", ["image", "label"], [["img/0.png", 0], ["img/missing.png", 1]])
     gone = write_task(tmp_path / "g.yaml", **{**base, "dataset": {"path": "gone.csv"}})
     with pytest.raises(TaskError, match=r"gone\.csv row 3: image .*missing\.png not found"):
@@ -238,6 +257,24 @@ def test_zeroshot_and_retrieval_of_a_perfect_model(tmp_path, bright_csv):
     assert res["image_to_text_R@1"].point == 1.0 and res["image_to_text_R@1"].n == 24
 
 
+def test_constant_model_scores_chance(tmp_path, bright_csv):
+    ctx = EvalContext(bootstrap=0)
+    zs = load_task(str(write_task(tmp_path / "z.yaml", name="z", kind="zeroshot", classes=["dark", "bright"],
+                                  dataset={"path": "data.csv"})))
+    res = evaluate_zeroshot(zs, ConstantCLIP(), "const", load_splits(zs), ctx)
+    assert res["balanced_accuracy"].point == 0.5 and res["macro_auroc"].point == 0.5
+    assert res["accuracy"].point == 0.5  # always the first class; the classes are balanced (12 + 12)
+    rt = load_task(str(write_task(tmp_path / "r.yaml", name="r", kind="retrieval", dataset={"path": "data.csv"})))
+    res = evaluate_retrieval(rt, ConstantCLIP(), "const", load_splits(rt), ctx)
+    assert res["image_to_text_R@1"].point == pytest.approx(0.5)   # 2 distinct captions: 1 right of 2
+    assert res["text_to_image_R@1"].point == pytest.approx(0.5)   # 12 right images of 24
+    lp = load_task(str(write_task(tmp_path / "p.yaml", name="p", kind="linear_probe", classes=["dark", "bright"],
+                                  dataset={"path": "data.csv", "split_column": "split"},
+                                  linear_probe={"shots": [2], "l2_grid": [1e-2]})))
+    res = evaluate_linear_probe(lp, ConstantCLIP(), "const", load_splits(lp), ctx)
+    assert res["full/macro_auroc"].point == 0.5 and res["2-shot/balanced_accuracy"].point == 0.5
+
+
 def test_logistic_regression_on_separable_features():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 16, generator=g) * 3
@@ -300,3 +337,44 @@ def test_finetune_learns_and_leaves_teacher_untouched(tmp_path, tiny_teachers, b
     assert not any(p.requires_grad for p in teacher.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(model.tower.state_dict().values(),
                                                      teacher.trunk.visual.state_dict().values()))
+
+
+def test_finetune_learning_rates_are_per_group(tmp_path, tiny_teachers, bright_csv):
+    """lr_encoder = 0 leaves the copied tower exactly as the teacher's while the head (lr_head) learns."""
+    f = write_task(tmp_path / "ft.yaml", name="ft", kind="finetune", classes=["dark", "bright"],
+                   dataset={"path": "data.csv", "split_column": "split"},
+                   finetune={"epochs": 2, "batch_size": 8, "lr_encoder": 0.0, "lr_head": 5e-2})
+    task = load_task(str(f))
+    teacher = load_teacher(tiny_teachers["oc"])
+    model, _ = finetune(teacher, load_splits(task), 2, False, task.finetune, seed=0)
+    tower, ref = model.tower.state_dict(), teacher.trunk.visual.state_dict()
+    assert tower.keys() == ref.keys() and all(torch.equal(tower[k], ref[k]) for k in ref)
+    torch.manual_seed(0)
+    initial = nn.Linear(teacher.embed_dim, 2)  # finetune seeds 0, copies the tower, then makes the head: same init
+    assert not torch.equal(model.head.weight, initial.weight)
+
+
+def test_finetune_multilabel_uses_inverse_frequency_bce(tmp_path, tiny_teachers, monkeypatch):
+    rows = write_images(tmp_path, 24)
+    # class "bright" on odd rows, class "rare" on every 12th row: pos_weight = negatives / positives on train
+    write_csv(tmp_path / "ml.csv", ["image", "findings", "split"],
+              [[p, "|".join(c for c, on in (("bright", y == 1), ("rare", i % 12 == 0)) if on),
+                ["train", "val", "test"][i % 3]] for i, (p, y) in enumerate(rows)])
+    f = write_task(tmp_path / "ml.yaml", name="ml", kind="finetune", multilabel=True, classes=["bright", "rare"],
+                   dataset={"path": "ml.csv", "label_column": "findings", "split_column": "split"},
+                   finetune={"epochs": 1, "batch_size": 8, "lr_head": 1e-2})
+    task = load_task(str(f))
+    splits = load_splits(task)
+    seen = []
+    real_bce = torch.nn.functional.binary_cross_entropy_with_logits
+
+    def spy(logits, target, *args, pos_weight=None, **kw):
+        seen.append(pos_weight)
+        return real_bce(logits, target, *args, pos_weight=pos_weight, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "binary_cross_entropy_with_logits", spy)
+    train = splits["train"].labels
+    assert train.sum(0).tolist() == [4, 2]  # train rows 0, 3, ..., 21: 3, 9, 15, 21 bright; 0, 12 rare
+    model, history = finetune(load_teacher(tiny_teachers["oc"]), splits, 2, True, task.finetune, seed=0)
+    assert len(seen) == 1 and seen[0].tolist() == [4 / 4, 6 / 2]  # one step of 8 rows: (8-4)/4, (8-2)/2
+    assert math.isfinite(history[0]["val_score"])

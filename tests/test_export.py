@@ -117,10 +117,16 @@ def test_export_loads_in_stock_open_clip_fresh_process(run_dir, trained, tmp_pat
     assert pp["modules"] == []  # stock open_clip only: none of our packages was needed
 
 
-def test_load_student_after_move(run_dir, trained, tmp_path):
+def test_load_student_after_move(run_dir, trained, tmp_path, monkeypatch):
     import open_clip
 
-    out = export_student(trained, run_dir / "student", tmp_path / "a" / "export")
+    from teachers import load_teacher
+
+    monkeypatch.chdir(tmp_path)
+    out = export_student(trained, run_dir / "student", Path("a") / "export")  # a relative --out
+    text = json.loads((out / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
+    assert text["hf_model_name"] == str(tmp_path.resolve() / "a" / "export")  # absolute: loads from any cwd
+    out = tmp_path / out
     moved = tmp_path / "b" / "moved"
     moved.parent.mkdir()
     shutil.move(str(out), str(moved))
@@ -132,6 +138,10 @@ def test_load_student_after_move(run_dir, trained, tmp_path):
     img, txt = _embed(model, tokenizer)
     ref_img, ref_txt = _embed(trained, open_clip.get_tokenizer(f"local-dir:{run_dir / 'student'}"))
     assert (img - ref_img).abs().max().item() <= 1e-5 and (txt - ref_txt).abs().max().item() <= 1e-5
+    teacher = load_teacher(f"local-dir:{moved}")  # the same folder as a SPEC, through teachers/
+    with torch.no_grad():
+        t_img, t_txt = teacher.encode_image(_inputs()), teacher.encode_text(teacher.tokenize(TEXTS))
+    assert (t_img - ref_img).abs().max().item() <= 1e-5 and (t_txt - ref_txt).abs().max().item() <= 1e-5
     from PIL import Image
 
     x = preprocess(Image.new("RGB", (48, 40), (200, 10, 10)))
@@ -148,6 +158,17 @@ def test_export_names_hub_text_config(run_dir, trained, tmp_path):
     model, _, tokenizer = load_student(out)  # still loads offline from the folder's own config.json
     img, _ = _embed(model, tokenizer)
     assert (img - _embed(trained, tokenizer)[0]).abs().max().item() <= 1e-5
+    # a text config that is reachable offline is checked against the student's own text tower
+    same, other = tmp_path / "same-bert", tmp_path / "other-bert"
+    for folder, hidden in ((same, None), (other, 128)):
+        folder.mkdir()
+        text_cfg = json.loads((run_dir / "student" / "config.json").read_text())
+        text_cfg["hidden_size"] = hidden or text_cfg["hidden_size"]
+        (folder / "config.json").write_text(json.dumps(text_cfg))
+    export_student(trained, run_dir / "student", tmp_path / "ok", text_config_from_hub=str(same))
+    with pytest.raises(ValueError, match=r"different text tower.*hidden_size': \(64, 128\)"):
+        export_student(trained, run_dir / "student", tmp_path / "bad", text_config_from_hub=str(other))
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
 def _fake_checkpoint(run: Path, step: int, student_sd: dict, heads: ProjectionHeads, losses: dict | None,
@@ -190,7 +211,8 @@ def test_export_checkpoint_newest_without_heads_and_card(run_dir, trained, tmp_p
     card = (out / "README.md").read_text()
     for needle in ("biomedclip", "quiltnet", "hf-hub:microsoft/BiomedCLIP", "| 0.5 |", "steps: 12",
                    "/data/pmc.csv", "32 image-text pairs", "samples seen: 96", "| loss | 1.25 |", "| contrastive | 0.75 |",
-                   "| pcam/zero_shot_acc | 0.8125 | 0.75 |", "library_name: open_clip"):
+                   "| pcam/zero_shot_acc | 0.8125 | 0.75 |", "library_name: open_clip", "## Architecture",
+                   "| image tower | open_clip ViT: 2 layers", "| text tower | BERT: ", "| embedding dim | 64 |"):
         assert needle in card, needle
     model, _, tokenizer = load_student(out)
     assert torch.equal(model.state_dict()["visual.conv1.weight"], late["visual.conv1.weight"])
@@ -231,3 +253,40 @@ def test_metrics_table_shapes():
     assert nested.splitlines() == ["| metric | a | b |", "|---|---|---|", "| t/r1 | 0.5 | 0.25 |", "| t/r5 |  | 1 |"]
     flat = metrics_table({"acc": 0.123456, "name": "x"})
     assert flat.splitlines() == ["| metric | value |", "|---|---|", "| acc | 0.1235 |"]
+
+
+def test_push_to_hub_stages_a_hub_loadable_folder(run_dir, trained, tmp_path, monkeypatch):
+    """No network here: HfApi is replaced by a recorder; what would be uploaded is checked instead."""
+    import huggingface_hub
+
+    from student.export import push_to_hub
+
+    out = export_student(trained, run_dir / "student", tmp_path / "export")
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo, private=False, exist_ok=False):
+            calls.append(("create", repo, private, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            staged = Path(folder_path)
+            calls.append(("upload", repo_id, sorted(p.name for p in staged.iterdir()),
+                          json.loads((staged / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"],
+                          (staged / "README.md").read_text()))
+            return type("Info", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    url = push_to_hub(out, "me/student", private=True)
+    assert url == "https://huggingface.co/me/student/commit/1"
+    assert calls[0] == ("create", "me/student", True, True)
+    _, repo, names, text, card = calls[1]
+    assert repo == "me/student" and {"open_clip_model.safetensors", "config.json", "tokenizer.json"} <= set(names)
+    assert text["hf_model_name"] == "me/student" == text["hf_tokenizer_name"]  # the repo holds config + tokenizer
+    assert 'create_model_and_transforms("hf-hub:me/student")' in card and str(out.resolve()) not in card
+    assert "## Architecture" in card
+    # the export itself is unchanged; a hub id chosen at export time is kept
+    assert json.loads((out / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]["hf_model_name"] == \
+        str(out.resolve())
+    hub = export_student(trained, run_dir / "student", tmp_path / "hub", text_config_from_hub="org/bert")
+    push_to_hub(hub, "me/student2")
+    assert calls[-1][3]["hf_model_name"] == "org/bert"

@@ -152,6 +152,9 @@ def _read_csv(task: TaskCfg, path: Path, roles: Sequence[str]) -> dict[str, Spli
         if col not in columns:
             raise TaskError(f"{path}: column {col!r} not found (columns: {', '.join(columns) or 'none'}); "
                             f"fix the CSV or the dataset section of {task.source}")
+    if not rows:
+        raise TaskError(f"{path}: the dataset is empty (a header and no rows); point dataset.path in "
+                        f"{task.source} at a CSV with samples")
     if ds.split_column:
         index = {r: np.array([i for i, row in enumerate(rows) if row[ds.split_column] == ds.splits.get(r, r)],
                              dtype=np.int64) for r in roles}
@@ -187,7 +190,8 @@ def _read_csv(task: TaskCfg, path: Path, roles: Sequence[str]) -> dict[str, Spli
             else:
                 labels.append(_parse_label(row[ds.label_column] or "", task, lookup, where))
         split_name = ds.splits.get(role, role) if ds.split_column else role
-        key = f"csv:{path.resolve()}::{role}:{split_name}:{ds.split_column}:{list(ds.split_fractions)}:{ds.seed}"
+        key = (f"csv:{path.resolve()}:{ds.image_column}::{role}:{split_name}:{ds.split_column}:"
+               f"{list(ds.split_fractions)}:{ds.seed}")
         lab = None if task.kind == "retrieval" else (
             np.stack(labels) if task.multilabel and labels else np.asarray(labels, dtype=np.int64))
         out[role] = SplitData(key, f"{path} ({role})", images, lab, tuple(captions) if captions else None)
@@ -269,6 +273,9 @@ def _read_folder(task: TaskCfg, path: Path, roles: Sequence[str]) -> dict[str, S
             out[role] = make(*_scan_classes(split_dirs[role], task), role)
         return out
     images, labels = _scan_classes(path, task)
+    if not images:
+        raise TaskError(f"{path}: the dataset is empty (no {'/'.join(IMAGE_SUFFIXES)} images in class folders named "
+                        f"after the classes: {', '.join(task.label_names)}); fix dataset.path in {task.source}")
     if task.dataset.split_fractions:
         idx = _fraction_split(len(images), task)
     else:

@@ -54,6 +54,19 @@ def encode_texts(model: Teacher, texts: Sequence[str], batch_size: int = 256) ->
     return torch.cat(out)
 
 
+def weights_stamp(spec: str) -> list:
+    """(name, size, mtime) of the weight files of a SPEC that names a local folder, else [].
+
+    Why: a student re-exported into the same folder keeps its SPEC; without this the on-disk cache would hand
+    back the old student's embeddings.
+    """
+    folder = Path(spec.split(":", 1)[1]) if spec.startswith(("local-dir:", "hf-clip:")) else None
+    if folder is None or not folder.is_dir():
+        return []
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir())
+            if f.suffix in (".safetensors", ".bin", ".pt", ".pth")]
+
+
 class EmbeddingCache:
     """Image embeddings keyed by (model name, split key); optionally persisted under `folder`."""
 
@@ -62,8 +75,8 @@ class EmbeddingCache:
         self._mem: dict[tuple[str, str], torch.Tensor] = {}
 
     def _file(self, model: Teacher, data: SplitData) -> Path:
-        ident = json.dumps({"model": model.describe(), "split": data.key, "n": len(data)}, sort_keys=True,
-                           default=str)
+        ident = json.dumps({"model": model.describe(), "weights": weights_stamp(model.spec), "split": data.key,
+                            "n": len(data)}, sort_keys=True, default=str)
         return self.folder / f"{hashlib.sha256(ident.encode()).hexdigest()[:24]}.safetensors"
 
     def images(self, name: str, model: Teacher, data: SplitData, batch_size: int = 64,

@@ -8,6 +8,8 @@ returns NaN; the bootstrap skips such resamples.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 
@@ -91,17 +93,31 @@ def mean_auroc(targets: np.ndarray, scores: np.ndarray) -> float:
     return float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
 
 
-def first_hit_rank(sim: np.ndarray, positives: np.ndarray) -> np.ndarray:
-    """For each query row of `sim` (Q, G), the 0-based rank of its best-ranked positive gallery item.
+def hit_probabilities(sim: np.ndarray, positives: np.ndarray, ks: Sequence[int]) -> np.ndarray:
+    """(Q, len(ks)): for each query row of `sim` (Q, G), the probability that a positive is in its top k.
 
-    `positives` is a (Q, G) boolean mask; a query whose positives tie with negatives is ranked pessimistically
-    (ties count against it), so a constant similarity never looks better than chance.
+    `positives` is a (Q, G) boolean mask. Without ties this is 0 or 1. Ties with the best positive are
+    broken uniformly at random, as an expectation (AUROC counts a tie as one half for the same reason), so a
+    constant similarity scores exactly chance, P / (P + N) at k = 1, and never looks better or worse than that.
     """
     sim = np.asarray(sim, dtype=np.float64)
-    best_pos = np.where(positives, sim, -np.inf).max(1)
-    # rank = number of negatives scoring >= the best positive
-    return ((sim >= best_pos[:, None]) & ~positives).sum(1)
+    positives = np.asarray(positives, dtype=bool)
+    best = np.where(positives, sim, -np.inf).max(1)[:, None]
+    above = ((sim > best) & ~positives).sum(1)                 # negatives strictly ahead of every positive
+    tie_neg = ((sim == best) & ~positives).sum(1).astype(np.float64)
+    tie_pos = ((sim == best) & positives).sum(1).astype(np.float64)
+    kmax = max(ks)
+    # miss[:, j] = P(the first j items of the tie group are all negatives), for j = 0..kmax
+    i = np.arange(kmax, dtype=np.float64)[None, :]
+    ratio = np.clip(tie_neg[:, None] - i, 0, None) / np.maximum(tie_neg[:, None] + tie_pos[:, None] - i, 1)
+    miss = np.concatenate([np.ones((len(sim), 1)), np.cumprod(ratio, axis=1)], axis=1)
+    out = np.empty((len(sim), len(ks)))
+    for c, k in enumerate(ks):
+        j = np.clip(k - above, 0, kmax)
+        out[:, c] = np.where(above >= k, 0.0, 1.0 - miss[np.arange(len(sim)), j])
+    return out
 
 
-def recall_at_k(ranks: np.ndarray, k: int) -> float:
-    return float(np.mean(np.asarray(ranks) < k)) if len(ranks) else float("nan")
+def recall_at_k(hits: np.ndarray) -> float:
+    """Mean of per-query hit indicators (or hit probabilities, see `hit_probabilities`)."""
+    return float(np.mean(hits)) if len(hits) else float("nan")

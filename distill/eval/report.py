@@ -132,6 +132,7 @@ def plot_task(report: dict, task: str, path: Path) -> Path:
     import numpy as np
 
     t, models = report["tasks"][task], list(report["models"])
+    labels = {m: f"{m} (student)" if m == report.get("student") and len(models) > 1 else m for m in models}
     metrics = t["metrics"]
     head = _headline(metrics)
     if t.get("kind") == "linear_probe" and head:
@@ -143,25 +144,27 @@ def plot_task(report: dict, task: str, path: Path) -> Path:
             y = np.array([v.point for v in e], dtype=float)
             err = np.array([[v.point - v.ci_low for v in e], [v.ci_high - v.point for v in e]], dtype=float)
             ax.errorbar(x + (j - (len(models) - 1) / 2) * 0.05, y, yerr=np.nan_to_num(err), marker="o", capsize=3,
-                        label=m)
+                        label=labels[m])
         ax.set_xticks(x, [k.split("/")[0] for k in names])
         ax.set_xlabel("training images per class")
-        ax.set_ylabel(head)
+        ax.set_ylabel(f"{head} (95% CI)")
     else:
         names = list(metrics)
-        fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(names) * max(1, len(models)) / 2 + 2), 3.8))
+        fig, ax = plt.subplots(figsize=(min(16.0, max(6.5, 0.45 * len(names) * max(1, len(models)) + 3)), 4.2))
         x, width = np.arange(len(names)), 0.8 / max(1, len(models))
         for j, m in enumerate(models):
             e = [_est(metrics[k].get(m, {})) for k in names]
             y = np.nan_to_num(np.array([v.point for v in e], dtype=float))
             err = np.nan_to_num(np.clip(np.array([[v.point - v.ci_low for v in e],
                                                   [v.ci_high - v.point for v in e]], dtype=float), 0, None))
-            ax.bar(x + (j - (len(models) - 1) / 2) * width, y, width, yerr=err, capsize=3, label=m)
-        ax.set_xticks(x, names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+            ax.bar(x + (j - (len(models) - 1) / 2) * width, y, width, yerr=err, capsize=3, label=labels[m])
+        slant = len(names) > 2 and max(map(len, names)) > 8  # long metric names would run into each other
+        ax.set_xticks(x, names, rotation=25 if slant else 0, ha="right" if slant else "center")
+        ax.set_ylabel("score (95% bootstrap CI)")
     ax.set_ylim(0, 1.05)
     ax.set_title(task)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # never over a bar
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
