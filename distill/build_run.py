@@ -137,10 +137,16 @@ def build_run(cfg: Config, accelerator) -> Run:
         student_dir = Path(tmp.name)
     set_seed(cfg.train.seed)  # identical initialisation on every process and on resume
     bundle = build_student_model(cfg, student_dir, tokenizer_dir)
-    heads = ProjectionHeads(bundle.embed_dim, {t: int(join.teachers[t]["embed_dim"]) for t in used}) if used else None
     stats = _teacher_stats(cfg.data.features, used) if cfg.loss.combine.balance == "phi_s" else None
     loss = DistillLoss(terms, teacher_names=used, combine=CombineCfg(**dataclasses.asdict(cfg.loss.combine)),
                        teacher_stats=stats)
+    reads = loss.head_modalities()  # heads only where a term reads them (affinity needs none)
+    heads = ProjectionHeads(bundle.embed_dim, {t: int(join.teachers[t]["embed_dim"]) for t in used if t in reads}
+                            ) if reads else None
+    model = DistillModel(bundle.model, heads)
+    frozen = model.freeze_unreached(loss.uses_logit_scale, reads, loss.student_modalities())
+    if frozen:
+        log.info("frozen because no loss term reaches them: %s", ", ".join(frozen))
 
     pp = student_preprocess(bundle.preprocess_cfg)
     views = join.view_params if join is not None else None
@@ -156,7 +162,7 @@ def build_run(cfg: Config, accelerator) -> Run:
                         sampler=EpochSampler(len(ds), cfg.train.seed, plan.global_batch),
                         num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.train.seed),
                         pin_memory=torch.cuda.is_available())
-    return Run(plan, DistillModel(bundle.model, heads), loss, loader, student_dir if tmp is None else
+    return Run(plan, model, loss, loader, student_dir if tmp is None else
                output_dir / "student", corpus, join, terms, tmp)
 
 

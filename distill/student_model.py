@@ -26,6 +26,34 @@ class DistillModel(nn.Module):
         projected = self.heads(image, text) if self.heads is not None else {}
         return StudentOutput(image=image, text=text, logit_scale=self.student.logit_scale.exp(), projected=projected)
 
+    def freeze_unreached(self, uses_logit_scale: bool, head_modalities: dict[str, tuple[str, ...]],
+                         student_modalities: tuple[str, ...] = ("image", "text")) -> list[str]:
+        """Freeze what no loss term reaches; returns the frozen parameter names.
+
+        Why: DDP fails on trainable parameters that get no gradient unless `find_unused_parameters=True`, which
+        costs a graph walk every step. Unreached here: the logit scale under a feature-only loss, the logit bias
+        (no term uses one), heads of a modality no term reads, and a whole tower no term reads (a feature term on
+        images only: the text tower).
+        """
+        frozen = []
+        for name, p in self.student.named_parameters():
+            tower = "image" if name.startswith("visual.") else None if name.startswith("logit_") else "text"
+            if tower is not None and tower not in student_modalities and p.requires_grad:
+                p.requires_grad_(False)
+                frozen.append(f"student.{name}")
+        for name in ("logit_scale", "logit_bias"):
+            p = getattr(self.student, name, None)
+            if isinstance(p, nn.Parameter) and p.requires_grad and (name == "logit_bias" or not uses_logit_scale):
+                p.requires_grad_(False)
+                frozen.append(f"student.{name}")
+        if self.heads is not None:
+            for modality in ("image", "text"):
+                for teacher, head in getattr(self.heads, modality).items():
+                    if modality not in head_modalities.get(teacher, ()):
+                        head.requires_grad_(False)
+                        frozen += [f"heads.{modality}.{teacher}.{n}" for n, _ in head.named_parameters()]
+        return frozen
+
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
         """CLIP's rule: keep exp(logit_scale) in [1, max_scale] after every optimizer step."""

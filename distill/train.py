@@ -27,13 +27,18 @@ log = logging.getLogger(__name__)
 
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
 
+    # AcceleratorState is a process-wide singleton that refuses another mixed_precision; a second run in the same
+    # process (the demo, a notebook, tests) starts from a clean one. PartialState (the process group) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+
     # The scheduler counts optimizer steps (we step it ourselves after each real optimizer step), so it does not
-    # depend on the number of processes. Teacher-only term sets can leave the logit scale out of the graph, which
-    # DDP refuses unless told to look for unused parameters.
+    # depend on the number of processes. build_run freezes every parameter no loss term reaches (the logit scale
+    # under a feature-only loss, unread heads), so DDP needs no per-step search for unused parameters.
     return Accelerator(mixed_precision=cfg.train.mixed_precision, step_scheduler_with_optimizer=False,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.mode != "contrastive")])
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
 
 
 def write_run_meta(cfg: Config, run, out: Path, resumed_from: Path | None) -> None:

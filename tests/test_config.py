@@ -30,6 +30,23 @@ def test_biomedclip_recipe_values():
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.warmup_steps) == (5e-4, 0.2,
                                                                                               (0.9, 0.98), 2000)
     assert cfg.optim.schedule == "cosine"
+    assert cfg.train.batch_schedule == ((0, 4096),)  # global batch 4k whatever the number of GPUs
+    assert [global_batch_for_epoch(cfg.train, cfg.data.batch_size, n, 0) for n in (1, 8, 16)] == [4096] * 3
+    assert [accum_for_epoch(cfg.train, cfg.data.batch_size, n, 0) for n in (1, 8, 16)] == [16, 2, 1]
+    from student.presets import get_preset
+
+    model_cfg = get_preset(cfg.student.preset).model_cfg
+    assert model_cfg["embed_dim"] == 512 and model_cfg["text_cfg"]["context_length"] == 256
+    assert model_cfg["vision_cfg"]["timm_model_name"] == "vit_base_patch16_224"
+
+
+def test_mmkd_recipe_values():
+    cfg = Config.from_yaml(ROOT / "configs" / "mmkd.yaml", ["data.corpus=x.csv", "data.features=f.h5"])
+    assert cfg.mode == "hybrid" and cfg.loss.teachers is None  # every cached teacher, equal weights
+    terms = [(t.kind, t.weight, dict(t.kwargs)) for t in cfg.loss.terms]
+    assert terms == [("infonce", 1.0, {}), ("feature", 50.0, {"metric": "mse"}), ("icl", 1.0, {})]
+    assert cfg.loss.combine.mode == "random_teacher" and cfg.loss.combine.drop_prob == 0.0
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas) == (5e-4, 0.2, (0.9, 0.98))
 
 
 def test_unknown_key_is_named_with_a_suggestion(tmp_path):

@@ -7,6 +7,7 @@ mean of the rank losses == the 1-process loss.
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -61,6 +62,7 @@ def _worker(rank: int, init_file: str, out_dir: str):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    warnings.filterwarnings("error", category=FutureWarning)  # no deprecated collective on every step
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         b = N // WORLD

@@ -14,9 +14,9 @@ from teachers.transforms import make_view_transform
 
 from train_fixtures import load_weights, read_log, tiny_cache, tiny_config  # noqa: F401  (fixture)
 
-# Contrastive-from-scratch sits on the ln(batch) plateau for ~25 steps before it breaks symmetry, so it gets more
-# steps; the teacher terms give a signal from the first step.
-STEPS = {"contrastive": 60, "distill": 30, "hybrid": 30}
+# 30 optimizer steps in every mode (the issue's bar). From scratch, InfoNCE starts at ln(batch) = ln 8: the tiny
+# configs' BERT init (initializer_range 0.1) lets it leave that plateau within a few steps.
+STEPS = {"contrastive": 30, "distill": 30, "hybrid": 30}
 
 
 @pytest.mark.parametrize("mode", ["contrastive", "distill", "hybrid"])
@@ -32,7 +32,9 @@ def test_loss_falls_and_run_files(mode, tiny_corpus, tiny_cache, tmp_path):
         assert terms | {"loss", "lr", "samples_per_s"} <= set(r)
         assert r["loss"] == pytest.approx(sum(r[t] for t in terms), rel=1e-5)
     first, last = np.mean([r["loss"] for r in rows[:5]]), np.mean([r["loss"] for r in rows[-5:]])
-    assert last < first - 0.1, f"{mode}: loss did not fall ({first:.3f} -> {last:.3f})"
+    assert last < 0.8 * first, f"{mode}: loss did not fall by 20% ({first:.3f} -> {last:.3f})"
+    if mode != "distill":  # InfoNCE well below chance (ln 8): the student ranks each pair's match first more often
+        assert np.mean([r["infonce"] for r in rows[-5:]]) < np.log(8) - 0.5
     assert result["step"] == STEPS[mode] and result["losses"]["loss"] == pytest.approx(rows[-1]["loss"])
 
     meta = json.loads((out / "run_meta.json").read_text())

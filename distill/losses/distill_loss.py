@@ -84,6 +84,24 @@ class DistillLoss(nn.Module):
                 raise ValueError("balance='phi_s' needs teacher_stats (the cache's per-teacher mean and covariance)")
             self.phi_s = PhiS(teacher_stats, featured)
 
+    @property
+    def uses_logit_scale(self) -> bool:
+        """Whether any term reads the student's logit scale (a feature-only loss does not)."""
+        return any(t.uses_logit_scale for t in self.terms.values())
+
+    def student_modalities(self) -> tuple[str, ...]:
+        """The student towers some term reads ("image", "text"); an image-only feature loss reads no text."""
+        used = {m for t in self.terms.values() for m in t.student_modalities()}
+        return tuple(m for m in ("image", "text") if m in used)
+
+    def head_modalities(self) -> dict[str, tuple[str, ...]]:
+        """{teacher: modalities} of the student projection heads that some term reads (affinity reads none)."""
+        used: dict[str, set[str]] = {}
+        for name, term in self.terms.items():
+            for t in self.teacher_weights.get(name, {}):
+                used.setdefault(t, set()).update(term.head_modalities())
+        return {t: tuple(m for m in ("image", "text") if m in ms) for t, ms in used.items() if ms}
+
     def __str__(self) -> str:
         return "Loss = " + " + ".join(f"{float(c.weight)!r} * {n}" for n, c in self.cfgs.items())
 

@@ -2,9 +2,10 @@
 
 Each process scores its own B rows against the global batch (world_size * B columns), as open_clip's
 `ClipLoss(local_loss=True, gather_with_grad=True)` and BiomedCLIP do: memory grows with B * global batch, not
-global batch squared. Student features are gathered WITH gradients (`torch.distributed.nn.functional.all_gather`,
-whose backward sums every rank's gradient into the owner), so with DDP's gradient averaging the step equals the
-one-process loss over the whole global batch. Cached teacher features are constants: gathered without autograd.
+global batch squared. Student features are gathered WITH gradients (the functional collective
+`all_gather_single_autograd`, whose backward reduce-scatters: it sums every rank's gradient into the rows' owner;
+it replaces `torch.distributed.nn.functional.all_gather`, deprecated with a FutureWarning on every call), so
+with DDP's gradient averaging the step equals the one-process loss over the whole global batch. Cached teacher features are constants: gathered without autograd.
 
 All processes must call with the same local batch size (use drop_last or Accelerate's even_batches).
 """
@@ -36,15 +37,21 @@ def all_gather_rows(x: Tensor, with_grad: bool = True) -> tuple[Tensor, int]:
     if world == 1:
         return x, 0
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_fn
 
     if with_grad:
-        parts = list(dist_fn.all_gather(x.contiguous()))
-    else:
-        with torch.no_grad():
-            parts = [torch.empty_like(x) for _ in range(world)]
-            dist.all_gather(parts, x.detach().contiguous())
+        return _gather_with_grad(x.contiguous(), dist.group.WORLD), rank * x.shape[0]
+    with torch.no_grad():
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.detach().contiguous())
     return torch.cat(parts, dim=0), rank * x.shape[0]
+
+
+def _gather_with_grad(x: Tensor, group) -> Tensor:
+    """(B, D) -> (world * B, D) in rank order; backward sums each rank's gradient into the rows' owner."""
+    from torch.distributed import _functional_collectives as fc
+
+    out = fc.all_gather_single_autograd(x, 0, group)
+    return out.wait() if isinstance(out, fc.AsyncCollectiveTensor) else out
 
 
 class StepGather:

@@ -100,9 +100,22 @@ def _soft_ce(teacher_logits: Tensor, student_logits: Tensor, kl: bool) -> Tensor
 
 
 class LossTerm(nn.Module):
-    """A term computed per sample; `uses_teachers` says whether `teacher` is a teacher name or None."""
+    """A term computed per sample; `uses_teachers` says whether `teacher` is a teacher name or None.
+
+    `uses_logit_scale` and `head_modalities` say which trainable parameters the term reaches, so the trainer can
+    freeze what no configured term reaches (DDP then needs no `find_unused_parameters`).
+    """
 
     uses_teachers = True
+    uses_logit_scale = True  # reads the student's logit scale
+
+    def head_modalities(self) -> tuple[str, ...]:
+        """The student projection heads (per teacher) this term reads: "image", "text"."""
+        return ()
+
+    def student_modalities(self) -> tuple[str, ...]:
+        """The student towers whose output this term reads (directly or through a head)."""
+        return MODALITIES
 
     def per_sample(self, ctx: StepContext, teacher: str | None) -> Tensor:  # (B,)
         raise NotImplementedError
@@ -144,6 +157,14 @@ class FeatureMatch(LossTerm):
             raise ValueError(f"feature modalities must be a non-empty subset of {MODALITIES}, got {modalities!r}")
         self.metric, self.modalities, self.beta = metric, tuple(modalities), float(beta)
 
+    uses_logit_scale = False
+
+    def head_modalities(self) -> tuple[str, ...]:
+        return self.modalities
+
+    def student_modalities(self) -> tuple[str, ...]:
+        return self.modalities
+
     def per_sample(self, ctx: StepContext, teacher: str | None) -> Tensor:
         vals = []
         for m in self.modalities:
@@ -167,6 +188,9 @@ class InteractiveContrastive(LossTerm):
     Student image (projected to the teacher's dim, normalised) vs the teacher's texts of the global batch, and
     student text vs teacher images, both with the student's logit scale; the two directions are averaged.
     """
+
+    def head_modalities(self) -> tuple[str, ...]:
+        return MODALITIES
 
     def per_sample(self, ctx: StepContext, teacher: str | None) -> Tensor:
         vals = []
