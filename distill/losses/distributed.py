@@ -2,9 +2,8 @@
 
 Each process scores its own B rows against the global batch (world_size * B columns), as open_clip's
 `ClipLoss(local_loss=True, gather_with_grad=True)` and BiomedCLIP do: memory grows with B * global batch, not
-global batch squared. Student features are gathered WITH gradients (the functional collective
-`all_gather_single_autograd`, whose backward reduce-scatters: it sums every rank's gradient into the rows' owner;
-it replaces `torch.distributed.nn.functional.all_gather`, deprecated with a FutureWarning on every call), so
+global batch squared. Student features are gathered WITH gradients (`_AllGatherWithGrad`: its backward sums every rank's
+gradient into the rows' owner), so
 with DDP's gradient averaging the step equals the one-process loss over the whole global batch. Cached teacher features are constants: gathered without autograd.
 
 All processes must call with the same local batch size (use drop_last or Accelerate's even_batches).
@@ -46,12 +45,35 @@ def all_gather_rows(x: Tensor, with_grad: bool = True) -> tuple[Tensor, int]:
     return torch.cat(parts, dim=0), rank * x.shape[0]
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient and hands each rank its own rows.
+
+    Written out (all_gather forward, all_reduce + slice backward) rather than using
+    `torch.distributed.nn.functional.all_gather` (deprecated, a FutureWarning on every call) or the private
+    `_functional_collectives` (seen to abort at process exit under gloo): plain collectives only.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.group, ctx.rank, ctx.rows = group, dist.get_rank(group), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x, group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
+
+
 def _gather_with_grad(x: Tensor, group) -> Tensor:
     """(B, D) -> (world * B, D) in rank order; backward sums each rank's gradient into the rows' owner."""
-    from torch.distributed import _functional_collectives as fc
-
-    out = fc.all_gather_single_autograd(x, 0, group)
-    return out.wait() if isinstance(out, fc.AsyncCollectiveTensor) else out
+    return _AllGatherWithGrad.apply(x, group)
 
 
 class StepGather:
