@@ -1,0 +1,377 @@
+"""How much `distill cache` costs beyond the teachers' own forward passes, and how fast training can read the cache.
+
+    python benchmarks/cache_overhead.py                 # both parts, defaults sized for a few minutes on 2 cores
+    python benchmarks/cache_overhead.py --skip-reader   # part 1 only;  --rows 200000: a smaller part-2 file
+
+Part 1 (issue 2): over the same JPEG images and batch size, the wall time of a real cache run (`build_cache`, the
+code behind `distill cache`) with two small teachers (open_clip and Hugging Face CLIP), divided by the time of
+the same teachers' bare forward passes (image + text) over images decoded, transformed and tokenised beforehand.
+Printed for each --workers value. "total" is the whole run (loading teachers, worker start-up, file folds
+included); "marginal" subtracts a one-batch run from both sides, i.e. the cost per extra image, which is what
+dominates on a real corpus of millions of images. Goal: marginal overhead <= 1.10 with workers >= 1.
+
+Part 2: the reader's throughput (`cache.FeatureReader.read`) for 256-row batches, all teachers together, on a
+synthetic --rows x 3-teacher float16 file written in the cache's own layout (cache.h5_writer creates the file and
+each teacher's group), for each --chunk-rows: random rows (an epoch permutation), block-shuffled rows
+(`cache.BlockShuffleSampler`, blocks = one HDF5 chunk), and sequential rows (the ceiling); warm (file in the page
+cache) and cold (dropped from it with posix_fadvise). "read/useful" is bytes HDF5 read through pread
+(/proc/self/io rchar) per byte returned; "disk/useful" the same for bytes that came from the disk. Goal: >= 20,000
+rows/s (what 8 GPUs training ViT-B/16 consume).
+"""
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import RESULTS_DIR, io_counters, parse_flags, quiet_libraries, table, timed, write_results  # noqa: E402
+
+GOAL_OVERHEAD = 1.10
+GOAL_ROWS_PER_S = 20_000
+
+
+@dataclass(frozen=True)
+class Flags:
+    # part 1: cache overhead
+    images: int = 384                 # synthetic JPEG images in the corpus
+    image_px: int = 256               # their side: decoding and resizing cost something real
+    batch_size: int = 64              # images per teacher forward pass (both sides)
+    workers: tuple[int, ...] = (0, 1, 2)  # --num-workers values of the cache run
+    repeats: int = 2                  # each timing is the best (min) of this many runs (shared machines are noisy)
+    teacher_width: int = 128          # both tiny teachers: transformer width,
+    teacher_layers: int = 4           # layers (vision and text),
+    teacher_image_size: int = 64      # and input resolution (patch 8)
+    corpus: str | None = None         # use this corpus (CSV/TSV/JSONL/shards) instead of the synthetic one
+    # part 2: reader throughput
+    rows: int = 1_000_000             # rows of the synthetic feature file (~7 GB at 1M rows, 3 teachers, fp16)
+    dims: tuple[int, ...] = (512, 768, 512)  # one teacher per embedding size; each has image + text
+    chunk_rows: tuple[int, ...] = (64, 256, 1024)  # HDF5 chunk lengths (rows) to compare
+    read_batch: int = 256             # rows per read, as a training batch
+    buffer_blocks: int = 16           # BlockShuffleSampler buffer (blocks shuffled together)
+    seconds: float = 2.0              # reading time per measurement (or until the rows run out)
+    cold: bool = True                 # also measure after dropping the file from the page cache
+    reader_dir: str = "/tmp"          # where the big file is written (deleted at the end)
+    # both
+    workdir: str | None = None        # keep corpus/teachers/caches here (default: a temp dir, deleted)
+    skip_overhead: bool = False
+    skip_reader: bool = False
+
+
+# == part 1 =================================================================================================
+def make_jpeg_corpus(out: Path, n: int, px: int, seed: int = 0) -> Path:
+    """The synthetic corpus (cache.synthetic) re-encoded as textured JPEGs, so decoding costs what photos do."""
+    from PIL import Image
+
+    from cache.synthetic import make_synthetic_corpus
+
+    png_csv = make_synthetic_corpus(out, n=n, image_size=px, seed=seed)
+    rng = np.random.default_rng(seed)
+    with open(png_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        src = out / r["image"]
+        arr = np.asarray(Image.open(src).convert("RGB"), dtype=np.int16)
+        arr = np.clip(arr + rng.normal(0, 12, arr.shape), 0, 255).astype(np.uint8)  # speckle, like scans
+        dst = src.with_suffix(".jpg")
+        Image.fromarray(arr).save(dst, "JPEG", quality=90)
+        src.unlink()
+        r["image"] = str(Path(r["image"]).with_suffix(".jpg"))
+    path = out / "corpus_jpeg.csv"
+    _write_csv(path, rows)
+    png_csv.unlink()
+    return path
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def head_corpus(path: Path, n: int) -> Path:
+    """The first n rows of a CSV corpus beside it (same image paths): the one-batch run for the marginal cost."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))[:n]
+    out = path.with_name(f"{path.stem}_head{n}.csv")
+    _write_csv(out, rows)
+    return out
+
+
+def make_teachers(root: Path, f: Flags) -> dict[str, str]:
+    from teachers.tiny import make_tiny_hf_clip, make_tiny_open_clip
+
+    oc = make_tiny_open_clip(root / "oc", embed_dim=128, width=f.teacher_width, layers=f.teacher_layers,
+                             image_size=f.teacher_image_size)
+    hf = make_tiny_hf_clip(root / "hf", projection_dim=96, hidden=f.teacher_width, layers=f.teacher_layers,
+                           image_size=f.teacher_image_size)
+    return {"oc": f"local-dir:{oc}", "hf": f"hf-clip:{hf}"}
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def prepared_inputs(corpus_path: str, teachers: dict[str, str], batch_size: int):
+    """Per teacher: its model, image batches (decoded + its own transform) and token batches, all ready."""
+    import torch
+
+    from cache.corpus import open_corpus
+    from teachers import load_teacher
+
+    corpus = open_corpus(corpus_path)
+    images = [corpus.load_image(i) for i in range(len(corpus))]
+    out = {}
+    for name, spec in teachers.items():
+        t = load_teacher(spec, _device())
+        x = torch.stack([t.image_transform(im) for im in images])
+        tok = [t.tokenize(corpus.captions[i:i + batch_size]) for i in range(0, len(corpus), batch_size)]
+        out[name] = (t, list(x.split(batch_size)), tok)
+    return out
+
+
+def bare_forward_seconds(prepared) -> float:
+    """Only the teachers' image and text forward passes, as the cache run batches them."""
+    import torch
+
+    t0 = time.perf_counter()
+    for t, image_batches, token_batches in prepared.values():
+        for x in image_batches:
+            t.encode_image(x)
+        for tok in token_batches:
+            t.encode_text(tok)
+    if _device() == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def cache_run_seconds(corpus_path: str, teachers: dict[str, str], out: Path, batch_size: int, workers: int) -> float:
+    """Wall time of a complete `distill cache` run into a fresh file."""
+    from cache import CacheJob, build_cache
+
+    for p in (out, Path(str(out) + ".parts"), Path(str(out) + ".tmp"), Path(str(out) + ".lock")):
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    job = CacheJob(data=str(corpus_path), teachers=teachers, out=str(out), batch_size=batch_size,
+                   num_workers=workers, device=_device(), progress=False)
+    seconds, summary = timed(lambda: build_cache(job))
+    if any(t.done != summary.rows for t in summary.teachers.values()):
+        raise RuntimeError(f"cache run incomplete: {summary}")
+    return seconds
+
+
+def run_overhead(f: Flags, work: Path) -> dict:
+    import torch
+
+    quiet_libraries()
+    corpus = Path(f.corpus) if f.corpus else make_jpeg_corpus(work / "corpus", f.images, f.image_px)
+    if not f.corpus:
+        print(f"corpus: {f.images} synthetic {f.image_px}px JPEGs -> {corpus}", flush=True)
+    small = head_corpus(corpus, f.batch_size) if corpus.suffix == ".csv" else None
+    teachers = make_teachers(work / "teachers", f)
+    prep = {"full": prepared_inputs(str(corpus), teachers, f.batch_size)}
+    if small is not None:
+        prep["small"] = prepared_inputs(str(small), teachers, f.batch_size)
+    n_images = sum(len(x) for x in next(iter(prep["full"].values()))[1])
+    bare_forward_seconds(prep["full"])  # warm-up: first calls allocate
+    best = {}
+    for r in range(f.repeats):  # interleaved, so drift on a shared machine hits every variant alike
+        for size, p in prep.items():
+            key = ("bare", size)
+            best[key] = min(best.get(key, float("inf")), bare_forward_seconds(p))
+        for w in f.workers:
+            for size, path in (("full", corpus), ("small", small)):
+                if path is None:
+                    continue
+                s = cache_run_seconds(str(path), teachers, work / f"features-{size}-w{w}.h5", f.batch_size, w)
+                best[(w, size)] = min(best.get((w, size), float("inf")), s)
+                gc.collect()
+        print(f"repeat {r + 1}/{f.repeats} done", flush=True)
+    del prep
+    rows, results = [], {"images": n_images, "batch_size": f.batch_size, "teachers": teachers,
+                         "torch_threads": torch.get_num_threads(), "bare_s": best[("bare", "full")],
+                         "bare_small_s": best.get(("bare", "small")), "by_workers": {}}
+    for w in f.workers:
+        total = best[(w, "full")] / best[("bare", "full")]
+        marginal = None
+        if small is not None:
+            marginal = ((best[(w, "full")] - best[(w, "small")])
+                        / (best[("bare", "full")] - best[("bare", "small")]))
+        results["by_workers"][w] = {"cache_s": best[(w, "full")], "cache_small_s": best.get((w, "small")),
+                                    "overhead_total": total, "overhead_marginal": marginal}
+        ok = "yes" if (marginal if marginal is not None else total) <= GOAL_OVERHEAD else "no"
+        rows.append([w, best[(w, "full")], best[("bare", "full")], total,
+                     "n/a" if marginal is None else marginal, ok if w >= 1 else "(not a goal)"])
+    md = table(rows, ["num_workers", "cache run s", "bare forward s", "overhead (total)", "overhead (marginal)",
+                      f"marginal <= {GOAL_OVERHEAD}"])
+    md = (f"Part 1: `distill cache` wall time / bare teacher forward time, {n_images} images, batch "
+          f"{f.batch_size}, teachers {', '.join(teachers)} (width {f.teacher_width}, {f.teacher_layers} layers, "
+          f"{f.teacher_image_size}px), torch threads {torch.get_num_threads()}\n\n{md}\n")
+    return {"results": results, "markdown": md}
+
+
+# == part 2 =================================================================================================
+def write_feature_file(path: Path, rows: int, dims: tuple[int, ...], chunk_rows: int, seed: int = 0) -> float:
+    """A finished float16 cache of `rows` rows and one teacher per dim, in the writer's own layout and chunking.
+
+    The file and each group come from cache.h5_writer (create_file, the group the writer's fold creates); the
+    values are one block of random unit vectors repeated, which reading speed does not depend on.
+    """
+    import h5py
+
+    from cache import h5_writer as W
+
+    t0 = time.perf_counter()
+    keys = [f"row-{i:08d}" for i in range(rows)]
+    W.create_file(str(path), keys, fingerprint="benchmark", source="synthetic")
+    del keys
+    rng = np.random.default_rng(seed)
+    block = min(rows, 65536)
+    with h5py.File(path, "r+") as f:
+        for j, d in enumerate(dims):
+            name = f"t{j}_{d}"
+            meta = {"attrs": {"spec": f"synthetic:{name}", "resolved_spec": f"synthetic:{name}", "embed_dim": d,
+                              "logit_scale": 100.0, "image_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3,
+                              "context_length": 77, "views": 0},
+                    "dtype": "float16", "h5_chunk_rows": chunk_rows}
+            g = W._ensure_group(f, name, meta)  # the exact datasets and chunks a fold creates
+            x = rng.standard_normal((block, d)).astype(np.float32)
+            x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+            for what in ("image", "text"):
+                ds = g[what]
+                for lo in range(0, rows, block):
+                    hi = min(rows, lo + block)
+                    ds[lo:hi] = x[: hi - lo]
+            g["done"][...] = True
+    return time.perf_counter() - t0
+
+
+def drop_from_page_cache(path: Path) -> bool:
+    """Evict the file's pages (no root needed): the next reads come from the disk."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return True
+
+
+def batch_orders(n: int, batch: int, chunk_rows: int, buffer_blocks: int, seed: int = 0) -> dict[str, np.ndarray]:
+    from cache import BlockShuffleSampler
+
+    return {"random": np.random.default_rng(seed).permutation(n),
+            "block-shuffle": BlockShuffleSampler(np.arange(n), block_size=chunk_rows, buffer_blocks=buffer_blocks,
+                                                 seed=seed).order(),
+            "sequential": np.arange(n)}
+
+
+def measure_reads(reader, order: np.ndarray, batch: int, seconds: float, useful_per_row: int) -> dict:
+    """Read consecutive batches of `order` for about `seconds`; rows/s and bytes read per useful byte."""
+    n_batches = len(order) // batch
+    io0, t0, done = io_counters(), time.perf_counter(), 0
+    while done < n_batches:
+        reader.read(order[done * batch:(done + 1) * batch])
+        done += 1
+        if time.perf_counter() - t0 >= seconds:
+            break
+    elapsed, io1 = time.perf_counter() - t0, io_counters()
+    useful = done * batch * useful_per_row
+    out = {"rows": done * batch, "seconds": elapsed, "rows_per_s": done * batch / elapsed}
+    if io0 and io1:
+        out["read_per_useful"] = (io1["rchar"] - io0["rchar"]) / useful
+        out["disk_per_useful"] = (io1["read_bytes"] - io0["read_bytes"]) / useful
+    return out
+
+
+def run_reader(f: Flags) -> dict:
+    from cache import FeatureReader
+
+    need = f.rows * sum(f.dims) * 2 * 2
+    free = shutil.disk_usage(f.reader_dir).free
+    if need * 1.2 > free:
+        raise SystemExit(f"part 2 needs ~{need / 1e9:.1f} GB in {f.reader_dir} (free {free / 1e9:.1f} GB); "
+                         f"pass --rows {int(f.rows * free / need / 1.5)} or --reader-dir elsewhere")
+    useful_per_row = sum(f.dims) * 2 * 2  # image + text, float16 as stored
+    results, rows = {}, []
+    for c in f.chunk_rows:
+        path = Path(tempfile.mkstemp(prefix=f"bench-features-c{c}-", suffix=".h5", dir=f.reader_dir)[1])
+        try:
+            write_s = write_feature_file(path, f.rows, f.dims, c)
+            print(f"chunk {c} rows: wrote {path.stat().st_size / 1e9:.2f} GB in {write_s:.0f}s", flush=True)
+            orders = batch_orders(f.rows, f.read_batch, c, f.buffer_blocks)
+            res = results[c] = {"write_s": write_s, "file_bytes": path.stat().st_size}
+            for cache_state in ("warm", "cold") if f.cold else ("warm",):
+                if cache_state == "cold" and not drop_from_page_cache(path):
+                    continue
+                with FeatureReader(str(path)) as reader:
+                    reader.read(np.arange(min(f.read_batch, f.rows)))  # open the handle, read metadata
+                    if cache_state == "cold":
+                        drop_from_page_cache(path)
+                    for mode, order in orders.items():
+                        if cache_state == "cold":
+                            drop_from_page_cache(path)
+                        m = measure_reads(reader, order, f.read_batch, f.seconds, useful_per_row)
+                        res[f"{mode}/{cache_state}"] = m
+                        rows.append([c, mode, cache_state, m["rows_per_s"], m.get("read_per_useful", "n/a"),
+                                     m.get("disk_per_useful", "n/a"),
+                                     "yes" if m["rows_per_s"] >= GOAL_ROWS_PER_S else "no"])
+                        print(f"  {mode:>13} {cache_state}: {m['rows_per_s']:,.0f} rows/s", flush=True)
+        finally:
+            path.unlink(missing_ok=True)
+    md = table(rows, ["chunk rows", "order", "page cache", "rows/s", "read/useful", "disk/useful",
+                      f">= {GOAL_ROWS_PER_S:,}"])
+    md = (f"Part 2: `FeatureReader.read` of {f.read_batch}-row batches, all {len(f.dims)} teachers (dims "
+          f"{', '.join(map(str, f.dims))}, image + text, float16), {f.rows:,} rows, block-shuffle buffer "
+          f"{f.buffer_blocks} blocks of one chunk each\n\n{md}\n")
+    return {"results": results, "markdown": md}
+
+
+def main(argv=None) -> int:
+    f = parse_flags(Flags, argv, __doc__)
+    owned = f.workdir is None
+    work = Path(tempfile.mkdtemp(prefix="bench-cache-")) if owned else Path(f.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    results, md = {}, []
+    try:
+        if not f.skip_overhead:
+            r = run_overhead(f, work)
+            results["overhead"], md = {**r["results"], "markdown": r["markdown"]}, md + [r["markdown"]]
+            print("\n" + r["markdown"], flush=True)
+        if not f.skip_reader:
+            r = run_reader(f)
+            results["reader"], md = {"chunks": r["results"], "markdown": r["markdown"]}, md + [r["markdown"]]
+            print("\n" + r["markdown"], flush=True)
+    finally:
+        if owned:
+            shutil.rmtree(work, ignore_errors=True)
+    previous = RESULTS_DIR / "cache_overhead.json"
+    if (f.skip_overhead or f.skip_reader) and previous.is_file():  # keep the other part's last figures
+        old = json.loads(previous.read_text())
+        for part in ("overhead", "reader"):
+            if part not in results and part in old.get("results", {}):
+                results[part] = {**old["results"][part], "from_earlier_run": old.get("command")}
+                md.append(old["results"][part].get("markdown", ""))
+    j, m = write_results("cache_overhead", f, results, "\n".join(md))
+    print(f"results: {j} and {m}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
