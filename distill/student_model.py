@@ -54,6 +54,21 @@ class DistillModel(nn.Module):
                         frozen += [f"heads.{modality}.{teacher}.{n}" for n, _ in head.named_parameters()]
         return frozen
 
+    def unsqueeze_scalar_params(self) -> list[str]:
+        """Make 0-dim parameters (open_clip's logit scale and bias) 1-element ones; returns their names.
+
+        Why: FSDP (1 and 2) rejects scalar parameters ("Change logit_scale to a 1D tensor"). Only the trainer's
+        FSDP path calls this, before the optimizer is built. Checkpoints then hold shape [1]; `load_state_dict` of the
+        0-dim open_clip model (the export, a DDP resume from merged weights) accepts that shape.
+        """
+        changed = []
+        for name, p in list(self.named_parameters()):
+            if p.ndim == 0:
+                owner, attr = self.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+                setattr(owner, attr, nn.Parameter(p.detach().reshape(1).clone(), requires_grad=p.requires_grad))
+                changed.append(name)
+        return changed
+
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
         """CLIP's rule: keep exp(logit_scale) in [1, max_scale] after every optimizer step."""

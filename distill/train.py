@@ -68,6 +68,8 @@ def train(cfg: Config) -> dict:
     set_seed(cfg.train.seed)
     run = build_run(cfg, accelerator)
     plan = run.plan
+    if accelerator.distributed_type == "FSDP":  # FSDP 1 and 2 reject 0-dim parameters (the logit scale)
+        log.info("FSDP: 1-element instead of 0-dim parameters: %s", ", ".join(run.model.unsqueeze_scalar_params()))
     optimizer = build_optimizer(run.model, cfg.optim)
     scheduler = build_scheduler(optimizer, plan.total_steps, cfg.optim)
     model, optimizer, loader, scheduler = accelerator.prepare(run.model, optimizer, run.loader, scheduler)
