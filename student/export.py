@@ -144,10 +144,15 @@ def _checkpoint_step(ckpt: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
+FSDP_SHARDS = "pytorch_model_fsdp_0"  # Accelerate's sharded (SHARDED_STATE_DICT) model folder
+
+
 def _weights_file(folder: Path) -> Path | None:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
             return folder / name
+    if (folder / FSDP_SHARDS).is_dir():
+        return folder / FSDP_SHARDS
     return None
 
 
@@ -179,7 +184,16 @@ def load_training_state(ckpt: Path) -> dict[str, torch.Tensor]:
     f = _weights_file(ckpt)
     if f is None:
         raise FileNotFoundError(f"no model.safetensors in checkpoint {ckpt}")
-    if f.suffix == ".safetensors":
+    if f.name == FSDP_SHARDS:  # an FSDP run: merge the shards as `accelerate merge-weights` does
+        import tempfile
+
+        from accelerate.utils import merge_fsdp_weights
+        from safetensors.torch import load_file
+
+        with tempfile.TemporaryDirectory() as tmp:
+            merge_fsdp_weights(str(f), tmp, safe_serialization=True)
+            sd = load_file(str(Path(tmp) / "model.safetensors"))
+    elif f.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         sd = load_file(str(f))

@@ -93,7 +93,15 @@ def test_fsdp2_equals_one_process_resumes_and_exports(tiny_corpus, tiny_cache, t
     assert f"Resuming from {tmp_path / 'resumed' / 'checkpoint-2'} at step 2" in res.stdout
 
     ref = load_weights(tmp_path / "one" / "checkpoint-3")
+    from student.export import export_checkpoint, load_student
+
+    # distill export reads the sharded checkpoint directly (merging it as `accelerate merge-weights` would)
+    direct, _, _ = load_student(export_checkpoint(tmp_path / "fsdp" / "checkpoint-3", tmp_path / "export-direct"))
     fsdp, resumed = _merged(tmp_path / "fsdp" / "checkpoint-3"), _merged(tmp_path / "resumed" / "checkpoint-3")
+    for k, v in fsdp.items():
+        if k.startswith("student."):
+            assert torch.allclose(direct.state_dict()[k[len("student."):]], v.reshape(
+                direct.state_dict()[k[len("student."):]].shape)), k
     assert fsdp.keys() == ref.keys() == resumed.keys()  # student.* and heads.*: no FSDP wrapper prefix
     assert fsdp["student.logit_scale"].shape == (1,) and ref["student.logit_scale"].shape == ()
     assert ref["student.logit_scale"] < torch.log(torch.tensor(1 / 0.07)) - 0.3  # the clamp fired
@@ -106,8 +114,6 @@ def test_fsdp2_equals_one_process_resumes_and_exports(tiny_corpus, tiny_cache, t
             assert ra[key] == pytest.approx(rb[key], rel=1e-4)
 
     # the merged checkpoint exports like a 1-process one: the [1] logit scale loads into open_clip's 0-dim one
-    from student.export import export_checkpoint, load_student
-
     model, _, _ = load_student(export_checkpoint(tmp_path / "fsdp" / "checkpoint-3", tmp_path / "export"))
     exported = model.state_dict()
     for k, v in ref.items():
