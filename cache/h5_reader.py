@@ -1,10 +1,18 @@
 """Reading teacher features for training: fast row access without loading the file, safe under DataLoader fork.
 
 h5py handles must not cross a fork (h5py docs/mpi.rst), so `FeatureReader` reads only small metadata (keys,
-attrs, done masks) at construction with a handle it closes at once, and opens the data lazily in whichever
-process first calls `read()`, reopening when `os.getpid()` changes. Rows are read as sorted unique indices
-(one hyperslab when they are dense, h5py point selection otherwise) and reordered in numpy, which is much
-faster than h5py fancy indexing in arbitrary order. `BlockShuffleSampler` makes batches dense on purpose.
+attrs, done masks, chunk shape) at construction with a handle it closes at once, and opens the file and its
+datasets lazily in whichever process first reads, reopening when `os.getpid()` changes. The dataset handles stay
+open between calls: reopening a dataset throws away HDF5's chunk cache.
+
+Two read paths, both returning the same values:
+- `block_rows=0` (default): rows are read as sorted unique indices (one hyperslab when they are dense, h5py
+  point selection otherwise) and reordered in numpy, much faster than h5py fancy indexing in arbitrary order.
+- `block_rows=B` (training with a block-shuffled sampler): the blocks the rows fall in (rows [k*B, (k+1)*B)) are
+  read WHOLE, one contiguous slice per teacher and modality, kept in a small LRU of `cache_blocks` blocks, and
+  rows are gathered in memory. With `BlockShuffleSampler` / the trainer's block-shuffled `EpochSampler` and
+  cache_blocks >= the shuffle buffer, each block is read once per epoch per process: bytes read per useful
+  byte ~1 (benchmarks/README.md, part 2). B should be a multiple of the file's chunk rows (`chunk_rows`).
 
 The reader sees the file as it was when opened: rows committed by a running or killed `distill cache` that
 are still waiting in FEATURES.h5.parts/ appear after the next fold.
@@ -12,6 +20,7 @@ are still waiting in FEATURES.h5.parts/ appear after the next fold.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from typing import Iterator, Sequence
 
 import h5py
@@ -20,21 +29,32 @@ from torch.utils.data import Sampler
 
 from .schema import CacheError, attrs_to_dict, check_root
 
+MODALITIES = ("image", "text")
+
 
 class FeatureReader:
     """Per-teacher image/text embeddings of a feature cache, by row (see the module docstring).
 
-    `max_span_ratio`: read one contiguous block when (last - first + 1) <= ratio * number of rows asked;
-    `rdcc_nbytes`: HDF5 chunk cache per dataset. Both are knobs for the cache-overhead benchmark.
+    `max_span_ratio`: without blocks, read one contiguous slice when (last - first + 1) <= ratio * rows asked;
+    `rdcc_nbytes`: HDF5 chunk cache per dataset; `block_rows`: read whole blocks of this many rows (0: off);
+    `cache_blocks`: blocks kept per teacher (LRU; the sampler's shuffle buffer). `bytes_read` counts the
+    feature bytes fetched from HDF5.
     """
 
     def __init__(self, path: str, teachers: list[str] | None = None, *, max_span_ratio: float = 4.0,
-                 rdcc_nbytes: int = 16 * 1024 * 1024):
+                 rdcc_nbytes: int = 16 * 1024 * 1024, block_rows: int = 0, cache_blocks: int = 16):
         self.path = os.fspath(path)
         self.max_span_ratio = float(max_span_ratio)
         self.rdcc_nbytes = int(rdcc_nbytes)
+        if int(block_rows) < 0 or int(cache_blocks) < 1:
+            raise ValueError(f"block_rows must be >= 0 (0: no block cache) and cache_blocks >= 1; got "
+                             f"block_rows={block_rows}, cache_blocks={cache_blocks}")
+        self.block_rows, self.cache_blocks = int(block_rows), int(cache_blocks)
+        self.bytes_read = 0
         self._h5: h5py.File | None = None
         self._pid: int | None = None
+        self._ds: dict[tuple[str, str], h5py.Dataset] = {}
+        self._blocks: dict[str, OrderedDict[int, dict[str, np.ndarray]]] = {}  # teacher -> block -> arrays
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"feature cache {self.path} not found; build it with `distill cache`")
         with h5py.File(self.path, "r") as f:  # closed before any fork
@@ -55,22 +75,33 @@ class FeatureReader:
             self._has_stats = {t: f"teachers/{t}/stats" in f for t in self.teacher_names}
             self.num_views: int = int(f["views/params"].shape[1]) if "views/params" in f else 0
             self.bad_rows = f["bad/rows"][:] if "bad" in f else np.zeros(0, dtype=np.int64)
+            chunks = [f[f"teachers/{t}/{m}"].chunks for t in self.teacher_names for m in MODALITIES]
+            # rows per HDF5 chunk (the largest over the opened teachers); block_rows should be a multiple of it
+            self.chunk_rows: int = max([c[0] for c in chunks if c] or [1])
 
-    # -- lazy, fork-safe handle ----------------------------------------------------------------------------
+    # -- lazy, fork-safe handles ---------------------------------------------------------------------------
     def _file(self) -> h5py.File:
         if self._h5 is None or self._pid != os.getpid():
             self._h5 = h5py.File(self.path, "r", rdcc_nbytes=self.rdcc_nbytes)
             self._pid = os.getpid()
+            self._ds, self._blocks = {}, {}
         return self._h5
+
+    def _dataset(self, teacher: str, what: str) -> h5py.Dataset:
+        f = self._file()
+        ds = self._ds.get((teacher, what))
+        if ds is None:
+            ds = self._ds[(teacher, what)] = f[f"teachers/{teacher}/{what}"]
+        return ds
 
     def close(self) -> None:
         if self._h5 is not None and self._pid == os.getpid():
             self._h5.close()
-        self._h5, self._pid = None, None
+        self._h5, self._pid, self._ds, self._blocks = None, None, {}, {}
 
-    def __getstate__(self) -> dict:  # spawn-started workers get no handle, they open their own
+    def __getstate__(self) -> dict:  # spawn-started workers get no handle and no blocks, they open their own
         state = dict(self.__dict__)
-        state["_h5"], state["_pid"] = None, None
+        state["_h5"], state["_pid"], state["_ds"], state["_blocks"] = None, None, {}, {}
         return state
 
     def __enter__(self) -> "FeatureReader":
@@ -108,8 +139,44 @@ class FeatureReader:
             return np.zeros((0, *ds.shape[1:]), dtype=ds.dtype)
         lo, hi = int(uniq[0]), int(uniq[-1]) + 1
         if hi - lo <= self.max_span_ratio * len(uniq):
-            return ds[lo:hi][uniq - lo]
-        return ds[uniq]
+            out = ds[lo:hi]
+            self.bytes_read += out.nbytes
+            return out[uniq - lo]
+        out = ds[uniq]
+        self.bytes_read += out.nbytes
+        return out
+
+    def _gather(self, teacher: str, uniq: np.ndarray) -> dict[str, np.ndarray]:
+        """A teacher's rows `uniq` (sorted, unique) in stored dtype, via whole blocks or direct reads.
+
+        Blocks: rows [k*B, (k+1)*B), image and text each read whole as one slice, kept in the teacher's LRU.
+        Blocks already held count as used before the ones read now, so a batch that straddles two shuffle
+        buffers leaves the new buffer's blocks in the LRU, not the old one's; eviction waits until the
+        batch is gathered.
+        """
+        if not self.block_rows:
+            return {m: self._take(self._dataset(teacher, m), uniq) for m in MODALITIES}
+        ds = {m: self._dataset(teacher, m) for m in MODALITIES}  # first: opening the file resets the LRUs
+        lru = self._blocks.setdefault(teacher, OrderedDict())
+        out = {m: np.empty((len(uniq), *ds[m].shape[1:]), dtype=ds[m].dtype) for m in MODALITIES}
+        ids = uniq // self.block_rows
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(uniq) else np.zeros(0, dtype=np.int64)
+        runs = [(int(ids[s]), s, e) for s, e in zip(starts.tolist(), np.r_[starts[1:], len(uniq)].tolist())]
+        for k, _, _ in runs:  # uniq is sorted: each block is one run
+            if k in lru:
+                lru.move_to_end(k)
+        for k, s, e in runs:
+            block = lru.get(k)
+            if block is None:
+                lo, hi = k * self.block_rows, min(self.num_rows, (k + 1) * self.block_rows)
+                block = lru[k] = {m: ds[m][lo:hi] for m in MODALITIES}
+                self.bytes_read += sum(x.nbytes for x in block.values())
+            local = uniq[s:e] - k * self.block_rows
+            for m in MODALITIES:
+                out[m][s:e] = block[m][local]
+        while len(lru) > self.cache_blocks:
+            lru.popitem(last=False)
+        return out
 
     def _rows(self, rows) -> tuple[np.ndarray, np.ndarray]:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -129,17 +196,16 @@ class FeatureReader:
             views = np.asarray(views, dtype=np.int64).reshape(-1)
             if views.shape[0] != inv.shape[0]:
                 raise ValueError(f"views has {views.shape[0]} entries for {inv.shape[0]} rows")
-        f = self._file()
         out = {}
         for t in self._names(teachers):
-            g = f[f"teachers/{t}"]
-            image = self._take(g["image"], uniq)[inv]
+            got = self._gather(t, uniq)
+            image = got["image"][inv]
             if image.ndim == 3 and views is not None:
                 k = image.shape[1]
                 if len(views) and (views.min() < 0 or views.max() >= k):
                     raise IndexError(f"teacher {t!r} has {k} views; got view ids {views.min()}..{views.max()}")
                 image = image[np.arange(len(views)), views]
-            out[t] = {"image": image.astype(np.float32), "text": self._take(g["text"], uniq)[inv].astype(np.float32)}
+            out[t] = {"image": image.astype(np.float32), "text": got["text"][inv].astype(np.float32)}
         return out
 
     def view_params(self, rows) -> np.ndarray | None:
@@ -159,13 +225,33 @@ class FeatureReader:
         return {k: s[k][:] for k in ("image_mean", "image_cov", "text_mean", "text_cov")}
 
 
-class BlockShuffleSampler(Sampler[int]):
-    """Shuffle contiguous blocks of rows, then rows within a buffer of blocks: random enough, and dense reads.
+def block_shuffle_order(block_ids: np.ndarray, buffer_blocks: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions 0..n-1 in block-shuffled order: blocks (equal `block_ids`) in random order, then positions
+    shuffled within each buffer of `buffer_blocks` consecutive blocks. A batch then draws from few blocks (dense
+    reads); blocks must be whole in memory for that (FeatureReader's block cache)."""
+    block_ids = np.asarray(block_ids).reshape(-1)
+    if len(block_ids) == 0:
+        return np.zeros(0, dtype=np.int64)
+    pos = np.argsort(block_ids, kind="stable")
+    sorted_ids = block_ids[pos]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    groups = np.split(pos, starts[1:])
+    groups = [groups[i] for i in rng.permutation(len(groups))]
+    b = max(1, int(buffer_blocks))
+    out = []
+    for i in range(0, len(groups), b):
+        buf = np.concatenate(groups[i:i + b])
+        out.append(buf[rng.permutation(len(buf))])
+    return np.concatenate(out).astype(np.int64)
 
-    With block_size=1 it is a plain shuffle. Call `set_epoch(e)` each epoch for a new, reproducible order.
+
+class BlockShuffleSampler(Sampler[int]):
+    """Shuffle blocks of rows (rows [k*B, (k+1)*B), the reader's blocks), then rows within a buffer of blocks:
+    random enough, and dense reads. With block_size=1 it is a plain shuffle. Call `set_epoch(e)` each epoch for a
+    new, reproducible order (seeded by (seed, epoch)).
     """
 
-    def __init__(self, rows: Sequence[int] | np.ndarray, block_size: int = 256, buffer_blocks: int = 16,
+    def __init__(self, rows: Sequence[int] | np.ndarray, block_size: int = 1024, buffer_blocks: int = 16,
                  seed: int = 0):
         self.rows = np.sort(np.asarray(rows, dtype=np.int64))
         self.block_size, self.buffer_blocks = max(1, int(block_size)), max(1, int(buffer_blocks))
@@ -179,13 +265,7 @@ class BlockShuffleSampler(Sampler[int]):
 
     def order(self) -> np.ndarray:
         rng = np.random.default_rng((self.seed, self.epoch))
-        blocks = [self.rows[i:i + self.block_size] for i in range(0, len(self.rows), self.block_size)]
-        blocks = [blocks[i] for i in rng.permutation(len(blocks))]
-        out = []
-        for i in range(0, len(blocks), self.buffer_blocks):
-            buf = np.concatenate(blocks[i:i + self.buffer_blocks])
-            out.append(buf[rng.permutation(len(buf))])
-        return np.concatenate(out) if out else self.rows[:0]
+        return self.rows[block_shuffle_order(self.rows // self.block_size, self.buffer_blocks, rng)]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.order().tolist())

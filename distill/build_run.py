@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -157,13 +158,44 @@ def build_run(cfg: Config, accelerator) -> Run:
                    num_rows=len(ds), total_steps=0, teachers={t: teachers.get(t, 1.0) for t in used},
                    teacher_attrs={t: join.teachers[t] for t in used})
     plan = dataclasses.replace(plan, total_steps=_total_steps(cfg, plan))
-    collate = Collate(bundle.tokenizer, cfg.data.features if used else None, used, use_views=views is not None)
-    loader = DataLoader(ds, batch_size=cfg.data.batch_size, drop_last=True, collate_fn=collate,
-                        sampler=EpochSampler(len(ds), cfg.train.seed, plan.global_batch),
+    sampler = build_sampler(cfg, join if used else None, len(ds), plan.global_batch)
+    blocks = sampler.block_ids is not None and bool(used)
+    collate = Collate(bundle.tokenizer, cfg.data.features if used else None, used, use_views=views is not None,
+                      block_rows=cfg.data.block_rows if blocks else 0, cache_blocks=cfg.data.shuffle_buffer_blocks)
+    loader = DataLoader(ds, batch_size=cfg.data.batch_size, drop_last=True, collate_fn=collate, sampler=sampler,
                         num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.train.seed),
                         pin_memory=torch.cuda.is_available())
     return Run(plan, model, loss, loader, student_dir if tmp is None else
                output_dir / "student", corpus, join, terms, tmp)
+
+
+def sampler_kind(cfg: Config, reads_features: bool) -> str:
+    """data.sampler with `auto` resolved: block_shuffle when teacher features are read, else random."""
+    if cfg.data.sampler != "auto":
+        return cfg.data.sampler
+    return "block_shuffle" if reads_features else "random"
+
+
+def build_sampler(cfg: Config, join: CacheJoin | None, num_rows: int, global_batch_of) -> EpochSampler:
+    """The epoch order (distill.data.EpochSampler). `join`: the cache join when features are read, else None.
+
+    Block-shuffled blocks are blocks of cache rows (the reader's blocks); without a cache, of dataset items.
+    """
+    kind = sampler_kind(cfg, join is not None)
+    if kind == "random":
+        return EpochSampler(num_rows, cfg.train.seed, global_batch_of)
+    b = cfg.data.block_rows
+    if join is not None:
+        c = join.chunk_rows
+        if b % c and b < int(join.cache_rows.max(initial=0)) + 1:
+            raise ConfigError(f"data.block_rows={b} is not a multiple of the cache's HDF5 chunk of {c} rows "
+                              f"({cfg.data.features}): each block would read partial chunks twice; use "
+                              f"data.block_rows={max(c, round(b / c) * c)}")
+        rows = join.cache_rows
+    else:
+        rows = np.arange(num_rows)
+    return EpochSampler(num_rows, cfg.train.seed, global_batch_of, block_ids=rows // b,
+                        buffer_blocks=cfg.data.shuffle_buffer_blocks)
 
 
 def _total_steps(cfg: Config, plan: RunPlan) -> int:

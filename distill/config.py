@@ -17,6 +17,7 @@ import yaml
 
 MODES = ("contrastive", "distill", "hybrid")
 PRECISIONS = ("no", "bf16", "fp16")
+SAMPLERS = ("auto", "block_shuffle", "random")
 SCHEDULES = ("cosine", "constant")
 
 
@@ -54,10 +55,22 @@ class DataCfg:
     crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range (open_clip/BiomedCLIP default)
     flip: bool = False  # random horizontal flip (off: laterality matters in radiology)
     use_views: bool = True  # when the cache stores views, show the student exactly the teachers' views
+    # Training order. block_shuffle: blocks of block_rows consecutive cache rows in random order, rows shuffled
+    # within a buffer of shuffle_buffer_blocks blocks; the reader reads each block whole, once (fast at scale, see
+    # benchmarks/README.md part 2). A batch then draws from those few blocks only, so shuffle the corpus once when
+    # making it (or raise the buffer). random: a plain permutation (scattered reads, fine without a cache).
+    # auto: block_shuffle when teacher features are read, random otherwise (contrastive).
+    sampler: str = "auto"
+    block_rows: int = 1024  # rows per block; a multiple of the cache's HDF5 chunk rows (`distill cache` writes 256)
+    shuffle_buffer_blocks: int = 16  # blocks shuffled together (each DataLoader worker keeps this many in memory)
 
     def __post_init__(self):
         _check(self.batch_size > 0, "data.batch_size must be > 0")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _check(self.sampler in SAMPLERS, f"data.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        _check(self.block_rows > 0, f"data.block_rows must be > 0, got {self.block_rows}")
+        _check(self.shuffle_buffer_blocks > 0, f"data.shuffle_buffer_blocks must be > 0, got "
+                                               f"{self.shuffle_buffer_blocks}")
         lo, hi = self.crop_scale
         _check(0.0 < lo <= hi <= 1.0, f"data.crop_scale must be 0 < lo <= hi <= 1, got {self.crop_scale}")
 

@@ -88,14 +88,25 @@ def random_crop_params(gen: torch.Generator, width: int, height: int, scale: Seq
 
 
 class EpochSampler(Sampler):
-    """A permutation seeded by (seed, epoch), cut to whole global batches; yields (epoch, index) pairs.
+    """An epoch order seeded by (seed, epoch), cut to whole global batches; yields (epoch, index) pairs.
 
-    Cutting to whole global batches makes every optimizer step see exactly the scheduled global batch, and every
-    epoch end on an accumulation boundary. No `generator` attribute on purpose: Accelerate would reseed it.
+    Random (`block_ids=None`): a permutation. Block-shuffled (`block_ids[i]`: the cache block of dataset item i,
+    i.e. its cache row // data.block_rows): blocks in random order, items shuffled within each buffer of
+    `buffer_blocks` blocks (cache.h5_reader.block_shuffle_order), so the feature reader reads each block whole
+    once instead of scattered rows per batch. The order depends on (seed, epoch) only, never on the number of
+    processes or workers: Accelerate gives each rank its share of every global batch from the same order, and a
+    resumed run skips into the same order. Cutting to whole global batches makes every optimizer step see exactly
+    the scheduled global batch, and every epoch end on an accumulation boundary. No `generator` attribute on
+    purpose: Accelerate would reseed it.
     """
 
-    def __init__(self, num_rows: int, seed: int, global_batch_of: Callable[[int], int], shuffle: bool = True):
+    def __init__(self, num_rows: int, seed: int, global_batch_of: Callable[[int], int], shuffle: bool = True,
+                 block_ids: np.ndarray | None = None, buffer_blocks: int = 16):
         self.num_rows, self.seed, self.global_batch_of, self.shuffle = num_rows, seed, global_batch_of, shuffle
+        if block_ids is not None and len(block_ids) != num_rows:
+            raise ValueError(f"block_ids has {len(block_ids)} entries for {num_rows} rows")
+        self.block_ids = None if block_ids is None else np.asarray(block_ids, dtype=np.int64)
+        self.buffer_blocks = int(buffer_blocks)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -105,12 +116,19 @@ class EpochSampler(Sampler):
         gb = self.global_batch_of(self.epoch)
         return self.num_rows // gb * gb
 
+    def order(self) -> np.ndarray:
+        """Dataset indices of this epoch, before the cut to whole global batches."""
+        if not self.shuffle:
+            return np.arange(self.num_rows)
+        if self.block_ids is not None:
+            from cache.h5_reader import block_shuffle_order
+
+            return block_shuffle_order(self.block_ids, self.buffer_blocks,
+                                       np.random.default_rng((self.seed, self.epoch)))
+        return torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch)).numpy()
+
     def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        else:
-            order = torch.arange(self.num_rows)
-        for i in order[: len(self)].tolist():
+        for i in self.order()[: len(self)].tolist():
             yield (self.epoch, i)
 
 
@@ -156,11 +174,16 @@ class PairDataset(Dataset):
 
 
 class Collate:
-    """Stacks items, tokenises captions, reads the rows' teacher features (same stored view) from the cache."""
+    """Stacks items, tokenises captions, reads the rows' teacher features (same stored view) from the cache.
+
+    `block_rows` > 0 (block-shuffled sampler): the reader reads whole blocks of that many rows and keeps
+    `cache_blocks` of them per teacher, which should cover the sampler's shuffle buffer.
+    """
 
     def __init__(self, tokenizer, features: str | None = None, teachers: Sequence[str] = (),
-                 use_views: bool = False):
+                 use_views: bool = False, block_rows: int = 0, cache_blocks: int = 16):
         self.tokenizer, self.features, self.teachers, self.use_views = tokenizer, features, list(teachers), use_views
+        self.block_rows, self.cache_blocks = int(block_rows), int(cache_blocks)
         self._reader = None
 
     def __getstate__(self):
@@ -173,7 +196,8 @@ class Collate:
         if self._reader is None:
             from cache.h5_reader import FeatureReader
 
-            self._reader = FeatureReader(self.features, teachers=self.teachers)
+            self._reader = FeatureReader(self.features, teachers=self.teachers, block_rows=self.block_rows,
+                                         cache_blocks=self.cache_blocks)
         return self._reader
 
     def __call__(self, items: list[dict]) -> TrainBatch:
@@ -204,6 +228,7 @@ class CacheJoin:
     teachers: dict[str, dict]  # name -> teacher attrs (spec, embed_dim, logit_scale, views, ...)
     view_params: np.ndarray | None
     skipped_bad: int
+    chunk_rows: int = 1  # rows per HDF5 chunk of the cache's teachers (data.block_rows should be a multiple)
 
 
 def join_cache(corpus, features: str | Path, teachers: Sequence[str] | None, use_views: bool = True) -> CacheJoin:
@@ -255,7 +280,7 @@ def join_cache(corpus, features: str | Path, teachers: Sequence[str] | None, use
         skipped = int((~keep).sum())
         if skipped:
             log.warning("skipping %d corpus rows the cache marks bad", skipped)
-        return CacheJoin(np.flatnonzero(keep), cache_rows_all[keep], attrs, views, skipped)
+        return CacheJoin(np.flatnonzero(keep), cache_rows_all[keep], attrs, views, skipped, reader.chunk_rows)
     finally:
         close = getattr(reader, "close", None)
         if close is not None:
