@@ -5,18 +5,22 @@
 
 Part 1 (issue 2): over the same JPEG images and batch size, the wall time of a real cache run (`build_cache`, the
 code behind `distill cache`) with two small teachers (open_clip and Hugging Face CLIP), divided by the time of
-the same teachers' bare forward passes (image + text) over images decoded, transformed and tokenised beforehand.
-Printed for each --workers value. "total" is the whole run (loading teachers, worker start-up, file folds
-included); "marginal" subtracts a one-batch run from both sides, i.e. the cost per extra image, which is what
-dominates on a real corpus of millions of images. Goal: marginal overhead <= 1.10 with workers >= 1.
+the same teachers' bare forward passes (image + text) over images decoded, transformed and tokenised beforehand
+(in the same process, with the same torch threads). The cache run decodes each image once for both teachers.
+Printed for each --workers value, with what one decode, each teacher's transform and each forward cost per
+image. "total" is the whole run (loading teachers, worker start-up, file folds included); "marginal" subtracts
+a one-batch run from both sides, i.e. the cost per extra image, which is what dominates on a real corpus of
+millions of images. Goal: marginal overhead <= 1.10 with workers >= 1.
 
 Part 2: the reader's throughput (`cache.FeatureReader.read`) for 256-row batches, all teachers together, on a
 synthetic --rows x 3-teacher float16 file written in the cache's own layout (cache.h5_writer creates the file and
-each teacher's group), for each --chunk-rows: random rows (an epoch permutation), block-shuffled rows
-(`cache.BlockShuffleSampler`, blocks = one HDF5 chunk), and sequential rows (the ceiling); warm (file in the page
-cache) and cold (dropped from it with posix_fadvise). "read/useful" is bytes HDF5 read through pread
-(/proc/self/io rchar) per byte returned; "disk/useful" the same for bytes that came from the disk. Goal: >= 20,000
-rows/s (what 8 GPUs training ViT-B/16 consume).
+each teacher's group), for each --chunk-rows: random rows (an epoch permutation, read directly: no block can
+help), block-shuffled rows for each --block-rows B that is a multiple of the chunk (`cache.BlockShuffleSampler`
+order read through `FeatureReader(block_rows=B, cache_blocks=--buffer-blocks)`, the way training reads), and
+sequential rows (the ceiling); warm (whole file read into the page cache first) and cold (dropped from it with
+posix_fadvise, no root needed). "fetched/useful" is feature bytes the reader took from HDF5 per byte returned;
+"read/useful" bytes HDF5 read through pread (/proc/self/io rchar); "disk/useful" those that came from the disk.
+Goal: >= 20,000 rows/s (what 8 GPUs training ViT-B/16 consume).
 """
 from __future__ import annotations
 
@@ -48,16 +52,18 @@ class Flags:
     batch_size: int = 64              # images per teacher forward pass (both sides)
     workers: tuple[int, ...] = (0, 1, 2)  # --num-workers values of the cache run
     repeats: int = 2                  # each timing is the best (min) of this many runs (shared machines are noisy)
-    teacher_width: int = 128          # both tiny teachers: transformer width,
-    teacher_layers: int = 4           # layers (vision and text),
-    teacher_image_size: int = 64      # and input resolution (patch 8)
+    teacher_width: int = 256          # both small teachers: transformer width,
+    teacher_layers: int = 6           # layers (vision and text),
+    teacher_image_size: int = 96      # and input resolution (patch 8): a forward costs well over one decode
     corpus: str | None = None         # use this corpus (CSV/TSV/JSONL/shards) instead of the synthetic one
     # part 2: reader throughput
     rows: int = 1_000_000             # rows of the synthetic feature file (~7 GB at 1M rows, 3 teachers, fp16)
     dims: tuple[int, ...] = (512, 768, 512)  # one teacher per embedding size; each has image + text
-    chunk_rows: tuple[int, ...] = (64, 256, 1024)  # HDF5 chunk lengths (rows) to compare
+    chunk_rows: tuple[int, ...] = (256, 1024)  # HDF5 chunk lengths (rows) to compare
+    block_rows: tuple[int, ...] = (256, 1024, 4096)  # reader blocks / sampler blocks (those a multiple of the chunk)
     read_batch: int = 256             # rows per read, as a training batch
-    buffer_blocks: int = 16           # BlockShuffleSampler buffer (blocks shuffled together)
+    buffer_rows: int = 16384          # shuffle buffer in rows (same memory for every block size): buffer_rows / B
+                                      # blocks shuffled together = the reader's LRU blocks
     seconds: float = 2.0              # reading time per measurement (or until the rows run out)
     cold: bool = True                 # also measure after dropping the file from the page cache
     reader_dir: str = "/tmp"          # where the big file is written (deleted at the end)
@@ -124,7 +130,24 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def prepared_inputs(corpus_path: str, teachers: dict[str, str], batch_size: int):
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Prepared:
+    """The denominator's inputs: every image decoded once, each teacher's inputs made and on its device."""
+
+    teachers: dict                    # name -> (teacher, image batches, token batches)
+    images: int
+    decode_s: float                   # corpus.load_image over every image (one decode each)
+    transform_s: dict[str, float]     # each teacher's own image transform over every decoded image
+
+
+def prepared_inputs(corpus_path: str, teachers: dict[str, str], batch_size: int) -> Prepared:
     """Per teacher: its model, image batches (decoded + its own transform) and token batches, all ready."""
     import torch
 
@@ -132,29 +155,35 @@ def prepared_inputs(corpus_path: str, teachers: dict[str, str], batch_size: int)
     from teachers import load_teacher
 
     corpus = open_corpus(corpus_path)
+    t0 = time.perf_counter()
     images = [corpus.load_image(i) for i in range(len(corpus))]
-    out = {}
+    decode_s = time.perf_counter() - t0
+    out, transform_s = {}, {}
     for name, spec in teachers.items():
         t = load_teacher(spec, _device())
+        t0 = time.perf_counter()
         x = torch.stack([t.image_transform(im) for im in images])
+        transform_s[name] = time.perf_counter() - t0
         tok = [t.tokenize(corpus.captions[i:i + batch_size]) for i in range(0, len(corpus), batch_size)]
-        out[name] = (t, list(x.split(batch_size)), tok)
-    return out
+        out[name] = (t, [b.to(t.device) for b in x.split(batch_size)], [b.to(t.device) for b in tok])
+    return Prepared(out, len(images), decode_s, transform_s)
 
 
-def bare_forward_seconds(prepared) -> float:
-    """Only the teachers' image and text forward passes, as the cache run batches them."""
-    import torch
-
-    t0 = time.perf_counter()
-    for t, image_batches, token_batches in prepared.values():
+def bare_forward_seconds(prepared: Prepared) -> dict[str, tuple[float, float]]:
+    """Per teacher (image s, text s): only the forward passes, batched as the cache run batches them."""
+    times = {}
+    for name, (t, image_batches, token_batches) in prepared.teachers.items():
+        _sync()
+        t0 = time.perf_counter()
         for x in image_batches:
             t.encode_image(x)
+        _sync()
+        t1 = time.perf_counter()
         for tok in token_batches:
             t.encode_text(tok)
-    if _device() == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+        _sync()
+        times[name] = (t1 - t0, time.perf_counter() - t1)
+    return times
 
 
 def cache_run_seconds(corpus_path: str, teachers: dict[str, str], out: Path, batch_size: int, workers: int) -> float:
@@ -174,6 +203,14 @@ def cache_run_seconds(corpus_path: str, teachers: dict[str, str], out: Path, bat
     return seconds
 
 
+def per_image_costs(prep: Prepared, bare: dict[str, tuple[float, float]]) -> dict:
+    """Milliseconds per image: one decode, and per teacher its transform and its image and text forward passes."""
+    n = prep.images
+    return {"decode_ms": 1e3 * prep.decode_s / n,
+            "teachers": {name: {"transform_ms": 1e3 * prep.transform_s[name] / n, "image_forward_ms": 1e3 * i / n,
+                                "text_forward_ms": 1e3 * s / n} for name, (i, s) in bare.items()}}
+
+
 def run_overhead(f: Flags, work: Path) -> dict:
     import torch
 
@@ -186,13 +223,15 @@ def run_overhead(f: Flags, work: Path) -> dict:
     prep = {"full": prepared_inputs(str(corpus), teachers, f.batch_size)}
     if small is not None:
         prep["small"] = prepared_inputs(str(small), teachers, f.batch_size)
-    n_images = sum(len(x) for x in next(iter(prep["full"].values()))[1])
+    n_images = prep["full"].images
     bare_forward_seconds(prep["full"])  # warm-up: first calls allocate
-    best = {}
+    best, best_bare = {}, {}
     for r in range(f.repeats):  # interleaved, so drift on a shared machine hits every variant alike
         for size, p in prep.items():
-            key = ("bare", size)
-            best[key] = min(best.get(key, float("inf")), bare_forward_seconds(p))
+            times = bare_forward_seconds(p)
+            total = sum(i + s for i, s in times.values())
+            if total < best.get(("bare", size), float("inf")):
+                best[("bare", size)], best_bare[size] = total, times
         for w in f.workers:
             for size, path in (("full", corpus), ("small", small)):
                 if path is None:
@@ -201,10 +240,14 @@ def run_overhead(f: Flags, work: Path) -> dict:
                 best[(w, size)] = min(best.get((w, size), float("inf")), s)
                 gc.collect()
         print(f"repeat {r + 1}/{f.repeats} done", flush=True)
+    costs = per_image_costs(prep["full"], best_bare["full"])
     del prep
     rows, results = [], {"images": n_images, "batch_size": f.batch_size, "teachers": teachers,
-                         "torch_threads": torch.get_num_threads(), "bare_s": best[("bare", "full")],
-                         "bare_small_s": best.get(("bare", "small")), "by_workers": {}}
+                         "teacher_size": {"width": f.teacher_width, "layers": f.teacher_layers,
+                                          "image_size": f.teacher_image_size},
+                         "torch_threads": torch.get_num_threads(), "device": _device(),
+                         "bare_s": best[("bare", "full")], "bare_small_s": best.get(("bare", "small")),
+                         "per_image": costs, "by_workers": {}}
     for w in f.workers:
         total = best[(w, "full")] / best[("bare", "full")]
         marginal = None
@@ -218,9 +261,14 @@ def run_overhead(f: Flags, work: Path) -> dict:
                      "n/a" if marginal is None else marginal, ok if w >= 1 else "(not a goal)"])
     md = table(rows, ["num_workers", "cache run s", "bare forward s", "overhead (total)", "overhead (marginal)",
                       f"marginal <= {GOAL_OVERHEAD}"])
+    cost_rows = [["decode (corpus.load_image, once per image)", costs["decode_ms"], "", "", ""]]
+    for name, c in costs["teachers"].items():
+        cost_rows.append([f"teacher {name}", "", c["transform_ms"], c["image_forward_ms"], c["text_forward_ms"]])
+    cost_md = table(cost_rows, ["per image, ms", "decode", "own transform", "image forward", "text forward"])
     md = (f"Part 1: `distill cache` wall time / bare teacher forward time, {n_images} images, batch "
           f"{f.batch_size}, teachers {', '.join(teachers)} (width {f.teacher_width}, {f.teacher_layers} layers, "
-          f"{f.teacher_image_size}px), torch threads {torch.get_num_threads()}\n\n{md}\n")
+          f"{f.teacher_image_size}px), device {_device()}, torch threads {torch.get_num_threads()} on both sides "
+          f"(DataLoader workers decode with 1 thread each)\n\n{md}\n\n{cost_md}\n")
     return {"results": results, "markdown": md}
 
 
@@ -273,30 +321,47 @@ def drop_from_page_cache(path: Path) -> bool:
     return True
 
 
-def batch_orders(n: int, batch: int, chunk_rows: int, buffer_blocks: int, seed: int = 0) -> dict[str, np.ndarray]:
-    from cache import BlockShuffleSampler
-
-    return {"random": np.random.default_rng(seed).permutation(n),
-            "block-shuffle": BlockShuffleSampler(np.arange(n), block_size=chunk_rows, buffer_blocks=buffer_blocks,
-                                                 seed=seed).order(),
-            "sequential": np.arange(n)}
+def load_into_page_cache(path: Path, step: int = 64 << 20) -> None:
+    """Read the whole file once so that "warm" measurements find it in the page cache."""
+    with open(path, "rb", buffering=0) as fh:
+        while fh.read(step):
+            pass
 
 
-def measure_reads(reader, order: np.ndarray, batch: int, seconds: float, useful_per_row: int) -> dict:
-    """Read consecutive batches of `order` for about `seconds`; rows/s and bytes read per useful byte."""
+def measure_reads(reader, order: np.ndarray, batch: int, seconds: float, useful_per_row: int,
+                  whole: int = 1) -> dict:
+    """Read consecutive batches of `order` for about `seconds`, then on to a multiple of `whole` rows (whole
+    shuffle buffers: a buffer's blocks are all read at its start); rows/s and bytes read per useful byte."""
     n_batches = len(order) // batch
-    io0, t0, done = io_counters(), time.perf_counter(), 0
+    io0, b0, t0, done = io_counters(), reader.bytes_read, time.perf_counter(), 0
     while done < n_batches:
         reader.read(order[done * batch:(done + 1) * batch])
         done += 1
-        if time.perf_counter() - t0 >= seconds:
+        if time.perf_counter() - t0 >= seconds and (done * batch) % whole == 0:
             break
     elapsed, io1 = time.perf_counter() - t0, io_counters()
     useful = done * batch * useful_per_row
-    out = {"rows": done * batch, "seconds": elapsed, "rows_per_s": done * batch / elapsed}
+    out = {"rows": done * batch, "seconds": elapsed, "rows_per_s": done * batch / elapsed,
+           "fetched_per_useful": (reader.bytes_read - b0) / useful}
     if io0 and io1:
         out["read_per_useful"] = (io1["rchar"] - io0["rchar"]) / useful
         out["disk_per_useful"] = (io1["read_bytes"] - io0["read_bytes"]) / useful
+    return out
+
+
+def reader_variants(f: Flags, n: int, chunk: int, seed: int = 0) -> list[tuple[str, int, int, np.ndarray]]:
+    """(label, reader block_rows, buffer blocks, row order): random rows read directly (no block can help),
+    block-shuffled rows through the block cache (how training reads: BlockShuffleSampler +
+    FeatureReader(block_rows=B, cache_blocks=buffer)), and sequential rows (the ceiling)."""
+    from cache import BlockShuffleSampler
+
+    out = [("random", 0, 1, np.random.default_rng(seed).permutation(n))]
+    for b in f.block_rows:
+        if b % chunk == 0:
+            k = max(1, f.buffer_rows // b)
+            order = BlockShuffleSampler(np.arange(n), block_size=b, buffer_blocks=k, seed=seed).order()
+            out.append((f"block-shuffle {b} x {k}", b, k, order))
+    out.append(("sequential", 0, 1, np.arange(n)))
     return out
 
 
@@ -315,31 +380,35 @@ def run_reader(f: Flags) -> dict:
         try:
             write_s = write_feature_file(path, f.rows, f.dims, c)
             print(f"chunk {c} rows: wrote {path.stat().st_size / 1e9:.2f} GB in {write_s:.0f}s", flush=True)
-            orders = batch_orders(f.rows, f.read_batch, c, f.buffer_blocks)
             res = results[c] = {"write_s": write_s, "file_bytes": path.stat().st_size}
             for cache_state in ("warm", "cold") if f.cold else ("warm",):
-                if cache_state == "cold" and not drop_from_page_cache(path):
+                if cache_state == "warm":
+                    load_into_page_cache(path)
+                elif not drop_from_page_cache(path):
                     continue
-                with FeatureReader(str(path)) as reader:
-                    reader.read(np.arange(min(f.read_batch, f.rows)))  # open the handle, read metadata
-                    if cache_state == "cold":
-                        drop_from_page_cache(path)
-                    for mode, order in orders.items():
+                for label, block, k, order in reader_variants(f, f.rows, c):
+                    cache_mb = k * block * useful_per_row / 1e6 if block else 0.0
+                    # a fresh reader per measurement: its block cache starts empty, as a worker's does
+                    with FeatureReader(str(path), block_rows=block, cache_blocks=k) as reader:
                         if cache_state == "cold":
                             drop_from_page_cache(path)
-                        m = measure_reads(reader, order, f.read_batch, f.seconds, useful_per_row)
-                        res[f"{mode}/{cache_state}"] = m
-                        rows.append([c, mode, cache_state, m["rows_per_s"], m.get("read_per_useful", "n/a"),
-                                     m.get("disk_per_useful", "n/a"),
-                                     "yes" if m["rows_per_s"] >= GOAL_ROWS_PER_S else "no"])
-                        print(f"  {mode:>13} {cache_state}: {m['rows_per_s']:,.0f} rows/s", flush=True)
+                        m = measure_reads(reader, order, f.read_batch, f.seconds, useful_per_row,
+                                          whole=k * block if block else 1)
+                    m["block_cache_mb"] = cache_mb
+                    res[f"{label}/{cache_state}"] = m
+                    rows.append([c, label, cache_state, m["rows_per_s"], m["fetched_per_useful"],
+                                 m.get("read_per_useful", "n/a"), m.get("disk_per_useful", "n/a"), cache_mb,
+                                 "yes" if m["rows_per_s"] >= GOAL_ROWS_PER_S else "no"])
+                    print(f"  {label:>24} {cache_state}: {m['rows_per_s']:,.0f} rows/s, "
+                          f"fetched/useful {m['fetched_per_useful']:.2f}", flush=True)
         finally:
             path.unlink(missing_ok=True)
-    md = table(rows, ["chunk rows", "order", "page cache", "rows/s", "read/useful", "disk/useful",
-                      f">= {GOAL_ROWS_PER_S:,}"])
+    md = table(rows, ["chunk rows", "order (block rows x buffer blocks)", "page cache", "rows/s", "fetched/useful",
+                      "read/useful", "disk/useful", "block cache MB", f">= {GOAL_ROWS_PER_S:,}"])
     md = (f"Part 2: `FeatureReader.read` of {f.read_batch}-row batches, all {len(f.dims)} teachers (dims "
-          f"{', '.join(map(str, f.dims))}, image + text, float16), {f.rows:,} rows, block-shuffle buffer "
-          f"{f.buffer_blocks} blocks of one chunk each\n\n{md}\n")
+          f"{', '.join(map(str, f.dims))}, image + text, float16), {f.rows:,} rows, one process; block-shuffle "
+          f"B x K: BlockShuffleSampler(block_size=B, buffer_blocks=K) read by FeatureReader(block_rows=B, "
+          f"cache_blocks=K), K = {f.buffer_rows:,} rows / B; whole buffers measured\n\n{md}\n")
     return {"results": results, "markdown": md}
 
 

@@ -54,6 +54,7 @@ class Flags:
     teacher_layers: int = 4
     teacher_image_size: int = 64
     skip_open_clip: bool = False      # skip comparison 3
+    profile: bool = True              # also time the phases of a step (data, forward, loss, backward, optimizer)
     workdir: str | None = None        # keep corpus, teachers, cache and runs here (default: temp dir, deleted)
 
 
@@ -213,6 +214,71 @@ def online_vs_cached(config: Path, teachers: dict[str, str], f: Flags) -> dict:
             "teachers_only_s": statistics.median(teacher_only[2:] or teacher_only)}
 
 
+# -- where the time of a step goes: the trainer's step, phase by phase -----------------------------------------
+PHASES = ("data", "forward", "loss", "backward", "optimizer")
+
+
+def profile_phases(config: Path, f: Flags) -> dict:
+    """Median seconds per phase of a step, as `distill.train` runs it (same model, loss, data, optimizer; no
+    Accelerate wrapper), with the data loaded in this process (num_workers=0) so that its cost shows; "read" is
+    the part of "data" spent in the feature reader."""
+    import torch
+
+    from distill.build_run import build_run
+    from distill.config import Config
+    from distill.losses import TeacherBatch
+    from distill.optim import build_optimizer
+    from distill.train import make_accelerator
+
+    out_dir = Path(_yaml_get(config, "train", "output_dir"))
+    cfg = Config.from_yaml(config, [f"train.output_dir={out_dir}-profile", "data.num_workers=0"])
+    run = build_run(cfg, make_accelerator(cfg))
+    scales = {t: float(a["logit_scale"]) for t, a in run.plan.teacher_attrs.items()}
+    model, collate = run.model, run.loader.collate_fn
+    model.train()
+    opt = build_optimizer(model, cfg.optim)
+    read_s = []
+    if collate.features:
+        reader_read = collate.reader.read
+
+        def timed_read(*a, **k):
+            t0 = time.perf_counter()
+            got = reader_read(*a, **k)
+            read_s.append(time.perf_counter() - t0)
+            return got
+
+        collate.reader.read = timed_read
+    times = {p: [] for p in PHASES}
+    epoch, it = 0, iter(run.loader)
+    for step in range(f.steps):
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            epoch += 1
+            run.loader.sampler.set_epoch(epoch)
+            it = iter(run.loader)
+            batch = next(it)
+        t1 = time.perf_counter()
+        out = model(batch.images, batch.tokens)
+        t2 = time.perf_counter()
+        teachers = TeacherBatch(batch.teacher_feats, scales) if batch.teacher_feats else None
+        losses = run.loss(out, teachers, torch.Generator().manual_seed(step))
+        t3 = time.perf_counter()
+        losses["loss"].backward()
+        t4 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.clamp_logit_scale(cfg.optim.logit_scale_max)
+        t5 = time.perf_counter()
+        for p, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            times[p].append(dt)
+    res = {p: steady(v, f.warmup_steps) for p, v in times.items()}
+    res["read"] = steady(read_s, f.warmup_steps) if read_s else 0.0
+    res["step"] = steady([sum(x) for x in zip(*times.values())], f.warmup_steps)
+    return res
+
+
 # -- 3. open_clip_train on the same model --------------------------------------------------------------------
 def open_clip_model_dir(student_dir: Path, out: Path) -> Path:
     """Our student's folder (open_clip_config.json, BERT config.json, tokenizer) plus freshly initialised weights.
@@ -302,6 +368,10 @@ def main(argv=None) -> int:
         print("1/3 our trainer: contrastive, hybrid", flush=True)
         contrastive = run_ours(cfg_c, f)
         hybrid = run_ours(cfg_h, f)
+        phases = None
+        if f.profile:
+            print("1b/3 phases of a step: contrastive, hybrid", flush=True)
+            phases = {"contrastive": profile_phases(cfg_c, f), "hybrid": profile_phases(cfg_h, f)}
         print("2/3 online vs cached teachers", flush=True)
         ovc = online_vs_cached(cfg_h, teachers, f)
         oc = None
@@ -330,6 +400,13 @@ def main(argv=None) -> int:
         rows.append(["3. ours contrastive / open_clip_train, samples/s", bs / contrastive["step_s"],
                      bs / oc["step_s"], r3, f">= {GOAL_OPEN_CLIP}", "yes" if r3 >= GOAL_OPEN_CLIP else "no"])
     md = table(rows, ["comparison", "A", "B", "A / B", "goal", "met"])
+    if phases is not None:
+        results["phases"] = phases
+        prow = [[p, 1e3 * phases["contrastive"][p], 1e3 * phases["hybrid"][p],
+                 1e3 * (phases["hybrid"][p] - phases["contrastive"][p])] for p in (*PHASES, "step")]
+        prow.insert(1, ["  of which feature read", 0.0, 1e3 * phases["hybrid"]["read"], 1e3 * phases["hybrid"]["read"]])
+        md += ("\n\nPhases of a step (ms, medians, data loaded in-process: num_workers=0):\n\n"
+               + table(prow, ["phase", "contrastive", "hybrid", "hybrid - contrastive"]) + "\n")
     student = (f"tiny preset widened to {f.student_width} (both towers, {f.student_layers} layers, {f.image_size}px)"
                if f.student_preset == "tiny" else f"preset {f.student_preset}")
     md = (f"Student: {student}, mixed precision {f.mixed_precision}; batch {bs}, {f.steps} steps, medians after {f.warmup_steps}; {f.images} JPEG pairs; "

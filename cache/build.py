@@ -1,9 +1,11 @@
 """`distill cache`: every teacher embeds every (image, caption) pair once, into the HDF5 feature cache.
 
 Flow (one process or many under torchrun / accelerate launch): the lock holder (rank 0) checks the file against
-the corpus and the teachers, creates it or folds leftovers of a killed run; then, per teacher, every process
-embeds its share of the rows still to do (chunks dealt round-robin) into committed parts, and rank 0 folds them
-into the file (see `cache.h5_writer` for why this is kill-safe). Teachers whose rows are all done are not loaded.
+the corpus and the teachers, creates it or folds leftovers of a killed run. Then every teacher with rows still
+to do is loaded (complete ones are not), and one pass over the rows that any of them needs (chunks dealt
+round-robin over processes) decodes each image once (`cache.image_rows`): each teacher embeds the rows its own
+`done` mask lacks, and at the end of each chunk every teacher commits its rows as its own part. Rank 0 folds the
+parts into the file (see `cache.h5_writer` for why this is kill-safe).
 """
 from __future__ import annotations
 
@@ -14,12 +16,13 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import h5_writer as W
 from .corpus import BadSampleError, Corpus, open_corpus
 from .dist import DistEnv, dist_env
+from .image_rows import ImageRows, collate_rows, teacher_inputs
 from .lock import WriterLock
 from .schema import CacheError, attrs_to_dict, check_root, check_teacher, storage_dtype, teacher_attrs
 from .views import draw_view_params
@@ -82,42 +85,6 @@ class CacheSummary:
         return "\n".join(lines)
 
 
-# -- the image side of the work: decoded and transformed in DataLoader workers ------------------------------
-class _ImageRows(Dataset):
-    """Row j -> (corpus row, image tensor or None, bad reason, where): bad samples travel back, not raise."""
-
-    def __init__(self, corpus: Corpus, rows: np.ndarray, transform, view_transform, view_params):
-        self.corpus, self.rows = corpus, rows
-        self.transform, self.view_transform, self.view_params = transform, view_transform, view_params
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, j: int):
-        row = int(self.rows[j])
-        if not self.corpus.captions[row].strip():
-            return row, None, "empty caption", self.corpus.describe(row)
-        try:
-            img = self.corpus.load_image(row)
-        except BadSampleError as e:
-            return row, None, e.reason, e.where
-        try:
-            if self.view_params is not None:
-                x = torch.stack([self.view_transform(img, p) for p in self.view_params[row]])
-            else:
-                x = self.transform(img)
-        except Exception as e:  # a transform that chokes on this image: the sample is bad, not the run
-            return row, None, f"image transform failed ({type(e).__name__}: {e})", self.corpus.describe(row)
-        return row, x, None, None
-
-
-def _collate(items):
-    good = [(r, x) for r, x, _, _ in items if x is not None]
-    bad = [(r, reason, where) for r, x, reason, where in items if x is None]
-    images = torch.stack([x for _, x in good]) if good else None
-    return [r for r, _ in good], images, bad
-
-
 def _resolve_device(device: str, env: DistEnv) -> str:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -174,7 +141,7 @@ def _read_state(out: str):
     return done, attrs, bad, params
 
 
-# -- one teacher ---------------------------------------------------------------------------------------------
+# -- the pass over the rows: one decode per image, every pending teacher embeds it --------------------------
 def _batches(chunks: list[np.ndarray], batch_size: int) -> tuple[list[list[int]], set[int]]:
     """Batch indices into the concatenated rows, never straddling a chunk; and which batches end a chunk."""
     batches, ends, offset = [], set(), 0
@@ -186,56 +153,101 @@ def _batches(chunks: list[np.ndarray], batch_size: int) -> tuple[list[list[int]]
     return batches, ends
 
 
-def _embed_teacher(job: CacheJob, corpus: Corpus, teacher, name: str, chunks: list[np.ndarray],
-                   view_params, env: DistEnv) -> None:
+@dataclass
+class _ChunkBuffer:
+    """One teacher's share of the chunk in flight: embedded rows (still on the device) and bad rows."""
+
+    rows: list[int] = field(default_factory=list)
+    images: list[torch.Tensor] = field(default_factory=list)
+    bad: list[tuple[int, str]] = field(default_factory=list)
+
+
+def _embed_rows(job: CacheJob, corpus: Corpus, teachers: dict, chunks: list[np.ndarray], need: np.ndarray,
+                view_params, env: DistEnv) -> None:
+    """Decode each row of `chunks` once; each teacher embeds the rows its column of `need` (N, T) flags.
+
+    With num_workers >= 1 the workers decode and transform the next batches while this process runs the
+    forward passes; on CUDA, batches arrive pinned, are copied without blocking, and embeddings stay on the
+    device until the chunk is committed (one sync per chunk, not per batch).
+    """
+    names = list(teachers)
     rows = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
     batches, ends = _batches(chunks, job.batch_size)
-    ds = _ImageRows(corpus, rows, teacher.image_transform, teacher.view_transform,
-                    view_params if job.views else None)
-    loader = DataLoader(ds, batch_sampler=batches, num_workers=job.num_workers, collate_fn=_collate,
-                        pin_memory=str(teacher.device).startswith("cuda"))
+    ds = ImageRows(corpus, rows, need[rows], teacher_inputs(teachers, bool(job.views)),
+                   view_params if job.views else None)
+    cuda = any(t.device.type == "cuda" for t in teachers.values())
+    loader = DataLoader(ds, batch_sampler=batches, num_workers=job.num_workers, collate_fn=collate_rows,
+                        pin_memory=cuda)
     dtype = storage_dtype(job.dtype)
     suffix = f" (rank 0 of {env.world})" if env.world > 1 else ""
-    bar = tqdm(total=len(rows), desc=f"cache {name}{suffix}", unit="sample", dynamic_ncols=True,
-               disable=not (env.main and job.progress))
-    good_rows: list[int] = []
-    images: list[np.ndarray] = []
-    bad: list[tuple[int, str]] = []
+    col = {name: i for i, name in enumerate(names)}
+    # one bar per teacher (its own rows, its own samples/s), all advanced by the same decoding pass
+    bars = {name: tqdm(total=int(need[rows, col[name]].sum()), desc=f"cache {name}{suffix}", unit="sample",
+                       dynamic_ncols=True, position=i, leave=True, disable=not (env.main and job.progress))
+            for i, name in enumerate(names)}
+    buf = {name: _ChunkBuffer() for name in names}
     try:  # closed on error too, so a message printed after it starts on its own line
-        for b, (batch_rows, x, batch_bad) in enumerate(loader):
-            for row, reason, where in batch_bad:
+        for b, batch in enumerate(loader):
+            for row, reason, where in batch.bad:
                 if job.on_bad_sample == "fail":
                     raise BadSampleError(corpus.keys[row], reason + " (rerun with --on-bad-sample skip to skip "
                                          "and record bad samples)", where)
-                bad.append((row, reason))
-            if x is not None:
+                for name in names:  # a bad image is bad for every teacher that needed it
+                    if need[row, col[name]]:
+                        buf[name].bad.append((row, reason))
+                        bars[name].update(1)
+            for name, (batch_rows, x) in batch.inputs.items():
+                t = teachers[name]
+                x = x.to(t.device, non_blocking=cuda)
                 if job.views:
                     bsz, k = x.shape[:2]
-                    emb = teacher.encode_image(x.flatten(0, 1)).reshape(bsz, k, -1)
+                    emb = t.encode_image(x.flatten(0, 1)).reshape(bsz, k, -1)
                 else:
-                    emb = teacher.encode_image(x)
-                images.append(emb.cpu().numpy().astype(dtype))
-                good_rows.extend(batch_rows)
-            bar.update(len(batch_rows) + len(batch_bad))
+                    emb = t.encode_image(x)
+                buf[name].images.append(emb)
+                buf[name].rows.extend(batch_rows)
+                bars[name].update(len(batch_rows))
             if b in ends:
-                _commit_chunk(job, corpus, teacher, name, good_rows, images, bad, dtype)
-                good_rows, images, bad = [], [], []
+                for name in names:
+                    _commit_chunk(job, corpus, teachers[name], name, buf[name], dtype)
+                buf = {name: _ChunkBuffer() for name in names}
     finally:
-        bar.close()
+        for bar in bars.values():
+            bar.close()
 
 
-def _commit_chunk(job, corpus, teacher, name, good_rows, images, bad, dtype) -> None:
-    """Text for the chunk's good rows (each caption tokenised once), then one atomic part."""
-    order = np.argsort(good_rows, kind="stable")
-    rows = np.asarray(good_rows, dtype=np.int64)[order]
+def _commit_chunk(job, corpus, teacher, name, buf: _ChunkBuffer, dtype) -> None:
+    """Text for the chunk's good rows (each caption tokenised once), then one atomic part for this teacher."""
+    if not buf.rows and not buf.bad:
+        return  # this teacher needed no row of the chunk
+    order = np.argsort(buf.rows, kind="stable")
+    rows = np.asarray(buf.rows, dtype=np.int64)[order]
     d = teacher.embed_dim
-    img = np.concatenate(images)[order] if images else np.zeros((0, *((job.views,) if job.views else ()), d), dtype)
+    if buf.images:
+        img = torch.cat(buf.images).cpu().numpy().astype(dtype)[order]
+    else:
+        img = np.zeros((0, *((job.views,) if job.views else ()), d), dtype)
     texts = []
     for i in range(0, len(rows), job.batch_size):
         tokens = teacher.tokenize([corpus.captions[r] for r in rows[i:i + job.batch_size]])
         texts.append(teacher.encode_text(tokens).cpu().numpy().astype(dtype))
     txt = np.concatenate(texts) if texts else np.zeros((0, d), dtype)
-    W.write_part(job.out, name, rows, img, txt, [r for r, _ in bad], [s for _, s in bad])
+    W.write_part(job.out, name, rows, img, txt, [r for r, _ in buf.bad], [s for _, s in buf.bad])
+
+
+def _load_teacher(job: CacheJob, name: str, attrs: dict, device: str, env: DistEnv, fp: str):
+    """Load one pending teacher, check it against what the file holds, and record its meta for the fold."""
+    from teachers import load_teacher
+
+    spec = job.teachers[name]
+    teacher = load_teacher(spec, device)
+    if name in attrs and int(attrs[name]["embed_dim"]) != teacher.embed_dim:
+        raise CacheError(f"{job.out}: teacher {name!r} was cached with embed_dim "
+                         f"{attrs[name]['embed_dim']}, {spec} now gives {teacher.embed_dim}")
+    if env.main:
+        W.write_meta(job.out, name, {"attrs": teacher_attrs(teacher.describe(), job.views),
+                                     "dtype": job.dtype, "fingerprint": fp, "h5_chunk_rows": job.h5_chunk_rows})
+    return teacher
 
 
 # -- the entry point -----------------------------------------------------------------------------------------
@@ -250,8 +262,6 @@ def build_cache(job: CacheJob) -> CacheSummary:
 
 
 def _build(job: CacheJob, env: DistEnv) -> CacheSummary:
-    from teachers import load_teacher
-
     t0 = time.time()
     corpus = open_corpus(job.data)
     fp, n = corpus.fingerprint(), len(corpus)
@@ -273,31 +283,24 @@ def _build(job: CacheJob, env: DistEnv) -> CacheSummary:
     try:
         device = _resolve_device(job.device, env)
         done, attrs, bad, view_params = _read_state(job.out)
-        computed: dict[str, int] = {}
-        for name, spec in job.teachers.items():
-            todo = ~done.get(name, np.zeros(n, dtype=bool))
-            if not job.retry_bad and bad:
-                todo[list(bad)] = False
-            rows = np.flatnonzero(todo)
-            computed[name] = 0
-            if not len(rows):
-                continue  # complete: the teacher is not even loaded
-            teacher = load_teacher(spec, device)
-            if name in attrs and int(attrs[name]["embed_dim"]) != teacher.embed_dim:
-                raise CacheError(f"{job.out}: teacher {name!r} was cached with embed_dim "
-                                 f"{attrs[name]['embed_dim']}, {spec} now gives {teacher.embed_dim}")
-            if env.main:
-                W.write_meta(job.out, name, {"attrs": teacher_attrs(teacher.describe(), job.views),
-                                             "dtype": job.dtype, "fingerprint": fp,
-                                             "h5_chunk_rows": job.h5_chunk_rows})
+        names = list(job.teachers)
+        need = np.stack([~done.get(name, np.zeros(n, dtype=bool)) for name in names], axis=1)  # (N, T)
+        if not job.retry_bad and bad:
+            need[list(bad)] = False
+        pending = [name for i, name in enumerate(names) if need[:, i].any()]  # complete ones are not loaded
+        computed = dict.fromkeys(names, 0)
+        if pending:
+            teachers = {name: _load_teacher(job, name, attrs, device, env, fp) for name in pending}
+            need = need[:, [names.index(name) for name in pending]]
+            rows = np.flatnonzero(need.any(axis=1))  # rows no teacher needs are not even decoded
             chunks = [rows[i:i + job.chunk_rows] for i in range(0, len(rows), job.chunk_rows)]
-            _embed_teacher(job, corpus, teacher, name, chunks[env.rank::env.world], view_params, env)
-            del teacher
+            _embed_rows(job, corpus, teachers, chunks[env.rank::env.world], need, view_params, env)
+            del teachers
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
             env.barrier()  # every process's parts are committed
             if env.main:
-                computed[name] = W.fold(job.out, [name]).get(name, 0)
+                computed.update(W.fold(job.out, pending))
         env.barrier()  # the file is final before anyone returns
         summary = summarise(job.out, computed, time.time() - t0) if env.main else None
     except BaseException:

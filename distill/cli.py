@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a teacher to cache (repeatable)")
     c.add_argument("--out", required=True, help="FEATURES.h5 (created, resumed or extended)")
     c.add_argument("--batch-size", type=int, default=64)
-    c.add_argument("--num-workers", type=int, default=2, help="DataLoader workers decoding images")
+    c.add_argument("--num-workers", type=int, default=2,
+                   help="DataLoader workers decoding images (each image is decoded once for all teachers)")
     c.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
     c.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype")
     c.add_argument("--views", type=int, default=0, metavar="K",

@@ -340,3 +340,88 @@ def test_webdataset_shards_cache_like_the_table(tmp_path, full_cache, tiny_corpu
         for what in ("image", "text"):
             np.testing.assert_allclose(a[f"teachers/oc/{what}"][:].astype(np.float32),
                                        b[f"teachers/oc/{what}"][:].astype(np.float32), atol=ATOL)
+
+
+def _count_loads(monkeypatch, corpus_path) -> list[int]:
+    """Record every `load_image` call of the corpus class (num_workers=0 keeps the calls in this process)."""
+    cls = type(open_corpus(corpus_path))
+    calls, real = [], cls.load_image
+    monkeypatch.setattr(cls, "load_image", lambda self, i: calls.append(i) or real(self, i))
+    return calls
+
+
+def _record_parts(monkeypatch) -> dict[str, list[int]]:
+    import cache.h5_writer as W
+
+    parts: dict[str, list[int]] = {}
+    real = W.write_part
+    monkeypatch.setattr(W, "write_part", lambda out, name, rows, *a, **k:
+                        parts.setdefault(name, []).extend(int(r) for r in rows) or real(out, name, rows, *a, **k))
+    return parts
+
+
+@pytest.mark.parametrize("views", [0, 2])
+def test_each_image_is_decoded_once_for_all_teachers(tmp_path, tiny_corpus, tiny_teachers, full_cache,
+                                                     monkeypatch, views):
+    calls = _count_loads(monkeypatch, tiny_corpus)
+    out = tmp_path / "f.h5"
+    summary = build_cache(_job(tiny_corpus, tiny_teachers, out, views=views, dtype="float32"))
+    assert sorted(calls) == list(range(32))  # 2 teachers, 32 rows: 32 decodes, not 64
+    assert all(t.computed == 32 for t in summary.teachers.values())
+    if views:  # each teacher's stored views, replayed from the one decode
+        corpus = open_corpus(tiny_corpus)
+        with h5py.File(out, "r") as f:
+            params = f["views/params"][:]
+            for name in ("oc", "hf"):
+                t = load_teacher(tiny_teachers[name], "cpu")
+                x = torch.stack([t.view_transform(corpus.load_image(6), p) for p in params[6]])
+                np.testing.assert_allclose(f[f"teachers/{name}/image"][6], t.encode_image(x).numpy(), atol=1e-5)
+        return
+    with h5py.File(out, "r") as a, h5py.File(full_cache, "r") as b:  # same values as the workers' run
+        for name in ("oc", "hf"):
+            for what in ("image", "text"):
+                np.testing.assert_allclose(a[f"teachers/{name}/{what}"][:], b[f"teachers/{name}/{what}"][:],
+                                           atol=ATOL)
+
+
+def test_per_teacher_done_masks_decode_only_the_rows_still_needed(tmp_path, tiny_corpus, tiny_teachers,
+                                                                  full_cache, monkeypatch):
+    """Rows missing for oc only, for hf only, and for both: each row is decoded once, each teacher embeds only
+    its own missing rows, rows done for both are not touched, and the result equals an uninterrupted run."""
+    import shutil
+
+    out = tmp_path / "f.h5"
+    shutil.copyfile(full_cache, out)
+    missing = {"oc": [1, 2, 3, 20], "hf": [3, 4, 5, 20, 31]}
+    with h5py.File(out, "r+") as f:
+        for name, rows in missing.items():
+            done = f[f"teachers/{name}/done"][:]
+            done[rows] = False
+            f[f"teachers/{name}/done"][...] = done
+            f[f"teachers/{name}/image"][rows] = 0  # what a kill leaves: rows never written
+            del f[f"teachers/{name}/stats"]
+    calls = _count_loads(monkeypatch, tiny_corpus)
+    parts = _record_parts(monkeypatch)
+    summary = build_cache(_job(tiny_corpus, tiny_teachers, out, chunk_rows=4, batch_size=3))
+    assert sorted(calls) == [1, 2, 3, 4, 5, 20, 31]
+    assert {k: sorted(v) for k, v in parts.items()} == missing
+    assert summary.teachers["oc"].computed == 4 and summary.teachers["hf"].computed == 5
+    with h5py.File(out, "r") as a, h5py.File(full_cache, "r") as b:
+        for name in ("oc", "hf"):
+            assert a[f"teachers/{name}/done"][:].all()
+            for what in ("image", "text"):
+                np.testing.assert_allclose(a[f"teachers/{name}/{what}"][:], b[f"teachers/{name}/{what}"][:],
+                                           atol=ATOL)
+            np.testing.assert_allclose(a[f"teachers/{name}/stats/image_cov"][:],
+                                       b[f"teachers/{name}/stats/image_cov"][:], atol=1e-4)
+
+
+def test_a_bad_image_is_bad_for_every_teacher_and_decoded_once(tmp_path, bad_corpus, tiny_teachers, monkeypatch):
+    calls = _count_loads(monkeypatch, bad_corpus)
+    parts = _record_parts(monkeypatch)
+    summary = build_cache(_job(bad_corpus, tiny_teachers, tmp_path / "f.h5"))
+    assert sorted(calls) == [i for i in range(32) if i != 7]  # row 7's empty caption: its image is not opened
+    assert {t: (s.done, s.skipped) for t, s in summary.teachers.items()} == {"oc": (29, 3), "hf": (29, 3)}
+    assert all(sorted(rows) == [i for i in range(32) if i not in (3, 5, 7)] for rows in parts.values())
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        assert f["bad/rows"][:].tolist() == [3, 5, 7]

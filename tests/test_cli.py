@@ -177,7 +177,9 @@ def test_cache_shows_rates_and_summarises_bad_samples(tiny_corpus, tiny_teachers
     out = tmp_path / "f.h5"
     assert main(_cache_argv(data, out, f"oc={tiny_teachers['oc']}", f"hf={tiny_teachers['hf']}")) == 0
     cap = capsys.readouterr()
-    for name in ("oc", "hf"):  # one bar per teacher, counting samples per second
+    # one bar per teacher with its samples per second, both advanced by one decoding pass (each image decoded
+    # once for both teachers); the 2 bad samples are counted by the bars, embedded by neither
+    for name in ("oc", "hf"):
         assert re.search(rf"cache {name}: 100%.*32/32 \[[^\]]*sample/s\]", cap.err), cap.err
     assert f"feature cache {out}: 32 rows" in cap.out
     assert "oc: computed 30, done 30/32, skipped 2" in cap.out and "hf: computed 30, done 30/32, skipped 2" in cap.out
