@@ -204,6 +204,7 @@ def _embed_rows(job: CacheJob, corpus: Corpus, teachers: dict, chunks: list[np.n
                     emb = t.encode_image(x.flatten(0, 1)).reshape(bsz, k, -1)
                 else:
                     emb = t.encode_image(x)
+                _check_dim(job, name, t, emb, "image")
                 buf[name].images.append(emb)
                 buf[name].rows.extend(batch_rows)
                 bars[name].update(len(batch_rows))
@@ -230,9 +231,19 @@ def _commit_chunk(job, corpus, teacher, name, buf: _ChunkBuffer, dtype) -> None:
     texts = []
     for i in range(0, len(rows), job.batch_size):
         tokens = teacher.tokenize([corpus.captions[r] for r in rows[i:i + job.batch_size]])
-        texts.append(teacher.encode_text(tokens).cpu().numpy().astype(dtype))
+        emb = teacher.encode_text(tokens)
+        _check_dim(job, name, teacher, emb, "text")
+        texts.append(emb.cpu().numpy().astype(dtype))
     txt = np.concatenate(texts) if texts else np.zeros((0, d), dtype)
     W.write_part(job.out, name, rows, img, txt, [r for r, _ in buf.bad], [s for _, s in buf.bad])
+
+
+def _check_dim(job: CacheJob, name: str, teacher, emb: torch.Tensor, what: str) -> None:
+    """A teacher whose embeddings disagree with its declared embed_dim (a custom `py:` teacher's bug) is refused
+    before anything is written, rather than failing deep inside HDF5."""
+    if emb.shape[-1] != teacher.embed_dim:
+        raise CacheError(f"{job.out}: teacher {name!r} ({teacher.spec}) declares embed_dim {teacher.embed_dim} but "
+                         f"its {what} embeddings have dimension {emb.shape[-1]}; fix the teacher's embed_dim")
 
 
 def _load_teacher(job: CacheJob, name: str, attrs: dict, device: str, env: DistEnv, fp: str):

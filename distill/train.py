@@ -55,6 +55,21 @@ def write_run_meta(cfg: Config, run, out: Path, resumed_from: Path | None) -> No
     (out / "run_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def check_resume_teachers(out: Path, attrs: dict[str, dict]) -> None:
+    """Refuse to resume when the cache's teachers differ (name or dimension) from those the run was trained with:
+    the projection heads in the checkpoint would not fit, and loading would fail with a bare size mismatch."""
+    meta_file = out / "run_meta.json"
+    if not meta_file.is_file():
+        return
+    before = {t: int(m["embed_dim"]) for t, m in json.loads(meta_file.read_text()).get("teachers", {}).items()}
+    now = {t: int(a["embed_dim"]) for t, a in attrs.items()}
+    if before != now:
+        diff = ", ".join(f"{t}: {before.get(t, 'absent')} -> {now.get(t, 'absent')}"
+                         for t in sorted(set(before) | set(now)) if before.get(t) != now.get(t))
+        raise ValueError(f"cannot resume {out}: its teachers (name: embedding dim) were {before}, the cache now gives "
+                         f"{now} ({diff}); use the cache the run started with, or a new train.output_dir")
+
+
 def train(cfg: Config) -> dict:
     """Train as configured; returns {"output_dir", "step", "losses", "checkpoint"}."""
     from accelerate.utils import set_seed
@@ -78,6 +93,7 @@ def train(cfg: Config) -> dict:
     install_unwrapped_state_hooks(accelerator)
     resume = resolve_resume(cfg.train.resume, out)
     if resume is not None:
+        check_resume_teachers(out, plan.teacher_attrs)
         accelerator.load_state(str(resume))
         accelerator.print(f"Resuming from {resume} at step {state.step} (epoch {state.epoch})")
     if accelerator.is_main_process:

@@ -425,3 +425,45 @@ def test_a_bad_image_is_bad_for_every_teacher_and_decoded_once(tmp_path, bad_cor
     assert all(sorted(rows) == [i for i in range(32) if i not in (3, 5, 7)] for rows in parts.values())
     with h5py.File(tmp_path / "f.h5", "r") as f:
         assert f["bad/rows"][:].tolist() == [3, 5, 7]
+
+
+def _file_digest(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_a_teacher_whose_embeddings_disagree_with_its_dimension_is_refused(tmp_path, tiny_corpus, tiny_teachers,
+                                                                         monkeypatch):
+    """A custom teacher declaring the wrong embed_dim is stopped with its name, spec and both dimensions."""
+    (tmp_path / "wrong_dim_teacher.py").write_text(
+        "from teachers import load_teacher\n"
+        "def make(device='cpu'):\n"
+        f"    t = load_teacher({tiny_teachers['oc']!r}, device=device)\n"
+        "    t.embed_dim = 30  # the model really gives 24\n"
+        "    return t\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "f.h5"
+    with pytest.raises(CacheError, match=r"teacher 'bad' \(py:wrong_dim_teacher:make\) declares embed_dim 30 but "
+                                         r"its image embeddings have dimension 24"):
+        build_cache(CacheJob(data=str(tiny_corpus), teachers={"bad": "py:wrong_dim_teacher:make"}, out=str(out),
+                             batch_size=16, num_workers=0, device="cpu", progress=False))
+    if out.exists():  # nothing of the bad teacher was committed
+        with h5py.File(out, "r") as f:
+            assert "bad" not in f.get("teachers", {}) or not f["teachers/bad/done"][:].any()
+
+
+def test_a_teacher_that_changed_dimension_under_the_same_spec_is_refused(tmp_path, tiny_corpus):
+    """The folder behind a cached teacher now holds a model of another dimension: refused, file untouched."""
+    from teachers.tiny import make_tiny_open_clip
+
+    folder = make_tiny_open_clip(tmp_path / "t", embed_dim=24, seed=3)
+    out = tmp_path / "f.h5"
+    job = CacheJob(data=str(tiny_corpus), teachers={"t": f"local-dir:{folder}"}, out=str(out), batch_size=16,
+                   num_workers=0, device="cpu", progress=False)
+    build_cache(job)
+    with h5py.File(out, "r+") as f:  # pretend the last rows are still to do, so the teacher must be loaded again
+        f["teachers/t/done"][-4:] = False
+    before = _file_digest(out)
+    make_tiny_open_clip(folder, embed_dim=32, seed=3)
+    with pytest.raises(CacheError, match=r"teacher 't' was cached with embed_dim 24, .* now gives 32"):
+        build_cache(job)
+    assert _file_digest(out) == before

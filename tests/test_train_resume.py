@@ -2,6 +2,7 @@
 stopped, across a batch-size schedule change (accumulation 1 -> 2) and with dropout on."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,3 +61,26 @@ def test_resume_matches_uninterrupted(tiny_corpus, tiny_cache, tiny_tokenizer, t
     assert [d.name for d in list_checkpoints(resumed)] == ["checkpoint-10", "checkpoint-12"]
     state = (resumed / "checkpoint-12" / "train_state.json").read_text()
     assert '"step": 12' in state and '"samples_seen": 160' in state  # 4 x 8 + 8 x 16
+
+
+def test_resume_refuses_a_cache_whose_teacher_dimension_changed(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path):
+    """Resuming against a cache where a teacher now has another dimension names it instead of a size mismatch."""
+    import shutil
+
+    import h5py
+
+    out = tmp_path / "run"
+    train_mod.train(tiny_config(tiny_corpus, out, tiny_cache, tokenizer=tiny_tokenizer, train__max_steps=2,
+                                train__checkpoint_every=2))
+    changed = tmp_path / "changed.h5"
+    shutil.copy(tiny_cache, changed)
+    with h5py.File(changed, "r+") as f:  # re-cached 'hf' with a 48-dim model under the same name
+        g = f["teachers/hf"]
+        g.attrs["embed_dim"] = 48
+        for name in ("image", "text"):
+            old = g[name][...]
+            del g[name]
+            g.create_dataset(name, data=np.zeros((*old.shape[:-1], 48), dtype=old.dtype))
+    with pytest.raises(ValueError, match=r"cannot resume .*hf: 40 -> 48"):
+        train_mod.train(tiny_config(tiny_corpus, out, changed, tokenizer=tiny_tokenizer, train__max_steps=4,
+                                    train__checkpoint_every=2))
