@@ -113,7 +113,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoJob, run_demo
 
-    run_demo(DemoJob(out=args.out, steps=args.steps, rows=args.rows))
+    run_demo(DemoJob(out=args.out, steps=args.steps, rows=args.rows, teacher_steps=args.teacher_steps))
     return 0
 
 
@@ -189,10 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--context-length", type=int, default=256)
     k.set_defaults(func=cmd_tokenizer)
 
-    d = sub.add_parser("demo", help="the whole pipeline on a generated corpus with tiny teachers, offline")
+    d = sub.add_parser("demo", help="the whole pipeline offline: pretrain two small teachers on a generated "
+                       "corpus, cache them, distil a student, export it, evaluate all three")
     d.add_argument("--out", default="demo-out")
-    d.add_argument("--steps", type=int, default=60)
-    d.add_argument("--rows", type=int, default=96)
+    d.add_argument("--steps", type=int, default=80, help="student training steps")
+    d.add_argument("--teacher-steps", type=int, default=80, help="pretraining steps of each demo teacher")
+    d.add_argument("--rows", type=int, default=96, help="rows of the generated corpus")
     d.set_defaults(func=cmd_demo)
     return p
 

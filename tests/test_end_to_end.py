@@ -85,17 +85,19 @@ def test_cache_train_export_eval_on_real_data(shared_data, tiny_teachers, tmp_pa
 @pytest.mark.slow
 def test_demo_runs_the_whole_pipeline(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "12", "--rows", "48"]) == 0
+    assert main(["demo", "--out", str(out), "--steps", "12", "--teacher-steps", "8", "--rows", "48"]) == 0
+    from teachers import load_teacher
+
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["train"]["step"] == 12
     for rel in ["features.h5", "run/log.jsonl", "run/loss_curves.png", "student/open_clip_model.safetensors",
                 "student/open_clip_config.json", "report/report.json", "report/report.md"]:
         assert (out / rel).is_file(), rel
     card = (out / "student" / "README.md").read_text()
-    assert "oc_teacher" in card and "hf_teacher" in card and "demo-retrieval" in card
+    assert "teacher_a" in card and "teacher_b" in card and "demo-retrieval" in card
+    # the teachers are exported students (an export is itself a SPEC), of their own embedding sizes
+    assert load_teacher(f"local-dir:{out / 'teachers' / 'teacher_b'}").embed_dim == 96
     # the exported student embeds like the trained one: reload through the same SPEC the report used
-    from teachers import load_teacher
-
     t = load_teacher(f"local-dir:{out / 'student'}")
     emb = t.encode_text(t.tokenize(["ct image of a red circle in the centre"]))
     assert emb.shape == (1, t.embed_dim) and torch.isfinite(emb).all()
