@@ -57,8 +57,17 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from: `auto` = newest finished one (or None), `none` = None, else a path."""
+    """The checkpoint to resume from: `auto` = newest finished one (or None), `none` = None, else a path.
+
+    `none` refuses an output_dir that already holds checkpoints: a fresh run there would overwrite the old run's
+    log and tokenizer, and pruning to `keep_last` by step would delete the new run's lower-numbered checkpoints.
+    """
     if resume == "none":
+        found = list_checkpoints(output_dir)
+        if found:
+            raise ValueError(f"train.resume=none, but {output_dir} already holds {', '.join(d.name for d in found)} "
+                             "from an earlier run; choose a new train.output_dir, delete that folder, or continue "
+                             "it with train.resume=auto")
         return None
     if resume == "auto":
         found = list_checkpoints(output_dir)

@@ -57,6 +57,27 @@ def _write_demo_tasks(root: Path, heldout_csv: Path) -> list[str]:
     return [str(zs), str(rt)]
 
 
+MARKER = ".distill-demo"  # written first into every demo folder: only such a folder is ever deleted by a rerun
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """An empty `out` marked as a demo folder; a previous demo there is replaced, anything else is refused.
+
+    Why: `distill demo --out .` (or a typo naming a real folder) must never delete a user's files.
+    """
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"--out {out}: a file of that name exists; choose another --out")
+        ours = (out / MARKER).is_file() or (out / "demo_summary.json").is_file()  # (older demos: the summary)
+        if any(out.iterdir()) and not ours:
+            raise ValueError(f"--out {out}: the folder exists, is not empty and was not written by "
+                             "distill demo, so it is left alone; choose a new --out (or delete it yourself)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("written by distill demo; a rerun with the same --out replaces this folder\n")
+    return out
+
+
 def run_demo(job: DemoJob) -> dict:
     from cache.build import CacheJob, build_cache
     from cache.synthetic import make_synthetic_corpus
@@ -66,10 +87,7 @@ def run_demo(job: DemoJob) -> dict:
     from .eval import EvalJob, run_eval
     from .train import train
 
-    out = Path(job.out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = prepare_out_dir(Path(job.out))
     print(f"[1/5] generating a {job.rows}-row synthetic corpus; pretraining two small teacher CLIPs on it")
     corpus = make_synthetic_corpus(out / "corpus", n=job.rows, image_size=48, seed=job.seed)
     heldout = make_synthetic_corpus(out / "heldout", n=48, image_size=48, seed=job.seed + 1)

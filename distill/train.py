@@ -80,6 +80,7 @@ def train(cfg: Config) -> dict:
     accelerator = make_accelerator(cfg)
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    resume = resolve_resume(cfg.train.resume, out)  # before build_run, which writes RUN/student and RUN/tokenizer
     set_seed(cfg.train.seed)
     run = build_run(cfg, accelerator)
     plan = run.plan
@@ -91,7 +92,6 @@ def train(cfg: Config) -> dict:
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     install_unwrapped_state_hooks(accelerator)
-    resume = resolve_resume(cfg.train.resume, out)
     if resume is not None:
         check_resume_teachers(out, plan.teacher_attrs)
         accelerator.load_state(str(resume))
