@@ -64,16 +64,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    """Entry for `accelerate launch -m distill.train --config C.yaml [section.key=value ...]`."""
+    """`distill train`: the same run as `accelerate launch -m distill.train --config C.yaml [key=value ...]`."""
     parser = argparse.ArgumentParser(prog="distill train", description="Train a student (see configs/).")
     parser.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=100")
     args = parser.parse_args(argv)
-    from .config import Config
-    from .train import train
+    from .train import main as train_module_main
 
-    train(Config.from_yaml(args.config, overrides=args.overrides))
-    return 0
+    return train_module_main(["--config", args.config, *args.overrides])
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -106,7 +104,11 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     corpus = open_corpus(args.data)
     out = train_wordpiece(corpus.captions, args.out, vocab_size=args.vocab_size,
                           model_max_length=args.context_length)
-    print(f"wrote a {args.vocab_size}-token WordPiece tokenizer trained on {len(corpus)} captions to {out}")
+    from transformers import AutoTokenizer
+
+    size = len(AutoTokenizer.from_pretrained(str(out)))
+    note = f" (asked for {args.vocab_size}: the captions hold no more pieces)" if size < args.vocab_size else ""
+    print(f"wrote a {size}-token WordPiece tokenizer{note} trained on {len(corpus)} captions to {out}")
     return 0
 
 
@@ -191,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the whole pipeline offline: pretrain two small teachers on a generated "
                        "corpus, cache them, distil a student, export it, evaluate all three")
-    d.add_argument("--out", default="demo-out")
+    d.add_argument("--out", default="demo-out", help="output folder (replaced only if an earlier demo made it)")
     d.add_argument("--steps", type=int, default=80, help="student training steps")
     d.add_argument("--teacher-steps", type=int, default=80, help="pretraining steps of each demo teacher")
     d.add_argument("--rows", type=int, default=96, help="rows of the generated corpus")
@@ -208,6 +210,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        hint = {"cache": "committed rows are kept; rerun the same command to resume",
+                "train": "rerun with train.resume=auto to continue from the newest checkpoint"}.get(args.command, "")
+        print(f"distill {args.command}: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
+        return 130
     except (FileNotFoundError, ValueError, KeyError, PermissionError, CacheError, BadSampleError) as e:
         if args.verbose:
             raise

@@ -64,10 +64,16 @@ def test_missing_corpus_is_a_clear_error(tmp_path, capsys):
     assert "distill tokenizer: error" in err and "nope.csv" in err
 
 
-def test_tokenizer_command_trains_a_loadable_vocab(tiny_corpus, tmp_path):
+def test_tokenizer_command_trains_a_loadable_vocab(tiny_corpus, tmp_path, capsys):
     from transformers import AutoTokenizer
 
     out = tmp_path / "tok"
+    assert main(["tokenizer", "--data", str(tiny_corpus), "--vocab-size", "5000", "--out", str(out),
+                 "--context-length", "32"]) == 0
+    tok = AutoTokenizer.from_pretrained(str(out))
+    # the printed size is the real one, with the reason it is below the request
+    assert f"wrote a {len(tok)}-token WordPiece tokenizer (asked for 5000" in capsys.readouterr().out
+    out = tmp_path / "tok120"
     assert main(["tokenizer", "--data", str(tiny_corpus), "--vocab-size", "120", "--out", str(out),
                  "--context-length", "32"]) == 0
     tok = AutoTokenizer.from_pretrained(str(out))
@@ -224,3 +230,30 @@ def test_info_on_views_bad_samples_and_an_incomplete_teacher(tiny_corpus, tiny_t
         want = t.encode_image(t.view_transform(corpus.load_image(int(r)), params[i, v])[None])[0].numpy()
         np.testing.assert_allclose(got[i], want, atol=2e-3)
     assert np.abs(got[0] - got[2]).max() > 1e-3  # same row, other view: other embedding
+
+
+def test_ctrl_c_says_how_to_resume(monkeypatch, tmp_path, capsys):
+    import cache.build
+
+    def interrupted(job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache.build, "build_cache", interrupted)
+    code = main(["cache", "--data", "c.csv", "--teacher", "a=plip", "--out", str(tmp_path / "f.h5")])
+    assert code == 130
+    assert "distill cache: interrupted; committed rows are kept; rerun the same command to resume" in \
+        capsys.readouterr().err
+
+
+def test_distill_train_prints_its_result(tiny_corpus, tmp_path, capsys):
+    """`distill train` ends with the run's summary (output dir, step, losses, checkpoint) as JSON."""
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "tiny-contrastive.yaml"
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), f"data.corpus={tiny_corpus}", f"train.output_dir={out}",
+                 "train.max_steps=2", "student.vocab_size=200"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    import json
+
+    result = json.loads(last)
+    assert result["step"] == 2 and result["output_dir"] == str(out) and "infonce" in result["losses"]
+    assert result["checkpoint"].endswith("checkpoint-2")
