@@ -33,3 +33,20 @@ def test_resume_none_refuses_a_folder_with_checkpoints(tiny_corpus, tiny_tokeniz
     assert again["step"] == 4 and [d.name for d in list_checkpoints(run)] == ["checkpoint-4"]
     fresh = train_mod.train(_cfg(tiny_corpus, tmp_path / "new", tiny_tokenizer, steps=2, resume="none"))
     assert fresh["step"] == 2
+
+
+def test_rewinding_to_an_older_checkpoint_in_place_is_refused(tiny_corpus, tiny_tokenizer, tmp_path):
+    """Resuming from checkpoint-2 while checkpoint-4 sits beside it would mix two trajectories in one folder."""
+    run = tmp_path / "run"
+    cfg = tiny_config(tiny_corpus, run, mode="contrastive", tokenizer=tiny_tokenizer, train__max_steps=4,
+                      train__checkpoint_every=2, train__keep_last=3)
+    train_mod.train(cfg)
+    assert [d.name for d in list_checkpoints(run)] == ["checkpoint-2", "checkpoint-4"]
+    rewind = tiny_config(tiny_corpus, run, mode="contrastive", tokenizer=tiny_tokenizer, train__max_steps=6,
+                         train__resume=str(run / "checkpoint-2"))
+    with pytest.raises(ValueError, match=r"also holds newer checkpoint-4"):
+        train_mod.train(rewind)
+    # into a new folder, the same checkpoint is a fine starting point
+    other = tiny_config(tiny_corpus, tmp_path / "branch", mode="contrastive", tokenizer=tiny_tokenizer,
+                        train__max_steps=3, train__resume=str(run / "checkpoint-2"))
+    assert train_mod.train(other)["step"] == 3
