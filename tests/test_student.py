@@ -225,7 +225,7 @@ def test_freeze_open_clip_vit_and_bert_exactly(wordpiece, tmp_path):
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
     m.train()
-    out = m(torch.randn(4, 3, 32, 32), torch.randint(5, 100, (4, 32)))
+    out = m(torch.randn(4, 3, 32, 32), torch.randint(5, m.text.vocab_size, (4, 32)))
     (out[0] @ out[1].T).diag().sum().neg().backward()
     opt.step()
     for n, p in m.named_parameters():
@@ -292,7 +292,7 @@ def test_grad_checkpointing_same_gradients(wordpiece, tmp_path):
             assert m.visual.transformer.grad_checkpointing
             assert any(getattr(x, "gradient_checkpointing", False) for x in m.text.transformer.modules())
         torch.manual_seed(1)
-        out = m.train()(torch.randn(3, 3, 32, 32), torch.randint(5, 100, (3, 32)))
+        out = m.train()(torch.randn(3, 3, 32, 32), torch.randint(5, m.text.vocab_size, (3, 32)))
         (out[0] @ out[1].T).logsumexp(-1).sum().backward()
         return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 

@@ -23,7 +23,7 @@ def tiny_cache(tiny_corpus, tiny_teachers, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
-    """One WordPiece folder for every run: training one is not reproducible across processes (tie order)."""
+    """One WordPiece folder shared by the runs that are compared (built once per session)."""
     from cache.corpus import open_corpus
     from student.tokenizer import train_wordpiece
 
