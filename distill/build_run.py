@@ -17,10 +17,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from distill.config import Config, ConfigError, LossTerm, TrainCfg
-from distill.data import CacheJoin, Collate, EpochSampler, PairDataset, join_cache, student_preprocess
+from distill.data import CacheJoin, Collate, EpochSampler, PairDataset, join_cache
 from distill.losses import LOSSES, CombineCfg, DistillLoss, LossTermCfg
 from distill.optim import accum_for_epoch, global_batch_for_epoch, steps_per_epoch
 from distill.student_model import DistillModel
+from teachers.transforms import PreprocessCfg
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def build_run(cfg: Config, accelerator) -> Run:
     if frozen:
         log.info("frozen because no loss term reaches them: %s", ", ".join(frozen))
 
-    pp = student_preprocess(bundle.preprocess_cfg)
+    pp = PreprocessCfg.from_open_clip(bundle.preprocess_cfg)
     views = join.view_params if join is not None else None
     ds = PairDataset(corpus, pp, crop_scale=cfg.data.crop_scale, flip=cfg.data.flip, seed=cfg.train.seed,
                      corpus_rows=join.corpus_rows if join else None, cache_rows=join.cache_rows if join else None,

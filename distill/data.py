@@ -49,15 +49,6 @@ class TrainBatch:
         return self.images.shape[0]
 
 
-def student_preprocess(pp: dict) -> PreprocessCfg:
-    """open_clip's preprocess_cfg dict (size, mean, std, interpolation, resize_mode) -> our PreprocessCfg."""
-    size = pp.get("size", 224)
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    return PreprocessCfg(image_size=size, mean=tuple(pp["mean"]), std=tuple(pp["std"]),
-                         interpolation=pp.get("interpolation", "bicubic"),
-                         resize_mode=pp.get("resize_mode", "shortest"))
-
-
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """A generator owned by one sample of one epoch (independent of workers, processes and resumption)."""
     s = np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0]

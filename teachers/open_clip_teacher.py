@@ -92,12 +92,8 @@ class OpenClipTeacher(Teacher):
         from open_clip.model import get_model_preprocess_cfg
 
         model, preprocess, tokenizer = create_open_clip(spec, device)
-        pp = get_model_preprocess_cfg(model)
-        size = pp.get("size", 224)
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        cfg = PreprocessCfg(image_size=size, mean=tuple(pp["mean"]), std=tuple(pp["std"]),
-                            interpolation=pp.get("interpolation", "bicubic"),
-                            resize_mode=pp.get("resize_mode", "shortest"))
+        cfg = PreprocessCfg.from_open_clip(get_model_preprocess_cfg(model))
+        size = cfg.image_size
         ctx = getattr(tokenizer, "context_length", None) or getattr(model, "context_length", 77)
         with torch.no_grad():
             dim = model.encode_image(torch.zeros(1, 3, *size, device=device)).shape[-1]

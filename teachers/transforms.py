@@ -31,6 +31,14 @@ class PreprocessCfg:
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"  # eval: resize shortest side then centre-crop ("squash": resize to size)
 
+    @classmethod
+    def from_open_clip(cls, pp: dict) -> "PreprocessCfg":
+        """open_clip's preprocess_cfg dict (size, mean, std, interpolation, resize_mode) as a PreprocessCfg."""
+        size = pp.get("size", 224)
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return cls(image_size=size, mean=tuple(pp["mean"]), std=tuple(pp["std"]),
+                   interpolation=pp.get("interpolation", "bicubic"), resize_mode=pp.get("resize_mode", "shortest"))
+
     def to_attrs(self) -> dict:
         return {"image_size": list(self.image_size), "mean": list(self.mean), "std": list(self.std),
                 "interpolation": self.interpolation, "resize_mode": self.resize_mode}

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from distill.data import DataError, PairDataset, join_cache, student_preprocess
+from distill.data import DataError, PairDataset, join_cache
 from distill.train import train
-from teachers.transforms import make_view_transform
+from teachers.transforms import PreprocessCfg, make_view_transform
 
 from train_fixtures import load_weights, read_log, tiny_cache, tiny_config  # noqa: F401  (fixture)
 
@@ -58,7 +58,7 @@ def test_dataset_shows_the_student_the_stored_view(tiny_corpus, tiny_cache):
     corpus = open_corpus(tiny_corpus)
     join = join_cache(corpus, tiny_cache, None)
     assert join.view_params.shape == (32, 2, 5) and sorted(join.teachers) == ["hf", "oc"]
-    pp = student_preprocess({"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic"})
+    pp = PreprocessCfg.from_open_clip({"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic"})
     ds = PairDataset(corpus, pp, seed=0, corpus_rows=join.corpus_rows, cache_rows=join.cache_rows,
                      view_params=join.view_params)
     seen = set()
