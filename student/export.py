@@ -268,18 +268,15 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, report: str |
 
 def load_student(path: str | Path, device: str | torch.device = "cpu"):
     """(model, preprocess, tokenizer) of an exported student, wherever the folder now lives; model in eval mode."""
-    import open_clip
-
-    from teachers.open_clip_teacher import local_dir_overrides
+    from teachers.open_clip_teacher import create_open_clip
+    from teachers.spec import parse_spec
 
     folder = Path(path)
     _read_config(folder)
     if not (folder / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{folder / WEIGHTS_NAME} not found: {folder} has no weights (a run's student/ "
                                 f"folder is not an export; run `distill export CHECKPOINT --out DIR`)")
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        f"local-dir:{folder}", device=device, **local_dir_overrides(folder))
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    model, preprocess, tokenizer = create_open_clip(parse_spec(f"local-dir:{folder}"), device)
     model.eval()
     return model, preprocess, tokenizer
 
