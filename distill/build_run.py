@@ -217,8 +217,5 @@ def _total_steps(cfg: Config, plan: RunPlan) -> int:
 def _teacher_stats(features: str, teachers: list[str]) -> dict:
     from cache.h5_reader import FeatureReader
 
-    reader = FeatureReader(features)
-    try:
+    with FeatureReader(features) as reader:
         return {t: reader.stats(t) for t in teachers}
-    finally:
-        getattr(reader, "close", lambda: None)()

@@ -230,8 +230,7 @@ def join_cache(corpus, features: str | Path, teachers: Sequence[str] | None, use
     if not Path(path).is_file():
         raise DataError(f"data.features={path} does not exist; build it with `distill cache --data "
                         f"{corpus.source} --teacher NAME=SPEC --out {path}`")
-    reader = FeatureReader(path)
-    try:
+    with FeatureReader(path) as reader:
         fix = f"`distill cache --data {corpus.source} --out {path} --teacher NAME=SPEC`"
         available = list(reader.teacher_names)
         if not available:
@@ -254,14 +253,13 @@ def join_cache(corpus, features: str | Path, teachers: Sequence[str] | None, use
                             f"{absent[0]!r}): the cache was built from another version of the corpus; "
                             f"rebuild it with {fix}")
         cache_rows_all = np.array([index[k] for k in corpus.keys], dtype=np.int64)
-        usable = set(np.asarray(reader.usable_rows(names)).tolist())
         done_any = _undone(reader, names, cache_rows_all)
         if done_any:
             t, n = done_any
             raise DataError(f"{path}: teacher {t!r} has not embedded {n} of the corpus's {len(corpus)} rows "
                             f"(an interrupted or partial cache); finish it by rerunning `distill cache --data "
                             f"{corpus.source} --out {path} --teacher {t}=SPEC` (it fills only missing rows)")
-        keep = np.array([r in usable for r in cache_rows_all.tolist()], dtype=bool)
+        keep = np.isin(cache_rows_all, reader.usable_rows(names))
         if not keep.any():
             raise DataError(f"{path}: no corpus row is usable by every teacher in {names}")
         attrs = {t: dict(reader.teacher_attrs(t)) for t in names}
@@ -272,18 +270,13 @@ def join_cache(corpus, features: str | Path, teachers: Sequence[str] | None, use
         if skipped:
             log.warning("skipping %d corpus rows the cache marks bad", skipped)
         return CacheJoin(np.flatnonzero(keep), cache_rows_all[keep], attrs, views, skipped, reader.chunk_rows)
-    finally:
-        close = getattr(reader, "close", None)
-        if close is not None:
-            close()
 
 
 def _undone(reader, names: Sequence[str], cache_rows: np.ndarray) -> tuple[str, int] | None:
     """(teacher, count) of the first teacher with rows neither done nor marked bad, else None."""
-    bad = set(np.asarray(reader.bad_rows).tolist())
+    pending = ~np.isin(cache_rows, reader.bad_rows)
     for t in names:
-        done = set(np.asarray(reader.usable_rows([t])).tolist())
-        n = sum(1 for r in cache_rows.tolist() if r not in done and r not in bad)
+        n = int((pending & ~np.isin(cache_rows, reader.usable_rows([t]))).sum())
         if n:
             return t, n
     return None
