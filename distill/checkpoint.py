@@ -76,17 +76,14 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"train.resume={resume}: {path / STATE_FILE} not found; give a finished "
                                 f"{PREFIX}STEP folder, `auto` or `none`")
-    if path.resolve().parent == Path(output_dir).resolve():
-        newer = [d for d in list_checkpoints(output_dir) if _step_of(d) > _step_of(path)]
+    found = [d.resolve() for d in list_checkpoints(output_dir)]  # oldest first, by recorded step
+    if path.resolve() in found:
+        newer = found[found.index(path.resolve()) + 1:]
         if newer:  # the new trajectory's checkpoints would mix with the old ones and be pruned first
             raise ValueError(f"train.resume={resume}: {output_dir} also holds newer "
                              f"{', '.join(d.name for d in newer)} from the run being rewound; move them away, or "
                              "resume into a new train.output_dir")
     return path
-
-
-def _step_of(ckpt: Path) -> int:
-    return int(json.loads((ckpt / STATE_FILE).read_text())["step"])
 
 
 def install_unwrapped_state_hooks(accelerator) -> None:
