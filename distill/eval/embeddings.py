@@ -60,7 +60,10 @@ def weights_stamp(spec: str) -> list:
     Why: a student re-exported into the same folder keeps its SPEC; without this the on-disk cache would hand
     back the old student's embeddings.
     """
-    folder = Path(spec.split(":", 1)[1]) if spec.startswith(("local-dir:", "hf-clip:")) else None
+    from teachers import parse_spec
+
+    parsed = parse_spec(spec)
+    folder = Path(parsed.target) if parsed.kind in ("local-dir", "hf-clip") else None
     if folder is None or not folder.is_dir():
         return []
     return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir())
