@@ -163,16 +163,21 @@ def _write_open_clip_config(out_dir: Path, model_cfg: dict, preprocess_cfg: dict
         json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2) + "\n")
 
 
-def _point_text_at(model_cfg: dict, folder: Path) -> dict:
-    """model_cfg with the HF text tower's config and tokenizer names pointing at `folder` (absolute)."""
+def name_text_tower(model_cfg: dict, name: str) -> dict:
+    """A copy of model_cfg whose HF text tower reads its config and tokenizer from `name` (a folder or hub id)."""
     cfg = copy.deepcopy(model_cfg)
     text = cfg["text_cfg"]
     if "hf_model_name" in text:
-        text["hf_model_name"] = str(folder.resolve())
+        text["hf_model_name"] = name
         if "hf_tokenizer_name" in text:
-            text["hf_tokenizer_name"] = str(folder.resolve())
+            text["hf_tokenizer_name"] = name
     text.pop("hf_model_pretrained", None)
     return cfg
+
+
+def _point_text_at(model_cfg: dict, folder: Path) -> dict:
+    """model_cfg with the HF text tower's config and tokenizer names pointing at `folder` (absolute)."""
+    return name_text_tower(model_cfg, str(folder.resolve()))
 
 
 def _build_from_preset(preset: StudentPreset, out: Path, tokenizer_dir, overrides: dict):

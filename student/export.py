@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .build import instantiate, name_text_tower
 from .card import card_for_hub, make_model_card, read_report
 
 log = logging.getLogger(__name__)
@@ -44,16 +45,6 @@ def _read_config(folder: Path) -> dict[str, Any]:
 def _text_config(folder: Path) -> dict[str, Any] | None:
     path = folder / "config.json"
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _name_text_tower(cfg: dict[str, Any], name: str) -> dict[str, Any]:
-    text = cfg["model_cfg"]["text_cfg"]
-    if "hf_model_name" in text:
-        text["hf_model_name"] = name
-        if "hf_tokenizer_name" in text:
-            text["hf_tokenizer_name"] = name
-    text.pop("hf_model_pretrained", None)
-    return cfg
 
 
 _TEXT_SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -121,7 +112,7 @@ def export_student(model: nn.Module, student_dir: str | Path, out_dir: str | Pat
         for f in src.iterdir():
             if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in ("README.md", CONFIG_NAME):
                 shutil.copy2(f, out / f.name)
-    cfg = _name_text_tower(cfg, text_config_from_hub or str(out.resolve()))
+    cfg = {**cfg, "model_cfg": name_text_tower(cfg["model_cfg"], text_config_from_hub or str(out.resolve()))}
     sd = _student_state_dict(model)
     save_file(sd, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
@@ -240,8 +231,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, report: str |
     """`distill export`: the student of a training checkpoint (heads dropped) as an export folder."""
     from teachers.open_clip_teacher import local_dir_overrides
 
-    from .build import instantiate
-
     ckpt, run = resolve_checkpoint(checkpoint)
     student_dir = run / "student"
     sd = load_training_state(ckpt)
@@ -295,7 +284,7 @@ def stage_for_hub(path: str | Path, repo: str, staged: str | Path) -> Path:
     shutil.copytree(folder, staged)
     name = cfg["model_cfg"]["text_cfg"].get("hf_model_name")
     if name is not None and (Path(name).is_absolute() or Path(name).exists()):
-        (staged / CONFIG_NAME).write_text(json.dumps(_name_text_tower(cfg, repo), indent=2) + "\n")
+        (staged / CONFIG_NAME).write_text(json.dumps({**cfg, "model_cfg": name_text_tower(cfg["model_cfg"], repo)}, indent=2) + "\n")
     card = staged / "README.md"
     if card.is_file():
         card.write_text(card_for_hub(card.read_text(), repo))
