@@ -17,6 +17,7 @@ from cache import (BadSampleError, BlockShuffleSampler, CacheError, CacheJob, Fe
                    open_corpus)
 from cache.views import draw_view_params
 from teachers import load_teacher
+from corpus_helpers import copy_corpus
 
 ATOL = 2e-3  # float16 storage of unit vectors
 
@@ -156,28 +157,13 @@ def test_adding_a_teacher_computes_only_it(tmp_path, tiny_corpus, tiny_teachers,
     assert loaded == [] and all(t.computed == 0 for t in again.teachers.values())
 
 
-def _copy_corpus(src: Path, dst: Path, edit=None) -> Path:
-    with open(src, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["image"] = str(src.parent / r["image"])
-    if edit:
-        edit(rows)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with open(dst, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["image", "caption", "key"])
-        w.writeheader()
-        w.writerows(rows)
-    return dst
-
-
 def test_refusals_leave_the_file_untouched(tmp_path, tiny_corpus, tiny_teachers):
     out = tmp_path / "f.h5"
     oc = {"oc": tiny_teachers["oc"]}
     build_cache(_job(tiny_corpus, oc, out))
     sha = _sha(out)
 
-    other = _copy_corpus(tiny_corpus, tmp_path / "other" / "c.csv", lambda rows: rows[3].update(caption="changed"))
+    other = copy_corpus(tiny_corpus, tmp_path / "other" / "c.csv", lambda rows: rows[3].update(caption="changed"))
     with pytest.raises(CacheError, match="built from another corpus"):
         build_cache(_job(other, oc, out))
     with pytest.raises(CacheError, match=r"teacher 'oc' already exists with spec .*use another name"):
@@ -215,7 +201,7 @@ def bad_corpus(tmp_path_factory, tiny_corpus) -> Path:
         rows[3]["image"] = str(d / "corrupt.png")
         rows[5]["image"] = str(d / "missing.png")
         rows[7]["caption"] = "  "
-    return _copy_corpus(tiny_corpus, d / "corpus.csv", edit)
+    return copy_corpus(tiny_corpus, d / "corpus.csv", edit)
 
 
 def test_bad_samples_are_skipped_and_recorded(tmp_path, bad_corpus, tiny_corpus, tiny_teachers):
@@ -251,7 +237,7 @@ def test_on_bad_sample_fail_names_file_and_row(tmp_path, bad_corpus, tiny_teache
 
 
 def test_on_bad_sample_fail_names_an_empty_caption(tmp_path, tiny_corpus, tiny_teachers):
-    data = _copy_corpus(tiny_corpus, tmp_path / "c" / "corpus.csv", lambda rows: rows[9].update(caption=""))
+    data = copy_corpus(tiny_corpus, tmp_path / "c" / "corpus.csv", lambda rows: rows[9].update(caption=""))
     with pytest.raises(BadSampleError, match=r"corpus\.csv row 10 \(line 11\).*empty caption"):
         build_cache(_job(data, {"oc": tiny_teachers["oc"]}, tmp_path / "f.h5", on_bad_sample="fail",
                          chunk_rows=4, batch_size=2))

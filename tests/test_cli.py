@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from distill.cli import build_parser, main
+from corpus_helpers import copy_corpus
 
 SUBCOMMANDS = ["cache", "info", "train", "export", "eval", "tokenizer", "demo"]
 
@@ -107,24 +108,6 @@ def test_train_module_entry_point_parses_like_the_cli(tmp_path):
 
 
 # -- distill cache / distill info through the CLI: refusals, progress, summary, info, views ----------------
-def _corpus_copy(src: Path, dst: Path, edit=None) -> Path:
-    """`src` with absolute image paths (and `edit` applied to its rows), written to `dst`."""
-    import csv
-
-    with open(src, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        r["image"] = str(src.parent / r["image"])
-    if edit:
-        edit(rows)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with open(dst, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["image", "caption", "key"])
-        w.writeheader()
-        w.writerows(rows)
-    return dst
-
-
 def _cache_argv(data, out, *teachers, extra=()) -> list[str]:
     argv = ["cache", "--data", str(data), "--out", str(out), "--batch-size", "8", "--num-workers", "0",
             "--device", "cpu", *extra]
@@ -145,8 +128,8 @@ def test_cache_refusals_exit_2_with_a_message_and_leave_the_file(tiny_corpus, ti
     oc, hf = f"oc={tiny_teachers['oc']}", f"hf={tiny_teachers['hf']}"
     assert main(_cache_argv(tiny_corpus, out, oc)) == 0
     sha = _sha(out)
-    other = _corpus_copy(tiny_corpus, tmp_path / "other" / "c.csv", lambda rows: rows[0].update(caption="new"))
-    bad = _corpus_copy(tiny_corpus, tmp_path / "bad" / "c.csv", lambda rows: rows[4].update(image="/no/such.png"))
+    other = copy_corpus(tiny_corpus, tmp_path / "other" / "c.csv", lambda rows: rows[0].update(caption="new"))
+    bad = copy_corpus(tiny_corpus, tmp_path / "bad" / "c.csv", lambda rows: rows[4].update(image="/no/such.png"))
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     cases = [
         (_cache_argv(other, out, oc), "was built from another corpus"),
@@ -178,7 +161,7 @@ def test_cache_shows_rates_and_summarises_bad_samples(tiny_corpus, tiny_teachers
     def edit(rows):
         rows[2]["image"] = "/no/such.png"
         rows[6]["caption"] = ""
-    data = _corpus_copy(tiny_corpus, tmp_path / "c" / "corpus.csv", edit)
+    data = copy_corpus(tiny_corpus, tmp_path / "c" / "corpus.csv", edit)
     keys = [l.split(",")[-1] for l in data.read_text().splitlines()[1:]]
     out = tmp_path / "f.h5"
     assert main(_cache_argv(data, out, f"oc={tiny_teachers['oc']}", f"hf={tiny_teachers['hf']}")) == 0
@@ -197,7 +180,7 @@ def test_info_on_views_bad_samples_and_an_incomplete_teacher(tiny_corpus, tiny_t
     from cache import FeatureReader, open_corpus
     from teachers import load_teacher
 
-    data = _corpus_copy(tiny_corpus, tmp_path / "c" / "corpus.csv", lambda rows: rows[9].update(caption=" "))
+    data = copy_corpus(tiny_corpus, tmp_path / "c" / "corpus.csv", lambda rows: rows[9].update(caption=" "))
     out = tmp_path / "f.h5"
     # hf stops at the empty caption (row 9): chunks of 4 before it are kept, the teacher is incomplete
     assert main(_cache_argv(data, out, f"hf={tiny_teachers['hf']}",
