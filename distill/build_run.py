@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from distill.config import Config, ConfigError, LossTerm, TrainCfg
 from distill.data import CacheJoin, Collate, EpochSampler, PairDataset, join_cache
 from distill.losses import LOSSES, CombineCfg, DistillLoss, LossTermCfg
-from distill.optim import accum_for_epoch, global_batch_for_epoch, steps_per_epoch
+from distill.optim import accum_for_epoch, global_batch_for_epoch, steps_per_epoch, total_steps
 from distill.student_model import DistillModel
 from teachers.transforms import PreprocessCfg
 
@@ -166,8 +166,7 @@ def build_run(cfg: Config, accelerator) -> Run:
     loader = DataLoader(ds, batch_size=cfg.data.batch_size, drop_last=True, collate_fn=collate, sampler=sampler,
                         num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.train.seed),
                         pin_memory=torch.cuda.is_available())
-    return Run(plan, model, loss, loader, student_dir if tmp is None else
-               output_dir / "student", corpus, join, terms, tmp)
+    return Run(plan, model, loss, loader, output_dir / "student", corpus, join, terms, tmp)
 
 
 def sampler_kind(cfg: Config, reads_features: bool) -> str:
@@ -205,13 +204,10 @@ def _total_steps(cfg: Config, plan: RunPlan) -> int:
     if steps_per_epoch(plan.num_rows, first) == 0:
         raise ConfigError(f"{plan.num_rows} usable rows are fewer than one global batch of {first} "
                           f"(data.batch_size x processes x accumulation); lower data.batch_size or train.grad_accum")
-    if cfg.train.max_steps is not None:
-        return cfg.train.max_steps
-    total = 0
-    for e in range(cfg.train.epochs):
-        plan.accum(e)
-        total += steps_per_epoch(plan.num_rows, plan.global_batch(e))
-    return total
+    if cfg.train.max_steps is None:
+        for e in range(cfg.train.epochs):
+            plan.accum(e)  # raises when the schedule does not divide
+    return total_steps(cfg.train, plan.num_rows, plan.per_device_batch, plan.num_processes)
 
 
 def _teacher_stats(features: str, teachers: list[str]) -> dict:

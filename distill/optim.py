@@ -6,7 +6,6 @@ Why here and not in train.py: each is a pure function of the config that tests c
 from __future__ import annotations
 
 import math
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -81,7 +80,3 @@ def total_steps(cfg: TrainCfg, num_rows: int, per_device: int, num_processes: in
                for e in range(cfg.epochs))
 
 
-def epoch_batches(epochs: Iterable[int], cfg: TrainCfg, per_device: int, num_processes: int) -> dict[int, tuple[int, int]]:
-    """{epoch: (global batch, accumulation)} for logging and run_meta.json."""
-    return {e: (global_batch_for_epoch(cfg, per_device, num_processes, e),
-                accum_for_epoch(cfg, per_device, num_processes, e)) for e in epochs}
