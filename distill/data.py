@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from cache.views import RATIO  # the aspect range of the cache's stored views, for the student's own crops
 from teachers.transforms import PreprocessCfg, make_view_transform
 
 log = logging.getLogger(__name__)
 
-RATIO = (3 / 4, 4 / 3)
 
 
 class DataError(ValueError):
