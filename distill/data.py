@@ -24,7 +24,6 @@ from teachers.transforms import PreprocessCfg, make_view_transform
 log = logging.getLogger(__name__)
 
 
-
 class DataError(ValueError):
     """The corpus and the cache cannot be used together as configured; the message says how to fix it."""
 
