@@ -17,6 +17,7 @@ The interface (stable: the cache writer and the trainer both rely on it):
     corpus.load_image(i)     # PIL.Image in RGB; raises BadSampleError(key, reason) when missing or corrupt
     corpus.describe(i)       # "corpus.csv row 3 (line 4), key 'abc'": where a sample lives, for messages
     corpus.fingerprint()     # sha256 hex of keys and captions: ties a feature cache to its corpus
+    corpus.column(name)      # an extra column's values as text (tables only; CorpusError otherwise)
 
 Everything is indexed once when the corpus is opened; `load_image` opens files lazily, so a corpus object can be
 built before DataLoader workers fork and used inside them.
@@ -92,6 +93,11 @@ class Corpus(ABC):
 
     @abstractmethod
     def describe(self, i: int) -> str: ...
+
+    def column(self, name: str) -> list[str]:
+        """An extra per-row column as text (CSV/TSV/JSONL corpora only; see TableCorpus.column)."""
+        raise CorpusError(f"{self.source} ({type(self).__name__}) has no extra columns, so it has no column "
+                          f"{name!r}; per-row columns (e.g. for loss.routing) need a CSV, TSV or JSONL corpus")
 
     def fingerprint(self) -> str:
         if getattr(self, "_fingerprint", None) is None:

@@ -1,5 +1,7 @@
 """CSV, TSV and JSONL corpora: one row per pair, columns `image`, `caption` and optional `key`.
 
+Other columns are kept as text and read with `column(name)` (e.g. a `domain` column for teacher routing).
+
 Image paths are relative to the table's folder unless absolute. Malformed tables (a missing column, an empty
 image path, a duplicate key) are refused at open time with the file and row named, before any model runs.
 """
@@ -27,6 +29,7 @@ class TableCorpus(Corpus):
         self.keys = []
         self.captions = []
         self._lines: list[int] = []
+        self._extra: dict[str, list[str]] = {}  # other columns, as text ("" where a row lacks the cell)
         rows = self._read_jsonl(path) if path.lower().endswith(".jsonl") else self._read_delimited(path)
         seen: dict[str, int] = {}
         for n, (line, row) in enumerate(rows, start=1):
@@ -45,6 +48,16 @@ class TableCorpus(Corpus):
             self.captions.append(caption)
             self.keys.append(key)
             self._lines.append(line)
+            for col, value in row.items():
+                if col in ("image", "caption", "key"):
+                    continue
+                cells = self._extra.get(col)
+                if cells is None:
+                    cells = self._extra[col] = [""] * (n - 1)
+                cells.append(_cell(value))
+            for cells in self._extra.values():
+                if len(cells) < n:  # a JSONL row without this column
+                    cells.append("")
         if not self.keys:
             raise CorpusError(f"{path}: no rows")
 
@@ -83,6 +96,18 @@ class TableCorpus(Corpus):
                 out.append((line_no, row))
         return out
 
+    @property
+    def columns(self) -> list[str]:
+        """The extra columns (besides image, caption, key), in first-seen order."""
+        return list(self._extra)
+
+    def column(self, name: str) -> list[str]:
+        """The values of an extra column in corpus order, as text; "" for an empty or absent cell."""
+        if name not in self._extra:
+            raise CorpusError(f"{self.source} has no column {name!r}; its other columns are "
+                              f"{', '.join(map(repr, self._extra)) or 'none'} (besides image, caption, key)")
+        return list(self._extra[name])
+
     def image_path(self, i: int) -> str:
         p = os.path.expanduser(self.images[i])
         return p if os.path.isabs(p) else os.path.join(self.root, p)
@@ -92,3 +117,12 @@ class TableCorpus(Corpus):
 
     def load_image(self, i: int) -> Image.Image:
         return decode_image(None, self.image_path(i), self.keys[i], self.describe(i))
+
+
+def _cell(value) -> str:
+    """A cell as text: None -> "", a JSON list -> its items joined by "|" (routing's default separator)."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return "|".join(_cell(v) for v in value)
+    return str(value)

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from distill.config import Config, ConfigError, LossTerm, TrainCfg
-from distill.data import CacheJoin, Collate, EpochSampler, PairDataset, join_cache
-from distill.losses import LOSSES, CombineCfg, DistillLoss, LossTermCfg
+from distill.data import CacheJoin, Collate, EpochSampler, PairDataset, Routing, join_cache, route_mask
+from distill.losses import LOSSES, CombineCfg, DistillLoss, LossTermCfg, TeacherBatch
 from distill.optim import accum_for_epoch, global_batch_for_epoch, steps_per_epoch, total_steps
 from distill.student_model import DistillModel
 from teachers.transforms import PreprocessCfg
@@ -44,6 +46,7 @@ class RunPlan:
     total_steps: int
     teachers: dict[str, float] = field(default_factory=dict)  # name -> weight
     teacher_attrs: dict[str, dict] = field(default_factory=dict)  # name -> cache attrs (spec, embed_dim, ...)
+    routing: dict | None = None  # loss.routing with rows_per_teacher and unrouted_rows (None: no routing)
 
     def global_batch(self, epoch: int) -> int:
         return global_batch_for_epoch(self.train, self.per_device_batch, self.num_processes, epoch)
@@ -150,6 +153,7 @@ def build_run(cfg: Config, accelerator) -> Run:
     if frozen:
         log.info("frozen because no loss term reaches them: %s", ", ".join(frozen))
 
+    routing = build_routing(cfg, corpus, join, used)
     pp = PreprocessCfg.from_open_clip(bundle.preprocess_cfg)
     views = join.view_params if join is not None else None
     ds = PairDataset(corpus, pp, crop_scale=cfg.data.crop_scale, flip=cfg.data.flip, seed=cfg.train.seed,
@@ -157,16 +161,69 @@ def build_run(cfg: Config, accelerator) -> Run:
                      view_params=views)
     plan = RunPlan(train=cfg.train, per_device_batch=cfg.data.batch_size, num_processes=accelerator.num_processes,
                    num_rows=len(ds), total_steps=0, teachers={t: teachers.get(t, 1.0) for t in used},
-                   teacher_attrs={t: join.teachers[t] for t in used})
+                   teacher_attrs={t: join.teachers[t] for t in used},
+                   routing=None if routing is None else {"config": dataclasses.asdict(cfg.loss.routing),
+                                                         **routing.summary()})
     plan = dataclasses.replace(plan, total_steps=_total_steps(cfg, plan))
     sampler = build_sampler(cfg, join if used else None, len(ds), plan.global_batch)
     blocks = sampler.block_ids is not None and bool(used)
     collate = Collate(bundle.tokenizer, cfg.data.features if used else None, used, use_views=views is not None,
-                      block_rows=cfg.data.block_rows if blocks else 0, cache_blocks=cfg.data.shuffle_buffer_blocks)
+                      block_rows=cfg.data.block_rows if blocks else 0, cache_blocks=cfg.data.shuffle_buffer_blocks,
+                      route=None if routing is None else routing.mask)
     loader = DataLoader(ds, batch_size=cfg.data.batch_size, drop_last=True, collate_fn=collate, sampler=sampler,
                         num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.train.seed),
                         pin_memory=torch.cuda.is_available())
     return Run(plan, model, loss, loader, output_dir / "student", corpus, join, terms, tmp)
+
+
+def build_routing(cfg: Config, corpus, join: CacheJoin | None, used: list[str]) -> Routing | None:
+    """loss.routing as a route mask over the loss's teachers `used` (None without routing); logs the counts."""
+    if cfg.loss.routing is None:
+        return None
+    if join is None or not used:
+        raise ConfigError("loss.routing is set, but no loss term uses teachers; add a teacher term or remove "
+                          "loss.routing")
+    from cache.h5_reader import FeatureReader
+
+    with FeatureReader(cfg.data.features) as reader:
+        cache_teachers = list(reader.teacher_names)
+    routing = route_mask(cfg.loss.routing, corpus, used, cache_teachers, join.corpus_rows)
+    log.info("routing by column %r: rows per teacher %s; %d of %d rows have no teacher (teacher-free terms only)",
+             cfg.loss.routing.column, routing.rows_per_teacher, routing.unrouted_rows, len(join.corpus_rows))
+    return routing
+
+
+def teacher_batch(batch, scales: dict[str, float], teacher_names: Sequence[str]) -> TeacherBatch | None:
+    """The loss's TeacherBatch for a TrainBatch: cached features, logit scales and the route mask by teacher."""
+    if not batch.teacher_feats:
+        return None
+    return TeacherBatch(batch.teacher_feats, scales, route=batch.route_by_teacher(teacher_names))
+
+
+def resolve_threads(threads: int | None, num_local_processes: int | None = None,
+                    env: dict | None = None, cores: int | None = None) -> tuple[int, str]:
+    """(torch intra-op threads per process, why): train.threads, else OMP_NUM_THREADS, else usable cores //
+    processes on this node (LOCAL_WORLD_SIZE), at least 1."""
+    env = os.environ if env is None else env
+    if threads is not None:
+        return int(threads), "train.threads"
+    omp = str(env.get("OMP_NUM_THREADS", "")).strip()
+    if omp:
+        try:
+            if int(omp) > 0:
+                return int(omp), "OMP_NUM_THREADS"
+        except ValueError:
+            pass
+        log.warning("ignoring OMP_NUM_THREADS=%r (not a positive integer)", omp)
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if num_local_processes is None:
+        try:
+            num_local_processes = int(env.get("LOCAL_WORLD_SIZE") or 1)
+        except ValueError:
+            num_local_processes = 1
+    procs = max(1, num_local_processes)
+    return max(1, cores // procs), f"{cores} usable cores // {procs} local processes"
 
 
 def sampler_kind(cfg: Config, reads_features: bool) -> str:

@@ -98,8 +98,54 @@ class LossTerm:
 @dataclass(frozen=True)
 class CombineSpec:
     mode: str = "weighted_sum"  # weighted_sum (every teacher) | random_teacher (one random teacher per sample)
+    # | confidence (per sample, weight_t * p_it^(1/temperature), p_it = teacher t's own confidence in pair i)
     drop_prob: float = 0.0  # randomly drop a teacher's term with this probability
     balance: str = "none"  # none | phi_s (standardise each teacher with its cache statistics, PHI-S)
+    temperature: float = 1.0  # confidence mode: > 0; lower sharpens the weights towards the most confident teacher
+
+    def __post_init__(self):
+        from distill.losses.types import BALANCE_MODES, COMBINE_MODES
+
+        _check(self.mode in COMBINE_MODES, f"loss.combine.mode must be one of {COMBINE_MODES}, got {self.mode!r}")
+        _check(self.balance in BALANCE_MODES,
+               f"loss.combine.balance must be one of {BALANCE_MODES}, got {self.balance!r}")
+        _check(0.0 <= self.drop_prob < 1.0, f"loss.combine.drop_prob must be in [0, 1), got {self.drop_prob}")
+        _check(self.temperature > 0 and self.temperature != float("inf"),
+               f"loss.combine.temperature must be a finite number > 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class RoutingCfg:
+    """Per-sample teacher routing: which teachers distil which corpus rows, from a corpus column.
+
+    With `teachers`: the column's value picks the row's teachers (`default` for values not in the map).
+    Without: the cell itself lists teacher names separated by `separator` (`default` for empty cells).
+    A row routed to no teacher gets only the teacher-free terms (infonce).
+    """
+
+    column: str  # a column of the CSV/TSV/JSONL corpus (any name besides image, caption, key)
+    teachers: dict[str, tuple[str, ...]] | None = None  # column value -> teacher names; None: the cell lists them
+    default: tuple[str, ...] = ()  # teachers of rows whose value is not in the map (or whose cell is empty)
+    separator: str = "|"  # between teacher names in a cell (when `teachers` is not given)
+
+    def __post_init__(self):
+        _check(bool(self.column and self.column.strip()), "loss.routing.column must name a corpus column")
+        _check(bool(self.separator), "loss.routing.separator must be a non-empty string, e.g. '|'")
+        if self.teachers is not None:
+            _check(bool(self.teachers), "loss.routing.teachers must map column values to teacher lists "
+                                        "(or be null: the column lists teacher names itself)")
+            for value, names in self.teachers.items():
+                _check(all(n.strip() for n in names),
+                       f"loss.routing.teachers.{value}: teacher names must be non-empty, got {list(names)}")
+        _check(all(n.strip() for n in self.default),
+               f"loss.routing.default: teacher names must be non-empty, got {list(self.default)}")
+
+    def named_teachers(self) -> list[str]:
+        """Every teacher the map and the default name (the cell-listed ones are only known from the corpus)."""
+        out: list[str] = []
+        for names in [*(self.teachers or {}).values(), self.default]:
+            out += [n for n in names if n not in out]
+        return out
 
 
 @dataclass(frozen=True)
@@ -107,6 +153,7 @@ class LossCfg:
     terms: tuple[LossTerm, ...] = ()  # empty: the mode's default terms (train.default_terms)
     teachers: dict[str, float] | None = None  # teacher -> weight; None: every teacher in the cache, equal weights
     combine: CombineSpec = field(default_factory=CombineSpec)
+    routing: RoutingCfg | None = None  # per-sample teacher routing from a corpus column; None: every row, every teacher
 
     def __post_init__(self):
         for t, w in (self.teachers or {}).items():
@@ -151,6 +198,8 @@ class TrainCfg:
     resume: str = "auto"  # auto (newest checkpoint in output_dir, if any) | none | PATH to a checkpoint
     log_every: int = 10  # optimizer steps between log.jsonl lines
     tensorboard: bool = True  # also log to OUTPUT_DIR/tb when tensorboard is installed
+    threads: int | None = None  # torch intra-op threads per process; None: OMP_NUM_THREADS if set, else
+    #                             usable cores // processes on this node (at least 1)
 
     def __post_init__(self):
         _check(self.max_steps is None or self.max_steps > 0, "train.max_steps must be > 0 (or null)")
@@ -161,6 +210,7 @@ class TrainCfg:
         _check(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
         _check(self.keep_last > 0, "train.keep_last must be > 0")
         _check(self.log_every > 0, "train.log_every must be > 0")
+        _check(self.threads is None or self.threads > 0, f"train.threads must be > 0 (or null), got {self.threads}")
         _check(bool(self.resume), "train.resume must be auto, none or a checkpoint path")
         if self.batch_schedule:
             epochs = [e for e, _ in self.batch_schedule]
@@ -193,6 +243,8 @@ class Config:
             bad = [n for n, u in uses.items() if u]
             _check(not bad, f"mode=contrastive trains with InfoNCE only, but loss.terms has teacher terms {bad}; "
                             f"use mode=hybrid (both) or mode=distill (teacher terms only)")
+            _check(self.loss.routing is None, "mode=contrastive uses no teachers, but loss.routing is set; "
+                                              "use mode=hybrid or remove loss.routing")
         elif self.mode == "distill":
             bad = [n for n, u in uses.items() if not u]
             _check(not bad, f"mode=distill uses teacher terms only, but loss.terms has {bad}; "
@@ -302,6 +354,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
+        if len(options) == 1 and isinstance(value, dict) and (
+                dataclasses.is_dataclass(options[0]) or get_origin(options[0]) is dict):
+            return _coerce(value, options[0], where)  # an optional mapping: its own message names the inner key
         for a in options:
             try:
                 return _coerce(value, a, where)

@@ -37,12 +37,23 @@ class TrainBatch:
     rows: torch.Tensor  # (B,) corpus rows
     views: torch.Tensor  # (B,) stored view index shown, -1 for the student's own crop
     teacher_feats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # t -> {"image","text"}
+    route: torch.Tensor | None = None  # (B, T) bool, T in the loss's teacher order (loss.routing); None: all
 
     def to(self, device, non_blocking: bool = False) -> "TrainBatch":
         """Accelerate's send_to_device calls this."""
         mv = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return TrainBatch(mv(self.images), mv(self.tokens), mv(self.rows), mv(self.views),
-                          {t: {m: mv(x) for m, x in d.items()} for t, d in self.teacher_feats.items()})
+                          {t: {m: mv(x) for m, x in d.items()} for t, d in self.teacher_feats.items()},
+                          None if self.route is None else mv(self.route))
+
+    def route_by_teacher(self, teachers: Sequence[str]) -> dict[str, torch.Tensor] | None:
+        """{teacher: (B,) bool} from the route mask (columns in `teachers`' order), as TeacherBatch.route takes."""
+        if self.route is None:
+            return None
+        if self.route.shape[1] != len(teachers):
+            raise ValueError(f"the batch's route mask has {self.route.shape[1]} teacher columns; got "
+                             f"{len(teachers)} teacher names")
+        return {t: self.route[:, j] for j, t in enumerate(teachers)}
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -171,9 +182,11 @@ class Collate:
     """
 
     def __init__(self, tokenizer, features: str | None = None, teachers: Sequence[str] = (),
-                 use_views: bool = False, block_rows: int = 0, cache_blocks: int = 16):
+                 use_views: bool = False, block_rows: int = 0, cache_blocks: int = 16,
+                 route: np.ndarray | None = None):
         self.tokenizer, self.features, self.teachers, self.use_views = tokenizer, features, list(teachers), use_views
         self.block_rows, self.cache_blocks = int(block_rows), int(cache_blocks)
+        self.route = route  # (N_corpus, T) bool by CORPUS row, T = `teachers` (route_mask); None: no routing
         self._reader = None
 
     def __getstate__(self):
@@ -201,7 +214,8 @@ class Collate:
         return TrainBatch(images=torch.stack([it["image"] for it in items]),
                           tokens=self.tokenizer([it["caption"] for it in items]),
                           rows=torch.tensor([it["row"] for it in items], dtype=torch.long), views=views,
-                          teacher_feats=feats)
+                          teacher_feats=feats, route=None if self.route is None else
+                          torch.from_numpy(self.route[[it["row"] for it in items]]))
 
 
 def _one_view(x: torch.Tensor) -> torch.Tensor:
@@ -279,3 +293,62 @@ def _undone(reader, names: Sequence[str], cache_rows: np.ndarray) -> tuple[str, 
         if n:
             return t, n
     return None
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Each corpus row's teachers: a (N_corpus, T) bool mask over `teachers`, and the counts over the used rows."""
+
+    teachers: list[str]  # mask columns (the loss's teacher order)
+    mask: np.ndarray  # (N_corpus, T) bool, indexed by corpus row
+    rows_per_teacher: dict[str, int]  # over the rows that train
+    unrouted_rows: int  # rows that train with no teacher (teacher-free terms only)
+
+    def summary(self) -> dict:
+        return {"rows_per_teacher": dict(self.rows_per_teacher), "unrouted_rows": self.unrouted_rows}
+
+
+def route_mask(routing, corpus, teachers: Sequence[str], cache_teachers: Sequence[str],
+               used_rows: np.ndarray | None = None) -> Routing:
+    """The route mask of `corpus` for the loss's `teachers` from a `distill.config.RoutingCfg`.
+
+    cache_teachers: every teacher in the feature cache (a routed name outside it is an error). used_rows: the corpus
+    rows that train (after skipping bad ones); every teacher must be routed to at least one of them.
+    """
+    from cache.corpus import CorpusError
+
+    where = f"loss.routing.column={routing.column!r}"
+    try:
+        cells = corpus.column(routing.column)
+    except CorpusError as e:
+        raise DataError(f"{where}: {e}") from None
+    known = list(cache_teachers)
+    named = [(f"loss.routing.teachers.{v}", names) for v, names in (routing.teachers or {}).items()]
+    for what, names in [*named, ("loss.routing.default", routing.default)]:
+        bad = [n for n in names if n not in known]
+        if bad:
+            raise DataError(f"{what} names teacher(s) {bad} that are not in the cache ({', '.join(known)}); "
+                            f"fix the name or add it with `distill cache --teacher {bad[0]}=SPEC`")
+    col = {t: j for j, t in enumerate(teachers)}
+    mask = np.zeros((len(cells), len(teachers)), dtype=bool)
+    default = [col[t] for t in routing.default if t in col]
+    if routing.teachers is not None:
+        table = {v: [col[t] for t in names if t in col] for v, names in routing.teachers.items()}
+        for i, v in enumerate(cells):
+            mask[i, table.get(v, default)] = True
+    else:
+        for i, v in enumerate(cells):
+            names = [n.strip() for n in v.split(routing.separator) if n.strip()]
+            bad = [n for n in names if n not in known]
+            if bad:
+                raise DataError(f"{corpus.describe(i)}: column {routing.column!r} names teacher(s) {bad} that are "
+                                f"not in the cache ({', '.join(known)}); fix the cell or the cache")
+            mask[i, [col[n] for n in names if n in col] if names else default] = True
+    rows = np.arange(len(cells)) if used_rows is None else np.asarray(used_rows)
+    sub = mask[rows]
+    counts = {t: int(sub[:, j].sum()) for j, t in enumerate(teachers)}
+    empty = [t for t, c in counts.items() if c == 0]
+    if empty:
+        raise DataError(f"teacher {empty[0]!r} is routed to no row of {corpus.source} (loss.routing, column "
+                        f"{routing.column!r}); route some rows to it, or leave it out of loss.teachers")
+    return Routing(list(teachers), mask, counts, int((~sub.any(1)).sum()))

@@ -18,7 +18,6 @@ import torch
 
 from distill.checkpoint import TrainState, install_unwrapped_state_hooks, resolve_resume, save_checkpoint
 from distill.config import Config
-from distill.losses import TeacherBatch
 from distill.optim import build_optimizer, build_scheduler
 from distill.train_log import RunLogger, plot_loss_curves
 
@@ -51,7 +50,8 @@ def write_run_meta(cfg: Config, run, out: Path, resumed_from: Path | None) -> No
                        "fingerprint": run.corpus.fingerprint()},
             "features": cfg.data.features, "loss": str(run.loss), "total_steps": plan.total_steps,
             "num_processes": plan.num_processes, "global_batch_epoch0": plan.global_batch(0),
-            "resumed_from": str(resumed_from) if resumed_from else None, "config": cfg.to_dict()}
+            "routing": plan.routing, "resumed_from": str(resumed_from) if resumed_from else None,
+            "config": cfg.to_dict()}
     (out / "run_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -75,8 +75,11 @@ def train(cfg: Config) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from distill.build_run import build_run
+    from distill.build_run import build_run, resolve_threads, teacher_batch
 
+    threads, why = resolve_threads(cfg.train.threads)  # before anything heavy (per process)
+    torch.set_num_threads(threads)
+    log.info("torch intra-op threads per process: %d (%s)", threads, why)
     accelerator = make_accelerator(cfg)
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,7 +116,7 @@ def train(cfg: Config) -> dict:
         for batch in batches:
             with accelerator.accumulate(model):
                 out_s = model(batch.images, batch.tokens)
-                teachers = TeacherBatch(batch.teacher_feats, scales) if batch.teacher_feats else None
+                teachers = teacher_batch(batch, scales, run.loss.teacher_names)
                 gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + state.step * 1009
                                                     + state.batches_in_epoch % accum)  # same on every rank
                 losses = run.loss(out_s, teachers, gen)

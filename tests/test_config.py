@@ -163,3 +163,62 @@ def test_no_weight_decay_on_gains_biases_and_logit_scale():
     assert ids(groups["decay"]["params"]) == ids([m.proj.weight, m.pos])
     assert ids(groups["no_decay"]["params"]) == ids([m.proj.bias, m.ln.weight, m.ln.bias, m.logit_scale])
     assert groups["decay"]["weight_decay"] == 0.2 and groups["no_decay"]["weight_decay"] == 0.0
+
+
+HYBRID = {"mode": "hybrid", "data": {"corpus": "c.csv", "features": "f.h5"}}
+
+
+def test_routing_and_confidence_parse_from_yaml_and_overrides(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("mode: hybrid\ndata: {corpus: c.csv, features: f.h5}\nloss:\n  routing:\n    column: domain\n"
+                 "    teachers: {dermoscopy: [derm], radiology: [rad, general]}\n    default: [general]\n"
+                 "  combine: {mode: confidence, temperature: 0.5}\n")
+    cfg = Config.from_yaml(p)
+    r = cfg.loss.routing
+    assert (r.column, r.teachers, r.default, r.separator) == (
+        "domain", {"dermoscopy": ("derm",), "radiology": ("rad", "general")}, ("general",), "|")
+    assert r.named_teachers() == ["derm", "rad", "general"]
+    assert (cfg.loss.combine.mode, cfg.loss.combine.temperature) == ("confidence", 0.5)
+    assert Config.from_dict(cfg.to_dict()) == cfg  # round-trips
+    assert Config.from_dict(HYBRID).loss.routing is None  # off by default
+    cfg = Config.from_dict(HYBRID, ["loss.routing.column=teachers", "loss.routing.separator=;"])
+    assert cfg.loss.routing.teachers is None and cfg.loss.routing.separator == ";" and cfg.loss.routing.default == ()
+
+
+def test_routing_confidence_and_threads_errors():
+    def bad(loss=None, train=None, mode="hybrid"):
+        d = {**HYBRID, "mode": mode, "loss": loss or {}}
+        if train:
+            d["train"] = train
+        return Config.from_dict(d)
+
+    with pytest.raises(ConfigError, match=r"loss\.routing is missing required key\(s\): column"):
+        bad({"routing": {"teachers": {"x": ["a"]}}})
+    with pytest.raises(ConfigError, match=r"unknown key 'loss\.routing\.teacher'.*did you mean 'teachers'"):
+        bad({"routing": {"column": "d", "teacher": {"x": ["a"]}}})
+    with pytest.raises(ConfigError, match=r"loss\.routing\.teachers\.x must be tuple"):
+        bad({"routing": {"column": "d", "teachers": {"x": "a"}}})
+    with pytest.raises(ConfigError, match=r"loss\.routing\.teachers must map column values"):
+        bad({"routing": {"column": "d", "teachers": {}}})
+    with pytest.raises(ConfigError, match=r"loss\.routing\.column must name a corpus column"):
+        bad({"routing": {"column": " "}})
+    with pytest.raises(ConfigError, match=r"mode=contrastive uses no teachers, but loss\.routing is set"):
+        bad({"routing": {"column": "d"}}, mode="contrastive")
+    with pytest.raises(ConfigError, match=r"loss\.combine\.temperature must be a finite number > 0, got 0\.0"):
+        bad({"combine": {"mode": "confidence", "temperature": 0}})
+    with pytest.raises(ConfigError, match=r"loss\.combine\.mode must be one of .*confidence"):
+        bad({"combine": {"mode": "confident"}})
+    with pytest.raises(ConfigError, match=r"train\.threads must be > 0"):
+        bad(train={"threads": 0})
+
+
+def test_thread_count_obeys_the_config_key_then_omp_num_threads():
+    from distill.build_run import resolve_threads
+
+    assert resolve_threads(3, env={"OMP_NUM_THREADS": "5"}, cores=16) == (3, "train.threads")
+    assert resolve_threads(None, env={"OMP_NUM_THREADS": "5"}, cores=16) == (5, "OMP_NUM_THREADS")
+    assert resolve_threads(None, env={}, cores=16, num_local_processes=4)[0] == 4
+    assert resolve_threads(None, env={"LOCAL_WORLD_SIZE": "3"}, cores=16)[0] == 5
+    assert resolve_threads(None, env={}, cores=2, num_local_processes=8)[0] == 1  # at least 1
+    assert resolve_threads(None, env={"OMP_NUM_THREADS": "lots"}, cores=6)[0] == 6  # unusable: ignored
+    assert Config.from_dict(BASE, ["train.threads=2"]).train.threads == 2

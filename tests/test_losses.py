@@ -439,3 +439,162 @@ def test_bad_batches_name_what_is_missing():
     student.projected["b"]["image"] = torch.randn(B, 7)
     with pytest.raises(ValueError, match=r"teacher 'b' \(image\) has dim 7.*have dim 5"):
         loss(student, teachers)
+
+
+# ---------------------------------------------------------------------------------------------- routing
+
+
+def _draw(kept=("a", "b", "c"), uniforms=None):
+    from distill.losses.combine import TeacherDraw
+
+    return TeacherDraw(kept={t: t in kept for t in ("a", "b", "c")},
+                       uniforms=None if uniforms is None else torch.tensor(uniforms))
+
+
+ROUTE = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 1, 0], [0, 0, 0]], dtype=torch.bool)  # row 3: no teacher
+W3 = {"a": 1.0, "b": 2.0, "c": 5.0}
+
+
+def test_routed_weighted_sum_renormalises_over_each_rows_teachers():
+    mix = weight_matrix(CombineCfg(), W3, _draw(), 4, route=ROUTE)
+    want = torch.tensor([[1 / 8, 2 / 8, 5 / 8], [1 / 6, 0, 5 / 6], [0, 1, 0], [0, 0, 0]])
+    torch.testing.assert_close(mix, want)
+    # c dropped: row 0 -> a, b as 1:2; row 1 -> a only; row 2 -> b; row 3 nothing
+    mix = weight_matrix(CombineCfg(drop_prob=0.5), W3, _draw(kept=("a", "b")), 4, route=ROUTE)
+    torch.testing.assert_close(mix, torch.tensor([[1 / 3, 2 / 3, 0], [1, 0, 0], [0, 1, 0], [0, 0, 0]]))
+    # a and c dropped: row 1 (routed to a and c only) gets nothing this step
+    mix = weight_matrix(CombineCfg(drop_prob=0.5), W3, _draw(kept=("b",)), 4, route=ROUTE)
+    torch.testing.assert_close(mix, torch.tensor([[0, 1, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0.0]]))
+
+
+def test_routed_random_teacher_inverse_cdf_over_the_rows_teachers():
+    # row 0: CDF over a, b, c = 1/8, 3/8, 1 -> u=0.2 picks b; row 1: a, c = 1/6, 1 -> u=0.1 picks a;
+    # row 2: b only -> b whatever u; row 3: none -> zero row
+    mix = weight_matrix(CombineCfg(mode="random_teacher"), W3, _draw(uniforms=[0.2, 0.1, 0.99, 0.5]), 4, route=ROUTE)
+    torch.testing.assert_close(mix, torch.tensor([[0, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 0.0]]))
+    mix = weight_matrix(CombineCfg(mode="random_teacher"), W3, _draw(uniforms=[0.4, 0.2, 0.0, 0.0]), 4, route=ROUTE)
+    torch.testing.assert_close(mix, torch.tensor([[0, 0, 1], [0, 0, 1], [0, 1, 0], [0, 0, 0.0]]))
+    # unrouted == routed to everyone: the old one-process draw is unchanged
+    u = torch.rand(50, generator=torch.Generator().manual_seed(3)).tolist()
+    full = weight_matrix(CombineCfg(mode="random_teacher"), W3, _draw(uniforms=u), 50)
+    routed = weight_matrix(CombineCfg(mode="random_teacher"), W3, _draw(uniforms=u), 50,
+                           route=torch.ones(50, 3, dtype=torch.bool))
+    assert torch.equal(full, routed)
+    # dropped c: row 1 routed to a and c -> a whatever u
+    mix = weight_matrix(CombineCfg(mode="random_teacher", drop_prob=0.5), W3,
+                        _draw(kept=("a", "b"), uniforms=[0.9, 0.9, 0.9, 0.9]), 4, route=ROUTE)
+    torch.testing.assert_close(mix, torch.tensor([[0, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 0.0]]))
+
+
+def test_routed_loss_value_equals_hand_computation():
+    student, teachers = make_batch(seed=21, b=4)
+    route = {"a": torch.tensor([True, True, False, False]), "b": torch.tensor([True, False, True, False])}
+    routed = TeacherBatch(teachers.feats, teachers.logit_scale, route=route)
+    loss = _loss([LossTermCfg("nce", "infonce"),
+                  LossTermCfg("f", "feature", weight=2.0, teachers={"a": 1.0, "b": 3.0}, kwargs={"metric": "mse"})])
+    out = loss(student, routed)
+    per = {t: _hand_feature_both(student, teachers, t, "mse") for t in DIMS}
+    # row 0: a, b as 1:3; row 1: a; row 2: b; row 3: no teacher (0); the term is the mean over all 4 rows
+    want = (0.25 * per["a"][0] + 0.75 * per["b"][0] + per["a"][1] + per["b"][2] + 0.0) / 4
+    assert out["f"].item() == pytest.approx(2.0 * want, rel=1e-5)
+    img, txt = student.image.tolist(), student.text.tolist()
+    assert out["nce"].item() == pytest.approx(_hand_infonce(img, txt, 14.0), rel=1e-5)  # not routed
+    assert out["loss"].item() == pytest.approx(out["nce"].item() + out["f"].item(), rel=1e-6)
+    # teacher b's targets on rows not routed to b do not matter
+    t2 = TeacherBatch({t: {m: v.clone() for m, v in f.items()} for t, f in teachers.feats.items()},
+                      teachers.logit_scale, route=route)
+    t2.feats["b"]["image"][[1, 3]] = -t2.feats["b"]["image"][[1, 3]]
+    assert loss(student, t2)["f"].item() == pytest.approx(out["f"].item(), rel=1e-6)
+    with pytest.raises(KeyError, match=r"route mask has no entry for teacher\(s\) \['b'\]"):
+        loss(student, TeacherBatch(teachers.feats, teachers.logit_scale, route={"a": route["a"]}))
+
+
+# ---------------------------------------------------------------------------------------------- confidence
+
+
+def _hand_confidence(img, txt, s):
+    """p_i = (softmax_j(s img_i.txt_j)[i] + softmax_j(s txt_i.img_j)[i]) / 2, explicit loops."""
+    n = len(img)
+    out = []
+    for i in range(n):
+        a = math.exp(_log_softmax_row([s * _dot(img[i], txt[j]) for j in range(n)], i))
+        b = math.exp(_log_softmax_row([s * _dot(txt[i], img[j]) for j in range(n)], i))
+        out.append((a + b) / 2)
+    return out
+
+
+def test_confidence_weights_equal_hand_computation():
+    # 3 samples, 2 teachers with known 2-d features; teacher a matches its pairs, b half does
+    c, s_ = math.cos(0.3), math.sin(0.3)
+    feats = {
+        "a": {"image": torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]),
+              "text": torch.tensor([[c, s_], [-s_, c], [-c, -s_]])},
+        "b": {"image": torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]),
+              "text": torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, -1.0]])},
+    }
+    scales = {"a": 5.0, "b": 3.0}
+    teachers = TeacherBatch(feats, scales)
+    student, _ = make_batch(seed=0, b=3, dims={"a": 2, "b": 2})
+    loss = _loss([LossTermCfg("f", "feature", teachers={"a": 1.0, "b": 2.0})],
+                 combine=CombineCfg(mode="confidence", temperature=0.5))
+    from distill.losses.distributed import StepGather
+    from distill.losses.terms import StepContext
+
+    ctx = StepContext(student, teachers, StepGather(lambda x, g: (x, 0)))
+    p = {t: _hand_confidence(feats[t]["image"].tolist(), feats[t]["text"].tolist(), scales[t]) for t in feats}
+    for t in feats:
+        torch.testing.assert_close(ctx.log_confidence(t).exp(), torch.tensor(p[t], dtype=torch.float64))
+    # w_it ~ weight_t * p_it^(1/0.5)
+    raw = [[1.0 * p["a"][i] ** 2, 2.0 * p["b"][i] ** 2] for i in range(3)]
+    want = torch.tensor([[r[0] / sum(r), r[1] / sum(r)] for r in raw])
+    conf = torch.stack([ctx.log_confidence(t) for t in ("a", "b")], 1)
+    mix = weight_matrix(loss.combine_cfg, loss.teacher_weights["f"], loss.draw(3), 3, log_confidence=conf)
+    torch.testing.assert_close(mix, want)
+    # the loss uses exactly those weights; routing row 2 to b only and row 1 to none
+    per = {t: _hand_feature_both(student, teachers, t, "cosine") for t in feats}
+    got = loss(student, teachers)["f"].item()
+    want = want.tolist()
+    assert got == pytest.approx(sum(want[i][0] * per["a"][i] + want[i][1] * per["b"][i] for i in range(3)) / 3,
+                                rel=1e-5)
+    route = {"a": torch.tensor([True, False, False]), "b": torch.tensor([True, False, True])}
+    got = loss(student, TeacherBatch(feats, scales, route=route))["f"].item()
+    assert got == pytest.approx((want[0][0] * per["a"][0] + want[0][1] * per["b"][0] + per["b"][2]) / 3, rel=1e-5)
+
+
+def test_confidence_gives_a_noise_teacher_a_much_lower_weight():
+    n, d = 16, 12
+    g = torch.Generator().manual_seed(5)
+    img = _unit(n, d, g=g)
+    txt = F.normalize(img + 0.3 * torch.randn(n, d, generator=g), dim=-1)  # matches its pairs
+    noise = {m: _unit(n, d, g=g) for m in ("image", "text")}  # random: does not match the pair
+    teachers = TeacherBatch({"good": {"image": img, "text": txt}, "noise": noise}, {"good": 50.0, "noise": 50.0})
+    student, _ = make_batch(seed=1, b=n, dims={"good": d, "noise": d})
+    loss = _loss([LossTermCfg("f", "feature")], teachers=("good", "noise"), combine=CombineCfg(mode="confidence"))
+    from distill.losses.distributed import StepGather
+    from distill.losses.terms import StepContext
+
+    ctx = StepContext(student, teachers, StepGather(lambda x, g: (x, 0)))
+    conf = torch.stack([ctx.log_confidence(t) for t in ("good", "noise")], 1)
+    mix = weight_matrix(loss.combine_cfg, loss.teacher_weights["f"], loss.draw(n), n, log_confidence=conf)
+    assert mix[:, 0].mean() > 0.9 and mix[:, 1].mean() < 0.1
+    torch.testing.assert_close(mix.sum(1), torch.ones(n))
+    assert not conf.requires_grad
+
+
+def test_confidence_is_computed_once_per_teacher_per_step(monkeypatch):
+    from distill.losses.terms import StepContext
+
+    calls = []
+    orig = StepContext.teacher_scale
+    monkeypatch.setattr(StepContext, "teacher_scale", lambda self, name: calls.append(name) or orig(self, name))
+    student, teachers = make_batch(seed=2)
+    loss = _loss([LossTermCfg("f", "feature"), LossTermCfg("g", "icl")], combine=CombineCfg(mode="confidence"))
+    loss(student, teachers)
+    assert sorted(calls) == ["a", "b"]
+
+
+def test_combine_temperature_must_be_positive():
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        CombineCfg(mode="confidence", temperature=0.0)
+    with pytest.raises(ValueError, match="needs the teachers' per-sample log confidences"):
+        weight_matrix(CombineCfg(mode="confidence"), W3, _draw(), 4)

@@ -29,7 +29,14 @@ GRAD_KEYS = ["image", "text"] + [f"{t}/{m}" for t in DIMS for m in ("image", "te
 # plain weighted sum; and random teacher per sample with dropping, which with the same generator seed on every rank
 # draws the teachers a one-process run over the global batch draws
 SEED = 8  # with this seed the random mode keeps both teachers and mixes them within each rank's half (checked)
-COMBINES = {"sum": CombineCfg(), "random": CombineCfg(mode="random_teacher", drop_prob=0.5)}
+COMBINES = {"sum": CombineCfg(), "random": CombineCfg(mode="random_teacher", drop_prob=0.5),
+            # per-sample routing (rows with a only, b only, both and none, on both ranks) and label-free weights
+            "routed": CombineCfg(mode="random_teacher", drop_prob=0.5),
+            "routed_sum": CombineCfg(),
+            "confidence": CombineCfg(mode="confidence", temperature=0.5),
+            "routed_confidence": CombineCfg(mode="confidence", drop_prob=0.5)}
+ROUTE = {"a": torch.tensor([1, 1, 0, 0, 1, 0, 1, 1], dtype=torch.bool),
+         "b": torch.tensor([1, 0, 1, 0, 0, 1, 1, 0], dtype=torch.bool)}
 
 
 def _global_batch():
@@ -41,7 +48,7 @@ def _global_batch():
     return leaves, teachers
 
 
-def _run(rows: slice, combine: CombineCfg):
+def _run(rows: slice, combine: CombineCfg, routed: bool = False):
     """Loss and gradients for the given rows of the global batch, in whatever process group is current."""
     leaves, feats = _global_batch()
     leaves = {k: v[rows].clone().requires_grad_() for k, v in leaves.items()}
@@ -50,7 +57,8 @@ def _run(rows: slice, combine: CombineCfg):
         leaves["image"], leaves["text"], scale,
         {t: {m: leaves[f"{t}/{m}"] for m in ("image", "text")} for t in DIMS},
     )
-    teachers = TeacherBatch({t: {m: v[rows] for m, v in f.items()} for t, f in feats.items()}, {"a": 40.0, "b": 90.0})
+    teachers = TeacherBatch({t: {m: v[rows] for m, v in f.items()} for t, f in feats.items()}, {"a": 40.0, "b": 90.0},
+                            route={t: r[rows] for t, r in ROUTE.items()} if routed else None)
     out = DistillLoss(TERMS, list(DIMS), combine)(student, teachers, torch.Generator().manual_seed(SEED))
     out["loss"].backward()
     grads = {k: v.grad for k, v in leaves.items()}
@@ -67,7 +75,7 @@ def _worker(rank: int, init_file: str, out_dir: str):
     try:
         b = N // WORLD
         for name, combine in COMBINES.items():
-            out, grads = _run(slice(rank * b, (rank + 1) * b), combine)
+            out, grads = _run(slice(rank * b, (rank + 1) * b), combine, name.startswith("routed"))
             torch.save({"out": out, "grads": grads}, os.path.join(out_dir, f"{name}{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -77,7 +85,8 @@ def _worker(rank: int, init_file: str, out_dir: str):
 def test_two_processes_equal_one_process_loss_and_gradients(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     for name, combine in COMBINES.items():
-        _compare([torch.load(tmp_path / f"{name}{r}.pt", weights_only=True) for r in range(WORLD)], combine)
+        _compare([torch.load(tmp_path / f"{name}{r}.pt", weights_only=True) for r in range(WORLD)], combine,
+                 name.startswith("routed"))
 
 
 def test_the_random_draw_exercises_both_teachers_on_both_ranks():
@@ -88,8 +97,8 @@ def test_the_random_draw_exercises_both_teachers_on_both_ranks():
     assert ((mix.sum(1) > 0) & (mix.sum(1) < N // WORLD)).all()
 
 
-def _compare(ranks, combine):
-    ref_out, ref_grads = _run(slice(None), combine)
+def _compare(ranks, combine, routed=False):
+    ref_out, ref_grads = _run(slice(None), combine, routed)
 
     for k, v in ref_out.items():
         mean = sum(r["out"][k] for r in ranks) / WORLD

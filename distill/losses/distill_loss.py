@@ -31,7 +31,8 @@ class DistillLoss(nn.Module):
     """Builds the configured terms and returns {term name: weight * term, ..., "loss": total} each step.
 
     teacher_names: the teachers in the cache (the student has one projection head per teacher).
-    combine: weighted sum or one random teacher per sample, teacher dropping, PHI-S balancing (see combine.py).
+    combine: weighted sum, one random teacher per sample, or label-free confidence weights; teacher dropping,
+        PHI-S balancing (see combine.py). `TeacherBatch.route` restricts each row to its routed teachers.
         `forward`'s generator drives the random choices: seed it identically on every rank, per step.
     teacher_stats: cache statistics for balance="phi_s": {teacher: {"image_mean", "image_cov", "text_mean",
         "text_cov"}} as numpy arrays. PHI-S standardises the targets of `feature` terms only: `icl` and `affinity`
@@ -124,7 +125,12 @@ class DistillLoss(nn.Module):
             else:
                 weights = self.teacher_weights[name]
                 per = torch.stack([term.per_sample(ctx, t) for t in weights], dim=1)  # (B, T)
-                mix = _combine.weight_matrix(self.combine_cfg, weights, step, ctx.batch_size, per.device)
+                names = list(weights)
+                conf = (torch.stack([ctx.log_confidence(t) for t in names], dim=1)
+                        if self.combine_cfg.mode == "confidence" else None)
+                mix = _combine.weight_matrix(self.combine_cfg, weights, step, ctx.batch_size, per.device,
+                                             route=ctx.route(names), log_confidence=conf)
+                # mean over ALL local rows (unrouted rows count 0): equal across processes, no extra collective
                 value = (mix * per).sum(1).mean()
             out[name] = self.cfgs[name].weight * value
         out["loss"] = torch.stack(list(out.values())).sum()

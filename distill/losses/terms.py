@@ -7,6 +7,8 @@ All maths runs in float32 whatever the autocast dtype of the inputs.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -35,6 +37,7 @@ class StepContext:
         self.phi_s = phi_s
         self.batch_size = student.image.shape[0]
         self.scale = student.logit_scale.float().clamp(max=MAX_LOGIT_SCALE)
+        self._log_conf: dict[str, Tensor] = {}
 
     def labels(self, offset: int) -> Tensor:
         return torch.arange(self.batch_size, device=self.student.image.device) + offset
@@ -85,6 +88,36 @@ class StepContext:
                 f"features have dim {dim}: the projection heads were built for another cache"
             )
         return p
+
+    def log_confidence(self, name: str) -> Tensor:
+        """(B,) float64 log p_i of teacher `name`'s own confidence in each local pair, memoised for the step.
+
+        p_i = (softmax_j(s_t * img_i . txt_j)[i] + softmax_j(s_t * txt_i . img_j)[i]) / 2 over the global batch
+        (teacher features gathered across processes without gradient), s_t the teacher's logit scale.
+        """
+        if name not in self._log_conf:
+            with torch.no_grad():
+                s = self.teacher_scale(name)
+                lps = []
+                for mine, other in (("image", "text"), ("text", "image")):
+                    all_o, offset = self.teacher_global(name, other)
+                    logits = s * self.teacher(name, mine).double() @ all_o.double().T
+                    lps.append(logits.log_softmax(-1).gather(1, self.labels(offset)[:, None]).squeeze(1))
+                self._log_conf[name] = torch.logaddexp(lps[0], lps[1]) - math.log(2.0)
+        return self._log_conf[name]
+
+    def route(self, names: list[str]) -> Tensor | None:
+        """(B, T) bool route mask for these teachers (in this order), None when the batch is not routed."""
+        r = None if self.teachers is None else self.teachers.route
+        if r is None:
+            return None
+        missing = [t for t in names if t not in r]
+        if missing:
+            raise KeyError(f"the batch's route mask has no entry for teacher(s) {missing}; it has {sorted(r)}")
+        out = torch.stack([r[t].to(torch.bool).reshape(-1) for t in names], dim=1)
+        if out.shape[0] != self.batch_size:
+            raise ValueError(f"the route mask has {out.shape[0]} rows; expected {self.batch_size}")
+        return out
 
     def feature_target(self, name: str, modality: str) -> Tensor:
         """The teacher features a feature term regresses to: PHI-S standardised when balancing is on."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-COMBINE_MODES = ("weighted_sum", "random_teacher")
+COMBINE_MODES = ("weighted_sum", "random_teacher", "confidence")
 BALANCE_MODES = ("none", "phi_s")
 
 
@@ -30,6 +30,9 @@ class TeacherBatch:
 
     feats: dict[str, dict[str, Tensor]]  # teacher -> {"image": (B, Dt), "text": (B, Dt)}, L2-normalised
     logit_scale: dict[str, float]  # teacher -> its own logit scale (the cache's `logit_scale` attr)
+    route: dict[str, Tensor] | None = None
+    # teacher -> (B,) bool: which rows are routed to that teacher (per-sample routing, `loss.routing`); None: every
+    # row to every teacher. A row routed to none of a term's teachers contributes 0 to that term.
 
 
 def _check_weight(what: str, w: float) -> None:
@@ -74,8 +77,10 @@ class CombineCfg:
     """How the per-teacher values of a term are combined into one number."""
 
     mode: str = "weighted_sum"  # "weighted_sum" | "random_teacher" (one random teacher per sample, MMKD-CLIP)
+    # | "confidence" (per-sample weights from each teacher's own confidence in the pair, no labels; combine.py)
     drop_prob: float = 0.0  # each teacher is dropped per step with this probability (never all of a term's)
     balance: str = "none"  # "none" | "phi_s" (PHI-S standardisation of feature-term targets, cache stats)
+    temperature: float = 1.0  # confidence mode: w_it proportional to term weight_t * p_it ** (1 / temperature)
 
     def __post_init__(self) -> None:
         if self.mode not in COMBINE_MODES:
@@ -84,3 +89,6 @@ class CombineCfg:
             raise ValueError(f"balance {self.balance!r} is unknown; use one of {', '.join(BALANCE_MODES)}")
         if not isinstance(self.drop_prob, (int, float)) or not 0.0 <= self.drop_prob < 1.0:
             raise ValueError(f"drop_prob must be in [0, 1), got {self.drop_prob!r}")
+        t = self.temperature
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
+            raise ValueError(f"combine temperature must be a finite number > 0, got {t!r}")
