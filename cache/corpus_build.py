@@ -1,0 +1,321 @@
+"""Build a training corpus (CSV + images) from labelled data: `distill corpus`.
+
+    sources = [CorpusSource("ham10000/train.csv", ("dermoscopy of a {diagnosis} on the {localization}",),
+                            domain="dermoscopy", fraction=0.8),
+               CorpusSource("medmnist/pneumoniamnist.npz", ("a chest x-ray showing {label}",), split="train",
+                            class_names=("no pneumonia", "pneumonia"), domain="chest x-ray")]
+    result = build_corpus(sources, "corpus-out", seed=0)   # corpus-out/corpus.csv, corpus-out/images/...
+
+`OUT_DIR/corpus.csv` has the columns image, caption, key, domain, label, source, then the union of the sources'
+metadata columns (blank where a source lacks one; a source column whose name is taken is kept as `orig_NAME`).
+`label` holds what `{label}` renders: the class name when class names are known, else the raw label. npz images
+are written as PNGs under `OUT_DIR/images/SOURCE/` (grey stays 'L', RGB stays RGB); CSV and folder images are
+referenced relative to OUT_DIR, or copied under `OUT_DIR/images/SOURCE/` with `copy_images`. Keys are
+`SOURCE/SPLIT/INDEX` (npz) or `SOURCE/PATH AS WRITTEN` (CSV, folder), so they do not depend on where files live.
+
+Determinism: everything random is drawn from `seed` and nothing else (not the source's name or position):
+- each row's template is drawn once over all rows of its source, so a row keeps its caption whatever part is kept;
+- `part=(a, b)` keeps, within each label, the rows ranked [round(a*n), round(b*n)) in a seeded random order
+  (a cut above 0 keeps at least one row, so a fraction > 0 keeps every present class). Parts of the same source
+  with the same seed are disjoint and cover it: (0, 0.8) for the student and (0.8, 1) held out for evaluation.
+  `fraction=f` is `part=(0, f)`;
+- the rows of all sources are shuffled together once (the training block sampler wants shuffled rows);
+  `shuffle=False` keeps source order.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import string
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .corpus_sources import (SOURCE_FIELDS, CorpusBuildError, CorpusSource, SourceTable, check_unique_names,
+                             read_source)
+
+__all__ = ["CorpusSource", "CorpusBuildResult", "CorpusBuildError", "build_corpus", "part_indices",
+           "template_fields", "load_recipe", "CORPUS_COLUMNS"]
+
+CORPUS_COLUMNS = ("image", "caption", "key", "domain", "label", "source")
+# independent random streams, all from the one seed
+_TEMPLATE_STREAM, _PART_STREAM, _SHUFFLE_STREAM, _MAX_ROWS_STREAM = 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class CorpusBuildResult:
+    """What `build_corpus` wrote."""
+
+    csv: Path                                         # OUT_DIR/corpus.csv
+    rows: int
+    rows_per_source: dict[str, int]
+    rows_per_domain: dict[str, int]
+    classes_per_source: dict[str, tuple[str, ...]]    # labels present (class names where known); () unlabelled
+
+    def summary(self) -> str:
+        lines = [f"wrote {self.rows} rows to {self.csv}"]
+        for name, n in self.rows_per_source.items():
+            k = len(self.classes_per_source.get(name, ()))
+            lines.append(f"  source {name:24s} {n:7d} rows" + (f", {k} classes" if k else ""))
+        for dom, n in self.rows_per_domain.items():
+            lines.append(f"  domain {dom:24s} {n:7d} rows")
+        return "\n".join(lines)
+
+
+# -- templates -----------------------------------------------------------------------------------------
+def template_fields(template: str) -> list[str]:
+    """Column names a template uses, in order: "a {diagnosis} on the {localization}" -> [diagnosis, localization]."""
+    out = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise CorpusBuildError(f"template {template!r}: {e} (write a literal brace as {{{{ or }}}})") from None
+    for _, field, _, _ in parsed:
+        if field is None:
+            continue
+        name = field.split(".")[0].split("[")[0]
+        if not name or name.isdigit():
+            raise CorpusBuildError(f"template {template!r}: every {{}} must name a column, e.g. {{diagnosis}}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def _label_display(raw: str, class_names: tuple[str, ...] | None) -> str:
+    if class_names is None or not raw:
+        return raw
+    return " and ".join(class_names[int(t)] for t in raw.split("|"))
+
+
+def _check_templates(table: SourceTable, name: str) -> list[list[str]]:
+    available = list(table.columns) + (["label"] if table.labels is not None and "label" not in table.columns else [])
+    used = []
+    for t in table.source.templates:
+        cols = template_fields(t)
+        for c in cols:
+            if c not in available:
+                hint = ("" if c != "label" else "; this source has no label (set label_column to the CSV's label "
+                        "column)")
+                raise CorpusBuildError(f"source {name}: template {t!r} uses column {c!r}, which {table.origin} "
+                                       f"does not have (available: {', '.join(available) or 'none'}){hint}")
+        used.append(cols)
+    return used
+
+
+def _values(table: SourceTable, i: int) -> dict[str, str]:
+    v = dict(table.rows[i])
+    if table.labels is not None:
+        v["label"] = _label_display(table.labels[i], table.source.class_names)
+    return v
+
+
+def _render(template: str, values: dict[str, str], where: str) -> str:
+    try:
+        return template.format(**values)
+    except (ValueError, AttributeError, IndexError, KeyError, TypeError) as e:
+        raise CorpusBuildError(f"{where}: template {template!r} cannot be filled ({type(e).__name__}: {e}); "
+                               "name plain columns, e.g. {diagnosis}") from None
+
+
+def _check_values(table: SourceTable, used: list[list[str]], values: list[dict[str, str]]) -> None:
+    templates = table.source.templates
+    for i, v in enumerate(values):
+        for t, cols in zip(templates, used):
+            for c in cols:
+                if not str(v.get(c, "")).strip():
+                    others = [u for u, ucols in zip(templates, used) if c not in ucols]
+                    alt = (f"keep only templates without {{{c}}} ({', '.join(map(repr, others))})" if others
+                           else f"use a template without {{{c}}}")
+                    raise CorpusBuildError(f"{table.where[i]}: column {c!r} is empty, and template {t!r} uses it; "
+                                           f"fill the value, or {alt}")
+
+
+# -- parts ---------------------------------------------------------------------------------------------
+def _cut(t: float, n: int) -> int:
+    """Rows of a class of n before cut point t; monotone in t, >= 1 for any t > 0 (every class kept)."""
+    if t <= 0.0 or n == 0:
+        return 0
+    return min(n, max(1, int(np.floor(t * n + 0.5))))
+
+
+def part_indices(labels: Sequence[str] | None, n: int, part: tuple[float, float], seed: int) -> np.ndarray:
+    """Sorted indices of the rows in `part` = (a, b) of n rows, stratified by label (None: one stratum).
+
+    Within each label the rows are ranked by one seeded permutation that depends only on n and seed; the part
+    keeps ranks [cut(a), cut(b)), cut(t) = round(t * n_label) but at least 1 for t > 0. So parts with the same
+    seed are disjoint and cover all rows, and a part starting at 0 holds every present label."""
+    a, b = part
+    order = np.random.default_rng([seed, _PART_STREAM]).permutation(n)
+    strata: dict[str, list[int]] = {}
+    for i in order:  # each stratum in permutation order
+        strata.setdefault("" if labels is None else labels[i], []).append(int(i))
+    keep = []
+    for rows in strata.values():
+        keep += rows[_cut(a, len(rows)):_cut(b, len(rows))]
+    return np.sort(np.asarray(keep, dtype=np.int64))
+
+
+# -- build ---------------------------------------------------------------------------------------------
+def _domain(table: SourceTable, i: int, name: str) -> str:
+    src = table.source
+    if src.domain_column is None:
+        return src.domain if src.domain is not None else name
+    value = (table.rows[i].get(src.domain_column) or "").strip()
+    if not value:
+        raise CorpusBuildError(f"{table.where[i]}: domain column {src.domain_column!r} is empty; fill it or give "
+                               "a constant domain")
+    return value
+
+
+def _safe_rel(rel: str) -> bool:
+    p = Path(rel)
+    return not p.is_absolute() and ".." not in p.parts and rel.strip() != ""
+
+
+def build_corpus(sources: Sequence[CorpusSource], out_dir: str | os.PathLike, *, seed: int = 0,
+                 shuffle: bool = True, copy_images: bool = False) -> CorpusBuildResult:
+    """Read every source, caption its rows from templates, keep each source's part, shuffle all rows together
+    (unless shuffle=False) and write OUT_DIR/corpus.csv (see the module docstring for columns and layout)."""
+    if not sources:
+        raise CorpusBuildError("no sources: give at least one CorpusSource")
+    check_unique_names(sources)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    out_abs = out.resolve()
+    records: list[dict] = []       # one per output row, in source order
+    jobs: list[tuple] = []         # (record index, table, row) for image writing
+    extras: list[str] = []
+    classes: dict[str, tuple[str, ...]] = {}
+    rows_per_source: dict[str, int] = {}
+    for src in sources:
+        name = src.source_name
+        table = read_source(src)
+        used = _check_templates(table, name)
+        values = [_values(table, i) for i in range(len(table))]
+        _check_values(table, used, values)
+        picks = np.random.default_rng([seed, _TEMPLATE_STREAM]).integers(len(src.templates), size=len(table))
+        kept = part_indices(table.labels, len(table), src.kept_part, seed)
+        if src.max_rows is not None and len(kept) > src.max_rows:
+            sub = np.random.default_rng([seed, _MAX_ROWS_STREAM]).choice(len(kept), src.max_rows, replace=False)
+            kept = kept[np.sort(sub)]
+        rename = {c: (f"orig_{c}" if c in CORPUS_COLUMNS else c) for c in table.columns
+                  if not (c == src.label_column == "label" and table.labels is not None)
+                  and not (c == src.domain_column == "domain")}
+        extras += [c for c in rename.values() if c not in extras]
+        for i in kept:
+            i = int(i)
+            rec = {"caption": _render(src.templates[picks[i]], values[i], table.where[i]),
+                   "key": f"{name}/{table.keys[i]}",
+                   "domain": _domain(table, i, name), "label": values[i].get("label", ""), "source": name}
+            rec.update({new: table.rows[i].get(old, "") for old, new in rename.items()})
+            jobs.append((len(records), table, i))
+            records.append(rec)
+        rows_per_source[name] = len(kept)
+        if table.labels is None:
+            classes[name] = ()
+        else:
+            present = {t for i in kept for t in (table.labels[i].split("|") if src.class_names else [table.labels[i]])}
+            present.discard("")
+            ordered = sorted(present, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+            classes[name] = tuple(_label_display(t, src.class_names) for t in ordered)
+    if not records:
+        raise CorpusBuildError("no rows kept: every source's part or fraction is empty")
+
+    for rec_i, table, i in tqdm(jobs, desc="corpus images", unit="img", disable=None):
+        records[rec_i]["image"] = _place_image(table, i, out_abs, copy_images)
+
+    order = (np.random.default_rng([seed, _SHUFFLE_STREAM]).permutation(len(records)) if shuffle
+             else np.arange(len(records)))
+    columns = list(CORPUS_COLUMNS) + extras
+    csv_path = out / "corpus.csv"
+    _write_csv(csv_path, columns, (records[int(k)] for k in order))
+    domains = Counter(r["domain"] for r in records)
+    return CorpusBuildResult(csv=csv_path, rows=len(records), rows_per_source=rows_per_source,
+                             rows_per_domain=dict(sorted(domains.items())), classes_per_source=classes)
+
+
+def _place_image(table: SourceTable, i: int, out_abs: Path, copy_images: bool) -> str:
+    name = table.source.source_name
+    if isinstance(table.images, np.ndarray) or not isinstance(table.images[i], str):
+        rel = Path("images") / name / f"{table.keys[i]}.png"   # keys[i] = SPLIT/INDEX
+        dest = out_abs / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        arr = np.asarray(table.images[i])
+        Image.fromarray(arr).save(dest)  # uint8 (H, W) -> 'L', (H, W, 3) -> 'RGB'
+        return rel.as_posix()
+    src_path = table.images[i]
+    if not os.path.isfile(src_path):
+        raise CorpusBuildError(f"{table.where[i]}: image {src_path} not found (paths are relative to the CSV's "
+                               "folder)")
+    if not copy_images:
+        return Path(os.path.relpath(src_path, out_abs)).as_posix()
+    key = table.keys[i]
+    rel = (Path("images") / name / key if _safe_rel(key)
+           else Path("images") / name / "_outside" / f"{i}_{Path(src_path).name}")
+    dest = out_abs / rel
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src_path, dest)
+    return rel.as_posix()
+
+
+def _write_csv(path: Path, columns: list[str], records) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".corpus-", suffix=".csv", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=columns, restval="")
+            w.writeheader()
+            for rec in records:
+                w.writerow(rec)
+        os.replace(tmp, path)  # a reader never sees a half-written corpus
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# -- recipe --------------------------------------------------------------------------------------------
+_FIELD_TYPES = {"fraction": (int, float), "max_rows": (int,), "part": (list, tuple), "templates": (str, list),
+                "class_names": (str, list)}
+
+
+def load_recipe(path: str | os.PathLike) -> list[CorpusSource]:
+    """Sources from a YAML list of CorpusSource fields; each `path` is relative to the recipe's folder."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusBuildError(f"recipe {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise CorpusBuildError(f"recipe {path}: invalid YAML ({e})") from None
+    if not isinstance(data, list) or not data:
+        raise CorpusBuildError(f"recipe {path}: expected a YAML list of sources, each a mapping such as "
+                               "{path: train.csv, templates: ['a {diagnosis}'], domain: dermoscopy}")
+    allowed = ", ".join(SOURCE_FIELDS)
+    out = []
+    for n, entry in enumerate(data, start=1):
+        where = f"recipe {path} source {n}"
+        if not isinstance(entry, dict):
+            raise CorpusBuildError(f"{where}: expected a mapping of fields ({allowed}), got {entry!r}")
+        for k, v in entry.items():
+            if k not in SOURCE_FIELDS:
+                raise CorpusBuildError(f"{where}: unknown key {k!r}; allowed keys: {allowed}")
+            types = _FIELD_TYPES.get(k, (str,))
+            if v is not None and (not isinstance(v, types) or isinstance(v, bool)):
+                raise CorpusBuildError(f"{where}: {k} must be {' or '.join(t.__name__ for t in types)}, got {v!r}")
+        for k in ("path", "templates"):
+            if k not in entry:
+                raise CorpusBuildError(f"{where}: missing key {k!r}")
+        d = dict(entry)
+        p = Path(os.path.expanduser(d["path"]))
+        d["path"] = str(p if p.is_absolute() else path.parent / p)
+        out.append(CorpusSource(**d))
+    return out
