@@ -92,7 +92,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     job = EvalJob(models=_pairs(args.model, "--model"), tasks=list(args.task), out=args.out, device=args.device,
                   batch_size=args.batch_size, num_workers=args.num_workers, bootstrap=args.bootstrap,
-                  seed=args.seed, student=args.student, max_samples=args.max_samples, cache_dir=args.cache_dir)
+                  seed=args.seed, student=args.student, baselines=tuple(args.baseline or ()),
+                  max_samples=args.max_samples, cache_dir=args.cache_dir)
     run_eval(job)
     return 0
 
@@ -170,11 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--push-to-hub", metavar="REPO", help="upload the folder to the Hugging Face Hub")
     e.set_defaults(func=cmd_export)
 
-    v = sub.add_parser("eval", help="evaluate students and teachers side by side", epilog=EPILOG)
-    v.add_argument("--model", required=True, action="append", type=_name_spec, metavar="NAME=SPEC")
+    v = sub.add_parser("eval", help="evaluate students and teachers side by side",
+                       description="Every --model on every --task, with 95%% bootstrap intervals. One model is the "
+                       "student, any --baseline models are compared with it one by one, every other model is a "
+                       "teacher. The student's paired differences (minus the best teacher, minus each baseline; "
+                       "the same resamples for every model) give a verdict per task on its headline metric "
+                       "(better / within / worse: the interval above, around or below 0) and over all tasks; "
+                       "each metric's chance level is shown beside it.", epilog=EPILOG)
+    v.add_argument("--model", required=True, action="append", type=_name_spec, metavar="NAME=SPEC",
+                   help="a model to evaluate (repeatable): the student, teachers and baselines alike")
     v.add_argument("--task", required=True, action="append", help="built-in task name or task YAML file")
     v.add_argument("--out", required=True, help="REPORT_DIR (report.json, report.md, PNG charts)")
-    v.add_argument("--student", help="which --model is the student (for the gain-over-best-teacher column)")
+    v.add_argument("--student", metavar="NAME", help="which --model is the student (default: the first model "
+                   "written by distill export, else the first --model that is not a baseline)")
+    v.add_argument("--baseline", action="append", metavar="NAME",
+                   help="a --model to compare the student with on its own, not as a teacher (repeatable); "
+                   "report.json gives student minus each baseline with its interval and a verdict")
     v.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
     v.add_argument("--batch-size", type=int, default=64)
     v.add_argument("--num-workers", type=int, default=0)
@@ -183,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-samples", type=int, help="cap every split of every task (quick looks, CI)")
     v.add_argument("--cache-dir", help="keep image embeddings on disk here and reuse them across runs")
     v.set_defaults(func=cmd_eval)
+
+    from .corpus_cli import add_corpus_parser
+    add_corpus_parser(sub)  # `distill corpus` (distill/corpus_cli.py)
 
     k = sub.add_parser("tokenizer", help="train a WordPiece vocabulary on a corpus's captions")
     k.add_argument("--data", required=True, help="corpus (as for distill cache)")

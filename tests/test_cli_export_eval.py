@@ -121,9 +121,10 @@ def test_cli_export_then_eval_then_export_with_report(run, tasks, tiny_teachers,
             assert task["gain"][metric] == pytest.approx(
                 row["distilled"]["point"] - max(row["oc"]["point"], row["hf"]["point"]))
     direct = _student_recalls(export, tasks["zs"].parent / "data.csv")  # the CLI evaluated the exported weights
+    direct["mean_recall"] = float(np.mean(list(direct.values())))
     assert {m: row["distilled"]["point"] for m, row in report["tasks"]["rt"]["metrics"].items()} == pytest.approx(direct)
     md = (report_dir / "report.md").read_text()
-    assert "| task | metric | oc | hf | distilled (student) | distilled − best teacher |" in md
+    assert "| task | metric | oc | hf | distilled (student) | chance | distilled − best teacher |" in md
     for name in ("zs", "rt"):
         assert (report_dir / "charts" / f"{name}.png").read_bytes()[:4] == b"\x89PNG" and f"(charts/{name}.png)" in md
 
@@ -154,3 +155,51 @@ def test_cli_errors_are_clear(run, tasks, tiny_teachers, tmp_path, capsys):
     assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "distill export: error:" in err and f"checkpoint {tmp_path / 'nope'} not found" in err
+
+
+def test_cli_eval_with_baseline(tasks, tiny_teachers, tmp_path, capsys):
+    """--student and --baseline: roles, paired differences, verdicts, chance levels and the Overall section."""
+    out = tmp_path / "report"
+    argv = ["eval", "--model", f"oc={tiny_teachers['oc']}", "--model", f"hf={tiny_teachers['hf']}",
+            "--model", f"oc2={tiny_teachers['oc']}", "--student", "oc", "--baseline", "oc2", "--baseline", "hf",
+            "--task", str(tasks["zs"]), "--task", str(tasks["rt"]), "--out", str(out), "--device", "cpu",
+            "--bootstrap", "40", "--batch-size", "6"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["student"] == "oc" and report["baselines"] == ["hf", "oc2"] and report["teachers"] == []
+    assert [v["role"] for v in report["models"].values()] == ["student", "baseline", "baseline"]
+    for task in report["tasks"].values():
+        for metric, d in task["differences"].items():
+            assert d["student_minus_best_teacher"] is None and task["gain"][metric] is None  # no teachers
+            assert d["student_minus_teacher"] == {}
+            assert d["student_minus_baseline"]["oc2"] == {"value": 0.0, "ci": [0.0, 0.0]}  # the same model
+            hf = d["student_minus_baseline"]["hf"]
+            row = task["metrics"][metric]
+            assert hf["value"] == pytest.approx(row["oc"]["point"] - row["hf"]["point"])
+            assert hf["ci"][0] <= hf["value"] <= hf["ci"][1]
+        v = task["verdict"]
+        assert v["vs_teachers"] is None and v["vs_baselines"]["oc2"] == "within"
+        assert v["vs_baselines"]["hf"] in ("better", "within", "worse")
+    assert report["tasks"]["zs"]["chance"]["accuracy"] == pytest.approx(1 / 3)
+    assert report["tasks"]["rt"]["chance"]["image_to_text_R@1"] == pytest.approx(1 / 12)  # 12 distinct captions
+    assert report["overall"]["student_minus_best_teacher"] is None
+    assert report["overall"]["student_minus_baseline"]["oc2"]["verdict"] == "within"
+    md = (out / "report.md").read_text()
+    assert "| task | metric | oc (student) | hf (baseline) | oc2 (baseline) | chance | oc − hf | oc − oc2 |" in md
+    assert "## Overall" in md and "**Verdict** (headline metric macro_auroc): oc is " in md
+
+
+def test_cli_eval_baseline_errors_and_help(tasks, tiny_teachers, tmp_path, capsys):
+    base = ["eval", "--model", f"oc={tiny_teachers['oc']}", "--model", f"hf={tiny_teachers['hf']}",
+            "--task", str(tasks["zs"]), "--out", str(tmp_path / "r")]
+    assert main([*base, "--baseline", "clip"]) == 2
+    err = capsys.readouterr().err
+    assert "distill eval: error: baseline 'clip' is not one of the models (oc, hf)" in err
+    assert main([*base, "--student", "oc", "--baseline", "oc"]) == 2
+    assert "'oc' is the student; a baseline must be another model" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--baseline NAME" in text and "--student NAME" in text and "better / within / worse" in text

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,13 +109,15 @@ def test_report_student_vs_two_teachers(tmp_path, tiny_teachers, student_spec, t
             want = row["ours"]["point"] - max(row["oc"]["point"], row["hf"]["point"])
             assert task["gain"][metric] == pytest.approx(want)
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "| task | metric | oc | hf | ours (student) | ours − best teacher |" in md
+    assert "| task | metric | oc | hf | ours (student) | chance | ours − best teacher |" in md
     acc = zs["metrics"]["accuracy"]
     best = max(acc, key=lambda m: acc[m]["point"])
     line = next(l for l in md.splitlines() if l.startswith("| toy-zeroshot | accuracy |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[2 + list(models).index(best)].startswith("**")
-    assert cells[-1] == f"{zs['gain']['accuracy']:+.3f}"
+    d = zs["differences"]["accuracy"]["student_minus_best_teacher"]
+    assert cells[-1] == f"{d['value']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] (vs {d['teacher']})"
+    assert d["value"] == pytest.approx(zs["gain"]["accuracy"]) and cells[-2] == "0.333"  # chance: 1 / 3 classes
     for name in ("toy-zeroshot", "toy-retrieval", "toy-probe"):
         png = tmp_path / "rep" / "charts" / f"{name}.png"
         assert png.read_bytes()[:8] == PNG_MAGIC and f"](charts/{name}.png)" in md
@@ -174,8 +177,10 @@ def test_markdown_table_bold_best_and_gain():
                                                                                 float("nan"))}}},
                           {"bootstrap": 100, "seed": 0})
     table = markdown_table(report, "task").splitlines()
-    assert table[2] == "| task | acc | **0.812 [0.78, 0.84]** | 0.700 [0.60, 0.80] | 0.750 [0.70, 0.80] | +0.062 |"
-    assert table[3] == "| task | auc | 0.500 [0.40, 0.60] | **0.900 [0.85, 0.95]** | n/a | -0.400 |"
+    # no replicates here, so the differences have no interval; no chance levels given: empty cells
+    assert table[2] == ("| task | acc | **0.812 [0.78, 0.84]** | 0.700 [0.60, 0.80] | 0.750 [0.70, 0.80] |  "
+                        "| +0.062 (vs t2) |")
+    assert table[3] == "| task | auc | 0.500 [0.40, 0.60] | **0.900 [0.85, 0.95]** | n/a |  | -0.400 (vs t1) |"
     assert report["tasks"]["task"]["metrics"]["auc"]["t2"]["point"] is None  # NaN -> null in JSON
 
 
@@ -193,3 +198,67 @@ def test_builtin_tasks_on_real_data(tmp_path, shared_data, monkeypatch, tiny_tea
     assert ham["accuracy"]["ours"]["n"] == 48 and math.isfinite(ham["macro_auroc"]["ours"]["point"])
     _check_estimates(report)
     assert (tmp_path / "real" / "charts" / "pneumoniamnist-finetune.png").is_file()
+
+
+def test_baseline_roles_and_paired_resamples_for_every_task_kind(tmp_path, tiny_teachers, tmp_tasks):
+    """The same model under two names, as student and baseline: on every task kind (zero-shot, retrieval, linear
+    probe, fine-tuning) the paired difference is exactly 0 with interval [0, 0], which holds only if both names
+    were scored on identical bootstrap resamples."""
+    from distill.eval.compare import overall_summary
+
+    root = Path(tmp_tasks[0]).parent
+    ft = root / "toy-finetune.yaml"
+    ft.write_text(yaml.safe_dump({"name": "toy-finetune", "kind": "finetune", "dataset": {"path": "toy.npz"},
+                                  "classes": ["no", "yes"], "finetune": {"epochs": 1, "batch_size": 16,
+                                                                         "max_steps": 2}}))
+    job = EvalJob(models={"a": tiny_teachers["oc"], "b": tiny_teachers["oc"], "h": tiny_teachers["hf"]},
+                  tasks=[*tmp_tasks, str(ft)], out=str(tmp_path / "rep"), device="cpu", batch_size=8,
+                  bootstrap=60, student="b", baselines=("a",))
+    report = run_eval(job)
+    assert report["student"] == "b" and report["baselines"] == ["a"] and report["teachers"] == ["h"]
+    assert {m: v["role"] for m, v in report["models"].items()} == {"a": "baseline", "b": "student", "h": "teacher"}
+    heads = {"toy-zeroshot": "macro_auroc", "toy-retrieval": "mean_recall", "toy-probe": "full/macro_auroc",
+             "toy-finetune": "macro_auroc"}
+    for name, task in report["tasks"].items():
+        assert task["headline"] == heads[name]
+        for metric, row in task["metrics"].items():
+            d = task["differences"][metric]
+            assert d["student_minus_baseline"] == {"a": {"value": 0.0, "ci": [0.0, 0.0]}}, (name, metric)
+            assert d["student_minus_best_teacher"]["teacher"] == "h"
+            assert d["student_minus_best_teacher"]["value"] == pytest.approx(row["b"]["point"] - row["h"]["point"])
+            assert task["gain"][metric] == pytest.approx(row["b"]["point"] - row["h"]["point"])  # teachers only
+        assert task["verdict"]["metric"] == heads[name] and task["verdict"]["vs_baselines"] == {"a": "within"}
+        assert task["verdict"]["vs_teachers"] in ("better", "within", "worse")
+        assert set(task["chance"]) == set(task["metrics"])
+    zs, rt = report["tasks"]["toy-zeroshot"], report["tasks"]["toy-retrieval"]
+    assert zs["chance"]["accuracy"] == pytest.approx(1 / 3) and zs["chance"]["macro_auroc"] == 0.5
+    assert zs["chance"]["macro_f1"] == pytest.approx(1 / 3)  # balanced classes: 2 (1/3)(1/3) / (2/3) = 1/3
+    assert rt["chance"]["image_to_text_R@1"] == pytest.approx(1 / 6)  # 6 distinct captions
+    assert rt["chance"]["text_to_image_R@1"] == pytest.approx(1 - 15 / 18)  # 3 of 18 images carry each caption
+    assert report["tasks"]["toy-probe"]["chance"]["2-shot/accuracy"] == 0.5
+    o = report["overall"]
+    assert o["student_minus_baseline"]["a"] == {"value": 0.0, "ci": [0.0, 0.0], "verdict": "within",
+                                                "tasks": list(heads)}
+    assert o["student_minus_best_teacher"]["teachers"] == {t: "h" for t in heads}
+    assert json.loads((tmp_path / "rep" / "report.json").read_text()) == report
+    # the replicates stay in memory: the harness can average over any subset of tasks
+    assert report.estimates["toy-probe"]["b"]["full/macro_auroc"].replicates.shape == (60,)
+    again = overall_summary(report.estimates, "b", ["h"], ["a"])
+    assert again["student_minus_best_teacher"]["value"] == pytest.approx(o["student_minus_best_teacher"]["value"])
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| task | metric | a (baseline) | b (student) | h | chance | b − best teacher | b − a |" in md
+    assert "## Overall" in md and "| b − a | +0.000 [+0.000, +0.000] | within |" in md
+    assert "**Verdict** (headline metric mean_recall): b is " in md and "within the interval of baseline a" in md
+
+
+def test_baseline_must_be_a_model_and_not_the_student(tmp_path, tiny_teachers, tmp_tasks):
+    kw = dict(models={"a": tiny_teachers["oc"], "b": tiny_teachers["hf"]}, tasks=tmp_tasks[:1], out=str(tmp_path))
+    with pytest.raises(ValueError, match=r"baseline 'c' is not one of the models \(a, b\)"):
+        EvalJob(baselines=("c",), **kw)
+    with pytest.raises(ValueError, match="'a' is the student; a baseline must be another model"):
+        EvalJob(student="a", baselines=("a",), **kw)
+    with pytest.raises(ValueError, match="every model is a baseline"):
+        EvalJob(baselines=("a", "b"), **kw)
+    from distill.eval import pick_student
+
+    assert pick_student(EvalJob(baselines=("a",), **kw)) == "b"  # the default student is never a baseline

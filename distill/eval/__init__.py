@@ -2,13 +2,19 @@
 
 Tasks are YAML files (`tasks.py`), read by `datasets.py`; image embeddings are computed once per model and split
 (`embeddings.py`); each task kind has its own module (`zeroshot`, `retrieval`, `linear_probe`, `finetune`);
-`metrics.py` and `bootstrap.py` are pure numpy; `report.py` writes report.json, report.md and PNG charts.
+`metrics.py` and `bootstrap.py` are pure numpy; `compare.py` turns paired bootstrap differences into verdicts;
+`chance.py` gives each metric's chance level; `report.py` writes report.json, report.md and PNG charts.
 """
-from .bootstrap import Estimate, bootstrap
+from .bootstrap import Difference, Estimate, bootstrap, mean_difference, paired_difference
+from .chance import chance_levels
+from .compare import headline_metric, overall_summary, verdict_word
 from .datasets import SplitData, load_splits
+from .report import EvalReport
 from .runner import EVALUATORS, EvalJob, is_our_export, pick_student, run_eval
 from .tasks import DatasetCfg, FinetuneCfg, ProbeCfg, TaskCfg, TaskError, data_root, list_tasks, load_task
 
 __all__ = ["EvalJob", "run_eval", "EVALUATORS", "is_our_export", "pick_student", "Estimate", "bootstrap",
+           "Difference", "paired_difference", "mean_difference", "headline_metric", "verdict_word",
+           "overall_summary", "chance_levels", "EvalReport",
            "SplitData", "load_splits", "TaskCfg", "DatasetCfg", "ProbeCfg", "FinetuneCfg", "TaskError",
            "data_root", "list_tasks", "load_task"]

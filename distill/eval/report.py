@@ -2,14 +2,26 @@
 
 Layout of report.json::
 
-    {"format": "biomed-distill-eval", "version": 1, "student": NAME | null, "teachers": [NAME, ...],
-     "models": {NAME: {"spec", "role", "embed_dim"}}, "settings": {...},
+    {"format": "biomed-distill-eval", "version": 1, "student": NAME | null, "baselines": [NAME, ...],
+     "teachers": [NAME, ...],                                   # every model that is neither student nor baseline
+     "models": {NAME: {"spec", "role": "student" | "baseline" | "teacher", "embed_dim"}}, "settings": {...},
      "tasks": {TASK: {"kind", "source", "dataset", "n": {split: rows}, "classes",
                       "metrics": {METRIC: {MODEL: {"point", "ci_low", "ci_high", "n"}}},
-                      "gain": {METRIC: student point - best teacher point | null}}},
+                      "headline": METRIC | null,                # the metric the verdict is about
+                      "chance": {METRIC: expected value of a random scorer | null},
+                      "gain": {METRIC: student point - best teacher point | null},
+                      "differences": {METRIC: {                 # paired bootstrap, same resamples for every model
+                          "student_minus_best_teacher": {"teacher": NAME, "value": x, "ci": [lo, hi]} | null,
+                          "student_minus_baseline": {BASELINE: {"value": x, "ci": [lo, hi]}},
+                          "student_minus_teacher": {TEACHER: {"value": x, "ci": [lo, hi]}}}},
+                      "verdict": {"metric", "vs_teachers": "better" | "within" | "worse" | null,
+                                  "vs_baselines": {BASELINE: word | null}, "text"} | null}},
+     "overall": {"metric": "headline", "headlines": {TASK: METRIC}, "level",
+                 "student_minus_best_teacher": {"value", "ci", "verdict", "tasks", "teachers": {TASK: NAME}} | null,
+                 "student_minus_baseline": {BASELINE: {"value", "ci", "verdict", "tasks"} | null}, "text"} | null,
      "results": {MODEL: {TASK: {METRIC: point | null}}}}   # the point estimates alone (model cards read these)
 
-Every metric is higher-is-better, so "best" is the largest point estimate.
+Every metric is higher-is-better, so "best" is the largest point estimate. NaN is written as null.
 """
 from __future__ import annotations
 
@@ -17,11 +29,19 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
-from .bootstrap import Estimate
+from .bootstrap import Difference, Estimate
+from .compare import headline_metric, metric_differences, overall_summary, verdict
 
 FORMAT = "biomed-distill-eval"
+
+
+class EvalReport(dict):
+    """The report.json dict, plus `estimates[task][model][metric]`: the Estimates with their bootstrap replicates
+    (in memory only), for `compare.overall_summary` over any subset of tasks or models."""
+
+    estimates: Mapping[str, Mapping[str, Mapping[str, Estimate]]]
 
 
 def _finite(v) -> bool:
@@ -36,26 +56,58 @@ def student_gain(row: Mapping[str, Estimate], student: str | None, teachers: lis
     return row[student].point - max(pts) if pts else None
 
 
+def _differences_json(d: dict) -> dict:
+    best = d["student_minus_best_teacher"]
+    return {"student_minus_best_teacher": None if best is None else {"teacher": best[0], **best[1].to_dict()},
+            "student_minus_baseline": {b: diff.to_dict() for b, diff in d["student_minus_baseline"].items()},
+            "student_minus_teacher": {t: diff.to_dict() for t, diff in d["student_minus_teacher"].items()}}
+
+
+def roles(models: Sequence[str], student: str | None, baselines: Sequence[str] = ()) -> dict[str, str]:
+    """{model: "student" | "baseline" | "teacher"}."""
+    return {m: "student" if m == student else "baseline" if m in baselines else "teacher" for m in models}
+
+
 def build_report(models: Mapping[str, dict], student: str | None, tasks: Mapping[str, dict],
-                 results: Mapping[str, Mapping[str, Mapping[str, Estimate]]], settings: dict) -> dict:
-    """Assemble the report. `results[task][model][metric]` are Estimates; `tasks[task]` its description."""
+                 results: Mapping[str, Mapping[str, Mapping[str, Estimate]]], settings: dict,
+                 baselines: Sequence[str] = (),
+                 chance: Mapping[str, Mapping[str, float | None]] | None = None) -> EvalReport:
+    """Assemble the report. `results[task][model][metric]` are Estimates; `tasks[task]` its description;
+    `chance[task][metric]` the chance levels (`chance.chance_levels`)."""
     from distill import __version__
 
-    teachers = [m for m in models if m != student]
+    role = roles(list(models), student, baselines)
+    teachers = [m for m, r in role.items() if r == "teacher"]
+    baselines = [m for m, r in role.items() if r == "baseline"]
+    level = settings.get("confidence", 0.95)
     out_tasks = {}
     for task, info in tasks.items():
         per_model = results.get(task, {})
         metric_names = list(dict.fromkeys(m for model in per_model.values() for m in model))
         metrics = {m: {name: per_model[name][m] for name in models if m in per_model.get(name, {})}
                    for m in metric_names}
+        diffs = {m: metric_differences(row, student, teachers, baselines, level) for m, row in metrics.items()}
+        head = headline_metric(metric_names)
+        task_chance = (chance or {}).get(task, {})
         out_tasks[task] = {**info,
                            "metrics": {m: {k: e.to_dict() for k, e in row.items()} for m, row in metrics.items()},
-                           "gain": {m: student_gain(row, student, teachers) for m, row in metrics.items()}}
+                           "headline": head,
+                           "chance": {m: task_chance.get(m) for m in metric_names},
+                           "gain": {m: student_gain(row, student, teachers) for m, row in metrics.items()},
+                           "differences": ({m: _differences_json(d) for m, d in diffs.items()}
+                                           if student is not None else {}),
+                           "verdict": verdict(head, student, diffs.get(head, {}), level)}
     points = {m: {t: {k: row[m]["point"] for k, row in info["metrics"].items() if m in row}
                   for t, info in out_tasks.items()} for m in models}
-    return {"format": FORMAT, "version": 1, "created_by": __version__, "student": student, "teachers": teachers,
-            "models": {k: {**v, "role": "student" if k == student else "teacher"} for k, v in models.items()},
-            "settings": settings, "tasks": out_tasks, "results": points}
+    report = EvalReport({
+        "format": FORMAT, "version": 1, "created_by": __version__, "student": student, "baselines": baselines,
+        "teachers": teachers, "models": {k: {**v, "role": role[k]} for k, v in models.items()},
+        "settings": settings, "tasks": out_tasks,
+        "overall": overall_summary({t: results.get(t, {}) for t in tasks}, student, teachers, baselines,
+                                   {t: out_tasks[t]["headline"] for t in out_tasks}, level),
+        "results": points})
+    report.estimates = results
+    return report
 
 
 def _est(d: dict) -> Estimate:
@@ -67,14 +119,33 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
+def _label(m: str, role: str, n_models: int) -> str:
+    return f"{m} ({role})" if role != "teacher" and n_models > 1 else m
+
+
+def _diff_text(d: dict | None) -> str:
+    if d is None:
+        return "n/a"
+    nan = float("nan")
+    lo, hi = (nan if v is None else v for v in d["ci"])
+    return str(Difference(nan if d["value"] is None else d["value"], lo, hi))
+
+
 def markdown_table(report: dict, task: str) -> str:
-    """One row per metric, one column per model ('0.812 [0.78, 0.84]'), the best per row in bold."""
+    """One row per metric, one column per model ('0.812 [0.78, 0.84]', the best per row in bold), the chance
+    level, then the student's paired differences: minus the best teacher, minus each baseline."""
     models, student = list(report["models"]), report["student"]
+    baselines = [m for m in report.get("baselines", []) if m in report["models"]]
+    n_teachers = len(report.get("teachers", []))
     t = report["tasks"][task]
-    show_gain = student is not None and len(models) > 1
-    header = ["task", "metric"] + [f"{m} (student)" if m == student and show_gain else m for m in models]
+    role = {m: v.get("role", "teacher") for m, v in report["models"].items()}
+    show_gain = student is not None and n_teachers > 0
+    show_base = student is not None and bool(baselines)
+    header = ["task", "metric"] + [_label(m, role[m], len(models)) for m in models] + ["chance"]
     if show_gain:
         header.append(f"{student} − best teacher")
+    if show_base:
+        header += [f"{student} − {b}" for b in baselines]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for metric, row in t["metrics"].items():
         ests = {m: _est(row[m]) for m in models if m in row}
@@ -86,29 +157,64 @@ def markdown_table(report: dict, task: str) -> str:
                 cells.append("")
                 continue
             text = str(ests[m])
-            cells.append(f"**{text}**" if best is not None and ests[m].point == best and len(models) > 1 else text)
-        line = [task, metric] + cells
+            top = best is not None and math.isclose(ests[m].point, best, rel_tol=0, abs_tol=1e-12)
+            cells.append(f"**{text}**" if top and len(models) > 1 else text)
+        c = t.get("chance", {}).get(metric)
+        line = [task, metric] + cells + ["" if c is None else f"{c:.3f}"]
+        diffs = t.get("differences", {}).get(metric, {})
         if show_gain:
-            g = t["gain"].get(metric)
-            line.append("n/a" if g is None else f"{g:+.3f}")
+            d = diffs.get("student_minus_best_teacher")
+            line.append(_diff_text(d) + (f" (vs {d['teacher']})" if d is not None and n_teachers > 1 else ""))
+        if show_base:
+            line += [_diff_text(diffs.get("student_minus_baseline", {}).get(b)) for b in baselines]
         lines.append("| " + " | ".join(line) + " |")
     return "\n".join(lines)
 
 
+def overall_markdown(report: dict) -> list[str]:
+    """The "Overall" section: mean over tasks of the headline paired differences, with intervals and verdicts."""
+    o = report.get("overall")
+    if not o:
+        return []
+    student = report["student"]
+    lines = ["", "## Overall", "", o["text"] + ".", "",
+             "| comparison | mean difference [95% CI] | verdict | tasks |", "|---|---|---|---|"]
+    rows = [(f"{student} − best teacher", o.get("student_minus_best_teacher"))]
+    rows += [(f"{student} − {b}", d) for b, d in o.get("student_minus_baseline", {}).items()]
+    for name, d in rows:
+        if d is not None:
+            lines.append(f"| {name} | {_diff_text(d)} | {d['verdict'] or 'n/a'} | {', '.join(d['tasks'])} |")
+    heads = ", ".join(f"{t} {m}" for t, m in o.get("headlines", {}).items() if m)
+    lines += ["", f"Headline metric per task: {heads}. Replicate r of the mean is the mean over tasks of each "
+              "task's replicate r (tasks are independent test sets); better/worse: the interval lies above/below 0."]
+    return lines
+
+
 def write_markdown(report: dict, out: Path, charts: Mapping[str, str]) -> Path:
     s = report["settings"]
+    level = s.get("confidence", 0.95)
     lines = ["# Evaluation report", ""]
-    if report["student"] and report["teachers"]:
-        lines.append(f"Student: **{report['student']}**; teachers: {', '.join(report['teachers'])}. "
-                     "The last column is the student's point estimate minus the best teacher's.")
-    lines += [f"Values: point estimate [95% CI], percentile bootstrap over test samples ({s.get('bootstrap')} "
-              f"resamples, seed {s.get('seed')}); the best per row in bold.", "", "## Models", "",
-              "| model | role | spec |", "|---|---|---|"]
+    if report["student"] and (report["teachers"] or report.get("baselines")):
+        who = [f"Student: **{report['student']}**"]
+        if report.get("baselines"):
+            who.append(f"baselines: {', '.join(report['baselines'])}")
+        if report["teachers"]:
+            who.append(f"teachers: {', '.join(report['teachers'])}")
+        lines.append("; ".join(who) + ". After the models come the chance level (the expected score of a random "
+                     "scorer) and the student's paired differences (student − best teacher, student − each "
+                     f"baseline) with {100 * level:g}% intervals from the same bootstrap resamples for every model.")
+    lines += [f"Values: point estimate [{100 * level:g}% CI], percentile bootstrap over test samples "
+              f"({s.get('bootstrap')} resamples, seed {s.get('seed')}); the best per row in bold.", "", "## Models",
+              "", "| model | role | spec |", "|---|---|---|"]
     lines += [f"| {k} | {v['role']} | `{v['spec']}` |" for k, v in report["models"].items()]
+    lines += overall_markdown(report)
     for task, t in report["tasks"].items():
         sizes = ", ".join(f"{k} {v}" for k, v in t.get("n", {}).items())
         lines += ["", f"## {task}", "", f"{t.get('kind')} on `{t.get('dataset')}` ({sizes})", "",
                   markdown_table(report, task)]
+        v = t.get("verdict")
+        if v:
+            lines += ["", f"**Verdict** (headline metric {v['metric']}): {v['text']}."]
         if task in charts:
             lines += ["", f"![{task}]({charts[task]})"]
     path = out / "report.md"
@@ -116,15 +222,9 @@ def write_markdown(report: dict, out: Path, charts: Mapping[str, str]) -> Path:
     return path
 
 
-def _headline(metrics: dict) -> str | None:
-    for m in ("accuracy", "mean_auroc"):
-        if any(k.endswith("/" + m) for k in metrics):
-            return m
-    return None
-
-
 def plot_task(report: dict, task: str, path: Path) -> Path:
-    """A grouped bar chart (metrics x models) with CI error bars; probes: headline metric against shots."""
+    """A grouped bar chart (metrics x models) with CI error bars and a dashed chance line per metric;
+    linear probes: the headline metric against shots, chance as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,11 +232,12 @@ def plot_task(report: dict, task: str, path: Path) -> Path:
     import numpy as np
 
     t, models = report["tasks"][task], list(report["models"])
-    labels = {m: f"{m} (student)" if m == report.get("student") and len(models) > 1 else m for m in models}
-    metrics = t["metrics"]
-    head = _headline(metrics)
+    role = {m: v.get("role", "teacher") for m, v in report["models"].items()}
+    labels = {m: _label(m, role[m], len(models)) for m in models}
+    metrics, chance = t["metrics"], t.get("chance", {})
+    head = (t.get("headline") or "").split("/")[-1]
     if t.get("kind") == "linear_probe" and head:
-        names = [k for k in metrics if k.endswith("/" + head)]
+        names = [k for k in metrics if k.endswith("/" + head) and k.count("/") == 1]
         fig, ax = plt.subplots(figsize=(max(5.0, 1.0 * len(names) + 2), 3.8))
         x = np.arange(len(names))
         for j, m in enumerate(models):
@@ -145,6 +246,9 @@ def plot_task(report: dict, task: str, path: Path) -> Path:
             err = np.array([[v.point - v.ci_low for v in e], [v.ci_high - v.point for v in e]], dtype=float)
             ax.errorbar(x + (j - (len(models) - 1) / 2) * 0.05, y, yerr=np.nan_to_num(err), marker="o", capsize=3,
                         label=labels[m])
+        levels = [chance.get(k) for k in names if chance.get(k) is not None]
+        if levels:
+            ax.axhline(levels[0], color="0.3", linestyle="--", linewidth=1, label="chance")
         ax.set_xticks(x, [k.split("/")[0] for k in names])
         ax.set_xlabel("training images per class")
         ax.set_ylabel(f"{head} (95% CI)")
@@ -158,6 +262,12 @@ def plot_task(report: dict, task: str, path: Path) -> Path:
             err = np.nan_to_num(np.clip(np.array([[v.point - v.ci_low for v in e],
                                                   [v.ci_high - v.point for v in e]], dtype=float), 0, None))
             ax.bar(x + (j - (len(models) - 1) / 2) * width, y, width, yerr=err, capsize=3, label=labels[m])
+        first = True
+        for i, k in enumerate(names):  # one dashed segment over each metric's group of bars
+            if chance.get(k) is not None:
+                ax.hlines(chance[k], i - 0.45, i + 0.45, colors="0.15", linestyles="--", linewidth=1.2,
+                          label="chance" if first else None, zorder=3)
+                first = False
         slant = len(names) > 2 and max(map(len, names)) > 8  # long metric names would run into each other
         ax.set_xticks(x, names, rotation=25 if slant else 0, ha="right" if slant else "center")
         ax.set_ylabel("score (95% bootstrap CI)")

@@ -3,10 +3,12 @@
 Captions are deduplicated (whitespace-normalised), so the gallery for image->text holds each text once. An image
 query is correct when its own caption is in the top k; a caption query is correct when ANY of the images that
 carry it is in the top k. Ties are broken at random in expectation, so a constant model scores chance.
-Intervals resample the queries of each direction.
+Intervals resample the queries of each direction (both directions in one bootstrap, as two strata);
+`mean_recall`, the mean of the six recalls, is the task's headline metric.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
@@ -45,12 +47,24 @@ def retrieval_hits(image_emb: torch.Tensor, text_emb: torch.Tensor, owner: np.nd
 
 def retrieval_metrics(i2t_hits: np.ndarray, t2i_hits: np.ndarray, resamples: int = 1000,
                       seed: int = 0, ks: Sequence[int] = KS) -> dict[str, Estimate]:
-    """R@k both ways with bootstrap CIs over the queries; `*_hits` from `retrieval_hits` with the same `ks`."""
-    out = {}
-    for direction, hits in (("image_to_text", i2t_hits), ("text_to_image", t2i_hits)):
-        fns = {f"{direction}_R@{k}": (lambda i, c=c, h=hits: M.recall_at_k(h[i, c])) for c, k in enumerate(ks)}
-        out.update(bootstrap(fns, len(hits), resamples, seed))
-    return out
+    """R@k both ways and their mean (`mean_recall`, the headline) with bootstrap CIs over the queries.
+
+    `*_hits` come from `retrieval_hits` with the same `ks`. One bootstrap resamples image queries and text queries
+    separately (two strata) in each resample, so `mean_recall` has an interval and every model shares the resamples.
+    """
+    n_img, n_txt = len(i2t_hits), len(t2i_hits)
+    hits = {"image_to_text": i2t_hits, "text_to_image": t2i_hits}
+
+    def part(idx: np.ndarray, direction: str) -> np.ndarray:
+        return idx[idx < n_img] if direction == "image_to_text" else idx[idx >= n_img] - n_img
+
+    fns = {f"{d}_R@{k}": (lambda i, c=c, d=d: M.recall_at_k(hits[d][part(i, d), c]))
+           for d in hits for c, k in enumerate(ks)}
+    fns["mean_recall"] = lambda i: float(np.mean([M.recall_at_k(hits[d][part(i, d), c])
+                                                  for d in hits for c in range(len(ks))]))
+    out = bootstrap(fns, n_img + n_txt, resamples, seed, strata=(n_img, n_txt))
+    sizes = {"image_to_text": n_img, "text_to_image": n_txt}
+    return {k: (replace(e, n=sizes[k.split("_R@")[0]]) if "_R@" in k else e) for k, e in out.items()}
 
 
 def evaluate_retrieval(task, model: Teacher, name: str, splits: dict, ctx: EvalContext) -> dict[str, Estimate]:

@@ -15,12 +15,13 @@ import torch
 from distill.registry import Registry
 
 from .bootstrap import Estimate
+from .chance import chance_levels
 from .context import EvalContext
 from .datasets import SplitData, load_splits
 from .embeddings import EmbeddingCache
 from .finetune import evaluate_finetune
 from .linear_probe import evaluate_linear_probe
-from .report import build_report, write_report
+from .report import EvalReport, build_report, write_report
 from .retrieval import evaluate_retrieval
 from .tasks import TaskCfg, load_task
 from .zeroshot import evaluate_zeroshot
@@ -46,7 +47,8 @@ class EvalJob:
     num_workers: int = 0
     bootstrap: int = 1000               # bootstrap resamples for 95% CIs (0: none)
     seed: int = 0
-    student: str | None = None          # the model whose gain over the best teacher is reported
+    student: str | None = None          # the model compared with the teachers and baselines
+    baselines: tuple[str, ...] = ()     # models the student is compared with one by one (not teachers)
     max_samples: int | None = None      # cap every split of every task (smoke runs, CI)
     cache_dir: str | None = None        # keep image embeddings on disk here across runs (default: memory only)
 
@@ -57,6 +59,17 @@ class EvalJob:
             raise ValueError("eval needs at least one --task (a built-in name or a task .yaml file)")
         if self.student is not None and self.student not in self.models:
             raise ValueError(f"student {self.student!r} is not one of the models ({', '.join(self.models)})")
+        object.__setattr__(self, "baselines", tuple(self.baselines))
+        for b in self.baselines:
+            if b not in self.models:
+                raise ValueError(f"baseline {b!r} is not one of the models ({', '.join(self.models)}); "
+                                 "give it with --model NAME=SPEC as well")
+            if b == self.student:
+                raise ValueError(f"{b!r} is the student; a baseline must be another model")
+        if len(set(self.baselines)) != len(self.baselines):
+            raise ValueError(f"a baseline is given twice: {list(self.baselines)}")
+        if set(self.baselines) >= set(self.models):
+            raise ValueError("every model is a baseline; one --model must be the student")
         if self.bootstrap < 0 or self.batch_size < 1:
             raise ValueError("bootstrap must be >= 0 and batch_size >= 1")
 
@@ -90,11 +103,12 @@ def is_our_export(spec: str) -> bool:
 
 
 def pick_student(job: EvalJob) -> str:
-    """job.student, else the first model exported by us, else the first model."""
+    """job.student, else the first model exported by us, else the first model (baselines never)."""
     if job.student is not None:
         return job.student
-    ours = [name for name, spec in job.models.items() if is_our_export(spec)]
-    return ours[0] if ours else next(iter(job.models))
+    candidates = [name for name in job.models if name not in job.baselines]
+    ours = [name for name in candidates if is_our_export(job.models[name])]
+    return ours[0] if ours else candidates[0]
 
 
 def _task_info(task: TaskCfg, splits: dict[str, SplitData]) -> dict:
@@ -103,8 +117,12 @@ def _task_info(task: TaskCfg, splits: dict[str, SplitData]) -> dict:
             "multilabel": task.multilabel}
 
 
-def run_eval(job: EvalJob) -> dict:
-    """Evaluate every model on every task; write report.json, report.md and charts/ into job.out."""
+def run_eval(job: EvalJob) -> EvalReport:
+    """Evaluate every model on every task; write report.json, report.md and charts/ into job.out.
+
+    Returns the report.json dict; its `.estimates[task][model][metric]` keep the bootstrap replicates in memory
+    (for `compare.overall_summary` on other subsets of tasks or models).
+    """
     out = Path(job.out)
     tasks = [load_task(t, max_samples=job.max_samples) for t in job.tasks]
     names = [t.name for t in tasks]
@@ -132,8 +150,10 @@ def run_eval(job: EvalJob) -> dict:
             torch.cuda.empty_cache()
     settings = {"bootstrap": job.bootstrap, "seed": job.seed, "device": device, "max_samples": job.max_samples,
                 "confidence": 0.95}
+    chance = {t.name: chance_levels(t, data[t.name]["test"],
+                                    dict.fromkeys(m for r in results[t.name].values() for m in r)) for t in tasks}
     report = build_report(models, pick_student(job), {t.name: _task_info(t, data[t.name]) for t in tasks},
-                          results, settings)
+                          results, settings, baselines=job.baselines, chance=chance)
     paths = write_report(report, out)
     log.info("report written to %s", paths["md"])
     return report
