@@ -2,7 +2,8 @@
 
 Why no argparse: the project's rule is that only distill/cli.py imports it; a benchmark's flags are a frozen
 dataclass of defaults (each field commented), and `--name value` / `--name=value` / `--flag` / `--no-flag`
-override them with type checks, like `Config.from_argv` does for training.
+override them with type checks (a tuple flag takes comma-separated values and may be repeated), like
+`Config.from_argv` does for training.
 """
 from __future__ import annotations
 
@@ -82,7 +83,10 @@ def parse_flags(cls: type[T], argv: Sequence[str] | None = None, doc: str = "") 
             if i + 1 == len(argv):
                 raise SystemExit(f"--{key} needs a value")
             raw, i = argv[i + 1], i + 1
-        values[name] = _convert(raw, hints[name], name)
+        value = _convert(raw, hints[name], name)
+        if name in values and isinstance(value, tuple):  # a repeated tuple flag adds to it (--task a --task b)
+            value = values[name] + value
+        values[name] = value
         i += 1
     return cls(**values)
 

@@ -15,7 +15,7 @@ import pytest
 from distill.cli import build_parser, main
 from corpus_helpers import copy_corpus
 
-SUBCOMMANDS = ["cache", "info", "train", "export", "eval", "tokenizer", "demo"]
+SUBCOMMANDS = ["cache", "info", "train", "export", "eval", "corpus", "tokenizer", "demo"]
 
 
 def test_help_lists_every_subcommand(capsys):
