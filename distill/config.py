@@ -89,6 +89,13 @@ class LossTerm:
         _check(self.weight >= 0, f"loss term {self.label!r}: weight must be >= 0, got {self.weight}")
         for t, w in (self.teachers or {}).items():
             _check(w >= 0, f"loss term {self.label!r}: teacher {t!r} weight must be >= 0, got {w}")
+        from distill.losses import LOSSES, build_term
+
+        if self.kind in LOSSES:  # an unknown kind is reported by Config with close matches
+            try:  # options are checked now, not when the run is built: e.g. kwargs.positives must be known
+                build_term(self.label, self.kind, self.kwargs)
+            except ValueError as e:
+                raise ConfigError(f"loss.terms: {e}") from None
 
     @property
     def label(self) -> str:

@@ -8,6 +8,7 @@ each worker opens for itself (h5py handles must not cross a fork).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -38,13 +39,14 @@ class TrainBatch:
     views: torch.Tensor  # (B,) stored view index shown, -1 for the student's own crop
     teacher_feats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # t -> {"image","text"}
     route: torch.Tensor | None = None  # (B, T) bool, T in the loss's teacher order (loss.routing); None: all
+    caption_ids: torch.Tensor | None = None  # (B,) int64 caption_id of each caption: equal iff captions are equal
 
     def to(self, device, non_blocking: bool = False) -> "TrainBatch":
         """Accelerate's send_to_device calls this."""
-        mv = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return TrainBatch(mv(self.images), mv(self.tokens), mv(self.rows), mv(self.views),
                           {t: {m: mv(x) for m, x in d.items()} for t, d in self.teacher_feats.items()},
-                          None if self.route is None else mv(self.route))
+                          mv(self.route), mv(self.caption_ids))
 
     def route_by_teacher(self, teachers: Sequence[str]) -> dict[str, torch.Tensor] | None:
         """{teacher: (B,) bool} from the route mask (columns in `teachers`' order), as TeacherBatch.route takes."""
@@ -57,6 +59,13 @@ class TrainBatch:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+
+def caption_id(caption: str) -> int:
+    """A stable 63-bit id of the exact caption string (BLAKE2b, unlike the salted `hash()`: equal in every process
+    and run), so identical captions can be found across the global batch (`positives: caption` loss terms)."""
+    digest = hashlib.blake2b(caption.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -177,6 +186,8 @@ class PairDataset(Dataset):
 class Collate:
     """Stacks items, tokenises captions, reads the rows' teacher features (same stored view) from the cache.
 
+    Each caption's `caption_id` goes into the batch, so the loss can tell which rows share a caption.
+
     `block_rows` > 0 (block-shuffled sampler): the reader reads whole blocks of that many rows and keeps
     `cache_blocks` of them per teacher, which should cover the sampler's shuffle buffer.
     """
@@ -211,11 +222,13 @@ class Collate:
             got = self.reader.read(rows, self.teachers, views=views.numpy() if self.use_views else None)
             feats = {t: {m: _one_view(torch.as_tensor(np.asarray(x), dtype=torch.float32)) for m, x in d.items()}
                      for t, d in got.items()}
+        captions = [it["caption"] for it in items]
         return TrainBatch(images=torch.stack([it["image"] for it in items]),
-                          tokens=self.tokenizer([it["caption"] for it in items]),
+                          tokens=self.tokenizer(captions),
                           rows=torch.tensor([it["row"] for it in items], dtype=torch.long), views=views,
                           teacher_feats=feats, route=None if self.route is None else
-                          torch.from_numpy(self.route[[it["row"] for it in items]]))
+                          torch.from_numpy(self.route[[it["row"] for it in items]]),
+                          caption_ids=torch.tensor([caption_id(c) for c in captions], dtype=torch.int64))
 
 
 def _one_view(x: torch.Tensor) -> torch.Tensor:

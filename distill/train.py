@@ -119,7 +119,7 @@ def train(cfg: Config) -> dict:
                 teachers = teacher_batch(batch, scales, run.loss.teacher_names)
                 gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + state.step * 1009
                                                     + state.batches_in_epoch % accum)  # same on every rank
-                losses = run.loss(out_s, teachers, gen)
+                losses = run.loss(out_s, teachers, gen, caption_ids=batch.caption_ids)
                 accelerator.backward(losses["loss"])
                 if accelerator.sync_gradients and cfg.optim.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)

@@ -120,6 +120,25 @@ def test_modes_and_cache_requirements():
         Config.from_dict({**hybrid, "loss": {"teachers": {"oc": -1}}})
 
 
+def test_caption_positives_in_every_mode_and_bad_values():
+    cached = {"data": {"corpus": "c", "features": "f"}}
+    for mode, terms in (("contrastive", "[{kind: infonce, kwargs: {positives: caption}}]"),
+                        ("distill", "[{kind: feature}, {kind: icl, kwargs: {positives: caption}}]"),
+                        ("hybrid", "[{kind: infonce, kwargs: {positives: caption}}, "
+                                   "{kind: icl, kwargs: {positives: caption}}]")):
+        cfg = Config.from_dict({"mode": mode, **(BASE if mode == "contrastive" else cached)}, [f"loss.terms={terms}"])
+        assert [t.kwargs.get("positives") for t in cfg.loss.terms if t.kind != "feature"] == ["caption"] * (
+            2 if mode == "hybrid" else 1)
+        assert Config.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match=r"loss\.terms: infonce positives 'captions' is unknown; use one of "
+                                          r"diagonal, caption"):
+        Config.from_dict(BASE, ["loss.terms=[{kind: infonce, kwargs: {positives: captions}}]"])
+    with pytest.raises(ConfigError, match=r"icl positives 'label' is unknown; use one of diagonal, caption"):
+        Config.from_dict({"mode": "distill", **cached}, ["loss.terms=[{kind: icl, kwargs: {positives: label}}]"])
+    with pytest.raises(ConfigError, match=r"loss term 'feature' \(kind 'feature'\): bad options \['positives'\]"):
+        Config.from_dict({"mode": "distill", **cached}, ["loss.terms=[{kind: feature, kwargs: {positives: caption}}]"])
+
+
 def test_batch_schedule_sets_accumulation_per_epoch():
     cfg = Config.from_dict(BASE, ["train.batch_schedule=[[0, 4096], [2, 16384], [5, 65536]]"]).train
     # 64 per device x 16 processes = 1024 per micro-step

@@ -99,6 +99,128 @@ def test_infonce_gradients_equal_open_clip_and_scale_is_clamped():
     assert grads[0][0].abs().sum() > 0
 
 
+# ---------------------------------------------------------------------------------------------- caption positives
+
+
+def _hand_soft_rows(a, b, s, ids):
+    """Per row i: -sum_j T_ij log softmax_j(s a_i.b_j), T_ij = 1/|{k: ids_k = ids_i}| where ids_j = ids_i."""
+    n = len(a)
+    out = []
+    for i in range(n):
+        pos = [j for j in range(n) if ids[j] == ids[i]]
+        logits = [s * _dot(a[i], b[j]) for j in range(n)]
+        out.append(-sum(_log_softmax_row(logits, j) for j in pos) / len(pos))
+    return out
+
+
+def _per_row(loss, name, student, teachers=None, caption_ids=None, teacher=None):
+    from distill.losses.distributed import StepGather
+    from distill.losses.terms import StepContext
+
+    ctx = StepContext(student, teachers, StepGather(lambda x, g: (x, 0)), caption_ids=caption_ids)
+    return loss.terms[name].per_sample(ctx, teacher)
+
+
+DUP_IDS = torch.tensor([7, 3, 7, 5])  # rows 0 and 2 have the same caption
+
+
+def test_infonce_caption_positives_equal_the_soft_target_by_hand():
+    student, _ = make_batch(seed=30, b=4)
+    loss = _loss([LossTermCfg("nce", "infonce", kwargs={"positives": "caption"})], teachers=())
+    assert loss.uses_caption_ids
+    got = _per_row(loss, "nce", student, caption_ids=DUP_IDS)
+    img, txt, ids = student.image.tolist(), student.text.tolist(), DUP_IDS.tolist()
+    want = [(u + v) / 2 for u, v in zip(_hand_soft_rows(img, txt, 14.0, ids), _hand_soft_rows(txt, img, 14.0, ids))]
+    torch.testing.assert_close(got, torch.tensor(want), rtol=1e-5, atol=1e-6)
+    # by hand for row 0: targets 1/2 on columns 0 and 2
+    lg = [14.0 * _dot(img[0], txt[j]) for j in range(4)]
+    assert want[0] != pytest.approx(-_log_softmax_row(lg, 0))  # the soft target really differs from the diagonal
+    out = loss(student, None, caption_ids=DUP_IDS)
+    assert out["nce"].item() == pytest.approx(sum(want) / 4, rel=1e-5)
+    # rows with a caption of their own (1, 3) keep exactly their diagonal value; rows 0 and 2 do not
+    diag = _loss([LossTermCfg("nce", "infonce")], teachers=())
+    plain = _per_row(diag, "nce", student)
+    assert torch.equal(got[[1, 3]], plain[[1, 3]]) and not torch.allclose(got[[0, 2]], plain[[0, 2]])
+
+
+def test_caption_positives_with_distinct_captions_equal_the_diagonal_exactly():
+    student, teachers = make_batch(seed=31, b=4)
+    distinct = torch.tensor([11, 3, 7, 5])
+    for kind, name in (("infonce", None), ("icl", "a"), ("icl", "b")):
+        tnames = () if name is None else (name,)
+        cap = _loss([LossTermCfg("t", kind, kwargs={"positives": "caption"})], teachers=tnames)
+        diag = _loss([LossTermCfg("t", kind, kwargs={"positives": "diagonal"})], teachers=tnames)
+        plain = _loss([LossTermCfg("t", kind)], teachers=tnames)
+        t = None if name is None else teachers
+        got = _per_row(cap, "t", student, t, distinct, name)
+        assert torch.equal(got, _per_row(diag, "t", student, t, None, name))
+        assert torch.equal(got, _per_row(plain, "t", student, t, None, name))
+        assert torch.equal(cap(student, t, caption_ids=distinct)["t"], plain(student, t)["t"])
+
+
+def test_icl_caption_positives_equal_the_soft_target_by_hand():
+    student, teachers = make_batch(seed=32, b=4)
+    for t in DIMS:  # rows 0 and 2 share a caption, so the teacher's text embeddings of them are identical
+        teachers.feats[t]["text"][2] = teachers.feats[t]["text"][0]
+    loss = _loss([LossTermCfg("icl", "icl", weight=2.0, teachers={"a": 1.0, "b": 3.0},
+                              kwargs={"positives": "caption"})])
+    diag = _loss([LossTermCfg("icl", "icl", teachers={"a": 1.0, "b": 3.0})])
+    ids = DUP_IDS.tolist()
+    want = {}
+    for t in DIMS:
+        p = {m: [_norm(v) for v in student.projected[t][m]] for m in ("image", "text")}
+        y = {m: teachers.feats[t][m].tolist() for m in ("image", "text")}
+        rows = [(u + v) / 2 for u, v in zip(_hand_soft_rows(p["image"], y["text"], 14.0, ids),
+                                            _hand_soft_rows(p["text"], y["image"], 14.0, ids))]
+        got = _per_row(loss, "icl", student, teachers, DUP_IDS, t)
+        torch.testing.assert_close(got, torch.tensor(rows), rtol=1e-5, atol=1e-6)
+        plain = _per_row(diag, "icl", student, teachers, None, t)
+        assert torch.equal(got[[1, 3]], plain[[1, 3]]) and not torch.allclose(got[[0, 2]], plain[[0, 2]])
+        want[t] = sum(rows) / 4
+    got = loss(student, teachers, caption_ids=DUP_IDS)["icl"].item()
+    assert got == pytest.approx(2.0 * (0.25 * want["a"] + 0.75 * want["b"]), rel=1e-5)
+
+
+def test_caption_positives_change_nothing_when_identical_captions_embed_identically():
+    """Worth knowing: when every copy of a caption has the same embedding (a text tower without dropout), the
+    duplicated columns tie, so the soft target's batch mean and gradients equal the diagonal ones (per-row values
+    differ), and the floor of both is the target's entropy, ln(copies). It differs when the copies' embeddings
+    differ (text dropout: the biomedclip presets use 0.1)."""
+    g = torch.Generator().manual_seed(34)
+    img, base = _unit(6, E, g=g), _unit(4, E, g=g)
+    ids = torch.tensor([1, 2, 1, 3, 1, 2])
+    res = {}
+    for positives in ("diagonal", "caption"):
+        i, b = img.clone().requires_grad_(), base.clone().requires_grad_()
+        loss = _loss([LossTermCfg("nce", "infonce", kwargs={"positives": positives})], teachers=())
+        value = loss(StudentOutput(i, b[ids], torch.tensor(14.0)), None, caption_ids=ids)["loss"]
+        value.backward()
+        res[positives] = (value.detach(), i.grad, b.grad)
+    for x, y in zip(res["diagonal"], res["caption"]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    # copies with different embeddings (as under dropout): now the targets matter
+    txt = F.normalize(base[ids] + 0.3 * torch.randn(6, E, generator=g), dim=-1)
+    vals = [_loss([LossTermCfg("nce", "infonce", kwargs={"positives": p})], teachers=())(
+        StudentOutput(img, txt, torch.tensor(14.0)), None, caption_ids=ids)["loss"].item()
+        for p in ("diagonal", "caption")]
+    assert vals[0] != pytest.approx(vals[1], rel=1e-3)
+
+
+def test_caption_positives_errors():
+    student, _ = make_batch(seed=33, b=4)
+    loss = _loss([LossTermCfg("nce", "infonce", kwargs={"positives": "caption"})], teachers=())
+    with pytest.raises(ValueError, match=r"positives='caption', but the batch carries no caption ids"):
+        loss(student, None)
+    with pytest.raises(ValueError, match=r"caption_ids has 3 rows; expected 4"):
+        loss(student, None, caption_ids=torch.tensor([1, 2, 3]))
+    for kind in ("infonce", "icl"):
+        with pytest.raises(ValueError, match=rf"{kind} positives 'label' is unknown; use one of diagonal, caption"):
+            _loss([LossTermCfg("t", kind, kwargs={"positives": "label"})])
+    with pytest.raises(ValueError, match=r"bad options \['positives'\]"):  # not an option of the feature term
+        _loss([LossTermCfg("f", "feature", kwargs={"positives": "caption"})])
+    assert not _loss([LossTermCfg("nce", "infonce")], teachers=()).uses_caption_ids
+
+
 # ---------------------------------------------------------------------------------------------- feature
 
 

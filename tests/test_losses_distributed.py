@@ -25,6 +25,14 @@ TERMS = [
     LossTermCfg("icl", "icl"),
     LossTermCfg("aff", "affinity", weight=0.5),
 ]
+# positives: caption: rows with the same caption id are positives of each other, within and across the ranks' halves
+CAPTION_TERMS = [
+    LossTermCfg("infonce", "infonce", kwargs={"positives": "caption"}),
+    TERMS[1],
+    LossTermCfg("icl", "icl", kwargs={"positives": "caption"}),
+    TERMS[3],
+]
+CAPTION_IDS = torch.tensor([5, 9, 5, 2, 9, 7, 5, 2])
 GRAD_KEYS = ["image", "text"] + [f"{t}/{m}" for t in DIMS for m in ("image", "text")]
 # plain weighted sum; and random teacher per sample with dropping, which with the same generator seed on every rank
 # draws the teachers a one-process run over the global batch draws
@@ -34,7 +42,8 @@ COMBINES = {"sum": CombineCfg(), "random": CombineCfg(mode="random_teacher", dro
             "routed": CombineCfg(mode="random_teacher", drop_prob=0.5),
             "routed_sum": CombineCfg(),
             "confidence": CombineCfg(mode="confidence", temperature=0.5),
-            "routed_confidence": CombineCfg(mode="confidence", drop_prob=0.5)}
+            "routed_confidence": CombineCfg(mode="confidence", drop_prob=0.5),
+            "caption": CombineCfg(mode="random_teacher", drop_prob=0.5)}
 ROUTE = {"a": torch.tensor([1, 1, 0, 0, 1, 0, 1, 1], dtype=torch.bool),
          "b": torch.tensor([1, 0, 1, 0, 0, 1, 1, 0], dtype=torch.bool)}
 
@@ -48,7 +57,7 @@ def _global_batch():
     return leaves, teachers
 
 
-def _run(rows: slice, combine: CombineCfg, routed: bool = False):
+def _run(rows: slice, combine: CombineCfg, routed: bool = False, captions: bool = False):
     """Loss and gradients for the given rows of the global batch, in whatever process group is current."""
     leaves, feats = _global_batch()
     leaves = {k: v[rows].clone().requires_grad_() for k, v in leaves.items()}
@@ -59,7 +68,9 @@ def _run(rows: slice, combine: CombineCfg, routed: bool = False):
     )
     teachers = TeacherBatch({t: {m: v[rows] for m, v in f.items()} for t, f in feats.items()}, {"a": 40.0, "b": 90.0},
                             route={t: r[rows] for t, r in ROUTE.items()} if routed else None)
-    out = DistillLoss(TERMS, list(DIMS), combine)(student, teachers, torch.Generator().manual_seed(SEED))
+    loss = DistillLoss(CAPTION_TERMS if captions else TERMS, list(DIMS), combine)
+    ids = CAPTION_IDS[rows] if captions else None
+    out = loss(student, teachers, torch.Generator().manual_seed(SEED), caption_ids=ids)
     out["loss"].backward()
     grads = {k: v.grad for k, v in leaves.items()}
     grads["logit_scale"] = scale.grad
@@ -75,7 +86,8 @@ def _worker(rank: int, init_file: str, out_dir: str):
     try:
         b = N // WORLD
         for name, combine in COMBINES.items():
-            out, grads = _run(slice(rank * b, (rank + 1) * b), combine, name.startswith("routed"))
+            rows = slice(rank * b, (rank + 1) * b)
+            out, grads = _run(rows, combine, name.startswith("routed"), name == "caption")
             torch.save({"out": out, "grads": grads}, os.path.join(out_dir, f"{name}{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -86,7 +98,15 @@ def test_two_processes_equal_one_process_loss_and_gradients(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     for name, combine in COMBINES.items():
         _compare([torch.load(tmp_path / f"{name}{r}.pt", weights_only=True) for r in range(WORLD)], combine,
-                 name.startswith("routed"))
+                 name.startswith("routed"), name == "caption")
+
+
+def test_caption_positives_change_the_contrastive_terms():
+    diag, _ = _run(slice(None), COMBINES["caption"])
+    cap, _ = _run(slice(None), COMBINES["caption"], captions=True)
+    for k in ("infonce", "icl"):
+        assert not torch.allclose(diag[k], cap[k], rtol=1e-3)
+    torch.testing.assert_close(diag["feat"], cap["feat"])
 
 
 def test_the_random_draw_exercises_both_teachers_on_both_ranks():
@@ -97,8 +117,8 @@ def test_the_random_draw_exercises_both_teachers_on_both_ranks():
     assert ((mix.sum(1) > 0) & (mix.sum(1) < N // WORLD)).all()
 
 
-def _compare(ranks, combine, routed=False):
-    ref_out, ref_grads = _run(slice(None), combine, routed)
+def _compare(ranks, combine, routed=False, captions=False):
+    ref_out, ref_grads = _run(slice(None), combine, routed, captions)
 
     for k, v in ref_out.items():
         mean = sum(r["out"][k] for r in ranks) / WORLD

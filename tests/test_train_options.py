@@ -3,6 +3,7 @@ scale clamp, which teachers and how they combine (PHI-S too), and that every tra
 (what DDP without find_unused_parameters needs)."""
 from __future__ import annotations
 
+import csv
 import math
 import sys
 import types
@@ -176,3 +177,60 @@ def test_tensorboard_gets_every_logged_value(tmp_path, monkeypatch):
     assert calls == [("init", str(tmp_path / "tb")), ("loss/loss", 1.5, 3), ("loss/infonce", 1.0, 3),
                      ("lr", 1e-4, 3), ("samples_per_s", 10.0, 3), ("close",)]
     assert RunLogger(tmp_path / "off", tensorboard=False)._tb is None and len(calls) == 6
+
+
+# ---------------------------------------------------------------------------------------------- caption positives
+
+
+def test_collate_gives_each_caption_a_stable_63_bit_id():
+    from distill.data import Collate, TrainBatch, caption_id
+
+    # BLAKE2b of the UTF-8 string, top bit cleared: the same in every process, run and Python (no hash() salt)
+    assert caption_id("a chest x-ray showing pneumonia") == 9188361894126729554
+    assert caption_id("") == 7252660547403494068 and 0 <= caption_id("é") < 2 ** 63
+    caps = ["a chest x-ray showing pneumonia", "a chest x-ray showing no pneumonia", "a chest x-ray showing pneumonia",
+            "A chest x-ray showing pneumonia"]
+    items = [{"image": torch.zeros(3, 4, 4), "caption": c, "row": i, "cache_row": i, "view": -1}
+             for i, c in enumerate(caps)]
+    batch = Collate(lambda texts: torch.zeros(len(texts), 5, dtype=torch.long))(items)
+    assert batch.caption_ids.dtype == torch.int64
+    assert batch.caption_ids.tolist() == [caption_id(c) for c in caps]
+    ids = batch.caption_ids.tolist()
+    assert ids[0] == ids[2] and len(set(ids)) == 3  # exact string equality: case matters
+    assert torch.equal(batch.to("cpu").caption_ids, batch.caption_ids)
+    assert TrainBatch(batch.images, batch.tokens, batch.rows, batch.views).to("cpu").caption_ids is None
+
+
+@pytest.fixture(scope="module")
+def templated_corpus(tiny_corpus):
+    """The tiny corpus's images with captions from 2 templates over the colour only: 10 captions for 32 rows."""
+    with open(tiny_corpus, newline="") as f:
+        rows = list(csv.DictReader(f))
+    templates = ["a {} object", "an image showing something {}"]
+    out = tiny_corpus.parent / "corpus_templated.csv"
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, "caption": templates[i % 2].format(r["caption"].split()[4])} for i, r in enumerate(rows))
+    return out
+
+
+def test_contrastive_with_caption_positives_trains(templated_corpus, tmp_path):
+    from distill.data import caption_id
+
+    steps = 30
+    out = tmp_path / "run"
+    cfg = tiny_config(templated_corpus, out, mode="contrastive", train__max_steps=steps, train__checkpoint_every=0,
+                      **{"loss__terms": "[{kind: infonce, kwargs: {positives: caption}}]"})
+    run = _build(cfg)
+    assert run.loss.uses_caption_ids
+    batch = next(iter(run.loader))
+    captions = [run.corpus.captions[r] for r in batch.rows.tolist()]
+    assert batch.caption_ids.tolist() == [caption_id(c) for c in captions]
+    assert len(set(captions)) < len(captions)  # the batch really holds duplicated captions
+    result = train(cfg)
+    rows = read_log(out)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1)) and result["step"] == steps
+    first, last = np.mean([r["infonce"] for r in rows[:5]]), np.mean([r["infonce"] for r in rows[-5:]])
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert last < 0.8 * first, f"loss did not fall by 20% ({first:.3f} -> {last:.3f})"

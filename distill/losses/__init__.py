@@ -4,15 +4,19 @@
                         kwargs={"metric": "mse"})], teacher_names=["biomedclip", "plip"])
     out = loss(StudentOutput(...), TeacherBatch(...), generator)   # {"infonce": ..., "feat_mse": ..., "loss": ...}
     print(loss)                                                      # Loss = 1.0 * infonce + 50.0 * feat_mse
+    # templated captions: LossTermCfg("infonce", "infonce", kwargs={"positives": "caption"}), and pass
+    # loss(..., caption_ids=batch.caption_ids): every row with the same caption is a positive
 """
-from .distill_loss import DistillLoss
+from .distill_loss import DistillLoss, build_term
 from .distributed import GatherFn, all_gather_rows
 from .phi_s import PhiS, hadamard, phi_s_affine
-from .terms import LOSSES, LossTerm, StepContext, register_loss
+from .terms import LOSSES, POSITIVES, LossTerm, StepContext, register_loss
 from .types import CombineCfg, LossTermCfg, StudentOutput, TeacherBatch
 
 __all__ = [
     "DistillLoss",
+    "build_term",
+    "POSITIVES",
     "LossTermCfg",
     "CombineCfg",
     "StudentOutput",

@@ -14,17 +14,18 @@ from .terms import LOSSES, LossTerm, StepContext
 from .types import CombineCfg, LossTermCfg, StudentOutput, TeacherBatch
 
 
-def _build_term(cfg: LossTermCfg) -> LossTerm:
-    cls = LOSSES.get(cfg.kind)
+def build_term(name: str, kind: str, kwargs: dict) -> LossTerm:
+    """The registered term `kind` built with `kwargs`; unknown options or bad values raise ValueError."""
+    cls = LOSSES.get(kind)
     try:
-        inspect.signature(cls).bind(**cfg.kwargs)
+        inspect.signature(cls).bind(**kwargs)
     except TypeError as e:
         opts = [p for p in inspect.signature(cls).parameters]
         raise ValueError(
-            f"loss term {cfg.name!r} (kind {cfg.kind!r}): bad options {sorted(cfg.kwargs)}: {e}; "
+            f"loss term {name!r} (kind {kind!r}): bad options {sorted(kwargs)}: {e}; "
             f"its options are: {', '.join(opts) or 'none'}"
         ) from None
-    return cls(**cfg.kwargs)
+    return cls(**kwargs)
 
 
 class DistillLoss(nn.Module):
@@ -39,6 +40,8 @@ class DistillLoss(nn.Module):
         compare unit vectors through the teacher's logit scale, which a centred, rescaled target would break.
     gather_fn: how rows are gathered across processes, (x, with_grad) -> (global rows, offset of the local ones);
         default: torch.distributed when it is initialised, else the identity (plain one-process losses).
+    `forward`'s caption_ids ((B,) int64, `TrainBatch.caption_ids`) say which rows share a caption: terms with
+        `positives: caption` (infonce, icl) need them; other terms ignore them.
     """
 
     def __init__(
@@ -60,7 +63,7 @@ class DistillLoss(nn.Module):
         self.cfgs = {t.name: t for t in terms if t.weight > 0}
         if not self.cfgs:
             raise ValueError("no loss term has a weight > 0; give at least one term a positive weight")
-        self.terms = nn.ModuleDict({name: _build_term(cfg) for name, cfg in self.cfgs.items()})
+        self.terms = nn.ModuleDict({name: build_term(name, cfg.kind, cfg.kwargs) for name, cfg in self.cfgs.items()})
         self.teacher_weights: dict[str, dict[str, float]] = {}
         for name, cfg in self.cfgs.items():
             term = self.terms[name]
@@ -113,10 +116,16 @@ class DistillLoss(nn.Module):
             generator,
         )
 
+    @property
+    def uses_caption_ids(self) -> bool:
+        """Whether some term treats rows with the same caption as positives (then forward needs caption_ids)."""
+        return any(getattr(t, "positives", "diagonal") == "caption" for t in self.terms.values())
+
     def forward(
-        self, student: StudentOutput, teachers: TeacherBatch | None, generator: torch.Generator | None = None
+        self, student: StudentOutput, teachers: TeacherBatch | None, generator: torch.Generator | None = None,
+        caption_ids: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        ctx = StepContext(student, teachers, StepGather(self.gather_fn), self.phi_s)
+        ctx = StepContext(student, teachers, StepGather(self.gather_fn), self.phi_s, caption_ids)
         step = self.draw(ctx.batch_size, generator) if self.teacher_weights else None
         out: dict[str, Tensor] = {}
         for name, term in self.terms.items():

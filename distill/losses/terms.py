@@ -23,24 +23,56 @@ LOSSES: Registry[type["LossTerm"]] = Registry("loss")
 register_loss = LOSSES.register
 MODALITIES = ("image", "text")
 MAX_LOGIT_SCALE = 100.0
+POSITIVES = ("diagonal", "caption")  # contrastive targets: each row's own pair | every row with the same caption
 
 
 class StepContext:
     """One step's inputs with checked, float32 accessors, memoised cross-process gathers and PHI-S targets."""
 
     def __init__(
-        self, student: StudentOutput, teachers: TeacherBatch | None, gather: StepGather, phi_s: PhiS | None = None
+        self, student: StudentOutput, teachers: TeacherBatch | None, gather: StepGather, phi_s: PhiS | None = None,
+        caption_ids: Tensor | None = None,
     ):
         self.student = student
         self.teachers = teachers
         self.gather = gather
         self.phi_s = phi_s
+        self.caption_ids = caption_ids  # (B,) int64 caption identities (TrainBatch.caption_ids), or None
         self.batch_size = student.image.shape[0]
         self.scale = student.logit_scale.float().clamp(max=MAX_LOGIT_SCALE)
         self._log_conf: dict[str, Tensor] = {}
+        self._caption_targets: Tensor | None = None
 
     def labels(self, offset: int) -> Tensor:
         return torch.arange(self.batch_size, device=self.student.image.device) + offset
+
+    def caption_targets(self) -> Tensor:
+        """(B, world * B) float32 soft targets of `positives: caption`, memoised for the step.
+
+        Row i is uniform over the global rows whose caption id equals row i's (itself included), so it sums to 1;
+        with all captions distinct it is the one-hot of the diagonal. Caption ids are gathered without gradient.
+        """
+        if self._caption_targets is None:
+            ids = self.caption_ids
+            if ids is None:
+                raise ValueError(
+                    "a loss term has positives='caption', but the batch carries no caption ids: pass "
+                    "caption_ids=batch.caption_ids ((B,) int64, distill.data.Collate computes them) to DistillLoss"
+                )
+            ids = ids.reshape(-1).to(device=self.student.image.device, dtype=torch.int64)
+            if ids.shape[0] != self.batch_size:
+                raise ValueError(f"caption_ids has {ids.shape[0]} rows; expected {self.batch_size}")
+            with torch.no_grad():
+                all_ids, _ = self.gather("caption_ids", ids[:, None], False)
+                same = (ids[:, None] == all_ids.reshape(1, -1)).float()
+                self._caption_targets = same / same.sum(1, keepdim=True)
+        return self._caption_targets
+
+    def contrastive(self, logits: Tensor, offset: int, positives: str) -> Tensor:
+        """(B,) cross-entropy of local rows' logits over the global batch: the diagonal label, or caption targets."""
+        if positives == "caption":
+            return F.cross_entropy(logits, self.caption_targets().to(logits.dtype), reduction="none")
+        return F.cross_entropy(logits, self.labels(offset), reduction="none")
 
     def student_feats(self, modality: str) -> Tensor:
         return getattr(self.student, modality).float()
@@ -132,6 +164,12 @@ def _soft_ce(teacher_logits: Tensor, student_logits: Tensor, kl: bool) -> Tensor
     return ce + (log_p_t.exp() * log_p_t).sum(-1) if kl else ce
 
 
+def _check_positives(kind: str, positives: str) -> str:
+    if positives not in POSITIVES:
+        raise ValueError(f"{kind} positives {positives!r} is unknown; use one of {', '.join(POSITIVES)}")
+    return positives
+
+
 class LossTerm(nn.Module):
     """A term computed per sample; `uses_teachers` says whether `teacher` is a teacher name or None.
 
@@ -156,17 +194,25 @@ class LossTerm(nn.Module):
 
 @register_loss(key="infonce")
 class InfoNCE(LossTerm):
-    """CLIP's symmetric InfoNCE with the student's logit scale, sharded: local rows vs the gathered global batch."""
+    """CLIP's symmetric InfoNCE with the student's logit scale, sharded: local rows vs the gathered global batch.
+
+    positives: "diagonal" (CLIP: only row i's own pair is positive) or "caption" (every row with the same caption
+    string is a positive, the target uniform over them: UniCL/SupCon-style, for corpora of templated captions
+    where identical captions would otherwise be false negatives; needs `caption_ids`).
+    """
 
     uses_teachers = False
+
+    def __init__(self, positives: str = "diagonal"):
+        super().__init__()
+        self.positives = _check_positives("infonce", positives)
 
     def per_sample(self, ctx: StepContext, teacher: str | None = None) -> Tensor:
         img, txt = ctx.student_feats("image"), ctx.student_feats("text")
         all_img, offset = ctx.student_global("image")
         all_txt, _ = ctx.student_global("text")
-        labels = ctx.labels(offset)
-        i2t = F.cross_entropy(ctx.scale * img @ all_txt.T, labels, reduction="none")
-        t2i = F.cross_entropy(ctx.scale * txt @ all_img.T, labels, reduction="none")
+        i2t = ctx.contrastive(ctx.scale * img @ all_txt.T, offset, self.positives)
+        t2i = ctx.contrastive(ctx.scale * txt @ all_img.T, offset, self.positives)
         return (i2t + t2i) / 2
 
 
@@ -220,7 +266,13 @@ class InteractiveContrastive(LossTerm):
 
     Student image (projected to the teacher's dim, normalised) vs the teacher's texts of the global batch, and
     student text vs teacher images, both with the student's logit scale; the two directions are averaged.
+    positives: "diagonal" or "caption" (identical captions have identical teacher text embeddings, so every row
+    with the same caption is a positive; see InfoNCE).
     """
+
+    def __init__(self, positives: str = "diagonal"):
+        super().__init__()
+        self.positives = _check_positives("icl", positives)
 
     def head_modalities(self) -> tuple[str, ...]:
         return MODALITIES
@@ -230,7 +282,7 @@ class InteractiveContrastive(LossTerm):
         for mine, other in (("image", "text"), ("text", "image")):
             all_t, offset = ctx.teacher_global(teacher, other)
             p = F.normalize(ctx.projected(teacher, mine, all_t.shape[-1]), dim=-1)
-            vals.append(F.cross_entropy(ctx.scale * p @ all_t.T, ctx.labels(offset), reduction="none"))
+            vals.append(ctx.contrastive(ctx.scale * p @ all_t.T, offset, self.positives))
         return (vals[0] + vals[1]) / 2
 
 
