@@ -153,6 +153,7 @@ class Budget:
     bootstrap: int
     vocab_size: int
     lr: float = 2e-3
+    teacher_lr: float = 1e-3  # 2e-3 left a teacher of a 546-row, 6-caption domain at ln(batch): collapsed
     warmup: int = 50
 
 
@@ -168,7 +169,7 @@ BUDGETS = {
     # a lent GPU: larger images, models and step counts
     "gpu": Budget(image_size=128, batch_size=256, teacher_steps=4000, student_steps=6000, teacher_width=384,
                   teacher_layers=6, student_width=256, student_layers=6, max_rows_per_domain=0, eval_max_samples=0,
-                  bootstrap=1000, vocab_size=8000, lr=1e-3, warmup=300),
+                  bootstrap=1000, vocab_size=8000, lr=1e-3, teacher_lr=5e-4, warmup=300),
 }
 
 
@@ -201,6 +202,7 @@ def _terms(*terms: dict) -> str:
 
 INFONCE = {"kind": "infonce", "weight": 1.0}
 FEAT_COS = {"kind": "feature", "weight": 1.0, "kwargs": {"metric": "cosine"}}
+AFFINITY = {"kind": "affinity", "weight": 1.0}
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("all-hybrid", (_terms(INFONCE, FEAT_COS, {"kind": "icl", "weight": 1.0}),),
@@ -217,8 +219,18 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("routed-smooth-l1", (_terms(INFONCE, {"kind": "feature", "weight": 50.0,
                                                   "kwargs": {"metric": "smooth_l1", "beta": 0.05}}), ROUTING),
             "routed InfoNCE + 50 x smooth-L1 feature"),
-    Variant("routed-affinity", (_terms(INFONCE, {"kind": "affinity", "weight": 1.0}), ROUTING),
+    Variant("routed-affinity", (_terms(INFONCE, AFFINITY), ROUTING),
             "routed InfoNCE + affinity (similarity-distribution) distillation"),
+    Variant("routed-affinity-feature", (_terms(INFONCE, AFFINITY, FEAT_COS), ROUTING),
+            "routed InfoNCE + affinity + cosine feature"),
+    Variant("routed-affinity-x3", (_terms(INFONCE, {**AFFINITY, "weight": 3.0}), ROUTING),
+            "routed InfoNCE + 3 x affinity"),
+    Variant("all-affinity", (_terms(INFONCE, AFFINITY),), "InfoNCE + affinity, every teacher on every sample"),
+    Variant("confidence-affinity", (_terms(INFONCE, AFFINITY), "loss.combine.mode=confidence"),
+            "InfoNCE + affinity, teachers weighted per sample by their own in-batch confidence (no labels)"),
+    Variant("routed-affinity-own-crops", (_terms(INFONCE, AFFINITY), ROUTING, "data.use_views=false"),
+            "routed InfoNCE + affinity, the student's own crops against the mean of the stored views (no function "
+            "matching); the same as routed-affinity on a cache without views"),
     Variant("routed-feature-x3", (_terms(INFONCE, {**FEAT_COS, "weight": 3.0}), ROUTING),
             "routed InfoNCE + 3 x cosine feature"),
     Variant("routed-phi-s", (_terms(INFONCE, {"kind": "feature", "weight": 1.0, "kwargs": {"metric": "mse"}}),

@@ -157,7 +157,7 @@ def plot_ablation(results: dict, path: Path) -> Path:
     ax.axvline(0, color="grey", ls="--", lw=1)
     ax.set_yticks(ticks, labels, fontsize=7)
     ax.set_xlabel("student - baseline (headline metric), paired 95% interval")
-    ax.set_title("Distilled student vs from-scratch baseline (right of the line: student better)")
+    ax.set_title("Student - baseline, paired 95% CI\n(right of the dashed line: the student is better)", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -175,7 +175,7 @@ def write_outputs(out: Path, results: dict, setup: dict) -> dict[str, Path]:
     eval_md = (out / "variants" / first_name / "report.md").read_text()
     lines = [f"# Multi-teacher benchmark: student `{first_name}`", "",
              f"Budget `{setup['flags']['budget']}`, student corpus {setup['flags']['student_fraction']:.0%} of each "
-             f"domain, seed {setup['flags']['seed']}, {setup['threads']} torch threads, "
+             f"domain, seed {setup['flags']['seed']} (students {setup['student_seed']}), {setup['threads']} torch threads, "
              f"{setup['timings_s']['total']:.0f} s in all.", "",
              f"**Goal {'met' if g['met'] else 'not met'}**: {g['text']}.", "", "## Verdict per task", "",
              *[verdict_line(e) for e in first["entries"]], "",

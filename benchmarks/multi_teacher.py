@@ -56,7 +56,9 @@ class Flags:
     variant_file: tuple[str, ...] = ()  # YAML: NAME -> [section.key=value, ...] more variants (repeatable)
     ablation: bool = False              # run every built-in ablation variant
     student_fraction: float = 0.2       # the student's corpus: this fraction of each domain's training data
-    seed: int = 0
+    seed: int = 0                       # corpora, teachers, stored views, eval bootstrap
+    student_seed: int = -1              # the students' (and baseline's, reference's) training seed (-1: --seed);
+                                        # rerun with others to see seed-to-seed spread, teachers and cache reused
     threads: int = 0                    # torch threads (0: all usable cores)
     num_workers: int = -1               # DataLoader workers (-1: 0 for smoke, 1 otherwise)
     views: int = 0                      # stored augmented views per image in the cache (0: none)
@@ -208,7 +210,8 @@ def train_and_export(name: str, config: str, overrides: list[str], work: Path) -
 def common_overrides(flags: Flags, b: Budget, corpus: Path, steps: int, width: int, layers: int,
                      tokenizer: Path | None) -> list[str]:
     workers = flags.num_workers if flags.num_workers >= 0 else (0 if flags.budget == "smoke" else 1)
-    ov = [f"data.corpus={corpus}", f"train.max_steps={steps}", f"train.seed={flags.seed}",
+    seed = flags.seed if flags.student_seed < 0 else flags.student_seed
+    ov = [f"data.corpus={corpus}", f"train.max_steps={steps}", f"train.seed={seed}",
           f"data.batch_size={b.batch_size}", f"data.num_workers={workers}", "data.sampler=random",
           f"optim.lr={b.lr}", f"optim.warmup_steps={b.warmup}", f"student.image_size={b.image_size}",
           f"student.vocab_size={b.vocab_size}", "train.checkpoint_every=0", "train.keep_last=1",
@@ -242,6 +245,7 @@ def teacher_specs(plans: list[TeacherPlan], corpora: dict[str, Path], flags: Fla
         ov = common_overrides(flags, b, corpora[f"teacher-{t.name}"], b.teacher_steps, b.teacher_width,
                               b.teacher_layers, None)
         ov[2] = f"train.seed={flags.seed + 100 + i}"
+        ov.append(f"optim.lr={b.teacher_lr}")
         specs[t.name] = train_and_export(f"teacher-{t.name}", "tiny-contrastive.yaml", ov, work)
     return specs
 
@@ -353,6 +357,7 @@ def run(flags: Flags) -> dict:
                            "entries": verdict_entries(report, v.name, "baseline", own)}
     timings["total"] = time.perf_counter() - t_start
     setup = {"flags": dataclasses.asdict(flags), "budget": dataclasses.asdict(b), "threads": threads,
+             "student_seed": flags.seed if flags.student_seed < 0 else flags.student_seed,
              "machine": machine(), "timings_s": {k: round(v, 1) for k, v in timings.items()},
              "teachers": specs, "students": students, "routing": routing,
              "corpora": {k: str(v) for k, v in corpora.items()}, "own_tasks": own}
