@@ -228,6 +228,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("all-affinity", (_terms(INFONCE, AFFINITY),), "InfoNCE + affinity, every teacher on every sample"),
     Variant("confidence-affinity", (_terms(INFONCE, AFFINITY), "loss.combine.mode=confidence"),
             "InfoNCE + affinity, teachers weighted per sample by their own in-batch confidence (no labels)"),
+    Variant("confidence-affinity-sharp", (_terms(INFONCE, AFFINITY), "loss.combine.mode=confidence",
+                                          "loss.combine.temperature=0.1"),
+            "InfoNCE + affinity, confidence weights at temperature 0.1 (closer to routing, still no labels)"),
     Variant("routed-affinity-own-crops", (_terms(INFONCE, AFFINITY), ROUTING, "data.use_views=false"),
             "routed InfoNCE + affinity, the student's own crops against the mean of the stored views (no function "
             "matching); the same as routed-affinity on a cache without views"),

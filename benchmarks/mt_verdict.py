@@ -10,6 +10,8 @@ import json
 import math
 from pathlib import Path
 
+from benchmarks.mt_confidence import table as confidence_table
+
 
 def _num(x):
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
@@ -182,6 +184,10 @@ def write_outputs(out: Path, results: dict, setup: dict) -> dict[str, Path]:
              "Differences are paired (the same bootstrap resamples of the test rows for both models); 'better' "
              "and 'worse' mean the 95% interval excludes 0. Each task's interval covers test-set sampling only, "
              "not training seeds.", "", "## The `distill eval` report", "",
+             "## Label-free confidence weighting against routing", "",
+             "Mean weight that `loss.combine.mode: confidence` gives each teacher (columns) on the rows of each "
+             "domain (rows), on random batches of the cached features; routing puts all of it on the domain's own "
+             "teacher.", "", confidence_table(setup["confidence_by_domain"]), "",
              eval_md.replace("\n# ", "\n### ").replace("\n## ", "\n### ").removeprefix("# "),
              "", "## Setup", "", "```json", json.dumps({k: setup[k] for k in ("budget", "timings_s", "teachers",
                                                                                "routing")}, indent=2), "```"]
@@ -194,7 +200,8 @@ def write_outputs(out: Path, results: dict, setup: dict) -> dict[str, Path]:
                           for n, r in results.items())
         (out / "ablation.md").write_text(
             f"# Ablation ({setup['flags']['budget']} budget)\n\nstudent - baseline and student - own-domain "
-            f"teacher on each task's headline metric, paired 95% intervals.\n\n{table}\n\n{notes}\n")
+            f"teacher on each task's headline metric, paired 95% intervals.\n\n{table}\n\n{notes}\n\n"
+            f"Confidence weights by domain (see report.md):\n\n{confidence_table(setup['confidence_by_domain'])}\n")
         (out / "ablation.json").write_text(json.dumps(
             {"setup": setup, "variants": {n: {"note": r["variant"].note, "overrides": list(r["variant"].overrides),
                                               "goal": goal(r["entries"]), "entries": r["entries"]}

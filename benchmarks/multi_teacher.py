@@ -36,6 +36,7 @@ from benchmarks.mt_setup import (  # noqa: E402
     ABLATION_VARIANTS, BUDGETS, BUILTIN_DOMAINS, DEFAULT_VARIANTS, ROUTING, VARIANTS, Budget, Domain, SetupError,
     TeacherPlan, Variant, load_domain_file, load_variant_file, plan_teachers, resolve_domain, routing_value,
     tiny_overrides)
+from benchmarks.mt_confidence import confidence_by_domain  # noqa: E402
 from benchmarks.mt_verdict import verdict_entries, write_outputs  # noqa: E402
 
 log = logging.getLogger("multi_teacher")
@@ -323,6 +324,7 @@ def run(flags: Flags) -> dict:
     t0 = time.perf_counter()
     features = build_features(corpora["student"], specs, flags, work)
     timings["cache"] = time.perf_counter() - t0
+    confidence = confidence_by_domain(str(features), str(corpora["student"]), seed=flags.seed)
 
     base = common_overrides(flags, b, corpora["student"], b.student_steps, b.student_width, b.student_layers,
                             tokenizer)
@@ -360,7 +362,8 @@ def run(flags: Flags) -> dict:
              "student_seed": flags.seed if flags.student_seed < 0 else flags.student_seed,
              "machine": machine(), "timings_s": {k: round(v, 1) for k, v in timings.items()},
              "teachers": specs, "students": students, "routing": routing,
-             "corpora": {k: str(v) for k, v in corpora.items()}, "own_tasks": own}
+             "corpora": {k: str(v) for k, v in corpora.items()}, "own_tasks": own,
+             "confidence_by_domain": confidence}
     paths = write_outputs(out, results, setup)
     stage(f"done in {timings['total']:.0f} s: {paths['report']} and {paths['verdict']}")
     return {"results": results, "setup": setup, "paths": paths}

@@ -176,6 +176,12 @@ def test_smoke_run_on_the_real_data_writes_consistent_verdicts(shared_data, tmp_
     assert mean == pytest.approx(sum(e["student_minus_baseline"]["value"] for e in entries[:-1]) / 5, abs=1e-9)
     md = (out / "report.md").read_text()
     assert "**Goal " in md and "**dermoscopy-zeroshot** (macro_auroc, chance 0.500)" in md
+    assert "| rows of domain | breast_us | chest_xray | dermoscopy | radiology |" in md  # cache order
+    conf = json.loads((out / "ablation.json").read_text())["setup"]["confidence_by_domain"]
+    for per_domain in conf.values():  # every row's weights sum to 1 over the teachers
+        assert set(per_domain) == {"radiology", "dermoscopy", "chest_xray", "breast_us"}
+        for w in per_domain.values():
+            assert sum(w.values()) == pytest.approx(1.0, abs=0.01)
     assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     assert "| confidence-feature |" in (out / "ablation.md").read_text()
     meta = json.loads(next((out / "work" / "runs").glob("student-routed-feature-*/run_meta.json")).read_text())

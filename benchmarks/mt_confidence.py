@@ -1,0 +1,71 @@
+"""Where does label-free confidence weighting send each domain's rows? A check of `loss.combine.mode: confidence`.
+
+Routing needs a domain column; confidence weighting needs none (issue 7, part 2). This replays the trainer's own
+code (`StepContext.log_confidence` and `combine.weight_matrix`) on random batches of the cached features and
+averages each teacher's weight over the rows of each domain: routing is the identity table (all of a domain's
+weight on its own teacher), so the diagonal says how much of routing the confidence weights recover.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def confidence_by_domain(features: str, corpus_csv: str, temperatures=(1.0, 0.1), batch_size: int = 64,
+                         batches: int = 200, seed: int = 0) -> dict[float, dict[str, dict[str, float]]]:
+    """{temperature: {domain: {teacher: mean weight}}} over `batches` random batches of the student corpus."""
+    from cache.corpus import open_corpus
+    from cache.h5_reader import FeatureReader
+    from distill.losses import CombineCfg, StudentOutput, TeacherBatch
+    from distill.losses.combine import TeacherDraw, weight_matrix
+    from distill.losses.distributed import StepGather
+    from distill.losses.terms import StepContext
+
+    corpus = open_corpus(corpus_csv)
+    domains = np.asarray(corpus.column("domain"))
+    with FeatureReader(features) as reader:
+        names = list(reader.teacher_names)
+        index = {k: i for i, k in enumerate(reader.keys)}
+        rows = np.array([index[k] for k in corpus.keys])
+        scales = {t: float(reader.teacher_attrs(t)["logit_scale"]) for t in names}
+        rng = np.random.default_rng(seed)
+        sums = {T: {} for T in temperatures}
+        counts: dict[str, int] = {}
+        for _ in range(batches):
+            pick = np.sort(rng.choice(len(rows), size=min(batch_size, len(rows)), replace=False))
+            got = reader.read(rows[pick], names)
+            feats = {t: {m: _one(torch.as_tensor(np.asarray(x), dtype=torch.float32)) for m, x in d.items()}
+                     for t, d in got.items()}
+            b = len(pick)
+            dummy = torch.zeros(b, 1)
+            ctx = StepContext(StudentOutput(dummy, dummy, torch.tensor(1.0)), TeacherBatch(feats, scales),
+                              StepGather(lambda x, with_grad: (x, 0)))
+            logc = torch.stack([ctx.log_confidence(t) for t in names], 1)
+            draw = TeacherDraw(kept={t: True for t in names}, uniforms=None)
+            dom = domains[pick]
+            for T in temperatures:
+                w = weight_matrix(CombineCfg(mode="confidence", temperature=T), {t: 1.0 for t in names}, draw, b,
+                                  log_confidence=logc).numpy()
+                for d in np.unique(dom):
+                    sums[T][d] = sums[T].get(d, 0.0) + w[dom == d].sum(0)
+            for d in np.unique(dom):
+                counts[d] = counts.get(d, 0) + int((dom == d).sum())
+    return {T: {d: dict(zip(names, (s / counts[d]).round(3).tolist())) for d, s in sorted(per.items())}
+            for T, per in sums.items()}
+
+
+def _one(x: torch.Tensor) -> torch.Tensor:
+    """Features of a cache with views: their normalised mean (what a student without views is matched to)."""
+    return torch.nn.functional.normalize(x.mean(1), dim=-1) if x.ndim == 3 else x
+
+
+def table(result: dict[float, dict[str, dict[str, float]]]) -> str:
+    """Markdown: one block per temperature, rows = domains of the rows, columns = teachers."""
+    out = []
+    for T, per in result.items():
+        teachers = list(next(iter(per.values())))
+        out += [f"temperature {T}:", "", "| rows of domain | " + " | ".join(teachers) + " |",
+                "|---|" + "---|" * len(teachers)]
+        out += [f"| {d} | " + " | ".join(f"{w[t]:.2f}" for t in teachers) + " |" for d, w in per.items()]
+        out.append("")
+    return "\n".join(out)
