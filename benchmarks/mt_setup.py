@@ -225,6 +225,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "routed InfoNCE + affinity + cosine feature"),
     Variant("routed-affinity-x3", (_terms(INFONCE, {**AFFINITY, "weight": 3.0}), ROUTING),
             "routed InfoNCE + 3 x affinity"),
+    Variant("routed-affinity-x10", (_terms(INFONCE, {**AFFINITY, "weight": 10.0}), ROUTING),
+            "routed InfoNCE + 10 x affinity"),
     Variant("all-affinity", (_terms(INFONCE, AFFINITY),), "InfoNCE + affinity, every teacher on every sample"),
     Variant("confidence-affinity", (_terms(INFONCE, AFFINITY), "loss.combine.mode=confidence"),
             "InfoNCE + affinity, teachers weighted per sample by their own in-batch confidence (no labels)"),

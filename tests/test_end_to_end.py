@@ -53,7 +53,7 @@ def test_cache_train_export_eval_on_real_data(shared_data, tiny_teachers, tmp_pa
                  f"data.features={features}", f"train.output_dir={run}", "train.max_steps=12",
                  "train.checkpoint_every=6"]) == 0
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 12 and {"loss", "infonce", "feature", "icl"} <= set(log[-1])
+    assert len(log) == 12 and {"loss", "infonce", "affinity"} <= set(log[-1])
     assert all(math.isfinite(r["loss"]) for r in log)
 
     assert main(["export", str(run), "--out", str(student)]) == 0

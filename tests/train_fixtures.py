@@ -39,6 +39,8 @@ def tiny_config(corpus, out_dir, features=None, mode="hybrid", tokenizer=None, *
                  f"student.tokenizer_dir={tokenizer if tokenizer else 'null'}"]
     if mode != "hybrid":
         overrides.append("loss.terms=[]")  # the mode's default terms
+    else:  # every kind of term and head (the shipped config's recipe, InfoNCE + affinity, has no heads)
+        overrides.append("loss.terms=[{kind: infonce}, {kind: feature, kwargs: {metric: cosine}}, {kind: icl}]")
     overrides += [f"{k.replace('__', '.')}={v}" for k, v in sections.items()]
     return Config.from_yaml(ROOT / "configs" / "tiny-hybrid.yaml", overrides)
 
