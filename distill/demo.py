@@ -105,7 +105,7 @@ def run_demo(job: DemoJob) -> dict:
     build_cache(CacheJob(data=str(corpus), teachers=teachers, out=str(features), batch_size=32, num_workers=0,
                          device="auto", views=2, seed=job.seed))
 
-    print(f"[3/5] training a tiny student for {job.steps} steps (hybrid: InfoNCE + feature distillation)")
+    print(f"[3/5] training a tiny student for {job.steps} steps (hybrid: InfoNCE + affinity distillation)")
     run_dir = out / "run"
     cfg = Config.from_yaml(CONFIGS / "tiny-hybrid.yaml", overrides=[
         f"data.corpus={corpus}", f"data.features={features}", f"train.output_dir={run_dir}",
