@@ -48,6 +48,27 @@ def _convert(raw: str, tp: Any, name: str) -> Any:
     raise TypeError(f"flag {name} has unsupported type {tp}")  # pragma: no cover - a bug in a Flags class
 
 
+def _field_comments(cls: type) -> dict[str, str]:
+    """Each field's trailing `# comment` in the Flags class source (what --help shows beside the default)."""
+    import inspect
+    import re
+
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    out, last = {}, None
+    for line in lines:
+        m = re.match(r"\s+(\w+):[^#]*#\s*(.*)", line)
+        if m:
+            last, out[m.group(1)] = m.group(1), m.group(2)
+        elif last and re.match(r"\s+#\s*(.*)", line):  # a continuation comment line
+            out[last] += " " + line.strip().lstrip("#").strip()
+        else:
+            last = None
+    return out
+
+
 def parse_flags(cls: type[T], argv: Sequence[str] | None = None, doc: str = "") -> T:
     """`cls` (a frozen dataclass) with `--field-name value` overrides; `--help` lists fields and defaults."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -55,8 +76,9 @@ def parse_flags(cls: type[T], argv: Sequence[str] | None = None, doc: str = "") 
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if "-h" in argv or "--help" in argv:
         print(doc.strip() + "\n\nflags (default):")
+        notes = _field_comments(cls)
         for f in fields.values():
-            print(f"  --{f.name.replace('_', '-'):<22} {f.default!r}")
+            print(f"  --{f.name.replace('_', '-'):<22} {f.default!r:<20} {notes.get(f.name, '')}".rstrip())
         raise SystemExit(0)
     values: dict[str, Any] = {}
     i = 0

@@ -246,9 +246,11 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "MMKD-CLIP: InfoNCE + 50 x MSE + ICL, one random teacher per sample"),
 )}
 
-DEFAULT_VARIANTS = ("routed-feature",)  # the recipe the evidence supports (benchmarks/results/multi_teacher.md)
-ABLATION_VARIANTS = ("routed-feature", "all-hybrid", "confidence-feature", "routed-affinity", "all-feature",
-                     "routed-feature-icl", "mmkd", "routed-mse", "routed-feature-x3")
+DEFAULT_VARIANTS = ("routed-affinity-x3",)  # the recipe the evidence supports (benchmarks/results/multi_teacher.md)
+ABLATION_VARIANTS = ("routed-affinity-x3", "routed-affinity", "routed-affinity-x10", "routed-affinity-own-crops",
+                     "all-affinity", "confidence-affinity", "confidence-affinity-sharp", "routed-feature",
+                     "all-hybrid", "all-feature", "confidence-feature", "routed-feature-icl", "mmkd", "routed-mse",
+                     "routed-feature-x3")
 
 
 def load_variant_file(path: str | Path) -> list[Variant]:

@@ -62,7 +62,7 @@ class Flags:
                                         # rerun with others to see seed-to-seed spread, teachers and cache reused
     threads: int = 0                    # torch threads (0: all usable cores)
     num_workers: int = -1               # DataLoader workers (-1: 0 for smoke, 1 otherwise)
-    views: int = 0                      # stored augmented views per image in the cache (0: none)
+    views: int = 4                      # stored augmented views per image in the cache (0: none)
     reference: bool = True              # also train the from-scratch student on all the data
     device: str = "auto"                # eval and cache device
     teacher_steps: int = 0              # 0: the budget's value (same for the next flags)
