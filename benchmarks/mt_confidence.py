@@ -16,6 +16,7 @@ def confidence_by_domain(features: str, corpus_csv: str, temperatures=(1.0, 0.1)
     """{temperature: {domain: {teacher: mean weight}}} over `batches` random batches of the student corpus."""
     from cache.corpus import open_corpus
     from cache.h5_reader import FeatureReader
+    from distill.data import mean_view
     from distill.losses import CombineCfg, StudentOutput, TeacherBatch
     from distill.losses.combine import TeacherDraw, weight_matrix
     from distill.losses.distributed import StepGather
@@ -34,7 +35,7 @@ def confidence_by_domain(features: str, corpus_csv: str, temperatures=(1.0, 0.1)
         for _ in range(batches):
             pick = np.sort(rng.choice(len(rows), size=min(batch_size, len(rows)), replace=False))
             got = reader.read(rows[pick], names)
-            feats = {t: {m: _one(torch.as_tensor(np.asarray(x), dtype=torch.float32)) for m, x in d.items()}
+            feats = {t: {m: mean_view(torch.as_tensor(np.asarray(x), dtype=torch.float32)) for m, x in d.items()}
                      for t, d in got.items()}
             b = len(pick)
             dummy = torch.zeros(b, 1)
@@ -52,11 +53,6 @@ def confidence_by_domain(features: str, corpus_csv: str, temperatures=(1.0, 0.1)
                 counts[d] = counts.get(d, 0) + int((dom == d).sum())
     return {T: {d: dict(zip(names, (s / counts[d]).round(3).tolist())) for d, s in sorted(per.items())}
             for T, per in sums.items()}
-
-
-def _one(x: torch.Tensor) -> torch.Tensor:
-    """Features of a cache with views: their normalised mean (what a student without views is matched to)."""
-    return torch.nn.functional.normalize(x.mean(1), dim=-1) if x.ndim == 3 else x
 
 
 def table(result: dict[float, dict[str, dict[str, float]]]) -> str:

@@ -28,10 +28,11 @@ def _diff(d: dict | None, name_key: str | None = None) -> dict | None:
 
 def word(diff: dict | None) -> str | None:
     """better / within / worse: the paired 95% interval above 0, around 0, below 0."""
-    if not diff or None in diff["ci"]:
+    from distill.eval import Difference, verdict_word
+
+    if not diff or None in diff["ci"] or diff["value"] is None:
         return None
-    lo, hi = diff["ci"]
-    return "better" if lo > 0 else "worse" if hi < 0 else "within"
+    return verdict_word(Difference(diff["value"], *diff["ci"]))
 
 
 def _model(task: dict, metric: str, name: str | None) -> dict | None:

@@ -89,8 +89,9 @@ def set_threads(flags: Flags) -> int:
     """One explicit thread count for this process (torch's default oversubscribes a shared small machine)."""
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    n = max(1, flags.threads or cores)
+    from distill.build_run import resolve_threads
+
+    n, _ = resolve_threads(flags.threads or None, num_local_processes=1, env={})  # the flag, else every usable core
     torch.set_num_threads(n)
     os.environ.setdefault("OMP_NUM_THREADS", str(n))  # the trainer reads it and keeps this count
     return n

@@ -169,7 +169,7 @@ def build_run(cfg: Config, accelerator) -> Run:
     blocks = sampler.block_ids is not None and bool(used)
     collate = Collate(bundle.tokenizer, cfg.data.features if used else None, used, use_views=views is not None,
                       block_rows=cfg.data.block_rows if blocks else 0, cache_blocks=cfg.data.shuffle_buffer_blocks,
-                      route=None if routing is None else routing.mask)
+                      route=None if routing is None else routing.mask, caption_ids=loss.uses_caption_ids)
     loader = DataLoader(ds, batch_size=cfg.data.batch_size, drop_last=True, collate_fn=collate, sampler=sampler,
                         num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.train.seed),
                         pin_memory=torch.cuda.is_available())
@@ -183,11 +183,7 @@ def build_routing(cfg: Config, corpus, join: CacheJoin | None, used: list[str]) 
     if join is None or not used:
         raise ConfigError("loss.routing is set, but no loss term uses teachers; add a teacher term or remove "
                           "loss.routing")
-    from cache.h5_reader import FeatureReader
-
-    with FeatureReader(cfg.data.features) as reader:
-        cache_teachers = list(reader.teacher_names)
-    routing = route_mask(cfg.loss.routing, corpus, used, cache_teachers, join.corpus_rows)
+    routing = route_mask(cfg.loss.routing, corpus, used, join.cache_teachers, join.corpus_rows)
     log.info("routing by column %r: rows per teacher %s; %d of %d rows have no teacher (teacher-free terms only)",
              cfg.loss.routing.column, routing.rows_per_teacher, routing.unrouted_rows, len(join.corpus_rows))
     return routing

@@ -186,7 +186,8 @@ class PairDataset(Dataset):
 class Collate:
     """Stacks items, tokenises captions, reads the rows' teacher features (same stored view) from the cache.
 
-    Each caption's `caption_id` goes into the batch, so the loss can tell which rows share a caption.
+    Each caption's `caption_id` goes into the batch (with `caption_ids`), so the loss can tell which rows share a
+    caption.
 
     `block_rows` > 0 (block-shuffled sampler): the reader reads whole blocks of that many rows and keeps
     `cache_blocks` of them per teacher, which should cover the sampler's shuffle buffer.
@@ -194,10 +195,11 @@ class Collate:
 
     def __init__(self, tokenizer, features: str | None = None, teachers: Sequence[str] = (),
                  use_views: bool = False, block_rows: int = 0, cache_blocks: int = 16,
-                 route: np.ndarray | None = None):
+                 route: np.ndarray | None = None, caption_ids: bool = True):
         self.tokenizer, self.features, self.teachers, self.use_views = tokenizer, features, list(teachers), use_views
         self.block_rows, self.cache_blocks = int(block_rows), int(cache_blocks)
         self.route = route  # (N_corpus, T) bool by CORPUS row, T = `teachers` (route_mask); None: no routing
+        self.caption_ids = caption_ids  # hash the captions (only `positives: caption` terms read the ids)
         self._reader = None
 
     def __getstate__(self):
@@ -220,7 +222,7 @@ class Collate:
         if self.features and self.teachers:
             rows = np.array([it["cache_row"] for it in items])
             got = self.reader.read(rows, self.teachers, views=views.numpy() if self.use_views else None)
-            feats = {t: {m: _one_view(torch.as_tensor(np.asarray(x), dtype=torch.float32)) for m, x in d.items()}
+            feats = {t: {m: mean_view(torch.as_tensor(np.asarray(x), dtype=torch.float32)) for m, x in d.items()}
                      for t, d in got.items()}
         captions = [it["caption"] for it in items]
         return TrainBatch(images=torch.stack([it["image"] for it in items]),
@@ -228,10 +230,11 @@ class Collate:
                           rows=torch.tensor([it["row"] for it in items], dtype=torch.long), views=views,
                           teacher_feats=feats, route=None if self.route is None else
                           torch.from_numpy(self.route[[it["row"] for it in items]]),
-                          caption_ids=torch.tensor([caption_id(c) for c in captions], dtype=torch.int64))
+                          caption_ids=torch.tensor([caption_id(c) for c in captions], dtype=torch.int64)
+                          if self.caption_ids else None)
 
 
-def _one_view(x: torch.Tensor) -> torch.Tensor:
+def mean_view(x: torch.Tensor) -> torch.Tensor:
     """(B, K, D) view embeddings when the student does not use stored views: their normalised mean."""
     return torch.nn.functional.normalize(x.mean(1), dim=-1) if x.ndim == 3 else x
 
@@ -246,6 +249,7 @@ class CacheJoin:
     view_params: np.ndarray | None
     skipped_bad: int
     chunk_rows: int = 1  # rows per HDF5 chunk of the cache's teachers (data.block_rows should be a multiple)
+    cache_teachers: tuple[str, ...] = ()  # every teacher in the cache, used or not (routing names any of them)
 
 
 def join_cache(corpus, features: str | Path, teachers: Sequence[str] | None, use_views: bool = True) -> CacheJoin:
@@ -295,7 +299,8 @@ def join_cache(corpus, features: str | Path, teachers: Sequence[str] | None, use
         skipped = int((~keep).sum())
         if skipped:
             log.warning("skipping %d corpus rows the cache marks bad", skipped)
-        return CacheJoin(np.flatnonzero(keep), cache_rows_all[keep], attrs, views, skipped, reader.chunk_rows)
+        return CacheJoin(np.flatnonzero(keep), cache_rows_all[keep], attrs, views, skipped, reader.chunk_rows,
+                         tuple(available))
 
 
 def _undone(reader, names: Sequence[str], cache_rows: np.ndarray) -> tuple[str, int] | None:

@@ -199,6 +199,9 @@ def test_collate_gives_each_caption_a_stable_63_bit_id():
     assert ids[0] == ids[2] and len(set(ids)) == 3  # exact string equality: case matters
     assert torch.equal(batch.to("cpu").caption_ids, batch.caption_ids)
     assert TrainBatch(batch.images, batch.tokens, batch.rows, batch.views).to("cpu").caption_ids is None
+    # a run whose terms never read them (no `positives: caption`) does not hash captions on its hot path
+    quiet = Collate(lambda texts: torch.zeros(len(texts), 5, dtype=torch.long), caption_ids=False)(items)
+    assert quiet.caption_ids is None and torch.equal(quiet.tokens, batch.tokens)
 
 
 @pytest.fixture(scope="module")

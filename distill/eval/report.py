@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from .bootstrap import Difference, Estimate
-from .compare import headline_metric, metric_differences, overall_summary, verdict
+from .compare import best_model, headline_metric, metric_differences, overall_summary, verdict
 
 FORMAT = "biomed-distill-eval"
 
@@ -52,8 +52,8 @@ def student_gain(row: Mapping[str, Estimate], student: str | None, teachers: lis
     """Student's point estimate minus the best teacher's; None without a student, teachers or numbers."""
     if student is None or student not in row or not _finite(row[student].point):
         return None
-    pts = [row[t].point for t in teachers if t in row and _finite(row[t].point)]
-    return row[student].point - max(pts) if pts else None
+    best = best_model(row, teachers)
+    return None if best is None else row[student].point - row[best].point
 
 
 def _differences_json(d: dict) -> dict:
