@@ -14,7 +14,9 @@ The interface (stable: the cache writer and the trainer both rely on it):
     len(corpus)              # number of samples, in corpus order (row i of the feature cache is sample i)
     corpus.keys[i]           # unique sample id (str)
     corpus.captions[i]       # caption as written (str; may be empty -> a bad sample for the cache)
-    corpus.load_image(i)     # PIL.Image in RGB; raises BadSampleError(key, reason) when missing or corrupt
+    corpus.load_image(i)     # PIL.Image in RGB; raises BadSampleError(key, reason) when missing, corrupt or too
+                             # large (`corpus.limits`, a DecodeLimits: pixel limit, reduced JPEG decodes)
+    corpus.with_limits(lim)  # a copy of the corpus that decodes under other DecodeLimits
     corpus.describe(i)       # "corpus.csv row 3 (line 4), key 'abc'": where a sample lives, for messages
     corpus.fingerprint()     # sha256 hex of keys and captions: ties a feature cache to its corpus
     corpus.column(name)      # an extra column's values as text (tables only; CorpusError otherwise)
@@ -24,13 +26,15 @@ built before DataLoader workers fork and used inside them.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
-import io
 import os
 from abc import ABC, abstractmethod
 from typing import Sequence
 
 from PIL import Image
+
+from .image_decode import BadSampleError, DecodeLimits, decode_image  # noqa: F401  (re-exported)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
@@ -40,14 +44,26 @@ class CorpusError(ValueError):
     """The corpus itself is malformed (missing column, duplicate key, unreadable shard): nothing can be cached."""
 
 
-class BadSampleError(Exception):
-    """One sample cannot be used (missing or corrupt image, empty caption); the cache may skip it."""
+def text_problem(value: str, is_key: bool) -> str | None:
+    """Why a key or caption cannot be stored or hashed (lone surrogates from JSON escapes, NUL in a key), or None."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"is not valid Unicode (character {value[e.start]!r} at position {e.start + 1})"
+    if is_key and "\x00" in value:
+        return "contains a NUL character (HDF5 cannot store it)"
+    return None
 
-    def __init__(self, key: str, reason: str, where: str | None = None):
-        self.key = key
-        self.reason = reason
-        self.where = where
-        super().__init__(f"{where or f'key {key!r}'}: {reason}")
+
+def utf8_problem(data: bytes) -> tuple[int, int, str] | None:
+    """(line, column, byte) of the first byte of `data` that is not UTF-8, both 1-based, or None."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        return line, column, f"0x{data[e.start]:02x}"
+    return None
 
 
 def fingerprint_of(keys: Sequence[str], captions: Sequence[str]) -> str:
@@ -60,30 +76,13 @@ def fingerprint_of(keys: Sequence[str], captions: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def decode_image(data: bytes | None, path: str | None, key: str, where: str) -> Image.Image:
-    """Open and fully decode an image (from bytes or a path) as RGB, or raise BadSampleError saying why."""
-    try:
-        if data is None:
-            if path is None or not os.path.isfile(path):
-                raise BadSampleError(key, f"missing image file {path}", where)
-            with open(path, "rb") as f:
-                data = f.read()
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # force the full decode: truncated files fail here, not inside a transform
-            return img.convert("RGB")
-    except BadSampleError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        src = path if path is not None else "image bytes"
-        raise BadSampleError(key, f"unreadable image {src} ({type(e).__name__}: {e})", where) from e
-
-
 class Corpus(ABC):
     """Image-caption pairs in a fixed order; see the module docstring for the contract."""
 
     source: str
     keys: list[str]
     captions: list[str]
+    limits: DecodeLimits = DecodeLimits()  # how load_image decodes (cache.image_decode)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -93,6 +92,12 @@ class Corpus(ABC):
 
     @abstractmethod
     def describe(self, i: int) -> str: ...
+
+    def with_limits(self, limits: DecodeLimits) -> "Corpus":
+        """A shallow copy decoding under `limits` (the index is shared, not rebuilt); this corpus is unchanged."""
+        out = copy.copy(self)
+        out.limits = limits
+        return out
 
     def column(self, name: str) -> list[str]:
         """An extra per-row column as text (CSV/TSV/JSONL corpora only; see TableCorpus.column)."""

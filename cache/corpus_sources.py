@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .corpus import CorpusError
+from .corpus import CorpusError, utf8_problem
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 NPZ_SPLITS = ("train", "val", "test")
@@ -167,7 +167,12 @@ def _read_npz(src: CorpusSource, path: Path) -> SourceTable:
 
 # -- CSV -----------------------------------------------------------------------------------------------
 def _read_csv(src: CorpusSource, path: Path) -> SourceTable:
-    with open(path, newline="", encoding="utf-8") as f:
+    bad = utf8_problem(path.read_bytes())
+    if bad is not None:
+        line, column, byte = bad
+        raise CorpusBuildError(f"{path} line {line}: not UTF-8 (byte {byte} at column {column}); save the file as "
+                               "UTF-8")
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         columns = list(reader.fieldnames or [])
         raw_rows, lines = [], []

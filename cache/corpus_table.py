@@ -2,18 +2,22 @@
 
 Other columns are kept as text and read with `column(name)` (e.g. a `domain` column for teacher routing).
 
-Image paths are relative to the table's folder unless absolute. Malformed tables (a missing column, an empty
-image path, a duplicate key) are refused at open time with the file and row named, before any model runs.
+Image paths are relative to the table's folder unless absolute. Malformed tables (not UTF-8, a missing column,
+an empty image path, a JSON value of the wrong type, a duplicate key) are refused at open time with the file and
+line named, before any model runs. An empty or null caption is not malformed: that row becomes a bad sample.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 
 from PIL import Image
 
-from .corpus import Corpus, CorpusError, decode_image
+from .corpus import Corpus, CorpusError, decode_image, text_problem, utf8_problem
+
+_JSON_TYPES = {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object"}
 
 
 class TableCorpus(Corpus):
@@ -33,13 +37,17 @@ class TableCorpus(Corpus):
         rows = self._read_jsonl(path) if path.lower().endswith(".jsonl") else self._read_delimited(path)
         seen: dict[str, int] = {}
         for n, (line, row) in enumerate(rows, start=1):
-            image = row.get("image")
-            if image is None or not str(image).strip():
-                raise CorpusError(f"{path} row {n} (line {line}): empty 'image' value")
-            caption = row.get("caption")
-            caption = "" if caption is None else str(caption)
-            key = row.get("key")
-            key = str(image) if key is None or str(key) == "" else str(key)
+            where = f"{path} row {n} (line {line})"
+            image = _typed(row.get("image"), "image", (str,), where, "a path string")
+            if image is None or not image.strip():
+                raise CorpusError(f"{where}: empty 'image' value")
+            caption = _typed(row.get("caption"), "caption", (str,), where, "a string") or ""
+            key = _typed(row.get("key"), "key", (str, int), where, "a string or an integer")
+            key = image if key is None or str(key) == "" else str(key)
+            for what, value in (("key", key), ("caption", caption)):
+                problem = text_problem(value, is_key=what == "key")
+                if problem:
+                    raise CorpusError(f"{where}: {what} {problem}; fix that row")
             if key in seen:
                 raise CorpusError(f"{path} row {n} (line {line}): duplicate key {key!r}, first used on row "
                                   f"{seen[key]}; keys must be unique (add or fix the 'key' column)")
@@ -70,30 +78,34 @@ class TableCorpus(Corpus):
 
     def _read_delimited(self, path: str):
         delimiter = "\t" if path.lower().endswith(".tsv") else ","
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter=delimiter)
+        reader = csv.DictReader(io.StringIO(_read_utf8(path, "a header line: image,caption[,key]"), newline=""),
+                                delimiter=delimiter)
+        out = []
+        try:
             self._check_columns(path, reader.fieldnames or [], " (header)")
-            out = []
             for row in reader:
                 if None in row:  # more cells than header columns
                     raise CorpusError(f"{path} line {reader.line_num}: more cells than header columns")
                 out.append((reader.line_num, row))
-            return out
+        except csv.Error as e:  # e.g. a stray quote that swallows the rest of the file into one cell
+            raise CorpusError(f"{path} line {reader.line_num}: not valid CSV ({e}); look for an unclosed quote "
+                              "on or before that line") from e
+        return out
 
     def _read_jsonl(self, path: str):
         out = []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CorpusError(f"{path} line {line_no}: invalid JSON ({e})") from e
-                if not isinstance(row, dict):
-                    raise CorpusError(f"{path} line {line_no}: expected a JSON object")
-                self._check_columns(path, list(row), f" line {line_no}")
-                out.append((line_no, row))
+        for line_no, line in enumerate(_read_utf8(path, "one JSON object per line").split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise CorpusError(f"{path} line {line_no}: invalid JSON ({e})") from e
+            if not isinstance(row, dict):
+                raise CorpusError(f"{path} line {line_no}: expected a JSON object, found a "
+                                  f"{_JSON_TYPES.get(type(row), type(row).__name__)}")
+            self._check_columns(path, list(row), f" line {line_no}")
+            out.append((line_no, row))
         return out
 
     @property
@@ -116,7 +128,31 @@ class TableCorpus(Corpus):
         return f"{self.source} row {i + 1} (line {self._lines[i]}), key {self.keys[i]!r}"
 
     def load_image(self, i: int) -> Image.Image:
-        return decode_image(None, self.image_path(i), self.keys[i], self.describe(i))
+        return decode_image(None, self.image_path(i), self.keys[i], self.describe(i), self.limits)
+
+
+def _read_utf8(path: str, expected: str) -> str:
+    """The file's text; one that is empty or not UTF-8 is refused naming the line (a BOM is allowed and dropped)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    bad = utf8_problem(data)
+    if bad is not None:
+        line, column, byte = bad
+        raise CorpusError(f"{path} line {line}: not UTF-8 (byte {byte} at column {column}); save the file as UTF-8")
+    text = data.decode("utf-8-sig")
+    if not text.strip():
+        raise CorpusError(f"{path}: empty file; expected {expected}")
+    return text
+
+
+def _typed(value, column: str, types: tuple, where: str, expected: str):
+    """`value` if it is None or one of `types` (bool is not an integer here), else a CorpusError naming the row."""
+    if value is None or (isinstance(value, types) and not isinstance(value, bool)):
+        return value
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    raise CorpusError(f"{where}: '{column}' is a JSON {_JSON_TYPES.get(type(value), type(value).__name__)} "
+                      f"({shown}); expected {expected}")
 
 
 def _cell(value) -> str:

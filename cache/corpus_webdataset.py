@@ -3,6 +3,10 @@
 Each shard is indexed once at open: for every sample (`__key__` = member path up to the first dot of its file
 name, WebDataset's rule) we keep the caption (`txt`, needed for the fingerprint anyway) and the byte offset and
 size of its image member, so `load_image(i)` is one seek and one read, with no re-scan of the tar.
+
+Nothing is ever extracted: members are read at their offset inside the shard, links are ignored, and a shard
+with an absolute or `..` member name is refused (a sign of a hostile or broken shard). A shard cut short is
+refused too (tarfile alone would silently end at the cut), naming the shard.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import tarfile
 
 from PIL import Image
 
-from .corpus import IMAGE_EXTS, BadSampleError, Corpus, CorpusError, decode_image
+from .corpus import IMAGE_EXTS, BadSampleError, Corpus, CorpusError, decode_image, text_problem, utf8_problem
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -84,6 +88,7 @@ class WebDatasetCorpus(Corpus):
         try:
             with tarfile.open(shard, "r:") as tar:
                 for m in tar:
+                    _check_member_name(shard, m.name)
                     if not m.isfile():
                         continue
                     match = _KEY_EXT.match(m.name)
@@ -95,16 +100,25 @@ class WebDatasetCorpus(Corpus):
                         order.append(key)
                     s = samples[key]
                     if ext == "txt":
-                        f = tar.extractfile(m)
-                        try:
-                            s["txt"] = f.read().decode("utf-8").strip()
-                        except UnicodeDecodeError as e:
-                            raise CorpusError(f"{shard}: caption {m.name} is not UTF-8 ({e})") from e
+                        data = tar.extractfile(m).read()
+                        bad = utf8_problem(data)
+                        if bad:
+                            raise CorpusError(f"{shard}: caption {m.name} line {bad[0]}: not UTF-8 (byte {bad[2]} "
+                                              f"at column {bad[1]}); save captions as UTF-8")
+                        s["txt"] = data.decode("utf-8").strip()
                     elif ext in IMAGE_EXTS and "image" not in s:
                         s["image"] = (s_idx, m.offset_data, m.size)
-        except tarfile.TarError as e:
-            raise CorpusError(f"WebDataset shard {shard} is not a readable tar file ({e})") from e
+                end = tar.offset  # where tarfile stopped: the end-of-archive marker, or the cut
+        except CorpusError:
+            raise
+        except (tarfile.TarError, EOFError, ValueError, OverflowError) as e:
+            raise CorpusError(f"WebDataset shard {shard} is not a readable tar file ({e}); copy or write it "
+                              "again") from e
+        _check_complete(shard, end)
         for key in order:
+            problem = text_problem(key, is_key=True)
+            if problem:
+                raise CorpusError(f"{shard}: sample key {key!r} {problem}; rename that member")
             s = samples[key]
             yield key, s.get("txt", ""), s.get("image")
 
@@ -117,9 +131,31 @@ class WebDatasetCorpus(Corpus):
         if loc is None:
             raise BadSampleError(self.keys[i], f"no image member ({'/'.join(IMAGE_EXTS)})", where)
         s_idx, offset, size = loc
+        max_bytes = self.limits.max_bytes
+        if max_bytes is not None and size > max_bytes:  # larger than any image within the pixel limit
+            raise BadSampleError(self.keys[i], f"image member is {size / 2**20:.0f} MiB, larger than any image "
+                                 f"within the pixel limit ({self.limits.hint}); not read", where)
         with open(self.shards[s_idx], "rb") as f:
             f.seek(offset)
             data = f.read(size)
         if len(data) != size:
             raise BadSampleError(self.keys[i], f"image member truncated in {self.shards[s_idx]}", where)
-        return decode_image(data, None, self.keys[i], where)
+        return decode_image(data, None, self.keys[i], where, self.limits)
+
+
+def _check_member_name(shard: str, name: str) -> None:
+    """Refuse absolute and `..` member names: nothing here extracts, but such a shard is hostile or broken."""
+    if name.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", name) or re.match(r"^[A-Za-z]:", name):
+        raise CorpusError(f"WebDataset shard {shard}: member {name!r} has an unsafe name (absolute, or with "
+                          f"'..'); member names must be relative paths inside the shard, so rewrite the shard")
+
+
+def _check_complete(shard: str, end: int) -> None:
+    """tarfile treats a cut after the first member as the end of the archive; a real end is a zero block."""
+    with open(shard, "rb") as f:
+        f.seek(end)
+        block = f.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE or block.strip(b"\0"):
+        raise CorpusError(f"WebDataset shard {shard} is truncated (it ends at byte {os.path.getsize(shard)} "
+                          f"without the tar end-of-archive marker after byte {end}); copy or write it again")
+

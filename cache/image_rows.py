@@ -6,10 +6,16 @@ decoded image: its eval transform, or with stored views its view transform once 
 through the transforms of the teachers that still need it (per-teacher `done` masks differ after adding a
 teacher or after a kill); teachers whose transforms are provably identical (the base class's, built from equal
 `PreprocessCfg`s) share one tensor. A bad sample (missing or corrupt image, empty caption, a transform that
-fails) travels back as a record, never an exception in a worker, and is bad for every teacher.
+fails, an image over the pixel limit) travels back as a record, never an exception in a worker, and is bad for
+every teacher.
+
+Images are decoded under `DecodeLimits` (cache.image_decode): over `max_pixels` a row is bad before any pixel is
+decoded, and a JPEG at least twice as large as the largest input any teacher needs (`TeacherInput.min_side`) is
+decoded at a reduced scale that still covers it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Hashable, NamedTuple, Sequence
 
@@ -18,6 +24,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .corpus import BadSampleError, Corpus
+from .image_decode import DEFAULT_MAX_PIXELS, DecodeLimits
+from .views import RATIO, SCALE
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,13 @@ class TeacherInput:
     name: str
     key: Hashable                 # identifies the transform: equal keys give equal tensors
     transform: Callable           # PIL -> tensor, or (PIL, view params) -> tensor when views are used
+    min_side: int = 0             # shorter image side its input size needs (from preprocess_cfg; 0: full decode)
+
+
+def needed_side(image_size: Sequence[int], min_area: float = 1.0, min_ratio: float = 1.0) -> int:
+    """The shorter image side that still covers `image_size` after a crop of at least `min_area` of the image at
+    an aspect ratio of at least `min_ratio` (the crop's narrower side is >= sqrt(min_area * min_ratio))."""
+    return math.ceil(max(image_size) / math.sqrt(min_area * min(min_ratio, 1.0)))
 
 
 def teacher_inputs(teachers: dict, views: bool) -> list[TeacherInput]:
@@ -38,7 +53,9 @@ def teacher_inputs(teachers: dict, views: bool) -> list[TeacherInput]:
         attr = "view_transform" if views else "image_transform"
         shared = getattr(type(t), attr) is getattr(Teacher, attr)  # not overridden: a function of the cfg alone
         key = (attr, t.preprocess_cfg) if shared else (attr, name)
-        out.append(TeacherInput(name, key, getattr(t, attr)))
+        size = t.preprocess_cfg.image_size
+        side = needed_side(size, SCALE[0], RATIO[0]) if views else needed_side(size)
+        out.append(TeacherInput(name, key, getattr(t, attr), side))
     return out
 
 
@@ -52,10 +69,15 @@ class ImageRows(Dataset):
     """Item j: corpus row `rows[j]` decoded once and transformed for each teacher flagged in `need[j]`."""
 
     def __init__(self, corpus: Corpus, rows: np.ndarray, need: np.ndarray, inputs: Sequence[TeacherInput],
-                 view_params: np.ndarray | None = None):
+                 view_params: np.ndarray | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         if need.shape != (len(rows), len(inputs)):
             raise ValueError(f"need has shape {need.shape}, expected ({len(rows)}, {len(inputs)})")
-        self.corpus, self.rows, self.need = corpus, rows, need
+        # back-ends' own transforms (open_clip, HF processors) resize to preprocess_cfg.image_size too; an input
+        # with min_side 0 may need any resolution, and then every image is decoded in full
+        sides = [ti.min_side for ti in inputs]
+        draft = 0 if not sides or 0 in sides else max(sides)
+        self.corpus = corpus.with_limits(DecodeLimits(max_pixels or None, draft_side=draft))
+        self.rows, self.need = rows, need
         self.inputs, self.view_params = list(inputs), view_params
 
     def __len__(self) -> int:

@@ -238,6 +238,20 @@ def test_missing_value_names_the_row_and_suggests_another_template(derm_csv, tmp
     assert "'a {diagnosis} on the {localization}'" in msg                              # the template to keep
 
 
+def test_a_source_csv_that_is_not_utf8_names_the_line_and_column(derm_csv, tmp_path, capsys):
+    data = derm_csv.read_bytes().splitlines(keepends=True)
+    data[3] = data[3].replace(b",", b",\xe9", 1)  # Latin-1 "e acute" on line 4, right after the first comma
+    derm_csv.write_bytes(b"".join(data))
+    column = data[3].index(b"\xe9") + 1
+    with pytest.raises(CorpusBuildError) as e:
+        build_corpus([CorpusSource(str(derm_csv), ("a {diagnosis}",))], tmp_path / "o")
+    assert str(e.value) == (f"{derm_csv} line 4: not UTF-8 (byte 0xe9 at column {column}); save the file as UTF-8")
+    assert main(["corpus", "--source", str(derm_csv), "--template", "a {diagnosis}", "--out",
+                 str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "line 4: not UTF-8" in err[0]
+
+
 def test_bad_options_are_refused(npz, tmp_path):
     with pytest.raises(CorpusBuildError, match="fraction .* or part"):
         CorpusSource(str(npz), ("x",), fraction=0.5, part=(0.5, 1.0))
