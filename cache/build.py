@@ -22,9 +22,11 @@ from tqdm.auto import tqdm
 from . import h5_writer as W
 from .corpus import BadSampleError, Corpus, open_corpus
 from .dist import DistEnv, dist_env
+from .image_decode import DEFAULT_MAX_PIXELS
 from .image_rows import ImageRows, collate_rows, teacher_inputs
 from .lock import WriterLock
 from .schema import CacheError, attrs_to_dict, check_root, check_teacher, storage_dtype, teacher_attrs
+from .verify import bad_row_mask, raise_damaged, row_problem
 from .views import draw_view_params
 
 
@@ -44,6 +46,7 @@ class CacheJob:
     h5_chunk_rows: int = 256       # HDF5 chunk length along rows (reader I/O granularity)
     retry_bad: bool = False        # also retry rows already recorded as bad (e.g. after fixing image files)
     progress: bool = True          # tqdm bars on the main process
+    max_pixels: int = DEFAULT_MAX_PIXELS  # width x height over which an image is a bad sample, never decoded (0: PIL's)
 
     def check(self) -> None:
         if not self.teachers:
@@ -56,6 +59,8 @@ class CacheJob:
         storage_dtype(self.dtype)
         if self.views < 0 or self.batch_size < 1 or self.chunk_rows < 1 or self.num_workers < 0:
             raise CacheError("views and num_workers must be >= 0, batch_size and chunk_rows >= 1")
+        if self.max_pixels < 0:
+            raise CacheError(f"max_pixels={self.max_pixels}; use a positive pixel count (0: PIL's own limit)")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise CacheError(f"device {self.device!r}; use cpu, cuda or auto")
 
@@ -109,8 +114,8 @@ def _prepare(job: CacheJob, corpus: Corpus, fp: str) -> None:
                 check_root(f, out, fp, n)
                 existing = {k: attrs_to_dict(g.attrs) for k, g in f["teachers"].items()}
                 views_k = f["views/params"].shape[1] if "views/params" in f else None
-        except OSError as e:
-            raise CacheError(f"{out} exists but is not a readable HDF5 file ({e}); choose another --out") from e
+        except OSError as e:  # truncated or overwritten: never build on top of it
+            raise_damaged(out, e, "; or choose another --out")
     for name in W.pending_teachers(out):
         meta = W.read_meta(out, name)
         if meta is not None and meta.get("fingerprint") != fp:
@@ -174,7 +179,7 @@ def _embed_rows(job: CacheJob, corpus: Corpus, teachers: dict, chunks: list[np.n
     rows = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
     batches, ends = _batches(chunks, job.batch_size)
     ds = ImageRows(corpus, rows, need[rows], teacher_inputs(teachers, bool(job.views)),
-                   view_params if job.views else None)
+                   view_params if job.views else None, max_pixels=job.max_pixels)
     cuda = any(t.device.type == "cuda" for t in teachers.values())
     loader = DataLoader(ds, batch_sampler=batches, num_workers=job.num_workers, collate_fn=collate_rows,
                         pin_memory=cuda)
@@ -218,24 +223,35 @@ def _embed_rows(job: CacheJob, corpus: Corpus, teachers: dict, chunks: list[np.n
 
 
 def _commit_chunk(job, corpus, teacher, name, buf: _ChunkBuffer, dtype) -> None:
-    """Text for the chunk's good rows (each caption tokenised once), then one atomic part for this teacher."""
+    """Text for the chunk's good rows (each caption tokenised once), then one atomic part for this teacher.
+
+    Rows whose image or text embedding is non-finite, zero or not unit-norm are never stored as done: they are
+    recorded as bad samples naming the teacher (a teacher bug or an fp16 overflow would otherwise train silently).
+    """
     if not buf.rows and not buf.bad:
         return  # this teacher needed no row of the chunk
     order = np.argsort(buf.rows, kind="stable")
     rows = np.asarray(buf.rows, dtype=np.int64)[order]
     d = teacher.embed_dim
     if buf.images:
-        img = torch.cat(buf.images).cpu().numpy().astype(dtype)[order]
+        img = torch.cat(buf.images).float().cpu().numpy()[order]
     else:
-        img = np.zeros((0, *((job.views,) if job.views else ()), d), dtype)
+        img = np.zeros((0, *((job.views,) if job.views else ()), d), np.float32)
     texts = []
     for i in range(0, len(rows), job.batch_size):
         tokens = teacher.tokenize([corpus.captions[r] for r in rows[i:i + job.batch_size]])
         emb = teacher.encode_text(tokens)
         _check_dim(job, name, teacher, emb, "text")
-        texts.append(emb.cpu().numpy().astype(dtype))
-    txt = np.concatenate(texts) if texts else np.zeros((0, d), dtype)
-    W.write_part(job.out, name, rows, img, txt, [r for r, _ in buf.bad], [s for _, s in buf.bad])
+        texts.append(emb.float().cpu().numpy())
+    txt = np.concatenate(texts) if texts else np.zeros((0, d), np.float32)
+    bad = list(buf.bad)
+    bad_img, bad_txt = bad_row_mask(img), bad_row_mask(txt)
+    for i in np.flatnonzero(bad_img | bad_txt).tolist():
+        what, x = ("image", img[i]) if bad_img[i] else ("text", txt[i])
+        bad.append((int(rows[i]), f"teacher {name!r} gave a {row_problem(x)} {what} embedding"))
+    keep = ~(bad_img | bad_txt)
+    W.write_part(job.out, name, rows[keep], img[keep].astype(dtype), txt[keep].astype(dtype),
+                 [r for r, _ in bad], [s for _, s in bad])
 
 
 def _check_dim(job: CacheJob, name: str, teacher, emb: torch.Tensor, what: str) -> None:
@@ -316,7 +332,10 @@ def _build(job: CacheJob, env: DistEnv) -> CacheSummary:
         summary = summarise(job.out, computed, time.time() - t0) if env.main else None
     except BaseException:
         if env.world == 1 and lock.held:  # keep what was committed before the error (e.g. --on-bad-sample fail)
-            W.fold(job.out)
+            try:
+                W.fold(job.out)
+            except (OSError, CacheError):  # e.g. the disk is still full: the parts stay for the next run's fold
+                pass
         raise
     finally:
         lock.release()

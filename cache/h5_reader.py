@@ -28,6 +28,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from .schema import CacheError, attrs_to_dict, check_root
+from .verify import UNREADABLE, BadRowsError, raise_damaged, read_block
 
 MODALITIES = ("image", "text")
 
@@ -39,11 +40,20 @@ class FeatureReader:
     `rdcc_nbytes`: HDF5 chunk cache per dataset; `block_rows`: read whole blocks of this many rows (0: off);
     `cache_blocks`: blocks kept per teacher (LRU; the sampler's shuffle buffer). `bytes_read` counts the
     feature bytes fetched from HDF5.
+
+    A file HDF5 cannot open or read (truncated, overwritten) raises CacheError naming it. Feature rows that
+    cannot be read (a fletcher32 checksum mismatch) raise `BadRowsError` naming the teacher, modality and rows
+    with `unreadable="raise"` (default), or come back as NaN rows with `unreadable="nan"` for the caller's
+    row checks to skip (training with data.bad_features=skip).
     """
 
     def __init__(self, path: str, teachers: list[str] | None = None, *, max_span_ratio: float = 4.0,
-                 rdcc_nbytes: int = 16 * 1024 * 1024, block_rows: int = 0, cache_blocks: int = 16):
+                 rdcc_nbytes: int = 16 * 1024 * 1024, block_rows: int = 0, cache_blocks: int = 16,
+                 unreadable: str = "raise"):
         self.path = os.fspath(path)
+        if unreadable not in ("raise", "nan"):
+            raise ValueError(f"unreadable must be 'raise' or 'nan', got {unreadable!r}")
+        self.unreadable = unreadable
         self.max_span_ratio = float(max_span_ratio)
         self.rdcc_nbytes = int(rdcc_nbytes)
         if int(block_rows) < 0 or int(cache_blocks) < 1:
@@ -57,6 +67,12 @@ class FeatureReader:
         self._blocks: dict[str, OrderedDict[int, dict[str, np.ndarray]]] = {}  # teacher -> block -> arrays
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"feature cache {self.path} not found; build it with `distill cache`")
+        try:
+            self._read_metadata(teachers)
+        except OSError as e:  # truncated or overwritten: opening or reading the metadata fails
+            raise_damaged(self.path, e)
+
+    def _read_metadata(self, teachers: list[str] | None) -> None:
         with h5py.File(self.path, "r") as f:  # closed before any fork
             check_root(f, self.path)
             self.fingerprint: str = str(f.attrs["corpus_fingerprint"])
@@ -82,7 +98,10 @@ class FeatureReader:
     # -- lazy, fork-safe handles ---------------------------------------------------------------------------
     def _file(self) -> h5py.File:
         if self._h5 is None or self._pid != os.getpid():
-            self._h5 = h5py.File(self.path, "r", rdcc_nbytes=self.rdcc_nbytes)
+            try:
+                self._h5 = h5py.File(self.path, "r", rdcc_nbytes=self.rdcc_nbytes)
+            except OSError as e:  # damaged (or replaced) since the metadata was read
+                raise_damaged(self.path, e)
             self._pid = os.getpid()
             self._ds, self._blocks = {}, {}
         return self._h5
@@ -134,15 +153,31 @@ class FeatureReader:
         return np.flatnonzero(mask)
 
     # -- data ----------------------------------------------------------------------------------------------
-    def _take(self, ds: h5py.Dataset, uniq: np.ndarray) -> np.ndarray:
+    def _slice(self, ds: h5py.Dataset, lo: int, hi: int, where: tuple[str, str] | None) -> np.ndarray:
+        """ds[lo:hi]; rows in chunks that fail their checksum raise BadRowsError, or come back as NaN."""
+        try:
+            return ds[lo:hi]
+        except OSError as e:
+            if where is None:  # not a feature dataset (views/params): the file itself is damaged
+                raise_damaged(self.path, e)
+        out, bad = read_block(ds, lo, hi)
+        rows = sorted(r for rs in bad.values() for r in rs)
+        if rows and self.unreadable == "raise":
+            raise BadRowsError.of(self.path, where[0], where[1], rows, UNREADABLE)
+        return out
+
+    def _take(self, ds: h5py.Dataset, uniq: np.ndarray, where: tuple[str, str] | None = None) -> np.ndarray:
         if len(uniq) == 0:
             return np.zeros((0, *ds.shape[1:]), dtype=ds.dtype)
         lo, hi = int(uniq[0]), int(uniq[-1]) + 1
         if hi - lo <= self.max_span_ratio * len(uniq):
-            out = ds[lo:hi]
+            out = self._slice(ds, lo, hi, where)
             self.bytes_read += out.nbytes
             return out[uniq - lo]
-        out = ds[uniq]
+        try:
+            out = ds[uniq]
+        except OSError:  # narrow to the failing rows: one (small) read per row
+            out = np.concatenate([self._slice(ds, r, r + 1, where) for r in uniq.tolist()])
         self.bytes_read += out.nbytes
         return out
 
@@ -155,7 +190,7 @@ class FeatureReader:
         batch is gathered.
         """
         if not self.block_rows:
-            return {m: self._take(self._dataset(teacher, m), uniq) for m in MODALITIES}
+            return {m: self._take(self._dataset(teacher, m), uniq, (teacher, m)) for m in MODALITIES}
         ds = {m: self._dataset(teacher, m) for m in MODALITIES}  # first: opening the file resets the LRUs
         lru = self._blocks.setdefault(teacher, OrderedDict())
         out = {m: np.empty((len(uniq), *ds[m].shape[1:]), dtype=ds[m].dtype) for m in MODALITIES}
@@ -169,7 +204,7 @@ class FeatureReader:
             block = lru.get(k)
             if block is None:
                 lo, hi = k * self.block_rows, min(self.num_rows, (k + 1) * self.block_rows)
-                block = lru[k] = {m: ds[m][lo:hi] for m in MODALITIES}
+                block = lru[k] = {m: self._slice(ds[m], lo, hi, (teacher, m)) for m in MODALITIES}
                 self.bytes_read += sum(x.nbytes for x in block.values())
             local = uniq[s:e] - k * self.block_rows
             for m in MODALITIES:

@@ -17,6 +17,8 @@ lock holder folds them: that is the shard-then-merge step.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import json
 import os
@@ -29,6 +31,39 @@ import numpy as np
 from .schema import FORMAT, VERSION, CacheError, created_by, storage_dtype, str_dtype
 
 STATS_BLOCK_ROWS = 4096
+
+# errno -> (what happened, what to do); the committed rows stay either way
+_DISK_ERRORS = {
+    errno.ENOSPC: ("no space left on device writing {}", "free space and rerun the same command"),
+    errno.EDQUOT: ("disk quota exceeded writing {}", "free space (or raise the quota) and rerun the same command"),
+    errno.EROFS: ("read-only file system: cannot write {}", "write --out to a writable folder, or remount it"),
+    errno.EACCES: ("permission denied writing {}", "fix the folder's permissions or choose another --out"),
+    errno.EPERM: ("operation not permitted writing {}", "fix the folder's permissions or choose another --out"),
+}
+
+
+def _disk_errno(e: OSError) -> int | None:
+    """The errno of a full/read-only/forbidden disk, also when HDF5 reports it only in its message."""
+    if e.errno in _DISK_ERRORS:
+        return e.errno
+    text = str(e)
+    for code in _DISK_ERRORS:
+        if os.strerror(code) in text or f"errno = {code}," in text:
+            return code
+    return None
+
+
+@contextlib.contextmanager
+def disk_errors(path: str):
+    """Turn a full disk, quota, read-only or permission OSError while writing `path` into a CacheError."""
+    try:
+        yield
+    except OSError as e:
+        code = _disk_errno(e)
+        if code is None:
+            raise
+        what, fix = _DISK_ERRORS[code]
+        raise CacheError(f"{what.format(path)}; {fix}: committed rows are kept and the next run resumes") from e
 
 
 # -- atomic file replacement ------------------------------------------------------------------------------
@@ -53,17 +88,18 @@ def atomic_update(path: str, fn: Callable[[h5py.File], None]) -> None:
     if os.path.exists(tmp):
         os.remove(tmp)
     exists = os.path.exists(path)
-    try:
-        if exists:
-            shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "r+" if exists else "w") as f:
-            fn(f)
-        _fsync_path(tmp)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    os.replace(tmp, path)
+    with disk_errors(tmp):
+        try:
+            if exists:
+                shutil.copyfile(path, tmp)
+            with h5py.File(tmp, "r+" if exists else "w") as f:
+                fn(f)
+            _fsync_path(tmp)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        os.replace(tmp, path)
     _fsync_dir(path)
 
 
@@ -116,11 +152,23 @@ def read_meta(out: str, name: str) -> dict | None:
 
 def _atomic_write_bytes(path: str, data: bytes) -> None:
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with disk_errors(path), _removed_on_error(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _removed_on_error(tmp: str):
+    """Delete a half-written temporary at once (a full disk gets its space back), then re-raise."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def write_part(out: str, name: str, rows: np.ndarray, image: np.ndarray, text: np.ndarray,
@@ -131,14 +179,15 @@ def write_part(out: str, name: str, rows: np.ndarray, image: np.ndarray, text: n
     bad_reasons = np.asarray(list(bad_reasons), dtype=str)
     first = int(rows[0]) if len(rows) else (int(bad_rows[0]) if len(bad_rows) else 0)
     d = teacher_parts_dir(out, name)
-    os.makedirs(d, exist_ok=True)
     path = os.path.join(d, f"part-{first:010d}-{len(rows)}-{os.getpid()}{tag}.npz")
     tmp = os.path.join(d, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    with open(tmp, "wb") as f:
-        np.savez(f, rows=rows, image=image, text=text, bad_rows=bad_rows, bad_reasons=bad_reasons)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with disk_errors(path), _removed_on_error(tmp):
+        os.makedirs(d, exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, rows=rows, image=image, text=text, bad_rows=bad_rows, bad_reasons=bad_reasons)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     return path
 
 
@@ -174,8 +223,11 @@ def _ensure_group(f: h5py.File, name: str, meta: dict) -> h5py.Group:
     g = f.create_group(f"teachers/{name}")
     g.attrs.update(meta["attrs"])
     g.attrs["dtype"] = meta["dtype"]
-    g.create_dataset("image", shape=(n, k, d) if k else (n, d), dtype=dtype, chunks=(c, k, d) if k else (c, d))
-    g.create_dataset("text", shape=(n, d), dtype=dtype, chunks=(c, d))
+    # fletcher32: HDF5 checksums every chunk, so a changed byte raises on read (`distill info --verify`, training)
+    # instead of training on it; files written before it have none and still read
+    g.create_dataset("image", shape=(n, k, d) if k else (n, d), dtype=dtype, chunks=(c, k, d) if k else (c, d),
+                     fletcher32=True)
+    g.create_dataset("text", shape=(n, d), dtype=dtype, chunks=(c, d), fletcher32=True)
     g.create_dataset("done", shape=(n,), dtype=bool, chunks=(max(1, min(n, 65536)),))
     return g
 
@@ -246,7 +298,8 @@ def fold(out: str, names: Iterable[str] | None = None) -> dict[str, int]:
 
     def fn(f: h5py.File) -> None:
         bad = read_bad(f)
-        groups = {}
+        bad_before = dict(bad)
+        groups, new_bad, new_done = {}, {}, set()
         for name, (meta, parts) in plan.items():
             g = groups[name] = _ensure_group(f, name, meta)
             done = g["done"][:]
@@ -259,17 +312,30 @@ def fold(out: str, names: Iterable[str] | None = None) -> dict[str, int]:
                         _write_rows(g["text"], rows, z["text"])
                         done[rows] = True
                         count += len(rows)
-                        for r in rows.tolist():
-                            bad.pop(r, None)
+                        new_done.update(rows.tolist())
                     for r, reason in zip(z["bad_rows"].tolist(), z["bad_reasons"].tolist()):
                         if not done[r]:
-                            bad[int(r)] = str(reason)
+                            new_bad[int(r)] = str(reason)
             g["done"][...] = done
             folded[name] = count
+        # A bad record is per row (a bad image is bad for every teacher; a teacher's NaN row is dropped for all):
+        # it is lifted only once a retried row is done for EVERY teacher in the file, so one teacher succeeding
+        # on a row never hides another teacher's failure on it.
+        all_done = np.ones(int(f.attrs["num_rows"]), dtype=bool)
+        for g in f["teachers"].values():
+            all_done &= g["done"][:]
+        for r in new_done:
+            if all_done[r] and r not in new_bad:
+                bad.pop(r, None)
+        bad.update(new_bad)
         _write_bad(f, bad)
         bad_mask = np.zeros(int(f.attrs["num_rows"]), dtype=bool)
         bad_mask[list(bad)] = True
-        for name, g in groups.items():
+        # statistics cover the usable rows (done, not bad): a teacher that completed earlier is recomputed when
+        # another teacher's failures changed the bad rows since
+        for name, g in f["teachers"].items():
+            if name not in groups and bad == bad_before:
+                continue
             done = g["done"][:]
             if (done | bad_mask).all():
                 compute_stats(g, done & ~bad_mask)

@@ -8,6 +8,7 @@ import numpy as np
 
 from . import h5_writer as W
 from .schema import CacheError, attrs_to_dict, check_root
+from .verify import raise_damaged
 
 
 def _size(n: float) -> str:
@@ -23,10 +24,33 @@ def info(path: str, max_keys: int = 3) -> str:
     if not os.path.isfile(path):
         raise CacheError(f"{path} not found")
     try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise CacheError(f"{path} is not a readable HDF5 file ({e})") from e
-    with f:
+        lines = _describe(path, max_keys)
+    except OSError as e:  # truncated, overwritten or not HDF5 at all: opening or any read can fail
+        raise_damaged(path, e)
+    lines += _pending(path)
+    return "\n".join(lines)
+
+
+def _pending(path: str) -> list[str]:
+    """What a killed (or running) `distill cache` left beside the file, and that rerunning resumes it."""
+    pending = W.pending_teachers(path)
+    with_parts = {t: len(W.list_parts(path, t)) for t in pending}
+    lines = []
+    if any(with_parts.values()):
+        counts = ", ".join(f"{t} ({c} chunk(s))" for t, c in with_parts.items() if c)
+        lines.append(f"pending: committed chunks not yet folded in for {counts}; rerun the same `distill cache` "
+                     "command to fold them in and finish")
+    started = [t for t, c in with_parts.items() if not c]
+    if started:
+        lock = os.path.exists(path + ".lock")
+        lines.append(f"pending: a `distill cache` run for {', '.join(started)} started but committed no chunk yet "
+                     f"({'it may still be running, or was ' if lock else 'it was '}interrupted before its first "
+                     "commit); rerun the same command to resume (nothing committed was lost)")
+    return lines
+
+
+def _describe(path: str, max_keys: int) -> list[str]:
+    with h5py.File(path, "r") as f:
         check_root(f, path)
         n = int(f.attrs["num_rows"])
         keys = f["keys"].asstr()
@@ -63,9 +87,4 @@ def info(path: str, max_keys: int = 3) -> str:
                          f"stats {'yes' if 'stats' in g else 'no'}")
             lines.append(f"    image_size {a.get('image_size')}, context_length {a.get('context_length')}, "
                          f"logit_scale {float(a.get('logit_scale', float('nan'))):.4g}")
-    pending = W.pending_teachers(path)
-    if pending:
-        counts = ", ".join(f"{t} ({len(W.list_parts(path, t))} chunk(s))" for t in pending)
-        lines.append(f"pending: committed chunks not yet folded in for {counts}; rerun the same `distill cache` "
-                     "command to fold them in")
-    return "\n".join(lines)
+    return lines

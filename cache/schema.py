@@ -26,6 +26,15 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 class CacheError(RuntimeError):
     """The cache cannot be (re)built as asked: wrong corpus, conflicting teacher, lock held, bad format."""
 
+    def __init__(self, *args):
+        # Raised in a DataLoader worker, PyTorch re-raises it in the main process as type(text) where text is
+        # "Caught CacheError in DataLoader worker ... Original Traceback ...": keep only our one-line message.
+        if len(args) == 1 and isinstance(args[0], str) and "Original Traceback" in args[0]:
+            marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+            if marker in args[0]:
+                args = (args[0].rsplit(marker, 1)[1].strip(),)
+        super().__init__(*args)
+
 
 def str_dtype():
     import h5py

@@ -158,7 +158,7 @@ def build_run(cfg: Config, accelerator) -> Run:
     views = join.view_params if join is not None else None
     ds = PairDataset(corpus, pp, crop_scale=cfg.data.crop_scale, flip=cfg.data.flip, seed=cfg.train.seed,
                      corpus_rows=join.corpus_rows if join else None, cache_rows=join.cache_rows if join else None,
-                     view_params=views)
+                     view_params=views, max_pixels=cfg.data.max_pixels)
     plan = RunPlan(train=cfg.train, per_device_batch=cfg.data.batch_size, num_processes=accelerator.num_processes,
                    num_rows=len(ds), total_steps=0, teachers={t: teachers.get(t, 1.0) for t in used},
                    teacher_attrs={t: join.teachers[t] for t in used},
@@ -169,7 +169,8 @@ def build_run(cfg: Config, accelerator) -> Run:
     blocks = sampler.block_ids is not None and bool(used)
     collate = Collate(bundle.tokenizer, cfg.data.features if used else None, used, use_views=views is not None,
                       block_rows=cfg.data.block_rows if blocks else 0, cache_blocks=cfg.data.shuffle_buffer_blocks,
-                      route=None if routing is None else routing.mask, caption_ids=loss.uses_caption_ids)
+                      route=None if routing is None else routing.mask, caption_ids=loss.uses_caption_ids,
+                      bad_features=cfg.data.bad_features)
     loader = DataLoader(ds, batch_size=cfg.data.batch_size, drop_last=True, collate_fn=collate, sampler=sampler,
                         num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.train.seed),
                         pin_memory=torch.cuda.is_available())

@@ -55,6 +55,9 @@ class DataCfg:
     crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range (open_clip/BiomedCLIP default)
     flip: bool = False  # random horizontal flip (off: laterality matters in radiology)
     use_views: bool = True  # when the cache stores views, show the student exactly the teachers' views
+    # Images over this many pixels (width x height) stop training with a message naming the row, before they are
+    # decoded (a 17 KB PNG can claim 144 Mpx); 0: PIL's own limit. `distill cache --max-pixels` is the same limit.
+    max_pixels: int = 64_000_000
     # Training order. block_shuffle: blocks of block_rows consecutive cache rows in random order, rows shuffled
     # within a buffer of shuffle_buffer_blocks blocks; the reader reads each block whole, once (fast at scale, see
     # benchmarks/README.md part 2). A batch then draws from those few blocks only, so shuffle the corpus once when
@@ -63,14 +66,21 @@ class DataCfg:
     sampler: str = "auto"
     block_rows: int = 1024  # rows per block; a multiple of the cache's HDF5 chunk rows (`distill cache` writes 256)
     shuffle_buffer_blocks: int = 16  # blocks shuffled together (each DataLoader worker keeps this many in memory)
+    # Teacher rows that are non-finite, not unit-norm or fail their checksum (a damaged cache): stop (default)
+    # ends training with a message naming teacher, modality and cache rows; skip trains the row without that
+    # teacher (its route entry cleared, features zeroed) and counts the skipped (teacher, row) pairs in the log.
+    bad_features: str = "stop"
 
     def __post_init__(self):
         _check(self.batch_size > 0, "data.batch_size must be > 0")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
         _check(self.sampler in SAMPLERS, f"data.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         _check(self.block_rows > 0, f"data.block_rows must be > 0, got {self.block_rows}")
+        _check(self.max_pixels >= 0, f"data.max_pixels must be >= 0 (0: PIL's own limit), got {self.max_pixels}")
         _check(self.shuffle_buffer_blocks > 0, f"data.shuffle_buffer_blocks must be > 0, got "
                                                f"{self.shuffle_buffer_blocks}")
+        _check(self.bad_features in ("stop", "skip"), f"data.bad_features must be 'stop' or 'skip', got "
+                                                      f"{self.bad_features!r}")
         lo, hi = self.crop_scale
         _check(0.0 < lo <= hi <= 1.0, f"data.crop_scale must be 0 < lo <= hi <= 1, got {self.crop_scale}")
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from cache.verify import BadRowsError, bad_row_mask, format_rows, row_problem
 from cache.views import RATIO  # the aspect range of the cache's stored views, for the student's own crops
 from teachers.transforms import PreprocessCfg, make_view_transform
 
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 
 class DataError(ValueError):
     """The corpus and the cache cannot be used together as configured; the message says how to fix it."""
+
+
+SKIP_HINT = ", or set data.bad_features=skip to train those rows without that teacher"
 
 
 @dataclass
@@ -40,13 +44,14 @@ class TrainBatch:
     teacher_feats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # t -> {"image","text"}
     route: torch.Tensor | None = None  # (B, T) bool, T in the loss's teacher order (loss.routing); None: all
     caption_ids: torch.Tensor | None = None  # (B,) int64 caption_id of each caption: equal iff captions are equal
+    skipped_features: int = 0  # (teacher, row) pairs dropped for bad cached features (data.bad_features=skip)
 
     def to(self, device, non_blocking: bool = False) -> "TrainBatch":
         """Accelerate's send_to_device calls this."""
         mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return TrainBatch(mv(self.images), mv(self.tokens), mv(self.rows), mv(self.views),
                           {t: {m: mv(x) for m, x in d.items()} for t, d in self.teacher_feats.items()},
-                          mv(self.route), mv(self.caption_ids))
+                          mv(self.route), mv(self.caption_ids), self.skipped_features)
 
     def route_by_teacher(self, teachers: Sequence[str]) -> dict[str, torch.Tensor] | None:
         """{teacher: (B,) bool} from the route mask (columns in `teachers`' order), as TeacherBatch.route takes."""
@@ -143,12 +148,24 @@ class EpochSampler(Sampler):
 
 
 class PairDataset(Dataset):
-    """Usable corpus rows, each with the cache row of the same key; items are (epoch, index) or plain indices."""
+    """Usable corpus rows, each with the cache row of the same key; items are (epoch, index) or plain indices.
+
+    Images are decoded under `max_pixels` (over it: a DataError naming the row, before decoding) and JPEGs at least
+    twice the side the student's crops need are decoded at a reduced scale (`cache.image_decode.DecodeLimits`):
+    this changes the pixels of such large JPEGs only.
+    """
 
     def __init__(self, corpus, preprocess: PreprocessCfg, *, crop_scale=(0.9, 1.0), flip: bool = False,
                  seed: int = 0, cache_rows: np.ndarray | None = None, corpus_rows: np.ndarray | None = None,
-                 view_params: np.ndarray | None = None):
-        self.corpus = corpus
+                 view_params: np.ndarray | None = None, max_pixels: int = 64_000_000):
+        from cache.image_decode import DecodeLimits
+        from cache.image_rows import needed_side
+        from cache.views import SCALE
+
+        min_area = SCALE[0] if view_params is not None else crop_scale[0]  # the smallest crop the student sees
+        self.corpus = corpus.with_limits(DecodeLimits(max_pixels or None, hint="data.max_pixels",
+                                                      draft_side=needed_side(preprocess.image_size, min_area,
+                                                                             RATIO[0])))
         self.preprocess = preprocess
         self.crop_scale, self.flip, self.seed = tuple(crop_scale), flip, seed
         self.corpus_rows = np.arange(len(corpus)) if corpus_rows is None else np.asarray(corpus_rows)
@@ -191,15 +208,26 @@ class Collate:
 
     `block_rows` > 0 (block-shuffled sampler): the reader reads whole blocks of that many rows and keeps
     `cache_blocks` of them per teacher, which should cover the sampler's shuffle buffer.
+
+    Every teacher row read is checked (finite, unit norm, checksum; `cache.verify`), so a damaged cache never
+    trains silently. `bad_features="stop"` raises `BadRowsError` naming teacher, modality and cache rows;
+    "skip" keeps the sample (InfoNCE still sees it) but drops that teacher for that row: its features become
+    zeros (0 * NaN would still be NaN in the loss) and its route entry is cleared, which gives it weight 0 in
+    every teacher term (`distill.losses.combine.weight_matrix`). Zeroed rows still appear as (all-zero) columns
+    of other rows' teacher similarity matrices in batch-level terms (affinity, ICL): a small bias, not a NaN.
     """
 
     def __init__(self, tokenizer, features: str | None = None, teachers: Sequence[str] = (),
                  use_views: bool = False, block_rows: int = 0, cache_blocks: int = 16,
-                 route: np.ndarray | None = None, caption_ids: bool = True):
+                 route: np.ndarray | None = None, caption_ids: bool = True, bad_features: str = "stop"):
         self.tokenizer, self.features, self.teachers, self.use_views = tokenizer, features, list(teachers), use_views
         self.block_rows, self.cache_blocks = int(block_rows), int(cache_blocks)
         self.route = route  # (N_corpus, T) bool by CORPUS row, T = `teachers` (route_mask); None: no routing
         self.caption_ids = caption_ids  # hash the captions (only `positives: caption` terms read the ids)
+        if bad_features not in ("stop", "skip"):
+            raise ValueError(f"bad_features must be 'stop' or 'skip', got {bad_features!r}")
+        self.bad_features = bad_features
+        self.skipped_total = 0  # (teacher, row) pairs skipped by this process (or worker) so far
         self._reader = None
 
     def __getstate__(self):
@@ -213,25 +241,57 @@ class Collate:
             from cache.h5_reader import FeatureReader
 
             self._reader = FeatureReader(self.features, teachers=self.teachers, block_rows=self.block_rows,
-                                         cache_blocks=self.cache_blocks)
+                                         cache_blocks=self.cache_blocks,
+                                         unreadable="nan" if self.bad_features == "skip" else "raise")
         return self._reader
+
+    def _read_checked(self, rows: np.ndarray, views: np.ndarray | None) -> tuple[dict, np.ndarray]:
+        """The rows' teacher features, and a (B, T) bool mask of the (row, teacher) pairs that are bad."""
+        try:
+            got = self.reader.read(rows, self.teachers, views=views)
+        except BadRowsError as e:  # a checksum failure (stop mode): same message as a NaN row, with the option
+            raise BadRowsError.of(e.path, e.teacher, e.modality, e.rows, e.problem, SKIP_HINT) from None
+        bad = np.zeros((len(rows), len(self.teachers)), dtype=bool)
+        for j, t in enumerate(self.teachers):
+            for m, x in got[t].items():
+                mask = bad_row_mask(x)
+                if mask.any() and self.bad_features == "stop":
+                    first = int(np.flatnonzero(mask)[0])
+                    raise BadRowsError.of(self.features, t, m, rows[mask], row_problem(x[first]), SKIP_HINT)
+                bad[:, j] |= mask
+        return got, bad
 
     def __call__(self, items: list[dict]) -> TrainBatch:
         views = torch.tensor([it["view"] for it in items], dtype=torch.long)
         feats: dict[str, dict[str, torch.Tensor]] = {}
+        corpus_rows = [it["row"] for it in items]
+        route = None if self.route is None else torch.from_numpy(self.route[corpus_rows])
+        skipped = 0
         if self.features and self.teachers:
             rows = np.array([it["cache_row"] for it in items])
-            got = self.reader.read(rows, self.teachers, views=views.numpy() if self.use_views else None)
+            got, bad = self._read_checked(rows, views.numpy() if self.use_views else None)
+            if bad.any():  # skip mode: drop the teacher for those rows, never let a NaN reach the loss
+                if route is None:
+                    route = torch.ones(len(items), len(self.teachers), dtype=torch.bool)
+                route = route & ~torch.from_numpy(bad)
+                for j, t in enumerate(self.teachers):
+                    for x in got[t].values():
+                        x[bad[:, j]] = 0.0
+                skipped = int(bad.sum())
+                self.skipped_total += skipped
+                log.warning("data.bad_features=skip: dropped %s for cache rows with bad features (%d pair(s) so "
+                            "far in this process); run `distill info --verify %s`", ", ".join(
+                                f"teacher {t!r} on rows {format_rows(rows[bad[:, j]])}" for j, t in
+                                enumerate(self.teachers) if bad[:, j].any()), self.skipped_total, self.features)
             feats = {t: {m: mean_view(torch.as_tensor(np.asarray(x), dtype=torch.float32)) for m, x in d.items()}
                      for t, d in got.items()}
         captions = [it["caption"] for it in items]
         return TrainBatch(images=torch.stack([it["image"] for it in items]),
                           tokens=self.tokenizer(captions),
-                          rows=torch.tensor([it["row"] for it in items], dtype=torch.long), views=views,
-                          teacher_feats=feats, route=None if self.route is None else
-                          torch.from_numpy(self.route[[it["row"] for it in items]]),
+                          rows=torch.tensor(corpus_rows, dtype=torch.long), views=views,
+                          teacher_feats=feats, route=route,
                           caption_ids=torch.tensor([caption_id(c) for c in captions], dtype=torch.int64)
-                          if self.caption_ids else None)
+                          if self.caption_ids else None, skipped_features=skipped)
 
 
 def mean_view(x: torch.Tensor) -> torch.Tensor:
