@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from typing import Sequence
 
 from . import __version__
@@ -21,6 +22,18 @@ def _name_spec(value: str) -> tuple[str, str]:
     if not sep or not name or not spec:
         raise argparse.ArgumentTypeError(f"expected NAME=SPEC, got {value!r} (for example biomedclip=biomedclip)")
     return name, spec
+
+
+def _pixels(value: str) -> int:
+    """A pixel count: an integer, or with an M suffix (64M = 64,000,000)."""
+    text = value.strip().upper()
+    try:
+        n = round(float(text[:-1]) * 1e6) if text.endswith("M") else int(text)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"expected a pixel count such as 64000000 or 64M, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a pixel count >= 0, got {value!r}")
+    return n
 
 
 def _pairs(values: Sequence[tuple[str, str]], flag: str) -> dict[str, str]:
@@ -39,7 +52,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     job = CacheJob(data=args.data, teachers=_pairs(args.teacher, "--teacher"), out=args.out,
                    batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
                    dtype=args.dtype, views=args.views, on_bad_sample=args.on_bad_sample, seed=args.seed,
-                   retry_bad=args.retry_bad, chunk_rows=args.chunk_rows)
+                   retry_bad=args.retry_bad, chunk_rows=args.chunk_rows, max_pixels=args.max_pixels)
     build_cache(job)
     return 0
 
@@ -55,7 +68,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         raise SystemExit("error: distill info needs FEATURES.h5 (or --list-teachers)")
     from cache.inspect import info
 
-    print(info(args.features))
+    print(info(args.features), flush=True)
+    if args.verify:  # every row of every teacher: checksums, finiteness, unit norms (cache/verify.py)
+        from cache.verify import verify
+
+        report = verify(args.features)
+        print(report, file=sys.stdout if report.ok else sys.stderr)
+        return 0 if report.ok else 2
     return 0
 
 
@@ -150,11 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of the view parameters")
     c.add_argument("--chunk-rows", type=int, default=512, help="rows per committed chunk (a kill loses at most "
                    "this many per process; chunks are dealt round-robin to the processes)")
+    c.add_argument("--max-pixels", type=_pixels, default=64_000_000, metavar="N",
+                   help="an image over N pixels (width x height, e.g. 64000000 or 64M) is recorded as a bad "
+                   "sample without being decoded (default 64M; 0: PIL's own limit)")
     c.set_defaults(func=cmd_cache)
 
     i = sub.add_parser("info", help="describe a feature cache")
     i.add_argument("features", nargs="?", help="FEATURES.h5")
     i.add_argument("--list-teachers", action="store_true", help="list the teacher aliases and their SPECs")
+    i.add_argument("--verify", action="store_true", help="read every row of every teacher and check checksums, "
+                   "finiteness and unit norms; exit 2 naming the teacher and rows of each problem")
     i.set_defaults(func=cmd_info)
 
     t = sub.add_parser("train", help="train a student (same as accelerate launch -m distill.train)")
@@ -220,8 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from cache.corpus import BadSampleError
-    from cache.schema import CacheError
+    from .errors import BUG, describe
 
     try:
         return args.func(args)
@@ -230,12 +253,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "train": "rerun with train.resume=auto to continue from the newest checkpoint"}.get(args.command, "")
         print(f"distill {args.command}: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError, KeyError, PermissionError, CacheError, BadSampleError) as e:
+    except Exception as e:  # one line and exit 1 (environment) or 2 (bad input): see distill/errors.py
         if args.verbose:
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"distill {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+        failure = describe(e, file={"info": getattr(args, "features", None),
+                                    "cache": getattr(args, "out", None)}.get(args.command))
+        if failure is None:  # a bug: keep its traceback for the report
+            traceback.print_exc()
+            print(f"distill {args.command}: internal error ({type(e).__name__}), please report it with the "
+                  "traceback above; `distill -v` adds debug logs", file=sys.stderr)
+            return BUG
+        print(f"distill {args.command}: error: {failure.message}", file=sys.stderr)
+        return failure.code
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ embeddings equal calling `transformers` directly; no `trust_remote_code` unless 
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from typing import Sequence
 
 import torch
@@ -14,6 +15,7 @@ from PIL import Image
 from .base import Teacher
 from .spec import Spec
 from .transforms import PreprocessCfg, to_rgb
+from .weights import find_weights, reading_weights
 
 
 class HFClipTeacher(Teacher):
@@ -27,7 +29,9 @@ class HFClipTeacher(Teacher):
             raise FileNotFoundError(f"SPEC {spec.raw!r}: folder {path} not found (hf-clip: takes a hub id "
                                     "ORG/NAME or a folder written by save_pretrained)")
         path = os.path.expanduser(path)
-        model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code).to(device)
+        local = os.path.isdir(path)
+        with reading_weights(find_weights(path, "model.safetensors")) if local else nullcontext():
+            model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code).to(device)
         processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         size = getattr(processor, "crop_size", None) or getattr(processor, "size", None) or {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +18,7 @@ import torch
 from .base import Teacher
 from .spec import Spec
 from .transforms import PreprocessCfg
+from .weights import REDO_HINT, find_weights, reading_weights
 
 
 def local_dir_overrides(path: str | os.PathLike) -> dict:
@@ -36,6 +38,11 @@ def local_dir_overrides(path: str | os.PathLike) -> dict:
     text_cfg = dict(model_cfg.get("text_cfg", {}))
     if "hf_model_name" not in text_cfg or not (path / "config.json").is_file():
         return {}
+    try:  # transformers would say "not a valid JSON file" only inside a long multi-line error
+        json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path / 'config.json'}: the text tower's config is not valid JSON ({e}); "
+                         f"{REDO_HINT}") from e
     text_cfg["hf_model_name"] = str(path.resolve())
     text_cfg["hf_model_pretrained"] = False  # weights come from the folder's safetensors
     if text_cfg.get("hf_tokenizer_name"):
@@ -79,8 +86,10 @@ def create_open_clip(spec: Spec, device: str | torch.device = "cpu"):
     import open_clip
 
     name, pretrained, kwargs = open_clip_args(spec)
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained, device=device, **kwargs)
+    weights = find_weights(spec.target) if spec.kind == "local-dir" else None  # named before open_clip warns
+    with reading_weights(weights) if weights else nullcontext():
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device, **kwargs)
     tokenizer = open_clip.get_tokenizer(name)
     return model, preprocess, tokenizer
 

@@ -48,12 +48,19 @@ class TeacherLoadError(ValueError):
     """A SPEC that parses but whose model cannot be loaded (missing folder or weights, not in the offline cache)."""
 
 
-def _load_hint() -> str:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return ("\nhint: offline (HF_HUB_OFFLINE=1), a hub model must already be in the Hugging Face cache "
+def _load_hint(parsed: Spec) -> str:
+    """The offline hint, on the same line (the CLI prints one line); not for a model given as a local folder."""
+    local = parsed.kind == "local-dir" or os.path.isdir(os.path.expanduser(parsed.target))
+    if not local and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return ("; hint: offline (HF_HUB_OFFLINE=1), a hub model must already be in the Hugging Face cache "
                 f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}), "
                 "or give a local folder (local-dir:PATH, hf-clip:PATH)")
     return ""
+
+
+def _one_line(e: BaseException) -> str:
+    """A library's (often multi-line) error as one line: its lines joined with ' | '."""
+    return " | ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 def load_teacher(spec: str, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> Teacher:
@@ -76,7 +83,9 @@ def load_teacher(spec: str, device: str | torch.device = "cpu", trust_remote_cod
         else:  # pragma: no cover - parse_spec guarantees the kinds above
             raise ValueError(f"no back-end for SPEC {spec!r}")
     except (OSError, RuntimeError) as e:
+        if isinstance(e, OSError) and e.errno is not None and not isinstance(e, FileNotFoundError):
+            raise  # permission, full disk, too many open files: the environment's, named by the CLI
         alias = f" (alias of {parsed.raw})" if parsed.raw != spec else ""
         raise TeacherLoadError(f"cannot load teacher SPEC {spec!r}{alias} with the {parsed.backend} back-end: "
-                               f"{e}{_load_hint()}") from e
+                               f"{_one_line(e)}{_load_hint(parsed)}") from e
     return teacher.to_device(device)

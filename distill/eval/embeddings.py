@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -70,6 +71,22 @@ def weights_stamp(spec: str) -> list:
             if f.suffix in (".safetensors", ".bin", ".pt", ".pth")]
 
 
+def _read_cached(file: Path, rows: int) -> torch.Tensor | None:
+    """Embeddings saved by an earlier eval, or None (recompute) when the file is damaged or of another size."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        feats = load_file(str(file))["image"]
+    except (SafetensorError, KeyError) as e:
+        log.warning("%s is damaged (%s): computing these embeddings again", file, e)
+        return None
+    if feats.shape[0] != rows:
+        log.warning("%s holds %d rows, not %d: computing these embeddings again", file, feats.shape[0], rows)
+        return None
+    return feats
+
+
 class EmbeddingCache:
     """Image embeddings keyed by (model name, split key); optionally persisted under `folder`."""
 
@@ -88,10 +105,8 @@ class EmbeddingCache:
         if key in self._mem:
             return self._mem[key]
         file = self._file(model, data) if self.folder else None
-        if file is not None and file.is_file():
-            from safetensors.torch import load_file
-
-            feats = load_file(str(file))["image"]
+        feats = _read_cached(file, len(data)) if file is not None and file.is_file() else None
+        if feats is not None:
             log.info("%s: reusing image embeddings of %s from %s", name, data.source, file)
         else:
             feats = encode_images(model, data, batch_size, num_workers, desc=f"{name} | {data.source}")
@@ -99,7 +114,9 @@ class EmbeddingCache:
                 from safetensors.torch import save_file
 
                 file.parent.mkdir(parents=True, exist_ok=True)
-                save_file({"image": feats.contiguous()}, str(file), metadata={"split": data.key, "model": name})
+                tmp = file.with_name(file.name + ".tmp")  # a kill mid-write never leaves a damaged cache file
+                save_file({"image": feats.contiguous()}, str(tmp), metadata={"split": data.key, "model": name})
+                os.replace(tmp, file)
         self._mem[key] = feats
         return feats
 
