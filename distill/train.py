@@ -1,14 +1,16 @@
 """The Accelerate training loop: `accelerate launch -m distill.train --config C.yaml [section.key=value ...]`.
 
-One `prepare`, `accumulate` for the global batch schedule, `backward`, `save_state` checkpoints with a registered
-TrainState. No teacher runs here: teacher features come from the cache inside the batches. Builders live in
-`distill.build_run`, the optimizer recipe in `distill.optim`, checkpoints in `distill.checkpoint`, logs in
-`distill.train_log`.
+One `prepare`, `accumulate` for the global batch schedule, `backward`, `save_state` checkpoints plus our own
+`train_state.json` and RNG file. No teacher runs here: teacher features come from the cache inside the batches.
+Builders live in `distill.build_run`, the optimizer recipe in `distill.optim`, checkpoints in `distill.checkpoint`
+(resumed by `distill.checkpoint_load`, which unpickles nothing), logs in `distill.train_log`. One training per
+run folder (`distill.run_lock`); a non-finite loss stops the run before it can reach a checkpoint.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -16,12 +18,33 @@ from typing import Sequence
 
 import torch
 
-from distill.checkpoint import TrainState, install_unwrapped_state_hooks, resolve_resume, save_checkpoint
+from distill.checkpoint import (TrainState, install_unwrapped_state_hooks, list_checkpoints, resolve_resume,
+                                save_checkpoint)
+from distill.checkpoint_load import load_checkpoint
 from distill.config import Config
 from distill.optim import build_optimizer, build_scheduler
+from distill.run_lock import run_lock
 from distill.train_log import RunLogger, plot_loss_curves
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(ValueError):
+    """A loss term became NaN or inf: training stops before that state can be saved."""
+
+
+def check_finite_losses(step: int, losses: dict[str, float], out: Path, features: str | None) -> None:
+    """Raise NonFiniteLossError naming the step, the non-finite terms and the checkpoint that stays usable."""
+    bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+    if not bad:
+        return
+    kept = list_checkpoints(out)
+    kept_text = (f"{kept[-1]} is the newest checkpoint and stays usable" if kept
+                 else "no checkpoint was written yet")
+    verify = f"`distill info --verify {features}`" if features else "`distill info --verify FEATURES`"
+    raise NonFiniteLossError(f"step {step}: non-finite loss ({', '.join(f'{k}={v}' for k, v in sorted(bad.items()))})"
+                             f"; training stopped before saving it ({kept_text}); check the teacher features with "
+                             f"{verify}, or lower optim.lr / set optim.max_grad_norm if they are fine")
 
 
 def make_accelerator(cfg: Config):
@@ -72,10 +95,7 @@ def check_resume_teachers(out: Path, attrs: dict[str, dict]) -> None:
 
 def train(cfg: Config) -> dict:
     """Train as configured; returns {"output_dir", "step", "losses", "checkpoint"}."""
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    from distill.build_run import build_run, resolve_threads, teacher_batch
+    from distill.build_run import resolve_threads
 
     threads, why = resolve_threads(cfg.train.threads)  # before anything heavy (per process)
     torch.set_num_threads(threads)
@@ -83,7 +103,18 @@ def train(cfg: Config) -> dict:
     accelerator = make_accelerator(cfg)
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    resume = resolve_resume(cfg.train.resume, out)  # before build_run, which writes RUN/student and RUN/tokenizer
+    with run_lock(accelerator, out):  # before anything else is written into the folder
+        return _train_locked(cfg, accelerator, out)
+
+
+def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from distill.build_run import build_run, teacher_batch
+
+    # before build_run, which writes RUN/student and RUN/tokenizer; the main process sets broken ones aside
+    resume = resolve_resume(cfg.train.resume, out, set_aside=accelerator.is_main_process)
     set_seed(cfg.train.seed)
     run = build_run(cfg, accelerator)
     plan = run.plan
@@ -93,11 +124,10 @@ def train(cfg: Config) -> dict:
     scheduler = build_scheduler(optimizer, plan.total_steps, cfg.optim)
     model, optimizer, loader, scheduler = accelerator.prepare(run.model, optimizer, run.loader, scheduler)
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
     install_unwrapped_state_hooks(accelerator)
     if resume is not None:
         check_resume_teachers(out, plan.teacher_attrs)
-        accelerator.load_state(str(resume))
+        state = load_checkpoint(accelerator, resume, model, optimizer, scheduler)
         accelerator.print(f"Resuming from {resume} at step {state.step} (epoch {state.epoch})")
     if accelerator.is_main_process:
         write_run_meta(cfg, run, out, resume)
@@ -106,56 +136,64 @@ def train(cfg: Config) -> dict:
     logger.truncate_after(state.step)
     scales = {t: float(a["logit_scale"]) for t, a in plan.teacher_attrs.items()}
     unwrapped = accelerator.unwrap_model(model)
-    bar = tqdm(total=plan.total_steps, initial=state.step, disable=not accelerator.is_main_process, unit="step")
     last_ckpt, sums, t_step = None, {}, time.perf_counter()
-
-    while state.step < plan.total_steps:
-        accelerator.gradient_accumulation_steps = accum = plan.accum(state.epoch)
-        loader.set_epoch(state.epoch)
-        batches = accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
-        for batch in batches:
-            with accelerator.accumulate(model):
-                out_s = model(batch.images, batch.tokens)
-                teachers = teacher_batch(batch, scales, run.loss.teacher_names)
-                gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + state.step * 1009
-                                                    + state.batches_in_epoch % accum)  # same on every rank
-                losses = run.loss(out_s, teachers, gen, caption_ids=batch.caption_ids)
-                accelerator.backward(losses["loss"])
-                if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            state.batches_in_epoch += 1
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
-            if not accelerator.sync_gradients:
-                continue
-            if not optimizer.step_was_skipped:  # fp16 overflow: keep lr where it was
-                scheduler.step()
-            unwrapped.clamp_logit_scale(cfg.optim.logit_scale_max)
-            state.step += 1
-            state.samples_seen += plan.global_batch(state.epoch)
-            keys = sorted(sums)
-            mean = accelerator.reduce(torch.stack([sums[k] for k in keys]).to(accelerator.device), "mean")
-            state.last_losses, sums = {k: float(v) for k, v in zip(keys, mean.tolist())}, {}
-            now = time.perf_counter()
-            rate, t_step = plan.global_batch(state.epoch) / max(now - t_step, 1e-9), now
-            bar.update(1)
-            bar.set_postfix(loss=f"{state.last_losses['loss']:.4f}", samples_s=f"{rate:.1f}")
-            if state.step % cfg.train.log_every == 0 or state.step == plan.total_steps:
-                logger.log(state.step, {**state.last_losses, "lr": scheduler.get_last_lr()[0],
-                                        "samples_per_s": rate, "epoch": state.epoch})
-            if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
-                last_ckpt = save_checkpoint(accelerator, out, state, cfg.train.keep_last)
-            if state.step >= plan.total_steps:
-                break
-        else:  # the epoch ran out: the next one starts from its first batch
-            if state.batches_in_epoch == 0:
-                raise RuntimeError(f"epoch {state.epoch} has no batches: {plan.num_rows} rows are fewer than its "
-                                   f"global batch {plan.global_batch(state.epoch)}; shorten train.batch_schedule")
-            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-
-    bar.close()
+    skipped, skipped_total = 0, 0  # (teacher, row) pairs dropped: this process since the last log, all processes
+    # a context manager, so the bar is closed on an error too and the message is not printed on the bar's line
+    with tqdm(total=plan.total_steps, initial=state.step, disable=not accelerator.is_main_process,
+              unit="step") as bar:
+        while state.step < plan.total_steps:
+            accelerator.gradient_accumulation_steps = accum = plan.accum(state.epoch)
+            loader.set_epoch(state.epoch)
+            batches = (accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch
+                       else loader)
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    out_s = model(batch.images, batch.tokens)
+                    teachers = teacher_batch(batch, scales, run.loss.teacher_names)
+                    gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + state.step * 1009
+                                                        + state.batches_in_epoch % accum)  # same on every rank
+                    losses = run.loss(out_s, teachers, gen, caption_ids=batch.caption_ids)
+                    accelerator.backward(losses["loss"])
+                    if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state.batches_in_epoch += 1
+                skipped += batch.skipped_features
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
+                if not accelerator.sync_gradients:
+                    continue
+                if not optimizer.step_was_skipped:  # fp16 overflow: keep lr where it was
+                    scheduler.step()
+                unwrapped.clamp_logit_scale(cfg.optim.logit_scale_max)
+                state.step += 1
+                state.samples_seen += plan.global_batch(state.epoch)
+                keys = sorted(sums)
+                mean = accelerator.reduce(torch.stack([sums[k] for k in keys]).to(accelerator.device), "mean")
+                state.last_losses, sums = {k: float(v) for k, v in zip(keys, mean.tolist())}, {}
+                check_finite_losses(state.step, state.last_losses, out, cfg.data.features)
+                now = time.perf_counter()
+                rate, t_step = plan.global_batch(state.epoch) / max(now - t_step, 1e-9), now
+                bar.update(1)
+                bar.set_postfix(loss=f"{state.last_losses['loss']:.4f}", samples_s=f"{rate:.1f}")
+                if state.step % cfg.train.log_every == 0 or state.step == plan.total_steps:
+                    extra = {}
+                    if cfg.data.bad_features == "skip":  # a collective: every process logs at the same steps
+                        n = accelerator.reduce(torch.tensor(skipped, device=accelerator.device), "sum")
+                        skipped_total, skipped = skipped_total + int(n), 0
+                        extra = {"skipped_features": skipped_total}
+                    logger.log(state.step, {**state.last_losses, "lr": scheduler.get_last_lr()[0],
+                                            "samples_per_s": rate, "epoch": state.epoch, **extra})
+                if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
+                    last_ckpt = save_checkpoint(accelerator, out, state, cfg.train.keep_last)
+                if state.step >= plan.total_steps:
+                    break
+            else:  # the epoch ran out: the next one starts from its first batch
+                if state.batches_in_epoch == 0:
+                    raise RuntimeError(f"epoch {state.epoch} has no batches: {plan.num_rows} rows are fewer than its "
+                                       f"global batch {plan.global_batch(state.epoch)}; shorten train.batch_schedule")
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
     if last_ckpt is None or not last_ckpt.name.endswith(f"-{state.step}"):
         last_ckpt = save_checkpoint(accelerator, out, state, cfg.train.keep_last)
     if accelerator.is_main_process:
@@ -164,7 +202,7 @@ def train(cfg: Config) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"output_dir": str(out), "step": state.step, "losses": dict(state.last_losses),
-            "checkpoint": str(last_ckpt)}
+            "checkpoint": str(last_ckpt), "skipped_features": skipped_total}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -178,5 +216,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def module_main() -> int:
+    """`python -m distill.train` / `accelerate launch -m distill.train`: main() with the `distill` CLI's one-line
+    messages and exit codes (distill.errors: 1 environment, 2 bad input); an unexpected error keeps its traceback.
+    `distill -v train ...` shows the traceback of an expected one too."""
+    from distill.errors import describe
+
+    try:
+        return main()
+    except Exception as e:
+        failure = describe(e)
+        if failure is None:
+            raise
+        log.debug("traceback", exc_info=True)
+        print(f"distill.train: error: {failure.message}", file=sys.stderr)
+        return failure.code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(module_main())

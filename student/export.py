@@ -160,6 +160,9 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path]:
         cands = [d for d in path.iterdir() if d.is_dir() and re.fullmatch(r"checkpoint-\d+", d.name)
                  and _weights_file(d)]
         if not cands:
+            if re.fullmatch(r"checkpoint-\d+(\.tmp)?", path.name) or (path / "train_state.json").is_file():
+                raise FileNotFoundError(f"{path / 'model.safetensors'} is missing: {path} is an incomplete checkpoint; "
+                                        f"export another checkpoint-STEP folder (or the run folder for the newest)")
             raise FileNotFoundError(f"{path} holds neither model.safetensors nor checkpoint-STEP/ folders with one; "
                                     f"give a checkpoint folder or a run folder")
         ckpt = max(cands, key=lambda d: ((d / "train_state.json").is_file(), _checkpoint_step(d)))
@@ -171,10 +174,28 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path]:
 
 
 def load_training_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The trained module's state dict from a checkpoint folder, with wrapper prefixes removed."""
+    """The trained module's state dict from a checkpoint folder, with wrapper prefixes removed.
+
+    Nothing is unpickled beyond plain tensors; a damaged or refused file raises ValueError naming it.
+    """
     f = _weights_file(ckpt)
     if f is None:
-        raise FileNotFoundError(f"no model.safetensors in checkpoint {ckpt}")
+        raise FileNotFoundError(f"{ckpt / 'model.safetensors'} is missing: {ckpt} is not a complete checkpoint")
+    try:
+        sd = _read_weights(f)
+    except Exception as e:  # SafetensorError, UnpicklingError (a refused pickle), truncated files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{f} cannot be read ({type(e).__name__}: {first}); it is damaged, truncated or holds "
+                         f"more than plain tensors; export another checkpoint") from e
+    clean = {}
+    for k, v in sd.items():
+        while k.startswith(_WRAPPER_PREFIXES):
+            k = k.split(".", 1)[1]
+        clean[k] = v
+    return clean
+
+
+def _read_weights(f: Path) -> dict[str, torch.Tensor]:
     if f.name == FSDP_SHARDS:  # an FSDP run: merge the shards as `accelerate merge-weights` does
         import tempfile
 
@@ -190,12 +211,7 @@ def load_training_state(ckpt: Path) -> dict[str, torch.Tensor]:
         sd = load_file(str(f))
     else:
         sd = torch.load(f, map_location="cpu", weights_only=True)
-    clean = {}
-    for k, v in sd.items():
-        while k.startswith(_WRAPPER_PREFIXES):
-            k = k.split(".", 1)[1]
-        clean[k] = v
-    return clean
+    return sd
 
 
 def _json_or_empty(path: Path) -> dict[str, Any]:
