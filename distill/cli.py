@@ -6,7 +6,6 @@ sees a Namespace (STYLE.md: avoid open_clip's one-namespace-threaded-everywhere 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import traceback
 from typing import Sequence
@@ -242,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .logs import setup_logging
+
+    setup_logging(args.verbose)
     from .errors import BUG, describe
 
     try:

@@ -206,8 +206,9 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
+    from distill.logs import setup_logging
+
+    setup_logging(verbose=False)  # a no-op under `distill [-v] train`, which set it up already
     result = train(Config.from_argv(sys.argv[1:] if argv is None else argv))
     from accelerate import PartialState
 

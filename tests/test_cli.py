@@ -240,3 +240,15 @@ def test_distill_train_prints_its_result(tiny_corpus, tmp_path, capsys):
     result = json.loads(last)
     assert result["step"] == 2 and result["output_dir"] == str(out) and "infonce" in result["losses"]
     assert result["checkpoint"].endswith("checkpoint-2")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_info_lines_only_with_verbose(verbose):
+    """Our INFO lines (what a run decided) always show; libraries' INFO lines (open_clip logs to the root logger)
+    only with -v, which shows DEBUG too."""
+    code = ("import logging; from distill.logs import setup_logging; "
+            f"setup_logging({verbose}); logging.info('root-lib'); logging.getLogger('accelerate.x').info('acc'); "
+            "logging.getLogger('distill.train').info('ours'); logging.getLogger('cache.x').debug('dbg')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=True).stderr
+    shown = {w for w in ("root-lib", "acc", "ours", "dbg") if w in err}
+    assert shown == ({"root-lib", "acc", "ours", "dbg"} if verbose else {"ours"}), err
