@@ -15,8 +15,8 @@ millions of images. Goal: marginal overhead <= 1.10 with workers >= 1.
 Part 2: the reader's throughput (`cache.FeatureReader.read`) for 256-row batches, all teachers together, on a
 synthetic --rows x 3-teacher float16 file written in the cache's own layout (cache.h5_writer creates the file and
 each teacher's group), for each --chunk-rows: random rows (an epoch permutation, read directly: no block can
-help), block-shuffled rows for each --block-rows B that is a multiple of the chunk (`cache.BlockShuffleSampler`
-order read through `FeatureReader(block_rows=B, cache_blocks=--buffer-blocks)`, the way training reads), and
+help), block-shuffled rows for each --block-rows B that is a multiple of the chunk (`cache.h5_reader.block_shuffle_order`,
+the trainer's EpochSampler order, read through `FeatureReader(block_rows=B, cache_blocks=--buffer-blocks)`, the way training reads), and
 sequential rows (the ceiling); warm (whole file read into the page cache first) and cold (dropped from it with
 posix_fadvise, no root needed). "fetched/useful" is feature bytes the reader took from HDF5 per byte returned;
 "read/useful" bytes HDF5 read through pread (/proc/self/io rchar); "disk/useful" those that came from the disk.
@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tiny_models: the test helpers' tiny teachers
 from bench_common import RESULTS_DIR, io_counters, parse_flags, quiet_libraries, table, timed, write_results  # noqa: E402
 
 GOAL_OVERHEAD = 1.10
@@ -115,7 +116,7 @@ def head_corpus(path: Path, n: int) -> Path:
 
 
 def make_teachers(root: Path, f: Flags) -> dict[str, str]:
-    from teachers.tiny import make_tiny_hf_clip, make_tiny_open_clip
+    from tiny_models import make_tiny_hf_clip, make_tiny_open_clip
 
     oc = make_tiny_open_clip(root / "oc", embed_dim=128, width=f.teacher_width, layers=f.teacher_layers,
                              image_size=f.teacher_image_size)
@@ -351,15 +352,15 @@ def measure_reads(reader, order: np.ndarray, batch: int, seconds: float, useful_
 
 def reader_variants(f: Flags, n: int, chunk: int, seed: int = 0) -> list[tuple[str, int, int, np.ndarray]]:
     """(label, reader block_rows, buffer blocks, row order): random rows read directly (no block can help),
-    block-shuffled rows through the block cache (how training reads: BlockShuffleSampler +
-    FeatureReader(block_rows=B, cache_blocks=buffer)), and sequential rows (the ceiling)."""
-    from cache import BlockShuffleSampler
+    block-shuffled rows through the block cache (how training reads: the EpochSampler's
+    block_shuffle_order + FeatureReader(block_rows=B, cache_blocks=buffer)), and sequential rows (the ceiling)."""
+    from cache.h5_reader import block_shuffle_order
 
     out = [("random", 0, 1, np.random.default_rng(seed).permutation(n))]
     for b in f.block_rows:
         if b % chunk == 0:
             k = max(1, f.buffer_rows // b)
-            order = BlockShuffleSampler(np.arange(n), block_size=b, buffer_blocks=k, seed=seed).order()
+            order = block_shuffle_order(np.arange(n) // b, k, np.random.default_rng((seed, 0)))  # EpochSampler's, epoch 0
             out.append((f"block-shuffle {b} x {k}", b, k, order))
     out.append(("sequential", 0, 1, np.arange(n)))
     return out
@@ -407,7 +408,7 @@ def run_reader(f: Flags) -> dict:
                       "read/useful", "disk/useful", "block cache MB", f">= {GOAL_ROWS_PER_S:,}"])
     md = (f"Part 2: `FeatureReader.read` of {f.read_batch}-row batches, all {len(f.dims)} teachers (dims "
           f"{', '.join(map(str, f.dims))}, image + text, float16), {f.rows:,} rows, one process; block-shuffle "
-          f"B x K: BlockShuffleSampler(block_size=B, buffer_blocks=K) read by FeatureReader(block_rows=B, "
+          f"B x K: block_shuffle_order(rows // B, K) (the trainer's EpochSampler) read by FeatureReader(block_rows=B, "
           f"cache_blocks=K), K = {f.buffer_rows:,} rows / B; whole buffers measured\n\n{md}\n")
     return {"results": results, "markdown": md}
 

@@ -6,15 +6,15 @@ Public API:
     CacheJob, build_cache(job) -> CacheSummary   `distill cache` (cache.build)
     info(path) -> str                    `distill info` (cache.inspect)
     CorpusSource, build_corpus(sources, out_dir) -> CorpusBuildResult   `distill corpus` (cache.corpus_build)
-    FeatureReader, BlockShuffleSampler   reading features for training (cache.h5_reader)
+    FeatureReader                        reading features for training (cache.h5_reader)
     CacheError                           refusals: other corpus, spec clash, lock held, bad format
 """
 from .build import CacheJob, CacheSummary, TeacherSummary, build_cache
 from .corpus import BadSampleError, Corpus, CorpusError, open_corpus
 from .corpus_build import CorpusBuildResult, CorpusSource, build_corpus
-from .h5_reader import BlockShuffleSampler, FeatureReader
+from .h5_reader import FeatureReader
 from .inspect import info
 from .schema import CacheError
 
 __all__ = ["open_corpus", "Corpus", "BadSampleError", "CorpusError", "CacheJob", "CacheSummary",
-           "TeacherSummary", "build_cache", "CorpusSource", "CorpusBuildResult", "build_corpus", "info", "FeatureReader", "BlockShuffleSampler", "CacheError"]
+           "TeacherSummary", "build_cache", "CorpusSource", "CorpusBuildResult", "build_corpus", "info", "FeatureReader", "CacheError"]

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .corpus import CorpusError, utf8_problem
+from .corpus_base import CorpusError, utf8_problem
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 NPZ_SPLITS = ("train", "val", "test")

@@ -15,7 +15,8 @@ import os
 
 from PIL import Image
 
-from .corpus import Corpus, CorpusError, decode_image, text_problem, utf8_problem
+from .corpus_base import Corpus, CorpusError, text_problem, utf8_problem
+from .image_decode import decode_image
 
 _JSON_TYPES = {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object"}
 

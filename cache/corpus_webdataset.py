@@ -17,7 +17,8 @@ import tarfile
 
 from PIL import Image
 
-from .corpus import IMAGE_EXTS, BadSampleError, Corpus, CorpusError, decode_image, text_problem, utf8_problem
+from .corpus_base import IMAGE_EXTS, BadSampleError, Corpus, CorpusError, text_problem, utf8_problem
+from .image_decode import decode_image
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 _BRACE = re.compile(r"\{([^{}]*)\}")

@@ -1,6 +1,8 @@
 """biomed-distill: distil biomedical CLIP teachers into one BiomedCLIP-architecture student.
 
-Kept import-light on purpose: `teachers/`, `cache/` and `student/` import `distill.registry` and
-`distill.__version__` without pulling in the trainer.
+The top room: it may import `teachers`, `cache` and `student`; none of them imports it. Kept import-light:
+the version is the installed distribution's (pyproject.toml), read without importing torch.
 """
-__version__ = "0.1.0"
+from teachers.version import package_version as _package_version
+
+__version__ = _package_version()

@@ -1,6 +1,8 @@
-"""Aliases for the real biomedical teachers, and `load_teacher`, the one entry point from SPEC to Teacher.
+"""Aliases for the real biomedical teachers, plug-in back-ends, and `load_teacher`, the one way from SPEC to Teacher.
 
 timm-style: `list_teachers("*clip*")` matches with fnmatch; an unknown alias suggests near matches.
+Other packages add back-ends without touching this one: an entry point in the `biomed_distill.teachers` group
+named PREFIX, pointing at `load(spec: Spec, device) -> Teacher`, makes `PREFIX:TARGET` a valid SPEC.
 """
 from __future__ import annotations
 
@@ -8,12 +10,13 @@ import os
 
 import torch
 
-from distill.registry import Registry
-
 from .base import Teacher
-from .spec import Spec, parse_spec
+from .plugin_registry import Registry
+from .spec import PREFIXES, Spec, parse_spec
 
 TEACHER_ALIASES: Registry[str] = Registry("teacher alias")
+# Back-ends from other installed packages, by SPEC prefix; the built-in ones (PREFIXES) are dispatched below.
+BACKENDS: Registry = Registry("teacher back-end", entry_point_group="biomed_distill.teachers")
 
 for _name, _spec in {
     "biomedclip": "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
@@ -28,7 +31,7 @@ for _name, _spec in {
 
 def register_teacher(name: str, spec: str) -> None:
     """Add an alias (for example a lab's own `py:` teacher) usable wherever a SPEC is."""
-    parse_spec(spec)
+    _plugin_spec(spec) or parse_spec(spec)
     TEACHER_ALIASES.add(name, spec)
 
 
@@ -36,11 +39,26 @@ def list_teachers(pattern: str = "*") -> list[str]:
     return TEACHER_ALIASES.list(pattern)
 
 
+def _plugin_spec(spec: str) -> Spec | None:
+    """`PREFIX:TARGET` when PREFIX is a plug-in back-end (a built-in prefix always wins), else None."""
+    s = spec.strip() if isinstance(spec, str) else ""
+    prefix, sep, target = s.partition(":")
+    if not sep or not prefix or "/" in prefix or f"{prefix}:" in PREFIXES or prefix not in BACKENDS:
+        return None
+    if not target:
+        raise ValueError(f"SPEC {spec!r}: nothing after {prefix + ':'!r}")
+    return Spec(prefix, target, spec)
+
+
 def resolve_spec(spec: str) -> Spec:
-    """Parse SPEC, following registry aliases to the spec they stand for."""
+    """Parse SPEC, following registry aliases to the spec they stand for; plug-in prefixes included."""
+    plugin = _plugin_spec(spec)
+    if plugin is not None:
+        return plugin
     parsed = parse_spec(spec)
     if parsed.kind == "alias":
-        return parse_spec(TEACHER_ALIASES.get(parsed.target))
+        target = TEACHER_ALIASES.get(parsed.target)
+        return _plugin_spec(target) or parse_spec(target)
     return parsed
 
 
@@ -80,8 +98,8 @@ def load_teacher(spec: str, device: str | torch.device = "cpu", trust_remote_cod
         elif parsed.backend == "hf-clip":
             from .hf_teacher import HFClipTeacher
             teacher = HFClipTeacher(parsed, device=device, trust_remote_code=trust_remote_code)
-        else:  # pragma: no cover - parse_spec guarantees the kinds above
-            raise ValueError(f"no back-end for SPEC {spec!r}")
+        else:  # a plug-in back-end (resolve_spec only returns kinds that BACKENDS has)
+            teacher = _load_plugin_teacher(parsed, device)
     except (OSError, RuntimeError) as e:
         if isinstance(e, OSError) and e.errno is not None and not isinstance(e, FileNotFoundError):
             raise  # permission, full disk, too many open files: the environment's, named by the CLI
@@ -89,3 +107,14 @@ def load_teacher(spec: str, device: str | torch.device = "cpu", trust_remote_cod
         raise TeacherLoadError(f"cannot load teacher SPEC {spec!r}{alias} with the {parsed.backend} back-end: "
                                f"{_one_line(e)}{_load_hint(parsed)}") from e
     return teacher.to_device(device)
+
+
+def _load_plugin_teacher(parsed: Spec, device: str | torch.device) -> Teacher:
+    """Call a plug-in back-end's `load(spec, device)` and check that it kept the Teacher contract."""
+    teacher = BACKENDS.get(parsed.kind)(parsed, device=device)
+    if not isinstance(teacher, Teacher):
+        raise TypeError(f"SPEC {parsed.raw!r}: the {parsed.kind!r} back-end (entry point group "
+                        f"{BACKENDS.entry_point_group!r}) returned {type(teacher).__name__}, expected a "
+                        "teachers.Teacher subclass instance")
+    teacher.spec = parsed.raw
+    return teacher

@@ -16,7 +16,7 @@ PREFIXES = ("hf-hub:", "local-dir:", "hf-clip:", "py:")
 class Spec:
     """A parsed SPEC: `kind` picks the back-end, `target` is passed to it untouched."""
 
-    kind: str  # "hf-hub" | "local-dir" | "open_clip" | "hf-clip" | "py" | "alias"
+    kind: str  # "hf-hub" | "local-dir" | "open_clip" | "hf-clip" | "py" | "alias" | a plug-in back-end's prefix
     target: str
     raw: str
 

@@ -15,7 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from distill.cli import main
-from student import ProjectionHeads, build_student, load_student
+from distill.heads import ProjectionHeads
+from student import build_student, load_student
 
 STEP = 4
 

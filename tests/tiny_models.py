@@ -1,8 +1,11 @@
 """Tiny, randomly initialised teachers written to folders, loaded back through the real loading paths.
 
-Why in the package: no weights can be downloaded on CI or on an offline laptop, yet tests, benchmarks and
-`distill demo` need teachers of different kinds and dimensions. Each builder writes exactly what the real
-back-end reads (`local-dir:` for open_clip, `hf-clip:` for transformers), so loading is not mocked.
+Why: no weights can be downloaded on CI or on an offline laptop, yet tests and benchmarks need teachers of
+different kinds and dimensions. Each builder writes exactly what the real back-end reads (`local-dir:` for
+open_clip, `hf-clip:` for transformers), so loading is not mocked.
+Why in tests/ and not in `teachers/`: it is test scaffolding, and it builds its tokenizer with
+`student.tokenizer`, which the bottom room may not import. Tests import it by module name (pytest puts tests/
+on sys.path); the benchmarks put tests/ on sys.path themselves.
 """
 from __future__ import annotations
 

@@ -1,0 +1,107 @@
+"""The corpus interface every part of the project reads image-caption pairs through: `Corpus` and its errors.
+
+Why a module of its own: the readers (`corpus_table`, `corpus_webdataset`) subclass `Corpus` and `cache.corpus`
+picks among them, so the base lives below both and no file imports one that imports it back.
+
+The interface (stable: the cache writer and the trainer both rely on it):
+
+    corpus = open_corpus(path)
+    len(corpus)              # number of samples, in corpus order (row i of the feature cache is sample i)
+    corpus.keys[i]           # unique sample id (str)
+    corpus.captions[i]       # caption as written (str; may be empty -> a bad sample for the cache)
+    corpus.load_image(i)     # PIL.Image in RGB; raises BadSampleError(key, reason) when missing, corrupt or too
+                             # large (`corpus.limits`, a DecodeLimits: pixel limit, reduced JPEG decodes)
+    corpus.with_limits(lim)  # a copy of the corpus that decodes under other DecodeLimits
+    corpus.describe(i)       # "corpus.csv row 3 (line 4), key 'abc'": where a sample lives, for messages
+    corpus.fingerprint()     # sha256 hex of keys and captions: ties a feature cache to its corpus
+    corpus.column(name)      # an extra column's values as text (tables only; CorpusError otherwise)
+
+Everything is indexed once when the corpus is opened; `load_image` opens files lazily, so a corpus object can be
+built before DataLoader workers fork and used inside them.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+from PIL import Image
+
+from .image_decode import BadSampleError, DecodeLimits  # noqa: F401  (BadSampleError: re-exported)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
+
+
+class CorpusError(ValueError):
+    """The corpus itself is malformed (missing column, duplicate key, unreadable shard): nothing can be cached."""
+
+
+def text_problem(value: str, is_key: bool) -> str | None:
+    """Why a key or caption cannot be stored or hashed (lone surrogates from JSON escapes, NUL in a key), or None."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"is not valid Unicode (character {value[e.start]!r} at position {e.start + 1})"
+    if is_key and "\x00" in value:
+        return "contains a NUL character (HDF5 cannot store it)"
+    return None
+
+
+def utf8_problem(data: bytes) -> tuple[int, int, str] | None:
+    """(line, column, byte) of the first byte of `data` that is not UTF-8, both 1-based, or None."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        return line, column, f"0x{data[e.start]:02x}"
+    return None
+
+
+def fingerprint_of(keys: Sequence[str], captions: Sequence[str]) -> str:
+    """sha256 over (key, caption) pairs, length-prefixed so no two corpora collide by concatenation."""
+    h = hashlib.sha256()
+    h.update(f"n={len(keys)};".encode())
+    for k, c in zip(keys, captions):
+        kb, cb = k.encode("utf-8"), c.encode("utf-8")
+        h.update(f"{len(kb)}:".encode() + kb + f"{len(cb)}:".encode() + cb)
+    return h.hexdigest()
+
+
+class Corpus(ABC):
+    """Image-caption pairs in a fixed order; see the module docstring for the contract."""
+
+    source: str
+    keys: list[str]
+    captions: list[str]
+    limits: DecodeLimits = DecodeLimits()  # how load_image decodes (cache.image_decode)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @abstractmethod
+    def load_image(self, i: int) -> Image.Image: ...
+
+    @abstractmethod
+    def describe(self, i: int) -> str: ...
+
+    def with_limits(self, limits: DecodeLimits) -> "Corpus":
+        """A shallow copy decoding under `limits` (the index is shared, not rebuilt); this corpus is unchanged."""
+        out = copy.copy(self)
+        out.limits = limits
+        return out
+
+    def column(self, name: str) -> list[str]:
+        """An extra per-row column as text (CSV/TSV/JSONL corpora only; see TableCorpus.column)."""
+        raise CorpusError(f"{self.source} ({type(self).__name__}) has no extra columns, so it has no column "
+                          f"{name!r}; per-row columns (e.g. for loss.routing) need a CSV, TSV or JSONL corpus")
+
+    def fingerprint(self) -> str:
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = fingerprint_of(self.keys, self.captions)
+        return self._fingerprint
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.source!r}, {len(self)} samples)"
