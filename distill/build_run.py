@@ -18,22 +18,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from distill.config import Config, ConfigError, LossTerm, TrainCfg
-from distill.data import CacheJoin, Collate, EpochSampler, PairDataset, Routing, join_cache, route_mask
-from distill.losses import LOSSES, CombineCfg, DistillLoss, LossTermCfg, TeacherBatch
+from cache.corpus import Corpus
+from distill.config import Config, ConfigError, DataCfg, LossCfg, RoutingCfg, StudentCfg, TrainCfg
+from distill.cache_join import CacheJoin, Routing, join_cache, route_mask
+from distill.data import Collate, PairDataset, TrainBatch
+from distill.samplers import EpochSampler
+from distill.losses import DistillLoss, LossTermCfg, TeacherBatch
 from distill.optim import accum_for_epoch, global_batch_for_epoch, steps_per_epoch, total_steps
 from distill.student_model import DistillModel
 from teachers.transforms import PreprocessCfg
 
 log = logging.getLogger(__name__)
-
-# The terms a mode trains with when loss.terms is empty (MMKD-CLIP's stage 2 minus its 50x weight).
-DEFAULT_TERMS = {
-    "contrastive": (LossTerm("infonce"),),
-    "distill": (LossTerm("feature", kwargs={"metric": "cosine"}), LossTerm("icl")),
-    "hybrid": (LossTerm("infonce"), LossTerm("feature", kwargs={"metric": "cosine"}), LossTerm("icl")),
-}
-
 
 @dataclass(frozen=True)
 class RunPlan:
@@ -57,61 +52,57 @@ class RunPlan:
 
 @dataclass
 class Run:
-    plan: RunPlan
+    """What the training loop needs, built once from a Config (each piece by the helper that owns it)."""
+
+    plan: RunPlan  # sizes, steps, teachers and their cache attributes, routing summary
     model: DistillModel
     loss: DistillLoss
     loader: DataLoader
-    student_dir: Path
-    corpus: object
-    join: CacheJoin | None
+    student_dir: Path  # RUN/student (written by the main process)
+    corpus: Corpus  # for run_meta.json's size and fingerprint
+    join: CacheJoin | None  # corpus rows <-> cache rows (None: contrastive mode)
     terms: list[LossTermCfg]
-    _tmp: tempfile.TemporaryDirectory | None = None
+    # other processes build their student in a scratch folder, kept (and deleted) with the Run
+    scratch: tempfile.TemporaryDirectory | None = None
 
 
-def uses_teachers(kind: str) -> bool:
-    return bool(LOSSES.get(kind).uses_teachers)
+def resolve_terms(terms: Sequence[LossTermCfg], teacher_weights: dict[str, float]) -> list[LossTermCfg]:
+    """The terms with their log names set and teacher terms' teachers defaulting to `teacher_weights`."""
+    return [t.model_copy(update={"name": t.label, "teachers": (t.teachers or dict(teacher_weights))
+                                 if t.uses_teachers else None}) for t in terms]
 
 
-def resolve_terms(cfg: Config, teacher_weights: dict[str, float]) -> list[LossTermCfg]:
-    """The config's terms (or the mode's defaults) as LossTermCfg, teacher terms defaulting to loss.teachers."""
-    terms = cfg.loss.terms or DEFAULT_TERMS[cfg.mode]
-    return [LossTermCfg(name=t.label, kind=t.kind, weight=t.weight,
-                        teachers=(t.teachers or dict(teacher_weights)) if uses_teachers(t.kind) else None,
-                        kwargs=dict(t.kwargs)) for t in terms]
-
-
-def named_teachers(cfg: Config) -> list[str] | None:
-    """Teachers the config names (loss.teachers and per-term teachers), or None: use every cached teacher."""
-    names = list(cfg.loss.teachers or {})
-    for t in cfg.loss.terms:
+def named_teachers(loss: LossCfg) -> list[str] | None:
+    """Teachers the loss names (loss.teachers and per-term teachers), or None: use every cached teacher."""
+    names = list(loss.teachers or {})
+    for t in loss.terms:
         names += [n for n in (t.teachers or {}) if n not in names]
     return names or None
 
 
-def build_tokenizer_dir(cfg: Config, corpus, output_dir: Path, accelerator) -> str | None:
+def build_tokenizer_dir(student: StudentCfg, corpus, output_dir: Path, accelerator) -> str | None:
     """The tokenizer folder: the configured one, the preset's own (None), or WordPiece trained on the corpus."""
     from student.presets import PRESETS
 
-    if cfg.student.tokenizer_dir or cfg.student.preset not in PRESETS:
-        return cfg.student.tokenizer_dir
-    if PRESETS.get(cfg.student.preset).tokenizer_hub_id:
+    if student.tokenizer_dir or student.preset not in PRESETS:
+        return student.tokenizer_dir
+    if PRESETS.get(student.preset).tokenizer_hub_id:
         return None
     out = output_dir / "tokenizer"
     with accelerator.main_process_first():
         if accelerator.is_main_process and not (out / "tokenizer.json").is_file():
             from student.tokenizer import train_wordpiece
 
-            log.info("training a %d-token WordPiece vocabulary on %d captions -> %s", cfg.student.vocab_size,
+            log.info("training a %d-token WordPiece vocabulary on %d captions -> %s", student.vocab_size,
                      len(corpus), out)
-            train_wordpiece(corpus.captions, out, vocab_size=cfg.student.vocab_size)
+            train_wordpiece(corpus.captions, out, vocab_size=student.vocab_size)
     return str(out)
 
 
-def build_student_model(cfg: Config, student_dir: Path, tokenizer_dir: str | None):
+def build_student_model(s: StudentCfg, student_dir: Path, tokenizer_dir: str | None):
     from student.build import build_student
     from student.freeze import apply_freezing
 
-    s = cfg.student
     bundle = build_student(s.preset, student_dir, tokenizer_dir=tokenizer_dir, image_size=s.image_size,
                            **s.overrides)
     apply_freezing(bundle.model, image_blocks=s.freeze_vision_blocks, text_layers=s.lock_text_layers,
@@ -123,27 +114,27 @@ def build_run(cfg: Config, accelerator) -> Run:
     from accelerate.utils import set_seed
 
     from cache.corpus import open_corpus
-    from student.heads import ProjectionHeads
+    from distill.heads import ProjectionHeads
 
     output_dir = Path(cfg.train.output_dir)
     corpus = open_corpus(cfg.data.corpus)
     join = None
     if cfg.mode != "contrastive":
-        join = join_cache(corpus, cfg.data.features, named_teachers(cfg), use_views=cfg.data.use_views)
+        join = join_cache(corpus, cfg.data.features, named_teachers(cfg.loss), use_views=cfg.data.use_views)
     teachers = dict(cfg.loss.teachers) if cfg.loss.teachers else {t: 1.0 for t in (join.teachers if join else {})}
-    terms = resolve_terms(cfg, teachers)
+    terms = resolve_terms(cfg.terms, teachers)
     used = sorted({t for term in terms for t in (term.teachers or {})}, key=list(join.teachers if join else []).index)
 
-    tokenizer_dir = build_tokenizer_dir(cfg, corpus, output_dir, accelerator)
+    tokenizer_dir = build_tokenizer_dir(cfg.student, corpus, output_dir, accelerator)
     tmp = None
     student_dir = output_dir / "student"
     if not accelerator.is_main_process:  # only the main process writes RUN/student
         tmp = tempfile.TemporaryDirectory(prefix="student-")
         student_dir = Path(tmp.name)
     set_seed(cfg.train.seed)  # identical initialisation on every process and on resume
-    bundle = build_student_model(cfg, student_dir, tokenizer_dir)
+    bundle = build_student_model(cfg.student, student_dir, tokenizer_dir)
     stats = _teacher_stats(cfg.data.features, used) if cfg.loss.combine.balance == "phi_s" else None
-    loss = DistillLoss(terms, teacher_names=used, combine=CombineCfg(**dataclasses.asdict(cfg.loss.combine)),
+    loss = DistillLoss(terms, teacher_names=used, combine=cfg.loss.combine,
                        teacher_stats=stats)
     reads = loss.head_modalities()  # heads only where a term reads them (affinity needs none)
     heads = ProjectionHeads(bundle.embed_dim, {t: int(join.teachers[t]["embed_dim"]) for t in used if t in reads}
@@ -153,7 +144,7 @@ def build_run(cfg: Config, accelerator) -> Run:
     if frozen:
         log.info("frozen because no loss term reaches them: %s", ", ".join(frozen))
 
-    routing = build_routing(cfg, corpus, join, used)
+    routing = build_routing(cfg.loss.routing, corpus, join, used)
     pp = PreprocessCfg.from_open_clip(bundle.preprocess_cfg)
     views = join.view_params if join is not None else None
     ds = PairDataset(corpus, pp, crop_scale=cfg.data.crop_scale, flip=cfg.data.flip, seed=cfg.train.seed,
@@ -162,10 +153,10 @@ def build_run(cfg: Config, accelerator) -> Run:
     plan = RunPlan(train=cfg.train, per_device_batch=cfg.data.batch_size, num_processes=accelerator.num_processes,
                    num_rows=len(ds), total_steps=0, teachers={t: teachers.get(t, 1.0) for t in used},
                    teacher_attrs={t: join.teachers[t] for t in used},
-                   routing=None if routing is None else {"config": dataclasses.asdict(cfg.loss.routing),
+                   routing=None if routing is None else {"config": cfg.loss.routing.model_dump(),
                                                          **routing.summary()})
-    plan = dataclasses.replace(plan, total_steps=_total_steps(cfg, plan))
-    sampler = build_sampler(cfg, join if used else None, len(ds), plan.global_batch)
+    plan = dataclasses.replace(plan, total_steps=_total_steps(cfg.train, plan))
+    sampler = build_sampler(cfg.data, join if used else None, len(ds), plan.global_batch, seed=cfg.train.seed)
     blocks = sampler.block_ids is not None and bool(used)
     collate = Collate(bundle.tokenizer, cfg.data.features if used else None, used, use_views=views is not None,
                       block_rows=cfg.data.block_rows if blocks else 0, cache_blocks=cfg.data.shuffle_buffer_blocks,
@@ -177,20 +168,20 @@ def build_run(cfg: Config, accelerator) -> Run:
     return Run(plan, model, loss, loader, output_dir / "student", corpus, join, terms, tmp)
 
 
-def build_routing(cfg: Config, corpus, join: CacheJoin | None, used: list[str]) -> Routing | None:
+def build_routing(cfg: RoutingCfg | None, corpus, join: CacheJoin | None, used: list[str]) -> Routing | None:
     """loss.routing as a route mask over the loss's teachers `used` (None without routing); logs the counts."""
-    if cfg.loss.routing is None:
+    if cfg is None:
         return None
     if join is None or not used:
         raise ConfigError("loss.routing is set, but no loss term uses teachers; add a teacher term or remove "
                           "loss.routing")
-    routing = route_mask(cfg.loss.routing, corpus, used, join.cache_teachers, join.corpus_rows)
+    routing = route_mask(cfg, corpus, used, join.cache_teachers, join.corpus_rows)
     log.info("routing by column %r: rows per teacher %s; %d of %d rows have no teacher (teacher-free terms only)",
-             cfg.loss.routing.column, routing.rows_per_teacher, routing.unrouted_rows, len(join.corpus_rows))
+             cfg.column, routing.rows_per_teacher, routing.unrouted_rows, len(join.corpus_rows))
     return routing
 
 
-def teacher_batch(batch, scales: dict[str, float], teacher_names: Sequence[str]) -> TeacherBatch | None:
+def teacher_batch(batch: TrainBatch, scales: dict[str, float], teacher_names: Sequence[str]) -> TeacherBatch | None:
     """The loss's TeacherBatch for a TrainBatch: cached features, logit scales and the route mask by teacher."""
     if not batch.teacher_feats:
         return None
@@ -223,45 +214,46 @@ def resolve_threads(threads: int | None, num_local_processes: int | None = None,
     return max(1, cores // procs), f"{cores} usable cores // {procs} local processes"
 
 
-def sampler_kind(cfg: Config, reads_features: bool) -> str:
+def sampler_kind(data: DataCfg, reads_features: bool) -> str:
     """data.sampler with `auto` resolved: block_shuffle when teacher features are read, else random."""
-    if cfg.data.sampler != "auto":
-        return cfg.data.sampler
+    if data.sampler != "auto":
+        return data.sampler
     return "block_shuffle" if reads_features else "random"
 
 
-def build_sampler(cfg: Config, join: CacheJoin | None, num_rows: int, global_batch_of) -> EpochSampler:
-    """The epoch order (distill.data.EpochSampler). `join`: the cache join when features are read, else None.
+def build_sampler(data: DataCfg, join: CacheJoin | None, num_rows: int, global_batch_of, *, seed: int
+                  ) -> EpochSampler:
+    """The epoch order (distill.samplers.EpochSampler). `join`: the cache join when features are read, else None.
 
     Block-shuffled blocks are blocks of cache rows (the reader's blocks); without a cache, of dataset items.
     """
-    kind = sampler_kind(cfg, join is not None)
+    kind = sampler_kind(data, join is not None)
     if kind == "random":
-        return EpochSampler(num_rows, cfg.train.seed, global_batch_of)
-    b = cfg.data.block_rows
+        return EpochSampler(num_rows, seed, global_batch_of)
+    b = data.block_rows
     if join is not None:
         c = join.chunk_rows
         if b % c and b < int(join.cache_rows.max(initial=0)) + 1:
             raise ConfigError(f"data.block_rows={b} is not a multiple of the cache's HDF5 chunk of {c} rows "
-                              f"({cfg.data.features}): each block would read partial chunks twice; use "
+                              f"({data.features}): each block would read partial chunks twice; use "
                               f"data.block_rows={max(c, round(b / c) * c)}")
         rows = join.cache_rows
     else:
         rows = np.arange(num_rows)
-    return EpochSampler(num_rows, cfg.train.seed, global_batch_of, block_ids=rows // b,
-                        buffer_blocks=cfg.data.shuffle_buffer_blocks)
+    return EpochSampler(num_rows, seed, global_batch_of, block_ids=rows // b,
+                        buffer_blocks=data.shuffle_buffer_blocks)
 
 
-def _total_steps(cfg: Config, plan: RunPlan) -> int:
+def _total_steps(train: TrainCfg, plan: RunPlan) -> int:
     first = plan.global_batch(0)
     plan.accum(0)  # raises when the schedule does not divide
     if steps_per_epoch(plan.num_rows, first) == 0:
         raise ConfigError(f"{plan.num_rows} usable rows are fewer than one global batch of {first} "
                           f"(data.batch_size x processes x accumulation); lower data.batch_size or train.grad_accum")
-    if cfg.train.max_steps is None:
-        for e in range(cfg.train.epochs):
+    if train.max_steps is None:
+        for e in range(train.epochs):
             plan.accum(e)  # raises when the schedule does not divide
-    return total_steps(cfg.train, plan.num_rows, plan.per_device_batch, plan.num_processes)
+    return total_steps(train, plan.num_rows, plan.per_device_batch, plan.num_processes)
 
 
 def _teacher_stats(features: str, teachers: list[str]) -> dict:

@@ -77,15 +77,35 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+class _TrainHelp(argparse.Action):
+    """`distill train --help`: the usage and every config key with its default (imported only when asked)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .config import Config
+        from .config_usage import config_help
+
+        print(config_help(Config), end="")
+        parser.exit()
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-h", "--help", action=_TrainHelp, help="show the usage and every config key, then exit")
+    parser.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=100")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     return train_main(["--config", args.config, *args.overrides])
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """`distill train`: the same run as `accelerate launch -m distill.train --config C.yaml [key=value ...]`."""
-    parser = argparse.ArgumentParser(prog="distill train", description="Train a student (see configs/).")
-    parser.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=100")
+    parser = argparse.ArgumentParser(prog="distill train", description="Train a student (see configs/).",
+                                     add_help=False)
+    _train_arguments(parser)
     args = parser.parse_args(argv)
     from .train import main as train_module_main
 
@@ -180,9 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "finiteness and unit norms; exit 2 naming the teacher and rows of each problem")
     i.set_defaults(func=cmd_info)
 
-    t = sub.add_parser("train", help="train a student (same as accelerate launch -m distill.train)")
-    t.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
-    t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=100")
+    t = sub.add_parser("train", help="train a student (same as accelerate launch -m distill.train)", add_help=False)
+    _train_arguments(t)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("export", help="export a checkpoint as an open_clip-loadable student folder")

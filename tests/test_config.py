@@ -130,7 +130,7 @@ def test_caption_positives_in_every_mode_and_bad_values():
         assert [t.kwargs.get("positives") for t in cfg.loss.terms if t.kind != "feature"] == ["caption"] * (
             2 if mode == "hybrid" else 1)
         assert Config.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ConfigError, match=r"loss\.terms: infonce positives 'captions' is unknown; use one of "
+    with pytest.raises(ConfigError, match=r"loss\.terms\[0\]: infonce positives 'captions' is unknown; use one of "
                                           r"diagonal, caption"):
         Config.from_dict(BASE, ["loss.terms=[{kind: infonce, kwargs: {positives: captions}}]"])
     with pytest.raises(ConfigError, match=r"icl positives 'label' is unknown; use one of diagonal, caption"):
@@ -225,7 +225,7 @@ def test_routing_confidence_and_threads_errors():
         bad({"routing": {"column": "d"}}, mode="contrastive")
     with pytest.raises(ConfigError, match=r"loss\.combine\.temperature must be a finite number > 0, got 0\.0"):
         bad({"combine": {"mode": "confidence", "temperature": 0}})
-    with pytest.raises(ConfigError, match=r"loss\.combine\.mode must be one of .*confidence"):
+    with pytest.raises(ConfigError, match=r"loss\.combine\.mode: combine mode 'confident' is unknown; use one of .*confidence"):
         bad({"combine": {"mode": "confident"}})
     with pytest.raises(ConfigError, match=r"train\.threads must be > 0"):
         bad(train={"threads": 0})

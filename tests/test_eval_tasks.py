@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from distill.eval import TaskError, list_tasks, load_splits, load_task
+from distill.eval import TaskError, load_splits, load_task
 from distill.eval.context import EvalContext
 from distill.eval.finetune import finetune, inverse_frequency_pos_weight, predict
 from distill.eval.linear_probe import evaluate_linear_probe, few_shot_indices, fit_logistic, select_and_fit
@@ -21,10 +21,6 @@ from distill.eval.retrieval import evaluate_retrieval
 from distill.eval.zeroshot import evaluate_zeroshot
 from teachers import Teacher, load_teacher
 from teachers.transforms import PreprocessCfg
-
-BUILT_INS = {"pneumoniamnist-zeroshot", "breastmnist-zeroshot", "ham10000-zeroshot", "medpix-retrieval",
-             "pneumoniamnist-linear-probe", "ham10000-linear-probe", "pneumoniamnist-finetune"}
-
 
 # -- helpers ---------------------------------------------------------------------------------------------
 def write_images(folder: Path, n: int, seed: int = 0, size: int = 16) -> list[tuple[str, int]]:
@@ -92,44 +88,7 @@ def bright_csv(tmp_path) -> Path:
                       for i, (p, y) in enumerate(rows)])
 
 
-# -- task files ------------------------------------------------------------------------------------------
-def test_builtin_tasks_validate():
-    assert BUILT_INS <= set(list_tasks())
-    for name in list_tasks():
-        t = load_task(name, max_samples=10)
-        assert t.name == name and t.dataset.max_samples == 10
-    ham = load_task("ham10000-zeroshot")
-    assert len(ham.classes) == 7 and all("{}" in tp for tp in ham.templates)
-
-
-def test_unknown_task_suggests():
-    with pytest.raises(TaskError, match="did you mean pneumoniamnist-zeroshot"):
-        load_task("pneumoniamnist-zeroshoot")
-
-
-def test_unknown_key_names_file_and_key(tmp_path):
-    f = write_task(tmp_path / "t.yaml", name="t", kind="zeroshot", classes=["a", "b"],
-                   dataset={"path": "x.csv", "max_sample": 3})
-    with pytest.raises(TaskError, match=r"t\.yaml.*unknown key dataset\.'max_sample'"):
-        load_task(str(f))
-    f = write_task(tmp_path / "u.yaml", name="u", kind="zeroshot", classes=["a", "b"], dataset={"path": "x.csv"},
-                   prompts=["{}"])
-    with pytest.raises(TaskError, match=r"u\.yaml.*unknown key 'prompts'"):
-        load_task(str(f))
-
-
-@pytest.mark.parametrize("bad, msg", [
-    ({"kind": "zero-shot"}, "kind 'zero-shot' is not one of"),
-    ({"templates": ["a photo"]}, "must each contain one"),
-    ({"classes": ["a"]}, "at least two class names"),
-    ({"dataset": {"path": "x.csv", "max_samples": "ten"}}, "max_samples: expected an integer"),
-])
-def test_invalid_values_are_named(tmp_path, bad, msg):
-    task = {"name": "t", "kind": "zeroshot", "classes": ["a", "b"], "dataset": {"path": "x.csv"}, **bad}
-    with pytest.raises(TaskError, match=msg):
-        load_task(str(write_task(tmp_path / "t.yaml", **task)))
-
-
+# -- datasets (task-file validation: test_eval_task_files.py) ------------------------------------------
 def test_missing_dataset_names_path_and_env(tmp_path, monkeypatch):
     monkeypatch.setenv("BIOMED_DISTILL_DATA", str(tmp_path / "nowhere"))
     with pytest.raises(TaskError, match=r"nowhere/medmnist/pneumoniamnist\.npz not found.*BIOMED_DISTILL_DATA"):

@@ -18,6 +18,7 @@ from distill.losses import (
     phi_s_affine,
 )
 from distill.losses.combine import weight_matrix
+from teachers.modality import Pair
 
 B, E = 6, 8
 DIMS = {"a": 3, "b": 5}  # two teachers of different dimensions
@@ -34,10 +35,10 @@ def make_batch(seed=0, b=B, dims=DIMS):
         image=_unit(b, E, g=g),
         text=_unit(b, E, g=g),
         logit_scale=torch.tensor(14.0),
-        projected={t: {m: torch.randn(b, d, generator=g) for m in ("image", "text")} for t, d in dims.items()},
+        projected={t: Pair.build(lambda m: torch.randn(b, d, generator=g)) for t, d in dims.items()},
     )
     teachers = TeacherBatch(
-        feats={t: {m: _unit(b, d, g=g) for m in ("image", "text")} for t, d in dims.items()},
+        feats={t: Pair.build(lambda m: _unit(b, d, g=g)) for t, d in dims.items()},
         logit_scale={t: SCALES.get(t, 30.0) for t in dims},
     )
     return student, teachers
@@ -161,7 +162,7 @@ def test_caption_positives_with_distinct_captions_equal_the_diagonal_exactly():
 def test_icl_caption_positives_equal_the_soft_target_by_hand():
     student, teachers = make_batch(seed=32, b=4)
     for t in DIMS:  # rows 0 and 2 share a caption, so the teacher's text embeddings of them are identical
-        teachers.feats[t]["text"][2] = teachers.feats[t]["text"][0]
+        teachers.feats[t].text[2] = teachers.feats[t].text[0]
     loss = _loss([LossTermCfg("icl", "icl", weight=2.0, teachers={"a": 1.0, "b": 3.0},
                               kwargs={"positives": "caption"})])
     diag = _loss([LossTermCfg("icl", "icl", teachers={"a": 1.0, "b": 3.0})])
@@ -260,11 +261,11 @@ def test_feature_term_weighted_over_two_teachers(metric):
 def test_feature_image_only_and_smooth_l1_beta():
     student, teachers = make_batch(seed=3)
     for t in DIMS:  # scale targets up so |diff| crosses beta
-        teachers.feats[t]["image"] = teachers.feats[t]["image"] * 4
+        teachers.feats[t] = Pair(teachers.feats[t].image * 4, teachers.feats[t].text)
     cfg = LossTermCfg("f", "feature", teachers={"a": 1.0}, kwargs={"metric": "smooth_l1", "modalities": ["image"],
                                                                    "beta": 0.5})
     got = _loss([cfg])(student, teachers)["f"].item()
-    p, y = student.projected["a"]["image"], teachers.feats["a"]["image"]
+    p, y = student.projected["a"].image, teachers.feats["a"].image
     tot = 0.0
     for i in range(B):
         pi = _norm(p[i])
@@ -327,7 +328,7 @@ def test_affinity_equals_open_clip_distill_loss():
     student, teachers = make_batch(seed=6)
     out = _loss([LossTermCfg("aff", "affinity", teachers={"b": 1.0})])(student, teachers)
     f = teachers.feats["b"]
-    ref = DistillClipLoss()(student.image, student.text, student.logit_scale, f["image"], f["text"],
+    ref = DistillClipLoss()(student.image, student.text, student.logit_scale, f.image, f.text,
                             torch.tensor(SCALES["b"]), output_dict=True)["distill_loss"]
     assert out["aff"].item() == pytest.approx(ref.item(), rel=1e-5)
 
@@ -359,10 +360,9 @@ def test_random_teacher_each_sample_uses_exactly_its_teacher():
 
     # changing teacher b's targets on the rows assigned to a leaves the loss unchanged; on b's rows it does not
     for rows_of, changes in (("a", False), ("b", True)):
-        t2 = TeacherBatch({t: {m: v.clone() for m, v in f.items()} for t, f in teachers.feats.items()},
-                          teachers.logit_scale)
+        t2 = TeacherBatch({t: f.map(torch.clone) for t, f in teachers.feats.items()}, teachers.logit_scale)
         rows = [i for i in range(n) if assigned[i] == rows_of]
-        t2.feats["b"]["image"][rows] = -t2.feats["b"]["image"][rows]
+        t2.feats["b"].image[rows] = -t2.feats["b"].image[rows]
         again = loss(student, t2, generator=torch.Generator().manual_seed(123))["f"].item()
         assert (again != pytest.approx(got, rel=1e-6)) == changes
 
@@ -501,7 +501,7 @@ def test_training_on_the_loss_makes_it_fall():
     history = []
     for step in range(60):
         img, txt = F.normalize(towers["image"](x_img), dim=-1), F.normalize(towers["text"](x_txt), dim=-1)
-        proj = {t: {"image": heads[f"{t}_image"](img), "text": heads[f"{t}_text"](txt)} for t in DIMS}
+        proj = {t: Pair(heads[f"{t}_image"](img), heads[f"{t}_text"](txt)) for t in DIMS}
         out = loss(StudentOutput(img, txt, log_scale.exp(), proj), teachers, torch.Generator().manual_seed(step))
         opt.zero_grad()
         out["loss"].backward()
@@ -558,7 +558,7 @@ def test_bad_batches_name_what_is_missing():
     with pytest.raises(KeyError, match=r"no features for teacher 'b'; it has \['a'\]"):
         loss(student, teachers)
     student, teachers = make_batch(seed=13)
-    student.projected["b"]["image"] = torch.randn(B, 7)
+    student.projected["b"] = Pair(torch.randn(B, 7), student.projected["b"].text)
     with pytest.raises(ValueError, match=r"teacher 'b' \(image\) has dim 7.*have dim 5"):
         loss(student, teachers)
 
@@ -623,9 +623,8 @@ def test_routed_loss_value_equals_hand_computation():
     assert out["nce"].item() == pytest.approx(_hand_infonce(img, txt, 14.0), rel=1e-5)  # not routed
     assert out["loss"].item() == pytest.approx(out["nce"].item() + out["f"].item(), rel=1e-6)
     # teacher b's targets on rows not routed to b do not matter
-    t2 = TeacherBatch({t: {m: v.clone() for m, v in f.items()} for t, f in teachers.feats.items()},
-                      teachers.logit_scale, route=route)
-    t2.feats["b"]["image"][[1, 3]] = -t2.feats["b"]["image"][[1, 3]]
+    t2 = TeacherBatch({t: f.map(torch.clone) for t, f in teachers.feats.items()}, teachers.logit_scale, route=route)
+    t2.feats["b"].image[[1, 3]] = -t2.feats["b"].image[[1, 3]]
     assert loss(student, t2)["f"].item() == pytest.approx(out["f"].item(), rel=1e-6)
     with pytest.raises(KeyError, match=r"route mask has no entry for teacher\(s\) \['b'\]"):
         loss(student, TeacherBatch(teachers.feats, teachers.logit_scale, route={"a": route["a"]}))
@@ -649,10 +648,10 @@ def test_confidence_weights_equal_hand_computation():
     # 3 samples, 2 teachers with known 2-d features; teacher a matches its pairs, b half does
     c, s_ = math.cos(0.3), math.sin(0.3)
     feats = {
-        "a": {"image": torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]),
-              "text": torch.tensor([[c, s_], [-s_, c], [-c, -s_]])},
-        "b": {"image": torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]),
-              "text": torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, -1.0]])},
+        "a": Pair(image=torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]),
+                  text=torch.tensor([[c, s_], [-s_, c], [-c, -s_]])),
+        "b": Pair(image=torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]),
+                  text=torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, -1.0]])),
     }
     scales = {"a": 5.0, "b": 3.0}
     teachers = TeacherBatch(feats, scales)
@@ -663,7 +662,7 @@ def test_confidence_weights_equal_hand_computation():
     from distill.losses.terms import StepContext
 
     ctx = StepContext(student, teachers, StepGather(lambda x, g: (x, 0)))
-    p = {t: _hand_confidence(feats[t]["image"].tolist(), feats[t]["text"].tolist(), scales[t]) for t in feats}
+    p = {t: _hand_confidence(feats[t].image.tolist(), feats[t].text.tolist(), scales[t]) for t in feats}
     for t in feats:
         torch.testing.assert_close(ctx.log_confidence(t).exp(), torch.tensor(p[t], dtype=torch.float64))
     # w_it ~ weight_t * p_it^(1/0.5)
@@ -688,8 +687,8 @@ def test_confidence_gives_a_noise_teacher_a_much_lower_weight():
     g = torch.Generator().manual_seed(5)
     img = _unit(n, d, g=g)
     txt = F.normalize(img + 0.3 * torch.randn(n, d, generator=g), dim=-1)  # matches its pairs
-    noise = {m: _unit(n, d, g=g) for m in ("image", "text")}  # random: does not match the pair
-    teachers = TeacherBatch({"good": {"image": img, "text": txt}, "noise": noise}, {"good": 50.0, "noise": 50.0})
+    noise = Pair.build(lambda m: _unit(n, d, g=g))  # random: does not match the pair
+    teachers = TeacherBatch({"good": Pair(img, txt), "noise": noise}, {"good": 50.0, "noise": 50.0})
     student, _ = make_batch(seed=1, b=n, dims={"good": d, "noise": d})
     loss = _loss([LossTermCfg("f", "feature")], teachers=("good", "noise"), combine=CombineCfg(mode="confidence"))
     from distill.losses.distributed import StepGather

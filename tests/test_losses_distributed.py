@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from distill.losses import CombineCfg, DistillLoss, LossTermCfg, StudentOutput, TeacherBatch
 from distill.losses.combine import weight_matrix
+from teachers.modality import Pair
 
 WORLD, N, E = 2, 8, 6
 DIMS = {"a": 3, "b": 5}
@@ -53,7 +54,7 @@ def _global_batch():
     unit = lambda d: F.normalize(torch.randn(N, d, generator=g), dim=-1)  # noqa: E731
     leaves = {"image": unit(E), "text": unit(E)}
     leaves.update({f"{t}/{m}": torch.randn(N, d, generator=g) for t, d in DIMS.items() for m in ("image", "text")})
-    teachers = {t: {m: unit(d) for m in ("image", "text")} for t, d in DIMS.items()}
+    teachers = {t: Pair.build(lambda m: unit(d)) for t, d in DIMS.items()}
     return leaves, teachers
 
 
@@ -64,9 +65,9 @@ def _run(rows: slice, combine: CombineCfg, routed: bool = False, captions: bool 
     scale = torch.tensor(12.0, requires_grad=True)
     student = StudentOutput(
         leaves["image"], leaves["text"], scale,
-        {t: {m: leaves[f"{t}/{m}"] for m in ("image", "text")} for t in DIMS},
+        {t: Pair.build(lambda m: leaves[f"{t}/{m}"]) for t in DIMS},
     )
-    teachers = TeacherBatch({t: {m: v[rows] for m, v in f.items()} for t, f in feats.items()}, {"a": 40.0, "b": 90.0},
+    teachers = TeacherBatch({t: f.map(lambda v: v[rows]) for t, f in feats.items()}, {"a": 40.0, "b": 90.0},
                             route={t: r[rows] for t, r in ROUTE.items()} if routed else None)
     loss = DistillLoss(CAPTION_TERMS if captions else TERMS, list(DIMS), combine)
     ids = CAPTION_IDS[rows] if captions else None

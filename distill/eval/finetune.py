@@ -24,6 +24,7 @@ from .bootstrap import Estimate
 from .classification import classification_metrics
 from .context import EvalContext
 from .datasets import SplitData
+from .kinds import register_kind
 from .tasks import FinetuneCfg
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,7 @@ def finetune(teacher, splits: dict[str, SplitData], n_classes: int, multilabel: 
     return model, history
 
 
+@register_kind("finetune")
 def evaluate_finetune(task, model, name: str, splits: dict, ctx: EvalContext) -> dict[str, Estimate]:
     cfg = task.finetune
     clf, _ = finetune(model, splits, len(task.classes), task.multilabel, cfg, ctx.device, ctx.seed,

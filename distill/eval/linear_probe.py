@@ -20,6 +20,7 @@ from . import metrics as M
 from .bootstrap import Estimate
 from .classification import classification_metrics
 from .context import EvalContext
+from .kinds import register_kind
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def probe_settings(cfg) -> list[tuple[str, int | None]]:
     return [(f"{k}-shot", k) for k in cfg.shots] + ([("full", None)] if cfg.full else [])
 
 
+@register_kind("linear_probe")
 def evaluate_linear_probe(task, model, name: str, splits: dict, ctx: EvalContext) -> dict[str, Estimate]:
     cfg = task.linear_probe
     feats = {r: ctx.cache.images(name, model, splits[r], ctx.batch_size, ctx.num_workers).double()

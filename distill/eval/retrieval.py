@@ -20,6 +20,7 @@ from . import metrics as M
 from .bootstrap import Estimate, bootstrap
 from .context import EvalContext
 from .embeddings import encode_texts
+from .kinds import register_kind
 
 KS = (1, 5, 10)
 
@@ -67,6 +68,7 @@ def retrieval_metrics(i2t_hits: np.ndarray, t2i_hits: np.ndarray, resamples: int
     return {k: (replace(e, n=sizes[k.split("_R@")[0]]) if "_R@" in k else e) for k, e in out.items()}
 
 
+@register_kind("retrieval", roles=("test",), needs_classes=False)
 def evaluate_retrieval(task, model: Teacher, name: str, splits: dict, ctx: EvalContext) -> dict[str, Estimate]:
     test = splits["test"]
     unique, owner = dedupe_captions(test.captions)

@@ -12,27 +12,18 @@ from pathlib import Path
 
 import torch
 
-from distill.registry import Registry
-
+# The built-in task kinds register themselves in EVALUATORS when their modules are imported (distill/eval/kinds.py)
+from . import finetune, linear_probe, retrieval, zeroshot  # noqa: F401
 from .bootstrap import Estimate
 from .chance import chance_levels
 from .context import EvalContext
 from .datasets import SplitData, load_splits
 from .embeddings import EmbeddingCache
-from .finetune import evaluate_finetune
-from .linear_probe import evaluate_linear_probe
+from .kinds import EVALUATORS
 from .report import EvalReport, build_report, write_report
-from .retrieval import evaluate_retrieval
 from .tasks import TaskCfg, load_task
-from .zeroshot import evaluate_zeroshot
 
 log = logging.getLogger(__name__)
-
-EVALUATORS: Registry = Registry("task kind")
-EVALUATORS.add("zeroshot", evaluate_zeroshot)
-EVALUATORS.add("retrieval", evaluate_retrieval)
-EVALUATORS.add("linear_probe", evaluate_linear_probe)
-EVALUATORS.add("finetune", evaluate_finetune)
 
 
 @dataclass(frozen=True)
@@ -143,7 +134,7 @@ def run_eval(job: EvalJob) -> EvalReport:
         models[name] = {"spec": spec, "embed_dim": model.embed_dim}
         for task in tasks:
             log.info("%s: %s (%s)", name, task.name, task.kind)
-            results[task.name][name] = EVALUATORS.get(task.kind)(task, model, name, data[task.name], ctx)
+            results[task.name][name] = EVALUATORS.get(task.kind).evaluate(task, model, name, data[task.name], ctx)
         ctx.cache.drop_model(name)
         del model
         if device.startswith("cuda"):

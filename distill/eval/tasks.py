@@ -1,10 +1,14 @@
-"""Task definitions: a small YAML file per task, validated into frozen dataclasses.
+"""Task definitions: a small YAML file per task, validated into frozen pydantic models.
 
 A task names a dataset (CSV, MedMNIST .npz or a folder per class), its class names and prompt templates, and
-what to measure (`kind`: zeroshot | retrieval | linear_probe | finetune). Unknown keys are errors naming the file
-and the known keys (configs never silently ignore a typo). Built-in tasks live in `distill/tasks/*.yaml`; their
-dataset paths are relative to the data root (`$BIOMED_DISTILL_DATA`, default `../shared/data` beside the
-current directory); a user's task file resolves relative paths against its own folder.
+what to measure (`kind`: a registered task kind, see `kinds.py`). The models share the training config's base
+(`distill/config_base.py`): the whole file is validated when it is loaded, and an error is one line naming the file
+and the key, with a did-you-mean for an unknown key (configs never silently ignore a typo). Task files may be
+loose where YAML makes strictness a trap: a number where text is expected (`label_values: [0, 1]`), one value
+where a list is expected (`templates: "a photo of {}."`), a numeric string for a float (`lr_head: 1e-3`).
+Built-in tasks live in `distill/tasks/*.yaml`; their dataset paths are relative to the data root
+(`$BIOMED_DISTILL_DATA`, default `../shared/data` beside the current directory); a user's task file resolves
+relative paths against its own folder.
 
 Example::
 
@@ -16,127 +20,208 @@ Example::
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-import types
-import typing
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import BeforeValidator, Field, PrivateAttr, Strict, ValidationError, field_validator, model_validator
 
-KINDS = ("zeroshot", "retrieval", "linear_probe", "finetune")
+from distill.config_base import Bool, ConfigError, Float, Int, Section, config_error, unknown_name
+
+from .kinds import EVALUATORS, SPLIT_ROLES, TaskKind
+
 FORMATS = ("auto", "csv", "npz", "folder")
-SPLIT_ROLES = ("train", "val", "test")
 DATA_ENV = "BIOMED_DISTILL_DATA"
 
 
-class TaskError(ValueError):
+class TaskError(ConfigError):
     """A task file or its dataset is invalid; the message names the file and what to fix."""
 
 
-@dataclass(frozen=True)
-class DatasetCfg:
+# -- the looser field types of task files ----------------------------------------------------------------
+def _number_as_text(v: Any) -> Any:
+    return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+def _one_as_list(v: Any) -> Any:
+    return [v] if isinstance(v, (str, int, float)) else v
+
+
+Text = Annotated[str, Strict(), BeforeValidator(_number_as_text)]  # YAML reads `label_values: [0, 1]` as ints
+Texts = Annotated[tuple[Text, ...], BeforeValidator(_one_as_list)]
+Ints = Annotated[tuple[Int, ...], BeforeValidator(_one_as_list)]
+Floats = Annotated[tuple[Float, ...], BeforeValidator(_one_as_list)]
+
+
+def _must(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
+
+
+class DatasetCfg(Section):
     """Where the samples are and how to read them."""
 
-    path: str                                   # CSV, .npz or folder; relative to the data root / task file
-    format: str = "auto"                        # csv | npz | folder; auto = from the suffix
-    image_column: str = "image"                 # CSV: image path relative to the CSV's folder
-    label_column: str = "label"                 # CSV: class index, class name or label value ("A|B" multi-label)
-    label_columns: tuple[str, ...] = ()         # CSV multi-hot columns (one per class, 0/1) instead of label_column
-    label_separator: str = "|"                  # CSV multi-label separator inside label_column
-    caption_column: str = "caption"             # CSV: text for retrieval
-    split_column: str | None = None             # CSV: column whose value names each row's split
-    splits: dict = field(default_factory=lambda: {r: r for r in SPLIT_ROLES})  # role -> name in the source
-    split_fractions: tuple[float, ...] = ()     # (train, val, test) seeded random split of a source without splits
-    max_samples: int | None = None              # per split: a seeded random subset (keeps CI fast)
-    seed: int = 0                               # for split_fractions and max_samples
+    where = "dataset"
+    path: Text = Field(description="CSV, .npz or folder; relative to the data root / task file")
+    format: Text = Field("auto", description="csv | npz | folder; auto = from the suffix")
+    image_column: Text = Field("image", description="CSV: image path relative to the CSV's folder")
+    label_column: Text = Field("label", description="CSV: class index, class name or label value ('A|B' "
+                               "multi-label)")
+    label_columns: Texts = Field((), description="CSV multi-hot columns (one per class, 0/1) instead of "
+                                 "label_column")
+    label_separator: Text = Field("|", description="CSV multi-label separator inside label_column")
+    caption_column: Text = Field("caption", description="CSV: text for retrieval")
+    split_column: Text | None = Field(None, description="CSV: column whose value names each row's split")
+    splits: dict[Text, Text] = Field(default_factory=lambda: {r: r for r in SPLIT_ROLES},
+                                     description="role (train, val, test) -> its name in the source")
+    split_fractions: Floats = Field((), description="(train, val, test) seeded random split of a source without "
+                                    "splits")
+    max_samples: Int | None = Field(None, description="per split: a seeded random subset (keeps CI fast)")
+    seed: Int = Field(0, description="for split_fractions and max_samples")
 
-    def __post_init__(self):
-        if self.format not in FORMATS:
-            raise ValueError(f"dataset.format {self.format!r} is not one of {', '.join(FORMATS)}")
-        unknown = set(self.splits) - set(SPLIT_ROLES)
-        if unknown:
-            raise ValueError(f"dataset.splits: unknown role(s) {sorted(unknown)}; roles are {', '.join(SPLIT_ROLES)}")
-        if self.split_fractions:
-            if len(self.split_fractions) != 3 or any(f < 0 for f in self.split_fractions) or not (
-                    0.999 < sum(self.split_fractions) < 1.001):
-                raise ValueError(f"dataset.split_fractions {list(self.split_fractions)} must be three "
-                                 "non-negative fractions (train, val, test) summing to 1")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise ValueError(f"dataset.max_samples must be >= 1, got {self.max_samples}")
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        _must(v in FORMATS, f"must be one of {', '.join(FORMATS)}, got {v!r}")
+        return v
+
+    @field_validator("splits")
+    @classmethod
+    def _splits(cls, v: dict) -> dict:
+        unknown = set(v) - set(SPLIT_ROLES)
+        _must(not unknown, f"unknown role(s) {sorted(unknown)}; roles are {', '.join(SPLIT_ROLES)}")
+        return v
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions(cls, v: tuple) -> tuple:
+        _must(not v or (len(v) == 3 and all(f >= 0 for f in v) and 0.999 < sum(v) < 1.001),
+              f"must be three non-negative fractions (train, val, test) summing to 1, got {list(v)}")
+        return v
+
+    @field_validator("max_samples")
+    @classmethod
+    def _max_samples(cls, v: int | None) -> int | None:
+        _must(v is None or v >= 1, f"must be >= 1, got {v}")
+        return v
 
 
-@dataclass(frozen=True)
-class ProbeCfg:
+class ProbeCfg(Section):
     """Linear probe: multinomial logistic regression on frozen image features."""
 
-    shots: tuple[int, ...] = (1, 2, 4, 8, 16)   # few-shot settings (k training images per class), seeded
-    full: bool = True                           # also train on the whole train split
-    l2_grid: tuple[float, ...] = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1)  # L2 strengths; the best on val is kept
-    max_iter: int = 200                         # L-BFGS iterations per fit
+    where = "linear_probe"
+    shots: Ints = Field((1, 2, 4, 8, 16), description="few-shot settings (k training images per class), seeded")
+    full: Bool = Field(True, description="also train on the whole train split")
+    l2_grid: Floats = Field((1e-6, 1e-4, 1e-3, 1e-2, 1e-1), description="L2 strengths; the best on val is kept")
+    max_iter: Int = Field(200, description="L-BFGS iterations per fit")
 
-    def __post_init__(self):
-        if any(k < 1 for k in self.shots) or not self.l2_grid or any(l < 0 for l in self.l2_grid):
-            raise ValueError("linear_probe: shots must be >= 1 and l2_grid a non-empty list of values >= 0")
+    @field_validator("shots")
+    @classmethod
+    def _shots(cls, v: tuple) -> tuple:
+        _must(all(k >= 1 for k in v), f"must each be >= 1, got {list(v)}")
+        return v
+
+    @field_validator("l2_grid")
+    @classmethod
+    def _l2_grid(cls, v: tuple) -> tuple:
+        _must(bool(v) and all(x >= 0 for x in v), f"must be a non-empty list of values >= 0, got {list(v)}")
+        return v
 
 
-@dataclass(frozen=True)
-class FinetuneCfg:
+class FinetuneCfg(Section):
     """Full fine-tuning of the image encoder with a linear head (the comparative BiomedCLIP study)."""
 
-    epochs: int = 3
-    batch_size: int = 32
-    lr_encoder: float = 1e-5                    # differential learning rates: small for the pretrained tower
-    lr_head: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    amp: bool = True                            # autocast (bf16/fp16) on GPU; ignored on CPU
-    flip: bool = True                           # random horizontal flips while training
-    max_steps: int | None = None                # stop early (tests, smoke runs)
+    where = "finetune"
+    epochs: Int = Field(3, description=">= 1")
+    batch_size: Int = Field(32, description=">= 1")
+    lr_encoder: Float = Field(1e-5, description="differential learning rates: small for the pretrained tower")
+    lr_head: Float = Field(1e-3, description="> 0")
+    weight_decay: Float = 0.01
+    warmup_steps: Int = 0
+    amp: Bool = Field(True, description="autocast (bf16/fp16) on GPU; ignored on CPU")
+    flip: Bool = Field(True, description="random horizontal flips while training")
+    max_steps: Int | None = Field(None, description="stop early (tests, smoke runs)")
 
-    def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or self.lr_encoder < 0 or self.lr_head <= 0:
-            raise ValueError("finetune: epochs and batch_size must be >= 1, lr_encoder >= 0, lr_head > 0")
+    @model_validator(mode="after")
+    def _valid(self) -> "FinetuneCfg":
+        _must(self.epochs >= 1, f"finetune.epochs must be >= 1, got {self.epochs}")
+        _must(self.batch_size >= 1, f"finetune.batch_size must be >= 1, got {self.batch_size}")
+        _must(self.lr_encoder >= 0, f"finetune.lr_encoder must be >= 0, got {self.lr_encoder}")
+        _must(self.lr_head > 0, f"finetune.lr_head must be > 0, got {self.lr_head}")
+        return self
 
 
-@dataclass(frozen=True)
-class TaskCfg:
-    """One evaluation task. `classes` are both the prompt names and the label order."""
+class TaskCfg(Section):
+    """One evaluation task. `classes` are both the prompt names and the label order.
 
-    name: str
-    kind: str
+    `source` (the file it came from, named by errors) and `root` (the folder relative dataset paths resolve
+    against) are set by the loader, never by the file: see `located`.
+    """
+
+    name: Text
+    kind: Text = Field(description="a registered task kind: zeroshot | retrieval | linear_probe | finetune")
     dataset: DatasetCfg
-    classes: tuple[str, ...] = ()               # class names in label-index order (used in prompts)
-    label_values: tuple[str, ...] = ()          # raw label strings in the data, same order (default: classes)
-    templates: tuple[str, ...] = ("{}",)        # prompt templates with one "{}"; the ensemble is averaged
-    multilabel: bool = False
-    linear_probe: ProbeCfg = field(default_factory=ProbeCfg)
-    finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
-    description: str = ""
-    source: str = "<memory>"                    # the YAML file it came from (errors name it)
-    root: str = "."                             # folder relative dataset paths resolve against
+    classes: Texts = Field((), description="class names in label-index order (used in prompts)")
+    label_values: Texts = Field((), description="raw label strings in the data, same order (default: classes)")
+    templates: Texts = Field(("{}",), description="prompt templates with one '{}'; the ensemble is averaged")
+    multilabel: Bool = False
+    linear_probe: ProbeCfg = Field(default_factory=ProbeCfg)
+    finetune: FinetuneCfg = Field(default_factory=FinetuneCfg)
+    description: Text = ""
+    _source: str = PrivateAttr("<memory>")
+    _root: str = PrivateAttr(".")
 
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
-        if self.kind != "retrieval" and len(self.classes) < 2:
-            raise ValueError(f"a {self.kind} task needs 'classes' (at least two class names)")
-        if len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"duplicate class names in 'classes': {list(self.classes)}")
-        if self.label_values and len(self.label_values) != len(self.classes):
-            raise ValueError(f"label_values has {len(self.label_values)} entries but classes has {len(self.classes)}")
-        if self.dataset.label_columns and len(self.dataset.label_columns) != len(self.classes):
-            raise ValueError("dataset.label_columns needs one column per class "
-                             f"({len(self.dataset.label_columns)} given, {len(self.classes)} classes)")
-        if self.dataset.label_columns and not self.multilabel:
-            raise ValueError("dataset.label_columns (multi-hot) needs multilabel: true")
-        if self.kind == "zeroshot":
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        try:
+            EVALUATORS.get(v)
+        except KeyError as e:
+            raise unknown_name(e.args[0]) from None
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: tuple) -> tuple:
+        _must(len(set(v)) == len(v), f"duplicate class names {[c for i, c in enumerate(v) if c in v[:i]]}")
+        return v
+
+    @model_validator(mode="after")
+    def _valid(self) -> "TaskCfg":
+        spec, n = self.spec, len(self.classes)
+        _must(not spec.needs_classes or n >= 2, f"a {self.kind} task needs 'classes' (at least two class names)")
+        _must(not self.label_values or len(self.label_values) == n,
+              f"label_values has {len(self.label_values)} entries but classes has {n}")
+        cols = self.dataset.label_columns
+        _must(not cols or len(cols) == n,
+              f"dataset.label_columns needs one column per class ({len(cols)} given, {n} classes)")
+        _must(not cols or self.multilabel, "dataset.label_columns (multi-hot) needs multilabel: true")
+        if spec.uses_templates:
             bad = [t for t in self.templates if t.count("{}") != 1]
-            if not self.templates or bad:
-                raise ValueError(f"templates must each contain one '{{}}' for the class name; bad: {bad}")
+            _must(bool(self.templates) and not bad,
+                  f"templates must each contain one '{{}}' for the class name; bad: {bad}")
+        return self
+
+    def located(self, source: str | os.PathLike, root: str | os.PathLike) -> "TaskCfg":
+        """A copy that names `source` in errors and resolves relative dataset paths against `root`."""
+        task = self.model_copy()
+        task._source, task._root = str(source), str(root)
+        return task
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    @property
+    def root(self) -> str:
+        return self._root
+
+    @property
+    def spec(self) -> TaskKind:
+        """The registered kind: its evaluator and what it needs."""
+        return EVALUATORS.get(self.kind)
 
     @property
     def dataset_path(self) -> Path:
@@ -148,76 +233,19 @@ class TaskCfg:
         return self.label_values or self.classes
 
     def needs_roles(self) -> tuple[str, ...]:
-        return ("test",) if self.kind in ("zeroshot", "retrieval") else SPLIT_ROLES
+        return self.spec.roles
 
 
-# -- validation: dict -> dataclass, unknown keys named ---------------------------------------------------
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp` (the few types task files use) and convert lists to tuples."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        return _coerce(next(a for a in args if a is not type(None)), value, where)
-    if origin is tuple:
-        if isinstance(value, (str, int, float)):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {type(value).__name__}")
-        inner = typing.get_args(tp)[0]
-        return tuple(_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return {str(k): str(v) for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError(f"{where}: expected text, got {value!r}")
-        return str(value)
-    return value
-
-
-def _build(cls, data: dict, where: str):
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in ("source", "root")]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        raise ValueError(f"unknown key {where + '.' if where else ''}{unknown[0]!r}; known keys: {', '.join(names)}")
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    missing = [k for k in required if k not in data]
-    if missing:
-        raise ValueError(f"missing required key {where + '.' if where else ''}{missing[0]!r}")
-    kwargs = {k: _coerce(hints[k], v, f"{where + '.' if where else ''}{k}") for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def task_from_dict(data: dict, source: str = "<memory>", root: str | os.PathLike = ".") -> TaskCfg:
-    """Validate a task mapping; every error is a TaskError naming `source`."""
+def task_from_dict(data: Any, source: str = "<memory>", root: str | os.PathLike = ".") -> TaskCfg:
+    """Validate a task mapping; every error is a one-line TaskError naming `source` and the key."""
     if not isinstance(data, dict):
         raise TaskError(f"{source}: a task file must be a YAML mapping, got {type(data).__name__}")
     try:
-        task = _build(TaskCfg, data, "")
-    except (ValueError, TypeError) as e:
-        raise TaskError(f"{source}: {e}") from None
-    return dataclasses.replace(task, source=str(source), root=str(root))
+        task = TaskCfg.model_validate(data)
+    except ValidationError as e:
+        msg = str(config_error(e, TaskCfg))
+        raise TaskError(f"{source}: {msg.replace('config is missing', 'the task is missing', 1)}") from None
+    return task.located(source, root)
 
 
 # -- built-ins and lookup --------------------------------------------------------------------------------
@@ -260,5 +288,9 @@ def load_task(name_or_path: str, max_samples: int | None = None) -> TaskCfg:
     task = task_from_dict(data, source=source, root=root)
     if max_samples is not None:  # a cap: the smaller of the file's and the caller's
         cap = min(max_samples, task.dataset.max_samples or max_samples)
-        task = dataclasses.replace(task, dataset=dataclasses.replace(task.dataset, max_samples=cap))
+        try:
+            dataset = DatasetCfg(**{**dict(task.dataset), "max_samples": cap})
+        except ConfigError as e:
+            raise TaskError(f"{source}: {e}") from None
+        task = task.model_copy(update={"dataset": dataset})
     return task

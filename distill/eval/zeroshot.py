@@ -18,6 +18,7 @@ from .bootstrap import Estimate
 from .classification import classification_metrics
 from .context import EvalContext
 from .embeddings import encode_texts
+from .kinds import register_kind
 
 
 def class_embeddings(model: Teacher, classes: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
@@ -34,6 +35,7 @@ def zeroshot_scores(image_emb: torch.Tensor, class_emb: torch.Tensor, logit_scal
     return (sim if multilabel else (logit_scale * sim).softmax(-1)).numpy()
 
 
+@register_kind("zeroshot", roles=("test",), uses_templates=True)
 def evaluate_zeroshot(task, model: Teacher, name: str, splits: dict, ctx: EvalContext) -> dict[str, Estimate]:
     test = splits["test"]
     img = ctx.cache.images(name, model, test, ctx.batch_size, ctx.num_workers)

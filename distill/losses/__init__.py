@@ -7,11 +7,12 @@
     # templated captions: LossTermCfg("infonce", "infonce", kwargs={"positives": "caption"}), and pass
     # loss(..., caption_ids=batch.caption_ids): every row with the same caption is a positive
 """
-from .distill_loss import DistillLoss, build_term
+from .distill_loss import DistillLoss
 from .distributed import GatherFn, all_gather_rows
 from .phi_s import PhiS, hadamard, phi_s_affine
+from .spec import BALANCE_MODES, COMBINE_MODES, CombineCfg, LossTermCfg, build_term, term_class
 from .terms import LOSSES, POSITIVES, LossTerm, StepContext, register_loss
-from .types import CombineCfg, LossTermCfg, StudentOutput, TeacherBatch
+from .types import StudentOutput, TeacherBatch
 
 __all__ = [
     "DistillLoss",
@@ -19,6 +20,9 @@ __all__ = [
     "POSITIVES",
     "LossTermCfg",
     "CombineCfg",
+    "COMBINE_MODES",
+    "BALANCE_MODES",
+    "term_class",
     "StudentOutput",
     "TeacherBatch",
     "LOSSES",

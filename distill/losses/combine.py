@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .distributed import world_and_rank
-from .types import CombineCfg
+from .spec import CombineCfg
 
 
 @dataclass(frozen=True)

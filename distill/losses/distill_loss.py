@@ -1,31 +1,18 @@
 """`DistillLoss`: the weighted sum of named terms that the trainer calls once per step."""
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from teachers.modality import MODALITIES, Modality
+
 from . import combine as _combine
 from .distributed import GatherFn, StepGather, all_gather_rows
 from .phi_s import PhiS
-from .terms import LOSSES, LossTerm, StepContext
-from .types import CombineCfg, LossTermCfg, StudentOutput, TeacherBatch
-
-
-def build_term(name: str, kind: str, kwargs: dict) -> LossTerm:
-    """The registered term `kind` built with `kwargs`; unknown options or bad values raise ValueError."""
-    cls = LOSSES.get(kind)
-    try:
-        inspect.signature(cls).bind(**kwargs)
-    except TypeError as e:
-        opts = [p for p in inspect.signature(cls).parameters]
-        raise ValueError(
-            f"loss term {name!r} (kind {kind!r}): bad options {sorted(kwargs)}: {e}; "
-            f"its options are: {', '.join(opts) or 'none'}"
-        ) from None
-    return cls(**kwargs)
+from .spec import CombineCfg, LossTermCfg, build_term
+from .terms import StepContext
+from .types import StudentOutput, TeacherBatch
 
 
 class DistillLoss(nn.Module):
@@ -53,14 +40,14 @@ class DistillLoss(nn.Module):
         gather_fn: GatherFn | None = None,
     ):
         super().__init__()
-        names = [t.name for t in terms]
+        names = [t.label for t in terms]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"loss term names must be unique; repeated: {', '.join(dupes)}")
         self.teacher_names = list(teacher_names)
         self.combine_cfg = combine
         self.gather_fn = gather_fn or all_gather_rows
-        self.cfgs = {t.name: t for t in terms if t.weight > 0}
+        self.cfgs = {t.label: t for t in terms if t.weight > 0}
         if not self.cfgs:
             raise ValueError("no loss term has a weight > 0; give at least one term a positive weight")
         self.terms = nn.ModuleDict({name: build_term(name, cfg.kind, cfg.kwargs) for name, cfg in self.cfgs.items()})
@@ -93,18 +80,18 @@ class DistillLoss(nn.Module):
         """Whether any term reads the student's logit scale (a feature-only loss does not)."""
         return any(t.uses_logit_scale for t in self.terms.values())
 
-    def student_modalities(self) -> tuple[str, ...]:
-        """The student towers some term reads ("image", "text"); an image-only feature loss reads no text."""
+    def student_modalities(self) -> tuple[Modality, ...]:
+        """The student towers some term reads; an image-only feature loss reads no text."""
         used = {m for t in self.terms.values() for m in t.student_modalities()}
-        return tuple(m for m in ("image", "text") if m in used)
+        return tuple(m for m in MODALITIES if m in used)
 
-    def head_modalities(self) -> dict[str, tuple[str, ...]]:
+    def head_modalities(self) -> dict[str, tuple[Modality, ...]]:
         """{teacher: modalities} of the student projection heads that some term reads (affinity reads none)."""
-        used: dict[str, set[str]] = {}
+        used: dict[str, set[Modality]] = {}
         for name, term in self.terms.items():
             for t in self.teacher_weights.get(name, {}):
                 used.setdefault(t, set()).update(term.head_modalities())
-        return {t: tuple(m for m in ("image", "text") if m in ms) for t, ms in used.items() if ms}
+        return {t: tuple(m for m in MODALITIES if m in ms) for t, ms in used.items() if ms}
 
     def __str__(self) -> str:
         return "Loss = " + " + ".join(f"{float(c.weight)!r} * {n}" for n, c in self.cfgs.items())

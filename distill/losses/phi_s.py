@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from teachers.modality import MODALITIES, Modality
+
 
 def _is_prime(n: int) -> bool:
     return n >= 2 and all(n % p for p in range(2, int(math.isqrt(n)) + 1))
@@ -144,9 +146,10 @@ class PhiS(nn.Module):
     stats: {teacher: {"image_mean": (D,), "image_cov": (D, D), "text_mean": (D,), "text_cov": (D, D)}}.
     """
 
-    def __init__(self, stats: dict[str, dict[str, np.ndarray]], teachers: list[str], modalities=("image", "text")):
+    def __init__(self, stats: dict[str, dict[str, np.ndarray]], teachers: list[str],
+                 modalities: tuple[Modality, ...] = MODALITIES):
         super().__init__()
-        self.keys: dict[tuple[str, str], str] = {}
+        self.keys: dict[tuple[str, Modality], str] = {}
         for t in teachers:
             if t not in stats:
                 raise KeyError(
@@ -162,12 +165,12 @@ class PhiS(nn.Module):
                 except ValueError as e:
                     raise ValueError(f"PHI-S for teacher {t!r}, {m}: {e}") from None
                 key = f"{len(self.keys)}"
-                self.keys[(t, m)] = key
+                self.keys[(t, Modality(m))] = key
                 self.register_buffer(f"w{key}", torch.from_numpy(w).float(), persistent=False)
                 self.register_buffer(f"b{key}", torch.from_numpy(b).float(), persistent=False)
 
-    def forward(self, x: Tensor, teacher: str, modality: str) -> Tensor:
-        key = self.keys[(teacher, modality)]
+    def forward(self, x: Tensor, teacher: str, modality: Modality) -> Tensor:
+        key = self.keys[(teacher, Modality(modality))]
         w, b = getattr(self, f"w{key}"), getattr(self, f"b{key}")
         if x.shape[-1] != w.shape[0]:
             raise ValueError(

@@ -13,17 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.registry import Registry
+from teachers.modality import MODALITIES, Modality
+from teachers.plugin_registry import Registry
 
 from .distributed import StepGather
 from .phi_s import PhiS
 from .types import StudentOutput, TeacherBatch
 
-LOSSES: Registry[type["LossTerm"]] = Registry("loss")
+LOSSES: Registry[type["LossTerm"]] = Registry("loss", entry_point_group="biomed_distill.losses")
 register_loss = LOSSES.register
-MODALITIES = ("image", "text")
 MAX_LOGIT_SCALE = 100.0
 POSITIVES = ("diagonal", "caption")  # contrastive targets: each row's own pair | every row with the same caption
+CROSS = ((Modality.IMAGE, Modality.TEXT), (Modality.TEXT, Modality.IMAGE))  # (mine, other): both directions
 
 
 class StepContext:
@@ -74,17 +75,17 @@ class StepContext:
             return F.cross_entropy(logits, self.caption_targets().to(logits.dtype), reduction="none")
         return F.cross_entropy(logits, self.labels(offset), reduction="none")
 
-    def student_feats(self, modality: str) -> Tensor:
-        return getattr(self.student, modality).float()
+    def student_feats(self, modality: Modality) -> Tensor:
+        return getattr(self.student, Modality(modality).value).float()
 
-    def student_global(self, modality: str) -> tuple[Tensor, int]:
+    def student_global(self, modality: Modality) -> tuple[Tensor, int]:
         return self.gather(f"student/{modality}", self.student_feats(modality), True)
 
-    def teacher(self, name: str, modality: str) -> Tensor:
+    def teacher(self, name: str, modality: Modality) -> Tensor:
         if self.teachers is None:
             raise ValueError(
                 f"a loss term needs cached features of teacher {name!r}, but the batch has no teacher features "
-                "(train with --cache / data.features, or use only the infonce term)"
+                "(cache them with `distill cache` and set data.features, or use only the infonce term)"
             )
         if name not in self.teachers.feats:
             raise KeyError(
@@ -98,7 +99,7 @@ class StepContext:
             )
         return y.to(self.student.image.device).float()
 
-    def teacher_global(self, name: str, modality: str) -> tuple[Tensor, int]:
+    def teacher_global(self, name: str, modality: Modality) -> tuple[Tensor, int]:
         return self.gather(f"teacher/{name}/{modality}", self.teacher(name, modality), False)
 
     def teacher_scale(self, name: str) -> float:
@@ -106,9 +107,9 @@ class StepContext:
             raise KeyError(f"the batch has no logit scale for teacher {name!r} (the cache attr `logit_scale`)")
         return float(self.teachers.logit_scale[name])
 
-    def projected(self, name: str, modality: str, dim: int) -> Tensor:
+    def projected(self, name: str, modality: Modality, dim: int) -> Tensor:
         heads = self.student.projected.get(name)
-        if heads is None or modality not in heads:
+        if heads is None:
             raise KeyError(
                 f"the student has no {modality} projection head for teacher {name!r}; "
                 f"it has {sorted(self.student.projected) or 'none'} (build ProjectionHeads with every teacher)"
@@ -131,7 +132,7 @@ class StepContext:
             with torch.no_grad():
                 s = self.teacher_scale(name)
                 lps = []
-                for mine, other in (("image", "text"), ("text", "image")):
+                for mine, other in CROSS:
                     all_o, offset = self.teacher_global(name, other)
                     logits = s * self.teacher(name, mine).double() @ all_o.double().T
                     lps.append(logits.log_softmax(-1).gather(1, self.labels(offset)[:, None]).squeeze(1))
@@ -151,7 +152,7 @@ class StepContext:
             raise ValueError(f"the route mask has {out.shape[0]} rows; expected {self.batch_size}")
         return out
 
-    def feature_target(self, name: str, modality: str) -> Tensor:
+    def feature_target(self, name: str, modality: Modality) -> Tensor:
         """The teacher features a feature term regresses to: PHI-S standardised when balancing is on."""
         y = self.teacher(name, modality)
         return self.phi_s(y, name, modality) if self.phi_s is not None else y
@@ -180,11 +181,11 @@ class LossTerm(nn.Module):
     uses_teachers = True
     uses_logit_scale = True  # reads the student's logit scale
 
-    def head_modalities(self) -> tuple[str, ...]:
-        """The student projection heads (per teacher) this term reads: "image", "text"."""
+    def head_modalities(self) -> tuple[Modality, ...]:
+        """The student projection heads (per teacher) this term reads."""
         return ()
 
-    def student_modalities(self) -> tuple[str, ...]:
+    def student_modalities(self) -> tuple[Modality, ...]:
         """The student towers whose output this term reads (directly or through a head)."""
         return MODALITIES
 
@@ -208,9 +209,9 @@ class InfoNCE(LossTerm):
         self.positives = _check_positives("infonce", positives)
 
     def per_sample(self, ctx: StepContext, teacher: str | None = None) -> Tensor:
-        img, txt = ctx.student_feats("image"), ctx.student_feats("text")
-        all_img, offset = ctx.student_global("image")
-        all_txt, _ = ctx.student_global("text")
+        img, txt = ctx.student_feats(Modality.IMAGE), ctx.student_feats(Modality.TEXT)
+        all_img, offset = ctx.student_global(Modality.IMAGE)
+        all_txt, _ = ctx.student_global(Modality.TEXT)
         i2t = ctx.contrastive(ctx.scale * img @ all_txt.T, offset, self.positives)
         t2i = ctx.contrastive(ctx.scale * txt @ all_img.T, offset, self.positives)
         return (i2t + t2i) / 2
@@ -233,15 +234,16 @@ class FeatureMatch(LossTerm):
             raise ValueError(f"feature metric {metric!r} is unknown; use one of {', '.join(self.METRICS)}")
         bad = [m for m in modalities if m not in MODALITIES]
         if bad or not modalities:
-            raise ValueError(f"feature modalities must be a non-empty subset of {MODALITIES}, got {modalities!r}")
-        self.metric, self.modalities, self.beta = metric, tuple(modalities), float(beta)
+            raise ValueError(f"feature modalities must be a non-empty subset of "
+                             f"{tuple(m.value for m in MODALITIES)}, got {modalities!r}")
+        self.metric, self.modalities, self.beta = metric, tuple(Modality(m) for m in modalities), float(beta)
 
     uses_logit_scale = False
 
-    def head_modalities(self) -> tuple[str, ...]:
+    def head_modalities(self) -> tuple[Modality, ...]:
         return self.modalities
 
-    def student_modalities(self) -> tuple[str, ...]:
+    def student_modalities(self) -> tuple[Modality, ...]:
         return self.modalities
 
     def per_sample(self, ctx: StepContext, teacher: str | None) -> Tensor:
@@ -274,12 +276,12 @@ class InteractiveContrastive(LossTerm):
         super().__init__()
         self.positives = _check_positives("icl", positives)
 
-    def head_modalities(self) -> tuple[str, ...]:
+    def head_modalities(self) -> tuple[Modality, ...]:
         return MODALITIES
 
     def per_sample(self, ctx: StepContext, teacher: str | None) -> Tensor:
         vals = []
-        for mine, other in (("image", "text"), ("text", "image")):
+        for mine, other in CROSS:
             all_t, offset = ctx.teacher_global(teacher, other)
             p = F.normalize(ctx.projected(teacher, mine, all_t.shape[-1]), dim=-1)
             vals.append(ctx.contrastive(ctx.scale * p @ all_t.T, offset, self.positives))
@@ -302,7 +304,7 @@ class Affinity(LossTerm):
     def per_sample(self, ctx: StepContext, teacher: str | None) -> Tensor:
         t_scale = ctx.teacher_scale(teacher)
         vals = []
-        for mine, other in (("image", "text"), ("text", "image")):
+        for mine, other in CROSS:
             all_s, _ = ctx.student_global(other)
             all_t, _ = ctx.teacher_global(teacher, other)
             s_logits = ctx.scale * ctx.student_feats(mine) @ all_s.T

@@ -1,0 +1,129 @@
+"""The loss's config models: one term (`LossTermCfg`) and how teachers combine (`CombineCfg`).
+
+They are the `loss.terms` items and `loss.combine` section of the training config AND what `DistillLoss` reads:
+one set of types, validated when the config is loaded (kind, options, weights), long before a run opens a file.
+`term_class` is the one place that asks the `LOSSES` registry about a kind.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from distill.config_base import Float, Section, Str, unknown_name
+
+from .terms import LOSSES, LossTerm
+
+COMBINE_MODES = ("weighted_sum", "random_teacher", "confidence")
+BALANCE_MODES = ("none", "phi_s")
+
+
+def term_class(kind: str) -> type[LossTerm]:
+    """The registered term class of `kind`; KeyError with close matches when unknown."""
+    return LOSSES.get(kind)
+
+
+def build_term(name: str, kind: str, kwargs: dict) -> LossTerm:
+    """The registered term `kind` built with `kwargs`; unknown options or bad values raise ValueError."""
+    cls = term_class(kind)
+    try:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError as e:
+        opts = [p for p in inspect.signature(cls).parameters]
+        raise ValueError(
+            f"loss term {name!r} (kind {kind!r}): bad options {sorted(kwargs)}: {e}; "
+            f"its options are: {', '.join(opts) or 'none'}"
+        ) from None
+    return cls(**kwargs)
+
+
+def _weight_error(what: str, w: float) -> str | None:
+    return None if math.isfinite(w) and w >= 0 else f"{what} must be a finite number >= 0, got {w!r}"
+
+
+class LossTermCfg(Section):
+    """One named, weighted term of the loss. Positional arguments follow the field order: name, kind, weight, ..."""
+
+    where = "loss.terms"
+    name: Str | None = Field(None, description="key in logs; default: the kind")
+    kind: Str = Field(description="a registered loss kind: infonce | feature | icl | affinity")
+    weight: Float = Field(1.0, description=">= 0; 0 skips the term")
+    teachers: dict[Str, Float] | None = Field(None, description="teacher -> weight for this term; null: loss.teachers")
+    kwargs: dict[Str, Any] = Field(default_factory=dict, description="the term's options, e.g. {metric: mse}")
+
+    def __init__(self, *args: Any, **data: Any) -> None:
+        data.update(zip(("name", "kind", "weight", "teachers", "kwargs"), args))
+        super().__init__(**data)
+
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]  # see Section.__init__
+
+    @property
+    def label(self) -> str:
+        """The key it is logged under: its name, else its kind."""
+        return self.name or self.kind
+
+    @property
+    def uses_teachers(self) -> bool:
+        return bool(term_class(self.kind).uses_teachers)
+
+    @model_validator(mode="after")
+    def _check(self) -> "LossTermCfg":
+        if self.label == "loss" or not self.label.strip():
+            raise ValueError(f"loss term name must be a non-empty string other than 'loss', got {self.name!r}")
+        try:
+            term_class(self.kind)
+        except KeyError as e:
+            raise unknown_name(e.args[0]) from None
+        bad = _weight_error(f"loss term {self.label!r}: weight", self.weight)
+        for t, w in (self.teachers or {}).items():
+            bad = bad or _weight_error(f"loss term {self.label!r}: weight of teacher {t!r}", w)
+        if bad:
+            raise ValueError(bad)
+        if self.teachers is not None:
+            if not self.uses_teachers:
+                raise ValueError(f"loss term {self.label!r} (kind {self.kind!r}) uses no teachers; remove `teachers`")
+            if not self.teachers:
+                raise ValueError(f"loss term {self.label!r}: teachers must be a non-empty mapping teacher -> weight "
+                                 f"(or null for every teacher)")
+            if not any(w > 0 for w in self.teachers.values()):
+                raise ValueError(f"loss term {self.label!r}: every teacher weight is 0; give one a weight > 0")
+        try:  # options are checked now, not when the run is built: e.g. kwargs.positives must be known
+            build_term(self.label, self.kind, self.kwargs)
+        except (TypeError, KeyError) as e:
+            raise ValueError(f"loss term {self.label!r}: {e}") from None
+        return self
+
+
+class CombineCfg(Section):
+    """How the per-teacher values of a term are combined into one number (see combine.py)."""
+
+    where = "loss.combine"
+    mode: Str = Field("weighted_sum", description="weighted_sum (every teacher) | random_teacher (one random "
+                      "teacher per sample, MMKD-CLIP) | confidence (per sample, weight_t * p_it^(1/temperature))")
+    drop_prob: Float = Field(0.0, description="drop each teacher per step with this probability, in [0, 1)")
+    balance: Str = Field("none", description="none | phi_s (standardise feature-term targets with cache stats)")
+    temperature: Float = Field(1.0, description="confidence mode: > 0; lower sharpens towards the surest teacher")
+
+    @field_validator("mode", "balance")
+    @classmethod
+    def _one_of(cls, v: str, info) -> str:
+        what, choices = {"mode": ("combine mode", COMBINE_MODES), "balance": ("balance", BALANCE_MODES)}[info.field_name]
+        if v not in choices:
+            raise ValueError(f"{what} {v!r} is unknown; use one of {', '.join(choices)}")
+        return v
+
+    @field_validator("drop_prob")
+    @classmethod
+    def _drop_prob(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"must be in [0, 1), got {v!r}")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"must be a finite number > 0, got {v!r}")
+        return v
