@@ -16,7 +16,7 @@ def confidence_by_domain(features: str, corpus_csv: str, temperatures=(1.0, 0.1)
     """{temperature: {domain: {teacher: mean weight}}} over `batches` random batches of the student corpus."""
     from cache.corpus import open_corpus
     from cache.h5_reader import FeatureReader
-    from distill.data import mean_view
+    from distill.data import teacher_feats
     from distill.losses import CombineCfg, StudentOutput, TeacherBatch
     from distill.losses.combine import TeacherDraw, weight_matrix
     from distill.losses.distributed import StepGather
@@ -35,8 +35,7 @@ def confidence_by_domain(features: str, corpus_csv: str, temperatures=(1.0, 0.1)
         for _ in range(batches):
             pick = np.sort(rng.choice(len(rows), size=min(batch_size, len(rows)), replace=False))
             got = reader.read(rows[pick], names)
-            feats = {t: {m: mean_view(torch.as_tensor(np.asarray(x), dtype=torch.float32)) for m, x in d.items()}
-                     for t, d in got.items()}
+            feats = teacher_feats(got)
             b = len(pick)
             dummy = torch.zeros(b, 1)
             ctx = StepContext(StudentOutput(dummy, dummy, torch.tensor(1.0)), TeacherBatch(feats, scales),

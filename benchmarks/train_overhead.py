@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tiny_models: the test helpers' tiny teachers
 from bench_common import parse_flags, quiet_libraries, table, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,7 +61,7 @@ class Flags:
 
 # -- set-up -------------------------------------------------------------------------------------------------
 def make_teachers(root: Path, f: Flags) -> dict[str, str]:
-    from teachers.tiny import make_tiny_hf_clip, make_tiny_open_clip
+    from tiny_models import make_tiny_hf_clip, make_tiny_open_clip
 
     w, l, s = f.teacher_width, f.teacher_layers, f.teacher_image_size
     return {"oc": f"local-dir:{make_tiny_open_clip(root / 'oc', embed_dim=128, width=w, layers=l, image_size=s)}",
@@ -151,6 +152,7 @@ def online_vs_cached(config: Path, teachers: dict[str, str], f: Flags) -> dict:
     from distill.optim import build_optimizer
     from distill.train import make_accelerator
     from teachers import load_teacher
+    from teachers.modality import Pair
 
     cfg = Config.from_yaml(config, [f"train.output_dir={Path(_yaml_get(config, 'train', 'output_dir'))}-loop"])
     run = build_run(cfg, make_accelerator(cfg))
@@ -169,7 +171,7 @@ def online_vs_cached(config: Path, teachers: dict[str, str], f: Flags) -> dict:
         for name, t in models.items():
             size = tuple(t.describe()["image_size"])
             x = F.interpolate(batch.images, size=size, mode="bilinear", align_corners=False)
-            out[name] = {"image": t.encode_image(x), "text": t.encode_text(t.tokenize(texts))}
+            out[name] = Pair(t.encode_image(x), t.encode_text(t.tokenize(texts)))
         return out
 
     def loop(loader, feats_of) -> list[float]:

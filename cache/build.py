@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import h5py
 import numpy as np
@@ -20,74 +21,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import h5_writer as W
+from . import layout as L
 from .corpus import BadSampleError, Corpus, open_corpus
 from .dist import DistEnv, dist_env
-from .image_decode import DEFAULT_MAX_PIXELS
 from .image_rows import ImageRows, collate_rows, teacher_inputs
+from .job import CacheJob, CacheSummary, EmbedCfg, Storage, TeacherSummary
 from .lock import WriterLock
 from .schema import CacheError, attrs_to_dict, check_root, check_teacher, storage_dtype, teacher_attrs
 from .verify import bad_row_mask, raise_damaged, row_problem
 from .views import draw_view_params
-
-
-@dataclass(frozen=True)
-class CacheJob:
-    data: str                      # corpus path: CSV/TSV/JSONL file, folder of .tar shards, or brace pattern
-    teachers: dict[str, str]       # NAME -> SPEC (resolved with teachers.load_teacher)
-    out: str                       # FEATURES.h5
-    batch_size: int = 64
-    num_workers: int = 2           # images decoded in DataLoader workers
-    device: str = "auto"           # cpu | cuda | auto
-    dtype: str = "float16"         # float16 | float32 storage
-    views: int = 0                 # K augmented views per image (0: each teacher's own eval transform)
-    on_bad_sample: str = "skip"    # skip | fail
-    seed: int = 0                  # view parameters are drawn from this
-    chunk_rows: int = 512          # rows per committed part: a kill loses at most this many per process
-    h5_chunk_rows: int = 256       # HDF5 chunk length along rows (reader I/O granularity)
-    retry_bad: bool = False        # also retry rows already recorded as bad (e.g. after fixing image files)
-    progress: bool = True          # tqdm bars on the main process
-    max_pixels: int = DEFAULT_MAX_PIXELS  # width x height over which an image is a bad sample, never decoded (0: PIL's)
-
-    def check(self) -> None:
-        if not self.teachers:
-            raise CacheError("no teacher given; pass at least one --teacher NAME=SPEC")
-        for name in self.teachers:
-            if not name or "/" in name or name.startswith("."):
-                raise CacheError(f"teacher name {name!r} is not valid: use letters, digits, '-' or '_'")
-        if self.on_bad_sample not in ("skip", "fail"):
-            raise CacheError(f"on_bad_sample={self.on_bad_sample!r}; use 'skip' or 'fail'")
-        storage_dtype(self.dtype)
-        if self.views < 0 or self.batch_size < 1 or self.chunk_rows < 1 or self.num_workers < 0:
-            raise CacheError("views and num_workers must be >= 0, batch_size and chunk_rows >= 1")
-        if self.max_pixels < 0:
-            raise CacheError(f"max_pixels={self.max_pixels}; use a positive pixel count (0: PIL's own limit)")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise CacheError(f"device {self.device!r}; use cpu, cuda or auto")
-
-
-@dataclass
-class TeacherSummary:
-    computed: int   # rows embedded by this run
-    done: int       # rows done in the file
-    skipped: int    # rows recorded as bad samples and not done
-
-
-@dataclass
-class CacheSummary:
-    out: str
-    rows: int
-    teachers: dict[str, TeacherSummary] = field(default_factory=dict)
-    bad: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
-    elapsed_s: float = 0.0
-
-    def __str__(self) -> str:
-        lines = [f"feature cache {self.out}: {self.rows} rows, {self.elapsed_s:.1f}s"]
-        for name, t in self.teachers.items():
-            lines.append(f"  {name}: computed {t.computed}, done {t.done}/{self.rows}, skipped {t.skipped}")
-        if self.bad:
-            lines.append(f"  {len(self.bad)} bad sample(s) skipped (recorded in /bad), e.g.:")
-            lines += [f"    {k}: {r}" for k, r in self.bad[:5]]
-        return "\n".join(lines)
 
 
 def _resolve_device(device: str, env: DistEnv) -> str:
@@ -103,8 +45,10 @@ def _resolve_device(device: str, env: DistEnv) -> str:
 
 
 # -- preparing the file (lock holder only) ------------------------------------------------------------------
-def _prepare(job: CacheJob, corpus: Corpus, fp: str) -> None:
-    out, n = job.out, len(corpus)
+def _prepare(store: Storage, teachers: dict[str, str], source: str, seed: int, corpus: Corpus, fp: str) -> None:
+    """Check `store.out` (and leftover parts) against the corpus and `teachers` (NAME -> SPEC), then create it,
+    draw its views (seeded by `seed`) and fold a killed run's parts; `source` is recorded as the corpus path."""
+    out, n = store.out, len(corpus)
     W.clean_temporaries(out)
     existing: dict[str, dict] = {}
     views_k = None
@@ -112,8 +56,8 @@ def _prepare(job: CacheJob, corpus: Corpus, fp: str) -> None:
         try:
             with h5py.File(out, "r") as f:
                 check_root(f, out, fp, n)
-                existing = {k: attrs_to_dict(g.attrs) for k, g in f["teachers"].items()}
-                views_k = f["views/params"].shape[1] if "views/params" in f else None
+                existing = {k: attrs_to_dict(g.attrs) for k, g in f[L.TEACHERS].items()}
+                views_k = f[L.VIEW_PARAMS].shape[1] if L.VIEW_PARAMS in f else None
         except OSError as e:  # truncated or overwritten: never build on top of it
             raise_damaged(out, e, "; or choose another --out")
     for name in W.pending_teachers(out):
@@ -121,28 +65,28 @@ def _prepare(job: CacheJob, corpus: Corpus, fp: str) -> None:
         if meta is not None and meta.get("fingerprint") != fp:
             raise CacheError(f"{W.teacher_parts_dir(out, name)} holds chunks computed from another corpus; "
                              "delete that folder (or choose another --out) and rerun")
-    for name, spec in job.teachers.items():
+    for name, spec in teachers.items():
         if name in existing:
-            check_teacher(out, name, existing[name], spec, job.views, job.dtype)
+            check_teacher(out, name, existing[name], spec, store.views, store.dtype)
         meta = W.read_meta(out, name)
         if meta is not None:
-            check_teacher(out, name, {**meta["attrs"], "dtype": meta["dtype"]}, spec, job.views, job.dtype)
-    if job.views and views_k is not None and views_k != job.views:
-        raise CacheError(f"{out} stores {views_k} views per image; this run asks {job.views}: rerun with "
+            check_teacher(out, name, {**meta["attrs"], "dtype": meta["dtype"]}, spec, store.views, store.dtype)
+    if store.views and views_k is not None and views_k != store.views:
+        raise CacheError(f"{out} stores {views_k} views per image; this run asks {store.views}: rerun with "
                          f"--views {views_k}, or write another file")
     if not os.path.exists(out):
-        W.create_file(out, corpus.keys, fp, job.data)
-    if job.views and views_k is None:
-        W.add_views(out, draw_view_params(n, job.views, job.seed), job.seed, job.h5_chunk_rows)
+        W.create_file(out, corpus.keys, fp, source)
+    if store.views and views_k is None:
+        W.add_views(out, draw_view_params(n, store.views, seed), seed, store.h5_chunk_rows)
     W.fold(out)  # chunks committed by a killed run
 
 
 def _read_state(out: str):
     with h5py.File(out, "r") as f:
-        done = {k: g["done"][:] for k, g in f["teachers"].items()}
-        attrs = {k: attrs_to_dict(g.attrs) for k, g in f["teachers"].items()}
+        done = {k: g[L.DONE][:] for k, g in f[L.TEACHERS].items()}
+        attrs = {k: attrs_to_dict(g.attrs) for k, g in f[L.TEACHERS].items()}
         bad = W.read_bad(f)
-        params = f["views/params"][:] if "views/params" in f else None
+        params = f[L.VIEW_PARAMS][:] if L.VIEW_PARAMS in f else None
     return done, attrs, bad, params
 
 
@@ -167,8 +111,8 @@ class _ChunkBuffer:
     bad: list[tuple[int, str]] = field(default_factory=list)
 
 
-def _embed_rows(job: CacheJob, corpus: Corpus, teachers: dict, chunks: list[np.ndarray], need: np.ndarray,
-                view_params, env: DistEnv) -> None:
+def _embed_rows(cfg: EmbedCfg, store: Storage, corpus: Corpus, teachers: dict, chunks: list[np.ndarray],
+                need: np.ndarray, view_params, env: DistEnv) -> None:
     """Decode each row of `chunks` once; each teacher embeds the rows its column of `need` (N, T) flags.
 
     With num_workers >= 1 the workers decode and transform the next batches while this process runs the
@@ -177,24 +121,23 @@ def _embed_rows(job: CacheJob, corpus: Corpus, teachers: dict, chunks: list[np.n
     """
     names = list(teachers)
     rows = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
-    batches, ends = _batches(chunks, job.batch_size)
-    ds = ImageRows(corpus, rows, need[rows], teacher_inputs(teachers, bool(job.views)),
-                   view_params if job.views else None, max_pixels=job.max_pixels)
+    batches, ends = _batches(chunks, cfg.batch_size)
+    ds = ImageRows(corpus, rows, need[rows], teacher_inputs(teachers, bool(store.views)),
+                   view_params if store.views else None, max_pixels=cfg.max_pixels)
     cuda = any(t.device.type == "cuda" for t in teachers.values())
-    loader = DataLoader(ds, batch_sampler=batches, num_workers=job.num_workers, collate_fn=collate_rows,
+    loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=collate_rows,
                         pin_memory=cuda)
-    dtype = storage_dtype(job.dtype)
     suffix = f" (rank 0 of {env.world})" if env.world > 1 else ""
     col = {name: i for i, name in enumerate(names)}
     # one bar per teacher (its own rows, its own samples/s), all advanced by the same decoding pass
     bars = {name: tqdm(total=int(need[rows, col[name]].sum()), desc=f"cache {name}{suffix}", unit="sample",
-                       dynamic_ncols=True, position=i, leave=True, disable=not (env.main and job.progress))
+                       dynamic_ncols=True, position=i, leave=True, disable=not (env.main and cfg.progress))
             for i, name in enumerate(names)}
     buf = {name: _ChunkBuffer() for name in names}
     try:  # closed on error too, so a message printed after it starts on its own line
         for b, batch in enumerate(loader):
             for row, reason, where in batch.bad:
-                if job.on_bad_sample == "fail":
+                if cfg.on_bad_sample == "fail":
                     raise BadSampleError(corpus.keys[row], reason + " (rerun with --on-bad-sample skip to skip "
                                          "and record bad samples)", where)
                 for name in names:  # a bad image is bad for every teacher that needed it
@@ -204,25 +147,26 @@ def _embed_rows(job: CacheJob, corpus: Corpus, teachers: dict, chunks: list[np.n
             for name, (batch_rows, x) in batch.inputs.items():
                 t = teachers[name]
                 x = x.to(t.device, non_blocking=cuda)
-                if job.views:
+                if store.views:
                     bsz, k = x.shape[:2]
                     emb = t.encode_image(x.flatten(0, 1)).reshape(bsz, k, -1)
                 else:
                     emb = t.encode_image(x)
-                _check_dim(job, name, t, emb, "image")
+                _check_dim(store.out, name, t, emb, "image")
                 buf[name].images.append(emb)
                 buf[name].rows.extend(batch_rows)
                 bars[name].update(len(batch_rows))
             if b in ends:
                 for name in names:
-                    _commit_chunk(job, corpus, teachers[name], name, buf[name], dtype)
+                    _commit_chunk(store, name, teachers[name], buf[name], corpus.captions, cfg.batch_size)
                 buf = {name: _ChunkBuffer() for name in names}
     finally:
         for bar in bars.values():
             bar.close()
 
 
-def _commit_chunk(job, corpus, teacher, name, buf: _ChunkBuffer, dtype) -> None:
+def _commit_chunk(store: Storage, name: str, teacher, buf: _ChunkBuffer, captions: Sequence[str],
+                  batch_size: int) -> None:
     """Text for the chunk's good rows (each caption tokenised once), then one atomic part for this teacher.
 
     Rows whose image or text embedding is non-finite, zero or not unit-norm are never stored as done: they are
@@ -236,12 +180,12 @@ def _commit_chunk(job, corpus, teacher, name, buf: _ChunkBuffer, dtype) -> None:
     if buf.images:
         img = torch.cat(buf.images).float().cpu().numpy()[order]
     else:
-        img = np.zeros((0, *((job.views,) if job.views else ()), d), np.float32)
+        img = np.zeros((0, *((store.views,) if store.views else ()), d), np.float32)
     texts = []
-    for i in range(0, len(rows), job.batch_size):
-        tokens = teacher.tokenize([corpus.captions[r] for r in rows[i:i + job.batch_size]])
+    for i in range(0, len(rows), batch_size):
+        tokens = teacher.tokenize([captions[r] for r in rows[i:i + batch_size]])
         emb = teacher.encode_text(tokens)
-        _check_dim(job, name, teacher, emb, "text")
+        _check_dim(store.out, name, teacher, emb, "text")
         texts.append(emb.float().cpu().numpy())
     txt = np.concatenate(texts) if texts else np.zeros((0, d), np.float32)
     bad = list(buf.bad)
@@ -250,30 +194,31 @@ def _commit_chunk(job, corpus, teacher, name, buf: _ChunkBuffer, dtype) -> None:
         what, x = ("image", img[i]) if bad_img[i] else ("text", txt[i])
         bad.append((int(rows[i]), f"teacher {name!r} gave a {row_problem(x)} {what} embedding"))
     keep = ~(bad_img | bad_txt)
-    W.write_part(job.out, name, rows[keep], img[keep].astype(dtype), txt[keep].astype(dtype),
+    dtype = storage_dtype(store.dtype)
+    W.write_part(store.out, name, rows[keep], img[keep].astype(dtype), txt[keep].astype(dtype),
                  [r for r, _ in bad], [s for _, s in bad])
 
 
-def _check_dim(job: CacheJob, name: str, teacher, emb: torch.Tensor, what: str) -> None:
+def _check_dim(out: str, name: str, teacher, emb: torch.Tensor, what: str) -> None:
     """A teacher whose embeddings disagree with its declared embed_dim (a custom `py:` teacher's bug) is refused
     before anything is written, rather than failing deep inside HDF5."""
     if emb.shape[-1] != teacher.embed_dim:
-        raise CacheError(f"{job.out}: teacher {name!r} ({teacher.spec}) declares embed_dim {teacher.embed_dim} but "
+        raise CacheError(f"{out}: teacher {name!r} ({teacher.spec}) declares embed_dim {teacher.embed_dim} but "
                          f"its {what} embeddings have dimension {emb.shape[-1]}; fix the teacher's embed_dim")
 
 
-def _load_teacher(job: CacheJob, name: str, attrs: dict, device: str, env: DistEnv, fp: str):
-    """Load one pending teacher, check it against what the file holds, and record its meta for the fold."""
+def _load_teacher(name: str, spec: str, store: Storage, cached: dict | None, device: str, main: bool, fp: str):
+    """Load one pending teacher, check it against its attrs in the file (`cached`, None when new), and (on the
+    main process) record its meta for the fold."""
     from teachers import load_teacher
 
-    spec = job.teachers[name]
     teacher = load_teacher(spec, device)
-    if name in attrs and int(attrs[name]["embed_dim"]) != teacher.embed_dim:
-        raise CacheError(f"{job.out}: teacher {name!r} was cached with embed_dim "
-                         f"{attrs[name]['embed_dim']}, {spec} now gives {teacher.embed_dim}")
-    if env.main:
-        W.write_meta(job.out, name, {"attrs": teacher_attrs(teacher.describe(), job.views),
-                                     "dtype": job.dtype, "fingerprint": fp, "h5_chunk_rows": job.h5_chunk_rows})
+    if cached is not None and int(cached["embed_dim"]) != teacher.embed_dim:
+        raise CacheError(f"{store.out}: teacher {name!r} was cached with embed_dim "
+                         f"{cached['embed_dim']}, {spec} now gives {teacher.embed_dim}")
+    if main:
+        W.write_meta(store.out, name, {"attrs": teacher_attrs(teacher.describe(), store.views),
+                                       "dtype": store.dtype, "fingerprint": fp, "h5_chunk_rows": store.h5_chunk_rows})
     return teacher
 
 
@@ -298,7 +243,7 @@ def _build(job: CacheJob, env: DistEnv) -> CacheSummary:
         try:
             W.ensure_writable_target(job.out)
             lock.acquire()
-            _prepare(job, corpus, fp)
+            _prepare(job.storage, job.teachers, job.data, job.seed, corpus, fp)
         except Exception as e:
             err = e
     msg = env.broadcast(None if err is None else f"{err}")
@@ -317,11 +262,13 @@ def _build(job: CacheJob, env: DistEnv) -> CacheSummary:
         pending = [name for i, name in enumerate(names) if need[:, i].any()]  # complete ones are not loaded
         computed = dict.fromkeys(names, 0)
         if pending:
-            teachers = {name: _load_teacher(job, name, attrs, device, env, fp) for name in pending}
+            teachers = {name: _load_teacher(name, job.teachers[name], job.storage, attrs.get(name), device,
+                                            env.main, fp) for name in pending}
             need = need[:, [names.index(name) for name in pending]]
             rows = np.flatnonzero(need.any(axis=1))  # rows no teacher needs are not even decoded
             chunks = [rows[i:i + job.chunk_rows] for i in range(0, len(rows), job.chunk_rows)]
-            _embed_rows(job, corpus, teachers, chunks[env.rank::env.world], need, view_params, env)
+            _embed_rows(job.embedding, job.storage, corpus, teachers, chunks[env.rank::env.world], need,
+                        view_params, env)
             del teachers
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
@@ -347,14 +294,14 @@ def _build(job: CacheJob, env: DistEnv) -> CacheSummary:
 
 def summarise(out: str, computed: dict[str, int], elapsed: float) -> CacheSummary:
     with h5py.File(out, "r") as f:
-        n = int(f.attrs["num_rows"])
+        n = int(f.attrs[L.Root.NUM_ROWS])
         bad = W.read_bad(f)
         bad_mask = np.zeros(n, dtype=bool)
         bad_mask[list(bad)] = True
         teachers = {}
-        for name, g in f["teachers"].items():
-            d = g["done"][:]
+        for name, g in f[L.TEACHERS].items():
+            d = g[L.DONE][:]
             teachers[name] = TeacherSummary(computed.get(name, 0), int(d.sum()), int((bad_mask & ~d).sum()))
-        keys = f["bad/keys"].asstr()[:].tolist() if "bad" in f else []
-        reasons = f["bad/reasons"].asstr()[:].tolist() if "bad" in f else []
+        keys = f[L.BAD_KEYS].asstr()[:].tolist() if L.BAD in f else []
+        reasons = f[L.BAD_REASONS].asstr()[:].tolist() if L.BAD in f else []
     return CacheSummary(out, n, teachers, list(zip(keys, reasons)), elapsed)

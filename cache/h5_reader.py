@@ -10,7 +10,7 @@ Two read paths, both returning the same values:
   point selection otherwise) and reordered in numpy, much faster than h5py fancy indexing in arbitrary order.
 - `block_rows=B` (training with a block-shuffled sampler): the blocks the rows fall in (rows [k*B, (k+1)*B)) are
   read WHOLE, one contiguous slice per teacher and modality, kept in a small LRU of `cache_blocks` blocks, and
-  rows are gathered in memory. With `BlockShuffleSampler` / the trainer's block-shuffled `EpochSampler` and
+  rows are gathered in memory. With the trainer's block-shuffled `EpochSampler` (`block_shuffle_order`) and
   cache_blocks >= the shuffle buffer, each block is read once per epoch per process: bytes read per useful
   byte ~1 (benchmarks/README.md, part 2). B should be a multiple of the file's chunk rows (`chunk_rows`).
 
@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import h5py
 import numpy as np
-from torch.utils.data import Sampler
 
+from teachers.modality import MODALITIES, Modality, Pair
+
+from . import layout as L
 from .schema import CacheError, attrs_to_dict, check_root
 from .verify import UNREADABLE, BadRowsError, raise_damaged, read_block
 
-MODALITIES = ("image", "text")
+Embeddings = Pair[np.ndarray]  # one teacher's (B, D) image (or (B, K, D) views) and (B, D) text embeddings
 
 
 class FeatureReader:
@@ -63,8 +65,8 @@ class FeatureReader:
         self.bytes_read = 0
         self._h5: h5py.File | None = None
         self._pid: int | None = None
-        self._ds: dict[tuple[str, str], h5py.Dataset] = {}
-        self._blocks: dict[str, OrderedDict[int, dict[str, np.ndarray]]] = {}  # teacher -> block -> arrays
+        self._ds: dict[tuple[str, Modality], h5py.Dataset] = {}
+        self._blocks: dict[str, OrderedDict[int, Embeddings]] = {}  # teacher -> block -> arrays
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"feature cache {self.path} not found; build it with `distill cache`")
         try:
@@ -75,10 +77,10 @@ class FeatureReader:
     def _read_metadata(self, teachers: list[str] | None) -> None:
         with h5py.File(self.path, "r") as f:  # closed before any fork
             check_root(f, self.path)
-            self.fingerprint: str = str(f.attrs["corpus_fingerprint"])
-            self.num_rows = int(f.attrs["num_rows"])
-            self.keys: list[str] = f["keys"].asstr()[:].tolist()
-            available = list(f["teachers"].keys())
+            self.fingerprint: str = str(f.attrs[L.Root.FINGERPRINT])
+            self.num_rows = int(f.attrs[L.Root.NUM_ROWS])
+            self.keys: list[str] = f[L.KEYS].asstr()[:].tolist()
+            available = list(f[L.TEACHERS].keys())
             if teachers is None:
                 teachers = available
             missing = [t for t in teachers if t not in available]
@@ -86,12 +88,12 @@ class FeatureReader:
                 raise KeyError(f"{self.path}: no teacher(s) {', '.join(missing)}; available: "
                                f"{', '.join(available) or 'none'}")
             self.teacher_names: list[str] = list(teachers)
-            self._attrs = {t: attrs_to_dict(f[f"teachers/{t}"].attrs) for t in self.teacher_names}
-            self._done = {t: f[f"teachers/{t}/done"][:] for t in self.teacher_names}
-            self._has_stats = {t: f"teachers/{t}/stats" in f for t in self.teacher_names}
-            self.num_views: int = int(f["views/params"].shape[1]) if "views/params" in f else 0
-            self.bad_rows = f["bad/rows"][:] if "bad" in f else np.zeros(0, dtype=np.int64)
-            chunks = [f[f"teachers/{t}/{m}"].chunks for t in self.teacher_names for m in MODALITIES]
+            self._attrs = {t: attrs_to_dict(f[L.teacher(t)].attrs) for t in self.teacher_names}
+            self._done = {t: f[L.done(t)][:] for t in self.teacher_names}
+            self._has_stats = {t: L.stats(t) in f for t in self.teacher_names}
+            self.num_views: int = int(f[L.VIEW_PARAMS].shape[1]) if L.VIEW_PARAMS in f else 0
+            self.bad_rows = f[L.BAD_ROWS][:] if L.BAD in f else np.zeros(0, dtype=np.int64)
+            chunks = [f[L.feature(t, m)].chunks for t in self.teacher_names for m in MODALITIES]
             # rows per HDF5 chunk (the largest over the opened teachers); block_rows should be a multiple of it
             self.chunk_rows: int = max([c[0] for c in chunks if c] or [1])
 
@@ -106,11 +108,11 @@ class FeatureReader:
             self._ds, self._blocks = {}, {}
         return self._h5
 
-    def _dataset(self, teacher: str, what: str) -> h5py.Dataset:
+    def _dataset(self, teacher: str, what: Modality) -> h5py.Dataset:
         f = self._file()
         ds = self._ds.get((teacher, what))
         if ds is None:
-            ds = self._ds[(teacher, what)] = f[f"teachers/{teacher}/{what}"]
+            ds = self._ds[(teacher, what)] = f[L.feature(teacher, what)]
         return ds
 
     def close(self) -> None:
@@ -153,7 +155,7 @@ class FeatureReader:
         return np.flatnonzero(mask)
 
     # -- data ----------------------------------------------------------------------------------------------
-    def _slice(self, ds: h5py.Dataset, lo: int, hi: int, where: tuple[str, str] | None) -> np.ndarray:
+    def _slice(self, ds: h5py.Dataset, lo: int, hi: int, where: tuple[str, Modality] | None) -> np.ndarray:
         """ds[lo:hi]; rows in chunks that fail their checksum raise BadRowsError, or come back as NaN."""
         try:
             return ds[lo:hi]
@@ -166,7 +168,7 @@ class FeatureReader:
             raise BadRowsError.of(self.path, where[0], where[1], rows, UNREADABLE)
         return out
 
-    def _take(self, ds: h5py.Dataset, uniq: np.ndarray, where: tuple[str, str] | None = None) -> np.ndarray:
+    def _take(self, ds: h5py.Dataset, uniq: np.ndarray, where: tuple[str, Modality] | None = None) -> np.ndarray:
         if len(uniq) == 0:
             return np.zeros((0, *ds.shape[1:]), dtype=ds.dtype)
         lo, hi = int(uniq[0]), int(uniq[-1]) + 1
@@ -181,7 +183,7 @@ class FeatureReader:
         self.bytes_read += out.nbytes
         return out
 
-    def _gather(self, teacher: str, uniq: np.ndarray) -> dict[str, np.ndarray]:
+    def _gather(self, teacher: str, uniq: np.ndarray) -> Embeddings:
         """A teacher's rows `uniq` (sorted, unique) in stored dtype, via whole blocks or direct reads.
 
         Blocks: rows [k*B, (k+1)*B), image and text each read whole as one slice, kept in the teacher's LRU.
@@ -190,10 +192,10 @@ class FeatureReader:
         batch is gathered.
         """
         if not self.block_rows:
-            return {m: self._take(self._dataset(teacher, m), uniq, (teacher, m)) for m in MODALITIES}
-        ds = {m: self._dataset(teacher, m) for m in MODALITIES}  # first: opening the file resets the LRUs
+            return Pair.build(lambda m: self._take(self._dataset(teacher, m), uniq, (teacher, m)))
+        ds = Pair.build(lambda m: self._dataset(teacher, m))  # first: opening the file resets the LRUs
         lru = self._blocks.setdefault(teacher, OrderedDict())
-        out = {m: np.empty((len(uniq), *ds[m].shape[1:]), dtype=ds[m].dtype) for m in MODALITIES}
+        out = ds.map(lambda d: np.empty((len(uniq), *d.shape[1:]), dtype=d.dtype))
         ids = uniq // self.block_rows
         starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(uniq) else np.zeros(0, dtype=np.int64)
         runs = [(int(ids[s]), s, e) for s, e in zip(starts.tolist(), np.r_[starts[1:], len(uniq)].tolist())]
@@ -204,8 +206,8 @@ class FeatureReader:
             block = lru.get(k)
             if block is None:
                 lo, hi = k * self.block_rows, min(self.num_rows, (k + 1) * self.block_rows)
-                block = lru[k] = {m: self._slice(ds[m], lo, hi, (teacher, m)) for m in MODALITIES}
-                self.bytes_read += sum(x.nbytes for x in block.values())
+                block = lru[k] = Pair.build(lambda m: self._slice(ds[m], lo, hi, (teacher, m)))
+                self.bytes_read += block.image.nbytes + block.text.nbytes
             local = uniq[s:e] - k * self.block_rows
             for m in MODALITIES:
                 out[m][s:e] = block[m][local]
@@ -220,27 +222,27 @@ class FeatureReader:
         return np.unique(rows, return_inverse=True)
 
     def read(self, rows, teachers: Sequence[str] | None = None,
-             views: np.ndarray | None = None) -> dict[str, dict[str, np.ndarray]]:
-        """{teacher: {"image": (B, D), "text": (B, D)}} as float32, in the order of `rows`.
+             views: np.ndarray | None = None) -> dict[str, Embeddings]:
+        """{teacher: Embeddings(image (B, D), text (B, D))} as float32, in the order of `rows`.
 
         For a teacher cached with K views, `views` (B,) picks view views[i] for row i (the same view for all
-        teachers); without it "image" is (B, K, D). Teachers cached without views ignore `views`.
+        teachers); without it `image` is (B, K, D). Teachers cached without views ignore `views`.
         """
         uniq, inv = self._rows(rows)
         if views is not None:
             views = np.asarray(views, dtype=np.int64).reshape(-1)
             if views.shape[0] != inv.shape[0]:
                 raise ValueError(f"views has {views.shape[0]} entries for {inv.shape[0]} rows")
-        out = {}
+        out: dict[str, Embeddings] = {}
         for t in self._names(teachers):
             got = self._gather(t, uniq)
-            image = got["image"][inv]
+            image = got.image[inv]
             if image.ndim == 3 and views is not None:
                 k = image.shape[1]
                 if len(views) and (views.min() < 0 or views.max() >= k):
                     raise IndexError(f"teacher {t!r} has {k} views; got view ids {views.min()}..{views.max()}")
                 image = image[np.arange(len(views)), views]
-            out[t] = {"image": image.astype(np.float32), "text": got["text"][inv].astype(np.float32)}
+            out[t] = Pair(image.astype(np.float32), got.text[inv].astype(np.float32))
         return out
 
     def view_params(self, rows) -> np.ndarray | None:
@@ -248,7 +250,7 @@ class FeatureReader:
         if not self.num_views:
             return None
         uniq, inv = self._rows(rows)
-        return self._take(self._file()["views/params"], uniq)[inv]
+        return self._take(self._file()[L.VIEW_PARAMS], uniq)[inv]
 
     def stats(self, name: str) -> dict[str, np.ndarray]:
         """image_mean, image_cov, text_mean, text_cov (float32), written when the teacher completed."""
@@ -256,8 +258,8 @@ class FeatureReader:
         if not self._has_stats[name]:
             raise CacheError(f"{self.path}: teacher {name!r} has no statistics yet: only "
                              f"{int(self._done[name].sum())}/{self.num_rows} rows done; finish `distill cache`")
-        s = self._file()[f"teachers/{name}/stats"]
-        return {k: s[k][:] for k in ("image_mean", "image_cov", "text_mean", "text_cov")}
+        s = self._file()[L.stats(name)]
+        return {k: s[k][:] for k in L.STATS_FIELDS}
 
 
 def block_shuffle_order(block_ids: np.ndarray, buffer_blocks: int, rng: np.random.Generator) -> np.ndarray:
@@ -279,28 +281,3 @@ def block_shuffle_order(block_ids: np.ndarray, buffer_blocks: int, rng: np.rando
         out.append(buf[rng.permutation(len(buf))])
     return np.concatenate(out).astype(np.int64)
 
-
-class BlockShuffleSampler(Sampler[int]):
-    """Shuffle blocks of rows (rows [k*B, (k+1)*B), the reader's blocks), then rows within a buffer of blocks:
-    random enough, and dense reads. With block_size=1 it is a plain shuffle. Call `set_epoch(e)` each epoch for a
-    new, reproducible order (seeded by (seed, epoch)).
-    """
-
-    def __init__(self, rows: Sequence[int] | np.ndarray, block_size: int = 1024, buffer_blocks: int = 16,
-                 seed: int = 0):
-        self.rows = np.sort(np.asarray(rows, dtype=np.int64))
-        self.block_size, self.buffer_blocks = max(1, int(block_size)), max(1, int(buffer_blocks))
-        self.seed, self.epoch = int(seed), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def order(self) -> np.ndarray:
-        rng = np.random.default_rng((self.seed, self.epoch))
-        return self.rows[block_shuffle_order(self.rows // self.block_size, self.buffer_blocks, rng)]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order().tolist())

@@ -28,6 +28,9 @@ from typing import Callable, Iterable
 import h5py
 import numpy as np
 
+from teachers.modality import MODALITIES
+
+from . import layout as L
 from .schema import FORMAT, VERSION, CacheError, created_by, storage_dtype, str_dtype
 
 STATS_BLOCK_ROWS = 4096
@@ -106,21 +109,20 @@ def atomic_update(path: str, fn: Callable[[h5py.File], None]) -> None:
 def create_file(path: str, keys: list[str], fingerprint: str, source: str) -> None:
     """A new, empty cache: root attrs and /keys; teachers arrive with their first fold."""
     def fn(f: h5py.File) -> None:
-        f.attrs.update({"format": FORMAT, "version": VERSION, "corpus_fingerprint": fingerprint,
-                        "created_by": created_by(), "num_rows": len(keys), "corpus_source": str(source)})
-        f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=str_dtype())
-        f.create_group("teachers")
+        f.attrs.update({L.Root.FORMAT: FORMAT, L.Root.VERSION: VERSION, L.Root.FINGERPRINT: fingerprint,
+                        L.Root.CREATED_BY: created_by(), L.Root.NUM_ROWS: len(keys), L.Root.SOURCE: str(source)})
+        f.create_dataset(L.KEYS, data=np.array(keys, dtype=object), dtype=str_dtype())
+        f.create_group(L.TEACHERS)
     atomic_update(path, fn)
 
 
-def add_views(path: str, params: np.ndarray, seed: int, h5_chunk_rows: int = 256) -> None:
+def add_views(path: str, params: np.ndarray, seed: int, h5_chunk_rows: int = L.DEFAULT_CHUNK_ROWS) -> None:
     """Store the (N, K, 5) view parameters once; every teacher with views replays them."""
     from . import views as V
 
     def fn(f: h5py.File) -> None:
         n, k, _ = params.shape
-        ds = f.create_dataset("views/params", data=params.astype(np.float32),
-                              chunks=(max(1, min(n, h5_chunk_rows)), k, 5))
+        ds = f.create_dataset(L.VIEW_PARAMS, data=params.astype(np.float32), chunks=L.view_chunks(n, k, h5_chunk_rows))
         ds.attrs.update({"seed": int(seed), "scale": list(V.SCALE), "ratio": list(V.RATIO), "flip_p": V.FLIP_P,
                          "layout": "x0, y0, w, h (relative crop box), flip"})
     atomic_update(path, fn)
@@ -214,21 +216,18 @@ def clean_temporaries(out: str) -> None:
 
 # -- folding parts into the file --------------------------------------------------------------------------
 def _ensure_group(f: h5py.File, name: str, meta: dict) -> h5py.Group:
-    if f"teachers/{name}" in f:
-        return f[f"teachers/{name}"]
-    n = int(f.attrs["num_rows"])
+    if L.teacher(name) in f:
+        return f[L.teacher(name)]
+    n = int(f.attrs[L.Root.NUM_ROWS])
     d, k = int(meta["attrs"]["embed_dim"]), int(meta["attrs"]["views"])
     dtype = storage_dtype(meta["dtype"])
-    c = max(1, min(n, int(meta.get("h5_chunk_rows", 256))))
-    g = f.create_group(f"teachers/{name}")
+    c = int(meta.get("h5_chunk_rows", L.DEFAULT_CHUNK_ROWS))
+    g = f.create_group(L.teacher(name))
     g.attrs.update(meta["attrs"])
     g.attrs["dtype"] = meta["dtype"]
-    # fletcher32: HDF5 checksums every chunk, so a changed byte raises on read (`distill info --verify`, training)
-    # instead of training on it; files written before it have none and still read
-    g.create_dataset("image", shape=(n, k, d) if k else (n, d), dtype=dtype, chunks=(c, k, d) if k else (c, d),
-                     fletcher32=True)
-    g.create_dataset("text", shape=(n, d), dtype=dtype, chunks=(c, d), fletcher32=True)
-    g.create_dataset("done", shape=(n,), dtype=bool, chunks=(max(1, min(n, 65536)),))
+    for m in MODALITIES:
+        f.create_dataset(L.feature(name, m), **L.feature_dataset_args(n, d, k, dtype, c, m))
+    f.create_dataset(L.done(name), **L.done_dataset_args(n))
     return g
 
 
@@ -242,28 +241,28 @@ def _write_rows(ds: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
 
 
 def read_bad(f: h5py.File) -> dict[int, str]:
-    if "bad" not in f:
+    if L.BAD not in f:
         return {}
-    return dict(zip(f["bad/rows"][:].tolist(), f["bad/reasons"].asstr()[:].tolist()))
+    return dict(zip(f[L.BAD_ROWS][:].tolist(), f[L.BAD_REASONS].asstr()[:].tolist()))
 
 
 def _write_bad(f: h5py.File, bad: dict[int, str]) -> None:
-    if "bad" in f:
-        del f["bad"]
+    if L.BAD in f:
+        del f[L.BAD]
     rows = np.array(sorted(bad), dtype=np.int64)
-    keys = f["keys"].asstr()[rows] if len(rows) else np.array([], dtype=object)
-    g = f.create_group("bad")
-    g.create_dataset("rows", data=rows, dtype=np.int64)
-    g.create_dataset("keys", data=np.asarray(keys, dtype=object), dtype=str_dtype())
-    g.create_dataset("reasons", data=np.array([bad[int(r)] for r in rows], dtype=object), dtype=str_dtype())
+    keys = f[L.KEYS].asstr()[rows] if len(rows) else np.array([], dtype=object)
+    f.create_group(L.BAD)
+    f.create_dataset(L.BAD_ROWS, data=rows, dtype=np.int64)
+    f.create_dataset(L.BAD_KEYS, data=np.asarray(keys, dtype=object), dtype=str_dtype())
+    f.create_dataset(L.BAD_REASONS, data=np.array([bad[int(r)] for r in rows], dtype=object), dtype=str_dtype())
 
 
 def compute_stats(g: h5py.Group, usable: np.ndarray, block: int = STATS_BLOCK_ROWS) -> None:
     """Mean and covariance of the usable rows' image (all views) and text embeddings, into NAME/stats/."""
-    if "stats" in g:
-        del g["stats"]
-    s = g.create_group("stats")
-    for what in ("image", "text"):
+    if L.STATS in g:
+        del g[L.STATS]
+    s = g.create_group(L.STATS)
+    for what in MODALITIES:
         ds = g[what]
         d = ds.shape[-1]
         total, outer, n = np.zeros(d), np.zeros((d, d)), 0
@@ -302,41 +301,41 @@ def fold(out: str, names: Iterable[str] | None = None) -> dict[str, int]:
         groups, new_bad, new_done = {}, {}, set()
         for name, (meta, parts) in plan.items():
             g = groups[name] = _ensure_group(f, name, meta)
-            done = g["done"][:]
+            done = g[L.DONE][:]
             count = 0
             for p in parts:
                 with np.load(p, allow_pickle=False) as z:
                     rows = z["rows"]
                     if len(rows):
-                        _write_rows(g["image"], rows, z["image"])
-                        _write_rows(g["text"], rows, z["text"])
+                        for m in MODALITIES:
+                            _write_rows(g[m], rows, z[m])
                         done[rows] = True
                         count += len(rows)
                         new_done.update(rows.tolist())
                     for r, reason in zip(z["bad_rows"].tolist(), z["bad_reasons"].tolist()):
                         if not done[r]:
                             new_bad[int(r)] = str(reason)
-            g["done"][...] = done
+            g[L.DONE][...] = done
             folded[name] = count
         # A bad record is per row (a bad image is bad for every teacher; a teacher's NaN row is dropped for all):
         # it is lifted only once a retried row is done for EVERY teacher in the file, so one teacher succeeding
         # on a row never hides another teacher's failure on it.
-        all_done = np.ones(int(f.attrs["num_rows"]), dtype=bool)
-        for g in f["teachers"].values():
-            all_done &= g["done"][:]
+        all_done = np.ones(int(f.attrs[L.Root.NUM_ROWS]), dtype=bool)
+        for g in f[L.TEACHERS].values():
+            all_done &= g[L.DONE][:]
         for r in new_done:
             if all_done[r] and r not in new_bad:
                 bad.pop(r, None)
         bad.update(new_bad)
         _write_bad(f, bad)
-        bad_mask = np.zeros(int(f.attrs["num_rows"]), dtype=bool)
+        bad_mask = np.zeros(int(f.attrs[L.Root.NUM_ROWS]), dtype=bool)
         bad_mask[list(bad)] = True
         # statistics cover the usable rows (done, not bad): a teacher that completed earlier is recomputed when
         # another teacher's failures changed the bad rows since
-        for name, g in f["teachers"].items():
+        for name, g in f[L.TEACHERS].items():
             if name not in groups and bad == bad_before:
                 continue
-            done = g["done"][:]
+            done = g[L.DONE][:]
             if (done | bad_mask).all():
                 compute_stats(g, done & ~bad_mask)
 

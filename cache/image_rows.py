@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .corpus import BadSampleError, Corpus
+from .corpus_base import BadSampleError, Corpus
 from .image_decode import DEFAULT_MAX_PIXELS, DecodeLimits
 from .views import RATIO, SCALE
 

@@ -6,7 +6,10 @@ import os
 import h5py
 import numpy as np
 
+from teachers.modality import Modality
+
 from . import h5_writer as W
+from . import layout as L
 from .schema import CacheError, attrs_to_dict, check_root
 from .verify import raise_damaged
 
@@ -52,18 +55,20 @@ def _pending(path: str) -> list[str]:
 def _describe(path: str, max_keys: int) -> list[str]:
     with h5py.File(path, "r") as f:
         check_root(f, path)
-        n = int(f.attrs["num_rows"])
-        keys = f["keys"].asstr()
+        n = int(f.attrs[L.Root.NUM_ROWS])
+        keys = f[L.KEYS].asstr()
         shown = keys[:max_keys].tolist() + (["...", keys[n - 1]] if n > max_keys else [])
         lines = [
-            f"{path}: {f.attrs['format']} version {int(f.attrs['version'])} ({f.attrs.get('created_by', '?')})",
+            f"{path}: {f.attrs[L.Root.FORMAT]} version {int(f.attrs[L.Root.VERSION])} "
+            f"({f.attrs.get(L.Root.CREATED_BY, '?')})",
             f"rows: {n}    size on disk: {_size(os.path.getsize(path))}",
-            f"corpus: {f.attrs.get('corpus_source', '?')}  fingerprint {str(f.attrs['corpus_fingerprint'])[:16]}",
+            f"corpus: {f.attrs.get(L.Root.SOURCE, '?')}  fingerprint {str(f.attrs[L.Root.FINGERPRINT])[:16]}",
             f"keys: {', '.join(shown)}",
         ]
-        if "views/params" in f:
-            p = f["views/params"]
-            lines.append(f"views: {p.shape[1]} per image (seed {int(p.attrs.get('seed', 0))}), stored in /views/params")
+        if L.VIEW_PARAMS in f:
+            p = f[L.VIEW_PARAMS]
+            lines.append(f"views: {p.shape[1]} per image (seed {int(p.attrs.get('seed', 0))}), "
+                         f"stored in /{L.VIEW_PARAMS}")
         else:
             lines.append("views: none (each teacher's own eval transform)")
         bad = W.read_bad(f)
@@ -71,20 +76,20 @@ def _describe(path: str, max_keys: int) -> list[str]:
         bad_mask[list(bad)] = True
         lines.append(f"bad samples: {len(bad)}")
         if bad:
-            bkeys = f["bad/keys"].asstr()[:3].tolist()
-            for k, r in zip(bkeys, [bad[int(r)] for r in f["bad/rows"][:3]]):
+            bkeys = f[L.BAD_KEYS].asstr()[:3].tolist()
+            for k, r in zip(bkeys, [bad[int(r)] for r in f[L.BAD_ROWS][:3]]):
                 lines.append(f"  {k}: {r}")
-        teachers = f["teachers"]
+        teachers = f[L.TEACHERS]
         lines.append(f"teachers: {len(teachers)}")
         for name, g in teachers.items():
             a = attrs_to_dict(g.attrs)
-            done = g["done"][:]
+            done = g[L.DONE][:]
             skipped = int((bad_mask & ~done).sum())
             status = "complete" if (done | bad_mask).all() else "incomplete"
             lines.append(f"  {name}: {a.get('spec')}")
-            lines.append(f"    dim {a.get('embed_dim')}, views {a.get('views', 0)}, dtype {g['image'].dtype}, "
+            lines.append(f"    dim {a.get('embed_dim')}, views {a.get('views', 0)}, dtype {g[Modality.IMAGE].dtype}, "
                          f"done {int(done.sum())}/{n}, skipped {skipped}, {status}, "
-                         f"stats {'yes' if 'stats' in g else 'no'}")
+                         f"stats {'yes' if L.STATS in g else 'no'}")
             lines.append(f"    image_size {a.get('image_size')}, context_length {a.get('context_length')}, "
                          f"logit_scale {float(a.get('logit_scale', float('nan'))):.4g}")
     return lines

@@ -1,19 +1,12 @@
-"""Names, attributes and compatibility checks of the feature cache, HDF5 format version 1 (DESIGN.md).
-
-    /                      attrs: format, version, corpus_fingerprint, created_by, num_rows, corpus_source
-    /keys                  (N,) UTF-8 strings, corpus order
-    /views/params          (N, K, 5) float32: relative crop box (x0, y0, w, h) + flip, when views were drawn
-    /teachers/NAME/        attrs: spec, resolved_spec, embed_dim, logit_scale, image_size, mean, std,
-                                  interpolation, resize_mode, context_length, views
-    /teachers/NAME/image   (N, D) or (N, K, D); /text (N, D); /done (N,) bool
-    /teachers/NAME/stats/  image_mean, image_cov, text_mean, text_cov (attrs: count), once a teacher completes
-    /bad/rows, /bad/keys, /bad/reasons   samples that could not be embedded, with why
+"""Format version, attributes and compatibility checks of the feature cache (its tree: `cache.layout`).
 
 Every check here raises `CacheError` with the file named and what to do, before anything is written.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from .layout import Root
 
 FORMAT = "biomed-distill-features"
 VERSION = 1
@@ -42,8 +35,8 @@ def str_dtype():
 
 
 def created_by() -> str:
-    from distill import __version__
-    return f"biomed-distill {__version__}"
+    from teachers.version import package_version
+    return f"biomed-distill {package_version()}"
 
 
 def storage_dtype(name: str) -> np.dtype:
@@ -64,19 +57,19 @@ def resolved(spec: str) -> str:
 
 def check_root(f, path: str, fingerprint: str | None = None, num_rows: int | None = None) -> None:
     """Refuse a file that is not ours, of another version, or built from another corpus."""
-    fmt, ver = f.attrs.get("format"), f.attrs.get("version")
+    fmt, ver = f.attrs.get(Root.FORMAT), f.attrs.get(Root.VERSION)
     if fmt != FORMAT:
         raise CacheError(f"{path} is not a biomed-distill feature cache (format attr {fmt!r}); "
                          "choose another --out path")
     if int(ver) != VERSION:
         raise CacheError(f"{path} has cache format version {ver}; this package reads version {VERSION}")
-    if fingerprint is not None and f.attrs["corpus_fingerprint"] != fingerprint:
+    if fingerprint is not None and f.attrs[Root.FINGERPRINT] != fingerprint:
         raise CacheError(
-            f"{path} was built from another corpus (fingerprint {f.attrs['corpus_fingerprint'][:12]}..., this "
+            f"{path} was built from another corpus (fingerprint {f.attrs[Root.FINGERPRINT][:12]}..., this "
             f"corpus {fingerprint[:12]}...: keys or captions differ); refusing to mix them. Write to a new --out "
             "file, or delete the old one to rebuild")
-    if num_rows is not None and int(f.attrs["num_rows"]) != num_rows:
-        raise CacheError(f"{path} has {int(f.attrs['num_rows'])} rows, the corpus {num_rows}")
+    if num_rows is not None and int(f.attrs[Root.NUM_ROWS]) != num_rows:
+        raise CacheError(f"{path} has {int(f.attrs[Root.NUM_ROWS])} rows, the corpus {num_rows}")
 
 
 def teacher_attrs(describe: dict, views: int) -> dict:

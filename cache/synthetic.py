@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
            "white": (240, 240, 240)}
 SHAPES = ("circle", "square", "triangle", "cross")
-MODALITIES = {"ct": (20, 20, 20), "mri": (60, 40, 80), "ultrasound": (90, 80, 60)}
+SCAN_TYPES = {"ct": (20, 20, 20), "mri": (60, 40, 80), "ultrasound": (90, 80, 60)}
 POSITIONS = ("upper left", "upper right", "lower left", "lower right", "centre")
 
 
@@ -51,8 +51,8 @@ def make_synthetic_corpus(out_dir: str | Path, n: int = 64, image_size: int = 48
     rows = []
     for i in range(n):
         shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
-        modality, pos = rng.choice(list(MODALITIES)), rng.choice(POSITIONS)
-        img = _draw(shape, COLOURS[colour], MODALITIES[modality], pos, image_size, rng)
+        modality, pos = rng.choice(list(SCAN_TYPES)), rng.choice(POSITIONS)
+        img = _draw(shape, COLOURS[colour], SCAN_TYPES[modality], pos, image_size, rng)
         rel = f"images/{i:05d}.png"
         img.save(out / rel)
         rows.append({"image": rel, "caption": f"{modality} image of a {colour} {shape} in the {pos}",

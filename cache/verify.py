@@ -16,10 +16,12 @@ from typing import NoReturn
 import h5py
 import numpy as np
 
+from teachers.modality import MODALITIES
+
+from . import layout as L
 from .schema import CacheError, check_root
 
 NORM_TOL = 0.02  # |norm - 1| allowed: teachers L2-normalise, float16 storage moves the norm by < 1e-3
-MODALITIES = ("image", "text")
 
 
 def bad_row_mask(x: np.ndarray, tol: float = NORM_TOL) -> np.ndarray:
@@ -86,7 +88,7 @@ class VerifyReport:
 
     def advice(self) -> str:
         names = sorted({p.teacher for p in self.problems})
-        drop = "; ".join(f"del f['teachers/{t}']" for t in names)
+        drop = "; ".join(f"del f['{L.teacher(t)}']" for t in names)
         return (f"what to do: `distill cache --retry-bad` cannot repair rows marked done; restore {self.path} from a "
                 f"backup, or delete the damaged teacher group(s) (python: with h5py.File(PATH, 'r+') as f: {drop}) "
                 f"and rerun `distill cache` with the same --teacher NAME=SPEC to recompute only them, or delete the "
@@ -144,16 +146,16 @@ def verify(path: str, block_rows: int = 8192, progress: bool | None = None) -> V
         raise_damaged(path, e)
     with f:
         check_root(f, path)
-        n = int(f.attrs["num_rows"])
-        names = list(f["teachers"])
+        n = int(f.attrs[L.Root.NUM_ROWS])
+        names = list(f[L.TEACHERS])
         report = VerifyReport(path, n, names)
         bar = tqdm(total=n * len(names) * len(MODALITIES), desc="verify", unit="row", dynamic_ncols=True,
                    disable=None if progress is None else not progress)
         try:
             for name in names:
-                g = f[f"teachers/{name}"]
+                g = f[L.teacher(name)]
                 try:
-                    done = g["done"][:]
+                    done = g[L.DONE][:]
                 except OSError as e:
                     report.problems.append(Problem(name, "done flags", _unreadable_kind(e), np.arange(n)))
                     continue

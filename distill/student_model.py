@@ -11,11 +11,13 @@ import math
 import torch
 from torch import nn
 
+from distill.heads import ProjectionHeads
 from distill.losses import StudentOutput
+from teachers.modality import MODALITIES, Modality
 
 
 class DistillModel(nn.Module):
-    def __init__(self, student: nn.Module, heads: nn.Module | None = None):
+    def __init__(self, student: nn.Module, heads: ProjectionHeads | None = None):
         super().__init__()
         self.student = student
         self.heads = heads
@@ -26,8 +28,8 @@ class DistillModel(nn.Module):
         projected = self.heads(image, text) if self.heads is not None else {}
         return StudentOutput(image=image, text=text, logit_scale=self.student.logit_scale.exp(), projected=projected)
 
-    def freeze_unreached(self, uses_logit_scale: bool, head_modalities: dict[str, tuple[str, ...]],
-                         student_modalities: tuple[str, ...] = ("image", "text")) -> list[str]:
+    def freeze_unreached(self, uses_logit_scale: bool, head_modalities: dict[str, tuple[Modality, ...]],
+                         student_modalities: tuple[Modality, ...] = MODALITIES) -> list[str]:
         """Freeze what no loss term reaches; returns the frozen parameter names.
 
         Why: DDP fails on trainable parameters that get no gradient unless `find_unused_parameters=True`, which
@@ -37,7 +39,8 @@ class DistillModel(nn.Module):
         """
         frozen = []
         for name, p in self.student.named_parameters():
-            tower = "image" if name.startswith("visual.") else None if name.startswith("logit_") else "text"
+            tower = (Modality.IMAGE if name.startswith("visual.") else None if name.startswith("logit_")
+                     else Modality.TEXT)
             if tower is not None and tower not in student_modalities and p.requires_grad:
                 p.requires_grad_(False)
                 frozen.append(f"student.{name}")
@@ -47,8 +50,8 @@ class DistillModel(nn.Module):
                 p.requires_grad_(False)
                 frozen.append(f"student.{name}")
         if self.heads is not None:
-            for modality in ("image", "text"):
-                for teacher, head in getattr(self.heads, modality).items():
+            for modality in MODALITIES:
+                for teacher, head in self.heads.of(modality).items():
                     if modality not in head_modalities.get(teacher, ()):
                         head.requires_grad_(False)
                         frozen += [f"heads.{modality}.{teacher}.{n}" for n, _ in head.named_parameters()]

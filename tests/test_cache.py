@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import teachers as teachers_mod
-from cache import (BadSampleError, BlockShuffleSampler, CacheError, CacheJob, FeatureReader, build_cache, info,
-                   open_corpus)
+from cache import BadSampleError, CacheError, CacheJob, FeatureReader, build_cache, info, open_corpus
 from cache.views import draw_view_params
 from teachers import load_teacher
 from corpus_helpers import copy_corpus
@@ -123,16 +122,6 @@ def test_reader_is_fork_safe_in_dataloader_workers(full_cache):
     loader = torch.utils.data.DataLoader(DS(), batch_size=8, num_workers=2)
     got = torch.cat(list(loader)).numpy()
     np.testing.assert_array_equal(got, reader.read(np.arange(32))["oc"]["image"])
-
-
-def test_block_shuffle_sampler_is_a_reproducible_permutation():
-    s = BlockShuffleSampler(np.arange(100), block_size=10, buffer_blocks=2, seed=1)
-    a = list(s)
-    assert sorted(a) == list(range(100)) and a != list(range(100)) and list(s) == a
-    s.set_epoch(1)
-    assert list(s) != a
-    first = a[:20]  # the first buffer holds exactly two whole blocks
-    assert len({x // 10 for x in first}) == 2
 
 
 def test_adding_a_teacher_computes_only_it(tmp_path, tiny_corpus, tiny_teachers, monkeypatch):
@@ -439,7 +428,7 @@ def test_a_teacher_whose_embeddings_disagree_with_its_dimension_is_refused(tmp_p
 
 def test_a_teacher_that_changed_dimension_under_the_same_spec_is_refused(tmp_path, tiny_corpus):
     """The folder behind a cached teacher now holds a model of another dimension: refused, file untouched."""
-    from teachers.tiny import make_tiny_open_clip
+    from tiny_models import make_tiny_open_clip
 
     folder = make_tiny_open_clip(tmp_path / "t", embed_dim=24, seed=3)
     out = tmp_path / "f.h5"

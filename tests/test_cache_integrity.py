@@ -294,7 +294,7 @@ def test_skip_trains_without_the_bad_teacher_rows_and_counts_them(tmp_path, tiny
     assert batch.skipped_features == len(nan_rows) + len(flipped) == collate.skipped_total
     assert torch.equal(~batch.route[:, 0], torch.isin(torch.arange(32), torch.tensor(nan_rows)))
     assert torch.equal(~batch.route[:, 1], torch.isin(torch.arange(32), torch.tensor(flipped)))
-    assert all(torch.isfinite(x).all() for d in batch.teacher_feats.values() for x in d.values())
+    assert all(torch.isfinite(x).all() for p in batch.teacher_feats.values() for _, x in p.items())
 
 
 def test_bad_features_option_is_validated():

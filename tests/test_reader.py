@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from cache import BlockShuffleSampler, FeatureReader
+from cache import FeatureReader
 from cache import h5_writer as W
 from cache.h5_reader import block_shuffle_order
 from distill.build_run import build_sampler, sampler_kind
-from distill.config import Config, ConfigError
-from distill.data import CacheJoin, EpochSampler
+from distill.config import Config, ConfigError, DataCfg
+from distill.cache_join import CacheJoin
+from distill.samplers import EpochSampler
 
 N, CHUNK = 1000, 64
 TEACHERS = {"a": (8, 0), "b": (6, 3)}  # name -> (dim, views)
@@ -67,7 +68,7 @@ def test_block_reads_equal_the_stored_rows(feature_file, block_rows, cache_block
 
 def test_block_shuffled_epoch_reads_each_block_once(feature_file):
     path, values = feature_file
-    order = BlockShuffleSampler(np.arange(N), block_size=128, buffer_blocks=4, seed=3).order()
+    order = EpochSampler(N, seed=3, global_batch_of=lambda e: 1, block_ids=np.arange(N) // 128, buffer_blocks=4).order()
     with FeatureReader(path, block_rows=128, cache_blocks=4) as reader:
         for i in range(0, N, 50):
             reader.read(order[i:i + 50])
@@ -146,11 +147,21 @@ def test_epoch_sampler_block_shuffle_is_reproducible_and_cut_to_global_batches()
         EpochSampler(4, 0, _gb, block_ids=np.zeros(3))
 
 
-def _cfg(mode="hybrid", **data) -> Config:
+def test_epoch_sampler_block_order_is_a_reproducible_permutation_of_whole_blocks():
+    """What the removed cache.BlockShuffleSampler's test showed, on the trainer's sampler (the one that is used)."""
+    s = EpochSampler(100, seed=1, global_batch_of=lambda e: 1, block_ids=np.arange(100) // 10, buffer_blocks=2)
+    a = [i for _, i in s]
+    assert sorted(a) == list(range(100)) and a != list(range(100)) and [i for _, i in s] == a
+    s.set_epoch(1)
+    assert [i for _, i in s] != a
+    assert len({x // 10 for x in a[:20]}) == 2  # the first buffer holds exactly two whole blocks
+
+
+def _cfg(mode="hybrid", **data) -> DataCfg:
     d = {"mode": mode, "data": {"corpus": "c.csv", "features": None if mode == "contrastive" else "f.h5", **data}}
     if mode == "contrastive":
         d["loss"] = {"terms": []}
-    return Config.from_dict(d)
+    return Config.from_dict(d).data
 
 
 def _join(chunk_rows=64) -> CacheJoin:
@@ -161,15 +172,15 @@ def _join(chunk_rows=64) -> CacheJoin:
 def test_sampler_config_chooses_and_validates():
     assert sampler_kind(_cfg(), True) == "block_shuffle" and sampler_kind(_cfg("contrastive"), False) == "random"
     assert sampler_kind(_cfg(sampler="random"), True) == "random"
-    s = build_sampler(_cfg(block_rows=256, shuffle_buffer_blocks=2), _join(), N, _gb)
+    s = build_sampler(_cfg(block_rows=256, shuffle_buffer_blocks=2), _join(), N, _gb, seed=0)
     np.testing.assert_array_equal(s.block_ids, np.arange(N) // 256)
     assert s.buffer_blocks == 2
-    assert build_sampler(_cfg("contrastive"), None, N, _gb).block_ids is None
-    own = build_sampler(_cfg("contrastive", sampler="block_shuffle", block_rows=100), None, N, _gb)
+    assert build_sampler(_cfg("contrastive"), None, N, _gb, seed=0).block_ids is None
+    own = build_sampler(_cfg("contrastive", sampler="block_shuffle", block_rows=100), None, N, _gb, seed=0)
     np.testing.assert_array_equal(own.block_ids, np.arange(N) // 100)  # blocks of corpus rows, no cache
     with pytest.raises(ConfigError, match=r"data.block_rows=100 is not a multiple .* 64 rows.*block_rows=128"):
-        build_sampler(_cfg(block_rows=100), _join(), N, _gb)
-    assert build_sampler(_cfg(block_rows=2000), _join(), N, _gb).block_ids.max() == 0  # one block: any size
+        build_sampler(_cfg(block_rows=100), _join(), N, _gb, seed=0)
+    assert build_sampler(_cfg(block_rows=2000), _join(), N, _gb, seed=0).block_ids.max() == 0  # one block: any size
     for bad, msg in [({"sampler": "blocks"}, "data.sampler must be one of"), ({"block_rows": 0}, "block_rows"),
                      ({"shuffle_buffer_blocks": 0}, "shuffle_buffer_blocks")]:
         with pytest.raises(ConfigError, match=msg):

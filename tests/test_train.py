@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill.data import DataError, PairDataset, join_cache
+from distill.cache_join import join_cache
+from distill.data import DataError, PairDataset
 from distill.train import train
 from teachers.transforms import PreprocessCfg, make_view_transform
 
@@ -79,8 +80,8 @@ def test_dataset_shows_the_student_the_stored_view(tiny_corpus, tiny_cache):
     with FeatureReader(str(tiny_cache)) as r:
         for j, it in enumerate(items):
             want = r.read([it["cache_row"]], ["oc"])["oc"]["image"][0, it["view"]]
-            assert torch.allclose(batch.teacher_feats["oc"]["image"][j], torch.from_numpy(want))
-    assert batch.teacher_feats["hf"]["image"].shape == (4, 40)
+            assert torch.allclose(batch.teacher_feats["oc"].image[j], torch.from_numpy(want))
+    assert batch.teacher_feats["hf"].image.shape == (4, 40)
 
 
 def test_cache_missing_teacher_or_rows_is_a_clear_error(tiny_corpus, tiny_cache, tmp_path):
