@@ -14,16 +14,16 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from distill.collective import all_ok
 from distill.rng_state import save_rng_state
+from student import run_files
 
 log = logging.getLogger(__name__)
 
 PREFIX = "checkpoint-"
-STATE_FILE = "train_state.json"
+STATE_FILE = run_files.TRAIN_STATE_FILE
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.bin"
 SCHEDULER_FILE = "scheduler.bin"
@@ -50,35 +50,15 @@ class CheckpointWriteError(OSError):
         return str(self.strerror)
 
 
-@dataclass
-class TrainState:
-    """Where training is: counts optimizer steps, epochs and the batches already consumed in this epoch."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # current epoch
-    batches_in_epoch: int = 0  # micro-batches of this epoch already consumed (per process)
-    samples_seen: int = 0  # global samples consumed by finished optimizer steps
-    last_losses: dict[str, float] = field(default_factory=dict)
-    micro_step: int = 0  # accelerate's micro-batch counter (which micro-batch syncs gradients) at the save
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, d: dict) -> None:
-        known = {f.name for f in fields(self)}
-        for k, v in d.items():
-            if k not in known:
-                raise KeyError(f"checkpoint train state has unknown field {k!r}: written by another version?")
-            setattr(self, k, v)
+class TrainState(run_files.TrainState):
+    """The schema's `TrainState` (student.run_files), read back with errors a resume can act on."""
 
     @classmethod
     def read(cls, ckpt: str | Path) -> "TrainState":
         """The state in `ckpt/train_state.json`; CheckpointError naming the file when missing or damaged."""
         path = Path(ckpt) / STATE_FILE
         try:
-            data = json.loads(path.read_text())
-            state = cls()
-            state.load_state_dict(data)
+            state = cls(**run_files.read_train_state(ckpt).state_dict())
             if not all(isinstance(getattr(state, k), int) and getattr(state, k) >= 0
                        for k in ("step", "epoch", "batches_in_epoch", "samples_seen", "micro_step")):
                 raise ValueError("counters must be non-negative integers")
@@ -296,7 +276,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainState, keep
         failure = e
     if all_ok(accelerator, failure is None) and accelerator.is_main_process:
         try:
-            (tmp / STATE_FILE).write_text(json.dumps(state.state_dict(), indent=2) + "\n")
+            run_files.write_train_state(tmp, state)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

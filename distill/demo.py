@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,34 +31,63 @@ class DemoJob:
 
 
 def _write_demo_tasks(root: Path, heldout_csv: Path) -> list[str]:
-    """Zero-shot (shape of the drawn object) and retrieval tasks over a held-out synthetic corpus."""
+    """Zero-shot (shape of the drawn object) and retrieval tasks over a held-out synthetic corpus.
+
+    Every path is relative to the file that holds it (task files resolve against their folder, CSV image paths
+    against the CSV's), so the demo folder can be moved or copied and its tasks still run.
+    """
     import csv
 
     from cache.synthetic import SHAPES
 
-    rows = list(csv.DictReader(open(heldout_csv)))
+    with open(heldout_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
     labelled = root / "heldout_shapes.csv"
     with open(labelled, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "label"])
         for r in rows:
             shape = next(s for s in SHAPES if f" {s} " in r["caption"])
-            w.writerow([str((heldout_csv.parent / r["image"]).resolve()), shape])
+            w.writerow([_relative(heldout_csv.parent / r["image"], root), shape])
     zs = root / "demo-shapes-zeroshot.yaml"
     zs.write_text(
         "name: demo-shapes-zeroshot\n"
         "kind: zeroshot\n"
-        f"dataset: {{path: {labelled.resolve()}, format: csv}}\n"
+        f"dataset: {{path: {_relative(labelled, root)}, format: csv}}\n"
         f"classes: [{', '.join(SHAPES)}]\n"
         "templates: ['an image of a {} ', 'a {} in the centre', 'ct image of a {}']\n")
     rt = root / "demo-retrieval.yaml"
     rt.write_text(
         "name: demo-retrieval\n"
         "kind: retrieval\n"
-        f"dataset: {{path: {heldout_csv.resolve()}, format: csv}}\n")
+        f"dataset: {{path: {_relative(heldout_csv, root)}, format: csv}}\n")
     return [str(zs), str(rt)]
 
 
+def _relative(path: Path, start: Path) -> str:
+    """`path` relative to the folder `start`, in POSIX form (what the files written there hold)."""
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+
+
+@contextmanager
+def _quiet_info():
+    """Our own INFO lines (threads, vocabulary, parameter counts) hidden while the demo prints its own steps;
+    `distill -v demo` shows them."""
+    from .logs import OUR_PACKAGES
+
+    loggers = [logging.getLogger(name) for name in OUR_PACKAGES]
+    levels = [lg.level for lg in loggers]
+    if not log.isEnabledFor(logging.DEBUG):
+        for lg in loggers:
+            lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+CARD_NAME = "biomed-distill demo student"  # the model card's title
 MARKER = ".distill-demo"  # written first into every demo folder: only such a folder is ever deleted by a rerun
 
 
@@ -79,6 +110,11 @@ def prepare_out_dir(out: Path) -> Path:
 
 
 def run_demo(job: DemoJob) -> dict:
+    with _quiet_info():
+        return _run_demo(job)
+
+
+def _run_demo(job: DemoJob) -> dict:
     from cache.build import CacheJob, build_cache
     from cache.synthetic import make_synthetic_corpus
     from student.export import export_checkpoint
@@ -114,15 +150,17 @@ def run_demo(job: DemoJob) -> dict:
 
     print("[4/5] distill export: an open_clip-loadable student folder")
     student_dir = out / "student"
-    export_checkpoint(str(run_dir), str(student_dir))
+    export_checkpoint(str(run_dir), str(student_dir), name=CARD_NAME)
 
     print("[5/5] distill eval: the student beside its teachers")
     tasks = _write_demo_tasks(out, heldout)
     report = run_eval(EvalJob(models={"student": f"local-dir:{student_dir}", **teachers}, tasks=tasks,
                               out=str(out / "report"), device="auto", bootstrap=200, student="student"))
-    export_checkpoint(str(run_dir), str(student_dir), report=str(out / "report" / "report.json"))
-    summary = {"features": str(features), "run": str(run_dir), "student": str(student_dir),
-               "report": str(out / "report" / "report.md"), "train": result}
+    export_checkpoint(str(run_dir), str(student_dir), report=str(out / "report" / "report.json"), name=CARD_NAME)
+    summary = {"features": _relative(features, out), "run": _relative(run_dir, out),  # relative to the summary
+               "student": _relative(student_dir, out), "report": _relative(out / "report" / "report.md", out),
+               "train": {k: _relative(Path(v), out) if k in ("output_dir", "checkpoint") and Path(str(v)).exists()
+                         else v for k, v in result.items()}}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print((out / "report" / "report.md").read_text())
     print(f"demo finished: features {features}, run {run_dir} (log.jsonl, loss_curves.png), "

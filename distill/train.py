@@ -25,6 +25,8 @@ from distill.config import Config
 from distill.optim import build_optimizer, build_scheduler
 from distill.run_lock import run_lock
 from distill.train_log import RunLogger, plot_loss_curves
+from student import run_files
+from student.run_files import CorpusRecord, RunMeta, TeacherRecord
 
 log = logging.getLogger(__name__)
 
@@ -65,26 +67,26 @@ def make_accelerator(cfg: Config):
 
 def write_run_meta(cfg: Config, run, out: Path, resumed_from: Path | None) -> None:
     plan = run.plan
-    teachers = {t: {"weight": w, "embed_dim": int(plan.teacher_attrs[t]["embed_dim"]),
-                    "spec": plan.teacher_attrs[t].get("spec"), "logit_scale": plan.teacher_attrs[t].get("logit_scale")}
+    teachers = {t: TeacherRecord(weight=w, embed_dim=int(plan.teacher_attrs[t]["embed_dim"]),
+                                 spec=plan.teacher_attrs[t].get("spec"),
+                                 logit_scale=plan.teacher_attrs[t].get("logit_scale"))
                 for t, w in plan.teachers.items()}
-    meta = {"mode": cfg.mode, "teachers": teachers, "student_dir": str(run.student_dir),
-            "corpus": {"path": cfg.data.corpus, "size": len(run.corpus), "rows_used": plan.num_rows,
-                       "fingerprint": run.corpus.fingerprint()},
-            "features": cfg.data.features, "loss": str(run.loss), "total_steps": plan.total_steps,
-            "num_processes": plan.num_processes, "global_batch_epoch0": plan.global_batch(0),
-            "routing": plan.routing, "resumed_from": str(resumed_from) if resumed_from else None,
-            "config": cfg.to_dict()}
-    (out / "run_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    run_files.write_run_meta(out, RunMeta(
+        mode=cfg.mode, student=cfg.student.preset, teachers=teachers, student_dir=str(run.student_dir),
+        corpus=CorpusRecord(path=cfg.data.corpus, size=len(run.corpus), rows_used=plan.num_rows,
+                            fingerprint=run.corpus.fingerprint()),
+        features=cfg.data.features, loss=str(run.loss), total_steps=plan.total_steps,
+        num_processes=plan.num_processes, global_batch_epoch0=plan.global_batch(0), routing=plan.routing,
+        resumed_from=str(resumed_from) if resumed_from else None, config=cfg.to_dict()))
 
 
 def check_resume_teachers(out: Path, attrs: dict[str, dict]) -> None:
     """Refuse to resume when the cache's teachers differ (name or dimension) from those the run was trained with:
     the projection heads in the checkpoint would not fit, and loading would fail with a bare size mismatch."""
-    meta_file = out / "run_meta.json"
-    if not meta_file.is_file():
+    meta = run_files.read_run_meta(out)
+    if meta is None:
         return
-    before = {t: int(m["embed_dim"]) for t, m in json.loads(meta_file.read_text()).get("teachers", {}).items()}
+    before = {t: r.embed_dim for t, r in meta.teachers.items()}
     now = {t: int(a["embed_dim"]) for t, a in attrs.items()}
     if before != now:
         diff = ", ".join(f"{t}: {before.get(t, 'absent')} -> {now.get(t, 'absent')}"
@@ -209,7 +211,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from distill.logs import setup_logging
 
     setup_logging(verbose=False)  # a no-op under `distill [-v] train`, which set it up already
-    result = train(Config.from_argv(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:  # `python -m distill.train --help`: usage and every config key
+        from distill.config_usage import config_help
+
+        print(config_help(Config), end="")
+        return 0
+    result = train(Config.from_argv(argv))
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -1,29 +1,39 @@
 """The exported student's model card (`README.md`): architecture, teachers, corpus, training and eval results.
 
-Why tolerant readers: the card is fed from `run_meta.json`, `train_state.json` and an eval `report.json`
-written by other parts of the project, so each section accepts the few shapes those files may take and
-leaves out what is missing instead of failing an export.
+The card's facts come typed (`ModelCard`, filled by `student.export` from the run files' one schema in
+`student.run_files`); a missing fact is left out of the card instead of failing an export. Paths in the card are
+never absolute: the card travels with its folder.
 """
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 
-def normalize_teachers(teachers: Any) -> list[dict[str, Any]]:
-    """`[{"name", "spec", "weight"}]` from a list of dicts, `{name: spec}` or `{name: {"spec", "weight"}}`."""
-    if not teachers:
-        return []
-    rows = []
-    if isinstance(teachers, Mapping):
-        for name, v in teachers.items():
-            rows.append({"name": name, **(dict(v) if isinstance(v, Mapping) else {"spec": v})})
-    else:
-        for v in teachers:
-            rows.append(dict(v) if isinstance(v, Mapping) else {"name": str(v)})
-    return rows
+@dataclass(frozen=True)
+class CardTeacher:
+    name: str
+    spec: str | None = None
+    weight: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the card says about the model beyond its architecture (read from its config)."""
+
+    name: str = "biomed-distill student"  # the card's title
+    source: str | None = None  # the preset or SPEC the student was built from
+    teachers: tuple[CardTeacher, ...] = ()
+    corpus: str | None = None  # the training corpus, as the run named it
+    corpus_size: int | None = None
+    steps: int | None = None
+    samples_seen: int | None = None
+    final_losses: dict[str, float] = field(default_factory=dict)
+    eval: Mapping[str, Any] | None = None  # an eval report (`report.json` of `distill eval`)
+    notes: str | None = None
 
 
 def read_report(report: str | Path) -> dict[str, Any]:
@@ -63,13 +73,14 @@ def metrics_table(report: Mapping[str, Any]) -> str:
 
     `{model: {task: {metric: value}}}` gives one column per model and one row per `task/metric`;
     a flat `{metric: value}` gives a metric | value table. A `results` or `metrics` key is unwrapped first.
+    Rows keep the report's order (R@1, R@5, R@10 as the evaluator wrote them), never a string sort.
     """
     data = report.get("results", report.get("metrics", report)) if isinstance(report, Mapping) else {}
     if not isinstance(data, Mapping) or not data:
         return "_No numeric metrics in the report._"
     if all(isinstance(v, Mapping) for v in data.values()):
         cols = {str(m): _flatten(v) for m, v in data.items()}
-        rows = sorted({k for v in cols.values() for k in v})
+        rows = list(dict.fromkeys(k for v in cols.values() for k in v))  # the report's order: R@1, R@5, R@10
         if not rows:
             return "_No numeric metrics in the report._"
         lines = ["| metric | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
@@ -78,7 +89,7 @@ def metrics_table(report: Mapping[str, Any]) -> str:
     flat = _flatten(data)
     if not flat:
         return "_No numeric metrics in the report._"
-    return "\n".join(["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in sorted(flat.items())])
+    return "\n".join(["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in flat.items()])
 
 
 def _architecture(model_cfg: Mapping, text_config: Mapping | None, n_params: int | None) -> list[str]:
@@ -101,57 +112,52 @@ def _architecture(model_cfg: Mapping, text_config: Mapping | None, n_params: int
     return ["| | |", "|---|---|"] + [f"| {k} | {val} |" for k, val in rows]
 
 
-def make_model_card(card: Mapping[str, Any] | None, model_cfg: Mapping[str, Any],
+def make_model_card(card: ModelCard | None, model_cfg: Mapping[str, Any],
                     text_config: Mapping[str, Any] | None = None, n_params: int | None = None,
-                    load_path: str = "STUDENT_DIR") -> str:
-    """README.md text. `card` keys (all optional): name, source, teachers, corpus ({path, size} or a path),
-    corpus_size, steps, samples_seen, final_losses ({name: value}), eval (a report dict), notes."""
-    card = dict(card or {})
-    name = card.get("name") or "biomed-distill student"
+                    folder_name: str = "STUDENT_DIR") -> str:
+    """README.md text for the export folder named `folder_name` (the usage block names it, relatively)."""
+    card = card or ModelCard()
     lines = ["---", "library_name: open_clip", "pipeline_tag: zero-shot-image-classification",
-             "tags:", "- clip", "- biomedical", "- knowledge-distillation", "---", "", f"# {name}", "",
+             "tags:", "- clip", "- biomedical", "- knowledge-distillation", "---", "", f"# {card.name}", "",
              "A CLIP model with the BiomedCLIP architecture (timm/open_clip ViT image tower, BERT text tower), "
-             "trained with biomed-distill" + (f" from `{card['source']}`." if card.get("source") else "."), "",
+             "trained with biomed-distill" + (f" from `{card.source}`." if card.source else "."), "",
              "## Architecture", "", *_architecture(model_cfg, text_config, n_params), ""]
-    teachers = normalize_teachers(card.get("teachers"))
     lines += ["## Teachers", ""]
-    if teachers:
+    if card.teachers:
         lines += ["| teacher | spec | weight |", "|---|---|---|"]
-        lines += [f"| {t.get('name', '')} | `{t.get('spec', '')}` | {t.get('weight', '')} |" for t in teachers]
+        lines += [f"| {t.name} | `{t.spec or ''}` | {'' if t.weight is None else t.weight} |" for t in card.teachers]
     else:
         lines.append("None recorded (contrastive training only).")
-    corpus = card.get("corpus")
-    path = corpus.get("path") if isinstance(corpus, Mapping) else corpus
-    size = (corpus.get("size") if isinstance(corpus, Mapping) else None) or card.get("corpus_size")
-    lines += ["", "## Training data", "", f"- corpus: `{path}`" if path else "- corpus: not recorded"]
-    if size is not None:
-        lines.append(f"- size: {size} image-text pairs")
-    lines += ["", "## Training", "", f"- steps: {card['steps']}" if card.get("steps") is not None
-              else "- steps: not recorded"]
-    if card.get("samples_seen") is not None:
-        lines.append(f"- samples seen: {card['samples_seen']}")
-    losses = card.get("final_losses") or {}
-    if losses:
+    lines += ["", "## Training data", "", f"- corpus: `{card.corpus}`" if card.corpus else "- corpus: not recorded"]
+    if card.corpus_size is not None:
+        lines.append(f"- size: {card.corpus_size} image-text pairs")
+    lines += ["", "## Training", "", f"- steps: {card.steps}" if card.steps is not None else "- steps: not recorded"]
+    if card.samples_seen is not None:
+        lines.append(f"- samples seen: {card.samples_seen}")
+    if card.final_losses:
         lines += ["", "Final losses:", "", "| term | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(float(v))} |" for k, v in losses.items() if isinstance(v, (int, float))]
-    if card.get("eval"):
-        lines += ["", "## Evaluation", "", metrics_table(card["eval"])]
-    if card.get("notes"):
-        lines += ["", str(card["notes"])]
-    lines += usage_section(load_path)
+        lines += [f"| {k} | {_fmt(float(v))} |" for k, v in card.final_losses.items()]
+    if card.eval:
+        lines += ["", "## Evaluation", "", metrics_table(card.eval)]
+    if card.notes:
+        lines += ["", card.notes]
+    lines += usage_section(folder_name)
     return "\n".join(lines)
 
 
-def usage_section(load_path: str | None = None, hub_repo: str | None = None) -> list[str]:
-    """The card's `## Usage` lines: for the export folder at `load_path`, or for the Hub repo `hub_repo`."""
-    spec = f"hf-hub:{hub_repo}" if hub_repo else f"local-dir:{load_path}"
-    lines = ["", "## Usage", "", "```python", "import open_clip", "",
-             f'model, _, preprocess = open_clip.create_model_and_transforms("{spec}")',
-             f'tokenizer = open_clip.get_tokenizer("{spec}")']
-    if not hub_repo:
-        lines += ["", "# after moving or copying the folder (offline):", "from student import load_student", "",
-                  f'model, preprocess, tokenizer = load_student("{load_path}")']
-    return lines + ["```", ""]
+def usage_section(folder_name: str | None = None, hub_repo: str | None = None) -> list[str]:
+    """The card's `## Usage` lines: for this export folder (named relatively), or for the Hub repo `hub_repo`."""
+    if hub_repo:
+        spec = f"hf-hub:{hub_repo}"
+        return ["", "## Usage", "", "```python", "import open_clip", "",
+                f'model, _, preprocess = open_clip.create_model_and_transforms("{spec}")',
+                f'tokenizer = open_clip.get_tokenizer("{spec}")', "```", ""]
+    return ["", "## Usage", "", "```python", "import open_clip", "",
+            f'student_dir = "{folder_name}"  # this folder, relative to where you run Python',
+            'model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{student_dir}")',
+            'tokenizer = open_clip.get_tokenizer(f"local-dir:{student_dir}")',
+            "", "# after moving or copying the folder (offline):", "from student import load_student", "",
+            "model, preprocess, tokenizer = load_student(student_dir)", "```", ""]
 
 
 def card_for_hub(card_text: str, repo: str) -> str:

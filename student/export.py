@@ -13,13 +13,14 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from .build import instantiate, name_text_tower
-from .card import card_for_hub, make_model_card, read_report
+from .card import CardTeacher, ModelCard, card_for_hub, make_model_card, read_report
+from .run_files import RunMeta, TRAIN_STATE_FILE, read_run_meta, read_train_state
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def _student_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_student(model: nn.Module, student_dir: str | Path, out_dir: str | Path,
-                   card: Mapping[str, Any] | None = None, text_config_from_hub: str | None = None) -> Path:
+                   card: ModelCard | None = None, text_config_from_hub: str | None = None) -> Path:
     """Write the export folder for `model` (the open_clip student) built by `build_student` into `student_dir`.
 
     `text_config_from_hub`: name a hub id (e.g. BiomedBERT's) as the text tower's config and tokenizer instead
@@ -117,22 +118,20 @@ def export_student(model: nn.Module, student_dir: str | Path, out_dir: str | Pat
     save_file(sd, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
     n_params = sum(p.numel() for p in getattr(model, "module", model).parameters())
+    card = card or ModelCard(name=out.resolve().name)  # the folder's name is what the user called the model
     (out / "README.md").write_text(make_model_card(card, cfg["model_cfg"], _text_config(out), n_params,
-                                                   load_path=str(out.resolve())))
+                                                   folder_name=out.resolve().name))
     log.info("exported student (%d tensors) to %s", len(sd), out)
     return out
 
 
 def _checkpoint_step(ckpt: Path) -> int:
-    state = ckpt / "train_state.json"
-    if state.is_file():
-        try:
-            data = json.loads(state.read_text())
-            return int(data.get("step", data.get("global_step")))
-        except (json.JSONDecodeError, TypeError, ValueError):
-            pass
-    m = re.search(r"(\d+)$", ckpt.name)
-    return int(m.group(1)) if m else -1
+    """The step recorded in the checkpoint, else the number in its folder name (an unfinished checkpoint)."""
+    try:
+        return read_train_state(ckpt).step
+    except (FileNotFoundError, ValueError):
+        m = re.search(r"(\d+)$", ckpt.name)
+        return int(m.group(1)) if m else -1
 
 
 FSDP_SHARDS = "pytorch_model_fsdp_0"  # Accelerate's sharded (SHARDED_STATE_DICT) model folder
@@ -160,12 +159,12 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path]:
         cands = [d for d in path.iterdir() if d.is_dir() and re.fullmatch(r"checkpoint-\d+", d.name)
                  and _weights_file(d)]
         if not cands:
-            if re.fullmatch(r"checkpoint-\d+(\.tmp)?", path.name) or (path / "train_state.json").is_file():
+            if re.fullmatch(r"checkpoint-\d+(\.tmp)?", path.name) or (path / TRAIN_STATE_FILE).is_file():
                 raise FileNotFoundError(f"{path / 'model.safetensors'} is missing: {path} is an incomplete checkpoint; "
                                         f"export another checkpoint-STEP folder (or the run folder for the newest)")
             raise FileNotFoundError(f"{path} holds neither model.safetensors nor checkpoint-STEP/ folders with one; "
                                     f"give a checkpoint folder or a run folder")
-        ckpt = max(cands, key=lambda d: ((d / "train_state.json").is_file(), _checkpoint_step(d)))
+        ckpt = max(cands, key=lambda d: ((d / TRAIN_STATE_FILE).is_file(), _checkpoint_step(d)))
     run = ckpt.parent
     if not (run / "student" / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{run / 'student' / CONFIG_NAME} not found: the run folder of {ckpt} must hold "
@@ -214,37 +213,30 @@ def _read_weights(f: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _json_or_empty(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
+def card_from_run(run: Path, ckpt: Path, report: str | Path | None = None, name: str | None = None) -> ModelCard:
+    """Model card facts from `run_meta.json`, the checkpoint's `train_state.json` and an eval report."""
+    meta = read_run_meta(run) or RunMeta()
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-
-
-def card_from_run(run: Path, ckpt: Path, report: str | Path | None = None) -> dict[str, Any]:
-    """Model card fields from `run_meta.json`, the checkpoint's `train_state.json` and an eval report."""
-    meta, state = _json_or_empty(run / "run_meta.json"), _json_or_empty(ckpt / "train_state.json")
-    student_cfg = meta.get("config", {}).get("student", {}) if isinstance(meta.get("config"), Mapping) else {}
-    card: dict[str, Any] = {
-        "name": meta.get("name") or run.resolve().name,
-        "source": meta.get("student") or (student_cfg.get("preset") if isinstance(student_cfg, Mapping) else None),
-        "teachers": meta.get("teachers"),
-        "corpus": meta.get("corpus"),
-        "corpus_size": meta.get("corpus_size"),
-        "steps": state.get("step", state.get("global_step", _checkpoint_step(ckpt))),
-        "final_losses": state.get("last_losses") or state.get("losses") or state.get("final_losses") or {},
-        "samples_seen": state.get("samples_seen"),
-    }
-    if report is not None:
-        card["eval"] = read_report(report)
-    return card
+        state = read_train_state(ckpt)
+    except FileNotFoundError:  # an unfinished checkpoint: its folder name gives the step
+        state = None
+    return ModelCard(
+        name=name or "biomed-distill student",
+        source=meta.student,
+        teachers=tuple(CardTeacher(t, r.spec, r.weight) for t, r in meta.teachers.items()),
+        corpus=meta.corpus.path, corpus_size=meta.corpus.size,
+        steps=state.step if state else _checkpoint_step(ckpt),
+        samples_seen=state.samples_seen if state else None,
+        final_losses=dict(state.last_losses) if state else {},
+        eval=read_report(report) if report is not None else None)
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, report: str | Path | None = None,
-                      text_config_from_hub: str | None = None) -> Path:
-    """`distill export`: the student of a training checkpoint (heads dropped) as an export folder."""
+                      text_config_from_hub: str | None = None, name: str | None = None) -> Path:
+    """`distill export`: the student of a training checkpoint (heads dropped) as an export folder.
+
+    `name` titles the model card; by default the export folder's name (what the user called the model).
+    """
     from teachers.open_clip_teacher import local_dir_overrides
 
     ckpt, run = resolve_checkpoint(checkpoint)
@@ -267,7 +259,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, report: str |
                          f"{'...' if len(unexpected) > 5 else ''}")
     ignored = sorted({k.split(".")[0] for k in sd if not k.startswith("student.")})
     log.info("exporting %s (step %s); not exported: %s", ckpt, _checkpoint_step(ckpt), ", ".join(ignored) or "-")
-    return export_student(model, student_dir, out_dir, card=card_from_run(run, ckpt, report),
+    return export_student(model, student_dir, out_dir, card=card_from_run(run, ckpt, report, name or Path(out_dir).resolve().name),
                           text_config_from_hub=text_config_from_hub)
 
 

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from .base import Teacher
+from .hub import require_hub_file
 from .spec import Spec
 from .transforms import PreprocessCfg, to_rgb
 from .weights import find_weights, reading_weights
@@ -30,6 +31,8 @@ class HFClipTeacher(Teacher):
                                     "ORG/NAME or a folder written by save_pretrained)")
         path = os.path.expanduser(path)
         local = os.path.isdir(path)
+        if not local:  # before transformers, whose downloads retry for ~25 s with no network
+            require_hub_file(path, ("config.json",))
         with reading_weights(find_weights(path, "model.safetensors")) if local else nullcontext():
             model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code).to(device)
         processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from .base import Teacher
+from .hub import require_hub_file
 from .spec import Spec
 from .transforms import PreprocessCfg
 from .weights import REDO_HINT, find_weights, reading_weights
@@ -81,11 +82,32 @@ def open_clip_args(spec: Spec) -> tuple[str, str | None, dict]:
     return model_name, tag, kwargs
 
 
+def hub_files(spec: Spec) -> list[tuple[str, tuple[str, ...]]]:
+    """(hub repo, the names open_clip tries for one file) for the first file open_clip will fetch for `spec`."""
+    from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+    from open_clip.pretrained import get_pretrained_cfg
+
+    if spec.kind == "hf-hub":
+        return [(spec.target, (HF_CONFIG_NAME,))]  # its first file; a missing weights file is open_clip's to name
+    if spec.kind == "local-dir":
+        return []
+    model_name, _, tag = spec.target.partition("/")
+    hub = (get_pretrained_cfg(model_name, tag) or {}).get("hf_hub")
+    if not hub:
+        return []  # a URL-only tag: open_clip downloads it without the Hub
+    repo, filename = os.path.split(hub)  # open_clip's rule: "org/name/" means its default weights file
+    filename = filename or HF_WEIGHTS_NAME
+    safe = HF_SAFE_WEIGHTS_NAME if filename == HF_WEIGHTS_NAME else os.path.splitext(filename)[0] + ".safetensors"
+    return [(repo, (safe, filename) if safe != filename else (filename,))]
+
+
 def create_open_clip(spec: Spec, device: str | torch.device = "cpu"):
     """(model, preprocess, tokenizer) for an open_clip SPEC, offline-safe for our own exports."""
     import open_clip
 
     name, pretrained, kwargs = open_clip_args(spec)
+    for repo, files in hub_files(spec):  # before open_clip, whose downloads retry for ~25 s with no network
+        require_hub_file(repo, files)
     weights = find_weights(spec.target) if spec.kind == "local-dir" else None  # named before open_clip warns
     with reading_weights(weights) if weights else nullcontext():
         model, _, preprocess = open_clip.create_model_and_transforms(

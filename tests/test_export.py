@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from student import ProjectionHeads, build_student, export_checkpoint, export_student, load_student
-from student.card import metrics_table
+from distill.heads import ProjectionHeads
+from student import build_student, export_checkpoint, export_student, load_student
+from student.card import ModelCard, metrics_table
 
 TEXTS = ["a ct scan of a red circle in the upper left", "an mri of a blue square", "ultrasound"]
 
@@ -87,7 +88,7 @@ STOCK_LOAD = textwrap.dedent("""
 def test_export_loads_in_stock_open_clip_fresh_process(run_dir, trained, tmp_path):
     import open_clip
 
-    out = export_student(trained, run_dir / "student", tmp_path / "export", card={"steps": 3})
+    out = export_student(trained, run_dir / "student", tmp_path / "export", card=ModelCard(name="tiny-export", steps=3))
     names = {p.name for p in out.iterdir()}
     assert {"open_clip_config.json", "open_clip_model.safetensors", "config.json", "tokenizer.json",
             "tokenizer_config.json", "README.md"} <= names
@@ -209,7 +210,7 @@ def test_export_checkpoint_newest_without_heads_and_card(run_dir, trained, tmp_p
     assert set(sd) == set(late) and not any(k.startswith(("heads.", "student.")) for k in sd)
     assert all(torch.equal(sd[k], late[k]) for k in sd)
     card = (out / "README.md").read_text()
-    for needle in ("biomedclip", "quiltnet", "hf-hub:microsoft/BiomedCLIP", "| 0.5 |", "steps: 12",
+    for needle in ("\n# export\n", "biomedclip", "quiltnet", "hf-hub:microsoft/BiomedCLIP", "| 0.5 |", "steps: 12",
                    "/data/pmc.csv", "32 image-text pairs", "samples seen: 96", "| loss | 1.25 |", "| contrastive | 0.75 |",
                    "| pcam/zero_shot_acc | 0.8125 | 0.75 |", "library_name: open_clip", "## Architecture",
                    "| image tower | open_clip ViT: 2 layers", "| text tower | BERT: ", "| embedding dim | 64 |"):

@@ -1,0 +1,48 @@
+"""Fail fast when a Hugging Face Hub model is neither in the local cache nor reachable.
+
+Why: huggingface_hub retries a file it cannot fetch and has not cached five times with backoff (about 25 s), and
+open_clip asks for a file under two names in turn, so with no network an uncached `hf-hub:` model (the
+`biomedclip` alias on a fresh machine) took half a minute to reach its error. Here the cache is looked up first
+(no network), then, unless HF_HUB_OFFLINE is set, one request without retries decides whether the Hub answers.
+"""
+from __future__ import annotations
+
+
+class HubUnavailableError(FileNotFoundError):
+    """A hub model that is not in the local cache, while the Hub is off (HF_HUB_OFFLINE=1) or unreachable."""
+
+
+def is_cached(repo_id: str, filename: str) -> bool:
+    """Whether `filename` of `repo_id` is in the Hugging Face cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, filename), str)
+
+
+def require_hub_file(repo_id: str, filenames: tuple[str, ...]) -> None:
+    """Return when one of `filenames` of `repo_id` is cached or the Hub answers; else HubUnavailableError.
+
+    The message names the repo; the caller names the SPEC. A malformed id or an HTTP error from the Hub
+    (missing repo, gated model) returns too: the loader then reports that error itself, at once.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, is_offline_mode
+    from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_ETAG_TIMEOUT
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    try:
+        if any(is_cached(repo_id, f) for f in filenames):
+            return
+    except HFValidationError:  # a malformed id: the loader names it
+        return
+    if is_offline_mode():
+        raise HubUnavailableError(f"{repo_id} is not in the Hugging Face cache ({HF_HUB_CACHE}) "
+                                  f"(looked for {' or '.join(filenames)})")
+    try:  # a single HEAD request: huggingface_hub retries only when asked to
+        get_hf_file_metadata(hf_hub_url(repo_id, filenames[0]), timeout=HF_HUB_ETAG_TIMEOUT)
+    except HfHubHTTPError:  # the Hub answered (missing repo, gated model): the loader names the error
+        return
+    except Exception as e:  # DNS, connection, TLS, timeout: the Hub did not answer
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise HubUnavailableError(f"the Hugging Face Hub cannot be reached ({type(e).__name__}: {first}) "
+                                  f"and {repo_id} is not in the local cache ({HF_HUB_CACHE}); connect to the "
+                                  "network and retry, or give a local folder (local-dir:PATH, hf-clip:PATH)") from e
