@@ -5,6 +5,7 @@ One `prepare`, `accumulate` for the global batch schedule, `backward`, `save_sta
 Builders live in `distill.build_run`, the optimizer recipe in `distill.optim`, checkpoints in `distill.checkpoint`
 (resumed by `distill.checkpoint_load`, which unpickles nothing), logs in `distill.train_log`. One training per
 run folder (`distill.run_lock`); a non-finite loss stops the run before it can reach a checkpoint.
+`data.micro_batch_size` trains each step's whole batch by gradient caching (`distill.grad_cache`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from distill.checkpoint import (TrainState, install_unwrapped_state_hooks, list_
                                 save_checkpoint)
 from distill.checkpoint_load import load_checkpoint
 from distill.config import Config
+from distill.grad_cache import grad_cache_step, merge_batches, no_sync_of
 from distill.optim import build_optimizer, build_scheduler
 from distill.run_lock import run_lock
 from distill.train_log import RunLogger, plot_loss_curves
@@ -49,6 +51,44 @@ def check_finite_losses(step: int, losses: dict[str, float], out: Path, features
                              f"{verify}, or lower optim.lr / set optim.max_grad_norm if they are fine")
 
 
+class LossWatch:
+    """Each step's losses stay on the device; the host reads them (one gather, one copy) only at `read`.
+
+    Why: `.tolist()` every step makes the host wait for the accelerator, so it cannot queue the next step. The first
+    non-finite step is remembered on the device (its number and local losses), so the check at the next read still
+    names it, and `read` runs before every checkpoint: a non-finite loss never reaches one.
+    """
+
+    def __init__(self, step: int, device: torch.device):
+        self.count = torch.tensor(step, dtype=torch.int64, device=device)  # steps, counted on the device
+        self.keys: list[str] = []
+        self.last = self.bad = torch.zeros(0, device=device)
+        self.bad_step = torch.zeros((), dtype=torch.int64, device=device)  # 0: every step so far was finite
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        """Record one optimizer step's losses (this process's mean over its accumulated batches); no host sync."""
+        self.keys = sorted(losses)
+        vals = torch.stack([losses[k].float() for k in self.keys])
+        self.count += 1
+        if self.bad.shape != vals.shape:
+            self.bad = torch.zeros_like(vals)
+        first = ~torch.isfinite(vals).all() & (self.bad_step == 0)
+        self.bad, self.bad_step = torch.where(first, vals, self.bad), torch.where(first, self.count, self.bad_step)
+        self.last = vals
+
+    def read(self, accelerator) -> tuple[dict[str, float], int, dict[str, float]]:
+        """(last step's losses averaged over processes, first non-finite step or 0, that step's losses)."""
+        packed = torch.cat([self.last, self.bad, self.bad_step.float().reshape(1)])
+        rows = accelerator.gather(packed.reshape(1, -1)).cpu().double()  # (processes, 2K + 1): the host sync
+        n = len(self.keys)
+        mean = {k: float(v) for k, v in zip(self.keys, rows[:, :n].mean(0).tolist())}
+        bad_rows = [r for r in rows.tolist() if r[-1] > 0]
+        if not bad_rows:
+            return mean, 0, {}
+        first = min(bad_rows, key=lambda r: r[-1])
+        return mean, int(first[-1]), dict(zip(self.keys, first[n:2 * n]))
+
+
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -61,8 +101,13 @@ def make_accelerator(cfg: Config):
     # The scheduler counts optimizer steps (we step it ourselves after each real optimizer step), so it does not
     # depend on the number of processes. build_run freezes every parameter no loss term reaches (the logit scale
     # under a feature-only loss, unread heads), so DDP needs no per-step search for unused parameters.
+    # non_blocking: batches come pinned on CUDA (build_run), so their copy to the GPU overlaps the host's work.
+    from accelerate.utils import DataLoaderConfiguration
+
     return Accelerator(mixed_precision=cfg.train.mixed_precision, step_scheduler_with_optimizer=False,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+                       dataloader_config=DataLoaderConfiguration(non_blocking=True),
+                       dynamo_backend="inductor" if cfg.train.compile else None)  # train.compile
 
 
 def write_run_meta(cfg: Config, run, out: Path, resumed_from: Path | None) -> None:
@@ -122,7 +167,7 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
     plan = run.plan
     if accelerator.distributed_type == "FSDP":  # FSDP 1 and 2 reject 0-dim parameters (the logit scale)
         log.info("FSDP: 1-element instead of 0-dim parameters: %s", ", ".join(run.model.unsqueeze_scalar_params()))
-    optimizer = build_optimizer(run.model, cfg.optim)
+    optimizer = build_optimizer(run.model, cfg.optim, device=accelerator.device)
     scheduler = build_scheduler(optimizer, plan.total_steps, cfg.optim)
     model, optimizer, loader, scheduler = accelerator.prepare(run.model, optimizer, run.loader, scheduler)
     state = TrainState()
@@ -138,32 +183,47 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
     logger.truncate_after(state.step)
     scales = {t: float(a["logit_scale"]) for t, a in plan.teacher_attrs.items()}
     unwrapped = accelerator.unwrap_model(model)
-    last_ckpt, sums, t_step = None, {}, time.perf_counter()
+    last_ckpt, sums, t_step, t_samples = None, {}, time.perf_counter(), 0
+    watch = LossWatch(state.step, accelerator.device)
+    pad_id = getattr(run.loader.collate_fn, "pad_id", None)  # to merge caption batches trimmed to their longest
     skipped, skipped_total = 0, 0  # (teacher, row) pairs dropped: this process since the last log, all processes
     # a context manager, so the bar is closed on an error too and the message is not printed on the bar's line
     with tqdm(total=plan.total_steps, initial=state.step, disable=not accelerator.is_main_process,
               unit="step") as bar:
         while state.step < plan.total_steps:
-            accelerator.gradient_accumulation_steps = accum = plan.accum(state.epoch)
+            accum = plan.accum(state.epoch)
+            merge = bool(cfg.data.micro_batch_size) and accum > 1  # one contrastive batch per step (grad_cache)
+            accelerator.gradient_accumulation_steps, pending = 1 if merge else accum, []
             loader.set_epoch(state.epoch)
             batches = (accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch
                        else loader)
             for batch in batches:
+                if merge:
+                    pending.append(batch)
+                    if len(pending) < accum:
+                        continue
+                    batch, pending = merge_batches(pending, pad_id), []
                 with accelerator.accumulate(model):
-                    out_s = model(batch.images, batch.tokens)
                     teachers = teacher_batch(batch, scales, run.loss.teacher_names)
                     gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + state.step * 1009
                                                         + state.batches_in_epoch % accum)  # same on every rank
-                    losses = run.loss(out_s, teachers, gen, caption_ids=batch.caption_ids)
-                    accelerator.backward(losses["loss"])
+                    if cfg.data.micro_batch_size:  # GradCache: the same gradients, activations of M rows at a time
+                        losses = grad_cache_step(
+                            model, batch.images, batch.tokens, cfg.data.micro_batch_size,
+                            lambda s: run.loss(s, teachers, gen, caption_ids=batch.caption_ids),
+                            accelerator.backward, no_sync_of(accelerator, model))
+                    else:
+                        out_s = model(batch.images, batch.tokens)
+                        losses = run.loss(out_s, teachers, gen, caption_ids=batch.caption_ids)
+                        accelerator.backward(losses["loss"])
                     if accelerator.sync_gradients and cfg.optim.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                state.batches_in_epoch += 1
+                state.batches_in_epoch += accum if merge else 1
                 skipped += batch.skipped_features
                 for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() / accelerator.gradient_accumulation_steps
                 if not accelerator.sync_gradients:
                     continue
                 if not optimizer.step_was_skipped:  # fp16 overflow: keep lr where it was
@@ -171,15 +231,21 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
                 unwrapped.clamp_logit_scale(cfg.optim.logit_scale_max)
                 state.step += 1
                 state.samples_seen += plan.global_batch(state.epoch)
-                keys = sorted(sums)
-                mean = accelerator.reduce(torch.stack([sums[k] for k in keys]).to(accelerator.device), "mean")
-                state.last_losses, sums = {k: float(v) for k, v in zip(keys, mean.tolist())}, {}
-                check_finite_losses(state.step, state.last_losses, out, cfg.data.features)
-                now = time.perf_counter()
-                rate, t_step = plan.global_batch(state.epoch) / max(now - t_step, 1e-9), now
+                watch.add(sums)
+                sums, t_samples = {}, t_samples + plan.global_batch(state.epoch)
                 bar.update(1)
+                logging_step = state.step % cfg.train.log_every == 0 or state.step == plan.total_steps
+                checkpoint_step = bool(cfg.train.checkpoint_every) and state.step % cfg.train.checkpoint_every == 0
+                if not (logging_step or checkpoint_step):
+                    continue  # no host sync: the host queues the next step while this one runs
+                state.last_losses, bad_step, bad = watch.read(accelerator)
+                if bad_step:
+                    check_finite_losses(bad_step, bad, out, cfg.data.features)
+                check_finite_losses(state.step, state.last_losses, out, cfg.data.features)
+                now = time.perf_counter()  # samples/s over the steps since the last read (each read syncs)
+                rate, t_step, t_samples = t_samples / max(now - t_step, 1e-9), now, 0
                 bar.set_postfix(loss=f"{state.last_losses['loss']:.4f}", samples_s=f"{rate:.1f}")
-                if state.step % cfg.train.log_every == 0 or state.step == plan.total_steps:
+                if logging_step:
                     extra = {}
                     if cfg.data.bad_features == "skip":  # a collective: every process logs at the same steps
                         n = accelerator.reduce(torch.tensor(skipped, device=accelerator.device), "sum")

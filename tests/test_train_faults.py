@@ -21,7 +21,7 @@ import distill.build_run as build_run_mod
 import distill.checkpoint as checkpoint_mod
 import distill.train as train_mod
 from distill.checkpoint import CheckpointWriteError, list_checkpoints
-from train_fixtures import ROOT, load_weights, read_log, tiny_config, tiny_tokenizer  # noqa: F401  (fixture)
+from train_fixtures import ROOT, load_weights, nan_loss_at_call, read_log, tiny_config, tiny_tokenizer  # noqa: F401
 
 
 def _cfg(corpus, out, tokenizer, steps, every, **kw):
@@ -53,22 +53,7 @@ def test_a_nan_loss_stops_before_any_checkpoint_holds_it(straight, tiny_corpus, 
                                                          monkeypatch):
     run = tmp_path / "run"
     real_build = build_run_mod.build_run
-
-    def build_with_nan_at_step_3(cfg, accelerator):
-        built = real_build(cfg, accelerator)
-        calls, forward = [], built.loss.forward
-
-        def nan_forward(*args, **kwargs):
-            calls.append(1)
-            out = forward(*args, **kwargs)
-            if len(calls) == 3:  # the third micro-batch = optimizer step 3
-                out = {**out, "infonce": out["infonce"] * float("nan"), "loss": out["loss"] * float("nan")}
-            return out
-
-        built.loss.forward = nan_forward
-        return built
-
-    monkeypatch.setattr(build_run_mod, "build_run", build_with_nan_at_step_3)
+    monkeypatch.setattr(build_run_mod, "build_run", nan_loss_at_call(3))  # 3rd micro-batch = step 3
     with pytest.raises(train_mod.NonFiniteLossError) as err:
         train_mod.train(_cfg(tiny_corpus, run, tiny_tokenizer, steps=6, every=2))
     msg = str(err.value)

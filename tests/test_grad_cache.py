@@ -1,0 +1,222 @@
+"""Gradient caching (`data.micro_batch_size`): the same loss and gradients as one forward over the whole batch.
+
+Unit level: the tiny student with heads and every batch-level term (InfoNCE with caption positives, feature, ICL,
+affinity); with dropout and patch dropout on, the RNG replay is what makes the re-embedded chunks match. Training
+level: one process with and without micro batches (and with accumulation), and two processes (slow).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distill.config import Config, ConfigError
+from distill.grad_cache import RngSnapshot, chunk_slices, grad_cache_step
+from distill.heads import ProjectionHeads
+from distill.losses import DistillLoss, LossTermCfg, TeacherBatch
+from distill.student_model import DistillModel
+from teachers.modality import Pair
+from train_fixtures import (NO_DROPOUT, load_weights, nan_loss_at_call, read_log, tiny_cache, tiny_config,  # noqa: F401
+                            tiny_tokenizer)
+
+B, DIMS = 8, {"a": 24, "b": 40}
+
+
+def test_chunk_slices_cover_the_batch_once():
+    assert chunk_slices(8, 3) == [slice(0, 3), slice(3, 6), slice(6, 8)]
+    assert chunk_slices(8, 8) == [slice(0, 8)]
+    with pytest.raises(ValueError, match="must be > 0"):
+        chunk_slices(8, 0)
+
+
+def test_config_checks_the_micro_batch():
+    base = {"mode": "contrastive", "data": {"corpus": "c.csv", "batch_size": 8}}
+    assert Config.from_dict(base, ["data.micro_batch_size=2"]).data.micro_batch_size == 2
+    assert Config.from_dict(base).data.micro_batch_size is None
+    for bad in (0, 9):
+        with pytest.raises(ConfigError, match=f"data.micro_batch_size must be in .1, data.batch_size=8. .*got {bad}"):
+            Config.from_dict(base, [f"data.micro_batch_size={bad}"])
+
+
+def _setup(tiny_tokenizer, tmp_path, dropout: bool):
+    from student import build_student
+
+    torch.manual_seed(0)
+    kw = {"patch_dropout": 0.25} if dropout else dict(NO_DROPOUT)
+    bundle = build_student("tiny", tmp_path / "student", tokenizer_dir=tiny_tokenizer, **kw)
+    model = DistillModel(bundle.model, ProjectionHeads(64, DIMS)).train()
+    terms = [LossTermCfg(kind="infonce", kwargs={"positives": "caption"}),
+             LossTermCfg(kind="feature", kwargs={"metric": "cosine"}), LossTermCfg(kind="icl"),
+             LossTermCfg(kind="affinity", weight=2.0)]
+    loss = DistillLoss(terms, list(DIMS))
+    g = torch.Generator().manual_seed(1)
+    captions = [f"a scan of organ {i % 5} with finding {i % 3}" for i in range(B)]
+    images, tokens = torch.randn(B, 3, 32, 32, generator=g), bundle.tokenizer(captions)
+    unit = lambda d: torch.nn.functional.normalize(torch.randn(B, d, generator=g), dim=-1)  # noqa: E731
+    teachers = TeacherBatch({t: Pair(unit(d), unit(d)) for t, d in DIMS.items()}, {"a": 30.0, "b": 50.0})
+    ids = torch.tensor([i % 5 for i in range(B)])  # rows 0 and 5, 1 and 6, 2 and 7 share a caption
+    loss_fn = lambda s: loss(s, teachers, torch.Generator().manual_seed(7), caption_ids=ids)  # noqa: E731
+    return model, images, tokens, loss_fn
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def _assert_equal(a: dict, b: dict, atol: float = 1e-6):
+    """Equal up to float32 summation order: |a - b| <= atol x the tensor's largest |value| (and at least atol)."""
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:
+        diff, scale = (a[k] - b[k]).abs().max().item(), max(1.0, b[k].abs().max().item())
+        assert diff <= atol * scale, (k, diff, scale)
+
+
+@pytest.mark.parametrize("micro", [1, 3, 8])
+def test_grad_cache_equals_one_forward_without_dropout(tiny_tokenizer, tmp_path, micro):
+    model, images, tokens, loss_fn = _setup(tiny_tokenizer, tmp_path, dropout=False)
+    ref = loss_fn(model(images, tokens))
+    ref["loss"].backward()
+    want = _grads(model)
+    assert "student.logit_scale" in want and "heads.text.b.weight" in want
+    got_losses = grad_cache_step(model, images, tokens, micro, loss_fn, lambda x: x.backward())
+    assert got_losses.keys() == ref.keys()
+    for k in ref:
+        assert got_losses[k].item() == pytest.approx(ref[k].item(), rel=1e-6, abs=1e-7), k
+    _assert_equal(_grads(model), want)
+
+
+def test_grad_cache_backward_hook_scales_like_accumulation(tiny_tokenizer, tmp_path):
+    """`accelerator.backward` divides by the accumulation steps: each chunk's share is divided the same way."""
+    model, images, tokens, loss_fn = _setup(tiny_tokenizer, tmp_path, dropout=False)
+    grad_cache_step(model, images, tokens, 3, loss_fn, lambda x: x.backward())
+    full = _grads(model)
+    grad_cache_step(model, images, tokens, 3, loss_fn, lambda x: (x / 4).backward())
+    _assert_equal(_grads(model), {k: v / 4 for k, v in full.items()})
+
+
+def test_merge_batches_pads_captions_and_keeps_row_order():
+    from distill.data import TrainBatch
+    from distill.grad_cache import merge_batches
+
+    def batch(rows, width):
+        n = len(rows)
+        return TrainBatch(torch.zeros(n, 3, 4, 4, dtype=torch.uint8), torch.full((n, width), 7), torch.tensor(rows),
+                          torch.full((n,), -1), {"a": Pair(torch.ones(n, 2), torch.zeros(n, 2))},
+                          caption_ids=torch.tensor(rows) * 10, skipped_features=1)
+
+    merged = merge_batches([batch([0, 1], 3), batch([2, 3, 4], 5)], pad_id=0)
+    assert merged.rows.tolist() == [0, 1, 2, 3, 4] and merged.caption_ids.tolist() == [0, 10, 20, 30, 40]
+    assert merged.tokens.tolist() == [[7, 7, 7, 0, 0]] * 2 + [[7] * 5] * 3
+    assert merged.teacher_feats["a"].image.shape == (5, 2) and merged.route is None and merged.skipped_features == 2
+    with pytest.raises(ValueError, match="lengths \\[3, 5\\] without a pad token id"):
+        merge_batches([batch([0], 3), batch([1], 5)], pad_id=None)
+
+
+def _chunked_with_graph(model, images, tokens, micro, loss_fn):
+    """Reference with dropout: the chunks embedded once, with graph (the masks GradCache's first pass draws)."""
+    from distill.grad_cache import _flat, _unflat
+
+    outs = [_flat(model(images[s], tokens[s])) for s in chunk_slices(images.shape[0], micro)]
+    flat = {k: v if k == "logit_scale" else torch.cat([o[k] for o in outs]) for k, v in outs[0].items()}
+    losses = loss_fn(_unflat(flat, list(DIMS)))
+    losses["loss"].backward()
+    return losses
+
+
+def test_rng_replay_makes_dropout_and_patch_dropout_match(tiny_tokenizer, tmp_path, monkeypatch):
+    model, images, tokens, loss_fn = _setup(tiny_tokenizer, tmp_path, dropout=True)
+    torch.manual_seed(3)
+    ref = _chunked_with_graph(model, images, tokens, 3, loss_fn)
+    want, state_after = _grads(model), torch.get_rng_state()
+    torch.manual_seed(3)
+    got = grad_cache_step(model, images, tokens, 3, loss_fn, lambda x: x.backward())
+    assert got["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-6)
+    _assert_equal(_grads(model), want)
+    assert torch.equal(torch.get_rng_state(), state_after)  # later draws do not depend on the chunking
+    # the control: without the replay the re-embedded chunks draw other masks and the gradients differ
+    monkeypatch.setattr(RngSnapshot, "restore", lambda self: None)
+    torch.manual_seed(3)
+    grad_cache_step(model, images, tokens, 3, loss_fn, lambda x: x.backward())
+    worst = max((a - want[k]).abs().max().item() for k, a in _grads(model).items())
+    assert worst > 1e-4
+
+
+def _train(corpus, cache, tok, out, **kw):
+    from distill.train import train
+
+    kw = {"train__log_every": 1, **kw}
+    cfg = tiny_config(corpus, out, cache, tokenizer=tok, train__checkpoint_every=0, train__tensorboard="false", **kw)
+    return train(cfg)
+
+
+def test_training_with_micro_batches_equals_without(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path, monkeypatch):
+    """Two optimizer steps of 2 accumulated loader batches of 8 in chunks of 3 equal two plain steps of batch 16:
+    with micro batches the accumulated batches are ONE contrastive batch (same logged losses and weights)."""
+    import distill.train
+
+    calls = []
+    real = distill.train.grad_cache_step
+    monkeypatch.setattr(distill.train, "grad_cache_step",
+                        lambda *a, **k: calls.append((a[1].shape[0], a[3])) or real(*a, **k))
+    runs = {}
+    for name, batch, accum, micro in [("plain16", 16, 1, "null"), ("micro", 8, 2, 3)]:
+        runs[name] = _train(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path / name, train__max_steps=2,
+                            data__batch_size=batch, train__grad_accum=accum, data__micro_batch_size=micro)
+    for ra, rb in zip(read_log(tmp_path / "plain16"), read_log(tmp_path / "micro"), strict=True):
+        for key in ("loss", "infonce", "feature", "icl"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5), (ra["step"], key)
+    assert calls == [(16, 3)] * 2  # each step: one merged batch of 16 rows, embedded 3 rows at a time
+    a, b = load_weights(runs["plain16"]["checkpoint"]), load_weights(runs["micro"]["checkpoint"])
+    _assert_equal(a, b, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_with_micro_batches_equal_one_without(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path):
+    """One process x 8 rows (plain, and in chunks of 3), two processes x 4 rows in chunks of 3 (the loss gathers
+    the 8 rows; only the last chunk all-reduces) and two processes x 2 accumulated batches of 2 merged: the same
+    logged losses and weights after 3 steps."""
+    from test_train_distributed import _launch
+
+    runs = [("one", 1, 8, 1, "null"), ("one_micro", 1, 8, 1, 3), ("two_micro", 2, 4, 1, 3),
+            ("two_merged", 2, 2, 2, 2)]  # 2 accumulated batches of 2 rows merged: 4 rows per process, 8 in all
+    for name, nproc, per_device, accum, micro in runs:
+        cfg = tiny_config(tiny_corpus, tmp_path / name, tiny_cache, tokenizer=tiny_tokenizer, train__max_steps=3,
+                          train__checkpoint_every=0, train__tensorboard="false", data__batch_size=per_device,
+                          train__grad_accum=accum, data__micro_batch_size=micro)
+        _launch(cfg, tmp_path, name, nproc)
+    ref, ref_log = load_weights(tmp_path / "one" / "checkpoint-3"), read_log(tmp_path / "one")
+    for name, *_ in runs[1:]:
+        _assert_equal(load_weights(tmp_path / name / "checkpoint-3"), ref, atol=2e-5)
+        for ra, rb in zip(ref_log, read_log(tmp_path / name), strict=True):
+            for key in ("loss", "infonce", "feature", "icl"):
+                assert rb[key] == pytest.approx(ra[key], rel=1e-4), (name, ra["step"], key)
+
+
+def test_a_nan_between_logging_steps_is_named_at_the_next_read(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path,
+                                                                monkeypatch):
+    """Losses are read on the host only every log_every steps; the first non-finite step is still the one named."""
+    import distill.build_run as build_run_mod
+    import distill.train as train_mod
+
+    monkeypatch.setattr(build_run_mod, "build_run", nan_loss_at_call(3, keys=None))
+    with pytest.raises(train_mod.NonFiniteLossError, match=r"^step 3: non-finite loss \(.*infonce=nan") as err:
+        _train(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path / "run", train__max_steps=8, train__log_every=4,
+               data__micro_batch_size=4)
+    assert "no checkpoint was written yet" in str(err.value)
+    assert not (tmp_path / "run" / "log.jsonl").exists() or read_log(tmp_path / "run") == []
+
+
+@pytest.mark.slow  # inductor compiles the tiny model on CPU in about a minute on a shared machine
+def test_compile_trains_the_tiny_model_like_eager(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path):
+    """train.compile goes through Accelerate; the checkpoint keeps the eager keys and about the eager weights."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    runs = {name: _train(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path / name, train__max_steps=2,
+                         train__compile=flag, data__micro_batch_size=micro)
+            for name, flag, micro in [("eager", "false", "null"), ("compiled", "true", 4)]}
+    assert runs["compiled"]["step"] == 2 and counters["stats"]["unique_graphs"] >= 1  # dynamo did compile
+    a, b = load_weights(runs["eager"]["checkpoint"]), load_weights(runs["compiled"]["checkpoint"])
+    _assert_equal(a, b, atol=1e-4)  # inductor fuses and reorders float32 sums: equal to ~1e-6 relative per step
