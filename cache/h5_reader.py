@@ -11,8 +11,9 @@ Two read paths, both returning the same values:
 - `block_rows=B` (training with a block-shuffled sampler): the blocks the rows fall in (rows [k*B, (k+1)*B)) are
   read WHOLE, one contiguous slice per teacher and modality, kept in a small LRU of `cache_blocks` blocks, and
   rows are gathered in memory. With the trainer's block-shuffled `EpochSampler` (`block_shuffle_order`) and
-  cache_blocks >= the shuffle buffer, each block is read once per epoch per process: bytes read per useful
-  byte ~1 (benchmarks/README.md, part 2). B should be a multiple of the file's chunk rows (`chunk_rows`).
+  cache_blocks >= the shuffle buffer, each block is read once per epoch per process (worker) that draws from
+  it; with the dealt order (data.sampler=block_deal, `distill.samplers.deal_order`) once per epoch in all:
+  bytes read per useful byte ~1 at any number of ranks and workers (benchmarks/input_pipeline.py). B should be a multiple of the file's chunk rows (`chunk_rows`).
 
 The reader sees the file as it was when opened: rows committed by a running or killed `distill cache` that
 are still waiting in FEATURES.h5.parts/ appear after the next fold.
@@ -20,7 +21,7 @@ are still waiting in FEATURES.h5.parts/ appear after the next fold.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Sequence
 
 import h5py
@@ -40,8 +41,9 @@ class FeatureReader:
 
     `max_span_ratio`: without blocks, read one contiguous slice when (last - first + 1) <= ratio * rows asked;
     `rdcc_nbytes`: HDF5 chunk cache per dataset; `block_rows`: read whole blocks of this many rows (0: off);
-    `cache_blocks`: blocks kept per teacher (LRU; the sampler's shuffle buffer). `bytes_read` counts the
-    feature bytes fetched from HDF5.
+    `cache_blocks`: blocks kept per teacher (LRU; the sampler's shuffle buffer): at most cache_blocks x
+    block_rows x bytes per row, per teacher. `bytes_read` counts the feature bytes fetched from HDF5,
+    `block_reads` the whole-block reads by (teacher, block).
 
     A file HDF5 cannot open or read (truncated, overwritten) raises CacheError naming it. Feature rows that
     cannot be read (a fletcher32 checksum mismatch) raise `BadRowsError` naming the teacher, modality and rows
@@ -63,6 +65,7 @@ class FeatureReader:
                              f"block_rows={block_rows}, cache_blocks={cache_blocks}")
         self.block_rows, self.cache_blocks = int(block_rows), int(cache_blocks)
         self.bytes_read = 0
+        self.block_reads: Counter[tuple[str, int]] = Counter()
         self._h5: h5py.File | None = None
         self._pid: int | None = None
         self._ds: dict[tuple[str, Modality], h5py.Dataset] = {}
@@ -208,6 +211,7 @@ class FeatureReader:
                 lo, hi = k * self.block_rows, min(self.num_rows, (k + 1) * self.block_rows)
                 block = lru[k] = Pair.build(lambda m: self._slice(ds[m], lo, hi, (teacher, m)))
                 self.bytes_read += block.image.nbytes + block.text.nbytes
+                self.block_reads[(teacher, k)] += 1
             local = uniq[s:e] - k * self.block_rows
             for m in MODALITIES:
                 out[m][s:e] = block[m][local]

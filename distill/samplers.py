@@ -1,11 +1,86 @@
 """The trainer's epoch order: one order per (seed, epoch), the same in every process, worker and resumed run."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+
+@dataclass(frozen=True)
+class Dealing:
+    """Who reads which batch: Accelerate deals a loader's batches of `batch_size` to ranks round-robin (global
+    batch g to rank g % ranks) and each rank's DataLoader hands its batches to its `workers` round-robin (0
+    workers: the main process, counted as 1)."""
+
+    ranks: int
+    workers: int
+    batch_size: int  # per device (data.batch_size)
+
+    def __post_init__(self):
+        if min(self.ranks, self.workers, self.batch_size) < 1:
+            raise ValueError(f"Dealing needs ranks, workers and batch_size >= 1; got {self}")
+
+    @property
+    def pairs(self) -> int:
+        return self.ranks * self.workers
+
+    def pair_of_batch(self, g: int) -> int:
+        """The (rank, worker) pair, as rank * workers + worker, that reads global batch g."""
+        return (g % self.ranks) * self.workers + (g // self.ranks) % self.workers
+
+
+def deal_order(block_ids: np.ndarray, buffer_blocks: int, dealing: Dealing, rng: np.random.Generator) -> np.ndarray:
+    """Positions 0..n-1 in an order where every block is read by one (rank, worker) pair, bar a few.
+
+    Blocks, in a seeded random order, go to the pair with the fewest rows so far. Every pair then gets exactly
+    T rows, T the largest multiple of batch_size with pairs x T <= n: a pair over T hands rows of its last block
+    to the pair furthest under T (that block is then read by both: at most about one block per pair), and
+    what is left over (fewer than pairs x batch_size rows) goes last, in block order, read by whichever pair
+    its batches fall to. Each pair's rows are block-shuffled (`block_shuffle_order`: shuffled within buffers
+    of `buffer_blocks` of its blocks), and global batch g is the next batch of `dealing.pair_of_batch(g)`.
+    """
+    from cache.h5_reader import block_shuffle_order  # late: h5py loads only when features are read
+
+    block_ids = np.asarray(block_ids).reshape(-1)
+    if len(block_ids) == 0:
+        return np.zeros(0, dtype=np.int64)
+    pos = np.argsort(block_ids, kind="stable")
+    starts = np.flatnonzero(np.r_[True, block_ids[pos][1:] != block_ids[pos][:-1]])
+    groups = np.split(pos, starts[1:])
+    p_n, b = dealing.pairs, dealing.batch_size
+    sizes = np.zeros(p_n, dtype=np.int64)
+    owned: list[list[np.ndarray]] = [[] for _ in range(p_n)]
+    for i in rng.permutation(len(groups)).tolist():
+        p = int(np.argmin(sizes))  # the first pair with the fewest rows
+        owned[p].append(groups[i])
+        sizes[p] += len(groups[i])
+    target = len(block_ids) // (p_n * b) * b
+    left: list[np.ndarray] = []
+    for d in np.argsort(-sizes, kind="stable").tolist():  # the largest pairs give their rows over the target
+        while sizes[d] > target:
+            r = int(np.argmin(sizes))
+            k = int(sizes[d] - target) if sizes[r] >= target else int(min(sizes[d] - target, target - sizes[r]))
+            last = owned[d][-1]
+            give, owned[d][-1] = last[max(0, len(last) - k):], last[:max(0, len(last) - k)]
+            if not len(owned[d][-1]):
+                owned[d].pop()
+            (left if sizes[r] >= target else owned[r]).append(give)
+            sizes[d] -= len(give)
+            if sizes[r] < target:
+                sizes[r] += len(give)
+    streams = []
+    for blocks in owned:
+        mine = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int64)
+        streams.append(mine[block_shuffle_order(block_ids[mine], buffer_blocks, rng)])
+    order = [streams[dealing.pair_of_batch(g)][(g // p_n) * b:(g // p_n + 1) * b]
+             for g in range(target // b * p_n)]
+    if left:
+        rest = np.concatenate(left)
+        order.append(rest[np.argsort(block_ids[rest], kind="stable")])
+    return np.concatenate(order).astype(np.int64)
 
 
 class EpochSampler(Sampler):
@@ -16,18 +91,25 @@ class EpochSampler(Sampler):
     `buffer_blocks` blocks (cache.h5_reader.block_shuffle_order), so the feature reader reads each block whole
     once instead of scattered rows per batch. The order depends on (seed, epoch) only, never on the number of
     processes or workers: Accelerate gives each rank its share of every global batch from the same order, and a
-    resumed run skips into the same order. Cutting to whole global batches makes every optimizer step see exactly
+    resumed run skips into the same order. Dealt (`dealing`, data.sampler=block_deal): `deal_order`, so every
+    block is read by one (rank, worker) only (read amplification ~1 instead of up to ranks x workers); the order
+    then depends on the number of processes, workers and the per-device batch, so a run is reproducible (and
+    resumes exactly) only with the same ones. A worker holds only its own shuffle buffer: buffer_blocks x
+    block_rows x bytes per row per teacher. Cutting to whole global batches makes every optimizer step see exactly
     the scheduled global batch, and every epoch end on an accumulation boundary. No `generator` attribute on
     purpose: Accelerate would reseed it.
     """
 
     def __init__(self, num_rows: int, seed: int, global_batch_of: Callable[[int], int], shuffle: bool = True,
-                 block_ids: np.ndarray | None = None, buffer_blocks: int = 16):
+                 block_ids: np.ndarray | None = None, buffer_blocks: int = 16, dealing: Dealing | None = None):
         self.num_rows, self.seed, self.global_batch_of, self.shuffle = num_rows, seed, global_batch_of, shuffle
         if block_ids is not None and len(block_ids) != num_rows:
             raise ValueError(f"block_ids has {len(block_ids)} entries for {num_rows} rows")
         self.block_ids = None if block_ids is None else np.asarray(block_ids, dtype=np.int64)
         self.buffer_blocks = int(buffer_blocks)
+        if dealing is not None and block_ids is None:
+            raise ValueError("dealing deals blocks: give block_ids too")
+        self.dealing = dealing
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -41,6 +123,9 @@ class EpochSampler(Sampler):
         """Dataset indices of this epoch, before the cut to whole global batches."""
         if not self.shuffle:
             return np.arange(self.num_rows)
+        if self.dealing is not None:
+            return deal_order(self.block_ids, self.buffer_blocks, self.dealing,
+                              np.random.default_rng((self.seed, self.epoch)))
         if self.block_ids is not None:
             from cache.h5_reader import block_shuffle_order  # late: h5py loads only when features are read
 
