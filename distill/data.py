@@ -15,16 +15,19 @@ import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from cache.verify import BadRowsError, bad_row_mask, format_rows, row_problem
 from cache.views import RATIO  # the aspect range of the cache's stored views, for the student's own crops
 from teachers.modality import Pair
-from teachers.transforms import PreprocessCfg, make_view_transform
+from teachers.transforms import PreprocessCfg, apply_view, to_rgb
 
 if TYPE_CHECKING:
     from cache.h5_reader import Embeddings
@@ -43,7 +46,7 @@ SKIP_HINT = ", or set data.bad_features=skip to train those rows without that te
 class TrainBatch:
     """One micro-batch: student inputs plus the cached features of the same rows."""
 
-    images: torch.Tensor  # (B, 3, H, W) normalised for the student
+    images: torch.Tensor  # (B, 3, H, W) uint8 pixels; the model normalises them on its device (DistillModel)
     tokens: torch.Tensor  # (B, L) student token ids
     rows: torch.Tensor  # (B,) corpus rows
     views: torch.Tensor  # (B,) stored view index shown, -1 for the student's own crop
@@ -108,6 +111,31 @@ def random_crop_params(gen: torch.Generator, width: int, height: int, scale: Seq
     return [x0 / width, y0 / height, w / width, h / height, do_flip]
 
 
+def make_uint8_view_transform(cfg: PreprocessCfg) -> Callable[[Image.Image, Sequence[float]], torch.Tensor]:
+    """`teachers.transforms.make_view_transform` without its last step: (3, H, W) uint8, not normalised floats.
+
+    Why: uint8 is a quarter of float32's bytes through the worker queue, pinned memory and the host-to-device copy,
+    and normalising on the device (`student_pixels`) gives the same floats: PIL's resize already rounds to uint8.
+    """
+    interp, size = InterpolationMode(cfg.interpolation), list(cfg.image_size)
+
+    def transform(img: Image.Image, params: Sequence[float]) -> torch.Tensor:
+        return TF.pil_to_tensor(TF.resize(apply_view(to_rgb(img), params), size, interpolation=interp))
+
+    return transform
+
+
+def trim_padding(tokens: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """(B, L) token ids cut to the batch's longest caption; `pad_id` None (a tower that needs L): unchanged.
+
+    Why: an HF text tower masks attention by `ids != pad_id` and pools the CLS token, so the columns where every
+    caption is padding change nothing but the cost (a 256 context for ~40-token captions)."""
+    if pad_id is None or tokens.ndim != 2 or tokens.shape[1] == 0:
+        return tokens
+    used = (tokens != pad_id).any(0).nonzero()
+    return tokens[:, :int(used.max()) + 1] if len(used) else tokens[:, :1]
+
+
 class PairDataset(Dataset):
     """Usable corpus rows, each with the cache row of the same key; items are (epoch, index) or plain indices.
 
@@ -132,7 +160,7 @@ class PairDataset(Dataset):
         self.corpus_rows = np.arange(len(corpus)) if corpus_rows is None else np.asarray(corpus_rows)
         self.cache_rows = self.corpus_rows if cache_rows is None else np.asarray(cache_rows)
         self.view_params = view_params  # (N_cache, K, 5) or None: stored views to show
-        self.transform = make_view_transform(preprocess)
+        self.transform = make_uint8_view_transform(preprocess)  # normalised on the device (DistillModel)
 
     def __len__(self) -> int:
         return len(self.corpus_rows)
@@ -164,6 +192,7 @@ class PairDataset(Dataset):
 class Collate:
     """Stacks items, tokenises captions, reads the rows' teacher features (same stored view) from the cache.
 
+    `pad_id` set (an HF text tower): the tokens are cut to the batch's longest caption (`trim_padding`).
     Each caption's `caption_id` goes into the batch (with `caption_ids`), so the loss can tell which rows share a
     caption.
 
@@ -180,7 +209,9 @@ class Collate:
 
     def __init__(self, tokenizer, features: str | None = None, teachers: Sequence[str] = (),
                  use_views: bool = False, block_rows: int = 0, cache_blocks: int = 16,
-                 route: np.ndarray | None = None, caption_ids: bool = True, bad_features: str = "stop"):
+                 route: np.ndarray | None = None, caption_ids: bool = True, bad_features: str = "stop",
+                 pad_id: int | None = None):
+        self.pad_id = pad_id  # trim captions to the batch's longest (`trim_padding`); None: the full context
         self.tokenizer, self.features, self.teachers, self.use_views = tokenizer, features, list(teachers), use_views
         self.block_rows, self.cache_blocks = int(block_rows), int(cache_blocks)
         self.route = route  # (N_corpus, T) bool by CORPUS row, T = `teachers` (route_mask); None: no routing
@@ -248,7 +279,7 @@ class Collate:
             feats = teacher_feats(got)
         captions = [it["caption"] for it in items]
         return TrainBatch(images=torch.stack([it["image"] for it in items]),
-                          tokens=self.tokenizer(captions),
+                          tokens=trim_padding(self.tokenizer(captions), self.pad_id),
                           rows=torch.tensor(corpus_rows, dtype=torch.long), views=views,
                           teacher_feats=feats, route=route,
                           caption_ids=torch.tensor([caption_id(c) for c in captions], dtype=torch.int64)

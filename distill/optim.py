@@ -28,8 +28,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": rest, "weight_decay": 0.0, "name": "no_decay"}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimCfg) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+def use_fused(mode: str, device_type: str, param_dtypes: set[torch.dtype]) -> bool:
+    """Whether AdamW runs its fused kernel: `optim.fused` auto means on CUDA with float params only (one kernel
+    launch for all params instead of a loop per tensor); CPU keeps torch's default, so CPU results do not move."""
+    if mode in ("on", "off"):
+        return mode == "on"
+    return device_type == "cuda" and bool(param_dtypes) and all(d.is_floating_point for d in param_dtypes)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimCfg, device: torch.device | str | None = None) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; `device`: where the params will train (Accelerate moves them in `prepare`),
+    default where they are now."""
+    groups = param_groups(model, cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    device_type = torch.device(device).type if device is not None else (params[0].device.type if params else "cpu")
+    fused = use_fused(cfg.fused, device_type, {p.dtype for p in params})
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **({"fused": True} if fused else {}))
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimCfg) -> float:

@@ -7,6 +7,7 @@ the cache.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -14,15 +15,34 @@ from torch import nn
 from distill.heads import ProjectionHeads
 from distill.losses import StudentOutput
 from teachers.modality import MODALITIES, Modality
+from teachers.transforms import OPENAI_MEAN, OPENAI_STD
+
+
+def student_pixels(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) pixels as the student's normalised floats, by the ops of torchvision's to_tensor then
+    normalize (so equal to the old worker-side path); float input is taken as already normalised."""
+    if images.dtype != torch.uint8:
+        return images
+    return images.to(torch.get_default_dtype()).div(255).sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
 
 
 class DistillModel(nn.Module):
-    def __init__(self, student: nn.Module, heads: ProjectionHeads | None = None):
+    """`pixel_mean`/`pixel_std`: the student's normalisation, applied here to the loader's uint8 images.
+
+    Why on the device: uint8 crosses the worker queue and the host-to-device copy at a quarter of float32's bytes.
+    The buffers are not persistent, so checkpoints keep only `student.*` and `heads.*`.
+    """
+
+    def __init__(self, student: nn.Module, heads: ProjectionHeads | None = None,
+                 pixel_mean: Sequence[float] = OPENAI_MEAN, pixel_std: Sequence[float] = OPENAI_STD):
         super().__init__()
         self.student = student
         self.heads = heads
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32), persistent=False)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> StudentOutput:
+        images = student_pixels(images, self.pixel_mean, self.pixel_std)
         image = self.student.encode_image(images, normalize=True)
         text = self.student.encode_text(tokens, normalize=True)
         projected = self.heads(image, text) if self.heads is not None else {}

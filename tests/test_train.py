@@ -56,6 +56,8 @@ def test_dataset_shows_the_student_the_stored_view(tiny_corpus, tiny_cache):
     from cache.corpus import open_corpus
     from cache.h5_reader import FeatureReader
 
+    from distill.student_model import student_pixels
+
     corpus = open_corpus(tiny_corpus)
     join = join_cache(corpus, tiny_cache, None)
     assert join.view_params.shape == (32, 2, 5) and sorted(join.teachers) == ["hf", "oc"]
@@ -68,7 +70,8 @@ def test_dataset_shows_the_student_the_stored_view(tiny_corpus, tiny_cache):
         k = item["view"]
         seen.add(k)
         expected = make_view_transform(pp)(corpus.load_image(item["row"]), join.view_params[item["cache_row"], k])
-        assert torch.equal(item["image"], expected)
+        shown = student_pixels(item["image"][None], torch.tensor(pp.mean), torch.tensor(pp.std))[0]  # on the device
+        assert item["image"].dtype == torch.uint8 and torch.equal(shown, expected)
         assert torch.equal(ds[(epoch, i)]["image"], item["image"])  # the same (epoch, index): the same pixels
     assert seen == {0, 1}  # the view index is drawn per sample and epoch
     # the batch carries the same view's teacher features
