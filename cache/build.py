@@ -3,16 +3,18 @@
 Flow (one process or many under torchrun / accelerate launch): the lock holder (rank 0) checks the file against
 the corpus and the teachers, creates it or folds leftovers of a killed run. Then every teacher with rows still
 to do is loaded (complete ones are not), and one pass over the rows that any of them needs (chunks dealt
-round-robin over processes) decodes each image once (`cache.image_rows`): each teacher embeds the rows its own
-`done` mask lacks, and at the end of each chunk every teacher commits its rows as its own part. Rank 0 folds the
+round-robin over processes) decodes each image once (`cache.image_rows`, which also tokenises the captions in
+the workers): each teacher embeds the rows its own `done` mask lacks, and at the end of each chunk every teacher
+commits its rows as its own part, in a background thread while the next chunk is embedded. Rank 0 folds the
 parts into the file (see `cache.h5_writer` for why this is kill-safe).
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from functools import partial
 
 import h5py
 import numpy as np
@@ -24,12 +26,14 @@ from . import h5_writer as W
 from . import layout as L
 from .corpus import BadSampleError, Corpus, open_corpus
 from .dist import DistEnv, dist_env
-from .image_rows import ImageRows, collate_rows, teacher_inputs
+from .image_rows import CollateRows, ImageRows, teacher_inputs
 from .job import CacheJob, CacheSummary, EmbedCfg, Storage, TeacherSummary
 from .lock import WriterLock
 from .schema import CacheError, attrs_to_dict, check_root, check_teacher, storage_dtype, teacher_attrs
 from .verify import bad_row_mask, raise_damaged, row_problem
 from .views import draw_view_params
+
+log = logging.getLogger(__name__)
 
 
 def _resolve_device(device: str, env: DistEnv) -> str:
@@ -108,6 +112,7 @@ class _ChunkBuffer:
 
     rows: list[int] = field(default_factory=list)
     images: list[torch.Tensor] = field(default_factory=list)
+    texts: list[torch.Tensor] = field(default_factory=list)
     bad: list[tuple[int, str]] = field(default_factory=list)
 
 
@@ -115,17 +120,18 @@ def _embed_rows(cfg: EmbedCfg, store: Storage, corpus: Corpus, teachers: dict, c
                 need: np.ndarray, view_params, env: DistEnv) -> None:
     """Decode each row of `chunks` once; each teacher embeds the rows its column of `need` (N, T) flags.
 
-    With num_workers >= 1 the workers decode and transform the next batches while this process runs the
-    forward passes; on CUDA, batches arrive pinned, are copied without blocking, and embeddings stay on the
-    device until the chunk is committed (one sync per chunk, not per batch).
+    With num_workers >= 1 the workers decode, transform and tokenise the next batches while this process runs
+    the forward passes; on CUDA, batches arrive pinned, are copied without blocking, and embeddings stay on the
+    device until the chunk is committed (one sync per chunk, not per batch); the part files are written in a
+    background thread (`W.PartWriter`) while the next chunk is embedded.
     """
     names = list(teachers)
     rows = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
     batches, ends = _batches(chunks, cfg.batch_size)
-    ds = ImageRows(corpus, rows, need[rows], teacher_inputs(teachers, bool(store.views)),
-                   view_params if store.views else None, max_pixels=cfg.max_pixels)
+    inputs = teacher_inputs(teachers, bool(store.views))
+    ds = ImageRows(corpus, rows, need[rows], inputs, view_params if store.views else None, max_pixels=cfg.max_pixels)
     cuda = any(t.device.type == "cuda" for t in teachers.values())
-    loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=collate_rows,
+    loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=CollateRows(inputs),
                         pin_memory=cuda)
     suffix = f" (rank 0 of {env.world})" if env.world > 1 else ""
     col = {name: i for i, name in enumerate(names)}
@@ -134,6 +140,7 @@ def _embed_rows(cfg: EmbedCfg, store: Storage, corpus: Corpus, teachers: dict, c
                        dynamic_ncols=True, position=i, leave=True, disable=not (env.main and cfg.progress))
             for i, name in enumerate(names)}
     buf = {name: _ChunkBuffer() for name in names}
+    writer = W.PartWriter()
     try:  # closed on error too, so a message printed after it starts on its own line
         for b, batch in enumerate(loader):
             for row, reason, where in batch.bad:
@@ -153,41 +160,44 @@ def _embed_rows(cfg: EmbedCfg, store: Storage, corpus: Corpus, teachers: dict, c
                 else:
                     emb = t.encode_image(x)
                 _check_dim(store.out, name, t, emb, "image")
+                txt = t.encode_text(batch.tokens[name])  # tokenised in the worker, one caption per row
+                _check_dim(store.out, name, t, txt, "text")
                 buf[name].images.append(emb)
+                buf[name].texts.append(txt)
                 buf[name].rows.extend(batch_rows)
                 bars[name].update(len(batch_rows))
             if b in ends:
-                for name in names:
-                    _commit_chunk(store, name, teachers[name], buf[name], corpus.captions, cfg.batch_size)
+                parts = [_chunk_part(store, name, teachers[name].embed_dim, buf[name]) for name in names]
+                writer.submit(partial(_write_parts, store.out, [p for p in parts if p is not None]))
                 buf = {name: _ChunkBuffer() for name in names}
+        writer.join()  # every committed chunk is on disk (or its error raised here) before the fold
     finally:
+        writer.close()
         for bar in bars.values():
             bar.close()
 
 
-def _commit_chunk(store: Storage, name: str, teacher, buf: _ChunkBuffer, captions: Sequence[str],
-                  batch_size: int) -> None:
-    """Text for the chunk's good rows (each caption tokenised once), then one atomic part for this teacher.
+def _write_parts(out: str, parts: list[tuple]) -> None:
+    for name, *arrays in parts:
+        W.write_part(out, name, *arrays)
+
+
+def _chunk_part(store: Storage, name: str, d: int, buf: _ChunkBuffer) -> tuple | None:
+    """One teacher's chunk as host arrays for one atomic part (None when it needed no row of the chunk).
 
     Rows whose image or text embedding is non-finite, zero or not unit-norm are never stored as done: they are
     recorded as bad samples naming the teacher (a teacher bug or an fp16 overflow would otherwise train silently).
     """
     if not buf.rows and not buf.bad:
-        return  # this teacher needed no row of the chunk
+        return None
     order = np.argsort(buf.rows, kind="stable")
     rows = np.asarray(buf.rows, dtype=np.int64)[order]
-    d = teacher.embed_dim
-    if buf.images:
+    if buf.images:  # the chunk's one host sync
         img = torch.cat(buf.images).float().cpu().numpy()[order]
+        txt = torch.cat(buf.texts).float().cpu().numpy()[order]
     else:
         img = np.zeros((0, *((store.views,) if store.views else ()), d), np.float32)
-    texts = []
-    for i in range(0, len(rows), batch_size):
-        tokens = teacher.tokenize([captions[r] for r in rows[i:i + batch_size]])
-        emb = teacher.encode_text(tokens)
-        _check_dim(store.out, name, teacher, emb, "text")
-        texts.append(emb.float().cpu().numpy())
-    txt = np.concatenate(texts) if texts else np.zeros((0, d), np.float32)
+        txt = np.zeros((0, d), np.float32)
     bad = list(buf.bad)
     bad_img, bad_txt = bad_row_mask(img), bad_row_mask(txt)
     for i in np.flatnonzero(bad_img | bad_txt).tolist():
@@ -195,8 +205,8 @@ def _commit_chunk(store: Storage, name: str, teacher, buf: _ChunkBuffer, caption
         bad.append((int(rows[i]), f"teacher {name!r} gave a {row_problem(x)} {what} embedding"))
     keep = ~(bad_img | bad_txt)
     dtype = storage_dtype(store.dtype)
-    W.write_part(store.out, name, rows[keep], img[keep].astype(dtype), txt[keep].astype(dtype),
-                 [r for r, _ in bad], [s for _, s in bad])
+    return (name, rows[keep], img[keep].astype(dtype), txt[keep].astype(dtype), [r for r, _ in bad],
+            [s for _, s in bad])
 
 
 def _check_dim(out: str, name: str, teacher, emb: torch.Tensor, what: str) -> None:
@@ -267,8 +277,11 @@ def _build(job: CacheJob, env: DistEnv) -> CacheSummary:
             need = need[:, [names.index(name) for name in pending]]
             rows = np.flatnonzero(need.any(axis=1))  # rows no teacher needs are not even decoded
             chunks = [rows[i:i + job.chunk_rows] for i in range(0, len(rows), job.chunk_rows)]
-            _embed_rows(job.embedding, job.storage, corpus, teachers, chunks[env.rank::env.world], need,
-                        view_params, env)
+            cfg = job.embedding(device, env.local_world)
+            if env.main:
+                log.info("distill cache: batch size %d, %d decoding worker(s) per process on %s%s", cfg.batch_size,
+                         cfg.num_workers, device, " (auto)" if "auto" in (job.batch_size, job.num_workers) else "")
+            _embed_rows(cfg, job.storage, corpus, teachers, chunks[env.rank::env.world], need, view_params, env)
             del teachers
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()

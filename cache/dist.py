@@ -18,6 +18,7 @@ class DistEnv:
     world: int = 1
     local_rank: int = 0
     owns_group: bool = False
+    local_world: int = 1  # processes on this machine (they share its cores)
 
     @property
     def main(self) -> bool:
@@ -50,10 +51,13 @@ class DistEnv:
 
 def dist_env() -> DistEnv:
     if dist.is_available() and dist.is_initialized():
-        return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        world = dist.get_world_size()
+        return DistEnv(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", 0)),
+                       local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world <= 1:
         return DistEnv()
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    return DistEnv(rank, world, int(os.environ.get("LOCAL_RANK", rank)), owns_group=True)
+    return DistEnv(rank, world, int(os.environ.get("LOCAL_RANK", rank)), owns_group=True,
+                   local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)))

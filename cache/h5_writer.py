@@ -1,10 +1,12 @@
-"""Writing the feature cache so that a kill -9 at any instant loses at most the chunk in flight.
+"""Writing the feature cache so that a kill -9 at any instant loses at most the chunks in flight.
 
 The scheme (known-safe because it leans only on POSIX rename, never on HDF5's own crash behaviour):
 
 1. **Parts.** Workers never touch FEATURES.h5. Each finished chunk of rows becomes one small `.npz` file in
    `FEATURES.h5.parts/NAME/` (rows, image and text embeddings, bad samples), written to a temporary name,
-   fsynced, then renamed: a part either exists complete or not at all. That rename is the commit.
+   fsynced, then renamed: a part either exists complete or not at all. That rename is the commit. The builder
+   commits a chunk in a background thread (`PartWriter`) while it embeds the next one, so a kill loses at most
+   two chunks per process: the one being written and the one being embedded.
 2. **Fold.** Only the lock holder changes FEATURES.h5, and only by copy-on-write: copy it to `FEATURES.h5.tmp`,
    write the parts' rows and `done` flags (and statistics, bad-sample records) into the copy, fsync, then
    `os.replace` it over the original. Parts are deleted only after the rename, so a kill anywhere leaves the old
@@ -23,6 +25,9 @@ import glob
 import json
 import os
 import shutil
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
 import h5py
@@ -191,6 +196,43 @@ def write_part(out: str, name: str, rows: np.ndarray, image: np.ndarray, text: n
             os.fsync(f.fileno())
         os.replace(tmp, path)
     return path
+
+
+class PartWriter:
+    """Commits chunks (each a function writing its parts) in order in one background thread, so fsync overlaps
+    the next chunk's forward passes; `submit` blocks while `depth` commits are pending. A commit's error is
+    raised in the caller's thread (next `submit` or `join`) with its own message, and no later commit runs."""
+
+    def __init__(self, depth: int = 1):
+        self.depth, self._pending = depth, deque()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-parts")
+        self._failed = threading.Event()
+
+    def _run(self, commit: Callable[[], None]) -> None:
+        if not self._failed.is_set():  # after a failed chunk nothing is written: the parts stay a prefix
+            try:
+                commit()
+            except BaseException:
+                self._failed.set()
+                raise
+
+    def submit(self, commit: Callable[[], None]) -> None:
+        while len(self._pending) >= self.depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._run, commit))
+
+    def join(self) -> None:
+        """Wait for every submitted commit; raise the first error."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        """Let submitted (complete) chunks finish, dropping their errors: the caller is raising its own."""
+        for f in self._pending:
+            with contextlib.suppress(BaseException):
+                f.result()
+        self._pending.clear()
+        self._pool.shutdown(wait=True)
 
 
 def list_parts(out: str, name: str) -> list[str]:

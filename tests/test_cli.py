@@ -40,7 +40,7 @@ def test_cache_flags_map_to_design_names():
     args = build_parser().parse_args(["cache", "--data", "c.csv", "--teacher", "a=plip", "--teacher",
                                       "b=local-dir:/x", "--out", "f.h5", "--views", "3", "--dtype", "float32"])
     assert args.teacher == [("a", "plip"), ("b", "local-dir:/x")]
-    assert (args.views, args.dtype, args.batch_size, args.on_bad_sample) == (3, "float32", 64, "skip")
+    assert (args.views, args.dtype, args.batch_size, args.on_bad_sample) == (3, "float32", "auto", "skip")
 
 
 def test_bad_name_spec_is_refused(capsys):
