@@ -1,4 +1,9 @@
-"""What both benchmarks share: flags from a frozen dataclass, the machine's description, timing, result files.
+"""What the benchmarks share: flags from a frozen dataclass, the machine's description, interleaved timing, the
+synthetic JPEG corpus, result files.
+
+Why interleaved: on a shared machine the load drifts over minutes, so timing A for a while and then B puts the
+drift into B / A. `interleave` runs A B A B ... and reports per-repeat ratios (median, min, max) with the 1-minute
+load average before each repeat, so a reader can see how much the machine moved.
 
 Why no argparse: the project's rule is that only distill/cli.py imports it; a benchmark's flags are a frozen
 dataclass of defaults (each field commented), and `--name value` / `--name=value` / `--flag` / `--no-flag`
@@ -14,7 +19,9 @@ import json
 import os
 import platform
 import sys
+import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar, get_type_hints
 
@@ -129,7 +136,7 @@ def machine() -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
             "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "load_avg_1m": load_avg(),
             "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
@@ -140,6 +147,61 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+def load_avg() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Median and range of repeated measurements (a ratio's, or one variant's seconds)."""
+
+    median: float
+    lo: float
+    hi: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> "Spread":
+        return cls(statistics.median(values), min(values), max(values), len(values))
+
+    def text(self, digits: int = 3) -> str:
+        return f"{self.median:.{digits}f} [{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
+
+
+@dataclass(frozen=True)
+class Interleaved:
+    """Per variant, one figure per repeat (in run order A B A B ...), and the load before each repeat and after."""
+
+    samples: dict[str, list[float]]
+    load: list[float | None]
+
+    def stats(self, name: str) -> Spread:
+        return Spread.of(self.samples[name])
+
+    def ratio(self, a: str, b: str) -> Spread:
+        """a / b within each repeat (the two ran back to back), then median and range over repeats."""
+        return Spread.of([x / y for x, y in zip(self.samples[a], self.samples[b])])
+
+    def as_dict(self) -> dict:
+        return {"samples": self.samples, "load_avg_1m": self.load,
+                "stats": {k: dataclasses.asdict(self.stats(k)) for k in self.samples}}
+
+
+def interleave(variants: dict[str, Callable[[], float]], repeats: int, label: str = "") -> Interleaved:
+    """Run every variant once per repeat, in order (A B A B ...); each callable returns its figure (seconds)."""
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    loads = []
+    for r in range(repeats):
+        loads.append(load_avg())
+        for name, fn in variants.items():
+            samples[name].append(float(fn()))
+        print(f"{label} repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.4g}" for k, v in samples.items())
+              + f" (load {loads[-1]})", flush=True)
+    loads.append(load_avg())
+    return Interleaved(samples, loads)
+
+
 def io_counters() -> dict[str, int]:
     """This process's /proc/self/io: rchar counts every byte read through read()/pread() (page cache or not),
     read_bytes only what came from the disk. Empty where /proc is absent (then byte ratios are not reported)."""
@@ -147,6 +209,26 @@ def io_counters() -> dict[str, int]:
         return {k: int(v) for k, v in (line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())}
     except OSError:
         return {}
+
+
+def drop_from_page_cache(path: Path) -> bool:
+    """Evict the file's pages (no root needed): the next reads come from the disk."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return True
+
+
+def load_into_page_cache(path: Path, step: int = 64 << 20) -> None:
+    """Read the whole file once so that "warm" measurements find it in the page cache."""
+    with open(path, "rb", buffering=0) as fh:
+        while fh.read(step):
+            pass
 
 
 # -- results ----------------------------------------------------------------------------------------------
@@ -187,3 +269,51 @@ def quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
     except Exception:  # transformers absent or older: only cosmetic
         pass
+
+
+# -- synthetic JPEG corpus --------------------------------------------------------------------------------
+def make_jpeg_corpus(out: Path, n: int, px: int, seed: int = 0) -> Path:
+    """The synthetic corpus (cache.synthetic) re-encoded as textured JPEGs, so decoding costs what photos do."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from cache.synthetic import make_synthetic_corpus
+
+    png_csv = make_synthetic_corpus(out, n=n, image_size=px, seed=seed)
+    rng = np.random.default_rng(seed)
+    with open(png_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        src = out / r["image"]
+        arr = np.asarray(Image.open(src).convert("RGB"), dtype=np.int16)
+        arr = np.clip(arr + rng.normal(0, 12, arr.shape), 0, 255).astype(np.uint8)  # speckle, like scans
+        dst = src.with_suffix(".jpg")
+        Image.fromarray(arr).save(dst, "JPEG", quality=90)
+        src.unlink()
+        r["image"] = str(Path(r["image"]).with_suffix(".jpg"))
+    path = out / "corpus_jpeg.csv"
+    write_csv(path, rows)
+    png_csv.unlink()
+    return path
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def head_corpus(path: Path, n: int) -> Path:
+    """The first n rows of a CSV corpus beside it (same image paths): the one-batch run for the marginal cost."""
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))[:n]
+    out = path.with_name(f"{path.stem}_head{n}.csv")
+    write_csv(out, rows)
+    return out

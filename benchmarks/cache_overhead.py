@@ -10,7 +10,9 @@ the same teachers' bare forward passes (image + text) over images decoded, trans
 Printed for each --workers value, with what one decode, each teacher's transform and each forward cost per
 image. "total" is the whole run (loading teachers, worker start-up, file folds included); "marginal" subtracts
 a one-batch run from both sides, i.e. the cost per extra image, which is what dominates on a real corpus of
-millions of images. Goal: marginal overhead <= 1.10 with workers >= 1.
+millions of images. Every variant runs once per repeat, in turn (A B A B ..., --repeats, bench_common.interleave);
+ratios are taken within a repeat, reported as median [min, max] with the load average. Goal: marginal <= 1.10
+with workers >= 1.
 
 Part 2: the reader's throughput (`cache.FeatureReader.read`) for 256-row batches, all teachers together, on a
 synthetic --rows x 3-teacher float16 file written in the cache's own layout (cache.h5_writer creates the file and
@@ -24,8 +26,6 @@ Goal: >= 20,000 rows/s (what 8 GPUs training ViT-B/16 consume).
 """
 from __future__ import annotations
 
-import csv
-import gc
 import json
 import os
 import shutil
@@ -39,7 +39,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tiny_models: the test helpers' tiny teachers
-from bench_common import RESULTS_DIR, io_counters, parse_flags, quiet_libraries, table, timed, write_results  # noqa: E402
+from bench_common import (RESULTS_DIR, Spread, drop_from_page_cache, head_corpus, interleave,  # noqa: E402,F401
+                          io_counters, load_into_page_cache, make_jpeg_corpus, parse_flags, quiet_libraries, table,
+                          timed, write_results)
 
 GOAL_OVERHEAD = 1.10
 GOAL_ROWS_PER_S = 20_000
@@ -52,7 +54,7 @@ class Flags:
     image_px: int = 256               # their side: decoding and resizing cost something real
     batch_size: int = 64              # images per teacher forward pass (both sides)
     workers: tuple[int, ...] = (0, 1, 2)  # --num-workers values of the cache run
-    repeats: int = 2                  # each timing is the best (min) of this many runs (shared machines are noisy)
+    repeats: int = 3                  # interleaved repeats (A B A B ...): ratios per repeat, then median and range
     teacher_width: int = 256          # both small teachers: transformer width,
     teacher_layers: int = 6           # layers (vision and text),
     teacher_image_size: int = 96      # and input resolution (patch 8): a forward costs well over one decode
@@ -75,46 +77,6 @@ class Flags:
 
 
 # == part 1 =================================================================================================
-def make_jpeg_corpus(out: Path, n: int, px: int, seed: int = 0) -> Path:
-    """The synthetic corpus (cache.synthetic) re-encoded as textured JPEGs, so decoding costs what photos do."""
-    from PIL import Image
-
-    from cache.synthetic import make_synthetic_corpus
-
-    png_csv = make_synthetic_corpus(out, n=n, image_size=px, seed=seed)
-    rng = np.random.default_rng(seed)
-    with open(png_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        src = out / r["image"]
-        arr = np.asarray(Image.open(src).convert("RGB"), dtype=np.int16)
-        arr = np.clip(arr + rng.normal(0, 12, arr.shape), 0, 255).astype(np.uint8)  # speckle, like scans
-        dst = src.with_suffix(".jpg")
-        Image.fromarray(arr).save(dst, "JPEG", quality=90)
-        src.unlink()
-        r["image"] = str(Path(r["image"]).with_suffix(".jpg"))
-    path = out / "corpus_jpeg.csv"
-    _write_csv(path, rows)
-    png_csv.unlink()
-    return path
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
-def head_corpus(path: Path, n: int) -> Path:
-    """The first n rows of a CSV corpus beside it (same image paths): the one-batch run for the marginal cost."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))[:n]
-    out = path.with_name(f"{path.stem}_head{n}.csv")
-    _write_csv(out, rows)
-    return out
-
-
 def make_teachers(root: Path, f: Flags) -> dict[str, str]:
     from tiny_models import make_tiny_hf_clip, make_tiny_open_clip
 
@@ -226,41 +188,48 @@ def run_overhead(f: Flags, work: Path) -> dict:
         prep["small"] = prepared_inputs(str(small), teachers, f.batch_size)
     n_images = prep["full"].images
     bare_forward_seconds(prep["full"])  # warm-up: first calls allocate
-    best, best_bare = {}, {}
-    for r in range(f.repeats):  # interleaved, so drift on a shared machine hits every variant alike
-        for size, p in prep.items():
-            times = bare_forward_seconds(p)
-            total = sum(i + s for i, s in times.values())
-            if total < best.get(("bare", size), float("inf")):
-                best[("bare", size)], best_bare[size] = total, times
-        for w in f.workers:
-            for size, path in (("full", corpus), ("small", small)):
-                if path is None:
-                    continue
-                s = cache_run_seconds(str(path), teachers, work / f"features-{size}-w{w}.h5", f.batch_size, w)
-                best[(w, size)] = min(best.get((w, size), float("inf")), s)
-                gc.collect()
-        print(f"repeat {r + 1}/{f.repeats} done", flush=True)
-    costs = per_image_costs(prep["full"], best_bare["full"])
+    last_bare: dict[str, dict] = {}
+
+    def bare(size: str):
+        def go() -> float:
+            last_bare[size] = bare_forward_seconds(prep[size])
+            return sum(i + s for i, s in last_bare[size].values())
+        return go
+
+    def cache(size: str, path: Path, w: int):
+        return lambda: cache_run_seconds(str(path), teachers, work / f"features-{size}-w{w}.h5", f.batch_size, w)
+
+    variants = {"bare/full": bare("full")}
+    if small is not None:
+        variants["bare/small"] = bare("small")
+    for w in f.workers:
+        variants[f"w{w}/full"] = cache("full", corpus, w)
+        if small is not None:
+            variants[f"w{w}/small"] = cache("small", small, w)
+    runs = interleave(variants, f.repeats, "cache_overhead")  # A B A B ...: drift hits every variant alike
+    costs = per_image_costs(prep["full"], last_bare["full"])
     del prep
+    S = runs.samples
     rows, results = [], {"images": n_images, "batch_size": f.batch_size, "teachers": teachers,
                          "teacher_size": {"width": f.teacher_width, "layers": f.teacher_layers,
                                           "image_size": f.teacher_image_size},
                          "torch_threads": torch.get_num_threads(), "device": _device(),
-                         "bare_s": best[("bare", "full")], "bare_small_s": best.get(("bare", "small")),
-                         "per_image": costs, "by_workers": {}}
+                         "interleaved": runs.as_dict(), "per_image": costs, "by_workers": {}}
     for w in f.workers:
-        total = best[(w, "full")] / best[("bare", "full")]
+        total = runs.ratio(f"w{w}/full", "bare/full")
         marginal = None
-        if small is not None:
-            marginal = ((best[(w, "full")] - best[(w, "small")])
-                        / (best[("bare", "full")] - best[("bare", "small")]))
-        results["by_workers"][w] = {"cache_s": best[(w, "full")], "cache_small_s": best.get((w, "small")),
-                                    "overhead_total": total, "overhead_marginal": marginal}
-        ok = "yes" if (marginal if marginal is not None else total) <= GOAL_OVERHEAD else "no"
-        rows.append([w, best[(w, "full")], best[("bare", "full")], total,
-                     "n/a" if marginal is None else marginal, ok if w >= 1 else "(not a goal)"])
-    md = table(rows, ["num_workers", "cache run s", "bare forward s", "overhead (total)", "overhead (marginal)",
+        if small is not None:  # per repeat: (cache full - cache one batch) / (bare full - bare one batch)
+            marginal = Spread.of([(cf - cs) / (bf - bs) for cf, cs, bf, bs in zip(
+                S[f"w{w}/full"], S[f"w{w}/small"], S["bare/full"], S["bare/small"])])
+        results["by_workers"][w] = {"cache_s": runs.stats(f"w{w}/full").median, "overhead_total": total.median,
+                                    "overhead_total_range": [total.lo, total.hi],
+                                    "overhead_marginal": marginal and marginal.median,
+                                    "overhead_marginal_range": marginal and [marginal.lo, marginal.hi]}
+        ok = "yes" if (marginal or total).median <= GOAL_OVERHEAD else "no"
+        rows.append([w, runs.stats(f"w{w}/full").median, runs.stats("bare/full").median, total.text(),
+                     "n/a" if marginal is None else marginal.text(), ok if w >= 1 else "(not a goal)"])
+    md = table(rows, ["num_workers", "cache run s (median)", "bare forward s (median)", "overhead total, median [min, max]",
+                      "overhead marginal, median [min, max]",
                       f"marginal <= {GOAL_OVERHEAD}"])
     cost_rows = [["decode (corpus.load_image, once per image)", costs["decode_ms"], "", "", ""]]
     for name, c in costs["teachers"].items():
@@ -269,7 +238,7 @@ def run_overhead(f: Flags, work: Path) -> dict:
     md = (f"Part 1: `distill cache` wall time / bare teacher forward time, {n_images} images, batch "
           f"{f.batch_size}, teachers {', '.join(teachers)} (width {f.teacher_width}, {f.teacher_layers} layers, "
           f"{f.teacher_image_size}px), device {_device()}, torch threads {torch.get_num_threads()} on both sides "
-          f"(DataLoader workers decode with 1 thread each)\n\n{md}\n\n{cost_md}\n")
+          f"(DataLoader workers decode with 1 thread each); {f.repeats} interleaved repeats (every variant once per repeat, in turn), ratios taken within each repeat; 1-minute load average before each repeat and after: {', '.join(map(str, runs.load))}\n\n{md}\n\n{cost_md}\n")
     return {"results": results, "markdown": md}
 
 
@@ -307,26 +276,6 @@ def write_feature_file(path: Path, rows: int, dims: tuple[int, ...], chunk_rows:
                     ds[lo:hi] = x[: hi - lo]
             g["done"][...] = True
     return time.perf_counter() - t0
-
-
-def drop_from_page_cache(path: Path) -> bool:
-    """Evict the file's pages (no root needed): the next reads come from the disk."""
-    if not hasattr(os, "posix_fadvise"):
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    return True
-
-
-def load_into_page_cache(path: Path, step: int = 64 << 20) -> None:
-    """Read the whole file once so that "warm" measurements find it in the page cache."""
-    with open(path, "rb", buffering=0) as fh:
-        while fh.read(step):
-            pass
 
 
 def measure_reads(reader, order: np.ndarray, batch: int, seconds: float, useful_per_row: int,

@@ -5,21 +5,24 @@
 
 Same student (the `tiny` preset widened: --student-width, --student-layers, --image-size), same synthetic JPEG
 corpus, batch size and number of steps everywhere; step times are medians over the steps after --warmup-steps
-(start-up, first batches and epoch boundaries excluded), measured side by side in one run:
+(start-up, first batches and epoch boundaries excluded). Every comparison is interleaved (A B A B ..., --repeats
+times, bench_common.interleave): each ratio is taken within a repeat, then reported as median [min, max] with the
+1-minute load average before each repeat, so load drifting on a shared machine does not masquerade as a ratio.
 
 1. `hybrid` with 3 cached teachers over `contrastive` (both `python -m distill.train`, step times from each
    run's log.jsonl). Goal <= 1.05.
-2. The same distillation with the 3 teachers run online at every step (their encode_image/encode_text inside the
+2. The same distillation with the 3 teachers (each 4-10x the student's forward FLOPs at the defaults, fed their
+   own input size; the output states the counted ratio) run online at every step (their encode_image/encode_text inside the
    step, as open_clip's --distill-model does, feeding the same DistillLoss) over the cached features, both in
    one plain loop here over the trainer's own model, loss and data. Goal: cached faster by the teachers' share.
 3. Our `contrastive` samples/s over `python -m open_clip_train.main` on the same model config (our RUN/student
-   folder as `--model local-dir:...`), CSV data, batch size, steps, fp32, same DataLoader workers. Goal >= 1.0.
+   folder as `--model local-dir:...`; open_clip_baseline.py), CSV data, batch, steps, fp32, workers. Goal >= 1.1.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -31,11 +34,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tiny_models: the test helpers' tiny teachers
-from bench_common import parse_flags, quiet_libraries, table, write_results  # noqa: E402
+from bench_common import interleave, make_jpeg_corpus, parse_flags, quiet_libraries, table, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GOAL_HYBRID = 1.05
-GOAL_OPEN_CLIP = 1.0
+GOAL_OPEN_CLIP = 1.1                  # issue 10: ours / open_clip_train samples/s
 
 
 @dataclass(frozen=True)
@@ -43,17 +46,18 @@ class Flags:
     images: int = 256                 # synthetic JPEG pairs in the corpus
     image_px: int = 128               # their side
     batch_size: int = 32              # per step, everywhere
-    steps: int = 30                   # optimizer steps per run
-    warmup_steps: int = 8             # steps excluded from the medians
+    steps: int = 24                   # optimizer steps per run
+    warmup_steps: int = 6             # steps excluded from the medians
     workers: int = 1                  # DataLoader workers, ours and open_clip_train's
     student_preset: str = "tiny"      # tiny (widened by the next three flags) | biomedclip-small | biomedclip
     mixed_precision: str = "no"       # no | bf16 | fp16 (bf16 on a GPU for the biomedclip presets)
     student_width: int = 128          # tiny preset widened: ViT and BERT width,
     student_layers: int = 4           # layers of both towers,
     image_size: int = 64              # input resolution (patch 8)
-    teacher_width: int = 128          # the 3 tiny teachers (2 open_clip, 1 HF CLIP)
-    teacher_layers: int = 4
-    teacher_image_size: int = 64
+    teacher_width: int = 192          # the 3 teachers (2 open_clip, 1 HF CLIP): each 4-10x the student's FLOPs,
+    teacher_layers: int = 6           # as ViT-B/L teachers are to a small student,
+    teacher_image_size: int = 96      # fed their own input size (the output states the FLOP ratio)
+    repeats: int = 3                  # interleaved repeats (A B A B ...): ratios per repeat, median and range
     skip_open_clip: bool = False      # skip comparison 3
     profile: bool = True              # also time the phases of a step (data, forward, loss, backward, optimizer)
     workdir: str | None = None        # keep corpus, teachers, cache and runs here (default: temp dir, deleted)
@@ -127,12 +131,6 @@ def _yaml_get(path: Path, *keys):
     return d
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _env() -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
 
@@ -165,12 +163,16 @@ def online_vs_cached(config: Path, teachers: dict[str, str], f: Flags) -> dict:
     plain = DataLoader(run.loader.dataset, batch_size=f.batch_size, drop_last=True, sampler=run.loader.sampler,
                        collate_fn=Collate(run.loader.collate_fn.tokenizer), num_workers=f.workers)
 
-    def online_feats(batch) -> dict:
+    def online_feats(batch, only: set[str] | None = None) -> dict:
         texts = [captions[int(r)] for r in batch.rows]
         out = {}
         for name, t in models.items():
-            size = tuple(t.describe()["image_size"])
-            x = F.interpolate(batch.images, size=size, mode="bilinear", align_corners=False)
+            if only is not None and name not in only:
+                continue
+            d = t.describe()  # the loader's uint8 pixels at the teacher's own size and normalisation
+            x = F.interpolate(batch.images.float().div(255), size=tuple(d["image_size"]), mode="bilinear",
+                              align_corners=False)
+            x = (x - x.new_tensor(d["mean"]).view(-1, 1, 1)) / x.new_tensor(d["std"]).view(-1, 1, 1)
             out[name] = Pair(t.encode_image(x), t.encode_text(t.tokenize(texts)))
         return out
 
@@ -200,20 +202,45 @@ def online_vs_cached(config: Path, teachers: dict[str, str], f: Flags) -> dict:
                     break
         return times
 
-    cached = loop(run.loader, lambda b: b.teacher_feats)
-    online = loop(plain, online_feats)
-    teacher_only = []  # the teachers' own share, timed alone on the same batches
-    for i, batch in enumerate(plain):
-        batch = batch.to(device)
-        t0 = time.perf_counter()
-        online_feats(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        teacher_only.append(time.perf_counter() - t0)
-        if i + 1 >= min(f.steps, 12):
-            break
-    return {"cached_step_s": steady(cached, f.warmup_steps), "online_step_s": steady(online, f.warmup_steps),
-            "teachers_only_s": statistics.median(teacher_only[2:] or teacher_only)}
+    def teachers_only() -> float:  # the teachers' own share, timed alone on the same batches
+        times = []
+        for i, batch in enumerate(plain):
+            batch = batch.to(device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                online_feats(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            if i + 1 >= min(f.steps, 8):
+                break
+        return statistics.median(times[2:] or times)
+
+    flops = flop_ratios(run.model, models, next(iter(plain)).to(device), online_feats)
+    runs = interleave({"cached": lambda: steady(loop(run.loader, lambda b: b.teacher_feats), f.warmup_steps),
+                       "online": lambda: steady(loop(plain, online_feats), f.warmup_steps),
+                       "teachers_only": teachers_only}, f.repeats, "online vs cached")
+    return {"interleaved": runs, "flops": flops}
+
+
+def flop_ratios(student, models: dict, batch, online_feats) -> dict:
+    """Forward FLOPs per sample (torch.utils.flop_counter) of the student and of each teacher at its own input
+    size, and teacher / student: the figure that says whether these teachers are as heavy as real ones."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(fn) -> float:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            fn()
+        return fc.get_total_flops() / len(batch.rows)
+
+    out = {"student": count(lambda: student(batch.images, batch.tokens))}
+    everything = count(lambda: online_feats(batch))
+    for name in models:
+        out[name] = count(lambda: online_feats(batch, {name}))
+    out["ratios"] = {n: out[n] / out["student"] for n in models}
+    out["all_teachers_over_student"] = everything / out["student"]
+    return out
 
 
 # -- where the time of a step goes: the trainer's step, phase by phase -----------------------------------------
@@ -281,72 +308,13 @@ def profile_phases(config: Path, f: Flags) -> dict:
     return res
 
 
-# -- 3. open_clip_train on the same model --------------------------------------------------------------------
-def open_clip_model_dir(student_dir: Path, out: Path) -> Path:
-    """Our student's folder (open_clip_config.json, BERT config.json, tokenizer) plus freshly initialised weights.
-
-    Stock open_clip asks transformers for the BERT tower's pretrained weights unless the folder holds CLIP
-    weights (open_clip_model.safetensors), so we write the same architecture's initial weights there."""
-    from safetensors.torch import save_file
-
-    from student.build import instantiate
-
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(student_dir, out, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
-    cfg_path = out / "open_clip_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    text = cfg["model_cfg"]["text_cfg"]
-    for key in ("hf_model_name", "hf_tokenizer_name"):
-        if key in text:
-            text[key] = str(out.resolve())
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    model = instantiate(cfg["model_cfg"], cfg.get("preprocess_cfg"))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
-    return out
-
-
-def run_open_clip(student_dir: Path, corpus: Path, work: Path, f: Flags) -> dict:
-    """`python -m open_clip_train.main` on our student's open_clip config; samples/s per step from its log."""
-    import csv
-
-    rows = list(csv.DictReader(open(corpus, newline="")))
-    abs_csv = work / "corpus_abs.csv"  # open_clip's CsvDataset opens paths as written (relative to its cwd)
-    with open(abs_csv, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["image", "caption"])
-        w.writeheader()
-        w.writerows({"image": str((corpus.parent / r["image"]).resolve()), "caption": r["caption"]} for r in rows)
-    model_dir = open_clip_model_dir(student_dir, work / "open_clip_model")
-    per_epoch = len(rows) // f.batch_size
-    epochs = -(-f.steps // per_epoch)
-    logs = work / "open_clip_logs"
-    shutil.rmtree(logs, ignore_errors=True)
-    cmd = [sys.executable, "-m", "open_clip_train.main", "--model", f"local-dir:{model_dir}",
-           "--train-data", str(abs_csv), "--dataset-type", "csv", "--csv-separator", ",",
-           "--csv-img-key", "image", "--csv-caption-key", "caption", "--batch-size", str(f.batch_size),
-           "--epochs", str(epochs), "--workers", str(f.workers), "--precision",
-           {"no": "fp32", "bf16": "amp_bf16", "fp16": "amp"}[f.mixed_precision],
-           "--device", "cuda" if _cuda() else "cpu",
-           "--lr", "2e-3", "--wd", "0.2", "--warmup", "5", "--log-every-n-steps", "1", "--save-frequency", "0",
-           "--logs", str(logs), "--name", "bench", "--seed", "0", "--report-to", ""]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=_env())
-    wall = time.perf_counter() - t0
-    text = p.stdout + p.stderr
-    if p.returncode != 0:
-        raise RuntimeError(f"open_clip_train failed ({p.returncode}):\n{text[-3000:]}")
-    sps = [float(m) for m in re.findall(r"Batch \(t\): [0-9.]+, ([0-9.e+]+)/s,", text)][: f.steps]
-    if not sps:
-        raise RuntimeError(f"no 'Train Epoch' lines in open_clip_train's output:\n{text[-3000:]}")
-    step_s = [f.batch_size / s for s in sps]
-    return {"wall_s": wall, "step_s": steady(step_s, f.warmup_steps), "steps": len(sps), "command": " ".join(cmd)}
-
-
 # -- main -----------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     import torch
 
     from cache import CacheJob, build_cache
-    from cache_overhead import make_jpeg_corpus
+
+    from open_clip_baseline import run_open_clip
 
     f = parse_flags(Flags, argv, __doc__)
     quiet_libraries()
@@ -367,54 +335,61 @@ def main(argv=None) -> int:
                                  num_workers=0, device="auto", progress=False))
         cfg_c = write_config(work, f, "contrastive", corpus, None)
         cfg_h = write_config(work, f, "hybrid", corpus, features)
-        print("1/3 our trainer: contrastive, hybrid", flush=True)
-        contrastive = run_ours(cfg_c, f)
-        hybrid = run_ours(cfg_h, f)
+        print("1+3: our trainer (contrastive, hybrid) and open_clip_train, interleaved", flush=True)
+        variants = {"contrastive": lambda: run_ours(cfg_c, f)["step_s"], "hybrid": lambda: run_ours(cfg_h, f)["step_s"]}
+        if not f.skip_open_clip:  # after our contrastive run in each repeat: it reuses that run's student/ folder
+            variants["open_clip"] = lambda: run_open_clip(work / "run-contrastive" / "student", corpus, work, f)["step_s"]
+        trainers = interleave(variants, f.repeats, "trainers")
         phases = None
         if f.profile:
-            print("1b/3 phases of a step: contrastive, hybrid", flush=True)
+            print("1b: phases of a step: contrastive, hybrid", flush=True)
             phases = {"contrastive": profile_phases(cfg_c, f), "hybrid": profile_phases(cfg_h, f)}
-        print("2/3 online vs cached teachers", flush=True)
+        print("2: online vs cached teachers, interleaved", flush=True)
         ovc = online_vs_cached(cfg_h, teachers, f)
-        oc = None
-        if not f.skip_open_clip:
-            print("3/3 open_clip_train", flush=True)
-            oc = run_open_clip(Path(contrastive["student_dir"]), corpus, work, f)
     finally:
         if owned:
             shutil.rmtree(work, ignore_errors=True)
 
-    bs = f.batch_size
-    r1 = hybrid["step_s"] / contrastive["step_s"]
-    r2 = ovc["online_step_s"] / ovc["cached_step_s"]
-    share = ovc["teachers_only_s"] / ovc["online_step_s"]
-    rows = [["1. hybrid (3 cached teachers) / contrastive, step time", hybrid["step_s"], contrastive["step_s"], r1,
-             f"<= {GOAL_HYBRID}", "yes" if r1 <= GOAL_HYBRID else "no"],
-            ["2. online teachers / cached teachers, step time", ovc["online_step_s"], ovc["cached_step_s"], r2,
-             f">= 1 / (1 - {share:.2f}) = {1 / (1 - share):.2f}" if share < 1 else "n/a (noisy: share >= 1)",
-             ("yes" if r2 >= 0.95 / (1 - share) else "no") if share < 1 else "n/a"]]
-    results = {"contrastive": contrastive, "hybrid": hybrid, "online_vs_cached": ovc, "open_clip_train": oc,
-               "ratios": {"hybrid_over_contrastive": r1, "online_over_cached": r2, "teachers_share_online": share},
+    bs, runs, flops = f.batch_size, ovc["interleaved"], ovc["flops"]
+    r1, r2 = trainers.ratio("hybrid", "contrastive"), runs.ratio("online", "cached")
+    share = runs.ratio("teachers_only", "online")
+    ideal = 1 / (1 - share.median) if share.median < 1 else float("inf")
+    med = {k: trainers.stats(k).median for k in trainers.samples}
+    rows = [["1. hybrid (3 cached teachers) / contrastive, step time", med["hybrid"], med["contrastive"], r1.text(),
+             f"<= {GOAL_HYBRID}", "yes" if r1.median <= GOAL_HYBRID else "no"],
+            ["2. online teachers / cached teachers, step time", runs.stats("online").median,
+             runs.stats("cached").median, r2.text(), f">= 1 / (1 - teachers' share {share.median:.2f}) = {ideal:.2f}",
+             "yes" if r2.median >= 0.95 * ideal else "no"]]
+    results = {"trainers": trainers.as_dict(), "online_vs_cached": runs.as_dict(), "flops_per_sample": flops,
+               "ratios": {"hybrid_over_contrastive": dataclasses.asdict(r1),
+                          "online_over_cached": dataclasses.asdict(r2),
+                          "teachers_share_online": dataclasses.asdict(share)},
                "torch_threads": torch.get_num_threads()}
-    if oc is not None:
-        r3 = (bs / contrastive["step_s"]) / (bs / oc["step_s"])
-        results["ratios"]["ours_over_open_clip_samples_per_s"] = r3
-        rows.append(["3. ours contrastive / open_clip_train, samples/s", bs / contrastive["step_s"],
-                     bs / oc["step_s"], r3, f">= {GOAL_OPEN_CLIP}", "yes" if r3 >= GOAL_OPEN_CLIP else "no"])
-    md = table(rows, ["comparison", "A", "B", "A / B", "goal", "met"])
+    if "open_clip" in trainers.samples:
+        r3 = trainers.ratio("open_clip", "contrastive")  # step-time ratio = our samples/s over theirs
+        results["ratios"]["ours_over_open_clip_samples_per_s"] = dataclasses.asdict(r3)
+        rows.append(["3. ours contrastive / open_clip_train, samples/s", bs / med["contrastive"],
+                     bs / med["open_clip"], r3.text(), f">= {GOAL_OPEN_CLIP}",
+                     "yes" if r3.median >= GOAL_OPEN_CLIP else "no"])
+    md = table(rows, ["comparison", "A (median)", "B (median)", "A / B per repeat: median [min, max]", "goal", "met"])
     if phases is not None:
         results["phases"] = phases
         prow = [[p, 1e3 * phases["contrastive"][p], 1e3 * phases["hybrid"][p],
                  1e3 * (phases["hybrid"][p] - phases["contrastive"][p])] for p in (*PHASES, "step")]
         prow.insert(1, ["  of which feature read", 0.0, 1e3 * phases["hybrid"]["read"], 1e3 * phases["hybrid"]["read"]])
-        md += ("\n\nPhases of a step (ms, medians, data loaded in-process: num_workers=0):\n\n"
+        md += ("\n\nPhases of a step (ms, medians, data loaded in-process: num_workers=0; not interleaved):\n\n"
                + table(prow, ["phase", "contrastive", "hybrid", "hybrid - contrastive"]) + "\n")
+    fl = ", ".join(f"{n} {v:.1f}x" for n, v in flops["ratios"].items())
     student = (f"tiny preset widened to {f.student_width} (both towers, {f.student_layers} layers, {f.image_size}px)"
                if f.student_preset == "tiny" else f"preset {f.student_preset}")
     md = (f"Student: {student}, mixed precision {f.mixed_precision}; batch {bs}, {f.steps} steps, medians after {f.warmup_steps}; {f.images} JPEG pairs; "
           f"DataLoader workers {f.workers}; teachers oc, hf, oc2 (width {f.teacher_width}, {f.teacher_layers} "
-          f"layers, {f.teacher_image_size}px); step times in seconds, samples/s in row 3. Online-teacher forward "
-          f"alone: {ovc['teachers_only_s']:.3f}s/step ({share:.0%} of an online step).\n\n{md}\n")
+          f"layers, {f.teacher_image_size}px, fed at that size); step times in seconds, samples/s in row 3. "
+          f"Forward FLOPs per sample: student {flops['student'] / 1e6:.0f} MFLOP; teacher / student {fl}; all 3 "
+          f"teachers {flops['all_teachers_over_student']:.1f}x. Online-teacher forward alone: "
+          f"{runs.stats('teachers_only').median:.3f}s/step ({share.median:.0%} of an online step). "
+          f"{f.repeats} interleaved repeats; 1-minute load average before each repeat and after: trainers "
+          f"{', '.join(map(str, trainers.load))}; online vs cached {', '.join(map(str, runs.load))}.\n\n{md}\n")
     print("\n" + md)
     j, m = write_results("train_overhead", f, results, md)
     print(f"results: {j} and {m}")
