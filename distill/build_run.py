@@ -22,7 +22,7 @@ from cache.corpus import Corpus
 from distill.config import Config, ConfigError, DataCfg, LossCfg, RoutingCfg, StudentCfg, TrainCfg
 from distill.cache_join import CacheJoin, Routing, join_cache, route_mask
 from distill.data import Collate, PairDataset, TrainBatch
-from distill.samplers import EpochSampler
+from distill.samplers import Dealing, EpochSampler
 from distill.losses import DistillLoss, LossTermCfg, TeacherBatch
 from distill.optim import accum_for_epoch, global_batch_for_epoch, steps_per_epoch, total_steps
 from distill.student_model import DistillModel
@@ -139,13 +139,13 @@ def build_run(cfg: Config, accelerator) -> Run:
     reads = loss.head_modalities()  # heads only where a term reads them (affinity needs none)
     heads = ProjectionHeads(bundle.embed_dim, {t: int(join.teachers[t]["embed_dim"]) for t in used if t in reads}
                             ) if reads else None
-    model = DistillModel(bundle.model, heads)
+    pp = PreprocessCfg.from_open_clip(bundle.preprocess_cfg)
+    model = DistillModel(bundle.model, heads, pixel_mean=pp.mean, pixel_std=pp.std)  # normalises uint8 pixels
     frozen = model.freeze_unreached(loss.uses_logit_scale, reads, loss.student_modalities())
     if frozen:
         log.info("frozen because no loss term reaches them: %s", ", ".join(frozen))
 
     routing = build_routing(cfg.loss.routing, corpus, join, used)
-    pp = PreprocessCfg.from_open_clip(bundle.preprocess_cfg)
     views = join.view_params if join is not None else None
     ds = PairDataset(corpus, pp, crop_scale=cfg.data.crop_scale, flip=cfg.data.flip, seed=cfg.train.seed,
                      corpus_rows=join.corpus_rows if join else None, cache_rows=join.cache_rows if join else None,
@@ -156,16 +156,31 @@ def build_run(cfg: Config, accelerator) -> Run:
                    routing=None if routing is None else {"config": cfg.loss.routing.model_dump(),
                                                          **routing.summary()})
     plan = dataclasses.replace(plan, total_steps=_total_steps(cfg.train, plan))
-    sampler = build_sampler(cfg.data, join if used else None, len(ds), plan.global_batch, seed=cfg.train.seed)
+    sampler = build_sampler(cfg.data, join if used else None, len(ds), plan.global_batch, seed=cfg.train.seed,
+                            ranks=accelerator.num_processes)
     blocks = sampler.block_ids is not None and bool(used)
     collate = Collate(bundle.tokenizer, cfg.data.features if used else None, used, use_views=views is not None,
                       block_rows=cfg.data.block_rows if blocks else 0, cache_blocks=cfg.data.shuffle_buffer_blocks,
                       route=None if routing is None else routing.mask, caption_ids=loss.uses_caption_ids,
-                      bad_features=cfg.data.bad_features)
+                      bad_features=cfg.data.bad_features,
+                      pad_id=text_pad_id(bundle.model) if cfg.data.trim_captions else None)
+    # persistent workers keep their Collate (and its open cache reader) across epochs; the sampler, which
+    # set_epoch reshuffles, lives in the main process. Pinned batches let the copy to the GPU run non-blocking.
+    workers = cfg.data.num_workers
     loader = DataLoader(ds, batch_size=cfg.data.batch_size, drop_last=True, collate_fn=collate, sampler=sampler,
-                        num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.train.seed),
-                        pin_memory=torch.cuda.is_available())
+                        num_workers=workers, generator=torch.Generator().manual_seed(cfg.train.seed),
+                        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
     return Run(plan, model, loss, loader, output_dir / "student", corpus, join, terms, tmp)
+
+
+def text_pad_id(model) -> int | None:
+    """The pad id of an HF text tower (it masks attention by `ids != pad_id`), so batches can be cut to their
+    longest caption; None for other towers (open_clip's own text transformer pools by position: full context)."""
+    from open_clip.hf_model import HFTextEncoder
+
+    text = getattr(model, "text", None)
+    pad = getattr(text.config, "pad_token_id", None) if isinstance(text, HFTextEncoder) else None
+    return None if pad is None else int(pad)
 
 
 def build_routing(cfg: RoutingCfg | None, corpus, join: CacheJoin | None, used: list[str]) -> Routing | None:
@@ -221,11 +236,12 @@ def sampler_kind(data: DataCfg, reads_features: bool) -> str:
     return "block_shuffle" if reads_features else "random"
 
 
-def build_sampler(data: DataCfg, join: CacheJoin | None, num_rows: int, global_batch_of, *, seed: int
-                  ) -> EpochSampler:
+def build_sampler(data: DataCfg, join: CacheJoin | None, num_rows: int, global_batch_of, *, seed: int,
+                  ranks: int = 1) -> EpochSampler:
     """The epoch order (distill.samplers.EpochSampler). `join`: the cache join when features are read, else None.
 
     Block-shuffled blocks are blocks of cache rows (the reader's blocks); without a cache, of dataset items.
+    block_deal: the same blocks dealt to (rank, worker) pairs for `ranks` processes (distill.samplers.deal_order).
     """
     kind = sampler_kind(data, join is not None)
     if kind == "random":
@@ -240,8 +256,9 @@ def build_sampler(data: DataCfg, join: CacheJoin | None, num_rows: int, global_b
         rows = join.cache_rows
     else:
         rows = np.arange(num_rows)
+    dealing = Dealing(ranks, max(1, data.num_workers), data.batch_size) if kind == "block_deal" else None
     return EpochSampler(num_rows, seed, global_batch_of, block_ids=rows // b,
-                        buffer_blocks=data.shuffle_buffer_blocks)
+                        buffer_blocks=data.shuffle_buffer_blocks, dealing=dealing)
 
 
 def _total_steps(train: TrainCfg, plan: RunPlan) -> int:

@@ -35,6 +35,21 @@ def _pixels(value: str) -> int:
     return n
 
 
+def _auto_int(low: int):
+    """An argparse type: an integer >= `low`, or `auto` (chosen from the device at run time)."""
+    def parse(value: str) -> int | str:
+        if value.strip().lower() == "auto":
+            return "auto"
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer or auto, got {value!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low} or auto, got {value!r}")
+        return n
+    return parse
+
+
 def _pairs(values: Sequence[tuple[str, str]], flag: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, spec in values:
@@ -175,9 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--teacher", required=True, action="append", type=_name_spec, metavar="NAME=SPEC",
                    help="a teacher to cache (repeatable)")
     c.add_argument("--out", required=True, help="FEATURES.h5 (created, resumed or extended)")
-    c.add_argument("--batch-size", type=int, default=64)
-    c.add_argument("--num-workers", type=int, default=2,
-                   help="DataLoader workers decoding images (each image is decoded once for all teachers)")
+    c.add_argument("--batch-size", type=_auto_int(1), default="auto",
+                   help="rows per forward pass (default auto: 256 on CUDA, 64 on CPU; the choice is logged)")
+    c.add_argument("--num-workers", type=_auto_int(0), default="auto",
+                   help="DataLoader workers decoding images and tokenising captions, each image decoded once for "
+                   "all teachers (default auto: on CUDA min(8, usable cores per process), on CPU 2)")
     c.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
     c.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype")
     c.add_argument("--views", type=int, default=0, metavar="K",
@@ -187,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--retry-bad", action="store_true", help="retry rows recorded as bad in an earlier run")
     c.add_argument("--seed", type=int, default=0, help="seed of the view parameters")
     c.add_argument("--chunk-rows", type=int, default=512, help="rows per committed chunk (a kill loses at most "
-                   "this many per process; chunks are dealt round-robin to the processes)")
+                   "two chunks per process, one embedded and one being written; chunks are dealt round-robin "
+                   "to the processes)")
     c.add_argument("--max-pixels", type=_pixels, default=64_000_000, metavar="N",
                    help="an image over N pixels (width x height, e.g. 64000000 or 64M) is recorded as a bad "
                    "sample without being decoded (default 64M; 0: PIL's own limit)")

@@ -22,8 +22,9 @@ __all__ = ["Config", "ConfigError", "StudentCfg", "DataCfg", "LossCfg", "LossTer
 
 MODES = ("contrastive", "distill", "hybrid")
 PRECISIONS = ("no", "bf16", "fp16")
-SAMPLERS = ("auto", "block_shuffle", "random")
+SAMPLERS = ("auto", "block_shuffle", "block_deal", "random")
 SCHEDULES = ("cosine", "constant")
+FUSED = ("auto", "on", "off")
 
 # The terms a mode trains with when loss.terms is empty (MMKD-CLIP's stage 2 minus its 50x weight).
 DEFAULT_TERMS: dict[str, tuple[dict, ...]] = {
@@ -77,7 +78,12 @@ class DataCfg(Section):
     corpus: Str = Field("", description="CSV/TSV/JSONL or WebDataset corpus (DESIGN.md formats)")
     features: Str | None = Field(None, description="HDF5 feature cache from `distill cache` (distill, hybrid)")
     batch_size: Int = Field(32, description="per device; global batch = batch_size x processes x accumulation")
+    micro_batch_size: Int | None = Field(None, description="gradient caching: embed the per-device batch in chunks "
+                                         "of this many rows, every loss term still sees the whole batch (same "
+                                         "gradients, ~4/3 the compute); null: off")
     num_workers: Int = Field(4, description="DataLoader workers (each opens the cache lazily)")
+    trim_captions: Bool = Field(True, description="pad captions to the batch's longest, not the full context "
+                                "(HF text towers only; same embeddings, less text compute); false: full context")
     crop_scale: tuple[Float, Float] = Field((0.9, 1.0), description="RandomResizedCrop area range")
     flip: Bool = Field(False, description="random horizontal flip (off: laterality matters in radiology)")
     use_views: Bool = Field(True, description="when the cache stores views, show the student the teachers' views")
@@ -87,8 +93,10 @@ class DataCfg(Section):
     # block_shuffle: blocks of block_rows consecutive cache rows in random order, rows shuffled within a buffer of
     # shuffle_buffer_blocks blocks; each block is read whole, once (fast at scale, benchmarks/README.md part 2). A
     # batch then draws from those few blocks only, so shuffle the corpus once when making it (or raise the buffer).
+    # block_deal: block_shuffle with each block dealt to one (rank, worker), so it is read once per epoch, not
+    # once per (rank, worker) drawing from it; the order then depends on processes, workers and batch_size.
     sampler: Str = Field("auto", description="auto (block_shuffle with teacher features, else random) | "
-                         "block_shuffle | random")
+                         "block_shuffle | block_deal (each block read by one rank and worker: multi-GPU) | random")
     block_rows: Int = Field(1024, description="rows per block; a multiple of the cache's HDF5 chunk rows")
     shuffle_buffer_blocks: Int = Field(16, description="blocks shuffled together (each worker keeps them in memory)")
     bad_features: Str = Field("stop", description="damaged teacher rows: stop (name them) | skip (train the row "
@@ -97,6 +105,9 @@ class DataCfg(Section):
     @model_validator(mode="after")
     def _valid(self) -> "DataCfg":
         _check(self.batch_size > 0, "data.batch_size must be > 0")
+        _check(self.micro_batch_size is None or 0 < self.micro_batch_size <= self.batch_size,
+               f"data.micro_batch_size must be in [1, data.batch_size={self.batch_size}] or null (off), "
+               f"got {self.micro_batch_size}")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
         _check(self.sampler in SAMPLERS, f"data.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         _check(self.block_rows > 0, f"data.block_rows must be > 0, got {self.block_rows}")
@@ -179,6 +190,8 @@ class OptimCfg(Section):
     min_lr: Float = Field(0.0, description="cosine floor")
     max_grad_norm: Float | None = Field(None, description="clip gradients to this norm (null: no clipping)")
     logit_scale_max: Float = Field(100.0, description="clamp exp(logit_scale) at this (CLIP: 100)")
+    fused: Str = Field("auto", description="fused AdamW kernel: auto (on when training on CUDA with float "
+                       "params) | on | off")
 
     @model_validator(mode="after")
     def _valid(self) -> "OptimCfg":
@@ -188,6 +201,7 @@ class OptimCfg(Section):
         _check(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
         _check(self.schedule in SCHEDULES, f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         _check(self.logit_scale_max > 1, "optim.logit_scale_max must be > 1")
+        _check(self.fused in FUSED, f"optim.fused must be one of {FUSED}, got {self.fused!r}")
         return self
 
 
@@ -206,6 +220,8 @@ class TrainCfg(Section):
     resume: Str = Field("auto", description="auto (newest checkpoint in output_dir) | none | PATH to a checkpoint")
     log_every: Int = Field(10, description="optimizer steps between log.jsonl lines")
     tensorboard: Bool = Field(True, description="also log to OUTPUT_DIR/tb when tensorboard is installed")
+    compile: Bool = Field(False, description="torch.compile the model through Accelerate (inductor): faster steps "
+                          "on a GPU after a compile of a minute or more; false: eager")
     threads: Int | None = Field(None, description="torch threads per process; null: OMP_NUM_THREADS, else usable "
                                 "cores // processes on this node")
 
