@@ -116,6 +116,7 @@ class _WhoReads(Dataset):
         return item[1], get_worker_info().id
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")  # 3 workers on purpose, even on 2 cores
 def test_dataloader_workers_receive_their_own_blocks():
     """The DataLoader really hands batch j to worker j % W (the dealing's assumption)."""
     n, workers = 3 * 4 * BLOCK, 3
