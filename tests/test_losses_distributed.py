@@ -84,12 +84,21 @@ def _worker(rank: int, init_file: str, out_dir: str):
     torch.set_num_threads(1)
     warnings.filterwarnings("error", category=FutureWarning)  # no deprecated collective on every step
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    calls, all_gather = [0], dist.all_gather
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return all_gather(*args, **kwargs)
+
+    dist.all_gather = counted  # a spawned process: the patch dies with it
     try:
         b = N // WORLD
         for name, combine in COMBINES.items():
             rows = slice(rank * b, (rank + 1) * b)
+            calls[0] = 0
             out, grads = _run(rows, combine, name.startswith("routed"), name == "caption")
-            torch.save({"out": out, "grads": grads}, os.path.join(out_dir, f"{name}{rank}.pt"))
+            torch.save({"out": out, "grads": grads, "all_gathers": torch.tensor(calls[0])},
+                       os.path.join(out_dir, f"{name}{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -98,8 +107,37 @@ def _worker(rank: int, init_file: str, out_dir: str):
 def test_two_processes_equal_one_process_loss_and_gradients(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     for name, combine in COMBINES.items():
-        _compare([torch.load(tmp_path / f"{name}{r}.pt", weights_only=True) for r in range(WORLD)], combine,
-                 name.startswith("routed"), name == "caption")
+        ranks = [torch.load(tmp_path / f"{name}{r}.pt", weights_only=True) for r in range(WORLD)]
+        _compare(ranks, combine, name.startswith("routed"), name == "caption")
+        # student image and text (with gradient) + ONE for every teacher's features and the caption ids
+        assert [int(r["all_gathers"]) for r in ranks] == [3] * WORLD, name
+
+
+@pytest.mark.parametrize("captions", [False, True])
+def test_one_gather_for_all_teachers_whatever_their_number(captions):
+    """The gather function runs once per step for all teachers' features (and caption ids), not per teacher."""
+    def count(n_teachers: int) -> list[tuple[int, bool]]:
+        calls: list[tuple[int, bool]] = []
+
+        def gather(x, with_grad):
+            calls.append((x.shape[1], with_grad))
+            return x, 0
+
+        g = torch.Generator().manual_seed(1)
+        names = [f"t{i}" for i in range(n_teachers)]
+        student = StudentOutput(F.normalize(torch.randn(4, E, generator=g), dim=-1),
+                                F.normalize(torch.randn(4, E, generator=g), dim=-1), torch.tensor(10.0),
+                                {t: Pair.build(lambda m: torch.randn(4, 3, generator=g)) for t in names})
+        feats = {t: Pair.build(lambda m: F.normalize(torch.randn(4, 3, generator=g), dim=-1)) for t in names}
+        terms = CAPTION_TERMS if captions else TERMS
+        loss = DistillLoss([t if t.teachers is None else LossTermCfg(t.label, t.kind, t.weight, None, t.kwargs)
+                            for t in terms], names, CombineCfg(mode="confidence"), gather_fn=gather)
+        loss(student, TeacherBatch(feats, {t: 50.0 for t in names}), caption_ids=torch.tensor([1, 2, 1, 3]))
+        return calls
+
+    for n in (2, 9):
+        calls = count(n)
+        assert calls == [(E, True), (E, True), (n * 2 * 3 + 2 * captions, False)], calls
 
 
 def test_caption_positives_change_the_contrastive_terms():

@@ -108,11 +108,19 @@ class DistillLoss(nn.Module):
         """Whether some term treats rows with the same caption as positives (then forward needs caption_ids)."""
         return any(getattr(t, "positives", "diagonal") == "caption" for t in self.terms.values())
 
+    def gathered_teachers(self) -> list[str]:
+        """The teachers whose features the step gathers across processes, all in one collective: those of the
+        terms that read the global batch's teacher features, and every weighted teacher under confidence weights."""
+        conf = self.combine_cfg.mode == "confidence"
+        used = {t for n, w in self.teacher_weights.items() if conf or self.terms[n].gathers_teachers for t in w}
+        return [t for t in self.teacher_names if t in used]
+
     def forward(
         self, student: StudentOutput, teachers: TeacherBatch | None, generator: torch.Generator | None = None,
         caption_ids: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        ctx = StepContext(student, teachers, StepGather(self.gather_fn), self.phi_s, caption_ids)
+        ctx = StepContext(student, teachers, StepGather(self.gather_fn), self.phi_s, caption_ids,
+                          gathered_teachers=self.gathered_teachers(), gathers_ids=self.uses_caption_ids)
         step = self.draw(ctx.batch_size, generator) if self.teacher_weights else None
         out: dict[str, Tensor] = {}
         for name, term in self.terms.items():

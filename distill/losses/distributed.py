@@ -80,6 +80,7 @@ class StepGather:
     """Memoises gathers for one step so a tensor shared by several terms is sent once.
 
     Every process builds the same terms in the same order, so the collectives line up across ranks.
+    `constants` sends many no-gradient tensors (all teachers' features, caption ids) in ONE collective.
     """
 
     def __init__(self, fn: GatherFn | Callable[[Tensor, bool], tuple[Tensor, int]] = all_gather_rows):
@@ -90,3 +91,28 @@ class StepGather:
         if key not in self._memo:
             self._memo[key] = self.fn(x, with_grad)
         return self._memo[key]
+
+    def has(self, key: str) -> bool:
+        return key in self._memo
+
+    def constants(self, parts: dict[str, Tensor | None]) -> dict[str, tuple[Tensor, int]]:
+        """Gather many (B, D_k) no-gradient tensors in one collective: {key: (global rows, offset)}.
+
+        They are bit-cast to float32 columns (int64 ids become two columns each), concatenated along the feature
+        dim into one (B, sum D) tensor, gathered once and split back, so every value is bit-identical to gathering
+        each alone. Memoised per key like `__call__`: keys already gathered are not sent again (their value may
+        then be None).
+        """
+        todo = {k: v.detach() for k, v in parts.items() if k not in self._memo}
+        if todo:
+            cols = [v.contiguous().view(torch.float32) if v.element_size() in (4, 8) and v.dtype != torch.float32
+                    else v for v in todo.values()]
+            if any(c.dtype != torch.float32 for c in cols):
+                raise TypeError(f"constants gathers 4- and 8-byte dtypes; got {[v.dtype for v in todo.values()]}")
+            with torch.no_grad():
+                flat, offset = self.fn(torch.cat(cols, dim=1), False)
+                pieces = flat.split([c.shape[1] for c in cols], dim=1)
+            for (k, v), piece in zip(todo.items(), pieces):
+                piece = piece.contiguous()  # contiguous like a lone gather's result: the same kernels downstream
+                self._memo[k] = (piece.view(v.dtype) if v.dtype != torch.float32 else piece, offset)
+        return {k: self._memo[k] for k in parts}

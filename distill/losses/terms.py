@@ -32,7 +32,7 @@ class StepContext:
 
     def __init__(
         self, student: StudentOutput, teachers: TeacherBatch | None, gather: StepGather, phi_s: PhiS | None = None,
-        caption_ids: Tensor | None = None,
+        caption_ids: Tensor | None = None, gathered_teachers: list[str] | None = None, gathers_ids: bool = True,
     ):
         self.student = student
         self.teachers = teachers
@@ -43,6 +43,9 @@ class StepContext:
         self.scale = student.logit_scale.float().clamp(max=MAX_LOGIT_SCALE)
         self._log_conf: dict[str, Tensor] = {}
         self._caption_targets: Tensor | None = None
+        # what the step's ONE no-gradient gather sends (see `_constants`): these teachers' features (None: every
+        # teacher in the batch) and, when `gathers_ids`, the caption ids
+        self._gathered_teachers, self._gathers_ids = gathered_teachers, gathers_ids
 
     def labels(self, offset: int) -> Tensor:
         return torch.arange(self.batch_size, device=self.student.image.device) + offset
@@ -54,17 +57,15 @@ class StepContext:
         with all captions distinct it is the one-hot of the diagonal. Caption ids are gathered without gradient.
         """
         if self._caption_targets is None:
-            ids = self.caption_ids
+            ids = self._local_ids()
             if ids is None:
                 raise ValueError(
                     "a loss term has positives='caption', but the batch carries no caption ids: pass "
                     "caption_ids=batch.caption_ids ((B,) int64, distill.data.Collate computes them) to DistillLoss"
                 )
-            ids = ids.reshape(-1).to(device=self.student.image.device, dtype=torch.int64)
-            if ids.shape[0] != self.batch_size:
-                raise ValueError(f"caption_ids has {ids.shape[0]} rows; expected {self.batch_size}")
+            ids = ids[:, 0]
             with torch.no_grad():
-                all_ids, _ = self.gather("caption_ids", ids[:, None], False)
+                all_ids, _ = self._constants(["caption_ids"])["caption_ids"]
                 same = (ids[:, None] == all_ids.reshape(1, -1)).float()
                 self._caption_targets = same / same.sum(1, keepdim=True)
         return self._caption_targets
@@ -100,7 +101,34 @@ class StepContext:
         return y.to(self.student.image.device).float()
 
     def teacher_global(self, name: str, modality: Modality) -> tuple[Tensor, int]:
-        return self.gather(f"teacher/{name}/{modality}", self.teacher(name, modality), False)
+        key = f"teacher/{name}/{modality}"
+        return self._constants([key], name)[key]
+
+    def _local_ids(self) -> Tensor | None:
+        """(B, 1) int64 caption ids on the device, checked; None when the batch has none."""
+        if self.caption_ids is None:
+            return None
+        ids = self.caption_ids.reshape(-1).to(device=self.student.image.device, dtype=torch.int64)
+        if ids.shape[0] != self.batch_size:
+            raise ValueError(f"caption_ids has {ids.shape[0]} rows; expected {self.batch_size}")
+        return ids[:, None]
+
+    def _constants(self, keys: list[str], teacher: str | None = None) -> dict[str, tuple[Tensor, int]]:
+        """The gathered no-gradient inputs: the first call sends ALL of the step's (every gathered teacher's
+        features and the caption ids) in one collective, concatenated; a later miss (a teacher outside
+        `gathered_teachers`) costs one more. Every rank asks for the same keys in the same order."""
+        if all(self.gather.has(k) for k in keys):
+            return self.gather.constants({k: None for k in keys})
+        names = self._gathered_teachers
+        if names is None:
+            names = list(self.teachers.feats) if self.teachers is not None else []
+        names = list(names) + ([teacher] if teacher is not None and teacher not in names else [])
+        parts = {f"teacher/{n}/{m}": self.teacher(n, m) for n in names for m in MODALITIES}
+        ids = self._local_ids() if self._gathers_ids or "caption_ids" in keys else None
+        if ids is not None:
+            parts["caption_ids"] = ids
+        out = self.gather.constants(parts)
+        return {k: out[k] for k in keys}
 
     def teacher_scale(self, name: str) -> float:
         if self.teachers is None or name not in self.teachers.logit_scale:
@@ -180,6 +208,7 @@ class LossTerm(nn.Module):
 
     uses_teachers = True
     uses_logit_scale = True  # reads the student's logit scale
+    gathers_teachers = False  # reads the teachers' features of the global batch (gathered across processes)
 
     def head_modalities(self) -> tuple[Modality, ...]:
         """The student projection heads (per teacher) this term reads."""
@@ -272,6 +301,8 @@ class InteractiveContrastive(LossTerm):
     with the same caption is a positive; see InfoNCE).
     """
 
+    gathers_teachers = True
+
     def __init__(self, positives: str = "diagonal"):
         super().__init__()
         self.positives = _check_positives("icl", positives)
@@ -296,6 +327,8 @@ class Affinity(LossTerm):
     and text->image averaged. Cross-entropy by default (as DistillClipLoss, MobileCLIP); kl=True subtracts the
     teacher's entropy so the value is 0 at a perfect match (same gradients).
     """
+
+    gathers_teachers = True
 
     def __init__(self, kl: bool = False):
         super().__init__()
