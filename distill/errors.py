@@ -22,6 +22,8 @@ import pickle
 import re
 from dataclasses import dataclass
 
+from .logs import OUR_PACKAGES
+
 ENVIRONMENT = 1
 BAD_INPUT = 2
 BUG = 3
@@ -34,7 +36,6 @@ _SYSTEM = {errno.EIO, errno.EBUSY, errno.ESTALE, errno.ENODEV, errno.ENXIO, errn
 _ENVIRONMENT_ERRNOS = _NO_SPACE | _PERMISSION | _TOO_MANY | _SYSTEM | {errno.EROFS}
 _ERRNO_IN_TEXT = re.compile(r"errno = (\d+),")
 _PATH_IN_TEXT = re.compile(r"(?:file)?name = '([^']+)'")
-_OUR_PACKAGES = {"distill", "cache", "student", "teachers"}
 _FAILED_SAVE = ("basic_ios::clear", "PytorchStreamWriter failed", "unexpected pos")
 
 
@@ -129,7 +130,7 @@ def describe(e: BaseException, file: str | None = None) -> Failure | None:
     from cache.schema import CacheError
 
     if isinstance(e, OSError):
-        if type(e).__module__.split(".")[0] in _OUR_PACKAGES:  # ours already name the file and say what to do
+        if type(e).__module__.split(".")[0] in OUR_PACKAGES:  # ours already name the file and say what to do
             return Failure(one_line(str(e)), ENVIRONMENT if _errno(e) in _ENVIRONMENT_ERRNOS else BAD_INPUT)
         return _os_error(e, _named_file(e, file))
     if isinstance(e, KeyError):

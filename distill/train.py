@@ -239,9 +239,8 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
                 if not (logging_step or checkpoint_step):
                     continue  # no host sync: the host queues the next step while this one runs
                 state.last_losses, bad_step, bad = watch.read(accelerator)
-                if bad_step:
+                if bad_step:  # the first non-finite step on any process since the start (LossWatch)
                     check_finite_losses(bad_step, bad, out, cfg.data.features)
-                check_finite_losses(state.step, state.last_losses, out, cfg.data.features)
                 now = time.perf_counter()  # samples/s over the steps since the last read (each read syncs)
                 rate, t_step, t_samples = t_samples / max(now - t_step, 1e-9), now, 0
                 bar.set_postfix(loss=f"{state.last_losses['loss']:.4f}", samples_s=f"{rate:.1f}")
@@ -253,7 +252,7 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
                         extra = {"skipped_features": skipped_total}
                     logger.log(state.step, {**state.last_losses, "lr": scheduler.get_last_lr()[0],
                                             "samples_per_s": rate, "epoch": state.epoch, **extra})
-                if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
+                if checkpoint_step:
                     last_ckpt = save_checkpoint(accelerator, out, state, cfg.train.keep_last)
                 if state.step >= plan.total_steps:
                     break
