@@ -49,6 +49,7 @@ class Flags:
     rows: int = 1000000               # feature rows in part (b) (--quick: 300000): not a multiple of the blocks
     block_rows: int = 1024            # data.block_rows
     buffer_blocks: int = 16           # data.shuffle_buffer_blocks (= each reader's cache_blocks)
+    chunk_rows: int = 256             # the cache's HDF5 chunk rows (distill cache's default)
     dim: int = 32                     # feature dims of the one simulated teacher (ratios do not depend on it)
 
 
@@ -117,13 +118,13 @@ def _write_features(path: Path, f: Flags) -> int:
     """A one-teacher float16 cache (cache_overhead's writer); its bytes per row."""
     from cache_overhead import write_feature_file
 
-    write_feature_file(path, f.rows, (f.dim,), chunk_rows=min(f.block_rows, 1024))
+    write_feature_file(path, f.rows, (f.dim,), chunk_rows=f.chunk_rows)
     return 2 * f.dim * 2
 
 
 def read_amplification(f: Flags, work: Path) -> dict:
     from cache import FeatureReader
-    from distill.samplers import Dealing, EpochSampler
+    from distill.samplers import Dealing, EpochSampler, reader_blocks
 
     path = work / "features.h5"
     row_bytes = _write_features(path, f)
@@ -134,7 +135,8 @@ def read_amplification(f: Flags, work: Path) -> dict:
                          buffer_blocks=f.buffer_blocks, dealing=dealing)
         read, useful, seconds, blocks_held = 0, 0, 0.0, 0
         for batches in pair_batches(s, f.ranks, f.workers, f.batch_size):
-            with FeatureReader(str(path), block_rows=f.block_rows, cache_blocks=f.buffer_blocks) as reader:
+            unit, held = reader_blocks(f.block_rows, f.buffer_blocks, f.chunk_rows, dealing is not None)
+            with FeatureReader(str(path), block_rows=unit, cache_blocks=held) as reader:
                 t0 = time.perf_counter()
                 for b in batches:
                     reader.read(b)

@@ -22,7 +22,7 @@ from cache.corpus import Corpus
 from distill.config import Config, ConfigError, DataCfg, LossCfg, RoutingCfg, StudentCfg, TrainCfg
 from distill.cache_join import CacheJoin, Routing, join_cache, route_mask
 from distill.data import Collate, PairDataset, TrainBatch
-from distill.samplers import Dealing, EpochSampler
+from distill.samplers import Dealing, EpochSampler, reader_blocks
 from distill.losses import DistillLoss, LossTermCfg, TeacherBatch
 from distill.optim import accum_for_epoch, global_batch_for_epoch, steps_per_epoch, total_steps
 from distill.student_model import DistillModel
@@ -159,8 +159,10 @@ def build_run(cfg: Config, accelerator) -> Run:
     sampler = build_sampler(cfg.data, join if used else None, len(ds), plan.global_batch, seed=cfg.train.seed,
                             ranks=accelerator.num_processes)
     blocks = sampler.block_ids is not None and bool(used)
+    read_rows, held = reader_blocks(cfg.data.block_rows, cfg.data.shuffle_buffer_blocks,
+                                    join.chunk_rows if join else 0, sampler.dealing is not None)
     collate = Collate(bundle.tokenizer, cfg.data.features if used else None, used, use_views=views is not None,
-                      block_rows=cfg.data.block_rows if blocks else 0, cache_blocks=cfg.data.shuffle_buffer_blocks,
+                      block_rows=read_rows if blocks else 0, cache_blocks=held,
                       route=None if routing is None else routing.mask, caption_ids=loss.uses_caption_ids,
                       bad_features=cfg.data.bad_features,
                       pad_id=text_pad_id(bundle.model) if cfg.data.trim_captions else None)

@@ -83,6 +83,19 @@ def deal_order(block_ids: np.ndarray, buffer_blocks: int, dealing: Dealing, rng:
     return np.concatenate(order).astype(np.int64)
 
 
+def reader_blocks(block_rows: int, buffer_blocks: int, chunk_rows: int, dealt: bool) -> tuple[int, int]:
+    """(rows per read, reads held) for a worker's feature reader.
+
+    Block-shuffled: whole sampler blocks, `buffer_blocks` of them (every worker draws rows from every block of the
+    buffer). Dealt: a pair owns whole blocks bar about one split block, whose rows it shares with another pair;
+    reading HDF5 chunks instead of whole blocks makes that pair read only the chunks its rows fall in, so a split
+    costs at most a chunk, not a block, per pair. The memory held is the same: the buffer's rows.
+    """
+    if dealt and chunk_rows > 0 and block_rows % chunk_rows == 0:
+        return chunk_rows, buffer_blocks * (block_rows // chunk_rows)
+    return block_rows, buffer_blocks
+
+
 class EpochSampler(Sampler):
     """An epoch order seeded by (seed, epoch), cut to whole global batches; yields (epoch, index) pairs.
 

@@ -15,19 +15,19 @@ from cache import FeatureReader
 from cache import h5_writer as W
 from distill.build_run import build_sampler
 from distill.config import DataCfg
-from distill.samplers import Dealing, EpochSampler
+from distill.samplers import Dealing, EpochSampler, reader_blocks
 
 BLOCK, BUFFER, BATCH = 64, 2, 16
 
 
-def _cache(path: str, n: int) -> str:
-    """A finished float16 cache of n rows, two teachers, chunks of BLOCK rows."""
+def _cache(path: str, n: int, chunk: int = BLOCK) -> str:
+    """A finished float16 cache of n rows, two teachers, chunks of `chunk` rows."""
     W.create_file(path, [f"k{i}" for i in range(n)], fingerprint="fp", source="synthetic")
     rng = np.random.default_rng(0)
     with h5py.File(path, "r+") as f:
         for name, d in (("a", 8), ("b", 4)):
             meta = {"attrs": {"spec": f"synthetic:{name}", "embed_dim": d, "logit_scale": 100.0, "views": 0},
-                    "dtype": "float16", "h5_chunk_rows": BLOCK}
+                    "dtype": "float16", "h5_chunk_rows": chunk}
             g = W._ensure_group(f, name, meta)
             g["image"][...] = rng.standard_normal((n, d)).astype(np.float16)
             g["text"][...] = rng.standard_normal((n, d)).astype(np.float16)
@@ -53,11 +53,12 @@ def _pair_batches(sampler: EpochSampler, ranks: int, workers: int) -> dict[tuple
     return out
 
 
-def _read_all(path: str, pairs: dict[tuple[int, int], list[list[int]]]) -> dict[tuple[int, int], Counter]:
+def _read_all(path: str, pairs: dict[tuple[int, int], list[list[int]]], unit: int = BLOCK,
+              held: int = BUFFER) -> dict[tuple[int, int], Counter]:
     """Reads every pair's batches with its own block-cached reader (as its Collate would); its block reads."""
     reads = {}
     for pair, batches in pairs.items():
-        with FeatureReader(path, block_rows=BLOCK, cache_blocks=BUFFER) as reader:
+        with FeatureReader(path, block_rows=unit, cache_blocks=held) as reader:
             for b in batches:
                 reader.read(b)
             reads[pair] = reader.block_reads
@@ -139,3 +140,21 @@ def test_build_sampler_deals_for_the_run_s_processes_and_workers():
         EpochSampler(10, 0, lambda e: 1, dealing=Dealing(1, 1, 1))
     with pytest.raises(ValueError, match=">= 1"):
         Dealing(0, 1, 1)
+
+
+def test_dealt_readers_read_chunks_so_a_split_block_costs_at_most_a_chunk(tmp_path):
+    n, ranks, workers, chunk = 1000, 2, 2, 16  # blocks of 64 rows split to even out the pairs
+    assert reader_blocks(BLOCK, BUFFER, chunk, dealt=True) == (chunk, BUFFER * BLOCK // chunk)  # same rows held
+    assert reader_blocks(BLOCK, BUFFER, chunk, dealt=False) == (BLOCK, BUFFER)  # shuffled: every pair reads all
+    assert reader_blocks(BLOCK, BUFFER, 48, dealt=True) == (BLOCK, BUFFER)  # chunks that do not tile a block
+    path = _cache(str(tmp_path / "f.h5"), n, chunk=chunk)
+    pairs = _pair_batches(_sampler(n, ranks, workers), ranks, workers)
+    used = sum(len(b) for batches in pairs.values() for b in batches)
+    whole = sum(_read_all(path, pairs).values(), Counter())
+    unit, held = reader_blocks(BLOCK, BUFFER, chunk, dealt=True)
+    chunks = sum(_read_all(path, pairs, unit, held).values(), Counter())
+    rows_read = lambda reads, rows: sum(min(rows, n - k * rows) * c for (t, k), c in reads.items() if t == "a")
+    # whole blocks re-read a block per split; chunks re-read at most a chunk per split and per leftover batch
+    assert rows_read(chunks, chunk) < rows_read(whole, BLOCK)
+    assert rows_read(chunks, chunk) <= n + 2 * ranks * workers * chunk + (n - used)
+    assert max(chunks.values()) <= 3 and {k for _, k in chunks} == set(range(-(-n // chunk)))
