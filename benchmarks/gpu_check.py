@@ -1,5 +1,6 @@
 """One check for a lent GPU: the `biomedclip` student preset trained in bf16 on synthetic data, printing samples/s,
-MFU and peak memory, with and without gradient caching (`data.micro_batch_size`) and `train.compile`.
+MFU and peak memory, with and without gradient caching (`data.micro_batch_size`) and `train.compile`, and with the
+JPEGs decoded on the GPU (`data.decode: device`, variant `devdecode`).
 
     bash benchmarks/gpu_check.sh              # on the GPU, under 8 minutes (it calls this script)
     python benchmarks/gpu_check.py --smoke    # on a CPU: the tiny preset, a few steps (tests/test_gpu_check.py)
@@ -44,7 +45,7 @@ class Flags:
     workers: int = 8                  # DataLoader workers
     mixed_precision: str = "bf16"     # no | bf16 | fp16
     peak_tflops: float = 0.0          # the accelerator's dense peak for MFU; 0: from the GPU's name, else n/a
-    variants: tuple[str, ...] = ("plain", "gradcache", "compile", "compile+gradcache")
+    variants: tuple[str, ...] = ("plain", "gradcache", "compile", "compile+gradcache", "devdecode")
     variant_timeout: int = 150        # seconds per variant before it is reported as status=timeout
     budget_s: int = 440               # whole check: later variants get what is left (gpu_check.sh: under 8 min)
     json_out: str | None = None       # also write every figure here
@@ -58,7 +59,7 @@ def sized(f: Flags) -> Flags:
         return f
     return replace(f, preset="tiny", batch_size=8, micro_batch_size=4, steps=3, warmup_steps=1, images=16,
                    image_px=32, workers=0, mixed_precision="no", variant_timeout=120,
-                   variants=f.variants if f.variants != Flags.variants else ("plain", "gradcache"))
+                   variants=f.variants if f.variants != Flags.variants else ("plain", "gradcache", "devdecode"))
 
 
 def make_data(work: Path, f: Flags) -> tuple[Path, Path]:
@@ -73,6 +74,7 @@ def make_data(work: Path, f: Flags) -> tuple[Path, Path]:
         rows = list(csv.DictReader(fh))
     for i, r in enumerate(rows):  # ~300 words: the text tower runs at full context, as the FLOP count assumes
         r["caption"] = " ".join([r["caption"], rows[(i + 1) % len(rows)]["caption"]] * 40)[:2400]
+        r["image"] = _as_jpeg(path.parent / r["image"])  # JPEGs, as real corpora are (and data.decode=device reads)
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
@@ -113,6 +115,16 @@ def config_keys() -> str:
     return config_help(Config)
 
 
+def _as_jpeg(png: Path) -> str:
+    from PIL import Image
+
+    jpg = png.with_suffix(".jpg")
+    with Image.open(png) as im:
+        im.convert("RGB").save(jpg, "JPEG", quality=90)
+    png.unlink()
+    return str(jpg.relative_to(png.parent.parent))
+
+
 def variant_overrides(name: str, f: Flags, keys: str) -> tuple[dict, str | None]:
     """(config overrides, reason to skip or None) for one variant name."""
     out: dict = {}
@@ -125,8 +137,12 @@ def variant_overrides(name: str, f: Flags, keys: str) -> tuple[dict, str | None]
             if not _has_key(keys, "train.compile"):
                 return {}, "train.compile not in this trainer's config"
             out["train.compile"] = True
+        elif part == "devdecode":
+            if not _has_key(keys, "data.decode"):
+                return {}, "data.decode not in this trainer's config"
+            out["data.decode"] = "device"
         elif part != "plain":
-            return {}, f"unknown variant {part!r} (plain, gradcache, compile, or joined with +)"
+            return {}, f"unknown variant {part!r} (plain, gradcache, compile, devdecode, or joined with +)"
     return out, None
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of issue 10 for a lent accelerator, under 8 minutes: the biomedclip student preset in bf16 on
 # synthetic data (random weights, a tokenizer trained here, no downloads), printing samples/s, MFU and peak memory
-# with and without gradient caching (data.micro_batch_size) and train.compile; a variant whose config key the
+# with and without gradient caching (data.micro_batch_size) and train.compile, and with JPEGs decoded on the GPU
+# (data.decode=device); a variant whose config key the
 # trainer does not know yet prints status=skipped (the keys `distill train --help` lists).
 #
 #   bash benchmarks/gpu_check.sh                 # on the GPU; figures also in ${OUT:-/tmp}/gpu_check.json

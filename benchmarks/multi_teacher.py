@@ -345,8 +345,10 @@ def run(flags: Flags) -> dict:
     for v in variants:
         t0 = time.perf_counter()
         stage(f"student {v.name}: {v.note or ' '.join(v.overrides)}")
+        own_crops = not flags.views or "data.use_views=false" in v.overrides  # else the stored views decide
+        ov = [o for o in base if own_crops or not o.startswith(("data.flip=", "data.crop_scale="))]
         spec = train_and_export(f"student-{v.name}", "tiny-hybrid.yaml",
-                                [*base, f"data.features={features}", *variant_overrides(v, routing)], work)
+                                [*ov, f"data.features={features}", *variant_overrides(v, routing)], work)
         timings[f"train {v.name}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         stage(f"evaluating {v.name} beside the baselines and teachers on {len(tasks)} tasks")

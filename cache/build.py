@@ -30,8 +30,9 @@ from .image_rows import CollateRows, ImageRows, teacher_inputs
 from .job import CacheJob, CacheSummary, EmbedCfg, Storage, TeacherSummary
 from .lock import WriterLock
 from .schema import CacheError, attrs_to_dict, check_root, check_teacher, storage_dtype, teacher_attrs
+from .tokens import check_token_size, embed_images, token_dims
 from .verify import bad_row_mask, raise_damaged, row_problem
-from .views import draw_view_params
+from .views import read_view_dist
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +50,21 @@ def _resolve_device(device: str, env: DistEnv) -> str:
 
 
 # -- preparing the file (lock holder only) ------------------------------------------------------------------
-def _prepare(store: Storage, teachers: dict[str, str], source: str, seed: int, corpus: Corpus, fp: str) -> None:
-    """Check `store.out` (and leftover parts) against the corpus and `teachers` (NAME -> SPEC), then create it,
-    draw its views (seeded by `seed`) and fold a killed run's parts; `source` is recorded as the corpus path."""
+def _prepare(job: CacheJob, corpus: Corpus, fp: str) -> None:
+    """Check `job.out` (and leftover parts) against the corpus, the teachers and the view flags, then create it,
+    draw its views (`job.view_dist`) and fold a killed run's parts; `job.data` is recorded as the corpus path."""
+    store, teachers = job.storage, job.teachers
     out, n = store.out, len(corpus)
     W.clean_temporaries(out)
     existing: dict[str, dict] = {}
-    views_k = None
+    views_k = stored = None
     if os.path.exists(out):
         try:
             with h5py.File(out, "r") as f:
                 check_root(f, out, fp, n)
                 existing = {k: attrs_to_dict(g.attrs) for k, g in f[L.TEACHERS].items()}
-                views_k = f[L.VIEW_PARAMS].shape[1] if L.VIEW_PARAMS in f else None
+                stored = read_view_dist(f)
+                views_k = stored.views if stored else None
         except OSError as e:  # truncated or overwritten: never build on top of it
             raise_damaged(out, e, "; or choose another --out")
     for name in W.pending_teachers(out):
@@ -71,17 +74,23 @@ def _prepare(store: Storage, teachers: dict[str, str], source: str, seed: int, c
                              "delete that folder (or choose another --out) and rerun")
     for name, spec in teachers.items():
         if name in existing:
-            check_teacher(out, name, existing[name], spec, store.views, store.dtype)
+            check_teacher(out, name, existing[name], spec, store.views, store.dtype, store.tokens)
         meta = W.read_meta(out, name)
         if meta is not None:
-            check_teacher(out, name, {**meta["attrs"], "dtype": meta["dtype"]}, spec, store.views, store.dtype)
+            check_teacher(out, name, {**meta["attrs"], "dtype": meta["dtype"]}, spec, store.views, store.dtype,
+                          store.tokens)
     if store.views and views_k is not None and views_k != store.views:
         raise CacheError(f"{out} stores {views_k} views per image; this run asks {store.views}: rerun with "
                          f"--views {views_k}, or write another file")
+    asked = stored.differences(job.view_flags) if store.views and stored else []
+    if asked:  # the stored views are replayed for every teacher: other flags would be silently ignored
+        raise CacheError(f"{out} stores views {stored.describe()}; this run asks {' '.join(asked)}: rerun with "
+                         f"{stored.flags()} (or without --view-* flags), or write another file")
     if not os.path.exists(out):
-        W.create_file(out, corpus.keys, fp, source)
+        W.create_file(out, corpus.keys, fp, job.data)
     if store.views and views_k is None:
-        W.add_views(out, draw_view_params(n, store.views, seed), seed, store.h5_chunk_rows)
+        dist = job.view_dist
+        W.add_views(out, dist.draw(n), dist.to_attrs(), store.h5_chunk_rows)
     W.fold(out)  # chunks committed by a killed run
 
 
@@ -91,7 +100,8 @@ def _read_state(out: str):
         attrs = {k: attrs_to_dict(g.attrs) for k, g in f[L.TEACHERS].items()}
         bad = W.read_bad(f)
         params = f[L.VIEW_PARAMS][:] if L.VIEW_PARAMS in f else None
-    return done, attrs, bad, params
+        dist = read_view_dist(f)
+    return done, attrs, bad, (params, dist)
 
 
 # -- the pass over the rows: one decode per image, every pending teacher embeds it --------------------------
@@ -113,11 +123,12 @@ class _ChunkBuffer:
     rows: list[int] = field(default_factory=list)
     images: list[torch.Tensor] = field(default_factory=list)
     texts: list[torch.Tensor] = field(default_factory=list)
+    tokens: list[torch.Tensor] = field(default_factory=list)  # pooled patch tokens (--tokens), storage dtype
     bad: list[tuple[int, str]] = field(default_factory=list)
 
 
 def _embed_rows(cfg: EmbedCfg, store: Storage, corpus: Corpus, teachers: dict, chunks: list[np.ndarray],
-                need: np.ndarray, view_params, env: DistEnv) -> None:
+                need: np.ndarray, views: tuple, env: DistEnv) -> None:
     """Decode each row of `chunks` once; each teacher embeds the rows its column of `need` (N, T) flags.
 
     With num_workers >= 1 the workers decode, transform and tokenise the next batches while this process runs
@@ -128,8 +139,9 @@ def _embed_rows(cfg: EmbedCfg, store: Storage, corpus: Corpus, teachers: dict, c
     names = list(teachers)
     rows = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
     batches, ends = _batches(chunks, cfg.batch_size)
-    inputs = teacher_inputs(teachers, bool(store.views))
-    ds = ImageRows(corpus, rows, need[rows], inputs, view_params if store.views else None, max_pixels=cfg.max_pixels)
+    params, dist = views  # the stored views (N, K, F) and their ViewDist, both None without views
+    inputs = teacher_inputs(teachers, dist if store.views else False)
+    ds = ImageRows(corpus, rows, need[rows], inputs, params if store.views else None, max_pixels=cfg.max_pixels)
     cuda = any(t.device.type == "cuda" for t in teachers.values())
     loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=CollateRows(inputs),
                         pin_memory=cuda)
@@ -154,11 +166,12 @@ def _embed_rows(cfg: EmbedCfg, store: Storage, corpus: Corpus, teachers: dict, c
             for name, (batch_rows, x) in batch.inputs.items():
                 t = teachers[name]
                 x = x.to(t.device, non_blocking=cuda)
-                if store.views:
-                    bsz, k = x.shape[:2]
-                    emb = t.encode_image(x.flatten(0, 1)).reshape(bsz, k, -1)
-                else:
-                    emb = t.encode_image(x)
+                emb, tok = embed_images(t, x.flatten(0, 1) if store.views else x, store.tokens, store.dtype)
+                if store.views:  # (B*K, ...) back to (B, K, ...)
+                    emb = emb.reshape(*x.shape[:2], -1)
+                    tok = None if tok is None else tok.reshape(*x.shape[:2], *tok.shape[1:])
+                if tok is not None:
+                    buf[name].tokens.append(tok)
                 _check_dim(store.out, name, t, emb, "image")
                 txt = t.encode_text(batch.tokens[name])  # tokenised in the worker, one caption per row
                 _check_dim(store.out, name, t, txt, "text")
@@ -178,8 +191,8 @@ def _embed_rows(cfg: EmbedCfg, store: Storage, corpus: Corpus, teachers: dict, c
 
 
 def _write_parts(out: str, parts: list[tuple]) -> None:
-    for name, *arrays in parts:
-        W.write_part(out, name, *arrays)
+    for name, *arrays, tokens in parts:
+        W.write_part(out, name, *arrays, **({} if tokens is None else {"tokens": tokens}))
 
 
 def _chunk_part(store: Storage, name: str, d: int, buf: _ChunkBuffer) -> tuple | None:
@@ -198,15 +211,20 @@ def _chunk_part(store: Storage, name: str, d: int, buf: _ChunkBuffer) -> tuple |
     else:
         img = np.zeros((0, *((store.views,) if store.views else ()), d), np.float32)
         txt = np.zeros((0, d), np.float32)
+    tok = torch.cat(buf.tokens).cpu().numpy()[order] if buf.tokens else None  # a chunk of bad rows only: none
     bad = list(buf.bad)
     bad_img, bad_txt = bad_row_mask(img), bad_row_mask(txt)
-    for i in np.flatnonzero(bad_img | bad_txt).tolist():
-        what, x = ("image", img[i]) if bad_img[i] else ("text", txt[i])
-        bad.append((int(rows[i]), f"teacher {name!r} gave a {row_problem(x)} {what} embedding"))
-    keep = ~(bad_img | bad_txt)
+    bad_tok = np.zeros(len(rows), bool) if tok is None else ~np.isfinite(tok.reshape(len(tok), -1)).all(1)
+    for i in np.flatnonzero(bad_img | bad_txt | bad_tok).tolist():
+        if bad_img[i] or bad_txt[i]:
+            what, x = ("image", img[i]) if bad_img[i] else ("text", txt[i])
+            bad.append((int(rows[i]), f"teacher {name!r} gave a {row_problem(x)} {what} embedding"))
+        else:  # tokens are not unit vectors: only finiteness is theirs to fail
+            bad.append((int(rows[i]), f"teacher {name!r} gave non-finite patch tokens"))
+    keep = ~(bad_img | bad_txt | bad_tok)
     dtype = storage_dtype(store.dtype)
     return (name, rows[keep], img[keep].astype(dtype), txt[keep].astype(dtype), [r for r, _ in bad],
-            [s for _, s in bad])
+            [s for _, s in bad], None if tok is None else tok[keep])
 
 
 def _check_dim(out: str, name: str, teacher, emb: torch.Tensor, what: str) -> None:
@@ -217,19 +235,35 @@ def _check_dim(out: str, name: str, teacher, emb: torch.Tensor, what: str) -> No
                          f"its {what} embeddings have dimension {emb.shape[-1]}; fix the teacher's embed_dim")
 
 
-def _load_teacher(name: str, spec: str, store: Storage, cached: dict | None, device: str, main: bool, fp: str):
-    """Load one pending teacher, check it against its attrs in the file (`cached`, None when new), and (on the
-    main process) record its meta for the fold."""
+def _load_teacher(name: str, spec: str, store: Storage, cached: dict | None, device: str,
+                  trust_remote_code: bool = False):
+    """Load one pending teacher and check it against its attrs in the file (`cached`, None when new)."""
     from teachers import load_teacher
 
-    teacher = load_teacher(spec, device)
+    teacher = load_teacher(spec, device, trust_remote_code=trust_remote_code)
     if cached is not None and int(cached["embed_dim"]) != teacher.embed_dim:
         raise CacheError(f"{store.out}: teacher {name!r} was cached with embed_dim "
                          f"{cached['embed_dim']}, {spec} now gives {teacher.embed_dim}")
-    if main:
-        W.write_meta(store.out, name, {"attrs": teacher_attrs(teacher.describe(), store.views),
-                                       "dtype": store.dtype, "fingerprint": fp, "h5_chunk_rows": store.h5_chunk_rows})
     return teacher
+
+
+def _write_metas(job: CacheJob, teachers: dict, rows: int, fp: str, main: bool) -> None:
+    """Check the patch tokens (--tokens: every teacher gives them, the grid fits, the size is under --max-gb;
+    printed), then record each teacher's meta for the fold, on the main process: a refused run leaves no teacher
+    behind (no meta, no part), so the same command with other flags starts afresh."""
+    store, dims = job.storage, {}
+    if store.tokens:
+        dims = token_dims(teachers, store.tokens, store.out)
+        size = check_token_size(dims, store.tokens, rows, store.views, store.dtype, job.max_gb, store.out)
+        if main and job.progress:
+            print(size, flush=True)
+        elif main:
+            log.info("%s", size)
+    for name, t in teachers.items() if main else ():
+        described = {**t.describe(), "trust_remote_code": job.trust_remote_code}
+        W.write_meta(store.out, name, {"attrs": teacher_attrs(described, store.views, store.tokens,
+                                                              dims.get(name, 0)),
+                                       "dtype": store.dtype, "fingerprint": fp, "h5_chunk_rows": store.h5_chunk_rows})
 
 
 # -- the entry point -----------------------------------------------------------------------------------------
@@ -253,7 +287,7 @@ def _build(job: CacheJob, env: DistEnv) -> CacheSummary:
         try:
             W.ensure_writable_target(job.out)
             lock.acquire()
-            _prepare(job.storage, job.teachers, job.data, job.seed, corpus, fp)
+            _prepare(job, corpus, fp)
         except Exception as e:
             err = e
     msg = env.broadcast(None if err is None else f"{err}")
@@ -264,7 +298,7 @@ def _build(job: CacheJob, env: DistEnv) -> CacheSummary:
         raise CacheError(msg)
     try:
         device = _resolve_device(job.device, env)
-        done, attrs, bad, view_params = _read_state(job.out)
+        done, attrs, bad, views = _read_state(job.out)
         names = list(job.teachers)
         need = np.stack([~done.get(name, np.zeros(n, dtype=bool)) for name in names], axis=1)  # (N, T)
         if not job.retry_bad and bad:
@@ -273,7 +307,9 @@ def _build(job: CacheJob, env: DistEnv) -> CacheSummary:
         computed = dict.fromkeys(names, 0)
         if pending:
             teachers = {name: _load_teacher(name, job.teachers[name], job.storage, attrs.get(name), device,
-                                            env.main, fp) for name in pending}
+                                            job.trust_remote_code)
+                        for name in pending}
+            _write_metas(job, teachers, n, fp, env.main)
             need = need[:, [names.index(name) for name in pending]]
             rows = np.flatnonzero(need.any(axis=1))  # rows no teacher needs are not even decoded
             chunks = [rows[i:i + job.chunk_rows] for i in range(0, len(rows), job.chunk_rows)]
@@ -281,7 +317,7 @@ def _build(job: CacheJob, env: DistEnv) -> CacheSummary:
             if env.main:
                 log.info("distill cache: batch size %d, %d decoding worker(s) per process on %s%s", cfg.batch_size,
                          cfg.num_workers, device, " (auto)" if "auto" in (job.batch_size, job.num_workers) else "")
-            _embed_rows(cfg, job.storage, corpus, teachers, chunks[env.rank::env.world], need, view_params, env)
+            _embed_rows(cfg, job.storage, corpus, teachers, chunks[env.rank::env.world], need, views, env)
             del teachers
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()

@@ -11,6 +11,7 @@ The interface (stable: the cache writer and the trainer both rely on it):
     corpus.captions[i]       # caption as written (str; may be empty -> a bad sample for the cache)
     corpus.load_image(i)     # PIL.Image in RGB; raises BadSampleError(key, reason) when missing, corrupt or too
                              # large (`corpus.limits`, a DecodeLimits: pixel limit, reduced JPEG decodes)
+    corpus.load_bytes(i)     # the image file's bytes, undecoded (None: this corpus cannot give them)
     corpus.with_limits(lim)  # a copy of the corpus that decodes under other DecodeLimits
     corpus.describe(i)       # "corpus.csv row 3 (line 4), key 'abc'": where a sample lives, for messages
     corpus.fingerprint()     # sha256 hex of keys and captions: ties a feature cache to its corpus
@@ -86,6 +87,10 @@ class Corpus(ABC):
 
     @abstractmethod
     def describe(self, i: int) -> str: ...
+
+    def load_bytes(self, i: int) -> bytes | None:
+        """The encoded image as stored, for decoding elsewhere (`data.decode: device`); None: not supported."""
+        return None
 
     def with_limits(self, limits: DecodeLimits) -> "Corpus":
         """A shallow copy decoding under `limits` (the index is shared, not rebuilt); this corpus is unchanged."""

@@ -16,7 +16,7 @@ import os
 from PIL import Image
 
 from .corpus_base import Corpus, CorpusError, text_problem, utf8_problem
-from .image_decode import decode_image
+from .image_decode import decode_image, read_bytes
 
 _JSON_TYPES = {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object"}
 
@@ -130,6 +130,9 @@ class TableCorpus(Corpus):
 
     def load_image(self, i: int) -> Image.Image:
         return decode_image(None, self.image_path(i), self.keys[i], self.describe(i), self.limits)
+
+    def load_bytes(self, i: int) -> bytes:
+        return read_bytes(self.image_path(i), self.keys[i], self.describe(i), self.limits)
 
 
 def _read_utf8(path: str, expected: str) -> str:

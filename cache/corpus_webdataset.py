@@ -127,6 +127,9 @@ class WebDatasetCorpus(Corpus):
         return f"{self.shards[self._shard_of[i]]} sample {self.keys[i]!r}"
 
     def load_image(self, i: int) -> Image.Image:
+        return decode_image(self.load_bytes(i), None, self.keys[i], self.describe(i), self.limits)
+
+    def load_bytes(self, i: int) -> bytes:
         where = self.describe(i)
         loc = self._image[i]
         if loc is None:
@@ -141,7 +144,7 @@ class WebDatasetCorpus(Corpus):
             data = f.read(size)
         if len(data) != size:
             raise BadSampleError(self.keys[i], f"image member truncated in {self.shards[s_idx]}", where)
-        return decode_image(data, None, self.keys[i], where, self.limits)
+        return data
 
 
 def _check_member_name(shard: str, name: str) -> None:

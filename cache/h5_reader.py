@@ -42,8 +42,8 @@ class FeatureReader:
     `max_span_ratio`: without blocks, read one contiguous slice when (last - first + 1) <= ratio * rows asked;
     `rdcc_nbytes`: HDF5 chunk cache per dataset; `block_rows`: read whole blocks of this many rows (0: off);
     `cache_blocks`: blocks kept per teacher (LRU; the sampler's shuffle buffer): at most cache_blocks x
-    block_rows x bytes per row, per teacher. `bytes_read` counts the feature bytes fetched from HDF5,
-    `block_reads` the whole-block reads by (teacher, block).
+    block_rows x bytes per row, per teacher (patch tokens, `read_tokens`, in an LRU of their own, "NAME/tokens").
+    `bytes_read` counts the feature bytes fetched from HDF5, `block_reads` the whole-block reads by (teacher, block).
 
     A file HDF5 cannot open or read (truncated, overwritten) raises CacheError naming it. Feature rows that
     cannot be read (a fletcher32 checksum mismatch) raise `BadRowsError` naming the teacher, modality and rows
@@ -68,8 +68,8 @@ class FeatureReader:
         self.block_reads: Counter[tuple[str, int]] = Counter()
         self._h5: h5py.File | None = None
         self._pid: int | None = None
-        self._ds: dict[tuple[str, Modality], h5py.Dataset] = {}
-        self._blocks: dict[str, OrderedDict[int, Embeddings]] = {}  # teacher -> block -> arrays
+        self._ds: dict[tuple[str, str], h5py.Dataset] = {}  # (teacher, modality or "tokens") -> dataset
+        self._blocks: dict[str, OrderedDict[int, dict]] = {}  # teacher (or "NAME/tokens") -> block -> arrays
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"feature cache {self.path} not found; build it with `distill cache`")
         try:
@@ -94,6 +94,7 @@ class FeatureReader:
             self._attrs = {t: attrs_to_dict(f[L.teacher(t)].attrs) for t in self.teacher_names}
             self._done = {t: f[L.done(t)][:] for t in self.teacher_names}
             self._has_stats = {t: L.stats(t) in f for t in self.teacher_names}
+            self._has_tokens = {t: L.tokens(t) in f for t in self.teacher_names}
             self.num_views: int = int(f[L.VIEW_PARAMS].shape[1]) if L.VIEW_PARAMS in f else 0
             self.bad_rows = f[L.BAD_ROWS][:] if L.BAD in f else np.zeros(0, dtype=np.int64)
             chunks = [f[L.feature(t, m)].chunks for t in self.teacher_names for m in MODALITIES]
@@ -111,11 +112,11 @@ class FeatureReader:
             self._ds, self._blocks = {}, {}
         return self._h5
 
-    def _dataset(self, teacher: str, what: Modality) -> h5py.Dataset:
+    def _dataset(self, teacher: str, what: str) -> h5py.Dataset:
         f = self._file()
         ds = self._ds.get((teacher, what))
         if ds is None:
-            ds = self._ds[(teacher, what)] = f[L.feature(teacher, what)]
+            ds = self._ds[(teacher, what)] = f[L.tokens(teacher) if what == L.TOKENS else L.feature(teacher, what)]
         return ds
 
     def close(self) -> None:
@@ -149,6 +150,11 @@ class FeatureReader:
         """spec, embed_dim, logit_scale, image_size, mean, std, context_length, views, dtype, ..."""
         return dict(self._attrs[self._names([name])[0]])
 
+    def token_grid(self, name: str) -> int:
+        """G of teacher NAME's stored G x G patch-token grid; 0 when it was cached without --tokens."""
+        name = self._names([name])[0]
+        return int(self._attrs[name].get("tokens", 0)) if self._has_tokens[name] else 0
+
     def usable_rows(self, teachers: Sequence[str] | None = None) -> np.ndarray:
         """Sorted row ids done for every named teacher and not recorded as bad samples."""
         mask = np.ones(self.num_rows, dtype=bool)
@@ -158,7 +164,7 @@ class FeatureReader:
         return np.flatnonzero(mask)
 
     # -- data ----------------------------------------------------------------------------------------------
-    def _slice(self, ds: h5py.Dataset, lo: int, hi: int, where: tuple[str, Modality] | None) -> np.ndarray:
+    def _slice(self, ds: h5py.Dataset, lo: int, hi: int, where: tuple[str, str] | None) -> np.ndarray:
         """ds[lo:hi]; rows in chunks that fail their checksum raise BadRowsError, or come back as NaN."""
         try:
             return ds[lo:hi]
@@ -168,10 +174,11 @@ class FeatureReader:
         out, bad = read_block(ds, lo, hi)
         rows = sorted(r for rs in bad.values() for r in rs)
         if rows and self.unreadable == "raise":
-            raise BadRowsError.of(self.path, where[0], where[1], rows, UNREADABLE)
+            raise BadRowsError.of(self.path, where[0], "patch-token" if where[1] == L.TOKENS else where[1], rows,
+                                  UNREADABLE)
         return out
 
-    def _take(self, ds: h5py.Dataset, uniq: np.ndarray, where: tuple[str, Modality] | None = None) -> np.ndarray:
+    def _take(self, ds: h5py.Dataset, uniq: np.ndarray, where: tuple[str, str] | None = None) -> np.ndarray:
         if len(uniq) == 0:
             return np.zeros((0, *ds.shape[1:]), dtype=ds.dtype)
         lo, hi = int(uniq[0]), int(uniq[-1]) + 1
@@ -187,18 +194,22 @@ class FeatureReader:
         return out
 
     def _gather(self, teacher: str, uniq: np.ndarray) -> Embeddings:
-        """A teacher's rows `uniq` (sorted, unique) in stored dtype, via whole blocks or direct reads.
+        """A teacher's image and text rows `uniq` (sorted, unique) in stored dtype (see `_gather_sets`)."""
+        got = self._gather_sets(teacher, teacher, tuple(MODALITIES), uniq)
+        return Pair(got[Modality.IMAGE], got[Modality.TEXT])
 
-        Blocks: rows [k*B, (k+1)*B), image and text each read whole as one slice, kept in the teacher's LRU.
-        Blocks already held count as used before the ones read now, so a batch that straddles two shuffle
-        buffers leaves the new buffer's blocks in the LRU, not the old one's; eviction waits until the
-        batch is gathered.
+    def _gather_sets(self, teacher: str, lru_key: str, whats: tuple[str, ...], uniq: np.ndarray) -> dict:
+        """{what: rows `uniq`} of a teacher's datasets `whats`, via whole blocks (LRU `lru_key`) or direct reads.
+
+        Blocks: rows [k*B, (k+1)*B), each dataset read whole as one slice, kept in the LRU. Blocks already held
+        count as used before the ones read now, so a batch that straddles two shuffle buffers leaves the new
+        buffer's blocks in the LRU, not the old one's; eviction waits until the batch is gathered.
         """
         if not self.block_rows:
-            return Pair.build(lambda m: self._take(self._dataset(teacher, m), uniq, (teacher, m)))
-        ds = Pair.build(lambda m: self._dataset(teacher, m))  # first: opening the file resets the LRUs
-        lru = self._blocks.setdefault(teacher, OrderedDict())
-        out = ds.map(lambda d: np.empty((len(uniq), *d.shape[1:]), dtype=d.dtype))
+            return {w: self._take(self._dataset(teacher, w), uniq, (teacher, w)) for w in whats}
+        ds = {w: self._dataset(teacher, w) for w in whats}  # first: opening the file resets the LRUs
+        lru = self._blocks.setdefault(lru_key, OrderedDict())
+        out = {w: np.empty((len(uniq), *d.shape[1:]), dtype=d.dtype) for w, d in ds.items()}
         ids = uniq // self.block_rows
         starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(uniq) else np.zeros(0, dtype=np.int64)
         runs = [(int(ids[s]), s, e) for s, e in zip(starts.tolist(), np.r_[starts[1:], len(uniq)].tolist())]
@@ -209,12 +220,12 @@ class FeatureReader:
             block = lru.get(k)
             if block is None:
                 lo, hi = k * self.block_rows, min(self.num_rows, (k + 1) * self.block_rows)
-                block = lru[k] = Pair.build(lambda m: self._slice(ds[m], lo, hi, (teacher, m)))
-                self.bytes_read += block.image.nbytes + block.text.nbytes
-                self.block_reads[(teacher, k)] += 1
+                block = lru[k] = {w: self._slice(d, lo, hi, (teacher, w)) for w, d in ds.items()}
+                self.bytes_read += sum(b.nbytes for b in block.values())
+                self.block_reads[(lru_key, k)] += 1
             local = uniq[s:e] - k * self.block_rows
-            for m in MODALITIES:
-                out[m][s:e] = block[m][local]
+            for w in ds:
+                out[w][s:e] = block[w][local]
         while len(lru) > self.cache_blocks:
             lru.popitem(last=False)
         return out
@@ -233,20 +244,29 @@ class FeatureReader:
         teachers); without it `image` is (B, K, D). Teachers cached without views ignore `views`.
         """
         uniq, inv = self._rows(rows)
-        if views is not None:
-            views = np.asarray(views, dtype=np.int64).reshape(-1)
-            if views.shape[0] != inv.shape[0]:
-                raise ValueError(f"views has {views.shape[0]} entries for {inv.shape[0]} rows")
         out: dict[str, Embeddings] = {}
         for t in self._names(teachers):
             got = self._gather(t, uniq)
             image = got.image[inv]
             if image.ndim == 3 and views is not None:
-                k = image.shape[1]
-                if len(views) and (views.min() < 0 or views.max() >= k):
-                    raise IndexError(f"teacher {t!r} has {k} views; got view ids {views.min()}..{views.max()}")
-                image = image[np.arange(len(views)), views]
+                image = image[np.arange(len(views)), _view_ids(views, len(inv), image.shape[1], t)]
             out[t] = Pair(image.astype(np.float32), got.text[inv].astype(np.float32))
+        return out
+
+    def read_tokens(self, rows, teachers: Sequence[str] | None = None,
+                    views: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """{teacher: (B, G*G, D) float32 patch tokens} in the order of `rows` (blocks as for `read`, in a separate
+        LRU); with K views, `views` (B,) picks each row's view as in `read`, else (B, K, G*G, D)."""
+        uniq, inv = self._rows(rows)
+        out: dict[str, np.ndarray] = {}
+        for t in self._names(teachers):
+            if not self._has_tokens[t]:
+                raise CacheError(f"{self.path}: teacher {t!r} has no patch tokens; cache it with `distill cache "
+                                 f"--tokens G` (into a new file or under another teacher name)")
+            x = self._gather_sets(t, f"{t}/{L.TOKENS}", (L.TOKENS,), uniq)[L.TOKENS][inv]
+            if x.ndim == 4 and views is not None:
+                x = x[np.arange(len(inv)), _view_ids(views, len(inv), x.shape[1], t)]
+            out[t] = x.astype(np.float32)
         return out
 
     def view_params(self, rows) -> np.ndarray | None:
@@ -264,6 +284,16 @@ class FeatureReader:
                              f"{int(self._done[name].sum())}/{self.num_rows} rows done; finish `distill cache`")
         s = self._file()[L.stats(name)]
         return {k: s[k][:] for k in L.STATS_FIELDS}
+
+
+def _view_ids(views, rows: int, k: int, teacher: str) -> np.ndarray:
+    """(B,) view ids, checked against the rows asked and the teacher's K views."""
+    views = np.asarray(views, dtype=np.int64).reshape(-1)
+    if views.shape[0] != rows:
+        raise ValueError(f"views has {views.shape[0]} entries for {rows} rows")
+    if len(views) and (views.min() < 0 or views.max() >= k):
+        raise IndexError(f"teacher {teacher!r} has {k} views; got view ids {views.min()}..{views.max()}")
+    return views
 
 
 def block_shuffle_order(block_ids: np.ndarray, buffer_blocks: int, rng: np.random.Generator) -> np.ndarray:

@@ -6,7 +6,7 @@ The scheme (known-safe because it leans only on POSIX rename, never on HDF5's ow
    `FEATURES.h5.parts/NAME/` (rows, image and text embeddings, bad samples), written to a temporary name,
    fsynced, then renamed: a part either exists complete or not at all. That rename is the commit. The builder
    commits a chunk in a background thread (`PartWriter`) while it embeds the next one, so a kill loses at most
-   two chunks per process: the one being written and the one being embedded.
+   two chunks per process: the one being written and the one being embedded. (`cache.h5_parts`.)
 2. **Fold.** Only the lock holder changes FEATURES.h5, and only by copy-on-write: copy it to `FEATURES.h5.tmp`,
    write the parts' rows and `done` flags (and statistics, bad-sample records) into the copy, fsync, then
    `os.replace` it over the original. Parts are deleted only after the rename, so a kill anywhere leaves the old
@@ -19,59 +19,22 @@ lock holder folds them: that is the shard-then-merge step.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
-import glob
-import json
 import os
 import shutil
-import threading
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
 import h5py
 import numpy as np
 
-from teachers.modality import MODALITIES
+from teachers.modality import MODALITIES, Modality
 
 from . import layout as L
+# the parts (step 1) live in h5_parts; their names stay reachable here (`W.write_part`, ...) for the builder
+from .h5_parts import (PartWriter, clean_temporaries, disk_errors, list_parts, parts_root,  # noqa: F401
+                       pending_teachers, read_meta, teacher_parts_dir, write_meta, write_part)
 from .schema import FORMAT, VERSION, CacheError, created_by, storage_dtype, str_dtype
 
 STATS_BLOCK_ROWS = 4096
-
-# errno -> (what happened, what to do); the committed rows stay either way
-_DISK_ERRORS = {
-    errno.ENOSPC: ("no space left on device writing {}", "free space and rerun the same command"),
-    errno.EDQUOT: ("disk quota exceeded writing {}", "free space (or raise the quota) and rerun the same command"),
-    errno.EROFS: ("read-only file system: cannot write {}", "write --out to a writable folder, or remount it"),
-    errno.EACCES: ("permission denied writing {}", "fix the folder's permissions or choose another --out"),
-    errno.EPERM: ("operation not permitted writing {}", "fix the folder's permissions or choose another --out"),
-}
-
-
-def _disk_errno(e: OSError) -> int | None:
-    """The errno of a full/read-only/forbidden disk, also when HDF5 reports it only in its message."""
-    if e.errno in _DISK_ERRORS:
-        return e.errno
-    text = str(e)
-    for code in _DISK_ERRORS:
-        if os.strerror(code) in text or f"errno = {code}," in text:
-            return code
-    return None
-
-
-@contextlib.contextmanager
-def disk_errors(path: str):
-    """Turn a full disk, quota, read-only or permission OSError while writing `path` into a CacheError."""
-    try:
-        yield
-    except OSError as e:
-        code = _disk_errno(e)
-        if code is None:
-            raise
-        what, fix = _DISK_ERRORS[code]
-        raise CacheError(f"{what.format(path)}; {fix}: committed rows are kept and the next run resumes") from e
 
 
 # -- atomic file replacement ------------------------------------------------------------------------------
@@ -121,139 +84,15 @@ def create_file(path: str, keys: list[str], fingerprint: str, source: str) -> No
     atomic_update(path, fn)
 
 
-def add_views(path: str, params: np.ndarray, seed: int, h5_chunk_rows: int = L.DEFAULT_CHUNK_ROWS) -> None:
-    """Store the (N, K, 5) view parameters once; every teacher with views replays them."""
-    from . import views as V
-
+def add_views(path: str, params: np.ndarray, attrs: dict, h5_chunk_rows: int = L.DEFAULT_CHUNK_ROWS) -> None:
+    """Store the (N, K, 5 or 8) view parameters once, with `attrs` (their `ViewDist.to_attrs()`); every teacher
+    with views replays them."""
     def fn(f: h5py.File) -> None:
-        n, k, _ = params.shape
-        ds = f.create_dataset(L.VIEW_PARAMS, data=params.astype(np.float32), chunks=L.view_chunks(n, k, h5_chunk_rows))
-        ds.attrs.update({"seed": int(seed), "scale": list(V.SCALE), "ratio": list(V.RATIO), "flip_p": V.FLIP_P,
-                         "layout": "x0, y0, w, h (relative crop box), flip"})
+        n, k, c = params.shape
+        ds = f.create_dataset(L.VIEW_PARAMS, data=params.astype(np.float32),
+                              chunks=L.view_chunks(n, k, h5_chunk_rows, c))
+        ds.attrs.update(attrs)
     atomic_update(path, fn)
-
-
-# -- parts ------------------------------------------------------------------------------------------------
-def parts_root(out: str) -> str:
-    return out + ".parts"
-
-
-def teacher_parts_dir(out: str, name: str) -> str:
-    return os.path.join(parts_root(out), name)
-
-
-def write_meta(out: str, name: str, meta: dict) -> None:
-    """What a fold needs to create teacher NAME's group without loading the model (attrs, dtype, shapes)."""
-    d = teacher_parts_dir(out, name)
-    os.makedirs(d, exist_ok=True)
-    _atomic_write_bytes(os.path.join(d, "meta.json"), json.dumps(meta, indent=1).encode())
-
-
-def read_meta(out: str, name: str) -> dict | None:
-    p = os.path.join(teacher_parts_dir(out, name), "meta.json")
-    if not os.path.isfile(p):
-        return None
-    with open(p) as f:
-        return json.load(f)
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    with disk_errors(path), _removed_on_error(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def _removed_on_error(tmp: str):
-    """Delete a half-written temporary at once (a full disk gets its space back), then re-raise."""
-    try:
-        yield
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def write_part(out: str, name: str, rows: np.ndarray, image: np.ndarray, text: np.ndarray,
-               bad_rows: Iterable[int] = (), bad_reasons: Iterable[str] = (), tag: str = "") -> str:
-    """Commit one chunk of rows for teacher NAME (atomic rename); returns the part's path."""
-    rows = np.asarray(rows, dtype=np.int64)
-    bad_rows = np.asarray(list(bad_rows), dtype=np.int64)
-    bad_reasons = np.asarray(list(bad_reasons), dtype=str)
-    first = int(rows[0]) if len(rows) else (int(bad_rows[0]) if len(bad_rows) else 0)
-    d = teacher_parts_dir(out, name)
-    path = os.path.join(d, f"part-{first:010d}-{len(rows)}-{os.getpid()}{tag}.npz")
-    tmp = os.path.join(d, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    with disk_errors(path), _removed_on_error(tmp):
-        os.makedirs(d, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(f, rows=rows, image=image, text=text, bad_rows=bad_rows, bad_reasons=bad_reasons)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    return path
-
-
-class PartWriter:
-    """Commits chunks (each a function writing its parts) in order in one background thread, so fsync overlaps
-    the next chunk's forward passes; `submit` blocks while `depth` commits are pending. A commit's error is
-    raised in the caller's thread (next `submit` or `join`) with its own message, and no later commit runs."""
-
-    def __init__(self, depth: int = 1):
-        self.depth, self._pending = depth, deque()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-parts")
-        self._failed = threading.Event()
-
-    def _run(self, commit: Callable[[], None]) -> None:
-        if not self._failed.is_set():  # after a failed chunk nothing is written: the parts stay a prefix
-            try:
-                commit()
-            except BaseException:
-                self._failed.set()
-                raise
-
-    def submit(self, commit: Callable[[], None]) -> None:
-        while len(self._pending) >= self.depth:
-            self._pending.popleft().result()
-        self._pending.append(self._pool.submit(self._run, commit))
-
-    def join(self) -> None:
-        """Wait for every submitted commit; raise the first error."""
-        while self._pending:
-            self._pending.popleft().result()
-
-    def close(self) -> None:
-        """Let submitted (complete) chunks finish, dropping their errors: the caller is raising its own."""
-        for f in self._pending:
-            with contextlib.suppress(BaseException):
-                f.result()
-        self._pending.clear()
-        self._pool.shutdown(wait=True)
-
-
-def list_parts(out: str, name: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(teacher_parts_dir(out, name), "part-*.npz")))
-
-
-def pending_teachers(out: str) -> list[str]:
-    """Teachers with a parts folder (committed chunks not yet folded, or a run in progress)."""
-    root = parts_root(out)
-    if not os.path.isdir(root):
-        return []
-    return sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)))
-
-
-def clean_temporaries(out: str) -> None:
-    """Remove half-written files of killed runs (never a committed part)."""
-    for p in [out + ".tmp", *glob.glob(os.path.join(parts_root(out), "*", ".tmp-*"))]:
-        try:
-            os.remove(p)
-        except FileNotFoundError:
-            pass
 
 
 # -- folding parts into the file --------------------------------------------------------------------------
@@ -269,6 +108,10 @@ def _ensure_group(f: h5py.File, name: str, meta: dict) -> h5py.Group:
     g.attrs["dtype"] = meta["dtype"]
     for m in MODALITIES:
         f.create_dataset(L.feature(name, m), **L.feature_dataset_args(n, d, k, dtype, c, m))
+    grid = int(meta["attrs"].get("tokens", 0))
+    if grid:  # (N, [K,] G*G, Dv) patch tokens
+        f.create_dataset(L.tokens(name), **L.feature_dataset_args(n, int(meta["attrs"]["token_dim"]), k, dtype, c,
+                                                                   Modality.IMAGE, tokens=grid * grid))
     f.create_dataset(L.done(name), **L.done_dataset_args(n))
     return g
 
@@ -351,6 +194,8 @@ def fold(out: str, names: Iterable[str] | None = None) -> dict[str, int]:
                     if len(rows):
                         for m in MODALITIES:
                             _write_rows(g[m], rows, z[m])
+                        if L.TOKENS in g:
+                            _write_rows(g[L.TOKENS], rows, z[L.TOKENS])
                         done[rows] = True
                         count += len(rows)
                         new_done.update(rows.tolist())

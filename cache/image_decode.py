@@ -119,3 +119,44 @@ def decode_image(data: bytes | None, path: str | None, key: str, where: str,
         raise BadSampleError(key, f"unreadable image {src} (not a {'/'.join(FORMATS)} image)", where) from e
     except Exception as e:  # PIL on hostile bytes raises many types (OSError, SyntaxError, struct.error, ...)
         raise BadSampleError(key, f"unreadable image {src} ({type(e).__name__}: {e})", where) from e
+
+
+def read_bytes(path: str, key: str, where: str, limits: DecodeLimits | None = None) -> bytes:
+    """An image file's bytes, undecoded; BadSampleError when missing, unreadable or larger than any image within
+    the pixel limit could be (so a huge stray file is never read whole)."""
+    limits = limits or DecodeLimits()
+    try:
+        size = os.path.getsize(path)
+        if limits.max_bytes is not None and size > limits.max_bytes:
+            raise BadSampleError(key, f"image file is {size / 2**20:.0f} MiB, larger than any image within the "
+                                 f"pixel limit ({limits.hint}); not read", where)
+        with open(path, "rb") as f:
+            return f.read()
+    except BadSampleError:
+        raise
+    except OSError as e:
+        raise BadSampleError(key, f"missing or unreadable image file {path} ({e.strerror or e})", where) from e
+
+
+def jpeg_size(data: bytes, key: str, where: str, limits: DecodeLimits | None = None) -> tuple[int, int] | None:
+    """(width, height) of an RGB or greyscale JPEG from its header alone, checked against the pixel limit
+    (BadSampleError over it); None for anything else (PNG, CMYK, unreadable header), which is decoded by PIL.
+
+    Why: decoding on the training device (`data.decode: device`) needs the size for the crop box, not the pixels.
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
+                if img.mode not in ("RGB", "L"):
+                    return None
+                too_big = check_size(img, limits or DecodeLimits())
+                if too_big:
+                    raise BadSampleError(key, too_big, where)
+                return img.size
+    except BadSampleError:
+        raise
+    except Exception:  # an unreadable header: PIL's decode reports it with its reason
+        return None

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from .corpus_base import BadSampleError, Corpus
 from .image_decode import DEFAULT_MAX_PIXELS, DecodeLimits
-from .views import RATIO, SCALE
+from .views import RATIO, SCALE, ViewDist
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,10 @@ def _key(obj):
     return _UNSURE if any(p is _UNSURE for _, p in parts) else (cls, parts)
 
 
-def teacher_inputs(teachers: dict, views: bool) -> list[TeacherInput]:
+def teacher_inputs(teachers: dict, views: "bool | ViewDist") -> list[TeacherInput]:
     """Each teacher's transform and tokenizer; transforms that provably compute the same tensor share a key:
-    base-class transforms of equal preprocessing configs, or back-ends' pipelines with equal `transform_key`s."""
+    base-class transforms of equal preprocessing configs, or back-ends' pipelines with equal `transform_key`s.
+    `views`: the stored views' ViewDist (True: the default one), whose smallest crop bounds the JPEG draft."""
     from teachers.base import Teacher
 
     out = []
@@ -99,7 +100,8 @@ def teacher_inputs(teachers: dict, views: bool) -> list[TeacherInput]:
             own = transform_key(transform)
             key = (attr, name) if own is None else (attr, "pipeline", own)
         size = t.preprocess_cfg.image_size
-        side = needed_side(size, SCALE[0], RATIO[0]) if views else needed_side(size)
+        crop = views.min_crop() if isinstance(views, ViewDist) else (SCALE[0], RATIO[0])
+        side = needed_side(size, *crop) if views else needed_side(size)
         out.append(TeacherInput(name, key, transform, side, t.tokenize))
     return out
 

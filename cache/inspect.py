@@ -12,6 +12,7 @@ from . import h5_writer as W
 from . import layout as L
 from .schema import CacheError, attrs_to_dict, check_root
 from .verify import raise_damaged
+from .views import read_view_dist
 
 
 def _size(n: float) -> str:
@@ -65,10 +66,10 @@ def _describe(path: str, max_keys: int) -> list[str]:
             f"corpus: {f.attrs.get(L.Root.SOURCE, '?')}  fingerprint {str(f.attrs[L.Root.FINGERPRINT])[:16]}",
             f"keys: {', '.join(shown)}",
         ]
-        if L.VIEW_PARAMS in f:
-            p = f[L.VIEW_PARAMS]
-            lines.append(f"views: {p.shape[1]} per image (seed {int(p.attrs.get('seed', 0))}), "
-                         f"stored in /{L.VIEW_PARAMS}")
+        dist = read_view_dist(f)
+        if dist is not None:
+            lines.append(f"views: {dist.describe()}; stored in /{L.VIEW_PARAMS} "
+                         f"({', '.join(L.VIEW_COLUMNS[:f[L.VIEW_PARAMS].shape[2]])})")
         else:
             lines.append("views: none (each teacher's own eval transform)")
         bad = W.read_bad(f)
@@ -92,4 +93,8 @@ def _describe(path: str, max_keys: int) -> list[str]:
                          f"stats {'yes' if L.STATS in g else 'no'}")
             lines.append(f"    image_size {a.get('image_size')}, context_length {a.get('context_length')}, "
                          f"logit_scale {float(a.get('logit_scale', float('nan'))):.4g}")
+            if L.TOKENS in g:  # --tokens G: the pooled patch-token grid
+                grid, tok = int(a.get("tokens", 0)), g[L.TOKENS]
+                lines.append(f"    patch tokens: {grid} x {grid} grid, {tok.shape[-1]}-wide, shape {tok.shape}, "
+                             f"{_size(tok.id.get_storage_size())} on disk, in /{L.tokens(name)}")
     return lines

@@ -10,6 +10,12 @@ from dataclasses import dataclass, field
 
 from .image_decode import DEFAULT_MAX_PIXELS
 from .schema import CacheError, storage_dtype
+from .views import ViewDist
+
+# Why a default bound on token storage: a G x G grid of D-wide tokens per row and view is G*G*D times a feature
+# row's dim (ViT-B/16 at G=14, 300k rows: ~90 GB per teacher), an easy typo away from filling a disk. 100 GB lets
+# usual runs (G <= 7 on a few hundred thousand rows) through; --max-gb raises it, 0 lifts it.
+DEFAULT_MAX_GB = 100.0
 
 
 @dataclass(frozen=True)
@@ -22,6 +28,11 @@ class CacheJob:
     device: str = "auto"           # cpu | cuda | auto
     dtype: str = "float16"         # float16 | float32 storage
     views: int = 0                 # K augmented views per image (0: each teacher's own eval transform)
+    # how the views are drawn (None: as stored in the file, or cache.views' defaults for a new one)
+    view_scale: tuple[float, float] | None = None  # crop area fraction range (default 0.5, 1)
+    view_ratio: tuple[float, float] | None = None  # crop aspect ratio range (default 3/4, 4/3)
+    view_flip: float | None = None  # horizontal flip probability (default 0: laterality matters)
+    view_color: float | None = None  # S: brightness/contrast/saturation factors in [1-S, 1+S] (default 0: none)
     on_bad_sample: str = "skip"    # skip | fail
     seed: int = 0                  # view parameters are drawn from this
     chunk_rows: int = 512          # rows per committed part: a kill loses at most two chunks per process
@@ -29,10 +40,25 @@ class CacheJob:
     retry_bad: bool = False        # also retry rows already recorded as bad (e.g. after fixing image files)
     progress: bool = True          # tqdm bars on the main process
     max_pixels: int = DEFAULT_MAX_PIXELS  # width x height over which an image is a bad sample, never decoded (0: PIL's)
+    trust_remote_code: bool = False  # let hub models run their repo's own code (recorded in each teacher's attrs)
+    tokens: int = 0                # G: also store each teacher's patch tokens pooled to a G x G grid (0: none)
+    max_gb: float = DEFAULT_MAX_GB  # refuse a run whose patch tokens would take more than this on disk (0: no bound)
+
+    @property
+    def view_flags(self) -> dict:
+        """The view distribution's fields this job names (ViewDist field -> value)."""
+        given = {"scale": self.view_scale, "ratio": self.view_ratio, "flip_p": self.view_flip,
+                 "color": self.view_color}
+        return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in given.items() if v is not None}
+
+    @property
+    def view_dist(self) -> ViewDist:
+        """The distribution a new file's views are drawn from: the flags given, defaults for the rest."""
+        return ViewDist(self.views, seed=self.seed, **self.view_flags)
 
     @property
     def storage(self) -> "Storage":
-        return Storage(self.out, self.dtype, self.views, self.h5_chunk_rows)
+        return Storage(self.out, self.dtype, self.views, self.h5_chunk_rows, self.tokens)
 
     def embedding(self, device: str = "cpu", local_procs: int = 1) -> "EmbedCfg":
         """How the pass runs on `device` (the resolved one) with `local_procs` processes on this machine: `auto`
@@ -57,6 +83,15 @@ class CacheJob:
                 raise CacheError(f"{key}={v!r}; use an integer >= {low} or 'auto' (chosen from the device)")
         if self.views < 0 or self.chunk_rows < 1:
             raise CacheError("views must be >= 0 and chunk_rows >= 1")
+        if self.view_flags and not self.views:
+            names = ", ".join(ViewDist.FLAGS[k] for k in self.view_flags)
+            raise CacheError(f"{names} given without --views K: add --views K (or drop them)")
+        problem = self.view_dist.problem() if self.views else None
+        if problem:
+            raise CacheError(problem)
+        if self.tokens < 0 or self.max_gb < 0:
+            raise CacheError(f"--tokens {self.tokens} / --max-gb {self.max_gb}: use a grid size G >= 1 (0: no "
+                             f"tokens) and a size bound >= 0 GB (0: no bound)")
         if self.max_pixels < 0:
             raise CacheError(f"max_pixels={self.max_pixels}; use a positive pixel count (0: PIL's own limit)")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -89,6 +124,7 @@ class Storage:
     dtype: str
     views: int
     h5_chunk_rows: int
+    tokens: int = 0  # G of the pooled patch-token grid (0: no tokens)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from .layout import Root
 FORMAT = "biomed-distill-features"
 VERSION = 1
 
-TEACHER_ATTRS = ("spec", "resolved_spec", "embed_dim", "logit_scale", "image_size", "mean", "std",
+TEACHER_ATTRS = ("spec", "resolved_spec", "embed_dim", "logit_scale", "logit_bias", "trust_remote_code", "image_size",
+                 "mean", "std",
                  "interpolation", "resize_mode", "context_length", "views")
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -72,17 +73,21 @@ def check_root(f, path: str, fingerprint: str | None = None, num_rows: int | Non
         raise CacheError(f"{path} has {int(f.attrs[Root.NUM_ROWS])} rows, the corpus {num_rows}")
 
 
-def teacher_attrs(describe: dict, views: int) -> dict:
-    """The group attrs of one teacher: `Teacher.describe()` plus the resolved spec and the number of views."""
-    out = {k: describe[k] for k in ("spec", "embed_dim", "logit_scale", "context_length", "image_size", "mean",
-                                     "std", "interpolation", "resize_mode") if k in describe}
+def teacher_attrs(describe: dict, views: int, tokens: int = 0, token_dim: int = 0) -> dict:
+    """The group attrs of one teacher: `Teacher.describe()` plus the resolved spec and the number of views; with
+    patch tokens (`--tokens G`) also `tokens` (G) and `token_dim` (the vision width)."""
+    out = {k: describe[k] for k in ("spec", "embed_dim", "logit_scale", "logit_bias", "trust_remote_code",
+                                     "context_length", "image_size", "mean", "std", "interpolation", "resize_mode")
+           if k in describe}  # logit_bias: sigmoid (SigLIP) teachers only
     out["resolved_spec"] = resolved(describe["spec"])
     out["views"] = int(views)
+    if tokens:
+        out["tokens"], out["token_dim"] = int(tokens), int(token_dim)
     return out
 
 
-def check_teacher(path: str, name: str, existing: dict, spec: str, views: int, dtype: str) -> None:
-    """Refuse reusing teacher NAME with another spec, number of views or storage dtype."""
+def check_teacher(path: str, name: str, existing: dict, spec: str, views: int, dtype: str, tokens: int = 0) -> None:
+    """Refuse reusing teacher NAME with another spec, number of views, token grid or storage dtype."""
     old_spec = str(existing.get("spec"))
     if resolved(old_spec) != resolved(spec):
         raise CacheError(f"{path}: teacher {name!r} already exists with spec {old_spec!r}, not {spec!r}; "
@@ -91,6 +96,12 @@ def check_teacher(path: str, name: str, existing: dict, spec: str, views: int, d
         raise CacheError(f"{path}: teacher {name!r} was cached with views={int(existing.get('views', 0))}, "
                          f"this run asks views={views}; rerun with --views {int(existing.get('views', 0))} "
                          "or use another teacher name")
+    old_tokens = int(existing.get("tokens", 0))
+    if old_tokens != int(tokens):
+        had = f"--tokens {old_tokens}" if old_tokens else "no --tokens"
+        raise CacheError(f"{path}: teacher {name!r} was cached with {had}, this run asks "
+                         f"{f'--tokens {tokens}' if tokens else 'none'}; rerun with "
+                         f"{f'--tokens {old_tokens}' if old_tokens else 'no --tokens'} or use another teacher name")
     old_dtype = existing.get("dtype")
     if old_dtype is not None and str(old_dtype) != dtype:
         raise CacheError(f"{path}: teacher {name!r} is stored as {old_dtype}, this run asks {dtype}; "

@@ -5,6 +5,7 @@ Three things can make a stored row wrong, and each is caught here:
   feature datasets of every file written since format 1 + checksums, makes h5py raise OSError for that chunk;
 - a teacher returned NaN/inf or a zero vector (refused by `distill cache` since, but older files may hold them);
 - a value that is finite but far from a unit vector (corruption in a file without checksums).
+Patch tokens (`distill cache --tokens`) are not unit vectors: they get the checksum and finiteness checks.
 Reads go in blocks; a block that raises is narrowed to its HDF5 chunks, so the report names the exact rows.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from . import layout as L
 from .schema import CacheError, check_root
 
 NORM_TOL = 0.02  # |norm - 1| allowed: teachers L2-normalise, float16 storage moves the norm by < 1e-3
+TOKEN_BLOCK_BYTES = 256 * 1024 * 1024  # patch tokens are read in blocks of about this many float32 bytes
 
 
 def bad_row_mask(x: np.ndarray, tol: float = NORM_TOL) -> np.ndarray:
@@ -149,7 +151,8 @@ def verify(path: str, block_rows: int = 8192, progress: bool | None = None) -> V
         n = int(f.attrs[L.Root.NUM_ROWS])
         names = list(f[L.TEACHERS])
         report = VerifyReport(path, n, names)
-        bar = tqdm(total=n * len(names) * len(MODALITIES), desc="verify", unit="row", dynamic_ncols=True,
+        sets = sum(len(MODALITIES) + (L.tokens(t) in f) for t in names)
+        bar = tqdm(total=n * sets, desc="verify", unit="row", dynamic_ncols=True,
                    disable=None if progress is None else not progress)
         try:
             for name in names:
@@ -163,13 +166,17 @@ def verify(path: str, block_rows: int = 8192, progress: bool | None = None) -> V
                 report.checksummed[name] = all(g[m].fletcher32 for m in MODALITIES)
                 for m in MODALITIES:
                     report.problems += _verify_dataset(name, m, g[m], done, block_rows, bar)
+                if L.TOKENS in g:  # patch tokens: checksums and finiteness (they are not unit vectors)
+                    ds = g[L.TOKENS]
+                    rows = max(1, TOKEN_BLOCK_BYTES // (int(np.prod(ds.shape[1:])) * 4))
+                    report.problems += _verify_dataset(name, "patch tokens", ds, done, rows, bar, unit=False)
         finally:
             bar.close()
     return report
 
 
 def _verify_dataset(name: str, modality: str, ds: h5py.Dataset, done: np.ndarray, block_rows: int,
-                    bar) -> list[Problem]:
+                    bar, unit: bool = True) -> list[Problem]:
     c = ds.chunks[0] if ds.chunks else 1
     step = max(c, block_rows // c * c)  # whole chunks per block: each chunk is read (and checksummed) once
     found: dict[str, list[np.ndarray]] = {}
@@ -184,7 +191,7 @@ def _verify_dataset(name: str, modality: str, ds: h5py.Dataset, done: np.ndarray
         sel = done[lo:hi] & ~skip
         if sel.any():
             xs = np.asarray(x[sel], dtype=np.float32)
-            bad = bad_row_mask(xs)
+            bad = bad_row_mask(xs) if unit else ~np.isfinite(xs.reshape(len(xs), -1)).all(1)
             if bad.any():
                 rows = np.flatnonzero(sel)[bad] + lo
                 finite = np.isfinite(xs[bad].reshape(int(bad.sum()), -1)).all(axis=1)

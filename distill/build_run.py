@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader
 from cache.corpus import Corpus
 from distill.config import Config, ConfigError, DataCfg, LossCfg, RoutingCfg, StudentCfg, TrainCfg
 from distill.cache_join import CacheJoin, Routing, join_cache, route_mask
-from distill.data import Collate, PairDataset, TrainBatch
+from distill.data import Collate, DataError, PairDataset, TrainBatch
+from distill.heads import TokenAdaptors
 from distill.samplers import Dealing, EpochSampler, reader_blocks
-from distill.losses import DistillLoss, LossTermCfg, TeacherBatch
+from distill.losses import SIGLIP_INIT, DistillLoss, LossTermCfg, TeacherBatch, teacher_logit_bias
 from distill.optim import accum_for_epoch, global_batch_for_epoch, steps_per_epoch, total_steps
 from distill.student_model import DistillModel
 from teachers.transforms import PreprocessCfg
@@ -99,12 +100,15 @@ def build_tokenizer_dir(student: StudentCfg, corpus, output_dir: Path, accelerat
     return str(out)
 
 
-def build_student_model(s: StudentCfg, student_dir: Path, tokenizer_dir: str | None):
+def build_student_model(s: StudentCfg, student_dir: Path, tokenizer_dir: str | None, logit_bias: bool = False):
+    """logit_bias: the loss reads the student's logit bias, so the student gets one, with SigLIP's initial scale
+    and bias (`SIGLIP_INIT`) unless student.overrides sets them (a SPEC's own weights replace both)."""
     from student.build import build_student
     from student.freeze import apply_freezing
 
+    overrides = {**SIGLIP_INIT, **s.overrides} if logit_bias else s.overrides
     bundle = build_student(s.preset, student_dir, tokenizer_dir=tokenizer_dir, image_size=s.image_size,
-                           **s.overrides)
+                           **overrides)
     apply_freezing(bundle.model, image_blocks=s.freeze_vision_blocks, text_layers=s.lock_text_layers,
                    patch_dropout=s.patch_dropout or None, grad_checkpointing=s.grad_checkpointing)
     return bundle
@@ -114,6 +118,7 @@ def build_run(cfg: Config, accelerator) -> Run:
     from accelerate.utils import set_seed
 
     from cache.corpus import open_corpus
+    from cache.views import read_view_dist
     from distill.heads import ProjectionHeads
 
     output_dir = Path(cfg.train.output_dir)
@@ -121,6 +126,8 @@ def build_run(cfg: Config, accelerator) -> Run:
     join = None
     if cfg.mode != "contrastive":
         join = join_cache(corpus, cfg.data.features, named_teachers(cfg.loss), use_views=cfg.data.use_views)
+    view_dist = read_view_dist(cfg.data.features) if join is not None and join.view_params is not None else None
+    cfg.data.check_views(view_dist)  # data.flip / data.crop_scale set against the stored views: refused
     teachers = dict(cfg.loss.teachers) if cfg.loss.teachers else {t: 1.0 for t in (join.teachers if join else {})}
     terms = resolve_terms(cfg.terms, teachers)
     used = sorted({t for term in terms for t in (term.teachers or {})}, key=list(join.teachers if join else []).index)
@@ -131,17 +138,20 @@ def build_run(cfg: Config, accelerator) -> Run:
     if not accelerator.is_main_process:  # only the main process writes RUN/student
         tmp = tempfile.TemporaryDirectory(prefix="student-")
         student_dir = Path(tmp.name)
-    set_seed(cfg.train.seed)  # identical initialisation on every process and on resume
-    bundle = build_student_model(cfg.student, student_dir, tokenizer_dir)
     stats = _teacher_stats(cfg.data.features, used) if cfg.loss.combine.balance == "phi_s" else None
     loss = DistillLoss(terms, teacher_names=used, combine=cfg.loss.combine,
                        teacher_stats=stats)
+    biased = loss.uses_logit_bias({t: teacher_logit_bias(join.teachers[t]) for t in used})
+    set_seed(cfg.train.seed)  # identical initialisation on every process and on resume
+    bundle = build_student_model(cfg.student, student_dir, tokenizer_dir, logit_bias=biased)
     reads = loss.head_modalities()  # heads only where a term reads them (affinity needs none)
     heads = ProjectionHeads(bundle.embed_dim, {t: int(join.teachers[t]["embed_dim"]) for t in used if t in reads}
                             ) if reads else None
     pp = PreprocessCfg.from_open_clip(bundle.preprocess_cfg)
-    model = DistillModel(bundle.model, heads, pixel_mean=pp.mean, pixel_std=pp.std)  # normalises uint8 pixels
-    frozen = model.freeze_unreached(loss.uses_logit_scale, reads, loss.student_modalities())
+    adaptors = build_adaptors(cfg, loss, join, bundle.model)  # a spatial term: per-teacher patch-token adaptors
+    model = DistillModel(bundle.model, heads, pixel_mean=pp.mean, pixel_std=pp.std,  # normalises uint8 pixels
+                         adaptors=adaptors)
+    frozen = model.freeze_unreached(loss.uses_logit_scale, reads, loss.student_modalities(), uses_logit_bias=biased)
     if frozen:
         log.info("frozen because no loss term reaches them: %s", ", ".join(frozen))
 
@@ -149,7 +159,8 @@ def build_run(cfg: Config, accelerator) -> Run:
     views = join.view_params if join is not None else None
     ds = PairDataset(corpus, pp, crop_scale=cfg.data.crop_scale, flip=cfg.data.flip, seed=cfg.train.seed,
                      corpus_rows=join.corpus_rows if join else None, cache_rows=join.cache_rows if join else None,
-                     view_params=views, max_pixels=cfg.data.max_pixels)
+                     view_params=views, view_dist=view_dist, max_pixels=cfg.data.max_pixels,
+                     decode=cfg.data.decode)
     plan = RunPlan(train=cfg.train, per_device_batch=cfg.data.batch_size, num_processes=accelerator.num_processes,
                    num_rows=len(ds), total_steps=0, teachers={t: teachers.get(t, 1.0) for t in used},
                    teacher_attrs={t: join.teachers[t] for t in used},
@@ -165,7 +176,8 @@ def build_run(cfg: Config, accelerator) -> Run:
                       block_rows=read_rows if blocks else 0, cache_blocks=held,
                       route=None if routing is None else routing.mask, caption_ids=loss.uses_caption_ids,
                       bad_features=cfg.data.bad_features,
-                      pad_id=text_pad_id(bundle.model) if cfg.data.trim_captions else None)
+                      pad_id=text_pad_id(bundle.model) if cfg.data.trim_captions else None,
+                      token_teachers=loss.token_teachers())
     # persistent workers keep their Collate (and its open cache reader) across epochs; the sampler, which
     # set_epoch reshuffles, lives in the main process. Pinned batches let the copy to the GPU run non-blocking.
     workers = cfg.data.num_workers
@@ -173,6 +185,42 @@ def build_run(cfg: Config, accelerator) -> Run:
                         num_workers=workers, generator=torch.Generator().manual_seed(cfg.train.seed),
                         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
     return Run(plan, model, loss, loader, output_dir / "student", corpus, join, terms, tmp)
+
+
+def build_adaptors(cfg: Config, loss: DistillLoss, join: CacheJoin | None, student) -> TokenAdaptors | None:
+    """Per-teacher patch-token adaptors for the loss's spatial terms (None without one), after the checks that
+    make their targets meaningful: tokens in the cache, the view the student sees, every student patch kept."""
+    from teachers.tokens import TokensUnsupported, visual_token_shape
+
+    names = loss.token_teachers()
+    if not names:
+        return None
+    if cfg.student.patch_dropout > 0:
+        raise ConfigError(f"a spatial loss term matches every patch token, but student.patch_dropout="
+                          f"{cfg.student.patch_dropout} drops some; set student.patch_dropout=0")
+    try:
+        h, w, dim = visual_token_shape(student.visual)
+    except TokensUnsupported as e:
+        raise ConfigError(f"a spatial loss term needs the student's patch tokens: {e}") from None
+    grids = {}
+    for t in names:
+        attrs = join.teachers[t]
+        grid = int(attrs.get("tokens", 0))
+        if not grid:
+            raise DataError(f"{cfg.data.features}: teacher {t!r} has no patch tokens for the spatial loss term; "
+                            f"cache it with `distill cache --tokens G` (into a new file or under another name)")
+        if grid > min(h, w):
+            raise ConfigError(f"teacher {t!r} tokens are cached on a {grid} x {grid} grid, finer than the student's "
+                              f"{h} x {w} patch grid; cache them with --tokens {min(h, w)} or less")
+        if int(attrs.get("views", 0)) and join.view_params is None:
+            raise ConfigError(f"teacher {t!r} patch tokens are cached per view: a spatial loss term needs "
+                              f"data.use_views=true so the student sees the view they belong to")
+        grids[t] = (grid, int(attrs["token_dim"]))
+    if join.view_params is None:
+        log.warning("spatial loss term without stored views: the teachers' tokens come from their eval transform "
+                    "and the student sees its own crop, so the token grids only roughly cover the same pixels; "
+                    "cache with --views K for exact alignment")
+    return TokenAdaptors(dim, grids)
 
 
 def text_pad_id(model) -> int | None:
@@ -198,11 +246,14 @@ def build_routing(cfg: RoutingCfg | None, corpus, join: CacheJoin | None, used: 
     return routing
 
 
-def teacher_batch(batch: TrainBatch, scales: dict[str, float], teacher_names: Sequence[str]) -> TeacherBatch | None:
-    """The loss's TeacherBatch for a TrainBatch: cached features, logit scales and the route mask by teacher."""
+def teacher_batch(batch: TrainBatch, scales: dict[str, float], teacher_names: Sequence[str],
+                  biases: dict[str, float] | None = None) -> TeacherBatch | None:
+    """The loss's TeacherBatch for a TrainBatch: cached features, logit scales (and sigmoid teachers' logit biases)
+    and the route mask by teacher."""
     if not batch.teacher_feats:
         return None
-    return TeacherBatch(batch.teacher_feats, scales, route=batch.route_by_teacher(teacher_names))
+    return TeacherBatch(batch.teacher_feats, scales, route=batch.route_by_teacher(teacher_names),
+                        logit_bias=dict(biases or {}), tokens=batch.teacher_tokens)
 
 
 def resolve_threads(threads: int | None, num_local_processes: int | None = None,

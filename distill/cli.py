@@ -13,7 +13,8 @@ from typing import Sequence
 from . import __version__
 
 EPILOG = """SPEC forms: hf-hub:ORG/REPO, local-dir:PATH, MODEL/PRETRAINED_TAG (open_clip built-in),
-hf-clip:HUB_ID_OR_FOLDER, py:module:function, or an alias (distill info --list-teachers lists them)."""
+hf:HUB_ID_OR_FOLDER (any transformers dual encoder: CLIP, SigLIP; hf-clip: is the same), py:module:function,
+or an alias (distill info --list-teachers lists them)."""
 
 
 def _name_spec(value: str) -> tuple[str, str]:
@@ -33,6 +34,17 @@ def _pixels(value: str) -> int:
     if n < 0:
         raise argparse.ArgumentTypeError(f"expected a pixel count >= 0, got {value!r}")
     return n
+
+
+def _float_pair(value: str) -> tuple[float, float]:
+    """MIN,MAX as two floats (range checks are CacheJob's, which names the flag)."""
+    parts = value.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX such as 0.5,1, got {value!r}") from None
 
 
 def _auto_int(low: int):
@@ -66,7 +78,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
     job = CacheJob(data=args.data, teachers=_pairs(args.teacher, "--teacher"), out=args.out,
                    batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
                    dtype=args.dtype, views=args.views, on_bad_sample=args.on_bad_sample, seed=args.seed,
-                   retry_bad=args.retry_bad, chunk_rows=args.chunk_rows, max_pixels=args.max_pixels)
+                   view_scale=args.view_scale, view_ratio=args.view_ratio, view_flip=args.view_flip,
+                   view_color=args.view_color,
+                   retry_bad=args.retry_bad, chunk_rows=args.chunk_rows, max_pixels=args.max_pixels,
+                   trust_remote_code=args.trust_remote_code,
+                   tokens=args.tokens, max_gb=args.max_gb)
     build_cache(job)
     return 0
 
@@ -146,7 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     job = EvalJob(models=_pairs(args.model, "--model"), tasks=list(args.task), out=args.out, device=args.device,
                   batch_size=args.batch_size, num_workers=args.num_workers, bootstrap=args.bootstrap,
                   seed=args.seed, student=args.student, baselines=tuple(args.baseline or ()),
-                  max_samples=args.max_samples, cache_dir=args.cache_dir)
+                  max_samples=args.max_samples, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code)
     run_eval(job)
     return 0
 
@@ -174,6 +190,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------------------
+def _trust_remote_code_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let hub models whose repo ships its own model code (config.json auto_map, e.g. "
+                        "conceptclip) run that code; off by default: use only for repositories you trust")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="biomed-distill: distil biomedical CLIP teachers "
                                 "into one BiomedCLIP-architecture student.", epilog=EPILOG)
@@ -198,17 +220,36 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
     c.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype")
     c.add_argument("--views", type=int, default=0, metavar="K",
-                   help="K augmented views per image (crop box + flip stored once, replayed for every teacher)")
+                   help="K augmented views per image (crop box, flip, colour factors stored once with their "
+                   "distribution, replayed identically for every teacher and the student)")
+    c.add_argument("--view-scale", type=_float_pair, metavar="MIN,MAX",
+                   help="crop area fraction range of the views (default 0.5,1; an existing file: as stored)")
+    c.add_argument("--view-ratio", type=_float_pair, metavar="MIN,MAX",
+                   help="crop aspect ratio (width/height) range of the views (default 0.75,1.33333)")
+    c.add_argument("--view-flip", type=float, metavar="P",
+                   help="horizontal flip probability of the views (default 0: laterality matters in medical "
+                   "images; opt in only where it does not)")
+    c.add_argument("--view-color", type=float, metavar="S",
+                   help="photometric jitter: brightness, contrast and saturation factors each drawn in "
+                   "[1-S, 1+S] per view (torchvision ColorJitter; default 0: none)")
     c.add_argument("--on-bad-sample", default="skip", choices=["skip", "fail"],
                    help="skip (record and go on) or fail at the first unreadable image or empty caption")
     c.add_argument("--retry-bad", action="store_true", help="retry rows recorded as bad in an earlier run")
-    c.add_argument("--seed", type=int, default=0, help="seed of the view parameters")
+    c.add_argument("--seed", type=int, default=0, help="seed of the view parameters (a file's stored views are "
+                   "replayed whatever the seed)")
     c.add_argument("--chunk-rows", type=int, default=512, help="rows per committed chunk (a kill loses at most "
                    "two chunks per process, one embedded and one being written; chunks are dealt round-robin "
                    "to the processes)")
     c.add_argument("--max-pixels", type=_pixels, default=64_000_000, metavar="N",
                    help="an image over N pixels (width x height, e.g. 64000000 or 64M) is recorded as a bad "
                    "sample without being decoded (default 64M; 0: PIL's own limit)")
+    c.add_argument("--tokens", type=int, default=0, metavar="G",
+                   help="also store each teacher's patch tokens (last layer, after its final norm) average-pooled "
+                   "to a G x G grid, per view with --views, for the `spatial` loss term (default 0: none)")
+    c.add_argument("--max-gb", type=float, default=100.0, metavar="X",
+                   help="refuse a run whose patch tokens would take more than X GB on disk (the estimate is "
+                   "printed before the run; default 100; 0: no bound)")
+    _trust_remote_code_flag(c)
     c.set_defaults(func=cmd_cache)
 
     i = sub.add_parser("info", help="describe a feature cache")
@@ -254,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--max-samples", type=int, help="cap every split of every task (quick looks, CI)")
     v.add_argument("--cache-dir", help="keep image embeddings on disk here and reuse them across runs")
+    _trust_remote_code_flag(v)
     v.set_defaults(func=cmd_eval)
 
     from .corpus_cli import add_corpus_parser

@@ -84,9 +84,16 @@ class DataCfg(Section):
     num_workers: Int = Field(4, description="DataLoader workers (each opens the cache lazily)")
     trim_captions: Bool = Field(True, description="pad captions to the batch's longest, not the full context "
                                 "(HF text towers only; same embeddings, less text compute); false: full context")
-    crop_scale: tuple[Float, Float] = Field((0.9, 1.0), description="RandomResizedCrop area range")
-    flip: Bool = Field(False, description="random horizontal flip (off: laterality matters in radiology)")
+    crop_scale: tuple[Float, Float] = Field((0.9, 1.0), description="RandomResizedCrop area range of the student's "
+                                            "own crops (stored views decide instead; set against them: refused)")
+    flip: Bool = Field(False, description="random horizontal flip of the student's own crops (off: laterality "
+                       "matters in radiology; stored views decide instead)")
     use_views: Bool = Field(True, description="when the cache stores views, show the student the teachers' views")
+    # device: the workers read JPEG bytes and headers only; the main process decodes each batch on the training
+    # device (nvJPEG on CUDA) and crops and resizes there (distill/device_decode.py). Same crops, slightly
+    # different resampling; non-JPEGs are still decoded in the workers.
+    decode: Str = Field("worker", description="where JPEGs are decoded: worker (CPU, in "
+                                                "the DataLoader workers) | device (the training GPU)")
     # Images over this many pixels stop training with a message naming the row, before they are decoded (a 17 KB
     # PNG can claim 144 Mpx); `distill cache --max-pixels` is the same limit.
     max_pixels: Int = Field(64_000_000, description="refuse images over this many pixels; 0: PIL's own limit")
@@ -110,6 +117,7 @@ class DataCfg(Section):
                f"got {self.micro_batch_size}")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
         _check(self.sampler in SAMPLERS, f"data.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        _check(self.decode in ("worker", "device"), f"data.decode must be worker or device, got {self.decode!r}")
         _check(self.block_rows > 0, f"data.block_rows must be > 0, got {self.block_rows}")
         _check(self.max_pixels >= 0, f"data.max_pixels must be >= 0 (0: PIL's own limit), got {self.max_pixels}")
         _check(self.shuffle_buffer_blocks > 0,
@@ -119,6 +127,29 @@ class DataCfg(Section):
         lo, hi = self.crop_scale
         _check(0.0 < lo <= hi <= 1.0, f"data.crop_scale must be 0 < lo <= hi <= 1, got {self.crop_scale}")
         return self
+
+    def check_views(self, views) -> None:
+        """Refuse data.flip / data.crop_scale set against the stored views the student is shown (`views`: the
+        cache's `cache.views.ViewDist`, None when no views are used), which would otherwise be silently ignored.
+
+        Only values other than the defaults count: a default is the student's own crops, which views replace
+        (and a config written back whole, as a launcher's copy is, marks every key as set, so "set" cannot be
+        the test); a value that agrees with the views (crop_scale equal to their scale, flip true exactly when
+        they flip) is kept."""
+        if views is None:
+            return
+        bad, default = [], type(self).model_fields
+        if self.flip != default["flip"].default and self.flip != (views.flip_p > 0):
+            bad.append(f"data.flip={str(self.flip).lower()}")
+        if tuple(self.crop_scale) != tuple(default["crop_scale"].default) and any(
+                abs(a - b) > 1e-6 for a, b in zip(self.crop_scale, views.scale)):
+            bad.append(f"data.crop_scale=[{self.crop_scale[0]:g}, {self.crop_scale[1]:g}]")
+        if bad:
+            keys = " and ".join(k.split("=")[0] for k in bad)
+            raise ConfigError(f"{' and '.join(bad)} contradict{'s' * (len(bad) == 1)} the cache's stored views, "
+                              f"which the student is shown (data.use_views=true): {views.describe()}; remove "
+                              f"{keys} from the config (the views decide), or set data.use_views=false to train "
+                              f"on the student's own crops")
 
 
 class RoutingCfg(Section):

@@ -11,6 +11,7 @@ each worker opens for itself (h5py handles must not cross a fork).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -26,6 +27,7 @@ from torchvision.transforms import functional as TF
 
 from cache.verify import BadRowsError, bad_row_mask, format_rows, row_problem
 from cache.views import RATIO  # the aspect range of the cache's stored views, for the student's own crops
+from distill.device_decode import EncodedImages, decode_into
 from teachers.modality import Pair
 from teachers.transforms import PreprocessCfg, apply_view, to_rgb
 
@@ -54,13 +56,26 @@ class TrainBatch:
     route: torch.Tensor | None = None  # (B, T) bool, T in the loss's teacher order (loss.routing); None: all
     caption_ids: torch.Tensor | None = None  # (B,) int64 caption_id of each caption: equal iff captions are equal
     skipped_features: int = 0  # (teacher, row) pairs dropped for bad cached features (data.bad_features=skip)
+    encoded: EncodedImages | None = None  # data.decode=device: images still to decode into `images` (on device)
+    teacher_tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # teacher -> (B, G*G, Dt) patch tokens
 
     def to(self, device, non_blocking: bool = False) -> "TrainBatch":
         """Accelerate's send_to_device calls this."""
         mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return TrainBatch(mv(self.images), mv(self.tokens), mv(self.rows), mv(self.views),
                           {t: p.map(mv) for t, p in self.teacher_feats.items()},
-                          mv(self.route), mv(self.caption_ids), self.skipped_features)
+                          mv(self.route), mv(self.caption_ids), self.skipped_features, self.encoded,
+                          {t: mv(x) for t, x in self.teacher_tokens.items()})
+
+    def decoded(self, interpolation: str) -> "TrainBatch":
+        """This batch with its still-encoded JPEGs decoded into `images` on their device (`distill.device_decode`)."""
+        if not self.encoded:
+            return self
+        try:
+            decode_into(self.images, self.encoded, interpolation, self.rows.tolist())
+        except ValueError as e:
+            raise DataError(str(e)) from e
+        return dataclasses.replace(self, encoded=None)
 
     def route_by_teacher(self, teachers: Sequence[str]) -> dict[str, torch.Tensor] | None:
         """{teacher: (B,) bool} from the route mask (columns in `teachers`' order), as TeacherBatch.route takes."""
@@ -146,21 +161,25 @@ class PairDataset(Dataset):
 
     def __init__(self, corpus, preprocess: PreprocessCfg, *, crop_scale=(0.9, 1.0), flip: bool = False,
                  seed: int = 0, cache_rows: np.ndarray | None = None, corpus_rows: np.ndarray | None = None,
-                 view_params: np.ndarray | None = None, max_pixels: int = 64_000_000):
+                 view_params: np.ndarray | None = None, max_pixels: int = 64_000_000, view_dist=None,
+                 decode: str = "worker"):
         from cache.image_decode import DecodeLimits
         from cache.image_rows import needed_side
-        from cache.views import SCALE
+        from cache.views import ViewDist
 
-        min_area = SCALE[0] if view_params is not None else crop_scale[0]  # the smallest crop the student sees
+        # the smallest crop the student sees: of the stored views (`view_dist`, the cache's ViewDist), else its own
+        crop = (view_dist or ViewDist(1)).min_crop() if view_params is not None else (crop_scale[0], RATIO[0])
         self.corpus = corpus.with_limits(DecodeLimits(max_pixels or None, hint="data.max_pixels",
-                                                      draft_side=needed_side(preprocess.image_size, min_area,
-                                                                             RATIO[0])))
+                                                      draft_side=needed_side(preprocess.image_size, *crop)))
         self.preprocess = preprocess
         self.crop_scale, self.flip, self.seed = tuple(crop_scale), flip, seed
         self.corpus_rows = np.arange(len(corpus)) if corpus_rows is None else np.asarray(corpus_rows)
         self.cache_rows = self.corpus_rows if cache_rows is None else np.asarray(cache_rows)
-        self.view_params = view_params  # (N_cache, K, 5) or None: stored views to show
+        self.view_params = view_params  # (N_cache, K, 5 or 8) or None: stored views to show
         self.transform = make_uint8_view_transform(preprocess)  # normalised on the device (DistillModel)
+        if decode not in ("worker", "device"):
+            raise ValueError(f"decode must be 'worker' or 'device', got {decode!r}")
+        self.decode = decode  # device: JPEGs travel compressed, decoded by the main process (distill.device_decode)
 
     def __len__(self) -> int:
         return len(self.corpus_rows)
@@ -173,9 +192,12 @@ class PairDataset(Dataset):
         i, gen = self.choose(item)
         row, cache_row = int(self.corpus_rows[i]), int(self.cache_rows[i])
         from cache.corpus import BadSampleError
+        from cache.image_decode import decode_image
 
         try:
-            img = self.corpus.load_image(row)
+            raw, size = self._encoded(row) if self.decode == "device" else (None, None)
+            img = None if size else self.corpus.load_image(row) if raw is None else decode_image(
+                raw, None, self.corpus.keys[row], self.corpus.describe(row), self.corpus.limits)
         except BadSampleError as e:
             raise DataError(f"{e}; build a feature cache (`distill cache`) to find and skip bad samples, "
                             f"or fix or remove that row") from e
@@ -184,9 +206,22 @@ class PairDataset(Dataset):
             params = self.view_params[cache_row, k].tolist()
         else:
             k = -1
-            params = random_crop_params(gen, img.width, img.height, self.crop_scale, self.flip)
-        return {"image": self.transform(img, params), "caption": self.corpus.captions[row], "row": row,
-                "cache_row": cache_row, "view": k}
+            w, h = size or (img.width, img.height)
+            params = random_crop_params(gen, w, h, self.crop_scale, self.flip)
+        item = {"caption": self.corpus.captions[row], "row": row, "cache_row": cache_row, "view": k}
+        if size:  # decoded, cropped and resized on the training device (TrainBatch.decoded)
+            return {**item, "encoded": torch.frombuffer(bytearray(raw), dtype=torch.uint8), "params": params,
+                    "size": tuple(self.preprocess.image_size)}
+        return {**item, "image": self.transform(img, params)}
+
+    def _encoded(self, row: int) -> tuple[bytes | None, tuple[int, int] | None]:
+        """A JPEG's bytes and (width, height), to decode on the device; (_, None): decode it here."""
+        from cache.image_decode import jpeg_size
+
+        raw = self.corpus.load_bytes(row)
+        if raw is None:
+            return None, None
+        return raw, jpeg_size(raw, self.corpus.keys[row], self.corpus.describe(row), self.corpus.limits)
 
 
 class Collate:
@@ -210,8 +245,9 @@ class Collate:
     def __init__(self, tokenizer, features: str | None = None, teachers: Sequence[str] = (),
                  use_views: bool = False, block_rows: int = 0, cache_blocks: int = 16,
                  route: np.ndarray | None = None, caption_ids: bool = True, bad_features: str = "stop",
-                 pad_id: int | None = None):
+                 pad_id: int | None = None, token_teachers: Sequence[str] = ()):
         self.pad_id = pad_id  # trim captions to the batch's longest (`trim_padding`); None: the full context
+        self.token_teachers = list(token_teachers)  # those of `teachers` whose patch tokens a spatial term reads
         self.tokenizer, self.features, self.teachers, self.use_views = tokenizer, features, list(teachers), use_views
         self.block_rows, self.cache_blocks = int(block_rows), int(cache_blocks)
         self.route = route  # (N_corpus, T) bool by CORPUS row, T = `teachers` (route_mask); None: no routing
@@ -237,11 +273,13 @@ class Collate:
                                          unreadable="nan" if self.bad_features == "skip" else "raise")
         return self._reader
 
-    def _read_checked(self, rows: np.ndarray,
-                      views: np.ndarray | None) -> tuple[dict[str, Embeddings], np.ndarray]:
-        """The rows' teacher features, and a (B, T) bool mask of the (row, teacher) pairs that are bad."""
+    def _read_checked(self, rows: np.ndarray, views: np.ndarray | None
+                      ) -> tuple[dict[str, Embeddings], dict[str, np.ndarray], np.ndarray]:
+        """The rows' teacher features, the `token_teachers`' patch tokens (of the same views), and a (B, T) bool
+        mask of the (row, teacher) pairs that are bad (non-finite tokens count)."""
         try:
             got = self.reader.read(rows, self.teachers, views=views)
+            toks = self.reader.read_tokens(rows, self.token_teachers, views=views) if self.token_teachers else {}
         except BadRowsError as e:  # a checksum failure (stop mode): same message as a NaN row, with the option
             raise BadRowsError.of(e.path, e.teacher, e.modality, e.rows, e.problem, SKIP_HINT) from None
         bad = np.zeros((len(rows), len(self.teachers)), dtype=bool)
@@ -252,17 +290,26 @@ class Collate:
                     first = int(np.flatnonzero(mask)[0])
                     raise BadRowsError.of(self.features, t, m, rows[mask], row_problem(x[first]), SKIP_HINT)
                 bad[:, j] |= mask
-        return got, bad
+        for t, x in toks.items():
+            if x.ndim != 3:
+                raise ValueError(f"teacher {t!r} patch tokens have shape {x.shape[1:]} per row; a spatial term needs "
+                                 f"the view the student saw (data.use_views=true)")
+            mask = ~np.isfinite(x.reshape(len(x), -1)).all(1)
+            if mask.any() and self.bad_features == "stop":
+                raise BadRowsError.of(self.features, t, "patch-token", rows[mask], "non-finite", SKIP_HINT)
+            bad[:, self.teachers.index(t)] |= mask
+        return got, toks, bad
 
     def __call__(self, items: list[dict]) -> TrainBatch:
         views = torch.tensor([it["view"] for it in items], dtype=torch.long)
         feats: dict[str, Pair[torch.Tensor]] = {}
+        tokens: dict[str, torch.Tensor] = {}
         corpus_rows = [it["row"] for it in items]
         route = None if self.route is None else torch.from_numpy(self.route[corpus_rows])
         skipped = 0
         if self.features and self.teachers:
             rows = np.array([it["cache_row"] for it in items])
-            got, bad = self._read_checked(rows, views.numpy() if self.use_views else None)
+            got, toks, bad = self._read_checked(rows, views.numpy() if self.use_views else None)
             if bad.any():  # skip mode: drop the teacher for those rows, never let a NaN reach the loss
                 if route is None:
                     route = torch.ones(len(items), len(self.teachers), dtype=torch.bool)
@@ -270,6 +317,8 @@ class Collate:
                 for j, t in enumerate(self.teachers):
                     for _, x in got[t].items():
                         x[bad[:, j]] = 0.0
+                    if t in toks:
+                        toks[t][bad[:, j]] = 0.0
                 skipped = int(bad.sum())
                 self.skipped_total += skipped
                 log.warning("data.bad_features=skip: dropped %s for cache rows with bad features (%d pair(s) so "
@@ -277,13 +326,19 @@ class Collate:
                                 f"teacher {t!r} on rows {format_rows(rows[bad[:, j]])}" for j, t in
                                 enumerate(self.teachers) if bad[:, j].any()), self.skipped_total, self.features)
             feats = teacher_feats(got)
+            tokens = {t: torch.from_numpy(x) for t, x in toks.items()}
         captions = [it["caption"] for it in items]
-        return TrainBatch(images=torch.stack([it["image"] for it in items]),
+        enc = [j for j, it in enumerate(items) if "encoded" in it]
+        size = items[enc[0]]["size"] if enc else None
+        return TrainBatch(images=torch.stack([torch.zeros(3, *size, dtype=torch.uint8) if "encoded" in it
+                                              else it["image"] for it in items]),
                           tokens=trim_padding(self.tokenizer(captions), self.pad_id),
                           rows=torch.tensor(corpus_rows, dtype=torch.long), views=views,
                           teacher_feats=feats, route=route,
                           caption_ids=torch.tensor([caption_id(c) for c in captions], dtype=torch.int64)
-                          if self.caption_ids else None, skipped_features=skipped)
+                          if self.caption_ids else None, skipped_features=skipped, teacher_tokens=tokens,
+                          encoded=EncodedImages([items[j]["encoded"] for j in enc], [items[j]["params"] for j in enc],
+                                                enc) if enc else None)
 
 
 def mean_view(x: torch.Tensor) -> torch.Tensor:

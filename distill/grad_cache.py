@@ -28,6 +28,7 @@ from distill.losses import StudentOutput
 from teachers.modality import Pair
 
 LossFn = Callable[[StudentOutput], dict[str, Tensor]]
+SCALARS = ("logit_scale", "logit_bias")  # one value for the whole batch, not per row
 
 
 @dataclass(frozen=True)
@@ -50,17 +51,23 @@ class RngSnapshot:
 
 
 def _flat(out: StudentOutput) -> dict[str, Tensor]:
-    """{"image", "text", "logit_scale", "projected.T.image", "projected.T.text"}: every tensor the loss may read."""
+    """{"image", "text", "logit_scale", ["logit_bias",] "projected.T.image", "projected.T.text", ["tokens.T"]}: every
+    tensor the loss may read."""
     flat = {"image": out.image, "text": out.text, "logit_scale": out.logit_scale}
+    if out.logit_bias is not None:
+        flat["logit_bias"] = out.logit_bias
     for t, pair in out.projected.items():
         flat[f"projected.{t}.image"], flat[f"projected.{t}.text"] = pair.image, pair.text
+    for t, x in out.tokens.items():  # a spatial term's adapted patch tokens, (B, G*G, Dt)
+        flat[f"tokens.{t}"] = x
     return flat
 
 
 def _unflat(flat: dict[str, Tensor], teachers: list[str]) -> StudentOutput:
     return StudentOutput(image=flat["image"], text=flat["text"], logit_scale=flat["logit_scale"],
                          projected={t: Pair(flat[f"projected.{t}.image"], flat[f"projected.{t}.text"])
-                                    for t in teachers})
+                                    for t in teachers}, logit_bias=flat.get("logit_bias"),
+                         tokens={k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("tokens.")})
 
 
 def chunk_slices(batch_size: int, micro: int) -> list[slice]:
@@ -90,7 +97,8 @@ def merge_batches(batches: Sequence[TrainBatch], pad_id: int | None) -> TrainBat
     return TrainBatch(cat([b.images for b in batches]), cat([pad(b.tokens) for b in batches]),
                       cat([b.rows for b in batches]), cat([b.views for b in batches]), feats,
                       cat([b.route for b in batches]), cat([b.caption_ids for b in batches]),
-                      sum(b.skipped_features for b in batches))
+                      sum(b.skipped_features for b in batches),
+                      teacher_tokens={t: cat([b.teacher_tokens[t] for b in batches]) for t in first.teacher_tokens})
 
 
 def no_sync_of(accelerator, model: nn.Module) -> Callable[[], ContextManager]:
@@ -124,7 +132,7 @@ def grad_cache_step(model: nn.Module, images: Tensor, tokens: Tensor, micro: int
             outs.append(_flat(model(images[s], tokens[s])))
     teachers = [k.split(".")[1] for k in outs[0] if k.endswith(".image") and k.startswith("projected.")]
     # float32 leaves: the cached gradients do not underflow under fp16, the loss runs at full precision
-    leaves = {k: (v.detach() if k == "logit_scale" else torch.cat([o[k] for o in outs])).float().requires_grad_()
+    leaves = {k: (v.detach() if k in SCALARS else torch.cat([o[k] for o in outs])).float().requires_grad_()
               for k, v in outs[0].items()}
     del outs
     with torch.enable_grad():
@@ -137,9 +145,10 @@ def grad_cache_step(model: nn.Module, images: Tensor, tokens: Tensor, micro: int
         snap.restore()
         with contextlib.nullcontext() if last else no_sync():
             out = _flat(model(images[s], tokens[s]))
-            # the logit scale is one value for the whole batch: its gradient goes in once, with the last chunk
-            terms = [(out[k].float() * (g if k == "logit_scale" else g[s])).sum() for k, g in grads.items()
-                     if g is not None and out[k].requires_grad and (last or k != "logit_scale")]
+            # the logit scale and bias are one value for the whole batch: their gradient goes in once, with the last
+            # chunk
+            terms = [(out[k].float() * (g if k in SCALARS else g[s])).sum() for k, g in grads.items()
+                     if g is not None and out[k].requires_grad and (last or k not in SCALARS)]
             if terms:
                 backward(torch.stack(terms).sum())
     after.restore()  # as if the batch had been embedded once: later draws do not depend on the chunking

@@ -10,11 +10,13 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from distill.heads import ProjectionHeads
+from distill.heads import ProjectionHeads, TokenAdaptors
 from distill.losses import StudentOutput
 from teachers.modality import MODALITIES, Modality
+from teachers.tokens import open_clip_visual_tokens
 from teachers.transforms import OPENAI_MEAN, OPENAI_STD
 
 
@@ -30,33 +32,51 @@ class DistillModel(nn.Module):
     """`pixel_mean`/`pixel_std`: the student's normalisation, applied here to the loader's uint8 images.
 
     Why on the device: uint8 crosses the worker queue and the host-to-device copy at a quarter of float32's bytes.
-    The buffers are not persistent, so checkpoints keep only `student.*` and `heads.*`.
+    The buffers are not persistent, so checkpoints keep only `student.*`, `heads.*` (and `adaptors.*` with a spatial
+    term).
     """
 
     def __init__(self, student: nn.Module, heads: ProjectionHeads | None = None,
-                 pixel_mean: Sequence[float] = OPENAI_MEAN, pixel_std: Sequence[float] = OPENAI_STD):
+                 pixel_mean: Sequence[float] = OPENAI_MEAN, pixel_std: Sequence[float] = OPENAI_STD,
+                 adaptors: TokenAdaptors | None = None):
         super().__init__()
         self.student = student
         self.heads = heads
+        self.adaptors = adaptors  # per-teacher patch-token adaptors, only with a spatial term
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32), persistent=False)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> StudentOutput:
         images = student_pixels(images, self.pixel_mean, self.pixel_std)
-        image = self.student.encode_image(images, normalize=True)
+        image, spatial = self._encode_image(images)
         text = self.student.encode_text(tokens, normalize=True)
         projected = self.heads(image, text) if self.heads is not None else {}
-        return StudentOutput(image=image, text=text, logit_scale=self.student.logit_scale.exp(), projected=projected)
+        return StudentOutput(image=image, text=text, logit_scale=self.student.logit_scale.exp(), projected=projected,
+                             logit_bias=getattr(self.student, "logit_bias", None), tokens=spatial)
+
+    def _encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The normalised image embeddings and, with token adaptors (a spatial term), {teacher: (B, G*G, Dt)}
+        adapted patch tokens from the same forward pass (`teachers.tokens`: after the tower's final norm)."""
+        if self.adaptors is None:
+            return self.student.encode_image(images, normalize=True), {}
+        pooled, patches, grid = open_clip_visual_tokens(self.student.visual, images)
+        return F.normalize(pooled, dim=-1), self.adaptors(patches, grid)
 
     def freeze_unreached(self, uses_logit_scale: bool, head_modalities: dict[str, tuple[Modality, ...]],
-                         student_modalities: tuple[Modality, ...] = MODALITIES) -> list[str]:
+                         student_modalities: tuple[Modality, ...] = MODALITIES,
+                         uses_logit_bias: bool = False) -> list[str]:
         """Freeze what no loss term reaches; returns the frozen parameter names.
 
         Why: DDP fails on trainable parameters that get no gradient unless `find_unused_parameters=True`, which
         costs a graph walk every step. Unreached here: the logit scale under a feature-only loss, the logit bias
-        (no term uses one), heads of a modality no term reads, and a whole tower no term reads (a feature term on
-        images only: the text tower).
+        unless a sigmoid term reads it (`uses_logit_bias`: siglip, affinity from a sigmoid teacher), heads of a
+        modality no term reads, and a whole tower no term reads (a feature term on images only: the text tower).
+        A loss that reads a logit bias the student lacks is refused here, before the first step.
         """
+        if uses_logit_bias and not isinstance(getattr(self.student, "logit_bias", None), nn.Parameter):
+            raise ValueError("the loss reads the student's logit bias (a siglip term, or affinity from a teacher "
+                             "with a logit bias), but this student has none: build it with an init_logit_bias "
+                             "(student.overrides.init_logit_bias, e.g. -10 as SigLIP)")
         frozen = []
         for name, p in self.student.named_parameters():
             tower = (Modality.IMAGE if name.startswith("visual.") else None if name.startswith("logit_")
@@ -66,7 +86,8 @@ class DistillModel(nn.Module):
                 frozen.append(f"student.{name}")
         for name in ("logit_scale", "logit_bias"):
             p = getattr(self.student, name, None)
-            if isinstance(p, nn.Parameter) and p.requires_grad and (name == "logit_bias" or not uses_logit_scale):
+            used = uses_logit_bias if name == "logit_bias" else uses_logit_scale
+            if isinstance(p, nn.Parameter) and p.requires_grad and not used:
                 p.requires_grad_(False)
                 frozen.append(f"student.{name}")
         if self.heads is not None:

@@ -159,6 +159,7 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
     from tqdm.auto import tqdm
 
     from distill.build_run import build_run, teacher_batch
+    from distill.losses import teacher_logit_bias
 
     # before build_run, which writes RUN/student and RUN/tokenizer; the main process sets broken ones aside
     resume = resolve_resume(cfg.train.resume, out, set_aside=accelerator.is_main_process)
@@ -182,9 +183,11 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
     logger = RunLogger(out, enabled=accelerator.is_main_process, tensorboard=cfg.train.tensorboard)
     logger.truncate_after(state.step)
     scales = {t: float(a["logit_scale"]) for t, a in plan.teacher_attrs.items()}
+    biases = {t: b for t, a in plan.teacher_attrs.items() if (b := teacher_logit_bias(a)) is not None}
     unwrapped = accelerator.unwrap_model(model)
     last_ckpt, sums, t_step, t_samples = None, {}, time.perf_counter(), 0
     watch = LossWatch(state.step, accelerator.device)
+    interpolation = run.loader.dataset.preprocess.interpolation  # for data.decode=device
     pad_id = getattr(run.loader.collate_fn, "pad_id", None)  # to merge caption batches trimmed to their longest
     skipped, skipped_total = 0, 0  # (teacher, row) pairs dropped: this process since the last log, all processes
     # a context manager, so the bar is closed on an error too and the message is not printed on the bar's line
@@ -198,13 +201,14 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
             batches = (accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch
                        else loader)
             for batch in batches:
+                batch = batch.decoded(interpolation)  # data.decode=device: JPEGs decoded here, on the device
                 if merge:
                     pending.append(batch)
                     if len(pending) < accum:
                         continue
                     batch, pending = merge_batches(pending, pad_id), []
                 with accelerator.accumulate(model):
-                    teachers = teacher_batch(batch, scales, run.loss.teacher_names)
+                    teachers = teacher_batch(batch, scales, run.loss.teacher_names, biases)
                     gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + state.step * 1009
                                                         + state.batches_in_epoch % accum)  # same on every rank
                     if cfg.data.micro_batch_size:  # GradCache: the same gradients, activations of M rows at a time

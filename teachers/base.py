@@ -21,12 +21,14 @@ class Teacher(nn.Module, ABC):
     """A frozen image-text model. Subclasses implement `_image_features`, `_text_features`, `tokenize`."""
 
     def __init__(self, trunk: nn.Module, *, spec: str, embed_dim: int, logit_scale: float,
-                 preprocess_cfg: PreprocessCfg, context_length: int):
+                 preprocess_cfg: PreprocessCfg, context_length: int, logit_bias: float | None = None):
         super().__init__()
         self.trunk = trunk
         self.spec = spec
         self.embed_dim = int(embed_dim)
         self.logit_scale = float(logit_scale)
+        # a sigmoid (SigLIP) model's learnt bias: its pair logit is logit_scale * cos + logit_bias; None: softmax
+        self.logit_bias = None if logit_bias is None else float(logit_bias)
         self.preprocess_cfg = preprocess_cfg
         self.context_length = int(context_length)
         self.autocast_dtype: torch.dtype | None = None  # set by to_device() on GPU
@@ -80,6 +82,36 @@ class Teacher(nn.Module, ABC):
             feats = self._image_features(images.to(self.device))
         return F.normalize(feats.float(), dim=-1)
 
+    # -- patch tokens (optional: spatial distillation) -------------------------------------------------
+    def _image_features_and_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """(pooled features (B, E), patch tokens (B, h*w, D), (h, w)) from one forward (see `teachers.tokens`).
+
+        Back-ends that can give patch tokens override this; a `py:` teacher that does not is refused clearly.
+        """
+        from .tokens import TokensUnsupported
+
+        raise TokensUnsupported(f"teacher {self.spec!r} ({type(self).__name__}) gives no patch tokens: implement "
+                                f"_image_features_and_tokens, or cache it without --tokens")
+
+    @torch.no_grad()
+    def encode_image_with_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """(L2-normalised embeddings (B, E), float32 patch tokens (B, h*w, D) NOT normalised, grid (h, w))."""
+        with self._autocast():
+            feats, tokens, grid = self._image_features_and_tokens(images.to(self.device))
+        return F.normalize(feats.float(), dim=-1), tokens.float(), grid
+
+    def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, h*w, D) patch tokens of the last layer, after the final norm, without prefix tokens (float32)."""
+        return self.encode_image_with_tokens(images)[1]
+
+    def token_shape(self) -> tuple[int, int, int]:
+        """(h, w, D): the patch grid and token width at this teacher's own image size (one forward, memoised)."""
+        if getattr(self, "_token_shape", None) is None:
+            size = self.preprocess_cfg.image_size
+            _, tokens, (h, w) = self.encode_image_with_tokens(torch.zeros(1, 3, *size))
+            self._token_shape = (int(h), int(w), int(tokens.shape[-1]))
+        return self._token_shape
+
     @torch.no_grad()
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         with self._autocast():
@@ -92,5 +124,6 @@ class Teacher(nn.Module, ABC):
 
     def describe(self) -> dict:
         """Metadata stored with a teacher's features in the cache."""
-        return {"spec": self.spec, "embed_dim": self.embed_dim, "logit_scale": self.logit_scale,
+        bias = {} if getattr(self, "logit_bias", None) is None else {"logit_bias": self.logit_bias}
+        return {"spec": self.spec, "embed_dim": self.embed_dim, "logit_scale": self.logit_scale, **bias,
                 "context_length": self.context_length, **self.preprocess_cfg.to_attrs()}

@@ -12,6 +12,10 @@ class HubUnavailableError(FileNotFoundError):
     """A hub model that is not in the local cache, while the Hub is off (HF_HUB_OFFLINE=1) or unreachable."""
 
 
+class GatedModelError(PermissionError):
+    """A gated hub model (MedSigLIP, ConceptCLIP) whose terms this account has not accepted, or no token given."""
+
+
 def is_cached(repo_id: str, filename: str) -> bool:
     """Whether `filename` of `repo_id` is in the Hugging Face cache (no network)."""
     from huggingface_hub import try_to_load_from_cache
@@ -22,12 +26,13 @@ def is_cached(repo_id: str, filename: str) -> bool:
 def require_hub_file(repo_id: str, filenames: tuple[str, ...]) -> None:
     """Return when one of `filenames` of `repo_id` is cached or the Hub answers; else HubUnavailableError.
 
-    The message names the repo; the caller names the SPEC. A malformed id or an HTTP error from the Hub
-    (missing repo, gated model) returns too: the loader then reports that error itself, at once.
+    The message names the repo; the caller names the SPEC. A gated repo the account may not read raises
+    GatedModelError saying what to do (transformers' own message spans lines and buries that). A malformed id or
+    another HTTP error from the Hub (a missing repo) returns: the loader then reports that error itself, at once.
     """
     from huggingface_hub import get_hf_file_metadata, hf_hub_url, is_offline_mode
     from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_ETAG_TIMEOUT
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError
 
     try:
         if any(is_cached(repo_id, f) for f in filenames):
@@ -39,7 +44,11 @@ def require_hub_file(repo_id: str, filenames: tuple[str, ...]) -> None:
                                   f"(looked for {' or '.join(filenames)})")
     try:  # a single HEAD request: huggingface_hub retries only when asked to
         get_hf_file_metadata(hf_hub_url(repo_id, filenames[0]), timeout=HF_HUB_ETAG_TIMEOUT)
-    except HfHubHTTPError:  # the Hub answered (missing repo, gated model): the loader names the error
+    except GatedRepoError as e:
+        raise GatedModelError(f"{repo_id} is gated on the Hugging Face Hub: accept its terms on "
+                              f"https://huggingface.co/{repo_id} with your account, then log in (`hf auth login`, "
+                              "or set HF_TOKEN) and retry") from e
+    except HfHubHTTPError:  # the Hub answered (missing repo): the loader names the error
         return
     except Exception as e:  # DNS, connection, TLS, timeout: the Hub did not answer
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -124,13 +124,26 @@ class OpenClipTeacher(Teacher):
 
         model, preprocess, tokenizer = create_open_clip(spec, device)
         cfg = PreprocessCfg.from_open_clip(get_model_preprocess_cfg(model))
-        size = cfg.image_size
+        self._setup(model, preprocess, tokenizer, spec.raw, cfg, device)
+
+    @classmethod
+    def from_parts(cls, model, preprocess, tokenizer, *, spec: str, preprocess_cfg: PreprocessCfg,
+                   device: str | torch.device = "cpu") -> "OpenClipTeacher":
+        """A model with open_clip's interface (encode_image, encode_text, logit_scale) built by other code, e.g. a
+        fork of open_clip (UniMed-CLIP), as a Teacher: what a `py:` adapter returns (docs/teachers.md).
+        `preprocess_cfg` says what `preprocess` does (views are resized the same way)."""
+        teacher = cls.__new__(cls)
+        teacher._setup(model, preprocess, tokenizer, spec, preprocess_cfg, device)
+        return teacher
+
+    def _setup(self, model, preprocess, tokenizer, spec: str, cfg: PreprocessCfg, device) -> None:
         ctx = getattr(tokenizer, "context_length", None) or getattr(model, "context_length", 77)
         with torch.no_grad():
-            dim = model.encode_image(torch.zeros(1, 3, *size, device=device)).shape[-1]
+            dim = model.encode_image(torch.zeros(1, 3, *cfg.image_size, device=device)).shape[-1]
         scale = float(model.logit_scale.detach().exp().item())
-        super().__init__(model, spec=spec.raw, embed_dim=dim, logit_scale=scale,
-                         preprocess_cfg=cfg, context_length=ctx)
+        bias = getattr(model, "logit_bias", None)  # open_clip's SigLIP models are sigmoid models
+        Teacher.__init__(self, model, spec=spec, embed_dim=dim, logit_scale=scale, preprocess_cfg=cfg,
+                         context_length=ctx, logit_bias=None if bias is None else float(bias.detach().reshape(-1)[0]))
         self._preprocess = preprocess
         self._tokenizer = tokenizer
 
@@ -146,3 +159,8 @@ class OpenClipTeacher(Teacher):
 
     def _text_features(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.trunk.encode_text(tokens)
+
+    def _image_features_and_tokens(self, images: torch.Tensor):
+        from .tokens import open_clip_visual_tokens
+
+        return open_clip_visual_tokens(self.trunk.visual, images)

@@ -25,6 +25,10 @@ for _name, _spec in {
     "genmedclip": "hf-hub:wisdomik/GenMedClip",
     "plip": "hf-clip:vinid/plip",
     "pubmedclip": "hf-clip:flaviagiammarino/pubmed-clip-vit-base-patch32",
+    # SiglipModel, 448 px, 64 tokens, sigmoid (logit_bias); gated: accept the Health AI Developer Foundations terms
+    "medsiglip": "hf:google/medsiglip-448",
+    # the repo's own code (needs --trust-remote-code); gated; its evaluation calls encode_image / encode_text
+    "conceptclip": "hf:JerrryNie/ConceptCLIP",
 }.items():
     TEACHER_ALIASES.add(_name, _spec)
 
@@ -72,7 +76,7 @@ def _load_hint(parsed: Spec) -> str:
     if not local and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         return ("; hint: offline (HF_HUB_OFFLINE=1), a hub model must already be in the Hugging Face cache "
                 f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}), "
-                "or give a local folder (local-dir:PATH, hf-clip:PATH)")
+                "or give a local folder (local-dir:PATH, hf:PATH)")
     return ""
 
 
@@ -90,16 +94,17 @@ def load_teacher(spec: str, device: str | torch.device = "cpu", trust_remote_cod
     parsed = resolve_spec(spec)
     if parsed.backend == "py":
         from .py_teacher import load_py_teacher
-        return load_py_teacher(parsed, device=device)  # the user's own code: its errors are its own
+        # the user's own code: its errors are its own
+        return load_py_teacher(parsed, device=device, trust_remote_code=trust_remote_code)
     try:
         if parsed.backend == "open_clip":
             from .open_clip_teacher import OpenClipTeacher
             teacher: Teacher = OpenClipTeacher(parsed, device=device)
-        elif parsed.backend == "hf-clip":
-            from .hf_teacher import HFClipTeacher
-            teacher = HFClipTeacher(parsed, device=device, trust_remote_code=trust_remote_code)
+        elif parsed.backend in ("hf", "hf-clip"):
+            from .hf_teacher import HFTeacher
+            teacher = HFTeacher(parsed, device=device, trust_remote_code=trust_remote_code)
         else:  # a plug-in back-end (resolve_spec only returns kinds that BACKENDS has)
-            teacher = _load_plugin_teacher(parsed, device)
+            teacher = _load_plugin_teacher(parsed, device, trust_remote_code)
     except (OSError, RuntimeError) as e:
         if isinstance(e, OSError) and e.errno is not None and not isinstance(e, FileNotFoundError):
             raise  # permission, full disk, too many open files: the environment's, named by the CLI
@@ -109,9 +114,13 @@ def load_teacher(spec: str, device: str | torch.device = "cpu", trust_remote_cod
     return teacher.to_device(device)
 
 
-def _load_plugin_teacher(parsed: Spec, device: str | torch.device) -> Teacher:
-    """Call a plug-in back-end's `load(spec, device)` and check that it kept the Teacher contract."""
-    teacher = BACKENDS.get(parsed.kind)(parsed, device=device)
+def _load_plugin_teacher(parsed: Spec, device: str | torch.device, trust_remote_code: bool = False) -> Teacher:
+    """Call a plug-in back-end's `load(spec, device)` (with `trust_remote_code=` when it takes one) and check that
+    it kept the Teacher contract."""
+    from .py_teacher import accepted_kwargs
+
+    load = BACKENDS.get(parsed.kind)
+    teacher = load(parsed, **accepted_kwargs(load, device=device, trust_remote_code=trust_remote_code))
     if not isinstance(teacher, Teacher):
         raise TypeError(f"SPEC {parsed.raw!r}: the {parsed.kind!r} back-end (entry point group "
                         f"{BACKENDS.entry_point_group!r}) returned {type(teacher).__name__}, expected a "

@@ -1,6 +1,7 @@
 """Image transforms shared by teachers, the cache and the student.
 
-A stored view is 5 numbers per sample: the relative crop box (x0, y0, w, h in [0, 1]) and a flip flag. Applying
+A stored view is 5 numbers per sample: the relative crop box (x0, y0, w, h in [0, 1]) and a flip flag, or 8 with
+brightness, contrast and saturation factors (`cache.views` draws them). Applying
 it to the decoded PIL image *before* any model's resize lets each teacher (and later the student) see exactly
 the same view at its own resolution.
 Why the view transform stays in the bottom room, beside the eval transforms: the cache encodes every teacher on
@@ -53,14 +54,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def apply_view(img: Image.Image, params: Sequence[float]) -> Image.Image:
-    """Crop the relative box (x0, y0, w, h) and flip horizontally when params[4] > 0.5."""
-    x0, y0, w, h, flip = (float(p) for p in params)
+    """Crop the relative box (x0, y0, w, h), flip horizontally when params[4] > 0.5, then, with 8 params, scale
+    brightness, contrast and saturation by params[5:8] (torchvision's adjust_*, in that fixed order; 1.0: none)."""
+    x0, y0, w, h, flip = (float(p) for p in params[:5])
     W, H = img.size
     left, top = int(round(x0 * W)), int(round(y0 * H))
     right = max(left + 1, min(W, int(round((x0 + w) * W))))
     bottom = max(top + 1, min(H, int(round((y0 + h) * H))))
     out = img.crop((left, top, right, bottom))
-    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip > 0.5 else out
+    out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip > 0.5 else out
+    for adjust, factor in zip((TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation), params[5:8]):
+        if float(factor) != 1.0:
+            out = adjust(out, float(factor))
+    return out
 
 
 def _normalise(t: torch.Tensor, cfg: PreprocessCfg) -> torch.Tensor:

@@ -76,7 +76,7 @@ def test_a_folded_file_has_exactly_the_layouts_tree(tmp_path):
     out = str(tmp_path / "f.h5")
     n, d, k = 10, 4, 2
     W.create_file(out, [f"k{i}" for i in range(n)], fingerprint="fp", source="c.csv")
-    W.add_views(out, np.zeros((n, k, 5), np.float32), seed=3, h5_chunk_rows=4)
+    W.add_views(out, np.zeros((n, k, 5), np.float32), {"seed": 3}, h5_chunk_rows=4)
     W.write_meta(out, "t", {"attrs": {"spec": "x", "embed_dim": d, "views": k}, "dtype": "float16",
                             "fingerprint": "fp", "h5_chunk_rows": 4})
     rows = np.arange(1, n)

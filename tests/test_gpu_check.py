@@ -26,12 +26,13 @@ def test_variants_follow_the_trainers_config_keys():
     assert gpu_check.variant_overrides("compile+gradcache", f, with_compile) == (
         {"train.compile": True, "data.micro_batch_size": 32}, None)
     assert gpu_check.variant_overrides("gradcache", f, "")[1] == "data.micro_batch_size not in this trainer's config"
+    assert gpu_check.variant_overrides("devdecode", f, "  data.decode = 'worker'")[0] == {"data.decode": "device"}
 
 
 def test_smoke_prints_samples_mfu_and_peak_memory(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)}
     p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke", "--peak-tflops", "0.5",
-                        "--variants", "plain", "--workdir", str(tmp_path / "work")],
+                        "--variants", "plain,devdecode", "--workdir", str(tmp_path / "work")],
                        cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     head = re.search(r"gpu_check device=cpu preset=tiny batch=8 steps=3 precision=no flops_per_sample=(\S+)", p.stdout)
@@ -46,4 +47,5 @@ def test_smoke_prints_samples_mfu_and_peak_memory(tmp_path):
 
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert saved["variants"]["plain"]["status"] == "ok" and saved["variants"]["plain"]["steps"] == 3
+    assert saved["variants"]["devdecode"]["status"] == "ok"  # the corpus is JPEG: decoded by the main process
     assert abs(saved["flops_per_sample"] - fps) <= 1e-3 * fps  # printed with 4 significant digits

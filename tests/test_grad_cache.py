@@ -220,3 +220,71 @@ def test_compile_trains_the_tiny_model_like_eager(tiny_corpus, tiny_cache, tiny_
     assert runs["compiled"]["step"] == 2 and counters["stats"]["unique_graphs"] >= 1  # dynamo did compile
     a, b = load_weights(runs["eager"]["checkpoint"]), load_weights(runs["compiled"]["checkpoint"])
     _assert_equal(a, b, atol=1e-4)  # inductor fuses and reorders float32 sums: equal to ~1e-6 relative per step
+
+
+def _max_rel(a: dict, b: dict) -> float:
+    """max over tensors of max |a - b| / max |b|, floored at 1% of the largest gradient (a key bias's is ~0)."""
+    top = max(v.abs().max().item() for v in b.values())
+    return max((a[k] - b[k]).abs().max().item() / max(b[k].abs().max().item(), 1e-2 * top) for k in b)
+
+
+def test_grad_cache_under_bf16_autocast_is_as_close_as_the_plain_bf16_step(tiny_tokenizer, tmp_path):
+    """`train.mixed_precision: bf16` (Accelerate wraps the model's forward in autocast, on a CPU too): the loss
+    equals the plain bf16 step's, and the gradients are as close to float32's as the plain bf16 step's are.
+    Bit equality is not expected: GradCache's loss runs on float32 copies of the bf16 embeddings, and the chunks'
+    matmuls accumulate in another order."""
+    model, images, tokens, loss_fn = _setup(tiny_tokenizer, tmp_path, dropout=False)
+    loss_fn(model(images, tokens))["loss"].backward()
+    fp32 = _grads(model)
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)  # as Accelerate's prepare does
+    ref = loss_fn(model(images, tokens))
+    assert model(images, tokens).image.dtype == torch.bfloat16  # autocast really ran
+    ref["loss"].backward()
+    plain = _grads(model)
+    got = grad_cache_step(model, images, tokens, 3, loss_fn, lambda x: x.backward())
+    cached = _grads(model)
+    for k in ref:
+        assert got[k].item() == pytest.approx(ref[k].item(), rel=1e-5), k
+    bf16_error = _max_rel(plain, fp32)
+    assert 1e-3 < bf16_error < 0.1  # bf16 rounding, measured ~0.02
+    assert _max_rel(cached, plain) < 0.1
+    assert _max_rel(cached, fp32) <= 1.5 * bf16_error  # no less accurate than the plain bf16 step
+
+
+def test_training_bf16_with_micro_batches_matches_without(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path):
+    """The trainer with `train.mixed_precision=bf16` on a CPU, with and without micro batches: the first step's
+    logged losses (before any update) equal, the second's (after one AdamW step on the bf16 gradients) close.
+    Weights are not compared: AdamW's first step is about lr x sign(gradient), so a gradient near 0 that bf16
+    rounds the other way moves its weight by 2 lr either way."""
+    for name, micro in [("plain", "null"), ("micro", 3)]:
+        _train(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path / name, train__max_steps=2,
+               train__mixed_precision="bf16", data__micro_batch_size=micro)
+    la, lb = read_log(tmp_path / "plain"), read_log(tmp_path / "micro")
+    assert [r["step"] for r in la] == [r["step"] for r in lb] == [1, 2]
+    for key in ("loss", "infonce", "feature", "icl"):
+        assert lb[0][key] == pytest.approx(la[0][key], rel=1e-4), key
+        assert lb[1][key] == pytest.approx(la[1][key], rel=3e-3), key  # measured 3e-4
+
+
+@pytest.mark.slow
+def test_fsdp2_with_micro_batches_equals_one_process_without(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path):
+    """FSDP2 on 2 CPU processes (test_train_fsdp's launcher) x 4 rows in chunks of 3, with gradient clipping: the
+    same logged losses and weights after 2 steps as one process x 8 rows without micro batches. Under FSDP2 the
+    first chunks' backward runs without the reduce-scatter (`accelerator.no_sync` sets
+    `set_requires_gradient_sync(False)`), the no-graph pass unshards and reshards like any forward."""
+    from distill.train import train
+    from test_train_fsdp import _launch_fsdp, _merged
+
+    common = dict(features=tiny_cache, tokenizer=tiny_tokenizer, train__max_steps=2, train__checkpoint_every=2,
+                  train__tensorboard="false", optim__max_grad_norm=1.0,
+                  data__use_views="false")  # the student's own crops (seeded by row): this test is about FSDP
+    train(tiny_config(tiny_corpus, tmp_path / "one", data__batch_size=8, **common))
+    res = _launch_fsdp(tiny_config(tiny_corpus, tmp_path / "fsdp", data__batch_size=4, data__micro_batch_size=3,
+                                   **common), tmp_path, "fsdp")
+    assert "FSDP: 1-element instead of 0-dim parameters" in res.stderr  # Accelerate did take its FSDP path
+    ref, got = load_weights(tmp_path / "one" / "checkpoint-2"), _merged(tmp_path / "fsdp" / "checkpoint-2")
+    assert got.keys() == ref.keys()
+    _assert_equal({k: v.reshape(ref[k].shape) for k, v in got.items()}, ref, atol=2e-5)
+    for ra, rb in zip(read_log(tmp_path / "one"), read_log(tmp_path / "fsdp"), strict=True):
+        for key in ("loss", "infonce", "feature", "icl"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4), (ra["step"], key)

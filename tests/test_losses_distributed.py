@@ -18,6 +18,8 @@ from distill.losses import CombineCfg, DistillLoss, LossTermCfg, StudentOutput, 
 from distill.losses.combine import weight_matrix
 from teachers.modality import Pair
 
+from gloo_helpers import counting_gloo_group
+
 WORLD, N, E = 2, 8, 6
 DIMS = {"a": 3, "b": 5}
 TERMS = [
@@ -79,19 +81,8 @@ def _run(rows: slice, combine: CombineCfg, routed: bool = False, captions: bool 
 
 
 def _worker(rank: int, init_file: str, out_dir: str):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
     warnings.filterwarnings("error", category=FutureWarning)  # no deprecated collective on every step
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    calls, all_gather = [0], dist.all_gather
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return all_gather(*args, **kwargs)
-
-    dist.all_gather = counted  # a spawned process: the patch dies with it
-    try:
+    with counting_gloo_group(rank, WORLD, init_file) as calls:
         b = N // WORLD
         for name, combine in COMBINES.items():
             rows = slice(rank * b, (rank + 1) * b)
@@ -99,8 +90,6 @@ def _worker(rank: int, init_file: str, out_dir: str):
             out, grads = _run(rows, combine, name.startswith("routed"), name == "caption")
             torch.save({"out": out, "grads": grads, "all_gathers": torch.tensor(calls[0])},
                        os.path.join(out_dir, f"{name}{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -308,10 +308,12 @@ def test_aliases_are_the_issues_table():
         "biomedclip": "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
         "quiltnet-b32": "hf-hub:wisdomik/QuiltNet-B-32", "quiltnet-b16": "hf-hub:wisdomik/QuiltNet-B-16",
         "genmedclip": "hf-hub:wisdomik/GenMedClip", "plip": "hf-clip:vinid/plip",
-        "pubmedclip": "hf-clip:flaviagiammarino/pubmed-clip-vit-base-patch32"}
+        "pubmedclip": "hf-clip:flaviagiammarino/pubmed-clip-vit-base-patch32",
+        "medsiglip": "hf:google/medsiglip-448", "conceptclip": "hf:JerrryNie/ConceptCLIP"}
     for name in list_teachers():
         assert resolve_spec(name).backend == ("open_clip" if name in ("biomedclip", "genmedclip")
-                                              or name.startswith("quiltnet") else "hf-clip")
+                                              or name.startswith("quiltnet") else
+                                              "hf" if name in ("medsiglip", "conceptclip") else "hf-clip")
 
 
 # -- device, no gradients, autocast ----------------------------------------------------------------------

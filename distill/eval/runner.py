@@ -42,6 +42,7 @@ class EvalJob:
     baselines: tuple[str, ...] = ()     # models the student is compared with one by one (not teachers)
     max_samples: int | None = None      # cap every split of every task (smoke runs, CI)
     cache_dir: str | None = None        # keep image embeddings on disk here across runs (default: memory only)
+    trust_remote_code: bool = False     # let hub models run their repo's own code (--trust-remote-code)
 
     def __post_init__(self):
         if not self.models:
@@ -130,7 +131,7 @@ def run_eval(job: EvalJob) -> EvalReport:
     models: dict[str, dict] = {}
     for name, spec in job.models.items():
         log.info("loading model %s (%s) on %s", name, spec, device)
-        model = load_teacher(spec, device=device)
+        model = load_teacher(spec, device=device, trust_remote_code=job.trust_remote_code)
         models[name] = {"spec": spec, "embed_dim": model.embed_dim}
         for task in tasks:
             log.info("%s: %s (%s)", name, task.name, task.kind)

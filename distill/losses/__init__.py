@@ -1,4 +1,5 @@
-"""Training losses: sharded InfoNCE, feature matching, ICL and affinity distillation, teacher combination, PHI-S.
+"""Training losses: sharded InfoNCE and SigLIP, feature matching, ICL and affinity distillation, teacher combination,
+PHI-S.
 
     loss = DistillLoss([LossTermCfg("infonce", "infonce"), LossTermCfg("feat_mse", "feature", 50.0,
                         kwargs={"metric": "mse"})], teacher_names=["biomedclip", "plip"])
@@ -11,8 +12,10 @@ from .distill_loss import DistillLoss
 from .distributed import GatherFn, all_gather_rows
 from .phi_s import PhiS, hadamard, phi_s_affine
 from .spec import BALANCE_MODES, COMBINE_MODES, CombineCfg, LossTermCfg, build_term, term_class
+from .siglip import SIGLIP_INIT, SigLip
 from .terms import LOSSES, POSITIVES, LossTerm, StepContext, register_loss
-from .types import StudentOutput, TeacherBatch
+from .spatial import Spatial  # registers the `spatial` term
+from .types import StudentOutput, TeacherBatch, teacher_logit_bias
 
 __all__ = [
     "DistillLoss",
@@ -25,8 +28,12 @@ __all__ = [
     "term_class",
     "StudentOutput",
     "TeacherBatch",
+    "teacher_logit_bias",
+    "SigLip",
+    "SIGLIP_INIT",
     "LOSSES",
     "LossTerm",
+    "Spatial",
     "StepContext",
     "register_loss",
     "GatherFn",

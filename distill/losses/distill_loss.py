@@ -1,6 +1,8 @@
 """`DistillLoss`: the weighted sum of named terms that the trainer calls once per step."""
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -80,6 +82,12 @@ class DistillLoss(nn.Module):
         """Whether any term reads the student's logit scale (a feature-only loss does not)."""
         return any(t.uses_logit_scale for t in self.terms.values())
 
+    def uses_logit_bias(self, teacher_biases: Mapping[str, float | None]) -> bool:
+        """Whether some term reads the student's logit bias: siglip, or affinity from a teacher with a bias
+        (`teacher_biases`: teacher -> its logit bias, None or absent for a softmax teacher)."""
+        return any(term.reads_logit_bias([t for t in self.teacher_weights.get(n, {})
+                                          if teacher_biases.get(t) is not None]) for n, term in self.terms.items())
+
     def student_modalities(self) -> tuple[Modality, ...]:
         """The student towers some term reads; an image-only feature loss reads no text."""
         used = {m for t in self.terms.values() for m in t.student_modalities()}
@@ -113,6 +121,12 @@ class DistillLoss(nn.Module):
         terms that read the global batch's teacher features, and every weighted teacher under confidence weights."""
         conf = self.combine_cfg.mode == "confidence"
         used = {t for n, w in self.teacher_weights.items() if conf or self.terms[n].gathers_teachers for t in w}
+        return [t for t in self.teacher_names if t in used]
+
+    def token_teachers(self) -> list[str]:
+        """The teachers whose cached patch tokens some term reads (`spatial`), in cache order: the batches must
+        carry their tokens and the student needs a token adaptor for each."""
+        used = {t for n, w in self.teacher_weights.items() if self.terms[n].uses_tokens for t in w}
         return [t for t in self.teacher_names if t in used]
 
     def forward(

@@ -48,7 +48,7 @@ class LossTermCfg(Section):
 
     where = "loss.terms"
     name: Str | None = Field(None, description="key in logs; default: the kind")
-    kind: Str = Field(description="a registered loss kind: infonce | feature | icl | affinity")
+    kind: Str = Field(description="a registered loss kind: infonce | siglip | feature | icl | affinity | spatial")
     weight: Float = Field(1.0, description=">= 0; 0 skips the term")
     teachers: dict[Str, Float] | None = Field(None, description="teacher -> weight for this term; null: loss.teachers")
     kwargs: dict[Str, Any] = Field(default_factory=dict, description="the term's options, e.g. {metric: mse}")

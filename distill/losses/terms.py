@@ -1,4 +1,4 @@
-"""The loss terms, registered by kind: infonce, feature, icl, affinity.
+"""The loss terms, registered by kind: infonce, feature, icl, affinity (siglip is in siglip.py).
 
 Each term returns PER-SAMPLE values (B,) for this process's rows, for one teacher (or none); `DistillLoss` weights
 and averages them (see combine.py). The contrastive-type terms score local rows against the global batch
@@ -8,6 +8,7 @@ All maths runs in float32 whatever the autocast dtype of the inputs.
 from __future__ import annotations
 
 import math
+from typing import Collection
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +136,18 @@ class StepContext:
             raise KeyError(f"the batch has no logit scale for teacher {name!r} (the cache attr `logit_scale`)")
         return float(self.teachers.logit_scale[name])
 
+    def teacher_bias(self, name: str) -> float | None:
+        """Teacher `name`'s logit bias (a sigmoid teacher's, the cache attr `logit_bias`); None for softmax ones."""
+        return None if self.teachers is None else self.teachers.logit_bias.get(name)
+
+    def student_bias(self) -> Tensor:
+        """The student's logit bias in float32, for the sigmoid terms; a one-line error when the student has none."""
+        if self.student.logit_bias is None:
+            raise ValueError("a sigmoid loss term (siglip, or affinity from a teacher with a logit bias) needs the "
+                             "student's logit bias, but the student has none: build it with "
+                             "student.overrides.init_logit_bias (distill train does so for such a loss)")
+        return self.student.logit_bias.float()
+
     def projected(self, name: str, modality: Modality, dim: int) -> Tensor:
         heads = self.student.projected.get(name)
         if heads is None:
@@ -193,6 +206,13 @@ def _soft_ce(teacher_logits: Tensor, student_logits: Tensor, kl: bool) -> Tensor
     return ce + (log_p_t.exp() * log_p_t).sum(-1) if kl else ce
 
 
+def _sigmoid_ce(teacher_logits: Tensor, student_logits: Tensor, kl: bool) -> Tensor:
+    """Per-row sum over pairs of the binary cross-entropy (or KL) of the student's sigmoid from the teacher's."""
+    p_t = teacher_logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(student_logits, p_t, reduction="none").sum(-1)
+    return ce - F.binary_cross_entropy_with_logits(teacher_logits, p_t, reduction="none").sum(-1) if kl else ce
+
+
 def _check_positives(kind: str, positives: str) -> str:
     if positives not in POSITIVES:
         raise ValueError(f"{kind} positives {positives!r} is unknown; use one of {', '.join(POSITIVES)}")
@@ -209,6 +229,7 @@ class LossTerm(nn.Module):
     uses_teachers = True
     uses_logit_scale = True  # reads the student's logit scale
     gathers_teachers = False  # reads the teachers' features of the global batch (gathered across processes)
+    uses_tokens = False  # reads patch tokens (the student's adapted ones, the teachers' cached ones): spatial.py
 
     def head_modalities(self) -> tuple[Modality, ...]:
         """The student projection heads (per teacher) this term reads."""
@@ -217,6 +238,10 @@ class LossTerm(nn.Module):
     def student_modalities(self) -> tuple[Modality, ...]:
         """The student towers whose output this term reads (directly or through a head)."""
         return MODALITIES
+
+    def reads_logit_bias(self, sigmoid_teachers: Collection[str]) -> bool:
+        """Whether the term reads the student's logit bias, given those of its teachers that have a bias."""
+        return False
 
     def per_sample(self, ctx: StepContext, teacher: str | None) -> Tensor:  # (B,)
         raise NotImplementedError
@@ -326,6 +351,10 @@ class Affinity(LossTerm):
     Rows of softmax(student scale * img @ txt^T) against the teacher's rows (teacher's own logit scale), image->text
     and text->image averaged. Cross-entropy by default (as DistillClipLoss, MobileCLIP); kl=True subtracts the
     teacher's entropy so the value is 0 at a perfect match (same gradients).
+    A sigmoid teacher (one with a logit bias b_t, e.g. MedSigLIP) scores each pair on its own, not a row: its
+    targets are sigmoid(s_t * img @ txt^T + b_t), matched by the student's sigmoid(s * img @ txt^T + b) with the
+    student's own scale and bias, as a binary cross-entropy per pair summed over the row's pairs (SigLIP's
+    normalisation), both directions averaged; kl=True subtracts the teacher's binary entropies.
     """
 
     gathers_teachers = True
@@ -334,13 +363,19 @@ class Affinity(LossTerm):
         super().__init__()
         self.kl = bool(kl)
 
+    def reads_logit_bias(self, sigmoid_teachers: Collection[str]) -> bool:
+        return bool(sigmoid_teachers)
+
     def per_sample(self, ctx: StepContext, teacher: str | None) -> Tensor:
-        t_scale = ctx.teacher_scale(teacher)
+        t_scale, t_bias = ctx.teacher_scale(teacher), ctx.teacher_bias(teacher)
         vals = []
         for mine, other in CROSS:
             all_s, _ = ctx.student_global(other)
             all_t, _ = ctx.teacher_global(teacher, other)
             s_logits = ctx.scale * ctx.student_feats(mine) @ all_s.T
             t_logits = t_scale * ctx.teacher(teacher, mine) @ all_t.T
-            vals.append(_soft_ce(t_logits, s_logits, self.kl))
+            if t_bias is None:
+                vals.append(_soft_ce(t_logits, s_logits, self.kl))
+            else:
+                vals.append(_sigmoid_ce(t_logits + t_bias, s_logits + ctx.student_bias(), self.kl))
         return (vals[0] + vals[1]) / 2

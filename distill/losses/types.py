@@ -4,7 +4,9 @@ Kept apart from the term code so the trainer can import them without the term ma
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from torch import Tensor
 
@@ -20,6 +22,10 @@ class StudentOutput:
     logit_scale: Tensor  # scalar, already exp()'d; the loss clamps it at 100
     projected: dict[str, Pair[Tensor]] = field(default_factory=dict)
     # teacher -> Pair(image (B, Dt), text (B, Dt)) from distill.heads.ProjectionHeads, NOT normalised
+    logit_bias: Tensor | None = None  # scalar, SigLIP's learnable bias (open_clip's `logit_bias`); None: no bias
+    tokens: dict[str, Tensor] = field(default_factory=dict)
+    # teacher -> (B, G*G, Dt): the student's patch tokens through that teacher's adaptor (distill.heads.TokenAdaptors),
+    # pooled to the teacher's cached G x G grid; only with a spatial term
 
 
 @dataclass
@@ -31,3 +37,17 @@ class TeacherBatch:
     route: dict[str, Tensor] | None = None
     # teacher -> (B,) bool: which rows are routed to that teacher (per-sample routing, `loss.routing`); None: every
     # row to every teacher. A row routed to none of a term's teachers contributes 0 to that term.
+    logit_bias: dict[str, float] = field(default_factory=dict)
+    # teacher -> its logit bias, for sigmoid (SigLIP-style) teachers only; softmax teachers are absent
+    tokens: dict[str, Tensor] = field(default_factory=dict)
+    # teacher -> (B, G*G, Dt) cached patch tokens (`distill cache --tokens G`), of the view the student saw; only the
+    # teachers of a spatial term
+
+
+def teacher_logit_bias(attrs: Mapping[str, Any]) -> float | None:
+    """A cached teacher's logit bias from its attrs (`logit_bias`), None for a softmax teacher (absent or NaN)."""
+    b = attrs.get("logit_bias")
+    if b is None:
+        return None
+    b = float(b)
+    return None if math.isnan(b) else b

@@ -1,0 +1,24 @@
+"""benchmarks/input_pipeline.py at a reduced size: its JSON has the figures issue 10 names, and the dealt readers'
+amplification is near 1 where the shuffled ones read every block once per (rank, worker). Not a speed test."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_input_pipeline_reduced_run_writes_its_figures(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import input_pipeline
+
+    monkeypatch.setattr(input_pipeline, "write_results", lambda *a, **k: None)
+    out = tmp_path / "ip.json"
+    input_pipeline.main(["--images", "6", "--image-px", "96", "--repeats", "1", "--rows", "40000",
+                         "--ranks", "4", "--workers", "2", "--json", str(out)])
+    got = json.loads(out.read_text())
+    for key in ("read_per_useful_byte", "cores_per_gpu_at_1800", "cores_per_gpu_at_1800_device_decode",
+                "block_cache_bytes_per_worker_9_teachers"):
+        assert got[key] > 0, key
+    assert got["read_per_useful_byte"] < 1.1 < 4 <= got["read_per_useful_byte_before"]  # 8 pairs: ~8 before

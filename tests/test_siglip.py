@@ -1,0 +1,308 @@
+"""The siglip term (SigLIP's sigmoid loss with a learnable bias) and affinity from a sigmoid teacher.
+
+Values against open_clip's SigLipLoss and explicit loops, gradients against open_clip's autograd and SigLIP's
+closed-form bias gradient, 2 gloo processes equal 1, and tiny training runs whose loss falls and whose export
+carries the learnt bias into stock open_clip.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from distill.losses import DistillLoss, LossTermCfg, StudentOutput, TeacherBatch, teacher_logit_bias
+from distill.losses.siglip import SIGLIP_INIT
+from teachers.modality import Pair
+
+from gloo_helpers import counting_gloo_group
+from test_losses import _dot, _hand_affinity, make_batch
+from test_losses_distributed import CAPTION_IDS, DIMS, N, WORLD, _global_batch
+from train_fixtures import (ROOT, load_weights, read_log, tiny_cache, tiny_config,  # noqa: F401  (fixtures)
+                            tiny_tokenizer)
+
+SIGMA = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+
+
+def _siglip(student, caption_ids=None, kwargs=None):
+    loss = DistillLoss([LossTermCfg("siglip", "siglip", kwargs=kwargs or {})], [])
+    return loss(student, None, caption_ids=caption_ids)["siglip"]
+
+
+def _hand_siglip(img, txt, s, b, positive):
+    """(1/n) sum_ij log(1 + exp(-z_ij (s x_i.y_j + b))), z = +1 on positives, -1 elsewhere."""
+    n = len(img)
+    tot = 0.0
+    for i in range(n):
+        for j in range(n):
+            z = 1.0 if positive(i, j) else -1.0
+            tot += math.log1p(math.exp(-z * (s * _dot(img[i], txt[j]) + b)))
+    return tot / n
+
+
+def _student(seed=0, scale=7.5, bias=-3.0, n=6):
+    student, _ = make_batch(seed=seed, b=n)
+    return StudentOutput(student.image.clone().requires_grad_(), student.text.clone().requires_grad_(),
+                         torch.tensor(scale, requires_grad=True), logit_bias=torch.tensor(bias, requires_grad=True))
+
+
+def test_siglip_equals_open_clip_and_the_hand_loop():
+    from open_clip.loss import SigLipLoss
+
+    st = _student(seed=1)
+    got = _siglip(st)
+    ref = SigLipLoss()(st.image, st.text, st.logit_scale, st.logit_bias)
+    hand = _hand_siglip(st.image.detach(), st.text.detach(), 7.5, -3.0, lambda i, j: i == j)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert got.item() == pytest.approx(hand, rel=1e-5)
+    # SigLIP's init (scale 10, bias -10): every negative costs ~e^-10, each positive ~10 - 10 cos
+    init = _siglip(_student(seed=1, scale=math.exp(SIGLIP_INIT["init_logit_scale"]),
+                            bias=SIGLIP_INIT["init_logit_bias"]))
+    assert 5 < init.item() < 20
+
+
+def test_siglip_gradients_equal_open_clip_and_the_closed_form_bias_gradient():
+    from open_clip.loss import SigLipLoss
+
+    ours, ref = _student(seed=2), _student(seed=2)
+    _siglip(ours).backward()
+    SigLipLoss()(ref.image, ref.text, ref.logit_scale, ref.logit_bias).backward()
+    for k in ("image", "text", "logit_scale", "logit_bias"):
+        g, r = getattr(ours, k).grad, getattr(ref, k).grad
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7, msg=k)
+        assert g.abs().sum() > 0, k
+    # dL/db = (1/n) sum_ij (sigmoid(l_ij) - y_ij), y = 1 on the diagonal: SigLIP's bias moves to balance the pairs
+    n, s, b = 6, 7.5, -3.0
+    img, txt = ours.image.detach(), ours.text.detach()
+    want = sum(SIGMA(s * _dot(img[i], txt[j]) + b) - (i == j) for i in range(n) for j in range(n)) / n
+    assert ours.logit_bias.grad.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_siglip_caption_positives_by_hand():
+    st = _student(seed=3, n=8)
+    ids = CAPTION_IDS  # rows 0, 2, 6 share a caption, 1 and 4, 3 and 7
+    got = _siglip(st, ids, {"positives": "caption"})
+    hand = _hand_siglip(st.image.detach(), st.text.detach(), 7.5, -3.0, lambda i, j: bool(ids[i] == ids[j]))
+    assert got.item() == pytest.approx(hand, rel=1e-5)
+    assert got.item() != pytest.approx(_siglip(st).item(), rel=1e-3)
+
+
+def test_siglip_needs_the_students_bias_and_says_so():
+    st = _student()
+    with pytest.raises(ValueError, match="student's logit bias"):
+        _siglip(StudentOutput(st.image, st.text, st.logit_scale))
+    with pytest.raises(ValueError, match="positives"):
+        LossTermCfg("s", "siglip", kwargs={"positives": "rows"})
+
+
+# ---------------------------------------------------------------------------------------------- sigmoid affinity
+
+
+def _hand_sigmoid_affinity(student, teachers, t, t_bias, s, b, kl=False):
+    """Both directions, each pair's binary cross-entropy of the student's sigmoid from the teacher's, row sums."""
+    n, ts = len(student.image), teachers.logit_scale[t]
+    tot = 0.0
+    for mine, other in (("image", "text"), ("text", "image")):
+        si, sj = getattr(student, mine), getattr(student, other)
+        ti, tj = teachers.feats[t][mine], teachers.feats[t][other]
+        for i in range(n):
+            for j in range(n):
+                x_t, x_s = ts * _dot(ti[i], tj[j]) + t_bias, s * _dot(si[i], sj[j]) + b
+                p = SIGMA(x_t)  # 1 - sigmoid(x) = sigmoid(-x): no log(0) for a confident teacher
+                tot += -(p * math.log(SIGMA(x_s)) + (1 - p) * math.log(SIGMA(-x_s))) / 2
+                if kl:
+                    tot += (p * math.log(p) + SIGMA(-x_t) * math.log(SIGMA(-x_t))) / 2
+    return tot / n
+
+
+@pytest.mark.parametrize("kl", [False, True])
+def test_affinity_from_a_sigmoid_teacher_by_hand(kl):
+    """Teacher a has a logit bias (sigmoid targets), b has none (softmax rows as before), weights 2:1."""
+    student, teachers = make_batch(seed=7)
+    student.logit_bias = torch.tensor(-4.0)
+    teachers.logit_bias = {"a": -6.0}
+    loss = DistillLoss([LossTermCfg("aff", "affinity", teachers={"a": 2.0, "b": 1.0}, kwargs={"kl": kl})], ["a", "b"])
+    got = loss(student, teachers)["aff"].item()
+    want = (2 / 3 * _hand_sigmoid_affinity(student, teachers, "a", -6.0, 14.0, -4.0, kl)
+            + 1 / 3 * _hand_affinity(student, teachers, "b", kl=kl))
+    assert got == pytest.approx(want, rel=1e-5)
+    assert loss.uses_logit_bias({"a": -6.0, "b": None}) and not loss.uses_logit_bias({"b": None})
+
+
+def test_sigmoid_affinity_is_zero_at_a_perfect_match_under_kl():
+    """A student equal to its teacher (same features, scale and bias) has KL 0, and a zero gradient."""
+    student, teachers = make_batch(seed=8, dims={"a": 8})
+    f = teachers.feats["a"]
+    img, txt = f.image.clone().requires_grad_(), f.text.clone().requires_grad_()
+    st = StudentOutput(img, txt, torch.tensor(30.0), logit_bias=torch.tensor(-5.0))
+    teachers.logit_scale, teachers.logit_bias = {"a": 30.0}, {"a": -5.0}
+    out = DistillLoss([LossTermCfg("aff", "affinity", kwargs={"kl": True})], ["a"])(st, teachers)["aff"]
+    out.backward()
+    assert abs(out.item()) < 1e-5 and img.grad.abs().max() < 1e-5
+
+
+def test_teacher_logit_bias_reads_the_cache_attr():
+    assert teacher_logit_bias({"logit_scale": 100.0}) is None
+    assert teacher_logit_bias({"logit_bias": float("nan")}) is None
+    assert teacher_logit_bias({"logit_bias": np.float32(-16.5)}) == -16.5
+
+
+# ---------------------------------------------------------------------------------------------- 2 processes = 1
+
+TERMS = [
+    LossTermCfg("siglip", "siglip"),
+    LossTermCfg("siglip_cap", "siglip", 0.5, kwargs={"positives": "caption"}),
+    LossTermCfg("infonce", "infonce"),
+    LossTermCfg("aff", "affinity", 2.0, kwargs={"kl": True}),  # a: sigmoid teacher, b: softmax teacher
+]
+GRADS = ("image", "text", "logit_scale", "logit_bias")
+
+
+def _run(rows: slice) -> dict[str, torch.Tensor]:
+    """The loss terms ("out/K") and gradients ("grad/K") for these rows of the global batch."""
+    leaves, feats = _global_batch()
+    st = StudentOutput(leaves["image"][rows].clone().requires_grad_(), leaves["text"][rows].clone().requires_grad_(),
+                       torch.tensor(12.0, requires_grad=True), logit_bias=torch.tensor(-2.0, requires_grad=True))
+    teachers = TeacherBatch({t: f.map(lambda v: v[rows]) for t, f in feats.items()}, {"a": 40.0, "b": 90.0},
+                            logit_bias={"a": -3.0})
+    out = DistillLoss(TERMS, list(DIMS))(st, teachers, caption_ids=CAPTION_IDS[rows])
+    out["loss"].backward()
+    res = {f"out/{k}": v.detach() for k, v in out.items()}
+    res.update({f"grad/{k}": getattr(st, k).grad for k in GRADS})
+    return res
+
+
+def _worker(rank: int, init_file: str, out_dir: str):
+    from safetensors.torch import save_file
+
+    with counting_gloo_group(rank, WORLD, init_file) as calls:
+        b = N // WORLD
+        res = _run(slice(rank * b, (rank + 1) * b))
+        res["all_gathers"] = torch.tensor(calls[0])
+    save_file({k: v.contiguous() for k, v in res.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path):
+    from safetensors.torch import load_file
+
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
+    ref = _run(slice(None))
+    for k in [k for k in ref if k.startswith("out/")]:
+        torch.testing.assert_close(sum(r[k] for r in ranks) / WORLD, ref[k], rtol=1e-5, atol=1e-6, msg=k)
+    # a rank's own value differs from the global one: a missing gather would show
+    assert not torch.allclose(ranks[0]["out/siglip"], ref["out/siglip"], rtol=1e-3)
+    for k in GRADS:
+        got = (torch.cat([r[f"grad/{k}"] for r in ranks]) if k in ("image", "text")
+               else sum(r[f"grad/{k}"] for r in ranks)) / WORLD
+        torch.testing.assert_close(got, ref[f"grad/{k}"], rtol=1e-4, atol=1e-6, msg=f"gradient of {k}")
+        assert ref[f"grad/{k}"].abs().sum() > 0
+    # student image and text with gradient (siglip shares infonce's text gather) + one for teachers and caption ids
+    assert [int(r["all_gathers"]) for r in ranks] == [3] * WORLD
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+@pytest.mark.slow
+def test_siglip_training_falls_and_the_export_carries_the_bias(tiny_corpus, tmp_path):
+    """configs/siglip.yaml on the tiny corpus: the loss falls below what the bias alone can reach."""
+    import open_clip
+
+    from distill.config import Config
+    from distill.train import train
+    from student.export import export_checkpoint
+
+    out = tmp_path / "run"
+    cfg = Config.from_yaml(ROOT / "configs" / "siglip.yaml", [f"data.corpus={tiny_corpus}", f"train.output_dir={out}",
+                                                              "train.checkpoint_every=60"])
+    assert [t.kind for t in cfg.terms] == ["siglip"] and cfg.train.max_steps == 60
+    train(cfg)
+    rows = read_log(out)
+    first, last = np.mean([r["siglip"] for r in rows[:3]]), np.mean([r["siglip"] for r in rows[-10:]])
+    # the best a bias alone can do with 8 rows (1 positive, 7 negatives, equal logits): -ln(1/8) - 7 ln(7/8) = 3.01;
+    # below it the towers tell pairs apart
+    assert first > 3.0 and last < 2.6, (first, last)
+    w = load_weights(out / "checkpoint-60")
+    bias, scale = w["student.logit_bias"].item(), w["student.logit_scale"].item()
+    # both trained (the bias starts at its bias-only optimum for 8 rows, so it moves little)
+    assert abs(bias + 2.0) > 1e-4 and scale != pytest.approx(math.log(10), abs=1e-3)
+
+    exp = export_checkpoint(out / "checkpoint-60", tmp_path / "export")
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{exp}")
+    assert model.logit_bias.item() == pytest.approx(bias) and model.logit_scale.item() == pytest.approx(scale)
+
+
+def test_a_loss_that_reads_the_bias_gives_the_student_siglips_init(tiny_tokenizer, tmp_path):
+    from distill.build_run import build_student_model
+    from distill.config import StudentCfg
+    from distill.student_model import DistillModel
+
+    def built(logit_bias, **overrides):
+        s = StudentCfg(preset="tiny", tokenizer_dir=str(tiny_tokenizer), overrides=overrides)
+        return build_student_model(s, tmp_path / f"s{len(list(tmp_path.iterdir()))}", str(tiny_tokenizer), logit_bias)
+
+    b = built(True)
+    assert b.model.logit_bias.item() == -10.0 and b.model.logit_scale.item() == pytest.approx(math.log(10))
+    assert b.model_cfg["init_logit_bias"] == -10.0  # what the export's open_clip_config.json carries
+    assert built(True, init_logit_bias=-2.0).model.logit_bias.item() == -2.0  # student.overrides win
+    plain = built(False).model
+    assert plain.logit_bias is None and plain.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    with pytest.raises(ValueError, match="student's logit bias.*has none"):
+        DistillModel(plain).freeze_unreached(True, {}, uses_logit_bias=True)
+    model = DistillModel(b.model)
+    assert "student.logit_bias" in model.freeze_unreached(True, {}) and not model.student.logit_bias.requires_grad
+    model.student.logit_bias.requires_grad_(True)
+    assert "student.logit_bias" not in model.freeze_unreached(True, {}, uses_logit_bias=True)
+
+
+@pytest.mark.parametrize("micro", [3, 8])
+def test_micro_batches_give_the_bias_the_gradient_of_one_forward(tiny_tokenizer, tmp_path, micro):
+    """Gradient caching treats the logit bias like the scale: one value per batch, its gradient sent once."""
+    from distill.grad_cache import grad_cache_step
+    from distill.student_model import DistillModel
+    from student import build_student
+    from test_grad_cache import _assert_equal, _grads
+    from train_fixtures import NO_DROPOUT
+
+    torch.manual_seed(0)
+    bundle = build_student("tiny", tmp_path / "student", tokenizer_dir=tiny_tokenizer, init_logit_bias=-3.0,
+                           **NO_DROPOUT)
+    model = DistillModel(bundle.model).train()
+    loss = DistillLoss([LossTermCfg("siglip", "siglip"), LossTermCfg("infonce", "infonce")], [])
+    g = torch.Generator().manual_seed(1)
+    images, tokens = torch.randn(8, 3, 32, 32, generator=g), bundle.tokenizer([f"organ {i}" for i in range(8)])
+    ref = loss(model(images, tokens), None)
+    ref["loss"].backward()
+    want = _grads(model)
+    assert want["student.logit_bias"].abs().item() > 0
+    got = grad_cache_step(model, images, tokens, micro, lambda st: loss(st, None), lambda x: x.backward())
+    assert got["siglip"].item() == pytest.approx(ref["siglip"].item(), rel=1e-6)
+    _assert_equal(_grads(model), want)
+
+
+@pytest.mark.slow
+def test_affinity_from_a_sigmoid_teacher_trains_the_students_bias(tiny_corpus, tiny_cache, tmp_path):
+    import shutil
+
+    from distill.train import train
+
+    cache = tmp_path / "features.h5"
+    shutil.copy(tiny_cache, cache)
+    with h5py.File(cache, "r+") as f:
+        f["teachers/oc"].attrs["logit_bias"] = -5.0  # as the cache records a sigmoid (SigLIP) teacher
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_corpus, out, cache, mode="distill", train__max_steps=20, train__checkpoint_every=20,
+                      loss__terms="[{kind: affinity, teachers: {oc: 1.0}, kwargs: {kl: true}}]")
+    train(cfg)
+    rows = read_log(out)
+    first, last = np.mean([r["affinity"] for r in rows[:3]]), np.mean([r["affinity"] for r in rows[-3:]])
+    assert last < 0.5 * first, (first, last)
+    bias = load_weights(out / "checkpoint-20")["student.logit_bias"].item()
+    assert bias > SIGLIP_INIT["init_logit_bias"] + 0.01  # SigLIP's init, then moved towards the teacher's -5
