@@ -153,7 +153,8 @@ def cache_run_seconds(corpus_path: str, teachers: dict[str, str], out: Path, bat
     """Wall time of a complete `distill cache` run into a fresh file."""
     from cache import CacheJob, build_cache
 
-    for p in (out, Path(str(out) + ".parts"), Path(str(out) + ".tmp"), Path(str(out) + ".lock")):
+    for p in (out, Path(str(out) + ".parts"), Path(str(out) + ".tmp"), Path(str(out) + ".lock"),
+              Path(str(out) + ".segments")):
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():

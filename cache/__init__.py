@@ -1,4 +1,5 @@
-"""Corpus readers and the HDF5 feature cache (DESIGN.md format v1).
+"""Corpus readers and the HDF5 feature cache (format 2: DESIGN.md's v1 layout, the feature data in segment files
+mapped by virtual datasets; v1 files still read).
 
 Public API:
     open_corpus(path) -> Corpus          CSV/TSV/JSONL tables and WebDataset shards (cache.corpus)

@@ -2,11 +2,12 @@
 
 Flow (one process or many under torchrun / accelerate launch): the lock holder (rank 0) checks the file against
 the corpus and the teachers, creates it or folds leftovers of a killed run. Then every teacher with rows still
-to do is loaded (complete ones are not), and one pass over the rows that any of them needs (chunks dealt
-round-robin over processes) decodes each image once (`cache.image_rows`, which also tokenises the captions in
-the workers): each teacher embeds the rows its own `done` mask lacks, and at the end of each chunk every teacher
-commits its rows as its own part, in a background thread while the next chunk is embedded. Rank 0 folds the
-parts into the file (see `cache.h5_writer` for why this is kill-safe).
+to do is loaded (complete ones are not), and one pass over the rows that any of them needs (a contiguous share
+of the chunks per process, `cache.build_commit`) decodes each image once (`cache.image_rows`, which also
+tokenises the captions in the workers): each teacher embeds the rows its own `done` mask lacks, and at the end
+of each chunk every teacher's rows go into this process's segment file and the chunk is committed, in a
+background thread while the next chunk is embedded. Rank 0 folds the segments into the file, copying no feature
+data (see `cache.h5_writer` for why this is kill-safe).
 """
 from __future__ import annotations
 
@@ -24,12 +25,16 @@ from tqdm.auto import tqdm
 
 from . import h5_writer as W
 from . import layout as L
-from .corpus import BadSampleError, Corpus, open_corpus
+from . import segments as S
+from .build_commit import add_sums, commit_chunk, deal, open_segment, plan_chunks
+from .corpus import BadSampleError, Corpus
 from .dist import DistEnv, dist_env
 from .image_rows import CollateRows, ImageRows, teacher_inputs
 from .job import CacheJob, CacheSummary, EmbedCfg, Storage, TeacherSummary
 from .lock import WriterLock
 from .schema import CacheError, attrs_to_dict, check_root, check_teacher, storage_dtype, teacher_attrs
+from .shard_listing import SHARD_UNREADABLE
+from .stream_build import finish, note_unlisted, open_for_cache, stream_plan
 from .tokens import check_token_size, embed_images, token_dims
 from .verify import bad_row_mask, raise_damaged, row_problem
 from .views import read_view_dist
@@ -128,17 +133,25 @@ class _ChunkBuffer:
 
 
 def _embed_rows(cfg: EmbedCfg, store: Storage, corpus: Corpus, teachers: dict, chunks: list[np.ndarray],
-                need: np.ndarray, views: tuple, env: DistEnv) -> None:
+                need: np.ndarray, views: tuple, env: DistEnv, plan: tuple | None = None,
+                segment=None) -> dict[str, str]:
     """Decode each row of `chunks` once; each teacher embeds the rows its column of `need` (N, T) flags.
+    `plan`: (rows, batches, chunk-ending batches) instead of `chunks`, for streamed shards (`stream_plan`); the
+    streamed shards that could not be read are returned (URL -> why): their rows stay missing, not bad.
 
     With num_workers >= 1 the workers decode, transform and tokenise the next batches while this process runs
     the forward passes; on CUDA, batches arrive pinned, are copied without blocking, and embeddings stay on the
-    device until the chunk is committed (one sync per chunk, not per batch); the part files are written in a
-    background thread (`W.PartWriter`) while the next chunk is embedded.
+    device until the chunk is committed (one sync per chunk, not per batch); each chunk is written into this
+    process's `segment` (`cache.build_commit`) in a background thread (`W.PartWriter`) while the next chunk is
+    embedded.
     """
     names = list(teachers)
-    rows = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
-    batches, ends = _batches(chunks, cfg.batch_size)
+    if plan is None:
+        rows = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+        batches, ends = _batches(chunks, cfg.batch_size)
+    else:
+        rows, batches, ends = plan
+    unread: dict[str, str] = {}
     params, dist = views  # the stored views (N, K, F) and their ViewDist, both None without views
     inputs = teacher_inputs(teachers, dist if store.views else False)
     ds = ImageRows(corpus, rows, need[rows], inputs, params if store.views else None, max_pixels=cfg.max_pixels)
@@ -152,10 +165,15 @@ def _embed_rows(cfg: EmbedCfg, store: Storage, corpus: Corpus, teachers: dict, c
                        dynamic_ncols=True, position=i, leave=True, disable=not (env.main and cfg.progress))
             for i, name in enumerate(names)}
     buf = {name: _ChunkBuffer() for name in names}
-    writer = W.PartWriter()
+    writer, committed = W.PartWriter(), 0
     try:  # closed on error too, so a message printed after it starts on its own line
         for b, batch in enumerate(loader):
             for row, reason, where in batch.bad:
+                if reason.startswith(SHARD_UNREADABLE):  # its rows stay missing, so a rerun retries them
+                    unread[where] = reason
+                    for name in names:
+                        bars[name].update(int(need[row, col[name]]))
+                    continue
                 if cfg.on_bad_sample == "fail":
                     raise BadSampleError(corpus.keys[row], reason + " (rerun with --on-bad-sample skip to skip "
                                          "and record bad samples)", where)
@@ -180,23 +198,22 @@ def _embed_rows(cfg: EmbedCfg, store: Storage, corpus: Corpus, teachers: dict, c
                 buf[name].rows.extend(batch_rows)
                 bars[name].update(len(batch_rows))
             if b in ends:
-                parts = [_chunk_part(store, name, teachers[name].embed_dim, buf[name]) for name in names]
-                writer.submit(partial(_write_parts, store.out, [p for p in parts if p is not None]))
+                parts = [_chunk_part(store, name, teachers[name].embed_dim, buf[name], segment) for name in names]
+                writer.submit(partial(commit_chunk, store.out, [p for p in parts if p is not None], segment,
+                                      committed))
+                committed += 1
                 buf = {name: _ChunkBuffer() for name in names}
         writer.join()  # every committed chunk is on disk (or its error raised here) before the fold
+        return unread
     finally:
         writer.close()
         for bar in bars.values():
             bar.close()
 
 
-def _write_parts(out: str, parts: list[tuple]) -> None:
-    for name, *arrays, tokens in parts:
-        W.write_part(out, name, *arrays, **({} if tokens is None else {"tokens": tokens}))
-
-
-def _chunk_part(store: Storage, name: str, d: int, buf: _ChunkBuffer) -> tuple | None:
-    """One teacher's chunk as host arrays for one atomic part (None when it needed no row of the chunk).
+def _chunk_part(store: Storage, name: str, d: int, buf: _ChunkBuffer, segment=None) -> tuple | None:
+    """One teacher's chunk as host arrays for one commit (None when it needed no row of the chunk); its stored
+    rows are counted in the segment's statistics on the device (`build_commit.add_sums`).
 
     Rows whose image or text embedding is non-finite, zero or not unit-norm are never stored as done: they are
     recorded as bad samples naming the teacher (a teacher bug or an fp16 overflow would otherwise train silently).
@@ -222,6 +239,7 @@ def _chunk_part(store: Storage, name: str, d: int, buf: _ChunkBuffer) -> tuple |
         else:  # tokens are not unit vectors: only finiteness is theirs to fail
             bad.append((int(rows[i]), f"teacher {name!r} gave non-finite patch tokens"))
     keep = ~(bad_img | bad_txt | bad_tok)
+    add_sums(segment, name, buf.images, buf.texts, order, keep, store.dtype)
     dtype = storage_dtype(store.dtype)
     return (name, rows[keep], img[keep].astype(dtype), txt[keep].astype(dtype), [r for r, _ in bad],
             [s for _, s in bad], None if tok is None else tok[keep])
@@ -247,10 +265,11 @@ def _load_teacher(name: str, spec: str, store: Storage, cached: dict | None, dev
     return teacher
 
 
-def _write_metas(job: CacheJob, teachers: dict, rows: int, fp: str, main: bool) -> None:
+def _write_metas(job: CacheJob, teachers: dict, rows: int, fp: str, main: bool, run: int) -> dict[str, dict]:
     """Check the patch tokens (--tokens: every teacher gives them, the grid fits, the size is under --max-gb;
     printed), then record each teacher's meta for the fold, on the main process: a refused run leaves no teacher
-    behind (no meta, no part), so the same command with other flags starts afresh."""
+    behind (no meta, no segment), so the same command with other flags starts afresh. Returns the metas (every
+    process: its segment's teachers); a teacher new to the file takes segments from run `run` on."""
     store, dims = job.storage, {}
     if store.tokens:
         dims = token_dims(teachers, store.tokens, store.out)
@@ -259,11 +278,15 @@ def _write_metas(job: CacheJob, teachers: dict, rows: int, fp: str, main: bool) 
             print(size, flush=True)
         elif main:
             log.info("%s", size)
-    for name, t in teachers.items() if main else ():
+    metas = {}
+    for name, t in teachers.items():
         described = {**t.describe(), "trust_remote_code": job.trust_remote_code}
-        W.write_meta(store.out, name, {"attrs": teacher_attrs(described, store.views, store.tokens,
-                                                              dims.get(name, 0)),
-                                       "dtype": store.dtype, "fingerprint": fp, "h5_chunk_rows": store.h5_chunk_rows})
+        metas[name] = {"attrs": teacher_attrs(described, store.views, store.tokens, dims.get(name, 0)),
+                       "dtype": store.dtype, "fingerprint": fp, "h5_chunk_rows": store.h5_chunk_rows,
+                       L.SINCE_RUN: int((W.read_meta(store.out, name) or {}).get(L.SINCE_RUN, run))}
+        if main:
+            W.write_meta(store.out, name, metas[name])
+    return metas
 
 
 # -- the entry point -----------------------------------------------------------------------------------------
@@ -279,7 +302,7 @@ def build_cache(job: CacheJob) -> CacheSummary:
 
 def _build(job: CacheJob, env: DistEnv) -> CacheSummary:
     t0 = time.time()
-    corpus = open_corpus(job.data)
+    corpus = open_for_cache(job.data, job.out, job.retry, env, job.progress)
     fp, n = corpus.fingerprint(), len(corpus)
     lock = WriterLock(job.out)
     err = None
@@ -287,6 +310,7 @@ def _build(job: CacheJob, env: DistEnv) -> CacheSummary:
         try:
             W.ensure_writable_target(job.out)
             lock.acquire()
+            note_unlisted(job.out, corpus)  # streamed shards left out of the rows, before the file fixes them
             _prepare(job, corpus, fp)
         except Exception as e:
             err = e
@@ -296,6 +320,8 @@ def _build(job: CacheJob, env: DistEnv) -> CacheSummary:
         raise err
     if msg is not None:
         raise CacheError(msg)
+    run = env.broadcast(S.next_run(S.segment_dir(job.out)) if env.main else None)  # this run's segments
+    segment = None
     try:
         device = _resolve_device(job.device, env)
         done, attrs, bad, views = _read_state(job.out)
@@ -304,12 +330,12 @@ def _build(job: CacheJob, env: DistEnv) -> CacheSummary:
         if not job.retry_bad and bad:
             need[list(bad)] = False
         pending = [name for i, name in enumerate(names) if need[:, i].any()]  # complete ones are not loaded
-        computed = dict.fromkeys(names, 0)
+        computed, unread = dict.fromkeys(names, 0), {}
         if pending:
             teachers = {name: _load_teacher(name, job.teachers[name], job.storage, attrs.get(name), device,
                                             job.trust_remote_code)
                         for name in pending}
-            _write_metas(job, teachers, n, fp, env.main)
+            metas = _write_metas(job, teachers, n, fp, env.main, run)
             need = need[:, [names.index(name) for name in pending]]
             rows = np.flatnonzero(need.any(axis=1))  # rows no teacher needs are not even decoded
             chunks = [rows[i:i + job.chunk_rows] for i in range(0, len(rows), job.chunk_rows)]
@@ -317,23 +343,32 @@ def _build(job: CacheJob, env: DistEnv) -> CacheSummary:
             if env.main:
                 log.info("distill cache: batch size %d, %d decoding worker(s) per process on %s%s", cfg.batch_size,
                          cfg.num_workers, device, " (auto)" if "auto" in (job.batch_size, job.num_workers) else "")
-            _embed_rows(cfg, job.storage, corpus, teachers, chunks[env.rank::env.world], need, views, env)
+            plan = (stream_plan(corpus, rows, env, cfg.num_workers, cfg.batch_size, job.chunk_rows)
+                    if getattr(corpus, "streamed", False) else None)  # whole shards per rank and worker
+            mine = deal(chunks, env) if plan is None else plan_chunks(plan)
+            segment = open_segment(job.out, run, env, mine, need, metas, job.chunk_rows, job.h5_chunk_rows, fp)
+            unread = _embed_rows(cfg, job.storage, corpus, teachers, mine, need, views, env, plan, segment)
+            if segment is not None:
+                segment.finish()  # its statistics' sums, beside it
             del teachers
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-            env.barrier()  # every process's parts are committed
+            env.barrier()  # every process's chunks are committed
             if env.main:
                 computed.update(W.fold(job.out, pending))
         env.barrier()  # the file is final before anyone returns
-        summary = summarise(job.out, computed, time.time() - t0) if env.main else None
+        notes = finish(job.out, corpus, unread, env)  # streamed shards that failed: recorded, named
+        summary = summarise(job.out, computed, time.time() - t0, notes) if env.main else None
     except BaseException:
         if env.world == 1 and lock.held:  # keep what was committed before the error (e.g. --on-bad-sample fail)
             try:
                 W.fold(job.out)
-            except (OSError, CacheError):  # e.g. the disk is still full: the parts stay for the next run's fold
+            except (OSError, CacheError):  # e.g. the disk is still full: the segments wait for the next fold
                 pass
         raise
     finally:
+        if segment is not None:
+            segment.close()
         lock.release()
     summary = env.broadcast(summary)
     if env.main and job.progress:
@@ -341,7 +376,7 @@ def _build(job: CacheJob, env: DistEnv) -> CacheSummary:
     return summary
 
 
-def summarise(out: str, computed: dict[str, int], elapsed: float) -> CacheSummary:
+def summarise(out: str, computed: dict[str, int], elapsed: float, notes: list[str] | None = None) -> CacheSummary:
     with h5py.File(out, "r") as f:
         n = int(f.attrs[L.Root.NUM_ROWS])
         bad = W.read_bad(f)
@@ -353,4 +388,4 @@ def summarise(out: str, computed: dict[str, int], elapsed: float) -> CacheSummar
             teachers[name] = TeacherSummary(computed.get(name, 0), int(d.sum()), int((bad_mask & ~d).sum()))
         keys = f[L.BAD_KEYS].asstr()[:].tolist() if L.BAD in f else []
         reasons = f[L.BAD_REASONS].asstr()[:].tolist() if L.BAD in f else []
-    return CacheSummary(out, n, teachers, list(zip(keys, reasons)), elapsed)
+    return CacheSummary(out, n, teachers, list(zip(keys, reasons)), elapsed, list(notes or []))

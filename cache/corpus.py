@@ -6,7 +6,9 @@
   an optional `key` (default: the image path as written)  -> `cache.corpus_table.TableCorpus`;
 - a folder of `.tar` shards, a single `.tar`, or a brace pattern `shards/{00000..00009}.tar` (WebDataset: each
   sample an image `jpg`/`jpeg`/`png`/`webp` and a `txt` caption, key = `__key__`)
-  -> `cache.corpus_webdataset.WebDatasetCorpus`.
+  -> `cache.corpus_webdataset.WebDatasetCorpus` (indexed once, read by seeking);
+- WebDataset shards named by URL or command (`file://`, `s3://`, `gs://`, `https://`, `pipe:CMD`, with brace
+  ranges) -> `cache.corpus_stream.StreamCorpus` (listed once, then read front to back; `stream` options).
 
 The `Corpus` interface itself (keys, captions, load_image, describe, fingerprint, ...) is in `cache.corpus_base`;
 its names are re-exported here, so `from cache.corpus import open_corpus, Corpus, CorpusError, BadSampleError`
@@ -18,16 +20,21 @@ import os
 
 from .corpus_base import (IMAGE_EXTS, TABLE_SUFFIXES, BadSampleError, Corpus, CorpusError,  # noqa: F401
                           DecodeLimits, fingerprint_of, text_problem, utf8_problem)
+from .corpus_stream import StreamCorpus, StreamOptions
 from .corpus_table import TableCorpus
 from .corpus_webdataset import WebDatasetCorpus
+from .shard_io import is_stream_spec
 
 __all__ = ["open_corpus", "Corpus", "CorpusError", "BadSampleError", "DecodeLimits", "fingerprint_of",
-           "TableCorpus", "WebDatasetCorpus"]
+           "TableCorpus", "WebDatasetCorpus", "StreamCorpus", "StreamOptions", "is_stream_spec"]
 
 
-def open_corpus(path: str | os.PathLike) -> Corpus:
-    """Open a CSV/TSV/JSONL table or a WebDataset (folder of .tar shards, one .tar, or a brace pattern)."""
+def open_corpus(path: str | os.PathLike, stream: StreamOptions | None = None) -> Corpus:
+    """Open a CSV/TSV/JSONL table, a local WebDataset (folder of .tar shards, one .tar, or a brace pattern), or
+    WebDataset shards by URL or `pipe:` command (`stream`: retries, listing folder, read-ahead)."""
     path = os.fspath(path)
+    if is_stream_spec(path):
+        return StreamCorpus(path, stream or StreamOptions())
     if path.lower().endswith(TABLE_SUFFIXES):
         return TableCorpus(path)
     if os.path.isdir(path) or path.lower().endswith(".tar") or "{" in path:

@@ -89,24 +89,16 @@ class WebDatasetCorpus(Corpus):
         try:
             with tarfile.open(shard, "r:") as tar:
                 for m in tar:
-                    _check_member_name(shard, m.name)
-                    if not m.isfile():
+                    named = member_key(shard, m)
+                    if named is None:
                         continue
-                    match = _KEY_EXT.match(m.name)
-                    if match is None or os.path.basename(m.name).startswith("__"):
-                        continue
-                    key, ext = match.group(1), match.group(2).lower()
+                    key, ext = named
                     if key not in samples:
                         samples[key] = {}
                         order.append(key)
                     s = samples[key]
                     if ext == "txt":
-                        data = tar.extractfile(m).read()
-                        bad = utf8_problem(data)
-                        if bad:
-                            raise CorpusError(f"{shard}: caption {m.name} line {bad[0]}: not UTF-8 (byte {bad[2]} "
-                                              f"at column {bad[1]}); save captions as UTF-8")
-                        s["txt"] = data.decode("utf-8").strip()
+                        s["txt"] = read_caption(shard, m.name, tar.extractfile(m).read())
                     elif ext in IMAGE_EXTS and "image" not in s:
                         s["image"] = (s_idx, m.offset_data, m.size)
                 end = tar.offset  # where tarfile stopped: the end-of-archive marker, or the cut
@@ -117,9 +109,7 @@ class WebDatasetCorpus(Corpus):
                               "again") from e
         _check_complete(shard, end)
         for key in order:
-            problem = text_problem(key, is_key=True)
-            if problem:
-                raise CorpusError(f"{shard}: sample key {key!r} {problem}; rename that member")
+            check_key(shard, key)
             s = samples[key]
             yield key, s.get("txt", ""), s.get("image")
 
@@ -147,6 +137,38 @@ class WebDatasetCorpus(Corpus):
         return data
 
 
+def member_key(shard: str, m: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(`__key__`, lower-case extension) of a sample's file member; None for links, folders, `__` names and names
+    without an extension. An unsafe name is refused. Shared with the streamed reader (`cache.corpus_stream`)."""
+    _check_member_name(shard, m.name)
+    if not m.isfile():
+        return None
+    match = _KEY_EXT.match(m.name)
+    if match is None or os.path.basename(m.name).startswith("__"):
+        return None
+    return match.group(1), match.group(2).lower()
+
+
+def read_caption(shard: str, name: str, data: bytes) -> str:
+    """A `txt` member's caption; bytes that are not UTF-8 are refused, naming the member, line and column."""
+    bad = utf8_problem(data)
+    if bad:
+        raise CorpusError(f"{shard}: caption {name} line {bad[0]}: not UTF-8 (byte {bad[2]} at column {bad[1]}); "
+                          "save captions as UTF-8")
+    return data.decode("utf-8").strip()
+
+
+def check_key(shard: str, key: str) -> None:
+    problem = text_problem(key, is_key=True)
+    if problem:
+        raise CorpusError(f"{shard}: sample key {key!r} {problem}; rename that member")
+
+
+def is_end_block(block: bytes) -> bool:
+    """A tar's real end: a whole zero block (tarfile alone ends silently at a cut after any member)."""
+    return len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0")
+
+
 def _check_member_name(shard: str, name: str) -> None:
     """Refuse absolute and `..` member names: nothing here extracts, but such a shard is hostile or broken."""
     if name.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", name) or re.match(r"^[A-Za-z]:", name):
@@ -159,7 +181,7 @@ def _check_complete(shard: str, end: int) -> None:
     with open(shard, "rb") as f:
         f.seek(end)
         block = f.read(tarfile.BLOCKSIZE)
-    if len(block) < tarfile.BLOCKSIZE or block.strip(b"\0"):
+    if not is_end_block(block):
         raise CorpusError(f"WebDataset shard {shard} is truncated (it ends at byte {os.path.getsize(shard)} "
                           f"without the tar end-of-archive marker after byte {end}); copy or write it again")
 

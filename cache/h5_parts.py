@@ -1,10 +1,10 @@
-"""The parts of a feature cache run: committed chunks beside FEATURES.h5, each an atomically renamed `.npz`.
+"""What a running `distill cache` keeps beside FEATURES.h5 besides its segments: `FEATURES.h5.parts/NAME/meta.json`.
 
-Step 1 of the kill-safe scheme in `cache.h5_writer` (whose docstring says why it is safe): each finished chunk of
-rows becomes one part in `FEATURES.h5.parts/NAME/` (rows, image and text embeddings, optional patch tokens, bad
-samples), written to a temporary name, fsynced, then renamed; `meta.json` beside them holds what a fold needs to
-create the teacher's group. Also here: turning a full disk or a read-only folder into a one-line CacheError, for
-the parts and the fold alike.
+A teacher's meta (attrs, dtype, the run it started in) is written when a run starts it, so that a fold can create
+its group without loading the model, and is removed by the fold that takes the run in; a teacher with a meta is
+*pending*. The committed rows themselves live in segment files (`cache.segments`, `cache.segment_writer`).
+Also here: the background thread that commits chunks while the next one is embedded (`PartWriter`), and turning
+a full disk or a read-only folder into a one-line CacheError, for the segments and the fold alike.
 """
 from __future__ import annotations
 
@@ -16,9 +16,7 @@ import os
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable
-
-import numpy as np
+from typing import Callable
 
 from .schema import CacheError
 
@@ -101,29 +99,6 @@ def _removed_on_error(tmp: str):
         raise
 
 
-def write_part(out: str, name: str, rows: np.ndarray, image: np.ndarray, text: np.ndarray,
-               bad_rows: Iterable[int] = (), bad_reasons: Iterable[str] = (), tag: str = "",
-               tokens: np.ndarray | None = None) -> str:
-    """Commit one chunk of rows for teacher NAME (atomic rename); returns the part's path. `tokens`: the rows'
-    pooled patch tokens (with --tokens), stored beside the embeddings."""
-    rows = np.asarray(rows, dtype=np.int64)
-    bad_rows = np.asarray(list(bad_rows), dtype=np.int64)
-    bad_reasons = np.asarray(list(bad_reasons), dtype=str)
-    first = int(rows[0]) if len(rows) else (int(bad_rows[0]) if len(bad_rows) else 0)
-    d = teacher_parts_dir(out, name)
-    path = os.path.join(d, f"part-{first:010d}-{len(rows)}-{os.getpid()}{tag}.npz")
-    tmp = os.path.join(d, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    with disk_errors(path), _removed_on_error(tmp):
-        os.makedirs(d, exist_ok=True)
-        with open(tmp, "wb") as f:
-            extra = {} if tokens is None else {"tokens": tokens}
-            np.savez(f, rows=rows, image=image, text=text, bad_rows=bad_rows, bad_reasons=bad_reasons, **extra)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    return path
-
-
 class PartWriter:
     """Commits chunks (each a function writing its parts) in order in one background thread, so fsync overlaps
     the next chunk's forward passes; `submit` blocks while `depth` commits are pending. A commit's error is
@@ -161,10 +136,6 @@ class PartWriter:
         self._pool.shutdown(wait=True)
 
 
-def list_parts(out: str, name: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(teacher_parts_dir(out, name), "part-*.npz")))
-
-
 def pending_teachers(out: str) -> list[str]:
     """Teachers with a parts folder (committed chunks not yet folded, or a run in progress)."""
     root = parts_root(out)
@@ -174,7 +145,7 @@ def pending_teachers(out: str) -> list[str]:
 
 
 def clean_temporaries(out: str) -> None:
-    """Remove half-written files of killed runs (never a committed part)."""
+    """Remove half-written files of killed runs (never a committed chunk)."""
     for p in [out + ".tmp", *glob.glob(os.path.join(parts_root(out), "*", ".tmp-*"))]:
         try:
             os.remove(p)

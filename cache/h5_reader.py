@@ -16,7 +16,9 @@ Two read paths, both returning the same values:
   bytes read per useful byte ~1 at any number of ranks and workers (benchmarks/input_pipeline.py). B should be a multiple of the file's chunk rows (`chunk_rows`).
 
 The reader sees the file as it was when opened: rows committed by a running or killed `distill cache` that
-are still waiting in FEATURES.h5.parts/ appear after the next fold.
+are still waiting in segments not yet folded in appear after the next fold. A format-2 file reads its rows
+through virtual datasets from FEATURES.h5.segments/ (`cache.layout`; HDF5 opens each segment once per process,
+on first read); one whose segment files are missing is refused when opened (`schema.check_root`).
 """
 from __future__ import annotations
 
@@ -97,9 +99,9 @@ class FeatureReader:
             self._has_tokens = {t: L.tokens(t) in f for t in self.teacher_names}
             self.num_views: int = int(f[L.VIEW_PARAMS].shape[1]) if L.VIEW_PARAMS in f else 0
             self.bad_rows = f[L.BAD_ROWS][:] if L.BAD in f else np.zeros(0, dtype=np.int64)
-            chunks = [f[L.feature(t, m)].chunks for t in self.teacher_names for m in MODALITIES]
+            chunks = [L.chunk_rows_of(f[L.feature(t, m)]) for t in self.teacher_names for m in MODALITIES]
             # rows per HDF5 chunk (the largest over the opened teachers); block_rows should be a multiple of it
-            self.chunk_rows: int = max([c[0] for c in chunks if c] or [1])
+            self.chunk_rows: int = max(chunks or [1])
 
     # -- lazy, fork-safe handles ---------------------------------------------------------------------------
     def _file(self) -> h5py.File:

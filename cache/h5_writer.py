@@ -1,38 +1,48 @@
 """Writing the feature cache so that a kill -9 at any instant loses at most the chunks in flight.
 
-The scheme (known-safe because it leans only on POSIX rename, never on HDF5's own crash behaviour):
+The scheme (known-safe because it leans only on POSIX rename, fsync and append, never on HDF5's own crash
+behaviour):
 
-1. **Parts.** Workers never touch FEATURES.h5. Each finished chunk of rows becomes one small `.npz` file in
-   `FEATURES.h5.parts/NAME/` (rows, image and text embeddings, bad samples), written to a temporary name,
-   fsynced, then renamed: a part either exists complete or not at all. That rename is the commit. The builder
-   commits a chunk in a background thread (`PartWriter`) while it embeds the next one, so a kill loses at most
-   two chunks per process: the one being written and the one being embedded. (`cache.h5_parts`.)
-2. **Fold.** Only the lock holder changes FEATURES.h5, and only by copy-on-write: copy it to `FEATURES.h5.tmp`,
-   write the parts' rows and `done` flags (and statistics, bad-sample records) into the copy, fsync, then
-   `os.replace` it over the original. Parts are deleted only after the rename, so a kill anywhere leaves the old
-   complete file or the new one, and the parts not yet folded; folding a part twice writes the same values.
+1. **Segments.** Workers never touch FEATURES.h5. Each process of a run fills its own segment file in
+   `FEATURES.h5.segments/` in place, chunk by chunk, each chunk committed by a line in the segment's log
+   (`cache.segment_writer` says why a kill never damages a committed chunk). The builder commits a chunk in a
+   background thread (`PartWriter`) while it embeds the next one, so a kill loses at most two chunks per process.
+2. **Fold (the merge).** Only the lock holder changes FEATURES.h5, and only by copy-on-write: copy it to
+   `FEATURES.h5.tmp`, rebuild there each teacher's virtual datasets, `done` flags, bad-sample records and
+   statistics from the segments (`cache.h5_merge`), fsync, then `os.replace` it over the original. FEATURES.h5
+   holds no feature data (format 2, `cache.layout`), so the copy is megabytes at 24M rows; segments nobody maps
+   any more are deleted only after the rename. A kill anywhere leaves the old file or the new one, and the
+   committed chunks, which the next fold takes in (folding twice gives the same file).
 
-So a killed run leaves a file that opens and keeps every committed row (in the file, or in parts that the next
-run folds in first). The cost is one file copy per fold (once per teacher per run), small next to embedding.
-Multi-process runs write parts from every process (one file each, never two writers on one file) and the
-lock holder folds them: that is the shard-then-merge step.
+So a killed run leaves a file that opens and keeps every committed row (mapped, or waiting in a segment that the
+next run folds in first). Multi-process runs write one segment per process (never two writers on one file) and
+the lock holder folds them: that is the shard-then-merge step, and it copies no feature byte. A format-1 file
+(real datasets inside it) is resumed the old way: its teachers' new rows are copied in by the fold.
 """
 from __future__ import annotations
 
+import glob
+import json
 import os
 import shutil
 from typing import Callable, Iterable
 
 import h5py
 import numpy as np
+import torch
 
 from teachers.modality import MODALITIES, Modality
 
+from . import h5_merge as M
 from . import layout as L
-# the parts (step 1) live in h5_parts; their names stay reachable here (`W.write_part`, ...) for the builder
-from .h5_parts import (PartWriter, clean_temporaries, disk_errors, list_parts, parts_root,  # noqa: F401
-                       pending_teachers, read_meta, teacher_parts_dir, write_meta, write_part)
-from .schema import FORMAT, VERSION, CacheError, created_by, storage_dtype, str_dtype
+from . import segments as S
+from .feature_stats import sums_of_rows, write_stats
+# the pending teachers' metas and the commit thread live in h5_parts; reachable here (`W.PartWriter`, ...)
+from .h5_parts import (PartWriter, disk_errors, parts_root, pending_teachers, read_meta,  # noqa: F401
+                       teacher_parts_dir, write_meta)
+from .h5_parts import clean_temporaries as _clean_parts
+from .schema import FORMAT, VERSION, CacheError, attrs_to_dict, created_by, storage_dtype, str_dtype, virtual_sources
+from .segment_writer import SegmentWriter, seg_teachers
 
 STATS_BLOCK_ROWS = 4096
 
@@ -74,12 +84,37 @@ def atomic_update(path: str, fn: Callable[[h5py.File], None]) -> None:
     _fsync_dir(path)
 
 
+def clean_temporaries(out: str) -> None:
+    """Remove half-written files of killed runs (never a committed chunk): FEATURES.h5.tmp, the parts folder's
+    and the segment folder's temporaries."""
+    _clean_parts(out)
+    for p in glob.glob(os.path.join(S.segment_dir(out), ".tmp-*")):
+        try:
+            os.remove(p)
+        except FileNotFoundError:
+            pass
+
+
+def _side_file(path: str, what: str, name: str, data: np.ndarray, attrs: dict, **kw) -> tuple[str, int]:
+    """Write `data` once into the segment folder of cache `path` (keys, view parameters): (its name, its run)."""
+    folder = S.segment_dir(path)
+    run = S.next_run(folder)
+    fname = f"run-{run:06d}-{what}.h5"
+    S.write_small(os.path.join(folder, fname), name, data, attrs, **kw)
+    return f"{os.path.basename(folder)}/{fname}", run
+
+
 def create_file(path: str, keys: list[str], fingerprint: str, source: str) -> None:
-    """A new, empty cache: root attrs and /keys; teachers arrive with their first fold."""
+    """A new, empty cache: root attrs and /keys (written once into the segment folder, mapped here); teachers
+    arrive with their first fold."""
+    n = len(keys)
+    rel, run = _side_file(path, "keys", L.KEYS, np.array(keys, dtype=object), {}, dtype=str_dtype())
+
     def fn(f: h5py.File) -> None:
         f.attrs.update({L.Root.FORMAT: FORMAT, L.Root.VERSION: VERSION, L.Root.FINGERPRINT: fingerprint,
-                        L.Root.CREATED_BY: created_by(), L.Root.NUM_ROWS: len(keys), L.Root.SOURCE: str(source)})
-        f.create_dataset(L.KEYS, data=np.array(keys, dtype=object), dtype=str_dtype())
+                        L.Root.CREATED_BY: created_by(), L.Root.NUM_ROWS: n, L.Root.SOURCE: str(source),
+                        L.Root.SEGMENTS: os.path.dirname(rel), L.Root.FIRST_RUN: run})
+        M.make_virtual(f, L.KEYS, (n,), str_dtype(), [(0, n, rel, L.KEYS, (n,), 0)] if n else [], 1, fill=None)
         f.create_group(L.TEACHERS)
     atomic_update(path, fn)
 
@@ -87,16 +122,79 @@ def create_file(path: str, keys: list[str], fingerprint: str, source: str) -> No
 def add_views(path: str, params: np.ndarray, attrs: dict, h5_chunk_rows: int = L.DEFAULT_CHUNK_ROWS) -> None:
     """Store the (N, K, 5 or 8) view parameters once, with `attrs` (their `ViewDist.to_attrs()`); every teacher
     with views replays them."""
+    n, k, c = params.shape
+    chunks = L.view_chunks(n, k, h5_chunk_rows, c)
+    rel, _ = _side_file(path, L.VIEWS, L.VIEW_PARAMS, params.astype(np.float32), {}, chunks=chunks)
+
     def fn(f: h5py.File) -> None:
-        n, k, c = params.shape
-        ds = f.create_dataset(L.VIEW_PARAMS, data=params.astype(np.float32),
-                              chunks=L.view_chunks(n, k, h5_chunk_rows, c))
-        ds.attrs.update(attrs)
+        f.attrs[L.Root.VERSION] = VERSION
+        f.attrs.setdefault(L.Root.SEGMENTS, os.path.dirname(rel))
+        M.make_virtual(f.require_group(L.VIEWS), os.path.basename(L.VIEW_PARAMS), (n, k, c), np.float32,
+                       [(0, n, rel, L.VIEW_PARAMS, (n, k, c), 0)] if n else [], chunks[0])
+        f[L.VIEW_PARAMS].attrs.update(attrs)
     atomic_update(path, fn)
 
 
-# -- folding parts into the file --------------------------------------------------------------------------
+# -- committing rows: segments ----------------------------------------------------------------------------
+def write_part(out: str, name: str, rows: np.ndarray, image: np.ndarray, text: np.ndarray,
+               bad_rows: Iterable[int] = (), bad_reasons: Iterable[str] = (), tokens: np.ndarray | None = None,
+               segment: SegmentWriter | None = None) -> str:
+    """Store one chunk of rows of teacher NAME: into this process's `segment` (the builder commits the chunk once
+    every teacher's rows are in, `SegmentWriter.commit`), or, without one, as a one-chunk segment of its own,
+    committed at once (its meta must exist, `write_meta`). Returns the segment's path."""
+    arrays = {Modality.IMAGE.value: image, Modality.TEXT.value: text, **({} if tokens is None else {L.TOKENS: tokens})}
+    if segment is not None:
+        segment.put(name, rows, arrays, bad_rows, bad_reasons)
+        return segment.path
+    stored = read_meta(out, name)
+    if stored is None:
+        raise CacheError(f"{out}: no meta for teacher {name!r}; write_meta first")
+    views = int(np.shape(image)[1]) if np.ndim(image) == 3 else 0
+    meta = {"attrs": {**stored["attrs"], "embed_dim": int(np.shape(text)[-1]), "views": views},
+            "dtype": stored["dtype"]}
+    bad_rows, bad_reasons = list(bad_rows), list(bad_reasons)
+    chunk = np.union1d(np.asarray(rows, np.int64), np.asarray(bad_rows, np.int64))
+    folder = S.segment_dir(out)
+    h5 = int(stored.get("h5_chunk_rows", L.DEFAULT_CHUNK_ROWS))
+    seg = SegmentWriter(folder, S.next_run(folder), 0, [chunk], lambda r: np.ones((len(r), 1), bool),
+                        seg_teachers({name: meta}), max(1, -(-len(chunk) // h5)) * h5, h5, _fingerprint(out),
+                        sums=False)
+    try:
+        dtype = storage_dtype(meta["dtype"])
+        seg.put(name, np.asarray(rows, np.int64), {k: np.asarray(v, dtype) for k, v in arrays.items()},
+                bad_rows, bad_reasons)
+        seg.commit(0)
+    finally:
+        seg.close()
+    return seg.path
+
+
+def _fingerprint(out: str) -> str:
+    with h5py.File(out, "r") as f:
+        return str(f.attrs[L.Root.FINGERPRINT])
+
+
+def list_parts(out: str, name: str) -> list[str]:
+    """Teacher NAME's committed chunks not yet folded into `out` (as `SEGMENT#CHUNK` labels)."""
+    with h5py.File(out, "r") as f:
+        first = int(f.attrs.get(L.Root.FIRST_RUN, 0))
+        g = f[L.teacher(name)] if L.teacher(name) in f else None
+        since = int(g.attrs.get(L.SINCE_RUN, 0)) if g is not None else None
+        folded = M.read_folded(g)
+    if since is None:
+        since = int((read_meta(out, name) or {}).get(L.SINCE_RUN, 0))
+    return [f"{os.path.basename(s.path)}#{j}" for s in M.relevant(_segments(out, first), name, since)
+            for j in s.committed[int(folded.get(os.path.basename(s.path), 0)):]]
+
+
+def _segments(out: str, first_run: int) -> list[S.SegmentInfo]:
+    return [S.SegmentInfo.read(p) for p in S.list_segments(S.segment_dir(out)) if S.run_of(p) >= first_run]
+
+
+# -- folding segments into the file -----------------------------------------------------------------------
 def _ensure_group(f: h5py.File, name: str, meta: dict) -> h5py.Group:
+    """Teacher NAME's group with real (format 1) datasets: what a format-1 file holds, and what tests and
+    benchmarks write directly. New teachers get virtual datasets over segments (`_ensure_virtual_group`)."""
     if L.teacher(name) in f:
         return f[L.teacher(name)]
     n = int(f.attrs[L.Root.NUM_ROWS])
@@ -116,13 +214,15 @@ def _ensure_group(f: h5py.File, name: str, meta: dict) -> h5py.Group:
     return g
 
 
-def _write_rows(ds: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
-    if len(rows) == 0:
-        return
-    if rows[-1] - rows[0] + 1 == len(rows):  # contiguous: one hyperslab
-        ds[int(rows[0]):int(rows[-1]) + 1] = values
-    else:
-        ds[rows] = values
+def _ensure_virtual_group(f: h5py.File, name: str, meta: dict) -> h5py.Group:
+    if L.teacher(name) in f:
+        return f[L.teacher(name)]
+    g = f.create_group(L.teacher(name))
+    g.attrs.update(meta["attrs"])
+    g.attrs["dtype"] = meta["dtype"]
+    g.attrs[L.SINCE_RUN] = int(meta.get(L.SINCE_RUN, 0))
+    f.create_dataset(L.done(name), **L.done_dataset_args(int(f.attrs[L.Root.NUM_ROWS])))
+    return g
 
 
 def read_bad(f: h5py.File) -> dict[int, str]:
@@ -143,76 +243,74 @@ def _write_bad(f: h5py.File, bad: dict[int, str]) -> None:
 
 
 def compute_stats(g: h5py.Group, usable: np.ndarray, block: int = STATS_BLOCK_ROWS) -> None:
-    """Mean and covariance of the usable rows' image (all views) and text embeddings, into NAME/stats/."""
-    if L.STATS in g:
-        del g[L.STATS]
-    s = g.create_group(L.STATS)
-    for what in MODALITIES:
-        ds = g[what]
-        d = ds.shape[-1]
-        total, outer, n = np.zeros(d), np.zeros((d, d)), 0
-        for start in range(0, ds.shape[0], block):
-            m = usable[start:start + block]
-            if not m.any():
-                continue
-            x = ds[start:start + block][m].astype(np.float64).reshape(-1, d)
-            total += x.sum(0)
-            outer += x.T @ x
-            n += len(x)
-        mean = total / max(n, 1)
-        cov = (outer - n * np.outer(mean, mean)) / max(n - 1, 1)
-        s.create_dataset(f"{what}_mean", data=mean.astype(np.float32))
-        s.create_dataset(f"{what}_cov", data=cov.astype(np.float32))
-        s.attrs[f"{what}_count"] = n
-    s.attrs["count"] = int(usable.sum())
+    """Mean and covariance of the usable rows' image (all views) and text embeddings, into NAME/stats/, read from
+    the group's datasets (a format-1 teacher's; segments keep their own sums, `h5_merge.plan_sums`)."""
+    dims = {m.value: int(g[m.value].shape[-1]) for m in MODALITIES}
+    with torch.no_grad():
+        write_stats(g, sums_of_rows(g[Modality.IMAGE.value], g[Modality.TEXT.value], np.flatnonzero(usable), block),
+                    dims)
 
 
 def fold(out: str, names: Iterable[str] | None = None) -> dict[str, int]:
-    """Fold committed parts of the named teachers (default: all pending) into `out`, atomically.
+    """Take every committed chunk of the segments into `out`, atomically (see the module docstring).
 
-    Returns the number of rows folded per teacher. Statistics are (re)written for a teacher once every row is
-    either done or recorded as bad.
+    Returns the rows newly done per teacher (the named ones; default: all). Statistics are (re)written for a
+    teacher once every row is either done or recorded as bad.
     """
-    names = pending_teachers(out) if names is None else [n for n in names if n in pending_teachers(out)]
-    plan = {n: (read_meta(out, n), list_parts(out, n)) for n in names}
-    plan = {n: (m, p) for n, (m, p) in plan.items() if m is not None}
-    if not plan:
+    with h5py.File(out, "r") as f:
+        fp, first = str(f.attrs[L.Root.FINGERPRINT]), int(f.attrs.get(L.Root.FIRST_RUN, 0))
+        n = int(f.attrs[L.Root.NUM_ROWS])
+        groups = {t: (int(g.attrs.get(L.SINCE_RUN, 0)), M.read_folded(g)) for t, g in f[L.TEACHERS].items()}
+    metas = {n: m for n in pending_teachers(out) if (m := read_meta(out, n)) is not None}
+    segs = _segments(out, first)
+    for s in segs:
+        if s.fingerprint != fp:
+            raise CacheError(f"{s.path} holds rows computed from another corpus; delete it (or choose another "
+                             "--out) and rerun")
+    plans: dict[str, M.TeacherPlan] = {}
+    for name in sorted(set(groups) | set(metas)):
+        since, folded = groups.get(name, (int(metas.get(name, {}).get(L.SINCE_RUN, 0)), {}))
+        rel = M.relevant(segs, name, since)
+        if name in metas or M.pending_chunks(folded, rel):
+            plans[name] = M.plan_teacher(n, rel, name)
+    if not plans and not metas:
+        _drop_unmapped(out, segs)
         return {}
-    folded: dict[str, int] = {}
+    added: dict[str, int] = {}
 
     def fn(f: h5py.File) -> None:
         bad = read_bad(f)
         bad_before = dict(bad)
-        groups, new_bad, new_done = {}, {}, set()
-        for name, (meta, parts) in plan.items():
-            g = groups[name] = _ensure_group(f, name, meta)
-            done = g[L.DONE][:]
-            count = 0
-            for p in parts:
-                with np.load(p, allow_pickle=False) as z:
-                    rows = z["rows"]
-                    if len(rows):
-                        for m in MODALITIES:
-                            _write_rows(g[m], rows, z[m])
-                        if L.TOKENS in g:
-                            _write_rows(g[L.TOKENS], rows, z[L.TOKENS])
-                        done[rows] = True
-                        count += len(rows)
-                        new_done.update(rows.tolist())
-                    for r, reason in zip(z["bad_rows"].tolist(), z["bad_reasons"].tolist()):
-                        if not done[r]:
-                            new_bad[int(r)] = str(reason)
+        new_bad: dict[int, str] = {}
+        folder = str(f.attrs.get(L.Root.SEGMENTS, os.path.basename(S.segment_dir(out))))
+        for name, plan in plans.items():
+            if L.teacher(name) in f:
+                g = f[L.teacher(name)]
+                meta = {"attrs": attrs_to_dict(g.attrs), "dtype": str(g.attrs["dtype"])}
+            else:
+                meta = metas[name]
+            legacy = L.teacher(name) in f and not f[L.feature(name, Modality.TEXT)].is_virtual
+            g = f[L.teacher(name)] if legacy else _ensure_virtual_group(f, name, meta)
+            before = g[L.DONE][:]
+            if legacy:
+                done = before.copy()
+                done[M.copy_into(g, plan, M.read_folded(g))] = True
+            else:
+                M.map_teacher(g, plan, plan.segs[-1].metas[name] if plan.segs else meta, folder)
+                done = plan.done
+                f.attrs[L.Root.VERSION], f.attrs[L.Root.SEGMENTS] = VERSION, folder
             g[L.DONE][...] = done
-            folded[name] = count
+            g.attrs[L.FOLDED] = json.dumps(plan.folded)
+            added[name] = int(done.sum()) - int(before.sum())
+            new_bad.update({r: w for r, w in plan.bad.items() if not done[r]})
         # A bad record is per row (a bad image is bad for every teacher; a teacher's NaN row is dropped for all):
         # it is lifted only once a retried row is done for EVERY teacher in the file, so one teacher succeeding
         # on a row never hides another teacher's failure on it.
         all_done = np.ones(int(f.attrs[L.Root.NUM_ROWS]), dtype=bool)
         for g in f[L.TEACHERS].values():
             all_done &= g[L.DONE][:]
-        for r in new_done:
-            if all_done[r] and r not in new_bad:
-                bad.pop(r, None)
+        for r in [r for r in bad if all_done[r] and r not in new_bad]:
+            bad.pop(r)
         bad.update(new_bad)
         _write_bad(f, bad)
         bad_mask = np.zeros(int(f.attrs[L.Root.NUM_ROWS]), dtype=bool)
@@ -220,23 +318,41 @@ def fold(out: str, names: Iterable[str] | None = None) -> dict[str, int]:
         # statistics cover the usable rows (done, not bad): a teacher that completed earlier is recomputed when
         # another teacher's failures changed the bad rows since
         for name, g in f[L.TEACHERS].items():
-            if name not in groups and bad == bad_before:
+            if name not in plans and bad == bad_before:
                 continue
             done = g[L.DONE][:]
-            if (done | bad_mask).all():
+            if not (done | bad_mask).all():
+                continue
+            if g[Modality.TEXT.value].is_virtual:
+                since = int(g.attrs.get(L.SINCE_RUN, 0))
+                plan = plans.get(name) or M.plan_teacher(len(done), M.relevant(segs, name, since), name)
+                with torch.no_grad():
+                    write_stats(g, M.plan_sums(plan, done & ~bad_mask), M.dims_of({"attrs": dict(g.attrs)}))
+            else:
                 compute_stats(g, done & ~bad_mask)
 
     atomic_update(out, fn)
-    for name, (_, parts) in plan.items():  # only now: the rows are safe in the file
-        for p in parts:
-            os.remove(p)
-        d = teacher_parts_dir(out, name)
-        if not list_parts(out, name):
-            shutil.rmtree(d, ignore_errors=True)
+    for name in metas:  # only now: the rows are safe in the file
+        shutil.rmtree(teacher_parts_dir(out, name), ignore_errors=True)
     root = parts_root(out)
     if os.path.isdir(root) and not os.listdir(root):
         os.rmdir(root)
-    return folded
+    _drop_unmapped(out, segs)
+    return {n: c for n, c in added.items() if names is None or n in set(names)}
+
+
+def _drop_unmapped(out: str, segs: list[S.SegmentInfo]) -> None:
+    """Delete the segments (and their logs and sums) that no virtual dataset of `out` maps any more: runs killed
+    before their first commit, rows superseded by retries, a format-1 teacher's rows copied in, a deleted group."""
+    with h5py.File(out, "r") as f:
+        mapped = {os.path.basename(n) for n in virtual_sources(f)}
+    for s in segs:
+        if os.path.basename(s.path) not in mapped:
+            for p in (s.path, S.log_path(s.path), S.sums_path(s.path)):
+                try:
+                    os.remove(p)
+                except FileNotFoundError:
+                    pass
 
 
 def ensure_writable_target(out: str) -> None:

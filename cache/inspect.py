@@ -10,7 +10,9 @@ from teachers.modality import Modality
 
 from . import h5_writer as W
 from . import layout as L
-from .schema import CacheError, attrs_to_dict, check_root
+from .schema import CacheError, attrs_to_dict, check_root, virtual_sources
+from .segments import segment_dir
+from .shard_record import record_lines
 from .verify import raise_damaged
 from .views import read_view_dist
 
@@ -32,6 +34,7 @@ def info(path: str, max_keys: int = 3) -> str:
     except OSError as e:  # truncated, overwritten or not HDF5 at all: opening or any read can fail
         raise_damaged(path, e)
     lines += _pending(path)
+    lines += record_lines(path, limit=10)  # streamed shards that failed (FEATURES.h5.shards.json)
     return "\n".join(lines)
 
 
@@ -53,6 +56,24 @@ def _pending(path: str) -> list[str]:
     return lines
 
 
+def _folder_bytes(path: str) -> int:
+    """Bytes of the files in the cache's segment folder (format 2: the features; sparse files count their
+    allocated blocks)."""
+    folder = segment_dir(path)
+    if not os.path.isdir(folder):
+        return 0
+    stats = [os.stat(os.path.join(folder, n)) for n in os.listdir(folder)]
+    return sum(min(s.st_size, getattr(s, "st_blocks", s.st_size // 512 + 1) * 512) for s in stats)
+
+
+def _segments_line(f, path: str) -> str:
+    """Where a format-2 file's features are: its segment folder and how many segment files it maps."""
+    files = {n for n in virtual_sources(f) if "-rank-" in n}
+    if not files:
+        return ""
+    return f" (features in {len(files)} segment file(s) in {os.path.basename(segment_dir(path))}/)"
+
+
 def _describe(path: str, max_keys: int) -> list[str]:
     with h5py.File(path, "r") as f:
         check_root(f, path)
@@ -62,7 +83,8 @@ def _describe(path: str, max_keys: int) -> list[str]:
         lines = [
             f"{path}: {f.attrs[L.Root.FORMAT]} version {int(f.attrs[L.Root.VERSION])} "
             f"({f.attrs.get(L.Root.CREATED_BY, '?')})",
-            f"rows: {n}    size on disk: {_size(os.path.getsize(path))}",
+            f"rows: {n}    size on disk: {_size(os.path.getsize(path) + _folder_bytes(path))}"
+            f"{_segments_line(f, path)}",
             f"corpus: {f.attrs.get(L.Root.SOURCE, '?')}  fingerprint {str(f.attrs[L.Root.FINGERPRINT])[:16]}",
             f"keys: {', '.join(shown)}",
         ]
@@ -95,6 +117,7 @@ def _describe(path: str, max_keys: int) -> list[str]:
                          f"logit_scale {float(a.get('logit_scale', float('nan'))):.4g}")
             if L.TOKENS in g:  # --tokens G: the pooled patch-token grid
                 grid, tok = int(a.get("tokens", 0)), g[L.TOKENS]
+                stored = tok.size * tok.dtype.itemsize if tok.is_virtual else tok.id.get_storage_size()
                 lines.append(f"    patch tokens: {grid} x {grid} grid, {tok.shape[-1]}-wide, shape {tok.shape}, "
-                             f"{_size(tok.id.get_storage_size())} on disk, in /{L.tokens(name)}")
+                             f"{_size(stored)} on disk, in /{L.tokens(name)}")
     return lines

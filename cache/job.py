@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from .image_decode import DEFAULT_MAX_PIXELS
 from .schema import CacheError, storage_dtype
+from .shard_io import Retry
 from .views import ViewDist
 
 # Why a default bound on token storage: a G x G grid of D-wide tokens per row and view is G*G*D times a feature
@@ -20,7 +21,7 @@ DEFAULT_MAX_GB = 100.0
 
 @dataclass(frozen=True)
 class CacheJob:
-    data: str                      # corpus path: CSV/TSV/JSONL file, folder of .tar shards, or brace pattern
+    data: str                      # corpus: CSV/TSV/JSONL file, folder of .tar shards, brace pattern, or shard URLs
     teachers: dict[str, str]       # NAME -> SPEC (resolved with teachers.load_teacher)
     out: str                       # FEATURES.h5
     batch_size: int | str = "auto"  # rows per forward pass; auto: from the device (`loader_sizes`)
@@ -43,6 +44,8 @@ class CacheJob:
     trust_remote_code: bool = False  # let hub models run their repo's own code (recorded in each teacher's attrs)
     tokens: int = 0                # G: also store each teacher's patch tokens pooled to a G x G grid (0: none)
     max_gb: float = DEFAULT_MAX_GB  # refuse a run whose patch tokens would take more than this on disk (0: no bound)
+    shard_attempts: int = 3        # streamed shards (URLs, pipe:): tries per shard before it is recorded as bad
+    shard_backoff: float = 1.0     # seconds before the 2nd try, doubling after each failure (at most 60)
 
     @property
     def view_flags(self) -> dict:
@@ -55,6 +58,10 @@ class CacheJob:
     def view_dist(self) -> ViewDist:
         """The distribution a new file's views are drawn from: the flags given, defaults for the rest."""
         return ViewDist(self.views, seed=self.seed, **self.view_flags)
+
+    @property
+    def retry(self) -> Retry:
+        return Retry(self.shard_attempts, self.shard_backoff)
 
     @property
     def storage(self) -> "Storage":
@@ -94,6 +101,9 @@ class CacheJob:
                              f"tokens) and a size bound >= 0 GB (0: no bound)")
         if self.max_pixels < 0:
             raise CacheError(f"max_pixels={self.max_pixels}; use a positive pixel count (0: PIL's own limit)")
+        if self.shard_attempts < 1 or self.shard_backoff < 0:
+            raise CacheError(f"--shard-attempts {self.shard_attempts} / --shard-backoff {self.shard_backoff}: use "
+                             "at least 1 attempt and a backoff >= 0 seconds")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise CacheError(f"device {self.device!r}; use cpu, cuda or auto")
 
@@ -152,6 +162,7 @@ class CacheSummary:
     teachers: dict[str, TeacherSummary] = field(default_factory=dict)
     bad: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
     elapsed_s: float = 0.0
+    notes: list[str] = field(default_factory=list)  # e.g. streamed shards that failed, and what to do
 
     def __str__(self) -> str:
         lines = [f"feature cache {self.out}: {self.rows} rows, {self.elapsed_s:.1f}s"]
@@ -160,4 +171,5 @@ class CacheSummary:
         if self.bad:
             lines.append(f"  {len(self.bad)} bad sample(s) skipped (recorded in /bad), e.g.:")
             lines += [f"    {k}: {r}" for k, r in self.bad[:5]]
+        lines += [f"  {note}" for note in self.notes]
         return "\n".join(lines)

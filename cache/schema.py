@@ -9,7 +9,8 @@ import numpy as np
 from .layout import Root
 
 FORMAT = "biomed-distill-features"
-VERSION = 1
+VERSION = 2  # 2: teacher features, keys and views in segment files mapped by virtual datasets (`cache.layout`)
+READABLE_VERSIONS = (1, 2)  # 1: everything inside the one file; read, trained on and resumed as before
 
 TEACHER_ATTRS = ("spec", "resolved_spec", "embed_dim", "logit_scale", "logit_bias", "trust_remote_code", "image_size",
                  "mean", "std",
@@ -62,8 +63,9 @@ def check_root(f, path: str, fingerprint: str | None = None, num_rows: int | Non
     if fmt != FORMAT:
         raise CacheError(f"{path} is not a biomed-distill feature cache (format attr {fmt!r}); "
                          "choose another --out path")
-    if int(ver) != VERSION:
-        raise CacheError(f"{path} has cache format version {ver}; this package reads version {VERSION}")
+    if ver is None or int(ver) not in READABLE_VERSIONS:
+        raise CacheError(f"{path} has cache format version {ver}; this package reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))}")
     if fingerprint is not None and f.attrs[Root.FINGERPRINT] != fingerprint:
         raise CacheError(
             f"{path} was built from another corpus (fingerprint {f.attrs[Root.FINGERPRINT][:12]}..., this "
@@ -71,6 +73,36 @@ def check_root(f, path: str, fingerprint: str | None = None, num_rows: int | Non
             "file, or delete the old one to rebuild")
     if num_rows is not None and int(f.attrs[Root.NUM_ROWS]) != num_rows:
         raise CacheError(f"{path} has {int(f.attrs[Root.NUM_ROWS])} rows, the corpus {num_rows}")
+    check_sources(f, path)
+
+
+def virtual_sources(f) -> set[str]:
+    """Every source file name (as stored: relative to the file's folder) of the virtual datasets in `f`."""
+    import h5py
+
+    names: set[str] = set()
+
+    def visit(_, obj) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.is_virtual:
+            plist = obj.id.get_create_plist()
+            names.update(plist.get_virtual_filename(i) for i in range(plist.get_virtual_count()))
+    f.visititems(visit)
+    names.discard(".")  # a source in the file itself
+    return names
+
+
+def check_sources(f, path: str) -> None:
+    """Refuse a format-2 file whose segment files are not beside it: HDF5 would read their rows as its fill value
+    (NaN) without a word, so a file copied or moved without its folder is named here, with the fix."""
+    import os
+
+    base = os.path.dirname(os.path.abspath(path))
+    missing = sorted(n for n in virtual_sources(f) if not os.path.isfile(os.path.join(base, n)))
+    if missing:
+        folder = os.path.dirname(missing[0]) or "."
+        raise CacheError(f"{path} maps its features from {len(missing)} file(s) that are not there, e.g. "
+                         f"{os.path.join(base, missing[0])}; a cache is the file and its folder {folder}/ side by "
+                         "side: copy or move both (`cache.segments.copy_cache`), or restore the folder")
 
 
 def teacher_attrs(describe: dict, views: int, tokens: int = 0, token_dim: int = 0) -> dict:

@@ -110,26 +110,45 @@ class VerifyReport:
 def _unreadable_kind(e: OSError, ds: h5py.Dataset | None = None) -> str:
     """'checksum' when HDF5's filter pipeline (fletcher32, the only filter we write) refused the chunk."""
     text = str(e).lower()
-    filtered = "filter" in text and ds is not None and ds.fletcher32
+    filtered = "filter" in text and ds is not None and L.checksummed(ds)
     return "checksum" if filtered or "fletcher32" in text or "checksum" in text else "unreadable"
 
 
 def read_block(ds: h5py.Dataset, lo: int, hi: int) -> tuple[np.ndarray, dict[str, list[int]]]:
-    """ds[lo:hi] with unreadable rows as NaN, and {kind: rows} of those rows (narrowed to HDF5 chunks)."""
+    """ds[lo:hi] with unreadable rows as NaN, and {kind: rows} of those rows (narrowed to HDF5 chunks; in a
+    virtual dataset, whose rows need not line up with its segments' chunks, then to single rows)."""
     try:
         return ds[lo:hi], {}
     except OSError:
         pass
     out = np.full((hi - lo, *ds.shape[1:]), np.nan, dtype=np.float32)
     bad: dict[str, list[int]] = {}
-    step = ds.chunks[0] if ds.chunks else 1
+    step = L.chunk_rows_of(ds)
     start = lo - lo % step
     for s in range(start, hi, step):
         a, b = max(s, lo), min(s + step, hi)
         try:
             out[a - lo:b - lo] = ds[a:b]
         except OSError as e:
-            bad.setdefault(_unreadable_kind(e, ds), []).extend(range(a, b))
+            if not ds.is_virtual or b - a == 1:
+                bad.setdefault(_unreadable_kind(e, ds), []).extend(range(a, b))
+                continue
+            part, more = read_block_rows(ds, a, b)
+            out[a - lo:b - lo] = part
+            for kind, rows in more.items():
+                bad.setdefault(kind, []).extend(rows)
+    return out, bad
+
+
+def read_block_rows(ds: h5py.Dataset, lo: int, hi: int) -> tuple[np.ndarray, dict[str, list[int]]]:
+    """ds[lo:hi] read row by row: unreadable rows NaN, and {kind: rows} of them."""
+    out = np.full((hi - lo, *ds.shape[1:]), np.nan, dtype=np.float32)
+    bad: dict[str, list[int]] = {}
+    for r in range(lo, hi):
+        try:
+            out[r - lo] = ds[r]
+        except OSError as e:
+            bad.setdefault(_unreadable_kind(e, ds), []).append(r)
     return out, bad
 
 
@@ -163,7 +182,7 @@ def verify(path: str, block_rows: int = 8192, progress: bool | None = None) -> V
                     report.problems.append(Problem(name, "done flags", _unreadable_kind(e), np.arange(n)))
                     continue
                 report.checked[name] = int(done.sum())
-                report.checksummed[name] = all(g[m].fletcher32 for m in MODALITIES)
+                report.checksummed[name] = all(L.checksummed(g[m]) for m in MODALITIES)
                 for m in MODALITIES:
                     report.problems += _verify_dataset(name, m, g[m], done, block_rows, bar)
                 if L.TOKENS in g:  # patch tokens: checksums and finiteness (they are not unit vectors)
@@ -177,7 +196,7 @@ def verify(path: str, block_rows: int = 8192, progress: bool | None = None) -> V
 
 def _verify_dataset(name: str, modality: str, ds: h5py.Dataset, done: np.ndarray, block_rows: int,
                     bar, unit: bool = True) -> list[Problem]:
-    c = ds.chunks[0] if ds.chunks else 1
+    c = L.chunk_rows_of(ds)
     step = max(c, block_rows // c * c)  # whole chunks per block: each chunk is read (and checksummed) once
     found: dict[str, list[np.ndarray]] = {}
     for lo in range(0, ds.shape[0], step):

@@ -117,12 +117,12 @@ def build_student_model(s: StudentCfg, student_dir: Path, tokenizer_dir: str | N
 def build_run(cfg: Config, accelerator) -> Run:
     from accelerate.utils import set_seed
 
-    from cache.corpus import open_corpus
     from cache.views import read_view_dist
     from distill.heads import ProjectionHeads
+    from distill.stream_data import open_train_corpus, stream_sampler
 
     output_dir = Path(cfg.train.output_dir)
-    corpus = open_corpus(cfg.data.corpus)
+    corpus = open_train_corpus(cfg.data, accelerator)  # streamed shards: listed once, read in stream order
     join = None
     if cfg.mode != "contrastive":
         join = join_cache(corpus, cfg.data.features, named_teachers(cfg.loss), use_views=cfg.data.use_views)
@@ -167,8 +167,12 @@ def build_run(cfg: Config, accelerator) -> Run:
                    routing=None if routing is None else {"config": cfg.loss.routing.model_dump(),
                                                          **routing.summary()})
     plan = dataclasses.replace(plan, total_steps=_total_steps(cfg.train, plan))
-    sampler = build_sampler(cfg.data, join if used else None, len(ds), plan.global_batch, seed=cfg.train.seed,
-                            ranks=accelerator.num_processes)
+    if getattr(corpus, "streamed", False):  # whole shards per (rank, worker), a bounded shuffle buffer
+        sampler = stream_sampler(cfg.data, corpus, ds.corpus_rows, plan.global_batch, seed=cfg.train.seed,
+                                 ranks=accelerator.num_processes)
+    else:
+        sampler = build_sampler(cfg.data, join if used else None, len(ds), plan.global_batch, seed=cfg.train.seed,
+                                ranks=accelerator.num_processes)
     blocks = sampler.block_ids is not None and bool(used)
     read_rows, held = reader_blocks(cfg.data.block_rows, cfg.data.shuffle_buffer_blocks,
                                     join.chunk_rows if join else 0, sampler.dealing is not None)

@@ -82,7 +82,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
                    view_color=args.view_color,
                    retry_bad=args.retry_bad, chunk_rows=args.chunk_rows, max_pixels=args.max_pixels,
                    trust_remote_code=args.trust_remote_code,
-                   tokens=args.tokens, max_gb=args.max_gb)
+                   tokens=args.tokens, max_gb=args.max_gb, shard_attempts=args.shard_attempts,
+                   shard_backoff=args.shard_backoff)
     build_cache(job)
     return 0
 
@@ -208,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "Resumable: rerun the same command after an interruption. Run under `accelerate launch` "
                        "or torchrun to split the corpus over processes.", epilog=EPILOG)
     c.add_argument("--data", required=True, help="corpus: CSV/TSV/JSONL (image, caption[, key]) or WebDataset "
-                   "shards (a folder of .tar or a brace pattern)")
+                   "shards (a folder of .tar or a brace pattern; or streamed: file://, s3://, gs://, https:// "
+                   "URLs with brace ranges, or pipe:COMMAND)")
     c.add_argument("--teacher", required=True, action="append", type=_name_spec, metavar="NAME=SPEC",
                    help="a teacher to cache (repeatable)")
     c.add_argument("--out", required=True, help="FEATURES.h5 (created, resumed or extended)")
@@ -249,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-gb", type=float, default=100.0, metavar="X",
                    help="refuse a run whose patch tokens would take more than X GB on disk (the estimate is "
                    "printed before the run; default 100; 0: no bound)")
+    c.add_argument("--shard-attempts", type=int, default=3, metavar="N",
+                   help="streamed shards: tries per shard (open or read) before it is recorded as bad and the run "
+                   "goes on without it (default 3; its rows stay missing: a rerun retries them)")
+    c.add_argument("--shard-backoff", type=float, default=1.0, metavar="S",
+                   help="streamed shards: seconds before the second try, doubled after each failure (default 1)")
     _trust_remote_code_flag(c)
     c.set_defaults(func=cmd_cache)
 

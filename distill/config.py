@@ -108,6 +108,10 @@ class DataCfg(Section):
     shuffle_buffer_blocks: Int = Field(16, description="blocks shuffled together (each worker keeps them in memory)")
     bad_features: Str = Field("stop", description="damaged teacher rows: stop (name them) | skip (train the row "
                               "without that teacher, counted in the log)")
+    # streamed corpora (shard URLs, pipe:): each (rank, worker) reads whole shards in order (distill/stream_data.py)
+    stream_buffer: Int = Field(1000, description="streamed shards: shuffle buffer in rows (each worker keeps up to "
+                               "twice this many encoded images read ahead)")
+    shard_attempts: Int = Field(3, description="streamed shards: tries per shard before training stops naming it")
 
     @model_validator(mode="after")
     def _valid(self) -> "DataCfg":
@@ -122,6 +126,9 @@ class DataCfg(Section):
         _check(self.max_pixels >= 0, f"data.max_pixels must be >= 0 (0: PIL's own limit), got {self.max_pixels}")
         _check(self.shuffle_buffer_blocks > 0,
                f"data.shuffle_buffer_blocks must be > 0, got {self.shuffle_buffer_blocks}")
+        _check(self.stream_buffer >= 1 and self.shard_attempts >= 1,
+               f"data.stream_buffer and data.shard_attempts must be >= 1, got {self.stream_buffer} and "
+               f"{self.shard_attempts}")
         _check(self.bad_features in ("stop", "skip"),
                f"data.bad_features must be 'stop' or 'skip', got {self.bad_features!r}")
         lo, hi = self.crop_scale

@@ -199,6 +199,11 @@ class PairDataset(Dataset):
             img = None if size else self.corpus.load_image(row) if raw is None else decode_image(
                 raw, None, self.corpus.keys[row], self.corpus.describe(row), self.corpus.limits)
         except BadSampleError as e:
+            from cache.corpus_stream import ShardUnreadable
+
+            if isinstance(e, ShardUnreadable):  # the transport, not the sample: retried already
+                raise DataError(f"{e}; when it is readable again, rerun the same command (training resumes from "
+                                "the last checkpoint)") from e
             raise DataError(f"{e}; build a feature cache (`distill cache`) to find and skip bad samples, "
                             f"or fix or remove that row") from e
         if self.view_params is not None:
@@ -347,6 +352,25 @@ def mean_view(x: torch.Tensor) -> torch.Tensor:
 
 
 def teacher_feats(got: dict[str, Embeddings]) -> dict[str, Pair[torch.Tensor]]:
-    """The reader's embeddings as `TrainBatch.teacher_feats`: float32 tensors, stored views averaged."""
-    return {t: e.map(lambda x: mean_view(torch.as_tensor(np.asarray(x), dtype=torch.float32)))
-            for t, e in got.items()}
+    """The reader's embeddings as `TrainBatch.teacher_feats`: float32 tensors, stored views averaged.
+
+    Every tensor is a contiguous view into ONE buffer. Why: a DataLoader worker sends each tensor storage as its own
+    shared-memory block, which the main process receives with a socket round trip; two blocks per teacher cost 9
+    teachers 5-7 ms of a 200 ms CPU step, one block about 2 ms (benchmarks/README.md, train_overhead).
+    """
+    def as_rows(x) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(x))
+        return mean_view(x.to(torch.float32)) if x.ndim == 3 else x
+
+    rows = {t: e.map(as_rows) for t, e in got.items()}
+    buf = torch.empty(sum(x.numel() for p in rows.values() for _, x in p.items()), dtype=torch.float32)
+    at = 0
+
+    def place(x: torch.Tensor) -> torch.Tensor:
+        nonlocal at
+        view = buf[at:at + x.numel()].view(x.shape)
+        view.copy_(x)  # to float32 here, in the same pass
+        at += x.numel()
+        return view
+
+    return {t: p.map(place) for t, p in rows.items()}

@@ -3,7 +3,8 @@
 Each kill must hit a real process, but starting Python and importing torch/open_clip/transformers per run costs
 seconds; so runs are forked from one process that imported them once. A run can be slowed down (a sleep per
 teacher call, `delay`; a sleep in the fold, `fold_delay`) so that kills land mid-run as they would with a real
-teacher and a big file, and can die at a planted instant of a commit (`kill_at`). Used by test_cache_resume.py and
+teacher and a big file, and can die at a planted instant of a commit (`kill_at`: half-way through writing a chunk
+into the segment, inside the fold, just after the fold's rename). Used by test_cache_resume.py and
 test_cache_faults.py.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ ZYGOTE = textwrap.dedent("""
     import json, os, signal, sys, time, traceback
     import numpy as np, torch
     import cache.h5_writer as W
+    import cache.segment_writer as SW
     from cache import CacheJob, build_cache
     from teachers.base import Teacher
     job_kw = json.loads(sys.argv[1])
@@ -53,18 +55,17 @@ ZYGOTE = textwrap.dedent("""
         at = cmd["kill_at"]
         if at == "fold-mid":          # inside a fold: rows written into the copy, before the rename
             W._write_bad = die
-        elif at == "after-rename":    # the new file is in place, its parts not yet deleted
+        elif at == "after-rename":    # the new file is in place, its folded metas not yet deleted
             W._fsync_dir = die
-        elif at == "part-mid":        # half of the third part written to its temporary file
-            calls, real = [0], np.savez
-            def savez(f, **arrays):
+        elif at == "part-mid":        # half of an HDF5 chunk of the second commit written into the segment
+            calls, real = [0], SW._pwrite_all
+            def pwrite(fd, data, offset):
                 calls[0] += 1
-                if calls[0] == 3:
-                    f.write(b"PK\\x03\\x04 half a part")
-                    f.flush()
+                if calls[0] == 5:     # 2 teachers x (image, text): the second commit's first chunk
+                    real(fd, bytes(data)[:len(data) // 2], offset)
                     die()
-                real(f, **arrays)
-            W.np.savez = savez
+                real(fd, data, offset)
+            SW._pwrite_all = pwrite
         elif at is not None:
             raise ValueError(f"unknown kill_at {at!r}")
         build_cache(CacheJob(**{**job_kw, "out": cmd["out"]}))
@@ -143,8 +144,11 @@ class Zygote:
 
 
 def committed_rows(out: Path, ref: dict, bad: Container[int] | None = None) -> dict[str, set[int]]:
-    """Rows committed so far (done in the file, or in a committed part), each checked against the reference values
-    `ref[teacher]["image" | "text"]`; with `bad`, a part's bad rows must be among them."""
+    """Rows committed so far (done in the file, or stored in a committed chunk of a segment), each checked against
+    the reference values `ref[teacher]["image" | "text"]`; with `bad`, a segment's bad rows must be among them."""
+    from cache import layout as L
+    from cache.segments import SegmentInfo, list_segments, segment_dir
+
     rows: dict[str, set[int]] = {name: set() for name in ref}
     if out.exists():
         with h5py.File(out, "r") as f:  # must open: a kill never leaves a broken file
@@ -155,15 +159,18 @@ def committed_rows(out: Path, ref: dict, bad: Container[int] | None = None) -> d
                 for what in ("image", "text"):
                     np.testing.assert_allclose(g[what][:][done].astype(np.float32), ref[name][what][done], atol=ATOL)
                 rows[name] |= set(done.tolist())
-    for part in Path(str(out) + ".parts").glob("*/part-*.npz"):
-        name = part.parent.name
-        with np.load(part) as z:  # committed parts are complete
-            r = z["rows"]
-            for what in ("image", "text"):
-                np.testing.assert_allclose(z[what].astype(np.float32), ref[name][what][r], atol=ATOL)
-            if bad is not None:
-                assert all(b in bad for b in z["bad_rows"].tolist())
-            rows[name] |= set(r.tolist())
+    for path in list_segments(segment_dir(str(out))):
+        seg = SegmentInfo.read(path)
+        with h5py.File(path, "r") as f:  # committed chunks are complete, whatever else the file holds
+            for name in seg.teachers:
+                slots, ok = seg.written(name)
+                r = seg.rows[slots[ok]]
+                for what in ("image", "text") if len(r) else ():  # committed slots only: others may be half-written
+                    got = f[L.feature(name, what)][slots[ok]].astype(np.float32)
+                    np.testing.assert_allclose(got, ref[name][what][r], atol=ATOL)
+                if bad is not None:
+                    assert all(b in bad for b in seg.bad.get(name, {}))
+                rows[name] |= set(r.tolist())
     return rows
 
 

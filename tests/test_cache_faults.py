@@ -23,7 +23,9 @@ import numpy as np
 import pytest
 
 import cache.h5_writer as W
+import cache.segment_writer as SW
 from cache.build import CacheJob, build_cache
+from cache.segments import read_log
 from cache.schema import CacheError
 from cache_zygote import ATOL, Zygote, check_nothing_lost, committed_rows
 from distill.cli import main
@@ -31,10 +33,11 @@ from test_cache_integrity import BAD_TEACHER
 
 
 def _parts_of(out: Path, pid: int) -> int:
-    """Committed parts of process `pid`; polled while the run folds and deletes the folders it scans."""
+    """Chunks committed by process `pid` (lines of its segments' logs); polled while the run folds and may delete
+    what it scans."""
     try:
-        return len(list(Path(str(out) + ".parts").glob(f"*/part-*-{pid}.npz")))
-    except FileNotFoundError:  # a folder vanished mid-scan (the fold removed it): ask again at the next poll
+        return sum(len(read_log(str(p))) for p in Path(f"{out}.segments").glob(f"run-*-rank-*-{pid}.h5"))
+    except (FileNotFoundError, OSError):  # a file vanished mid-scan (the fold dropped it): ask again at the next poll
         return 0
 
 
@@ -89,7 +92,7 @@ def _kill_loop(tmp_path: Path, job: dict, kills: int, seed: int) -> list[str]:
         ref = _state(tmp_path / "ref.h5")
         assert len(ref["bad"]) == 7  # the NaN / zero rows of teacher x
         out, rng, history, seen = tmp_path / "killed.h5", random.Random(seed), [], []
-        parts_per_run = 2 * 8  # 2 teachers x 32 rows / chunk_rows 4
+        parts_per_run = 8  # 32 rows / chunk_rows 4: one commit per chunk for both teachers
         for i in range(kills):  # the kinds in turn, so even 3 kills cover parts, fold and time
             done = sum(len(r) for r in history[-1].values()) if history else 0
             left = duration * max(0.25, 1 - done / 64)  # a rerun has less to do: aim inside what is left
@@ -143,13 +146,12 @@ def test_no_space_writing_a_part_is_a_message_and_the_rerun_completes(tmp_path, 
     ref = _state(tmp_path / "ref.h5")
     out = tmp_path / "f.h5"
     with monkeypatch.context() as m:
-        _fail_at(m, W.np, "savez", {2})
+        _fail_at(m, SW, "_pwrite_all", {5})  # 2 teachers x (image, text) per chunk: the second chunk's first write
         with pytest.raises(CacheError) as e:
             build_cache(CacheJob(**kw, out=str(out)))
     msg = str(e.value)
-    assert msg.startswith(f"no space left on device writing {W.parts_root(str(out))}/")
+    assert msg.startswith(f"no space left on device writing {out}.segments/run-")
     assert msg.endswith("; free space and rerun the same command: committed rows are kept and the next run resumes")
-    assert not list(Path(W.parts_root(str(out))).glob("*/.tmp-*"))  # the half-written part is gone at once
     before = committed_rows(out, ref["teachers"], ref["bad"])
     assert before["oc"] == {0, 1, 2, 3}  # the first part was committed, and folded in on the way out
     build_cache(CacheJob(**kw, out=str(out)))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import h5py
@@ -20,6 +19,7 @@ import torch
 from cache.build import CacheJob, build_cache
 from cache.h5_reader import FeatureReader
 from cache.schema import CacheError
+from cache.segments import copy_cache
 from cache.verify import BadRowsError, format_rows, verify
 from distill.cli import main
 from train_fixtures import load_weights, tiny_tokenizer  # noqa: F401  (fixture)
@@ -81,20 +81,27 @@ def checked_cache(tiny_corpus, tiny_teachers, tmp_path_factory) -> Path:
 
 
 def _copy(src: Path, dst: Path) -> Path:
-    shutil.copyfile(src, dst)
+    """The cache file and its segment folder (format 2: the features live there)."""
+    copy_cache(str(src), str(dst))
     return dst
 
 
 def _flip_chunk(path: Path, dataset: str, chunk_index: int, nbytes: int = 1024) -> range:
-    """Flip `nbytes` (at most the chunk) in the middle of one stored chunk; returns the chunk's rows."""
+    """Flip `nbytes` (at most the chunk) in the middle of one stored chunk; returns the chunk's rows. A virtual
+    dataset's chunk is its segment's (one process, one run: slot = row)."""
+    target = path
     with h5py.File(path, "r") as f:
+        if f[dataset].is_virtual:
+            (src,) = {vs.file_name for vs in f[dataset].virtual_sources()}
+            target = path.parent / src
+    with h5py.File(target, "r") as f:
         ds = f[dataset]
         info = ds.id.get_chunk_info(chunk_index)
         rows = range(info.chunk_offset[0], min(ds.shape[0], info.chunk_offset[0] + ds.chunks[0]))
         offset, size = info.byte_offset, info.size
     n = min(nbytes, size - 8)
     start = offset + (size - n) // 2
-    with open(path, "r+b") as fh:
+    with open(target, "r+b") as fh:
         fh.seek(start)
         data = bytearray(fh.read(n))
         fh.seek(start)
@@ -144,7 +151,12 @@ def test_cache_records_a_teachers_nan_and_zero_rows_as_bad_and_never_done(tmp_pa
 def test_new_files_have_checksums_and_read_identically(checked_cache):
     with h5py.File(checked_cache, "r") as f:
         raw = {t: {m: f[f"teachers/{t}/{m}"][:] for m in ("image", "text")} for t in ("oc", "hf")}
-        assert all(f[f"teachers/{t}/{m}"].fletcher32 for t in raw for m in ("image", "text"))
+        for t in raw:  # format 2: virtual datasets over segment files, each chunk of which carries fletcher32
+            for m in ("image", "text"):
+                ds = f[f"teachers/{t}/{m}"]
+                (src,) = {vs.file_name for vs in ds.virtual_sources()}
+                with h5py.File(checked_cache.parent / src, "r") as seg:
+                    assert seg[f"teachers/{t}/{m}"].fletcher32 and seg[f"teachers/{t}/{m}"].chunks[0] == CHUNK
     rows = np.array([31, 0, 9, 9, 17, 3, 30])
     for block_rows in (0, CHUNK, 2 * CHUNK):
         with FeatureReader(str(checked_cache), block_rows=block_rows) as r:

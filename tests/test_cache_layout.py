@@ -95,10 +95,20 @@ def test_a_folded_file_has_exactly_the_layouts_tree(tmp_path):
             *(f"{L.stats('t')}/{s}" for s in L.STATS_FIELDS), L.BAD, L.BAD_ROWS, L.BAD_KEYS, L.BAD_REASONS])
         assert dict(f.attrs)[L.Root.NUM_ROWS] == n and f.attrs[L.Root.SOURCE] == "c.csv"
         img, txt, done = f[L.feature("t", "image")], f[L.feature("t", "text")], f[L.done("t")]
-        assert (img.shape, img.chunks, img.fletcher32, img.dtype) == ((n, k, d), (4, k, d), True, np.float16)
-        assert (txt.shape, txt.chunks, txt.fletcher32) == ((n, d), (4, d), True)
+        # format 2: features, keys and views are virtual datasets over files in the segment folder
+        assert all(f[x].is_virtual for x in (L.feature("t", "image"), L.feature("t", "text"), L.KEYS, L.VIEW_PARAMS))
+        assert (img.shape, img.dtype, L.chunk_rows_of(img), L.chunk_rows_of(f[L.VIEW_PARAMS])) == \
+            ((n, k, d), np.float16, 4, 4)
+        (src,) = {vs.file_name for vs in img.virtual_sources()}
+        assert src.startswith("f.h5.segments/run-") and f.attrs[L.Root.SEGMENTS] == "f.h5.segments"
+        with h5py.File(tmp_path / src, "r") as s:  # the segment: the same teacher tree, chunked and checksummed
+            si, st = s[L.feature("t", "image")], s[L.feature("t", "text")]
+            assert (si.shape, si.chunks, si.fletcher32, si.dtype) == ((n, k, d), (4, k, d), True, np.float16)
+            assert (st.shape, st.chunks, st.fletcher32) == ((n, d), (4, d), True)
         assert (done.chunks, done.fletcher32, done[:].tolist()) == ((n,), False, [False] + [True] * 9)
-        assert f[L.VIEW_PARAMS].chunks == (4, k, 5)
+        assert int(f.attrs[L.Root.VERSION]) == 2
+        np.testing.assert_array_equal(img[1:], image)  # read through the mapping
+        assert np.isnan(img[0]).all()  # the bad row was never stored: NaN, not a zero vector
         assert f[L.BAD_KEYS].asstr()[:].tolist() == ["k0"] and f[L.BAD_REASONS].asstr()[0] == "broken image"
         np.testing.assert_allclose(f[f"{L.stats('t')}/text_mean"][:], [0, 1, 0, 0])
 

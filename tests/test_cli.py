@@ -190,9 +190,11 @@ def test_info_on_views_bad_samples_and_an_incomplete_teacher(tiny_corpus, tiny_t
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
     keys = open_corpus(data).keys
-    assert "biomed-distill-features version 1" in text and "rows: 32" in text
+    assert "biomed-distill-features version 2" in text and "rows: 32" in text
     size = float(re.search(r"size on disk: ([\d.]+) KiB", text).group(1))
-    assert abs(size - os.path.getsize(out) / 1024) <= 0.05
+    segments = [f.stat() for f in Path(f"{out}.segments").iterdir()]  # format 2: the features live there (sparse)
+    on_disk = os.path.getsize(out) + sum(min(st.st_size, st.st_blocks * 512) for st in segments)
+    assert abs(size - on_disk / 1024) <= 0.05 and "segment file(s) in f.h5.segments/" in text
     assert f"keys: {keys[0]}, {keys[1]}, {keys[2]}, ..., {keys[31]}" in text
     assert "views: 2 per image (seed 3)" in text
     assert "bad samples: 1" in text and f"{keys[9]}: empty caption" in text

@@ -214,20 +214,22 @@ def test_cache_into_a_read_only_folder(tiny_corpus, tiny_teachers, tmp_path, cap
 
 def test_cache_full_disk_keeps_committed_rows_and_resumes(tiny_corpus, tiny_teachers, tmp_path, capsys,
                                                           monkeypatch):
+    import cache.segment_writer as SW
+
     out = tmp_path / "f.h5"
-    real_savez, calls = np.savez, []
+    real_write, calls = SW._pwrite_all, []
 
-    def savez(file, *a, **k):  # the second committed chunk hits a full disk
-        calls.append(file)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", getattr(file, "name", str(file)))
-        return real_savez(file, *a, **k)
+    def write(fd, data, offset):  # the second committed chunk hits a full disk (2 writes a chunk: image, text)
+        calls.append(offset)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data, offset)
 
-    monkeypatch.setattr(np, "savez", savez)
+    monkeypatch.setattr(SW, "_pwrite_all", write)
     assert main(cache_argv(tiny_corpus, tiny_teachers["oc"], out)) == ENVIRONMENT
     line = one_error_line(capsys, "cache")
     assert "no space left on device" in line and str(out) in line and "rerun the same command" in line
-    monkeypatch.setattr(np, "savez", real_savez)
+    monkeypatch.setattr(SW, "_pwrite_all", real_write)
     assert main(cache_argv(tiny_corpus, tiny_teachers["oc"], out)) == 0
     printed = capsys.readouterr().out
     assert "oc: computed 24, done 32/32" in printed  # the first chunk (8 rows) was kept, not recomputed

@@ -289,12 +289,12 @@ def test_micro_batches_give_the_bias_the_gradient_of_one_forward(tiny_tokenizer,
 
 @pytest.mark.slow
 def test_affinity_from_a_sigmoid_teacher_trains_the_students_bias(tiny_corpus, tiny_cache, tmp_path):
-    import shutil
+    from cache.segments import copy_cache
 
     from distill.train import train
 
     cache = tmp_path / "features.h5"
-    shutil.copy(tiny_cache, cache)
+    copy_cache(str(tiny_cache), str(cache))  # the file and its segment folder
     with h5py.File(cache, "r+") as f:
         f["teachers/oc"].attrs["logit_bias"] = -5.0  # as the cache records a sigmoid (SigLIP) teacher
     out = tmp_path / "run"

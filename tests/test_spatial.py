@@ -200,7 +200,8 @@ def test_cache_stores_pooled_tokens_float16(token_cache, tiny_corpus, tiny_teach
     with h5py.File(token_cache, "r") as f:
         for name, dim in (("oc", 32), ("hf", 32)):
             g = f[f"teachers/{name}"]
-            assert g["tokens"].shape == (32, 4, dim) and g["tokens"].dtype == np.float16 and g["tokens"].fletcher32
+            tok = g["tokens"]  # virtual, over the segment's checksummed chunks
+            assert tok.shape == (32, 4, dim) and tok.dtype == np.float16 and tok.attrs["fletcher32"]
             assert int(g.attrs["tokens"]) == 2 and int(g.attrs["token_dim"]) == dim
             want = _want_tokens(load_teacher(tiny_teachers[name]), corpus, range(32), 2)
             np.testing.assert_allclose(g["tokens"][:].astype(np.float32), want, atol=5e-3, rtol=2e-3)
@@ -252,7 +253,7 @@ def test_token_size_is_printed_and_a_run_over_max_gb_is_refused(tmp_path, tiny_c
 
 
 def test_token_refusals_name_the_teacher_and_the_flag(tmp_path, tiny_corpus, tiny_teachers, token_cache):
-    import shutil
+    from cache.segments import copy_cache
 
     from cache.build import build_cache
     from cache.schema import CacheError
@@ -260,7 +261,7 @@ def test_token_refusals_name_the_teacher_and_the_flag(tmp_path, tiny_corpus, tin
     with pytest.raises(CacheError, match="teacher 'oc' has a 4 x 4 patch grid; use --tokens 4 or less"):
         build_cache(_job(tiny_corpus, {"oc": tiny_teachers["oc"]}, tmp_path / "a.h5", tokens=5))
     copy = tmp_path / "b.h5"
-    shutil.copy(token_cache, copy)
+    copy_cache(str(token_cache), str(copy))  # the file and its segment folder
     with pytest.raises(CacheError, match="teacher 'oc' was cached with --tokens 2, this run asks --tokens 3"):
         build_cache(_job(tiny_corpus, {"oc": tiny_teachers["oc"]}, copy, tokens=3))
     mod = tmp_path / "no_tokens_teacher.py"
@@ -286,7 +287,7 @@ def test_token_refusals_name_the_teacher_and_the_flag(tmp_path, tiny_corpus, tin
 
 
 def test_info_shows_the_grid_and_verify_checks_the_tokens(tmp_path, token_cache):
-    import shutil
+    from cache.segments import copy_cache
 
     import h5py
 
@@ -297,7 +298,7 @@ def test_info_shows_the_grid_and_verify_checks_the_tokens(tmp_path, token_cache)
     assert "patch tokens: 2 x 2 grid, 32-wide, shape (32, 4, 32)" in text and "/teachers/oc/tokens" in text
     assert verify(str(token_cache), progress=False).ok
     copy = tmp_path / "bad.h5"
-    shutil.copy(token_cache, copy)
+    copy_cache(str(token_cache), str(copy))  # the file and its segment folder
     with h5py.File(copy, "r+") as f:
         f["teachers/hf/tokens"][7, 1, 3] = np.nan
     report = verify(str(copy), progress=False)
@@ -511,12 +512,12 @@ def test_spatial_runs_are_refused_without_tokens_or_with_patch_dropout(tiny_corp
 
 def _no_token_copy(src: Path, tmp_path: Path) -> Path:
     """The token cache with teacher hf's tokens deleted (as if cached without --tokens)."""
-    import shutil
+    from cache.segments import copy_cache
 
     import h5py
 
     out = tmp_path / "notokens.h5"
-    shutil.copy(src, out)
+    copy_cache(str(src), str(out))  # the file and its segment folder
     with h5py.File(out, "r+") as f:
         del f["teachers/hf/tokens"]
         del f["teachers/hf"].attrs["tokens"]
@@ -524,7 +525,7 @@ def _no_token_copy(src: Path, tmp_path: Path) -> Path:
 
 
 def test_bad_cached_tokens_stop_or_drop_that_teacher_for_the_row(token_cache, tmp_path):
-    import shutil
+    from cache.segments import copy_cache
 
     import h5py
 
@@ -532,7 +533,7 @@ def test_bad_cached_tokens_stop_or_drop_that_teacher_for_the_row(token_cache, tm
     from distill.data import Collate
 
     bad = tmp_path / "bad.h5"
-    shutil.copy(token_cache, bad)
+    copy_cache(str(token_cache), str(bad))  # the file and its segment folder
     with h5py.File(bad, "r+") as f:
         f["teachers/hf/tokens"][7, 0, 0] = np.inf
     items = [{"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "caption": "x", "row": r, "cache_row": r, "view": -1}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from cache.segments import copy_cache
 from distill.cache_join import join_cache
 from distill.data import DataError, PairDataset
 from distill.train import train
@@ -94,7 +95,7 @@ def test_cache_missing_teacher_or_rows_is_a_clear_error(tiny_corpus, tiny_cache,
     with pytest.raises(DataError, match=r"lacks teacher\(s\) \['biomedclip'\].*--teacher biomedclip=SPEC"):
         join_cache(corpus, tiny_cache, ["oc", "biomedclip"])
     partial = tmp_path / "partial.h5"
-    partial.write_bytes(tiny_cache.read_bytes())
+    copy_cache(str(tiny_cache), str(partial))  # the file and its segment folder
     with h5py.File(partial, "r+") as f:
         f["teachers/hf/done"][5:9] = False
     with pytest.raises(DataError, match=r"teacher 'hf' has not embedded 4 of the corpus's 32 rows.*"
@@ -118,7 +119,7 @@ def test_bad_rows_in_the_cache_are_skipped(tiny_corpus, tiny_cache, tmp_path):
     from cache.corpus import open_corpus
 
     marked = tmp_path / "bad.h5"
-    marked.write_bytes(tiny_cache.read_bytes())
+    copy_cache(str(tiny_cache), str(marked))  # the file and its segment folder
     with h5py.File(marked, "r+") as f:
         if "bad" in f:
             del f["bad"]

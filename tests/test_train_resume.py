@@ -65,7 +65,7 @@ def test_resume_matches_uninterrupted(tiny_corpus, tiny_cache, tiny_tokenizer, t
 
 def test_resume_refuses_a_cache_whose_teacher_dimension_changed(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path):
     """Resuming against a cache where a teacher now has another dimension names it instead of a size mismatch."""
-    import shutil
+    from cache.segments import copy_cache
 
     import h5py
 
@@ -73,7 +73,7 @@ def test_resume_refuses_a_cache_whose_teacher_dimension_changed(tiny_corpus, tin
     train_mod.train(tiny_config(tiny_corpus, out, tiny_cache, tokenizer=tiny_tokenizer, train__max_steps=2,
                                 train__checkpoint_every=2))
     changed = tmp_path / "changed.h5"
-    shutil.copy(tiny_cache, changed)
+    copy_cache(str(tiny_cache), str(changed))  # the file and its segment folder
     with h5py.File(changed, "r+") as f:  # re-cached 'hf' with a 48-dim model under the same name
         g = f["teachers/hf"]
         g.attrs["embed_dim"] = 48

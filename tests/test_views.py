@@ -133,10 +133,10 @@ def test_info_shows_the_views(color_cache, capsys):
 
 
 def test_other_view_flags_are_refused_when_adding_a_teacher(color_cache, tiny_corpus, tiny_teachers, tmp_path):
-    import shutil
+    from cache.segments import copy_cache
 
     out = tmp_path / "f.h5"
-    shutil.copy(color_cache, out)
+    copy_cache(str(color_cache), str(out))  # the file and its segment folder
     with pytest.raises(CacheError) as e:
         build_cache(_job(tiny_corpus, {"x": tiny_teachers["oc"]}, out, views=2, view_flip=0.0, view_color=0.5))
     assert str(e.value) == (

@@ -1,4 +1,5 @@
-"""Readers for evaluation datasets: CSV (image + label or caption), MedMNIST `.npz`, and a folder per class.
+"""Readers for evaluation datasets: CSV (image + label or caption), MedMNIST `.npz`, a folder per class, and
+WebDataset shards (image + caption, for retrieval; local or streamed by URL, read in order: `cache.corpus`).
 
 Every reader returns one `SplitData` per split role (train/val/test) with the same shape: images (paths or a
 uint8 array), labels (class ids, or multi-hot for multi-label tasks) and captions. Errors name the file, the row
@@ -34,6 +35,8 @@ class SplitData:
 
     def image(self, i: int) -> Image.Image:
         item = self.images[i]
+        if isinstance(item, Image.Image):  # read by a corpus (CorpusImages)
+            return item.convert("RGB")
         if isinstance(item, np.ndarray):
             return Image.fromarray(item).convert("RGB")
         with Image.open(item) as img:
@@ -42,16 +45,34 @@ class SplitData:
     def subset(self, idx: np.ndarray, tag: str) -> "SplitData":
         """Rows `idx`, as a new split with its own cache key (`tag` says which subset)."""
         idx = np.asarray(idx, dtype=np.int64)
-        images = self.images[idx] if isinstance(self.images, np.ndarray) else [self.images[i] for i in idx]
+        images = (self.images[idx] if isinstance(self.images, (np.ndarray, CorpusImages))
+                  else [self.images[i] for i in idx])
         return SplitData(key=f"{self.key}::{tag}", source=self.source, images=images,
                          labels=None if self.labels is None else self.labels[idx],
                          captions=None if self.captions is None else tuple(self.captions[i] for i in idx))
 
 
-def _fmt(task: TaskCfg, path: Path) -> str:
+class CorpusImages:
+    """A corpus's images by row (`rows`), loaded when asked: streamed shards are read in row order, once."""
+
+    def __init__(self, corpus, rows: np.ndarray):
+        self.corpus, self.rows = corpus, np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, np.ndarray):  # a subset (SplitData.subset), still lazy
+            return CorpusImages(self.corpus, self.rows[i])
+        return self.corpus.load_image(int(self.rows[i]))
+
+
+def _fmt(task: TaskCfg, path: Path | str) -> str:
     fmt = task.dataset.format
     if fmt != "auto":
         return fmt
+    if isinstance(path, str) or path.suffix.lower() == ".tar" or "{" in path.name:
+        return "webdataset"
     if path.is_dir():
         return "folder"
     if path.suffix.lower() == ".npz":
@@ -65,12 +86,12 @@ def _fmt(task: TaskCfg, path: Path) -> str:
 def load_splits(task: TaskCfg) -> dict[str, SplitData]:
     """The splits `task` needs (test; plus train and val for linear probe and fine-tuning)."""
     path = task.dataset_path
-    if not path.exists():
+    if not isinstance(path, str) and "{" not in path.name and not path.exists():  # URLs: checked when opened
         raise TaskError(f"{task.source}: dataset {path} not found. Built-in tasks read their data from "
                         f"${DATA_ENV} (default ../shared/data beside the current directory); set {DATA_ENV} "
                         "to the folder holding the data, or fix dataset.path")
     fmt = _fmt(task, path)
-    reader = {"csv": _read_csv, "npz": _read_npz, "folder": _read_folder}[fmt]
+    reader = {"csv": _read_csv, "npz": _read_npz, "folder": _read_folder, "webdataset": _read_webdataset}[fmt]
     roles = task.needs_roles()
     splits = reader(task, path, roles)
     out = {}
@@ -282,3 +303,33 @@ def _read_folder(task: TaskCfg, path: Path, roles: Sequence[str]) -> dict[str, S
         _no_splits(task, path, roles)
         idx = {"test": np.arange(len(images))}
     return {r: make([images[i] for i in idx[r]], [labels[i] for i in idx[r]], r) for r in roles}
+
+
+# -- WebDataset shards ---------------------------------------------------------------------------------
+def _read_webdataset(task: TaskCfg, path: Path | str, roles: Sequence[str]) -> dict[str, SplitData]:
+    """Image-caption pairs of WebDataset shards, for retrieval; streamed shards are listed once, then read in
+    order (no shuffle), so each split reads its shards front to back."""
+    from cache.corpus import CorpusError, open_corpus
+
+    if task.kind != "retrieval":
+        raise TaskError(f"{task.source}: WebDataset shards hold images and captions, no labels; a {task.kind} task "
+                        "needs a CSV, .npz or class folders")
+    try:
+        corpus = open_corpus(path)
+    except CorpusError as e:
+        raise TaskError(f"{task.source}: {e}") from None
+    unlisted = getattr(corpus, "unlisted", {})
+    if unlisted:  # an eval over part of its data would be silently another eval
+        url, why = next(iter(unlisted.items()))
+        raise TaskError(f"{task.source}: {len(unlisted)} shard(s) of {path} could not be read ({url}: {why})")
+    empty = [i for i, c in enumerate(corpus.captions) if not c.strip()]
+    if empty:
+        raise TaskError(f"{corpus.describe(empty[0])}: empty caption (retrieval needs one per image)")
+    if task.dataset.split_fractions:
+        index = _fraction_split(len(corpus), task)
+    else:
+        _no_splits(task, path, roles)
+        index = {"test": np.arange(len(corpus))}
+    key = f"webdataset:{path}::{list(task.dataset.split_fractions)}:{task.dataset.seed}"
+    return {r: SplitData(f"{key}:{r}", f"{path} ({r})", CorpusImages(corpus, index[r]), None,
+                         tuple(corpus.captions[i] for i in index[r])) for r in roles}

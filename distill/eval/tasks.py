@@ -32,7 +32,7 @@ from distill.config_base import Bool, ConfigError, Float, Int, Section, config_e
 
 from .kinds import EVALUATORS, SPLIT_ROLES, TaskKind
 
-FORMATS = ("auto", "csv", "npz", "folder")
+FORMATS = ("auto", "csv", "npz", "folder", "webdataset")
 DATA_ENV = "BIOMED_DISTILL_DATA"
 
 
@@ -64,8 +64,9 @@ class DatasetCfg(Section):
     """Where the samples are and how to read them."""
 
     where = "dataset"
-    path: Text = Field(description="CSV, .npz or folder; relative to the data root / task file")
-    format: Text = Field("auto", description="csv | npz | folder; auto = from the suffix")
+    path: Text = Field(description="CSV, .npz or folder; relative to the data root / task file; or WebDataset "
+                       "shards (.tar, a brace pattern, or a URL / pipe: command, read as a stream)")
+    format: Text = Field("auto", description="csv | npz | folder | webdataset; auto = from the suffix")
     image_column: Text = Field("image", description="CSV: image path relative to the CSV's folder")
     label_column: Text = Field("label", description="CSV: class index, class name or label value ('A|B' "
                                "multi-label)")
@@ -224,7 +225,12 @@ class TaskCfg(Section):
         return EVALUATORS.get(self.kind)
 
     @property
-    def dataset_path(self) -> Path:
+    def dataset_path(self) -> Path | str:
+        """The dataset's file or folder; shard URLs and pipe: commands as written (a Path would mangle them)."""
+        from cache.shard_io import is_stream_spec
+
+        if is_stream_spec(self.dataset.path):
+            return self.dataset.path
         p = Path(os.path.expanduser(self.dataset.path))
         return p if p.is_absolute() else Path(self.root) / p
 
