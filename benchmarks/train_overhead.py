@@ -9,9 +9,12 @@ corpus, batch size and number of steps everywhere; step times are medians over t
 times, bench_common.interleave): each ratio is taken within a repeat, then reported as median [min, max] with the
 1-minute load average before each repeat, so load drifting on a shared machine does not masquerade as a ratio.
 
-1. `hybrid` with 3 cached teachers over `contrastive` (both `python -m distill.train`, step times from each
-   run's log.jsonl). Goal <= 1.05.
-2. The same distillation with the 3 teachers (each 4-10x the student's forward FLOPs at the defaults, fed their
+1. `hybrid` with 9 cached teachers (--cached-teachers; embedding sizes 512 to 1152 as BiomedCLIP, PLIP,
+   UniMed-CLIP, MedSigLIP ...: train_setup.py) over `contrastive` (both `python -m distill.train`, step times from
+   each run's log.jsonl), for two loss recipes: `hybrid` (configs/tiny-hybrid.yaml: InfoNCE + affinity) and
+   `hybrid_ficl` (InfoNCE + feature + ICL). Goal <= 1.05. Every variant runs once untimed first, with the feature
+   files read into the page cache (train_setup.warm_interleave), so no repeat pays a cold start.
+2. The same distillation (3 cached teachers, InfoNCE + affinity) with the 3 teachers (each 4-10x the student's forward FLOPs at the defaults, fed their
    own input size; the output states the counted ratio) run online at every step (their encode_image/encode_text inside the
    step, as open_clip's --distill-model does, feeding the same DistillLoss) over the cached features, both in
    one plain loop here over the trainer's own model, loss and data. Goal: cached faster by the teachers' share.
@@ -21,11 +24,8 @@ times, bench_common.interleave): each ratio is taken within a repeat, then repor
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,8 +35,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tiny_models: the test helpers' tiny teachers
 from bench_common import interleave, make_jpeg_corpus, parse_flags, quiet_libraries, table, write_results  # noqa: E402
+from train_setup import (HYBRID_TERMS, build_caches, cached_dims, make_teachers, met, run_ours,  # noqa: E402
+                         same_batch, steady, warm_interleave, write_config, yaml_get)
 
-REPO = Path(__file__).resolve().parent.parent
 GOAL_HYBRID = 1.05
 GOAL_OPEN_CLIP = 1.1                  # issue 10: ours / open_clip_train samples/s
 
@@ -57,82 +58,13 @@ class Flags:
     teacher_width: int = 192          # the 3 teachers (2 open_clip, 1 HF CLIP): each 4-10x the student's FLOPs,
     teacher_layers: int = 6           # as ViT-B/L teachers are to a small student,
     teacher_image_size: int = 96      # fed their own input size (the output states the FLOP ratio)
-    repeats: int = 3                  # interleaved repeats (A B A B ...): ratios per repeat, median and range
+    cached_teachers: int = 9          # teachers in comparison 1's cache (tiny, embedding sizes 512 to 1152)
+    repeats: int = 7                  # interleaved repeats (A B A B ...) of comparisons 1 and 3, after a warm-up
+    repeats_online: int = 3           # interleaved repeats of comparison 2 (an online run is ~6x slower)
     skip_open_clip: bool = False      # skip comparison 3
     profile: bool = True              # also time the phases of a step (data, forward, loss, backward, optimizer)
+                                      # and the hybrids' own compute on one batch (same-batch A/B)
     workdir: str | None = None        # keep corpus, teachers, cache and runs here (default: temp dir, deleted)
-
-
-# -- set-up -------------------------------------------------------------------------------------------------
-def make_teachers(root: Path, f: Flags) -> dict[str, str]:
-    from tiny_models import make_tiny_hf_clip, make_tiny_open_clip
-
-    w, l, s = f.teacher_width, f.teacher_layers, f.teacher_image_size
-    return {"oc": f"local-dir:{make_tiny_open_clip(root / 'oc', embed_dim=128, width=w, layers=l, image_size=s)}",
-            "hf": f"hf-clip:{make_tiny_hf_clip(root / 'hf', projection_dim=96, hidden=w, layers=l, image_size=s)}",
-            "oc2": f"local-dir:{make_tiny_open_clip(root / 'oc2', embed_dim=64, width=w, layers=l, image_size=s, seed=1)}"}
-
-
-def student_section(f: Flags, tokenizer_dir: Path) -> dict:
-    if f.student_preset != "tiny":  # the preset as published (224px, its own widths); our corpus's WordPiece
-        return {"preset": f.student_preset, "tokenizer_dir": str(tokenizer_dir), "vocab_size": 1000}
-    heads = max(1, f.student_width // 64)
-    return {"preset": "tiny", "tokenizer_dir": str(tokenizer_dir), "vocab_size": 1000, "image_size": f.image_size,
-            "overrides": {"embed_dim": f.student_width,
-                          "vision_cfg": {"width": f.student_width, "layers": f.student_layers, "head_width": 64},
-                          "text_config": {"hidden_size": f.student_width, "num_hidden_layers": f.student_layers,
-                                          "num_attention_heads": heads, "intermediate_size": 4 * f.student_width,
-                                          "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}}
-
-
-def write_config(work: Path, f: Flags, mode: str, corpus: Path, features: Path | None) -> Path:
-    import yaml
-
-    base = yaml.safe_load((REPO / "configs" / f"tiny-{'contrastive' if mode == 'contrastive' else 'hybrid'}.yaml")
-                          .read_text())
-    base["student"] = student_section(f, work / "tokenizer")
-    base["data"].update({"corpus": str(corpus), "batch_size": f.batch_size, "num_workers": f.workers})
-    if features is not None:
-        base["data"]["features"] = str(features)
-    base["train"].update({"output_dir": str(work / f"run-{mode}"), "max_steps": f.steps, "checkpoint_every": 0,
-                          "keep_last": 1, "resume": "none", "log_every": 1, "tensorboard": False,
-                          "mixed_precision": f.mixed_precision})
-    path = work / f"config-{mode}.yaml"
-    path.write_text(yaml.safe_dump(base, sort_keys=False))
-    return path
-
-
-def steady(values: list[float], warmup: int) -> float:
-    """Median after the warm-up steps (robust to epoch boundaries and a noisy shared machine)."""
-    rest = values[warmup:] or values
-    return statistics.median(rest)
-
-
-# -- 1. our trainer, hybrid vs contrastive ----------------------------------------------------------------------
-def run_ours(config: Path, f: Flags) -> dict:
-    out = Path(_yaml_get(config, "train", "output_dir"))
-    shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "distill.train", "--config", str(config)], cwd=REPO, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
-    wall = time.perf_counter() - t0
-    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x.strip()]
-    step_s = [f.batch_size / r["samples_per_s"] for r in rows]
-    return {"wall_s": wall, "step_s": steady(step_s, f.warmup_steps), "steps": len(rows),
-            "final_loss": rows[-1]["loss"], "student_dir": str(out / "student")}
-
-
-def _yaml_get(path: Path, *keys):
-    import yaml
-
-    d = yaml.safe_load(path.read_text())
-    for k in keys:
-        d = d[k]
-    return d
-
-
-def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
 
 
 # -- 2. online teachers vs cached features, same loop ----------------------------------------------------------
@@ -152,7 +84,7 @@ def online_vs_cached(config: Path, teachers: dict[str, str], f: Flags) -> dict:
     from teachers import load_teacher
     from teachers.modality import Pair
 
-    cfg = Config.from_yaml(config, [f"train.output_dir={Path(_yaml_get(config, 'train', 'output_dir'))}-loop"])
+    cfg = Config.from_yaml(config, [f"train.output_dir={Path(yaml_get(config, 'train', 'output_dir'))}-loop"])
     run = build_run(cfg, make_accelerator(cfg))
     scales = {t: float(a["logit_scale"]) for t, a in run.plan.teacher_attrs.items()}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -219,7 +151,7 @@ def online_vs_cached(config: Path, teachers: dict[str, str], f: Flags) -> dict:
     flops = flop_ratios(run.model, models, next(iter(plain)).to(device), online_feats)
     runs = interleave({"cached": lambda: steady(loop(run.loader, lambda b: b.teacher_feats), f.warmup_steps),
                        "online": lambda: steady(loop(plain, online_feats), f.warmup_steps),
-                       "teachers_only": teachers_only}, f.repeats, "online vs cached")
+                       "teachers_only": teachers_only}, f.repeats_online, "online vs cached")
     return {"interleaved": runs, "flops": flops}
 
 
@@ -259,7 +191,7 @@ def profile_phases(config: Path, f: Flags) -> dict:
     from distill.optim import build_optimizer
     from distill.train import make_accelerator
 
-    out_dir = Path(_yaml_get(config, "train", "output_dir"))
+    out_dir = Path(yaml_get(config, "train", "output_dir"))
     cfg = Config.from_yaml(config, [f"train.output_dir={out_dir}-profile", "data.num_workers=0"])
     run = build_run(cfg, make_accelerator(cfg))
     scales = {t: float(a["logit_scale"]) for t, a in run.plan.teacher_attrs.items()}
@@ -305,14 +237,17 @@ def profile_phases(config: Path, f: Flags) -> dict:
     res = {p: steady(v, f.warmup_steps) for p, v in times.items()}
     res["read"] = steady(read_s, f.warmup_steps) if read_s else 0.0
     res["step"] = steady([sum(x) for x in zip(*times.values())], f.warmup_steps)
+    trainable = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
+    res["params"] = sum(k for _, k in trainable)  # what the optimizer updates: student and projection heads
+    res["head_params"] = sum(k for n, k in trainable if n.startswith("heads."))
+    if batch.teacher_feats:
+        res["same_batch"] = same_batch(run, opt, batch, TeacherBatch(batch.teacher_feats, scales), 2 * f.steps)
     return res
 
 
 # -- main -----------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     import torch
-
-    from cache import CacheJob, build_cache
 
     from open_clip_baseline import run_open_clip
 
@@ -321,6 +256,7 @@ def main(argv=None) -> int:
     owned = f.workdir is None
     work = Path(tempfile.mkdtemp(prefix="bench-train-")) if owned else Path(f.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    hybrids = list(HYBRID_TERMS)
     try:
         corpus = make_jpeg_corpus(work / "corpus", f.images, f.image_px)
         teachers = make_teachers(work / "teachers", f)
@@ -329,39 +265,46 @@ def main(argv=None) -> int:
             from student.tokenizer import train_wordpiece
 
             train_wordpiece(open_corpus(str(corpus)).captions, work / "tokenizer", vocab_size=1000)
-        features = work / "features.h5"
-        if not features.exists():
-            build_cache(CacheJob(data=str(corpus), teachers=teachers, out=str(features), batch_size=64,
-                                 num_workers=0, device="auto", progress=False))
-        cfg_c = write_config(work, f, "contrastive", corpus, None)
-        cfg_h = write_config(work, f, "hybrid", corpus, features)
-        print("1+3: our trainer (contrastive, hybrid) and open_clip_train, interleaved", flush=True)
-        variants = {"contrastive": lambda: run_ours(cfg_c, f)["step_s"], "hybrid": lambda: run_ours(cfg_h, f)["step_s"]}
+        features, features_many = build_caches(work, corpus, teachers, f.cached_teachers)
+        cfgs = {"contrastive": write_config(work, f, "contrastive", corpus, None)}
+        cfgs.update({h: write_config(work, f, "hybrid", corpus, features_many, h, HYBRID_TERMS[h]) for h in hybrids})
+        cfg_h3 = write_config(work, f, "hybrid", corpus, features, "hybrid-3t")
+        print(f"1+3: our trainer (contrastive, {', '.join(hybrids)}) and open_clip_train, interleaved", flush=True)
+        variants = {k: (lambda c=c: run_ours(c, f)["step_s"]) for k, c in cfgs.items()}
+        again = write_config(work, f, "contrastive", corpus, None, "contrastive-again")  # A/A: the noise floor
+        variants["contrastive_again"] = lambda: run_ours(again, f)["step_s"]
         if not f.skip_open_clip:  # after our contrastive run in each repeat: it reuses that run's student/ folder
             variants["open_clip"] = lambda: run_open_clip(work / "run-contrastive" / "student", corpus, work, f)["step_s"]
-        trainers = interleave(variants, f.repeats, "trainers")
+        trainers = warm_interleave(variants, f.repeats, "trainers", (features_many, features))
         phases = None
         if f.profile:
-            print("1b: phases of a step: contrastive, hybrid", flush=True)
-            phases = {"contrastive": profile_phases(cfg_c, f), "hybrid": profile_phases(cfg_h, f)}
+            print(f"1b: phases of a step: {', '.join(cfgs)}", flush=True)
+            phases = {k: profile_phases(c, f) for k, c in cfgs.items()}
         print("2: online vs cached teachers, interleaved", flush=True)
-        ovc = online_vs_cached(cfg_h, teachers, f)
+        ovc = online_vs_cached(cfg_h3, teachers, f)
     finally:
         if owned:
             shutil.rmtree(work, ignore_errors=True)
 
-    bs, runs, flops = f.batch_size, ovc["interleaved"], ovc["flops"]
-    r1, r2 = trainers.ratio("hybrid", "contrastive"), runs.ratio("online", "cached")
+    bs, runs, flops, n = f.batch_size, ovc["interleaved"], ovc["flops"], f.cached_teachers
+    r1 = {h: trainers.ratio(h, "contrastive") for h in hybrids}
+    r2 = runs.ratio("online", "cached")
     share = runs.ratio("teachers_only", "online")
     ideal = 1 / (1 - share.median) if share.median < 1 else float("inf")
     med = {k: trainers.stats(k).median for k in trainers.samples}
-    rows = [["1. hybrid (3 cached teachers) / contrastive, step time", med["hybrid"], med["contrastive"], r1.text(),
-             f"<= {GOAL_HYBRID}", "yes" if r1.median <= GOAL_HYBRID else "no"],
-            ["2. online teachers / cached teachers, step time", runs.stats("online").median,
-             runs.stats("cached").median, r2.text(), f">= 1 / (1 - teachers' share {share.median:.2f}) = {ideal:.2f}",
-             "yes" if r2.median >= 0.95 * ideal else "no"]]
+    recipe = {"hybrid": "InfoNCE + affinity", "hybrid_ficl": "InfoNCE + feature + ICL"}
+    rows = [[f"1. {h} ({n} cached teachers, {recipe.get(h, h)}) / contrastive, step time", med[h], med["contrastive"],
+             r1[h].text(), f"<= {GOAL_HYBRID}", met(r1[h], GOAL_HYBRID, below=True)] for h in hybrids]
+    aa = trainers.ratio("contrastive_again", "contrastive")
+    rows.append(["1. A/A control: contrastive run again / contrastive, step time", med["contrastive_again"],
+                 med["contrastive"], aa.text(), "1 (the noise floor of row 1)", "-"])
+    rows.append(["2. online teachers / cached teachers (3, InfoNCE + affinity), step time", runs.stats("online").median,
+                 runs.stats("cached").median, r2.text(), f">= 1 / (1 - teachers' share {share.median:.2f}) = {ideal:.2f}",
+                 "yes" if r2.median >= 0.95 * ideal else "no"])
     results = {"trainers": trainers.as_dict(), "online_vs_cached": runs.as_dict(), "flops_per_sample": flops,
-               "ratios": {"hybrid_over_contrastive": dataclasses.asdict(r1),
+               "cached_teachers": dict(zip([f"t{i + 1}" for i in range(n)], cached_dims(n))),
+               "ratios": {**{f"{h}_over_contrastive": dataclasses.asdict(r) for h, r in r1.items()},
+                          "contrastive_again_over_contrastive": dataclasses.asdict(aa),
                           "online_over_cached": dataclasses.asdict(r2),
                           "teachers_share_online": dataclasses.asdict(share)},
                "torch_threads": torch.get_num_threads()}
@@ -369,27 +312,42 @@ def main(argv=None) -> int:
         r3 = trainers.ratio("open_clip", "contrastive")  # step-time ratio = our samples/s over theirs
         results["ratios"]["ours_over_open_clip_samples_per_s"] = dataclasses.asdict(r3)
         rows.append(["3. ours contrastive / open_clip_train, samples/s", bs / med["contrastive"],
-                     bs / med["open_clip"], r3.text(), f">= {GOAL_OPEN_CLIP}",
-                     "yes" if r3.median >= GOAL_OPEN_CLIP else "no"])
+                     bs / med["open_clip"], r3.text(), f">= {GOAL_OPEN_CLIP}", met(r3, GOAL_OPEN_CLIP, below=False)])
     md = table(rows, ["comparison", "A (median)", "B (median)", "A / B per repeat: median [min, max]", "goal", "met"])
     if phases is not None:
         results["phases"] = phases
-        prow = [[p, 1e3 * phases["contrastive"][p], 1e3 * phases["hybrid"][p],
-                 1e3 * (phases["hybrid"][p] - phases["contrastive"][p])] for p in (*PHASES, "step")]
-        prow.insert(1, ["  of which feature read", 0.0, 1e3 * phases["hybrid"]["read"], 1e3 * phases["hybrid"]["read"]])
-        md += ("\n\nPhases of a step (ms, medians, data loaded in-process: num_workers=0; not interleaved):\n\n"
-               + table(prow, ["phase", "contrastive", "hybrid", "hybrid - contrastive"]) + "\n")
-    fl = ", ".join(f"{n} {v:.1f}x" for n, v in flops["ratios"].items())
+        base = phases["contrastive"]
+        prow = [[p, *(1e3 * phases[k][p] for k in phases), *(1e3 * (phases[h][p] - base[p]) for h in hybrids)]
+                for p in (*PHASES, "step")]
+        prow.insert(1, ["  of which feature read", *(1e3 * phases[k]["read"] for k in phases),
+                        *(1e3 * phases[h]["read"] for h in hybrids)])
+        heads = "; ".join(f"{k}: {phases[k]['params'] / 1e6:.2f}M trainable parameters, of which projection heads "
+                          f"{phases[k]['head_params'] / 1e6:.2f}M" for k in phases)
+        md += ("\n\nPhases of a step (ms, medians, data loaded in-process: num_workers=0; not interleaved; "
+               f"{heads}):\n\n"
+               + table(prow, ["phase", *phases, *(f"{h} - contrastive" for h in hybrids)]) + "\n")
+        sb = [[h, 1e3 * phases[h]["same_batch"]["contrastive_s"], 1e3 * phases[h]["same_batch"]["hybrid_s"],
+               "{ratio_median:.3f} [{ratio_q1:.3f}, {ratio_q3:.3f}]".format(**phases[h]["same_batch"]),
+               "yes" if phases[h]["same_batch"]["ratio_median"] <= GOAL_HYBRID else "no"]
+              for h in hybrids]
+        md += (f"\nThe hybrid's own compute, same model and batch ({phases[hybrids[0]]['same_batch']['pairs']} "
+               "alternating pairs of whole steps, data excluded; InfoNCE side without the heads):\n\n"
+               + table(sb, ["loss", "InfoNCE step ms", "hybrid step ms", "ratio per pair: median [quartiles]",
+                            f"<= {GOAL_HYBRID}"]) + "\n")
+    fl = ", ".join(f"{k} {v:.1f}x" for k, v in flops["ratios"].items())
     student = (f"tiny preset widened to {f.student_width} (both towers, {f.student_layers} layers, {f.image_size}px)"
                if f.student_preset == "tiny" else f"preset {f.student_preset}")
-    md = (f"Student: {student}, mixed precision {f.mixed_precision}; batch {bs}, {f.steps} steps, medians after {f.warmup_steps}; {f.images} JPEG pairs; "
-          f"DataLoader workers {f.workers}; teachers oc, hf, oc2 (width {f.teacher_width}, {f.teacher_layers} "
-          f"layers, {f.teacher_image_size}px, fed at that size); step times in seconds, samples/s in row 3. "
-          f"Forward FLOPs per sample: student {flops['student'] / 1e6:.0f} MFLOP; teacher / student {fl}; all 3 "
-          f"teachers {flops['all_teachers_over_student']:.1f}x. Online-teacher forward alone: "
-          f"{runs.stats('teachers_only').median:.3f}s/step ({share.median:.0%} of an online step). "
-          f"{f.repeats} interleaved repeats; 1-minute load average before each repeat and after: trainers "
-          f"{', '.join(map(str, trainers.load))}; online vs cached {', '.join(map(str, runs.load))}.\n\n{md}\n")
+    md = (f"Student: {student}, mixed precision {f.mixed_precision}; batch {bs}, {f.steps} steps, medians after "
+          f"{f.warmup_steps}; {f.images} JPEG pairs; DataLoader workers {f.workers}. Comparison 1: {n} cached "
+          f"teachers of embedding sizes {', '.join(map(str, cached_dims(n)))}. Comparison 2: teachers oc, hf, oc2 "
+          f"(width {f.teacher_width}, {f.teacher_layers} layers, {f.teacher_image_size}px, fed at that size); step "
+          f"times in seconds, samples/s in row 3. Forward FLOPs per sample: student {flops['student'] / 1e6:.0f} "
+          f"MFLOP; teacher / student {fl}; all 3 teachers {flops['all_teachers_over_student']:.1f}x. Online-teacher "
+          f"forward alone: {runs.stats('teachers_only').median:.3f}s/step ({share.median:.0%} of an online step). "
+          f"Comparisons 1 and 3: one untimed warm-up run of every variant (feature files pre-read), then "
+          f"{f.repeats} interleaved repeats; comparison 2: {f.repeats_online}. 1-minute load average before each "
+          f"repeat and after: trainers {', '.join(map(str, trainers.load))}; online vs cached "
+          f"{', '.join(map(str, runs.load))}.\n\n{md}\n")
     print("\n" + md)
     j, m = write_results("train_overhead", f, results, md)
     print(f"results: {j} and {m}")

@@ -355,8 +355,8 @@ def teacher_feats(got: dict[str, Embeddings]) -> dict[str, Pair[torch.Tensor]]:
     """The reader's embeddings as `TrainBatch.teacher_feats`: float32 tensors, stored views averaged.
 
     Every tensor is a contiguous view into ONE buffer. Why: a DataLoader worker sends each tensor storage as its own
-    shared-memory block, which the main process receives with a socket round trip; two blocks per teacher cost 9
-    teachers 5-7 ms of a 200 ms CPU step, one block about 2 ms (benchmarks/README.md, train_overhead).
+    shared-memory block, which the main process receives with a socket round trip: with 9 teachers, 6 to 11 ms per
+    batch for two blocks per teacher against 4 to 5 ms for one (a 200 ms CPU step; benchmarks/README.md).
     """
     def as_rows(x) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(x))
