@@ -232,8 +232,11 @@ def load_into_page_cache(path: Path, step: int = 64 << 20) -> None:
 
 
 # -- results ----------------------------------------------------------------------------------------------
-def write_results(name: str, flags: Any, results: dict, markdown: str) -> tuple[Path, Path]:
-    """benchmarks/results/NAME.json (flags, machine, results) and NAME.md (the printed table)."""
+def write_results(name: str, flags: Any, results: dict, markdown: str, json_copy: str = "") -> tuple[Path, Path]:
+    """benchmarks/results/NAME.json (flags, machine, results) and NAME.md (the printed table); with `json_copy`
+    (a script's --json OUT) also `results` alone at that path."""
+    if json_copy:
+        Path(json_copy).write_text(json.dumps(results, indent=2, default=str) + "\n")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
                "flags": dataclasses.asdict(flags), "machine": machine(), "results": results}

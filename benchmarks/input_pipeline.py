@@ -18,7 +18,6 @@
 """
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -213,9 +212,7 @@ def main(argv=None) -> dict:
            f"{results['block_cache_bytes_per_worker_9_teachers'] / 2**20:.0f} MiB; load average "
            f"{results['load_average']}\n")
     print(md)
-    write_results("input_pipeline", f, results, md)
-    if f.json:
-        Path(f.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_results("input_pipeline", f, results, md, json_copy=f.json)
     return results
 
 

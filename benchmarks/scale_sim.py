@@ -19,7 +19,6 @@ pwrite, fsync), the conservative ratio: a real build's write time also holds the
 """
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import shutil
@@ -314,9 +313,7 @@ def main(argv=None) -> dict:
            f"{f.processes} writing processes, chunks of {f.chunk_rows} rows, HDF5 chunks of {f.h5_chunk_rows}; "
            f"load average {results['load_average']}\n")
     print(md)
-    write_results("scale_sim", f, results, md)
-    if f.json:
-        Path(f.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_results("scale_sim", f, results, md, json_copy=f.json)
     return results
 
 

@@ -4,7 +4,7 @@ Why: decoding and resizing a ~0.5 MP JPEG is most of a worker's CPU time (`bench
 GPU node the loader, not the model, can set the pace. Here a worker reads the file's bytes and its header (for the
 crop box) only; the main process decodes the batch with torchvision's `decode_jpeg` (nvJPEG, batched, on CUDA), and
 crops, flips and resizes each image on the device. The crop boxes are drawn in the workers exactly as for worker
-decoding (same generator, same relative box, same rounding as `teachers.transforms.apply_view`), so a run differs
+decoding (same generator, same relative box, cut by `apply_view`'s own `teachers.transforms.view_box`), so a run differs
 from `data.decode: worker` only by the resampling (torchvision's antialiased tensor resize instead of PIL's, and no
 reduced JPEG "draft" decode of large images): pixel values differ slightly, not the crops. Anything that is not an
 RGB or greyscale JPEG (PNG, CMYK, an unreadable header) is decoded in the worker as before. On a CPU run the
@@ -19,6 +19,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from teachers.transforms import adjust_colour, view_box
+
 
 @dataclass
 class EncodedImages:
@@ -30,15 +32,6 @@ class EncodedImages:
 
     def __len__(self) -> int:
         return len(self.data)
-
-
-def view_box(params: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) pixels of a relative view box, rounded as `teachers.transforms.apply_view` does."""
-    x0, y0, w, h = (float(p) for p in params[:4])
-    left, top = int(round(x0 * width)), int(round(y0 * height))
-    right = max(left + 1, min(width, int(round((x0 + w) * width))))
-    bottom = max(top + 1, min(height, int(round((y0 + h) * height))))
-    return left, top, right, bottom
 
 
 def _decode(data: list[Tensor], device: torch.device) -> list[Tensor]:
@@ -54,18 +47,6 @@ def _decode_one(d: Tensor) -> Tensor:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     return decode_jpeg(d, mode=ImageReadMode.RGB)
-
-
-def _color(x: Tensor, params: Sequence[float]) -> Tensor:
-    """Stored photometric factors (brightness, contrast, saturation), in that order, as torchvision applies them."""
-    if len(params) <= 5:
-        return x
-    from torchvision.transforms.v2 import functional as F
-
-    b, c, s = (float(p) for p in params[5:8])
-    x = F.adjust_brightness(x, b) if b != 1.0 else x
-    x = F.adjust_contrast(x, c) if c != 1.0 else x
-    return F.adjust_saturation(x, s) if s != 1.0 else x
 
 
 def decode_into(images: Tensor, encoded: EncodedImages, interpolation: str, rows: Sequence[int] = ()) -> Tensor:
@@ -90,8 +71,8 @@ def decode_into(images: Tensor, encoded: EncodedImages, interpolation: str, rows
         x = img[:, top:bottom, left:right]
         if float(params[4]) > 0.5:
             x = x.flip(-1)
-        images[i] = _color(F.resize(x, size, interpolation=mode, antialias=True), params)
+        images[i] = adjust_colour(F.resize(x, size, interpolation=mode, antialias=True), params)
     return images
 
 
-__all__ = ["EncodedImages", "decode_into", "view_box"]
+__all__ = ["EncodedImages", "decode_into"]

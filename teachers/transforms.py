@@ -53,20 +53,30 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def apply_view(img: Image.Image, params: Sequence[float]) -> Image.Image:
-    """Crop the relative box (x0, y0, w, h), flip horizontally when params[4] > 0.5, then, with 8 params, scale
-    brightness, contrast and saturation by params[5:8] (torchvision's adjust_*, in that fixed order; 1.0: none)."""
-    x0, y0, w, h, flip = (float(p) for p in params[:5])
-    W, H = img.size
-    left, top = int(round(x0 * W)), int(round(y0 * H))
-    right = max(left + 1, min(W, int(round((x0 + w) * W))))
-    bottom = max(top + 1, min(H, int(round((y0 + h) * H))))
-    out = img.crop((left, top, right, bottom))
-    out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip > 0.5 else out
+def view_box(params: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) pixels of a view's relative box (x0, y0, w, h), at least one pixel wide and tall."""
+    x0, y0, w, h = (float(p) for p in params[:4])
+    left, top = int(round(x0 * width)), int(round(y0 * height))
+    right = max(left + 1, min(width, int(round((x0 + w) * width))))
+    bottom = max(top + 1, min(height, int(round((y0 + h) * height))))
+    return left, top, right, bottom
+
+
+def adjust_colour(img, params: Sequence[float]):
+    """A view's photometric factors params[5:8] (brightness, contrast, saturation; 1.0: none), in that fixed order,
+    with torchvision's adjust_* (a PIL image, or a uint8 tensor image); a 5-number view is returned unchanged."""
     for adjust, factor in zip((TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation), params[5:8]):
         if float(factor) != 1.0:
-            out = adjust(out, float(factor))
-    return out
+            img = adjust(img, float(factor))
+    return img
+
+
+def apply_view(img: Image.Image, params: Sequence[float]) -> Image.Image:
+    """Crop the relative box (x0, y0, w, h), flip horizontally when params[4] > 0.5, then, with 8 params, scale
+    brightness, contrast and saturation by params[5:8] (`adjust_colour`)."""
+    out = img.crop(view_box(params, *img.size))
+    out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if float(params[4]) > 0.5 else out
+    return adjust_colour(out, params)
 
 
 def _normalise(t: torch.Tensor, cfg: PreprocessCfg) -> torch.Tensor:

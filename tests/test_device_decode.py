@@ -17,8 +17,8 @@ from PIL import Image
 from cache.corpus import open_corpus
 from cache.image_decode import BadSampleError, DecodeLimits, jpeg_size
 from distill.data import Collate, DataError, PairDataset, make_uint8_view_transform
-from distill.device_decode import EncodedImages, decode_into, view_box
-from teachers.transforms import PreprocessCfg, apply_view
+from distill.device_decode import EncodedImages, decode_into
+from teachers.transforms import PreprocessCfg, apply_view, view_box
 from train_fixtures import read_log, tiny_config, tiny_tokenizer  # noqa: F401  (fixture)
 
 

@@ -13,7 +13,9 @@ def test_input_pipeline_reduced_run_writes_its_figures(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import input_pipeline
 
-    monkeypatch.setattr(input_pipeline, "write_results", lambda *a, **k: None)
+    import bench_common
+
+    monkeypatch.setattr(bench_common, "RESULTS_DIR", tmp_path / "results")  # not the repo's results
     out = tmp_path / "ip.json"
     input_pipeline.main(["--images", "6", "--image-px", "96", "--repeats", "1", "--rows", "40000",
                          "--ranks", "4", "--workers", "2", "--json", str(out)])
