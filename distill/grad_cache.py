@@ -70,6 +70,11 @@ def _unflat(flat: dict[str, Tensor], teachers: list[str]) -> StudentOutput:
                          tokens={k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("tokens.")})
 
 
+def _wide(x: Tensor) -> Tensor:
+    """float16/bfloat16/float32 as float32, float64 as it is (a float64 model is checked to float64's precision)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def chunk_slices(batch_size: int, micro: int) -> list[slice]:
     """Row ranges of the chunks: M rows each, the last one shorter when M does not divide the batch."""
     if micro <= 0:
@@ -131,8 +136,8 @@ def grad_cache_step(model: nn.Module, images: Tensor, tokens: Tensor, micro: int
             snapshots.append(RngSnapshot.take(images.device))
             outs.append(_flat(model(images[s], tokens[s])))
     teachers = [k.split(".")[1] for k in outs[0] if k.endswith(".image") and k.startswith("projected.")]
-    # float32 leaves: the cached gradients do not underflow under fp16, the loss runs at full precision
-    leaves = {k: (v.detach() if k in SCALARS else torch.cat([o[k] for o in outs])).float().requires_grad_()
+    # float32 leaves (float64 stays): the cached gradients do not underflow under fp16, the loss runs at full precision
+    leaves = {k: _wide(v.detach() if k in SCALARS else torch.cat([o[k] for o in outs])).requires_grad_()
               for k, v in outs[0].items()}
     del outs
     with torch.enable_grad():
@@ -147,7 +152,7 @@ def grad_cache_step(model: nn.Module, images: Tensor, tokens: Tensor, micro: int
             out = _flat(model(images[s], tokens[s]))
             # the logit scale and bias are one value for the whole batch: their gradient goes in once, with the last
             # chunk
-            terms = [(out[k].float() * (g if k in SCALARS else g[s])).sum() for k, g in grads.items()
+            terms = [(_wide(out[k]) * (g if k in SCALARS else g[s])).sum() for k, g in grads.items()
                      if g is not None and out[k].requires_grad and (last or k not in SCALARS)]
             if terms:
                 backward(torch.stack(terms).sum())

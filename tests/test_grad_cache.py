@@ -37,21 +37,21 @@ def test_config_checks_the_micro_batch():
             Config.from_dict(base, [f"data.micro_batch_size={bad}"])
 
 
-def _setup(tiny_tokenizer, tmp_path, dropout: bool):
+def _setup(tiny_tokenizer, tmp_path, dropout: bool, dtype: torch.dtype = torch.float32):
     from student import build_student
 
     torch.manual_seed(0)
     kw = {"patch_dropout": 0.25} if dropout else dict(NO_DROPOUT)
     bundle = build_student("tiny", tmp_path / "student", tokenizer_dir=tiny_tokenizer, **kw)
-    model = DistillModel(bundle.model, ProjectionHeads(64, DIMS)).train()
+    model = DistillModel(bundle.model, ProjectionHeads(64, DIMS)).train().to(dtype)
     terms = [LossTermCfg(kind="infonce", kwargs={"positives": "caption"}),
              LossTermCfg(kind="feature", kwargs={"metric": "cosine"}), LossTermCfg(kind="icl"),
              LossTermCfg(kind="affinity", weight=2.0)]
     loss = DistillLoss(terms, list(DIMS))
     g = torch.Generator().manual_seed(1)
     captions = [f"a scan of organ {i % 5} with finding {i % 3}" for i in range(B)]
-    images, tokens = torch.randn(B, 3, 32, 32, generator=g), bundle.tokenizer(captions)
-    unit = lambda d: torch.nn.functional.normalize(torch.randn(B, d, generator=g), dim=-1)  # noqa: E731
+    images, tokens = torch.randn(B, 3, 32, 32, generator=g).to(dtype), bundle.tokenizer(captions)
+    unit = lambda d: torch.nn.functional.normalize(torch.randn(B, d, generator=g).to(dtype), dim=-1)  # noqa: E731
     teachers = TeacherBatch({t: Pair(unit(d), unit(d)) for t, d in DIMS.items()}, {"a": 30.0, "b": 50.0})
     ids = torch.tensor([i % 5 for i in range(B)])  # rows 0 and 5, 1 and 6, 2 and 7 share a caption
     loss_fn = lambda s: loss(s, teachers, torch.Generator().manual_seed(7), caption_ids=ids)  # noqa: E731
@@ -64,8 +64,20 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return out
 
 
+# Why float64 for the equality checks: chunking changes only the order of the sums (over rows, and over a token's
+# positions in the word-embedding gradient), and that order is also up to the CPU's kernels (AVX2 vs AVX-512,
+# Intel vs AMD). In float32 the word-embedding gradient's sum of ~B x context terms with cancellation differed by
+# 1.07e-6 x its largest value on one AMD machine (above a 1e-6 bound that held on Intel). The same arithmetic in
+# float64 rounds 2^29 (5e8) times finer: a few hundred ulps of float64 is ~1e-13. (The loss itself computes in float32
+# by design, in both paths on the same whole-batch inputs: its float32 arithmetic is the same in both, and only the
+# model's float64 backward differs in order.) FP64_TOL = 1e-10 leaves three
+# orders of magnitude above that for any summation order, while a chunking bug (a row in the wrong chunk, a chunk's
+# gradient dropped or counted twice, the logit scale's gradient added per chunk) moves gradients by >= 1e-3.
+FP64_TOL = 1e-10
+
+
 def _assert_equal(a: dict, b: dict, atol: float = 1e-6):
-    """Equal up to float32 summation order: |a - b| <= atol x the tensor's largest |value| (and at least atol)."""
+    """Equal up to summation order: |a - b| <= atol x the tensor's largest |value| (and at least atol)."""
     assert a.keys() == b.keys() and len(a) > 10
     for k in a:
         diff, scale = (a[k] - b[k]).abs().max().item(), max(1.0, b[k].abs().max().item())
@@ -74,16 +86,31 @@ def _assert_equal(a: dict, b: dict, atol: float = 1e-6):
 
 @pytest.mark.parametrize("micro", [1, 3, 8])
 def test_grad_cache_equals_one_forward_without_dropout(tiny_tokenizer, tmp_path, micro):
-    model, images, tokens, loss_fn = _setup(tiny_tokenizer, tmp_path, dropout=False)
-    ref = loss_fn(model(images, tokens))
+    model, images, tokens, loss_fn = _setup(tiny_tokenizer, tmp_path, dropout=False, dtype=torch.float64)
+    out = model(images, tokens)
+    assert out.image.dtype == out.projected["a"].text.dtype == torch.float64  # the towers and heads ran in float64
+    ref = loss_fn(out)
     ref["loss"].backward()
     want = _grads(model)
     assert "student.logit_scale" in want and "heads.text.b.weight" in want
     got_losses = grad_cache_step(model, images, tokens, micro, loss_fn, lambda x: x.backward())
     assert got_losses.keys() == ref.keys()
     for k in ref:
-        assert got_losses[k].item() == pytest.approx(ref[k].item(), rel=1e-6, abs=1e-7), k
-    _assert_equal(_grads(model), want)
+        assert got_losses[k].item() == pytest.approx(ref[k].item(), rel=FP64_TOL, abs=FP64_TOL), k
+    _assert_equal(_grads(model), want, atol=FP64_TOL)
+
+
+def test_grad_cache_in_float32_is_as_close_as_float32_allows(tiny_tokenizer, tmp_path):
+    """The production dtype: float32 GradCache and the float32 one-forward step are each within float32 rounding
+    of the float64 result. Bound: relative error of float32 sums is ~ n x 2^-24 x (sum of |terms|) / |result|; with
+    n ~ B x context ~ 300 terms per word-embedding gradient and cancellation up to ~30x, ~5e-4 of the tensor's
+    largest value. A chunking bug is O(1) relative to the gradient."""
+    grads = {}
+    for dtype in (torch.float64, torch.float32):
+        model, images, tokens, loss_fn = _setup(tiny_tokenizer, tmp_path / str(dtype), dropout=False, dtype=dtype)
+        grad_cache_step(model, images, tokens, 3, loss_fn, lambda x: x.backward())
+        grads[dtype] = {k: v.double() for k, v in _grads(model).items()}
+    _assert_equal(grads[torch.float32], grads[torch.float64], atol=5e-4)
 
 
 def test_grad_cache_backward_hook_scales_like_accumulation(tiny_tokenizer, tmp_path):
@@ -125,14 +152,14 @@ def _chunked_with_graph(model, images, tokens, micro, loss_fn):
 
 
 def test_rng_replay_makes_dropout_and_patch_dropout_match(tiny_tokenizer, tmp_path, monkeypatch):
-    model, images, tokens, loss_fn = _setup(tiny_tokenizer, tmp_path, dropout=True)
+    model, images, tokens, loss_fn = _setup(tiny_tokenizer, tmp_path, dropout=True, dtype=torch.float64)
     torch.manual_seed(3)
     ref = _chunked_with_graph(model, images, tokens, 3, loss_fn)
     want, state_after = _grads(model), torch.get_rng_state()
     torch.manual_seed(3)
     got = grad_cache_step(model, images, tokens, 3, loss_fn, lambda x: x.backward())
-    assert got["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-6)
-    _assert_equal(_grads(model), want)
+    assert got["loss"].item() == pytest.approx(ref["loss"].item(), rel=FP64_TOL)
+    _assert_equal(_grads(model), want, atol=FP64_TOL)
     assert torch.equal(torch.get_rng_state(), state_after)  # later draws do not depend on the chunking
     # the control: without the replay the re-embedded chunks draw other masks and the gradients differ
     monkeypatch.setattr(RngSnapshot, "restore", lambda self: None)
