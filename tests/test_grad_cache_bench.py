@@ -26,10 +26,18 @@ def test_quick_run_writes_equal_gradients_and_memory(tmp_path):
         assert {"median", "lo", "hi", "n"} <= r["ratios"][k].keys() and r["ratios"][k]["lo"] <= r["ratios"][k]["hi"]
     assert len(r["load_avg"]) == 3  # before each of the 2 repeats and after
     eq = r["equality"]
-    # hybrid: all four terms, each equal; float32 sums in another order only
+    # hybrid: all four terms, each equal; float32 sums in another order only, and that order is up to the CPU's
+    # kernels (AVX2 vs AVX-512). Bound, as test_grad_cache's float32 check derives it: each path is within
+    # ~n x 2^-24 x cancellation of the exact value (n ~ B x context ~ 100 summed terms, cancellation up to ~30x:
+    # ~2e-4 of a tensor's largest gradient; the loss terms likewise, a logit scale up to 100 amplifying 64-wide dot
+    # products' rounding), so two float32 paths differ by < 1e-3 (measured 2e-5 Intel, 6e-7 AMD). A chunking bug
+    # (rows in the wrong chunk, a chunk dropped or counted twice) is O(1) relative; GradCache's exactness is
+    # checked to 1e-10 in float64 by tests/test_grad_cache.py.
+    tol = 1e-3
     assert set(eq["losses_plain"]) == {"infonce", "feature", "icl", "affinity", "loss"}
-    assert eq["loss_abs_diff"] <= 1e-5 * max(1.0, abs(eq["losses_plain"]["loss"]))
-    assert eq["grad_max_rel_diff"] < 1e-4 and eq["grad_max_abs_diff"] <= 1e-5 * eq["grad_max_abs"]
+    for k, v in eq["losses_plain"].items():  # each term against its own size (icl's ~1e5 would hide infonce's ~2)
+        assert abs(eq["losses_gradcache"][k] - v) <= tol * max(1.0, abs(v)), (k, v, eq["losses_gradcache"][k])
+    assert eq["grad_max_rel_diff"] < tol and eq["grad_max_abs_diff"] <= tol * eq["grad_max_abs"]
     assert eq["params_compared"] > 50
     assert set(r["memory"]) == variants
     for v in variants:
