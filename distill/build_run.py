@@ -19,11 +19,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from cache.corpus import Corpus
+from cache.views import RATIO
 from distill.config import Config, ConfigError, DataCfg, LossCfg, RoutingCfg, StudentCfg, TrainCfg
 from distill.cache_join import CacheJoin, Routing, join_cache, route_mask
 from distill.data import Collate, DataError, PairDataset, TrainBatch
 from distill.heads import TokenAdaptors
-from distill.samplers import Dealing, EpochSampler, reader_blocks
+from distill.domains import Domains, build_balance, domain_ids, load_domains
+from distill.samplers import Dealing, DomainBalance, EpochSampler, reader_blocks
 from distill.losses import SIGLIP_INIT, DistillLoss, LossTermCfg, TeacherBatch, teacher_logit_bias
 from distill.optim import accum_for_epoch, global_batch_for_epoch, steps_per_epoch, total_steps
 from distill.student_model import DistillModel
@@ -43,6 +45,8 @@ class RunPlan:
     teachers: dict[str, float] = field(default_factory=dict)  # name -> weight
     teacher_attrs: dict[str, dict] = field(default_factory=dict)  # name -> cache attrs (spec, embed_dim, ...)
     routing: dict | None = None  # loss.routing with rows_per_teacher and unrouted_rows (None: no routing)
+    stored_views: bool = False  # the student saw the cache's stored views (hybrid/distill, or replayed: contrastive)
+    augmentation: str = ""  # one line: which views or crops the student saw (`augmentation_summary`)
 
     def global_batch(self, epoch: int) -> int:
         return global_batch_for_epoch(self.train, self.per_device_batch, self.num_processes, epoch)
@@ -65,6 +69,7 @@ class Run:
     terms: list[LossTermCfg]
     # other processes build their student in a scratch folder, kept (and deleted) with the Run
     scratch: tempfile.TemporaryDirectory | None = None
+    domains: Domains | None = None  # data.domain_column's domain of each corpus row (rows_per_domain in the log)
 
 
 def resolve_terms(terms: Sequence[LossTermCfg], teacher_weights: dict[str, float]) -> list[LossTermCfg]:
@@ -124,8 +129,13 @@ def build_run(cfg: Config, accelerator) -> Run:
     output_dir = Path(cfg.train.output_dir)
     corpus = open_train_corpus(cfg.data, accelerator)  # streamed shards: listed once, read in stream order
     join = None
-    if cfg.mode != "contrastive":
+    replay = replays_views(cfg)  # the same-views baseline: the cache's rows and stored views, no features read
+    if cfg.mode != "contrastive" or replay:
         join = join_cache(corpus, cfg.data.features, named_teachers(cfg.loss), use_views=cfg.data.use_views)
+    if replay and join.view_params is None:
+        raise DataError(f"mode=contrastive with data.features={cfg.data.features} and data.use_views=true trains on "
+                        f"the cache's stored views, but that cache stores none (built without --views K); set "
+                        f"data.use_views=false or remove data.features to train on the student's own crops")
     view_dist = read_view_dist(cfg.data.features) if join is not None and join.view_params is not None else None
     cfg.data.check_views(view_dist)  # data.flip / data.crop_scale set against the stored views: refused
     teachers = dict(cfg.loss.teachers) if cfg.loss.teachers else {t: 1.0 for t in (join.teachers if join else {})}
@@ -165,14 +175,19 @@ def build_run(cfg: Config, accelerator) -> Run:
                    num_rows=len(ds), total_steps=0, teachers={t: teachers.get(t, 1.0) for t in used},
                    teacher_attrs={t: join.teachers[t] for t in used},
                    routing=None if routing is None else {"config": cfg.loss.routing.model_dump(),
-                                                         **routing.summary()})
+                                                         **routing.summary()},
+                   stored_views=views is not None, augmentation=augmentation_summary(cfg.data, view_dist))
+    log.info("augmentation: %s", plan.augmentation)
     plan = dataclasses.replace(plan, total_steps=_total_steps(cfg.train, plan))
+    domains = load_domains(cfg.data, corpus, streamed=getattr(corpus, "streamed", False))
     if getattr(corpus, "streamed", False):  # whole shards per (rank, worker), a bounded shuffle buffer
         sampler = stream_sampler(cfg.data, corpus, ds.corpus_rows, plan.global_batch, seed=cfg.train.seed,
                                  ranks=accelerator.num_processes)
     else:
-        sampler = build_sampler(cfg.data, join if used else None, len(ds), plan.global_batch, seed=cfg.train.seed,
-                                ranks=accelerator.num_processes)
+        # replayed views: the order a hybrid run over this cache draws (block_shuffle at auto), so same batches
+        sampler = build_sampler(cfg.data, join if used or replay else None, len(ds), plan.global_batch,
+                                seed=cfg.train.seed, ranks=accelerator.num_processes,
+                                balance=build_balance(cfg.data, domains, ds.corpus_rows))
     blocks = sampler.block_ids is not None and bool(used)
     read_rows, held = reader_blocks(cfg.data.block_rows, cfg.data.shuffle_buffer_blocks,
                                     join.chunk_rows if join else 0, sampler.dealing is not None)
@@ -181,14 +196,34 @@ def build_run(cfg: Config, accelerator) -> Run:
                       route=None if routing is None else routing.mask, caption_ids=loss.uses_caption_ids,
                       bad_features=cfg.data.bad_features,
                       pad_id=text_pad_id(bundle.model) if cfg.data.trim_captions else None,
-                      token_teachers=loss.token_teachers())
+                      token_teachers=loss.token_teachers(),
+                      domains=loss_domains(cfg.data, loss, corpus, domains),
+                      row_weights=None if routing is None else routing.row_weights)
     # persistent workers keep their Collate (and its open cache reader) across epochs; the sampler, which
     # set_epoch reshuffles, lives in the main process. Pinned batches let the copy to the GPU run non-blocking.
     workers = cfg.data.num_workers
     loader = DataLoader(ds, batch_size=cfg.data.batch_size, drop_last=True, collate_fn=collate, sampler=sampler,
                         num_workers=workers, generator=torch.Generator().manual_seed(cfg.train.seed),
                         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
-    return Run(plan, model, loss, loader, output_dir / "student", corpus, join, terms, tmp)
+    return Run(plan, model, loss, loader, output_dir / "student", corpus, join, terms, tmp, domains)
+
+
+def replays_views(cfg: Config) -> bool:
+    """mode=contrastive with data.features and data.use_views: the same-views baseline. It trains on the cache's
+    rows and stored views (the same view per (row, epoch, seed) and, at the same data.sampler, the same batches as
+    a hybrid run over that cache with the same seed) and reads no teacher feature; why: student minus baseline
+    then measures distillation, not a difference in augmentation."""
+    return cfg.mode == "contrastive" and cfg.data.features is not None and cfg.data.use_views
+
+
+def augmentation_summary(data: DataCfg, view_dist) -> str:
+    """One line for run_meta.json and reports: the stored views the student saw (`view_dist`, the cache's
+    `cache.views.ViewDist`) or, with None, its own crops."""
+    if view_dist is not None:
+        return f"stored views of {data.features}: {view_dist.describe()}"
+    lo, hi = data.crop_scale
+    return (f"own crops: scale {lo:g}-{hi:g}, ratio {RATIO[0]:.6g}-{RATIO[1]:.6g}, "
+            f"{'flip p 0.5' if data.flip else 'no flips'}, no colour jitter")
 
 
 def build_adaptors(cfg: Config, loss: DistillLoss, join: CacheJoin | None, student) -> TokenAdaptors | None:
@@ -250,14 +285,29 @@ def build_routing(cfg: RoutingCfg | None, corpus, join: CacheJoin | None, used: 
     return routing
 
 
+def loss_domains(data: DataCfg, loss: DistillLoss, corpus, domains: Domains | None) -> np.ndarray | None:
+    """(N_corpus,) int64 domain ids for the loss's `scope: domain` (None when nothing has that scope); a corpus
+    without data.domain_column (or with empty cells) is refused in one line naming the key."""
+    if not loss.uses_domains:
+        return None
+    if domains is not None:
+        return domains.ids
+    try:
+        return domain_ids(corpus, data.domain_column)[0]
+    except DataError as e:
+        raise DataError(f"scope: domain (a loss term's kwargs or loss.combine.scope) needs each row's domain: {e}"
+                        ) from None
+
+
 def teacher_batch(batch: TrainBatch, scales: dict[str, float], teacher_names: Sequence[str],
                   biases: dict[str, float] | None = None) -> TeacherBatch | None:
-    """The loss's TeacherBatch for a TrainBatch: cached features, logit scales (and sigmoid teachers' logit biases)
-    and the route mask by teacher."""
+    """The loss's TeacherBatch for a TrainBatch: cached features, logit scales (and sigmoid teachers' logit biases),
+    the route mask by teacher, and the rows' domain ids and teacher-term weights when the loss reads them."""
     if not batch.teacher_feats:
         return None
     return TeacherBatch(batch.teacher_feats, scales, route=batch.route_by_teacher(teacher_names),
-                        logit_bias=dict(biases or {}), tokens=batch.teacher_tokens)
+                        logit_bias=dict(biases or {}), tokens=batch.teacher_tokens, domains=batch.domains,
+                        row_weights=batch.row_weights)
 
 
 def resolve_threads(threads: int | None, num_local_processes: int | None = None,
@@ -287,22 +337,24 @@ def resolve_threads(threads: int | None, num_local_processes: int | None = None,
 
 
 def sampler_kind(data: DataCfg, reads_features: bool) -> str:
-    """data.sampler with `auto` resolved: block_shuffle when teacher features are read, else random."""
+    """data.sampler with `auto` resolved: block_shuffle when a cache is joined (teacher features read, or stored
+    views replayed by mode=contrastive), else random."""
     if data.sampler != "auto":
         return data.sampler
     return "block_shuffle" if reads_features else "random"
 
 
 def build_sampler(data: DataCfg, join: CacheJoin | None, num_rows: int, global_batch_of, *, seed: int,
-                  ranks: int = 1) -> EpochSampler:
+                  ranks: int = 1, balance: DomainBalance | None = None) -> EpochSampler:
     """The epoch order (distill.samplers.EpochSampler). `join`: the cache join when features are read, else None.
 
     Block-shuffled blocks are blocks of cache rows (the reader's blocks); without a cache, of dataset items.
     block_deal: the same blocks dealt to (rank, worker) pairs for `ranks` processes (distill.samplers.deal_order).
+    `balance` (data.domain_balance < 1, `distill.domains.build_balance`): every kind draws its items by domain.
     """
     kind = sampler_kind(data, join is not None)
     if kind == "random":
-        return EpochSampler(num_rows, seed, global_batch_of)
+        return EpochSampler(num_rows, seed, global_batch_of, balance=balance)
     b = data.block_rows
     if join is not None:
         c = join.chunk_rows
@@ -315,7 +367,7 @@ def build_sampler(data: DataCfg, join: CacheJoin | None, num_rows: int, global_b
         rows = np.arange(num_rows)
     dealing = Dealing(ranks, max(1, data.num_workers), data.batch_size) if kind == "block_deal" else None
     return EpochSampler(num_rows, seed, global_batch_of, block_ids=rows // b,
-                        buffer_blocks=data.shuffle_buffer_blocks, dealing=dealing)
+                        buffer_blocks=data.shuffle_buffer_blocks, dealing=dealing, balance=balance)
 
 
 def _total_steps(train: TrainCfg, plan: RunPlan) -> int:

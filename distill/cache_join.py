@@ -100,6 +100,7 @@ class Routing:
     mask: np.ndarray  # (N_corpus, T) bool, indexed by corpus row
     rows_per_teacher: dict[str, int]  # over the rows that train
     unrouted_rows: int  # rows that train with no teacher (teacher-free terms only)
+    row_weights: np.ndarray | None = None  # (N_corpus,) float32 teacher-term weight by corpus row (routing.weights)
 
     def summary(self) -> dict:
         return {"rows_per_teacher": dict(self.rows_per_teacher), "unrouted_rows": self.unrouted_rows}
@@ -148,4 +149,21 @@ def route_mask(routing, corpus, teachers: Sequence[str], cache_teachers: Sequenc
     if empty:
         raise DataError(f"teacher {empty[0]!r} is routed to no row of {corpus.source} (loss.routing, column "
                         f"{routing.column!r}); route some rows to it, or leave it out of loss.teachers")
-    return Routing(list(teachers), mask, counts, int((~sub.any(1)).sum()))
+    return Routing(list(teachers), mask, counts, int((~sub.any(1)).sum()), row_weights(routing, cells, corpus))
+
+
+def row_weights(routing, cells: Sequence[str], corpus) -> np.ndarray | None:
+    """(N_corpus,) float32 teacher-term weight of each row from `loss.routing.weights` (value -> weight, 1 for
+    values not listed); None without weights. A listed value that no cell holds is an error: a misspelt value
+    would otherwise leave its rows at weight 1 without a word."""
+    weights = getattr(routing, "weights", None) or {}
+    if not weights:
+        return None
+    held = set(cells)
+    absent = [v for v in weights if v not in held]
+    if absent:
+        values = sorted(held)
+        raise DataError(f"loss.routing.weights names value(s) {absent} that column {routing.column!r} of "
+                        f"{corpus.source} never holds (its values: {', '.join(map(repr, values[:12]))}"
+                        f"{', ...' if len(values) > 12 else ''}); fix the name or remove it")
+    return np.array([weights.get(v, 1.0) for v in cells], dtype=np.float32)

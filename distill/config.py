@@ -7,6 +7,7 @@ never written back here. The loss section's models (`LossTermCfg`, `CombineCfg`)
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -76,7 +77,8 @@ class StudentCfg(Section):
 class DataCfg(Section):
     where = "data"
     corpus: Str = Field("", description="CSV/TSV/JSONL or WebDataset corpus (DESIGN.md formats)")
-    features: Str | None = Field(None, description="HDF5 feature cache from `distill cache` (distill, hybrid)")
+    features: Str | None = Field(None, description="HDF5 feature cache from `distill cache` (distill, hybrid; "
+                                 "contrastive: train on its rows and stored views, reading no teacher feature)")
     batch_size: Int = Field(32, description="per device; global batch = batch_size x processes x accumulation")
     micro_batch_size: Int | None = Field(None, description="gradient caching: embed the per-device batch in chunks "
                                          "of this many rows, every loss term still sees the whole batch (same "
@@ -88,7 +90,9 @@ class DataCfg(Section):
                                             "own crops (stored views decide instead; set against them: refused)")
     flip: Bool = Field(False, description="random horizontal flip of the student's own crops (off: laterality "
                        "matters in radiology; stored views decide instead)")
-    use_views: Bool = Field(True, description="when the cache stores views, show the student the teachers' views")
+    use_views: Bool = Field(True, description="when the cache stores views, show the student the teachers' views "
+                            "(mode=contrastive with data.features: the same-views baseline, the views a hybrid run "
+                            "with the same seed shows); false: the student's own crops (contrastive: cache unused)")
     # device: the workers read JPEG bytes and headers only; the main process decodes each batch on the training
     # device (nvJPEG on CUDA) and crops and resizes there (distill/device_decode.py). Same crops, slightly
     # different resampling; non-JPEGs are still decoded in the workers.
@@ -102,10 +106,16 @@ class DataCfg(Section):
     # batch then draws from those few blocks only, so shuffle the corpus once when making it (or raise the buffer).
     # block_deal: block_shuffle with each block dealt to one (rank, worker), so it is read once per epoch, not
     # once per (rank, worker) drawing from it; the order then depends on processes, workers and batch_size.
-    sampler: Str = Field("auto", description="auto (block_shuffle with teacher features, else random) | "
+    sampler: Str = Field("auto", description="auto (block_shuffle with a cache's features or views, else random) | "
                          "block_shuffle | block_deal (each block read by one rank and worker: multi-GPU) | random")
     block_rows: Int = Field(1024, description="rows per block; a multiple of the cache's HDF5 chunk rows")
     shuffle_buffer_blocks: Int = Field(16, description="blocks shuffled together (each worker keeps them in memory)")
+    # domain-balanced draws (distill/samplers.py DomainBalance); an epoch stays as many draws as usable rows
+    domain_balance: Float = Field(1.0, description="draw domain d with probability proportional to n_d^ALPHA, rows "
+                                  "within a domain uniformly: 1 = proportional (the plain order), 0 = uniform over "
+                                  "domains; needs data.domain_column")
+    domain_column: Str = Field("domain", description="corpus column naming each row's domain (data.domain_balance, "
+                               "rows_per_domain in log.jsonl, scope: domain loss terms)")
     bad_features: Str = Field("stop", description="damaged teacher rows: stop (name them) | skip (train the row "
                               "without that teacher, counted in the log)")
     # streamed corpora (shard URLs, pipe:): each (rank, worker) reads whole shards in order (distill/stream_data.py)
@@ -131,6 +141,10 @@ class DataCfg(Section):
                f"{self.shard_attempts}")
         _check(self.bad_features in ("stop", "skip"),
                f"data.bad_features must be 'stop' or 'skip', got {self.bad_features!r}")
+        _check(0.0 <= self.domain_balance <= 1.0,
+               f"data.domain_balance must be in [0, 1] (1: proportional, 0: uniform over domains), got "
+               f"{self.domain_balance}")
+        _check(bool(self.domain_column.strip()), "data.domain_column must name a corpus column, got an empty name")
         lo, hi = self.crop_scale
         _check(0.0 < lo <= hi <= 1.0, f"data.crop_scale must be 0 < lo <= hi <= 1, got {self.crop_scale}")
         return self
@@ -173,10 +187,16 @@ class RoutingCfg(Section):
                                                         "the cell lists them")
     default: tuple[Str, ...] = Field((), description="teachers of rows whose value is not in the map (or empty)")
     separator: Str = Field("|", description="between teacher names in a cell (without `teachers`)")
+    weights: dict[Str, Float] = Field(default_factory=dict, description="column value -> weight (>= 0) multiplying "
+                                      "that row's teacher terms, not InfoNCE (values not listed: 1; a value the "
+                                      "column never holds: refused)")
 
     @model_validator(mode="after")
     def _valid(self) -> "RoutingCfg":
         _check(bool(self.column.strip()), "loss.routing.column must name a corpus column")
+        for value, w in self.weights.items():
+            _check(math.isfinite(w) and w >= 0, f"loss.routing.weights.{value} must be a finite number >= 0, "
+                                                f"got {w!r}")
         _check(bool(self.separator), "loss.routing.separator must be a non-empty string, e.g. '|'")
         if self.teachers is not None:
             _check(bool(self.teachers), "loss.routing.teachers must map column values to teacher lists "

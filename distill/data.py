@@ -58,6 +58,8 @@ class TrainBatch:
     skipped_features: int = 0  # (teacher, row) pairs dropped for bad cached features (data.bad_features=skip)
     encoded: EncodedImages | None = None  # data.decode=device: images still to decode into `images` (on device)
     teacher_tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # teacher -> (B, G*G, Dt) patch tokens
+    domains: torch.Tensor | None = None  # (B,) int64 domain id (data.domain_column) when a loss term has scope: domain
+    row_weights: torch.Tensor | None = None  # (B,) float32 teacher-term weight per row (loss.routing.weights)
 
     def to(self, device, non_blocking: bool = False) -> "TrainBatch":
         """Accelerate's send_to_device calls this."""
@@ -65,7 +67,8 @@ class TrainBatch:
         return TrainBatch(mv(self.images), mv(self.tokens), mv(self.rows), mv(self.views),
                           {t: p.map(mv) for t, p in self.teacher_feats.items()},
                           mv(self.route), mv(self.caption_ids), self.skipped_features, self.encoded,
-                          {t: mv(x) for t, x in self.teacher_tokens.items()})
+                          {t: mv(x) for t, x in self.teacher_tokens.items()},
+                          domains=mv(self.domains), row_weights=mv(self.row_weights))
 
     def decoded(self, interpolation: str) -> "TrainBatch":
         """This batch with its still-encoded JPEGs decoded into `images` on their device (`distill.device_decode`)."""
@@ -250,7 +253,11 @@ class Collate:
     def __init__(self, tokenizer, features: str | None = None, teachers: Sequence[str] = (),
                  use_views: bool = False, block_rows: int = 0, cache_blocks: int = 16,
                  route: np.ndarray | None = None, caption_ids: bool = True, bad_features: str = "stop",
-                 pad_id: int | None = None, token_teachers: Sequence[str] = ()):
+                 pad_id: int | None = None, token_teachers: Sequence[str] = (),
+                 domains: np.ndarray | None = None, row_weights: np.ndarray | None = None):
+        # by CORPUS row, like `route`: (N_corpus,) int64 domain ids (`distill.domains.domain_ids`) for scope: domain
+        # terms, and (N_corpus,) float teacher-term weights (loss.routing.weights); None: not in the batch
+        self.domains, self.row_weights = domains, row_weights
         self.pad_id = pad_id  # trim captions to the batch's longest (`trim_padding`); None: the full context
         self.token_teachers = list(token_teachers)  # those of `teachers` whose patch tokens a spatial term reads
         self.tokenizer, self.features, self.teachers, self.use_views = tokenizer, features, list(teachers), use_views
@@ -342,6 +349,10 @@ class Collate:
                           teacher_feats=feats, route=route,
                           caption_ids=torch.tensor([caption_id(c) for c in captions], dtype=torch.int64)
                           if self.caption_ids else None, skipped_features=skipped, teacher_tokens=tokens,
+                          domains=None if self.domains is None else torch.from_numpy(
+                              np.asarray(self.domains[corpus_rows], dtype=np.int64)),
+                          row_weights=None if self.row_weights is None else torch.from_numpy(
+                              np.asarray(self.row_weights[corpus_rows], dtype=np.float32)),
                           encoded=EncodedImages([items[j]["encoded"] for j in enc], [items[j]["params"] for j in enc],
                                                 enc) if enc else None)
 

@@ -103,7 +103,8 @@ def merge_batches(batches: Sequence[TrainBatch], pad_id: int | None) -> TrainBat
                       cat([b.rows for b in batches]), cat([b.views for b in batches]), feats,
                       cat([b.route for b in batches]), cat([b.caption_ids for b in batches]),
                       sum(b.skipped_features for b in batches),
-                      teacher_tokens={t: cat([b.teacher_tokens[t] for b in batches]) for t in first.teacher_tokens})
+                      teacher_tokens={t: cat([b.teacher_tokens[t] for b in batches]) for t in first.teacher_tokens},
+                      domains=cat([b.domains for b in batches]), row_weights=cat([b.row_weights for b in batches]))
 
 
 def no_sync_of(accelerator, model: nn.Module) -> Callable[[], ContextManager]:

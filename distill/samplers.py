@@ -1,6 +1,7 @@
 """The trainer's epoch order: one order per (seed, epoch), the same in every process, worker and resumed run."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -83,6 +84,65 @@ def deal_order(block_ids: np.ndarray, buffer_blocks: int, dealing: Dealing, rng:
     return np.concatenate(order).astype(np.int64)
 
 
+_BALANCE_STREAM = 17  # seeds the balanced draws apart from the (seed, epoch) shuffle of the order itself
+
+
+class DomainBalance:
+    """Domain-balanced draws for one epoch: domain d is drawn with probability p_d proportional to n_d^alpha (n_d:
+    its rows), rows within a domain uniformly (data.domain_balance, data.domain_column).
+
+    An epoch stays `len(ids)` draws (the usable rows), so steps per epoch do not change. Domain d gets a quota q_d
+    of them: N p_d rounded by largest remainder (ties to the lower id), so every epoch holds exactly q_d rows of d.
+    Its rows come from an endless stream of permutations of its rows, seeded by (seed, d, cycle) and read on from
+    where the previous epoch stopped: every row of d shows once per pass over d, so a small domain repeats a row
+    only after showing all of its rows, and a large one shows every row within ceil(n_d / q_d) epochs (an epoch
+    that crosses into its next pass may show a row twice). The draws are then laid out along a seeded shuffle of
+    the epoch's domain labels, so a batch of the random sampler has hypergeometric domain counts around B p_d.
+    Depends on (seed, epoch) only, never on processes, workers or resumption.
+    """
+
+    def __init__(self, ids: np.ndarray, alpha: float):
+        self.ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        self.alpha = float(alpha)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"domain balance alpha must be in [0, 1], got {alpha}")
+        if len(self.ids) and self.ids.min() < 0:
+            raise ValueError("domain ids must be >= 0")
+        self.sizes = np.bincount(self.ids) if len(self.ids) else np.zeros(0, dtype=np.int64)
+        self.members = [np.flatnonzero(self.ids == d) for d in range(len(self.sizes))]
+
+    def probabilities(self) -> np.ndarray:
+        """p_d = n_d^alpha / sum_e n_e^alpha over the domains with rows (0 for an id without rows)."""
+        w = np.where(self.sizes > 0, self.sizes.astype(np.float64) ** self.alpha, 0.0)
+        return w / w.sum()
+
+    def quotas(self, total: int | None = None) -> np.ndarray:
+        """Draws per domain in an epoch of `total` (default: every usable row): largest-remainder rounding."""
+        total = len(self.ids) if total is None else int(total)
+        exact = self.probabilities() * total
+        q = np.floor(exact).astype(np.int64)
+        short = total - int(q.sum())
+        q[np.argsort(-(exact - q), kind="stable")[:short]] += 1
+        return q
+
+    def draw(self, seed: int, epoch: int) -> np.ndarray:
+        """The epoch's dataset indices (len(ids) of them, repeats allowed) in a random order."""
+        q = self.quotas()
+        labels = np.random.default_rng((seed, epoch, _BALANCE_STREAM)).permutation(np.repeat(np.arange(len(q)), q))
+        out = np.empty(len(labels), dtype=np.int64)
+        for d, k in enumerate(q.tolist()):
+            if k:
+                out[labels == d] = self._stream(seed, d, epoch * k, k)
+        return out
+
+    def _stream(self, seed: int, d: int, start: int, count: int) -> np.ndarray:
+        """Items start..start+count-1 of domain d's endless stream of seeded permutations of its rows."""
+        n = int(self.sizes[d])
+        parts = [self.members[d][np.random.default_rng((seed, _BALANCE_STREAM, d, c)).permutation(n)]
+                 for c in range(start // n, (start + count - 1) // n + 1)]
+        return np.concatenate(parts)[start % n:start % n + count]
+
+
 def reader_blocks(block_rows: int, buffer_blocks: int, chunk_rows: int, dealt: bool) -> tuple[int, int]:
     """(rows per read, reads held) for a worker's feature reader.
 
@@ -110,12 +170,19 @@ class EpochSampler(Sampler):
     resumes exactly) only with the same ones. A worker holds only its own shuffle buffer: buffer_blocks x
     block_rows x bytes per row per teacher. Cutting to whole global batches makes every optimizer step see exactly
     the scheduled global batch, and every epoch end on an accumulation boundary. No `generator` attribute on
-    purpose: Accelerate would reseed it.
+    purpose: Accelerate would reseed it. `balance` (data.domain_balance < 1): the epoch's items are
+    `DomainBalance.draw`'s (same count, domains reweighted), then ordered as above over their blocks; the items
+    drawn depend on (seed, epoch) only, for every sampler (block_deal: only their order depends on the dealing).
     """
 
     def __init__(self, num_rows: int, seed: int, global_batch_of: Callable[[int], int], shuffle: bool = True,
-                 block_ids: np.ndarray | None = None, buffer_blocks: int = 16, dealing: Dealing | None = None):
+                 block_ids: np.ndarray | None = None, buffer_blocks: int = 16, dealing: Dealing | None = None,
+                 balance: DomainBalance | None = None):
         self.num_rows, self.seed, self.global_batch_of, self.shuffle = num_rows, seed, global_batch_of, shuffle
+        if balance is not None and (len(balance.ids) != num_rows or not shuffle):
+            raise ValueError(f"balance needs shuffle and one domain id per row; got {len(balance.ids)} ids for "
+                             f"{num_rows} rows, shuffle={shuffle}")
+        self.balance = balance
         if block_ids is not None and len(block_ids) != num_rows:
             raise ValueError(f"block_ids has {len(block_ids)} entries for {num_rows} rows")
         self.block_ids = None if block_ids is None else np.asarray(block_ids, dtype=np.int64)
@@ -136,6 +203,8 @@ class EpochSampler(Sampler):
         """Dataset indices of this epoch, before the cut to whole global batches."""
         if not self.shuffle:
             return np.arange(self.num_rows)
+        if self.balance is not None:
+            return self._balanced_order()
         if self.dealing is not None:
             return deal_order(self.block_ids, self.buffer_blocks, self.dealing,
                               np.random.default_rng((self.seed, self.epoch)))
@@ -145,6 +214,25 @@ class EpochSampler(Sampler):
             return block_shuffle_order(self.block_ids, self.buffer_blocks,
                                        np.random.default_rng((self.seed, self.epoch)))
         return torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch)).numpy()
+
+    def _balanced_order(self) -> np.ndarray:
+        """The balanced draws (`DomainBalance.draw`), block-shuffled or dealt over their blocks like plain items."""
+        items = self.balance.draw(self.seed, self.epoch)
+        if self.block_ids is None:
+            return items  # already in a random order
+        from cache.h5_reader import block_shuffle_order  # late: h5py loads only when features are read
+
+        rng = np.random.default_rng((self.seed, self.epoch))
+        blocks = self.block_ids[items]
+        pos = (deal_order(blocks, self.buffer_blocks, self.dealing, rng) if self.dealing is not None
+               else block_shuffle_order(blocks, self.buffer_blocks, rng))
+        return items[pos]
+
+    def epoch_items(self, epoch: int) -> np.ndarray:
+        """The dataset indices epoch `epoch` yields (cut to whole global batches), without changing this sampler."""
+        other = copy.copy(self)
+        other.set_epoch(epoch)
+        return other.order()[:len(other)]
 
     def __iter__(self):
         for i in self.order()[: len(self)].tolist():

@@ -122,6 +122,7 @@ def write_run_meta(cfg: Config, run, out: Path, resumed_from: Path | None) -> No
                             fingerprint=run.corpus.fingerprint()),
         features=cfg.data.features, loss=str(run.loss), total_steps=plan.total_steps,
         num_processes=plan.num_processes, global_batch_epoch0=plan.global_batch(0), routing=plan.routing,
+        stored_views=plan.stored_views, augmentation=plan.augmentation,
         resumed_from=str(resumed_from) if resumed_from else None, config=cfg.to_dict()))
 
 
@@ -138,6 +139,19 @@ def check_resume_teachers(out: Path, attrs: dict[str, dict]) -> None:
                          for t in sorted(set(before) | set(now)) if before.get(t) != now.get(t))
         raise ValueError(f"cannot resume {out}: its teachers (name: embedding dim) were {before}, the cache now gives "
                          f"{now} ({diff}); use the cache the run started with, or a new train.output_dir")
+
+
+def domain_counter(run, state: TrainState, device):
+    """Rows seen per domain (`distill.domains.DomainCounter`), started at a resumed run's scheduled counts; None
+    when the corpus has no data.domain_column."""
+    from distill.domains import DomainCounter, scheduled_counts
+
+    if run.domains is None:
+        return None
+    sampler, ids = run.loader.sampler, run.domains.ids[run.loader.dataset.corpus_rows]
+    done = state.batches_in_epoch * run.plan.per_device_batch * run.plan.num_processes  # items of this epoch
+    base = scheduled_counts(sampler, ids, state.epoch, done, len(run.domains.names)) if state.step else None
+    return DomainCounter(run.domains, device, base)
 
 
 def train(cfg: Config) -> dict:
@@ -181,6 +195,7 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
         write_run_meta(cfg, run, out, resume)
         accelerator.print(str(run.loss))
     logger = RunLogger(out, enabled=accelerator.is_main_process, tensorboard=cfg.train.tensorboard)
+    counter = domain_counter(run, state, accelerator.device)  # rows_per_domain (None: no data.domain_column)
     logger.truncate_after(state.step)
     scales = {t: float(a["logit_scale"]) for t, a in plan.teacher_attrs.items()}
     biases = {t: b for t, a in plan.teacher_attrs.items() if (b := teacher_logit_bias(a)) is not None}
@@ -225,6 +240,8 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 state.batches_in_epoch += accum if merge else 1
+                if counter is not None:
+                    counter.add(batch.rows)
                 skipped += batch.skipped_features
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float() / accelerator.gradient_accumulation_steps
@@ -254,6 +271,8 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
                         n = accelerator.reduce(torch.tensor(skipped, device=accelerator.device), "sum")
                         skipped_total, skipped = skipped_total + int(n), 0
                         extra = {"skipped_features": skipped_total}
+                    if counter is not None:  # a collective too
+                        extra["rows_per_domain"] = counter.read(accelerator)
                     logger.log(state.step, {**state.last_losses, "lr": scheduler.get_last_lr()[0],
                                             "samples_per_s": rate, "epoch": state.epoch, **extra})
                 if checkpoint_step:

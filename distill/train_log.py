@@ -10,7 +10,8 @@ from pathlib import Path
 
 
 class RunLogger:
-    """Appends `{"step": s, "loss": ..., <term>: ..., "lr": ..., "samples_per_s": ...}` lines to log.jsonl."""
+    """Appends `{"step": s, "loss": ..., <term>: ..., "lr": ..., "samples_per_s": ...}` lines to log.jsonl; a dict
+    value (rows_per_domain: {domain: rows seen}) is written as a JSON object of integers."""
 
     def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
@@ -27,12 +28,15 @@ class RunLogger:
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        row = {"step": int(step), **{k: float(v) for k, v in values.items()}}
+        row = {"step": int(step), **{k: {n: int(c) for n, c in v.items()} if isinstance(v, dict) else float(v)
+                                     for k, v in values.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for k, v in values.items():
-                self._tb.add_scalar(k if k in ("lr", "samples_per_s") else f"loss/{k}", float(v), step)
+                for name, x in (v.items() if isinstance(v, dict) else [(None, v)]):
+                    tag = k if k in ("lr", "samples_per_s") or name is not None else f"loss/{k}"
+                    self._tb.add_scalar(tag if name is None else f"{tag}/{name}", float(x), step)
 
     def truncate_after(self, step: int) -> None:
         """Drop lines logged after `step` (a resumed run repeats them), so the log has each step once."""
@@ -61,7 +65,8 @@ def plot_loss_curves(log_path: str | Path, out_png: str | Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({k for r in rows for k in r if k not in skip}, key=lambda k: (k != "loss", k))
+    keys = sorted({k for r in rows for k, v in r.items() if k not in skip and not isinstance(v, dict)},
+                  key=lambda k: (k != "loss", k))
     fig, ax = plt.subplots(figsize=(7, 4))
     positive = True
     for k in keys:

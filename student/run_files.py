@@ -100,6 +100,10 @@ class RunMeta:
     num_processes: int | None = None
     global_batch_epoch0: int | None = None
     routing: dict[str, Any] | None = None
+    # which pixels the student saw, so a report can say whether student and baseline saw the same augmentation:
+    # true: the cache's stored views (hybrid/distill with data.use_views, or replayed by mode=contrastive)
+    stored_views: bool | None = None
+    augmentation: str | None = None  # one line, e.g. "stored views of F.h5: 4 per image (seed 0): scale 0.5-1, ..."
     resumed_from: str | None = None
     config: dict[str, Any] = field(default_factory=dict)  # the resolved config, as `distill train` read it
 

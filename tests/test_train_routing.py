@@ -116,7 +116,7 @@ def test_routed_training_run_records_routing_and_refuses_an_unrouted_teacher(rou
     meta = json.loads((tmp_path / "run" / "run_meta.json").read_text())
     assert meta["routing"] == {"config": {"column": "domain", "teachers": {"derm": ["oc"], "rad": ["hf"],
                                                                           "both": ["oc", "hf"]},
-                                          "default": [], "separator": "|"},
+                                          "default": [], "separator": "|", "weights": {}},
                                "rows_per_teacher": {"oc": 16, "hf": 16}, "unrouted_rows": 8}
     assert meta["config"]["loss"]["routing"]["column"] == "domain"
 

@@ -7,13 +7,15 @@ PHI-S.
     print(loss)                                                      # Loss = 1.0 * infonce + 50.0 * feat_mse
     # templated captions: LossTermCfg("infonce", "infonce", kwargs={"positives": "caption"}), and pass
     # loss(..., caption_ids=batch.caption_ids): every row with the same caption is a positive
+    # domain-local affinity: LossTermCfg("aff", "affinity", kwargs={"scope": "domain"}), with
+    # TeacherBatch(..., domains=(B,) int64 ids): each row's distributions span its own domain's rows only
 """
 from .distill_loss import DistillLoss
 from .distributed import GatherFn, all_gather_rows
 from .phi_s import PhiS, hadamard, phi_s_affine
 from .spec import BALANCE_MODES, COMBINE_MODES, CombineCfg, LossTermCfg, build_term, term_class
 from .siglip import SIGLIP_INIT, SigLip
-from .terms import LOSSES, POSITIVES, LossTerm, StepContext, register_loss
+from .terms import LOSSES, POSITIVES, SCOPES, LossTerm, StepContext, register_loss
 from .spatial import Spatial  # registers the `spatial` term
 from .types import StudentOutput, TeacherBatch, teacher_logit_bias
 
@@ -21,6 +23,7 @@ __all__ = [
     "DistillLoss",
     "build_term",
     "POSITIVES",
+    "SCOPES",
     "LossTermCfg",
     "CombineCfg",
     "COMBINE_MODES",

@@ -9,6 +9,8 @@ term is then the batch mean of the row sums. Rows sum to 1, so
 - confidence: row_t proportional to w_t * p_it^(1/temperature), where p_it is teacher t's own confidence in the
   pair i (its softmax probability of the matching text for image i and of the matching image for text i, over the
   global batch, averaged): no labels, cached features only, so the weights are constants (no gradient).
+  `scope: domain` takes that softmax over the rows of row i's domain only; `positives: caption` counts the mass on
+  every row with row i's caption (`StepContext.log_confidence`).
 Per-sample routing (`route`) multiplies each row by the sample's route mask before normalising: a row is
 renormalised over its routed, kept teachers, and a row with none (not routed, or all its teachers dropped this
 step) is all zero. The term is still the mean over ALL rows of the batch, unrouted rows counting 0: every process

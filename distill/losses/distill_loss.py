@@ -30,7 +30,9 @@ class DistillLoss(nn.Module):
     gather_fn: how rows are gathered across processes, (x, with_grad) -> (global rows, offset of the local ones);
         default: torch.distributed when it is initialised, else the identity (plain one-process losses).
     `forward`'s caption_ids ((B,) int64, `TrainBatch.caption_ids`) say which rows share a caption: terms with
-        `positives: caption` (infonce, icl) need them; other terms ignore them.
+        `positives: caption` (infonce, icl, affinity; loss.combine.positives) need them; other terms ignore them.
+    `TeacherBatch.domains` ((B,) int64) feed `scope: domain` (affinity, loss.combine.scope);
+        `TeacherBatch.row_weights` ((B,) float, loss.routing.weights) multiply each row's teacher terms, not InfoNCE.
     """
 
     def __init__(
@@ -113,8 +115,21 @@ class DistillLoss(nn.Module):
 
     @property
     def uses_caption_ids(self) -> bool:
-        """Whether some term treats rows with the same caption as positives (then forward needs caption_ids)."""
-        return any(getattr(t, "positives", "diagonal") == "caption" for t in self.terms.values())
+        """Whether some term (or the confidence weights) treats rows with the same caption as positives (then
+        forward needs caption_ids)."""
+        return (any(getattr(t, "positives", "diagonal") == "caption" for t in self.terms.values())
+                or self._confidence_option("positives") != "diagonal")
+
+    @property
+    def uses_domains(self) -> bool:
+        """Whether some term (or the confidence weights) has `scope: domain` (then TeacherBatch needs domains)."""
+        return (any(t.uses_domains for n, t in self.terms.items() if n in self.teacher_weights)
+                or (bool(self.teacher_weights) and self._confidence_option("scope") != "batch"))
+
+    def _confidence_option(self, key: str) -> str:
+        """loss.combine.scope / positives where they apply (mode confidence), else the default."""
+        default = {"scope": "batch", "positives": "diagonal"}[key]
+        return getattr(self.combine_cfg, key) if self.combine_cfg.mode == "confidence" else default
 
     def gathered_teachers(self) -> list[str]:
         """The teachers whose features the step gathers across processes, all in one collective: those of the
@@ -134,8 +149,11 @@ class DistillLoss(nn.Module):
         caption_ids: Tensor | None = None,
     ) -> dict[str, Tensor]:
         ctx = StepContext(student, teachers, StepGather(self.gather_fn), self.phi_s, caption_ids,
-                          gathered_teachers=self.gathered_teachers(), gathers_ids=self.uses_caption_ids)
+                          gathered_teachers=self.gathered_teachers(), gathers_ids=self.uses_caption_ids,
+                          gathers_domains=self.uses_domains)
         step = self.draw(ctx.batch_size, generator) if self.teacher_weights else None
+        scope, positives = self._confidence_option("scope"), self._confidence_option("positives")
+        row_w = ctx.row_weights() if self.teacher_weights else None
         out: dict[str, Tensor] = {}
         for name, term in self.terms.items():
             if not term.uses_teachers:
@@ -144,12 +162,13 @@ class DistillLoss(nn.Module):
                 weights = self.teacher_weights[name]
                 per = torch.stack([term.per_sample(ctx, t) for t in weights], dim=1)  # (B, T)
                 names = list(weights)
-                conf = (torch.stack([ctx.log_confidence(t) for t in names], dim=1)
+                conf = (torch.stack([ctx.log_confidence(t, scope, positives) for t in names], dim=1)
                         if self.combine_cfg.mode == "confidence" else None)
                 mix = _combine.weight_matrix(self.combine_cfg, weights, step, ctx.batch_size, per.device,
                                              route=ctx.route(names), log_confidence=conf)
                 # mean over ALL local rows (unrouted rows count 0): equal across processes, no extra collective
-                value = (mix * per).sum(1).mean()
+                rows = (mix * per).sum(1)
+                value = (rows if row_w is None else rows * row_w).mean()
             out[name] = self.cfgs[name].weight * value
         out["loss"] = torch.stack(list(out.values())).sum()
         return out

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from distill.config_base import Float, Section, Str, unknown_name
 
-from .terms import LOSSES, LossTerm
+from .terms import LOSSES, POSITIVES, SCOPES, LossTerm
 
 COMBINE_MODES = ("weighted_sum", "random_teacher", "confidence")
 BALANCE_MODES = ("none", "phi_s")
@@ -51,7 +51,10 @@ class LossTermCfg(Section):
     kind: Str = Field(description="a registered loss kind: infonce | siglip | feature | icl | affinity | spatial")
     weight: Float = Field(1.0, description=">= 0; 0 skips the term")
     teachers: dict[Str, Float] | None = Field(None, description="teacher -> weight for this term; null: loss.teachers")
-    kwargs: dict[Str, Any] = Field(default_factory=dict, description="the term's options, e.g. {metric: mse}")
+    kwargs: dict[Str, Any] = Field(default_factory=dict, description="the term's options, e.g. {metric: mse}; "
+                                   "infonce, icl: {positives: diagonal|caption}; affinity: {kl: bool, scope: "
+                                   "batch|domain (distributions over the row's own domain in the batch; needs "
+                                   "data.domain_column), positives: diagonal|caption}")
 
     def __init__(self, *args: Any, **data: Any) -> None:
         data.update(zip(("name", "kind", "weight", "teachers", "kwargs"), args))
@@ -105,14 +108,28 @@ class CombineCfg(Section):
     drop_prob: Float = Field(0.0, description="drop each teacher per step with this probability, in [0, 1)")
     balance: Str = Field("none", description="none | phi_s (standardise feature-term targets with cache stats)")
     temperature: Float = Field(1.0, description="confidence mode: > 0; lower sharpens towards the surest teacher")
+    scope: Str = Field("batch", description="confidence mode: batch | domain (p_it over the rows of row i's domain "
+                       "in the batch only; needs data.domain_column)")
+    positives: Str = Field("diagonal", description="confidence mode: diagonal | caption (p_it = the teacher's "
+                           "probability mass on every row with row i's caption)")
 
-    @field_validator("mode", "balance")
+    @field_validator("mode", "balance", "scope", "positives")
     @classmethod
     def _one_of(cls, v: str, info) -> str:
-        what, choices = {"mode": ("combine mode", COMBINE_MODES), "balance": ("balance", BALANCE_MODES)}[info.field_name]
+        what, choices = {"mode": ("combine mode", COMBINE_MODES), "balance": ("balance", BALANCE_MODES),
+                         "scope": ("scope", SCOPES), "positives": ("positives", POSITIVES)}[info.field_name]
         if v not in choices:
             raise ValueError(f"{what} {v!r} is unknown; use one of {', '.join(choices)}")
         return v
+
+    @model_validator(mode="after")
+    def _confidence_only(self) -> "CombineCfg":
+        """scope and positives shape the confidence weights only: set for another mode they would do nothing."""
+        for key, default in (("scope", "batch"), ("positives", "diagonal")):
+            if getattr(self, key) != default and self.mode != "confidence":
+                raise ValueError(f"loss.combine.{key}={getattr(self, key)} applies to mode=confidence only "
+                                 f"(mode is {self.mode}); remove it, or set it in the term's kwargs (affinity)")
+        return self
 
     @field_validator("drop_prob")
     @classmethod

@@ -25,6 +25,7 @@ LOSSES: Registry[type["LossTerm"]] = Registry("loss", entry_point_group="biomed_
 register_loss = LOSSES.register
 MAX_LOGIT_SCALE = 100.0
 POSITIVES = ("diagonal", "caption")  # contrastive targets: each row's own pair | every row with the same caption
+SCOPES = ("batch", "domain")  # what a row's similarity distribution spans: the global batch | its own domain's rows
 CROSS = ((Modality.IMAGE, Modality.TEXT), (Modality.TEXT, Modality.IMAGE))  # (mine, other): both directions
 
 
@@ -34,6 +35,7 @@ class StepContext:
     def __init__(
         self, student: StudentOutput, teachers: TeacherBatch | None, gather: StepGather, phi_s: PhiS | None = None,
         caption_ids: Tensor | None = None, gathered_teachers: list[str] | None = None, gathers_ids: bool = True,
+        gathers_domains: bool = False,
     ):
         self.student = student
         self.teachers = teachers
@@ -44,9 +46,11 @@ class StepContext:
         self.scale = student.logit_scale.float().clamp(max=MAX_LOGIT_SCALE)
         self._log_conf: dict[str, Tensor] = {}
         self._caption_targets: Tensor | None = None
+        self._memo: dict[str, object] = {}  # domain_keep, caption_same, caption_classes
         # what the step's ONE no-gradient gather sends (see `_constants`): these teachers' features (None: every
-        # teacher in the batch) and, when `gathers_ids`, the caption ids
+        # teacher in the batch) and, when `gathers_ids` / `gathers_domains`, the caption ids / domain ids
         self._gathered_teachers, self._gathers_ids = gathered_teachers, gathers_ids
+        self._gathers_domains = gathers_domains
 
     def labels(self, offset: int) -> Tensor:
         return torch.arange(self.batch_size, device=self.student.image.device) + offset
@@ -70,6 +74,59 @@ class StepContext:
                 same = (ids[:, None] == all_ids.reshape(1, -1)).float()
                 self._caption_targets = same / same.sum(1, keepdim=True)
         return self._caption_targets
+
+    def caption_same(self) -> Tensor:
+        """(B, world * B) bool: global row j has local row i's caption (itself included); memoised."""
+        if "caption_same" not in self._memo:
+            targets = self.caption_targets()
+            self._memo["caption_same"] = targets > 0
+        return self._memo["caption_same"]
+
+    def caption_classes(self) -> tuple[Tensor, int]:
+        """((world * B,) int64 class of each global row, number of classes): rows with equal caption ids share a
+        class (`positives: caption` in affinity: the distributions are over captions, not rows); memoised."""
+        if "caption_classes" not in self._memo:
+            self.caption_targets()  # checks and gathers the ids
+            all_ids, _ = self._constants(["caption_ids"])["caption_ids"]
+            uniq, classes = torch.unique(all_ids.reshape(-1), return_inverse=True)
+            self._memo["caption_classes"] = (classes.reshape(-1), int(uniq.numel()))
+        return self._memo["caption_classes"]
+
+    def domain_keep(self) -> Tensor:
+        """(B, world * B) bool: global row j is in local row i's domain (itself included), for `scope: domain`;
+        domain ids are gathered without gradient, in the step's one no-gradient gather. Memoised."""
+        if "domain_keep" not in self._memo:
+            if self.domains is None:
+                raise ValueError(
+                    "a loss term (or loss.combine) has scope='domain', but the batch carries no domain ids: pass "
+                    "TeacherBatch.domains ((B,) int64, from the corpus column data.domain_column) to DistillLoss"
+                )
+            mine = self._local_domains()
+            with torch.no_grad():
+                all_dom, _ = self._constants(["domains"])["domains"]
+                self._memo["domain_keep"] = mine == all_dom.reshape(1, -1)
+        return self._memo["domain_keep"]
+
+    def row_weights(self) -> Tensor | None:
+        """(B,) float32 per-row multipliers of the teacher terms (`loss.routing.weights`), None: all 1."""
+        w = None if self.teachers is None else self.teachers.row_weights
+        if w is None:
+            return None
+        w = w.reshape(-1).to(device=self.student.image.device, dtype=torch.float32)
+        if w.shape[0] != self.batch_size:
+            raise ValueError(f"row_weights has {w.shape[0]} rows; expected {self.batch_size}")
+        return w
+
+    @property
+    def domains(self) -> Tensor | None:
+        return None if self.teachers is None else self.teachers.domains
+
+    def _local_domains(self) -> Tensor:
+        """(B, 1) int64 domain ids on the device, checked."""
+        ids = self.domains.reshape(-1).to(device=self.student.image.device, dtype=torch.int64)
+        if ids.shape[0] != self.batch_size:
+            raise ValueError(f"domains has {ids.shape[0]} rows; expected {self.batch_size}")
+        return ids[:, None]
 
     def contrastive(self, logits: Tensor, offset: int, positives: str) -> Tensor:
         """(B,) cross-entropy of local rows' logits over the global batch: the diagonal label, or caption targets."""
@@ -128,6 +185,8 @@ class StepContext:
         ids = self._local_ids() if self._gathers_ids or "caption_ids" in keys else None
         if ids is not None:
             parts["caption_ids"] = ids
+        if (self._gathers_domains or "domains" in keys) and self.domains is not None:
+            parts["domains"] = self._local_domains()
         out = self.gather.constants(parts)
         return {k: out[k] for k in keys}
 
@@ -163,22 +222,33 @@ class StepContext:
             )
         return p
 
-    def log_confidence(self, name: str) -> Tensor:
+    def log_confidence(self, name: str, scope: str = "batch", positives: str = "diagonal") -> Tensor:
         """(B,) float64 log p_i of teacher `name`'s own confidence in each local pair, memoised for the step.
 
         p_i = (softmax_j(s_t * img_i . txt_j)[i] + softmax_j(s_t * txt_i . img_j)[i]) / 2 over the global batch
         (teacher features gathered across processes without gradient), s_t the teacher's logit scale.
+        scope "domain": the softmax spans the rows of row i's domain only (a row alone in its domain: p_i = 1).
+        positives "caption": p_i is the softmax mass on every row with row i's caption, not on row i alone.
         """
-        if name not in self._log_conf:
+        key = name if (scope, positives) == ("batch", "diagonal") else f"{name}/{scope}/{positives}"
+        if key not in self._log_conf:
             with torch.no_grad():
                 s = self.teacher_scale(name)
+                keep = self.domain_keep() if scope == "domain" else None
+                same = self.caption_same() if positives == "caption" else None
                 lps = []
                 for mine, other in CROSS:
                     all_o, offset = self.teacher_global(name, other)
                     logits = s * self.teacher(name, mine).double() @ all_o.double().T
-                    lps.append(logits.log_softmax(-1).gather(1, self.labels(offset)[:, None]).squeeze(1))
-                self._log_conf[name] = torch.logaddexp(lps[0], lps[1]) - math.log(2.0)
-        return self._log_conf[name]
+                    if keep is not None:
+                        logits = logits.masked_fill(~keep, float("-inf"))
+                    lp = logits.log_softmax(-1)
+                    if same is None:
+                        lps.append(lp.gather(1, self.labels(offset)[:, None]).squeeze(1))
+                    else:
+                        lps.append(lp.masked_fill(~same, float("-inf")).logsumexp(-1))
+                self._log_conf[key] = torch.logaddexp(lps[0], lps[1]) - math.log(2.0)
+        return self._log_conf[key]
 
     def route(self, names: list[str]) -> Tensor | None:
         """(B, T) bool route mask for these teachers (in this order), None when the batch is not routed."""
@@ -206,17 +276,62 @@ def _soft_ce(teacher_logits: Tensor, student_logits: Tensor, kl: bool) -> Tensor
     return ce + (log_p_t.exp() * log_p_t).sum(-1) if kl else ce
 
 
-def _sigmoid_ce(teacher_logits: Tensor, student_logits: Tensor, kl: bool) -> Tensor:
-    """Per-row sum over pairs of the binary cross-entropy (or KL) of the student's sigmoid from the teacher's."""
+def _class_log_mass(log_p: Tensor, classes: Tensor, num: int) -> Tensor:
+    """(B, N) log-probabilities over columns -> (B, num) log of each class's total mass (columns grouped by
+    `classes`, (N,) int64); a class with no finite column in a row is -inf. Exact and stable: a logsumexp per class
+    shifted by that class's own maximum (detached: the shift does not change the value)."""
+    idx = classes.to(log_p.device).expand_as(log_p)
+    top = log_p.new_full((log_p.shape[0], num), float("-inf")).scatter_reduce(1, idx, log_p.detach(), "amax")
+    top = top.masked_fill(~torch.isfinite(top), 0.0)
+    mass = log_p.new_zeros(top.shape).scatter_add(1, idx, (log_p - top.gather(1, idx)).exp())
+    some = mass > 0
+    return torch.where(some, mass.masked_fill(~some, 1.0).log() + top, torch.full_like(mass, float("-inf")))
+
+
+def _local_soft_ce(teacher_logits: Tensor, student_logits: Tensor, kl: bool, keep: Tensor | None,
+                   classes: tuple[Tensor, int] | None) -> Tensor:
+    """`_soft_ce` restricted to the columns `keep` ((B, N) bool; None: all) and, with `classes`, over caption
+    classes (each class's probability = the sum over its columns). Excluded columns (classes) have probability 0 in
+    both distributions and add nothing, gradient included; a row whose only column is its own gives 0."""
+    def log_probs(logits: Tensor) -> Tensor:
+        lp = (logits if keep is None else logits.masked_fill(~keep, float("-inf"))).log_softmax(-1)
+        return lp if classes is None else _class_log_mass(lp, *classes)
+
+    log_t, log_s = log_probs(teacher_logits), log_probs(student_logits)
+    valid = torch.isfinite(log_t) & torch.isfinite(log_s)
+    log_t, log_s = log_t.masked_fill(~valid, 0.0), log_s.masked_fill(~valid, 0.0)
+    p_t = log_t.exp() * valid
+    ce = -(p_t * log_s).sum(-1)
+    return ce + (p_t * log_t).sum(-1) if kl else ce
+
+
+def _sigmoid_ce(teacher_logits: Tensor, student_logits: Tensor, kl: bool, keep: Tensor | None = None) -> Tensor:
+    """Per-row sum over pairs of the binary cross-entropy (or KL) of the student's sigmoid from the teacher's;
+    `keep` ((B, N) bool): sum over those pairs only."""
+    if keep is not None:
+        return _sigmoid_ce_pairs(teacher_logits, student_logits, kl).mul(keep).sum(-1)
     p_t = teacher_logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(student_logits, p_t, reduction="none").sum(-1)
     return ce - F.binary_cross_entropy_with_logits(teacher_logits, p_t, reduction="none").sum(-1) if kl else ce
+
+
+def _sigmoid_ce_pairs(teacher_logits: Tensor, student_logits: Tensor, kl: bool) -> Tensor:
+    """(B, N) per-pair binary cross-entropy (or KL) of `_sigmoid_ce`, before the sum over the row."""
+    p_t = teacher_logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(student_logits, p_t, reduction="none")
+    return ce - F.binary_cross_entropy_with_logits(teacher_logits, p_t, reduction="none") if kl else ce
 
 
 def _check_positives(kind: str, positives: str) -> str:
     if positives not in POSITIVES:
         raise ValueError(f"{kind} positives {positives!r} is unknown; use one of {', '.join(POSITIVES)}")
     return positives
+
+
+def _check_scope(kind: str, scope: str) -> str:
+    if scope not in SCOPES:
+        raise ValueError(f"{kind} scope {scope!r} is unknown; use one of {', '.join(SCOPES)}")
+    return scope
 
 
 class LossTerm(nn.Module):
@@ -230,6 +345,7 @@ class LossTerm(nn.Module):
     uses_logit_scale = True  # reads the student's logit scale
     gathers_teachers = False  # reads the teachers' features of the global batch (gathered across processes)
     uses_tokens = False  # reads patch tokens (the student's adapted ones, the teachers' cached ones): spatial.py
+    uses_domains = False  # reads each row's domain (`scope: domain`): the batch must carry domain ids
 
     def head_modalities(self) -> tuple[Modality, ...]:
         """The student projection heads (per teacher) this term reads."""
@@ -355,27 +471,47 @@ class Affinity(LossTerm):
     targets are sigmoid(s_t * img @ txt^T + b_t), matched by the student's sigmoid(s * img @ txt^T + b) with the
     student's own scale and bias, as a binary cross-entropy per pair summed over the row's pairs (SigLIP's
     normalisation), both directions averaged; kl=True subtracts the teacher's binary entropies.
+
+    scope: "batch" (default) or "domain": a row's distributions, student's and teacher's, span only the global
+    batch's rows of its own domain (`TeacherBatch.domains`, from data.domain_column; other columns are masked to
+    -inf before both softmaxes), so a breast row is distilled toward its teacher's view of breast captions alone.
+    A row alone in its domain in the batch then contributes 0 (a one-point distribution). A sigmoid teacher's
+    per-pair sum drops the other domains' pairs (a row alone keeps its own pair).
+    positives: "diagonal" (default) or "caption": columns with the same caption id form one class, and both
+    distributions are over those classes (a class's probability: the sum over its columns), so the student is not
+    asked to reproduce how the teacher splits mass among copies of one caption (needs caption ids). A sigmoid
+    teacher scores each pair alone (no class competes), so its pairs are unchanged.
     """
 
     gathers_teachers = True
 
-    def __init__(self, kl: bool = False):
+    def __init__(self, kl: bool = False, scope: str = "batch", positives: str = "diagonal"):
         super().__init__()
         self.kl = bool(kl)
+        self.scope = _check_scope("affinity", scope)
+        self.positives = _check_positives("affinity", positives)
+
+    @property
+    def uses_domains(self) -> bool:
+        return self.scope == "domain"
 
     def reads_logit_bias(self, sigmoid_teachers: Collection[str]) -> bool:
         return bool(sigmoid_teachers)
 
     def per_sample(self, ctx: StepContext, teacher: str | None) -> Tensor:
         t_scale, t_bias = ctx.teacher_scale(teacher), ctx.teacher_bias(teacher)
+        keep = ctx.domain_keep() if self.scope == "domain" else None
+        classes = ctx.caption_classes() if self.positives == "caption" and t_bias is None else None
         vals = []
         for mine, other in CROSS:
             all_s, _ = ctx.student_global(other)
             all_t, _ = ctx.teacher_global(teacher, other)
             s_logits = ctx.scale * ctx.student_feats(mine) @ all_s.T
             t_logits = t_scale * ctx.teacher(teacher, mine) @ all_t.T
-            if t_bias is None:
+            if t_bias is not None:
+                vals.append(_sigmoid_ce(t_logits + t_bias, s_logits + ctx.student_bias(), self.kl, keep))
+            elif keep is None and classes is None:  # scope batch, positives diagonal: open_clip's DistillClipLoss
                 vals.append(_soft_ce(t_logits, s_logits, self.kl))
             else:
-                vals.append(_sigmoid_ce(t_logits + t_bias, s_logits + ctx.student_bias(), self.kl))
+                vals.append(_local_soft_ce(t_logits, s_logits, self.kl, keep, classes))
         return (vals[0] + vals[1]) / 2

@@ -42,6 +42,11 @@ class TeacherBatch:
     tokens: dict[str, Tensor] = field(default_factory=dict)
     # teacher -> (B, G*G, Dt) cached patch tokens (`distill cache --tokens G`), of the view the student saw; only the
     # teachers of a spatial term
+    domains: Tensor | None = None
+    # (B,) int64 domain id of each row (data.domain_column, `distill.domains.domain_ids`): read by `scope: domain`
+    # (affinity, loss.combine), gathered across processes with the caption ids; None: no domains
+    row_weights: Tensor | None = None
+    # (B,) float per-row multiplier of every teacher term (loss.routing.weights by column value); None: all 1
 
 
 def teacher_logit_bias(attrs: Mapping[str, Any]) -> float | None:
