@@ -1,4 +1,5 @@
-"""benchmarks/multi_teacher.py: its pieces (flags, teacher plan, routing, verdict words, goal) and a smoke run."""
+"""benchmarks/multi_teacher.py: its pieces (flags, teacher plan, routing, dev tasks, the baseline's augmentation,
+verdict words) and a smoke run (test_multi_teacher_stats.py: the verdict maths)."""
 from __future__ import annotations
 
 import json
@@ -88,65 +89,69 @@ def test_verdict_words_at_the_boundaries(ci, expected):
     assert mt_verdict.word({"value": 0.0, "ci": ci}) == expected
 
 
-def _fake_report():
-    """A report shaped like `distill eval`'s, with hand-set numbers."""
-    def est(p, lo, hi):
-        return {"point": p, "ci_low": lo, "ci_high": hi, "n": 100}
+def test_flag_checks_name_the_flag():
+    from benchmarks.multi_teacher import Flags, check_flags, sizes
 
-    def diff(v, lo, hi, **kw):
-        return {"value": v, "ci": [lo, hi], **kw}
-
-    tasks = {
-        "derm-zs": {"headline": "macro_auroc", "chance": {"macro_auroc": 0.5},
-                    "metrics": {"macro_auroc": {"s": est(0.80, 0.78, 0.82), "baseline": est(0.75, 0.72, 0.78),
-                                                "derm": est(0.81, 0.79, 0.83), "rad": est(0.6, 0.55, 0.65)}},
-                    "differences": {"macro_auroc": {
-                        "student_minus_best_teacher": diff(-0.01, -0.02, 0.005, teacher="derm"),
-                        "student_minus_baseline": {"baseline": diff(0.05, 0.03, 0.07)},
-                        "student_minus_teacher": {"derm": diff(-0.01, -0.02, 0.005),
-                                                  "rad": diff(0.2, 0.15, 0.25)}}}},
-        "rad-ret": {"headline": "mean_recall", "chance": {"mean_recall": 0.03},
-                    "metrics": {"mean_recall": {"s": est(0.3, 0.25, 0.35), "baseline": est(0.31, 0.26, 0.36),
-                                                "derm": est(0.1, 0.05, 0.15), "rad": est(0.4, 0.35, 0.45)}},
-                    "differences": {"mean_recall": {
-                        "student_minus_best_teacher": diff(-0.1, -0.15, -0.05, teacher="rad"),
-                        "student_minus_baseline": {"baseline": diff(-0.01, -0.04, 0.02)},
-                        "student_minus_teacher": {"rad": diff(-0.1, -0.15, -0.05), "derm": diff(0.2, 0.1, 0.3)}}}},
-    }
-    overall = {"student_minus_baseline": {"baseline": diff(0.02, 0.005, 0.035)},
-               "student_minus_best_teacher": diff(-0.055, -0.08, -0.03)}
-    return {"tasks": tasks, "overall": overall}
+    assert check_flags(Flags()) == (0,)
+    assert check_flags(Flags(student_seed=4)) == (4,)
+    assert check_flags(Flags(seeds=(0, 1, 2))) == (0, 1, 2)
+    assert check_flags(Flags(student_fraction=0.9, dev_fraction=0.1)) == (0,)  # exactly 1: allowed
+    for flags, msg in [(Flags(student_fraction=0.95, dev_fraction=0.1), "--dev-fraction 0.1 exceed 1"),
+                       (Flags(dev_fraction=1.0), "--dev-fraction must be in"), (Flags(pick_on="val"), "--pick-on"),
+                       (Flags(seeds=(0, 0)), "--seeds must be distinct"),
+                       (Flags(seeds=(1,), student_seed=2), "--seeds or --student-seed")]:
+        with pytest.raises(mt_setup.SetupError, match=msg):
+            check_flags(flags)
+    b = sizes(Flags(budget="cpu", teacher_width=128, student_width=64, student_layers=2))
+    assert (b.teacher_width, b.teacher_layers, b.student_width, b.student_layers) == (128, 3, 64, 2)
+    with pytest.raises(mt_setup.SetupError, match="--student-width must be >= 0"):
+        sizes(Flags(student_width=-1))
 
 
-def test_verdict_entries_and_goal_from_a_report():
-    entries = mt_verdict.verdict_entries(_fake_report(), "s", "baseline", {"derm-zs": "derm", "rad-ret": "rad"})
-    derm, rad, mean = entries
-    assert derm["student"]["value"] == 0.80 and derm["baseline"]["value"] == 0.75
-    assert derm["best_teacher"] == {"name": "derm", "value": 0.81, "ci": [0.79, 0.83]}
-    assert derm["student_minus_baseline"] == {"value": 0.05, "ci": [0.03, 0.07]}
-    assert (derm["vs_baseline"], derm["vs_teachers"], derm["vs_own_teacher"]) == ("better", "within", "within")
-    assert rad["vs_own_teacher"] == "worse" and rad["student_minus_own_teacher"]["teacher"] == "rad"
-    assert mean["task"] == "mean over tasks" and mean["vs_baseline"] == "better"
-    g = mt_verdict.goal(entries)
-    assert g["beats_baseline_on_mean"] and g["below_own_teacher"] == ["rad-ret"] and not g["met"]
-    line = mt_verdict.verdict_line(derm)
-    assert "vs baseline +0.050 [+0.030, +0.070]: better" in line and "chance 0.500" in line
+def test_dev_tasks_read_the_dev_corpus(tmp_path):
+    """The dev copy of a domain's own task: its own name, the dev corpus's columns, class names in label order."""
+    from benchmarks.multi_teacher import dev_task
+    from distill.eval.tasks import task_from_dict
+
+    dev = tmp_path / "corpus.csv"
+    breast = mt_setup.BUILTIN_DOMAINS["breast_us"]
+    t = dev_task(breast.tasks[0], dev, breast)
+    assert t["name"] == "breast_us-zeroshot-dev" and t["classes"] == ["malignant", "benign"]
+    assert t["dataset"] == {"path": str(dev.resolve()), "format": "csv", "image_column": "image",
+                            "caption_column": "caption", "label_column": "label"}
+    assert t["label_values"] == ["malignant", "benign"]  # the corpus's `label` holds class names
+    assert breast.tasks[0]["dataset"]["path"] == "medmnist/breastmnist.npz"  # the original is untouched
+    task_from_dict(t)  # a valid task file
+    rad = mt_setup.BUILTIN_DOMAINS["radiology"]
+    r = dev_task(rad.tasks[0], dev, rad)
+    assert r["kind"] == "retrieval" and r["dataset"]["caption_column"] == "caption" and "label_values" not in r
+    probe = {"name": "p", "kind": "linear_probe", "dataset": {"path": "x.npz"}, "classes": ["a", "b"]}
+    assert dev_task(probe, dev, breast)["dataset"]["split_fractions"] == [0.5, 0.1, 0.4]
 
 
-def test_ablation_outputs(tmp_path):
-    entries = mt_verdict.verdict_entries(_fake_report(), "s", "baseline", {"derm-zs": "derm", "rad-ret": "rad"})
-    v = mt_setup.VARIANTS["routed-feature"]
-    results = {"a": {"variant": v, "entries": entries}, "b": {"variant": v, "entries": entries}}
-    table = mt_verdict.ablation_table(results)
-    assert table.count("\n") == 3 and "| a | +0.020 [+0.005, +0.035] |" in table and "not met" in table
-    png = mt_verdict.plot_ablation(results, tmp_path / "a.png")
-    assert png.read_bytes()[:4] == b"\x89PNG"
+def test_the_baseline_sees_the_students_augmentation(tmp_path):
+    from benchmarks.multi_teacher import Flags, baseline_overrides, student_overrides, uses_views
+
+    base = ["data.corpus=c.csv", "data.flip=false", "data.crop_scale=[0.8, 1.0]", "train.seed=1"]
+    views = baseline_overrides(base, tmp_path / "f.h5", True)
+    assert views == ["data.corpus=c.csv", "train.seed=1", f"data.features={tmp_path / 'f.h5'}",
+                     "data.use_views=true", "data.crop_scale=[0.9, 1.0]", "data.flip=false"]
+    assert student_overrides(base, True) == ["data.corpus=c.csv", "train.seed=1"]
+    assert baseline_overrides(base, tmp_path / "f.h5", False) == base == student_overrides(base, False)
+    own = mt_setup.VARIANTS["routed-affinity-own-crops"]
+    assert uses_views(Flags(views=4), mt_setup.VARIANTS["routed-affinity"]) and not uses_views(Flags(views=4), own)
+    assert not uses_views(Flags(views=0), mt_setup.VARIANTS["routed-affinity"])
+    from distill.config import Config
+
+    cfg = Config.from_yaml(ROOT / "configs" / "tiny-contrastive.yaml", overrides=views)
+    assert cfg.mode == "contrastive" and cfg.data.use_views and cfg.data.features == str(tmp_path / "f.h5")
 
 
 @pytest.mark.slow
 def test_smoke_run_on_the_real_data_writes_consistent_verdicts(shared_data, tmp_path, monkeypatch):
     """The README's `--budget smoke` run, shrunk further: every stage on the four real domains, both outputs."""
     from benchmarks.multi_teacher import main
+    from cache.corpus import open_corpus
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
@@ -157,13 +162,18 @@ def test_smoke_run_on_the_real_data_writes_consistent_verdicts(shared_data, tmp_
     entries = json.loads((out / "verdict.json").read_text())
     tasks = [e["task"] for e in entries]
     assert tasks == ["radiology-retrieval", "radiology-region-zeroshot", "dermoscopy-zeroshot",
-                     "chest_xray-zeroshot", "breast_us-zeroshot", "mean over tasks"]
+                     "chest_xray-zeroshot", "breast_us-zeroshot", "mean over domains"]
+    abl = json.loads((out / "ablation.json").read_text())
+    picked = abl["picked"]
+    assert picked in ("routed-feature", "confidence-feature") and abl["ranking"][0] == picked
+    assert entries == abl["variants"][picked]["entries"]  # verdict.json: the picked variant's test tasks
     for e in entries[:-1]:
-        assert e["student"]["name"] == "routed-feature" and e["baseline"]["name"] == "baseline"
+        assert e["student"]["name"] == picked and e["baseline"]["name"] == "baseline"
         d = e["student_minus_baseline"]
         assert d["value"] == pytest.approx(e["student"]["value"] - e["baseline"]["value"], abs=1e-9)
         assert d["ci"][0] <= d["value"] <= d["ci"][1]
         assert e["vs_baseline"] == mt_verdict.word(d)
+        assert e["seeds"][0]["seed"] == 0 and e["seeds"][0]["student_minus_baseline"] == d  # one seed: the same
         best = e["student_minus_best_teacher"]
         assert best["teacher"] in ("radiology", "dermoscopy", "chest_xray", "breast_us")
         assert e["best_teacher"]["value"] == pytest.approx(e["student"]["value"] - best["value"], abs=1e-9)
@@ -171,11 +181,41 @@ def test_smoke_run_on_the_real_data_writes_consistent_verdicts(shared_data, tmp_
     assert own["dermoscopy-zeroshot"] == "dermoscopy" and own["radiology-region-zeroshot"] is None
     assert entries[2]["student_minus_own_teacher"]["teacher"] == "dermoscopy"
     assert entries[2]["chance"] == pytest.approx(0.5)
-    # the mean over tasks is the mean of the per-task differences
-    mean = entries[-1]["student_minus_baseline"]["value"]
-    assert mean == pytest.approx(sum(e["student_minus_baseline"]["value"] for e in entries[:-1]) / 5, abs=1e-9)
+    # the mean over domains: the two radiology tasks share MedPix dev and are averaged first; at-chance tasks out
+    kept = {e["task"]: e["student_minus_baseline"]["value"] for e in entries[:-1] if not e["at_chance"]}
+    assert entries[-1]["left_out_at_chance"] == [e["task"] for e in entries[:-1] if e["at_chance"]]
+    by_domain = {}
+    for e in entries[:-1]:
+        if e["task"] in kept:
+            by_domain.setdefault(e["domain"], []).append(kept[e["task"]])
+    assert entries[-1]["student_minus_baseline"]["value"] == pytest.approx(
+        sum(sum(v) / len(v) for v in by_domain.values()) / len(by_domain), abs=1e-9)
+    assert entries[0]["test_set"] == entries[1]["test_set"] != entries[2]["test_set"]
+    # dev tasks: one per domain, on rows the student never trained on and outside the test set
+    dev = abl["variants"][picked]["dev_entries"]
+    assert [e["task"] for e in dev] == ["radiology-retrieval-dev", "dermoscopy-zeroshot-dev",
+                                        "chest_xray-zeroshot-dev", "breast_us-zeroshot-dev", "mean over domains"]
+    corpora = {k: Path(v) for k, v in abl["setup"]["corpora"].items()}
+
+    def keys(name):
+        return set(open_corpus(corpora[name]).keys)
+
+    student_keys = keys("student")
+    for dom in ("radiology", "dermoscopy", "chest_xray", "breast_us"):
+        dev_keys = keys(f"dev-{dom}")
+        assert dev_keys and not dev_keys & student_keys
+    assert not keys("dev-dermoscopy") & keys("test-dermoscopy")
+    # the same-views baseline: the trainer recorded the same stored views for it as for the student
+    runs = out / "work" / "runs"
+    metas = {p.name.rsplit("-", 1)[0]: json.loads((p / "run_meta.json").read_text()) for p in runs.iterdir()
+             if (p / "run_meta.json").is_file()}
+    assert metas["baseline"]["stored_views"] and metas["baseline"]["mode"] == "contrastive"
+    assert metas["baseline"]["augmentation"] == metas["student-routed-feature"]["augmentation"]
+    assert not metas["reference"]["stored_views"]
     md = (out / "report.md").read_text()
     assert "**Goal " in md and "**dermoscopy-zeroshot** (macro_auroc, chance 0.500)" in md
+    assert "The baseline saw the cache's 4 stored views per image" in md and "dev rows included" in md
+    assert "-dev**" not in md  # the headline quotes test tasks only
     assert "| rows of domain | breast_us | chest_xray | dermoscopy | radiology |" in md  # cache order
     conf = json.loads((out / "ablation.json").read_text())["setup"]["confidence_by_domain"]
     for per_domain in conf.values():  # every row's weights sum to 1 over the teachers
@@ -183,8 +223,10 @@ def test_smoke_run_on_the_real_data_writes_consistent_verdicts(shared_data, tmp_
         for w in per_domain.values():
             assert sum(w.values()) == pytest.approx(1.0, abs=0.01)
     assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| confidence-feature |" in (out / "ablation.md").read_text()
-    meta = json.loads(next((out / "work" / "runs").glob("student-routed-feature-*/run_meta.json")).read_text())
+    other = next(n for n in ("routed-feature", "confidence-feature") if n != picked)
+    table = (out / "ablation.md").read_text()
+    assert f"| **{picked}** (picked) | stored views |" in table and f"| {other} | stored views |" in table
+    meta = metas["student-routed-feature"]
     assert meta["routing"]["config"]["column"] == "domain"
     assert set(meta["routing"]["rows_per_teacher"]) == {"radiology", "dermoscopy", "chest_xray", "breast_us"}
     assert meta["routing"]["unrouted_rows"] == 0
