@@ -194,6 +194,9 @@ class Variant:
 
 
 ROUTING = "{routing}"  # placeholder: the harness's domain -> teacher map as a `loss.routing=` value
+# placeholder: `loss.routing.weights=` with w_d = sqrt(n_max / n_d) from the student corpus's domain sizes, so a
+# domain with 1/9 of the largest domain's rows gets 3x the distillation weight; computed per run, never per data set
+DOMAIN_WEIGHTS = "{domain_weights}"
 
 
 def _terms(*terms: dict) -> str:
@@ -203,6 +206,8 @@ def _terms(*terms: dict) -> str:
 INFONCE = {"kind": "infonce", "weight": 1.0}
 FEAT_COS = {"kind": "feature", "weight": 1.0, "kwargs": {"metric": "cosine"}}
 AFFINITY = {"kind": "affinity", "weight": 1.0}
+AFF3 = {**AFFINITY, "weight": 3.0}
+AFF3_LOCAL = {**AFF3, "kwargs": {"scope": "domain"}}  # issue 17: a row's distributions over its own domain's rows
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("all-hybrid", (_terms(INFONCE, FEAT_COS, {"kind": "icl", "weight": 1.0}),),
@@ -241,6 +246,20 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("routed-phi-s", (_terms(INFONCE, {"kind": "feature", "weight": 1.0, "kwargs": {"metric": "mse"}}),
                              ROUTING, "loss.combine.balance=phi_s"),
             "routed InfoNCE + MSE feature on PHI-S standardised targets"),
+    Variant("routed-affinity-x3-balance0", (_terms(INFONCE, AFF3), ROUTING, "data.domain_balance=0"),
+            "routed InfoNCE + 3 x affinity, domains drawn uniformly (data.domain_balance=0)"),
+    Variant("routed-affinity-x3-balance0.3", (_terms(INFONCE, AFF3), ROUTING, "data.domain_balance=0.3"),
+            "routed InfoNCE + 3 x affinity, domain d drawn as n_d^0.3"),
+    Variant("routed-affinity-x3-balance0.5", (_terms(INFONCE, AFF3), ROUTING, "data.domain_balance=0.5"),
+            "routed InfoNCE + 3 x affinity, domain d drawn as n_d^0.5"),
+    Variant("routed-affinity-x3-local", (_terms(INFONCE, AFF3_LOCAL), ROUTING),
+            "routed InfoNCE + 3 x domain-local affinity (distributions over the batch's same-domain captions)"),
+    Variant("routed-affinity-x3-weighted", (_terms(INFONCE, AFF3), ROUTING, DOMAIN_WEIGHTS),
+            "routed InfoNCE + 3 x affinity, each domain's distillation weighted sqrt(n_max / n_d)"),
+    Variant("routed-affinity-x3-local-balance0.5", (_terms(INFONCE, AFF3_LOCAL), ROUTING, "data.domain_balance=0.5"),
+            "routed InfoNCE + 3 x domain-local affinity, domain d drawn as n_d^0.5"),
+    Variant("routed-affinity-x3-local-balance0", (_terms(INFONCE, AFF3_LOCAL), ROUTING, "data.domain_balance=0"),
+            "routed InfoNCE + 3 x domain-local affinity, domains drawn uniformly"),
     Variant("mmkd", (_terms(INFONCE, {"kind": "feature", "weight": 50.0, "kwargs": {"metric": "mse"}},
                             {"kind": "icl", "weight": 1.0}), "loss.combine.mode=random_teacher"),
             "MMKD-CLIP: InfoNCE + 50 x MSE + ICL, one random teacher per sample"),
@@ -289,6 +308,12 @@ def plan_teachers(domains: list[str], given: dict[str, str]) -> list[TeacherPlan
     plans = [TeacherPlan(d, given.get(d), (d,)) for d in domains]
     plans += [TeacherPlan(n, s, tuple(domains)) for n, s in given.items() if n not in domains]
     return plans
+
+
+def domain_weights_value(sizes: dict[str, int]) -> str:
+    """The `loss.routing.weights=` override for DOMAIN_WEIGHTS: sqrt(n_max / n_d) per domain (the largest gets 1)."""
+    top = max(sizes.values())
+    return "loss.routing.weights=" + json.dumps({d: round((top / n) ** 0.5, 4) for d, n in sizes.items() if n})
 
 
 def routing_value(teachers: list[TeacherPlan], domains: list[str]) -> str:

@@ -52,9 +52,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 from benchmarks.bench_common import machine, parse_flags, quiet_libraries  # noqa: E402
 from benchmarks.mt_setup import (  # noqa: E402
-    ABLATION_VARIANTS, BUDGETS, BUILTIN_DOMAINS, DEFAULT_VARIANTS, ROUTING, VARIANTS, Budget, Domain, SetupError,
-    TeacherPlan, Variant, load_domain_file, load_variant_file, plan_teachers, resolve_domain, routing_value,
-    tiny_overrides)
+    ABLATION_VARIANTS, BUDGETS, BUILTIN_DOMAINS, DEFAULT_VARIANTS, DOMAIN_WEIGHTS, ROUTING, VARIANTS, Budget, Domain,
+    SetupError, TeacherPlan, Variant, domain_weights_value, load_domain_file, load_variant_file, plan_teachers,
+    resolve_domain, routing_value, tiny_overrides)
 from benchmarks.mt_confidence import confidence_by_domain  # noqa: E402
 from benchmarks.mt_verdict import TaskInfo, pick_variant, verdict_entries, write_outputs  # noqa: E402
 
@@ -363,8 +363,21 @@ def build_features(corpus: Path, specs: dict[str, str], flags: Flags, work: Path
     return out
 
 
-def variant_overrides(v: Variant, routing: str) -> list[str]:
-    return [routing if o == ROUTING else o for o in v.overrides]
+def variant_overrides(v: Variant, routing: str, weights: str = "") -> list[str]:
+    """The variant's overrides with the harness's placeholders filled in (ROUTING, DOMAIN_WEIGHTS)."""
+    fill = {ROUTING: routing, DOMAIN_WEIGHTS: weights}
+    return [fill.get(o, o) for o in v.overrides]
+
+
+def domain_sizes(corpus: Path) -> dict[str, int]:
+    """Rows per domain of a harness-built corpus (its `domain` column)."""
+    import numpy as np
+
+    from cache.corpus import open_corpus
+    from distill.domains import domain_ids
+
+    ids, names = domain_ids(open_corpus(corpus), "domain")
+    return {n: int(c) for n, c in zip(names, np.bincount(ids, minlength=len(names)))}
 
 
 OWN_CROPS = ("data.flip=", "data.crop_scale=")  # the harness's own-crop settings; stored views replace them
@@ -519,6 +532,7 @@ def run(flags: Flags) -> dict:
     timings["baselines"] = time.perf_counter() - t0
 
     routing = routing_value(plans, [d.name for d in domains])
+    weights = domain_weights_value(domain_sizes(corpora["student"]))
     trained: dict[int, dict[str, str]] = {seed: {} for seed in seeds}
     for v in variants:
         for seed in seeds:
@@ -527,7 +541,7 @@ def run(flags: Flags) -> dict:
             trained[seed][v.name] = students[f"{v.name} seed {seed}"] = train_and_export(
                 f"student-{v.name}", "tiny-hybrid.yaml", [*student_overrides(base(seed), uses_views(flags, v)),
                                                           f"data.features={features}",
-                                                          *variant_overrides(v, routing)], work)
+                                                          *variant_overrides(v, routing, weights)], work)
             timings[f"train {v.name} seed {seed}"] = time.perf_counter() - t0
 
     # one eval per seed and split, every model side by side: teachers and baselines are scored once, and every

@@ -44,13 +44,27 @@ def test_routing_placeholder_is_replaced():
     assert "loss.routing={}" in ov and mt_setup.ROUTING not in ov
 
 
+def test_domain_weights_placeholder_gives_sqrt_inverse_sizes(tmp_path):
+    from benchmarks.multi_teacher import domain_sizes, variant_overrides
+
+    csv = tmp_path / "corpus.csv"
+    csv.write_text("image,caption,domain\n" + "".join(f"{i}.png,c{i},{d}\n" for i, d in
+                                                      enumerate(["big"] * 9 + ["small"] * 1 + ["mid"] * 4)))
+    sizes = domain_sizes(csv)
+    assert sizes == {"big": 9, "mid": 4, "small": 1}
+    value = mt_setup.domain_weights_value(sizes)
+    assert json.loads(value.split("=", 1)[1]) == {"big": 1.0, "mid": 1.5, "small": 3.0}  # sqrt(9/4), sqrt(9/1)
+    ov = variant_overrides(mt_setup.VARIANTS["routed-affinity-x3-weighted"], "loss.routing={}", value)
+    assert ov[-2:] == ["loss.routing={}", value] and mt_setup.DOMAIN_WEIGHTS not in ov
+
+
 def test_every_builtin_variant_parses_as_a_config(tmp_path):
     from distill.config import Config
 
+    fill = {mt_setup.ROUTING: 'loss.routing={"column": "domain", "teachers": {"a": ["a"]}}',
+            mt_setup.DOMAIN_WEIGHTS: 'loss.routing.weights={"a": 2.0}'}
     for v in mt_setup.VARIANTS.values():
-        ov = [o if o != mt_setup.ROUTING else 'loss.routing={"column": "domain", "teachers": {"a": ["a"]}}'
-              for o in v.overrides]
-        cfg = Config.from_yaml(ROOT / "configs" / "tiny-hybrid.yaml", overrides=ov)
+        cfg = Config.from_yaml(ROOT / "configs" / "tiny-hybrid.yaml", overrides=[fill.get(o, o) for o in v.overrides])
         assert cfg.mode == "hybrid", v.name
 
 
