@@ -24,6 +24,40 @@ B, E = 6, 8
 DIMS = {"a": 3, "b": 5}  # two teachers of different dimensions
 SCALES = {"a": 50.0, "b": 100.0}
 
+# Float32 bounds. Every loss term computes in float32 by design, so the references are float64 (hand loops, or
+# open_clip on float64 copies of the same float32 inputs) and a bound is the float32 path's own worst-case rounding,
+# which holds in any summation order (AVX2 or AVX-512 kernels, 1 or 2 threads); u = 2^-24.
+U = 2.0 ** -24
+
+
+def logit_err(s: float, d: int, normalised: bool = False) -> float:
+    """|float32 - exact| of a logit s x a.b, |a|, |b| <= 1 in d dims: d products and d - 1 sums of summands
+    |a_k b_k| totalling <= 1, and the scale's rounding: (d + 2) u s. An `a` normalised in float32 first (a
+    projection) has components off by <= ((d + 1) / 2 + 2) u relative: (d + 5) / 2 x u s more."""
+    return (d + 2 + (d + 5) / 2 * normalised) * U * s
+
+
+def ce_err(s: float, d: int, n: int, normalised: bool = False) -> float:
+    """|float32 - exact| of one row's cross-entropy -sum_j T_j log softmax_j(L), n logits of scale s, T a
+    distribution: its derivative in L (softmax - T) has l1 norm <= 2, so the logits' errors move it by
+    <= 2 logit_err; its own rounding (L - max L with |L - max| <= 2s, exp, a sum of n terms in [0, 1] totalling
+    >= 1, log, T's weighted sum) adds <= (4 s + n + 6) u."""
+    return 2 * logit_err(s, d, normalised) + (4 * s + n + 6) * U
+
+
+def nce_tol(value: float, s: float, d: int, n: int, normalised: bool = False) -> float:
+    """|float32 - exact| of a contrastive term: a mean of 2n non-negative row cross-entropies (~ value)."""
+    return ce_err(s, d, n, normalised) + 2 * n * U * abs(value)
+
+
+def nce_grad_err(s: float, d: int, n: int) -> float:
+    """|float32 - exact| of a gradient component of InfoNCE (the mean of 2n row cross-entropies) by a unit vector x
+    that is a row in one direction and a column in the other: (s / 2n) x [sum_j (p_ij - T_ij) y_jk +
+    sum_r (q_ri - T_ri) y_rk], |y_k| <= 1. Softmax errors are |dp_ij| <= 2 p_ij logit_err, and the p's summed here
+    total <= 1 (a row) + n (a column): <= 2 (n + 1) logit_err; the softmax's own rounding ((n + 3) u of each p) and
+    the 2n + 2 summands' sums (totalling <= n + 3) add < 4 (n + 1)(n + 3) u."""
+    return s / (2 * n) * (n + 1) * (2 * logit_err(s, d) + 4 * (n + 3) * U)
+
 
 def _unit(*shape, g):
     return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1).float()
@@ -79,9 +113,12 @@ def test_infonce_equals_hand_computation_and_open_clip():
 
     student, _ = make_batch()
     out = _loss([LossTermCfg("infonce", "infonce")], teachers=())(student, None)
-    ref = ClipLoss()(student.image, student.text, student.logit_scale)
-    assert out["infonce"].item() == pytest.approx(ref.item(), rel=1e-5)
-    assert out["infonce"].item() == pytest.approx(_hand_infonce(student.image, student.text, 14.0), rel=1e-5)
+    # open_clip on float64 copies (it computes in its input dtype): the float32 term is within nce_tol (2.6e-5 of
+    # 7.1 here; measured 3.6e-7); the scale off by 1% moves it by 6e-2, a wrong label or a direction left out more
+    ref = ClipLoss()(student.image.double(), student.text.double(), student.logit_scale.double()).item()
+    tol = nce_tol(ref, 14.0, E, B)
+    assert out["infonce"].item() == pytest.approx(ref, rel=0, abs=tol)
+    assert out["infonce"].item() == pytest.approx(_hand_infonce(student.image, student.text, 14.0), rel=0, abs=tol)
     assert out["loss"].item() == pytest.approx(out["infonce"].item())
 
 
@@ -90,13 +127,19 @@ def test_infonce_gradients_equal_open_clip_and_scale_is_clamped():
 
     student, _ = make_batch(seed=1)
     grads = []
-    for fn in (lambda s: _loss([LossTermCfg("c", "infonce")], ())(s, None)["loss"],
-               lambda s: ClipLoss()(s.image, s.text, s.logit_scale.clamp(max=100))):
-        img, txt = student.image.clone().requires_grad_(), student.text.clone().requires_grad_()
-        fn(StudentOutput(img, txt, torch.tensor(400.0))).backward()
+    for fn, dtype in ((lambda s: _loss([LossTermCfg("c", "infonce")], ())(s, None)["loss"], torch.float32),
+                      (lambda s: ClipLoss()(s.image, s.text, s.logit_scale.clamp(max=100)), torch.float64)):
+        img = student.image.to(dtype, copy=True).requires_grad_()
+        txt = student.text.to(dtype, copy=True).requires_grad_()
+        fn(StudentOutput(img, txt, torch.tensor(400.0, dtype=dtype))).backward()
         grads.append((img.grad, txt.grad))
-    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-6)
+    assert grads[0][0].dtype == torch.float32 and grads[1][0].dtype == torch.float64
+    # ours (float32) against open_clip on float64 copies of the same inputs: within nce_grad_err at the clamped
+    # scale 100 (7.1e-3 here, of gradients up to 16; measured 1.8e-6); the clamp missed (scale 400) moves them by
+    # 48, a direction dropped by 6, the scale off by 1% by ~0.16
+    tol = nce_grad_err(100.0, E, B)
+    for ours, ref in zip(grads[0], grads[1]):
+        torch.testing.assert_close(ours.double(), ref, rtol=0, atol=tol)
     assert grads[0][0].abs().sum() > 0
 
 
@@ -132,12 +175,15 @@ def test_infonce_caption_positives_equal_the_soft_target_by_hand():
     got = _per_row(loss, "nce", student, caption_ids=DUP_IDS)
     img, txt, ids = student.image.tolist(), student.text.tolist(), DUP_IDS.tolist()
     want = [(u + v) / 2 for u, v in zip(_hand_soft_rows(img, txt, 14.0, ids), _hand_soft_rows(txt, img, 14.0, ids))]
-    torch.testing.assert_close(got, torch.tensor(want), rtol=1e-5, atol=1e-6)
+    # each row the mean of two float32 cross-entropies against float64 loops: within ce_err (2.1e-5; the bug
+    # this guards, a target not spread over the caption's copies, moves rows 0 and 2 by 0.09 and 1.9)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=ce_err(14.0, E, 4),
+                               check_dtype=False)
     # by hand for row 0: targets 1/2 on columns 0 and 2
     lg = [14.0 * _dot(img[0], txt[j]) for j in range(4)]
     assert want[0] != pytest.approx(-_log_softmax_row(lg, 0))  # the soft target really differs from the diagonal
     out = loss(student, None, caption_ids=DUP_IDS)
-    assert out["nce"].item() == pytest.approx(sum(want) / 4, rel=1e-5)
+    assert out["nce"].item() == pytest.approx(sum(want) / 4, rel=0, abs=nce_tol(sum(want) / 4, 14.0, E, 4))
     # rows with a caption of their own (1, 3) keep exactly their diagonal value; rows 0 and 2 do not
     diag = _loss([LossTermCfg("nce", "infonce")], teachers=())
     plain = _per_row(diag, "nce", student)
@@ -174,12 +220,15 @@ def test_icl_caption_positives_equal_the_soft_target_by_hand():
         rows = [(u + v) / 2 for u, v in zip(_hand_soft_rows(p["image"], y["text"], 14.0, ids),
                                             _hand_soft_rows(p["text"], y["image"], 14.0, ids))]
         got = _per_row(loss, "icl", student, teachers, DUP_IDS, t)
-        torch.testing.assert_close(got, torch.tensor(rows), rtol=1e-5, atol=1e-6)
+        # float32 rows of normalised projections (d = 3, 5) against float64 loops: within ce_err (2.4e-5 at d = 5)
+        torch.testing.assert_close(got, torch.tensor(rows, dtype=torch.float64), rtol=0,
+                                   atol=ce_err(14.0, DIMS[t], 4, normalised=True), check_dtype=False)
         plain = _per_row(diag, "icl", student, teachers, None, t)
         assert torch.equal(got[[1, 3]], plain[[1, 3]]) and not torch.allclose(got[[0, 2]], plain[[0, 2]])
         want[t] = sum(rows) / 4
     got = loss(student, teachers, caption_ids=DUP_IDS)["icl"].item()
-    assert got == pytest.approx(2.0 * (0.25 * want["a"] + 0.75 * want["b"]), rel=1e-5)
+    tol = 2.0 * max(nce_tol(want[t], 14.0, d, 4, normalised=True) for t, d in DIMS.items())  # weight 2 x the worse
+    assert got == pytest.approx(2.0 * (0.25 * want["a"] + 0.75 * want["b"]), rel=0, abs=tol)
 
 
 def test_caption_positives_change_nothing_when_identical_captions_embed_identically():
@@ -197,8 +246,14 @@ def test_caption_positives_change_nothing_when_identical_captions_embed_identica
         value = loss(StudentOutput(i, b[ids], torch.tensor(14.0)), None, caption_ids=ids)["loss"]
         value.backward()
         res[positives] = (value.detach(), i.grad, b.grad)
-    for x, y in zip(res["diagonal"], res["caption"]):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    # two float32 paths, each within its bound of the same exact values: the mean within 2 nce_tol (4.6e-5 of 3.5),
+    # the image gradients within 2 nce_grad_err, the base's (each row summed from <= 3 copies) within 6 (3.1e-4 and
+    # 9.2e-4, of gradients up to 2.9; measured <= 4.8e-7). Targets on the first copy only instead of uniform over
+    # the copies move the mean by 0.41 and the gradients by >= 1.8.
+    value, grad_tol = res["diagonal"][0].item(), nce_grad_err(14.0, E, 6)
+    torch.testing.assert_close(res["caption"][0], res["diagonal"][0], rtol=0, atol=2 * nce_tol(value, 14.0, E, 6))
+    torch.testing.assert_close(res["caption"][1], res["diagonal"][1], rtol=0, atol=2 * grad_tol)
+    torch.testing.assert_close(res["caption"][2], res["diagonal"][2], rtol=0, atol=6 * grad_tol)
     # copies with different embeddings (as under dropout): now the targets matter
     txt = F.normalize(base[ids] + 0.3 * torch.randn(6, E, generator=g), dim=-1)
     vals = [_loss([LossTermCfg("nce", "infonce", kwargs={"positives": p})], teachers=())(

@@ -21,8 +21,8 @@ from distill.losses.siglip import SIGLIP_INIT
 from teachers.modality import Pair
 
 from gloo_helpers import counting_gloo_group
-from test_losses import _dot, _hand_affinity, make_batch
-from test_losses_distributed import CAPTION_IDS, DIMS, N, WORLD, _global_batch
+from test_losses import U, _dot, _hand_affinity, logit_err, make_batch
+from test_losses_distributed import CAPTION_IDS, DIMS, E, N, WORLD, _global_batch
 from train_fixtures import (ROOT, load_weights, read_log, tiny_cache, tiny_config,  # noqa: F401  (fixtures)
                             tiny_tokenizer)
 
@@ -162,6 +162,46 @@ TERMS = [
 ]
 GRADS = ("image", "text", "logit_scale", "logit_bias")
 
+# Float32 bounds of "2 processes == 1" (summation order only; each run within its worst-case rounding of the exact
+# values, so the two within twice that; derivations at test_losses.logit_err / ce_err / nce_grad_err, u = 2^-24).
+# Student logits s x a.b + b, s = 12, |b| = 2, unit vectors of E = 6: within LS = logit_err(12, 6) + 14 u; teacher
+# a's (sigmoid) s_t = 40, |b_t| = 3, d = 3: LA = logit_err(40, 3) + 43 u; teacher b's (softmax) s_t = 90, d = 5: LB.
+# Per pair, -log sigmoid has derivative <= 1 in its logit (sigmoid' <= 1/4 in the gradients' sigmoid); the sigmoid
+# KL's derivative in the teacher logit, sigmoid'(L_t)(L_t - L_s), is <= 0.23 + |L_s| / 4 <= 3.8. A row sums N pairs,
+# and the sigmoid KL subtracts two row sums of size <= N x 57 (|logits| <= 14 + 43): (N + 4) u each. The softmax
+# teacher's KL moves by <= 2 LS + 2 LB (2 log N + KL) (its derivative in the teacher logits: p (log p - log q - KL),
+# l1 <= 2 (H + CE)). Gradients: each unit vector is in N pairs as a row and N as a column (both terms' directions),
+# every pair's derivative off by <= (its logits' errors) / 4 + 2 u (sigmoid terms) or as nce_grad_err (softmax
+# terms), times s. These are <= 3e-4 of the values (6 to 59) and of the gradients (3 to 11; the scale's and bias's
+# 1e-4 of 3 to 5), measured <= 2e-6; a missing gather moves siglip by 1.2, a bias gradient not summed over ranks
+# by 1.2.
+LS = logit_err(12.0, E) + 14 * U
+LA, LB = logit_err(40.0, DIMS["a"]) + 43 * U, logit_err(90.0, DIMS["b"])
+
+
+def _value_tol(key: str, value: float) -> float:
+    sig = N * LS + (N + 4) * U * abs(value)  # a mean of row sums of N non-negative pairs
+    nce = 2 * LS + (4 * 12 + N + 6) * U + 2 * N * U * abs(value)
+    aff_a = N * (LS + 3.8 * LA) + 2 * (N + 4) * U * N * 57
+    aff_b = 2 * LS + 2 * LB * (2 * math.log(N) + abs(value)) + 2 * (4 * 102 + N + 6) * U
+    per = {"siglip": sig, "siglip_cap": 0.5 * sig, "infonce": nce, "aff": 2 * 0.5 * (aff_a + aff_b)}
+    per["loss"] = sum(per.values()) + 4 * U * abs(value)
+    return 2 * per[key]
+
+
+def _grad_tol(key: str) -> float:
+    s = 12.0
+    sig = s * (LS / 4 + 2 * U) + 4 * N * s * U  # N + N pairs of weight 1 / N, and their sums' rounding
+    nce = s / (2 * N) * (N + 1) * (2 * LS + 4 * (N + 3) * U)
+    aff = s * ((LS + LA) / 4 + 2 * U) / 2 + s / (2 * N) * (N + 1) * (2 * (LS + LB) + 4 * (N + 3) * U) / 2
+    if key == "logit_bias":  # sum over the N^2 pairs of weight 1 / N: N x the per-pair error, and their rounding
+        sig_b, aff_b = N * (LS / 4 + 2 * U) + N * N * U, N * ((LS + LA) / 4 + 2 * U) / 2
+        return 2 * (1.5 * sig_b + 2 * aff_b)
+    if key == "logit_scale":  # the same sums times |a.b| <= 1, and the softmax terms' 2N rows of weight 1 / 2N
+        sig_b, aff_b = N * (LS / 4 + 2 * U) + N * N * U, N * ((LS + LA) / 4 + 2 * U) / 2
+        return 2 * (1.5 * sig_b + 2 * aff_b + 2 * LS + (LS + LB) + 4 * (2 * N * N + E) * U)
+    return 2 * (1.5 * sig + nce + 2 * aff)
+
 
 def _run(rows: slice) -> dict[str, torch.Tensor]:
     """The loss terms ("out/K") and gradients ("grad/K") for these rows of the global batch."""
@@ -195,13 +235,14 @@ def test_two_processes_equal_one_process(tmp_path):
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
     ref = _run(slice(None))
     for k in [k for k in ref if k.startswith("out/")]:
-        torch.testing.assert_close(sum(r[k] for r in ranks) / WORLD, ref[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(sum(r[k] for r in ranks) / WORLD, ref[k], rtol=0,
+                                   atol=_value_tol(k[len("out/"):], ref[k].item()), msg=k)
     # a rank's own value differs from the global one: a missing gather would show
     assert not torch.allclose(ranks[0]["out/siglip"], ref["out/siglip"], rtol=1e-3)
     for k in GRADS:
         got = (torch.cat([r[f"grad/{k}"] for r in ranks]) if k in ("image", "text")
                else sum(r[f"grad/{k}"] for r in ranks)) / WORLD
-        torch.testing.assert_close(got, ref[f"grad/{k}"], rtol=1e-4, atol=1e-6, msg=f"gradient of {k}")
+        torch.testing.assert_close(got, ref[f"grad/{k}"], rtol=0, atol=_grad_tol(k), msg=f"gradient of {k}")
         assert ref[f"grad/{k}"].abs().sum() > 0
     # student image and text with gradient (siglip shares infonce's text gather) + one for teachers and caption ids
     assert [int(r["all_gathers"]) for r in ranks] == [3] * WORLD
