@@ -59,6 +59,46 @@ def nce_grad_err(s: float, d: int, n: int) -> float:
     return s / (2 * n) * (n + 1) * (2 * logit_err(s, d) + 4 * (n + 3) * U)
 
 
+def aff_tol(value, s: float, d: int, s_t: float, d_t: int, n: int, kl: bool = False):
+    """|float32 - exact| of an affinity value from a softmax teacher (a row's, or the mean of rows: the bound is
+    affine in the row's cross-entropy CE, so it holds for means at their mean), n columns, student logits of scale
+    s in d dims, the teacher's s_t in d_t. The student's logit errors move CE by <= 2 logit_err(s, d) (l1 of q - p
+    <= 2); the teacher's by <= 2 CE logit_err(s_t, d_t) (the derivative p_k (-log q_k - CE) has l1 <= 2 CE; the
+    KL's, p_k (log p_k - log q_k - KL), <= H + CE + KL = 2 CE too). Its own rounding: a log-softmax value (a caption
+    class's log-mass included) is off by <= (8 s + 5 n) u, a teacher probability by that + u relative, the n-term
+    sum of non-negative products (n + 1) u relative: (8 s + 5 n) u + (8 s_t + 6 n + 2) u CE, as much again for the
+    teacher's entropy under KL (CE = KL + H <= KL + log n); a mean of 2n rows adds 2 n u relative."""
+    ce = abs(value) + kl * math.log(n)
+    own = (8 * s + 5 * n) * U + (8 * s_t + 6 * n + 2) * U * ce
+    return 2 * logit_err(s, d) + 2 * ce * logit_err(s_t, d_t) + (1 + kl) * own + 2 * n * U * abs(value)
+
+
+def sigmoid_aff_tol(value, s: float, b: float, d: int, s_t: float, b_t: float, d_t: int, n: int, kl: bool = False):
+    """|float32 - exact| of an affinity value from a sigmoid teacher (a row's sum over its <= n pairs, both
+    directions averaged, or a mean of such rows: affine in the value again). Pair logits s x.y + b within
+    LS = logit_err(s, d) + X u (X = s + |b| bounds them; the bias's addition), the teacher's within LT likewise.
+    A pair's binary cross-entropy has derivative sigmoid(x_s) - p_t (<= 1) in the student's logit and
+    -sigmoid'(x_t) x_s (<= X / 4) in the teacher's; the KL's, sigmoid'(x_t)(x_t - x_s), <= 0.23 + X / 4. Its own
+    rounding (the sigmoid, (1 - p) x, log1p(exp(-|x|))) <= (3 X + 4) u, and as much for the teacher's entropy under
+    KL; the row's n-term sum and a mean of 2n rows add 3 n u of the summands' total, <= the value (+ n log 2 of
+    entropy under KL, where the row is CE - H)."""
+    x, x_t = s + abs(b), s_t + abs(b_t)
+    ls, lt = logit_err(s, d) + x * U, logit_err(s_t, d_t) + x_t * U
+    pair = ls + (x / 4 + 0.23 * kl) * lt + (3 * x + 4) * U + kl * (3 * x_t + 4) * U
+    return n * pair + 3 * n * U * (abs(value) + kl * 1.4 * n)
+
+
+def feature_tol(value: float, d: int, n: int, weight: float = 1.0, m: float = 1.0) -> float:
+    """|float32 - exact| of a feature term of this weight (`value` includes it), targets of norm <= m in d dims, n
+    rows. The projection normalised in float32 is off by <= (d + 5) / 2 u relative (logit_err), which moves a row's
+    1 - cos (cosine_similarity renormalises both sides: twice that more, then a d-term dot of total <= 1) by
+    <= (5 d / 2 + 10) u, its mean of squares (p - y)^2 by <= 2 |p - y| |dp| / d <= (1 + m)(d + 5) u / d, its
+    smooth_l1 (slope <= 1) by <= |dp|_1 / d <= (d + 5) u / 2: all <= (3 d + 10)(1 + m) u. Every summand after that
+    is non-negative (the metrics' own few roundings, the means over dims, modalities, rows and teachers, the mix
+    weights): (n + d + 8) u relative."""
+    return weight * (3 * d + 10) * (1 + m) * U + (n + d + 8) * U * abs(value)
+
+
 def _unit(*shape, g):
     return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1).float()
 
@@ -310,7 +350,9 @@ def test_feature_term_weighted_over_two_teachers(metric):
             )
         ]
         want += share * sum(per) / B
-    assert out["feat"].item() == pytest.approx(50.0 * want, rel=1e-5)
+    # float32 against float64 loops: within feature_tol (d = 5: 2.2e-4 of 59, 1.6e-4 of 13; measured <= 1.6e-6); the
+    # teachers' shares swapped move it by >= 2.9, a projection left unnormalised (mse, smooth_l1) by >= 17
+    assert out["feat"].item() == pytest.approx(50.0 * want, rel=0, abs=feature_tol(50.0 * want, 5, B, weight=50.0))
 
 
 def test_feature_image_only_and_smooth_l1_beta():
@@ -326,7 +368,9 @@ def test_feature_image_only_and_smooth_l1_beta():
         pi = _norm(p[i])
         d = [abs(u - float(v)) for u, v in zip(pi, y[i])]
         tot += sum(0.5 * x * x / 0.5 if x < 0.5 else x - 0.25 for x in d) / len(d)
-    assert got == pytest.approx(tot / B, rel=1e-5)
+    # targets of norm 4 (m = 4), d = 3: within feature_tol (7.3e-6 of 1.6; measured 1.1e-7); beta 1 instead of 0.5
+    # moves it by 0.20
+    assert got == pytest.approx(tot / B, rel=0, abs=feature_tol(tot / B, 3, B, m=4.0))
 
 
 # ---------------------------------------------------------------------------------------------- icl
@@ -345,8 +389,12 @@ def _hand_icl(student, teachers, t, s=14.0):
 def test_icl_two_teachers_of_different_dims():
     student, teachers = make_batch(seed=4)
     out = _loss([LossTermCfg("icl", "icl", weight=2.0)])(student, teachers)
-    want = 0.5 * _hand_icl(student, teachers, "a") + 0.5 * _hand_icl(student, teachers, "b")
-    assert out["icl"].item() == pytest.approx(2.0 * want, rel=1e-5)
+    icl = {t: _hand_icl(student, teachers, t) for t in DIMS}
+    want = 0.5 * icl["a"] + 0.5 * icl["b"]
+    # each teacher's term within nce_tol, the projection normalised in float32; weight 2, shares 1/2 (5.5e-5 of 16;
+    # measured 1e-8); the scale off by 1% moves it by 0.16
+    tol = 2.0 * sum(0.5 * nce_tol(icl[t], 14.0, d, B, normalised=True) for t, d in DIMS.items())
+    assert out["icl"].item() == pytest.approx(2.0 * want, rel=0, abs=tol)
 
 
 # ---------------------------------------------------------------------------------------------- affinity
@@ -373,8 +421,13 @@ def test_affinity_two_teachers_of_different_dims(kl):
     student, teachers = make_batch(seed=5)
     cfg = LossTermCfg("aff", "affinity", teachers={"a": 2.0, "b": 1.0}, kwargs={"kl": kl})
     out = _loss([cfg])(student, teachers)
-    want = 2 / 3 * _hand_affinity(student, teachers, "a", kl=kl) + 1 / 3 * _hand_affinity(student, teachers, "b", kl=kl)
-    assert out["aff"].item() == pytest.approx(want, rel=1e-5)
+    aff = {t: _hand_affinity(student, teachers, t, kl=kl) for t in DIMS}
+    want = 2 / 3 * aff["a"] + 1 / 3 * aff["b"]
+    # each teacher's term within aff_tol, whose teacher-logit part (scales 50, 100) dominates (5.2e-4 and 9.3e-4 of 6;
+    # measured <= 9e-7); the teachers' weights swapped move it by >= 0.25, the student's scale off by 1% by 0.059,
+    # the teachers' off by 10% by >= 3.4e-3, the student's scale used for the teachers by >= 1.8e-2
+    tol = sum(w * aff_tol(aff[t], 14.0, E, SCALES[t], DIMS[t], B, kl) for t, w in (("a", 2 / 3), ("b", 1 / 3)))
+    assert out["aff"].item() == pytest.approx(want, rel=0, abs=tol)
 
 
 def test_affinity_equals_open_clip_distill_loss():
@@ -383,9 +436,12 @@ def test_affinity_equals_open_clip_distill_loss():
     student, teachers = make_batch(seed=6)
     out = _loss([LossTermCfg("aff", "affinity", teachers={"b": 1.0})])(student, teachers)
     f = teachers.feats["b"]
-    ref = DistillClipLoss()(student.image, student.text, student.logit_scale, f.image, f.text,
-                            torch.tensor(SCALES["b"]), output_dict=True)["distill_loss"]
-    assert out["aff"].item() == pytest.approx(ref.item(), rel=1e-5)
+    # open_clip on float64 copies (it computes in its input dtype): the float32 term within aff_tol (1.2e-3 of 8.7;
+    # measured 1.2e-6); bug sizes as in the test above
+    ref = DistillClipLoss()(student.image.double(), student.text.double(), student.logit_scale.double(),
+                            f.image.double(), f.text.double(), torch.tensor(SCALES["b"], dtype=torch.float64),
+                            output_dict=True)["distill_loss"].item()
+    assert out["aff"].item() == pytest.approx(ref, rel=0, abs=aff_tol(ref, 14.0, E, SCALES["b"], DIMS["b"], B))
 
 
 # ---------------------------------------------------------------------------------------------- combination
@@ -411,7 +467,9 @@ def test_random_teacher_each_sample_uses_exactly_its_teacher():
 
     got = loss(student, teachers, generator=g)["f"].item()
     per = {t: _hand_feature_both(student, teachers, t, "mse") for t in DIMS}
-    assert got == pytest.approx(sum(per[assigned[i]][i] for i in range(n)) / n, rel=1e-5)
+    want = sum(per[assigned[i]][i] for i in range(n)) / n
+    # within feature_tol (4.1e-6 of 0.62; measured 1.6e-9); one row given the other teacher moves it by >= 1.1e-3
+    assert got == pytest.approx(want, rel=0, abs=feature_tol(want, 5, n))
 
     # changing teacher b's targets on the rows assigned to a leaves the loss unchanged; on b's rows it does not
     for rows_of, changes in (("a", False), ("b", True)):
@@ -455,7 +513,9 @@ def test_teacher_dropping_never_drops_all_and_renormalises():
         got = loss(student, teachers, generator=torch.Generator().manual_seed(seed))["f"].item()
         w = {t: ww for t, ww in {"a": 1.0, "b": 1.0, "c": 2.0}.items() if kept[t]}
         want = sum(w[t] / sum(w.values()) * sum(_hand_feature_both(student, teachers, t, "cosine")) / B for t in w)
-        assert got == pytest.approx(want, rel=1e-5)
+        # within feature_tol (4.1e-6 of 1.0; measured 4.1e-8); the teachers' values differ by >= 1.6e-2, so a share
+        # off by 0.1 (not renormalised over the kept ones) moves it by >= 1.6e-3
+        assert got == pytest.approx(want, rel=0, abs=feature_tol(want, 5, B))
 
 
 # ---------------------------------------------------------------------------------------------- PHI-S
@@ -508,15 +568,23 @@ def test_phi_s_standardises_feature_targets_in_the_loss():
     loss = _loss([LossTermCfg("f", "feature", kwargs={"metric": "mse"})], combine=CombineCfg(balance="phi_s"),
                  teacher_stats=stats)
     got = loss(student, teachers)["f"].item()
-    want = 0.0
+    want, err = 0.0, 0.0
     for t in ("a", "b"):
         per = []
         for m in ("image", "text"):
             w, b = phi_s_affine(stats[t][f"{m}_mean"], stats[t][f"{m}_cov"])
-            y = teachers.feats[t][m].double().numpy() @ w.T + b
+            x = teachers.feats[t][m].double().numpy()
+            y = x @ w.T + b
             per.append(_hand_feature(student.projected[t][m], y, "mse", normalise=False))
+            # the float32 target W x + b (W, b rounded once, d products, d - 1 sums, + b) is off by <= (d + 3) u
+            # (|W| |x| + |b|) per component, which moves a row's mean of squares by <= sum_k 2 |p_k - y_k| dy_k / d
+            dy = (x.shape[1] + 3) * U * (np.abs(x) @ np.abs(w).T + np.abs(b))
+            p = student.projected[t][m].double().numpy()
+            err += 0.5 * 0.5 * (2 * np.abs(p - y) * dy).mean(1).mean()
         want += 0.5 * sum((u + v) / 2 for u, v in zip(*per)) / B
-    assert got == pytest.approx(want, rel=1e-5)
+    # + the mse's own rounding and the means' (non-negative summands), as feature_tol (1.8e-5 of 8.4; measured
+    # 2.4e-7); targets not standardised would move it by O(1)
+    assert got == pytest.approx(want, rel=0, abs=err + (B + 6 + 8) * U * want)
 
 
 # ---------------------------------------------------------------------------------------------- the whole loss
@@ -673,9 +741,12 @@ def test_routed_loss_value_equals_hand_computation():
     per = {t: _hand_feature_both(student, teachers, t, "mse") for t in DIMS}
     # row 0: a, b as 1:3; row 1: a; row 2: b; row 3: no teacher (0); the term is the mean over all 4 rows
     want = (0.25 * per["a"][0] + 0.75 * per["b"][0] + per["a"][1] + per["b"][2] + 0.0) / 4
-    assert out["f"].item() == pytest.approx(2.0 * want, rel=1e-5)
+    # feature_tol and nce_tol: 6.6e-6 of 0.66 and 2.3e-5 of 4.9 (measured <= 1.8e-7); the mean over the 3 routed
+    # rows instead of all 4 moves f by 0.22, row 3 given both teachers by 0.37
+    assert out["f"].item() == pytest.approx(2.0 * want, rel=0, abs=feature_tol(2.0 * want, 5, 4, weight=2.0))
     img, txt = student.image.tolist(), student.text.tolist()
-    assert out["nce"].item() == pytest.approx(_hand_infonce(img, txt, 14.0), rel=1e-5)  # not routed
+    nce = _hand_infonce(img, txt, 14.0)
+    assert out["nce"].item() == pytest.approx(nce, rel=0, abs=nce_tol(nce, 14.0, E, 4))  # not routed
     assert out["loss"].item() == pytest.approx(out["nce"].item() + out["f"].item(), rel=1e-6)
     # teacher b's targets on rows not routed to b do not matter
     t2 = TeacherBatch({t: f.map(torch.clone) for t, f in teachers.feats.items()}, teachers.logit_scale, route=route)
@@ -730,11 +801,14 @@ def test_confidence_weights_equal_hand_computation():
     per = {t: _hand_feature_both(student, teachers, t, "cosine") for t in feats}
     got = loss(student, teachers)["f"].item()
     want = want.tolist()
-    assert got == pytest.approx(sum(want[i][0] * per["a"][i] + want[i][1] * per["b"][i] for i in range(3)) / 3,
-                                rel=1e-5)
+    # cosine features in 2 dims, weights from float64 confidences rounded once: within feature_tol (2.6e-6 of 0.91;
+    # measured 4.6e-8); the temperature ignored (p instead of p^2) moves it by 8.1e-3
+    hand = sum(want[i][0] * per["a"][i] + want[i][1] * per["b"][i] for i in range(3)) / 3
+    assert got == pytest.approx(hand, rel=0, abs=feature_tol(hand, 2, 3))
     route = {"a": torch.tensor([True, False, False]), "b": torch.tensor([True, False, True])}
     got = loss(student, TeacherBatch(feats, scales, route=route))["f"].item()
-    assert got == pytest.approx((want[0][0] * per["a"][0] + want[0][1] * per["b"][0] + per["b"][2]) / 3, rel=1e-5)
+    hand = (want[0][0] * per["a"][0] + want[0][1] * per["b"][0] + per["b"][2]) / 3
+    assert got == pytest.approx(hand, rel=0, abs=feature_tol(hand, 2, 3))
 
 
 def test_confidence_gives_a_noise_teacher_a_much_lower_weight():

@@ -21,7 +21,8 @@ from distill.losses.siglip import SIGLIP_INIT
 from teachers.modality import Pair
 
 from gloo_helpers import counting_gloo_group
-from test_losses import U, _dot, _hand_affinity, logit_err, make_batch
+from test_losses import E as BATCH_E  # make_batch's student dimension
+from test_losses import SCALES, U, _dot, _hand_affinity, aff_tol, logit_err, make_batch, sigmoid_aff_tol
 from test_losses_distributed import CAPTION_IDS, DIMS, E, N, WORLD, _global_batch
 from train_fixtures import (ROOT, load_weights, read_log, tiny_cache, tiny_config,  # noqa: F401  (fixtures)
                             tiny_tokenizer)
@@ -45,6 +46,30 @@ def _hand_siglip(img, txt, s, b, positive):
     return tot / n
 
 
+# Float32 bounds (test_losses' approach: references in float64, a bound is the float32 path's worst-case rounding;
+# u = 2^-24). A pair's logit x = s a.b + b (unit a, b of d dims; |x| <= X = s + |b|) is within
+# LX = logit_err(s, d) + X u (the bias's addition). -log sigmoid(+-x) has slope <= 1 and its own rounding
+# (min(x, 0) - log1p(exp(-|x|))) <= (X + 3) u; a row sums n non-negative pairs and the term is a mean of rows:
+# 2 n u of the value. Gradients: d/dx = (sigmoid(x) - y) / n is off by <= (LX / 4 + 2 u) / n (sigmoid' <= 1/4);
+# a unit vector's component sums n of them times |y_k| <= 1 (rounding <= n u of their total <= 1), times s; the
+# bias's sums all n^2 (total <= n: n^3 u), the scale's the same times a.b (off by d u).
+def _lx(s: float, b: float, d: int) -> float:
+    return logit_err(s, d) + (s + abs(b)) * U
+
+
+def _siglip_tol(value: float, s: float, b: float, d: int, n: int) -> float:
+    return n * (_lx(s, b, d) + (s + abs(b) + 3) * U) + 2 * n * U * abs(value)
+
+
+def _siglip_grad_tol(key: str, s: float, b: float, d: int, n: int) -> float:
+    pair = _lx(s, b, d) / 4 + 2 * U
+    if key == "logit_bias":
+        return n * pair + n ** 3 * U
+    if key == "logit_scale":
+        return n * (pair + d * U) + n ** 3 * U
+    return s * (pair + n * U) + s * U
+
+
 def _student(seed=0, scale=7.5, bias=-3.0, n=6):
     student, _ = make_batch(seed=seed, b=n)
     return StudentOutput(student.image.clone().requires_grad_(), student.text.clone().requires_grad_(),
@@ -56,10 +81,13 @@ def test_siglip_equals_open_clip_and_the_hand_loop():
 
     st = _student(seed=1)
     got = _siglip(st)
-    ref = SigLipLoss()(st.image, st.text, st.logit_scale, st.logit_bias)
+    # open_clip on float64 copies (it computes in its input dtype) and the float64 loop: within _siglip_tol (3.9e-5
+    # of 4.6; measured 1.8e-7); the scale off by 1% moves it by 4.4e-2, the bias by 0.01 by 4.6e-3
+    ref = SigLipLoss()(*(t.detach().double() for t in (st.image, st.text, st.logit_scale, st.logit_bias))).item()
     hand = _hand_siglip(st.image.detach(), st.text.detach(), 7.5, -3.0, lambda i, j: i == j)
-    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
-    assert got.item() == pytest.approx(hand, rel=1e-5)
+    tol = _siglip_tol(hand, 7.5, -3.0, BATCH_E, 6)
+    assert got.item() == pytest.approx(ref, rel=0, abs=tol)
+    assert got.item() == pytest.approx(hand, rel=0, abs=tol)
     # SigLIP's init (scale 10, bias -10): every negative costs ~e^-10, each positive ~10 - 10 cos
     init = _siglip(_student(seed=1, scale=math.exp(SIGLIP_INIT["init_logit_scale"]),
                             bias=SIGLIP_INIT["init_logit_bias"]))
@@ -71,16 +99,22 @@ def test_siglip_gradients_equal_open_clip_and_the_closed_form_bias_gradient():
 
     ours, ref = _student(seed=2), _student(seed=2)
     _siglip(ours).backward()
-    SigLipLoss()(ref.image, ref.text, ref.logit_scale, ref.logit_bias).backward()
-    for k in ("image", "text", "logit_scale", "logit_bias"):
-        g, r = getattr(ours, k).grad, getattr(ref, k).grad
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7, msg=k)
+    keys = ("image", "text", "logit_scale", "logit_bias")
+    leaves = [getattr(ref, k).detach().double().requires_grad_() for k in keys]
+    SigLipLoss()(*leaves).backward()
+    # ours (float32) against open_clip on float64 copies: within _siglip_grad_tol (1.4e-5 to 2.4e-5, of gradients
+    # 0.5 to 1.6; measured <= 1.5e-7); the scale or the bias off by 1% moves them by >= 5.6e-3
+    for k, r in zip(keys, leaves):
+        g = getattr(ours, k).grad
+        torch.testing.assert_close(g.double(), r.grad, rtol=0, atol=_siglip_grad_tol(k, 7.5, -3.0, BATCH_E, 6),
+                                   msg=k)
         assert g.abs().sum() > 0, k
     # dL/db = (1/n) sum_ij (sigmoid(l_ij) - y_ij), y = 1 on the diagonal: SigLIP's bias moves to balance the pairs
     n, s, b = 6, 7.5, -3.0
     img, txt = ours.image.detach(), ours.text.detach()
     want = sum(SIGMA(s * _dot(img[i], txt[j]) + b) - (i == j) for i in range(n) for j in range(n)) / n
-    assert ours.logit_bias.grad.item() == pytest.approx(want, rel=1e-5)
+    tol = _siglip_grad_tol("logit_bias", s, b, BATCH_E, n)
+    assert ours.logit_bias.grad.item() == pytest.approx(want, rel=0, abs=tol)
 
 
 def test_siglip_caption_positives_by_hand():
@@ -88,7 +122,8 @@ def test_siglip_caption_positives_by_hand():
     ids = CAPTION_IDS  # rows 0, 2, 6 share a caption, 1 and 4, 3 and 7
     got = _siglip(st, ids, {"positives": "caption"})
     hand = _hand_siglip(st.image.detach(), st.text.detach(), 7.5, -3.0, lambda i, j: bool(ids[i] == ids[j]))
-    assert got.item() == pytest.approx(hand, rel=1e-5)
+    # within _siglip_tol (5.5e-5 of 8.2; measured 2.7e-7); diagonal positives instead: 3.7 off (below)
+    assert got.item() == pytest.approx(hand, rel=0, abs=_siglip_tol(hand, 7.5, -3.0, BATCH_E, 8))
     assert got.item() != pytest.approx(_siglip(st).item(), rel=1e-3)
 
 
@@ -128,9 +163,15 @@ def test_affinity_from_a_sigmoid_teacher_by_hand(kl):
     teachers.logit_bias = {"a": -6.0}
     loss = DistillLoss([LossTermCfg("aff", "affinity", teachers={"a": 2.0, "b": 1.0}, kwargs={"kl": kl})], ["a", "b"])
     got = loss(student, teachers)["aff"].item()
-    want = (2 / 3 * _hand_sigmoid_affinity(student, teachers, "a", -6.0, 14.0, -4.0, kl)
-            + 1 / 3 * _hand_affinity(student, teachers, "b", kl=kl))
-    assert got == pytest.approx(want, rel=1e-5)
+    v_a = _hand_sigmoid_affinity(student, teachers, "a", -6.0, 14.0, -4.0, kl)
+    v_b = _hand_affinity(student, teachers, "b", kl=kl)
+    want = 2 / 3 * v_a + 1 / 3 * v_b
+    # each teacher's part within its bound (test_losses.sigmoid_aff_tol, aff_tol): 6.7e-4 and 9.3e-4 of 12 (measured
+    # <= 3.8e-7); the student's scale or bias off by 1% moves teacher a's part by >= 3e-2, its own bias off by 10%
+    # by >= 4e-3
+    tol = (2 / 3 * sigmoid_aff_tol(v_a, 14.0, -4.0, BATCH_E, SCALES["a"], -6.0, DIMS["a"], 6, kl)
+           + 1 / 3 * aff_tol(v_b, 14.0, BATCH_E, SCALES["b"], DIMS["b"], 6, kl) + 4 * U * abs(want))
+    assert got == pytest.approx(want, rel=0, abs=tol)
     assert loss.uses_logit_bias({"a": -6.0, "b": None}) and not loss.uses_logit_bias({"b": None})
 
 
