@@ -118,10 +118,7 @@ class StepContext:
 
     def _local_domains(self) -> Tensor:
         """(B, 1) int64 domain ids on the device, checked."""
-        ids = self.domains.reshape(-1).to(device=self.student.image.device, dtype=torch.int64)
-        if ids.shape[0] != self.batch_size:
-            raise ValueError(f"domains has {ids.shape[0]} rows; expected {self.batch_size}")
-        return ids[:, None]
+        return self._per_row_ids(self.domains, "domains")
 
     def contrastive(self, logits: Tensor, offset: int, positives: str) -> Tensor:
         """(B,) cross-entropy of local rows' logits over the global batch: the diagonal label, or caption targets."""
@@ -159,11 +156,13 @@ class StepContext:
 
     def _local_ids(self) -> Tensor | None:
         """(B, 1) int64 caption ids on the device, checked; None when the batch has none."""
-        if self.caption_ids is None:
-            return None
-        ids = self.caption_ids.reshape(-1).to(device=self.student.image.device, dtype=torch.int64)
+        return None if self.caption_ids is None else self._per_row_ids(self.caption_ids, "caption_ids")
+
+    def _per_row_ids(self, ids: Tensor, name: str) -> Tensor:
+        """(B, 1) int64 copy of a (B,) id column on the device; a one-line error when its length is not B."""
+        ids = ids.reshape(-1).to(device=self.student.image.device, dtype=torch.int64)
         if ids.shape[0] != self.batch_size:
-            raise ValueError(f"caption_ids has {ids.shape[0]} rows; expected {self.batch_size}")
+            raise ValueError(f"{name} has {ids.shape[0]} rows; expected {self.batch_size}")
         return ids[:, None]
 
     def _constants(self, keys: list[str], teacher: str | None = None) -> dict[str, tuple[Tensor, int]]:
