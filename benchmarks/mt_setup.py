@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from teachers.bounded_yaml import load_yaml
+
 
 class SetupError(ValueError):
     """A domain, task or variant file that cannot be used; the message says which and why."""
@@ -96,7 +98,7 @@ def load_domain_file(path: str | Path) -> Domain:
     """
     p = Path(path)
     try:
-        d = yaml.safe_load(p.read_text())
+        d = load_yaml(p.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise SetupError(f"--domain-file {p}: cannot read it ({e})") from None
     allowed = {f.name for f in fields(Domain)}
@@ -279,7 +281,7 @@ def load_variant_file(path: str | Path) -> list[Variant]:
     """Variants from YAML: a mapping NAME -> list of `section.key=value` overrides (or {overrides, note})."""
     p = Path(path)
     try:
-        d = yaml.safe_load(p.read_text())
+        d = load_yaml(p.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise SetupError(f"--variant-file {p}: cannot read it ({e})") from None
     if not isinstance(d, dict) or not d:

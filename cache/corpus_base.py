@@ -8,7 +8,7 @@ The interface (stable: the cache writer and the trainer both rely on it):
     corpus = open_corpus(path)
     len(corpus)              # number of samples, in corpus order (row i of the feature cache is sample i)
     corpus.keys[i]           # unique sample id (str)
-    corpus.captions[i]       # caption as written (str; may be empty -> a bad sample for the cache)
+    corpus.captions[i]       # caption as written, cut to MAX_CAPTION_BYTES (str; empty -> a bad sample)
     corpus.load_image(i)     # PIL.Image in RGB; raises BadSampleError(key, reason) when missing, corrupt or too
                              # large (`corpus.limits`, a DecodeLimits: pixel limit, reduced JPEG decodes)
     corpus.load_bytes(i)     # the image file's bytes, undecoded (None: this corpus cannot give them)
@@ -33,6 +33,10 @@ from .image_decode import BadSampleError, DecodeLimits  # noqa: F401  (BadSample
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
+# Input limits (RELIABILITY.md "Bad input"): what one corpus may ask of memory before anything is cached.
+MAX_COLUMNS = 1024              # columns of a table (header cells; keys of the JSONL objects, all rows together)
+MAX_CELL_CHARS = 1 << 20        # characters of one table cell; a longer one is refused naming its line
+MAX_CAPTION_BYTES = 64 << 10    # UTF-8 bytes of a caption kept (and of a `txt` member read); the rest is cut off
 
 
 class CorpusError(ValueError):
@@ -48,6 +52,35 @@ def text_problem(value: str, is_key: bool) -> str | None:
     if is_key and "\x00" in value:
         return "contains a NUL character (HDF5 cannot store it)"
     return None
+
+
+def cap_utf8(data: bytes, limit: int = MAX_CAPTION_BYTES) -> bytes:
+    """The first `limit` bytes of `data`, less a multi-byte character the cut would split (so it stays UTF-8)."""
+    if len(data) <= limit:
+        return data
+    cut = data[:limit]
+    start = len(cut)
+    while start > 0 and len(cut) - start < 3 and cut[start - 1] & 0xC0 == 0x80:  # back over continuation bytes
+        start -= 1
+    if start > 0 and cut[start - 1] >= 0xC0:  # a lead byte: is its character whole?
+        lead = cut[start - 1]
+        need = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+        if len(cut) - (start - 1) < need:
+            return cut[:start - 1]
+    return cut
+
+
+def cap_caption(caption: str) -> str:
+    """A caption cut to MAX_CAPTION_BYTES of UTF-8 (at a character boundary).
+
+    Why cut, not refuse: a tokenizer keeps its first 77 (or 256, 512) tokens anyway, while tokenising a 50 MB
+    caption costs gigabytes and minutes in every worker; 64 KiB is far beyond any context length."""
+    if len(caption) * 4 <= MAX_CAPTION_BYTES:  # fast path: cannot be over whatever its characters are
+        return caption
+    data = caption.encode("utf-8", "surrogatepass")
+    if len(data) <= MAX_CAPTION_BYTES:
+        return caption
+    return cap_utf8(data).decode("utf-8", "surrogatepass")
 
 
 def utf8_problem(data: bytes) -> tuple[int, int, str] | None:

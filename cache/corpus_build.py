@@ -289,11 +289,13 @@ def load_recipe(path: str | os.PathLike) -> list[CorpusSource]:
     """Sources from a YAML list of CorpusSource fields; each `path` is relative to the recipe's folder."""
     import yaml
 
+    from teachers.bounded_yaml import load_yaml
+
     path = Path(path)
     if not path.is_file():
         raise CorpusBuildError(f"recipe {path} not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise CorpusBuildError(f"recipe {path}: invalid YAML ({e})") from None
     if not isinstance(data, list) or not data:

@@ -6,7 +6,6 @@ labels are valid indices of `class_names`, keys are unique. Caption templates ar
 """
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from .corpus_base import CorpusError, utf8_problem
+from .corpus_csv import read_delimited
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 NPZ_SPLITS = ("train", "val", "test")
@@ -167,20 +167,24 @@ def _read_npz(src: CorpusSource, path: Path) -> SourceTable:
 
 # -- CSV -----------------------------------------------------------------------------------------------
 def _read_csv(src: CorpusSource, path: Path) -> SourceTable:
-    bad = utf8_problem(path.read_bytes())
-    if bad is not None:
-        line, column, byte = bad
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        line, column, byte = utf8_problem(data)
         raise CorpusBuildError(f"{path} line {line}: not UTF-8 (byte {byte} at column {column}); save the file as "
-                               "UTF-8")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        columns = list(reader.fieldnames or [])
-        raw_rows, lines = [], []
-        for row in reader:
-            if None in row:
-                raise CorpusBuildError(f"{path} line {reader.line_num}: more cells than header columns")
+                               "UTF-8") from None
+    del data
+    raw_rows, lines = [], []
+    try:  # a quote never closed, a row of the wrong width, a huge cell: named at the line where the row begins
+        columns, records = read_delimited(str(path), text, "\t" if path.suffix.lower() == ".tsv" else ",")
+        for line, row in records:
             raw_rows.append(row)
-            lines.append(reader.line_num)
+            lines.append(line)
+    except CorpusBuildError:
+        raise
+    except CorpusError as e:
+        raise CorpusBuildError(str(e)) from None
     listed = ", ".join(columns) or "none"
     if src.image_column not in columns:
         raise CorpusBuildError(f"{path}: image column {src.image_column!r} not found (columns: {listed}); "

@@ -1,5 +1,7 @@
 """Streamed WebDataset corpora: shards named by URL (`file://`, `s3://`, `gs://`, `https://`, `pipe:CMD`, brace
-ranges), read front to back with tarfile's streaming mode, never indexed for random access.
+ranges), read front to back with tarfile's streaming mode (`file://` shards seek over the members they skip),
+never indexed for random access. Only the image members a row asks for are read, each under the byte bound of
+`DecodeLimits.max_bytes`; captions are cut to MAX_CAPTION_BYTES (`cache.corpus_webdataset.read_caption`).
 
 Why a listing: the feature cache fixes its rows (keys) when it is created, and training joins corpus rows to it by
 key, so keys and captions must be known before any image is read. Each shard is listed once (its keys, captions
@@ -29,7 +31,7 @@ from PIL import Image
 
 from .corpus_base import IMAGE_EXTS, BadSampleError, Corpus, CorpusError
 from .image_decode import decode_image
-from .shard_io import Retry, open_shard, shard_urls
+from .shard_io import Retry, is_local, open_shard, shard_urls
 from .shard_listing import (SHARD_UNREADABLE, ListingStore, ReadFailure, Sample, iter_samples,  # noqa: F401
                             list_shards, listing_dir, why)
 
@@ -149,7 +151,7 @@ class _ShardStream:
             try:
                 if self._it is None:
                     self._file = open_shard(self.url)
-                    self._it = iter_samples(self.url, self._file, False, self._want)
+                    self._it = iter_samples(self.url, self._file, is_local(self.url), self._want)
                     self._skipping = True
                     for _ in range(self.pos):  # already handed out before the failure
                         next(self._it)

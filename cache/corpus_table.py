@@ -3,19 +3,22 @@
 Other columns are kept as text and read with `column(name)` (e.g. a `domain` column for teacher routing).
 
 Image paths are relative to the table's folder unless absolute. Malformed tables (not UTF-8, a missing column,
-an empty image path, a JSON value of the wrong type, a duplicate key) are refused at open time with the file and
-line named, before any model runs. An empty or null caption is not malformed: that row becomes a bad sample.
+an empty image path, a JSON value of the wrong type, a duplicate key, a CSV quote never closed or a row with
+another number of cells than the header: `cache.corpus_csv`) are refused at open time with the file and the line
+where the row begins, before any model runs. An empty or null caption is not malformed: that row becomes a bad
+sample. Limits (`cache.corpus_base`): at most MAX_COLUMNS columns and MAX_CELL_CHARS characters per cell (over
+them: refused), captions cut to MAX_CAPTION_BYTES.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 
 from PIL import Image
 
-from .corpus_base import Corpus, CorpusError, text_problem, utf8_problem
+from .corpus_base import (MAX_CELL_CHARS, MAX_COLUMNS, Corpus, CorpusError, cap_caption, text_problem,
+                          utf8_problem)
+from .corpus_csv import read_delimited
 from .image_decode import decode_image, read_bytes
 
 _JSON_TYPES = {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object"}
@@ -49,6 +52,7 @@ class TableCorpus(Corpus):
                 problem = text_problem(value, is_key=what == "key")
                 if problem:
                     raise CorpusError(f"{where}: {what} {problem}; fix that row")
+            caption = cap_caption(caption)
             if key in seen:
                 raise CorpusError(f"{path} row {n} (line {line}): duplicate key {key!r}, first used on row "
                                   f"{seen[key]}; keys must be unique (add or fix the 'key' column)")
@@ -62,6 +66,8 @@ class TableCorpus(Corpus):
                     continue
                 cells = self._extra.get(col)
                 if cells is None:
+                    if len(self._extra) + 3 >= MAX_COLUMNS:
+                        raise CorpusError(_too_many_columns(path, line, len(self._extra) + 4))
                     cells = self._extra[col] = [""] * (n - 1)
                 cells.append(_cell(value))
             for cells in self._extra.values():
@@ -74,24 +80,15 @@ class TableCorpus(Corpus):
     def _check_columns(path: str, columns, where: str) -> None:
         missing = [c for c in ("image", "caption") if c not in columns]
         if missing:
+            shown = ", ".join(map(str, list(columns)[:10])) + (", ..." if len(columns) > 10 else "")
             raise CorpusError(f"{path}{where}: missing column(s) {', '.join(missing)}; found "
-                              f"{', '.join(map(str, columns)) or 'none'} (needed: image, caption; optional: key)")
+                              f"{shown or 'none'} (needed: image, caption; optional: key)")
 
     def _read_delimited(self, path: str):
         delimiter = "\t" if path.lower().endswith(".tsv") else ","
-        reader = csv.DictReader(io.StringIO(_read_utf8(path, "a header line: image,caption[,key]"), newline=""),
-                                delimiter=delimiter)
-        out = []
-        try:
-            self._check_columns(path, reader.fieldnames or [], " (header)")
-            for row in reader:
-                if None in row:  # more cells than header columns
-                    raise CorpusError(f"{path} line {reader.line_num}: more cells than header columns")
-                out.append((reader.line_num, row))
-        except csv.Error as e:  # e.g. a stray quote that swallows the rest of the file into one cell
-            raise CorpusError(f"{path} line {reader.line_num}: not valid CSV ({e}); look for an unclosed quote "
-                              "on or before that line") from e
-        return out
+        header, rows = read_delimited(path, _read_utf8(path, "a header line: image,caption[,key]"), delimiter)
+        self._check_columns(path, header, " (header)")
+        return rows
 
     def _read_jsonl(self, path: str):
         out = []
@@ -105,6 +102,12 @@ class TableCorpus(Corpus):
             if not isinstance(row, dict):
                 raise CorpusError(f"{path} line {line_no}: expected a JSON object, found a "
                                   f"{_JSON_TYPES.get(type(row), type(row).__name__)}")
+            if len(row) > MAX_COLUMNS:
+                raise CorpusError(_too_many_columns(path, line_no, len(row)))
+            for col, value in row.items():
+                if isinstance(value, (str, list)) and len(text := _cell(value)) > MAX_CELL_CHARS:
+                    raise CorpusError(f"{path} line {line_no}: the {col!r} cell is {len(text):,} characters, over "
+                                      f"{MAX_CELL_CHARS:,}, the limit of one cell; shorten it")
             self._check_columns(path, list(row), f" line {line_no}")
             out.append((line_no, row))
         return out
@@ -135,16 +138,23 @@ class TableCorpus(Corpus):
         return read_bytes(self.image_path(i), self.keys[i], self.describe(i), self.limits)
 
 
+def _too_many_columns(path: str, line: int, columns: int) -> str:
+    return (f"{path} line {line}: {columns:,} columns, more than the {MAX_COLUMNS} a corpus table may have; keep "
+            "the columns training uses (image, caption, key, e.g. domain)")
+
+
 def _read_utf8(path: str, expected: str) -> str:
     """The file's text; one that is empty or not UTF-8 is refused naming the line (a BOM is allowed and dropped)."""
     with open(path, "rb") as f:
         data = f.read()
-    bad = utf8_problem(data)
-    if bad is not None:
-        line, column, byte = bad
-        raise CorpusError(f"{path} line {line}: not UTF-8 (byte {byte} at column {column}); save the file as UTF-8")
-    text = data.decode("utf-8-sig")
-    if not text.strip():
+    try:
+        text = data.decode("utf-8-sig")  # decoded once: the bytes and the text are the most a table costs
+    except UnicodeDecodeError:
+        line, column, byte = utf8_problem(data)
+        raise CorpusError(f"{path} line {line}: not UTF-8 (byte {byte} at column {column}); save the file as "
+                          "UTF-8") from None
+    del data
+    if not text or text.isspace():  # not strip(): that may copy the whole text
         raise CorpusError(f"{path}: empty file; expected {expected}")
     return text
 

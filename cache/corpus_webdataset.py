@@ -6,7 +6,9 @@ size of its image member, so `load_image(i)` is one seek and one read, with no r
 
 Nothing is ever extracted: members are read at their offset inside the shard, links are ignored, and a shard
 with an absolute or `..` member name is refused (a sign of a hostile or broken shard). A shard cut short is
-refused too (tarfile alone would silently end at the cut), naming the shard.
+refused too (tarfile alone would silently end at the cut), naming the shard. Indexing reads no member but the
+captions, and of each only its first MAX_CAPTION_BYTES; an image member over `DecodeLimits.max_bytes` (what no
+image within the pixel limit needs) is a bad sample without being read.
 """
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ import glob
 import os
 import re
 import tarfile
+from typing import BinaryIO
 
 from PIL import Image
 
-from .corpus_base import IMAGE_EXTS, BadSampleError, Corpus, CorpusError, text_problem, utf8_problem
+from .corpus_base import (IMAGE_EXTS, MAX_CAPTION_BYTES, BadSampleError, Corpus, CorpusError, cap_utf8, text_problem,
+                          utf8_problem)
 from .image_decode import decode_image
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
@@ -98,7 +102,7 @@ class WebDatasetCorpus(Corpus):
                         order.append(key)
                     s = samples[key]
                     if ext == "txt":
-                        s["txt"] = read_caption(shard, m.name, tar.extractfile(m).read())
+                        s["txt"] = read_caption(shard, m.name, tar.extractfile(m))
                     elif ext in IMAGE_EXTS and "image" not in s:
                         s["image"] = (s_idx, m.offset_data, m.size)
                 end = tar.offset  # where tarfile stopped: the end-of-archive marker, or the cut
@@ -149,8 +153,11 @@ def member_key(shard: str, m: tarfile.TarInfo) -> tuple[str, str] | None:
     return match.group(1), match.group(2).lower()
 
 
-def read_caption(shard: str, name: str, data: bytes) -> str:
-    """A `txt` member's caption; bytes that are not UTF-8 are refused, naming the member, line and column."""
+def read_caption(shard: str, name: str, member: BinaryIO) -> str:
+    """A `txt` member's caption: its first MAX_CAPTION_BYTES only are read (cut at a character boundary; a longer
+    caption is no use to a tokenizer and costs memory in every worker). Bytes that are not UTF-8 are refused,
+    naming the member, line and column."""
+    data = cap_utf8(member.read(MAX_CAPTION_BYTES + 1))
     bad = utf8_problem(data)
     if bad:
         raise CorpusError(f"{shard}: caption {name} line {bad[0]}: not UTF-8 (byte {bad[2]} at column {bad[1]}); "

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import tarfile
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple
 
@@ -65,19 +66,26 @@ class _Tail:
     KEEP = 4 * tarfile.RECORDSIZE
 
     def __init__(self, f):
-        self.f, self.pos, self.tail = f, 0, b""
+        self.f, self.pos = f, 0
+        self._chunks: deque[bytes] = deque()  # the last reads, at least KEEP bytes in all (not copied per read:
+        self._held = 0                        # skipping a 600 MB member takes 60,000 reads)
 
     def read(self, n: int = -1) -> bytes:
         data = self.f.read(n)
         self.pos += len(data)
-        self.tail = (self.tail + data)[-self.KEEP:]
+        kept = data if len(data) <= self.KEEP else data[-self.KEEP:]
+        self._chunks.append(kept)
+        self._held += len(kept)
+        while self._chunks and self._held - len(self._chunks[0]) >= self.KEEP:
+            self._held -= len(self._chunks.popleft())
         return data
 
     def block_at(self, offset: int) -> bytes:
         if offset + tarfile.BLOCKSIZE > self.pos:
             self.read(offset + tarfile.BLOCKSIZE - self.pos)
-        start = self.pos - len(self.tail)
-        return self.tail[offset - start:offset - start + tarfile.BLOCKSIZE] if offset >= start else b""
+        tail = b"".join(self._chunks)[-self.KEEP:]
+        start = self.pos - len(tail)
+        return tail[offset - start:offset - start + tarfile.BLOCKSIZE] if offset >= start else b""
 
 
 def iter_samples(url: str, f, seek: bool, want_image: Callable[[int], bool]) -> Iterator[Sample]:
@@ -104,7 +112,7 @@ def iter_samples(url: str, f, seek: bool, want_image: Callable[[int], bool]) -> 
                 seen.add(k)
                 key, cur = k, {}
             if ext == "txt":
-                cur["txt"] = read_caption(url, m.name, tar.extractfile(m).read())
+                cur["txt"] = read_caption(url, m.name, tar.extractfile(m))
             elif ext in IMAGE_EXTS and "size" not in cur:
                 cur["size"] = m.size
                 if want_image(m.size):

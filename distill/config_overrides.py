@@ -14,6 +14,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from distill.config_base import (ConfigError, _strip, config_error, field_type, is_model, type_name,
                                  unknown_key_message)
+from teachers.bounded_yaml import load_yaml
 
 ListDefaults = Mapping[tuple, Callable[[], list]]
 _NULLS = ("null", "~", "none")
@@ -96,7 +97,7 @@ def _parse(raw: str, tp: Any, key: str, item: str) -> Any:
     if _is_text(tp) and raw.strip().lower() not in _NULLS:
         return raw
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw)
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: value is not valid YAML: {' '.join(str(e).split())}") from None
     if tp is not Any:
