@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import h5_writer as W
 from . import layout as L
 from . import segments as S
-from .build_commit import add_sums, commit_chunk, deal, open_segment, plan_chunks
+from .build_commit import add_sums, commit_chunk, deal, discard_if_empty, open_segment, plan_chunks
 from .corpus import BadSampleError, Corpus
 from .dist import DistEnv, dist_env
 from .image_rows import CollateRows, ImageRows, teacher_inputs
@@ -305,7 +305,7 @@ def _build(job: CacheJob, env: DistEnv) -> CacheSummary:
     corpus = open_for_cache(job.data, job.out, job.retry, env, job.progress)
     fp, n = corpus.fingerprint(), len(corpus)
     lock = WriterLock(job.out)
-    err = None
+    err, created = None, env.main and not os.path.exists(job.out)
     if env.main:
         try:
             W.ensure_writable_target(job.out)
@@ -365,6 +365,8 @@ def _build(job: CacheJob, env: DistEnv) -> CacheSummary:
                 W.fold(job.out)
             except (OSError, CacheError):  # e.g. the disk is still full: the segments wait for the next fold
                 pass
+            if created:  # e.g. a teacher refused to load: no empty file is left behind
+                discard_if_empty(job.out)
         raise
     finally:
         if segment is not None:
@@ -373,6 +375,9 @@ def _build(job: CacheJob, env: DistEnv) -> CacheSummary:
     summary = env.broadcast(summary)
     if env.main and job.progress:
         print(summary, flush=True)
+    problem = summary.bad_share_problem(job.max_bad_fraction)
+    if problem:  # every rank raises: the rows computed are kept (folded above)
+        raise CacheError(problem)
     return summary
 
 

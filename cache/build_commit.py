@@ -7,10 +7,15 @@ keep their own dealing (whole shards per rank, `cache.stream_build`); their chun
 """
 from __future__ import annotations
 
+import os
+import shutil
+
+import h5py
 import numpy as np
 import torch
 
 from . import h5_writer as W
+from . import layout as L
 from . import segments as S
 from .dist import DistEnv
 from .segment_writer import SegmentWriter, seg_teachers
@@ -61,3 +66,25 @@ def add_sums(segment: SegmentWriter | None, name: str, images: list, texts: list
     stored = getattr(torch, dtype)
     with torch.no_grad():
         segment.add_sums(name, img[idx].to(stored), txt[idx].to(stored))
+
+
+def discard_if_empty(out: str) -> bool:
+    """Remove a cache file this run created when it holds nothing yet (no teacher group, no pending teacher):
+    a refused run (a teacher that would not load) leaves no empty FEATURES.h5 and segment folder behind, so the
+    next command is not told about a file the user never got. True when removed."""
+    if W.pending_teachers(out):
+        return False
+    try:
+        with h5py.File(out, "r") as f:
+            if len(f.get(L.TEACHERS, ())):
+                return False
+            folder = S.segment_dir(out)
+    except OSError:  # damaged or gone: nothing of ours to judge
+        return False
+    for p in (out, W.parts_root(out) if os.path.isdir(W.parts_root(out)) else None):
+        if p and os.path.isfile(p):
+            os.remove(p)
+        elif p:
+            shutil.rmtree(p, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    return True

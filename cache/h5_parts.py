@@ -25,14 +25,16 @@ _DISK_ERRORS = {
     errno.ENOSPC: ("no space left on device writing {}", "free space and rerun the same command"),
     errno.EDQUOT: ("disk quota exceeded writing {}", "free space (or raise the quota) and rerun the same command"),
     errno.EROFS: ("read-only file system: cannot write {}", "write --out to a writable folder, or remount it"),
+    errno.EFBIG: ("file too large writing {}", "raise the file-size limit (ulimit -f) or write --out elsewhere"),
     errno.EACCES: ("permission denied writing {}", "fix the folder's permissions or choose another --out"),
     errno.EPERM: ("operation not permitted writing {}", "fix the folder's permissions or choose another --out"),
 }
 
 
-def _disk_errno(e: OSError) -> int | None:
-    """The errno of a full/read-only/forbidden disk, also when HDF5 reports it only in its message."""
-    if e.errno in _DISK_ERRORS:
+def _disk_errno(e: BaseException) -> int | None:
+    """The errno of a full/read-only/forbidden disk, also when HDF5 reports it only in its message (h5py raises
+    OSError or RuntimeError, e.g. "Can't decrement id ref count (... errno = 28, ...)")."""
+    if getattr(e, "errno", None) in _DISK_ERRORS:
         return e.errno
     text = str(e)
     for code in _DISK_ERRORS:
@@ -43,10 +45,10 @@ def _disk_errno(e: OSError) -> int | None:
 
 @contextlib.contextmanager
 def disk_errors(path: str):
-    """Turn a full disk, quota, read-only or permission OSError while writing `path` into a CacheError."""
+    """Turn a full disk, quota, read-only or permission error while writing `path` into a CacheError."""
     try:
         yield
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         code = _disk_errno(e)
         if code is None:
             raise
@@ -80,7 +82,7 @@ def read_meta(out: str, name: str) -> dict | None:
 
 def _atomic_write_bytes(path: str, data: bytes) -> None:
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    with disk_errors(path), _removed_on_error(tmp):
+    with disk_errors(path), removed_on_error(tmp):
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -89,7 +91,7 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def _removed_on_error(tmp: str):
+def removed_on_error(tmp: str):
     """Delete a half-written temporary at once (a full disk gets its space back), then re-raise."""
     try:
         yield

@@ -37,6 +37,7 @@ from . import h5_merge as M
 from . import layout as L
 from . import segments as S
 from .feature_stats import sums_of_rows, write_stats
+from .h5_disk import h5_on_disk
 # the pending teachers' metas and the commit thread live in h5_parts; reachable here (`W.PartWriter`, ...)
 from .h5_parts import (PartWriter, disk_errors, parts_root, pending_teachers, read_meta,  # noqa: F401
                        teacher_parts_dir, write_meta)
@@ -64,7 +65,11 @@ def _fsync_dir(path: str) -> None:
 
 
 def atomic_update(path: str, fn: Callable[[h5py.File], None]) -> None:
-    """Apply `fn` to a copy of `path` (or a new file) and rename it over `path`: all of fn's changes or none."""
+    """Apply `fn` to a copy of `path` (or a new file) and rename it over `path`: all of fn's changes or none.
+
+    The copy is written through `h5_disk.h5_on_disk` (a full disk: one OSError, no crash). `fn` must not read a
+    virtual dataset's data through `f`: HDF5 opens its source files with `f`'s file driver, that is, through the
+    same Python file object (h5py's fileobj driver), and would read the wrong bytes; read them from `path`."""
     tmp = path + ".tmp"
     if os.path.exists(tmp):
         os.remove(tmp)
@@ -73,9 +78,8 @@ def atomic_update(path: str, fn: Callable[[h5py.File], None]) -> None:
         try:
             if exists:
                 shutil.copyfile(path, tmp)
-            with h5py.File(tmp, "r+" if exists else "w") as f:
+            with h5_on_disk(tmp, "r+" if exists else "w") as f:  # fsynced on close
                 fn(f)
-            _fsync_path(tmp)
         except BaseException:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -124,13 +128,13 @@ def add_views(path: str, params: np.ndarray, attrs: dict, h5_chunk_rows: int = L
     with views replays them."""
     n, k, c = params.shape
     chunks = L.view_chunks(n, k, h5_chunk_rows, c)
-    rel, _ = _side_file(path, L.VIEWS, L.VIEW_PARAMS, params.astype(np.float32), {}, chunks=chunks)
+    rel, _ = _side_file(path, L.VIEWS, L.VIEW_PARAMS, params.astype(np.float32), {}, chunks=chunks, fletcher32=True)
 
     def fn(f: h5py.File) -> None:
         f.attrs[L.Root.VERSION] = VERSION
         f.attrs.setdefault(L.Root.SEGMENTS, os.path.dirname(rel))
         M.make_virtual(f.require_group(L.VIEWS), os.path.basename(L.VIEW_PARAMS), (n, k, c), np.float32,
-                       [(0, n, rel, L.VIEW_PARAMS, (n, k, c), 0)] if n else [], chunks[0])
+                       [(0, n, rel, L.VIEW_PARAMS, (n, k, c), 0)] if n else [], chunks[0], checksummed=True)
         f[L.VIEW_PARAMS].attrs.update(attrs)
     atomic_update(path, fn)
 
@@ -231,11 +235,16 @@ def read_bad(f: h5py.File) -> dict[int, str]:
     return dict(zip(f[L.BAD_ROWS][:].tolist(), f[L.BAD_REASONS].asstr()[:].tolist()))
 
 
-def _write_bad(f: h5py.File, bad: dict[int, str]) -> None:
+def _write_bad(f: h5py.File, bad: dict[int, str], keys_from: str) -> None:
+    """The bad-sample records; their keys are read from the original file `keys_from` (its /keys is virtual: see
+    `atomic_update` for why the copy being written is never read through a virtual dataset)."""
     if L.BAD in f:
         del f[L.BAD]
     rows = np.array(sorted(bad), dtype=np.int64)
-    keys = f[L.KEYS].asstr()[rows] if len(rows) else np.array([], dtype=object)
+    keys = np.array([], dtype=object)
+    if len(rows):
+        with h5py.File(keys_from, "r") as orig:
+            keys = orig[L.KEYS].asstr()[rows]
     f.create_group(L.BAD)
     f.create_dataset(L.BAD_ROWS, data=rows, dtype=np.int64)
     f.create_dataset(L.BAD_KEYS, data=np.asarray(keys, dtype=object), dtype=str_dtype())
@@ -312,7 +321,7 @@ def fold(out: str, names: Iterable[str] | None = None) -> dict[str, int]:
         for r in [r for r in bad if all_done[r] and r not in new_bad]:
             bad.pop(r)
         bad.update(new_bad)
-        _write_bad(f, bad)
+        _write_bad(f, bad, out)
         bad_mask = np.zeros(int(f.attrs[L.Root.NUM_ROWS]), dtype=bool)
         bad_mask[list(bad)] = True
         # statistics cover the usable rows (done, not bad): a teacher that completed earlier is recomputed when

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import h5py
 import numpy as np
@@ -17,6 +18,9 @@ from .verify import raise_damaged
 from .views import read_view_dist
 
 
+_TRUNCATED = re.compile(r"truncated file: eof = (\d+).*stored_eof = (\d+)")
+
+
 def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -25,12 +29,13 @@ def _size(n: float) -> str:
     return f"{n} B"
 
 
-def info(path: str, max_keys: int = 3) -> str:
-    """Format, rows, a sample of keys, views, bad samples, and per teacher spec/dim/views/dtype/done/skipped."""
+def info(path: str, max_keys: int = 3, all_bad: bool = False) -> str:
+    """Format, rows, a sample of keys, views, bad samples (the first 3, or all), and per teacher
+    spec/dim/views/dtype/done/skipped; a teacher whose segment file is missing or truncated is "damaged"."""
     if not os.path.isfile(path):
         raise CacheError(f"{path} not found")
     try:
-        lines = _describe(path, max_keys)
+        lines = _describe(path, max_keys, all_bad)
     except OSError as e:  # truncated, overwritten or not HDF5 at all: opening or any read can fail
         raise_damaged(path, e)
     lines += _pending(path)
@@ -74,7 +79,52 @@ def _segments_line(f, path: str) -> str:
     return f" (features in {len(files)} segment file(s) in {os.path.basename(segment_dir(path))}/)"
 
 
-def _describe(path: str, max_keys: int) -> list[str]:
+def segment_problems(path: str) -> dict[str, str]:
+    """{segment file name (as mapped): what is wrong} for each mapped file that is missing, shorter than its own
+    header says it must be (truncated: HDF5 would read the lost rows as NaN without a word), or not HDF5."""
+    base = os.path.dirname(os.path.abspath(path))
+    with h5py.File(path, "r") as f:
+        names = sorted(virtual_sources(f))
+    out = {}
+    for name in names:
+        p = os.path.join(base, name)
+        if not os.path.isfile(p):
+            out[name] = "missing"
+            continue
+        try:
+            h5py.File(p, "r").close()
+        except OSError as e:
+            if getattr(e, "errno", None) is not None:
+                raise  # permission and the like: the file may be fine
+            cut = _TRUNCATED.search(str(e))
+            out[name] = (f"truncated: {_size(int(cut.group(1)))} of the {_size(int(cut.group(2)))} its mapping "
+                         f"needs ({int(cut.group(1)) / max(1, int(cut.group(2))):.0%})" if cut
+                         else f"unreadable ({str(e).splitlines()[0]})")
+    return out
+
+
+def check_segments(path: str) -> None:
+    """Raise CacheError naming the damaged segment files of `path` (`segment_problems`) and what to do."""
+    problems = segment_problems(path)
+    if problems:
+        first, why = next(iter(problems.items()))
+        raise CacheError(f"{path}: {len(problems)} segment file(s) damaged, e.g. {first}: {why}; their rows cannot "
+                         f"be read: restore the file and its folder from a backup, or rebuild it with `distill "
+                         f"cache` (same --data, --teacher and --out after moving it away)")
+
+
+def _teacher_damage(g, problems: dict[str, str]) -> list[str]:
+    """The damaged segment files a teacher's datasets map."""
+    found = set()
+    for ds in g.values():
+        if isinstance(ds, h5py.Dataset) and ds.is_virtual:
+            plist = ds.id.get_create_plist()
+            found.update(n for i in range(plist.get_virtual_count()) if (n := plist.get_virtual_filename(i)) in problems)
+    return sorted(found)
+
+
+def _describe(path: str, max_keys: int, all_bad: bool = False) -> list[str]:
+    problems = segment_problems(path)
     with h5py.File(path, "r") as f:
         check_root(f, path)
         n = int(f.attrs[L.Root.NUM_ROWS])
@@ -99,16 +149,21 @@ def _describe(path: str, max_keys: int) -> list[str]:
         bad_mask[list(bad)] = True
         lines.append(f"bad samples: {len(bad)}")
         if bad:
-            bkeys = f[L.BAD_KEYS].asstr()[:3].tolist()
-            for k, r in zip(bkeys, [bad[int(r)] for r in f[L.BAD_ROWS][:3]]):
+            shown = len(bad) if all_bad else 3
+            bkeys = f[L.BAD_KEYS].asstr()[:shown].tolist()
+            for k, r in zip(bkeys, [bad[int(r)] for r in f[L.BAD_ROWS][:shown]]):
                 lines.append(f"  {k}: {r}")
+            if len(bad) > shown:
+                lines.append(f"  ... {len(bad) - shown} more: `distill info --all-bad {path}` lists them all")
         teachers = f[L.TEACHERS]
         lines.append(f"teachers: {len(teachers)}")
         for name, g in teachers.items():
             a = attrs_to_dict(g.attrs)
             done = g[L.DONE][:]
             skipped = int((bad_mask & ~done).sum())
-            status = "complete" if (done | bad_mask).all() else "incomplete"
+            damaged = _teacher_damage(g, problems)
+            status = ("DAMAGED (segment " + ", ".join(damaged) + f": {problems[damaged[0]]})" if damaged
+                      else "complete" if (done | bad_mask).all() else "incomplete")
             lines.append(f"  {name}: {a.get('spec')}")
             lines.append(f"    dim {a.get('embed_dim')}, views {a.get('views', 0)}, dtype {g[Modality.IMAGE].dtype}, "
                          f"done {int(done.sum())}/{n}, skipped {skipped}, {status}, "

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import os
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 from .image_decode import DEFAULT_MAX_PIXELS
@@ -17,6 +19,10 @@ from .views import ViewDist
 # row's dim (ViT-B/16 at G=14, 300k rows: ~90 GB per teacher), an easy typo away from filling a disk. 100 GB lets
 # usual runs (G <= 7 on a few hundred thousand rows) through; --max-gb raises it, 0 lifts it.
 DEFAULT_MAX_GB = 100.0
+# Why a bound on bad rows: a corpus whose image paths are all wrong "succeeds" with every row skipped, and only
+# training says (obscurely) that no row is usable. A few broken images in a web corpus are normal; more than half
+# means a wrong folder, a wrong column or an unmounted disk. A file where every row is bad is always an error.
+DEFAULT_MAX_BAD_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,7 @@ class CacheJob:
     max_gb: float = DEFAULT_MAX_GB  # refuse a run whose patch tokens would take more than this on disk (0: no bound)
     shard_attempts: int = 3        # streamed shards (URLs, pipe:): tries per shard before it is recorded as bad
     shard_backoff: float = 1.0     # seconds before the 2nd try, doubling after each failure (at most 60)
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION  # a file with a larger share of bad rows is an error
 
     @property
     def view_flags(self) -> dict:
@@ -104,8 +111,18 @@ class CacheJob:
         if self.shard_attempts < 1 or self.shard_backoff < 0:
             raise CacheError(f"--shard-attempts {self.shard_attempts} / --shard-backoff {self.shard_backoff}: use "
                              "at least 1 attempt and a backoff >= 0 seconds")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise CacheError(f"--max-bad-fraction {self.max_bad_fraction}: use a share between 0 and 1")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise CacheError(f"device {self.device!r}; use cpu, cuda or auto")
+
+
+_PATHLIKE = re.compile(r"\S*[/\\]\S*|\S+\.\w{2,5}\b|\d+(\.\d+)?")
+
+
+def _reason_kind(reason: str) -> str:
+    """A bad-sample reason with its paths, file names and numbers blanked: rows failing the same way group."""
+    return _PATHLIKE.sub("_", reason)
 
 
 def usable_cores() -> int:
@@ -163,6 +180,23 @@ class CacheSummary:
     bad: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)  # e.g. streamed shards that failed, and what to do
+
+    def bad_share_problem(self, max_fraction: float) -> str | None:
+        """The error when every row, or more than `max_fraction` of them, is a bad sample: naming the commonest
+        reason (paths and numbers set aside), an example and what to do; None when the share is acceptable."""
+        n, bad = self.rows, len(self.bad)
+        if not n or not bad or (bad < n and bad <= max_fraction * n):
+            return None
+        kinds = Counter(_reason_kind(r) for _, r in self.bad)
+        kind, count = kinds.most_common(1)[0]
+        key, reason = next((k, r) for k, r in self.bad if _reason_kind(r) == kind)
+        share = "every row is" if bad == n else f"{bad} of {n} rows ({bad / n:.0%}) are"
+        bound = "" if bad == n else f", more than --max-bad-fraction {max_fraction:g}"
+        fix = ("check the image paths, which are read relative to the corpus file's folder" if "missing" in kind
+               else "repair or drop those rows")
+        return (f"{self.out}: {share} bad samples{bound}; commonest reason ({count} rows): {reason} (key "
+                f"{key!r}); fix the corpus ({fix}) and rerun with --retry-bad (rows already embedded are kept; `distill info --all-bad "
+                f"{self.out}` lists every bad row), or raise --max-bad-fraction")
 
     def __str__(self) -> str:
         lines = [f"feature cache {self.out}: {self.rows} rows, {self.elapsed_s:.1f}s"]

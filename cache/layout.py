@@ -55,7 +55,7 @@ VIEW_COLUMNS = ("x0", "y0", "w", "h", "flip", "brightness", "contrast", "saturat
 VIEW_FIELDS = 5  # x0, y0, w, h, flip
 VIEW_COLOR_FIELDS = 8  # + brightness, contrast, saturation (only when colour jitter was drawn)
 
-DONE_CHUNK_ROWS = 65536  # done flags: one bool per row, large chunks (never checksummed: rewritten whole)
+DONE_CHUNK_ROWS = 65536  # done flags: one bool per row, large chunks (checksummed: a flip would mark rows done)
 DEFAULT_CHUNK_ROWS = 256
 TOKEN_CHUNK_BYTES = 4 * 1024 * 1024
 
@@ -155,7 +155,8 @@ def feature_dataset_args(num_rows: int, dim: int, views: int, dtype, chunk_rows:
 
 
 def done_dataset_args(num_rows: int) -> dict:
-    return {"shape": (num_rows,), "dtype": bool, "chunks": (row_chunk(num_rows, DONE_CHUNK_ROWS),)}
+    return {"shape": (num_rows,), "dtype": bool, "chunks": (row_chunk(num_rows, DONE_CHUNK_ROWS),),
+            "fletcher32": True}  # a flipped byte would mark rows done that were never written
 
 
 def view_chunks(num_rows: int, views: int, chunk_rows: int, fields: int = VIEW_FIELDS) -> tuple[int, int, int]:

@@ -22,10 +22,11 @@ import torch
 
 from . import layout as L
 from .feature_stats import TeacherSums
+from .h5_disk import h5_on_disk
 from .h5_parts import disk_errors
 from .schema import CacheError
-from .segments import (SegTeacher, _pwrite_all, chunk_layout, create_segment, log_line, log_path, segment_name,
-                       sums_path)
+from .segments import (SegTeacher, _pwrite_all, chunk_layout, create_segment, log_line, log_path, removed_on_error,
+                       segment_name, sums_path)
 
 
 @dataclass
@@ -143,16 +144,13 @@ class SegmentWriter:
             return
         path = sums_path(self.path)
         tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
-        with disk_errors(path):
-            with h5py.File(tmp, "w") as f:
+        with disk_errors(path), removed_on_error(tmp):
+            with h5_on_disk(tmp, "w") as f:  # fsynced on close
                 f.attrs["chunks"] = self.committed
                 for name, s in self.sums.items():
                     g = f.create_group(name)
                     for k, v in s.to_arrays().items():
                         g.create_dataset(k, data=v)
-            fd = os.open(tmp, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
             os.replace(tmp, path)
 
     def close(self) -> None:

@@ -8,7 +8,6 @@ and log for the merge; `copy_cache` copies a cache with its folder under a new n
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -20,7 +19,8 @@ import h5py
 import numpy as np
 
 from . import layout as L
-from .h5_parts import disk_errors
+from .h5_disk import h5_on_disk, pwrite_all
+from .h5_parts import disk_errors, removed_on_error
 from .shard_record import record_path
 
 SEGMENT_FORMAT = "biomed-distill-segment"
@@ -70,70 +70,7 @@ def next_run(folder: str) -> int:
 
 
 # -- creation ---------------------------------------------------------------------------------------------
-class _SparseFile(io.RawIOBase):
-    """A file object for h5py that leaves a hole where HDF5 writes zero pages: allocating every checksummed chunk
-    at creation makes HDF5 write zeros (a zero chunk's fletcher32 is zero too), which would write the data twice."""
-
-    PAGE = 1 << 16
-
-    def __init__(self, path: str):
-        super().__init__()
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        self.pos = self.size = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, off: int, whence: int = 0) -> int:
-        self.pos = off if whence == 0 else self.pos + off if whence == 1 else self.size + off
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def readinto(self, b) -> int:
-        n = os.preadv(self.fd, [b], self.pos)
-        self.pos += n
-        return n
-
-    def write(self, b) -> int:
-        mv = memoryview(b).cast("B")
-        n, p = len(mv), self.PAGE
-        pages = np.frombuffer(mv[:n // p * p], np.uint8).reshape(-1, p).any(axis=1) if n >= p else np.zeros(0, bool)
-        keep = np.r_[pages, bool(np.frombuffer(mv[n // p * p:], np.uint8).any())] if n % p else pages
-        edges = np.flatnonzero(np.diff(np.r_[0, keep.astype(np.int8), 0]))
-        for a, z in zip(edges[::2].tolist(), edges[1::2].tolist()):  # runs of non-zero pages
-            _pwrite_all(self.fd, mv[a * p:min(n, z * p)], self.pos + a * p)
-        self.pos += n
-        self.size = max(self.size, self.pos)
-        return n
-
-    def truncate(self, size: int | None = None) -> int:
-        size = self.pos if size is None else size
-        os.ftruncate(self.fd, size)
-        self.size = size
-        return size
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.ftruncate(self.fd, max(self.size, os.fstat(self.fd).st_size))
-            os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
-        super().close()
-
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    mv = memoryview(data).cast("B")
-    while len(mv):
-        n = os.pwrite(fd, mv, offset)
-        mv, offset = mv[n:], offset + n
+_pwrite_all = pwrite_all  # the segment writer's raw chunk writes (tests simulate a full disk here)
 
 
 @dataclass(frozen=True)
@@ -180,42 +117,32 @@ def create_segment(path: str, rows: np.ndarray, chunks: np.ndarray, need: np.nda
     from h5py import h5d, h5p
 
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
-    with disk_errors(path):
+    with disk_errors(path), removed_on_error(tmp):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            fo = _SparseFile(tmp)
-            with h5py.File(fo, "w") as f:
-                f.attrs.update({"format": SEGMENT_FORMAT, **attrs})
-                f.create_dataset(L.SEG_ROWS, data=rows, compression="gzip", shuffle=True)
-                f.create_dataset(L.SEG_CHUNKS, data=chunks)
-                f.create_dataset(L.SEG_NEED, data=need, compression="gzip")
-                f[L.SEG_NEED].attrs["teachers"] = list(teachers)
-                for name, t in teachers.items():
-                    g = f.create_group(L.teacher(name))
-                    g.attrs["meta"] = json.dumps({"attrs": t.attrs, "dtype": t.dtype})
-                    for what, args in t.datasets(len(rows), chunk).items():
-                        dcpl = h5p.create(h5p.DATASET_CREATE)
-                        dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
-                        g.create_dataset(what, dcpl=dcpl, **args)
-            fo.close()
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with h5_on_disk(tmp, "w", sparse=True) as f:
+            f.attrs.update({"format": SEGMENT_FORMAT, **attrs})
+            f.create_dataset(L.SEG_ROWS, data=rows, compression="gzip", shuffle=True)
+            f.create_dataset(L.SEG_CHUNKS, data=chunks)
+            f.create_dataset(L.SEG_NEED, data=need, compression="gzip")
+            f[L.SEG_NEED].attrs["teachers"] = list(teachers)
+            for name, t in teachers.items():
+                g = f.create_group(L.teacher(name))
+                g.attrs["meta"] = json.dumps({"attrs": t.attrs, "dtype": t.dtype})
+                for what, args in t.datasets(len(rows), chunk).items():
+                    dcpl = h5p.create(h5p.DATASET_CREATE)
+                    dcpl.set_alloc_time(h5d.ALLOC_TIME_EARLY)
+                    g.create_dataset(what, dcpl=dcpl, **args)
+        os.replace(tmp, path)
 
 
 def write_small(path: str, name: str, data: np.ndarray, attrs: dict | None = None, **kw) -> None:
-    """A one-dataset file written once (keys, view parameters), atomically."""
+    """A one-dataset file written once (keys, view parameters), atomically; a full disk leaves no temporary."""
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
-    with disk_errors(path):
+    with disk_errors(path), removed_on_error(tmp):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with h5py.File(tmp, "w") as f:
+        with h5_on_disk(tmp, "w") as f:  # fsynced on close
             ds = f.create_dataset(name, data=data, **kw)
             ds.attrs.update(attrs or {})
-        fd = os.open(tmp, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
         os.replace(tmp, path)
 
 
@@ -316,7 +243,7 @@ def relink(path: str, old: str, new: str) -> None:
     """Point every virtual dataset of `path` mapping files in folder `old` at folder `new` (names relative)."""
     from h5py import h5d, h5p
 
-    with h5py.File(path, "r+") as f:
+    with disk_errors(path), h5_on_disk(path, "r+") as f:
         found = []
         f.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Dataset) and o.is_virtual else None)
         for name in found:

@@ -21,6 +21,7 @@ from teachers.modality import MODALITIES
 
 from . import layout as L
 from .schema import CacheError, check_root
+from .verify_stats import StatsCheck, summed_rows
 
 NORM_TOL = 0.02  # |norm - 1| allowed: teachers L2-normalise, float16 storage moves the norm by < 1e-3
 TOKEN_BLOCK_BYTES = 256 * 1024 * 1024  # patch tokens are read in blocks of about this many float32 bytes
@@ -64,15 +65,19 @@ class Problem:
 
     teacher: str
     modality: str
-    kind: str  # "checksum" | "unreadable" | "non-finite" | "not unit-norm"
+    kind: str  # "checksum" | "unreadable" | "non-finite" | "not unit-norm" | "mismatch"
     rows: np.ndarray
+    detail: str = ""  # "mismatch": what differs
 
     def __str__(self) -> str:
         what = {"checksum": "checksum mismatch (the bytes changed on disk after they were written)",
                 "unreadable": "unreadable (damaged file)",
                 "non-finite": "non-finite values (NaN/inf)",
-                "not unit-norm": f"not unit vectors (|norm - 1| > {NORM_TOL})"}[self.kind]
-        return f"teacher {self.teacher!r} {self.modality} rows {format_rows(self.rows)}: {what}"
+                "not unit-norm": f"not unit vectors (|norm - 1| > {NORM_TOL})",
+                "mismatch": self.detail}[self.kind]
+        who = f"teacher {self.teacher!r} " if self.teacher else ""
+        where = f" rows {format_rows(self.rows)}" if len(self.rows) else ""
+        return f"{who}{self.modality}{where}: {what}"
 
 
 @dataclass
@@ -89,7 +94,10 @@ class VerifyReport:
         return not self.problems
 
     def advice(self) -> str:
-        names = sorted({p.teacher for p in self.problems})
+        names = sorted({p.teacher for p in self.problems if p.teacher})
+        if not names:  # keys, bad records or views: the file's own datasets
+            return (f"what to do: restore {self.path} and its segment folder from a backup, or move them away and "
+                    f"rebuild with `distill cache` (same --data, --teacher and --out)")
         drop = "; ".join(f"del f['{L.teacher(t)}']" for t in names)
         return (f"what to do: `distill cache --retry-bad` cannot repair rows marked done; restore {self.path} from a "
                 f"backup, or delete the damaged teacher group(s) (python: with h5py.File(PATH, 'r+') as f: {drop}) "
@@ -99,7 +107,8 @@ class VerifyReport:
     def __str__(self) -> str:
         if self.ok:
             sums = "checksums, " if all(self.checksummed.values()) else "no checksums in this (older) file, "
-            return (f"verified: {self.rows} rows x {len(self.teachers)} teachers OK ({sums}finite, unit-norm; "
+            return (f"verified: {self.rows} rows x {len(self.teachers)} teachers OK ({sums}finite, unit-norm, "
+                    f"statistics re-derived, keys, done flags, bad records and views read; "
                     f"{', '.join(f'{t}: {n} done' for t, n in self.checked.items())})")
         lines = [f"{self.path}: {len(self.problems)} problem(s) found"]
         lines += [f"  {p}" for p in self.problems]
@@ -174,6 +183,10 @@ def verify(path: str, block_rows: int = 8192, progress: bool | None = None) -> V
         bar = tqdm(total=n * sets, desc="verify", unit="row", dynamic_ncols=True,
                    disable=None if progress is None else not progress)
         try:
+            report.problems += _verify_other(f, names)
+            bad_mask = np.zeros(n, bool)
+            if L.BAD in f:
+                bad_mask[f[L.BAD_ROWS][:]] = True  # readable: checked just above
             for name in names:
                 g = f[L.teacher(name)]
                 try:
@@ -183,8 +196,12 @@ def verify(path: str, block_rows: int = 8192, progress: bool | None = None) -> V
                     continue
                 report.checked[name] = int(done.sum())
                 report.checksummed[name] = all(L.checksummed(g[m]) for m in MODALITIES)
+                stats = StatsCheck(done & ~bad_mask, summed_rows(path, g), max(1, int(g.attrs.get("views", 0))),
+                                   complete=bool((done | bad_mask).all()))
                 for m in MODALITIES:
-                    report.problems += _verify_dataset(name, m, g[m], done, block_rows, bar)
+                    report.problems += _verify_dataset(name, m, g[m], done, block_rows, bar, stats=stats)
+                report.problems += [Problem(name, ds, "mismatch", np.zeros(0, np.int64), why)
+                                    for ds, why in stats.problems(g)]
                 if L.TOKENS in g:  # patch tokens: checksums and finiteness (they are not unit vectors)
                     ds = g[L.TOKENS]
                     rows = max(1, TOKEN_BLOCK_BYTES // (int(np.prod(ds.shape[1:])) * 4))
@@ -194,8 +211,42 @@ def verify(path: str, block_rows: int = 8192, progress: bool | None = None) -> V
     return report
 
 
+def _verify_other(f: h5py.File, names: list[str]) -> list[Problem]:
+    """Read every other dataset the trainer reads, whole: keys, bad-sample records, view parameters, done flags
+    and statistics (their checksums, where the file has them, are checked by the read)."""
+    paths = [L.KEYS, L.BAD_ROWS, L.BAD_KEYS, L.BAD_REASONS, L.VIEW_PARAMS]
+    for name in names:
+        paths.append(L.done(name))
+        paths += [f"{L.stats(name)}/{k}" for k in L.STATS_FIELDS]
+    out = []
+    for p in paths:
+        if p not in f:
+            continue
+        ds = f[p]
+        try:
+            if ds.dtype.kind == "O":
+                ds.asstr()[:]
+            elif ds.ndim and ds.shape[0] > 0:
+                _whole(ds)
+            else:
+                ds[()]
+        except (OSError, UnicodeDecodeError) as e:
+            teacher = p.split("/")[1] if p.startswith(L.TEACHERS + "/") else ""
+            kind = _unreadable_kind(e, ds) if isinstance(e, OSError) else "unreadable"
+            out.append(Problem(teacher, p, kind, np.zeros(0, np.int64)))
+    return out
+
+
+def _whole(ds: h5py.Dataset) -> None:
+    """Read `ds` in blocks of whole chunks; raise at the first that cannot be read (its checksum, or damage)."""
+    c = max(1, L.chunk_rows_of(ds))
+    step = c * max(1, (64 << 20) // (ds.dtype.itemsize * int(np.prod(ds.shape[1:])) * c))  # about 64 MiB a read
+    for lo in range(0, ds.shape[0], step):
+        ds[lo:lo + step]
+
+
 def _verify_dataset(name: str, modality: str, ds: h5py.Dataset, done: np.ndarray, block_rows: int,
-                    bar, unit: bool = True) -> list[Problem]:
+                    bar, unit: bool = True, stats: StatsCheck | None = None) -> list[Problem]:
     c = L.chunk_rows_of(ds)
     step = max(c, block_rows // c * c)  # whole chunks per block: each chunk is read (and checksummed) once
     found: dict[str, list[np.ndarray]] = {}
@@ -208,11 +259,17 @@ def _verify_dataset(name: str, modality: str, ds: h5py.Dataset, done: np.ndarray
         for rows in unreadable.values():
             skip[np.asarray(rows) - lo] = True
         sel = done[lo:hi] & ~skip
+        if stats is not None:
+            use = stats.usable[lo:hi]
+            stats.complete &= not (use & skip).any()  # an unreadable usable row: nothing to compare with
+            stats.add(modality, np.asarray(x[use & ~skip], dtype=np.float32))
         if sel.any():
             xs = np.asarray(x[sel], dtype=np.float32)
             bad = bad_row_mask(xs) if unit else ~np.isfinite(xs.reshape(len(xs), -1)).all(1)
             if bad.any():
                 rows = np.flatnonzero(sel)[bad] + lo
+                if stats is not None:  # the rows are reported: statistics over them are not compared
+                    stats.complete &= not stats.usable[rows].any()
                 finite = np.isfinite(xs[bad].reshape(int(bad.sum()), -1)).all(axis=1)
                 found.setdefault("non-finite", []).append(rows[~finite])
                 found.setdefault("not unit-norm", []).append(rows[finite])

@@ -6,8 +6,10 @@ and rerun", not 40 lines of h5py internals; a damaged file must be named, since 
 Exit codes (the convention of every `distill` command):
     0    success
     1    the environment failed: no space or quota (ENOSPC, EDQUOT), permission (EACCES, EPERM), a read-only file
-         system (EROFS), too many open files, an I/O error, a failed `torch.save`, or one of our own errors raised
-         from such an OSError; fix the machine and rerun the same command: work already committed is kept
+         system (EROFS), too many open files, the file-size limit (EFBIG), an I/O error, a failed `torch.save`, any
+         error whose text carries such an errno (h5py raises RuntimeError "... errno = 28 ..." as well as
+         OSError), or one of our own errors raised from one; fix the machine and rerun the same command: work
+         already committed is kept
     2    bad input: a wrong argument or missing file, a path that exists already or is a folder, a corrupt or
          truncated file (HDF5 errors carry no errno; safetensors), a refused pickle, a bad config or corpus; fix
          the input
@@ -18,8 +20,10 @@ re-raises every exception instead, so its traceback is shown.
 from __future__ import annotations
 
 import errno
+import os
 import pickle
 import re
+import sys
 from dataclasses import dataclass
 
 from .logs import OUR_PACKAGES
@@ -33,7 +37,7 @@ _PERMISSION = {errno.EACCES, errno.EPERM}
 _TOO_MANY = {errno.EMFILE, errno.ENFILE}
 _SYSTEM = {errno.EIO, errno.EBUSY, errno.ESTALE, errno.ENODEV, errno.ENXIO, errno.ETIMEDOUT, errno.ENOMEM,
            errno.EAGAIN}  # other errnos (EEXIST, ENAMETOOLONG, EINVAL...) are a wrong path: bad input
-_ENVIRONMENT_ERRNOS = _NO_SPACE | _PERMISSION | _TOO_MANY | _SYSTEM | {errno.EROFS}
+_ENVIRONMENT_ERRNOS = _NO_SPACE | _PERMISSION | _TOO_MANY | _SYSTEM | {errno.EROFS, errno.EFBIG}
 _ERRNO_IN_TEXT = re.compile(r"errno = (\d+),")
 _PATH_IN_TEXT = re.compile(r"(?:file)?name = '([^']+)'")
 _FAILED_SAVE = ("basic_ios::clear", "PytorchStreamWriter failed", "unexpected pos")
@@ -61,9 +65,9 @@ def _named_file(e: BaseException, fallback: str | None) -> str | None:
     return found.group(1) if found else fallback
 
 
-def _errno(e: OSError) -> int | None:
+def _errno(e: BaseException) -> int | None:
     """e.errno, or the `errno = N` HDF5 writes only into its message."""
-    if e.errno is not None:
+    if getattr(e, "errno", None) is not None:
         return e.errno
     found = _ERRNO_IN_TEXT.search(str(e))
     return int(found.group(1)) if found else None
@@ -75,7 +79,7 @@ def _environment_cause(e: BaseException) -> bool:
     cause = e.__cause__
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        if isinstance(cause, OSError) and _errno(cause) in _ENVIRONMENT_ERRNOS:
+        if isinstance(cause, (OSError, RuntimeError)) and _errno(cause) in _ENVIRONMENT_ERRNOS:
             return True
         cause = cause.__cause__
     return False
@@ -92,6 +96,10 @@ def _os_error(e: OSError, file: str | None) -> Failure:
     if code in _PERMISSION:
         return Failure(f"permission denied:{where or ' a file'}: check its permissions and owner (or use "
                        f"another path), then rerun", ENVIRONMENT)
+    if code == errno.EFBIG:
+        return Failure(f"file too large:{where or ' a file'} reached the file-size limit (ulimit -f) or the file "
+                       f"system's largest file: raise the limit or write elsewhere, then rerun the same command",
+                       ENVIRONMENT)
     if code == errno.EROFS:
         return Failure(f"read-only file system:{where or ' a file'} cannot be written: write to a writable "
                        f"folder, then rerun", ENVIRONMENT)
@@ -126,9 +134,16 @@ def describe(e: BaseException, file: str | None = None) -> Failure | None:
 
     `file`: the command's own file (its HDF5 argument), named when the error text carries no path.
     """
-    from cache.corpus import BadSampleError
-    from cache.schema import CacheError
+    if "cache" in sys.modules:  # else none of cache's errors can have been raised, and importing cache costs torch
+        from cache.corpus import BadSampleError
+        from cache.schema import CacheError
+    else:
+        BadSampleError = CacheError = ValueError  # noqa: N806  (a config or SPEC typo answers in about a second)
 
+    if "torch.distributed" in sys.modules:  # another rank of the job died (cache.dist.lost_peer)
+        from cache.dist import lost_peer
+        if (lost := lost_peer(e)) is not None:
+            return Failure(lost, ENVIRONMENT)
     if isinstance(e, OSError):
         if type(e).__module__.split(".")[0] in OUR_PACKAGES:  # ours already name the file and say what to do
             return Failure(one_line(str(e)), ENVIRONMENT if _errno(e) in _ENVIRONMENT_ERRNOS else BAD_INPUT)
@@ -144,6 +159,9 @@ def describe(e: BaseException, file: str | None = None) -> Failure | None:
         first = (str(e).strip().splitlines() or ["refused"])[0]
         return Failure(f"refused to unpickle a file (only plain tensors are loaded: {first}): rerun with -v to "
                        "see which; do not load files from untrusted sources", BAD_INPUT)
+    if isinstance(e, RuntimeError) and _errno(e) in _ENVIRONMENT_ERRNOS:  # h5py: "... errno = 28, ..."
+        code = _errno(e)
+        return _os_error(OSError(code, os.strerror(code)), _named_file(e, file))
     if isinstance(e, RuntimeError) and any(s in str(e) for s in _FAILED_SAVE):
         return Failure(f"writing a file failed ({one_line(str(e))}): the disk is probably full or not writable; "
                        "free space and rerun the same command (work already committed is kept)", ENVIRONMENT)

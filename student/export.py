@@ -7,8 +7,10 @@ the folder was moved, by pointing the text tower at the `config.json` inside it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -20,7 +22,8 @@ from torch import nn
 
 from .build import instantiate, name_text_tower
 from .card import CardTeacher, ModelCard, card_for_hub, make_model_card, read_report
-from .run_files import RunMeta, TRAIN_STATE_FILE, read_run_meta, read_train_state
+from .run_files import (STUDENT_CONFIG_DIR, RunMeta, TRAIN_STATE_FILE, read_run_meta, read_train_state,
+                        student_config_dir)
 
 log = logging.getLogger(__name__)
 
@@ -99,30 +102,97 @@ def export_student(model: nn.Module, student_dir: str | Path, out_dir: str | Pat
                    card: ModelCard | None = None, text_config_from_hub: str | None = None) -> Path:
     """Write the export folder for `model` (the open_clip student) built by `build_student` into `student_dir`.
 
-    `text_config_from_hub`: name a hub id (e.g. BiomedBERT's) as the text tower's config and tokenizer instead
-    of the export folder's absolute path, for publishing; `load_student` works either way.
+    The folder is written beside `out_dir` under a temporary name and renamed into place once complete, so a
+    full disk or a kill leaves the old folder (or nothing), never a partial one. The text tower's config and
+    tokenizer are named by the folder's absolute path, because stock open_clip reads them by that name from any
+    working directory (a relative name would resolve against the caller's); `load_student` and `local-dir:` SPECs
+    still load a moved folder. `text_config_from_hub` names a hub id (e.g. BiomedBERT's) instead, for publishing:
+    then no path of this machine is shipped.
     """
-    from safetensors.torch import save_file
-
     src, out = Path(student_dir), Path(out_dir)
     cfg = _read_config(src)
     if text_config_from_hub:
         check_hub_text_config(text_config_from_hub, src)
-    out.mkdir(parents=True, exist_ok=True)
-    if src.resolve() != out.resolve():
-        for f in src.iterdir():
-            if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in ("README.md", CONFIG_NAME):
-                shutil.copy2(f, out / f.name)
     cfg = {**cfg, "model_cfg": name_text_tower(cfg["model_cfg"], text_config_from_hub or str(out.resolve()))}
     sd = _student_state_dict(model)
-    save_file(sd, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
     n_params = sum(p.numel() for p in getattr(model, "module", model).parameters())
-    card = card or ModelCard(name=out.resolve().name)  # the folder's name is what the user called the model
-    (out / "README.md").write_text(make_model_card(card, cfg["model_cfg"], _text_config(out), n_params,
-                                                   folder_name=out.resolve().name))
+    name = out.resolve().name
+    card = card or ModelCard(name=name)  # the folder's name is what the user called the model
+    with staged_folder(out) as stage:
+        for f in src.iterdir():
+            if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in ("README.md", CONFIG_NAME):
+                _write(stage / f.name, f.read_bytes(), out)
+        _save_weights(sd, stage / WEIGHTS_NAME, out)
+        _write(stage / CONFIG_NAME, (json.dumps(cfg, indent=2) + "\n").encode(), out)
+        _write(stage / "README.md", make_model_card(card, cfg["model_cfg"], _text_config(stage), n_params,
+                                                     folder_name=name).encode(), out)
     log.info("exported student (%d tensors) to %s", len(sd), out)
     return out
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path):
+    """A fresh folder beside `out` to fill; on success it replaces `out` (an older export there is removed only
+    after the new one is in place), on any error it is removed and `out` is left as it was."""
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    stage = parent / f".tmp-export-{out.resolve().name}-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        stage.mkdir()
+        yield stage
+        _fsync(stage)
+        old = parent / f".old-export-{out.resolve().name}-{os.getpid()}"
+        if out.exists():
+            os.rename(out, old)
+            try:
+                os.rename(stage, out)
+            except BaseException:
+                os.rename(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _fsync(folder: Path) -> None:
+    for p in [*folder.iterdir(), folder]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write(path: Path, data: bytes, out: Path) -> None:
+    """Write one file of the export; a full disk names the file as it will be called in `out`."""
+    try:
+        path.write_bytes(data)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(out / path.name)) from e
+
+
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def _save_weights(sd: dict[str, torch.Tensor], path: Path, out: Path) -> None:
+    """safetensors' save_file; its I/O failures (a SafetensorError "... (os error 28)") become the OSError they
+    are, naming the weights file, so that a full disk reads as one (exit 1), not as a damaged file."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(sd, str(path), metadata={"format": "pt"})
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(out / path.name)) from e
+    except Exception as e:
+        found = _OS_ERROR.search(str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(out / path.name)) from e
 
 
 def _checkpoint_step(ckpt: Path) -> int:
@@ -166,9 +236,9 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path]:
                                     f"give a checkpoint folder or a run folder")
         ckpt = max(cands, key=lambda d: ((d / TRAIN_STATE_FILE).is_file(), _checkpoint_step(d)))
     run = ckpt.parent
-    if not (run / "student" / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{run / 'student' / CONFIG_NAME} not found: the run folder of {ckpt} must hold "
-                                f"the student/ folder written by build_student")
+    if not (student_config_dir(run) / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{student_config_dir(run) / CONFIG_NAME} not found: the run folder of {ckpt} must "
+                                f"hold the {STUDENT_CONFIG_DIR}/ folder written by distill train")
     return ckpt, run
 
 
@@ -240,7 +310,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, report: str |
     from teachers.open_clip_teacher import local_dir_overrides
 
     ckpt, run = resolve_checkpoint(checkpoint)
-    student_dir = run / "student"
+    student_dir = student_config_dir(run)
     sd = load_training_state(ckpt)
     student_sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
     if not student_sd:
@@ -291,7 +361,7 @@ def stage_for_hub(path: str | Path, repo: str, staged: str | Path) -> Path:
         raise FileNotFoundError(f"{folder / WEIGHTS_NAME} not found: push an export made by `distill export`")
     shutil.copytree(folder, staged)
     name = cfg["model_cfg"]["text_cfg"].get("hf_model_name")
-    if name is not None and (Path(name).is_absolute() or Path(name).exists()):
+    if name is not None and (name == "." or Path(name).is_absolute() or Path(name).exists()):  # not a hub id
         (staged / CONFIG_NAME).write_text(json.dumps({**cfg, "model_cfg": name_text_tower(cfg["model_cfg"], repo)}, indent=2) + "\n")
     card = staged / "README.md"
     if card.is_file():

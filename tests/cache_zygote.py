@@ -48,9 +48,9 @@ ZYGOTE = textwrap.dedent("""
             setattr(Teacher, meth, slow)
         if cmd["fold_delay"]:  # a slower fold (a big file's copy takes time), so kills land inside it
             real_bad = W._write_bad
-            def slow_bad(f, bad):
+            def slow_bad(f, bad, *keys_from):
                 time.sleep(cmd["fold_delay"])
-                real_bad(f, bad)
+                real_bad(f, bad, *keys_from)
             W._write_bad = slow_bad
         at = cmd["kill_at"]
         if at == "fold-mid":          # inside a fold: rows written into the copy, before the rename

@@ -105,7 +105,7 @@ def test_a_folded_file_has_exactly_the_layouts_tree(tmp_path):
             si, st = s[L.feature("t", "image")], s[L.feature("t", "text")]
             assert (si.shape, si.chunks, si.fletcher32, si.dtype) == ((n, k, d), (4, k, d), True, np.float16)
             assert (st.shape, st.chunks, st.fletcher32) == ((n, d), (4, d), True)
-        assert (done.chunks, done.fletcher32, done[:].tolist()) == ((n,), False, [False] + [True] * 9)
+        assert (done.chunks, done.fletcher32, done[:].tolist()) == ((n,), True, [False] + [True] * 9)  # checksummed
         assert int(f.attrs[L.Root.VERSION]) == 2
         np.testing.assert_array_equal(img[1:], image)  # read through the mapping
         assert np.isnan(img[0]).all()  # the bad row was never stored: NaN, not a zero vector

@@ -38,6 +38,10 @@ def one_error_line(capsys, command: str) -> str:
 
 @pytest.fixture(scope="module")
 def run(tiny_corpus, tmp_path_factory) -> Path:
+    return make_run_folder(tiny_corpus, tmp_path_factory.mktemp("run"))
+
+
+def make_run_folder(tiny_corpus: Path, root: Path) -> Path:
     """A run folder as training leaves it: student/ (build_student) and checkpoint-1/model.safetensors."""
     from safetensors.torch import save_file
 
@@ -46,7 +50,6 @@ def run(tiny_corpus, tmp_path_factory) -> Path:
 
     with open(tiny_corpus, newline="") as f:
         captions = [row["caption"] for row in csv.DictReader(f)]
-    root = tmp_path_factory.mktemp("run")
     tok = train_wordpiece(captions, root / "tok", vocab_size=200, model_max_length=16)
     torch.manual_seed(0)
     bundle = build_student("tiny", root / "student", tokenizer_dir=tok)
