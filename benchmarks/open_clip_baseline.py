@@ -14,6 +14,16 @@ import time
 from pathlib import Path
 
 
+BENCH_MODULES = ("pandas", "braceexpand", "webdataset")  # pyproject's `bench` extra: what open_clip_train imports
+
+
+def missing_bench_modules() -> list[str]:
+    """The `bench` extra's modules that are not installed (open_clip_train.main fails without them)."""
+    import importlib.util
+
+    return [m for m in BENCH_MODULES if importlib.util.find_spec(m) is None]
+
+
 def _steady(values: list[float], warmup: int) -> float:
     import statistics
 

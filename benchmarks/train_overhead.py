@@ -18,7 +18,7 @@ times, bench_common.interleave): each ratio is taken within a repeat, then repor
    own input size; the output states the counted ratio) run online at every step (their encode_image/encode_text inside the
    step, as open_clip's --distill-model does, feeding the same DistillLoss) over the cached features, both in
    one plain loop here over the trainer's own model, loss and data. Goal: cached faster by the teachers' share.
-3. Our `contrastive` samples/s over `python -m open_clip_train.main` on the same model config (our RUN/student
+3. Our `contrastive` samples/s over `python -m open_clip_train.main` on the same model config (our RUN/student-config
    folder as `--model local-dir:...`; open_clip_baseline.py), CSV data, batch, steps, fp32, workers. Goal >= 1.1.
 """
 from __future__ import annotations
@@ -247,11 +247,16 @@ def profile_phases(config: Path, f: Flags) -> dict:
 
 # -- main -----------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
+    f = parse_flags(Flags, argv, __doc__)
+    from open_clip_baseline import missing_bench_modules, run_open_clip
+
+    missing = [] if f.skip_open_clip else missing_bench_modules()
+    if missing:  # before minutes of set-up, not as open_clip_train's traceback at comparison 3
+        print(f"train_overhead.py: error: comparison 3 runs open_clip_train, which needs {', '.join(missing)} (not "
+              "installed): pip install -e '.[bench]' (or pass --skip-open-clip)", file=sys.stderr)
+        return 2
     import torch
 
-    from open_clip_baseline import run_open_clip
-
-    f = parse_flags(Flags, argv, __doc__)
     quiet_libraries()
     owned = f.workdir is None
     work = Path(tempfile.mkdtemp(prefix="bench-train-")) if owned else Path(f.workdir)
@@ -273,8 +278,9 @@ def main(argv=None) -> int:
         variants = {k: (lambda c=c: run_ours(c, f)["step_s"]) for k, c in cfgs.items()}
         again = write_config(work, f, "contrastive", corpus, None, "contrastive-again")  # A/A: the noise floor
         variants["contrastive_again"] = lambda: run_ours(again, f)["step_s"]
-        if not f.skip_open_clip:  # after our contrastive run in each repeat: it reuses that run's student/ folder
-            variants["open_clip"] = lambda: run_open_clip(work / "run-contrastive" / "student", corpus, work, f)["step_s"]
+        if not f.skip_open_clip:  # after our contrastive run in each repeat: it reuses that run's student config
+            model_dir = work / "run-contrastive" / "student-config"
+            variants["open_clip"] = lambda: run_open_clip(model_dir, corpus, work, f)["step_s"]
         trainers = warm_interleave(variants, f.repeats, "trainers", (features_many, features))
         phases = None
         if f.profile:

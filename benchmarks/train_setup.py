@@ -125,7 +125,7 @@ def run_ours(config: Path, f) -> dict:
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x.strip()]
     step_s = [f.batch_size / r["samples_per_s"] for r in rows]
     return {"wall_s": wall, "step_s": steady(step_s, f.warmup_steps), "steps": len(rows),
-            "final_loss": rows[-1]["loss"], "student_dir": str(out / "student")}
+            "final_loss": rows[-1]["loss"], "student_dir": str(out / "student-config")}
 
 
 def yaml_get(path: Path, *keys) -> Any:

@@ -240,7 +240,7 @@ def _build_from_spec(spec: str, out: Path, overrides: dict):
 
 def build_student(preset_or_spec: str, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
                   **overrides: Any) -> StudentBundle:
-    """Build the student and write its weightless folder into `out_dir` (e.g. RUN/student).
+    """Build the student and write its weightless folder into `out_dir` (e.g. RUN/student-config).
 
     `preset_or_spec`: a preset name (`biomedclip`, `biomedclip-small`, `tiny`; random init, deterministic
     under `torch.manual_seed`) or a SPEC `hf-hub:ORG/REPO` / `local-dir:PATH` (initialised from its weights).

@@ -2,7 +2,8 @@
 
 The card's facts come typed (`ModelCard`, filled by `student.export` from the run files' one schema in
 `student.run_files`); a missing fact is left out of the card instead of failing an export. Paths in the card are
-never absolute: the card travels with its folder.
+never absolute: the card travels with its folder, so teacher folders and the corpus are named, not located
+(`student.shown_paths`).
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from .shown_paths import shown_path, shown_spec
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,11 @@ def metrics_table(report: Mapping[str, Any]) -> str:
     return "\n".join(["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in flat.items()])
 
 
+def _shown_corpus(corpus: str) -> str:
+    """An absolute corpus path by its name; relative paths, shard URLs, hub ids and pipe: commands as written."""
+    return shown_path(corpus) if corpus.startswith(("/", "~")) else corpus
+
+
 def _architecture(model_cfg: Mapping, text_config: Mapping | None, n_params: int | None) -> list[str]:
     v, t = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     if "timm_model_name" in v:
@@ -120,15 +128,17 @@ def make_model_card(card: ModelCard | None, model_cfg: Mapping[str, Any],
     lines = ["---", "library_name: open_clip", "pipeline_tag: zero-shot-image-classification",
              "tags:", "- clip", "- biomedical", "- knowledge-distillation", "---", "", f"# {card.name}", "",
              "A CLIP model with the BiomedCLIP architecture (timm/open_clip ViT image tower, BERT text tower), "
-             "trained with biomed-distill" + (f" from `{card.source}`." if card.source else "."), "",
+             "trained with biomed-distill" + (f" from `{shown_spec(card.source)}`." if card.source else "."), "",
              "## Architecture", "", *_architecture(model_cfg, text_config, n_params), ""]
     lines += ["## Teachers", ""]
     if card.teachers:
         lines += ["| teacher | spec | weight |", "|---|---|---|"]
-        lines += [f"| {t.name} | `{t.spec or ''}` | {'' if t.weight is None else t.weight} |" for t in card.teachers]
+        lines += [f"| {t.name} | `{shown_spec(t.spec) if t.spec else ''}` | {'' if t.weight is None else t.weight} |"
+                  for t in card.teachers]
     else:
         lines.append("None recorded (contrastive training only).")
-    lines += ["", "## Training data", "", f"- corpus: `{card.corpus}`" if card.corpus else "- corpus: not recorded"]
+    corpus = _shown_corpus(card.corpus) if card.corpus else None
+    lines += ["", "## Training data", "", f"- corpus: `{corpus}`" if corpus else "- corpus: not recorded"]
     if card.corpus_size is not None:
         lines.append(f"- size: {card.corpus_size} image-text pairs")
     lines += ["", "## Training", "", f"- steps: {card.steps}" if card.steps is not None else "- steps: not recorded"]

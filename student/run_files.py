@@ -1,5 +1,6 @@
 """The run folder's metadata files, one schema for the writer (`distill.train`, `distill.checkpoint`) and the
-reader (`student.export`, for the model card): `RUN/run_meta.json` and `RUN/checkpoint-STEP/train_state.json`.
+reader (`student.export`, for the model card): `RUN/run_meta.json` and `RUN/checkpoint-STEP/train_state.json`, and
+where the run's weightless student lives (`student_config_dir`).
 
 Why here: `student` may not import `distill`, but `distill` may import `student`, so the one definition both sides
 use lives below both. Unknown fields are refused (a file written by another version), missing ones take defaults.
@@ -13,6 +14,17 @@ from typing import Any
 
 RUN_META_FILE = "run_meta.json"
 TRAIN_STATE_FILE = "train_state.json"
+# The run's weightless student (open_clip config, text config, tokenizer) that `distill export` fills with a
+# checkpoint's weights. Not `student/`: beside a real export named `student/` (the demo's layout) that read as a
+# second, usable model.
+STUDENT_CONFIG_DIR = "student-config"
+OLD_STUDENT_CONFIG_DIR = "student"  # what runs made before the rename hold
+
+
+def student_config_dir(run: str | Path) -> Path:
+    """`RUN/student-config`, or `RUN/student` for a run made before the rename that has only that."""
+    new, old = Path(run) / STUDENT_CONFIG_DIR, Path(run) / OLD_STUDENT_CONFIG_DIR
+    return old if not new.exists() and (old / "open_clip_config.json").is_file() else new
 
 
 def _known(cls, data: Any, path: Path) -> dict[str, Any]:

@@ -138,7 +138,7 @@ def test_cli_export_then_eval_then_export_with_report(run, tasks, tiny_teachers,
     card = (export2 / "README.md").read_text()
     acc = report["results"]["distilled"]["zs"]["accuracy"]
     for needle in ("## Evaluation", "| metric | oc | hf | distilled |", "| zs/accuracy |", f"steps: {STEP}",
-                   "| oc | `local-dir:/teachers/oc` | 1.0 |", "| hf | `hf-clip:/teachers/hf` | 0.5 |",
+                   "| oc | `local-dir:oc` | 1.0 |", "| hf | `hf-clip:hf` | 0.5 |",
                    "- size: 32 image-text pairs", "| feature/oc | 0.25 |", "## Architecture"):
         assert needle in card, needle
     zs_row = next(line for line in card.splitlines() if line.startswith("| zs/accuracy |"))

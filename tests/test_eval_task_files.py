@@ -98,7 +98,7 @@ def test_cli_eval_prints_a_bad_task_file_in_one_line(tmp_path, capsys):
 
     f = write_task(tmp_path / "t.yaml", name="t", kind="zeroshot", classes=["a", "b"],
                    dataset={"path": "x.csv", "fromat": "csv"})
-    assert main(["eval", "--model", "m=unused-spec", "--task", str(f), "--out", str(tmp_path / "r")]) == 2
+    assert main(["eval", "--model", "m=biomedclip", "--task", str(f), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"distill eval: error: {f}: unknown key 'dataset.fromat'; did you mean 'format'? (known keys here: "
                    "path, format, image_column, label_column, label_columns, label_separator, caption_column, "

@@ -46,7 +46,8 @@ def test_loss_falls_and_run_files(mode, tiny_corpus, tiny_cache, tmp_path):
     else:  # no teacher named: every cached teacher, equal weights, native dims
         assert meta["teachers"] == {"oc": pytest.approx({**meta["teachers"]["oc"], "weight": 1.0, "embed_dim": 24}),
                                     "hf": pytest.approx({**meta["teachers"]["hf"], "weight": 1.0, "embed_dim": 40})}
-    assert (out / "student" / "open_clip_config.json").is_file() and (out / "loss_curves.png").stat().st_size > 0
+    assert (out / "student-config" / "open_clip_config.json").is_file() and (out / "loss_curves.png").stat().st_size > 0
+    assert not (out / "student").exists()  # a config-only student/ beside an export named student/ misled users
     weights = load_weights(out / f"checkpoint-{STEPS[mode]}")
     assert all(k.startswith(("student.", "heads.")) for k in weights)
     assert any(k.startswith("heads.image.hf") for k in weights) == (mode != "contrastive")

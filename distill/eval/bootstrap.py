@@ -25,9 +25,15 @@ class Estimate:
     n: int  # test samples (queries, for retrieval) the metric is computed on
     # the metric on each bootstrap resample, in resample order (NaN where undefined); in memory only
     replicates: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # classes the model predicts (argmax) over the full test set, for metrics of predictions (accuracy, F1):
+    # 1 means a collapsed classifier whose accuracy-type numbers are those of a constant guess; None: not counted
+    classes_predicted: int | None = None
 
     def to_dict(self) -> dict:
-        return {k: _json_float(getattr(self, k)) for k in ("point", "ci_low", "ci_high", "n")}
+        out = {k: _json_float(getattr(self, k)) for k in ("point", "ci_low", "ci_high", "n")}
+        if self.classes_predicted is not None:
+            out["classes_predicted"] = self.classes_predicted
+        return out
 
     def __str__(self) -> str:
         if not math.isfinite(self.point):

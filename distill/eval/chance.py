@@ -6,6 +6,9 @@ C classes has expected accuracy and balanced accuracy 1/C, and expected per-clas
 expectations, exact as the test set grows), averaged over all C classes (a class absent from the test labels
 scores 0, as scikit-learn's label set counts it once it is predicted).
 
+Accuracy has a second floor, the majority-class level (`majority_share`): the accuracy of always answering the
+commonest test class, shown beside 1/C because an unbalanced test set lets a constant answer beat 1/C.
+
 Retrieval: a uniformly random ranking of the gallery, which is what `metrics.hit_probabilities` gives a constant
 model. An image query has one right caption among the U distinct captions: R@k = min(1, k / U). A caption carried by
 P of the N images is found in the top k with probability 1 - C(N - P, k) / C(N, k); R@k is its mean over captions
@@ -53,6 +56,24 @@ def classification_chance(metric: str, labels: np.ndarray | None, n_classes: int
     if base == "macro_f1" and labels is not None and np.asarray(labels).ndim == 1:
         return uniform_guess_macro_f1(labels, n_classes)
     return None
+
+
+def majority_share(labels: np.ndarray | None, n_classes: int) -> float | None:
+    """Accuracy of always answering the test set's commonest class (single-label); None for multi-label.
+
+    Why beside 1/C: on an unbalanced test set a model that learnt nothing but the commonest class beats 1/C in
+    accuracy; this is the level its accuracy must clear to show it tells classes apart."""
+    if labels is None or np.asarray(labels).ndim != 1 or not len(labels):
+        return None
+    return float(np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes).max() / len(labels))
+
+
+def majority_levels(task, test, metrics: Iterable[str]) -> dict[str, float]:
+    """{accuracy metric key: `majority_share`} for a single-label classification task's `accuracy` keys."""
+    if task.kind == "retrieval":
+        return {}
+    share = majority_share(test.labels, len(task.classes))
+    return {} if share is None else {m: share for m in metrics if m.split("/")[-1] == "accuracy"}
 
 
 def chance_levels(task, test, metrics: Iterable[str]) -> dict[str, float | None]:

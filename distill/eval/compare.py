@@ -5,14 +5,18 @@ metric (`headline_metric`); its paired difference student - best teacher (the te
 estimate on that task) and student - each baseline gives a verdict word: "better" when the interval lies above 0,
 "worse" when below 0, "within" otherwise, None without an interval (bootstrap 0) or a number.
 `overall_summary` averages the headline differences over tasks, the interval coming from replicate r of the
-mean = the mean over tasks of replicate r (tasks are independent test sets).
+mean = the mean over tasks of replicate r (tasks are independent test sets). `task_flags` finds the models whose
+numbers say little (headline interval below chance; one predicted class), and every verdict that compares with
+such a model, or is about such a student, says so in the same text.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from .bootstrap import Difference, Estimate, mean_difference, paired_difference
+from .classification import PREDICTION_METRICS
 
 WORDS = ("better", "within", "worse")
 AUROC_KEYS = ("macro_auroc", "mean_auroc")
@@ -83,6 +87,52 @@ def metric_differences(row: Mapping[str, Estimate], student: str | None, teacher
             "student_minus_teacher": each}
 
 
+@dataclass(frozen=True)
+class Flags:
+    """The models of one task whose numbers say little, named in the verdict beside any comparison with them.
+
+    `below_chance`: the headline metric's interval lies entirely below its chance level (an AUROC of 0.19 when
+    chance is 0.5: the model ranks backwards; beating it is no achievement). Without an interval (bootstrap 0)
+    nothing is flagged. `one_class`: in the headline's setting the model gives every test image the same class
+    (`Estimate.classes_predicted` == 1), so its accuracy-type metrics are those of a constant answer."""
+
+    metric: str | None = None
+    chance: float | None = None
+    below_chance: dict[str, Estimate] = field(default_factory=dict)  # model -> its headline estimate
+    one_class: dict[str, tuple[str, Estimate]] = field(default_factory=dict)  # model -> (metric, its estimate)
+
+    def to_dict(self) -> dict:
+        return {"below_chance": list(self.below_chance), "one_class": list(self.one_class)}
+
+    def notes(self, model: str, who: str) -> list[str]:
+        """What to say about `model` (called `who` in the sentence): '{who} is below chance (...)', ..."""
+        out = []
+        if model in self.below_chance:
+            out.append(f"{who} is below chance ({self.metric} {self.below_chance[model]} against chance "
+                       f"{self.chance:.3f})")
+        if model in self.one_class:
+            metric, est = self.one_class[model]
+            out.append(f"{who} predicts one class for every test image ({metric} {est})")
+        return out
+
+
+def task_flags(metrics: Mapping[str, Mapping[str, Estimate]], head: str | None,
+               chance: float | None = None) -> Flags:
+    """`Flags` of a task from `metrics[metric][model]` Estimates, its headline metric and that metric's chance."""
+    if head is None:
+        return Flags()
+    below = {m: e for m, e in metrics.get(head, {}).items()
+             if chance is not None and _finite(e.ci_high) and e.ci_high < chance}
+    prefix = head.rsplit("/", 1)[0] + "/" if "/" in head and not head.startswith("auroc/") else ""
+    keys = [prefix + p for p in ("balanced_accuracy", "accuracy", "macro_f1") if prefix + p in metrics]
+    one = {}
+    for key in keys:
+        for model, e in metrics[key].items():
+            if e.classes_predicted == 1 and model not in one:
+                one[model] = (key, e)
+    return Flags(head, chance, below, one)
+
+
 def _pct(level: float) -> str:
     return f"{100 * level:g}%"
 
@@ -108,24 +158,60 @@ def _baseline_phrase(baseline: str, diff: Difference, word: str | None) -> str:
     return f"{diff} against baseline {baseline} (no interval)"
 
 
-def verdict(metric: str | None, student: str | None, diffs: Mapping, level: float = 0.95) -> dict | None:
-    """A task's verdict from `metric_differences` of its headline metric; None without a student or metric."""
+def _though(phrase: str, notes: list[str]) -> str:
+    return phrase + (", though " + " and ".join(notes) if notes else "")
+
+
+def verdict(metric: str | None, student: str | None, diffs: Mapping, level: float = 0.95,
+            flags: Flags | None = None) -> dict | None:
+    """A task's verdict from `metric_differences` of its headline metric; None without a student or metric.
+
+    With `flags`, a comparison with a below-chance or one-class model says so in the same sentence, and the
+    student's own flags end the text ("caution: ..."), so no "better" stands unqualified."""
     if student is None or metric is None:
         return None
+    flags = flags or Flags()
     best = diffs.get("student_minus_best_teacher")
     vs_teachers = None if best is None else verdict_word(best[1])
     vs_baselines = {b: verdict_word(d) for b, d in diffs.get("student_minus_baseline", {}).items()}
-    parts = [] if best is None else [_teacher_phrase(student, best[0], best[1], vs_teachers, level)]
-    base = [_baseline_phrase(b, d, vs_baselines[b]) for b, d in diffs.get("student_minus_baseline", {}).items()]
+    parts = [] if best is None else [_though(_teacher_phrase(student, best[0], best[1], vs_teachers, level),
+                                             flags.notes(best[0], best[0]))]
+    base = [_though(_baseline_phrase(b, d, vs_baselines[b]), flags.notes(b, b))
+            for b, d in diffs.get("student_minus_baseline", {}).items()]
     if base and not parts:
         base[0] = f"{student} is {base[0]}"
     text = "; ".join(parts + base) if parts or base else f"{student} has nothing to be compared with"
-    return {"metric": metric, "vs_teachers": vs_teachers, "vs_baselines": vs_baselines, "text": text}
+    text += "".join(f"; caution: {n}" for n in flags.notes(student, student))
+    return {"metric": metric, "vs_teachers": vs_teachers, "vs_baselines": vs_baselines, "text": text,
+            **flags.to_dict()}
+
+
+def overall_cautions(student: str, compared: Mapping[str, Sequence[str]],
+                     flags: Mapping[str, Flags]) -> list[str]:
+    """Clauses for the overall text: which compared models (`compared[model]`: the tasks it enters the mean on)
+    and the student are below chance or predict one class, on which tasks."""
+    out = []
+    for model in [student, *compared]:
+        tasks = list(flags) if model == student else compared[model]
+        for what, attr in (("below chance", "below_chance"), ("predicts one class", "one_class")):
+            hit = [t for t in tasks if model in getattr(flags[t], attr)]
+            if hit:
+                out.append(f"{'caution: ' if model == student else 'note: '}{model} "
+                           f"{'is ' if attr == 'below_chance' else ''}{what} on {', '.join(hit)}")
+    return out
+
+
+def _over(tasks: Sequence[str], heads: Mapping[str, str | None]) -> str:
+    """'Averaged over 3 tasks' headline metrics', or for one task 'On TASK's headline metric (METRIC)'."""
+    if len(tasks) == 1:
+        return f"On {tasks[0]}'s headline metric ({heads.get(tasks[0])})"
+    return f"Averaged over {len(tasks)} tasks' headline metrics"
 
 
 def overall_summary(results: Mapping[str, Mapping[str, Mapping[str, Estimate]]], student: str | None,
                     teachers: Sequence[str], baselines: Sequence[str] = (),
-                    headlines: Mapping[str, str | None] | None = None, level: float = 0.95) -> dict | None:
+                    headlines: Mapping[str, str | None] | None = None, level: float = 0.95,
+                    flags: Mapping[str, Flags] | None = None) -> dict | None:
     """The headline paired differences averaged over tasks, with intervals and verdicts.
 
     `results[task][model][metric]` are Estimates holding their replicates (as `run_eval` returns them in
@@ -133,7 +219,9 @@ def overall_summary(results: Mapping[str, Mapping[str, Mapping[str, Estimate]]],
     comparison when both models have a finite point estimate of its headline metric. Returns None without a student,
     else {"metric": "headline", "headlines": {task: metric}, "level",
     "student_minus_best_teacher": {"value", "ci", "verdict", "tasks": [task], "teachers": {task: best}} | None,
-    "student_minus_baseline": {B: {"value", "ci", "verdict", "tasks": [task]} | None}, "text"}.
+    "student_minus_baseline": {B: {"value", "ci", "verdict", "tasks": [task]} | None}, "text"}. With `flags`
+    (`task_flags` per task) the text also names the compared models and the student where they are below chance
+    or predict one class.
     """
     if student is None:
         return None
@@ -176,8 +264,8 @@ def overall_summary(results: Mapping[str, Mapping[str, Mapping[str, Estimate]]],
                "worse": f"worse than the best teacher beyond the {_pct(level)} interval",
                "within": f"within the {_pct(level)} interval of the best teacher"}.get(word, "compared with the "
                                                                                      "best teacher (no interval)")
-        parts.append(f"Averaged over {n} task{'s' * (n != 1)}' headline metrics, {student} is {how} "
-                     f"({teach[1]} mean difference)")
+        parts.append(f"{_over(teach[0]['tasks'], heads)}, {student} is {how} "
+                     f"({teach[1]} {'mean ' if n > 1 else ''}difference)")
     for b, s in base.items():
         if s is None:
             continue
@@ -186,8 +274,18 @@ def overall_summary(results: Mapping[str, Mapping[str, Mapping[str, Estimate]]],
                "worse": f"worse than baseline {b} beyond the interval",
                "within": f"within the interval of baseline {b}"}.get(word, f"compared with baseline {b} "
                                                                            "(no interval)")
-        parts.append(f"{how} ({s[1]} over {len(s[0]['tasks'])} task{'s' * (len(s[0]['tasks']) != 1)})")
+        k = len(s[0]["tasks"])
+        parts.append(f"{how} ({s[1]} {f'over {k} tasks' if k > 1 else 'on ' + s[0]['tasks'][0]})")
     if parts and teach is None:
-        parts[0] = f"Averaged over tasks' headline metrics, {student} is {parts[0]}"
+        used = list(dict.fromkeys(t for s in base.values() if s is not None for t in s[0]["tasks"]))
+        parts[0] = f"{_over(used, heads)}, {student} is {parts[0]}"
+    if flags:
+        compared: dict[str, list[str]] = {}
+        for t, (name, _) in vs_teacher.items():
+            compared.setdefault(name, []).append(t)
+        for b, s in base.items():
+            if s is not None:
+                compared.setdefault(b, []).extend(s[0]["tasks"])
+        parts += overall_cautions(student, compared, {t: flags.get(t, Flags()) for t in results})
     out["text"] = "; ".join(parts) if parts else f"{student} has nothing to be compared with"
     return out

@@ -33,6 +33,16 @@ class SplitData:
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def label(self) -> str:
+        """The split as a progress bar names it: the dataset's file name and split (`data.csv (test)`), never the
+        absolute path of this machine (`source`, which error messages use, keeps the path as written)."""
+        from student.shown_paths import shown_path
+
+        where, sep, role = self.source.rpartition(" (")
+        plain = sep and ":" not in where.split("/")[0]  # not a URL or pipe: command
+        return f"{shown_path(where)} ({role}" if plain else self.source
+
     def image(self, i: int) -> Image.Image:
         item = self.images[i]
         if isinstance(item, Image.Image):  # read by a corpus (CorpusImages)

@@ -109,7 +109,7 @@ class EmbeddingCache:
         if feats is not None:
             log.info("%s: reusing image embeddings of %s from %s", name, data.source, file)
         else:
-            feats = encode_images(model, data, batch_size, num_workers, desc=f"{name} | {data.source}")
+            feats = encode_images(model, data, batch_size, num_workers, desc=f"{name} | {data.label}")
             if file is not None:
                 from safetensors.torch import save_file
 

@@ -9,19 +9,24 @@ Layout of report.json::
                       "metrics": {METRIC: {MODEL: {"point", "ci_low", "ci_high", "n"}}},
                       "headline": METRIC | null,                # the metric the verdict is about
                       "chance": {METRIC: expected value of a random scorer | null},
+                      "majority": {ACCURACY METRIC: accuracy of always answering the commonest test class},
+                      "flags": {"below_chance": [MODEL], "one_class": [MODEL]},  # see compare.Flags
                       "gain": {METRIC: student point - best teacher point | null},
                       "differences": {METRIC: {                 # paired bootstrap, same resamples for every model
                           "student_minus_best_teacher": {"teacher": NAME, "value": x, "ci": [lo, hi]} | null,
                           "student_minus_baseline": {BASELINE: {"value": x, "ci": [lo, hi]}},
                           "student_minus_teacher": {TEACHER: {"value": x, "ci": [lo, hi]}}}},
                       "verdict": {"metric", "vs_teachers": "better" | "within" | "worse" | null,
-                                  "vs_baselines": {BASELINE: word | null}, "text"} | null}},
+                                  "vs_baselines": {BASELINE: word | null}, "text",
+                                  "below_chance": [MODEL], "one_class": [MODEL]} | null}},
      "overall": {"metric": "headline", "headlines": {TASK: METRIC}, "level",
                  "student_minus_best_teacher": {"value", "ci", "verdict", "tasks", "teachers": {TASK: NAME}} | null,
                  "student_minus_baseline": {BASELINE: {"value", "ci", "verdict", "tasks"} | null}, "text"} | null,
      "results": {MODEL: {TASK: {METRIC: point | null}}}}   # the point estimates alone (model cards read these)
 
-Every metric is higher-is-better, so "best" is the largest point estimate. NaN is written as null.
+Every metric is higher-is-better, so "best" is the largest point estimate. NaN is written as null. An estimate of
+a metric of predictions (accuracy, balanced accuracy, macro-F1) also holds "classes_predicted". Paths (model
+folders, datasets) are written relative to REPORT_DIR or by name (`student.shown_paths`), never absolute.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from .bootstrap import Difference, Estimate
-from .compare import best_model, headline_metric, metric_differences, overall_summary, verdict
+from .compare import Flags, best_model, headline_metric, metric_differences, overall_summary, task_flags, verdict
 
 FORMAT = "biomed-distill-eval"
 
@@ -71,9 +76,11 @@ def roles(models: Sequence[str], student: str | None, baselines: Sequence[str] =
 def build_report(models: Mapping[str, dict], student: str | None, tasks: Mapping[str, dict],
                  results: Mapping[str, Mapping[str, Mapping[str, Estimate]]], settings: dict,
                  baselines: Sequence[str] = (),
-                 chance: Mapping[str, Mapping[str, float | None]] | None = None) -> EvalReport:
+                 chance: Mapping[str, Mapping[str, float | None]] | None = None,
+                 majority: Mapping[str, Mapping[str, float]] | None = None) -> EvalReport:
     """Assemble the report. `results[task][model][metric]` are Estimates; `tasks[task]` its description;
-    `chance[task][metric]` the chance levels (`chance.chance_levels`)."""
+    `chance[task][metric]` the chance levels (`chance.chance_levels`), `majority[task][metric]` accuracy's
+    majority-class levels (`chance.majority_levels`)."""
     from distill import __version__
 
     role = roles(list(models), student, baselines)
@@ -81,6 +88,7 @@ def build_report(models: Mapping[str, dict], student: str | None, tasks: Mapping
     baselines = [m for m, r in role.items() if r == "baseline"]
     level = settings.get("confidence", 0.95)
     out_tasks = {}
+    flags: dict[str, Flags] = {}
     for task, info in tasks.items():
         per_model = results.get(task, {})
         metric_names = list(dict.fromkeys(m for model in per_model.values() for m in model))
@@ -89,14 +97,17 @@ def build_report(models: Mapping[str, dict], student: str | None, tasks: Mapping
         diffs = {m: metric_differences(row, student, teachers, baselines, level) for m, row in metrics.items()}
         head = headline_metric(metric_names)
         task_chance = (chance or {}).get(task, {})
+        flags[task] = task_flags(metrics, head, task_chance.get(head))
         out_tasks[task] = {**info,
                            "metrics": {m: {k: e.to_dict() for k, e in row.items()} for m, row in metrics.items()},
                            "headline": head,
                            "chance": {m: task_chance.get(m) for m in metric_names},
+                           "majority": dict((majority or {}).get(task, {})),
+                           "flags": flags[task].to_dict(),
                            "gain": {m: student_gain(row, student, teachers) for m, row in metrics.items()},
                            "differences": ({m: _differences_json(d) for m, d in diffs.items()}
                                            if student is not None else {}),
-                           "verdict": verdict(head, student, diffs.get(head, {}), level)}
+                           "verdict": verdict(head, student, diffs.get(head, {}), level, flags[task])}
     points = {m: {t: {k: row[m]["point"] for k, row in info["metrics"].items() if m in row}
                   for t, info in out_tasks.items()} for m in models}
     report = EvalReport({
@@ -104,7 +115,7 @@ def build_report(models: Mapping[str, dict], student: str | None, tasks: Mapping
         "teachers": teachers, "models": {k: {**v, "role": role[k]} for k, v in models.items()},
         "settings": settings, "tasks": out_tasks,
         "overall": overall_summary({t: results.get(t, {}) for t in tasks}, student, teachers, baselines,
-                                   {t: out_tasks[t]["headline"] for t in out_tasks}, level),
+                                   {t: out_tasks[t]["headline"] for t in out_tasks}, level, flags),
         "results": points})
     report.estimates = results
     return report
@@ -119,8 +130,10 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-def _label(m: str, role: str, n_models: int) -> str:
-    return f"{m} ({role})" if role != "teacher" and n_models > 1 else m
+def model_label(m: str, role: str, n_models: int) -> str:
+    """A model as table headers and chart legends name it: 'ours (student)'; just 'student' when the name already
+    says the role (never 'student (student)')."""
+    return f"{m} ({role})" if role != "teacher" and n_models > 1 and m != role else m
 
 
 def _diff_text(d: dict | None) -> str:
@@ -133,7 +146,9 @@ def _diff_text(d: dict | None) -> str:
 
 def markdown_table(report: dict, task: str) -> str:
     """One row per metric, one column per model ('0.812 [0.78, 0.84]', the best per row in bold), the chance
-    level, then the student's paired differences: minus the best teacher, minus each baseline."""
+    level (accuracy: also its majority-class level), then the student's paired differences: minus the best
+    teacher, minus each baseline. A value whose interval lies below chance is marked '(below chance)', a metric of
+    predictions from a model that predicts one class '(one class)'."""
     models, student = list(report["models"]), report["student"]
     baselines = [m for m in report.get("baselines", []) if m in report["models"]]
     n_teachers = len(report.get("teachers", []))
@@ -141,7 +156,7 @@ def markdown_table(report: dict, task: str) -> str:
     role = {m: v.get("role", "teacher") for m, v in report["models"].items()}
     show_gain = student is not None and n_teachers > 0
     show_base = student is not None and bool(baselines)
-    header = ["task", "metric"] + [_label(m, role[m], len(models)) for m in models] + ["chance"]
+    header = ["task", "metric"] + [model_label(m, role[m], len(models)) for m in models] + ["chance"]
     if show_gain:
         header.append(f"{student} − best teacher")
     if show_base:
@@ -158,9 +173,14 @@ def markdown_table(report: dict, task: str) -> str:
                 continue
             text = str(ests[m])
             top = best is not None and math.isclose(ests[m].point, best, rel_tol=0, abs_tol=1e-12)
-            cells.append(f"**{text}**" if top and len(models) > 1 else text)
-        c = t.get("chance", {}).get(metric)
-        line = [task, metric] + cells + ["" if c is None else f"{c:.3f}"]
+            text = f"**{text}**" if top and len(models) > 1 else text
+            c = t.get("chance", {}).get(metric)
+            marks = ["below chance"] if c is not None and _finite(ests[m].ci_high) and ests[m].ci_high < c else []
+            marks += ["one class"] if row[m].get("classes_predicted") == 1 else []
+            cells.append(text + (f" ({', '.join(marks)})" if marks else ""))
+        c, maj = t.get("chance", {}).get(metric), t.get("majority", {}).get(metric)
+        line = [task, metric] + cells + [("" if c is None else f"{c:.3f}")
+                                         + ("" if maj is None else f" (majority {maj:.3f})")]
         diffs = t.get("differences", {}).get(metric, {})
         if show_gain:
             d = diffs.get("student_minus_best_teacher")
@@ -190,6 +210,40 @@ def overall_markdown(report: dict) -> list[str]:
     return lines
 
 
+def _flag_text(report: dict, task: str) -> str:
+    """'caution: A is below chance (...); B predicts one class ...' for a task without a verdict (no student)."""
+    t = report["tasks"][task]
+    head, c = t.get("headline"), t.get("chance", {}).get(t.get("headline"))
+    notes = []
+    for m in t.get("flags", {}).get("below_chance", []):
+        notes.append(f"{m} is below chance ({head} {_est(t['metrics'][head][m])} against chance {c:.3f})")
+    for m in t.get("flags", {}).get("one_class", []):
+        key = next((k for k, row in t["metrics"].items() if row.get(m, {}).get("classes_predicted") == 1), head)
+        notes.append(f"{m} predicts one class for every test image ({key} {_est(t['metrics'][key][m])})")
+    return "; ".join(f"caution: {n}" for n in notes)
+
+
+def task_sentence(report: dict, task: str) -> tuple[str, str] | None:
+    """(what, sentence): ("(headline metric M)", the verdict) or, without a student, ("", 'caution: ...');
+    None when there is nothing to say."""
+    t = report["tasks"][task]
+    v = t.get("verdict")
+    if v:
+        return f"(headline metric {v['metric']})", f"{v['text']}."
+    flags = _flag_text(report, task)
+    return ("", f"{flags}.") if flags else None
+
+
+def console_lines(report: dict) -> list[str]:
+    """What `distill eval` prints when done: each task's verdict (or cautions) and the overall sentence."""
+    said = {task: task_sentence(report, task) for task in report["tasks"]}
+    lines = [f"{task}{' ' + s[0] if s[0] else ''}: {s[1]}" for task, s in said.items() if s]
+    o = report.get("overall")
+    if o and len(report["tasks"]) > 1:
+        lines.append(f"Overall: {o['text']}.")
+    return lines
+
+
 def write_markdown(report: dict, out: Path, charts: Mapping[str, str]) -> Path:
     s = report["settings"]
     level = s.get("confidence", 0.95)
@@ -201,8 +255,10 @@ def write_markdown(report: dict, out: Path, charts: Mapping[str, str]) -> Path:
         if report["teachers"]:
             who.append(f"teachers: {', '.join(report['teachers'])}")
         lines.append("; ".join(who) + ". After the models come the chance level (the expected score of a random "
-                     "scorer) and the student's paired differences (student − best teacher, student − each "
-                     f"baseline) with {100 * level:g}% intervals from the same bootstrap resamples for every model.")
+                     "scorer; for accuracy also the majority-class level, the accuracy of always answering the "
+                     "commonest test class) and the student's paired differences (student − best teacher, "
+                     f"student − each baseline) with {100 * level:g}% intervals from the same bootstrap resamples "
+                     "for every model.")
     lines += [f"Values: point estimate [{100 * level:g}% CI], percentile bootstrap over test samples "
               f"({s.get('bootstrap')} resamples, seed {s.get('seed')}); the best per row in bold.", "", "## Models",
               "", "| model | role | spec |", "|---|---|---|"]
@@ -212,9 +268,9 @@ def write_markdown(report: dict, out: Path, charts: Mapping[str, str]) -> Path:
         sizes = ", ".join(f"{k} {v}" for k, v in t.get("n", {}).items())
         lines += ["", f"## {task}", "", f"{t.get('kind')} on `{t.get('dataset')}` ({sizes})", "",
                   markdown_table(report, task)]
-        v = t.get("verdict")
-        if v:
-            lines += ["", f"**Verdict** (headline metric {v['metric']}): {v['text']}."]
+        said = task_sentence(report, task)
+        if said:
+            lines += ["", f"**Verdict** {said[0]}: {said[1]}" if t.get("verdict") else f"**Note**: {said[1]}"]
         if task in charts:
             lines += ["", f"![{task}]({charts[task]})"]
     path = out / "report.md"
@@ -233,7 +289,7 @@ def plot_task(report: dict, task: str, path: Path) -> Path:
 
     t, models = report["tasks"][task], list(report["models"])
     role = {m: v.get("role", "teacher") for m, v in report["models"].items()}
-    labels = {m: _label(m, role[m], len(models)) for m in models}
+    labels = {m: model_label(m, role[m], len(models)) for m in models}
     metrics, chance = t["metrics"], t.get("chance", {})
     head = (t.get("headline") or "").split("/")[-1]
     if t.get("kind") == "linear_probe" and head:

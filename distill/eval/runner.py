@@ -15,7 +15,7 @@ import torch
 # The built-in task kinds register themselves in EVALUATORS when their modules are imported (distill/eval/kinds.py)
 from . import finetune, linear_probe, retrieval, zeroshot  # noqa: F401
 from .bootstrap import Estimate
-from .chance import chance_levels
+from .chance import chance_levels, majority_levels
 from .context import EvalContext
 from .datasets import SplitData, load_splits
 from .embeddings import EmbeddingCache
@@ -103,8 +103,16 @@ def pick_student(job: EvalJob) -> str:
     return ours[0] if ours else candidates[0]
 
 
-def _task_info(task: TaskCfg, splits: dict[str, SplitData]) -> dict:
-    return {"kind": task.kind, "source": task.source, "dataset": str(task.dataset_path),
+def _task_info(task: TaskCfg, splits: dict[str, SplitData], out: Path) -> dict:
+    """The task as report.json describes it, its files relative to the report folder `out` (or by name)."""
+    from student.shown_paths import shown_path
+
+    builtin = task.source.startswith("built-in task ")
+    source = task.source.split(" (", 1)[0] if builtin else shown_path(task.source, out)
+    dataset = task.dataset_path
+    return {"kind": task.kind, "source": source,
+            "dataset": shown_path(dataset, out) if isinstance(dataset, Path) or str(dataset).startswith(("/", "~"))
+            else str(dataset),
             "n": {r: len(d) for r, d in splits.items()}, "classes": list(task.classes),
             "multilabel": task.multilabel}
 
@@ -125,6 +133,7 @@ def run_eval(job: EvalJob) -> EvalReport:
     device = resolve_device(job.device)
     ctx = EvalContext(device=device, batch_size=job.batch_size, num_workers=job.num_workers,
                       bootstrap=job.bootstrap, seed=job.seed, cache=EmbeddingCache(job.cache_dir))
+    from student.shown_paths import shown_spec
     from teachers import load_teacher
 
     results: dict[str, dict[str, dict[str, Estimate]]] = {t.name: {} for t in tasks}
@@ -132,7 +141,7 @@ def run_eval(job: EvalJob) -> EvalReport:
     for name, spec in job.models.items():
         log.info("loading model %s (%s) on %s", name, spec, device)
         model = load_teacher(spec, device=device, trust_remote_code=job.trust_remote_code)
-        models[name] = {"spec": spec, "embed_dim": model.embed_dim}
+        models[name] = {"spec": shown_spec(spec, out), "embed_dim": model.embed_dim}
         for task in tasks:
             log.info("%s: %s (%s)", name, task.name, task.kind)
             results[task.name][name] = EVALUATORS.get(task.kind).evaluate(task, model, name, data[task.name], ctx)
@@ -144,8 +153,9 @@ def run_eval(job: EvalJob) -> EvalReport:
                 "confidence": 0.95}
     chance = {t.name: chance_levels(t, data[t.name]["test"],
                                     dict.fromkeys(m for r in results[t.name].values() for m in r)) for t in tasks}
-    report = build_report(models, pick_student(job), {t.name: _task_info(t, data[t.name]) for t in tasks},
-                          results, settings, baselines=job.baselines, chance=chance)
+    majority = {t.name: majority_levels(t, data[t.name]["test"], chance[t.name]) for t in tasks}
+    report = build_report(models, pick_student(job), {t.name: _task_info(t, data[t.name], out) for t in tasks},
+                          results, settings, baselines=job.baselines, chance=chance, majority=majority)
     paths = write_report(report, out)
-    log.info("report written to %s", paths["md"])
+    log.debug("report written to %s", paths["md"])  # `distill eval` prints it, after the verdicts
     return report

@@ -29,6 +29,7 @@ import yaml
 from pydantic import BeforeValidator, Field, PrivateAttr, Strict, ValidationError, field_validator, model_validator
 
 from distill.config_base import Bool, ConfigError, Float, Int, Section, config_error, unknown_name
+from teachers.bounded_yaml import load_yaml
 
 from .kinds import EVALUATORS, SPLIT_ROLES, TaskKind
 
@@ -288,7 +289,7 @@ def load_task(name_or_path: str, max_samples: int | None = None) -> TaskCfg:
                             "or give a path to a task .yaml file)")
         text, source, root = res.read_text(), f"built-in task {name_or_path} ({res})", data_root()
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as e:
         raise TaskError(f"{source}: not valid YAML ({e})") from None
     task = task_from_dict(data, source=source, root=root)
