@@ -29,6 +29,7 @@ from distill.samplers import Dealing, DomainBalance, EpochSampler, reader_blocks
 from distill.losses import SIGLIP_INIT, DistillLoss, LossTermCfg, TeacherBatch, teacher_logit_bias
 from distill.optim import accum_for_epoch, global_batch_for_epoch, steps_per_epoch, total_steps
 from distill.student_model import DistillModel
+from student.run_files import STUDENT_CONFIG_DIR
 from teachers.transforms import PreprocessCfg
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class Run:
     model: DistillModel
     loss: DistillLoss
     loader: DataLoader
-    student_dir: Path  # RUN/student (written by the main process)
+    student_dir: Path  # RUN/student-config (written by the main process)
     corpus: Corpus  # for run_meta.json's size and fingerprint
     join: CacheJoin | None  # corpus rows <-> cache rows (None: contrastive mode)
     terms: list[LossTermCfg]
@@ -144,8 +145,8 @@ def build_run(cfg: Config, accelerator) -> Run:
 
     tokenizer_dir = build_tokenizer_dir(cfg.student, corpus, output_dir, accelerator)
     tmp = None
-    student_dir = output_dir / "student"
-    if not accelerator.is_main_process:  # only the main process writes RUN/student
+    student_dir = output_dir / STUDENT_CONFIG_DIR
+    if not accelerator.is_main_process:  # only the main process writes RUN/student-config
         tmp = tempfile.TemporaryDirectory(prefix="student-")
         student_dir = Path(tmp.name)
     stats = _teacher_stats(cfg.data.features, used) if cfg.loss.combine.balance == "phi_s" else None
@@ -205,7 +206,7 @@ def build_run(cfg: Config, accelerator) -> Run:
     loader = DataLoader(ds, batch_size=cfg.data.batch_size, drop_last=True, collate_fn=collate, sampler=sampler,
                         num_workers=workers, generator=torch.Generator().manual_seed(cfg.train.seed),
                         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
-    return Run(plan, model, loss, loader, output_dir / "student", corpus, join, terms, tmp, domains)
+    return Run(plan, model, loss, loader, output_dir / STUDENT_CONFIG_DIR, corpus, join, terms, tmp, domains)
 
 
 def replays_views(cfg: Config) -> bool:

@@ -72,7 +72,17 @@ def _pairs(values: Sequence[tuple[str, str]], flag: str) -> dict[str, str]:
 
 
 # -- subcommands -------------------------------------------------------------------------------------
+def _check_specs(pairs: Sequence[tuple[str, str]]) -> None:
+    """Every SPEC parsed, its alias found and its local folder checked before torch is imported (a typo answers
+    in about a second); the same checks `load_teacher` makes."""
+    from teachers.registry import check_spec
+
+    for _, spec in pairs:
+        check_spec(spec)
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
+    _check_specs(args.teacher)
     from cache.build import CacheJob, build_cache
 
     job = CacheJob(data=args.data, teachers=_pairs(args.teacher, "--teacher"), out=args.out,
@@ -83,7 +93,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
                    retry_bad=args.retry_bad, chunk_rows=args.chunk_rows, max_pixels=args.max_pixels,
                    trust_remote_code=args.trust_remote_code,
                    tokens=args.tokens, max_gb=args.max_gb, shard_attempts=args.shard_attempts,
-                   shard_backoff=args.shard_backoff)
+                   shard_backoff=args.shard_backoff, max_bad_fraction=args.max_bad_fraction)
     build_cache(job)
     return 0
 
@@ -99,7 +109,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         raise SystemExit("error: distill info needs FEATURES.h5 (or --list-teachers)")
     from cache.inspect import info
 
-    print(info(args.features), flush=True)
+    print(info(args.features, all_bad=args.all_bad), flush=True)
+    from cache.inspect import check_segments
+
+    check_segments(args.features)  # a missing or truncated segment file: one error line, exit 2
     if args.verify:  # every row of every teacher: checksums, finiteness, unit norms (cache/verify.py)
         from cache.verify import verify
 
@@ -139,6 +152,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                                      add_help=False)
     _train_arguments(parser)
     args = parser.parse_args(argv)
+    from .config import Config
+
+    Config.from_argv(["--config", args.config, *args.overrides], static=True)  # a typo answers before torch loads
     from .train import main as train_module_main
 
     return train_module_main(["--config", args.config, *args.overrides])
@@ -158,13 +174,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    _check_specs(args.model)
     from .eval import EvalJob, run_eval
 
     job = EvalJob(models=_pairs(args.model, "--model"), tasks=list(args.task), out=args.out, device=args.device,
                   batch_size=args.batch_size, num_workers=args.num_workers, bootstrap=args.bootstrap,
                   seed=args.seed, student=args.student, baselines=tuple(args.baseline or ()),
                   max_samples=args.max_samples, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code)
-    run_eval(job)
+    from pathlib import Path
+
+    from .eval.report import console_lines
+
+    report = run_eval(job)
+    for line in console_lines(report):  # the verdicts on the console, not only in report.md
+        print(line)
+    print(f"report written to {Path(args.out) / 'report.md'}")
     return 0
 
 
@@ -256,14 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "goes on without it (default 3; its rows stay missing: a rerun retries them)")
     c.add_argument("--shard-backoff", type=float, default=1.0, metavar="S",
                    help="streamed shards: seconds before the second try, doubled after each failure (default 1)")
+    c.add_argument("--max-bad-fraction", type=float, default=0.5, metavar="F",
+                   help="end with an error (exit 2, naming the commonest reason) when more than this share of the "
+                   "rows are bad samples, or every row is (default 0.5; the rows embedded are kept either way)")
     _trust_remote_code_flag(c)
     c.set_defaults(func=cmd_cache)
 
     i = sub.add_parser("info", help="describe a feature cache")
     i.add_argument("features", nargs="?", help="FEATURES.h5")
     i.add_argument("--list-teachers", action="store_true", help="list the teacher aliases and their SPECs")
-    i.add_argument("--verify", action="store_true", help="read every row of every teacher and check checksums, "
-                   "finiteness and unit norms; exit 2 naming the teacher and rows of each problem")
+    i.add_argument("--all-bad", action="store_true", help="list every bad sample (key and reason), not only "
+                   "the first 3")
+    i.add_argument("--verify", action="store_true", help="read every dataset training reads and check it: "
+                   "features (checksums, finiteness, unit norms), statistics (re-derived from the features), keys, "
+                   "done flags, bad-sample records and views; exit 2 naming the teacher and rows of each problem")
     i.set_defaults(func=cmd_info)
 
     t = sub.add_parser("train", help="train a student (same as accelerate launch -m distill.train)", add_help=False)
@@ -280,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
 
     v = sub.add_parser("eval", help="evaluate students and teachers side by side",
-                       description="Every --model on every --task, with 95%% bootstrap intervals. One model is the "
+                       description="Every --model on every --task, with 95% bootstrap intervals. One model is the "
                        "student, any --baseline models are compared with it one by one, every other model is a "
                        "teacher. The student's paired differences (minus the best teacher, minus each baseline; "
                        "the same resamples for every model) give a verdict per task on its headline metric "

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, model_validator
 
 from distill.config_base import Bool, ConfigError, Float, Int, Section, Str, config_error
+from distill.config_file import read_config_text, split_argv
 from distill.config_overrides import apply_override, plain
-from distill.losses.spec import CombineCfg, LossTermCfg
+from distill.config_terms import CombineCfg, LossTermCfg, static
+from teachers.bounded_yaml import load_yaml
 
 __all__ = ["Config", "ConfigError", "StudentCfg", "DataCfg", "LossCfg", "LossTermCfg", "CombineCfg", "RoutingCfg",
            "OptimCfg", "TrainCfg", "DEFAULT_TERMS", "default_terms"]
@@ -76,7 +78,7 @@ class StudentCfg(Section):
 
 class DataCfg(Section):
     where = "data"
-    corpus: Str = Field("", description="CSV/TSV/JSONL or WebDataset corpus (DESIGN.md formats)")
+    corpus: Str = Field("", description="CSV/TSV/JSONL or WebDataset corpus (README.md, `distill cache`)")
     features: Str | None = Field(None, description="HDF5 feature cache from `distill cache` (distill, hybrid; "
                                  "contrastive: train on its rows and stored views, reading no teacher feature)")
     batch_size: Int = Field(32, description="per device; global batch = batch_size x processes x accumulation")
@@ -312,7 +314,7 @@ class Config(Section):
     train: TrainCfg = Field(default_factory=TrainCfg, description="the loop: steps, checkpoints, logging")
 
     @model_validator(mode="after")
-    def _valid(self) -> "Config":
+    def _valid(self, info: ValidationInfo) -> "Config":
         _check(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
         _check(bool(self.data.corpus), "data.corpus is required: the corpus file (CSV/TSV/JSONL) or shards")
         if self.mode != "contrastive":
@@ -320,7 +322,9 @@ class Config(Section):
                    f"mode={self.mode} needs data.features: build a cache with `distill cache --data CORPUS "
                    f"--teacher NAME=SPEC --out FEATURES.h5` and set data.features=FEATURES.h5 "
                    f"(or use mode=contrastive, which needs no cache)")
-        uses = {t.label: t.uses_teachers for t in self.loss.terms}
+        uses = {t.label: t.static_uses_teachers if static(info) else t.uses_teachers for t in self.loss.terms}
+        if None in uses.values():  # a plug-in's term, before torch is imported: checked by the full validation
+            return self
         if self.mode == "contrastive":
             _check(not self.loss.teachers, "mode=contrastive uses no teachers, but loss.teachers is set; "
                                            "use mode=hybrid or remove loss.teachers")
@@ -346,8 +350,9 @@ class Config(Section):
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict, overrides: Sequence[str] = ()) -> "Config":
-        """Build from a plain dict (as YAML gives) after applying `section.key=value` overrides."""
+    def from_dict(cls, d: dict, overrides: Sequence[str] = (), static: bool = False) -> "Config":
+        """Build from a plain dict (as YAML gives) after applying `section.key=value` overrides. `static`: check
+        without importing torch (loss terms by kind name only; see distill.config_terms), before the full check."""
         d = plain(d or {})
         if not isinstance(d, dict):
             raise ConfigError(f"a config must be a mapping of sections, got {type(d).__name__}")
@@ -355,45 +360,28 @@ class Config(Section):
         for item in overrides:
             apply_override(cls, d, item, list_defaults)
         try:
-            return cls.model_validate(d)
+            return cls.model_validate(d, context={"static": static})
         except ValidationError as e:
             raise config_error(e, cls) from None
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> "Config":
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = (), static: bool = False) -> "Config":
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        text = read_config_text(path)  # a missing, non-regular, oversized or binary file: one line
         try:
-            d = yaml.safe_load(path.read_text()) or {}
+            d = load_yaml(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         try:
-            return cls.from_dict(d, overrides)
+            return cls.from_dict(d, overrides, static)
         except ConfigError as e:
             raise type(e)(f"{path}: {e}") from None
 
     @classmethod
-    def from_argv(cls, argv: Sequence[str]) -> "Config":
+    def from_argv(cls, argv: Sequence[str], static: bool = False) -> "Config":
         """`--config PATH [section.key=value ...]` without argparse (`distill train --help` lists the keys)."""
-        argv, path, overrides = list(argv), None, []
-        i = 0
-        while i < len(argv):
-            a = argv[i]
-            if a == "--config" and i + 1 < len(argv):
-                path, i = argv[i + 1], i + 2
-                continue
-            if a.startswith("--config="):
-                path = a.split("=", 1)[1]
-            elif a.startswith("-"):
-                raise ConfigError(f"unknown option {a!r}; usage: --config CONFIG.yaml [section.key=value ...] "
-                                  f"(--help lists the keys)")
-            else:
-                overrides.append(a)
-            i += 1
-        if path is None:
-            raise ConfigError("missing --config CONFIG.yaml (usage: --config CONFIG.yaml [section.key=value ...])")
-        return cls.from_yaml(path, overrides)
+        path, overrides = split_argv(argv)
+        return cls.from_yaml(path, overrides, static)
 
     def to_dict(self) -> dict:
         """Plain, YAML/JSON-safe dict (tuples become lists); `from_dict(to_dict())` round-trips."""

@@ -30,7 +30,7 @@ from distill.train_log import RunLogger, plot_loss_curves
 from student import run_files
 from student.run_files import CorpusRecord, RunMeta, TeacherRecord
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("distill.train")  # not __name__: run as `-m distill.train` it is "__main__"
 
 
 class NonFiniteLossError(ValueError):
@@ -162,6 +162,11 @@ def train(cfg: Config) -> dict:
     torch.set_num_threads(threads)
     log.info("torch intra-op threads per process: %d (%s)", threads, why)
     accelerator = make_accelerator(cfg)
+    from distill.launch_check import process_mismatch
+
+    mismatch = process_mismatch(accelerator.num_processes)  # accelerate launch --cpu --num_processes 2: one
+    if mismatch and accelerator.is_main_process:
+        log.warning(mismatch)
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with run_lock(accelerator, out):  # before anything else is written into the folder
@@ -175,7 +180,7 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
     from distill.build_run import build_run, teacher_batch
     from distill.losses import teacher_logit_bias
 
-    # before build_run, which writes RUN/student and RUN/tokenizer; the main process sets broken ones aside
+    # before build_run, which writes RUN/student-config and RUN/tokenizer; the main process sets broken ones aside
     resume = resolve_resume(cfg.train.resume, out, set_aside=accelerator.is_main_process)
     set_seed(cfg.train.seed)
     run = build_run(cfg, accelerator)

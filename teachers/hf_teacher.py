@@ -15,9 +15,10 @@ Out of scope: SigLIP 2 NaFlex (`Siglip2Model`), whose images are variable-length
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Sequence
 
 import torch
@@ -51,6 +52,67 @@ def _from_pretrained(loader, path: str, trust_remote_code: bool):
         raise RemoteCodeRequired(f"{path} contains its own model code (auto_map in its config.json), which runs "
                                  "only when asked: pass --trust-remote-code (trust_remote_code=True) if you trust "
                                  f"that repository") from e
+
+
+# Files whose `auto_map` names code shipped in the repo: the model's, its tokenizer's and its image processor's.
+_CODE_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
+
+
+def _auto_map_files(path: str, local: bool) -> list[str]:
+    """The files of `path` (a folder, or a hub repo's cached or fetched files) whose JSON has an `auto_map`."""
+    import json
+
+    found = []
+    for name in _CODE_FILES:
+        if local:
+            file = os.path.join(path, name)
+        else:
+            try:
+                from huggingface_hub import hf_hub_download
+
+                file = hf_hub_download(path, name)
+            except Exception:  # absent from the repo, or not cached offline: transformers decides for this file
+                continue
+        try:
+            with open(file, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):  # absent or unreadable: transformers reports it when it reads the file
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            found.append(name)
+    return found
+
+
+def refuse_unasked_code(path: str, local: bool, trust_remote_code: bool) -> None:
+    """Refuse a model whose repo ships its own code unless trust_remote_code, whatever its model_type.
+
+    Why not leave it to transformers: with a model_type it knows (`clip`), transformers silently loads its own
+    class and ignores the `auto_map`, so the same folder would load with or without the flag; the README promises
+    that a repo that ships code stops until --trust-remote-code is given. Nothing from the repo is imported here.
+    """
+    if trust_remote_code:
+        return
+    files = _auto_map_files(path, local)
+    if files:
+        raise RemoteCodeRequired(f"{path} contains its own model code (auto_map in {', '.join(files)}), which runs "
+                                 "only when asked: pass --trust-remote-code (trust_remote_code=True) if you trust "
+                                 "that repository")
+
+
+@contextmanager
+def _no_loading_bar():
+    """transformers' "Loading weights" bar off while a local folder loads (a second, one bar per model, on
+    stderr, which holds only warnings and errors); kept with -v (DEBUG logging), where everything shows."""
+    from transformers.utils import logging as hf_logging
+
+    if logging.getLogger(__name__).isEnabledFor(logging.DEBUG) or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def _feature_calls(model) -> str:
@@ -127,7 +189,9 @@ class HFTeacher(Teacher):
         local = os.path.isdir(path)
         if not local:  # before transformers, whose downloads retry for ~25 s with no network
             require_hub_file(path, ("config.json",))
-        with reading_weights(find_weights(path, "model.safetensors")) if local else nullcontext():
+        refuse_unasked_code(path, local, trust_remote_code)
+        with reading_weights(find_weights(path, "model.safetensors")) if local else nullcontext(), \
+                _no_loading_bar() if local else nullcontext():
             model = _from_pretrained(AutoModel, path, trust_remote_code).to(device).eval()
         calls = _feature_calls(model)
         processor = _from_pretrained(AutoImageProcessor, path, trust_remote_code)

@@ -7,12 +7,15 @@ named PREFIX, pointing at `load(spec: Spec, device) -> Teacher`, makes `PREFIX:T
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-import torch
-
-from .base import Teacher
 from .plugin_registry import Registry
-from .spec import PREFIXES, Spec, parse_spec
+from .spec import PREFIXES, Spec, TeacherLoadError, parse_spec, training_run_message
+
+if TYPE_CHECKING:  # torch loads with a back-end, not with the registry: `distill cache` checks SPECs before it
+    import torch
+
+    from .base import Teacher
 
 TEACHER_ALIASES: Registry[str] = Registry("teacher alias")
 # Back-ends from other installed packages, by SPEC prefix; the built-in ones (PREFIXES) are dispatched below.
@@ -66,10 +69,6 @@ def resolve_spec(spec: str) -> Spec:
     return parsed
 
 
-class TeacherLoadError(ValueError):
-    """A SPEC that parses but whose model cannot be loaded (missing folder or weights, not in the offline cache)."""
-
-
 def _load_hint(parsed: Spec) -> str:
     """The offline hint, on the same line (the CLI prints one line); not for a model given as a local folder."""
     local = parsed.kind == "local-dir" or os.path.isdir(os.path.expanduser(parsed.target))
@@ -85,13 +84,36 @@ def _one_line(e: BaseException) -> str:
     return " | ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
+def _check_local_folder(parsed: Spec, spec: str) -> None:
+    """Before any back-end: a `local-dir:` folder that is not there, or a training run given for a model, each
+    said in words (not as the back-end's "open_clip_config.json not found")."""
+    if parsed.kind not in ("local-dir", "hf", "hf-clip"):
+        return
+    path = os.path.expanduser(parsed.target)
+    if parsed.kind == "local-dir" and not os.path.isdir(path):
+        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+        raise TeacherLoadError(f"SPEC {spec!r}: folder {parsed.target} {what}; check the path (local-dir: takes a "
+                               "folder holding open_clip_config.json, e.g. one written by `distill export`)")
+    run = training_run_message(parsed.target, spec)
+    if run:
+        raise TeacherLoadError(run)
+
+
+def check_spec(spec: str) -> Spec:
+    """resolve_spec, plus the local-folder checks (`_check_local_folder`): everything about a SPEC that can be
+    said without loading it (and without importing torch)."""
+    parsed = resolve_spec(spec)
+    _check_local_folder(parsed, spec)
+    return parsed
+
+
 def load_teacher(spec: str, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> Teacher:
     """Load any SPEC as a frozen Teacher on `device` (eval mode, no gradients, autocast on GPU).
 
     A model that cannot be loaded raises `TeacherLoadError` naming the SPEC (the library's error chained),
     never a randomly initialised teacher.
     """
-    parsed = resolve_spec(spec)
+    parsed = check_spec(spec)
     if parsed.backend == "py":
         from .py_teacher import load_py_teacher
         # the user's own code: its errors are its own
@@ -117,6 +139,7 @@ def load_teacher(spec: str, device: str | torch.device = "cpu", trust_remote_cod
 def _load_plugin_teacher(parsed: Spec, device: str | torch.device, trust_remote_code: bool = False) -> Teacher:
     """Call a plug-in back-end's `load(spec, device)` (with `trust_remote_code=` when it takes one) and check that
     it kept the Teacher contract."""
+    from .base import Teacher
     from .py_teacher import accepted_kwargs
 
     load = BACKENDS.get(parsed.kind)

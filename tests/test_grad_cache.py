@@ -310,7 +310,7 @@ def test_fsdp2_with_micro_batches_equals_one_process_without(tiny_corpus, tiny_c
     train(tiny_config(tiny_corpus, tmp_path / "one", data__batch_size=8, **common))
     res = _launch_fsdp(tiny_config(tiny_corpus, tmp_path / "fsdp", data__batch_size=4, data__micro_batch_size=3,
                                    **common), tmp_path, "fsdp")
-    assert "FSDP: 1-element instead of 0-dim parameters" in res.stderr  # Accelerate did take its FSDP path
+    assert "FSDP: 1-element instead of 0-dim parameters" in res.stdout  # Accelerate did take its FSDP path (INFO: stdout)
     ref, got = load_weights(tmp_path / "one" / "checkpoint-2"), _merged(tmp_path / "fsdp" / "checkpoint-2")
     assert got.keys() == ref.keys()
     _assert_equal({k: v.reshape(ref[k].shape) for k, v in got.items()}, ref, atol=2e-5)

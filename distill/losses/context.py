@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill.loss_names import POSITIVES, SCOPES  # noqa: F401  (re-exported: terms, combine)
 from teachers.modality import MODALITIES, Modality
 
 from .distributed import StepGather
@@ -19,8 +20,6 @@ from .phi_s import PhiS
 from .types import StudentOutput, TeacherBatch
 
 MAX_LOGIT_SCALE = 100.0
-POSITIVES = ("diagonal", "caption")  # contrastive targets: each row's own pair | every row with the same caption
-SCOPES = ("batch", "domain")  # what a row's similarity distribution spans: the global batch | its own domain's rows
 CROSS = ((Modality.IMAGE, Modality.TEXT), (Modality.TEXT, Modality.IMAGE))  # (mine, other): both directions
 
 
