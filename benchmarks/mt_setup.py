@@ -210,6 +210,8 @@ FEAT_COS = {"kind": "feature", "weight": 1.0, "kwargs": {"metric": "cosine"}}
 AFFINITY = {"kind": "affinity", "weight": 1.0}
 AFF3 = {**AFFINITY, "weight": 3.0}
 AFF3_LOCAL = {**AFF3, "kwargs": {"scope": "domain"}}  # issue 17: a row's distributions over its own domain's rows
+# relational: image-image and text-text distributions over the other rows (affinity's pairs: intra), beside AFF3
+INTRA = {"name": "affinity_intra", "kind": "affinity", "weight": 1.0, "kwargs": {"pairs": "intra"}}
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("all-hybrid", (_terms(INFONCE, FEAT_COS, {"kind": "icl", "weight": 1.0}),),
@@ -262,6 +264,12 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             "routed InfoNCE + 3 x domain-local affinity, domain d drawn as n_d^0.5"),
     Variant("routed-affinity-x3-local-balance0", (_terms(INFONCE, AFF3_LOCAL), ROUTING, "data.domain_balance=0"),
             "routed InfoNCE + 3 x domain-local affinity, domains drawn uniformly"),
+    Variant("routed-affinity-x3-intra-balance0.3", (_terms(INFONCE, AFF3, INTRA), ROUTING, "data.domain_balance=0.3"),
+            "routed InfoNCE + 3 x affinity + intra-modal affinity (image-image, text-text), domain d drawn as "
+            "n_d^0.3"),
+    Variant("routed-affinity-x3-intra3-balance0.3", (_terms(INFONCE, AFF3, {**INTRA, "weight": 3.0}), ROUTING,
+                                                     "data.domain_balance=0.3"),
+            "routed InfoNCE + 3 x affinity + 3 x intra-modal affinity, domain d drawn as n_d^0.3"),
     Variant("mmkd", (_terms(INFONCE, {"kind": "feature", "weight": 50.0, "kwargs": {"metric": "mse"}},
                             {"kind": "icl", "weight": 1.0}), "loss.combine.mode=random_teacher"),
             "MMKD-CLIP: InfoNCE + 50 x MSE + ICL, one random teacher per sample"),

@@ -7,6 +7,7 @@ of the terms. `tests/test_cli_fast_fail.py` checks that BUILTIN_TERMS agrees wit
 from __future__ import annotations
 
 POSITIVES = ("diagonal", "caption")  # contrastive targets: each row's own pair | every row with the same caption
+AFFINITY_PAIRS = ("cross", "intra", "both")  # affinity's similarity pairs: image-text | image-image, text-text | all
 SCOPES = ("batch", "domain")  # what a row's similarity distribution spans: the global batch | its own domain's rows
 COMBINE_MODES = ("weighted_sum", "random_teacher", "confidence")
 BALANCE_MODES = ("none", "phi_s")

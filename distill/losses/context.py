@@ -21,6 +21,7 @@ from .types import StudentOutput, TeacherBatch
 
 MAX_LOGIT_SCALE = 100.0
 CROSS = ((Modality.IMAGE, Modality.TEXT), (Modality.TEXT, Modality.IMAGE))  # (mine, other): both directions
+INTRA = ((Modality.IMAGE, Modality.IMAGE), (Modality.TEXT, Modality.TEXT))  # within one modality
 
 
 class StepContext:
@@ -48,6 +49,11 @@ class StepContext:
 
     def labels(self, offset: int) -> Tensor:
         return torch.arange(self.batch_size, device=self.student.image.device) + offset
+
+    def not_self(self, offset: int, columns: int) -> Tensor:
+        """(B, columns) bool: every global column but the local row's own (within-modality similarities)."""
+        cols = torch.arange(columns, device=self.student.image.device)
+        return cols[None, :] != self.labels(offset)[:, None]
 
     def caption_targets(self) -> Tensor:
         """(B, world * B) float32 soft targets of `positives: caption`, memoised for the step.

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from teachers.modality import MODALITIES, Modality
 from teachers.plugin_registry import Registry
 
-from .context import CROSS, MAX_LOGIT_SCALE, POSITIVES, SCOPES, StepContext  # noqa: F401  (re-exported)
+from distill.loss_names import AFFINITY_PAIRS
+from .context import CROSS, INTRA, MAX_LOGIT_SCALE, POSITIVES, SCOPES, StepContext  # noqa: F401  (re-exported)
 
 LOSSES: Registry[type["LossTerm"]] = Registry("loss", entry_point_group="biomed_distill.losses")
 register_loss = LOSSES.register
@@ -234,15 +235,23 @@ class Affinity(LossTerm):
     distributions are over those classes (a class's probability: the sum over its columns), so the student is not
     asked to reproduce how the teacher splits mass among copies of one caption (needs caption ids). A sigmoid
     teacher scores each pair alone (no class competes), so its pairs are unchanged.
+    pairs: "cross" (default: image-text, as above), "intra" or "both": "intra" matches the image-image and
+    text-text distributions instead (each row over the other global rows of its modality, itself excluded, with the
+    same scales; relational distillation): the teacher's view of which images look alike, which says more about a
+    domain with a few templated captions than its image-caption rows do. "both" averages the four directions.
+    `positives` applies to the cross pairs only.
     """
 
     gathers_teachers = True
 
-    def __init__(self, kl: bool = False, scope: str = "batch", positives: str = "diagonal"):
+    def __init__(self, kl: bool = False, scope: str = "batch", positives: str = "diagonal", pairs: str = "cross"):
         super().__init__()
         self.kl = bool(kl)
         self.scope = _check_scope("affinity", scope)
         self.positives = _check_positives("affinity", positives)
+        if pairs not in AFFINITY_PAIRS:
+            raise ValueError(f"affinity pairs {pairs!r} is unknown; use one of {', '.join(AFFINITY_PAIRS)}")
+        self.pairs = pairs
 
     @property
     def uses_domains(self) -> bool:
@@ -255,16 +264,21 @@ class Affinity(LossTerm):
         t_scale, t_bias = ctx.teacher_scale(teacher), ctx.teacher_bias(teacher)
         keep = ctx.domain_keep() if self.scope == "domain" else None
         classes = ctx.caption_classes() if self.positives == "caption" and t_bias is None else None
+        directions = (CROSS if self.pairs != "intra" else ()) + (INTRA if self.pairs != "cross" else ())
         vals = []
-        for mine, other in CROSS:
-            all_s, _ = ctx.student_global(other)
+        for mine, other in directions:
+            all_s, offset = ctx.student_global(other)
             all_t, _ = ctx.teacher_global(teacher, other)
             s_logits = ctx.scale * ctx.student_feats(mine) @ all_s.T
             t_logits = t_scale * ctx.teacher(teacher, mine) @ all_t.T
+            cols, cls = keep, classes
+            if mine == other:  # a row's own column is not a pair; caption classes are a cross-modal notion
+                others = ctx.not_self(offset, all_s.shape[0])
+                cols, cls = (others if keep is None else keep & others), None
             if t_bias is not None:
-                vals.append(_sigmoid_ce(t_logits + t_bias, s_logits + ctx.student_bias(), self.kl, keep))
-            elif keep is None and classes is None:  # scope batch, positives diagonal: open_clip's DistillClipLoss
+                vals.append(_sigmoid_ce(t_logits + t_bias, s_logits + ctx.student_bias(), self.kl, cols))
+            elif cols is None and cls is None:  # scope batch, positives diagonal: open_clip's DistillClipLoss
                 vals.append(_soft_ce(t_logits, s_logits, self.kl))
             else:
-                vals.append(_local_soft_ce(t_logits, s_logits, self.kl, keep, classes))
-        return (vals[0] + vals[1]) / 2
+                vals.append(_local_soft_ce(t_logits, s_logits, self.kl, cols, cls))
+        return sum(vals) / len(vals)
