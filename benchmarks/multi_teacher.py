@@ -56,6 +56,7 @@ from benchmarks.mt_setup import (  # noqa: E402
     SetupError, TeacherPlan, Variant, domain_weights_value, load_domain_file, load_variant_file, plan_teachers,
     resolve_domain, routing_value, tiny_overrides)
 from benchmarks.mt_confidence import confidence_by_domain  # noqa: E402
+from student.shown_paths import shown_path, shown_spec  # noqa: E402
 from benchmarks.mt_verdict import TaskInfo, pick_variant, verdict_entries, write_outputs  # noqa: E402
 
 log = logging.getLogger("multi_teacher")
@@ -427,6 +428,13 @@ def recorded_augmentation(spec: str) -> str | None:
         return None
 
 
+def shown_in(text: str | None, work: Path, out: Path) -> str | None:
+    """`text` with the work folder's absolute path shown relative to OUT (the report's folder), as eval reports do."""
+    if text is None:
+        return None
+    return text.replace(str(work.resolve()), shown_path(work, out)).replace(str(work), shown_path(work, out))
+
+
 def baseline_name(flags: Flags, views: bool) -> str:
     """`baseline` is the baseline of the students on stored views (or of all, without views); with views, the
     baseline of variants on their own crops (data.use_views=false) is `baseline-own-crops`."""
@@ -576,12 +584,13 @@ def run(flags: Flags) -> dict:
     setup = {"flags": dataclasses.asdict(flags), "budget": dataclasses.asdict(b), "threads": threads,
              "seeds": list(seeds), "sizes": sizes_text(b), "picked": chosen,
              "baseline_saw": {v.name: baseline_saw(flags, uses_views(flags, v)) + " [trainer's record: "
-                              f"{recorded_augmentation(baselines[uses_views(flags, v), seeds[0]])}]"
+                              f"{shown_in(recorded_augmentation(baselines[uses_views(flags, v), seeds[0]]), work, out)}]"
                               for v in variants},
              "dev_tasks": [Path(p).stem for p in files.dev],
              "machine": machine(), "timings_s": {k: round(v, 1) for k, v in timings.items()},
-             "teachers": specs, "students": students, "routing": routing,
-             "corpora": {k: str(v) for k, v in corpora.items()},
+             "teachers": {k: shown_spec(v, out) for k, v in specs.items()},
+             "students": {k: shown_spec(v, out) for k, v in students.items()}, "routing": routing,
+             "corpora": {k: shown_path(v, out) for k, v in corpora.items()},
              "tasks": {k: dataclasses.asdict(v) for k, v in files.info.items()},
              "own_tasks": {k: v.own for k, v in files.info.items() if v.own},
              "confidence_by_domain": confidence}

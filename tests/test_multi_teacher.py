@@ -209,7 +209,10 @@ def test_smoke_run_on_the_real_data_writes_consistent_verdicts(shared_data, tmp_
     dev = abl["variants"][picked]["dev_entries"]
     assert [e["task"] for e in dev] == ["radiology-retrieval-dev", "dermoscopy-zeroshot-dev",
                                         "chest_xray-zeroshot-dev", "breast_us-zeroshot-dev", "mean over domains"]
-    corpora = {k: Path(v) for k, v in abl["setup"]["corpora"].items()}
+    corpora = {k: out / v for k, v in abl["setup"]["corpora"].items()}  # shown relative to OUT, never absolute
+    assert not any(Path(v).is_absolute() for v in abl["setup"]["corpora"].values())
+    shown = json.dumps({k: abl["setup"][k] for k in ("teachers", "students", "corpora", "baseline_saw")})
+    assert str(out.resolve()) not in shown and str(out) not in shown and "local-dir:work/" in shown
 
     def keys(name):
         return set(open_corpus(corpora[name]).keys)
