@@ -276,8 +276,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
 )}
 
 # the recipe the evidence supports: picked on the dev tasks over 3 seeds (benchmarks/results/multi_teacher.md)
-DEFAULT_VARIANTS = ("routed-affinity-x3-balance0.3",)
-ABLATION_VARIANTS = ("routed-affinity-x3-balance0.3", "routed-affinity-x3-balance0.5", "routed-affinity-x3-balance0",
+DEFAULT_VARIANTS = ("routed-affinity-x3-intra3-balance0.3",)
+ABLATION_VARIANTS = ("routed-affinity-x3-intra3-balance0.3", "routed-affinity-x3-intra-balance0.3",
+                     "routed-affinity-x3-balance0.3", "routed-affinity-x3-balance0.5", "routed-affinity-x3-balance0",
                      "routed-affinity-x3-local", "routed-affinity-x3-weighted", "routed-affinity-x3-local-balance0",
                      "routed-affinity-x3", "routed-affinity", "routed-affinity-x10", "routed-affinity-own-crops",
                      "all-affinity", "confidence-affinity", "confidence-affinity-sharp", "routed-feature",
