@@ -25,7 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar, get_type_hints
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# where runs write NAME.json / NAME.md: their own folder, never the committed figures unless asked
+# (BIOMED_DISTILL_BENCH_OUT=benchmarks/results records a run there on purpose)
+RESULTS_DIR = Path(os.environ.get("BIOMED_DISTILL_BENCH_OUT", "bench-out"))
+RECORDED_DIR = Path(__file__).resolve().parent / "results"  # the committed figures the README quotes
 T = TypeVar("T")
 
 
@@ -233,7 +236,7 @@ def load_into_page_cache(path: Path, step: int = 64 << 20) -> None:
 
 # -- results ----------------------------------------------------------------------------------------------
 def write_results(name: str, flags: Any, results: dict, markdown: str, json_copy: str = "") -> tuple[Path, Path]:
-    """benchmarks/results/NAME.json (flags, machine, results) and NAME.md (the printed table); with `json_copy`
+    """RESULTS_DIR/NAME.json (flags, machine, results) and NAME.md (the printed table); with `json_copy`
     (a script's --json OUT) also `results` alone at that path."""
     if json_copy:
         Path(json_copy).write_text(json.dumps(results, indent=2, default=str) + "\n")
