@@ -581,11 +581,12 @@ def run(flags: Flags) -> dict:
                               for split, r in reports.items()}}
     timings["total"] = time.perf_counter() - t_start
     chosen = pick_variant(results, flags.pick_on if files.dev else "test")
+    record = {v.name: shown_in(recorded_augmentation(baselines[uses_views(flags, v), seeds[0]]), work, out)
+              for v in variants}  # what the trainer wrote it showed each variant's baseline
     setup = {"flags": dataclasses.asdict(flags), "budget": dataclasses.asdict(b), "threads": threads,
              "seeds": list(seeds), "sizes": sizes_text(b), "picked": chosen,
-             "baseline_saw": {v.name: baseline_saw(flags, uses_views(flags, v)) + " [trainer's record: "
-                              f"{shown_in(recorded_augmentation(baselines[uses_views(flags, v), seeds[0]]), work, out)}]"
-                              for v in variants},
+             "baseline_saw": {v.name: f"{baseline_saw(flags, uses_views(flags, v))} [trainer's record: "
+                                      f"{record[v.name]}]" for v in variants},
              "dev_tasks": [Path(p).stem for p in files.dev],
              "machine": machine(), "timings_s": {k: round(v, 1) for k, v in timings.items()},
              "teachers": {k: shown_spec(v, out) for k, v in specs.items()},

@@ -81,10 +81,7 @@ def discard_if_empty(out: str) -> bool:
             folder = S.segment_dir(out)
     except OSError:  # damaged or gone: nothing of ours to judge
         return False
-    for p in (out, W.parts_root(out) if os.path.isdir(W.parts_root(out)) else None):
-        if p and os.path.isfile(p):
-            os.remove(p)
-        elif p:
-            shutil.rmtree(p, ignore_errors=True)
+    os.remove(out)
+    shutil.rmtree(W.parts_root(out), ignore_errors=True)
     shutil.rmtree(folder, ignore_errors=True)
     return True

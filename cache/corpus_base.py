@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 from abc import ABC, abstractmethod
 from typing import Sequence
 
@@ -92,6 +93,19 @@ def utf8_problem(data: bytes) -> tuple[int, int, str] | None:
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
         return line, column, f"0x{data[e.start]:02x}"
     return None
+
+
+def read_utf8_text(path: str | os.PathLike) -> str:
+    """A table's text, decoded once (the bytes and the text are the most a table costs); a file that is not UTF-8
+    is refused naming the line, column and byte (a BOM is allowed and dropped)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        line, column, byte = utf8_problem(data)
+        raise CorpusError(f"{path} line {line}: not UTF-8 (byte {byte} at column {column}); save the file as "
+                          "UTF-8") from None
 
 
 def fingerprint_of(keys: Sequence[str], captions: Sequence[str]) -> str:

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .corpus_base import CorpusError, utf8_problem
+from .corpus_base import CorpusError, read_utf8_text
 from .corpus_csv import read_delimited
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -167,22 +167,13 @@ def _read_npz(src: CorpusSource, path: Path) -> SourceTable:
 
 # -- CSV -----------------------------------------------------------------------------------------------
 def _read_csv(src: CorpusSource, path: Path) -> SourceTable:
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        line, column, byte = utf8_problem(data)
-        raise CorpusBuildError(f"{path} line {line}: not UTF-8 (byte {byte} at column {column}); save the file as "
-                               "UTF-8") from None
-    del data
     raw_rows, lines = [], []
-    try:  # a quote never closed, a row of the wrong width, a huge cell: named at the line where the row begins
+    try:  # not UTF-8, a quote never closed, a row of the wrong width, a huge cell: named at the line of the row
+        text = read_utf8_text(path)
         columns, records = read_delimited(str(path), text, "\t" if path.suffix.lower() == ".tsv" else ",")
         for line, row in records:
             raw_rows.append(row)
             lines.append(line)
-    except CorpusBuildError:
-        raise
     except CorpusError as e:
         raise CorpusBuildError(str(e)) from None
     listed = ", ".join(columns) or "none"

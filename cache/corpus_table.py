@@ -16,8 +16,8 @@ import os
 
 from PIL import Image
 
-from .corpus_base import (MAX_CELL_CHARS, MAX_COLUMNS, Corpus, CorpusError, cap_caption, text_problem,
-                          utf8_problem)
+from .corpus_base import (MAX_CELL_CHARS, MAX_COLUMNS, Corpus, CorpusError, cap_caption, read_utf8_text,
+                          text_problem)
 from .corpus_csv import read_delimited
 from .image_decode import decode_image, read_bytes
 
@@ -145,15 +145,7 @@ def _too_many_columns(path: str, line: int, columns: int) -> str:
 
 def _read_utf8(path: str, expected: str) -> str:
     """The file's text; one that is empty or not UTF-8 is refused naming the line (a BOM is allowed and dropped)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8-sig")  # decoded once: the bytes and the text are the most a table costs
-    except UnicodeDecodeError:
-        line, column, byte = utf8_problem(data)
-        raise CorpusError(f"{path} line {line}: not UTF-8 (byte {byte} at column {column}); save the file as "
-                          "UTF-8") from None
-    del data
+    text = read_utf8_text(path)
     if not text or text.isspace():  # not strip(): that may copy the whole text
         raise CorpusError(f"{path}: empty file; expected {expected}")
     return text

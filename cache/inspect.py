@@ -32,15 +32,21 @@ def _size(n: float) -> str:
 def info(path: str, max_keys: int = 3, all_bad: bool = False) -> str:
     """Format, rows, a sample of keys, views, bad samples (the first 3, or all), and per teacher
     spec/dim/views/dtype/done/skipped; a teacher whose segment file is missing or truncated is "damaged"."""
+    return describe_cache(path, max_keys, all_bad)[0]
+
+
+def describe_cache(path: str, max_keys: int = 3, all_bad: bool = False) -> tuple[str, dict[str, str]]:
+    """`info`'s text and the damaged segment files it found (`segment_problems`), each file opened once."""
     if not os.path.isfile(path):
         raise CacheError(f"{path} not found")
     try:
-        lines = _describe(path, max_keys, all_bad)
+        problems = segment_problems(path)
+        lines = _describe(path, max_keys, all_bad, problems)
     except OSError as e:  # truncated, overwritten or not HDF5 at all: opening or any read can fail
         raise_damaged(path, e)
     lines += _pending(path)
     lines += record_lines(path, limit=10)  # streamed shards that failed (FEATURES.h5.shards.json)
-    return "\n".join(lines)
+    return "\n".join(lines), problems
 
 
 def _pending(path: str) -> list[str]:
@@ -103,9 +109,8 @@ def segment_problems(path: str) -> dict[str, str]:
     return out
 
 
-def check_segments(path: str) -> None:
+def check_segments(path: str, problems: dict[str, str]) -> None:
     """Raise CacheError naming the damaged segment files of `path` (`segment_problems`) and what to do."""
-    problems = segment_problems(path)
     if problems:
         first, why = next(iter(problems.items()))
         raise CacheError(f"{path}: {len(problems)} segment file(s) damaged, e.g. {first}: {why}; their rows cannot "
@@ -119,12 +124,12 @@ def _teacher_damage(g, problems: dict[str, str]) -> list[str]:
     for ds in g.values():
         if isinstance(ds, h5py.Dataset) and ds.is_virtual:
             plist = ds.id.get_create_plist()
-            found.update(n for i in range(plist.get_virtual_count()) if (n := plist.get_virtual_filename(i)) in problems)
+            found.update(n for i in range(plist.get_virtual_count())
+                         if (n := plist.get_virtual_filename(i)) in problems)
     return sorted(found)
 
 
-def _describe(path: str, max_keys: int, all_bad: bool = False) -> list[str]:
-    problems = segment_problems(path)
+def _describe(path: str, max_keys: int, all_bad: bool, problems: dict[str, str]) -> list[str]:
     with h5py.File(path, "r") as f:
         check_root(f, path)
         n = int(f.attrs[L.Root.NUM_ROWS])

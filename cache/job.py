@@ -195,8 +195,8 @@ class CacheSummary:
         fix = ("check the image paths, which are read relative to the corpus file's folder" if "missing" in kind
                else "repair or drop those rows")
         return (f"{self.out}: {share} bad samples{bound}; commonest reason ({count} rows): {reason} (key "
-                f"{key!r}); fix the corpus ({fix}) and rerun with --retry-bad (rows already embedded are kept; `distill info --all-bad "
-                f"{self.out}` lists every bad row), or raise --max-bad-fraction")
+                f"{key!r}); fix the corpus ({fix}) and rerun with --retry-bad (rows already embedded are kept; "
+                f"`distill info --all-bad {self.out}` lists every bad row), or raise --max-bad-fraction")
 
     def __str__(self) -> str:
         lines = [f"feature cache {self.out}: {self.rows} rows, {self.elapsed_s:.1f}s"]

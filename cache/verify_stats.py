@@ -77,7 +77,8 @@ class StatsCheck:
                 if got.shape != want.shape or off.any():
                     worst = float(np.nanmax(np.abs(got - want))) if got.shape == want.shape else float("inf")
                     out.append((f"stats/{m}_{what}", f"{int(off.sum())} value(s) differ from the features they "
-                                f"summarise (largest difference {worst:.3g}, allowed by rounding {float(tol.max()):.3g})"))
+                                f"summarise (largest difference {worst:.3g}, allowed by rounding "
+                                f"{float(tol.max()):.3g})"))
         return out
 
 

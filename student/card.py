@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .shown_paths import shown_path, shown_spec
+from .shown_paths import shown_if_absolute, shown_spec
 
 
 @dataclass(frozen=True)
@@ -95,11 +95,6 @@ def metrics_table(report: Mapping[str, Any]) -> str:
     return "\n".join(["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in flat.items()])
 
 
-def _shown_corpus(corpus: str) -> str:
-    """An absolute corpus path by its name; relative paths, shard URLs, hub ids and pipe: commands as written."""
-    return shown_path(corpus) if corpus.startswith(("/", "~")) else corpus
-
-
 def _architecture(model_cfg: Mapping, text_config: Mapping | None, n_params: int | None) -> list[str]:
     v, t = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     if "timm_model_name" in v:
@@ -137,7 +132,7 @@ def make_model_card(card: ModelCard | None, model_cfg: Mapping[str, Any],
                   for t in card.teachers]
     else:
         lines.append("None recorded (contrastive training only).")
-    corpus = _shown_corpus(card.corpus) if card.corpus else None
+    corpus = shown_if_absolute(card.corpus) if card.corpus else None
     lines += ["", "## Training data", "", f"- corpus: `{corpus}`" if corpus else "- corpus: not recorded"]
     if card.corpus_size is not None:
         lines.append(f"- size: {card.corpus_size} image-text pairs")

@@ -40,4 +40,10 @@ def shown_spec(spec: str, base: str | os.PathLike | None = None) -> str:
         if spec.startswith(prefix):
             target = spec[len(prefix):]
             return prefix + shown_path(target, base) if target and _is_path(target) else spec
-    return shown_path(spec, base) if os.path.isabs(os.path.expanduser(spec)) else spec
+    return shown_if_absolute(spec, base)
+
+
+def shown_if_absolute(text: str, base: str | os.PathLike | None = None) -> str:
+    """An absolute (or ~) path shown as `shown_path` does; anything else (a relative path, a URL, a hub id, a
+    `pipe:` command) as written."""
+    return shown_path(text, base) if os.path.isabs(os.path.expanduser(text)) else text

@@ -61,6 +61,28 @@ def _describe(pid: int) -> str:
         return f"pid {pid}: (gone)"
 
 
+def leftovers(tag: str, grace: float = 10.0) -> list[str]:
+    """Processes carrying `tag` still alive after up to `grace` s (none, unless one is orphaned)."""
+    deadline = time.monotonic() + grace
+    while (alive := tagged(tag)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [_describe(pid) for pid in alive]
+
+
+def kill_all(groups: list[int], tag: str) -> None:
+    """SIGKILL the process groups `groups` and every process carrying `tag` (cleanup after a failure)."""
+    for pgid in groups:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in tagged(tag):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class TorchRun:
     """`python -m torch.distributed.run --standalone --nproc_per_node N ARGS...`, its output in `log`."""
 
@@ -107,22 +129,11 @@ class TorchRun:
 
     def leftovers(self, grace: float = 10.0) -> list[str]:
         """Processes of this job still alive `grace` s after the launcher ended (none, unless one is orphaned)."""
-        deadline = time.monotonic() + grace
-        while (alive := tagged(self.tag)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return [_describe(pid) for pid in alive]
+        return leftovers(self.tag, grace)
 
     def abort(self) -> None:
         """Kill the launcher's session and every process of the job (cleanup after a failure)."""
-        try:
-            os.killpg(self.p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for pid in tagged(self.tag):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all([self.p.pid], self.tag)
         self.p.wait(timeout=30)
 
 
@@ -177,21 +188,9 @@ class Ranks:
                                  f"{self.err(rank)[-3000:]}")
 
     def leftovers(self, grace: float = 10.0) -> list[str]:
-        deadline = time.monotonic() + grace
-        while (alive := tagged(self.tag)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return [_describe(pid) for pid in alive]
+        return leftovers(self.tag, grace)
 
     def abort(self) -> None:
-        for p in self.procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for pid in tagged(self.tag):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all([p.pid for p in self.procs], self.tag)
         for p in self.procs:
             p.wait(timeout=30)

@@ -44,7 +44,8 @@ def test_intra_pairs_equal_the_hand_softmax_over_the_other_rows(kl):
     both = Affinity(kl=kl, pairs="both").per_sample(_ctx(out, tb), "a")
     _within(both, (cross + want) / 2, _aff_tol((cross + want) / 2, "a", kl))
     # the self column is excluded: with it, every row's distribution changes by far more than the tolerance
-    with_self = torch.stack([(torch.softmax(S_SCALE * student["image"][i] @ student["image"].T, 0)[i]) for i in range(N)])
+    with_self = torch.stack([torch.softmax(S_SCALE * student["image"][i] @ student["image"].T, 0)[i]
+                             for i in range(N)])
     assert (with_self > 0.01).all()
 
 

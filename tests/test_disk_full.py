@@ -22,19 +22,13 @@ import pytest
 from distill.cli import main
 from distill.errors import BAD_INPUT, ENVIRONMENT, describe
 
+from test_cli_errors import make_run_folder, one_error_line
+
 ROOT = Path(__file__).resolve().parents[1]
 ENOSPC_TEXT = ("Can't decrement id ref count (file write failed: time = Mon Dec  7 10:00:00 2026, filename = "
                "'{name}', file descriptor = 7, errno = 28, error message = 'No space left on device', buf = "
                "0x55d0c, total write size = 4096, bytes this sub-write = 4096, bytes actually written = "
                "18446744073709551615, offset = 8192)")
-
-
-def one_error_line(capsys, command: str) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith(f"distill {command}: error: "), err
-    return lines[0]
 
 
 def leftovers(root: Path) -> list[str]:
@@ -200,8 +194,6 @@ def test_export_names_no_path_of_this_machine_but_the_text_config(export_run, tm
 @pytest.fixture(scope="module")
 def export_run(tiny_corpus, tmp_path_factory) -> Path:
     """A run folder as training leaves it: student/ and checkpoint-1/model.safetensors."""
-    from test_cli_errors import make_run_folder
-
     return make_run_folder(tiny_corpus, tmp_path_factory.mktemp("run"))
 
 

@@ -116,13 +116,17 @@ class Flags:
         return out
 
 
+def below_chance(e: Estimate, chance: float | None) -> bool:
+    """Whether `e`'s whole interval lies below `chance` (no interval, or no chance level: False)."""
+    return chance is not None and _finite(e.ci_high) and e.ci_high < chance
+
+
 def task_flags(metrics: Mapping[str, Mapping[str, Estimate]], head: str | None,
                chance: float | None = None) -> Flags:
     """`Flags` of a task from `metrics[metric][model]` Estimates, its headline metric and that metric's chance."""
     if head is None:
         return Flags()
-    below = {m: e for m, e in metrics.get(head, {}).items()
-             if chance is not None and _finite(e.ci_high) and e.ci_high < chance}
+    below = {m: e for m, e in metrics.get(head, {}).items() if below_chance(e, chance)}
     prefix = head.rsplit("/", 1)[0] + "/" if "/" in head and not head.startswith("auroc/") else ""
     keys = [prefix + p for p in ("balanced_accuracy", "accuracy", "macro_f1") if prefix + p in metrics]
     one = {}

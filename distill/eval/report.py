@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from .bootstrap import Difference, Estimate
-from .compare import Flags, best_model, headline_metric, metric_differences, overall_summary, task_flags, verdict
+from .compare import (Flags, below_chance, best_model, headline_metric, metric_differences, overall_summary,
+                      task_flags, verdict)
 
 FORMAT = "biomed-distill-eval"
 
@@ -175,7 +176,7 @@ def markdown_table(report: dict, task: str) -> str:
             top = best is not None and math.isclose(ests[m].point, best, rel_tol=0, abs_tol=1e-12)
             text = f"**{text}**" if top and len(models) > 1 else text
             c = t.get("chance", {}).get(metric)
-            marks = ["below chance"] if c is not None and _finite(ests[m].ci_high) and ests[m].ci_high < c else []
+            marks = ["below chance"] if below_chance(ests[m], c) else []
             marks += ["one class"] if row[m].get("classes_predicted") == 1 else []
             cells.append(text + (f" ({', '.join(marks)})" if marks else ""))
         c, maj = t.get("chance", {}).get(metric), t.get("majority", {}).get(metric)

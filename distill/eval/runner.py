@@ -105,14 +105,13 @@ def pick_student(job: EvalJob) -> str:
 
 def _task_info(task: TaskCfg, splits: dict[str, SplitData], out: Path) -> dict:
     """The task as report.json describes it, its files relative to the report folder `out` (or by name)."""
-    from student.shown_paths import shown_path
+    from student.shown_paths import shown_if_absolute, shown_path
 
     builtin = task.source.startswith("built-in task ")
     source = task.source.split(" (", 1)[0] if builtin else shown_path(task.source, out)
     dataset = task.dataset_path
     return {"kind": task.kind, "source": source,
-            "dataset": shown_path(dataset, out) if isinstance(dataset, Path) or str(dataset).startswith(("/", "~"))
-            else str(dataset),
+            "dataset": shown_path(dataset, out) if isinstance(dataset, Path) else shown_if_absolute(str(dataset), out),
             "n": {r: len(d) for r, d in splits.items()}, "classes": list(task.classes),
             "multilabel": task.multilabel}
 

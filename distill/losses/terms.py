@@ -76,16 +76,19 @@ def _sigmoid_ce_pairs(teacher_logits: Tensor, student_logits: Tensor, kl: bool) 
     return ce - F.binary_cross_entropy_with_logits(teacher_logits, p_t, reduction="none") if kl else ce
 
 
+def _check_choice(kind: str, option: str, value: str, allowed: tuple[str, ...]) -> str:
+    """`value` when it is one of `allowed`; else a one-line ValueError naming the term kind and option."""
+    if value not in allowed:
+        raise ValueError(f"{kind} {option} {value!r} is unknown; use one of {', '.join(allowed)}")
+    return value
+
+
 def _check_positives(kind: str, positives: str) -> str:
-    if positives not in POSITIVES:
-        raise ValueError(f"{kind} positives {positives!r} is unknown; use one of {', '.join(POSITIVES)}")
-    return positives
+    return _check_choice(kind, "positives", positives, POSITIVES)
 
 
 def _check_scope(kind: str, scope: str) -> str:
-    if scope not in SCOPES:
-        raise ValueError(f"{kind} scope {scope!r} is unknown; use one of {', '.join(SCOPES)}")
-    return scope
+    return _check_choice(kind, "scope", scope, SCOPES)
 
 
 class LossTerm(nn.Module):
@@ -249,9 +252,7 @@ class Affinity(LossTerm):
         self.kl = bool(kl)
         self.scope = _check_scope("affinity", scope)
         self.positives = _check_positives("affinity", positives)
-        if pairs not in AFFINITY_PAIRS:
-            raise ValueError(f"affinity pairs {pairs!r} is unknown; use one of {', '.join(AFFINITY_PAIRS)}")
-        self.pairs = pairs
+        self.pairs = _check_choice("affinity", "pairs", pairs, AFFINITY_PAIRS)
 
     @property
     def uses_domains(self) -> bool:
