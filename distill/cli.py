@@ -107,12 +107,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     if not args.features:
         raise SystemExit("error: distill info needs FEATURES.h5 (or --list-teachers)")
-    from cache.inspect import info
+    from cache.inspect import check_segments, describe_cache
 
-    print(info(args.features, all_bad=args.all_bad), flush=True)
-    from cache.inspect import check_segments
-
-    check_segments(args.features)  # a missing or truncated segment file: one error line, exit 2
+    text, damaged = describe_cache(args.features, all_bad=args.all_bad)
+    print(text, flush=True)
+    check_segments(args.features, damaged)  # a missing or truncated segment file: one error line, exit 2
     if args.verify:  # every row of every teacher: checksums, finiteness, unit norms (cache/verify.py)
         from cache.verify import verify
 
@@ -360,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .logs import setup_logging
 
     setup_logging(args.verbose)
-    from .errors import BUG, describe
+    from .errors import BUG, describe, exit_code
 
     try:
         return args.func(args)
@@ -380,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "traceback above; `distill -v` adds debug logs", file=sys.stderr)
             return BUG
         print(f"distill {args.command}: error: {failure.message}", file=sys.stderr)
-        return failure.code
+        return exit_code(failure)
 
 
 if __name__ == "__main__":

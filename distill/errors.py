@@ -49,6 +49,19 @@ class Failure:
 
     message: str
     code: int
+    # another process of the job died: this one's process group is broken, and the interpreter's normal shutdown
+    # can abort in its threads ("terminate called without an active exception", exit -6 after the error line)
+    abandon: bool = False
+
+
+def exit_code(failure: Failure) -> int:
+    """The failure's exit code, to return from main; a broken distributed job (`abandon`) leaves at once instead,
+    output flushed, skipping the shutdown that can abort (its DataLoader workers see their parent gone and end)."""
+    if failure.abandon:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(failure.code)
+    return failure.code
 
 
 def one_line(text: str) -> str:
@@ -143,7 +156,7 @@ def describe(e: BaseException, file: str | None = None) -> Failure | None:
     if "torch.distributed" in sys.modules:  # another rank of the job died (cache.dist.lost_peer)
         from cache.dist import lost_peer
         if (lost := lost_peer(e)) is not None:
-            return Failure(lost, ENVIRONMENT)
+            return Failure(lost, ENVIRONMENT, abandon=True)
     if isinstance(e, OSError):
         if type(e).__module__.split(".")[0] in OUR_PACKAGES:  # ours already name the file and say what to do
             return Failure(one_line(str(e)), ENVIRONMENT if _errno(e) in _ENVIRONMENT_ERRNOS else BAD_INPUT)
@@ -159,8 +172,7 @@ def describe(e: BaseException, file: str | None = None) -> Failure | None:
         first = (str(e).strip().splitlines() or ["refused"])[0]
         return Failure(f"refused to unpickle a file (only plain tensors are loaded: {first}): rerun with -v to "
                        "see which; do not load files from untrusted sources", BAD_INPUT)
-    if isinstance(e, RuntimeError) and _errno(e) in _ENVIRONMENT_ERRNOS:  # h5py: "... errno = 28, ..."
-        code = _errno(e)
+    if isinstance(e, RuntimeError) and (code := _errno(e)) in _ENVIRONMENT_ERRNOS:  # h5py: "... errno = 28, ..."
         return _os_error(OSError(code, os.strerror(code)), _named_file(e, file))
     if isinstance(e, RuntimeError) and any(s in str(e) for s in _FAILED_SAVE):
         return Failure(f"writing a file failed ({one_line(str(e))}): the disk is probably full or not writable; "

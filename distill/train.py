@@ -322,7 +322,7 @@ def module_main() -> int:
     """`python -m distill.train` / `accelerate launch -m distill.train`: main() with the `distill` CLI's one-line
     messages and exit codes (distill.errors: 1 environment, 2 bad input); an unexpected error keeps its traceback.
     `distill -v train ...` shows the traceback of an expected one too."""
-    from distill.errors import describe
+    from distill.errors import describe, exit_code
 
     try:
         return main()
@@ -332,7 +332,7 @@ def module_main() -> int:
             raise
         log.debug("traceback", exc_info=True)
         print(f"distill.train: error: {failure.message}", file=sys.stderr)
-        return failure.code
+        return exit_code(failure)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Fast variant (no launcher): the survivor finishes its own chunks, then ends by i
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,23 @@ def test_a_lost_peer_is_an_environment_failure_in_one_line(text):
     assert failure.message.startswith("another process of this distributed job stopped (Connection ")
     assert failure.message.endswith("rerun the same command: work already committed is kept")
     assert describe(RuntimeError("Connection reset by peer")) is None  # not from a collective: still a bug
+
+
+def test_a_lost_peer_leaves_at_once_and_other_failures_return(monkeypatch, capsys):
+    """A survivor's process group is broken: its normal interpreter shutdown can abort in gloo's threads
+    (std::terminate, exit -6, after the error line), so `exit_code` leaves with os._exit, output flushed."""
+    from distill.errors import ENVIRONMENT, Failure, describe, exit_code
+
+    left = []
+
+    def fake_exit(code):
+        left.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    lost = describe(RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:29500"))
+    assert lost is not None and lost.abandon
+    with pytest.raises(SystemExit):
+        exit_code(lost)
+    assert left == [ENVIRONMENT]
+    assert exit_code(Failure("no space left on device", ENVIRONMENT)) == ENVIRONMENT and left == [ENVIRONMENT]
