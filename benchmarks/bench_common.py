@@ -279,13 +279,13 @@ def quiet_libraries() -> None:
 
 # -- synthetic JPEG corpus --------------------------------------------------------------------------------
 def make_jpeg_corpus(out: Path, n: int, px: int, seed: int = 0) -> Path:
-    """The synthetic corpus (cache.synthetic) re-encoded as textured JPEGs, so decoding costs what photos do."""
+    """The synthetic corpus (cache.sources.synthetic) re-encoded as textured JPEGs, so decoding costs what photos do."""
     import csv
 
     import numpy as np
     from PIL import Image
 
-    from cache.synthetic import make_synthetic_corpus
+    from cache.sources.synthetic import make_synthetic_corpus
 
     png_csv = make_synthetic_corpus(out, n=n, image_size=px, seed=seed)
     rng = np.random.default_rng(seed)

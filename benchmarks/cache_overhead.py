@@ -15,9 +15,9 @@ ratios are taken within a repeat, reported as median [min, max] with the load av
 with workers >= 1.
 
 Part 2: the reader's throughput (`cache.FeatureReader.read`) for 256-row batches, all teachers together, on a
-synthetic --rows x 3-teacher float16 file written in the cache's own layout (cache.h5_writer creates the file and
+synthetic --rows x 3-teacher float16 file written in the cache's own layout (cache.store.writer creates the file and
 each teacher's group), for each --chunk-rows: random rows (an epoch permutation, read directly: no block can
-help), block-shuffled rows for each --block-rows B that is a multiple of the chunk (`cache.h5_reader.block_shuffle_order`,
+help), block-shuffled rows for each --block-rows B that is a multiple of the chunk (`cache.store.reader.block_shuffle_order`,
 the trainer's EpochSampler order, read through `FeatureReader(block_rows=B, cache_blocks=--buffer-blocks)`, the way training reads), and
 sequential rows (the ceiling); warm (whole file read into the page cache first) and cold (dropped from it with
 posix_fadvise, no root needed). "fetched/useful" is feature bytes the reader took from HDF5 per byte returned;
@@ -114,7 +114,7 @@ def prepared_inputs(corpus_path: str, teachers: dict[str, str], batch_size: int)
     """Per teacher: its model, image batches (decoded + its own transform) and token batches, all ready."""
     import torch
 
-    from cache.corpus import open_corpus
+    from cache.sources.corpus import open_corpus
     from teachers import load_teacher
 
     corpus = open_corpus(corpus_path)
@@ -247,12 +247,12 @@ def run_overhead(f: Flags, work: Path) -> dict:
 def write_feature_file(path: Path, rows: int, dims: tuple[int, ...], chunk_rows: int, seed: int = 0) -> float:
     """A finished float16 cache of `rows` rows and one teacher per dim, in the writer's own layout and chunking.
 
-    The file and each group come from cache.h5_writer (create_file, the group the writer's fold creates); the
+    The file and each group come from cache.store.writer (create_file, the group the writer's fold creates); the
     values are one block of random unit vectors repeated, which reading speed does not depend on.
     """
     import h5py
 
-    from cache import h5_writer as W
+    import cache.store.writer as W
 
     t0 = time.perf_counter()
     keys = [f"row-{i:08d}" for i in range(rows)]
@@ -304,7 +304,7 @@ def reader_variants(f: Flags, n: int, chunk: int, seed: int = 0) -> list[tuple[s
     """(label, reader block_rows, buffer blocks, row order): random rows read directly (no block can help),
     block-shuffled rows through the block cache (how training reads: the EpochSampler's
     block_shuffle_order + FeatureReader(block_rows=B, cache_blocks=buffer)), and sequential rows (the ceiling)."""
-    from cache.h5_reader import block_shuffle_order
+    from cache.store.reader import block_shuffle_order
 
     out = [("random", 0, 1, np.random.default_rng(seed).permutation(n))]
     for b in f.block_rows:

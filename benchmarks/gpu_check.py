@@ -66,7 +66,7 @@ def make_data(work: Path, f: Flags) -> tuple[Path, Path]:
     """Synthetic corpus with captions long enough to fill a 256-token context, and a WordPiece trained on it."""
     import csv
 
-    from cache.synthetic import make_synthetic_corpus
+    from cache.sources.synthetic import make_synthetic_corpus
     from student.tokenizer import train_wordpiece
 
     path = make_synthetic_corpus(work / "corpus", n=f.images, image_size=f.image_px)
@@ -109,8 +109,8 @@ def flops_per_sample(f: Flags, tokenizer: Path, work: Path) -> float:
 def config_keys() -> str:
     """Every key the trainer accepts (what `distill train --help` lists), so variants for keys not landed yet are
     skipped, not failed."""
-    from distill.config import Config
-    from distill.config_usage import config_help
+    from distill.config.train_config import Config
+    from distill.config.usage import config_help
 
     return config_help(Config)
 
@@ -174,7 +174,7 @@ def run_child(config: str) -> int:
 
     import torch
 
-    from distill.config import Config
+    from distill.config.train_config import Config
     from distill.train import train
 
     cuda = torch.cuda.is_available()

@@ -6,7 +6,7 @@ plain gradient accumulation at the same global batch (issue 10: GradCache / plai
     python benchmarks/grad_cache.py --device cuda --preset biomedclip --batch-size 256 --micro-batch-size 64 \
         --mixed-precision bf16 --steps 10 --warmup-steps 3
 
-Whole optimizer steps (zero_grad, forward, backward, AdamW from distill.optim, logit-scale clamp) on one synthetic
+Whole optimizer steps (zero_grad, forward, backward, AdamW from distill.training.optim, logit-scale clamp) on one synthetic
 batch of B rows (uint8 pixels; captions of --caption-words words, WordPiece trained here, cut to the longest as
 data.trim_captions does). Student, heads and DistillLoss come from the trainer's builders and a Config
 (contrastive: InfoNCE; hybrid: + feature, ICL, affinity against synthetic unit teacher features).
@@ -106,7 +106,7 @@ class Setup:
 
 
 def make_config(f: Flags, tokenizer: Path):
-    from distill.config import Config
+    from distill.config.train_config import Config
     from train_setup import student_section  # the same widened tiny student as train_overhead.py's
 
     s = student_section(SimpleNamespace(student_preset=f.preset, student_width=f.width, student_layers=f.layers,
@@ -124,14 +124,14 @@ def make_config(f: Flags, tokenizer: Path):
 
 
 def build(f: Flags, work: Path) -> Setup:
-    from distill.build_run import build_student_model, resolve_terms, text_pad_id
-    from distill.data import trim_padding
-    from distill.heads import ProjectionHeads
+    from distill.training.build_run import build_student_model, resolve_terms, text_pad_id
+    from distill.data.loader import trim_padding
+    from distill.training.heads import ProjectionHeads
     from distill.losses import DistillLoss, TeacherBatch
-    from distill.optim import build_optimizer
-    from distill.student_model import DistillModel
+    from distill.training.optim import build_optimizer
+    from distill.training.student_model import DistillModel
     from student.tokenizer import train_wordpiece
-    from teachers.modality import Pair
+    from teachers.kernel.modality import Pair
     from teachers.transforms import PreprocessCfg
 
     g = torch.Generator().manual_seed(0)
@@ -168,7 +168,7 @@ def build(f: Flags, work: Path) -> Setup:
 def loss_fn(s: Setup, rows: slice = slice(None)) -> Callable:
     """The DistillLoss of rows `rows` (their teacher features and caption ids), as grad_cache_step's loss_fn."""
     from distill.losses import TeacherBatch
-    from teachers.modality import Pair
+    from teachers.kernel.modality import Pair
 
     t = s.teachers
     teachers = None if t is None else TeacherBatch({k: Pair(p.image[rows], p.text[rows]) for k, p in t.feats.items()},
@@ -178,7 +178,7 @@ def loss_fn(s: Setup, rows: slice = slice(None)) -> Callable:
 
 def forward_backward(s: Setup, variant: str, micro: int) -> dict:
     """One step's forward and backward by `variant`; returns the loss terms."""
-    from distill.grad_cache import chunk_slices, grad_cache_step
+    from distill.training.grad_cache import chunk_slices, grad_cache_step
 
     if variant == "plain":
         losses = loss_fn(s)(s.model(s.images, s.tokens))

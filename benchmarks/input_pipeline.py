@@ -5,13 +5,13 @@
 
 (a) Samples/s of ONE process (a DataLoader worker is one) for decode + augment + tokenise of ~0.5 MP synthetic
     JPEGs to a 224 px student: today's path (`teachers.transforms.make_view_transform`: normalised float32) and
-    the uint8 path (`distill.data.make_uint8_view_transform`, normalised on the device) where it exists. Both run
+    the uint8 path (`distill.data.loader.make_uint8_view_transform`, normalised on the device) where it exists. Both run
     `PairDataset.__getitem__` and `Collate` (PubMedBERT-sized context of 256) over the same images, interleaved
     (A B A B ..., bench_common.interleave): ratios per repeat, median [min, max], load average per repeat.
 (b) Feature bytes read per useful byte with R ranks x W workers simulated (8 x 8 in --quick): every (rank, worker)
     gets the batches Accelerate (`BatchSamplerShard`: batch g to rank g % R) and the DataLoader (a rank's batch j
     to worker j % W) give it and reads them through its own `FeatureReader(block_rows, cache_blocks=buffer)`, as
-    its Collate does; block_shuffle (today) against block_deal (`distill.samplers.deal_order`).
+    its Collate does; block_shuffle (today) against block_deal (`distill.data.samplers.deal_order`).
 (c) CPU cores per GPU to feed a ViT-B/16 student at 1,800 samples/s = 1800 x (CPU seconds per sample): the
     decode path of (a) plus the feature reads of (b) for 9 ViT-B teachers (27.6 KB a row in float16), the read
     time modelled as bytes read per useful byte x 27.6 KB x the measured seconds per byte read (page cache).
@@ -57,8 +57,8 @@ def decode_variants(f: Flags, work: Path) -> dict:
     """{name: callable returning seconds for one pass over the images}, one process, batches of batch_size."""
     from open_clip.tokenizer import HFTokenizer
 
-    import distill.data as D
-    from cache.corpus import open_corpus
+    import distill.data.loader as D
+    from cache.sources.corpus import open_corpus
     from student.tokenizer import train_wordpiece
     from teachers.transforms import PreprocessCfg, make_view_transform
 
@@ -126,7 +126,7 @@ def _write_features(path: Path, f: Flags) -> int:
 
 def read_amplification(f: Flags, work: Path) -> dict:
     from cache import FeatureReader
-    from distill.samplers import Dealing, EpochSampler, reader_blocks
+    from distill.data.samplers import Dealing, EpochSampler, reader_blocks
 
     path = work / "features.h5"
     row_bytes = _write_features(path, f)

@@ -14,9 +14,9 @@ import torch
 def confidence_by_domain(features: str, corpus_csv: str, temperatures=(1.0, 0.1), batch_size: int = 64,
                          batches: int = 200, seed: int = 0) -> dict[float, dict[str, dict[str, float]]]:
     """{temperature: {domain: {teacher: mean weight}}} over `batches` random batches of the student corpus."""
-    from cache.corpus import open_corpus
-    from cache.h5_reader import FeatureReader
-    from distill.data import teacher_feats
+    from cache.sources.corpus import open_corpus
+    from cache.store.reader import FeatureReader
+    from distill.data.loader import teacher_feats
     from distill.losses import CombineCfg, StudentOutput, TeacherBatch
     from distill.losses.combine import TeacherDraw, weight_matrix
     from distill.losses.distributed import StepGather

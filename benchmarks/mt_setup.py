@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from teachers.bounded_yaml import load_yaml
+from teachers.kernel.bounded_yaml import load_yaml
 
 
 class SetupError(ValueError):

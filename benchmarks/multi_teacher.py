@@ -144,7 +144,7 @@ def set_threads(flags: Flags) -> int:
     """One explicit thread count for this process (torch's default oversubscribes a shared small machine)."""
     import torch
 
-    from distill.build_run import resolve_threads
+    from distill.training.build_run import resolve_threads
 
     n, _ = resolve_threads(flags.threads or None, num_local_processes=1, env={})  # the flag, else every usable core
     torch.set_num_threads(n)
@@ -298,7 +298,7 @@ def write_tasks(domains: list[Domain], corpora: dict[str, Path], extra: tuple[st
 # -- training ---------------------------------------------------------------------------------------------
 def train_and_export(name: str, config: str, overrides: list[str], work: Path) -> str:
     """Train (or resume / skip a finished run) and export; returns the student's `local-dir:` SPEC."""
-    from distill.config import Config
+    from distill.config.train_config import Config
     from distill.train import train
     from student.export import export_checkpoint
 
@@ -330,7 +330,7 @@ def common_overrides(flags: Flags, b: Budget, corpus: Path, steps: int, width: i
 
 def build_tokenizer(corpus: Path, b: Budget, work: Path) -> Path:
     """One WordPiece vocabulary on the student corpus for every student (baseline and reference too)."""
-    from cache.corpus import open_corpus
+    from cache.sources.corpus import open_corpus
     from student.tokenizer import train_wordpiece
 
     out = work / f"tokenizer-{digest(str(corpus), b.vocab_size)}"
@@ -356,7 +356,7 @@ def teacher_specs(plans: list[TeacherPlan], corpora: dict[str, Path], flags: Fla
 
 
 def build_features(corpus: Path, specs: dict[str, str], flags: Flags, work: Path) -> Path:
-    from cache.build import CacheJob, build_cache
+    from cache.build.run import CacheJob, build_cache
 
     out = work / f"features-{digest(str(corpus), specs, flags.views, flags.seed)}.h5"
     build_cache(CacheJob(data=str(corpus), teachers=specs, out=str(out), batch_size=128, num_workers=0,
@@ -374,8 +374,8 @@ def domain_sizes(corpus: Path) -> dict[str, int]:
     """Rows per domain of a harness-built corpus (its `domain` column)."""
     import numpy as np
 
-    from cache.corpus import open_corpus
-    from distill.domains import domain_ids
+    from cache.sources.corpus import open_corpus
+    from distill.data.domains import domain_ids
 
     ids, names = domain_ids(open_corpus(corpus), "domain")
     return {n: int(c) for n, c in zip(names, np.bincount(ids, minlength=len(names)))}
@@ -401,7 +401,7 @@ def baseline_overrides(base: list[str], features: Path, views: bool) -> list[str
     defaults that the students' config leaves (views replace them); else the shared overrides (own crops)."""
     if not views:
         return list(base)
-    from distill.config import DataCfg
+    from distill.config.train_config import DataCfg
 
     default = DataCfg.model_fields
     return [*student_overrides(base, True), f"data.features={features}", "data.use_views=true",

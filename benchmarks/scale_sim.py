@@ -4,13 +4,13 @@
     python benchmarks/scale_sim.py --rows 24000000 --dims 512,768,1152,768,768,768,512,512,1152 --processes 64
 
 (a) Write: P processes (spawned, as torchrun would) each take their contiguous share of the chunks
-    (`cache.build_commit.deal`), open their segment (`open_segment`) and commit every chunk through the builder's
+    (`cache.build.commit.deal`), open their segment (`open_segment`) and commit every chunk through the builder's
     own path (`commit_chunk` -> `W.write_part` -> `SegmentWriter`, in the `W.PartWriter` thread), with the running
     statistics sums (`SegmentWriter.add_sums`; on a GPU build they run on the device, here on the CPU, timed
     apart). Rows are random unit vectors (float16) drawn from one pool per teacher, so drawing them costs nothing.
 (b) Merge: `W.fold`, the real merge, timed; a thread samples the bytes allocated under the cache's folder every
     20 ms, so `extra_disk_over_final` = (peak during the merge - before) / final size.
-(c) Read: R ranks x W workers (`distill.samplers` block_deal, Accelerate's and the DataLoader's dealing of
+(c) Read: R ranks x W workers (`distill.data.samplers` block_deal, Accelerate's and the DataLoader's dealing of
     batches as `input_pipeline.pair_batches` gives them), each (rank, worker) reading its first batches through its
     own `FeatureReader(block_rows=chunk)` as its Collate does, one after another in this process: rows/s per core.
     Also the same rows read straight from a segment file, to show what the virtual datasets cost.
@@ -69,9 +69,9 @@ def _write_rank(out: str, rank: int, world: int, run: int, metas: dict, fp: str,
     moment every process is ready (`start`, a barrier) to its last commit."""
     import torch
 
-    from cache import h5_writer as W
-    from cache.build_commit import commit_chunk, deal, open_segment
-    from cache.dist import DistEnv
+    import cache.store.writer as W
+    from cache.build.commit import commit_chunk, deal, open_segment
+    from cache.build.dist import DistEnv
 
     torch.set_num_threads(1)
     rows = np.arange(f.rows, dtype=np.int64)
@@ -113,9 +113,9 @@ def _write_rank(out: str, rank: int, world: int, run: int, metas: dict, fp: str,
 
 
 def write(out: Path, f: Flags) -> dict:
-    from cache import h5_writer as W
-    from cache import layout as L
-    from cache import segments as S
+    import cache.store.writer as W
+    import cache.store.layout as L
+    import cache.store.segments as S
 
     fp = "scale-sim"
     W.create_file(str(out), [f"row-{i:09d}" for i in range(f.rows)], fingerprint=fp, source="synthetic")
@@ -162,7 +162,7 @@ def allocated(folder: Path) -> int:
 
 
 def merge(out: Path) -> dict:
-    from cache import h5_writer as W
+    import cache.store.writer as W
 
     folder = out.parent
     before = allocated(folder)
@@ -191,7 +191,7 @@ def merge(out: Path) -> dict:
 def mappings(out: Path) -> dict:
     import h5py
 
-    from cache import layout as L
+    import cache.store.layout as L
 
     with h5py.File(out, "r") as f:
         counts = {n: f[L.feature(n, "image")].id.get_create_plist().get_virtual_count() for n in f[L.TEACHERS]}
@@ -204,8 +204,8 @@ def read(out: Path, f: Flags) -> dict:
     import h5py
 
     from cache import FeatureReader
-    from cache import layout as L
-    from distill.samplers import Dealing, EpochSampler, reader_blocks
+    import cache.store.layout as L
+    from distill.data.samplers import Dealing, EpochSampler, reader_blocks
     from input_pipeline import pair_batches
 
     dealing = Dealing(f.ranks, f.workers, f.batch_size)
@@ -241,7 +241,7 @@ def _direct_vs_virtual(out: Path, f: Flags, blocks: int = 64, repeats: int = 3) 
 
     import h5py
 
-    from cache import layout as L
+    import cache.store.layout as L
 
     with h5py.File(out, "r") as h:
         names = list(h[L.TEACHERS])

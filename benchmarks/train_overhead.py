@@ -75,14 +75,14 @@ def online_vs_cached(config: Path, teachers: dict[str, str], f: Flags) -> dict:
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from distill.build_run import build_run
-    from distill.config import Config
-    from distill.data import Collate
+    from distill.training.build_run import build_run
+    from distill.config.train_config import Config
+    from distill.data.loader import Collate
     from distill.losses import TeacherBatch
-    from distill.optim import build_optimizer
+    from distill.training.optim import build_optimizer
     from distill.train import make_accelerator
     from teachers import load_teacher
-    from teachers.modality import Pair
+    from teachers.kernel.modality import Pair
 
     cfg = Config.from_yaml(config, [f"train.output_dir={Path(yaml_get(config, 'train', 'output_dir'))}-loop"])
     run = build_run(cfg, make_accelerator(cfg))
@@ -185,10 +185,10 @@ def profile_phases(config: Path, f: Flags) -> dict:
     the part of "data" spent in the feature reader."""
     import torch
 
-    from distill.build_run import build_run
-    from distill.config import Config
+    from distill.training.build_run import build_run
+    from distill.config.train_config import Config
     from distill.losses import TeacherBatch
-    from distill.optim import build_optimizer
+    from distill.training.optim import build_optimizer
     from distill.train import make_accelerator
 
     out_dir = Path(yaml_get(config, "train", "output_dir"))
@@ -266,7 +266,7 @@ def main(argv=None) -> int:
         corpus = make_jpeg_corpus(work / "corpus", f.images, f.image_px)
         teachers = make_teachers(work / "teachers", f)
         if not (work / "tokenizer" / "tokenizer.json").is_file():  # one vocabulary for every run
-            from cache.corpus import open_corpus
+            from cache.sources.corpus import open_corpus
             from student.tokenizer import train_wordpiece
 
             train_wordpiece(open_corpus(str(corpus)).captions, work / "tokenizer", vocab_size=1000)

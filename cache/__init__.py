@@ -2,20 +2,20 @@
 mapped by virtual datasets; v1 files still read).
 
 Public API:
-    open_corpus(path) -> Corpus          CSV/TSV/JSONL tables and WebDataset shards (cache.corpus)
+    open_corpus(path) -> Corpus          CSV/TSV/JSONL tables and WebDataset shards (cache.sources.corpus)
     Corpus, BadSampleError, CorpusError
-    CacheJob, build_cache(job) -> CacheSummary   `distill cache` (cache.build)
+    CacheJob, build_cache(job) -> CacheSummary   `distill cache` (cache.build.run)
     info(path) -> str                    `distill info` (cache.inspect)
     CorpusSource, build_corpus(sources, out_dir) -> CorpusBuildResult   `distill corpus` (cache.corpus_build)
-    FeatureReader                        reading features for training (cache.h5_reader)
+    FeatureReader                        reading features for training (cache.store.reader)
     CacheError                           refusals: other corpus, spec clash, lock held, bad format
 """
-from .build import CacheJob, CacheSummary, TeacherSummary, build_cache
-from .corpus import BadSampleError, Corpus, CorpusError, open_corpus
-from .corpus_build import CorpusBuildResult, CorpusSource, build_corpus
-from .h5_reader import FeatureReader
-from .inspect import info
-from .schema import CacheError
+from cache.build.run import CacheJob, CacheSummary, TeacherSummary, build_cache
+from cache.sources.corpus import BadSampleError, Corpus, CorpusError, open_corpus
+from cache.corpus_build import CorpusBuildResult, CorpusSource, build_corpus
+from cache.store.reader import FeatureReader
+from cache.inspect import info
+from cache.store.schema import CacheError
 
 __all__ = ["open_corpus", "Corpus", "BadSampleError", "CorpusError", "CacheJob", "CacheSummary",
            "TeacherSummary", "build_cache", "CorpusSource", "CorpusBuildResult", "build_corpus", "info", "FeatureReader", "CacheError"]

@@ -38,8 +38,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .corpus_sources import (SOURCE_FIELDS, CorpusBuildError, CorpusSource, SourceTable, check_unique_names,
-                             read_source)
+from cache.sources.labelled import (SOURCE_FIELDS,
+                                 CorpusBuildError,
+                                 CorpusSource,
+                                 SourceTable,
+                                 check_unique_names,
+                                 read_source)
 
 __all__ = ["CorpusSource", "CorpusBuildResult", "CorpusBuildError", "build_corpus", "part_indices",
            "template_fields", "load_recipe", "CORPUS_COLUMNS"]
@@ -289,7 +293,7 @@ def load_recipe(path: str | os.PathLike) -> list[CorpusSource]:
     """Sources from a YAML list of CorpusSource fields; each `path` is relative to the recipe's folder."""
     import yaml
 
-    from teachers.bounded_yaml import load_yaml
+    from teachers.kernel.bounded_yaml import load_yaml
 
     path = Path(path)
     if not path.is_file():

@@ -7,15 +7,15 @@ import re
 import h5py
 import numpy as np
 
-from teachers.modality import Modality
+from teachers.kernel.modality import Modality
 
-from . import h5_writer as W
-from . import layout as L
-from .schema import CacheError, attrs_to_dict, check_root, virtual_sources
-from .segments import segment_dir
-from .shard_record import record_lines
-from .verify import raise_damaged
-from .views import read_view_dist
+import cache.store.writer as W
+import cache.store.layout as L
+from cache.store.schema import CacheError, attrs_to_dict, check_root, virtual_sources
+from cache.store.segments import segment_dir
+from cache.store.shard_record import record_lines
+from cache.store.verify import raise_damaged
+from cache.build.views import read_view_dist
 
 
 _TRUNCATED = re.compile(r"truncated file: eof = (\d+).*stored_eof = (\d+)")

@@ -3,6 +3,6 @@
 The top room: it may import `teachers`, `cache` and `student`; none of them imports it. Kept import-light:
 the version is the installed distribution's (pyproject.toml), read without importing torch.
 """
-from teachers.version import package_version as _package_version
+from teachers.kernel.version import package_version as _package_version
 
 __version__ = _package_version()

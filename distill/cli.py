@@ -10,7 +10,7 @@ import sys
 import traceback
 from typing import Sequence
 
-from . import __version__
+from distill import __version__
 
 EPILOG = """SPEC forms: hf-hub:ORG/REPO, local-dir:PATH, MODEL/PRETRAINED_TAG (open_clip built-in),
 hf:HUB_ID_OR_FOLDER (any transformers dual encoder: CLIP, SigLIP; hf-clip: is the same), py:module:function,
@@ -83,7 +83,7 @@ def _check_specs(pairs: Sequence[tuple[str, str]]) -> None:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     _check_specs(args.teacher)
-    from cache.build import CacheJob, build_cache
+    from cache.build.run import CacheJob, build_cache
 
     job = CacheJob(data=args.data, teachers=_pairs(args.teacher, "--teacher"), out=args.out,
                    batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
@@ -112,8 +112,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     text, damaged = describe_cache(args.features, all_bad=args.all_bad)
     print(text, flush=True)
     check_segments(args.features, damaged)  # a missing or truncated segment file: one error line, exit 2
-    if args.verify:  # every row of every teacher: checksums, finiteness, unit norms (cache/verify.py)
-        from cache.verify import verify
+    if args.verify:  # every row of every teacher: checksums, finiteness, unit norms (cache/store/verify.py)
+        from cache.store.verify import verify
 
         report = verify(args.features)
         print(report, file=sys.stdout if report.ok else sys.stderr)
@@ -128,8 +128,8 @@ class _TrainHelp(argparse.Action):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from .config import Config
-        from .config_usage import config_help
+        from distill.config.train_config import Config
+        from distill.config.usage import config_help
 
         print(config_help(Config), end="")
         parser.exit()
@@ -151,10 +151,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                                      add_help=False)
     _train_arguments(parser)
     args = parser.parse_args(argv)
-    from .config import Config
+    from distill.config.train_config import Config
 
     Config.from_argv(["--config", args.config, *args.overrides], static=True)  # a typo answers before torch loads
-    from .train import main as train_module_main
+    from distill.train import main as train_module_main
 
     return train_module_main(["--config", args.config, *args.overrides])
 
@@ -174,7 +174,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     _check_specs(args.model)
-    from .eval import EvalJob, run_eval
+    from distill.eval import EvalJob, run_eval
 
     job = EvalJob(models=_pairs(args.model, "--model"), tasks=list(args.task), out=args.out, device=args.device,
                   batch_size=args.batch_size, num_workers=args.num_workers, bootstrap=args.bootstrap,
@@ -182,7 +182,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   max_samples=args.max_samples, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code)
     from pathlib import Path
 
-    from .eval.report import console_lines
+    from distill.eval.report import console_lines
 
     report = run_eval(job)
     for line in console_lines(report):  # the verdicts on the console, not only in report.md
@@ -192,7 +192,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
-    from cache.corpus import open_corpus
+    from cache.sources.corpus import open_corpus
     from student.tokenizer import train_wordpiece
 
     corpus = open_corpus(args.data)
@@ -207,7 +207,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoJob, run_demo
+    from distill.demo import DemoJob, run_demo
 
     run_demo(DemoJob(out=args.out, steps=args.steps, rows=args.rows, teacher_steps=args.teacher_steps))
     return 0
@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_remote_code_flag(v)
     v.set_defaults(func=cmd_eval)
 
-    from .corpus_cli import add_corpus_parser
+    from distill.corpus_cli import add_corpus_parser
     add_corpus_parser(sub)  # `distill corpus` (distill/corpus_cli.py)
 
     k = sub.add_parser("tokenizer", help="train a WordPiece vocabulary on a corpus's captions")
@@ -356,10 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .logs import setup_logging
+    from distill.logs import setup_logging
 
     setup_logging(args.verbose)
-    from .errors import BUG, describe, exit_code
+    from distill.errors import BUG, describe, exit_code
 
     try:
         return args.func(args)

@@ -38,7 +38,7 @@ def _write_demo_tasks(root: Path, heldout_csv: Path) -> list[str]:
     """
     import csv
 
-    from cache.synthetic import SHAPES
+    from cache.sources.synthetic import SHAPES
 
     with open(heldout_csv, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -73,7 +73,7 @@ def _relative(path: Path, start: Path) -> str:
 def _quiet_info():
     """Our own INFO lines (threads, vocabulary, parameter counts) hidden while the demo prints its own steps;
     `distill -v demo` shows them."""
-    from .logs import OUR_PACKAGES
+    from distill.logs import OUR_PACKAGES
 
     loggers = [logging.getLogger(name) for name in OUR_PACKAGES]
     levels = [lg.level for lg in loggers]
@@ -115,13 +115,13 @@ def run_demo(job: DemoJob) -> dict:
 
 
 def _run_demo(job: DemoJob) -> dict:
-    from cache.build import CacheJob, build_cache
-    from cache.synthetic import make_synthetic_corpus
+    from cache.build.run import CacheJob, build_cache
+    from cache.sources.synthetic import make_synthetic_corpus
     from student.export import export_checkpoint
 
-    from .config import Config
-    from .eval import EvalJob, run_eval
-    from .train import train
+    from distill.config.train_config import Config
+    from distill.eval import EvalJob, run_eval
+    from distill.train import train
 
     out = prepare_out_dir(Path(job.out))
     print(f"[1/5] generating a {job.rows}-row synthetic corpus; pretraining two small teacher CLIPs on it")

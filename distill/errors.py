@@ -26,7 +26,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from .logs import OUR_PACKAGES
+from distill.logs import OUR_PACKAGES
 
 ENVIRONMENT = 1
 BAD_INPUT = 2
@@ -148,13 +148,13 @@ def describe(e: BaseException, file: str | None = None) -> Failure | None:
     `file`: the command's own file (its HDF5 argument), named when the error text carries no path.
     """
     if "cache" in sys.modules:  # else none of cache's errors can have been raised, and importing cache costs torch
-        from cache.corpus import BadSampleError
-        from cache.schema import CacheError
+        from cache.sources.corpus import BadSampleError
+        from cache.store.schema import CacheError
     else:
         BadSampleError = CacheError = ValueError  # noqa: N806  (a config or SPEC typo answers in about a second)
 
-    if "torch.distributed" in sys.modules:  # another rank of the job died (cache.dist.lost_peer)
-        from cache.dist import lost_peer
+    if "torch.distributed" in sys.modules:  # another rank of the job died (cache.build.dist.lost_peer)
+        from cache.build.dist import lost_peer
         if (lost := lost_peer(e)) is not None:
             return Failure(lost, ENVIRONMENT, abandon=True)
     if isinstance(e, OSError):

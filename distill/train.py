@@ -2,10 +2,10 @@
 
 One `prepare`, `accumulate` for the global batch schedule, `backward`, `save_state` checkpoints plus our own
 `train_state.json` and RNG file. No teacher runs here: teacher features come from the cache inside the batches.
-Builders live in `distill.build_run`, the optimizer recipe in `distill.optim`, checkpoints in `distill.checkpoint`
-(resumed by `distill.checkpoint_load`, which unpickles nothing), logs in `distill.train_log`. One training per
-run folder (`distill.run_lock`); a non-finite loss stops the run before it can reach a checkpoint.
-`data.micro_batch_size` trains each step's whole batch by gradient caching (`distill.grad_cache`).
+Builders live in `distill.training.build_run`, the optimizer recipe in `distill.training.optim`, checkpoints in `distill.training.checkpoint`
+(resumed by `distill.training.checkpoint_load`, which unpickles nothing), logs in `distill.training.log`. One training per
+run folder (`distill.training.run_lock`); a non-finite loss stops the run before it can reach a checkpoint.
+`data.micro_batch_size` trains each step's whole batch by gradient caching (`distill.training.grad_cache`).
 """
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ from typing import Sequence
 
 import torch
 
-from distill.checkpoint import (TrainState, install_unwrapped_state_hooks, list_checkpoints, resolve_resume,
+from distill.training.checkpoint import (TrainState, install_unwrapped_state_hooks, list_checkpoints, resolve_resume,
                                 save_checkpoint)
-from distill.checkpoint_load import load_checkpoint
-from distill.config import Config
-from distill.grad_cache import grad_cache_step, merge_batches, no_sync_of
-from distill.optim import build_optimizer, build_scheduler
-from distill.run_lock import run_lock
-from distill.train_log import RunLogger, plot_loss_curves
+from distill.training.checkpoint_load import load_checkpoint
+from distill.config.train_config import Config
+from distill.training.grad_cache import grad_cache_step, merge_batches, no_sync_of
+from distill.training.optim import build_optimizer, build_scheduler
+from distill.training.run_lock import run_lock
+from distill.training.log import RunLogger, plot_loss_curves
 from student import run_files
 from student.run_files import CorpusRecord, RunMeta, TeacherRecord
 
@@ -142,9 +142,9 @@ def check_resume_teachers(out: Path, attrs: dict[str, dict]) -> None:
 
 
 def domain_counter(run, state: TrainState, device):
-    """Rows seen per domain (`distill.domains.DomainCounter`), started at a resumed run's scheduled counts; None
+    """Rows seen per domain (`distill.data.domains.DomainCounter`), started at a resumed run's scheduled counts; None
     when the corpus has no data.domain_column."""
-    from distill.domains import DomainCounter, scheduled_counts
+    from distill.data.domains import DomainCounter, scheduled_counts
 
     if run.domains is None:
         return None
@@ -156,7 +156,7 @@ def domain_counter(run, state: TrainState, device):
 
 def train(cfg: Config) -> dict:
     """Train as configured; returns {"output_dir", "step", "losses", "checkpoint"}."""
-    from distill.build_run import resolve_threads
+    from distill.training.build_run import resolve_threads
 
     threads, why = resolve_threads(cfg.train.threads)  # before anything heavy (per process)
     torch.set_num_threads(threads)
@@ -177,7 +177,7 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from distill.build_run import build_run, teacher_batch
+    from distill.training.build_run import build_run, teacher_batch
     from distill.losses import teacher_logit_bias
 
     # before build_run, which writes RUN/student-config and RUN/tokenizer; the main process sets broken ones aside
@@ -306,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(verbose=False)  # a no-op under `distill [-v] train`, which set it up already
     argv = sys.argv[1:] if argv is None else list(argv)
     if "-h" in argv or "--help" in argv:  # `python -m distill.train --help`: usage and every config key
-        from distill.config_usage import config_help
+        from distill.config.usage import config_help
 
         print(config_help(Config), end="")
         return 0

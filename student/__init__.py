@@ -1,11 +1,11 @@
-"""The BiomedCLIP-architecture student: presets, build, freezing, export and load (projection heads: distill.heads).
+"""The BiomedCLIP-architecture student: presets, build, freezing, export and load (projection heads: distill.training.heads).
 
 Names load lazily (PEP 562) so `student.tokenizer` and `student.presets` stay light: `distill tokenizer`
 should not pay for importing torch.
 """
 from __future__ import annotations
 
-from teachers.lazy_exports import lazy_exports
+from teachers.kernel.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "build": ["StudentBundle", "build_student", "instantiate", "write_text_config"],

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .presets import PRESETS, StudentPreset
+from student.presets import PRESETS, StudentPreset
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .shown_paths import shown_if_absolute, shown_spec
+from student.shown_paths import shown_if_absolute, shown_spec
 
 
 @dataclass(frozen=True)

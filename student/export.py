@@ -20,10 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .build import instantiate, name_text_tower
-from .card import CardTeacher, ModelCard, card_for_hub, make_model_card, read_report
-from .run_files import (STUDENT_CONFIG_DIR, RunMeta, TRAIN_STATE_FILE, read_run_meta, read_train_state,
-                        student_config_dir)
+from student.build import instantiate, name_text_tower
+from student.card import CardTeacher, ModelCard, card_for_hub, make_model_card, read_report
+from student.run_files import (STUDENT_CONFIG_DIR,
+                              RunMeta,
+                              TRAIN_STATE_FILE,
+                              read_run_meta,
+                              read_train_state,
+                              student_config_dir)
 
 log = logging.getLogger(__name__)
 

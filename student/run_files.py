@@ -1,4 +1,4 @@
-"""The run folder's metadata files, one schema for the writer (`distill.train`, `distill.checkpoint`) and the
+"""The run folder's metadata files, one schema for the writer (`distill.train`, `distill.training.checkpoint`) and the
 reader (`student.export`, for the model card): `RUN/run_meta.json` and `RUN/checkpoint-STEP/train_state.json`, and
 where the run's weightless student lives (`student_config_dir`).
 

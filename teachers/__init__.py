@@ -6,7 +6,7 @@ version or parsing a SPEC does not pay for importing torch.
 """
 from __future__ import annotations
 
-from .lazy_exports import lazy_exports
+from teachers.kernel.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "base": ["Teacher"],

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .transforms import PreprocessCfg, make_eval_transform, make_view_transform
+from teachers.transforms import PreprocessCfg, make_eval_transform, make_view_transform
 
 
 class Teacher(nn.Module, ABC):
@@ -88,7 +88,7 @@ class Teacher(nn.Module, ABC):
 
         Back-ends that can give patch tokens override this; a `py:` teacher that does not is refused clearly.
         """
-        from .tokens import TokensUnsupported
+        from teachers.tokens import TokensUnsupported
 
         raise TokensUnsupported(f"teacher {self.spec!r} ({type(self).__name__}) gives no patch tokens: implement "
                                 f"_image_features_and_tokens, or cache it without --tokens")

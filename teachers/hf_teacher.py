@@ -24,11 +24,11 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from .base import Teacher
-from .hub import require_hub_file
-from .spec import Spec
-from .transforms import PreprocessCfg, to_rgb
-from .weights import find_weights, reading_weights
+from teachers.base import Teacher
+from teachers.hub import require_hub_file
+from teachers.spec import Spec
+from teachers.transforms import PreprocessCfg, to_rgb
+from teachers.weights import find_weights, reading_weights
 
 _INTERPOLATION = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resample codes transformers processors store
 _UNSET_MAX_LENGTH = 10**6  # transformers' model_max_length when a tokenizer does not set it (VERY_LARGE_INTEGER)
@@ -231,7 +231,7 @@ class HFTeacher(Teacher):
         return _features(self.trunk.get_image_features(pixel_values=images), "image_features")
 
     def _image_features_and_tokens(self, images: torch.Tensor):
-        from .tokens import hf_visual_tokens
+        from teachers.tokens import hf_visual_tokens
 
         return hf_visual_tokens(self.trunk, images)
 

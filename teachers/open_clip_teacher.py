@@ -15,11 +15,11 @@ from typing import Sequence
 
 import torch
 
-from .base import Teacher
-from .hub import require_hub_file
-from .spec import Spec
-from .transforms import PreprocessCfg
-from .weights import REDO_HINT, find_weights, reading_weights
+from teachers.base import Teacher
+from teachers.hub import require_hub_file
+from teachers.spec import Spec
+from teachers.transforms import PreprocessCfg
+from teachers.weights import REDO_HINT, find_weights, reading_weights
 
 
 def local_dir_overrides(path: str | os.PathLike) -> dict:
@@ -161,6 +161,6 @@ class OpenClipTeacher(Teacher):
         return self.trunk.encode_text(tokens)
 
     def _image_features_and_tokens(self, images: torch.Tensor):
-        from .tokens import open_clip_visual_tokens
+        from teachers.tokens import open_clip_visual_tokens
 
         return open_clip_visual_tokens(self.trunk.visual, images)

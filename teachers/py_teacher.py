@@ -15,8 +15,8 @@ import inspect
 
 import torch
 
-from .base import Teacher
-from .spec import Spec, TeacherLoadError
+from teachers.base import Teacher
+from teachers.spec import Spec, TeacherLoadError
 
 
 class PyModuleNotFound(TeacherLoadError, ImportError):

@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from .plugin_registry import Registry
-from .spec import PREFIXES, Spec, TeacherLoadError, parse_spec, training_run_message
+from teachers.kernel.registry import Registry
+from teachers.spec import PREFIXES, Spec, TeacherLoadError, parse_spec, training_run_message
 
 if TYPE_CHECKING:  # torch loads with a back-end, not with the registry: `distill cache` checks SPECs before it
     import torch
 
-    from .base import Teacher
+    from teachers.base import Teacher
 
 TEACHER_ALIASES: Registry[str] = Registry("teacher alias")
 # Back-ends from other installed packages, by SPEC prefix; the built-in ones (PREFIXES) are dispatched below.
@@ -115,15 +115,15 @@ def load_teacher(spec: str, device: str | torch.device = "cpu", trust_remote_cod
     """
     parsed = check_spec(spec)
     if parsed.backend == "py":
-        from .py_teacher import load_py_teacher
+        from teachers.py_teacher import load_py_teacher
         # the user's own code: its errors are its own
         return load_py_teacher(parsed, device=device, trust_remote_code=trust_remote_code)
     try:
         if parsed.backend == "open_clip":
-            from .open_clip_teacher import OpenClipTeacher
+            from teachers.open_clip_teacher import OpenClipTeacher
             teacher: Teacher = OpenClipTeacher(parsed, device=device)
         elif parsed.backend in ("hf", "hf-clip"):
-            from .hf_teacher import HFTeacher
+            from teachers.hf_teacher import HFTeacher
             teacher = HFTeacher(parsed, device=device, trust_remote_code=trust_remote_code)
         else:  # a plug-in back-end (resolve_spec only returns kinds that BACKENDS has)
             teacher = _load_plugin_teacher(parsed, device, trust_remote_code)
@@ -139,8 +139,8 @@ def load_teacher(spec: str, device: str | torch.device = "cpu", trust_remote_cod
 def _load_plugin_teacher(parsed: Spec, device: str | torch.device, trust_remote_code: bool = False) -> Teacher:
     """Call a plug-in back-end's `load(spec, device)` (with `trust_remote_code=` when it takes one) and check that
     it kept the Teacher contract."""
-    from .base import Teacher
-    from .py_teacher import accepted_kwargs
+    from teachers.base import Teacher
+    from teachers.py_teacher import accepted_kwargs
 
     load = BACKENDS.get(parsed.kind)
     teacher = load(parsed, **accepted_kwargs(load, device=device, trust_remote_code=trust_remote_code))

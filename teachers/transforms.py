@@ -1,13 +1,13 @@
 """Image transforms shared by teachers, the cache and the student.
 
 A stored view is 5 numbers per sample: the relative crop box (x0, y0, w, h in [0, 1]) and a flip flag, or 8 with
-brightness, contrast and saturation factors (`cache.views` draws them). Applying
+brightness, contrast and saturation factors (`cache.build.views` draws them). Applying
 it to the decoded PIL image *before* any model's resize lets each teacher (and later the student) see exactly
 the same view at its own resolution.
 Why the view transform stays in the bottom room, beside the eval transforms: the cache encodes every teacher on
 the stored views through it (`Teacher.view_transform`), and the student must see exactly those pixels, so both
 rooms need the one implementation. The student's own augmentation (drawing its random crops,
-`distill.data.random_crop_params`) lives with the trainer.
+`distill.data.loader.random_crop_params`) lives with the trainer.
 """
 from __future__ import annotations
 

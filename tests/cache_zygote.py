@@ -28,8 +28,8 @@ ATOL = 2e-3
 ZYGOTE = textwrap.dedent("""
     import json, os, signal, sys, time, traceback
     import numpy as np, torch
-    import cache.h5_writer as W
-    import cache.segment_writer as SW
+    import cache.store.writer as W
+    import cache.store.segment_writer as SW
     from cache import CacheJob, build_cache
     from teachers.base import Teacher
     job_kw = json.loads(sys.argv[1])
@@ -146,8 +146,8 @@ class Zygote:
 def committed_rows(out: Path, ref: dict, bad: Container[int] | None = None) -> dict[str, set[int]]:
     """Rows committed so far (done in the file, or stored in a committed chunk of a segment), each checked against
     the reference values `ref[teacher]["image" | "text"]`; with `bad`, a segment's bad rows must be among them."""
-    from cache import layout as L
-    from cache.segments import SegmentInfo, list_segments, segment_dir
+    import cache.store.layout as L
+    from cache.store.segments import SegmentInfo, list_segments, segment_dir
 
     rows: dict[str, set[int]] = {name: set() for name in ref}
     if out.exists():

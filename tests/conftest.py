@@ -27,7 +27,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     """A 32-row synthetic CSV corpus (PNG images 48x48, captions describing them)."""
-    from cache.synthetic import make_synthetic_corpus
+    from cache.sources.synthetic import make_synthetic_corpus
 
     return make_synthetic_corpus(tmp_path_factory.mktemp("corpus"), n=32, image_size=48, seed=0)
 

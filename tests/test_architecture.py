@@ -215,3 +215,53 @@ def test_checker_counts_lines(tmp_path):
     root = _tree(tmp_path, {"distill/big.py": "x = 1\n" * 401, "distill/ok.py": "x = 1\n" * 400})
     modules, _ = import_graph(root, ALLOWED)
     assert long_modules(modules, root) == {"distill/big.py": 401}
+
+
+# -- rooms inside a room (issue 19): a row's walk from a corpus file to the HDF5 store goes down, never back ---------
+SUBROOMS = {  # room -> the rooms of the same package it may import; the package's top modules may import any
+    "cache.sources": frozenset(), "cache.store": frozenset(),
+    "cache.build": frozenset({"cache.sources", "cache.store"}),
+    "teachers.kernel": frozenset(),
+    "distill.config": frozenset({"distill.losses"}),  # term options are checked against the registered terms
+    "distill.data": frozenset({"distill.config"}),
+}
+
+
+def subroom_of(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 or f"{parts[0]}.{parts[-1]}" in SUBROOMS else parts[0]
+
+
+def subroom_violations(edges: list[Import], allowed=SUBROOMS) -> list[str]:
+    bad = []
+    for e in edges:
+        src, dst = subroom_of(e.importer), subroom_of(e.target)
+        same_package = src.split(".")[0] == dst.split(".")[0]
+        if src in allowed and src != dst and same_package and dst not in allowed[src]:
+            bad.append(f"{e.path}:{e.line}: {src} imports {dst} ({e.importer} -> {e.target})")
+    return sorted(bad)
+
+
+def test_rooms_inside_rooms_import_down_only(project):
+    _, edges = project
+    bad = subroom_violations(edges)
+    assert not bad, "imports against the rooms of a package (cache.build -> sources, store):\n" + "\n".join(bad)
+
+
+def test_cache_top_is_small():
+    top = sorted(p.name for p in (ROOT / "cache").glob("*.py"))
+    assert len(top) <= 8, f"cache/ has {len(top)} modules at its top; put each in its room: {top}"
+
+
+def test_subroom_checker_finds_a_walk_back_up(tmp_path):
+    root = _tree(tmp_path, {
+        "cache/store/__init__.py": "", "cache/sources/__init__.py": "", "cache/build/__init__.py": "",
+        "cache/store/writer.py": "from cache.build import job\n",  # back up: store imports build
+        "cache/build/job.py": "from cache.store import writer\nfrom cache.sources import table\n",  # down: fine
+        "cache/sources/table.py": "def f():\n    import cache.store.writer\n",  # sideways, late
+    })
+    _, edges = import_graph(root, ALLOWED)
+    assert subroom_violations(edges) == [
+        f"{root / 'cache/sources/table.py'}:2: cache.sources imports cache.store (cache.sources.table -> "
+        "cache.store.writer)",
+        f"{root / 'cache/store/writer.py'}:1: cache.store imports cache.build (cache.store.writer -> cache.build.job)"]

@@ -1,12 +1,12 @@
-"""distill.data.teacher_feats: every teacher's features in one buffer, so a worker sends one block per batch."""
+"""distill.data.loader.teacher_feats: every teacher's features in one buffer, so a worker sends one block per batch."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from distill.data import teacher_feats
-from teachers.modality import Pair
+from distill.data.loader import teacher_feats
+from teachers.kernel.modality import Pair
 
 DIMS = {"a": 512, "b": 768, "c": 1152}
 

@@ -12,10 +12,10 @@ from accelerate.data_loader import BatchSamplerShard
 from torch.utils.data import BatchSampler, DataLoader, Dataset, get_worker_info
 
 from cache import FeatureReader
-from cache import h5_writer as W
-from distill.build_run import build_sampler
-from distill.config import DataCfg
-from distill.samplers import Dealing, EpochSampler, reader_blocks
+import cache.store.writer as W
+from distill.training.build_run import build_sampler
+from distill.config.train_config import DataCfg
+from distill.data.samplers import Dealing, EpochSampler, reader_blocks
 
 BLOCK, BUFFER, BATCH = 64, 2, 16
 

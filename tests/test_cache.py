@@ -14,7 +14,7 @@ import torch
 
 import teachers as teachers_mod
 from cache import BadSampleError, CacheError, CacheJob, FeatureReader, build_cache, info, open_corpus
-from cache.views import draw_view_params
+from cache.build.views import draw_view_params
 from teachers import load_teacher
 from corpus_helpers import copy_corpus
 
@@ -328,7 +328,7 @@ def _count_loads(monkeypatch, corpus_path) -> list[int]:
 
 
 def _record_parts(monkeypatch) -> dict[str, list[int]]:
-    import cache.h5_writer as W
+    import cache.store.writer as W
 
     parts: dict[str, list[int]] = {}
     real = W.write_part
@@ -365,7 +365,7 @@ def test_per_teacher_done_masks_decode_only_the_rows_still_needed(tmp_path, tiny
                                                                   full_cache, monkeypatch):
     """Rows missing for oc only, for hf only, and for both: each row is decoded once, each teacher embeds only
     its own missing rows, rows done for both are not touched, and the result equals an uninterrupted run."""
-    from cache.segments import copy_cache
+    from cache.store.segments import copy_cache
 
     out = tmp_path / "f.h5"
     copy_cache(str(full_cache), str(out))  # the file and its segment folder

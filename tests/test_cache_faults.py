@@ -22,11 +22,11 @@ import h5py
 import numpy as np
 import pytest
 
-import cache.h5_writer as W
-import cache.segment_writer as SW
-from cache.build import CacheJob, build_cache
-from cache.segments import read_log
-from cache.schema import CacheError
+import cache.store.writer as W
+import cache.store.segment_writer as SW
+from cache.build.run import CacheJob, build_cache
+from cache.store.segments import read_log
+from cache.store.schema import CacheError
 from cache_zygote import ATOL, Zygote, check_nothing_lost, committed_rows
 from distill.cli import main
 from test_cache_integrity import BAD_TEACHER

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from cache.build import CacheJob, build_cache
-from cache.h5_reader import FeatureReader
-from cache.schema import CacheError
-from cache.segments import copy_cache
-from cache.verify import BadRowsError, format_rows, verify
+from cache.build.run import CacheJob, build_cache
+from cache.store.reader import FeatureReader
+from cache.store.schema import CacheError
+from cache.store.segments import copy_cache
+from cache.store.verify import BadRowsError, format_rows, verify
 from distill.cli import main
 from train_fixtures import load_weights, tiny_tokenizer  # noqa: F401  (fixture)
 
@@ -286,7 +286,7 @@ def test_skip_trains_without_the_bad_teacher_rows_and_counts_them(tmp_path, tiny
     nan_rows = _nan_every_7th(path)
     flipped = list(_flip_chunk(path, "teachers/hf/text", 1))
     out = tmp_path / "run"
-    with caplog.at_level("WARNING", logger="distill.data"):
+    with caplog.at_level("WARNING", logger="distill.data.loader"):
         assert main(_train_argv(tiny_corpus, path, out, tiny_tokenizer, "data.bad_features=skip")) == 0
     weights = load_weights(out / "checkpoint-4")
     assert all(torch.isfinite(w).all() for w in weights.values())
@@ -297,7 +297,7 @@ def test_skip_trains_without_the_bad_teacher_rows_and_counts_them(tmp_path, tiny
     assert so_far > 0 and logged[-1]["skipped_features"] == so_far  # one process: the log's total is its count
 
     # the same Collate on every row: exactly the damaged (teacher, row) pairs are dropped, nothing NaN survives
-    from distill.data import Collate
+    from distill.data.loader import Collate
 
     collate = Collate(lambda caps: torch.zeros(len(caps), 4, dtype=torch.long), str(path), ["oc", "hf"],
                       bad_features="skip")
@@ -310,7 +310,7 @@ def test_skip_trains_without_the_bad_teacher_rows_and_counts_them(tmp_path, tiny
 
 
 def test_bad_features_option_is_validated():
-    from distill.config import ConfigError, DataCfg
+    from distill.config.train_config import ConfigError, DataCfg
 
     with pytest.raises(ConfigError, match="data.bad_features must be 'stop' or 'skip', got 'ignore'"):
         DataCfg(bad_features="ignore")
@@ -356,7 +356,7 @@ def test_info_on_a_damaged_file_is_one_line(tmp_path, checked_cache, capsys, dam
 
 # -- 6. an honest pending line after a kill before the first commit ---------------------------------------------
 def test_info_after_a_kill_before_the_first_commit(tmp_path, checked_cache):
-    import cache.h5_writer as W
+    import cache.store.writer as W
     from cache.inspect import info
 
     path = _copy(checked_cache, tmp_path / "f.h5")

@@ -1,4 +1,4 @@
-"""The HDF5 layout is named in one module (`cache.layout`), and modalities are one typed structure (issue 9).
+"""The HDF5 layout is named in one module (`cache.store.layout`), and modalities are one typed structure (issue 9).
 
 Why: the writer, reader, inspector, verifier and builder all walk the same tree; a path spelled twice drifts.
 """
@@ -12,10 +12,10 @@ import h5py
 import numpy as np
 import pytest
 
-from cache import h5_writer as W
-from cache import layout as L
-from cache.h5_reader import FeatureReader
-from teachers.modality import MODALITIES, Modality, Pair
+import cache.store.writer as W
+import cache.store.layout as L
+from cache.store.reader import FeatureReader
+from teachers.kernel.modality import MODALITIES, Modality, Pair
 
 ROOT = Path(__file__).resolve().parents[1]
 # a dataset path of the cache: teachers/..., bad/..., views/... (with or without a leading slash)
@@ -46,7 +46,7 @@ def test_only_the_layout_module_spells_dataset_paths():
     found = [f"{p.relative_to(ROOT)}:{line}: {text!r}"
              for room in ("cache", "distill") for p in sorted((ROOT / room).rglob("*.py"))
              if p != ROOT / "cache" / "layout.py" for line, text in path_literals(p)]
-    assert found == [], "use cache.layout's names instead of spelling these paths:\n" + "\n".join(found)
+    assert found == [], "use cache.store.layout's names instead of spelling these paths:\n" + "\n".join(found)
 
 
 def test_the_path_check_sees_literals_and_f_strings(tmp_path):

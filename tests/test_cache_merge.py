@@ -23,15 +23,15 @@ import numpy as np
 import pytest
 import torch
 
-from cache import h5_writer as W
-from cache import layout as L
-from cache.build import CacheJob, build_cache
-from cache.build_commit import commit_chunk, deal, open_segment
-from cache.dist import DistEnv
-from cache.h5_reader import FeatureReader
-from cache.schema import CacheError
-from cache.segments import copy_cache, list_segments, read_log, segment_dir
-from cache.verify import verify
+import cache.store.writer as W
+import cache.store.layout as L
+from cache.build.run import CacheJob, build_cache
+from cache.build.commit import commit_chunk, deal, open_segment
+from cache.build.dist import DistEnv
+from cache.store.reader import FeatureReader
+from cache.store.schema import CacheError
+from cache.store.segments import copy_cache, list_segments, read_log, segment_dir
+from cache.store.verify import verify
 from test_cache_faults import _assert_equal_to, _state, fault_job  # noqa: F401  (fixture)
 from train_fixtures import tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
 
@@ -189,7 +189,7 @@ def _unit(rng, n: int, d: int) -> np.ndarray:
 def _run(out: str, rows: np.ndarray, world: int, metas: dict, values: dict, bad: dict, finish: bool = True) -> None:
     """A cache run of `world` simulated processes over `rows` through the builder's commit path; `values[name]`:
     (image, text) of every row; `bad[name]`: rows that teacher fails on."""
-    from cache import segments as S
+    import cache.store.segments as S
 
     run = S.next_run(segment_dir(out))
     for name, m in metas.items():

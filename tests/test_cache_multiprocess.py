@@ -20,7 +20,7 @@ DRIVER = textwrap.dedent("""
     import json, os, sys
     import torch
     torch.set_num_threads(1)
-    import cache.h5_writer as W
+    import cache.store.writer as W
     from cache import CacheJob, build_cache
     kw, report = json.loads(sys.argv[1]), sys.argv[2]
     mine = []

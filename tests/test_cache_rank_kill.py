@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cache.build import CacheJob, build_cache
-from cache.segments import read_log, segment_dir
+from cache.build.run import CacheJob, build_cache
+from cache.store.segments import read_log, segment_dir
 from cache_zygote import check_nothing_lost
 from rank_kill import LAUNCHER_BOUND_S, Ranks, TorchRun
 from test_cache_faults import _assert_equal_to, _state

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torchvision.transforms as T
 
-import cache.build as B
-import cache.h5_writer as W
-import cache.image_rows as IR
+import cache.build.run as B
+import cache.store.writer as W
+import cache.build.image_rows as IR
 from cache import CacheError, CacheJob, build_cache, open_corpus
-from cache.job import loader_sizes
+from cache.build.job import loader_sizes
 from distill.cli import build_parser
 
 
@@ -180,11 +180,11 @@ def test_parts_are_written_off_the_main_thread(tmp_path, tiny_corpus, tiny_teach
 
 
 def test_auto_loader_sizes_follow_the_device(monkeypatch):
-    monkeypatch.setattr("cache.job.usable_cores", lambda: 16)
+    monkeypatch.setattr("cache.build.job.usable_cores", lambda: 16)
     assert loader_sizes("cpu") == (64, 2)
     assert loader_sizes("cuda:0") == (256, 8)
     assert loader_sizes("cuda:1", local_procs=8) == (256, 2)
-    monkeypatch.setattr("cache.job.usable_cores", lambda: 3)
+    monkeypatch.setattr("cache.build.job.usable_cores", lambda: 3)
     assert loader_sizes("cuda") == (256, 3)
     assert loader_sizes("cuda", local_procs=8) == (256, 1)
     job = CacheJob(data="c.csv", teachers={"a": "plip"}, out="f.h5")
@@ -215,7 +215,7 @@ def test_cli_defaults_to_auto_and_takes_integers(capsys):
 
 
 def test_auto_sizes_are_logged(tmp_path, tiny_corpus, tiny_teachers, caplog):
-    caplog.set_level("INFO", logger="cache.build")
+    caplog.set_level("INFO", logger="cache.build.run")
     build_cache(_job(tiny_corpus, {"oc": tiny_teachers["oc"]}, tmp_path / "f.h5", batch_size="auto",
                      num_workers="auto"))
     assert "distill cache: batch size 64, 2 decoding worker(s) per process on cpu (auto)" in caplog.text

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import distill.train as train_mod
-from distill.checkpoint import CheckpointError, list_checkpoints
+from distill.training.checkpoint import CheckpointError, list_checkpoints
 from train_fixtures import load_weights, tiny_config, tiny_tokenizer  # noqa: F401  (fixture)
 
 
@@ -121,7 +121,7 @@ def test_auto_skips_a_broken_newest_checkpoint(run, damage, tiny_corpus, tiny_to
     else:
         model.unlink()
     capsys.readouterr()
-    with caplog.at_level(logging.WARNING, logger="distill.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="distill.training.checkpoint"):
         result = train_mod.train(_cfg(tiny_corpus, run, tiny_tokenizer, steps=3))
     assert f"Resuming from {run / 'checkpoint-1'} at step 1" in capsys.readouterr().out
     warning = [r.getMessage() for r in caplog.records if "skipping checkpoint-2" in r.getMessage()]

@@ -218,12 +218,12 @@ def test_info_on_views_bad_samples_and_an_incomplete_teacher(tiny_corpus, tiny_t
 
 
 def test_ctrl_c_says_how_to_resume(monkeypatch, tmp_path, capsys):
-    import cache.build
+    import cache.build.run
 
     def interrupted(job):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cache.build, "build_cache", interrupted)
+    monkeypatch.setattr(cache.build.run, "build_cache", interrupted)
     code = main(["cache", "--data", "c.csv", "--teacher", "a=plip", "--out", str(tmp_path / "f.h5")])
     assert code == 130
     assert "distill cache: interrupted; committed rows are kept; rerun the same command to resume" in \

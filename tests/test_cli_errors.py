@@ -217,7 +217,7 @@ def test_cache_into_a_read_only_folder(tiny_corpus, tiny_teachers, tmp_path, cap
 
 def test_cache_full_disk_keeps_committed_rows_and_resumes(tiny_corpus, tiny_teachers, tmp_path, capsys,
                                                           monkeypatch):
-    import cache.segment_writer as SW
+    import cache.store.segment_writer as SW
 
     out = tmp_path / "f.h5"
     real_write, calls = SW._pwrite_all, []

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from distill.cli import main
-from distill.heads import ProjectionHeads
+from distill.training.heads import ProjectionHeads
 from student import build_student, load_student
 
 STEP = 4

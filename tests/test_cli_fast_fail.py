@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from distill.cli import main
-from distill.config import Config
-from distill.config_file import MAX_CONFIG_BYTES
+from distill.config.train_config import Config
+from distill.config.file import MAX_CONFIG_BYTES
 from distill.errors import BAD_INPUT
-from distill.loss_names import BUILTIN_TERMS
+from distill.config.loss_names import BUILTIN_TERMS
 from teachers import TeacherLoadError, load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def test_static_and_full_checks_agree_on_a_good_config(tiny_corpus):
 
 
 def test_builtin_term_names_match_the_registry():
-    """distill.loss_names.BUILTIN_TERMS (read before torch) says what the registered term classes say."""
+    """distill.config.loss_names.BUILTIN_TERMS (read before torch) says what the registered term classes say."""
     from distill.losses import LOSSES
 
     assert {k: bool(LOSSES.get(k).uses_teachers) for k in BUILTIN_TERMS} == BUILTIN_TERMS
@@ -170,7 +170,7 @@ def test_failing_cache_prints_only_its_error_on_stderr(tiny_corpus, tiny_teacher
     lines = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
     assert len(lines) == 1 and lines[0].startswith("distill cache: error: ") and "/no/such/image.png" in lines[0], \
         done.stderr
-    assert "INFO cache.build: distill cache: batch size" in done.stdout
+    assert "INFO cache.build.run: distill cache: batch size" in done.stdout
 
 
 # -- --help points to what is there -------------------------------------------------------------------------------

@@ -122,7 +122,7 @@ def test_requested_processes_from_the_launchers_environment():
 
 def test_one_process_where_two_were_asked_for_warns_with_the_cpu_recipe(tiny_corpus, tmp_path, monkeypatch, caplog):
     import distill.launch_check as launch_check
-    from distill.config import Config
+    from distill.config.train_config import Config
     from distill.train import train
 
     for k, v in SIMPLE_LAUNCHER_ENV.items():  # what `accelerate launch --cpu --num_processes 2` exports

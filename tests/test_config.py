@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from distill.config import Config, ConfigError
-from distill.optim import accum_for_epoch, global_batch_for_epoch, lr_factor, param_groups, total_steps
+from distill.config.train_config import Config, ConfigError
+from distill.training.optim import accum_for_epoch, global_batch_for_epoch, lr_factor, param_groups, total_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"mode": "contrastive", "data": {"corpus": "c.csv"}}
@@ -232,7 +232,7 @@ def test_routing_confidence_and_threads_errors():
 
 
 def test_thread_count_obeys_the_config_key_then_omp_num_threads():
-    from distill.build_run import resolve_threads
+    from distill.training.build_run import resolve_threads
 
     assert resolve_threads(3, env={"OMP_NUM_THREADS": "5"}, cores=16) == (3, "train.threads")
     assert resolve_threads(None, env={"OMP_NUM_THREADS": "5"}, cores=16) == (5, "OMP_NUM_THREADS")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import Config, ConfigError, LossTermCfg
-from distill.config_base import UnknownNameError
+from distill.config.train_config import Config, ConfigError, LossTermCfg
+from teachers.kernel.config_model import UnknownNameError
 from distill.losses import CombineCfg, DistillLoss
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cache.corpus import BadSampleError, CorpusError, fingerprint_of, open_corpus
-from cache.corpus_webdataset import expand_braces
-from cache.synthetic import make_synthetic_corpus
+from cache.sources.corpus import BadSampleError, CorpusError, fingerprint_of, open_corpus
+from cache.sources.webdataset import expand_braces
+from cache.sources.synthetic import make_synthetic_corpus
 
 
 def _rows(csv_path: Path) -> list[dict]:

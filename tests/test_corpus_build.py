@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cache.corpus import open_corpus
+from cache.sources.corpus import open_corpus
 from cache.corpus_build import (CORPUS_COLUMNS, CorpusBuildError, CorpusSource, build_corpus, load_recipe,
                                 part_indices, template_fields)
 from distill.cli import main

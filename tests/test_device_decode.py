@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cache.corpus import open_corpus
-from cache.image_decode import BadSampleError, DecodeLimits, jpeg_size
-from distill.data import Collate, DataError, PairDataset, make_uint8_view_transform
-from distill.device_decode import EncodedImages, decode_into
+from cache.sources.corpus import open_corpus
+from cache.sources.image_decode import BadSampleError, DecodeLimits, jpeg_size
+from distill.data.loader import Collate, DataError, PairDataset, make_uint8_view_transform
+from distill.data.device_decode import EncodedImages, decode_into
 from teachers.transforms import PreprocessCfg, apply_view, view_box
 from train_fixtures import read_log, tiny_config, tiny_tokenizer  # noqa: F401  (fixture)
 
@@ -130,12 +130,12 @@ def test_dataset_sends_jpegs_encoded_with_the_worker_s_crop_and_decodes_the_rest
 
 
 def test_training_with_device_decoding_matches_worker_decoding(jpeg_corpus, tiny_tokenizer, tmp_path, monkeypatch):
-    import distill.data
+    import distill.data.loader
     from distill.train import train
 
     calls = []
-    real = distill.data.decode_into
-    monkeypatch.setattr(distill.data, "decode_into", lambda images, enc, *a: calls.append(len(enc)) or real(
+    real = distill.data.loader.decode_into
+    monkeypatch.setattr(distill.data.loader, "decode_into", lambda images, enc, *a: calls.append(len(enc)) or real(
         images, enc, *a))
     first = {}
     for decode in ("worker", "device"):

@@ -99,7 +99,7 @@ LIBRARY_WRITES = textwrap.dedent("""
     import json, os, sys
     import numpy as np
     from cache import h5_writer as W, segments as S
-    from cache.schema import CacheError
+    from cache.store.schema import CacheError
     folder, out = sys.argv[1], {}
     def attempt(what, fn):
         try:

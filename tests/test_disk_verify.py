@@ -12,10 +12,10 @@ import h5py
 import numpy as np
 import pytest
 
-from cache.build import CacheJob, build_cache
-from cache.segments import copy_cache
-from cache.verify import verify
-from cache.verify_stats import tolerance
+from cache.build.run import CacheJob, build_cache
+from cache.store.segments import copy_cache
+from cache.store.verify import verify
+from cache.store.verify_stats import tolerance
 from distill.cli import main
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distill.samplers import Dealing, DomainBalance, EpochSampler
+from distill.data.samplers import Dealing, DomainBalance, EpochSampler
 from train_fixtures import tiny_cache, tiny_tokenizer  # noqa: F401  (fixtures)
 
 SIZES = (1600, 300, 100)  # a skewed corpus: the last domain is 5% of the rows (breast in issue 17: 4.7%)
@@ -159,22 +159,22 @@ def _corpus(tmp_path: Path, domains, name="c.csv") -> Path:
 
 
 def _data(**kw):
-    from distill.config import DataCfg
+    from distill.config.train_config import DataCfg
 
     return DataCfg(**kw)
 
 
 @pytest.mark.parametrize("value", [1.5, -0.1, float("nan")])
 def test_config_refuses_alpha_outside_0_1(value):
-    from distill.config import Config, ConfigError
+    from distill.config.train_config import Config, ConfigError
 
     with pytest.raises(ConfigError, match=r"data.domain_balance must be in \[0, 1\]"):
         Config.from_dict({"data": {"domain_balance": value}})
 
 
 def test_config_refuses_an_empty_column_name_and_documents_both_keys():
-    from distill.config import Config, ConfigError
-    from distill.config_usage import config_help
+    from distill.config.train_config import Config, ConfigError
+    from distill.config.usage import config_help
 
     with pytest.raises(ConfigError, match="data.domain_column must name a corpus column"):
         Config.from_dict({"data": {"domain_column": " "}})
@@ -183,10 +183,10 @@ def test_config_refuses_an_empty_column_name_and_documents_both_keys():
 
 
 def test_domain_ids_and_corpus_errors(tmp_path, caplog):
-    from cache.corpus import open_corpus
-    from distill.config import ConfigError
-    from distill.data import DataError
-    from distill.domains import build_balance, domain_ids, load_domains
+    from cache.sources.corpus import open_corpus
+    from distill.config.train_config import ConfigError
+    from distill.data.loader import DataError
+    from distill.data.domains import build_balance, domain_ids, load_domains
 
     corpus = open_corpus(_corpus(tmp_path, ["b", "a", "b", " c "]))
     ids, names = domain_ids(corpus, "domain")
@@ -207,7 +207,7 @@ def test_domain_ids_and_corpus_errors(tmp_path, caplog):
 
     one = open_corpus(_corpus(tmp_path, ["a"] * 5, "one.csv"))
     doms = load_domains(_data(domain_balance=0.0), one)
-    with caplog.at_level(logging.WARNING, logger="distill.domains"):
+    with caplog.at_level(logging.WARNING, logger="distill.data.domains"):
         assert build_balance(_data(domain_balance=0.0), doms, np.arange(5)) is None
     assert "data.domain_balance=0 has no effect: every training row has domain 'a'" in caplog.text
     assert build_balance(_data(domain_balance=1.0), load_domains(_data(), corpus), np.arange(4)) is None

@@ -16,11 +16,11 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from distill.config import Config, ConfigError, DataCfg, RoutingCfg
+from distill.config.train_config import Config, ConfigError, DataCfg, RoutingCfg
 from distill.losses import CombineCfg, DistillLoss, LossTermCfg, StepContext, StudentOutput, TeacherBatch
 from distill.losses.distributed import StepGather
 from distill.losses.terms import Affinity
-from teachers.modality import Pair
+from teachers.kernel.modality import Pair
 
 from gloo_helpers import counting_gloo_group
 from test_losses import U, aff_tol, logit_err, nce_grad_err, nce_tol, sigmoid_aff_tol
@@ -247,9 +247,9 @@ def domain_corpus(tmp_path) -> Path:
 
 
 def test_routing_weights_by_column_value_and_their_errors(domain_corpus):
-    from cache.corpus import open_corpus
-    from distill.cache_join import route_mask
-    from distill.data import DataError
+    from cache.sources.corpus import open_corpus
+    from distill.data.cache_join import route_mask
+    from distill.data.loader import DataError
 
     corpus = open_corpus(domain_corpus)
     r = route_mask(RoutingCfg(column="site", teachers={"breast": ("oc",), "derm": ("oc",)},
@@ -264,10 +264,10 @@ def test_routing_weights_by_column_value_and_their_errors(domain_corpus):
 
 # -- how domain ids reach the loss, and the errors ----------------------------------------------------------------
 def test_domains_and_row_weights_travel_from_collate_to_the_loss(domain_corpus):
-    from distill.build_run import loss_domains, teacher_batch
-    from distill.data import Collate, DataError
-    from distill.grad_cache import merge_batches
-    from cache.corpus import open_corpus
+    from distill.training.build_run import loss_domains, teacher_batch
+    from distill.data.loader import Collate, DataError
+    from distill.training.grad_cache import merge_batches
+    from cache.sources.corpus import open_corpus
 
     collate = Collate(lambda caps: torch.zeros(len(caps), 3, dtype=torch.long), domains=np.array([1, 0, 1]),
                       row_weights=np.array([4.0, 1.0, 4.0], dtype=np.float32))
@@ -401,8 +401,8 @@ def test_two_processes_equal_one_process(tmp_path):
 # -- a tiny run ----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_tiny_run_trains_domain_local_with_per_domain_weights(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path):
-    from distill.build_run import build_run
-    from distill.data import DataError
+    from distill.training.build_run import build_run
+    from distill.data.loader import DataError
     from distill.train import make_accelerator, train
     from train_fixtures import tiny_config
 

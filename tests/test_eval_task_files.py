@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill.config_base import ConfigError
+from teachers.kernel.config_model import ConfigError
 from distill.eval import (EVALUATORS, DatasetCfg, FinetuneCfg, ProbeCfg, TaskError, TaskKind, list_tasks,
                           load_task)
 from distill.eval.retrieval import evaluate_retrieval
@@ -152,7 +152,7 @@ def test_builtin_tasks_load_to_their_values(monkeypatch, tmp_path):
 
 
 def test_demo_task_files_load(tmp_path):
-    from cache.synthetic import SHAPES
+    from cache.sources.synthetic import SHAPES
     from distill.demo import _write_demo_tasks
 
     held = write_csv(tmp_path / "heldout.csv", ["image", "caption"],

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from distill.heads import ProjectionHeads
+from distill.training.heads import ProjectionHeads
 from student import build_student, export_checkpoint, export_student, load_student
 from student.card import ModelCard, metrics_table
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cache.synthetic import make_synthetic_corpus
+from cache.sources.synthetic import make_synthetic_corpus
 from distill.cli import main
 from distill.demo import _quiet_info, _write_demo_tasks
 from student.card import CardTeacher, ModelCard, make_model_card

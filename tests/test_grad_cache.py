@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.config import Config, ConfigError
-from distill.grad_cache import RngSnapshot, chunk_slices, grad_cache_step
-from distill.heads import ProjectionHeads
+from distill.config.train_config import Config, ConfigError
+from distill.training.grad_cache import RngSnapshot, chunk_slices, grad_cache_step
+from distill.training.heads import ProjectionHeads
 from distill.losses import DistillLoss, LossTermCfg, TeacherBatch
-from distill.student_model import DistillModel
-from teachers.modality import Pair
+from distill.training.student_model import DistillModel
+from teachers.kernel.modality import Pair
 from train_fixtures import (NO_DROPOUT, load_weights, nan_loss_at_call, read_log, tiny_cache, tiny_config,  # noqa: F401
                             tiny_tokenizer)
 
@@ -123,8 +123,8 @@ def test_grad_cache_backward_hook_scales_like_accumulation(tiny_tokenizer, tmp_p
 
 
 def test_merge_batches_pads_captions_and_keeps_row_order():
-    from distill.data import TrainBatch
-    from distill.grad_cache import merge_batches
+    from distill.data.loader import TrainBatch
+    from distill.training.grad_cache import merge_batches
 
     def batch(rows, width):
         n = len(rows)
@@ -142,7 +142,7 @@ def test_merge_batches_pads_captions_and_keeps_row_order():
 
 def _chunked_with_graph(model, images, tokens, micro, loss_fn):
     """Reference with dropout: the chunks embedded once, with graph (the masks GradCache's first pass draws)."""
-    from distill.grad_cache import _flat, _unflat
+    from distill.training.grad_cache import _flat, _unflat
 
     outs = [_flat(model(images[s], tokens[s])) for s in chunk_slices(images.shape[0], micro)]
     flat = {k: v if k == "logit_scale" else torch.cat([o[k] for o in outs]) for k, v in outs[0].items()}
@@ -223,7 +223,7 @@ def test_two_processes_with_micro_batches_equal_one_without(tiny_corpus, tiny_ca
 def test_a_nan_between_logging_steps_is_named_at_the_next_read(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path,
                                                                 monkeypatch):
     """Losses are read on the host only every log_every steps; the first non-finite step is still the one named."""
-    import distill.build_run as build_run_mod
+    import distill.training.build_run as build_run_mod
     import distill.train as train_mod
 
     monkeypatch.setattr(build_run_mod, "build_run", nan_loss_at_call(3, keys=None))

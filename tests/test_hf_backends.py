@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cache import CacheJob, build_cache, open_corpus
-from cache.layout import feature, teacher as teacher_group
+from cache.store.layout import feature, teacher as teacher_group
 from distill.cli import main
 from distill.errors import BAD_INPUT
 from teachers import TeacherLoadError, load_teacher
-from teachers.modality import Modality
+from teachers.kernel.modality import Modality
 from test_cli_errors import eval_argv, task  # noqa: F401  (the 4-image retrieval task fixture)
 from tiny_models import make_tiny_hf_siglip, make_tiny_hf_siglip2_naflex, make_tiny_remote_code
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from cache.corpus import open_corpus
-from cache.image_decode import BadSampleError, DecodeLimits, decode_image
-from cache.image_rows import ImageRows, teacher_inputs
+from cache.sources.corpus import open_corpus
+from cache.sources.image_decode import BadSampleError, DecodeLimits, decode_image
+from cache.build.image_rows import ImageRows, teacher_inputs
 from hostile_images import png_bomb
 
 BOMB_REASON = "image is 12000x12000 = 144 Mpx, over the 64 Mpx limit (--max-pixels)"
@@ -60,7 +60,7 @@ def test_the_bomb_costs_no_memory_in_a_fresh_process():
     script = textwrap.dedent(f"""
         import resource, sys
         sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
-        from cache.image_decode import BadSampleError, decode_image
+        from cache.sources.image_decode import BadSampleError, decode_image
         from hostile_images import png_bomb
         data = png_bomb()
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -154,8 +154,8 @@ def test_the_draft_target_is_the_largest_input_any_teacher_needs(tiny_corpus, ti
 def test_training_stops_on_a_bomb_naming_the_row_and_the_setting(tmp_path):
     """PairDataset decodes under data.max_pixels: a bomb row is a DataError naming the row and the setting, before
     decoding; the default student crops (scale >= 0.9) set the JPEG draft target."""
-    from distill.config import DataCfg
-    from distill.data import DataError, PairDataset
+    from distill.config.train_config import DataCfg
+    from distill.data.loader import DataError, PairDataset
     from teachers.transforms import PreprocessCfg
 
     corpus = open_corpus(_corpus_with_bomb(tmp_path))

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from distill.build_run import build_run, text_pad_id
-from distill.config import OptimCfg
-from distill.data import Collate, make_uint8_view_transform, trim_padding
-from distill.optim import build_optimizer, use_fused
-from distill.student_model import DistillModel, student_pixels
+from distill.training.build_run import build_run, text_pad_id
+from distill.config.train_config import OptimCfg
+from distill.data.loader import Collate, make_uint8_view_transform, trim_padding
+from distill.training.optim import build_optimizer, use_fused
+from distill.training.student_model import DistillModel, student_pixels
 from teachers.transforms import PreprocessCfg, make_view_transform
 from train_fixtures import tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
 
@@ -94,7 +94,7 @@ def test_the_loader_persists_workers_and_yields_uint8_the_model_normalises(tiny_
     assert loader.persistent_workers and loader.num_workers == 1 and loader.collate_fn.pad_id == 0
     from distill.train import make_accelerator
 
-    from distill.config import Config
+    from distill.config.train_config import Config
 
     cfg = Config.from_dict({"mode": "contrastive", "data": {"corpus": "c.csv"}})
     assert make_accelerator(cfg).dataloader_config.non_blocking  # pinned batches: the copy overlaps host work

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from cache.corpus import BadSampleError, open_corpus
-from cache.corpus_base import MAX_CAPTION_BYTES
-from cache.corpus_stream import StreamCorpus, StreamOptions
+from cache.sources.corpus import BadSampleError, open_corpus
+from cache.sources.base import MAX_CAPTION_BYTES
+from cache.sources.stream import StreamCorpus, StreamOptions
 from hostile_images import png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]

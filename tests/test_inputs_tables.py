@@ -12,8 +12,8 @@ import tracemalloc
 
 import pytest
 
-from cache.corpus import CorpusError, open_corpus
-from cache.corpus_base import MAX_CAPTION_BYTES, MAX_CELL_CHARS, MAX_COLUMNS
+from cache.sources.corpus import CorpusError, open_corpus
+from cache.sources.base import MAX_CAPTION_BYTES, MAX_CELL_CHARS, MAX_COLUMNS
 
 
 def opened(path):

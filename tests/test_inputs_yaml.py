@@ -1,4 +1,4 @@
-"""Issue 18 item 3: every YAML the project reads is loaded by `teachers.bounded_yaml`, which refuses alias bombs,
+"""Issue 18 item 3: every YAML the project reads is loaded by `teachers.kernel.bounded_yaml`, which refuses alias bombs,
 cycles, deep nesting and huge files before anything is expanded: one line, at once, in bounded memory."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from teachers.bounded_yaml import (MAX_YAML_ALIASES, MAX_YAML_BYTES, MAX_YAML_DEPTH, MAX_YAML_VALUES, YamlLimitError,
+from teachers.kernel.bounded_yaml import (MAX_YAML_ALIASES, MAX_YAML_BYTES, MAX_YAML_DEPTH, MAX_YAML_VALUES, YamlLimitError,
                                 load_yaml)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def test_a_train_config_bomb_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_an_override_value_bomb_is_refused_naming_the_override():
-    from distill.config import Config, ConfigError
+    from distill.config.train_config import Config, ConfigError
 
     value = "{" + ", ".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)) + "}"
     with pytest.raises(ConfigError, match=r"override 'student.overrides=.*\(an alias bomb\?\)"):

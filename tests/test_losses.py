@@ -18,7 +18,7 @@ from distill.losses import (
     phi_s_affine,
 )
 from distill.losses.combine import weight_matrix
-from teachers.modality import Pair
+from teachers.kernel.modality import Pair
 
 B, E = 6, 8
 DIMS = {"a": 3, "b": 5}  # two teachers of different dimensions

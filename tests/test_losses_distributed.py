@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from distill.losses import CombineCfg, DistillLoss, LossTermCfg, StudentOutput, TeacherBatch
 from distill.losses.combine import weight_matrix
-from teachers.modality import Pair
+from teachers.kernel.modality import Pair
 
 from gloo_helpers import counting_gloo_group
 from test_losses import U, logit_err

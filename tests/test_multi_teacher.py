@@ -59,7 +59,7 @@ def test_domain_weights_placeholder_gives_sqrt_inverse_sizes(tmp_path):
 
 
 def test_every_builtin_variant_parses_as_a_config(tmp_path):
-    from distill.config import Config
+    from distill.config.train_config import Config
 
     fill = {mt_setup.ROUTING: 'loss.routing={"column": "domain", "teachers": {"a": ["a"]}}',
             mt_setup.DOMAIN_WEIGHTS: 'loss.routing.weights={"a": 2.0}'}
@@ -155,7 +155,7 @@ def test_the_baseline_sees_the_students_augmentation(tmp_path):
     own = mt_setup.VARIANTS["routed-affinity-own-crops"]
     assert uses_views(Flags(views=4), mt_setup.VARIANTS["routed-affinity"]) and not uses_views(Flags(views=4), own)
     assert not uses_views(Flags(views=0), mt_setup.VARIANTS["routed-affinity"])
-    from distill.config import Config
+    from distill.config.train_config import Config
 
     cfg = Config.from_yaml(ROOT / "configs" / "tiny-contrastive.yaml", overrides=views)
     assert cfg.mode == "contrastive" and cfg.data.use_views and cfg.data.features == str(tmp_path / "f.h5")
@@ -165,7 +165,7 @@ def test_the_baseline_sees_the_students_augmentation(tmp_path):
 def test_smoke_run_on_the_real_data_writes_consistent_verdicts(shared_data, tmp_path, monkeypatch):
     """The README's `--budget smoke` run, shrunk further: every stage on the four real domains, both outputs."""
     from benchmarks.multi_teacher import main
-    from cache.corpus import open_corpus
+    from cache.sources.corpus import open_corpus
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from cache import FeatureReader
-from cache import h5_writer as W
-from cache.h5_reader import block_shuffle_order
-from distill.build_run import build_sampler, sampler_kind
-from distill.config import Config, ConfigError, DataCfg
-from distill.cache_join import CacheJoin
-from distill.samplers import EpochSampler
+import cache.store.writer as W
+from cache.store.reader import block_shuffle_order
+from distill.training.build_run import build_sampler, sampler_kind
+from distill.config.train_config import Config, ConfigError, DataCfg
+from distill.data.cache_join import CacheJoin
+from distill.data.samplers import EpochSampler
 
 N, CHUNK = 1000, 64
 TEACHERS = {"a": (8, 0), "b": (6, 3)}  # name -> (dim, views)

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 import distill.train as train_mod
-from distill.run_lock import RunInUseError
+from distill.training.run_lock import RunInUseError
 from train_fixtures import tiny_config, tiny_tokenizer  # noqa: F401  (fixture)
 
 
@@ -55,7 +55,7 @@ def test_a_dead_holder_is_taken_over_with_a_warning(tiny_corpus, tiny_tokenizer,
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     _write_lock(run, dead.pid)
-    with caplog.at_level(logging.WARNING, logger="cache.lock"):
+    with caplog.at_level(logging.WARNING, logger="cache.store.lock"):
         assert train_mod.train(_cfg(tiny_corpus, run, tiny_tokenizer))["step"] == 1
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "stale" in r.getMessage()]
     assert len(warnings) == 1 and f"pid {dead.pid}" in warnings[0] and str(run / ".lock") in warnings[0]

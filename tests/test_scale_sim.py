@@ -16,8 +16,8 @@ def test_scale_sim_reduced_run_merges_cheaply(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import scale_sim
 
-    from cache import layout as L
-    from cache.verify import verify
+    import cache.store.layout as L
+    from cache.store.verify import verify
 
     import bench_common
 

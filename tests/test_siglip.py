@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from distill.losses import DistillLoss, LossTermCfg, StudentOutput, TeacherBatch, teacher_logit_bias
 from distill.losses.siglip import SIGLIP_INIT
-from teachers.modality import Pair
+from teachers.kernel.modality import Pair
 
 from gloo_helpers import counting_gloo_group
 from test_losses import E as BATCH_E  # make_batch's student dimension
@@ -297,7 +297,7 @@ def test_siglip_training_falls_and_the_export_carries_the_bias(tiny_corpus, tmp_
     """configs/siglip.yaml on the tiny corpus: the loss falls below what the bias alone can reach."""
     import open_clip
 
-    from distill.config import Config
+    from distill.config.train_config import Config
     from distill.train import train
     from student.export import export_checkpoint
 
@@ -322,9 +322,9 @@ def test_siglip_training_falls_and_the_export_carries_the_bias(tiny_corpus, tmp_
 
 
 def test_a_loss_that_reads_the_bias_gives_the_student_siglips_init(tiny_tokenizer, tmp_path):
-    from distill.build_run import build_student_model
-    from distill.config import StudentCfg
-    from distill.student_model import DistillModel
+    from distill.training.build_run import build_student_model
+    from distill.config.train_config import StudentCfg
+    from distill.training.student_model import DistillModel
 
     def built(logit_bias, **overrides):
         s = StudentCfg(preset="tiny", tokenizer_dir=str(tiny_tokenizer), overrides=overrides)
@@ -347,8 +347,8 @@ def test_a_loss_that_reads_the_bias_gives_the_student_siglips_init(tiny_tokenize
 @pytest.mark.parametrize("micro", [3, 8])
 def test_micro_batches_give_the_bias_the_gradient_of_one_forward(tiny_tokenizer, tmp_path, micro):
     """Gradient caching treats the logit bias like the scale: one value per batch, its gradient sent once."""
-    from distill.grad_cache import grad_cache_step
-    from distill.student_model import DistillModel
+    from distill.training.grad_cache import grad_cache_step
+    from distill.training.student_model import DistillModel
     from student import build_student
     from test_grad_cache import FP64_TOL, _assert_equal, _grads
     from train_fixtures import NO_DROPOUT
@@ -377,7 +377,7 @@ def test_micro_batches_give_the_bias_the_gradient_of_one_forward(tiny_tokenizer,
 
 @pytest.mark.slow
 def test_affinity_from_a_sigmoid_teacher_trains_the_students_bias(tiny_corpus, tiny_cache, tmp_path):
-    from cache.segments import copy_cache
+    from cache.store.segments import copy_cache
 
     from distill.train import train
 

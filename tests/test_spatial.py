@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from teachers import load_teacher
-from teachers.modality import Modality
+from teachers.kernel.modality import Modality
 from teachers.tokens import TokensUnsupported, open_clip_visual_tokens, pool_tokens
 
 TIMM_NAME = "test_vit_micro_patch8_32"
@@ -166,7 +166,7 @@ def test_open_clip_tokens_refuse_a_non_vit_tower():
 
 # -- the cache -----------------------------------------------------------------------------------------------
 def _job(data, teachers, out, **kw):
-    from cache.job import CacheJob
+    from cache.build.job import CacheJob
 
     kw = {"num_workers": 0, "batch_size": 8, "chunk_rows": 16, "progress": False, **kw}
     return CacheJob(data=str(data), teachers=teachers, out=str(out), **kw)
@@ -183,7 +183,7 @@ def _want_tokens(t, corpus, rows, g: int, params=None) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def token_cache(tmp_path_factory, tiny_corpus, tiny_teachers) -> Path:
-    from cache.build import build_cache
+    from cache.build.run import build_cache
 
     out = tmp_path_factory.mktemp("tokens") / "features.h5"
     build_cache(_job(tiny_corpus, tiny_teachers, out, tokens=2))
@@ -193,8 +193,8 @@ def token_cache(tmp_path_factory, tiny_corpus, tiny_teachers) -> Path:
 def test_cache_stores_pooled_tokens_float16(token_cache, tiny_corpus, tiny_teachers):
     import h5py
 
-    from cache.corpus import open_corpus
-    from cache.h5_reader import FeatureReader
+    from cache.sources.corpus import open_corpus
+    from cache.store.reader import FeatureReader
 
     corpus = open_corpus(tiny_corpus)
     with h5py.File(token_cache, "r") as f:
@@ -217,9 +217,9 @@ def test_cache_stores_pooled_tokens_float16(token_cache, tiny_corpus, tiny_teach
 def test_cache_with_views_stores_tokens_per_view(tmp_path, tiny_corpus, tiny_teachers):
     import h5py
 
-    from cache.build import build_cache
-    from cache.corpus import open_corpus
-    from cache.h5_reader import FeatureReader
+    from cache.build.run import build_cache
+    from cache.sources.corpus import open_corpus
+    from cache.store.reader import FeatureReader
 
     out = tmp_path / "f.h5"
     build_cache(_job(tiny_corpus, {"oc": tiny_teachers["oc"]}, out, views=2, tokens=1, dtype="float32"))
@@ -253,10 +253,10 @@ def test_token_size_is_printed_and_a_run_over_max_gb_is_refused(tmp_path, tiny_c
 
 
 def test_token_refusals_name_the_teacher_and_the_flag(tmp_path, tiny_corpus, tiny_teachers, token_cache):
-    from cache.segments import copy_cache
+    from cache.store.segments import copy_cache
 
-    from cache.build import build_cache
-    from cache.schema import CacheError
+    from cache.build.run import build_cache
+    from cache.store.schema import CacheError
 
     with pytest.raises(CacheError, match="teacher 'oc' has a 4 x 4 patch grid; use --tokens 4 or less"):
         build_cache(_job(tiny_corpus, {"oc": tiny_teachers["oc"]}, tmp_path / "a.h5", tokens=5))
@@ -287,12 +287,12 @@ def test_token_refusals_name_the_teacher_and_the_flag(tmp_path, tiny_corpus, tin
 
 
 def test_info_shows_the_grid_and_verify_checks_the_tokens(tmp_path, token_cache):
-    from cache.segments import copy_cache
+    from cache.store.segments import copy_cache
 
     import h5py
 
     from cache.inspect import info
-    from cache.verify import verify
+    from cache.store.verify import verify
 
     text = info(str(token_cache))
     assert "patch tokens: 2 x 2 grid, 32-wide, shape (32, 4, 32)" in text and "/teachers/oc/tokens" in text
@@ -319,8 +319,8 @@ def _tiny_clip(timm_trunk: bool):
 
 @pytest.mark.parametrize("timm_trunk", [False, True], ids=["open_clip-vit", "timm-trunk"])
 def test_student_exposes_adapted_pooled_tokens_for_both_tower_kinds(timm_trunk):
-    from distill.heads import TokenAdaptors
-    from distill.student_model import DistillModel
+    from distill.training.heads import TokenAdaptors
+    from distill.training.student_model import DistillModel
     from teachers.tokens import visual_token_shape
 
     clip = _tiny_clip(timm_trunk)
@@ -357,7 +357,7 @@ L1_A = [0.25, 1.75]
 
 def _spatial_inputs(route=None, feats: bool = False):
     from distill.losses import StudentOutput, TeacherBatch
-    from teachers.modality import Pair
+    from teachers.kernel.modality import Pair
 
     t = lambda x: torch.tensor(x)  # noqa: E731
     e = F.normalize(torch.randn(2, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
@@ -436,7 +436,7 @@ SPATIAL_TERMS = "[{kind: infonce}, {kind: spatial, weight: 1.0}]"
 @pytest.fixture(scope="module")
 def spatial_cache(tmp_path_factory, tiny_corpus, tiny_teachers) -> Path:
     """Both tiny teachers with 2 stored views per image and their tokens on a 2 x 2 grid per view."""
-    from cache.build import build_cache
+    from cache.build.run import build_cache
 
     out = tmp_path_factory.mktemp("spatial") / "features.h5"
     build_cache(_job(tiny_corpus, tiny_teachers, out, views=2, tokens=2))
@@ -444,7 +444,7 @@ def spatial_cache(tmp_path_factory, tiny_corpus, tiny_teachers) -> Path:
 
 
 def test_a_tiny_spatial_run_lowers_the_spatial_loss(tiny_corpus, spatial_cache, tiny_tokenizer, tmp_path):
-    from distill.build_run import build_run, teacher_batch
+    from distill.training.build_run import build_run, teacher_batch
     from distill.train import make_accelerator, train
 
     cfg = tiny_config(tiny_corpus, tmp_path / "run", spatial_cache, tokenizer=tiny_tokenizer,
@@ -465,8 +465,8 @@ def test_a_tiny_spatial_run_lowers_the_spatial_loss(tiny_corpus, spatial_cache, 
 
 
 def test_spatial_grad_cache_equals_one_forward(tiny_corpus, spatial_cache, tiny_tokenizer, tmp_path):
-    from distill.build_run import build_run, teacher_batch
-    from distill.grad_cache import grad_cache_step, merge_batches
+    from distill.training.build_run import build_run, teacher_batch
+    from distill.training.grad_cache import grad_cache_step, merge_batches
     from distill.train import make_accelerator
     from test_grad_cache import FP64_TOL, _assert_equal
 
@@ -498,9 +498,9 @@ def test_spatial_grad_cache_equals_one_forward(tiny_corpus, spatial_cache, tiny_
 
 def test_spatial_runs_are_refused_without_tokens_or_with_patch_dropout(tiny_corpus, spatial_cache, tiny_tokenizer,
                                                                        tmp_path, token_cache):
-    from distill.build_run import build_run
-    from distill.config_base import ConfigError
-    from distill.data import DataError
+    from distill.training.build_run import build_run
+    from teachers.kernel.config_model import ConfigError
+    from distill.data.loader import DataError
     from distill.train import make_accelerator
 
     def build(features, **kw):
@@ -518,7 +518,7 @@ def test_spatial_runs_are_refused_without_tokens_or_with_patch_dropout(tiny_corp
 
 def _no_token_copy(src: Path, tmp_path: Path) -> Path:
     """The token cache with teacher hf's tokens deleted (as if cached without --tokens)."""
-    from cache.segments import copy_cache
+    from cache.store.segments import copy_cache
 
     import h5py
 
@@ -531,12 +531,12 @@ def _no_token_copy(src: Path, tmp_path: Path) -> Path:
 
 
 def test_bad_cached_tokens_stop_or_drop_that_teacher_for_the_row(token_cache, tmp_path):
-    from cache.segments import copy_cache
+    from cache.store.segments import copy_cache
 
     import h5py
 
-    from cache.verify import BadRowsError
-    from distill.data import Collate
+    from cache.store.verify import BadRowsError
+    from distill.data.loader import Collate
 
     bad = tmp_path / "bad.h5"
     copy_cache(str(token_cache), str(bad))  # the file and its segment folder

@@ -9,16 +9,16 @@ import h5py
 import numpy as np
 import pytest
 
-import cache.corpus_stream as corpus_stream
-import cache.shard_listing as shard_listing
+import cache.sources.stream as corpus_stream
+import cache.sources.shard_listing as shard_listing
 from cache import build_cache, info, open_corpus
-from cache.corpus import CorpusError, StreamCorpus, StreamOptions
-from cache.job import CacheJob
-from cache.shard_io import Retry
-from cache.shard_record import read_record, record_path
+from cache.sources.corpus import CorpusError, StreamCorpus, StreamOptions
+from cache.build.job import CacheJob
+from cache.sources.shard_io import Retry
+from cache.store.shard_record import read_record, record_path
 from distill.cli import main
-from distill.samplers import Dealing
-from distill.stream_data import buffer_shuffle, stream_order
+from distill.data.samplers import Dealing
+from distill.data.stream_data import buffer_shuffle, stream_order
 
 from test_corpus import _write_shards
 from train_fixtures import read_log, tiny_config
@@ -262,7 +262,7 @@ DRIVER = """
 import json, os, sys
 import torch
 torch.set_num_threads(1)
-import cache.corpus_stream as cs, cache.shard_listing as sl
+import cache.sources.stream as cs, cache.sources.shard_listing as sl
 from cache import CacheJob, build_cache
 kw, report = json.loads(sys.argv[1]), sys.argv[2]
 listed, read, real_list, real_read = [], [], sl.open_shard, cs.open_shard

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.heads import ProjectionHeads
+from distill.training.heads import ProjectionHeads
 from student import (build_student, freeze_image_blocks, get_preset, instantiate, list_presets, lock_text_layers,
                      parameter_summary, set_grad_checkpointing, set_patch_dropout, write_text_config)
 from student.build import _point_text_at

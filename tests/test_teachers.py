@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from teachers.plugin_registry import Registry
+from teachers.kernel.registry import Registry
 from teachers import Teacher, load_teacher, parse_spec, resolve_spec
 from teachers.registry import TEACHER_ALIASES, list_teachers
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from cache.segments import copy_cache
-from distill.cache_join import join_cache
-from distill.data import DataError, PairDataset
+from cache.store.segments import copy_cache
+from distill.data.cache_join import join_cache
+from distill.data.loader import DataError, PairDataset
 from distill.train import train
 from teachers.transforms import PreprocessCfg, make_view_transform
 
@@ -55,10 +55,10 @@ def test_loss_falls_and_run_files(mode, tiny_corpus, tiny_cache, tmp_path):
 
 
 def test_dataset_shows_the_student_the_stored_view(tiny_corpus, tiny_cache):
-    from cache.corpus import open_corpus
-    from cache.h5_reader import FeatureReader
+    from cache.sources.corpus import open_corpus
+    from cache.store.reader import FeatureReader
 
-    from distill.student_model import student_pixels
+    from distill.training.student_model import student_pixels
 
     corpus = open_corpus(tiny_corpus)
     join = join_cache(corpus, tiny_cache, None)
@@ -77,7 +77,7 @@ def test_dataset_shows_the_student_the_stored_view(tiny_corpus, tiny_cache):
         assert torch.equal(ds[(epoch, i)]["image"], item["image"])  # the same (epoch, index): the same pixels
     assert seen == {0, 1}  # the view index is drawn per sample and epoch
     # the batch carries the same view's teacher features
-    from distill.data import Collate
+    from distill.data.loader import Collate
 
     items = [ds[(0, i)] for i in range(4)]
     batch = Collate(lambda caps: torch.zeros(len(caps), 4, dtype=torch.long), str(tiny_cache), ["oc", "hf"],
@@ -90,7 +90,7 @@ def test_dataset_shows_the_student_the_stored_view(tiny_corpus, tiny_cache):
 
 
 def test_cache_missing_teacher_or_rows_is_a_clear_error(tiny_corpus, tiny_cache, tmp_path):
-    from cache.corpus import open_corpus
+    from cache.sources.corpus import open_corpus
 
     corpus = open_corpus(tiny_corpus)
     with pytest.raises(DataError, match=r"lacks teacher\(s\) \['biomedclip'\].*--teacher biomedclip=SPEC"):
@@ -108,8 +108,8 @@ def test_cache_missing_teacher_or_rows_is_a_clear_error(tiny_corpus, tiny_cache,
 
 
 def test_cache_from_another_corpus_is_refused(tiny_cache, tmp_path):
-    from cache.corpus import open_corpus
-    from cache.synthetic import make_synthetic_corpus
+    from cache.sources.corpus import open_corpus
+    from cache.sources.synthetic import make_synthetic_corpus
 
     other = open_corpus(make_synthetic_corpus(tmp_path / "other", n=32, image_size=48, seed=5))
     with pytest.raises(DataError, match=r"built from another corpus.*fingerprint differs"):
@@ -117,7 +117,7 @@ def test_cache_from_another_corpus_is_refused(tiny_cache, tmp_path):
 
 
 def test_bad_rows_in_the_cache_are_skipped(tiny_corpus, tiny_cache, tmp_path):
-    from cache.corpus import open_corpus
+    from cache.sources.corpus import open_corpus
 
     marked = tmp_path / "bad.h5"
     copy_cache(str(tiny_cache), str(marked))  # the file and its segment folder

@@ -17,10 +17,10 @@ import pytest
 import torch
 import yaml
 
-import distill.build_run as build_run_mod
-import distill.checkpoint as checkpoint_mod
+import distill.training.build_run as build_run_mod
+import distill.training.checkpoint as checkpoint_mod
 import distill.train as train_mod
-from distill.checkpoint import CheckpointWriteError, list_checkpoints
+from distill.training.checkpoint import CheckpointWriteError, list_checkpoints
 from train_fixtures import ROOT, load_weights, nan_loss_at_call, read_log, tiny_config, tiny_tokenizer  # noqa: F401
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 import distill.train as train_mod
-from distill.checkpoint import list_checkpoints
+from distill.training.checkpoint import list_checkpoints
 from train_fixtures import tiny_config, tiny_tokenizer  # noqa: F401  (fixture)
 
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from distill.build_run import build_run
+from distill.training.build_run import build_run
 from distill.losses import TeacherBatch
-from distill.optim import param_groups
+from distill.training.optim import param_groups
 from distill.train import make_accelerator, train
-from distill.train_log import RunLogger
+from distill.training.log import RunLogger
 from train_fixtures import (adamw_lipschitz, assert_same_weights, load_weights, max_gradient,  # noqa: F401
                             read_log, tiny_cache, tiny_config, tiny_tokenizer)
 
@@ -76,7 +76,7 @@ def test_freezing_patch_dropout_and_checkpointing_from_the_config(tiny_corpus, t
 
 
 def test_bf16_autocast_runs_with_finite_losses(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path, monkeypatch):
-    from distill.student_model import DistillModel
+    from distill.training.student_model import DistillModel
 
     seen = []
     forward = DistillModel.forward
@@ -190,7 +190,7 @@ def test_tensorboard_gets_every_logged_value(tmp_path, monkeypatch):
 
 
 def test_collate_gives_each_caption_a_stable_63_bit_id():
-    from distill.data import Collate, TrainBatch, caption_id
+    from distill.data.loader import Collate, TrainBatch, caption_id
 
     # BLAKE2b of the UTF-8 string, top bit cleared: the same in every process, run and Python (no hash() salt)
     assert caption_id("a chest x-ray showing pneumonia") == 9188361894126729554
@@ -226,7 +226,7 @@ def templated_corpus(tiny_corpus):
 
 
 def test_contrastive_with_caption_positives_trains(templated_corpus, tmp_path):
-    from distill.data import caption_id
+    from distill.data.loader import caption_id
 
     steps = 30
     out = tmp_path / "run"

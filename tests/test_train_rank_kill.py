@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill.checkpoint import list_checkpoints
+from distill.training.checkpoint import list_checkpoints
 from rank_kill import LAUNCHER_BOUND_S, Ranks, TorchRun
 from test_train_faults import _equal
 from train_fixtures import load_weights, read_log, tiny_config, tiny_tokenizer  # noqa: F401

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import distill.train as train_mod
-from distill.checkpoint import list_checkpoints
+from distill.training.checkpoint import list_checkpoints
 from train_fixtures import load_weights, read_log, tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
 
 
@@ -68,7 +68,7 @@ def test_resume_matches_uninterrupted(tiny_corpus, tiny_cache, tiny_tokenizer, t
 
 def test_resume_refuses_a_cache_whose_teacher_dimension_changed(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path):
     """Resuming against a cache where a teacher now has another dimension names it instead of a size mismatch."""
-    from cache.segments import copy_cache
+    from cache.store.segments import copy_cache
 
     import h5py
 

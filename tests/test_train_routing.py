@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from cache.corpus import Corpus, CorpusError, open_corpus
-from distill.build_run import build_run
-from distill.config import RoutingCfg
-from distill.cache_join import route_mask
-from distill.data import DataError
+from cache.sources.corpus import Corpus, CorpusError, open_corpus
+from distill.training.build_run import build_run
+from distill.config.train_config import RoutingCfg
+from distill.data.cache_join import route_mask
+from distill.data.loader import DataError
 from distill.train import make_accelerator, train
 from train_fixtures import read_log, tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
 

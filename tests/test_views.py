@@ -11,13 +11,13 @@ from torchvision.transforms import ColorJitter
 from torchvision.transforms import functional as TF
 
 from cache import CacheError, CacheJob, build_cache, info, open_corpus
-from cache import h5_writer as W
-from cache import layout as L
-from cache.views import ViewDist, draw_view_params, read_view_dist
+import cache.store.writer as W
+import cache.store.layout as L
+from cache.build.views import ViewDist, draw_view_params, read_view_dist
 from distill.cli import main
-from distill.config import Config, ConfigError
-from distill.data import PairDataset
-from distill.student_model import student_pixels
+from distill.config.train_config import Config, ConfigError
+from distill.data.loader import PairDataset
+from distill.training.student_model import student_pixels
 from teachers import load_teacher
 from teachers.transforms import apply_view
 
@@ -133,7 +133,7 @@ def test_info_shows_the_views(color_cache, capsys):
 
 
 def test_other_view_flags_are_refused_when_adding_a_teacher(color_cache, tiny_corpus, tiny_teachers, tmp_path):
-    from cache.segments import copy_cache
+    from cache.store.segments import copy_cache
 
     out = tmp_path / "f.h5"
     copy_cache(str(color_cache), str(out))  # the file and its segment folder

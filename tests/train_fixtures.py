@@ -13,7 +13,7 @@ NO_DROPOUT = {"text_config": {"hidden_dropout_prob": 0.0, "attention_probs_dropo
 @pytest.fixture(scope="session")
 def tiny_cache(tiny_corpus, tiny_teachers, tmp_path_factory) -> Path:
     """Both tiny teachers over the 32-row corpus, with 2 stored views per image."""
-    from cache.build import CacheJob, build_cache
+    from cache.build.run import CacheJob, build_cache
 
     out = tmp_path_factory.mktemp("cache") / "features.h5"
     build_cache(CacheJob(data=str(tiny_corpus), teachers=tiny_teachers, out=str(out), batch_size=16, num_workers=0,
@@ -24,7 +24,7 @@ def tiny_cache(tiny_corpus, tiny_teachers, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
     """One WordPiece folder shared by the runs that are compared (built once per session)."""
-    from cache.corpus import open_corpus
+    from cache.sources.corpus import open_corpus
     from student.tokenizer import train_wordpiece
 
     return train_wordpiece(open_corpus(tiny_corpus).captions, tmp_path_factory.mktemp("tok") / "wp", vocab_size=1000)
@@ -32,7 +32,7 @@ def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
 
 def tiny_config(corpus, out_dir, features=None, mode="hybrid", tokenizer=None, **sections):
     """configs/tiny-hybrid.yaml with this corpus/cache/output and `section.key=value` overrides from kwargs."""
-    from distill.config import Config
+    from distill.config.train_config import Config
 
     overrides = [f"data.corpus={corpus}", f"train.output_dir={out_dir}", f"mode={mode}",
                  f"data.features={features if features else 'null'}",
@@ -90,7 +90,7 @@ LOSS_RTOL = 4e-4
 def assert_same_weights(a: dict, b: dict, cfg) -> None:
     """`a` == `b` (state dicts after cfg.train.max_steps steps of a run with `adamw_lipschitz`) up to the bound
     above."""
-    from distill.optim import lr_factor
+    from distill.training.optim import lr_factor
 
     steps = cfg.train.max_steps
     sum_lr = sum(cfg.optim.lr * lr_factor(s, steps, cfg.optim) for s in range(steps))
@@ -112,9 +112,9 @@ def load_weights(ckpt_dir) -> dict:
 
 
 def nan_loss_at_call(n: int, keys=("infonce", "loss")):
-    """A replacement for distill.build_run.build_run whose loss turns the `keys` terms (None: all) NaN on its n-th
+    """A replacement for distill.training.build_run.build_run whose loss turns the `keys` terms (None: all) NaN on its n-th
     call."""
-    import distill.build_run as build_run_mod
+    import distill.training.build_run as build_run_mod
 
     real_build = build_run_mod.build_run
 

@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .retrieval import KS, dedupe_captions
+from distill.eval.retrieval import KS, dedupe_captions
 
 
 def uniform_guess_macro_f1(labels: np.ndarray, n_classes: int) -> float:

@@ -12,8 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from . import metrics as M
-from .bootstrap import Estimate, bootstrap
+from distill.eval import metrics as M
+from distill.eval.bootstrap import Estimate, bootstrap
 
 PREDICTION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")  # computed from the argmax class, not scores
 

@@ -15,8 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
-from .bootstrap import Difference, Estimate, mean_difference, paired_difference
-from .classification import PREDICTION_METRICS
+from distill.eval.bootstrap import Difference, Estimate, mean_difference, paired_difference
+from distill.eval.classification import PREDICTION_METRICS
 
 WORDS = ("better", "within", "worse")
 AUROC_KEYS = ("macro_auroc", "mean_auroc")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .embeddings import EmbeddingCache
+from distill.eval.embeddings import EmbeddingCache
 
 
 @dataclass(frozen=True)

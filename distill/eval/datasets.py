@@ -1,5 +1,5 @@
 """Readers for evaluation datasets: CSV (image + label or caption), MedMNIST `.npz`, a folder per class, and
-WebDataset shards (image + caption, for retrieval; local or streamed by URL, read in order: `cache.corpus`).
+WebDataset shards (image + caption, for retrieval; local or streamed by URL, read in order: `cache.sources.corpus`).
 
 Every reader returns one `SplitData` per split role (train/val/test) with the same shape: images (paths or a
 uint8 array), labels (class ids, or multi-hot for multi-label tasks) and captions. Errors name the file, the row
@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .tasks import DATA_ENV, SPLIT_ROLES, TaskCfg, TaskError
+from distill.eval.tasks import DATA_ENV, SPLIT_ROLES, TaskCfg, TaskError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -319,7 +319,7 @@ def _read_folder(task: TaskCfg, path: Path, roles: Sequence[str]) -> dict[str, S
 def _read_webdataset(task: TaskCfg, path: Path | str, roles: Sequence[str]) -> dict[str, SplitData]:
     """Image-caption pairs of WebDataset shards, for retrieval; streamed shards are listed once, then read in
     order (no shuffle), so each split reads its shards front to back."""
-    from cache.corpus import CorpusError, open_corpus
+    from cache.sources.corpus import CorpusError, open_corpus
 
     if task.kind != "retrieval":
         raise TaskError(f"{task.source}: WebDataset shards hold images and captions, no labels; a {task.kind} task "

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from teachers import Teacher
 
-from .datasets import SplitData
+from distill.eval.datasets import SplitData
 
 log = logging.getLogger(__name__)
 

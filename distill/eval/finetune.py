@@ -19,13 +19,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from . import metrics as M
-from .bootstrap import Estimate
-from .classification import classification_metrics
-from .context import EvalContext
-from .datasets import SplitData
-from .kinds import register_kind
-from .tasks import FinetuneCfg
+from distill.eval import metrics as M
+from distill.eval.bootstrap import Estimate
+from distill.eval.classification import classification_metrics
+from distill.eval.context import EvalContext
+from distill.eval.datasets import SplitData
+from distill.eval.kinds import register_kind
+from distill.eval.tasks import FinetuneCfg
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from teachers.plugin_registry import Registry
+from teachers.kernel.registry import Registry
 
 SPLIT_ROLES = ("train", "val", "test")
 

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import metrics as M
-from .bootstrap import Estimate
-from .classification import classification_metrics
-from .context import EvalContext
-from .kinds import register_kind
+from distill.eval import metrics as M
+from distill.eval.bootstrap import Estimate
+from distill.eval.classification import classification_metrics
+from distill.eval.context import EvalContext
+from distill.eval.kinds import register_kind
 
 log = logging.getLogger(__name__)
 

@@ -36,9 +36,15 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .bootstrap import Difference, Estimate
-from .compare import (Flags, below_chance, best_model, headline_metric, metric_differences, overall_summary,
-                      task_flags, verdict)
+from distill.eval.bootstrap import Difference, Estimate
+from distill.eval.compare import (Flags,
+                                 below_chance,
+                                 best_model,
+                                 headline_metric,
+                                 metric_differences,
+                                 overall_summary,
+                                 task_flags,
+                                 verdict)
 
 FORMAT = "biomed-distill-eval"
 

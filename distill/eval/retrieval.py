@@ -16,11 +16,11 @@ import torch
 
 from teachers import Teacher
 
-from . import metrics as M
-from .bootstrap import Estimate, bootstrap
-from .context import EvalContext
-from .embeddings import encode_texts
-from .kinds import register_kind
+from distill.eval import metrics as M
+from distill.eval.bootstrap import Estimate, bootstrap
+from distill.eval.context import EvalContext
+from distill.eval.embeddings import encode_texts
+from distill.eval.kinds import register_kind
 
 KS = (1, 5, 10)
 

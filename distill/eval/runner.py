@@ -13,15 +13,15 @@ from pathlib import Path
 import torch
 
 # The built-in task kinds register themselves in EVALUATORS when their modules are imported (distill/eval/kinds.py)
-from . import finetune, linear_probe, retrieval, zeroshot  # noqa: F401
-from .bootstrap import Estimate
-from .chance import chance_levels, majority_levels
-from .context import EvalContext
-from .datasets import SplitData, load_splits
-from .embeddings import EmbeddingCache
-from .kinds import EVALUATORS
-from .report import EvalReport, build_report, write_report
-from .tasks import TaskCfg, load_task
+from distill.eval import finetune, linear_probe, retrieval, zeroshot  # noqa: F401
+from distill.eval.bootstrap import Estimate
+from distill.eval.chance import chance_levels, majority_levels
+from distill.eval.context import EvalContext
+from distill.eval.datasets import SplitData, load_splits
+from distill.eval.embeddings import EmbeddingCache
+from distill.eval.kinds import EVALUATORS
+from distill.eval.report import EvalReport, build_report, write_report
+from distill.eval.tasks import TaskCfg, load_task
 
 log = logging.getLogger(__name__)
 

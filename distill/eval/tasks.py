@@ -2,7 +2,7 @@
 
 A task names a dataset (CSV, MedMNIST .npz or a folder per class), its class names and prompt templates, and
 what to measure (`kind`: a registered task kind, see `kinds.py`). The models share the training config's base
-(`distill/config_base.py`): the whole file is validated when it is loaded, and an error is one line naming the file
+(`teachers/kernel/config_model.py`): the whole file is validated when it is loaded, and an error is one line naming the file
 and the key, with a did-you-mean for an unknown key (configs never silently ignore a typo). Task files may be
 loose where YAML makes strictness a trap: a number where text is expected (`label_values: [0, 1]`), one value
 where a list is expected (`templates: "a photo of {}."`), a numeric string for a float (`lr_head: 1e-3`).
@@ -28,10 +28,10 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BeforeValidator, Field, PrivateAttr, Strict, ValidationError, field_validator, model_validator
 
-from distill.config_base import Bool, ConfigError, Float, Int, Section, config_error, unknown_name
-from teachers.bounded_yaml import load_yaml
+from teachers.kernel.config_model import Bool, ConfigError, Float, Int, Section, config_error, unknown_name
+from teachers.kernel.bounded_yaml import load_yaml
 
-from .kinds import EVALUATORS, SPLIT_ROLES, TaskKind
+from distill.eval.kinds import EVALUATORS, SPLIT_ROLES, TaskKind
 
 FORMATS = ("auto", "csv", "npz", "folder", "webdataset")
 DATA_ENV = "BIOMED_DISTILL_DATA"
@@ -228,7 +228,7 @@ class TaskCfg(Section):
     @property
     def dataset_path(self) -> Path | str:
         """The dataset's file or folder; shard URLs and pipe: commands as written (a Path would mangle them)."""
-        from cache.shard_io import is_stream_spec
+        from cache.sources.shard_io import is_stream_spec
 
         if is_stream_spec(self.dataset.path):
             return self.dataset.path

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 
 from teachers import Teacher
 
-from .bootstrap import Estimate
-from .classification import classification_metrics
-from .context import EvalContext
-from .embeddings import encode_texts
-from .kinds import register_kind
+from distill.eval.bootstrap import Estimate
+from distill.eval.classification import classification_metrics
+from distill.eval.context import EvalContext
+from distill.eval.embeddings import encode_texts
+from distill.eval.kinds import register_kind
 
 
 def class_embeddings(model: Teacher, classes: Sequence[str], templates: Sequence[str]) -> torch.Tensor:

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .distributed import world_and_rank
-from .spec import CombineCfg
+from distill.losses.distributed import world_and_rank
+from distill.losses.spec import CombineCfg
 
 
 @dataclass(frozen=True)

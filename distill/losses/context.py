@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.loss_names import POSITIVES, SCOPES  # noqa: F401  (re-exported: terms, combine)
-from teachers.modality import MODALITIES, Modality
+from distill.config.loss_names import POSITIVES, SCOPES  # noqa: F401  (re-exported: terms, combine)
+from teachers.kernel.modality import MODALITIES, Modality
 
-from .distributed import StepGather
-from .phi_s import PhiS
-from .types import StudentOutput, TeacherBatch
+from distill.losses.distributed import StepGather
+from distill.losses.phi_s import PhiS
+from distill.losses.types import StudentOutput, TeacherBatch
 
 MAX_LOGIT_SCALE = 100.0
 CROSS = ((Modality.IMAGE, Modality.TEXT), (Modality.TEXT, Modality.IMAGE))  # (mine, other): both directions
@@ -66,7 +66,7 @@ class StepContext:
             if ids is None:
                 raise ValueError(
                     "a loss term has positives='caption', but the batch carries no caption ids: pass "
-                    "caption_ids=batch.caption_ids ((B,) int64, distill.data.Collate computes them) to DistillLoss"
+                    "caption_ids=batch.caption_ids ((B,) int64, distill.data.loader.Collate computes them) to DistillLoss"
                 )
             ids = ids[:, 0]
             with torch.no_grad():

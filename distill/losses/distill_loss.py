@@ -7,14 +7,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from teachers.modality import MODALITIES, Modality
+from teachers.kernel.modality import MODALITIES, Modality
 
-from . import combine as _combine
-from .distributed import GatherFn, StepGather, all_gather_rows
-from .phi_s import PhiS
-from .spec import CombineCfg, LossTermCfg, build_term
-from .terms import StepContext
-from .types import StudentOutput, TeacherBatch
+from distill.losses import combine as _combine
+from distill.losses.distributed import GatherFn, StepGather, all_gather_rows
+from distill.losses.phi_s import PhiS
+from distill.losses.spec import CombineCfg, LossTermCfg, build_term
+from distill.losses.terms import StepContext
+from distill.losses.types import StudentOutput, TeacherBatch
 
 
 class DistillLoss(nn.Module):

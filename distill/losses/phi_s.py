@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from teachers.modality import MODALITIES, Modality
+from teachers.kernel.modality import MODALITIES, Modality
 
 
 def _is_prime(n: int) -> bool:

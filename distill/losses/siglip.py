@@ -11,9 +11,9 @@ from typing import Collection
 import torch.nn.functional as F
 from torch import Tensor
 
-from teachers.modality import Modality
+from teachers.kernel.modality import Modality
 
-from .terms import LossTerm, StepContext, _check_positives, register_loss
+from distill.losses.terms import LossTerm, StepContext, _check_positives, register_loss
 
 # SigLIP's initialisation (paper, section 3.3): t' = log 10 (scale 10) and bias -10, so the many negatives start
 # near their target and the first steps are not spent pushing them down. `distill train` gives it to a preset

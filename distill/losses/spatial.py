@@ -2,7 +2,7 @@
 
 The teacher side is `distill cache --tokens G`: the last layer's patch tokens after the final norm, average-pooled
 to a G x G grid (per view). The student side is `StudentOutput.tokens`: its own patch tokens (same definition)
-through that teacher's adaptor MLP, pooled to the same grid (`distill.heads.TokenAdaptors`). With stored views
+through that teacher's adaptor MLP, pooled to the same grid (`distill.training.heads.TokenAdaptors`). With stored views
 the student sees exactly the view whose tokens were cached, so the grids cover the same pixels; without views
 the teacher saw its eval transform and the student its own crop, and they cover nearly the same region only.
 Per-sample values, so teacher weights, routing and every combine mode apply as for the other terms.
@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from teachers.modality import Modality
+from teachers.kernel.modality import Modality
 
-from .terms import LossTerm, StepContext, register_loss
+from distill.losses.terms import LossTerm, StepContext, register_loss
 
 
 def teacher_tokens(ctx: StepContext, name: str) -> Tensor:

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from teachers.modality import MODALITIES, Modality
-from teachers.plugin_registry import Registry
+from teachers.kernel.modality import MODALITIES, Modality
+from teachers.kernel.registry import Registry
 
-from distill.loss_names import AFFINITY_PAIRS
-from .context import CROSS, INTRA, MAX_LOGIT_SCALE, POSITIVES, SCOPES, StepContext  # noqa: F401  (re-exported)
+from distill.config.loss_names import AFFINITY_PAIRS
+from distill.losses.context import CROSS, INTRA, MAX_LOGIT_SCALE, POSITIVES, SCOPES, StepContext  # noqa: F401  (re-exported)
 
 LOSSES: Registry[type["LossTerm"]] = Registry("loss", entry_point_group="biomed_distill.losses")
 register_loss = LOSSES.register

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
-from teachers.modality import Pair
+from teachers.kernel.modality import Pair
 
 
 @dataclass
@@ -21,10 +21,10 @@ class StudentOutput:
     text: Tensor  # (B, E) L2-normalised text embeddings
     logit_scale: Tensor  # scalar, already exp()'d; the loss clamps it at 100
     projected: dict[str, Pair[Tensor]] = field(default_factory=dict)
-    # teacher -> Pair(image (B, Dt), text (B, Dt)) from distill.heads.ProjectionHeads, NOT normalised
+    # teacher -> Pair(image (B, Dt), text (B, Dt)) from distill.training.heads.ProjectionHeads, NOT normalised
     logit_bias: Tensor | None = None  # scalar, SigLIP's learnable bias (open_clip's `logit_bias`); None: no bias
     tokens: dict[str, Tensor] = field(default_factory=dict)
-    # teacher -> (B, G*G, Dt): the student's patch tokens through that teacher's adaptor (distill.heads.TokenAdaptors),
+    # teacher -> (B, G*G, Dt): the student's patch tokens through that teacher's adaptor (distill.training.heads.TokenAdaptors),
     # pooled to the teacher's cached G x G grid; only with a spatial term
 
 
@@ -43,7 +43,7 @@ class TeacherBatch:
     # teacher -> (B, G*G, Dt) cached patch tokens (`distill cache --tokens G`), of the view the student saw; only the
     # teachers of a spatial term
     domains: Tensor | None = None
-    # (B,) int64 domain id of each row (data.domain_column, `distill.domains.domain_ids`): read by `scope: domain`
+    # (B,) int64 domain id of each row (data.domain_column, `distill.data.domains.domain_ids`): read by `scope: domain`
     # (affinity, loss.combine), gathered across processes with the caption ids; None: no domains
     row_weights: Tensor | None = None
     # (B,) float per-row multiplier of every teacher term (loss.routing.weights by column value); None: all 1
