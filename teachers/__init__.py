@@ -10,11 +10,11 @@ from teachers.kernel.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "base": ["Teacher"],
-    "plugin_registry": ["PluginLoadError", "Registry"],
+    "kernel.registry": ["PluginLoadError", "Registry"],
     "registry": ["BACKENDS", "TeacherLoadError", "list_teachers", "load_teacher", "register_teacher",
                  "resolve_spec"],
     "spec": ["Spec", "parse_spec"],
     "transforms": ["PreprocessCfg", "apply_view", "make_eval_transform", "make_view_transform"],
-    "version": ["package_version"],
+    "kernel.version": ["package_version"],
 }
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
