@@ -62,8 +62,8 @@ def test_unknown_key_names_file_and_key(tmp_path):
     ({"multilabel": "yes"}, r"multilabel must be bool, got 'yes' \(str\)"),
     ({"dataset": {"path": "x.csv", "max_samples": "ten"}}, r"dataset\.max_samples must be int \| None, got 'ten'"),
     ({"dataset": {"path": "x.csv", "max_samples": 0}}, r"dataset\.max_samples must be >= 1, got 0"),
-    ({"dataset": {"path": "x.csv", "format": "tsv"}}, r"dataset\.format must be one of auto, csv, npz, folder, "
-                                                      r"webdataset, got 'tsv'"),
+    ({"dataset": {"path": "x.csv", "format": "tvs"}}, r"dataset\.format must be one of auto, csv, folder, jsonl, "
+                                                      r"npz, stream, tsv, webdataset, got 'tvs'"),
     ({"dataset": {"path": "x.csv", "splits": {"dev": "dev"}}}, r"dataset\.splits: unknown role\(s\) \['dev'\]; "
                                                                  "roles are train, val, test"),
     ({"dataset": {"path": "x.csv", "split_fractions": [0.5, 0.5]}}, r"dataset\.split_fractions must be three "

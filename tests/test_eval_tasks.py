@@ -102,7 +102,7 @@ def test_csv_errors_name_file_row_and_column(tmp_path, bright_csv):
     with pytest.raises(TaskError, match=r"data\.csv: column 'dx' not found \(columns: image, label, caption"):
         load_splits(load_task(str(missing)))
     unknown = write_task(tmp_path / "c.yaml", **{**base, "classes": ["dark", "light"]})
-    with pytest.raises(TaskError, match=r"data\.csv row \d+: label 'bright' is not a known class"):
+    with pytest.raises(TaskError, match=r"data\.csv row \d+ \(line \d+\): label 'bright' is not a known class"):
         load_splits(load_task(str(unknown)))
     empty = write_task(tmp_path / "e.yaml", **{**base, "dataset": {**base["dataset"], "splits": {"test": "dev"}}})
     with pytest.raises(TaskError, match=r"e\.yaml: the test split of .*data\.csv.* is empty"):
@@ -120,7 +120,7 @@ def test_csv_errors_name_file_row_and_column(tmp_path, bright_csv):
         load_splits(load_task(str(nofiles)))
     write_csv(tmp_path / "gone.csv", ["image", "label"], [["img/0.png", 0], ["img/missing.png", 1]])
     gone = write_task(tmp_path / "g.yaml", **{**base, "dataset": {"path": "gone.csv"}})
-    with pytest.raises(TaskError, match=r"gone\.csv row 3: image .*missing\.png not found"):
+    with pytest.raises(TaskError, match=r"gone\.csv row 2 \(line 3\): image .*missing\.png not found"):
         load_splits(load_task(str(gone)))
 
 

@@ -1,7 +1,8 @@
 """The corpus interface every part of the project reads image-caption pairs through: `Corpus` and its errors.
 
-Why a module of its own: the readers (`corpus_table`, `corpus_webdataset`) subclass `Corpus` and `cache.sources.corpus`
-picks among them, so the base lives below both and no file imports one that imports it back.
+Why a module of its own: the readers (`cache.sources.table`, `cache.sources.webdataset`, ...) subclass `Corpus`
+and `cache.sources.corpus` picks among them through the format registry (`cache.sources.formats`), so the base
+lives below both and no file imports one that imports it back.
 
 The interface (stable: the cache writer and the trainer both rely on it):
 
@@ -30,11 +31,10 @@ from typing import Sequence
 
 from PIL import Image
 
-from cache.sources.image_decode import BadSampleError, DecodeLimits  # noqa: F401  (BadSampleError: re-exported)
+from cache.sources.image_decode import IMAGE_SUFFIXES, BadSampleError, DecodeLimits  # noqa: F401  (re-exported)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
-# Input limits (RELIABILITY.md "Bad input"): what one corpus may ask of memory before anything is cached.
+IMAGE_EXTS = tuple(s[1:] for s in IMAGE_SUFFIXES)  # WebDataset member extensions: the suffixes without the dot
+# Input limits (docs/reliability.md "Bad input"): what one corpus may ask of memory before anything is cached.
 MAX_COLUMNS = 1024              # columns of a table (header cells; keys of the JSONL objects, all rows together)
 MAX_CELL_CHARS = 1 << 20        # characters of one table cell; a longer one is refused naming its line
 MAX_CAPTION_BYTES = 64 << 10    # UTF-8 bytes of a caption kept (and of a `txt` member read); the rest is cut off

@@ -20,6 +20,8 @@ from PIL import Image
 
 DEFAULT_MAX_PIXELS = 64_000_000  # below PIL's own warning limit (Image.MAX_IMAGE_PIXELS, ~89 Mpx)
 FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "PPM", "JPEG2000")  # JPEG covers MPO
+# The one list of image file name endings: class folders, WebDataset members (without the dot: IMAGE_EXTS).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 MAX_BYTES_PER_PIXEL = 8  # 16-bit RGBA, uncompressed: no image within the pixel limit is stored in more
 
 

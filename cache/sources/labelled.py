@@ -1,5 +1,7 @@
-"""Labelled sources for `cache.corpus_build`: a MedMNIST `.npz`, a CSV/TSV of labels and metadata, or a folder
-with one subfolder per class, each read into one `SourceTable` (rows of metadata, images, labels, keys).
+"""Labelled sources for `cache.corpus_build`: a MedMNIST `.npz`, a CSV/TSV of labels and metadata, a folder
+with one subfolder per class, or any registered format with labelled rows, each read through its format's reader
+(`cache.sources.corpus.read_labelled`, the readers eval datasets use too) into one `SourceTable` (rows of
+metadata, images, labels, keys).
 
 Reading checks what can be checked without the templates: the file and split exist, the image column is there,
 labels are valid indices of `class_names`, keys are unique. Caption templates are checked in `corpus_build`.
@@ -13,11 +15,10 @@ from typing import Sequence
 
 import numpy as np
 
-from cache.sources.base import CorpusError, read_utf8_text
-from cache.sources.csv_rows import read_delimited
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-NPZ_SPLITS = ("train", "val", "test")
+from cache.sources.base import CorpusError
+from cache.sources.corpus import read_labelled
+from cache.sources.formats import LabelledData
+from cache.sources.image_decode import IMAGE_SUFFIXES
 
 
 class CorpusBuildError(CorpusError):
@@ -101,18 +102,25 @@ class SourceTable:
 
 
 def read_source(src: CorpusSource) -> SourceTable:
+    """Read one source through its format's reader (`cache.sources.corpus.read_labelled`): file-level problems
+    (not UTF-8, a bad row, a missing npz split) are the reader's, named at their line; the columns, labels and
+    keys this build needs are checked here."""
     path = Path(src.path)
     if not path.exists():
         raise CorpusBuildError(f"source {path} not found")
-    if path.is_dir():
-        table = _read_folder(src, path)
-    elif path.suffix.lower() == ".npz":
-        table = _read_npz(src, path)
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        table = _read_csv(src, path)
+    if path.is_dir() and src.class_names is not None:
+        raise CorpusBuildError(f"{path}: a folder source takes its class names from the subfolder names; "
+                               "drop class_names")
+    try:  # a format without labelled rows, or a file it refuses: one line naming the file and line
+        data = read_labelled(path, split=src.split, what="source")
+    except CorpusBuildError:
+        raise
+    except CorpusError as e:
+        raise CorpusBuildError(str(e)) from None
+    if data.images is None:
+        table = _from_table(src, path, data)
     else:
-        raise CorpusBuildError(f"source {path}: unknown format; expected a MedMNIST-style .npz, a .csv or .tsv, "
-                               "or a folder with one subfolder per class")
+        table = _from_images(src, path, data)
     if src.class_names is not None and table.labels is not None:
         n = len(src.class_names)
         for i, raw in enumerate(table.labels):
@@ -123,59 +131,30 @@ def read_source(src: CorpusSource) -> SourceTable:
     return table
 
 
-# -- npz -----------------------------------------------------------------------------------------------
-def _read_npz(src: CorpusSource, path: Path) -> SourceTable:
-    with np.load(path, allow_pickle=False) as z:
-        files = set(z.files)
-        present = [s for s in NPZ_SPLITS if f"{s}_images" in files] + sorted(
-            k[: -len("_images")] for k in files if k.endswith("_images") and k[: -len("_images")] not in NPZ_SPLITS)
-        if src.split is not None:
-            if f"{src.split}_images" not in files or f"{src.split}_labels" not in files:
-                raise CorpusBuildError(f"{path}: no split {src.split!r} (keys {src.split}_images and "
-                                       f"{src.split}_labels); splits here: {', '.join(present) or 'none'}")
-            present = [src.split]
-        if not present:
-            raise CorpusBuildError(f"{path}: no SPLIT_images arrays (keys: {', '.join(sorted(files))}); "
-                                   "expected MedMNIST keys such as train_images and train_labels")
-        images, labels, rows, where, keys = [], [], [], [], []
-        for split in present:
-            ik, lk = f"{split}_images", f"{split}_labels"
-            if lk not in files:
-                raise CorpusBuildError(f"{path}: {ik} has no {lk}")
-            imgs, labs = z[ik], z[lk]
-            if imgs.dtype != np.uint8 or not (imgs.ndim == 3 or (imgs.ndim == 4 and imgs.shape[-1] in (1, 3))):
-                raise CorpusBuildError(f"{path}: {ik} must be uint8 (N, H, W) grey or (N, H, W, 3) RGB images, "
-                                       f"got {imgs.dtype} {imgs.shape} (3D volumes are not supported)")
-            if imgs.ndim == 4 and imgs.shape[-1] == 1:
-                imgs = imgs[..., 0]
-            if len(labs) != len(imgs):
-                raise CorpusBuildError(f"{path}: {ik} has {len(imgs)} rows but {lk} has {len(labs)}")
-            labs = np.asarray(labs).reshape(len(labs), -1)
-            if labs.shape[1] == 1:  # one class per image
-                lab_str = [str(int(v)) for v in labs[:, 0]]
-            else:  # multi-hot: the positive class indices, joined with '|'
-                lab_str = ["|".join(str(j) for j in np.flatnonzero(r)) for r in labs]
-            images.append(imgs)
-            labels += lab_str
-            rows += [{"split": split} for _ in range(len(imgs))]
-            where += [f"{path} {ik}[{i}]" for i in range(len(imgs))]
-            keys += [f"{split}/{i}" for i in range(len(imgs))]
-    shapes = {a.shape[1:] for a in images}
-    stacked = np.concatenate(images) if len(shapes) == 1 else [img for a in images for img in a]
-    return SourceTable(src, str(path), ["split"], rows, where, keys, stacked, labels)
+def _label_text(labels: list[str] | np.ndarray) -> list[str]:
+    """Raw labels as text: an (N, 1) array -> the index; an (N, C) multi-hot array -> positive indices joined by
+    '|'; names (class folders) as they are."""
+    if not isinstance(labels, np.ndarray):
+        return list(labels)
+    if labels.shape[1] == 1:  # one class per image
+        return [str(int(v)) for v in labels[:, 0]]
+    return ["|".join(str(j) for j in np.flatnonzero(r)) for r in labels]
 
 
-# -- CSV -----------------------------------------------------------------------------------------------
-def _read_csv(src: CorpusSource, path: Path) -> SourceTable:
-    raw_rows, lines = [], []
-    try:  # not UTF-8, a quote never closed, a row of the wrong width, a huge cell: named at the line of the row
-        text = read_utf8_text(path)
-        columns, records = read_delimited(str(path), text, "\t" if path.suffix.lower() == ".tsv" else ",")
-        for line, row in records:
-            raw_rows.append(row)
-            lines.append(line)
-    except CorpusError as e:
-        raise CorpusBuildError(str(e)) from None
+def _from_images(src: CorpusSource, path: Path, data: LabelledData) -> SourceTable:
+    """An npz or a class folder (or any format whose rows carry their images)."""
+    if not len(data):
+        raise CorpusBuildError(f"{path / src.split if src.split else path}: no images "
+                               f"({'/'.join(IMAGE_SUFFIXES)}) in class subfolders" if path.is_dir()
+                               else f"{path}: no rows")
+    labels = None if data.labels is None else _label_text(data.labels)
+    return SourceTable(src, data.origin, list(data.columns), data.rows, data.where, list(data.keys), data.images,
+                       labels)
+
+
+def _from_table(src: CorpusSource, path: Path, data: LabelledData) -> SourceTable:
+    """A CSV/TSV: the image, split, domain and label columns are this source's options."""
+    columns, raw_rows = data.columns, data.rows
     listed = ", ".join(columns) or "none"
     if src.image_column not in columns:
         raise CorpusBuildError(f"{path}: image column {src.image_column!r} not found (columns: {listed}); "
@@ -189,10 +168,9 @@ def _read_csv(src: CorpusSource, path: Path) -> SourceTable:
     root = path.parent.resolve()
     rows, where, keys, images, labels = [], [], [], [], []
     seen: dict[str, str] = {}
-    for n, (row, line) in enumerate(zip(raw_rows, lines), start=1):
+    for row, here in zip(raw_rows, data.where):
         if src.split is not None and row[src.split_column] != src.split:
             continue
-        here = f"{path} row {n} (line {line})"
         rel = (row[src.image_column] or "").strip()
         if not rel:
             raise CorpusBuildError(f"{here}: empty {src.image_column!r}")
@@ -214,29 +192,6 @@ def _read_csv(src: CorpusSource, path: Path) -> SourceTable:
                                f"{', '.join(sorted({r[src.split_column] for r in raw_rows}))})")
     meta = [c for c in columns if c != src.image_column]
     return SourceTable(src, str(path), meta, rows, where, keys, images, labels if has_label else None)
-
-
-# -- folder per class ----------------------------------------------------------------------------------
-def _read_folder(src: CorpusSource, path: Path) -> SourceTable:
-    if src.class_names is not None:
-        raise CorpusBuildError(f"{path}: a folder source takes its class names from the subfolder names; "
-                               "drop class_names")
-    root = path / src.split if src.split is not None else path
-    if not root.is_dir():
-        raise CorpusBuildError(f"{path}: split folder {src.split!r} not found")
-    rows, where, keys, images, labels = [], [], [], [], []
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
-        for f in sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
-            rel = f.relative_to(path).as_posix()
-            images.append(os.path.normpath(f.resolve()))
-            keys.append(rel)
-            labels.append(d.name)
-            rows.append({"split": src.split} if src.split is not None else {})
-            where.append(f"{path}: {rel}")
-    if not images:
-        raise CorpusBuildError(f"{root}: no images ({'/'.join(IMAGE_SUFFIXES)}) in class subfolders")
-    return SourceTable(src, str(path), ["split"] if src.split is not None else [], rows, where, keys, images,
-                       labels)
 
 
 def check_unique_names(sources: Sequence[CorpusSource]) -> None:

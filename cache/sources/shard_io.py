@@ -16,13 +16,31 @@ import time
 from dataclasses import dataclass
 
 from cache.sources.base import CorpusError
-from cache.sources.webdataset import expand_braces
 
+_BRACE = re.compile(r"\{([^{}]*)\}")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 PIPE = "pipe:"
 # what to install for a scheme whose fsspec implementation is missing (fsspec's own hint for the others)
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp requests",
              "https": "aiohttp requests", "az": "adlfs", "abfs": "adlfs", "hf": "huggingface_hub"}
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`a/{000..002}.tar` -> a/000.tar, a/001.tar, a/002.tar; `{x,y}` lists too; nested left to right."""
+    m = _BRACE.search(pattern)
+    if m is None:
+        return [pattern]
+    head, body, tail = pattern[:m.start()], m.group(1), pattern[m.end():]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        a, b = rng.groups()
+        width = max(len(a), len(b)) if (a.startswith("0") or b.startswith("0")) else 0
+        lo, hi = int(a), int(b)
+        step = 1 if hi >= lo else -1
+        items = [str(i).zfill(width) for i in range(lo, hi + step, step)]
+    else:
+        items = body.split(",")
+    return [p for item in items for p in expand_braces(head + item + tail)]
 
 
 def is_stream_spec(path: str) -> bool:

@@ -25,7 +25,8 @@ from cache.sources.shard_io import Retry, is_local, open_shard
 log = logging.getLogger(__name__)
 
 LISTING_ENV = "BIOMED_DISTILL_LISTINGS"
-SHARD_UNREADABLE = "shard unreadable"  # the reason of every ShardUnreadable starts so (cache.build.run tells them apart)
+# the reason of every ShardUnreadable starts so (cache.build.run tells them apart)
+SHARD_UNREADABLE = "shard unreadable"
 _FORMAT = "biomed-distill shard listing"
 
 

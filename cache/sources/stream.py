@@ -21,6 +21,8 @@ Keys, the safety checks on member names and the caption and image rules are the 
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import os
 from collections import OrderedDict
@@ -30,8 +32,9 @@ import numpy as np
 from PIL import Image
 
 from cache.sources.base import IMAGE_EXTS, BadSampleError, Corpus, CorpusError
+from cache.sources.formats import Format, register_format
 from cache.sources.image_decode import decode_image
-from cache.sources.shard_io import Retry, is_local, open_shard, shard_urls
+from cache.sources.shard_io import Retry, is_local, is_stream_spec, open_shard, shard_urls
 from cache.sources.shard_listing import (SHARD_UNREADABLE,
                                 ListingStore,
                                 ReadFailure,
@@ -108,9 +111,6 @@ class StreamCorpus(Corpus):
 
     def with_read_ahead(self, rows: int) -> "StreamCorpus":
         """A copy that keeps up to `rows` samples read past for a later request (a shuffle buffer's window)."""
-        import copy
-        import dataclasses
-
         out = copy.copy(self)
         out.options = dataclasses.replace(self.options, read_ahead=int(rows))
         out._state = {}
@@ -253,3 +253,11 @@ class _Cursor:
             st.close()
         self.streams.clear()
         self.ahead.clear()
+
+
+def _open(path: str, stream: StreamOptions | None = None) -> StreamCorpus:
+    return StreamCorpus(path, stream or StreamOptions())
+
+
+register_format(Format("stream", "WebDataset shards by URL (file://, s3://, gs://, https://) or a pipe: command",
+                       is_stream_spec, corpus=_open))

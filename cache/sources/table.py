@@ -8,6 +8,9 @@ another number of cells than the header: `cache.sources.csv_rows`) are refused a
 where the row begins, before any model runs. An empty or null caption is not malformed: that row becomes a bad
 sample. Limits (`cache.sources.base`): at most MAX_COLUMNS columns and MAX_CELL_CHARS characters per cell (over
 them: refused), captions cut to MAX_CAPTION_BYTES.
+
+Registered formats (`cache.sources.formats`): csv, tsv (a corpus, or labelled rows: `read_table`, which eval
+datasets and `distill corpus` sources read through) and jsonl (a corpus).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from cache.sources.base import (MAX_CELL_CHARS,
                               read_utf8_text,
                               text_problem)
 from cache.sources.csv_rows import read_delimited
+from cache.sources.formats import Format, LabelledData, has_suffix, register_format
 from cache.sources.image_decode import decode_image, read_bytes
 
 _JSON_TYPES = {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object"}
@@ -90,8 +94,7 @@ class TableCorpus(Corpus):
                               f"{shown or 'none'} (needed: image, caption; optional: key)")
 
     def _read_delimited(self, path: str):
-        delimiter = "\t" if path.lower().endswith(".tsv") else ","
-        header, rows = read_delimited(path, _read_utf8(path, "a header line: image,caption[,key]"), delimiter)
+        header, rows = read_delimited(path, _read_utf8(path, "a header line: image,caption[,key]"), _delimiter(path))
         self._check_columns(path, header, " (header)")
         return rows
 
@@ -143,6 +146,26 @@ class TableCorpus(Corpus):
         return read_bytes(self.image_path(i), self.keys[i], self.describe(i), self.limits)
 
 
+def _delimiter(path: str) -> str:
+    return "\t" if path.lower().endswith(".tsv") else ","
+
+
+def read_table(path: str | os.PathLike, split: str | None = None) -> LabelledData:
+    """A CSV/TSV of labelled rows (eval datasets, `distill corpus` sources): the header and every row's cells,
+    each row with "FILE row N (line L)". Not UTF-8 (a BOM is dropped), a quote never closed, a row of another
+    width, a cell over MAX_CELL_CHARS: a CorpusError naming the line. Which column holds images, labels or the
+    split is the caller's (`split` is not used here: a table's split is a column)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CorpusError(f"{path} not found")
+    columns, records = read_delimited(path, read_utf8_text(path), _delimiter(path))
+    rows, where = [], []
+    for n, (line, row) in enumerate(records, start=1):
+        rows.append(row)
+        where.append(f"{path} row {n} (line {line})")
+    return LabelledData(path, columns, rows, where)
+
+
 def _too_many_columns(path: str, line: int, columns: int) -> str:
     return (f"{path} line {line}: {columns:,} columns, more than the {MAX_COLUMNS} a corpus table may have; keep "
             "the columns training uses (image, caption, key, e.g. domain)")
@@ -173,3 +196,12 @@ def _cell(value) -> str:
     if isinstance(value, list):
         return "|".join(_cell(v) for v in value)
     return str(value)
+
+
+def _open(path: str, stream=None) -> TableCorpus:
+    return TableCorpus(path)
+
+
+register_format(Format("csv", "a .csv file", has_suffix(".csv"), corpus=_open, labelled=read_table))
+register_format(Format("tsv", "a .tsv file", has_suffix(".tsv"), corpus=_open, labelled=read_table))
+register_format(Format("jsonl", "a .jsonl file", has_suffix(".jsonl"), corpus=_open))

@@ -28,30 +28,11 @@ from cache.sources.base import (IMAGE_EXTS,
                               cap_utf8,
                               text_problem,
                               utf8_problem)
+from cache.sources.formats import Format, register_format
 from cache.sources.image_decode import decode_image
+from cache.sources.shard_io import expand_braces, is_stream_spec  # noqa: F401  (expand_braces: re-exported)
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
-_BRACE = re.compile(r"\{([^{}]*)\}")
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """`a/{000..002}.tar` -> a/000.tar, a/001.tar, a/002.tar; `{x,y}` lists too; nested left to right."""
-    m = _BRACE.search(pattern)
-    if m is None:
-        return [pattern]
-    head, body, tail = pattern[:m.start()], m.group(1), pattern[m.end():]
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        a, b = rng.groups()
-        width = max(len(a), len(b)) if (a.startswith("0") or b.startswith("0")) else 0
-        lo, hi = int(a), int(b)
-        step = 1 if hi >= lo else -1
-        items = [str(i).zfill(width) for i in range(lo, hi + step, step)]
-    else:
-        items = body.split(",")
-    return [p for item in items for p in expand_braces(head + item + tail)]
-
-
 def shard_paths(path: str) -> list[str]:
     """The shard files a WebDataset path names, in order; errors name what was looked for."""
     if os.path.isdir(path):
@@ -198,3 +179,16 @@ def _check_complete(shard: str, end: int) -> None:
         raise CorpusError(f"WebDataset shard {shard} is truncated (it ends at byte {os.path.getsize(shard)} "
                           f"without the tar end-of-archive marker after byte {end}); copy or write it again")
 
+
+
+def _is_local_shards(path: str) -> bool:
+    """A folder (of .tar shards), a .tar file, or a brace pattern; URLs and `pipe:` are the stream format's."""
+    return not is_stream_spec(path) and (os.path.isdir(path) or path.lower().endswith(".tar") or "{" in path)
+
+
+def _open(path: str, stream=None) -> WebDatasetCorpus:
+    return WebDatasetCorpus(path)
+
+
+register_format(Format("webdataset", "a folder of .tar shards, a .tar file, or a brace pattern such as "
+                       "shards/{00000..00009}.tar", _is_local_shards, corpus=_open))

@@ -1,5 +1,9 @@
-"""Readers for evaluation datasets: CSV (image + label or caption), MedMNIST `.npz`, a folder per class, and
-WebDataset shards (image + caption, for retrieval; local or streamed by URL, read in order: `cache.sources.corpus`).
+"""Evaluation datasets: CSV/TSV (image + label or caption), MedMNIST `.npz`, a folder per class, and WebDataset
+shards (image + caption, for retrieval; local or streamed by URL, read in order), or any registered format.
+
+Files are read by the same format readers as training corpora and `distill corpus` sources
+(`cache.sources.formats`: encodings, BOMs, row checks, image suffixes, npz keys); this module maps their rows to
+the task's splits, labels and captions.
 
 Every reader returns one `SplitData` per split role (train/val/test) with the same shape: images (paths or a
 uint8 array), labels (class ids, or multi-hot for multi-label tasks) and captions. Errors name the file, the row
@@ -7,7 +11,6 @@ or key and what to set in the task file.
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -15,9 +18,11 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from cache.sources.corpus import CorpusError, Format, LabelledData, open_corpus, read_labelled
+from cache.sources.formats import find_format, format_named
+from cache.sources.image_decode import IMAGE_SUFFIXES
 from distill.eval.tasks import DATA_ENV, SPLIT_ROLES, TaskCfg, TaskError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+from student.shown_paths import shown_path
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,8 +42,6 @@ class SplitData:
     def label(self) -> str:
         """The split as a progress bar names it: the dataset's file name and split (`data.csv (test)`), never the
         absolute path of this machine (`source`, which error messages use, keeps the path as written)."""
-        from student.shown_paths import shown_path
-
         where, sep, role = self.source.rpartition(" (")
         plain = sep and ":" not in where.split("/")[0]  # not a URL or pipe: command
         return f"{shown_path(where)} ({role}" if plain else self.source
@@ -77,18 +80,24 @@ class CorpusImages:
         return self.corpus.load_image(int(self.rows[i]))
 
 
-def _fmt(task: TaskCfg, path: Path | str) -> str:
-    fmt = task.dataset.format
-    if fmt != "auto":
-        return fmt
-    if isinstance(path, str) or path.suffix.lower() == ".tar" or "{" in path.name:
-        return "webdataset"
-    if path.is_dir():
-        return "folder"
-    if path.suffix.lower() == ".npz":
-        return "npz"
-    if path.suffix.lower() in (".csv", ".tsv"):
-        return "csv"
+def _fmt(task: TaskCfg, path: Path | str) -> Format:
+    """The format `dataset.format` names (csv covers .tsv; webdataset covers shards by URL), or the one the path
+    tells: labelled rows first (CSV/TSV, .npz, a folder per class), then image-caption pairs (shards, JSONL)."""
+    name, spec = task.dataset.format, str(path)
+    try:
+        if name == "csv":
+            return format_named("tsv" if spec.lower().endswith(".tsv") else "csv", "labelled")
+        if name == "webdataset":
+            return find_format(spec, "corpus", "dataset")
+        if name != "auto":
+            return format_named(name, "labelled" if name in ("npz", "folder") else "corpus")
+        for need in ("labelled", "corpus"):
+            try:
+                return find_format(spec, need, "dataset")
+            except CorpusError:
+                continue
+    except CorpusError as e:
+        raise TaskError(f"{task.source}: {e}") from None
     raise TaskError(f"{task.source}: cannot tell the format of {path} from its name; set dataset.format "
                     "to csv, npz or folder")
 
@@ -101,9 +110,15 @@ def load_splits(task: TaskCfg) -> dict[str, SplitData]:
                         f"${DATA_ENV} (default ../shared/data beside the current directory); set {DATA_ENV} "
                         "to the folder holding the data, or fix dataset.path")
     fmt = _fmt(task, path)
-    reader = {"csv": _read_csv, "npz": _read_npz, "folder": _read_folder, "webdataset": _read_webdataset}[fmt]
     roles = task.needs_roles()
-    splits = reader(task, path, roles)
+    if fmt.name in ("csv", "tsv"):  # the task names the image, label, caption and split columns
+        splits = _read_table(task, Path(path), roles, fmt)
+    elif task.kind == "retrieval" or fmt.labelled is None:  # image-caption pairs (shards, JSONL, a plug-in)
+        splits = _read_corpus(task, path, roles, fmt)
+    elif fmt.name == "folder":
+        splits = _read_folder(task, Path(path), roles)
+    else:  # npz, or a plug-in whose rows carry images and (N, C) label arrays, read one split per role
+        splits = _read_npz(task, Path(path), roles, fmt)
     out = {}
     for role in roles:
         data = splits[role]
@@ -112,7 +127,8 @@ def load_splits(task: TaskCfg) -> dict[str, SplitData]:
                             "dataset.split_column or dataset.split_fractions")
         m = task.dataset.max_samples
         if m is not None and len(data) > m:
-            rng = np.random.default_rng(task.dataset.seed + 1000 * (1 + SPLIT_ROLES.index(role)))  # same rows in every task
+            # the same rows in every task
+            rng = np.random.default_rng(task.dataset.seed + 1000 * (1 + SPLIT_ROLES.index(role)))
             data = data.subset(np.sort(rng.choice(len(data), m, replace=False)), f"max{m}s{task.dataset.seed}")
         out[role] = data
     return out
@@ -163,13 +179,21 @@ def _parse_label(value: str, task: TaskCfg, lookup: dict[str, int], where: str) 
     return hot
 
 
-# -- CSV -----------------------------------------------------------------------------------------------
-def _read_csv(task: TaskCfg, path: Path, roles: Sequence[str]) -> dict[str, SplitData]:
+def _read(task: TaskCfg, path: Path, fmt: Format, split: str | None = None,
+          role: str | None = None) -> LabelledData:
+    """The format's labelled rows; its one-line errors (not UTF-8, a bad row, a missing npz key) as TaskErrors."""
+    try:
+        return read_labelled(path, fmt.name, split, what="dataset")
+    except CorpusError as e:
+        hint = f" (the {role} split: set dataset.splits.{role} in {task.source})" if role else ""
+        raise TaskError(f"{e}{hint}") from None
+
+
+# -- CSV / TSV -----------------------------------------------------------------------------------------
+def _read_table(task: TaskCfg, path: Path, roles: Sequence[str], fmt: Format) -> dict[str, SplitData]:
     ds = task.dataset
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        columns = reader.fieldnames or []
-        rows = list(reader)
+    data = _read(task, path, fmt)
+    columns, rows = data.columns, data.rows
     needed = [ds.image_column]
     if task.kind == "retrieval":
         needed.append(ds.caption_column)
@@ -200,7 +224,7 @@ def _read_csv(task: TaskCfg, path: Path, roles: Sequence[str]) -> dict[str, Spli
         sel = index[role]
         images, labels, captions = [], [], []
         for i in sel:
-            row, where = rows[i], f"{path} row {i + 2}"
+            row, where = rows[i], data.where[i]
             rel = (row[ds.image_column] or "").strip()
             if not rel:
                 raise TaskError(f"{where}: empty {ds.image_column!r}")
@@ -230,25 +254,13 @@ def _read_csv(task: TaskCfg, path: Path, roles: Sequence[str]) -> dict[str, Spli
 
 
 # -- MedMNIST npz --------------------------------------------------------------------------------------
-def _read_npz(task: TaskCfg, path: Path, roles: Sequence[str]) -> dict[str, SplitData]:
-    if task.kind == "retrieval":
-        raise TaskError(f"{task.source}: {path} is a labelled .npz; retrieval needs a CSV with captions")
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
+def _read_npz(task: TaskCfg, path: Path, roles: Sequence[str], fmt: Format) -> dict[str, SplitData]:
     out = {}
     for role in roles:
         name = task.dataset.splits.get(role, role)
-        ik, lk = f"{name}_images", f"{name}_labels"
-        for k in (ik, lk):
-            if k not in arrays:
-                raise TaskError(f"{path}: key {k!r} not found (keys: {', '.join(sorted(arrays))}); "
-                                f"set dataset.splits.{role} in {task.source}")
-        images, labels = arrays[ik], arrays[lk]
-        if images.dtype != np.uint8 or images.ndim not in (3, 4):
-            raise TaskError(f"{path}: {ik} must be uint8 (N, H, W) or (N, H, W, C), got {images.dtype} "
-                            f"{images.shape}")
-        if len(labels) != len(images):
-            raise TaskError(f"{path}: {ik} has {len(images)} rows but {lk} has {len(labels)}")
+        data = _read(task, path, fmt, name, role)
+        lk = f"{name}_labels"
+        images, labels = data.images, np.asarray(data.labels)
         labels = labels.reshape(len(labels), -1)
         n = len(task.classes)
         if labels.shape[1] > 1:
@@ -269,16 +281,16 @@ def _read_npz(task: TaskCfg, path: Path, roles: Sequence[str]) -> dict[str, Spli
 
 
 # -- folder per class ----------------------------------------------------------------------------------
-def _scan_classes(folder: Path, task: TaskCfg) -> tuple[list[Path], list[int]]:
+def _scan_classes(task: TaskCfg, path: Path, split: str | None) -> tuple[list[str], list[int]]:
+    """Images and class ids of a folder per class (`path/split`, or `path`); every subfolder must be a class."""
     lookup = _label_lookup(task)
-    images, labels = [], []
-    for d in sorted(p for p in folder.iterdir() if p.is_dir()):
-        if d.name not in lookup:
-            raise TaskError(f"{d}: folder {d.name!r} is not a known class (classes: {', '.join(task.label_names)})")
-        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        images += files
-        labels += [lookup[d.name]] * len(files)
-    return images, labels
+    data = _read(task, path, format_named("folder", "labelled"), split)
+    root = path / split if split is not None else path
+    for name in data.classes or []:
+        if name not in lookup:
+            raise TaskError(f"{root / name}: folder {name!r} is not a known class (classes: "
+                            f"{', '.join(task.label_names)})")
+    return list(data.images), [lookup[c] for c in data.labels]
 
 
 def _read_folder(task: TaskCfg, path: Path, roles: Sequence[str]) -> dict[str, SplitData]:
@@ -301,9 +313,9 @@ def _read_folder(task: TaskCfg, path: Path, roles: Sequence[str]) -> dict[str, S
             if not split_dirs[role].is_dir():
                 raise TaskError(f"{path}: split folder {split_dirs[role].name!r} not found for the {role} split; "
                                 f"set dataset.splits.{role} in {task.source}")
-            out[role] = make(*_scan_classes(split_dirs[role], task), role)
+            out[role] = make(*_scan_classes(task, path, split_dirs[role].name), role)
         return out
-    images, labels = _scan_classes(path, task)
+    images, labels = _scan_classes(task, path, None)
     if not images:
         raise TaskError(f"{path}: the dataset is empty (no {'/'.join(IMAGE_SUFFIXES)} images in class folders named "
                         f"after the classes: {', '.join(task.label_names)}); fix dataset.path in {task.source}")
@@ -315,17 +327,18 @@ def _read_folder(task: TaskCfg, path: Path, roles: Sequence[str]) -> dict[str, S
     return {r: make([images[i] for i in idx[r]], [labels[i] for i in idx[r]], r) for r in roles}
 
 
-# -- WebDataset shards ---------------------------------------------------------------------------------
-def _read_webdataset(task: TaskCfg, path: Path | str, roles: Sequence[str]) -> dict[str, SplitData]:
-    """Image-caption pairs of WebDataset shards, for retrieval; streamed shards are listed once, then read in
-    order (no shuffle), so each split reads its shards front to back."""
-    from cache.sources.corpus import CorpusError, open_corpus
-
+# -- image-caption pairs: WebDataset shards, JSONL, plug-in formats ----------------------------------------
+def _read_corpus(task: TaskCfg, path: Path | str, roles: Sequence[str], fmt: Format) -> dict[str, SplitData]:
+    """Image-caption pairs, for retrieval; streamed shards are listed once, then read in order (no shuffle), so
+    each split reads its shards front to back."""
     if task.kind != "retrieval":
-        raise TaskError(f"{task.source}: WebDataset shards hold images and captions, no labels; a {task.kind} task "
+        raise TaskError(f"{task.source}: {fmt.name} data hold images and captions, no labels; a {task.kind} task "
                         "needs a CSV, .npz or class folders")
+    if fmt.corpus is None:
+        what = "a folder per class" if fmt.name == "folder" else f"a labelled .{fmt.name}"
+        raise TaskError(f"{task.source}: {path} is {what}; retrieval needs a CSV with captions")
     try:
-        corpus = open_corpus(path)
+        corpus = open_corpus(path, format=fmt.name)
     except CorpusError as e:
         raise TaskError(f"{task.source}: {e}") from None
     unlisted = getattr(corpus, "unlisted", {})
@@ -340,6 +353,7 @@ def _read_webdataset(task: TaskCfg, path: Path | str, roles: Sequence[str]) -> d
     else:
         _no_splits(task, path, roles)
         index = {"test": np.arange(len(corpus))}
-    key = f"webdataset:{path}::{list(task.dataset.split_fractions)}:{task.dataset.seed}"
+    kind = "webdataset" if fmt.name in ("webdataset", "stream") else fmt.name  # the embedding cache's key, as before
+    key = f"{kind}:{path}::{list(task.dataset.split_fractions)}:{task.dataset.seed}"
     return {r: SplitData(f"{key}:{r}", f"{path} ({r})", CorpusImages(corpus, index[r]), None,
                          tuple(corpus.captions[i] for i in index[r])) for r in roles}

@@ -2,8 +2,8 @@
 
 A task names a dataset (CSV, MedMNIST .npz or a folder per class), its class names and prompt templates, and
 what to measure (`kind`: a registered task kind, see `kinds.py`). The models share the training config's base
-(`teachers/kernel/config_model.py`): the whole file is validated when it is loaded, and an error is one line naming the file
-and the key, with a did-you-mean for an unknown key (configs never silently ignore a typo). Task files may be
+(`teachers/kernel/config_model.py`): the whole file is validated when it is loaded, and an error is one line naming
+the file and the key, with a did-you-mean for an unknown key (configs never silently ignore a typo). Task files may be
 loose where YAML makes strictness a trap: a number where text is expected (`label_values: [0, 1]`), one value
 where a list is expected (`templates: "a photo of {}."`), a numeric string for a float (`lr_head: 1e-3`).
 Built-in tasks live in `distill/tasks/*.yaml`; their dataset paths are relative to the data root
@@ -21,24 +21,21 @@ Example::
 from __future__ import annotations
 
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
 from pydantic import BeforeValidator, Field, PrivateAttr, Strict, ValidationError, field_validator, model_validator
 
+from distill.config.eval_job import TaskError, find_task, list_tasks  # noqa: F401  (re-exported)
 from teachers.kernel.config_model import Bool, ConfigError, Float, Int, Section, config_error, unknown_name
 from teachers.kernel.bounded_yaml import load_yaml
 
+from cache.sources.corpus import DATA_FORMATS  # importing it registers the built-in formats
+
 from distill.eval.kinds import EVALUATORS, SPLIT_ROLES, TaskKind
 
-FORMATS = ("auto", "csv", "npz", "folder", "webdataset")
 DATA_ENV = "BIOMED_DISTILL_DATA"
-
-
-class TaskError(ConfigError):
-    """A task file or its dataset is invalid; the message names the file and what to fix."""
 
 
 # -- the looser field types of task files ----------------------------------------------------------------
@@ -67,7 +64,8 @@ class DatasetCfg(Section):
     where = "dataset"
     path: Text = Field(description="CSV, .npz or folder; relative to the data root / task file; or WebDataset "
                        "shards (.tar, a brace pattern, or a URL / pipe: command, read as a stream)")
-    format: Text = Field("auto", description="csv | npz | folder | webdataset; auto = from the suffix")
+    format: Text = Field("auto", description="csv | tsv | npz | folder | webdataset | any registered format; "
+                         "auto = from the path")
     image_column: Text = Field("image", description="CSV: image path relative to the CSV's folder")
     label_column: Text = Field("label", description="CSV: class index, class name or label value ('A|B' "
                                "multi-label)")
@@ -86,7 +84,8 @@ class DatasetCfg(Section):
     @field_validator("format")
     @classmethod
     def _format(cls, v: str) -> str:
-        _must(v in FORMATS, f"must be one of {', '.join(FORMATS)}, got {v!r}")
+        known = ["auto", *DATA_FORMATS.list()]  # every registered format (cache.sources.formats), plug-ins too
+        _must(v == "auto" or v in DATA_FORMATS, f"must be one of {', '.join(known)}, got {v!r}")
         return v
 
     @field_validator("splits")
@@ -262,32 +261,13 @@ def data_root() -> Path:
     return Path(env).expanduser() if env else (Path.cwd().parent / "shared" / "data")
 
 
-def _builtin_dir():
-    return resources.files("distill") / "tasks"
-
-
-def list_tasks() -> list[str]:
-    """Names of the built-in tasks."""
-    return sorted(p.name[:-5] for p in _builtin_dir().iterdir() if p.name.endswith(".yaml"))
-
-
 def load_task(name_or_path: str, max_samples: int | None = None) -> TaskCfg:
     """A built-in task by name, or a task YAML file by path; `max_samples` caps every split."""
-    p = Path(os.path.expanduser(name_or_path))
-    if p.suffix in (".yaml", ".yml") or p.is_file():
-        if not p.is_file():
-            raise TaskError(f"task file {p} not found")
-        text, source, root = p.read_text(), str(p), p.resolve().parent
+    path, builtin = find_task(name_or_path)  # TaskError: a missing file, an unknown name
+    if builtin:
+        text, source, root = path.read_text(), f"built-in task {name_or_path} ({path})", data_root()
     else:
-        res = _builtin_dir() / f"{name_or_path}.yaml"
-        if not res.is_file():
-            import difflib
-
-            close = difflib.get_close_matches(name_or_path, list_tasks(), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise TaskError(f"unknown task {name_or_path!r}{hint} (built-in: {', '.join(list_tasks())}; "
-                            "or give a path to a task .yaml file)")
-        text, source, root = res.read_text(), f"built-in task {name_or_path} ({res})", data_root()
+        text, source, root = path.read_text(), str(path), Path(path).resolve().parent
     try:
         data = load_yaml(text)
     except yaml.YAMLError as e:
