@@ -1,4 +1,4 @@
-"""Corpus readers and the HDF5 feature cache (format 2: DESIGN.md's v1 layout, the feature data in segment files
+"""Corpus readers and the HDF5 feature cache (format 2: the layout of cache/store/layout.py, the feature data in segment files
 mapped by virtual datasets; v1 files still read).
 
 Public API:
@@ -10,12 +10,16 @@ Public API:
     FeatureReader                        reading features for training (cache.store.reader)
     CacheError                           refusals: other corpus, spec clash, lock held, bad format
 """
-from cache.build.run import CacheJob, CacheSummary, TeacherSummary, build_cache
-from cache.sources.corpus import BadSampleError, Corpus, CorpusError, open_corpus
-from cache.corpus_build import CorpusBuildResult, CorpusSource, build_corpus
-from cache.store.reader import FeatureReader
-from cache.inspect import info
-from cache.store.schema import CacheError
+from teachers.kernel.lazy_exports import lazy_exports
 
-__all__ = ["open_corpus", "Corpus", "BadSampleError", "CorpusError", "CacheJob", "CacheSummary",
-           "TeacherSummary", "build_cache", "CorpusSource", "CorpusBuildResult", "build_corpus", "info", "FeatureReader", "CacheError"]
+# Names load on first use (PEP 562): `cache.build.job` (what `distill cache` validates its flags with) must not
+# pay for torch, which `cache.build.run` imports.
+_EXPORTS = {
+    "build.run": ["CacheJob", "CacheSummary", "TeacherSummary", "build_cache"],
+    "sources.corpus": ["BadSampleError", "Corpus", "CorpusError", "open_corpus"],
+    "corpus_build": ["CorpusBuildResult", "CorpusSource", "build_corpus"],
+    "store.reader": ["FeatureReader"],
+    "inspect": ["info"],
+    "store.schema": ["CacheError"],
+}
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

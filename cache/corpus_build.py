@@ -30,12 +30,14 @@ import shutil
 import string
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Annotated, Any, Sequence
 
 import numpy as np
+import yaml
 from PIL import Image
+from pydantic import BeforeValidator, Field, ValidationError
 from tqdm import tqdm
 
 from cache.sources.labelled import (SOURCE_FIELDS,
@@ -44,9 +46,15 @@ from cache.sources.labelled import (SOURCE_FIELDS,
                                  SourceTable,
                                  check_unique_names,
                                  read_source)
+from teachers.kernel.bounded_yaml import load_yaml
+from teachers.kernel.config_model import Bool, ConfigError, Float, Int, Section, Str, config_error
 
 __all__ = ["CorpusSource", "CorpusBuildResult", "CorpusBuildError", "build_corpus", "part_indices",
-           "template_fields", "load_recipe", "CORPUS_COLUMNS"]
+           "template_fields", "load_recipe", "CORPUS_COLUMNS", "RecipeSource", "CorpusJob"]
+
+
+class CorpusBuildConfigError(CorpusBuildError, ConfigError):
+    """A recipe entry or `distill corpus` flag of the wrong key or type (a CorpusBuildError, as callers catch)."""
 
 CORPUS_COLUMNS = ("image", "caption", "key", "domain", "label", "source")
 # independent random streams, all from the one seed
@@ -285,16 +293,57 @@ def _write_csv(path: Path, columns: list[str], records) -> None:
 
 
 # -- recipe --------------------------------------------------------------------------------------------
-_FIELD_TYPES = {"fraction": (int, float), "max_rows": (int,), "part": (list, tuple), "templates": (str, list),
-                "class_names": (str, list)}
+_SOURCE_DEFAULTS = {f.name: f.default for f in fields(CorpusSource)}  # the defaults, written once: CorpusSource's
+
+
+def _one_as_list(v: Any) -> Any:
+    return [v] if isinstance(v, str) else v
+
+
+def _names(v: Any) -> Any:
+    return [c.strip() for c in v.split(",")] if isinstance(v, str) else v
+
+
+class RecipeSource(Section):
+    """One source of a recipe (a YAML mapping) or of `distill corpus --source`'s flags: CorpusSource's fields,
+    typed and validated (unknown keys refused with a did-you-mean); `source()` gives the CorpusSource."""
+
+    error = CorpusBuildConfigError
+    path: Str = Field(description="a .npz (MedMNIST keys), a .csv/.tsv, or a folder of class folders")
+    templates: Annotated[tuple[Str, ...], BeforeValidator(_one_as_list)] = Field(
+        description="caption template naming columns, e.g. 'dermoscopy of a {diagnosis} on the {localization}' or "
+        "'{caption}' (repeatable: each row draws one)")
+    name: Str | None = Field(_SOURCE_DEFAULTS["name"], description="source name: prefixes keys and the image "
+                             "folder (default: the file stem)")
+    domain: Str | None = Field(_SOURCE_DEFAULTS["domain"], description="constant value of the domain column "
+                               "(default: the source name)")
+    domain_column: Str | None = Field(_SOURCE_DEFAULTS["domain_column"], description="take the domain from this "
+                                      "CSV column")
+    split: Str | None = Field(_SOURCE_DEFAULTS["split"], description="npz: train/val/test (default: all); CSV: a "
+                              "value of --split-column; folder: a subfolder")
+    split_column: Str = Field(_SOURCE_DEFAULTS["split_column"], description="CSV column holding the split")
+    image_column: Str = Field(_SOURCE_DEFAULTS["image_column"], description="CSV column with image paths")
+    label_column: Str | None = Field(_SOURCE_DEFAULTS["label_column"], description="CSV label column (default "
+                                     "label; ignored when absent)")
+    class_names: Annotated[tuple[Str, ...] | None, BeforeValidator(_names)] = Field(
+        _SOURCE_DEFAULTS["class_names"], description="names of the integer labels 0, 1, 2, ... for {label}")
+    fraction: Float = Field(_SOURCE_DEFAULTS["fraction"], description="keep this seeded, label-stratified "
+                            "fraction")
+    part: tuple[Float, Float] | None = Field(_SOURCE_DEFAULTS["part"], description="keep part [A, B) of the "
+                                             "seeded stratified order (disjoint from other parts with the same "
+                                             "seed)")
+    max_rows: Int | None = Field(_SOURCE_DEFAULTS["max_rows"], description="then keep at most N rows")
+
+    def source(self, relative_to: Path | None = None) -> CorpusSource:
+        """The CorpusSource (its own checks run); a relative `path` is taken from the folder `relative_to`."""
+        d = self.model_dump()
+        p = Path(os.path.expanduser(d["path"]))
+        d["path"] = str(p if p.is_absolute() or relative_to is None else relative_to / p)
+        return CorpusSource(**d)
 
 
 def load_recipe(path: str | os.PathLike) -> list[CorpusSource]:
     """Sources from a YAML list of CorpusSource fields; each `path` is relative to the recipe's folder."""
-    import yaml
-
-    from teachers.kernel.bounded_yaml import load_yaml
-
     path = Path(path)
     if not path.is_file():
         raise CorpusBuildError(f"recipe {path} not found")
@@ -305,23 +354,28 @@ def load_recipe(path: str | os.PathLike) -> list[CorpusSource]:
     if not isinstance(data, list) or not data:
         raise CorpusBuildError(f"recipe {path}: expected a YAML list of sources, each a mapping such as "
                                "{path: train.csv, templates: ['a {diagnosis}'], domain: dermoscopy}")
-    allowed = ", ".join(SOURCE_FIELDS)
     out = []
     for n, entry in enumerate(data, start=1):
         where = f"recipe {path} source {n}"
         if not isinstance(entry, dict):
-            raise CorpusBuildError(f"{where}: expected a mapping of fields ({allowed}), got {entry!r}")
-        for k, v in entry.items():
-            if k not in SOURCE_FIELDS:
-                raise CorpusBuildError(f"{where}: unknown key {k!r}; allowed keys: {allowed}")
-            types = _FIELD_TYPES.get(k, (str,))
-            if v is not None and (not isinstance(v, types) or isinstance(v, bool)):
-                raise CorpusBuildError(f"{where}: {k} must be {' or '.join(t.__name__ for t in types)}, got {v!r}")
-        for k in ("path", "templates"):
-            if k not in entry:
-                raise CorpusBuildError(f"{where}: missing key {k!r}")
-        d = dict(entry)
-        p = Path(os.path.expanduser(d["path"]))
-        d["path"] = str(p if p.is_absolute() else path.parent / p)
-        out.append(CorpusSource(**d))
+            raise CorpusBuildError(f"{where}: expected a mapping of fields ({', '.join(SOURCE_FIELDS)}), got "
+                                   f"{entry!r}")
+        try:
+            out.append(RecipeSource.model_validate(entry).source(relative_to=path.parent))
+        except ValidationError as e:
+            msg = str(config_error(e, RecipeSource)).replace("config is missing required", "missing required")
+            raise CorpusBuildConfigError(f"{where}: {msg}") from None
     return out
+
+
+class CorpusJob(Section):
+    """What `distill corpus` writes besides its sources: `build_corpus`'s options (the flags' defaults)."""
+
+    error = CorpusBuildConfigError
+    out: Str = Field("corpus-out", description="output folder (default corpus-out): corpus.csv, images/")
+    seed: Int = Field(0, description="templates, fractions and the shuffle")
+    shuffle: Bool = Field(True, description="one seeded shuffle of all rows; --no-shuffle keeps source order")
+    copy_images: Bool = Field(False, description="copy CSV/folder images under OUT/images/")
+
+    def build(self, sources: Sequence[CorpusSource]) -> CorpusBuildResult:
+        return build_corpus(sources, self.out, seed=self.seed, shuffle=self.shuffle, copy_images=self.copy_images)

@@ -1,16 +1,23 @@
 """The `distill` command line: the only module that imports argparse.
 
-Each subcommand parses its flags into a config dataclass and calls library code, so no library module ever
-sees a Namespace (STYLE.md: avoid open_clip's one-namespace-threaded-everywhere trainer).
+Each subcommand's flags are made from its job model's fields (`distill.config.flags`: defaults and help written
+once, on the model); the Namespace becomes that model in one validation, before torch is imported, and library
+code gets the model, so no library module ever sees a Namespace.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import traceback
+from pathlib import Path
 from typing import Sequence
 
+from cache.build.job import DEVICES, DTYPES, ON_BAD_SAMPLE, CacheJob
 from distill import __version__
+from distill.config.eval_job import DEVICES as EVAL_DEVICES
+from distill.config.eval_job import EvalJob
+from distill.config.flags import add_flag, job_fields
+from distill.demo import DemoJob
 
 EPILOG = """SPEC forms: hf-hub:ORG/REPO, local-dir:PATH, MODEL/PRETRAINED_TAG (open_clip built-in),
 hf:HUB_ID_OR_FOLDER (any transformers dual encoder: CLIP, SigLIP; hf-clip: is the same), py:module:function,
@@ -83,17 +90,9 @@ def _check_specs(pairs: Sequence[tuple[str, str]]) -> None:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     _check_specs(args.teacher)
-    from cache.build.run import CacheJob, build_cache
+    job = CacheJob(**job_fields(CacheJob, args, teachers=_pairs(args.teacher, "--teacher")))  # before torch
+    from cache.build.run import build_cache  # lazy: torch only after the job is validated
 
-    job = CacheJob(data=args.data, teachers=_pairs(args.teacher, "--teacher"), out=args.out,
-                   batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
-                   dtype=args.dtype, views=args.views, on_bad_sample=args.on_bad_sample, seed=args.seed,
-                   view_scale=args.view_scale, view_ratio=args.view_ratio, view_flip=args.view_flip,
-                   view_color=args.view_color,
-                   retry_bad=args.retry_bad, chunk_rows=args.chunk_rows, max_pixels=args.max_pixels,
-                   trust_remote_code=args.trust_remote_code,
-                   tokens=args.tokens, max_gb=args.max_gb, shard_attempts=args.shard_attempts,
-                   shard_backoff=args.shard_backoff, max_bad_fraction=args.max_bad_fraction)
     build_cache(job)
     return 0
 
@@ -142,7 +141,14 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    return train_main(["--config", args.config, *args.overrides])
+    """`distill train`: the command line parsed once here; the config checked before torch loads, then in full by
+    distill.train from its values (the file is not read again)."""
+    from distill.config.train_config import Config
+
+    config = Config.from_argv(["--config", args.config, *args.overrides], static=True)  # a typo: before torch
+    from distill.train import main as train_module_main
+
+    return train_module_main(config=config, source=args.config)
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
@@ -150,13 +156,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="distill train", description="Train a student (see configs/).",
                                      add_help=False)
     _train_arguments(parser)
-    args = parser.parse_args(argv)
-    from distill.config.train_config import Config
-
-    Config.from_argv(["--config", args.config, *args.overrides], static=True)  # a typo answers before torch loads
-    from distill.train import main as train_module_main
-
-    return train_module_main(["--config", args.config, *args.overrides])
+    return cmd_train(parser.parse_args(argv))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -174,14 +174,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     _check_specs(args.model)
-    from distill.eval import EvalJob, run_eval
-
-    job = EvalJob(models=_pairs(args.model, "--model"), tasks=list(args.task), out=args.out, device=args.device,
-                  batch_size=args.batch_size, num_workers=args.num_workers, bootstrap=args.bootstrap,
-                  seed=args.seed, student=args.student, baselines=tuple(args.baseline or ()),
-                  max_samples=args.max_samples, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code)
-    from pathlib import Path
-
+    job = EvalJob(**job_fields(EvalJob, args, models=_pairs(args.model, "--model"), tasks=args.task,
+                               baselines=args.baseline))  # before torch: models, baselines, task names
+    from distill.eval import run_eval  # lazy: torch only after the job is validated
     from distill.eval.report import console_lines
 
     report = run_eval(job)
@@ -207,9 +202,9 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from distill.demo import DemoJob, run_demo
+    from distill.demo import run_demo  # lazy: the pipeline imports torch
 
-    run_demo(DemoJob(out=args.out, steps=args.steps, rows=args.rows, teacher_steps=args.teacher_steps))
+    run_demo(DemoJob(**job_fields(DemoJob, args)))
     return 0
 
 
@@ -231,57 +226,29 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Every teacher embeds every image-caption pair once, into FEATURES.h5. "
                        "Resumable: rerun the same command after an interruption. Run under `accelerate launch` "
                        "or torchrun to split the corpus over processes.", epilog=EPILOG)
-    c.add_argument("--data", required=True, help="corpus: CSV/TSV/JSONL (image, caption[, key]) or WebDataset "
-                   "shards (a folder of .tar or a brace pattern; or streamed: file://, s3://, gs://, https:// "
-                   "URLs with brace ranges, or pipe:COMMAND)")
-    c.add_argument("--teacher", required=True, action="append", type=_name_spec, metavar="NAME=SPEC",
-                   help="a teacher to cache (repeatable)")
-    c.add_argument("--out", required=True, help="FEATURES.h5 (created, resumed or extended)")
-    c.add_argument("--batch-size", type=_auto_int(1), default="auto",
-                   help="rows per forward pass (default auto: 256 on CUDA, 64 on CPU; the choice is logged)")
-    c.add_argument("--num-workers", type=_auto_int(0), default="auto",
-                   help="DataLoader workers decoding images and tokenising captions, each image decoded once for "
-                   "all teachers (default auto: on CUDA min(8, usable cores per process), on CPU 2)")
-    c.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
-    c.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="storage dtype")
-    c.add_argument("--views", type=int, default=0, metavar="K",
-                   help="K augmented views per image (crop box, flip, colour factors stored once with their "
-                   "distribution, replayed identically for every teacher and the student)")
-    c.add_argument("--view-scale", type=_float_pair, metavar="MIN,MAX",
-                   help="crop area fraction range of the views (default 0.5,1; an existing file: as stored)")
-    c.add_argument("--view-ratio", type=_float_pair, metavar="MIN,MAX",
-                   help="crop aspect ratio (width/height) range of the views (default 0.75,1.33333)")
-    c.add_argument("--view-flip", type=float, metavar="P",
-                   help="horizontal flip probability of the views (default 0: laterality matters in medical "
-                   "images; opt in only where it does not)")
-    c.add_argument("--view-color", type=float, metavar="S",
-                   help="photometric jitter: brightness, contrast and saturation factors each drawn in "
-                   "[1-S, 1+S] per view (torchvision ColorJitter; default 0: none)")
-    c.add_argument("--on-bad-sample", default="skip", choices=["skip", "fail"],
-                   help="skip (record and go on) or fail at the first unreadable image or empty caption")
-    c.add_argument("--retry-bad", action="store_true", help="retry rows recorded as bad in an earlier run")
-    c.add_argument("--seed", type=int, default=0, help="seed of the view parameters (a file's stored views are "
-                   "replayed whatever the seed)")
-    c.add_argument("--chunk-rows", type=int, default=512, help="rows per committed chunk (a kill loses at most "
-                   "two chunks per process, one embedded and one being written; chunks are dealt round-robin "
-                   "to the processes)")
-    c.add_argument("--max-pixels", type=_pixels, default=64_000_000, metavar="N",
-                   help="an image over N pixels (width x height, e.g. 64000000 or 64M) is recorded as a bad "
-                   "sample without being decoded (default 64M; 0: PIL's own limit)")
-    c.add_argument("--tokens", type=int, default=0, metavar="G",
-                   help="also store each teacher's patch tokens (last layer, after its final norm) average-pooled "
-                   "to a G x G grid, per view with --views, for the `spatial` loss term (default 0: none)")
-    c.add_argument("--max-gb", type=float, default=100.0, metavar="X",
-                   help="refuse a run whose patch tokens would take more than X GB on disk (the estimate is "
-                   "printed before the run; default 100; 0: no bound)")
-    c.add_argument("--shard-attempts", type=int, default=3, metavar="N",
-                   help="streamed shards: tries per shard (open or read) before it is recorded as bad and the run "
-                   "goes on without it (default 3; its rows stay missing: a rerun retries them)")
-    c.add_argument("--shard-backoff", type=float, default=1.0, metavar="S",
-                   help="streamed shards: seconds before the second try, doubled after each failure (default 1)")
-    c.add_argument("--max-bad-fraction", type=float, default=0.5, metavar="F",
-                   help="end with an error (exit 2, naming the commonest reason) when more than this share of the "
-                   "rows are bad samples, or every row is (default 0.5; the rows embedded are kept either way)")
+    add_flag(c, CacheJob, "data")
+    add_flag(c, CacheJob, "teachers", "--teacher", dest="teacher", action="append", type=_name_spec,
+             metavar="NAME=SPEC", help="a teacher to cache (repeatable)")
+    add_flag(c, CacheJob, "out")
+    add_flag(c, CacheJob, "batch_size", type=_auto_int(1))
+    add_flag(c, CacheJob, "num_workers", type=_auto_int(0))
+    add_flag(c, CacheJob, "device", choices=DEVICES, help=None)
+    add_flag(c, CacheJob, "dtype", choices=DTYPES)
+    add_flag(c, CacheJob, "views", metavar="K")
+    add_flag(c, CacheJob, "view_scale", type=_float_pair, metavar="MIN,MAX")
+    add_flag(c, CacheJob, "view_ratio", type=_float_pair, metavar="MIN,MAX")
+    add_flag(c, CacheJob, "view_flip", metavar="P")
+    add_flag(c, CacheJob, "view_color", metavar="S")
+    add_flag(c, CacheJob, "on_bad_sample", choices=ON_BAD_SAMPLE)
+    add_flag(c, CacheJob, "retry_bad")
+    add_flag(c, CacheJob, "seed")
+    add_flag(c, CacheJob, "chunk_rows")
+    add_flag(c, CacheJob, "max_pixels", type=_pixels, metavar="N")
+    add_flag(c, CacheJob, "tokens", metavar="G")
+    add_flag(c, CacheJob, "max_gb", metavar="X")
+    add_flag(c, CacheJob, "shard_attempts", metavar="N")
+    add_flag(c, CacheJob, "shard_backoff", metavar="S")
+    add_flag(c, CacheJob, "max_bad_fraction", metavar="F")
     _trust_remote_code_flag(c)
     c.set_defaults(func=cmd_cache)
 
@@ -315,22 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "the same resamples for every model) give a verdict per task on its headline metric "
                        "(better / within / worse: the interval above, around or below 0) and over all tasks; "
                        "each metric's chance level is shown beside it.", epilog=EPILOG)
-    v.add_argument("--model", required=True, action="append", type=_name_spec, metavar="NAME=SPEC",
-                   help="a model to evaluate (repeatable): the student, teachers and baselines alike")
-    v.add_argument("--task", required=True, action="append", help="built-in task name or task YAML file")
-    v.add_argument("--out", required=True, help="REPORT_DIR (report.json, report.md, PNG charts)")
-    v.add_argument("--student", metavar="NAME", help="which --model is the student (default: the first model "
-                   "written by distill export, else the first --model that is not a baseline)")
-    v.add_argument("--baseline", action="append", metavar="NAME",
-                   help="a --model to compare the student with on its own, not as a teacher (repeatable); "
-                   "report.json gives student minus each baseline with its interval and a verdict")
-    v.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
-    v.add_argument("--batch-size", type=int, default=64)
-    v.add_argument("--num-workers", type=int, default=0)
-    v.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--max-samples", type=int, help="cap every split of every task (quick looks, CI)")
-    v.add_argument("--cache-dir", help="keep image embeddings on disk here and reuse them across runs")
+    add_flag(v, EvalJob, "models", "--model", dest="model", action="append", type=_name_spec, metavar="NAME=SPEC",
+             help="a model to evaluate (repeatable): the student, teachers and baselines alike")
+    add_flag(v, EvalJob, "tasks", "--task", dest="task", action="append")
+    add_flag(v, EvalJob, "out")
+    add_flag(v, EvalJob, "student", metavar="NAME")
+    add_flag(v, EvalJob, "baselines", "--baseline", dest="baseline", action="append", metavar="NAME")
+    add_flag(v, EvalJob, "device", choices=EVAL_DEVICES, help=None)
+    add_flag(v, EvalJob, "batch_size", help=None)
+    add_flag(v, EvalJob, "num_workers", help=None)
+    add_flag(v, EvalJob, "bootstrap")
+    add_flag(v, EvalJob, "seed", help=None)
+    add_flag(v, EvalJob, "max_samples")
+    add_flag(v, EvalJob, "cache_dir")
     _trust_remote_code_flag(v)
     v.set_defaults(func=cmd_eval)
 
@@ -346,10 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the whole pipeline offline: pretrain two small teachers on a generated "
                        "corpus, cache them, distil a student, export it, evaluate all three")
-    d.add_argument("--out", default="demo-out", help="output folder (replaced only if an earlier demo made it)")
-    d.add_argument("--steps", type=int, default=80, help="student training steps")
-    d.add_argument("--teacher-steps", type=int, default=80, help="pretraining steps of each demo teacher")
-    d.add_argument("--rows", type=int, default=96, help="rows of the generated corpus")
+    for name in ("out", "steps", "teacher_steps", "rows"):
+        add_flag(d, DemoJob, name)
     d.set_defaults(func=cmd_demo)
     return p
 

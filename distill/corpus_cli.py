@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import argparse
 
+from cache.corpus_build import CorpusJob, RecipeSource, load_recipe
+from distill.config.flags import add_flag, job_fields
+from teachers.kernel.config_model import field_default
+
 DESCRIPTION = """Write OUT/corpus.csv (image, caption, key, domain, label, source, then the sources' metadata columns)
 from labelled data: a MedMNIST-style .npz, a CSV/TSV of labels and metadata, or a folder with one subfolder per
 class. Captions come from templates naming columns ("dermoscopy of a {diagnosis} on the {localization}"; {label}
@@ -37,34 +41,27 @@ def _part(value: str) -> tuple[float, float]:
 
 
 def add_corpus_parser(sub) -> argparse.ArgumentParser:
+    """`distill corpus`'s flags, made from `RecipeSource` (one source) and `CorpusJob` (the rest)."""
     c = sub.add_parser("corpus", help="build a training corpus (CSV + images) from labelled data",
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = c.add_mutually_exclusive_group(required=True)
-    src.add_argument("--source", metavar="PATH", help="a .npz (MedMNIST keys), a .csv/.tsv, or a folder of class "
-                     "folders")
+    add_flag(src, RecipeSource, "path", "--source", dest="source", metavar="PATH", required=False)
     src.add_argument("--recipe", metavar="YAML", help="several sources: a YAML list of source fields")
-    c.add_argument("--template", action="append", metavar="T", help="caption template naming columns, e.g. "
-                   "'dermoscopy of a {diagnosis} on the {localization}' or '{caption}' (repeatable: each row draws "
-                   "one)")
-    c.add_argument("--name", help="source name: prefixes keys and the image folder (default: the file stem)")
+    add_flag(c, RecipeSource, "templates", "--template", dest="template", action="append", metavar="T",
+             required=False)
+    add_flag(c, RecipeSource, "name")
     dom = c.add_mutually_exclusive_group()
-    dom.add_argument("--domain", help="constant value of the domain column (default: the source name)")
-    dom.add_argument("--domain-column", metavar="C", help="take the domain from this CSV column")
-    c.add_argument("--split", help="npz: train/val/test (default: all); CSV: a value of --split-column; "
-                   "folder: a subfolder")
-    c.add_argument("--split-column", default="split", metavar="C")
-    c.add_argument("--image-column", default="image", metavar="C")
-    c.add_argument("--label-column", default="label", metavar="C",
-                   help="CSV label column (default label; ignored when absent)")
-    c.add_argument("--class-names", metavar="A,B,C", help="names of the integer labels 0, 1, 2, ... for {label}")
-    c.add_argument("--fraction", type=float, default=1.0, help="keep this seeded, label-stratified fraction")
-    c.add_argument("--part", type=_part, metavar="A:B", help="keep part [A, B) of the seeded stratified order "
-                   "(disjoint from other parts with the same seed)")
-    c.add_argument("--max-rows", type=int, metavar="N", help="then keep at most N rows")
-    c.add_argument("--out", default="corpus-out", help="output folder (default corpus-out): corpus.csv, images/")
-    c.add_argument("--seed", type=int, default=0, help="templates, fractions and the shuffle")
-    c.add_argument("--no-shuffle", action="store_true", help="keep source order instead of one seeded shuffle")
-    c.add_argument("--copy-images", action="store_true", help="copy CSV/folder images under OUT/images/")
+    add_flag(dom, RecipeSource, "domain")
+    add_flag(dom, RecipeSource, "domain_column", metavar="C")
+    add_flag(c, RecipeSource, "split")
+    for name in ("split_column", "image_column", "label_column"):
+        add_flag(c, RecipeSource, name, metavar="C")
+    add_flag(c, RecipeSource, "class_names", metavar="A,B,C")
+    add_flag(c, RecipeSource, "fraction")
+    add_flag(c, RecipeSource, "part", type=_part, metavar="A:B")
+    add_flag(c, RecipeSource, "max_rows", metavar="N")
+    for name in ("out", "seed", "shuffle", "copy_images"):
+        add_flag(c, CorpusJob, name)
     c.set_defaults(func=cmd_corpus)
     return c
 
@@ -73,11 +70,10 @@ _SINGLE_ONLY = ("template", "name", "domain", "domain_column", "split", "class_n
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:
-    from cache.corpus_build import CorpusSource, build_corpus, load_recipe
-
+    job = CorpusJob(**job_fields(CorpusJob, args))
     if args.recipe:
         given = [f"--{k.replace('_', '-')}" for k in _SINGLE_ONLY if getattr(args, k) is not None]
-        if args.fraction != 1.0:
+        if args.fraction != field_default(RecipeSource, "fraction"):
             given.append("--fraction")
         if given:
             raise ValueError(f"{', '.join(given)} describe a single --source; with --recipe, put them in the "
@@ -86,13 +82,6 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     else:
         if not args.template:
             raise ValueError("--source needs at least one --template, e.g. --template 'a photo of a {label}'")
-        sources = [CorpusSource(
-            path=args.source, templates=tuple(args.template), name=args.name, domain=args.domain,
-            domain_column=args.domain_column, split=args.split, split_column=args.split_column,
-            image_column=args.image_column, label_column=args.label_column,
-            class_names=tuple(n.strip() for n in args.class_names.split(",")) if args.class_names else None,
-            fraction=args.fraction, part=args.part, max_rows=args.max_rows)]
-    result = build_corpus(sources, args.out, seed=args.seed, shuffle=not args.no_shuffle,
-                          copy_images=args.copy_images)
-    print(result.summary())
+        sources = [RecipeSource(**job_fields(RecipeSource, args, path=args.source, templates=args.template)).source()]
+    print(job.build(sources).summary())
     return 0

@@ -13,21 +13,32 @@ import logging
 import os
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from teachers.kernel.config_model import Int, Section, Str
 
 log = logging.getLogger(__name__)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@dataclass(frozen=True)
-class DemoJob:
-    out: str = "demo-out"
-    steps: int = 80
-    rows: int = 96
-    seed: int = 0
-    teacher_steps: int = 80
+class DemoJob(Section):
+    """What `distill demo` runs (its flags are made from these fields: `distill.cli`)."""
+
+    out: Str = Field("demo-out", description="output folder (replaced only if an earlier demo made it)")
+    steps: Int = Field(80, description="student training steps")
+    rows: Int = Field(96, description="rows of the generated corpus")
+    seed: Int = Field(0, description="seed of the corpora, the teachers and the student")
+    teacher_steps: Int = Field(80, description="pretraining steps of each demo teacher")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DemoJob":
+        for key in ("steps", "rows", "teacher_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        return self
 
 
 def _write_demo_tasks(root: Path, heldout_csv: Path) -> list[str]:
@@ -134,7 +145,8 @@ def _run_demo(job: DemoJob) -> dict:
             f"train.max_steps={job.teacher_steps}", f"train.seed={job.seed + 10 + i}", "train.checkpoint_every=0",
             f"student.overrides.embed_dim={dim}"])
         train(cfg)
-        teachers[name] = f"local-dir:{export_checkpoint(str(out / 'teacher_runs' / name), str(out / 'teachers' / name))}"
+        exported = export_checkpoint(str(out / 'teacher_runs' / name), str(out / 'teachers' / name))
+        teachers[name] = f"local-dir:{exported}"
 
     print("[2/5] distill cache: every teacher embeds every pair once")
     features = out / "features.h5"

@@ -4,6 +4,8 @@ where the run's weightless student lives (`student_config_dir`).
 
 Why here: `student` may not import `distill`, but `distill` may import `student`, so the one definition both sides
 use lives below both. Unknown fields are refused (a file written by another version), missing ones take defaults.
+The run_meta.json records are validated models on the kernel's base (`Record`); `TrainState` stays a plain
+dataclass because the training loop updates it in place.
 """
 from __future__ import annotations
 
@@ -11,6 +13,10 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from pydantic import Field
+
+from teachers.kernel.config_model import ConfigError, Section
 
 RUN_META_FILE = "run_meta.json"
 TRAIN_STATE_FILE = "train_state.json"
@@ -27,11 +33,13 @@ def student_config_dir(run: str | Path) -> Path:
     return old if not new.exists() and (old / "open_clip_config.json").is_file() else new
 
 
-def _known(cls, data: Any, path: Path) -> dict[str, Any]:
-    """`data` as constructor keywords of dataclass `cls`; ValueError naming the file on anything unknown."""
+def _known(cls: Any, data: Any, path: Path) -> dict[str, Any]:
+    """`data` as constructor keywords of `cls` (a dataclass or a Record); ValueError naming the file on anything
+    unknown."""
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    names = set(cls.model_fields) if issubclass(cls, Section) else {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{path}: unknown field(s) {', '.join(map(repr, unknown))} for {cls.__name__}; written by "
                          "another version of biomed-distill? Export it with that version")
@@ -79,8 +87,12 @@ def read_train_state(ckpt: str | Path) -> TrainState:
     return TrainState(**_known(TrainState, _read_json(path), path))
 
 
-@dataclass(frozen=True)
-class TeacherRecord:
+class Record(Section):
+    """A record of a run file: frozen, unknown fields refused; values as training computed them (numpy numbers
+    taken as numbers), so the field types are plain, not the config's strict ones."""
+
+
+class TeacherRecord(Record):
     """One teacher of a run, as its cache described it."""
 
     weight: float | None = None  # the teacher's weight in the distillation loss
@@ -89,23 +101,21 @@ class TeacherRecord:
     logit_scale: float | None = None
 
 
-@dataclass(frozen=True)
-class CorpusRecord:
+class CorpusRecord(Record):
     path: str | None = None
     size: int | None = None  # pairs in the corpus
     rows_used: int | None = None  # pairs training draws from (after routing and held-out rows)
     fingerprint: str | None = None
 
 
-@dataclass(frozen=True)
-class RunMeta:
+class RunMeta(Record):
     """What a run was trained from: teachers, corpus, student, loss and the resolved config."""
 
     mode: str | None = None
     student: str | None = None  # the preset or SPEC the student was built from
-    teachers: dict[str, TeacherRecord] = field(default_factory=dict)
+    teachers: dict[str, TeacherRecord] = Field(default_factory=dict)
     student_dir: str | None = None
-    corpus: CorpusRecord = field(default_factory=CorpusRecord)
+    corpus: CorpusRecord = Field(default_factory=CorpusRecord)
     features: str | None = None
     loss: str | None = None  # the loss formula, e.g. "Loss = 1.0 * infonce + 3.0 * affinity"
     total_steps: int | None = None
@@ -117,12 +127,12 @@ class RunMeta:
     stored_views: bool | None = None
     augmentation: str | None = None  # one line, e.g. "stored views of F.h5: 4 per image (seed 0): scale 0.5-1, ..."
     resumed_from: str | None = None
-    config: dict[str, Any] = field(default_factory=dict)  # the resolved config, as `distill train` read it
+    config: dict[str, Any] = Field(default_factory=dict)  # the resolved config, as `distill train` read it
 
 
 def write_run_meta(run: str | Path, meta: RunMeta) -> Path:
     path = Path(run) / RUN_META_FILE
-    path.write_text(json.dumps(asdict(meta), indent=2) + "\n")
+    path.write_text(json.dumps(meta.model_dump(mode="json"), indent=2) + "\n")
     return path
 
 
@@ -132,6 +142,10 @@ def read_run_meta(run: str | Path) -> RunMeta | None:
     if not path.is_file():
         return None
     data = _known(RunMeta, _read_json(path), path)
-    teachers = {name: TeacherRecord(**_known(TeacherRecord, t, path)) for name, t in data.get("teachers", {}).items()}
-    corpus = CorpusRecord(**_known(CorpusRecord, data.get("corpus") or {}, path))
-    return RunMeta(**{**data, "teachers": teachers, "corpus": corpus})
+    for name, t in data.get("teachers", {}).items():
+        _known(TeacherRecord, t, path)
+    _known(CorpusRecord, data.get("corpus") or {}, path)
+    try:
+        return RunMeta(**{**data, "corpus": data.get("corpus") or {}})
+    except ConfigError as e:
+        raise ValueError(f"{path}: {e}; the file is damaged or written by another version") from None

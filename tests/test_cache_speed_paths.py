@@ -199,7 +199,7 @@ def test_auto_loader_sizes_follow_the_device(monkeypatch):
                                      ({"num_workers": "many"}, "num_workers='many'; use an integer >= 0 or 'auto'")])
 def test_bad_loader_sizes_are_refused(kw, msg):
     with pytest.raises(CacheError, match=f"^{msg}"):
-        CacheJob(data="c.csv", teachers={"a": "plip"}, out="f.h5", **kw).check()
+        CacheJob(data="c.csv", teachers={"a": "plip"}, out="f.h5", **kw)
 
 
 def test_cli_defaults_to_auto_and_takes_integers(capsys):

@@ -271,7 +271,7 @@ def test_unknown_recipe_key_is_refused(tmp_path, npz):
     with pytest.raises(CorpusBuildError) as e:
         load_recipe(r)
     assert "source 1: unknown key 'fractoin'" in str(e.value) and "fraction" in str(e.value)
-    assert "allowed keys: path, templates, name" in str(e.value)
+    assert "did you mean 'fraction'?" in str(e.value) and "known keys here: path, templates, name" in str(e.value)
 
 
 # -- CLI -----------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""What `distill cache` is asked to do (`CacheJob`, validated before anything is opened) and what it did.
+"""What `distill cache` is asked to do (`CacheJob`, validated when it is made, before anything is opened or torch
+is imported) and what it did.
 
-`CacheJob` is the public, flat form (the CLI's flags); the builder's helpers take only the parts they read:
+`CacheJob` is the public, flat form (the CLI's flags are made from its fields: `distill.cli`); the builder's
+helpers take only the parts they read:
 `Storage` (how features are stored) and `EmbedCfg` (how the pass over the rows runs).
 """
 from __future__ import annotations
@@ -9,11 +11,15 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Annotated, Any
 
-from cache.sources.image_decode import DEFAULT_MAX_PIXELS
-from cache.store.schema import CacheError, storage_dtype
-from cache.sources.shard_io import Retry
+from pydantic import BeforeValidator, Field, PlainValidator, model_validator
+
 from cache.build.views import ViewDist
+from cache.sources.image_decode import DEFAULT_MAX_PIXELS
+from cache.sources.shard_io import Retry
+from cache.store.schema import CacheError, storage_dtype
+from teachers.kernel.config_model import Bool, ConfigError, Float, Int, Section, Str
 
 # Why a default bound on token storage: a G x G grid of D-wide tokens per row and view is G*G*D times a feature
 # row's dim (ViT-B/16 at G=14, 300k rows: ~90 GB per teacher), an easy typo away from filling a disk. 100 GB lets
@@ -25,34 +31,85 @@ DEFAULT_MAX_GB = 100.0
 DEFAULT_MAX_BAD_FRACTION = 0.5
 
 
-@dataclass(frozen=True)
-class CacheJob:
-    data: str                      # corpus: CSV/TSV/JSONL file, folder of .tar shards, brace pattern, or shard URLs
-    teachers: dict[str, str]       # NAME -> SPEC (resolved with teachers.load_teacher)
-    out: str                       # FEATURES.h5
-    batch_size: int | str = "auto"  # rows per forward pass; auto: from the device (`loader_sizes`)
-    num_workers: int | str = "auto" # images decoded in DataLoader workers; auto: from the device and cores
-    device: str = "auto"           # cpu | cuda | auto
-    dtype: str = "float16"         # float16 | float32 storage
-    views: int = 0                 # K augmented views per image (0: each teacher's own eval transform)
+class CacheJobError(CacheError, ConfigError):
+    """A `CacheJob` that cannot run as asked: a CacheError (what callers catch) that is also a ConfigError."""
+
+
+def _fspath(v: Any) -> Any:
+    return os.fspath(v) if isinstance(v, os.PathLike) else v
+
+
+def _int_or_text(v: Any) -> Any:
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise ValueError(f"must be an integer or 'auto', got {v!r}")
+    return v  # the range and the word `auto` are checked by CacheJob, whose message names the flag
+
+
+Path = Annotated[Str, BeforeValidator(_fspath)]  # a path: text, or an os.PathLike taken as its text
+IntOrAuto = Annotated[int | str, PlainValidator(_int_or_text)]
+DEVICES = ("cpu", "cuda", "auto")  # --device's choices (the API also takes cuda:N)
+DTYPES = ("float16", "float32")
+ON_BAD_SAMPLE = ("skip", "fail")
+
+
+class CacheJob(Section):
+    """What `distill cache` is asked to do; validated when it is made (`CacheJobError` naming the key or flag).
+
+    The field descriptions are the flags' help, the defaults the flags' defaults (`distill.cli`)."""
+
+    error = CacheJobError
+    data: Path = Field(description="corpus: CSV/TSV/JSONL (image, caption[, key]) or WebDataset shards (a folder "
+                       "of .tar or a brace pattern; or streamed: file://, s3://, gs://, https:// URLs with brace "
+                       "ranges, or pipe:COMMAND)")
+    teachers: dict[Str, Str] = Field(description="NAME -> SPEC (resolved with teachers.load_teacher)")
+    out: Path = Field(description="FEATURES.h5 (created, resumed or extended)")
+    batch_size: IntOrAuto = Field("auto", description="rows per forward pass (default auto: 256 on CUDA, 64 on "
+                                  "CPU; the choice is logged)")
+    num_workers: IntOrAuto = Field("auto", description="DataLoader workers decoding images and tokenising "
+                                   "captions, each image decoded once for all teachers (default auto: on CUDA "
+                                   "min(8, usable cores per process), on CPU 2)")
+    device: Str = Field("auto", description="cpu | cuda | cuda:N | auto")
+    dtype: Str = Field("float16", description="storage dtype")
+    views: Int = Field(0, description="K augmented views per image (crop box, flip, colour factors stored once "
+                       "with their distribution, replayed identically for every teacher and the student)")
     # how the views are drawn (None: as stored in the file, or cache.build.views' defaults for a new one)
-    view_scale: tuple[float, float] | None = None  # crop area fraction range (default 0.5, 1)
-    view_ratio: tuple[float, float] | None = None  # crop aspect ratio range (default 3/4, 4/3)
-    view_flip: float | None = None  # horizontal flip probability (default 0: laterality matters)
-    view_color: float | None = None  # S: brightness/contrast/saturation factors in [1-S, 1+S] (default 0: none)
-    on_bad_sample: str = "skip"    # skip | fail
-    seed: int = 0                  # view parameters are drawn from this
-    chunk_rows: int = 512          # rows per committed part: a kill loses at most two chunks per process
-    h5_chunk_rows: int = 256       # HDF5 chunk length along rows (reader I/O granularity)
-    retry_bad: bool = False        # also retry rows already recorded as bad (e.g. after fixing image files)
-    progress: bool = True          # tqdm bars on the main process
-    max_pixels: int = DEFAULT_MAX_PIXELS  # width x height over which an image is a bad sample, never decoded (0: PIL's)
-    trust_remote_code: bool = False  # let hub models run their repo's own code (recorded in each teacher's attrs)
-    tokens: int = 0                # G: also store each teacher's patch tokens pooled to a G x G grid (0: none)
-    max_gb: float = DEFAULT_MAX_GB  # refuse a run whose patch tokens would take more than this on disk (0: no bound)
-    shard_attempts: int = 3        # streamed shards (URLs, pipe:): tries per shard before it is recorded as bad
-    shard_backoff: float = 1.0     # seconds before the 2nd try, doubling after each failure (at most 60)
-    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION  # a file with a larger share of bad rows is an error
+    view_scale: tuple[Float, Float] | None = Field(None, description="crop area fraction range of the views "
+                                                   "(default 0.5,1; an existing file: as stored)")
+    view_ratio: tuple[Float, Float] | None = Field(None, description="crop aspect ratio (width/height) range of "
+                                                   "the views (default 0.75,1.33333)")
+    view_flip: Float | None = Field(None, description="horizontal flip probability of the views (default 0: "
+                                    "laterality matters in medical images; opt in only where it does not)")
+    view_color: Float | None = Field(None, description="photometric jitter: brightness, contrast and saturation "
+                                     "factors each drawn in [1-S, 1+S] per view (torchvision ColorJitter; default "
+                                     "0: none)")
+    on_bad_sample: Str = Field("skip", description="skip (record and go on) or fail at the first unreadable image "
+                               "or empty caption")
+    seed: Int = Field(0, description="seed of the view parameters (a file's stored views are replayed whatever the "
+                      "seed)")
+    chunk_rows: Int = Field(512, description="rows per committed chunk (a kill loses at most two chunks per "
+                            "process, one embedded and one being written; chunks are dealt round-robin to the "
+                            "processes)")
+    h5_chunk_rows: Int = Field(256, description="HDF5 chunk length along rows (reader I/O granularity)")
+    retry_bad: Bool = Field(False, description="retry rows recorded as bad in an earlier run")
+    progress: Bool = Field(True, description="tqdm bars on the main process")
+    max_pixels: Int = Field(DEFAULT_MAX_PIXELS, description="an image over N pixels (width x height, e.g. 64000000 "
+                            "or 64M) is recorded as a bad sample without being decoded (default 64M; 0: PIL's own "
+                            "limit)")
+    trust_remote_code: Bool = Field(False, description="let hub models run their repo's own code (recorded in each "
+                                    "teacher's attrs)")
+    tokens: Int = Field(0, description="also store each teacher's patch tokens (last layer, after its final norm) "
+                        "average-pooled to a G x G grid, per view with --views, for the `spatial` loss term "
+                        "(default 0: none)")
+    max_gb: Float = Field(DEFAULT_MAX_GB, description="refuse a run whose patch tokens would take more than X GB on "
+                          "disk (the estimate is printed before the run; default 100; 0: no bound)")
+    shard_attempts: Int = Field(3, description="streamed shards: tries per shard (open or read) before it is "
+                                "recorded as bad and the run goes on without it (default 3; its rows stay missing: "
+                                "a rerun retries them)")
+    shard_backoff: Float = Field(1.0, description="streamed shards: seconds before the second try, doubled after "
+                                 "each failure (default 1)")
+    max_bad_fraction: Float = Field(DEFAULT_MAX_BAD_FRACTION, description="end with an error (exit 2, naming the "
+                                    "commonest reason) when more than this share of the rows are bad samples, or "
+                                    "every row is (default 0.5; the rows embedded are kept either way)")
 
     @property
     def view_flags(self) -> dict:
@@ -82,39 +139,47 @@ class CacheJob:
                         workers if self.num_workers == "auto" else int(self.num_workers),
                         self.on_bad_sample, self.max_pixels, self.progress)
 
-    def check(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> "CacheJob":
+        """The job's own rules, each message naming the flag (the field types are pydantic's)."""
         if not self.teachers:
-            raise CacheError("no teacher given; pass at least one --teacher NAME=SPEC")
+            raise ValueError("no teacher given; pass at least one --teacher NAME=SPEC")
         for name in self.teachers:
             if not name or "/" in name or name.startswith("."):
-                raise CacheError(f"teacher name {name!r} is not valid: use letters, digits, '-' or '_'")
-        if self.on_bad_sample not in ("skip", "fail"):
-            raise CacheError(f"on_bad_sample={self.on_bad_sample!r}; use 'skip' or 'fail'")
-        storage_dtype(self.dtype)
+                raise ValueError(f"teacher name {name!r} is not valid: use letters, digits, '-' or '_'")
+        if self.on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"on_bad_sample={self.on_bad_sample!r}; use 'skip' or 'fail'")
+        try:
+            storage_dtype(self.dtype)
+        except CacheError as e:
+            raise ValueError(str(e)) from None
         for key, low in (("batch_size", 1), ("num_workers", 0)):
             v = getattr(self, key)
-            if v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or v < low):
-                raise CacheError(f"{key}={v!r}; use an integer >= {low} or 'auto' (chosen from the device)")
+            if v != "auto" and (not isinstance(v, int) or v < low):
+                raise ValueError(f"{key}={v!r}; use an integer >= {low} or 'auto' (chosen from the device)")
         if self.views < 0 or self.chunk_rows < 1:
-            raise CacheError("views must be >= 0 and chunk_rows >= 1")
+            raise ValueError("views must be >= 0 and chunk_rows >= 1")
+        if self.h5_chunk_rows < 1:
+            raise ValueError(f"h5_chunk_rows={self.h5_chunk_rows}; use a chunk length >= 1")
         if self.view_flags and not self.views:
             names = ", ".join(ViewDist.FLAGS[k] for k in self.view_flags)
-            raise CacheError(f"{names} given without --views K: add --views K (or drop them)")
+            raise ValueError(f"{names} given without --views K: add --views K (or drop them)")
         problem = self.view_dist.problem() if self.views else None
         if problem:
-            raise CacheError(problem)
+            raise ValueError(problem)
         if self.tokens < 0 or self.max_gb < 0:
-            raise CacheError(f"--tokens {self.tokens} / --max-gb {self.max_gb}: use a grid size G >= 1 (0: no "
+            raise ValueError(f"--tokens {self.tokens} / --max-gb {self.max_gb}: use a grid size G >= 1 (0: no "
                              f"tokens) and a size bound >= 0 GB (0: no bound)")
         if self.max_pixels < 0:
-            raise CacheError(f"max_pixels={self.max_pixels}; use a positive pixel count (0: PIL's own limit)")
+            raise ValueError(f"max_pixels={self.max_pixels}; use a positive pixel count (0: PIL's own limit)")
         if self.shard_attempts < 1 or self.shard_backoff < 0:
-            raise CacheError(f"--shard-attempts {self.shard_attempts} / --shard-backoff {self.shard_backoff}: use "
+            raise ValueError(f"--shard-attempts {self.shard_attempts} / --shard-backoff {self.shard_backoff}: use "
                              "at least 1 attempt and a backoff >= 0 seconds")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise CacheError(f"--max-bad-fraction {self.max_bad_fraction}: use a share between 0 and 1")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise CacheError(f"device {self.device!r}; use cpu, cuda or auto")
+            raise ValueError(f"--max-bad-fraction {self.max_bad_fraction}: use a share between 0 and 1")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ValueError(f"device {self.device!r}; use cpu, cuda or auto")
+        return self
 
 
 _PATHLIKE = re.compile(r"\S*[/\\]\S*|\S+\.\w{2,5}\b|\d+(\.\d+)?")

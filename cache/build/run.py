@@ -291,8 +291,8 @@ def _write_metas(job: CacheJob, teachers: dict, rows: int, fp: str, main: bool, 
 
 # -- the entry point -----------------------------------------------------------------------------------------
 def build_cache(job: CacheJob) -> CacheSummary:
-    """Build or complete `job.out`; returns (and prints on the main process) what was done."""
-    job.check()
+    """Build or complete `job.out` (a CacheJob is valid once made); returns (and prints on the main process) what
+    was done."""
     env = dist_env()
     try:
         return _build(job, env)

@@ -6,25 +6,32 @@ one set of types, validated when the config is loaded (kind, options, weights), 
 Why here and torch-free (`distill.losses.spec` re-exports them): `distill train` checks the config before torch is
 imported. Validated with the context `{"static": True}`, a term is checked without its class (kind by name, from
 `distill.config.loss_names`; its options are left for the full check, which builds the term and so imports torch).
+A term's options are typed by its constructor's annotations (`check_options`): `kl: bool` refuses `kl=maybe`,
+naming `loss.terms.affinity.kwargs.kl`, and a choice annotated as a Literal refuses a value outside it.
 """
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import math
 import sys
-from typing import TYPE_CHECKING, Any
+import types
+import typing
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator
+from pydantic import model_validator
 
-from teachers.kernel.config_model import Float, Section, Str, unknown_name
+from teachers.kernel.config_model import (Bool, Float, Int, KeyedError, Section, Str, _strip, type_name,
+                                          unknown_name)
 from distill.config.loss_names import BALANCE_MODES, BUILTIN_TERMS, COMBINE_MODES, POSITIVES, SCOPES, plugin_kinds
 
 if TYPE_CHECKING:
     from distill.losses.terms import LossTerm
 
-__all__ = ["LossTermCfg", "CombineCfg", "term_class", "build_term", "static", "COMBINE_MODES", "BALANCE_MODES",
-           "POSITIVES", "SCOPES"]
+__all__ = ["LossTermCfg", "CombineCfg", "term_class", "build_term", "check_options", "options_model", "static",
+           "COMBINE_MODES", "BALANCE_MODES", "POSITIVES", "SCOPES"]
 
 
 def static(info: ValidationInfo | None) -> bool:
@@ -59,6 +66,53 @@ def term_class(kind: str) -> type["LossTerm"]:
     return LOSSES.get(kind)
 
 
+# the plain types of a term's constructor annotations, made strict: `kl: bool` refuses "maybe" and 1 alike
+_STRICT = {bool: Bool, int: Int, float: Float, str: Str}
+
+
+def _strict(tp: Any) -> Any:
+    """`tp` with bool, int, float and str made strict, inside unions, tuples and lists too (a float takes an int)."""
+    if tp in _STRICT:
+        return _STRICT[tp]
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        return Union[tuple(_strict(a) for a in args)]
+    if origin in (tuple, list) and args:
+        return origin[tuple(_strict(a) if a is not Ellipsis else a for a in args)]
+    return tp
+
+
+@functools.cache
+def options_model(cls: type) -> type[BaseModel]:
+    """A strict model of the options `cls` takes: its constructor's parameters, typed by their annotations
+    (a choice is a Literal), with their defaults. An unannotated parameter takes any value."""
+    hints = typing.get_type_hints(cls.__init__)
+    fields: dict[str, Any] = {}
+    for p in inspect.signature(cls).parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        fields[p.name] = (_strict(hints.get(p.name, Any)), ... if p.default is p.empty else p.default)
+    return create_model(f"{cls.__name__}Options", __config__=ConfigDict(extra="allow", arbitrary_types_allowed=True),
+                        **fields)
+
+
+def check_options(name: str, kind: str, cls: type, kwargs: dict) -> None:
+    """Each option's value against its annotation: a choice outside its Literal is a ValueError in the terms'
+    own words ("affinity scope 'x' is unknown; use one of batch, domain"); any other type error a KeyedError
+    naming `loss.terms.NAME.kwargs.OPTION`."""
+    try:
+        options_model(cls).model_validate(kwargs)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        option = str(err["loc"][0])
+        value, tp = kwargs[option], options_model(cls).model_fields[option].annotation
+        if err["type"] == "literal_error" and get_origin(_strip(tp)) is Literal:
+            raise ValueError(f"{kind} {option} {value!r} is unknown; use one of "
+                             f"{', '.join(map(str, get_args(_strip(tp))))}") from None
+        raise KeyedError(f"loss.terms.{name}.kwargs.{option} must be {type_name(tp)}, got {value!r} "
+                         f"({type(value).__name__})") from None
+
+
 def build_term(name: str, kind: str, kwargs: dict) -> "LossTerm":
     """The registered term `kind` built with `kwargs`; unknown options or bad values raise ValueError."""
     cls = term_class(kind)
@@ -70,6 +124,7 @@ def build_term(name: str, kind: str, kwargs: dict) -> "LossTerm":
             f"loss term {name!r} (kind {kind!r}): bad options {sorted(kwargs)}: {e}; "
             f"its options are: {', '.join(opts) or 'none'}"
         ) from None
+    check_options(name, kind, cls, kwargs)
     return cls(**kwargs)
 
 

@@ -1,7 +1,8 @@
 """Training configuration: frozen pydantic models built from YAML plus `section.key=value` overrides.
 
 Everything is validated when the file is loaded, before any corpus or cache is opened: types, ranges, loss kinds
-and options, combine modes, the mode's needs (see teachers/kernel/config_model.py for why pydantic, and the error format).
+and options, combine modes, the mode's needs (see teachers/kernel/config_model.py for why pydantic, and the error
+format).
 Values derived at run time (teachers found in the cache, accumulation per epoch) live in `build_run.RunPlan`,
 never written back here. The loss section's models (`LossTermCfg`, `CombineCfg`) are the loss's own.
 """
@@ -120,7 +121,8 @@ class DataCfg(Section):
                                "rows_per_domain in log.jsonl, scope: domain loss terms)")
     bad_features: Str = Field("stop", description="damaged teacher rows: stop (name them) | skip (train the row "
                               "without that teacher, counted in the log)")
-    # streamed corpora (shard URLs, pipe:): each (rank, worker) reads whole shards in order (distill/data/stream_data.py)
+    # streamed corpora (shard URLs, pipe:): each (rank, worker) reads whole shards in order
+    # (distill/data/stream_data.py)
     stream_buffer: Int = Field(1000, description="streamed shards: shuffle buffer in rows (each worker keeps up to "
                                "twice this many encoded images read ahead)")
     shard_attempts: Int = Field(3, description="streamed shards: tries per shard before training stops naming it")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,49 +20,10 @@ from distill.eval.datasets import SplitData, load_splits
 from distill.eval.embeddings import EmbeddingCache
 from distill.eval.kinds import EVALUATORS
 from distill.eval.report import EvalReport, build_report, write_report
+from distill.config.eval_job import EvalJob
 from distill.eval.tasks import TaskCfg, load_task
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EvalJob:
-    """What `distill eval` asks for. Every model is loaded with `teachers.load_teacher`."""
-
-    models: dict[str, str]              # NAME -> SPEC (students, teachers, any open_clip or HF CLIP)
-    tasks: list[str]                    # built-in task names or paths to task YAML files
-    out: str                            # REPORT_DIR
-    device: str = "auto"                # cpu | cuda | cuda:N | auto
-    batch_size: int = 64
-    num_workers: int = 0
-    bootstrap: int = 1000               # bootstrap resamples for 95% CIs (0: none)
-    seed: int = 0
-    student: str | None = None          # the model compared with the teachers and baselines
-    baselines: tuple[str, ...] = ()     # models the student is compared with one by one (not teachers)
-    max_samples: int | None = None      # cap every split of every task (smoke runs, CI)
-    cache_dir: str | None = None        # keep image embeddings on disk here across runs (default: memory only)
-    trust_remote_code: bool = False     # let hub models run their repo's own code (--trust-remote-code)
-
-    def __post_init__(self):
-        if not self.models:
-            raise ValueError("eval needs at least one --model NAME=SPEC")
-        if not self.tasks:
-            raise ValueError("eval needs at least one --task (a built-in name or a task .yaml file)")
-        if self.student is not None and self.student not in self.models:
-            raise ValueError(f"student {self.student!r} is not one of the models ({', '.join(self.models)})")
-        object.__setattr__(self, "baselines", tuple(self.baselines))
-        for b in self.baselines:
-            if b not in self.models:
-                raise ValueError(f"baseline {b!r} is not one of the models ({', '.join(self.models)}); "
-                                 "give it with --model NAME=SPEC as well")
-            if b == self.student:
-                raise ValueError(f"{b!r} is the student; a baseline must be another model")
-        if len(set(self.baselines)) != len(self.baselines):
-            raise ValueError(f"a baseline is given twice: {list(self.baselines)}")
-        if set(self.baselines) >= set(self.models):
-            raise ValueError("every model is a baseline; one --model must be the student")
-        if self.bootstrap < 0 or self.batch_size < 1:
-            raise ValueError("bootstrap must be >= 0 and batch_size >= 1")
 
 
 def resolve_device(device: str) -> str:

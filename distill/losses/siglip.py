@@ -3,17 +3,18 @@
 Why a term of its own: InfoNCE normalises each row over the batch; the sigmoid loss scores every (image, text)
 pair as an independent match-or-not decision with a learnable scale and bias, the other standard objective.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Collection
+from collections.abc import Collection
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from teachers.kernel.modality import Modality
-
+from distill.config.loss_names import Positives
 from distill.losses.terms import LossTerm, StepContext, _check_positives, register_loss
+from teachers.kernel.modality import Modality
 
 # SigLIP's initialisation (paper, section 3.3): t' = log 10 (scale 10) and bias -10, so the many negatives start
 # near their target and the first steps are not spent pushing them down. `distill train` gives it to a preset
@@ -38,7 +39,7 @@ class SigLip(LossTerm):
 
     uses_teachers = False
 
-    def __init__(self, positives: str = "diagonal"):
+    def __init__(self, positives: Positives = "diagonal"):
         super().__init__()
         self.positives = _check_positives("siglip", positives)
 

@@ -5,21 +5,22 @@ and averages them (see combine.py). The contrastive-type terms score local rows 
 gathered across processes (see distributed.py), so their batch mean, averaged over ranks, is the one-process value.
 All maths runs in float32 whatever the autocast dtype of the inputs.
 """
+
 from __future__ import annotations
 
-from typing import Collection
+from collections.abc import Collection
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.config.loss_names import AFFINITY_PAIRS, AffinityPairs, FeatureMetric, Positives, Scope
+from distill.losses.context import CROSS, INTRA, MAX_LOGIT_SCALE, POSITIVES, SCOPES, StepContext  # noqa: F401  (re-exported)
 from teachers.kernel.modality import MODALITIES, Modality
 from teachers.kernel.registry import Registry
 
-from distill.config.loss_names import AFFINITY_PAIRS
-from distill.losses.context import CROSS, INTRA, MAX_LOGIT_SCALE, POSITIVES, SCOPES, StepContext  # noqa: F401  (re-exported)
-
-LOSSES: Registry[type["LossTerm"]] = Registry("loss", entry_point_group="biomed_distill.losses")
+LOSSES: Registry[type[LossTerm]] = Registry("loss", entry_point_group="biomed_distill.losses")
 register_loss = LOSSES.register
 
 
@@ -42,11 +43,13 @@ def _class_log_mass(log_p: Tensor, classes: Tensor, num: int) -> Tensor:
     return torch.where(some, mass.masked_fill(~some, 1.0).log() + top, torch.full_like(mass, float("-inf")))
 
 
-def _local_soft_ce(teacher_logits: Tensor, student_logits: Tensor, kl: bool, keep: Tensor | None,
-                   classes: tuple[Tensor, int] | None) -> Tensor:
+def _local_soft_ce(
+    teacher_logits: Tensor, student_logits: Tensor, kl: bool, keep: Tensor | None, classes: tuple[Tensor, int] | None
+) -> Tensor:
     """`_soft_ce` restricted to the columns `keep` ((B, N) bool; None: all) and, with `classes`, over caption
     classes (each class's probability = the sum over its columns). Excluded columns (classes) have probability 0 in
     both distributions and add nothing, gradient included; a row whose only column is its own gives 0."""
+
     def log_probs(logits: Tensor) -> Tensor:
         lp = (logits if keep is None else logits.masked_fill(~keep, float("-inf"))).log_softmax(-1)
         return lp if classes is None else _class_log_mass(lp, *classes)
@@ -91,6 +94,13 @@ def _check_scope(kind: str, scope: str) -> str:
     return _check_choice(kind, "scope", scope, SCOPES)
 
 
+def _named(teacher: str | None) -> str:
+    """The teacher a teacher-reading term is called for (only terms with uses_teachers = False get None)."""
+    if teacher is None:
+        raise ValueError("this loss term reads a teacher's features: per_sample needs a teacher name, got None")
+    return teacher
+
+
 class LossTerm(nn.Module):
     """A term computed per sample; `uses_teachers` says whether `teacher` is a teacher name or None.
 
@@ -102,7 +112,12 @@ class LossTerm(nn.Module):
     uses_logit_scale = True  # reads the student's logit scale
     gathers_teachers = False  # reads the teachers' features of the global batch (gathered across processes)
     uses_tokens = False  # reads patch tokens (the student's adapted ones, the teachers' cached ones): spatial.py
-    uses_domains = False  # reads each row's domain (`scope: domain`): the batch must carry domain ids
+    batch_inputs: tuple[str, ...] = ()  # named per-row batch inputs it reads (distill.data.inputs, ctx.batch_input)
+
+    @property
+    def uses_domains(self) -> bool:
+        """Whether the term reads each row's domain (`scope: domain`): the batch must carry domain ids."""
+        return False
 
     def head_modalities(self) -> tuple[Modality, ...]:
         """The student projection heads (per teacher) this term reads."""
@@ -131,7 +146,7 @@ class InfoNCE(LossTerm):
 
     uses_teachers = False
 
-    def __init__(self, positives: str = "diagonal"):
+    def __init__(self, positives: Positives = "diagonal"):
         super().__init__()
         self.positives = _check_positives("infonce", positives)
 
@@ -155,14 +170,18 @@ class FeatureMatch(LossTerm):
 
     METRICS = ("cosine", "mse", "smooth_l1")
 
-    def __init__(self, metric: str = "cosine", modalities: tuple[str, ...] | list[str] = MODALITIES, beta: float = 1.0):
+    def __init__(
+        self, metric: FeatureMetric = "cosine", modalities: tuple[str, ...] | list[str] = MODALITIES, beta: float = 1.0
+    ):
         super().__init__()
         if metric not in self.METRICS:
             raise ValueError(f"feature metric {metric!r} is unknown; use one of {', '.join(self.METRICS)}")
         bad = [m for m in modalities if m not in MODALITIES]
         if bad or not modalities:
-            raise ValueError(f"feature modalities must be a non-empty subset of "
-                             f"{tuple(m.value for m in MODALITIES)}, got {modalities!r}")
+            raise ValueError(
+                f"feature modalities must be a non-empty subset of "
+                f"{tuple(m.value for m in MODALITIES)}, got {modalities!r}"
+            )
         self.metric, self.modalities, self.beta = metric, tuple(Modality(m) for m in modalities), float(beta)
 
     uses_logit_scale = False
@@ -174,6 +193,7 @@ class FeatureMatch(LossTerm):
         return self.modalities
 
     def per_sample(self, ctx: StepContext, teacher: str | None) -> Tensor:
+        teacher = _named(teacher)
         vals = []
         for m in self.modalities:
             y = ctx.feature_target(teacher, m)
@@ -201,7 +221,7 @@ class InteractiveContrastive(LossTerm):
 
     gathers_teachers = True
 
-    def __init__(self, positives: str = "diagonal"):
+    def __init__(self, positives: Positives = "diagonal"):
         super().__init__()
         self.positives = _check_positives("icl", positives)
 
@@ -209,6 +229,7 @@ class InteractiveContrastive(LossTerm):
         return MODALITIES
 
     def per_sample(self, ctx: StepContext, teacher: str | None) -> Tensor:
+        teacher = _named(teacher)
         vals = []
         for mine, other in CROSS:
             all_t, offset = ctx.teacher_global(teacher, other)
@@ -247,7 +268,13 @@ class Affinity(LossTerm):
 
     gathers_teachers = True
 
-    def __init__(self, kl: bool = False, scope: str = "batch", positives: str = "diagonal", pairs: str = "cross"):
+    def __init__(
+        self,
+        kl: bool = False,
+        scope: Scope = "batch",
+        positives: Positives = "diagonal",
+        pairs: AffinityPairs = "cross",
+    ):
         super().__init__()
         self.kl = bool(kl)
         self.scope = _check_scope("affinity", scope)
@@ -262,6 +289,7 @@ class Affinity(LossTerm):
         return bool(sigmoid_teachers)
 
     def per_sample(self, ctx: StepContext, teacher: str | None) -> Tensor:
+        teacher = _named(teacher)
         t_scale, t_bias = ctx.teacher_scale(teacher), ctx.teacher_bias(teacher)
         keep = ctx.domain_keep() if self.scope == "domain" else None
         classes = ctx.caption_classes() if self.positives == "caption" and t_bias is None else None
@@ -282,4 +310,4 @@ class Affinity(LossTerm):
                 vals.append(_soft_ce(t_logits, s_logits, self.kl))
             else:
                 vals.append(_local_soft_ce(t_logits, s_logits, self.kl, cols, cls))
-        return sum(vals) / len(vals)
+        return cast(Tensor, sum(vals)) / len(vals)  # sum() of tensors is a tensor

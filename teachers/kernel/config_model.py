@@ -29,6 +29,11 @@ class UnknownNameError(ConfigError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class KeyedError(ConfigError):
+    """A ConfigError whose message names its key in full (`loss.terms.affinity.kwargs.kl must be bool, ...`):
+    raised from a validator, it is reported as it is, without the validated model's location before it."""
+
+
 def unknown_name(message: str) -> PydanticCustomError:
     """Raise this from a validator for a name the registry does not know (becomes an UnknownNameError)."""
     return PydanticCustomError("unknown_name", "{message}", {"message": message})
@@ -53,16 +58,29 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     where: ClassVar[str] = ""  # its dotted path in a Config ("loss.combine"), for messages of direct construction
+    # what direct construction raises: a job's own error class (a ConfigError too) keeps its callers' `except`
+    error: ClassVar[type[ConfigError]] = ConfigError
 
     def __init__(self, **data: Any) -> None:
         try:
             super().__init__(**data)
         except ValidationError as e:
-            raise config_error(e, type(self), type(self).where) from None
+            raise as_error(config_error(e, type(self), type(self).where), type(self).error) from None
 
     # Nested sections are validated by pydantic-core directly (errors keep their full location), not through this
     # __init__: the flag pydantic's own BaseModel.__init__ carries says so.
     __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+
+def as_error(e: ConfigError, cls: type[ConfigError]) -> ConfigError:
+    """`e` as an instance of `cls` (same message), unless it already is one or names an unknown registered name."""
+    return e if isinstance(e, (cls, UnknownNameError)) else cls(str(e))
+
+
+def field_default(model: type[BaseModel], name: str) -> Any:
+    """The default of `model`'s field `name` (its factory called); PydanticUndefined when it is required."""
+    f = model.model_fields[name]
+    return f.default_factory() if f.default_factory is not None else f.default  # type: ignore[call-arg]
 
 
 # -- turning a ValidationError into one line ----------------------------------------------------------------
@@ -87,7 +105,7 @@ def is_model(tp: Any) -> bool:
 def field_type(model: type[BaseModel], name: str) -> Any:
     """The field's annotation with its metadata (Strict, validators) put back."""
     f = model.model_fields[name]
-    return Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
+    return Annotated[tuple([f.annotation, *f.metadata])] if f.metadata else f.annotation
 
 
 def fixed_tuple(tp: Any) -> tuple | None:
@@ -140,6 +158,8 @@ def type_name(tp: Any) -> str:
         return f"tuple[{', '.join(type_name(a) for a in args)}]"
     if get_origin(tp) is dict:
         return f"dict[{', '.join(type_name(a) for a in get_args(tp))}]"
+    if get_origin(tp) is list:
+        return f"list[{', '.join(type_name(a) for a in get_args(tp))}]"
     return tp.__name__ if isinstance(tp, type) else str(tp)
 
 
@@ -156,7 +176,7 @@ def dotted(where: str, loc: tuple) -> str:
 
 def join_message(key: str, msg: str) -> str:
     """`key` before `msg`, unless the message already starts with it (a model validator names its own keys)."""
-    if not key or msg.startswith((key + ".", key + " ", key + ":")):
+    if not key or msg.startswith((key + ".", key + " ", key + ":", key + "=")):
         return msg
     return f"{key} {msg}" if msg.startswith("must ") else f"{key}: {msg}"
 
@@ -191,7 +211,8 @@ def config_error(e: ValidationError, root: Any, where: str = "") -> ConfigError:
         missing = [str(x["loc"][-1]) for x in errors if x["type"] == "missing" and tuple(x["loc"][:-1]) == loc[:-1]]
         return ConfigError(f"{parent or 'config'} is missing required key(s): {', '.join(missing)}")
     if kind in ("value_error", "assertion_error"):
-        return ConfigError(join_message(key, str(err["ctx"]["error"])))
+        error = err["ctx"]["error"]
+        return ConfigError(str(error) if isinstance(error, KeyedError) else join_message(key, str(error)))
     value = err["input"]
     return ConfigError(f"{key or 'config'} must be {type_name(annotation_at(root, loc))}, got {value!r} "
                        f"({type(value).__name__})")
