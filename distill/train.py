@@ -2,10 +2,12 @@
 
 One `prepare`, `accumulate` for the global batch schedule, `backward`, `save_state` checkpoints plus our own
 `train_state.json` and RNG file. No teacher runs here: teacher features come from the cache inside the batches.
-Builders live in `distill.training.build_run`, the optimizer recipe in `distill.training.optim`, checkpoints in `distill.training.checkpoint`
-(resumed by `distill.training.checkpoint_load`, which unpickles nothing), logs in `distill.training.log`. One training per
-run folder (`distill.training.run_lock`); a non-finite loss stops the run before it can reach a checkpoint.
-`data.micro_batch_size` trains each step's whole batch by gradient caching (`distill.training.grad_cache`).
+Builders live in `distill.training.build_run`, the step itself (forward, loss, backward, optimizer) in
+`distill.training.step`, the optimizer recipe in `distill.training.optim`, checkpoints in
+`distill.training.checkpoint` (resumed by `distill.training.checkpoint_load`, which unpickles nothing), logs in
+`distill.training.log`. One training per run folder (`distill.training.run_lock`); a non-finite loss stops the run
+before it can reach a checkpoint. `data.micro_batch_size` trains each step's whole batch by gradient caching
+(`distill.training.grad_cache`).
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ import torch
 from distill.training.checkpoint import (TrainState, install_unwrapped_state_hooks, list_checkpoints, resolve_resume,
                                 save_checkpoint)
 from distill.training.checkpoint_load import load_checkpoint
-from distill.config.train_config import Config
-from distill.training.grad_cache import grad_cache_step, merge_batches, no_sync_of
+from distill.config.train_config import Config, ConfigError
+from distill.training.grad_cache import merge_batches
 from distill.training.optim import build_optimizer, build_scheduler
 from distill.training.run_lock import run_lock
 from distill.training.log import RunLogger, plot_loss_curves
@@ -177,8 +179,9 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from distill.training.build_run import build_run, teacher_batch
-    from distill.losses import teacher_logit_bias
+    # lazy: the builders (open_clip, the cache readers) load only once a run starts, not for `--help` or a bad config
+    from distill.training.build_run import build_run
+    from distill.training.step import Trainer
 
     # before build_run, which writes RUN/student-config and RUN/tokenizer; the main process sets broken ones aside
     resume = resolve_resume(cfg.train.resume, out, set_aside=accelerator.is_main_process)
@@ -202,9 +205,7 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
     logger = RunLogger(out, enabled=accelerator.is_main_process, tensorboard=cfg.train.tensorboard)
     counter = domain_counter(run, state, accelerator.device)  # rows_per_domain (None: no data.domain_column)
     logger.truncate_after(state.step)
-    scales = {t: float(a["logit_scale"]) for t, a in plan.teacher_attrs.items()}
-    biases = {t: b for t, a in plan.teacher_attrs.items() if (b := teacher_logit_bias(a)) is not None}
-    unwrapped = accelerator.unwrap_model(model)
+    trainer = Trainer.from_run(run, optimizer, cfg, accelerator=accelerator, model=model, scheduler=scheduler)
     last_ckpt, sums, t_step, t_samples = None, {}, time.perf_counter(), 0
     watch = LossWatch(state.step, accelerator.device)
     interpolation = run.loader.dataset.preprocess.interpolation  # for data.decode=device
@@ -227,34 +228,15 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
                     if len(pending) < accum:
                         continue
                     batch, pending = merge_batches(pending, pad_id), []
-                with accelerator.accumulate(model):
-                    teachers = teacher_batch(batch, scales, run.loss.teacher_names, biases)
-                    gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + state.step * 1009
-                                                        + state.batches_in_epoch % accum)  # same on every rank
-                    if cfg.data.micro_batch_size:  # GradCache: the same gradients, activations of M rows at a time
-                        losses = grad_cache_step(
-                            model, batch.images, batch.tokens, cfg.data.micro_batch_size,
-                            lambda s: run.loss(s, teachers, gen, caption_ids=batch.caption_ids),
-                            accelerator.backward, no_sync_of(accelerator, model))
-                    else:
-                        out_s = model(batch.images, batch.tokens)
-                        losses = run.loss(out_s, teachers, gen, caption_ids=batch.caption_ids)
-                        accelerator.backward(losses["loss"])
-                    if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                losses = trainer.step(batch, state.step, state.batches_in_epoch % accum)  # distill.training.step
                 state.batches_in_epoch += accum if merge else 1
                 if counter is not None:
                     counter.add(batch.rows)
                 skipped += batch.skipped_features
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float() / accelerator.gradient_accumulation_steps
-                if not accelerator.sync_gradients:
+                if not accelerator.sync_gradients:  # the scheduler and the logit-scale clamp ran in trainer.step
                     continue
-                if not optimizer.step_was_skipped:  # fp16 overflow: keep lr where it was
-                    scheduler.step()
-                unwrapped.clamp_logit_scale(cfg.optim.logit_scale_max)
                 state.step += 1
                 state.samples_seen += plan.global_batch(state.epoch)
                 watch.add(sums)
@@ -300,17 +282,32 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
             "checkpoint": str(last_ckpt), "skipped_features": skipped_total}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def full_config(config: Config, source: str | None = None) -> Config:
+    """`config` (checked before torch was imported, `static=True`) checked in full, from its values: the command
+    line and the file are not read again. `source` (the config file) prefixes an error, as `Config.from_yaml` does."""
+    try:
+        return Config.from_dict(config.to_dict())
+    except ConfigError as e:
+        raise type(e)(f"{Path(source)}: {e}" if source else str(e)) from None
+
+
+def main(argv: Sequence[str] | None = None, config: Config | None = None, source: str | None = None) -> int:
+    """`python -m distill.train --config C.yaml [key=value ...]`; `distill train` passes the `config` it parsed
+    (and its file as `source`) instead of a command line, so the command line is parsed once."""
     from distill.logs import setup_logging
 
     setup_logging(verbose=False)  # a no-op under `distill [-v] train`, which set it up already
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "-h" in argv or "--help" in argv:  # `python -m distill.train --help`: usage and every config key
-        from distill.config.usage import config_help
+    if config is None:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        if "-h" in argv or "--help" in argv:  # `python -m distill.train --help`: usage and every config key
+            from distill.config.usage import config_help
 
-        print(config_help(Config), end="")
-        return 0
-    result = train(Config.from_argv(argv))
+            print(config_help(Config), end="")
+            return 0
+        config = Config.from_argv(argv)
+    else:
+        config = full_config(config, source)
+    result = train(config)
     from accelerate import PartialState
 
     if PartialState().is_main_process:

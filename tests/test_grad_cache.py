@@ -180,11 +180,11 @@ def _train(corpus, cache, tok, out, **kw):
 def test_training_with_micro_batches_equals_without(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path, monkeypatch):
     """Two optimizer steps of 2 accumulated loader batches of 8 in chunks of 3 equal two plain steps of batch 16:
     with micro batches the accumulated batches are ONE contrastive batch (same logged losses and weights)."""
-    import distill.train
+    import distill.training.step as step_mod  # the module whose Trainer calls grad_cache_step
 
     calls = []
-    real = distill.train.grad_cache_step
-    monkeypatch.setattr(distill.train, "grad_cache_step",
+    real = step_mod.grad_cache_step
+    monkeypatch.setattr(step_mod, "grad_cache_step",
                         lambda *a, **k: calls.append((a[1].shape[0], a[3])) or real(*a, **k))
     runs = {}
     for name, batch, accum, micro in [("plain16", 16, 1, "null"), ("micro", 8, 2, 3)]:

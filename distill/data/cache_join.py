@@ -1,7 +1,7 @@
 """Which corpus rows train and with which teachers: corpus keys joined to feature-cache rows, and loss routing.
 
 Why by key, not by row: a corpus may be re-exported in another order, or a cache may hold more rows than the
-corpus; the key is the stable sample id (DESIGN.md), so rows are matched through it and every mismatch is an
+corpus; the key is the stable sample id, so rows are matched through it and every mismatch is an
 error that says which command fixes it.
 """
 from __future__ import annotations

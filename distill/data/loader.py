@@ -28,6 +28,7 @@ from torchvision.transforms import functional as TF
 from cache.store.verify import BadRowsError, bad_row_mask, format_rows, row_problem
 from cache.build.views import RATIO  # the aspect range of the cache's stored views, for the student's own crops
 from distill.data.device_decode import EncodedImages, decode_into
+from distill.data.inputs import BatchRows, InputValue, Producer, move_inputs, produce
 from teachers.kernel.modality import Pair
 from teachers.transforms import PreprocessCfg, apply_view, to_rgb
 
@@ -60,6 +61,7 @@ class TrainBatch:
     teacher_tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # teacher -> (B, G*G, Dt) patch tokens
     domains: torch.Tensor | None = None  # (B,) int64 domain id (data.domain_column) when a loss term has scope: domain
     row_weights: torch.Tensor | None = None  # (B,) float32 teacher-term weight per row (loss.routing.weights)
+    inputs: dict[str, InputValue] = field(default_factory=dict)  # named inputs of loss terms (distill.data.inputs)
 
     def to(self, device, non_blocking: bool = False) -> "TrainBatch":
         """Accelerate's send_to_device calls this."""
@@ -68,10 +70,12 @@ class TrainBatch:
                           {t: p.map(mv) for t, p in self.teacher_feats.items()},
                           mv(self.route), mv(self.caption_ids), self.skipped_features, self.encoded,
                           {t: mv(x) for t, x in self.teacher_tokens.items()},
-                          domains=mv(self.domains), row_weights=mv(self.row_weights))
+                          domains=mv(self.domains), row_weights=mv(self.row_weights),
+                          inputs=move_inputs(self.inputs, device, non_blocking))
 
     def decoded(self, interpolation: str) -> "TrainBatch":
-        """This batch with its still-encoded JPEGs decoded into `images` on their device (`distill.data.device_decode`)."""
+        """This batch with its still-encoded JPEGs decoded into `images` on their device
+        (`distill.data.device_decode`)."""
         if not self.encoded:
             return self
         try:
@@ -182,7 +186,8 @@ class PairDataset(Dataset):
         self.transform = make_uint8_view_transform(preprocess)  # normalised on the device (DistillModel)
         if decode not in ("worker", "device"):
             raise ValueError(f"decode must be 'worker' or 'device', got {decode!r}")
-        self.decode = decode  # device: JPEGs travel compressed, decoded by the main process (distill.data.device_decode)
+        # device: JPEGs travel compressed, decoded by the main process (distill.data.device_decode)
+        self.decode = decode
 
     def __len__(self) -> int:
         return len(self.corpus_rows)
@@ -254,10 +259,12 @@ class Collate:
                  use_views: bool = False, block_rows: int = 0, cache_blocks: int = 16,
                  route: np.ndarray | None = None, caption_ids: bool = True, bad_features: str = "stop",
                  pad_id: int | None = None, token_teachers: Sequence[str] = (),
-                 domains: np.ndarray | None = None, row_weights: np.ndarray | None = None):
-        # by CORPUS row, like `route`: (N_corpus,) int64 domain ids (`distill.data.domains.domain_ids`) for scope: domain
-        # terms, and (N_corpus,) float teacher-term weights (loss.routing.weights); None: not in the batch
+                 domains: np.ndarray | None = None, row_weights: np.ndarray | None = None,
+                 inputs: dict[str, Producer] | None = None):
+        # by CORPUS row, like `route`: (N_corpus,) int64 domain ids (`distill.data.domains.domain_ids`) for scope:
+        # domain terms, and (N_corpus,) float teacher-term weights (loss.routing.weights); None: not in the batch
         self.domains, self.row_weights = domains, row_weights
+        self.inputs = dict(inputs or {})  # name -> producer of a loss term's batch input (distill.data.inputs)
         self.pad_id = pad_id  # trim captions to the batch's longest (`trim_padding`); None: the full context
         self.token_teachers = list(token_teachers)  # those of `teachers` whose patch tokens a spatial term reads
         self.tokenizer, self.features, self.teachers, self.use_views = tokenizer, features, list(teachers), use_views
@@ -340,6 +347,9 @@ class Collate:
             feats = teacher_feats(got)
             tokens = {t: torch.from_numpy(x) for t, x in toks.items()}
         captions = [it["caption"] for it in items]
+        extra = produce(self.inputs, BatchRows(np.asarray(corpus_rows, dtype=np.int64), np.asarray(
+            [it.get("cache_row", it["row"]) for it in items], dtype=np.int64), views.numpy(), captions)
+                        ) if self.inputs else {}
         enc = [j for j, it in enumerate(items) if "encoded" in it]
         size = items[enc[0]]["size"] if enc else None
         return TrainBatch(images=torch.stack([torch.zeros(3, *size, dtype=torch.uint8) if "encoded" in it
@@ -354,7 +364,7 @@ class Collate:
                           row_weights=None if self.row_weights is None else torch.from_numpy(
                               np.asarray(self.row_weights[corpus_rows], dtype=np.float32)),
                           encoded=EncodedImages([items[j]["encoded"] for j in enc], [items[j]["params"] for j in enc],
-                                                enc) if enc else None)
+                                                enc) if enc else None, inputs=extra)
 
 
 def mean_view(x: torch.Tensor) -> torch.Tensor:

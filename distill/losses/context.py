@@ -7,6 +7,7 @@ confidence weights (combine.py, benchmarks/mt_confidence.py) replay it.
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ class StepContext:
     def __init__(
         self, student: StudentOutput, teachers: TeacherBatch | None, gather: StepGather, phi_s: PhiS | None = None,
         caption_ids: Tensor | None = None, gathered_teachers: list[str] | None = None, gathers_ids: bool = True,
-        gathers_domains: bool = False,
+        gathers_domains: bool = False, inputs: Mapping[str, Any] | None = None,
     ):
         self.student = student
         self.teachers = teachers
@@ -46,6 +47,22 @@ class StepContext:
         # teacher in the batch) and, when `gathers_ids` / `gathers_domains`, the caption ids / domain ids
         self._gathered_teachers, self._gathers_ids = gathered_teachers, gathers_ids
         self._gathers_domains = gathers_domains
+        self.inputs = dict(inputs or {})  # named batch inputs (`TrainBatch.inputs`, distill.data.inputs)
+
+    def batch_input(self, name: str) -> Any:
+        """The named batch input `name` on the student's device: a (B, ...) tensor or {key: (B, ...) tensor}; a
+        one-line error when the batch lacks it (the term must list it in `batch_inputs`) or its rows are not B."""
+        if name not in self.inputs:
+            raise KeyError(f"a loss term reads the batch input {name!r}, but the batch has "
+                           f"{sorted(self.inputs) or 'none'}: list it in the term's `batch_inputs` and register its "
+                           f"producer with distill.data.inputs.register_batch_input(key={name!r})")
+        value, device = self.inputs[name], self.student.image.device
+        parts = value if isinstance(value, dict) else {None: value}
+        for key, v in parts.items():
+            if v.shape[0] != self.batch_size:
+                label = name if key is None else f"{name}[{key!r}]"
+                raise ValueError(f"batch input {label} has {v.shape[0]} rows; expected {self.batch_size}")
+        return {k: v.to(device) for k, v in value.items()} if isinstance(value, dict) else value.to(device)
 
     def labels(self, offset: int) -> Tensor:
         return torch.arange(self.batch_size, device=self.student.image.device) + offset
@@ -66,7 +83,8 @@ class StepContext:
             if ids is None:
                 raise ValueError(
                     "a loss term has positives='caption', but the batch carries no caption ids: pass "
-                    "caption_ids=batch.caption_ids ((B,) int64, distill.data.loader.Collate computes them) to DistillLoss"
+                    "caption_ids=batch.caption_ids ((B,) int64, distill.data.loader.Collate computes them) to "
+                    "DistillLoss"
                 )
             ids = ids[:, 0]
             with torch.no_grad():

@@ -1,7 +1,7 @@
 """`DistillLoss`: the weighted sum of named terms that the trainer calls once per step."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -31,6 +31,8 @@ class DistillLoss(nn.Module):
         default: torch.distributed when it is initialised, else the identity (plain one-process losses).
     `forward`'s caption_ids ((B,) int64, `TrainBatch.caption_ids`) say which rows share a caption: terms with
         `positives: caption` (infonce, icl, affinity; loss.combine.positives) need them; other terms ignore them.
+    `forward`'s inputs ({name: (B, ...) tensor or {key: tensor}}, `TrainBatch.inputs`): the named batch inputs
+        that terms declare in `batch_inputs` and read with `StepContext.batch_input` (`distill.data.inputs`).
     `TeacherBatch.domains` ((B,) int64) feed `scope: domain` (affinity, loss.combine.scope);
         `TeacherBatch.row_weights` ((B,) float, loss.routing.weights) multiply each row's teacher terms, not InfoNCE.
     """
@@ -138,6 +140,15 @@ class DistillLoss(nn.Module):
         used = {t for n, w in self.teacher_weights.items() if conf or self.terms[n].gathers_teachers for t in w}
         return [t for t in self.teacher_names if t in used]
 
+    def batch_inputs(self) -> dict[str, list[str]]:
+        """{batch input name: the terms that read it}: the named per-row inputs (`distill.data.inputs`) the batches
+        must carry, from each term's `batch_inputs` (a tuple of names; none by default)."""
+        wanted: dict[str, list[str]] = {}
+        for name, term in self.terms.items():
+            for key in getattr(term, "batch_inputs", ()):
+                wanted.setdefault(key, []).append(name)
+        return wanted
+
     def token_teachers(self) -> list[str]:
         """The teachers whose cached patch tokens some term reads (`spatial`), in cache order: the batches must
         carry their tokens and the student needs a token adaptor for each."""
@@ -146,11 +157,11 @@ class DistillLoss(nn.Module):
 
     def forward(
         self, student: StudentOutput, teachers: TeacherBatch | None, generator: torch.Generator | None = None,
-        caption_ids: Tensor | None = None,
+        caption_ids: Tensor | None = None, inputs: Mapping[str, Any] | None = None,
     ) -> dict[str, Tensor]:
         ctx = StepContext(student, teachers, StepGather(self.gather_fn), self.phi_s, caption_ids,
                           gathered_teachers=self.gathered_teachers(), gathers_ids=self.uses_caption_ids,
-                          gathers_domains=self.uses_domains)
+                          gathers_domains=self.uses_domains, inputs=inputs)
         step = self.draw(ctx.batch_size, generator) if self.teacher_weights else None
         scope, positives = self._confidence_option("scope"), self._confidence_option("positives")
         row_w = ctx.row_weights() if self.teacher_weights else None

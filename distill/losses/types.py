@@ -24,8 +24,8 @@ class StudentOutput:
     # teacher -> Pair(image (B, Dt), text (B, Dt)) from distill.training.heads.ProjectionHeads, NOT normalised
     logit_bias: Tensor | None = None  # scalar, SigLIP's learnable bias (open_clip's `logit_bias`); None: no bias
     tokens: dict[str, Tensor] = field(default_factory=dict)
-    # teacher -> (B, G*G, Dt): the student's patch tokens through that teacher's adaptor (distill.training.heads.TokenAdaptors),
-    # pooled to the teacher's cached G x G grid; only with a spatial term
+    # teacher -> (B, G*G, Dt): the student's patch tokens through that teacher's adaptor
+    # (distill.training.heads.TokenAdaptors), pooled to the teacher's cached G x G grid; only with a spatial term
 
 
 @dataclass

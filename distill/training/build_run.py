@@ -22,6 +22,7 @@ from cache.sources.corpus import Corpus
 from cache.build.views import RATIO
 from distill.config.train_config import Config, ConfigError, DataCfg, LossCfg, RoutingCfg, StudentCfg, TrainCfg
 from distill.data.cache_join import CacheJoin, Routing, join_cache, route_mask
+from distill.data.inputs import InputSetup, build_inputs
 from distill.data.loader import Collate, DataError, PairDataset, TrainBatch
 from distill.training.heads import TokenAdaptors
 from distill.data.domains import Domains, build_balance, domain_ids, load_domains
@@ -199,7 +200,8 @@ def build_run(cfg: Config, accelerator) -> Run:
                       pad_id=text_pad_id(bundle.model) if cfg.data.trim_captions else None,
                       token_teachers=loss.token_teachers(),
                       domains=loss_domains(cfg.data, loss, corpus, domains),
-                      row_weights=None if routing is None else routing.row_weights)
+                      row_weights=None if routing is None else routing.row_weights,
+                      inputs=build_inputs(loss.batch_inputs(), InputSetup(cfg, corpus, join, tuple(used))))
     # persistent workers keep their Collate (and its open cache reader) across epochs; the sampler, which
     # set_epoch reshuffles, lives in the main process. Pinned batches let the copy to the GPU run non-blocking.
     workers = cfg.data.num_workers

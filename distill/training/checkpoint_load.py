@@ -3,8 +3,8 @@
 Why: accelerate's `load_state` unpickles `custom_checkpoint_N.pkl` with weights_only=False, and a refused file
 ends in a raw traceback. Here every file is read by us: `train_state.json` (counters), `model.safetensors`,
 `optimizer.bin` / `scheduler.bin` / `scaler.pt` with `torch.load(weights_only=True)`, and `rng_state_RANK.safetensors`
-(distill.training.rng_state). `custom_checkpoint_*.pkl` and accelerate's `random_states_*.pkl` are never opened. A refused,
-damaged or missing file raises CheckpointError naming it. FSDP checkpoints go through accelerate's
+(distill.training.rng_state). `custom_checkpoint_*.pkl` and accelerate's `random_states_*.pkl` are never opened.
+A refused, damaged or missing file raises CheckpointError naming it. FSDP checkpoints go through accelerate's
 `load_fsdp_model`/`load_fsdp_optimizer` (torch.distributed.checkpoint), with DCP's two pickle readers (the
 `.metadata` file and non-tensor values) replaced, for the duration of the load, by allow-listed ones.
 """

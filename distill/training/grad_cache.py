@@ -23,6 +23,7 @@ from typing import Callable, ContextManager, Sequence
 import torch
 from torch import Tensor, nn
 
+from distill.data.inputs import concat_inputs
 from distill.data.loader import TrainBatch
 from distill.losses import StudentOutput
 from teachers.kernel.modality import Pair
@@ -104,7 +105,8 @@ def merge_batches(batches: Sequence[TrainBatch], pad_id: int | None) -> TrainBat
                       cat([b.route for b in batches]), cat([b.caption_ids for b in batches]),
                       sum(b.skipped_features for b in batches),
                       teacher_tokens={t: cat([b.teacher_tokens[t] for b in batches]) for t in first.teacher_tokens},
-                      domains=cat([b.domains for b in batches]), row_weights=cat([b.row_weights for b in batches]))
+                      domains=cat([b.domains for b in batches]), row_weights=cat([b.row_weights for b in batches]),
+                      inputs=concat_inputs([b.inputs for b in batches]))
 
 
 def no_sync_of(accelerator, model: nn.Module) -> Callable[[], ContextManager]:
