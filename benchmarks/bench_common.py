@@ -1,6 +1,9 @@
 """What the benchmarks share: flags from a frozen dataclass, the machine's description, interleaved timing, the
 synthetic JPEG corpus, result files.
 
+Where results go: `--out DIR` (default $BIOMED_DISTILL_BENCH_OUT, else `bench-out/` in the working directory);
+the committed figures in `benchmarks/results/` change only with `--record` (`Output`, `output_dir`).
+
 Why interleaved: on a shared machine the load drifts over minutes, so timing A for a while and then B puts the
 drift into B / A. `interleave` runs A B A B ... and reports per-repeat ratios (median, min, max) with the 1-minute
 load average before each repeat, so a reader can see how much the machine moved.
@@ -12,24 +15,60 @@ override them with type checks (a tuple flag takes comma-separated values and ma
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import datetime as _dt
 import difflib
+import inspect
 import json
 import os
 import platform
-import sys
+import re
 import statistics
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar, get_type_hints
+from typing import Any, Callable, Mapping, Sequence, TypeVar, get_type_hints
 
-# where runs write NAME.json / NAME.md: their own folder, never the committed figures unless asked
-# (BIOMED_DISTILL_BENCH_OUT=benchmarks/results records a run there on purpose)
-RESULTS_DIR = Path(os.environ.get("BIOMED_DISTILL_BENCH_OUT", "bench-out"))
+import numpy as np
+from PIL import Image
+
+OUT_ENV = "BIOMED_DISTILL_BENCH_OUT"  # where runs write NAME.json / NAME.md when --out is not given
+DEFAULT_OUT = "bench-out"
 RECORDED_DIR = Path(__file__).resolve().parent / "results"  # the committed figures the README quotes
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Output:
+    """The output flags of every benchmark that writes NAME.json / NAME.md (its Flags class derives from this)."""
+
+    out: str = ""         # folder for NAME.json and NAME.md (default $BIOMED_DISTILL_BENCH_OUT, else bench-out)
+    record: bool = False  # write to benchmarks/results/ instead: the committed figures the README quotes
+
+
+def output_dir(flags: Output, env: Mapping[str, str] | None = None) -> Path:
+    """The folder a run writes its results to; benchmarks/results/ only with --record (a run that was not meant
+    to replace the committed figures never does, even with the environment variable pointing there)."""
+    env = os.environ if env is None else env
+    if flags.record:
+        if flags.out:
+            raise SystemExit("--record writes to benchmarks/results/; give --out or --record, not both")
+        return RECORDED_DIR
+    folder = Path(flags.out or env.get(OUT_ENV) or DEFAULT_OUT)
+    if folder.resolve() == RECORDED_DIR:
+        raise SystemExit(f"{folder} holds the committed figures; pass --record to replace them")
+    return folder
+
+
+def json_copy_path(path: str, flags: Output) -> str:
+    """A script's `--json PATH` (an extra copy of its figures), refused inside benchmarks/results/ without
+    --record, as `output_dir` refuses the folder."""
+    if path and not flags.record and Path(path).resolve().parent == RECORDED_DIR:
+        raise SystemExit(f"--json {path}: benchmarks/results/ holds the committed figures; pass --record")
+    return path
 
 
 # -- flags ------------------------------------------------------------------------------------------------
@@ -59,14 +98,15 @@ def _convert(raw: str, tp: Any, name: str) -> Any:
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-    """Each field's trailing `# comment` in the Flags class source (what --help shows beside the default)."""
-    import inspect
-    import re
-
-    try:
-        lines = inspect.getsource(cls).splitlines()
-    except (OSError, TypeError):
-        return {}
+    """Each field's trailing `# comment` in the Flags class source and its bases' (what --help shows beside the
+    default)."""
+    lines: list[str] = []
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            try:
+                lines += inspect.getsource(klass).splitlines()
+            except (OSError, TypeError):
+                pass
     out, last = {}, None
     for line in lines:
         m = re.match(r"\s+(\w+):[^#]*#\s*(.*)", line)
@@ -120,13 +160,17 @@ def parse_flags(cls: type[T], argv: Sequence[str] | None = None, doc: str = "") 
             value = values[name] + value
         values[name] = value
         i += 1
-    return cls(**values)
+    flags = cls(**values)
+    if isinstance(flags, Output):  # refuse a bad --out/--record/--json now, not after minutes of measuring
+        output_dir(flags)
+        json_copy_path(str(getattr(flags, "json", "") or ""), flags)
+    return flags
 
 
 # -- machine and timing -----------------------------------------------------------------------------------
 def machine() -> dict:
     """What the figures were measured on, for the results file and README."""
-    import torch
+    import torch  # lazy: --help and flag errors answer without torch
 
     cpu = platform.processor() or ""
     try:
@@ -235,15 +279,39 @@ def load_into_page_cache(path: Path, step: int = 64 << 20) -> None:
 
 
 # -- results ----------------------------------------------------------------------------------------------
-def write_results(name: str, flags: Any, results: dict, markdown: str, json_copy: str = "") -> tuple[Path, Path]:
-    """RESULTS_DIR/NAME.json (flags, machine, results) and NAME.md (the printed table); with `json_copy`
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`: harness processes sharing a
+    --workdir may write and read the same file at once, and a reader must see the old or the new text, never an
+    empty or half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def invocation() -> str:
+    """This run's command line after `python`: `-m benchmarks.NAME ...` or `benchmarks/NAME.py ...`."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = f"-m {spec.name}" if spec is not None else Path(sys.argv[0]).as_posix()
+    return " ".join([head, *sys.argv[1:]])
+
+
+def write_results(name: str, flags: Output, results: dict, markdown: str, json_copy: str = "") -> tuple[Path, Path]:
+    """NAME.json (flags, machine, results) and NAME.md (the printed table) in `output_dir(flags)`; with `json_copy`
     (a script's --json OUT) also `results` alone at that path."""
     if json_copy:
         Path(json_copy).write_text(json.dumps(results, indent=2, default=str) + "\n")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+    folder = output_dir(flags)
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "command": invocation(),
                "flags": dataclasses.asdict(flags), "machine": machine(), "results": results}
-    j, m = RESULTS_DIR / f"{name}.json", RESULTS_DIR / f"{name}.md"
+    j, m = folder / f"{name}.json", folder / f"{name}.md"
     j.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     mc = payload["machine"]
     head = (f"# {name}\n\n`python {payload['command']}` on {mc['date'][:10]}, {mc['cpu']}, {mc['cores']} cores, "
@@ -269,7 +337,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # lazy: optional, and heavy
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
@@ -280,12 +348,7 @@ def quiet_libraries() -> None:
 # -- synthetic JPEG corpus --------------------------------------------------------------------------------
 def make_jpeg_corpus(out: Path, n: int, px: int, seed: int = 0) -> Path:
     """The synthetic corpus (cache.sources.synthetic) re-encoded as textured JPEGs, so decoding costs what photos do."""
-    import csv
-
-    import numpy as np
-    from PIL import Image
-
-    from cache.sources.synthetic import make_synthetic_corpus
+    from cache.sources.synthetic import make_synthetic_corpus  # lazy: the `cache` package imports torch
 
     png_csv = make_synthetic_corpus(out, n=n, image_size=px, seed=seed)
     rng = np.random.default_rng(seed)
@@ -306,8 +369,6 @@ def make_jpeg_corpus(out: Path, n: int, px: int, seed: int = 0) -> Path:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    import csv
-
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -316,8 +377,6 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def head_corpus(path: Path, n: int) -> Path:
     """The first n rows of a CSV corpus beside it (same image paths): the one-batch run for the marginal cost."""
-    import csv
-
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))[:n]
     out = path.with_name(f"{path.stem}_head{n}.csv")

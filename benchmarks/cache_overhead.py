@@ -1,7 +1,7 @@
 """How much `distill cache` costs beyond the teachers' own forward passes, and how fast training can read the cache.
 
-    python benchmarks/cache_overhead.py                 # both parts, defaults sized for a few minutes on 2 cores
-    python benchmarks/cache_overhead.py --skip-reader   # part 1 only;  --rows 200000: a smaller part-2 file
+    python -m benchmarks.cache_overhead                 # both parts, defaults sized for a few minutes on 2 cores
+    python -m benchmarks.cache_overhead --skip-reader   # part 1 only;  --rows 200000: a smaller part-2 file
 
 Part 1 (issue 2): over the same JPEG images and batch size, the wall time of a real cache run (`build_cache`, the
 code behind `distill cache`) with two small teachers (open_clip and Hugging Face CLIP), divided by the time of
@@ -37,18 +37,19 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tiny_models: the test helpers' tiny teachers
-from bench_common import (RESULTS_DIR, Spread, drop_from_page_cache, head_corpus, interleave,  # noqa: E402,F401
-                          io_counters, load_into_page_cache, make_jpeg_corpus, parse_flags, quiet_libraries, table,
-                          timed, write_results)
+from benchmarks.bench_common import (Output, Spread, drop_from_page_cache, head_corpus, interleave, io_counters,
+                                     load_into_page_cache, make_jpeg_corpus, output_dir, parse_flags, quiet_libraries,
+                                     table, timed, write_results)
+
+# Imports of torch and of the project's modules (which load torch) sit in the functions that use them, so that
+# --help and a flag error answer at once, without loading torch.
 
 GOAL_OVERHEAD = 1.10
 GOAL_ROWS_PER_S = 20_000
 
 
 @dataclass(frozen=True)
-class Flags:
+class Flags(Output):
     # part 1: cache overhead
     images: int = 384                 # synthetic JPEG images in the corpus
     image_px: int = 256               # their side: decoding and resizing cost something real
@@ -78,7 +79,7 @@ class Flags:
 
 # == part 1 =================================================================================================
 def make_teachers(root: Path, f: Flags) -> dict[str, str]:
-    from tiny_models import make_tiny_hf_clip, make_tiny_open_clip
+    from distill.tiny_models import make_tiny_hf_clip, make_tiny_open_clip  # lazy: torch after the flags
 
     oc = make_tiny_open_clip(root / "oc", embed_dim=128, width=f.teacher_width, layers=f.teacher_layers,
                              image_size=f.teacher_image_size)
@@ -381,7 +382,7 @@ def main(argv=None) -> int:
     finally:
         if owned:
             shutil.rmtree(work, ignore_errors=True)
-    previous = RESULTS_DIR / "cache_overhead.json"
+    previous = output_dir(f) / "cache_overhead.json"
     if (f.skip_overhead or f.skip_reader) and previous.is_file():  # keep the other part's last figures
         old = json.loads(previous.read_text())
         for part in ("overhead", "reader"):

@@ -1,7 +1,7 @@
 """What a feature cache of a large corpus costs before it is built: disk, teacher GPU hours, nodes (docs/scale.md).
 
-    python benchmarks/cost_model.py                         # the tables of docs/scale.md (about 2 min on 2 cores)
-    python benchmarks/cost_model.py --rows 24000000 --mfu 0.3 --gpus-per-node 8 --json OUT.json
+    python -m benchmarks.cost_model                         # the tables of docs/scale.md (about 2 min on 2 cores)
+    python -m benchmarks.cost_model --rows 24000000 --mfu 0.3 --gpus-per-node 8 --json OUT.json
 
 FLOPs per image and per caption are COUNTED, not quoted: each teacher architecture is built with random weights
 (no download: open_clip model configs, transformers configs) and one forward is run under
@@ -17,14 +17,13 @@ The teacher set is the zoo's aliases (README) with their published architectures
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import parse_flags, quiet_libraries  # noqa: E402
+from benchmarks.bench_common import RECORDED_DIR, Output, output_dir, parse_flags, quiet_libraries
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Imports of torch and of the project's modules (which load torch) sit in the functions that use them, so that
+# --help and a flag error answer at once, without loading torch.
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ TEACHERS: dict[str, Arch] = {
 
 
 @dataclass(frozen=True)
-class Flags:
+class Flags(Output):
     rows: str = "2900000,15000000,24000000"  # corpus sizes: MMKD-CLIP's 2.9M, PMC-15M, BIOMEDICA's 24M
     teachers: str = ",".join(TEACHERS)   # which of TEACHERS to cost
     views: int = 10                      # stored views for the "with views" column (DataCompDR stores 10-30)
@@ -150,7 +149,8 @@ def main(argv=None) -> dict:
     # the student (ViT-B/16 + PubMedBERT-256, BiomedCLIP's architecture): forward + backward = 3 x forward
     student_flops = 3 * (memo.setdefault("ViT-B-16", image_flops("ViT-B-16"))
                          + memo.setdefault("bert-base-256", text_flops("bert-base-256")))
-    scale = json.loads((RESULTS / "scale_sim.json").read_text()) if (RESULTS / "scale_sim.json").is_file() else None
+    recorded = RECORDED_DIR / "scale_sim.json"  # the committed scale_sim figures (read only)
+    scale = json.loads(recorded.read_text()) if recorded.is_file() else None
     tables = []
     for n_rows in sizes:
         gpu_h = n_rows * flops_row / rate / 3600
@@ -190,8 +190,11 @@ def main(argv=None) -> dict:
     print(md)
     out = {"flags": f.__dict__, "teachers": per, "student_train_gflops": student_flops / 1e9, "row_bytes": row_bytes, "tables": tables, "scale_sim": scale,
            "markdown": md}
-    if f.json:
-        Path(f.json).write_text(json.dumps(out, indent=2) + "\n")
+    folder = output_dir(f)
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in (folder / "cost_model.json", *([Path(f.json)] if f.json else [])):
+        path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"results: {folder / 'cost_model.json'}")
     return out
 
 

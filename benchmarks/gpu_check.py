@@ -3,7 +3,7 @@ MFU and peak memory, with and without gradient caching (`data.micro_batch_size`)
 JPEGs decoded on the GPU (`data.decode: device`, variant `devdecode`).
 
     bash benchmarks/gpu_check.sh              # on the GPU, under 8 minutes (it calls this script)
-    python benchmarks/gpu_check.py --smoke    # on a CPU: the tiny preset, a few steps (tests/test_gpu_check.py)
+    python -m benchmarks.gpu_check --smoke    # on a CPU: the tiny preset, a few steps (tests/test_gpu_check.py)
 
 Why the real trainer: MFU is about what users get, so every variant is a `distill.train` run (its data loader,
 loss and optimizer) in its own process (a fresh CUDA context, so peak memory is the variant's own), on a synthetic
@@ -15,8 +15,10 @@ Each variant prints one line: `gpu_check variant=NAME status=ok samples_per_s=..
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -25,8 +27,10 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import parse_flags, quiet_libraries  # noqa: E402
+from benchmarks.bench_common import parse_flags, quiet_libraries
+
+# Imports of torch and of the project's modules (which load torch) sit in the functions that use them, so that
+# --help and a flag error answer at once, without loading torch.
 
 REPO = Path(__file__).resolve().parent.parent
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, from the data sheets
@@ -64,8 +68,6 @@ def sized(f: Flags) -> Flags:
 
 def make_data(work: Path, f: Flags) -> tuple[Path, Path]:
     """Synthetic corpus with captions long enough to fill a 256-token context, and a WordPiece trained on it."""
-    import csv
-
     from cache.sources.synthetic import make_synthetic_corpus
     from student.tokenizer import train_wordpiece
 
@@ -170,8 +172,6 @@ def write_config(work: Path, f: Flags, name: str, corpus: Path, tok: Path, extra
 
 def run_child(config: str) -> int:
     """Train one config here and print the peak memory: a fresh process per variant keeps the peaks apart."""
-    import resource
-
     import torch
 
     from distill.config.train_config import Config
@@ -191,8 +191,8 @@ def run_variant(config: Path, f: Flags, timeout: float) -> dict:
     if timeout < 20:
         return {"status": "timeout", "reason": "no time left in --budget-s", "wall_s": 0.0}
     try:
-        p = subprocess.run([sys.executable, __file__, "--child", str(config)], cwd=REPO, capture_output=True,
-                           text=True, env=_env(), timeout=timeout)
+        p = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--child", str(config)], cwd=REPO,
+                           capture_output=True, text=True, env=_env(), timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "wall_s": time.perf_counter() - t0}
     if p.returncode != 0:
@@ -222,8 +222,7 @@ def peak_flops(f: Flags) -> tuple[float | None, str]:
 
 
 def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def main(argv=None) -> int:

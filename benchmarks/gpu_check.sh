@@ -16,4 +16,4 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"   # per process: the loader's wor
 JSON="${OUT:-/tmp}/gpu_check.json"
 "$PY" -c 'import torch; print("gpu_check torch", torch.__version__, "cuda", torch.cuda.is_available())'
 # under 8 minutes in all: gpu_check.py stops starting variants after --budget-s (440 s)
-exec timeout 470 "$PY" benchmarks/gpu_check.py --json-out "$JSON" "$@"
+exec timeout 470 "$PY" -m benchmarks.gpu_check --json-out "$JSON" "$@"

@@ -1,21 +1,23 @@
 """GradCache (`data.micro_batch_size`) at a realistic size: step time and peak memory against the plain step and
 plain gradient accumulation at the same global batch (issue 10: GradCache / plain <= 1.4, memory measured).
 
-    python benchmarks/grad_cache.py             # defaults: width 384, 6 layers, 112 px, B=64, M=16; ~5 min, 2 cores
-    python benchmarks/grad_cache.py --quick --json OUT.json   # tiny sizes, under a minute (the test); no results/
-    python benchmarks/grad_cache.py --device cuda --preset biomedclip --batch-size 256 --micro-batch-size 64 \
+    python -m benchmarks.grad_cache             # defaults: width 384, 6 layers, 112 px, B=64, M=16; ~5 min, 2 cores
+    python -m benchmarks.grad_cache --quick --json OUT.json   # tiny sizes, under a minute (the test); no results/
+    python -m benchmarks.grad_cache --device cuda --preset biomedclip --batch-size 256 --micro-batch-size 64 \
         --mixed-precision bf16 --steps 10 --warmup-steps 3
 
-Whole optimizer steps (zero_grad, forward, backward, AdamW from distill.training.optim, logit-scale clamp) on one synthetic
-batch of B rows (uint8 pixels; captions of --caption-words words, WordPiece trained here, cut to the longest as
-data.trim_captions does). Student, heads and DistillLoss come from the trainer's builders and a Config
-(contrastive: InfoNCE; hybrid: + feature, ICL, affinity against synthetic unit teacher features).
-(a) plain: one forward of B rows, the loss, one backward. (b) gradcache: `grad_cache_step` in chunks of M, as the
-trainer calls it. (c) accumulation: B / M micro batches, each its own loss (only M negatives), backward of
-loss / (B / M). (d) forward_nograd, not a step: the B rows in chunks of M without graph, GradCache's extra work;
-(plain + d) / plain is GradCache's ratio without overhead of its own. One untimed run of each, then interleaved
-repeats (a b c d, a b c d, ...; train_setup.warm_interleave), each figure the median of --steps steps after
---warmup-steps; ratios within a repeat, then median [min, max], with the load average per repeat.
+Whole optimizer steps of the trainer's own step (`distill.training.step.Trainer`: forward, loss, backward, then
+clipping as configured, AdamW, zero_grad, logit-scale clamp) on one synthetic batch of B rows (uint8 pixels;
+captions of --caption-words words, WordPiece trained here, cut to the longest as data.trim_captions does).
+Student, heads and DistillLoss come from the trainer's builders and a Config (contrastive: InfoNCE; hybrid:
++ feature, ICL, affinity against synthetic unit teacher features).
+(a) plain: one forward of B rows, the loss, one backward (`Trainer.forward_backward`). (b) gradcache: the same
+with `micro_batch_size=M` (`grad_cache_step` in chunks of M). (c) accumulation: B / M micro batches, each its own
+loss (only M negatives), backward of loss / (B / M). (d) forward_nograd, not a step: the B rows in chunks of M
+without graph, GradCache's extra work; (plain + d) / plain is GradCache's ratio without overhead of its own. One
+untimed run of each, then interleaved repeats (a b c d, a b c d, ...; train_setup.warm_interleave), each figure
+the median of --steps steps after --warmup-steps; ratios within a repeat, then median [min, max], with the load
+average per repeat.
 --mixed-precision bf16 autocasts the forward as Accelerate does.
 
 Peak memory over a baseline of model, AdamW state and batch (after one warm-up step, gradients freed): on CUDA
@@ -30,6 +32,7 @@ import dataclasses
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,11 +44,22 @@ from types import SimpleNamespace
 from typing import Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_common import Spread, parse_flags, quiet_libraries, table, write_results  # noqa: E402
-from train_setup import warm_interleave  # noqa: E402
+from benchmarks.bench_common import Output, Spread, parse_flags, quiet_libraries, table, write_results
+from benchmarks.train_setup import REPO, student_section, warm_interleave
+from distill.config.train_config import Config
+from distill.data.loader import TrainBatch, trim_padding
+from distill.losses import DistillLoss
+from distill.training.build_run import build_student_model, resolve_terms, text_pad_id
+from distill.training.grad_cache import chunk_slices
+from distill.training.heads import ProjectionHeads
+from distill.training.optim import build_optimizer
+from distill.training.step import Trainer
+from distill.training.student_model import DistillModel
+from student.tokenizer import train_wordpiece
+from teachers.kernel.modality import Pair
+from teachers.transforms import PreprocessCfg
 
 GOAL = 1.4  # issue 10: GradCache step time / plain step time at the same global batch
 VARIANTS = ("plain", "gradcache", "accumulation")
@@ -57,7 +71,7 @@ WORDS = ("chest", "ct", "axial", "lesion", "nodule", "lobe", "contrast", "enhanc
 
 
 @dataclass(frozen=True)
-class Flags:
+class Flags(Output):
     quick: bool = False               # tiny sizes for the test (width 64, 2 layers, 32 px, B=8, M=4); no results/
     json: str = ""                    # also write the results payload here
     device: str = "cpu"               # cpu | cuda
@@ -92,23 +106,28 @@ def sized(f: Flags) -> Flags:
 # -- set-up: the trainer's builders ---------------------------------------------------------------------------
 @dataclass
 class Setup:
-    """Model, loss, optimizer and one synthetic batch on the device."""
+    """Model, loss, optimizer, the trainer's step over them (`distill.training.step.Trainer`: plain and with
+    GradCache chunks) and one synthetic batch on the device."""
 
     model: object
     loss: object
     optimizer: object
-    images: object
-    tokens: object
-    caption_ids: object  # (B,) all different: InfoNCE's diagonal positives
-    teachers: object | None  # TeacherBatch (hybrid) or None
+    batch: TrainBatch  # pixels, tokens, caption ids (all different: InfoNCE's diagonal positives), features
+    plain: Trainer  # one forward of the whole batch
+    chunked: Trainer  # micro_batch_size=M (data.micro_batch_size: GradCache)
     device: object
     info: dict = field(default_factory=dict)
 
+    @property
+    def images(self) -> torch.Tensor:
+        return self.batch.images
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self.batch.tokens
+
 
 def make_config(f: Flags, tokenizer: Path):
-    from distill.config.train_config import Config
-    from train_setup import student_section  # the same widened tiny student as train_overhead.py's
-
     s = student_section(SimpleNamespace(student_preset=f.preset, student_width=f.width, student_layers=f.layers,
                                         image_size=f.image_size), tokenizer)
     if f.preset == "tiny":  # real captions need more than the tiny preset's 32-token context
@@ -124,16 +143,6 @@ def make_config(f: Flags, tokenizer: Path):
 
 
 def build(f: Flags, work: Path) -> Setup:
-    from distill.training.build_run import build_student_model, resolve_terms, text_pad_id
-    from distill.data.loader import trim_padding
-    from distill.training.heads import ProjectionHeads
-    from distill.losses import DistillLoss, TeacherBatch
-    from distill.training.optim import build_optimizer
-    from distill.training.student_model import DistillModel
-    from student.tokenizer import train_wordpiece
-    from teachers.kernel.modality import Pair
-    from teachers.transforms import PreprocessCfg
-
     g = torch.Generator().manual_seed(0)
     pick = lambda n: torch.randint(len(WORDS), (n,), generator=g).tolist()  # noqa: E731
     captions = [" ".join(WORDS[j] for j in pick(f.caption_words)) for _ in range(f.batch_size)]
@@ -156,57 +165,56 @@ def build(f: Flags, work: Path) -> Setup:
     side, ids = pp.image_size, torch.arange(f.batch_size, device=device)
     images = torch.randint(0, 256, (f.batch_size, 3, *side), dtype=torch.uint8, generator=g).to(device)
     unit = lambda d: torch.nn.functional.normalize(torch.randn(len(ids), d, generator=g), -1).to(device)  # noqa: E731
-    teachers = TeacherBatch({t: Pair(unit(d), unit(d)) for t, d in dims.items()}, {t: 100.0 for t in names}) \
-        if names else None
+    batch = TrainBatch(images, tokens, rows=ids, views=torch.full_like(ids, -1),
+                       teacher_feats={t: Pair(unit(d), unit(d)) for t, d in dims.items()}, caption_ids=ids)
     info = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "image_px": list(side),
             "text_tokens": int(tokens.shape[1]), "loss": str(loss), "preset": f.preset}
-    return Setup(model, loss, build_optimizer(model, cfg.optim, device=device), images, tokens, ids, teachers,
-                 device, info)
+    optimizer = build_optimizer(model, cfg.optim, device=device)
+    step_of = lambda micro: Trainer(  # noqa: E731  (what Trainer.from_run takes from the config)
+        model, loss, optimizer, teacher_attrs={t: {"logit_scale": 100.0} for t in names}, seed=cfg.train.seed,
+        micro_batch_size=micro, max_grad_norm=cfg.optim.max_grad_norm, logit_scale_max=cfg.optim.logit_scale_max)
+    return Setup(model, loss, optimizer, batch, step_of(None), step_of(f.micro_batch_size), device, info)
 
 
 # -- the variants ---------------------------------------------------------------------------------------------
-def loss_fn(s: Setup, rows: slice = slice(None)) -> Callable:
-    """The DistillLoss of rows `rows` (their teacher features and caption ids), as grad_cache_step's loss_fn."""
-    from distill.losses import TeacherBatch
-    from teachers.kernel.modality import Pair
-
-    t = s.teachers
-    teachers = None if t is None else TeacherBatch({k: Pair(p.image[rows], p.text[rows]) for k, p in t.feats.items()},
-                                                   t.logit_scale)
-    return lambda out: s.loss(out, teachers, torch.Generator().manual_seed(0), caption_ids=s.caption_ids[rows])
+def rows_of(batch: TrainBatch, rows: slice) -> TrainBatch:
+    """The micro batch of `rows` (pixels, tokens, caption ids and teacher features), as accumulation feeds it."""
+    return TrainBatch(batch.images[rows], batch.tokens[rows], rows=batch.rows[rows], views=batch.views[rows],
+                      teacher_feats={k: Pair(p.image[rows], p.text[rows]) for k, p in batch.teacher_feats.items()},
+                      caption_ids=batch.caption_ids[rows])
 
 
 def forward_backward(s: Setup, variant: str, micro: int) -> dict:
-    """One step's forward and backward by `variant`; returns the loss terms."""
-    from distill.training.grad_cache import chunk_slices, grad_cache_step
-
+    """One step's forward and backward by `variant`, through the trainer's step; returns the loss terms."""
+    gen = s.plain.generator(step=0)
     if variant == "plain":
-        losses = loss_fn(s)(s.model(s.images, s.tokens))
-        losses["loss"].backward()
-        return losses
+        return s.plain.forward_backward(s.batch, gen)
     if variant == "gradcache":
-        return grad_cache_step(s.model, s.images, s.tokens, micro, loss_fn(s), lambda x: x.backward())
+        assert s.chunked.micro_batch_size == micro
+        return s.chunked.forward_backward(s.batch, gen)
     parts = chunk_slices(s.images.shape[0], micro)
-    if variant == "accumulation":
+    t = s.plain
+    if variant == "accumulation":  # each micro batch its own loss (M negatives), gradients summed / (B / M)
         for rows in parts:
-            losses = loss_fn(s, rows)(s.model(s.images[rows], s.tokens[rows]))
-            (losses["loss"] / len(parts)).backward()
+            sub = rows_of(s.batch, rows)
+            losses = t.loss_of(t.forward(sub), sub, t.teacher_batch(sub), gen)
+            t.backward(losses["loss"] / len(parts))
         return losses
     if variant == "forward_nograd":
         with torch.no_grad():
             for rows in parts:
-                s.model(s.images[rows], s.tokens[rows])
+                t.forward(rows_of(s.batch, rows))
         return {}
     raise ValueError(f"unknown variant {variant!r}")
 
 
 def step(s: Setup, variant: str, micro: int) -> None:
-    """A whole optimizer step (forward_nograd: only its forward)."""
+    """A whole optimizer step (forward_nograd: only its forward): the trainer's forward and backward, then its
+    optimizer step (clipping as configured, AdamW, zero_grad, logit-scale clamp)."""
     s.optimizer.zero_grad(set_to_none=True)
     forward_backward(s, variant, micro)
     if variant != "forward_nograd":
-        s.optimizer.step()
-        s.model.clamp_logit_scale()
+        s.plain.optimizer_step(sync=True)
     if s.device.type == "cuda":
         torch.cuda.synchronize(s.device)
 
@@ -247,8 +255,6 @@ def equality(s: Setup, micro: int) -> dict:
 
 
 def forward_gflop_per_sample(s: Setup) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
     rows = slice(0, min(4, s.images.shape[0]))
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         s.model(s.images[rows], s.tokens[rows])
@@ -298,11 +304,11 @@ def memory_per_variant(s: Setup, f: Flags, work: Path) -> dict:
     if s.device.type == "cuda":
         return {v: measure_memory(s, f, v) for v in VARIANTS}
     out = {}
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     for v in VARIANTS:
         child = dataclasses.replace(f, quick=False, workdir=str(work), child=v, json="")
-        res = subprocess.run([sys.executable, __file__, *_argv(child)], env=env, capture_output=True, text=True,
-                             timeout=900)
+        res = subprocess.run([sys.executable, "-m", "benchmarks.grad_cache", *_argv(child)], env=env, cwd=REPO,
+                             capture_output=True, text=True, timeout=900)
         line = [x for x in res.stdout.splitlines() if x.startswith("grad_cache_memory ")]
         if res.returncode or not line:
             raise RuntimeError(f"memory child {v} failed: {res.stderr[-2000:]}")
@@ -368,8 +374,6 @@ def main(argv=None) -> dict:
         runs = warm_interleave({v: timer(s, f, v) for v in (*VARIANTS, "forward_nograd")}, f.repeats, "step s")
     finally:
         if owned:
-            import shutil
-
             shutil.rmtree(work, ignore_errors=True)
     ideal = Spread.of([(p + n) / p for p, n in zip(runs.samples["plain"], runs.samples["forward_nograd"])])
     results = {"equality": eq, "memory": mem, "model": s.info, "torch_threads": torch.get_num_threads(),

@@ -1,7 +1,7 @@
 """What the input pipeline costs on CPU, and how many cores a GPU needs to be fed (issue 10, finding 2).
 
-    python benchmarks/input_pipeline.py --quick --json OUT.json   # < 2 minutes on 2 cores
-    python benchmarks/input_pipeline.py                             # more images, rows and repeats
+    python -m benchmarks.input_pipeline --quick --json OUT.json   # < 2 minutes on 2 cores
+    python -m benchmarks.input_pipeline                             # more images, rows and repeats
 
 (a) Samples/s of ONE process (a DataLoader worker is one) for decode + augment + tokenise of ~0.5 MP synthetic
     JPEGs to a 224 px student: today's path (`teachers.transforms.make_view_transform`: normalised float32) and
@@ -18,7 +18,6 @@
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,17 +25,18 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_common import (interleave, load_avg, make_jpeg_corpus, parse_flags, quiet_libraries, table,  # noqa: E402
-                          write_results)
+from benchmarks.bench_common import (Output, interleave, load_avg, make_jpeg_corpus, parse_flags, quiet_libraries,
+                                     table, write_results)
+
+# Imports of torch and of the project's modules (which load torch) sit in the functions that use them, so that
+# --help and a flag error answer at once, without loading torch.
 
 TARGET_SAMPLES_PER_S = 1800.0  # a ViT-B/16 + PubMedBERT-256 student at ~45% MFU on one H200 (issue 10)
 ROW_BYTES_9_TEACHERS = 9 * 2 * 768 * 2  # 9 teachers x (image, text) x 768 dims x float16 = 27.6 KB
 
 
 @dataclass(frozen=True)
-class Flags:
+class Flags(Output):
     quick: bool = False               # small sizes: finishes in < 2 minutes
     json: str = ""                    # also write the results here
     images: int = 192                 # synthetic JPEGs (--quick: 64)
@@ -118,7 +118,7 @@ def pair_batches(sampler, ranks: int, workers: int, batch: int) -> list[list[lis
 
 def _write_features(path: Path, f: Flags) -> int:
     """A one-teacher float16 cache (cache_overhead's writer); its bytes per row."""
-    from cache_overhead import write_feature_file
+    from benchmarks.cache_overhead import write_feature_file
 
     write_feature_file(path, f.rows, (f.dim,), chunk_rows=f.chunk_rows)
     return 2 * f.dim * 2

@@ -20,6 +20,7 @@ import numpy as np
 
 from benchmarks.mt_confidence import table as confidence_table
 from benchmarks.mt_stats import SeedValues, at_chance, domain_weights, interval, seed_draws, weighted_sum
+from distill.eval import Difference, verdict_word
 
 MEAN_TASK = "mean over domains"
 CHANCE_RULE = ("a task is at chance when every model compared on it (the variant's student, baseline and reference "
@@ -52,8 +53,6 @@ def _dj(d, **extra) -> dict | None:
 
 def word(diff: dict | None) -> str | None:
     """better / within / worse: the 95% interval above 0, around 0, below 0."""
-    from distill.eval import Difference, verdict_word
-
     if not diff or None in diff["ci"] or diff["value"] is None:
         return None
     return verdict_word(Difference(diff["value"], *diff["ci"]))
@@ -280,7 +279,7 @@ def seeds_table(entries: list[dict]) -> str:
 
 def plot_ablation(results: Mapping[str, dict], path: Path) -> Path:
     """Forest plot: per variant, student - baseline on every test task and on the mean, with 95% intervals."""
-    import matplotlib
+    import matplotlib  # lazy: only a run with several variants draws a plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,9 +1,9 @@
 """Does a student distilled from domain teachers beat training from scratch, and match each teacher at home?
 
-    python benchmarks/multi_teacher.py --budget smoke            # every stage, under 5 minutes on 2 cores
-    python benchmarks/multi_teacher.py --budget cpu --ablation   # the investigation (benchmarks/results/)
-    python benchmarks/multi_teacher.py --budget cpu --seeds 0,1,2 --variant a,b   # 3 seeds; a or b picked on dev
-    python benchmarks/multi_teacher.py --budget gpu --teacher dermoscopy=hf-hub:ORG/REPO --task derm=my.yaml
+    python -m benchmarks.multi_teacher --budget smoke            # every stage, under 5 minutes on 2 cores
+    python -m benchmarks.multi_teacher --budget cpu --ablation   # the investigation (benchmarks/results/)
+    python -m benchmarks.multi_teacher --budget cpu --seeds 0,1,2 --variant a,b   # 3 seeds; a or b picked on dev
+    python -m benchmarks.multi_teacher --budget gpu --teacher dermoscopy=hf-hub:ORG/REPO --task derm=my.yaml
 
 The design gives the teachers knowledge the student's corpus lacks, as in the real setting: each domain's teacher
 (wider and deeper than the student, trained longer) sees ALL of its domain's training data; the student's corpus
@@ -43,21 +43,24 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
-
-from benchmarks.bench_common import machine, parse_flags, quiet_libraries  # noqa: E402
-from benchmarks.mt_setup import (  # noqa: E402
+from benchmarks.bench_common import atomic_write_text, machine, parse_flags, quiet_libraries
+from benchmarks.mt_setup import (
     ABLATION_VARIANTS, BUDGETS, BUILTIN_DOMAINS, DEFAULT_VARIANTS, DOMAIN_WEIGHTS, ROUTING, VARIANTS, Budget, Domain,
     SetupError, TeacherPlan, Variant, domain_weights_value, load_domain_file, load_variant_file, plan_teachers,
     resolve_domain, routing_value, tiny_overrides)
-from benchmarks.mt_confidence import confidence_by_domain  # noqa: E402
-from student.shown_paths import shown_path, shown_spec  # noqa: E402
-from benchmarks.mt_verdict import TaskInfo, pick_variant, verdict_entries, write_outputs  # noqa: E402
+from benchmarks.mt_confidence import confidence_by_domain
+from benchmarks.mt_verdict import TaskInfo, pick_variant, verdict_entries, write_outputs
+from student.shown_paths import shown_path, shown_spec
+
+# The trainer's, the cache's and eval's modules are imported in the stage that uses them, so that a flag or
+# set-up error answers before they load.
 
 log = logging.getLogger("multi_teacher")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -274,7 +277,7 @@ def write_tasks(domains: list[Domain], corpora: dict[str, Path], extra: tuple[st
 
     def add(t: dict, into: list[str], domain: str, own: str | None) -> None:
         p = folder / f"{t['name']}.yaml"
-        p.write_text(yaml.safe_dump(t, sort_keys=False))
+        atomic_write_text(p, yaml.safe_dump(t, sort_keys=False))  # another harness on this workdir may read it
         into.append(str(p))
         files.info[t["name"]] = TaskInfo(domain, test_set_key(load_task(str(p))), own)
 
@@ -335,7 +338,18 @@ def build_tokenizer(corpus: Path, b: Budget, work: Path) -> Path:
 
     out = work / f"tokenizer-{digest(str(corpus), b.vocab_size)}"
     if not (out / "tokenizer.json").is_file():
-        train_wordpiece(open_corpus(corpus).captions, out, vocab_size=b.vocab_size)
+        # built beside it, then renamed into place: another harness on this workdir never reads a half-saved folder
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=work))
+        try:
+            train_wordpiece(open_corpus(corpus).captions, tmp, vocab_size=b.vocab_size)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                if not (out / "tokenizer.json").is_file():  # a folder left half-written by an interrupted run
+                    shutil.rmtree(out)
+                    os.rename(tmp, out)
+        finally:  # gone once renamed; else another harness finished first (the same vocabulary) or this one failed
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

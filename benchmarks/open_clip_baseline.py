@@ -5,28 +5,30 @@ model, data, batch, precision and workers. It needs the `bench` extra (pandas, b
 """
 from __future__ import annotations
 
+import csv
+import importlib.util
 import json
+import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+# Imports of torch and of the project's modules (which load torch) sit in the functions that use them, so that
+# --help and a flag error answer at once, without loading torch.
 
 BENCH_MODULES = ("pandas", "braceexpand", "webdataset")  # pyproject's `bench` extra: what open_clip_train imports
 
 
 def missing_bench_modules() -> list[str]:
     """The `bench` extra's modules that are not installed (open_clip_train.main fails without them)."""
-    import importlib.util
-
     return [m for m in BENCH_MODULES if importlib.util.find_spec(m) is None]
 
 
 def _steady(values: list[float], warmup: int) -> float:
-    import statistics
-
     return statistics.median(values[warmup:] or values)
 
 
@@ -55,8 +57,6 @@ def open_clip_model_dir(student_dir: Path, out: Path) -> Path:
 
 def run_open_clip(student_dir: Path, corpus: Path, work: Path, f: Flags) -> dict:
     """`python -m open_clip_train.main` on our student's open_clip config; samples/s per step from its log."""
-    import csv
-
     rows = list(csv.DictReader(open(corpus, newline="")))
     abs_csv = work / "corpus_abs.csv"  # open_clip's CsvDataset opens paths as written (relative to its cwd)
     with open(abs_csv, "w", newline="") as fh:
@@ -97,7 +97,5 @@ def _cuda() -> bool:
 
 
 def _env() -> dict:
-    import os
-
     repo = Path(__file__).resolve().parent.parent
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(repo)}

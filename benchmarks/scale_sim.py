@@ -1,7 +1,7 @@
 """What writing, merging and reading a feature cache cost at scale, without teachers (issue 12).
 
-    python benchmarks/scale_sim.py --quick --json OUT.json   # 1M rows x 3 teachers (~9.7 GB), < 10 min on 2 cores
-    python benchmarks/scale_sim.py --rows 24000000 --dims 512,768,1152,768,768,768,512,512,1152 --processes 64
+    python -m benchmarks.scale_sim --quick --json OUT.json   # 1M rows x 3 teachers (~9.7 GB), < 10 min on 2 cores
+    python -m benchmarks.scale_sim --rows 24000000 --dims 512,768,1152,768,768,768,512,512,1152 --processes 64
 
 (a) Write: P processes (spawned, as torchrun would) each take their contiguous share of the chunks
     (`cache.build.commit.deal`), open their segment (`open_segment`) and commit every chunk through the builder's
@@ -22,7 +22,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import shutil
-import sys
+import statistics
 import tempfile
 import threading
 import time
@@ -31,15 +31,16 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_common import load_avg, parse_flags, table, write_results  # noqa: E402
+from benchmarks.bench_common import Output, load_avg, parse_flags, table, write_results
+
+# Imports of torch and of the project's modules (which load torch) sit in the functions that use them, so that
+# --help and a flag error answer at once, without loading torch.
 
 POOL_ROWS = 8192  # distinct unit vectors per teacher and modality; chunks take rolling slices of them
 
 
 @dataclass(frozen=True)
-class Flags:
+class Flags(Output):
     quick: bool = False            # 1M rows, 2 processes, 2 x 2 readers: < 10 minutes on 2 cores
     json: str = ""                 # also write the results here
     rows: int = 4000000            # cache rows (--quick: 1000000)
@@ -206,7 +207,7 @@ def read(out: Path, f: Flags) -> dict:
     from cache import FeatureReader
     import cache.store.layout as L
     from distill.data.samplers import Dealing, EpochSampler, reader_blocks
-    from input_pipeline import pair_batches
+    from benchmarks.input_pipeline import pair_batches
 
     dealing = Dealing(f.ranks, f.workers, f.batch_size)
     s = EpochSampler(f.rows, 0, lambda e: f.batch_size * f.ranks, block_ids=np.arange(f.rows) // f.block_rows,
@@ -237,8 +238,6 @@ def read(out: Path, f: Flags) -> dict:
 def _direct_vs_virtual(out: Path, f: Flags, blocks: int = 64, repeats: int = 3) -> dict:
     """The same whole HDF5 chunks read through the virtual datasets and straight from the first segment, in turn
     (`repeats` times each, A B A B ...): the median time ratio."""
-    import statistics
-
     import h5py
 
     import cache.store.layout as L

@@ -1,7 +1,7 @@
 """What distillation from cached teachers costs per training step, and how our trainer compares with open_clip's.
 
-    python benchmarks/train_overhead.py              # defaults sized for a few minutes on 2 cores
-    python benchmarks/train_overhead.py --steps 60 --batch-size 64 --student-width 256
+    python -m benchmarks.train_overhead              # defaults sized for a few minutes on 2 cores
+    python -m benchmarks.train_overhead --steps 60 --batch-size 64 --student-width 256
 
 Same student (the `tiny` preset widened: --student-width, --student-layers, --image-size), same synthetic JPEG
 corpus, batch size and number of steps everywhere; step times are medians over the steps after --warmup-steps
@@ -32,18 +32,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tiny_models: the test helpers' tiny teachers
-from bench_common import interleave, make_jpeg_corpus, parse_flags, quiet_libraries, table, write_results  # noqa: E402
-from train_setup import (HYBRID_TERMS, build_caches, cached_dims, make_teachers, met, run_ours,  # noqa: E402
-                         same_batch, steady, warm_interleave, write_config, yaml_get)
+from benchmarks.bench_common import (Output, interleave, make_jpeg_corpus, parse_flags, quiet_libraries, table,
+                                     write_results)
+from benchmarks.train_setup import (HYBRID_TERMS, build_caches, cached_dims, make_teachers, met, run_ours, same_batch,
+                                    steady, warm_interleave, write_config, yaml_get)
+
+# Imports of torch and of the project's modules (which load torch) sit in the functions that use them, so that
+# --help and a flag error answer at once, without loading torch.
 
 GOAL_HYBRID = 1.05
 GOAL_OPEN_CLIP = 1.1                  # issue 10: ours / open_clip_train samples/s
 
 
 @dataclass(frozen=True)
-class Flags:
+class Flags(Output):
     images: int = 256                 # synthetic JPEG pairs in the corpus
     image_px: int = 128               # their side
     batch_size: int = 32              # per step, everywhere
@@ -75,18 +77,17 @@ def online_vs_cached(config: Path, teachers: dict[str, str], f: Flags) -> dict:
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from distill.training.build_run import build_run
     from distill.config.train_config import Config
     from distill.data.loader import Collate
-    from distill.losses import TeacherBatch
-    from distill.training.optim import build_optimizer
     from distill.train import make_accelerator
+    from distill.training.build_run import build_run
+    from distill.training.optim import build_optimizer
+    from distill.training.step import Trainer
     from teachers import load_teacher
     from teachers.kernel.modality import Pair
 
     cfg = Config.from_yaml(config, [f"train.output_dir={Path(yaml_get(config, 'train', 'output_dir'))}-loop"])
     run = build_run(cfg, make_accelerator(cfg))
-    scales = {t: float(a["logit_scale"]) for t, a in run.plan.teacher_attrs.items()}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(f.mixed_precision)
     run.model.to(device)
@@ -109,9 +110,8 @@ def online_vs_cached(config: Path, teachers: dict[str, str], f: Flags) -> dict:
         return out
 
     def loop(loader, feats_of) -> list[float]:
-        model = run.model
-        model.train()
-        opt = build_optimizer(model, cfg.optim)
+        run.model.train()
+        trainer = Trainer.from_run(run, build_optimizer(run.model, cfg.optim), cfg)  # the trainer's own step
         times, step = [], 0
         while step < f.steps:
             loader.sampler.set_epoch(step)
@@ -119,12 +119,8 @@ def online_vs_cached(config: Path, teachers: dict[str, str], f: Flags) -> dict:
             for batch in loader:
                 batch = batch.to(device)
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    out = model(batch.images, batch.tokens)
-                    losses = run.loss(out, TeacherBatch(feats_of(batch), scales),
-                                      torch.Generator().manual_seed(step))
-                losses["loss"].backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                    batch.teacher_feats = feats_of(batch)  # online: the teachers run here, inside the step
+                    trainer.step(batch, step)
                 if device.type == "cuda":
                     torch.cuda.synchronize()  # step time, not launch time
                 now = time.perf_counter()
@@ -183,21 +179,19 @@ def profile_phases(config: Path, f: Flags) -> dict:
     """Median seconds per phase of a step, as `distill.train` runs it (same model, loss, data, optimizer; no
     Accelerate wrapper), with the data loaded in this process (num_workers=0) so that its cost shows; "read" is
     the part of "data" spent in the feature reader."""
-    import torch
-
-    from distill.training.build_run import build_run
     from distill.config.train_config import Config
-    from distill.losses import TeacherBatch
-    from distill.training.optim import build_optimizer
     from distill.train import make_accelerator
+    from distill.training.build_run import build_run
+    from distill.training.optim import build_optimizer
+    from distill.training.step import Trainer
 
     out_dir = Path(yaml_get(config, "train", "output_dir"))
     cfg = Config.from_yaml(config, [f"train.output_dir={out_dir}-profile", "data.num_workers=0"])
     run = build_run(cfg, make_accelerator(cfg))
-    scales = {t: float(a["logit_scale"]) for t, a in run.plan.teacher_attrs.items()}
     model, collate = run.model, run.loader.collate_fn
     model.train()
     opt = build_optimizer(model, cfg.optim)
+    trainer = Trainer.from_run(run, opt, cfg)  # step() is these phases in this order
     read_s = []
     if collate.features:
         reader_read = collate.reader.read
@@ -221,16 +215,13 @@ def profile_phases(config: Path, f: Flags) -> dict:
             it = iter(run.loader)
             batch = next(it)
         t1 = time.perf_counter()
-        out = model(batch.images, batch.tokens)
+        out = trainer.forward(batch)
         t2 = time.perf_counter()
-        teachers = TeacherBatch(batch.teacher_feats, scales) if batch.teacher_feats else None
-        losses = run.loss(out, teachers, torch.Generator().manual_seed(step))
+        losses = trainer.loss_of(out, batch, trainer.teacher_batch(batch), trainer.generator(step))
         t3 = time.perf_counter()
-        losses["loss"].backward()
+        trainer.backward(losses["loss"])
         t4 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        model.clamp_logit_scale(cfg.optim.logit_scale_max)
+        trainer.optimizer_step(sync=True)  # clipping as configured, AdamW, zero_grad, logit-scale clamp
         t5 = time.perf_counter()
         for p, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
             times[p].append(dt)
@@ -241,14 +232,14 @@ def profile_phases(config: Path, f: Flags) -> dict:
     res["params"] = sum(k for _, k in trainable)  # what the optimizer updates: student and projection heads
     res["head_params"] = sum(k for n, k in trainable if n.startswith("heads."))
     if batch.teacher_feats:
-        res["same_batch"] = same_batch(run, opt, batch, TeacherBatch(batch.teacher_feats, scales), 2 * f.steps)
+        res["same_batch"] = same_batch(trainer, batch, 2 * f.steps)
     return res
 
 
 # -- main -----------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     f = parse_flags(Flags, argv, __doc__)
-    from open_clip_baseline import missing_bench_modules, run_open_clip
+    from benchmarks.open_clip_baseline import missing_bench_modules, run_open_clip
 
     missing = [] if f.skip_open_clip else missing_bench_modules()
     if missing:  # before minutes of set-up, not as open_clip_train's traceback at comparison 3

@@ -9,6 +9,7 @@ those teachers are tiny open_clip models (one layer, 32 px) with realistic embed
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,7 +21,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from bench_common import Interleaved, interleave, load_into_page_cache
+from benchmarks.bench_common import Interleaved, interleave, load_into_page_cache
+
+# Imports of torch and of the project's modules (which load torch) sit in the functions that use them, so that
+# --help and a flag error answer at once, without loading torch.
 
 REPO = Path(__file__).resolve().parent.parent
 # embedding sizes of the 9 cached teachers (cycled for more): BiomedCLIP 512, PLIP 512, PubMedCLIP / QuiltNet
@@ -37,7 +41,7 @@ HYBRID_TERMS = {
 
 def make_teachers(root: Path, f) -> dict[str, str]:
     """The 3 teachers of comparison 2 (run online there), of realistic size relative to the student."""
-    from tiny_models import make_tiny_hf_clip, make_tiny_open_clip
+    from distill.tiny_models import make_tiny_hf_clip, make_tiny_open_clip  # lazy: torch after the flags
 
     w, l, s = f.teacher_width, f.teacher_layers, f.teacher_image_size
     return {"oc": f"local-dir:{make_tiny_open_clip(root / 'oc', embed_dim=128, width=w, layers=l, image_size=s)}",
@@ -53,7 +57,7 @@ def build_caches(work: Path, corpus: Path, teachers: dict[str, str], n_cached: i
     """(the 3 real teachers' cache for comparison 2, the n_cached teachers' cache for comparison 1); each built
     once per workdir (the second one's name carries its embedding sizes)."""
     from cache import CacheJob, build_cache
-    from tiny_models import make_tiny_open_clip
+    from distill.tiny_models import make_tiny_open_clip
 
     def build(out: Path, specs: dict[str, str]) -> Path:
         if not out.exists():
@@ -138,7 +142,7 @@ def yaml_get(path: Path, *keys) -> Any:
 
 
 def env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def warm_interleave(variants: dict[str, Callable[[], float]], repeats: int, label: str,
@@ -155,27 +159,28 @@ def warm_interleave(variants: dict[str, Callable[[], float]], repeats: int, labe
     return interleave(variants, repeats, label)
 
 
-def same_batch(run, opt, batch, teachers, pairs: int) -> dict:
-    """The hybrid's own compute: whole steps (forward, loss, backward, optimizer) of this run's hybrid model and
-    loss, alternating with plain InfoNCE steps of the same model without its heads, on ONE batch. No data, sampler
-    or load drift between the two sides, so a few percent can be resolved that the trainer-level ratio (noise
-    floor: its A/A row) cannot. Returns seconds (medians) and per-pair ratios: median and quartiles."""
-    import torch
-
+def same_batch(trainer, batch, pairs: int) -> dict:
+    """The hybrid's own compute: whole trainer steps (`Trainer.step`: forward, loss, backward, optimizer) of this
+    run's hybrid model and loss, alternating with plain InfoNCE steps of the same model without its heads (the same
+    optimizer), on ONE batch. No data, sampler or load drift between the two sides, so a few percent can be resolved
+    that the trainer-level ratio (noise floor: its A/A row) cannot. Returns seconds (medians) and per-pair ratios:
+    median and quartiles."""
     from distill.losses import DistillLoss
     from distill.losses.spec import LossTermCfg
+    from distill.training.step import Trainer
 
-    model, heads = run.model, run.model.heads
-    infonce = DistillLoss([LossTermCfg(kind="infonce", weight=1.0)], [])
+    model, heads = trainer.model, trainer.model.heads
+    infonce = Trainer(model, DistillLoss([LossTermCfg(kind="infonce", weight=1.0)], []), trainer.optimizer,
+                      seed=trainer.seed, max_grad_norm=trainer.max_grad_norm, logit_scale_max=trainer.logit_scale_max)
+    contrastive = dataclasses.replace(batch, teacher_feats={})  # InfoNCE reads no teacher
 
     def step(hybrid: bool) -> float:
         model.heads = heads if hybrid else None
         t0 = time.perf_counter()
-        out = model(batch.images, batch.tokens)
-        losses = run.loss(out, teachers, torch.Generator().manual_seed(0)) if hybrid else infonce(out, None)
-        losses["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if hybrid:
+            trainer.step(batch, step=0)
+        else:
+            infonce.step(contrastive, step=0)
         return time.perf_counter() - t0
 
     times = [(step(False), step(True)) for _ in range(pairs + 3)][3:]

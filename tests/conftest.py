@@ -35,7 +35,7 @@ def tiny_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_teachers(tmp_path_factory) -> dict[str, str]:
     """Two tiny teachers of different kinds and dimensions, as SPEC strings: oc (open_clip, 24), hf (CLIPModel, 40)."""
-    from tiny_models import make_tiny_hf_clip, make_tiny_open_clip
+    from distill.tiny_models import make_tiny_hf_clip, make_tiny_open_clip
 
     root = tmp_path_factory.mktemp("teachers")
     oc = make_tiny_open_clip(root / "oc", embed_dim=24, seed=1)

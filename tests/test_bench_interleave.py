@@ -1,12 +1,7 @@
 """benchmarks/bench_common.interleave: variants run A B A B ..., ratios are taken within each repeat."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from bench_common import Spread, interleave  # noqa: E402
+from benchmarks.bench_common import Spread, interleave
 
 
 def test_interleave_runs_variants_in_turn_and_pairs_ratios_by_repeat():

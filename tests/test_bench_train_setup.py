@@ -1,16 +1,13 @@
 """benchmarks/train_setup: the warm-up run is untimed, verdicts follow the median and range, the hybrid configs."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from bench_common import Spread  # noqa: E402
-from train_overhead import Flags  # noqa: E402
-from train_setup import HYBRID_TERMS, cached_dims, met, warm_interleave, write_config  # noqa: E402
+from benchmarks.bench_common import Spread
+from benchmarks.train_overhead import Flags
+from benchmarks.train_setup import HYBRID_TERMS, cached_dims, met, warm_interleave, write_config
 
 
 def test_warm_interleave_runs_each_variant_once_untimed_first(tmp_path):

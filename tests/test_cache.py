@@ -429,7 +429,7 @@ def test_a_teacher_whose_embeddings_disagree_with_its_dimension_is_refused(tmp_p
 
 def test_a_teacher_that_changed_dimension_under_the_same_spec_is_refused(tmp_path, tiny_corpus):
     """The folder behind a cached teacher now holds a model of another dimension: refused, file untouched."""
-    from tiny_models import make_tiny_open_clip
+    from distill.tiny_models import make_tiny_open_clip
 
     folder = make_tiny_open_clip(tmp_path / "t", embed_dim=24, seed=3)
     out = tmp_path / "f.h5"

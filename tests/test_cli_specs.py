@@ -18,9 +18,9 @@ import pytest
 from distill.cli import main
 from distill.errors import BAD_INPUT
 from distill.launch_check import process_mismatch, requested_processes
+from distill.tiny_models import make_tiny_hf_clip
 from teachers import TeacherLoadError, load_teacher
 from test_cli_errors import eval_argv, one_error_line, run, task  # noqa: F401  (fixtures)
-from tiny_models import make_tiny_hf_clip
 
 PLANTED = "open({marker!r}, 'w').write('the planted code ran')\n"
 

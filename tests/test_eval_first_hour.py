@@ -197,9 +197,7 @@ def test_run_student_config_folder_and_runs_from_before_the_rename(tmp_path):
 
 
 def test_train_overhead_without_the_bench_extra_says_which_extra(monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import open_clip_baseline
-    import train_overhead
+    from benchmarks import open_clip_baseline, train_overhead
 
     monkeypatch.setattr(open_clip_baseline, "BENCH_MODULES", ("json", "no_such_module_for_this_test"))
     assert train_overhead.main([]) == 2

@@ -25,7 +25,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def student_spec(tmp_path_factory) -> str:
     """A third tiny open_clip model dressed as our export (its model card names biomed-distill)."""
-    from tiny_models import make_tiny_open_clip
+    from distill.tiny_models import make_tiny_open_clip
 
     d = make_tiny_open_clip(tmp_path_factory.mktemp("student") / "s", embed_dim=24, seed=7)
     (d / "README.md").write_text("# student\nDistilled with biomed-distill from two teachers.\n")

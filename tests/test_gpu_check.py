@@ -4,13 +4,11 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks import gpu_check
 
-import gpu_check  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 HELP = ("  data.micro_batch_size = None    [int | None] gradient caching\n"
         "  train.max_steps = None          [int | None] optimizer steps (not compiled)\n")

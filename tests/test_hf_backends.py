@@ -17,10 +17,10 @@ from cache import CacheJob, build_cache, open_corpus
 from cache.store.layout import feature, teacher as teacher_group
 from distill.cli import main
 from distill.errors import BAD_INPUT
+from distill.tiny_models import make_tiny_hf_siglip, make_tiny_hf_siglip2_naflex, make_tiny_remote_code
 from teachers import TeacherLoadError, load_teacher
 from teachers.kernel.modality import Modality
 from test_cli_errors import eval_argv, task  # noqa: F401  (the 4-image retrieval task fixture)
-from tiny_models import make_tiny_hf_siglip, make_tiny_hf_siglip2_naflex, make_tiny_remote_code
 
 ATOL = 2e-3  # float16 storage of unit vectors
 TEXTS = ["dermoscopy of a melanoma", "an mri of the brain showing a large tumour"]

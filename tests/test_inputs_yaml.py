@@ -2,7 +2,6 @@
 cycles, deep nesting and huge files before anything is expanded: one line, at once, in bounded memory."""
 from __future__ import annotations
 
-import sys
 import tracemalloc
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from teachers.kernel.bounded_yaml import (MAX_YAML_ALIASES, MAX_YAML_BYTES, MAX_
                                 load_yaml)
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def bomb(levels: int = 9, width: int = 10) -> str:

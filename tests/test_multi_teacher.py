@@ -3,16 +3,14 @@ verdict words) and a smoke run (test_multi_teacher_stats.py: the verdict maths).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks import mt_setup, mt_verdict
+from benchmarks.bench_common import parse_flags
 
-from benchmarks import mt_setup, mt_verdict  # noqa: E402
-from benchmarks.bench_common import parse_flags  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_repeated_tuple_flags_accumulate():

@@ -3,20 +3,14 @@ rows, the mean over domains with a shared test set, the chance flag, picking on 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks import mt_setup, mt_stats, mt_verdict  # noqa: E402
-from benchmarks.mt_verdict import TaskInfo  # noqa: E402
-from distill.eval.bootstrap import Estimate, paired_difference  # noqa: E402
-from distill.eval.report import EvalReport  # noqa: E402
-
+from benchmarks import mt_setup, mt_stats, mt_verdict
+from benchmarks.mt_verdict import TaskInfo
+from distill.eval.bootstrap import Estimate, paired_difference
+from distill.eval.report import EvalReport
 
 def test_seed_and_row_interval_by_hand():
     """2 seeds, 4 row resamples, the seed draws given: every replicate and both percentiles worked out by hand."""

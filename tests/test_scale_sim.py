@@ -4,27 +4,17 @@ it copies no feature byte. The written cache is then a valid one. Not a speed te
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import h5py
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_scale_sim_reduced_run_merges_cheaply(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import scale_sim
-
+def test_scale_sim_reduced_run_merges_cheaply(tmp_path):
     import cache.store.layout as L
+    from benchmarks import scale_sim
     from cache.store.verify import verify
 
-    import bench_common
-
-    monkeypatch.setattr(bench_common, "RESULTS_DIR", tmp_path / "results")  # not the repo's results
     out, work = tmp_path / "ss.json", tmp_path / "work"
     scale_sim.main(["--rows", "150000", "--dims", "256,384,512", "--processes", "2", "--ranks", "2", "--workers", "2",
-                    "--read-rows", "40000", "--json", str(out), "--work", str(work)])
+                    "--read-rows", "40000", "--json", str(out), "--work", str(work), "--out", str(tmp_path / "res")])
     got = json.loads(out.read_text())
     for key in ("rows", "merge_over_write", "extra_disk_over_final", "read_rows_per_s", "merge_over_write_wall",
                 "write_rows_per_s"):

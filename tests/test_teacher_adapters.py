@@ -29,7 +29,7 @@ def unimed_example(monkeypatch):
 
 
 def _tiny_clip(folder: Path, **kw):
-    """The tiny open_clip model of tests/tiny_models.py rebuilt from its config, with extra CLIP kwargs."""
+    """The tiny open_clip model of distill/tiny_models.py rebuilt from its config, with extra CLIP kwargs."""
     import open_clip
     from safetensors.torch import load_file
 

@@ -2,18 +2,21 @@
 
 Why: no weights can be downloaded on CI or on an offline laptop, yet tests and benchmarks need teachers of
 different kinds and dimensions. Each builder writes exactly what the real back-end reads (`local-dir:` for
-open_clip, `hf-clip:` for transformers), so loading is not mocked.
-Why in tests/ and not in `teachers/`: it is test scaffolding, and it builds its tokenizer with
-`student.tokenizer`, which the bottom room may not import. Tests import it by module name (pytest puts tests/
-on sys.path); the benchmarks put tests/ on sys.path themselves.
+open_clip, `hf-clip:` and `hf:` for transformers), so loading is not mocked.
+Why in `distill` (the top room): the tests and the benchmarks share these builders through one importable module,
+and they build their tokenizer with `student.tokenizer`, which the bottom room (`teachers`) may not import.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from student.tokenizer import train_wordpiece
 
 DEFAULT_TEXTS = ["a ct scan of the chest", "an mri of the brain", "dermoscopy of a melanoma",
                  "a chest x-ray with pneumonia", "histology of a tumour", "ultrasound of the breast"]
@@ -22,7 +25,7 @@ DEFAULT_TEXTS = ["a ct scan of the chest", "an mri of the brain", "dermoscopy of
 def make_tiny_open_clip(out_dir: str | Path, embed_dim: int = 24, image_size: int = 32, width: int = 32,
                         layers: int = 2, seed: int = 0) -> Path:
     """An open_clip CLIP with its own ViT and text transformer, saved as a `local-dir:` folder."""
-    import open_clip
+    import open_clip  # lazy: each builder pays only for its own back-end
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -46,9 +49,7 @@ def make_tiny_open_clip(out_dir: str | Path, embed_dim: int = 24, image_size: in
 def make_tiny_hf_clip(out_dir: str | Path, projection_dim: int = 40, image_size: int = 32, hidden: int = 32,
                       layers: int = 2, texts: Sequence[str] = DEFAULT_TEXTS, seed: int = 0) -> Path:
     """A `transformers.CLIPModel` with a WordPiece tokenizer and CLIPImageProcessor, as an `hf-clip:` folder."""
-    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from student.tokenizer import train_wordpiece
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel  # lazy: as above
 
     out = Path(out_dir)
     train_wordpiece(list(texts) * 4, out, vocab_size=200, model_max_length=32)
@@ -70,9 +71,7 @@ def make_tiny_hf_clip(out_dir: str | Path, projection_dim: int = 40, image_size:
 
 def _tiny_wordpiece(out: Path, texts: Sequence[str], context: int):
     """A WordPiece fast tokenizer saved into `out` (the tiny models' stand-in for each model's own tokenizer)."""
-    from transformers import AutoTokenizer
-
-    from student.tokenizer import train_wordpiece
+    from transformers import AutoTokenizer  # lazy: as above
 
     train_wordpiece(list(texts) * 4, out, vocab_size=200, model_max_length=context)
     return AutoTokenizer.from_pretrained(str(out))
@@ -83,9 +82,7 @@ def make_tiny_hf_siglip(out_dir: str | Path, hidden: int = 32, image_size: int =
                         seed: int = 0) -> Path:
     """A `transformers.SiglipModel` (what MedSigLIP and fixed-resolution SigLIP 2 load as) with a
     SiglipImageProcessor (squash to height x width, mean/std 0.5) and a set logit scale and bias, as an `hf:` folder."""
-    import math
-
-    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel  # lazy: as above
 
     out = Path(out_dir)
     tok = _tiny_wordpiece(out, texts, context)
@@ -107,7 +104,7 @@ def make_tiny_hf_siglip(out_dir: str | Path, hidden: int = 32, image_size: int =
 
 def make_tiny_hf_siglip2_naflex(out_dir: str | Path, hidden: int = 32, seed: int = 0) -> Path:
     """A SigLIP 2 NaFlex `Siglip2Model` (variable patch counts per image): only its weights and config."""
-    from transformers import Siglip2Config, Siglip2Model
+    from transformers import Siglip2Config, Siglip2Model  # lazy: as above
 
     tower = {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 1, "num_attention_heads": 2}
     torch.manual_seed(seed)
@@ -180,9 +177,7 @@ def make_tiny_remote_code(out_dir: str | Path, style: str = "transformers", imag
                           texts: Sequence[str] = DEFAULT_TEXTS, seed: int = 0) -> Path:
     """A model folder whose config.json names its own code (auto_map -> modeling_tiny_dual.py in the folder), as
     hub models with remote code are published; `style` picks transformers' or open_clip's feature calls."""
-    import importlib.util
-
-    from transformers import CLIPImageProcessor
+    from transformers import CLIPImageProcessor  # lazy: as above
 
     out = Path(out_dir)
     tok = _tiny_wordpiece(out, texts, 16)
