@@ -1,4 +1,4 @@
-"""The house rules (DESIGN.md "Layout", issue 9), checked by an AST walk over every module of the four rooms.
+"""The house rules (docs/architecture.md, issue 9), checked by an AST walk over every module of the four rooms.
 
 (a) Imports run one way: `teachers` at the bottom imports none of the others; `cache` and `student` import only
     `teachers`; `distill` may import any; nothing imports `distill`. Every import counts, top-level or inside a

@@ -98,7 +98,8 @@ def _child_env() -> dict:
 LIBRARY_WRITES = textwrap.dedent("""
     import json, os, sys
     import numpy as np
-    from cache import h5_writer as W, segments as S
+    import cache.store.writer as W
+    import cache.store.segments as S
     from cache.store.schema import CacheError
     folder, out = sys.argv[1], {}
     def attempt(what, fn):
