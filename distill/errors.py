@@ -17,6 +17,7 @@ Exit codes (the convention of every `distill` command):
 An unexpected exception is a bug: its traceback is printed, then one line saying so (exit 3). `distill -v`
 re-raises every exception instead, so its traceback is shown.
 """
+
 from __future__ import annotations
 
 import errno
@@ -35,8 +36,16 @@ BUG = 3
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", -1)}
 _PERMISSION = {errno.EACCES, errno.EPERM}
 _TOO_MANY = {errno.EMFILE, errno.ENFILE}
-_SYSTEM = {errno.EIO, errno.EBUSY, errno.ESTALE, errno.ENODEV, errno.ENXIO, errno.ETIMEDOUT, errno.ENOMEM,
-           errno.EAGAIN}  # other errnos (EEXIST, ENAMETOOLONG, EINVAL...) are a wrong path: bad input
+_SYSTEM = {
+    errno.EIO,
+    errno.EBUSY,
+    errno.ESTALE,
+    errno.ENODEV,
+    errno.ENXIO,
+    errno.ETIMEDOUT,
+    errno.ENOMEM,
+    errno.EAGAIN,
+}  # other errnos (EEXIST, ENAMETOOLONG, EINVAL...) are a wrong path: bad input
 _ENVIRONMENT_ERRNOS = _NO_SPACE | _PERMISSION | _TOO_MANY | _SYSTEM | {errno.EROFS, errno.EFBIG}
 _ERRNO_IN_TEXT = re.compile(r"errno = (\d+),")
 _PATH_IN_TEXT = re.compile(r"(?:file)?name = '([^']+)'")
@@ -80,8 +89,8 @@ def _named_file(e: BaseException, fallback: str | None) -> str | None:
 
 def _errno(e: BaseException) -> int | None:
     """e.errno, or the `errno = N` HDF5 writes only into its message."""
-    if getattr(e, "errno", None) is not None:
-        return e.errno
+    if (code := getattr(e, "errno", None)) is not None:
+        return code
     found = _ERRNO_IN_TEXT.search(str(e))
     return int(found.group(1)) if found else None
 
@@ -104,22 +113,33 @@ def _os_error(e: OSError, file: str | None) -> Failure:
     code = _errno(e)
     if code in _NO_SPACE:
         what = " (disk quota exceeded)" if code == getattr(errno, "EDQUOT", None) else ""
-        return Failure(f"no space left on device{what} writing{where or ' a file'}: free space (or write "
-                       f"elsewhere) and rerun the same command; work already committed is kept", ENVIRONMENT)
+        return Failure(
+            f"no space left on device{what} writing{where or ' a file'}: free space (or write "
+            f"elsewhere) and rerun the same command; work already committed is kept",
+            ENVIRONMENT,
+        )
     if code in _PERMISSION:
-        return Failure(f"permission denied:{where or ' a file'}: check its permissions and owner (or use "
-                       f"another path), then rerun", ENVIRONMENT)
+        return Failure(
+            f"permission denied:{where or ' a file'}: check its permissions and owner (or use "
+            f"another path), then rerun",
+            ENVIRONMENT,
+        )
     if code == errno.EFBIG:
-        return Failure(f"file too large:{where or ' a file'} reached the file-size limit (ulimit -f) or the file "
-                       f"system's largest file: raise the limit or write elsewhere, then rerun the same command",
-                       ENVIRONMENT)
+        return Failure(
+            f"file too large:{where or ' a file'} reached the file-size limit (ulimit -f) or the file "
+            f"system's largest file: raise the limit or write elsewhere, then rerun the same command",
+            ENVIRONMENT,
+        )
     if code == errno.EROFS:
-        return Failure(f"read-only file system:{where or ' a file'} cannot be written: write to a writable "
-                       f"folder, then rerun", ENVIRONMENT)
+        return Failure(
+            f"read-only file system:{where or ' a file'} cannot be written: write to a writable folder, then rerun",
+            ENVIRONMENT,
+        )
     if code in _TOO_MANY:
         named = f" (opening {e.filename})" if e.filename else ""  # not the fallback: any file may be the one
-        return Failure(f"too many open files{named}: raise the limit "
-                       f"(ulimit -n) or lower --num-workers, then rerun", ENVIRONMENT)
+        return Failure(
+            f"too many open files{named}: raise the limit (ulimit -n) or lower --num-workers, then rerun", ENVIRONMENT
+        )
     if code == errno.EISDIR:
         return Failure(f"{file or 'a path'} is a directory, not a file: give the file's path", BAD_INPUT)
     if code == errno.ENOTDIR:
@@ -130,13 +150,19 @@ def _os_error(e: OSError, file: str | None) -> Failure:
     if code is None:  # h5py and friends: a file that is there but is not what it should be
         text = one_line(str(e))
         if file and file not in text:
-            return Failure(f"{file} cannot be read ({text}): it is truncated, damaged or not the expected "
-                           f"format; restore it or make it again", BAD_INPUT)
+            return Failure(
+                f"{file} cannot be read ({text}): it is truncated, damaged or not the expected "
+                f"format; restore it or make it again",
+                BAD_INPUT,
+            )
         return Failure(text, BAD_INPUT)
     name = errno.errorcode.get(code, str(code))
     if code in _SYSTEM:
-        return Failure(f"{reason}{':' + where if file else ''} ({name}): the disk, network file system or machine "
-                       f"failed; check it and rerun the same command", ENVIRONMENT)
+        return Failure(
+            f"{reason}{':' + where if file else ''} ({name}): the disk, network file system or machine "
+            f"failed; check it and rerun the same command",
+            ENVIRONMENT,
+        )
     if code == errno.EEXIST:
         return Failure(f"{file or 'a path'} already exists: choose another path (or move it away)", BAD_INPUT)
     return Failure(f"{reason}{':' + where if file else ''} ({name}): check the path and rerun", BAD_INPUT)
@@ -147,14 +173,17 @@ def describe(e: BaseException, file: str | None = None) -> Failure | None:
 
     `file`: the command's own file (its HDF5 argument), named when the error text carries no path.
     """
+    # our own messages, already naming the file
+    ours: tuple[type[Exception], ...] = (ValueError,)
     if "cache" in sys.modules:  # else none of cache's errors can have been raised, and importing cache costs torch
-        from cache.sources.corpus import BadSampleError
+        from cache.sources.corpus import BadSampleError  # lazy: a config or SPEC typo answers in about a second
         from cache.store.schema import CacheError
-    else:
-        BadSampleError = CacheError = ValueError  # noqa: N806  (a config or SPEC typo answers in about a second)
+
+        ours = (ValueError, CacheError, BadSampleError)
 
     if "torch.distributed" in sys.modules:  # another rank of the job died (cache.build.dist.lost_peer)
-        from cache.build.dist import lost_peer
+        from cache.build.dist import lost_peer  # lazy: importing cache costs torch
+
         if (lost := lost_peer(e)) is not None:
             return Failure(lost, ENVIRONMENT, abandon=True)
     if isinstance(e, OSError):
@@ -163,18 +192,28 @@ def describe(e: BaseException, file: str | None = None) -> Failure | None:
         return _os_error(e, _named_file(e, file))
     if isinstance(e, KeyError):
         return Failure(one_line(e.args[0] if e.args else repr(e)), BAD_INPUT)
-    if isinstance(e, (ValueError, CacheError, BadSampleError)):  # our own messages, already naming the file
+    if isinstance(e, ours):
         return Failure(one_line(str(e)) or type(e).__name__, ENVIRONMENT if _environment_cause(e) else BAD_INPUT)
     if type(e).__name__ == "SafetensorError":  # the loading sites name the file; this is the last resort
-        return Failure(f"a safetensors file is damaged (truncated or not safetensors: {one_line(str(e))}): "
-                       "rerun with -v to see which, then make it again", BAD_INPUT)
+        return Failure(
+            f"a safetensors file is damaged (truncated or not safetensors: {one_line(str(e))}): "
+            "rerun with -v to see which, then make it again",
+            BAD_INPUT,
+        )
     if isinstance(e, pickle.UnpicklingError):
         first = (str(e).strip().splitlines() or ["refused"])[0]
-        return Failure(f"refused to unpickle a file (only plain tensors are loaded: {first}): rerun with -v to "
-                       "see which; do not load files from untrusted sources", BAD_INPUT)
-    if isinstance(e, RuntimeError) and (code := _errno(e)) in _ENVIRONMENT_ERRNOS:  # h5py: "... errno = 28, ..."
+        return Failure(
+            f"refused to unpickle a file (only plain tensors are loaded: {first}): rerun with -v to "
+            "see which; do not load files from untrusted sources",
+            BAD_INPUT,
+        )
+    # h5py's RuntimeError carries the errno in its text: "... errno = 28, ..."
+    if isinstance(e, RuntimeError) and (code := _errno(e)) is not None and code in _ENVIRONMENT_ERRNOS:
         return _os_error(OSError(code, os.strerror(code)), _named_file(e, file))
     if isinstance(e, RuntimeError) and any(s in str(e) for s in _FAILED_SAVE):
-        return Failure(f"writing a file failed ({one_line(str(e))}): the disk is probably full or not writable; "
-                       "free space and rerun the same command (work already committed is kept)", ENVIRONMENT)
+        return Failure(
+            f"writing a file failed ({one_line(str(e))}): the disk is probably full or not writable; "
+            "free space and rerun the same command (work already committed is kept)",
+            ENVIRONMENT,
+        )
     return None

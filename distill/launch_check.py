@@ -8,23 +8,31 @@ How the request is seen: torchrun and `accelerate launch --multi_gpu` export WOR
 accelerate's simple launcher exports only MASTER_ADDR/MASTER_PORT when given --num_processes > 1 (not the number),
 so the number is read from the launcher's command line (the parent process, on Linux) when it is there.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
-CPU_RECIPE = ("on CPU start N processes with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N "
-              "-m distill.train ...` or `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m distill.train ...` "
-              "(docs/multi-gpu.md)")
+CPU_RECIPE = (
+    "on CPU start N processes with `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N "
+    "-m distill.train ...` or `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m distill.train ...` "
+    "(docs/multi-gpu.md)"
+)
 _SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 def _flag_value(argv: Sequence[str], names: Sequence[str]) -> int | None:
     for i, a in enumerate(argv):
         for name in names:
-            text = argv[i + 1] if a == name and i + 1 < len(argv) else a[len(name) + 1:] if a.startswith(
-                name + "=") else None
+            text = (
+                argv[i + 1]
+                if a == name and i + 1 < len(argv)
+                else a[len(name) + 1 :]
+                if a.startswith(name + "=")
+                else None
+            )
             if text is not None:
                 try:
                     return int(text)
@@ -53,13 +61,14 @@ def requested_processes(env: Mapping[str, str], launcher_argv: Sequence[str]) ->
             continue
         return n
     if env.get("MASTER_ADDR") and "LOCAL_RANK" not in env and "RANK" not in env:
-        n = _flag_value(launcher_argv, ("--num_processes", "--num-processes"))
-        return n if n is not None else 2
+        flag = _flag_value(launcher_argv, ("--num_processes", "--num-processes"))
+        return flag if flag is not None else 2
     return None
 
 
-def process_mismatch(seen: int, env: Mapping[str, str] | None = None,
-                     launcher_argv: Sequence[str] | None = None) -> str | None:
+def process_mismatch(
+    seen: int, env: Mapping[str, str] | None = None, launcher_argv: Sequence[str] | None = None
+) -> str | None:
     """The warning when more processes were asked for than the trainer sees (`seen`), else None."""
     env = os.environ if env is None else env
     argv = parent_cmdline() if launcher_argv is None else list(launcher_argv)
@@ -69,6 +78,8 @@ def process_mismatch(seen: int, env: Mapping[str, str] | None = None,
     sized = any(v in env for v in _SIZE_VARS)
     known = sized or _flag_value(argv, ("--num_processes", "--num-processes")) is not None
     cpu = str(env.get("ACCELERATE_USE_CPU", "")).lower() in ("1", "true", "yes") and not sized
-    return (f"{asked if known else 'several'} processes were asked for, but this trainer sees {seen}"
-            f"{' (`accelerate launch --cpu` always starts one)' if cpu else ''}: it trains as a {seen}-process "
-            f"run; {CPU_RECIPE}")
+    return (
+        f"{asked if known else 'several'} processes were asked for, but this trainer sees {seen}"
+        f"{' (`accelerate launch --cpu` always starts one)' if cpu else ''}: it trains as a {seen}-process "
+        f"run; {CPU_RECIPE}"
+    )

@@ -3,9 +3,10 @@ shown, libraries' INFO lines (open_clip's root-logger chatter, accelerate's one 
 `-v`, which shows everything at DEBUG on stderr.
 
 Why our INFO lines go to stdout and only warnings and errors to stderr: a command that fails prints exactly one
-line on stderr, its error (RELIABILITY.md), so a script or a user reading stderr sees the failure and nothing else;
+line on stderr, its error (docs/reliability.md), so a script or a user reading stderr sees the failure and nothing else;
 stdout already carries what a run did (its summary, the result line of `distill train`).
 """
+
 from __future__ import annotations
 
 import logging

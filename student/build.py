@@ -5,14 +5,16 @@ text_cfg.hf_model_name)`, so that config must live on disk. `build_student` writ
 (`open_clip_config.json`, the BERT `config.json`, the tokenizer files) into `out_dir` and points
 `hf_model_name`/`hf_tokenizer_name` at it; `student.export` later adds the weights and the model card.
 """
+
 from __future__ import annotations
 
 import copy
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,8 +25,17 @@ log = logging.getLogger(__name__)
 
 SPEC_PREFIXES = ("hf-hub:", "local-dir:")
 # open_clip model_cfg top-level keys (CustomTextCLIP/CLIP constructor arguments) an override may set.
-MODEL_CFG_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
-                  "nonscalar_logit_scale", "output_dict", "custom_text"}
+MODEL_CFG_KEYS = {
+    "embed_dim",
+    "vision_cfg",
+    "text_cfg",
+    "quick_gelu",
+    "init_logit_scale",
+    "init_logit_bias",
+    "nonscalar_logit_scale",
+    "output_dict",
+    "custom_text",
+}
 
 
 @dataclass(frozen=True)
@@ -54,8 +65,9 @@ def _deep_merge(base: dict, overlay: dict) -> dict:
     return out
 
 
-def apply_overrides(model_cfg: dict, text_config: dict, preprocess_cfg: dict,
-                    overrides: dict[str, Any]) -> tuple[dict, dict, dict]:
+def apply_overrides(
+    model_cfg: dict, text_config: dict, preprocess_cfg: dict, overrides: dict[str, Any]
+) -> tuple[dict, dict, dict]:
     """Merge `build_student(**overrides)` into the three configs.
 
     Keys: any open_clip model_cfg key (`embed_dim`, `vision_cfg={...}`, `text_cfg={...}`; dicts merge),
@@ -77,17 +89,22 @@ def apply_overrides(model_cfg: dict, text_config: dict, preprocess_cfg: dict,
         elif key == "context_length":
             model_cfg["text_cfg"][key] = value
         elif key in MODEL_CFG_KEYS:
-            model_cfg[key] = _deep_merge(model_cfg[key], value) if isinstance(value, dict) and isinstance(
-                model_cfg.get(key), dict) else value
+            model_cfg[key] = (
+                _deep_merge(model_cfg[key], value)
+                if isinstance(value, dict) and isinstance(model_cfg.get(key), dict)
+                else value
+            )
         else:
-            raise ValueError(f"unknown student override {key!r}; known: text_config, preprocess_cfg, image_size, "
-                             f"context_length, patch_dropout, {', '.join(sorted(MODEL_CFG_KEYS))}")
+            raise ValueError(
+                f"unknown student override {key!r}; known: text_config, preprocess_cfg, image_size, "
+                f"context_length, patch_dropout, {', '.join(sorted(MODEL_CFG_KEYS))}"
+            )
     return model_cfg, text_config, preprocess_cfg
 
 
 def write_text_config(text_config: dict[str, Any], out_dir: str | Path) -> Path:
     """Write the HF text tower's `config.json` (e.g. a BertConfig) into `out_dir`; return the file."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # lazy: transformers costs seconds
 
     kw = dict(text_config)
     model_type = kw.pop("model_type", "bert")
@@ -100,7 +117,7 @@ def write_text_config(text_config: dict[str, Any], out_dir: str | Path) -> Path:
 
 def _load_hf_tokenizer(preset: StudentPreset, tokenizer_dir: str | Path | None):
     """The transformers tokenizer for a preset: `tokenizer_dir`, else the preset's hub tokenizer if cached."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers costs seconds
 
     if tokenizer_dir is not None:
         path = Path(tokenizer_dir)
@@ -109,8 +126,10 @@ def _load_hf_tokenizer(preset: StudentPreset, tokenizer_dir: str | Path | None):
         try:
             return AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: not a Hugging Face tokenizer folder ({e}); make one with "
-                             f"`distill tokenizer --data CORPUS --vocab-size N --out DIR`") from e
+            raise ValueError(
+                f"{path}: not a Hugging Face tokenizer folder ({e}); make one with "
+                f"`distill tokenizer --data CORPUS --vocab-size N --out DIR`"
+            ) from e
     if preset.tokenizer_hub_id:
         try:
             return AutoTokenizer.from_pretrained(preset.tokenizer_hub_id, local_files_only=True)
@@ -118,9 +137,12 @@ def _load_hf_tokenizer(preset: StudentPreset, tokenizer_dir: str | Path | None):
             raise ValueError(
                 f"preset {preset.name!r} uses the tokenizer {preset.tokenizer_hub_id}, which is not in the local "
                 f"Hugging Face cache ({type(e).__name__}); pass tokenizer_dir= (train one with `distill tokenizer`) "
-                f"or download that tokenizer first") from e
-    raise ValueError(f"preset {preset.name!r} has no tokenizer of its own: pass tokenizer_dir= "
-                     f"(train one with `distill tokenizer --data CORPUS --vocab-size N --out DIR`)")
+                f"or download that tokenizer first"
+            ) from e
+    raise ValueError(
+        f"preset {preset.name!r} has no tokenizer of its own: pass tokenizer_dir= "
+        f"(train one with `distill tokenizer --data CORPUS --vocab-size N --out DIR`)"
+    )
 
 
 def instantiate(model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any] | None = None) -> nn.Module:
@@ -129,7 +151,7 @@ def instantiate(model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any] | None
     Same class choice as `open_clip.create_model`: CustomTextCLIP for an HF text tower, CLIP otherwise.
     Refuses a timm tower whose trunk would not use `vision_cfg.image_size` (open_clip 3.3 ignores it).
     """
-    from open_clip import CLIP, CustomTextCLIP
+    from open_clip import CLIP, CustomTextCLIP  # lazy: open_clip costs seconds
     from open_clip.model import set_model_preprocess_cfg
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
@@ -150,7 +172,8 @@ def instantiate(model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any] | None
             raise ValueError(
                 f"timm tower {vision['timm_model_name']} runs at {tuple(trunk_size)} but vision_cfg.image_size is "
                 f"{want}: open_clip ignores image_size for timm towers, so such a model would not load in stock "
-                f"open_clip; use a timm model made for that size, or open_clip's own ViT (like the tiny preset)")
+                f"open_clip; use a timm model made for that size, or open_clip's own ViT (like the tiny preset)"
+            )
     pp = merge_preprocess_dict(asdict(PreprocessCfg()), preprocess_cfg or {})
     if getattr(model.visual, "image_size", None) is not None:
         pp["size"] = model.visual.image_size
@@ -160,7 +183,8 @@ def instantiate(model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any] | None
 
 def _write_open_clip_config(out_dir: Path, model_cfg: dict, preprocess_cfg: dict) -> None:
     (out_dir / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2) + "\n")
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2) + "\n"
+    )
 
 
 def name_text_tower(model_cfg: dict, name: str) -> dict:
@@ -182,15 +206,18 @@ def _point_text_at(model_cfg: dict, folder: Path) -> dict:
 
 def _build_from_preset(preset: StudentPreset, out: Path, tokenizer_dir, overrides: dict):
     model_cfg, text_config, preprocess_cfg = apply_overrides(
-        preset.model_cfg, preset.text_config, preset.preprocess_cfg, overrides)
+        preset.model_cfg, preset.text_config, preset.preprocess_cfg, overrides
+    )
     tok = _load_hf_tokenizer(preset, tokenizer_dir)
     text_config["vocab_size"] = len(tok)
     if tok.pad_token_id is not None:
         text_config["pad_token_id"] = tok.pad_token_id
     ctx = model_cfg["text_cfg"]["context_length"]
     if text_config.get("max_position_embeddings", ctx) < ctx:
-        raise ValueError(f"context_length {ctx} exceeds the text tower's max_position_embeddings "
-                         f"{text_config['max_position_embeddings']}; raise text_config.max_position_embeddings")
+        raise ValueError(
+            f"context_length {ctx} exceeds the text tower's max_position_embeddings "
+            f"{text_config['max_position_embeddings']}; raise text_config.max_position_embeddings"
+        )
     out.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(out))
     write_text_config(text_config, out)
@@ -202,22 +229,22 @@ def _build_from_preset(preset: StudentPreset, out: Path, tokenizer_dir, override
 def _read_spec_config(spec: str) -> tuple[dict, dict, str | None]:
     """(model_cfg, preprocess_cfg, local folder or None) of an `hf-hub:`/`local-dir:` model."""
     if spec.startswith("local-dir:"):
-        folder = Path(spec[len("local-dir:"):])
+        folder = Path(spec[len("local-dir:") :])
         cfg_file = folder / "open_clip_config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{cfg_file} not found: a local-dir: model folder needs open_clip_config.json")
         cfg = json.loads(cfg_file.read_text())
         return cfg["model_cfg"], cfg.get("preprocess_cfg", {}), str(folder)
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # lazy: huggingface_hub only when a hub file is needed
 
-    cfg = json.loads(Path(hf_hub_download(spec[len("hf-hub:"):], "open_clip_config.json")).read_text())
+    cfg = json.loads(Path(hf_hub_download(spec[len("hf-hub:") :], "open_clip_config.json")).read_text())
     return cfg["model_cfg"], cfg.get("preprocess_cfg", {}), None
 
 
 def _build_from_spec(spec: str, out: Path, overrides: dict):
-    import open_clip
+    import open_clip  # lazy: open_clip costs seconds
 
-    from teachers.open_clip_teacher import local_dir_overrides
+    from teachers.open_clip_teacher import local_dir_overrides  # lazy: it imports torchvision (about a second)
 
     source_cfg, preprocess_cfg, folder = _read_spec_config(spec)
     base = _deep_merge(source_cfg, local_dir_overrides(folder) if folder else {})
@@ -238,8 +265,9 @@ def _build_from_spec(spec: str, out: Path, overrides: dict):
     return model, model_cfg
 
 
-def build_student(preset_or_spec: str, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-                  **overrides: Any) -> StudentBundle:
+def build_student(
+    preset_or_spec: str, out_dir: str | Path, tokenizer_dir: str | Path | None = None, **overrides: Any
+) -> StudentBundle:
     """Build the student and write its weightless folder into `out_dir` (e.g. RUN/student-config).
 
     `preset_or_spec`: a preset name (`biomedclip`, `biomedclip-small`, `tiny`; random init, deterministic
@@ -247,7 +275,7 @@ def build_student(preset_or_spec: str, out_dir: str | Path, tokenizer_dir: str |
     `tokenizer_dir`: a Hugging Face tokenizer folder (`distill tokenizer`); the BERT vocab size follows it.
     `overrides`: see `apply_overrides` (e.g. `embed_dim=256`, `patch_dropout=0.5`, `text_config={...}`).
     """
-    import open_clip
+    import open_clip  # lazy: open_clip costs seconds
     from open_clip.model import get_model_preprocess_cfg
 
     out = Path(out_dir)
@@ -255,17 +283,31 @@ def build_student(preset_or_spec: str, out_dir: str | Path, tokenizer_dir: str |
         model, model_cfg = _build_from_preset(PRESETS.get(preset_or_spec), out, tokenizer_dir, overrides)
     elif preset_or_spec.startswith(SPEC_PREFIXES):
         if tokenizer_dir is not None:
-            raise ValueError(f"tokenizer_dir= cannot be used with the pretrained SPEC {preset_or_spec!r}: its "
-                             f"text tower was trained with its own tokenizer, which comes with it")
+            raise ValueError(
+                f"tokenizer_dir= cannot be used with the pretrained SPEC {preset_or_spec!r}: its "
+                f"text tower was trained with its own tokenizer, which comes with it"
+            )
         model, model_cfg = _build_from_spec(preset_or_spec, out, overrides)
     else:
         try:
             PRESETS.get(preset_or_spec)
         except KeyError as e:
-            raise ValueError(f"{e.args[0]}; or give a SPEC starting with {' or '.join(SPEC_PREFIXES)} "
-                             f"to start from pretrained weights") from None
+            raise ValueError(
+                f"{e.args[0]}; or give a SPEC starting with {' or '.join(SPEC_PREFIXES)} "
+                f"to start from pretrained weights"
+            ) from None
     tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
-    log.info("built student %s in %s (%.1fM parameters)", preset_or_spec, out,
-             sum(p.numel() for p in model.parameters()) / 1e6)
-    return StudentBundle(model=model, model_cfg=model_cfg, preprocess_cfg=dict(get_model_preprocess_cfg(model)),
-                         tokenizer=tokenizer, student_dir=out, source=preset_or_spec)
+    log.info(
+        "built student %s in %s (%.1fM parameters)",
+        preset_or_spec,
+        out,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+    )
+    return StudentBundle(
+        model=model,
+        model_cfg=model_cfg,
+        preprocess_cfg=dict(get_model_preprocess_cfg(model)),
+        tokenizer=tokenizer,
+        student_dir=out,
+        source=preset_or_spec,
+    )

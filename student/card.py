@@ -5,13 +5,15 @@ The card's facts come typed (`ModelCard`, filled by `student.export` from the ru
 never absolute: the card travels with its folder, so teacher folders and the corpus are named, not located
 (`student.shown_paths`).
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from student.shown_paths import shown_if_absolute, shown_spec
 
@@ -100,36 +102,65 @@ def _architecture(model_cfg: Mapping, text_config: Mapping | None, n_params: int
     if "timm_model_name" in v:
         image = f"timm `{v['timm_model_name']}` ({v.get('image_size', 224)} px)"
     else:
-        image = (f"open_clip ViT: {v.get('layers')} layers, width {v.get('width')}, patch {v.get('patch_size')}, "
-                 f"{v.get('image_size')} px")
+        image = (
+            f"open_clip ViT: {v.get('layers')} layers, width {v.get('width')}, patch {v.get('patch_size')}, "
+            f"{v.get('image_size')} px"
+        )
     if text_config:
-        text = (f"{text_config.get('model_type', 'bert').upper()}: {text_config.get('num_hidden_layers')} layers, "
-                f"hidden {text_config.get('hidden_size')}, vocab {text_config.get('vocab_size')}, "
-                f"pooler `{t.get('hf_pooler_type')}`, projection `{t.get('hf_proj_type')}`")
+        text = (
+            f"{text_config.get('model_type', 'bert').upper()}: {text_config.get('num_hidden_layers')} layers, "
+            f"hidden {text_config.get('hidden_size')}, vocab {text_config.get('vocab_size')}, "
+            f"pooler `{t.get('hf_pooler_type')}`, projection `{t.get('hf_proj_type')}`"
+        )
     else:
         text = f"open_clip text transformer: {t.get('layers')} layers, width {t.get('width')}"
-    rows = [("image tower", image), ("text tower", text), ("embedding dim", model_cfg.get("embed_dim")),
-            ("context length", t.get("context_length"))]
+    rows = [
+        ("image tower", image),
+        ("text tower", text),
+        ("embedding dim", model_cfg.get("embed_dim")),
+        ("context length", t.get("context_length")),
+    ]
     if n_params:
         rows.append(("parameters", f"{n_params / 1e6:.1f}M"))
     return ["| | |", "|---|---|"] + [f"| {k} | {val} |" for k, val in rows]
 
 
-def make_model_card(card: ModelCard | None, model_cfg: Mapping[str, Any],
-                    text_config: Mapping[str, Any] | None = None, n_params: int | None = None,
-                    folder_name: str = "STUDENT_DIR") -> str:
+def make_model_card(
+    card: ModelCard | None,
+    model_cfg: Mapping[str, Any],
+    text_config: Mapping[str, Any] | None = None,
+    n_params: int | None = None,
+    folder_name: str = "STUDENT_DIR",
+) -> str:
     """README.md text for the export folder named `folder_name` (the usage block names it, relatively)."""
     card = card or ModelCard()
-    lines = ["---", "library_name: open_clip", "pipeline_tag: zero-shot-image-classification",
-             "tags:", "- clip", "- biomedical", "- knowledge-distillation", "---", "", f"# {card.name}", "",
-             "A CLIP model with the BiomedCLIP architecture (timm/open_clip ViT image tower, BERT text tower), "
-             "trained with biomed-distill" + (f" from `{shown_spec(card.source)}`." if card.source else "."), "",
-             "## Architecture", "", *_architecture(model_cfg, text_config, n_params), ""]
+    lines = [
+        "---",
+        "library_name: open_clip",
+        "pipeline_tag: zero-shot-image-classification",
+        "tags:",
+        "- clip",
+        "- biomedical",
+        "- knowledge-distillation",
+        "---",
+        "",
+        f"# {card.name}",
+        "",
+        "A CLIP model with the BiomedCLIP architecture (timm/open_clip ViT image tower, BERT text tower), "
+        "trained with biomed-distill" + (f" from `{shown_spec(card.source)}`." if card.source else "."),
+        "",
+        "## Architecture",
+        "",
+        *_architecture(model_cfg, text_config, n_params),
+        "",
+    ]
     lines += ["## Teachers", ""]
     if card.teachers:
         lines += ["| teacher | spec | weight |", "|---|---|---|"]
-        lines += [f"| {t.name} | `{shown_spec(t.spec) if t.spec else ''}` | {'' if t.weight is None else t.weight} |"
-                  for t in card.teachers]
+        lines += [
+            f"| {t.name} | `{shown_spec(t.spec) if t.spec else ''}` | {'' if t.weight is None else t.weight} |"
+            for t in card.teachers
+        ]
     else:
         lines.append("None recorded (contrastive training only).")
     corpus = shown_if_absolute(card.corpus) if card.corpus else None
@@ -154,15 +185,36 @@ def usage_section(folder_name: str | None = None, hub_repo: str | None = None) -
     """The card's `## Usage` lines: for this export folder (named relatively), or for the Hub repo `hub_repo`."""
     if hub_repo:
         spec = f"hf-hub:{hub_repo}"
-        return ["", "## Usage", "", "```python", "import open_clip", "",
-                f'model, _, preprocess = open_clip.create_model_and_transforms("{spec}")',
-                f'tokenizer = open_clip.get_tokenizer("{spec}")', "```", ""]
-    return ["", "## Usage", "", "```python", "import open_clip", "",
-            f'student_dir = "{folder_name}"  # this folder, relative to where you run Python',
-            'model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{student_dir}")',
-            'tokenizer = open_clip.get_tokenizer(f"local-dir:{student_dir}")',
-            "", "# after moving or copying the folder (offline):", "from student import load_student", "",
-            "model, preprocess, tokenizer = load_student(student_dir)", "```", ""]
+        return [
+            "",
+            "## Usage",
+            "",
+            "```python",
+            "import open_clip",
+            "",
+            f'model, _, preprocess = open_clip.create_model_and_transforms("{spec}")',
+            f'tokenizer = open_clip.get_tokenizer("{spec}")',
+            "```",
+            "",
+        ]
+    return [
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "import open_clip",
+        "",
+        f'student_dir = "{folder_name}"  # this folder, relative to where you run Python',
+        'model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{student_dir}")',
+        'tokenizer = open_clip.get_tokenizer(f"local-dir:{student_dir}")',
+        "",
+        "# after moving or copying the folder (offline):",
+        "from student import load_student",
+        "",
+        "model, preprocess, tokenizer = load_student(student_dir)",
+        "```",
+        "",
+    ]
 
 
 def card_for_hub(card_text: str, repo: str) -> str:

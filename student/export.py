@@ -1,10 +1,11 @@
 """Export a trained student as an open_clip `local-dir:` folder, load it back anywhere, publish it.
 
-Layout (DESIGN.md "Student export"): `open_clip_config.json`, `open_clip_model.safetensors` (student only,
+Layout (docs/architecture.md "File formats"): `open_clip_config.json`, `open_clip_model.safetensors` (student only,
 never the projection heads or optimizer state), the tokenizer files, the text tower's `config.json` and a
 `README.md` model card. Stock open_clip loads it from where it was written; `load_student` loads it after
 the folder was moved, by pointing the text tower at the `config.json` inside it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,26 +23,32 @@ from torch import nn
 
 from student.build import instantiate, name_text_tower
 from student.card import CardTeacher, ModelCard, card_for_hub, make_model_card, read_report
-from student.run_files import (STUDENT_CONFIG_DIR,
-                              RunMeta,
-                              TRAIN_STATE_FILE,
-                              read_run_meta,
-                              read_train_state,
-                              student_config_dir)
+from student.checkpoint_read import (
+    CONFIG_NAME,
+    checkpoint_step,
+    load_training_state,
+    resolve_checkpoint,
+    weights_file,
+)
+from student.run_files import (
+    RunMeta,
+    read_run_meta,
+    read_train_state,
+    student_config_dir,
+)
+from teachers.open_clip_teacher import create_open_clip, local_dir_overrides
+from teachers.spec import parse_spec
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "open_clip_model.safetensors"
-CONFIG_NAME = "open_clip_config.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {folder} is not a student folder (made by build_student "
-                                f"or export)")
+        raise FileNotFoundError(f"{path} not found: {folder} is not a student folder (made by build_student or export)")
     try:
         cfg = json.loads(path.read_text())
         cfg["model_cfg"]["text_cfg"]
@@ -55,8 +62,16 @@ def _text_config(folder: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-_TEXT_SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "intermediate_size", "max_position_embeddings", "type_vocab_size")
+_TEXT_SHAPE_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+)
 
 
 def check_hub_text_config(hub_id: str, student_dir: Path) -> None:
@@ -69,21 +84,27 @@ def check_hub_text_config(hub_id: str, student_dir: Path) -> None:
     ours_file = student_dir / "config.json"
     if not ours_file.is_file():
         return
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # lazy: transformers costs seconds
 
     try:
         theirs = AutoConfig.from_pretrained(hub_id, local_files_only=True).to_dict()
     except (OSError, ValueError):
-        log.warning("text_config_from_hub %s: its config is not available offline, so it cannot be checked here; "
-                    "make sure it equals %s (same architecture and vocabulary), or stock open_clip will fail to "
-                    "load the published student", hub_id, ours_file)
+        log.warning(
+            "text_config_from_hub %s: its config is not available offline, so it cannot be checked here; "
+            "make sure it equals %s (same architecture and vocabulary), or stock open_clip will fail to "
+            "load the published student",
+            hub_id,
+            ours_file,
+        )
         return
     ours = json.loads(ours_file.read_text())
     diff = {k: (ours.get(k), theirs.get(k)) for k in _TEXT_SHAPE_KEYS if ours.get(k) != theirs.get(k)}
     if diff:
-        raise ValueError(f"text_config_from_hub {hub_id!r} describes a different text tower than the student's "
-                         f"{ours_file} (student vs hub: {diff}); stock open_clip would build the wrong model. Name "
-                         f"the hub model the student's text tower came from, or leave the option out")
+        raise ValueError(
+            f"text_config_from_hub {hub_id!r} describes a different text tower than the student's "
+            f"{ours_file} (student vs hub: {diff}); stock open_clip would build the wrong model. Name "
+            f"the hub model the student's text tower came from, or leave the option out"
+        )
 
 
 def _student_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -91,8 +112,10 @@ def _student_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     sd = model.state_dict()
     bad = [k for k in sd if k.startswith(("heads.", "student."))]
     if bad:
-        raise ValueError(f"export_student needs the open_clip student itself, got a module with {bad[0]!r}; "
-                         f"pass the training module's .student")
+        raise ValueError(
+            f"export_student needs the open_clip student itself, got a module with {bad[0]!r}; "
+            f"pass the training module's .student"
+        )
     out, seen = {}, set()
     for k, v in sd.items():
         v = v.detach().cpu().contiguous()
@@ -102,8 +125,13 @@ def _student_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_student(model: nn.Module, student_dir: str | Path, out_dir: str | Path,
-                   card: ModelCard | None = None, text_config_from_hub: str | None = None) -> Path:
+def export_student(
+    model: nn.Module,
+    student_dir: str | Path,
+    out_dir: str | Path,
+    card: ModelCard | None = None,
+    text_config_from_hub: str | None = None,
+) -> Path:
     """Write the export folder for `model` (the open_clip student) built by `build_student` into `student_dir`.
 
     The folder is written beside `out_dir` under a temporary name and renamed into place once complete, so a
@@ -128,8 +156,11 @@ def export_student(model: nn.Module, student_dir: str | Path, out_dir: str | Pat
                 _write(stage / f.name, f.read_bytes(), out)
         _save_weights(sd, stage / WEIGHTS_NAME, out)
         _write(stage / CONFIG_NAME, (json.dumps(cfg, indent=2) + "\n").encode(), out)
-        _write(stage / "README.md", make_model_card(card, cfg["model_cfg"], _text_config(stage), n_params,
-                                                     folder_name=name).encode(), out)
+        _write(
+            stage / "README.md",
+            make_model_card(card, cfg["model_cfg"], _text_config(stage), n_params, folder_name=name).encode(),
+            out,
+        )
     log.info("exported student (%d tensors) to %s", len(sd), out)
     return out
 
@@ -185,6 +216,7 @@ _OS_ERROR = re.compile(r"os error (\d+)")
 def _save_weights(sd: dict[str, torch.Tensor], path: Path, out: Path) -> None:
     """safetensors' save_file; its I/O failures (a SafetensorError "... (os error 28)") become the OSError they
     are, naming the weights file, so that a full disk reads as one (exit 1), not as a damaged file."""
+    # late: tests/test_disk_full.py and test_cli_errors.py patch safetensors.torch.save_file at its source
     from safetensors.torch import save_file
 
     try:
@@ -199,94 +231,6 @@ def _save_weights(sd: dict[str, torch.Tensor], path: Path, out: Path) -> None:
         raise OSError(code, os.strerror(code), str(out / path.name)) from e
 
 
-def _checkpoint_step(ckpt: Path) -> int:
-    """The step recorded in the checkpoint, else the number in its folder name (an unfinished checkpoint)."""
-    try:
-        return read_train_state(ckpt).step
-    except (FileNotFoundError, ValueError):
-        m = re.search(r"(\d+)$", ckpt.name)
-        return int(m.group(1)) if m else -1
-
-
-FSDP_SHARDS = "pytorch_model_fsdp_0"  # Accelerate's sharded (SHARDED_STATE_DICT) model folder
-
-
-def _weights_file(folder: Path) -> Path | None:
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
-            return folder / name
-    if (folder / FSDP_SHARDS).is_dir():
-        return folder / FSDP_SHARDS
-    return None
-
-
-def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, Path]:
-    """(checkpoint folder, run folder) for a `checkpoint-STEP/` folder or a run folder (its newest checkpoint)."""
-    path = Path(checkpoint)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {path} not found (give RUN/checkpoint-STEP or a run folder)")
-    if _weights_file(path):
-        ckpt = path
-    else:
-        # checkpoint-STEP folders with weights (not a `.tmp` still being written); finished ones
-        # (train_state.json present) win over unfinished ones, then the highest step
-        cands = [d for d in path.iterdir() if d.is_dir() and re.fullmatch(r"checkpoint-\d+", d.name)
-                 and _weights_file(d)]
-        if not cands:
-            if re.fullmatch(r"checkpoint-\d+(\.tmp)?", path.name) or (path / TRAIN_STATE_FILE).is_file():
-                raise FileNotFoundError(f"{path / 'model.safetensors'} is missing: {path} is an incomplete checkpoint; "
-                                        f"export another checkpoint-STEP folder (or the run folder for the newest)")
-            raise FileNotFoundError(f"{path} holds neither model.safetensors nor checkpoint-STEP/ folders with one; "
-                                    f"give a checkpoint folder or a run folder")
-        ckpt = max(cands, key=lambda d: ((d / TRAIN_STATE_FILE).is_file(), _checkpoint_step(d)))
-    run = ckpt.parent
-    if not (student_config_dir(run) / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{student_config_dir(run) / CONFIG_NAME} not found: the run folder of {ckpt} must "
-                                f"hold the {STUDENT_CONFIG_DIR}/ folder written by distill train")
-    return ckpt, run
-
-
-def load_training_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The trained module's state dict from a checkpoint folder, with wrapper prefixes removed.
-
-    Nothing is unpickled beyond plain tensors; a damaged or refused file raises ValueError naming it.
-    """
-    f = _weights_file(ckpt)
-    if f is None:
-        raise FileNotFoundError(f"{ckpt / 'model.safetensors'} is missing: {ckpt} is not a complete checkpoint")
-    try:
-        sd = _read_weights(f)
-    except Exception as e:  # SafetensorError, UnpicklingError (a refused pickle), truncated files
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{f} cannot be read ({type(e).__name__}: {first}); it is damaged, truncated or holds "
-                         f"more than plain tensors; export another checkpoint") from e
-    clean = {}
-    for k, v in sd.items():
-        while k.startswith(_WRAPPER_PREFIXES):
-            k = k.split(".", 1)[1]
-        clean[k] = v
-    return clean
-
-
-def _read_weights(f: Path) -> dict[str, torch.Tensor]:
-    if f.name == FSDP_SHARDS:  # an FSDP run: merge the shards as `accelerate merge-weights` does
-        import tempfile
-
-        from accelerate.utils import merge_fsdp_weights
-        from safetensors.torch import load_file
-
-        with tempfile.TemporaryDirectory() as tmp:
-            merge_fsdp_weights(str(f), tmp, safe_serialization=True)
-            sd = load_file(str(Path(tmp) / "model.safetensors"))
-    elif f.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(f))
-    else:
-        sd = torch.load(f, map_location="cpu", weights_only=True)
-    return sd
-
-
 def card_from_run(run: Path, ckpt: Path, report: str | Path | None = None, name: str | None = None) -> ModelCard:
     """Model card facts from `run_meta.json`, the checkpoint's `train_state.json` and an eval report."""
     meta = read_run_meta(run) or RunMeta()
@@ -298,55 +242,68 @@ def card_from_run(run: Path, ckpt: Path, report: str | Path | None = None, name:
         name=name or "biomed-distill student",
         source=meta.student,
         teachers=tuple(CardTeacher(t, r.spec, r.weight) for t, r in meta.teachers.items()),
-        corpus=meta.corpus.path, corpus_size=meta.corpus.size,
-        steps=state.step if state else _checkpoint_step(ckpt),
+        corpus=meta.corpus.path,
+        corpus_size=meta.corpus.size,
+        steps=state.step if state else checkpoint_step(ckpt),
         samples_seen=state.samples_seen if state else None,
         final_losses=dict(state.last_losses) if state else {},
-        eval=read_report(report) if report is not None else None)
+        eval=read_report(report) if report is not None else None,
+    )
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, report: str | Path | None = None,
-                      text_config_from_hub: str | None = None, name: str | None = None) -> Path:
+def export_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    report: str | Path | None = None,
+    text_config_from_hub: str | None = None,
+    name: str | None = None,
+) -> Path:
     """`distill export`: the student of a training checkpoint (heads dropped) as an export folder.
 
     `name` titles the model card; by default the export folder's name (what the user called the model).
     """
-    from teachers.open_clip_teacher import local_dir_overrides
-
     ckpt, run = resolve_checkpoint(checkpoint)
     student_dir = student_config_dir(run)
     sd = load_training_state(ckpt)
-    student_sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
+    student_sd = {k[len("student.") :]: v for k, v in sd.items() if k.startswith("student.")}
     if not student_sd:
-        raise ValueError(f"{_weights_file(ckpt)}: no 'student.' keys (found e.g. {next(iter(sd), None)!r}); "
-                         f"expected the training module's state dict with student.* and heads.* keys")
+        raise ValueError(
+            f"{weights_file(ckpt)}: no 'student.' keys (found e.g. {next(iter(sd), None)!r}); "
+            f"expected the training module's state dict with student.* and heads.* keys"
+        )
     cfg = _read_config(student_dir)
     model_cfg = {**cfg["model_cfg"], **local_dir_overrides(student_dir)}
     model = instantiate(model_cfg, cfg.get("preprocess_cfg"))
     try:
         missing, unexpected = model.load_state_dict(student_sd, strict=False)
     except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"{_weights_file(ckpt)} does not match the student in {student_dir}: {e}") from e
+        raise ValueError(f"{weights_file(ckpt)} does not match the student in {student_dir}: {e}") from e
     if missing or unexpected:
-        raise ValueError(f"{_weights_file(ckpt)} does not match the student in {student_dir}: missing "
-                         f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                         f"{'...' if len(unexpected) > 5 else ''}")
+        raise ValueError(
+            f"{weights_file(ckpt)} does not match the student in {student_dir}: missing "
+            f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}"
+        )
     ignored = sorted({k.split(".")[0] for k in sd if not k.startswith("student.")})
-    log.info("exporting %s (step %s); not exported: %s", ckpt, _checkpoint_step(ckpt), ", ".join(ignored) or "-")
-    return export_student(model, student_dir, out_dir, card=card_from_run(run, ckpt, report, name or Path(out_dir).resolve().name),
-                          text_config_from_hub=text_config_from_hub)
+    log.info("exporting %s (step %s); not exported: %s", ckpt, checkpoint_step(ckpt), ", ".join(ignored) or "-")
+    return export_student(
+        model,
+        student_dir,
+        out_dir,
+        card=card_from_run(run, ckpt, report, name or Path(out_dir).resolve().name),
+        text_config_from_hub=text_config_from_hub,
+    )
 
 
 def load_student(path: str | Path, device: str | torch.device = "cpu"):
     """(model, preprocess, tokenizer) of an exported student, wherever the folder now lives; model in eval mode."""
-    from teachers.open_clip_teacher import create_open_clip
-    from teachers.spec import parse_spec
-
     folder = Path(path)
     _read_config(folder)
     if not (folder / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(f"{folder / WEIGHTS_NAME} not found: {folder} has no weights (a run's student/ "
-                                f"folder is not an export; run `distill export CHECKPOINT --out DIR`)")
+        raise FileNotFoundError(
+            f"{folder / WEIGHTS_NAME} not found: {folder} has no weights (a run's student/ "
+            f"folder is not an export; run `distill export CHECKPOINT --out DIR`)"
+        )
     model, preprocess, tokenizer = create_open_clip(parse_spec(f"local-dir:{folder}"), device)
     model.eval()
     return model, preprocess, tokenizer
@@ -366,20 +323,23 @@ def stage_for_hub(path: str | Path, repo: str, staged: str | Path) -> Path:
     shutil.copytree(folder, staged)
     name = cfg["model_cfg"]["text_cfg"].get("hf_model_name")
     if name is not None and (name == "." or Path(name).is_absolute() or Path(name).exists()):  # not a hub id
-        (staged / CONFIG_NAME).write_text(json.dumps({**cfg, "model_cfg": name_text_tower(cfg["model_cfg"], repo)}, indent=2) + "\n")
+        (staged / CONFIG_NAME).write_text(
+            json.dumps({**cfg, "model_cfg": name_text_tower(cfg["model_cfg"], repo)}, indent=2) + "\n"
+        )
     card = staged / "README.md"
     if card.is_file():
         card.write_text(card_for_hub(card.read_text(), repo))
     return staged
 
 
-def push_to_hub(path: str | Path, repo: str, private: bool = False,
-                commit_message: str = "Upload biomed-distill student") -> str:
+def push_to_hub(
+    path: str | Path, repo: str, private: bool = False, commit_message: str = "Upload biomed-distill student"
+) -> str:
     """Upload an export to the Hugging Face Hub so `open_clip.create_model("hf-hub:REPO")` works for anyone.
 
     Needs a network and a token (`huggingface-cli login` or HF_TOKEN); see `stage_for_hub` for what is uploaded.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # lazy: huggingface_hub only when a hub file is needed
 
     with tempfile.TemporaryDirectory() as tmp:
         staged = stage_for_hub(path, repo, Path(tmp) / "export")

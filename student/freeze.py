@@ -5,11 +5,13 @@ needs arch metadata BERT lacks in open_clip 3.3, and neither returns what it fro
 explicit, both ViT kinds (timm and open_clip's own) and both text kinds (HF BERT and open_clip's) are
 covered, and every function returns the parameter names it touched so tests and logs can check them.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any
 
 from torch import nn
 
@@ -30,9 +32,12 @@ class ParamSummary:
     def __str__(self) -> str:
         def pct(a: int, b: int) -> str:
             return f"{a / 1e6:.2f}M/{b / 1e6:.2f}M ({100 * a / max(b, 1):.0f}%)"
-        return (f"trainable parameters: {pct(self.trainable, self.total)}; image tower "
-                f"{pct(self.image_trainable, self.image_total)}; "
-                f"text tower {pct(self.text_trainable, self.text_total)}")
+
+        return (
+            f"trainable parameters: {pct(self.trainable, self.total)}; image tower "
+            f"{pct(self.image_trainable, self.image_total)}; "
+            f"text tower {pct(self.text_trainable, self.text_total)}"
+        )
 
 
 def parameter_summary(model: nn.Module) -> ParamSummary:
@@ -62,22 +67,31 @@ def _freeze(parts: Iterable[tuple[str, nn.Module | nn.Parameter | None]]) -> lis
     return names
 
 
-def _image_stem_and_blocks(visual: nn.Module) -> tuple[list[tuple[str, object]], list[nn.Module], str]:
-    """(stem parts, blocks, blocks prefix) of a timm ViT (`visual.trunk`) or open_clip's VisionTransformer."""
+def _image_stem_and_blocks(visual: Any) -> tuple[list[tuple[str, Any]], list[nn.Module], str]:
+    """(stem parts, blocks, blocks prefix) of a timm ViT (`visual.trunk`) or open_clip's VisionTransformer.
+
+    `visual` is duck-typed (either tower class): the attributes used are checked first."""
     trunk = getattr(visual, "trunk", None)
     if trunk is not None:
         if not hasattr(trunk, "blocks") or not hasattr(trunk, "patch_embed"):
-            raise ValueError(f"freezing image blocks needs a ViT; the timm trunk {type(trunk).__name__} has no "
-                             f"patch_embed/blocks")
-        stem = [("visual.trunk.patch_embed", trunk.patch_embed),
-                ("visual.trunk.cls_token", getattr(trunk, "cls_token", None)),
-                ("visual.trunk.reg_token", getattr(trunk, "reg_token", None)),
-                ("visual.trunk.pos_embed", getattr(trunk, "pos_embed", None)),
-                ("visual.trunk.norm_pre", getattr(trunk, "norm_pre", None))]
+            raise ValueError(
+                f"freezing image blocks needs a ViT; the timm trunk {type(trunk).__name__} has no patch_embed/blocks"
+            )
+        stem = [
+            ("visual.trunk.patch_embed", trunk.patch_embed),
+            ("visual.trunk.cls_token", getattr(trunk, "cls_token", None)),
+            ("visual.trunk.reg_token", getattr(trunk, "reg_token", None)),
+            ("visual.trunk.pos_embed", getattr(trunk, "pos_embed", None)),
+            ("visual.trunk.norm_pre", getattr(trunk, "norm_pre", None)),
+        ]
         return stem, list(trunk.blocks), "visual.trunk.blocks"
     if hasattr(visual, "conv1") and hasattr(visual, "transformer"):
-        stem = [("visual.conv1", visual.conv1), ("visual.class_embedding", visual.class_embedding),
-                ("visual.positional_embedding", visual.positional_embedding), ("visual.ln_pre", visual.ln_pre)]
+        stem = [
+            ("visual.conv1", visual.conv1),
+            ("visual.class_embedding", visual.class_embedding),
+            ("visual.positional_embedding", visual.positional_embedding),
+            ("visual.ln_pre", visual.ln_pre),
+        ]
         return stem, list(visual.transformer.resblocks), "visual.transformer.resblocks"
     raise ValueError(f"freezing image blocks needs a ViT tower; got {type(visual).__name__}")
 
@@ -109,12 +123,15 @@ def lock_text_layers(model: nn.Module, n: int) -> list[str]:
         layers, prefix = list(encoder.layer), "text.transformer.encoder.layer"
         stem = [("text.transformer.embeddings", hf.embeddings)]
     else:  # open_clip TextTransformer (CustomTextCLIP.text) or CLIP's top-level text parts
-        owner, root = (text, "text") if text is not None else (model, "")
+        owner: Any = text if text is not None else model  # duck-typed: either text tower class
+        root = "text" if text is not None else ""
         pre = f"{root}." if root else ""
         layers, prefix = list(owner.transformer.resblocks), f"{pre}transformer.resblocks"
-        stem = [(f"{pre}token_embedding", owner.token_embedding),
-                (f"{pre}positional_embedding", owner.positional_embedding),
-                (f"{pre}cls_emb", getattr(owner, "cls_emb", None))]
+        stem = [
+            (f"{pre}token_embedding", owner.token_embedding),
+            (f"{pre}positional_embedding", owner.positional_embedding),
+            (f"{pre}cls_emb", getattr(owner, "cls_emb", None)),
+        ]
     if not 0 < n <= len(layers):
         raise ValueError(f"cannot lock {n} text layers: the text tower has {len(layers)}")
     return _freeze(stem + [(f"{prefix}.{i}", layers[i]) for i in range(n)])
@@ -129,11 +146,12 @@ def set_patch_dropout(model: nn.Module, prob: float) -> None:
     if trunk is not None:
         if not hasattr(trunk, "patch_drop"):
             raise ValueError(f"the timm trunk {type(trunk).__name__} has no patch dropout")
-        from timm.layers import PatchDropout
+        from timm.layers import PatchDropout as TimmPatchDropout  # lazy: timm costs seconds; only this branch needs it
 
-        trunk.patch_drop = PatchDropout(prob, num_prefix_tokens=trunk.num_prefix_tokens) if prob > 0 else nn.Identity()
+        drop = TimmPatchDropout(prob, num_prefix_tokens=trunk.num_prefix_tokens) if prob > 0 else nn.Identity()
+        trunk.patch_drop = drop
     elif hasattr(visual, "patch_dropout"):
-        from open_clip.transformer import PatchDropout
+        from open_clip.transformer import PatchDropout  # lazy: open_clip costs seconds; only this branch needs it
 
         visual.patch_dropout = PatchDropout(prob) if prob > 0 else nn.Identity()
     else:
@@ -142,7 +160,8 @@ def set_patch_dropout(model: nn.Module, prob: float) -> None:
 
 def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> None:
     """Recompute activations in backward to save memory, in both towers."""
-    model.visual.set_grad_checkpointing(enable)
+    clip: Any = model  # open_clip's CLIP or CustomTextCLIP, duck-typed
+    clip.visual.set_grad_checkpointing(enable)
     hf = getattr(getattr(model, "text", None), "transformer", None)
     if hf is not None and hasattr(hf, "gradient_checkpointing_enable"):
         # open_clip's HFTextEncoder ignores enable=False; call transformers directly (5.x renamed the methods)
@@ -156,13 +175,18 @@ def set_grad_checkpointing(model: nn.Module, enable: bool = True) -> None:
         else:
             hf.gradient_checkpointing_disable()
     elif hasattr(model, "text"):
-        model.text.set_grad_checkpointing(enable)
+        clip.text.set_grad_checkpointing(enable)
     elif hasattr(model, "transformer"):
-        model.transformer.grad_checkpointing = enable
+        clip.transformer.grad_checkpointing = enable
 
 
-def apply_freezing(model: nn.Module, image_blocks: int = 0, text_layers: int = 0,
-                   patch_dropout: float | None = None, grad_checkpointing: bool = False) -> ParamSummary:
+def apply_freezing(
+    model: nn.Module,
+    image_blocks: int = 0,
+    text_layers: int = 0,
+    patch_dropout: float | None = None,
+    grad_checkpointing: bool = False,
+) -> ParamSummary:
     """Apply the training-time settings in one call and log how many parameters remain trainable."""
     freeze_image_blocks(model, image_blocks)
     lock_text_layers(model, text_layers)

@@ -4,6 +4,7 @@ Why written out here: no hub access at build time, so BiomedCLIP's open_clip con
 `config.json` are spelled out in code (values from the published files) instead of fetched. Each preset's
 `text_cfg.hf_model_name` is a placeholder; `student.build` points it at the folder holding `config.json`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -63,62 +64,100 @@ def list_presets(pattern: str = "*") -> list[str]:
     return PRESETS.list(pattern)
 
 
-def _bert(vocab_size: int = 30522, hidden: int = 768, layers: int = 12, heads: int = 12,
-          intermediate: int = 3072, max_positions: int = 512) -> dict[str, Any]:
+def _bert(
+    vocab_size: int = 30522,
+    hidden: int = 768,
+    layers: int = 12,
+    heads: int = 12,
+    intermediate: int = 3072,
+    max_positions: int = 512,
+) -> dict[str, Any]:
     """BERT config kwargs; defaults are BiomedBERT-base-uncased-abstract's config.json."""
-    return {"model_type": "bert", "architectures": ["BertModel"], "vocab_size": vocab_size,
-            "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "intermediate_size": intermediate, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
-            "attention_probs_dropout_prob": 0.1, "max_position_embeddings": max_positions,
-            "type_vocab_size": 2, "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": 0}
+    return {
+        "model_type": "bert",
+        "architectures": ["BertModel"],
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": intermediate,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1,
+        "max_position_embeddings": max_positions,
+        "type_vocab_size": 2,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-12,
+        "pad_token_id": 0,
+    }
 
 
 def _hf_text_cfg(context_length: int) -> dict[str, Any]:
     """BiomedCLIP's text_cfg; hf_model_name/hf_tokenizer_name are filled in by the builder."""
-    return {"hf_model_name": BIOMEDBERT_HUB_ID, "hf_tokenizer_name": BIOMEDBERT_HUB_ID,
-            "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler",
-            "context_length": context_length}
+    return {
+        "hf_model_name": BIOMEDBERT_HUB_ID,
+        "hf_tokenizer_name": BIOMEDBERT_HUB_ID,
+        "hf_proj_type": "mlp",
+        "hf_pooler_type": "cls_last_hidden_state_pooler",
+        "context_length": context_length,
+    }
 
 
 # BiomedCLIP-PubMedBERT_256-vit_base_patch16_224's open_clip_config.json, key for key.
-register_preset(StudentPreset(
-    name="biomedclip",
-    description="BiomedCLIP: timm ViT-B/16 at 224 + BiomedBERT-base (12 layers, 768), embed 512, context 256",
-    _model_cfg={
-        "embed_dim": 512,
-        "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False,
-                       "timm_pool": "", "timm_proj": "linear", "image_size": 224},
-        "text_cfg": _hf_text_cfg(256),
-    },
-    _preprocess_cfg={"mean": OPENAI_MEAN, "std": OPENAI_STD},
-    _text_config=_bert(),
-    tokenizer_hub_id=BIOMEDBERT_HUB_ID,
-))
+register_preset(
+    StudentPreset(
+        name="biomedclip",
+        description="BiomedCLIP: timm ViT-B/16 at 224 + BiomedBERT-base (12 layers, 768), embed 512, context 256",
+        _model_cfg={
+            "embed_dim": 512,
+            "vision_cfg": {
+                "timm_model_name": "vit_base_patch16_224",
+                "timm_model_pretrained": False,
+                "timm_pool": "",
+                "timm_proj": "linear",
+                "image_size": 224,
+            },
+            "text_cfg": _hf_text_cfg(256),
+        },
+        _preprocess_cfg={"mean": OPENAI_MEAN, "std": OPENAI_STD},
+        _text_config=_bert(),
+        tokenizer_hub_id=BIOMEDBERT_HUB_ID,
+    )
+)
 
-register_preset(StudentPreset(
-    name="biomedclip-small",
-    description="Small BiomedCLIP: timm ViT-S/16 at 224 + 6-layer BERT (512 wide), embed 512, context 256",
-    _model_cfg={
-        "embed_dim": 512,
-        "vision_cfg": {"timm_model_name": "vit_small_patch16_224", "timm_model_pretrained": False,
-                       "timm_pool": "", "timm_proj": "linear", "image_size": 224},
-        "text_cfg": _hf_text_cfg(256),
-    },
-    _preprocess_cfg={"mean": OPENAI_MEAN, "std": OPENAI_STD},
-    _text_config=_bert(hidden=512, layers=6, heads=8, intermediate=2048),
-    tokenizer_hub_id=BIOMEDBERT_HUB_ID,
-))
+register_preset(
+    StudentPreset(
+        name="biomedclip-small",
+        description="Small BiomedCLIP: timm ViT-S/16 at 224 + 6-layer BERT (512 wide), embed 512, context 256",
+        _model_cfg={
+            "embed_dim": 512,
+            "vision_cfg": {
+                "timm_model_name": "vit_small_patch16_224",
+                "timm_model_pretrained": False,
+                "timm_pool": "",
+                "timm_proj": "linear",
+                "image_size": 224,
+            },
+            "text_cfg": _hf_text_cfg(256),
+        },
+        _preprocess_cfg={"mean": OPENAI_MEAN, "std": OPENAI_STD},
+        _text_config=_bert(hidden=512, layers=6, heads=8, intermediate=2048),
+        tokenizer_hub_id=BIOMEDBERT_HUB_ID,
+    )
+)
 
 # open_clip's own ViT (it honours image_size, timm towers do not in open_clip 3.3): trains on a CPU in seconds.
-register_preset(StudentPreset(
-    name="tiny",
-    description="Tiny: open_clip ViT (32px, patch 8, width 64, 2 layers) + 2-layer BERT (64 wide), embed 64",
-    _model_cfg={
-        "embed_dim": 64,
-        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-        "text_cfg": _hf_text_cfg(32),
-    },
-    _preprocess_cfg={"size": 32, "mean": OPENAI_MEAN, "std": OPENAI_STD},
-    _text_config=_bert(hidden=64, layers=2, heads=2, intermediate=128, max_positions=64),
-    tokenizer_hub_id=None,
-))
+register_preset(
+    StudentPreset(
+        name="tiny",
+        description="Tiny: open_clip ViT (32px, patch 8, width 64, 2 layers) + 2-layer BERT (64 wide), embed 64",
+        _model_cfg={
+            "embed_dim": 64,
+            "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+            "text_cfg": _hf_text_cfg(32),
+        },
+        _preprocess_cfg={"size": 32, "mean": OPENAI_MEAN, "std": OPENAI_STD},
+        _text_config=_bert(hidden=64, layers=2, heads=2, intermediate=128, max_positions=64),
+        tokenizer_hub_id=None,
+    )
+)

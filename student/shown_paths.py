@@ -5,6 +5,7 @@ a reader and tells them the maker's user name and folder layout. A path is shown
 the document when it lies within `MAX_UP` levels above it (`../student`), else by its name alone
 (`pneumoniamnist.npz`). Hub ids, open_clip tags and aliases are not paths and are shown as given.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,7 +39,7 @@ def shown_spec(spec: str, base: str | os.PathLike | None = None) -> str:
     """A model SPEC with its folder (if it names one) shown as `shown_path` does; other SPECs unchanged."""
     for prefix in PATH_PREFIXES:
         if spec.startswith(prefix):
-            target = spec[len(prefix):]
+            target = spec[len(prefix) :]
             return prefix + shown_path(target, base) if target and _is_path(target) else spec
     return shown_if_absolute(spec, base)
 

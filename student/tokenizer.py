@@ -9,19 +9,27 @@ breaks ties between equally frequent merges in hash order, so two trainings on t
 few rare pieces. Train once (`distill tokenizer`) and point configs at the folder (`student.tokenizer_dir`) when
 separate runs must be comparable; a run that trains its own keeps it in RUN/tokenizer, so resuming it is exact.
 """
+
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def train_wordpiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 30522,
-                    lowercase: bool = True, model_max_length: int = 256) -> Path:
+def train_wordpiece(
+    texts: Iterable[str],
+    out_dir: str | Path,
+    vocab_size: int = 30522,
+    lowercase: bool = True,
+    model_max_length: int = 256,
+) -> Path:
     """Train a BERT-style WordPiece tokenizer on `texts` and save it to `out_dir`."""
+    # lazy: `distill tokenizer` checks its flags before paying for tokenizers/transformers
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizer  # transformers 5: the fast (tokenizers) one; BertTokenizerFast is an alias
 
     texts = [t for t in texts if t and t.strip()]
     if not texts:
@@ -31,8 +39,7 @@ def train_wordpiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     normalizer = normalizers.BertNormalizer(lowercase=lowercase)
     pre = pre_tokenizers.BertPreTokenizer()
     vocab = _whole_word_vocab(texts, normalizer, pre, vocab_size)
-    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]") if vocab else
-                    models.WordPiece(unk_token="[UNK]"))
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]") if vocab else models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizer
     tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece()
@@ -41,11 +48,20 @@ def train_wordpiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
         tok.train_from_iterator(texts, trainer=trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
-    fast = BertTokenizerFast(tokenizer_object=tok, do_lower_case=lowercase, unk_token="[UNK]",
-                             pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
-                             model_max_length=model_max_length)
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    fast = BertTokenizer(
+        tokenizer_object=tok,
+        do_lower_case=lowercase,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=model_max_length,
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out))
@@ -59,8 +75,6 @@ def _whole_word_vocab(texts: list[str], normalizer, pre, vocab_size: int) -> dic
     and this vocabulary is the same on every run (ordered by frequency, ties by spelling), where the subword
     trainer's tie order is not. Returns None when the words do not fit.
     """
-    from collections import Counter
-
     counts: Counter[str] = Counter()
     for text in texts:
         counts.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))

@@ -4,6 +4,7 @@ The bottom room: it imports none of `cache`, `student`, `distill`, so what every
 `Registry`, the package version) lives here too. Names load lazily (PEP 562), as in `student`, so reading the
 version or parsing a SPEC does not pay for importing torch.
 """
+
 from __future__ import annotations
 
 from teachers.kernel.lazy_exports import lazy_exports
@@ -11,8 +12,7 @@ from teachers.kernel.lazy_exports import lazy_exports
 _EXPORTS = {
     "base": ["Teacher"],
     "kernel.registry": ["PluginLoadError", "Registry"],
-    "registry": ["BACKENDS", "TeacherLoadError", "list_teachers", "load_teacher", "register_teacher",
-                 "resolve_spec"],
+    "registry": ["BACKENDS", "TeacherLoadError", "list_teachers", "load_teacher", "register_teacher", "resolve_spec"],
     "spec": ["Spec", "parse_spec"],
     "transforms": ["PreprocessCfg", "apply_view", "make_eval_transform", "make_view_transform"],
     "kernel.version": ["package_version"],

@@ -3,27 +3,40 @@
 Each back-end wraps its third-party model as `self.trunk` and owns its preprocessing and tokenizer, so no two
 teachers are forced to share a transform (open_clip's distill FIXME does not carry over).
 """
+
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from teachers.tokens import TokensUnsupported
 from teachers.transforms import PreprocessCfg, make_eval_transform, make_view_transform
 
 
 class Teacher(nn.Module, ABC):
     """A frozen image-text model. Subclasses implement `_image_features`, `_text_features`, `tokenize`."""
 
-    def __init__(self, trunk: nn.Module, *, spec: str, embed_dim: int, logit_scale: float,
-                 preprocess_cfg: PreprocessCfg, context_length: int, logit_bias: float | None = None):
+    def __init__(
+        self,
+        trunk: nn.Module,
+        *,
+        spec: str,
+        embed_dim: int,
+        logit_scale: float,
+        preprocess_cfg: PreprocessCfg,
+        context_length: int,
+        logit_bias: float | None = None,
+    ):
         super().__init__()
-        self.trunk = trunk
+        # the third-party model: each back-end calls its own methods on it (encode_image, get_text_features...)
+        self.trunk: Any = trunk
         self.spec = spec
         self.embed_dim = int(embed_dim)
         self.logit_scale = float(logit_scale)
@@ -63,7 +76,7 @@ class Teacher(nn.Module, ABC):
             return p.device
         return torch.device("cpu")
 
-    def to_device(self, device: str | torch.device) -> "Teacher":
+    def to_device(self, device: str | torch.device) -> Teacher:
         """Move to `device`; on CUDA, encode under bf16 (or fp16) autocast."""
         device = torch.device(device)
         self.to(device)
@@ -88,10 +101,10 @@ class Teacher(nn.Module, ABC):
 
         Back-ends that can give patch tokens override this; a `py:` teacher that does not is refused clearly.
         """
-        from teachers.tokens import TokensUnsupported
-
-        raise TokensUnsupported(f"teacher {self.spec!r} ({type(self).__name__}) gives no patch tokens: implement "
-                                f"_image_features_and_tokens, or cache it without --tokens")
+        raise TokensUnsupported(
+            f"teacher {self.spec!r} ({type(self).__name__}) gives no patch tokens: implement "
+            f"_image_features_and_tokens, or cache it without --tokens"
+        )
 
     @torch.no_grad()
     def encode_image_with_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
@@ -118,12 +131,18 @@ class Teacher(nn.Module, ABC):
             feats = self._text_features(tokens.to(self.device))
         return F.normalize(feats.float(), dim=-1)
 
-    def train(self, mode: bool = True) -> "Teacher":
+    def train(self, mode: bool = True) -> Teacher:
         """Teachers stay in eval mode whatever the caller asks (dropout off, norms frozen)."""
         return super().train(False)
 
     def describe(self) -> dict:
         """Metadata stored with a teacher's features in the cache."""
         bias = {} if getattr(self, "logit_bias", None) is None else {"logit_bias": self.logit_bias}
-        return {"spec": self.spec, "embed_dim": self.embed_dim, "logit_scale": self.logit_scale, **bias,
-                "context_length": self.context_length, **self.preprocess_cfg.to_attrs()}
+        return {
+            "spec": self.spec,
+            "embed_dim": self.embed_dim,
+            "logit_scale": self.logit_scale,
+            **bias,
+            "context_length": self.context_length,
+            **self.preprocess_cfg.to_attrs(),
+        }

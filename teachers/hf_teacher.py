@@ -12,14 +12,16 @@ pipeline pads so for it); the attention mask goes to the model when its tokenize
 processor does. Code from a model's repo runs only with `trust_remote_code` (the CLI's `--trust-remote-code`).
 Out of scope: SigLIP 2 NaFlex (`Siglip2Model`), whose images are variable-length patch sequences, not one tensor.
 """
+
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Sequence
 
 import torch
 from PIL import Image
@@ -27,6 +29,7 @@ from PIL import Image
 from teachers.base import Teacher
 from teachers.hub import require_hub_file
 from teachers.spec import Spec
+from teachers.tokens import hf_visual_tokens
 from teachers.transforms import PreprocessCfg, to_rgb
 from teachers.weights import find_weights, reading_weights
 
@@ -49,9 +52,11 @@ def _from_pretrained(loader, path: str, trust_remote_code: bool):
     except ValueError as e:
         if trust_remote_code or "trust_remote_code" not in str(e):
             raise
-        raise RemoteCodeRequired(f"{path} contains its own model code (auto_map in its config.json), which runs "
-                                 "only when asked: pass --trust-remote-code (trust_remote_code=True) if you trust "
-                                 f"that repository") from e
+        raise RemoteCodeRequired(
+            f"{path} contains its own model code (auto_map in its config.json), which runs "
+            "only when asked: pass --trust-remote-code (trust_remote_code=True) if you trust "
+            f"that repository"
+        ) from e
 
 
 # Files whose `auto_map` names code shipped in the repo: the model's, its tokenizer's and its image processor's.
@@ -60,15 +65,13 @@ _CODE_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json
 
 def _auto_map_files(path: str, local: bool) -> list[str]:
     """The files of `path` (a folder, or a hub repo's cached or fetched files) whose JSON has an `auto_map`."""
-    import json
-
     found = []
     for name in _CODE_FILES:
         if local:
             file = os.path.join(path, name)
         else:
             try:
-                from huggingface_hub import hf_hub_download
+                from huggingface_hub import hf_hub_download  # lazy: huggingface_hub only when a hub file is needed
 
                 file = hf_hub_download(path, name)
             except Exception:  # absent from the repo, or not cached offline: transformers decides for this file
@@ -94,16 +97,18 @@ def refuse_unasked_code(path: str, local: bool, trust_remote_code: bool) -> None
         return
     files = _auto_map_files(path, local)
     if files:
-        raise RemoteCodeRequired(f"{path} contains its own model code (auto_map in {', '.join(files)}), which runs "
-                                 "only when asked: pass --trust-remote-code (trust_remote_code=True) if you trust "
-                                 "that repository")
+        raise RemoteCodeRequired(
+            f"{path} contains its own model code (auto_map in {', '.join(files)}), which runs "
+            "only when asked: pass --trust-remote-code (trust_remote_code=True) if you trust "
+            "that repository"
+        )
 
 
 @contextmanager
 def _no_loading_bar():
     """transformers' "Loading weights" bar off while a local folder loads (a second, one bar per model, on
     stderr, which holds only warnings and errors); kept with -v (DEBUG logging), where everything shows."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # lazy: transformers costs seconds
 
     if logging.getLogger(__name__).isEnabledFor(logging.DEBUG) or not hf_logging.is_progress_bar_enabled():
         yield
@@ -116,18 +121,22 @@ def _no_loading_bar():
 
 
 def _feature_calls(model) -> str:
-    """"transformers" (get_*_features) or "open_clip" (encode_*): how this model embeds; refuse what cannot."""
+    """ "transformers" (get_*_features) or "open_clip" (encode_*): how this model embeds; refuse what cannot."""
     if hasattr(model, "get_image_features") and hasattr(model, "get_text_features"):
         if "spatial_shapes" in inspect.signature(model.get_image_features).parameters:
-            raise UnsupportedModelError(f"{type(model).__name__} is a NaFlex model (variable patch counts per "
-                                        "image), which this back-end does not embed; use a fixed-resolution "
-                                        "checkpoint (SigLIP 2: google/siglip2-*-patch16-224 and kin)")
+            raise UnsupportedModelError(
+                f"{type(model).__name__} is a NaFlex model (variable patch counts per "
+                "image), which this back-end does not embed; use a fixed-resolution "
+                "checkpoint (SigLIP 2: google/siglip2-*-patch16-224 and kin)"
+            )
         return "transformers"
     if hasattr(model, "encode_image") and hasattr(model, "encode_text"):
         return "open_clip"
-    raise UnsupportedModelError(f"{type(model).__name__} has neither get_image_features/get_text_features "
-                                "(transformers) nor encode_image/encode_text (open_clip); wrap it in a py: "
-                                "teacher (docs/teachers.md)")
+    raise UnsupportedModelError(
+        f"{type(model).__name__} has neither get_image_features/get_text_features "
+        "(transformers) nor encode_image/encode_text (open_clip); wrap it in a py: "
+        "teacher (docs/teachers.md)"
+    )
 
 
 def _features(out, key: str) -> torch.Tensor:
@@ -157,16 +166,20 @@ def processor_preprocess_cfg(processor) -> PreprocessCfg:
     crop = bool(getattr(processor, "do_center_crop", False))
     size = (getattr(processor, "crop_size", None) if crop else None) or getattr(processor, "size", None) or {}
     resample = getattr(processor, "resample", None)
-    return PreprocessCfg(image_size=_size(size), mean=tuple(processor.image_mean), std=tuple(processor.image_std),
-                         interpolation=_INTERPOLATION.get(int(resample) if resample is not None else 3, "bicubic"),
-                         resize_mode="shortest" if crop else "squash")
+    return PreprocessCfg(
+        image_size=_size(size),
+        mean=tuple(processor.image_mean),
+        std=tuple(processor.image_std),
+        interpolation=_INTERPOLATION.get(int(resample) if resample is not None else 3, "bicubic"),
+        resize_mode="shortest" if crop else "squash",
+    )
 
 
 def _context_length(model, tokenizer) -> int:
     """The text tower's positions, capped by the tokenizer's own limit (77 when neither says)."""
     cfg = getattr(model.config, "text_config", None) or model.config
-    limits = [getattr(cfg, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
-    limits = [int(n) for n in limits if isinstance(n, int) and 0 < n < _UNSET_MAX_LENGTH]
+    found = [getattr(cfg, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [int(n) for n in found if isinstance(n, int) and 0 < n < _UNSET_MAX_LENGTH]
     return min(limits) if limits else 77
 
 
@@ -179,28 +192,38 @@ class HFTeacher(Teacher):
     """A frozen `transformers` dual encoder (CLIPModel, SiglipModel, or a repo's own class) and its processors."""
 
     def __init__(self, spec: Spec, device: str | torch.device = "cpu", trust_remote_code: bool = False):
-        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer  # lazy: transformers costs seconds
 
         path = spec.target
         if path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
-            raise FileNotFoundError(f"SPEC {spec.raw!r}: folder {path} not found ({spec.kind}: takes a hub id "
-                                    "ORG/NAME or a folder written by save_pretrained)")
+            raise FileNotFoundError(
+                f"SPEC {spec.raw!r}: folder {path} not found ({spec.kind}: takes a hub id "
+                "ORG/NAME or a folder written by save_pretrained)"
+            )
         path = os.path.expanduser(path)
         local = os.path.isdir(path)
         if not local:  # before transformers, whose downloads retry for ~25 s with no network
             require_hub_file(path, ("config.json",))
         refuse_unasked_code(path, local, trust_remote_code)
-        with reading_weights(find_weights(path, "model.safetensors")) if local else nullcontext(), \
-                _no_loading_bar() if local else nullcontext():
+        with (
+            reading_weights(find_weights(path, "model.safetensors")) if local else nullcontext(),
+            _no_loading_bar() if local else nullcontext(),
+        ):
             model = _from_pretrained(AutoModel, path, trust_remote_code).to(device).eval()
         calls = _feature_calls(model)
         processor = _from_pretrained(AutoImageProcessor, path, trust_remote_code)
         tokenizer = _from_pretrained(AutoTokenizer, path, trust_remote_code)
         cfg = processor_preprocess_cfg(processor)
         scale = _scalar(model, "logit_scale")  # stored as its log, as CLIP and SigLIP train it
-        super().__init__(model, spec=spec.raw, embed_dim=1, logit_scale=100.0 if scale is None else math.exp(scale),
-                         preprocess_cfg=cfg, context_length=_context_length(model, tokenizer),
-                         logit_bias=_scalar(model, "logit_bias"))
+        super().__init__(
+            model,
+            spec=spec.raw,
+            embed_dim=1,
+            logit_scale=100.0 if scale is None else math.exp(scale),
+            preprocess_cfg=cfg,
+            context_length=_context_length(model, tokenizer),
+            logit_bias=_scalar(model, "logit_bias"),
+        )
         self._calls, self._processor, self._tokenizer = calls, processor, tokenizer
         self._mask = "attention_mask" in getattr(tokenizer, "model_input_names", ())
         with torch.no_grad():  # SiglipModel has no projection_dim: the dimension is what the model gives
@@ -217,8 +240,14 @@ class HFTeacher(Teacher):
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Token ids padded with -1, so the attention mask survives the trip through a DataLoader."""
-        out = self._tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
-                              return_attention_mask=True, return_tensors="pt")
+        out = self._tokenizer(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.context_length,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
         return out["input_ids"].masked_fill(out["attention_mask"] == 0, -1)
 
     def _pad_id(self) -> int:
@@ -231,8 +260,6 @@ class HFTeacher(Teacher):
         return _features(self.trunk.get_image_features(pixel_values=images), "image_features")
 
     def _image_features_and_tokens(self, images: torch.Tensor):
-        from teachers.tokens import hf_visual_tokens
-
         return hf_visual_tokens(self.trunk, images)
 
     def _text_features(self, tokens: torch.Tensor) -> torch.Tensor:

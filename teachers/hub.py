@@ -5,6 +5,7 @@ open_clip asks for a file under two names in turn, so with no network an uncache
 `biomedclip` alias on a fresh machine) took half a minute to reach its error. Here the cache is looked up first
 (no network), then, unless HF_HUB_OFFLINE is set, one request without retries decides whether the Hub answers.
 """
+
 from __future__ import annotations
 
 
@@ -18,7 +19,7 @@ class GatedModelError(PermissionError):
 
 def is_cached(repo_id: str, filename: str) -> bool:
     """Whether `filename` of `repo_id` is in the Hugging Face cache (no network)."""
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # lazy: huggingface_hub only when a hub file is needed
 
     return isinstance(try_to_load_from_cache(repo_id, filename), str)
 
@@ -30,6 +31,7 @@ def require_hub_file(repo_id: str, filenames: tuple[str, ...]) -> None:
     GatedModelError saying what to do (transformers' own message spans lines and buries that). A malformed id or
     another HTTP error from the Hub (a missing repo) returns: the loader then reports that error itself, at once.
     """
+    # lazy: huggingface_hub only when a hub file is needed
     from huggingface_hub import get_hf_file_metadata, hf_hub_url, is_offline_mode
     from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_ETAG_TIMEOUT
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError
@@ -40,18 +42,23 @@ def require_hub_file(repo_id: str, filenames: tuple[str, ...]) -> None:
     except HFValidationError:  # a malformed id: the loader names it
         return
     if is_offline_mode():
-        raise HubUnavailableError(f"{repo_id} is not in the Hugging Face cache ({HF_HUB_CACHE}) "
-                                  f"(looked for {' or '.join(filenames)})")
+        raise HubUnavailableError(
+            f"{repo_id} is not in the Hugging Face cache ({HF_HUB_CACHE}) (looked for {' or '.join(filenames)})"
+        )
     try:  # a single HEAD request: huggingface_hub retries only when asked to
         get_hf_file_metadata(hf_hub_url(repo_id, filenames[0]), timeout=HF_HUB_ETAG_TIMEOUT)
     except GatedRepoError as e:
-        raise GatedModelError(f"{repo_id} is gated on the Hugging Face Hub: accept its terms on "
-                              f"https://huggingface.co/{repo_id} with your account, then log in (`hf auth login`, "
-                              "or set HF_TOKEN) and retry") from e
+        raise GatedModelError(
+            f"{repo_id} is gated on the Hugging Face Hub: accept its terms on "
+            f"https://huggingface.co/{repo_id} with your account, then log in (`hf auth login`, "
+            "or set HF_TOKEN) and retry"
+        ) from e
     except HfHubHTTPError:  # the Hub answered (missing repo): the loader names the error
         return
     except Exception as e:  # DNS, connection, TLS, timeout: the Hub did not answer
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise HubUnavailableError(f"the Hugging Face Hub cannot be reached ({type(e).__name__}: {first}) "
-                                  f"and {repo_id} is not in the local cache ({HF_HUB_CACHE}); connect to the "
-                                  "network and retry, or give a local folder (local-dir:PATH, hf-clip:PATH)") from e
+        raise HubUnavailableError(
+            f"the Hugging Face Hub cannot be reached ({type(e).__name__}: {first}) "
+            f"and {repo_id} is not in the local cache ({HF_HUB_CACHE}); connect to the "
+            "network and retry, or give a local folder (local-dir:PATH, hf-clip:PATH)"
+        ) from e

@@ -4,20 +4,23 @@ Also the fix for moved exports: stock open_clip finds a Hugging Face text tower'
 `text_cfg.hf_model_name`, which goes stale when an exported folder is moved; `local_dir_overrides` points it
 at the config inside the folder instead (used here and by `student.load_student`).
 """
+
 from __future__ import annotations
 
 import difflib
 import json
 import os
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import torch
 
 from teachers.base import Teacher
 from teachers.hub import require_hub_file
 from teachers.spec import Spec
+from teachers.tokens import open_clip_visual_tokens
 from teachers.transforms import PreprocessCfg
 from teachers.weights import REDO_HINT, find_weights, reading_weights
 
@@ -42,8 +45,7 @@ def local_dir_overrides(path: str | os.PathLike) -> dict:
     try:  # transformers would say "not a valid JSON file" only inside a long multi-line error
         json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path / 'config.json'}: the text tower's config is not valid JSON ({e}); "
-                         f"{REDO_HINT}") from e
+        raise ValueError(f"{path / 'config.json'}: the text tower's config is not valid JSON ({e}); {REDO_HINT}") from e
     text_cfg["hf_model_name"] = str(path.resolve())
     text_cfg["hf_model_pretrained"] = False  # weights come from the folder's safetensors
     if text_cfg.get("hf_tokenizer_name"):
@@ -59,7 +61,7 @@ def open_clip_args(spec: Spec) -> tuple[str, str | None, dict]:
     A built-in `MODEL/TAG` whose tag was trained with QuickGELU (the `openai` tags) gets `force_quick_gelu`, as
     open_clip's README asks; otherwise the activations differ from training and the embeddings are wrong.
     """
-    from open_clip import list_models
+    from open_clip import list_models  # lazy: open_clip costs seconds
     from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
 
     kwargs: dict = {"require_pretrained": True}
@@ -70,13 +72,17 @@ def open_clip_args(spec: Spec) -> tuple[str, str | None, dict]:
     model_name, _, tag = spec.target.partition("/")
     if model_name not in list_models():
         near = difflib.get_close_matches(model_name, list_models(), n=3)
-        raise ValueError(f"SPEC {spec.raw!r}: {model_name!r} is not an open_clip built-in model"
-                         + (f"; did you mean {', '.join(near)}?" if near else "; see open_clip.list_models()"))
+        raise ValueError(
+            f"SPEC {spec.raw!r}: {model_name!r} is not an open_clip built-in model"
+            + (f"; did you mean {', '.join(near)}?" if near else "; see open_clip.list_models()")
+        )
     cfg = get_pretrained_cfg(model_name, tag)
     if not cfg:
         tags = list_pretrained_tags_by_model(model_name)
-        raise ValueError(f"SPEC {spec.raw!r}: {tag!r} is not a pretrained tag of {model_name}; known tags: "
-                         f"{', '.join(tags) or 'none (use hf-hub:ORG/REPO or local-dir:PATH)'}")
+        raise ValueError(
+            f"SPEC {spec.raw!r}: {tag!r} is not a pretrained tag of {model_name}; known tags: "
+            f"{', '.join(tags) or 'none (use hf-hub:ORG/REPO or local-dir:PATH)'}"
+        )
     if cfg.get("quick_gelu", False):
         kwargs["force_quick_gelu"] = True
     return model_name, tag, kwargs
@@ -84,6 +90,7 @@ def open_clip_args(spec: Spec) -> tuple[str, str | None, dict]:
 
 def hub_files(spec: Spec) -> list[tuple[str, tuple[str, ...]]]:
     """(hub repo, the names open_clip tries for one file) for the first file open_clip will fetch for `spec`."""
+    # lazy: open_clip costs seconds
     from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
     from open_clip.pretrained import get_pretrained_cfg
 
@@ -103,7 +110,7 @@ def hub_files(spec: Spec) -> list[tuple[str, tuple[str, ...]]]:
 
 def create_open_clip(spec: Spec, device: str | torch.device = "cpu"):
     """(model, preprocess, tokenizer) for an open_clip SPEC, offline-safe for our own exports."""
-    import open_clip
+    import open_clip  # lazy: open_clip costs seconds
 
     name, pretrained, kwargs = open_clip_args(spec)
     for repo, files in hub_files(spec):  # before open_clip, whose downloads retry for ~25 s with no network
@@ -111,7 +118,8 @@ def create_open_clip(spec: Spec, device: str | torch.device = "cpu"):
     weights = find_weights(spec.target) if spec.kind == "local-dir" else None  # named before open_clip warns
     with reading_weights(weights) if weights else nullcontext():
         model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device=device, **kwargs)
+            name, pretrained=pretrained, device=device, **kwargs
+        )
     tokenizer = open_clip.get_tokenizer(name)
     return model, preprocess, tokenizer
 
@@ -120,15 +128,23 @@ class OpenClipTeacher(Teacher):
     """A frozen open_clip model; its own preprocess and tokenizer come from open_clip."""
 
     def __init__(self, spec: Spec, device: str | torch.device = "cpu"):
-        from open_clip.model import get_model_preprocess_cfg
+        from open_clip.model import get_model_preprocess_cfg  # lazy: open_clip costs seconds
 
         model, preprocess, tokenizer = create_open_clip(spec, device)
         cfg = PreprocessCfg.from_open_clip(get_model_preprocess_cfg(model))
         self._setup(model, preprocess, tokenizer, spec.raw, cfg, device)
 
     @classmethod
-    def from_parts(cls, model, preprocess, tokenizer, *, spec: str, preprocess_cfg: PreprocessCfg,
-                   device: str | torch.device = "cpu") -> "OpenClipTeacher":
+    def from_parts(
+        cls,
+        model,
+        preprocess,
+        tokenizer,
+        *,
+        spec: str,
+        preprocess_cfg: PreprocessCfg,
+        device: str | torch.device = "cpu",
+    ) -> OpenClipTeacher:
         """A model with open_clip's interface (encode_image, encode_text, logit_scale) built by other code, e.g. a
         fork of open_clip (UniMed-CLIP), as a Teacher: what a `py:` adapter returns (docs/teachers.md).
         `preprocess_cfg` says what `preprocess` does (views are resized the same way)."""
@@ -137,13 +153,21 @@ class OpenClipTeacher(Teacher):
         return teacher
 
     def _setup(self, model, preprocess, tokenizer, spec: str, cfg: PreprocessCfg, device) -> None:
-        ctx = getattr(tokenizer, "context_length", None) or getattr(model, "context_length", 77)
+        ctx: Any = getattr(tokenizer, "context_length", None) or getattr(model, "context_length", 77)
         with torch.no_grad():
             dim = model.encode_image(torch.zeros(1, 3, *cfg.image_size, device=device)).shape[-1]
         scale = float(model.logit_scale.detach().exp().item())
         bias = getattr(model, "logit_bias", None)  # open_clip's SigLIP models are sigmoid models
-        Teacher.__init__(self, model, spec=spec, embed_dim=dim, logit_scale=scale, preprocess_cfg=cfg,
-                         context_length=ctx, logit_bias=None if bias is None else float(bias.detach().reshape(-1)[0]))
+        Teacher.__init__(
+            self,
+            model,
+            spec=spec,
+            embed_dim=dim,
+            logit_scale=scale,
+            preprocess_cfg=cfg,
+            context_length=ctx,
+            logit_bias=None if bias is None else float(bias.detach().reshape(-1)[0]),
+        )
         self._preprocess = preprocess
         self._tokenizer = tokenizer
 
@@ -161,6 +185,4 @@ class OpenClipTeacher(Teacher):
         return self.trunk.encode_text(tokens)
 
     def _image_features_and_tokens(self, images: torch.Tensor):
-        from teachers.tokens import open_clip_visual_tokens
-
         return open_clip_visual_tokens(self.trunk.visual, images)

@@ -7,6 +7,7 @@ code (docs/teachers.md) then runs it only when the user gave --trust-remote-code
 A module or function that is not there is bad input (a typo in the SPEC, a folder missing from PYTHONPATH): the
 error is a `TeacherLoadError` (exit 2 at the command line) naming what was not found, not a bug.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -46,10 +47,13 @@ def _import(spec: Spec, module_name: str):
     except ModuleNotFoundError as e:
         missing = e.name or ""
         if missing and (module_name == missing or module_name.startswith(missing + ".")):
-            raise PyModuleNotFound(f"SPEC {spec.raw!r}: no module named {missing!r}: check the spelling, or put "
-                                   "the folder holding it on PYTHONPATH (or install its package)") from e
-        raise PyModuleNotFound(f"SPEC {spec.raw!r}: module {module_name!r} was found, but importing it failed: {e}; "
-                               "install what it needs") from e
+            raise PyModuleNotFound(
+                f"SPEC {spec.raw!r}: no module named {missing!r}: check the spelling, or put "
+                "the folder holding it on PYTHONPATH (or install its package)"
+            ) from e
+        raise PyModuleNotFound(
+            f"SPEC {spec.raw!r}: module {module_name!r} was found, but importing it failed: {e}; install what it needs"
+        ) from e
     except ImportError as e:
         raise PyModuleNotFound(f"SPEC {spec.raw!r}: importing module {module_name!r} failed: {e}") from e
 
@@ -61,16 +65,21 @@ def load_py_teacher(spec: Spec, device: str | torch.device = "cpu", trust_remote
     if not callable(fn):
         where = getattr(module, "__file__", None) or module_name
         if fn is not None:
-            raise PyFunctionNotFound(f"SPEC {spec.raw!r}: {func_name!r} in module {module_name!r} ({where}) is a "
-                                     f"{type(fn).__name__}, not a function")
+            raise PyFunctionNotFound(
+                f"SPEC {spec.raw!r}: {func_name!r} in module {module_name!r} ({where}) is a "
+                f"{type(fn).__name__}, not a function"
+            )
         names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None))]
         close = difflib.get_close_matches(func_name, names, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise PyFunctionNotFound(f"SPEC {spec.raw!r}: module {module_name!r} ({where}) has no callable "
-                                 f"{func_name!r}{hint}")
+        raise PyFunctionNotFound(
+            f"SPEC {spec.raw!r}: module {module_name!r} ({where}) has no callable {func_name!r}{hint}"
+        )
     teacher = fn(**accepted_kwargs(fn, device=device, trust_remote_code=trust_remote_code))
     if not isinstance(teacher, Teacher):
-        raise NotATeacherError(f"SPEC {spec.raw!r}: {func_name}() returned {type(teacher).__name__}, "
-                               "expected a teachers.Teacher subclass instance")
+        raise NotATeacherError(
+            f"SPEC {spec.raw!r}: {func_name}() returned {type(teacher).__name__}, "
+            "expected a teachers.Teacher subclass instance"
+        )
     teacher.spec = spec.raw
     return teacher.to_device(device)

@@ -4,6 +4,7 @@ timm-style: `list_teachers("*clip*")` matches with fnmatch; an unknown alias sug
 Other packages add back-ends without touching this one: an entry point in the `biomed_distill.teachers` group
 named PREFIX, pointing at `load(spec: Spec, device) -> Teacher`, makes `PREFIX:TARGET` a valid SPEC.
 """
+
 from __future__ import annotations
 
 import os
@@ -73,9 +74,11 @@ def _load_hint(parsed: Spec) -> str:
     """The offline hint, on the same line (the CLI prints one line); not for a model given as a local folder."""
     local = parsed.kind == "local-dir" or os.path.isdir(os.path.expanduser(parsed.target))
     if not local and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return ("; hint: offline (HF_HUB_OFFLINE=1), a hub model must already be in the Hugging Face cache "
-                f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}), "
-                "or give a local folder (local-dir:PATH, hf:PATH)")
+        return (
+            "; hint: offline (HF_HUB_OFFLINE=1), a hub model must already be in the Hugging Face cache "
+            f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}), "
+            "or give a local folder (local-dir:PATH, hf:PATH)"
+        )
     return ""
 
 
@@ -92,8 +95,10 @@ def _check_local_folder(parsed: Spec, spec: str) -> None:
     path = os.path.expanduser(parsed.target)
     if parsed.kind == "local-dir" and not os.path.isdir(path):
         what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
-        raise TeacherLoadError(f"SPEC {spec!r}: folder {parsed.target} {what}; check the path (local-dir: takes a "
-                               "folder holding open_clip_config.json, e.g. one written by `distill export`)")
+        raise TeacherLoadError(
+            f"SPEC {spec!r}: folder {parsed.target} {what}; check the path (local-dir: takes a "
+            "folder holding open_clip_config.json, e.g. one written by `distill export`)"
+        )
     run = training_run_message(parsed.target, spec)
     if run:
         raise TeacherLoadError(run)
@@ -115,15 +120,21 @@ def load_teacher(spec: str, device: str | torch.device = "cpu", trust_remote_cod
     """
     parsed = check_spec(spec)
     if parsed.backend == "py":
+        # lazy: back-ends import torch and their libraries; the registry answers names without them
         from teachers.py_teacher import load_py_teacher
+
         # the user's own code: its errors are its own
         return load_py_teacher(parsed, device=device, trust_remote_code=trust_remote_code)
     try:
         if parsed.backend == "open_clip":
+            # lazy: back-ends import torch and their libraries; the registry answers names without them
             from teachers.open_clip_teacher import OpenClipTeacher
+
             teacher: Teacher = OpenClipTeacher(parsed, device=device)
         elif parsed.backend in ("hf", "hf-clip"):
+            # lazy: back-ends import torch and their libraries; the registry answers names without them
             from teachers.hf_teacher import HFTeacher
+
             teacher = HFTeacher(parsed, device=device, trust_remote_code=trust_remote_code)
         else:  # a plug-in back-end (resolve_spec only returns kinds that BACKENDS has)
             teacher = _load_plugin_teacher(parsed, device, trust_remote_code)
@@ -131,22 +142,27 @@ def load_teacher(spec: str, device: str | torch.device = "cpu", trust_remote_cod
         if isinstance(e, OSError) and e.errno is not None and not isinstance(e, FileNotFoundError):
             raise  # permission, full disk, too many open files: the environment's, named by the CLI
         alias = f" (alias of {parsed.raw})" if parsed.raw != spec else ""
-        raise TeacherLoadError(f"cannot load teacher SPEC {spec!r}{alias} with the {parsed.backend} back-end: "
-                               f"{_one_line(e)}{_load_hint(parsed)}") from e
+        raise TeacherLoadError(
+            f"cannot load teacher SPEC {spec!r}{alias} with the {parsed.backend} back-end: "
+            f"{_one_line(e)}{_load_hint(parsed)}"
+        ) from e
     return teacher.to_device(device)
 
 
 def _load_plugin_teacher(parsed: Spec, device: str | torch.device, trust_remote_code: bool = False) -> Teacher:
     """Call a plug-in back-end's `load(spec, device)` (with `trust_remote_code=` when it takes one) and check that
     it kept the Teacher contract."""
+    # lazy: back-ends import torch and their libraries; the registry answers names without them
     from teachers.base import Teacher
     from teachers.py_teacher import accepted_kwargs
 
     load = BACKENDS.get(parsed.kind)
     teacher = load(parsed, **accepted_kwargs(load, device=device, trust_remote_code=trust_remote_code))
     if not isinstance(teacher, Teacher):
-        raise TypeError(f"SPEC {parsed.raw!r}: the {parsed.kind!r} back-end (entry point group "
-                        f"{BACKENDS.entry_point_group!r}) returned {type(teacher).__name__}, expected a "
-                        "teachers.Teacher subclass instance")
+        raise TypeError(
+            f"SPEC {parsed.raw!r}: the {parsed.kind!r} back-end (entry point group "
+            f"{BACKENDS.entry_point_group!r}) returned {type(teacher).__name__}, expected a "
+            "teachers.Teacher subclass instance"
+        )
     teacher.spec = parsed.raw
     return teacher

@@ -1,10 +1,11 @@
-"""The one parser for model SPEC strings (DESIGN.md): which back-end loads a model, and from where.
+"""The one parser for model SPEC strings (docs/teachers.md): which back-end loads a model, and from where.
 
 Forms: `hf-hub:org/repo`, `local-dir:PATH`, `MODEL/PRETRAINED_TAG` (open_clip built-in), `hf:ID_OR_PATH` (any
 `transformers` dual encoder; `hf-clip:ID_OR_PATH` is the same back-end), `py:module:function`, or a registry alias
 (`biomedclip`, `plip`, ...). A bare string that looks like a
 path is refused with the prefix to use, as timm's `parse_model_name` does.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,12 +36,14 @@ class Spec:
 def parse_spec(spec: str) -> Spec:
     """Parse a SPEC string; raise ValueError with the right form when it is malformed."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError("empty model SPEC; expected one of hf-hub:ORG/REPO, local-dir:PATH, "
-                         "MODEL/TAG, hf:ID_OR_PATH, py:module:function or a registry alias")
+        raise ValueError(
+            "empty model SPEC; expected one of hf-hub:ORG/REPO, local-dir:PATH, "
+            "MODEL/TAG, hf:ID_OR_PATH, py:module:function or a registry alias"
+        )
     s = spec.strip()
     for prefix in PREFIXES:
         if s.startswith(prefix):
-            rest = s[len(prefix):]
+            rest = s[len(prefix) :]
             if not rest:
                 raise ValueError(f"SPEC {spec!r}: nothing after {prefix!r}")
             kind = prefix[:-1]
@@ -56,8 +59,12 @@ def parse_spec(spec: str) -> Spec:
     if run:
         raise ValueError(run)
     if looks_like_path:
-        hint = "hf:" if os.path.isfile(os.path.join(s, "config.json")) and not os.path.isfile(
-            os.path.join(s, "open_clip_config.json")) else "local-dir:"
+        hint = (
+            "hf:"
+            if os.path.isfile(os.path.join(s, "config.json"))
+            and not os.path.isfile(os.path.join(s, "open_clip_config.json"))
+            else "local-dir:"
+        )
         raise ValueError(f"SPEC {spec!r} looks like a path; write {hint}{s}")
     if "/" in s:
         model, _, tag = s.partition("/")
@@ -93,21 +100,25 @@ def training_run_message(path: str, spec: str) -> str | None:
         what, run = "the config-only student folder of a training run (no weights)", parent
     else:
         return None
-    return (f"SPEC {spec!r}: {path} is {what}, not an exported model; export it first with `distill export {run} "
-            f"--out STUDENT_DIR`, then give local-dir:STUDENT_DIR")
+    return (
+        f"SPEC {spec!r}: {path} is {what}, not an exported model; export it first with `distill export {run} "
+        f"--out STUDENT_DIR`, then give local-dir:STUDENT_DIR"
+    )
 
 
 def _is_model(folder: str) -> bool:
     """A model config (open_clip's or transformers') beside a weights file: a model, wherever it sits."""
     names = _listdir(folder)
     return any(n in names for n in ("open_clip_config.json", "config.json")) and any(
-        n.endswith((".safetensors", ".bin")) for n in names)
+        n.endswith((".safetensors", ".bin")) for n in names
+    )
 
 
 def _is_run(folder: str) -> bool:
     """run_meta.json or log.jsonl, or a checkpoint-STEP folder inside: what `distill train` leaves."""
     return any(os.path.isfile(os.path.join(folder, f)) for f in _RUN_FILES) or any(
-        _CHECKPOINT.fullmatch(e) and os.path.isdir(os.path.join(folder, e)) for e in _listdir(folder))
+        _CHECKPOINT.fullmatch(e) and os.path.isdir(os.path.join(folder, e)) for e in _listdir(folder)
+    )
 
 
 def _listdir(folder: str) -> list[str]:

@@ -12,7 +12,10 @@ norm (as AM-RADIO distils them), with every prefix token (CLS, registers, distil
   is already normalised and has no CLS token.
 Each function returns the pooled embedding of the same forward pass too, so a cache or a student pays one pass.
 """
+
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +38,9 @@ def pool_tokens(tokens: Tensor, grid: Grid, size: int) -> Tensor:
     if n != h * w:
         raise ValueError(f"{n} tokens do not fill a {h} x {w} grid")
     if not 0 < size <= min(h, w):
-        raise ValueError(f"a {size} x {size} token grid needs a patch grid of at least that size; this one is "
-                         f"{h} x {w}")
+        raise ValueError(
+            f"a {size} x {size} token grid needs a patch grid of at least that size; this one is {h} x {w}"
+        )
     x = tokens.transpose(1, 2).reshape(b, d, h, w)
     return F.adaptive_avg_pool2d(x, size).flatten(2).transpose(1, 2)
 
@@ -54,24 +58,26 @@ def open_clip_visual_tokens(visual: nn.Module, images: Tensor) -> tuple[Tensor, 
 
     Patch dropout (training only) would drop tokens: the caller must keep it off when tokens are used.
     """
+    tower: Any = visual  # open_clip's tower classes, duck-typed: the attributes used are checked below
     trunk = getattr(visual, "trunk", None)
     if trunk is not None:  # open_clip TimmModel: the timm trunk, then open_clip's head
         if not (hasattr(trunk, "forward_features") and hasattr(trunk, "patch_embed")):
             raise TokensUnsupported(f"the timm trunk {type(trunk).__name__} is not a ViT: it has no patch tokens")
         feats = trunk.forward_features(images)
-        pooled = visual.head(trunk.forward_head(feats))
+        pooled = tower.head(trunk.forward_head(feats))
         grid = _grid(images, _pair(trunk.patch_embed.patch_size))
-        return pooled, feats[:, int(getattr(trunk, "num_prefix_tokens", 1)):], grid
+        return pooled, feats[:, int(getattr(trunk, "num_prefix_tokens", 1)) :], grid
     if not (hasattr(visual, "conv1") and hasattr(visual, "transformer") and hasattr(visual, "_pool")):
         raise TokensUnsupported(f"the image tower {type(visual).__name__} is not a ViT: it has no patch tokens")
     if getattr(visual, "attn_pool", None) is not None:
-        raise TokensUnsupported("this open_clip ViT pools by attention (CoCa): its final norm is sized for the "
-                                "pooler, not the patch tokens")
-    x = visual.transformer(visual._embeds(images))
-    pooled, _ = visual._pool(x)
-    if visual.proj is not None:
-        pooled = pooled @ visual.proj
-    return pooled, visual.ln_post(x[:, 1:]), _grid(images, _pair(visual.patch_size))
+        raise TokensUnsupported(
+            "this open_clip ViT pools by attention (CoCa): its final norm is sized for the pooler, not the patch tokens"
+        )
+    x = tower.transformer(tower._embeds(images))
+    pooled, _ = tower._pool(x)
+    if tower.proj is not None:
+        pooled = pooled @ tower.proj
+    return pooled, tower.ln_post(x[:, 1:]), _grid(images, _pair(tower.patch_size))
 
 
 def hf_visual_tokens(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor, Grid]:
@@ -79,14 +85,17 @@ def hf_visual_tokens(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor, 
     (`get_image_features` returning its vision output, `vision_model`, `config.vision_config.patch_size`)."""
     vision = getattr(model, "vision_model", None)
     cfg = getattr(getattr(model, "config", None), "vision_config", None)
-    if vision is None or getattr(cfg, "patch_size", None) is None:
+    patch_size = getattr(cfg, "patch_size", None)
+    if vision is None or patch_size is None:
         raise TokensUnsupported(f"{type(model).__name__} has no ViT vision_model with a patch size: no patch tokens")
-    out = model.get_image_features(pixel_values=images)
+    hf_model: Any = model  # a transformers CLIP-like model, duck-typed
+    out = hf_model.get_image_features(pixel_values=images)
     if torch.is_tensor(out):  # an older transformers: the projected features only
-        raise TokensUnsupported("this transformers version returns image features without the vision "
-                                "model's hidden states")
+        raise TokensUnsupported(
+            "this transformers version returns image features without the vision model's hidden states"
+        )
     hidden = out.last_hidden_state
-    h, w = grid = _grid(images, _pair(cfg.patch_size))
+    h, w = grid = _grid(images, _pair(patch_size))
     prefix = hidden.shape[1] - h * w
     if prefix < 0:
         raise TokensUnsupported(f"{hidden.shape[1]} hidden states for a {h} x {w} patch grid")
@@ -103,6 +112,7 @@ def visual_token_shape(visual: nn.Module) -> tuple[int, int, int]:
         h, w = _pair(trunk.patch_embed.grid_size)
         return h, w, int(trunk.num_features)
     if hasattr(visual, "grid_size") and hasattr(visual, "transformer") and hasattr(visual, "conv1"):
-        h, w = _pair(visual.grid_size)
-        return h, w, int(visual.transformer.width)
+        tower: Any = visual  # open_clip's VisionTransformer: grid_size and transformer checked above
+        h, w = _pair(tower.grid_size)
+        return h, w, int(tower.transformer.width)
     raise TokensUnsupported(f"the image tower {type(visual).__name__} is not a ViT: it has no patch tokens")

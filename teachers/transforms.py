@@ -9,21 +9,25 @@ the stored views through it (`Teacher.view_transform`), and the student must see
 rooms need the one implementation. The student's own augmentation (drawing its random crops,
 `distill.data.loader.random_crop_params`) lives with the trainer.
 """
+
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from torchvision.transforms import functional as TF
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
-_INTERP = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
-           "nearest": InterpolationMode.NEAREST}
+_INTERP = {
+    "bicubic": InterpolationMode.BICUBIC,
+    "bilinear": InterpolationMode.BILINEAR,
+    "nearest": InterpolationMode.NEAREST,
+}
 
 
 @dataclass(frozen=True)
@@ -37,16 +41,26 @@ class PreprocessCfg:
     resize_mode: str = "shortest"  # eval: resize shortest side then centre-crop ("squash": resize to size)
 
     @classmethod
-    def from_open_clip(cls, pp: dict) -> "PreprocessCfg":
+    def from_open_clip(cls, pp: dict) -> PreprocessCfg:
         """open_clip's preprocess_cfg dict (size, mean, std, interpolation, resize_mode) as a PreprocessCfg."""
         size = pp.get("size", 224)
         size = (size, size) if isinstance(size, int) else tuple(size)
-        return cls(image_size=size, mean=tuple(pp["mean"]), std=tuple(pp["std"]),
-                   interpolation=pp.get("interpolation", "bicubic"), resize_mode=pp.get("resize_mode", "shortest"))
+        return cls(
+            image_size=size,
+            mean=tuple(pp["mean"]),
+            std=tuple(pp["std"]),
+            interpolation=pp.get("interpolation", "bicubic"),
+            resize_mode=pp.get("resize_mode", "shortest"),
+        )
 
     def to_attrs(self) -> dict:
-        return {"image_size": list(self.image_size), "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation, "resize_mode": self.resize_mode}
+        return {
+            "image_size": list(self.image_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "resize_mode": self.resize_mode,
+        }
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -5,17 +5,25 @@ deserializing header: incomplete metadata`), and open_clip only warns when a fol
 several teachers and students cannot tell which folder to fix. `find_weights` finds the file open_clip will load,
 and `reading_weights` re-raises a load failure as `DamagedWeightsError` naming that file and what to do.
 """
+
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 # open_clip's own preference (open_clip.factory._find_checkpoint_in_dir), then transformers' names
-WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
-                "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth",
-                "model.pth")
+WEIGHT_NAMES = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.pth",
+    "model.pth",
+)
 _SUFFIXES = (".safetensors", ".bin", ".pth")
 REDO_HINT = "export it again with `distill export` (or copy the model folder again)"
 
@@ -43,9 +51,19 @@ def _is_damage(e: BaseException) -> bool:
     if isinstance(e, pickle.UnpicklingError) or type(e).__name__ == "SafetensorError":
         return True
     text = str(e)
-    return isinstance(e, (RuntimeError, EOFError, OSError)) and any(s in text for s in (
-        "PytorchStreamReader", "failed finding central directory", "invalid header", "unexpected EOF",
-        "Ran out of input", "Error while deserializing", "Unable to load weights from", "safetensors"))
+    return isinstance(e, (RuntimeError, EOFError, OSError)) and any(
+        s in text
+        for s in (
+            "PytorchStreamReader",
+            "failed finding central directory",
+            "invalid header",
+            "unexpected EOF",
+            "Ran out of input",
+            "Error while deserializing",
+            "Unable to load weights from",
+            "safetensors",
+        )
+    )
 
 
 @contextmanager

@@ -6,13 +6,16 @@ same seed sees the same resamples: replicate r of model A and replicate r of mod
 test samples. That is what makes `paired_difference` a paired bootstrap: the interval of A - B comes from the
 per-resample differences, so sampling noise shared by both models cancels.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
+
+Metric = Callable[[np.ndarray], float]  # a metric of one resample, given the resampled row indices
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,14 @@ def resample_indices(rng: np.random.Generator, n: int, strata: Sequence[int] | N
     return np.concatenate([s + rng.integers(0, m, m) for s, m in zip(starts, strata)])
 
 
-def bootstrap(metrics: Mapping[str, Callable[[np.ndarray], float]], n: int, resamples: int = 1000,
-              seed: int = 0, level: float = 0.95, strata: Sequence[int] | None = None) -> dict[str, Estimate]:
+def bootstrap(
+    metrics: Mapping[str, Metric],
+    n: int,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    strata: Sequence[int] | None = None,
+) -> dict[str, Estimate]:
     """Point estimate and `level` percentile interval of each metric, with its replicates kept.
 
     Each metric is a function of an index array into the test samples (0..n-1, with repeats). Resamples where a
@@ -133,8 +142,10 @@ def paired_difference(a: Estimate, b: Estimate, level: float = 0.95) -> Differen
     if a.replicates is None or b.replicates is None:
         return Difference(value, float("nan"), float("nan"))
     if len(a.replicates) != len(b.replicates):
-        raise ValueError(f"cannot pair {len(a.replicates)} with {len(b.replicates)} bootstrap replicates; "
-                         "evaluate both models with the same --bootstrap and --seed")
+        raise ValueError(
+            f"cannot pair {len(a.replicates)} with {len(b.replicates)} bootstrap replicates; "
+            "evaluate both models with the same --bootstrap and --seed"
+        )
     reps = np.asarray(a.replicates, dtype=np.float64) - np.asarray(b.replicates, dtype=np.float64)
     lo, hi = percentile_interval(reps, level)
     return Difference(value, lo, hi, reps)
@@ -150,8 +161,8 @@ def mean_difference(diffs: Sequence[Difference], level: float = 0.95) -> Differe
     if not diffs:
         return Difference(float("nan"), float("nan"), float("nan"))
     value = float(np.mean([d.value for d in diffs]))
-    reps = [d.replicates for d in diffs]
-    if any(r is None for r in reps) or len({len(r) for r in reps}) != 1:
+    reps = [d.replicates for d in diffs if d.replicates is not None]
+    if len(reps) != len(diffs) or len({len(r) for r in reps}) != 1:
         return Difference(value, float("nan"), float("nan"))
     mean_reps = np.mean(np.stack(reps), axis=0)  # NaN wherever one task's replicate is NaN
     lo, hi = percentile_interval(mean_reps, level)

@@ -14,9 +14,10 @@ model. An image query has one right caption among the U distinct captions: R@k =
 P of the N images is found in the top k with probability 1 - C(N - P, k) / C(N, k); R@k is its mean over captions
 (= min(1, k / N) when every caption has one image). These are exact expectations, not approximations.
 """
+
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 

@@ -5,29 +5,40 @@ the mean AUROC and one AUROC per class. All share one set of bootstrap resamples
 predictions also count the classes predicted over the test set (`Estimate.classes_predicted`): a model that gives
 every image the same class is flagged in the report's verdict instead of passing as "0.500 balanced accuracy".
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
 import numpy as np
 
 from distill.eval import metrics as M
-from distill.eval.bootstrap import Estimate, bootstrap
+from distill.eval.bootstrap import Estimate, Metric, bootstrap
 
 PREDICTION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")  # computed from the argmax class, not scores
 
 
-def classification_metrics(targets: np.ndarray, scores: np.ndarray, class_names: Sequence[str],
-                           multilabel: bool = False, resamples: int = 1000, seed: int = 0) -> dict[str, Estimate]:
+def classification_metrics(
+    targets: np.ndarray,
+    scores: np.ndarray,
+    class_names: Sequence[str],
+    multilabel: bool = False,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Estimate]:
     """Metrics of class `scores` (N, C) against `targets` (N,) class ids or (N, C) multi-hot."""
     scores = np.asarray(scores, dtype=np.float64)
     n_classes = scores.shape[1]
     if multilabel:
         t = np.asarray(targets) > 0
-        fns = {"mean_auroc": lambda i: M.mean_auroc(t[i], scores[i])}
+
+        def class_auroc(c: int) -> Metric:
+            return lambda i: M.auroc(t[i, c], scores[i, c])
+
+        fns: dict[str, Metric] = {"mean_auroc": lambda i: M.mean_auroc(t[i], scores[i])}
         for c, name in enumerate(class_names):
-            fns[f"auroc/{name}"] = (lambda i, c=c: M.auroc(t[i, c], scores[i, c]))
+            fns[f"auroc/{name}"] = class_auroc(c)
         return bootstrap(fns, len(t), resamples, seed)
     y = np.asarray(targets, dtype=np.int64)
     pred = scores.argmax(1)

@@ -9,14 +9,14 @@ mean = the mean over tasks of replicate r (tasks are independent test sets). `ta
 numbers say little (headline interval below chance; one predicted class), and every verdict that compares with
 such a model, or is about such a student, says so in the same text.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 from distill.eval.bootstrap import Difference, Estimate, mean_difference, paired_difference
-from distill.eval.classification import PREDICTION_METRICS
 
 WORDS = ("better", "within", "worse")
 AUROC_KEYS = ("macro_auroc", "mean_auroc")
@@ -62,7 +62,7 @@ def best_model(row: Mapping[str, Estimate], names: Sequence[str]) -> str | None:
 
 
 def verdict_word(diff: Difference | None) -> str | None:
-    """"better" if the interval's low end is > 0, "worse" if its high end is < 0, else "within"; None without an
+    """ "better" if the interval's low end is > 0, "worse" if its high end is < 0, else "within"; None without an
     interval or a difference."""
     if diff is None or not all(_finite(v) for v in (diff.value, diff.ci_low, diff.ci_high)):
         return None
@@ -73,18 +73,24 @@ def verdict_word(diff: Difference | None) -> str | None:
     return "within"
 
 
-def metric_differences(row: Mapping[str, Estimate], student: str | None, teachers: Sequence[str],
-                       baselines: Sequence[str], level: float = 0.95) -> dict:
+def metric_differences(
+    row: Mapping[str, Estimate],
+    student: str | None,
+    teachers: Sequence[str],
+    baselines: Sequence[str],
+    level: float = 0.95,
+) -> dict:
     """{"student_minus_best_teacher": (teacher, Difference) | None, "student_minus_baseline": {B: Difference},
     "student_minus_teacher": {T: Difference}} (every teacher, e.g. for a teacher's own domain task)."""
     if student is None or student not in row:
         return {"student_minus_best_teacher": None, "student_minus_baseline": {}, "student_minus_teacher": {}}
     best = best_model(row, teachers)
     each = {t: paired_difference(row[student], row[t], level) for t in teachers if t in row}
-    return {"student_minus_best_teacher": None if best is None else (best, each[best]),
-            "student_minus_baseline": {b: paired_difference(row[student], row[b], level)
-                                       for b in baselines if b in row},
-            "student_minus_teacher": each}
+    return {
+        "student_minus_best_teacher": None if best is None else (best, each[best]),
+        "student_minus_baseline": {b: paired_difference(row[student], row[b], level) for b in baselines if b in row},
+        "student_minus_teacher": each,
+    }
 
 
 @dataclass(frozen=True)
@@ -108,8 +114,9 @@ class Flags:
         """What to say about `model` (called `who` in the sentence): '{who} is below chance (...)', ..."""
         out = []
         if model in self.below_chance:
-            out.append(f"{who} is below chance ({self.metric} {self.below_chance[model]} against chance "
-                       f"{self.chance:.3f})")
+            out.append(
+                f"{who} is below chance ({self.metric} {self.below_chance[model]} against chance {self.chance:.3f})"
+            )
         if model in self.one_class:
             metric, est = self.one_class[model]
             out.append(f"{who} predicts one class for every test image ({metric} {est})")
@@ -121,8 +128,7 @@ def below_chance(e: Estimate, chance: float | None) -> bool:
     return chance is not None and _finite(e.ci_high) and e.ci_high < chance
 
 
-def task_flags(metrics: Mapping[str, Mapping[str, Estimate]], head: str | None,
-               chance: float | None = None) -> Flags:
+def task_flags(metrics: Mapping[str, Mapping[str, Estimate]], head: str | None, chance: float | None = None) -> Flags:
     """`Flags` of a task from `metrics[metric][model]` Estimates, its headline metric and that metric's chance."""
     if head is None:
         return Flags()
@@ -143,8 +149,10 @@ def _pct(level: float) -> str:
 
 def _teacher_phrase(student: str, teacher: str, diff: Difference, word: str | None, level: float) -> str:
     if word == "better":
-        return (f"{student} is better than every teacher beyond the {_pct(level)} interval "
-                f"({diff} over best teacher {teacher})")
+        return (
+            f"{student} is better than every teacher beyond the {_pct(level)} interval "
+            f"({diff} over best teacher {teacher})"
+        )
     if word == "worse":
         return f"{student} is worse than the best teacher {teacher} beyond the {_pct(level)} interval ({diff})"
     if word == "within":
@@ -166,8 +174,9 @@ def _though(phrase: str, notes: list[str]) -> str:
     return phrase + (", though " + " and ".join(notes) if notes else "")
 
 
-def verdict(metric: str | None, student: str | None, diffs: Mapping, level: float = 0.95,
-            flags: Flags | None = None) -> dict | None:
+def verdict(
+    metric: str | None, student: str | None, diffs: Mapping, level: float = 0.95, flags: Flags | None = None
+) -> dict | None:
     """A task's verdict from `metric_differences` of its headline metric; None without a student or metric.
 
     With `flags`, a comparison with a below-chance or one-class model says so in the same sentence, and the
@@ -178,20 +187,23 @@ def verdict(metric: str | None, student: str | None, diffs: Mapping, level: floa
     best = diffs.get("student_minus_best_teacher")
     vs_teachers = None if best is None else verdict_word(best[1])
     vs_baselines = {b: verdict_word(d) for b, d in diffs.get("student_minus_baseline", {}).items()}
-    parts = [] if best is None else [_though(_teacher_phrase(student, best[0], best[1], vs_teachers, level),
-                                             flags.notes(best[0], best[0]))]
-    base = [_though(_baseline_phrase(b, d, vs_baselines[b]), flags.notes(b, b))
-            for b, d in diffs.get("student_minus_baseline", {}).items()]
+    parts = (
+        []
+        if best is None
+        else [_though(_teacher_phrase(student, best[0], best[1], vs_teachers, level), flags.notes(best[0], best[0]))]
+    )
+    base = [
+        _though(_baseline_phrase(b, d, vs_baselines[b]), flags.notes(b, b))
+        for b, d in diffs.get("student_minus_baseline", {}).items()
+    ]
     if base and not parts:
         base[0] = f"{student} is {base[0]}"
     text = "; ".join(parts + base) if parts or base else f"{student} has nothing to be compared with"
     text += "".join(f"; caution: {n}" for n in flags.notes(student, student))
-    return {"metric": metric, "vs_teachers": vs_teachers, "vs_baselines": vs_baselines, "text": text,
-            **flags.to_dict()}
+    return {"metric": metric, "vs_teachers": vs_teachers, "vs_baselines": vs_baselines, "text": text, **flags.to_dict()}
 
 
-def overall_cautions(student: str, compared: Mapping[str, Sequence[str]],
-                     flags: Mapping[str, Flags]) -> list[str]:
+def overall_cautions(student: str, compared: Mapping[str, Sequence[str]], flags: Mapping[str, Flags]) -> list[str]:
     """Clauses for the overall text: which compared models (`compared[model]`: the tasks it enters the mean on)
     and the student are below chance or predict one class, on which tasks."""
     out = []
@@ -200,8 +212,10 @@ def overall_cautions(student: str, compared: Mapping[str, Sequence[str]],
         for what, attr in (("below chance", "below_chance"), ("predicts one class", "one_class")):
             hit = [t for t in tasks if model in getattr(flags[t], attr)]
             if hit:
-                out.append(f"{'caution: ' if model == student else 'note: '}{model} "
-                           f"{'is ' if attr == 'below_chance' else ''}{what} on {', '.join(hit)}")
+                out.append(
+                    f"{'caution: ' if model == student else 'note: '}{model} "
+                    f"{'is ' if attr == 'below_chance' else ''}{what} on {', '.join(hit)}"
+                )
     return out
 
 
@@ -212,10 +226,15 @@ def _over(tasks: Sequence[str], heads: Mapping[str, str | None]) -> str:
     return f"Averaged over {len(tasks)} tasks' headline metrics"
 
 
-def overall_summary(results: Mapping[str, Mapping[str, Mapping[str, Estimate]]], student: str | None,
-                    teachers: Sequence[str], baselines: Sequence[str] = (),
-                    headlines: Mapping[str, str | None] | None = None, level: float = 0.95,
-                    flags: Mapping[str, Flags] | None = None) -> dict | None:
+def overall_summary(
+    results: Mapping[str, Mapping[str, Mapping[str, Estimate]]],
+    student: str | None,
+    teachers: Sequence[str],
+    baselines: Sequence[str] = (),
+    headlines: Mapping[str, str | None] | None = None,
+    level: float = 0.95,
+    flags: Mapping[str, Flags] | None = None,
+) -> dict | None:
     """The headline paired differences averaged over tasks, with intervals and verdicts.
 
     `results[task][model][metric]` are Estimates holding their replicates (as `run_eval` returns them in
@@ -256,28 +275,32 @@ def overall_summary(results: Mapping[str, Mapping[str, Mapping[str, Estimate]]],
 
     out: dict = {"metric": "headline", "headlines": heads, "level": level}
     teach = summary({t: d for t, (_, d) in vs_teacher.items()})
-    out["student_minus_best_teacher"] = None if teach is None else {
-        **teach[0], "teachers": {t: name for t, (name, _) in vs_teacher.items()}}
+    out["student_minus_best_teacher"] = (
+        None if teach is None else {**teach[0], "teachers": {t: name for t, (name, _) in vs_teacher.items()}}
+    )
     base = {b: summary(diffs) for b, diffs in vs_base.items()}
     out["student_minus_baseline"] = {b: None if s is None else s[0] for b, s in base.items()}
     parts = []
     if teach is not None:
         n = len(teach[0]["tasks"])
         word = teach[0]["verdict"]
-        how = {"better": f"better than the best teacher beyond the {_pct(level)} interval",
-               "worse": f"worse than the best teacher beyond the {_pct(level)} interval",
-               "within": f"within the {_pct(level)} interval of the best teacher"}.get(word, "compared with the "
-                                                                                     "best teacher (no interval)")
-        parts.append(f"{_over(teach[0]['tasks'], heads)}, {student} is {how} "
-                     f"({teach[1]} {'mean ' if n > 1 else ''}difference)")
+        how = {
+            "better": f"better than the best teacher beyond the {_pct(level)} interval",
+            "worse": f"worse than the best teacher beyond the {_pct(level)} interval",
+            "within": f"within the {_pct(level)} interval of the best teacher",
+        }.get(word, "compared with the best teacher (no interval)")
+        parts.append(
+            f"{_over(teach[0]['tasks'], heads)}, {student} is {how} ({teach[1]} {'mean ' if n > 1 else ''}difference)"
+        )
     for b, s in base.items():
         if s is None:
             continue
         word = s[0]["verdict"]
-        how = {"better": f"better than baseline {b} beyond the interval",
-               "worse": f"worse than baseline {b} beyond the interval",
-               "within": f"within the interval of baseline {b}"}.get(word, f"compared with baseline {b} "
-                                                                           "(no interval)")
+        how = {
+            "better": f"better than baseline {b} beyond the interval",
+            "worse": f"worse than baseline {b} beyond the interval",
+            "within": f"within the interval of baseline {b}",
+        }.get(word, f"compared with baseline {b} (no interval)")
         k = len(s[0]["tasks"])
         parts.append(f"{how} ({s[1]} {f'over {k} tasks' if k > 1 else 'on ' + s[0]['tasks'][0]})")
     if parts and teach is None:

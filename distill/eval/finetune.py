@@ -6,11 +6,13 @@ then cosine decay, cross-entropy for single-label tasks and BCE weighted by inve
 (pos_weight = negatives / positives) for multi-label ones, autocast on GPU. The epoch with the best validation
 score (accuracy, or mean AUROC) is kept and scored once on the test split. Works on CPU for tiny models.
 """
+
 from __future__ import annotations
 
 import copy
 import logging
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +48,7 @@ class _TrunkTower(nn.Module):
 
     def __init__(self, trunk: nn.Module):
         super().__init__()
-        self.trunk = trunk
+        self.trunk: Any = trunk  # duck-typed: encode_image (open_clip) or get_image_features (transformers)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if hasattr(self.trunk, "encode_image"):
@@ -58,7 +60,7 @@ class _TrunkTower(nn.Module):
 def trainable_image_tower(teacher) -> nn.Module:
     """A trainable deep copy of a teacher's image tower (open_clip `visual`, HF vision model + projection)."""
     trunk = teacher.trunk
-    if hasattr(trunk, "visual") and hasattr(trunk, "encode_image"):     # open_clip: encode_image = visual(x)
+    if hasattr(trunk, "visual") and hasattr(trunk, "encode_image"):  # open_clip: encode_image = visual(x)
         tower: nn.Module = copy.deepcopy(trunk.visual)
     elif hasattr(trunk, "vision_model") and hasattr(trunk, "visual_projection"):  # transformers CLIPModel
         tower = _HFVisionTower(copy.deepcopy(trunk.vision_model), copy.deepcopy(trunk.visual_projection))
@@ -77,15 +79,22 @@ class ImageClassifier(nn.Module):
         return self.head(self.tower(images).float())
 
 
+def _labels(data: SplitData) -> np.ndarray:
+    """The split's class labels (classification tasks always load them)."""
+    if data.labels is None:
+        raise ValueError(f"split {data.key} has no class labels: fine-tuning needs them")
+    return data.labels
+
+
 class _Labelled(Dataset):
     def __init__(self, data: SplitData, transform):
-        self.data, self.transform = data, transform
+        self.data, self.transform, self.labels = data, transform, _labels(data)
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, i: int):
-        return self.transform(self.data.image(i)), torch.as_tensor(self.data.labels[i])
+        return self.transform(self.data.image(i)), torch.as_tensor(self.labels[i])
 
 
 def inverse_frequency_pos_weight(targets: np.ndarray) -> torch.Tensor:
@@ -103,8 +112,16 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def predict(model: ImageClassifier, data: SplitData, transform, multilabel: bool, device, batch_size: int,
-            num_workers: int = 0, amp: bool = True) -> np.ndarray:
+def predict(
+    model: ImageClassifier,
+    data: SplitData,
+    transform,
+    multilabel: bool,
+    device,
+    batch_size: int,
+    num_workers: int = 0,
+    amp: bool = True,
+) -> np.ndarray:
     """(N, C) probabilities (softmax, or sigmoid for multi-label) in split order."""
     model.eval()
     out = []
@@ -120,9 +137,17 @@ def _val_score(scores: np.ndarray, y: np.ndarray, multilabel: bool) -> float:
     return v if math.isfinite(v) else -math.inf
 
 
-def finetune(teacher, splits: dict[str, SplitData], n_classes: int, multilabel: bool, cfg: FinetuneCfg,
-             device: str | torch.device = "cpu", seed: int = 0, num_workers: int = 0,
-             desc: str = "finetune") -> tuple[ImageClassifier, list[dict]]:
+def finetune(
+    teacher,
+    splits: dict[str, SplitData],
+    n_classes: int,
+    multilabel: bool,
+    cfg: FinetuneCfg,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    num_workers: int = 0,
+    desc: str = "finetune",
+) -> tuple[ImageClassifier, list[dict]]:
     """Fine-tune a copy of `teacher`'s image tower with a new head; returns (best-on-val model, epoch log)."""
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -130,11 +155,22 @@ def finetune(teacher, splits: dict[str, SplitData], n_classes: int, multilabel: 
     transform = teacher.image_transform
     train, val = splits["train"], splits["val"]
     gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(_Labelled(train, transform), batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                        num_workers=num_workers, drop_last=len(train) > cfg.batch_size)
+    loader = DataLoader(
+        _Labelled(train, transform),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=gen,
+        num_workers=num_workers,
+        drop_last=len(train) > cfg.batch_size,
+    )
     total = cfg.epochs * len(loader) if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * len(loader))
-    opt = torch.optim.AdamW([{"params": model.tower.parameters(), "lr": cfg.lr_encoder},
-                             {"params": model.head.parameters(), "lr": cfg.lr_head}], weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        [
+            {"params": model.tower.parameters(), "lr": cfg.lr_encoder},
+            {"params": model.head.parameters(), "lr": cfg.lr_head},
+        ],
+        weight_decay=cfg.weight_decay,
+    )
 
     def schedule(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -145,7 +181,7 @@ def finetune(teacher, splits: dict[str, SplitData], n_classes: int, multilabel: 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     use_fp16 = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
-    pos_weight = inverse_frequency_pos_weight(train.labels).to(device) if multilabel else None
+    pos_weight = inverse_frequency_pos_weight(_labels(train)).to(device) if multilabel else None
     best_state, best_score, history, step = None, -math.inf, [], 0
     flip_gen = torch.Generator().manual_seed(seed + 1)
     for epoch in range(cfg.epochs):
@@ -161,8 +197,11 @@ def finetune(teacher, splits: dict[str, SplitData], n_classes: int, multilabel: 
             x, y = x.to(device), y.to(device)
             with _autocast(device, cfg.amp):
                 logits = model(x).float()
-            loss = (F.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=pos_weight) if multilabel
-                    else F.cross_entropy(logits, y.long()))
+            loss = (
+                F.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=pos_weight)
+                if multilabel
+                else F.cross_entropy(logits, y.long())
+            )
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -172,15 +211,18 @@ def finetune(teacher, splits: dict[str, SplitData], n_classes: int, multilabel: 
             losses.append(loss.item())  # sync point: one per step, for the progress bar and the log
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         scores = predict(model, val, transform, multilabel, device, cfg.batch_size, num_workers, cfg.amp)
-        score = _val_score(scores, val.labels, multilabel)
-        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                        "val_score": score})
+        score = _val_score(scores, _labels(val), multilabel)
+        history.append(
+            {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"), "val_score": score}
+        )
         log.info("%s epoch %d: train loss %.4f, val %.4f", desc, epoch + 1, history[-1]["train_loss"], score)
         if best_state is None or score > best_score:
             best_score = score
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if step >= total:
             break
+    if best_state is None:
+        raise ValueError("fine-tuning ran no epoch: epochs must be >= 1")
     model.load_state_dict(best_state)
     return model, history
 
@@ -188,10 +230,26 @@ def finetune(teacher, splits: dict[str, SplitData], n_classes: int, multilabel: 
 @register_kind("finetune")
 def evaluate_finetune(task, model, name: str, splits: dict, ctx: EvalContext) -> dict[str, Estimate]:
     cfg = task.finetune
-    clf, _ = finetune(model, splits, len(task.classes), task.multilabel, cfg, ctx.device, ctx.seed,
-                      ctx.num_workers, desc=f"{name} | {task.name}")
-    scores = predict(clf, splits["test"], model.image_transform, task.multilabel, torch.device(ctx.device),
-                     cfg.batch_size, ctx.num_workers, cfg.amp)
+    clf, _ = finetune(
+        model,
+        splits,
+        len(task.classes),
+        task.multilabel,
+        cfg,
+        ctx.device,
+        ctx.seed,
+        ctx.num_workers,
+        desc=f"{name} | {task.name}",
+    )
+    scores = predict(
+        clf,
+        splits["test"],
+        model.image_transform,
+        task.multilabel,
+        torch.device(ctx.device),
+        cfg.batch_size,
+        ctx.num_workers,
+        cfg.amp,
+    )
     del clf
-    return classification_metrics(splits["test"].labels, scores, task.classes, task.multilabel,
-                                  ctx.bootstrap, ctx.seed)
+    return classification_metrics(splits["test"].labels, scores, task.classes, task.multilabel, ctx.bootstrap, ctx.seed)

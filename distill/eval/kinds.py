@@ -7,10 +7,12 @@ while each evaluator module registers itself here; holding the registry apart fr
 installed package can add a kind by declaring a `TaskKind` object in the `biomed_distill.eval_kinds` entry point
 group.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from teachers.kernel.registry import Registry
 
@@ -26,8 +28,8 @@ class TaskKind:
 
     evaluate: Evaluate
     roles: tuple[str, ...] = SPLIT_ROLES  # the splits it reads (zero-shot and retrieval read only test)
-    needs_classes: bool = True            # at least two class names (retrieval works from captions instead)
-    uses_templates: bool = False          # builds prompts from `templates`, each with one "{}"
+    needs_classes: bool = True  # at least two class names (retrieval works from captions instead)
+    uses_templates: bool = False  # builds prompts from `templates`, each with one "{}"
 
 
 EVALUATORS: Registry[TaskKind] = Registry("task kind", entry_point_group="biomed_distill.eval_kinds")

@@ -6,9 +6,10 @@ Conventions: `y` are integer class ids (N,), `scores` are (N, C) class scores (p
 multi-label targets are (N, C) 0/1 arrays. A metric that is undefined on its input (AUROC with one class present)
 returns NaN; the bootstrap skips such resamples.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -48,8 +49,9 @@ def accuracy(y: np.ndarray, pred: np.ndarray) -> float:
 
 def confusion(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
     """(n_classes, n_classes) counts, rows = true class, columns = predicted class."""
-    return np.bincount(np.asarray(y) * n_classes + np.asarray(pred), minlength=n_classes ** 2).reshape(
-        n_classes, n_classes)
+    return np.bincount(np.asarray(y) * n_classes + np.asarray(pred), minlength=n_classes**2).reshape(
+        n_classes, n_classes
+    )
 
 
 def balanced_accuracy(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
@@ -103,7 +105,7 @@ def hit_probabilities(sim: np.ndarray, positives: np.ndarray, ks: Sequence[int])
     sim = np.asarray(sim, dtype=np.float64)
     positives = np.asarray(positives, dtype=bool)
     best = np.where(positives, sim, -np.inf).max(1)[:, None]
-    above = ((sim > best) & ~positives).sum(1)                 # negatives strictly ahead of every positive
+    above = ((sim > best) & ~positives).sum(1)  # negatives strictly ahead of every positive
     tie_neg = ((sim == best) & ~positives).sum(1).astype(np.float64)
     tie_pos = ((sim == best) & positives).sum(1).astype(np.float64)
     kmax = max(ks)

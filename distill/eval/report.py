@@ -28,23 +28,28 @@ Every metric is higher-is-better, so "best" is the largest point estimate. NaN i
 a metric of predictions (accuracy, balanced accuracy, macro-F1) also holds "classes_predicted". Paths (model
 folders, datasets) are written relative to REPORT_DIR or by name (`student.shown_paths`), never absolute.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
+from distill import __version__
 from distill.eval.bootstrap import Difference, Estimate
-from distill.eval.compare import (Flags,
-                                 below_chance,
-                                 best_model,
-                                 headline_metric,
-                                 metric_differences,
-                                 overall_summary,
-                                 task_flags,
-                                 verdict)
+from distill.eval.compare import (
+    Flags,
+    below_chance,
+    best_model,
+    headline_metric,
+    metric_differences,
+    overall_summary,
+    task_flags,
+    verdict,
+)
+from distill.eval.plots import estimate_of, model_label, plot_task
 
 FORMAT = "biomed-distill-eval"
 
@@ -70,9 +75,11 @@ def student_gain(row: Mapping[str, Estimate], student: str | None, teachers: lis
 
 def _differences_json(d: dict) -> dict:
     best = d["student_minus_best_teacher"]
-    return {"student_minus_best_teacher": None if best is None else {"teacher": best[0], **best[1].to_dict()},
-            "student_minus_baseline": {b: diff.to_dict() for b, diff in d["student_minus_baseline"].items()},
-            "student_minus_teacher": {t: diff.to_dict() for t, diff in d["student_minus_teacher"].items()}}
+    return {
+        "student_minus_best_teacher": None if best is None else {"teacher": best[0], **best[1].to_dict()},
+        "student_minus_baseline": {b: diff.to_dict() for b, diff in d["student_minus_baseline"].items()},
+        "student_minus_teacher": {t: diff.to_dict() for t, diff in d["student_minus_teacher"].items()},
+    }
 
 
 def roles(models: Sequence[str], student: str | None, baselines: Sequence[str] = ()) -> dict[str, str]:
@@ -80,16 +87,19 @@ def roles(models: Sequence[str], student: str | None, baselines: Sequence[str] =
     return {m: "student" if m == student else "baseline" if m in baselines else "teacher" for m in models}
 
 
-def build_report(models: Mapping[str, dict], student: str | None, tasks: Mapping[str, dict],
-                 results: Mapping[str, Mapping[str, Mapping[str, Estimate]]], settings: dict,
-                 baselines: Sequence[str] = (),
-                 chance: Mapping[str, Mapping[str, float | None]] | None = None,
-                 majority: Mapping[str, Mapping[str, float]] | None = None) -> EvalReport:
+def build_report(
+    models: Mapping[str, dict],
+    student: str | None,
+    tasks: Mapping[str, dict],
+    results: Mapping[str, Mapping[str, Mapping[str, Estimate]]],
+    settings: dict,
+    baselines: Sequence[str] = (),
+    chance: Mapping[str, Mapping[str, float | None]] | None = None,
+    majority: Mapping[str, Mapping[str, float]] | None = None,
+) -> EvalReport:
     """Assemble the report. `results[task][model][metric]` are Estimates; `tasks[task]` its description;
     `chance[task][metric]` the chance levels (`chance.chance_levels`), `majority[task][metric]` accuracy's
     majority-class levels (`chance.majority_levels`)."""
-    from distill import __version__
-
     role = roles(list(models), student, baselines)
     teachers = [m for m, r in role.items() if r == "teacher"]
     baselines = [m for m, r in role.items() if r == "baseline"]
@@ -99,48 +109,57 @@ def build_report(models: Mapping[str, dict], student: str | None, tasks: Mapping
     for task, info in tasks.items():
         per_model = results.get(task, {})
         metric_names = list(dict.fromkeys(m for model in per_model.values() for m in model))
-        metrics = {m: {name: per_model[name][m] for name in models if m in per_model.get(name, {})}
-                   for m in metric_names}
+        metrics = {
+            m: {name: per_model[name][m] for name in models if m in per_model.get(name, {})} for m in metric_names
+        }
         diffs = {m: metric_differences(row, student, teachers, baselines, level) for m, row in metrics.items()}
         head = headline_metric(metric_names)
         task_chance = (chance or {}).get(task, {})
-        flags[task] = task_flags(metrics, head, task_chance.get(head))
-        out_tasks[task] = {**info,
-                           "metrics": {m: {k: e.to_dict() for k, e in row.items()} for m, row in metrics.items()},
-                           "headline": head,
-                           "chance": {m: task_chance.get(m) for m in metric_names},
-                           "majority": dict((majority or {}).get(task, {})),
-                           "flags": flags[task].to_dict(),
-                           "gain": {m: student_gain(row, student, teachers) for m, row in metrics.items()},
-                           "differences": ({m: _differences_json(d) for m, d in diffs.items()}
-                                           if student is not None else {}),
-                           "verdict": verdict(head, student, diffs.get(head, {}), level, flags[task])}
-    points = {m: {t: {k: row[m]["point"] for k, row in info["metrics"].items() if m in row}
-                  for t, info in out_tasks.items()} for m in models}
-    report = EvalReport({
-        "format": FORMAT, "version": 1, "created_by": __version__, "student": student, "baselines": baselines,
-        "teachers": teachers, "models": {k: {**v, "role": role[k]} for k, v in models.items()},
-        "settings": settings, "tasks": out_tasks,
-        "overall": overall_summary({t: results.get(t, {}) for t in tasks}, student, teachers, baselines,
-                                   {t: out_tasks[t]["headline"] for t in out_tasks}, level, flags),
-        "results": points})
+        flags[task] = task_flags(metrics, head, None if head is None else task_chance.get(head))
+        out_tasks[task] = {
+            **info,
+            "metrics": {m: {k: e.to_dict() for k, e in row.items()} for m, row in metrics.items()},
+            "headline": head,
+            "chance": {m: task_chance.get(m) for m in metric_names},
+            "majority": dict((majority or {}).get(task, {})),
+            "flags": flags[task].to_dict(),
+            "gain": {m: student_gain(row, student, teachers) for m, row in metrics.items()},
+            "differences": ({m: _differences_json(d) for m, d in diffs.items()} if student is not None else {}),
+            "verdict": verdict(head, student, {} if head is None else diffs.get(head, {}), level, flags[task]),
+        }
+    points = {
+        m: {t: {k: row[m]["point"] for k, row in info["metrics"].items() if m in row} for t, info in out_tasks.items()}
+        for m in models
+    }
+    report = EvalReport(
+        {
+            "format": FORMAT,
+            "version": 1,
+            "created_by": __version__,
+            "student": student,
+            "baselines": baselines,
+            "teachers": teachers,
+            "models": {k: {**v, "role": role[k]} for k, v in models.items()},
+            "settings": settings,
+            "tasks": out_tasks,
+            "overall": overall_summary(
+                {t: results.get(t, {}) for t in tasks},
+                student,
+                teachers,
+                baselines,
+                {t: out_tasks[t]["headline"] for t in out_tasks},
+                level,
+                flags,
+            ),
+            "results": points,
+        }
+    )
     report.estimates = results
     return report
 
 
-def _est(d: dict) -> Estimate:
-    nan = float("nan")
-    return Estimate(*(nan if d.get(k) is None else d[k] for k in ("point", "ci_low", "ci_high")), d.get("n", 0))
-
-
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-
-
-def model_label(m: str, role: str, n_models: int) -> str:
-    """A model as table headers and chart legends name it: 'ours (student)'; just 'student' when the name already
-    says the role (never 'student (student)')."""
-    return f"{m} ({role})" if role != "teacher" and n_models > 1 and m != role else m
 
 
 def _diff_text(d: dict | None) -> str:
@@ -170,7 +189,7 @@ def markdown_table(report: dict, task: str) -> str:
         header += [f"{student} − {b}" for b in baselines]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for metric, row in t["metrics"].items():
-        ests = {m: _est(row[m]) for m in models if m in row}
+        ests = {m: estimate_of(row[m]) for m in models if m in row}
         pts = [e.point for e in ests.values() if _finite(e.point)]
         best = max(pts) if pts else None
         cells = []
@@ -186,8 +205,11 @@ def markdown_table(report: dict, task: str) -> str:
             marks += ["one class"] if row[m].get("classes_predicted") == 1 else []
             cells.append(text + (f" ({', '.join(marks)})" if marks else ""))
         c, maj = t.get("chance", {}).get(metric), t.get("majority", {}).get(metric)
-        line = [task, metric] + cells + [("" if c is None else f"{c:.3f}")
-                                         + ("" if maj is None else f" (majority {maj:.3f})")]
+        line = (
+            [task, metric]
+            + cells
+            + [("" if c is None else f"{c:.3f}") + ("" if maj is None else f" (majority {maj:.3f})")]
+        )
         diffs = t.get("differences", {}).get(metric, {})
         if show_gain:
             d = diffs.get("student_minus_best_teacher")
@@ -204,16 +226,26 @@ def overall_markdown(report: dict) -> list[str]:
     if not o:
         return []
     student = report["student"]
-    lines = ["", "## Overall", "", o["text"] + ".", "",
-             "| comparison | mean difference [95% CI] | verdict | tasks |", "|---|---|---|---|"]
+    lines = [
+        "",
+        "## Overall",
+        "",
+        o["text"] + ".",
+        "",
+        "| comparison | mean difference [95% CI] | verdict | tasks |",
+        "|---|---|---|---|",
+    ]
     rows = [(f"{student} − best teacher", o.get("student_minus_best_teacher"))]
     rows += [(f"{student} − {b}", d) for b, d in o.get("student_minus_baseline", {}).items()]
     for name, d in rows:
         if d is not None:
             lines.append(f"| {name} | {_diff_text(d)} | {d['verdict'] or 'n/a'} | {', '.join(d['tasks'])} |")
     heads = ", ".join(f"{t} {m}" for t, m in o.get("headlines", {}).items() if m)
-    lines += ["", f"Headline metric per task: {heads}. Replicate r of the mean is the mean over tasks of each "
-              "task's replicate r (tasks are independent test sets); better/worse: the interval lies above/below 0."]
+    lines += [
+        "",
+        f"Headline metric per task: {heads}. Replicate r of the mean is the mean over tasks of each "
+        "task's replicate r (tasks are independent test sets); better/worse: the interval lies above/below 0.",
+    ]
     return lines
 
 
@@ -223,10 +255,10 @@ def _flag_text(report: dict, task: str) -> str:
     head, c = t.get("headline"), t.get("chance", {}).get(t.get("headline"))
     notes = []
     for m in t.get("flags", {}).get("below_chance", []):
-        notes.append(f"{m} is below chance ({head} {_est(t['metrics'][head][m])} against chance {c:.3f})")
+        notes.append(f"{m} is below chance ({head} {estimate_of(t['metrics'][head][m])} against chance {c:.3f})")
     for m in t.get("flags", {}).get("one_class", []):
         key = next((k for k, row in t["metrics"].items() if row.get(m, {}).get("classes_predicted") == 1), head)
-        notes.append(f"{m} predicts one class for every test image ({key} {_est(t['metrics'][key][m])})")
+        notes.append(f"{m} predicts one class for every test image ({key} {estimate_of(t['metrics'][key][m])})")
     return "; ".join(f"caution: {n}" for n in notes)
 
 
@@ -261,20 +293,34 @@ def write_markdown(report: dict, out: Path, charts: Mapping[str, str]) -> Path:
             who.append(f"baselines: {', '.join(report['baselines'])}")
         if report["teachers"]:
             who.append(f"teachers: {', '.join(report['teachers'])}")
-        lines.append("; ".join(who) + ". After the models come the chance level (the expected score of a random "
-                     "scorer; for accuracy also the majority-class level, the accuracy of always answering the "
-                     "commonest test class) and the student's paired differences (student − best teacher, "
-                     f"student − each baseline) with {100 * level:g}% intervals from the same bootstrap resamples "
-                     "for every model.")
-    lines += [f"Values: point estimate [{100 * level:g}% CI], percentile bootstrap over test samples "
-              f"({s.get('bootstrap')} resamples, seed {s.get('seed')}); the best per row in bold.", "", "## Models",
-              "", "| model | role | spec |", "|---|---|---|"]
+        lines.append(
+            "; ".join(who) + ". After the models come the chance level (the expected score of a random "
+            "scorer; for accuracy also the majority-class level, the accuracy of always answering the "
+            "commonest test class) and the student's paired differences (student − best teacher, "
+            f"student − each baseline) with {100 * level:g}% intervals from the same bootstrap resamples "
+            "for every model."
+        )
+    lines += [
+        f"Values: point estimate [{100 * level:g}% CI], percentile bootstrap over test samples "
+        f"({s.get('bootstrap')} resamples, seed {s.get('seed')}); the best per row in bold.",
+        "",
+        "## Models",
+        "",
+        "| model | role | spec |",
+        "|---|---|---|",
+    ]
     lines += [f"| {k} | {v['role']} | `{v['spec']}` |" for k, v in report["models"].items()]
     lines += overall_markdown(report)
     for task, t in report["tasks"].items():
         sizes = ", ".join(f"{k} {v}" for k, v in t.get("n", {}).items())
-        lines += ["", f"## {task}", "", f"{t.get('kind')} on `{t.get('dataset')}` ({sizes})", "",
-                  markdown_table(report, task)]
+        lines += [
+            "",
+            f"## {task}",
+            "",
+            f"{t.get('kind')} on `{t.get('dataset')}` ({sizes})",
+            "",
+            markdown_table(report, task),
+        ]
         said = task_sentence(report, task)
         if said:
             lines += ["", f"**Verdict** {said[0]}: {said[1]}" if t.get("verdict") else f"**Note**: {said[1]}"]
@@ -282,65 +328,6 @@ def write_markdown(report: dict, out: Path, charts: Mapping[str, str]) -> Path:
             lines += ["", f"![{task}]({charts[task]})"]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def plot_task(report: dict, task: str, path: Path) -> Path:
-    """A grouped bar chart (metrics x models) with CI error bars and a dashed chance line per metric;
-    linear probes: the headline metric against shots, chance as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    t, models = report["tasks"][task], list(report["models"])
-    role = {m: v.get("role", "teacher") for m, v in report["models"].items()}
-    labels = {m: model_label(m, role[m], len(models)) for m in models}
-    metrics, chance = t["metrics"], t.get("chance", {})
-    head = (t.get("headline") or "").split("/")[-1]
-    if t.get("kind") == "linear_probe" and head:
-        names = [k for k in metrics if k.endswith("/" + head) and k.count("/") == 1]
-        fig, ax = plt.subplots(figsize=(max(5.0, 1.0 * len(names) + 2), 3.8))
-        x = np.arange(len(names))
-        for j, m in enumerate(models):
-            e = [_est(metrics[k].get(m, {})) for k in names]
-            y = np.array([v.point for v in e], dtype=float)
-            err = np.array([[v.point - v.ci_low for v in e], [v.ci_high - v.point for v in e]], dtype=float)
-            ax.errorbar(x + (j - (len(models) - 1) / 2) * 0.05, y, yerr=np.nan_to_num(err), marker="o", capsize=3,
-                        label=labels[m])
-        levels = [chance.get(k) for k in names if chance.get(k) is not None]
-        if levels:
-            ax.axhline(levels[0], color="0.3", linestyle="--", linewidth=1, label="chance")
-        ax.set_xticks(x, [k.split("/")[0] for k in names])
-        ax.set_xlabel("training images per class")
-        ax.set_ylabel(f"{head} (95% CI)")
-    else:
-        names = list(metrics)
-        fig, ax = plt.subplots(figsize=(min(16.0, max(6.5, 0.45 * len(names) * max(1, len(models)) + 3)), 4.2))
-        x, width = np.arange(len(names)), 0.8 / max(1, len(models))
-        for j, m in enumerate(models):
-            e = [_est(metrics[k].get(m, {})) for k in names]
-            y = np.nan_to_num(np.array([v.point for v in e], dtype=float))
-            err = np.nan_to_num(np.clip(np.array([[v.point - v.ci_low for v in e],
-                                                  [v.ci_high - v.point for v in e]], dtype=float), 0, None))
-            ax.bar(x + (j - (len(models) - 1) / 2) * width, y, width, yerr=err, capsize=3, label=labels[m])
-        first = True
-        for i, k in enumerate(names):  # one dashed segment over each metric's group of bars
-            if chance.get(k) is not None:
-                ax.hlines(chance[k], i - 0.45, i + 0.45, colors="0.15", linestyles="--", linewidth=1.2,
-                          label="chance" if first else None, zorder=3)
-                first = False
-        slant = len(names) > 2 and max(map(len, names)) > 8  # long metric names would run into each other
-        ax.set_xticks(x, names, rotation=25 if slant else 0, ha="right" if slant else "center")
-        ax.set_ylabel("score (95% bootstrap CI)")
-    ax.set_ylim(0, 1.05)
-    ax.set_title(task)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # never over a bar
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -6,21 +6,21 @@ carry it is in the top k. Ties are broken at random in expectation, so a constan
 Intervals resample the queries of each direction (both directions in one bootstrap, as two strata);
 `mean_recall`, the mean of the six recalls, is the task's headline metric.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from teachers import Teacher
-
 from distill.eval import metrics as M
-from distill.eval.bootstrap import Estimate, bootstrap
+from distill.eval.bootstrap import Estimate, Metric, bootstrap
 from distill.eval.context import EvalContext
 from distill.eval.embeddings import encode_texts
 from distill.eval.kinds import register_kind
+from teachers import Teacher
 
 KS = (1, 5, 10)
 
@@ -28,7 +28,8 @@ KS = (1, 5, 10)
 def dedupe_captions(captions: Sequence[str]) -> tuple[list[str], np.ndarray]:
     """(unique captions in first-seen order, caption index of each image)."""
     index: dict[str, int] = {}
-    unique, owner = [], np.empty(len(captions), dtype=np.int64)
+    unique: list[str] = []
+    owner = np.empty(len(captions), dtype=np.int64)
     for i, cap in enumerate(captions):
         norm = " ".join(cap.split())
         if norm not in index:
@@ -38,16 +39,18 @@ def dedupe_captions(captions: Sequence[str]) -> tuple[list[str], np.ndarray]:
     return unique, owner
 
 
-def retrieval_hits(image_emb: torch.Tensor, text_emb: torch.Tensor, owner: np.ndarray,
-                   ks: Sequence[int] = KS) -> tuple[np.ndarray, np.ndarray]:
+def retrieval_hits(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, owner: np.ndarray, ks: Sequence[int] = KS
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-query probability of a hit in the top k, (Q, len(ks)): (images among texts, texts among images)."""
-    sim = (image_emb.float() @ text_emb.float().T).numpy()          # (N_img, N_txt)
-    pos = owner[:, None] == np.arange(text_emb.shape[0])[None, :]   # image i carries text j
+    sim = (image_emb.float() @ text_emb.float().T).numpy()  # (N_img, N_txt)
+    pos = owner[:, None] == np.arange(text_emb.shape[0])[None, :]  # image i carries text j
     return M.hit_probabilities(sim, pos, ks), M.hit_probabilities(sim.T, pos.T, ks)
 
 
-def retrieval_metrics(i2t_hits: np.ndarray, t2i_hits: np.ndarray, resamples: int = 1000,
-                      seed: int = 0, ks: Sequence[int] = KS) -> dict[str, Estimate]:
+def retrieval_metrics(
+    i2t_hits: np.ndarray, t2i_hits: np.ndarray, resamples: int = 1000, seed: int = 0, ks: Sequence[int] = KS
+) -> dict[str, Estimate]:
     """R@k both ways and their mean (`mean_recall`, the headline) with bootstrap CIs over the queries.
 
     `*_hits` come from `retrieval_hits` with the same `ks`. One bootstrap resamples image queries and text queries
@@ -59,10 +62,13 @@ def retrieval_metrics(i2t_hits: np.ndarray, t2i_hits: np.ndarray, resamples: int
     def part(idx: np.ndarray, direction: str) -> np.ndarray:
         return idx[idx < n_img] if direction == "image_to_text" else idx[idx >= n_img] - n_img
 
-    fns = {f"{d}_R@{k}": (lambda i, c=c, d=d: M.recall_at_k(hits[d][part(i, d), c]))
-           for d in hits for c, k in enumerate(ks)}
-    fns["mean_recall"] = lambda i: float(np.mean([M.recall_at_k(hits[d][part(i, d), c])
-                                                  for d in hits for c in range(len(ks))]))
+    def recall(d: str, c: int) -> Metric:
+        return lambda i: M.recall_at_k(hits[d][part(i, d), c])
+
+    fns: dict[str, Metric] = {f"{d}_R@{k}": recall(d, c) for d in hits for c, k in enumerate(ks)}
+    fns["mean_recall"] = lambda i: float(
+        np.mean([M.recall_at_k(hits[d][part(i, d), c]) for d in hits for c in range(len(ks))])
+    )
     out = bootstrap(fns, n_img + n_txt, resamples, seed, strata=(n_img, n_txt))
     sizes = {"image_to_text": n_img, "text_to_image": n_txt}
     return {k: (replace(e, n=sizes[k.split("_R@")[0]]) if "_R@" in k else e) for k, e in out.items()}

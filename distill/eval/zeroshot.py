@@ -4,21 +4,21 @@ Each class embedding is the mean of its L2-normalised prompt embeddings ("a ches
 renormalised (the CLIP recipe). Single-label tasks score softmax(logit_scale * cosine); multi-label tasks score
 each class by its cosine similarity, and AUROC only needs the ranking.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from teachers import Teacher
 
 from distill.eval.bootstrap import Estimate
 from distill.eval.classification import classification_metrics
 from distill.eval.context import EvalContext
 from distill.eval.embeddings import encode_texts
 from distill.eval.kinds import register_kind
+from teachers import Teacher
 
 
 def class_embeddings(model: Teacher, classes: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
@@ -28,8 +28,9 @@ def class_embeddings(model: Teacher, classes: Sequence[str], templates: Sequence
     return F.normalize(F.normalize(emb, dim=-1).mean(1), dim=-1)
 
 
-def zeroshot_scores(image_emb: torch.Tensor, class_emb: torch.Tensor, logit_scale: float,
-                    multilabel: bool = False) -> np.ndarray:
+def zeroshot_scores(
+    image_emb: torch.Tensor, class_emb: torch.Tensor, logit_scale: float, multilabel: bool = False
+) -> np.ndarray:
     """(N, C) class scores: cosine similarities (multi-label) or softmax probabilities (single-label)."""
     sim = image_emb.float() @ class_emb.float().T
     return (sim if multilabel else (logit_scale * sim).softmax(-1)).numpy()

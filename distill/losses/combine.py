@@ -21,11 +21,12 @@ find_unused_parameters) and all ranks run the same collectives.
 
 Draw order (one step, one generator): T uniforms for dropping (when drop_prob > 0), then for each term whose
 teachers were all dropped (fewest teachers first) one randint to revive one of them, then world_size * B
-uniforms for the assignment (random_teacher), of which this rank keeps its own B. A sample's uniform is shared by every term
-(inverse-CDF over that term's kept teachers), so terms with the same teachers give a sample the same teacher.
+uniforms for the assignment (random_teacher), of which this rank keeps its own B. A sample's uniform is shared by
+every term (inverse-CDF over that term's kept teachers), so terms with the same teachers give a sample the same teacher.
 Seed the generator identically on every rank: every rank then drops the same teachers, and each sample gets the
 teacher a one-process run over the global batch would give it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -107,6 +108,8 @@ def weight_matrix(
     if cfg.mode == "weighted_sum":
         out = norm
     else:  # random_teacher: inverse CDF of the row's weights at the sample's uniform
+        if step.uniforms is None:
+            raise ValueError("combine mode 'random_teacher' needs the per-sample uniforms drawn with it")
         cdf = torch.cumsum(norm, 1)
         # a weight-0 teacher has a zero-width interval, so it is never picked; from the last positive teacher on
         # the CDF is lifted past 1 so rounding cannot hand a uniform near 1 to a trailing dropped teacher

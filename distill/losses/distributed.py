@@ -2,17 +2,20 @@
 
 Each process scores its own B rows against the global batch (world_size * B columns), as open_clip's
 `ClipLoss(local_loss=True, gather_with_grad=True)` and BiomedCLIP do: memory grows with B * global batch, not
-global batch squared. Student features are gathered WITH gradients (`_AllGatherWithGrad`: its backward sums every rank's
-gradient into the rows' owner), so
-with DDP's gradient averaging the step equals the one-process loss over the whole global batch. Cached teacher features are constants: gathered without autograd.
+global batch squared. Student features are gathered WITH gradients (`_AllGatherWithGrad`: its backward sums every
+rank's gradient into the rows' owner), so with DDP's gradient averaging the step equals the one-process loss over the
+whole global batch. Cached teacher features are constants: gathered without autograd.
 
 All processes must call with the same local batch size (use drop_last or Accelerate's even_batches).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 
@@ -23,8 +26,6 @@ class GatherFn(Protocol):
 
 def world_and_rank() -> tuple[int, int]:
     """(world size, rank) of the default process group, (1, 0) when torch.distributed is not initialised."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
@@ -35,8 +36,6 @@ def all_gather_rows(x: Tensor, with_grad: bool = True) -> tuple[Tensor, int]:
     world, rank = world_and_rank()
     if world == 1:
         return x, 0
-    import torch.distributed as dist
-
     if with_grad:
         return _gather_with_grad(x.contiguous(), dist.group.WORLD), rank * x.shape[0]
     with torch.no_grad():
@@ -55,8 +54,6 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, group) -> Tensor:
-        import torch.distributed as dist
-
         ctx.group, ctx.rank, ctx.rows = group, dist.get_rank(group), x.shape[0]
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, x, group=group)
@@ -64,11 +61,9 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        import torch.distributed as dist
-
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None
 
 
 def _gather_with_grad(x: Tensor, group) -> Tensor:
@@ -103,10 +98,17 @@ class StepGather:
         each alone. Memoised per key like `__call__`: keys already gathered are not sent again (their value may
         then be None).
         """
-        todo = {k: v.detach() for k, v in parts.items() if k not in self._memo}
+        todo: dict[str, Tensor] = {}
+        for k, v in parts.items():
+            if k not in self._memo:
+                if v is None:
+                    raise ValueError(f"{k!r} is not gathered yet: its value cannot be None")
+                todo[k] = v.detach()
         if todo:
-            cols = [v.contiguous().view(torch.float32) if v.element_size() in (4, 8) and v.dtype != torch.float32
-                    else v for v in todo.values()]
+            cols = [
+                v.contiguous().view(torch.float32) if v.element_size() in (4, 8) and v.dtype != torch.float32 else v
+                for v in todo.values()
+            ]
             if any(c.dtype != torch.float32 for c in cols):
                 raise TypeError(f"constants gathers 4- and 8-byte dtypes; got {[v.dtype for v in todo.values()]}")
             with torch.no_grad():

@@ -17,6 +17,7 @@ argument also allows: C - 1 Givens rotations chosen from lam so that the diagona
 mean(lam) (the constructive Schur-Horn step, Chan & Li 1983). The per-dimension variance is then still exactly
 1; only the "spread every eigen-direction evenly" property of Hadamard is lost.
 """
+
 from __future__ import annotations
 
 import math
@@ -146,8 +147,12 @@ class PhiS(nn.Module):
     stats: {teacher: {"image_mean": (D,), "image_cov": (D, D), "text_mean": (D,), "text_cov": (D, D)}}.
     """
 
-    def __init__(self, stats: dict[str, dict[str, np.ndarray]], teachers: list[str],
-                 modalities: tuple[Modality, ...] = MODALITIES):
+    def __init__(
+        self,
+        stats: dict[str, dict[str, np.ndarray]],
+        teachers: list[str],
+        modalities: tuple[Modality, ...] = MODALITIES,
+    ):
         super().__init__()
         self.keys: dict[tuple[str, Modality], str] = {}
         for t in teachers:

@@ -17,7 +17,10 @@ Limits (per document; each refusal is a `YamlLimitError`, a `yaml.YAMLError`, na
 - `MAX_YAML_VALUES` values once every alias is expanded (200,000); an alias inside the node it names (a cycle) is
   refused too.
 """
+
 from __future__ import annotations
+
+from typing import Any
 
 import yaml
 from yaml.events import AliasEvent
@@ -39,7 +42,7 @@ def _where(mark) -> str:
 class _BoundedLoader(yaml.SafeLoader):
     """SafeLoader whose composer counts aliases, depth and expanded values while it builds the node graph."""
 
-    def __init__(self, stream):
+    def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._aliases = 0
         self._depth = 0
@@ -50,17 +53,22 @@ class _BoundedLoader(yaml.SafeLoader):
             mark = self.peek_event().start_mark
             self._aliases += 1
             if self._aliases > MAX_YAML_ALIASES:
-                raise YamlLimitError(f"{_where(mark)}more than {MAX_YAML_ALIASES} aliases (*name); YAML read by "
-                                     "distill may use at most that many (an alias bomb?): write the values out")
+                raise YamlLimitError(
+                    f"{_where(mark)}more than {MAX_YAML_ALIASES} aliases (*name); YAML read by "
+                    "distill may use at most that many (an alias bomb?): write the values out"
+                )
             node = super().compose_node(parent, index)
             if id(node) not in self._values:  # still being composed: the alias is inside the node it names
-                raise YamlLimitError(f"{_where(mark)}an alias refers to a node that contains it (a cycle); "
-                                     "write the values out")
+                raise YamlLimitError(
+                    f"{_where(mark)}an alias refers to a node that contains it (a cycle); write the values out"
+                )
             return node
         self._depth += 1
         if self._depth > MAX_YAML_DEPTH:
-            raise YamlLimitError(f"{_where(self.peek_event().start_mark)}nested more than {MAX_YAML_DEPTH} levels "
-                                 "deep; YAML read by distill may nest at most that deep")
+            raise YamlLimitError(
+                f"{_where(self.peek_event().start_mark)}nested more than {MAX_YAML_DEPTH} levels "
+                "deep; YAML read by distill may nest at most that deep"
+            )
         node = super().compose_node(parent, index)
         self._depth -= 1
         if isinstance(node, yaml.ScalarNode):
@@ -70,9 +78,11 @@ class _BoundedLoader(yaml.SafeLoader):
         else:
             size = 1 + sum(self._values[id(k)] + self._values[id(v)] for k, v in node.value)
         if size > MAX_YAML_VALUES:
-            raise YamlLimitError(f"{_where(node.start_mark)}this value stands for {size:,} values once its "
-                                 f"aliases are expanded, over the {MAX_YAML_VALUES:,} YAML read by distill may "
-                                 "hold (an alias bomb?): write the values out")
+            raise YamlLimitError(
+                f"{_where(node.start_mark)}this value stands for {size:,} values once its "
+                f"aliases are expanded, over the {MAX_YAML_VALUES:,} YAML read by distill may "
+                "hold (an alias bomb?): write the values out"
+            )
         self._values[id(node)] = size
         return node
 
@@ -86,8 +96,7 @@ def load_yaml(text: str | bytes) -> object:
     """The one document in `text` as plain Python values (what `yaml.safe_load` gives), within the limits above;
     YamlLimitError (a yaml.YAMLError) over them, other yaml.YAMLErrors for text that is not YAML."""
     if len(text) > MAX_YAML_BYTES:
-        raise YamlLimitError(f"{len(text):,} characters, over the {MAX_YAML_BYTES:,} YAML read by distill may "
-                             "have")
+        raise YamlLimitError(f"{len(text):,} characters, over the {MAX_YAML_BYTES:,} YAML read by distill may have")
     loader = _BoundedLoader(text)
     try:
         return loader.get_single_data()
@@ -95,5 +104,4 @@ def load_yaml(text: str | bytes) -> object:
         loader.dispose()
 
 
-__all__ = ["load_yaml", "YamlLimitError", "MAX_YAML_BYTES", "MAX_YAML_ALIASES", "MAX_YAML_DEPTH",
-           "MAX_YAML_VALUES"]
+__all__ = ["load_yaml", "YamlLimitError", "MAX_YAML_BYTES", "MAX_YAML_ALIASES", "MAX_YAML_DEPTH", "MAX_YAML_VALUES"]

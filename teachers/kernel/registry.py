@@ -11,6 +11,7 @@ finds objects that other installed packages declare, e.g. in their pyproject.tom
 
 and loads each one only when its name is first asked for, so a broken plug-in breaks only its own name.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -18,7 +19,8 @@ import fnmatch
 import importlib.metadata
 import re
 import warnings
-from typing import Generic, Iterator, TypeVar
+from collections.abc import Iterator
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -73,9 +75,12 @@ class Registry(Generic[T]):
             if ep.name in self._items:
                 if ep.name not in self._warned:
                     self._warned.add(ep.name)
-                    warnings.warn(f"entry point {ep.name!r} = {ep.value!r} in group {self.entry_point_group!r} is "
-                                  f"ignored: a built-in {self.kind} has that name; rename it in the plug-in's "
-                                  "pyproject.toml", stacklevel=3)
+                    warnings.warn(
+                        f"entry point {ep.name!r} = {ep.value!r} in group {self.entry_point_group!r} is "
+                        f"ignored: a built-in {self.kind} has that name; rename it in the plug-in's "
+                        "pyproject.toml",
+                        stacklevel=3,
+                    )
                 continue
             found.setdefault(ep.name, ep)
         return found
@@ -87,9 +92,11 @@ class Registry(Generic[T]):
         try:
             obj = ep.load()
         except Exception as e:  # the plug-in's own import error, named with where it was declared
-            raise PluginLoadError(f"{self.kind} {name!r}: cannot load entry point {ep.value!r} (group "
-                                  f"{self.entry_point_group!r}): {type(e).__name__}: {e}; fix or uninstall the "
-                                  "package that declares it") from e
+            raise PluginLoadError(
+                f"{self.kind} {name!r}: cannot load entry point {ep.value!r} (group "
+                f"{self.entry_point_group!r}): {type(e).__name__}: {e}; fix or uninstall the "
+                "package that declares it"
+            ) from e
         self._items[name] = obj
         self._loaded.add(name)
         return obj
@@ -122,4 +129,3 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self.list())
-

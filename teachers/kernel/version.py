@@ -3,17 +3,18 @@
 Why here: the cache writes it into every file and the trainer and reports record it; the bottom room is the
 one every other room may import. A source tree run without `pip install -e .` reads pyproject.toml instead.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 DISTRIBUTION = "biomed-distill"
 
 
-@lru_cache(maxsize=None)
+@cache
 def package_version() -> str:
     """`importlib.metadata.version("biomed-distill")`; for an uninstalled tree, pyproject.toml's, else "0+unknown"."""
     try:
