@@ -13,6 +13,7 @@ dataclass of defaults (each field commented), and `--name value` / `--name=value
 override them with type checks (a tuple flag takes comma-separated values and may be repeated), like
 `Config.from_argv` does for training.
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,9 +29,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypeVar, get_type_hints
+from typing import Any, TypeVar, get_type_hints
 
 import numpy as np
 from PIL import Image
@@ -45,7 +47,7 @@ T = TypeVar("T")
 class Output:
     """The output flags of every benchmark that writes NAME.json / NAME.md (its Flags class derives from this)."""
 
-    out: str = ""         # folder for NAME.json and NAME.md (default $BIOMED_DISTILL_BENCH_OUT, else bench-out)
+    out: str = ""  # folder for NAME.json and NAME.md (default $BIOMED_DISTILL_BENCH_OUT, else bench-out)
     record: bool = False  # write to benchmarks/results/ instead: the committed figures the README quotes
 
 
@@ -181,10 +183,17 @@ def machine() -> dict:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
-            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "load_avg_1m": load_avg(),
-            "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "load_avg_1m": load_avg(),
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -209,7 +218,7 @@ class Spread:
     n: int
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> "Spread":
+    def of(cls, values: Sequence[float]) -> Spread:
         return cls(statistics.median(values), min(values), max(values), len(values))
 
     def text(self, digits: int = 3) -> str:
@@ -231,8 +240,11 @@ class Interleaved:
         return Spread.of([x / y for x, y in zip(self.samples[a], self.samples[b])])
 
     def as_dict(self) -> dict:
-        return {"samples": self.samples, "load_avg_1m": self.load,
-                "stats": {k: dataclasses.asdict(self.stats(k)) for k in self.samples}}
+        return {
+            "samples": self.samples,
+            "load_avg_1m": self.load,
+            "stats": {k: dataclasses.asdict(self.stats(k)) for k in self.samples},
+        }
 
 
 def interleave(variants: dict[str, Callable[[], float]], repeats: int, label: str = "") -> Interleaved:
@@ -243,8 +255,12 @@ def interleave(variants: dict[str, Callable[[], float]], repeats: int, label: st
         loads.append(load_avg())
         for name, fn in variants.items():
             samples[name].append(float(fn()))
-        print(f"{label} repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.4g}" for k, v in samples.items())
-              + f" (load {loads[-1]})", flush=True)
+        print(
+            f"{label} repeat {r + 1}/{repeats}: "
+            + ", ".join(f"{k} {v[-1]:.4g}" for k, v in samples.items())
+            + f" (load {loads[-1]})",
+            flush=True,
+        )
     loads.append(load_avg())
     return Interleaved(samples, loads)
 
@@ -309,23 +325,32 @@ def write_results(name: str, flags: Output, results: dict, markdown: str, json_c
         Path(json_copy).write_text(json.dumps(results, indent=2, default=str) + "\n")
     folder = output_dir(flags)
     folder.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "command": invocation(),
-               "flags": dataclasses.asdict(flags), "machine": machine(), "results": results}
+    payload = {
+        "benchmark": name,
+        "command": invocation(),
+        "flags": dataclasses.asdict(flags),
+        "machine": machine(),
+        "results": results,
+    }
     j, m = folder / f"{name}.json", folder / f"{name}.md"
     j.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     mc = payload["machine"]
-    head = (f"# {name}\n\n`python {payload['command']}` on {mc['date'][:10]}, {mc['cpu']}, {mc['cores']} cores, "
-            f"torch threads {mc['torch_threads']}, GPU: {mc['gpu'] or 'none'}, load average {mc['load_avg_1m']}\n\n")
+    head = (
+        f"# {name}\n\n`python {payload['command']}` on {mc['date'][:10]}, {mc['cpu']}, {mc['cores']} cores, "
+        f"torch threads {mc['torch_threads']}, GPU: {mc['gpu'] or 'none'}, load average {mc['load_avg_1m']}\n\n"
+    )
     m.write_text(head + markdown.rstrip() + "\n")
     return j, m
 
 
 def table(rows: list[list[Any]], header: list[str]) -> str:
     """A GitHub markdown table (also what the scripts print)."""
+
     def fmt(x: Any) -> str:
         if isinstance(x, float):
             return f"{x:,.3f}" if abs(x) < 10 else f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.1f}"
         return str(x)
+
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
     return "\n".join(lines)

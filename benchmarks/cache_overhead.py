@@ -24,10 +24,10 @@ posix_fadvise, no root needed). "fetched/useful" is feature bytes the reader too
 "read/useful" bytes HDF5 read through pread (/proc/self/io rchar); "disk/useful" those that came from the disk.
 Goal: >= 20,000 rows/s (what 8 GPUs training ViT-B/16 consume).
 """
+
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -37,9 +37,22 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench_common import (Output, Spread, drop_from_page_cache, head_corpus, interleave, io_counters,
-                                     load_into_page_cache, make_jpeg_corpus, output_dir, parse_flags, quiet_libraries,
-                                     table, timed, write_results)
+from benchmarks.bench_common import (
+    Output,
+    Spread,
+    drop_from_page_cache,
+    head_corpus,
+    interleave,
+    io_counters,
+    load_into_page_cache,
+    make_jpeg_corpus,
+    output_dir,
+    parse_flags,
+    quiet_libraries,
+    table,
+    timed,
+    write_results,
+)
 
 # Imports of torch and of the project's modules (which load torch) sit in the functions that use them, so that
 # --help and a flag error answer at once, without loading torch.
@@ -51,28 +64,28 @@ GOAL_ROWS_PER_S = 20_000
 @dataclass(frozen=True)
 class Flags(Output):
     # part 1: cache overhead
-    images: int = 384                 # synthetic JPEG images in the corpus
-    image_px: int = 256               # their side: decoding and resizing cost something real
-    batch_size: int = 64              # images per teacher forward pass (both sides)
+    images: int = 384  # synthetic JPEG images in the corpus
+    image_px: int = 256  # their side: decoding and resizing cost something real
+    batch_size: int = 64  # images per teacher forward pass (both sides)
     workers: tuple[int, ...] = (0, 1, 2)  # --num-workers values of the cache run
-    repeats: int = 3                  # interleaved repeats (A B A B ...): ratios per repeat, then median and range
-    teacher_width: int = 256          # both small teachers: transformer width,
-    teacher_layers: int = 6           # layers (vision and text),
-    teacher_image_size: int = 96      # and input resolution (patch 8): a forward costs well over one decode
-    corpus: str | None = None         # use this corpus (CSV/TSV/JSONL/shards) instead of the synthetic one
+    repeats: int = 3  # interleaved repeats (A B A B ...): ratios per repeat, then median and range
+    teacher_width: int = 256  # both small teachers: transformer width,
+    teacher_layers: int = 6  # layers (vision and text),
+    teacher_image_size: int = 96  # and input resolution (patch 8): a forward costs well over one decode
+    corpus: str | None = None  # use this corpus (CSV/TSV/JSONL/shards) instead of the synthetic one
     # part 2: reader throughput
-    rows: int = 1_000_000             # rows of the synthetic feature file (~7 GB at 1M rows, 3 teachers, fp16)
+    rows: int = 1_000_000  # rows of the synthetic feature file (~7 GB at 1M rows, 3 teachers, fp16)
     dims: tuple[int, ...] = (512, 768, 512)  # one teacher per embedding size; each has image + text
     chunk_rows: tuple[int, ...] = (256, 1024)  # HDF5 chunk lengths (rows) to compare
     block_rows: tuple[int, ...] = (256, 1024, 4096)  # reader blocks / sampler blocks (those a multiple of the chunk)
-    read_batch: int = 256             # rows per read, as a training batch
-    buffer_rows: int = 16384          # shuffle buffer in rows (same memory for every block size): buffer_rows / B
-                                      # blocks shuffled together = the reader's LRU blocks
-    seconds: float = 2.0              # reading time per measurement (or until the rows run out)
-    cold: bool = True                 # also measure after dropping the file from the page cache
-    reader_dir: str = "/tmp"          # where the big file is written (deleted at the end)
+    read_batch: int = 256  # rows per read, as a training batch
+    buffer_rows: int = 16384  # shuffle buffer in rows (same memory for every block size): buffer_rows / B
+    # blocks shuffled together = the reader's LRU blocks
+    seconds: float = 2.0  # reading time per measurement (or until the rows run out)
+    cold: bool = True  # also measure after dropping the file from the page cache
+    reader_dir: str = "/tmp"  # where the big file is written (deleted at the end)
     # both
-    workdir: str | None = None        # keep corpus/teachers/caches here (default: a temp dir, deleted)
+    workdir: str | None = None  # keep corpus/teachers/caches here (default: a temp dir, deleted)
     skip_overhead: bool = False
     skip_reader: bool = False
 
@@ -81,10 +94,12 @@ class Flags(Output):
 def make_teachers(root: Path, f: Flags) -> dict[str, str]:
     from distill.tiny_models import make_tiny_hf_clip, make_tiny_open_clip  # lazy: torch after the flags
 
-    oc = make_tiny_open_clip(root / "oc", embed_dim=128, width=f.teacher_width, layers=f.teacher_layers,
-                             image_size=f.teacher_image_size)
-    hf = make_tiny_hf_clip(root / "hf", projection_dim=96, hidden=f.teacher_width, layers=f.teacher_layers,
-                           image_size=f.teacher_image_size)
+    oc = make_tiny_open_clip(
+        root / "oc", embed_dim=128, width=f.teacher_width, layers=f.teacher_layers, image_size=f.teacher_image_size
+    )
+    hf = make_tiny_hf_clip(
+        root / "hf", projection_dim=96, hidden=f.teacher_width, layers=f.teacher_layers, image_size=f.teacher_image_size
+    )
     return {"oc": f"local-dir:{oc}", "hf": f"hf-clip:{hf}"}
 
 
@@ -105,10 +120,10 @@ def _sync() -> None:
 class Prepared:
     """The denominator's inputs: every image decoded once, each teacher's inputs made and on its device."""
 
-    teachers: dict                    # name -> (teacher, image batches, token batches)
+    teachers: dict  # name -> (teacher, image batches, token batches)
     images: int
-    decode_s: float                   # corpus.load_image over every image (one decode each)
-    transform_s: dict[str, float]     # each teacher's own image transform over every decoded image
+    decode_s: float  # corpus.load_image over every image (one decode each)
+    transform_s: dict[str, float]  # each teacher's own image transform over every decoded image
 
 
 def prepared_inputs(corpus_path: str, teachers: dict[str, str], batch_size: int) -> Prepared:
@@ -128,7 +143,7 @@ def prepared_inputs(corpus_path: str, teachers: dict[str, str], batch_size: int)
         t0 = time.perf_counter()
         x = torch.stack([t.image_transform(im) for im in images])
         transform_s[name] = time.perf_counter() - t0
-        tok = [t.tokenize(corpus.captions[i:i + batch_size]) for i in range(0, len(corpus), batch_size)]
+        tok = [t.tokenize(corpus.captions[i : i + batch_size]) for i in range(0, len(corpus), batch_size)]
         out[name] = (t, [b.to(t.device) for b in x.split(batch_size)], [b.to(t.device) for b in tok])
     return Prepared(out, len(images), decode_s, transform_s)
 
@@ -154,14 +169,26 @@ def cache_run_seconds(corpus_path: str, teachers: dict[str, str], out: Path, bat
     """Wall time of a complete `distill cache` run into a fresh file."""
     from cache import CacheJob, build_cache
 
-    for p in (out, Path(str(out) + ".parts"), Path(str(out) + ".tmp"), Path(str(out) + ".lock"),
-              Path(str(out) + ".segments")):
+    for p in (
+        out,
+        Path(str(out) + ".parts"),
+        Path(str(out) + ".tmp"),
+        Path(str(out) + ".lock"),
+        Path(str(out) + ".segments"),
+    ):
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-    job = CacheJob(data=str(corpus_path), teachers=teachers, out=str(out), batch_size=batch_size,
-                   num_workers=workers, device=_device(), progress=False)
+    job = CacheJob(
+        data=str(corpus_path),
+        teachers=teachers,
+        out=str(out),
+        batch_size=batch_size,
+        num_workers=workers,
+        device=_device(),
+        progress=False,
+    )
     seconds, summary = timed(lambda: build_cache(job))
     if any(t.done != summary.rows for t in summary.teachers.values()):
         raise RuntimeError(f"cache run incomplete: {summary}")
@@ -171,9 +198,17 @@ def cache_run_seconds(corpus_path: str, teachers: dict[str, str], out: Path, bat
 def per_image_costs(prep: Prepared, bare: dict[str, tuple[float, float]]) -> dict:
     """Milliseconds per image: one decode, and per teacher its transform and its image and text forward passes."""
     n = prep.images
-    return {"decode_ms": 1e3 * prep.decode_s / n,
-            "teachers": {name: {"transform_ms": 1e3 * prep.transform_s[name] / n, "image_forward_ms": 1e3 * i / n,
-                                "text_forward_ms": 1e3 * s / n} for name, (i, s) in bare.items()}}
+    return {
+        "decode_ms": 1e3 * prep.decode_s / n,
+        "teachers": {
+            name: {
+                "transform_ms": 1e3 * prep.transform_s[name] / n,
+                "image_forward_ms": 1e3 * i / n,
+                "text_forward_ms": 1e3 * s / n,
+            }
+            for name, (i, s) in bare.items()
+        },
+    }
 
 
 def run_overhead(f: Flags, work: Path) -> dict:
@@ -196,6 +231,7 @@ def run_overhead(f: Flags, work: Path) -> dict:
         def go() -> float:
             last_bare[size] = bare_forward_seconds(prep[size])
             return sum(i + s for i, s in last_bare[size].values())
+
         return go
 
     def cache(size: str, path: Path, w: int):
@@ -212,35 +248,69 @@ def run_overhead(f: Flags, work: Path) -> dict:
     costs = per_image_costs(prep["full"], last_bare["full"])
     del prep
     S = runs.samples
-    rows, results = [], {"images": n_images, "batch_size": f.batch_size, "teachers": teachers,
-                         "teacher_size": {"width": f.teacher_width, "layers": f.teacher_layers,
-                                          "image_size": f.teacher_image_size},
-                         "torch_threads": torch.get_num_threads(), "device": _device(),
-                         "interleaved": runs.as_dict(), "per_image": costs, "by_workers": {}}
+    rows, results = (
+        [],
+        {
+            "images": n_images,
+            "batch_size": f.batch_size,
+            "teachers": teachers,
+            "teacher_size": {"width": f.teacher_width, "layers": f.teacher_layers, "image_size": f.teacher_image_size},
+            "torch_threads": torch.get_num_threads(),
+            "device": _device(),
+            "interleaved": runs.as_dict(),
+            "per_image": costs,
+            "by_workers": {},
+        },
+    )
     for w in f.workers:
         total = runs.ratio(f"w{w}/full", "bare/full")
         marginal = None
         if small is not None:  # per repeat: (cache full - cache one batch) / (bare full - bare one batch)
-            marginal = Spread.of([(cf - cs) / (bf - bs) for cf, cs, bf, bs in zip(
-                S[f"w{w}/full"], S[f"w{w}/small"], S["bare/full"], S["bare/small"])])
-        results["by_workers"][w] = {"cache_s": runs.stats(f"w{w}/full").median, "overhead_total": total.median,
-                                    "overhead_total_range": [total.lo, total.hi],
-                                    "overhead_marginal": marginal and marginal.median,
-                                    "overhead_marginal_range": marginal and [marginal.lo, marginal.hi]}
+            marginal = Spread.of(
+                [
+                    (cf - cs) / (bf - bs)
+                    for cf, cs, bf, bs in zip(S[f"w{w}/full"], S[f"w{w}/small"], S["bare/full"], S["bare/small"])
+                ]
+            )
+        results["by_workers"][w] = {
+            "cache_s": runs.stats(f"w{w}/full").median,
+            "overhead_total": total.median,
+            "overhead_total_range": [total.lo, total.hi],
+            "overhead_marginal": marginal and marginal.median,
+            "overhead_marginal_range": marginal and [marginal.lo, marginal.hi],
+        }
         ok = "yes" if (marginal or total).median <= GOAL_OVERHEAD else "no"
-        rows.append([w, runs.stats(f"w{w}/full").median, runs.stats("bare/full").median, total.text(),
-                     "n/a" if marginal is None else marginal.text(), ok if w >= 1 else "(not a goal)"])
-    md = table(rows, ["num_workers", "cache run s (median)", "bare forward s (median)", "overhead total, median [min, max]",
-                      "overhead marginal, median [min, max]",
-                      f"marginal <= {GOAL_OVERHEAD}"])
+        rows.append(
+            [
+                w,
+                runs.stats(f"w{w}/full").median,
+                runs.stats("bare/full").median,
+                total.text(),
+                "n/a" if marginal is None else marginal.text(),
+                ok if w >= 1 else "(not a goal)",
+            ]
+        )
+    md = table(
+        rows,
+        [
+            "num_workers",
+            "cache run s (median)",
+            "bare forward s (median)",
+            "overhead total, median [min, max]",
+            "overhead marginal, median [min, max]",
+            f"marginal <= {GOAL_OVERHEAD}",
+        ],
+    )
     cost_rows = [["decode (corpus.load_image, once per image)", costs["decode_ms"], "", "", ""]]
     for name, c in costs["teachers"].items():
         cost_rows.append([f"teacher {name}", "", c["transform_ms"], c["image_forward_ms"], c["text_forward_ms"]])
     cost_md = table(cost_rows, ["per image, ms", "decode", "own transform", "image forward", "text forward"])
-    md = (f"Part 1: `distill cache` wall time / bare teacher forward time, {n_images} images, batch "
-          f"{f.batch_size}, teachers {', '.join(teachers)} (width {f.teacher_width}, {f.teacher_layers} layers, "
-          f"{f.teacher_image_size}px), device {_device()}, torch threads {torch.get_num_threads()} on both sides "
-          f"(DataLoader workers decode with 1 thread each); {f.repeats} interleaved repeats (every variant once per repeat, in turn), ratios taken within each repeat; 1-minute load average before each repeat and after: {', '.join(map(str, runs.load))}\n\n{md}\n\n{cost_md}\n")
+    md = (
+        f"Part 1: `distill cache` wall time / bare teacher forward time, {n_images} images, batch "
+        f"{f.batch_size}, teachers {', '.join(teachers)} (width {f.teacher_width}, {f.teacher_layers} layers, "
+        f"{f.teacher_image_size}px), device {_device()}, torch threads {torch.get_num_threads()} on both sides "
+        f"(DataLoader workers decode with 1 thread each); {f.repeats} interleaved repeats (every variant once per repeat, in turn), ratios taken within each repeat; 1-minute load average before each repeat and after: {', '.join(map(str, runs.load))}\n\n{md}\n\n{cost_md}\n"
+    )
     return {"results": results, "markdown": md}
 
 
@@ -264,10 +334,21 @@ def write_feature_file(path: Path, rows: int, dims: tuple[int, ...], chunk_rows:
     with h5py.File(path, "r+") as f:
         for j, d in enumerate(dims):
             name = f"t{j}_{d}"
-            meta = {"attrs": {"spec": f"synthetic:{name}", "resolved_spec": f"synthetic:{name}", "embed_dim": d,
-                              "logit_scale": 100.0, "image_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3,
-                              "context_length": 77, "views": 0},
-                    "dtype": "float16", "h5_chunk_rows": chunk_rows}
+            meta = {
+                "attrs": {
+                    "spec": f"synthetic:{name}",
+                    "resolved_spec": f"synthetic:{name}",
+                    "embed_dim": d,
+                    "logit_scale": 100.0,
+                    "image_size": 224,
+                    "mean": [0.5] * 3,
+                    "std": [0.5] * 3,
+                    "context_length": 77,
+                    "views": 0,
+                },
+                "dtype": "float16",
+                "h5_chunk_rows": chunk_rows,
+            }
             g = W._ensure_group(f, name, meta)  # the exact datasets and chunks a fold creates
             x = rng.standard_normal((block, d)).astype(np.float32)
             x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
@@ -280,21 +361,24 @@ def write_feature_file(path: Path, rows: int, dims: tuple[int, ...], chunk_rows:
     return time.perf_counter() - t0
 
 
-def measure_reads(reader, order: np.ndarray, batch: int, seconds: float, useful_per_row: int,
-                  whole: int = 1) -> dict:
+def measure_reads(reader, order: np.ndarray, batch: int, seconds: float, useful_per_row: int, whole: int = 1) -> dict:
     """Read consecutive batches of `order` for about `seconds`, then on to a multiple of `whole` rows (whole
     shuffle buffers: a buffer's blocks are all read at its start); rows/s and bytes read per useful byte."""
     n_batches = len(order) // batch
     io0, b0, t0, done = io_counters(), reader.bytes_read, time.perf_counter(), 0
     while done < n_batches:
-        reader.read(order[done * batch:(done + 1) * batch])
+        reader.read(order[done * batch : (done + 1) * batch])
         done += 1
         if time.perf_counter() - t0 >= seconds and (done * batch) % whole == 0:
             break
     elapsed, io1 = time.perf_counter() - t0, io_counters()
     useful = done * batch * useful_per_row
-    out = {"rows": done * batch, "seconds": elapsed, "rows_per_s": done * batch / elapsed,
-           "fetched_per_useful": (reader.bytes_read - b0) / useful}
+    out = {
+        "rows": done * batch,
+        "seconds": elapsed,
+        "rows_per_s": done * batch / elapsed,
+        "fetched_per_useful": (reader.bytes_read - b0) / useful,
+    }
     if io0 and io1:
         out["read_per_useful"] = (io1["rchar"] - io0["rchar"]) / useful
         out["disk_per_useful"] = (io1["read_bytes"] - io0["read_bytes"]) / useful
@@ -311,7 +395,9 @@ def reader_variants(f: Flags, n: int, chunk: int, seed: int = 0) -> list[tuple[s
     for b in f.block_rows:
         if b % chunk == 0:
             k = max(1, f.buffer_rows // b)
-            order = block_shuffle_order(np.arange(n) // b, k, np.random.default_rng((seed, 0)))  # EpochSampler's, epoch 0
+            order = block_shuffle_order(
+                np.arange(n) // b, k, np.random.default_rng((seed, 0))
+            )  # EpochSampler's, epoch 0
             out.append((f"block-shuffle {b} x {k}", b, k, order))
     out.append(("sequential", 0, 1, np.arange(n)))
     return out
@@ -323,8 +409,10 @@ def run_reader(f: Flags) -> dict:
     need = f.rows * sum(f.dims) * 2 * 2
     free = shutil.disk_usage(f.reader_dir).free
     if need * 1.2 > free:
-        raise SystemExit(f"part 2 needs ~{need / 1e9:.1f} GB in {f.reader_dir} (free {free / 1e9:.1f} GB); "
-                         f"pass --rows {int(f.rows * free / need / 1.5)} or --reader-dir elsewhere")
+        raise SystemExit(
+            f"part 2 needs ~{need / 1e9:.1f} GB in {f.reader_dir} (free {free / 1e9:.1f} GB); "
+            f"pass --rows {int(f.rows * free / need / 1.5)} or --reader-dir elsewhere"
+        )
     useful_per_row = sum(f.dims) * 2 * 2  # image + text, float16 as stored
     results, rows = {}, []
     for c in f.chunk_rows:
@@ -344,23 +432,51 @@ def run_reader(f: Flags) -> dict:
                     with FeatureReader(str(path), block_rows=block, cache_blocks=k) as reader:
                         if cache_state == "cold":
                             drop_from_page_cache(path)
-                        m = measure_reads(reader, order, f.read_batch, f.seconds, useful_per_row,
-                                          whole=k * block if block else 1)
+                        m = measure_reads(
+                            reader, order, f.read_batch, f.seconds, useful_per_row, whole=k * block if block else 1
+                        )
                     m["block_cache_mb"] = cache_mb
                     res[f"{label}/{cache_state}"] = m
-                    rows.append([c, label, cache_state, m["rows_per_s"], m["fetched_per_useful"],
-                                 m.get("read_per_useful", "n/a"), m.get("disk_per_useful", "n/a"), cache_mb,
-                                 "yes" if m["rows_per_s"] >= GOAL_ROWS_PER_S else "no"])
-                    print(f"  {label:>24} {cache_state}: {m['rows_per_s']:,.0f} rows/s, "
-                          f"fetched/useful {m['fetched_per_useful']:.2f}", flush=True)
+                    rows.append(
+                        [
+                            c,
+                            label,
+                            cache_state,
+                            m["rows_per_s"],
+                            m["fetched_per_useful"],
+                            m.get("read_per_useful", "n/a"),
+                            m.get("disk_per_useful", "n/a"),
+                            cache_mb,
+                            "yes" if m["rows_per_s"] >= GOAL_ROWS_PER_S else "no",
+                        ]
+                    )
+                    print(
+                        f"  {label:>24} {cache_state}: {m['rows_per_s']:,.0f} rows/s, "
+                        f"fetched/useful {m['fetched_per_useful']:.2f}",
+                        flush=True,
+                    )
         finally:
             path.unlink(missing_ok=True)
-    md = table(rows, ["chunk rows", "order (block rows x buffer blocks)", "page cache", "rows/s", "fetched/useful",
-                      "read/useful", "disk/useful", "block cache MB", f">= {GOAL_ROWS_PER_S:,}"])
-    md = (f"Part 2: `FeatureReader.read` of {f.read_batch}-row batches, all {len(f.dims)} teachers (dims "
-          f"{', '.join(map(str, f.dims))}, image + text, float16), {f.rows:,} rows, one process; block-shuffle "
-          f"B x K: block_shuffle_order(rows // B, K) (the trainer's EpochSampler) read by FeatureReader(block_rows=B, "
-          f"cache_blocks=K), K = {f.buffer_rows:,} rows / B; whole buffers measured\n\n{md}\n")
+    md = table(
+        rows,
+        [
+            "chunk rows",
+            "order (block rows x buffer blocks)",
+            "page cache",
+            "rows/s",
+            "fetched/useful",
+            "read/useful",
+            "disk/useful",
+            "block cache MB",
+            f">= {GOAL_ROWS_PER_S:,}",
+        ],
+    )
+    md = (
+        f"Part 2: `FeatureReader.read` of {f.read_batch}-row batches, all {len(f.dims)} teachers (dims "
+        f"{', '.join(map(str, f.dims))}, image + text, float16), {f.rows:,} rows, one process; block-shuffle "
+        f"B x K: block_shuffle_order(rows // B, K) (the trainer's EpochSampler) read by FeatureReader(block_rows=B, "
+        f"cache_blocks=K), K = {f.buffer_rows:,} rows / B; whole buffers measured\n\n{md}\n"
+    )
     return {"results": results, "markdown": md}
 
 

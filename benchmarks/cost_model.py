@@ -14,6 +14,7 @@ rates, when `benchmarks/results/scale_sim.json` exists, come from `benchmarks/sc
 The teacher set is the zoo's aliases (README) with their published architectures; edit TEACHERS or pass
 `--teachers NAME,NAME` to cost another set.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,16 +55,16 @@ TEACHERS: dict[str, Arch] = {
 @dataclass(frozen=True)
 class Flags(Output):
     rows: str = "2900000,15000000,24000000"  # corpus sizes: MMKD-CLIP's 2.9M, PMC-15M, BIOMEDICA's 24M
-    teachers: str = ",".join(TEACHERS)   # which of TEACHERS to cost
-    views: int = 10                      # stored views for the "with views" column (DataCompDR stores 10-30)
-    tokens: int = 4                      # token grid G for the "with token grids" column
-    peak_tflops: float = 989.0           # bf16 dense peak of one GPU (H200/H100 data sheet)
-    mfu: float = 0.4                     # ASSUMED utilisation of the teacher forward passes
+    teachers: str = ",".join(TEACHERS)  # which of TEACHERS to cost
+    views: int = 10  # stored views for the "with views" column (DataCompDR stores 10-30)
+    tokens: int = 4  # token grid G for the "with token grids" column
+    peak_tflops: float = 989.0  # bf16 dense peak of one GPU (H200/H100 data sheet)
+    mfu: float = 0.4  # ASSUMED utilisation of the teacher forward passes
     gpus_per_node: int = 8
-    epochs: int = 10                     # student training: passes over the corpus (the training table)
-    train_mfu: float = 0.4               # ASSUMED utilisation of student training (gpu_check.sh measures it)
+    epochs: int = 10  # student training: passes over the corpus (the training table)
+    train_mfu: float = 0.4  # ASSUMED utilisation of student training (gpu_check.sh measures it)
     hours_per_day: float = 24.0
-    json: str = ""                       # also write every figure here
+    json: str = ""  # also write every figure here
 
 
 def _count(fn) -> float:
@@ -84,8 +85,14 @@ def image_flops(name: str) -> float:
     if name == "siglip-so400m-448":
         from transformers import SiglipVisionConfig, SiglipVisionModel
 
-        cfg = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                                 num_attention_heads=16, patch_size=14, image_size=448)
+        cfg = SiglipVisionConfig(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            patch_size=14,
+            image_size=448,
+        )
         m = SiglipVisionModel(cfg).eval()
         return _count(lambda: m(pixel_values=torch.zeros(1, 3, 448, 448)))
     import open_clip
@@ -107,8 +114,15 @@ def text_flops(name: str) -> float:
     if name == "siglip-so400m-64":
         from transformers import SiglipTextConfig, SiglipTextModel
 
-        m = SiglipTextModel(SiglipTextConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                                             num_attention_heads=16, max_position_embeddings=64)).eval()
+        m = SiglipTextModel(
+            SiglipTextConfig(
+                hidden_size=1152,
+                intermediate_size=4304,
+                num_hidden_layers=27,
+                num_attention_heads=16,
+                max_position_embeddings=64,
+            )
+        ).eval()
         return _count(lambda: m(input_ids=torch.ones(1, 64, dtype=torch.long)))
     import open_clip
 
@@ -136,19 +150,26 @@ def main(argv=None) -> dict:
         a = TEACHERS[n]
         img = memo.setdefault(a.image, image_flops(a.image))
         txt = memo.setdefault(a.text, text_flops(a.text))
-        per[n] = {"image_gflops": img / 1e9, "text_gflops": txt / 1e9, "embed_dim": a.embed_dim,
-                  "vision_width": a.vision_width, "note": a.note}
+        per[n] = {
+            "image_gflops": img / 1e9,
+            "text_gflops": txt / 1e9,
+            "embed_dim": a.embed_dim,
+            "vision_width": a.vision_width,
+            "note": a.note,
+        }
         print(f"{n}: image {img / 1e9:.1f} GFLOP, caption {txt / 1e9:.1f} GFLOP", flush=True)
     rate = f.peak_tflops * 1e12 * f.mfu  # FLOP/s per GPU, assumed
     sizes = [int(r) for r in f.rows.split(",")]
     row_bytes = sum(2 * 2 * a["embed_dim"] for a in per.values())  # image + text, float16
     view_bytes = sum(2 * a["embed_dim"] * (f.views + 1) for a in per.values())  # K image views + 1 text
-    token_bytes = sum(2 * f.tokens ** 2 * a["vision_width"] for a in per.values())  # one view
+    token_bytes = sum(2 * f.tokens**2 * a["vision_width"] for a in per.values())  # one view
     flops_row = sum(a["image_gflops"] + a["text_gflops"] for a in per.values()) * 1e9
     flops_row_views = sum(a["image_gflops"] * f.views + a["text_gflops"] for a in per.values()) * 1e9
     # the student (ViT-B/16 + PubMedBERT-256, BiomedCLIP's architecture): forward + backward = 3 x forward
-    student_flops = 3 * (memo.setdefault("ViT-B-16", image_flops("ViT-B-16"))
-                         + memo.setdefault("bert-base-256", text_flops("bert-base-256")))
+    student_flops = 3 * (
+        memo.setdefault("ViT-B-16", image_flops("ViT-B-16"))
+        + memo.setdefault("bert-base-256", text_flops("bert-base-256"))
+    )
     recorded = RECORDED_DIR / "scale_sim.json"  # the committed scale_sim figures (read only)
     scale = json.loads(recorded.read_text()) if recorded.is_file() else None
     tables = []
@@ -156,40 +177,71 @@ def main(argv=None) -> dict:
         gpu_h = n_rows * flops_row / rate / 3600
         gpu_h_views = n_rows * flops_row_views / rate / 3600
         day = f.gpus_per_node * f.hours_per_day
-        tables.append({
-            "rows": n_rows, "bytes": n_rows * row_bytes, "bytes_views": n_rows * view_bytes,
-            "bytes_tokens": n_rows * token_bytes, "bytes_tokens_views": n_rows * token_bytes * f.views,
-            "gpu_hours": gpu_h, "gpu_hours_views": gpu_h_views,
-            "nodes_for_a_day": gpu_h / day, "nodes_for_a_day_views": gpu_h_views / day,
-            "train_gpu_hours": n_rows * f.epochs * student_flops / (f.peak_tflops * 1e12 * f.train_mfu) / 3600,
-            "per_teacher_gpu_hours": {t: n_rows * (a["image_gflops"] + a["text_gflops"]) * 1e9 / rate / 3600
-                                      for t, a in per.items()},
-        })
-    lines = ["| teacher | image GFLOP | caption GFLOP | embed dim | vision width | GPU h per 1M pairs |",
-             "|---|---|---|---|---|---|"]
+        tables.append(
+            {
+                "rows": n_rows,
+                "bytes": n_rows * row_bytes,
+                "bytes_views": n_rows * view_bytes,
+                "bytes_tokens": n_rows * token_bytes,
+                "bytes_tokens_views": n_rows * token_bytes * f.views,
+                "gpu_hours": gpu_h,
+                "gpu_hours_views": gpu_h_views,
+                "nodes_for_a_day": gpu_h / day,
+                "nodes_for_a_day_views": gpu_h_views / day,
+                "train_gpu_hours": n_rows * f.epochs * student_flops / (f.peak_tflops * 1e12 * f.train_mfu) / 3600,
+                "per_teacher_gpu_hours": {
+                    t: n_rows * (a["image_gflops"] + a["text_gflops"]) * 1e9 / rate / 3600 for t, a in per.items()
+                },
+            }
+        )
+    lines = [
+        "| teacher | image GFLOP | caption GFLOP | embed dim | vision width | GPU h per 1M pairs |",
+        "|---|---|---|---|---|---|",
+    ]
     for t, a in per.items():
         h = 1e6 * (a["image_gflops"] + a["text_gflops"]) * 1e9 / rate / 3600
-        lines.append(f"| {t} | {a['image_gflops']:.1f} | {a['text_gflops']:.1f} | {a['embed_dim']} | "
-                     f"{a['vision_width']} | {h:.2f} |")
-    lines += ["", f"| pairs | cache | + {f.views} views | + tokens G={f.tokens} | tokens with views | GPU h | "
-                  f"GPU h with views | {f.gpus_per_node}-GPU nodes for a day | with views |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {t} | {a['image_gflops']:.1f} | {a['text_gflops']:.1f} | {a['embed_dim']} | "
+            f"{a['vision_width']} | {h:.2f} |"
+        )
+    lines += [
+        "",
+        f"| pairs | cache | + {f.views} views | + tokens G={f.tokens} | tokens with views | GPU h | "
+        f"GPU h with views | {f.gpus_per_node}-GPU nodes for a day | with views |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in tables:
-        lines.append(f"| {r['rows'] / 1e6:g}M | {gb(r['bytes'])} | {gb(r['bytes_views'])} | {gb(r['bytes_tokens'])} "
-                     f"| {gb(r['bytes_tokens_views'])} | {r['gpu_hours']:.0f} | {r['gpu_hours_views']:.0f} | "
-                     f"{r['nodes_for_a_day']:.2f} | {r['nodes_for_a_day_views']:.2f} |")
-    lines += ["", f"| pairs | student training, {f.epochs} epochs: GPU h | {f.gpus_per_node}-GPU nodes for a day |",
-              "|---|---|---|"]
+        lines.append(
+            f"| {r['rows'] / 1e6:g}M | {gb(r['bytes'])} | {gb(r['bytes_views'])} | {gb(r['bytes_tokens'])} "
+            f"| {gb(r['bytes_tokens_views'])} | {r['gpu_hours']:.0f} | {r['gpu_hours_views']:.0f} | "
+            f"{r['nodes_for_a_day']:.2f} | {r['nodes_for_a_day_views']:.2f} |"
+        )
+    lines += [
+        "",
+        f"| pairs | student training, {f.epochs} epochs: GPU h | {f.gpus_per_node}-GPU nodes for a day |",
+        "|---|---|---|",
+    ]
     for r in tables:
-        lines.append(f"| {r['rows'] / 1e6:g}M | {r['train_gpu_hours']:.0f} | "
-                     f"{r['train_gpu_hours'] / (f.gpus_per_node * f.hours_per_day):.2f} |")
-    md = "\n".join(lines) + (f"\n\nAssumed: {f.mfu:.0%} of {f.peak_tflops:g} TFLOP/s per GPU for the teacher "
-                             f"forwards and {f.train_mfu:.0%} for training (FLOPs counted by "
-                             f"torch.utils.flop_counter; the student {student_flops / 1e9:.0f} GFLOP per trained "
-                             f"pair); {len(per)} teachers; bytes per pair {row_bytes:,} (float16, image + text).\n")
+        lines.append(
+            f"| {r['rows'] / 1e6:g}M | {r['train_gpu_hours']:.0f} | "
+            f"{r['train_gpu_hours'] / (f.gpus_per_node * f.hours_per_day):.2f} |"
+        )
+    md = "\n".join(lines) + (
+        f"\n\nAssumed: {f.mfu:.0%} of {f.peak_tflops:g} TFLOP/s per GPU for the teacher "
+        f"forwards and {f.train_mfu:.0%} for training (FLOPs counted by "
+        f"torch.utils.flop_counter; the student {student_flops / 1e9:.0f} GFLOP per trained "
+        f"pair); {len(per)} teachers; bytes per pair {row_bytes:,} (float16, image + text).\n"
+    )
     print(md)
-    out = {"flags": f.__dict__, "teachers": per, "student_train_gflops": student_flops / 1e9, "row_bytes": row_bytes, "tables": tables, "scale_sim": scale,
-           "markdown": md}
+    out = {
+        "flags": f.__dict__,
+        "teachers": per,
+        "student_train_gflops": student_flops / 1e9,
+        "row_bytes": row_bytes,
+        "tables": tables,
+        "scale_sim": scale,
+        "markdown": md,
+    }
     folder = output_dir(f)
     folder.mkdir(parents=True, exist_ok=True)
     for path in (folder / "cost_model.json", *([Path(f.json)] if f.json else [])):

@@ -13,6 +13,7 @@ from a formula; the issue's arithmetic says ~243 GFLOP for ViT-B/16 + PubMedBERT
 not know yet (one that `distill train --help` does not list) makes its variants print `status=skipped`.
 Each variant prints one line: `gpu_check variant=NAME status=ok samples_per_s=... mfu=... peak_mem_gib=...`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -38,32 +39,43 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0} 
 
 @dataclass(frozen=True)
 class Flags:
-    smoke: bool = False               # CPU check: tiny preset, batch 8, 3 steps (overrides the sizes below)
-    preset: str = "biomedclip"        # student preset
-    batch_size: int = 256             # per step (the contrastive batch)
-    micro_batch_size: int = 64        # gradient-caching chunk for the data.micro_batch_size variants
-    steps: int = 30                   # optimizer steps per variant
-    warmup_steps: int = 10            # steps left out of the samples/s median (start-up, compilation)
-    images: int = 1024                # synthetic images (the loader cycles over them)
-    image_px: int = 224               # their side
-    workers: int = 8                  # DataLoader workers
-    mixed_precision: str = "bf16"     # no | bf16 | fp16
-    peak_tflops: float = 0.0          # the accelerator's dense peak for MFU; 0: from the GPU's name, else n/a
+    smoke: bool = False  # CPU check: tiny preset, batch 8, 3 steps (overrides the sizes below)
+    preset: str = "biomedclip"  # student preset
+    batch_size: int = 256  # per step (the contrastive batch)
+    micro_batch_size: int = 64  # gradient-caching chunk for the data.micro_batch_size variants
+    steps: int = 30  # optimizer steps per variant
+    warmup_steps: int = 10  # steps left out of the samples/s median (start-up, compilation)
+    images: int = 1024  # synthetic images (the loader cycles over them)
+    image_px: int = 224  # their side
+    workers: int = 8  # DataLoader workers
+    mixed_precision: str = "bf16"  # no | bf16 | fp16
+    peak_tflops: float = 0.0  # the accelerator's dense peak for MFU; 0: from the GPU's name, else n/a
     variants: tuple[str, ...] = ("plain", "gradcache", "compile", "compile+gradcache", "devdecode")
-    variant_timeout: int = 150        # seconds per variant before it is reported as status=timeout
-    budget_s: int = 440               # whole check: later variants get what is left (gpu_check.sh: under 8 min)
-    json_out: str | None = None       # also write every figure here
-    workdir: str | None = None        # keep corpus and runs here (default: a temp dir)
-    child: str | None = None          # internal: train this config in this process, print its peak memory
+    variant_timeout: int = 150  # seconds per variant before it is reported as status=timeout
+    budget_s: int = 440  # whole check: later variants get what is left (gpu_check.sh: under 8 min)
+    json_out: str | None = None  # also write every figure here
+    workdir: str | None = None  # keep corpus and runs here (default: a temp dir)
+    child: str | None = None  # internal: train this config in this process, print its peak memory
 
 
 def sized(f: Flags) -> Flags:
     """--smoke: what runs on 2 CPU cores in seconds."""
     if not f.smoke:
         return f
-    return replace(f, preset="tiny", batch_size=8, micro_batch_size=4, steps=3, warmup_steps=1, images=16,
-                   image_px=32, workers=0, mixed_precision="no", variant_timeout=120,
-                   variants=f.variants if f.variants != Flags.variants else ("plain", "gradcache", "devdecode"))
+    return replace(
+        f,
+        preset="tiny",
+        batch_size=8,
+        micro_batch_size=4,
+        steps=3,
+        warmup_steps=1,
+        images=16,
+        image_px=32,
+        workers=0,
+        mixed_precision="no",
+        variant_timeout=120,
+        variants=f.variants if f.variants != Flags.variants else ("plain", "gradcache", "devdecode"),
+    )
 
 
 def make_data(work: Path, f: Flags) -> tuple[Path, Path]:
@@ -159,9 +171,18 @@ def write_config(work: Path, f: Flags, name: str, corpus: Path, tok: Path, extra
     cfg = yaml.safe_load((REPO / "configs" / "tiny-contrastive.yaml").read_text())
     cfg["student"] = {"preset": f.preset, "tokenizer_dir": str(tok), "vocab_size": 30522}
     cfg["data"].update({"corpus": str(corpus), "batch_size": f.batch_size, "num_workers": f.workers})
-    cfg["train"].update({"output_dir": str(work / f"run-{name}"), "max_steps": f.steps, "checkpoint_every": 0,
-                         "keep_last": 1, "resume": "none", "log_every": 1, "tensorboard": False,
-                         "mixed_precision": f.mixed_precision})
+    cfg["train"].update(
+        {
+            "output_dir": str(work / f"run-{name}"),
+            "max_steps": f.steps,
+            "checkpoint_every": 0,
+            "keep_last": 1,
+            "resume": "none",
+            "log_every": 1,
+            "tensorboard": False,
+            "mixed_precision": f.mixed_precision,
+        }
+    )
     for key, value in extra.items():
         section, k = key.split(".")
         cfg[section][k] = value
@@ -191,8 +212,14 @@ def run_variant(config: Path, f: Flags, timeout: float) -> dict:
     if timeout < 20:
         return {"status": "timeout", "reason": "no time left in --budget-s", "wall_s": 0.0}
     try:
-        p = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--child", str(config)], cwd=REPO,
-                           capture_output=True, text=True, env=_env(), timeout=timeout)
+        p = subprocess.run(
+            [sys.executable, "-m", "benchmarks.gpu_check", "--child", str(config)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "wall_s": time.perf_counter() - t0}
     if p.returncode != 0:
@@ -203,8 +230,13 @@ def run_variant(config: Path, f: Flags, timeout: float) -> dict:
 
     log = Path(yaml.safe_load(config.read_text())["train"]["output_dir"]) / "log.jsonl"
     rates = [json.loads(x)["samples_per_s"] for x in log.read_text().splitlines() if x.strip()]
-    return {"status": "ok", "samples_per_s": statistics.median(rates[f.warmup_steps:] or rates),
-            "peak_mem_bytes": peak, "steps": len(rates), "wall_s": time.perf_counter() - t0}
+    return {
+        "status": "ok",
+        "samples_per_s": statistics.median(rates[f.warmup_steps :] or rates),
+        "peak_mem_bytes": peak,
+        "steps": len(rates),
+        "wall_s": time.perf_counter() - t0,
+    }
 
 
 def peak_flops(f: Flags) -> tuple[float | None, str]:
@@ -241,8 +273,11 @@ def main(argv=None) -> int:
     peak, peak_note = peak_flops(f)
     keys = config_keys()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    print(f"gpu_check device={device.replace(' ', '_')} preset={f.preset} batch={f.batch_size} steps={f.steps} "
-          f"precision={f.mixed_precision} flops_per_sample={fps:.3e} peak={peak_note!r}", flush=True)
+    print(
+        f"gpu_check device={device.replace(' ', '_')} preset={f.preset} batch={f.batch_size} steps={f.steps} "
+        f"precision={f.mixed_precision} flops_per_sample={fps:.3e} peak={peak_note!r}",
+        flush=True,
+    )
     results = {}
     for name in f.variants:
         extra, skip = variant_overrides(name, f, keys)
@@ -258,12 +293,26 @@ def main(argv=None) -> int:
             continue
         r["mfu"] = r["samples_per_s"] * fps / peak if peak else None
         mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.3f}"
-        print(f"gpu_check variant={name} status=ok samples_per_s={r['samples_per_s']:.2f} mfu={mfu} "
-              f"peak_mem_gib={r['peak_mem_bytes'] / 2**30:.2f} wall_s={r['wall_s']:.0f}", flush=True)
+        print(
+            f"gpu_check variant={name} status=ok samples_per_s={r['samples_per_s']:.2f} mfu={mfu} "
+            f"peak_mem_gib={r['peak_mem_bytes'] / 2**30:.2f} wall_s={r['wall_s']:.0f}",
+            flush=True,
+        )
     if f.json_out:
-        Path(f.json_out).write_text(json.dumps({"flags": asdict(f), "device": device, "flops_per_sample": fps,
-                                                "peak_flops": peak, "load_avg_1m": os.getloadavg()[0],
-                                                "variants": results}, indent=2) + "\n")
+        Path(f.json_out).write_text(
+            json.dumps(
+                {
+                    "flags": asdict(f),
+                    "device": device,
+                    "flops_per_sample": fps,
+                    "peak_flops": peak,
+                    "load_avg_1m": os.getloadavg()[0],
+                    "variants": results,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

@@ -26,6 +26,7 @@ torch.cuda.max_memory_allocated; on CPU each variant in a fresh subprocess with 
 /proc/self/clear_refs), VmHWM - VmRSS. Both include the parameter gradients (the same in every variant).
 Equality: float32, dropout off (eval mode): GradCache's loss terms and gradients against the plain step's.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,10 +39,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -64,43 +65,95 @@ from teachers.transforms import PreprocessCfg
 GOAL = 1.4  # issue 10: GradCache step time / plain step time at the same global batch
 VARIANTS = ("plain", "gradcache", "accumulation")
 TEACHER_DIMS = (512, 768, 640, 1024)  # hybrid: synthetic teachers' embedding sizes (ViT-B/L-like)
-WORDS = ("chest", "ct", "axial", "lesion", "nodule", "lobe", "contrast", "enhanced", "mri", "t2", "weighted",
-         "hyperintense", "signal", "histology", "stain", "tumour", "margin", "cells", "dermoscopy", "pigment",
-         "network", "ultrasound", "hypoechoic", "mass", "x-ray", "opacity", "consolidation", "effusion", "left",
-         "right", "upper", "lower", "shows", "with", "of", "the", "a", "and", "in", "no", "evidence", "arrow")
+WORDS = (
+    "chest",
+    "ct",
+    "axial",
+    "lesion",
+    "nodule",
+    "lobe",
+    "contrast",
+    "enhanced",
+    "mri",
+    "t2",
+    "weighted",
+    "hyperintense",
+    "signal",
+    "histology",
+    "stain",
+    "tumour",
+    "margin",
+    "cells",
+    "dermoscopy",
+    "pigment",
+    "network",
+    "ultrasound",
+    "hypoechoic",
+    "mass",
+    "x-ray",
+    "opacity",
+    "consolidation",
+    "effusion",
+    "left",
+    "right",
+    "upper",
+    "lower",
+    "shows",
+    "with",
+    "of",
+    "the",
+    "a",
+    "and",
+    "in",
+    "no",
+    "evidence",
+    "arrow",
+)
 
 
 @dataclass(frozen=True)
 class Flags(Output):
-    quick: bool = False               # tiny sizes for the test (width 64, 2 layers, 32 px, B=8, M=4); no results/
-    json: str = ""                    # also write the results payload here
-    device: str = "cpu"               # cpu | cuda
-    preset: str = "tiny"              # tiny (widened by the next four flags) | biomedclip-small | biomedclip
-    width: int = 384                  # tiny preset: ViT and BERT width (heads of 64),
-    layers: int = 6                   # layers of both towers,
-    image_size: int = 112             # input side,
-    patch_size: int = 16              # ViT patch (112 / 16: 49 patches + CLS)
-    caption_words: int = 40           # words per synthetic caption (~1 token each; cut to the longest)
-    batch_size: int = 64              # B: the global batch of every variant
-    micro_batch_size: int = 16        # M: GradCache chunk and accumulation micro batch
-    mode: str = "contrastive"         # contrastive (InfoNCE) | hybrid (+ feature, ICL, affinity; synthetic teachers)
-    teachers: int = 2                 # hybrid: synthetic teachers (dims from 512, 768, 640, 1024)
-    mixed_precision: str = "no"       # no | bf16 | fp16 (CUDA): autocast around the model's forward
-    steps: int = 1                    # timed optimizer steps per measurement (their median)
-    warmup_steps: int = 0             # untimed steps before each measurement (one untimed run of each comes first)
-    repeats: int = 7                  # interleaved repeats: short ones, so load swings hit every variant alike
-    memory: bool = True               # also measure peak memory per variant
-    threads: int = 0                  # torch intra-op threads (0: torch's default, OMP_NUM_THREADS)
-    workdir: str | None = None        # tokenizer and student folder here (default: a temp dir, deleted)
-    child: str | None = None          # internal: measure this variant's memory in this process, print it
+    quick: bool = False  # tiny sizes for the test (width 64, 2 layers, 32 px, B=8, M=4); no results/
+    json: str = ""  # also write the results payload here
+    device: str = "cpu"  # cpu | cuda
+    preset: str = "tiny"  # tiny (widened by the next four flags) | biomedclip-small | biomedclip
+    width: int = 384  # tiny preset: ViT and BERT width (heads of 64),
+    layers: int = 6  # layers of both towers,
+    image_size: int = 112  # input side,
+    patch_size: int = 16  # ViT patch (112 / 16: 49 patches + CLS)
+    caption_words: int = 40  # words per synthetic caption (~1 token each; cut to the longest)
+    batch_size: int = 64  # B: the global batch of every variant
+    micro_batch_size: int = 16  # M: GradCache chunk and accumulation micro batch
+    mode: str = "contrastive"  # contrastive (InfoNCE) | hybrid (+ feature, ICL, affinity; synthetic teachers)
+    teachers: int = 2  # hybrid: synthetic teachers (dims from 512, 768, 640, 1024)
+    mixed_precision: str = "no"  # no | bf16 | fp16 (CUDA): autocast around the model's forward
+    steps: int = 1  # timed optimizer steps per measurement (their median)
+    warmup_steps: int = 0  # untimed steps before each measurement (one untimed run of each comes first)
+    repeats: int = 7  # interleaved repeats: short ones, so load swings hit every variant alike
+    memory: bool = True  # also measure peak memory per variant
+    threads: int = 0  # torch intra-op threads (0: torch's default, OMP_NUM_THREADS)
+    workdir: str | None = None  # tokenizer and student folder here (default: a temp dir, deleted)
+    child: str | None = None  # internal: measure this variant's memory in this process, print it
 
 
 def sized(f: Flags) -> Flags:
     """--quick: seconds on 2 cores."""
     if not f.quick:
         return f
-    return dataclasses.replace(f, preset="tiny", width=64, layers=2, image_size=32, patch_size=8, caption_words=12,
-                               batch_size=8, micro_batch_size=4, steps=1, warmup_steps=0, repeats=2)
+    return dataclasses.replace(
+        f,
+        preset="tiny",
+        width=64,
+        layers=2,
+        image_size=32,
+        patch_size=8,
+        caption_words=12,
+        batch_size=8,
+        micro_batch_size=4,
+        steps=1,
+        warmup_steps=0,
+        repeats=2,
+    )
 
 
 # -- set-up: the trainer's builders ---------------------------------------------------------------------------
@@ -128,8 +181,12 @@ class Setup:
 
 
 def make_config(f: Flags, tokenizer: Path):
-    s = student_section(SimpleNamespace(student_preset=f.preset, student_width=f.width, student_layers=f.layers,
-                                        image_size=f.image_size), tokenizer)
+    s = student_section(
+        SimpleNamespace(
+            student_preset=f.preset, student_width=f.width, student_layers=f.layers, image_size=f.image_size
+        ),
+        tokenizer,
+    )
     if f.preset == "tiny":  # real captions need more than the tiny preset's 32-token context
         s["overrides"]["vision_cfg"]["patch_size"] = f.patch_size
         s["overrides"]["context_length"] = ctx = max(32, f.caption_words + 8)
@@ -137,9 +194,19 @@ def make_config(f: Flags, tokenizer: Path):
     terms = [{"kind": "infonce"}]
     if f.mode == "hybrid":
         terms += [{"kind": "feature", "kwargs": {"metric": "cosine"}}, {"kind": "icl"}, {"kind": "affinity"}]
-    return Config.from_dict({"mode": f.mode, "student": s, "loss": {"terms": terms},
-                             "data": {"corpus": "synthetic.csv", "features": "synthetic.h5",
-                                      "batch_size": f.batch_size, "micro_batch_size": f.micro_batch_size}})
+    return Config.from_dict(
+        {
+            "mode": f.mode,
+            "student": s,
+            "loss": {"terms": terms},
+            "data": {
+                "corpus": "synthetic.csv",
+                "features": "synthetic.h5",
+                "batch_size": f.batch_size,
+                "micro_batch_size": f.micro_batch_size,
+            },
+        }
+    )
 
 
 def build(f: Flags, work: Path) -> Setup:
@@ -165,23 +232,46 @@ def build(f: Flags, work: Path) -> Setup:
     side, ids = pp.image_size, torch.arange(f.batch_size, device=device)
     images = torch.randint(0, 256, (f.batch_size, 3, *side), dtype=torch.uint8, generator=g).to(device)
     unit = lambda d: torch.nn.functional.normalize(torch.randn(len(ids), d, generator=g), -1).to(device)  # noqa: E731
-    batch = TrainBatch(images, tokens, rows=ids, views=torch.full_like(ids, -1),
-                       teacher_feats={t: Pair(unit(d), unit(d)) for t, d in dims.items()}, caption_ids=ids)
-    info = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "image_px": list(side),
-            "text_tokens": int(tokens.shape[1]), "loss": str(loss), "preset": f.preset}
+    batch = TrainBatch(
+        images,
+        tokens,
+        rows=ids,
+        views=torch.full_like(ids, -1),
+        teacher_feats={t: Pair(unit(d), unit(d)) for t, d in dims.items()},
+        caption_ids=ids,
+    )
+    info = {
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "image_px": list(side),
+        "text_tokens": int(tokens.shape[1]),
+        "loss": str(loss),
+        "preset": f.preset,
+    }
     optimizer = build_optimizer(model, cfg.optim, device=device)
     step_of = lambda micro: Trainer(  # noqa: E731  (what Trainer.from_run takes from the config)
-        model, loss, optimizer, teacher_attrs={t: {"logit_scale": 100.0} for t in names}, seed=cfg.train.seed,
-        micro_batch_size=micro, max_grad_norm=cfg.optim.max_grad_norm, logit_scale_max=cfg.optim.logit_scale_max)
+        model,
+        loss,
+        optimizer,
+        teacher_attrs={t: {"logit_scale": 100.0} for t in names},
+        seed=cfg.train.seed,
+        micro_batch_size=micro,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        logit_scale_max=cfg.optim.logit_scale_max,
+    )
     return Setup(model, loss, optimizer, batch, step_of(None), step_of(f.micro_batch_size), device, info)
 
 
 # -- the variants ---------------------------------------------------------------------------------------------
 def rows_of(batch: TrainBatch, rows: slice) -> TrainBatch:
     """The micro batch of `rows` (pixels, tokens, caption ids and teacher features), as accumulation feeds it."""
-    return TrainBatch(batch.images[rows], batch.tokens[rows], rows=batch.rows[rows], views=batch.views[rows],
-                      teacher_feats={k: Pair(p.image[rows], p.text[rows]) for k, p in batch.teacher_feats.items()},
-                      caption_ids=batch.caption_ids[rows])
+    return TrainBatch(
+        batch.images[rows],
+        batch.tokens[rows],
+        rows=batch.rows[rows],
+        views=batch.views[rows],
+        teacher_feats={k: Pair(p.image[rows], p.text[rows]) for k, p in batch.teacher_feats.items()},
+        caption_ids=batch.caption_ids[rows],
+    )
 
 
 def forward_backward(s: Setup, variant: str, micro: int) -> dict:
@@ -228,6 +318,7 @@ def timer(s: Setup, f: Flags, variant: str) -> Callable[[], float]:
             if i >= f.warmup_steps:
                 times.append(time.perf_counter() - t0)
         return statistics.median(times)
+
     return run
 
 
@@ -238,20 +329,29 @@ def equality(s: Setup, micro: int) -> dict:
     for variant in ("plain", "gradcache"):
         s.optimizer.zero_grad(set_to_none=True)
         losses = forward_backward(s, variant, micro)
-        grads[variant] = ({k: float(v.detach()) for k, v in losses.items()},
-                          {n: p.grad.detach().clone() for n, p in s.model.named_parameters() if p.grad is not None})
+        grads[variant] = (
+            {k: float(v.detach()) for k, v in losses.items()},
+            {n: p.grad.detach().clone() for n, p in s.model.named_parameters() if p.grad is not None},
+        )
     s.optimizer.zero_grad(set_to_none=True)
     s.model.train()
     (lp, gp), (lc, gc_) = grads["plain"], grads["gradcache"]
-    assert gp.keys() == gc_.keys(), (gp.keys() ^ gc_.keys())
+    assert gp.keys() == gc_.keys(), gp.keys() ^ gc_.keys()
     abs_diff = {n: float((gp[n] - gc_[n]).abs().max()) for n in gp}
     top = max(float(g.abs().max()) for g in gp.values())
     # relative to the tensor's largest gradient, floored at 1e-3 x the largest of all (a key bias's is ~0 in theory)
     rel = {n: d / max(float(gp[n].abs().max()), 1e-3 * top) for n, d in abs_diff.items()}
     worst = max(rel, key=rel.get)
-    return {"loss_abs_diff": max(abs(lp[k] - lc[k]) for k in lp), "losses_plain": lp, "losses_gradcache": lc,
-            "grad_max_abs_diff": max(abs_diff.values()), "grad_max_rel_diff": rel[worst],
-            "grad_max_rel_diff_param": worst, "grad_max_abs": top, "params_compared": len(gp)}
+    return {
+        "loss_abs_diff": max(abs(lp[k] - lc[k]) for k in lp),
+        "losses_plain": lp,
+        "losses_gradcache": lc,
+        "grad_max_abs_diff": max(abs_diff.values()),
+        "grad_max_rel_diff": rel[worst],
+        "grad_max_rel_diff_param": worst,
+        "grad_max_abs": top,
+        "params_compared": len(gp),
+    }
 
 
 def forward_gflop_per_sample(s: Setup) -> float:
@@ -307,8 +407,14 @@ def memory_per_variant(s: Setup, f: Flags, work: Path) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     for v in VARIANTS:
         child = dataclasses.replace(f, quick=False, workdir=str(work), child=v, json="")
-        res = subprocess.run([sys.executable, "-m", "benchmarks.grad_cache", *_argv(child)], env=env, cwd=REPO,
-                             capture_output=True, text=True, timeout=900)
+        res = subprocess.run(
+            [sys.executable, "-m", "benchmarks.grad_cache", *_argv(child)],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         line = [x for x in res.stdout.splitlines() if x.startswith("grad_cache_memory ")]
         if res.returncode or not line:
             raise RuntimeError(f"memory child {v} failed: {res.stderr[-2000:]}")
@@ -321,32 +427,56 @@ def memory_per_variant(s: Setup, f: Flags, work: Path) -> dict:
 def report(f: Flags, r: dict) -> str:
     st, ra, mem, eq = r["step_s"], r["ratios"], r.get("memory") or {}, r["equality"]
     sp = lambda k: Spread(**ra[k]).text(2)  # noqa: E731
-    rows = [[v, st[v]["median"], f"{st['plain']['median'] / st[v]['median']:.2f}",
-             f"{mem[v]['peak_over_baseline_mib']:.0f}" if v in mem else "-",
-             f.micro_batch_size if v == "accumulation" else f.batch_size] for v in VARIANTS]
-    md = table(rows, ["variant", "step s (median)", "plain / variant speed", "peak MiB over baseline",
-                      "negatives per row"])
+    rows = [
+        [
+            v,
+            st[v]["median"],
+            f"{st['plain']['median'] / st[v]['median']:.2f}",
+            f"{mem[v]['peak_over_baseline_mib']:.0f}" if v in mem else "-",
+            f.micro_batch_size if v == "accumulation" else f.batch_size,
+        ]
+        for v in VARIANTS
+    ]
+    md = table(
+        rows, ["variant", "step s (median)", "plain / variant speed", "peak MiB over baseline", "negatives per row"]
+    )
     i = r["model"]
-    md += ("\n\n" + table([
-        ["GradCache / plain, step time", sp("gradcache_over_plain"), f"<= {GOAL}",
-         "yes" if ra["gradcache_over_plain"]["median"] <= GOAL else "no"],
-        ["GradCache / accumulation, step time", sp("gradcache_over_accumulation"), "", ""],
-        ["(plain + forward without graph) / plain: GradCache with no overhead", sp("ideal_over_plain"), "4/3 by FLOPs",
-         ""]], ["ratio", "median [min, max] over repeats", "goal", "met"]))
-    md += (f"\n\nStudent: {i['preset']}" + (f" widened to {f.width} ({f.layers} layers, patch {f.patch_size})"
-                                              if f.preset == "tiny" else "")
-           + f", {i['image_px'][0]} px, {i['text_tokens']} text tokens, {i['params_m']:.1f}M parameters, "
-           f"{i['forward_gflop_per_sample']:.2f} GFLOP forward per sample; loss `{i['loss']}`; B={f.batch_size}, "
-           f"M={f.micro_batch_size}, device {f.device}, mixed precision {f.mixed_precision}, torch threads "
-           f"{r['torch_threads']}; one untimed run of each, then {f.repeats} interleaved repeats of {f.steps} "
-           f"step(s) after {f.warmup_steps}; 1-minute load average before each repeat and after: "
-           f"{', '.join(map(str, r['load_avg']))}.\n"
-           f"Equality (float32, eval mode): loss |diff| {eq['loss_abs_diff']:.2e}, gradient max |diff| "
-           f"{eq['grad_max_abs_diff']:.2e} (largest gradient {eq['grad_max_abs']:.2e}; max relative "
-           f"{eq['grad_max_rel_diff']:.2e}, {eq['grad_max_rel_diff_param']}) over {eq['params_compared']} tensors.\n")
+    md += "\n\n" + table(
+        [
+            [
+                "GradCache / plain, step time",
+                sp("gradcache_over_plain"),
+                f"<= {GOAL}",
+                "yes" if ra["gradcache_over_plain"]["median"] <= GOAL else "no",
+            ],
+            ["GradCache / accumulation, step time", sp("gradcache_over_accumulation"), "", ""],
+            [
+                "(plain + forward without graph) / plain: GradCache with no overhead",
+                sp("ideal_over_plain"),
+                "4/3 by FLOPs",
+                "",
+            ],
+        ],
+        ["ratio", "median [min, max] over repeats", "goal", "met"],
+    )
+    md += (
+        f"\n\nStudent: {i['preset']}"
+        + (f" widened to {f.width} ({f.layers} layers, patch {f.patch_size})" if f.preset == "tiny" else "")
+        + f", {i['image_px'][0]} px, {i['text_tokens']} text tokens, {i['params_m']:.1f}M parameters, "
+        f"{i['forward_gflop_per_sample']:.2f} GFLOP forward per sample; loss `{i['loss']}`; B={f.batch_size}, "
+        f"M={f.micro_batch_size}, device {f.device}, mixed precision {f.mixed_precision}, torch threads "
+        f"{r['torch_threads']}; one untimed run of each, then {f.repeats} interleaved repeats of {f.steps} "
+        f"step(s) after {f.warmup_steps}; 1-minute load average before each repeat and after: "
+        f"{', '.join(map(str, r['load_avg']))}.\n"
+        f"Equality (float32, eval mode): loss |diff| {eq['loss_abs_diff']:.2e}, gradient max |diff| "
+        f"{eq['grad_max_abs_diff']:.2e} (largest gradient {eq['grad_max_abs']:.2e}; max relative "
+        f"{eq['grad_max_rel_diff']:.2e}, {eq['grad_max_rel_diff_param']}) over {eq['params_compared']} tensors.\n"
+    )
     if mem:
-        md += f"Memory: {next(iter(mem.values()))['method']}; baseline (model, AdamW state, batch) " \
-              f"{mem['plain']['baseline_mib']:.0f} MiB.\n"
+        md += (
+            f"Memory: {next(iter(mem.values()))['method']}; baseline (model, AdamW state, batch) "
+            f"{mem['plain']['baseline_mib']:.0f} MiB.\n"
+        )
     return md
 
 
@@ -365,8 +495,11 @@ def main(argv=None) -> dict:
             return {}
         s.info["forward_gflop_per_sample"] = forward_gflop_per_sample(s)
         eq = equality(s, f.micro_batch_size)
-        print(f"equality: loss {eq['loss_abs_diff']:.2e}, gradients {eq['grad_max_abs_diff']:.2e} "
-              f"(relative {eq['grad_max_rel_diff']:.2e})", flush=True)
+        print(
+            f"equality: loss {eq['loss_abs_diff']:.2e}, gradients {eq['grad_max_abs_diff']:.2e} "
+            f"(relative {eq['grad_max_rel_diff']:.2e})",
+            flush=True,
+        )
         mem = memory_per_variant(s, f, work) if f.memory else None
         if f.mixed_precision != "no":  # as Accelerate wraps the prepared model's forward
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[f.mixed_precision]
@@ -376,21 +509,31 @@ def main(argv=None) -> dict:
         if owned:
             shutil.rmtree(work, ignore_errors=True)
     ideal = Spread.of([(p + n) / p for p, n in zip(runs.samples["plain"], runs.samples["forward_nograd"])])
-    results = {"equality": eq, "memory": mem, "model": s.info, "torch_threads": torch.get_num_threads(),
-               "step_s": {k: dataclasses.asdict(runs.stats(k)) for k in runs.samples},
-               "ratios": {"gradcache_over_plain": dataclasses.asdict(runs.ratio("gradcache", "plain")),
-                          "gradcache_over_accumulation": dataclasses.asdict(runs.ratio("gradcache", "accumulation")),
-                          "accumulation_over_plain": dataclasses.asdict(runs.ratio("accumulation", "plain")),
-                          "ideal_over_plain": dataclasses.asdict(ideal)},
-               "interleaved": runs.as_dict(), "load_avg": runs.load, "goal_gradcache_over_plain": GOAL}
+    results = {
+        "equality": eq,
+        "memory": mem,
+        "model": s.info,
+        "torch_threads": torch.get_num_threads(),
+        "step_s": {k: dataclasses.asdict(runs.stats(k)) for k in runs.samples},
+        "ratios": {
+            "gradcache_over_plain": dataclasses.asdict(runs.ratio("gradcache", "plain")),
+            "gradcache_over_accumulation": dataclasses.asdict(runs.ratio("gradcache", "accumulation")),
+            "accumulation_over_plain": dataclasses.asdict(runs.ratio("accumulation", "plain")),
+            "ideal_over_plain": dataclasses.asdict(ideal),
+        },
+        "interleaved": runs.as_dict(),
+        "load_avg": runs.load,
+        "goal_gradcache_over_plain": GOAL,
+    }
     md = report(f, results)
     print("\n" + md, flush=True)
     if not f.quick:
         j, m = write_results("grad_cache", f, results, md)
         print(f"results: {j} and {m}")
     if f.json:
-        Path(f.json).write_text(json.dumps({"flags": dataclasses.asdict(f), "results": results}, indent=2,
-                                           default=str) + "\n")
+        Path(f.json).write_text(
+            json.dumps({"flags": dataclasses.asdict(f), "results": results}, indent=2, default=str) + "\n"
+        )
     return results
 
 

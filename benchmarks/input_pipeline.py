@@ -16,6 +16,7 @@
     decode path of (a) plus the feature reads of (b) for 9 ViT-B teachers (27.6 KB a row in float16), the read
     time modelled as bytes read per useful byte x 27.6 KB x the measured seconds per byte read (page cache).
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -25,8 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench_common import (Output, interleave, load_avg, make_jpeg_corpus, parse_flags, quiet_libraries,
-                                     table, write_results)
+from benchmarks.bench_common import (
+    Output,
+    interleave,
+    load_avg,
+    make_jpeg_corpus,
+    parse_flags,
+    quiet_libraries,
+    table,
+    write_results,
+)
 
 # Imports of torch and of the project's modules (which load torch) sit in the functions that use them, so that
 # --help and a flag error answer at once, without loading torch.
@@ -37,19 +46,19 @@ ROW_BYTES_9_TEACHERS = 9 * 2 * 768 * 2  # 9 teachers x (image, text) x 768 dims 
 
 @dataclass(frozen=True)
 class Flags(Output):
-    quick: bool = False               # small sizes: finishes in < 2 minutes
-    json: str = ""                    # also write the results here
-    images: int = 192                 # synthetic JPEGs (--quick: 64)
-    image_px: int = 704               # their side: 704 x 704 = 0.5 MP
-    batch_size: int = 32              # per device, both parts
-    repeats: int = 5                  # interleaved repeats of part (a) (--quick: 3)
-    ranks: int = 8                    # simulated processes (part b)
-    workers: int = 8                  # simulated DataLoader workers per process (part b)
-    rows: int = 1000000               # feature rows in part (b) (--quick: 300000): not a multiple of the blocks
-    block_rows: int = 1024            # data.block_rows
-    buffer_blocks: int = 16           # data.shuffle_buffer_blocks (= each reader's cache_blocks)
-    chunk_rows: int = 256             # the cache's HDF5 chunk rows (distill cache's default)
-    dim: int = 32                     # feature dims of the one simulated teacher (ratios do not depend on it)
+    quick: bool = False  # small sizes: finishes in < 2 minutes
+    json: str = ""  # also write the results here
+    images: int = 192  # synthetic JPEGs (--quick: 64)
+    image_px: int = 704  # their side: 704 x 704 = 0.5 MP
+    batch_size: int = 32  # per device, both parts
+    repeats: int = 5  # interleaved repeats of part (a) (--quick: 3)
+    ranks: int = 8  # simulated processes (part b)
+    workers: int = 8  # simulated DataLoader workers per process (part b)
+    rows: int = 1000000  # feature rows in part (b) (--quick: 300000): not a multiple of the blocks
+    block_rows: int = 1024  # data.block_rows
+    buffer_blocks: int = 16  # data.shuffle_buffer_blocks (= each reader's cache_blocks)
+    chunk_rows: int = 256  # the cache's HDF5 chunk rows (distill cache's default)
+    dim: int = 32  # feature dims of the one simulated teacher (ratios do not depend on it)
 
 
 # == (a) decode + augment + tokenise =========================================================================
@@ -79,6 +88,7 @@ def decode_variants(f: Flags, work: Path) -> dict:
             for lo in range(0, len(ds), f.batch_size):
                 collate([ds[(0, i)] for i in range(lo, min(len(ds), lo + f.batch_size))])
             return time.perf_counter() - t0
+
         return go
 
     passes = {k: one_pass(t) for k, t in transforms.items()}
@@ -109,8 +119,13 @@ def pair_batches(sampler, ranks: int, workers: int, batch: int) -> list[list[lis
 
     out = []
     for r in range(ranks):
-        shard = BatchSamplerShard(BatchSampler(sampler, batch, drop_last=True), num_processes=ranks,
-                                  process_index=r, split_batches=False, even_batches=True)
+        shard = BatchSamplerShard(
+            BatchSampler(sampler, batch, drop_last=True),
+            num_processes=ranks,
+            process_index=r,
+            split_batches=False,
+            even_batches=True,
+        )
         local = [[i for _, i in b] for b in shard]
         out += [local[w::workers] for w in range(workers)]
     return out
@@ -131,10 +146,15 @@ def read_amplification(f: Flags, work: Path) -> dict:
     path = work / "features.h5"
     row_bytes = _write_features(path, f)
     out = {}
-    for name, dealing in (("block_shuffle (before)", None),
-                          ("block_deal", Dealing(f.ranks, f.workers, f.batch_size))):
-        s = EpochSampler(f.rows, 0, lambda e: f.batch_size * f.ranks, block_ids=np.arange(f.rows) // f.block_rows,
-                         buffer_blocks=f.buffer_blocks, dealing=dealing)
+    for name, dealing in (("block_shuffle (before)", None), ("block_deal", Dealing(f.ranks, f.workers, f.batch_size))):
+        s = EpochSampler(
+            f.rows,
+            0,
+            lambda e: f.batch_size * f.ranks,
+            block_ids=np.arange(f.rows) // f.block_rows,
+            buffer_blocks=f.buffer_blocks,
+            dealing=dealing,
+        )
         read, useful, seconds, blocks_held = 0, 0, 0.0, 0
         for batches in pair_batches(s, f.ranks, f.workers, f.batch_size):
             unit, held = reader_blocks(f.block_rows, f.buffer_blocks, f.chunk_rows, dealing is not None)
@@ -146,11 +166,18 @@ def read_amplification(f: Flags, work: Path) -> dict:
                 read += reader.bytes_read
                 useful += len(batches) * f.batch_size * row_bytes
                 blocks_held = max(blocks_held, len({k for _, k in reader.block_reads}))
-        out[name] = {"bytes_read": read, "useful_bytes": useful, "read_per_useful_byte": read / useful,
-                     "read_seconds": seconds, "seconds_per_byte_read": seconds / read,
-                     "blocks_per_reader_max": blocks_held}
-        print(f"reads {name}: {read / useful:.3f} bytes read per useful byte ({read / 1e6:.1f} MB, "
-              f"{seconds:.2f} s)", flush=True)
+        out[name] = {
+            "bytes_read": read,
+            "useful_bytes": useful,
+            "read_per_useful_byte": read / useful,
+            "read_seconds": seconds,
+            "seconds_per_byte_read": seconds / read,
+            "blocks_per_reader_max": blocks_held,
+        }
+        print(
+            f"reads {name}: {read / useful:.3f} bytes read per useful byte ({read / 1e6:.1f} MB, {seconds:.2f} s)",
+            flush=True,
+        )
     return out
 
 
@@ -159,15 +186,19 @@ def cores_per_gpu(decode_per_s: float, read_per_useful: float, s_per_byte: float
     """1800 x CPU seconds per sample (decode path + modelled feature reads for 9 ViT-B teachers)."""
     read_s = read_per_useful * ROW_BYTES_9_TEACHERS * s_per_byte
     per_core = 1.0 / (1.0 / decode_per_s + read_s)
-    return {"samples_per_s_per_core": per_core, "read_ms_per_sample": 1e3 * read_s,
-            "cores_per_gpu_at_1800": TARGET_SAMPLES_PER_S / per_core}
+    return {
+        "samples_per_s_per_core": per_core,
+        "read_ms_per_sample": 1e3 * read_s,
+        "cores_per_gpu_at_1800": TARGET_SAMPLES_PER_S / per_core,
+    }
 
 
 def main(argv=None) -> dict:
     f = parse_flags(Flags, argv, __doc__)
     if f.quick:
-        f = Flags(**{**f.__dict__, "images": min(f.images, 64), "repeats": min(f.repeats, 3),
-                     "rows": min(f.rows, 300000)})
+        f = Flags(
+            **{**f.__dict__, "images": min(f.images, 64), "repeats": min(f.repeats, 3), "rows": min(f.rows, 300000)}
+        )
     quiet_libraries()
     load_start = load_avg()
     with tempfile.TemporaryDirectory(prefix="input-pipeline-") as tmp:
@@ -180,8 +211,11 @@ def main(argv=None) -> dict:
     c_before = cores_per_gpu(decode["samples_per_s"]["float32 (today)"], before["read_per_useful_byte"], s_per_byte)
     c_after = cores_per_gpu(decode["samples_per_s"][fast], after["read_per_useful_byte"], s_per_byte)
     dev = "device decode (worker side)"
-    c_dev = (cores_per_gpu(decode["samples_per_s"][dev], after["read_per_useful_byte"], s_per_byte)
-             if dev in decode["samples_per_s"] else None)
+    c_dev = (
+        cores_per_gpu(decode["samples_per_s"][dev], after["read_per_useful_byte"], s_per_byte)
+        if dev in decode["samples_per_s"]
+        else None
+    )
     results = {
         "cores_per_gpu_at_1800_device_decode": c_dev and c_dev["cores_per_gpu_at_1800"],
         "read_per_useful_byte": after["read_per_useful_byte"],
@@ -193,24 +227,40 @@ def main(argv=None) -> dict:
         "block_cache_bytes_per_worker_9_teachers": f.buffer_blocks * f.block_rows * ROW_BYTES_9_TEACHERS,
         "load_average": {"start": load_start, "end": load_avg()},
         "ranks_x_workers": [f.ranks, f.workers],
-        "decode": decode, "reads": reads, "cores": {"before": c_before, "after": c_after, "device_decode": c_dev},
+        "decode": decode,
+        "reads": reads,
+        "cores": {"before": c_before, "after": c_after, "device_decode": c_dev},
     }
-    rows = [["read / useful byte", before["read_per_useful_byte"], after["read_per_useful_byte"]],
-            ["samples/s per worker (decode+augment+tokenise)", results["samples_per_s_per_worker_before"],
-             results["samples_per_s_per_worker"]],
-            ["feature-read ms per sample (9 teachers)", c_before["read_ms_per_sample"], c_after["read_ms_per_sample"]],
-            ["cores per GPU at 1,800 samples/s", c_before["cores_per_gpu_at_1800"], c_after["cores_per_gpu_at_1800"]]]
+    rows = [
+        ["read / useful byte", before["read_per_useful_byte"], after["read_per_useful_byte"]],
+        [
+            "samples/s per worker (decode+augment+tokenise)",
+            results["samples_per_s_per_worker_before"],
+            results["samples_per_s_per_worker"],
+        ],
+        ["feature-read ms per sample (9 teachers)", c_before["read_ms_per_sample"], c_after["read_ms_per_sample"]],
+        ["cores per GPU at 1,800 samples/s", c_before["cores_per_gpu_at_1800"], c_after["cores_per_gpu_at_1800"]],
+    ]
     heads = ["", "before (block_shuffle, float32)", f"after (block_deal, {fast})"]
     if c_dev:  # the workers' side only: the GPU's decode and resize are not counted here
         heads.append("block_deal, data.decode=device (worker side)")
-        for r, v in zip(rows, [after["read_per_useful_byte"], decode["samples_per_s"][dev],
-                               c_dev["read_ms_per_sample"], c_dev["cores_per_gpu_at_1800"]]):
+        for r, v in zip(
+            rows,
+            [
+                after["read_per_useful_byte"],
+                decode["samples_per_s"][dev],
+                c_dev["read_ms_per_sample"],
+                c_dev["cores_per_gpu_at_1800"],
+            ],
+        ):
             r.append(v)
     md = table(rows, heads)
-    md += (f"\n\n{f.ranks} ranks x {f.workers} workers, block {f.block_rows} rows, buffer {f.buffer_blocks} blocks, "
-           f"batch {f.batch_size}; block cache per worker for 9 ViT-B teachers: "
-           f"{results['block_cache_bytes_per_worker_9_teachers'] / 2**20:.0f} MiB; load average "
-           f"{results['load_average']}\n")
+    md += (
+        f"\n\n{f.ranks} ranks x {f.workers} workers, block {f.block_rows} rows, buffer {f.buffer_blocks} blocks, "
+        f"batch {f.batch_size}; block cache per worker for 9 ViT-B teachers: "
+        f"{results['block_cache_bytes_per_worker_9_teachers'] / 2**20:.0f} MiB; load average "
+        f"{results['load_average']}\n"
+    )
     print(md)
     write_results("input_pipeline", f, results, md, json_copy=f.json)
     return results

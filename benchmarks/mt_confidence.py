@@ -5,6 +5,7 @@ code (`StepContext.log_confidence` and `combine.weight_matrix`) on random batche
 averages each teacher's weight over the rows of each domain: routing is the identity table (all of a domain's
 weight on its own teacher), so the diagonal says how much of routing the confidence weights recover.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,8 +15,9 @@ import torch
 # at its start, before its flags are checked.
 
 
-def confidence_by_domain(features: str, corpus_csv: str, temperatures=(1.0, 0.1), batch_size: int = 64,
-                         batches: int = 200, seed: int = 0) -> dict[float, dict[str, dict[str, float]]]:
+def confidence_by_domain(
+    features: str, corpus_csv: str, temperatures=(1.0, 0.1), batch_size: int = 64, batches: int = 200, seed: int = 0
+) -> dict[float, dict[str, dict[str, float]]]:
     """{temperature: {domain: {teacher: mean weight}}} over `batches` random batches of the student corpus."""
     from cache.sources.corpus import open_corpus
     from cache.store.reader import FeatureReader
@@ -41,20 +43,26 @@ def confidence_by_domain(features: str, corpus_csv: str, temperatures=(1.0, 0.1)
             feats = teacher_feats(got)
             b = len(pick)
             dummy = torch.zeros(b, 1)
-            ctx = StepContext(StudentOutput(dummy, dummy, torch.tensor(1.0)), TeacherBatch(feats, scales),
-                              StepGather(lambda x, with_grad: (x, 0)))
+            ctx = StepContext(
+                StudentOutput(dummy, dummy, torch.tensor(1.0)),
+                TeacherBatch(feats, scales),
+                StepGather(lambda x, with_grad: (x, 0)),
+            )
             logc = torch.stack([ctx.log_confidence(t) for t in names], 1)
             draw = TeacherDraw(kept={t: True for t in names}, uniforms=None)
             dom = domains[pick]
             for T in temperatures:
-                w = weight_matrix(CombineCfg(mode="confidence", temperature=T), {t: 1.0 for t in names}, draw, b,
-                                  log_confidence=logc).numpy()
+                w = weight_matrix(
+                    CombineCfg(mode="confidence", temperature=T), {t: 1.0 for t in names}, draw, b, log_confidence=logc
+                ).numpy()
                 for d in np.unique(dom):
                     sums[T][d] = sums[T].get(d, 0.0) + w[dom == d].sum(0)
             for d in np.unique(dom):
                 counts[d] = counts.get(d, 0) + int((dom == d).sum())
-    return {T: {d: dict(zip(names, (s / counts[d]).round(3).tolist())) for d, s in sorted(per.items())}
-            for T, per in sums.items()}
+    return {
+        T: {d: dict(zip(names, (s / counts[d]).round(3).tolist())) for d, s in sorted(per.items())}
+        for T, per in sums.items()
+    }
 
 
 def table(result: dict[float, dict[str, dict[str, float]]]) -> str:
@@ -62,8 +70,12 @@ def table(result: dict[float, dict[str, dict[str, float]]]) -> str:
     out = []
     for T, per in result.items():
         teachers = list(next(iter(per.values())))
-        out += [f"temperature {T}:", "", "| rows of domain | " + " | ".join(teachers) + " |",
-                "|---|" + "---|" * len(teachers)]
+        out += [
+            f"temperature {T}:",
+            "",
+            "| rows of domain | " + " | ".join(teachers) + " |",
+            "|---|" + "---|" * len(teachers),
+        ]
         out += [f"| {d} | " + " | ".join(f"{w[t]:.2f}" for t in teachers) + " |" for d, w in per.items()]
         out.append("")
     return "\n".join(out)

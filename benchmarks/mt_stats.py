@@ -26,11 +26,12 @@ and reference, and every teacher) has a 95% row interval that contains the task'
 of a random scorer, `distill.eval.chance`). Such a task cannot rank anything: the report flags it and the mean over
 domains leaves it out (a domain all of whose tasks are flagged drops out of the mean).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -58,7 +59,7 @@ class SeedValues:
             object.__setattr__(self, "replicates", reps)
 
     @classmethod
-    def of(cls, estimates: Sequence[Estimate]) -> "SeedValues":
+    def of(cls, estimates: Sequence[Estimate]) -> SeedValues:
         """From one Estimate per seed (in seed order); replicates only when every seed has them, equally many."""
         reps = [e.replicates for e in estimates]
         same = all(r is not None for r in reps) and len({len(r) for r in reps}) == 1
@@ -68,16 +69,19 @@ class SeedValues:
     def n_seeds(self) -> int:
         return len(self.points)
 
-    def __sub__(self, other: "SeedValues") -> "SeedValues":
+    def __sub__(self, other: SeedValues) -> SeedValues:
         if other.n_seeds != self.n_seeds:
             raise ValueError(f"cannot pair {self.n_seeds} seeds with {other.n_seeds}")
-        paired = self.replicates is not None and other.replicates is not None and \
-            self.replicates.shape == other.replicates.shape
+        paired = (
+            self.replicates is not None
+            and other.replicates is not None
+            and self.replicates.shape == other.replicates.shape
+        )
         return SeedValues(self.points - other.points, self.replicates - other.replicates if paired else None)
 
-    def seed(self, i: int) -> "SeedValues":
+    def seed(self, i: int) -> SeedValues:
         """Seed i alone (its row-only interval comes from `interval` on it)."""
-        return SeedValues(self.points[i:i + 1], None if self.replicates is None else self.replicates[i:i + 1])
+        return SeedValues(self.points[i : i + 1], None if self.replicates is None else self.replicates[i : i + 1])
 
 
 def seed_draws(n_seeds: int, resamples: int, seed: int = 0) -> np.ndarray:

@@ -8,13 +8,14 @@ paired bootstrap; with one seed it is `distill eval`'s paired row bootstrap). Ta
 chance band are flagged and left out of the mean (`mt_stats.at_chance`). Variants are ranked on the dev tasks
 (`--pick-on dev`), and the chosen variant's headline quotes its test tasks only.
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -23,20 +24,24 @@ from benchmarks.mt_stats import SeedValues, at_chance, domain_weights, interval,
 from distill.eval import Difference, verdict_word
 
 MEAN_TASK = "mean over domains"
-CHANCE_RULE = ("a task is at chance when every model compared on it (the variant's student, baseline and reference "
-               "of every seed, and every teacher) has a 95% row interval containing the task's chance level; such "
-               "tasks are flagged and left out of the mean over domains")
-METHOD = ("value: the mean over training seeds; 95% interval: a two-level paired bootstrap, each replicate drawing the "
-          "seeds with replacement (one draw shared by every task and model) and one resample of the test rows shared "
-          "by every model and seed (benchmarks/mt_stats.py); with one seed, the paired row bootstrap of `distill eval`")
+CHANCE_RULE = (
+    "a task is at chance when every model compared on it (the variant's student, baseline and reference "
+    "of every seed, and every teacher) has a 95% row interval containing the task's chance level; such "
+    "tasks are flagged and left out of the mean over domains"
+)
+METHOD = (
+    "value: the mean over training seeds; 95% interval: a two-level paired bootstrap, each replicate drawing the "
+    "seeds with replacement (one draw shared by every task and model) and one resample of the test rows shared "
+    "by every model and seed (benchmarks/mt_stats.py); with one seed, the paired row bootstrap of `distill eval`"
+)
 
 
 @dataclass(frozen=True)
 class TaskInfo:
     """Where a task belongs, for the verdicts: its domain, its test set, and whose home task it is."""
 
-    domain: str             # the domain it tests (the mean over domains); a task of no domain: its own name
-    test_set: str           # tasks with the same test_set read the same test rows (they count once in the mean)
+    domain: str  # the domain it tests (the mean over domains); a task of no domain: its own name
+    test_set: str  # tasks with the same test_set read the same test rows (they count once in the mean)
     own: str | None = None  # the domain whose teacher must not beat the student here (that domain's home task)
 
 
@@ -62,9 +67,17 @@ def _finite(x) -> bool:
     return x is not None and math.isfinite(x)
 
 
-def verdict_entries(reports: Sequence, student: str, baseline: str, info: Mapping[str, TaskInfo],
-                    seeds: Sequence[int], draw_seed: int = 0, level: float = 0.95,
-                    teachers: Sequence[str] | None = None, others: Sequence[str] | None = None) -> list[dict]:
+def verdict_entries(
+    reports: Sequence,
+    student: str,
+    baseline: str,
+    info: Mapping[str, TaskInfo],
+    seeds: Sequence[int],
+    draw_seed: int = 0,
+    level: float = 0.95,
+    teachers: Sequence[str] | None = None,
+    others: Sequence[str] | None = None,
+) -> list[dict]:
     """One entry per task (its headline metric) and a last one for the mean over domains.
 
     `reports[i]`: the `distill eval` report (an EvalReport, holding `.estimates` with bootstrap replicates) of the
@@ -114,31 +127,47 @@ def verdict_entries(reports: Sequence, student: str, baseline: str, info: Mappin
         d_other = {o: s - v for o, v in ov.items()} if s is not None else {}
         chance = _num(task.get("chance", {}).get(metric))
         compared = [student, baseline, *others, *teachers]  # not other variants: a rerun with more keeps the flag
-        band = [(e.ci_low, e.ci_high) for r in reports for m in compared
-                if (e := r.estimates.get(name, {}).get(m, {}).get(metric)) is not None]
+        band = [
+            (e.ci_low, e.ci_high)
+            for r in reports
+            for m in compared
+            if (e := r.estimates.get(name, {}).get(m, {}).get(metric)) is not None
+        ]
         flagged = at_chance(band, chance)
         per_seed = []
         for i, sd in enumerate(seeds):
-            row = {"seed": sd, "student": None if s is None else _num(s.points[i]),
-                   "baseline": None if b is None else _num(b.points[i])}
+            row = {
+                "seed": sd,
+                "student": None if s is None else _num(s.points[i]),
+                "baseline": None if b is None else _num(b.points[i]),
+            }
             row.update({o: _num(v.points[i]) for o, v in ov.items()})
             row["student_minus_baseline"] = _dj(iv(d_base.seed(i))) if d_base is not None else None
             row["student_minus_own_teacher"] = _dj(iv(d_own.seed(i))) if d_own is not None else None
             per_seed.append(row)
         e_base, e_best, e_own = iv(d_base), iv(d_best), iv(d_own)
         entry = {
-            "task": name, "metric": metric, "domain": ti.domain, "test_set": ti.test_set, "own_domain": ti.own,
-            "chance": chance, "at_chance": flagged,
-            "student": model_entry(student, s), "baseline": model_entry(baseline, b),
+            "task": name,
+            "metric": metric,
+            "domain": ti.domain,
+            "test_set": ti.test_set,
+            "own_domain": ti.own,
+            "chance": chance,
+            "at_chance": flagged,
+            "student": model_entry(student, s),
+            "baseline": model_entry(baseline, b),
             "best_teacher": model_entry(best, tv.get(best)),
             "student_minus_best_teacher": _dj(e_best, teacher=best) if e_best is not None else None,
             "student_minus_baseline": _dj(e_base),
             "student_minus_other_baselines": {o: _dj(iv(d)) for o, d in d_other.items()},
             "student_minus_own_teacher": _dj(e_own, teacher=ti.own) if e_own is not None else None,
-            "seeds": per_seed}
-        entry.update(vs_teachers=word(entry["student_minus_best_teacher"]),
-                     vs_baseline=word(entry["student_minus_baseline"]),
-                     vs_own_teacher=word(entry["student_minus_own_teacher"]))
+            "seeds": per_seed,
+        }
+        entry.update(
+            vs_teachers=word(entry["student_minus_best_teacher"]),
+            vs_baseline=word(entry["student_minus_baseline"]),
+            vs_own_teacher=word(entry["student_minus_own_teacher"]),
+        )
         entries.append(entry)
         if not flagged:
             if d_base is not None and _finite(float(np.mean(d_base.points))):
@@ -162,17 +191,33 @@ def verdict_entries(reports: Sequence, student: str, baseline: str, info: Mappin
     for t in w_base:
         doms.setdefault(domain[t], []).append(t)
     mean_entry = {
-        "task": MEAN_TASK, "metric": "headline", "domain": None, "test_set": None, "own_domain": None,
-        "chance": None, "at_chance": False, "domains": doms, "weights": {t: round(w, 6) for t, w in w_base.items()},
+        "task": MEAN_TASK,
+        "metric": "headline",
+        "domain": None,
+        "test_set": None,
+        "own_domain": None,
+        "chance": None,
+        "at_chance": False,
+        "domains": doms,
+        "weights": {t: round(w, 6) for t, w in w_base.items()},
         "left_out_at_chance": [e["task"] for e in entries if e["at_chance"]],
-        "student": None, "baseline": None, "best_teacher": None,
-        "student_minus_best_teacher": _dj(iv(m_best)), "student_minus_baseline": _dj(iv(m_base)),
+        "student": None,
+        "baseline": None,
+        "best_teacher": None,
+        "student_minus_best_teacher": _dj(iv(m_best)),
+        "student_minus_baseline": _dj(iv(m_base)),
         "student_minus_other_baselines": {o: _dj(iv(mean(d)[0])) for o, d in vs_other.items()},
         "student_minus_own_teacher": None,
-        "seeds": [{"seed": sd, "student_minus_baseline": None if m_base is None else _dj(iv(m_base.seed(i)))}
-                  for i, sd in enumerate(seeds)]}
-    mean_entry.update(vs_teachers=word(mean_entry["student_minus_best_teacher"]),
-                      vs_baseline=word(mean_entry["student_minus_baseline"]), vs_own_teacher=None)
+        "seeds": [
+            {"seed": sd, "student_minus_baseline": None if m_base is None else _dj(iv(m_base.seed(i)))}
+            for i, sd in enumerate(seeds)
+        ],
+    }
+    mean_entry.update(
+        vs_teachers=word(mean_entry["student_minus_best_teacher"]),
+        vs_baseline=word(mean_entry["student_minus_baseline"]),
+        vs_own_teacher=None,
+    )
     entries.append(mean_entry)
     return entries
 
@@ -185,8 +230,10 @@ def goal(entries: list[dict]) -> dict:
     unknown = [e["task"] for e in entries[:-1] if e["own_domain"] and e["vs_own_teacher"] is None]
     met = beats and not below and not unknown
     why = [f"{MEAN_TASK} vs baseline: {fmt(mean['student_minus_baseline'])} ({mean['vs_baseline']})"]
-    why.append("an own-domain teacher better than the student beyond the interval on: "
-               + (", ".join(below) if below else "no task"))
+    why.append(
+        "an own-domain teacher better than the student beyond the interval on: "
+        + (", ".join(below) if below else "no task")
+    )
     return {"met": met, "beats_baseline_on_mean": beats, "below_own_teacher": below, "text": "; ".join(why)}
 
 
@@ -204,8 +251,9 @@ def verdict_line(e: dict) -> str:
         doms = ", ".join(f"{d} ({' + '.join(ts)})" for d, ts in e.get("domains", {}).items()) or "none"
         head = f"**{MEAN_TASK}** (headline metrics; domains {doms})"
     else:
-        head = f"**{e['task']}** ({e['metric']}" + (f", chance {e['chance']:.3f}" if e["chance"] is not None
-                                                     else "") + ")"
+        head = (
+            f"**{e['task']}** ({e['metric']}" + (f", chance {e['chance']:.3f}" if e["chance"] is not None else "") + ")"
+        )
     parts = []
     if e.get("at_chance"):
         parts.append("AT CHANCE for every model (left out of the mean)")
@@ -217,8 +265,9 @@ def verdict_line(e: dict) -> str:
         who = f" ({best['teacher']})" if best.get("teacher") else ""
         parts.append(f"vs best teacher{who} {fmt(best)}: {e['vs_teachers'] or 'n/a'}")
     if e["student_minus_own_teacher"]:
-        parts.append(f"vs its own-domain teacher {e['own_domain']} {fmt(e['student_minus_own_teacher'])}: "
-                     f"{e['vs_own_teacher']}")
+        parts.append(
+            f"vs its own-domain teacher {e['own_domain']} {fmt(e['student_minus_own_teacher'])}: {e['vs_own_teacher']}"
+        )
     return f"- {head}: " + "; ".join(parts)
 
 
@@ -248,9 +297,15 @@ def ablation_table(results: Mapping[str, dict], pick_on: str = "dev") -> str:
     first = results[names[0]]["test"]
     tasks = first[:-1]
     has_dev = any(results[n].get("dev") for n in names)
-    head = ["variant", "baseline saw", *(["dev: mean - baseline"] if has_dev else []), "test: mean - baseline",
-            *[f"{e['task']} - baseline" + (" (at chance)" if e["at_chance"] else "") for e in tasks],
-            *[f"{e['task']} - own teacher" for e in tasks if e["own_domain"]], "goal (test)"]
+    head = [
+        "variant",
+        "baseline saw",
+        *(["dev: mean - baseline"] if has_dev else []),
+        "test: mean - baseline",
+        *[f"{e['task']} - baseline" + (" (at chance)" if e["at_chance"] else "") for e in tasks],
+        *[f"{e['task']} - own teacher" for e in tasks if e["own_domain"]],
+        "goal (test)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, name in enumerate(names):
         r = results[name]
@@ -272,8 +327,13 @@ def seeds_table(entries: list[dict]) -> str:
     head = ["task", *[f"seed {s}" for s in seeds], "all seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in entries:
-        lines.append("| " + " | ".join([e["task"], *[fmt(s["student_minus_baseline"]) for s in e["seeds"]],
-                                         fmt(e["student_minus_baseline"])]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [e["task"], *[fmt(s["student_minus_baseline"]) for s in e["seeds"]], fmt(e["student_minus_baseline"])]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -294,9 +354,16 @@ def plot_ablation(results: Mapping[str, dict], path: Path) -> Path:
             e = next(x for x in results[name]["test"] if x["task"] == task)
             d = e["student_minus_baseline"]
             if d and d["value"] is not None and None not in d["ci"]:
-                ax.errorbar(d["value"], y, xerr=[[d["value"] - d["ci"][0]], [d["ci"][1] - d["value"]]], fmt="o",
-                            color=colours[names.index(name) % len(colours)], capsize=3,
-                            label=name if ti == 0 else None, ms=6 if task == MEAN_TASK else 4)
+                ax.errorbar(
+                    d["value"],
+                    y,
+                    xerr=[[d["value"] - d["ci"][0]], [d["ci"][1] - d["value"]]],
+                    fmt="o",
+                    color=colours[names.index(name) % len(colours)],
+                    capsize=3,
+                    label=name if ti == 0 else None,
+                    ms=6 if task == MEAN_TASK else 4,
+                )
             ticks.append(y)
             labels.append(f"{task}{' (at chance)' if e['at_chance'] else ''} | {name}")
             y -= 1
@@ -304,8 +371,7 @@ def plot_ablation(results: Mapping[str, dict], path: Path) -> Path:
     ax.axvline(0, color="grey", ls="--", lw=1)
     ax.set_yticks(ticks, labels, fontsize=7)
     ax.set_xlabel("student - baseline (headline metric), 95% interval over seeds and test rows")
-    ax.set_title("Student - baseline on the test tasks\n(right of the dashed line: the student is better)",
-                 fontsize=10)
+    ax.set_title("Student - baseline on the test tasks\n(right of the dashed line: the student is better)", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -316,23 +382,35 @@ def plot_ablation(results: Mapping[str, dict], path: Path) -> Path:
 def _setup_lines(setup: dict, chosen: str, n_variants: int, pick_on: str) -> list[str]:
     f = setup["flags"]
     seeds = setup["seeds"]
-    lines = [f"Budget `{f['budget']}`; {setup['sizes']}; student corpus {f['student_fraction']:.0%} of each domain; "
-             f"corpora, teachers and cache from seed {f['seed']}; students, baselines"
-             f"{' and references' if f['reference'] else ''} trained with seed{'s' * (len(seeds) > 1)} "
-             f"{', '.join(map(str, seeds))}; {setup['threads']} torch threads, "
-             f"{setup['timings_s']['total']:.0f} s in all.", "",
-             f"The baseline saw {setup['baseline_saw'][chosen]}; the reference (from scratch on all the training "
-             "data, which the cache does not cover) saw its own crops."]
+    lines = [
+        f"Budget `{f['budget']}`; {setup['sizes']}; student corpus {f['student_fraction']:.0%} of each domain; "
+        f"corpora, teachers and cache from seed {f['seed']}; students, baselines"
+        f"{' and references' if f['reference'] else ''} trained with seed{'s' * (len(seeds) > 1)} "
+        f"{', '.join(map(str, seeds))}; {setup['threads']} torch threads, "
+        f"{setup['timings_s']['total']:.0f} s in all.",
+        "",
+        f"The baseline saw {setup['baseline_saw'][chosen]}; the reference (from scratch on all the training "
+        "data, which the cache does not cover) saw its own crops.",
+    ]
     if setup.get("dev_tasks"):
-        lines += ["", f"Dev tasks ({', '.join(setup['dev_tasks'])}): {f['dev_fraction']:.0%} of each domain's "
-                  "training part, taken from the end of its seeded stratified ranking, so disjoint from the test "
-                  "set and from the student's corpus (the start of that ranking). They only rank student variants: "
-                  "the teachers and the reference trained on the whole training part, dev rows included."]
+        lines += [
+            "",
+            f"Dev tasks ({', '.join(setup['dev_tasks'])}): {f['dev_fraction']:.0%} of each domain's "
+            "training part, taken from the end of its seeded stratified ranking, so disjoint from the test "
+            "set and from the student's corpus (the start of that ranking). They only rank student variants: "
+            "the teachers and the reference trained on the whole training part, dev rows included.",
+        ]
     if n_variants > 1:
-        how = ("on the dev tasks" if pick_on == "dev" else
-               "on the TEST tasks themselves (--pick-on test: the headline below is optimistic)")
-        lines += ["", f"`{chosen}` was picked among {n_variants} variants by its mean over domains of student - "
-                  f"baseline {how} (`ablation.md` ranks them); everything below is its test tasks only."]
+        how = (
+            "on the dev tasks"
+            if pick_on == "dev"
+            else "on the TEST tasks themselves (--pick-on test: the headline below is optimistic)"
+        )
+        lines += [
+            "",
+            f"`{chosen}` was picked among {n_variants} variants by its mean over domains of student - "
+            f"baseline {how} (`ablation.md` ranks them); everything below is its test tasks only.",
+        ]
     return lines
 
 
@@ -348,47 +426,91 @@ def write_outputs(out: Path, results: Mapping[str, dict], setup: dict, pick_on: 
     seed0 = setup["seeds"][0]
     eval_md = (out / "eval" / f"seed-{seed0}" / "report.md").read_text()
     flagged = entries[-1]["left_out_at_chance"]
-    lines = [f"# Multi-teacher benchmark: student `{chosen}`", "",
-             *_setup_lines(setup, chosen, len(results), pick_on), "",
-             f"**Goal {'met' if g['met'] else 'not met'}**: {g['text']}.", "", "## Verdict per test task", "",
-             *[verdict_line(e) for e in entries], "",
-             f"Intervals: {METHOD}. 'better' and 'worse' mean the 95% interval excludes 0. The mean is over domains "
-             "(each domain weighs the same; tasks sharing a test set are averaged first and count once). Chance: "
-             f"{CHANCE_RULE}. At chance here: {', '.join(flagged) if flagged else 'none'}.", "",
-             "## Each seed alone", "", "Student - baseline per training seed (row interval of that seed), then over "
-             "all seeds and rows; `verdict.json` has every seed's values under `seeds`.", "", seeds_table(entries),
-             "", "## Label-free confidence weighting against routing", "",
-             "Mean weight that `loss.combine.mode: confidence` gives each teacher (columns) on the rows of each "
-             "domain (rows), on random batches of the cached features; routing puts all of it on the domain's own "
-             "teacher.", "", confidence_table(setup["confidence_by_domain"]), "",
-             f"## The `distill eval` report of seed {seed0}", "",
-             "(One seed, test tasks, every variant, baseline and teacher side by side: its `student` is the first "
-             "variant and every other non-teacher model is listed as a baseline; its 'Overall' is the plain mean "
-             "over tasks with a row-only interval. The verdicts above are the ones to quote; OUT/eval/seed-S/ holds "
-             "each seed's test report, OUT/eval/seed-S/dev/ its dev report.)", "",
-             eval_md.replace("\n# ", "\n### ").replace("\n## ", "\n### ").removeprefix("# "),
-             "", "## Setup", "", "```json", json.dumps({k: setup[k] for k in ("budget", "timings_s", "teachers",
-                                                                               "routing")}, indent=2), "```"]
+    lines = [
+        f"# Multi-teacher benchmark: student `{chosen}`",
+        "",
+        *_setup_lines(setup, chosen, len(results), pick_on),
+        "",
+        f"**Goal {'met' if g['met'] else 'not met'}**: {g['text']}.",
+        "",
+        "## Verdict per test task",
+        "",
+        *[verdict_line(e) for e in entries],
+        "",
+        f"Intervals: {METHOD}. 'better' and 'worse' mean the 95% interval excludes 0. The mean is over domains "
+        "(each domain weighs the same; tasks sharing a test set are averaged first and count once). Chance: "
+        f"{CHANCE_RULE}. At chance here: {', '.join(flagged) if flagged else 'none'}.",
+        "",
+        "## Each seed alone",
+        "",
+        "Student - baseline per training seed (row interval of that seed), then over "
+        "all seeds and rows; `verdict.json` has every seed's values under `seeds`.",
+        "",
+        seeds_table(entries),
+        "",
+        "## Label-free confidence weighting against routing",
+        "",
+        "Mean weight that `loss.combine.mode: confidence` gives each teacher (columns) on the rows of each "
+        "domain (rows), on random batches of the cached features; routing puts all of it on the domain's own "
+        "teacher.",
+        "",
+        confidence_table(setup["confidence_by_domain"]),
+        "",
+        f"## The `distill eval` report of seed {seed0}",
+        "",
+        "(One seed, test tasks, every variant, baseline and teacher side by side: its `student` is the first "
+        "variant and every other non-teacher model is listed as a baseline; its 'Overall' is the plain mean "
+        "over tasks with a row-only interval. The verdicts above are the ones to quote; OUT/eval/seed-S/ holds "
+        "each seed's test report, OUT/eval/seed-S/dev/ its dev report.)",
+        "",
+        eval_md.replace("\n# ", "\n### ").replace("\n## ", "\n### ").removeprefix("# "),
+        "",
+        "## Setup",
+        "",
+        "```json",
+        json.dumps({k: setup[k] for k in ("budget", "timings_s", "teachers", "routing")}, indent=2),
+        "```",
+    ]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     paths = {"report": report, "verdict": verdict}
     if len(results) > 1:
         table = ablation_table(results, pick_on)
-        notes = "\n".join(f"- `{n}`: {r['variant'].note or ' '.join(r['variant'].overrides)}"
-                          for n, r in results.items())
+        notes = "\n".join(
+            f"- `{n}`: {r['variant'].note or ' '.join(r['variant'].overrides)}" for n, r in results.items()
+        )
         (out / "ablation.md").write_text(
             f"# Ablation ({setup['flags']['budget']} budget)\n\n{setup['sizes']}; seeds "
             f"{', '.join(map(str, setup['seeds']))}. Variants ranked by the mean over domains of student - baseline "
             f"on the {pick_on} tasks (picked: `{chosen}`); then the test tasks' student - baseline and student - "
             f"own-domain teacher on each headline metric. Intervals: {METHOD}. Chance: {CHANCE_RULE}.\n\n{table}\n\n"
             f"{notes}\n\nConfidence weights by domain (see report.md):\n\n"
-            f"{confidence_table(setup['confidence_by_domain'])}\n")
-        (out / "ablation.json").write_text(json.dumps(
-            {"setup": setup, "pick_on": pick_on, "picked": chosen, "ranking": ranked(results, pick_on),
-             "variants": {n: {"note": r["variant"].note, "overrides": list(r["variant"].overrides),
-                              "baseline_saw": r.get("baseline_saw"), "goal": goal(r["test"]),
-                              "entries": r["test"], "dev_entries": r.get("dev") or []}
-                          for n, r in results.items()}}, indent=2, default=str) + "\n")
+            f"{confidence_table(setup['confidence_by_domain'])}\n"
+        )
+        (out / "ablation.json").write_text(
+            json.dumps(
+                {
+                    "setup": setup,
+                    "pick_on": pick_on,
+                    "picked": chosen,
+                    "ranking": ranked(results, pick_on),
+                    "variants": {
+                        n: {
+                            "note": r["variant"].note,
+                            "overrides": list(r["variant"].overrides),
+                            "baseline_saw": r.get("baseline_saw"),
+                            "goal": goal(r["test"]),
+                            "entries": r["test"],
+                            "dev_entries": r.get("dev") or [],
+                        }
+                        for n, r in results.items()
+                    },
+                },
+                indent=2,
+                default=str,
+            )
+            + "\n"
+        )
         paths["ablation"] = out / "ablation.md"
         paths["plot"] = plot_ablation(results, out / "ablation.png")
     return paths

@@ -36,6 +36,7 @@ variant, each seed alone, then its `distill eval` report of the first seed), OUT
 variants OUT/ablation.md, OUT/ablation.json and OUT/ablation.png; the `distill eval` reports are in
 OUT/eval/seed-S/ (test tasks) and OUT/eval/seed-S/dev/ (dev tasks), every model side by side.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,11 +52,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.bench_common import atomic_write_text, machine, parse_flags, quiet_libraries
-from benchmarks.mt_setup import (
-    ABLATION_VARIANTS, BUDGETS, BUILTIN_DOMAINS, DEFAULT_VARIANTS, DOMAIN_WEIGHTS, ROUTING, VARIANTS, Budget, Domain,
-    SetupError, TeacherPlan, Variant, domain_weights_value, load_domain_file, load_variant_file, plan_teachers,
-    resolve_domain, routing_value, tiny_overrides)
 from benchmarks.mt_confidence import confidence_by_domain
+from benchmarks.mt_setup import (
+    ABLATION_VARIANTS,
+    BUDGETS,
+    BUILTIN_DOMAINS,
+    DEFAULT_VARIANTS,
+    DOMAIN_WEIGHTS,
+    ROUTING,
+    VARIANTS,
+    Budget,
+    Domain,
+    SetupError,
+    TeacherPlan,
+    Variant,
+    domain_weights_value,
+    load_domain_file,
+    load_variant_file,
+    plan_teachers,
+    resolve_domain,
+    routing_value,
+    tiny_overrides,
+)
 from benchmarks.mt_verdict import TaskInfo, pick_variant, verdict_entries, write_outputs
 from student.shown_paths import shown_path, shown_spec
 
@@ -68,40 +86,40 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 @dataclass(frozen=True)
 class Flags:
-    budget: str = "cpu"                 # smoke (CI, < 5 min) | cpu (< 45 min, 2 cores) | gpu (a lent GPU)
-    out: str = "multi-teacher-out"      # report.md, verdict.json, ablation.* and variants/ land here
-    workdir: str = ""                   # corpora, teachers, cache, runs (default OUT/work); reused by reruns
-    data_root: str = "../shared/data"   # where the built-in domains' files are
-    domains: tuple[str, ...] = ()       # built-in domains to use (default: radiology,dermoscopy,chest_xray,breast_us)
-    domain_file: tuple[str, ...] = ()   # YAML domains (name, source, tasks, holdout); repeatable
-    teacher: tuple[str, ...] = ()       # NAME=SPEC pretrained teachers instead of training (repeatable)
-    task: tuple[str, ...] = ()          # [DOMAIN=]TASK.yaml extra evaluation tasks (repeatable)
-    variant: tuple[str, ...] = ()       # student variants by name (default: the recommended recipe)
+    budget: str = "cpu"  # smoke (CI, < 5 min) | cpu (< 45 min, 2 cores) | gpu (a lent GPU)
+    out: str = "multi-teacher-out"  # report.md, verdict.json, ablation.* and variants/ land here
+    workdir: str = ""  # corpora, teachers, cache, runs (default OUT/work); reused by reruns
+    data_root: str = "../shared/data"  # where the built-in domains' files are
+    domains: tuple[str, ...] = ()  # built-in domains to use (default: radiology,dermoscopy,chest_xray,breast_us)
+    domain_file: tuple[str, ...] = ()  # YAML domains (name, source, tasks, holdout); repeatable
+    teacher: tuple[str, ...] = ()  # NAME=SPEC pretrained teachers instead of training (repeatable)
+    task: tuple[str, ...] = ()  # [DOMAIN=]TASK.yaml extra evaluation tasks (repeatable)
+    variant: tuple[str, ...] = ()  # student variants by name (default: the recommended recipe)
     variant_file: tuple[str, ...] = ()  # YAML: NAME -> [section.key=value, ...] more variants (repeatable)
-    ablation: bool = False              # run every built-in ablation variant
-    student_fraction: float = 0.2       # the student's corpus: this fraction of each domain's training data
-    dev_fraction: float = 0.1           # each domain's dev task: this fraction of its training part, from the end
-                                        # (disjoint from the student's corpus and test); 0: no dev tasks
-    pick_on: str = "dev"                # dev | test: the tasks whose mean over domains picks the headline variant
-    seed: int = 0                       # corpora, teachers, stored views, eval bootstrap
-    seeds: tuple[int, ...] = ()         # training seeds: one student per variant, one baseline and reference per
-                                        # seed; intervals over seeds and test rows (default: --student-seed)
-    student_seed: int = -1              # one training seed (-1: --seed); same as --seeds N
-    threads: int = 0                    # torch threads (0: all usable cores)
-    num_workers: int = -1               # DataLoader workers (-1: 0 for smoke, 1 otherwise)
-    views: int = 4                      # stored augmented views per image in the cache (0: none)
-    reference: bool = True              # also train the from-scratch student on all the data
-    device: str = "auto"                # eval and cache device
-    teacher_steps: int = 0              # 0: the budget's value (same for the next flags)
+    ablation: bool = False  # run every built-in ablation variant
+    student_fraction: float = 0.2  # the student's corpus: this fraction of each domain's training data
+    dev_fraction: float = 0.1  # each domain's dev task: this fraction of its training part, from the end
+    # (disjoint from the student's corpus and test); 0: no dev tasks
+    pick_on: str = "dev"  # dev | test: the tasks whose mean over domains picks the headline variant
+    seed: int = 0  # corpora, teachers, stored views, eval bootstrap
+    seeds: tuple[int, ...] = ()  # training seeds: one student per variant, one baseline and reference per
+    # seed; intervals over seeds and test rows (default: --student-seed)
+    student_seed: int = -1  # one training seed (-1: --seed); same as --seeds N
+    threads: int = 0  # torch threads (0: all usable cores)
+    num_workers: int = -1  # DataLoader workers (-1: 0 for smoke, 1 otherwise)
+    views: int = 4  # stored augmented views per image in the cache (0: none)
+    reference: bool = True  # also train the from-scratch student on all the data
+    device: str = "auto"  # eval and cache device
+    teacher_steps: int = 0  # 0: the budget's value (same for the next flags)
     student_steps: int = 0
     image_size: int = 0
     batch_size: int = 0
-    teacher_width: int = 0              # trained teachers' width (both towers and the embedding)
-    teacher_layers: int = 0             # trained teachers' layers (both towers)
-    student_width: int = 0              # students', baselines' and references' width (below the teachers':
-                                        # compression, e.g. --teacher-width 128 --student-width 96)
-    student_layers: int = 0             # students', baselines' and references' layers
-    max_rows_per_domain: int = -1       # -1: the budget's value; 0: every row
+    teacher_width: int = 0  # trained teachers' width (both towers and the embedding)
+    teacher_layers: int = 0  # trained teachers' layers (both towers)
+    student_width: int = 0  # students', baselines' and references' width (below the teachers':
+    # compression, e.g. --teacher-width 128 --student-width 96)
+    student_layers: int = 0  # students', baselines' and references' layers
+    max_rows_per_domain: int = -1  # -1: the budget's value; 0: every row
 
 
 # -- small helpers ----------------------------------------------------------------------------------------
@@ -110,12 +128,21 @@ def sizes(flags: Flags) -> Budget:
     if flags.budget not in BUDGETS:
         raise SetupError(f"--budget {flags.budget!r} is unknown; use one of {', '.join(BUDGETS)}")
     b = BUDGETS[flags.budget]
-    keys = ("teacher_steps", "student_steps", "image_size", "batch_size", "teacher_width", "teacher_layers",
-            "student_width", "student_layers")
+    keys = (
+        "teacher_steps",
+        "student_steps",
+        "image_size",
+        "batch_size",
+        "teacher_width",
+        "teacher_layers",
+        "student_width",
+        "student_layers",
+    )
     bad = [k for k in keys if getattr(flags, k) < 0]
     if bad:
-        raise SetupError(f"--{bad[0].replace('_', '-')} must be >= 0 (0: the budget's value), got "
-                         f"{getattr(flags, bad[0])}")
+        raise SetupError(
+            f"--{bad[0].replace('_', '-')} must be >= 0 (0: the budget's value), got {getattr(flags, bad[0])}"
+        )
     given = {k: getattr(flags, k) for k in keys}
     b = dataclasses.replace(b, **{k: v for k, v in given.items() if v})
     if flags.max_rows_per_domain >= 0:
@@ -130,9 +157,11 @@ def check_flags(flags: Flags) -> tuple[int, ...]:
     if not 0.0 <= flags.dev_fraction < 1.0:
         raise SetupError(f"--dev-fraction must be in [0, 1) (0: no dev tasks), got {flags.dev_fraction}")
     if flags.student_fraction > 1.0 - flags.dev_fraction:
-        raise SetupError(f"--student-fraction {flags.student_fraction} + --dev-fraction {flags.dev_fraction} exceed "
-                         "1: dev is the end of each domain's training part and the student's corpus its start, so "
-                         "they would overlap; lower one of them")
+        raise SetupError(
+            f"--student-fraction {flags.student_fraction} + --dev-fraction {flags.dev_fraction} exceed "
+            "1: dev is the end of each domain's training part and the student's corpus its start, so "
+            "they would overlap; lower one of them"
+        )
     if flags.pick_on not in ("dev", "test"):
         raise SetupError(f"--pick-on must be dev or test, got {flags.pick_on!r}")
     if flags.seeds and flags.student_seed >= 0:
@@ -175,8 +204,9 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
 
 
 # -- corpora ----------------------------------------------------------------------------------------------
-def _source(domain: Domain, part: tuple[float, float], fraction: float, max_rows: int, seed: int,
-            from_end: bool = False):
+def _source(
+    domain: Domain, part: tuple[float, float], fraction: float, max_rows: int, seed: int, from_end: bool = False
+):
     from cache.corpus_build import CorpusSource
 
     src = dict(domain.source)
@@ -208,20 +238,26 @@ def build_corpora(domains: list[Domain], flags: Flags, b: Budget, work: Path) ->
     for dom in domains:
         part = (0.0, 1.0 - dom.holdout)
         train_parts[dom.name] = part
-        out[f"teacher-{dom.name}"] = build(f"teacher-{dom.name}", [_source(dom, part, 1.0, b.max_rows_per_domain,
-                                                                           flags.seed)])
+        out[f"teacher-{dom.name}"] = build(
+            f"teacher-{dom.name}", [_source(dom, part, 1.0, b.max_rows_per_domain, flags.seed)]
+        )
         if dom.holdout:
-            out[f"test-{dom.name}"] = build(f"test-{dom.name}", [_source(dom, (1.0 - dom.holdout, 1.0), 1.0, 0,
-                                                                         flags.seed)], shuffle=False)
+            out[f"test-{dom.name}"] = build(
+                f"test-{dom.name}", [_source(dom, (1.0 - dom.holdout, 1.0), 1.0, 0, flags.seed)], shuffle=False
+            )
         if flags.dev_fraction > 0:  # the end of the ranking whose start is the student's share: disjoint from it
-            out[f"dev-{dom.name}"] = build(f"dev-{dom.name}", [_source(dom, part, flags.dev_fraction,
-                                                                       b.max_rows_per_domain, flags.seed,
-                                                                       from_end=True)], shuffle=False)
+            out[f"dev-{dom.name}"] = build(
+                f"dev-{dom.name}",
+                [_source(dom, part, flags.dev_fraction, b.max_rows_per_domain, flags.seed, from_end=True)],
+                shuffle=False,
+            )
     student_rows = int(b.max_rows_per_domain * flags.student_fraction) if b.max_rows_per_domain else 0
-    out["student"] = build("student", [_source(d, train_parts[d.name], flags.student_fraction, student_rows,
-                                               flags.seed) for d in domains])
-    out["all"] = build("all", [_source(d, train_parts[d.name], 1.0, b.max_rows_per_domain, flags.seed)
-                               for d in domains])
+    out["student"] = build(
+        "student", [_source(d, train_parts[d.name], flags.student_fraction, student_rows, flags.seed) for d in domains]
+    )
+    out["all"] = build(
+        "all", [_source(d, train_parts[d.name], 1.0, b.max_rows_per_domain, flags.seed) for d in domains]
+    )
     return out
 
 
@@ -229,9 +265,9 @@ def build_corpora(domains: list[Domain], flags: Flags, b: Budget, work: Path) ->
 class TaskFiles:
     """The task YAML files the students are evaluated on, and where each task belongs."""
 
-    test: list[str]              # every domain's tasks and the --task ones: the headline
-    dev: list[str]               # a `TASK-dev` copy of each domain's own task: ranks variants (--pick-on dev)
-    info: dict[str, TaskInfo]    # task name -> domain, test set, home-task owner (mt_verdict.TaskInfo)
+    test: list[str]  # every domain's tasks and the --task ones: the headline
+    dev: list[str]  # a `TASK-dev` copy of each domain's own task: ranks variants (--pick-on dev)
+    info: dict[str, TaskInfo]  # task name -> domain, test set, home-task owner (mt_verdict.TaskInfo)
 
 
 def dev_task(task: dict, dev_csv: Path, domain: Domain) -> dict:
@@ -247,8 +283,13 @@ def dev_task(task: dict, dev_csv: Path, domain: Domain) -> dict:
     t["name"] = f"{task['name']}-dev"
     old = task.get("dataset", {})
     has_label = domain.source.get("label_column", "label") is not None
-    ds = {"path": str(dev_csv.resolve()), "format": "csv", "image_column": "image", "caption_column": "caption",
-          "label_column": "label" if has_label else old.get("label_column", "label")}
+    ds = {
+        "path": str(dev_csv.resolve()),
+        "format": "csv",
+        "image_column": "image",
+        "caption_column": "caption",
+        "label_column": "label" if has_label else old.get("label_column", "label"),
+    }
     names = domain.source.get("class_names")
     if has_label and names is not None and len(names) == len(t.get("classes", ())):
         t["label_values"] = list(names)  # the corpus writes class names; name i is the task's class i
@@ -261,8 +302,9 @@ def dev_task(task: dict, dev_csv: Path, domain: Domain) -> dict:
 def test_set_key(task) -> str:
     """Tasks with equal keys read the same test rows (same file, test split and subsampling): they count once."""
     d = task.dataset
-    return json.dumps([str(task.dataset_path), d.split_column, d.splits.get("test"), list(d.split_fractions),
-                       d.seed, d.max_samples])
+    return json.dumps(
+        [str(task.dataset_path), d.split_column, d.splits.get("test"), list(d.split_fractions), d.seed, d.max_samples]
+    )
 
 
 def write_tasks(domains: list[Domain], corpora: dict[str, Path], extra: tuple[str, ...], work: Path) -> TaskFiles:
@@ -311,21 +353,36 @@ def train_and_export(name: str, config: str, overrides: list[str], work: Path) -
         cfg = Config.from_yaml(CONFIGS / config, overrides=[*overrides, f"train.output_dir={run_dir}"])
         t0 = time.perf_counter()
         result = train(cfg)
-        stage(f"  {name}: {result['step']} steps in {time.perf_counter() - t0:.0f} s, final loss "
-              f"{result['losses'].get('loss', float('nan')):.3f}")
+        stage(
+            f"  {name}: {result['step']} steps in {time.perf_counter() - t0:.0f} s, final loss "
+            f"{result['losses'].get('loss', float('nan')):.3f}"
+        )
         export_checkpoint(str(run_dir), str(export_dir))
     return f"local-dir:{export_dir}"
 
 
-def common_overrides(flags: Flags, b: Budget, corpus: Path, steps: int, width: int, layers: int,
-                     tokenizer: Path | None, seed: int) -> list[str]:
+def common_overrides(
+    flags: Flags, b: Budget, corpus: Path, steps: int, width: int, layers: int, tokenizer: Path | None, seed: int
+) -> list[str]:
     workers = flags.num_workers if flags.num_workers >= 0 else (0 if flags.budget == "smoke" else 1)
-    ov = [f"data.corpus={corpus}", f"train.max_steps={steps}", f"train.seed={seed}",
-          f"data.batch_size={b.batch_size}", f"data.num_workers={workers}", "data.sampler=random",
-          f"optim.lr={b.lr}", f"optim.warmup_steps={b.warmup}", f"student.image_size={b.image_size}",
-          f"student.vocab_size={b.vocab_size}", "train.checkpoint_every=0", "train.keep_last=1",
-          f"train.log_every={max(1, steps // 50)}", "data.flip=false", "data.crop_scale=[0.8, 1.0]",
-          "student.overrides=" + json.dumps(tiny_overrides(width, layers))]
+    ov = [
+        f"data.corpus={corpus}",
+        f"train.max_steps={steps}",
+        f"train.seed={seed}",
+        f"data.batch_size={b.batch_size}",
+        f"data.num_workers={workers}",
+        "data.sampler=random",
+        f"optim.lr={b.lr}",
+        f"optim.warmup_steps={b.warmup}",
+        f"student.image_size={b.image_size}",
+        f"student.vocab_size={b.vocab_size}",
+        "train.checkpoint_every=0",
+        "train.keep_last=1",
+        f"train.log_every={max(1, steps // 50)}",
+        "data.flip=false",
+        "data.crop_scale=[0.8, 1.0]",
+        "student.overrides=" + json.dumps(tiny_overrides(width, layers)),
+    ]
     if tokenizer is not None:
         ov.append(f"student.tokenizer_dir={tokenizer}")
     return ov
@@ -353,17 +410,25 @@ def build_tokenizer(corpus: Path, b: Budget, work: Path) -> Path:
     return out
 
 
-def teacher_specs(plans: list[TeacherPlan], corpora: dict[str, Path], flags: Flags, b: Budget,
-                  work: Path) -> dict[str, str]:
+def teacher_specs(
+    plans: list[TeacherPlan], corpora: dict[str, Path], flags: Flags, b: Budget, work: Path
+) -> dict[str, str]:
     specs = {}
     for i, t in enumerate(plans):
         if t.spec is not None:
             specs[t.name] = t.spec
             continue
-        stage(f"teacher {t.name}: contrastive on all of its domain ({b.teacher_steps} steps, width "
-              f"{b.teacher_width})")
-        ov = common_overrides(flags, b, corpora[f"teacher-{t.name}"], b.teacher_steps, b.teacher_width,
-                              b.teacher_layers, None, flags.seed + 100 + i)
+        stage(f"teacher {t.name}: contrastive on all of its domain ({b.teacher_steps} steps, width {b.teacher_width})")
+        ov = common_overrides(
+            flags,
+            b,
+            corpora[f"teacher-{t.name}"],
+            b.teacher_steps,
+            b.teacher_width,
+            b.teacher_layers,
+            None,
+            flags.seed + 100 + i,
+        )
         ov.append(f"optim.lr={b.teacher_lr}")
         specs[t.name] = train_and_export(f"teacher-{t.name}", "tiny-contrastive.yaml", ov, work)
     return specs
@@ -373,8 +438,19 @@ def build_features(corpus: Path, specs: dict[str, str], flags: Flags, work: Path
     from cache.build.run import CacheJob, build_cache
 
     out = work / f"features-{digest(str(corpus), specs, flags.views, flags.seed)}.h5"
-    build_cache(CacheJob(data=str(corpus), teachers=specs, out=str(out), batch_size=128, num_workers=0,
-                         device=flags.device, views=flags.views, seed=flags.seed, progress=False))
+    build_cache(
+        CacheJob(
+            data=str(corpus),
+            teachers=specs,
+            out=str(out),
+            batch_size=128,
+            num_workers=0,
+            device=flags.device,
+            views=flags.views,
+            seed=flags.seed,
+            progress=False,
+        )
+    )
     return out
 
 
@@ -418,16 +494,22 @@ def baseline_overrides(base: list[str], features: Path, views: bool) -> list[str
     from distill.config.train_config import DataCfg
 
     default = DataCfg.model_fields
-    return [*student_overrides(base, True), f"data.features={features}", "data.use_views=true",
-            f"data.crop_scale={json.dumps(list(default['crop_scale'].default))}",
-            f"data.flip={str(default['flip'].default).lower()}"]
+    return [
+        *student_overrides(base, True),
+        f"data.features={features}",
+        "data.use_views=true",
+        f"data.crop_scale={json.dumps(list(default['crop_scale'].default))}",
+        f"data.flip={str(default['flip'].default).lower()}",
+    ]
 
 
 def baseline_saw(flags: Flags, views: bool) -> str:
     """What augmentation the baseline (and the student) saw, in words for the report."""
     if views:
-        return (f"the cache's {flags.views} stored views per image, replayed as the student sees them (contrastive "
-                "on the cache with data.use_views=true)")
+        return (
+            f"the cache's {flags.views} stored views per image, replayed as the student sees them (contrastive "
+            "on the cache with data.use_views=true)"
+        )
     why = "no stored views" if not flags.views else "the variant sets data.use_views=false"
     return f"its own random crops (area 0.8-1, no flip), as the student did ({why})"
 
@@ -456,8 +538,10 @@ def baseline_name(flags: Flags, views: bool) -> str:
 
 
 def sizes_text(b: Budget) -> str:
-    return (f"trained teachers width {b.teacher_width} x {b.teacher_layers} layers, student (and baseline, "
-            f"reference) width {b.student_width} x {b.student_layers} layers")
+    return (
+        f"trained teachers width {b.teacher_width} x {b.teacher_layers} layers, student (and baseline, "
+        f"reference) width {b.student_width} x {b.student_layers} layers"
+    )
 
 
 # -- the whole run ----------------------------------------------------------------------------------------
@@ -470,8 +554,10 @@ def pick_variants(flags: Flags) -> list[Variant]:
     names += [v.name for v in extra if v.name not in names]
     bad = [n for n in names if n not in known]
     if bad:
-        raise SetupError(f"--variant {bad[0]!r} is unknown; built-in variants: {', '.join(VARIANTS)} "
-                         f"(or give your own with --variant-file)")
+        raise SetupError(
+            f"--variant {bad[0]!r} is unknown; built-in variants: {', '.join(VARIANTS)} "
+            f"(or give your own with --variant-file)"
+        )
     return [known[n] for n in dict.fromkeys(names)]
 
 
@@ -480,8 +566,10 @@ def pick_domains(flags: Flags) -> list[Domain]:
     names = list(flags.domains) or ([] if flags.domain_file else list(BUILTIN_DOMAINS))
     bad = [n for n in names if n not in BUILTIN_DOMAINS]
     if bad:
-        raise SetupError(f"--domains {bad[0]!r} is not a built-in domain ({', '.join(BUILTIN_DOMAINS)}); "
-                         f"give your own with --domain-file")
+        raise SetupError(
+            f"--domains {bad[0]!r} is not a built-in domain ({', '.join(BUILTIN_DOMAINS)}); "
+            f"give your own with --domain-file"
+        )
     domains = [resolve_domain(BUILTIN_DOMAINS[n], root) for n in names]
     domains += [load_domain_file(f) for f in flags.domain_file]
     seen = [d.name for d in domains]
@@ -500,8 +588,10 @@ def run(flags: Flags) -> dict:
     domains = pick_domains(flags)
     variants = pick_variants(flags)
     if flags.pick_on == "dev" and not flags.dev_fraction and len(variants) > 1:
-        raise SetupError("--pick-on dev needs dev tasks to rank the variants: set --dev-fraction > 0, or pick on "
-                         "the test tasks with --pick-on test (then the headline is optimistic)")
+        raise SetupError(
+            "--pick-on dev needs dev tasks to rank the variants: set --dev-fraction > 0, or pick on "
+            "the test tasks with --pick-on test (then the headline is optimistic)"
+        )
     given = _pairs(flags.teacher, "teacher")
     plans = plan_teachers([d.name for d in domains], given)
     clash = {p.name for p in plans} & ({v.name for v in variants} | {"baseline", "baseline-own-crops", "reference"})
@@ -513,9 +603,11 @@ def run(flags: Flags) -> dict:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
-    stage(f"budget {flags.budget}, {threads} torch threads, domains {[d.name for d in domains]}, variants "
-          f"{[v.name for v in variants]}, seeds {list(seeds)}; {sizes_text(b)}; building corpora (student "
-          f"fraction {flags.student_fraction}, dev fraction {flags.dev_fraction})")
+    stage(
+        f"budget {flags.budget}, {threads} torch threads, domains {[d.name for d in domains]}, variants "
+        f"{[v.name for v in variants]}, seeds {list(seeds)}; {sizes_text(b)}; building corpora (student "
+        f"fraction {flags.student_fraction}, dev fraction {flags.dev_fraction})"
+    )
     corpora = build_corpora(domains, flags, b, work)
     files = write_tasks(domains, corpora, flags.task, work)
     tokenizer = build_tokenizer(corpora["student"], b, work)
@@ -531,8 +623,9 @@ def run(flags: Flags) -> dict:
     confidence = confidence_by_domain(str(features), str(corpora["student"]), seed=flags.seed)
 
     def base(seed: int) -> list[str]:
-        return common_overrides(flags, b, corpora["student"], b.student_steps, b.student_width, b.student_layers,
-                                tokenizer, seed)
+        return common_overrides(
+            flags, b, corpora["student"], b.student_steps, b.student_width, b.student_layers, tokenizer, seed
+        )
 
     t0 = time.perf_counter()
     students: dict[str, str] = {}
@@ -541,16 +634,20 @@ def run(flags: Flags) -> dict:
     kinds = list(dict.fromkeys(uses_views(flags, v) for v in variants))
     for seed in seeds:  # every baseline first: a failure shows before the students' long runs
         for views in kinds:
-            stage(f"{baseline_name(flags, views)} (seed {seed}): the same student, contrastive on the same corpus "
-                  f"({b.student_steps} steps), seeing {'the stored views' if views else 'its own crops'}")
-            baselines[views, seed] = train_and_export("baseline", "tiny-contrastive.yaml",
-                                                      baseline_overrides(base(seed), features, views), work)
+            stage(
+                f"{baseline_name(flags, views)} (seed {seed}): the same student, contrastive on the same corpus "
+                f"({b.student_steps} steps), seeing {'the stored views' if views else 'its own crops'}"
+            )
+            baselines[views, seed] = train_and_export(
+                "baseline", "tiny-contrastive.yaml", baseline_overrides(base(seed), features, views), work
+            )
             students[f"{baseline_name(flags, views)} seed {seed}"] = baselines[views, seed]
         if flags.reference:
             stage(f"reference (seed {seed}): the same student, contrastive on ALL the domains' training data")
             ref = [f"data.corpus={corpora['all']}" if o.startswith("data.corpus=") else o for o in base(seed)]
             references[seed] = students[f"reference seed {seed}"] = train_and_export(
-                "reference", "tiny-contrastive.yaml", ref, work)
+                "reference", "tiny-contrastive.yaml", ref, work
+            )
     timings["baselines"] = time.perf_counter() - t0
 
     routing = routing_value(plans, [d.name for d in domains])
@@ -561,9 +658,15 @@ def run(flags: Flags) -> dict:
             t0 = time.perf_counter()
             stage(f"student {v.name} (seed {seed}): {v.note or ' '.join(v.overrides)}")
             trained[seed][v.name] = students[f"{v.name} seed {seed}"] = train_and_export(
-                f"student-{v.name}", "tiny-hybrid.yaml", [*student_overrides(base(seed), uses_views(flags, v)),
-                                                          f"data.features={features}",
-                                                          *variant_overrides(v, routing, weights)], work)
+                f"student-{v.name}",
+                "tiny-hybrid.yaml",
+                [
+                    *student_overrides(base(seed), uses_views(flags, v)),
+                    f"data.features={features}",
+                    *variant_overrides(v, routing, weights),
+                ],
+                work,
+            )
             timings[f"train {v.name} seed {seed}"] = time.perf_counter() - t0
 
     # one eval per seed and split, every model side by side: teachers and baselines are scored once, and every
@@ -572,43 +675,86 @@ def run(flags: Flags) -> dict:
     others = ["reference"] if flags.reference else []
     for seed in seeds:
         t0 = time.perf_counter()
-        models = {**trained[seed], **{baseline_name(flags, k): baselines[k, seed] for k in kinds},
-                  **({"reference": references[seed]} if flags.reference else {}), **specs}
+        models = {
+            **trained[seed],
+            **{baseline_name(flags, k): baselines[k, seed] for k in kinds},
+            **({"reference": references[seed]} if flags.reference else {}),
+            **specs,
+        }
         for split, tasks in (("test", files.test), ("dev", files.dev)):
             if not tasks:
                 continue
-            stage(f"evaluating seed {seed}: {len(variants)} variant(s) beside the baselines and teachers on "
-                  f"{len(tasks)} {split} tasks")
+            stage(
+                f"evaluating seed {seed}: {len(variants)} variant(s) beside the baselines and teachers on "
+                f"{len(tasks)} {split} tasks"
+            )
             where = out / "eval" / f"seed-{seed}"
-            reports[split].append(run_eval(EvalJob(
-                models=models, tasks=tasks, out=str(where if split == "test" else where / "dev"),
-                device=flags.device, bootstrap=b.bootstrap, seed=flags.seed, student=variants[0].name,
-                baselines=tuple(m for m in models if m != variants[0].name and m not in specs),
-                max_samples=b.eval_max_samples or None, cache_dir=str(work / "eval-cache"))))
+            reports[split].append(
+                run_eval(
+                    EvalJob(
+                        models=models,
+                        tasks=tasks,
+                        out=str(where if split == "test" else where / "dev"),
+                        device=flags.device,
+                        bootstrap=b.bootstrap,
+                        seed=flags.seed,
+                        student=variants[0].name,
+                        baselines=tuple(m for m in models if m != variants[0].name and m not in specs),
+                        max_samples=b.eval_max_samples or None,
+                        cache_dir=str(work / "eval-cache"),
+                    )
+                )
+            )
         timings[f"eval seed {seed}"] = time.perf_counter() - t0
     results = {}
     for v in variants:
         views = uses_views(flags, v)
-        results[v.name] = {"variant": v, "baseline_saw": "stored views" if views else "own crops",
-                           **{split: verdict_entries(r, v.name, baseline_name(flags, views), files.info, seeds,
-                                                     flags.seed, teachers=list(specs), others=others) if r else []
-                              for split, r in reports.items()}}
+        results[v.name] = {
+            "variant": v,
+            "baseline_saw": "stored views" if views else "own crops",
+            **{
+                split: verdict_entries(
+                    r,
+                    v.name,
+                    baseline_name(flags, views),
+                    files.info,
+                    seeds,
+                    flags.seed,
+                    teachers=list(specs),
+                    others=others,
+                )
+                if r
+                else []
+                for split, r in reports.items()
+            },
+        }
     timings["total"] = time.perf_counter() - t_start
     chosen = pick_variant(results, flags.pick_on if files.dev else "test")
-    record = {v.name: shown_in(recorded_augmentation(baselines[uses_views(flags, v), seeds[0]]), work, out)
-              for v in variants}  # what the trainer wrote it showed each variant's baseline
-    setup = {"flags": dataclasses.asdict(flags), "budget": dataclasses.asdict(b), "threads": threads,
-             "seeds": list(seeds), "sizes": sizes_text(b), "picked": chosen,
-             "baseline_saw": {v.name: f"{baseline_saw(flags, uses_views(flags, v))} [trainer's record: "
-                                      f"{record[v.name]}]" for v in variants},
-             "dev_tasks": [Path(p).stem for p in files.dev],
-             "machine": machine(), "timings_s": {k: round(v, 1) for k, v in timings.items()},
-             "teachers": {k: shown_spec(v, out) for k, v in specs.items()},
-             "students": {k: shown_spec(v, out) for k, v in students.items()}, "routing": routing,
-             "corpora": {k: shown_path(v, out) for k, v in corpora.items()},
-             "tasks": {k: dataclasses.asdict(v) for k, v in files.info.items()},
-             "own_tasks": {k: v.own for k, v in files.info.items() if v.own},
-             "confidence_by_domain": confidence}
+    record = {
+        v.name: shown_in(recorded_augmentation(baselines[uses_views(flags, v), seeds[0]]), work, out) for v in variants
+    }  # what the trainer wrote it showed each variant's baseline
+    setup = {
+        "flags": dataclasses.asdict(flags),
+        "budget": dataclasses.asdict(b),
+        "threads": threads,
+        "seeds": list(seeds),
+        "sizes": sizes_text(b),
+        "picked": chosen,
+        "baseline_saw": {
+            v.name: f"{baseline_saw(flags, uses_views(flags, v))} [trainer's record: {record[v.name]}]"
+            for v in variants
+        },
+        "dev_tasks": [Path(p).stem for p in files.dev],
+        "machine": machine(),
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "teachers": {k: shown_spec(v, out) for k, v in specs.items()},
+        "students": {k: shown_spec(v, out) for k, v in students.items()},
+        "routing": routing,
+        "corpora": {k: shown_path(v, out) for k, v in corpora.items()},
+        "tasks": {k: dataclasses.asdict(v) for k, v in files.info.items()},
+        "own_tasks": {k: v.own for k, v in files.info.items() if v.own},
+        "confidence_by_domain": confidence,
+    }
     paths = write_outputs(out, results, setup, flags.pick_on if files.dev else "test")
     stage(f"done in {timings['total']:.0f} s: {paths['report']} and {paths['verdict']} (picked {chosen})")
     return {"results": results, "setup": setup, "paths": paths}

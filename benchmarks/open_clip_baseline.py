@@ -3,6 +3,7 @@
 Why a stock open_clip run: "ours is as fast as open_clip" is only worth saying against their trainer on the same
 model, data, batch, precision and workers. It needs the `bench` extra (pandas, braceexpand, webdataset).
 """
+
 from __future__ import annotations
 
 import csv
@@ -68,14 +69,51 @@ def run_open_clip(student_dir: Path, corpus: Path, work: Path, f: Flags) -> dict
     epochs = -(-f.steps // per_epoch)
     logs = work / "open_clip_logs"
     shutil.rmtree(logs, ignore_errors=True)
-    cmd = [sys.executable, "-m", "open_clip_train.main", "--model", f"local-dir:{model_dir}",
-           "--train-data", str(abs_csv), "--dataset-type", "csv", "--csv-separator", ",",
-           "--csv-img-key", "image", "--csv-caption-key", "caption", "--batch-size", str(f.batch_size),
-           "--epochs", str(epochs), "--workers", str(f.workers), "--precision",
-           {"no": "fp32", "bf16": "amp_bf16", "fp16": "amp"}[f.mixed_precision],
-           "--device", "cuda" if _cuda() else "cpu",
-           "--lr", "2e-3", "--wd", "0.2", "--warmup", "5", "--log-every-n-steps", "1", "--save-frequency", "0",
-           "--logs", str(logs), "--name", "bench", "--seed", "0", "--report-to", ""]
+    cmd = [
+        sys.executable,
+        "-m",
+        "open_clip_train.main",
+        "--model",
+        f"local-dir:{model_dir}",
+        "--train-data",
+        str(abs_csv),
+        "--dataset-type",
+        "csv",
+        "--csv-separator",
+        ",",
+        "--csv-img-key",
+        "image",
+        "--csv-caption-key",
+        "caption",
+        "--batch-size",
+        str(f.batch_size),
+        "--epochs",
+        str(epochs),
+        "--workers",
+        str(f.workers),
+        "--precision",
+        {"no": "fp32", "bf16": "amp_bf16", "fp16": "amp"}[f.mixed_precision],
+        "--device",
+        "cuda" if _cuda() else "cpu",
+        "--lr",
+        "2e-3",
+        "--wd",
+        "0.2",
+        "--warmup",
+        "5",
+        "--log-every-n-steps",
+        "1",
+        "--save-frequency",
+        "0",
+        "--logs",
+        str(logs),
+        "--name",
+        "bench",
+        "--seed",
+        "0",
+        "--report-to",
+        "",
+    ]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=_env())
     wall = time.perf_counter() - t0
@@ -87,7 +125,6 @@ def run_open_clip(student_dir: Path, corpus: Path, work: Path, f: Flags) -> dict
         raise RuntimeError(f"no 'Train Epoch' lines in open_clip_train's output:\n{text[-3000:]}")
     step_s = [f.batch_size / s for s in sps]
     return {"wall_s": wall, "step_s": _steady(step_s, f.warmup_steps), "steps": len(sps), "command": " ".join(cmd)}
-
 
 
 def _cuda() -> bool:

@@ -17,6 +17,7 @@
 `merge_over_write` = merge seconds / the seconds a writing process spent committing (its writer thread: encode,
 pwrite, fsync), the conservative ratio: a real build's write time also holds the teachers' forward passes.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -41,21 +42,21 @@ POOL_ROWS = 8192  # distinct unit vectors per teacher and modality; chunks take 
 
 @dataclass(frozen=True)
 class Flags(Output):
-    quick: bool = False            # 1M rows, 2 processes, 2 x 2 readers: < 10 minutes on 2 cores
-    json: str = ""                 # also write the results here
-    rows: int = 4000000            # cache rows (--quick: 1000000)
+    quick: bool = False  # 1M rows, 2 processes, 2 x 2 readers: < 10 minutes on 2 cores
+    json: str = ""  # also write the results here
+    rows: int = 4000000  # cache rows (--quick: 1000000)
     dims: tuple[int, ...] = (512, 768, 1152)  # one teacher per dim (image + text each, float16)
-    processes: int = 4             # simulated caching processes (--quick: 2)
-    chunk_rows: int = 512          # rows per commit (distill cache --chunk-rows)
-    h5_chunk_rows: int = 256       # HDF5 chunk rows (distill cache's default)
-    ranks: int = 8                 # simulated training processes reading back (--quick: 2)
-    workers: int = 8               # simulated DataLoader workers per rank (--quick: 2)
-    batch_size: int = 256          # per device
-    block_rows: int = 1024         # data.block_rows
-    buffer_blocks: int = 16        # data.shuffle_buffer_blocks
-    read_rows: int = 400000        # rows read back in all, over the pairs (--quick: 200000)
-    sums: bool = True              # keep the statistics sums as the builder does (CPU here)
-    work: str = ""                 # folder for the cache (default: a temporary one, deleted)
+    processes: int = 4  # simulated caching processes (--quick: 2)
+    chunk_rows: int = 512  # rows per commit (distill cache --chunk-rows)
+    h5_chunk_rows: int = 256  # HDF5 chunk rows (distill cache's default)
+    ranks: int = 8  # simulated training processes reading back (--quick: 2)
+    workers: int = 8  # simulated DataLoader workers per rank (--quick: 2)
+    batch_size: int = 256  # per device
+    block_rows: int = 1024  # data.block_rows
+    buffer_blocks: int = 16  # data.shuffle_buffer_blocks
+    read_rows: int = 400000  # rows read back in all, over the pairs (--quick: 200000)
+    sums: bool = True  # keep the statistics sums as the builder does (CPU here)
+    work: str = ""  # folder for the cache (default: a temporary one, deleted)
 
 
 # == (a) write =================================================================================================
@@ -76,7 +77,7 @@ def _write_rank(out: str, rank: int, world: int, run: int, metas: dict, fp: str,
 
     torch.set_num_threads(1)
     rows = np.arange(f.rows, dtype=np.int64)
-    chunks = deal([rows[i:i + f.chunk_rows] for i in range(0, f.rows, f.chunk_rows)], DistEnv(rank, world))
+    chunks = deal([rows[i : i + f.chunk_rows] for i in range(0, f.rows, f.chunk_rows)], DistEnv(rank, world))
     names = list(metas)
     need = np.broadcast_to(np.ones((1, len(names)), dtype=bool), (f.rows, len(names)))  # every teacher, every row
     dims = {n: int(m["attrs"]["embed_dim"]) for n, m in metas.items()}
@@ -97,7 +98,7 @@ def _write_rank(out: str, rank: int, world: int, run: int, metas: dict, fp: str,
             for n in names:
                 img_pool, txt_pool = pools[n]
                 at = (int(c[0]) * 7919) % (POOL_ROWS - len(c))
-                img, txt = img_pool[at:at + len(c)], txt_pool[at:at + len(c)]
+                img, txt = img_pool[at : at + len(c)], txt_pool[at : at + len(c)]
                 if f.sums:
                     t = time.perf_counter()
                     seg.add_sums(n, torch.from_numpy(img), torch.from_numpy(txt))
@@ -109,14 +110,21 @@ def _write_rank(out: str, rank: int, world: int, run: int, metas: dict, fp: str,
     finally:
         writer.close()
         seg.close()
-    queue.put({"rank": rank, "seconds": time.perf_counter() - t0, "sums_s": sums_s, "commit_s": busy[0],
-               "chunks": len(chunks)})
+    queue.put(
+        {
+            "rank": rank,
+            "seconds": time.perf_counter() - t0,
+            "sums_s": sums_s,
+            "commit_s": busy[0],
+            "chunks": len(chunks),
+        }
+    )
 
 
 def write(out: Path, f: Flags) -> dict:
-    import cache.store.writer as W
     import cache.store.layout as L
     import cache.store.segments as S
+    import cache.store.writer as W
 
     fp = "scale-sim"
     W.create_file(str(out), [f"row-{i:09d}" for i in range(f.rows)], fingerprint=fp, source="synthetic")
@@ -124,15 +132,30 @@ def write(out: Path, f: Flags) -> dict:
     metas = {}
     for j, d in enumerate(f.dims):
         name = f"t{j}_{d}"
-        metas[name] = {"attrs": {"spec": f"synthetic:{name}", "resolved_spec": f"synthetic:{name}", "embed_dim": d,
-                                 "logit_scale": 100.0, "image_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3,
-                                 "context_length": 77, "views": 0},
-                       "dtype": "float16", "fingerprint": fp, "h5_chunk_rows": f.h5_chunk_rows, L.SINCE_RUN: run}
+        metas[name] = {
+            "attrs": {
+                "spec": f"synthetic:{name}",
+                "resolved_spec": f"synthetic:{name}",
+                "embed_dim": d,
+                "logit_scale": 100.0,
+                "image_size": 224,
+                "mean": [0.5] * 3,
+                "std": [0.5] * 3,
+                "context_length": 77,
+                "views": 0,
+            },
+            "dtype": "float16",
+            "fingerprint": fp,
+            "h5_chunk_rows": f.h5_chunk_rows,
+            L.SINCE_RUN: run,
+        }
         W.write_meta(str(out), name, metas[name])
     ctx = mp.get_context("spawn")
     queue, start = ctx.Queue(), ctx.Barrier(f.processes)
-    procs = [ctx.Process(target=_write_rank, args=(str(out), r, f.processes, run, metas, fp, f, queue, start))
-             for r in range(f.processes)]
+    procs = [
+        ctx.Process(target=_write_rank, args=(str(out), r, f.processes, run, metas, fp, f, queue, start))
+        for r in range(f.processes)
+    ]
     for p in procs:
         p.start()
     for p in procs:  # a few small dicts wait in the queue: joining first cannot block on it
@@ -142,9 +165,12 @@ def write(out: Path, f: Flags) -> dict:
     done = [queue.get(timeout=10) for _ in procs]
     wall = max(d["seconds"] for d in done)  # from the common start to the last process's last commit
     sums, commits = max(d["sums_s"] for d in done), max(d["commit_s"] for d in done)
-    print(f"write: {wall:.1f} s for {f.rows} rows x {len(f.dims)} teachers with {f.processes} processes; the "
-          f"slowest process spent {commits:.1f} s committing (its writer thread) and {sums:.1f} s on the "
-          "statistics sums", flush=True)
+    print(
+        f"write: {wall:.1f} s for {f.rows} rows x {len(f.dims)} teachers with {f.processes} processes; the "
+        f"slowest process spent {commits:.1f} s committing (its writer thread) and {sums:.1f} s on the "
+        "statistics sums",
+        flush=True,
+    )
     return {"write_s": wall, "sums_s": sums, "commit_s": commits, "per_process": done}
 
 
@@ -183,10 +209,17 @@ def merge(out: Path) -> dict:
     th.join()
     final = allocated(folder)
     extra = max(peak) - before
-    print(f"merge: {seconds:.2f} s, peak extra disk {extra / 2**20:.1f} MiB of {final / 2**30:.2f} GiB final",
-          flush=True)
-    return {"merge_s": seconds, "extra_disk_peak_bytes": extra, "final_bytes": final, "before_bytes": before,
-            "main_file_bytes": os.path.getsize(out), "rows_folded": folded}
+    print(
+        f"merge: {seconds:.2f} s, peak extra disk {extra / 2**20:.1f} MiB of {final / 2**30:.2f} GiB final", flush=True
+    )
+    return {
+        "merge_s": seconds,
+        "extra_disk_peak_bytes": extra,
+        "final_bytes": final,
+        "before_bytes": before,
+        "main_file_bytes": os.path.getsize(out),
+        "rows_folded": folded,
+    }
 
 
 def mappings(out: Path) -> dict:
@@ -204,14 +237,20 @@ def mappings(out: Path) -> dict:
 def read(out: Path, f: Flags) -> dict:
     import h5py
 
-    from cache import FeatureReader
     import cache.store.layout as L
-    from distill.data.samplers import Dealing, EpochSampler, reader_blocks
     from benchmarks.input_pipeline import pair_batches
+    from cache import FeatureReader
+    from distill.data.samplers import Dealing, EpochSampler, reader_blocks
 
     dealing = Dealing(f.ranks, f.workers, f.batch_size)
-    s = EpochSampler(f.rows, 0, lambda e: f.batch_size * f.ranks, block_ids=np.arange(f.rows) // f.block_rows,
-                     buffer_blocks=f.buffer_blocks, dealing=dealing)
+    s = EpochSampler(
+        f.rows,
+        0,
+        lambda e: f.batch_size * f.ranks,
+        block_ids=np.arange(f.rows) // f.block_rows,
+        buffer_blocks=f.buffer_blocks,
+        dealing=dealing,
+    )
     pairs = pair_batches(s, f.ranks, f.workers, f.batch_size)
     per_pair = max(1, f.read_rows // (len(pairs) * f.batch_size))
     read_rows, seconds, read_bytes, useful = 0, 0.0, 0, 0
@@ -228,11 +267,19 @@ def read(out: Path, f: Flags) -> dict:
             read_bytes += reader.bytes_read
             useful += len(batches[:per_pair]) * f.batch_size * row_bytes
     direct = _direct_vs_virtual(out, f)
-    print(f"read: {read_rows} rows in {seconds:.1f} s with {f.ranks} x {f.workers} readers, one after another: "
-          f"{read_rows / seconds:,.0f} rows/s per core; virtual/direct time {direct['virtual_over_direct']:.2f}",
-          flush=True)
-    return {"read_rows": read_rows, "read_s": seconds, "read_rows_per_s": read_rows / seconds,
-            "read_mb_per_s": read_bytes / seconds / 1e6, "read_per_useful_byte": read_bytes / useful, **direct}
+    print(
+        f"read: {read_rows} rows in {seconds:.1f} s with {f.ranks} x {f.workers} readers, one after another: "
+        f"{read_rows / seconds:,.0f} rows/s per core; virtual/direct time {direct['virtual_over_direct']:.2f}",
+        flush=True,
+    )
+    return {
+        "read_rows": read_rows,
+        "read_s": seconds,
+        "read_rows_per_s": read_rows / seconds,
+        "read_mb_per_s": read_bytes / seconds / 1e6,
+        "read_per_useful_byte": read_bytes / useful,
+        **direct,
+    }
 
 
 def _direct_vs_virtual(out: Path, f: Flags, blocks: int = 64, repeats: int = 3) -> dict:
@@ -244,8 +291,15 @@ def _direct_vs_virtual(out: Path, f: Flags, blocks: int = 64, repeats: int = 3) 
 
     with h5py.File(out, "r") as h:
         names = list(h[L.TEACHERS])
-        src = Path(out).parent / next(iter({vs.file_name for vs in h[L.feature(names[0], "image")].virtual_sources()
-                                            if "-rank-0000-" in vs.file_name}))
+        src = Path(out).parent / next(
+            iter(
+                {
+                    vs.file_name
+                    for vs in h[L.feature(names[0], "image")].virtual_sources()
+                    if "-rank-0000-" in vs.file_name
+                }
+            )
+        )
     c = f.h5_chunk_rows
     n = max(1, min(blocks, (f.rows // f.processes) // c))
     times: dict[str, list[float]] = {"virtual": [], "direct": []}
@@ -256,18 +310,29 @@ def _direct_vs_virtual(out: Path, f: Flags, blocks: int = 64, repeats: int = 3) 
                 t0 = time.perf_counter()
                 for k in range(n):
                     for ds in sets:
-                        ds[k * c:(k + 1) * c]
+                        ds[k * c : (k + 1) * c]
                 times[label].append(time.perf_counter() - t0)
     ratio = statistics.median(v / d for v, d in zip(times["virtual"], times["direct"]))
-    return {"virtual_over_direct": ratio, "direct_read_s": statistics.median(times["direct"]),
-            "virtual_read_s": statistics.median(times["virtual"])}
+    return {
+        "virtual_over_direct": ratio,
+        "direct_read_s": statistics.median(times["direct"]),
+        "virtual_read_s": statistics.median(times["virtual"]),
+    }
 
 
 def main(argv=None) -> dict:
     f = parse_flags(Flags, argv, __doc__)
     if f.quick:
-        f = Flags(**{**f.__dict__, "rows": min(f.rows, 1000000), "processes": min(f.processes, 2),
-                     "ranks": min(f.ranks, 2), "workers": min(f.workers, 2), "read_rows": min(f.read_rows, 200000)})
+        f = Flags(
+            **{
+                **f.__dict__,
+                "rows": min(f.rows, 1000000),
+                "processes": min(f.processes, 2),
+                "ranks": min(f.ranks, 2),
+                "workers": min(f.workers, 2),
+                "read_rows": min(f.read_rows, 200000),
+            }
+        )
     load_start = load_avg()
     work = Path(f.work) if f.work else Path(tempfile.mkdtemp(prefix="scale-sim-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -281,7 +346,10 @@ def main(argv=None) -> dict:
         if not f.work:
             shutil.rmtree(work, ignore_errors=True)
     results = {
-        "rows": f.rows, "teachers": len(f.dims), "dims": list(f.dims), "processes": f.processes,
+        "rows": f.rows,
+        "teachers": len(f.dims),
+        "dims": list(f.dims),
+        "processes": f.processes,
         "merge_over_write": m["merge_s"] / w["commit_s"],  # conservative: the writer thread's time only
         "merge_over_write_wall": m["merge_s"] / w["write_s"],
         "extra_disk_over_final": m["extra_disk_peak_bytes"] / m["final_bytes"],
@@ -289,28 +357,52 @@ def main(argv=None) -> dict:
         "write_rows_per_s": f.rows / w["commit_s"] / f.processes,  # per process, its writer thread alone
         "write_mb_per_s": m["final_bytes"] / w["commit_s"] / 1e6,  # all processes
         "load_average": {"start": load_start, "end": load_avg()},
-        "write": w, "merge": m, "read": r, **maps,
+        "write": w,
+        "merge": m,
+        "read": r,
+        **maps,
     }
-    rows = [[f"write, {f.processes} processes in parallel (wall)", f"{w['write_s']:.1f} s",
-             f"merge / this = {results['merge_over_write_wall']:.4f}"],
-            ["  of which committing (a process's writer thread)", f"{w['commit_s']:.1f} s",
-             f"{results['write_rows_per_s']:,.0f} rows/s per process, {results['write_mb_per_s']:.0f} MB/s in all"],
-            ["  and the statistics sums (CPU here, GPU in a build)", f"{w['sums_s']:.1f} s", "slowest process"],
-            ["merge (W.fold)", f"{m['merge_s']:.2f} s",
-             f"merge / committing = {results['merge_over_write']:.4f} (merge_over_write)"],
-            ["peak extra disk during the merge", f"{m['extra_disk_peak_bytes'] / 2**20:.1f} MiB",
-             f"/ final {m['final_bytes'] / 2**30:.2f} GiB = {results['extra_disk_over_final']:.5f}"],
-            ["FEATURES.h5 itself", f"{m['main_file_bytes'] / 2**20:.2f} MiB",
-             f"{maps['segment_files']} segment files, mappings per dataset "
-             f"{sorted(set(maps['mappings_per_dataset'].values()))}"],
-            [f"read back ({f.ranks} ranks x {f.workers} workers, block_deal)", f"{r['read_s']:.1f} s",
-             f"{r['read_rows_per_s']:,.0f} rows/s per core, {r['read_per_useful_byte']:.3f} bytes read per useful "
-             "byte"],
-            ["virtual datasets vs the segment read directly", f"{r['virtual_over_direct']:.2f}x", "same chunks"]]
+    rows = [
+        [
+            f"write, {f.processes} processes in parallel (wall)",
+            f"{w['write_s']:.1f} s",
+            f"merge / this = {results['merge_over_write_wall']:.4f}",
+        ],
+        [
+            "  of which committing (a process's writer thread)",
+            f"{w['commit_s']:.1f} s",
+            f"{results['write_rows_per_s']:,.0f} rows/s per process, {results['write_mb_per_s']:.0f} MB/s in all",
+        ],
+        ["  and the statistics sums (CPU here, GPU in a build)", f"{w['sums_s']:.1f} s", "slowest process"],
+        [
+            "merge (W.fold)",
+            f"{m['merge_s']:.2f} s",
+            f"merge / committing = {results['merge_over_write']:.4f} (merge_over_write)",
+        ],
+        [
+            "peak extra disk during the merge",
+            f"{m['extra_disk_peak_bytes'] / 2**20:.1f} MiB",
+            f"/ final {m['final_bytes'] / 2**30:.2f} GiB = {results['extra_disk_over_final']:.5f}",
+        ],
+        [
+            "FEATURES.h5 itself",
+            f"{m['main_file_bytes'] / 2**20:.2f} MiB",
+            f"{maps['segment_files']} segment files, mappings per dataset "
+            f"{sorted(set(maps['mappings_per_dataset'].values()))}",
+        ],
+        [
+            f"read back ({f.ranks} ranks x {f.workers} workers, block_deal)",
+            f"{r['read_s']:.1f} s",
+            f"{r['read_rows_per_s']:,.0f} rows/s per core, {r['read_per_useful_byte']:.3f} bytes read per useful byte",
+        ],
+        ["virtual datasets vs the segment read directly", f"{r['virtual_over_direct']:.2f}x", "same chunks"],
+    ]
     md = table(rows, ["step", "time", "figure"])
-    md += (f"\n\n{f.rows:,} rows x {len(f.dims)} teachers (dims {', '.join(map(str, f.dims))}, image + text, float16), "
-           f"{f.processes} writing processes, chunks of {f.chunk_rows} rows, HDF5 chunks of {f.h5_chunk_rows}; "
-           f"load average {results['load_average']}\n")
+    md += (
+        f"\n\n{f.rows:,} rows x {len(f.dims)} teachers (dims {', '.join(map(str, f.dims))}, image + text, float16), "
+        f"{f.processes} writing processes, chunks of {f.chunk_rows} rows, HDF5 chunks of {f.h5_chunk_rows}; "
+        f"load average {results['load_average']}\n"
+    )
     print(md)
     write_results("scale_sim", f, results, md, json_copy=f.json)
     return results

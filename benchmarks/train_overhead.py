@@ -21,6 +21,7 @@ times, bench_common.interleave): each ratio is taken within a repeat, then repor
 3. Our `contrastive` samples/s over `python -m open_clip_train.main` on the same model config (our RUN/student-config
    folder as `--model local-dir:...`; open_clip_baseline.py), CSV data, batch, steps, fp32, workers. Goal >= 1.1.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,41 +33,59 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.bench_common import (Output, interleave, make_jpeg_corpus, parse_flags, quiet_libraries, table,
-                                     write_results)
-from benchmarks.train_setup import (HYBRID_TERMS, build_caches, cached_dims, make_teachers, met, run_ours, same_batch,
-                                    steady, warm_interleave, write_config, yaml_get)
+from benchmarks.bench_common import (
+    Output,
+    interleave,
+    make_jpeg_corpus,
+    parse_flags,
+    quiet_libraries,
+    table,
+    write_results,
+)
+from benchmarks.train_setup import (
+    HYBRID_TERMS,
+    build_caches,
+    cached_dims,
+    make_teachers,
+    met,
+    run_ours,
+    same_batch,
+    steady,
+    warm_interleave,
+    write_config,
+    yaml_get,
+)
 
 # Imports of torch and of the project's modules (which load torch) sit in the functions that use them, so that
 # --help and a flag error answer at once, without loading torch.
 
 GOAL_HYBRID = 1.05
-GOAL_OPEN_CLIP = 1.1                  # issue 10: ours / open_clip_train samples/s
+GOAL_OPEN_CLIP = 1.1  # issue 10: ours / open_clip_train samples/s
 
 
 @dataclass(frozen=True)
 class Flags(Output):
-    images: int = 256                 # synthetic JPEG pairs in the corpus
-    image_px: int = 128               # their side
-    batch_size: int = 32              # per step, everywhere
-    steps: int = 24                   # optimizer steps per run
-    warmup_steps: int = 6             # steps excluded from the medians
-    workers: int = 1                  # DataLoader workers, ours and open_clip_train's
-    student_preset: str = "tiny"      # tiny (widened by the next three flags) | biomedclip-small | biomedclip
-    mixed_precision: str = "no"       # no | bf16 | fp16 (bf16 on a GPU for the biomedclip presets)
-    student_width: int = 128          # tiny preset widened: ViT and BERT width,
-    student_layers: int = 4           # layers of both towers,
-    image_size: int = 64              # input resolution (patch 8)
-    teacher_width: int = 192          # the 3 teachers (2 open_clip, 1 HF CLIP): each 4-10x the student's FLOPs,
-    teacher_layers: int = 6           # as ViT-B/L teachers are to a small student,
-    teacher_image_size: int = 96      # fed their own input size (the output states the FLOP ratio)
-    cached_teachers: int = 9          # teachers in comparison 1's cache (tiny, embedding sizes 512 to 1152)
-    repeats: int = 7                  # interleaved repeats (A B A B ...) of comparisons 1 and 3, after a warm-up
-    repeats_online: int = 3           # interleaved repeats of comparison 2 (an online run is ~6x slower)
-    skip_open_clip: bool = False      # skip comparison 3
-    profile: bool = True              # also time the phases of a step (data, forward, loss, backward, optimizer)
-                                      # and the hybrids' own compute on one batch (same-batch A/B)
-    workdir: str | None = None        # keep corpus, teachers, cache and runs here (default: temp dir, deleted)
+    images: int = 256  # synthetic JPEG pairs in the corpus
+    image_px: int = 128  # their side
+    batch_size: int = 32  # per step, everywhere
+    steps: int = 24  # optimizer steps per run
+    warmup_steps: int = 6  # steps excluded from the medians
+    workers: int = 1  # DataLoader workers, ours and open_clip_train's
+    student_preset: str = "tiny"  # tiny (widened by the next three flags) | biomedclip-small | biomedclip
+    mixed_precision: str = "no"  # no | bf16 | fp16 (bf16 on a GPU for the biomedclip presets)
+    student_width: int = 128  # tiny preset widened: ViT and BERT width,
+    student_layers: int = 4  # layers of both towers,
+    image_size: int = 64  # input resolution (patch 8)
+    teacher_width: int = 192  # the 3 teachers (2 open_clip, 1 HF CLIP): each 4-10x the student's FLOPs,
+    teacher_layers: int = 6  # as ViT-B/L teachers are to a small student,
+    teacher_image_size: int = 96  # fed their own input size (the output states the FLOP ratio)
+    cached_teachers: int = 9  # teachers in comparison 1's cache (tiny, embedding sizes 512 to 1152)
+    repeats: int = 7  # interleaved repeats (A B A B ...) of comparisons 1 and 3, after a warm-up
+    repeats_online: int = 3  # interleaved repeats of comparison 2 (an online run is ~6x slower)
+    skip_open_clip: bool = False  # skip comparison 3
+    profile: bool = True  # also time the phases of a step (data, forward, loss, backward, optimizer)
+    # and the hybrids' own compute on one batch (same-batch A/B)
+    workdir: str | None = None  # keep corpus, teachers, cache and runs here (default: temp dir, deleted)
 
 
 # -- 2. online teachers vs cached features, same loop ----------------------------------------------------------
@@ -93,8 +112,14 @@ def online_vs_cached(config: Path, teachers: dict[str, str], f: Flags) -> dict:
     run.model.to(device)
     models = {name: load_teacher(spec, str(device)) for name, spec in teachers.items()}
     captions = run.corpus.captions
-    plain = DataLoader(run.loader.dataset, batch_size=f.batch_size, drop_last=True, sampler=run.loader.sampler,
-                       collate_fn=Collate(run.loader.collate_fn.tokenizer), num_workers=f.workers)
+    plain = DataLoader(
+        run.loader.dataset,
+        batch_size=f.batch_size,
+        drop_last=True,
+        sampler=run.loader.sampler,
+        collate_fn=Collate(run.loader.collate_fn.tokenizer),
+        num_workers=f.workers,
+    )
 
     def online_feats(batch, only: set[str] | None = None) -> dict:
         texts = [captions[int(r)] for r in batch.rows]
@@ -103,8 +128,9 @@ def online_vs_cached(config: Path, teachers: dict[str, str], f: Flags) -> dict:
             if only is not None and name not in only:
                 continue
             d = t.describe()  # the loader's uint8 pixels at the teacher's own size and normalisation
-            x = F.interpolate(batch.images.float().div(255), size=tuple(d["image_size"]), mode="bilinear",
-                              align_corners=False)
+            x = F.interpolate(
+                batch.images.float().div(255), size=tuple(d["image_size"]), mode="bilinear", align_corners=False
+            )
             x = (x - x.new_tensor(d["mean"]).view(-1, 1, 1)) / x.new_tensor(d["std"]).view(-1, 1, 1)
             out[name] = Pair(t.encode_image(x), t.encode_text(t.tokenize(texts)))
         return out
@@ -145,9 +171,15 @@ def online_vs_cached(config: Path, teachers: dict[str, str], f: Flags) -> dict:
         return statistics.median(times[2:] or times)
 
     flops = flop_ratios(run.model, models, next(iter(plain)).to(device), online_feats)
-    runs = interleave({"cached": lambda: steady(loop(run.loader, lambda b: b.teacher_feats), f.warmup_steps),
-                       "online": lambda: steady(loop(plain, online_feats), f.warmup_steps),
-                       "teachers_only": teachers_only}, f.repeats_online, "online vs cached")
+    runs = interleave(
+        {
+            "cached": lambda: steady(loop(run.loader, lambda b: b.teacher_feats), f.warmup_steps),
+            "online": lambda: steady(loop(plain, online_feats), f.warmup_steps),
+            "teachers_only": teachers_only,
+        },
+        f.repeats_online,
+        "online vs cached",
+    )
     return {"interleaved": runs, "flops": flops}
 
 
@@ -243,8 +275,11 @@ def main(argv=None) -> int:
 
     missing = [] if f.skip_open_clip else missing_bench_modules()
     if missing:  # before minutes of set-up, not as open_clip_train's traceback at comparison 3
-        print(f"train_overhead.py: error: comparison 3 runs open_clip_train, which needs {', '.join(missing)} (not "
-              "installed): pip install -e '.[bench]' (or pass --skip-open-clip)", file=sys.stderr)
+        print(
+            f"train_overhead.py: error: comparison 3 runs open_clip_train, which needs {', '.join(missing)} (not "
+            "installed): pip install -e '.[bench]' (or pass --skip-open-clip)",
+            file=sys.stderr,
+        )
         return 2
     import torch
 
@@ -290,61 +325,133 @@ def main(argv=None) -> int:
     ideal = 1 / (1 - share.median) if share.median < 1 else float("inf")
     med = {k: trainers.stats(k).median for k in trainers.samples}
     recipe = {"hybrid": "InfoNCE + affinity", "hybrid_ficl": "InfoNCE + feature + ICL"}
-    rows = [[f"1. {h} ({n} cached teachers, {recipe.get(h, h)}) / contrastive, step time", med[h], med["contrastive"],
-             r1[h].text(), f"<= {GOAL_HYBRID}", met(r1[h], GOAL_HYBRID, below=True)] for h in hybrids]
+    rows = [
+        [
+            f"1. {h} ({n} cached teachers, {recipe.get(h, h)}) / contrastive, step time",
+            med[h],
+            med["contrastive"],
+            r1[h].text(),
+            f"<= {GOAL_HYBRID}",
+            met(r1[h], GOAL_HYBRID, below=True),
+        ]
+        for h in hybrids
+    ]
     aa = trainers.ratio("contrastive_again", "contrastive")
-    rows.append(["1. A/A control: contrastive run again / contrastive, step time", med["contrastive_again"],
-                 med["contrastive"], aa.text(), "1 (the noise floor of row 1)", "-"])
-    rows.append(["2. online teachers / cached teachers (3, InfoNCE + affinity), step time", runs.stats("online").median,
-                 runs.stats("cached").median, r2.text(), f">= 1 / (1 - teachers' share {share.median:.2f}) = {ideal:.2f}",
-                 "yes" if r2.median >= 0.95 * ideal else "no"])
-    results = {"trainers": trainers.as_dict(), "online_vs_cached": runs.as_dict(), "flops_per_sample": flops,
-               "cached_teachers": dict(zip([f"t{i + 1}" for i in range(n)], cached_dims(n))),
-               "ratios": {**{f"{h}_over_contrastive": dataclasses.asdict(r) for h, r in r1.items()},
-                          "contrastive_again_over_contrastive": dataclasses.asdict(aa),
-                          "online_over_cached": dataclasses.asdict(r2),
-                          "teachers_share_online": dataclasses.asdict(share)},
-               "torch_threads": torch.get_num_threads()}
+    rows.append(
+        [
+            "1. A/A control: contrastive run again / contrastive, step time",
+            med["contrastive_again"],
+            med["contrastive"],
+            aa.text(),
+            "1 (the noise floor of row 1)",
+            "-",
+        ]
+    )
+    rows.append(
+        [
+            "2. online teachers / cached teachers (3, InfoNCE + affinity), step time",
+            runs.stats("online").median,
+            runs.stats("cached").median,
+            r2.text(),
+            f">= 1 / (1 - teachers' share {share.median:.2f}) = {ideal:.2f}",
+            "yes" if r2.median >= 0.95 * ideal else "no",
+        ]
+    )
+    results = {
+        "trainers": trainers.as_dict(),
+        "online_vs_cached": runs.as_dict(),
+        "flops_per_sample": flops,
+        "cached_teachers": dict(zip([f"t{i + 1}" for i in range(n)], cached_dims(n))),
+        "ratios": {
+            **{f"{h}_over_contrastive": dataclasses.asdict(r) for h, r in r1.items()},
+            "contrastive_again_over_contrastive": dataclasses.asdict(aa),
+            "online_over_cached": dataclasses.asdict(r2),
+            "teachers_share_online": dataclasses.asdict(share),
+        },
+        "torch_threads": torch.get_num_threads(),
+    }
     if "open_clip" in trainers.samples:
         r3 = trainers.ratio("open_clip", "contrastive")  # step-time ratio = our samples/s over theirs
         results["ratios"]["ours_over_open_clip_samples_per_s"] = dataclasses.asdict(r3)
-        rows.append(["3. ours contrastive / open_clip_train, samples/s", bs / med["contrastive"],
-                     bs / med["open_clip"], r3.text(), f">= {GOAL_OPEN_CLIP}", met(r3, GOAL_OPEN_CLIP, below=False)])
+        rows.append(
+            [
+                "3. ours contrastive / open_clip_train, samples/s",
+                bs / med["contrastive"],
+                bs / med["open_clip"],
+                r3.text(),
+                f">= {GOAL_OPEN_CLIP}",
+                met(r3, GOAL_OPEN_CLIP, below=False),
+            ]
+        )
     md = table(rows, ["comparison", "A (median)", "B (median)", "A / B per repeat: median [min, max]", "goal", "met"])
     if phases is not None:
         results["phases"] = phases
         base = phases["contrastive"]
-        prow = [[p, *(1e3 * phases[k][p] for k in phases), *(1e3 * (phases[h][p] - base[p]) for h in hybrids)]
-                for p in (*PHASES, "step")]
-        prow.insert(1, ["  of which feature read", *(1e3 * phases[k]["read"] for k in phases),
-                        *(1e3 * phases[h]["read"] for h in hybrids)])
-        heads = "; ".join(f"{k}: {phases[k]['params'] / 1e6:.2f}M trainable parameters, of which projection heads "
-                          f"{phases[k]['head_params'] / 1e6:.2f}M" for k in phases)
-        md += ("\n\nPhases of a step (ms, medians, data loaded in-process: num_workers=0; not interleaved; "
-               f"{heads}):\n\n"
-               + table(prow, ["phase", *phases, *(f"{h} - contrastive" for h in hybrids)]) + "\n")
-        sb = [[h, 1e3 * phases[h]["same_batch"]["contrastive_s"], 1e3 * phases[h]["same_batch"]["hybrid_s"],
-               "{ratio_median:.3f} [{ratio_q1:.3f}, {ratio_q3:.3f}]".format(**phases[h]["same_batch"]),
-               "yes" if phases[h]["same_batch"]["ratio_median"] <= GOAL_HYBRID else "no"]
-              for h in hybrids]
-        md += (f"\nThe hybrid's own compute, same model and batch ({phases[hybrids[0]]['same_batch']['pairs']} "
-               "alternating pairs of whole steps, data excluded; InfoNCE side without the heads):\n\n"
-               + table(sb, ["loss", "InfoNCE step ms", "hybrid step ms", "ratio per pair: median [quartiles]",
-                            f"<= {GOAL_HYBRID}"]) + "\n")
+        prow = [
+            [p, *(1e3 * phases[k][p] for k in phases), *(1e3 * (phases[h][p] - base[p]) for h in hybrids)]
+            for p in (*PHASES, "step")
+        ]
+        prow.insert(
+            1,
+            [
+                "  of which feature read",
+                *(1e3 * phases[k]["read"] for k in phases),
+                *(1e3 * phases[h]["read"] for h in hybrids),
+            ],
+        )
+        heads = "; ".join(
+            f"{k}: {phases[k]['params'] / 1e6:.2f}M trainable parameters, of which projection heads "
+            f"{phases[k]['head_params'] / 1e6:.2f}M"
+            for k in phases
+        )
+        md += (
+            "\n\nPhases of a step (ms, medians, data loaded in-process: num_workers=0; not interleaved; "
+            f"{heads}):\n\n" + table(prow, ["phase", *phases, *(f"{h} - contrastive" for h in hybrids)]) + "\n"
+        )
+        sb = [
+            [
+                h,
+                1e3 * phases[h]["same_batch"]["contrastive_s"],
+                1e3 * phases[h]["same_batch"]["hybrid_s"],
+                "{ratio_median:.3f} [{ratio_q1:.3f}, {ratio_q3:.3f}]".format(**phases[h]["same_batch"]),
+                "yes" if phases[h]["same_batch"]["ratio_median"] <= GOAL_HYBRID else "no",
+            ]
+            for h in hybrids
+        ]
+        md += (
+            f"\nThe hybrid's own compute, same model and batch ({phases[hybrids[0]]['same_batch']['pairs']} "
+            "alternating pairs of whole steps, data excluded; InfoNCE side without the heads):\n\n"
+            + table(
+                sb,
+                [
+                    "loss",
+                    "InfoNCE step ms",
+                    "hybrid step ms",
+                    "ratio per pair: median [quartiles]",
+                    f"<= {GOAL_HYBRID}",
+                ],
+            )
+            + "\n"
+        )
     fl = ", ".join(f"{k} {v:.1f}x" for k, v in flops["ratios"].items())
-    student = (f"tiny preset widened to {f.student_width} (both towers, {f.student_layers} layers, {f.image_size}px)"
-               if f.student_preset == "tiny" else f"preset {f.student_preset}")
-    md = (f"Student: {student}, mixed precision {f.mixed_precision}; batch {bs}, {f.steps} steps, medians after "
-          f"{f.warmup_steps}; {f.images} JPEG pairs; DataLoader workers {f.workers}. Comparison 1: {n} cached "
-          f"teachers of embedding sizes {', '.join(map(str, cached_dims(n)))}. Comparison 2: teachers oc, hf, oc2 "
-          f"(width {f.teacher_width}, {f.teacher_layers} layers, {f.teacher_image_size}px, fed at that size); step "
-          f"times in seconds, samples/s in row 3. Forward FLOPs per sample: student {flops['student'] / 1e6:.0f} "
-          f"MFLOP; teacher / student {fl}; all 3 teachers {flops['all_teachers_over_student']:.1f}x. Online-teacher "
-          f"forward alone: {runs.stats('teachers_only').median:.3f}s/step ({share.median:.0%} of an online step). "
-          f"Comparisons 1 and 3: one untimed warm-up run of every variant (feature files pre-read), then "
-          f"{f.repeats} interleaved repeats; comparison 2: {f.repeats_online}. 1-minute load average before each "
-          f"repeat and after: trainers {', '.join(map(str, trainers.load))}; online vs cached "
-          f"{', '.join(map(str, runs.load))}.\n\n{md}\n")
+    student = (
+        f"tiny preset widened to {f.student_width} (both towers, {f.student_layers} layers, {f.image_size}px)"
+        if f.student_preset == "tiny"
+        else f"preset {f.student_preset}"
+    )
+    md = (
+        f"Student: {student}, mixed precision {f.mixed_precision}; batch {bs}, {f.steps} steps, medians after "
+        f"{f.warmup_steps}; {f.images} JPEG pairs; DataLoader workers {f.workers}. Comparison 1: {n} cached "
+        f"teachers of embedding sizes {', '.join(map(str, cached_dims(n)))}. Comparison 2: teachers oc, hf, oc2 "
+        f"(width {f.teacher_width}, {f.teacher_layers} layers, {f.teacher_image_size}px, fed at that size); step "
+        f"times in seconds, samples/s in row 3. Forward FLOPs per sample: student {flops['student'] / 1e6:.0f} "
+        f"MFLOP; teacher / student {fl}; all 3 teachers {flops['all_teachers_over_student']:.1f}x. Online-teacher "
+        f"forward alone: {runs.stats('teachers_only').median:.3f}s/step ({share.median:.0%} of an online step). "
+        f"Comparisons 1 and 3: one untimed warm-up run of every variant (feature files pre-read), then "
+        f"{f.repeats} interleaved repeats; comparison 2: {f.repeats_online}. 1-minute load average before each "
+        f"repeat and after: trainers {', '.join(map(str, trainers.load))}; online vs cached "
+        f"{', '.join(map(str, runs.load))}.\n\n{md}\n"
+    )
     print("\n" + md)
     j, m = write_results("train_overhead", f, results, md)
     print(f"results: {j} and {m}")

@@ -10,6 +10,7 @@ Public API:
     FeatureReader                        reading features for training (cache.store.reader)
     CacheError                           refusals: other corpus, spec clash, lock held, bad format
 """
+
 from teachers.kernel.lazy_exports import lazy_exports
 
 # Names load on first use (PEP 562): `cache.build.job` (what `distill cache` validates its flags with) must not

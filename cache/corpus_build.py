@@ -22,6 +22,7 @@ Determinism: everything random is drawn from `seed` and nothing else (not the so
 - the rows of all sources are shuffled together once (the training block sampler wants shuffled rows);
   `shuffle=False` keeps source order.
 """
+
 from __future__ import annotations
 
 import csv
@@ -30,9 +31,10 @@ import shutil
 import string
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any
 
 import numpy as np
 import yaml
@@ -40,21 +42,34 @@ from PIL import Image
 from pydantic import BeforeValidator, Field, ValidationError
 from tqdm import tqdm
 
-from cache.sources.labelled import (SOURCE_FIELDS,
-                                 CorpusBuildError,
-                                 CorpusSource,
-                                 SourceTable,
-                                 check_unique_names,
-                                 read_source)
+from cache.sources.labelled import (
+    SOURCE_FIELDS,
+    CorpusBuildError,
+    CorpusSource,
+    SourceTable,
+    check_unique_names,
+    read_source,
+)
 from teachers.kernel.bounded_yaml import load_yaml
 from teachers.kernel.config_model import Bool, ConfigError, Float, Int, Section, Str, config_error
 
-__all__ = ["CorpusSource", "CorpusBuildResult", "CorpusBuildError", "build_corpus", "part_indices",
-           "template_fields", "load_recipe", "CORPUS_COLUMNS", "RecipeSource", "CorpusJob"]
+__all__ = [
+    "CorpusSource",
+    "CorpusBuildResult",
+    "CorpusBuildError",
+    "build_corpus",
+    "part_indices",
+    "template_fields",
+    "load_recipe",
+    "CORPUS_COLUMNS",
+    "RecipeSource",
+    "CorpusJob",
+]
 
 
 class CorpusBuildConfigError(CorpusBuildError, ConfigError):
     """A recipe entry or `distill corpus` flag of the wrong key or type (a CorpusBuildError, as callers catch)."""
+
 
 CORPUS_COLUMNS = ("image", "caption", "key", "domain", "label", "source")
 # independent random streams, all from the one seed
@@ -65,11 +80,11 @@ _TEMPLATE_STREAM, _PART_STREAM, _SHUFFLE_STREAM, _MAX_ROWS_STREAM = 1, 2, 3, 4
 class CorpusBuildResult:
     """What `build_corpus` wrote."""
 
-    csv: Path                                         # OUT_DIR/corpus.csv
+    csv: Path  # OUT_DIR/corpus.csv
     rows: int
     rows_per_source: dict[str, int]
     rows_per_domain: dict[str, int]
-    classes_per_source: dict[str, tuple[str, ...]]    # labels present (class names where known); () unlabelled
+    classes_per_source: dict[str, tuple[str, ...]]  # labels present (class names where known); () unlabelled
 
     def summary(self) -> str:
         lines = [f"wrote {self.rows} rows to {self.csv}"]
@@ -113,10 +128,11 @@ def _check_templates(table: SourceTable, name: str) -> list[list[str]]:
         cols = template_fields(t)
         for c in cols:
             if c not in available:
-                hint = ("" if c != "label" else "; this source has no label (set label_column to the CSV's label "
-                        "column)")
-                raise CorpusBuildError(f"source {name}: template {t!r} uses column {c!r}, which {table.origin} "
-                                       f"does not have (available: {', '.join(available) or 'none'}){hint}")
+                hint = "" if c != "label" else "; this source has no label (set label_column to the CSV's label column)"
+                raise CorpusBuildError(
+                    f"source {name}: template {t!r} uses column {c!r}, which {table.origin} "
+                    f"does not have (available: {', '.join(available) or 'none'}){hint}"
+                )
         used.append(cols)
     return used
 
@@ -132,8 +148,10 @@ def _render(template: str, values: dict[str, str], where: str) -> str:
     try:
         return template.format(**values)
     except (ValueError, AttributeError, IndexError, KeyError, TypeError) as e:
-        raise CorpusBuildError(f"{where}: template {template!r} cannot be filled ({type(e).__name__}: {e}); "
-                               "name plain columns, e.g. {diagnosis}") from None
+        raise CorpusBuildError(
+            f"{where}: template {template!r} cannot be filled ({type(e).__name__}: {e}); "
+            "name plain columns, e.g. {diagnosis}"
+        ) from None
 
 
 def _check_values(table: SourceTable, used: list[list[str]], values: list[dict[str, str]]) -> None:
@@ -143,10 +161,14 @@ def _check_values(table: SourceTable, used: list[list[str]], values: list[dict[s
             for c in cols:
                 if not str(v.get(c, "")).strip():
                     others = [u for u, ucols in zip(templates, used) if c not in ucols]
-                    alt = (f"keep only templates without {{{c}}} ({', '.join(map(repr, others))})" if others
-                           else f"use a template without {{{c}}}")
-                    raise CorpusBuildError(f"{table.where[i]}: column {c!r} is empty, and template {t!r} uses it; "
-                                           f"fill the value, or {alt}")
+                    alt = (
+                        f"keep only templates without {{{c}}} ({', '.join(map(repr, others))})"
+                        if others
+                        else f"use a template without {{{c}}}"
+                    )
+                    raise CorpusBuildError(
+                        f"{table.where[i]}: column {c!r} is empty, and template {t!r} uses it; fill the value, or {alt}"
+                    )
 
 
 # -- parts ---------------------------------------------------------------------------------------------
@@ -170,7 +192,7 @@ def part_indices(labels: Sequence[str] | None, n: int, part: tuple[float, float]
         strata.setdefault("" if labels is None else labels[i], []).append(int(i))
     keep = []
     for rows in strata.values():
-        keep += rows[_cut(a, len(rows)):_cut(b, len(rows))]
+        keep += rows[_cut(a, len(rows)) : _cut(b, len(rows))]
     return np.sort(np.asarray(keep, dtype=np.int64))
 
 
@@ -181,8 +203,9 @@ def _domain(table: SourceTable, i: int, name: str) -> str:
         return src.domain if src.domain is not None else name
     value = (table.rows[i].get(src.domain_column) or "").strip()
     if not value:
-        raise CorpusBuildError(f"{table.where[i]}: domain column {src.domain_column!r} is empty; fill it or give "
-                               "a constant domain")
+        raise CorpusBuildError(
+            f"{table.where[i]}: domain column {src.domain_column!r} is empty; fill it or give a constant domain"
+        )
     return value
 
 
@@ -191,8 +214,14 @@ def _safe_rel(rel: str) -> bool:
     return not p.is_absolute() and ".." not in p.parts and rel.strip() != ""
 
 
-def build_corpus(sources: Sequence[CorpusSource], out_dir: str | os.PathLike, *, seed: int = 0,
-                 shuffle: bool = True, copy_images: bool = False) -> CorpusBuildResult:
+def build_corpus(
+    sources: Sequence[CorpusSource],
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    copy_images: bool = False,
+) -> CorpusBuildResult:
     """Read every source, caption its rows from templates, keep each source's part, shuffle all rows together
     (unless shuffle=False) and write OUT_DIR/corpus.csv (see the module docstring for columns and layout)."""
     if not sources:
@@ -201,8 +230,8 @@ def build_corpus(sources: Sequence[CorpusSource], out_dir: str | os.PathLike, *,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     out_abs = out.resolve()
-    records: list[dict] = []       # one per output row, in source order
-    jobs: list[tuple] = []         # (record index, table, row) for image writing
+    records: list[dict] = []  # one per output row, in source order
+    jobs: list[tuple] = []  # (record index, table, row) for image writing
     extras: list[str] = []
     classes: dict[str, tuple[str, ...]] = {}
     rows_per_source: dict[str, int] = {}
@@ -217,15 +246,22 @@ def build_corpus(sources: Sequence[CorpusSource], out_dir: str | os.PathLike, *,
         if src.max_rows is not None and len(kept) > src.max_rows:
             sub = np.random.default_rng([seed, _MAX_ROWS_STREAM]).choice(len(kept), src.max_rows, replace=False)
             kept = kept[np.sort(sub)]
-        rename = {c: (f"orig_{c}" if c in CORPUS_COLUMNS else c) for c in table.columns
-                  if not (c == src.label_column == "label" and table.labels is not None)
-                  and not (c == src.domain_column == "domain")}
+        rename = {
+            c: (f"orig_{c}" if c in CORPUS_COLUMNS else c)
+            for c in table.columns
+            if not (c == src.label_column == "label" and table.labels is not None)
+            and not (c == src.domain_column == "domain")
+        }
         extras += [c for c in rename.values() if c not in extras]
         for i in kept:
             i = int(i)
-            rec = {"caption": _render(src.templates[picks[i]], values[i], table.where[i]),
-                   "key": f"{name}/{table.keys[i]}",
-                   "domain": _domain(table, i, name), "label": values[i].get("label", ""), "source": name}
+            rec = {
+                "caption": _render(src.templates[picks[i]], values[i], table.where[i]),
+                "key": f"{name}/{table.keys[i]}",
+                "domain": _domain(table, i, name),
+                "label": values[i].get("label", ""),
+                "source": name,
+            }
             rec.update({new: table.rows[i].get(old, "") for old, new in rename.items()})
             jobs.append((len(records), table, i))
             records.append(rec)
@@ -243,20 +279,26 @@ def build_corpus(sources: Sequence[CorpusSource], out_dir: str | os.PathLike, *,
     for rec_i, table, i in tqdm(jobs, desc="corpus images", unit="img", disable=None):
         records[rec_i]["image"] = _place_image(table, i, out_abs, copy_images)
 
-    order = (np.random.default_rng([seed, _SHUFFLE_STREAM]).permutation(len(records)) if shuffle
-             else np.arange(len(records)))
+    order = (
+        np.random.default_rng([seed, _SHUFFLE_STREAM]).permutation(len(records)) if shuffle else np.arange(len(records))
+    )
     columns = list(CORPUS_COLUMNS) + extras
     csv_path = out / "corpus.csv"
     _write_csv(csv_path, columns, (records[int(k)] for k in order))
     domains = Counter(r["domain"] for r in records)
-    return CorpusBuildResult(csv=csv_path, rows=len(records), rows_per_source=rows_per_source,
-                             rows_per_domain=dict(sorted(domains.items())), classes_per_source=classes)
+    return CorpusBuildResult(
+        csv=csv_path,
+        rows=len(records),
+        rows_per_source=rows_per_source,
+        rows_per_domain=dict(sorted(domains.items())),
+        classes_per_source=classes,
+    )
 
 
 def _place_image(table: SourceTable, i: int, out_abs: Path, copy_images: bool) -> str:
     name = table.source.source_name
     if isinstance(table.images, np.ndarray) or not isinstance(table.images[i], str):
-        rel = Path("images") / name / f"{table.keys[i]}.png"   # keys[i] = SPLIT/INDEX
+        rel = Path("images") / name / f"{table.keys[i]}.png"  # keys[i] = SPLIT/INDEX
         dest = out_abs / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         arr = np.asarray(table.images[i])
@@ -264,13 +306,15 @@ def _place_image(table: SourceTable, i: int, out_abs: Path, copy_images: bool) -
         return rel.as_posix()
     src_path = table.images[i]
     if not os.path.isfile(src_path):
-        raise CorpusBuildError(f"{table.where[i]}: image {src_path} not found (paths are relative to the CSV's "
-                               "folder)")
+        raise CorpusBuildError(f"{table.where[i]}: image {src_path} not found (paths are relative to the CSV's folder)")
     if not copy_images:
         return Path(os.path.relpath(src_path, out_abs)).as_posix()
     key = table.keys[i]
-    rel = (Path("images") / name / key if _safe_rel(key)
-           else Path("images") / name / "_outside" / f"{i}_{Path(src_path).name}")
+    rel = (
+        Path("images") / name / key
+        if _safe_rel(key)
+        else Path("images") / name / "_outside" / f"{i}_{Path(src_path).name}"
+    )
     dest = out_abs / rel
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src_path, dest)
@@ -312,26 +356,34 @@ class RecipeSource(Section):
     path: Str = Field(description="a .npz (MedMNIST keys), a .csv/.tsv, or a folder of class folders")
     templates: Annotated[tuple[Str, ...], BeforeValidator(_one_as_list)] = Field(
         description="caption template naming columns, e.g. 'dermoscopy of a {diagnosis} on the {localization}' or "
-        "'{caption}' (repeatable: each row draws one)")
-    name: Str | None = Field(_SOURCE_DEFAULTS["name"], description="source name: prefixes keys and the image "
-                             "folder (default: the file stem)")
-    domain: Str | None = Field(_SOURCE_DEFAULTS["domain"], description="constant value of the domain column "
-                               "(default: the source name)")
-    domain_column: Str | None = Field(_SOURCE_DEFAULTS["domain_column"], description="take the domain from this "
-                                      "CSV column")
-    split: Str | None = Field(_SOURCE_DEFAULTS["split"], description="npz: train/val/test (default: all); CSV: a "
-                              "value of --split-column; folder: a subfolder")
+        "'{caption}' (repeatable: each row draws one)"
+    )
+    name: Str | None = Field(
+        _SOURCE_DEFAULTS["name"], description="source name: prefixes keys and the image folder (default: the file stem)"
+    )
+    domain: Str | None = Field(
+        _SOURCE_DEFAULTS["domain"], description="constant value of the domain column (default: the source name)"
+    )
+    domain_column: Str | None = Field(
+        _SOURCE_DEFAULTS["domain_column"], description="take the domain from this CSV column"
+    )
+    split: Str | None = Field(
+        _SOURCE_DEFAULTS["split"],
+        description="npz: train/val/test (default: all); CSV: a value of --split-column; folder: a subfolder",
+    )
     split_column: Str = Field(_SOURCE_DEFAULTS["split_column"], description="CSV column holding the split")
     image_column: Str = Field(_SOURCE_DEFAULTS["image_column"], description="CSV column with image paths")
-    label_column: Str | None = Field(_SOURCE_DEFAULTS["label_column"], description="CSV label column (default "
-                                     "label; ignored when absent)")
+    label_column: Str | None = Field(
+        _SOURCE_DEFAULTS["label_column"], description="CSV label column (default label; ignored when absent)"
+    )
     class_names: Annotated[tuple[Str, ...] | None, BeforeValidator(_names)] = Field(
-        _SOURCE_DEFAULTS["class_names"], description="names of the integer labels 0, 1, 2, ... for {label}")
-    fraction: Float = Field(_SOURCE_DEFAULTS["fraction"], description="keep this seeded, label-stratified "
-                            "fraction")
-    part: tuple[Float, Float] | None = Field(_SOURCE_DEFAULTS["part"], description="keep part [A, B) of the "
-                                             "seeded stratified order (disjoint from other parts with the same "
-                                             "seed)")
+        _SOURCE_DEFAULTS["class_names"], description="names of the integer labels 0, 1, 2, ... for {label}"
+    )
+    fraction: Float = Field(_SOURCE_DEFAULTS["fraction"], description="keep this seeded, label-stratified fraction")
+    part: tuple[Float, Float] | None = Field(
+        _SOURCE_DEFAULTS["part"],
+        description="keep part [A, B) of the seeded stratified order (disjoint from other parts with the same seed)",
+    )
     max_rows: Int | None = Field(_SOURCE_DEFAULTS["max_rows"], description="then keep at most N rows")
 
     def source(self, relative_to: Path | None = None) -> CorpusSource:
@@ -352,14 +404,15 @@ def load_recipe(path: str | os.PathLike) -> list[CorpusSource]:
     except yaml.YAMLError as e:
         raise CorpusBuildError(f"recipe {path}: invalid YAML ({e})") from None
     if not isinstance(data, list) or not data:
-        raise CorpusBuildError(f"recipe {path}: expected a YAML list of sources, each a mapping such as "
-                               "{path: train.csv, templates: ['a {diagnosis}'], domain: dermoscopy}")
+        raise CorpusBuildError(
+            f"recipe {path}: expected a YAML list of sources, each a mapping such as "
+            "{path: train.csv, templates: ['a {diagnosis}'], domain: dermoscopy}"
+        )
     out = []
     for n, entry in enumerate(data, start=1):
         where = f"recipe {path} source {n}"
         if not isinstance(entry, dict):
-            raise CorpusBuildError(f"{where}: expected a mapping of fields ({', '.join(SOURCE_FIELDS)}), got "
-                                   f"{entry!r}")
+            raise CorpusBuildError(f"{where}: expected a mapping of fields ({', '.join(SOURCE_FIELDS)}), got {entry!r}")
         try:
             out.append(RecipeSource.model_validate(entry).source(relative_to=path.parent))
         except ValidationError as e:

@@ -1,4 +1,5 @@
 """`distill info FEATURES.h5`: what a feature cache holds, in words a user can act on."""
+
 from __future__ import annotations
 
 import os
@@ -7,16 +8,14 @@ import re
 import h5py
 import numpy as np
 
-from teachers.kernel.modality import Modality
-
-import cache.store.writer as W
 import cache.store.layout as L
+import cache.store.writer as W
+from cache.build.views import read_view_dist
 from cache.store.schema import CacheError, attrs_to_dict, check_root, virtual_sources
 from cache.store.segments import segment_dir
 from cache.store.shard_record import record_lines
 from cache.store.verify import raise_damaged
-from cache.build.views import read_view_dist
-
+from teachers.kernel.modality import Modality
 
 _TRUNCATED = re.compile(r"truncated file: eof = (\d+).*stored_eof = (\d+)")
 
@@ -56,14 +55,18 @@ def _pending(path: str) -> list[str]:
     lines = []
     if any(with_parts.values()):
         counts = ", ".join(f"{t} ({c} chunk(s))" for t, c in with_parts.items() if c)
-        lines.append(f"pending: committed chunks not yet folded in for {counts}; rerun the same `distill cache` "
-                     "command to fold them in and finish")
+        lines.append(
+            f"pending: committed chunks not yet folded in for {counts}; rerun the same `distill cache` "
+            "command to fold them in and finish"
+        )
     started = [t for t, c in with_parts.items() if not c]
     if started:
         lock = os.path.exists(path + ".lock")
-        lines.append(f"pending: a `distill cache` run for {', '.join(started)} started but committed no chunk yet "
-                     f"({'it may still be running, or was ' if lock else 'it was '}interrupted before its first "
-                     "commit); rerun the same command to resume (nothing committed was lost)")
+        lines.append(
+            f"pending: a `distill cache` run for {', '.join(started)} started but committed no chunk yet "
+            f"({'it may still be running, or was ' if lock else 'it was '}interrupted before its first "
+            "commit); rerun the same command to resume (nothing committed was lost)"
+        )
     return lines
 
 
@@ -103,9 +106,12 @@ def segment_problems(path: str) -> dict[str, str]:
             if getattr(e, "errno", None) is not None:
                 raise  # permission and the like: the file may be fine
             cut = _TRUNCATED.search(str(e))
-            out[name] = (f"truncated: {_size(int(cut.group(1)))} of the {_size(int(cut.group(2)))} its mapping "
-                         f"needs ({int(cut.group(1)) / max(1, int(cut.group(2))):.0%})" if cut
-                         else f"unreadable ({str(e).splitlines()[0]})")
+            out[name] = (
+                f"truncated: {_size(int(cut.group(1)))} of the {_size(int(cut.group(2)))} its mapping "
+                f"needs ({int(cut.group(1)) / max(1, int(cut.group(2))):.0%})"
+                if cut
+                else f"unreadable ({str(e).splitlines()[0]})"
+            )
     return out
 
 
@@ -113,9 +119,11 @@ def check_segments(path: str, problems: dict[str, str]) -> None:
     """Raise CacheError naming the damaged segment files of `path` (`segment_problems`) and what to do."""
     if problems:
         first, why = next(iter(problems.items()))
-        raise CacheError(f"{path}: {len(problems)} segment file(s) damaged, e.g. {first}: {why}; their rows cannot "
-                         f"be read: restore the file and its folder from a backup, or rebuild it with `distill "
-                         f"cache` (same --data, --teacher and --out after moving it away)")
+        raise CacheError(
+            f"{path}: {len(problems)} segment file(s) damaged, e.g. {first}: {why}; their rows cannot "
+            f"be read: restore the file and its folder from a backup, or rebuild it with `distill "
+            f"cache` (same --data, --teacher and --out after moving it away)"
+        )
 
 
 def _teacher_damage(g, problems: dict[str, str]) -> list[str]:
@@ -124,8 +132,9 @@ def _teacher_damage(g, problems: dict[str, str]) -> list[str]:
     for ds in g.values():
         if isinstance(ds, h5py.Dataset) and ds.is_virtual:
             plist = ds.id.get_create_plist()
-            found.update(n for i in range(plist.get_virtual_count())
-                         if (n := plist.get_virtual_filename(i)) in problems)
+            found.update(
+                n for i in range(plist.get_virtual_count()) if (n := plist.get_virtual_filename(i)) in problems
+            )
     return sorted(found)
 
 
@@ -138,15 +147,16 @@ def _describe(path: str, max_keys: int, all_bad: bool, problems: dict[str, str])
         lines = [
             f"{path}: {f.attrs[L.Root.FORMAT]} version {int(f.attrs[L.Root.VERSION])} "
             f"({f.attrs.get(L.Root.CREATED_BY, '?')})",
-            f"rows: {n}    size on disk: {_size(os.path.getsize(path) + _folder_bytes(path))}"
-            f"{_segments_line(f, path)}",
+            f"rows: {n}    size on disk: {_size(os.path.getsize(path) + _folder_bytes(path))}{_segments_line(f, path)}",
             f"corpus: {f.attrs.get(L.Root.SOURCE, '?')}  fingerprint {str(f.attrs[L.Root.FINGERPRINT])[:16]}",
             f"keys: {', '.join(shown)}",
         ]
         dist = read_view_dist(f)
         if dist is not None:
-            lines.append(f"views: {dist.describe()}; stored in /{L.VIEW_PARAMS} "
-                         f"({', '.join(L.VIEW_COLUMNS[:f[L.VIEW_PARAMS].shape[2]])})")
+            lines.append(
+                f"views: {dist.describe()}; stored in /{L.VIEW_PARAMS} "
+                f"({', '.join(L.VIEW_COLUMNS[: f[L.VIEW_PARAMS].shape[2]])})"
+            )
         else:
             lines.append("views: none (each teacher's own eval transform)")
         bad = W.read_bad(f)
@@ -167,17 +177,28 @@ def _describe(path: str, max_keys: int, all_bad: bool, problems: dict[str, str])
             done = g[L.DONE][:]
             skipped = int((bad_mask & ~done).sum())
             damaged = _teacher_damage(g, problems)
-            status = ("DAMAGED (segment " + ", ".join(damaged) + f": {problems[damaged[0]]})" if damaged
-                      else "complete" if (done | bad_mask).all() else "incomplete")
+            status = (
+                "DAMAGED (segment " + ", ".join(damaged) + f": {problems[damaged[0]]})"
+                if damaged
+                else "complete"
+                if (done | bad_mask).all()
+                else "incomplete"
+            )
             lines.append(f"  {name}: {a.get('spec')}")
-            lines.append(f"    dim {a.get('embed_dim')}, views {a.get('views', 0)}, dtype {g[Modality.IMAGE].dtype}, "
-                         f"done {int(done.sum())}/{n}, skipped {skipped}, {status}, "
-                         f"stats {'yes' if L.STATS in g else 'no'}")
-            lines.append(f"    image_size {a.get('image_size')}, context_length {a.get('context_length')}, "
-                         f"logit_scale {float(a.get('logit_scale', float('nan'))):.4g}")
+            lines.append(
+                f"    dim {a.get('embed_dim')}, views {a.get('views', 0)}, dtype {g[Modality.IMAGE].dtype}, "
+                f"done {int(done.sum())}/{n}, skipped {skipped}, {status}, "
+                f"stats {'yes' if L.STATS in g else 'no'}"
+            )
+            lines.append(
+                f"    image_size {a.get('image_size')}, context_length {a.get('context_length')}, "
+                f"logit_scale {float(a.get('logit_scale', float('nan'))):.4g}"
+            )
             if L.TOKENS in g:  # --tokens G: the pooled patch-token grid
                 grid, tok = int(a.get("tokens", 0)), g[L.TOKENS]
                 stored = tok.size * tok.dtype.itemsize if tok.is_virtual else tok.id.get_storage_size()
-                lines.append(f"    patch tokens: {grid} x {grid} grid, {tok.shape[-1]}-wide, shape {tok.shape}, "
-                             f"{_size(stored)} on disk, in /{L.tokens(name)}")
+                lines.append(
+                    f"    patch tokens: {grid} x {grid} grid, {tok.shape[-1]}-wide, shape {tok.shape}, "
+                    f"{_size(stored)} on disk, in /{L.tokens(name)}"
+                )
     return lines

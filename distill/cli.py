@@ -4,13 +4,14 @@ Each subcommand's flags are made from its job model's fields (`distill.config.fl
 once, on the model); the Namespace becomes that model in one validation, before torch is imported, and library
 code gets the model, so no library module ever sees a Namespace.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from cache.build.job import DEVICES, DTYPES, ON_BAD_SAMPLE, CacheJob
 from distill import __version__
@@ -56,6 +57,7 @@ def _float_pair(value: str) -> tuple[float, float]:
 
 def _auto_int(low: int):
     """An argparse type: an integer >= `low`, or `auto` (chosen from the device at run time)."""
+
     def parse(value: str) -> int | str:
         if value.strip().lower() == "auto":
             return "auto"
@@ -66,6 +68,7 @@ def _auto_int(low: int):
         if n < low:
             raise argparse.ArgumentTypeError(f"expected an integer >= {low} or auto, got {value!r}")
         return n
+
     return parse
 
 
@@ -153,8 +156,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """`distill train`: the same run as `accelerate launch -m distill.train --config C.yaml [key=value ...]`."""
-    parser = argparse.ArgumentParser(prog="distill train", description="Train a student (see configs/).",
-                                     add_help=False)
+    parser = argparse.ArgumentParser(
+        prog="distill train", description="Train a student (see configs/).", add_help=False
+    )
     _train_arguments(parser)
     return cmd_train(parser.parse_args(argv))
 
@@ -162,8 +166,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from student.export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out, report=args.report,
-                            text_config_from_hub=args.text_config_from_hub)
+    out = export_checkpoint(
+        args.checkpoint, args.out, report=args.report, text_config_from_hub=args.text_config_from_hub
+    )
     print(f"exported student to {out}")
     if args.push_to_hub:
         from student.export import push_to_hub
@@ -174,8 +179,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     _check_specs(args.model)
-    job = EvalJob(**job_fields(EvalJob, args, models=_pairs(args.model, "--model"), tasks=args.task,
-                               baselines=args.baseline))  # before torch: models, baselines, task names
+    job = EvalJob(
+        **job_fields(EvalJob, args, models=_pairs(args.model, "--model"), tasks=args.task, baselines=args.baseline)
+    )  # before torch: models, baselines, task names
     from distill.eval import run_eval  # lazy: torch only after the job is validated
     from distill.eval.report import console_lines
 
@@ -191,8 +197,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     from student.tokenizer import train_wordpiece
 
     corpus = open_corpus(args.data)
-    out = train_wordpiece(corpus.captions, args.out, vocab_size=args.vocab_size,
-                          model_max_length=args.context_length)
+    out = train_wordpiece(corpus.captions, args.out, vocab_size=args.vocab_size, model_max_length=args.context_length)
     from transformers import AutoTokenizer
 
     size = len(AutoTokenizer.from_pretrained(str(out)))
@@ -210,25 +215,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- parser ------------------------------------------------------------------------------------------
 def _trust_remote_code_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="let hub models whose repo ships its own model code (config.json auto_map, e.g. "
-                        "conceptclip) run that code; off by default: use only for repositories you trust")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let hub models whose repo ships its own model code (config.json auto_map, e.g. "
+        "conceptclip) run that code; off by default: use only for repositories you trust",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="distill", description="biomed-distill: distil biomedical CLIP teachers "
-                                "into one BiomedCLIP-architecture student.", epilog=EPILOG)
+    p = argparse.ArgumentParser(
+        prog="distill",
+        description="biomed-distill: distil biomedical CLIP teachers into one BiomedCLIP-architecture student.",
+        epilog=EPILOG,
+    )
     p.add_argument("--version", action="version", version=f"biomed-distill {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    c = sub.add_parser("cache", help="embed a corpus with every teacher into an HDF5 feature cache",
-                       description="Every teacher embeds every image-caption pair once, into FEATURES.h5. "
-                       "Resumable: rerun the same command after an interruption. Run under `accelerate launch` "
-                       "or torchrun to split the corpus over processes.", epilog=EPILOG)
+    c = sub.add_parser(
+        "cache",
+        help="embed a corpus with every teacher into an HDF5 feature cache",
+        description="Every teacher embeds every image-caption pair once, into FEATURES.h5. "
+        "Resumable: rerun the same command after an interruption. Run under `accelerate launch` "
+        "or torchrun to split the corpus over processes.",
+        epilog=EPILOG,
+    )
     add_flag(c, CacheJob, "data")
-    add_flag(c, CacheJob, "teachers", "--teacher", dest="teacher", action="append", type=_name_spec,
-             metavar="NAME=SPEC", help="a teacher to cache (repeatable)")
+    add_flag(
+        c,
+        CacheJob,
+        "teachers",
+        "--teacher",
+        dest="teacher",
+        action="append",
+        type=_name_spec,
+        metavar="NAME=SPEC",
+        help="a teacher to cache (repeatable)",
+    )
     add_flag(c, CacheJob, "out")
     add_flag(c, CacheJob, "batch_size", type=_auto_int(1))
     add_flag(c, CacheJob, "num_workers", type=_auto_int(0))
@@ -255,11 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a feature cache")
     i.add_argument("features", nargs="?", help="FEATURES.h5")
     i.add_argument("--list-teachers", action="store_true", help="list the teacher aliases and their SPECs")
-    i.add_argument("--all-bad", action="store_true", help="list every bad sample (key and reason), not only "
-                   "the first 3")
-    i.add_argument("--verify", action="store_true", help="read every dataset training reads and check it: "
-                   "features (checksums, finiteness, unit norms), statistics (re-derived from the features), keys, "
-                   "done flags, bad-sample records and views; exit 2 naming the teacher and rows of each problem")
+    i.add_argument(
+        "--all-bad", action="store_true", help="list every bad sample (key and reason), not only the first 3"
+    )
+    i.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every dataset training reads and check it: "
+        "features (checksums, finiteness, unit norms), statistics (re-derived from the features), keys, "
+        "done flags, bad-sample records and views; exit 2 naming the teacher and rows of each problem",
+    )
     i.set_defaults(func=cmd_info)
 
     t = sub.add_parser("train", help="train a student (same as accelerate launch -m distill.train)", add_help=False)
@@ -270,20 +299,36 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="a checkpoint-STEP folder, or a run folder (its newest checkpoint)")
     e.add_argument("--out", required=True, help="STUDENT_DIR to write")
     e.add_argument("--report", help="report.json from distill eval, summarised in the model card")
-    e.add_argument("--text-config-from-hub", metavar="HUB_ID",
-                   help="name this hub id as the text tower's config (for publishing, as BiomedCLIP does)")
+    e.add_argument(
+        "--text-config-from-hub",
+        metavar="HUB_ID",
+        help="name this hub id as the text tower's config (for publishing, as BiomedCLIP does)",
+    )
     e.add_argument("--push-to-hub", metavar="REPO", help="upload the folder to the Hugging Face Hub")
     e.set_defaults(func=cmd_export)
 
-    v = sub.add_parser("eval", help="evaluate students and teachers side by side",
-                       description="Every --model on every --task, with 95% bootstrap intervals. One model is the "
-                       "student, any --baseline models are compared with it one by one, every other model is a "
-                       "teacher. The student's paired differences (minus the best teacher, minus each baseline; "
-                       "the same resamples for every model) give a verdict per task on its headline metric "
-                       "(better / within / worse: the interval above, around or below 0) and over all tasks; "
-                       "each metric's chance level is shown beside it.", epilog=EPILOG)
-    add_flag(v, EvalJob, "models", "--model", dest="model", action="append", type=_name_spec, metavar="NAME=SPEC",
-             help="a model to evaluate (repeatable): the student, teachers and baselines alike")
+    v = sub.add_parser(
+        "eval",
+        help="evaluate students and teachers side by side",
+        description="Every --model on every --task, with 95% bootstrap intervals. One model is the "
+        "student, any --baseline models are compared with it one by one, every other model is a "
+        "teacher. The student's paired differences (minus the best teacher, minus each baseline; "
+        "the same resamples for every model) give a verdict per task on its headline metric "
+        "(better / within / worse: the interval above, around or below 0) and over all tasks; "
+        "each metric's chance level is shown beside it.",
+        epilog=EPILOG,
+    )
+    add_flag(
+        v,
+        EvalJob,
+        "models",
+        "--model",
+        dest="model",
+        action="append",
+        type=_name_spec,
+        metavar="NAME=SPEC",
+        help="a model to evaluate (repeatable): the student, teachers and baselines alike",
+    )
     add_flag(v, EvalJob, "tasks", "--task", dest="task", action="append")
     add_flag(v, EvalJob, "out")
     add_flag(v, EvalJob, "student", metavar="NAME")
@@ -299,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_eval)
 
     from distill.corpus_cli import add_corpus_parser
+
     add_corpus_parser(sub)  # `distill corpus` (distill/corpus_cli.py)
 
     k = sub.add_parser("tokenizer", help="train a WordPiece vocabulary on a corpus's captions")
@@ -308,8 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--context-length", type=int, default=256)
     k.set_defaults(func=cmd_tokenizer)
 
-    d = sub.add_parser("demo", help="the whole pipeline offline: pretrain two small teachers on a generated "
-                       "corpus, cache them, distil a student, export it, evaluate all three")
+    d = sub.add_parser(
+        "demo",
+        help="the whole pipeline offline: pretrain two small teachers on a generated "
+        "corpus, cache them, distil a student, export it, evaluate all three",
+    )
     for name in ("out", "steps", "teacher_steps", "rows"):
         add_flag(d, DemoJob, name)
     d.set_defaults(func=cmd_demo)
@@ -326,19 +375,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        hint = {"cache": "committed rows are kept; rerun the same command to resume",
-                "train": "rerun with train.resume=auto to continue from the newest checkpoint"}.get(args.command, "")
+        hint = {
+            "cache": "committed rows are kept; rerun the same command to resume",
+            "train": "rerun with train.resume=auto to continue from the newest checkpoint",
+        }.get(args.command, "")
         print(f"distill {args.command}: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return 130
     except Exception as e:  # one line and exit 1 (environment) or 2 (bad input): see distill/errors.py
         if args.verbose:
             raise
-        failure = describe(e, file={"info": getattr(args, "features", None),
-                                    "cache": getattr(args, "out", None)}.get(args.command))
+        failure = describe(
+            e, file={"info": getattr(args, "features", None), "cache": getattr(args, "out", None)}.get(args.command)
+        )
         if failure is None:  # a bug: keep its traceback for the report
             traceback.print_exc()
-            print(f"distill {args.command}: internal error ({type(e).__name__}), please report it with the "
-                  "traceback above; `distill -v` adds debug logs", file=sys.stderr)
+            print(
+                f"distill {args.command}: internal error ({type(e).__name__}), please report it with the "
+                "traceback above; `distill -v` adds debug logs",
+                file=sys.stderr,
+            )
             return BUG
         print(f"distill {args.command}: error: {failure.message}", file=sys.stderr)
         return exit_code(failure)

@@ -3,6 +3,7 @@
 Registered by `distill.cli.build_parser` through `add_corpus_parser`; errors are ValueErrors, which `distill.cli.main`
 turns into one line and exit code 2 (the traceback with `distill -v`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,19 +37,24 @@ def _part(value: str) -> tuple[float, float]:
             raise ValueError
         return float(a), float(b)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected A:B with 0 <= A <= B <= 1, got {value!r} "
-                                         "(for example 0.8:1 for the last 20%)") from None
+        raise argparse.ArgumentTypeError(
+            f"expected A:B with 0 <= A <= B <= 1, got {value!r} (for example 0.8:1 for the last 20%)"
+        ) from None
 
 
 def add_corpus_parser(sub) -> argparse.ArgumentParser:
     """`distill corpus`'s flags, made from `RecipeSource` (one source) and `CorpusJob` (the rest)."""
-    c = sub.add_parser("corpus", help="build a training corpus (CSV + images) from labelled data",
-                       description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c = sub.add_parser(
+        "corpus",
+        help="build a training corpus (CSV + images) from labelled data",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     src = c.add_mutually_exclusive_group(required=True)
     add_flag(src, RecipeSource, "path", "--source", dest="source", metavar="PATH", required=False)
     src.add_argument("--recipe", metavar="YAML", help="several sources: a YAML list of source fields")
-    add_flag(c, RecipeSource, "templates", "--template", dest="template", action="append", metavar="T",
-             required=False)
+    add_flag(c, RecipeSource, "templates", "--template", dest="template", action="append", metavar="T", required=False)
     add_flag(c, RecipeSource, "name")
     dom = c.add_mutually_exclusive_group()
     add_flag(dom, RecipeSource, "domain")
@@ -76,8 +82,9 @@ def cmd_corpus(args: argparse.Namespace) -> int:
         if args.fraction != field_default(RecipeSource, "fraction"):
             given.append("--fraction")
         if given:
-            raise ValueError(f"{', '.join(given)} describe a single --source; with --recipe, put them in the "
-                             "recipe's entries")
+            raise ValueError(
+                f"{', '.join(given)} describe a single --source; with --recipe, put them in the recipe's entries"
+            )
         sources = load_recipe(args.recipe)
     else:
         if not args.template:

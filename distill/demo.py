@@ -6,6 +6,7 @@ main-job command: a fresh clone shows every stage working in a few minutes on a 
 small) trained models loaded through the same `local-dir:` path as any open_clip model, and the output folder
 is a worked example of every file format.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,7 @@ class DemoJob(Section):
     teacher_steps: Int = Field(80, description="pretraining steps of each demo teacher")
 
     @model_validator(mode="after")
-    def _check(self) -> "DemoJob":
+    def _check(self) -> DemoJob:
         for key in ("steps", "rows", "teacher_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -66,12 +67,12 @@ def _write_demo_tasks(root: Path, heldout_csv: Path) -> list[str]:
         "kind: zeroshot\n"
         f"dataset: {{path: {_relative(labelled, root)}, format: csv}}\n"
         f"classes: [{', '.join(SHAPES)}]\n"
-        "templates: ['an image of a {} ', 'a {} in the centre', 'ct image of a {}']\n")
+        "templates: ['an image of a {} ', 'a {} in the centre', 'ct image of a {}']\n"
+    )
     rt = root / "demo-retrieval.yaml"
     rt.write_text(
-        "name: demo-retrieval\n"
-        "kind: retrieval\n"
-        f"dataset: {{path: {_relative(heldout_csv, root)}, format: csv}}\n")
+        f"name: demo-retrieval\nkind: retrieval\ndataset: {{path: {_relative(heldout_csv, root)}, format: csv}}\n"
+    )
     return [str(zs), str(rt)]
 
 
@@ -112,8 +113,10 @@ def prepare_out_dir(out: Path) -> Path:
             raise ValueError(f"--out {out}: a file of that name exists; choose another --out")
         ours = (out / MARKER).is_file() or (out / "demo_summary.json").is_file()  # (older demos: the summary)
         if any(out.iterdir()) and not ours:
-            raise ValueError(f"--out {out}: the folder exists, is not empty and was not written by "
-                             "distill demo, so it is left alone; choose a new --out (or delete it yourself)")
+            raise ValueError(
+                f"--out {out}: the folder exists, is not empty and was not written by "
+                "distill demo, so it is left alone; choose a new --out (or delete it yourself)"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / MARKER).write_text("written by distill demo; a rerun with the same --out replaces this folder\n")
@@ -128,11 +131,10 @@ def run_demo(job: DemoJob) -> dict:
 def _run_demo(job: DemoJob) -> dict:
     from cache.build.run import CacheJob, build_cache
     from cache.sources.synthetic import make_synthetic_corpus
-    from student.export import export_checkpoint
-
     from distill.config.train_config import Config
     from distill.eval import EvalJob, run_eval
     from distill.train import train
+    from student.export import export_checkpoint
 
     out = prepare_out_dir(Path(job.out))
     print(f"[1/5] generating a {job.rows}-row synthetic corpus; pretraining two small teacher CLIPs on it")
@@ -140,24 +142,48 @@ def _run_demo(job: DemoJob) -> dict:
     heldout = make_synthetic_corpus(out / "heldout", n=48, image_size=48, seed=job.seed + 1)
     teachers = {}
     for i, (name, dim) in enumerate([("teacher_a", 48), ("teacher_b", 96)]):
-        cfg = Config.from_yaml(CONFIGS / "tiny-contrastive.yaml", overrides=[
-            f"data.corpus={corpus}", f"train.output_dir={out / 'teacher_runs' / name}",
-            f"train.max_steps={job.teacher_steps}", f"train.seed={job.seed + 10 + i}", "train.checkpoint_every=0",
-            f"student.overrides.embed_dim={dim}"])
+        cfg = Config.from_yaml(
+            CONFIGS / "tiny-contrastive.yaml",
+            overrides=[
+                f"data.corpus={corpus}",
+                f"train.output_dir={out / 'teacher_runs' / name}",
+                f"train.max_steps={job.teacher_steps}",
+                f"train.seed={job.seed + 10 + i}",
+                "train.checkpoint_every=0",
+                f"student.overrides.embed_dim={dim}",
+            ],
+        )
         train(cfg)
-        exported = export_checkpoint(str(out / 'teacher_runs' / name), str(out / 'teachers' / name))
+        exported = export_checkpoint(str(out / "teacher_runs" / name), str(out / "teachers" / name))
         teachers[name] = f"local-dir:{exported}"
 
     print("[2/5] distill cache: every teacher embeds every pair once")
     features = out / "features.h5"
-    build_cache(CacheJob(data=str(corpus), teachers=teachers, out=str(features), batch_size=32, num_workers=0,
-                         device="auto", views=2, seed=job.seed))
+    build_cache(
+        CacheJob(
+            data=str(corpus),
+            teachers=teachers,
+            out=str(features),
+            batch_size=32,
+            num_workers=0,
+            device="auto",
+            views=2,
+            seed=job.seed,
+        )
+    )
 
     print(f"[3/5] training a tiny student for {job.steps} steps (hybrid: InfoNCE + affinity distillation)")
     run_dir = out / "run"
-    cfg = Config.from_yaml(CONFIGS / "tiny-hybrid.yaml", overrides=[
-        f"data.corpus={corpus}", f"data.features={features}", f"train.output_dir={run_dir}",
-        f"train.max_steps={job.steps}", f"train.seed={job.seed}"])
+    cfg = Config.from_yaml(
+        CONFIGS / "tiny-hybrid.yaml",
+        overrides=[
+            f"data.corpus={corpus}",
+            f"data.features={features}",
+            f"train.output_dir={run_dir}",
+            f"train.max_steps={job.steps}",
+            f"train.seed={job.seed}",
+        ],
+    )
     result = train(cfg)
 
     print("[4/5] distill export: an open_clip-loadable student folder")
@@ -166,15 +192,31 @@ def _run_demo(job: DemoJob) -> dict:
 
     print("[5/5] distill eval: the student beside its teachers")
     tasks = _write_demo_tasks(out, heldout)
-    report = run_eval(EvalJob(models={"student": f"local-dir:{student_dir}", **teachers}, tasks=tasks,
-                              out=str(out / "report"), device="auto", bootstrap=200, student="student"))
+    report = run_eval(
+        EvalJob(
+            models={"student": f"local-dir:{student_dir}", **teachers},
+            tasks=tasks,
+            out=str(out / "report"),
+            device="auto",
+            bootstrap=200,
+            student="student",
+        )
+    )
     export_checkpoint(str(run_dir), str(student_dir), report=str(out / "report" / "report.json"), name=CARD_NAME)
-    summary = {"features": _relative(features, out), "run": _relative(run_dir, out),  # relative to the summary
-               "student": _relative(student_dir, out), "report": _relative(out / "report" / "report.md", out),
-               "train": {k: _relative(Path(v), out) if k in ("output_dir", "checkpoint") and Path(str(v)).exists()
-                         else v for k, v in result.items()}}
+    summary = {
+        "features": _relative(features, out),
+        "run": _relative(run_dir, out),  # relative to the summary
+        "student": _relative(student_dir, out),
+        "report": _relative(out / "report" / "report.md", out),
+        "train": {
+            k: _relative(Path(v), out) if k in ("output_dir", "checkpoint") and Path(str(v)).exists() else v
+            for k, v in result.items()
+        },
+    }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print((out / "report" / "report.md").read_text())
-    print(f"demo finished: features {features}, run {run_dir} (log.jsonl, loss_curves.png), "
-          f"student {student_dir}, report {out / 'report'}")
+    print(
+        f"demo finished: features {features}, run {run_dir} (log.jsonl, loss_curves.png), "
+        f"student {student_dir}, report {out / 'report'}"
+    )
     return {"summary": summary, "report": report}

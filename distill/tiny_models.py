@@ -6,24 +6,32 @@ open_clip, `hf-clip:` and `hf:` for transformers), so loading is not mocked.
 Why in `distill` (the top room): the tests and the benchmarks share these builders through one importable module,
 and they build their tokenizer with `student.tokenizer`, which the bottom room (`teachers`) may not import.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from student.tokenizer import train_wordpiece
 
-DEFAULT_TEXTS = ["a ct scan of the chest", "an mri of the brain", "dermoscopy of a melanoma",
-                 "a chest x-ray with pneumonia", "histology of a tumour", "ultrasound of the breast"]
+DEFAULT_TEXTS = [
+    "a ct scan of the chest",
+    "an mri of the brain",
+    "dermoscopy of a melanoma",
+    "a chest x-ray with pneumonia",
+    "histology of a tumour",
+    "ultrasound of the breast",
+]
 
 
-def make_tiny_open_clip(out_dir: str | Path, embed_dim: int = 24, image_size: int = 32, width: int = 32,
-                        layers: int = 2, seed: int = 0) -> Path:
+def make_tiny_open_clip(
+    out_dir: str | Path, embed_dim: int = 24, image_size: int = 32, width: int = 32, layers: int = 2, seed: int = 0
+) -> Path:
     """An open_clip CLIP with its own ViT and text transformer, saved as a `local-dir:` folder."""
     import open_clip  # lazy: each builder pays only for its own back-end
     from safetensors.torch import save_file
@@ -32,22 +40,34 @@ def make_tiny_open_clip(out_dir: str | Path, embed_dim: int = 24, image_size: in
     out.mkdir(parents=True, exist_ok=True)
     model_cfg = {
         "embed_dim": embed_dim,
-        "vision_cfg": {"image_size": image_size, "layers": layers, "width": width, "patch_size": 8,
-                       "head_width": 16},
+        "vision_cfg": {"image_size": image_size, "layers": layers, "width": width, "patch_size": 8, "head_width": 16},
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": width, "heads": 2, "layers": layers},
     }
-    preprocess_cfg = {"size": image_size, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
-                      "interpolation": "bicubic", "resize_mode": "shortest"}
+    preprocess_cfg = {
+        "size": image_size,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
     torch.manual_seed(seed)
     model = open_clip.CLIP(**model_cfg)
     (out / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2)
+    )
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
     return out
 
 
-def make_tiny_hf_clip(out_dir: str | Path, projection_dim: int = 40, image_size: int = 32, hidden: int = 32,
-                      layers: int = 2, texts: Sequence[str] = DEFAULT_TEXTS, seed: int = 0) -> Path:
+def make_tiny_hf_clip(
+    out_dir: str | Path,
+    projection_dim: int = 40,
+    image_size: int = 32,
+    hidden: int = 32,
+    layers: int = 2,
+    texts: Sequence[str] = DEFAULT_TEXTS,
+    seed: int = 0,
+) -> Path:
     """A `transformers.CLIPModel` with a WordPiece tokenizer and CLIPImageProcessor, as an `hf-clip:` folder."""
     from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel  # lazy: as above
 
@@ -55,17 +75,35 @@ def make_tiny_hf_clip(out_dir: str | Path, projection_dim: int = 40, image_size:
     train_wordpiece(list(texts) * 4, out, vocab_size=200, model_max_length=32)
     tok = AutoTokenizer.from_pretrained(str(out))
     cfg = CLIPConfig(
-        text_config={"vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": 2 * hidden,
-                     "num_hidden_layers": layers, "num_attention_heads": 2, "max_position_embeddings": 32,
-                     "pad_token_id": tok.pad_token_id, "bos_token_id": tok.cls_token_id,
-                     "eos_token_id": tok.sep_token_id},
-        vision_config={"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
-                       "num_attention_heads": 2, "image_size": image_size, "patch_size": 8},
-        projection_dim=projection_dim)
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 32,
+            "pad_token_id": tok.pad_token_id,
+            "bos_token_id": tok.cls_token_id,
+            "eos_token_id": tok.sep_token_id,
+        },
+        vision_config={
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": 8,
+        },
+        projection_dim=projection_dim,
+    )
     torch.manual_seed(seed)
     CLIPModel(cfg).save_pretrained(str(out))
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                       image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25]).save_pretrained(str(out))
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.25, 0.25, 0.25],
+    ).save_pretrained(str(out))
     return out
 
 
@@ -77,9 +115,16 @@ def _tiny_wordpiece(out: Path, texts: Sequence[str], context: int):
     return AutoTokenizer.from_pretrained(str(out))
 
 
-def make_tiny_hf_siglip(out_dir: str | Path, hidden: int = 32, image_size: int = 32, context: int = 16,
-                        logit_scale: float = 7.0, logit_bias: float = -3.5, texts: Sequence[str] = DEFAULT_TEXTS,
-                        seed: int = 0) -> Path:
+def make_tiny_hf_siglip(
+    out_dir: str | Path,
+    hidden: int = 32,
+    image_size: int = 32,
+    context: int = 16,
+    logit_scale: float = 7.0,
+    logit_bias: float = -3.5,
+    texts: Sequence[str] = DEFAULT_TEXTS,
+    seed: int = 0,
+) -> Path:
     """A `transformers.SiglipModel` (what MedSigLIP and fixed-resolution SigLIP 2 load as) with a
     SiglipImageProcessor (squash to height x width, mean/std 0.5) and a set logit scale and bias, as an `hf:` folder."""
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel  # lazy: as above
@@ -88,10 +133,17 @@ def make_tiny_hf_siglip(out_dir: str | Path, hidden: int = 32, image_size: int =
     tok = _tiny_wordpiece(out, texts, context)
     tower = {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 2, "num_attention_heads": 2}
     cfg = SiglipConfig(
-        text_config={**tower, "vocab_size": len(tok), "max_position_embeddings": context, "projection_size": hidden,
-                     "pad_token_id": tok.pad_token_id, "bos_token_id": tok.cls_token_id,
-                     "eos_token_id": tok.sep_token_id},
-        vision_config={**tower, "image_size": image_size, "patch_size": 8})
+        text_config={
+            **tower,
+            "vocab_size": len(tok),
+            "max_position_embeddings": context,
+            "projection_size": hidden,
+            "pad_token_id": tok.pad_token_id,
+            "bos_token_id": tok.cls_token_id,
+            "eos_token_id": tok.sep_token_id,
+        },
+        vision_config={**tower, "image_size": image_size, "patch_size": 8},
+    )
     torch.manual_seed(seed)
     model = SiglipModel(cfg)
     with torch.no_grad():
@@ -109,8 +161,11 @@ def make_tiny_hf_siglip2_naflex(out_dir: str | Path, hidden: int = 32, seed: int
     tower = {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 1, "num_attention_heads": 2}
     torch.manual_seed(seed)
     out = Path(out_dir)
-    Siglip2Model(Siglip2Config(text_config={**tower, "vocab_size": 100},
-                               vision_config={**tower, "num_patches": 16, "patch_size": 8})).save_pretrained(str(out))
+    Siglip2Model(
+        Siglip2Config(
+            text_config={**tower, "vocab_size": 100}, vision_config={**tower, "num_patches": 16, "patch_size": 8}
+        )
+    ).save_pretrained(str(out))
     return out
 
 
@@ -173,8 +228,14 @@ class TinyOpenClipStyleModel(_Towers):
 '''
 
 
-def make_tiny_remote_code(out_dir: str | Path, style: str = "transformers", image_size: int = 16, dim: int = 20,
-                          texts: Sequence[str] = DEFAULT_TEXTS, seed: int = 0) -> Path:
+def make_tiny_remote_code(
+    out_dir: str | Path,
+    style: str = "transformers",
+    image_size: int = 16,
+    dim: int = 20,
+    texts: Sequence[str] = DEFAULT_TEXTS,
+    seed: int = 0,
+) -> Path:
     """A model folder whose config.json names its own code (auto_map -> modeling_tiny_dual.py in the folder), as
     hub models with remote code are published; `style` picks transformers' or open_clip's feature calls."""
     from transformers import CLIPImageProcessor  # lazy: as above
@@ -190,6 +251,10 @@ def make_tiny_remote_code(out_dir: str | Path, style: str = "transformers", imag
     cfg.auto_map = {"AutoConfig": "modeling_tiny_dual.TinyDualConfig", "AutoModel": f"modeling_tiny_dual.{cls}"}
     torch.manual_seed(seed)
     getattr(module, cls)(cfg).save_pretrained(str(out))
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                       image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25]).save_pretrained(str(out))
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.25, 0.25, 0.25],
+    ).save_pretrained(str(out))
     return out

@@ -9,6 +9,7 @@ Builders live in `distill.training.build_run`, the step itself (forward, loss, b
 before it can reach a checkpoint. `data.micro_batch_size` trains each step's whole batch by gradient caching
 (`distill.training.grad_cache`).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,19 +17,24 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from distill.training.checkpoint import (TrainState, install_unwrapped_state_hooks, list_checkpoints, resolve_resume,
-                                save_checkpoint)
-from distill.training.checkpoint_load import load_checkpoint
 from distill.config.train_config import Config, ConfigError
+from distill.training.checkpoint import (
+    TrainState,
+    install_unwrapped_state_hooks,
+    list_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+)
+from distill.training.checkpoint_load import load_checkpoint
 from distill.training.grad_cache import merge_batches
+from distill.training.log import RunLogger, plot_loss_curves
 from distill.training.optim import build_optimizer, build_scheduler
 from distill.training.run_lock import run_lock
-from distill.training.log import RunLogger, plot_loss_curves
 from student import run_files
 from student.run_files import CorpusRecord, RunMeta, TeacherRecord
 
@@ -45,12 +51,13 @@ def check_finite_losses(step: int, losses: dict[str, float], out: Path, features
     if not bad:
         return
     kept = list_checkpoints(out)
-    kept_text = (f"{kept[-1]} is the newest checkpoint and stays usable" if kept
-                 else "no checkpoint was written yet")
+    kept_text = f"{kept[-1]} is the newest checkpoint and stays usable" if kept else "no checkpoint was written yet"
     verify = f"`distill info --verify {features}`" if features else "`distill info --verify FEATURES`"
-    raise NonFiniteLossError(f"step {step}: non-finite loss ({', '.join(f'{k}={v}' for k, v in sorted(bad.items()))})"
-                             f"; training stopped before saving it ({kept_text}); check the teacher features with "
-                             f"{verify}, or lower optim.lr / set optim.max_grad_norm if they are fine")
+    raise NonFiniteLossError(
+        f"step {step}: non-finite loss ({', '.join(f'{k}={v}' for k, v in sorted(bad.items()))})"
+        f"; training stopped before saving it ({kept_text}); check the teacher features with "
+        f"{verify}, or lower optim.lr / set optim.max_grad_norm if they are fine"
+    )
 
 
 class LossWatch:
@@ -88,7 +95,7 @@ class LossWatch:
         if not bad_rows:
             return mean, 0, {}
         first = min(bad_rows, key=lambda r: r[-1])
-        return mean, int(first[-1]), dict(zip(self.keys, first[n:2 * n]))
+        return mean, int(first[-1]), dict(zip(self.keys, first[n : 2 * n]))
 
 
 def make_accelerator(cfg: Config):
@@ -106,26 +113,51 @@ def make_accelerator(cfg: Config):
     # non_blocking: batches come pinned on CUDA (build_run), so their copy to the GPU overlaps the host's work.
     from accelerate.utils import DataLoaderConfiguration
 
-    return Accelerator(mixed_precision=cfg.train.mixed_precision, step_scheduler_with_optimizer=False,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
-                       dataloader_config=DataLoaderConfiguration(non_blocking=True),
-                       dynamo_backend="inductor" if cfg.train.compile else None)  # train.compile
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
+        dynamo_backend="inductor" if cfg.train.compile else None,
+    )  # train.compile
 
 
 def write_run_meta(cfg: Config, run, out: Path, resumed_from: Path | None) -> None:
     plan = run.plan
-    teachers = {t: TeacherRecord(weight=w, embed_dim=int(plan.teacher_attrs[t]["embed_dim"]),
-                                 spec=plan.teacher_attrs[t].get("spec"),
-                                 logit_scale=plan.teacher_attrs[t].get("logit_scale"))
-                for t, w in plan.teachers.items()}
-    run_files.write_run_meta(out, RunMeta(
-        mode=cfg.mode, student=cfg.student.preset, teachers=teachers, student_dir=str(run.student_dir),
-        corpus=CorpusRecord(path=cfg.data.corpus, size=len(run.corpus), rows_used=plan.num_rows,
-                            fingerprint=run.corpus.fingerprint()),
-        features=cfg.data.features, loss=str(run.loss), total_steps=plan.total_steps,
-        num_processes=plan.num_processes, global_batch_epoch0=plan.global_batch(0), routing=plan.routing,
-        stored_views=plan.stored_views, augmentation=plan.augmentation,
-        resumed_from=str(resumed_from) if resumed_from else None, config=cfg.to_dict()))
+    teachers = {
+        t: TeacherRecord(
+            weight=w,
+            embed_dim=int(plan.teacher_attrs[t]["embed_dim"]),
+            spec=plan.teacher_attrs[t].get("spec"),
+            logit_scale=plan.teacher_attrs[t].get("logit_scale"),
+        )
+        for t, w in plan.teachers.items()
+    }
+    run_files.write_run_meta(
+        out,
+        RunMeta(
+            mode=cfg.mode,
+            student=cfg.student.preset,
+            teachers=teachers,
+            student_dir=str(run.student_dir),
+            corpus=CorpusRecord(
+                path=cfg.data.corpus,
+                size=len(run.corpus),
+                rows_used=plan.num_rows,
+                fingerprint=run.corpus.fingerprint(),
+            ),
+            features=cfg.data.features,
+            loss=str(run.loss),
+            total_steps=plan.total_steps,
+            num_processes=plan.num_processes,
+            global_batch_epoch0=plan.global_batch(0),
+            routing=plan.routing,
+            stored_views=plan.stored_views,
+            augmentation=plan.augmentation,
+            resumed_from=str(resumed_from) if resumed_from else None,
+            config=cfg.to_dict(),
+        ),
+    )
 
 
 def check_resume_teachers(out: Path, attrs: dict[str, dict]) -> None:
@@ -137,10 +169,15 @@ def check_resume_teachers(out: Path, attrs: dict[str, dict]) -> None:
     before = {t: r.embed_dim for t, r in meta.teachers.items()}
     now = {t: int(a["embed_dim"]) for t, a in attrs.items()}
     if before != now:
-        diff = ", ".join(f"{t}: {before.get(t, 'absent')} -> {now.get(t, 'absent')}"
-                         for t in sorted(set(before) | set(now)) if before.get(t) != now.get(t))
-        raise ValueError(f"cannot resume {out}: its teachers (name: embedding dim) were {before}, the cache now gives "
-                         f"{now} ({diff}); use the cache the run started with, or a new train.output_dir")
+        diff = ", ".join(
+            f"{t}: {before.get(t, 'absent')} -> {now.get(t, 'absent')}"
+            for t in sorted(set(before) | set(now))
+            if before.get(t) != now.get(t)
+        )
+        raise ValueError(
+            f"cannot resume {out}: its teachers (name: embedding dim) were {before}, the cache now gives "
+            f"{now} ({diff}); use the cache the run started with, or a new train.output_dir"
+        )
 
 
 def domain_counter(run, state: TrainState, device):
@@ -212,15 +249,15 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
     pad_id = getattr(run.loader.collate_fn, "pad_id", None)  # to merge caption batches trimmed to their longest
     skipped, skipped_total = 0, 0  # (teacher, row) pairs dropped: this process since the last log, all processes
     # a context manager, so the bar is closed on an error too and the message is not printed on the bar's line
-    with tqdm(total=plan.total_steps, initial=state.step, disable=not accelerator.is_main_process,
-              unit="step") as bar:
+    with tqdm(total=plan.total_steps, initial=state.step, disable=not accelerator.is_main_process, unit="step") as bar:
         while state.step < plan.total_steps:
             accum = plan.accum(state.epoch)
             merge = bool(cfg.data.micro_batch_size) and accum > 1  # one contrastive batch per step (grad_cache)
             accelerator.gradient_accumulation_steps, pending = 1 if merge else accum, []
             loader.set_epoch(state.epoch)
-            batches = (accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch
-                       else loader)
+            batches = (
+                accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
+            )
             for batch in batches:
                 batch = batch.decoded(interpolation)  # data.decode=device: JPEGs decoded here, on the device
                 if merge:
@@ -260,16 +297,26 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
                         extra = {"skipped_features": skipped_total}
                     if counter is not None:  # a collective too
                         extra["rows_per_domain"] = counter.read(accelerator)
-                    logger.log(state.step, {**state.last_losses, "lr": scheduler.get_last_lr()[0],
-                                            "samples_per_s": rate, "epoch": state.epoch, **extra})
+                    logger.log(
+                        state.step,
+                        {
+                            **state.last_losses,
+                            "lr": scheduler.get_last_lr()[0],
+                            "samples_per_s": rate,
+                            "epoch": state.epoch,
+                            **extra,
+                        },
+                    )
                 if checkpoint_step:
                     last_ckpt = save_checkpoint(accelerator, out, state, cfg.train.keep_last)
                 if state.step >= plan.total_steps:
                     break
             else:  # the epoch ran out: the next one starts from its first batch
                 if state.batches_in_epoch == 0:
-                    raise RuntimeError(f"epoch {state.epoch} has no batches: {plan.num_rows} rows are fewer than its "
-                                       f"global batch {plan.global_batch(state.epoch)}; shorten train.batch_schedule")
+                    raise RuntimeError(
+                        f"epoch {state.epoch} has no batches: {plan.num_rows} rows are fewer than its "
+                        f"global batch {plan.global_batch(state.epoch)}; shorten train.batch_schedule"
+                    )
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
     if last_ckpt is None or not last_ckpt.name.endswith(f"-{state.step}"):
         last_ckpt = save_checkpoint(accelerator, out, state, cfg.train.keep_last)
@@ -278,8 +325,13 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
         plot_loss_curves(out / "log.jsonl", out / "loss_curves.png")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return {"output_dir": str(out), "step": state.step, "losses": dict(state.last_losses),
-            "checkpoint": str(last_ckpt), "skipped_features": skipped_total}
+    return {
+        "output_dir": str(out),
+        "step": state.step,
+        "losses": dict(state.last_losses),
+        "checkpoint": str(last_ckpt),
+        "skipped_features": skipped_total,
+    }
 
 
 def full_config(config: Config, source: str | None = None) -> Config:

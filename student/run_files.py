@@ -7,6 +7,7 @@ use lives below both. Unknown fields are refused (a file written by another vers
 The run_meta.json records are validated models on the kernel's base (`Record`); `TrainState` stays a plain
 dataclass because the training loop updates it in place.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,10 @@ def _known(cls: Any, data: Any, path: Path) -> dict[str, Any]:
     names = set(cls.model_fields) if issubclass(cls, Section) else {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{path}: unknown field(s) {', '.join(map(repr, unknown))} for {cls.__name__}; written by "
-                         "another version of biomed-distill? Export it with that version")
+        raise ValueError(
+            f"{path}: unknown field(s) {', '.join(map(repr, unknown))} for {cls.__name__}; written by "
+            "another version of biomed-distill? Export it with that version"
+        )
     return data
 
 

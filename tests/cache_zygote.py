@@ -7,6 +7,7 @@ teacher and a big file, and can die at a planted instant of a commit (`kill_at`:
 into the segment, inside the fold, just after the fold's rename). Used by test_cache_resume.py and
 test_cache_faults.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -97,8 +98,13 @@ class Zygote:
         script.write_text(ZYGOTE)
         root = Path(__file__).resolve().parents[1]
         path = os.pathsep.join(p for p in (str(root), pythonpath, os.environ.get("PYTHONPATH", "")) if p)
-        self.p = subprocess.Popen([sys.executable, str(script), json.dumps(job_kw)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": path}, cwd=root)
+        self.p = subprocess.Popen(
+            [sys.executable, str(script), json.dumps(job_kw)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": path},
+            cwd=root,
+        )
         self.fd, self.buf = self.p.stdout.fileno(), b""
         assert self._line() == "READY"
 
@@ -113,21 +119,33 @@ class Zygote:
         line, _, self.buf = self.buf.partition(b"\n")
         return line.decode().strip()
 
-    def run(self, out: Path, kill_after: float | None = None,
-            kill_when: Callable[[int, float], bool] | None = None, kill_at: str | None = None,
-            delay: float | None = None, fold_delay: float | None = None, timeout: float = 120.0) -> int:
+    def run(
+        self,
+        out: Path,
+        kill_after: float | None = None,
+        kill_when: Callable[[int, float], bool] | None = None,
+        kill_at: str | None = None,
+        delay: float | None = None,
+        fold_delay: float | None = None,
+        timeout: float = 120.0,
+    ) -> int:
         """Fork one cache run into `out`; SIGKILL it after `kill_after` seconds or once `kill_when(pid, seconds)`
         holds (polled every 2 ms); `kill_at` plants a kill inside the run. Returns its exit code (-9: killed)."""
-        cmd = {"out": str(out), "kill_at": kill_at, "delay": self.delay if delay is None else delay,
-               "fold_delay": self.fold_delay if fold_delay is None else fold_delay}
+        cmd = {
+            "out": str(out),
+            "kill_at": kill_at,
+            "delay": self.delay if delay is None else delay,
+            "fold_delay": self.fold_delay if fold_delay is None else fold_delay,
+        }
         self.p.stdin.write((json.dumps(cmd) + "\n").encode())
         self.p.stdin.flush()
         pid = int(self._line().split()[1])
         t0, killed = time.time(), False
         while (line := self._line(wait=0.002)) is None:
             t = time.time() - t0
-            if not killed and ((kill_after is not None and t >= kill_after)
-                               or (kill_when is not None and kill_when(pid, t))):
+            if not killed and (
+                (kill_after is not None and t >= kill_after) or (kill_when is not None and kill_when(pid, t))
+            ):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:  # it ended just now

@@ -1,4 +1,5 @@
 """Shared fixtures: offline mode, one CPU thread, tiny teachers and a synthetic corpus built once per session."""
+
 from __future__ import annotations
 
 import os

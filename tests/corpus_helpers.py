@@ -1,4 +1,5 @@
 """Helpers the test files share for making corpus variants (imported by module name, like train_fixtures)."""
+
 from __future__ import annotations
 
 import csv

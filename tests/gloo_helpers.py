@@ -1,8 +1,9 @@
 """A gloo process group for spawned CPU test workers that counts its all_gathers (the collectives a step sends)."""
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 
 @contextmanager

@@ -1,4 +1,5 @@
 """Hostile image bytes for the image-limit and fuzz tests, made without ever holding a decoded image in memory."""
+
 from __future__ import annotations
 
 import functools

@@ -5,6 +5,7 @@ their DataLoader workers): after the launcher ends, any process still carrying t
 runs in a session of its own, so a hung launch can be cleaned up whole. Used by test_cache_rank_kill.py and
 test_train_rank_kill.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -89,28 +90,42 @@ class TorchRun:
     def __init__(self, args: list[str], log: Path, env: dict[str, str], nproc: int = 2):
         self.tag, self.log = uuid.uuid4().hex, log
         path = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-        full = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                **env, "PYTHONPATH": path, TAG: self.tag}
+        full = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            **env,
+            "PYTHONPATH": path,
+            TAG: self.tag,
+        }
         with open(log, "w") as f:  # a file, not a pipe nobody reads, which could fill and block the job
-            self.p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                       f"--nproc_per_node={nproc}", *args], cwd=ROOT, env=full, stdout=f,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+            self.p = subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args],
+                cwd=ROOT,
+                env=full,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
     def ranks(self) -> dict[int, int]:
         """rank -> pid of the launcher's workers (its own children; their DataLoader workers carry RANK too)."""
-        return {int(env["RANK"]): pid for pid, env in tagged(self.tag).items()
-                if "RANK" in env and _ppid(pid) == self.p.pid}
+        return {
+            int(env["RANK"]): pid for pid, env in tagged(self.tag).items() if "RANK" in env and _ppid(pid) == self.p.pid
+        }
 
     def kill_rank_when(self, rank: int, ready: Callable[[int], bool], timeout: float = 120.0) -> int:
         """SIGKILL worker `rank` once `ready(its pid)` holds (polled every 5 ms); returns its pid. Fails if the job
         ends first or the moment never comes."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.p.poll() is None, f"the job ended (exit {self.p.returncode}) before the kill:\n" \
-                                          f"{self.output()[-3000:]}"
+            assert self.p.poll() is None, (
+                f"the job ended (exit {self.p.returncode}) before the kill:\n{self.output()[-3000:]}"
+            )
             pid = self.ranks().get(rank)
             if pid is not None and ready(pid):
                 os.kill(pid, signal.SIGKILL)
@@ -147,20 +162,36 @@ class Ranks:
     """The ranks of one job started by hand with the environment torchrun gives them, but no launcher watching:
     when one dies, the others must end by themselves. Rank r's stdout and stderr go to `logs/r.out`, `logs/r.err`."""
 
-    def __init__(self, args: list[str], logs: Path, env: dict[str, str], rank_env: dict[int, dict[str, str]],
-                 world: int = 2):
+    def __init__(
+        self, args: list[str], logs: Path, env: dict[str, str], rank_env: dict[int, dict[str, str]], world: int = 2
+    ):
         self.tag, self.logs = uuid.uuid4().hex, logs
         logs.mkdir(parents=True, exist_ok=True)
         port, path = _free_port(), os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         self.procs = []
         for r in range(world):
-            full = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                    **env, **rank_env.get(r, {}), "PYTHONPATH": path, TAG: self.tag, "RANK": str(r),
-                    "LOCAL_RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            full = {
+                **os.environ,
+                "OMP_NUM_THREADS": "1",
+                "HF_HUB_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false",
+                **env,
+                **rank_env.get(r, {}),
+                "PYTHONPATH": path,
+                TAG: self.tag,
+                "RANK": str(r),
+                "LOCAL_RANK": str(r),
+                "WORLD_SIZE": str(world),
+                "LOCAL_WORLD_SIZE": str(world),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            }
             with open(logs / f"{r}.out", "w") as out, open(logs / f"{r}.err", "w") as err:
-                self.procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, env=full, stdout=out,
-                                                   stderr=err, start_new_session=True))
+                self.procs.append(
+                    subprocess.Popen(
+                        [sys.executable, *args], cwd=ROOT, env=full, stdout=out, stderr=err, start_new_session=True
+                    )
+                )
 
     def err(self, rank: int) -> str:
         return (self.logs / f"{rank}.err").read_text(errors="replace")
@@ -184,8 +215,9 @@ class Ranks:
             return self.procs[rank].wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.abort()
-            raise AssertionError(f"rank {rank} hung: still running {timeout:.0f} s after the other died\n"
-                                 f"{self.err(rank)[-3000:]}")
+            raise AssertionError(
+                f"rank {rank} hung: still running {timeout:.0f} s after the other died\n{self.err(rank)[-3000:]}"
+            )
 
     def leftovers(self, grace: float = 10.0) -> list[str]:
         return leftovers(self.tag, grace)

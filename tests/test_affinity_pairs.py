@@ -1,15 +1,15 @@
 """Affinity's `pairs` option (issue 17): image-image and text-text similarity distributions (relational
 distillation), each row over the other rows of the global batch, computed by hand."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from test_domain_scope import DOMAINS, S_SCALE, T_SCALES, N, _aff_tol, _batch, _ctx, _feats, _hand_affinity, _within
 
 from distill.losses import DistillLoss, LossTermCfg, StepContext
 from distill.losses.distributed import StepGather
 from distill.losses.terms import Affinity
-
-from test_domain_scope import DOMAINS, N, S_SCALE, T_SCALES, _aff_tol, _batch, _ctx, _feats, _hand_affinity, _within
 
 
 def _hand_intra(student, teacher, t_scale, rows=range(N), domains=None, kl=False, own=lambda i: i) -> torch.Tensor:
@@ -44,8 +44,7 @@ def test_intra_pairs_equal_the_hand_softmax_over_the_other_rows(kl):
     both = Affinity(kl=kl, pairs="both").per_sample(_ctx(out, tb), "a")
     _within(both, (cross + want) / 2, _aff_tol((cross + want) / 2, "a", kl))
     # the self column is excluded: with it, every row's distribution changes by far more than the tolerance
-    with_self = torch.stack([torch.softmax(S_SCALE * student["image"][i] @ student["image"].T, 0)[i]
-                             for i in range(N)])
+    with_self = torch.stack([torch.softmax(S_SCALE * student["image"][i] @ student["image"].T, 0)[i] for i in range(N)])
     assert (with_self > 0.01).all()
 
 

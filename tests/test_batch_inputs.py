@@ -1,6 +1,7 @@
 """A loss term that needs a new per-row batch input, added from outside the project (this module only): the term
 lists the input by name, the data side registers its producer, and `distill train` carries it from the collate to
 the term (device copy, merged batches, GradCache included). Also the public step (`distill.training.step`)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -71,9 +72,15 @@ def toy_term():
 def test_a_new_term_with_a_new_batch_input_trains(toy_term, micro, tiny_corpus, tmp_path):
     steps = 20
     extra = {"data__micro_batch_size": micro, "train__grad_accum": 2} if micro else {}
-    cfg = tiny_config(tiny_corpus, tmp_path / "run", mode="contrastive", train__max_steps=steps,
-                      train__checkpoint_every=0, loss__terms="[{kind: infonce}, {kind: toy_parity, weight: 5.0}]",
-                      **extra)
+    cfg = tiny_config(
+        tiny_corpus,
+        tmp_path / "run",
+        mode="contrastive",
+        train__max_steps=steps,
+        train__checkpoint_every=0,
+        loss__terms="[{kind: infonce}, {kind: toy_parity, weight: 5.0}]",
+        **extra,
+    )
     train(cfg)
     rows = read_log(tmp_path / "run")
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
@@ -87,8 +94,13 @@ def test_a_new_term_with_a_new_batch_input_trains(toy_term, micro, tiny_corpus, 
 
 def test_an_unregistered_input_is_named(toy_term, tiny_corpus, tmp_path):
     BATCH_INPUTS._items.pop("toy_parity")
-    cfg = tiny_config(tiny_corpus, tmp_path / "run", mode="contrastive", train__max_steps=1,
-                      loss__terms="[{kind: infonce}, {kind: toy_parity}]")
+    cfg = tiny_config(
+        tiny_corpus,
+        tmp_path / "run",
+        mode="contrastive",
+        train__max_steps=1,
+        loss__terms="[{kind: infonce}, {kind: toy_parity}]",
+    )
     with pytest.raises(KeyError, match="toy_parity.*read the batch input 'toy_parity'"):
         train(cfg)
 
@@ -100,6 +112,11 @@ def test_inputs_move_merge_and_slice_generically():
     assert merged["x"].tolist() == list(range(6)) and merged["by"]["t"].shape == (6, 2)
     part = select_inputs(merged, slice(3, 5))
     assert part["x"].tolist() == [3, 4] and part["by"]["t"][:, 0].tolist() == [1.0, 0.0]
-    moved = TrainBatch(torch.zeros(6, 3, 2, 2, dtype=torch.uint8), torch.zeros(6, 4, dtype=torch.long),
-                       torch.arange(6), torch.full((6,), -1), inputs=merged).to("cpu")
+    moved = TrainBatch(
+        torch.zeros(6, 3, 2, 2, dtype=torch.uint8),
+        torch.zeros(6, 4, dtype=torch.long),
+        torch.arange(6),
+        torch.full((6,), -1),
+        inputs=merged,
+    ).to("cpu")
     assert moved.inputs["x"].tolist() == list(range(6)) and move_inputs({}, "cpu") == {}

@@ -1,4 +1,5 @@
 """distill.data.loader.teacher_feats: every teacher's features in one buffer, so a worker sends one block per batch."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,8 +16,10 @@ def _got(b: int = 4, views: int = 0, seed: int = 0) -> dict[str, Pair[np.ndarray
     """What FeatureReader.read returns: float16 rows as stored ((B, K, D) image views when `views`)."""
     rng = np.random.default_rng(seed)
     unit = lambda *s: (lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True))(rng.standard_normal(s))  # noqa: E731
-    return {t: Pair((unit(b, views, d) if views else unit(b, d)).astype(np.float16), unit(b, d).astype(np.float16))
-            for t, d in DIMS.items()}
+    return {
+        t: Pair((unit(b, views, d) if views else unit(b, d)).astype(np.float16), unit(b, d).astype(np.float16))
+        for t, d in DIMS.items()
+    }
 
 
 def test_values_are_the_stored_rows_in_float32_and_share_one_storage():
@@ -47,7 +50,7 @@ def test_stored_views_are_averaged_and_renormalised():
         # is off by < d x 2^-24 relative (plus a few roundings: mean, sqrt, divide), so each component by that
         # fraction of itself (rtol ~7e-5 at d = 1152); the mean of 3 views adds < 4 x 2^-24 absolute (atol). A view
         # left out of the mean or a missing renormalisation is off by >= 1e-2 relative.
-        assert torch.allclose(feats[t].image.double(), want, rtol=(d + 10) * 2.0 ** -24, atol=4 * 2.0 ** -24)
+        assert torch.allclose(feats[t].image.double(), want, rtol=(d + 10) * 2.0**-24, atol=4 * 2.0**-24)
         assert torch.allclose(feats[t].image.norm(dim=-1), torch.ones(4), atol=1e-5)
     assert teacher_feats({}) == {}
 

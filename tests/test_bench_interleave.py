@@ -1,4 +1,5 @@
 """benchmarks/bench_common.interleave: variants run A B A B ..., ratios are taken within each repeat."""
+
 from __future__ import annotations
 
 from benchmarks.bench_common import Spread, interleave
@@ -12,6 +13,7 @@ def test_interleave_runs_variants_in_turn_and_pairs_ratios_by_repeat():
         def go():
             calls.append(name)
             return next(figures[name])
+
         return go
 
     r = interleave({"a": run("a"), "b": run("b")}, repeats=3)

@@ -1,5 +1,6 @@
 """Benchmark runs write to their own folder (--out, else $BIOMED_DISTILL_BENCH_OUT, else bench-out/), never over
 the committed figures in benchmarks/results/ unless --record; a harness's shared-workdir files are replaced whole."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +13,16 @@ import pytest
 import yaml
 
 from benchmarks import bench_common
-from benchmarks.bench_common import (DEFAULT_OUT, OUT_ENV, RECORDED_DIR, Output, atomic_write_text, output_dir,
-                                     parse_flags, write_results)
+from benchmarks.bench_common import (
+    DEFAULT_OUT,
+    OUT_ENV,
+    RECORDED_DIR,
+    Output,
+    atomic_write_text,
+    output_dir,
+    parse_flags,
+    write_results,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,12 +39,17 @@ def recorded_files() -> dict[str, float]:
 def test_results_land_in_out_or_the_environments_folder_or_bench_out(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(OUT_ENV, raising=False)
-    monkeypatch.setattr(bench_common, "machine", lambda: {"date": "2026-12-07", "cpu": "c", "cores": 2,
-                                                          "torch_threads": 1, "gpu": None, "load_avg_1m": 1.0})
+    monkeypatch.setattr(
+        bench_common,
+        "machine",
+        lambda: {"date": "2026-12-07", "cpu": "c", "cores": 2, "torch_threads": 1, "gpu": None, "load_avg_1m": 1.0},
+    )
     before = recorded_files()
     j, m = write_results("probe", parse_flags(Probe, []), {"x": 1}, "| a |")
-    assert (j.resolve(), m.resolve()) == ((tmp_path / DEFAULT_OUT / "probe.json").resolve(),
-                                          (tmp_path / DEFAULT_OUT / "probe.md").resolve())
+    assert (j.resolve(), m.resolve()) == (
+        (tmp_path / DEFAULT_OUT / "probe.json").resolve(),
+        (tmp_path / DEFAULT_OUT / "probe.md").resolve(),
+    )
     payload = json.loads(j.read_text())
     assert payload["results"] == {"x": 1} and payload["flags"] == {"out": "", "record": False, "n": 1}
     monkeypatch.setenv(OUT_ENV, str(tmp_path / "env"))
@@ -70,8 +84,23 @@ def test_quick_benchmark_writes_nothing_under_results(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # where `bench-out/` would sit beside benchmarks/results/
     monkeypatch.setenv(OUT_ENV, str(tmp_path / "bench-out"))  # keep the checkout clean: its default folder here
     before = recorded_files()
-    input_pipeline.main(["--quick", "--images", "4", "--image-px", "64", "--repeats", "1", "--rows", "20000",
-                         "--ranks", "2", "--workers", "2"])
+    input_pipeline.main(
+        [
+            "--quick",
+            "--images",
+            "4",
+            "--image-px",
+            "64",
+            "--repeats",
+            "1",
+            "--rows",
+            "20000",
+            "--ranks",
+            "2",
+            "--workers",
+            "2",
+        ]
+    )
     assert (tmp_path / "bench-out" / "input_pipeline.json").is_file()
     assert recorded_files() == before
 
@@ -132,8 +161,11 @@ def test_the_harness_writes_its_task_files_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(multi_teacher, "atomic_write_text", spy)
     breast = mt_setup.BUILTIN_DOMAINS["breast_us"]  # its task files are written; no data is read
     files = multi_teacher.write_tasks([breast], {"dev-breast_us": tmp_path / "dev.csv"}, (), tmp_path / "work")
-    assert written == [Path(p).name for p in files.test + files.dev] == ["breast_us-zeroshot.yaml",
-                                                                          "breast_us-zeroshot-dev.yaml"]
+    assert (
+        written
+        == [Path(p).name for p in files.test + files.dev]
+        == ["breast_us-zeroshot.yaml", "breast_us-zeroshot-dev.yaml"]
+    )
     assert sorted(p.name for p in (tmp_path / "work" / "tasks").iterdir()) == sorted(written)  # no temporaries
 
 

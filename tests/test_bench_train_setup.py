@@ -1,4 +1,5 @@
 """benchmarks/train_setup: the warm-up run is untimed, verdicts follow the median and range, the hybrid configs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,6 +19,7 @@ def test_warm_interleave_runs_each_variant_once_untimed_first(tmp_path):
         def go():
             calls.append(name)
             return next(figures[name])
+
         return go
 
     warm = tmp_path / "features.h5"

@@ -1,5 +1,6 @@
 """Block dealing (data.sampler=block_deal): blocks dealt to (rank, worker) pairs so that, across R ranks x W
 workers, every row is used once per epoch and every feature block is read by exactly one pair, once."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -7,15 +8,14 @@ from collections import Counter
 import h5py
 import numpy as np
 import pytest
-import torch
 from accelerate.data_loader import BatchSamplerShard
 from torch.utils.data import BatchSampler, DataLoader, Dataset, get_worker_info
 
-from cache import FeatureReader
 import cache.store.writer as W
-from distill.training.build_run import build_sampler
+from cache import FeatureReader
 from distill.config.train_config import DataCfg
 from distill.data.samplers import Dealing, EpochSampler, reader_blocks
+from distill.training.build_run import build_sampler
 
 BLOCK, BUFFER, BATCH = 64, 2, 16
 
@@ -26,8 +26,11 @@ def _cache(path: str, n: int, chunk: int = BLOCK) -> str:
     rng = np.random.default_rng(0)
     with h5py.File(path, "r+") as f:
         for name, d in (("a", 8), ("b", 4)):
-            meta = {"attrs": {"spec": f"synthetic:{name}", "embed_dim": d, "logit_scale": 100.0, "views": 0},
-                    "dtype": "float16", "h5_chunk_rows": chunk}
+            meta = {
+                "attrs": {"spec": f"synthetic:{name}", "embed_dim": d, "logit_scale": 100.0, "views": 0},
+                "dtype": "float16",
+                "h5_chunk_rows": chunk,
+            }
             g = W._ensure_group(f, name, meta)
             g["image"][...] = rng.standard_normal((n, d)).astype(np.float16)
             g["text"][...] = rng.standard_normal((n, d)).astype(np.float16)
@@ -36,8 +39,14 @@ def _cache(path: str, n: int, chunk: int = BLOCK) -> str:
 
 
 def _sampler(n: int, ranks: int, workers: int, seed: int = 7) -> EpochSampler:
-    return EpochSampler(n, seed, lambda e: BATCH * ranks, block_ids=np.arange(n) // BLOCK, buffer_blocks=BUFFER,
-                        dealing=Dealing(ranks, workers, BATCH))
+    return EpochSampler(
+        n,
+        seed,
+        lambda e: BATCH * ranks,
+        block_ids=np.arange(n) // BLOCK,
+        buffer_blocks=BUFFER,
+        dealing=Dealing(ranks, workers, BATCH),
+    )
 
 
 def _pair_batches(sampler: EpochSampler, ranks: int, workers: int) -> dict[tuple[int, int], list[list[int]]]:
@@ -45,16 +54,22 @@ def _pair_batches(sampler: EpochSampler, ranks: int, workers: int) -> dict[tuple
     DataLoader (a rank's batch j to worker j % W) split them."""
     out = {}
     for r in range(ranks):
-        shard = BatchSamplerShard(BatchSampler(sampler, BATCH, drop_last=True), num_processes=ranks,
-                                  process_index=r, split_batches=False, even_batches=True)
+        shard = BatchSamplerShard(
+            BatchSampler(sampler, BATCH, drop_last=True),
+            num_processes=ranks,
+            process_index=r,
+            split_batches=False,
+            even_batches=True,
+        )
         local = [[i for _, i in b] for b in shard]
         for w in range(workers):
             out[(r, w)] = local[w::workers]
     return out
 
 
-def _read_all(path: str, pairs: dict[tuple[int, int], list[list[int]]], unit: int = BLOCK,
-              held: int = BUFFER) -> dict[tuple[int, int], Counter]:
+def _read_all(
+    path: str, pairs: dict[tuple[int, int], list[list[int]]], unit: int = BLOCK, held: int = BUFFER
+) -> dict[tuple[int, int], Counter]:
     """Reads every pair's batches with its own block-cached reader (as its Collate would); its block reads."""
     reads = {}
     for pair, batches in pairs.items():
@@ -130,12 +145,13 @@ def test_dataloader_workers_receive_their_own_blocks():
 
 
 def test_build_sampler_deals_for_the_run_s_processes_and_workers():
-    cfg = DataCfg(sampler="block_deal", block_rows=BLOCK, batch_size=BATCH, num_workers=0,
-                  shuffle_buffer_blocks=BUFFER)
+    cfg = DataCfg(sampler="block_deal", block_rows=BLOCK, batch_size=BATCH, num_workers=0, shuffle_buffer_blocks=BUFFER)
     s = build_sampler(cfg, None, 1000, lambda e: BATCH * 8, seed=0, ranks=8)
     assert s.dealing == Dealing(8, 1, BATCH)  # 0 workers: the main process reads
-    assert build_sampler(cfg.model_copy(update={"sampler": "block_shuffle"}), None, 1000, lambda e: 8,
-                         seed=0).dealing is None
+    assert (
+        build_sampler(cfg.model_copy(update={"sampler": "block_shuffle"}), None, 1000, lambda e: 8, seed=0).dealing
+        is None
+    )
     with pytest.raises(ValueError, match="give block_ids"):
         EpochSampler(10, 0, lambda e: 1, dealing=Dealing(1, 1, 1))
     with pytest.raises(ValueError, match=">= 1"):

@@ -1,4 +1,5 @@
 """The feature cache: layout and values, adding a teacher, refusals, bad samples, views, info, the reader."""
+
 from __future__ import annotations
 
 import csv
@@ -11,12 +12,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from corpus_helpers import copy_corpus
 
 import teachers as teachers_mod
 from cache import BadSampleError, CacheError, CacheJob, FeatureReader, build_cache, info, open_corpus
 from cache.build.views import draw_view_params
 from teachers import load_teacher
-from corpus_helpers import copy_corpus
 
 ATOL = 2e-3  # float16 storage of unit vectors
 
@@ -132,8 +133,9 @@ def test_adding_a_teacher_computes_only_it(tmp_path, tiny_corpus, tiny_teachers,
         stats_before = f["teachers/oc/stats/image_mean"][:]
     loaded = []
     real = teachers_mod.load_teacher
-    monkeypatch.setattr(teachers_mod, "load_teacher",
-                        lambda spec, device="cpu", **kw: loaded.append(spec) or real(spec, device, **kw))
+    monkeypatch.setattr(
+        teachers_mod, "load_teacher", lambda spec, device="cpu", **kw: loaded.append(spec) or real(spec, device, **kw)
+    )
     summary = build_cache(_job(tiny_corpus, tiny_teachers, out))
     assert loaded == [tiny_teachers["hf"]]
     assert summary.teachers["oc"].computed == 0 and summary.teachers["hf"].computed == 32
@@ -191,6 +193,7 @@ def bad_corpus(tmp_path_factory, tiny_corpus) -> Path:
         rows[3]["image"] = str(d / "corrupt.png")
         rows[5]["image"] = str(d / "missing.png")
         rows[7]["caption"] = "  "
+
     return copy_corpus(tiny_corpus, d / "corpus.csv", edit)
 
 
@@ -229,8 +232,9 @@ def test_on_bad_sample_fail_names_file_and_row(tmp_path, bad_corpus, tiny_teache
 def test_on_bad_sample_fail_names_an_empty_caption(tmp_path, tiny_corpus, tiny_teachers):
     data = copy_corpus(tiny_corpus, tmp_path / "c" / "corpus.csv", lambda rows: rows[9].update(caption=""))
     with pytest.raises(BadSampleError, match=r"corpus\.csv row 10 \(line 11\).*empty caption"):
-        build_cache(_job(data, {"oc": tiny_teachers["oc"]}, tmp_path / "f.h5", on_bad_sample="fail",
-                         chunk_rows=4, batch_size=2))
+        build_cache(
+            _job(data, {"oc": tiny_teachers["oc"]}, tmp_path / "f.h5", on_bad_sample="fail", chunk_rows=4, batch_size=2)
+        )
     with h5py.File(tmp_path / "f.h5", "r") as f:  # the chunks before the bad row were committed and kept
         assert f["teachers/oc/done"][:].tolist() == [True] * 8 + [False] * 24
     assert not Path(str(tmp_path / "f.h5") + ".parts").exists()
@@ -303,7 +307,7 @@ def test_webdataset_shards_cache_like_the_table(tmp_path, full_cache, tiny_corpu
     shards.mkdir()
     for s in range(0, 32, 12):
         with tarfile.open(shards / f"{s // 12:05d}.tar", "w") as tar:
-            for r in rows[s:s + 12]:
+            for r in rows[s : s + 12]:
                 image = (tiny_corpus.parent / r["image"]).read_bytes()
                 for ext, data in (("png", image), ("txt", r["caption"].encode())):
                     ti = tarfile.TarInfo(f"{r['key']}.{ext}")
@@ -315,8 +319,11 @@ def test_webdataset_shards_cache_like_the_table(tmp_path, full_cache, tiny_corpu
         assert a.attrs["corpus_fingerprint"] == b.attrs["corpus_fingerprint"]
         assert a["keys"].asstr()[:].tolist() == [r["key"] for r in rows]
         for what in ("image", "text"):
-            np.testing.assert_allclose(a[f"teachers/oc/{what}"][:].astype(np.float32),
-                                       b[f"teachers/oc/{what}"][:].astype(np.float32), atol=ATOL)
+            np.testing.assert_allclose(
+                a[f"teachers/oc/{what}"][:].astype(np.float32),
+                b[f"teachers/oc/{what}"][:].astype(np.float32),
+                atol=ATOL,
+            )
 
 
 def _count_loads(monkeypatch, corpus_path) -> list[int]:
@@ -332,14 +339,20 @@ def _record_parts(monkeypatch) -> dict[str, list[int]]:
 
     parts: dict[str, list[int]] = {}
     real = W.write_part
-    monkeypatch.setattr(W, "write_part", lambda out, name, rows, *a, **k:
-                        parts.setdefault(name, []).extend(int(r) for r in rows) or real(out, name, rows, *a, **k))
+    monkeypatch.setattr(
+        W,
+        "write_part",
+        lambda out, name, rows, *a, **k: (
+            parts.setdefault(name, []).extend(int(r) for r in rows) or real(out, name, rows, *a, **k)
+        ),
+    )
     return parts
 
 
 @pytest.mark.parametrize("views", [0, 2])
-def test_each_image_is_decoded_once_for_all_teachers(tmp_path, tiny_corpus, tiny_teachers, full_cache,
-                                                     monkeypatch, views):
+def test_each_image_is_decoded_once_for_all_teachers(
+    tmp_path, tiny_corpus, tiny_teachers, full_cache, monkeypatch, views
+):
     calls = _count_loads(monkeypatch, tiny_corpus)
     out = tmp_path / "f.h5"
     summary = build_cache(_job(tiny_corpus, tiny_teachers, out, views=views, dtype="float32"))
@@ -357,12 +370,12 @@ def test_each_image_is_decoded_once_for_all_teachers(tmp_path, tiny_corpus, tiny
     with h5py.File(out, "r") as a, h5py.File(full_cache, "r") as b:  # same values as the workers' run
         for name in ("oc", "hf"):
             for what in ("image", "text"):
-                np.testing.assert_allclose(a[f"teachers/{name}/{what}"][:], b[f"teachers/{name}/{what}"][:],
-                                           atol=ATOL)
+                np.testing.assert_allclose(a[f"teachers/{name}/{what}"][:], b[f"teachers/{name}/{what}"][:], atol=ATOL)
 
 
-def test_per_teacher_done_masks_decode_only_the_rows_still_needed(tmp_path, tiny_corpus, tiny_teachers,
-                                                                  full_cache, monkeypatch):
+def test_per_teacher_done_masks_decode_only_the_rows_still_needed(
+    tmp_path, tiny_corpus, tiny_teachers, full_cache, monkeypatch
+):
     """Rows missing for oc only, for hf only, and for both: each row is decoded once, each teacher embeds only
     its own missing rows, rows done for both are not touched, and the result equals an uninterrupted run."""
     from cache.store.segments import copy_cache
@@ -386,10 +399,10 @@ def test_per_teacher_done_masks_decode_only_the_rows_still_needed(tmp_path, tiny
         for name in ("oc", "hf"):
             assert a[f"teachers/{name}/done"][:].all()
             for what in ("image", "text"):
-                np.testing.assert_allclose(a[f"teachers/{name}/{what}"][:], b[f"teachers/{name}/{what}"][:],
-                                           atol=ATOL)
-            np.testing.assert_allclose(a[f"teachers/{name}/stats/image_cov"][:],
-                                       b[f"teachers/{name}/stats/image_cov"][:], atol=1e-4)
+                np.testing.assert_allclose(a[f"teachers/{name}/{what}"][:], b[f"teachers/{name}/{what}"][:], atol=ATOL)
+            np.testing.assert_allclose(
+                a[f"teachers/{name}/stats/image_cov"][:], b[f"teachers/{name}/stats/image_cov"][:], atol=1e-4
+            )
 
 
 def test_a_bad_image_is_bad_for_every_teacher_and_decoded_once(tmp_path, bad_corpus, tiny_teachers, monkeypatch):
@@ -407,21 +420,35 @@ def _file_digest(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def test_a_teacher_whose_embeddings_disagree_with_its_dimension_is_refused(tmp_path, tiny_corpus, tiny_teachers,
-                                                                         monkeypatch):
+def test_a_teacher_whose_embeddings_disagree_with_its_dimension_is_refused(
+    tmp_path, tiny_corpus, tiny_teachers, monkeypatch
+):
     """A custom teacher declaring the wrong embed_dim is stopped with its name, spec and both dimensions."""
     (tmp_path / "wrong_dim_teacher.py").write_text(
         "from teachers import load_teacher\n"
         "def make(device='cpu'):\n"
         f"    t = load_teacher({tiny_teachers['oc']!r}, device=device)\n"
         "    t.embed_dim = 30  # the model really gives 24\n"
-        "    return t\n")
+        "    return t\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "f.h5"
-    with pytest.raises(CacheError, match=r"teacher 'bad' \(py:wrong_dim_teacher:make\) declares embed_dim 30 but "
-                                         r"its image embeddings have dimension 24"):
-        build_cache(CacheJob(data=str(tiny_corpus), teachers={"bad": "py:wrong_dim_teacher:make"}, out=str(out),
-                             batch_size=16, num_workers=0, device="cpu", progress=False))
+    with pytest.raises(
+        CacheError,
+        match=r"teacher 'bad' \(py:wrong_dim_teacher:make\) declares embed_dim 30 but "
+        r"its image embeddings have dimension 24",
+    ):
+        build_cache(
+            CacheJob(
+                data=str(tiny_corpus),
+                teachers={"bad": "py:wrong_dim_teacher:make"},
+                out=str(out),
+                batch_size=16,
+                num_workers=0,
+                device="cpu",
+                progress=False,
+            )
+        )
     if out.exists():  # nothing of the bad teacher was committed
         with h5py.File(out, "r") as f:
             assert "bad" not in f.get("teachers", {}) or not f["teachers/bad/done"][:].any()
@@ -433,8 +460,15 @@ def test_a_teacher_that_changed_dimension_under_the_same_spec_is_refused(tmp_pat
 
     folder = make_tiny_open_clip(tmp_path / "t", embed_dim=24, seed=3)
     out = tmp_path / "f.h5"
-    job = CacheJob(data=str(tiny_corpus), teachers={"t": f"local-dir:{folder}"}, out=str(out), batch_size=16,
-                   num_workers=0, device="cpu", progress=False)
+    job = CacheJob(
+        data=str(tiny_corpus),
+        teachers={"t": f"local-dir:{folder}"},
+        out=str(out),
+        batch_size=16,
+        num_workers=0,
+        device="cpu",
+        progress=False,
+    )
     build_cache(job)
     with h5py.File(out, "r+") as f:  # pretend the last rows are still to do, so the teacher must be loaded again
         f["teachers/t/done"][-4:] = False

@@ -9,6 +9,7 @@ records go through the kills too.
 
 CI runs 3 kills; `DISTILL_FAULT_KILLS=40 pytest -m slow tests/test_cache_faults.py` runs the long version.
 """
+
 from __future__ import annotations
 
 import errno
@@ -21,15 +22,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
-import cache.store.writer as W
-import cache.store.segment_writer as SW
-from cache.build.run import CacheJob, build_cache
-from cache.store.segments import read_log
-from cache.store.schema import CacheError
 from cache_zygote import ATOL, Zygote, check_nothing_lost, committed_rows
-from distill.cli import main
 from test_cache_integrity import BAD_TEACHER
+
+import cache.store.segment_writer as SW
+import cache.store.writer as W
+from cache.build.run import CacheJob, build_cache
+from cache.store.schema import CacheError
+from cache.store.segments import read_log
+from distill.cli import main
 
 
 def _parts_of(out: Path, pid: int) -> int:
@@ -77,9 +78,16 @@ def fault_job(tmp_path, tiny_corpus, tiny_teachers, monkeypatch) -> dict:
     mod.mkdir()
     (mod / "bad_teacher_mod.py").write_text(BAD_TEACHER.format(spec=tiny_teachers["oc"]))
     monkeypatch.syspath_prepend(str(mod))
-    return {"data": str(tiny_corpus), "teachers": {"oc": tiny_teachers["oc"], "x": "py:bad_teacher_mod:make"},
-            "batch_size": 2, "chunk_rows": 4, "num_workers": 0, "device": "cpu", "progress": False,
-            "_pythonpath": str(mod)}
+    return {
+        "data": str(tiny_corpus),
+        "teachers": {"oc": tiny_teachers["oc"], "x": "py:bad_teacher_mod:make"},
+        "batch_size": 2,
+        "chunk_rows": 4,
+        "num_workers": 0,
+        "device": "cpu",
+        "progress": False,
+        "_pythonpath": str(mod),
+    }
 
 
 def _kill_loop(tmp_path: Path, job: dict, kills: int, seed: int) -> list[str]:
@@ -163,15 +171,31 @@ def test_no_space_in_the_fold_keeps_the_old_file_and_the_parts(tmp_path, fault_j
     build_cache(CacheJob(**kw, out=str(tmp_path / "ref.h5")))
     ref = _state(tmp_path / "ref.h5")
     out = tmp_path / "f.h5"
-    argv = ["cache", "--data", kw["data"], "--out", str(out), "--batch-size", "2", "--chunk-rows", "4",
-            "--num-workers", "0", "--device", "cpu"] + [a for n, s in kw["teachers"].items()
-                                                          for a in ("--teacher", f"{n}={s}")]
+    argv = [
+        "cache",
+        "--data",
+        kw["data"],
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--chunk-rows",
+        "4",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+    ] + [a for n, s in kw["teachers"].items() for a in ("--teacher", f"{n}={s}")]
     with monkeypatch.context() as m:
         _fail_at(m, W.shutil, "copyfile", set(range(1, 100)))  # the disk stays full: every fold fails
         assert main(argv) == 1
     err = capsys.readouterr().err
-    assert f"distill cache: error: no space left on device writing {out}.tmp; free space and rerun the same " \
-           "command: committed rows are kept" in err and "Traceback" not in err
+    assert (
+        f"distill cache: error: no space left on device writing {out}.tmp; free space and rerun the same "
+        "command: committed rows are kept"
+        in err
+        and "Traceback" not in err
+    )
     assert not Path(f"{out}.tmp").exists()
     with h5py.File(out, "r") as f:  # the previous file (here: the new, empty one) still opens, untouched
         assert "oc" not in f["teachers"]
@@ -181,9 +205,14 @@ def test_no_space_in_the_fold_keeps_the_old_file_and_the_parts(tmp_path, fault_j
     _assert_equal_to(out, ref)
 
 
-@pytest.mark.parametrize("code,words", [(errno.EROFS, "read-only file system: cannot write"),
-                                        (errno.EACCES, "permission denied writing"),
-                                        (errno.EDQUOT, "disk quota exceeded writing")])
+@pytest.mark.parametrize(
+    "code,words",
+    [
+        (errno.EROFS, "read-only file system: cannot write"),
+        (errno.EACCES, "permission denied writing"),
+        (errno.EDQUOT, "disk quota exceeded writing"),
+    ],
+)
 def test_other_disk_errors_are_named(tmp_path, code, words):
     with pytest.raises(CacheError, match=f"^{words} {tmp_path}/x; "):
         with W.disk_errors(str(tmp_path / "x")):

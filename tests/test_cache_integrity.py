@@ -5,6 +5,7 @@ new files carry HDF5 fletcher32 checksums; `distill info --verify` names teacher
 damaged row; training stops on bad rows (or skips them with data.bad_features=skip); truncated files and
 interrupted runs are described in one honest line.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from train_fixtures import load_weights, tiny_tokenizer  # noqa: F401  (fixture)
 
 from cache.build.run import CacheJob, build_cache
 from cache.store.reader import FeatureReader
@@ -22,12 +24,11 @@ from cache.store.schema import CacheError
 from cache.store.segments import copy_cache
 from cache.store.verify import BadRowsError, format_rows, verify
 from distill.cli import main
-from train_fixtures import load_weights, tiny_tokenizer  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 8  # HDF5 chunk rows of the test cache: 4 chunks over the 32 rows, so a damaged chunk names 8 rows
 
-BAD_TEACHER = '''
+BAD_TEACHER = """
 import torch
 from teachers import load_teacher
 
@@ -60,7 +61,7 @@ def make(device="cpu"):
 
     t.tokenize, t._text_features, t._image_features = tokenize, text_features, image_features
     return t
-'''
+"""
 
 
 @pytest.fixture()
@@ -75,8 +76,19 @@ def bad_teacher(tmp_path, tiny_teachers, monkeypatch) -> str:
 def checked_cache(tiny_corpus, tiny_teachers, tmp_path_factory) -> Path:
     """Both tiny teachers, float32, 8-row HDF5 chunks (so one damaged chunk is 8 named rows of 1-1.3 KiB)."""
     out = tmp_path_factory.mktemp("integrity") / "features.h5"
-    build_cache(CacheJob(data=str(tiny_corpus), teachers=tiny_teachers, out=str(out), batch_size=16, num_workers=0,
-                         device="cpu", dtype="float32", h5_chunk_rows=CHUNK, progress=False))
+    build_cache(
+        CacheJob(
+            data=str(tiny_corpus),
+            teachers=tiny_teachers,
+            out=str(out),
+            batch_size=16,
+            num_workers=0,
+            device="cpu",
+            dtype="float32",
+            h5_chunk_rows=CHUNK,
+            progress=False,
+        )
+    )
     return out
 
 
@@ -119,12 +131,22 @@ def _nan_every_7th(path: Path, teacher: str = "oc", what: str = "image") -> list
 
 
 # -- 1. distill cache refuses non-finite / zero embeddings ------------------------------------------------------
-def test_cache_records_a_teachers_nan_and_zero_rows_as_bad_and_never_done(tmp_path, tiny_corpus, tiny_teachers,
-                                                                         bad_teacher):
+def test_cache_records_a_teachers_nan_and_zero_rows_as_bad_and_never_done(
+    tmp_path, tiny_corpus, tiny_teachers, bad_teacher
+):
     out = tmp_path / "f.h5"
-    summary = build_cache(CacheJob(data=str(tiny_corpus), teachers={"oc": tiny_teachers["oc"], "x": bad_teacher},
-                                   out=str(out), batch_size=8, chunk_rows=8, num_workers=0, device="cpu",
-                                   progress=False))
+    summary = build_cache(
+        CacheJob(
+            data=str(tiny_corpus),
+            teachers={"oc": tiny_teachers["oc"], "x": bad_teacher},
+            out=str(out),
+            batch_size=8,
+            chunk_rows=8,
+            num_workers=0,
+            device="cpu",
+            progress=False,
+        )
+    )
     zero_rows, nan_rows = [6, 19, 28, 29], [9, 14, 15]
     with h5py.File(out, "r") as f:
         bad = dict(zip(f["bad/rows"][:].tolist(), f["bad/reasons"].asstr()[:].tolist()))
@@ -139,8 +161,18 @@ def test_cache_records_a_teachers_nan_and_zero_rows_as_bad_and_never_done(tmp_pa
         assert "stats" in f["teachers/x"] and int(f["teachers/x/stats"].attrs["count"]) == 25
     assert summary.teachers["x"].skipped == 7 and summary.teachers["x"].done == 25
     # a rerun (even one retrying bad rows) gets the same refusals: nothing is ever stored as done
-    build_cache(CacheJob(data=str(tiny_corpus), teachers={"oc": tiny_teachers["oc"], "x": bad_teacher},
-                         out=str(out), batch_size=8, num_workers=0, device="cpu", progress=False, retry_bad=True))
+    build_cache(
+        CacheJob(
+            data=str(tiny_corpus),
+            teachers={"oc": tiny_teachers["oc"], "x": bad_teacher},
+            out=str(out),
+            batch_size=8,
+            num_workers=0,
+            device="cpu",
+            progress=False,
+            retry_bad=True,
+        )
+    )
     with h5py.File(out, "r") as f:
         assert sorted(f["bad/rows"][:].tolist()) == sorted(zero_rows + nan_rows)
         assert f["teachers/x/done"][:].sum() == 25
@@ -194,8 +226,10 @@ def test_verify_names_the_teacher_and_rows_of_a_damaged_chunk(tmp_path, checked_
     assert main(["info", "--verify", str(path)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"{path}: 1 problem(s) found"
-    assert err[1] == "  teacher 'hf' text rows 16-23: checksum mismatch (the bytes changed on disk after they " \
-                     "were written)"
+    assert (
+        err[1] == "  teacher 'hf' text rows 16-23: checksum mismatch (the bytes changed on disk after they "
+        "were written)"
+    )
     assert "del f['teachers/hf']" in err[2] and "--retry-bad` cannot repair" in err[2]
     # without checksums the same flip would be finite garbage: the reader refuses it instead of returning it
     with FeatureReader(str(path)) as r:
@@ -231,21 +265,35 @@ def test_format_rows_gives_ranges():
 def _error_line(capsys, command: str = "train") -> str:
     """The one `distill COMMAND: error:` line of stderr (a tqdm bar may share stderr)."""
     err = capsys.readouterr().err
-    lines = [line[line.index(f"distill {command}:"):] for line in err.replace("\r", "\n").splitlines()
-             if f"distill {command}:" in line]
+    lines = [
+        line[line.index(f"distill {command}:") :]
+        for line in err.replace("\r", "\n").splitlines()
+        if f"distill {command}:" in line
+    ]
     assert len(lines) == 1, err
     assert "Traceback" not in err, err
     return lines[0]
 
 
 def _train_argv(corpus, features, out, tokenizer, *extra):
-    return ["train", "--config", str(ROOT / "configs" / "tiny-hybrid.yaml"), f"data.corpus={corpus}",
-            f"data.features={features}", f"train.output_dir={out}", f"student.tokenizer_dir={tokenizer}",
-            "train.max_steps=4", "train.checkpoint_every=0", "data.sampler=random", *extra]
+    return [
+        "train",
+        "--config",
+        str(ROOT / "configs" / "tiny-hybrid.yaml"),
+        f"data.corpus={corpus}",
+        f"data.features={features}",
+        f"train.output_dir={out}",
+        f"student.tokenizer_dir={tokenizer}",
+        "train.max_steps=4",
+        "train.checkpoint_every=0",
+        "data.sampler=random",
+        *extra,
+    ]
 
 
-def test_training_stops_on_nan_rows_naming_teacher_and_rows(tmp_path, tiny_corpus, checked_cache, tiny_tokenizer,
-                                                             capsys):
+def test_training_stops_on_nan_rows_naming_teacher_and_rows(
+    tmp_path, tiny_corpus, checked_cache, tiny_tokenizer, capsys
+):
     path = _copy(checked_cache, tmp_path / "nan.h5")
     _nan_every_7th(path)
     code = main(_train_argv(tiny_corpus, path, tmp_path / "run", tiny_tokenizer))
@@ -256,16 +304,20 @@ def test_training_stops_on_nan_rows_naming_teacher_and_rows(tmp_path, tiny_corpu
     assert not list((tmp_path / "run").glob("checkpoint-*"))
 
 
-def test_a_bad_row_found_in_a_dataloader_worker_is_the_same_one_line(tmp_path, tiny_corpus, checked_cache,
-                                                                      tiny_tokenizer, capsys):
+def test_a_bad_row_found_in_a_dataloader_worker_is_the_same_one_line(
+    tmp_path, tiny_corpus, checked_cache, tiny_tokenizer, capsys
+):
     """PyTorch re-raises a worker's error with the worker's traceback as its text; the message stays one line."""
     path = _copy(checked_cache, tmp_path / "nan.h5")
     _nan_every_7th(path)
     assert main(_train_argv(tiny_corpus, path, tmp_path / "run", tiny_tokenizer, "data.num_workers=1")) == 2
     err = _error_line(capsys)
-    assert re.fullmatch(rf"distill train: error: {re.escape(str(path))}: teacher 'oc' image features of cache rows "
-                        r"[0-9, -]+ are non-finite; run `distill info --verify .*` to list every bad row, then "
-                        r"restore the file or rebuild that teacher, or set data.bad_features=skip .*", err), err
+    assert re.fullmatch(
+        rf"distill train: error: {re.escape(str(path))}: teacher 'oc' image features of cache rows "
+        r"[0-9, -]+ are non-finite; run `distill info --verify .*` to list every bad row, then "
+        r"restore the file or rebuild that teacher, or set data.bad_features=skip .*",
+        err,
+    ), err
 
 
 def test_training_stops_on_a_checksum_failure(tmp_path, tiny_corpus, checked_cache, tiny_tokenizer, capsys):
@@ -273,15 +325,19 @@ def test_training_stops_on_a_checksum_failure(tmp_path, tiny_corpus, checked_cac
     _flip_chunk(path, "teachers/hf/text", 1)
     assert main(_train_argv(tiny_corpus, path, tmp_path / "run", tiny_tokenizer)) == 2
     err = _error_line(capsys)
-    m = re.search(rf"{re.escape(str(path))}: teacher 'hf' text features of cache rows ([0-9, -]+) are unreadable "
-                  r"\(checksum mismatch", err)
+    m = re.search(
+        rf"{re.escape(str(path))}: teacher 'hf' text features of cache rows ([0-9, -]+) are unreadable "
+        r"\(checksum mismatch",
+        err,
+    )
     assert m, err
     named = [int(x) for part in m.group(1).split(", ") for x in part.split("-")]
     assert named and all(8 <= r < 16 for r in named)  # the batch's rows in the damaged chunk
 
 
-def test_skip_trains_without_the_bad_teacher_rows_and_counts_them(tmp_path, tiny_corpus, checked_cache,
-                                                                   tiny_tokenizer, caplog):
+def test_skip_trains_without_the_bad_teacher_rows_and_counts_them(
+    tmp_path, tiny_corpus, checked_cache, tiny_tokenizer, caplog
+):
     path = _copy(checked_cache, tmp_path / "nan.h5")
     nan_rows = _nan_every_7th(path)
     flipped = list(_flip_chunk(path, "teachers/hf/text", 1))
@@ -299,10 +355,12 @@ def test_skip_trains_without_the_bad_teacher_rows_and_counts_them(tmp_path, tiny
     # the same Collate on every row: exactly the damaged (teacher, row) pairs are dropped, nothing NaN survives
     from distill.data.loader import Collate
 
-    collate = Collate(lambda caps: torch.zeros(len(caps), 4, dtype=torch.long), str(path), ["oc", "hf"],
-                      bad_features="skip")
-    batch = collate([{"image": torch.zeros(3, 4, 4), "caption": "c", "row": r, "cache_row": r, "view": -1}
-                     for r in range(32)])
+    collate = Collate(
+        lambda caps: torch.zeros(len(caps), 4, dtype=torch.long), str(path), ["oc", "hf"], bad_features="skip"
+    )
+    batch = collate(
+        [{"image": torch.zeros(3, 4, 4), "caption": "c", "row": r, "cache_row": r, "view": -1} for r in range(32)]
+    )
     assert batch.skipped_features == len(nan_rows) + len(flipped) == collate.skipped_total
     assert torch.equal(~batch.route[:, 0], torch.isin(torch.arange(32), torch.tensor(nan_rows)))
     assert torch.equal(~batch.route[:, 1], torch.isin(torch.arange(32), torch.tensor(flipped)))
@@ -333,8 +391,16 @@ def test_cache_onto_a_truncated_file_is_refused_and_leaves_it(tmp_path, tiny_cor
         fh.truncate(path.stat().st_size // 2)
     before = path.read_bytes()
     with pytest.raises(CacheError, match=rf"^{re.escape(str(path))} is damaged: HDF5 cannot read it .*rebuild it"):
-        build_cache(CacheJob(data=str(tiny_corpus), teachers=tiny_teachers, out=str(path), num_workers=0,
-                             device="cpu", progress=False))
+        build_cache(
+            CacheJob(
+                data=str(tiny_corpus),
+                teachers=tiny_teachers,
+                out=str(path),
+                num_workers=0,
+                device="cpu",
+                progress=False,
+            )
+        )
     assert path.read_bytes() == before
 
 
@@ -364,9 +430,12 @@ def test_info_after_a_kill_before_the_first_commit(tmp_path, checked_cache):
     (Path(W.teacher_parts_dir(str(path), "new")) / ".tmp-123-part-0000000000-8-123.npz").write_bytes(b"PK half")
     text = info(str(path))
     assert "0 chunk(s)" not in text
-    assert text.splitlines()[-1] == ("pending: a `distill cache` run for new started but committed no chunk yet (it "
-                                     "was interrupted before its first commit); rerun the same command to resume "
-                                     "(nothing committed was lost)")
+    assert text.splitlines()[-1] == (
+        "pending: a `distill cache` run for new started but committed no chunk yet (it "
+        "was interrupted before its first commit); rerun the same command to resume "
+        "(nothing committed was lost)"
+    )
     W.write_part(str(path), "new", np.array([0, 1]), np.zeros((2, 4)), np.zeros((2, 4)))
-    assert info(str(path)).splitlines()[-1].startswith("pending: committed chunks not yet folded in for new "
-                                                       "(1 chunk(s))")
+    assert (
+        info(str(path)).splitlines()[-1].startswith("pending: committed chunks not yet folded in for new (1 chunk(s))")
+    )

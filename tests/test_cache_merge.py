@@ -6,6 +6,7 @@ file and its folder can be moved together, and a file without its folder is refu
 maps only the new run's segments; a retried row maps to the newest segment; a format-1 file (real datasets) still
 reads, trains and resumes.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,18 +23,18 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from test_cache_faults import _assert_equal_to, _state, fault_job  # noqa: F401  (fixture)
+from train_fixtures import tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
 
-import cache.store.writer as W
 import cache.store.layout as L
-from cache.build.run import CacheJob, build_cache
+import cache.store.writer as W
 from cache.build.commit import commit_chunk, deal, open_segment
 from cache.build.dist import DistEnv
+from cache.build.run import CacheJob, build_cache
 from cache.store.reader import FeatureReader
 from cache.store.schema import CacheError
 from cache.store.segments import copy_cache, list_segments, read_log, segment_dir
 from cache.store.verify import verify
-from test_cache_faults import _assert_equal_to, _state, fault_job  # noqa: F401  (fixture)
-from train_fixtures import tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 2e-3
@@ -67,11 +68,30 @@ def _torchrun(tmp_path: Path, kw: dict, delay: float, pythonpath: str, kill_afte
     `kill_after_commits` commits (0: run to the end). Returns the exit code."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), pythonpath, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                             str(driver), json.dumps(kw), str(delay)], env=env, cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), pythonpath, os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            str(driver),
+            json.dumps(kw),
+            str(delay),
+        ],
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     t0 = time.time()
     while proc.poll() is None:
         assert time.time() - t0 < 300, "a cache run hung"
@@ -116,8 +136,18 @@ def test_two_processes_killed_and_resumed_equal_one(tmp_path, fault_job):
 
 # -- adding a teacher, moving the folder, copying, a missing folder ------------------------------------------------
 def _job(tiny_corpus, teachers, out, **kw) -> CacheJob:
-    return CacheJob(data=str(tiny_corpus), teachers=teachers, out=str(out), batch_size=4, chunk_rows=8,
-                    h5_chunk_rows=8, num_workers=0, device="cpu", progress=False, **kw)
+    return CacheJob(
+        data=str(tiny_corpus),
+        teachers=teachers,
+        out=str(out),
+        batch_size=4,
+        chunk_rows=8,
+        h5_chunk_rows=8,
+        num_workers=0,
+        device="cpu",
+        progress=False,
+        **kw,
+    )
 
 
 def test_a_teacher_added_later_maps_its_own_segments_and_equals_both_at_once(tmp_path, tiny_corpus, tiny_teachers):
@@ -137,8 +167,9 @@ def test_a_teacher_added_later_maps_its_own_segments_and_equals_both_at_once(tmp
     assert len(list_segments(segment_dir(str(out)))) == 2  # one per run, nothing left over
 
 
-def test_the_merged_file_reads_after_moving_its_folder_and_refuses_a_lone_file(tmp_path, tiny_corpus, tiny_teachers,
-                                                                            monkeypatch):
+def test_the_merged_file_reads_after_moving_its_folder_and_refuses_a_lone_file(
+    tmp_path, tiny_corpus, tiny_teachers, monkeypatch
+):
     home = tmp_path / "a"
     home.mkdir()
     out = home / "features.h5"
@@ -155,8 +186,11 @@ def test_the_merged_file_reads_after_moving_its_folder_and_refuses_a_lone_file(t
     _assert_equal_to(out, ref)
     with FeatureReader(str(out), block_rows=8) as r:
         assert r.keys == keys and r.chunk_rows == 8
-        np.testing.assert_allclose(r.read([31, 2], views=np.array([1, 0]))["hf"]["image"],
-                                   ref["teachers"]["hf"]["image"][[31, 2], [1, 0]], atol=ATOL)
+        np.testing.assert_allclose(
+            r.read([31, 2], views=np.array([1, 0]))["hf"]["image"],
+            ref["teachers"]["hf"]["image"][[31, 2], [1, 0]],
+            atol=ATOL,
+        )
         np.testing.assert_array_equal(r.view_params([5]), views[[5]])
     assert verify(str(out), progress=False).ok
 
@@ -166,13 +200,17 @@ def test_the_merged_file_reads_after_moving_its_folder_and_refuses_a_lone_file(t
         ds = f[L.feature("oc", "text")]
         ds[3] = np.full(ds.shape[1:], np.nan, ds.dtype)
     assert [str(p) for p in verify(copy, progress=False).problems] == [
-        "teacher 'oc' text rows 3: non-finite values (NaN/inf)"]
+        "teacher 'oc' text rows 3: non-finite values (NaN/inf)"
+    ]
     assert verify(str(out), progress=False).ok
 
     lone = tmp_path / "lone.h5"
     shutil.copyfile(out, lone)  # without its folder
-    with pytest.raises(CacheError, match=r"lone.h5 maps its features from \d+ file\(s\) that are not there, e\.g\. "
-                                         r".*features.h5.segments/run-.*copy or move both"):
+    with pytest.raises(
+        CacheError,
+        match=r"lone.h5 maps its features from \d+ file\(s\) that are not there, e\.g\. "
+        r".*features.h5.segments/run-.*copy or move both",
+    ):
         FeatureReader(str(lone))
     seg = Path(list_segments(segment_dir(str(out)))[0])
     seg.rename(seg.with_suffix(".away"))
@@ -195,7 +233,7 @@ def _run(out: str, rows: np.ndarray, world: int, metas: dict, values: dict, bad:
     for name, m in metas.items():
         W.write_meta(out, name, {**m, L.SINCE_RUN: m.get(L.SINCE_RUN, run)})
     need = np.ones((int(rows.max()) + 1, len(metas)), dtype=bool)
-    chunks = [rows[i:i + 4] for i in range(0, len(rows), 4)]
+    chunks = [rows[i : i + 4] for i in range(0, len(rows), 4)]
     for rank in range(world):
         env = DistEnv(rank, world)
         mine = deal(chunks, env)
@@ -218,10 +256,14 @@ def test_retried_rows_map_to_the_newest_segment_and_statistics_come_from_the_sum
     n, rng = 40, np.random.default_rng(0)
     out = str(tmp_path / "f.h5")
     W.create_file(out, [f"k{i}" for i in range(n)], fingerprint="fp", source="synthetic")
-    metas = {name: {"attrs": {"spec": name, "embed_dim": d, "views": 0}, "dtype": "float16", "fingerprint": "fp"}
-             for name, d in (("a", 6), ("b", 5))}
-    values = {name: (_unit(rng, n, m["attrs"]["embed_dim"]), _unit(rng, n, m["attrs"]["embed_dim"]))
-              for name, m in metas.items()}
+    metas = {
+        name: {"attrs": {"spec": name, "embed_dim": d, "views": 0}, "dtype": "float16", "fingerprint": "fp"}
+        for name, d in (("a", 6), ("b", 5))
+    }
+    values = {
+        name: (_unit(rng, n, m["attrs"]["embed_dim"]), _unit(rng, n, m["attrs"]["embed_dim"]))
+        for name, m in metas.items()
+    }
     _run(out, np.arange(n), 3, metas, values, {"b": [5, 17]})
     W.fold(out)
     with h5py.File(out, "r") as f:
@@ -264,16 +306,20 @@ def _to_format_1(src: Path, dst: Path) -> None:
             a.copy(a[L.BAD], b, L.BAD)
         b.create_group(L.TEACHERS)
         for name, g in a[L.TEACHERS].items():
-            meta = {"attrs": {k: v for k, v in g.attrs.items() if k not in (L.SINCE_RUN, L.FOLDED)},
-                    "dtype": str(g.attrs["dtype"]), "h5_chunk_rows": 8}
+            meta = {
+                "attrs": {k: v for k, v in g.attrs.items() if k not in (L.SINCE_RUN, L.FOLDED)},
+                "dtype": str(g.attrs["dtype"]),
+                "h5_chunk_rows": 8,
+            }
             h = W._ensure_group(b, name, meta)
             for what in ("image", "text", "done"):
                 h[what][...] = g[what][:]
             a.copy(g[L.STATS], h, L.STATS)
 
 
-def test_a_format_1_file_still_reads_trains_and_resumes(tmp_path, tiny_corpus, tiny_teachers, tiny_cache,
-                                                        tiny_tokenizer):
+def test_a_format_1_file_still_reads_trains_and_resumes(
+    tmp_path, tiny_corpus, tiny_teachers, tiny_cache, tiny_tokenizer
+):
     from distill.train import train
 
     old = tmp_path / "v1.h5"
@@ -289,13 +335,26 @@ def test_a_format_1_file_still_reads_trains_and_resumes(tmp_path, tiny_corpus, t
     with h5py.File(old, "r+") as f:  # a killed old run: the last rows of oc still to do
         f[L.done("oc")][28:] = False
         del f[L.stats("oc")]
-    summary = build_cache(CacheJob(data=str(tiny_corpus), teachers=tiny_teachers, out=str(old), batch_size=16,
-                                   num_workers=0, device="cpu", views=2, progress=False))
+    summary = build_cache(
+        CacheJob(
+            data=str(tiny_corpus),
+            teachers=tiny_teachers,
+            out=str(old),
+            batch_size=16,
+            num_workers=0,
+            device="cpu",
+            views=2,
+            progress=False,
+        )
+    )
     assert summary.teachers["oc"].computed == 4 and summary.teachers["hf"].computed == 0
     with h5py.File(old, "r") as f:  # resumed the old way: rows copied into its own datasets
         assert int(f.attrs[L.Root.VERSION]) == 1 and not f[L.feature("oc", "image")].is_virtual
     _assert_equal_to(old, ref)
     assert list_segments(segment_dir(str(old))) == []  # the run's segment, copied in, is gone
-    train(tiny_config(tiny_corpus, tmp_path / "run", old, tokenizer=tiny_tokenizer, train__max_steps=2,
-                      train__checkpoint_every=2))
+    train(
+        tiny_config(
+            tiny_corpus, tmp_path / "run", old, tokenizer=tiny_tokenizer, train__max_steps=2, train__checkpoint_every=2
+        )
+    )
     assert (tmp_path / "run" / "checkpoint-2").is_dir()

@@ -7,18 +7,19 @@ go through the kill, and is slowed down (a sleep per image batch, only in the ki
 mid-run: after the victim committed its first chunk, while the other rank is still embedding.
 Fast variant (no launcher): the survivor finishes its own chunks, then ends by itself, exit 1 and one line.
 """
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 import pytest
-
-from cache.build.run import CacheJob, build_cache
-from cache.store.segments import read_log, segment_dir
 from cache_zygote import check_nothing_lost
 from rank_kill import LAUNCHER_BOUND_S, Ranks, TorchRun
 from test_cache_faults import _assert_equal_to, _state
+
+from cache.build.run import CacheJob, build_cache
+from cache.store.segments import read_log, segment_dir
 
 TEACHER = '''
 import os, time
@@ -61,15 +62,36 @@ def job(tmp_path, tiny_corpus, tiny_teachers, monkeypatch) -> dict:
     mods.mkdir()
     (mods / "slow_bad_teacher.py").write_text(TEACHER.format(spec=tiny_teachers["oc"]))
     monkeypatch.syspath_prepend(str(mods))
-    return {"data": str(tiny_corpus), "teachers": {"oc": tiny_teachers["oc"], "x": "py:slow_bad_teacher:make"},
-            "batch_size": 2, "chunk_rows": 4, "num_workers": 1, "device": "cpu", "progress": False,
-            "pythonpath": str(mods)}
+    return {
+        "data": str(tiny_corpus),
+        "teachers": {"oc": tiny_teachers["oc"], "x": "py:slow_bad_teacher:make"},
+        "batch_size": 2,
+        "chunk_rows": 4,
+        "num_workers": 1,
+        "device": "cpu",
+        "progress": False,
+        "pythonpath": str(mods),
+    }
 
 
 def _argv(job: dict, out: Path) -> list[str]:
-    return (["-m", "distill.cli", "cache", "--data", job["data"], "--out", str(out), "--batch-size",
-             str(job["batch_size"]), "--chunk-rows", str(job["chunk_rows"]), "--num-workers", str(job["num_workers"]),
-             "--device", "cpu"] + [a for n, s in job["teachers"].items() for a in ("--teacher", f"{n}={s}")])
+    return [
+        "-m",
+        "distill.cli",
+        "cache",
+        "--data",
+        job["data"],
+        "--out",
+        str(out),
+        "--batch-size",
+        str(job["batch_size"]),
+        "--chunk-rows",
+        str(job["chunk_rows"]),
+        "--num-workers",
+        str(job["num_workers"]),
+        "--device",
+        "cpu",
+    ] + [a for n, s in job["teachers"].items() for a in ("--teacher", f"{n}={s}")]
 
 
 @pytest.mark.slow  # 2 launches of 2 processes (about 45 s on 2 loaded cores); the fast variant is below
@@ -81,8 +103,9 @@ def test_sigkill_of_one_cache_rank_ends_the_launch_and_the_rerun_equals_uninterr
     assert 4 < len(ref["bad"]) < 16  # the NaN / zero rows of teacher x (under --max-bad-fraction 0.5)
 
     out = tmp_path / "killed.h5"
-    run = TorchRun(_argv(job, out), tmp_path / "killed.log", {"PYTHONPATH": job["pythonpath"],
-                                                               "DISTILL_TEST_DELAY": "0.1"})
+    run = TorchRun(
+        _argv(job, out), tmp_path / "killed.log", {"PYTHONPATH": job["pythonpath"], "DISTILL_TEST_DELAY": "0.1"}
+    )
     pid = run.kill_rank_when(victim, lambda pid: _committed(out, victim, pid) >= 1)
     code = run.finish()
     log = run.output()
@@ -107,8 +130,9 @@ def test_the_surviving_cache_rank_ends_by_itself_in_one_line(tmp_path, job, vict
     build_cache(CacheJob(**{**kw, "num_workers": 0}, out=str(tmp_path / "ref.h5")))
     ref = _state(tmp_path / "ref.h5")
     out, survivor = tmp_path / "killed.h5", 1 - victim
-    ranks = Ranks(_argv(job, out), tmp_path / "logs", {"PYTHONPATH": job["pythonpath"]},
-                  {victim: {"DISTILL_TEST_DELAY": "0.5"}})  # the survivor is fast: it waits for the victim
+    ranks = Ranks(
+        _argv(job, out), tmp_path / "logs", {"PYTHONPATH": job["pythonpath"]}, {victim: {"DISTILL_TEST_DELAY": "0.5"}}
+    )  # the survivor is fast: it waits for the victim
     spid = ranks.procs[survivor].pid
     ranks.kill_when(victim, lambda pid: _committed(out, survivor, spid) == 4 and _committed(out, victim, pid) >= 1)
     code, err = ranks.finish(survivor, timeout=LAUNCHER_BOUND_S), ranks.err(survivor)
@@ -121,12 +145,15 @@ def test_the_surviving_cache_rank_ends_by_itself_in_one_line(tmp_path, job, vict
     _assert_equal_to(out, ref)
 
 
-@pytest.mark.parametrize("text", [
-    "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:44696. This "
-    "is typically caused by a remote worker crashing.",  # seen by a rank in a collective when the other died
-    "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:28062: Connection reset by "
-    "peer.",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:44696. This "
+        "is typically caused by a remote worker crashing.",  # seen by a rank in a collective when the other died
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:28062: Connection reset by "
+        "peer.",
+    ],
+)
 def test_a_lost_peer_is_an_environment_failure_in_one_line(text):
     from distill.errors import ENVIRONMENT, describe
 

@@ -4,6 +4,7 @@ completes the cache to exactly what an uninterrupted run writes.
 Each run is a real process killed with SIGKILL, forked by cache_zygote.Zygote (torch imported once, so the test
 stays fast) with a slowed-down model, so that random kills land mid-run, the way they would with a real teacher.
 """
+
 from __future__ import annotations
 
 import random
@@ -14,7 +15,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from cache_zygote import Zygote, check_nothing_lost
 
 pytestmark = pytest.mark.slow
@@ -34,8 +34,7 @@ def _final_equals_reference(out: Path, ref: dict, ref_stats: dict) -> None:
 
 
 def test_kill_then_resume_equals_uninterrupted(tmp_path, tiny_corpus, tiny_teachers):
-    kw = dict(data=str(tiny_corpus), teachers=tiny_teachers, batch_size=2, chunk_rows=4, num_workers=0,
-              progress=False)
+    kw = dict(data=str(tiny_corpus), teachers=tiny_teachers, batch_size=2, chunk_rows=4, num_workers=0, progress=False)
     ref_out = tmp_path / "ref.h5"
     zygote = Zygote(tmp_path, {**kw, "out": "PLACEHOLDER"})
     try:
@@ -43,8 +42,9 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path, tiny_corpus, tiny_teach
         assert zygote.run(out=ref_out) == 0  # uninterrupted, same slowed-down model: the reference and its time
         duration = time.time() - t0
         with h5py.File(ref_out, "r") as f:
-            ref = {n: {w: f[f"teachers/{n}/{w}"][:].astype(np.float32) for w in ("image", "text")}
-                   for n in tiny_teachers}
+            ref = {
+                n: {w: f[f"teachers/{n}/{w}"][:].astype(np.float32) for w in ("image", "text")} for n in tiny_teachers
+            }
             ref_stats = {n: f[f"teachers/{n}/stats/image_cov"][:] for n in tiny_teachers}
 
         # 1. SIGKILL at random moments of the run

@@ -1,6 +1,7 @@
 """`distill cache` at GPU speed (issue 10): shared transforms, tokenisation in the workers, parts written in a
 background thread, loader sizes chosen from the device. Values must equal the plain path's; speed is measured
 only in benchmarks/."""
+
 from __future__ import annotations
 
 import collections
@@ -13,17 +14,24 @@ import numpy as np
 import pytest
 import torchvision.transforms as T
 
+import cache.build.image_rows as IR
 import cache.build.run as B
 import cache.store.writer as W
-import cache.build.image_rows as IR
 from cache import CacheError, CacheJob, build_cache, open_corpus
 from cache.build.job import loader_sizes
 from distill.cli import build_parser
 
 
 def _job(data, teachers, out, **kw) -> CacheJob:
-    kw = {"num_workers": 0, "batch_size": 8, "chunk_rows": 16, "progress": False, "dtype": "float32",
-          "device": "cpu", **kw}
+    kw = {
+        "num_workers": 0,
+        "batch_size": 8,
+        "chunk_rows": 16,
+        "progress": False,
+        "dtype": "float32",
+        "device": "cpu",
+        **kw,
+    }
     return CacheJob(data=str(data), teachers=teachers, out=str(out), **kw)
 
 
@@ -58,8 +66,9 @@ def _patched_inputs(monkeypatch, calls: collections.Counter, share: bool, seen: 
 
 
 @pytest.mark.parametrize("views", [0, 2])
-def test_equal_preprocessing_shares_one_transform_per_image_with_equal_values(tmp_path, tiny_corpus,
-                                                                              tiny_teachers, monkeypatch, views):
+def test_equal_preprocessing_shares_one_transform_per_image_with_equal_values(
+    tmp_path, tiny_corpus, tiny_teachers, monkeypatch, views
+):
     teachers = {"a": tiny_teachers["oc"], "b": tiny_teachers["oc"], "c": tiny_teachers["hf"]}
     runs = {}
     for share in (True, False):
@@ -147,6 +156,7 @@ def test_part_writer_keeps_order_surfaces_the_error_and_writes_nothing_after_it(
             if i == 1:
                 raise CacheError("no space left on device writing x; free space and rerun the same command")
             done.append(i)
+
         return run
 
     w = W.PartWriter(depth=1)
@@ -195,8 +205,13 @@ def test_auto_loader_sizes_follow_the_device(monkeypatch):
     assert (cfg.batch_size, cfg.num_workers) == (5, 3)
 
 
-@pytest.mark.parametrize("kw, msg", [({"batch_size": 0}, "batch_size=0; use an integer >= 1 or 'auto'"),
-                                     ({"num_workers": "many"}, "num_workers='many'; use an integer >= 0 or 'auto'")])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"batch_size": 0}, "batch_size=0; use an integer >= 1 or 'auto'"),
+        ({"num_workers": "many"}, "num_workers='many'; use an integer >= 0 or 'auto'"),
+    ],
+)
 def test_bad_loader_sizes_are_refused(kw, msg):
     with pytest.raises(CacheError, match=f"^{msg}"):
         CacheJob(data="c.csv", teachers={"a": "plip"}, out="f.h5", **kw)
@@ -216,7 +231,8 @@ def test_cli_defaults_to_auto_and_takes_integers(capsys):
 
 def test_auto_sizes_are_logged(tmp_path, tiny_corpus, tiny_teachers, caplog):
     caplog.set_level("INFO", logger="cache.build.run")
-    build_cache(_job(tiny_corpus, {"oc": tiny_teachers["oc"]}, tmp_path / "f.h5", batch_size="auto",
-                     num_workers="auto"))
+    build_cache(
+        _job(tiny_corpus, {"oc": tiny_teachers["oc"]}, tmp_path / "f.h5", batch_size="auto", num_workers="auto")
+    )
     assert "distill cache: batch size 64, 2 decoding worker(s) per process on cpu (auto)" in caplog.text
     assert Path(tmp_path / "f.h5").exists()

@@ -5,6 +5,7 @@ sentinel file, resumes, and checks that the sentinel is absent: files we never r
 normal resume; files we read are refused with a message naming them. `resume=auto` skips a broken newest
 checkpoint with a warning and falls back to the previous good one.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_fixtures import load_weights, tiny_config, tiny_tokenizer  # noqa: F401  (fixture)
 
 import distill.train as train_mod
 from distill.training.checkpoint import CheckpointError, list_checkpoints
-from train_fixtures import load_weights, tiny_config, tiny_tokenizer  # noqa: F401  (fixture)
 
 
 class Plant:
@@ -31,9 +32,17 @@ class Plant:
 
 
 def _cfg(corpus, out, tokenizer, steps, resume="auto"):
-    return tiny_config(corpus, out, mode="contrastive", tokenizer=tokenizer, train__max_steps=steps,
-                       train__checkpoint_every=1, train__keep_last=3, train__resume=resume,
-                       train__tensorboard="false")
+    return tiny_config(
+        corpus,
+        out,
+        mode="contrastive",
+        tokenizer=tokenizer,
+        train__max_steps=steps,
+        train__checkpoint_every=1,
+        train__keep_last=3,
+        train__resume=resume,
+        train__tensorboard="false",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +62,13 @@ def run(base_run, tmp_path) -> Path:
 
 def test_checkpoint_holds_no_pickle_of_ours(base_run):
     files = sorted(p.name for p in (base_run / "checkpoint-2").iterdir())
-    assert files == ["model.safetensors", "optimizer.bin", "rng_state_0.safetensors", "scheduler.bin",
-                     "train_state.json"]
+    assert files == [
+        "model.safetensors",
+        "optimizer.bin",
+        "rng_state_0.safetensors",
+        "scheduler.bin",
+        "train_state.json",
+    ]
     assert not (base_run / ".lock").exists()
 
 
@@ -101,8 +115,9 @@ def test_cli_prints_one_line_and_exit_2_for_a_refused_file(run, tiny_corpus, tin
     sentinel = tmp_path / "ran"
     torch.save(Plant(sentinel), run / "checkpoint-2" / "optimizer.bin")
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(_cfg(tiny_corpus, run, tiny_tokenizer, steps=3,
-                                       resume=str(run / "checkpoint-2")).to_dict()))
+    cfg.write_text(
+        yaml.safe_dump(_cfg(tiny_corpus, run, tiny_tokenizer, steps=3, resume=str(run / "checkpoint-2")).to_dict())
+    )
     capsys.readouterr()
     assert main(["train", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -129,8 +144,11 @@ def test_auto_skips_a_broken_newest_checkpoint(run, damage, tiny_corpus, tiny_to
     if damage == "missing":
         assert "model.safetensors is missing" in warning[0] and "pytorch_model.bin" not in warning[0]
     assert (run / "checkpoint-2.broken").is_dir()  # kept for inspection, never listed or pruned
-    assert result["step"] == 3 and [d.name for d in list_checkpoints(run)] == ["checkpoint-1", "checkpoint-2",
-                                                                              "checkpoint-3"]
+    assert result["step"] == 3 and [d.name for d in list_checkpoints(run)] == [
+        "checkpoint-1",
+        "checkpoint-2",
+        "checkpoint-3",
+    ]
     assert not (tmp_path / "ran").exists()
 
 

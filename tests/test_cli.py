@@ -1,4 +1,5 @@
 """The `distill` command line: every subcommand is wired, documented, and fails with a clear message."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from corpus_helpers import copy_corpus
 
 from distill.cli import build_parser, main
-from corpus_helpers import copy_corpus
 
 SUBCOMMANDS = ["cache", "info", "train", "export", "eval", "corpus", "tokenizer", "demo"]
 
@@ -37,8 +38,23 @@ def test_each_subcommand_has_help(sub, capsys):
 
 
 def test_cache_flags_map_to_design_names():
-    args = build_parser().parse_args(["cache", "--data", "c.csv", "--teacher", "a=plip", "--teacher",
-                                      "b=local-dir:/x", "--out", "f.h5", "--views", "3", "--dtype", "float32"])
+    args = build_parser().parse_args(
+        [
+            "cache",
+            "--data",
+            "c.csv",
+            "--teacher",
+            "a=plip",
+            "--teacher",
+            "b=local-dir:/x",
+            "--out",
+            "f.h5",
+            "--views",
+            "3",
+            "--dtype",
+            "float32",
+        ]
+    )
     assert args.teacher == [("a", "plip"), ("b", "local-dir:/x")]
     assert (args.views, args.dtype, args.batch_size, args.on_bad_sample) == (3, "float32", "auto", "skip")
 
@@ -58,8 +74,9 @@ def test_list_teachers(capsys):
 
 
 def test_missing_corpus_is_a_clear_error(tmp_path, capsys):
-    code = main(["tokenizer", "--data", str(tmp_path / "nope.csv"), "--vocab-size", "100",
-                 "--out", str(tmp_path / "tok")])
+    code = main(
+        ["tokenizer", "--data", str(tmp_path / "nope.csv"), "--vocab-size", "100", "--out", str(tmp_path / "tok")]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "distill tokenizer: error" in err and "nope.csv" in err
@@ -69,14 +86,42 @@ def test_tokenizer_command_trains_a_loadable_vocab(tiny_corpus, tmp_path, capsys
     from transformers import AutoTokenizer
 
     out = tmp_path / "tok"
-    assert main(["tokenizer", "--data", str(tiny_corpus), "--vocab-size", "5000", "--out", str(out),
-                 "--context-length", "32"]) == 0
+    assert (
+        main(
+            [
+                "tokenizer",
+                "--data",
+                str(tiny_corpus),
+                "--vocab-size",
+                "5000",
+                "--out",
+                str(out),
+                "--context-length",
+                "32",
+            ]
+        )
+        == 0
+    )
     tok = AutoTokenizer.from_pretrained(str(out))
     # the printed size is the real one, with the reason it is below the request
     assert f"wrote a {len(tok)}-token WordPiece tokenizer (asked for 5000" in capsys.readouterr().out
     out = tmp_path / "tok120"
-    assert main(["tokenizer", "--data", str(tiny_corpus), "--vocab-size", "120", "--out", str(out),
-                 "--context-length", "32"]) == 0
+    assert (
+        main(
+            [
+                "tokenizer",
+                "--data",
+                str(tiny_corpus),
+                "--vocab-size",
+                "120",
+                "--out",
+                str(out),
+                "--context-length",
+                "32",
+            ]
+        )
+        == 0
+    )
     tok = AutoTokenizer.from_pretrained(str(out))
     assert 40 < len(tok) <= 120
     ids = tok("ct image of a red circle in the centre")["input_ids"]
@@ -87,8 +132,26 @@ def test_tokenizer_command_trains_a_loadable_vocab(tiny_corpus, tmp_path, capsys
 
 def test_cache_then_info_through_the_cli(tiny_corpus, tiny_teachers, tmp_path, capsys):
     out = tmp_path / "f.h5"
-    assert main(["cache", "--data", str(tiny_corpus), "--teacher", f"oc={tiny_teachers['oc']}",
-                 "--out", str(out), "--batch-size", "16", "--num-workers", "0", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "cache",
+                "--data",
+                str(tiny_corpus),
+                "--teacher",
+                f"oc={tiny_teachers['oc']}",
+                "--out",
+                str(out),
+                "--batch-size",
+                "16",
+                "--num-workers",
+                "0",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     with h5py.File(out, "r") as f:
         assert f["teachers/oc/image"].shape == (32, 24)
         assert np.all(f["teachers/oc/done"][:])
@@ -101,16 +164,34 @@ def test_cache_then_info_through_the_cli(tiny_corpus, tiny_teachers, tmp_path, c
 def test_train_module_entry_point_parses_like_the_cli(tmp_path):
     """`python -m distill.train` (what accelerate launch runs) rejects a missing config with a clear error."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "distill.train", "--config", str(tmp_path / "missing.yaml")],
-                       capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "distill.train", "--config", str(tmp_path / "missing.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
     assert r.returncode != 0
     assert "missing.yaml" in r.stderr
 
 
 # -- distill cache / distill info through the CLI: refusals, progress, summary, info, views ----------------
 def _cache_argv(data, out, *teachers, extra=()) -> list[str]:
-    argv = ["cache", "--data", str(data), "--out", str(out), "--batch-size", "8", "--num-workers", "0",
-            "--device", "cpu", *extra]
+    argv = [
+        "cache",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        *extra,
+    ]
     for t in teachers:
         argv += ["--teacher", t]
     return argv
@@ -118,6 +199,7 @@ def _cache_argv(data, out, *teachers, extra=()) -> list[str]:
 
 def _sha(path) -> str:
     import hashlib
+
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -137,8 +219,10 @@ def test_cache_refusals_exit_2_with_a_message_and_leave_the_file(tiny_corpus, ti
         (_cache_argv(tiny_corpus, out, oc, extra=["--views", "2"]), "views=0, this run asks views=2"),
         (_cache_argv(tiny_corpus, out, oc, extra=["--dtype", "float32"]), "stored as float16, this run asks float32"),
         (_cache_argv(tiny_corpus, out, "x=hf-hub:nobody/nothing"), "cannot load teacher SPEC 'hf-hub:nobody/nothing'"),
-        (_cache_argv(bad, tmp_path / "g.h5", oc, extra=["--on-bad-sample", "fail"]),
-         r"c\.csv row 5 \(line 6\).*missing image file"),
+        (
+            _cache_argv(bad, tmp_path / "g.h5", oc, extra=["--on-bad-sample", "fail"]),
+            r"c\.csv row 5 \(line 6\).*missing image file",
+        ),
         (_cache_argv(tiny_corpus, out, hf), rf"being written by another process \(pid {holder.pid}\)"),
     ]
     try:
@@ -161,6 +245,7 @@ def test_cache_shows_rates_and_summarises_bad_samples(tiny_corpus, tiny_teachers
     def edit(rows):
         rows[2]["image"] = "/no/such.png"
         rows[6]["caption"] = ""
+
     data = copy_corpus(tiny_corpus, tmp_path / "c" / "corpus.csv", edit)
     keys = [l.split(",")[-1] for l in data.read_text().splitlines()[1:]]
     out = tmp_path / "f.h5"
@@ -183,8 +268,12 @@ def test_info_on_views_bad_samples_and_an_incomplete_teacher(tiny_corpus, tiny_t
     data = copy_corpus(tiny_corpus, tmp_path / "c" / "corpus.csv", lambda rows: rows[9].update(caption=" "))
     out = tmp_path / "f.h5"
     # hf stops at the empty caption (row 9): chunks of 4 before it are kept, the teacher is incomplete
-    assert main(_cache_argv(data, out, f"hf={tiny_teachers['hf']}",
-                            extra=["--on-bad-sample", "fail", "--chunk-rows", "4"])) == 2
+    assert (
+        main(
+            _cache_argv(data, out, f"hf={tiny_teachers['hf']}", extra=["--on-bad-sample", "fail", "--chunk-rows", "4"])
+        )
+        == 2
+    )
     assert main(_cache_argv(data, out, f"oc={tiny_teachers['oc']}", extra=["--views", "2", "--seed", "3"])) == 0
     capsys.readouterr()
     assert main(["info", str(out)]) == 0
@@ -226,16 +315,30 @@ def test_ctrl_c_says_how_to_resume(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cache.build.run, "build_cache", interrupted)
     code = main(["cache", "--data", "c.csv", "--teacher", "a=plip", "--out", str(tmp_path / "f.h5")])
     assert code == 130
-    assert "distill cache: interrupted; committed rows are kept; rerun the same command to resume" in \
-        capsys.readouterr().err
+    assert (
+        "distill cache: interrupted; committed rows are kept; rerun the same command to resume"
+        in capsys.readouterr().err
+    )
 
 
 def test_distill_train_prints_its_result(tiny_corpus, tmp_path, capsys):
     """`distill train` ends with the run's summary (output dir, step, losses, checkpoint) as JSON."""
     cfg = Path(__file__).resolve().parents[1] / "configs" / "tiny-contrastive.yaml"
     out = tmp_path / "run"
-    assert main(["train", "--config", str(cfg), f"data.corpus={tiny_corpus}", f"train.output_dir={out}",
-                 "train.max_steps=2", "student.vocab_size=200"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(cfg),
+                f"data.corpus={tiny_corpus}",
+                f"train.output_dir={out}",
+                "train.max_steps=2",
+                "student.vocab_size=200",
+            ]
+        )
+        == 0
+    )
     last = capsys.readouterr().out.strip().splitlines()[-1]
     import json
 
@@ -248,12 +351,19 @@ def test_distill_train_prints_its_result(tiny_corpus, tmp_path, capsys):
 def test_library_info_lines_only_with_verbose(verbose):
     """Our INFO lines (what a run decided) always show, on stdout (stderr is for warnings and the one error line);
     libraries' INFO lines (open_clip logs to the root logger) only with -v, which shows DEBUG too, on stderr."""
-    code = ("import logging; from distill.logs import setup_logging; "
-            f"setup_logging({verbose}); logging.info('root-lib'); logging.getLogger('accelerate.x').info('acc'); "
-            "logging.getLogger('distill.train').info('ours'); logging.getLogger('cache.x').debug('dbg'); "
-            "logging.getLogger('cache.x').warning('warned')")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], check=True)
+    code = (
+        "import logging; from distill.logs import setup_logging; "
+        f"setup_logging({verbose}); logging.info('root-lib'); logging.getLogger('accelerate.x').info('acc'); "
+        "logging.getLogger('distill.train').info('ours'); logging.getLogger('cache.x').debug('dbg'); "
+        "logging.getLogger('cache.x').warning('warned')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+    )
     words = ("root-lib", "acc", "ours", "dbg", "warned")
     on_out, on_err = {w for w in words if w in done.stdout}, {w for w in words if w in done.stderr}
     if verbose:

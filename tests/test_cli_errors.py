@@ -3,6 +3,7 @@
 Exit 1: the environment (full disk, permission, read-only); exit 2: bad input (a damaged or missing file); exit 3:
 a bug (traceback kept). `distill -v` re-raises. All in-process through `distill.cli.main`, on tiny models.
 """
+
 from __future__ import annotations
 
 import csv
@@ -54,8 +55,10 @@ def make_run_folder(tiny_corpus: Path, root: Path) -> Path:
     torch.manual_seed(0)
     bundle = build_student("tiny", root / "student", tokenizer_dir=tok)
     (root / "checkpoint-1").mkdir()
-    save_file({f"student.{k}": v.contiguous() for k, v in bundle.model.state_dict().items()},
-              str(root / "checkpoint-1" / "model.safetensors"))
+    save_file(
+        {f"student.{k}": v.contiguous() for k, v in bundle.model.state_dict().items()},
+        str(root / "checkpoint-1" / "model.safetensors"),
+    )
     return root
 
 
@@ -82,8 +85,19 @@ def task(tmp_path_factory) -> Path:
 
 
 def eval_argv(spec: str, task: Path, out: Path) -> list[str]:
-    return ["eval", "--model", f"s={spec}", "--task", str(task), "--out", str(out), "--device", "cpu",
-            "--bootstrap", "5"]
+    return [
+        "eval",
+        "--model",
+        f"s={spec}",
+        "--task",
+        str(task),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--bootstrap",
+        "5",
+    ]
 
 
 def damaged_copy(src: Path, dst: Path, name: str, data) -> Path:
@@ -94,10 +108,13 @@ def damaged_copy(src: Path, dst: Path, name: str, data) -> Path:
 
 
 # -- damaged model folders (eval) --------------------------------------------------------------------------
-@pytest.mark.parametrize("how,damage,detail", [
-    ("truncated", lambda b: b[: len(b) // 2], "incomplete metadata"),
-    ("garbage-header", lambda b: b"\xff" * 8 + b[8:], "header too large"),
-])
+@pytest.mark.parametrize(
+    "how,damage,detail",
+    [
+        ("truncated", lambda b: b[: len(b) // 2], "incomplete metadata"),
+        ("garbage-header", lambda b: b"\xff" * 8 + b[8:], "header too large"),
+    ],
+)
 def test_eval_of_an_export_with_damaged_weights_names_the_file(export, task, tmp_path, capsys, how, damage, detail):
     bad = damaged_copy(export, tmp_path / how, WEIGHTS, damage)
     assert main(eval_argv(f"local-dir:{bad.parent}", task, tmp_path / "r")) == BAD_INPUT
@@ -186,8 +203,11 @@ def test_info_permission_denied_as_h5py_reports_it(tmp_path, capsys, monkeypatch
     f = small_h5(tmp_path / "locked.h5")
 
     def denied(name, *a, **k):
-        raise PermissionError(errno.EACCES, f"Unable to synchronously open file (unable to open file: name = "
-                                            f"'{name}', errno = 13, error message = 'Permission denied')")
+        raise PermissionError(
+            errno.EACCES,
+            f"Unable to synchronously open file (unable to open file: name = "
+            f"'{name}', errno = 13, error message = 'Permission denied')",
+        )
 
     monkeypatch.setattr(h5py, "File", denied)
     assert main(["info", str(f)]) == ENVIRONMENT
@@ -197,8 +217,23 @@ def test_info_permission_denied_as_h5py_reports_it(tmp_path, capsys, monkeypatch
 
 # -- cache: read-only folder, full disk ---------------------------------------------------------------------
 def cache_argv(corpus, spec, out) -> list[str]:
-    return ["cache", "--data", str(corpus), "--teacher", f"oc={spec}", "--out", str(out), "--batch-size", "8",
-            "--num-workers", "0", "--device", "cpu", "--chunk-rows", "8"]
+    return [
+        "cache",
+        "--data",
+        str(corpus),
+        "--teacher",
+        f"oc={spec}",
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--chunk-rows",
+        "8",
+    ]
 
 
 @needs_non_root
@@ -215,8 +250,7 @@ def test_cache_into_a_read_only_folder(tiny_corpus, tiny_teachers, tmp_path, cap
     assert list(ro.iterdir()) == []
 
 
-def test_cache_full_disk_keeps_committed_rows_and_resumes(tiny_corpus, tiny_teachers, tmp_path, capsys,
-                                                          monkeypatch):
+def test_cache_full_disk_keeps_committed_rows_and_resumes(tiny_corpus, tiny_teachers, tmp_path, capsys, monkeypatch):
     import cache.store.segment_writer as SW
 
     out = tmp_path / "f.h5"
@@ -257,8 +291,11 @@ def test_export_full_disk_names_the_weights_file(run, tmp_path, capsys, monkeypa
 def test_corpus_full_disk_names_the_image_and_writes_no_csv(tmp_path, capsys, monkeypatch):
     rng = np.random.default_rng(0)
     npz = tmp_path / "tiny.npz"
-    np.savez(npz, train_images=rng.integers(0, 256, (4, 8, 8), dtype=np.uint8),
-             train_labels=np.array([[0], [1], [0], [1]], dtype=np.uint8))
+    np.savez(
+        npz,
+        train_images=rng.integers(0, 256, (4, 8, 8), dtype=np.uint8),
+        train_labels=np.array([[0], [1], [0], [1]], dtype=np.uint8),
+    )
     real_save, calls = Image.Image.save, []
 
     def save(self, fp, *a, **k):
@@ -284,23 +321,35 @@ def test_tokenizer_out_is_an_existing_file(tiny_corpus, tmp_path, capsys):
 
 
 # -- the classification itself --------------------------------------------------------------------------------
-@pytest.mark.parametrize("exc,code,words", [
-    (OSError(errno.ENOSPC, "No space left on device", "/d/f.h5"), ENVIRONMENT,
-     "no space left on device writing /d/f.h5"),
-    (OSError(errno.EDQUOT, "Disk quota exceeded", "/d/f"), ENVIRONMENT,
-     "no space left on device (disk quota exceeded)"),
-    (OSError(errno.EROFS, "Read-only file system", "/ro/x"), ENVIRONMENT, "read-only file system: /ro/x"),
-    (OSError(errno.EMFILE, "Too many open files"), ENVIRONMENT, "ulimit -n"),
-    (OSError("Can't write data (file write failed: errno = 28, error message = 'No space left on device')"),
-     ENVIRONMENT, "no space left on device writing /cmd.h5"),
-    (RuntimeError("basic_ios::clear: iostream error"), ENVIRONMENT, "the disk is probably full"),
-    (OSError("Unable to synchronously open file (truncated file: eof = 96)"), BAD_INPUT, "/cmd.h5 cannot be read"),
-    (FileNotFoundError(errno.ENOENT, "No such file or directory", "/a/b.csv"), BAD_INPUT, "/a/b.csv not found"),
-    (IsADirectoryError(errno.EISDIR, "Is a directory", "/a"), BAD_INPUT, "/a is a directory"),
-    (ValueError("x.csv, line 3: bad\nsecond line"), BAD_INPUT, "x.csv, line 3: bad | second line"),
-    (FileExistsError(errno.EEXIST, "File exists", "/out"), BAD_INPUT, "/out already exists"),
-    (OSError(errno.EIO, "Input/output error", "/nfs/f.h5"), ENVIRONMENT, "Input/output error: /nfs/f.h5 (EIO)"),
-])
+@pytest.mark.parametrize(
+    "exc,code,words",
+    [
+        (
+            OSError(errno.ENOSPC, "No space left on device", "/d/f.h5"),
+            ENVIRONMENT,
+            "no space left on device writing /d/f.h5",
+        ),
+        (
+            OSError(errno.EDQUOT, "Disk quota exceeded", "/d/f"),
+            ENVIRONMENT,
+            "no space left on device (disk quota exceeded)",
+        ),
+        (OSError(errno.EROFS, "Read-only file system", "/ro/x"), ENVIRONMENT, "read-only file system: /ro/x"),
+        (OSError(errno.EMFILE, "Too many open files"), ENVIRONMENT, "ulimit -n"),
+        (
+            OSError("Can't write data (file write failed: errno = 28, error message = 'No space left on device')"),
+            ENVIRONMENT,
+            "no space left on device writing /cmd.h5",
+        ),
+        (RuntimeError("basic_ios::clear: iostream error"), ENVIRONMENT, "the disk is probably full"),
+        (OSError("Unable to synchronously open file (truncated file: eof = 96)"), BAD_INPUT, "/cmd.h5 cannot be read"),
+        (FileNotFoundError(errno.ENOENT, "No such file or directory", "/a/b.csv"), BAD_INPUT, "/a/b.csv not found"),
+        (IsADirectoryError(errno.EISDIR, "Is a directory", "/a"), BAD_INPUT, "/a is a directory"),
+        (ValueError("x.csv, line 3: bad\nsecond line"), BAD_INPUT, "x.csv, line 3: bad | second line"),
+        (FileExistsError(errno.EEXIST, "File exists", "/out"), BAD_INPUT, "/out already exists"),
+        (OSError(errno.EIO, "Input/output error", "/nfs/f.h5"), ENVIRONMENT, "Input/output error: /nfs/f.h5 (EIO)"),
+    ],
+)
 def test_describe(exc, code, words):
     failure = describe(exc, file="/cmd.h5")
     assert failure.code == code and words in failure.message and "\n" not in failure.message

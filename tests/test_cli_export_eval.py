@@ -1,5 +1,6 @@
 """`distill export` and `distill eval` through `distill.cli.main`: a tiny trained-looking run, exported, evaluated
 against two teachers on a tiny dataset, then exported again with the report in its model card."""
+
 from __future__ import annotations
 
 import csv
@@ -41,12 +42,20 @@ def run(tiny_corpus, tmp_path_factory) -> Path:
     ckpt = run / f"checkpoint-{STEP}"
     ckpt.mkdir()
     save_file(sd, str(ckpt / "model.safetensors"))
-    (ckpt / "train_state.json").write_text(json.dumps({"step": STEP, "samples_seen": 8 * STEP,
-                                                       "last_losses": {"loss": 1.5, "feature/oc": 0.25}}))
-    (run / "run_meta.json").write_text(json.dumps({
-        "teachers": {"oc": {"spec": "local-dir:/teachers/oc", "weight": 1.0},
-                     "hf": {"spec": "hf-clip:/teachers/hf", "weight": 0.5}},
-        "corpus": {"path": str(tiny_corpus), "size": 32}}))
+    (ckpt / "train_state.json").write_text(
+        json.dumps({"step": STEP, "samples_seen": 8 * STEP, "last_losses": {"loss": 1.5, "feature/oc": 0.25}})
+    )
+    (run / "run_meta.json").write_text(
+        json.dumps(
+            {
+                "teachers": {
+                    "oc": {"spec": "local-dir:/teachers/oc", "weight": 1.0},
+                    "hf": {"spec": "hf-clip:/teachers/hf", "weight": 0.5},
+                },
+                "corpus": {"path": str(tiny_corpus), "size": 32},
+            }
+        )
+    )
     return run
 
 
@@ -67,11 +76,20 @@ def tasks(tmp_path_factory) -> dict[str, Path]:
     with open(root / "data.csv", "w", newline="") as f:
         csv.writer(f).writerows([["image", "label", "caption"], *rows])
     files = {
-        "zs": {"name": "zs", "kind": "zeroshot", "dataset": {"path": "data.csv"}, "classes": names,
-               "templates": ["{} image", "an {} image of a shape"]},
+        "zs": {
+            "name": "zs",
+            "kind": "zeroshot",
+            "dataset": {"path": "data.csv"},
+            "classes": names,
+            "templates": ["{} image", "an {} image of a shape"],
+        },
         "rt": {"name": "rt", "kind": "retrieval", "dataset": {"path": "data.csv"}},
-        "bad": {"name": "bad", "kind": "zeroshot", "dataset": {"path": "data.csv", "label_column": "dx"},
-                "classes": names},
+        "bad": {
+            "name": "bad",
+            "kind": "zeroshot",
+            "dataset": {"path": "data.csv", "label_column": "dx"},
+            "classes": names,
+        },
     }
     for name, t in files.items():
         (root / f"{name}.yaml").write_text(yaml.safe_dump(t))
@@ -85,8 +103,10 @@ def _student_recalls(export: Path, data_csv: Path) -> dict[str, float]:
         rows = list(csv.DictReader(f))
     assert len({r["caption"] for r in rows}) == len(rows)  # one image per caption here: plain ranks
     with torch.no_grad():
-        img = model.encode_image(torch.stack([preprocess(Image.open(data_csv.parent / r["image"]).convert("RGB"))
-                                              for r in rows]), normalize=True)
+        img = model.encode_image(
+            torch.stack([preprocess(Image.open(data_csv.parent / r["image"]).convert("RGB")) for r in rows]),
+            normalize=True,
+        )
         txt = model.encode_text(tokenizer([r["caption"] for r in rows]), normalize=True)
     sim = (img @ txt.T).numpy()
     own = np.diag(sim)
@@ -99,17 +119,36 @@ def test_cli_export_then_eval_then_export_with_report(run, tasks, tiny_teachers,
     export = tmp_path / "export"
     assert main(["export", str(run), "--out", str(export)]) == 0
     assert f"exported student to {export}" in capsys.readouterr().out
-    assert {"open_clip_config.json", "open_clip_model.safetensors", "config.json", "tokenizer.json",
-            "README.md"} <= {p.name for p in export.iterdir()}
+    assert {"open_clip_config.json", "open_clip_model.safetensors", "config.json", "tokenizer.json", "README.md"} <= {
+        p.name for p in export.iterdir()
+    }
     weights = load_file(str(export / "open_clip_model.safetensors"))
     trained = load_file(str(run / f"checkpoint-{STEP}" / "model.safetensors"))
-    assert set(weights) == {k[len("student."):] for k in trained if k.startswith("student.")}
+    assert set(weights) == {k[len("student.") :] for k in trained if k.startswith("student.")}
     assert all(torch.equal(v, trained[f"student.{k}"]) for k, v in weights.items())
 
     report_dir = tmp_path / "report"
-    argv = ["eval", "--model", f"oc={tiny_teachers['oc']}", "--model", f"hf={tiny_teachers['hf']}",
-            "--model", f"distilled=local-dir:{export}", "--task", str(tasks["zs"]), "--task", str(tasks["rt"]),
-            "--out", str(report_dir), "--device", "cpu", "--bootstrap", "40", "--batch-size", "5"]
+    argv = [
+        "eval",
+        "--model",
+        f"oc={tiny_teachers['oc']}",
+        "--model",
+        f"hf={tiny_teachers['hf']}",
+        "--model",
+        f"distilled=local-dir:{export}",
+        "--task",
+        str(tasks["zs"]),
+        "--task",
+        str(tasks["rt"]),
+        "--out",
+        str(report_dir),
+        "--device",
+        "cpu",
+        "--bootstrap",
+        "40",
+        "--batch-size",
+        "5",
+    ]
     assert main(argv) == 0
     report = json.loads((report_dir / "report.json").read_text())
     assert report["student"] == "distilled" and report["teachers"] == ["oc", "hf"]  # found as our export
@@ -120,10 +159,13 @@ def test_cli_export_then_eval_then_export_with_report(run, tasks, tiny_teachers,
             for est in row.values():
                 assert math.isfinite(est["point"]) and est["ci_low"] <= est["point"] <= est["ci_high"]
             assert task["gain"][metric] == pytest.approx(
-                row["distilled"]["point"] - max(row["oc"]["point"], row["hf"]["point"]))
+                row["distilled"]["point"] - max(row["oc"]["point"], row["hf"]["point"])
+            )
     direct = _student_recalls(export, tasks["zs"].parent / "data.csv")  # the CLI evaluated the exported weights
     direct["mean_recall"] = float(np.mean(list(direct.values())))
-    assert {m: row["distilled"]["point"] for m, row in report["tasks"]["rt"]["metrics"].items()} == pytest.approx(direct)
+    assert {m: row["distilled"]["point"] for m, row in report["tasks"]["rt"]["metrics"].items()} == pytest.approx(
+        direct
+    )
     md = (report_dir / "report.md").read_text()
     assert "| task | metric | oc | hf | distilled (student) | chance | distilled − best teacher |" in md
     for name in ("zs", "rt"):
@@ -131,15 +173,36 @@ def test_cli_export_then_eval_then_export_with_report(run, tasks, tiny_teachers,
 
     # export again, from the checkpoint folder itself, with the report in the card and a hub id for the text tower
     export2 = tmp_path / "export2"
-    assert main(["export", str(run / f"checkpoint-{STEP}"), "--out", str(export2), "--report", str(report_dir),
-                 "--text-config-from-hub", "org/biomed-bert"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(run / f"checkpoint-{STEP}"),
+                "--out",
+                str(export2),
+                "--report",
+                str(report_dir),
+                "--text-config-from-hub",
+                "org/biomed-bert",
+            ]
+        )
+        == 0
+    )
     text = json.loads((export2 / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
     assert text["hf_model_name"] == "org/biomed-bert"
     card = (export2 / "README.md").read_text()
     acc = report["results"]["distilled"]["zs"]["accuracy"]
-    for needle in ("## Evaluation", "| metric | oc | hf | distilled |", "| zs/accuracy |", f"steps: {STEP}",
-                   "| oc | `local-dir:oc` | 1.0 |", "| hf | `hf-clip:hf` | 0.5 |",
-                   "- size: 32 image-text pairs", "| feature/oc | 0.25 |", "## Architecture"):
+    for needle in (
+        "## Evaluation",
+        "| metric | oc | hf | distilled |",
+        "| zs/accuracy |",
+        f"steps: {STEP}",
+        "| oc | `local-dir:oc` | 1.0 |",
+        "| hf | `hf-clip:hf` | 0.5 |",
+        "- size: 32 image-text pairs",
+        "| feature/oc | 0.25 |",
+        "## Architecture",
+    ):
         assert needle in card, needle
     zs_row = next(line for line in card.splitlines() if line.startswith("| zs/accuracy |"))
     assert zs_row.rstrip(" |").endswith(f"{acc:.4g}")
@@ -161,10 +224,33 @@ def test_cli_errors_are_clear(run, tasks, tiny_teachers, tmp_path, capsys):
 def test_cli_eval_with_baseline(tasks, tiny_teachers, tmp_path, capsys):
     """--student and --baseline: roles, paired differences, verdicts, chance levels and the Overall section."""
     out = tmp_path / "report"
-    argv = ["eval", "--model", f"oc={tiny_teachers['oc']}", "--model", f"hf={tiny_teachers['hf']}",
-            "--model", f"oc2={tiny_teachers['oc']}", "--student", "oc", "--baseline", "oc2", "--baseline", "hf",
-            "--task", str(tasks["zs"]), "--task", str(tasks["rt"]), "--out", str(out), "--device", "cpu",
-            "--bootstrap", "40", "--batch-size", "6"]
+    argv = [
+        "eval",
+        "--model",
+        f"oc={tiny_teachers['oc']}",
+        "--model",
+        f"hf={tiny_teachers['hf']}",
+        "--model",
+        f"oc2={tiny_teachers['oc']}",
+        "--student",
+        "oc",
+        "--baseline",
+        "oc2",
+        "--baseline",
+        "hf",
+        "--task",
+        str(tasks["zs"]),
+        "--task",
+        str(tasks["rt"]),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--bootstrap",
+        "40",
+        "--batch-size",
+        "6",
+    ]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["student"] == "oc" and report["baselines"] == ["hf", "oc2"] and report["teachers"] == []
@@ -191,8 +277,17 @@ def test_cli_eval_with_baseline(tasks, tiny_teachers, tmp_path, capsys):
 
 
 def test_cli_eval_baseline_errors_and_help(tasks, tiny_teachers, tmp_path, capsys):
-    base = ["eval", "--model", f"oc={tiny_teachers['oc']}", "--model", f"hf={tiny_teachers['hf']}",
-            "--task", str(tasks["zs"]), "--out", str(tmp_path / "r")]
+    base = [
+        "eval",
+        "--model",
+        f"oc={tiny_teachers['oc']}",
+        "--model",
+        f"hf={tiny_teachers['hf']}",
+        "--task",
+        str(tasks["zs"]),
+        "--out",
+        str(tmp_path / "r"),
+    ]
     assert main([*base, "--baseline", "clip"]) == 2
     err = capsys.readouterr().err
     assert "distill eval: error: baseline 'clip' is not one of the models (oc, hf)" in err

@@ -7,6 +7,7 @@ command line answers before torch is imported, and a loss term's options are typ
 - `distill cache` and `distill eval` answer a bad flag value in a fresh interpreter without importing torch;
 - `loss.terms.affinity.kwargs.kl=maybe` is refused naming the key; an int for a float option is accepted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 HYBRID = ROOT / "configs" / "tiny-hybrid.yaml"
 
 # flags whose value the command turns into a field of another name (or that are not the job's)
-RENAMED = {"teacher": "teachers", "model": "models", "task": "tasks", "baseline": "baselines", "source": "path",
-           "template": "templates"}
+RENAMED = {
+    "teacher": "teachers",
+    "model": "models",
+    "task": "tasks",
+    "baseline": "baselines",
+    "source": "path",
+    "template": "templates",
+}
 NOT_FIELDS = {"help", "func", "recipe"}
 
 
@@ -38,8 +45,10 @@ def _subparser(name: str) -> argparse.ArgumentParser:
     return sub.choices[name]
 
 
-@pytest.mark.parametrize("command,models", [("cache", (CacheJob,)), ("eval", (EvalJob,)), ("demo", (DemoJob,)),
-                                            ("corpus", (RecipeSource, CorpusJob))])
+@pytest.mark.parametrize(
+    "command,models",
+    [("cache", (CacheJob,)), ("eval", (EvalJob,)), ("demo", (DemoJob,)), ("corpus", (RecipeSource, CorpusJob))],
+)
 def test_every_flag_is_a_field_with_its_default(command, models):
     seen = set()
     for action in _subparser(command)._actions:
@@ -72,20 +81,37 @@ def test_jobs_refuse_unknown_keys_and_wrong_types():
 
 def _fresh(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     code = "import sys; from distill.cli import main; rc = main(sys.argv[1:]); print(rc, 'torch' in sys.modules)"
-    return subprocess.run([sys.executable, "-c", code, *argv], cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
-@pytest.mark.parametrize("argv,words", [
-    (["cache", "--data", "c.csv", "--teacher", "a=plip", "--out", "f.h5", "--view-color", "0.5"],
-     "distill cache: error: --view-color given without --views K"),
-    (["cache", "--data", "c.csv", "--teacher", "a=plip", "--out", "f.h5", "--max-bad-fraction", "1.5"],
-     "distill cache: error: --max-bad-fraction 1.5: use a share between 0 and 1"),
-    (["eval", "--model", "a=plip", "--task", "pneumoniamnist-zeroshto", "--out", "r"],
-     "distill eval: error: unknown task 'pneumoniamnist-zeroshto'; did you mean pneumoniamnist-zeroshot"),
-    (["eval", "--model", "a=plip", "--task", "pneumoniamnist-zeroshot", "--out", "r", "--baseline", "b"],
-     "distill eval: error: baseline 'b' is not one of the models (a)"),
-])
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (
+            ["cache", "--data", "c.csv", "--teacher", "a=plip", "--out", "f.h5", "--view-color", "0.5"],
+            "distill cache: error: --view-color given without --views K",
+        ),
+        (
+            ["cache", "--data", "c.csv", "--teacher", "a=plip", "--out", "f.h5", "--max-bad-fraction", "1.5"],
+            "distill cache: error: --max-bad-fraction 1.5: use a share between 0 and 1",
+        ),
+        (
+            ["eval", "--model", "a=plip", "--task", "pneumoniamnist-zeroshto", "--out", "r"],
+            "distill eval: error: unknown task 'pneumoniamnist-zeroshto'; did you mean pneumoniamnist-zeroshot",
+        ),
+        (
+            ["eval", "--model", "a=plip", "--task", "pneumoniamnist-zeroshot", "--out", "r", "--baseline", "b"],
+            "distill eval: error: baseline 'b' is not one of the models (a)",
+        ),
+    ],
+)
 def test_a_cache_or_eval_typo_answers_without_importing_torch(argv, words, tmp_path):
     done = _fresh(*argv, cwd=tmp_path)
     assert done.stdout.split() == ["2", "False"], done

@@ -7,6 +7,7 @@
 - a `local-dir:` path that does not exist says so, not "open_clip_config.json not found";
 - `accelerate launch --cpu --num_processes 2` (one process) warns and shows the CPU recipe that works.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,13 +15,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_cli_errors import eval_argv, one_error_line, run, task  # noqa: F401  (fixtures)
 
 from distill.cli import main
 from distill.errors import BAD_INPUT
 from distill.launch_check import process_mismatch, requested_processes
 from distill.tiny_models import make_tiny_hf_clip
 from teachers import TeacherLoadError, load_teacher
-from test_cli_errors import eval_argv, one_error_line, run, task  # noqa: F401  (fixtures)
 
 PLANTED = "open({marker!r}, 'w').write('the planted code ran')\n"
 
@@ -44,8 +45,12 @@ def _with_code(clip_folder: Path, dst: Path, file: str = "config.json") -> tuple
     marker = dst.parent / f"{dst.name}-planted-code-ran"
     (folder / "planted.py").write_text(PLANTED.format(marker=str(marker)))
     cfg = json.loads((folder / file).read_text())
-    cfg["auto_map"] = {"AutoModel": "planted.Model", "AutoConfig": "planted.Config",
-                       "AutoTokenizer": ["planted.Tok", None], "AutoImageProcessor": "planted.Proc"}
+    cfg["auto_map"] = {
+        "AutoModel": "planted.Model",
+        "AutoConfig": "planted.Config",
+        "AutoTokenizer": ["planted.Tok", None],
+        "AutoImageProcessor": "planted.Proc",
+    }
     (folder / file).write_text(json.dumps(cfg))
     return folder, marker
 
@@ -54,17 +59,30 @@ def _with_code(clip_folder: Path, dst: Path, file: str = "config.json") -> tuple
 def test_a_known_model_type_with_auto_map_is_refused_without_the_flag(clip_folder, tmp_path, file):
     folder, marker = _with_code(clip_folder, tmp_path / "clip", file)
     assert json.loads((folder / "config.json").read_text())["model_type"] == "clip"
-    with pytest.raises(TeacherLoadError, match=rf"contains its own model code \(auto_map in {file}\), which runs "
-                                               r"only when asked: pass --trust-remote-code"):
+    with pytest.raises(
+        TeacherLoadError,
+        match=rf"contains its own model code \(auto_map in {file}\), which runs "
+        r"only when asked: pass --trust-remote-code",
+    ):
         load_teacher(f"hf:{folder}")
     assert not marker.exists()
 
 
-def test_auto_map_refused_at_the_command_line_and_the_flag_is_the_only_gate(clip_folder, tiny_corpus, tmp_path,
-                                                                             capsys):
+def test_auto_map_refused_at_the_command_line_and_the_flag_is_the_only_gate(clip_folder, tiny_corpus, tmp_path, capsys):
     folder, marker = _with_code(clip_folder, tmp_path / "clip")
-    argv = ["cache", "--data", str(tiny_corpus), "--teacher", f"c=hf:{folder}", "--out", str(tmp_path / "f.h5"),
-            "--device", "cpu", "--num-workers", "0"]
+    argv = [
+        "cache",
+        "--data",
+        str(tiny_corpus),
+        "--teacher",
+        f"c=hf:{folder}",
+        "--out",
+        str(tmp_path / "f.h5"),
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+    ]
     assert main(argv) == BAD_INPUT
     line = one_error_line(capsys, "cache")
     assert f"SPEC 'hf:{folder}'" in line and "pass --trust-remote-code" in line and not marker.exists()
@@ -82,14 +100,20 @@ def test_the_same_folder_without_auto_map_loads(clip_folder):
 def test_a_run_folder_as_a_model_says_export_it(run, task, tmp_path, capsys):  # noqa: F811
     ckpt = sorted(run.glob("checkpoint-*"))[-1]
     config_only = next(p for p in (run / "student-config", run / "student") if p.is_dir())
-    cases = [(str(run), run, "a training run folder"), (f"local-dir:{run}", run, "a training run folder"),
-             (f"hf:{run}", run, "a training run folder"), (f"local-dir:{ckpt}", ckpt, "a training checkpoint"),
-             (f"local-dir:{config_only}", run, "the config-only student folder of a training run (no weights)")]
+    cases = [
+        (str(run), run, "a training run folder"),
+        (f"local-dir:{run}", run, "a training run folder"),
+        (f"hf:{run}", run, "a training run folder"),
+        (f"local-dir:{ckpt}", ckpt, "a training checkpoint"),
+        (f"local-dir:{config_only}", run, "the config-only student folder of a training run (no weights)"),
+    ]
     for spec, export_from, what in cases:
         assert main(eval_argv(spec, task, tmp_path / "r")) == BAD_INPUT, spec
         line = one_error_line(capsys, "eval")
-        assert f"is {what}, not an exported model; export it first with `distill export {export_from} --out " \
-               "STUDENT_DIR`, then give local-dir:STUDENT_DIR" in line, line
+        assert (
+            f"is {what}, not an exported model; export it first with `distill export {export_from} --out "
+            "STUDENT_DIR`, then give local-dir:STUDENT_DIR" in line
+        ), line
         assert "teacher SPEC" not in line
 
 
@@ -105,8 +129,18 @@ def test_a_local_dir_typo_says_the_folder_does_not_exist(tmp_path, capsys, task)
 
 
 # -- accelerate launch --cpu --num_processes 2 -----------------------------------------------------------------
-ACCELERATE_ARGV = ["/usr/bin/python3", "/venv/bin/accelerate", "launch", "--cpu", "--num_processes", "2", "-m",
-                   "distill.train", "--config", "c.yaml"]
+ACCELERATE_ARGV = [
+    "/usr/bin/python3",
+    "/venv/bin/accelerate",
+    "launch",
+    "--cpu",
+    "--num_processes",
+    "2",
+    "-m",
+    "distill.train",
+    "--config",
+    "c.yaml",
+]
 SIMPLE_LAUNCHER_ENV = {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 
 
@@ -130,14 +164,23 @@ def test_one_process_where_two_were_asked_for_warns_with_the_cpu_recipe(tiny_cor
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(launch_check, "parent_cmdline", lambda: ACCELERATE_ARGV)
-    cfg = Config.from_argv(["--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny-contrastive.yaml"),
-                            f"data.corpus={tiny_corpus}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1",
-                            "student.vocab_size=200", "train.tensorboard=false"])
+    cfg = Config.from_argv(
+        [
+            "--config",
+            str(Path(__file__).resolve().parents[1] / "configs" / "tiny-contrastive.yaml"),
+            f"data.corpus={tiny_corpus}",
+            f"train.output_dir={tmp_path / 'run'}",
+            "train.max_steps=1",
+            "student.vocab_size=200",
+            "train.tensorboard=false",
+        ]
+    )
     with caplog.at_level("WARNING", logger="distill.train"):
         assert train(cfg)["step"] == 1
     [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "distill.train"]
-    assert warning.startswith("2 processes were asked for, but this trainer sees 1 (`accelerate launch --cpu` "
-                              "always starts one)")
+    assert warning.startswith(
+        "2 processes were asked for, but this trainer sees 1 (`accelerate launch --cpu` always starts one)"
+    )
     assert "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m distill.train" in warning
     assert "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m distill.train" in warning
     assert (Path(__file__).resolve().parents[1] / "docs" / "multi-gpu.md").is_file()  # the page it names

@@ -1,4 +1,5 @@
 """Config parsing and the optimizer recipe: strict keys and types, overrides, schedules, weight-decay groups."""
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,12 @@ BASE = {"mode": "contrastive", "data": {"corpus": "c.csv"}}
 
 def test_every_shipped_config_parses_and_round_trips():
     files = sorted((ROOT / "configs").glob("*.yaml"))
-    assert {f.name for f in files} >= {"tiny-contrastive.yaml", "tiny-hybrid.yaml", "biomedclip-scratch.yaml",
-                                       "mmkd.yaml"}
+    assert {f.name for f in files} >= {
+        "tiny-contrastive.yaml",
+        "tiny-hybrid.yaml",
+        "biomedclip-scratch.yaml",
+        "mmkd.yaml",
+    }
     for f in files:
         cfg = Config.from_yaml(f, ["data.corpus=x.csv", "data.features=f.h5"])
         assert Config.from_dict(cfg.to_dict()) == cfg, f.name
@@ -27,8 +32,12 @@ def test_every_shipped_config_parses_and_round_trips():
 def test_biomedclip_recipe_values():
     cfg = Config.from_yaml(ROOT / "configs" / "biomedclip-scratch.yaml", ["data.corpus=x.csv"])
     assert cfg.mode == "contrastive" and cfg.student.preset == "biomedclip"
-    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.warmup_steps) == (5e-4, 0.2,
-                                                                                              (0.9, 0.98), 2000)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.warmup_steps) == (
+        5e-4,
+        0.2,
+        (0.9, 0.98),
+        2000,
+    )
     assert cfg.optim.schedule == "cosine"
     assert cfg.train.batch_schedule == ((0, 4096),)  # global batch 4k whatever the number of GPUs
     assert [global_batch_for_epoch(cfg.train, cfg.data.batch_size, n, 0) for n in (1, 8, 16)] == [4096] * 3
@@ -57,8 +66,14 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'optimizer'.*did you mean 'optim'"):
         Config.from_dict({**BASE, "optimizer": {}})
     with pytest.raises(ConfigError, match=r"'loss\.terms\[0\]\.wieght'.*'weight'"):
-        Config.from_dict({**BASE, "mode": "hybrid", "data": {"corpus": "c", "features": "f"},
-                          "loss": {"terms": [{"kind": "infonce", "wieght": 1}]}})
+        Config.from_dict(
+            {
+                **BASE,
+                "mode": "hybrid",
+                "data": {"corpus": "c", "features": "f"},
+                "loss": {"terms": [{"kind": "infonce", "wieght": 1}]},
+            }
+        )
 
 
 def test_wrong_types_are_errors_naming_the_key():
@@ -73,19 +88,29 @@ def test_wrong_types_are_errors_naming_the_key():
 
 
 def test_overrides_are_type_checked_and_applied():
-    cfg = Config.from_dict(BASE, ["optim.lr=1e-3", "train.max_steps=7", "train.output_dir=123",
-                                  "data.crop_scale=[0.5, 1]", "student.overrides.embed_dim=32",
-                                  "train.batch_schedule=[[0, 8], [2, 16]]"])
+    cfg = Config.from_dict(
+        BASE,
+        [
+            "optim.lr=1e-3",
+            "train.max_steps=7",
+            "train.output_dir=123",
+            "data.crop_scale=[0.5, 1]",
+            "student.overrides.embed_dim=32",
+            "train.batch_schedule=[[0, 8], [2, 16]]",
+        ],
+    )
     assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)  # YAML 1.1 reads 1e-3 as a string
     assert cfg.train.max_steps == 7 and cfg.train.output_dir == "123"  # str fields take the raw text
     assert cfg.data.crop_scale == (0.5, 1.0)
     assert cfg.student.overrides == {"embed_dim": 32}
     assert cfg.train.batch_schedule == ((0, 8), (2, 16))
-    for bad, msg in [("optim.lr=fast", r"override 'optim\.lr=fast': optim\.lr must be float"),
-                     ("optim.warmpu=3", r"override 'optim\.warmpu=3'.*did you mean 'warmup_steps'"),
-                     ("train.max_steps", r"must look like section\.key=value"),
-                     ("train.max_steps.x=1", r"train\.max_steps is not a section.*no key 'x'"),
-                     ("data.crop_scale=[1", r"not valid YAML")]:
+    for bad, msg in [
+        ("optim.lr=fast", r"override 'optim\.lr=fast': optim\.lr must be float"),
+        ("optim.warmpu=3", r"override 'optim\.warmpu=3'.*did you mean 'warmup_steps'"),
+        ("train.max_steps", r"must look like section\.key=value"),
+        ("train.max_steps.x=1", r"train\.max_steps is not a section.*no key 'x'"),
+        ("data.crop_scale=[1", r"not valid YAML"),
+    ]:
         with pytest.raises(ConfigError, match=msg):
             Config.from_dict(BASE, [bad])
 
@@ -122,16 +147,21 @@ def test_modes_and_cache_requirements():
 
 def test_caption_positives_in_every_mode_and_bad_values():
     cached = {"data": {"corpus": "c", "features": "f"}}
-    for mode, terms in (("contrastive", "[{kind: infonce, kwargs: {positives: caption}}]"),
-                        ("distill", "[{kind: feature}, {kind: icl, kwargs: {positives: caption}}]"),
-                        ("hybrid", "[{kind: infonce, kwargs: {positives: caption}}, "
-                                   "{kind: icl, kwargs: {positives: caption}}]")):
+    for mode, terms in (
+        ("contrastive", "[{kind: infonce, kwargs: {positives: caption}}]"),
+        ("distill", "[{kind: feature}, {kind: icl, kwargs: {positives: caption}}]"),
+        ("hybrid", "[{kind: infonce, kwargs: {positives: caption}}, {kind: icl, kwargs: {positives: caption}}]"),
+    ):
         cfg = Config.from_dict({"mode": mode, **(BASE if mode == "contrastive" else cached)}, [f"loss.terms={terms}"])
         assert [t.kwargs.get("positives") for t in cfg.loss.terms if t.kind != "feature"] == ["caption"] * (
-            2 if mode == "hybrid" else 1)
+            2 if mode == "hybrid" else 1
+        )
         assert Config.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ConfigError, match=r"loss\.terms\[0\]: infonce positives 'captions' is unknown; use one of "
-                                          r"diagonal, caption"):
+    with pytest.raises(
+        ConfigError,
+        match=r"loss\.terms\[0\]: infonce positives 'captions' is unknown; use one of "
+        r"diagonal, caption",
+    ):
         Config.from_dict(BASE, ["loss.terms=[{kind: infonce, kwargs: {positives: captions}}]"])
     with pytest.raises(ConfigError, match=r"icl positives 'label' is unknown; use one of diagonal, caption"):
         Config.from_dict({"mode": "distill", **cached}, ["loss.terms=[{kind: icl, kwargs: {positives: label}}]"])
@@ -189,13 +219,19 @@ HYBRID = {"mode": "hybrid", "data": {"corpus": "c.csv", "features": "f.h5"}}
 
 def test_routing_and_confidence_parse_from_yaml_and_overrides(tmp_path):
     p = tmp_path / "r.yaml"
-    p.write_text("mode: hybrid\ndata: {corpus: c.csv, features: f.h5}\nloss:\n  routing:\n    column: domain\n"
-                 "    teachers: {dermoscopy: [derm], radiology: [rad, general]}\n    default: [general]\n"
-                 "  combine: {mode: confidence, temperature: 0.5}\n")
+    p.write_text(
+        "mode: hybrid\ndata: {corpus: c.csv, features: f.h5}\nloss:\n  routing:\n    column: domain\n"
+        "    teachers: {dermoscopy: [derm], radiology: [rad, general]}\n    default: [general]\n"
+        "  combine: {mode: confidence, temperature: 0.5}\n"
+    )
     cfg = Config.from_yaml(p)
     r = cfg.loss.routing
     assert (r.column, r.teachers, r.default, r.separator) == (
-        "domain", {"dermoscopy": ("derm",), "radiology": ("rad", "general")}, ("general",), "|")
+        "domain",
+        {"dermoscopy": ("derm",), "radiology": ("rad", "general")},
+        ("general",),
+        "|",
+    )
     assert r.named_teachers() == ["derm", "rad", "general"]
     assert (cfg.loss.combine.mode, cfg.loss.combine.temperature) == ("confidence", 0.5)
     assert Config.from_dict(cfg.to_dict()) == cfg  # round-trips
@@ -225,7 +261,9 @@ def test_routing_confidence_and_threads_errors():
         bad({"routing": {"column": "d"}}, mode="contrastive")
     with pytest.raises(ConfigError, match=r"loss\.combine\.temperature must be a finite number > 0, got 0\.0"):
         bad({"combine": {"mode": "confidence", "temperature": 0}})
-    with pytest.raises(ConfigError, match=r"loss\.combine\.mode: combine mode 'confident' is unknown; use one of .*confidence"):
+    with pytest.raises(
+        ConfigError, match=r"loss\.combine\.mode: combine mode 'confident' is unknown; use one of .*confidence"
+    ):
         bad({"combine": {"mode": "confident"}})
     with pytest.raises(ConfigError, match=r"train\.threads must be > 0"):
         bad(train={"threads": 0})

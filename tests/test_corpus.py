@@ -1,4 +1,5 @@
 """Corpus readers: CSV/TSV/JSONL tables and WebDataset shards give the same samples; malformed input is named."""
+
 from __future__ import annotations
 
 import csv
@@ -12,8 +13,8 @@ import pytest
 from PIL import Image
 
 from cache.sources.corpus import BadSampleError, CorpusError, fingerprint_of, open_corpus
-from cache.sources.webdataset import expand_braces
 from cache.sources.synthetic import make_synthetic_corpus
+from cache.sources.webdataset import expand_braces
 
 
 def _rows(csv_path: Path) -> list[dict]:
@@ -29,9 +30,11 @@ def _write_shards(corpus_csv: Path, out_dir: Path, per_shard: int = 10) -> list[
     for s in range(0, len(rows), per_shard):
         path = out_dir / f"{s // per_shard:05d}.tar"
         with tarfile.open(path, "w") as tar:
-            for r in rows[s:s + per_shard]:
-                for ext, data in (("png", (corpus_csv.parent / r["image"]).read_bytes()),
-                                  ("txt", r["caption"].encode())):
+            for r in rows[s : s + per_shard]:
+                for ext, data in (
+                    ("png", (corpus_csv.parent / r["image"]).read_bytes()),
+                    ("txt", r["caption"].encode()),
+                ):
                     info = tarfile.TarInfo(f"{r['key']}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -61,8 +64,9 @@ def test_default_key_is_image_path_and_absolute_paths_work(tmp_path):
     rows = _rows(src)
     path = tmp_path / "other" / "abs.jsonl"
     path.parent.mkdir()
-    path.write_text("".join(json.dumps({"image": str(src.parent / r["image"]), "caption": r["caption"]}) + "\n"
-                            for r in rows))
+    path.write_text(
+        "".join(json.dumps({"image": str(src.parent / r["image"]), "caption": r["caption"]}) + "\n" for r in rows)
+    )
     c = open_corpus(path)
     assert c.keys == [str(src.parent / r["image"]) for r in rows]
     assert c.load_image(1).size == (16, 16)

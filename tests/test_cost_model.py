@@ -1,16 +1,34 @@
 """benchmarks/cost_model.py (docs/scale.md's tables): counted FLOPs of a known architecture and the disk arithmetic."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 
+
 def test_cost_model_counts_vit_b32_and_sizes_the_cache(tmp_path):
     from benchmarks import cost_model
 
     out = tmp_path / "cost.json"
-    cost_model.main(["--teachers", "plip,pubmedclip", "--rows", "1000000", "--views", "10", "--tokens", "4",
-                     "--epochs", "1", "--json", str(out), "--out", str(tmp_path / "res")])
+    cost_model.main(
+        [
+            "--teachers",
+            "plip,pubmedclip",
+            "--rows",
+            "1000000",
+            "--views",
+            "10",
+            "--tokens",
+            "4",
+            "--epochs",
+            "1",
+            "--json",
+            str(out),
+            "--out",
+            str(tmp_path / "res"),
+        ]
+    )
     assert json.loads((tmp_path / "res" / "cost_model.json").read_text()) == json.loads(out.read_text())
     got = json.loads(out.read_text())
     plip = got["teachers"]["plip"]

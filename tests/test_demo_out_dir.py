@@ -1,4 +1,5 @@
 """`distill demo --out DIR` replaces only a previous demo folder; a user's folder (e.g. `--out .`) is left alone."""
+
 from __future__ import annotations
 
 import pytest

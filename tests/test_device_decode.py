@@ -3,6 +3,7 @@
 On a CPU machine the "device" is the CPU, through the same code (torchvision's decode_jpeg); the tests check the
 crops equal the worker path's, the pixels differ only by resampling, other formats fall back, and training runs.
 """
+
 from __future__ import annotations
 
 import csv
@@ -13,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_fixtures import read_log, tiny_config, tiny_tokenizer  # noqa: F401  (fixture)
 
 from cache.sources.corpus import open_corpus
 from cache.sources.image_decode import BadSampleError, DecodeLimits, jpeg_size
-from distill.data.loader import Collate, DataError, PairDataset, make_uint8_view_transform
 from distill.data.device_decode import EncodedImages, decode_into
+from distill.data.loader import Collate, DataError, PairDataset, make_uint8_view_transform
 from teachers.transforms import PreprocessCfg, apply_view, view_box
-from train_fixtures import read_log, tiny_config, tiny_tokenizer  # noqa: F401  (fixture)
 
 
 def _photo(seed: int, w: int, h: int) -> Image.Image:
@@ -94,8 +95,10 @@ def test_device_decoded_views_equal_the_worker_s_up_to_resampling(interpolation)
         ref = worker(Image.open(io.BytesIO(_jpeg(imgs[i]))), params[i]).float()
         diff = (out[j].float() - ref).abs()
         assert diff.mean() < 2.0, (i, diff.mean())  # same crop and flip: only the resampling differs
-        other = worker(Image.open(io.BytesIO(_jpeg(imgs[i]))), [1 - params[i][0] - params[i][2], params[i][1],
-                                                                 params[i][2], params[i][3], 1 - params[i][4]])
+        other = worker(
+            Image.open(io.BytesIO(_jpeg(imgs[i]))),
+            [1 - params[i][0] - params[i][2], params[i][1], params[i][2], params[i][3], 1 - params[i][4]],
+        )
         if not torch.equal(other, ref.to(torch.uint8)):  # a different crop would be caught
             assert (out[j].float() - other.float()).abs().mean() > 4 * diff.mean()
 
@@ -103,8 +106,12 @@ def test_device_decoded_views_equal_the_worker_s_up_to_resampling(interpolation)
 def test_a_jpeg_that_cannot_be_decoded_names_its_rows():
     bad = torch.frombuffer(bytearray(b"\xff\xd8\xff\xe0" + b"\x00" * 64), dtype=torch.uint8)
     with pytest.raises(ValueError, match="corpus rows 7"):
-        decode_into(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), EncodedImages([bad], [[0, 0, 1, 1, 0]], [0]),
-                    "bilinear", rows=[7])
+        decode_into(
+            torch.zeros(1, 3, 8, 8, dtype=torch.uint8),
+            EncodedImages([bad], [[0, 0, 1, 1, 0]], [0]),
+            "bilinear",
+            rows=[7],
+        )
 
 
 def test_dataset_sends_jpegs_encoded_with_the_worker_s_crop_and_decodes_the_rest(jpeg_corpus):
@@ -135,14 +142,25 @@ def test_training_with_device_decoding_matches_worker_decoding(jpeg_corpus, tiny
 
     calls = []
     real = distill.data.loader.decode_into
-    monkeypatch.setattr(distill.data.loader, "decode_into", lambda images, enc, *a: calls.append(len(enc)) or real(
-        images, enc, *a))
+    monkeypatch.setattr(
+        distill.data.loader, "decode_into", lambda images, enc, *a: calls.append(len(enc)) or real(images, enc, *a)
+    )
     first = {}
     for decode in ("worker", "device"):
         out = tmp_path / decode
-        cfg = tiny_config(jpeg_corpus, out, None, mode="contrastive", tokenizer=tiny_tokenizer,
-                          data__decode=decode, data__num_workers=1, data__batch_size=8, train__max_steps=6,
-                          train__checkpoint_every=0, train__log_every=1)
+        cfg = tiny_config(
+            jpeg_corpus,
+            out,
+            None,
+            mode="contrastive",
+            tokenizer=tiny_tokenizer,
+            data__decode=decode,
+            data__num_workers=1,
+            data__batch_size=8,
+            train__max_steps=6,
+            train__checkpoint_every=0,
+            train__log_every=1,
+        )
         train(cfg)
         first[decode] = [r["loss"] for r in read_log(out)]
     assert len(first["device"]) == 6 and len(calls) == 6 and min(calls) >= 6  # every batch: its JPEGs on device

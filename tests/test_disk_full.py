@@ -5,6 +5,7 @@ Two ways to fill a disk without root: h5py's own error raised at the point the a
 process, from the file-size limit (RLIMIT_FSIZE: every write past it fails with EFBIG inside HDF5, as ENOSPC does
 on a full disk; before the fix that process segfaulted, exit 139).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,17 +19,18 @@ from pathlib import Path
 
 import h5py
 import pytest
+from test_cli_errors import make_run_folder, one_error_line
 
 from distill.cli import main
 from distill.errors import BAD_INPUT, ENVIRONMENT, describe
 
-from test_cli_errors import make_run_folder, one_error_line
-
 ROOT = Path(__file__).resolve().parents[1]
-ENOSPC_TEXT = ("Can't decrement id ref count (file write failed: time = Mon Dec  7 10:00:00 2026, filename = "
-               "'{name}', file descriptor = 7, errno = 28, error message = 'No space left on device', buf = "
-               "0x55d0c, total write size = 4096, bytes this sub-write = 4096, bytes actually written = "
-               "18446744073709551615, offset = 8192)")
+ENOSPC_TEXT = (
+    "Can't decrement id ref count (file write failed: time = Mon Dec  7 10:00:00 2026, filename = "
+    "'{name}', file descriptor = 7, errno = 28, error message = 'No space left on device', buf = "
+    "0x55d0c, total write size = 4096, bytes this sub-write = 4096, bytes actually written = "
+    "18446744073709551615, offset = 8192)"
+)
 
 
 def leftovers(root: Path) -> list[str]:
@@ -36,8 +38,24 @@ def leftovers(root: Path) -> list[str]:
 
 
 def cache_argv(corpus, spec, out, *extra) -> list[str]:
-    return ["cache", "--data", str(corpus), "--teacher", f"oc={spec}", "--out", str(out), "--batch-size", "8",
-            "--num-workers", "0", "--device", "cpu", "--chunk-rows", "8", *extra]
+    return [
+        "cache",
+        "--data",
+        str(corpus),
+        "--teacher",
+        f"oc={spec}",
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--chunk-rows",
+        "8",
+        *extra,
+    ]
 
 
 # -- 1. the views side file: h5py's RuntimeError carrying errno 28 ----------------------------------------------
@@ -68,11 +86,14 @@ def test_views_file_on_a_full_disk_as_h5py_reports_it(tiny_corpus, tiny_teachers
         assert f["teachers/oc/done"][:].all() and f["views/params"].shape == (32, 2, 5)
 
 
-@pytest.mark.parametrize("text,code,words", [
-    (ENOSPC_TEXT.format(name="/d/x.h5"), ENVIRONMENT, "no space left on device writing /d/x.h5"),
-    (ENOSPC_TEXT.format(name="/d/x.h5").replace("errno = 28", "errno = 13"), ENVIRONMENT, "permission denied"),
-    (ENOSPC_TEXT.format(name="/d/x.h5").replace("errno = 28", "errno = 27"), ENVIRONMENT, "file too large"),
-])
+@pytest.mark.parametrize(
+    "text,code,words",
+    [
+        (ENOSPC_TEXT.format(name="/d/x.h5"), ENVIRONMENT, "no space left on device writing /d/x.h5"),
+        (ENOSPC_TEXT.format(name="/d/x.h5").replace("errno = 28", "errno = 13"), ENVIRONMENT, "permission denied"),
+        (ENOSPC_TEXT.format(name="/d/x.h5").replace("errno = 28", "errno = 27"), ENVIRONMENT, "file too large"),
+    ],
+)
 def test_describe_an_hdf5_runtime_error_with_an_errno(text, code, words):
     failure = describe(RuntimeError(text), file="/cmd.h5")
     assert failure.code == code and words in failure.message and "\n" not in failure.message
@@ -87,12 +108,18 @@ def _limited(limit: int):
     def preexec():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing us
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
     return preexec
 
 
 def _child_env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "PYTHONDONTWRITEBYTECODE": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
 
 
 LIBRARY_WRITES = textwrap.dedent("""
@@ -120,8 +147,15 @@ LIBRARY_WRITES = textwrap.dedent("""
 
 def test_hdf5_writes_at_the_file_size_limit_raise_one_error_and_leave_no_temporary(tmp_path):
     (tmp_path / "child.py").write_text(LIBRARY_WRITES)
-    r = subprocess.run([sys.executable, str(tmp_path / "child.py"), str(tmp_path)], env=_child_env(), cwd=ROOT,
-                       capture_output=True, text=True, timeout=120, preexec_fn=_limited(256 * 1024))
+    r = subprocess.run(
+        [sys.executable, str(tmp_path / "child.py"), str(tmp_path)],
+        env=_child_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_limited(256 * 1024),
+    )
     assert r.returncode == 0, (r.returncode, r.stderr[-3000:])  # -11 / 139 before: HDF5 crashed on close
     got = json.loads((tmp_path / "result.json").read_text())
     assert got["write_small"].startswith(f"file too large writing {tmp_path}/s/run-000001-views.h5")
@@ -135,8 +169,9 @@ def test_cache_at_the_file_size_limit_exits_1_without_a_crash(tiny_corpus, tiny_
     """The attack, for real: `distill cache --views 64` whose views file (46 KB) cannot be written (limit 32 KB)."""
     out = tmp_path / "f.h5"
     argv = [sys.executable, "-m", "distill.cli", *cache_argv(tiny_corpus, tiny_teachers["oc"], out, "--views", "64")]
-    r = subprocess.run(argv, env=_child_env(), cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       preexec_fn=_limited(32 * 1024))
+    r = subprocess.run(
+        argv, env=_child_env(), cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=_limited(32 * 1024)
+    )
     lines = [line for line in r.stderr.splitlines() if line.strip() and "%|" not in line]
     assert r.returncode == ENVIRONMENT, (r.returncode, r.stderr[-3000:])  # 139 before
     assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-3000:]

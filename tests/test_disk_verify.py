@@ -3,6 +3,7 @@
 The attacks: 4 KiB flipped inside `teachers/NAME/stats/image_cov` passed `--verify` (PHI-S then trained on it);
 a segment file truncated to 45% was reported "complete" by `distill info`.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,20 @@ from distill.cli import main
 def cache(tiny_corpus, tiny_teachers, tmp_path_factory) -> Path:
     """Both tiny teachers, 2 views, complete (so each has statistics)."""
     out = tmp_path_factory.mktemp("verify") / "features.h5"
-    build_cache(CacheJob(data=str(tiny_corpus), teachers=tiny_teachers, out=str(out), batch_size=16, num_workers=0,
-                         device="cpu", views=2, h5_chunk_rows=8, chunk_rows=16, progress=False))
+    build_cache(
+        CacheJob(
+            data=str(tiny_corpus),
+            teachers=tiny_teachers,
+            out=str(out),
+            batch_size=16,
+            num_workers=0,
+            device="cpu",
+            views=2,
+            h5_chunk_rows=8,
+            chunk_rows=16,
+            progress=False,
+        )
+    )
     return out
 
 
@@ -124,8 +137,9 @@ def test_info_names_a_truncated_segment_and_never_says_complete(cache, tmp_path,
     assert "complete" not in captured.out.replace("incomplete", "")
     assert f"DAMAGED (segment cut.h5.segments/{seg.name}: truncated: " in captured.out
     err = [line for line in captured.err.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith(f"distill info: error: {path}: 1 segment file(s) damaged, e.g. "
-                                               f"cut.h5.segments/{seg.name}: truncated: ")
+    assert len(err) == 1 and err[0].startswith(
+        f"distill info: error: {path}: 1 segment file(s) damaged, e.g. cut.h5.segments/{seg.name}: truncated: "
+    )
     assert "(45%)" in err[0] and "restore the file and its folder" in err[0]
 
 

@@ -6,6 +6,7 @@ headings of the target page (GitHub's rule); repository paths named in backticks
 overrides validate against the config) and name only flags and keys that exist. Each checker is also run on a
 small bad text, so it can fail.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,18 @@ README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 MAX_README_LINES = 200
 # The reference pages the README must link (issue 19): where its prose moved.
-LINKED_FROM_README = ("cache", "train", "eval", "corpus", "teachers", "scale", "multi-gpu", "reliability",
-                      "architecture", "benchmarks")
+LINKED_FROM_README = (
+    "cache",
+    "train",
+    "eval",
+    "corpus",
+    "teachers",
+    "scale",
+    "multi-gpu",
+    "reliability",
+    "architecture",
+    "benchmarks",
+)
 # Documents that are not in the repository (or no longer): nothing may name them.
 GONE = ("RELIABILITY.md", "DESIGN.md", "STYLE.md")
 ROOMS = ("cache", "distill", "student", "teachers", "tests", "benchmarks", "configs", "docs")
@@ -210,18 +221,29 @@ def test_no_file_names_a_document_that_is_gone():
     files = [p for room in ROOMS for p in (ROOT / room).rglob("*") if p.suffix in (".py", ".md", ".yaml", ".sh")]
     files += [ROOT / "Makefile", ROOT / "pyproject.toml"]
     me = Path(__file__).resolve()
-    bad = [f"{p.relative_to(ROOT)}: {name}" for p in files if p.resolve() != me and p.is_file()
-           for name in GONE if name in p.read_text(encoding="utf-8", errors="replace")]
-    assert not bad, "stale document names (reliability: docs/reliability.md; design: docs/architecture.md):\n" + \
-        "\n".join(sorted(bad))
+    bad = [
+        f"{p.relative_to(ROOT)}: {name}"
+        for p in files
+        if p.resolve() != me and p.is_file()
+        for name in GONE
+        if name in p.read_text(encoding="utf-8", errors="replace")
+    ]
+    assert not bad, (
+        "stale document names (reliability: docs/reliability.md; design: docs/architecture.md):\n"
+        + "\n".join(sorted(bad))
+    )
 
 
 # -- the checkers can fail ------------------------------------------------------------------------------------
 def test_slug_follows_github():
-    assert slug("`distill train` / `accelerate launch -m distill.train`") == \
-        "distill-train--accelerate-launch--m-distilltrain"
-    assert slug("Does the student beat its teachers? (`benchmarks/multi_teacher.py`)") == \
-        "does-the-student-beat-its-teachers-benchmarksmulti_teacherpy"
+    assert (
+        slug("`distill train` / `accelerate launch -m distill.train`")
+        == "distill-train--accelerate-launch--m-distilltrain"
+    )
+    assert (
+        slug("Does the student beat its teachers? (`benchmarks/multi_teacher.py`)")
+        == "does-the-student-beat-its-teachers-benchmarksmulti_teacherpy"
+    )
     assert anchors("# A\n## A\n```\n# not a heading\n```\n") == {"a", "a-1"}
 
 
@@ -229,23 +251,37 @@ def test_checkers_find_broken_links_missing_paths_and_unknown_flags(tmp_path):
     page = tmp_path / "docs" / "x.md"
     page.parent.mkdir()
     (tmp_path / "docs" / "y.md").write_text("# Real heading\n")
-    text = ("[ok](y.md#real-heading) [gone](nope.md) [bad anchor](y.md#other) [out](../../outside.md) "
-            "[web](https://example.org)")
-    assert broken_links(page, text, tmp_path) == ["x.md: nope.md (no such file)",
-                                                   "x.md: y.md#other (no heading with that anchor in y.md)",
-                                                   "x.md: ../../outside.md (no such file)"]
-    assert missing_paths("`cache/no_such.py` `cache/store/layout.py` `teachers/NAME/text` `tests/x.py::t` "
-                         "`distill/data/mine.py` (new)") == ["cache/no_such.py", "tests/x.py::t"]
-    text = ("    distill cache --data c.csv --teacher a=b --out f.h5 \\\n"
-            "                  --no-such-flag 3 [--views K]\n"
-            "run `distill -v eval --modle x=y` or `distill train --config c.yaml --bogus`\n")
-    assert unknown_flags(text, build_parser()) == ["distill cache --no-such-flag", "distill eval --modle",
-                                                   "distill train --bogus"]
+    text = (
+        "[ok](y.md#real-heading) [gone](nope.md) [bad anchor](y.md#other) [out](../../outside.md) "
+        "[web](https://example.org)"
+    )
+    assert broken_links(page, text, tmp_path) == [
+        "x.md: nope.md (no such file)",
+        "x.md: y.md#other (no heading with that anchor in y.md)",
+        "x.md: ../../outside.md (no such file)",
+    ]
+    assert missing_paths(
+        "`cache/no_such.py` `cache/store/layout.py` `teachers/NAME/text` `tests/x.py::t` `distill/data/mine.py` (new)"
+    ) == ["cache/no_such.py", "tests/x.py::t"]
+    text = (
+        "    distill cache --data c.csv --teacher a=b --out f.h5 \\\n"
+        "                  --no-such-flag 3 [--views K]\n"
+        "run `distill -v eval --modle x=y` or `distill train --config c.yaml --bogus`\n"
+    )
+    assert unknown_flags(text, build_parser()) == [
+        "distill cache --no-such-flag",
+        "distill eval --modle",
+        "distill train --bogus",
+    ]
 
 
 def test_the_five_commands_checker_reads_the_section():
-    readme = ("# x\n## Your own data in five commands\n\n    distill corpus --source a.csv --template t\n"
-              "    # a comment\n    distill cache --data a --teacher a=b \\\n        --out f.h5\n\n## Next\n"
-              "    distill eval --model a=b\n")
-    assert five_commands(readme) == [["distill", "corpus", "--source", "a.csv", "--template", "t"],
-                                     ["distill", "cache", "--data", "a", "--teacher", "a=b", "--out", "f.h5"]]
+    readme = (
+        "# x\n## Your own data in five commands\n\n    distill corpus --source a.csv --template t\n"
+        "    # a comment\n    distill cache --data a --teacher a=b \\\n        --out f.h5\n\n## Next\n"
+        "    distill eval --model a=b\n"
+    )
+    assert five_commands(readme) == [
+        ["distill", "corpus", "--source", "a.csv", "--template", "t"],
+        ["distill", "cache", "--data", "a", "--teacher", "a=b", "--out", "f.h5"],
+    ]

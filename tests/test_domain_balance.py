@@ -1,6 +1,7 @@
 """Domain-balanced sampling (data.domain_balance, data.domain_column): domain d drawn with probability
 proportional to n_d^alpha, the same items for every sampler, process count and resumed run, and the rows seen per
 domain in log.jsonl."""
+
 from __future__ import annotations
 
 import csv
@@ -10,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from train_fixtures import tiny_cache, tiny_tokenizer  # noqa: F401  (fixtures)
 
 from distill.data.samplers import Dealing, DomainBalance, EpochSampler
-from train_fixtures import tiny_cache, tiny_tokenizer  # noqa: F401  (fixtures)
 
 SIZES = (1600, 300, 100)  # a skewed corpus: the last domain is 5% of the rows (breast in issue 17: 4.7%)
 B = 64
@@ -37,8 +38,9 @@ def test_quotas_by_hand():
     assert DomainBalance(ids, 0.0).quotas().tolist() == [34, 33, 33]
     assert DomainBalance(ids, 0.5).quotas().tolist() == [70, 22, 8]
     assert DomainBalance(ids, 1.0).quotas().tolist() == [90, 9, 1]
-    assert DomainBalance(ids, 0.5).probabilities() == pytest.approx([9.48683 / 13.48683, 3 / 13.48683,
-                                                                     1 / 13.48683], rel=1e-5)
+    assert DomainBalance(ids, 0.5).probabilities() == pytest.approx(
+        [9.48683 / 13.48683, 3 / 13.48683, 1 / 13.48683], rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
@@ -49,7 +51,7 @@ def test_batch_domain_counts_within_a_binomial_bound(alpha):
     normal approximation. alpha 1 runs the plain sampler (no balance): today's proportional order."""
     ids = _ids()
     n = np.array(SIZES, dtype=float)
-    p = n ** alpha / (n ** alpha).sum()
+    p = n**alpha / (n**alpha).sum()
     m = 15 * B
     for seed in range(5):
         s = _sampler(ids, None if alpha == 1.0 else alpha, seed=seed)
@@ -73,8 +75,7 @@ def test_every_sampler_draws_the_same_items(kind):
     s = _sampler(ids, 0.0, seed=3, **kw)
     s.set_epoch(1)
     order = s.order()
-    assert np.bincount(ids[order], minlength=3).tolist() == DomainBalance(ids, 0.0).quotas().tolist() == [
-        667, 667, 666]
+    assert np.bincount(ids[order], minlength=3).tolist() == DomainBalance(ids, 0.0).quotas().tolist() == [667, 667, 666]
     assert sorted(order.tolist()) == sorted(DomainBalance(ids, 0.0).draw(3, 1).tolist())
 
 
@@ -103,7 +104,7 @@ def test_determinism_per_seed_and_epoch():
     assert not np.array_equal(a.order(), c.order())
     b.set_epoch(1)
     assert not np.array_equal(a.order(), b.order())
-    assert np.array_equal(a.epoch_items(1), b.order()[:len(b)])  # epoch_items leaves the sampler as it was
+    assert np.array_equal(a.epoch_items(1), b.order()[: len(b)])  # epoch_items leaves the sampler as it was
     assert a.epoch == 0
 
 
@@ -117,8 +118,16 @@ def test_two_ranks_share_the_one_process_sequence(block):
     ids = _ids()
     kw = {"block_ids": np.arange(len(ids)) // 256, "buffer_blocks": 2} if block else {}
     one = [i for _, i in _sampler(ids, 0.0, seed=4, global_batch=B, **kw)]
-    shards = [list(BatchSamplerShard(BatchSampler(_sampler(ids, 0.0, seed=4, global_batch=B, **kw), B // 2, True),
-                                     num_processes=2, process_index=r)) for r in range(2)]
+    shards = [
+        list(
+            BatchSamplerShard(
+                BatchSampler(_sampler(ids, 0.0, seed=4, global_batch=B, **kw), B // 2, True),
+                num_processes=2,
+                process_index=r,
+            )
+        )
+        for r in range(2)
+    ]
     assert len(shards[0]) == len(shards[1]) == len(one) // B
     merged = [i for b0, b1 in zip(*shards) for i in [*b0, *b1]]
     assert [i for _, i in merged] == one
@@ -135,7 +144,7 @@ def test_resume_continues_the_same_sequence():
     fresh = _sampler(ids, 0.5, seed=7)
     fresh.set_epoch(2)
     k = 5
-    assert list(fresh)[k * B:] == straight[2 * len(run) + k * B:]
+    assert list(fresh)[k * B :] == straight[2 * len(run) + k * B :]
 
 
 def test_balance_refuses_bad_arguments():
@@ -185,21 +194,27 @@ def test_config_refuses_an_empty_column_name_and_documents_both_keys():
 def test_domain_ids_and_corpus_errors(tmp_path, caplog):
     from cache.sources.corpus import open_corpus
     from distill.config.train_config import ConfigError
-    from distill.data.loader import DataError
     from distill.data.domains import build_balance, domain_ids, load_domains
+    from distill.data.loader import DataError
 
     corpus = open_corpus(_corpus(tmp_path, ["b", "a", "b", " c "]))
     ids, names = domain_ids(corpus, "domain")
     assert ids.tolist() == [1, 0, 1, 2] and names == ["a", "b", "c"]
 
-    with pytest.raises(DataError, match=r"data.domain_balance=0.5 needs each row's domain: "
-                                        r"data.domain_column='site': .* has no column 'site'"):
+    with pytest.raises(
+        DataError,
+        match=r"data.domain_balance=0.5 needs each row's domain: "
+        r"data.domain_column='site': .* has no column 'site'",
+    ):
         load_domains(_data(domain_balance=0.5, domain_column="site"), corpus)
     assert load_domains(_data(domain_column="site"), corpus) is None  # alpha 1: optional, no counts logged
 
     holes = open_corpus(_corpus(tmp_path, ["a", "", "b"], "holes.csv"))
-    with pytest.raises(DataError, match=r"data.domain_column='domain': 1 row\(s\) have an empty 'domain' cell "
-                                        r"\(first: .* row 2"):
+    with pytest.raises(
+        DataError,
+        match=r"data.domain_column='domain': 1 row\(s\) have an empty 'domain' cell "
+        r"\(first: .* row 2",
+    ):
         load_domains(_data(domain_balance=0.0), holes)
 
     with pytest.raises(ConfigError, match="data.domain_balance=0.3 .* data.sampler=auto"):
@@ -237,21 +252,27 @@ def _cfg(corpus, cache, out, tokenizer, alpha, **kw):
     from train_fixtures import tiny_config
 
     # 32 rows, 8 per step: 4 steps per epoch; data.sampler auto: block_shuffle (a cache is read)
-    kw = {"train__max_steps": 7, "train__checkpoint_every": 5, "train__tensorboard": "false",
-          "loss__terms": "[{kind: infonce}, {kind: affinity}]", **kw}
+    kw = {
+        "train__max_steps": 7,
+        "train__checkpoint_every": 5,
+        "train__tensorboard": "false",
+        "loss__terms": "[{kind: infonce}, {kind: affinity}]",
+        **kw,
+    }
     return tiny_config(corpus, out, cache, tokenizer=tokenizer, data__domain_balance=alpha, **kw)
 
 
-def test_log_counts_rows_per_domain_and_resume_repeats_them(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path,
-                                                            monkeypatch):
+def test_log_counts_rows_per_domain_and_resume_repeats_them(
+    tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path, monkeypatch
+):
     """log.jsonl's rows_per_domain, counted from the batches: after epoch 0 (step 4, 32 draws) alpha 0 gives the
     quotas 32/3 each -> 11, 11, 10 (the 2 rows left go to the lowest ids on the tie), where alpha 1 gives the
     corpus's 24, 6, 2. A run killed after checkpoint-5 and resumed logs the same counts and losses as one that
     never stopped."""
     import torch
+    from train_fixtures import load_weights, read_log
 
     import distill.train as train_mod
-    from train_fixtures import load_weights, read_log
 
     corpus = _domain_corpus(tiny_corpus, tmp_path / "corpus" / "corpus.csv")
     plain = tmp_path / "plain"
@@ -296,13 +317,25 @@ def test_log_counts_rows_per_domain_and_resume_repeats_them(tiny_corpus, tiny_ca
 def test_grad_cache_merged_batches_count_the_same_rows(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path):
     """data.micro_batch_size with accumulation 2 (GradCache merges the step's batches into one): 16 draws per step,
     so step 2 closes epoch 0 with the same quotas 11, 11, 10 as 4 steps of 8."""
-    import distill.train as train_mod
     from train_fixtures import read_log
+
+    import distill.train as train_mod
 
     corpus = _domain_corpus(tiny_corpus, tmp_path / "corpus" / "corpus.csv")
     out = tmp_path / "gc"
-    train_mod.train(_cfg(corpus, tiny_cache, out, tiny_tokenizer, 0.0, train__max_steps=2, train__grad_accum=2,
-                         data__micro_batch_size=4, train__checkpoint_every=0))
+    train_mod.train(
+        _cfg(
+            corpus,
+            tiny_cache,
+            out,
+            tiny_tokenizer,
+            0.0,
+            train__max_steps=2,
+            train__grad_accum=2,
+            data__micro_batch_size=4,
+            train__checkpoint_every=0,
+        )
+    )
     counts = [r["rows_per_domain"] for r in read_log(out)]
     assert sum(counts[0].values()) == 16 and counts[1] == {"a": 11, "b": 11, "c": 10}
 
@@ -318,8 +351,16 @@ def test_two_processes_equal_one_with_balance(tiny_corpus, tiny_cache, tiny_toke
     corpus = _domain_corpus(tiny_corpus, tmp_path / "corpus" / "corpus.csv")
     runs = {}
     for name, nproc, per_device in [("one", 1, 8), ("two", 2, 4)]:
-        cfg = _cfg(corpus, tiny_cache, tmp_path / name, tiny_tokenizer, 0.0, train__max_steps=4,
-                   train__checkpoint_every=0, data__batch_size=per_device)
+        cfg = _cfg(
+            corpus,
+            tiny_cache,
+            tmp_path / name,
+            tiny_tokenizer,
+            0.0,
+            train__max_steps=4,
+            train__checkpoint_every=0,
+            data__batch_size=per_device,
+        )
         _launch(cfg, tmp_path, name, nproc)
         runs[name] = tmp_path / name
     la, lb = read_log(runs["one"]), read_log(runs["two"])

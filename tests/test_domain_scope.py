@@ -4,6 +4,7 @@
 Every expected value is computed by hand below with plain torch softmaxes over explicit column lists (float64),
 independently of the masking the terms use.
 """
+
 from __future__ import annotations
 
 import csv
@@ -15,16 +16,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_helpers import counting_gloo_group
+from test_losses import U, aff_tol, logit_err, nce_grad_err, nce_tol, sigmoid_aff_tol
+from train_fixtures import tiny_cache, tiny_tokenizer  # noqa: F401  (fixtures)
 
 from distill.config.train_config import Config, ConfigError, DataCfg, RoutingCfg
 from distill.losses import CombineCfg, DistillLoss, LossTermCfg, StepContext, StudentOutput, TeacherBatch
 from distill.losses.distributed import StepGather
 from distill.losses.terms import Affinity
 from teachers.kernel.modality import Pair
-
-from gloo_helpers import counting_gloo_group
-from test_losses import U, aff_tol, logit_err, nce_grad_err, nce_tol, sigmoid_aff_tol
-from train_fixtures import tiny_cache, tiny_tokenizer  # noqa: F401  (fixtures)
 
 N, E, D = 6, 4, 3
 DOMAINS = torch.tensor([0, 1, 0, 2, 1, 0])  # row 3 is alone in its domain
@@ -43,18 +43,30 @@ def _feats(n: int = N, seed: int = 0):
 
 def _batch(student, teachers, domains=None, row_weights=None, bias=None, rows=slice(None), grad=False):
     leaves = {k: v[rows].float().clone().requires_grad_(grad) for k, v in student.items()}
-    out = StudentOutput(leaves["image"], leaves["text"], torch.tensor(S_SCALE),
-                        logit_bias=None if bias is None else torch.tensor(bias[0]))
-    tb = TeacherBatch({t: Pair(f["image"][rows].float(), f["text"][rows].float()) for t, f in teachers.items()},
-                      dict(T_SCALES), logit_bias={} if bias is None else {t: bias[1] for t in T_SCALES},
-                      domains=None if domains is None else domains[rows],
-                      row_weights=None if row_weights is None else row_weights[rows])
+    out = StudentOutput(
+        leaves["image"],
+        leaves["text"],
+        torch.tensor(S_SCALE),
+        logit_bias=None if bias is None else torch.tensor(bias[0]),
+    )
+    tb = TeacherBatch(
+        {t: Pair(f["image"][rows].float(), f["text"][rows].float()) for t, f in teachers.items()},
+        dict(T_SCALES),
+        logit_bias={} if bias is None else {t: bias[1] for t in T_SCALES},
+        domains=None if domains is None else domains[rows],
+        row_weights=None if row_weights is None else row_weights[rows],
+    )
     return out, tb, leaves
 
 
 def _ctx(student_out, tb, captions=None):
-    return StepContext(student_out, tb, StepGather(lambda x, with_grad: (x, 0)), caption_ids=captions,
-                       gathers_domains=tb.domains is not None)
+    return StepContext(
+        student_out,
+        tb,
+        StepGather(lambda x, with_grad: (x, 0)),
+        caption_ids=captions,
+        gathers_domains=tb.domains is not None,
+    )
 
 
 def _within(got: torch.Tensor, want: torch.Tensor, tol, msg: str = "") -> None:
@@ -85,8 +97,12 @@ def _hand_affinity(student, teacher, t_scale, domains=None, captions=None, kl=Fa
             p_t = torch.softmax(t_scale * teacher[mine][i] @ teacher[other][cols].T, 0)
             if captions is not None:
                 classes = sorted({int(captions[j]) for j in cols})
-                merge = lambda p: torch.stack([sum(p[k] for k, j in enumerate(cols) if int(captions[j]) == c)  # noqa
-                                               for c in classes])
+                merge = lambda p: torch.stack(
+                    [
+                        sum(p[k] for k, j in enumerate(cols) if int(captions[j]) == c)  # noqa
+                        for c in classes
+                    ]
+                )
                 p_s, p_t = merge(p_s), merge(p_t)
             v = -(p_t * p_s.log()).sum()
             per_dir.append(v + (p_t * p_t.log()).sum() if kl else v)
@@ -101,8 +117,10 @@ def _hand_confidence(teacher, t_scale, domains=None, captions=None) -> torch.Ten
     for i in range(N):
         cols = _columns(i, domains)
         pos = [k for k, j in enumerate(cols) if (j == i if captions is None else int(captions[j]) == int(captions[i]))]
-        ps = [torch.softmax(t_scale * teacher[m][i] @ teacher[o][cols].T, 0)[pos].sum()
-              for m, o in (("image", "text"), ("text", "image"))]
+        ps = [
+            torch.softmax(t_scale * teacher[m][i] @ teacher[o][cols].T, 0)[pos].sum()
+            for m, o in (("image", "text"), ("text", "image"))
+        ]
         out.append((ps[0] + ps[1]) / 2)
     return torch.stack(out)
 
@@ -187,8 +205,12 @@ def test_confidence_weights_with_domain_scope_and_caption_positives_by_hand():
     student, teachers = _feats()
     out, tb, _ = _batch(student, teachers, DOMAINS)
     ctx = _ctx(out, tb, CAPTIONS)
-    for scope, positives in (("batch", "diagonal"), ("domain", "diagonal"), ("batch", "caption"),
-                             ("domain", "caption")):
+    for scope, positives in (
+        ("batch", "diagonal"),
+        ("domain", "diagonal"),
+        ("batch", "caption"),
+        ("domain", "caption"),
+    ):
         dom = DOMAINS if scope == "domain" else None
         cap = CAPTIONS if positives == "caption" else None
         want = _hand_confidence(teachers["a"], T_SCALES["a"], dom, cap)
@@ -216,12 +238,19 @@ def test_confidence_weights_with_domain_scope_and_caption_positives_by_hand():
 def test_row_weights_scale_each_rows_teacher_terms_exactly_and_not_infonce():
     student, teachers = _feats()
     w = torch.tensor([0.5, 2.0, 1.0, 0.0, 3.0, 1.0])
-    terms = [LossTermCfg("infonce", "infonce"), LossTermCfg("aff", "affinity", 2.0, {"a": 1.0}),
-             LossTermCfg("feat", "feature", 1.0, {"b": 1.0})]
+    terms = [
+        LossTermCfg("infonce", "infonce"),
+        LossTermCfg("aff", "affinity", 2.0, {"a": 1.0}),
+        LossTermCfg("feat", "feature", 1.0, {"b": 1.0}),
+    ]
     student_out, plain_tb, _ = _batch(student, teachers)
-    student_out.projected = {t: Pair(torch.randn(N, D, generator=torch.Generator().manual_seed(3)),
-                                     torch.randn(N, D, generator=torch.Generator().manual_seed(4)))
-                             for t in T_SCALES}
+    student_out.projected = {
+        t: Pair(
+            torch.randn(N, D, generator=torch.Generator().manual_seed(3)),
+            torch.randn(N, D, generator=torch.Generator().manual_seed(4)),
+        )
+        for t in T_SCALES
+    }
     _, weighted_tb, _ = _batch(student, teachers, row_weights=w)
     loss = DistillLoss(terms, ["a", "b"])
     plain, weighted = loss(student_out, plain_tb), loss(student_out, weighted_tb)
@@ -252,27 +281,40 @@ def test_routing_weights_by_column_value_and_their_errors(domain_corpus):
     from distill.data.loader import DataError
 
     corpus = open_corpus(domain_corpus)
-    r = route_mask(RoutingCfg(column="site", teachers={"breast": ("oc",), "derm": ("oc",)},
-                              weights={"breast": 4.0}), corpus, ["oc"], ["oc"])
+    r = route_mask(
+        RoutingCfg(column="site", teachers={"breast": ("oc",), "derm": ("oc",)}, weights={"breast": 4.0}),
+        corpus,
+        ["oc"],
+        ["oc"],
+    )
     assert r.row_weights.tolist() == [4.0, 1.0, 4.0] and r.row_weights.dtype == np.float32
     assert route_mask(RoutingCfg(column="site", teachers={"derm": ("oc",)}), corpus, ["oc"], ["oc"]).row_weights is None
-    with pytest.raises(DataError, match=r"loss\.routing\.weights names value\(s\) \['brest'\] that column 'site' of "
-                                        r".*c\.csv never holds \(its values: 'breast', 'derm'\)"):
-        route_mask(RoutingCfg(column="site", teachers={"derm": ("oc",)}, weights={"brest": 2.0}), corpus, ["oc"],
-                   ["oc"])
+    with pytest.raises(
+        DataError,
+        match=r"loss\.routing\.weights names value\(s\) \['brest'\] that column 'site' of "
+        r".*c\.csv never holds \(its values: 'breast', 'derm'\)",
+    ):
+        route_mask(
+            RoutingCfg(column="site", teachers={"derm": ("oc",)}, weights={"brest": 2.0}), corpus, ["oc"], ["oc"]
+        )
 
 
 # -- how domain ids reach the loss, and the errors ----------------------------------------------------------------
 def test_domains_and_row_weights_travel_from_collate_to_the_loss(domain_corpus):
-    from distill.training.build_run import loss_domains, teacher_batch
-    from distill.data.loader import Collate, DataError
-    from distill.training.grad_cache import merge_batches
     from cache.sources.corpus import open_corpus
+    from distill.data.loader import Collate, DataError
+    from distill.training.build_run import loss_domains, teacher_batch
+    from distill.training.grad_cache import merge_batches
 
-    collate = Collate(lambda caps: torch.zeros(len(caps), 3, dtype=torch.long), domains=np.array([1, 0, 1]),
-                      row_weights=np.array([4.0, 1.0, 4.0], dtype=np.float32))
-    items = [{"caption": "x", "row": r, "cache_row": r, "view": -1, "image": torch.zeros(3, 2, 2, dtype=torch.uint8)}
-             for r in (2, 1)]
+    collate = Collate(
+        lambda caps: torch.zeros(len(caps), 3, dtype=torch.long),
+        domains=np.array([1, 0, 1]),
+        row_weights=np.array([4.0, 1.0, 4.0], dtype=np.float32),
+    )
+    items = [
+        {"caption": "x", "row": r, "cache_row": r, "view": -1, "image": torch.zeros(3, 2, 2, dtype=torch.uint8)}
+        for r in (2, 1)
+    ]
     b = collate(items)
     assert b.domains.tolist() == [1, 0] and b.domains.dtype == torch.int64
     assert b.row_weights.tolist() == [4.0, 1.0] and b.to("cpu").domains.tolist() == [1, 0]
@@ -286,8 +328,11 @@ def test_domains_and_row_weights_travel_from_collate_to_the_loss(domain_corpus):
     scoped = DistillLoss([LossTermCfg("aff", "affinity", kwargs={"scope": "domain"})], ["oc"])
     assert loss_domains(DataCfg(domain_column="site"), scoped, corpus, None).tolist() == [0, 1, 0]
     assert loss_domains(None, DistillLoss([LossTermCfg("aff", "affinity")], ["oc"]), corpus, None) is None
-    with pytest.raises(DataError, match=r"^scope: domain \(a loss term's kwargs or loss\.combine\.scope\) needs each "
-                                        r"row's domain: data\.domain_column='domain': .*has no column 'domain'"):
+    with pytest.raises(
+        DataError,
+        match=r"^scope: domain \(a loss term's kwargs or loss\.combine\.scope\) needs each "
+        r"row's domain: data\.domain_column='domain': .*has no column 'domain'",
+    ):
         loss_domains(DataCfg(), scoped, corpus, None)
 
 
@@ -304,8 +349,11 @@ def _cfg(**loss) -> Config:
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ConfigError, match=r"loss\.terms.*affinity scope 'global' is unknown; use one of batch, "
-                                          r"domain"):
+    with pytest.raises(
+        ConfigError,
+        match=r"loss\.terms.*affinity scope 'global' is unknown; use one of batch, "
+        r"domain",
+    ):
         _cfg(terms=[{"kind": "affinity", "kwargs": {"scope": "global"}}])
     with pytest.raises(ConfigError, match=r"loss\.terms.*affinity positives 'row' is unknown"):
         _cfg(terms=[{"kind": "affinity", "kwargs": {"positives": "row"}}])
@@ -317,9 +365,11 @@ def test_config_errors_name_the_key():
         _cfg(combine={"mode": "confidence", "scope": "rows"})
     with pytest.raises(ConfigError, match=r"loss\.routing\.weights\.breast must be a finite number >= 0, got -1"):
         _cfg(routing={"column": "domain", "default": ["a"], "weights": {"breast": -1}})
-    ok = _cfg(terms=[{"kind": "affinity", "kwargs": {"scope": "domain", "positives": "caption"}}],
-              combine={"mode": "confidence", "scope": "domain", "positives": "caption"},
-              routing={"column": "domain", "default": ["a"], "weights": {"breast": 3}})
+    ok = _cfg(
+        terms=[{"kind": "affinity", "kwargs": {"scope": "domain", "positives": "caption"}}],
+        combine={"mode": "confidence", "scope": "domain", "positives": "caption"},
+        routing={"column": "domain", "default": ["a"], "weights": {"breast": 3}},
+    )
     assert ok.loss.routing.weights == {"breast": 3.0} and ok.loss.combine.scope == "domain"
 
 
@@ -327,9 +377,11 @@ def test_config_errors_name_the_key():
 WORLD = 2
 DIST_DOMAINS = torch.tensor([0, 1, 0, 2, 1, 0])  # rows 0-2 on rank 0, 3-5 on rank 1: domains span both halves
 DIST_W = torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0, 1.0])
-DIST_TERMS = [LossTermCfg("infonce", "infonce"),
-              LossTermCfg("aff", "affinity", kwargs={"scope": "domain", "positives": "caption"}),
-              LossTermCfg("aff_kl", "affinity", 0.5, {"b": 1.0}, {"scope": "domain", "kl": True})]
+DIST_TERMS = [
+    LossTermCfg("infonce", "infonce"),
+    LossTermCfg("aff", "affinity", kwargs={"scope": "domain", "positives": "caption"}),
+    LossTermCfg("aff_kl", "affinity", 0.5, {"b": 1.0}, {"scope": "domain", "kl": True}),
+]
 DIST_COMBINE = CombineCfg(mode="confidence", scope="domain", positives="caption")
 
 # Float32 bounds of "2 processes == 1": the same float32 arithmetic in another order (a rank's rows against the
@@ -350,9 +402,11 @@ LS, LT = logit_err(S_SCALE, E), logit_err(max(T_SCALES.values()), D)
 
 def _dist_value_tol(key: str, values: dict[str, float]) -> float:
     """|1 process - 2 processes| of term `key` (values: the terms' values, weights included; "loss" their sum)."""
-    per = {"infonce": lambda v: nce_tol(v, S_SCALE, E, N),
-           "aff": lambda v: R_MEAN * _aff_tol(v, "b"),  # the larger teacher scale bounds both teachers
-           "aff_kl": lambda v: 0.5 * R_MEAN * _aff_tol(v / 0.5, "b", kl=True)}
+    per = {
+        "infonce": lambda v: nce_tol(v, S_SCALE, E, N),
+        "aff": lambda v: R_MEAN * _aff_tol(v, "b"),  # the larger teacher scale bounds both teachers
+        "aff_kl": lambda v: 0.5 * R_MEAN * _aff_tol(v / 0.5, "b", kl=True),
+    }
     if key == "loss":
         return 2 * (sum(f(values[k]) for k, f in per.items()) + 4 * U * values["loss"])
     return 2 * per[key](values[key])
@@ -377,8 +431,9 @@ def _dist_worker(rank: int, init_file: str, out_dir: str):
         half = N // WORLD
         calls[0] = 0
         out, grads = _dist_run(slice(rank * half, (rank + 1) * half))
-        torch.save({"out": out, "grads": grads, "gathers": torch.tensor(calls[0])},
-                   os.path.join(out_dir, f"r{rank}.pt"))
+        torch.save(
+            {"out": out, "grads": grads, "gathers": torch.tensor(calls[0])}, os.path.join(out_dir, f"r{rank}.pt")
+        )
 
 
 @pytest.mark.slow
@@ -388,11 +443,13 @@ def test_two_processes_equal_one_process(tmp_path):
     ref_out, ref_grads = _dist_run(slice(None))
     values = {k: v.item() for k, v in ref_out.items()}
     for k, v in ref_out.items():
-        torch.testing.assert_close(sum(r["out"][k] for r in ranks) / WORLD, v, rtol=0,
-                                   atol=_dist_value_tol(k, values), msg=k)
+        torch.testing.assert_close(
+            sum(r["out"][k] for r in ranks) / WORLD, v, rtol=0, atol=_dist_value_tol(k, values), msg=k
+        )
     for k, g in ref_grads.items():
-        torch.testing.assert_close(torch.cat([r["grads"][k] for r in ranks]) / WORLD, g, rtol=0,
-                                   atol=_dist_grad_tol(), msg=k)
+        torch.testing.assert_close(
+            torch.cat([r["grads"][k] for r in ranks]) / WORLD, g, rtol=0, atol=_dist_grad_tol(), msg=k
+        )
         assert g.abs().sum() > 0
     # student image and text (with gradient), then ONE gather for teachers, caption ids and domain ids
     assert [int(r["gathers"]) for r in ranks] == [3] * WORLD
@@ -401,10 +458,11 @@ def test_two_processes_equal_one_process(tmp_path):
 # -- a tiny run ----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_tiny_run_trains_domain_local_with_per_domain_weights(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path):
-    from distill.training.build_run import build_run
+    from train_fixtures import tiny_config
+
     from distill.data.loader import DataError
     from distill.train import make_accelerator, train
-    from train_fixtures import tiny_config
+    from distill.training.build_run import build_run
 
     with open(tiny_corpus, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -414,12 +472,17 @@ def test_a_tiny_run_trains_domain_local_with_per_domain_weights(tiny_corpus, tin
         w = csv.DictWriter(f, fieldnames=[*rows[0], "domain"])
         w.writeheader()
         w.writerows({**r, "domain": names[i % 4]} for i, r in enumerate(rows))
-    cfg = tiny_config(corpus, tmp_path / "run", tiny_cache, tokenizer=tiny_tokenizer, train__max_steps=2,
-                      train__checkpoint_every=0,
-                      loss__terms="[{kind: infonce}, {kind: affinity, weight: 3, kwargs: {scope: domain}}]",
-                      loss__combine="{mode: confidence, scope: domain, positives: caption}",
-                      loss__routing="{column: domain, teachers: {breast: [oc], derm: [hf], xray: [oc, hf]}, "
-                                    "weights: {breast: 4}}")
+    cfg = tiny_config(
+        corpus,
+        tmp_path / "run",
+        tiny_cache,
+        tokenizer=tiny_tokenizer,
+        train__max_steps=2,
+        train__checkpoint_every=0,
+        loss__terms="[{kind: infonce}, {kind: affinity, weight: 3, kwargs: {scope: domain}}]",
+        loss__combine="{mode: confidence, scope: domain, positives: caption}",
+        loss__routing="{column: domain, teachers: {breast: [oc], derm: [hf], xray: [oc, hf]}, weights: {breast: 4}}",
+    )
     run = build_run(cfg, make_accelerator(cfg))
     batch = next(iter(run.loader))
     ids = {"breast": 0, "derm": 1, "xray": 2}  # sorted names
@@ -428,7 +491,12 @@ def test_a_tiny_run_trains_domain_local_with_per_domain_weights(tiny_corpus, tin
     assert batch.caption_ids is not None  # loss.combine.positives: caption
     assert np.isfinite(train(cfg)["losses"]["loss"])
 
-    plain = tiny_config(tiny_corpus, tmp_path / "plain", tiny_cache, tokenizer=tiny_tokenizer,
-                        loss__terms="[{kind: infonce}, {kind: affinity, kwargs: {scope: domain}}]")
+    plain = tiny_config(
+        tiny_corpus,
+        tmp_path / "plain",
+        tiny_cache,
+        tokenizer=tiny_tokenizer,
+        loss__terms="[{kind: infonce}, {kind: affinity, kwargs: {scope: domain}}]",
+    )
     with pytest.raises(DataError, match=r"scope: domain .* needs each row's domain: data\.domain_column='domain'"):
         build_run(plain, make_accelerator(plain))

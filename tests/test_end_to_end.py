@@ -3,6 +3,7 @@
 One test uses real MedPix captions and images, and evaluates on MedMNIST and MedPix (skipped where
 ../shared/data is absent); the other runs `distill demo`, the README's main-job command, on generated data.
 """
+
 from __future__ import annotations
 
 import csv
@@ -43,15 +44,50 @@ def _finite_numbers(obj) -> list[float]:
 def test_cache_train_export_eval_on_real_data(shared_data, tiny_teachers, tmp_path, monkeypatch):
     monkeypatch.setenv("BIOMED_DISTILL_DATA", str(shared_data))
     corpus = _medpix_slice(shared_data, tmp_path)
-    features, run, student, report = (tmp_path / "features.h5", tmp_path / "run", tmp_path / "student",
-                                      tmp_path / "report")
+    features, run, student, report = (
+        tmp_path / "features.h5",
+        tmp_path / "run",
+        tmp_path / "student",
+        tmp_path / "report",
+    )
     teacher_args = [a for name, spec in tiny_teachers.items() for a in ("--teacher", f"{name}={spec}")]
 
-    assert main(["cache", "--data", str(corpus), *teacher_args, "--out", str(features), "--batch-size", "16",
-                 "--num-workers", "0", "--device", "cpu", "--views", "2"]) == 0
-    assert main(["train", "--config", str(ROOT / "configs" / "tiny-hybrid.yaml"), f"data.corpus={corpus}",
-                 f"data.features={features}", f"train.output_dir={run}", "train.max_steps=12",
-                 "train.checkpoint_every=6"]) == 0
+    assert (
+        main(
+            [
+                "cache",
+                "--data",
+                str(corpus),
+                *teacher_args,
+                "--out",
+                str(features),
+                "--batch-size",
+                "16",
+                "--num-workers",
+                "0",
+                "--device",
+                "cpu",
+                "--views",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(ROOT / "configs" / "tiny-hybrid.yaml"),
+                f"data.corpus={corpus}",
+                f"data.features={features}",
+                f"train.output_dir={run}",
+                "train.max_steps=12",
+                "train.checkpoint_every=6",
+            ]
+        )
+        == 0
+    )
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert len(log) == 12 and {"loss", "infonce", "affinity"} <= set(log[-1])
     assert all(math.isfinite(r["loss"]) for r in log)
@@ -59,10 +95,29 @@ def test_cache_train_export_eval_on_real_data(shared_data, tiny_teachers, tmp_pa
     assert main(["export", str(run), "--out", str(student)]) == 0
     assert (student / "open_clip_model.safetensors").is_file() and (student / "README.md").is_file()
 
-    assert main(["eval", "--model", f"student=local-dir:{student}", *[a for name, spec in tiny_teachers.items()
-                 for a in ("--model", f"{name}={spec}")], "--task", "pneumoniamnist-zeroshot",
-                 "--task", "medpix-retrieval", "--out", str(report), "--bootstrap", "50", "--max-samples", "48",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                f"student=local-dir:{student}",
+                *[a for name, spec in tiny_teachers.items() for a in ("--model", f"{name}={spec}")],
+                "--task",
+                "pneumoniamnist-zeroshot",
+                "--task",
+                "medpix-retrieval",
+                "--out",
+                str(report),
+                "--bootstrap",
+                "50",
+                "--max-samples",
+                "48",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
 
     rep = json.loads((report / "report.json").read_text())
     results = rep["results"]
@@ -78,8 +133,10 @@ def test_cache_train_export_eval_on_real_data(shared_data, tiny_teachers, tmp_pa
             assert all(0.0 <= v <= 1.0 for v in metrics.values())
     md = (report / "report.md").read_text()
     assert "student − best teacher" in md and "| pneumoniamnist-zeroshot | accuracy |" in md
-    assert sorted(p.name for p in (report / "charts").glob("*.png")) == ["medpix-retrieval.png",
-                                                                          "pneumoniamnist-zeroshot.png"]
+    assert sorted(p.name for p in (report / "charts").glob("*.png")) == [
+        "medpix-retrieval.png",
+        "pneumoniamnist-zeroshot.png",
+    ]
 
 
 @pytest.mark.slow
@@ -90,8 +147,15 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
 
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["train"]["step"] == 12
-    for rel in ["features.h5", "run/log.jsonl", "run/loss_curves.png", "student/open_clip_model.safetensors",
-                "student/open_clip_config.json", "report/report.json", "report/report.md"]:
+    for rel in [
+        "features.h5",
+        "run/log.jsonl",
+        "run/loss_curves.png",
+        "student/open_clip_model.safetensors",
+        "student/open_clip_config.json",
+        "report/report.json",
+        "report/report.md",
+    ]:
         assert (out / rel).is_file(), rel
     card = (out / "student" / "README.md").read_text()
     assert "teacher_a" in card and "teacher_b" in card and "demo-retrieval" in card

@@ -2,11 +2,11 @@
 models flagged in the verdict, accuracy's majority-class level, no absolute paths in what is shipped or shown, and
 the small things (pluralisation, --help's "95%", legends, .gitignore, the run's student-config folder, the bench
 extra)."""
+
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,17 +34,29 @@ def est(point: float, lo: float, hi: float, reps, k: int | None = None) -> Estim
 
 def _flagged_report(student_collapsed: bool = True) -> dict:
     """A student beating a baseline whose AUROC interval lies far below chance, the student predicting one class."""
-    row = {"s": {"macro_auroc": est(0.61, 0.55, 0.67, [0.6, 0.62, 0.61, 0.6]),
-                 "balanced_accuracy": est(0.5, 0.5, 0.5, [0.5] * 4, 1 if student_collapsed else 2),
-                 "accuracy": est(0.7, 0.6, 0.8, [0.7] * 4, 1 if student_collapsed else 2)},
-           "b": {"macro_auroc": est(0.19, 0.12, 0.26, [0.2, 0.18, 0.19, 0.2]),
-                 "balanced_accuracy": est(0.4, 0.3, 0.5, [0.4] * 4, 2),
-                 "accuracy": est(0.4, 0.3, 0.5, [0.4] * 4, 2)}}
+    row = {
+        "s": {
+            "macro_auroc": est(0.61, 0.55, 0.67, [0.6, 0.62, 0.61, 0.6]),
+            "balanced_accuracy": est(0.5, 0.5, 0.5, [0.5] * 4, 1 if student_collapsed else 2),
+            "accuracy": est(0.7, 0.6, 0.8, [0.7] * 4, 1 if student_collapsed else 2),
+        },
+        "b": {
+            "macro_auroc": est(0.19, 0.12, 0.26, [0.2, 0.18, 0.19, 0.2]),
+            "balanced_accuracy": est(0.4, 0.3, 0.5, [0.4] * 4, 2),
+            "accuracy": est(0.4, 0.3, 0.5, [0.4] * 4, 2),
+        },
+    }
     models = {"s": {"spec": "local-dir:../student"}, "b": {"spec": "ViT-B-32/openai"}}
-    return build_report(models, "s", {"T": {"kind": "zeroshot", "dataset": "t.csv", "n": {"test": 40}}},
-                        {"T": row}, {"bootstrap": 4, "seed": 0, "confidence": 0.95}, baselines=("b",),
-                        chance={"T": {"macro_auroc": 0.5, "balanced_accuracy": 0.5, "accuracy": 0.5}},
-                        majority={"T": {"accuracy": 0.7}})
+    return build_report(
+        models,
+        "s",
+        {"T": {"kind": "zeroshot", "dataset": "t.csv", "n": {"test": 40}}},
+        {"T": row},
+        {"bootstrap": 4, "seed": 0, "confidence": 0.95},
+        baselines=("b",),
+        chance={"T": {"macro_auroc": 0.5, "balanced_accuracy": 0.5, "accuracy": 0.5}},
+        majority={"T": {"accuracy": 0.7}},
+    )
 
 
 def test_better_than_a_below_chance_baseline_says_so_and_a_one_class_student_is_flagged():
@@ -53,9 +65,11 @@ def test_better_than_a_below_chance_baseline_says_so_and_a_one_class_student_is_
     assert v["vs_baselines"] == {"b": "better"}
     assert v["below_chance"] == ["b"] and v["one_class"] == ["s"]
     assert report["tasks"]["T"]["flags"] == {"below_chance": ["b"], "one_class": ["s"]}
-    assert v["text"] == ("s is better than baseline b beyond the interval (+0.420 [+0.400, +0.439]), though b is "
-                         "below chance (macro_auroc 0.190 [0.12, 0.26] against chance 0.500); caution: s predicts "
-                         "one class for every test image (balanced_accuracy 0.500 [0.50, 0.50])")
+    assert v["text"] == (
+        "s is better than baseline b beyond the interval (+0.420 [+0.400, +0.439]), though b is "
+        "below chance (macro_auroc 0.190 [0.12, 0.26] against chance 0.500); caution: s predicts "
+        "one class for every test image (balanced_accuracy 0.500 [0.50, 0.50])"
+    )
     md = markdown_table(report, "T")
     assert "0.190 [0.12, 0.26] (below chance)" in md and "**0.500 [0.50, 0.50]** (one class)" in md
     acc = next(line for line in md.splitlines() if "| accuracy |" in line)
@@ -74,8 +88,12 @@ def test_classification_metrics_count_the_classes_predicted():
     y = np.array([0, 1, 2, 0, 1, 2, 0, 0])
     collapsed = np.tile([0.2, 0.5, 0.3], (8, 1)) + np.linspace(0, 0.01, 8)[:, None] * np.array([1, 0, 0])
     m = classification_metrics(y, collapsed, ["a", "b", "c"], resamples=20, seed=0)
-    assert {k: e.classes_predicted for k, e in m.items()} == {"accuracy": 1, "balanced_accuracy": 1, "macro_f1": 1,
-                                                              "macro_auroc": None}
+    assert {k: e.classes_predicted for k, e in m.items()} == {
+        "accuracy": 1,
+        "balanced_accuracy": 1,
+        "macro_f1": 1,
+        "macro_auroc": None,
+    }
     assert m["balanced_accuracy"].point == pytest.approx(1 / 3)
     assert m["accuracy"].to_dict()["classes_predicted"] == 1 and "classes_predicted" not in m["macro_auroc"].to_dict()
     assert majority_share(y, 3) == pytest.approx(4 / 8) and majority_share(np.eye(3)[y], 3) is None
@@ -83,9 +101,13 @@ def test_classification_metrics_count_the_classes_predicted():
 
 def test_overall_text_for_one_task_is_grammatical():
     r = lambda *v: np.array(v, dtype=float)  # noqa: E731
-    one = {"A": {"s": {"mean_recall": est(0.5, NAN, NAN, r(0.5, 0.4, 0.6, 0.5))},
-                 "t": {"mean_recall": est(0.4, NAN, NAN, r(0.4, 0.4, 0.4, 0.4))},
-                 "b": {"mean_recall": est(0.3, NAN, NAN, r(0.3, 0.3, 0.3, 0.3))}}}
+    one = {
+        "A": {
+            "s": {"mean_recall": est(0.5, NAN, NAN, r(0.5, 0.4, 0.6, 0.5))},
+            "t": {"mean_recall": est(0.4, NAN, NAN, r(0.4, 0.4, 0.4, 0.4))},
+            "b": {"mean_recall": est(0.3, NAN, NAN, r(0.3, 0.3, 0.3, 0.3))},
+        }
+    }
     o = overall_summary(one, "s", ["t"], ["b"], level=0.5)
     assert "1 task'" not in o["text"] and "Averaged" not in o["text"]
     assert o["text"].startswith("On A's headline metric (mean_recall), s is ") and "mean difference" not in o["text"]
@@ -112,13 +134,24 @@ def test_shown_paths_relative_within_two_levels_else_the_name(tmp_path):
 
 
 def test_model_card_names_no_absolute_path():
-    card = make_model_card(ModelCard(source="local-dir:/home/alice/models/base",
-                                     teachers=(CardTeacher("quilt", "local-dir:/home/alice/models/quilt", 0.5),
-                                               CardTeacher("bmc", "hf-hub:microsoft/BiomedCLIP", 1.0)),
-                                     corpus="/home/alice/data/pmc.csv"), {"vision_cfg": {}, "text_cfg": {}})
+    card = make_model_card(
+        ModelCard(
+            source="local-dir:/home/alice/models/base",
+            teachers=(
+                CardTeacher("quilt", "local-dir:/home/alice/models/quilt", 0.5),
+                CardTeacher("bmc", "hf-hub:microsoft/BiomedCLIP", 1.0),
+            ),
+            corpus="/home/alice/data/pmc.csv",
+        ),
+        {"vision_cfg": {}, "text_cfg": {}},
+    )
     assert "/home/alice" not in card
-    for needle in ("from `local-dir:base`", "| quilt | `local-dir:quilt` | 0.5 |", "`hf-hub:microsoft/BiomedCLIP`",
-                   "- corpus: `pmc.csv`"):
+    for needle in (
+        "from `local-dir:base`",
+        "| quilt | `local-dir:quilt` | 0.5 |",
+        "`hf-hub:microsoft/BiomedCLIP`",
+        "- corpus: `pmc.csv`",
+    ):
         assert needle in card, needle
 
 
@@ -135,22 +168,51 @@ def task_file(tmp_path_factory) -> Path:
         Image.fromarray(arr).save(root / "img" / f"{i}.png")
         rows.append(f"img/{i}.png,{['ct', 'mri', 'us'][label]}")
     (root / "data.csv").write_text("image,label\n" + "\n".join(rows) + "\n")
-    (root / "zs.yaml").write_text(yaml.safe_dump({"name": "zs", "kind": "zeroshot", "dataset": {"path": "data.csv"},
-                                                  "classes": ["ct", "mri", "us"], "templates": ["{} image"]}))
+    (root / "zs.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "zs",
+                "kind": "zeroshot",
+                "dataset": {"path": "data.csv"},
+                "classes": ["ct", "mri", "us"],
+                "templates": ["{} image"],
+            }
+        )
+    )
     return root / "zs.yaml"
 
 
 def test_cli_eval_prints_verdicts_and_ships_no_absolute_paths(task_file, tiny_teachers, tmp_path, capsys):
     out = tmp_path / "work" / "report"
-    argv = ["eval", "--model", f"oc={tiny_teachers['oc']}", "--model", f"hf={tiny_teachers['hf']}",
-            "--student", "oc", "--baseline", "hf", "--task", str(task_file), "--out", str(out), "--device", "cpu",
-            "--bootstrap", "30", "--batch-size", "6"]
+    argv = [
+        "eval",
+        "--model",
+        f"oc={tiny_teachers['oc']}",
+        "--model",
+        f"hf={tiny_teachers['hf']}",
+        "--student",
+        "oc",
+        "--baseline",
+        "hf",
+        "--task",
+        str(task_file),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--bootstrap",
+        "30",
+        "--batch-size",
+        "6",
+    ]
     assert main(argv) == 0
     captured = capsys.readouterr()
     report = json.loads((out / "report.json").read_text())
     verdict = report["tasks"]["zs"]["verdict"]["text"]
-    assert captured.out.splitlines() == [f"zs (headline metric macro_auroc): {verdict}.",
-                                         f"report written to {out / 'report.md'}"]
+    assert captured.out.splitlines() == [
+        f"zs (headline metric macro_auroc): {verdict}.",
+        f"report written to {out / 'report.md'}",
+    ]
     md = (out / "report.md").read_text()
     bars = captured.err  # tqdm's progress bars: "oc | data.csv (test)", not the dataset's absolute path
     assert "oc | data.csv (test)" in bars and str(task_file.parent) not in bars

@@ -1,4 +1,5 @@
 """Metrics, retrieval ranks and bootstrap intervals against hand-computed cases."""
+
 from __future__ import annotations
 
 import math
@@ -45,12 +46,16 @@ def test_perfect_and_constant_models():
     y = rng.integers(0, 3, 60)
     perfect = np.eye(3)[y] * 0.9 + 0.05
     res = classification_metrics(y, perfect, ["a", "b", "c"], resamples=50)
-    assert {k: v.point for k, v in res.items()} == {"accuracy": 1.0, "balanced_accuracy": 1.0,
-                                                    "macro_f1": 1.0, "macro_auroc": 1.0}
+    assert {k: v.point for k, v in res.items()} == {
+        "accuracy": 1.0,
+        "balanced_accuracy": 1.0,
+        "macro_f1": 1.0,
+        "macro_auroc": 1.0,
+    }
     assert res["accuracy"].ci_low == res["accuracy"].ci_high == 1.0
 
     y = np.array([0] * 7 + [1] * 3)
-    const = np.tile([0.6, 0.4], (10, 1))              # always predicts the majority class
+    const = np.tile([0.6, 0.4], (10, 1))  # always predicts the majority class
     res = classification_metrics(y, const, ["a", "b"], resamples=0)
     assert res["accuracy"].point == pytest.approx(0.7)  # the majority share
     assert res["balanced_accuracy"].point == pytest.approx(0.5)
@@ -69,16 +74,20 @@ def test_multilabel_auroc_skips_undefined_classes():
 
 
 def test_hit_probabilities_without_and_with_ties():
-    sim = np.array([[0.9, 0.5, 0.1],   # positive 2nd
-                    [0.2, 0.2, 0.2],   # constant row, 1 positive of 3: chance
-                    [0.7, 0.7, 0.1],   # positive tied with one negative for first place
-                    [0.3, 0.3, 0.3]])  # constant row, 2 positives of 3
+    sim = np.array(
+        [
+            [0.9, 0.5, 0.1],  # positive 2nd
+            [0.2, 0.2, 0.2],  # constant row, 1 positive of 3: chance
+            [0.7, 0.7, 0.1],  # positive tied with one negative for first place
+            [0.3, 0.3, 0.3],
+        ]
+    )  # constant row, 2 positives of 3
     pos = np.array([[False, True, False], [True, False, False], [False, True, False], [True, False, True]])
     hits = M.hit_probabilities(sim, pos, (1, 2, 3))
     assert hits[0].tolist() == [0.0, 1.0, 1.0]
-    assert hits[1] == pytest.approx([1 / 3, 2 / 3, 1.0])   # k / G for one positive among G items
+    assert hits[1] == pytest.approx([1 / 3, 2 / 3, 1.0])  # k / G for one positive among G items
     assert hits[2] == pytest.approx([0.5, 1.0, 1.0])
-    assert hits[3] == pytest.approx([2 / 3, 1.0, 1.0])     # 1 - P(the negative comes first)
+    assert hits[3] == pytest.approx([2 / 3, 1.0, 1.0])  # 1 - P(the negative comes first)
 
 
 def test_retrieval_with_shared_captions():
@@ -86,10 +95,14 @@ def test_retrieval_with_shared_captions():
     unique, owner = dedupe_captions(captions)
     assert unique == ["left lung nodule", "brain mass", "liver cyst"] and owner.tolist() == [0, 0, 1, 2]
     text = torch.eye(3)
-    images = torch.tensor([[0.9, 0.1, 0.0],    # caption A, ranks A first
-                           [0.2, 0.8, 0.0],    # caption A, ranks B first -> miss at 1
-                           [0.1, 0.9, 0.05],   # caption B -> hit at 1
-                           [0.7, 0.0, 0.6]])   # caption C, ranks A first -> miss at 1
+    images = torch.tensor(
+        [
+            [0.9, 0.1, 0.0],  # caption A, ranks A first
+            [0.2, 0.8, 0.0],  # caption A, ranks B first -> miss at 1
+            [0.1, 0.9, 0.05],  # caption B -> hit at 1
+            [0.7, 0.0, 0.6],
+        ]
+    )  # caption C, ranks A first -> miss at 1
     i2t, t2i = retrieval_hits(images, text, owner)
     assert i2t.tolist() == [[1, 1, 1], [0, 1, 1], [1, 1, 1], [0, 1, 1]]
     assert t2i[:, 0].tolist() == [1, 1, 1]  # text A is right when ANY of images 0, 1 comes first
@@ -101,7 +114,7 @@ def test_retrieval_with_shared_captions():
 
 def test_retrieval_of_perfect_and_constant_models():
     rng = np.random.default_rng(0)
-    owner = np.repeat(np.arange(20), 2)                      # 40 images, 20 captions, two images each
+    owner = np.repeat(np.arange(20), 2)  # 40 images, 20 captions, two images each
     text = torch.nn.functional.normalize(torch.as_tensor(rng.normal(size=(20, 8)), dtype=torch.float32), dim=-1)
     perfect = retrieval_metrics(*retrieval_hits(text[owner], text, owner), resamples=0)
     assert all(e.point == pytest.approx(1.0) for e in perfect.values())

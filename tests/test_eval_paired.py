@@ -1,4 +1,5 @@
 """Paired bootstrap differences, verdicts, the mean over tasks and chance levels against hand-computed values."""
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,17 @@ def test_mean_difference_averages_replicates_over_tasks():
     assert math.isnan(mean_difference([]).value)
 
 
-@pytest.mark.parametrize("lo,hi,word", [(0.0, 0.2, "within"), (1e-12, 0.2, "better"), (-0.2, 0.0, "within"),
-                                        (-0.2, -1e-12, "worse"), (-0.1, 0.1, "within"), (NAN, 0.1, None)])
+@pytest.mark.parametrize(
+    "lo,hi,word",
+    [
+        (0.0, 0.2, "within"),
+        (1e-12, 0.2, "better"),
+        (-0.2, 0.0, "within"),
+        (-0.2, -1e-12, "worse"),
+        (-0.1, 0.1, "within"),
+        (NAN, 0.1, None),
+    ],
+)
 def test_verdict_word_at_the_boundaries(lo, hi, word):
     assert verdict_word(Difference(0.05, lo, hi)) == word
 
@@ -77,15 +87,20 @@ def test_verdict_word_without_a_difference_or_value():
 
 
 def test_verdict_text_names_best_teacher_and_baseline():
-    diffs = {"student_minus_best_teacher": ("X", Difference(0.031, 0.012, 0.050)),
-             "student_minus_baseline": {"Y": Difference(0.004, -0.010, 0.018), "Z": Difference(-0.2, -0.3, -0.1)}}
+    diffs = {
+        "student_minus_best_teacher": ("X", Difference(0.031, 0.012, 0.050)),
+        "student_minus_baseline": {"Y": Difference(0.004, -0.010, 0.018), "Z": Difference(-0.2, -0.3, -0.1)},
+    }
     v = verdict("macro_auroc", "ours", diffs)
     assert v["vs_teachers"] == "better" and v["vs_baselines"] == {"Y": "within", "Z": "worse"}
-    assert v["text"] == ("ours is better than every teacher beyond the 95% interval (+0.031 [+0.012, +0.050] over "
-                         "best teacher X); within the interval of baseline Y (+0.004 [-0.010, +0.018]); worse than "
-                         "baseline Z beyond the interval (-0.200 [-0.300, -0.100])")
-    only_base = verdict("m", "ours", {"student_minus_best_teacher": None,
-                                      "student_minus_baseline": {"Y": Difference(0.1, 0.05, 0.2)}})
+    assert v["text"] == (
+        "ours is better than every teacher beyond the 95% interval (+0.031 [+0.012, +0.050] over "
+        "best teacher X); within the interval of baseline Y (+0.004 [-0.010, +0.018]); worse than "
+        "baseline Z beyond the interval (-0.200 [-0.300, -0.100])"
+    )
+    only_base = verdict(
+        "m", "ours", {"student_minus_best_teacher": None, "student_minus_baseline": {"Y": Difference(0.1, 0.05, 0.2)}}
+    )
     assert only_base["vs_teachers"] is None and only_base["text"].startswith("ours is better than baseline Y")
 
 
@@ -101,14 +116,18 @@ def test_headline_metric_per_kind():
 
 def _two_tasks() -> dict:
     r = lambda *v: np.array(v, dtype=float)  # noqa: E731
-    a = {"s": {"macro_auroc": est(0.8, r(0.8, 0.7, 0.9, 0.8)), "accuracy": est(0.5, None)},
-         "t1": {"macro_auroc": est(0.7, r(0.6, 0.7, 0.7, 0.8)), "accuracy": est(0.9, None)},
-         "t2": {"macro_auroc": est(0.75, r(0.7, 0.7, 0.8, 0.7)), "accuracy": est(0.4, None)},
-         "b": {"macro_auroc": est(0.6, r(0.6, 0.5, 0.6, 0.7)), "accuracy": est(0.4, None)}}
-    b = {"s": {"mean_recall": est(0.5, r(0.5, 0.4, 0.6, 0.5))},
-         "t1": {"mean_recall": est(0.6, r(0.6, 0.5, 0.6, 0.7))},
-         "t2": {"mean_recall": est(0.4, r(0.4, 0.4, 0.4, 0.4))},
-         "b": {"mean_recall": est(0.5, r(0.5, 0.5, 0.5, 0.5))}}
+    a = {
+        "s": {"macro_auroc": est(0.8, r(0.8, 0.7, 0.9, 0.8)), "accuracy": est(0.5, None)},
+        "t1": {"macro_auroc": est(0.7, r(0.6, 0.7, 0.7, 0.8)), "accuracy": est(0.9, None)},
+        "t2": {"macro_auroc": est(0.75, r(0.7, 0.7, 0.8, 0.7)), "accuracy": est(0.4, None)},
+        "b": {"macro_auroc": est(0.6, r(0.6, 0.5, 0.6, 0.7)), "accuracy": est(0.4, None)},
+    }
+    b = {
+        "s": {"mean_recall": est(0.5, r(0.5, 0.4, 0.6, 0.5))},
+        "t1": {"mean_recall": est(0.6, r(0.6, 0.5, 0.6, 0.7))},
+        "t2": {"mean_recall": est(0.4, r(0.4, 0.4, 0.4, 0.4))},
+        "b": {"mean_recall": est(0.5, r(0.5, 0.5, 0.5, 0.5))},
+    }
     return {"A": a, "B": b}
 
 
@@ -125,26 +144,43 @@ def test_overall_summary_mean_over_tasks_by_hand():
     # A: 0.2, 0.2, 0.3, 0.1 (0.2); B: 0.0, -0.1, 0.1, 0.0 (0.0) -> mean 0.1, replicates 0.1, 0.05, 0.2, 0.05
     assert base["value"] == pytest.approx(0.1) and base["ci"] == pytest.approx([0.05, 0.125])
     assert base["verdict"] == "better"
-    assert o["text"].startswith("Averaged over 2 tasks' headline metrics, s is within the 50% interval of the "
-                                "best teacher") and "better than baseline b beyond the interval" in o["text"]
+    assert (
+        o["text"].startswith(
+            "Averaged over 2 tasks' headline metrics, s is within the 50% interval of the best teacher"
+        )
+        and "better than baseline b beyond the interval" in o["text"]
+    )
     assert overall_summary(_two_tasks(), None, ["t1"], ["b"]) is None
 
 
 def test_report_roles_gain_over_teachers_only_and_differences():
     tasks = _two_tasks()
     models = {m: {"spec": m} for m in ("s", "t1", "t2", "b")}
-    rep = build_report(models, "s", {"A": {"kind": "zeroshot"}, "B": {"kind": "retrieval"}}, tasks,
-                       {"bootstrap": 4, "seed": 0, "confidence": 0.5}, baselines=("b",),
-                       chance={"A": {"macro_auroc": 0.5, "accuracy": 0.25}, "B": {"mean_recall": 0.1}})
+    rep = build_report(
+        models,
+        "s",
+        {"A": {"kind": "zeroshot"}, "B": {"kind": "retrieval"}},
+        tasks,
+        {"bootstrap": 4, "seed": 0, "confidence": 0.5},
+        baselines=("b",),
+        chance={"A": {"macro_auroc": 0.5, "accuracy": 0.25}, "B": {"mean_recall": 0.1}},
+    )
     assert rep["baselines"] == ["b"] and rep["teachers"] == ["t1", "t2"]
-    assert {m: v["role"] for m, v in rep["models"].items()} == {"s": "student", "t1": "teacher", "t2": "teacher",
-                                                                "b": "baseline"}
+    assert {m: v["role"] for m, v in rep["models"].items()} == {
+        "s": "student",
+        "t1": "teacher",
+        "t2": "teacher",
+        "b": "baseline",
+    }
     a = rep["tasks"]["A"]
     assert a["headline"] == "macro_auroc" and a["chance"] == {"macro_auroc": 0.5, "accuracy": 0.25}
     assert a["gain"]["accuracy"] == pytest.approx(0.5 - 0.9)
     d = a["differences"]["macro_auroc"]
-    assert d["student_minus_best_teacher"] == {"teacher": "t2", "value": pytest.approx(0.05),
-                                               "ci": pytest.approx([0.075, 0.1])}
+    assert d["student_minus_best_teacher"] == {
+        "teacher": "t2",
+        "value": pytest.approx(0.05),
+        "ci": pytest.approx([0.075, 0.1]),
+    }
     assert d["student_minus_baseline"]["b"]["value"] == pytest.approx(0.2)
     # every teacher too (a teacher's own domain task): t1 differences 0.2, 0.0, 0.2, 0.0 -> [0.0, 0.2]
     assert d["student_minus_teacher"]["t1"] == {"value": pytest.approx(0.1), "ci": pytest.approx([0.0, 0.2])}
@@ -196,8 +232,13 @@ def test_pairing_cancels_shared_noise_for_a_constant_shift():
 
 
 def test_bootstrap_strata_resample_each_block():
-    est_ = bootstrap({"lo": lambda i: float(np.mean(i < 3)), "hi": lambda i: float(np.mean(i >= 3))}, 5,
-                     resamples=50, seed=0, strata=(3, 2))
+    est_ = bootstrap(
+        {"lo": lambda i: float(np.mean(i < 3)), "hi": lambda i: float(np.mean(i >= 3))},
+        5,
+        resamples=50,
+        seed=0,
+        strata=(3, 2),
+    )
     assert np.all(est_["lo"].replicates == 0.6) and np.all(est_["hi"].replicates == 0.4)  # 3 + 2 drawn every time
     with pytest.raises(ValueError, match="strata"):
         bootstrap({"m": lambda i: 0.0}, 5, strata=(3, 3))
@@ -226,8 +267,9 @@ def test_chance_retrieval_by_hand_and_equal_to_a_constant_model():
     assert c["text_to_image_R@1"] == pytest.approx(1 / 3) and c["text_to_image_R@10"] == 1.0
     assert c["mean_recall"] == pytest.approx((1 / 3 + 1 + 1 + 1 / 3 + 1 + 1) / 6)
     one_each = retrieval_chance(np.arange(20))  # one image per caption: K / N both ways
-    assert all(one_each[f"{d}_R@{k}"] == pytest.approx(k / 20) for d in ("image_to_text", "text_to_image")
-               for k in (1, 5, 10))
+    assert all(
+        one_each[f"{d}_R@{k}"] == pytest.approx(k / 20) for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)
+    )
     owner = np.repeat(np.arange(20), 2)
     const = retrieval_metrics(*retrieval_hits(torch.ones(40, 8), torch.ones(20, 8), owner), resamples=0)
     chance = retrieval_chance(owner)

@@ -1,4 +1,5 @@
 """run_eval end to end: a student and two tiny teachers on tmp data (and on real data where present)."""
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,10 @@ from PIL import Image
 
 from distill.eval import EvalJob, is_our_export, list_tasks, run_eval
 from distill.eval.bootstrap import Estimate
+from distill.eval.datasets import load_splits
 from distill.eval.embeddings import EmbeddingCache
 from distill.eval.report import build_report, markdown_table
 from distill.eval.tasks import load_task
-from distill.eval.datasets import load_splits
 from teachers import Teacher, load_teacher
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -43,17 +44,32 @@ def tmp_tasks(tmp_path_factory) -> list[str]:
         label = i % 3
         arr = np.clip(rng.normal(60 + 70 * label, 25, (20, 20, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(arr).save(root / "img" / f"{i}.png")
-        rows.append(f"img/{i}.png,{['dark', 'grey', 'bright'][label]},a {['dark', 'grey', 'bright'][label]} scan {i % 6}")
+        rows.append(
+            f"img/{i}.png,{['dark', 'grey', 'bright'][label]},a {['dark', 'grey', 'bright'][label]} scan {i % 6}"
+        )
     (root / "data.csv").write_text("image,label,caption\n" + "\n".join(rows) + "\n")
-    np.savez(root / "toy.npz", **{f"{s}_images": rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
-                                  for s, n in (("train", 30), ("val", 12), ("test", 20))},
-             **{f"{s}_labels": (np.arange(n) % 2)[:, None] for s, n in (("train", 30), ("val", 12), ("test", 20))})
+    np.savez(
+        root / "toy.npz",
+        **{
+            f"{s}_images": rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+            for s, n in (("train", 30), ("val", 12), ("test", 20))
+        },
+        **{f"{s}_labels": (np.arange(n) % 2)[:, None] for s, n in (("train", 30), ("val", 12), ("test", 20))},
+    )
     tasks = {
-        "toy-zeroshot": {"kind": "zeroshot", "dataset": {"path": "data.csv"}, "classes": ["dark", "grey", "bright"],
-                         "templates": ["a {} scan", "an image that is {}"]},
+        "toy-zeroshot": {
+            "kind": "zeroshot",
+            "dataset": {"path": "data.csv"},
+            "classes": ["dark", "grey", "bright"],
+            "templates": ["a {} scan", "an image that is {}"],
+        },
         "toy-retrieval": {"kind": "retrieval", "dataset": {"path": "data.csv"}},
-        "toy-probe": {"kind": "linear_probe", "dataset": {"path": "toy.npz"}, "classes": ["no", "yes"],
-                      "linear_probe": {"shots": [2], "l2_grid": [1e-2, 1.0]}},
+        "toy-probe": {
+            "kind": "linear_probe",
+            "dataset": {"path": "toy.npz"},
+            "classes": ["no", "yes"],
+            "linear_probe": {"shots": [2], "l2_grid": [1e-2, 1.0]},
+        },
     }
     paths = []
     for name, t in tasks.items():
@@ -84,8 +100,9 @@ def test_report_student_vs_two_teachers(tmp_path, tiny_teachers, student_spec, t
         return real_encode(self, images)
 
     monkeypatch.setattr(Teacher, "encode_image", counting_encode)
-    job = EvalJob(models=models, tasks=tmp_tasks, out=str(tmp_path / "rep"), device="cpu", batch_size=8,
-                  bootstrap=100, seed=0)
+    job = EvalJob(
+        models=models, tasks=tmp_tasks, out=str(tmp_path / "rep"), device="cpu", batch_size=8, bootstrap=100, seed=0
+    )
     report = run_eval(job)
     # zero-shot and retrieval share data.csv's 18 test images, the probe adds npz train/val/test (30 + 12 + 20):
     # each model encodes every image once (without reuse it would be 18 + 18 + 62)
@@ -117,7 +134,9 @@ def test_report_student_vs_two_teachers(tmp_path, tiny_teachers, student_spec, t
     assert cells[2 + list(models).index(best)].startswith("**")
     d = zs["differences"]["accuracy"]["student_minus_best_teacher"]
     assert cells[-1] == f"{d['value']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] (vs {d['teacher']})"
-    assert d["value"] == pytest.approx(zs["gain"]["accuracy"]) and cells[-2] == "0.333 (majority 0.333)"  # 1 / 3 classes, balanced
+    assert (
+        d["value"] == pytest.approx(zs["gain"]["accuracy"]) and cells[-2] == "0.333 (majority 0.333)"
+    )  # 1 / 3 classes, balanced
     for name in ("toy-zeroshot", "toy-retrieval", "toy-probe"):
         png = tmp_path / "rep" / "charts" / f"{name}.png"
         assert png.read_bytes()[:8] == PNG_MAGIC and f"](charts/{name}.png)" in md
@@ -126,8 +145,13 @@ def test_report_student_vs_two_teachers(tmp_path, tiny_teachers, student_spec, t
 
 
 def test_same_seed_same_report_and_student_override(tmp_path, tiny_teachers, tmp_tasks):
-    kw = dict(models={"a": tiny_teachers["oc"], "b": tiny_teachers["oc"]}, tasks=tmp_tasks[:1], device="cpu",
-              bootstrap=50, student="b")
+    kw = dict(
+        models={"a": tiny_teachers["oc"], "b": tiny_teachers["oc"]},
+        tasks=tmp_tasks[:1],
+        device="cpu",
+        bootstrap=50,
+        student="b",
+    )
     r1 = run_eval(EvalJob(out=str(tmp_path / "1"), **kw))
     r2 = run_eval(EvalJob(out=str(tmp_path / "2"), **kw))
     assert r1["tasks"] == r2["tasks"] and r1["student"] == "b"
@@ -169,25 +193,39 @@ def test_embedding_cache_on_disk_notices_new_weights(tmp_path, tiny_teachers, tm
 
 def test_markdown_table_bold_best_and_gain():
     e = lambda p, lo, hi: Estimate(p, lo, hi, 100)  # noqa: E731
-    report = build_report({"s": {"spec": "x"}, "t1": {"spec": "y"}, "t2": {"spec": "z"}}, "s",
-                          {"task": {"kind": "zeroshot"}},
-                          {"task": {"s": {"acc": e(0.812, 0.78, 0.84), "auc": e(0.5, 0.4, 0.6)},
-                                    "t1": {"acc": e(0.7, 0.6, 0.8), "auc": e(0.9, 0.85, 0.95)},
-                                    "t2": {"acc": e(0.75, 0.7, 0.8), "auc": e(float("nan"), float("nan"),
-                                                                                float("nan"))}}},
-                          {"bootstrap": 100, "seed": 0})
+    report = build_report(
+        {"s": {"spec": "x"}, "t1": {"spec": "y"}, "t2": {"spec": "z"}},
+        "s",
+        {"task": {"kind": "zeroshot"}},
+        {
+            "task": {
+                "s": {"acc": e(0.812, 0.78, 0.84), "auc": e(0.5, 0.4, 0.6)},
+                "t1": {"acc": e(0.7, 0.6, 0.8), "auc": e(0.9, 0.85, 0.95)},
+                "t2": {"acc": e(0.75, 0.7, 0.8), "auc": e(float("nan"), float("nan"), float("nan"))},
+            }
+        },
+        {"bootstrap": 100, "seed": 0},
+    )
     table = markdown_table(report, "task").splitlines()
     # no replicates here, so the differences have no interval; no chance levels given: empty cells
-    assert table[2] == ("| task | acc | **0.812 [0.78, 0.84]** | 0.700 [0.60, 0.80] | 0.750 [0.70, 0.80] |  "
-                        "| +0.062 (vs t2) |")
+    assert table[2] == (
+        "| task | acc | **0.812 [0.78, 0.84]** | 0.700 [0.60, 0.80] | 0.750 [0.70, 0.80] |  | +0.062 (vs t2) |"
+    )
     assert table[3] == "| task | auc | 0.500 [0.40, 0.60] | **0.900 [0.85, 0.95]** | n/a |  | -0.400 (vs t1) |"
     assert report["tasks"]["task"]["metrics"]["auc"]["t2"]["point"] is None  # NaN -> null in JSON
 
 
 def test_builtin_tasks_on_real_data(tmp_path, shared_data, monkeypatch, tiny_teachers, student_spec):
     monkeypatch.setenv("BIOMED_DISTILL_DATA", str(shared_data))
-    job = EvalJob(models={"hf": tiny_teachers["hf"], "ours": student_spec}, tasks=list_tasks(),
-                  out=str(tmp_path / "real"), device="cpu", batch_size=32, bootstrap=50, max_samples=48)
+    job = EvalJob(
+        models={"hf": tiny_teachers["hf"], "ours": student_spec},
+        tasks=list_tasks(),
+        out=str(tmp_path / "real"),
+        device="cpu",
+        batch_size=32,
+        bootstrap=50,
+        max_samples=48,
+    )
     report = run_eval(job)
     assert set(report["tasks"]) == set(list_tasks())
     for name, task in report["tasks"].items():
@@ -208,17 +246,36 @@ def test_baseline_roles_and_paired_resamples_for_every_task_kind(tmp_path, tiny_
 
     root = Path(tmp_tasks[0]).parent
     ft = root / "toy-finetune.yaml"
-    ft.write_text(yaml.safe_dump({"name": "toy-finetune", "kind": "finetune", "dataset": {"path": "toy.npz"},
-                                  "classes": ["no", "yes"], "finetune": {"epochs": 1, "batch_size": 16,
-                                                                         "max_steps": 2}}))
-    job = EvalJob(models={"a": tiny_teachers["oc"], "b": tiny_teachers["oc"], "h": tiny_teachers["hf"]},
-                  tasks=[*tmp_tasks, str(ft)], out=str(tmp_path / "rep"), device="cpu", batch_size=8,
-                  bootstrap=60, student="b", baselines=("a",))
+    ft.write_text(
+        yaml.safe_dump(
+            {
+                "name": "toy-finetune",
+                "kind": "finetune",
+                "dataset": {"path": "toy.npz"},
+                "classes": ["no", "yes"],
+                "finetune": {"epochs": 1, "batch_size": 16, "max_steps": 2},
+            }
+        )
+    )
+    job = EvalJob(
+        models={"a": tiny_teachers["oc"], "b": tiny_teachers["oc"], "h": tiny_teachers["hf"]},
+        tasks=[*tmp_tasks, str(ft)],
+        out=str(tmp_path / "rep"),
+        device="cpu",
+        batch_size=8,
+        bootstrap=60,
+        student="b",
+        baselines=("a",),
+    )
     report = run_eval(job)
     assert report["student"] == "b" and report["baselines"] == ["a"] and report["teachers"] == ["h"]
     assert {m: v["role"] for m, v in report["models"].items()} == {"a": "baseline", "b": "student", "h": "teacher"}
-    heads = {"toy-zeroshot": "macro_auroc", "toy-retrieval": "mean_recall", "toy-probe": "full/macro_auroc",
-             "toy-finetune": "macro_auroc"}
+    heads = {
+        "toy-zeroshot": "macro_auroc",
+        "toy-retrieval": "mean_recall",
+        "toy-probe": "full/macro_auroc",
+        "toy-finetune": "macro_auroc",
+    }
     for name, task in report["tasks"].items():
         assert task["headline"] == heads[name]
         for metric, row in task["metrics"].items():
@@ -237,8 +294,12 @@ def test_baseline_roles_and_paired_resamples_for_every_task_kind(tmp_path, tiny_
     assert rt["chance"]["text_to_image_R@1"] == pytest.approx(1 - 15 / 18)  # 3 of 18 images carry each caption
     assert report["tasks"]["toy-probe"]["chance"]["2-shot/accuracy"] == 0.5
     o = report["overall"]
-    assert o["student_minus_baseline"]["a"] == {"value": 0.0, "ci": [0.0, 0.0], "verdict": "within",
-                                                "tasks": list(heads)}
+    assert o["student_minus_baseline"]["a"] == {
+        "value": 0.0,
+        "ci": [0.0, 0.0],
+        "verdict": "within",
+        "tasks": list(heads),
+    }
     assert o["student_minus_best_teacher"]["teachers"] == {t: "h" for t in heads}
     assert json.loads((tmp_path / "rep" / "report.json").read_text()) == report
     # the replicates stay in memory: the harness can average over any subset of tasks

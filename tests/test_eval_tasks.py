@@ -1,4 +1,5 @@
 """Task files, dataset readers, zero-shot, linear probe and fine-tuning on small data with known answers."""
+
 from __future__ import annotations
 
 import copy
@@ -21,6 +22,7 @@ from distill.eval.retrieval import evaluate_retrieval
 from distill.eval.zeroshot import evaluate_zeroshot
 from teachers import Teacher, load_teacher
 from teachers.transforms import PreprocessCfg
+
 
 # -- helpers ---------------------------------------------------------------------------------------------
 def write_images(folder: Path, n: int, seed: int = 0, size: int = 16) -> list[tuple[str, int]]:
@@ -54,9 +56,14 @@ class BrightnessCLIP(Teacher):
     """A perfect toy CLIP: images embed by brightness, texts by the word 'bright' (known zero-shot answers)."""
 
     def __init__(self):
-        super().__init__(nn.Linear(1, 1), spec="toy", embed_dim=2, logit_scale=100.0,
-                         preprocess_cfg=PreprocessCfg(image_size=(8, 8), mean=(0.5,) * 3, std=(0.5,) * 3),
-                         context_length=1)
+        super().__init__(
+            nn.Linear(1, 1),
+            spec="toy",
+            embed_dim=2,
+            logit_scale=100.0,
+            preprocess_cfg=PreprocessCfg(image_size=(8, 8), mean=(0.5,) * 3, std=(0.5,) * 3),
+            context_length=1,
+        )
 
     def tokenize(self, texts):
         return torch.tensor([[1 if "bright" in t else 0] for t in texts])
@@ -83,9 +90,14 @@ class ConstantCLIP(BrightnessCLIP):
 @pytest.fixture()
 def bright_csv(tmp_path) -> Path:
     rows = write_images(tmp_path, 24)
-    return write_csv(tmp_path / "data.csv", ["image", "label", "caption", "split"],
-                     [[p, ["dark", "bright"][y], f"a {['dark', 'bright'][y]} image", ["train", "val", "test"][i % 3]]
-                      for i, (p, y) in enumerate(rows)])
+    return write_csv(
+        tmp_path / "data.csv",
+        ["image", "label", "caption", "split"],
+        [
+            [p, ["dark", "bright"][y], f"a {['dark', 'bright'][y]} image", ["train", "val", "test"][i % 3]]
+            for i, (p, y) in enumerate(rows)
+        ],
+    )
 
 
 # -- datasets (task-file validation: test_eval_task_files.py) ------------------------------------------
@@ -96,8 +108,12 @@ def test_missing_dataset_names_path_and_env(tmp_path, monkeypatch):
 
 
 def test_csv_errors_name_file_row_and_column(tmp_path, bright_csv):
-    base = {"name": "t", "kind": "zeroshot", "classes": ["dark", "bright"],
-            "dataset": {"path": "data.csv", "split_column": "split"}}
+    base = {
+        "name": "t",
+        "kind": "zeroshot",
+        "classes": ["dark", "bright"],
+        "dataset": {"path": "data.csv", "split_column": "split"},
+    }
     missing = write_task(tmp_path / "m.yaml", **{**base, "dataset": {"path": "data.csv", "label_column": "dx"}})
     with pytest.raises(TaskError, match=r"data\.csv: column 'dx' not found \(columns: image, label, caption"):
         load_splits(load_task(str(missing)))
@@ -125,19 +141,34 @@ def test_csv_errors_name_file_row_and_column(tmp_path, bright_csv):
 
 
 def test_csv_splits_labels_and_max_samples(tmp_path, bright_csv):
-    f = write_task(tmp_path / "t.yaml", name="t", kind="linear_probe", classes=["dark", "bright"],
-                   dataset={"path": "data.csv", "split_column": "split"})
+    f = write_task(
+        tmp_path / "t.yaml",
+        name="t",
+        kind="linear_probe",
+        classes=["dark", "bright"],
+        dataset={"path": "data.csv", "split_column": "split"},
+    )
     s = load_splits(load_task(str(f)))
     assert {k: len(v) for k, v in s.items()} == {"train": 8, "val": 8, "test": 8}
     assert s["train"].labels.tolist() == [0, 1] * 4  # rows 0, 3, 6, ...: alternate dark/bright
     assert s["test"].image(0).mode == "RGB"
-    frac = write_task(tmp_path / "f.yaml", name="f", kind="linear_probe", classes=["dark", "bright"],
-                      dataset={"path": "data.csv", "split_fractions": [0.5, 0.25, 0.25], "max_samples": 5})
+    frac = write_task(
+        tmp_path / "f.yaml",
+        name="f",
+        kind="linear_probe",
+        classes=["dark", "bright"],
+        dataset={"path": "data.csv", "split_fractions": [0.5, 0.25, 0.25], "max_samples": 5},
+    )
     s = load_splits(load_task(str(frac)))
     assert [len(s[r]) for r in ("train", "val", "test")] == [5, 5, 5]
     assert load_task(str(frac), max_samples=100).dataset.max_samples == 5  # a cap never raises the file's
-    frac = write_task(tmp_path / "f.yaml", name="f", kind="linear_probe", classes=["dark", "bright"],
-                      dataset={"path": "data.csv", "split_fractions": [0.5, 0.25, 0.25]})
+    frac = write_task(
+        tmp_path / "f.yaml",
+        name="f",
+        kind="linear_probe",
+        classes=["dark", "bright"],
+        dataset={"path": "data.csv", "split_fractions": [0.5, 0.25, 0.25]},
+    )
     full = load_splits(load_task(str(frac), max_samples=100))
     assert [len(full[r]) for r in ("train", "val", "test")] == [12, 6, 6]
     seen = [set(map(str, full[r].images)) for r in ("train", "val", "test")]
@@ -146,9 +177,16 @@ def test_csv_splits_labels_and_max_samples(tmp_path, bright_csv):
 
 def test_multilabel_csv_and_multihot_columns(tmp_path):
     rows = write_images(tmp_path, 4)
-    write_csv(tmp_path / "ml.csv", ["image", "findings", "effusion", "nodule"],
-              [[rows[0][0], "effusion|nodule", 1, 1], [rows[1][0], "nodule", 0, 1], [rows[2][0], "", 0, 0],
-               [rows[3][0], "effusion", 1, 0]])
+    write_csv(
+        tmp_path / "ml.csv",
+        ["image", "findings", "effusion", "nodule"],
+        [
+            [rows[0][0], "effusion|nodule", 1, 1],
+            [rows[1][0], "nodule", 0, 1],
+            [rows[2][0], "", 0, 0],
+            [rows[3][0], "effusion", 1, 0],
+        ],
+    )
     base = {"name": "ml", "kind": "zeroshot", "multilabel": True, "classes": ["effusion", "nodule"]}
     a = write_task(tmp_path / "a.yaml", **base, dataset={"path": "ml.csv", "label_column": "findings"})
     b = write_task(tmp_path / "b.yaml", **base, dataset={"path": "ml.csv", "label_columns": ["effusion", "nodule"]})
@@ -159,12 +197,17 @@ def test_multilabel_csv_and_multihot_columns(tmp_path):
 
 def test_npz_and_folder_readers(tmp_path):
     rng = np.random.default_rng(0)
-    arrays = {f"{s}_images": rng.integers(0, 255, (n, 28, 28), dtype=np.uint8) for s, n in
-              (("train", 6), ("val", 4), ("test", 5))}
-    arrays.update({f"{s}_labels": rng.integers(0, 3, (len(arrays[f"{s}_images"]), 1)) for s in ("train", "val", "test")})
+    arrays = {
+        f"{s}_images": rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        for s, n in (("train", 6), ("val", 4), ("test", 5))
+    }
+    arrays.update(
+        {f"{s}_labels": rng.integers(0, 3, (len(arrays[f"{s}_images"]), 1)) for s in ("train", "val", "test")}
+    )
     np.savez(tmp_path / "toy.npz", **arrays)
-    f = write_task(tmp_path / "n.yaml", name="n", kind="linear_probe", classes=["a", "b", "c"],
-                   dataset={"path": "toy.npz"})
+    f = write_task(
+        tmp_path / "n.yaml", name="n", kind="linear_probe", classes=["a", "b", "c"], dataset={"path": "toy.npz"}
+    )
     s = load_splits(load_task(str(f)))
     assert s["test"].labels.tolist() == arrays["test_labels"][:, 0].tolist()
     img = s["train"].image(2)
@@ -173,8 +216,13 @@ def test_npz_and_folder_readers(tmp_path):
     two = write_task(tmp_path / "two.yaml", name="n", kind="zeroshot", classes=["a", "b"], dataset={"path": "toy.npz"})
     with pytest.raises(TaskError, match=r"toy\.npz: test_labels\[\d+\] = 2 is not a class index 0\.\.1"):
         load_splits(load_task(str(two)))
-    badsplit = write_task(tmp_path / "bs.yaml", name="n", kind="zeroshot", classes=["a", "b", "c"],
-                          dataset={"path": "toy.npz", "splits": {"test": "dev"}})
+    badsplit = write_task(
+        tmp_path / "bs.yaml",
+        name="n",
+        kind="zeroshot",
+        classes=["a", "b", "c"],
+        dataset={"path": "toy.npz", "splits": {"test": "dev"}},
+    )
     with pytest.raises(TaskError, match=r"key 'dev_images' not found \(keys: test_images"):
         load_splits(load_task(str(badsplit)))
 
@@ -191,20 +239,42 @@ def test_npz_and_folder_readers(tmp_path):
 
 # -- task kinds with known answers -----------------------------------------------------------------------
 def test_zeroshot_and_retrieval_of_a_perfect_model(tmp_path, bright_csv):
-    zs = write_task(tmp_path / "z.yaml", name="z", kind="zeroshot", classes=["dark", "bright"],
-                    templates=["a {} image", "a {} photo"], dataset={"path": "data.csv"})
+    zs = write_task(
+        tmp_path / "z.yaml",
+        name="z",
+        kind="zeroshot",
+        classes=["dark", "bright"],
+        templates=["a {} image", "a {} photo"],
+        dataset={"path": "data.csv"},
+    )
     task = load_task(str(zs))
     ctx = EvalContext(bootstrap=20)
     res = evaluate_zeroshot(task, BrightnessCLIP(), "toy", load_splits(task), ctx)
-    assert {k: v.point for k, v in res.items()} == {"accuracy": 1.0, "balanced_accuracy": 1.0, "macro_f1": 1.0,
-                                                    "macro_auroc": 1.0}
-    flipped = write_task(tmp_path / "f.yaml", name="f", kind="zeroshot", classes=["bright", "dark"],
-                         label_values=["dark", "bright"], dataset={"path": "data.csv"})
+    assert {k: v.point for k, v in res.items()} == {
+        "accuracy": 1.0,
+        "balanced_accuracy": 1.0,
+        "macro_f1": 1.0,
+        "macro_auroc": 1.0,
+    }
+    flipped = write_task(
+        tmp_path / "f.yaml",
+        name="f",
+        kind="zeroshot",
+        classes=["bright", "dark"],
+        label_values=["dark", "bright"],
+        dataset={"path": "data.csv"},
+    )
     task = load_task(str(flipped))  # prompts swapped against the labels: everything wrong
     res = evaluate_zeroshot(task, BrightnessCLIP(), "toy", load_splits(task), ctx)
     assert res["accuracy"].point == 0.0 and res["macro_auroc"].point == 0.0
-    ml = write_task(tmp_path / "ml.yaml", name="ml", kind="zeroshot", multilabel=True, classes=["dark", "bright"],
-                    dataset={"path": "data.csv"})
+    ml = write_task(
+        tmp_path / "ml.yaml",
+        name="ml",
+        kind="zeroshot",
+        multilabel=True,
+        classes=["dark", "bright"],
+        dataset={"path": "data.csv"},
+    )
     task = load_task(str(ml))
     res = evaluate_zeroshot(task, BrightnessCLIP(), "toy", load_splits(task), ctx)
     assert set(res) == {"mean_auroc", "auroc/dark", "auroc/bright"} and res["mean_auroc"].point == 1.0
@@ -218,18 +288,32 @@ def test_zeroshot_and_retrieval_of_a_perfect_model(tmp_path, bright_csv):
 
 def test_constant_model_scores_chance(tmp_path, bright_csv):
     ctx = EvalContext(bootstrap=0)
-    zs = load_task(str(write_task(tmp_path / "z.yaml", name="z", kind="zeroshot", classes=["dark", "bright"],
-                                  dataset={"path": "data.csv"})))
+    zs = load_task(
+        str(
+            write_task(
+                tmp_path / "z.yaml", name="z", kind="zeroshot", classes=["dark", "bright"], dataset={"path": "data.csv"}
+            )
+        )
+    )
     res = evaluate_zeroshot(zs, ConstantCLIP(), "const", load_splits(zs), ctx)
     assert res["balanced_accuracy"].point == 0.5 and res["macro_auroc"].point == 0.5
     assert res["accuracy"].point == 0.5  # always the first class; the classes are balanced (12 + 12)
     rt = load_task(str(write_task(tmp_path / "r.yaml", name="r", kind="retrieval", dataset={"path": "data.csv"})))
     res = evaluate_retrieval(rt, ConstantCLIP(), "const", load_splits(rt), ctx)
-    assert res["image_to_text_R@1"].point == pytest.approx(0.5)   # 2 distinct captions: 1 right of 2
-    assert res["text_to_image_R@1"].point == pytest.approx(0.5)   # 12 right images of 24
-    lp = load_task(str(write_task(tmp_path / "p.yaml", name="p", kind="linear_probe", classes=["dark", "bright"],
-                                  dataset={"path": "data.csv", "split_column": "split"},
-                                  linear_probe={"shots": [2], "l2_grid": [1e-2]})))
+    assert res["image_to_text_R@1"].point == pytest.approx(0.5)  # 2 distinct captions: 1 right of 2
+    assert res["text_to_image_R@1"].point == pytest.approx(0.5)  # 12 right images of 24
+    lp = load_task(
+        str(
+            write_task(
+                tmp_path / "p.yaml",
+                name="p",
+                kind="linear_probe",
+                classes=["dark", "bright"],
+                dataset={"path": "data.csv", "split_column": "split"},
+                linear_probe={"shots": [2], "l2_grid": [1e-2]},
+            )
+        )
+    )
     res = evaluate_linear_probe(lp, ConstantCLIP(), "const", load_splits(lp), ctx)
     assert res["full/macro_auroc"].point == 0.5 and res["2-shot/balanced_accuracy"].point == 0.5
 
@@ -264,13 +348,21 @@ def test_few_shot_takes_k_per_class():
 
 
 def test_linear_probe_task_on_separable_images(tmp_path, bright_csv):
-    f = write_task(tmp_path / "p.yaml", name="p", kind="linear_probe", classes=["dark", "bright"],
-                   dataset={"path": "data.csv", "split_column": "split"},
-                   linear_probe={"shots": [1, 2], "l2_grid": [1e-3, 1e-1]})
+    f = write_task(
+        tmp_path / "p.yaml",
+        name="p",
+        kind="linear_probe",
+        classes=["dark", "bright"],
+        dataset={"path": "data.csv", "split_column": "split"},
+        linear_probe={"shots": [1, 2], "l2_grid": [1e-3, 1e-1]},
+    )
     task = load_task(str(f))
     res = evaluate_linear_probe(task, BrightnessCLIP(), "toy", load_splits(task), EvalContext(bootstrap=20))
-    assert set(res) == {f"{s}/{m}" for s in ("1-shot", "2-shot", "full")
-                        for m in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")}
+    assert set(res) == {
+        f"{s}/{m}"
+        for s in ("1-shot", "2-shot", "full")
+        for m in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")
+    }
     assert all(res[f"{s}/accuracy"].point == 1.0 for s in ("1-shot", "2-shot", "full"))
 
 
@@ -280,9 +372,14 @@ def test_inverse_frequency_pos_weight():
 
 
 def test_finetune_learns_and_leaves_teacher_untouched(tmp_path, tiny_teachers, bright_csv):
-    f = write_task(tmp_path / "ft.yaml", name="ft", kind="finetune", classes=["dark", "bright"],
-                   dataset={"path": "data.csv", "split_column": "split"},
-                   finetune={"epochs": 6, "batch_size": 8, "lr_encoder": 1e-4, "lr_head": 5e-2, "flip": True})
+    f = write_task(
+        tmp_path / "ft.yaml",
+        name="ft",
+        kind="finetune",
+        classes=["dark", "bright"],
+        dataset={"path": "data.csv", "split_column": "split"},
+        finetune={"epochs": 6, "batch_size": 8, "lr_encoder": 1e-4, "lr_head": 5e-2, "flip": True},
+    )
     task = load_task(str(f))
     splits = load_splits(task)
     teacher = load_teacher(tiny_teachers["oc"])
@@ -294,15 +391,22 @@ def test_finetune_learns_and_leaves_teacher_untouched(tmp_path, tiny_teachers, b
     assert (scores.argmax(1) == splits["test"].labels).mean() == 1.0
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # fine-tuned a copy
     assert not any(p.requires_grad for p in teacher.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(model.tower.state_dict().values(),
-                                                     teacher.trunk.visual.state_dict().values()))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(model.tower.state_dict().values(), teacher.trunk.visual.state_dict().values())
+    )
 
 
 def test_finetune_learning_rates_are_per_group(tmp_path, tiny_teachers, bright_csv):
     """lr_encoder = 0 leaves the copied tower exactly as the teacher's while the head (lr_head) learns."""
-    f = write_task(tmp_path / "ft.yaml", name="ft", kind="finetune", classes=["dark", "bright"],
-                   dataset={"path": "data.csv", "split_column": "split"},
-                   finetune={"epochs": 2, "batch_size": 8, "lr_encoder": 0.0, "lr_head": 5e-2})
+    f = write_task(
+        tmp_path / "ft.yaml",
+        name="ft",
+        kind="finetune",
+        classes=["dark", "bright"],
+        dataset={"path": "data.csv", "split_column": "split"},
+        finetune={"epochs": 2, "batch_size": 8, "lr_encoder": 0.0, "lr_head": 5e-2},
+    )
     task = load_task(str(f))
     teacher = load_teacher(tiny_teachers["oc"])
     model, _ = finetune(teacher, load_splits(task), 2, False, task.finetune, seed=0)
@@ -316,12 +420,27 @@ def test_finetune_learning_rates_are_per_group(tmp_path, tiny_teachers, bright_c
 def test_finetune_multilabel_uses_inverse_frequency_bce(tmp_path, tiny_teachers, monkeypatch):
     rows = write_images(tmp_path, 24)
     # class "bright" on odd rows, class "rare" on every 12th row: pos_weight = negatives / positives on train
-    write_csv(tmp_path / "ml.csv", ["image", "findings", "split"],
-              [[p, "|".join(c for c, on in (("bright", y == 1), ("rare", i % 12 == 0)) if on),
-                ["train", "val", "test"][i % 3]] for i, (p, y) in enumerate(rows)])
-    f = write_task(tmp_path / "ml.yaml", name="ml", kind="finetune", multilabel=True, classes=["bright", "rare"],
-                   dataset={"path": "ml.csv", "label_column": "findings", "split_column": "split"},
-                   finetune={"epochs": 1, "batch_size": 8, "lr_head": 1e-2})
+    write_csv(
+        tmp_path / "ml.csv",
+        ["image", "findings", "split"],
+        [
+            [
+                p,
+                "|".join(c for c, on in (("bright", y == 1), ("rare", i % 12 == 0)) if on),
+                ["train", "val", "test"][i % 3],
+            ]
+            for i, (p, y) in enumerate(rows)
+        ],
+    )
+    f = write_task(
+        tmp_path / "ml.yaml",
+        name="ml",
+        kind="finetune",
+        multilabel=True,
+        classes=["bright", "rare"],
+        dataset={"path": "ml.csv", "label_column": "findings", "split_column": "split"},
+        finetune={"epochs": 1, "batch_size": 8, "lr_head": 1e-2},
+    )
     task = load_task(str(f))
     splits = load_splits(task)
     seen = []

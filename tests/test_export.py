@@ -1,4 +1,5 @@
 """Student export: stock open_clip loads it offline in a fresh process, load_student after a move, checkpoints."""
+
 from __future__ import annotations
 
 import csv
@@ -90,8 +91,14 @@ def test_export_loads_in_stock_open_clip_fresh_process(run_dir, trained, tmp_pat
 
     out = export_student(trained, run_dir / "student", tmp_path / "export", card=ModelCard(name="tiny-export", steps=3))
     names = {p.name for p in out.iterdir()}
-    assert {"open_clip_config.json", "open_clip_model.safetensors", "config.json", "tokenizer.json",
-            "tokenizer_config.json", "README.md"} <= names
+    assert {
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+    } <= names
     cfg = json.loads((out / "open_clip_config.json").read_text())
     assert cfg["model_cfg"]["text_cfg"]["hf_model_name"] == str(out.resolve())
     assert cfg["model_cfg"]["text_cfg"]["hf_tokenizer_name"] == str(out.resolve())
@@ -104,8 +111,14 @@ def test_export_loads_in_stock_open_clip_fresh_process(run_dir, trained, tmp_pat
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
-    r = subprocess.run([sys.executable, str(tmp_path / "script.py"), str(out), str(io)], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(tmp_path / "script.py"), str(out), str(io)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     got = load_file(str(io / "out.safetensors"))
     tokenizer = open_clip.get_tokenizer(f"local-dir:{run_dir / 'student'}")
@@ -172,8 +185,9 @@ def test_export_names_hub_text_config(run_dir, trained, tmp_path):
     assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
-def _fake_checkpoint(run: Path, step: int, student_sd: dict, heads: ProjectionHeads, losses: dict | None,
-                     name: str | None = None) -> Path:
+def _fake_checkpoint(
+    run: Path, step: int, student_sd: dict, heads: ProjectionHeads, losses: dict | None, name: str | None = None
+) -> Path:
     """What distill.train leaves: accelerate's save_state files plus train_state.json (TrainState) when finished."""
     ckpt = run / (name or f"checkpoint-{step}")
     ckpt.mkdir()
@@ -182,18 +196,29 @@ def _fake_checkpoint(run: Path, step: int, student_sd: dict, heads: ProjectionHe
     save_file(sd, str(ckpt / "model.safetensors"))
     torch.save({"param_groups": []}, ckpt / "optimizer.bin")
     if losses is not None:
-        (ckpt / "train_state.json").write_text(json.dumps(
-            {"step": step, "epoch": 0, "batches_in_epoch": step, "samples_seen": 8 * step, "last_losses": losses}))
+        (ckpt / "train_state.json").write_text(
+            json.dumps(
+                {"step": step, "epoch": 0, "batches_in_epoch": step, "samples_seen": 8 * step, "last_losses": losses}
+            )
+        )
     return ckpt
 
 
 def test_export_checkpoint_newest_without_heads_and_card(run_dir, trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(run_dir / "student", run / "student")
-    (run / "run_meta.json").write_text(json.dumps({
-        "teachers": {"biomedclip": {"spec": "hf-hub:microsoft/BiomedCLIP", "weight": 1.0},
-                     "quiltnet": {"spec": "local-dir:/models/quilt", "weight": 0.5}},
-        "corpus": {"path": "/data/pmc.csv", "size": 32}, "config": {"student": {"preset": "tiny"}}}))
+    (run / "run_meta.json").write_text(
+        json.dumps(
+            {
+                "teachers": {
+                    "biomedclip": {"spec": "hf-hub:microsoft/BiomedCLIP", "weight": 1.0},
+                    "quiltnet": {"spec": "local-dir:/models/quilt", "weight": 0.5},
+                },
+                "corpus": {"path": "/data/pmc.csv", "size": 32},
+                "config": {"student": {"preset": "tiny"}},
+            }
+        )
+    )
     heads = ProjectionHeads(64, {"biomedclip": 24, "quiltnet": 40})
     base = {k: v.clone() for k, v in trained.state_dict().items()}
     late = {k: v + 0.01 for k, v in base.items()}
@@ -202,8 +227,9 @@ def test_export_checkpoint_newest_without_heads_and_card(run_dir, trained, tmp_p
     junk = {k: torch.zeros_like(v) for k, v in base.items()}
     _fake_checkpoint(run, 20, junk, heads, None)  # unfinished (no train_state.json): not chosen
     _fake_checkpoint(run, 30, junk, heads, None, name="checkpoint-30.tmp")  # being written: never chosen
-    (tmp_path / "report.json").write_text(json.dumps(
-        {"student": {"pcam": {"zero_shot_acc": 0.8125}}, "biomedclip": {"pcam": {"zero_shot_acc": 0.75}}}))
+    (tmp_path / "report.json").write_text(
+        json.dumps({"student": {"pcam": {"zero_shot_acc": 0.8125}}, "biomedclip": {"pcam": {"zero_shot_acc": 0.75}}})
+    )
 
     out = export_checkpoint(run, tmp_path / "export", report=tmp_path / "report.json")
     sd = load_file(str(out / "open_clip_model.safetensors"))
@@ -211,10 +237,25 @@ def test_export_checkpoint_newest_without_heads_and_card(run_dir, trained, tmp_p
     assert all(torch.equal(sd[k], late[k]) for k in sd)
     card = (out / "README.md").read_text()
     assert "/data/" not in card and "/models/" not in card and str(tmp_path) not in card  # names, never paths
-    for needle in ("\n# export\n", "biomedclip", "quiltnet", "hf-hub:microsoft/BiomedCLIP", "`local-dir:quilt` | 0.5 |", "steps: 12",
-                   "- corpus: `pmc.csv`", "32 image-text pairs", "samples seen: 96", "| loss | 1.25 |", "| contrastive | 0.75 |",
-                   "| pcam/zero_shot_acc | 0.8125 | 0.75 |", "library_name: open_clip", "## Architecture",
-                   "| image tower | open_clip ViT: 2 layers", "| text tower | BERT: ", "| embedding dim | 64 |"):
+    for needle in (
+        "\n# export\n",
+        "biomedclip",
+        "quiltnet",
+        "hf-hub:microsoft/BiomedCLIP",
+        "`local-dir:quilt` | 0.5 |",
+        "steps: 12",
+        "- corpus: `pmc.csv`",
+        "32 image-text pairs",
+        "samples seen: 96",
+        "| loss | 1.25 |",
+        "| contrastive | 0.75 |",
+        "| pcam/zero_shot_acc | 0.8125 | 0.75 |",
+        "library_name: open_clip",
+        "## Architecture",
+        "| image tower | open_clip ViT: 2 layers",
+        "| text tower | BERT: ",
+        "| embedding dim | 64 |",
+    ):
         assert needle in card, needle
     model, _, tokenizer = load_student(out)
     assert torch.equal(model.state_dict()["visual.conv1.weight"], late["visual.conv1.weight"])
@@ -272,9 +313,15 @@ def test_push_to_hub_stages_a_hub_loadable_folder(run_dir, trained, tmp_path, mo
 
         def upload_folder(self, repo_id, folder_path, commit_message):
             staged = Path(folder_path)
-            calls.append(("upload", repo_id, sorted(p.name for p in staged.iterdir()),
-                          json.loads((staged / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"],
-                          (staged / "README.md").read_text()))
+            calls.append(
+                (
+                    "upload",
+                    repo_id,
+                    sorted(p.name for p in staged.iterdir()),
+                    json.loads((staged / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"],
+                    (staged / "README.md").read_text(),
+                )
+            )
             return type("Info", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/1"})()
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
@@ -287,8 +334,9 @@ def test_push_to_hub_stages_a_hub_loadable_folder(run_dir, trained, tmp_path, mo
     assert 'create_model_and_transforms("hf-hub:me/student")' in card and str(out.resolve()) not in card
     assert "## Architecture" in card
     # the export itself is unchanged; a hub id chosen at export time is kept
-    assert json.loads((out / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]["hf_model_name"] == \
-        str(out.resolve())
+    assert json.loads((out / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]["hf_model_name"] == str(
+        out.resolve()
+    )
     hub = export_student(trained, run_dir / "student", tmp_path / "hub", text_config_from_hub="org/bert")
     push_to_hub(hub, "me/student2")
     assert calls[-1][3]["hf_model_name"] == "org/bert"

@@ -1,5 +1,6 @@
 """The format registry (`cache.sources.formats`): one reader per format for training corpora, eval datasets and
 `distill corpus` sources; image suffixes written once; a format added from outside the project by registering it."""
+
 from __future__ import annotations
 
 import os
@@ -50,22 +51,26 @@ def test_image_suffixes_are_written_once():
 # -- eval CSVs read by the corpus reader ------------------------------------------------------------------
 def test_an_eval_csv_with_a_bom_reads(tmp_path):
     rows = _images(tmp_path, 2)
-    (tmp_path / "d.csv").write_text("image,label\n" + "".join(f"{r},{i}\n" for i, r in enumerate(rows)),
-                                    encoding="utf-8-sig")  # Excel's "CSV UTF-8": the header starts with a BOM
-    task = load_task(_task(tmp_path / "t.yaml", name="t", kind="zeroshot", classes=["a", "b"],
-                           dataset={"path": "d.csv"}))
+    (tmp_path / "d.csv").write_text(
+        "image,label\n" + "".join(f"{r},{i}\n" for i, r in enumerate(rows)), encoding="utf-8-sig"
+    )  # Excel's "CSV UTF-8": the header starts with a BOM
+    task = load_task(
+        _task(tmp_path / "t.yaml", name="t", kind="zeroshot", classes=["a", "b"], dataset={"path": "d.csv"})
+    )
     test = load_splits(task)["test"]
     assert test.labels.tolist() == [0, 1] and test.image(1).size == (8, 8)
 
 
 def test_an_eval_csv_in_latin1_gives_the_corpus_message(tmp_path):
     rows = _images(tmp_path, 2)
-    (tmp_path / "d.csv").write_bytes(("image,caption,label\n" + "".join(
-        f"{r},caf\u00e9 {i},{i}\n" for i, r in enumerate(rows))).encode("latin-1"))
+    (tmp_path / "d.csv").write_bytes(
+        ("image,caption,label\n" + "".join(f"{r},caf\u00e9 {i},{i}\n" for i, r in enumerate(rows))).encode("latin-1")
+    )
     with pytest.raises(CorpusError) as corpus_error:
         open_corpus(tmp_path / "d.csv")
-    task = load_task(_task(tmp_path / "t.yaml", name="t", kind="zeroshot", classes=["a", "b"],
-                           dataset={"path": "d.csv"}))
+    task = load_task(
+        _task(tmp_path / "t.yaml", name="t", kind="zeroshot", classes=["a", "b"], dataset={"path": "d.csv"})
+    )
     with pytest.raises(TaskError) as eval_error:
         load_splits(task)
     message = str(corpus_error.value)
@@ -78,8 +83,8 @@ def test_an_eval_csv_in_latin1_gives_the_corpus_message(tmp_path):
 def test_formats_are_found_by_what_the_caller_needs(tmp_path):
     folder = tmp_path / "folder"
     folder.mkdir()
-    assert find_format(str(folder), "labelled").name == "folder"      # eval, distill corpus: class folders
-    assert find_format(str(folder), "corpus").name == "webdataset"    # training: a folder of shards
+    assert find_format(str(folder), "labelled").name == "folder"  # eval, distill corpus: class folders
+    assert find_format(str(folder), "corpus").name == "webdataset"  # training: a folder of shards
     assert find_format("s3://b/{0..3}.tar", "corpus").name == "stream"
     assert find_format(str(tmp_path / "x.TSV"), "labelled").name == "tsv"
     with pytest.raises(CorpusError, match=r"x\.jsonl: unknown format; expected a \.csv file, .*\.npz or a \.tsv"):
@@ -92,8 +97,13 @@ def test_formats_are_found_by_what_the_caller_needs(tmp_path):
 
 
 def test_npz_and_class_folders_read_alike_for_both_callers(tmp_path):
-    np.savez(tmp_path / "m.npz", train_images=np.zeros((3, 4, 4, 1), np.uint8), train_labels=np.array([[0], [1], [1]]),
-             test_images=np.zeros((2, 4, 4), np.uint8), test_labels=np.array([1, 0]))
+    np.savez(
+        tmp_path / "m.npz",
+        train_images=np.zeros((3, 4, 4, 1), np.uint8),
+        train_labels=np.array([[0], [1], [1]]),
+        test_images=np.zeros((2, 4, 4), np.uint8),
+        test_labels=np.array([1, 0]),
+    )
     data = read_labelled(tmp_path / "m.npz")
     assert data.keys == ["train/0", "train/1", "train/2", "test/0", "test/1"] and data.images.shape == (5, 4, 4)
     assert data.labels[:, 0].tolist() == [0, 1, 1, 1, 0] and data.rows[3] == {"split": "test"}
@@ -133,31 +143,46 @@ class PairsCorpus(Corpus):
 
 def _pairs_labelled(path: str, split: str | None) -> LabelledData:
     c = PairsCorpus(path)
-    return LabelledData(path, ["caption"], [{"caption": t} for t in c.captions],
-                        [c.describe(i) for i in range(len(c))], c.keys, c.images)
+    return LabelledData(
+        path,
+        ["caption"],
+        [{"caption": t} for t in c.captions],
+        [c.describe(i) for i in range(len(c))],
+        c.keys,
+        c.images,
+    )
 
 
 @pytest.fixture()
 def pairs_format(monkeypatch):
     """`pairs` registered as a plug-in would be, and unregistered afterwards."""
     monkeypatch.setattr(DATA_FORMATS, "_items", dict(DATA_FORMATS._items))
-    DATA_FORMATS.add("pairs", Format("pairs", "a pairs.txt file", lambda p: p.lower().endswith("pairs.txt"),
-                                     corpus=lambda path, stream: PairsCorpus(path), labelled=_pairs_labelled))
+    DATA_FORMATS.add(
+        "pairs",
+        Format(
+            "pairs",
+            "a pairs.txt file",
+            lambda p: p.lower().endswith("pairs.txt"),
+            corpus=lambda path, stream: PairsCorpus(path),
+            labelled=_pairs_labelled,
+        ),
+    )
 
 
 def test_a_format_registered_by_name_reads_in_training_eval_and_distill_corpus(tmp_path, pairs_format):
     rows = _images(tmp_path, 3)
     (tmp_path / "pairs.txt").write_text("".join(f"{r}\tred level {i}\n" for i, r in enumerate(rows)))
-    corpus = open_corpus(tmp_path / "pairs.txt")                       # training corpora, distill cache
+    corpus = open_corpus(tmp_path / "pairs.txt")  # training corpora, distill cache
     assert isinstance(corpus, PairsCorpus) and corpus.captions == ["red level 0", "red level 1", "red level 2"]
     assert corpus.load_image(2).getpixel((0, 0)) == (80, 0, 0)
 
     task = load_task(_task(tmp_path / "r.yaml", name="r", kind="retrieval", dataset={"path": "pairs.txt"}))
-    test = load_splits(task)["test"]                                   # eval datasets
+    test = load_splits(task)["test"]  # eval datasets
     assert test.captions == tuple(corpus.captions) and test.image(1).getpixel((0, 0)) == (40, 0, 0)
 
-    result = build_corpus([CorpusSource(str(tmp_path / "pairs.txt"), ("a photo: {caption}",), name="p")],
-                          tmp_path / "out", shuffle=False)           # distill corpus
+    result = build_corpus(
+        [CorpusSource(str(tmp_path / "pairs.txt"), ("a photo: {caption}",), name="p")], tmp_path / "out", shuffle=False
+    )  # distill corpus
     built = open_corpus(result.csv)
     assert built.captions == [f"a photo: red level {i}" for i in range(3)] and built.keys[0] == "p/img/0.png"
 

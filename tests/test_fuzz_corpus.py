@@ -9,6 +9,7 @@ and absolute tar member names, zero-byte and truncated shards) must end in exact
   the teacher below embeds a caption's hash and an image's mean colour, and every caption names its key, so a
   stored row is checked against what that key's own caption and image must give.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,18 +26,24 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from hostile_images import png_bomb, png_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from hostile_images import png_bomb, png_bytes
 from teachers.base import Teacher
 from teachers.transforms import PreprocessCfg
 
 DIM = 8
 BOMB_REASON = "image is 12000x12000 = 144 Mpx, over the 64 Mpx limit (--max-pixels)"
-IMAGE_REASON = {"missing": "missing image file", "zero": "unreadable image", "truncated": "unreadable image",
-                "nonimage": "unreadable image", "bomb": BOMB_REASON, "nomember": "no image member"}
+IMAGE_REASON = {
+    "missing": "missing image file",
+    "zero": "unreadable image",
+    "truncated": "unreadable image",
+    "nonimage": "unreadable image",
+    "bomb": BOMB_REASON,
+    "nomember": "no image member",
+}
 
 
 # -- a teacher whose embeddings are known functions of the caption and of the image's colour ------------------
@@ -44,9 +51,14 @@ class KeyedTeacher(Teacher):
     """text: the caption's sha256 bytes; image: the mean colour. No weights, so loading it costs nothing."""
 
     def __init__(self):
-        super().__init__(nn.Linear(1, 1), spec="py:test_fuzz_corpus:make_teacher", embed_dim=DIM, logit_scale=10.0,
-                         preprocess_cfg=PreprocessCfg(image_size=(4, 4), mean=(0.0,) * 3, std=(1.0,) * 3),
-                         context_length=DIM)
+        super().__init__(
+            nn.Linear(1, 1),
+            spec="py:test_fuzz_corpus:make_teacher",
+            embed_dim=DIM,
+            logit_scale=10.0,
+            preprocess_cfg=PreprocessCfg(image_size=(4, 4), mean=(0.0,) * 3, std=(1.0,) * 3),
+            context_length=DIM,
+        )
 
     def tokenize(self, texts):
         return torch.tensor([list(hashlib.sha256(t.encode()).digest()[:DIM]) for t in texts], dtype=torch.int64)
@@ -75,20 +87,25 @@ def image_vec(color) -> np.ndarray:
 # -- generated corpora ------------------------------------------------------------------------------------------
 @dataclass
 class Sample:
-    image: str        # ok | missing | zero | truncated | nonimage | bomb
+    image: str  # ok | missing | zero | truncated | nonimage | bomb
     size: tuple
     color: tuple
-    caption: str      # normal | long | empty
+    caption: str  # normal | long | empty
     long_len: int
 
 
-samples = st.lists(st.builds(
-    Sample,
-    image=st.sampled_from(["ok"] * 5 + ["missing", "zero", "truncated", "nonimage", "bomb"]),
-    size=st.tuples(st.integers(1, 5), st.integers(1, 5)),
-    color=st.tuples(*[st.integers(0, 255)] * 3),
-    caption=st.sampled_from(["normal"] * 4 + ["long", "empty"]),
-    long_len=st.integers(100, 3000)), min_size=1, max_size=7)
+samples = st.lists(
+    st.builds(
+        Sample,
+        image=st.sampled_from(["ok"] * 5 + ["missing", "zero", "truncated", "nonimage", "bomb"]),
+        size=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+        color=st.tuples(*[st.integers(0, 255)] * 3),
+        caption=st.sampled_from(["normal"] * 4 + ["long", "empty"]),
+        long_len=st.integers(100, 3000),
+    ),
+    min_size=1,
+    max_size=7,
+)
 
 
 def caption_of(key: str, s: Sample) -> str:
@@ -99,8 +116,14 @@ def caption_of(key: str, s: Sample) -> str:
 
 def image_bytes(s: Sample) -> bytes | None:
     good = png_bytes(s.color, s.size)
-    return {"ok": good, "missing": None, "zero": b"", "truncated": good[: len(good) // 2],
-            "nonimage": b"GIF89a? no: just text pretending\n" * 3, "bomb": png_bomb()}[s.image]
+    return {
+        "ok": good,
+        "missing": None,
+        "zero": b"",
+        "truncated": good[: len(good) // 2],
+        "nonimage": b"GIF89a? no: just text pretending\n" * 3,
+        "bomb": png_bomb(),
+    }[s.image]
 
 
 @dataclass
@@ -110,9 +133,9 @@ class Expect:
     keys: list[str]
     captions: dict[str, str]
     samples: dict[str, Sample]
-    bad: dict[str, str]                  # key -> reason fragment
-    file: str | None = None              # exit 2 expected, naming this file
-    message: str | None = None           # ... and matching this regex
+    bad: dict[str, str]  # key -> reason fragment
+    file: str | None = None  # exit 2 expected, naming this file
+    message: str | None = None  # ... and matching this regex
 
 
 def _bad_reason(s: Sample, caption: str, image_kind: str) -> str | None:
@@ -136,8 +159,12 @@ def write_table(root: Path, fmt: str, items: list[Sample], fault: str | None, at
         if data is not None:
             path.write_bytes(data)
         rows.append({"image": str(path) if s.color[0] % 2 else f"img/{k}.png", "caption": captions[k], "key": k})
-    exp = Expect(keys, captions, dict(zip(keys, items)),
-                 {k: r for k, s in zip(keys, items) if (r := _bad_reason(s, captions[k], s.image))})
+    exp = Expect(
+        keys,
+        captions,
+        dict(zip(keys, items)),
+        {k: r for k, s in zip(keys, items) if (r := _bad_reason(s, captions[k], s.image))},
+    )
     at = at % len(rows)
     name = f"corpus.{fmt}"
     columns = ["image", "caption", "key"]
@@ -165,8 +192,9 @@ def write_table(root: Path, fmt: str, items: list[Sample], fault: str | None, at
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
     else:
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=columns, delimiter="\t" if fmt == "tsv" else ",", extrasaction="ignore",
-                           lineterminator="\n")
+        w = csv.DictWriter(
+            buf, fieldnames=columns, delimiter="\t" if fmt == "tsv" else ",", extrasaction="ignore", lineterminator="\n"
+        )
         w.writeheader()
         w.writerows(rows)
         data = buf.getvalue().encode()
@@ -195,8 +223,12 @@ def write_shards(root: Path, items: list[Sample], fault: str | None, at: int, sp
     keys = [f"k{i}" for i in range(len(items))]
     captions = {k: caption_of(k, s) for k, s in zip(keys, items)}
     kinds = {k: ("nomember" if s.image == "missing" else s.image) for k, s in zip(keys, items)}
-    exp = Expect(keys, captions, dict(zip(keys, items)),
-                 {k: r for k, s in zip(keys, items) if (r := _bad_reason(s, captions[k], kinds[k]))})
+    exp = Expect(
+        keys,
+        captions,
+        dict(zip(keys, items)),
+        {k: r for k, s in zip(keys, items) if (r := _bad_reason(s, captions[k], kinds[k]))},
+    )
     at = at % len(items)
     cut = len(items) // 2 if split and len(items) > 1 else len(items)
     groups = [list(range(cut)), list(range(cut, len(items)))] if cut < len(items) else [list(range(len(items)))]
@@ -248,9 +280,29 @@ def run_cache(data: Path, out: Path) -> tuple[int, str]:
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        rc = main(["cache", "--data", str(data), "--teacher", "t=py:test_fuzz_corpus:make_teacher", "--out", str(out),
-                   "--num-workers", "0", "--device", "cpu", "--batch-size", "3", "--chunk-rows", "4",
-                   "--dtype", "float32", "--max-bad-fraction", "1"])  # the records are checked here
+        rc = main(
+            [
+                "cache",
+                "--data",
+                str(data),
+                "--teacher",
+                "t=py:test_fuzz_corpus:make_teacher",
+                "--out",
+                str(out),
+                "--num-workers",
+                "0",
+                "--device",
+                "cpu",
+                "--batch-size",
+                "3",
+                "--chunk-rows",
+                "4",
+                "--dtype",
+                "float32",
+                "--max-bad-fraction",
+                "1",
+            ]
+        )  # the records are checked here
     return rc, err.getvalue()
 
 
@@ -284,15 +336,20 @@ def check(data: Path, out: Path, exp: Expect) -> None:
         np.testing.assert_allclose(image[i], image_vec(exp.samples[key].color), atol=2e-3)
 
 
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True,
-                database=None)  # derandomized: the same 40 cases on every run and machine, nothing written
+FUZZ = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True, database=None
+)  # derandomized: the same 40 cases on every run and machine, nothing written
 
 
 @FUZZ
-@given(items=samples, fmt=st.sampled_from(["csv", "tsv", "jsonl"]),
-       fault=st.sampled_from([None, None, None, "missing_column", "non_utf8", "duplicate_key", "wrong_type",
-                              "null_caption", "empty_file"]),
-       at=st.integers(0, 50))
+@given(
+    items=samples,
+    fmt=st.sampled_from(["csv", "tsv", "jsonl"]),
+    fault=st.sampled_from(
+        [None, None, None, "missing_column", "non_utf8", "duplicate_key", "wrong_type", "null_caption", "empty_file"]
+    ),
+    at=st.integers(0, 50),
+)
 def test_fuzzed_tables_end_in_a_message_or_recorded_skips(items, fmt, fault, at):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -301,10 +358,14 @@ def test_fuzzed_tables_end_in_a_message_or_recorded_skips(items, fmt, fault, at)
 
 
 @FUZZ
-@given(items=samples, split=st.booleans(),
-       fault=st.sampled_from([None, None, None, "unsafe_name", "non_utf8", "duplicate_key", "zero_shard",
-                              "truncated_shard"]),
-       at=st.integers(0, 50))
+@given(
+    items=samples,
+    split=st.booleans(),
+    fault=st.sampled_from(
+        [None, None, None, "unsafe_name", "non_utf8", "duplicate_key", "zero_shard", "truncated_shard"]
+    ),
+    at=st.integers(0, 50),
+)
 def test_fuzzed_shards_end_in_a_message_or_recorded_skips(items, split, fault, at):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -318,8 +379,10 @@ def test_a_non_utf8_csv_names_file_line_and_column(tmp_path):
     (tmp_path / "corpus.csv").write_bytes(data)
     rc, err = run_cache(tmp_path / "corpus.csv", tmp_path / "f.h5")
     assert rc == 2
-    assert err.strip() == (f"distill cache: error: {tmp_path / 'corpus.csv'} line 3: not UTF-8 (byte 0xe9 at column "
-                           "10); save the file as UTF-8")
+    assert err.strip() == (
+        f"distill cache: error: {tmp_path / 'corpus.csv'} line 3: not UTF-8 (byte 0xe9 at column "
+        "10); save the file as UTF-8"
+    )
 
 
 def test_a_utf8_bom_is_accepted(tmp_path):
@@ -336,8 +399,11 @@ def test_keys_hdf5_cannot_store_or_unicode_cannot_encode_are_refused(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"image": "a.png", "caption": "c", "key": "a\\u0000b"}\n')
     (tmp_path / "b.jsonl").write_text('{"image": "a.png", "caption": "c\\udcff", "key": "b"}\n')
     rc, err = run_cache(tmp_path / "a.jsonl", tmp_path / "f.h5")
-    assert rc == 2 and re.fullmatch(r"distill cache: error: \S*a\.jsonl row 1 \(line 1\): key contains a NUL "
-                                    r"character \(HDF5 cannot store it\); fix that row\n", err), err
+    assert rc == 2 and re.fullmatch(
+        r"distill cache: error: \S*a\.jsonl row 1 \(line 1\): key contains a NUL "
+        r"character \(HDF5 cannot store it\); fix that row\n",
+        err,
+    ), err
     rc, err = run_cache(tmp_path / "b.jsonl", tmp_path / "f.h5")
     assert rc == 2 and "b.jsonl row 1 (line 1): caption is not valid Unicode" in err, err
 
@@ -346,12 +412,20 @@ def test_a_stray_quote_in_a_csv_is_named_with_its_line(tmp_path):
     """An unclosed quote would swallow the rest of the file into one cell: it is named at the line where it opened,
     whether the file ends inside it or the cell grows over the 1 MiB cell limit first (test_inputs_tables.py has
     the other cases)."""
-    for rows, why in ((6000, r"a quoted cell in the row that begins on this line is never closed \(the file ends "
-                             r"inside it\)"),
-                      (50000, r"a cell of the row that begins on this line is over 1,048,576 characters, the limit "
-                              r"of one cell, and runs past line \d+: a quote opened on line 2 is probably never "
-                              r"closed")):
-        text = "image,caption,key\na.png,\"oops,a\n" + "b.png,more text here,b\n" * rows
+    for rows, why in (
+        (
+            6000,
+            r"a quoted cell in the row that begins on this line is never closed \(the file ends "
+            r"inside it\)",
+        ),
+        (
+            50000,
+            r"a cell of the row that begins on this line is over 1,048,576 characters, the limit "
+            r"of one cell, and runs past line \d+: a quote opened on line 2 is probably never "
+            r"closed",
+        ),
+    ):
+        text = 'image,caption,key\na.png,"oops,a\n' + "b.png,more text here,b\n" * rows
         (tmp_path / "corpus.csv").write_text(text)
         rc, err = run_cache(tmp_path / "corpus.csv", tmp_path / "f.h5")
         assert rc == 2 and len(err.splitlines()) == 1, err

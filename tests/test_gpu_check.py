@@ -1,4 +1,5 @@
 """benchmarks/gpu_check.sh in its CPU --smoke mode: it trains, and prints the fields a GPU run is read by."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,10 @@ from benchmarks import gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
 
-HELP = ("  data.micro_batch_size = None    [int | None] gradient caching\n"
-        "  train.max_steps = None          [int | None] optimizer steps (not compiled)\n")
+HELP = (
+    "  data.micro_batch_size = None    [int | None] gradient caching\n"
+    "  train.max_steps = None          [int | None] optimizer steps (not compiled)\n"
+)
 
 
 def test_variants_follow_the_trainers_config_keys():
@@ -19,19 +22,39 @@ def test_variants_follow_the_trainers_config_keys():
     assert gpu_check.variant_overrides("plain", f, HELP) == ({}, None)
     assert gpu_check.variant_overrides("gradcache", f, HELP) == ({"data.micro_batch_size": 32}, None)
     # "compiled" in a description is not the key: compile variants are skipped until train.compile exists
-    assert gpu_check.variant_overrides("compile+gradcache", f, HELP) == ({}, "train.compile not in this trainer's config")
+    assert gpu_check.variant_overrides("compile+gradcache", f, HELP) == (
+        {},
+        "train.compile not in this trainer's config",
+    )
     with_compile = HELP + "  train.compile = False   [bool] torch.compile\n"
     assert gpu_check.variant_overrides("compile+gradcache", f, with_compile) == (
-        {"train.compile": True, "data.micro_batch_size": 32}, None)
+        {"train.compile": True, "data.micro_batch_size": 32},
+        None,
+    )
     assert gpu_check.variant_overrides("gradcache", f, "")[1] == "data.micro_batch_size not in this trainer's config"
     assert gpu_check.variant_overrides("devdecode", f, "  data.decode = 'worker'")[0] == {"data.decode": "device"}
 
 
 def test_smoke_prints_samples_mfu_and_peak_memory(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)}
-    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke", "--peak-tflops", "0.5",
-                        "--variants", "plain,devdecode", "--workdir", str(tmp_path / "work")],
-                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "benchmarks" / "gpu_check.sh"),
+            "--smoke",
+            "--peak-tflops",
+            "0.5",
+            "--variants",
+            "plain,devdecode",
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     head = re.search(r"gpu_check device=cpu preset=tiny batch=8 steps=3 precision=no flops_per_sample=(\S+)", p.stdout)
     assert head, p.stdout

@@ -4,19 +4,19 @@ Unit level: the tiny student with heads and every batch-level term (InfoNCE with
 affinity); with dropout and patch dropout on, the RNG replay is what makes the re-embedded chunks match. Training
 level: one process with and without micro batches (and with accumulation), and two processes (slow).
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from train_fixtures import NO_DROPOUT, load_weights, nan_loss_at_call, read_log, tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401
 
 from distill.config.train_config import Config, ConfigError
+from distill.losses import DistillLoss, LossTermCfg, TeacherBatch
 from distill.training.grad_cache import RngSnapshot, chunk_slices, grad_cache_step
 from distill.training.heads import ProjectionHeads
-from distill.losses import DistillLoss, LossTermCfg, TeacherBatch
 from distill.training.student_model import DistillModel
 from teachers.kernel.modality import Pair
-from train_fixtures import (NO_DROPOUT, load_weights, nan_loss_at_call, read_log, tiny_cache, tiny_config,  # noqa: F401
-                            tiny_tokenizer)
 
 B, DIMS = 8, {"a": 24, "b": 40}
 
@@ -44,9 +44,12 @@ def _setup(tiny_tokenizer, tmp_path, dropout: bool, dtype: torch.dtype = torch.f
     kw = {"patch_dropout": 0.25} if dropout else dict(NO_DROPOUT)
     bundle = build_student("tiny", tmp_path / "student", tokenizer_dir=tiny_tokenizer, **kw)
     model = DistillModel(bundle.model, ProjectionHeads(64, DIMS)).train().to(dtype)
-    terms = [LossTermCfg(kind="infonce", kwargs={"positives": "caption"}),
-             LossTermCfg(kind="feature", kwargs={"metric": "cosine"}), LossTermCfg(kind="icl"),
-             LossTermCfg(kind="affinity", weight=2.0)]
+    terms = [
+        LossTermCfg(kind="infonce", kwargs={"positives": "caption"}),
+        LossTermCfg(kind="feature", kwargs={"metric": "cosine"}),
+        LossTermCfg(kind="icl"),
+        LossTermCfg(kind="affinity", weight=2.0),
+    ]
     loss = DistillLoss(terms, list(DIMS))
     g = torch.Generator().manual_seed(1)
     captions = [f"a scan of organ {i % 5} with finding {i % 3}" for i in range(B)]
@@ -128,9 +131,15 @@ def test_merge_batches_pads_captions_and_keeps_row_order():
 
     def batch(rows, width):
         n = len(rows)
-        return TrainBatch(torch.zeros(n, 3, 4, 4, dtype=torch.uint8), torch.full((n, width), 7), torch.tensor(rows),
-                          torch.full((n,), -1), {"a": Pair(torch.ones(n, 2), torch.zeros(n, 2))},
-                          caption_ids=torch.tensor(rows) * 10, skipped_features=1)
+        return TrainBatch(
+            torch.zeros(n, 3, 4, 4, dtype=torch.uint8),
+            torch.full((n, width), 7),
+            torch.tensor(rows),
+            torch.full((n,), -1),
+            {"a": Pair(torch.ones(n, 2), torch.zeros(n, 2))},
+            caption_ids=torch.tensor(rows) * 10,
+            skipped_features=1,
+        )
 
     merged = merge_batches([batch([0, 1], 3), batch([2, 3, 4], 5)], pad_id=0)
     assert merged.rows.tolist() == [0, 1, 2, 3, 4] and merged.caption_ids.tolist() == [0, 10, 20, 30, 40]
@@ -184,12 +193,21 @@ def test_training_with_micro_batches_equals_without(tiny_corpus, tiny_cache, tin
 
     calls = []
     real = step_mod.grad_cache_step
-    monkeypatch.setattr(step_mod, "grad_cache_step",
-                        lambda *a, **k: calls.append((a[1].shape[0], a[3])) or real(*a, **k))
+    monkeypatch.setattr(
+        step_mod, "grad_cache_step", lambda *a, **k: calls.append((a[1].shape[0], a[3])) or real(*a, **k)
+    )
     runs = {}
     for name, batch, accum, micro in [("plain16", 16, 1, "null"), ("micro", 8, 2, 3)]:
-        runs[name] = _train(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path / name, train__max_steps=2,
-                            data__batch_size=batch, train__grad_accum=accum, data__micro_batch_size=micro)
+        runs[name] = _train(
+            tiny_corpus,
+            tiny_cache,
+            tiny_tokenizer,
+            tmp_path / name,
+            train__max_steps=2,
+            data__batch_size=batch,
+            train__grad_accum=accum,
+            data__micro_batch_size=micro,
+        )
     for ra, rb in zip(read_log(tmp_path / "plain16"), read_log(tmp_path / "micro"), strict=True):
         for key in ("loss", "infonce", "feature", "icl"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5), (ra["step"], key)
@@ -205,12 +223,25 @@ def test_two_processes_with_micro_batches_equal_one_without(tiny_corpus, tiny_ca
     logged losses and weights after 3 steps."""
     from test_train_distributed import _launch
 
-    runs = [("one", 1, 8, 1, "null"), ("one_micro", 1, 8, 1, 3), ("two_micro", 2, 4, 1, 3),
-            ("two_merged", 2, 2, 2, 2)]  # 2 accumulated batches of 2 rows merged: 4 rows per process, 8 in all
+    runs = [
+        ("one", 1, 8, 1, "null"),
+        ("one_micro", 1, 8, 1, 3),
+        ("two_micro", 2, 4, 1, 3),
+        ("two_merged", 2, 2, 2, 2),
+    ]  # 2 accumulated batches of 2 rows merged: 4 rows per process, 8 in all
     for name, nproc, per_device, accum, micro in runs:
-        cfg = tiny_config(tiny_corpus, tmp_path / name, tiny_cache, tokenizer=tiny_tokenizer, train__max_steps=3,
-                          train__checkpoint_every=0, train__tensorboard="false", data__batch_size=per_device,
-                          train__grad_accum=accum, data__micro_batch_size=micro)
+        cfg = tiny_config(
+            tiny_corpus,
+            tmp_path / name,
+            tiny_cache,
+            tokenizer=tiny_tokenizer,
+            train__max_steps=3,
+            train__checkpoint_every=0,
+            train__tensorboard="false",
+            data__batch_size=per_device,
+            train__grad_accum=accum,
+            data__micro_batch_size=micro,
+        )
         _launch(cfg, tmp_path, name, nproc)
     ref, ref_log = load_weights(tmp_path / "one" / "checkpoint-3"), read_log(tmp_path / "one")
     for name, *_ in runs[1:]:
@@ -220,16 +251,24 @@ def test_two_processes_with_micro_batches_equal_one_without(tiny_corpus, tiny_ca
                 assert rb[key] == pytest.approx(ra[key], rel=1e-4), (name, ra["step"], key)
 
 
-def test_a_nan_between_logging_steps_is_named_at_the_next_read(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path,
-                                                                monkeypatch):
+def test_a_nan_between_logging_steps_is_named_at_the_next_read(
+    tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path, monkeypatch
+):
     """Losses are read on the host only every log_every steps; the first non-finite step is still the one named."""
-    import distill.training.build_run as build_run_mod
     import distill.train as train_mod
+    import distill.training.build_run as build_run_mod
 
     monkeypatch.setattr(build_run_mod, "build_run", nan_loss_at_call(3, keys=None))
     with pytest.raises(train_mod.NonFiniteLossError, match=r"^step 3: non-finite loss \(.*infonce=nan") as err:
-        _train(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path / "run", train__max_steps=8, train__log_every=4,
-               data__micro_batch_size=4)
+        _train(
+            tiny_corpus,
+            tiny_cache,
+            tiny_tokenizer,
+            tmp_path / "run",
+            train__max_steps=8,
+            train__log_every=4,
+            data__micro_batch_size=4,
+        )
     assert "no checkpoint was written yet" in str(err.value)
     assert not (tmp_path / "run" / "log.jsonl").exists() or read_log(tmp_path / "run") == []
 
@@ -241,9 +280,18 @@ def test_compile_trains_the_tiny_model_like_eager(tiny_corpus, tiny_cache, tiny_
 
     torch._dynamo.reset()
     counters.clear()
-    runs = {name: _train(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path / name, train__max_steps=2,
-                         train__compile=flag, data__micro_batch_size=micro)
-            for name, flag, micro in [("eager", "false", "null"), ("compiled", "true", 4)]}
+    runs = {
+        name: _train(
+            tiny_corpus,
+            tiny_cache,
+            tiny_tokenizer,
+            tmp_path / name,
+            train__max_steps=2,
+            train__compile=flag,
+            data__micro_batch_size=micro,
+        )
+        for name, flag, micro in [("eager", "false", "null"), ("compiled", "true", 4)]
+    }
     assert runs["compiled"]["step"] == 2 and counters["stats"]["unique_graphs"] >= 1  # dynamo did compile
     a, b = load_weights(runs["eager"]["checkpoint"]), load_weights(runs["compiled"]["checkpoint"])
     _assert_equal(a, b, atol=1e-4)  # inductor fuses and reorders float32 sums: equal to ~1e-6 relative per step
@@ -286,8 +334,15 @@ def test_training_bf16_with_micro_batches_matches_without(tiny_corpus, tiny_cach
     Weights are not compared: AdamW's first step is about lr x sign(gradient), so a gradient near 0 that bf16
     rounds the other way moves its weight by 2 lr either way."""
     for name, micro in [("plain", "null"), ("micro", 3)]:
-        _train(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path / name, train__max_steps=2,
-               train__mixed_precision="bf16", data__micro_batch_size=micro)
+        _train(
+            tiny_corpus,
+            tiny_cache,
+            tiny_tokenizer,
+            tmp_path / name,
+            train__max_steps=2,
+            train__mixed_precision="bf16",
+            data__micro_batch_size=micro,
+        )
     la, lb = read_log(tmp_path / "plain"), read_log(tmp_path / "micro")
     assert [r["step"] for r in la] == [r["step"] for r in lb] == [1, 2]
     for key in ("loss", "infonce", "feature", "icl"):
@@ -301,16 +356,28 @@ def test_fsdp2_with_micro_batches_equals_one_process_without(tiny_corpus, tiny_c
     same logged losses and weights after 2 steps as one process x 8 rows without micro batches. Under FSDP2 the
     first chunks' backward runs without the reduce-scatter (`accelerator.no_sync` sets
     `set_requires_gradient_sync(False)`), the no-graph pass unshards and reshards like any forward."""
-    from distill.train import train
     from test_train_fsdp import _launch_fsdp, _merged
 
-    common = dict(features=tiny_cache, tokenizer=tiny_tokenizer, train__max_steps=2, train__checkpoint_every=2,
-                  train__tensorboard="false", optim__max_grad_norm=1.0,
-                  data__use_views="false")  # the student's own crops (seeded by row): this test is about FSDP
+    from distill.train import train
+
+    common = dict(
+        features=tiny_cache,
+        tokenizer=tiny_tokenizer,
+        train__max_steps=2,
+        train__checkpoint_every=2,
+        train__tensorboard="false",
+        optim__max_grad_norm=1.0,
+        data__use_views="false",
+    )  # the student's own crops (seeded by row): this test is about FSDP
     train(tiny_config(tiny_corpus, tmp_path / "one", data__batch_size=8, **common))
-    res = _launch_fsdp(tiny_config(tiny_corpus, tmp_path / "fsdp", data__batch_size=4, data__micro_batch_size=3,
-                                   **common), tmp_path, "fsdp")
-    assert "FSDP: 1-element instead of 0-dim parameters" in res.stdout  # Accelerate did take its FSDP path (INFO: stdout)
+    res = _launch_fsdp(
+        tiny_config(tiny_corpus, tmp_path / "fsdp", data__batch_size=4, data__micro_batch_size=3, **common),
+        tmp_path,
+        "fsdp",
+    )
+    assert (
+        "FSDP: 1-element instead of 0-dim parameters" in res.stdout
+    )  # Accelerate did take its FSDP path (INFO: stdout)
     ref, got = load_weights(tmp_path / "one" / "checkpoint-2"), _merged(tmp_path / "fsdp" / "checkpoint-2")
     assert got.keys() == ref.keys()
     _assert_equal({k: v.reshape(ref[k].shape) for k, v in got.items()}, ref, atol=2e-5)

@@ -1,5 +1,6 @@
 """benchmarks/grad_cache.py --quick runs end to end (not a speed test): the results carry every figure the README
 quotes, GradCache's loss and gradients equal the plain step's, and peak memory was measured for each variant."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,14 @@ def test_quick_run_writes_equal_gradients_and_memory(tmp_path):
     out = tmp_path / "grad_cache.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     before = {p: p.stat().st_mtime for p in (ROOT / "benchmarks" / "results").glob("grad_cache.*")}
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "grad_cache.py"), "--quick", "--mode", "hybrid",
-                          "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "grad_cache.py"), "--quick", "--mode", "hybrid", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(out.read_text())["results"]
     variants = {"plain", "gradcache", "accumulation"}

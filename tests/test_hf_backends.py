@@ -1,5 +1,6 @@
 """The `hf:` back-end on tiny models of each class it loads (SiglipModel, a repo's own code in both call styles),
 against the library called directly; trust_remote_code from flag to cache attrs; what it refuses, in one line."""
+
 from __future__ import annotations
 
 import sys
@@ -12,15 +13,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from test_cli_errors import eval_argv, task  # noqa: F401  (the 4-image retrieval task fixture)
 
 from cache import CacheJob, build_cache, open_corpus
-from cache.store.layout import feature, teacher as teacher_group
+from cache.store.layout import feature
+from cache.store.layout import teacher as teacher_group
 from distill.cli import main
 from distill.errors import BAD_INPUT
 from distill.tiny_models import make_tiny_hf_siglip, make_tiny_hf_siglip2_naflex, make_tiny_remote_code
 from teachers import TeacherLoadError, load_teacher
 from teachers.kernel.modality import Modality
-from test_cli_errors import eval_argv, task  # noqa: F401  (the 4-image retrieval task fixture)
 
 ATOL = 2e-3  # float16 storage of unit vectors
 TEXTS = ["dermoscopy of a melanoma", "an mri of the brain showing a large tumour"]
@@ -34,10 +36,12 @@ def _image(seed: int = 0, size=(50, 60)) -> Image.Image:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf_models")
-    return {"siglip": make_tiny_hf_siglip(root / "siglip", seed=3),
-            "naflex": make_tiny_hf_siglip2_naflex(root / "naflex"),
-            "remote": make_tiny_remote_code(root / "remote", seed=4),
-            "oc_style": make_tiny_remote_code(root / "oc_style", style="open_clip", seed=5)}
+    return {
+        "siglip": make_tiny_hf_siglip(root / "siglip", seed=3),
+        "naflex": make_tiny_hf_siglip2_naflex(root / "naflex"),
+        "remote": make_tiny_remote_code(root / "remote", seed=4),
+        "oc_style": make_tiny_remote_code(root / "oc_style", style="open_clip", seed=5),
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -76,8 +80,7 @@ def test_siglip_matches_transformers(models):
     assert t.embed_dim == 32 and t.context_length == 16
     assert t.logit_scale == pytest.approx(7.0, rel=1e-5) and t.logit_bias == pytest.approx(-3.5)
     cfg = t.preprocess_cfg  # views are resized as the processor resizes: squash to 32 x 32, mean/std 0.5
-    assert (cfg.image_size, cfg.resize_mode, cfg.mean, cfg.interpolation) == ((32, 32), "squash", (0.5,) * 3,
-                                                                               "bicubic")
+    assert (cfg.image_size, cfg.resize_mode, cfg.mean, cfg.interpolation) == ((32, 32), "squash", (0.5,) * 3, "bicubic")
     assert t.describe()["logit_bias"] == pytest.approx(-3.5)
     assert "logit_bias" not in load_teacher(f"hf:{models['remote']}", trust_remote_code=True).describe()
 
@@ -130,8 +133,9 @@ def test_open_clip_style_remote_model_uses_encode_calls(models):
     ids = tok(TEXTS, padding="max_length", max_length=16, truncation=True, return_tensors="pt")["input_ids"]
     img = _image(4)
     with torch.no_grad():
-        ri = model.encode_image(AutoImageProcessor.from_pretrained(folder)(images=img, return_tensors="pt")
-                                ["pixel_values"])[0]
+        ri = model.encode_image(
+            AutoImageProcessor.from_pretrained(folder)(images=img, return_tensors="pt")["pixel_values"]
+        )[0]
         rt = model.encode_text(ids)["text_features"]
     torch.testing.assert_close(t.encode_image(t.image_transform(img)[None]), F.normalize(ri, dim=-1))
     torch.testing.assert_close(t.encode_text(t.tokenize(TEXTS)), F.normalize(rt, dim=-1), atol=1e-5, rtol=1e-5)
@@ -139,19 +143,32 @@ def test_open_clip_style_remote_model_uses_encode_calls(models):
 
 def _cached(out: Path, name: str) -> tuple[np.ndarray, np.ndarray, dict]:
     with h5py.File(out, "r") as f:
-        return (f[feature(name, Modality.IMAGE)][:].astype(np.float32),
-                f[feature(name, Modality.TEXT)][:].astype(np.float32), dict(f[teacher_group(name)].attrs))
+        return (
+            f[feature(name, Modality.IMAGE)][:].astype(np.float32),
+            f[feature(name, Modality.TEXT)][:].astype(np.float32),
+            dict(f[teacher_group(name)].attrs),
+        )
 
 
 def test_siglip_cache_equals_the_library_and_stores_its_logit_bias(models, tiny_corpus, tmp_path):
     out = tmp_path / "features.h5"
-    build_cache(CacheJob(data=str(tiny_corpus), teachers={"sig": f"hf:{models['siglip']}"}, out=str(out),
-                         num_workers=0, batch_size=8, chunk_rows=16, progress=False))
+    build_cache(
+        CacheJob(
+            data=str(tiny_corpus),
+            teachers={"sig": f"hf:{models['siglip']}"},
+            out=str(out),
+            num_workers=0,
+            batch_size=8,
+            chunk_rows=16,
+            progress=False,
+        )
+    )
     img, txt, attrs = _cached(out, "sig")
     corpus = open_corpus(tiny_corpus)
     for row in (0, 17):
-        ref_i, ref_t = _library_siglip(models["siglip"], corpus.load_image(row), [corpus.captions[row]],
-                                       padding="max_length", max_length=16)
+        ref_i, ref_t = _library_siglip(
+            models["siglip"], corpus.load_image(row), [corpus.captions[row]], padding="max_length", max_length=16
+        )
         np.testing.assert_allclose(img[row], ref_i[0].numpy(), atol=ATOL)
         np.testing.assert_allclose(txt[row], ref_t[0].numpy(), atol=ATOL)
     assert float(attrs["logit_bias"]) == pytest.approx(-3.5) and float(attrs["logit_scale"]) == pytest.approx(7.0)
@@ -159,8 +176,19 @@ def test_siglip_cache_equals_the_library_and_stores_its_logit_bias(models, tiny_
 
 
 def test_cli_cache_needs_trust_remote_code_and_records_it(models, tiny_corpus, tmp_path, capsys):
-    argv = ["cache", "--data", str(tiny_corpus), "--teacher", f"r=hf:{models['remote']}", "--device", "cpu",
-            "--num-workers", "0", "--out", str(tmp_path / "f.h5")]
+    argv = [
+        "cache",
+        "--data",
+        str(tiny_corpus),
+        "--teacher",
+        f"r=hf:{models['remote']}",
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+        "--out",
+        str(tmp_path / "f.h5"),
+    ]
     assert main(argv) == BAD_INPUT
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pass --trust-remote-code" in err and "'hf:" in err
@@ -182,13 +210,16 @@ def test_cli_eval_passes_trust_remote_code(models, task, tmp_path, capsys):  # n
 
 def test_py_teacher_receives_trust_remote_code(tmp_path, monkeypatch, models):
     """An adapter for a model with its own code runs it only when the user passed the flag."""
-    (tmp_path / "my_remote_adapter.py").write_text(textwrap.dedent(f"""
+    spec = "hf:" + str(models["remote"])
+    (tmp_path / "my_remote_adapter.py").write_text(
+        textwrap.dedent(f"""
         from teachers import load_teacher
         SEEN = []
         def make(device="cpu", trust_remote_code=False):
             SEEN.append(trust_remote_code)
-            return load_teacher({f'hf:{models["remote"]}'!r}, device, trust_remote_code=trust_remote_code)
-    """))
+            return load_teacher({spec!r}, device, trust_remote_code=trust_remote_code)
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(TeacherLoadError, match="pass --trust-remote-code"):
         load_teacher("py:my_remote_adapter:make")
@@ -208,11 +239,16 @@ def test_gated_hub_model_is_named_with_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
 
     def gated(url, **kw):
-        raise GatedRepoError("401 Client Error: access to model google/medsiglip-448 is restricted",
-                             response=httpx2.Response(401, request=httpx2.Request("HEAD", url)))
+        raise GatedRepoError(
+            "401 Client Error: access to model google/medsiglip-448 is restricted",
+            response=httpx2.Response(401, request=httpx2.Request("HEAD", url)),
+        )
 
     monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", gated)
-    with pytest.raises(TeacherLoadError, match=r"'medsiglip' \(alias of hf:google/medsiglip-448\).*is gated.*"
-                                               r"accept its terms on https://huggingface.co/google/medsiglip-448"
-                                               r".*hf auth login"):
+    with pytest.raises(
+        TeacherLoadError,
+        match=r"'medsiglip' \(alias of hf:google/medsiglip-448\).*is gated.*"
+        r"accept its terms on https://huggingface.co/google/medsiglip-448"
+        r".*hf auth login",
+    ):
         load_teacher("medsiglip")

@@ -1,4 +1,5 @@
 """Image bombs and oversized JPEGs: a pixel limit checked before decoding, and reduced JPEG decodes (issue 8)."""
+
 from __future__ import annotations
 
 import io
@@ -11,12 +12,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from hostile_images import png_bomb
 from PIL import Image, ImageFile
 
+from cache.build.image_rows import ImageRows, teacher_inputs
 from cache.sources.corpus import open_corpus
 from cache.sources.image_decode import BadSampleError, DecodeLimits, decode_image
-from cache.build.image_rows import ImageRows, teacher_inputs
-from hostile_images import png_bomb
 
 BOMB_REASON = "image is 12000x12000 = 144 Mpx, over the 64 Mpx limit (--max-pixels)"
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,8 +28,13 @@ def _corpus_with_bomb(tmp_path: Path) -> Path:
     (tmp_path / "bomb.png").write_bytes(png_bomb())
     for i in (0, 2, 3):
         Image.new("RGB", (40, 30), (60 * i, 20, 200)).save(tmp_path / f"ok{i}.png")
-    rows = ["image,caption,key", "ok0.png,a red one,k0", "bomb.png,the bomb,k1", "ok2.png,a blue one,k2",
-            "ok3.png,a green one,k3"]
+    rows = [
+        "image,caption,key",
+        "ok0.png,a red one,k0",
+        "bomb.png,the bomb,k1",
+        "ok2.png,a blue one,k2",
+        "ok3.png,a green one,k3",
+    ]
     (tmp_path / "corpus.csv").write_text("\n".join(rows) + "\n")
     return tmp_path / "corpus.csv"
 
@@ -44,8 +50,23 @@ def test_a_png_bomb_is_a_recorded_bad_sample_and_is_never_decoded(tmp_path, tiny
     real_load = ImageFile.ImageFile.load
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loaded_sizes.append(self.size) or real_load(self))
     out = tmp_path / "f.h5"
-    rc = main(["cache", "--data", str(corpus), "--teacher", f"oc={tiny_teachers['oc']}", "--out", str(out),
-               "--num-workers", "0", "--device", "cpu", "--batch-size", "2"])
+    rc = main(
+        [
+            "cache",
+            "--data",
+            str(corpus),
+            "--teacher",
+            f"oc={tiny_teachers['oc']}",
+            "--out",
+            str(out),
+            "--num-workers",
+            "0",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert (12000, 12000) not in loaded_sizes and (40, 30) in loaded_sizes
     with h5py.File(out, "r") as f:
@@ -59,7 +80,7 @@ def test_the_bomb_costs_no_memory_in_a_fresh_process():
     """Peak RSS grows by far less than the decoded image (144 MB as mode L, 432 MB as RGB) while refusing it."""
     script = textwrap.dedent(f"""
         import resource, sys
-        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
         from cache.sources.image_decode import BadSampleError, decode_image
         from hostile_images import png_bomb
         data = png_bomb()
@@ -85,8 +106,11 @@ def test_pil_limits_become_bad_samples_without_a_warning():
         with pytest.raises(BadSampleError) as e:
             decode_image(png_bomb(), None, "k", "here", DecodeLimits(max_pixels=None))
     assert e.value.reason == "image is 12000x12000 = 144 Mpx, over the 89 Mpx limit (PIL's Image.MAX_IMAGE_PIXELS)"
-    with pytest.raises(BadSampleError, match=r"^here: image over PIL's decompression-bomb limit \(Image size "
-                                             r"\(400000000 pixels\)"):
+    with pytest.raises(
+        BadSampleError,
+        match=r"^here: image over PIL's decompression-bomb limit \(Image size "
+        r"\(400000000 pixels\)",
+    ):
         decode_image(png_bomb(20000, 20000), None, "k", "here", DecodeLimits(max_pixels=10**9))
 
 
@@ -98,8 +122,23 @@ def test_max_pixels_flag_reaches_the_cache(tmp_path, tiny_corpus, tiny_teachers,
     assert args.max_pixels == 64_000_000
     assert _pixels("64M") == 64_000_000 and _pixels("1500") == 1500 and _pixels("0") == 0
     out = tmp_path / "f.h5"
-    rc = main(["cache", "--data", str(tiny_corpus), "--teacher", f"oc={tiny_teachers['oc']}", "--out", str(out),
-               "--num-workers", "0", "--device", "cpu", "--max-pixels", "2000"])
+    rc = main(
+        [
+            "cache",
+            "--data",
+            str(tiny_corpus),
+            "--teacher",
+            f"oc={tiny_teachers['oc']}",
+            "--out",
+            str(out),
+            "--num-workers",
+            "0",
+            "--device",
+            "cpu",
+            "--max-pixels",
+            "2000",
+        ]
+    )
     err = capsys.readouterr().err  # every row bad is an error naming the commonest reason; the records are kept
     assert rc == 2 and "every row is bad samples" in err and "over the 0.002 Mpx limit (--max-pixels)" in err, err
     with h5py.File(out, "r") as f:
@@ -162,8 +201,11 @@ def test_training_stops_on_a_bomb_naming_the_row_and_the_setting(tmp_path):
     ds = PairDataset(corpus, PreprocessCfg(image_size=(224, 224)), max_pixels=DataCfg().max_pixels)
     assert ds.corpus.limits.draft_side == 273  # ceil(224 / sqrt(0.9 * 3/4)) = ceil(272.6)
     assert ds[0]["image"].shape == (3, 224, 224)
-    with pytest.raises(DataError, match=r"corpus\.csv row 2 \(line 3\), key 'k1': image is 12000x12000 = 144 Mpx, "
-                                        r"over the 64 Mpx limit \(data\.max_pixels\)"):
+    with pytest.raises(
+        DataError,
+        match=r"corpus\.csv row 2 \(line 3\), key 'k1': image is 12000x12000 = 144 Mpx, "
+        r"over the 64 Mpx limit \(data\.max_pixels\)",
+    ):
         ds[1]
     with pytest.raises(ValueError, match="data.max_pixels must be >= 0"):
         DataCfg(max_pixels=-1)
@@ -181,6 +223,9 @@ def test_a_tar_member_too_large_for_any_image_within_the_limit_is_not_read(tmp_p
             tar.addfile(info, io.BytesIO(data))
     corpus = open_corpus(tmp_path / "00000.tar").with_limits(DecodeLimits(max_pixels=1000))
     assert DecodeLimits(max_pixels=1000).max_bytes == 8000 + (16 << 20)
-    with pytest.raises(BadSampleError, match=r"00000\.tar sample 'big': image member is 17 MiB, larger than any "
-                                             r"image within the pixel limit \(--max-pixels\); not read"):
+    with pytest.raises(
+        BadSampleError,
+        match=r"00000\.tar sample 'big': image member is 17 MiB, larger than any "
+        r"image within the pixel limit \(--max-pixels\); not read",
+    ):
         corpus.load_image(0)

@@ -1,5 +1,6 @@
 """The input pipeline sized for a GPU: uint8 images normalised on the device (equal to the old float path),
 captions cut to the batch's longest (equal text embeddings), persistent workers, the fused-AdamW choice."""
+
 from __future__ import annotations
 
 import copy
@@ -8,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_fixtures import tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
 
-from distill.training.build_run import build_run, text_pad_id
 from distill.config.train_config import OptimCfg
 from distill.data.loader import Collate, make_uint8_view_transform, trim_padding
+from distill.training.build_run import build_run, text_pad_id
 from distill.training.optim import build_optimizer, use_fused
-from distill.training.student_model import DistillModel, student_pixels
+from distill.training.student_model import student_pixels
 from teachers.transforms import PreprocessCfg, make_view_transform
-from train_fixtures import tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
 
 
 def _image(seed: int, size=(61, 47)) -> Image.Image:
@@ -50,8 +51,10 @@ def test_trim_padding_cuts_to_the_longest_caption():
 
 
 def test_collate_trims_only_with_a_pad_id():
-    items = [{"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "caption": c, "row": i, "cache_row": i, "view": -1}
-             for i, c in enumerate(["a b", "a b c d"])]
+    items = [
+        {"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "caption": c, "row": i, "cache_row": i, "view": -1}
+        for i, c in enumerate(["a b", "a b c d"])
+    ]
 
     def tok(texts):  # 1 + one id per word, padded with 0 to 8
         return torch.tensor([[1] + [5] * len(t.split()) + [0] * (7 - len(t.split())) for t in texts])
@@ -65,8 +68,14 @@ def test_collate_trims_only_with_a_pad_id():
 def tiny_run(tiny_corpus, tiny_tokenizer, tmp_path_factory):
     from distill.train import make_accelerator
 
-    cfg = tiny_config(tiny_corpus, tmp_path_factory.mktemp("run"), None, mode="contrastive",
-                      tokenizer=tiny_tokenizer, data__num_workers=1)
+    cfg = tiny_config(
+        tiny_corpus,
+        tmp_path_factory.mktemp("run"),
+        None,
+        mode="contrastive",
+        tokenizer=tiny_tokenizer,
+        data__num_workers=1,
+    )
     return build_run(cfg, make_accelerator(cfg))
 
 
@@ -92,9 +101,8 @@ def test_trimmed_captions_give_the_full_context_text_embeddings(tiny_run):
 def test_the_loader_persists_workers_and_yields_uint8_the_model_normalises(tiny_run):
     loader = tiny_run.loader
     assert loader.persistent_workers and loader.num_workers == 1 and loader.collate_fn.pad_id == 0
-    from distill.train import make_accelerator
-
     from distill.config.train_config import Config
+    from distill.train import make_accelerator
 
     cfg = Config.from_dict({"mode": "contrastive", "data": {"corpus": "c.csv"}})
     assert make_accelerator(cfg).dataloader_config.non_blocking  # pinned batches: the copy overlaps host work
@@ -108,15 +116,18 @@ def test_the_loader_persists_workers_and_yields_uint8_the_model_normalises(tiny_
     assert not any(k.startswith("pixel_") for k in m.state_dict())  # checkpoints keep student.* and heads.*
 
 
-@pytest.mark.parametrize("mode,device,dtypes,want", [
-    ("auto", "cuda", {torch.float32}, True),
-    ("auto", "cuda", {torch.float32, torch.bfloat16}, True),
-    ("auto", "cuda", {torch.float32, torch.int64}, False),
-    ("auto", "cuda", set(), False),
-    ("auto", "cpu", {torch.float32}, False),
-    ("on", "cpu", {torch.float32}, True),
-    ("off", "cuda", {torch.float32}, False),
-])
+@pytest.mark.parametrize(
+    "mode,device,dtypes,want",
+    [
+        ("auto", "cuda", {torch.float32}, True),
+        ("auto", "cuda", {torch.float32, torch.bfloat16}, True),
+        ("auto", "cuda", {torch.float32, torch.int64}, False),
+        ("auto", "cuda", set(), False),
+        ("auto", "cpu", {torch.float32}, False),
+        ("on", "cpu", {torch.float32}, True),
+        ("off", "cuda", {torch.float32}, False),
+    ],
+)
 def test_fused_adamw_only_on_cuda_float_params_by_default(mode, device, dtypes, want):
     assert use_fused(mode, device, dtypes) is want
 

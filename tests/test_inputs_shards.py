@@ -2,6 +2,7 @@
 10.4 GB and stall. Now the oversized member is a recorded bad sample, never read; a caption is cut to
 MAX_CAPTION_BYTES before anything tokenises it; listing a shard (local, `file://` or `pipe:`) never holds a
 member's bytes. The shards are generated sparse (the 600 MB member costs no disk), so the tests stay fast."""
+
 from __future__ import annotations
 
 import io
@@ -15,11 +16,11 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-
-from cache.sources.corpus import BadSampleError, open_corpus
-from cache.sources.base import MAX_CAPTION_BYTES
-from cache.sources.stream import StreamCorpus, StreamOptions
 from hostile_images import png_bytes
+
+from cache.sources.base import MAX_CAPTION_BYTES
+from cache.sources.corpus import BadSampleError, open_corpus
+from cache.sources.stream import StreamCorpus, StreamOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 HUGE = 600 * 2**20
@@ -83,8 +84,11 @@ def test_a_local_shard_is_indexed_without_reading_members(shard):
     corpus, peak = traced(lambda: open_corpus(shard.parent))
     check_corpus(corpus)
     assert peak < 4 * 2**20, peak  # a cut caption and the index; not the 50 MB caption, not the 600 MB member
-    with pytest.raises(BadSampleError, match=r"image member is 600 MiB, larger than any image within the pixel "
-                                             r"limit \(--max-pixels\); not read"):
+    with pytest.raises(
+        BadSampleError,
+        match=r"image member is 600 MiB, larger than any image within the pixel "
+        r"limit \(--max-pixels\); not read",
+    ):
         traced(lambda: corpus.load_bytes(1))
     assert corpus.load_image(3).getpixel((0, 0)) == (70, 80, 90)
 
@@ -97,8 +101,12 @@ def test_a_streamed_listing_holds_no_member_bytes(shard, tmp_path, how):
     check_corpus(corpus)
     assert peak < 4 * 2**20, peak
     listing = json.loads(next((tmp_path / "listings").iterdir()).read_text())
-    assert listing["sizes"] == [len(png_bytes((10, 20, 30))), HUGE, len(png_bytes((40, 50, 60))),
-                                len(png_bytes((70, 80, 90)))]
+    assert listing["sizes"] == [
+        len(png_bytes((10, 20, 30))),
+        HUGE,
+        len(png_bytes((40, 50, 60))),
+        len(png_bytes((70, 80, 90))),
+    ]
     with pytest.raises(BadSampleError, match=r"image member is 600 MiB"):
         corpus.load_bytes(1)
     if how == "file":  # seeks past the 600 MB `json` member (a pipe reads through it as its listing did above)
@@ -122,7 +130,7 @@ def test_distill_cache_records_the_member_as_bad_and_tokenises_the_cut_caption(s
     out = tmp_path / "f.h5"
     script = textwrap.dedent(f"""
         import sys
-        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
         from distill.cli import main
 
         def peak_mib():  # this process's own peak RSS (ru_maxrss would include the forking pytest's)
@@ -130,7 +138,7 @@ def test_distill_cache_records_the_member_as_bad_and_tokenises_the_cut_caption(s
                 return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) // 1024
 
         def cache(data, out):
-            return main(["cache", "--data", data, "--teacher", "oc={tiny_teachers['oc']}", "--out", out,
+            return main(["cache", "--data", data, "--teacher", "oc={tiny_teachers["oc"]}", "--out", out,
                          "--num-workers", "0", "--device", "cpu", "--batch-size", "2"])
 
         rc_plain = cache({str(plain.parent)!r}, {str(tmp_path / "plain.h5")!r})

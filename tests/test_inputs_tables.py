@@ -2,6 +2,7 @@
 10^6-column table and a 50 MB cell are each one error naming the line where the row begins, at once and in
 bounded memory; captions with line breaks inside closed quotes stay valid; long captions are cut, not tokenised
 whole."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,8 @@ import tracemalloc
 
 import pytest
 
-from cache.sources.corpus import CorpusError, open_corpus
 from cache.sources.base import MAX_CAPTION_BYTES, MAX_CELL_CHARS, MAX_COLUMNS
+from cache.sources.corpus import CorpusError, open_corpus
 
 
 def opened(path):
@@ -41,17 +42,22 @@ def test_a_quote_never_closed_is_named_at_the_line_where_it_opened(tmp_path):
     path = tmp_path / "c.csv"
     path.write_text('image,caption\na.png,"an open quote\nb.png,second\n')
     msg = refused(path)
-    assert msg == (f"{path} line 2: a quoted cell in the row that begins on this line is never closed (the file "
-                   "ends inside it); close the quote, or write a quote meant literally as two (\"\")"), msg
+    assert msg == (
+        f"{path} line 2: a quoted cell in the row that begins on this line is never closed (the file "
+        'ends inside it); close the quote, or write a quote meant literally as two ("")'
+    ), msg
 
 
 def test_a_quote_closed_rows_later_is_named_at_the_line_where_it_opened(tmp_path):
     path = tmp_path / "c.csv"
     path.write_text('image,caption\na.png,"oops\nb.png,second\nc.png,"third"\n')
     msg = refused(path)
-    assert re.fullmatch(rf"{re.escape(str(path))} line 2: not valid CSV in the row that begins on this line and "
-                        r"runs to line 4 \(.*\); look for a quote opened on line 2 that is not closed where it "
-                        r"should be", msg), msg
+    assert re.fullmatch(
+        rf"{re.escape(str(path))} line 2: not valid CSV in the row that begins on this line and "
+        r"runs to line 4 \(.*\); look for a quote opened on line 2 that is not closed where it "
+        r"should be",
+        msg,
+    ), msg
 
 
 @pytest.mark.parametrize("row, cells", [("b.png,second,extra", 3), ("b.png", 1)])
@@ -59,8 +65,10 @@ def test_a_row_with_the_wrong_number_of_cells_is_named(tmp_path, row, cells):
     path = tmp_path / "c.csv"
     path.write_text(f'image,caption\na.png,"two\nlines"\n{row}\n')
     msg = refused(path)
-    assert msg == (f"{path} line 4: {cells} cell{'s' if cells > 1 else ''}, but the header has 2 (image, caption); "
-                   "every row needs one cell per column (quote a cell that holds a comma)"), msg
+    assert msg == (
+        f"{path} line 4: {cells} cell{'s' if cells > 1 else ''}, but the header has 2 (image, caption); "
+        "every row needs one cell per column (quote a cell that holds a comma)"
+    ), msg
 
 
 def test_line_breaks_inside_closed_quotes_stay_valid_and_rows_name_their_first_line(tmp_path):
@@ -85,8 +93,10 @@ def test_a_million_columns_are_refused_at_once_in_bounded_memory(tmp_path):
     assert size > 14e6
     err, peak = opened(path)
     assert isinstance(err, CorpusError)
-    assert str(err) == (f"{path} line 1: the header has 1,000,000 columns, more than the {MAX_COLUMNS} a corpus "
-                        "table may have; keep the columns training uses (image, caption, key, e.g. domain)")
+    assert str(err) == (
+        f"{path} line 1: the header has 1,000,000 columns, more than the {MAX_COLUMNS} a corpus "
+        "table may have; keep the columns training uses (image, caption, key, e.g. domain)"
+    )
     assert peak < 2 * size + 16 * 2**20, peak  # the file's bytes and text, never its cells
 
 
@@ -108,8 +118,10 @@ def test_a_50_mb_caption_on_line_2_is_named_at_line_2(tmp_path):
         f.write("\nb.png,fine\n")
     size = path.stat().st_size
     err, peak = opened(path)
-    assert str(err) == (f"{path} line 2: a cell of the row that begins on this line is over {MAX_CELL_CHARS:,} "
-                        "characters, the limit of one cell; shorten it"), err
+    assert str(err) == (
+        f"{path} line 2: a cell of the row that begins on this line is over {MAX_CELL_CHARS:,} "
+        "characters, the limit of one cell; shorten it"
+    ), err
     assert peak < 2 * size + 16 * 2**20, peak
 
 
@@ -120,27 +132,47 @@ def test_the_cli_names_line_2_in_one_line(tmp_path):
     path.write_text("image,caption\na.png," + "x" * (MAX_CELL_CHARS + 1) + "\n")
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        rc = main(["cache", "--data", str(path), "--teacher", "t=py:test_fuzz_corpus:make_teacher", "--out",
-                   str(tmp_path / "f.h5"), "--device", "cpu"])
+        rc = main(
+            [
+                "cache",
+                "--data",
+                str(path),
+                "--teacher",
+                "t=py:test_fuzz_corpus:make_teacher",
+                "--out",
+                str(tmp_path / "f.h5"),
+                "--device",
+                "cpu",
+            ]
+        )
     lines = err.getvalue().strip().splitlines()
-    assert rc == 2 and len(lines) == 1 and f"c.csv line 2: a cell of the row" in lines[0], lines
+    assert rc == 2 and len(lines) == 1 and "c.csv line 2: a cell of the row" in lines[0], lines
 
 
 def test_jsonl_columns_and_cells_are_bounded_too(tmp_path):
     wide = tmp_path / "wide.jsonl"
     row = {"image": "a.png", "caption": "c", **{f"c{i}": 1 for i in range(MAX_COLUMNS)}}
     wide.write_text(json.dumps({"image": "b.png", "caption": "d"}) + "\n" + json.dumps(row) + "\n")
-    assert refused(wide) == (f"{wide} line 2: {MAX_COLUMNS + 2:,} columns, more than the {MAX_COLUMNS} a corpus "
-                             "table may have; keep the columns training uses (image, caption, key, e.g. domain)")
+    assert refused(wide) == (
+        f"{wide} line 2: {MAX_COLUMNS + 2:,} columns, more than the {MAX_COLUMNS} a corpus "
+        "table may have; keep the columns training uses (image, caption, key, e.g. domain)"
+    )
     many = tmp_path / "many.jsonl"
-    many.write_text("".join(json.dumps({"image": f"{i}.png", "caption": "c", f"x{i}": 1}) + "\n"
-                            for i in range(MAX_COLUMNS)))
+    many.write_text(
+        "".join(json.dumps({"image": f"{i}.png", "caption": "c", f"x{i}": 1}) + "\n" for i in range(MAX_COLUMNS))
+    )
     assert refused(many).startswith(f"{many} line {MAX_COLUMNS - 2}: {MAX_COLUMNS + 1:,} columns")
     long = tmp_path / "long.jsonl"
-    long.write_text(json.dumps({"image": "b.png", "caption": "d"}) + "\n"
-                    + json.dumps({"image": "a.png", "caption": "x" * (MAX_CELL_CHARS + 1)}) + "\n")
-    assert refused(long) == (f"{long} line 2: the 'caption' cell is {MAX_CELL_CHARS + 1:,} characters, over "
-                             f"{MAX_CELL_CHARS:,}, the limit of one cell; shorten it")
+    long.write_text(
+        json.dumps({"image": "b.png", "caption": "d"})
+        + "\n"
+        + json.dumps({"image": "a.png", "caption": "x" * (MAX_CELL_CHARS + 1)})
+        + "\n"
+    )
+    assert refused(long) == (
+        f"{long} line 2: the 'caption' cell is {MAX_CELL_CHARS + 1:,} characters, over "
+        f"{MAX_CELL_CHARS:,}, the limit of one cell; shorten it"
+    )
 
 
 def test_long_captions_are_cut_at_a_character_boundary(tmp_path):
@@ -157,6 +189,9 @@ def test_a_distill_corpus_source_with_a_quote_never_closed_is_named(tmp_path):
 
     path = tmp_path / "labels.csv"
     path.write_text('image,diagnosis\na.png,"nevus\nb.png,melanoma\n')
-    with pytest.raises(CorpusBuildError, match=rf"^{re.escape(str(path))} line 2: a quoted cell in the row that "
-                                               r"begins on this line is never closed"):
+    with pytest.raises(
+        CorpusBuildError,
+        match=rf"^{re.escape(str(path))} line 2: a quoted cell in the row that "
+        r"begins on this line is never closed",
+    ):
         build_corpus([CorpusSource(str(path), ("a {diagnosis}",))], tmp_path / "o")

@@ -1,5 +1,6 @@
 """Issue 18 item 3: every YAML the project reads is loaded by `teachers.kernel.bounded_yaml`, which refuses alias bombs,
 cycles, deep nesting and huge files before anything is expanded: one line, at once, in bounded memory."""
+
 from __future__ import annotations
 
 import tracemalloc
@@ -8,8 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from teachers.kernel.bounded_yaml import (MAX_YAML_ALIASES, MAX_YAML_BYTES, MAX_YAML_DEPTH, MAX_YAML_VALUES, YamlLimitError,
-                                load_yaml)
+from teachers.kernel.bounded_yaml import (
+    MAX_YAML_ALIASES,
+    MAX_YAML_BYTES,
+    MAX_YAML_DEPTH,
+    MAX_YAML_VALUES,
+    YamlLimitError,
+    load_yaml,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,15 +44,21 @@ def test_a_document_within_the_limits_loads_as_safe_load_does():
         assert load_yaml(task.read_text()) == yaml.safe_load(task.read_text()), task
 
 
-@pytest.mark.parametrize("text, message", [
-    (bomb(), r"line 7: this value stands for 1,111,111 values once its aliases are expanded, over the "
-             rf"{MAX_YAML_VALUES:,} .* \(an alias bomb\?\)"),
-    (narrow_bomb(), r"line 18: this value stands for 262,143 values"),
-    ("x: &x 1\ny: [" + "*x, " * MAX_YAML_ALIASES + "*x]\n", rf"line 2: more than {MAX_YAML_ALIASES} aliases"),
-    ("a: &a [1, *a]\n", r"line 1: an alias refers to a node that contains it \(a cycle\)"),
-    ("[" * (MAX_YAML_DEPTH + 1) + "]" * (MAX_YAML_DEPTH + 1), rf"line 1: nested more than {MAX_YAML_DEPTH} levels"),
-    ("x: " + "a" * MAX_YAML_BYTES, rf"over the {MAX_YAML_BYTES:,} YAML read by distill may have"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            bomb(),
+            r"line 7: this value stands for 1,111,111 values once its aliases are expanded, over the "
+            rf"{MAX_YAML_VALUES:,} .* \(an alias bomb\?\)",
+        ),
+        (narrow_bomb(), r"line 18: this value stands for 262,143 values"),
+        ("x: &x 1\ny: [" + "*x, " * MAX_YAML_ALIASES + "*x]\n", rf"line 2: more than {MAX_YAML_ALIASES} aliases"),
+        ("a: &a [1, *a]\n", r"line 1: an alias refers to a node that contains it \(a cycle\)"),
+        ("[" * (MAX_YAML_DEPTH + 1) + "]" * (MAX_YAML_DEPTH + 1), rf"line 1: nested more than {MAX_YAML_DEPTH} levels"),
+        ("x: " + "a" * MAX_YAML_BYTES, rf"over the {MAX_YAML_BYTES:,} YAML read by distill may have"),
+    ],
+)
 def test_bombs_cycles_depth_and_size_are_refused_in_bounded_memory(text, message):
     tracemalloc.start()
     try:
@@ -83,7 +96,11 @@ def test_task_recipe_variant_and_domain_files_refuse_bombs(tmp_path):
 
     path = tmp_path / "bomb.yaml"
     path.write_text(bomb())
-    for load, error in ((load_task, TaskError), (load_recipe, CorpusBuildError), (load_variant_file, SetupError),
-                        (load_domain_file, SetupError)):
+    for load, error in (
+        (load_task, TaskError),
+        (load_recipe, CorpusBuildError),
+        (load_variant_file, SetupError),
+        (load_domain_file, SetupError),
+    ):
         with pytest.raises(error, match=rf"{path.name}.*\(an alias bomb\?\)"):
             load(str(path))

@@ -1,4 +1,5 @@
 """Each loss term against a hand computation (explicit loops), teacher combination, PHI-S and errors."""
+
 from __future__ import annotations
 
 import math
@@ -27,7 +28,7 @@ SCALES = {"a": 50.0, "b": 100.0}
 # Float32 bounds. Every loss term computes in float32 by design, so the references are float64 (hand loops, or
 # open_clip on float64 copies of the same float32 inputs) and a bound is the float32 path's own worst-case rounding,
 # which holds in any summation order (AVX2 or AVX-512 kernels, 1 or 2 threads); u = 2^-24.
-U = 2.0 ** -24
+U = 2.0**-24
 
 
 def logit_err(s: float, d: int, normalised: bool = False) -> float:
@@ -167,8 +168,10 @@ def test_infonce_gradients_equal_open_clip_and_scale_is_clamped():
 
     student, _ = make_batch(seed=1)
     grads = []
-    for fn, dtype in ((lambda s: _loss([LossTermCfg("c", "infonce")], ())(s, None)["loss"], torch.float32),
-                      (lambda s: ClipLoss()(s.image, s.text, s.logit_scale.clamp(max=100)), torch.float64)):
+    for fn, dtype in (
+        (lambda s: _loss([LossTermCfg("c", "infonce")], ())(s, None)["loss"], torch.float32),
+        (lambda s: ClipLoss()(s.image, s.text, s.logit_scale.clamp(max=100)), torch.float64),
+    ):
         img = student.image.to(dtype, copy=True).requires_grad_()
         txt = student.text.to(dtype, copy=True).requires_grad_()
         fn(StudentOutput(img, txt, torch.tensor(400.0, dtype=dtype))).backward()
@@ -217,8 +220,9 @@ def test_infonce_caption_positives_equal_the_soft_target_by_hand():
     want = [(u + v) / 2 for u, v in zip(_hand_soft_rows(img, txt, 14.0, ids), _hand_soft_rows(txt, img, 14.0, ids))]
     # each row the mean of two float32 cross-entropies against float64 loops: within ce_err (2.1e-5; the bug
     # this guards, a target not spread over the caption's copies, moves rows 0 and 2 by 0.09 and 1.9)
-    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=ce_err(14.0, E, 4),
-                               check_dtype=False)
+    torch.testing.assert_close(
+        got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=ce_err(14.0, E, 4), check_dtype=False
+    )
     # by hand for row 0: targets 1/2 on columns 0 and 2
     lg = [14.0 * _dot(img[0], txt[j]) for j in range(4)]
     assert want[0] != pytest.approx(-_log_softmax_row(lg, 0))  # the soft target really differs from the diagonal
@@ -249,20 +253,30 @@ def test_icl_caption_positives_equal_the_soft_target_by_hand():
     student, teachers = make_batch(seed=32, b=4)
     for t in DIMS:  # rows 0 and 2 share a caption, so the teacher's text embeddings of them are identical
         teachers.feats[t].text[2] = teachers.feats[t].text[0]
-    loss = _loss([LossTermCfg("icl", "icl", weight=2.0, teachers={"a": 1.0, "b": 3.0},
-                              kwargs={"positives": "caption"})])
+    loss = _loss(
+        [LossTermCfg("icl", "icl", weight=2.0, teachers={"a": 1.0, "b": 3.0}, kwargs={"positives": "caption"})]
+    )
     diag = _loss([LossTermCfg("icl", "icl", teachers={"a": 1.0, "b": 3.0})])
     ids = DUP_IDS.tolist()
     want = {}
     for t in DIMS:
         p = {m: [_norm(v) for v in student.projected[t][m]] for m in ("image", "text")}
         y = {m: teachers.feats[t][m].tolist() for m in ("image", "text")}
-        rows = [(u + v) / 2 for u, v in zip(_hand_soft_rows(p["image"], y["text"], 14.0, ids),
-                                            _hand_soft_rows(p["text"], y["image"], 14.0, ids))]
+        rows = [
+            (u + v) / 2
+            for u, v in zip(
+                _hand_soft_rows(p["image"], y["text"], 14.0, ids), _hand_soft_rows(p["text"], y["image"], 14.0, ids)
+            )
+        ]
         got = _per_row(loss, "icl", student, teachers, DUP_IDS, t)
         # float32 rows of normalised projections (d = 3, 5) against float64 loops: within ce_err (2.4e-5 at d = 5)
-        torch.testing.assert_close(got, torch.tensor(rows, dtype=torch.float64), rtol=0,
-                                   atol=ce_err(14.0, DIMS[t], 4, normalised=True), check_dtype=False)
+        torch.testing.assert_close(
+            got,
+            torch.tensor(rows, dtype=torch.float64),
+            rtol=0,
+            atol=ce_err(14.0, DIMS[t], 4, normalised=True),
+            check_dtype=False,
+        )
         plain = _per_row(diag, "icl", student, teachers, None, t)
         assert torch.equal(got[[1, 3]], plain[[1, 3]]) and not torch.allclose(got[[0, 2]], plain[[0, 2]])
         want[t] = sum(rows) / 4
@@ -296,9 +310,12 @@ def test_caption_positives_change_nothing_when_identical_captions_embed_identica
     torch.testing.assert_close(res["caption"][2], res["diagonal"][2], rtol=0, atol=6 * grad_tol)
     # copies with different embeddings (as under dropout): now the targets matter
     txt = F.normalize(base[ids] + 0.3 * torch.randn(6, E, generator=g), dim=-1)
-    vals = [_loss([LossTermCfg("nce", "infonce", kwargs={"positives": p})], teachers=())(
-        StudentOutput(img, txt, torch.tensor(14.0)), None, caption_ids=ids)["loss"].item()
-        for p in ("diagonal", "caption")]
+    vals = [
+        _loss([LossTermCfg("nce", "infonce", kwargs={"positives": p})], teachers=())(
+            StudentOutput(img, txt, torch.tensor(14.0)), None, caption_ids=ids
+        )["loss"].item()
+        for p in ("diagonal", "caption")
+    ]
     assert vals[0] != pytest.approx(vals[1], rel=1e-3)
 
 
@@ -359,8 +376,9 @@ def test_feature_image_only_and_smooth_l1_beta():
     student, teachers = make_batch(seed=3)
     for t in DIMS:  # scale targets up so |diff| crosses beta
         teachers.feats[t] = Pair(teachers.feats[t].image * 4, teachers.feats[t].text)
-    cfg = LossTermCfg("f", "feature", teachers={"a": 1.0}, kwargs={"metric": "smooth_l1", "modalities": ["image"],
-                                                                   "beta": 0.5})
+    cfg = LossTermCfg(
+        "f", "feature", teachers={"a": 1.0}, kwargs={"metric": "smooth_l1", "modalities": ["image"], "beta": 0.5}
+    )
     got = _loss([cfg])(student, teachers)["f"].item()
     p, y = student.projected["a"].image, teachers.feats["a"].image
     tot = 0.0
@@ -438,9 +456,15 @@ def test_affinity_equals_open_clip_distill_loss():
     f = teachers.feats["b"]
     # open_clip on float64 copies (it computes in its input dtype): the float32 term within aff_tol (1.2e-3 of 8.7;
     # measured 1.2e-6); bug sizes as in the test above
-    ref = DistillClipLoss()(student.image.double(), student.text.double(), student.logit_scale.double(),
-                            f.image.double(), f.text.double(), torch.tensor(SCALES["b"], dtype=torch.float64),
-                            output_dict=True)["distill_loss"].item()
+    ref = DistillClipLoss()(
+        student.image.double(),
+        student.text.double(),
+        student.logit_scale.double(),
+        f.image.double(),
+        f.text.double(),
+        torch.tensor(SCALES["b"], dtype=torch.float64),
+        output_dict=True,
+    )["distill_loss"].item()
     assert out["aff"].item() == pytest.approx(ref, rel=0, abs=aff_tol(ref, 14.0, E, SCALES["b"], DIMS["b"], B))
 
 
@@ -494,8 +518,10 @@ def test_random_teacher_follows_teacher_weights():
 def test_teacher_dropping_never_drops_all_and_renormalises():
     names = ["a", "b", "c"]
     dims = {"a": 3, "b": 5, "c": 4}
-    terms = [LossTermCfg("f", "feature", teachers={"a": 1.0, "b": 1.0, "c": 2.0}),
-             LossTermCfg("g", "icl", teachers={"c": 1.0})]
+    terms = [
+        LossTermCfg("f", "feature", teachers={"a": 1.0, "b": 1.0, "c": 2.0}),
+        LossTermCfg("g", "icl", teachers={"c": 1.0}),
+    ]
     loss = DistillLoss(terms, names, CombineCfg(drop_prob=0.9))
     g = torch.Generator().manual_seed(0)
     kept_counts = {t: 0 for t in names}
@@ -543,7 +569,7 @@ def _anisotropic(n, d, seed):
 def test_phi_s_gives_every_teacher_unit_variance_per_dimension(dims):
     variances = []
     for k, d in enumerate(dims):
-        x = _anisotropic(3000, d, seed=k) * (10.0 ** k)  # teachers with very different scales
+        x = _anisotropic(3000, d, seed=k) * (10.0**k)  # teachers with very different scales
         w, b = phi_s_affine(x.mean(0), np.cov(x, rowvar=False))
         y = x @ w.T + b
         np.testing.assert_allclose(y.mean(0), 0, atol=1e-9)
@@ -563,10 +589,17 @@ def test_phi_s_standardises_feature_targets_in_the_loss():
     stats = {}
     for k, (t, d) in enumerate({"a": 4, "b": 6}.items()):
         x = _anisotropic(500, d, seed=20 + k)
-        stats[t] = {"image_mean": x.mean(0), "image_cov": np.cov(x, rowvar=False),
-                    "text_mean": -x.mean(0), "text_cov": 2 * np.cov(x, rowvar=False)}
-    loss = _loss([LossTermCfg("f", "feature", kwargs={"metric": "mse"})], combine=CombineCfg(balance="phi_s"),
-                 teacher_stats=stats)
+        stats[t] = {
+            "image_mean": x.mean(0),
+            "image_cov": np.cov(x, rowvar=False),
+            "text_mean": -x.mean(0),
+            "text_cov": 2 * np.cov(x, rowvar=False),
+        }
+    loss = _loss(
+        [LossTermCfg("f", "feature", kwargs={"metric": "mse"})],
+        combine=CombineCfg(balance="phi_s"),
+        teacher_stats=stats,
+    )
     got = loss(student, teachers)["f"].item()
     want, err = 0.0, 0.0
     for t in ("a", "b"):
@@ -617,9 +650,15 @@ def test_training_on_the_loss_makes_it_fall():
     towers = torch.nn.ModuleDict({"image": torch.nn.Linear(din, E), "text": torch.nn.Linear(din, E)})
     heads = torch.nn.ModuleDict({f"{t}_{m}": torch.nn.Linear(E, d) for t, d in DIMS.items() for m in ("image", "text")})
     log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
-    loss = _loss([LossTermCfg("infonce", "infonce"), LossTermCfg("f", "feature", 10.0),
-                  LossTermCfg("icl", "icl"), LossTermCfg("aff", "affinity")],
-                 combine=CombineCfg(mode="random_teacher", drop_prob=0.3))
+    loss = _loss(
+        [
+            LossTermCfg("infonce", "infonce"),
+            LossTermCfg("f", "feature", 10.0),
+            LossTermCfg("icl", "icl"),
+            LossTermCfg("aff", "affinity"),
+        ],
+        combine=CombineCfg(mode="random_teacher", drop_prob=0.3),
+    )
     opt = torch.optim.Adam([*towers.parameters(), *heads.parameters(), log_scale], lr=0.05)
     history = []
     for step in range(60):
@@ -667,9 +706,13 @@ def test_bad_weights_kinds_options_and_modes():
     with pytest.raises(ValueError, match="needs teacher_stats"):
         _loss([LossTermCfg("f", "feature")], combine=CombineCfg(balance="phi_s"))
     with pytest.raises(KeyError, match=r"statistics of teacher 'a' lack \['text_cov'\]"):
-        _loss([LossTermCfg("f", "feature")], combine=CombineCfg(balance="phi_s"),
-              teacher_stats={t: {"image_mean": np.zeros(3), "image_cov": np.eye(3), "text_mean": np.zeros(3)}
-                             for t in DIMS})
+        _loss(
+            [LossTermCfg("f", "feature")],
+            combine=CombineCfg(balance="phi_s"),
+            teacher_stats={
+                t: {"image_mean": np.zeros(3), "image_cov": np.eye(3), "text_mean": np.zeros(3)} for t in DIMS
+            },
+        )
 
 
 def test_bad_batches_name_what_is_missing():
@@ -692,8 +735,9 @@ def test_bad_batches_name_what_is_missing():
 def _draw(kept=("a", "b", "c"), uniforms=None):
     from distill.losses.combine import TeacherDraw
 
-    return TeacherDraw(kept={t: t in kept for t in ("a", "b", "c")},
-                       uniforms=None if uniforms is None else torch.tensor(uniforms))
+    return TeacherDraw(
+        kept={t: t in kept for t in ("a", "b", "c")}, uniforms=None if uniforms is None else torch.tensor(uniforms)
+    )
 
 
 ROUTE = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 1, 0], [0, 0, 0]], dtype=torch.bool)  # row 3: no teacher
@@ -722,12 +766,18 @@ def test_routed_random_teacher_inverse_cdf_over_the_rows_teachers():
     # unrouted == routed to everyone: the old one-process draw is unchanged
     u = torch.rand(50, generator=torch.Generator().manual_seed(3)).tolist()
     full = weight_matrix(CombineCfg(mode="random_teacher"), W3, _draw(uniforms=u), 50)
-    routed = weight_matrix(CombineCfg(mode="random_teacher"), W3, _draw(uniforms=u), 50,
-                           route=torch.ones(50, 3, dtype=torch.bool))
+    routed = weight_matrix(
+        CombineCfg(mode="random_teacher"), W3, _draw(uniforms=u), 50, route=torch.ones(50, 3, dtype=torch.bool)
+    )
     assert torch.equal(full, routed)
     # dropped c: row 1 routed to a and c -> a whatever u
-    mix = weight_matrix(CombineCfg(mode="random_teacher", drop_prob=0.5), W3,
-                        _draw(kept=("a", "b"), uniforms=[0.9, 0.9, 0.9, 0.9]), 4, route=ROUTE)
+    mix = weight_matrix(
+        CombineCfg(mode="random_teacher", drop_prob=0.5),
+        W3,
+        _draw(kept=("a", "b"), uniforms=[0.9, 0.9, 0.9, 0.9]),
+        4,
+        route=ROUTE,
+    )
     torch.testing.assert_close(mix, torch.tensor([[0, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 0.0]]))
 
 
@@ -735,8 +785,12 @@ def test_routed_loss_value_equals_hand_computation():
     student, teachers = make_batch(seed=21, b=4)
     route = {"a": torch.tensor([True, True, False, False]), "b": torch.tensor([True, False, True, False])}
     routed = TeacherBatch(teachers.feats, teachers.logit_scale, route=route)
-    loss = _loss([LossTermCfg("nce", "infonce"),
-                  LossTermCfg("f", "feature", weight=2.0, teachers={"a": 1.0, "b": 3.0}, kwargs={"metric": "mse"})])
+    loss = _loss(
+        [
+            LossTermCfg("nce", "infonce"),
+            LossTermCfg("f", "feature", weight=2.0, teachers={"a": 1.0, "b": 3.0}, kwargs={"metric": "mse"}),
+        ]
+    )
     out = loss(student, routed)
     per = {t: _hand_feature_both(student, teachers, t, "mse") for t in DIMS}
     # row 0: a, b as 1:3; row 1: a; row 2: b; row 3: no teacher (0); the term is the mean over all 4 rows
@@ -774,16 +828,21 @@ def test_confidence_weights_equal_hand_computation():
     # 3 samples, 2 teachers with known 2-d features; teacher a matches its pairs, b half does
     c, s_ = math.cos(0.3), math.sin(0.3)
     feats = {
-        "a": Pair(image=torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]),
-                  text=torch.tensor([[c, s_], [-s_, c], [-c, -s_]])),
-        "b": Pair(image=torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]),
-                  text=torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, -1.0]])),
+        "a": Pair(
+            image=torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]), text=torch.tensor([[c, s_], [-s_, c], [-c, -s_]])
+        ),
+        "b": Pair(
+            image=torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]),
+            text=torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, -1.0]]),
+        ),
     }
     scales = {"a": 5.0, "b": 3.0}
     teachers = TeacherBatch(feats, scales)
     student, _ = make_batch(seed=0, b=3, dims={"a": 2, "b": 2})
-    loss = _loss([LossTermCfg("f", "feature", teachers={"a": 1.0, "b": 2.0})],
-                 combine=CombineCfg(mode="confidence", temperature=0.5))
+    loss = _loss(
+        [LossTermCfg("f", "feature", teachers={"a": 1.0, "b": 2.0})],
+        combine=CombineCfg(mode="confidence", temperature=0.5),
+    )
     from distill.losses.distributed import StepGather
     from distill.losses.terms import StepContext
 

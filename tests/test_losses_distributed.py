@@ -4,6 +4,7 @@ DDP convention: each rank backpropagates its local loss; gathered-with-grad feat
 into their owner, and DDP averages parameter gradients, so rank gradient / world_size == 1-process gradient and the
 mean of the rank losses == the 1-process loss.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,13 +14,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_helpers import counting_gloo_group
+from test_losses import U, logit_err
 
 from distill.losses import CombineCfg, DistillLoss, LossTermCfg, StudentOutput, TeacherBatch
 from distill.losses.combine import weight_matrix
 from teachers.kernel.modality import Pair
-
-from gloo_helpers import counting_gloo_group
-from test_losses import U, logit_err
 
 WORLD, N, E = 2, 8, 6
 DIMS = {"a": 3, "b": 5}
@@ -41,15 +41,20 @@ GRAD_KEYS = ["image", "text"] + [f"{t}/{m}" for t in DIMS for m in ("image", "te
 # plain weighted sum; and random teacher per sample with dropping, which with the same generator seed on every rank
 # draws the teachers a one-process run over the global batch draws
 SEED = 8  # with this seed the random mode keeps both teachers and mixes them within each rank's half (checked)
-COMBINES = {"sum": CombineCfg(), "random": CombineCfg(mode="random_teacher", drop_prob=0.5),
-            # per-sample routing (rows with a only, b only, both and none, on both ranks) and label-free weights
-            "routed": CombineCfg(mode="random_teacher", drop_prob=0.5),
-            "routed_sum": CombineCfg(),
-            "confidence": CombineCfg(mode="confidence", temperature=0.5),
-            "routed_confidence": CombineCfg(mode="confidence", drop_prob=0.5),
-            "caption": CombineCfg(mode="random_teacher", drop_prob=0.5)}
-ROUTE = {"a": torch.tensor([1, 1, 0, 0, 1, 0, 1, 1], dtype=torch.bool),
-         "b": torch.tensor([1, 0, 1, 0, 0, 1, 1, 0], dtype=torch.bool)}
+COMBINES = {
+    "sum": CombineCfg(),
+    "random": CombineCfg(mode="random_teacher", drop_prob=0.5),
+    # per-sample routing (rows with a only, b only, both and none, on both ranks) and label-free weights
+    "routed": CombineCfg(mode="random_teacher", drop_prob=0.5),
+    "routed_sum": CombineCfg(),
+    "confidence": CombineCfg(mode="confidence", temperature=0.5),
+    "routed_confidence": CombineCfg(mode="confidence", drop_prob=0.5),
+    "caption": CombineCfg(mode="random_teacher", drop_prob=0.5),
+}
+ROUTE = {
+    "a": torch.tensor([1, 1, 0, 0, 1, 0, 1, 1], dtype=torch.bool),
+    "b": torch.tensor([1, 0, 1, 0, 0, 1, 1, 0], dtype=torch.bool),
+}
 
 
 # Float32 bounds of "2 processes == 1": the same float32 arithmetic in another order (a rank's rows against the
@@ -101,11 +106,16 @@ def _run(rows: slice, combine: CombineCfg, routed: bool = False, captions: bool 
     leaves = {k: v[rows].clone().requires_grad_() for k, v in leaves.items()}
     scale = torch.tensor(12.0, requires_grad=True)
     student = StudentOutput(
-        leaves["image"], leaves["text"], scale,
+        leaves["image"],
+        leaves["text"],
+        scale,
         {t: Pair.build(lambda m: leaves[f"{t}/{m}"]) for t in DIMS},
     )
-    teachers = TeacherBatch({t: f.map(lambda v: v[rows]) for t, f in feats.items()}, {"a": 40.0, "b": 90.0},
-                            route={t: r[rows] for t, r in ROUTE.items()} if routed else None)
+    teachers = TeacherBatch(
+        {t: f.map(lambda v: v[rows]) for t, f in feats.items()},
+        {"a": 40.0, "b": 90.0},
+        route={t: r[rows] for t, r in ROUTE.items()} if routed else None,
+    )
     loss = DistillLoss(CAPTION_TERMS if captions else TERMS, list(DIMS), combine)
     ids = CAPTION_IDS[rows] if captions else None
     out = loss(student, teachers, torch.Generator().manual_seed(SEED), caption_ids=ids)
@@ -123,8 +133,10 @@ def _worker(rank: int, init_file: str, out_dir: str):
             rows = slice(rank * b, (rank + 1) * b)
             calls[0] = 0
             out, grads = _run(rows, combine, name.startswith("routed"), name == "caption")
-            torch.save({"out": out, "grads": grads, "all_gathers": torch.tensor(calls[0])},
-                       os.path.join(out_dir, f"{name}{rank}.pt"))
+            torch.save(
+                {"out": out, "grads": grads, "all_gathers": torch.tensor(calls[0])},
+                os.path.join(out_dir, f"{name}{rank}.pt"),
+            )
 
 
 @pytest.mark.slow
@@ -140,6 +152,7 @@ def test_two_processes_equal_one_process_loss_and_gradients(tmp_path):
 @pytest.mark.parametrize("captions", [False, True])
 def test_one_gather_for_all_teachers_whatever_their_number(captions):
     """The gather function runs once per step for all teachers' features (and caption ids), not per teacher."""
+
     def count(n_teachers: int) -> list[tuple[int, bool]]:
         calls: list[tuple[int, bool]] = []
 
@@ -149,13 +162,20 @@ def test_one_gather_for_all_teachers_whatever_their_number(captions):
 
         g = torch.Generator().manual_seed(1)
         names = [f"t{i}" for i in range(n_teachers)]
-        student = StudentOutput(F.normalize(torch.randn(4, E, generator=g), dim=-1),
-                                F.normalize(torch.randn(4, E, generator=g), dim=-1), torch.tensor(10.0),
-                                {t: Pair.build(lambda m: torch.randn(4, 3, generator=g)) for t in names})
+        student = StudentOutput(
+            F.normalize(torch.randn(4, E, generator=g), dim=-1),
+            F.normalize(torch.randn(4, E, generator=g), dim=-1),
+            torch.tensor(10.0),
+            {t: Pair.build(lambda m: torch.randn(4, 3, generator=g)) for t in names},
+        )
         feats = {t: Pair.build(lambda m: F.normalize(torch.randn(4, 3, generator=g), dim=-1)) for t in names}
         terms = CAPTION_TERMS if captions else TERMS
-        loss = DistillLoss([t if t.teachers is None else LossTermCfg(t.label, t.kind, t.weight, None, t.kwargs)
-                            for t in terms], names, CombineCfg(mode="confidence"), gather_fn=gather)
+        loss = DistillLoss(
+            [t if t.teachers is None else LossTermCfg(t.label, t.kind, t.weight, None, t.kwargs) for t in terms],
+            names,
+            CombineCfg(mode="confidence"),
+            gather_fn=gather,
+        )
         loss(student, TeacherBatch(feats, {t: 50.0 for t in names}), caption_ids=torch.tensor([1, 2, 1, 3]))
         return calls
 

@@ -1,5 +1,6 @@
 """benchmarks/multi_teacher.py: its pieces (flags, teacher plan, routing, dev tasks, the baseline's augmentation,
 verdict words) and a smoke run (test_multi_teacher_stats.py: the verdict maths)."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,10 @@ def test_plan_teachers_domain_and_general():
     assert by["big"].domains == ("derm", "rad")  # a general teacher is routed to every domain
     value = mt_setup.routing_value(plans, ["derm", "rad"])
     assert value.startswith("loss.routing=")
-    assert json.loads(value.split("=", 1)[1]) == {"column": "domain",
-                                                  "teachers": {"derm": ["derm", "big"], "rad": ["rad", "big"]}}
+    assert json.loads(value.split("=", 1)[1]) == {
+        "column": "domain",
+        "teachers": {"derm": ["derm", "big"], "rad": ["rad", "big"]},
+    }
 
 
 def test_routing_placeholder_is_replaced():
@@ -46,8 +49,10 @@ def test_domain_weights_placeholder_gives_sqrt_inverse_sizes(tmp_path):
     from benchmarks.multi_teacher import domain_sizes, variant_overrides
 
     csv = tmp_path / "corpus.csv"
-    csv.write_text("image,caption,domain\n" + "".join(f"{i}.png,c{i},{d}\n" for i, d in
-                                                      enumerate(["big"] * 9 + ["small"] * 1 + ["mid"] * 4)))
+    csv.write_text(
+        "image,caption,domain\n"
+        + "".join(f"{i}.png,c{i},{d}\n" for i, d in enumerate(["big"] * 9 + ["small"] * 1 + ["mid"] * 4))
+    )
     sizes = domain_sizes(csv)
     assert sizes == {"big": 9, "mid": 4, "small": 1}
     value = mt_setup.domain_weights_value(sizes)
@@ -59,8 +64,10 @@ def test_domain_weights_placeholder_gives_sqrt_inverse_sizes(tmp_path):
 def test_every_builtin_variant_parses_as_a_config(tmp_path):
     from distill.config.train_config import Config
 
-    fill = {mt_setup.ROUTING: 'loss.routing={"column": "domain", "teachers": {"a": ["a"]}}',
-            mt_setup.DOMAIN_WEIGHTS: 'loss.routing.weights={"a": 2.0}'}
+    fill = {
+        mt_setup.ROUTING: 'loss.routing={"column": "domain", "teachers": {"a": ["a"]}}',
+        mt_setup.DOMAIN_WEIGHTS: 'loss.routing.weights={"a": 2.0}',
+    }
     for v in mt_setup.VARIANTS.values():
         cfg = Config.from_yaml(ROOT / "configs" / "tiny-hybrid.yaml", overrides=[fill.get(o, o) for o in v.overrides])
         assert cfg.mode == "hybrid", v.name
@@ -71,7 +78,9 @@ def test_variant_file_and_errors(tmp_path):
     f.write_text("mine: ['loss.combine.mode=random_teacher']\nother: {overrides: ['train.seed=3'], note: hi}\n")
     vs = mt_setup.load_variant_file(f)
     assert [(v.name, v.overrides, v.note) for v in vs] == [
-        ("mine", ("loss.combine.mode=random_teacher",), ""), ("other", ("train.seed=3",), "hi")]
+        ("mine", ("loss.combine.mode=random_teacher",), ""),
+        ("other", ("train.seed=3",), "hi"),
+    ]
     f.write_text("bad: [no-equals-sign]\n")
     with pytest.raises(mt_setup.SetupError, match="variant 'bad'"):
         mt_setup.load_variant_file(f)
@@ -80,8 +89,10 @@ def test_variant_file_and_errors(tmp_path):
 def test_domain_file_paths_resolve_against_the_yaml(tmp_path):
     (tmp_path / "d").mkdir()
     f = tmp_path / "d" / "dom.yaml"
-    f.write_text("name: eyes\nsource: {path: data/train.csv, templates: ['{caption}']}\n"
-                 "tasks: [{name: eyes-zs, kind: zeroshot, dataset: {path: data/test.csv}, classes: [a, b]}]\n")
+    f.write_text(
+        "name: eyes\nsource: {path: data/train.csv, templates: ['{caption}']}\n"
+        "tasks: [{name: eyes-zs, kind: zeroshot, dataset: {path: data/test.csv}, classes: [a, b]}]\n"
+    )
     d = mt_setup.load_domain_file(f)
     assert d.source["path"] == str((tmp_path / "d" / "data" / "train.csv").resolve())
     assert d.tasks[0]["dataset"]["path"] == str((tmp_path / "d" / "data" / "test.csv").resolve())
@@ -95,8 +106,16 @@ def test_missing_data_root_is_a_clear_error(tmp_path):
         mt_setup.resolve_domain(mt_setup.BUILTIN_DOMAINS["dermoscopy"], tmp_path)
 
 
-@pytest.mark.parametrize("ci,expected", [([0.01, 0.2], "better"), ([-0.1, 0.0], "within"), ([-0.2, -0.001], "worse"),
-                                         ([0.0, 0.1], "within"), ([None, 0.1], None)])
+@pytest.mark.parametrize(
+    "ci,expected",
+    [
+        ([0.01, 0.2], "better"),
+        ([-0.1, 0.0], "within"),
+        ([-0.2, -0.001], "worse"),
+        ([0.0, 0.1], "within"),
+        ([None, 0.1], None),
+    ],
+)
 def test_verdict_words_at_the_boundaries(ci, expected):
     assert mt_verdict.word({"value": 0.0, "ci": ci}) == expected
 
@@ -108,10 +127,13 @@ def test_flag_checks_name_the_flag():
     assert check_flags(Flags(student_seed=4)) == (4,)
     assert check_flags(Flags(seeds=(0, 1, 2))) == (0, 1, 2)
     assert check_flags(Flags(student_fraction=0.9, dev_fraction=0.1)) == (0,)  # exactly 1: allowed
-    for flags, msg in [(Flags(student_fraction=0.95, dev_fraction=0.1), "--dev-fraction 0.1 exceed 1"),
-                       (Flags(dev_fraction=1.0), "--dev-fraction must be in"), (Flags(pick_on="val"), "--pick-on"),
-                       (Flags(seeds=(0, 0)), "--seeds must be distinct"),
-                       (Flags(seeds=(1,), student_seed=2), "--seeds or --student-seed")]:
+    for flags, msg in [
+        (Flags(student_fraction=0.95, dev_fraction=0.1), "--dev-fraction 0.1 exceed 1"),
+        (Flags(dev_fraction=1.0), "--dev-fraction must be in"),
+        (Flags(pick_on="val"), "--pick-on"),
+        (Flags(seeds=(0, 0)), "--seeds must be distinct"),
+        (Flags(seeds=(1,), student_seed=2), "--seeds or --student-seed"),
+    ]:
         with pytest.raises(mt_setup.SetupError, match=msg):
             check_flags(flags)
     b = sizes(Flags(budget="cpu", teacher_width=128, student_width=64, student_layers=2))
@@ -129,8 +151,13 @@ def test_dev_tasks_read_the_dev_corpus(tmp_path):
     breast = mt_setup.BUILTIN_DOMAINS["breast_us"]
     t = dev_task(breast.tasks[0], dev, breast)
     assert t["name"] == "breast_us-zeroshot-dev" and t["classes"] == ["malignant", "benign"]
-    assert t["dataset"] == {"path": str(dev.resolve()), "format": "csv", "image_column": "image",
-                            "caption_column": "caption", "label_column": "label"}
+    assert t["dataset"] == {
+        "path": str(dev.resolve()),
+        "format": "csv",
+        "image_column": "image",
+        "caption_column": "caption",
+        "label_column": "label",
+    }
     assert t["label_values"] == ["malignant", "benign"]  # the corpus's `label` holds class names
     assert breast.tasks[0]["dataset"]["path"] == "medmnist/breastmnist.npz"  # the original is untouched
     task_from_dict(t)  # a valid task file
@@ -146,8 +173,14 @@ def test_the_baseline_sees_the_students_augmentation(tmp_path):
 
     base = ["data.corpus=c.csv", "data.flip=false", "data.crop_scale=[0.8, 1.0]", "train.seed=1"]
     views = baseline_overrides(base, tmp_path / "f.h5", True)
-    assert views == ["data.corpus=c.csv", "train.seed=1", f"data.features={tmp_path / 'f.h5'}",
-                     "data.use_views=true", "data.crop_scale=[0.9, 1.0]", "data.flip=false"]
+    assert views == [
+        "data.corpus=c.csv",
+        "train.seed=1",
+        f"data.features={tmp_path / 'f.h5'}",
+        "data.use_views=true",
+        "data.crop_scale=[0.9, 1.0]",
+        "data.flip=false",
+    ]
     assert student_overrides(base, True) == ["data.corpus=c.csv", "train.seed=1"]
     assert baseline_overrides(base, tmp_path / "f.h5", False) == base == student_overrides(base, False)
     own = mt_setup.VARIANTS["routed-affinity-own-crops"]
@@ -167,14 +200,37 @@ def test_smoke_run_on_the_real_data_writes_consistent_verdicts(shared_data, tmp_
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    rc = main(["--budget", "smoke", "--data-root", str(shared_data), "--out", str(out), "--threads", "1",
-               "--teacher-steps", "15", "--student-steps", "15", "--max-rows-per-domain", "120",
-               "--variant", "routed-feature,confidence-feature"])
+    rc = main(
+        [
+            "--budget",
+            "smoke",
+            "--data-root",
+            str(shared_data),
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+            "--teacher-steps",
+            "15",
+            "--student-steps",
+            "15",
+            "--max-rows-per-domain",
+            "120",
+            "--variant",
+            "routed-feature,confidence-feature",
+        ]
+    )
     assert rc == 0
     entries = json.loads((out / "verdict.json").read_text())
     tasks = [e["task"] for e in entries]
-    assert tasks == ["radiology-retrieval", "radiology-region-zeroshot", "dermoscopy-zeroshot",
-                     "chest_xray-zeroshot", "breast_us-zeroshot", "mean over domains"]
+    assert tasks == [
+        "radiology-retrieval",
+        "radiology-region-zeroshot",
+        "dermoscopy-zeroshot",
+        "chest_xray-zeroshot",
+        "breast_us-zeroshot",
+        "mean over domains",
+    ]
     abl = json.loads((out / "ablation.json").read_text())
     picked = abl["picked"]
     assert picked in ("routed-feature", "confidence-feature") and abl["ranking"][0] == picked
@@ -201,12 +257,18 @@ def test_smoke_run_on_the_real_data_writes_consistent_verdicts(shared_data, tmp_
         if e["task"] in kept:
             by_domain.setdefault(e["domain"], []).append(kept[e["task"]])
     assert entries[-1]["student_minus_baseline"]["value"] == pytest.approx(
-        sum(sum(v) / len(v) for v in by_domain.values()) / len(by_domain), abs=1e-9)
+        sum(sum(v) / len(v) for v in by_domain.values()) / len(by_domain), abs=1e-9
+    )
     assert entries[0]["test_set"] == entries[1]["test_set"] != entries[2]["test_set"]
     # dev tasks: one per domain, on rows the student never trained on and outside the test set
     dev = abl["variants"][picked]["dev_entries"]
-    assert [e["task"] for e in dev] == ["radiology-retrieval-dev", "dermoscopy-zeroshot-dev",
-                                        "chest_xray-zeroshot-dev", "breast_us-zeroshot-dev", "mean over domains"]
+    assert [e["task"] for e in dev] == [
+        "radiology-retrieval-dev",
+        "dermoscopy-zeroshot-dev",
+        "chest_xray-zeroshot-dev",
+        "breast_us-zeroshot-dev",
+        "mean over domains",
+    ]
     corpora = {k: out / v for k, v in abl["setup"]["corpora"].items()}  # shown relative to OUT, never absolute
     assert not any(Path(v).is_absolute() for v in abl["setup"]["corpora"].values())
     shown = json.dumps({k: abl["setup"][k] for k in ("teachers", "students", "corpora", "baseline_saw")})
@@ -222,8 +284,11 @@ def test_smoke_run_on_the_real_data_writes_consistent_verdicts(shared_data, tmp_
     assert not keys("dev-dermoscopy") & keys("test-dermoscopy")
     # the same-views baseline: the trainer recorded the same stored views for it as for the student
     runs = out / "work" / "runs"
-    metas = {p.name.rsplit("-", 1)[0]: json.loads((p / "run_meta.json").read_text()) for p in runs.iterdir()
-             if (p / "run_meta.json").is_file()}
+    metas = {
+        p.name.rsplit("-", 1)[0]: json.loads((p / "run_meta.json").read_text())
+        for p in runs.iterdir()
+        if (p / "run_meta.json").is_file()
+    }
     assert metas["baseline"]["stored_views"] and metas["baseline"]["mode"] == "contrastive"
     assert metas["baseline"]["augmentation"] == metas["student-routed-feature"]["augmentation"]
     assert not metas["reference"]["stored_views"]

@@ -1,5 +1,6 @@
 """The multi-teacher harness's verdict maths (benchmarks/mt_stats.py, mt_verdict.py): intervals over seeds and test
 rows, the mean over domains with a shared test set, the chance flag, picking on dev. Hand-made numbers; no training."""
+
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ from benchmarks import mt_setup, mt_stats, mt_verdict
 from benchmarks.mt_verdict import TaskInfo
 from distill.eval.bootstrap import Estimate, paired_difference
 from distill.eval.report import EvalReport
+
 
 def test_seed_and_row_interval_by_hand():
     """2 seeds, 4 row resamples, the seed draws given: every replicate and both percentiles worked out by hand."""
@@ -49,18 +51,29 @@ def test_seed_draws_are_seeded_and_in_range():
 
 
 def test_domain_weights_count_a_shared_test_set_once():
-    w = mt_stats.domain_weights(["ret", "zs", "derm", "x"], {"ret": "rad", "zs": "rad", "derm": "derm"},
-                                {"ret": "medpix-dev", "zs": "medpix-dev", "derm": "ham"})
+    w = mt_stats.domain_weights(
+        ["ret", "zs", "derm", "x"],
+        {"ret": "rad", "zs": "rad", "derm": "derm"},
+        {"ret": "medpix-dev", "zs": "medpix-dev", "derm": "ham"},
+    )
     # three domains (x is its own); radiology's two tasks read one test set and share its third
     assert w == pytest.approx({"ret": 1 / 6, "zs": 1 / 6, "derm": 1 / 3, "x": 1 / 3})
     w = mt_stats.domain_weights(["a", "b", "c"], {"a": "d", "b": "d", "c": "d"}, {"a": "s1", "b": "s2", "c": "s2"})
     assert w == pytest.approx({"a": 0.5, "b": 0.25, "c": 0.25})  # two test sets of one domain, then their tasks
 
 
-@pytest.mark.parametrize("intervals,chance,flag", [
-    ([(0.4, 0.6), (0.45, 0.55)], 0.5, True), ([(0.4, 0.6), (0.51, 0.7)], 0.5, False),
-    ([(0.4, 0.6), (0.3, 0.49)], 0.5, False), ([(0.4, 0.6)], None, False), ([(float("nan"), 0.6)], 0.5, False),
-    ([], 0.5, False), ([(0.5, 0.5)], 0.5, True)])
+@pytest.mark.parametrize(
+    "intervals,chance,flag",
+    [
+        ([(0.4, 0.6), (0.45, 0.55)], 0.5, True),
+        ([(0.4, 0.6), (0.51, 0.7)], 0.5, False),
+        ([(0.4, 0.6), (0.3, 0.49)], 0.5, False),
+        ([(0.4, 0.6)], None, False),
+        ([(float("nan"), 0.6)], 0.5, False),
+        ([], 0.5, False),
+        ([(0.5, 0.5)], 0.5, True),
+    ],
+)
 def test_chance_flag(intervals, chance, flag):
     assert mt_stats.at_chance(intervals, chance) is flag
 
@@ -79,8 +92,13 @@ def _reports(seed_values: list[dict]) -> list[EvalReport]:
     """seed_values[i][task][model] = (point, replicates): one report per seed, headline `auc`, chance 0.5."""
     out = []
     for per_task in seed_values:
-        r = EvalReport({"teachers": ["T1", "T2"], "baselines": ["baseline", "reference"],
-                        "tasks": {t: {"headline": "auc", "chance": {"auc": 0.5}} for t in per_task}})
+        r = EvalReport(
+            {
+                "teachers": ["T1", "T2"],
+                "baselines": ["baseline", "reference"],
+                "tasks": {t: {"headline": "auc", "chance": {"auc": 0.5}} for t in per_task},
+            }
+        )
         r.estimates = {t: {m: {"auc": _est(*v)} for m, v in models.items()} for t, models in per_task.items()}
         out.append(r)
     return out
@@ -93,19 +111,31 @@ def _fake_seeds():
     for s in range(2):
         per_task = {}
         for t, p in base.items():
-            per_task[t] = {m: (p + off + 0.01 * s, p + off + 0.01 * s + rng.normal(0, 0.02, R))
-                           for m, off in (("s", 0.05 * (s + 1)), ("baseline", 0.0), ("reference", 0.02),
-                                          ("T1", 0.10 if t == "a" else 0.0), ("T2", 0.03))}
+            per_task[t] = {
+                m: (p + off + 0.01 * s, p + off + 0.01 * s + rng.normal(0, 0.02, R))
+                for m, off in (
+                    ("s", 0.05 * (s + 1)),
+                    ("baseline", 0.0),
+                    ("reference", 0.02),
+                    ("T1", 0.10 if t == "a" else 0.0),
+                    ("T2", 0.03),
+                )
+            }
         # task d: every model's interval around chance (0.5)
-        per_task["d"] = {m: (0.5, 0.5 + np.linspace(-0.04, 0.04, R)) for m in ("s", "baseline", "reference", "T1",
-                                                                             "T2")}
+        per_task["d"] = {
+            m: (0.5, 0.5 + np.linspace(-0.04, 0.04, R)) for m in ("s", "baseline", "reference", "T1", "T2")
+        }
         per_task["d"]["other-variant"] = (0.9, 0.9 + np.linspace(-0.01, 0.01, R))  # not compared: no say in the flag
         seeds.append(per_task)
     return seeds
 
 
-INFO = {"a": TaskInfo("rad", "medpix", "T1"), "b": TaskInfo("rad", "medpix"), "c": TaskInfo("derm", "ham", "T2"),
-        "d": TaskInfo("eye", "fundus")}
+INFO = {
+    "a": TaskInfo("rad", "medpix", "T1"),
+    "b": TaskInfo("rad", "medpix"),
+    "c": TaskInfo("derm", "ham", "T2"),
+    "d": TaskInfo("eye", "fundus"),
+}
 
 
 def _by_hand(seeds, task, x, y, draws):
@@ -130,7 +160,8 @@ def test_verdict_entries_over_two_seeds():
     assert a["student_minus_own_teacher"]["value"] == pytest.approx(_by_hand(seeds, "a", "s", "T1", draws)[0])
     assert c["best_teacher"]["name"] == "T2" and b["student_minus_own_teacher"] is None
     assert a["student_minus_other_baselines"]["reference"]["value"] == pytest.approx(
-        _by_hand(seeds, "a", "s", "reference", draws)[0])
+        _by_hand(seeds, "a", "s", "reference", draws)[0]
+    )
     # every seed's own values, with that seed's row-only interval
     s7 = a["seeds"][1]
     assert s7["seed"] == 7 and s7["student"] == pytest.approx(seeds[1]["a"]["s"][0])
@@ -154,11 +185,14 @@ def test_verdict_entries_over_two_seeds():
 
 def test_seeds_that_disagree_widen_the_interval():
     """Two seeds whose differences lie on either side of 0: each seed alone is 'better'/'worse', together 'within'."""
+
     def rep(p):
         return p, p + np.linspace(-0.01, 0.01, R)
 
-    seeds = [{"t": {"s": rep(0.8), "baseline": rep(0.7), "T1": rep(0.6)}},
-             {"t": {"s": rep(0.6), "baseline": rep(0.7), "T1": rep(0.6)}}]
+    seeds = [
+        {"t": {"s": rep(0.8), "baseline": rep(0.7), "T1": rep(0.6)}},
+        {"t": {"s": rep(0.6), "baseline": rep(0.7), "T1": rep(0.6)}},
+    ]
     reports = _reports(seeds)
     for r in reports:
         r["baselines"] = ["baseline"]
@@ -170,16 +204,29 @@ def test_seeds_that_disagree_widen_the_interval():
 def _results(dev_scores: dict[str, float], test_scores: dict[str, float]) -> dict:
     def entries(v):
         d = {"value": v, "ci": [v - 0.01, v + 0.01]}
-        task = {"task": "t", "metric": "auc", "own_domain": None, "at_chance": False, "chance": 0.5,
-                "student": {"name": "s", "value": 0.7, "ci": [0.6, 0.8]}, "student_minus_baseline": d,
-                "student_minus_best_teacher": None, "student_minus_own_teacher": None, "vs_baseline": "better",
-                "vs_teachers": None, "vs_own_teacher": None, "seeds": [{"seed": 0, "student_minus_baseline": d}]}
+        task = {
+            "task": "t",
+            "metric": "auc",
+            "own_domain": None,
+            "at_chance": False,
+            "chance": 0.5,
+            "student": {"name": "s", "value": 0.7, "ci": [0.6, 0.8]},
+            "student_minus_baseline": d,
+            "student_minus_best_teacher": None,
+            "student_minus_own_teacher": None,
+            "vs_baseline": "better",
+            "vs_teachers": None,
+            "vs_own_teacher": None,
+            "seeds": [{"seed": 0, "student_minus_baseline": d}],
+        }
         mean = {**task, "task": mt_verdict.MEAN_TASK, "domains": {"t": ["t"]}, "left_out_at_chance": []}
         return [task, mean]
 
     v = mt_setup.VARIANTS["routed-feature"]
-    return {n: {"variant": v, "baseline_saw": "own crops", "test": entries(test_scores[n]),
-                "dev": entries(dev_scores[n])} for n in dev_scores}
+    return {
+        n: {"variant": v, "baseline_saw": "own crops", "test": entries(test_scores[n]), "dev": entries(dev_scores[n])}
+        for n in dev_scores
+    }
 
 
 def test_pick_on_dev_or_test_and_the_ablation_ranking():
@@ -197,11 +244,19 @@ def test_outputs_quote_the_picked_variant_on_test_only(tmp_path):
     results = _results({"A": 0.011, "B": 0.033}, {"A": 0.055, "B": 0.022})
     (tmp_path / "eval" / "seed-0").mkdir(parents=True)
     (tmp_path / "eval" / "seed-0" / "report.md").write_text("# Evaluation report\n")
-    setup = {"flags": {"budget": "smoke", "student_fraction": 0.2, "seed": 0, "reference": True,
-                       "dev_fraction": 0.1}, "seeds": [0], "sizes": "teachers width 96 x 3 layers, student width "
-             "64 x 2 layers", "threads": 1, "timings_s": {"total": 1.0}, "baseline_saw": {"A": "x", "B": "its own "
-             "random crops"}, "dev_tasks": ["t-dev"], "confidence_by_domain": {}, "budget": {}, "teachers": {},
-             "routing": ""}
+    setup = {
+        "flags": {"budget": "smoke", "student_fraction": 0.2, "seed": 0, "reference": True, "dev_fraction": 0.1},
+        "seeds": [0],
+        "sizes": "teachers width 96 x 3 layers, student width 64 x 2 layers",
+        "threads": 1,
+        "timings_s": {"total": 1.0},
+        "baseline_saw": {"A": "x", "B": "its own random crops"},
+        "dev_tasks": ["t-dev"],
+        "confidence_by_domain": {},
+        "budget": {},
+        "teachers": {},
+        "routing": "",
+    }
     paths = mt_verdict.write_outputs(tmp_path, results, setup, "dev")
     verdict = json.loads(paths["verdict"].read_text())
     assert verdict[-1]["student_minus_baseline"]["value"] == 0.022  # B's test mean, not its dev mean

@@ -2,6 +2,7 @@
 terms (`biomed_distill.losses`). An installed package is faked by monkeypatching `importlib.metadata.entry_points`
 to return real `EntryPoint`s that point at a module written into tmp_path.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -44,8 +45,11 @@ def installed(tmp_path, monkeypatch):
 
     def install(*eps):
         fake = [importlib.metadata.EntryPoint(name=n, value=v, group=g) for n, v, g in eps]
-        monkeypatch.setattr(importlib.metadata, "entry_points",
-                            lambda group=None: [ep for ep in fake if group is None or ep.group == group])
+        monkeypatch.setattr(
+            importlib.metadata,
+            "entry_points",
+            lambda group=None: [ep for ep in fake if group is None or ep.group == group],
+        )
 
     yield install
     for name in list(BACKENDS._loaded):  # forget what the fake plug-ins loaded
@@ -75,9 +79,11 @@ def test_a_teacher_back_end_entry_point_is_picked_up(installed, tiny_teachers):
 
 
 def test_unknown_prefixes_and_bad_plug_ins_are_refused_with_the_entry_point_named(installed, tiny_teachers):
-    installed(("broken", "lab_plugin_missing:load", "biomed_distill.teachers"),
-              ("liar", "lab_plugin:not_a_teacher", "biomed_distill.teachers"),
-              ("hf-clip", "lab_plugin:load", "biomed_distill.teachers"))  # shadows a built-in prefix: ignored
+    installed(
+        ("broken", "lab_plugin_missing:load", "biomed_distill.teachers"),
+        ("liar", "lab_plugin:not_a_teacher", "biomed_distill.teachers"),
+        ("hf-clip", "lab_plugin:load", "biomed_distill.teachers"),
+    )  # shadows a built-in prefix: ignored
     with pytest.raises(ValueError, match="unknown prefix"):
         resolve_spec("s3:bucket/x")  # no such entry point: the built-in parser's message
     with pytest.raises(PluginLoadError, match=r"'broken'.*'lab_plugin_missing:load'.*biomed_distill\.teachers"):
@@ -88,8 +94,11 @@ def test_unknown_prefixes_and_bad_plug_ins_are_refused_with_the_entry_point_name
 
 
 def test_registry_loads_entry_points_lazily_and_code_wins(installed):
-    installed(("mine", "lab_plugin:MyLoss", "g"), ("taken", "lab_plugin:MyLoss", "g"),
-              ("other", "lab_plugin:MyLoss", "another group"))
+    installed(
+        ("mine", "lab_plugin:MyLoss", "g"),
+        ("taken", "lab_plugin:MyLoss", "g"),
+        ("other", "lab_plugin:MyLoss", "another group"),
+    )
     reg: Registry[object] = Registry("thing", entry_point_group="g")
     reg.add("taken", 1)
     with pytest.warns(UserWarning, match="entry point 'taken'.*ignored: a built-in thing has that name"):

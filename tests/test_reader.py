@@ -1,5 +1,6 @@
 """The feature reader's block cache and the block-shuffled training order: same values as direct reads, each
 block read once per epoch, orders reproducible per (seed, epoch), and the config knobs that choose them."""
+
 from __future__ import annotations
 
 import h5py
@@ -7,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from cache import FeatureReader
 import cache.store.writer as W
+from cache import FeatureReader
 from cache.store.reader import block_shuffle_order
-from distill.training.build_run import build_sampler, sampler_kind
 from distill.config.train_config import Config, ConfigError, DataCfg
 from distill.data.cache_join import CacheJoin
 from distill.data.samplers import EpochSampler
+from distill.training.build_run import build_sampler, sampler_kind
 
 N, CHUNK = 1000, 64
 TEACHERS = {"a": (8, 0), "b": (6, 3)}  # name -> (dim, views)
@@ -28,8 +29,11 @@ def feature_file(tmp_path_factory):
     values = {}
     with h5py.File(path, "r+") as f:
         for name, (d, k) in TEACHERS.items():
-            meta = {"attrs": {"spec": f"synthetic:{name}", "embed_dim": d, "logit_scale": 100.0, "views": k},
-                    "dtype": "float16", "h5_chunk_rows": CHUNK}
+            meta = {
+                "attrs": {"spec": f"synthetic:{name}", "embed_dim": d, "logit_scale": 100.0, "views": k},
+                "dtype": "float16",
+                "h5_chunk_rows": CHUNK,
+            }
             g = W._ensure_group(f, name, meta)  # the datasets and chunks a fold creates
             image = rng.standard_normal((N, k, d) if k else (N, d)).astype(np.float16)
             text = rng.standard_normal((N, d)).astype(np.float16)
@@ -71,11 +75,11 @@ def test_block_shuffled_epoch_reads_each_block_once(feature_file):
     order = EpochSampler(N, seed=3, global_batch_of=lambda e: 1, block_ids=np.arange(N) // 128, buffer_blocks=4).order()
     with FeatureReader(path, block_rows=128, cache_blocks=4) as reader:
         for i in range(0, N, 50):
-            reader.read(order[i:i + 50])
+            reader.read(order[i : i + 50])
         assert reader.bytes_read == _nbytes(values)  # read/useful = 1 exactly
     with FeatureReader(path, block_rows=128, cache_blocks=1) as small:  # the LRU cannot hold the buffer
         for i in range(0, N, 50):
-            small.read(order[i:i + 50])
+            small.read(order[i : i + 50])
         assert small.bytes_read > 2 * _nbytes(values)
 
 
@@ -181,7 +185,10 @@ def test_sampler_config_chooses_and_validates():
     with pytest.raises(ConfigError, match=r"data.block_rows=100 is not a multiple .* 64 rows.*block_rows=128"):
         build_sampler(_cfg(block_rows=100), _join(), N, _gb, seed=0)
     assert build_sampler(_cfg(block_rows=2000), _join(), N, _gb, seed=0).block_ids.max() == 0  # one block: any size
-    for bad, msg in [({"sampler": "blocks"}, "data.sampler must be one of"), ({"block_rows": 0}, "block_rows"),
-                     ({"shuffle_buffer_blocks": 0}, "shuffle_buffer_blocks")]:
+    for bad, msg in [
+        ({"sampler": "blocks"}, "data.sampler must be one of"),
+        ({"block_rows": 0}, "block_rows"),
+        ({"shuffle_buffer_blocks": 0}, "shuffle_buffer_blocks"),
+    ]:
         with pytest.raises(ConfigError, match=msg):
             _cfg(**bad)

@@ -2,6 +2,7 @@
 
 Why: two trainings into one folder both ran and log.jsonl held the same steps twice.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,15 +12,22 @@ import subprocess
 import sys
 
 import pytest
+from train_fixtures import tiny_config, tiny_tokenizer  # noqa: F401  (fixture)
 
 import distill.train as train_mod
 from distill.training.run_lock import RunInUseError
-from train_fixtures import tiny_config, tiny_tokenizer  # noqa: F401  (fixture)
 
 
 def _cfg(corpus, out, tokenizer, steps=1):
-    return tiny_config(corpus, out, mode="contrastive", tokenizer=tokenizer, train__max_steps=steps,
-                       train__checkpoint_every=0, train__tensorboard="false")
+    return tiny_config(
+        corpus,
+        out,
+        mode="contrastive",
+        tokenizer=tokenizer,
+        train__max_steps=steps,
+        train__checkpoint_every=0,
+        train__tensorboard="false",
+    )
 
 
 def _write_lock(run, pid: int, host: str | None = None):
@@ -82,7 +90,6 @@ def test_the_module_entry_point_refuses_in_one_line(tiny_corpus, tiny_tokenizer,
     import os
 
     import yaml
-
     from train_fixtures import ROOT
 
     run = tmp_path / "run"
@@ -90,8 +97,14 @@ def test_the_module_entry_point_refuses_in_one_line(tiny_corpus, tiny_tokenizer,
     cfg_file.write_text(yaml.safe_dump(_cfg(tiny_corpus, run, tiny_tokenizer).to_dict()))
     _write_lock(run, os.getpid())  # this test process: alive, and not the child
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "distill.train", "--config", str(cfg_file)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "distill.train", "--config", str(cfg_file)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     err = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2, done.stderr
     assert err[-1].startswith("distill.train: error: ") and f"pid {os.getpid()}" in err[-1], done.stderr

@@ -1,11 +1,13 @@
 """benchmarks/scale_sim.py at a reduced size (150k rows, ~0.7 GB): its JSON has the figures issue 12 names, and the
 merge stays within the issue's bounds (at most 10% of the write time, 10% of the final size in extra disk) because
 it copies no feature byte. The written cache is then a valid one. Not a speed test: the ratios have a wide margin."""
+
 from __future__ import annotations
 
 import json
 
 import h5py
+
 
 def test_scale_sim_reduced_run_merges_cheaply(tmp_path):
     import cache.store.layout as L
@@ -13,11 +15,37 @@ def test_scale_sim_reduced_run_merges_cheaply(tmp_path):
     from cache.store.verify import verify
 
     out, work = tmp_path / "ss.json", tmp_path / "work"
-    scale_sim.main(["--rows", "150000", "--dims", "256,384,512", "--processes", "2", "--ranks", "2", "--workers", "2",
-                    "--read-rows", "40000", "--json", str(out), "--work", str(work), "--out", str(tmp_path / "res")])
+    scale_sim.main(
+        [
+            "--rows",
+            "150000",
+            "--dims",
+            "256,384,512",
+            "--processes",
+            "2",
+            "--ranks",
+            "2",
+            "--workers",
+            "2",
+            "--read-rows",
+            "40000",
+            "--json",
+            str(out),
+            "--work",
+            str(work),
+            "--out",
+            str(tmp_path / "res"),
+        ]
+    )
     got = json.loads(out.read_text())
-    for key in ("rows", "merge_over_write", "extra_disk_over_final", "read_rows_per_s", "merge_over_write_wall",
-                "write_rows_per_s"):
+    for key in (
+        "rows",
+        "merge_over_write",
+        "extra_disk_over_final",
+        "read_rows_per_s",
+        "merge_over_write_wall",
+        "write_rows_per_s",
+    ):
         assert key in got, key
     assert got["rows"] == 150000 and got["read_rows_per_s"] > 0
     assert got["merge_over_write"] < 0.1 and got["extra_disk_over_final"] < 0.1  # the issue's bounds

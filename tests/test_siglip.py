@@ -4,6 +4,7 @@ Values against open_clip's SigLipLoss and explicit loops, gradients against open
 closed-form bias gradient, 2 gloo processes equal 1, and tiny training runs whose loss falls and whose export
 carries the learnt bias into stock open_clip.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,18 +15,14 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-import torch.nn.functional as F
+from gloo_helpers import counting_gloo_group
+from test_losses import SCALES, U, _dot, _hand_affinity, aff_tol, logit_err, make_batch, sigmoid_aff_tol
+from test_losses import E as BATCH_E  # make_batch's student dimension
+from test_losses_distributed import CAPTION_IDS, DIMS, WORLD, E, N, _global_batch
+from train_fixtures import ROOT, load_weights, read_log, tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
 
 from distill.losses import DistillLoss, LossTermCfg, StudentOutput, TeacherBatch, teacher_logit_bias
 from distill.losses.siglip import SIGLIP_INIT
-from teachers.kernel.modality import Pair
-
-from gloo_helpers import counting_gloo_group
-from test_losses import E as BATCH_E  # make_batch's student dimension
-from test_losses import SCALES, U, _dot, _hand_affinity, aff_tol, logit_err, make_batch, sigmoid_aff_tol
-from test_losses_distributed import CAPTION_IDS, DIMS, E, N, WORLD, _global_batch
-from train_fixtures import (ROOT, load_weights, read_log, tiny_cache, tiny_config,  # noqa: F401  (fixtures)
-                            tiny_tokenizer)
 
 SIGMA = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
 
@@ -64,16 +61,20 @@ def _siglip_tol(value: float, s: float, b: float, d: int, n: int) -> float:
 def _siglip_grad_tol(key: str, s: float, b: float, d: int, n: int) -> float:
     pair = _lx(s, b, d) / 4 + 2 * U
     if key == "logit_bias":
-        return n * pair + n ** 3 * U
+        return n * pair + n**3 * U
     if key == "logit_scale":
-        return n * (pair + d * U) + n ** 3 * U
+        return n * (pair + d * U) + n**3 * U
     return s * (pair + n * U) + s * U
 
 
 def _student(seed=0, scale=7.5, bias=-3.0, n=6):
     student, _ = make_batch(seed=seed, b=n)
-    return StudentOutput(student.image.clone().requires_grad_(), student.text.clone().requires_grad_(),
-                         torch.tensor(scale, requires_grad=True), logit_bias=torch.tensor(bias, requires_grad=True))
+    return StudentOutput(
+        student.image.clone().requires_grad_(),
+        student.text.clone().requires_grad_(),
+        torch.tensor(scale, requires_grad=True),
+        logit_bias=torch.tensor(bias, requires_grad=True),
+    )
 
 
 def test_siglip_equals_open_clip_and_the_hand_loop():
@@ -89,8 +90,9 @@ def test_siglip_equals_open_clip_and_the_hand_loop():
     assert got.item() == pytest.approx(ref, rel=0, abs=tol)
     assert got.item() == pytest.approx(hand, rel=0, abs=tol)
     # SigLIP's init (scale 10, bias -10): every negative costs ~e^-10, each positive ~10 - 10 cos
-    init = _siglip(_student(seed=1, scale=math.exp(SIGLIP_INIT["init_logit_scale"]),
-                            bias=SIGLIP_INIT["init_logit_bias"]))
+    init = _siglip(
+        _student(seed=1, scale=math.exp(SIGLIP_INIT["init_logit_scale"]), bias=SIGLIP_INIT["init_logit_bias"])
+    )
     assert 5 < init.item() < 20
 
 
@@ -106,8 +108,7 @@ def test_siglip_gradients_equal_open_clip_and_the_closed_form_bias_gradient():
     # 0.5 to 1.6; measured <= 1.5e-7); the scale or the bias off by 1% moves them by >= 5.6e-3
     for k, r in zip(keys, leaves):
         g = getattr(ours, k).grad
-        torch.testing.assert_close(g.double(), r.grad, rtol=0, atol=_siglip_grad_tol(k, 7.5, -3.0, BATCH_E, 6),
-                                   msg=k)
+        torch.testing.assert_close(g.double(), r.grad, rtol=0, atol=_siglip_grad_tol(k, 7.5, -3.0, BATCH_E, 6), msg=k)
         assert g.abs().sum() > 0, k
     # dL/db = (1/n) sum_ij (sigmoid(l_ij) - y_ij), y = 1 on the diagonal: SigLIP's bias moves to balance the pairs
     n, s, b = 6, 7.5, -3.0
@@ -169,8 +170,11 @@ def test_affinity_from_a_sigmoid_teacher_by_hand(kl):
     # each teacher's part within its bound (test_losses.sigmoid_aff_tol, aff_tol): 6.7e-4 and 9.3e-4 of 12 (measured
     # <= 3.8e-7); the student's scale or bias off by 1% moves teacher a's part by >= 3e-2, its own bias off by 10%
     # by >= 4e-3
-    tol = (2 / 3 * sigmoid_aff_tol(v_a, 14.0, -4.0, BATCH_E, SCALES["a"], -6.0, DIMS["a"], 6, kl)
-           + 1 / 3 * aff_tol(v_b, 14.0, BATCH_E, SCALES["b"], DIMS["b"], 6, kl) + 4 * U * abs(want))
+    tol = (
+        2 / 3 * sigmoid_aff_tol(v_a, 14.0, -4.0, BATCH_E, SCALES["a"], -6.0, DIMS["a"], 6, kl)
+        + 1 / 3 * aff_tol(v_b, 14.0, BATCH_E, SCALES["b"], DIMS["b"], 6, kl)
+        + 4 * U * abs(want)
+    )
     assert got == pytest.approx(want, rel=0, abs=tol)
     assert loss.uses_logit_bias({"a": -6.0, "b": None}) and not loss.uses_logit_bias({"b": None})
 
@@ -247,10 +251,15 @@ def _grad_tol(key: str) -> float:
 def _run(rows: slice) -> dict[str, torch.Tensor]:
     """The loss terms ("out/K") and gradients ("grad/K") for these rows of the global batch."""
     leaves, feats = _global_batch()
-    st = StudentOutput(leaves["image"][rows].clone().requires_grad_(), leaves["text"][rows].clone().requires_grad_(),
-                       torch.tensor(12.0, requires_grad=True), logit_bias=torch.tensor(-2.0, requires_grad=True))
-    teachers = TeacherBatch({t: f.map(lambda v: v[rows]) for t, f in feats.items()}, {"a": 40.0, "b": 90.0},
-                            logit_bias={"a": -3.0})
+    st = StudentOutput(
+        leaves["image"][rows].clone().requires_grad_(),
+        leaves["text"][rows].clone().requires_grad_(),
+        torch.tensor(12.0, requires_grad=True),
+        logit_bias=torch.tensor(-2.0, requires_grad=True),
+    )
+    teachers = TeacherBatch(
+        {t: f.map(lambda v: v[rows]) for t, f in feats.items()}, {"a": 40.0, "b": 90.0}, logit_bias={"a": -3.0}
+    )
     out = DistillLoss(TERMS, list(DIMS))(st, teachers, caption_ids=CAPTION_IDS[rows])
     out["loss"].backward()
     res = {f"out/{k}": v.detach() for k, v in out.items()}
@@ -276,13 +285,15 @@ def test_two_processes_equal_one_process(tmp_path):
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
     ref = _run(slice(None))
     for k in [k for k in ref if k.startswith("out/")]:
-        torch.testing.assert_close(sum(r[k] for r in ranks) / WORLD, ref[k], rtol=0,
-                                   atol=_value_tol(k[len("out/"):], ref[k].item()), msg=k)
+        torch.testing.assert_close(
+            sum(r[k] for r in ranks) / WORLD, ref[k], rtol=0, atol=_value_tol(k[len("out/") :], ref[k].item()), msg=k
+        )
     # a rank's own value differs from the global one: a missing gather would show
     assert not torch.allclose(ranks[0]["out/siglip"], ref["out/siglip"], rtol=1e-3)
     for k in GRADS:
-        got = (torch.cat([r[f"grad/{k}"] for r in ranks]) if k in ("image", "text")
-               else sum(r[f"grad/{k}"] for r in ranks)) / WORLD
+        got = (
+            torch.cat([r[f"grad/{k}"] for r in ranks]) if k in ("image", "text") else sum(r[f"grad/{k}"] for r in ranks)
+        ) / WORLD
         torch.testing.assert_close(got, ref[f"grad/{k}"], rtol=0, atol=_grad_tol(k), msg=f"gradient of {k}")
         assert ref[f"grad/{k}"].abs().sum() > 0
     # student image and text with gradient (siglip shares infonce's text gather) + one for teachers and caption ids
@@ -302,8 +313,10 @@ def test_siglip_training_falls_and_the_export_carries_the_bias(tiny_corpus, tmp_
     from student.export import export_checkpoint
 
     out = tmp_path / "run"
-    cfg = Config.from_yaml(ROOT / "configs" / "siglip.yaml", [f"data.corpus={tiny_corpus}", f"train.output_dir={out}",
-                                                              "train.checkpoint_every=60"])
+    cfg = Config.from_yaml(
+        ROOT / "configs" / "siglip.yaml",
+        [f"data.corpus={tiny_corpus}", f"train.output_dir={out}", "train.checkpoint_every=60"],
+    )
     assert [t.kind for t in cfg.terms] == ["siglip"] and cfg.train.max_steps == 60
     train(cfg)
     rows = read_log(out)
@@ -322,8 +335,8 @@ def test_siglip_training_falls_and_the_export_carries_the_bias(tiny_corpus, tmp_
 
 
 def test_a_loss_that_reads_the_bias_gives_the_student_siglips_init(tiny_tokenizer, tmp_path):
-    from distill.training.build_run import build_student_model
     from distill.config.train_config import StudentCfg
+    from distill.training.build_run import build_student_model
     from distill.training.student_model import DistillModel
 
     def built(logit_bias, **overrides):
@@ -347,15 +360,17 @@ def test_a_loss_that_reads_the_bias_gives_the_student_siglips_init(tiny_tokenize
 @pytest.mark.parametrize("micro", [3, 8])
 def test_micro_batches_give_the_bias_the_gradient_of_one_forward(tiny_tokenizer, tmp_path, micro):
     """Gradient caching treats the logit bias like the scale: one value per batch, its gradient sent once."""
-    from distill.training.grad_cache import grad_cache_step
-    from distill.training.student_model import DistillModel
-    from student import build_student
     from test_grad_cache import FP64_TOL, _assert_equal, _grads
     from train_fixtures import NO_DROPOUT
 
+    from distill.training.grad_cache import grad_cache_step
+    from distill.training.student_model import DistillModel
+    from student import build_student
+
     torch.manual_seed(0)
-    bundle = build_student("tiny", tmp_path / "student", tokenizer_dir=tiny_tokenizer, init_logit_bias=-3.0,
-                           **NO_DROPOUT)
+    bundle = build_student(
+        "tiny", tmp_path / "student", tokenizer_dir=tiny_tokenizer, init_logit_bias=-3.0, **NO_DROPOUT
+    )
     # float64 model, as in test_grad_cache (FP64_TOL's derivation there): the chunked and the whole-batch backward
     # differ only in summation order, which in float32 is up to the CPU's kernels (AVX2 vs AVX-512) and exceeded a
     # 1e-6 bound on an AMD machine; in float64 it is ~1e-13, while a bias gradient sent per chunk is off by >= 1e-3
@@ -378,7 +393,6 @@ def test_micro_batches_give_the_bias_the_gradient_of_one_forward(tiny_tokenizer,
 @pytest.mark.slow
 def test_affinity_from_a_sigmoid_teacher_trains_the_students_bias(tiny_corpus, tiny_cache, tmp_path):
     from cache.store.segments import copy_cache
-
     from distill.train import train
 
     cache = tmp_path / "features.h5"
@@ -386,8 +400,15 @@ def test_affinity_from_a_sigmoid_teacher_trains_the_students_bias(tiny_corpus, t
     with h5py.File(cache, "r+") as f:
         f["teachers/oc"].attrs["logit_bias"] = -5.0  # as the cache records a sigmoid (SigLIP) teacher
     out = tmp_path / "run"
-    cfg = tiny_config(tiny_corpus, out, cache, mode="distill", train__max_steps=20, train__checkpoint_every=20,
-                      loss__terms="[{kind: affinity, teachers: {oc: 1.0}, kwargs: {kl: true}}]")
+    cfg = tiny_config(
+        tiny_corpus,
+        out,
+        cache,
+        mode="distill",
+        train__max_steps=20,
+        train__checkpoint_every=20,
+        loss__terms="[{kind: affinity, teachers: {oc: 1.0}, kwargs: {kl: true}}]",
+    )
     train(cfg)
     rows = read_log(out)
     first, last = np.mean([r["affinity"] for r in rows[:3]]), np.mean([r["affinity"] for r in rows[-3:]])

@@ -3,6 +3,7 @@
 Every token test compares with the library's own last hidden state pooled by hand (`adaptive_avg_pool2d`), not
 with our own code path.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ def register_tiny_timm() -> str:
     from timm.models.vision_transformer import _create_vision_transformer
 
     if TIMM_NAME not in timm.list_models(TIMM_NAME):
+
         def test_vit_micro_patch8_32(pretrained: bool = False, **kwargs):
             args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
             return _create_vision_transformer("vit_tiny_patch16_224", pretrained=False, **dict(args, **kwargs))
@@ -42,10 +44,17 @@ def make_tiny_timm_open_clip(out: Path, embed_dim: int = 20, seed: int = 3) -> P
 
     register_tiny_timm()
     out.mkdir(parents=True, exist_ok=True)
-    model_cfg = {"embed_dim": embed_dim,
-                 "vision_cfg": {"timm_model_name": TIMM_NAME, "timm_model_pretrained": False, "timm_pool": "",
-                                "timm_proj": "linear", "image_size": 32},
-                 "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    model_cfg = {
+        "embed_dim": embed_dim,
+        "vision_cfg": {
+            "timm_model_name": TIMM_NAME,
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "linear",
+            "image_size": 32,
+        },
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    }
     pp = {"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic", "resize_mode": "shortest"}
     torch.manual_seed(seed)
     model = open_clip.CLIP(**model_cfg)
@@ -64,8 +73,15 @@ def test_pool_tokens_is_adaptive_average_pooling_and_refuses_upsampling():
     x = torch.arange(2 * 16 * 3, dtype=torch.float32).reshape(2, 16, 3)  # a 4 x 4 grid
     got = pool_tokens(x, (4, 4), 2)
     grid = x.reshape(2, 4, 4, 3)
-    want = torch.stack([grid[:, :2, :2].mean((1, 2)), grid[:, :2, 2:].mean((1, 2)),
-                        grid[:, 2:, :2].mean((1, 2)), grid[:, 2:, 2:].mean((1, 2))], dim=1)
+    want = torch.stack(
+        [
+            grid[:, :2, :2].mean((1, 2)),
+            grid[:, :2, 2:].mean((1, 2)),
+            grid[:, 2:, :2].mean((1, 2)),
+            grid[:, 2:, 2:].mean((1, 2)),
+        ],
+        dim=1,
+    )
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(pool_tokens(x, (4, 4), 4), x)
     with pytest.raises(ValueError, match="at least that size"):
@@ -123,10 +139,23 @@ def test_hf_siglip_tokens_are_its_last_hidden_state(tmp_path):
 
     from teachers.tokens import hf_visual_tokens
 
-    cfg = SiglipConfig(vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                      "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-                       text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                    "num_attention_heads": 2, "vocab_size": 64})
+    cfg = SiglipConfig(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        text_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "vocab_size": 64,
+        },
+    )
     torch.manual_seed(0)
     model = SiglipModel(cfg).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -152,8 +181,14 @@ def test_a_teacher_without_tokens_is_refused_in_one_line(tiny_teachers):
 
     from teachers.transforms import PreprocessCfg
 
-    t = NoTokens(torch.nn.Identity(), spec="py:mine:make", embed_dim=4, logit_scale=10.0,
-                 preprocess_cfg=PreprocessCfg(image_size=(8, 8)), context_length=4)
+    t = NoTokens(
+        torch.nn.Identity(),
+        spec="py:mine:make",
+        embed_dim=4,
+        logit_scale=10.0,
+        preprocess_cfg=PreprocessCfg(image_size=(8, 8)),
+        context_length=4,
+    )
     with pytest.raises(TokensUnsupported, match="'py:mine:make' .*gives no patch tokens") as e:
         t.encode_image_tokens(torch.zeros(1, 3, 8, 8))
     assert "\n" not in str(e.value)
@@ -174,8 +209,14 @@ def _job(data, teachers, out, **kw):
 
 def _want_tokens(t, corpus, rows, g: int, params=None) -> np.ndarray:
     """What the cache should hold: the teacher's own transform (or stored view), its tokens pooled by hand."""
-    x = torch.stack([t.image_transform(corpus.load_image(r)) if params is None
-                     else t.view_transform(corpus.load_image(r), params[r]) for r in rows])
+    x = torch.stack(
+        [
+            t.image_transform(corpus.load_image(r))
+            if params is None
+            else t.view_transform(corpus.load_image(r), params[r])
+            for r in rows
+        ]
+    )
     tokens = t.encode_image_tokens(x)
     nchw = tokens.transpose(1, 2).reshape(len(rows), tokens.shape[-1], 4, 4)
     return _by_hand(nchw, g).numpy()
@@ -241,8 +282,21 @@ def test_token_size_is_printed_and_a_run_over_max_gb_is_refused(tmp_path, tiny_c
     from distill.cli import main
 
     out = tmp_path / "f.h5"
-    args = ["cache", "--data", str(tiny_corpus), "--teacher", f"oc={tiny_teachers['oc']}", "--out", str(out),
-            "--num-workers", "0", "--tokens", "2", "--views", "3"]
+    args = [
+        "cache",
+        "--data",
+        str(tiny_corpus),
+        "--teacher",
+        f"oc={tiny_teachers['oc']}",
+        "--out",
+        str(out),
+        "--num-workers",
+        "0",
+        "--tokens",
+        "2",
+        "--views",
+        "3",
+    ]
     assert main([*args, "--max-gb", "0.000001"]) == 2
     err = capsys.readouterr().err.strip()
     size = 32 * 3 * 4 * 32 * 2  # rows x views x G*G x D x float16 bytes
@@ -253,10 +307,9 @@ def test_token_size_is_printed_and_a_run_over_max_gb_is_refused(tmp_path, tiny_c
 
 
 def test_token_refusals_name_the_teacher_and_the_flag(tmp_path, tiny_corpus, tiny_teachers, token_cache):
-    from cache.store.segments import copy_cache
-
     from cache.build.run import build_cache
     from cache.store.schema import CacheError
+    from cache.store.segments import copy_cache
 
     with pytest.raises(CacheError, match="teacher 'oc' has a 4 x 4 patch grid; use --tokens 4 or less"):
         build_cache(_job(tiny_corpus, {"oc": tiny_teachers["oc"]}, tmp_path / "a.h5", tokens=5))
@@ -265,17 +318,19 @@ def test_token_refusals_name_the_teacher_and_the_flag(tmp_path, tiny_corpus, tin
     with pytest.raises(CacheError, match="teacher 'oc' was cached with --tokens 2, this run asks --tokens 3"):
         build_cache(_job(tiny_corpus, {"oc": tiny_teachers["oc"]}, copy, tokens=3))
     mod = tmp_path / "no_tokens_teacher.py"
-    mod.write_text("from teachers import load_teacher\n"
-                   "from teachers.base import Teacher\n"
-                   "class Plain(Teacher):\n"
-                   "    def __init__(self, inner):\n"
-                   "        super().__init__(inner.trunk, spec='x', embed_dim=inner.embed_dim, logit_scale=10.0,\n"
-                   "            preprocess_cfg=inner.preprocess_cfg, context_length=inner.context_length)\n"
-                   "        self.inner = inner\n"
-                   "    def _image_features(self, x): return self.inner._image_features(x)\n"
-                   "    def _text_features(self, t): return self.inner._text_features(t)\n"
-                   "    def tokenize(self, texts): return self.inner.tokenize(texts)\n"
-                   f"def make(): return Plain(load_teacher({tiny_teachers['oc']!r}))\n")
+    mod.write_text(
+        "from teachers import load_teacher\n"
+        "from teachers.base import Teacher\n"
+        "class Plain(Teacher):\n"
+        "    def __init__(self, inner):\n"
+        "        super().__init__(inner.trunk, spec='x', embed_dim=inner.embed_dim, logit_scale=10.0,\n"
+        "            preprocess_cfg=inner.preprocess_cfg, context_length=inner.context_length)\n"
+        "        self.inner = inner\n"
+        "    def _image_features(self, x): return self.inner._image_features(x)\n"
+        "    def _text_features(self, t): return self.inner._text_features(t)\n"
+        "    def tokenize(self, texts): return self.inner.tokenize(texts)\n"
+        f"def make(): return Plain(load_teacher({tiny_teachers['oc']!r}))\n"
+    )
     import sys
 
     sys.path.insert(0, str(tmp_path))
@@ -287,11 +342,10 @@ def test_token_refusals_name_the_teacher_and_the_flag(tmp_path, tiny_corpus, tin
 
 
 def test_info_shows_the_grid_and_verify_checks_the_tokens(tmp_path, token_cache):
-    from cache.store.segments import copy_cache
-
     import h5py
 
     from cache.inspect import info
+    from cache.store.segments import copy_cache
     from cache.store.verify import verify
 
     text = info(str(token_cache))
@@ -309,12 +363,23 @@ def test_info_shows_the_grid_and_verify_checks_the_tokens(tmp_path, token_cache)
 def _tiny_clip(timm_trunk: bool):
     import open_clip
 
-    vision = ({"timm_model_name": register_tiny_timm(), "timm_model_pretrained": False, "timm_pool": "",
-               "timm_proj": "linear", "image_size": 32} if timm_trunk else
-              {"image_size": 32, "patch_size": 8, "width": 48, "layers": 2, "head_width": 24})
+    vision = (
+        {
+            "timm_model_name": register_tiny_timm(),
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "linear",
+            "image_size": 32,
+        }
+        if timm_trunk
+        else {"image_size": 32, "patch_size": 8, "width": 48, "layers": 2, "head_width": 24}
+    )
     torch.manual_seed(0)
-    return open_clip.CLIP(embed_dim=16, vision_cfg=vision, text_cfg={"context_length": 8, "vocab_size": 100,
-                                                                     "width": 16, "heads": 2, "layers": 1}).eval()
+    return open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg=vision,
+        text_cfg={"context_length": 8, "vocab_size": 100, "width": 16, "heads": 2, "layers": 1},
+    ).eval()
 
 
 @pytest.mark.parametrize("timm_trunk", [False, True], ids=["open_clip-vit", "timm-trunk"])
@@ -344,10 +409,10 @@ def test_student_exposes_adapted_pooled_tokens_for_both_tower_kinds(timm_trunk):
 
 
 # -- the loss ------------------------------------------------------------------------------------------------
-S_A = [[[1., 0.], [0., 1.]], [[1., 1.], [2., 0.]]]    # student tokens adapted for teacher a: (B=2, G*G=2, D=2)
-T_A = [[[1., 0.], [1., 0.]], [[-1., -1.], [0., 3.]]]  # teacher a's cached tokens
-S_B = [[[2., 0.], [0., 2.]], [[0., 1.], [1., 0.]]]
-T_B = [[[1., 0.], [0., 1.]], [[0., -2.], [1., 0.]]]
+S_A = [[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [2.0, 0.0]]]  # student tokens adapted for teacher a: (B=2, G*G=2, D=2)
+T_A = [[[1.0, 0.0], [1.0, 0.0]], [[-1.0, -1.0], [0.0, 3.0]]]  # teacher a's cached tokens
+S_B = [[[2.0, 0.0], [0.0, 2.0]], [[0.0, 1.0], [1.0, 0.0]]]
+T_B = [[[1.0, 0.0], [0.0, 1.0]], [[0.0, -2.0], [1.0, 0.0]]]
 # by hand, 1 - cos per token, mean over the 2 tokens: a: row 0 (0 + 1) / 2, row 1 (2 + 1) / 2; b: row 0 0, row 1 1
 COS_A, COS_B = [0.5, 1.5], [0.0, 1.0]
 # smooth-L1 (beta 1), mean over 2 tokens x 2 dims, teacher a: row 0 (0 + 0 + .5 + .5) / 4; row 1 (1.5 + 1.5 + 1.5
@@ -361,11 +426,16 @@ def _spatial_inputs(route=None, feats: bool = False):
 
     t = lambda x: torch.tensor(x)  # noqa: E731
     e = F.normalize(torch.randn(2, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
-    student = StudentOutput(image=e, text=e.flip(0), logit_scale=torch.tensor(10.0),
-                            tokens={"a": t(S_A).requires_grad_(), "b": t(S_B)})
+    student = StudentOutput(
+        image=e, text=e.flip(0), logit_scale=torch.tensor(10.0), tokens={"a": t(S_A).requires_grad_(), "b": t(S_B)}
+    )
     pair = Pair(e, e)
-    teachers = TeacherBatch({"a": pair, "b": Pair(e.flip(0), e)} if feats else {}, {"a": 5.0, "b": 20.0},
-                            route=route, tokens={"a": t(T_A), "b": t(T_B)})
+    teachers = TeacherBatch(
+        {"a": pair, "b": Pair(e.flip(0), e)} if feats else {},
+        {"a": 5.0, "b": 20.0},
+        route=route,
+        tokens={"a": t(T_A), "b": t(T_B)},
+    )
     return student, teachers
 
 
@@ -378,8 +448,8 @@ def test_spatial_term_values_by_hand():
     want = 2.0 * np.mean([(COS_A[i] + COS_B[i]) / 2 for i in range(2)])
     assert out["sp"].item() == pytest.approx(want) and out["loss"].item() == pytest.approx(want)
     one = DistillLoss([LossTermCfg("sp", "spatial", 1.0, {"a": 1.0, "b": 3.0})], ["a", "b"])
-    assert one(s, t)["sp"].item() == pytest.approx(np.mean([.25 * COS_A[i] + .75 * COS_B[i] for i in range(2)]))
-    for metric, per_a in (("smooth_l1", L1_A), ("cosine+smooth_l1", [.9 * c + .1 * l for c, l in zip(COS_A, L1_A)])):
+    assert one(s, t)["sp"].item() == pytest.approx(np.mean([0.25 * COS_A[i] + 0.75 * COS_B[i] for i in range(2)]))
+    for metric, per_a in (("smooth_l1", L1_A), ("cosine+smooth_l1", [0.9 * c + 0.1 * l for c, l in zip(COS_A, L1_A)])):
         only_a = DistillLoss([LossTermCfg("sp", "spatial", 1.0, {"a": 1.0}, {"metric": metric})], ["a", "b"])
         assert only_a(s, t)["sp"].item() == pytest.approx(np.mean(per_a)), metric
     out["loss"].backward()
@@ -398,16 +468,25 @@ def test_spatial_term_with_routing_and_every_combine_mode():
     s, t = _spatial_inputs(route, feats=True)
     routed = DistillLoss([LossTermCfg("sp", "spatial", 1.0, {"a": 1.0, "b": 3.0})], ["a", "b"])
     # row 0: a 1/4, b 3/4; row 1 is routed to b only
-    assert routed(s, t)["sp"].item() == pytest.approx((.25 * COS_A[0] + .75 * COS_B[0] + COS_B[1]) / 2)
+    assert routed(s, t)["sp"].item() == pytest.approx((0.25 * COS_A[0] + 0.75 * COS_B[0] + COS_B[1]) / 2)
     per = torch.tensor([COS_A, COS_B]).T  # (B, T)
     for mode in ("weighted_sum", "random_teacher", "confidence"):
-        loss = DistillLoss([LossTermCfg("sp", "spatial", 1.0, {"a": 1.0, "b": 3.0})], ["a", "b"],
-                           combine=CombineCfg(mode=mode, temperature=0.5))
+        loss = DistillLoss(
+            [LossTermCfg("sp", "spatial", 1.0, {"a": 1.0, "b": 3.0})],
+            ["a", "b"],
+            combine=CombineCfg(mode=mode, temperature=0.5),
+        )
         got = loss(s, t, torch.Generator().manual_seed(3))["sp"].item()
         ctx = StepContext(s, t, StepGather(all_gather_rows))
         conf = torch.stack([ctx.log_confidence(n) for n in ("a", "b")], 1) if mode == "confidence" else None
-        mix = C.weight_matrix(loss.combine_cfg, {"a": 1.0, "b": 3.0}, loss.draw(2, torch.Generator().manual_seed(3)),
-                              2, route=ctx.route(["a", "b"]), log_confidence=conf)
+        mix = C.weight_matrix(
+            loss.combine_cfg,
+            {"a": 1.0, "b": 3.0},
+            loss.draw(2, torch.Generator().manual_seed(3)),
+            2,
+            route=ctx.route(["a", "b"]),
+            log_confidence=conf,
+        )
         assert mix[1].tolist() == [0.0, 1.0] and mix.sum(1).tolist() == pytest.approx([1.0, 1.0])
         assert got == pytest.approx((mix * per).sum(1).mean().item()), mode
 
@@ -444,16 +523,24 @@ def spatial_cache(tmp_path_factory, tiny_corpus, tiny_teachers) -> Path:
 
 
 def test_a_tiny_spatial_run_lowers_the_spatial_loss(tiny_corpus, spatial_cache, tiny_tokenizer, tmp_path):
-    from distill.training.build_run import build_run, teacher_batch
     from distill.train import make_accelerator, train
+    from distill.training.build_run import build_run, teacher_batch
 
-    cfg = tiny_config(tiny_corpus, tmp_path / "run", spatial_cache, tokenizer=tiny_tokenizer,
-                      loss__terms=SPATIAL_TERMS, train__max_steps=40, train__checkpoint_every=0)
+    cfg = tiny_config(
+        tiny_corpus,
+        tmp_path / "run",
+        spatial_cache,
+        tokenizer=tiny_tokenizer,
+        loss__terms=SPATIAL_TERMS,
+        train__max_steps=40,
+        train__checkpoint_every=0,
+    )
     run = build_run(cfg, make_accelerator(cfg))
     assert run.model.adaptors.grids == {"oc": 2, "hf": 2} and run.model.adaptors.dims == {"oc": 32, "hf": 32}
     batch = next(iter(run.loader))
-    cached = run.loader.collate_fn.reader.read_tokens(run.join.cache_rows[batch.rows.numpy()], ["oc"],
-                                                      views=batch.views.numpy())["oc"]
+    cached = run.loader.collate_fn.reader.read_tokens(
+        run.join.cache_rows[batch.rows.numpy()], ["oc"], views=batch.views.numpy()
+    )["oc"]
     assert batch.teacher_tokens["oc"].shape == (8, 4, 32) and (batch.views >= 0).all()
     np.testing.assert_array_equal(batch.teacher_tokens["oc"].numpy(), cached)  # the view the student sees
     tb = teacher_batch(batch, {"oc": 1.0, "hf": 1.0}, run.loss.teacher_names)
@@ -465,13 +552,13 @@ def test_a_tiny_spatial_run_lowers_the_spatial_loss(tiny_corpus, spatial_cache, 
 
 
 def test_spatial_grad_cache_equals_one_forward(tiny_corpus, spatial_cache, tiny_tokenizer, tmp_path):
-    from distill.training.build_run import build_run, teacher_batch
-    from distill.training.grad_cache import grad_cache_step, merge_batches
-    from distill.train import make_accelerator
     from test_grad_cache import FP64_TOL, _assert_equal
 
-    cfg = tiny_config(tiny_corpus, tmp_path / "run", spatial_cache, tokenizer=tiny_tokenizer,
-                      loss__terms=SPATIAL_TERMS)
+    from distill.train import make_accelerator
+    from distill.training.build_run import build_run, teacher_batch
+    from distill.training.grad_cache import grad_cache_step, merge_batches
+
+    cfg = tiny_config(tiny_corpus, tmp_path / "run", spatial_cache, tokenizer=tiny_tokenizer, loss__terms=SPATIAL_TERMS)
     run = build_run(cfg, make_accelerator(cfg))
     it = iter(run.loader)
     batch = merge_batches([next(it), next(it)], run.loader.collate_fn.pad_id)
@@ -488,24 +575,25 @@ def test_spatial_grad_cache_equals_one_forward(tiny_corpus, spatial_cache, tiny_
     ref["loss"].backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    got = grad_cache_step(model, images, batch.tokens, 5, lambda s: run.loss(s, teachers),
-                          lambda x: x.backward())
+    got = grad_cache_step(model, images, batch.tokens, 5, lambda s: run.loss(s, teachers), lambda x: x.backward())
     assert got["spatial"].item() == pytest.approx(ref["spatial"].item(), rel=FP64_TOL, abs=FP64_TOL)
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert grads.keys() == want.keys() and any(k.startswith("adaptors.") for k in grads)
     _assert_equal(grads, want, atol=FP64_TOL)
 
 
-def test_spatial_runs_are_refused_without_tokens_or_with_patch_dropout(tiny_corpus, spatial_cache, tiny_tokenizer,
-                                                                       tmp_path, token_cache):
-    from distill.training.build_run import build_run
-    from teachers.kernel.config_model import ConfigError
+def test_spatial_runs_are_refused_without_tokens_or_with_patch_dropout(
+    tiny_corpus, spatial_cache, tiny_tokenizer, tmp_path, token_cache
+):
     from distill.data.loader import DataError
     from distill.train import make_accelerator
+    from distill.training.build_run import build_run
+    from teachers.kernel.config_model import ConfigError
 
     def build(features, **kw):
-        cfg = tiny_config(tiny_corpus, tmp_path / "r", features, tokenizer=tiny_tokenizer, loss__terms=SPATIAL_TERMS,
-                          **kw)
+        cfg = tiny_config(
+            tiny_corpus, tmp_path / "r", features, tokenizer=tiny_tokenizer, loss__terms=SPATIAL_TERMS, **kw
+        )
         return build_run(cfg, make_accelerator(cfg))
 
     with pytest.raises(ConfigError, match="student.patch_dropout=0.5 drops some; set student.patch_dropout=0"):
@@ -518,9 +606,9 @@ def test_spatial_runs_are_refused_without_tokens_or_with_patch_dropout(tiny_corp
 
 def _no_token_copy(src: Path, tmp_path: Path) -> Path:
     """The token cache with teacher hf's tokens deleted (as if cached without --tokens)."""
-    from cache.store.segments import copy_cache
-
     import h5py
+
+    from cache.store.segments import copy_cache
 
     out = tmp_path / "notokens.h5"
     copy_cache(str(src), str(out))  # the file and its segment folder
@@ -531,10 +619,9 @@ def _no_token_copy(src: Path, tmp_path: Path) -> Path:
 
 
 def test_bad_cached_tokens_stop_or_drop_that_teacher_for_the_row(token_cache, tmp_path):
-    from cache.store.segments import copy_cache
-
     import h5py
 
+    from cache.store.segments import copy_cache
     from cache.store.verify import BadRowsError
     from distill.data.loader import Collate
 
@@ -542,8 +629,10 @@ def test_bad_cached_tokens_stop_or_drop_that_teacher_for_the_row(token_cache, tm
     copy_cache(str(token_cache), str(bad))  # the file and its segment folder
     with h5py.File(bad, "r+") as f:
         f["teachers/hf/tokens"][7, 0, 0] = np.inf
-    items = [{"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "caption": "x", "row": r, "cache_row": r, "view": -1}
-             for r in (3, 7)]
+    items = [
+        {"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "caption": "x", "row": r, "cache_row": r, "view": -1}
+        for r in (3, 7)
+    ]
     tok = lambda caps: torch.zeros(len(caps), 4, dtype=torch.long)  # noqa: E731
     stop = Collate(tok, str(bad), ["oc", "hf"], token_teachers=["hf"])
     with pytest.raises(BadRowsError, match="teacher 'hf' patch-token features of cache rows 7 are non-finite"):

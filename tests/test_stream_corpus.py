@@ -1,6 +1,7 @@
 """Streamed WebDataset corpora (issue 12): shards by URL or pipe: command read front to back, the same samples and
 the same cache as the local folder, bad shards retried then recorded (never dropped silently), training in stream
 order (deterministic for a seed), eval over a stream."""
+
 from __future__ import annotations
 
 import shutil
@@ -8,20 +9,19 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+from test_corpus import _write_shards
+from train_fixtures import read_log, tiny_config
 
-import cache.sources.stream as corpus_stream
 import cache.sources.shard_listing as shard_listing
+import cache.sources.stream as corpus_stream
 from cache import build_cache, info, open_corpus
-from cache.sources.corpus import CorpusError, StreamCorpus, StreamOptions
 from cache.build.job import CacheJob
+from cache.sources.corpus import CorpusError, StreamCorpus, StreamOptions
 from cache.sources.shard_io import Retry
 from cache.store.shard_record import read_record, record_path
 from distill.cli import main
 from distill.data.samplers import Dealing
 from distill.data.stream_data import buffer_shuffle, stream_order
-
-from test_corpus import _write_shards
-from train_fixtures import read_log, tiny_config
 
 N_SHARDS = 4  # the 32-row tiny corpus, 10 rows per shard: 10, 10, 10, 2
 FAST = Retry(attempts=2, backoff_s=0.0)
@@ -103,8 +103,11 @@ def test_a_read_failure_mid_shard_is_retried_from_where_it_was(shards, monkeypat
         def close(self):
             self.f.close()
 
-    monkeypatch.setattr(corpus_stream, "open_shard",
-                        lambda url: calls.append(url) or (Breaks(real(url)) if len(calls) == 1 else real(url)))
+    monkeypatch.setattr(
+        corpus_stream,
+        "open_shard",
+        lambda url: calls.append(url) or (Breaks(real(url)) if len(calls) == 1 else real(url)),
+    )
     c, local = open_corpus(_url(shards), StreamOptions(retry=FAST)), open_corpus(shards)
     assert [c.load_bytes(i) for i in range(10)] == [local.load_bytes(i) for i in range(10)]
     assert len(calls) == 2
@@ -122,9 +125,30 @@ def test_stream_cache_equals_the_local_folders(shards, tiny_teachers, tmp_path, 
     teacher = {"oc": tiny_teachers["oc"]}
     build_cache(_job(shards, teacher, tmp_path / "local.h5"))
     out = tmp_path / "url.h5"
-    assert main(["cache", "--data", _url(shards), "--teacher", f"oc={teacher['oc']}", "--out", str(out),
-                 "--num-workers", "2", "--batch-size", "4", "--chunk-rows", "8", "--shard-attempts", "2",
-                 "--shard-backoff", "0"]) == 0
+    assert (
+        main(
+            [
+                "cache",
+                "--data",
+                _url(shards),
+                "--teacher",
+                f"oc={teacher['oc']}",
+                "--out",
+                str(out),
+                "--num-workers",
+                "2",
+                "--batch-size",
+                "4",
+                "--chunk-rows",
+                "8",
+                "--shard-attempts",
+                "2",
+                "--shard-backoff",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert "oc: computed 32, done 32/32, skipped 0" in capsys.readouterr().out
     with h5py.File(tmp_path / "local.h5", "r") as a, h5py.File(out, "r") as b:
         assert a.attrs["corpus_fingerprint"] == b.attrs["corpus_fingerprint"]
@@ -198,7 +222,7 @@ def test_buffer_shuffle_and_stream_order():
     order = stream_order(shard_ids, dealing, 3, np.random.default_rng(1))
     assert sorted(order.tolist()) == list(range(60))
     for p in range(dealing.pairs):  # a pair's rows: a few shards, each read forward within the buffer
-        mine = np.concatenate([order[g * 4:(g + 1) * 4] for g in range(12) if dealing.pair_of_batch(g) == p])
+        mine = np.concatenate([order[g * 4 : (g + 1) * 4] for g in range(12) if dealing.pair_of_batch(g) == p])
         assert len(set(shard_ids[mine].tolist())) <= 3
         for s in set(shard_ids[mine].tolist()):
             rows = mine[shard_ids[mine] == s]
@@ -217,8 +241,7 @@ def stream_cache(shards, tiny_teachers, tmp_path_factory):
     return root / "f.h5", listing
 
 
-def test_training_on_a_stream_runs_in_stream_order_and_is_deterministic(shards, stream_cache, tmp_path,
-                                                                         monkeypatch):
+def test_training_on_a_stream_runs_in_stream_order_and_is_deterministic(shards, stream_cache, tmp_path, monkeypatch):
     features, listing = stream_cache
     monkeypatch.setenv("BIOMED_DISTILL_LISTINGS", str(listing))
     from distill.train import train
@@ -226,8 +249,14 @@ def test_training_on_a_stream_runs_in_stream_order_and_is_deterministic(shards, 
     runs = []
     for k in range(2):
         opened = _count_opens(monkeypatch)
-        cfg = tiny_config(_url(shards), tmp_path / f"run{k}", features, train__max_steps=8,
-                          train__checkpoint_every=0, data__stream_buffer=4)
+        cfg = tiny_config(
+            _url(shards),
+            tmp_path / f"run{k}",
+            features,
+            train__max_steps=8,
+            train__checkpoint_every=0,
+            data__stream_buffer=4,
+        )
         assert train(cfg)["step"] == 8
         # 8 steps of 8 rows = 2 epochs of 32 rows: each shard read front to back once per epoch
         assert sorted(opened) == sorted([f"file://{shards}/{s:05d}.tar" for s in range(N_SHARDS)] * 2)
@@ -288,13 +317,39 @@ def test_two_processes_each_list_and_read_their_own_shards(shards, tiny_teachers
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     root = Path(__file__).resolve().parents[1]
-    kw = {"data": _url(shards), "teachers": teacher, "out": str(tmp_path / "multi.h5"), "batch_size": 4,
-          "chunk_rows": 4, "num_workers": 0, "progress": False}
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "BIOMED_DISTILL_LISTINGS": str(listings)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           str(driver), json.dumps(kw), str(tmp_path / "report")],
-                          env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    kw = {
+        "data": _url(shards),
+        "teachers": teacher,
+        "out": str(tmp_path / "multi.h5"),
+        "batch_size": 4,
+        "chunk_rows": 4,
+        "num_workers": 0,
+        "progress": False,
+    }
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "BIOMED_DISTILL_LISTINGS": str(listings),
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            str(driver),
+            json.dumps(kw),
+            str(tmp_path / "report"),
+        ],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     urls = [f"file://{shards}/{s:05d}.tar" for s in range(N_SHARDS)]
     for rank in (0, 1):

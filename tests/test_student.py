@@ -1,4 +1,5 @@
 """Student presets, build, projection heads and freezing (tiny models on CPU; the big presets on the meta device)."""
+
 from __future__ import annotations
 
 import csv
@@ -9,8 +10,18 @@ import pytest
 import torch
 
 from distill.training.heads import ProjectionHeads
-from student import (build_student, freeze_image_blocks, get_preset, instantiate, list_presets, lock_text_layers,
-                     parameter_summary, set_grad_checkpointing, set_patch_dropout, write_text_config)
+from student import (
+    build_student,
+    freeze_image_blocks,
+    get_preset,
+    instantiate,
+    list_presets,
+    lock_text_layers,
+    parameter_summary,
+    set_grad_checkpointing,
+    set_patch_dropout,
+    write_text_config,
+)
 from student.build import _point_text_at
 
 
@@ -24,8 +35,7 @@ def wordpiece(tiny_corpus, tmp_path_factory) -> Path:
     """A WordPiece tokenizer trained on the tiny corpus captions."""
     from student.tokenizer import train_wordpiece
 
-    return train_wordpiece(_captions(tiny_corpus), tmp_path_factory.mktemp("tok"), vocab_size=300,
-                           model_max_length=32)
+    return train_wordpiece(_captions(tiny_corpus), tmp_path_factory.mktemp("tok"), vocab_size=300, model_max_length=32)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +56,7 @@ def _meta_model(name: str, folder: Path, **vision):
 
 # ---------------------------------------------------------------- presets
 
+
 def test_presets_registered_and_unknown_suggests():
     assert list_presets() == ["biomedclip", "biomedclip-small", "tiny"]
     with pytest.raises(KeyError, match="did you mean tiny"):
@@ -57,26 +68,54 @@ def test_biomedclip_preset_is_biomedclips_open_clip_config():
     bert = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
     assert p.model_cfg == {
         "embed_dim": 512,
-        "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
-                       "timm_proj": "linear", "image_size": 224},
-        "text_cfg": {"hf_model_name": bert, "hf_tokenizer_name": bert, "hf_proj_type": "mlp",
-                     "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256}}
-    assert p.preprocess_cfg == {"mean": [0.48145466, 0.4578275, 0.40821073],
-                                "std": [0.26862954, 0.26130258, 0.27577711]}
+        "vision_cfg": {
+            "timm_model_name": "vit_base_patch16_224",
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "linear",
+            "image_size": 224,
+        },
+        "text_cfg": {
+            "hf_model_name": bert,
+            "hf_tokenizer_name": bert,
+            "hf_proj_type": "mlp",
+            "hf_pooler_type": "cls_last_hidden_state_pooler",
+            "context_length": 256,
+        },
+    }
+    assert p.preprocess_cfg == {
+        "mean": [0.48145466, 0.4578275, 0.40821073],
+        "std": [0.26862954, 0.26130258, 0.27577711],
+    }
     t = p.text_config
-    assert (t["vocab_size"], t["hidden_size"], t["num_hidden_layers"], t["num_attention_heads"],
-            t["intermediate_size"], t["max_position_embeddings"], t["type_vocab_size"]) == (
-        30522, 768, 12, 12, 3072, 512, 2)
+    assert (
+        t["vocab_size"],
+        t["hidden_size"],
+        t["num_hidden_layers"],
+        t["num_attention_heads"],
+        t["intermediate_size"],
+        t["max_position_embeddings"],
+        t["type_vocab_size"],
+    ) == (30522, 768, 12, 12, 3072, 512, 2)
     p.model_cfg["embed_dim"] = 1  # presets hand out copies
     assert p.model_cfg["embed_dim"] == 512
 
 
 def test_biomedclip_parameter_count(tmp_path):
     m = _meta_model("biomedclip", tmp_path)
-    vit_b16 = 768 * 3 * 16 * 16 + 768 + 768 + 197 * 768 + 12 * (
-        4 * 768 + 3 * 768 * 768 + 3 * 768 + 768 * 768 + 768 + 2 * 768 * 3072 + 3072 + 768) + 2 * 768
-    bert_base = (30522 + 512 + 2) * 768 + 2 * 768 + 12 * (
-        4 * (768 * 768 + 768) + 2 * 768 + 768 * 3072 + 3072 + 3072 * 768 + 768 + 2 * 768)
+    vit_b16 = (
+        768 * 3 * 16 * 16
+        + 768
+        + 768
+        + 197 * 768
+        + 12 * (4 * 768 + 3 * 768 * 768 + 3 * 768 + 768 * 768 + 768 + 2 * 768 * 3072 + 3072 + 768)
+        + 2 * 768
+    )
+    bert_base = (
+        (30522 + 512 + 2) * 768
+        + 2 * 768
+        + 12 * (4 * (768 * 768 + 768) + 2 * 768 + 768 * 3072 + 3072 + 3072 * 768 + 768 + 2 * 768)
+    )
     assert sum(p.numel() for p in m.visual.trunk.parameters()) == vit_b16 == 85_798_656
     assert sum(p.numel() for p in m.text.transformer.parameters()) == bert_base == 108_891_648
     heads = 768 * 512 + 768 * 640 + 640 * 512  # linear image proj; mlp text proj (768 -> 640 -> 512)
@@ -97,6 +136,7 @@ def test_timm_tower_at_another_size_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------- build
+
 
 def test_tiny_build_folder_tokenizer_and_forward(tiny, wordpiece):
     from transformers import AutoTokenizer
@@ -133,15 +173,23 @@ def test_build_is_deterministic_under_seed(wordpiece, tmp_path):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["visual.conv1.weight"], c["visual.conv1.weight"])
-    assert not torch.equal(a["text.transformer.encoder.layer.0.attention.self.query.weight"],
-                           c["text.transformer.encoder.layer.0.attention.self.query.weight"])
+    assert not torch.equal(
+        a["text.transformer.encoder.layer.0.attention.self.query.weight"],
+        c["text.transformer.encoder.layer.0.attention.self.query.weight"],
+    )
 
 
 def test_build_overrides(wordpiece, tmp_path):
     from open_clip.transformer import PatchDropout
 
-    b = build_student("tiny", tmp_path / "s", tokenizer_dir=wordpiece, embed_dim=32, patch_dropout=0.5,
-                      text_config={"num_hidden_layers": 1})
+    b = build_student(
+        "tiny",
+        tmp_path / "s",
+        tokenizer_dir=wordpiece,
+        embed_dim=32,
+        patch_dropout=0.5,
+        text_config={"num_hidden_layers": 1},
+    )
     assert isinstance(b.model.visual.patch_dropout, PatchDropout) and b.model.visual.patch_dropout.prob == 0.5
     assert len(b.model.text.transformer.encoder.layer) == 1
     with torch.no_grad():
@@ -167,7 +215,7 @@ def test_build_from_pretrained_spec_keeps_weights(tiny_teachers, tmp_path):
 
     spec = tiny_teachers["oc"]
     b = build_student(spec, tmp_path / "student")
-    src = load_file(str(Path(spec[len("local-dir:"):]) / "open_clip_model.safetensors"))
+    src = load_file(str(Path(spec[len("local-dir:") :]) / "open_clip_model.safetensors"))
     sd = b.model.state_dict()
     assert src.keys() <= sd.keys() and all(torch.equal(sd[k], v) for k, v in src.items())
     assert (tmp_path / "student" / "open_clip_config.json").is_file()
@@ -175,6 +223,7 @@ def test_build_from_pretrained_spec_keeps_weights(tiny_teachers, tmp_path):
 
 
 # ---------------------------------------------------------------- heads
+
 
 def test_projection_heads_shapes_and_gradients():
     torch.manual_seed(0)
@@ -198,14 +247,19 @@ def test_projection_heads_shapes_and_gradients():
 
 # ---------------------------------------------------------------- freezing
 
+
 def _frozen(model) -> set[str]:
     return {n for n, p in model.named_parameters() if not p.requires_grad}
 
 
 def test_freeze_open_clip_vit_and_bert_exactly(wordpiece, tmp_path):
     torch.manual_seed(0)
-    m = build_student("tiny", tmp_path / "s", tokenizer_dir=wordpiece,
-                      text_config={"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}).model
+    m = build_student(
+        "tiny",
+        tmp_path / "s",
+        tokenizer_dir=wordpiece,
+        text_config={"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+    ).model
     names = [n for n, _ in m.named_parameters()]
     total = parameter_summary(m)
     got = freeze_image_blocks(m, 1)
@@ -213,8 +267,9 @@ def test_freeze_open_clip_vit_and_bert_exactly(wordpiece, tmp_path):
     want |= {"visual.class_embedding", "visual.positional_embedding"}
     assert set(got) == want == _frozen(m)
     got_text = lock_text_layers(m, 1)
-    want_text = {n for n in names if n.startswith(("text.transformer.embeddings.",
-                                                    "text.transformer.encoder.layer.0."))}
+    want_text = {
+        n for n in names if n.startswith(("text.transformer.embeddings.", "text.transformer.encoder.layer.0."))
+    }
     assert set(got_text) == want_text and _frozen(m) == want | want_text
     s = parameter_summary(m)
     n_frozen = sum(p.numel() for n, p in m.named_parameters() if n in want | want_text)
@@ -231,10 +286,13 @@ def test_freeze_open_clip_vit_and_bert_exactly(wordpiece, tmp_path):
     for n, p in m.named_parameters():
         if n in want | want_text:
             assert torch.equal(p, before[n]), n
-    assert not torch.equal(m.visual.transformer.resblocks[1].mlp.c_fc.weight,
-                           before["visual.transformer.resblocks.1.mlp.c_fc.weight"])
-    assert not torch.equal(m.text.transformer.encoder.layer[1].output.dense.weight,
-                           before["text.transformer.encoder.layer.1.output.dense.weight"])
+    assert not torch.equal(
+        m.visual.transformer.resblocks[1].mlp.c_fc.weight, before["visual.transformer.resblocks.1.mlp.c_fc.weight"]
+    )
+    assert not torch.equal(
+        m.text.transformer.encoder.layer[1].output.dense.weight,
+        before["text.transformer.encoder.layer.1.output.dense.weight"],
+    )
     with pytest.raises(ValueError, match="has 2"):
         freeze_image_blocks(m, 3)
 
@@ -243,14 +301,20 @@ def test_freeze_timm_vit_exactly(tmp_path):
     m = _meta_model("biomedclip-small", tmp_path)
     names = [n for n, _ in m.named_parameters()]
     got = freeze_image_blocks(m, 3)
-    want = {n for n in names if n.startswith(("visual.trunk.patch_embed.", "visual.trunk.blocks.0.",
-                                              "visual.trunk.blocks.1.", "visual.trunk.blocks.2."))}
+    want = {
+        n
+        for n in names
+        if n.startswith(
+            ("visual.trunk.patch_embed.", "visual.trunk.blocks.0.", "visual.trunk.blocks.1.", "visual.trunk.blocks.2.")
+        )
+    }
     want |= {"visual.trunk.cls_token", "visual.trunk.pos_embed"}
     assert set(got) == want == _frozen(m)
     assert freeze_image_blocks(m, 0) == []
     s = parameter_summary(m)
     assert s.image_total - s.image_trainable == 384 * 3 * 16 * 16 + 384 + 384 + 197 * 384 + 3 * (
-        4 * 384 + 3 * 384 * 384 + 3 * 384 + 384 * 384 + 384 + 2 * 384 * 1536 + 1536 + 384)
+        4 * 384 + 3 * 384 * 384 + 3 * 384 + 384 * 384 + 384 + 2 * 384 * 1536 + 1536 + 384
+    )
     assert s.text_trainable == s.text_total
 
 
@@ -285,8 +349,12 @@ def test_patch_dropout_timm(tmp_path):
 def test_grad_checkpointing_same_gradients(wordpiece, tmp_path):
     def grads(ckpt: bool):
         torch.manual_seed(0)
-        m = build_student("tiny", tmp_path / f"s{ckpt}", tokenizer_dir=wordpiece,
-                          text_config={"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}).model
+        m = build_student(
+            "tiny",
+            tmp_path / f"s{ckpt}",
+            tokenizer_dir=wordpiece,
+            text_config={"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+        ).model
         if ckpt:
             set_grad_checkpointing(m, True)
             assert m.visual.transformer.grad_checkpointing

@@ -1,5 +1,6 @@
 """`py:` adapters for models that need their own code: `OpenClipTeacher.from_parts` (what they return) and the
 UniMed-CLIP example's checkpoint conversion (docs/examples/unimed_clip_teacher.py)."""
+
 from __future__ import annotations
 
 import json

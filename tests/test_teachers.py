@@ -1,4 +1,5 @@
 """Teachers: the spec parser, the alias registry, and each back-end against the library called directly."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from teachers.kernel.registry import Registry
 from teachers import Teacher, load_teacher, parse_spec, resolve_spec
+from teachers.kernel.registry import Registry
 from teachers.registry import TEACHER_ALIASES, list_teachers
 
 
@@ -24,23 +25,32 @@ def _image(seed: int = 0, size=(50, 60)) -> Image.Image:
 
 
 # -- spec parsing --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("spec,kind,target", [
-    ("hf-hub:microsoft/BiomedCLIP", "hf-hub", "microsoft/BiomedCLIP"),
-    ("local-dir:/tmp/x", "local-dir", "/tmp/x"),
-    ("ViT-B-16/openai", "open_clip", "ViT-B-16/openai"),
-    ("hf-clip:vinid/plip", "hf-clip", "vinid/plip"),
-    ("py:my.mod:make", "py", "my.mod:make"),
-    ("biomedclip", "alias", "biomedclip"),
-])
+@pytest.mark.parametrize(
+    "spec,kind,target",
+    [
+        ("hf-hub:microsoft/BiomedCLIP", "hf-hub", "microsoft/BiomedCLIP"),
+        ("local-dir:/tmp/x", "local-dir", "/tmp/x"),
+        ("ViT-B-16/openai", "open_clip", "ViT-B-16/openai"),
+        ("hf-clip:vinid/plip", "hf-clip", "vinid/plip"),
+        ("py:my.mod:make", "py", "my.mod:make"),
+        ("biomedclip", "alias", "biomedclip"),
+    ],
+)
 def test_parse_spec_forms(spec, kind, target):
     s = parse_spec(spec)
     assert (s.kind, s.target, s.raw) == (kind, target, spec)
 
 
-@pytest.mark.parametrize("bad,match", [
-    ("", "empty"), ("hf-hub:", "nothing after"), ("hf-hub:norepo", "ORG/REPO"), ("py:mod", "module.path:function"),
-    ("s3:bucket/x", "unknown prefix"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ("", "empty"),
+        ("hf-hub:", "nothing after"),
+        ("hf-hub:norepo", "ORG/REPO"),
+        ("py:mod", "module.path:function"),
+        ("s3:bucket/x", "unknown prefix"),
+    ],
+)
 def test_parse_spec_rejects(bad, match):
     with pytest.raises(ValueError, match=match):
         parse_spec(bad)
@@ -138,13 +148,15 @@ def test_view_transform_crops_then_resizes(tiny_teachers):
 
 def test_py_backend_loads_custom_teacher(tmp_path, tiny_teachers, monkeypatch):
     mod = tmp_path / "my_custom_teacher.py"
-    mod.write_text(textwrap.dedent(f"""
+    mod.write_text(
+        textwrap.dedent(f"""
         from teachers import load_teacher
         def make(device="cpu"):
-            return load_teacher({tiny_teachers['oc']!r}, device=device)
+            return load_teacher({tiny_teachers["oc"]!r}, device=device)
         def not_a_teacher(device="cpu"):
             return 42
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     t = load_teacher("py:my_custom_teacher:make")
     assert isinstance(t, Teacher) and t.spec == "py:my_custom_teacher:make" and t.embed_dim == 24
@@ -192,20 +204,28 @@ def hub_cache(tmp_path, monkeypatch) -> Path:
 
 def _encode_oc(model, preprocess, tok, img, texts):
     with torch.no_grad():
-        return (F.normalize(model.eval().encode_image(preprocess(img)[None]), dim=-1),
-                F.normalize(model.encode_text(tok(texts)), dim=-1))
+        return (
+            F.normalize(model.eval().encode_image(preprocess(img)[None]), dim=-1),
+            F.normalize(model.encode_text(tok(texts)), dim=-1),
+        )
 
 
 def test_open_clip_hf_hub_matches_open_clip(tiny_teachers, hub_cache):
     import open_clip
 
     folder = Path(tiny_teachers["oc"].removeprefix("local-dir:"))
-    _fake_hub_repo(hub_cache, "fake-org/tiny-oc", [folder / "open_clip_config.json",
-                                                   folder / "open_clip_model.safetensors"])
+    _fake_hub_repo(
+        hub_cache, "fake-org/tiny-oc", [folder / "open_clip_config.json", folder / "open_clip_model.safetensors"]
+    )
     t = load_teacher("hf-hub:fake-org/tiny-oc")
     model, _, preprocess = open_clip.create_model_and_transforms("hf-hub:fake-org/tiny-oc")
-    ref_i, ref_t = _encode_oc(model, preprocess, open_clip.get_tokenizer("hf-hub:fake-org/tiny-oc"), _image(2),
-                              ["a ct scan", "an mri of the brain"])
+    ref_i, ref_t = _encode_oc(
+        model,
+        preprocess,
+        open_clip.get_tokenizer("hf-hub:fake-org/tiny-oc"),
+        _image(2),
+        ["a ct scan", "an mri of the brain"],
+    )
     got_i = t.encode_image(t.image_transform(_image(2))[None])
     got_t = t.encode_text(t.tokenize(["a ct scan", "an mri of the brain"]))
     torch.testing.assert_close(got_i, ref_i)
@@ -226,8 +246,9 @@ def test_hf_hub_repo_without_weights_is_refused(tiny_teachers, hub_cache):
         load_teacher("hf-hub:fake-org/no-weights")
     with pytest.raises(TeacherLoadError, match=r"(?s)'hf-hub:fake-org/absent'.*HF_HUB_OFFLINE=1.*" + str(hub_cache)):
         load_teacher("hf-hub:fake-org/absent")
-    with pytest.raises(TeacherLoadError,
-                       match=r"(?s)SPEC 'hf-clip:fake-org/absent' with the hf-clip back-end.*HF_HUB_OFFLINE"):
+    with pytest.raises(
+        TeacherLoadError, match=r"(?s)SPEC 'hf-clip:fake-org/absent' with the hf-clip back-end.*HF_HUB_OFFLINE"
+    ):
         load_teacher("hf-clip:fake-org/absent")
     with pytest.raises(TeacherLoadError, match=f"folder {hub_cache}/nope not found"):
         load_teacher(f"hf-clip:{hub_cache}/nope")
@@ -282,14 +303,16 @@ def test_builtin_model_tag_loads_its_weights_through_the_hub_cache(tiny_teachers
     folder = Path(tiny_teachers["oc"].removeprefix("local-dir:"))
     cfg = json.loads((folder / "open_clip_config.json").read_text())
     monkeypatch.setitem(factory._MODEL_CONFIGS, "Tiny-OC-test", cfg["model_cfg"])
-    tag_cfg = pretrained._pcfg(hf_hub="fake-org/tiny-oc-tag/", quick_gelu=True, mean=(0.4, 0.4, 0.4),
-                               std=(0.2, 0.3, 0.2))
+    tag_cfg = pretrained._pcfg(
+        hf_hub="fake-org/tiny-oc-tag/", quick_gelu=True, mean=(0.4, 0.4, 0.4), std=(0.2, 0.3, 0.2)
+    )
     monkeypatch.setitem(pretrained._PRETRAINED, "Tiny-OC-test", {"fake_tag": tag_cfg})
     _fake_hub_repo(hub_cache, "fake-org/tiny-oc-tag", [folder / "open_clip_model.safetensors"])
 
     t = load_teacher("Tiny-OC-test/fake-tag")
-    model, _, preprocess = open_clip.create_model_and_transforms("Tiny-OC-test", pretrained="fake_tag",
-                                                                 force_quick_gelu=True)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        "Tiny-OC-test", pretrained="fake_tag", force_quick_gelu=True
+    )
     texts = ["ultrasound of the breast"]
     ref_i, ref_t = _encode_oc(model, preprocess, open_clip.get_tokenizer("Tiny-OC-test"), _image(4), texts)
     got_i = t.encode_image(t.image_transform(_image(4))[None])
@@ -306,14 +329,22 @@ def test_builtin_model_tag_loads_its_weights_through_the_hub_cache(tiny_teachers
 def test_aliases_are_the_issues_table():
     assert {n: TEACHER_ALIASES.get(n) for n in list_teachers()} == {
         "biomedclip": "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
-        "quiltnet-b32": "hf-hub:wisdomik/QuiltNet-B-32", "quiltnet-b16": "hf-hub:wisdomik/QuiltNet-B-16",
-        "genmedclip": "hf-hub:wisdomik/GenMedClip", "plip": "hf-clip:vinid/plip",
+        "quiltnet-b32": "hf-hub:wisdomik/QuiltNet-B-32",
+        "quiltnet-b16": "hf-hub:wisdomik/QuiltNet-B-16",
+        "genmedclip": "hf-hub:wisdomik/GenMedClip",
+        "plip": "hf-clip:vinid/plip",
         "pubmedclip": "hf-clip:flaviagiammarino/pubmed-clip-vit-base-patch32",
-        "medsiglip": "hf:google/medsiglip-448", "conceptclip": "hf:JerrryNie/ConceptCLIP"}
+        "medsiglip": "hf:google/medsiglip-448",
+        "conceptclip": "hf:JerrryNie/ConceptCLIP",
+    }
     for name in list_teachers():
-        assert resolve_spec(name).backend == ("open_clip" if name in ("biomedclip", "genmedclip")
-                                              or name.startswith("quiltnet") else
-                                              "hf" if name in ("medsiglip", "conceptclip") else "hf-clip")
+        assert resolve_spec(name).backend == (
+            "open_clip"
+            if name in ("biomedclip", "genmedclip") or name.startswith("quiltnet")
+            else "hf"
+            if name in ("medsiglip", "conceptclip")
+            else "hf-clip"
+        )
 
 
 # -- device, no gradients, autocast ----------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """`distill tokenizer` / train_wordpiece: a BERT WordPiece vocabulary that is the same on every run when it can be."""
+
 from __future__ import annotations
 
 import hashlib
@@ -7,8 +8,13 @@ from transformers import AutoTokenizer
 
 from student.tokenizer import train_wordpiece
 
-CAPTIONS = ["CT of the chest shows a nodule", "MRI of the brain, no lesion", "chest x-ray: pneumonia",
-            "axial ct of the abdomen", "the nodule is stable"]
+CAPTIONS = [
+    "CT of the chest shows a nodule",
+    "MRI of the brain, no lesion",
+    "chest x-ray: pneumonia",
+    "axial ct of the abdomen",
+    "the nodule is stable",
+]
 
 
 def _digest(folder) -> str:

@@ -1,4 +1,5 @@
 """The training loop end to end on the tiny corpus: losses fall in every mode, logs, run files, data joins, views."""
+
 from __future__ import annotations
 
 import json
@@ -7,14 +8,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from train_fixtures import load_weights, read_log, tiny_cache, tiny_config  # noqa: F401  (fixture)
 
 from cache.store.segments import copy_cache
 from distill.data.cache_join import join_cache
 from distill.data.loader import DataError, PairDataset
 from distill.train import train
 from teachers.transforms import PreprocessCfg, make_view_transform
-
-from train_fixtures import load_weights, read_log, tiny_cache, tiny_config  # noqa: F401  (fixture)
 
 # 30 optimizer steps in every mode (the issue's bar). From scratch, InfoNCE starts at ln(batch) = ln 8: the tiny
 # configs' BERT init (initializer_range 0.1) lets it leave that plateau within a few steps.
@@ -24,8 +24,14 @@ STEPS = {"contrastive": 30, "distill": 30, "hybrid": 30}
 @pytest.mark.parametrize("mode", ["contrastive", "distill", "hybrid"])
 def test_loss_falls_and_run_files(mode, tiny_corpus, tiny_cache, tmp_path):
     out = tmp_path / mode
-    cfg = tiny_config(tiny_corpus, out, tiny_cache if mode != "contrastive" else None, mode=mode,
-                      train__max_steps=STEPS[mode], train__checkpoint_every=0)
+    cfg = tiny_config(
+        tiny_corpus,
+        out,
+        tiny_cache if mode != "contrastive" else None,
+        mode=mode,
+        train__max_steps=STEPS[mode],
+        train__checkpoint_every=0,
+    )
     result = train(cfg)
     rows = read_log(out)
     assert [r["step"] for r in rows] == list(range(1, STEPS[mode] + 1))
@@ -44,8 +50,10 @@ def test_loss_falls_and_run_files(mode, tiny_corpus, tiny_cache, tmp_path):
     if mode == "contrastive":
         assert meta["teachers"] == {}
     else:  # no teacher named: every cached teacher, equal weights, native dims
-        assert meta["teachers"] == {"oc": pytest.approx({**meta["teachers"]["oc"], "weight": 1.0, "embed_dim": 24}),
-                                    "hf": pytest.approx({**meta["teachers"]["hf"], "weight": 1.0, "embed_dim": 40})}
+        assert meta["teachers"] == {
+            "oc": pytest.approx({**meta["teachers"]["oc"], "weight": 1.0, "embed_dim": 24}),
+            "hf": pytest.approx({**meta["teachers"]["hf"], "weight": 1.0, "embed_dim": 40}),
+        }
     assert (out / "student-config" / "open_clip_config.json").is_file() and (out / "loss_curves.png").stat().st_size > 0
     assert not (out / "student").exists()  # a config-only student/ beside an export named student/ misled users
     weights = load_weights(out / f"checkpoint-{STEPS[mode]}")
@@ -57,15 +65,15 @@ def test_loss_falls_and_run_files(mode, tiny_corpus, tiny_cache, tmp_path):
 def test_dataset_shows_the_student_the_stored_view(tiny_corpus, tiny_cache):
     from cache.sources.corpus import open_corpus
     from cache.store.reader import FeatureReader
-
     from distill.training.student_model import student_pixels
 
     corpus = open_corpus(tiny_corpus)
     join = join_cache(corpus, tiny_cache, None)
     assert join.view_params.shape == (32, 2, 5) and sorted(join.teachers) == ["hf", "oc"]
     pp = PreprocessCfg.from_open_clip({"size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic"})
-    ds = PairDataset(corpus, pp, seed=0, corpus_rows=join.corpus_rows, cache_rows=join.cache_rows,
-                     view_params=join.view_params)
+    ds = PairDataset(
+        corpus, pp, seed=0, corpus_rows=join.corpus_rows, cache_rows=join.cache_rows, view_params=join.view_params
+    )
     seen = set()
     for epoch, i in [(0, 3), (1, 3), (2, 3), (3, 3), (0, 11)]:
         item = ds[(epoch, i)]
@@ -80,8 +88,9 @@ def test_dataset_shows_the_student_the_stored_view(tiny_corpus, tiny_cache):
     from distill.data.loader import Collate
 
     items = [ds[(0, i)] for i in range(4)]
-    batch = Collate(lambda caps: torch.zeros(len(caps), 4, dtype=torch.long), str(tiny_cache), ["oc", "hf"],
-                    use_views=True)(items)
+    batch = Collate(
+        lambda caps: torch.zeros(len(caps), 4, dtype=torch.long), str(tiny_cache), ["oc", "hf"], use_views=True
+    )(items)
     with FeatureReader(str(tiny_cache)) as r:
         for j, it in enumerate(items):
             want = r.read([it["cache_row"]], ["oc"])["oc"]["image"][0, it["view"]]
@@ -99,8 +108,11 @@ def test_cache_missing_teacher_or_rows_is_a_clear_error(tiny_corpus, tiny_cache,
     copy_cache(str(tiny_cache), str(partial))  # the file and its segment folder
     with h5py.File(partial, "r+") as f:
         f["teachers/hf/done"][5:9] = False
-    with pytest.raises(DataError, match=r"teacher 'hf' has not embedded 4 of the corpus's 32 rows.*"
-                                        r"--teacher hf=SPEC"):
+    with pytest.raises(
+        DataError,
+        match=r"teacher 'hf' has not embedded 4 of the corpus's 32 rows.*"
+        r"--teacher hf=SPEC",
+    ):
         join_cache(corpus, partial, None)
     assert len(join_cache(corpus, partial, ["oc"]).corpus_rows) == 32  # a teacher that is complete still works
     with pytest.raises(DataError, match=r"does not exist; build it with `distill cache"):

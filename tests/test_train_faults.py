@@ -1,6 +1,7 @@
 """Training faults: a NaN loss never reaches a checkpoint, a failed checkpoint write leaves the previous one usable,
 and SIGKILLs at random moments (some inside checkpoint writes) resume to the uninterrupted run's weights bit for bit.
 """
+
 from __future__ import annotations
 
 import errno
@@ -16,19 +17,29 @@ from typing import NamedTuple
 import pytest
 import torch
 import yaml
+from train_fixtures import ROOT, load_weights, nan_loss_at_call, read_log, tiny_config, tiny_tokenizer  # noqa: F401
 
+import distill.train as train_mod
 import distill.training.build_run as build_run_mod
 import distill.training.checkpoint as checkpoint_mod
-import distill.train as train_mod
 from distill.training.checkpoint import CheckpointWriteError, list_checkpoints
-from train_fixtures import ROOT, load_weights, nan_loss_at_call, read_log, tiny_config, tiny_tokenizer  # noqa: F401
 
 
 def _cfg(corpus, out, tokenizer, steps, every, **kw):
     # dropout on: the RNG states must come back exactly for the weights to match
-    return tiny_config(corpus, out, mode="contrastive", tokenizer=tokenizer, train__max_steps=steps,
-                       train__checkpoint_every=every, train__keep_last=2, train__tensorboard="false",
-                       train__threads=1, student__overrides__text_config__hidden_dropout_prob=0.1, **kw)
+    return tiny_config(
+        corpus,
+        out,
+        mode="contrastive",
+        tokenizer=tokenizer,
+        train__max_steps=steps,
+        train__checkpoint_every=every,
+        train__keep_last=2,
+        train__tensorboard="false",
+        train__threads=1,
+        student__overrides__text_config__hidden_dropout_prob=0.1,
+        **kw,
+    )
 
 
 class DiskUsage(NamedTuple):
@@ -49,8 +60,7 @@ def straight(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
     return run
 
 
-def test_a_nan_loss_stops_before_any_checkpoint_holds_it(straight, tiny_corpus, tiny_tokenizer, tmp_path,
-                                                         monkeypatch):
+def test_a_nan_loss_stops_before_any_checkpoint_holds_it(straight, tiny_corpus, tiny_tokenizer, tmp_path, monkeypatch):
     run = tmp_path / "run"
     real_build = build_run_mod.build_run
     monkeypatch.setattr(build_run_mod, "build_run", nan_loss_at_call(3))  # 3rd micro-batch = step 3
@@ -69,8 +79,9 @@ def test_a_nan_loss_stops_before_any_checkpoint_holds_it(straight, tiny_corpus, 
 
 
 @pytest.mark.parametrize("fault", ["enospc", "iostream", "iostream_low_space"])
-def test_a_failed_checkpoint_write_keeps_the_previous_one(fault, straight, tiny_corpus, tiny_tokenizer, tmp_path,
-                                                          monkeypatch):
+def test_a_failed_checkpoint_write_keeps_the_previous_one(
+    fault, straight, tiny_corpus, tiny_tokenizer, tmp_path, monkeypatch
+):
     from accelerate import Accelerator
 
     run = tmp_path / "run"
@@ -111,11 +122,22 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(fault, straight, tiny_
 # -- SIGKILL fault injection -------------------------------------------------------------------------------------
 def _launch(cfg_file: Path, log: Path) -> subprocess.Popen:
     """`python -m distill.train` with its output in `log` (a pipe nobody reads could fill and block it)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "ACCELERATE_USE_CPU": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "ACCELERATE_USE_CPU": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, "-m", "distill.train", "--config", str(cfg_file)], cwd=ROOT,
-                                env=env, stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "distill.train", "--config", str(cfg_file)],
+            cwd=ROOT,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _kill_at_random(proc: subprocess.Popen, run: Path, rng: random.Random, max_step: int) -> str:
@@ -127,8 +149,9 @@ def _kill_at_random(proc: subprocess.Popen, run: Path, rng: random.Random, max_s
     delay = 0.0 if inside else rng.uniform(0.0, 0.3)
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
-        if (run / event).exists() or any(int(d.name.split("-")[1].split(".")[0]) > target
-                                         for d in run.glob("checkpoint-*")):
+        if (run / event).exists() or any(
+            int(d.name.split("-")[1].split(".")[0]) > target for d in run.glob("checkpoint-*")
+        ):
             time.sleep(delay)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -153,8 +176,9 @@ def _kill_loop(corpus, tokenizer, straight_run: Path, tmp_path: Path, kills: int
     proc = _launch(cfg_file, log)
     proc.wait(timeout=300)
     assert proc.returncode == 0, (moments, log.read_text()[-3000:])
-    assert _equal(load_weights(run / f"checkpoint-{steps}"), load_weights(straight_run / f"checkpoint-{steps}")), \
+    assert _equal(load_weights(run / f"checkpoint-{steps}"), load_weights(straight_run / f"checkpoint-{steps}")), (
         moments
+    )
     assert [r["step"] for r in read_log(run)] == list(range(1, steps + 1))
     assert not (run / ".lock").exists() and not list(run.glob("*.tmp"))
 
@@ -172,5 +196,12 @@ def test_sigkill_many_times(tiny_corpus, tiny_tokenizer, tmp_path):
     """Long version: DISTILL_TRAIN_KILLS kills (seed DISTILL_KILL_SEED) over a 12-step run."""
     straight_run = tmp_path / "straight"
     train_mod.train(_cfg(tiny_corpus, straight_run, tiny_tokenizer, steps=12, every=1))
-    _kill_loop(tiny_corpus, tiny_tokenizer, straight_run, tmp_path, kills=int(os.environ["DISTILL_TRAIN_KILLS"]),
-               seed=int(os.environ.get("DISTILL_KILL_SEED", "0")), steps=12)
+    _kill_loop(
+        tiny_corpus,
+        tiny_tokenizer,
+        straight_run,
+        tmp_path,
+        kills=int(os.environ["DISTILL_TRAIN_KILLS"]),
+        seed=int(os.environ.get("DISTILL_KILL_SEED", "0")),
+        steps=12,
+    )

@@ -3,18 +3,27 @@
 Why: a fresh run there overwrote the old log.jsonl, and pruning to keep_last by step number deleted the NEW run's
 checkpoints (5 < 20), so `distill export RUN` silently exported the old run.
 """
+
 from __future__ import annotations
 
 import pytest
+from train_fixtures import tiny_config, tiny_tokenizer  # noqa: F401  (fixture)
 
 import distill.train as train_mod
 from distill.training.checkpoint import list_checkpoints
-from train_fixtures import tiny_config, tiny_tokenizer  # noqa: F401  (fixture)
 
 
 def _cfg(corpus, out, tokenizer, steps, resume):
-    return tiny_config(corpus, out, mode="contrastive", tokenizer=tokenizer, train__max_steps=steps,
-                       train__checkpoint_every=steps, train__keep_last=1, train__resume=resume)
+    return tiny_config(
+        corpus,
+        out,
+        mode="contrastive",
+        tokenizer=tokenizer,
+        train__max_steps=steps,
+        train__checkpoint_every=steps,
+        train__keep_last=1,
+        train__resume=resume,
+    )
 
 
 def test_resume_none_refuses_a_folder_with_checkpoints(tiny_corpus, tiny_tokenizer, tmp_path):
@@ -38,15 +47,34 @@ def test_resume_none_refuses_a_folder_with_checkpoints(tiny_corpus, tiny_tokeniz
 def test_rewinding_to_an_older_checkpoint_in_place_is_refused(tiny_corpus, tiny_tokenizer, tmp_path):
     """Resuming from checkpoint-2 while checkpoint-4 sits beside it would mix two trajectories in one folder."""
     run = tmp_path / "run"
-    cfg = tiny_config(tiny_corpus, run, mode="contrastive", tokenizer=tiny_tokenizer, train__max_steps=4,
-                      train__checkpoint_every=2, train__keep_last=3)
+    cfg = tiny_config(
+        tiny_corpus,
+        run,
+        mode="contrastive",
+        tokenizer=tiny_tokenizer,
+        train__max_steps=4,
+        train__checkpoint_every=2,
+        train__keep_last=3,
+    )
     train_mod.train(cfg)
     assert [d.name for d in list_checkpoints(run)] == ["checkpoint-2", "checkpoint-4"]
-    rewind = tiny_config(tiny_corpus, run, mode="contrastive", tokenizer=tiny_tokenizer, train__max_steps=6,
-                         train__resume=str(run / "checkpoint-2"))
+    rewind = tiny_config(
+        tiny_corpus,
+        run,
+        mode="contrastive",
+        tokenizer=tiny_tokenizer,
+        train__max_steps=6,
+        train__resume=str(run / "checkpoint-2"),
+    )
     with pytest.raises(ValueError, match=r"also holds newer checkpoint-4"):
         train_mod.train(rewind)
     # into a new folder, the same checkpoint is a fine starting point
-    other = tiny_config(tiny_corpus, tmp_path / "branch", mode="contrastive", tokenizer=tiny_tokenizer,
-                        train__max_steps=3, train__resume=str(run / "checkpoint-2"))
+    other = tiny_config(
+        tiny_corpus,
+        tmp_path / "branch",
+        mode="contrastive",
+        tokenizer=tiny_tokenizer,
+        train__max_steps=3,
+        train__resume=str(run / "checkpoint-2"),
+    )
     assert train_mod.train(other)["step"] == 3

@@ -8,6 +8,7 @@ from the same FSDP_* variables that `accelerate launch --use_fsdp` exports: the 
 transformer-block wrapping, FSDP2 gradient clipping, sharded `save_state`/`load_state`, and our unchanged
 `distill.train`. What this cannot show: nccl, mixed precision on a GPU, memory savings.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,14 +21,24 @@ import sys
 import pytest
 import torch
 import yaml
+from train_fixtures import (  # noqa: F401
+    LOSS_RTOL,
+    ROOT,
+    adamw_lipschitz,
+    assert_same_weights,
+    load_weights,
+    max_gradient,
+    read_log,
+    tiny_cache,
+    tiny_config,
+    tiny_tokenizer,
+)
 
 import distill.train as train_mod
-from train_fixtures import (LOSS_RTOL, ROOT, adamw_lipschitz, assert_same_weights, load_weights,  # noqa: F401
-                            max_gradient, read_log, tiny_cache, tiny_config, tiny_tokenizer)
 
 pytestmark = pytest.mark.slow
 
-LAUNCHER = '''
+LAUNCHER = """
 import sys
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType
@@ -37,11 +48,16 @@ PartialState._prepare_backend = lambda self, cpu=False, sagemaker_dp=False, back
     "gloo", DistributedType.MULTI_GPU)
 from distill.train import main
 sys.exit(main(sys.argv[1:]))
-'''
+"""
 # What `accelerate launch --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP
 # --fsdp_transformer_layer_cls_to_wrap ResidualAttentionBlock,BertLayer` sets (state dict: SHARDED_STATE_DICT).
-FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
-            "FSDP_TRANSFORMER_CLS_TO_WRAP": "ResidualAttentionBlock,BertLayer", "ACCELERATE_TORCH_DEVICE": "cpu"}
+FSDP_ENV = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_TRANSFORMER_CLS_TO_WRAP": "ResidualAttentionBlock,BertLayer",
+    "ACCELERATE_TORCH_DEVICE": "cpu",
+}
 
 
 def _free_port() -> int:
@@ -54,11 +70,25 @@ def _launch_fsdp(cfg, tmp_path, name: str) -> subprocess.CompletedProcess:
     path, launcher = tmp_path / f"{name}.yaml", tmp_path / "fsdp_cpu_launch.py"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     launcher.write_text(LAUNCHER)
-    env = {**os.environ, **FSDP_ENV, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        **FSDP_ENV,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     env.pop("ACCELERATE_USE_CPU", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(launcher), "--config", str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        str(launcher),
+        "--config",
+        str(path),
+    ]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     return res
@@ -77,9 +107,18 @@ def _merged(ckpt) -> dict[str, torch.Tensor]:
 
 def test_fsdp2_equals_one_process_resumes_and_exports(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path):
     # accumulation (2 micro-batches), gradient clipping and a logit-scale clamp that fires (log 10 < log(1/0.07))
-    common = dict(features=tiny_cache, tokenizer=tiny_tokenizer, train__max_steps=3, train__checkpoint_every=2,
-                  train__keep_last=2, train__grad_accum=2, train__tensorboard="false", optim__max_grad_norm=1.0,
-                  optim__logit_scale_max=10.0, **adamw_lipschitz(0.4))  # eps >= every |gradient|: see GRAD_REL
+    common = dict(
+        features=tiny_cache,
+        tokenizer=tiny_tokenizer,
+        train__max_steps=3,
+        train__checkpoint_every=2,
+        train__keep_last=2,
+        train__grad_accum=2,
+        train__tensorboard="false",
+        optim__max_grad_norm=1.0,
+        optim__logit_scale_max=10.0,
+        **adamw_lipschitz(0.4),
+    )  # eps >= every |gradient|: see GRAD_REL
     one_cfg = tiny_config(tiny_corpus, tmp_path / "one", data__batch_size=4, **common)
     one = train_mod.train(one_cfg)
     assert one["step"] == 3
@@ -90,8 +129,9 @@ def test_fsdp2_equals_one_process_resumes_and_exports(tiny_corpus, tiny_cache, t
 
     # resume: a copy of the FSDP run without its last checkpoint continues from checkpoint-2
     shutil.copytree(tmp_path / "fsdp", tmp_path / "resumed", ignore=shutil.ignore_patterns("checkpoint-3"))
-    res = _launch_fsdp(tiny_config(tiny_corpus, tmp_path / "resumed", data__batch_size=2, **common), tmp_path,
-                       "resumed")
+    res = _launch_fsdp(
+        tiny_config(tiny_corpus, tmp_path / "resumed", data__batch_size=2, **common), tmp_path, "resumed"
+    )
     assert f"Resuming from {tmp_path / 'resumed' / 'checkpoint-2'} at step 2" in res.stdout
 
     ref = load_weights(tmp_path / "one" / "checkpoint-3")
@@ -102,8 +142,9 @@ def test_fsdp2_equals_one_process_resumes_and_exports(tiny_corpus, tiny_cache, t
     fsdp, resumed = _merged(tmp_path / "fsdp" / "checkpoint-3"), _merged(tmp_path / "resumed" / "checkpoint-3")
     for k, v in fsdp.items():
         if k.startswith("student."):
-            assert torch.allclose(direct.state_dict()[k[len("student."):]], v.reshape(
-                direct.state_dict()[k[len("student."):]].shape)), k
+            assert torch.allclose(
+                direct.state_dict()[k[len("student.") :]], v.reshape(direct.state_dict()[k[len("student.") :]].shape)
+            ), k
     assert fsdp.keys() == ref.keys() == resumed.keys()  # student.* and heads.*: no FSDP wrapper prefix
     assert fsdp["student.logit_scale"].shape == (1,) and ref["student.logit_scale"].shape == ()
     assert ref["student.logit_scale"] < torch.log(torch.tensor(1 / 0.07)) - 0.3  # the clamp fired
@@ -121,5 +162,8 @@ def test_fsdp2_equals_one_process_resumes_and_exports(tiny_corpus, tiny_cache, t
     # the merged checkpoint exports like a 1-process one: the [1] logit scale loads into open_clip's 0-dim one
     model, _, _ = load_student(export_checkpoint(tmp_path / "fsdp" / "checkpoint-3", tmp_path / "export"))
     exported = {f"student.{k}": v for k, v in model.state_dict().items()}
-    assert_same_weights({k: v for k, v in ref.items() if k.startswith("student.")},
-                        {k: exported[k] for k in ref if k.startswith("student.")}, one_cfg)
+    assert_same_weights(
+        {k: v for k, v in ref.items() if k.startswith("student.")},
+        {k: exported[k] for k in ref if k.startswith("student.")},
+        one_cfg,
+    )

@@ -1,6 +1,7 @@
 """Training options reached from the config: freezing, patch dropout, checkpointing, bf16, accumulation, the logit
 scale clamp, which teachers and how they combine (PHI-S too), and that every trainable parameter gets a gradient
 (what DDP without find_unused_parameters needs)."""
+
 from __future__ import annotations
 
 import csv
@@ -11,14 +12,22 @@ import types
 import numpy as np
 import pytest
 import torch
+from train_fixtures import (  # noqa: F401
+    adamw_lipschitz,
+    assert_same_weights,
+    load_weights,
+    max_gradient,
+    read_log,
+    tiny_cache,
+    tiny_config,
+    tiny_tokenizer,
+)
 
-from distill.training.build_run import build_run
 from distill.losses import TeacherBatch
-from distill.training.optim import param_groups
 from distill.train import make_accelerator, train
+from distill.training.build_run import build_run
 from distill.training.log import RunLogger
-from train_fixtures import (adamw_lipschitz, assert_same_weights, load_weights, max_gradient,  # noqa: F401
-                            read_log, tiny_cache, tiny_config, tiny_tokenizer)
+from distill.training.optim import param_groups
 
 
 def _build(cfg):
@@ -38,20 +47,37 @@ def _grads_after_one_step(run):
 def test_freezing_patch_dropout_and_checkpointing_from_the_config(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path):
     from open_clip.transformer import PatchDropout
 
-    cfg = tiny_config(tiny_corpus, tmp_path / "run", tiny_cache, tokenizer=tiny_tokenizer, train__max_steps=2,
-                      train__checkpoint_every=0, student__freeze_vision_blocks=1, student__lock_text_layers=1,
-                      student__patch_dropout=0.5, student__grad_checkpointing="true",
-                      student__overrides__init_logit_scale=math.log(200))
+    cfg = tiny_config(
+        tiny_corpus,
+        tmp_path / "run",
+        tiny_cache,
+        tokenizer=tiny_tokenizer,
+        train__max_steps=2,
+        train__checkpoint_every=0,
+        student__freeze_vision_blocks=1,
+        student__lock_text_layers=1,
+        student__patch_dropout=0.5,
+        student__grad_checkpointing="true",
+        student__overrides__init_logit_scale=math.log(200),
+    )
     run = _build(cfg)
     student = run.model.student
     frozen = {n for n, p in run.model.named_parameters() if not p.requires_grad}
-    stem = {"visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre.weight",
-            "visual.ln_pre.bias"}
+    stem = {
+        "visual.conv1.weight",
+        "visual.class_embedding",
+        "visual.positional_embedding",
+        "visual.ln_pre.weight",
+        "visual.ln_pre.bias",
+    }
     assert {n for n in frozen if n.startswith("student.visual.")} == {f"student.{n}" for n in stem} | {
-        f"student.{n}" for n, _ in student.named_parameters() if n.startswith("visual.transformer.resblocks.0.")}
+        f"student.{n}" for n, _ in student.named_parameters() if n.startswith("visual.transformer.resblocks.0.")
+    }
     assert {n for n in frozen if n.startswith("student.text.")} == {
-        f"student.{n}" for n, _ in student.named_parameters()
-        if n.startswith(("text.transformer.embeddings.", "text.transformer.encoder.layer.0."))}
+        f"student.{n}"
+        for n, _ in student.named_parameters()
+        if n.startswith(("text.transformer.embeddings.", "text.transformer.encoder.layer.0."))
+    }
     assert not any(n.startswith(("heads.", "student.logit")) for n in frozen)
     assert isinstance(student.visual.patch_dropout, PatchDropout) and student.visual.patch_dropout.prob == 0.5
     assert student.visual.transformer.grad_checkpointing and student.text.transformer.is_activation_checkpointing
@@ -87,8 +113,15 @@ def test_bf16_autocast_runs_with_finite_losses(tiny_corpus, tiny_cache, tiny_tok
         return out
 
     monkeypatch.setattr(DistillModel, "forward", spy)
-    cfg = tiny_config(tiny_corpus, tmp_path / "bf16", tiny_cache, tokenizer=tiny_tokenizer, train__max_steps=2,
-                      train__checkpoint_every=0, train__mixed_precision="bf16")
+    cfg = tiny_config(
+        tiny_corpus,
+        tmp_path / "bf16",
+        tiny_cache,
+        tokenizer=tiny_tokenizer,
+        train__max_steps=2,
+        train__checkpoint_every=0,
+        train__mixed_precision="bf16",
+    )
     result = train(cfg)
     assert seen and all(d == torch.bfloat16 for d in seen)  # the forward ran under bf16 autocast
     rows = read_log(tmp_path / "bf16")
@@ -100,10 +133,19 @@ def test_gradient_accumulation_equals_the_whole_batch(tiny_corpus, tiny_cache, t
     """2 micro-batches of 4 == one batch of 8 for a per-sample term (InfoNCE's negatives would differ)."""
     weights = {}
     for name, per_device, accum in [("whole", 8, 1), ("accum", 4, 2)]:
-        cfg = tiny_config(tiny_corpus, tmp_path / name, tiny_cache, mode="distill", tokenizer=tiny_tokenizer,
-                          train__max_steps=2, train__checkpoint_every=0, train__grad_accum=accum,
-                          data__batch_size=per_device, **{"loss__terms": "[{kind: feature, kwargs: {metric: mse}}]"},
-                          **adamw_lipschitz(0.02))  # eps >= every |gradient| (0.017): train_fixtures.GRAD_REL
+        cfg = tiny_config(
+            tiny_corpus,
+            tmp_path / name,
+            tiny_cache,
+            mode="distill",
+            tokenizer=tiny_tokenizer,
+            train__max_steps=2,
+            train__checkpoint_every=0,
+            train__grad_accum=accum,
+            data__batch_size=per_device,
+            **{"loss__terms": "[{kind: feature, kwargs: {metric: mse}}]"},
+            **adamw_lipschitz(0.02),
+        )  # eps >= every |gradient| (0.017): train_fixtures.GRAD_REL
         train(cfg)
         weights[name] = load_weights(tmp_path / name / "checkpoint-2")
         assert read_log(tmp_path / name)[0]["step"] == 1
@@ -119,15 +161,22 @@ def test_gradient_accumulation_equals_the_whole_batch(tiny_corpus, tiny_cache, t
     assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=3e-6)
 
 
-@pytest.mark.parametrize("mode,terms,frozen", [
-    ("hybrid", None, set()),
-    ("distill", "[{kind: feature, kwargs: {modalities: [image]}}]", "text tower"),
-    ("distill", "[{kind: feature, kwargs: {modalities: [image]}}, {kind: feature, name: ft, teachers: {hf: 1}}]",
-     {"student.logit_scale", "heads.text.oc.weight"}),
-    ("distill", "[{kind: affinity}]", set()),
-])
-def test_every_trainable_parameter_gets_a_gradient(mode, terms, frozen, tiny_corpus, tiny_cache, tiny_tokenizer,
-                                                   tmp_path):
+@pytest.mark.parametrize(
+    "mode,terms,frozen",
+    [
+        ("hybrid", None, set()),
+        ("distill", "[{kind: feature, kwargs: {modalities: [image]}}]", "text tower"),
+        (
+            "distill",
+            "[{kind: feature, kwargs: {modalities: [image]}}, {kind: feature, name: ft, teachers: {hf: 1}}]",
+            {"student.logit_scale", "heads.text.oc.weight"},
+        ),
+        ("distill", "[{kind: affinity}]", set()),
+    ],
+)
+def test_every_trainable_parameter_gets_a_gradient(
+    mode, terms, frozen, tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path
+):
     """What no term reaches is frozen, so DDP runs without find_unused_parameters in every mode."""
     extra = {"loss__terms": terms, "loss__teachers": "{oc: 1.0, hf: 1.0}"} if terms else {}
     run = _build(tiny_config(tiny_corpus, tmp_path, tiny_cache, mode=mode, tokenizer=tiny_tokenizer, **extra))
@@ -143,19 +192,32 @@ def test_every_trainable_parameter_gets_a_gradient(mode, terms, frozen, tiny_cor
 
 
 def test_teacher_choice_combination_and_phi_s_from_the_config(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path):
-    run = _build(tiny_config(tiny_corpus, tmp_path, tiny_cache, tokenizer=tiny_tokenizer,
-                             loss__teachers="{oc: 2.0, hf: 1.0}", loss__combine__mode="random_teacher",
-                             loss__combine__drop_prob=0.25, loss__combine__balance="phi_s"))
+    run = _build(
+        tiny_config(
+            tiny_corpus,
+            tmp_path,
+            tiny_cache,
+            tokenizer=tiny_tokenizer,
+            loss__teachers="{oc: 2.0, hf: 1.0}",
+            loss__combine__mode="random_teacher",
+            loss__combine__drop_prob=0.25,
+            loss__combine__balance="phi_s",
+        )
+    )
     loss = run.loss
     assert (loss.combine_cfg.mode, loss.combine_cfg.drop_prob, loss.combine_cfg.balance) == (
-        "random_teacher", 0.25, "phi_s")
+        "random_teacher",
+        0.25,
+        "phi_s",
+    )
     assert loss.teacher_weights["feature"] == {"oc": 2.0, "hf": 1.0} and run.plan.teachers == {"oc": 2.0, "hf": 1.0}
     assert sorted(loss.phi_s.keys) == [("hf", "image"), ("hf", "text"), ("oc", "image"), ("oc", "text")]
     draw = loss.draw(8, torch.Generator().manual_seed(0))
     assert draw.uniforms is not None and draw.uniforms.shape == (8,)
 
-    one = _build(tiny_config(tiny_corpus, tmp_path / "one", tiny_cache, tokenizer=tiny_tokenizer,
-                             loss__teachers="{hf: 1.0}"))  # a named subset: only that teacher, its head only
+    one = _build(
+        tiny_config(tiny_corpus, tmp_path / "one", tiny_cache, tokenizer=tiny_tokenizer, loss__teachers="{hf: 1.0}")
+    )  # a named subset: only that teacher, its head only
     assert one.plan.teachers == {"hf": 1.0} and one.model.heads.teachers == ["hf"] and one.loss.phi_s is None
     assert set(next(iter(one.loader)).teacher_feats) == {"hf"}
     every = _build(tiny_config(tiny_corpus, tmp_path / "all", tiny_cache, tokenizer=tiny_tokenizer))
@@ -181,8 +243,14 @@ def test_tensorboard_gets_every_logged_value(tmp_path, monkeypatch):
     logger = RunLogger(tmp_path, tensorboard=True)
     logger.log(3, {"loss": 1.5, "infonce": 1.0, "lr": 1e-4, "samples_per_s": 10.0})
     logger.close()
-    assert calls == [("init", str(tmp_path / "tb")), ("loss/loss", 1.5, 3), ("loss/infonce", 1.0, 3),
-                     ("lr", 1e-4, 3), ("samples_per_s", 10.0, 3), ("close",)]
+    assert calls == [
+        ("init", str(tmp_path / "tb")),
+        ("loss/loss", 1.5, 3),
+        ("loss/infonce", 1.0, 3),
+        ("lr", 1e-4, 3),
+        ("samples_per_s", 10.0, 3),
+        ("close",),
+    ]
     assert RunLogger(tmp_path / "off", tensorboard=False)._tb is None and len(calls) == 6
 
 
@@ -194,11 +262,16 @@ def test_collate_gives_each_caption_a_stable_63_bit_id():
 
     # BLAKE2b of the UTF-8 string, top bit cleared: the same in every process, run and Python (no hash() salt)
     assert caption_id("a chest x-ray showing pneumonia") == 9188361894126729554
-    assert caption_id("") == 7252660547403494068 and 0 <= caption_id("é") < 2 ** 63
-    caps = ["a chest x-ray showing pneumonia", "a chest x-ray showing no pneumonia", "a chest x-ray showing pneumonia",
-            "A chest x-ray showing pneumonia"]
-    items = [{"image": torch.zeros(3, 4, 4), "caption": c, "row": i, "cache_row": i, "view": -1}
-             for i, c in enumerate(caps)]
+    assert caption_id("") == 7252660547403494068 and 0 <= caption_id("é") < 2**63
+    caps = [
+        "a chest x-ray showing pneumonia",
+        "a chest x-ray showing no pneumonia",
+        "a chest x-ray showing pneumonia",
+        "A chest x-ray showing pneumonia",
+    ]
+    items = [
+        {"image": torch.zeros(3, 4, 4), "caption": c, "row": i, "cache_row": i, "view": -1} for i, c in enumerate(caps)
+    ]
     batch = Collate(lambda texts: torch.zeros(len(texts), 5, dtype=torch.long))(items)
     assert batch.caption_ids.dtype == torch.int64
     assert batch.caption_ids.tolist() == [caption_id(c) for c in caps]
@@ -230,8 +303,14 @@ def test_contrastive_with_caption_positives_trains(templated_corpus, tmp_path):
 
     steps = 30
     out = tmp_path / "run"
-    cfg = tiny_config(templated_corpus, out, mode="contrastive", train__max_steps=steps, train__checkpoint_every=0,
-                      **{"loss__terms": "[{kind: infonce, kwargs: {positives: caption}}]"})
+    cfg = tiny_config(
+        templated_corpus,
+        out,
+        mode="contrastive",
+        train__max_steps=steps,
+        train__checkpoint_every=0,
+        **{"loss__terms": "[{kind: infonce, kwargs: {positives: caption}}]"},
+    )
     run = _build(cfg)
     assert run.loss.uses_caption_ids
     batch = next(iter(run.loader))

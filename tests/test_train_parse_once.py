@@ -1,5 +1,6 @@
 """`distill train` reads its command line and config file once: the CLI's static check (before torch) hands its
 Config to `distill.train.main`, which checks it in full from its values (`full_config`)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -6,17 +6,18 @@ with `train.resume=auto` (the shipped default) to weights equal bit for bit to a
 `checkpoint-K.tmp` appears), the worst instant: the victim may not have written its part of it.
 Fast variant (no launcher, either rank killed): the survivor ends by itself, exit 1 and one line.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import yaml
-
-from distill.training.checkpoint import list_checkpoints
 from rank_kill import LAUNCHER_BOUND_S, Ranks, TorchRun
 from test_train_faults import _equal
 from train_fixtures import load_weights, read_log, tiny_config, tiny_tokenizer  # noqa: F401
+
+from distill.training.checkpoint import list_checkpoints
 
 STEPS = 4
 ENV = {"ACCELERATE_USE_CPU": "1"}
@@ -24,9 +25,19 @@ ENV = {"ACCELERATE_USE_CPU": "1"}
 
 def _cfg_file(corpus, tokenizer, tmp: Path, name: str) -> tuple[Path, Path]:
     run = tmp / name
-    cfg = tiny_config(corpus, run, mode="contrastive", tokenizer=tokenizer, train__max_steps=STEPS,
-                      train__checkpoint_every=1, train__keep_last=2, train__tensorboard="false", train__threads=1,
-                      data__batch_size=4, student__overrides__text_config__hidden_dropout_prob=0.1)
+    cfg = tiny_config(
+        corpus,
+        run,
+        mode="contrastive",
+        tokenizer=tokenizer,
+        train__max_steps=STEPS,
+        train__checkpoint_every=1,
+        train__keep_last=2,
+        train__tensorboard="false",
+        train__threads=1,
+        data__batch_size=4,
+        student__overrides__text_config__hidden_dropout_prob=0.1,
+    )
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     return path, run
@@ -74,8 +85,9 @@ def test_the_surviving_training_rank_ends_by_itself_in_one_line(tiny_corpus, tin
     ranks.kill_when(victim, lambda pid: (run / "checkpoint-2.tmp").exists())
     code, err = ranks.finish(survivor, timeout=LAUNCHER_BOUND_S), ranks.err(survivor)
     assert code == 1, err[-3000:]
-    assert err.splitlines()[-1].startswith("distill.train: error: another process of this distributed job stopped"), \
+    assert err.splitlines()[-1].startswith("distill.train: error: another process of this distributed job stopped"), (
         err[-3000:]
+    )
     assert "Traceback" not in err and "internal error" not in err, err[-3000:]
     assert ranks.leftovers() == []
     assert [d.name for d in list_checkpoints(run)] == ["checkpoint-1"]

@@ -1,14 +1,15 @@
 """A run killed after a checkpoint and resumed with train.resume=auto ends with the same weights as one that never
 stopped, across a batch-size schedule change (accumulation 1 -> 2) and with dropout on."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from train_fixtures import load_weights, read_log, tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
 
 import distill.train as train_mod
 from distill.training.checkpoint import list_checkpoints
-from train_fixtures import load_weights, read_log, tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
 
 
 class Killed(Exception):
@@ -17,10 +18,17 @@ class Killed(Exception):
 
 def _cfg(corpus, cache, out, tokenizer):
     # 32 rows, 8 per micro-batch: epoch 0 = 4 steps of 8, then 16 per step (accumulation 2) = 2 steps per epoch
-    return tiny_config(corpus, out, cache, tokenizer=tokenizer, train__max_steps=12, train__checkpoint_every=5,
-                       train__keep_last=2,
-                       train__batch_schedule="[[0, 8], [1, 16]]",
-                       student__overrides__text_config__hidden_dropout_prob=0.1)
+    return tiny_config(
+        corpus,
+        out,
+        cache,
+        tokenizer=tokenizer,
+        train__max_steps=12,
+        train__checkpoint_every=5,
+        train__keep_last=2,
+        train__batch_schedule="[[0, 8], [1, 16]]",
+        student__overrides__text_config__hidden_dropout_prob=0.1,
+    )
 
 
 def test_resume_matches_uninterrupted(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path, monkeypatch, capsys):
@@ -68,13 +76,16 @@ def test_resume_matches_uninterrupted(tiny_corpus, tiny_cache, tiny_tokenizer, t
 
 def test_resume_refuses_a_cache_whose_teacher_dimension_changed(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path):
     """Resuming against a cache where a teacher now has another dimension names it instead of a size mismatch."""
-    from cache.store.segments import copy_cache
-
     import h5py
 
+    from cache.store.segments import copy_cache
+
     out = tmp_path / "run"
-    train_mod.train(tiny_config(tiny_corpus, out, tiny_cache, tokenizer=tiny_tokenizer, train__max_steps=2,
-                                train__checkpoint_every=2))
+    train_mod.train(
+        tiny_config(
+            tiny_corpus, out, tiny_cache, tokenizer=tiny_tokenizer, train__max_steps=2, train__checkpoint_every=2
+        )
+    )
     changed = tmp_path / "changed.h5"
     copy_cache(str(tiny_cache), str(changed))  # the file and its segment folder
     with h5py.File(changed, "r+") as f:  # re-cached 'hf' with a 48-dim model under the same name
@@ -85,5 +96,8 @@ def test_resume_refuses_a_cache_whose_teacher_dimension_changed(tiny_corpus, tin
             del g[name]
             g.create_dataset(name, data=np.zeros((*old.shape[:-1], 48), dtype=old.dtype))
     with pytest.raises(ValueError, match=r"cannot resume .*hf: 40 -> 48"):
-        train_mod.train(tiny_config(tiny_corpus, out, changed, tokenizer=tiny_tokenizer, train__max_steps=4,
-                                    train__checkpoint_every=2))
+        train_mod.train(
+            tiny_config(
+                tiny_corpus, out, changed, tokenizer=tiny_tokenizer, train__max_steps=4, train__checkpoint_every=2
+            )
+        )

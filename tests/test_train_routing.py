@@ -1,5 +1,6 @@
 """Per-sample teacher routing from a corpus column: the table column, the route mask, its errors, and a tiny run
 that records the routing in run_meta.json."""
+
 from __future__ import annotations
 
 import csv
@@ -8,14 +9,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from train_fixtures import read_log, tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
 
 from cache.sources.corpus import Corpus, CorpusError, open_corpus
-from distill.training.build_run import build_run
 from distill.config.train_config import RoutingCfg
 from distill.data.cache_join import route_mask
 from distill.data.loader import DataError
 from distill.train import make_accelerator, train
-from train_fixtures import read_log, tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
+from distill.training.build_run import build_run
 
 DOMAINS = ["derm", "rad", "both", "other"]  # row i gets DOMAINS[i % 4]
 LISTED = ["oc", "hf", "oc|hf", ""]
@@ -39,12 +40,17 @@ def test_table_corpus_exposes_extra_columns(routed_corpus, tmp_path):
     assert corpus.columns == ["domain", "teachers"]
     assert corpus.column("domain")[:5] == ["derm", "rad", "both", "other", "derm"]
     assert corpus.column("teachers")[:4] == LISTED
-    with pytest.raises(CorpusError, match=r"corpus_routed\.csv has no column 'site'; its other columns are "
-                                          r"'domain', 'teachers'"):
+    with pytest.raises(
+        CorpusError,
+        match=r"corpus_routed\.csv has no column 'site'; its other columns are "
+        r"'domain', 'teachers'",
+    ):
         corpus.column("site")
-    (tmp_path / "c.jsonl").write_text('{"image": "a.png", "caption": "x", "site": "derm"}\n'
-                                      '{"image": "b.png", "caption": "y"}\n'
-                                      '{"image": "c.png", "caption": "z", "site": null, "t": ["oc", "hf"]}\n')
+    (tmp_path / "c.jsonl").write_text(
+        '{"image": "a.png", "caption": "x", "site": "derm"}\n'
+        '{"image": "b.png", "caption": "y"}\n'
+        '{"image": "c.png", "caption": "z", "site": null, "t": ["oc", "hf"]}\n'
+    )
     j = open_corpus(tmp_path / "c.jsonl")
     assert j.column("site") == ["derm", "", ""] and j.column("t") == ["", "", "oc|hf"]
 
@@ -67,8 +73,13 @@ def test_route_mask_from_a_map_or_from_listed_names(routed_corpus):
     assert np.array_equal(r.mask, np.tile(want, (8, 1)))
     assert r.rows_per_teacher == {"oc": 16, "hf": 16} and r.unrouted_rows == 8
     # default for values outside the map; only used rows are counted
-    r = route_mask(RoutingCfg(column="domain", teachers={"derm": ("oc",)}, default=("hf",)), corpus, ["oc", "hf"],
-                   ["oc", "hf"], used_rows=np.arange(6))
+    r = route_mask(
+        RoutingCfg(column="domain", teachers={"derm": ("oc",)}, default=("hf",)),
+        corpus,
+        ["oc", "hf"],
+        ["oc", "hf"],
+        used_rows=np.arange(6),
+    )
     assert r.rows_per_teacher == {"oc": 2, "hf": 4} and r.unrouted_rows == 0
     listed = route_mask(RoutingCfg(column="teachers"), corpus, ["oc", "hf"], ["oc", "hf"])
     assert np.array_equal(listed.mask, np.tile(want, (8, 1)))
@@ -79,8 +90,11 @@ def test_route_mask_from_a_map_or_from_listed_names(routed_corpus):
 
 def test_route_mask_errors_name_the_thing(routed_corpus):
     corpus = open_corpus(routed_corpus)
-    with pytest.raises(DataError, match=r"loss\.routing\.teachers\.derm names teacher\(s\) \['derm_model'\] that "
-                                        r"are not in the cache \(oc, hf\)"):
+    with pytest.raises(
+        DataError,
+        match=r"loss\.routing\.teachers\.derm names teacher\(s\) \['derm_model'\] that "
+        r"are not in the cache \(oc, hf\)",
+    ):
         route_mask(RoutingCfg(column="domain", teachers={"derm": ("derm_model",)}), corpus, ["oc"], ["oc", "hf"])
     with pytest.raises(DataError, match=r"teacher 'hf' is routed to no row of .*corpus_routed\.csv"):
         route_mask(RoutingCfg(column="domain", teachers={"derm": ("oc",)}), corpus, ["oc", "hf"], ["oc", "hf"])
@@ -95,11 +109,20 @@ def test_route_mask_errors_name_the_thing(routed_corpus):
 ROUTING = "{column: domain, teachers: {derm: [oc], rad: [hf], both: [oc, hf]}}"
 
 
-def test_routed_training_run_records_routing_and_refuses_an_unrouted_teacher(routed_corpus, tiny_cache,
-                                                                             tiny_tokenizer, tmp_path):
-    cfg = tiny_config(routed_corpus, tmp_path / "run", tiny_cache, tokenizer=tiny_tokenizer, train__max_steps=2,
-                      train__checkpoint_every=0, loss__routing=ROUTING, loss__combine__mode="confidence",
-                      loss__combine__temperature=0.5)
+def test_routed_training_run_records_routing_and_refuses_an_unrouted_teacher(
+    routed_corpus, tiny_cache, tiny_tokenizer, tmp_path
+):
+    cfg = tiny_config(
+        routed_corpus,
+        tmp_path / "run",
+        tiny_cache,
+        tokenizer=tiny_tokenizer,
+        train__max_steps=2,
+        train__checkpoint_every=0,
+        loss__routing=ROUTING,
+        loss__combine__mode="confidence",
+        loss__combine__temperature=0.5,
+    )
     run = build_run(cfg, make_accelerator(cfg))
     batch = next(iter(run.loader))
     names = run.loss.teacher_names  # the cache's order; the route mask's columns follow it
@@ -108,19 +131,32 @@ def test_routed_training_run_records_routing_and_refuses_an_unrouted_teacher(rou
     want = torch.tensor([by_domain[t] for t in names], dtype=torch.bool).T[batch.rows % 4]
     assert torch.equal(batch.route, want)
     assert {t: r.tolist() for t, r in batch.route_by_teacher(names).items()} == {
-        t: want[:, j].tolist() for j, t in enumerate(names)}
+        t: want[:, j].tolist() for j, t in enumerate(names)
+    }
     assert batch.to("cpu").route.dtype == torch.bool
 
     result = train(cfg)
     assert np.isfinite(result["losses"]["loss"]) and len(read_log(tmp_path / "run")) == 2
     meta = json.loads((tmp_path / "run" / "run_meta.json").read_text())
-    assert meta["routing"] == {"config": {"column": "domain", "teachers": {"derm": ["oc"], "rad": ["hf"],
-                                                                          "both": ["oc", "hf"]},
-                                          "default": [], "separator": "|", "weights": {}},
-                               "rows_per_teacher": {"oc": 16, "hf": 16}, "unrouted_rows": 8}
+    assert meta["routing"] == {
+        "config": {
+            "column": "domain",
+            "teachers": {"derm": ["oc"], "rad": ["hf"], "both": ["oc", "hf"]},
+            "default": [],
+            "separator": "|",
+            "weights": {},
+        },
+        "rows_per_teacher": {"oc": 16, "hf": 16},
+        "unrouted_rows": 8,
+    }
     assert meta["config"]["loss"]["routing"]["column"] == "domain"
 
-    lonely = tiny_config(routed_corpus, tmp_path / "lonely", tiny_cache, tokenizer=tiny_tokenizer,
-                         loss__routing="{column: domain, teachers: {derm: [oc]}}")
+    lonely = tiny_config(
+        routed_corpus,
+        tmp_path / "lonely",
+        tiny_cache,
+        tokenizer=tiny_tokenizer,
+        loss__routing="{column: domain, teachers: {derm: [oc]}}",
+    )
     with pytest.raises(DataError, match=r"teacher 'hf' is routed to no row of .*corpus_routed\.csv"):
         build_run(lonely, make_accelerator(lonely))

@@ -1,5 +1,6 @@
 """Stored views: their distribution (crop scale and ratio, flips, colour jitter) drawn, stored and shown; the same
 pixels for the student and every teacher; 5-column files of earlier versions; conflicting flags and configs."""
+
 from __future__ import annotations
 
 import h5py
@@ -9,10 +10,11 @@ import torch
 from PIL import Image
 from torchvision.transforms import ColorJitter
 from torchvision.transforms import functional as TF
+from train_fixtures import ROOT, tiny_config
 
-from cache import CacheError, CacheJob, build_cache, info, open_corpus
-import cache.store.writer as W
 import cache.store.layout as L
+import cache.store.writer as W
+from cache import CacheError, CacheJob, build_cache, info, open_corpus
 from cache.build.views import ViewDist, draw_view_params, read_view_dist
 from distill.cli import main
 from distill.config.train_config import Config, ConfigError
@@ -21,14 +23,21 @@ from distill.training.student_model import student_pixels
 from teachers import load_teacher
 from teachers.transforms import apply_view
 
-from train_fixtures import ROOT, tiny_config
-
 COLOR_FLAGS = ["--views", "2", "--view-scale", "0.3,0.9", "--view-flip", "0.5", "--view-color", "0.5", "--seed", "5"]
 
 
 def _job(data, teachers, out, **kw) -> CacheJob:
-    return CacheJob(data=str(data), teachers=teachers, out=str(out), num_workers=0, batch_size=8, chunk_rows=16,
-                    progress=False, dtype="float32", **kw)
+    return CacheJob(
+        data=str(data),
+        teachers=teachers,
+        out=str(out),
+        num_workers=0,
+        batch_size=8,
+        chunk_rows=16,
+        progress=False,
+        dtype="float32",
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +45,28 @@ def color_cache(tiny_corpus, tiny_teachers, tmp_path_factory):
     """Both tiny teachers, 2 views per image drawn with every --view-* flag, built through the command line."""
     out = tmp_path_factory.mktemp("views") / "f.h5"
     teachers = [a for name, spec in tiny_teachers.items() for a in ("--teacher", f"{name}={spec}")]
-    assert main(["cache", "--data", str(tiny_corpus), *teachers, "--out", str(out), "--num-workers", "0",
-                 "--batch-size", "8", "--dtype", "float32", "--device", "cpu", *COLOR_FLAGS]) == 0
+    assert (
+        main(
+            [
+                "cache",
+                "--data",
+                str(tiny_corpus),
+                *teachers,
+                "--out",
+                str(out),
+                "--num-workers",
+                "0",
+                "--batch-size",
+                "8",
+                "--dtype",
+                "float32",
+                "--device",
+                "cpu",
+                *COLOR_FLAGS,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -60,8 +89,12 @@ def test_the_distribution_is_drawn_as_asked():
     assert 0.4 < draw_view_params(300, 4, flip_p=0.5)[..., 4].mean() < 0.6
     assert ViewDist.from_attrs(d.to_attrs(), 4) == d
     assert d.differences({"flip_p": 1.0, "color": 0.2, "scale": (0.3, 0.6)}) == ["--view-color 0.2"]
-    for bad, why in [(dict(scale=(0.5, 1.2)), "--view-scale"), (dict(ratio=(2.0, 1.0)), "--view-ratio"),
-                     (dict(flip_p=1.5), "--view-flip"), (dict(color=-0.1), "--view-color")]:
+    for bad, why in [
+        (dict(scale=(0.5, 1.2)), "--view-scale"),
+        (dict(ratio=(2.0, 1.0)), "--view-ratio"),
+        (dict(flip_p=1.5), "--view-flip"),
+        (dict(color=-0.1), "--view-color"),
+    ]:
         assert why in ViewDist(2, **bad).problem()
 
 
@@ -79,8 +112,11 @@ def test_colour_factors_change_pixels_as_torchvision_does():
     jitter = ColorJitter(brightness=(b, b), contrast=(c, c), saturation=(s, s))
     for seed in range(100):
         torch.manual_seed(seed)
-        order = [int(i) for i in jitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation,
-                                                   jitter.hue)[0] if int(i) < 3]
+        order = [
+            int(i)
+            for i in jitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)[0]
+            if int(i) < 3
+        ]
         if order == [0, 1, 2]:
             torch.manual_seed(seed)
             assert np.array_equal(got, np.asarray(jitter(cropped)))
@@ -91,8 +127,9 @@ def test_colour_factors_change_pixels_as_torchvision_does():
     assert bright.mean() > np.asarray(cropped).astype(float).mean() * 1.2
 
 
-def test_views_are_stored_with_their_distribution_and_replayed_for_student_and_teachers(color_cache, tiny_corpus,
-                                                                                        tiny_teachers):
+def test_views_are_stored_with_their_distribution_and_replayed_for_student_and_teachers(
+    color_cache, tiny_corpus, tiny_teachers
+):
     with h5py.File(color_cache, "r") as f:
         params = f[L.VIEW_PARAMS][:]
         attrs = dict(f[L.VIEW_PARAMS].attrs)
@@ -119,16 +156,17 @@ def test_views_are_stored_with_their_distribution_and_replayed_for_student_and_t
             assert torch.equal(student_pixels(item["image"][None], mean, std)[0], teacher_input)
             no_colour = t.view_transform(img, params[i, k, :5])
             assert not torch.equal(teacher_input, no_colour)  # the jitter is part of what both see
-            np.testing.assert_allclose(images[name][i, k], t.encode_image(teacher_input[None])[0].numpy(),
-                                       atol=1e-5)
+            np.testing.assert_allclose(images[name][i, k], t.encode_image(teacher_input[None])[0].numpy(), atol=1e-5)
 
 
 def test_info_shows_the_views(color_cache, capsys):
     text = info(str(color_cache))
     line = next(x for x in text.splitlines() if x.startswith("views:"))
-    assert line == ("views: 2 per image (seed 5): scale 0.3-0.9, ratio 0.75-1.33333, flip p 0.5, colour jitter "
-                    "S 0.5 (brightness, contrast, saturation); stored in /views/params (x0, y0, w, h, flip, "
-                    "brightness, contrast, saturation)")
+    assert line == (
+        "views: 2 per image (seed 5): scale 0.3-0.9, ratio 0.75-1.33333, flip p 0.5, colour jitter "
+        "S 0.5 (brightness, contrast, saturation); stored in /views/params (x0, y0, w, h, flip, "
+        "brightness, contrast, saturation)"
+    )
     assert main(["info", str(color_cache)]) == 0 and line in capsys.readouterr().out
 
 
@@ -143,12 +181,23 @@ def test_other_view_flags_are_refused_when_adding_a_teacher(color_cache, tiny_co
         f"{out} stores views 2 per image (seed 5): scale 0.3-0.9, ratio 0.75-1.33333, flip p 0.5, colour jitter "
         "S 0.5 (brightness, contrast, saturation); this run asks --view-flip 0: rerun with --views 2 --view-scale "
         "0.3,0.9 --view-ratio 0.75,1.33333 --view-flip 0.5 --view-color 0.5 (or without --view-* flags), or write "
-        "another file")
+        "another file"
+    )
     with h5py.File(out, "r") as f:
         assert "x" not in f[L.TEACHERS]
     # the same flags, or none: the new teacher replays the stored views
-    build_cache(_job(tiny_corpus, {"x": tiny_teachers["oc"]}, out, views=2, view_scale=(0.3, 0.9),
-                     view_ratio=(0.75, 1.33333), view_flip=0.5, view_color=0.5))
+    build_cache(
+        _job(
+            tiny_corpus,
+            {"x": tiny_teachers["oc"]},
+            out,
+            views=2,
+            view_scale=(0.3, 0.9),
+            view_ratio=(0.75, 1.33333),
+            view_flip=0.5,
+            view_color=0.5,
+        )
+    )
     with h5py.File(out, "r") as f:
         np.testing.assert_allclose(f[L.feature("x", "image")][:], f[L.feature("oc", "image")][:], atol=1e-6)
     with pytest.raises(CacheError, match=r"--view-color given without --views K"):
@@ -156,8 +205,21 @@ def test_other_view_flags_are_refused_when_adding_a_teacher(color_cache, tiny_co
     with pytest.raises(CacheError, match=r"--view-scale 0.5,1.5: use 0 < MIN <= MAX <= 1"):
         build_cache(_job(tiny_corpus, {"y": tiny_teachers["oc"]}, tmp_path / "g.h5", views=2, view_scale=(0.5, 1.5)))
     with pytest.raises(SystemExit) as e:  # argparse: not a MIN,MAX pair
-        main(["cache", "--data", str(tiny_corpus), "--teacher", "y=x", "--out", str(tmp_path / "h.h5"),
-              "--views", "2", "--view-ratio", "1"])
+        main(
+            [
+                "cache",
+                "--data",
+                str(tiny_corpus),
+                "--teacher",
+                "y=x",
+                "--out",
+                str(tmp_path / "h.h5"),
+                "--views",
+                "2",
+                "--view-ratio",
+                "1",
+            ]
+        )
     assert e.value.code == 2
 
 
@@ -167,11 +229,22 @@ def test_a_five_column_file_of_an_earlier_version_reads_and_replays(tiny_corpus,
     out = tmp_path / "old.h5"
     old = draw_view_params(32, 2, seed=0, flip_p=0.5)
     W.create_file(str(out), corpus.keys, corpus.fingerprint(), str(tiny_corpus))
-    W.add_views(str(out), old, {"seed": 0, "scale": [0.5, 1.0], "ratio": [0.75, 4 / 3], "flip_p": 0.5,
-                                "layout": "x0, y0, w, h (relative crop box), flip"})
+    W.add_views(
+        str(out),
+        old,
+        {
+            "seed": 0,
+            "scale": [0.5, 1.0],
+            "ratio": [0.75, 4 / 3],
+            "flip_p": 0.5,
+            "layout": "x0, y0, w, h (relative crop box), flip",
+        },
+    )
     assert read_view_dist(str(out)) == ViewDist(2, flip_p=0.5)
-    assert "views: 2 per image (seed 0): scale 0.5-1, ratio 0.75-1.33333, flip p 0.5, no colour jitter; stored " \
-           "in /views/params (x0, y0, w, h, flip)" in info(str(out))
+    assert (
+        "views: 2 per image (seed 0): scale 0.5-1, ratio 0.75-1.33333, flip p 0.5, no colour jitter; stored "
+        "in /views/params (x0, y0, w, h, flip)" in info(str(out))
+    )
     # a teacher added with --views 2 alone replays them as they are
     build_cache(_job(tiny_corpus, {"oc": tiny_teachers["oc"]}, out, views=2))
     t = load_teacher(tiny_teachers["oc"], "cpu")
@@ -180,8 +253,9 @@ def test_a_five_column_file_of_an_earlier_version_reads_and_replays(tiny_corpus,
         for row in (2, 19):
             for k in range(2):
                 x = t.view_transform(corpus.load_image(row), old[row, k])
-                np.testing.assert_allclose(f[L.feature("oc", "image")][row, k], t.encode_image(x[None])[0].numpy(),
-                                           atol=1e-5)
+                np.testing.assert_allclose(
+                    f[L.feature("oc", "image")][row, k], t.encode_image(x[None])[0].numpy(), atol=1e-5
+                )
     with pytest.raises(CacheError, match=r"this run asks --view-flip 0: rerun with .*--view-flip 0.5 "):
         build_cache(_job(tiny_corpus, {"hf": tiny_teachers["hf"]}, out, views=2, view_flip=0.0))
 
@@ -196,7 +270,8 @@ def test_training_refuses_crop_settings_that_contradict_the_views(color_cache, t
 
     data().check_views(views)  # unset: the views decide
     Config.from_dict(Config.from_dict({"data": {"corpus": "c", "features": "f.h5"}}).to_dict()).data.check_views(
-        views)  # a config written back whole (every key "set", as a launcher's copy): defaults are not settings
+        views
+    )  # a config written back whole (every key "set", as a launcher's copy): defaults are not settings
     data(flip=True, crop_scale=[0.3, 0.9]).check_views(views)  # set, and agreeing with them
     data(flip=False, crop_scale=[0.8, 1.0]).check_views(None)  # no views in use: the student's own crops
     data(flip=False).check_views(views)  # the default: the views decide
@@ -206,12 +281,14 @@ def test_training_refuses_crop_settings_that_contradict_the_views(color_cache, t
         "data.flip=true and data.crop_scale=[0.8, 1] contradict the cache's stored views, which the student is "
         "shown (data.use_views=true): 2 per image (seed 5): scale 0.3-0.9, ratio 0.75-1.33333, no flips, colour "
         "jitter S 0.5 (brightness, contrast, saturation); remove data.flip and data.crop_scale from the config (the "
-        "views decide), or set data.use_views=false to train on the student's own crops")
+        "views decide), or set data.use_views=false to train on the student's own crops"
+    )
     with pytest.raises(ConfigError, match=r"^data\.flip=true contradicts .* no flips"):
         data(flip=True).check_views(ViewDist(2))
     # at the start of a run, from the cache's stored distribution, before anything is trained
-    cfg = tiny_config(tiny_corpus, tmp_path / "run", features=color_cache, train__max_steps=1,
-                      data__crop_scale="[0.8, 1.0]")
+    cfg = tiny_config(
+        tiny_corpus, tmp_path / "run", features=color_cache, train__max_steps=1, data__crop_scale="[0.8, 1.0]"
+    )
     with pytest.raises(ConfigError, match=r"^data\.crop_scale=\[0\.8, 1\] contradicts .* scale 0\.3-0\.9"):
         train(cfg)
     assert not list((tmp_path / "run").glob("checkpoint-*"))

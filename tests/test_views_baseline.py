@@ -5,20 +5,20 @@ part of student - baseline down to augmentation. These tests pin that the replay
 pixels a hybrid run with the same seed sees, batch for batch, that it never reads a teacher feature, that plain
 contrastive runs are untouched, and that a cache without views is refused in one line.
 """
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from train_fixtures import read_log, tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
 
 import cache.store.reader as h5_reader
-from distill.training.build_run import build_run, replays_views
 from distill.config.train_config import ConfigError
 from distill.data.loader import DataError, make_uint8_view_transform, random_crop_params, sample_generator
 from distill.train import make_accelerator, train
-
-from train_fixtures import read_log, tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
+from distill.training.build_run import build_run, replays_views
 
 EPOCHS = (0, 1)  # 32 rows, batch 8: 4 batches per epoch; two epochs, so the per-epoch view draw is compared too
 
@@ -49,11 +49,13 @@ def counted_reads(monkeypatch):
 
 
 @pytest.mark.parametrize("sampler", ["auto", "random"])
-def test_replay_shows_the_hybrid_runs_pixels_and_reads_no_features(sampler, tiny_corpus, tiny_cache, tiny_tokenizer,
-                                                                   tmp_path, counted_reads):
+def test_replay_shows_the_hybrid_runs_pixels_and_reads_no_features(
+    sampler, tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path, counted_reads
+):
     hybrid_cfg = tiny_config(tiny_corpus, tmp_path / "h", tiny_cache, tokenizer=tiny_tokenizer, data__sampler=sampler)
-    base_cfg = tiny_config(tiny_corpus, tmp_path / "c", tiny_cache, mode="contrastive", tokenizer=tiny_tokenizer,
-                           data__sampler=sampler)
+    base_cfg = tiny_config(
+        tiny_corpus, tmp_path / "c", tiny_cache, mode="contrastive", tokenizer=tiny_tokenizer, data__sampler=sampler
+    )
     assert replays_views(base_cfg) and not replays_views(hybrid_cfg)
     _, hybrid = _batches(hybrid_cfg)
     assert counted_reads["read"] == len(hybrid) == 2 * 4  # the check below can fail: hybrid reads every batch
@@ -78,28 +80,39 @@ def test_replay_shows_the_hybrid_runs_pixels_and_reads_no_features(sampler, tiny
     assert (run.loader.sampler.block_ids is not None) == (sampler == "auto")  # auto: the hybrid run's order
 
 
-def test_replay_trains_without_reading_a_feature_and_records_it(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path,
-                                                                monkeypatch):
+def test_replay_trains_without_reading_a_feature_and_records_it(
+    tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path, monkeypatch
+):
     def refuse(*a, **k):
         raise AssertionError("the same-views baseline read a teacher feature")
 
     for name in ("read", "read_tokens", "stats"):
         monkeypatch.setattr(h5_reader.FeatureReader, name, refuse)
     out = tmp_path / "run"
-    cfg = tiny_config(tiny_corpus, out, tiny_cache, mode="contrastive", tokenizer=tiny_tokenizer,
-                      train__max_steps=2, train__checkpoint_every=0)
+    cfg = tiny_config(
+        tiny_corpus,
+        out,
+        tiny_cache,
+        mode="contrastive",
+        tokenizer=tiny_tokenizer,
+        train__max_steps=2,
+        train__checkpoint_every=0,
+    )
     assert train(cfg)["step"] == 2
     assert all(set(r) & {"feature", "icl", "affinity"} == set() and "infonce" in r for r in read_log(out))
     meta = json.loads((out / "run_meta.json").read_text())
     assert meta["mode"] == "contrastive" and meta["teachers"] == {} and meta["stored_views"] is True
-    assert meta["augmentation"] == (f"stored views of {tiny_cache}: 2 per image (seed 0): scale 0.5-1, "
-                                    f"ratio 0.75-1.33333, no flips, no colour jitter")
+    assert meta["augmentation"] == (
+        f"stored views of {tiny_cache}: 2 per image (seed 0): scale 0.5-1, "
+        f"ratio 0.75-1.33333, no flips, no colour jitter"
+    )
 
 
 def test_plain_contrastive_is_unchanged(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path, counted_reads):
     plain_cfg = tiny_config(tiny_corpus, tmp_path / "p", None, mode="contrastive", tokenizer=tiny_tokenizer)
-    off_cfg = tiny_config(tiny_corpus, tmp_path / "o", tiny_cache, mode="contrastive", tokenizer=tiny_tokenizer,
-                          data__use_views="false")
+    off_cfg = tiny_config(
+        tiny_corpus, tmp_path / "o", tiny_cache, mode="contrastive", tokenizer=tiny_tokenizer, data__use_views="false"
+    )
     assert not replays_views(plain_cfg) and not replays_views(off_cfg)
     plain_run, plain = _batches(plain_cfg)
     off_run, off = _batches(off_cfg)
@@ -124,19 +137,38 @@ def test_refusals(tiny_corpus, tiny_teachers, tiny_cache, tiny_tokenizer, tmp_pa
     from cache.sources.synthetic import make_synthetic_corpus
 
     no_views = tmp_path / "no-views.h5"  # one teacher, no --views
-    build_cache(CacheJob(data=str(tiny_corpus), teachers={"oc": tiny_teachers["oc"]}, out=str(no_views),
-                         batch_size=16, num_workers=0, device="cpu", progress=False))
+    build_cache(
+        CacheJob(
+            data=str(tiny_corpus),
+            teachers={"oc": tiny_teachers["oc"]},
+            out=str(no_views),
+            batch_size=16,
+            num_workers=0,
+            device="cpu",
+            progress=False,
+        )
+    )
     cfg = tiny_config(tiny_corpus, tmp_path / "a", no_views, mode="contrastive", tokenizer=tiny_tokenizer)
-    with pytest.raises(DataError, match=r"^mode=contrastive with data\.features=\S+no-views\.h5 and "
-                                        r"data\.use_views=true .* stores none .* set data\.use_views=false"):
+    with pytest.raises(
+        DataError,
+        match=r"^mode=contrastive with data\.features=\S+no-views\.h5 and "
+        r"data\.use_views=true .* stores none .* set data\.use_views=false",
+    ):
         build_run(cfg, make_accelerator(cfg))
-    ok = tiny_config(tiny_corpus, tmp_path / "b", no_views, mode="contrastive", tokenizer=tiny_tokenizer,
-                     data__use_views="false")
+    ok = tiny_config(
+        tiny_corpus, tmp_path / "b", no_views, mode="contrastive", tokenizer=tiny_tokenizer, data__use_views="false"
+    )
     assert build_run(ok, make_accelerator(ok)).join is None  # the way out the message names works
 
     # crops set against the stored views: refused as for a hybrid run (the harness's 0.8-1 baseline crops)
-    cfg = tiny_config(tiny_corpus, tmp_path / "c", tiny_cache, mode="contrastive", tokenizer=tiny_tokenizer,
-                      data__crop_scale="[0.8, 1.0]")
+    cfg = tiny_config(
+        tiny_corpus,
+        tmp_path / "c",
+        tiny_cache,
+        mode="contrastive",
+        tokenizer=tiny_tokenizer,
+        data__crop_scale="[0.8, 1.0]",
+    )
     with pytest.raises(ConfigError, match=r"data\.crop_scale=\[0\.8, 1\] contradicts the cache's stored views"):
         build_run(cfg, make_accelerator(cfg))
 

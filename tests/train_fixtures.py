@@ -1,4 +1,5 @@
 """Shared pieces of the training tests: a feature cache of the tiny corpus and a tiny-config builder."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,18 @@ def tiny_cache(tiny_corpus, tiny_teachers, tmp_path_factory) -> Path:
     from cache.build.run import CacheJob, build_cache
 
     out = tmp_path_factory.mktemp("cache") / "features.h5"
-    build_cache(CacheJob(data=str(tiny_corpus), teachers=tiny_teachers, out=str(out), batch_size=16, num_workers=0,
-                         device="cpu", views=2, progress=False))
+    build_cache(
+        CacheJob(
+            data=str(tiny_corpus),
+            teachers=tiny_teachers,
+            out=str(out),
+            batch_size=16,
+            num_workers=0,
+            device="cpu",
+            views=2,
+            progress=False,
+        )
+    )
     return out
 
 
@@ -34,9 +45,13 @@ def tiny_config(corpus, out_dir, features=None, mode="hybrid", tokenizer=None, *
     """configs/tiny-hybrid.yaml with this corpus/cache/output and `section.key=value` overrides from kwargs."""
     from distill.config.train_config import Config
 
-    overrides = [f"data.corpus={corpus}", f"train.output_dir={out_dir}", f"mode={mode}",
-                 f"data.features={features if features else 'null'}",
-                 f"student.tokenizer_dir={tokenizer if tokenizer else 'null'}"]
+    overrides = [
+        f"data.corpus={corpus}",
+        f"train.output_dir={out_dir}",
+        f"mode={mode}",
+        f"data.features={features if features else 'null'}",
+        f"student.tokenizer_dir={tokenizer if tokenizer else 'null'}",
+    ]
     if mode != "hybrid":
         overrides.append("loss.terms=[]")  # the mode's default terms
     else:  # every kind of term and head (the shipped config's recipe, InfoNCE + affinity, has no heads)
@@ -60,7 +75,7 @@ def tiny_config(corpus, out_dir, features=None, mode="hybrid", tokenizer=None, *
 # state. Measured here: 1.5e-8 (1 or 2 threads). A rank's rows or a micro-batch dropped, or gradients summed
 # instead of averaged, moves weights by >= 1e-4 (summed would be nearly invisible at eps = 1e-6: AdamW's step
 # ignores the gradient's scale).
-GRAD_REL = 256 * 2.0 ** -24 * 30  # 4.6e-4
+GRAD_REL = 256 * 2.0**-24 * 30  # 4.6e-4
 
 
 def adamw_lipschitz(grad_max: float) -> dict:
@@ -94,7 +109,7 @@ def assert_same_weights(a: dict, b: dict, cfg) -> None:
 
     steps = cfg.train.max_steps
     sum_lr = sum(cfg.optim.lr * lr_factor(s, steps, cfg.optim) for s in range(steps))
-    atol, rtol = 2.002 * sum_lr * GRAD_REL, steps * 2.0 ** -23  # x G / eps <= 1 (max_gradient checks G)
+    atol, rtol = 2.002 * sum_lr * GRAD_REL, steps * 2.0**-23  # x G / eps <= 1 (max_gradient checks G)
     assert a.keys() == b.keys()
     for k, v in a.items():
         diff = (v - b[k].reshape(v.shape)).abs()
@@ -125,8 +140,11 @@ def nan_loss_at_call(n: int, keys=("infonce", "loss")):
         def nan_forward(*args, **kwargs):
             calls.append(1)
             out = forward(*args, **kwargs)
-            return ({k: v * float("nan") if keys is None or k in keys else v for k, v in out.items()}
-                    if len(calls) == n else out)
+            return (
+                {k: v * float("nan") if keys is None or k in keys else v for k, v in out.items()}
+                if len(calls) == n
+                else out
+            )
 
         built.loss.forward = nan_forward
         return built

@@ -5,6 +5,7 @@ then covers one run of rows, which the merge maps with one virtual-dataset mappi
 (round-robin would need one per chunk: thousands at 24M rows, each searched on every read). Streamed corpora
 keep their own dealing (whole shards per rank, `cache.build.stream`); their chunks are read off that plan.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,9 +15,9 @@ import h5py
 import numpy as np
 import torch
 
-import cache.store.writer as W
 import cache.store.layout as L
 import cache.store.segments as S
+import cache.store.writer as W
 from cache.build.dist import DistEnv
 from cache.store.segment_writer import SegmentWriter, seg_teachers
 
@@ -24,7 +25,7 @@ from cache.store.segment_writer import SegmentWriter, seg_teachers
 def deal(chunks: list[np.ndarray], env: DistEnv) -> list[np.ndarray]:
     """This process's chunks: a contiguous share, the first processes taking one more when they do not divide."""
     n = len(chunks)
-    return chunks[env.rank * n // env.world:(env.rank + 1) * n // env.world]
+    return chunks[env.rank * n // env.world : (env.rank + 1) * n // env.world]
 
 
 def plan_chunks(plan: tuple) -> list[np.ndarray]:
@@ -39,13 +40,31 @@ def plan_chunks(plan: tuple) -> list[np.ndarray]:
     return out  # one per chunk end, empty ones too: the builder numbers its commits the same way
 
 
-def open_segment(out: str, run: int, env: DistEnv, chunks: list[np.ndarray], need: np.ndarray, metas: dict,
-                 chunk_rows: int, h5_chunk_rows: int, fingerprint: str) -> SegmentWriter | None:
+def open_segment(
+    out: str,
+    run: int,
+    env: DistEnv,
+    chunks: list[np.ndarray],
+    need: np.ndarray,
+    metas: dict,
+    chunk_rows: int,
+    h5_chunk_rows: int,
+    fingerprint: str,
+) -> SegmentWriter | None:
     """This process's segment of run `run` over `chunks` (None without rows): `need` (N, T) in `metas`' order."""
     if not any(len(c) for c in chunks):
         return None
-    return SegmentWriter(S.segment_dir(out), run, env.rank, chunks, lambda rows: need[rows], seg_teachers(metas),
-                         chunk_rows, h5_chunk_rows, fingerprint)
+    return SegmentWriter(
+        S.segment_dir(out),
+        run,
+        env.rank,
+        chunks,
+        lambda rows: need[rows],
+        seg_teachers(metas),
+        chunk_rows,
+        h5_chunk_rows,
+        fingerprint,
+    )
 
 
 def commit_chunk(out: str, parts: list[tuple], segment: SegmentWriter, j: int) -> None:
@@ -55,8 +74,9 @@ def commit_chunk(out: str, parts: list[tuple], segment: SegmentWriter, j: int) -
     segment.commit(j)
 
 
-def add_sums(segment: SegmentWriter | None, name: str, images: list, texts: list, order: np.ndarray,
-             keep: np.ndarray, dtype: str) -> None:
+def add_sums(
+    segment: SegmentWriter | None, name: str, images: list, texts: list, order: np.ndarray, keep: np.ndarray, dtype: str
+) -> None:
     """Count a chunk's stored rows of teacher NAME in the segment's statistics, on the device the embeddings are
     on, from the values as stored (`dtype`): the rows `order[keep]` of the concatenated batches."""
     if segment is None or not images:

@@ -5,6 +5,7 @@ When no process group exists yet we create a gloo one (CPU, works beside CUDA) a
 an existing group (for example from accelerate's PartialState) is reused and left alone.
 `lost_peer` names the failure the other processes see when one process of a job dies (killed, out of memory).
 """
+
 from __future__ import annotations
 
 import os
@@ -54,20 +55,31 @@ class DistEnv:
 def dist_env() -> DistEnv:
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
-        return DistEnv(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", 0)),
-                       local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        return DistEnv(
+            dist.get_rank(),
+            world,
+            int(os.environ.get("LOCAL_RANK", 0)),
+            local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+        )
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world <= 1:
         return DistEnv()
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    return DistEnv(rank, world, int(os.environ.get("LOCAL_RANK", rank)), owns_group=True,
-                   local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    return DistEnv(
+        rank,
+        world,
+        int(os.environ.get("LOCAL_RANK", rank)),
+        owns_group=True,
+        local_world=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+    )
 
 
 # What gloo, NCCL and the c10d store say when the process at the other end is gone.
-_PEER_GONE = re.compile(r"Connection (?:closed|reset) by peer|Broken pipe|Socket closed|remote process exited|"
-                        r"failed to recv, got 0 bytes")
+_PEER_GONE = re.compile(
+    r"Connection (?:closed|reset) by peer|Broken pipe|Socket closed|remote process exited|"
+    r"failed to recv, got 0 bytes"
+)
 _COLLECTIVE = re.compile(r"gloo|nccl|c10d|TCPStore", re.IGNORECASE)
 
 
@@ -83,5 +95,7 @@ def lost_peer(e: BaseException) -> str | None:
     is_dist = isinstance(e, getattr(dist, "DistError", ())) or _COLLECTIVE.search(text) is not None
     if not isinstance(e, RuntimeError) or gone is None or not is_dist:
         return None
-    return (f"another process of this distributed job stopped ({gone.group(0)} in a collective): its own output "
-            "says why (killed, out of memory, a crash); rerun the same command: work already committed is kept")
+    return (
+        f"another process of this distributed job stopped ({gone.group(0)} in a collective): its own output "
+        "says why (killed, out of memory, a crash); rerun the same command: work already committed is kept"
+    )

@@ -16,21 +16,23 @@ Images are decoded under `DecodeLimits` (cache.sources.image_decode): over `max_
 decoded, and a JPEG at least twice as large as the largest input any teacher needs (`TeacherInput.min_side`) is
 decoded at a reduced scale that still covers it.
 """
+
 from __future__ import annotations
 
 import enum
 import math
 import types
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Hashable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cache.build.views import RATIO, SCALE, ViewDist
 from cache.sources.base import BadSampleError, Corpus
 from cache.sources.image_decode import DEFAULT_MAX_PIXELS, DecodeLimits
-from cache.build.views import RATIO, SCALE, ViewDist
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,9 @@ class TeacherInput:
     """How one teacher's input is made from a decoded image; teachers with equal `key`s share the tensor."""
 
     name: str
-    key: Hashable                 # identifies the transform: equal keys give equal tensors
-    transform: Callable           # PIL -> tensor, or (PIL, view params) -> tensor when views are used
-    min_side: int = 0             # shorter image side its input size needs (from preprocess_cfg; 0: full decode)
+    key: Hashable  # identifies the transform: equal keys give equal tensors
+    transform: Callable  # PIL -> tensor, or (PIL, view params) -> tensor when views are used
+    min_side: int = 0  # shorter image side its input size needs (from preprocess_cfg; 0: full decode)
     tokenize: Callable[[list[str]], torch.Tensor] | None = None  # captions -> tokens (None: no text)
 
 
@@ -51,8 +53,10 @@ def needed_side(image_size: Sequence[int], min_area: float = 1.0, min_ratio: flo
 
 
 # steps whose output depends only on the image and their public attributes (no randomness, no hidden state)
-_PURE_STEPS = {f"torchvision.transforms.transforms.{n}" for n in
-               ("Compose", "Resize", "CenterCrop", "ToTensor", "PILToTensor", "Normalize", "ConvertImageDtype")}
+_PURE_STEPS = {
+    f"torchvision.transforms.transforms.{n}"
+    for n in ("Compose", "Resize", "CenterCrop", "ToTensor", "PILToTensor", "Normalize", "ConvertImageDtype")
+}
 _PURE_STEPS |= {f"open_clip.transform.{n}" for n in ("MaybeConvertMode", "MaybeToTensor", "CenterCropOrPad")}
 _UNSURE = object()
 
@@ -84,7 +88,7 @@ def _key(obj):
     return _UNSURE if any(p is _UNSURE for _, p in parts) else (cls, parts)
 
 
-def teacher_inputs(teachers: dict, views: "bool | ViewDist") -> list[TeacherInput]:
+def teacher_inputs(teachers: dict, views: bool | ViewDist) -> list[TeacherInput]:
     """Each teacher's transform and tokenizer; transforms that provably compute the same tensor share a key:
     base-class transforms of equal preprocessing configs, or back-ends' pipelines with equal `transform_key`s.
     `views`: the stored views' ViewDist (True: the default one), whose smallest crop bounds the JPEG draft."""
@@ -107,17 +111,24 @@ def teacher_inputs(teachers: dict, views: "bool | ViewDist") -> list[TeacherInpu
 
 
 class ImageBatch(NamedTuple):
-    size: int                                          # rows in the batch, good and bad
+    size: int  # rows in the batch, good and bad
     inputs: dict[str, tuple[list[int], torch.Tensor]]  # teacher -> (its good rows, their stacked inputs)
-    bad: list[tuple[int, str, str]]                    # (row, reason, where)
-    tokens: dict[str, torch.Tensor]                    # teacher -> its good rows' caption tokens (same order)
+    bad: list[tuple[int, str, str]]  # (row, reason, where)
+    tokens: dict[str, torch.Tensor]  # teacher -> its good rows' caption tokens (same order)
 
 
 class ImageRows(Dataset):
     """Item j: corpus row `rows[j]` decoded once and transformed for each teacher flagged in `need[j]`."""
 
-    def __init__(self, corpus: Corpus, rows: np.ndarray, need: np.ndarray, inputs: Sequence[TeacherInput],
-                 view_params: np.ndarray | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        corpus: Corpus,
+        rows: np.ndarray,
+        need: np.ndarray,
+        inputs: Sequence[TeacherInput],
+        view_params: np.ndarray | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
         if need.shape != (len(rows), len(inputs)):
             raise ValueError(f"need has shape {need.shape}, expected ({len(rows)}, {len(inputs)})")
         # back-ends' own transforms (open_clip, HF processors) resize to preprocess_cfg.image_size too; an input
@@ -154,8 +165,7 @@ class ImageRows(Dataset):
                         made[ti.key] = ti.transform(img)
                 out[ti.name] = made[ti.key]
         except Exception as e:  # a transform that chokes on this image: the sample is bad, not the run
-            return (row, None, f"image transform failed ({type(e).__name__}: {e})", self.corpus.describe(row),
-                    caption)
+            return (row, None, f"image transform failed ({type(e).__name__}: {e})", self.corpus.describe(row), caption)
         return row, out, None, None, caption
 
 
@@ -182,4 +192,3 @@ class CollateRows:
         inputs = {name: (rows[name], torch.stack(tensors[name])) for name in rows}
         tokens = {name: self.tokenizers[name](captions[name]) for name in rows if name in self.tokenizers}
         return ImageBatch(len(items), inputs, bad, tokens)
-

@@ -5,6 +5,7 @@ is imported) and what it did.
 helpers take only the parts they read:
 `Storage` (how features are stored) and `EmbedCfg` (how the pass over the rows runs).
 """
+
 from __future__ import annotations
 
 import os
@@ -58,64 +59,102 @@ class CacheJob(Section):
     The field descriptions are the flags' help, the defaults the flags' defaults (`distill.cli`)."""
 
     error = CacheJobError
-    data: Path = Field(description="corpus: CSV/TSV/JSONL (image, caption[, key]) or WebDataset shards (a folder "
-                       "of .tar or a brace pattern; or streamed: file://, s3://, gs://, https:// URLs with brace "
-                       "ranges, or pipe:COMMAND)")
+    data: Path = Field(
+        description="corpus: CSV/TSV/JSONL (image, caption[, key]) or WebDataset shards (a folder "
+        "of .tar or a brace pattern; or streamed: file://, s3://, gs://, https:// URLs with brace "
+        "ranges, or pipe:COMMAND)"
+    )
     teachers: dict[Str, Str] = Field(description="NAME -> SPEC (resolved with teachers.load_teacher)")
     out: Path = Field(description="FEATURES.h5 (created, resumed or extended)")
-    batch_size: IntOrAuto = Field("auto", description="rows per forward pass (default auto: 256 on CUDA, 64 on "
-                                  "CPU; the choice is logged)")
-    num_workers: IntOrAuto = Field("auto", description="DataLoader workers decoding images and tokenising "
-                                   "captions, each image decoded once for all teachers (default auto: on CUDA "
-                                   "min(8, usable cores per process), on CPU 2)")
+    batch_size: IntOrAuto = Field(
+        "auto", description="rows per forward pass (default auto: 256 on CUDA, 64 on CPU; the choice is logged)"
+    )
+    num_workers: IntOrAuto = Field(
+        "auto",
+        description="DataLoader workers decoding images and tokenising "
+        "captions, each image decoded once for all teachers (default auto: on CUDA "
+        "min(8, usable cores per process), on CPU 2)",
+    )
     device: Str = Field("auto", description="cpu | cuda | cuda:N | auto")
     dtype: Str = Field("float16", description="storage dtype")
-    views: Int = Field(0, description="K augmented views per image (crop box, flip, colour factors stored once "
-                       "with their distribution, replayed identically for every teacher and the student)")
+    views: Int = Field(
+        0,
+        description="K augmented views per image (crop box, flip, colour factors stored once "
+        "with their distribution, replayed identically for every teacher and the student)",
+    )
     # how the views are drawn (None: as stored in the file, or cache.build.views' defaults for a new one)
-    view_scale: tuple[Float, Float] | None = Field(None, description="crop area fraction range of the views "
-                                                   "(default 0.5,1; an existing file: as stored)")
-    view_ratio: tuple[Float, Float] | None = Field(None, description="crop aspect ratio (width/height) range of "
-                                                   "the views (default 0.75,1.33333)")
-    view_flip: Float | None = Field(None, description="horizontal flip probability of the views (default 0: "
-                                    "laterality matters in medical images; opt in only where it does not)")
-    view_color: Float | None = Field(None, description="photometric jitter: brightness, contrast and saturation "
-                                     "factors each drawn in [1-S, 1+S] per view (torchvision ColorJitter; default "
-                                     "0: none)")
-    on_bad_sample: Str = Field("skip", description="skip (record and go on) or fail at the first unreadable image "
-                               "or empty caption")
-    seed: Int = Field(0, description="seed of the view parameters (a file's stored views are replayed whatever the "
-                      "seed)")
-    chunk_rows: Int = Field(512, description="rows per committed chunk (a kill loses at most two chunks per "
-                            "process, one embedded and one being written; chunks are dealt round-robin to the "
-                            "processes)")
+    view_scale: tuple[Float, Float] | None = Field(
+        None, description="crop area fraction range of the views (default 0.5,1; an existing file: as stored)"
+    )
+    view_ratio: tuple[Float, Float] | None = Field(
+        None, description="crop aspect ratio (width/height) range of the views (default 0.75,1.33333)"
+    )
+    view_flip: Float | None = Field(
+        None,
+        description="horizontal flip probability of the views (default 0: "
+        "laterality matters in medical images; opt in only where it does not)",
+    )
+    view_color: Float | None = Field(
+        None,
+        description="photometric jitter: brightness, contrast and saturation "
+        "factors each drawn in [1-S, 1+S] per view (torchvision ColorJitter; default "
+        "0: none)",
+    )
+    on_bad_sample: Str = Field(
+        "skip", description="skip (record and go on) or fail at the first unreadable image or empty caption"
+    )
+    seed: Int = Field(
+        0, description="seed of the view parameters (a file's stored views are replayed whatever the seed)"
+    )
+    chunk_rows: Int = Field(
+        512,
+        description="rows per committed chunk (a kill loses at most two chunks per "
+        "process, one embedded and one being written; chunks are dealt round-robin to the "
+        "processes)",
+    )
     h5_chunk_rows: Int = Field(256, description="HDF5 chunk length along rows (reader I/O granularity)")
     retry_bad: Bool = Field(False, description="retry rows recorded as bad in an earlier run")
     progress: Bool = Field(True, description="tqdm bars on the main process")
-    max_pixels: Int = Field(DEFAULT_MAX_PIXELS, description="an image over N pixels (width x height, e.g. 64000000 "
-                            "or 64M) is recorded as a bad sample without being decoded (default 64M; 0: PIL's own "
-                            "limit)")
-    trust_remote_code: Bool = Field(False, description="let hub models run their repo's own code (recorded in each "
-                                    "teacher's attrs)")
-    tokens: Int = Field(0, description="also store each teacher's patch tokens (last layer, after its final norm) "
-                        "average-pooled to a G x G grid, per view with --views, for the `spatial` loss term "
-                        "(default 0: none)")
-    max_gb: Float = Field(DEFAULT_MAX_GB, description="refuse a run whose patch tokens would take more than X GB on "
-                          "disk (the estimate is printed before the run; default 100; 0: no bound)")
-    shard_attempts: Int = Field(3, description="streamed shards: tries per shard (open or read) before it is "
-                                "recorded as bad and the run goes on without it (default 3; its rows stay missing: "
-                                "a rerun retries them)")
-    shard_backoff: Float = Field(1.0, description="streamed shards: seconds before the second try, doubled after "
-                                 "each failure (default 1)")
-    max_bad_fraction: Float = Field(DEFAULT_MAX_BAD_FRACTION, description="end with an error (exit 2, naming the "
-                                    "commonest reason) when more than this share of the rows are bad samples, or "
-                                    "every row is (default 0.5; the rows embedded are kept either way)")
+    max_pixels: Int = Field(
+        DEFAULT_MAX_PIXELS,
+        description="an image over N pixels (width x height, e.g. 64000000 "
+        "or 64M) is recorded as a bad sample without being decoded (default 64M; 0: PIL's own "
+        "limit)",
+    )
+    trust_remote_code: Bool = Field(
+        False, description="let hub models run their repo's own code (recorded in each teacher's attrs)"
+    )
+    tokens: Int = Field(
+        0,
+        description="also store each teacher's patch tokens (last layer, after its final norm) "
+        "average-pooled to a G x G grid, per view with --views, for the `spatial` loss term "
+        "(default 0: none)",
+    )
+    max_gb: Float = Field(
+        DEFAULT_MAX_GB,
+        description="refuse a run whose patch tokens would take more than X GB on "
+        "disk (the estimate is printed before the run; default 100; 0: no bound)",
+    )
+    shard_attempts: Int = Field(
+        3,
+        description="streamed shards: tries per shard (open or read) before it is "
+        "recorded as bad and the run goes on without it (default 3; its rows stay missing: "
+        "a rerun retries them)",
+    )
+    shard_backoff: Float = Field(
+        1.0, description="streamed shards: seconds before the second try, doubled after each failure (default 1)"
+    )
+    max_bad_fraction: Float = Field(
+        DEFAULT_MAX_BAD_FRACTION,
+        description="end with an error (exit 2, naming the "
+        "commonest reason) when more than this share of the rows are bad samples, or "
+        "every row is (default 0.5; the rows embedded are kept either way)",
+    )
 
     @property
     def view_flags(self) -> dict:
         """The view distribution's fields this job names (ViewDist field -> value)."""
-        given = {"scale": self.view_scale, "ratio": self.view_ratio, "flip_p": self.view_flip,
-                 "color": self.view_color}
+        given = {"scale": self.view_scale, "ratio": self.view_ratio, "flip_p": self.view_flip, "color": self.view_color}
         return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in given.items() if v is not None}
 
     @property
@@ -128,19 +167,23 @@ class CacheJob(Section):
         return Retry(self.shard_attempts, self.shard_backoff)
 
     @property
-    def storage(self) -> "Storage":
+    def storage(self) -> Storage:
         return Storage(self.out, self.dtype, self.views, self.h5_chunk_rows, self.tokens)
 
-    def embedding(self, device: str = "cpu", local_procs: int = 1) -> "EmbedCfg":
+    def embedding(self, device: str = "cpu", local_procs: int = 1) -> EmbedCfg:
         """How the pass runs on `device` (the resolved one) with `local_procs` processes on this machine: `auto`
         sizes chosen by `loader_sizes`."""
         batch, workers = loader_sizes(device, local_procs)
-        return EmbedCfg(batch if self.batch_size == "auto" else int(self.batch_size),
-                        workers if self.num_workers == "auto" else int(self.num_workers),
-                        self.on_bad_sample, self.max_pixels, self.progress)
+        return EmbedCfg(
+            batch if self.batch_size == "auto" else int(self.batch_size),
+            workers if self.num_workers == "auto" else int(self.num_workers),
+            self.on_bad_sample,
+            self.max_pixels,
+            self.progress,
+        )
 
     @model_validator(mode="after")
-    def _check(self) -> "CacheJob":
+    def _check(self) -> CacheJob:
         """The job's own rules, each message naming the flag (the field types are pydantic's)."""
         if not self.teachers:
             raise ValueError("no teacher given; pass at least one --teacher NAME=SPEC")
@@ -168,13 +211,17 @@ class CacheJob(Section):
         if problem:
             raise ValueError(problem)
         if self.tokens < 0 or self.max_gb < 0:
-            raise ValueError(f"--tokens {self.tokens} / --max-gb {self.max_gb}: use a grid size G >= 1 (0: no "
-                             f"tokens) and a size bound >= 0 GB (0: no bound)")
+            raise ValueError(
+                f"--tokens {self.tokens} / --max-gb {self.max_gb}: use a grid size G >= 1 (0: no "
+                f"tokens) and a size bound >= 0 GB (0: no bound)"
+            )
         if self.max_pixels < 0:
             raise ValueError(f"max_pixels={self.max_pixels}; use a positive pixel count (0: PIL's own limit)")
         if self.shard_attempts < 1 or self.shard_backoff < 0:
-            raise ValueError(f"--shard-attempts {self.shard_attempts} / --shard-backoff {self.shard_backoff}: use "
-                             "at least 1 attempt and a backoff >= 0 seconds")
+            raise ValueError(
+                f"--shard-attempts {self.shard_attempts} / --shard-backoff {self.shard_backoff}: use "
+                "at least 1 attempt and a backoff >= 0 seconds"
+            )
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"--max-bad-fraction {self.max_bad_fraction}: use a share between 0 and 1")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
@@ -232,9 +279,9 @@ class EmbedCfg:
 
 @dataclass
 class TeacherSummary:
-    computed: int   # rows embedded by this run
-    done: int       # rows done in the file
-    skipped: int    # rows recorded as bad samples and not done
+    computed: int  # rows embedded by this run
+    done: int  # rows done in the file
+    skipped: int  # rows recorded as bad samples and not done
 
 
 @dataclass
@@ -257,11 +304,16 @@ class CacheSummary:
         key, reason = next((k, r) for k, r in self.bad if _reason_kind(r) == kind)
         share = "every row is" if bad == n else f"{bad} of {n} rows ({bad / n:.0%}) are"
         bound = "" if bad == n else f", more than --max-bad-fraction {max_fraction:g}"
-        fix = ("check the image paths, which are read relative to the corpus file's folder" if "missing" in kind
-               else "repair or drop those rows")
-        return (f"{self.out}: {share} bad samples{bound}; commonest reason ({count} rows): {reason} (key "
-                f"{key!r}); fix the corpus ({fix}) and rerun with --retry-bad (rows already embedded are kept; "
-                f"`distill info --all-bad {self.out}` lists every bad row), or raise --max-bad-fraction")
+        fix = (
+            "check the image paths, which are read relative to the corpus file's folder"
+            if "missing" in kind
+            else "repair or drop those rows"
+        )
+        return (
+            f"{self.out}: {share} bad samples{bound}; commonest reason ({count} rows): {reason} (key "
+            f"{key!r}); fix the corpus ({fix}) and rerun with --retry-bad (rows already embedded are kept; "
+            f"`distill info --all-bad {self.out}` lists every bad row), or raise --max-bad-fraction"
+        )
 
     def __str__(self) -> str:
         lines = [f"feature cache {self.out}: {self.rows} rows, {self.elapsed_s:.1f}s"]

@@ -9,6 +9,7 @@ of each chunk every teacher's rows go into this process's segment file and the c
 background thread while the next chunk is embedded. Rank 0 folds the segments into the file, copying no feature
 data (see `cache.store.writer` for why this is kill-safe).
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,21 +24,21 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-import cache.store.writer as W
 import cache.store.layout as L
 import cache.store.segments as S
+import cache.store.writer as W
 from cache.build.commit import add_sums, commit_chunk, deal, discard_if_empty, open_segment, plan_chunks
-from cache.sources.corpus import BadSampleError, Corpus
 from cache.build.dist import DistEnv, dist_env
 from cache.build.image_rows import CollateRows, ImageRows, teacher_inputs
 from cache.build.job import CacheJob, CacheSummary, EmbedCfg, Storage, TeacherSummary
-from cache.store.lock import WriterLock
-from cache.store.schema import CacheError, attrs_to_dict, check_root, check_teacher, storage_dtype, teacher_attrs
-from cache.sources.shard_listing import SHARD_UNREADABLE
 from cache.build.stream import finish, note_unlisted, open_for_cache, stream_plan
 from cache.build.tokens import check_token_size, embed_images, token_dims
-from cache.store.verify import bad_row_mask, raise_damaged, row_problem
 from cache.build.views import read_view_dist
+from cache.sources.corpus import BadSampleError, Corpus
+from cache.sources.shard_listing import SHARD_UNREADABLE
+from cache.store.lock import WriterLock
+from cache.store.schema import CacheError, attrs_to_dict, check_root, check_teacher, storage_dtype, teacher_attrs
+from cache.store.verify import bad_row_mask, raise_damaged, row_problem
 
 log = logging.getLogger(__name__)
 
@@ -75,22 +76,29 @@ def _prepare(job: CacheJob, corpus: Corpus, fp: str) -> None:
     for name in W.pending_teachers(out):
         meta = W.read_meta(out, name)
         if meta is not None and meta.get("fingerprint") != fp:
-            raise CacheError(f"{W.teacher_parts_dir(out, name)} holds chunks computed from another corpus; "
-                             "delete that folder (or choose another --out) and rerun")
+            raise CacheError(
+                f"{W.teacher_parts_dir(out, name)} holds chunks computed from another corpus; "
+                "delete that folder (or choose another --out) and rerun"
+            )
     for name, spec in teachers.items():
         if name in existing:
             check_teacher(out, name, existing[name], spec, store.views, store.dtype, store.tokens)
         meta = W.read_meta(out, name)
         if meta is not None:
-            check_teacher(out, name, {**meta["attrs"], "dtype": meta["dtype"]}, spec, store.views, store.dtype,
-                          store.tokens)
+            check_teacher(
+                out, name, {**meta["attrs"], "dtype": meta["dtype"]}, spec, store.views, store.dtype, store.tokens
+            )
     if store.views and views_k is not None and views_k != store.views:
-        raise CacheError(f"{out} stores {views_k} views per image; this run asks {store.views}: rerun with "
-                         f"--views {views_k}, or write another file")
+        raise CacheError(
+            f"{out} stores {views_k} views per image; this run asks {store.views}: rerun with "
+            f"--views {views_k}, or write another file"
+        )
     asked = stored.differences(job.view_flags) if store.views and stored else []
     if asked:  # the stored views are replayed for every teacher: other flags would be silently ignored
-        raise CacheError(f"{out} stores views {stored.describe()}; this run asks {' '.join(asked)}: rerun with "
-                         f"{stored.flags()} (or without --view-* flags), or write another file")
+        raise CacheError(
+            f"{out} stores views {stored.describe()}; this run asks {' '.join(asked)}: rerun with "
+            f"{stored.flags()} (or without --view-* flags), or write another file"
+        )
     if not os.path.exists(out):
         W.create_file(out, corpus.keys, fp, job.data)
     if store.views and views_k is None:
@@ -132,9 +140,18 @@ class _ChunkBuffer:
     bad: list[tuple[int, str]] = field(default_factory=list)
 
 
-def _embed_rows(cfg: EmbedCfg, store: Storage, corpus: Corpus, teachers: dict, chunks: list[np.ndarray],
-                need: np.ndarray, views: tuple, env: DistEnv, plan: tuple | None = None,
-                segment=None) -> dict[str, str]:
+def _embed_rows(
+    cfg: EmbedCfg,
+    store: Storage,
+    corpus: Corpus,
+    teachers: dict,
+    chunks: list[np.ndarray],
+    need: np.ndarray,
+    views: tuple,
+    env: DistEnv,
+    plan: tuple | None = None,
+    segment=None,
+) -> dict[str, str]:
     """Decode each row of `chunks` once; each teacher embeds the rows its column of `need` (N, T) flags.
     `plan`: (rows, batches, chunk-ending batches) instead of `chunks`, for streamed shards (`stream_plan`); the
     streamed shards that could not be read are returned (URL -> why): their rows stay missing, not bad.
@@ -156,14 +173,24 @@ def _embed_rows(cfg: EmbedCfg, store: Storage, corpus: Corpus, teachers: dict, c
     inputs = teacher_inputs(teachers, dist if store.views else False)
     ds = ImageRows(corpus, rows, need[rows], inputs, params if store.views else None, max_pixels=cfg.max_pixels)
     cuda = any(t.device.type == "cuda" for t in teachers.values())
-    loader = DataLoader(ds, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=CollateRows(inputs),
-                        pin_memory=cuda)
+    loader = DataLoader(
+        ds, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=CollateRows(inputs), pin_memory=cuda
+    )
     suffix = f" (rank 0 of {env.world})" if env.world > 1 else ""
     col = {name: i for i, name in enumerate(names)}
     # one bar per teacher (its own rows, its own samples/s), all advanced by the same decoding pass
-    bars = {name: tqdm(total=int(need[rows, col[name]].sum()), desc=f"cache {name}{suffix}", unit="sample",
-                       dynamic_ncols=True, position=i, leave=True, disable=not (env.main and cfg.progress))
-            for i, name in enumerate(names)}
+    bars = {
+        name: tqdm(
+            total=int(need[rows, col[name]].sum()),
+            desc=f"cache {name}{suffix}",
+            unit="sample",
+            dynamic_ncols=True,
+            position=i,
+            leave=True,
+            disable=not (env.main and cfg.progress),
+        )
+        for i, name in enumerate(names)
+    }
     buf = {name: _ChunkBuffer() for name in names}
     writer, committed = W.PartWriter(), 0
     try:  # closed on error too, so a message printed after it starts on its own line
@@ -175,8 +202,11 @@ def _embed_rows(cfg: EmbedCfg, store: Storage, corpus: Corpus, teachers: dict, c
                         bars[name].update(int(need[row, col[name]]))
                     continue
                 if cfg.on_bad_sample == "fail":
-                    raise BadSampleError(corpus.keys[row], reason + " (rerun with --on-bad-sample skip to skip "
-                                         "and record bad samples)", where)
+                    raise BadSampleError(
+                        corpus.keys[row],
+                        reason + " (rerun with --on-bad-sample skip to skip and record bad samples)",
+                        where,
+                    )
                 for name in names:  # a bad image is bad for every teacher that needed it
                     if need[row, col[name]]:
                         buf[name].bad.append((row, reason))
@@ -199,8 +229,7 @@ def _embed_rows(cfg: EmbedCfg, store: Storage, corpus: Corpus, teachers: dict, c
                 bars[name].update(len(batch_rows))
             if b in ends:
                 parts = [_chunk_part(store, name, teachers[name].embed_dim, buf[name], segment) for name in names]
-                writer.submit(partial(commit_chunk, store.out, [p for p in parts if p is not None], segment,
-                                      committed))
+                writer.submit(partial(commit_chunk, store.out, [p for p in parts if p is not None], segment, committed))
                 committed += 1
                 buf = {name: _ChunkBuffer() for name in names}
         writer.join()  # every committed chunk is on disk (or its error raised here) before the fold
@@ -241,27 +270,39 @@ def _chunk_part(store: Storage, name: str, d: int, buf: _ChunkBuffer, segment=No
     keep = ~(bad_img | bad_txt | bad_tok)
     add_sums(segment, name, buf.images, buf.texts, order, keep, store.dtype)
     dtype = storage_dtype(store.dtype)
-    return (name, rows[keep], img[keep].astype(dtype), txt[keep].astype(dtype), [r for r, _ in bad],
-            [s for _, s in bad], None if tok is None else tok[keep])
+    return (
+        name,
+        rows[keep],
+        img[keep].astype(dtype),
+        txt[keep].astype(dtype),
+        [r for r, _ in bad],
+        [s for _, s in bad],
+        None if tok is None else tok[keep],
+    )
 
 
 def _check_dim(out: str, name: str, teacher, emb: torch.Tensor, what: str) -> None:
     """A teacher whose embeddings disagree with its declared embed_dim (a custom `py:` teacher's bug) is refused
     before anything is written, rather than failing deep inside HDF5."""
     if emb.shape[-1] != teacher.embed_dim:
-        raise CacheError(f"{out}: teacher {name!r} ({teacher.spec}) declares embed_dim {teacher.embed_dim} but "
-                         f"its {what} embeddings have dimension {emb.shape[-1]}; fix the teacher's embed_dim")
+        raise CacheError(
+            f"{out}: teacher {name!r} ({teacher.spec}) declares embed_dim {teacher.embed_dim} but "
+            f"its {what} embeddings have dimension {emb.shape[-1]}; fix the teacher's embed_dim"
+        )
 
 
-def _load_teacher(name: str, spec: str, store: Storage, cached: dict | None, device: str,
-                  trust_remote_code: bool = False):
+def _load_teacher(
+    name: str, spec: str, store: Storage, cached: dict | None, device: str, trust_remote_code: bool = False
+):
     """Load one pending teacher and check it against its attrs in the file (`cached`, None when new)."""
     from teachers import load_teacher
 
     teacher = load_teacher(spec, device, trust_remote_code=trust_remote_code)
     if cached is not None and int(cached["embed_dim"]) != teacher.embed_dim:
-        raise CacheError(f"{store.out}: teacher {name!r} was cached with embed_dim "
-                         f"{cached['embed_dim']}, {spec} now gives {teacher.embed_dim}")
+        raise CacheError(
+            f"{store.out}: teacher {name!r} was cached with embed_dim "
+            f"{cached['embed_dim']}, {spec} now gives {teacher.embed_dim}"
+        )
     return teacher
 
 
@@ -281,9 +322,13 @@ def _write_metas(job: CacheJob, teachers: dict, rows: int, fp: str, main: bool, 
     metas = {}
     for name, t in teachers.items():
         described = {**t.describe(), "trust_remote_code": job.trust_remote_code}
-        metas[name] = {"attrs": teacher_attrs(described, store.views, store.tokens, dims.get(name, 0)),
-                       "dtype": store.dtype, "fingerprint": fp, "h5_chunk_rows": store.h5_chunk_rows,
-                       L.SINCE_RUN: int((W.read_meta(store.out, name) or {}).get(L.SINCE_RUN, run))}
+        metas[name] = {
+            "attrs": teacher_attrs(described, store.views, store.tokens, dims.get(name, 0)),
+            "dtype": store.dtype,
+            "fingerprint": fp,
+            "h5_chunk_rows": store.h5_chunk_rows,
+            L.SINCE_RUN: int((W.read_meta(store.out, name) or {}).get(L.SINCE_RUN, run)),
+        }
         if main:
             W.write_meta(store.out, name, metas[name])
     return metas
@@ -332,19 +377,30 @@ def _build(job: CacheJob, env: DistEnv) -> CacheSummary:
         pending = [name for i, name in enumerate(names) if need[:, i].any()]  # complete ones are not loaded
         computed, unread = dict.fromkeys(names, 0), {}
         if pending:
-            teachers = {name: _load_teacher(name, job.teachers[name], job.storage, attrs.get(name), device,
-                                            job.trust_remote_code)
-                        for name in pending}
+            teachers = {
+                name: _load_teacher(
+                    name, job.teachers[name], job.storage, attrs.get(name), device, job.trust_remote_code
+                )
+                for name in pending
+            }
             metas = _write_metas(job, teachers, n, fp, env.main, run)
             need = need[:, [names.index(name) for name in pending]]
             rows = np.flatnonzero(need.any(axis=1))  # rows no teacher needs are not even decoded
-            chunks = [rows[i:i + job.chunk_rows] for i in range(0, len(rows), job.chunk_rows)]
+            chunks = [rows[i : i + job.chunk_rows] for i in range(0, len(rows), job.chunk_rows)]
             cfg = job.embedding(device, env.local_world)
             if env.main:
-                log.info("distill cache: batch size %d, %d decoding worker(s) per process on %s%s", cfg.batch_size,
-                         cfg.num_workers, device, " (auto)" if "auto" in (job.batch_size, job.num_workers) else "")
-            plan = (stream_plan(corpus, rows, env, cfg.num_workers, cfg.batch_size, job.chunk_rows)
-                    if getattr(corpus, "streamed", False) else None)  # whole shards per rank and worker
+                log.info(
+                    "distill cache: batch size %d, %d decoding worker(s) per process on %s%s",
+                    cfg.batch_size,
+                    cfg.num_workers,
+                    device,
+                    " (auto)" if "auto" in (job.batch_size, job.num_workers) else "",
+                )
+            plan = (
+                stream_plan(corpus, rows, env, cfg.num_workers, cfg.batch_size, job.chunk_rows)
+                if getattr(corpus, "streamed", False)
+                else None
+            )  # whole shards per rank and worker
             mine = deal(chunks, env) if plan is None else plan_chunks(plan)
             segment = open_segment(job.out, run, env, mine, need, metas, job.chunk_rows, job.h5_chunk_rows, fp)
             unread = _embed_rows(cfg, job.storage, corpus, teachers, mine, need, views, env, plan, segment)

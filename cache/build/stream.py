@@ -5,14 +5,15 @@ i % world, and a rank's shards go to its DataLoader workers whole (the fewest ro
 then request rows in stream order, and every shard is read once per run. Listing is dealt the same way (shard i
 listed by rank i % world), so a corpus of many remote shards is listed by every process at once.
 """
+
 from __future__ import annotations
 
 import os
 
 import numpy as np
 
-from cache.sources.corpus import Corpus, StreamCorpus, StreamOptions, is_stream_spec, open_corpus
 from cache.build.dist import DistEnv
+from cache.sources.corpus import Corpus, StreamCorpus, StreamOptions, is_stream_spec, open_corpus
 from cache.sources.shard_io import Retry, shard_urls
 from cache.sources.shard_listing import list_shards
 from cache.store.shard_record import ShardRecord, read_record, record_lines, write_record
@@ -27,7 +28,7 @@ def open_for_cache(data: str, out: str, retry: Retry, env: DistEnv, progress: bo
         return open_corpus(data)
     pinned = read_record(out).unlisted if os.path.exists(out) else {}
     urls = [u for u in shard_urls(data) if u not in pinned]
-    failed = list_shards(urls[env.rank::env.world], retry, progress=progress and env.main)
+    failed = list_shards(urls[env.rank :: env.world], retry, progress=progress and env.main)
     for part in env.all_gather(failed):  # also the barrier: every listing is on disk before anyone opens them
         failed.update(part)
     return StreamCorpus(data, StreamOptions(retry, skip={**pinned, **failed}))
@@ -39,8 +40,9 @@ def note_unlisted(out: str, corpus: Corpus) -> None:
         write_record(out, ShardRecord(unlisted=dict(corpus.unlisted)))
 
 
-def stream_plan(corpus: StreamCorpus, rows: np.ndarray, env: DistEnv, workers: int, batch_size: int,
-                chunk_rows: int) -> tuple[np.ndarray, list[list[int]], set[int]]:
+def stream_plan(
+    corpus: StreamCorpus, rows: np.ndarray, env: DistEnv, workers: int, batch_size: int, chunk_rows: int
+) -> tuple[np.ndarray, list[list[int]], set[int]]:
     """(this rank's rows in worker stream order, batches as positions into them, batches that end a chunk).
 
     The DataLoader hands batch k to worker k % workers, so batches are interleaved that way, with empty batches

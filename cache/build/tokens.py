@@ -5,6 +5,7 @@ average-pooled to a G x G grid and stored float16 (or --dtype) as /teachers/NAME
 teacher's vision width. They are G*G*D numbers per row and view where a feature row has E, so the size is
 estimated and printed before anything is written, and a run over `--max-gb` is refused in one line.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,8 +43,10 @@ class TokenSize:
     def __str__(self) -> str:
         each = ", ".join(f"{n} {d}-wide {b / 1e9:.3g} GB" for n, (d, b) in self.per_teacher.items())
         views = f" x {self.views} views" if self.views else ""
-        return (f"patch tokens: {self.grid} x {self.grid} grid, {self.rows} rows{views}: ~{self.total / 1e9:.3g} GB "
-                f"on disk ({each})")
+        return (
+            f"patch tokens: {self.grid} x {self.grid} grid, {self.rows} rows{views}: ~{self.total / 1e9:.3g} GB "
+            f"on disk ({each})"
+        )
 
 
 def token_dims(teachers: dict, grid: int, out: str) -> dict[str, int]:
@@ -58,20 +61,26 @@ def token_dims(teachers: dict, grid: int, out: str) -> dict[str, int]:
         except TokensUnsupported as e:
             raise CacheError(f"{out}: --tokens {grid}: teacher {name!r}: {e}") from None
         if grid > min(h, w):
-            raise CacheError(f"{out}: --tokens {grid} asks a {grid} x {grid} grid, but teacher {name!r} has a "
-                             f"{h} x {w} patch grid; use --tokens {min(h, w)} or less")
+            raise CacheError(
+                f"{out}: --tokens {grid} asks a {grid} x {grid} grid, but teacher {name!r} has a "
+                f"{h} x {w} patch grid; use --tokens {min(h, w)} or less"
+            )
         dims[name] = d
     return dims
 
 
-def check_token_size(dims: dict[str, int], grid: int, rows: int, views: int, dtype: str, max_gb: float,
-                     out: str) -> TokenSize:
+def check_token_size(
+    dims: dict[str, int], grid: int, rows: int, views: int, dtype: str, max_gb: float, out: str
+) -> TokenSize:
     """The tokens' size on disk (rows x [views] x G*G x D x bytes, per teacher); over `max_gb` GB: CacheError."""
     item = np.dtype(dtype).itemsize
-    size = TokenSize(grid, rows, views, {n: (d, rows * max(views, 1) * grid * grid * d * item)
-                                         for n, d in dims.items()})
+    size = TokenSize(
+        grid, rows, views, {n: (d, rows * max(views, 1) * grid * grid * d * item) for n, d in dims.items()}
+    )
     if max_gb and size.total > max_gb * 1e9:
-        raise CacheError(f"{out}: --tokens {grid} would store ~{size.total / 1e9:.3g} GB of patch tokens, over "
-                         f"--max-gb {max_gb:g}: lower --tokens, cache fewer teachers or views, or raise --max-gb "
-                         f"(0: no bound)")
+        raise CacheError(
+            f"{out}: --tokens {grid} would store ~{size.total / 1e9:.3g} GB of patch tokens, over "
+            f"--max-gb {max_gb:g}: lower --tokens, cache fewer teachers or views, or raise --max-gb "
+            f"(0: no bound)"
+        )
     return size

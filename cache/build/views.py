@@ -8,6 +8,7 @@ config's own crop settings, so neither can silently disagree with what the teach
 Why 8 columns only with jitter: without it a file keeps the 5-column layout every earlier version reads.
 Why no flips by default: in radiology left and right are findings (situs, laterality of a lesion).
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,7 @@ import cache.store.layout as L
 SCALE = (0.5, 1.0)
 RATIO = (3 / 4, 4 / 3)
 FLIP_P = 0.0  # opt in with --view-flip P where laterality does not matter
-COLOR = 0.0   # no photometric jitter; --view-color S
+COLOR = 0.0  # no photometric jitter; --view-color S
 
 
 def _num(x: float) -> str:
@@ -35,12 +36,12 @@ def _close(a, b) -> bool:
 class ViewDist:
     """How the stored views are drawn (torchvision RandomResizedCrop, RandomHorizontalFlip, ColorJitter)."""
 
-    views: int                                  # K views per image
-    scale: tuple[float, float] = SCALE          # crop area fraction ~ U(scale)
-    ratio: tuple[float, float] = RATIO          # crop aspect ratio, log-uniform in ratio
-    flip_p: float = FLIP_P                      # probability of a horizontal flip
-    color: float = COLOR                        # S: brightness, contrast, saturation ~ U(max(0, 1-S), 1+S) each
-    seed: int = 0                               # the draw is a function of (rows, this) alone
+    views: int  # K views per image
+    scale: tuple[float, float] = SCALE  # crop area fraction ~ U(scale)
+    ratio: tuple[float, float] = RATIO  # crop aspect ratio, log-uniform in ratio
+    flip_p: float = FLIP_P  # probability of a horizontal flip
+    color: float = COLOR  # S: brightness, contrast, saturation ~ U(max(0, 1-S), 1+S) each
+    seed: int = 0  # the draw is a function of (rows, this) alone
 
     # the CLI flag of each field a run may ask for (None: as stored, or the default for a new file)
     FLAGS = {"scale": "--view-scale", "ratio": "--view-ratio", "flip_p": "--view-flip", "color": "--view-color"}
@@ -74,19 +75,30 @@ class ViewDist:
 
     def to_attrs(self) -> dict:
         A = L.ViewAttrs
-        cols = L.VIEW_COLUMNS[:self.fields]
-        return {A.VIEWS: int(self.views), A.SCALE: [float(x) for x in self.scale],
-                A.RATIO: [float(x) for x in self.ratio], A.FLIP_P: float(self.flip_p), A.COLOR: float(self.color),
-                A.SEED: int(self.seed), A.LAYOUT: ", ".join(cols)}
+        cols = L.VIEW_COLUMNS[: self.fields]
+        return {
+            A.VIEWS: int(self.views),
+            A.SCALE: [float(x) for x in self.scale],
+            A.RATIO: [float(x) for x in self.ratio],
+            A.FLIP_P: float(self.flip_p),
+            A.COLOR: float(self.color),
+            A.SEED: int(self.seed),
+            A.LAYOUT: ", ".join(cols),
+        }
 
     @classmethod
-    def from_attrs(cls, attrs, views: int) -> "ViewDist":
+    def from_attrs(cls, attrs, views: int) -> ViewDist:
         """The stored distribution; a key a hand-made file lacks reads as the default."""
         A = L.ViewAttrs
         get = attrs.get
-        return cls(int(views), tuple(float(x) for x in get(A.SCALE, SCALE)),
-                   tuple(float(x) for x in get(A.RATIO, RATIO)), float(get(A.FLIP_P, FLIP_P)),
-                   float(get(A.COLOR, COLOR)), int(get(A.SEED, 0)))
+        return cls(
+            int(views),
+            tuple(float(x) for x in get(A.SCALE, SCALE)),
+            tuple(float(x) for x in get(A.RATIO, RATIO)),
+            float(get(A.FLIP_P, FLIP_P)),
+            float(get(A.COLOR, COLOR)),
+            int(get(A.SEED, 0)),
+        )
 
     def flag_value(self, field: str) -> str:
         v = getattr(self, field)
@@ -98,16 +110,24 @@ class ViewDist:
 
     def differences(self, asked: dict) -> list[str]:
         """`asked` (field -> value, as given on the command line) where it differs from this, as flags."""
-        return [f"{self.FLAGS[k]} {ViewDist(1, **{k: v}).flag_value(k)}" for k, v in asked.items()
-                if not _close(v, getattr(self, k))]
+        return [
+            f"{self.FLAGS[k]} {ViewDist(1, **{k: v}).flag_value(k)}"
+            for k, v in asked.items()
+            if not _close(v, getattr(self, k))
+        ]
 
     def describe(self) -> str:
         """One line for `distill info`: K, seed, then the distribution."""
         flips = "no flips" if self.flip_p == 0 else f"flip p {_num(self.flip_p)}"
-        color = (f"colour jitter S {_num(self.color)} (brightness, contrast, saturation)" if self.color > 0
-                 else "no colour jitter")
-        return (f"{self.views} per image (seed {self.seed}): scale {self.flag_value('scale').replace(',', '-')}, "
-                f"ratio {self.flag_value('ratio').replace(',', '-')}, {flips}, {color}")
+        color = (
+            f"colour jitter S {_num(self.color)} (brightness, contrast, saturation)"
+            if self.color > 0
+            else "no colour jitter"
+        )
+        return (
+            f"{self.views} per image (seed {self.seed}): scale {self.flag_value('scale').replace(',', '-')}, "
+            f"ratio {self.flag_value('ratio').replace(',', '-')}, {flips}, {color}"
+        )
 
 
 def read_view_dist(f) -> ViewDist | None:
@@ -123,8 +143,16 @@ def read_view_dist(f) -> ViewDist | None:
     return ViewDist.from_attrs(ds.attrs, ds.shape[1])
 
 
-def draw_view_params(n: int, k: int, seed: int = 0, scale=SCALE, ratio=RATIO, flip_p: float = FLIP_P,
-                     color: float = COLOR, attempts: int = 10) -> np.ndarray:
+def draw_view_params(
+    n: int,
+    k: int,
+    seed: int = 0,
+    scale=SCALE,
+    ratio=RATIO,
+    flip_p: float = FLIP_P,
+    color: float = COLOR,
+    attempts: int = 10,
+) -> np.ndarray:
     """(n, k, 5) float32: RandomResizedCrop-style boxes in relative coordinates, plus a flip flag; with
     `color` S > 0, (n, k, 8): plus brightness, contrast and saturation factors ~ U(max(0, 1-S), 1+S).
 

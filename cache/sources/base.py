@@ -21,13 +21,14 @@ The interface (stable: the cache writer and the trainer both rely on it):
 Everything is indexed once when the corpus is opened; `load_image` opens files lazily, so a corpus object can be
 built before DataLoader workers fork and used inside them.
 """
+
 from __future__ import annotations
 
 import copy
 import hashlib
 import os
 from abc import ABC, abstractmethod
-from typing import Sequence
+from collections.abc import Sequence
 
 from PIL import Image
 
@@ -35,9 +36,9 @@ from cache.sources.image_decode import IMAGE_SUFFIXES, BadSampleError, DecodeLim
 
 IMAGE_EXTS = tuple(s[1:] for s in IMAGE_SUFFIXES)  # WebDataset member extensions: the suffixes without the dot
 # Input limits (docs/reliability.md "Bad input"): what one corpus may ask of memory before anything is cached.
-MAX_COLUMNS = 1024              # columns of a table (header cells; keys of the JSONL objects, all rows together)
-MAX_CELL_CHARS = 1 << 20        # characters of one table cell; a longer one is refused naming its line
-MAX_CAPTION_BYTES = 64 << 10    # UTF-8 bytes of a caption kept (and of a `txt` member read); the rest is cut off
+MAX_COLUMNS = 1024  # columns of a table (header cells; keys of the JSONL objects, all rows together)
+MAX_CELL_CHARS = 1 << 20  # characters of one table cell; a longer one is refused naming its line
+MAX_CAPTION_BYTES = 64 << 10  # UTF-8 bytes of a caption kept (and of a `txt` member read); the rest is cut off
 
 
 class CorpusError(ValueError):
@@ -67,7 +68,7 @@ def cap_utf8(data: bytes, limit: int = MAX_CAPTION_BYTES) -> bytes:
         lead = cut[start - 1]
         need = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
         if len(cut) - (start - 1) < need:
-            return cut[:start - 1]
+            return cut[: start - 1]
     return cut
 
 
@@ -104,8 +105,9 @@ def read_utf8_text(path: str | os.PathLike) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         line, column, byte = utf8_problem(data)
-        raise CorpusError(f"{path} line {line}: not UTF-8 (byte {byte} at column {column}); save the file as "
-                          "UTF-8") from None
+        raise CorpusError(
+            f"{path} line {line}: not UTF-8 (byte {byte} at column {column}); save the file as UTF-8"
+        ) from None
 
 
 def fingerprint_of(keys: Sequence[str], captions: Sequence[str]) -> str:
@@ -139,7 +141,7 @@ class Corpus(ABC):
         """The encoded image as stored, for decoding elsewhere (`data.decode: device`); None: not supported."""
         return None
 
-    def with_limits(self, limits: DecodeLimits) -> "Corpus":
+    def with_limits(self, limits: DecodeLimits) -> Corpus:
         """A shallow copy decoding under `limits` (the index is shared, not rebuilt); this corpus is unchanged."""
         out = copy.copy(self)
         out.limits = limits
@@ -147,8 +149,10 @@ class Corpus(ABC):
 
     def column(self, name: str) -> list[str]:
         """An extra per-row column as text (CSV/TSV/JSONL corpora only; see TableCorpus.column)."""
-        raise CorpusError(f"{self.source} ({type(self).__name__}) has no extra columns, so it has no column "
-                          f"{name!r}; per-row columns (e.g. for loss.routing) need a CSV, TSV or JSONL corpus")
+        raise CorpusError(
+            f"{self.source} ({type(self).__name__}) has no extra columns, so it has no column "
+            f"{name!r}; per-row columns (e.g. for loss.routing) need a CSV, TSV or JSONL corpus"
+        )
 
     def fingerprint(self) -> str:
         if getattr(self, "_fingerprint", None) is None:

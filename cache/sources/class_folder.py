@@ -2,6 +2,7 @@
 ImageFolder. Registered as the `folder` format (labelled rows): eval classification tasks and `distill corpus`
 sources. Images are the files whose name ends in one of `IMAGE_SUFFIXES` (any case), in sorted order per class.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,7 @@ def read_class_folder(path: str | os.PathLike, split: str | None = None) -> Labe
     base = Path(path)
     root = base / split if split is not None else base
     if not root.is_dir():
-        raise CorpusError(f"{base}: split folder {split!r} not found" if split is not None
-                          else f"{base}: not a folder")
+        raise CorpusError(f"{base}: split folder {split!r} not found" if split is not None else f"{base}: not a folder")
     rows, where, keys, images, labels, classes = [], [], [], [], [], []
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         classes.append(d.name)
@@ -31,9 +31,7 @@ def read_class_folder(path: str | os.PathLike, split: str | None = None) -> Labe
             labels.append(d.name)
             rows.append({"split": split} if split is not None else {})
             where.append(f"{base}: {rel}")
-    return LabelledData(str(base), ["split"] if split is not None else [], rows, where, keys, images, labels,
-                        classes)
+    return LabelledData(str(base), ["split"] if split is not None else [], rows, where, keys, images, labels, classes)
 
 
-register_format(Format("folder", "a folder with one subfolder per class", os.path.isdir,
-                       labelled=read_class_folder))
+register_format(Format("folder", "a folder with one subfolder per class", os.path.isdir, labelled=read_class_folder))

@@ -18,6 +18,7 @@ The `Corpus` interface itself (keys, captions, load_image, describe, fingerprint
 its names are re-exported here, so `from cache.sources.corpus import open_corpus, Corpus, CorpusError, BadSampleError`
 is the one import callers need. Importing this module registers the built-in formats.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,23 +26,39 @@ import os
 # the built-in formats: each module registers its format(s) when imported
 import cache.sources.class_folder  # noqa: F401
 import cache.sources.npz  # noqa: F401
-from cache.sources.base import (IMAGE_EXTS,  # noqa: F401  (re-exported)
-                                BadSampleError,
-                                Corpus,
-                                CorpusError,
-                                DecodeLimits,
-                                fingerprint_of,
-                                text_problem,
-                                utf8_problem)
+from cache.sources.base import (  # noqa: F401  (re-exported)
+    IMAGE_EXTS,
+    BadSampleError,
+    Corpus,
+    CorpusError,
+    DecodeLimits,
+    fingerprint_of,
+    text_problem,
+    utf8_problem,
+)
 from cache.sources.formats import DATA_FORMATS, Format, LabelledData, find_format, format_named
 from cache.sources.shard_io import is_stream_spec
 from cache.sources.stream import StreamCorpus, StreamOptions
 from cache.sources.table import TableCorpus
 from cache.sources.webdataset import WebDatasetCorpus
 
-__all__ = ["open_corpus", "read_labelled", "Corpus", "CorpusError", "BadSampleError", "DecodeLimits",
-           "fingerprint_of", "TableCorpus", "WebDatasetCorpus", "StreamCorpus", "StreamOptions", "is_stream_spec",
-           "DATA_FORMATS", "Format", "LabelledData"]
+__all__ = [
+    "open_corpus",
+    "read_labelled",
+    "Corpus",
+    "CorpusError",
+    "BadSampleError",
+    "DecodeLimits",
+    "fingerprint_of",
+    "TableCorpus",
+    "WebDatasetCorpus",
+    "StreamCorpus",
+    "StreamOptions",
+    "is_stream_spec",
+    "DATA_FORMATS",
+    "Format",
+    "LabelledData",
+]
 
 
 def open_corpus(path: str | os.PathLike, stream: StreamOptions | None = None, format: str | None = None) -> Corpus:
@@ -53,8 +70,9 @@ def open_corpus(path: str | os.PathLike, stream: StreamOptions | None = None, fo
     return fmt.corpus(path, stream)
 
 
-def read_labelled(path: str | os.PathLike, format: str | None = None, split: str | None = None,
-                  what: str = "source") -> LabelledData:
+def read_labelled(
+    path: str | os.PathLike, format: str | None = None, split: str | None = None, what: str = "source"
+) -> LabelledData:
     """Labelled rows of a CSV/TSV, a MedMNIST .npz, a folder per class, or any registered format with a labelled
     reader (`split`: the npz split or class-folder subfolder; a table's split is a column, chosen by the caller)."""
     path = os.fspath(path)

@@ -11,11 +11,12 @@ ones under a None key; and it builds every cell of a 10^6-column header before a
   line holds no quote (its cells are then exactly its delimiters + 1), before a cell is built;
 - line breaks inside properly closed quotes stay part of the cell (captions may span lines).
 """
+
 from __future__ import annotations
 
 import csv
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 from cache.sources.base import MAX_CELL_CHARS, MAX_COLUMNS, CorpusError
 
@@ -36,9 +37,9 @@ class _Lines:
     def __init__(self, text: str, delimiter: str):
         self._text, self._pos = text, 0
         self.delimiter = delimiter
-        self.count = 0               # lines handed to csv so far
-        self.record_start = True     # the next line begins a record
-        self.width = MAX_COLUMNS     # most cells a record may have (the header's width once it is read)
+        self.count = 0  # lines handed to csv so far
+        self.record_start = True  # the next line begins a record
+        self.width = MAX_COLUMNS  # most cells a record may have (the header's width once it is read)
 
     def __iter__(self):
         return self
@@ -102,34 +103,49 @@ def read_delimited(path: str, text: str, delimiter: str) -> tuple[list[str], Ite
 
 def _too_wide(path: str, line: int, cells: int, header: list[str] | None, delimiter: str) -> str:
     if header is None:
-        return (f"{path} line {line}: the header has {cells:,} columns, more than the {MAX_COLUMNS} a corpus table "
-                f"may have; {_HOW_TO_TRIM}")
+        return (
+            f"{path} line {line}: the header has {cells:,} columns, more than the {MAX_COLUMNS} a corpus table "
+            f"may have; {_HOW_TO_TRIM}"
+        )
     return _wrong_count(path, line, line, cells, header, delimiter)
 
 
 def _wrong_count(path: str, start: int, end: int, cells: int, header: list[str], delimiter: str) -> str:
     names = ", ".join(header[:8]) + (", ..." if len(header) > 8 else "")
-    spans = (f"; the row runs to line {end}: a quote opened on line {start} may close too late" if end > start
-             else " (quote a cell that holds a " + ("tab" if delimiter == "\t" else "comma") + ")")
-    return (f"{path} line {start}: {cells:,} cell{'s' if cells != 1 else ''}, but the header has {len(header)} "
-            f"({names}); every row needs one cell per column{spans}")
+    spans = (
+        f"; the row runs to line {end}: a quote opened on line {start} may close too late"
+        if end > start
+        else " (quote a cell that holds a " + ("tab" if delimiter == "\t" else "comma") + ")"
+    )
+    return (
+        f"{path} line {start}: {cells:,} cell{'s' if cells != 1 else ''}, but the header has {len(header)} "
+        f"({names}); every row needs one cell per column{spans}"
+    )
 
 
 def _not_csv(path: str, start: int, end: int, e: csv.Error) -> str:
     why = str(e)
     if "unexpected end of data" in why:
-        return (f"{path} line {start}: a quoted cell in the row that begins on this line is never closed (the file "
-                "ends inside it); close the quote, or write a quote meant literally as two (\"\")")
+        return (
+            f"{path} line {start}: a quoted cell in the row that begins on this line is never closed (the file "
+            'ends inside it); close the quote, or write a quote meant literally as two ("")'
+        )
     if "field larger than field limit" in why:
         if end > start:
-            return (f"{path} line {start}: a cell of the row that begins on this line is over {MAX_CELL_CHARS:,} "
-                    f"characters, the limit of one cell, and runs past line {end}: a quote opened on line {start} "
-                    "is probably never closed")
-        return (f"{path} line {start}: a cell of the row that begins on this line is over {MAX_CELL_CHARS:,} "
-                "characters, the limit of one cell; shorten it")
+            return (
+                f"{path} line {start}: a cell of the row that begins on this line is over {MAX_CELL_CHARS:,} "
+                f"characters, the limit of one cell, and runs past line {end}: a quote opened on line {start} "
+                "is probably never closed"
+            )
+        return (
+            f"{path} line {start}: a cell of the row that begins on this line is over {MAX_CELL_CHARS:,} "
+            "characters, the limit of one cell; shorten it"
+        )
     if end > start:
-        return (f"{path} line {start}: not valid CSV in the row that begins on this line and runs to line {end} "
-                f"({why}); look for a quote opened on line {start} that is not closed where it should be")
+        return (
+            f"{path} line {start}: not valid CSV in the row that begins on this line and runs to line {end} "
+            f"({why}); look for a quote opened on line {start} that is not closed where it should be"
+        )
     if "expected after" in why:  # strict mode: text after a closing quote
         return f"{path} line {start}: not valid CSV ({why}); a cell that starts with a quote must end with one"
     return f"{path} line {start}: not valid CSV ({why})"

@@ -16,11 +16,13 @@ Built-in formats (registered by their modules, which `cache.sources.corpus` impo
 (`cache.sources.npz`), folder (`cache.sources.class_folder`). Another package may add one through the entry point
 group `biomed_distill.formats`; a test or a script may call `DATA_FORMATS.add(name, Format(...))`.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -38,14 +40,14 @@ class LabelledData:
     a key `keys[i]` unique within the source, an image `images[i]` (an absolute path, or a uint8 array) and a raw
     label `labels[i]`. Tables leave `images`, `keys` and `labels` to the caller (None: a column names them)."""
 
-    origin: str                                        # the file or folder, for messages
-    columns: list[str]                                 # text columns of `rows`
+    origin: str  # the file or folder, for messages
+    columns: list[str]  # text columns of `rows`
     rows: list[dict[str, str]]
     where: list[str]
     keys: list[str] | None = None
     images: list[str] | np.ndarray | list[np.ndarray] | None = None
-    labels: list[str] | np.ndarray | None = None       # class folder names, or (N, C) label arrays as stored (npz)
-    classes: list[str] | None = None                   # class folders present (empty ones too): folder sources
+    labels: list[str] | np.ndarray | None = None  # class folder names, or (N, C) label arrays as stored (npz)
+    classes: list[str] | None = None  # class folders present (empty ones too): folder sources
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -56,9 +58,9 @@ class Format:
     """A registered file format: how to recognise its paths and how to read them."""
 
     name: str
-    summary: str                                       # "a .csv file", for messages listing the formats
-    matches: Callable[[str], bool]                     # does this path look like this format (by name, or is_dir)?
-    corpus: Callable[[str, Any], Corpus] | None = None             # (path, StreamOptions | None) -> Corpus
+    summary: str  # "a .csv file", for messages listing the formats
+    matches: Callable[[str], bool]  # does this path look like this format (by name, or is_dir)?
+    corpus: Callable[[str, Any], Corpus] | None = None  # (path, StreamOptions | None) -> Corpus
     labelled: Callable[[str, str | None], LabelledData] | None = None  # (path, split or None) -> LabelledData
 
     def can(self, need: Need) -> bool:

@@ -9,6 +9,7 @@ Hostile or unlucky images must cost a recorded bad sample, never a worker's memo
 - Only common raster formats are opened (`FORMATS`): PIL's EPS plugin, for one, would run Ghostscript.
 - JPEGs much larger than any model needs are decoded at 1/2, 1/4 or 1/8 scale (`DecodeLimits.draft_side`).
 """
+
 from __future__ import annotations
 
 import io
@@ -101,8 +102,9 @@ def _decode(fp, key: str, where: str, limits: DecodeLimits) -> Image.Image:
             return img.convert("RGB")
 
 
-def decode_image(data: bytes | None, path: str | None, key: str, where: str,
-                 limits: DecodeLimits | None = None) -> Image.Image:
+def decode_image(
+    data: bytes | None, path: str | None, key: str, where: str, limits: DecodeLimits | None = None
+) -> Image.Image:
     """Open and decode an image (from bytes, or lazily from a path) as RGB, or raise BadSampleError saying why."""
     limits = limits or DecodeLimits()
     src = path if path is not None else "image bytes"
@@ -130,8 +132,12 @@ def read_bytes(path: str, key: str, where: str, limits: DecodeLimits | None = No
     try:
         size = os.path.getsize(path)
         if limits.max_bytes is not None and size > limits.max_bytes:
-            raise BadSampleError(key, f"image file is {size / 2**20:.0f} MiB, larger than any image within the "
-                                 f"pixel limit ({limits.hint}); not read", where)
+            raise BadSampleError(
+                key,
+                f"image file is {size / 2**20:.0f} MiB, larger than any image within the "
+                f"pixel limit ({limits.hint}); not read",
+                where,
+            )
         with open(path, "rb") as f:
             return f.read()
     except BadSampleError:

@@ -6,12 +6,13 @@ metadata, images, labels, keys).
 Reading checks what can be checked without the templates: the file and split exist, the image column is there,
 labels are valid indices of `class_names`, keys are unique. Caption templates are checked in `corpus_build`.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -29,21 +30,21 @@ class CorpusBuildError(CorpusError):
 class CorpusSource:
     """One labelled source of a corpus build; the fields are also the keys of a recipe entry."""
 
-    path: str                                   # a MedMNIST-style .npz, a CSV/TSV, or a folder of class folders
-    templates: tuple[str, ...]                  # captions from columns: "dermoscopy of a {diagnosis}"; "{caption}"
-    name: str | None = None                     # source name (default: the file stem); prefixes keys, image folder
-    domain: str | None = None                   # constant `domain` value (default: the source name); or
-    domain_column: str | None = None            # take `domain` from this column
-    split: str | None = None                    # npz: train/val/test (default all); CSV: a split_column value;
-                                                # folder: a subfolder (default: the folder itself)
-    split_column: str = "split"                 # CSV column holding the split
-    image_column: str = "image"                 # CSV column with image paths (relative to the CSV, or absolute)
-    label_column: str | None = "label"          # CSV label column (ignored when the CSV has none); None: no label
+    path: str  # a MedMNIST-style .npz, a CSV/TSV, or a folder of class folders
+    templates: tuple[str, ...]  # captions from columns: "dermoscopy of a {diagnosis}"; "{caption}"
+    name: str | None = None  # source name (default: the file stem); prefixes keys, image folder
+    domain: str | None = None  # constant `domain` value (default: the source name); or
+    domain_column: str | None = None  # take `domain` from this column
+    split: str | None = None  # npz: train/val/test (default all); CSV: a split_column value;
+    # folder: a subfolder (default: the folder itself)
+    split_column: str = "split"  # CSV column holding the split
+    image_column: str = "image"  # CSV column with image paths (relative to the CSV, or absolute)
+    label_column: str | None = "label"  # CSV label column (ignored when the CSV has none); None: no label
     class_names: tuple[str, ...] | None = None  # names of integer labels: {label} gives the name
-    fraction: float = 1.0                       # keep this seeded, label-stratified fraction: part (0, fraction)
-    part: tuple[float, float] | None = None     # keep ranks [a, b) of the seeded stratified order; parts of the
-                                                # same source and seed are disjoint and together cover it
-    max_rows: int | None = None                 # then keep at most this many (a seeded random subset)
+    fraction: float = 1.0  # keep this seeded, label-stratified fraction: part (0, fraction)
+    part: tuple[float, float] | None = None  # keep ranks [a, b) of the seeded stratified order; parts of the
+    # same source and seed are disjoint and together cover it
+    max_rows: int | None = None  # then keep at most this many (a seeded random subset)
 
     def __post_init__(self):
         # recipes give lists; the dataclass is frozen and hashable, so store tuples
@@ -58,8 +59,10 @@ class CorpusSource:
             object.__setattr__(self, "part", tuple(float(x) for x in self.part))
         who = f"source {self.path}"
         if not self.templates or not all(isinstance(t, str) and t.strip() for t in self.templates):
-            raise CorpusBuildError(f"{who}: give at least one non-empty caption template, e.g. "
-                                   "'dermoscopy of a {diagnosis} on the {localization}' or '{caption}'")
+            raise CorpusBuildError(
+                f"{who}: give at least one non-empty caption template, e.g. "
+                "'dermoscopy of a {diagnosis} on the {localization}' or '{caption}'"
+            )
         if self.domain is not None and self.domain_column is not None:
             raise CorpusBuildError(f"{who}: give domain (a constant) or domain_column, not both")
         if not 0.0 <= float(self.fraction) <= 1.0:
@@ -89,13 +92,13 @@ class SourceTable:
     """One source read into rows; row i has metadata `rows[i]`, image `images[i]` and key `<name>/keys[i]`."""
 
     source: CorpusSource
-    origin: str                          # the file or folder, for messages
-    columns: list[str]                   # metadata columns a template may use (besides `label`)
-    rows: list[dict[str, str]]           # metadata values per row
-    where: list[str]                     # "FILE row N (line L)" per row, for messages
-    keys: list[str]                      # per-source part of the key (unique within the source)
-    images: list[str] | np.ndarray       # absolute image paths, or a uint8 array (N, H, W[, 3])
-    labels: list[str] | None = None      # raw label per row (None: the source has no labels)
+    origin: str  # the file or folder, for messages
+    columns: list[str]  # metadata columns a template may use (besides `label`)
+    rows: list[dict[str, str]]  # metadata values per row
+    where: list[str]  # "FILE row N (line L)" per row, for messages
+    keys: list[str]  # per-source part of the key (unique within the source)
+    images: list[str] | np.ndarray  # absolute image paths, or a uint8 array (N, H, W[, 3])
+    labels: list[str] | None = None  # raw label per row (None: the source has no labels)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -109,8 +112,9 @@ def read_source(src: CorpusSource) -> SourceTable:
     if not path.exists():
         raise CorpusBuildError(f"source {path} not found")
     if path.is_dir() and src.class_names is not None:
-        raise CorpusBuildError(f"{path}: a folder source takes its class names from the subfolder names; "
-                               "drop class_names")
+        raise CorpusBuildError(
+            f"{path}: a folder source takes its class names from the subfolder names; drop class_names"
+        )
     try:  # a format without labelled rows, or a file it refuses: one line naming the file and line
         data = read_labelled(path, split=src.split, what="source")
     except CorpusBuildError:
@@ -126,8 +130,10 @@ def read_source(src: CorpusSource) -> SourceTable:
         for i, raw in enumerate(table.labels):
             for tok in raw.split("|") if raw else []:
                 if not (tok.isdigit() and int(tok) < n):
-                    raise CorpusBuildError(f"{table.where[i]}: label {raw!r} is not a class index 0..{n - 1} "
-                                           f"of class_names ({', '.join(src.class_names)})")
+                    raise CorpusBuildError(
+                        f"{table.where[i]}: label {raw!r} is not a class index 0..{n - 1} "
+                        f"of class_names ({', '.join(src.class_names)})"
+                    )
     return table
 
 
@@ -144,12 +150,15 @@ def _label_text(labels: list[str] | np.ndarray) -> list[str]:
 def _from_images(src: CorpusSource, path: Path, data: LabelledData) -> SourceTable:
     """An npz or a class folder (or any format whose rows carry their images)."""
     if not len(data):
-        raise CorpusBuildError(f"{path / src.split if src.split else path}: no images "
-                               f"({'/'.join(IMAGE_SUFFIXES)}) in class subfolders" if path.is_dir()
-                               else f"{path}: no rows")
+        raise CorpusBuildError(
+            f"{path / src.split if src.split else path}: no images ({'/'.join(IMAGE_SUFFIXES)}) in class subfolders"
+            if path.is_dir()
+            else f"{path}: no rows"
+        )
     labels = None if data.labels is None else _label_text(data.labels)
-    return SourceTable(src, data.origin, list(data.columns), data.rows, data.where, list(data.keys), data.images,
-                       labels)
+    return SourceTable(
+        src, data.origin, list(data.columns), data.rows, data.where, list(data.keys), data.images, labels
+    )
 
 
 def _from_table(src: CorpusSource, path: Path, data: LabelledData) -> SourceTable:
@@ -157,11 +166,14 @@ def _from_table(src: CorpusSource, path: Path, data: LabelledData) -> SourceTabl
     columns, raw_rows = data.columns, data.rows
     listed = ", ".join(columns) or "none"
     if src.image_column not in columns:
-        raise CorpusBuildError(f"{path}: image column {src.image_column!r} not found (columns: {listed}); "
-                               "set image_column")
+        raise CorpusBuildError(
+            f"{path}: image column {src.image_column!r} not found (columns: {listed}); set image_column"
+        )
     if src.split is not None and src.split_column not in columns:
-        raise CorpusBuildError(f"{path}: split {src.split!r} asked for, but split column {src.split_column!r} is "
-                               f"not there (columns: {listed}); set split_column, or drop split")
+        raise CorpusBuildError(
+            f"{path}: split {src.split!r} asked for, but split column {src.split_column!r} is "
+            f"not there (columns: {listed}); set split_column, or drop split"
+        )
     if src.domain_column is not None and src.domain_column not in columns:
         raise CorpusBuildError(f"{path}: domain column {src.domain_column!r} not found (columns: {listed})")
     has_label = src.label_column is not None and src.label_column in columns
@@ -175,8 +187,7 @@ def _from_table(src: CorpusSource, path: Path, data: LabelledData) -> SourceTabl
         if not rel:
             raise CorpusBuildError(f"{here}: empty {src.image_column!r}")
         if rel in seen:
-            raise CorpusBuildError(f"{here}: image {rel!r} is listed twice (first on {seen[rel]}); keys must be "
-                                   "unique")
+            raise CorpusBuildError(f"{here}: image {rel!r} is listed twice (first on {seen[rel]}); keys must be unique")
         seen[rel] = here
         p = Path(os.path.expanduser(rel))
         images.append(os.path.normpath(p if p.is_absolute() else root / p))
@@ -188,8 +199,10 @@ def _from_table(src: CorpusSource, path: Path, data: LabelledData) -> SourceTabl
     if not raw_rows:
         raise CorpusBuildError(f"{path}: no rows (a header and nothing else)")
     if not rows:
-        raise CorpusBuildError(f"{path}: no row has {src.split_column} == {src.split!r} (values: "
-                               f"{', '.join(sorted({r[src.split_column] for r in raw_rows}))})")
+        raise CorpusBuildError(
+            f"{path}: no row has {src.split_column} == {src.split!r} (values: "
+            f"{', '.join(sorted({r[src.split_column] for r in raw_rows}))})"
+        )
     meta = [c for c in columns if c != src.image_column]
     return SourceTable(src, str(path), meta, rows, where, keys, images, labels if has_label else None)
 
@@ -201,6 +214,8 @@ def check_unique_names(sources: Sequence[CorpusSource]) -> None:
         if not n or "/" in n or "\\" in n or n in (".", ".."):
             raise CorpusBuildError(f"source {s.path}: name {n!r} cannot name a folder; set name")
         if n in seen:
-            raise CorpusBuildError(f"two sources are named {n!r} ({seen[n]} and {s.path}); give each a distinct "
-                                   "name (keys and image folders are prefixed with it)")
+            raise CorpusBuildError(
+                f"two sources are named {n!r} ({seen[n]} and {s.path}); give each a distinct "
+                "name (keys and image folders are prefixed with it)"
+            )
         seen[n] = s.path

@@ -5,6 +5,7 @@ Registered as the `npz` format (labelled rows): eval classification tasks read o
 reads one split or all of them. Checks made here for both: the split's two keys exist (a missing one is named with
 the keys the file has), images are uint8 of a supported shape, images and labels have as many rows.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,12 +37,16 @@ def read_npz(path: str | os.PathLike, split: str | None = None) -> LabelledData:
         if split is not None:
             for k in (f"{split}_images", f"{split}_labels"):
                 if k not in files:
-                    raise CorpusError(f"{path}: no split {split!r}: key {k!r} not found (keys: "
-                                      f"{', '.join(sorted(files))}); splits here: {', '.join(present) or 'none'}")
+                    raise CorpusError(
+                        f"{path}: no split {split!r}: key {k!r} not found (keys: "
+                        f"{', '.join(sorted(files))}); splits here: {', '.join(present) or 'none'}"
+                    )
             present = [split]
         if not present:
-            raise CorpusError(f"{path}: no SPLIT_images arrays (keys: {', '.join(sorted(files))}); "
-                              "expected MedMNIST keys such as train_images and train_labels")
+            raise CorpusError(
+                f"{path}: no SPLIT_images arrays (keys: {', '.join(sorted(files))}); "
+                "expected MedMNIST keys such as train_images and train_labels"
+            )
         images, labels, rows, where, keys = [], [], [], [], []
         for name in present:
             ik, lk = f"{name}_images", f"{name}_labels"
@@ -49,8 +54,10 @@ def read_npz(path: str | os.PathLike, split: str | None = None) -> LabelledData:
                 raise CorpusError(f"{path}: {ik} has no {lk}")
             imgs, labs = z[ik], z[lk]
             if imgs.dtype != np.uint8 or not (imgs.ndim == 3 or (imgs.ndim == 4 and imgs.shape[-1] in (1, 3, 4))):
-                raise CorpusError(f"{path}: {ik} must be uint8 (N, H, W) grey or (N, H, W, 3) RGB images (or "
-                                  f"RGBA), got {imgs.dtype} {imgs.shape} (3D volumes are not supported)")
+                raise CorpusError(
+                    f"{path}: {ik} must be uint8 (N, H, W) grey or (N, H, W, 3) RGB images (or "
+                    f"RGBA), got {imgs.dtype} {imgs.shape} (3D volumes are not supported)"
+                )
             if imgs.ndim == 4 and imgs.shape[-1] == 1:
                 imgs = imgs[..., 0]
             if len(labs) != len(imgs):

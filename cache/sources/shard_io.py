@@ -6,6 +6,7 @@ only by those who need it; a scheme whose package is missing is one line naming 
 Why retries live here: a remote read fails for reasons that pass (a dropped connection, a throttled request), so
 every shard gets `Retry.attempts` tries with exponential backoff before it is called unreadable.
 """
+
 from __future__ import annotations
 
 import io
@@ -21,8 +22,17 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 PIPE = "pipe:"
 # what to install for a scheme whose fsspec implementation is missing (fsspec's own hint for the others)
-_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp requests",
-             "https": "aiohttp requests", "az": "adlfs", "abfs": "adlfs", "hf": "huggingface_hub"}
+_PACKAGES = {
+    "s3": "s3fs",
+    "s3a": "s3fs",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "http": "aiohttp requests",
+    "https": "aiohttp requests",
+    "az": "adlfs",
+    "abfs": "adlfs",
+    "hf": "huggingface_hub",
+}
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -30,7 +40,7 @@ def expand_braces(pattern: str) -> list[str]:
     m = _BRACE.search(pattern)
     if m is None:
         return [pattern]
-    head, body, tail = pattern[:m.start()], m.group(1), pattern[m.end():]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
     rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
     if rng:
         a, b = rng.groups()
@@ -71,7 +81,7 @@ def _scheme(url: str) -> str:
 
 def _check_scheme(scheme: str, spec: str) -> None:
     if scheme == PIPE:
-        if not spec[len(PIPE):].strip():
+        if not spec[len(PIPE) :].strip():
             raise CorpusError(f"{spec!r}: a pipe: shard needs a command after 'pipe:' (e.g. pipe:curl -s URL)")
         return
     import fsspec
@@ -83,14 +93,15 @@ def _check_scheme(scheme: str, spec: str) -> None:
         package = _PACKAGES.get(scheme) or known_implementations.get(scheme, {}).get("err", "its fsspec package")
         raise CorpusError(f"{spec}: reading {scheme}:// shards needs {package} (pip install {package})") from None
     except ValueError:
-        raise CorpusError(f"{spec}: unknown URL scheme {scheme}://; use file://, s3://, gs://, https:// or "
-                          "pipe:COMMAND") from None
+        raise CorpusError(
+            f"{spec}: unknown URL scheme {scheme}://; use file://, s3://, gs://, https:// or pipe:COMMAND"
+        ) from None
 
 
 def open_shard(url: str) -> io.BufferedIOBase:
     """A readable binary stream of one shard; the caller closes it (a pipe's exit status is checked at its end)."""
     if url.startswith(PIPE):
-        return io.BufferedReader(_PipeReader(url[len(PIPE):]), 1 << 20)
+        return io.BufferedReader(_PipeReader(url[len(PIPE) :]), 1 << 20)
     import fsspec
 
     return fsspec.open(url, "rb").open()
@@ -138,8 +149,9 @@ class Retry:
 
     def __post_init__(self):
         if self.attempts < 1 or self.backoff_s < 0:
-            raise CorpusError(f"shard attempts must be >= 1 and backoff >= 0 s, got {self.attempts} and "
-                              f"{self.backoff_s}")
+            raise CorpusError(
+                f"shard attempts must be >= 1 and backoff >= 0 s, got {self.attempts} and {self.backoff_s}"
+            )
 
     def wait(self, failures: int) -> None:
         time.sleep(min(60.0, self.backoff_s * 2 ** (failures - 1)))

@@ -7,6 +7,7 @@ resumes where it stopped. A shard that fails is tried `Retry.attempts` times; ev
 (transport errors, a cut stream) is a `ReadFailure`, while a shard that is itself wrong (an unsafe member name, a
 caption that is not UTF-8) is a CorpusError, as for local shards.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,12 +16,13 @@ import logging
 import os
 import tarfile
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import NamedTuple
 
 from cache.sources.base import IMAGE_EXTS, CorpusError
-from cache.sources.webdataset import check_key, is_end_block, member_key, read_caption
 from cache.sources.shard_io import Retry, is_local, open_shard
+from cache.sources.webdataset import check_key, is_end_block, member_key, read_caption
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,7 @@ _FORMAT = "biomed-distill shard listing"
 def listing_dir() -> str:
     """Where shard listings live: $BIOMED_DISTILL_LISTINGS, else ~/.cache/biomed-distill/listings (put it on a
     file system every node sees when several nodes cache one corpus)."""
-    return os.environ.get(LISTING_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "biomed-distill",
-                                                       "listings")
+    return os.environ.get(LISTING_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "biomed-distill", "listings")
 
 
 class ReadFailure(Exception):
@@ -44,7 +45,7 @@ class ReadFailure(Exception):
 class Sample(NamedTuple):
     key: str
     caption: str
-    size: int            # bytes of its image member, -1: none
+    size: int  # bytes of its image member, -1: none
     image: bytes | None  # read only when asked
 
 
@@ -56,8 +57,14 @@ class ShardListing:
     sizes: list[int]
 
     def to_json(self) -> dict:
-        return {"format": _FORMAT, "version": 1, "url": self.url, "keys": self.keys, "captions": self.captions,
-                "sizes": self.sizes}
+        return {
+            "format": _FORMAT,
+            "version": 1,
+            "url": self.url,
+            "keys": self.keys,
+            "captions": self.captions,
+            "sizes": self.sizes,
+        }
 
 
 class _Tail:
@@ -69,12 +76,12 @@ class _Tail:
     def __init__(self, f):
         self.f, self.pos = f, 0
         self._chunks: deque[bytes] = deque()  # the last reads, at least KEEP bytes in all (not copied per read:
-        self._held = 0                        # skipping a 600 MB member takes 60,000 reads)
+        self._held = 0  # skipping a 600 MB member takes 60,000 reads)
 
     def read(self, n: int = -1) -> bytes:
         data = self.f.read(n)
         self.pos += len(data)
-        kept = data if len(data) <= self.KEEP else data[-self.KEEP:]
+        kept = data if len(data) <= self.KEEP else data[-self.KEEP :]
         self._chunks.append(kept)
         self._held += len(kept)
         while self._chunks and self._held - len(self._chunks[0]) >= self.KEEP:
@@ -84,9 +91,9 @@ class _Tail:
     def block_at(self, offset: int) -> bytes:
         if offset + tarfile.BLOCKSIZE > self.pos:
             self.read(offset + tarfile.BLOCKSIZE - self.pos)
-        tail = b"".join(self._chunks)[-self.KEEP:]
+        tail = b"".join(self._chunks)[-self.KEEP :]
         start = self.pos - len(tail)
-        return tail[offset - start:offset - start + tarfile.BLOCKSIZE] if offset >= start else b""
+        return tail[offset - start : offset - start + tarfile.BLOCKSIZE] if offset >= start else b""
 
 
 def iter_samples(url: str, f, seek: bool, want_image: Callable[[int], bool]) -> Iterator[Sample]:
@@ -108,8 +115,10 @@ def iter_samples(url: str, f, seek: bool, want_image: Callable[[int], bool]) -> 
                 if key is not None:
                     yield _sample(url, key, cur)
                 if k in seen:
-                    raise CorpusError(f"WebDataset shard {url}: the files of sample {k!r} are not next to each other; "
-                                      "a streamed shard needs each sample's files together (rewrite the shard)")
+                    raise CorpusError(
+                        f"WebDataset shard {url}: the files of sample {k!r} are not next to each other; "
+                        "a streamed shard needs each sample's files together (rewrite the shard)"
+                    )
                 seen.add(k)
                 key, cur = k, {}
             if ext == "txt":

@@ -19,6 +19,7 @@ was, up to `Retry.attempts` tries; after that its rows raise `ShardUnreadable` (
 Keys, the safety checks on member names and the caption and image rules are the local reader's
 (`cache.sources.webdataset`); a stream whose keys or captions differ from its listing stops with a CorpusError.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,14 +36,16 @@ from cache.sources.base import IMAGE_EXTS, BadSampleError, Corpus, CorpusError
 from cache.sources.formats import Format, register_format
 from cache.sources.image_decode import decode_image
 from cache.sources.shard_io import Retry, is_local, is_stream_spec, open_shard, shard_urls
-from cache.sources.shard_listing import (SHARD_UNREADABLE,
-                                ListingStore,
-                                ReadFailure,
-                                Sample,
-                                iter_samples,
-                                list_shards,
-                                listing_dir,
-                                why)
+from cache.sources.shard_listing import (
+    SHARD_UNREADABLE,
+    ListingStore,
+    ReadFailure,
+    Sample,
+    iter_samples,
+    list_shards,
+    listing_dir,
+    why,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +60,10 @@ class StreamOptions:
     """How a streamed corpus is opened and read."""
 
     retry: Retry = Retry()
-    listing: str | None = None          # listing folder (None: listing_dir())
+    listing: str | None = None  # listing folder (None: listing_dir())
     skip: dict[str, str] = field(default_factory=dict)  # URL -> reason: left out without being listed again
-    read_ahead: int = 0                 # rows read past and kept for a later request, per process
-    progress: bool = False              # a bar while listing
+    read_ahead: int = 0  # rows read past and kept for a later request, per process
+    progress: bool = False  # a bar while listing
 
 
 class StreamCorpus(Corpus):
@@ -86,20 +89,33 @@ class StreamCorpus(Corpus):
             self.first_row[s] = len(self.keys)
             for key in listing.keys:
                 if key in seen:
-                    raise CorpusError(f"WebDataset {spec}: duplicate __key__ {key!r} in {url} (first seen in "
-                                      f"{self.shards[seen[key]]}); keys must be unique across shards")
+                    raise CorpusError(
+                        f"WebDataset {spec}: duplicate __key__ {key!r} in {url} (first seen in "
+                        f"{self.shards[seen[key]]}); keys must be unique across shards"
+                    )
                 seen[key] = s
             self.keys += listing.keys
             self.captions += listing.captions
             sizes += listing.sizes
             shard_of += [s] * len(listing.keys)
         if not self.keys:
-            raise CorpusError(f"WebDataset {spec}: no samples in {len(self.shards)} shard(s)"
-                              + (f" ({len(self.unlisted)} could not be read, e.g. {next(iter(self.unlisted))}: "
-                                 f"{next(iter(self.unlisted.values()))})" if self.unlisted else ""))
+            raise CorpusError(
+                f"WebDataset {spec}: no samples in {len(self.shards)} shard(s)"
+                + (
+                    f" ({len(self.unlisted)} could not be read, e.g. {next(iter(self.unlisted))}: "
+                    f"{next(iter(self.unlisted.values()))})"
+                    if self.unlisted
+                    else ""
+                )
+            )
         if self.unlisted:
-            log.warning("%s: %d of %d shard(s) could not be listed and are left out, e.g. %s", spec,
-                        len(self.unlisted), len(self.shards), next(iter(self.unlisted)))
+            log.warning(
+                "%s: %d of %d shard(s) could not be listed and are left out, e.g. %s",
+                spec,
+                len(self.unlisted),
+                len(self.shards),
+                next(iter(self.unlisted)),
+            )
         self.sizes = np.asarray(sizes, dtype=np.int64)
         self.shard_of = np.asarray(shard_of, dtype=np.int64)  # shard index (into self.shards) of each row
         self._state: dict = {}  # this process's cursor, shared by shallow copies (with_limits)
@@ -109,7 +125,7 @@ class StreamCorpus(Corpus):
         d["_state"] = {}  # open streams never cross a process boundary
         return d
 
-    def with_read_ahead(self, rows: int) -> "StreamCorpus":
+    def with_read_ahead(self, rows: int) -> StreamCorpus:
         """A copy that keeps up to `rows` samples read past for a later request (a shuffle buffer's window)."""
         out = copy.copy(self)
         out.options = dataclasses.replace(self.options, read_ahead=int(rows))
@@ -127,8 +143,12 @@ class StreamCorpus(Corpus):
         if size < 0:
             raise BadSampleError(self.keys[i], f"no image member ({'/'.join(IMAGE_EXTS)})", self.describe(i))
         if max_bytes is not None and size > max_bytes:
-            raise BadSampleError(self.keys[i], f"image member is {size / 2**20:.0f} MiB, larger than any image "
-                                 f"within the pixel limit ({self.limits.hint}); not read", self.describe(i))
+            raise BadSampleError(
+                self.keys[i],
+                f"image member is {size / 2**20:.0f} MiB, larger than any image "
+                f"within the pixel limit ({self.limits.hint}); not read",
+                self.describe(i),
+            )
         cursor = self._state.get("cursor")
         if cursor is None or cursor.pid != os.getpid():
             cursor = self._state["cursor"] = _Cursor(self)
@@ -146,7 +166,7 @@ class _ShardStream:
 
     def __init__(self, url: str, retry: Retry):
         self.url, self.retry = url, retry
-        self.pos = 0          # samples handed out
+        self.pos = 0  # samples handed out
         self.failures = 0
         self.max_bytes: int | None = None
         self._skipping = False
@@ -166,19 +186,20 @@ class _ShardStream:
                 self.pos += 1
                 return sample
             except StopIteration:
-                raise CorpusError(f"WebDataset shard {self.url} ended after {self.pos} sample(s), fewer than when it "
-                                  "was listed: it changed; delete its listing (see BIOMED_DISTILL_LISTINGS) and rerun"
-                                  ) from None
+                raise CorpusError(
+                    f"WebDataset shard {self.url} ended after {self.pos} sample(s), fewer than when it "
+                    "was listed: it changed; delete its listing (see BIOMED_DISTILL_LISTINGS) and rerun"
+                ) from None
             except CorpusError:
                 raise
             except Exception as e:  # noqa: BLE001 - retried: the transport's errors have no common base
                 self.close()
                 self.failures += 1
                 if self.failures >= self.retry.attempts:
-                    raise ReadFailure(f"{SHARD_UNREADABLE} after {self.failures} attempt(s) ({why(e)})"
-                                      ) from e
-                log.warning("%s: read failed (%s); attempt %d of %d", self.url, why(e), self.failures + 1,
-                            self.retry.attempts)
+                    raise ReadFailure(f"{SHARD_UNREADABLE} after {self.failures} attempt(s) ({why(e)})") from e
+                log.warning(
+                    "%s: read failed (%s); attempt %d of %d", self.url, why(e), self.failures + 1, self.retry.attempts
+                )
                 self.retry.wait(self.failures)
 
     def _want(self, size: int) -> bool:
@@ -234,11 +255,13 @@ class _Cursor:
                 raise ShardUnreadable(c.keys[i], str(e), c.shards[s]) from None
             j = int(c.first_row[s]) + st.pos - 1
             if j >= len(c.keys) or c.shard_of[j] != s or sample.key != c.keys[j] or sample.caption != c.captions[j]:
-                raise CorpusError(f"WebDataset shard {c.shards[s]} sample {st.pos} is {sample.key!r}, its listing "
-                                  f"says {c.keys[j] if j < len(c.keys) and c.shard_of[j] == s else 'none'!r} (or "
-                                  "the caption differs): the shard changed since it was listed; delete its listing "
-                                  f"({ListingStore(c.options.listing or listing_dir()).path(c.shards[s])}) and "
-                                  "rebuild the cache")
+                raise CorpusError(
+                    f"WebDataset shard {c.shards[s]} sample {st.pos} is {sample.key!r}, its listing "
+                    f"says {c.keys[j] if j < len(c.keys) and c.shard_of[j] == s else 'none'!r} (or "
+                    "the caption differs): the shard changed since it was listed; delete its listing "
+                    f"({ListingStore(c.options.listing or listing_dir()).path(c.shards[s])}) and "
+                    "rebuild the cache"
+                )
             if j == i:
                 if sample.image is None:  # over this call's byte bound when read ahead under another
                     raise BadSampleError(c.keys[i], "image member not read (over the byte limit)", c.describe(i))
@@ -259,5 +282,11 @@ def _open(path: str, stream: StreamOptions | None = None) -> StreamCorpus:
     return StreamCorpus(path, stream or StreamOptions())
 
 
-register_format(Format("stream", "WebDataset shards by URL (file://, s3://, gs://, https://) or a pipe: command",
-                       is_stream_spec, corpus=_open))
+register_format(
+    Format(
+        "stream",
+        "WebDataset shards by URL (file://, s3://, gs://, https://) or a pipe: command",
+        is_stream_spec,
+        corpus=_open,
+    )
+)

@@ -3,6 +3,7 @@
 Captions describe what is drawn (shape, colour, position, a pseudo-modality), so a student can actually learn
 to match them: the demo's and tests' losses fall for a reason, not by chance.
 """
+
 from __future__ import annotations
 
 import csv
@@ -11,8 +12,13 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
-           "white": (240, 240, 240)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 70, 220),
+    "yellow": (230, 210, 40),
+    "white": (240, 240, 240),
+}
 SHAPES = ("circle", "square", "triangle", "cross")
 SCAN_TYPES = {"ct": (20, 20, 20), "mri": (60, 40, 80), "ultrasound": (90, 80, 60)}
 POSITIONS = ("upper left", "upper right", "lower left", "lower right", "centre")
@@ -22,9 +28,13 @@ def _draw(shape: str, colour: tuple, bg: tuple, pos: str, size: int, rng: random
     img = Image.new("RGB", (size, size), bg)
     d = ImageDraw.Draw(img)
     r = size // 5 + rng.randint(-2, 2)
-    cx, cy = {"upper left": (size // 4, size // 4), "upper right": (3 * size // 4, size // 4),
-              "lower left": (size // 4, 3 * size // 4), "lower right": (3 * size // 4, 3 * size // 4),
-              "centre": (size // 2, size // 2)}[pos]
+    cx, cy = {
+        "upper left": (size // 4, size // 4),
+        "upper right": (3 * size // 4, size // 4),
+        "lower left": (size // 4, 3 * size // 4),
+        "lower right": (3 * size // 4, 3 * size // 4),
+        "centre": (size // 2, size // 2),
+    }[pos]
     cx += rng.randint(-2, 2)
     cy += rng.randint(-2, 2)
     if shape == "circle":
@@ -40,8 +50,9 @@ def _draw(shape: str, colour: tuple, bg: tuple, pos: str, size: int, rng: random
     return img
 
 
-def make_synthetic_corpus(out_dir: str | Path, n: int = 64, image_size: int = 48, seed: int = 0,
-                          fmt: str = "csv") -> Path:
+def make_synthetic_corpus(
+    out_dir: str | Path, n: int = 64, image_size: int = 48, seed: int = 0, fmt: str = "csv"
+) -> Path:
     """Write `n` PNG images and `corpus.csv` (or `.jsonl`/`.tsv`) with columns image, caption, key."""
     import json
 
@@ -55,8 +66,9 @@ def make_synthetic_corpus(out_dir: str | Path, n: int = 64, image_size: int = 48
         img = _draw(shape, COLOURS[colour], SCAN_TYPES[modality], pos, image_size, rng)
         rel = f"images/{i:05d}.png"
         img.save(out / rel)
-        rows.append({"image": rel, "caption": f"{modality} image of a {colour} {shape} in the {pos}",
-                     "key": f"syn-{i:05d}"})
+        rows.append(
+            {"image": rel, "caption": f"{modality} image of a {colour} {shape} in the {pos}", "key": f"syn-{i:05d}"}
+        )
     if fmt == "jsonl":
         path = out / "corpus.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))

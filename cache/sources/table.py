@@ -12,6 +12,7 @@ them: refused), captions cut to MAX_CAPTION_BYTES.
 Registered formats (`cache.sources.formats`): csv, tsv (a corpus, or labelled rows: `read_table`, which eval
 datasets and `distill corpus` sources read through) and jsonl (a corpus).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,13 +20,15 @@ import os
 
 from PIL import Image
 
-from cache.sources.base import (MAX_CELL_CHARS,
-                              MAX_COLUMNS,
-                              Corpus,
-                              CorpusError,
-                              cap_caption,
-                              read_utf8_text,
-                              text_problem)
+from cache.sources.base import (
+    MAX_CELL_CHARS,
+    MAX_COLUMNS,
+    Corpus,
+    CorpusError,
+    cap_caption,
+    read_utf8_text,
+    text_problem,
+)
 from cache.sources.csv_rows import read_delimited
 from cache.sources.formats import Format, LabelledData, has_suffix, register_format
 from cache.sources.image_decode import decode_image, read_bytes
@@ -63,8 +66,10 @@ class TableCorpus(Corpus):
                     raise CorpusError(f"{where}: {what} {problem}; fix that row")
             caption = cap_caption(caption)
             if key in seen:
-                raise CorpusError(f"{path} row {n} (line {line}): duplicate key {key!r}, first used on row "
-                                  f"{seen[key]}; keys must be unique (add or fix the 'key' column)")
+                raise CorpusError(
+                    f"{path} row {n} (line {line}): duplicate key {key!r}, first used on row "
+                    f"{seen[key]}; keys must be unique (add or fix the 'key' column)"
+                )
             seen[key] = n
             self.images.append(str(image))
             self.captions.append(caption)
@@ -90,8 +95,10 @@ class TableCorpus(Corpus):
         missing = [c for c in ("image", "caption") if c not in columns]
         if missing:
             shown = ", ".join(map(str, list(columns)[:10])) + (", ..." if len(columns) > 10 else "")
-            raise CorpusError(f"{path}{where}: missing column(s) {', '.join(missing)}; found "
-                              f"{shown or 'none'} (needed: image, caption; optional: key)")
+            raise CorpusError(
+                f"{path}{where}: missing column(s) {', '.join(missing)}; found "
+                f"{shown or 'none'} (needed: image, caption; optional: key)"
+            )
 
     def _read_delimited(self, path: str):
         header, rows = read_delimited(path, _read_utf8(path, "a header line: image,caption[,key]"), _delimiter(path))
@@ -108,14 +115,18 @@ class TableCorpus(Corpus):
             except (json.JSONDecodeError, RecursionError) as e:
                 raise CorpusError(f"{path} line {line_no}: invalid JSON ({e})") from e
             if not isinstance(row, dict):
-                raise CorpusError(f"{path} line {line_no}: expected a JSON object, found a "
-                                  f"{_JSON_TYPES.get(type(row), type(row).__name__)}")
+                raise CorpusError(
+                    f"{path} line {line_no}: expected a JSON object, found a "
+                    f"{_JSON_TYPES.get(type(row), type(row).__name__)}"
+                )
             if len(row) > MAX_COLUMNS:
                 raise CorpusError(_too_many_columns(path, line_no, len(row)))
             for col, value in row.items():
                 if isinstance(value, (str, list)) and len(text := _cell(value)) > MAX_CELL_CHARS:
-                    raise CorpusError(f"{path} line {line_no}: the {col!r} cell is {len(text):,} characters, over "
-                                      f"{MAX_CELL_CHARS:,}, the limit of one cell; shorten it")
+                    raise CorpusError(
+                        f"{path} line {line_no}: the {col!r} cell is {len(text):,} characters, over "
+                        f"{MAX_CELL_CHARS:,}, the limit of one cell; shorten it"
+                    )
             self._check_columns(path, list(row), f" line {line_no}")
             out.append((line_no, row))
         return out
@@ -128,8 +139,10 @@ class TableCorpus(Corpus):
     def column(self, name: str) -> list[str]:
         """The values of an extra column in corpus order, as text; "" for an empty or absent cell."""
         if name not in self._extra:
-            raise CorpusError(f"{self.source} has no column {name!r}; its other columns are "
-                              f"{', '.join(map(repr, self._extra)) or 'none'} (besides image, caption, key)")
+            raise CorpusError(
+                f"{self.source} has no column {name!r}; its other columns are "
+                f"{', '.join(map(repr, self._extra)) or 'none'} (besides image, caption, key)"
+            )
         return list(self._extra[name])
 
     def image_path(self, i: int) -> str:
@@ -167,8 +180,10 @@ def read_table(path: str | os.PathLike, split: str | None = None) -> LabelledDat
 
 
 def _too_many_columns(path: str, line: int, columns: int) -> str:
-    return (f"{path} line {line}: {columns:,} columns, more than the {MAX_COLUMNS} a corpus table may have; keep "
-            "the columns training uses (image, caption, key, e.g. domain)")
+    return (
+        f"{path} line {line}: {columns:,} columns, more than the {MAX_COLUMNS} a corpus table may have; keep "
+        "the columns training uses (image, caption, key, e.g. domain)"
+    )
 
 
 def _read_utf8(path: str, expected: str) -> str:
@@ -185,8 +200,10 @@ def _typed(value, column: str, types: tuple, where: str, expected: str):
         return value
     shown = repr(value)
     shown = shown if len(shown) <= 40 else shown[:37] + "..."
-    raise CorpusError(f"{where}: '{column}' is a JSON {_JSON_TYPES.get(type(value), type(value).__name__)} "
-                      f"({shown}); expected {expected}")
+    raise CorpusError(
+        f"{where}: '{column}' is a JSON {_JSON_TYPES.get(type(value), type(value).__name__)} "
+        f"({shown}); expected {expected}"
+    )
 
 
 def _cell(value) -> str:

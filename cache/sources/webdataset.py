@@ -10,6 +10,7 @@ refused too (tarfile alone would silently end at the cut), naming the shard. Ind
 captions, and of each only its first MAX_CAPTION_BYTES; an image member over `DecodeLimits.max_bytes` (what no
 image within the pixel limit needs) is a bad sample without being read.
 """
+
 from __future__ import annotations
 
 import glob
@@ -20,19 +21,23 @@ from typing import BinaryIO
 
 from PIL import Image
 
-from cache.sources.base import (IMAGE_EXTS,
-                              MAX_CAPTION_BYTES,
-                              BadSampleError,
-                              Corpus,
-                              CorpusError,
-                              cap_utf8,
-                              text_problem,
-                              utf8_problem)
+from cache.sources.base import (
+    IMAGE_EXTS,
+    MAX_CAPTION_BYTES,
+    BadSampleError,
+    Corpus,
+    CorpusError,
+    cap_utf8,
+    text_problem,
+    utf8_problem,
+)
 from cache.sources.formats import Format, register_format
 from cache.sources.image_decode import decode_image
 from cache.sources.shard_io import expand_braces, is_stream_spec  # noqa: F401  (expand_braces: re-exported)
 
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
 def shard_paths(path: str) -> list[str]:
     """The shard files a WebDataset path names, in order; errors name what was looked for."""
     if os.path.isdir(path):
@@ -43,8 +48,7 @@ def shard_paths(path: str) -> list[str]:
     shards = expand_braces(path)
     missing = [s for s in shards if not os.path.isfile(s)]
     if missing:
-        raise CorpusError(f"WebDataset {path}: {len(missing)} of {len(shards)} shard(s) not found, "
-                          f"first {missing[0]}")
+        raise CorpusError(f"WebDataset {path}: {len(missing)} of {len(shards)} shard(s) not found, first {missing[0]}")
     return shards
 
 
@@ -63,8 +67,10 @@ class WebDatasetCorpus(Corpus):
         for s_idx, shard in enumerate(self.shards):
             for key, caption, image in self._index_shard(shard, s_idx):
                 if key in seen:
-                    raise CorpusError(f"WebDataset {path}: duplicate __key__ {key!r} in {shard} "
-                                      f"(first seen in {seen[key]}); keys must be unique across shards")
+                    raise CorpusError(
+                        f"WebDataset {path}: duplicate __key__ {key!r} in {shard} "
+                        f"(first seen in {seen[key]}); keys must be unique across shards"
+                    )
                 seen[key] = shard
                 self.keys.append(key)
                 self.captions.append(caption)
@@ -96,8 +102,9 @@ class WebDatasetCorpus(Corpus):
         except CorpusError:
             raise
         except (tarfile.TarError, EOFError, ValueError, OverflowError) as e:
-            raise CorpusError(f"WebDataset shard {shard} is not a readable tar file ({e}); copy or write it "
-                              "again") from e
+            raise CorpusError(
+                f"WebDataset shard {shard} is not a readable tar file ({e}); copy or write it again"
+            ) from e
         _check_complete(shard, end)
         for key in order:
             check_key(shard, key)
@@ -118,8 +125,12 @@ class WebDatasetCorpus(Corpus):
         s_idx, offset, size = loc
         max_bytes = self.limits.max_bytes
         if max_bytes is not None and size > max_bytes:  # larger than any image within the pixel limit
-            raise BadSampleError(self.keys[i], f"image member is {size / 2**20:.0f} MiB, larger than any image "
-                                 f"within the pixel limit ({self.limits.hint}); not read", where)
+            raise BadSampleError(
+                self.keys[i],
+                f"image member is {size / 2**20:.0f} MiB, larger than any image "
+                f"within the pixel limit ({self.limits.hint}); not read",
+                where,
+            )
         with open(self.shards[s_idx], "rb") as f:
             f.seek(offset)
             data = f.read(size)
@@ -147,8 +158,10 @@ def read_caption(shard: str, name: str, member: BinaryIO) -> str:
     data = cap_utf8(member.read(MAX_CAPTION_BYTES + 1))
     bad = utf8_problem(data)
     if bad:
-        raise CorpusError(f"{shard}: caption {name} line {bad[0]}: not UTF-8 (byte {bad[2]} at column {bad[1]}); "
-                          "save captions as UTF-8")
+        raise CorpusError(
+            f"{shard}: caption {name} line {bad[0]}: not UTF-8 (byte {bad[2]} at column {bad[1]}); "
+            "save captions as UTF-8"
+        )
     return data.decode("utf-8").strip()
 
 
@@ -166,8 +179,10 @@ def is_end_block(block: bytes) -> bool:
 def _check_member_name(shard: str, name: str) -> None:
     """Refuse absolute and `..` member names: nothing here extracts, but such a shard is hostile or broken."""
     if name.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", name) or re.match(r"^[A-Za-z]:", name):
-        raise CorpusError(f"WebDataset shard {shard}: member {name!r} has an unsafe name (absolute, or with "
-                          f"'..'); member names must be relative paths inside the shard, so rewrite the shard")
+        raise CorpusError(
+            f"WebDataset shard {shard}: member {name!r} has an unsafe name (absolute, or with "
+            f"'..'); member names must be relative paths inside the shard, so rewrite the shard"
+        )
 
 
 def _check_complete(shard: str, end: int) -> None:
@@ -176,9 +191,10 @@ def _check_complete(shard: str, end: int) -> None:
         f.seek(end)
         block = f.read(tarfile.BLOCKSIZE)
     if not is_end_block(block):
-        raise CorpusError(f"WebDataset shard {shard} is truncated (it ends at byte {os.path.getsize(shard)} "
-                          f"without the tar end-of-archive marker after byte {end}); copy or write it again")
-
+        raise CorpusError(
+            f"WebDataset shard {shard} is truncated (it ends at byte {os.path.getsize(shard)} "
+            f"without the tar end-of-archive marker after byte {end}); copy or write it again"
+        )
 
 
 def _is_local_shards(path: str) -> bool:
@@ -190,5 +206,11 @@ def _open(path: str, stream=None) -> WebDatasetCorpus:
     return WebDatasetCorpus(path)
 
 
-register_format(Format("webdataset", "a folder of .tar shards, a .tar file, or a brace pattern such as "
-                       "shards/{00000..00009}.tar", _is_local_shards, corpus=_open))
+register_format(
+    Format(
+        "webdataset",
+        "a folder of .tar shards, a .tar file, or a brace pattern such as shards/{00000..00009}.tar",
+        _is_local_shards,
+        corpus=_open,
+    )
+)

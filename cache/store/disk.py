@@ -7,12 +7,13 @@ driver): the first failed write is recorded and every later write is dropped, so
 closes cleanly; the recorded OSError (errno kept, the file named) is raised once the file is closed, and the
 caller removes its temporary. Only files about to be discarded see dropped writes: the error is always raised.
 """
+
 from __future__ import annotations
 
 import contextlib
 import io
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import h5py
 import numpy as np
@@ -86,11 +87,11 @@ class DiskFile(io.RawIOBase):
         if not self.sparse:
             pwrite_all(self.fd, mv, self.pos)
             return
-        pages = np.frombuffer(mv[:n // p * p], np.uint8).reshape(-1, p).any(axis=1) if n >= p else np.zeros(0, bool)
-        keep = np.r_[pages, bool(np.frombuffer(mv[n // p * p:], np.uint8).any())] if n % p else pages
+        pages = np.frombuffer(mv[: n // p * p], np.uint8).reshape(-1, p).any(axis=1) if n >= p else np.zeros(0, bool)
+        keep = np.r_[pages, bool(np.frombuffer(mv[n // p * p :], np.uint8).any())] if n % p else pages
         edges = np.flatnonzero(np.diff(np.r_[0, keep.astype(np.int8), 0]))
         for a, z in zip(edges[::2].tolist(), edges[1::2].tolist()):  # runs of non-zero pages
-            pwrite_all(self.fd, mv[a * p:min(n, z * p)], self.pos + a * p)
+            pwrite_all(self.fd, mv[a * p : min(n, z * p)], self.pos + a * p)
 
     def truncate(self, size: int | None = None) -> int:
         size = self.pos if size is None else size

@@ -33,6 +33,7 @@ descriptor each; a few hundred files cost nothing. How a file written in place s
 Why one module: the writer, reader, inspector, verifier and builder all walk this tree; a path spelled in five
 places drifts. Everything that knows a dataset's name, chunk shape or checksum rule asks here.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -81,19 +82,19 @@ class Root:
     CREATED_BY = "created_by"
     NUM_ROWS = "num_rows"
     SOURCE = "corpus_source"
-    SEGMENTS = "segments"    # the segment folder's name, relative to the file's folder (format 2)
+    SEGMENTS = "segments"  # the segment folder's name, relative to the file's folder (format 2)
     FIRST_RUN = "first_run"  # segments of earlier runs in that folder belong to an earlier file of that name
 
 
 # -- format 2: segment files and the virtual datasets that map them ---------------------------------------------
 SEGMENTS_SUFFIX = ".segments"
-SEG_ROWS = "rows"      # (M,) int64: the cache row of each slot of a segment (-1: padding between chunks)
+SEG_ROWS = "rows"  # (M,) int64: the cache row of each slot of a segment (-1: padding between chunks)
 SEG_CHUNKS = "chunks"  # (J, 2) int64: slot start and length of each committed unit (a builder chunk)
-SEG_NEED = "need"      # (M, T) bool: which teacher embeds which slot in this run; attrs `teachers` = the T names
+SEG_NEED = "need"  # (M, T) bool: which teacher embeds which slot in this run; attrs `teachers` = the T names
 CHUNK_ROWS = "chunk_rows"  # attr of a virtual dataset: its sources' HDF5 chunk rows (a virtual one has no chunks)
 CHECKSUMMED = "fletcher32"  # attr of a virtual dataset: its sources carry fletcher32 checksums (segments do)
 SINCE_RUN = "since_run"  # teacher attr: segments of earlier runs are not this teacher's (its group was recreated)
-FOLDED = "folded"        # teacher attr: JSON {segment file: committed chunks folded in}
+FOLDED = "folded"  # teacher attr: JSON {segment file: committed chunks folded in}
 
 
 def chunk_rows_of(ds) -> int:
@@ -136,8 +137,9 @@ def row_chunk(num_rows: int, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> int:
     return max(1, min(int(num_rows), int(chunk_rows)))
 
 
-def feature_dataset_args(num_rows: int, dim: int, views: int, dtype, chunk_rows: int,
-                         modality: Modality, tokens: int = 0) -> dict:
+def feature_dataset_args(
+    num_rows: int, dim: int, views: int, dtype, chunk_rows: int, modality: Modality, tokens: int = 0
+) -> dict:
     """`create_dataset` arguments of one feature dataset: image (N, K, D) with K views, else (N, D); with
     `tokens` T (image only: patch tokens), (N, K, T, D) or (N, T, D).
 
@@ -155,8 +157,12 @@ def feature_dataset_args(num_rows: int, dim: int, views: int, dtype, chunk_rows:
 
 
 def done_dataset_args(num_rows: int) -> dict:
-    return {"shape": (num_rows,), "dtype": bool, "chunks": (row_chunk(num_rows, DONE_CHUNK_ROWS),),
-            "fletcher32": True}  # a flipped byte would mark rows done that were never written
+    return {
+        "shape": (num_rows,),
+        "dtype": bool,
+        "chunks": (row_chunk(num_rows, DONE_CHUNK_ROWS),),
+        "fletcher32": True,
+    }  # a flipped byte would mark rows done that were never written
 
 
 def view_chunks(num_rows: int, views: int, chunk_rows: int, fields: int = VIEW_FIELDS) -> tuple[int, int, int]:

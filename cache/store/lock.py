@@ -3,6 +3,7 @@
 Created with O_EXCL so two writers cannot both win. A lock left by a killed writer (same host, pid gone) is
 stale and taken over with a warning; a live one is refused with the pid named, so nothing is overwritten.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,7 +48,7 @@ class WriterLock:
         except (json.JSONDecodeError, OSError):
             return {}  # half-written by a writer killed mid-create: treat as stale
 
-    def acquire(self) -> "WriterLock":
+    def acquire(self) -> WriterLock:
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         for _ in range(3):
             try:
@@ -60,14 +61,22 @@ class WriterLock:
                 if pid == me["pid"] and host == me["host"]:
                     raise self.error(f"{self.target} is already being written by this process")
                 if host not in (None, me["host"]):
-                    raise self.error(f"{self.target} is locked by pid {pid} on host {host} ({self.path}); if no "
-                                     f"writer is running there, delete {self.path} and rerun")
+                    raise self.error(
+                        f"{self.target} is locked by pid {pid} on host {host} ({self.path}); if no "
+                        f"writer is running there, delete {self.path} and rerun"
+                    )
                 if isinstance(pid, int) and _pid_alive(pid):
-                    raise self.error(f"{self.target} is being written by another process (pid {pid}) on host "
-                                     f"{host}, so it is in use; wait for it to finish, or if that process is not "
-                                     f"writing it, delete {self.path}")
-                log.warning("taking over the stale lock %s: its writer (pid %s on host %s) is gone",
-                            self.path, pid, host or me["host"])
+                    raise self.error(
+                        f"{self.target} is being written by another process (pid {pid}) on host "
+                        f"{host}, so it is in use; wait for it to finish, or if that process is not "
+                        f"writing it, delete {self.path}"
+                    )
+                log.warning(
+                    "taking over the stale lock %s: its writer (pid %s on host %s) is gone",
+                    self.path,
+                    pid,
+                    host or me["host"],
+                )
                 try:  # stale: its writer is gone
                     os.remove(self.path)
                 except FileNotFoundError:
@@ -87,7 +96,7 @@ class WriterLock:
                 pass
             self.held = False
 
-    def __enter__(self) -> "WriterLock":
+    def __enter__(self) -> WriterLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -7,6 +7,7 @@ earlier runs gave that row (a retried bad row); runs of consecutive rows in cons
 become one mapping (one per process and run for a fresh run: processes get contiguous chunks). The statistics
 add each segment's saved sums and correct them by reading only rows the sums must not count.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,12 +17,11 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
-from teachers.kernel.modality import MODALITIES
-
 import cache.store.layout as L
-from cache.store.stats import TeacherSums, sums_of_rows
 from cache.store.segment_writer import read_sums
 from cache.store.segments import SegmentInfo, SegTeacher
+from cache.store.stats import TeacherSums, sums_of_rows
+from teachers.kernel.modality import MODALITIES
 
 
 @dataclass
@@ -78,13 +78,21 @@ def row_runs(owner: np.ndarray, slot: np.ndarray) -> list[tuple[int, int, int, i
     return [(int(a), int(b), int(owner[a]), int(slot[a])) for a, b in zip(starts, ends) if owner[a] >= 0]
 
 
-def make_virtual(g, what: str, shape: tuple, dtype, maps: list[tuple[int, int, str, str, tuple, int]],
-                 chunk_rows: int, fill=np.nan, checksummed: bool = False) -> None:
+def make_virtual(
+    g,
+    what: str,
+    shape: tuple,
+    dtype,
+    maps: list[tuple[int, int, str, str, tuple, int]],
+    chunk_rows: int,
+    fill=np.nan,
+    checksummed: bool = False,
+) -> None:
     """Replace g[what] by a virtual dataset: each map (row0, row1, source file, source dataset, its shape, slot0)
     gives rows [row0, row1) from slots [slot0, ...) of the source; other rows read `fill`."""
     layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
     for r0, r1, src, dset, src_shape, s0 in maps:
-        layout[r0:r1] = h5py.VirtualSource(src, dset, shape=src_shape)[s0:s0 + (r1 - r0)]
+        layout[r0:r1] = h5py.VirtualSource(src, dset, shape=src_shape)[s0 : s0 + (r1 - r0)]
     if what in g:
         del g[what]
     ds = g.create_virtual_dataset(what, layout, fillvalue=fill)
@@ -100,8 +108,10 @@ def map_teacher(g, plan: TeacherPlan, meta: dict, folder: str) -> None:
     for what, args in SegTeacher(meta["attrs"], meta["dtype"]).datasets(n, chunk).items():
         inner = tuple(args["shape"][1:])
         dset = f"{L.teacher(plan.name)}/{what}"
-        maps = [(a, b, f"{folder}/{os.path.basename(plan.segs[i].path)}", dset, (len(plan.segs[i].rows), *inner), s)
-                for a, b, i, s in runs]
+        maps = [
+            (a, b, f"{folder}/{os.path.basename(plan.segs[i].path)}", dset, (len(plan.segs[i].rows), *inner), s)
+            for a, b, i, s in runs
+        ]
         make_virtual(g, what, (n, *inner), args["dtype"], maps, chunk, checksummed=args["fletcher32"])
 
 
@@ -137,7 +147,7 @@ def copy_into(g, plan: TeacherPlan, folded: dict[str, int]) -> np.ndarray:
     returns the rows now done (resuming an old file keeps its layout; new teachers get segments)."""
     rows_done = []
     for s in plan.segs:
-        new = s.committed[int(folded.get(os.path.basename(s.path), 0)):]
+        new = s.committed[int(folded.get(os.path.basename(s.path), 0)) :]
         if not new:
             continue
         slots_all, ok = s.written(plan.name)

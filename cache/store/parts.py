@@ -6,6 +6,7 @@ its group without loading the model, and is removed by the fold that takes the r
 Also here: the background thread that commits chunks while the next one is embedded (`PartWriter`), and turning
 a full disk or a read-only folder into a one-line CacheError, for the segments and the fold alike.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,8 @@ import json
 import os
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 from cache.store.schema import CacheError
 

@@ -20,20 +20,20 @@ are still waiting in segments not yet folded in appear after the next fold. A fo
 through virtual datasets from FEATURES.h5.segments/ (`cache.store.layout`; HDF5 opens each segment once per process,
 on first read); one whose segment files are missing is refused when opened (`schema.check_root`).
 """
+
 from __future__ import annotations
 
 import os
 from collections import Counter, OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import h5py
 import numpy as np
 
-from teachers.kernel.modality import MODALITIES, Modality, Pair
-
 import cache.store.layout as L
 from cache.store.schema import CacheError, attrs_to_dict, check_root
 from cache.store.verify import UNREADABLE, BadRowsError, raise_damaged, read_block
+from teachers.kernel.modality import MODALITIES, Modality, Pair
 
 Embeddings = Pair[np.ndarray]  # one teacher's (B, D) image (or (B, K, D) views) and (B, D) text embeddings
 
@@ -53,9 +53,17 @@ class FeatureReader:
     row checks to skip (training with data.bad_features=skip).
     """
 
-    def __init__(self, path: str, teachers: list[str] | None = None, *, max_span_ratio: float = 4.0,
-                 rdcc_nbytes: int = 16 * 1024 * 1024, block_rows: int = 0, cache_blocks: int = 16,
-                 unreadable: str = "raise"):
+    def __init__(
+        self,
+        path: str,
+        teachers: list[str] | None = None,
+        *,
+        max_span_ratio: float = 4.0,
+        rdcc_nbytes: int = 16 * 1024 * 1024,
+        block_rows: int = 0,
+        cache_blocks: int = 16,
+        unreadable: str = "raise",
+    ):
         self.path = os.fspath(path)
         if unreadable not in ("raise", "nan"):
             raise ValueError(f"unreadable must be 'raise' or 'nan', got {unreadable!r}")
@@ -63,8 +71,10 @@ class FeatureReader:
         self.max_span_ratio = float(max_span_ratio)
         self.rdcc_nbytes = int(rdcc_nbytes)
         if int(block_rows) < 0 or int(cache_blocks) < 1:
-            raise ValueError(f"block_rows must be >= 0 (0: no block cache) and cache_blocks >= 1; got "
-                             f"block_rows={block_rows}, cache_blocks={cache_blocks}")
+            raise ValueError(
+                f"block_rows must be >= 0 (0: no block cache) and cache_blocks >= 1; got "
+                f"block_rows={block_rows}, cache_blocks={cache_blocks}"
+            )
         self.block_rows, self.cache_blocks = int(block_rows), int(cache_blocks)
         self.bytes_read = 0
         self.block_reads: Counter[tuple[str, int]] = Counter()
@@ -90,8 +100,9 @@ class FeatureReader:
                 teachers = available
             missing = [t for t in teachers if t not in available]
             if missing:
-                raise KeyError(f"{self.path}: no teacher(s) {', '.join(missing)}; available: "
-                               f"{', '.join(available) or 'none'}")
+                raise KeyError(
+                    f"{self.path}: no teacher(s) {', '.join(missing)}; available: {', '.join(available) or 'none'}"
+                )
             self.teacher_names: list[str] = list(teachers)
             self._attrs = {t: attrs_to_dict(f[L.teacher(t)].attrs) for t in self.teacher_names}
             self._done = {t: f[L.done(t)][:] for t in self.teacher_names}
@@ -131,7 +142,7 @@ class FeatureReader:
         state["_h5"], state["_pid"], state["_ds"], state["_blocks"] = None, None, {}, {}
         return state
 
-    def __enter__(self) -> "FeatureReader":
+    def __enter__(self) -> FeatureReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -176,8 +187,9 @@ class FeatureReader:
         out, bad = read_block(ds, lo, hi)
         rows = sorted(r for rs in bad.values() for r in rs)
         if rows and self.unreadable == "raise":
-            raise BadRowsError.of(self.path, where[0], "patch-token" if where[1] == L.TOKENS else where[1], rows,
-                                  UNREADABLE)
+            raise BadRowsError.of(
+                self.path, where[0], "patch-token" if where[1] == L.TOKENS else where[1], rows, UNREADABLE
+            )
         return out
 
     def _take(self, ds: h5py.Dataset, uniq: np.ndarray, where: tuple[str, str] | None = None) -> np.ndarray:
@@ -238,8 +250,9 @@ class FeatureReader:
             raise IndexError(f"row ids must be in [0, {self.num_rows}); got {rows.min()}..{rows.max()}")
         return np.unique(rows, return_inverse=True)
 
-    def read(self, rows, teachers: Sequence[str] | None = None,
-             views: np.ndarray | None = None) -> dict[str, Embeddings]:
+    def read(
+        self, rows, teachers: Sequence[str] | None = None, views: np.ndarray | None = None
+    ) -> dict[str, Embeddings]:
         """{teacher: Embeddings(image (B, D), text (B, D))} as float32, in the order of `rows`.
 
         For a teacher cached with K views, `views` (B,) picks view views[i] for row i (the same view for all
@@ -255,16 +268,19 @@ class FeatureReader:
             out[t] = Pair(image.astype(np.float32), got.text[inv].astype(np.float32))
         return out
 
-    def read_tokens(self, rows, teachers: Sequence[str] | None = None,
-                    views: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def read_tokens(
+        self, rows, teachers: Sequence[str] | None = None, views: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
         """{teacher: (B, G*G, D) float32 patch tokens} in the order of `rows` (blocks as for `read`, in a separate
         LRU); with K views, `views` (B,) picks each row's view as in `read`, else (B, K, G*G, D)."""
         uniq, inv = self._rows(rows)
         out: dict[str, np.ndarray] = {}
         for t in self._names(teachers):
             if not self._has_tokens[t]:
-                raise CacheError(f"{self.path}: teacher {t!r} has no patch tokens; cache it with `distill cache "
-                                 f"--tokens G` (into a new file or under another teacher name)")
+                raise CacheError(
+                    f"{self.path}: teacher {t!r} has no patch tokens; cache it with `distill cache "
+                    f"--tokens G` (into a new file or under another teacher name)"
+                )
             x = self._gather_sets(t, f"{t}/{L.TOKENS}", (L.TOKENS,), uniq)[L.TOKENS][inv]
             if x.ndim == 4 and views is not None:
                 x = x[np.arange(len(inv)), _view_ids(views, len(inv), x.shape[1], t)]
@@ -282,8 +298,10 @@ class FeatureReader:
         """image_mean, image_cov, text_mean, text_cov (float32), written when the teacher completed."""
         name = self._names([name])[0]
         if not self._has_stats[name]:
-            raise CacheError(f"{self.path}: teacher {name!r} has no statistics yet: only "
-                             f"{int(self._done[name].sum())}/{self.num_rows} rows done; finish `distill cache`")
+            raise CacheError(
+                f"{self.path}: teacher {name!r} has no statistics yet: only "
+                f"{int(self._done[name].sum())}/{self.num_rows} rows done; finish `distill cache`"
+            )
         s = self._file()[L.stats(name)]
         return {k: s[k][:] for k in L.STATS_FIELDS}
 
@@ -313,7 +331,6 @@ def block_shuffle_order(block_ids: np.ndarray, buffer_blocks: int, rng: np.rando
     b = max(1, int(buffer_blocks))
     out = []
     for i in range(0, len(groups), b):
-        buf = np.concatenate(groups[i:i + b])
+        buf = np.concatenate(groups[i : i + b])
         out.append(buf[rng.permutation(len(buf))])
     return np.concatenate(out).astype(np.int64)
-

@@ -10,6 +10,7 @@ commit: a kill before it leaves bytes nobody maps, a kill during it a torn line 
 rows, `segments.chunk_layout`), so a commit never touches committed bytes. At the end of a run the writer's
 running sums (`cache.store.stats`, for the teacher statistics) are saved beside it (`run-...sums.h5`).
 """
+
 from __future__ import annotations
 
 import io
@@ -21,19 +22,21 @@ import numpy as np
 import torch
 
 import cache.store.layout as L
-from cache.store.stats import TeacherSums
 from cache.store.disk import h5_on_disk
 from cache.store.parts import disk_errors
 from cache.store.schema import CacheError
-from cache.store.segments import (SegTeacher,
-                           _pwrite_all,
-                           chunk_layout,
-                           create_segment,
-                           log_line,
-                           log_path,
-                           removed_on_error,
-                           segment_name,
-                           sums_path)
+from cache.store.segments import (
+    SegTeacher,
+    _pwrite_all,
+    chunk_layout,
+    create_segment,
+    log_line,
+    log_path,
+    removed_on_error,
+    segment_name,
+    sums_path,
+)
+from cache.store.stats import TeacherSums
 
 
 @dataclass
@@ -50,8 +53,19 @@ class _Dataset:
 class SegmentWriter:
     """This process's segment of one run: `put` each teacher's rows of a chunk, then `commit` the chunk."""
 
-    def __init__(self, folder: str, run: int, rank: int, chunks: list[np.ndarray], need_of, teachers: dict,
-                 chunk_rows: int, h5_chunk_rows: int, fingerprint: str, sums: bool = True):
+    def __init__(
+        self,
+        folder: str,
+        run: int,
+        rank: int,
+        chunks: list[np.ndarray],
+        need_of,
+        teachers: dict,
+        chunk_rows: int,
+        h5_chunk_rows: int,
+        fingerprint: str,
+        sums: bool = True,
+    ):
         """`chunks`: this process's chunks of rows, in commit order; `need_of(rows) -> (n, T) bool` over
         `teachers` (NAME -> SegTeacher); HDF5 chunks of gcd(chunk_rows, h5_chunk_rows) rows."""
         self.path = os.path.join(folder, segment_name(run, rank))
@@ -63,8 +77,15 @@ class SegmentWriter:
         if used.any():
             need[used] = need_of(self.rows[used])
         self.need = need
-        create_segment(self.path, self.rows, self.chunks, need, teachers, self.c,
-                       {"fingerprint": fingerprint, "run": run, "rank": rank, "chunk_rows": int(chunk_rows)})
+        create_segment(
+            self.path,
+            self.rows,
+            self.chunks,
+            need,
+            teachers,
+            self.c,
+            {"fingerprint": fingerprint, "run": run, "rank": rank, "chunk_rows": int(chunk_rows)},
+        )
         self._sets: dict[str, _Dataset] = {}
         self._mem = h5py.File(io.BytesIO(), "w")
         longest = int(self.chunks[:, 1].max()) if len(self.chunks) else 1
@@ -75,8 +96,13 @@ class SegmentWriter:
                     for i in _chunks(ds):
                         d.offsets[i.chunk_offset[0] // d.chunk] = (i.byte_offset, i.size)
                     span = -(-longest // d.chunk) * d.chunk + d.chunk  # a chunk's rows may start mid-twin: + 1
-                    d.twin = self._mem.create_dataset(f"{name}/{what}", shape=(span, *d.inner), dtype=d.dtype,
-                                                      chunks=(d.chunk, *d.inner), fletcher32=True)
+                    d.twin = self._mem.create_dataset(
+                        f"{name}/{what}",
+                        shape=(span, *d.inner),
+                        dtype=d.dtype,
+                        chunks=(d.chunk, *d.inner),
+                        fletcher32=True,
+                    )
                     self._sets[f"{name}/{what}"] = d
         self._fd = os.open(self.path, os.O_RDWR)
         self._log = os.open(log_path(self.path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -113,7 +139,7 @@ class SegmentWriter:
         count = -(-n // d.chunk)
         buf = np.full((count * d.chunk, *d.inner), np.nan, dtype=d.dtype)
         buf[pos] = np.asarray(x, dtype=d.dtype)
-        d.twin[:len(buf)] = buf
+        d.twin[: len(buf)] = buf
         with disk_errors(self.path):
             for k in range(count):
                 _, data = d.twin.id.read_direct_chunk((k * d.chunk,) + (0,) * len(d.inner))
@@ -125,10 +151,10 @@ class SegmentWriter:
     def commit(self, j: int) -> None:
         """Make chunk j durable: fsync the data, then append and fsync its log line (the commit)."""
         start, n = (int(x) for x in self.chunks[j])
-        rows = self.rows[start:start + n]
+        rows = self.rows[start : start + n]
         skip = {}
         for t, name in enumerate(self.names):
-            needed = rows[self.need[start:start + n, t]]
+            needed = rows[self.need[start : start + n, t]]
             missing = np.setdiff1d(needed, np.fromiter(self._put.get(name, ()), np.int64))
             if len(missing):
                 skip[name] = missing.tolist()

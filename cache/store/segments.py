@@ -6,6 +6,7 @@ finished chunk of rows by a line in the segment's log (`run-...log`, JSON lines 
 committed when its chunk's line is complete, whatever else the file holds. `SegmentInfo` reads a segment's header
 and log for the merge; `copy_cache` copies a cache with its folder under a new name.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,11 +44,11 @@ def segment_name(run: int, rank: int, pid: int | None = None) -> str:
 
 
 def log_path(path: str) -> str:
-    return path[:-len(".h5")] + ".log"
+    return path[: -len(".h5")] + ".log"
 
 
 def sums_path(path: str) -> str:
-    return path[:-len(".h5")] + ".sums.h5"
+    return path[: -len(".h5")] + ".sums.h5"
 
 
 def run_of(path: str) -> int:
@@ -82,16 +83,16 @@ class SegTeacher:
 
     def datasets(self, rows: int, chunk: int) -> dict[str, dict]:
         """{dataset path tail: create_dataset args} for image, text and (with --tokens) tokens."""
-        from teachers.kernel.modality import MODALITIES, Modality
-
         from cache.store.schema import storage_dtype
+        from teachers.kernel.modality import MODALITIES, Modality
 
         d, k, dt = int(self.attrs["embed_dim"]), int(self.attrs.get("views", 0)), storage_dtype(self.dtype)
         out = {m.value: L.feature_dataset_args(rows, d, k, dt, chunk, m) for m in MODALITIES}
         grid = int(self.attrs.get("tokens", 0))
         if grid:
-            out[L.TOKENS] = L.feature_dataset_args(rows, int(self.attrs["token_dim"]), k, dt, chunk, Modality.IMAGE,
-                                                   tokens=grid * grid)
+            out[L.TOKENS] = L.feature_dataset_args(
+                rows, int(self.attrs["token_dim"]), k, dt, chunk, Modality.IMAGE, tokens=grid * grid
+            )
         return out
 
 
@@ -110,8 +111,15 @@ def chunk_layout(chunks: list[np.ndarray], align: int) -> tuple[np.ndarray, np.n
     return rows, np.asarray(starts, np.int64).reshape(-1, 2)
 
 
-def create_segment(path: str, rows: np.ndarray, chunks: np.ndarray, need: np.ndarray, teachers: dict[str, SegTeacher],
-                   chunk: int, attrs: dict) -> None:
+def create_segment(
+    path: str,
+    rows: np.ndarray,
+    chunks: np.ndarray,
+    need: np.ndarray,
+    teachers: dict[str, SegTeacher],
+    chunk: int,
+    attrs: dict,
+) -> None:
     """Write segment `path` (atomically): its slots' rows, chunks, need (M, T), and per teacher its datasets,
     every chunk allocated (sparse) so that filling it later never changes the file's structure."""
     from h5py import h5d, h5p
@@ -190,14 +198,24 @@ class SegmentInfo:
     chunk: int = 1
 
     @classmethod
-    def read(cls, path: str) -> "SegmentInfo":
+    def read(cls, path: str) -> SegmentInfo:
         recs = read_log(path)
         with h5py.File(path, "r") as f:
             names = [str(n) for n in f[L.SEG_NEED].attrs["teachers"]]
             metas = {n: json.loads(f[L.teacher(n)].attrs["meta"]) for n in names}
             chunk = max([L.chunk_rows_of(f[L.feature(n, "text")]) for n in names] or [1])
-            info = cls(path, run_of(path), str(f.attrs.get("fingerprint", "")), f[L.SEG_ROWS][:],
-                       f[L.SEG_CHUNKS][:], f[L.SEG_NEED][:], names, metas, [], chunk=chunk)
+            info = cls(
+                path,
+                run_of(path),
+                str(f.attrs.get("fingerprint", "")),
+                f[L.SEG_ROWS][:],
+                f[L.SEG_CHUNKS][:],
+                f[L.SEG_NEED][:],
+                names,
+                metas,
+                [],
+                chunk=chunk,
+            )
         for rec in recs:
             info.committed.append(int(rec["chunk"]))
             for n, rows in rec.get("skip", {}).items():
@@ -211,7 +229,7 @@ class SegmentInfo:
         mask = np.zeros(len(self.rows), dtype=bool)
         for j in self.committed:
             start, n = self.chunks[j]
-            mask[start:start + n] = True
+            mask[start : start + n] = True
         return mask
 
     def written(self, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -254,9 +272,13 @@ def relink(path: str, old: str, new: str) -> None:
             for i in range(src.get_virtual_count()):
                 fname = src.get_virtual_filename(i)
                 if fname.startswith(old + "/"):
-                    fname = new + fname[len(old):]
-                dcpl.set_virtual(src.get_virtual_vspace(i), fname.encode(), src.get_virtual_dsetname(i).encode(),
-                                 src.get_virtual_srcspace(i))
+                    fname = new + fname[len(old) :]
+                dcpl.set_virtual(
+                    src.get_virtual_vspace(i),
+                    fname.encode(),
+                    src.get_virtual_dsetname(i).encode(),
+                    src.get_virtual_srcspace(i),
+                )
             tid, sid = ds.id.get_type(), ds.id.get_space()
             del f[name]
             h5py.Dataset(h5d.create(f.id, name.encode(), tid, sid, dcpl=dcpl)).attrs.update(attrs)

@@ -8,6 +8,7 @@ space: listing it later would change the corpus fingerprint and orphan the file)
 recording a failure must not rewrite the HDF5 file (its updates copy it whole, `cache.store.writer`); move the record
 with the file. `distill info` and the `distill cache` summary show it.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,7 @@ def record_path(out: str) -> str:
 @dataclass
 class ShardRecord:
     unlisted: dict[str, str] = field(default_factory=dict)  # URL -> why: could not be listed, not in the rows
-    unread: dict[str, str] = field(default_factory=dict)    # URL -> why: listed, its rows not cached yet
+    unread: dict[str, str] = field(default_factory=dict)  # URL -> why: listed, its rows not cached yet
 
     def __bool__(self) -> bool:
         return bool(self.unlisted or self.unread)
@@ -51,8 +52,7 @@ def write_record(out: str, record: ShardRecord) -> None:
         return
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"format": _FORMAT, "version": 1, "unlisted": record.unlisted, "unread": record.unread}, f,
-                  indent=1)
+        json.dump({"format": _FORMAT, "version": 1, "unlisted": record.unlisted, "unread": record.unread}, f, indent=1)
     os.replace(tmp, path)
 
 
@@ -60,12 +60,16 @@ def record_lines(out: str, limit: int = 3) -> list[str]:
     """What the record says, with what to do, for `distill info` and the cache summary ([] without one)."""
     r, lines = read_record(out), []
     if r.unread:
-        lines.append(f"bad shards: {len(r.unread)} could not be read; their rows are not cached yet "
-                     f"({record_path(out)}): rerun the same `distill cache` command to retry only them")
+        lines.append(
+            f"bad shards: {len(r.unread)} could not be read; their rows are not cached yet "
+            f"({record_path(out)}): rerun the same `distill cache` command to retry only them"
+        )
         lines += [f"  {u}: {why}" for u, why in list(r.unread.items())[:limit]]
     if r.unlisted:
-        lines.append(f"unlisted shards: {len(r.unlisted)} could not be listed when the cache was created and are "
-                     "not among its rows (their keys are unknown); once readable they join a new cache (another "
-                     "--out)")
+        lines.append(
+            f"unlisted shards: {len(r.unlisted)} could not be listed when the cache was created and are "
+            "not among its rows (their keys are unknown); once readable they join a new cache (another "
+            "--out)"
+        )
         lines += [f"  {u}: {why}" for u, why in list(r.unlisted.items())[:limit]]
     return lines

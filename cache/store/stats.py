@@ -7,6 +7,7 @@ the sums must not count (bad for another teacher, superseded by a retry) or that
 A chunk's X^T X runs in float32 (float16 storage values: products exact, sums of at most a chunk of them), the
 running totals in float64.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,9 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from teachers.kernel.modality import MODALITIES
-
 import cache.store.layout as L
+from teachers.kernel.modality import MODALITIES
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Sums:
         self.outer += sign * (x.T @ x).double()
         self.count += sign * len(x)
 
-    def merge(self, other: "Sums") -> None:
+    def merge(self, other: Sums) -> None:
         if other.total is None:
             return
         if self.total is None:
@@ -72,7 +72,7 @@ class TeacherSums:
         self.by["text"].add(text, sign)
         self.rows += sign * len(text)
 
-    def merge(self, other: "TeacherSums") -> None:
+    def merge(self, other: TeacherSums) -> None:
         for m, s in other.by.items():
             self.by[m].merge(s)
         self.rows += other.rows
@@ -87,12 +87,15 @@ class TeacherSums:
         return out
 
     @classmethod
-    def from_arrays(cls, a: dict) -> "TeacherSums":
+    def from_arrays(cls, a: dict) -> TeacherSums:
         t = cls(rows=int(a["rows"]))
         for m in t.by:
             if f"{m}_total" in a:
-                t.by[m] = Sums(int(a[f"{m}_count"]), torch.from_numpy(np.asarray(a[f"{m}_total"], np.float64)),
-                               torch.from_numpy(np.asarray(a[f"{m}_outer"], np.float64)))
+                t.by[m] = Sums(
+                    int(a[f"{m}_count"]),
+                    torch.from_numpy(np.asarray(a[f"{m}_total"], np.float64)),
+                    torch.from_numpy(np.asarray(a[f"{m}_outer"], np.float64)),
+                )
         return t
 
 

@@ -8,6 +8,7 @@ Three things can make a stored row wrong, and each is caught here:
 Patch tokens (`distill cache --tokens`) are not unit vectors: they get the checksum and finiteness checks.
 Reads go in blocks; a block that raises is narrowed to its HDF5 chunks, so the report names the exact rows.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,11 +18,10 @@ from typing import NoReturn
 import h5py
 import numpy as np
 
-from teachers.kernel.modality import MODALITIES
-
 import cache.store.layout as L
 from cache.store.schema import CacheError, check_root
 from cache.store.verify_stats import StatsCheck, summed_rows
+from teachers.kernel.modality import MODALITIES
 
 NORM_TOL = 0.02  # |norm - 1| allowed: teachers L2-normalise, float16 storage moves the norm by < 1e-3
 TOKEN_BLOCK_BYTES = 256 * 1024 * 1024  # patch tokens are read in blocks of about this many float32 bytes
@@ -70,11 +70,13 @@ class Problem:
     detail: str = ""  # "mismatch": what differs
 
     def __str__(self) -> str:
-        what = {"checksum": "checksum mismatch (the bytes changed on disk after they were written)",
-                "unreadable": "unreadable (damaged file)",
-                "non-finite": "non-finite values (NaN/inf)",
-                "not unit-norm": f"not unit vectors (|norm - 1| > {NORM_TOL})",
-                "mismatch": self.detail}[self.kind]
+        what = {
+            "checksum": "checksum mismatch (the bytes changed on disk after they were written)",
+            "unreadable": "unreadable (damaged file)",
+            "non-finite": "non-finite values (NaN/inf)",
+            "not unit-norm": f"not unit vectors (|norm - 1| > {NORM_TOL})",
+            "mismatch": self.detail,
+        }[self.kind]
         who = f"teacher {self.teacher!r} " if self.teacher else ""
         where = f" rows {format_rows(self.rows)}" if len(self.rows) else ""
         return f"{who}{self.modality}{where}: {what}"
@@ -96,20 +98,26 @@ class VerifyReport:
     def advice(self) -> str:
         names = sorted({p.teacher for p in self.problems if p.teacher})
         if not names:  # keys, bad records or views: the file's own datasets
-            return (f"what to do: restore {self.path} and its segment folder from a backup, or move them away and "
-                    f"rebuild with `distill cache` (same --data, --teacher and --out)")
+            return (
+                f"what to do: restore {self.path} and its segment folder from a backup, or move them away and "
+                f"rebuild with `distill cache` (same --data, --teacher and --out)"
+            )
         drop = "; ".join(f"del f['{L.teacher(t)}']" for t in names)
-        return (f"what to do: `distill cache --retry-bad` cannot repair rows marked done; restore {self.path} from a "
-                f"backup, or delete the damaged teacher group(s) (python: with h5py.File(PATH, 'r+') as f: {drop}) "
-                f"and rerun `distill cache` with the same --teacher NAME=SPEC to recompute only them, or delete the "
-                f"file and rebuild it")
+        return (
+            f"what to do: `distill cache --retry-bad` cannot repair rows marked done; restore {self.path} from a "
+            f"backup, or delete the damaged teacher group(s) (python: with h5py.File(PATH, 'r+') as f: {drop}) "
+            f"and rerun `distill cache` with the same --teacher NAME=SPEC to recompute only them, or delete the "
+            f"file and rebuild it"
+        )
 
     def __str__(self) -> str:
         if self.ok:
             sums = "checksums, " if all(self.checksummed.values()) else "no checksums in this (older) file, "
-            return (f"verified: {self.rows} rows x {len(self.teachers)} teachers OK ({sums}finite, unit-norm, "
-                    f"statistics re-derived, keys, done flags, bad records and views read; "
-                    f"{', '.join(f'{t}: {n} done' for t, n in self.checked.items())})")
+            return (
+                f"verified: {self.rows} rows x {len(self.teachers)} teachers OK ({sums}finite, unit-norm, "
+                f"statistics re-derived, keys, done flags, bad records and views read; "
+                f"{', '.join(f'{t}: {n} done' for t, n in self.checked.items())})"
+            )
         lines = [f"{self.path}: {len(self.problems)} problem(s) found"]
         lines += [f"  {p}" for p in self.problems]
         lines.append(self.advice())
@@ -137,13 +145,13 @@ def read_block(ds: h5py.Dataset, lo: int, hi: int) -> tuple[np.ndarray, dict[str
     for s in range(start, hi, step):
         a, b = max(s, lo), min(s + step, hi)
         try:
-            out[a - lo:b - lo] = ds[a:b]
+            out[a - lo : b - lo] = ds[a:b]
         except OSError as e:
             if not ds.is_virtual or b - a == 1:
                 bad.setdefault(_unreadable_kind(e, ds), []).extend(range(a, b))
                 continue
             part, more = read_block_rows(ds, a, b)
-            out[a - lo:b - lo] = part
+            out[a - lo : b - lo] = part
             for kind, rows in more.items():
                 bad.setdefault(kind, []).extend(rows)
     return out, bad
@@ -180,8 +188,13 @@ def verify(path: str, block_rows: int = 8192, progress: bool | None = None) -> V
         names = list(f[L.TEACHERS])
         report = VerifyReport(path, n, names)
         sets = sum(len(MODALITIES) + (L.tokens(t) in f) for t in names)
-        bar = tqdm(total=n * sets, desc="verify", unit="row", dynamic_ncols=True,
-                   disable=None if progress is None else not progress)
+        bar = tqdm(
+            total=n * sets,
+            desc="verify",
+            unit="row",
+            dynamic_ncols=True,
+            disable=None if progress is None else not progress,
+        )
         try:
             report.problems += _verify_other(f, names)
             bad_mask = np.zeros(n, bool)
@@ -196,12 +209,17 @@ def verify(path: str, block_rows: int = 8192, progress: bool | None = None) -> V
                     continue
                 report.checked[name] = int(done.sum())
                 report.checksummed[name] = all(L.checksummed(g[m]) for m in MODALITIES)
-                stats = StatsCheck(done & ~bad_mask, summed_rows(path, g), max(1, int(g.attrs.get("views", 0))),
-                                   complete=bool((done | bad_mask).all()))
+                stats = StatsCheck(
+                    done & ~bad_mask,
+                    summed_rows(path, g),
+                    max(1, int(g.attrs.get("views", 0))),
+                    complete=bool((done | bad_mask).all()),
+                )
                 for m in MODALITIES:
                     report.problems += _verify_dataset(name, m, g[m], done, block_rows, bar, stats=stats)
-                report.problems += [Problem(name, ds, "mismatch", np.zeros(0, np.int64), why)
-                                    for ds, why in stats.problems(g)]
+                report.problems += [
+                    Problem(name, ds, "mismatch", np.zeros(0, np.int64), why) for ds, why in stats.problems(g)
+                ]
                 if L.TOKENS in g:  # patch tokens: checksums and finiteness (they are not unit vectors)
                     ds = g[L.TOKENS]
                     rows = max(1, TOKEN_BLOCK_BYTES // (int(np.prod(ds.shape[1:])) * 4))
@@ -242,11 +260,19 @@ def _whole(ds: h5py.Dataset) -> None:
     c = max(1, L.chunk_rows_of(ds))
     step = c * max(1, (64 << 20) // (ds.dtype.itemsize * int(np.prod(ds.shape[1:])) * c))  # about 64 MiB a read
     for lo in range(0, ds.shape[0], step):
-        ds[lo:lo + step]
+        ds[lo : lo + step]
 
 
-def _verify_dataset(name: str, modality: str, ds: h5py.Dataset, done: np.ndarray, block_rows: int,
-                    bar, unit: bool = True, stats: StatsCheck | None = None) -> list[Problem]:
+def _verify_dataset(
+    name: str,
+    modality: str,
+    ds: h5py.Dataset,
+    done: np.ndarray,
+    block_rows: int,
+    bar,
+    unit: bool = True,
+    stats: StatsCheck | None = None,
+) -> list[Problem]:
     c = L.chunk_rows_of(ds)
     step = max(c, block_rows // c * c)  # whole chunks per block: each chunk is read (and checksummed) once
     found: dict[str, list[np.ndarray]] = {}
@@ -275,8 +301,11 @@ def _verify_dataset(name: str, modality: str, ds: h5py.Dataset, done: np.ndarray
                 found.setdefault("not unit-norm", []).append(rows[finite])
         bar.update(hi - lo)
     order = ("checksum", "unreadable", "non-finite", "not unit-norm")
-    return [Problem(name, modality, k, np.concatenate(found[k])) for k in order
-            if k in found and sum(len(r) for r in found[k])]
+    return [
+        Problem(name, modality, k, np.concatenate(found[k]))
+        for k in order
+        if k in found and sum(len(r) for r in found[k])
+    ]
 
 
 def raise_damaged(path: str, e: OSError, hint: str = "") -> NoReturn:
@@ -290,8 +319,10 @@ def raise_damaged(path: str, e: OSError, hint: str = "") -> NoReturn:
 def damaged_message(path: str, e: BaseException) -> str:
     """The one-line message for a cache file HDF5 cannot open or read (truncated, overwritten, not HDF5)."""
     detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return (f"{path} is damaged: HDF5 cannot read it ({detail}); rebuild it with `distill cache` (same --data, "
-            f"--teacher and --out), or restore it from a backup")
+    return (
+        f"{path} is damaged: HDF5 cannot read it ({detail}); rebuild it with `distill cache` (same --data, "
+        f"--teacher and --out), or restore it from a backup"
+    )
 
 
 class BadRowsError(CacheError):
@@ -308,11 +339,13 @@ class BadRowsError(CacheError):
     problem: str = ""
 
     @classmethod
-    def of(cls, path: str, teacher: str, modality: str, rows, problem: str, hint: str = "") -> "BadRowsError":
+    def of(cls, path: str, teacher: str, modality: str, rows, problem: str, hint: str = "") -> BadRowsError:
         rows = tuple(int(r) for r in np.unique(np.asarray(rows, dtype=np.int64)))
-        e = cls(f"{path}: teacher {teacher!r} {modality} features of cache rows {format_rows(rows)} are {problem}; "
-                f"run `distill info --verify {path}` to list every bad row, then restore the file or rebuild that "
-                f"teacher{hint}")
+        e = cls(
+            f"{path}: teacher {teacher!r} {modality} features of cache rows {format_rows(rows)} are {problem}; "
+            f"run `distill info --verify {path}` to list every bad row, then restore the file or rebuild that "
+            f"teacher{hint}"
+        )
         e.path, e.teacher, e.modality, e.rows, e.problem = path, teacher, modality, rows, problem
         return e
 

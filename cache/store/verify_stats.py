@@ -5,6 +5,7 @@ them, and bytes flipped inside `image_cov` would pass every other check. The ver
 row; it sums the usable rows (done, not bad) in float64 on the way (`StatsCheck.add`) and compares the mean and
 covariance with the stored ones, within the rounding the writer's float32 sums allow (`tolerance`).
 """
+
 from __future__ import annotations
 
 import os
@@ -13,9 +14,8 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
-from teachers.kernel.modality import MODALITIES
-
 import cache.store.layout as L
+from teachers.kernel.modality import MODALITIES
 
 EPS32 = float(np.finfo(np.float32).eps)
 WRITER_BLOCK_ROWS = 4096  # rows per float32 product sum when statistics are read back (`feature_stats.sums_of_rows`)
@@ -76,9 +76,14 @@ class StatsCheck:
                 off = np.abs(np.nan_to_num(got - want, nan=np.inf)) > tol
                 if got.shape != want.shape or off.any():
                     worst = float(np.nanmax(np.abs(got - want))) if got.shape == want.shape else float("inf")
-                    out.append((f"stats/{m}_{what}", f"{int(off.sum())} value(s) differ from the features they "
-                                f"summarise (largest difference {worst:.3g}, allowed by rounding "
-                                f"{float(tol.max()):.3g})"))
+                    out.append(
+                        (
+                            f"stats/{m}_{what}",
+                            f"{int(off.sum())} value(s) differ from the features they "
+                            f"summarise (largest difference {worst:.3g}, allowed by rounding "
+                            f"{float(tol.max()):.3g})",
+                        )
+                    )
         return out
 
 

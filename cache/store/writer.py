@@ -19,43 +19,48 @@ next run folds in first). Multi-process runs write one segment per process (neve
 the lock holder folds them: that is the shard-then-merge step, and it copies no feature byte. A format-1 file
 (real datasets inside it) is resumed the old way: its teachers' new rows are copied in by the fold.
 """
+
 from __future__ import annotations
 
 import glob
 import json
 import os
 import shutil
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import h5py
 import numpy as np
 import torch
 
-from teachers.kernel.modality import MODALITIES, Modality
-
-import cache.store.merge as M
 import cache.store.layout as L
+import cache.store.merge as M
 import cache.store.segments as S
-from cache.store.stats import sums_of_rows, write_stats
 from cache.store.disk import h5_on_disk
+
 # the pending teachers' metas and the commit thread live in h5_parts; reachable here (`W.PartWriter`, ...)
-from cache.store.parts import (PartWriter,
-                           disk_errors,
-                           parts_root,
-                           pending_teachers,
-                           read_meta,
-                           teacher_parts_dir,
-                           write_meta)
+from cache.store.parts import (
+    PartWriter,  # noqa: F401  (re-exported)
+    disk_errors,
+    parts_root,
+    pending_teachers,
+    read_meta,
+    teacher_parts_dir,
+    write_meta,  # noqa: F401  (re-exported)
+)
 from cache.store.parts import clean_temporaries as _clean_parts
-from cache.store.schema import (FORMAT,
-                         VERSION,
-                         CacheError,
-                         attrs_to_dict,
-                         created_by,
-                         storage_dtype,
-                         str_dtype,
-                         virtual_sources)
+from cache.store.schema import (
+    FORMAT,
+    VERSION,
+    CacheError,
+    attrs_to_dict,
+    created_by,
+    storage_dtype,
+    str_dtype,
+    virtual_sources,
+)
 from cache.store.segment_writer import SegmentWriter, seg_teachers
+from cache.store.stats import sums_of_rows, write_stats
+from teachers.kernel.modality import MODALITIES, Modality
 
 STATS_BLOCK_ROWS = 4096
 
@@ -127,11 +132,21 @@ def create_file(path: str, keys: list[str], fingerprint: str, source: str) -> No
     rel, run = _side_file(path, "keys", L.KEYS, np.array(keys, dtype=object), {}, dtype=str_dtype())
 
     def fn(f: h5py.File) -> None:
-        f.attrs.update({L.Root.FORMAT: FORMAT, L.Root.VERSION: VERSION, L.Root.FINGERPRINT: fingerprint,
-                        L.Root.CREATED_BY: created_by(), L.Root.NUM_ROWS: n, L.Root.SOURCE: str(source),
-                        L.Root.SEGMENTS: os.path.dirname(rel), L.Root.FIRST_RUN: run})
+        f.attrs.update(
+            {
+                L.Root.FORMAT: FORMAT,
+                L.Root.VERSION: VERSION,
+                L.Root.FINGERPRINT: fingerprint,
+                L.Root.CREATED_BY: created_by(),
+                L.Root.NUM_ROWS: n,
+                L.Root.SOURCE: str(source),
+                L.Root.SEGMENTS: os.path.dirname(rel),
+                L.Root.FIRST_RUN: run,
+            }
+        )
         M.make_virtual(f, L.KEYS, (n,), str_dtype(), [(0, n, rel, L.KEYS, (n,), 0)] if n else [], 1, fill=None)
         f.create_group(L.TEACHERS)
+
     atomic_update(path, fn)
 
 
@@ -145,16 +160,32 @@ def add_views(path: str, params: np.ndarray, attrs: dict, h5_chunk_rows: int = L
     def fn(f: h5py.File) -> None:
         f.attrs[L.Root.VERSION] = VERSION
         f.attrs.setdefault(L.Root.SEGMENTS, os.path.dirname(rel))
-        M.make_virtual(f.require_group(L.VIEWS), os.path.basename(L.VIEW_PARAMS), (n, k, c), np.float32,
-                       [(0, n, rel, L.VIEW_PARAMS, (n, k, c), 0)] if n else [], chunks[0], checksummed=True)
+        M.make_virtual(
+            f.require_group(L.VIEWS),
+            os.path.basename(L.VIEW_PARAMS),
+            (n, k, c),
+            np.float32,
+            [(0, n, rel, L.VIEW_PARAMS, (n, k, c), 0)] if n else [],
+            chunks[0],
+            checksummed=True,
+        )
         f[L.VIEW_PARAMS].attrs.update(attrs)
+
     atomic_update(path, fn)
 
 
 # -- committing rows: segments ----------------------------------------------------------------------------
-def write_part(out: str, name: str, rows: np.ndarray, image: np.ndarray, text: np.ndarray,
-               bad_rows: Iterable[int] = (), bad_reasons: Iterable[str] = (), tokens: np.ndarray | None = None,
-               segment: SegmentWriter | None = None) -> str:
+def write_part(
+    out: str,
+    name: str,
+    rows: np.ndarray,
+    image: np.ndarray,
+    text: np.ndarray,
+    bad_rows: Iterable[int] = (),
+    bad_reasons: Iterable[str] = (),
+    tokens: np.ndarray | None = None,
+    segment: SegmentWriter | None = None,
+) -> str:
     """Store one chunk of rows of teacher NAME: into this process's `segment` (the builder commits the chunk once
     every teacher's rows are in, `SegmentWriter.commit`), or, without one, as a one-chunk segment of its own,
     committed at once (its meta must exist, `write_meta`). Returns the segment's path."""
@@ -166,19 +197,35 @@ def write_part(out: str, name: str, rows: np.ndarray, image: np.ndarray, text: n
     if stored is None:
         raise CacheError(f"{out}: no meta for teacher {name!r}; write_meta first")
     views = int(np.shape(image)[1]) if np.ndim(image) == 3 else 0
-    meta = {"attrs": {**stored["attrs"], "embed_dim": int(np.shape(text)[-1]), "views": views},
-            "dtype": stored["dtype"]}
+    meta = {
+        "attrs": {**stored["attrs"], "embed_dim": int(np.shape(text)[-1]), "views": views},
+        "dtype": stored["dtype"],
+    }
     bad_rows, bad_reasons = list(bad_rows), list(bad_reasons)
     chunk = np.union1d(np.asarray(rows, np.int64), np.asarray(bad_rows, np.int64))
     folder = S.segment_dir(out)
     h5 = int(stored.get("h5_chunk_rows", L.DEFAULT_CHUNK_ROWS))
-    seg = SegmentWriter(folder, S.next_run(folder), 0, [chunk], lambda r: np.ones((len(r), 1), bool),
-                        seg_teachers({name: meta}), max(1, -(-len(chunk) // h5)) * h5, h5, _fingerprint(out),
-                        sums=False)
+    seg = SegmentWriter(
+        folder,
+        S.next_run(folder),
+        0,
+        [chunk],
+        lambda r: np.ones((len(r), 1), bool),
+        seg_teachers({name: meta}),
+        max(1, -(-len(chunk) // h5)) * h5,
+        h5,
+        _fingerprint(out),
+        sums=False,
+    )
     try:
         dtype = storage_dtype(meta["dtype"])
-        seg.put(name, np.asarray(rows, np.int64), {k: np.asarray(v, dtype) for k, v in arrays.items()},
-                bad_rows, bad_reasons)
+        seg.put(
+            name,
+            np.asarray(rows, np.int64),
+            {k: np.asarray(v, dtype) for k, v in arrays.items()},
+            bad_rows,
+            bad_reasons,
+        )
         seg.commit(0)
     finally:
         seg.close()
@@ -199,8 +246,11 @@ def list_parts(out: str, name: str) -> list[str]:
         folded = M.read_folded(g)
     if since is None:
         since = int((read_meta(out, name) or {}).get(L.SINCE_RUN, 0))
-    return [f"{os.path.basename(s.path)}#{j}" for s in M.relevant(_segments(out, first), name, since)
-            for j in s.committed[int(folded.get(os.path.basename(s.path), 0)):]]
+    return [
+        f"{os.path.basename(s.path)}#{j}"
+        for s in M.relevant(_segments(out, first), name, since)
+        for j in s.committed[int(folded.get(os.path.basename(s.path), 0)) :]
+    ]
 
 
 def _segments(out: str, first_run: int) -> list[S.SegmentInfo]:
@@ -224,8 +274,12 @@ def _ensure_group(f: h5py.File, name: str, meta: dict) -> h5py.Group:
         f.create_dataset(L.feature(name, m), **L.feature_dataset_args(n, d, k, dtype, c, m))
     grid = int(meta["attrs"].get("tokens", 0))
     if grid:  # (N, [K,] G*G, Dv) patch tokens
-        f.create_dataset(L.tokens(name), **L.feature_dataset_args(n, int(meta["attrs"]["token_dim"]), k, dtype, c,
-                                                                   Modality.IMAGE, tokens=grid * grid))
+        f.create_dataset(
+            L.tokens(name),
+            **L.feature_dataset_args(
+                n, int(meta["attrs"]["token_dim"]), k, dtype, c, Modality.IMAGE, tokens=grid * grid
+            ),
+        )
     f.create_dataset(L.done(name), **L.done_dataset_args(n))
     return g
 
@@ -268,8 +322,9 @@ def compute_stats(g: h5py.Group, usable: np.ndarray, block: int = STATS_BLOCK_RO
     the group's datasets (a format-1 teacher's; segments keep their own sums, `h5_merge.plan_sums`)."""
     dims = {m.value: int(g[m.value].shape[-1]) for m in MODALITIES}
     with torch.no_grad():
-        write_stats(g, sums_of_rows(g[Modality.IMAGE.value], g[Modality.TEXT.value], np.flatnonzero(usable), block),
-                    dims)
+        write_stats(
+            g, sums_of_rows(g[Modality.IMAGE.value], g[Modality.TEXT.value], np.flatnonzero(usable), block), dims
+        )
 
 
 def fold(out: str, names: Iterable[str] | None = None) -> dict[str, int]:
@@ -286,8 +341,9 @@ def fold(out: str, names: Iterable[str] | None = None) -> dict[str, int]:
     segs = _segments(out, first)
     for s in segs:
         if s.fingerprint != fp:
-            raise CacheError(f"{s.path} holds rows computed from another corpus; delete it (or choose another "
-                             "--out) and rerun")
+            raise CacheError(
+                f"{s.path} holds rows computed from another corpus; delete it (or choose another --out) and rerun"
+            )
     plans: dict[str, M.TeacherPlan] = {}
     for name in sorted(set(groups) | set(metas)):
         since, folded = groups.get(name, (int(metas.get(name, {}).get(L.SINCE_RUN, 0)), {}))

@@ -3,6 +3,7 @@
 Why here, torch-free: `distill eval` validates its command line (models, baselines, task names) before torch is
 imported, and `distill.eval` imports torch with its evaluators. `distill.eval` re-exports both.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -50,8 +51,10 @@ def find_task(name_or_path: str) -> tuple[Path | Traversable, bool]:
     if not res.is_file():
         close = difflib.get_close_matches(name_or_path, list_tasks(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise TaskError(f"unknown task {name_or_path!r}{hint} (built-in: {', '.join(list_tasks())}; "
-                        "or give a path to a task .yaml file)")
+        raise TaskError(
+            f"unknown task {name_or_path!r}{hint} (built-in: {', '.join(list_tasks())}; "
+            "or give a path to a task .yaml file)"
+        )
     return res, True
 
 
@@ -59,8 +62,9 @@ class EvalJob(Section):
     """What `distill eval` asks for. Every model is loaded with `teachers.load_teacher`. The field descriptions
     are the flags' help, the defaults the flags' defaults (`distill.cli`)."""
 
-    models: dict[Str, Str] = Field(description="NAME -> SPEC: the student, teachers and baselines alike (any "
-                                   "open_clip or HF CLIP)")
+    models: dict[Str, Str] = Field(
+        description="NAME -> SPEC: the student, teachers and baselines alike (any open_clip or HF CLIP)"
+    )
     tasks: tuple[Str, ...] = Field(description="built-in task name or task YAML file")
     out: Str = Field(description="REPORT_DIR (report.json, report.md, PNG charts)")
     device: Str = Field("auto", description="cpu | cuda | cuda:N | auto")
@@ -68,17 +72,23 @@ class EvalJob(Section):
     num_workers: Int = Field(0, description="DataLoader workers decoding images")
     bootstrap: Int = Field(1000, description="bootstrap resamples for the 95% CIs (0: none)")
     seed: Int = Field(0, description="seed of the bootstrap resamples and of the probes")
-    student: Str | None = Field(None, description="which --model is the student (default: the first model "
-                                "written by distill export, else the first --model that is not a baseline)")
-    baselines: tuple[Str, ...] = Field((), description="a --model to compare the student with on its own, not as "
-                                       "a teacher (repeatable); report.json gives student minus each baseline with "
-                                       "its interval and a verdict")
+    student: Str | None = Field(
+        None,
+        description="which --model is the student (default: the first model "
+        "written by distill export, else the first --model that is not a baseline)",
+    )
+    baselines: tuple[Str, ...] = Field(
+        (),
+        description="a --model to compare the student with on its own, not as "
+        "a teacher (repeatable); report.json gives student minus each baseline with "
+        "its interval and a verdict",
+    )
     max_samples: Int | None = Field(None, description="cap every split of every task (quick looks, CI)")
     cache_dir: Str | None = Field(None, description="keep image embeddings on disk here and reuse them across runs")
     trust_remote_code: Bool = Field(False, description="let hub models run their repo's own code")
 
     @model_validator(mode="after")
-    def _check(self) -> "EvalJob":
+    def _check(self) -> EvalJob:
         if not self.models:
             raise ValueError("eval needs at least one --model NAME=SPEC")
         if not self.tasks:
@@ -87,8 +97,10 @@ class EvalJob(Section):
             raise ValueError(f"student {self.student!r} is not one of the models ({', '.join(self.models)})")
         for b in self.baselines:
             if b not in self.models:
-                raise ValueError(f"baseline {b!r} is not one of the models ({', '.join(self.models)}); "
-                                 "give it with --model NAME=SPEC as well")
+                raise ValueError(
+                    f"baseline {b!r} is not one of the models ({', '.join(self.models)}); "
+                    "give it with --model NAME=SPEC as well"
+                )
             if b == self.student:
                 raise ValueError(f"{b!r} is the student; a baseline must be another model")
         if len(set(self.baselines)) != len(self.baselines):

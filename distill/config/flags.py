@@ -5,6 +5,7 @@ splits the command line, and the model validates the whole job in one step (one 
 same one-line errors as the training config. `tests/test_cli_flags.py` checks that every flag of those commands
 maps to a field with the field's default.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -58,5 +59,7 @@ def add_flag(parser: Any, model: type[BaseModel], name: str, *flags: str, **kw: 
 def job_fields(model: type[BaseModel], args: argparse.Namespace, **given: Any) -> dict[str, Any]:
     """The model's fields found in `args` (set by `add_flag`), then `given` (fields made from other flags; None:
     the field's default)."""
-    return {**{k: getattr(args, k) for k in model.model_fields if hasattr(args, k)},
-            **{k: v for k, v in given.items() if v is not None}}
+    return {
+        **{k: getattr(args, k) for k in model.model_fields if hasattr(args, k)},
+        **{k: v for k, v in given.items() if v is not None},
+    }

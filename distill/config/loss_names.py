@@ -4,6 +4,7 @@ Why a module of its own: `distill train` validates its whole config before impor
 about a second, not after a 20-60 s import on a loaded machine), so these names cannot live beside the torch code
 of the terms. `tests/test_cli_fast_fail.py` checks that BUILTIN_TERMS agrees with the registered term classes.
 """
+
 from __future__ import annotations
 
 import ast
@@ -42,7 +43,8 @@ def _registered_in_source(folder: Path) -> dict[str, bool]:
             for stmt in node.body:
                 targets = stmt.targets if isinstance(stmt, ast.Assign) else []
                 if any(getattr(t, "id", None) == "uses_teachers" for t in targets) and isinstance(
-                        stmt.value, ast.Constant):
+                    stmt.value, ast.Constant
+                ):
                     own = bool(stmt.value.value)
             classes[node.name] = (kind, [getattr(b, "id", "") for b in node.bases], own)
 

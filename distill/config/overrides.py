@@ -5,16 +5,25 @@ addressed by index (`loss.terms.1.weight=3`) or by name: the item whose `name` i
 (`loss.terms.feature.weight=3`); two items of that kind are refused, naming them. An empty list with defaults
 (loss.terms: the mode's terms) is filled with them first, so one default term can be changed alone.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, get_args, get_origin
+from collections.abc import Callable, Mapping
+from typing import Any, get_args, get_origin
 
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from teachers.kernel.config_model import (ConfigError, _strip, config_error, field_type, is_model, type_name,
-                                 unknown_key_message)
 from teachers.kernel.bounded_yaml import load_yaml
+from teachers.kernel.config_model import (
+    ConfigError,
+    _strip,
+    config_error,
+    field_type,
+    is_model,
+    type_name,
+    unknown_key_message,
+)
 
 ListDefaults = Mapping[tuple, Callable[[], list]]
 _NULLS = ("null", "~", "none")
@@ -41,8 +50,10 @@ def _item_index(items: list, seg: str, item: str, here: str, rest: list[str], ra
     if seg.isdigit():
         i = int(seg)
         if i >= len(items):
-            raise ConfigError(f"override {item!r}: {here} has {len(items)} items ({', '.join(map(str, labels))}); "
-                              f"there is no item {i}")
+            raise ConfigError(
+                f"override {item!r}: {here} has {len(items)} items ({', '.join(map(str, labels))}); "
+                f"there is no item {i}"
+            )
         return i
     named = [i for i, x in enumerate(items) if isinstance(x, dict) and x.get("name") == seg]
     found = named or [i for i, x in enumerate(items) if isinstance(x, dict) and x.get("kind") == seg]
@@ -50,12 +61,16 @@ def _item_index(items: list, seg: str, item: str, here: str, rest: list[str], ra
         return found[0]
     tail = (".".join(rest) if rest else "") + "=" + raw
     if not found:
-        raise ConfigError(f"override {item!r}: {here} has no item named or of kind {seg!r} (items: "
-                          f"{', '.join(f'{i}: {lb}' for i, lb in enumerate(labels)) or 'none'}); address one by "
-                          f"name, kind or index, e.g. {here}.0{'.' if rest else ''}{tail}")
-    raise ConfigError(f"override {item!r}: {len(found)} items of {here} have kind {seg!r} "
-                      f"({', '.join(f'{i}: {labels[i]}' for i in found)}); address one by index, e.g. "
-                      f"{here}.{found[0]}{'.' if rest else ''}{tail}")
+        raise ConfigError(
+            f"override {item!r}: {here} has no item named or of kind {seg!r} (items: "
+            f"{', '.join(f'{i}: {lb}' for i, lb in enumerate(labels)) or 'none'}); address one by "
+            f"name, kind or index, e.g. {here}.0{'.' if rest else ''}{tail}"
+        )
+    raise ConfigError(
+        f"override {item!r}: {len(found)} items of {here} have kind {seg!r} "
+        f"({', '.join(f'{i}: {labels[i]}' for i in found)}); address one by index, e.g. "
+        f"{here}.{found[0]}{'.' if rest else ''}{tail}"
+    )
 
 
 def apply_override(root: type, d: dict, item: str, list_defaults: ListDefaults | None = None) -> None:
@@ -77,7 +92,7 @@ def apply_override(root: type, d: dict, item: str, list_defaults: ListDefaults |
         elif get_origin(inner) is tuple and get_args(inner)[1:] == (Ellipsis,):
             if not node and list_defaults and tuple(path[:i]) in list_defaults:
                 node[:] = list_defaults[tuple(path[:i])]()
-            tp, slot = get_args(inner)[0], _item_index(node, seg, item, here, path[i + 1:], raw)
+            tp, slot = get_args(inner)[0], _item_index(node, seg, item, here, path[i + 1 :], raw)
         elif get_origin(inner) is dict or inner is Any:
             tp, slot = (get_args(inner)[1] if inner is not Any else Any), seg
         else:

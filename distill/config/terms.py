@@ -9,6 +9,7 @@ imported. Validated with the context `{"static": True}`, a term is checked witho
 A term's options are typed by its constructor's annotations (`check_options`): `kl: bool` refuses `kl=maybe`,
 naming `loss.terms.affinity.kwargs.kl`, and a choice annotated as a Literal refuses a value outside it.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -20,18 +21,36 @@ import types
 import typing
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator
-from pydantic import model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
-from teachers.kernel.config_model import (Bool, Float, Int, KeyedError, Section, Str, _strip, type_name,
-                                          unknown_name)
 from distill.config.loss_names import BALANCE_MODES, BUILTIN_TERMS, COMBINE_MODES, POSITIVES, SCOPES, plugin_kinds
+from teachers.kernel.config_model import Bool, Float, Int, KeyedError, Section, Str, _strip, type_name, unknown_name
 
 if TYPE_CHECKING:
     from distill.losses.terms import LossTerm
 
-__all__ = ["LossTermCfg", "CombineCfg", "term_class", "build_term", "check_options", "options_model", "static",
-           "COMBINE_MODES", "BALANCE_MODES", "POSITIVES", "SCOPES"]
+__all__ = [
+    "LossTermCfg",
+    "CombineCfg",
+    "term_class",
+    "build_term",
+    "check_options",
+    "options_model",
+    "static",
+    "COMBINE_MODES",
+    "BALANCE_MODES",
+    "POSITIVES",
+    "SCOPES",
+]
 
 
 def static(info: ValidationInfo | None) -> bool:
@@ -57,7 +76,7 @@ def _check_kind(kind: str, info: ValidationInfo | None) -> None:
         raise unknown_name(e.args[0]) from None
 
 
-def term_class(kind: str) -> type["LossTerm"]:
+def term_class(kind: str) -> type[LossTerm]:
     """The registered term class of `kind`; KeyError with close matches when unknown (imports torch)."""
     import distill.losses.siglip  # noqa: F401  (registers siglip)
     import distill.losses.spatial  # noqa: F401  (registers spatial)
@@ -92,8 +111,9 @@ def options_model(cls: type) -> type[BaseModel]:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         fields[p.name] = (_strict(hints.get(p.name, Any)), ... if p.default is p.empty else p.default)
-    return create_model(f"{cls.__name__}Options", __config__=ConfigDict(extra="allow", arbitrary_types_allowed=True),
-                        **fields)
+    return create_model(
+        f"{cls.__name__}Options", __config__=ConfigDict(extra="allow", arbitrary_types_allowed=True), **fields
+    )
 
 
 def check_options(name: str, kind: str, cls: type, kwargs: dict) -> None:
@@ -107,13 +127,15 @@ def check_options(name: str, kind: str, cls: type, kwargs: dict) -> None:
         option = str(err["loc"][0])
         value, tp = kwargs[option], options_model(cls).model_fields[option].annotation
         if err["type"] == "literal_error" and get_origin(_strip(tp)) is Literal:
-            raise ValueError(f"{kind} {option} {value!r} is unknown; use one of "
-                             f"{', '.join(map(str, get_args(_strip(tp))))}") from None
-        raise KeyedError(f"loss.terms.{name}.kwargs.{option} must be {type_name(tp)}, got {value!r} "
-                         f"({type(value).__name__})") from None
+            raise ValueError(
+                f"{kind} {option} {value!r} is unknown; use one of {', '.join(map(str, get_args(_strip(tp))))}"
+            ) from None
+        raise KeyedError(
+            f"loss.terms.{name}.kwargs.{option} must be {type_name(tp)}, got {value!r} ({type(value).__name__})"
+        ) from None
 
 
-def build_term(name: str, kind: str, kwargs: dict) -> "LossTerm":
+def build_term(name: str, kind: str, kwargs: dict) -> LossTerm:
     """The registered term `kind` built with `kwargs`; unknown options or bad values raise ValueError."""
     cls = term_class(kind)
     try:
@@ -140,10 +162,13 @@ class LossTermCfg(Section):
     kind: Str = Field(description="a registered loss kind: infonce | siglip | feature | icl | affinity | spatial")
     weight: Float = Field(1.0, description=">= 0; 0 skips the term")
     teachers: dict[Str, Float] | None = Field(None, description="teacher -> weight for this term; null: loss.teachers")
-    kwargs: dict[Str, Any] = Field(default_factory=dict, description="the term's options, e.g. {metric: mse}; "
-                                   "infonce, icl: {positives: diagonal|caption}; affinity: {kl: bool, scope: "
-                                   "batch|domain (distributions over the row's own domain in the batch; needs "
-                                   "data.domain_column), positives: diagonal|caption}")
+    kwargs: dict[Str, Any] = Field(
+        default_factory=dict,
+        description="the term's options, e.g. {metric: mse}; "
+        "infonce, icl: {positives: diagonal|caption}; affinity: {kl: bool, scope: "
+        "batch|domain (distributions over the row's own domain in the batch; needs "
+        "data.domain_column), positives: diagonal|caption}",
+    )
 
     def __init__(self, *args: Any, **data: Any) -> None:
         data.update(zip(("name", "kind", "weight", "teachers", "kwargs"), args))
@@ -167,7 +192,7 @@ class LossTermCfg(Section):
         return BUILTIN_TERMS.get(self.kind)
 
     @model_validator(mode="after")
-    def _check(self, info: ValidationInfo) -> "LossTermCfg":
+    def _check(self, info: ValidationInfo) -> LossTermCfg:
         if self.label == "loss" or not self.label.strip():
             raise ValueError(f"loss term name must be a non-empty string other than 'loss', got {self.name!r}")
         _check_kind(self.kind, info)
@@ -181,8 +206,10 @@ class LossTermCfg(Section):
             if uses is False:
                 raise ValueError(f"loss term {self.label!r} (kind {self.kind!r}) uses no teachers; remove `teachers`")
             if not self.teachers:
-                raise ValueError(f"loss term {self.label!r}: teachers must be a non-empty mapping teacher -> weight "
-                                 f"(or null for every teacher)")
+                raise ValueError(
+                    f"loss term {self.label!r}: teachers must be a non-empty mapping teacher -> weight "
+                    f"(or null for every teacher)"
+                )
             if not any(w > 0 for w in self.teachers.values()):
                 raise ValueError(f"loss term {self.label!r}: every teacher weight is 0; give one a weight > 0")
         if static(info):  # the options are checked by building the term, which needs torch
@@ -198,32 +225,47 @@ class CombineCfg(Section):
     """How the per-teacher values of a term are combined into one number (see combine.py)."""
 
     where = "loss.combine"
-    mode: Str = Field("weighted_sum", description="weighted_sum (every teacher) | random_teacher (one random "
-                      "teacher per sample, MMKD-CLIP) | confidence (per sample, weight_t * p_it^(1/temperature))")
+    mode: Str = Field(
+        "weighted_sum",
+        description="weighted_sum (every teacher) | random_teacher (one random "
+        "teacher per sample, MMKD-CLIP) | confidence (per sample, weight_t * p_it^(1/temperature))",
+    )
     drop_prob: Float = Field(0.0, description="drop each teacher per step with this probability, in [0, 1)")
     balance: Str = Field("none", description="none | phi_s (standardise feature-term targets with cache stats)")
     temperature: Float = Field(1.0, description="confidence mode: > 0; lower sharpens towards the surest teacher")
-    scope: Str = Field("batch", description="confidence mode: batch | domain (p_it over the rows of row i's domain "
-                       "in the batch only; needs data.domain_column)")
-    positives: Str = Field("diagonal", description="confidence mode: diagonal | caption (p_it = the teacher's "
-                           "probability mass on every row with row i's caption)")
+    scope: Str = Field(
+        "batch",
+        description="confidence mode: batch | domain (p_it over the rows of row i's domain "
+        "in the batch only; needs data.domain_column)",
+    )
+    positives: Str = Field(
+        "diagonal",
+        description="confidence mode: diagonal | caption (p_it = the teacher's "
+        "probability mass on every row with row i's caption)",
+    )
 
     @field_validator("mode", "balance", "scope", "positives")
     @classmethod
     def _one_of(cls, v: str, info) -> str:
-        what, choices = {"mode": ("combine mode", COMBINE_MODES), "balance": ("balance", BALANCE_MODES),
-                         "scope": ("scope", SCOPES), "positives": ("positives", POSITIVES)}[info.field_name]
+        what, choices = {
+            "mode": ("combine mode", COMBINE_MODES),
+            "balance": ("balance", BALANCE_MODES),
+            "scope": ("scope", SCOPES),
+            "positives": ("positives", POSITIVES),
+        }[info.field_name]
         if v not in choices:
             raise ValueError(f"{what} {v!r} is unknown; use one of {', '.join(choices)}")
         return v
 
     @model_validator(mode="after")
-    def _confidence_only(self) -> "CombineCfg":
+    def _confidence_only(self) -> CombineCfg:
         """scope and positives shape the confidence weights only: set for another mode they would do nothing."""
         for key, default in (("scope", "batch"), ("positives", "diagonal")):
             if getattr(self, key) != default and self.mode != "confidence":
-                raise ValueError(f"loss.combine.{key}={getattr(self, key)} applies to mode=confidence only "
-                                 f"(mode is {self.mode}); remove it, or set it in the term's kwargs (affinity)")
+                raise ValueError(
+                    f"loss.combine.{key}={getattr(self, key)} applies to mode=confidence only "
+                    f"(mode is {self.mode}); remove it, or set it in the term's kwargs (affinity)"
+                )
         return self
 
     @field_validator("drop_prob")

@@ -6,23 +6,37 @@ format).
 Values derived at run time (teachers found in the cache, accumulation per epoch) live in `build_run.RunPlan`,
 never written back here. The loss section's models (`LossTermCfg`, `CombineCfg`) are the loss's own.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError, ValidationInfo, model_validator
 
-from teachers.kernel.config_model import Bool, ConfigError, Float, Int, Section, Str, config_error
 from distill.config.file import read_config_text, split_argv
 from distill.config.overrides import apply_override, plain
 from distill.config.terms import CombineCfg, LossTermCfg, static
 from teachers.kernel.bounded_yaml import load_yaml
+from teachers.kernel.config_model import Bool, ConfigError, Float, Int, Section, Str, config_error
 
-__all__ = ["Config", "ConfigError", "StudentCfg", "DataCfg", "LossCfg", "LossTermCfg", "CombineCfg", "RoutingCfg",
-           "OptimCfg", "TrainCfg", "DEFAULT_TERMS", "default_terms"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "StudentCfg",
+    "DataCfg",
+    "LossCfg",
+    "LossTermCfg",
+    "CombineCfg",
+    "RoutingCfg",
+    "OptimCfg",
+    "TrainCfg",
+    "DEFAULT_TERMS",
+    "default_terms",
+]
 
 MODES = ("contrastive", "distill", "hybrid")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -37,8 +51,12 @@ DEFAULT_TERMS: dict[str, tuple[dict, ...]] = {
     "hybrid": ({"kind": "infonce"}, {"kind": "feature", "kwargs": {"metric": "cosine"}}, {"kind": "icl"}),
 }
 # build_student's own arguments, which student.overrides must not repeat: the key to use instead
-_STUDENT_ARGS = {"image_size": "student.image_size", "tokenizer_dir": "student.tokenizer_dir",
-                 "preset_or_spec": "student.preset", "out_dir": "train.output_dir"}
+_STUDENT_ARGS = {
+    "image_size": "student.image_size",
+    "tokenizer_dir": "student.tokenizer_dir",
+    "preset_or_spec": "student.preset",
+    "out_dir": "train.output_dir",
+}
 
 
 def default_terms(mode: str) -> tuple[LossTermCfg, ...]:
@@ -53,54 +71,78 @@ def _check(ok: bool, msg: str) -> None:
 class StudentCfg(Section):
     where = "student"
     preset: Str = Field("tiny", description="student preset (biomedclip, biomedclip-small, tiny) or a model spec")
-    tokenizer_dir: Str | None = Field(None, description="WordPiece folder; null: the preset's own, else one trained "
-                                      "on the corpus")
+    tokenizer_dir: Str | None = Field(
+        None, description="WordPiece folder; null: the preset's own, else one trained on the corpus"
+    )
     vocab_size: Int = Field(30522, description="WordPiece vocabulary size when one is trained on the corpus")
     freeze_vision_blocks: Int = Field(0, description="freeze patch embedding + the first N ViT blocks")
     lock_text_layers: Int = Field(0, description="freeze embeddings + the first N BERT layers")
     patch_dropout: Float = Field(0.0, description="drop this fraction of image patches while training (FLIP)")
     grad_checkpointing: Bool = Field(False, description="trade compute for memory in both towers")
     image_size: Int | None = Field(None, description="override the preset's image size")
-    overrides: dict[Str, Any] = Field(default_factory=dict, description="extra keyword overrides for build_student "
-                                      "(embed_dim, text_config, preprocess_cfg, ...)")
+    overrides: dict[Str, Any] = Field(
+        default_factory=dict,
+        description="extra keyword overrides for build_student (embed_dim, text_config, preprocess_cfg, ...)",
+    )
 
     @model_validator(mode="after")
-    def _valid(self) -> "StudentCfg":
+    def _valid(self) -> StudentCfg:
         _check(self.freeze_vision_blocks >= 0, "student.freeze_vision_blocks must be >= 0")
         _check(self.lock_text_layers >= 0, "student.lock_text_layers must be >= 0")
         _check(0.0 <= self.patch_dropout < 1.0, "student.patch_dropout must be in [0, 1)")
         _check(self.vocab_size > 0, "student.vocab_size must be > 0")
         _check(self.image_size is None or self.image_size > 0, "student.image_size must be > 0")
         for k in self.overrides:
-            _check(k not in _STUDENT_ARGS, f"student.overrides.{k} is not an override; set {_STUDENT_ARGS.get(k)} "
-                                           f"instead")
+            _check(
+                k not in _STUDENT_ARGS, f"student.overrides.{k} is not an override; set {_STUDENT_ARGS.get(k)} instead"
+            )
         return self
 
 
 class DataCfg(Section):
     where = "data"
     corpus: Str = Field("", description="CSV/TSV/JSONL or WebDataset corpus (README.md, `distill cache`)")
-    features: Str | None = Field(None, description="HDF5 feature cache from `distill cache` (distill, hybrid; "
-                                 "contrastive: train on its rows and stored views, reading no teacher feature)")
+    features: Str | None = Field(
+        None,
+        description="HDF5 feature cache from `distill cache` (distill, hybrid; "
+        "contrastive: train on its rows and stored views, reading no teacher feature)",
+    )
     batch_size: Int = Field(32, description="per device; global batch = batch_size x processes x accumulation")
-    micro_batch_size: Int | None = Field(None, description="gradient caching: embed the per-device batch in chunks "
-                                         "of this many rows, every loss term still sees the whole batch (same "
-                                         "gradients, ~4/3 the compute); null: off")
+    micro_batch_size: Int | None = Field(
+        None,
+        description="gradient caching: embed the per-device batch in chunks "
+        "of this many rows, every loss term still sees the whole batch (same "
+        "gradients, ~4/3 the compute); null: off",
+    )
     num_workers: Int = Field(4, description="DataLoader workers (each opens the cache lazily)")
-    trim_captions: Bool = Field(True, description="pad captions to the batch's longest, not the full context "
-                                "(HF text towers only; same embeddings, less text compute); false: full context")
-    crop_scale: tuple[Float, Float] = Field((0.9, 1.0), description="RandomResizedCrop area range of the student's "
-                                            "own crops (stored views decide instead; set against them: refused)")
-    flip: Bool = Field(False, description="random horizontal flip of the student's own crops (off: laterality "
-                       "matters in radiology; stored views decide instead)")
-    use_views: Bool = Field(True, description="when the cache stores views, show the student the teachers' views "
-                            "(mode=contrastive with data.features: the same-views baseline, the views a hybrid run "
-                            "with the same seed shows); false: the student's own crops (contrastive: cache unused)")
+    trim_captions: Bool = Field(
+        True,
+        description="pad captions to the batch's longest, not the full context "
+        "(HF text towers only; same embeddings, less text compute); false: full context",
+    )
+    crop_scale: tuple[Float, Float] = Field(
+        (0.9, 1.0),
+        description="RandomResizedCrop area range of the student's "
+        "own crops (stored views decide instead; set against them: refused)",
+    )
+    flip: Bool = Field(
+        False,
+        description="random horizontal flip of the student's own crops (off: laterality "
+        "matters in radiology; stored views decide instead)",
+    )
+    use_views: Bool = Field(
+        True,
+        description="when the cache stores views, show the student the teachers' views "
+        "(mode=contrastive with data.features: the same-views baseline, the views a hybrid run "
+        "with the same seed shows); false: the student's own crops (contrastive: cache unused)",
+    )
     # device: the workers read JPEG bytes and headers only; the main process decodes each batch on the training
     # device (nvJPEG on CUDA) and crops and resizes there (distill/data/device_decode.py). Same crops, slightly
     # different resampling; non-JPEGs are still decoded in the workers.
-    decode: Str = Field("worker", description="where JPEGs are decoded: worker (CPU, in "
-                                                "the DataLoader workers) | device (the training GPU)")
+    decode: Str = Field(
+        "worker",
+        description="where JPEGs are decoded: worker (CPU, in the DataLoader workers) | device (the training GPU)",
+    )
     # Images over this many pixels stop training with a message naming the row, before they are decoded (a 17 KB
     # PNG can claim 144 Mpx); `distill cache --max-pixels` is the same limit.
     max_pixels: Int = Field(64_000_000, description="refuse images over this many pixels; 0: PIL's own limit")
@@ -109,45 +151,69 @@ class DataCfg(Section):
     # batch then draws from those few blocks only, so shuffle the corpus once when making it (or raise the buffer).
     # block_deal: block_shuffle with each block dealt to one (rank, worker), so it is read once per epoch, not
     # once per (rank, worker) drawing from it; the order then depends on processes, workers and batch_size.
-    sampler: Str = Field("auto", description="auto (block_shuffle with a cache's features or views, else random) | "
-                         "block_shuffle | block_deal (each block read by one rank and worker: multi-GPU) | random")
+    sampler: Str = Field(
+        "auto",
+        description="auto (block_shuffle with a cache's features or views, else random) | "
+        "block_shuffle | block_deal (each block read by one rank and worker: multi-GPU) | random",
+    )
     block_rows: Int = Field(1024, description="rows per block; a multiple of the cache's HDF5 chunk rows")
     shuffle_buffer_blocks: Int = Field(16, description="blocks shuffled together (each worker keeps them in memory)")
     # domain-balanced draws (distill/data/samplers.py DomainBalance); an epoch stays as many draws as usable rows
-    domain_balance: Float = Field(1.0, description="draw domain d with probability proportional to n_d^ALPHA, rows "
-                                  "within a domain uniformly: 1 = proportional (the plain order), 0 = uniform over "
-                                  "domains; needs data.domain_column")
-    domain_column: Str = Field("domain", description="corpus column naming each row's domain (data.domain_balance, "
-                               "rows_per_domain in log.jsonl, scope: domain loss terms)")
-    bad_features: Str = Field("stop", description="damaged teacher rows: stop (name them) | skip (train the row "
-                              "without that teacher, counted in the log)")
+    domain_balance: Float = Field(
+        1.0,
+        description="draw domain d with probability proportional to n_d^ALPHA, rows "
+        "within a domain uniformly: 1 = proportional (the plain order), 0 = uniform over "
+        "domains; needs data.domain_column",
+    )
+    domain_column: Str = Field(
+        "domain",
+        description="corpus column naming each row's domain (data.domain_balance, "
+        "rows_per_domain in log.jsonl, scope: domain loss terms)",
+    )
+    bad_features: Str = Field(
+        "stop",
+        description="damaged teacher rows: stop (name them) | skip (train the row "
+        "without that teacher, counted in the log)",
+    )
     # streamed corpora (shard URLs, pipe:): each (rank, worker) reads whole shards in order
     # (distill/data/stream_data.py)
-    stream_buffer: Int = Field(1000, description="streamed shards: shuffle buffer in rows (each worker keeps up to "
-                               "twice this many encoded images read ahead)")
+    stream_buffer: Int = Field(
+        1000,
+        description="streamed shards: shuffle buffer in rows (each worker keeps up to "
+        "twice this many encoded images read ahead)",
+    )
     shard_attempts: Int = Field(3, description="streamed shards: tries per shard before training stops naming it")
 
     @model_validator(mode="after")
-    def _valid(self) -> "DataCfg":
+    def _valid(self) -> DataCfg:
         _check(self.batch_size > 0, "data.batch_size must be > 0")
-        _check(self.micro_batch_size is None or 0 < self.micro_batch_size <= self.batch_size,
-               f"data.micro_batch_size must be in [1, data.batch_size={self.batch_size}] or null (off), "
-               f"got {self.micro_batch_size}")
+        _check(
+            self.micro_batch_size is None or 0 < self.micro_batch_size <= self.batch_size,
+            f"data.micro_batch_size must be in [1, data.batch_size={self.batch_size}] or null (off), "
+            f"got {self.micro_batch_size}",
+        )
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
         _check(self.sampler in SAMPLERS, f"data.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         _check(self.decode in ("worker", "device"), f"data.decode must be worker or device, got {self.decode!r}")
         _check(self.block_rows > 0, f"data.block_rows must be > 0, got {self.block_rows}")
         _check(self.max_pixels >= 0, f"data.max_pixels must be >= 0 (0: PIL's own limit), got {self.max_pixels}")
-        _check(self.shuffle_buffer_blocks > 0,
-               f"data.shuffle_buffer_blocks must be > 0, got {self.shuffle_buffer_blocks}")
-        _check(self.stream_buffer >= 1 and self.shard_attempts >= 1,
-               f"data.stream_buffer and data.shard_attempts must be >= 1, got {self.stream_buffer} and "
-               f"{self.shard_attempts}")
-        _check(self.bad_features in ("stop", "skip"),
-               f"data.bad_features must be 'stop' or 'skip', got {self.bad_features!r}")
-        _check(0.0 <= self.domain_balance <= 1.0,
-               f"data.domain_balance must be in [0, 1] (1: proportional, 0: uniform over domains), got "
-               f"{self.domain_balance}")
+        _check(
+            self.shuffle_buffer_blocks > 0, f"data.shuffle_buffer_blocks must be > 0, got {self.shuffle_buffer_blocks}"
+        )
+        _check(
+            self.stream_buffer >= 1 and self.shard_attempts >= 1,
+            f"data.stream_buffer and data.shard_attempts must be >= 1, got {self.stream_buffer} and "
+            f"{self.shard_attempts}",
+        )
+        _check(
+            self.bad_features in ("stop", "skip"),
+            f"data.bad_features must be 'stop' or 'skip', got {self.bad_features!r}",
+        )
+        _check(
+            0.0 <= self.domain_balance <= 1.0,
+            f"data.domain_balance must be in [0, 1] (1: proportional, 0: uniform over domains), got "
+            f"{self.domain_balance}",
+        )
         _check(bool(self.domain_column.strip()), "data.domain_column must name a corpus column, got an empty name")
         lo, hi = self.crop_scale
         _check(0.0 < lo <= hi <= 1.0, f"data.crop_scale must be 0 < lo <= hi <= 1, got {self.crop_scale}")
@@ -167,14 +233,17 @@ class DataCfg(Section):
         if self.flip != default["flip"].default and self.flip != (views.flip_p > 0):
             bad.append(f"data.flip={str(self.flip).lower()}")
         if tuple(self.crop_scale) != tuple(default["crop_scale"].default) and any(
-                abs(a - b) > 1e-6 for a, b in zip(self.crop_scale, views.scale)):
+            abs(a - b) > 1e-6 for a, b in zip(self.crop_scale, views.scale)
+        ):
             bad.append(f"data.crop_scale=[{self.crop_scale[0]:g}, {self.crop_scale[1]:g}]")
         if bad:
             keys = " and ".join(k.split("=")[0] for k in bad)
-            raise ConfigError(f"{' and '.join(bad)} contradict{'s' * (len(bad) == 1)} the cache's stored views, "
-                              f"which the student is shown (data.use_views=true): {views.describe()}; remove "
-                              f"{keys} from the config (the views decide), or set data.use_views=false to train "
-                              f"on the student's own crops")
+            raise ConfigError(
+                f"{' and '.join(bad)} contradict{'s' * (len(bad) == 1)} the cache's stored views, "
+                f"which the student is shown (data.use_views=true): {views.describe()}; remove "
+                f"{keys} from the config (the views decide), or set data.use_views=false to train "
+                f"on the student's own crops"
+            )
 
 
 class RoutingCfg(Section):
@@ -187,29 +256,39 @@ class RoutingCfg(Section):
 
     where = "loss.routing"
     column: Str = Field(description="a column of the CSV/TSV/JSONL corpus (besides image, caption, key)")
-    teachers: dict[Str, tuple[Str, ...]] | None = Field(None, description="column value -> teacher names; null: "
-                                                        "the cell lists them")
+    teachers: dict[Str, tuple[Str, ...]] | None = Field(
+        None, description="column value -> teacher names; null: the cell lists them"
+    )
     default: tuple[Str, ...] = Field((), description="teachers of rows whose value is not in the map (or empty)")
     separator: Str = Field("|", description="between teacher names in a cell (without `teachers`)")
-    weights: dict[Str, Float] = Field(default_factory=dict, description="column value -> weight (>= 0) multiplying "
-                                      "that row's teacher terms, not InfoNCE (values not listed: 1; a value the "
-                                      "column never holds: refused)")
+    weights: dict[Str, Float] = Field(
+        default_factory=dict,
+        description="column value -> weight (>= 0) multiplying "
+        "that row's teacher terms, not InfoNCE (values not listed: 1; a value the "
+        "column never holds: refused)",
+    )
 
     @model_validator(mode="after")
-    def _valid(self) -> "RoutingCfg":
+    def _valid(self) -> RoutingCfg:
         _check(bool(self.column.strip()), "loss.routing.column must name a corpus column")
         for value, w in self.weights.items():
-            _check(math.isfinite(w) and w >= 0, f"loss.routing.weights.{value} must be a finite number >= 0, "
-                                                f"got {w!r}")
+            _check(math.isfinite(w) and w >= 0, f"loss.routing.weights.{value} must be a finite number >= 0, got {w!r}")
         _check(bool(self.separator), "loss.routing.separator must be a non-empty string, e.g. '|'")
         if self.teachers is not None:
-            _check(bool(self.teachers), "loss.routing.teachers must map column values to teacher lists "
-                                        "(or be null: the column lists teacher names itself)")
+            _check(
+                bool(self.teachers),
+                "loss.routing.teachers must map column values to teacher lists "
+                "(or be null: the column lists teacher names itself)",
+            )
             for value, names in self.teachers.items():
-                _check(all(n.strip() for n in names),
-                       f"loss.routing.teachers.{value}: teacher names must be non-empty, got {list(names)}")
-        _check(all(n.strip() for n in self.default),
-               f"loss.routing.default: teacher names must be non-empty, got {list(self.default)}")
+                _check(
+                    all(n.strip() for n in names),
+                    f"loss.routing.teachers.{value}: teacher names must be non-empty, got {list(names)}",
+                )
+        _check(
+            all(n.strip() for n in self.default),
+            f"loss.routing.default: teacher names must be non-empty, got {list(self.default)}",
+        )
         return self
 
     def named_teachers(self) -> list[str]:
@@ -223,18 +302,22 @@ class RoutingCfg(Section):
 class LossCfg(Section):
     where = "loss"
     terms: tuple[LossTermCfg, ...] = Field((), description="empty: the mode's default terms (DEFAULT_TERMS)")
-    teachers: dict[Str, Float] | None = Field(None, description="teacher -> weight; null: every cached teacher, "
-                                              "equal weights")
+    teachers: dict[Str, Float] | None = Field(
+        None, description="teacher -> weight; null: every cached teacher, equal weights"
+    )
     combine: CombineCfg = Field(default_factory=CombineCfg, description="how teachers combine")
-    routing: RoutingCfg | None = Field(None, description="per-sample teacher routing from a corpus column; "
-                                       "null: every row, every teacher")
+    routing: RoutingCfg | None = Field(
+        None, description="per-sample teacher routing from a corpus column; null: every row, every teacher"
+    )
 
     @model_validator(mode="after")
-    def _valid(self) -> "LossCfg":
+    def _valid(self) -> LossCfg:
         for t, w in (self.teachers or {}).items():
             _check(w >= 0, f"loss.teachers.{t} must be >= 0, got {w}")
-        _check(not self.teachers or any(w > 0 for w in self.teachers.values()),
-               "loss.teachers: every weight is 0; give one teacher a weight > 0")
+        _check(
+            not self.teachers or any(w > 0 for w in self.teachers.values()),
+            "loss.teachers: every weight is 0; give one teacher a weight > 0",
+        )
         labels = [t.label for t in self.terms]
         dup = sorted({x for x in labels if labels.count(x) > 1})
         _check(not dup, f"loss.terms: duplicate term names {dup}; give each a distinct name:")
@@ -252,11 +335,12 @@ class OptimCfg(Section):
     min_lr: Float = Field(0.0, description="cosine floor")
     max_grad_norm: Float | None = Field(None, description="clip gradients to this norm (null: no clipping)")
     logit_scale_max: Float = Field(100.0, description="clamp exp(logit_scale) at this (CLIP: 100)")
-    fused: Str = Field("auto", description="fused AdamW kernel: auto (on when training on CUDA with float "
-                       "params) | on | off")
+    fused: Str = Field(
+        "auto", description="fused AdamW kernel: auto (on when training on CUDA with float params) | on | off"
+    )
 
     @model_validator(mode="after")
-    def _valid(self) -> "OptimCfg":
+    def _valid(self) -> OptimCfg:
         _check(self.lr > 0, "optim.lr must be > 0")
         _check(0 <= self.min_lr <= self.lr, "optim.min_lr must be in [0, optim.lr]")
         _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
@@ -275,24 +359,32 @@ class TrainCfg(Section):
     seed: Int = Field(0, description="initialisation, data order and teacher draws")
     mixed_precision: Str = Field("no", description="no | bf16 | fp16 (Accelerator handles autocast and scaler)")
     grad_accum: Int = Field(1, description="micro-batches per optimizer step (ignored with batch_schedule)")
-    batch_schedule: tuple[tuple[Int, Int], ...] = Field((), description="[[start_epoch, global_batch], ...]: "
-                                                        "BiomedCLIP's ramp")
+    batch_schedule: tuple[tuple[Int, Int], ...] = Field(
+        (), description="[[start_epoch, global_batch], ...]: BiomedCLIP's ramp"
+    )
     checkpoint_every: Int = Field(1000, description="optimizer steps between checkpoints (0: only the final one)")
     keep_last: Int = Field(3, description="checkpoints kept on disk")
     resume: Str = Field("auto", description="auto (newest checkpoint in output_dir) | none | PATH to a checkpoint")
     log_every: Int = Field(10, description="optimizer steps between log.jsonl lines")
     tensorboard: Bool = Field(True, description="also log to OUTPUT_DIR/tb when tensorboard is installed")
-    compile: Bool = Field(False, description="torch.compile the model through Accelerate (inductor): faster steps "
-                          "on a GPU after a compile of a minute or more; false: eager")
-    threads: Int | None = Field(None, description="torch threads per process; null: OMP_NUM_THREADS, else usable "
-                                "cores // processes on this node")
+    compile: Bool = Field(
+        False,
+        description="torch.compile the model through Accelerate (inductor): faster steps "
+        "on a GPU after a compile of a minute or more; false: eager",
+    )
+    threads: Int | None = Field(
+        None,
+        description="torch threads per process; null: OMP_NUM_THREADS, else usable cores // processes on this node",
+    )
 
     @model_validator(mode="after")
-    def _valid(self) -> "TrainCfg":
+    def _valid(self) -> TrainCfg:
         _check(self.max_steps is None or self.max_steps > 0, "train.max_steps must be > 0 (or null)")
         _check(self.epochs > 0, "train.epochs must be > 0")
-        _check(self.mixed_precision in PRECISIONS,
-               f"train.mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
+        _check(
+            self.mixed_precision in PRECISIONS,
+            f"train.mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}",
+        )
         _check(self.grad_accum > 0, "train.grad_accum must be > 0")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
         _check(self.keep_last > 0, "train.keep_last must be > 0")
@@ -316,33 +408,47 @@ class Config(Section):
     train: TrainCfg = Field(default_factory=TrainCfg, description="the loop: steps, checkpoints, logging")
 
     @model_validator(mode="after")
-    def _valid(self, info: ValidationInfo) -> "Config":
+    def _valid(self, info: ValidationInfo) -> Config:
         _check(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
         _check(bool(self.data.corpus), "data.corpus is required: the corpus file (CSV/TSV/JSONL) or shards")
         if self.mode != "contrastive":
-            _check(self.data.features is not None,
-                   f"mode={self.mode} needs data.features: build a cache with `distill cache --data CORPUS "
-                   f"--teacher NAME=SPEC --out FEATURES.h5` and set data.features=FEATURES.h5 "
-                   f"(or use mode=contrastive, which needs no cache)")
+            _check(
+                self.data.features is not None,
+                f"mode={self.mode} needs data.features: build a cache with `distill cache --data CORPUS "
+                f"--teacher NAME=SPEC --out FEATURES.h5` and set data.features=FEATURES.h5 "
+                f"(or use mode=contrastive, which needs no cache)",
+            )
         uses = {t.label: t.static_uses_teachers if static(info) else t.uses_teachers for t in self.loss.terms}
         if None in uses.values():  # a plug-in's term, before torch is imported: checked by the full validation
             return self
         if self.mode == "contrastive":
-            _check(not self.loss.teachers, "mode=contrastive uses no teachers, but loss.teachers is set; "
-                                           "use mode=hybrid or remove loss.teachers")
+            _check(
+                not self.loss.teachers,
+                "mode=contrastive uses no teachers, but loss.teachers is set; use mode=hybrid or remove loss.teachers",
+            )
             bad = [n for n, u in uses.items() if u]
-            _check(not bad, f"mode=contrastive trains with InfoNCE only, but loss.terms has teacher terms {bad}; "
-                            f"use mode=hybrid (both) or mode=distill (teacher terms only)")
-            _check(self.loss.routing is None, "mode=contrastive uses no teachers, but loss.routing is set; "
-                                              "use mode=hybrid or remove loss.routing")
+            _check(
+                not bad,
+                f"mode=contrastive trains with InfoNCE only, but loss.terms has teacher terms {bad}; "
+                f"use mode=hybrid (both) or mode=distill (teacher terms only)",
+            )
+            _check(
+                self.loss.routing is None,
+                "mode=contrastive uses no teachers, but loss.routing is set; use mode=hybrid or remove loss.routing",
+            )
         elif self.mode == "distill":
             bad = [n for n, u in uses.items() if not u]
-            _check(not bad, f"mode=distill uses teacher terms only, but loss.terms has {bad}; "
-                            f"use mode=hybrid for InfoNCE plus distillation")
+            _check(
+                not bad,
+                f"mode=distill uses teacher terms only, but loss.terms has {bad}; "
+                f"use mode=hybrid for InfoNCE plus distillation",
+            )
         elif uses:
-            _check(any(uses.values()) and not all(uses.values()),
-                   f"mode=hybrid needs a teacher-free term (infonce) and at least one teacher term; loss.terms "
-                   f"has {[t.kind for t in self.loss.terms]}")
+            _check(
+                any(uses.values()) and not all(uses.values()),
+                f"mode=hybrid needs a teacher-free term (infonce) and at least one teacher term; loss.terms "
+                f"has {[t.kind for t in self.loss.terms]}",
+            )
         return self
 
     @property
@@ -352,7 +458,7 @@ class Config(Section):
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict, overrides: Sequence[str] = (), static: bool = False) -> "Config":
+    def from_dict(cls, d: dict, overrides: Sequence[str] = (), static: bool = False) -> Config:
         """Build from a plain dict (as YAML gives) after applying `section.key=value` overrides. `static`: check
         without importing torch (loss terms by kind name only; see distill.config.terms), before the full check."""
         d = plain(d or {})
@@ -367,7 +473,7 @@ class Config(Section):
             raise config_error(e, cls) from None
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = (), static: bool = False) -> "Config":
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = (), static: bool = False) -> Config:
         path = Path(path)
         text = read_config_text(path)  # a missing, non-regular, oversized or binary file: one line
         try:
@@ -380,7 +486,7 @@ class Config(Section):
             raise type(e)(f"{path}: {e}") from None
 
     @classmethod
-    def from_argv(cls, argv: Sequence[str], static: bool = False) -> "Config":
+    def from_argv(cls, argv: Sequence[str], static: bool = False) -> Config:
         """`--config PATH [section.key=value ...]` without argparse (`distill train --help` lists the keys)."""
         path, overrides = split_argv(argv)
         return cls.from_yaml(path, overrides, static)

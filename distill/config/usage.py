@@ -1,4 +1,5 @@
 """`distill train --help`: every config key with its type, default and description, read from the models."""
+
 from __future__ import annotations
 
 from typing import Any, get_args, get_origin
@@ -27,8 +28,11 @@ def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str]]:
             rows += _rows(inner, key + ".")
             continue
         default = f.default_factory() if f.default_factory is not None else f.default
-        shown = "(required)" if default is PydanticUndefined else repr(default.model_dump() if isinstance(
-            default, BaseModel) else default)
+        shown = (
+            "(required)"
+            if default is PydanticUndefined
+            else repr(default.model_dump() if isinstance(default, BaseModel) else default)
+        )
         rows.append((f"{key} = {shown}", type_name(f.annotation), f.description or ""))
         if is_model(inner):  # optional section (loss.routing)
             rows += _rows(inner, key + ".")

@@ -11,10 +11,11 @@ RGB or greyscale JPEG (PNG, CMYK, an unreadable header) is decoded in the worker
 decode only moves from the workers to the main process. (torchvision 0.29 marks its image decoders deprecated in
 favour of TorchCodec; they are what nvJPEG is reachable through in the pinned versions.)
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -62,8 +63,10 @@ def decode_into(images: Tensor, encoded: EncodedImages, interpolation: str, rows
         decoded = _decode(encoded.data, images.device)
     except RuntimeError as e:
         bad = ", ".join(str(rows[i]) for i in encoded.index) if len(rows) else "?"
-        raise ValueError(f"a JPEG among corpus rows {bad} cannot be decoded ({e}); fix or remove it, or set "
-                        f"data.decode=worker to have it reported and skipped like any bad sample") from e
+        raise ValueError(
+            f"a JPEG among corpus rows {bad} cannot be decoded ({e}); fix or remove it, or set "
+            f"data.decode=worker to have it reported and skipped like any bad sample"
+        ) from e
     size = list(images.shape[-2:])
     mode = F.InterpolationMode(interpolation)
     for img, params, i in zip(decoded, encoded.params, encoded.index):

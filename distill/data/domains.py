@@ -5,6 +5,7 @@ Why one module: the sampler, the counts and the loss must agree on which id is w
 in a resumed run; ids are the sorted distinct names, so they depend on the column's values only, never on row
 order, process or worker.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from teachers.kernel.config_model import ConfigError
 from distill.data.loader import DataError
 from distill.data.samplers import DomainBalance, EpochSampler
+from teachers.kernel.config_model import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,10 @@ def domain_ids(corpus, column: str = "domain", key: str = "data.domain_column") 
     values = np.array([c.strip() for c in cells], dtype=object)
     empty = np.flatnonzero(values == "")
     if len(empty):
-        raise DataError(f"{key}={column!r}: {len(empty)} row(s) have an empty {column!r} cell (first: "
-                        f"{corpus.describe(int(empty[0]))}); fill every cell, or name another column in {key}")
+        raise DataError(
+            f"{key}={column!r}: {len(empty)} row(s) have an empty {column!r} cell (first: "
+            f"{corpus.describe(int(empty[0]))}); fill every cell, or name another column in {key}"
+        )
     if not len(values):
         return np.zeros(0, dtype=np.int64), []
     names, ids = np.unique(values.astype(str), return_inverse=True)
@@ -61,9 +64,11 @@ def load_domains(data, corpus, streamed: bool = False) -> Domains | None:
     corpus is refused: its shards are read front to back, so rows cannot be drawn by domain.
     """
     if data.domain_balance < 1 and streamed:
-        raise ConfigError(f"data.domain_balance={data.domain_balance:g} draws rows by domain, which a streamed corpus "
-                          f"({corpus.source}; data.sampler={data.sampler} reads whole shards in order) cannot do; "
-                          "set data.domain_balance=1 or train from a local CSV/TSV/JSONL corpus")
+        raise ConfigError(
+            f"data.domain_balance={data.domain_balance:g} draws rows by domain, which a streamed corpus "
+            f"({corpus.source}; data.sampler={data.sampler} reads whole shards in order) cannot do; "
+            "set data.domain_balance=1 or train from a local CSV/TSV/JSONL corpus"
+        )
     try:
         ids, names = domain_ids(corpus, data.domain_column)
     except DataError as e:
@@ -83,8 +88,12 @@ def build_balance(data, domains: Domains | None, corpus_rows: np.ndarray) -> Dom
     ids = domains.ids[np.asarray(corpus_rows, dtype=np.int64)]
     present = np.unique(ids)
     if len(present) < 2:
-        log.warning("data.domain_balance=%g has no effect: every training row has %s %r; training in the plain order",
-                    data.domain_balance, domains.column, domains.names[int(present[0])] if len(present) else "")
+        log.warning(
+            "data.domain_balance=%g has no effect: every training row has %s %r; training in the plain order",
+            data.domain_balance,
+            domains.column,
+            domains.names[int(present[0])] if len(present) else "",
+        )
         return None
     return DomainBalance(ids, data.domain_balance)
 
@@ -111,8 +120,9 @@ class DomainCounter:
         return {n: int(c) for n, c in zip(self.names, total.tolist())}
 
 
-def scheduled_counts(sampler: EpochSampler, domain_of_item: np.ndarray, epoch: int, items: int,
-                     num_domains: int) -> np.ndarray:
+def scheduled_counts(
+    sampler: EpochSampler, domain_of_item: np.ndarray, epoch: int, items: int, num_domains: int
+) -> np.ndarray:
     """Rows per domain the sampler scheduled before item `items` of epoch `epoch` (all earlier epochs whole): what
     an uninterrupted run has counted when it reaches that point (the resume point)."""
     out = np.zeros(num_domains, dtype=np.int64)

@@ -14,6 +14,7 @@ the batch carries the values in `TrainBatch.inputs` (moved to the device, merged
 A value is a (B, ...) tensor or a {key: (B, ...) tensor} dict (e.g. by teacher). A producer runs in DataLoader
 workers: keep it picklable (a module-level function or a class instance) and cheap, as the collate is.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -61,9 +62,11 @@ def build_inputs(wanted: Mapping[str, Iterable[str]], setup: InputSetup) -> dict
     out = {}
     for name, readers in wanted.items():
         if name not in BATCH_INPUTS:
-            raise KeyError(f"loss term(s) {', '.join(sorted(readers))} read the batch input {name!r}, which no "
-                           f"module registered (register_batch_input(key={name!r}) in distill.data.inputs); "
-                           f"registered: {', '.join(BATCH_INPUTS.list()) or 'none'}")
+            raise KeyError(
+                f"loss term(s) {', '.join(sorted(readers))} read the batch input {name!r}, which no "
+                f"module registered (register_batch_input(key={name!r}) in distill.data.inputs); "
+                f"registered: {', '.join(BATCH_INPUTS.list()) or 'none'}"
+            )
         out[name] = BATCH_INPUTS.get(name)(setup)
     return out
 
@@ -115,5 +118,17 @@ def concat_inputs(parts: Sequence[Mapping[str, InputValue]]) -> dict[str, InputV
     return out
 
 
-__all__ = ["BATCH_INPUTS", "BatchRows", "InputSetup", "InputValue", "Producer", "build_inputs", "check_rows",
-           "concat_inputs", "move_inputs", "produce", "register_batch_input", "select_inputs"]
+__all__ = [
+    "BATCH_INPUTS",
+    "BatchRows",
+    "InputSetup",
+    "InputValue",
+    "Producer",
+    "build_inputs",
+    "check_rows",
+    "concat_inputs",
+    "move_inputs",
+    "produce",
+    "register_batch_input",
+    "select_inputs",
+]

@@ -9,14 +9,16 @@ the student exactly the same pixels as an uninterrupted single-process one.
 Why the cache is read in the collate function: one batched HDF5 read per batch, inside the worker, from a reader
 each worker opens for itself (h5py handles must not cross a fork).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,8 +27,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from cache.store.verify import BadRowsError, bad_row_mask, format_rows, row_problem
 from cache.build.views import RATIO  # the aspect range of the cache's stored views, for the student's own crops
+from cache.store.verify import BadRowsError, bad_row_mask, format_rows, row_problem
 from distill.data.device_decode import EncodedImages, decode_into
 from distill.data.inputs import BatchRows, InputValue, Producer, move_inputs, produce
 from teachers.kernel.modality import Pair
@@ -63,17 +65,26 @@ class TrainBatch:
     row_weights: torch.Tensor | None = None  # (B,) float32 teacher-term weight per row (loss.routing.weights)
     inputs: dict[str, InputValue] = field(default_factory=dict)  # named inputs of loss terms (distill.data.inputs)
 
-    def to(self, device, non_blocking: bool = False) -> "TrainBatch":
+    def to(self, device, non_blocking: bool = False) -> TrainBatch:
         """Accelerate's send_to_device calls this."""
         mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return TrainBatch(mv(self.images), mv(self.tokens), mv(self.rows), mv(self.views),
-                          {t: p.map(mv) for t, p in self.teacher_feats.items()},
-                          mv(self.route), mv(self.caption_ids), self.skipped_features, self.encoded,
-                          {t: mv(x) for t, x in self.teacher_tokens.items()},
-                          domains=mv(self.domains), row_weights=mv(self.row_weights),
-                          inputs=move_inputs(self.inputs, device, non_blocking))
+        return TrainBatch(
+            mv(self.images),
+            mv(self.tokens),
+            mv(self.rows),
+            mv(self.views),
+            {t: p.map(mv) for t, p in self.teacher_feats.items()},
+            mv(self.route),
+            mv(self.caption_ids),
+            self.skipped_features,
+            self.encoded,
+            {t: mv(x) for t, x in self.teacher_tokens.items()},
+            domains=mv(self.domains),
+            row_weights=mv(self.row_weights),
+            inputs=move_inputs(self.inputs, device, non_blocking),
+        )
 
-    def decoded(self, interpolation: str) -> "TrainBatch":
+    def decoded(self, interpolation: str) -> TrainBatch:
         """This batch with its still-encoded JPEGs decoded into `images` on their device
         (`distill.data.device_decode`)."""
         if not self.encoded:
@@ -89,8 +100,9 @@ class TrainBatch:
         if self.route is None:
             return None
         if self.route.shape[1] != len(teachers):
-            raise ValueError(f"the batch's route mask has {self.route.shape[1]} teacher columns; got "
-                             f"{len(teachers)} teacher names")
+            raise ValueError(
+                f"the batch's route mask has {self.route.shape[1]} teacher columns; got {len(teachers)} teacher names"
+            )
         return {t: self.route[:, j] for j, t in enumerate(teachers)}
 
     def __len__(self) -> int:
@@ -110,8 +122,9 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(s) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
-def random_crop_params(gen: torch.Generator, width: int, height: int, scale: Sequence[float],
-                       flip: bool) -> list[float]:
+def random_crop_params(
+    gen: torch.Generator, width: int, height: int, scale: Sequence[float], flip: bool
+) -> list[float]:
     """A RandomResizedCrop box (torchvision's algorithm, our generator) as relative (x0, y0, w, h, flip)."""
     area = width * height
     u = torch.rand(4 * 10 + 1, generator=gen, dtype=torch.float64).tolist()
@@ -155,7 +168,7 @@ def trim_padding(tokens: torch.Tensor, pad_id: int | None) -> torch.Tensor:
     if pad_id is None or tokens.ndim != 2 or tokens.shape[1] == 0:
         return tokens
     used = (tokens != pad_id).any(0).nonzero()
-    return tokens[:, :int(used.max()) + 1] if len(used) else tokens[:, :1]
+    return tokens[:, : int(used.max()) + 1] if len(used) else tokens[:, :1]
 
 
 class PairDataset(Dataset):
@@ -166,18 +179,32 @@ class PairDataset(Dataset):
     this changes the pixels of such large JPEGs only.
     """
 
-    def __init__(self, corpus, preprocess: PreprocessCfg, *, crop_scale=(0.9, 1.0), flip: bool = False,
-                 seed: int = 0, cache_rows: np.ndarray | None = None, corpus_rows: np.ndarray | None = None,
-                 view_params: np.ndarray | None = None, max_pixels: int = 64_000_000, view_dist=None,
-                 decode: str = "worker"):
-        from cache.sources.image_decode import DecodeLimits
+    def __init__(
+        self,
+        corpus,
+        preprocess: PreprocessCfg,
+        *,
+        crop_scale=(0.9, 1.0),
+        flip: bool = False,
+        seed: int = 0,
+        cache_rows: np.ndarray | None = None,
+        corpus_rows: np.ndarray | None = None,
+        view_params: np.ndarray | None = None,
+        max_pixels: int = 64_000_000,
+        view_dist=None,
+        decode: str = "worker",
+    ):
         from cache.build.image_rows import needed_side
         from cache.build.views import ViewDist
+        from cache.sources.image_decode import DecodeLimits
 
         # the smallest crop the student sees: of the stored views (`view_dist`, the cache's ViewDist), else its own
         crop = (view_dist or ViewDist(1)).min_crop() if view_params is not None else (crop_scale[0], RATIO[0])
-        self.corpus = corpus.with_limits(DecodeLimits(max_pixels or None, hint="data.max_pixels",
-                                                      draft_side=needed_side(preprocess.image_size, *crop)))
+        self.corpus = corpus.with_limits(
+            DecodeLimits(
+                max_pixels or None, hint="data.max_pixels", draft_side=needed_side(preprocess.image_size, *crop)
+            )
+        )
         self.preprocess = preprocess
         self.crop_scale, self.flip, self.seed = tuple(crop_scale), flip, seed
         self.corpus_rows = np.arange(len(corpus)) if corpus_rows is None else np.asarray(corpus_rows)
@@ -204,16 +231,24 @@ class PairDataset(Dataset):
 
         try:
             raw, size = self._encoded(row) if self.decode == "device" else (None, None)
-            img = None if size else self.corpus.load_image(row) if raw is None else decode_image(
-                raw, None, self.corpus.keys[row], self.corpus.describe(row), self.corpus.limits)
+            img = (
+                None
+                if size
+                else self.corpus.load_image(row)
+                if raw is None
+                else decode_image(raw, None, self.corpus.keys[row], self.corpus.describe(row), self.corpus.limits)
+            )
         except BadSampleError as e:
             from cache.sources.stream import ShardUnreadable
 
             if isinstance(e, ShardUnreadable):  # the transport, not the sample: retried already
-                raise DataError(f"{e}; when it is readable again, rerun the same command (training resumes from "
-                                "the last checkpoint)") from e
-            raise DataError(f"{e}; build a feature cache (`distill cache`) to find and skip bad samples, "
-                            f"or fix or remove that row") from e
+                raise DataError(
+                    f"{e}; when it is readable again, rerun the same command (training resumes from "
+                    "the last checkpoint)"
+                ) from e
+            raise DataError(
+                f"{e}; build a feature cache (`distill cache`) to find and skip bad samples, or fix or remove that row"
+            ) from e
         if self.view_params is not None:
             k = int(torch.randint(self.view_params.shape[1], (1,), generator=gen))
             params = self.view_params[cache_row, k].tolist()
@@ -223,8 +258,12 @@ class PairDataset(Dataset):
             params = random_crop_params(gen, w, h, self.crop_scale, self.flip)
         item = {"caption": self.corpus.captions[row], "row": row, "cache_row": cache_row, "view": k}
         if size:  # decoded, cropped and resized on the training device (TrainBatch.decoded)
-            return {**item, "encoded": torch.frombuffer(bytearray(raw), dtype=torch.uint8), "params": params,
-                    "size": tuple(self.preprocess.image_size)}
+            return {
+                **item,
+                "encoded": torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+                "params": params,
+                "size": tuple(self.preprocess.image_size),
+            }
         return {**item, "image": self.transform(img, params)}
 
     def _encoded(self, row: int) -> tuple[bytes | None, tuple[int, int] | None]:
@@ -255,12 +294,23 @@ class Collate:
     of other rows' teacher similarity matrices in batch-level terms (affinity, ICL): a small bias, not a NaN.
     """
 
-    def __init__(self, tokenizer, features: str | None = None, teachers: Sequence[str] = (),
-                 use_views: bool = False, block_rows: int = 0, cache_blocks: int = 16,
-                 route: np.ndarray | None = None, caption_ids: bool = True, bad_features: str = "stop",
-                 pad_id: int | None = None, token_teachers: Sequence[str] = (),
-                 domains: np.ndarray | None = None, row_weights: np.ndarray | None = None,
-                 inputs: dict[str, Producer] | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        features: str | None = None,
+        teachers: Sequence[str] = (),
+        use_views: bool = False,
+        block_rows: int = 0,
+        cache_blocks: int = 16,
+        route: np.ndarray | None = None,
+        caption_ids: bool = True,
+        bad_features: str = "stop",
+        pad_id: int | None = None,
+        token_teachers: Sequence[str] = (),
+        domains: np.ndarray | None = None,
+        row_weights: np.ndarray | None = None,
+        inputs: dict[str, Producer] | None = None,
+    ):
         # by CORPUS row, like `route`: (N_corpus,) int64 domain ids (`distill.data.domains.domain_ids`) for scope:
         # domain terms, and (N_corpus,) float teacher-term weights (loss.routing.weights); None: not in the batch
         self.domains, self.row_weights = domains, row_weights
@@ -287,13 +337,18 @@ class Collate:
         if self._reader is None:
             from cache.store.reader import FeatureReader
 
-            self._reader = FeatureReader(self.features, teachers=self.teachers, block_rows=self.block_rows,
-                                         cache_blocks=self.cache_blocks,
-                                         unreadable="nan" if self.bad_features == "skip" else "raise")
+            self._reader = FeatureReader(
+                self.features,
+                teachers=self.teachers,
+                block_rows=self.block_rows,
+                cache_blocks=self.cache_blocks,
+                unreadable="nan" if self.bad_features == "skip" else "raise",
+            )
         return self._reader
 
-    def _read_checked(self, rows: np.ndarray, views: np.ndarray | None
-                      ) -> tuple[dict[str, Embeddings], dict[str, np.ndarray], np.ndarray]:
+    def _read_checked(
+        self, rows: np.ndarray, views: np.ndarray | None
+    ) -> tuple[dict[str, Embeddings], dict[str, np.ndarray], np.ndarray]:
         """The rows' teacher features, the `token_teachers`' patch tokens (of the same views), and a (B, T) bool
         mask of the (row, teacher) pairs that are bad (non-finite tokens count)."""
         try:
@@ -311,8 +366,10 @@ class Collate:
                 bad[:, j] |= mask
         for t, x in toks.items():
             if x.ndim != 3:
-                raise ValueError(f"teacher {t!r} patch tokens have shape {x.shape[1:]} per row; a spatial term needs "
-                                 f"the view the student saw (data.use_views=true)")
+                raise ValueError(
+                    f"teacher {t!r} patch tokens have shape {x.shape[1:]} per row; a spatial term needs "
+                    f"the view the student saw (data.use_views=true)"
+                )
             mask = ~np.isfinite(x.reshape(len(x), -1)).all(1)
             if mask.any() and self.bad_features == "stop":
                 raise BadRowsError.of(self.features, t, "patch-token", rows[mask], "non-finite", SKIP_HINT)
@@ -340,31 +397,60 @@ class Collate:
                         toks[t][bad[:, j]] = 0.0
                 skipped = int(bad.sum())
                 self.skipped_total += skipped
-                log.warning("data.bad_features=skip: dropped %s for cache rows with bad features (%d pair(s) so "
-                            "far in this process); run `distill info --verify %s`", ", ".join(
-                                f"teacher {t!r} on rows {format_rows(rows[bad[:, j]])}" for j, t in
-                                enumerate(self.teachers) if bad[:, j].any()), self.skipped_total, self.features)
+                log.warning(
+                    "data.bad_features=skip: dropped %s for cache rows with bad features (%d pair(s) so "
+                    "far in this process); run `distill info --verify %s`",
+                    ", ".join(
+                        f"teacher {t!r} on rows {format_rows(rows[bad[:, j]])}"
+                        for j, t in enumerate(self.teachers)
+                        if bad[:, j].any()
+                    ),
+                    self.skipped_total,
+                    self.features,
+                )
             feats = teacher_feats(got)
             tokens = {t: torch.from_numpy(x) for t, x in toks.items()}
         captions = [it["caption"] for it in items]
-        extra = produce(self.inputs, BatchRows(np.asarray(corpus_rows, dtype=np.int64), np.asarray(
-            [it.get("cache_row", it["row"]) for it in items], dtype=np.int64), views.numpy(), captions)
-                        ) if self.inputs else {}
+        extra = (
+            produce(
+                self.inputs,
+                BatchRows(
+                    np.asarray(corpus_rows, dtype=np.int64),
+                    np.asarray([it.get("cache_row", it["row"]) for it in items], dtype=np.int64),
+                    views.numpy(),
+                    captions,
+                ),
+            )
+            if self.inputs
+            else {}
+        )
         enc = [j for j, it in enumerate(items) if "encoded" in it]
         size = items[enc[0]]["size"] if enc else None
-        return TrainBatch(images=torch.stack([torch.zeros(3, *size, dtype=torch.uint8) if "encoded" in it
-                                              else it["image"] for it in items]),
-                          tokens=trim_padding(self.tokenizer(captions), self.pad_id),
-                          rows=torch.tensor(corpus_rows, dtype=torch.long), views=views,
-                          teacher_feats=feats, route=route,
-                          caption_ids=torch.tensor([caption_id(c) for c in captions], dtype=torch.int64)
-                          if self.caption_ids else None, skipped_features=skipped, teacher_tokens=tokens,
-                          domains=None if self.domains is None else torch.from_numpy(
-                              np.asarray(self.domains[corpus_rows], dtype=np.int64)),
-                          row_weights=None if self.row_weights is None else torch.from_numpy(
-                              np.asarray(self.row_weights[corpus_rows], dtype=np.float32)),
-                          encoded=EncodedImages([items[j]["encoded"] for j in enc], [items[j]["params"] for j in enc],
-                                                enc) if enc else None, inputs=extra)
+        return TrainBatch(
+            images=torch.stack(
+                [torch.zeros(3, *size, dtype=torch.uint8) if "encoded" in it else it["image"] for it in items]
+            ),
+            tokens=trim_padding(self.tokenizer(captions), self.pad_id),
+            rows=torch.tensor(corpus_rows, dtype=torch.long),
+            views=views,
+            teacher_feats=feats,
+            route=route,
+            caption_ids=torch.tensor([caption_id(c) for c in captions], dtype=torch.int64)
+            if self.caption_ids
+            else None,
+            skipped_features=skipped,
+            teacher_tokens=tokens,
+            domains=None
+            if self.domains is None
+            else torch.from_numpy(np.asarray(self.domains[corpus_rows], dtype=np.int64)),
+            row_weights=None
+            if self.row_weights is None
+            else torch.from_numpy(np.asarray(self.row_weights[corpus_rows], dtype=np.float32)),
+            encoded=EncodedImages([items[j]["encoded"] for j in enc], [items[j]["params"] for j in enc], enc)
+            if enc
+            else None,
+            inputs=extra,
+        )
 
 
 def mean_view(x: torch.Tensor) -> torch.Tensor:
@@ -379,6 +465,7 @@ def teacher_feats(got: dict[str, Embeddings]) -> dict[str, Pair[torch.Tensor]]:
     shared-memory block, which the main process receives with a socket round trip: with 9 teachers, 6 to 11 ms per
     batch for two blocks per teacher against 4 to 5 ms for one (a 200 ms CPU step; benchmarks/README.md).
     """
+
     def as_rows(x) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(x))
         return mean_view(x.to(torch.float32)) if x.ndim == 3 else x
@@ -389,7 +476,7 @@ def teacher_feats(got: dict[str, Embeddings]) -> dict[str, Pair[torch.Tensor]]:
 
     def place(x: torch.Tensor) -> torch.Tensor:
         nonlocal at
-        view = buf[at:at + x.numel()].view(x.shape)
+        view = buf[at : at + x.numel()].view(x.shape)
         view.copy_(x)  # to float32 here, in the same pass
         at += x.numel()
         return view

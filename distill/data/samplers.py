@@ -1,9 +1,10 @@
 """The trainer's epoch order: one order per (seed, epoch), the same in every process, worker and resumed run."""
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -65,7 +66,7 @@ def deal_order(block_ids: np.ndarray, buffer_blocks: int, dealing: Dealing, rng:
             r = int(np.argmin(sizes))
             k = int(sizes[d] - target) if sizes[r] >= target else int(min(sizes[d] - target, target - sizes[r]))
             last = owned[d][-1]
-            give, owned[d][-1] = last[max(0, len(last) - k):], last[:max(0, len(last) - k)]
+            give, owned[d][-1] = last[max(0, len(last) - k) :], last[: max(0, len(last) - k)]
             if not len(owned[d][-1]):
                 owned[d].pop()
             (left if sizes[r] >= target else owned[r]).append(give)
@@ -76,8 +77,7 @@ def deal_order(block_ids: np.ndarray, buffer_blocks: int, dealing: Dealing, rng:
     for blocks in owned:
         mine = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int64)
         streams.append(mine[block_shuffle_order(block_ids[mine], buffer_blocks, rng)])
-    order = [streams[dealing.pair_of_batch(g)][(g // p_n) * b:(g // p_n + 1) * b]
-             for g in range(target // b * p_n)]
+    order = [streams[dealing.pair_of_batch(g)][(g // p_n) * b : (g // p_n + 1) * b] for g in range(target // b * p_n)]
     if left:
         rest = np.concatenate(left)
         order.append(rest[np.argsort(block_ids[rest], kind="stable")])
@@ -138,9 +138,11 @@ class DomainBalance:
     def _stream(self, seed: int, d: int, start: int, count: int) -> np.ndarray:
         """Items start..start+count-1 of domain d's endless stream of seeded permutations of its rows."""
         n = int(self.sizes[d])
-        parts = [self.members[d][np.random.default_rng((seed, _BALANCE_STREAM, d, c)).permutation(n)]
-                 for c in range(start // n, (start + count - 1) // n + 1)]
-        return np.concatenate(parts)[start % n:start % n + count]
+        parts = [
+            self.members[d][np.random.default_rng((seed, _BALANCE_STREAM, d, c)).permutation(n)]
+            for c in range(start // n, (start + count - 1) // n + 1)
+        ]
+        return np.concatenate(parts)[start % n : start % n + count]
 
 
 def reader_blocks(block_rows: int, buffer_blocks: int, chunk_rows: int, dealt: bool) -> tuple[int, int]:
@@ -175,13 +177,23 @@ class EpochSampler(Sampler):
     drawn depend on (seed, epoch) only, for every sampler (block_deal: only their order depends on the dealing).
     """
 
-    def __init__(self, num_rows: int, seed: int, global_batch_of: Callable[[int], int], shuffle: bool = True,
-                 block_ids: np.ndarray | None = None, buffer_blocks: int = 16, dealing: Dealing | None = None,
-                 balance: DomainBalance | None = None):
+    def __init__(
+        self,
+        num_rows: int,
+        seed: int,
+        global_batch_of: Callable[[int], int],
+        shuffle: bool = True,
+        block_ids: np.ndarray | None = None,
+        buffer_blocks: int = 16,
+        dealing: Dealing | None = None,
+        balance: DomainBalance | None = None,
+    ):
         self.num_rows, self.seed, self.global_batch_of, self.shuffle = num_rows, seed, global_batch_of, shuffle
         if balance is not None and (len(balance.ids) != num_rows or not shuffle):
-            raise ValueError(f"balance needs shuffle and one domain id per row; got {len(balance.ids)} ids for "
-                             f"{num_rows} rows, shuffle={shuffle}")
+            raise ValueError(
+                f"balance needs shuffle and one domain id per row; got {len(balance.ids)} ids for "
+                f"{num_rows} rows, shuffle={shuffle}"
+            )
         self.balance = balance
         if block_ids is not None and len(block_ids) != num_rows:
             raise ValueError(f"block_ids has {len(block_ids)} entries for {num_rows} rows")
@@ -206,13 +218,15 @@ class EpochSampler(Sampler):
         if self.balance is not None:
             return self._balanced_order()
         if self.dealing is not None:
-            return deal_order(self.block_ids, self.buffer_blocks, self.dealing,
-                              np.random.default_rng((self.seed, self.epoch)))
+            return deal_order(
+                self.block_ids, self.buffer_blocks, self.dealing, np.random.default_rng((self.seed, self.epoch))
+            )
         if self.block_ids is not None:
             from cache.store.reader import block_shuffle_order  # late: h5py loads only when features are read
 
-            return block_shuffle_order(self.block_ids, self.buffer_blocks,
-                                       np.random.default_rng((self.seed, self.epoch)))
+            return block_shuffle_order(
+                self.block_ids, self.buffer_blocks, np.random.default_rng((self.seed, self.epoch))
+            )
         return torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch)).numpy()
 
     def _balanced_order(self) -> np.ndarray:
@@ -224,15 +238,18 @@ class EpochSampler(Sampler):
 
         rng = np.random.default_rng((self.seed, self.epoch))
         blocks = self.block_ids[items]
-        pos = (deal_order(blocks, self.buffer_blocks, self.dealing, rng) if self.dealing is not None
-               else block_shuffle_order(blocks, self.buffer_blocks, rng))
+        pos = (
+            deal_order(blocks, self.buffer_blocks, self.dealing, rng)
+            if self.dealing is not None
+            else block_shuffle_order(blocks, self.buffer_blocks, rng)
+        )
         return items[pos]
 
     def epoch_items(self, epoch: int) -> np.ndarray:
         """The dataset indices epoch `epoch` yields (cut to whole global batches), without changing this sampler."""
         other = copy.copy(self)
         other.set_epoch(epoch)
-        return other.order()[:len(other)]
+        return other.order()[: len(other)]
 
     def __iter__(self):
         for i in self.order()[: len(self)].tolist():

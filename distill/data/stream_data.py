@@ -9,6 +9,7 @@ the block: each shard is read by one pair, bar about one shard per pair split to
 pair's rows are its shards in stream order passed through a shuffle buffer of `data.stream_buffer` rows (as
 webdataset's `shuffle(n)`), so the worker's corpus cursor only ever keeps that window of samples read ahead.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -64,24 +65,25 @@ class StreamSampler(EpochSampler):
     per-device batch, as block_deal does)."""
 
     def __init__(self, shard_ids: np.ndarray, seed: int, global_batch_of, dealing: Dealing, buffer: int):
-        super().__init__(len(shard_ids), seed, global_batch_of, block_ids=shard_ids, buffer_blocks=1,
-                         dealing=dealing)
+        super().__init__(len(shard_ids), seed, global_batch_of, block_ids=shard_ids, buffer_blocks=1, dealing=dealing)
         self.buffer = int(buffer)
 
     def order(self) -> np.ndarray:
         return stream_order(self.block_ids, self.dealing, self.buffer, np.random.default_rng((self.seed, self.epoch)))
 
 
-def stream_sampler(data: DataCfg, corpus, corpus_rows: np.ndarray, global_batch_of, *, seed: int,
-                   ranks: int) -> StreamSampler:
+def stream_sampler(
+    data: DataCfg, corpus, corpus_rows: np.ndarray, global_batch_of, *, seed: int, ranks: int
+) -> StreamSampler:
     """The sampler of a streamed corpus's training rows (`corpus_rows`: the dataset's corpus row of each item)."""
     if data.sampler not in ("auto", "block_deal"):
-        raise ConfigError(f"data.sampler={data.sampler} needs random access, which streamed shards "
-                          f"({corpus.source}) do not give; use data.sampler=auto (shards dealt to ranks and "
-                          "workers, shuffled within data.stream_buffer rows)")
+        raise ConfigError(
+            f"data.sampler={data.sampler} needs random access, which streamed shards "
+            f"({corpus.source}) do not give; use data.sampler=auto (shards dealt to ranks and "
+            "workers, shuffled within data.stream_buffer rows)"
+        )
     dealing = Dealing(ranks, max(1, data.num_workers), data.batch_size)
-    return StreamSampler(corpus.shard_of[np.asarray(corpus_rows)], seed, global_batch_of, dealing,
-                         data.stream_buffer)
+    return StreamSampler(corpus.shard_of[np.asarray(corpus_rows)], seed, global_batch_of, dealing, data.stream_buffer)
 
 
 def open_train_corpus(data: DataCfg, accelerator):

@@ -9,11 +9,12 @@ Every reader returns one `SplitData` per split role (train/val/test) with the sa
 uint8 array), labels (class ids, or multi-hot for multi-label tasks) and captions. Errors name the file, the row
 or key and what to set in the task file.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -30,9 +31,9 @@ class SplitData:
     """The samples of one split. `key` identifies it for the embedding cache."""
 
     key: str
-    source: str                                 # file and split, for messages
-    images: Sequence | np.ndarray               # image paths, or a uint8 array (N, H, W[, C])
-    labels: np.ndarray | None = None            # (N,) int64 class ids, or (N, C) float32 multi-hot
+    source: str  # file and split, for messages
+    images: Sequence | np.ndarray  # image paths, or a uint8 array (N, H, W[, C])
+    labels: np.ndarray | None = None  # (N,) int64 class ids, or (N, C) float32 multi-hot
     captions: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
@@ -55,14 +56,19 @@ class SplitData:
         with Image.open(item) as img:
             return img.convert("RGB")
 
-    def subset(self, idx: np.ndarray, tag: str) -> "SplitData":
+    def subset(self, idx: np.ndarray, tag: str) -> SplitData:
         """Rows `idx`, as a new split with its own cache key (`tag` says which subset)."""
         idx = np.asarray(idx, dtype=np.int64)
-        images = (self.images[idx] if isinstance(self.images, (np.ndarray, CorpusImages))
-                  else [self.images[i] for i in idx])
-        return SplitData(key=f"{self.key}::{tag}", source=self.source, images=images,
-                         labels=None if self.labels is None else self.labels[idx],
-                         captions=None if self.captions is None else tuple(self.captions[i] for i in idx))
+        images = (
+            self.images[idx] if isinstance(self.images, (np.ndarray, CorpusImages)) else [self.images[i] for i in idx]
+        )
+        return SplitData(
+            key=f"{self.key}::{tag}",
+            source=self.source,
+            images=images,
+            labels=None if self.labels is None else self.labels[idx],
+            captions=None if self.captions is None else tuple(self.captions[i] for i in idx),
+        )
 
 
 class CorpusImages:
@@ -98,17 +104,20 @@ def _fmt(task: TaskCfg, path: Path | str) -> Format:
                 continue
     except CorpusError as e:
         raise TaskError(f"{task.source}: {e}") from None
-    raise TaskError(f"{task.source}: cannot tell the format of {path} from its name; set dataset.format "
-                    "to csv, npz or folder")
+    raise TaskError(
+        f"{task.source}: cannot tell the format of {path} from its name; set dataset.format to csv, npz or folder"
+    )
 
 
 def load_splits(task: TaskCfg) -> dict[str, SplitData]:
     """The splits `task` needs (test; plus train and val for linear probe and fine-tuning)."""
     path = task.dataset_path
     if not isinstance(path, str) and "{" not in path.name and not path.exists():  # URLs: checked when opened
-        raise TaskError(f"{task.source}: dataset {path} not found. Built-in tasks read their data from "
-                        f"${DATA_ENV} (default ../shared/data beside the current directory); set {DATA_ENV} "
-                        "to the folder holding the data, or fix dataset.path")
+        raise TaskError(
+            f"{task.source}: dataset {path} not found. Built-in tasks read their data from "
+            f"${DATA_ENV} (default ../shared/data beside the current directory); set {DATA_ENV} "
+            "to the folder holding the data, or fix dataset.path"
+        )
     fmt = _fmt(task, path)
     roles = task.needs_roles()
     if fmt.name in ("csv", "tsv"):  # the task names the image, label, caption and split columns
@@ -123,8 +132,10 @@ def load_splits(task: TaskCfg) -> dict[str, SplitData]:
     for role in roles:
         data = splits[role]
         if len(data) == 0:
-            raise TaskError(f"{task.source}: the {role} split of {data.source} is empty; check dataset.splits, "
-                            "dataset.split_column or dataset.split_fractions")
+            raise TaskError(
+                f"{task.source}: the {role} split of {data.source} is empty; check dataset.splits, "
+                "dataset.split_column or dataset.split_fractions"
+            )
         m = task.dataset.max_samples
         if m is not None and len(data) > m:
             # the same rows in every task
@@ -139,14 +150,19 @@ def _fraction_split(n: int, task: TaskCfg) -> dict[str, np.ndarray]:
     perm = np.random.default_rng(task.dataset.seed).permutation(n)
     f = task.dataset.split_fractions
     n_train, n_val = int(round(f[0] * n)), int(round(f[1] * n))
-    return {"train": np.sort(perm[:n_train]), "val": np.sort(perm[n_train:n_train + n_val]),
-            "test": np.sort(perm[n_train + n_val:])}
+    return {
+        "train": np.sort(perm[:n_train]),
+        "val": np.sort(perm[n_train : n_train + n_val]),
+        "test": np.sort(perm[n_train + n_val :]),
+    }
 
 
 def _no_splits(task: TaskCfg, path: Path, roles: Sequence[str]) -> None:
     if any(r != "test" for r in roles):
-        raise TaskError(f"{task.source}: a {task.kind} task needs train, val and test splits but {path} has none; "
-                        "set dataset.split_fractions (e.g. [0.6, 0.1, 0.3]) or dataset.split_column")
+        raise TaskError(
+            f"{task.source}: a {task.kind} task needs train, val and test splits but {path} has none; "
+            "set dataset.split_fractions (e.g. [0.6, 0.1, 0.3]) or dataset.split_column"
+        )
 
 
 # -- labels --------------------------------------------------------------------------------------------
@@ -167,8 +183,10 @@ def _parse_label(value: str, task: TaskCfg, lookup: dict[str, int], where: str) 
             k = -1
         if 0 <= k < n and float(tok) == k:
             return k
-        raise TaskError(f"{where}: label {tok!r} is not a known class (classes: {', '.join(task.label_names)}; "
-                        f"or an index 0..{n - 1}); fix the data or the task's classes/label_values")
+        raise TaskError(
+            f"{where}: label {tok!r} is not a known class (classes: {', '.join(task.label_names)}; "
+            f"or an index 0..{n - 1}); fix the data or the task's classes/label_values"
+        )
 
     if not task.multilabel:
         return one(value)
@@ -179,8 +197,7 @@ def _parse_label(value: str, task: TaskCfg, lookup: dict[str, int], where: str) 
     return hot
 
 
-def _read(task: TaskCfg, path: Path, fmt: Format, split: str | None = None,
-          role: str | None = None) -> LabelledData:
+def _read(task: TaskCfg, path: Path, fmt: Format, split: str | None = None, role: str | None = None) -> LabelledData:
     """The format's labelled rows; its one-line errors (not UTF-8, a bad row, a missing npz key) as TaskErrors."""
     try:
         return read_labelled(path, fmt.name, split, what="dataset")
@@ -205,14 +222,22 @@ def _read_table(task: TaskCfg, path: Path, roles: Sequence[str], fmt: Format) ->
         needed.append(ds.split_column)
     for col in needed:
         if col not in columns:
-            raise TaskError(f"{path}: column {col!r} not found (columns: {', '.join(columns) or 'none'}); "
-                            f"fix the CSV or the dataset section of {task.source}")
+            raise TaskError(
+                f"{path}: column {col!r} not found (columns: {', '.join(columns) or 'none'}); "
+                f"fix the CSV or the dataset section of {task.source}"
+            )
     if not rows:
-        raise TaskError(f"{path}: the dataset is empty (a header and no rows); point dataset.path in "
-                        f"{task.source} at a CSV with samples")
+        raise TaskError(
+            f"{path}: the dataset is empty (a header and no rows); point dataset.path in "
+            f"{task.source} at a CSV with samples"
+        )
     if ds.split_column:
-        index = {r: np.array([i for i, row in enumerate(rows) if row[ds.split_column] == ds.splits.get(r, r)],
-                             dtype=np.int64) for r in roles}
+        index = {
+            r: np.array(
+                [i for i, row in enumerate(rows) if row[ds.split_column] == ds.splits.get(r, r)], dtype=np.int64
+            )
+            for r in roles
+        }
     elif ds.split_fractions:
         index = _fraction_split(len(rows), task)
     else:
@@ -245,10 +270,15 @@ def _read_table(task: TaskCfg, path: Path, roles: Sequence[str], fmt: Format) ->
             else:
                 labels.append(_parse_label(row[ds.label_column] or "", task, lookup, where))
         split_name = ds.splits.get(role, role) if ds.split_column else role
-        key = (f"csv:{path.resolve()}:{ds.image_column}::{role}:{split_name}:{ds.split_column}:"
-               f"{list(ds.split_fractions)}:{ds.seed}")
-        lab = None if task.kind == "retrieval" else (
-            np.stack(labels) if task.multilabel and labels else np.asarray(labels, dtype=np.int64))
+        key = (
+            f"csv:{path.resolve()}:{ds.image_column}::{role}:{split_name}:{ds.split_column}:"
+            f"{list(ds.split_fractions)}:{ds.seed}"
+        )
+        lab = (
+            None
+            if task.kind == "retrieval"
+            else (np.stack(labels) if task.multilabel and labels else np.asarray(labels, dtype=np.int64))
+        )
         out[role] = SplitData(key, f"{path} ({role})", images, lab, tuple(captions) if captions else None)
     return out
 
@@ -265,15 +295,19 @@ def _read_npz(task: TaskCfg, path: Path, roles: Sequence[str], fmt: Format) -> d
         n = len(task.classes)
         if labels.shape[1] > 1:
             if not task.multilabel or labels.shape[1] != n:
-                raise TaskError(f"{path}: {lk} is multi-hot with {labels.shape[1]} columns; the task needs "
-                                f"multilabel: true and {labels.shape[1]} classes (has {n})")
+                raise TaskError(
+                    f"{path}: {lk} is multi-hot with {labels.shape[1]} columns; the task needs "
+                    f"multilabel: true and {labels.shape[1]} classes (has {n})"
+                )
             labels = (labels > 0).astype(np.float32)
         else:
             labels = labels[:, 0].astype(np.int64)
             bad = np.flatnonzero((labels < 0) | (labels >= n))
             if len(bad):
-                raise TaskError(f"{path}: {lk}[{bad[0]}] = {labels[bad[0]]} is not a class index 0..{n - 1} "
-                                f"({n} classes in {task.source})")
+                raise TaskError(
+                    f"{path}: {lk}[{bad[0]}] = {labels[bad[0]]} is not a class index 0..{n - 1} "
+                    f"({n} classes in {task.source})"
+                )
             if task.multilabel:
                 labels = np.eye(n, dtype=np.float32)[labels]
         out[role] = SplitData(f"npz:{path.resolve()}::{role}:{name}", f"{path} ({name})", images, labels)
@@ -288,8 +322,9 @@ def _scan_classes(task: TaskCfg, path: Path, split: str | None) -> tuple[list[st
     root = path / split if split is not None else path
     for name in data.classes or []:
         if name not in lookup:
-            raise TaskError(f"{root / name}: folder {name!r} is not a known class (classes: "
-                            f"{', '.join(task.label_names)})")
+            raise TaskError(
+                f"{root / name}: folder {name!r} is not a known class (classes: {', '.join(task.label_names)})"
+            )
     return list(data.images), [lookup[c] for c in data.labels]
 
 
@@ -304,21 +339,29 @@ def _read_folder(task: TaskCfg, path: Path, roles: Sequence[str]) -> dict[str, S
         lab = np.asarray(labels, dtype=np.int64)
         if task.multilabel:
             lab = np.eye(n, dtype=np.float32)[lab]
-        return SplitData(f"folder:{path.resolve()}::{role}:{list(task.dataset.split_fractions)}:{task.dataset.seed}",
-                         f"{path} ({role})", images, lab)
+        return SplitData(
+            f"folder:{path.resolve()}::{role}:{list(task.dataset.split_fractions)}:{task.dataset.seed}",
+            f"{path} ({role})",
+            images,
+            lab,
+        )
 
     if per_split:
         out = {}
         for role in roles:
             if not split_dirs[role].is_dir():
-                raise TaskError(f"{path}: split folder {split_dirs[role].name!r} not found for the {role} split; "
-                                f"set dataset.splits.{role} in {task.source}")
+                raise TaskError(
+                    f"{path}: split folder {split_dirs[role].name!r} not found for the {role} split; "
+                    f"set dataset.splits.{role} in {task.source}"
+                )
             out[role] = make(*_scan_classes(task, path, split_dirs[role].name), role)
         return out
     images, labels = _scan_classes(task, path, None)
     if not images:
-        raise TaskError(f"{path}: the dataset is empty (no {'/'.join(IMAGE_SUFFIXES)} images in class folders named "
-                        f"after the classes: {', '.join(task.label_names)}); fix dataset.path in {task.source}")
+        raise TaskError(
+            f"{path}: the dataset is empty (no {'/'.join(IMAGE_SUFFIXES)} images in class folders named "
+            f"after the classes: {', '.join(task.label_names)}); fix dataset.path in {task.source}"
+        )
     if task.dataset.split_fractions:
         idx = _fraction_split(len(images), task)
     else:
@@ -332,8 +375,10 @@ def _read_corpus(task: TaskCfg, path: Path | str, roles: Sequence[str], fmt: For
     """Image-caption pairs, for retrieval; streamed shards are listed once, then read in order (no shuffle), so
     each split reads its shards front to back."""
     if task.kind != "retrieval":
-        raise TaskError(f"{task.source}: {fmt.name} data hold images and captions, no labels; a {task.kind} task "
-                        "needs a CSV, .npz or class folders")
+        raise TaskError(
+            f"{task.source}: {fmt.name} data hold images and captions, no labels; a {task.kind} task "
+            "needs a CSV, .npz or class folders"
+        )
     if fmt.corpus is None:
         what = "a folder per class" if fmt.name == "folder" else f"a labelled .{fmt.name}"
         raise TaskError(f"{task.source}: {path} is {what}; retrieval needs a CSV with captions")
@@ -355,5 +400,13 @@ def _read_corpus(task: TaskCfg, path: Path | str, roles: Sequence[str], fmt: For
         index = {"test": np.arange(len(corpus))}
     kind = "webdataset" if fmt.name in ("webdataset", "stream") else fmt.name  # the embedding cache's key, as before
     key = f"{kind}:{path}::{list(task.dataset.split_fractions)}:{task.dataset.seed}"
-    return {r: SplitData(f"{key}:{r}", f"{path} ({r})", CorpusImages(corpus, index[r]), None,
-                         tuple(corpus.captions[i] for i in index[r])) for r in roles}
+    return {
+        r: SplitData(
+            f"{key}:{r}",
+            f"{path} ({r})",
+            CorpusImages(corpus, index[r]),
+            None,
+            tuple(corpus.captions[i] for i in index[r]),
+        )
+        for r in roles
+    }

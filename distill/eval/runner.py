@@ -3,6 +3,7 @@
 Models are loaded one at a time (several ViT-B teachers need not fit together); datasets are read and validated
 once, before any model is loaded, so a bad task file fails in seconds rather than after an hour of encoding.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,6 +11,8 @@ import logging
 from pathlib import Path
 
 import torch
+
+from distill.config.eval_job import EvalJob
 
 # The built-in task kinds register themselves in EVALUATORS when their modules are imported (distill/eval/kinds.py)
 from distill.eval import finetune, linear_probe, retrieval, zeroshot  # noqa: F401
@@ -20,7 +23,6 @@ from distill.eval.datasets import SplitData, load_splits
 from distill.eval.embeddings import EmbeddingCache
 from distill.eval.kinds import EVALUATORS
 from distill.eval.report import EvalReport, build_report, write_report
-from distill.config.eval_job import EvalJob
 from distill.eval.tasks import TaskCfg, load_task
 
 log = logging.getLogger(__name__)
@@ -70,10 +72,14 @@ def _task_info(task: TaskCfg, splits: dict[str, SplitData], out: Path) -> dict:
     builtin = task.source.startswith("built-in task ")
     source = task.source.split(" (", 1)[0] if builtin else shown_path(task.source, out)
     dataset = task.dataset_path
-    return {"kind": task.kind, "source": source,
-            "dataset": shown_path(dataset, out) if isinstance(dataset, Path) else shown_if_absolute(str(dataset), out),
-            "n": {r: len(d) for r, d in splits.items()}, "classes": list(task.classes),
-            "multilabel": task.multilabel}
+    return {
+        "kind": task.kind,
+        "source": source,
+        "dataset": shown_path(dataset, out) if isinstance(dataset, Path) else shown_if_absolute(str(dataset), out),
+        "n": {r: len(d) for r, d in splits.items()},
+        "classes": list(task.classes),
+        "multilabel": task.multilabel,
+    }
 
 
 def run_eval(job: EvalJob) -> EvalReport:
@@ -90,8 +96,14 @@ def run_eval(job: EvalJob) -> EvalReport:
         raise ValueError(f"two tasks share the name {sorted(dup)[0]!r}; task names must be unique")
     data = {t.name: load_splits(t) for t in tasks}  # validate every dataset before loading any model
     device = resolve_device(job.device)
-    ctx = EvalContext(device=device, batch_size=job.batch_size, num_workers=job.num_workers,
-                      bootstrap=job.bootstrap, seed=job.seed, cache=EmbeddingCache(job.cache_dir))
+    ctx = EvalContext(
+        device=device,
+        batch_size=job.batch_size,
+        num_workers=job.num_workers,
+        bootstrap=job.bootstrap,
+        seed=job.seed,
+        cache=EmbeddingCache(job.cache_dir),
+    )
     from student.shown_paths import shown_spec
     from teachers import load_teacher
 
@@ -108,13 +120,28 @@ def run_eval(job: EvalJob) -> EvalReport:
         del model
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    settings = {"bootstrap": job.bootstrap, "seed": job.seed, "device": device, "max_samples": job.max_samples,
-                "confidence": 0.95}
-    chance = {t.name: chance_levels(t, data[t.name]["test"],
-                                    dict.fromkeys(m for r in results[t.name].values() for m in r)) for t in tasks}
+    settings = {
+        "bootstrap": job.bootstrap,
+        "seed": job.seed,
+        "device": device,
+        "max_samples": job.max_samples,
+        "confidence": 0.95,
+    }
+    chance = {
+        t.name: chance_levels(t, data[t.name]["test"], dict.fromkeys(m for r in results[t.name].values() for m in r))
+        for t in tasks
+    }
     majority = {t.name: majority_levels(t, data[t.name]["test"], chance[t.name]) for t in tasks}
-    report = build_report(models, pick_student(job), {t.name: _task_info(t, data[t.name], out) for t in tasks},
-                          results, settings, baselines=job.baselines, chance=chance, majority=majority)
+    report = build_report(
+        models,
+        pick_student(job),
+        {t.name: _task_info(t, data[t.name], out) for t in tasks},
+        results,
+        settings,
+        baselines=job.baselines,
+        chance=chance,
+        majority=majority,
+    )
     paths = write_report(report, out)
     log.debug("report written to %s", paths["md"])  # `distill eval` prints it, after the verdicts
     return report

@@ -18,6 +18,7 @@ Example::
     classes: [normal lungs, pneumonia]
     templates: ["a chest x-ray showing {}.", "a chest radiograph with {}."]
 """
+
 from __future__ import annotations
 
 import os
@@ -27,13 +28,11 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BeforeValidator, Field, PrivateAttr, Strict, ValidationError, field_validator, model_validator
 
-from distill.config.eval_job import TaskError, find_task, list_tasks  # noqa: F401  (re-exported)
-from teachers.kernel.config_model import Bool, ConfigError, Float, Int, Section, config_error, unknown_name
-from teachers.kernel.bounded_yaml import load_yaml
-
 from cache.sources.corpus import DATA_FORMATS  # importing it registers the built-in formats
-
+from distill.config.eval_job import TaskError, find_task, list_tasks  # noqa: F401  (re-exported)
 from distill.eval.kinds import EVALUATORS, SPLIT_ROLES, TaskKind
+from teachers.kernel.bounded_yaml import load_yaml
+from teachers.kernel.config_model import Bool, ConfigError, Float, Int, Section, config_error, unknown_name
 
 DATA_ENV = "BIOMED_DISTILL_DATA"
 
@@ -62,22 +61,24 @@ class DatasetCfg(Section):
     """Where the samples are and how to read them."""
 
     where = "dataset"
-    path: Text = Field(description="CSV, .npz or folder; relative to the data root / task file; or WebDataset "
-                       "shards (.tar, a brace pattern, or a URL / pipe: command, read as a stream)")
-    format: Text = Field("auto", description="csv | tsv | npz | folder | webdataset | any registered format; "
-                         "auto = from the path")
+    path: Text = Field(
+        description="CSV, .npz or folder; relative to the data root / task file; or WebDataset "
+        "shards (.tar, a brace pattern, or a URL / pipe: command, read as a stream)"
+    )
+    format: Text = Field(
+        "auto", description="csv | tsv | npz | folder | webdataset | any registered format; auto = from the path"
+    )
     image_column: Text = Field("image", description="CSV: image path relative to the CSV's folder")
-    label_column: Text = Field("label", description="CSV: class index, class name or label value ('A|B' "
-                               "multi-label)")
-    label_columns: Texts = Field((), description="CSV multi-hot columns (one per class, 0/1) instead of "
-                                 "label_column")
+    label_column: Text = Field("label", description="CSV: class index, class name or label value ('A|B' multi-label)")
+    label_columns: Texts = Field((), description="CSV multi-hot columns (one per class, 0/1) instead of label_column")
     label_separator: Text = Field("|", description="CSV multi-label separator inside label_column")
     caption_column: Text = Field("caption", description="CSV: text for retrieval")
     split_column: Text | None = Field(None, description="CSV: column whose value names each row's split")
-    splits: dict[Text, Text] = Field(default_factory=lambda: {r: r for r in SPLIT_ROLES},
-                                     description="role (train, val, test) -> its name in the source")
-    split_fractions: Floats = Field((), description="(train, val, test) seeded random split of a source without "
-                                    "splits")
+    splits: dict[Text, Text] = Field(
+        default_factory=lambda: {r: r for r in SPLIT_ROLES},
+        description="role (train, val, test) -> its name in the source",
+    )
+    split_fractions: Floats = Field((), description="(train, val, test) seeded random split of a source without splits")
     max_samples: Int | None = Field(None, description="per split: a seeded random subset (keeps CI fast)")
     seed: Int = Field(0, description="for split_fractions and max_samples")
 
@@ -98,8 +99,10 @@ class DatasetCfg(Section):
     @field_validator("split_fractions")
     @classmethod
     def _fractions(cls, v: tuple) -> tuple:
-        _must(not v or (len(v) == 3 and all(f >= 0 for f in v) and 0.999 < sum(v) < 1.001),
-              f"must be three non-negative fractions (train, val, test) summing to 1, got {list(v)}")
+        _must(
+            not v or (len(v) == 3 and all(f >= 0 for f in v) and 0.999 < sum(v) < 1.001),
+            f"must be three non-negative fractions (train, val, test) summing to 1, got {list(v)}",
+        )
         return v
 
     @field_validator("max_samples")
@@ -146,7 +149,7 @@ class FinetuneCfg(Section):
     max_steps: Int | None = Field(None, description="stop early (tests, smoke runs)")
 
     @model_validator(mode="after")
-    def _valid(self) -> "FinetuneCfg":
+    def _valid(self) -> FinetuneCfg:
         _must(self.epochs >= 1, f"finetune.epochs must be >= 1, got {self.epochs}")
         _must(self.batch_size >= 1, f"finetune.batch_size must be >= 1, got {self.batch_size}")
         _must(self.lr_encoder >= 0, f"finetune.lr_encoder must be >= 0, got {self.lr_encoder}")
@@ -190,22 +193,28 @@ class TaskCfg(Section):
         return v
 
     @model_validator(mode="after")
-    def _valid(self) -> "TaskCfg":
+    def _valid(self) -> TaskCfg:
         spec, n = self.spec, len(self.classes)
         _must(not spec.needs_classes or n >= 2, f"a {self.kind} task needs 'classes' (at least two class names)")
-        _must(not self.label_values or len(self.label_values) == n,
-              f"label_values has {len(self.label_values)} entries but classes has {n}")
+        _must(
+            not self.label_values or len(self.label_values) == n,
+            f"label_values has {len(self.label_values)} entries but classes has {n}",
+        )
         cols = self.dataset.label_columns
-        _must(not cols or len(cols) == n,
-              f"dataset.label_columns needs one column per class ({len(cols)} given, {n} classes)")
+        _must(
+            not cols or len(cols) == n,
+            f"dataset.label_columns needs one column per class ({len(cols)} given, {n} classes)",
+        )
         _must(not cols or self.multilabel, "dataset.label_columns (multi-hot) needs multilabel: true")
         if spec.uses_templates:
             bad = [t for t in self.templates if t.count("{}") != 1]
-            _must(bool(self.templates) and not bad,
-                  f"templates must each contain one '{{}}' for the class name; bad: {bad}")
+            _must(
+                bool(self.templates) and not bad,
+                f"templates must each contain one '{{}}' for the class name; bad: {bad}",
+            )
         return self
 
-    def located(self, source: str | os.PathLike, root: str | os.PathLike) -> "TaskCfg":
+    def located(self, source: str | os.PathLike, root: str | os.PathLike) -> TaskCfg:
         """A copy that names `source` in errors and resolves relative dataset paths against `root`."""
         task = self.model_copy()
         task._source, task._root = str(source), str(root)

@@ -10,13 +10,14 @@ PHI-S.
     # domain-local affinity: LossTermCfg("aff", "affinity", kwargs={"scope": "domain"}), with
     # TeacherBatch(..., domains=(B,) int64 ids): each row's distributions span its own domain's rows only
 """
+
 from distill.losses.distill_loss import DistillLoss
 from distill.losses.distributed import GatherFn, all_gather_rows
 from distill.losses.phi_s import PhiS, hadamard, phi_s_affine
-from distill.losses.spec import BALANCE_MODES, COMBINE_MODES, CombineCfg, LossTermCfg, build_term, term_class
 from distill.losses.siglip import SIGLIP_INIT, SigLip
-from distill.losses.terms import LOSSES, POSITIVES, SCOPES, LossTerm, StepContext, register_loss
 from distill.losses.spatial import Spatial  # registers the `spatial` term
+from distill.losses.spec import BALANCE_MODES, COMBINE_MODES, CombineCfg, LossTermCfg, build_term, term_class
+from distill.losses.terms import LOSSES, POSITIVES, SCOPES, LossTerm, StepContext, register_loss
 from distill.losses.types import StudentOutput, TeacherBatch, teacher_logit_bias
 
 __all__ = [

@@ -4,21 +4,22 @@ embeddings, memoised cross-process gathers, caption and domain targets, routing 
 Why a module of its own: every term (terms.py, siglip.py, spatial.py) reads its inputs through it, and the label-free
 confidence weights (combine.py, benchmarks/mt_confidence.py) replay it.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from distill.config.loss_names import POSITIVES, SCOPES  # noqa: F401  (re-exported: terms, combine)
-from teachers.kernel.modality import MODALITIES, Modality
-
 from distill.losses.distributed import StepGather
 from distill.losses.phi_s import PhiS
 from distill.losses.types import StudentOutput, TeacherBatch
+from teachers.kernel.modality import MODALITIES, Modality
 
 MAX_LOGIT_SCALE = 100.0
 CROSS = ((Modality.IMAGE, Modality.TEXT), (Modality.TEXT, Modality.IMAGE))  # (mine, other): both directions
@@ -29,9 +30,16 @@ class StepContext:
     """One step's inputs with checked, float32 accessors, memoised cross-process gathers and PHI-S targets."""
 
     def __init__(
-        self, student: StudentOutput, teachers: TeacherBatch | None, gather: StepGather, phi_s: PhiS | None = None,
-        caption_ids: Tensor | None = None, gathered_teachers: list[str] | None = None, gathers_ids: bool = True,
-        gathers_domains: bool = False, inputs: Mapping[str, Any] | None = None,
+        self,
+        student: StudentOutput,
+        teachers: TeacherBatch | None,
+        gather: StepGather,
+        phi_s: PhiS | None = None,
+        caption_ids: Tensor | None = None,
+        gathered_teachers: list[str] | None = None,
+        gathers_ids: bool = True,
+        gathers_domains: bool = False,
+        inputs: Mapping[str, Any] | None = None,
     ):
         self.student = student
         self.teachers = teachers
@@ -53,9 +61,11 @@ class StepContext:
         """The named batch input `name` on the student's device: a (B, ...) tensor or {key: (B, ...) tensor}; a
         one-line error when the batch lacks it (the term must list it in `batch_inputs`) or its rows are not B."""
         if name not in self.inputs:
-            raise KeyError(f"a loss term reads the batch input {name!r}, but the batch has "
-                           f"{sorted(self.inputs) or 'none'}: list it in the term's `batch_inputs` and register its "
-                           f"producer with distill.data.inputs.register_batch_input(key={name!r})")
+            raise KeyError(
+                f"a loss term reads the batch input {name!r}, but the batch has "
+                f"{sorted(self.inputs) or 'none'}: list it in the term's `batch_inputs` and register its "
+                f"producer with distill.data.inputs.register_batch_input(key={name!r})"
+            )
         value, device = self.inputs[name], self.student.image.device
         parts = value if isinstance(value, dict) else {None: value}
         for key, v in parts.items():
@@ -219,9 +229,11 @@ class StepContext:
     def student_bias(self) -> Tensor:
         """The student's logit bias in float32, for the sigmoid terms; a one-line error when the student has none."""
         if self.student.logit_bias is None:
-            raise ValueError("a sigmoid loss term (siglip, or affinity from a teacher with a logit bias) needs the "
-                             "student's logit bias, but the student has none: build it with "
-                             "student.overrides.init_logit_bias (distill train does so for such a loss)")
+            raise ValueError(
+                "a sigmoid loss term (siglip, or affinity from a teacher with a logit bias) needs the "
+                "student's logit bias, but the student has none: build it with "
+                "student.overrides.init_logit_bias (distill train does so for such a loss)"
+            )
         return self.student.logit_bias.float()
 
     def projected(self, name: str, modality: Modality, dim: int) -> Tensor:

@@ -1,13 +1,13 @@
 """`DistillLoss`: the weighted sum of named terms that the trainer calls once per step."""
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-
-from teachers.kernel.modality import MODALITIES, Modality
 
 from distill.losses import combine as _combine
 from distill.losses.distributed import GatherFn, StepGather, all_gather_rows
@@ -15,6 +15,7 @@ from distill.losses.phi_s import PhiS
 from distill.losses.spec import CombineCfg, LossTermCfg, build_term
 from distill.losses.terms import StepContext
 from distill.losses.types import StudentOutput, TeacherBatch
+from teachers.kernel.modality import MODALITIES, Modality
 
 
 class DistillLoss(nn.Module):
@@ -89,8 +90,10 @@ class DistillLoss(nn.Module):
     def uses_logit_bias(self, teacher_biases: Mapping[str, float | None]) -> bool:
         """Whether some term reads the student's logit bias: siglip, or affinity from a teacher with a bias
         (`teacher_biases`: teacher -> its logit bias, None or absent for a softmax teacher)."""
-        return any(term.reads_logit_bias([t for t in self.teacher_weights.get(n, {})
-                                          if teacher_biases.get(t) is not None]) for n, term in self.terms.items())
+        return any(
+            term.reads_logit_bias([t for t in self.teacher_weights.get(n, {}) if teacher_biases.get(t) is not None])
+            for n, term in self.terms.items()
+        )
 
     def student_modalities(self) -> tuple[Modality, ...]:
         """The student towers some term reads; an image-only feature loss reads no text."""
@@ -111,7 +114,10 @@ class DistillLoss(nn.Module):
     def draw(self, batch_size: int, generator: torch.Generator | None = None) -> _combine.TeacherDraw:
         """The step's random teacher choices (what `forward` draws first from `generator`)."""
         return _combine.draw(
-            self.combine_cfg, self.teacher_names, [list(w) for w in self.teacher_weights.values()], batch_size,
+            self.combine_cfg,
+            self.teacher_names,
+            [list(w) for w in self.teacher_weights.values()],
+            batch_size,
             generator,
         )
 
@@ -119,14 +125,17 @@ class DistillLoss(nn.Module):
     def uses_caption_ids(self) -> bool:
         """Whether some term (or the confidence weights) treats rows with the same caption as positives (then
         forward needs caption_ids)."""
-        return (any(getattr(t, "positives", "diagonal") == "caption" for t in self.terms.values())
-                or self._confidence_option("positives") != "diagonal")
+        return (
+            any(getattr(t, "positives", "diagonal") == "caption" for t in self.terms.values())
+            or self._confidence_option("positives") != "diagonal"
+        )
 
     @property
     def uses_domains(self) -> bool:
         """Whether some term (or the confidence weights) has `scope: domain` (then TeacherBatch needs domains)."""
-        return (any(t.uses_domains for n, t in self.terms.items() if n in self.teacher_weights)
-                or (bool(self.teacher_weights) and self._confidence_option("scope") != "batch"))
+        return any(t.uses_domains for n, t in self.terms.items() if n in self.teacher_weights) or (
+            bool(self.teacher_weights) and self._confidence_option("scope") != "batch"
+        )
 
     def _confidence_option(self, key: str) -> str:
         """loss.combine.scope / positives where they apply (mode confidence), else the default."""
@@ -156,12 +165,24 @@ class DistillLoss(nn.Module):
         return [t for t in self.teacher_names if t in used]
 
     def forward(
-        self, student: StudentOutput, teachers: TeacherBatch | None, generator: torch.Generator | None = None,
-        caption_ids: Tensor | None = None, inputs: Mapping[str, Any] | None = None,
+        self,
+        student: StudentOutput,
+        teachers: TeacherBatch | None,
+        generator: torch.Generator | None = None,
+        caption_ids: Tensor | None = None,
+        inputs: Mapping[str, Any] | None = None,
     ) -> dict[str, Tensor]:
-        ctx = StepContext(student, teachers, StepGather(self.gather_fn), self.phi_s, caption_ids,
-                          gathered_teachers=self.gathered_teachers(), gathers_ids=self.uses_caption_ids,
-                          gathers_domains=self.uses_domains, inputs=inputs)
+        ctx = StepContext(
+            student,
+            teachers,
+            StepGather(self.gather_fn),
+            self.phi_s,
+            caption_ids,
+            gathered_teachers=self.gathered_teachers(),
+            gathers_ids=self.uses_caption_ids,
+            gathers_domains=self.uses_domains,
+            inputs=inputs,
+        )
         step = self.draw(ctx.batch_size, generator) if self.teacher_weights else None
         scope, positives = self._confidence_option("scope"), self._confidence_option("positives")
         row_w = ctx.row_weights() if self.teacher_weights else None
@@ -173,10 +194,20 @@ class DistillLoss(nn.Module):
                 weights = self.teacher_weights[name]
                 per = torch.stack([term.per_sample(ctx, t) for t in weights], dim=1)  # (B, T)
                 names = list(weights)
-                conf = (torch.stack([ctx.log_confidence(t, scope, positives) for t in names], dim=1)
-                        if self.combine_cfg.mode == "confidence" else None)
-                mix = _combine.weight_matrix(self.combine_cfg, weights, step, ctx.batch_size, per.device,
-                                             route=ctx.route(names), log_confidence=conf)
+                conf = (
+                    torch.stack([ctx.log_confidence(t, scope, positives) for t in names], dim=1)
+                    if self.combine_cfg.mode == "confidence"
+                    else None
+                )
+                mix = _combine.weight_matrix(
+                    self.combine_cfg,
+                    weights,
+                    step,
+                    ctx.batch_size,
+                    per.device,
+                    route=ctx.route(names),
+                    log_confidence=conf,
+                )
                 # mean over ALL local rows (unrouted rows count 0): equal across processes, no extra collective
                 rows = (mix * per).sum(1)
                 value = (rows if row_w is None else rows * row_w).mean()

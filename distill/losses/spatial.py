@@ -7,26 +7,30 @@ the student sees exactly the view whose tokens were cached, so the grids cover t
 the teacher saw its eval transform and the student its own crop, and they cover nearly the same region only.
 Per-sample values, so teacher weights, routing and every combine mode apply as for the other terms.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from teachers.kernel.modality import Modality
-
 from distill.losses.terms import LossTerm, StepContext, register_loss
+from teachers.kernel.modality import Modality
 
 
 def teacher_tokens(ctx: StepContext, name: str) -> Tensor:
     """(B, G*G, Dt) float32 cached patch tokens of teacher `name` for the batch's rows, checked."""
     got = None if ctx.teachers is None else ctx.teachers.tokens.get(name)
     if got is None:
-        raise ValueError(f"the spatial loss term needs the cached patch tokens of teacher {name!r}, but the batch has "
-                         f"none: cache that teacher with `distill cache --tokens G` (a new file or teacher name)")
+        raise ValueError(
+            f"the spatial loss term needs the cached patch tokens of teacher {name!r}, but the batch has "
+            f"none: cache that teacher with `distill cache --tokens G` (a new file or teacher name)"
+        )
     if got.dim() != 3 or got.shape[0] != ctx.batch_size:
-        raise ValueError(f"teacher {name!r} patch tokens have shape {tuple(got.shape)}; expected "
-                         f"({ctx.batch_size}, G*G, D), one grid per row (the view the student saw)")
+        raise ValueError(
+            f"teacher {name!r} patch tokens have shape {tuple(got.shape)}; expected "
+            f"({ctx.batch_size}, G*G, D), one grid per row (the view the student saw)"
+        )
     return got.to(ctx.student.image.device).float()
 
 
@@ -34,12 +38,16 @@ def student_tokens(ctx: StepContext, name: str, shape: torch.Size) -> Tensor:
     """(B, G*G, Dt) float32 adapted student patch tokens for teacher `name`, of the teacher's `shape`."""
     got = ctx.student.tokens.get(name)
     if got is None:
-        raise KeyError(f"the student has no adapted patch tokens for teacher {name!r}; it has "
-                       f"{sorted(ctx.student.tokens) or 'none'} (build DistillModel with TokenAdaptors for every "
-                       f"teacher of a spatial term)")
+        raise KeyError(
+            f"the student has no adapted patch tokens for teacher {name!r}; it has "
+            f"{sorted(ctx.student.tokens) or 'none'} (build DistillModel with TokenAdaptors for every "
+            f"teacher of a spatial term)"
+        )
     if got.shape != shape:
-        raise ValueError(f"the student's adapted patch tokens for teacher {name!r} have shape {tuple(got.shape)}, "
-                         f"the cached ones {tuple(shape)}: the adaptors were built for another cache")
+        raise ValueError(
+            f"the student's adapted patch tokens for teacher {name!r} have shape {tuple(got.shape)}, "
+            f"the cached ones {tuple(shape)}: the adaptors were built for another cache"
+        )
     return got.float()
 
 
@@ -61,8 +69,9 @@ class Spatial(LossTerm):
         if metric not in self.METRICS:
             raise ValueError(f"spatial metric {metric!r} is unknown; use one of {', '.join(self.METRICS)}")
         if not (beta > 0 and 0.0 <= cos_weight <= 1.0):
-            raise ValueError(f"spatial needs beta > 0 and cos_weight in [0, 1], got beta={beta}, "
-                             f"cos_weight={cos_weight}")
+            raise ValueError(
+                f"spatial needs beta > 0 and cos_weight in [0, 1], got beta={beta}, cos_weight={cos_weight}"
+            )
         self.metric, self.beta, self.cos_weight = metric, float(beta), float(cos_weight)
 
     def student_modalities(self) -> tuple[Modality, ...]:

@@ -2,11 +2,13 @@
 
 Kept apart from the term code so the trainer can import them without the term maths.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from torch import Tensor
 

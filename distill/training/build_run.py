@@ -4,36 +4,38 @@ Why apart from train.py: the loop stays short and readable, and each builder her
 derived at run time (teachers found in the cache, accumulation per epoch, total steps) live in `RunPlan`; the
 Config is never modified.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cache.sources.corpus import Corpus
 from cache.build.views import RATIO
+from cache.sources.corpus import Corpus
 from distill.config.train_config import Config, ConfigError, DataCfg, LossCfg, RoutingCfg, StudentCfg, TrainCfg
 from distill.data.cache_join import CacheJoin, Routing, join_cache, route_mask
+from distill.data.domains import Domains, build_balance, domain_ids, load_domains
 from distill.data.inputs import InputSetup, build_inputs
 from distill.data.loader import Collate, DataError, PairDataset, TrainBatch
-from distill.training.heads import TokenAdaptors
-from distill.data.domains import Domains, build_balance, domain_ids, load_domains
 from distill.data.samplers import Dealing, DomainBalance, EpochSampler, reader_blocks
 from distill.losses import SIGLIP_INIT, DistillLoss, LossTermCfg, TeacherBatch, teacher_logit_bias
+from distill.training.heads import TokenAdaptors
 from distill.training.optim import accum_for_epoch, global_batch_for_epoch, steps_per_epoch, total_steps
 from distill.training.student_model import DistillModel
 from student.run_files import STUDENT_CONFIG_DIR
 from teachers.transforms import PreprocessCfg
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class RunPlan:
@@ -76,8 +78,12 @@ class Run:
 
 def resolve_terms(terms: Sequence[LossTermCfg], teacher_weights: dict[str, float]) -> list[LossTermCfg]:
     """The terms with their log names set and teacher terms' teachers defaulting to `teacher_weights`."""
-    return [t.model_copy(update={"name": t.label, "teachers": (t.teachers or dict(teacher_weights))
-                                 if t.uses_teachers else None}) for t in terms]
+    return [
+        t.model_copy(
+            update={"name": t.label, "teachers": (t.teachers or dict(teacher_weights)) if t.uses_teachers else None}
+        )
+        for t in terms
+    ]
 
 
 def named_teachers(loss: LossCfg) -> list[str] | None:
@@ -101,8 +107,9 @@ def build_tokenizer_dir(student: StudentCfg, corpus, output_dir: Path, accelerat
         if accelerator.is_main_process and not (out / "tokenizer.json").is_file():
             from student.tokenizer import train_wordpiece
 
-            log.info("training a %d-token WordPiece vocabulary on %d captions -> %s", student.vocab_size,
-                     len(corpus), out)
+            log.info(
+                "training a %d-token WordPiece vocabulary on %d captions -> %s", student.vocab_size, len(corpus), out
+            )
             train_wordpiece(corpus.captions, out, vocab_size=student.vocab_size)
     return str(out)
 
@@ -114,10 +121,14 @@ def build_student_model(s: StudentCfg, student_dir: Path, tokenizer_dir: str | N
     from student.freeze import apply_freezing
 
     overrides = {**SIGLIP_INIT, **s.overrides} if logit_bias else s.overrides
-    bundle = build_student(s.preset, student_dir, tokenizer_dir=tokenizer_dir, image_size=s.image_size,
-                           **overrides)
-    apply_freezing(bundle.model, image_blocks=s.freeze_vision_blocks, text_layers=s.lock_text_layers,
-                   patch_dropout=s.patch_dropout or None, grad_checkpointing=s.grad_checkpointing)
+    bundle = build_student(s.preset, student_dir, tokenizer_dir=tokenizer_dir, image_size=s.image_size, **overrides)
+    apply_freezing(
+        bundle.model,
+        image_blocks=s.freeze_vision_blocks,
+        text_layers=s.lock_text_layers,
+        patch_dropout=s.patch_dropout or None,
+        grad_checkpointing=s.grad_checkpointing,
+    )
     return bundle
 
 
@@ -125,8 +136,8 @@ def build_run(cfg: Config, accelerator) -> Run:
     from accelerate.utils import set_seed
 
     from cache.build.views import read_view_dist
-    from distill.training.heads import ProjectionHeads
     from distill.data.stream_data import open_train_corpus, stream_sampler
+    from distill.training.heads import ProjectionHeads
 
     output_dir = Path(cfg.train.output_dir)
     corpus = open_train_corpus(cfg.data, accelerator)  # streamed shards: listed once, read in stream order
@@ -135,9 +146,11 @@ def build_run(cfg: Config, accelerator) -> Run:
     if cfg.mode != "contrastive" or replay:
         join = join_cache(corpus, cfg.data.features, named_teachers(cfg.loss), use_views=cfg.data.use_views)
     if replay and join.view_params is None:
-        raise DataError(f"mode=contrastive with data.features={cfg.data.features} and data.use_views=true trains on "
-                        f"the cache's stored views, but that cache stores none (built without --views K); set "
-                        f"data.use_views=false or remove data.features to train on the student's own crops")
+        raise DataError(
+            f"mode=contrastive with data.features={cfg.data.features} and data.use_views=true trains on "
+            f"the cache's stored views, but that cache stores none (built without --views K); set "
+            f"data.use_views=false or remove data.features to train on the student's own crops"
+        )
     view_dist = read_view_dist(cfg.data.features) if join is not None and join.view_params is not None else None
     cfg.data.check_views(view_dist)  # data.flip / data.crop_scale set against the stored views: refused
     teachers = dict(cfg.loss.teachers) if cfg.loss.teachers else {t: 1.0 for t in (join.teachers if join else {})}
@@ -151,63 +164,108 @@ def build_run(cfg: Config, accelerator) -> Run:
         tmp = tempfile.TemporaryDirectory(prefix="student-")
         student_dir = Path(tmp.name)
     stats = _teacher_stats(cfg.data.features, used) if cfg.loss.combine.balance == "phi_s" else None
-    loss = DistillLoss(terms, teacher_names=used, combine=cfg.loss.combine,
-                       teacher_stats=stats)
+    loss = DistillLoss(terms, teacher_names=used, combine=cfg.loss.combine, teacher_stats=stats)
     biased = loss.uses_logit_bias({t: teacher_logit_bias(join.teachers[t]) for t in used})
     set_seed(cfg.train.seed)  # identical initialisation on every process and on resume
     bundle = build_student_model(cfg.student, student_dir, tokenizer_dir, logit_bias=biased)
     reads = loss.head_modalities()  # heads only where a term reads them (affinity needs none)
-    heads = ProjectionHeads(bundle.embed_dim, {t: int(join.teachers[t]["embed_dim"]) for t in used if t in reads}
-                            ) if reads else None
+    heads = (
+        ProjectionHeads(bundle.embed_dim, {t: int(join.teachers[t]["embed_dim"]) for t in used if t in reads})
+        if reads
+        else None
+    )
     pp = PreprocessCfg.from_open_clip(bundle.preprocess_cfg)
     adaptors = build_adaptors(cfg, loss, join, bundle.model)  # a spatial term: per-teacher patch-token adaptors
-    model = DistillModel(bundle.model, heads, pixel_mean=pp.mean, pixel_std=pp.std,  # normalises uint8 pixels
-                         adaptors=adaptors)
+    model = DistillModel(
+        bundle.model,
+        heads,
+        pixel_mean=pp.mean,
+        pixel_std=pp.std,  # normalises uint8 pixels
+        adaptors=adaptors,
+    )
     frozen = model.freeze_unreached(loss.uses_logit_scale, reads, loss.student_modalities(), uses_logit_bias=biased)
     if frozen:
         log.info("frozen because no loss term reaches them: %s", ", ".join(frozen))
 
     routing = build_routing(cfg.loss.routing, corpus, join, used)
     views = join.view_params if join is not None else None
-    ds = PairDataset(corpus, pp, crop_scale=cfg.data.crop_scale, flip=cfg.data.flip, seed=cfg.train.seed,
-                     corpus_rows=join.corpus_rows if join else None, cache_rows=join.cache_rows if join else None,
-                     view_params=views, view_dist=view_dist, max_pixels=cfg.data.max_pixels,
-                     decode=cfg.data.decode)
-    plan = RunPlan(train=cfg.train, per_device_batch=cfg.data.batch_size, num_processes=accelerator.num_processes,
-                   num_rows=len(ds), total_steps=0, teachers={t: teachers.get(t, 1.0) for t in used},
-                   teacher_attrs={t: join.teachers[t] for t in used},
-                   routing=None if routing is None else {"config": cfg.loss.routing.model_dump(),
-                                                         **routing.summary()},
-                   stored_views=views is not None, augmentation=augmentation_summary(cfg.data, view_dist))
+    ds = PairDataset(
+        corpus,
+        pp,
+        crop_scale=cfg.data.crop_scale,
+        flip=cfg.data.flip,
+        seed=cfg.train.seed,
+        corpus_rows=join.corpus_rows if join else None,
+        cache_rows=join.cache_rows if join else None,
+        view_params=views,
+        view_dist=view_dist,
+        max_pixels=cfg.data.max_pixels,
+        decode=cfg.data.decode,
+    )
+    plan = RunPlan(
+        train=cfg.train,
+        per_device_batch=cfg.data.batch_size,
+        num_processes=accelerator.num_processes,
+        num_rows=len(ds),
+        total_steps=0,
+        teachers={t: teachers.get(t, 1.0) for t in used},
+        teacher_attrs={t: join.teachers[t] for t in used},
+        routing=None if routing is None else {"config": cfg.loss.routing.model_dump(), **routing.summary()},
+        stored_views=views is not None,
+        augmentation=augmentation_summary(cfg.data, view_dist),
+    )
     log.info("augmentation: %s", plan.augmentation)
     plan = dataclasses.replace(plan, total_steps=_total_steps(cfg.train, plan))
     domains = load_domains(cfg.data, corpus, streamed=getattr(corpus, "streamed", False))
     if getattr(corpus, "streamed", False):  # whole shards per (rank, worker), a bounded shuffle buffer
-        sampler = stream_sampler(cfg.data, corpus, ds.corpus_rows, plan.global_batch, seed=cfg.train.seed,
-                                 ranks=accelerator.num_processes)
+        sampler = stream_sampler(
+            cfg.data, corpus, ds.corpus_rows, plan.global_batch, seed=cfg.train.seed, ranks=accelerator.num_processes
+        )
     else:
         # replayed views: the order a hybrid run over this cache draws (block_shuffle at auto), so same batches
-        sampler = build_sampler(cfg.data, join if used or replay else None, len(ds), plan.global_batch,
-                                seed=cfg.train.seed, ranks=accelerator.num_processes,
-                                balance=build_balance(cfg.data, domains, ds.corpus_rows))
+        sampler = build_sampler(
+            cfg.data,
+            join if used or replay else None,
+            len(ds),
+            plan.global_batch,
+            seed=cfg.train.seed,
+            ranks=accelerator.num_processes,
+            balance=build_balance(cfg.data, domains, ds.corpus_rows),
+        )
     blocks = sampler.block_ids is not None and bool(used)
-    read_rows, held = reader_blocks(cfg.data.block_rows, cfg.data.shuffle_buffer_blocks,
-                                    join.chunk_rows if join else 0, sampler.dealing is not None)
-    collate = Collate(bundle.tokenizer, cfg.data.features if used else None, used, use_views=views is not None,
-                      block_rows=read_rows if blocks else 0, cache_blocks=held,
-                      route=None if routing is None else routing.mask, caption_ids=loss.uses_caption_ids,
-                      bad_features=cfg.data.bad_features,
-                      pad_id=text_pad_id(bundle.model) if cfg.data.trim_captions else None,
-                      token_teachers=loss.token_teachers(),
-                      domains=loss_domains(cfg.data, loss, corpus, domains),
-                      row_weights=None if routing is None else routing.row_weights,
-                      inputs=build_inputs(loss.batch_inputs(), InputSetup(cfg, corpus, join, tuple(used))))
+    read_rows, held = reader_blocks(
+        cfg.data.block_rows, cfg.data.shuffle_buffer_blocks, join.chunk_rows if join else 0, sampler.dealing is not None
+    )
+    collate = Collate(
+        bundle.tokenizer,
+        cfg.data.features if used else None,
+        used,
+        use_views=views is not None,
+        block_rows=read_rows if blocks else 0,
+        cache_blocks=held,
+        route=None if routing is None else routing.mask,
+        caption_ids=loss.uses_caption_ids,
+        bad_features=cfg.data.bad_features,
+        pad_id=text_pad_id(bundle.model) if cfg.data.trim_captions else None,
+        token_teachers=loss.token_teachers(),
+        domains=loss_domains(cfg.data, loss, corpus, domains),
+        row_weights=None if routing is None else routing.row_weights,
+        inputs=build_inputs(loss.batch_inputs(), InputSetup(cfg, corpus, join, tuple(used))),
+    )
     # persistent workers keep their Collate (and its open cache reader) across epochs; the sampler, which
     # set_epoch reshuffles, lives in the main process. Pinned batches let the copy to the GPU run non-blocking.
     workers = cfg.data.num_workers
-    loader = DataLoader(ds, batch_size=cfg.data.batch_size, drop_last=True, collate_fn=collate, sampler=sampler,
-                        num_workers=workers, generator=torch.Generator().manual_seed(cfg.train.seed),
-                        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    loader = DataLoader(
+        ds,
+        batch_size=cfg.data.batch_size,
+        drop_last=True,
+        collate_fn=collate,
+        sampler=sampler,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+    )
     return Run(plan, model, loss, loader, output_dir / STUDENT_CONFIG_DIR, corpus, join, terms, tmp, domains)
 
 
@@ -225,8 +283,10 @@ def augmentation_summary(data: DataCfg, view_dist) -> str:
     if view_dist is not None:
         return f"stored views of {data.features}: {view_dist.describe()}"
     lo, hi = data.crop_scale
-    return (f"own crops: scale {lo:g}-{hi:g}, ratio {RATIO[0]:.6g}-{RATIO[1]:.6g}, "
-            f"{'flip p 0.5' if data.flip else 'no flips'}, no colour jitter")
+    return (
+        f"own crops: scale {lo:g}-{hi:g}, ratio {RATIO[0]:.6g}-{RATIO[1]:.6g}, "
+        f"{'flip p 0.5' if data.flip else 'no flips'}, no colour jitter"
+    )
 
 
 def build_adaptors(cfg: Config, loss: DistillLoss, join: CacheJoin | None, student) -> TokenAdaptors | None:
@@ -238,8 +298,10 @@ def build_adaptors(cfg: Config, loss: DistillLoss, join: CacheJoin | None, stude
     if not names:
         return None
     if cfg.student.patch_dropout > 0:
-        raise ConfigError(f"a spatial loss term matches every patch token, but student.patch_dropout="
-                          f"{cfg.student.patch_dropout} drops some; set student.patch_dropout=0")
+        raise ConfigError(
+            f"a spatial loss term matches every patch token, but student.patch_dropout="
+            f"{cfg.student.patch_dropout} drops some; set student.patch_dropout=0"
+        )
     try:
         h, w, dim = visual_token_shape(student.visual)
     except TokensUnsupported as e:
@@ -249,19 +311,27 @@ def build_adaptors(cfg: Config, loss: DistillLoss, join: CacheJoin | None, stude
         attrs = join.teachers[t]
         grid = int(attrs.get("tokens", 0))
         if not grid:
-            raise DataError(f"{cfg.data.features}: teacher {t!r} has no patch tokens for the spatial loss term; "
-                            f"cache it with `distill cache --tokens G` (into a new file or under another name)")
+            raise DataError(
+                f"{cfg.data.features}: teacher {t!r} has no patch tokens for the spatial loss term; "
+                f"cache it with `distill cache --tokens G` (into a new file or under another name)"
+            )
         if grid > min(h, w):
-            raise ConfigError(f"teacher {t!r} tokens are cached on a {grid} x {grid} grid, finer than the student's "
-                              f"{h} x {w} patch grid; cache them with --tokens {min(h, w)} or less")
+            raise ConfigError(
+                f"teacher {t!r} tokens are cached on a {grid} x {grid} grid, finer than the student's "
+                f"{h} x {w} patch grid; cache them with --tokens {min(h, w)} or less"
+            )
         if int(attrs.get("views", 0)) and join.view_params is None:
-            raise ConfigError(f"teacher {t!r} patch tokens are cached per view: a spatial loss term needs "
-                              f"data.use_views=true so the student sees the view they belong to")
+            raise ConfigError(
+                f"teacher {t!r} patch tokens are cached per view: a spatial loss term needs "
+                f"data.use_views=true so the student sees the view they belong to"
+            )
         grids[t] = (grid, int(attrs["token_dim"]))
     if join.view_params is None:
-        log.warning("spatial loss term without stored views: the teachers' tokens come from their eval transform "
-                    "and the student sees its own crop, so the token grids only roughly cover the same pixels; "
-                    "cache with --views K for exact alignment")
+        log.warning(
+            "spatial loss term without stored views: the teachers' tokens come from their eval transform "
+            "and the student sees its own crop, so the token grids only roughly cover the same pixels; "
+            "cache with --views K for exact alignment"
+        )
     return TokenAdaptors(dim, grids)
 
 
@@ -280,11 +350,17 @@ def build_routing(cfg: RoutingCfg | None, corpus, join: CacheJoin | None, used: 
     if cfg is None:
         return None
     if join is None or not used:
-        raise ConfigError("loss.routing is set, but no loss term uses teachers; add a teacher term or remove "
-                          "loss.routing")
+        raise ConfigError(
+            "loss.routing is set, but no loss term uses teachers; add a teacher term or remove loss.routing"
+        )
     routing = route_mask(cfg, corpus, used, join.cache_teachers, join.corpus_rows)
-    log.info("routing by column %r: rows per teacher %s; %d of %d rows have no teacher (teacher-free terms only)",
-             cfg.column, routing.rows_per_teacher, routing.unrouted_rows, len(join.corpus_rows))
+    log.info(
+        "routing by column %r: rows per teacher %s; %d of %d rows have no teacher (teacher-free terms only)",
+        cfg.column,
+        routing.rows_per_teacher,
+        routing.unrouted_rows,
+        len(join.corpus_rows),
+    )
     return routing
 
 
@@ -298,23 +374,32 @@ def loss_domains(data: DataCfg, loss: DistillLoss, corpus, domains: Domains | No
     try:
         return domain_ids(corpus, data.domain_column)[0]
     except DataError as e:
-        raise DataError(f"scope: domain (a loss term's kwargs or loss.combine.scope) needs each row's domain: {e}"
-                        ) from None
+        raise DataError(
+            f"scope: domain (a loss term's kwargs or loss.combine.scope) needs each row's domain: {e}"
+        ) from None
 
 
-def teacher_batch(batch: TrainBatch, scales: dict[str, float], teacher_names: Sequence[str],
-                  biases: dict[str, float] | None = None) -> TeacherBatch | None:
+def teacher_batch(
+    batch: TrainBatch, scales: dict[str, float], teacher_names: Sequence[str], biases: dict[str, float] | None = None
+) -> TeacherBatch | None:
     """The loss's TeacherBatch for a TrainBatch: cached features, logit scales (and sigmoid teachers' logit biases),
     the route mask by teacher, and the rows' domain ids and teacher-term weights when the loss reads them."""
     if not batch.teacher_feats:
         return None
-    return TeacherBatch(batch.teacher_feats, scales, route=batch.route_by_teacher(teacher_names),
-                        logit_bias=dict(biases or {}), tokens=batch.teacher_tokens, domains=batch.domains,
-                        row_weights=batch.row_weights)
+    return TeacherBatch(
+        batch.teacher_feats,
+        scales,
+        route=batch.route_by_teacher(teacher_names),
+        logit_bias=dict(biases or {}),
+        tokens=batch.teacher_tokens,
+        domains=batch.domains,
+        row_weights=batch.row_weights,
+    )
 
 
-def resolve_threads(threads: int | None, num_local_processes: int | None = None,
-                    env: dict | None = None, cores: int | None = None) -> tuple[int, str]:
+def resolve_threads(
+    threads: int | None, num_local_processes: int | None = None, env: dict | None = None, cores: int | None = None
+) -> tuple[int, str]:
     """(torch intra-op threads per process, why): train.threads, else OMP_NUM_THREADS, else usable cores //
     processes on this node (LOCAL_WORLD_SIZE), at least 1."""
     env = os.environ if env is None else env
@@ -347,8 +432,16 @@ def sampler_kind(data: DataCfg, reads_features: bool) -> str:
     return "block_shuffle" if reads_features else "random"
 
 
-def build_sampler(data: DataCfg, join: CacheJoin | None, num_rows: int, global_batch_of, *, seed: int,
-                  ranks: int = 1, balance: DomainBalance | None = None) -> EpochSampler:
+def build_sampler(
+    data: DataCfg,
+    join: CacheJoin | None,
+    num_rows: int,
+    global_batch_of,
+    *,
+    seed: int,
+    ranks: int = 1,
+    balance: DomainBalance | None = None,
+) -> EpochSampler:
     """The epoch order (distill.data.samplers.EpochSampler). `join`: the cache join when features are read, else None.
 
     Block-shuffled blocks are blocks of cache rows (the reader's blocks); without a cache, of dataset items.
@@ -362,23 +455,34 @@ def build_sampler(data: DataCfg, join: CacheJoin | None, num_rows: int, global_b
     if join is not None:
         c = join.chunk_rows
         if b % c and b < int(join.cache_rows.max(initial=0)) + 1:
-            raise ConfigError(f"data.block_rows={b} is not a multiple of the cache's HDF5 chunk of {c} rows "
-                              f"({data.features}): each block would read partial chunks twice; use "
-                              f"data.block_rows={max(c, round(b / c) * c)}")
+            raise ConfigError(
+                f"data.block_rows={b} is not a multiple of the cache's HDF5 chunk of {c} rows "
+                f"({data.features}): each block would read partial chunks twice; use "
+                f"data.block_rows={max(c, round(b / c) * c)}"
+            )
         rows = join.cache_rows
     else:
         rows = np.arange(num_rows)
     dealing = Dealing(ranks, max(1, data.num_workers), data.batch_size) if kind == "block_deal" else None
-    return EpochSampler(num_rows, seed, global_batch_of, block_ids=rows // b,
-                        buffer_blocks=data.shuffle_buffer_blocks, dealing=dealing, balance=balance)
+    return EpochSampler(
+        num_rows,
+        seed,
+        global_batch_of,
+        block_ids=rows // b,
+        buffer_blocks=data.shuffle_buffer_blocks,
+        dealing=dealing,
+        balance=balance,
+    )
 
 
 def _total_steps(train: TrainCfg, plan: RunPlan) -> int:
     first = plan.global_batch(0)
     plan.accum(0)  # raises when the schedule does not divide
     if steps_per_epoch(plan.num_rows, first) == 0:
-        raise ConfigError(f"{plan.num_rows} usable rows are fewer than one global batch of {first} "
-                          f"(data.batch_size x processes x accumulation); lower data.batch_size or train.grad_accum")
+        raise ConfigError(
+            f"{plan.num_rows} usable rows are fewer than one global batch of {first} "
+            f"(data.batch_size x processes x accumulation); lower data.batch_size or train.grad_accum"
+        )
     if train.max_steps is None:
         for e in range(train.epochs):
             plan.accum(e)  # raises when the schedule does not divide

@@ -6,6 +6,7 @@ never from a pickle (accelerate's `register_for_checkpointing` writes `custom_ch
 with weights_only=False, so a planted file would run code). Folder names only order the candidates;
 `train_state.json` marks a finished checkpoint. Loading lives in `distill.training.checkpoint_load`.
 """
+
 from __future__ import annotations
 
 import errno
@@ -31,8 +32,15 @@ FSDP_MODEL_DIR = "pytorch_model_fsdp_0"  # accelerate's sharded FSDP model folde
 FSDP_OPTIMIZER_DIR = "optimizer_0"
 _NAME = re.compile(rf"{PREFIX}(\d+)")
 # RuntimeErrors that torch.save / safetensors raise when the disk fails under them (no errno attached)
-_WRITE_FAILURES = ("basic_ios::clear", "iostream error", "PytorchStreamWriter failed", "unexpected pos",
-                   "No space left", "file write failed", "Failed to write")
+_WRITE_FAILURES = (
+    "basic_ios::clear",
+    "iostream error",
+    "PytorchStreamWriter failed",
+    "unexpected pos",
+    "No space left",
+    "file write failed",
+    "Failed to write",
+)
 
 
 class CheckpointError(ValueError):
@@ -54,19 +62,22 @@ class TrainState(run_files.TrainState):
     """The schema's `TrainState` (student.run_files), read back with errors a resume can act on."""
 
     @classmethod
-    def read(cls, ckpt: str | Path) -> "TrainState":
+    def read(cls, ckpt: str | Path) -> TrainState:
         """The state in `ckpt/train_state.json`; CheckpointError naming the file when missing or damaged."""
         path = Path(ckpt) / STATE_FILE
         try:
             state = cls(**run_files.read_train_state(ckpt).state_dict())
-            if not all(isinstance(getattr(state, k), int) and getattr(state, k) >= 0
-                       for k in ("step", "epoch", "batches_in_epoch", "samples_seen", "micro_step")):
+            if not all(
+                isinstance(getattr(state, k), int) and getattr(state, k) >= 0
+                for k in ("step", "epoch", "batches_in_epoch", "samples_seen", "micro_step")
+            ):
                 raise ValueError("counters must be non-negative integers")
         except FileNotFoundError:
             raise CheckpointError(f"{path} is missing: {path.parent} is not a finished checkpoint") from None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{path} is damaged ({e}); resume from another checkpoint "
-                                  f"(train.resume=PATH) or delete {path.parent}") from e
+            raise CheckpointError(
+                f"{path} is damaged ({e}); resume from another checkpoint (train.resume=PATH) or delete {path.parent}"
+            ) from e
         return state
 
 
@@ -143,14 +154,18 @@ def _auto_resume(out: Path, set_aside: bool) -> Path | None:
         if reason is None:
             for bad, why in skipped:
                 moved = f" (moved to {_set_aside(bad).name})" if set_aside else ""
-                log.warning("train.resume=auto: skipping %s: %s%s; resuming from %s instead", bad.name, why, moved,
-                            d.name)
+                log.warning(
+                    "train.resume=auto: skipping %s: %s%s; resuming from %s instead", bad.name, why, moved, d.name
+                )
             return d
         skipped.append((d, reason))
     if skipped:
-        raise CheckpointError(f"train.resume=auto: {out} holds checkpoints but none can be resumed ("
-                              + "; ".join(f"{d.name}: {why}" for d, why in skipped) + "); resume from a good copy "
-                              "with train.resume=PATH, or move them away to start afresh")
+        raise CheckpointError(
+            f"train.resume=auto: {out} holds checkpoints but none can be resumed ("
+            + "; ".join(f"{d.name}: {why}" for d, why in skipped)
+            + "); resume from a good copy "
+            "with train.resume=PATH, or move them away to start afresh"
+        )
     return None
 
 
@@ -167,26 +182,31 @@ def resolve_resume(resume: str, output_dir: str | Path, set_aside: bool = False)
     if resume == "none":
         found = list_checkpoints(out)
         if found:
-            raise ValueError(f"train.resume=none, but {output_dir} already holds {', '.join(d.name for d in found)} "
-                             "from an earlier run; choose a new train.output_dir, delete that folder, or continue "
-                             "it with train.resume=auto")
+            raise ValueError(
+                f"train.resume=none, but {output_dir} already holds {', '.join(d.name for d in found)} "
+                "from an earlier run; choose a new train.output_dir, delete that folder, or continue "
+                "it with train.resume=auto"
+            )
         return None
     if resume == "auto":
         return _auto_resume(out, set_aside)
     path = Path(resume)
     if not path.is_dir():
-        raise FileNotFoundError(f"train.resume={resume}: {path} not found; give a finished {PREFIX}STEP folder, "
-                                f"`auto` or `none`")
+        raise FileNotFoundError(
+            f"train.resume={resume}: {path} not found; give a finished {PREFIX}STEP folder, `auto` or `none`"
+        )
     reason = why_unusable(path)
     if reason is not None:
         raise CheckpointError(f"train.resume={resume}: cannot resume: {reason}")
     found = [d.resolve() for d in list_checkpoints(out)]  # oldest first, by recorded step
     if path.resolve() in found:
-        newer = found[found.index(path.resolve()) + 1:]
+        newer = found[found.index(path.resolve()) + 1 :]
         if newer:  # the new trajectory's checkpoints would mix with the old ones and be pruned first
-            raise ValueError(f"train.resume={resume}: {output_dir} also holds newer "
-                             f"{', '.join(d.name for d in newer)} from the run being rewound; move them away, or "
-                             "resume into a new train.output_dir")
+            raise ValueError(
+                f"train.resume={resume}: {output_dir} also holds newer "
+                f"{', '.join(d.name for d in newer)} from the run being rewound; move them away, or "
+                "resume into a new train.output_dir"
+            )
     return path
 
 
@@ -196,6 +216,7 @@ def install_unwrapped_state_hooks(accelerator) -> None:
     Why: the export reads model.safetensors and must not care how many processes trained it. Loading is done by
     `distill.training.checkpoint_load`, never by accelerate's `load_state`.
     """
+
     def save_hook(models, weights, output_dir):
         if len(weights) == len(models):
             for i, m in enumerate(models):
@@ -236,19 +257,24 @@ def _write_error(accelerator, e: BaseException | None, final: Path, output_dir: 
         free = None
     need = _needed_bytes(accelerator, output_dir)
     prev = list_checkpoints(output_dir)
-    then = (f"rerun with train.resume=auto to continue from {prev[-1].name}" if prev
-            else "rerun to start again")
+    then = f"rerun with train.resume=auto to continue from {prev[-1].name}" if prev else "rerun to start again"
     code = getattr(e, "errno", None)
     if code == errno.ENOSPC or (free is not None and free < need):
-        what = (f"no space left on device ({_bytes(free) if free is not None else 'unknown'} free, a checkpoint "
-                f"needs about {_bytes(need)})")
+        what = (
+            f"no space left on device ({_bytes(free) if free is not None else 'unknown'} free, a checkpoint "
+            f"needs about {_bytes(need)})"
+        )
         code = errno.ENOSPC
     elif e is None:
         what = "another process failed to write its part (see its message)"
     else:
         what = " | ".join(line.strip() for line in f"{type(e).__name__}: {e}".splitlines() if line.strip())
-    return CheckpointWriteError(code or errno.EIO, f"could not write checkpoint {final}: {what}; the partial "
-                                f"folder was removed; free space or fix the disk, then {then}", str(final))
+    return CheckpointWriteError(
+        code or errno.EIO,
+        f"could not write checkpoint {final}: {what}; the partial "
+        f"folder was removed; free space or fix the disk, then {then}",
+        str(final),
+    )
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, state: TrainState, keep_last: int) -> Path:

@@ -8,6 +8,7 @@ A refused, damaged or missing file raises CheckpointError naming it. FSDP checkp
 `load_fsdp_model`/`load_fsdp_optimizer` (torch.distributed.checkpoint), with DCP's two pickle readers (the
 `.metadata` file and non-tensor values) replaced, for the duration of the load, by allow-listed ones.
 """
+
 from __future__ import annotations
 
 import io
@@ -15,14 +16,23 @@ import logging
 import pickle
 import re
 import types
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from distill.training.checkpoint import (FSDP_MODEL_DIR, FSDP_OPTIMIZER_DIR, MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE,
-                                CheckpointError, TrainState, why_unusable)
+from distill.training.checkpoint import (
+    FSDP_MODEL_DIR,
+    FSDP_OPTIMIZER_DIR,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    SCHEDULER_FILE,
+    CheckpointError,
+    TrainState,
+    why_unusable,
+)
 from distill.training.rng_state import load_rng_state, rng_file
 
 log = logging.getLogger(__name__)
@@ -48,8 +58,10 @@ def load_plain(path: Path, map_location: str | torch.device = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused to load ({_first_line(e)}): it holds Python objects, not only "
-                              f"tensors, and loading it could run code; {_WHAT_TO_DO}") from e
+        raise CheckpointError(
+            f"{path}: refused to load ({_first_line(e)}): it holds Python objects, not only "
+            f"tensors, and loading it could run code; {_WHAT_TO_DO}"
+        ) from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is damaged ({_first_line(e)}); {_WHAT_TO_DO}") from e
 
@@ -58,8 +70,9 @@ def _load_into(path: Path, target, state_dict) -> None:
     try:
         target.load_state_dict(state_dict)
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise CheckpointError(f"{path} does not fit this run ({_first_line(e)}): was it written with another "
-                              f"config? {_WHAT_TO_DO}") from e
+        raise CheckpointError(
+            f"{path} does not fit this run ({_first_line(e)}): was it written with another config? {_WHAT_TO_DO}"
+        ) from e
 
 
 def load_model_file(model: torch.nn.Module, path: Path) -> None:
@@ -77,9 +90,16 @@ def load_model_file(model: torch.nn.Module, path: Path) -> None:
 
 # -- FSDP: torch.distributed.checkpoint's pickles, allow-listed ---------------------------------------------------
 _DCP_META = "torch.distributed.checkpoint.metadata"
-_ALLOWED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch.serialization", "_get_layout"),
-            ("torch", "Size"), ("collections", "OrderedDict"), ("pathlib", "PosixPath"),
-            ("pathlib", "PurePosixPath"), ("builtins", "set"), ("builtins", "frozenset")}
+_ALLOWED = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -175,7 +195,10 @@ def load_checkpoint(accelerator, ckpt: Path, model, optimizer, scheduler) -> Tra
         except ValueError as e:
             raise CheckpointError(f"{e}; {_WHAT_TO_DO}") from e
     else:
-        log.warning("%s is missing (a checkpoint from an older version): random states are not restored, so "
-                    "dropout and sampling after the resume differ from an uninterrupted run", rng)
+        log.warning(
+            "%s is missing (a checkpoint from an older version): random states are not restored, so "
+            "dropout and sampling after the resume differ from an uninterrupted run",
+            rng,
+        )
     accelerator.step = state.micro_step
     return state

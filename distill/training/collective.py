@@ -1,5 +1,6 @@
 """`all_ok`: every process learns whether every process succeeded, so a failure on one rank never leaves the
 others waiting forever at the next barrier (a lock refused, a checkpoint write that failed on rank 0 only)."""
+
 from __future__ import annotations
 
 import torch

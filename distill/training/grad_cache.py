@@ -14,11 +14,13 @@ With micro batches the trainer merges the loader batches of one optimizer step (
 `train.batch_schedule`'s global batch needs) into one contrastive batch (`merge_batches`): the schedule then grows
 the batch every term sees, not only the accumulation, at the memory of M rows.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Sequence
+from typing import ContextManager
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +43,7 @@ class RngSnapshot:
     device: torch.device
 
     @classmethod
-    def take(cls, device: torch.device) -> "RngSnapshot":
+    def take(cls, device: torch.device) -> RngSnapshot:
         cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         return cls(torch.get_rng_state(), cuda, device)
 
@@ -65,10 +67,14 @@ def _flat(out: StudentOutput) -> dict[str, Tensor]:
 
 
 def _unflat(flat: dict[str, Tensor], teachers: list[str]) -> StudentOutput:
-    return StudentOutput(image=flat["image"], text=flat["text"], logit_scale=flat["logit_scale"],
-                         projected={t: Pair(flat[f"projected.{t}.image"], flat[f"projected.{t}.text"])
-                                    for t in teachers}, logit_bias=flat.get("logit_bias"),
-                         tokens={k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("tokens.")})
+    return StudentOutput(
+        image=flat["image"],
+        text=flat["text"],
+        logit_scale=flat["logit_scale"],
+        projected={t: Pair(flat[f"projected.{t}.image"], flat[f"projected.{t}.text"]) for t in teachers},
+        logit_bias=flat.get("logit_bias"),
+        tokens={k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("tokens.")},
+    )
 
 
 def _wide(x: Tensor) -> Tensor:
@@ -93,20 +99,31 @@ def merge_batches(batches: Sequence[TrainBatch], pad_id: int | None) -> TrainBat
         return batches[0]
     width = max(b.tokens.shape[1] for b in batches)
     if pad_id is None and any(b.tokens.shape[1] != width for b in batches):
-        raise ValueError(f"cannot merge caption batches of lengths {[b.tokens.shape[1] for b in batches]} without "
-                         f"a pad token id; set data.trim_captions=false")
+        raise ValueError(
+            f"cannot merge caption batches of lengths {[b.tokens.shape[1] for b in batches]} without "
+            f"a pad token id; set data.trim_captions=false"
+        )
     pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad_id or 0)  # noqa: E731
     cat = lambda ts: None if ts[0] is None else torch.cat(list(ts))  # noqa: E731
     first = batches[0]
-    feats = {t: Pair(cat([b.teacher_feats[t].image for b in batches]), cat([b.teacher_feats[t].text for b in batches]))
-             for t in first.teacher_feats}
-    return TrainBatch(cat([b.images for b in batches]), cat([pad(b.tokens) for b in batches]),
-                      cat([b.rows for b in batches]), cat([b.views for b in batches]), feats,
-                      cat([b.route for b in batches]), cat([b.caption_ids for b in batches]),
-                      sum(b.skipped_features for b in batches),
-                      teacher_tokens={t: cat([b.teacher_tokens[t] for b in batches]) for t in first.teacher_tokens},
-                      domains=cat([b.domains for b in batches]), row_weights=cat([b.row_weights for b in batches]),
-                      inputs=concat_inputs([b.inputs for b in batches]))
+    feats = {
+        t: Pair(cat([b.teacher_feats[t].image for b in batches]), cat([b.teacher_feats[t].text for b in batches]))
+        for t in first.teacher_feats
+    }
+    return TrainBatch(
+        cat([b.images for b in batches]),
+        cat([pad(b.tokens) for b in batches]),
+        cat([b.rows for b in batches]),
+        cat([b.views for b in batches]),
+        feats,
+        cat([b.route for b in batches]),
+        cat([b.caption_ids for b in batches]),
+        sum(b.skipped_features for b in batches),
+        teacher_tokens={t: cat([b.teacher_tokens[t] for b in batches]) for t in first.teacher_tokens},
+        domains=cat([b.domains for b in batches]),
+        row_weights=cat([b.row_weights for b in batches]),
+        inputs=concat_inputs([b.inputs for b in batches]),
+    )
 
 
 def no_sync_of(accelerator, model: nn.Module) -> Callable[[], ContextManager]:
@@ -120,9 +137,15 @@ def no_sync_of(accelerator, model: nn.Module) -> Callable[[], ContextManager]:
     return lambda: accelerator.no_sync(model)
 
 
-def grad_cache_step(model: nn.Module, images: Tensor, tokens: Tensor, micro: int, loss_fn: LossFn,
-                    backward: Callable[[Tensor], None],
-                    no_sync: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, Tensor]:
+def grad_cache_step(
+    model: nn.Module,
+    images: Tensor,
+    tokens: Tensor,
+    micro: int,
+    loss_fn: LossFn,
+    backward: Callable[[Tensor], None],
+    no_sync: Callable[[], ContextManager] = contextlib.nullcontext,
+) -> dict[str, Tensor]:
     """One step's forward and backward in chunks of `micro` rows; returns the loss terms (detached).
 
     loss_fn: the whole batch's StudentOutput -> {term: value, "loss": total}, as `DistillLoss` returns.
@@ -140,8 +163,10 @@ def grad_cache_step(model: nn.Module, images: Tensor, tokens: Tensor, micro: int
             outs.append(_flat(model(images[s], tokens[s])))
     teachers = [k.split(".")[1] for k in outs[0] if k.endswith(".image") and k.startswith("projected.")]
     # float32 leaves (float64 stays): the cached gradients do not underflow under fp16, the loss runs at full precision
-    leaves = {k: _wide(v.detach() if k in SCALARS else torch.cat([o[k] for o in outs])).requires_grad_()
-              for k, v in outs[0].items()}
+    leaves = {
+        k: _wide(v.detach() if k in SCALARS else torch.cat([o[k] for o in outs])).requires_grad_()
+        for k, v in outs[0].items()
+    }
     del outs
     with torch.enable_grad():
         losses = loss_fn(_unflat(leaves, teachers))
@@ -155,8 +180,11 @@ def grad_cache_step(model: nn.Module, images: Tensor, tokens: Tensor, micro: int
             out = _flat(model(images[s], tokens[s]))
             # the logit scale and bias are one value for the whole batch: their gradient goes in once, with the last
             # chunk
-            terms = [(_wide(out[k]) * (g if k in SCALARS else g[s])).sum() for k, g in grads.items()
-                     if g is not None and out[k].requires_grad and (last or k not in SCALARS)]
+            terms = [
+                (_wide(out[k]) * (g if k in SCALARS else g[s])).sum()
+                for k, g in grads.items()
+                if g is not None and out[k].requires_grad and (last or k not in SCALARS)
+            ]
             if terms:
                 backward(torch.stack(terms).sum())
     after.restore()  # as if the batch had been embedded once: later draws do not depend on the chunking

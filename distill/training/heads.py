@@ -3,9 +3,10 @@
 Why in `distill/`, not `student/`: the heads are trained with the student and saved in checkpoints (`heads.*`
 keys), but they belong to the distillation, not to the model, so `student.export` never writes them.
 """
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -35,8 +36,9 @@ class ProjectionHeads(nn.Module):
         self.student_dim = int(student_dim)
         self.teacher_dims = {name: int(dim) for name, dim in teacher_dims.items()}
         for m in MODALITIES:  # image heads first, then text: the parameter (and init) order of checkpoints
-            self.add_module(m.value, nn.ModuleDict({n: nn.Linear(student_dim, d, bias=bias)
-                                                    for n, d in self.teacher_dims.items()}))
+            self.add_module(
+                m.value, nn.ModuleDict({n: nn.Linear(student_dim, d, bias=bias) for n, d in self.teacher_dims.items()})
+            )
 
     @property
     def teachers(self) -> list[str]:
@@ -70,13 +72,21 @@ class TokenAdaptors(nn.Module):
         super().__init__()
         for name, (grid, dim) in teachers.items():
             if not name or "." in name or int(grid) <= 0 or int(dim) <= 0:
-                raise ValueError(f"teacher {name!r}: token adaptor needs a name without '.', a grid > 0 and a dim "
-                                 f"> 0, got grid {grid}, dim {dim}")
+                raise ValueError(
+                    f"teacher {name!r}: token adaptor needs a name without '.', a grid > 0 and a dim "
+                    f"> 0, got grid {grid}, dim {dim}"
+                )
         self.student_dim = int(student_dim)
         self.grids = {name: int(g) for name, (g, _) in teachers.items()}
         self.dims = {name: int(d) for name, (_, d) in teachers.items()}
-        self.mlp = nn.ModuleDict({n: nn.Sequential(nn.Linear(student_dim, max(student_dim, d)), nn.GELU(),
-                                                   nn.Linear(max(student_dim, d), d)) for n, d in self.dims.items()})
+        self.mlp = nn.ModuleDict(
+            {
+                n: nn.Sequential(
+                    nn.Linear(student_dim, max(student_dim, d)), nn.GELU(), nn.Linear(max(student_dim, d), d)
+                )
+                for n, d in self.dims.items()
+            }
+        )
 
     @property
     def teachers(self) -> list[str]:

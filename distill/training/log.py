@@ -2,6 +2,7 @@
 
 Only the main process writes; other processes get a logger whose calls do nothing.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,13 +29,15 @@ class RunLogger:
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        row = {"step": int(step), **{k: {n: int(c) for n, c in v.items()} if isinstance(v, dict) else float(v)
-                                     for k, v in values.items()}}
+        row = {
+            "step": int(step),
+            **{k: {n: int(c) for n, c in v.items()} if isinstance(v, dict) else float(v) for k, v in values.items()},
+        }
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for k, v in values.items():
-                for name, x in (v.items() if isinstance(v, dict) else [(None, v)]):
+                for name, x in v.items() if isinstance(v, dict) else [(None, v)]:
                     tag = k if k in ("lr", "samples_per_s") or name is not None else f"loss/{k}"
                     self._tb.add_scalar(tag if name is None else f"{tag}/{name}", float(x), step)
 
@@ -54,8 +57,9 @@ def read_log(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_loss_curves(log_path: str | Path, out_png: str | Path,
-                     skip: tuple[str, ...] = ("step", "lr", "samples_per_s", "epoch")) -> Path | None:
+def plot_loss_curves(
+    log_path: str | Path, out_png: str | Path, skip: tuple[str, ...] = ("step", "lr", "samples_per_s", "epoch")
+) -> Path | None:
     """One line per loss key against the step (log scale when all positive); None when there is nothing to plot."""
     rows = read_log(log_path) if Path(log_path).is_file() else []
     if not rows:
@@ -65,8 +69,10 @@ def plot_loss_curves(log_path: str | Path, out_png: str | Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({k for r in rows for k, v in r.items() if k not in skip and not isinstance(v, dict)},
-                  key=lambda k: (k != "loss", k))
+    keys = sorted(
+        {k for r in rows for k, v in r.items() if k not in skip and not isinstance(v, dict)},
+        key=lambda k: (k != "loss", k),
+    )
     fig, ax = plt.subplots(figsize=(7, 4))
     positive = True
     for k in keys:

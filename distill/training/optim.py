@@ -3,6 +3,7 @@
 Why here and not in train.py: each is a pure function of the config that tests can check without training
 (which params decay, the lr at step s, the accumulation at epoch e).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if p.requires_grad:
             (rest if no_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": rest, "weight_decay": 0.0, "name": "no_decay"}]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": rest, "weight_decay": 0.0, "name": "no_decay"},
+    ]
 
 
 def use_fused(mode: str, device_type: str, param_dtypes: set[torch.dtype]) -> bool:
@@ -77,7 +80,8 @@ def accum_for_epoch(cfg: TrainCfg, per_device: int, num_processes: int, epoch: i
         raise ConfigError(
             f"train.batch_schedule asks for a global batch of {global_batch} at epoch {epoch}, which is not a "
             f"multiple of data.batch_size x processes = {per_device} x {num_processes} = {micro}; "
-            f"change data.batch_size or the schedule")
+            f"change data.batch_size or the schedule"
+        )
     return global_batch // micro
 
 
@@ -90,7 +94,6 @@ def total_steps(cfg: TrainCfg, num_rows: int, per_device: int, num_processes: in
     """Optimizer steps of the whole run (max_steps, else the sum over epochs under the batch schedule)."""
     if cfg.max_steps is not None:
         return cfg.max_steps
-    return sum(steps_per_epoch(num_rows, global_batch_for_epoch(cfg, per_device, num_processes, e))
-               for e in range(cfg.epochs))
-
-
+    return sum(
+        steps_per_epoch(num_rows, global_batch_for_epoch(cfg, per_device, num_processes, e)) for e in range(cfg.epochs)
+    )

@@ -4,11 +4,12 @@ Why: two trainings into one folder both wrote checkpoints and log.jsonl (the sam
 the other's `checkpoint-N.tmp`. The lock is cache/store/lock.py's WriterLock (O_EXCL, stale-lock takeover with a
 warning); only the main process takes it, and every process learns whether it did.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from cache.store.lock import WriterLock
 from distill.training.collective import all_ok
@@ -32,8 +33,9 @@ def run_lock(accelerator, out: Path) -> Iterator[None]:
             refused = e
     try:
         if not all_ok(accelerator, refused is None):
-            raise refused or RunInUseError(f"{out}: the main process could not take {out / LOCK_NAME} (see its "
-                                           f"message)")
+            raise refused or RunInUseError(
+                f"{out}: the main process could not take {out / LOCK_NAME} (see its message)"
+            )
         yield
     finally:
         lock.release()

@@ -8,6 +8,7 @@ plain PyTorch (`Tensor.backward`, `torch.nn.utils.clip_grad_norm_`), on whatever
     trainer = Trainer.from_run(run, optimizer, cfg)           # run = build_run(cfg, accelerator)
     losses = trainer.step(batch, step=0)                      # {term: value, ..., "loss": total}, detached
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,10 +43,20 @@ class Trainer:
     scheduler: stepped after each real optimizer step (not one fp16 skipped); None: no scheduler.
     """
 
-    def __init__(self, model: nn.Module, loss: DistillLoss, optimizer: torch.optim.Optimizer, *,
-                 teacher_attrs: Mapping[str, Mapping[str, Any]] | None = None, seed: int = 0,
-                 micro_batch_size: int | None = None, max_grad_norm: float | None = None,
-                 logit_scale_max: float = 100.0, scheduler: Any = None, accelerator: Any = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: DistillLoss,
+        optimizer: torch.optim.Optimizer,
+        *,
+        teacher_attrs: Mapping[str, Mapping[str, Any]] | None = None,
+        seed: int = 0,
+        micro_batch_size: int | None = None,
+        max_grad_norm: float | None = None,
+        logit_scale_max: float = 100.0,
+        scheduler: Any = None,
+        accelerator: Any = None,
+    ):
         self.model, self.loss, self.optimizer, self.scheduler = model, loss, optimizer, scheduler
         self.accelerator = accelerator
         attrs = dict(teacher_attrs or {})
@@ -54,17 +65,34 @@ class Trainer:
         self.seed, self.micro_batch_size = int(seed), micro_batch_size or None
         self.max_grad_norm, self.logit_scale_max = max_grad_norm, float(logit_scale_max)
         self.unwrapped = model if accelerator is None else accelerator.unwrap_model(model)
-        self._no_sync: Callable[[], contextlib.AbstractContextManager] = (contextlib.nullcontext if accelerator is None
-                                                       else no_sync_of(accelerator, model))
+        self._no_sync: Callable[[], contextlib.AbstractContextManager] = (
+            contextlib.nullcontext if accelerator is None else no_sync_of(accelerator, model)
+        )
 
     @classmethod
-    def from_run(cls, run: Run, optimizer: torch.optim.Optimizer, cfg: Config, *, accelerator: Any = None,
-                 model: nn.Module | None = None, scheduler: Any = None) -> Trainer:
+    def from_run(
+        cls,
+        run: Run,
+        optimizer: torch.optim.Optimizer,
+        cfg: Config,
+        *,
+        accelerator: Any = None,
+        model: nn.Module | None = None,
+        scheduler: Any = None,
+    ) -> Trainer:
         """The step of `build_run`'s Run under `cfg`; `model`: the prepared (wrapped) model, default `run.model`."""
-        return cls(run.model if model is None else model, run.loss, optimizer, teacher_attrs=run.plan.teacher_attrs,
-                   seed=cfg.train.seed, micro_batch_size=cfg.data.micro_batch_size,
-                   max_grad_norm=cfg.optim.max_grad_norm, logit_scale_max=cfg.optim.logit_scale_max,
-                   scheduler=scheduler, accelerator=accelerator)
+        return cls(
+            run.model if model is None else model,
+            run.loss,
+            optimizer,
+            teacher_attrs=run.plan.teacher_attrs,
+            seed=cfg.train.seed,
+            micro_batch_size=cfg.data.micro_batch_size,
+            max_grad_norm=cfg.optim.max_grad_norm,
+            logit_scale_max=cfg.optim.logit_scale_max,
+            scheduler=scheduler,
+            accelerator=accelerator,
+        )
 
     @property
     def sync(self) -> bool:
@@ -81,8 +109,9 @@ class Trainer:
     def forward(self, batch: TrainBatch) -> StudentOutput:
         return self.model(batch.images, batch.tokens)
 
-    def loss_of(self, out: StudentOutput, batch: TrainBatch, teachers: TeacherBatch | None,
-                generator: torch.Generator | None) -> dict[str, Tensor]:
+    def loss_of(
+        self, out: StudentOutput, batch: TrainBatch, teachers: TeacherBatch | None, generator: torch.Generator | None
+    ) -> dict[str, Tensor]:
         """The loss terms of the student's outputs for `batch` (its caption ids and named inputs included)."""
         return self.loss(out, teachers, generator, caption_ids=batch.caption_ids, inputs=batch.inputs)
 
@@ -96,9 +125,15 @@ class Trainer:
         """Forward, loss and backward of the whole batch (by GradCache chunks with `micro_batch_size`)."""
         teachers = self.teacher_batch(batch)
         if self.micro_batch_size:  # GradCache: the same gradients, activations of M rows at a time
-            return grad_cache_step(self.model, batch.images, batch.tokens, self.micro_batch_size,
-                                   lambda s: self.loss_of(s, batch, teachers, generator), self.backward,
-                                   self._no_sync)
+            return grad_cache_step(
+                self.model,
+                batch.images,
+                batch.tokens,
+                self.micro_batch_size,
+                lambda s: self.loss_of(s, batch, teachers, generator),
+                self.backward,
+                self._no_sync,
+            )
         losses = self.loss_of(self.forward(batch), batch, teachers, generator)
         self.backward(losses["loss"])
         return losses

@@ -4,17 +4,18 @@ Why one module: Accelerate prepares (and DDP wraps) a single model, and checkpoi
 `student.*` and `heads.*`, which `student.export` relies on. Teachers are not here: their features come from
 the cache.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.training.heads import ProjectionHeads, TokenAdaptors
 from distill.losses import StudentOutput
+from distill.training.heads import ProjectionHeads, TokenAdaptors
 from teachers.kernel.modality import MODALITIES, Modality
 from teachers.tokens import open_clip_visual_tokens
 from teachers.transforms import OPENAI_MEAN, OPENAI_STD
@@ -36,9 +37,14 @@ class DistillModel(nn.Module):
     term).
     """
 
-    def __init__(self, student: nn.Module, heads: ProjectionHeads | None = None,
-                 pixel_mean: Sequence[float] = OPENAI_MEAN, pixel_std: Sequence[float] = OPENAI_STD,
-                 adaptors: TokenAdaptors | None = None):
+    def __init__(
+        self,
+        student: nn.Module,
+        heads: ProjectionHeads | None = None,
+        pixel_mean: Sequence[float] = OPENAI_MEAN,
+        pixel_std: Sequence[float] = OPENAI_STD,
+        adaptors: TokenAdaptors | None = None,
+    ):
         super().__init__()
         self.student = student
         self.heads = heads
@@ -51,8 +57,14 @@ class DistillModel(nn.Module):
         image, spatial = self._encode_image(images)
         text = self.student.encode_text(tokens, normalize=True)
         projected = self.heads(image, text) if self.heads is not None else {}
-        return StudentOutput(image=image, text=text, logit_scale=self.student.logit_scale.exp(), projected=projected,
-                             logit_bias=getattr(self.student, "logit_bias", None), tokens=spatial)
+        return StudentOutput(
+            image=image,
+            text=text,
+            logit_scale=self.student.logit_scale.exp(),
+            projected=projected,
+            logit_bias=getattr(self.student, "logit_bias", None),
+            tokens=spatial,
+        )
 
     def _encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The normalised image embeddings and, with token adaptors (a spatial term), {teacher: (B, G*G, Dt)}
@@ -62,9 +74,13 @@ class DistillModel(nn.Module):
         pooled, patches, grid = open_clip_visual_tokens(self.student.visual, images)
         return F.normalize(pooled, dim=-1), self.adaptors(patches, grid)
 
-    def freeze_unreached(self, uses_logit_scale: bool, head_modalities: dict[str, tuple[Modality, ...]],
-                         student_modalities: tuple[Modality, ...] = MODALITIES,
-                         uses_logit_bias: bool = False) -> list[str]:
+    def freeze_unreached(
+        self,
+        uses_logit_scale: bool,
+        head_modalities: dict[str, tuple[Modality, ...]],
+        student_modalities: tuple[Modality, ...] = MODALITIES,
+        uses_logit_bias: bool = False,
+    ) -> list[str]:
         """Freeze what no loss term reaches; returns the frozen parameter names.
 
         Why: DDP fails on trainable parameters that get no gradient unless `find_unused_parameters=True`, which
@@ -74,13 +90,16 @@ class DistillModel(nn.Module):
         A loss that reads a logit bias the student lacks is refused here, before the first step.
         """
         if uses_logit_bias and not isinstance(getattr(self.student, "logit_bias", None), nn.Parameter):
-            raise ValueError("the loss reads the student's logit bias (a siglip term, or affinity from a teacher "
-                             "with a logit bias), but this student has none: build it with an init_logit_bias "
-                             "(student.overrides.init_logit_bias, e.g. -10 as SigLIP)")
+            raise ValueError(
+                "the loss reads the student's logit bias (a siglip term, or affinity from a teacher "
+                "with a logit bias), but this student has none: build it with an init_logit_bias "
+                "(student.overrides.init_logit_bias, e.g. -10 as SigLIP)"
+            )
         frozen = []
         for name, p in self.student.named_parameters():
-            tower = (Modality.IMAGE if name.startswith("visual.") else None if name.startswith("logit_")
-                     else Modality.TEXT)
+            tower = (
+                Modality.IMAGE if name.startswith("visual.") else None if name.startswith("logit_") else Modality.TEXT
+            )
             if tower is not None and tower not in student_modalities and p.requires_grad:
                 p.requires_grad_(False)
                 frozen.append(f"student.{name}")

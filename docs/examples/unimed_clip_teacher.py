@@ -24,6 +24,7 @@ Not run here: neither the fork nor the weights can be fetched on our machines. `
 (`from_parts`) are tested (tests/test_hf_backends.py); compare a few embeddings with the release's README example
 before caching a corpus.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -48,12 +49,16 @@ def convert(checkpoint: str, out: str) -> None:
     from safetensors.torch import save_file
 
     scalar = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar
-    allowed = [np.dtype, scalar, (scalar, "numpy.core.multiarray.scalar"),  # numpy 2's name, and numpy 1's
-               *(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))]
+    allowed = [
+        np.dtype,
+        scalar,
+        (scalar, "numpy.core.multiarray.scalar"),  # numpy 2's name, and numpy 1's
+        *(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")),
+    ]
     with torch.serialization.safe_globals(allowed):
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
     save_file({k: v.contiguous() for k, v in state.items() if torch.is_tensor(v)}, out)
 
 
@@ -71,22 +76,35 @@ def fork(src: str):
     return sys.modules[name]
 
 
-def load(model_name: str, text_encoder: str, device="cpu", src: str | None = None,
-         weights: str | None = None) -> OpenClipTeacher:
+def load(
+    model_name: str, text_encoder: str, device="cpu", src: str | None = None, weights: str | None = None
+) -> OpenClipTeacher:
     """UniMed-CLIP `model_name` + `text_encoder` with the weights converted by `convert`, as a Teacher."""
     from safetensors.torch import load_file
 
     oc = fork(src or os.environ["UNIMED_CLIP_SRC"])
-    model, _, preprocess = oc.create_model_and_transforms(model_name, "", force_quick_gelu=True, mean=OPENAI_MEAN,
-                                                          std=OPENAI_STD, text_encoder_name=text_encoder)
+    model, _, preprocess = oc.create_model_and_transforms(
+        model_name, "", force_quick_gelu=True, mean=OPENAI_MEAN, std=OPENAI_STD, text_encoder_name=text_encoder
+    )
     # strict: the fork's own loader uses strict=False, which would leave a missing tensor randomly initialised
     model.load_state_dict(load_file(weights or os.environ["UNIMED_CLIP_WEIGHTS"]), strict=True)
     size = model.visual.image_size
-    cfg = PreprocessCfg(image_size=tuple(size) if isinstance(size, (tuple, list)) else (size, size),
-                        mean=OPENAI_MEAN, std=OPENAI_STD, interpolation="bicubic", resize_mode="shortest")
+    cfg = PreprocessCfg(
+        image_size=tuple(size) if isinstance(size, (tuple, list)) else (size, size),
+        mean=OPENAI_MEAN,
+        std=OPENAI_STD,
+        interpolation="bicubic",
+        resize_mode="shortest",
+    )
     tokenizer = oc.HFTokenizer(text_encoder, context_length=CONTEXT_LENGTH)
-    return OpenClipTeacher.from_parts(model.to(device).eval(), preprocess, tokenizer, spec=f"unimed-clip:{model_name}",
-                                      preprocess_cfg=cfg, device=device)
+    return OpenClipTeacher.from_parts(
+        model.to(device).eval(),
+        preprocess,
+        tokenizer,
+        spec=f"unimed-clip:{model_name}",
+        preprocess_cfg=cfg,
+        device=device,
+    )
 
 
 def vit_b16(device="cpu") -> OpenClipTeacher:

@@ -8,6 +8,7 @@ value validators (ranges, choices, cross-field rules), and its interpolation and
 Why so strict: a typo in a long job's config (`optim.warmpu=500`) must fail at once, naming the key and suggesting
 the close match, never be ignored (nanoGPT's configurator rule, without its `exec`).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -214,5 +215,6 @@ def config_error(e: ValidationError, root: Any, where: str = "") -> ConfigError:
         error = err["ctx"]["error"]
         return ConfigError(str(error) if isinstance(error, KeyedError) else join_message(key, str(error)))
     value = err["input"]
-    return ConfigError(f"{key or 'config'} must be {type_name(annotation_at(root, loc))}, got {value!r} "
-                       f"({type(value).__name__})")
+    return ConfigError(
+        f"{key or 'config'} must be {type_name(annotation_at(root, loc))}, got {value!r} ({type(value).__name__})"
+    )
