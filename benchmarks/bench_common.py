@@ -32,15 +32,18 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+from typing import TYPE_CHECKING, Any, TypeVar, get_type_hints
 
 import numpy as np
 from PIL import Image
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 OUT_ENV = "BIOMED_DISTILL_BENCH_OUT"  # where runs write NAME.json / NAME.md when --out is not given
 DEFAULT_OUT = "bench-out"
 RECORDED_DIR = Path(__file__).resolve().parent / "results"  # the committed figures the README quotes
-T = TypeVar("T")
+T = TypeVar("T", bound="DataclassInstance")  # a Flags class: a (frozen) dataclass
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ def _convert(raw: str, tp: Any, name: str) -> Any:
         if tp == (str | None):
             return None if raw.lower() in ("none", "null", "") else raw
     except ValueError:
-        raise SystemExit(f"--{name.replace('_', '-')}: {raw!r} is not a valid {getattr(tp, '__name__', tp)}")
+        raise SystemExit(f"--{name.replace('_', '-')}: {raw!r} is not a valid {getattr(tp, '__name__', tp)}") from None
     raise TypeError(f"flag {name} has unsupported type {tp}")  # pragma: no cover - a bug in a Flags class
 
 
@@ -172,7 +175,7 @@ def parse_flags(cls: type[T], argv: Sequence[str] | None = None, doc: str = "") 
 # -- machine and timing -----------------------------------------------------------------------------------
 def machine() -> dict:
     """What the figures were measured on, for the results file and README."""
-    import torch  # lazy: --help and flag errors answer without torch
+    import torch  # noqa: PLC0415 (lazy: --help and flag errors answer without torch)
 
     cpu = platform.processor() or ""
     try:
@@ -325,7 +328,7 @@ def write_results(name: str, flags: Output, results: dict, markdown: str, json_c
         Path(json_copy).write_text(json.dumps(results, indent=2, default=str) + "\n")
     folder = output_dir(flags)
     folder.mkdir(parents=True, exist_ok=True)
-    payload = {
+    payload: dict[str, Any] = {
         "benchmark": name,
         "command": invocation(),
         "flags": dataclasses.asdict(flags),
@@ -362,7 +365,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
-        from transformers.utils import logging as hf_logging  # lazy: optional, and heavy
+        from transformers.utils import logging as hf_logging  # noqa: PLC0415 (lazy: optional, and heavy)
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
@@ -373,7 +376,7 @@ def quiet_libraries() -> None:
 # -- synthetic JPEG corpus --------------------------------------------------------------------------------
 def make_jpeg_corpus(out: Path, n: int, px: int, seed: int = 0) -> Path:
     """The synthetic corpus (cache.sources.synthetic) re-encoded as textured JPEGs, so decoding costs what photos do."""
-    from cache.sources.synthetic import make_synthetic_corpus  # lazy: the `cache` package imports torch
+    from cache.sources.synthetic import make_synthetic_corpus  # noqa: PLC0415 (lazy: the cache package imports torch)
 
     png_csv = make_synthetic_corpus(out, n=n, image_size=px, seed=seed)
     rng = np.random.default_rng(seed)

@@ -17,10 +17,11 @@ with workers >= 1.
 Part 2: the reader's throughput (`cache.FeatureReader.read`) for 256-row batches, all teachers together, on a
 synthetic --rows x 3-teacher float16 file written in the cache's own layout (cache.store.writer creates the file and
 each teacher's group), for each --chunk-rows: random rows (an epoch permutation, read directly: no block can
-help), block-shuffled rows for each --block-rows B that is a multiple of the chunk (`cache.store.reader.block_shuffle_order`,
-the trainer's EpochSampler order, read through `FeatureReader(block_rows=B, cache_blocks=--buffer-blocks)`, the way training reads), and
-sequential rows (the ceiling); warm (whole file read into the page cache first) and cold (dropped from it with
-posix_fadvise, no root needed). "fetched/useful" is feature bytes the reader took from HDF5 per byte returned;
+help), block-shuffled rows for each --block-rows B that is a multiple of the chunk
+(`cache.store.reader.block_shuffle_order`, the trainer's EpochSampler order, read through
+`FeatureReader(block_rows=B, cache_blocks=--buffer-blocks)`, the way training reads), and sequential rows (the
+ceiling); warm (whole file read into the page cache first) and cold (dropped from it with posix_fadvise, no root
+needed). "fetched/useful" is feature bytes the reader took from HDF5 per byte returned;
 "read/useful" bytes HDF5 read through pread (/proc/self/io rchar); "disk/useful" those that came from the disk.
 Goal: >= 20,000 rows/s (what 8 GPUs training ViT-B/16 consume).
 """
@@ -34,6 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -92,7 +94,7 @@ class Flags(Output):
 
 # == part 1 =================================================================================================
 def make_teachers(root: Path, f: Flags) -> dict[str, str]:
-    from distill.tiny_models import make_tiny_hf_clip, make_tiny_open_clip  # lazy: torch after the flags
+    from distill.tiny_models import make_tiny_hf_clip, make_tiny_open_clip  # noqa: PLC0415 (lazy: torch after the flags)
 
     oc = make_tiny_open_clip(
         root / "oc", embed_dim=128, width=f.teacher_width, layers=f.teacher_layers, image_size=f.teacher_image_size
@@ -104,13 +106,13 @@ def make_teachers(root: Path, f: Flags) -> dict[str, str]:
 
 
 def _device() -> str:
-    import torch
+    import torch  # noqa: PLC0415 (lazy: torch after the flags)
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _sync() -> None:
-    import torch
+    import torch  # noqa: PLC0415 (lazy: torch after the flags)
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -128,10 +130,10 @@ class Prepared:
 
 def prepared_inputs(corpus_path: str, teachers: dict[str, str], batch_size: int) -> Prepared:
     """Per teacher: its model, image batches (decoded + its own transform) and token batches, all ready."""
-    import torch
+    import torch  # noqa: PLC0415 (lazy: torch after the flags)
 
-    from cache.sources.corpus import open_corpus
-    from teachers import load_teacher
+    from cache.sources.corpus import open_corpus  # noqa: PLC0415 (lazy: torch after the flags)
+    from teachers import load_teacher  # noqa: PLC0415 (lazy: torch after the flags)
 
     corpus = open_corpus(corpus_path)
     t0 = time.perf_counter()
@@ -167,7 +169,7 @@ def bare_forward_seconds(prepared: Prepared) -> dict[str, tuple[float, float]]:
 
 def cache_run_seconds(corpus_path: str, teachers: dict[str, str], out: Path, batch_size: int, workers: int) -> float:
     """Wall time of a complete `distill cache` run into a fresh file."""
-    from cache import CacheJob, build_cache
+    from cache import CacheJob, build_cache  # noqa: PLC0415 (lazy: torch after the flags)
 
     for p in (
         out,
@@ -212,7 +214,7 @@ def per_image_costs(prep: Prepared, bare: dict[str, tuple[float, float]]) -> dic
 
 
 def run_overhead(f: Flags, work: Path) -> dict:
-    import torch
+    import torch  # noqa: PLC0415 (lazy: torch after the flags)
 
     quiet_libraries()
     corpus = Path(f.corpus) if f.corpus else make_jpeg_corpus(work / "corpus", f.images, f.image_px)
@@ -246,22 +248,20 @@ def run_overhead(f: Flags, work: Path) -> dict:
             variants[f"w{w}/small"] = cache("small", small, w)
     runs = interleave(variants, f.repeats, "cache_overhead")  # A B A B ...: drift hits every variant alike
     costs = per_image_costs(prep["full"], last_bare["full"])
-    del prep
+    prep.clear()  # free the teachers and their inputs (`bare` closures are not called again)
     S = runs.samples
-    rows, results = (
-        [],
-        {
-            "images": n_images,
-            "batch_size": f.batch_size,
-            "teachers": teachers,
-            "teacher_size": {"width": f.teacher_width, "layers": f.teacher_layers, "image_size": f.teacher_image_size},
-            "torch_threads": torch.get_num_threads(),
-            "device": _device(),
-            "interleaved": runs.as_dict(),
-            "per_image": costs,
-            "by_workers": {},
-        },
-    )
+    rows: list[list] = []
+    results: dict[str, Any] = {
+        "images": n_images,
+        "batch_size": f.batch_size,
+        "teachers": teachers,
+        "teacher_size": {"width": f.teacher_width, "layers": f.teacher_layers, "image_size": f.teacher_image_size},
+        "torch_threads": torch.get_num_threads(),
+        "device": _device(),
+        "interleaved": runs.as_dict(),
+        "per_image": costs,
+        "by_workers": {},
+    }
     for w in f.workers:
         total = runs.ratio(f"w{w}/full", "bare/full")
         marginal = None
@@ -309,7 +309,9 @@ def run_overhead(f: Flags, work: Path) -> dict:
         f"Part 1: `distill cache` wall time / bare teacher forward time, {n_images} images, batch "
         f"{f.batch_size}, teachers {', '.join(teachers)} (width {f.teacher_width}, {f.teacher_layers} layers, "
         f"{f.teacher_image_size}px), device {_device()}, torch threads {torch.get_num_threads()} on both sides "
-        f"(DataLoader workers decode with 1 thread each); {f.repeats} interleaved repeats (every variant once per repeat, in turn), ratios taken within each repeat; 1-minute load average before each repeat and after: {', '.join(map(str, runs.load))}\n\n{md}\n\n{cost_md}\n"
+        f"(DataLoader workers decode with 1 thread each); {f.repeats} interleaved repeats (every variant once per "
+        f"repeat, in turn), ratios taken within each repeat; 1-minute load average before each repeat and after: "
+        f"{', '.join(map(str, runs.load))}\n\n{md}\n\n{cost_md}\n"
     )
     return {"results": results, "markdown": md}
 
@@ -321,9 +323,9 @@ def write_feature_file(path: Path, rows: int, dims: tuple[int, ...], chunk_rows:
     The file and each group come from cache.store.writer (create_file, the group the writer's fold creates); the
     values are one block of random unit vectors repeated, which reading speed does not depend on.
     """
-    import h5py
+    import h5py  # noqa: PLC0415 (lazy: h5py kept off --help)
 
-    import cache.store.writer as W
+    import cache.store.writer as W  # noqa: PLC0415 (lazy: torch after the flags)
 
     t0 = time.perf_counter()
     keys = [f"row-{i:08d}" for i in range(rows)]
@@ -389,7 +391,7 @@ def reader_variants(f: Flags, n: int, chunk: int, seed: int = 0) -> list[tuple[s
     """(label, reader block_rows, buffer blocks, row order): random rows read directly (no block can help),
     block-shuffled rows through the block cache (how training reads: the EpochSampler's
     block_shuffle_order + FeatureReader(block_rows=B, cache_blocks=buffer)), and sequential rows (the ceiling)."""
-    from cache.store.reader import block_shuffle_order
+    from cache.store.reader import block_shuffle_order  # noqa: PLC0415 (lazy: torch after the flags)
 
     out = [("random", 0, 1, np.random.default_rng(seed).permutation(n))]
     for b in f.block_rows:
@@ -404,7 +406,7 @@ def reader_variants(f: Flags, n: int, chunk: int, seed: int = 0) -> list[tuple[s
 
 
 def run_reader(f: Flags) -> dict:
-    from cache import FeatureReader
+    from cache import FeatureReader  # noqa: PLC0415 (lazy: torch after the flags)
 
     need = f.rows * sum(f.dims) * 2 * 2
     free = shutil.disk_usage(f.reader_dir).free
@@ -420,7 +422,8 @@ def run_reader(f: Flags) -> dict:
         try:
             write_s = write_feature_file(path, f.rows, f.dims, c)
             print(f"chunk {c} rows: wrote {path.stat().st_size / 1e9:.2f} GB in {write_s:.0f}s", flush=True)
-            res = results[c] = {"write_s": write_s, "file_bytes": path.stat().st_size}
+            res: dict[str, Any] = {"write_s": write_s, "file_bytes": path.stat().st_size}
+            results[c] = res
             for cache_state in ("warm", "cold") if f.cold else ("warm",):
                 if cache_state == "warm":
                     load_into_page_cache(path)
@@ -483,9 +486,10 @@ def run_reader(f: Flags) -> dict:
 def main(argv=None) -> int:
     f = parse_flags(Flags, argv, __doc__)
     owned = f.workdir is None
-    work = Path(tempfile.mkdtemp(prefix="bench-cache-")) if owned else Path(f.workdir)
+    work = Path(tempfile.mkdtemp(prefix="bench-cache-")) if f.workdir is None else Path(f.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    results, md = {}, []
+    results: dict[str, Any] = {}
+    md: list[str] = []
     try:
         if not f.skip_overhead:
             r = run_overhead(f, work)

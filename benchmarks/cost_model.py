@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from benchmarks.bench_common import RECORDED_DIR, Output, output_dir, parse_flags, quiet_libraries
 
@@ -68,8 +69,8 @@ class Flags(Output):
 
 
 def _count(fn) -> float:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    import torch  # noqa: PLC0415 (lazy: torch after the flags)
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415 (lazy: torch after the flags)
 
     # nn.MultiheadAttention's inference fast path is one fused op the counter does not see (a ViT-B/16 would count
     # 22.5 GFLOP instead of 35): off, so its projections are counted as the matmuls they are
@@ -80,10 +81,10 @@ def _count(fn) -> float:
 
 
 def image_flops(name: str) -> float:
-    import torch
+    import torch  # noqa: PLC0415 (lazy: torch after the flags)
 
     if name == "siglip-so400m-448":
-        from transformers import SiglipVisionConfig, SiglipVisionModel
+        from transformers import SiglipVisionConfig, SiglipVisionModel  # noqa: PLC0415 (lazy: torch after the flags)
 
         cfg = SiglipVisionConfig(
             hidden_size=1152,
@@ -95,7 +96,7 @@ def image_flops(name: str) -> float:
         )
         m = SiglipVisionModel(cfg).eval()
         return _count(lambda: m(pixel_values=torch.zeros(1, 3, 448, 448)))
-    import open_clip
+    import open_clip  # noqa: PLC0415 (lazy: torch after the flags)
 
     m = open_clip.create_model(name, pretrained=None).eval()
     size = m.visual.image_size if hasattr(m.visual, "image_size") else (224, 224)
@@ -104,15 +105,15 @@ def image_flops(name: str) -> float:
 
 
 def text_flops(name: str) -> float:
-    import torch
+    import torch  # noqa: PLC0415 (lazy: torch after the flags)
 
     if name == "bert-base-256":
-        from transformers import BertConfig, BertModel
+        from transformers import BertConfig, BertModel  # noqa: PLC0415 (lazy: torch after the flags)
 
         m = BertModel(BertConfig(max_position_embeddings=512), add_pooling_layer=True).eval()
         return _count(lambda: m(input_ids=torch.ones(1, 256, dtype=torch.long)))
     if name == "siglip-so400m-64":
-        from transformers import SiglipTextConfig, SiglipTextModel
+        from transformers import SiglipTextConfig, SiglipTextModel  # noqa: PLC0415 (lazy: torch after the flags)
 
         m = SiglipTextModel(
             SiglipTextConfig(
@@ -124,7 +125,7 @@ def text_flops(name: str) -> float:
             )
         ).eval()
         return _count(lambda: m(input_ids=torch.ones(1, 64, dtype=torch.long)))
-    import open_clip
+    import open_clip  # noqa: PLC0415 (lazy: torch after the flags)
 
     m = open_clip.create_model(name.split(":", 1)[1], pretrained=None).eval()
     return _count(lambda: m.encode_text(torch.ones(1, 77, dtype=torch.long)))
@@ -137,7 +138,7 @@ def gb(x: float) -> str:
 def main(argv=None) -> dict:
     f = parse_flags(Flags, argv, __doc__)
     quiet_libraries()
-    import torch
+    import torch  # noqa: PLC0415 (lazy: torch after the flags)
 
     torch.set_num_threads(2)
     names = [n.strip() for n in f.teachers.split(",") if n.strip()]
@@ -145,7 +146,7 @@ def main(argv=None) -> dict:
     if unknown:
         raise SystemExit(f"unknown teacher(s) {unknown}; known: {', '.join(TEACHERS)}")
     memo: dict[str, float] = {}
-    per = {}
+    per: dict[str, dict[str, Any]] = {}
     for n in names:
         a = TEACHERS[n]
         img = memo.setdefault(a.image, image_flops(a.image))
@@ -172,7 +173,7 @@ def main(argv=None) -> dict:
     )
     recorded = RECORDED_DIR / "scale_sim.json"  # the committed scale_sim figures (read only)
     scale = json.loads(recorded.read_text()) if recorded.is_file() else None
-    tables = []
+    tables: list[dict[str, Any]] = []
     for n_rows in sizes:
         gpu_h = n_rows * flops_row / rate / 3600
         gpu_h_views = n_rows * flops_row_views / rate / 3600
@@ -198,11 +199,11 @@ def main(argv=None) -> dict:
         "| teacher | image GFLOP | caption GFLOP | embed dim | vision width | GPU h per 1M pairs |",
         "|---|---|---|---|---|---|",
     ]
-    for t, a in per.items():
-        h = 1e6 * (a["image_gflops"] + a["text_gflops"]) * 1e9 / rate / 3600
+    for t, c in per.items():
+        h = 1e6 * (c["image_gflops"] + c["text_gflops"]) * 1e9 / rate / 3600
         lines.append(
-            f"| {t} | {a['image_gflops']:.1f} | {a['text_gflops']:.1f} | {a['embed_dim']} | "
-            f"{a['vision_width']} | {h:.2f} |"
+            f"| {t} | {c['image_gflops']:.1f} | {c['text_gflops']:.1f} | {c['embed_dim']} | "
+            f"{c['vision_width']} | {h:.2f} |"
         )
     lines += [
         "",

@@ -27,6 +27,10 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
+
+import yaml
+from PIL import Image
 
 from benchmarks.bench_common import parse_flags, quiet_libraries
 
@@ -80,8 +84,8 @@ def sized(f: Flags) -> Flags:
 
 def make_data(work: Path, f: Flags) -> tuple[Path, Path]:
     """Synthetic corpus with captions long enough to fill a 256-token context, and a WordPiece trained on it."""
-    from cache.sources.synthetic import make_synthetic_corpus
-    from student.tokenizer import train_wordpiece
+    from cache.sources.synthetic import make_synthetic_corpus  # noqa: PLC0415 (lazy: torch after the flags)
+    from student.tokenizer import train_wordpiece  # noqa: PLC0415 (lazy: torch after the flags)
 
     path = make_synthetic_corpus(work / "corpus", n=f.images, image_size=f.image_px)
     with open(path, newline="") as fh:
@@ -101,10 +105,10 @@ def make_data(work: Path, f: Flags) -> tuple[Path, Path]:
 
 def flops_per_sample(f: Flags, tokenizer: Path, work: Path) -> float:
     """Training FLOPs of one sample: forward + backward of the student at full context, counted by torch."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    import torch  # noqa: PLC0415 (lazy: torch after the flags)
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415 (lazy: torch after the flags)
 
-    from student.build import build_student
+    from student.build import build_student  # noqa: PLC0415 (lazy: torch after the flags)
 
     torch.manual_seed(0)
     b = build_student(f.preset, work / "flops-student", tokenizer_dir=tokenizer)
@@ -123,15 +127,13 @@ def flops_per_sample(f: Flags, tokenizer: Path, work: Path) -> float:
 def config_keys() -> str:
     """Every key the trainer accepts (what `distill train --help` lists), so variants for keys not landed yet are
     skipped, not failed."""
-    from distill.config.train_config import Config
-    from distill.config.usage import config_help
+    from distill.config.train_config import Config  # noqa: PLC0415 (lazy: torch after the flags)
+    from distill.config.usage import config_help  # noqa: PLC0415 (lazy: torch after the flags)
 
     return config_help(Config)
 
 
 def _as_jpeg(png: Path) -> str:
-    from PIL import Image
-
     jpg = png.with_suffix(".jpg")
     with Image.open(png) as im:
         im.convert("RGB").save(jpg, "JPEG", quality=90)
@@ -166,8 +168,6 @@ def _has_key(help_text: str, key: str) -> bool:
 
 
 def write_config(work: Path, f: Flags, name: str, corpus: Path, tok: Path, extra: dict) -> Path:
-    import yaml
-
     cfg = yaml.safe_load((REPO / "configs" / "tiny-contrastive.yaml").read_text())
     cfg["student"] = {"preset": f.preset, "tokenizer_dir": str(tok), "vocab_size": 30522}
     cfg["data"].update({"corpus": str(corpus), "batch_size": f.batch_size, "num_workers": f.workers})
@@ -193,10 +193,10 @@ def write_config(work: Path, f: Flags, name: str, corpus: Path, tok: Path, extra
 
 def run_child(config: str) -> int:
     """Train one config here and print the peak memory: a fresh process per variant keeps the peaks apart."""
-    import torch
+    import torch  # noqa: PLC0415 (lazy: torch after the flags)
 
-    from distill.config.train_config import Config
-    from distill.train import train
+    from distill.config.train_config import Config  # noqa: PLC0415 (lazy: torch after the flags)
+    from distill.train import train  # noqa: PLC0415 (lazy: torch after the flags)
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -226,8 +226,6 @@ def run_variant(config: Path, f: Flags, timeout: float) -> dict:
         tail = (p.stdout + p.stderr).strip().splitlines()[-1:] or ["?"]
         return {"status": "failed", "reason": tail[0][:200], "wall_s": time.perf_counter() - t0}
     peak = next(int(line.split()[1]) for line in p.stdout.splitlines() if line.startswith("GPU_CHECK_PEAK_BYTES"))
-    import yaml
-
     log = Path(yaml.safe_load(config.read_text())["train"]["output_dir"]) / "log.jsonl"
     rates = [json.loads(x)["samples_per_s"] for x in log.read_text().splitlines() if x.strip()]
     return {
@@ -240,7 +238,7 @@ def run_variant(config: Path, f: Flags, timeout: float) -> dict:
 
 
 def peak_flops(f: Flags) -> tuple[float | None, str]:
-    import torch
+    import torch  # noqa: PLC0415 (lazy: torch after the flags)
 
     if f.peak_tflops > 0:
         return f.peak_tflops * 1e12, f"--peak-tflops {f.peak_tflops}"
@@ -264,7 +262,7 @@ def main(argv=None) -> int:
     f = sized(f)
     start = time.perf_counter()
     quiet_libraries()
-    import torch
+    import torch  # noqa: PLC0415 (lazy: torch after the flags)
 
     work = Path(f.workdir or tempfile.mkdtemp(prefix="gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -278,7 +276,7 @@ def main(argv=None) -> int:
         f"precision={f.mixed_precision} flops_per_sample={fps:.3e} peak={peak_note!r}",
         flush=True,
     )
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     for name in f.variants:
         extra, skip = variant_overrides(name, f, keys)
         if skip:

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -162,13 +163,13 @@ class Setup:
     """Model, loss, optimizer, the trainer's step over them (`distill.training.step.Trainer`: plain and with
     GradCache chunks) and one synthetic batch on the device."""
 
-    model: object
-    loss: object
-    optimizer: object
+    model: DistillModel
+    loss: DistillLoss
+    optimizer: torch.optim.Optimizer
     batch: TrainBatch  # pixels, tokens, caption ids (all different: InfoNCE's diagonal positives), features
     plain: Trainer  # one forward of the whole batch
     chunked: Trainer  # micro_batch_size=M (data.micro_batch_size: GradCache)
-    device: object
+    device: torch.device
     info: dict = field(default_factory=dict)
 
     @property
@@ -191,7 +192,7 @@ def make_config(f: Flags, tokenizer: Path):
         s["overrides"]["vision_cfg"]["patch_size"] = f.patch_size
         s["overrides"]["context_length"] = ctx = max(32, f.caption_words + 8)
         s["overrides"]["text_config"]["max_position_embeddings"] = max(64, ctx)
-    terms = [{"kind": "infonce"}]
+    terms: list[dict[str, Any]] = [{"kind": "infonce"}]
     if f.mode == "hybrid":
         terms += [{"kind": "feature", "kwargs": {"metric": "cosine"}}, {"kind": "icl"}, {"kind": "affinity"}]
     return Config.from_dict(
@@ -264,6 +265,8 @@ def build(f: Flags, work: Path) -> Setup:
 # -- the variants ---------------------------------------------------------------------------------------------
 def rows_of(batch: TrainBatch, rows: slice) -> TrainBatch:
     """The micro batch of `rows` (pixels, tokens, caption ids and teacher features), as accumulation feeds it."""
+    if batch.caption_ids is None:
+        raise TypeError("the benchmark's batch has caption ids (InfoNCE's positives): got None")
     return TrainBatch(
         batch.images[rows],
         batch.tokens[rows],
@@ -341,7 +344,7 @@ def equality(s: Setup, micro: int) -> dict:
     top = max(float(g.abs().max()) for g in gp.values())
     # relative to the tensor's largest gradient, floored at 1e-3 x the largest of all (a key bias's is ~0 in theory)
     rel = {n: d / max(float(gp[n].abs().max()), 1e-3 * top) for n, d in abs_diff.items()}
-    worst = max(rel, key=rel.get)
+    worst = max(rel, key=rel.__getitem__)
     return {
         "loss_abs_diff": max(abs(lp[k] - lc[k]) for k in lp),
         "losses_plain": lp,
@@ -486,7 +489,7 @@ def main(argv=None) -> dict:
     if f.threads:
         torch.set_num_threads(f.threads)
     owned = f.workdir is None
-    work = Path(tempfile.mkdtemp(prefix="bench-gradcache-")) if owned else Path(f.workdir)
+    work = Path(tempfile.mkdtemp(prefix="bench-gradcache-")) if f.workdir is None else Path(f.workdir)
     work.mkdir(parents=True, exist_ok=True)
     try:
         s = build(f, work)
@@ -503,7 +506,7 @@ def main(argv=None) -> dict:
         mem = memory_per_variant(s, f, work) if f.memory else None
         if f.mixed_precision != "no":  # as Accelerate wraps the prepared model's forward
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[f.mixed_precision]
-            s.model.forward = torch.autocast(s.device.type, dtype=dtype)(s.model.forward)
+            s.model.forward = torch.autocast(s.device.type, dtype=dtype)(s.model.forward)  # type: ignore[method-assign]  # wrapped on the instance, as Accelerate does
         runs = warm_interleave({v: timer(s, f, v) for v in (*VARIANTS, "forward_nograd")}, f.repeats, "step s")
     finally:
         if owned:

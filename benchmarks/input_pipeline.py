@@ -36,6 +36,7 @@ from benchmarks.bench_common import (
     table,
     write_results,
 )
+from benchmarks.cache_overhead import write_feature_file
 
 # Imports of torch and of the project's modules (which load torch) sit in the functions that use them, so that
 # --help and a flag error answer at once, without loading torch.
@@ -64,12 +65,12 @@ class Flags(Output):
 # == (a) decode + augment + tokenise =========================================================================
 def decode_variants(f: Flags, work: Path) -> dict:
     """{name: callable returning seconds for one pass over the images}, one process, batches of batch_size."""
-    from open_clip.tokenizer import HFTokenizer
+    from open_clip.tokenizer import HFTokenizer  # noqa: PLC0415 (lazy: torch after the flags)
 
-    import distill.data.loader as D
-    from cache.sources.corpus import open_corpus
-    from student.tokenizer import train_wordpiece
-    from teachers.transforms import PreprocessCfg, make_view_transform
+    import distill.data.loader as D  # noqa: PLC0415 (lazy: torch after the flags)
+    from cache.sources.corpus import open_corpus  # noqa: PLC0415 (lazy: torch after the flags)
+    from student.tokenizer import train_wordpiece  # noqa: PLC0415 (lazy: torch after the flags)
+    from teachers.transforms import PreprocessCfg, make_view_transform  # noqa: PLC0415 (lazy: torch after the flags)
 
     csv = make_jpeg_corpus(work / "jpegs", f.images, f.image_px)
     corpus = open_corpus(str(csv))
@@ -100,7 +101,7 @@ def decode_variants(f: Flags, work: Path) -> dict:
 
 
 def run_decode(f: Flags, work: Path) -> dict:
-    import torch
+    import torch  # noqa: PLC0415 (lazy: torch after the flags)
 
     torch.set_num_threads(1)  # a worker process is one core
     res = interleave(decode_variants(f, work), f.repeats, label="decode")
@@ -114,8 +115,8 @@ def run_decode(f: Flags, work: Path) -> dict:
 # == (b) feature bytes read per useful byte ==================================================================
 def pair_batches(sampler, ranks: int, workers: int, batch: int) -> list[list[list[int]]]:
     """Each (rank, worker)'s batches of dataset indices, as Accelerate and the DataLoader deal them."""
-    from accelerate.data_loader import BatchSamplerShard
-    from torch.utils.data import BatchSampler
+    from accelerate.data_loader import BatchSamplerShard  # noqa: PLC0415 (lazy: torch after the flags)
+    from torch.utils.data import BatchSampler  # noqa: PLC0415 (lazy: torch after the flags)
 
     out = []
     for r in range(ranks):
@@ -133,15 +134,13 @@ def pair_batches(sampler, ranks: int, workers: int, batch: int) -> list[list[lis
 
 def _write_features(path: Path, f: Flags) -> int:
     """A one-teacher float16 cache (cache_overhead's writer); its bytes per row."""
-    from benchmarks.cache_overhead import write_feature_file
-
     write_feature_file(path, f.rows, (f.dim,), chunk_rows=f.chunk_rows)
     return 2 * f.dim * 2
 
 
 def read_amplification(f: Flags, work: Path) -> dict:
-    from cache import FeatureReader
-    from distill.data.samplers import Dealing, EpochSampler, reader_blocks
+    from cache import FeatureReader  # noqa: PLC0415 (lazy: torch after the flags)
+    from distill.data.samplers import Dealing, EpochSampler, reader_blocks  # noqa: PLC0415 (lazy: torch after the flags)
 
     path = work / "features.h5"
     row_bytes = _write_features(path, f)

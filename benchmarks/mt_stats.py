@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -61,8 +62,8 @@ class SeedValues:
     @classmethod
     def of(cls, estimates: Sequence[Estimate]) -> SeedValues:
         """From one Estimate per seed (in seed order); replicates only when every seed has them, equally many."""
-        reps = [e.replicates for e in estimates]
-        same = all(r is not None for r in reps) and len({len(r) for r in reps}) == 1
+        reps = [e.replicates for e in estimates if e.replicates is not None]
+        same = len(reps) == len(estimates) and len({len(r) for r in reps}) == 1
         return cls(np.array([e.point for e in estimates], dtype=np.float64), np.stack(reps) if same else None)
 
     @property
@@ -72,12 +73,9 @@ class SeedValues:
     def __sub__(self, other: SeedValues) -> SeedValues:
         if other.n_seeds != self.n_seeds:
             raise ValueError(f"cannot pair {self.n_seeds} seeds with {other.n_seeds}")
-        paired = (
-            self.replicates is not None
-            and other.replicates is not None
-            and self.replicates.shape == other.replicates.shape
-        )
-        return SeedValues(self.points - other.points, self.replicates - other.replicates if paired else None)
+        a, b = self.replicates, other.replicates
+        paired = a is not None and b is not None and a.shape == b.shape
+        return SeedValues(self.points - other.points, a - b if a is not None and b is not None and paired else None)
 
     def seed(self, i: int) -> SeedValues:
         """Seed i alone (its row-only interval comes from `interval` on it)."""
@@ -129,10 +127,12 @@ def weighted_sum(parts: Mapping[str, SeedValues], weights: Mapping[str, float]) 
     if not weights:
         raise ValueError("nothing to average: no task has a weight")
     chosen = [(parts[t], w) for t, w in weights.items()]
-    points = sum(w * p.points for p, w in chosen)
+    # weights is not empty, so neither sum is its start value 0
+    points = cast(np.ndarray, sum(w * p.points for p, w in chosen))
+    with_reps = [(p.replicates, w) for p, w in chosen if p.replicates is not None]
     reps = None
-    if all(p.replicates is not None for p, _ in chosen) and len({p.replicates.shape for p, _ in chosen}) == 1:
-        reps = sum(w * p.replicates for p, w in chosen)
+    if len(with_reps) == len(chosen) and len({r.shape for r, _ in with_reps}) == 1:
+        reps = cast(np.ndarray, sum(w * r for r, w in with_reps))
     return SeedValues(points, reps)
 
 

@@ -16,6 +16,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -100,14 +101,17 @@ def verdict_entries(
             draws[r] = seed_draws(len(seeds), r, draw_seed)
         return interval(v, draws[r] if v.n_seeds == len(seeds) else None, level)
 
-    entries, vs_base, vs_best, vs_other = [], {}, {}, {b: {} for b in others}
+    entries: list[dict] = []
+    vs_base: dict[str, SeedValues] = {}
+    vs_best: dict[str, SeedValues] = {}
+    vs_other: dict[str, dict[str, SeedValues]] = {b: {} for b in others}
     for name, task in first["tasks"].items():
         metric = task.get("headline")
         if metric is None:
             continue
         ti = info.get(name, TaskInfo(name, name))
 
-        def values(model: str) -> SeedValues | None:
+        def values(model: str, name: str = name, metric: str = metric) -> SeedValues | None:  # called in this loop
             ests = [r.estimates.get(name, {}).get(model, {}).get(metric) for r in reports]
             return None if any(e is None for e in ests) else SeedValues.of(ests)
 
@@ -156,7 +160,7 @@ def verdict_entries(
             "at_chance": flagged,
             "student": model_entry(student, s),
             "baseline": model_entry(baseline, b),
-            "best_teacher": model_entry(best, tv.get(best)),
+            "best_teacher": model_entry(best, None if best is None else tv[best]),
             "student_minus_best_teacher": _dj(e_best, teacher=best) if e_best is not None else None,
             "student_minus_baseline": _dj(e_base),
             "student_minus_other_baselines": {o: _dj(iv(d)) for o, d in d_other.items()},
@@ -190,7 +194,7 @@ def verdict_entries(
     doms: dict[str, list[str]] = {}
     for t in w_base:
         doms.setdefault(domain[t], []).append(t)
-    mean_entry = {
+    mean_entry: dict[str, Any] = {
         "task": MEAN_TASK,
         "metric": "headline",
         "domain": None,
@@ -339,15 +343,16 @@ def seeds_table(entries: list[dict]) -> str:
 
 def plot_ablation(results: Mapping[str, dict], path: Path) -> Path:
     """Forest plot: per variant, student - baseline on every test task and on the mean, with 95% intervals."""
-    import matplotlib  # lazy: only a run with several variants draws a plot
+    import matplotlib  # noqa: PLC0415 (lazy: only a run with several variants draws a plot)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (lazy: only a run with several variants draws a plot)
 
     names = list(results)
     tasks = [e["task"] for e in results[names[0]]["test"]]
     fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * len(names) * len(tasks) / 2 + 1))
-    y, ticks, labels = 0, [], []
+    y: float = 0
+    ticks, labels = [], []
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ti, task in enumerate(tasks):
         for name in names:

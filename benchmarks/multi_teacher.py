@@ -51,6 +51,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+import yaml
+
 from benchmarks.bench_common import atomic_write_text, machine, parse_flags, quiet_libraries
 from benchmarks.mt_confidence import confidence_by_domain
 from benchmarks.mt_setup import (
@@ -174,9 +178,7 @@ def check_flags(flags: Flags) -> tuple[int, ...]:
 
 def set_threads(flags: Flags) -> int:
     """One explicit thread count for this process (torch's default oversubscribes a shared small machine)."""
-    import torch
-
-    from distill.training.build_run import resolve_threads
+    from distill.training.build_run import resolve_threads  # noqa: PLC0415 (lazy: loaded after the flag and set-up checks)
 
     n, _ = resolve_threads(flags.threads or None, num_local_processes=1, env={})  # the flag, else every usable core
     torch.set_num_threads(n)
@@ -207,7 +209,7 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
 def _source(
     domain: Domain, part: tuple[float, float], fraction: float, max_rows: int, seed: int, from_end: bool = False
 ):
-    from cache.corpus_build import CorpusSource
+    from cache.corpus_build import CorpusSource  # noqa: PLC0415 (lazy: loaded after the flag and set-up checks)
 
     src = dict(domain.source)
     src.setdefault("name", domain.name)
@@ -223,7 +225,7 @@ def _source(
 def build_corpora(domains: list[Domain], flags: Flags, b: Budget, work: Path) -> dict[str, Path]:
     """teacher-DOMAIN, test-DOMAIN (held-out parts), dev-DOMAIN (the end of the training part), student (its start)
     and all corpora; each built once per setting."""
-    from cache.corpus_build import build_corpus
+    from cache.corpus_build import build_corpus  # noqa: PLC0415 (lazy: loaded after the flag and set-up checks)
 
     out: dict[str, Path] = {}
 
@@ -277,7 +279,7 @@ def dev_task(task: dict, dev_csv: Path, domain: Domain) -> dict:
     labels (holding the class names when the source names them, matched in order to the task's classes), else from
     the task's own label column (a source metadata column the corpus keeps). Kinds that train on the task (linear
     probe, fine-tuning) split the dev rows by the task's split_fractions (default 0.5/0.1/0.4)."""
-    from distill.eval.kinds import EVALUATORS
+    from distill.eval.kinds import EVALUATORS  # noqa: PLC0415 (lazy: loaded after the flag and set-up checks)
 
     t = json.loads(json.dumps(task))
     t["name"] = f"{task['name']}-dev"
@@ -309,9 +311,7 @@ def test_set_key(task) -> str:
 
 def write_tasks(domains: list[Domain], corpora: dict[str, Path], extra: tuple[str, ...], work: Path) -> TaskFiles:
     """Task YAML files for every domain's tasks (+ the extra ones, + the dev copies) and where each belongs."""
-    import yaml
-
-    from distill.eval.tasks import load_task
+    from distill.eval.tasks import load_task  # noqa: PLC0415 (lazy: loaded after the flag and set-up checks)
 
     folder = work / "tasks"
     folder.mkdir(parents=True, exist_ok=True)
@@ -332,20 +332,20 @@ def write_tasks(domains: list[Domain], corpora: dict[str, Path], extra: tuple[st
         if f"dev-{dom.name}" in corpora:
             add(dev_task(dom.tasks[0], corpora[f"dev-{dom.name}"], dom), files.dev, dom.name, dom.name)
     for item in extra:
-        dom, eq, path = item.partition("=")
-        path = path if eq else dom
+        name, eq, path = item.partition("=")
+        path = path if eq else name
         task = load_task(path)
         files.test.append(str(Path(path).resolve()))
-        files.info[task.name] = TaskInfo(dom if eq else task.name, test_set_key(task), dom if eq else None)
+        files.info[task.name] = TaskInfo(name if eq else task.name, test_set_key(task), name if eq else None)
     return files
 
 
 # -- training ---------------------------------------------------------------------------------------------
 def train_and_export(name: str, config: str, overrides: list[str], work: Path) -> str:
     """Train (or resume / skip a finished run) and export; returns the student's `local-dir:` SPEC."""
-    from distill.config.train_config import Config
-    from distill.train import train
-    from student.export import export_checkpoint
+    from distill.config.train_config import Config  # noqa: PLC0415 (lazy: loaded after the flag and set-up checks)
+    from distill.train import train  # noqa: PLC0415 (lazy: loaded after the flag and set-up checks)
+    from student.export import export_checkpoint  # noqa: PLC0415 (lazy: loaded after the flag and set-up checks)
 
     key = digest(config, overrides)
     run_dir, export_dir = work / "runs" / f"{name}-{key}", work / "students" / f"{name}-{key}"
@@ -390,8 +390,8 @@ def common_overrides(
 
 def build_tokenizer(corpus: Path, b: Budget, work: Path) -> Path:
     """One WordPiece vocabulary on the student corpus for every student (baseline and reference too)."""
-    from cache.sources.corpus import open_corpus
-    from student.tokenizer import train_wordpiece
+    from cache.sources.corpus import open_corpus  # noqa: PLC0415 (lazy: loaded after the flag and set-up checks)
+    from student.tokenizer import train_wordpiece  # noqa: PLC0415 (lazy: loaded after the flag and set-up checks)
 
     out = work / f"tokenizer-{digest(str(corpus), b.vocab_size)}"
     if not (out / "tokenizer.json").is_file():
@@ -435,7 +435,7 @@ def teacher_specs(
 
 
 def build_features(corpus: Path, specs: dict[str, str], flags: Flags, work: Path) -> Path:
-    from cache.build.run import CacheJob, build_cache
+    from cache.build.run import CacheJob, build_cache  # noqa: PLC0415 (lazy: loaded after the flag and set-up checks)
 
     out = work / f"features-{digest(str(corpus), specs, flags.views, flags.seed)}.h5"
     build_cache(
@@ -462,10 +462,8 @@ def variant_overrides(v: Variant, routing: str, weights: str = "") -> list[str]:
 
 def domain_sizes(corpus: Path) -> dict[str, int]:
     """Rows per domain of a harness-built corpus (its `domain` column)."""
-    import numpy as np
-
-    from cache.sources.corpus import open_corpus
-    from distill.data.domains import domain_ids
+    from cache.sources.corpus import open_corpus  # noqa: PLC0415 (lazy: loaded after the flag and set-up checks)
+    from distill.data.domains import domain_ids  # noqa: PLC0415 (lazy: loaded after the flag and set-up checks)
 
     ids, names = domain_ids(open_corpus(corpus), "domain")
     return {n: int(c) for n, c in zip(names, np.bincount(ids, minlength=len(names)))}
@@ -491,7 +489,7 @@ def baseline_overrides(base: list[str], features: Path, views: bool) -> list[str
     defaults that the students' config leaves (views replace them); else the shared overrides (own crops)."""
     if not views:
         return list(base)
-    from distill.config.train_config import DataCfg
+    from distill.config.train_config import DataCfg  # noqa: PLC0415 (lazy: loaded after the flag and set-up checks)
 
     default = DataCfg.model_fields
     return [
@@ -579,7 +577,7 @@ def pick_domains(flags: Flags) -> list[Domain]:
 
 
 def run(flags: Flags) -> dict:
-    from distill.eval import EvalJob, run_eval
+    from distill.eval import EvalJob, run_eval  # noqa: PLC0415 (lazy: loaded after the flag and set-up checks)
 
     b = sizes(flags)
     seeds = check_flags(flags)

@@ -17,6 +17,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from benchmarks.train_overhead import Flags  # train_overhead imports this module
 
 # Imports of torch and of the project's modules (which load torch) sit in the functions that use them, so that
 # --help and a flag error answer at once, without loading torch.
@@ -38,9 +42,9 @@ def open_clip_model_dir(student_dir: Path, out: Path) -> Path:
 
     Stock open_clip asks transformers for the BERT tower's pretrained weights unless the folder holds CLIP
     weights (open_clip_model.safetensors), so we write the same architecture's initial weights there."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # noqa: PLC0415 (lazy: torch after the flags)
 
-    from student.build import instantiate
+    from student.build import instantiate  # noqa: PLC0415 (lazy: torch after the flags)
 
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(student_dir, out, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
@@ -128,7 +132,7 @@ def run_open_clip(student_dir: Path, corpus: Path, work: Path, f: Flags) -> dict
 
 
 def _cuda() -> bool:
-    import torch
+    import torch  # noqa: PLC0415 (lazy: torch after the flags)
 
     return torch.cuda.is_available()
 

@@ -28,11 +28,14 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.bench_common import Output, load_avg, parse_flags, table, write_results
+from benchmarks.input_pipeline import pair_batches
+from teachers.kernel.modality import Modality
 
 # Imports of torch and of the project's modules (which load torch) sit in the functions that use them, so that
 # --help and a flag error answer at once, without loading torch.
@@ -69,11 +72,11 @@ def _pool(d: int, seed: int) -> np.ndarray:
 def _write_rank(out: str, rank: int, world: int, run: int, metas: dict, fp: str, f: Flags, queue, start) -> None:
     """One caching process: its chunks through the builder's commit path into its own segment, timed from the
     moment every process is ready (`start`, a barrier) to its last commit."""
-    import torch
+    import torch  # noqa: PLC0415 (lazy: torch after the flags)
 
-    import cache.store.writer as W
-    from cache.build.commit import commit_chunk, deal, open_segment
-    from cache.build.dist import DistEnv
+    import cache.store.writer as W  # noqa: PLC0415 (lazy: torch after the flags)
+    from cache.build.commit import commit_chunk, deal, open_segment  # noqa: PLC0415 (lazy: torch after the flags)
+    from cache.build.dist import DistEnv  # noqa: PLC0415 (lazy: torch after the flags)
 
     torch.set_num_threads(1)
     rows = np.arange(f.rows, dtype=np.int64)
@@ -85,6 +88,8 @@ def _write_rank(out: str, rank: int, world: int, run: int, metas: dict, fp: str,
     start.wait()
     t0 = time.perf_counter()
     seg = open_segment(out, run, DistEnv(rank, world), chunks, need, metas, f.chunk_rows, f.h5_chunk_rows, fp)
+    if seg is None:  # (seg.finish() below would fail on it)
+        raise ValueError(f"process {rank} of {world} has no rows to write: more --rows or fewer --processes")
     writer, sums_s, busy = W.PartWriter(), 0.0, [0.0]
 
     def commit(parts: list, j: int) -> None:  # in the writer's thread: encode, pwrite, fsync, log line
@@ -94,7 +99,7 @@ def _write_rank(out: str, rank: int, world: int, run: int, metas: dict, fp: str,
 
     try:
         for j, c in enumerate(chunks):
-            parts = []
+            parts: list[tuple] = []
             for n in names:
                 img_pool, txt_pool = pools[n]
                 at = (int(c[0]) * 7919) % (POOL_ROWS - len(c))
@@ -104,7 +109,7 @@ def _write_rank(out: str, rank: int, world: int, run: int, metas: dict, fp: str,
                     seg.add_sums(n, torch.from_numpy(img), torch.from_numpy(txt))
                     sums_s += time.perf_counter() - t
                 parts.append((n, c, img, txt, [], [], None))
-            writer.submit(lambda parts=parts, j=j: commit(parts, j))
+            writer.submit(partial(commit, parts, j))
         writer.join()
         seg.finish()
     finally:
@@ -122,9 +127,9 @@ def _write_rank(out: str, rank: int, world: int, run: int, metas: dict, fp: str,
 
 
 def write(out: Path, f: Flags) -> dict:
-    import cache.store.layout as L
-    import cache.store.segments as S
-    import cache.store.writer as W
+    import cache.store.layout as L  # noqa: PLC0415 (lazy: torch after the flags)
+    import cache.store.segments as S  # noqa: PLC0415 (lazy: torch after the flags)
+    import cache.store.writer as W  # noqa: PLC0415 (lazy: torch after the flags)
 
     fp = "scale-sim"
     W.create_file(str(out), [f"row-{i:09d}" for i in range(f.rows)], fingerprint=fp, source="synthetic")
@@ -189,7 +194,7 @@ def allocated(folder: Path) -> int:
 
 
 def merge(out: Path) -> dict:
-    import cache.store.writer as W
+    import cache.store.writer as W  # noqa: PLC0415 (lazy: torch after the flags)
 
     folder = out.parent
     before = allocated(folder)
@@ -223,24 +228,23 @@ def merge(out: Path) -> dict:
 
 
 def mappings(out: Path) -> dict:
-    import h5py
+    import h5py  # noqa: PLC0415 (lazy: h5py kept off --help)
 
-    import cache.store.layout as L
+    import cache.store.layout as L  # noqa: PLC0415 (lazy: torch after the flags)
 
     with h5py.File(out, "r") as f:
-        counts = {n: f[L.feature(n, "image")].id.get_create_plist().get_virtual_count() for n in f[L.TEACHERS]}
-        files = {vs.file_name for n in f[L.TEACHERS] for vs in f[L.feature(n, "image")].virtual_sources()}
+        counts = {n: f[L.feature(n, Modality.IMAGE)].id.get_create_plist().get_virtual_count() for n in f[L.TEACHERS]}
+        files = {vs.file_name for n in f[L.TEACHERS] for vs in f[L.feature(n, Modality.IMAGE)].virtual_sources()}
     return {"mappings_per_dataset": counts, "segment_files": len(files)}
 
 
 # == (c) read ===================================================================================================
 def read(out: Path, f: Flags) -> dict:
-    import h5py
+    import h5py  # noqa: PLC0415 (lazy: h5py kept off --help)
 
-    import cache.store.layout as L
-    from benchmarks.input_pipeline import pair_batches
-    from cache import FeatureReader
-    from distill.data.samplers import Dealing, EpochSampler, reader_blocks
+    import cache.store.layout as L  # noqa: PLC0415 (lazy: torch after the flags)
+    from cache import FeatureReader  # noqa: PLC0415 (lazy: torch after the flags)
+    from distill.data.samplers import Dealing, EpochSampler, reader_blocks  # noqa: PLC0415 (lazy: torch after the flags)
 
     dealing = Dealing(f.ranks, f.workers, f.batch_size)
     s = EpochSampler(
@@ -255,7 +259,7 @@ def read(out: Path, f: Flags) -> dict:
     per_pair = max(1, f.read_rows // (len(pairs) * f.batch_size))
     read_rows, seconds, read_bytes, useful = 0, 0.0, 0, 0
     with h5py.File(out, "r") as h:
-        row_bytes = sum(2 * h[L.feature(n, "image")].shape[-1] * 2 for n in h[L.TEACHERS])
+        row_bytes = sum(2 * h[L.feature(n, Modality.IMAGE)].shape[-1] * 2 for n in h[L.TEACHERS])
     for batches in pairs:
         unit, held = reader_blocks(f.block_rows, f.buffer_blocks, f.h5_chunk_rows, True)
         with FeatureReader(str(out), block_rows=unit, cache_blocks=held) as reader:
@@ -285,9 +289,9 @@ def read(out: Path, f: Flags) -> dict:
 def _direct_vs_virtual(out: Path, f: Flags, blocks: int = 64, repeats: int = 3) -> dict:
     """The same whole HDF5 chunks read through the virtual datasets and straight from the first segment, in turn
     (`repeats` times each, A B A B ...): the median time ratio."""
-    import h5py
+    import h5py  # noqa: PLC0415 (lazy: h5py kept off --help)
 
-    import cache.store.layout as L
+    import cache.store.layout as L  # noqa: PLC0415 (lazy: torch after the flags)
 
     with h5py.File(out, "r") as h:
         names = list(h[L.TEACHERS])
@@ -295,7 +299,7 @@ def _direct_vs_virtual(out: Path, f: Flags, blocks: int = 64, repeats: int = 3) 
             iter(
                 {
                     vs.file_name
-                    for vs in h[L.feature(names[0], "image")].virtual_sources()
+                    for vs in h[L.feature(names[0], Modality.IMAGE)].virtual_sources()
                     if "-rank-0000-" in vs.file_name
                 }
             )
@@ -306,7 +310,7 @@ def _direct_vs_virtual(out: Path, f: Flags, blocks: int = 64, repeats: int = 3) 
     for _ in range(repeats):
         for label, path in (("virtual", out), ("direct", src)):
             with h5py.File(path, "r") as h:
-                sets = [h[L.feature(t, m)] for t in names for m in ("image", "text")]
+                sets = [h[L.feature(t, m)] for t in names for m in Modality]
                 t0 = time.perf_counter()
                 for k in range(n):
                     for ds in sets:

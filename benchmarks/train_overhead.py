@@ -14,10 +14,11 @@ times, bench_common.interleave): each ratio is taken within a repeat, then repor
    each run's log.jsonl), for two loss recipes: `hybrid` (configs/tiny-hybrid.yaml: InfoNCE + affinity) and
    `hybrid_ficl` (InfoNCE + feature + ICL). Goal <= 1.05. Every variant runs once untimed first, with the feature
    files read into the page cache (train_setup.warm_interleave), so no repeat pays a cold start.
-2. The same distillation (3 cached teachers, InfoNCE + affinity) with the 3 teachers (each 4-10x the student's forward FLOPs at the defaults, fed their
-   own input size; the output states the counted ratio) run online at every step (their encode_image/encode_text inside the
-   step, as open_clip's --distill-model does, feeding the same DistillLoss) over the cached features, both in
-   one plain loop here over the trainer's own model, loss and data. Goal: cached faster by the teachers' share.
+2. The same distillation (3 cached teachers, InfoNCE + affinity) with the 3 teachers (each 4-10x the student's
+   forward FLOPs at the defaults, fed their own input size; the output states the counted ratio) run online at
+   every step (their encode_image/encode_text inside the step, as open_clip's --distill-model does, feeding the
+   same DistillLoss) over the cached features, both in one plain loop here over the trainer's own model, loss and
+   data. Goal: cached faster by the teachers' share.
 3. Our `contrastive` samples/s over `python -m open_clip_train.main` on the same model config (our RUN/student-config
    folder as `--model local-dir:...`; open_clip_baseline.py), CSV data, batch, steps, fp32, workers. Goal >= 1.1.
 """
@@ -30,8 +31,15 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from distill.data.loader import Collate
+    from distill.data.samplers import EpochSampler
 
 from benchmarks.bench_common import (
     Output,
@@ -42,6 +50,7 @@ from benchmarks.bench_common import (
     table,
     write_results,
 )
+from benchmarks.open_clip_baseline import missing_bench_modules, run_open_clip
 from benchmarks.train_setup import (
     HYBRID_TERMS,
     build_caches,
@@ -92,18 +101,18 @@ class Flags(Output):
 def online_vs_cached(config: Path, teachers: dict[str, str], f: Flags) -> dict:
     """One plain loop over the trainer's own model, loss and data; the teacher features come either from the
     batch (cache) or from running the three teachers on the batch (online)."""
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.data import DataLoader
+    import torch  # noqa: PLC0415 (lazy: torch after the flags)
+    import torch.nn.functional as F  # noqa: PLC0415 (lazy: torch after the flags)
+    from torch.utils.data import DataLoader  # noqa: PLC0415 (lazy: torch after the flags)
 
-    from distill.config.train_config import Config
-    from distill.data.loader import Collate
-    from distill.train import make_accelerator
-    from distill.training.build_run import build_run
-    from distill.training.optim import build_optimizer
-    from distill.training.step import Trainer
-    from teachers import load_teacher
-    from teachers.kernel.modality import Pair
+    from distill.config.train_config import Config  # noqa: PLC0415 (lazy: torch after the flags)
+    from distill.data.loader import Collate  # noqa: PLC0415 (lazy: torch after the flags)
+    from distill.train import make_accelerator  # noqa: PLC0415 (lazy: torch after the flags)
+    from distill.training.build_run import build_run  # noqa: PLC0415 (lazy: torch after the flags)
+    from distill.training.optim import build_optimizer  # noqa: PLC0415 (lazy: torch after the flags)
+    from distill.training.step import Trainer  # noqa: PLC0415 (lazy: torch after the flags)
+    from teachers import load_teacher  # noqa: PLC0415 (lazy: torch after the flags)
+    from teachers.kernel.modality import Pair  # noqa: PLC0415 (lazy: torch after the flags)
 
     cfg = Config.from_yaml(config, [f"train.output_dir={Path(yaml_get(config, 'train', 'output_dir'))}-loop"])
     run = build_run(cfg, make_accelerator(cfg))
@@ -117,7 +126,7 @@ def online_vs_cached(config: Path, teachers: dict[str, str], f: Flags) -> dict:
         batch_size=f.batch_size,
         drop_last=True,
         sampler=run.loader.sampler,
-        collate_fn=Collate(run.loader.collate_fn.tokenizer),
+        collate_fn=Collate(cast("Collate", run.loader.collate_fn).tokenizer),
         num_workers=f.workers,
     )
 
@@ -186,18 +195,18 @@ def online_vs_cached(config: Path, teachers: dict[str, str], f: Flags) -> dict:
 def flop_ratios(student, models: dict, batch, online_feats) -> dict:
     """Forward FLOPs per sample (torch.utils.flop_counter) of the student and of each teacher at its own input
     size, and teacher / student: the figure that says whether these teachers are as heavy as real ones."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    import torch  # noqa: PLC0415 (lazy: torch after the flags)
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415 (lazy: torch after the flags)
 
     def count(fn) -> float:
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
             fn()
         return fc.get_total_flops() / len(batch.rows)
 
-    out = {"student": count(lambda: student(batch.images, batch.tokens))}
+    out: dict[str, Any] = {"student": count(lambda: student(batch.images, batch.tokens))}
     everything = count(lambda: online_feats(batch))
     for name in models:
-        out[name] = count(lambda: online_feats(batch, {name}))
+        out[name] = count(lambda name=name: online_feats(batch, {name}))  # called in this iteration
     out["ratios"] = {n: out[n] / out["student"] for n in models}
     out["all_teachers_over_student"] = everything / out["student"]
     return out
@@ -211,16 +220,16 @@ def profile_phases(config: Path, f: Flags) -> dict:
     """Median seconds per phase of a step, as `distill.train` runs it (same model, loss, data, optimizer; no
     Accelerate wrapper), with the data loaded in this process (num_workers=0) so that its cost shows; "read" is
     the part of "data" spent in the feature reader."""
-    from distill.config.train_config import Config
-    from distill.train import make_accelerator
-    from distill.training.build_run import build_run
-    from distill.training.optim import build_optimizer
-    from distill.training.step import Trainer
+    from distill.config.train_config import Config  # noqa: PLC0415 (lazy: torch after the flags)
+    from distill.train import make_accelerator  # noqa: PLC0415 (lazy: torch after the flags)
+    from distill.training.build_run import build_run  # noqa: PLC0415 (lazy: torch after the flags)
+    from distill.training.optim import build_optimizer  # noqa: PLC0415 (lazy: torch after the flags)
+    from distill.training.step import Trainer  # noqa: PLC0415 (lazy: torch after the flags)
 
     out_dir = Path(yaml_get(config, "train", "output_dir"))
     cfg = Config.from_yaml(config, [f"train.output_dir={out_dir}-profile", "data.num_workers=0"])
     run = build_run(cfg, make_accelerator(cfg))
-    model, collate = run.model, run.loader.collate_fn
+    model, collate = run.model, cast("Collate", run.loader.collate_fn)
     model.train()
     opt = build_optimizer(model, cfg.optim)
     trainer = Trainer.from_run(run, opt, cfg)  # step() is these phases in this order
@@ -235,7 +244,7 @@ def profile_phases(config: Path, f: Flags) -> dict:
             return got
 
         collate.reader.read = timed_read
-    times = {p: [] for p in PHASES}
+    times: dict[str, list[float]] = {p: [] for p in PHASES}
     epoch, it = 0, iter(run.loader)
     for step in range(f.steps):
         t0 = time.perf_counter()
@@ -243,7 +252,7 @@ def profile_phases(config: Path, f: Flags) -> dict:
             batch = next(it)
         except StopIteration:
             epoch += 1
-            run.loader.sampler.set_epoch(epoch)
+            cast("EpochSampler", run.loader.sampler).set_epoch(epoch)
             it = iter(run.loader)
             batch = next(it)
         t1 = time.perf_counter()
@@ -257,7 +266,7 @@ def profile_phases(config: Path, f: Flags) -> dict:
         t5 = time.perf_counter()
         for p, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
             times[p].append(dt)
-    res = {p: steady(v, f.warmup_steps) for p, v in times.items()}
+    res: dict[str, Any] = {p: steady(v, f.warmup_steps) for p, v in times.items()}
     res["read"] = steady(read_s, f.warmup_steps) if read_s else 0.0
     res["step"] = steady([sum(x) for x in zip(*times.values())], f.warmup_steps)
     trainable = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
@@ -269,9 +278,13 @@ def profile_phases(config: Path, f: Flags) -> dict:
 
 
 # -- main -----------------------------------------------------------------------------------------------------
+def ours_step_s(config: Path, f: Flags) -> float:
+    """Median step seconds of our trainer's run on `config`."""
+    return run_ours(config, f)["step_s"]
+
+
 def main(argv=None) -> int:
     f = parse_flags(Flags, argv, __doc__)
-    from benchmarks.open_clip_baseline import missing_bench_modules, run_open_clip
 
     missing = [] if f.skip_open_clip else missing_bench_modules()
     if missing:  # before minutes of set-up, not as open_clip_train's traceback at comparison 3
@@ -281,19 +294,19 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    import torch
+    import torch  # noqa: PLC0415 (lazy: torch after the flags)
 
     quiet_libraries()
     owned = f.workdir is None
-    work = Path(tempfile.mkdtemp(prefix="bench-train-")) if owned else Path(f.workdir)
+    work = Path(tempfile.mkdtemp(prefix="bench-train-")) if f.workdir is None else Path(f.workdir)
     work.mkdir(parents=True, exist_ok=True)
     hybrids = list(HYBRID_TERMS)
     try:
         corpus = make_jpeg_corpus(work / "corpus", f.images, f.image_px)
         teachers = make_teachers(work / "teachers", f)
         if not (work / "tokenizer" / "tokenizer.json").is_file():  # one vocabulary for every run
-            from cache.sources.corpus import open_corpus
-            from student.tokenizer import train_wordpiece
+            from cache.sources.corpus import open_corpus  # noqa: PLC0415 (lazy: torch after the flags)
+            from student.tokenizer import train_wordpiece  # noqa: PLC0415 (lazy: torch after the flags)
 
             train_wordpiece(open_corpus(str(corpus)).captions, work / "tokenizer", vocab_size=1000)
         features, features_many = build_caches(work, corpus, teachers, f.cached_teachers)
@@ -301,7 +314,7 @@ def main(argv=None) -> int:
         cfgs.update({h: write_config(work, f, "hybrid", corpus, features_many, h, HYBRID_TERMS[h]) for h in hybrids})
         cfg_h3 = write_config(work, f, "hybrid", corpus, features, "hybrid-3t")
         print(f"1+3: our trainer (contrastive, {', '.join(hybrids)}) and open_clip_train, interleaved", flush=True)
-        variants = {k: (lambda c=c: run_ours(c, f)["step_s"]) for k, c in cfgs.items()}
+        variants: dict[str, Callable[[], float]] = {k: partial(ours_step_s, c, f) for k, c in cfgs.items()}
         again = write_config(work, f, "contrastive", corpus, None, "contrastive-again")  # A/A: the noise floor
         variants["contrastive_again"] = lambda: run_ours(again, f)["step_s"]
         if not f.skip_open_clip:  # after our contrastive run in each repeat: it reuses that run's student config

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from benchmarks.bench_common import Interleaved, interleave, load_into_page_cache
 
 # Imports of torch and of the project's modules (which load torch) sit in the functions that use them, so that
@@ -45,13 +47,13 @@ HYBRID_TERMS = {
 
 def make_teachers(root: Path, f) -> dict[str, str]:
     """The 3 teachers of comparison 2 (run online there), of realistic size relative to the student."""
-    from distill.tiny_models import make_tiny_hf_clip, make_tiny_open_clip  # lazy: torch after the flags
+    from distill.tiny_models import make_tiny_hf_clip, make_tiny_open_clip  # noqa: PLC0415 (lazy: torch after the flags)
 
-    w, l, s = f.teacher_width, f.teacher_layers, f.teacher_image_size
+    w, n, s = f.teacher_width, f.teacher_layers, f.teacher_image_size
     return {
-        "oc": f"local-dir:{make_tiny_open_clip(root / 'oc', embed_dim=128, width=w, layers=l, image_size=s)}",
-        "hf": f"hf-clip:{make_tiny_hf_clip(root / 'hf', projection_dim=96, hidden=w, layers=l, image_size=s)}",
-        "oc2": f"local-dir:{make_tiny_open_clip(root / 'oc2', embed_dim=64, width=w, layers=l, image_size=s, seed=1)}",
+        "oc": f"local-dir:{make_tiny_open_clip(root / 'oc', embed_dim=128, width=w, layers=n, image_size=s)}",
+        "hf": f"hf-clip:{make_tiny_hf_clip(root / 'hf', projection_dim=96, hidden=w, layers=n, image_size=s)}",
+        "oc2": f"local-dir:{make_tiny_open_clip(root / 'oc2', embed_dim=64, width=w, layers=n, image_size=s, seed=1)}",
     }
 
 
@@ -62,8 +64,8 @@ def cached_dims(n: int) -> list[int]:
 def build_caches(work: Path, corpus: Path, teachers: dict[str, str], n_cached: int) -> tuple[Path, Path]:
     """(the 3 real teachers' cache for comparison 2, the n_cached teachers' cache for comparison 1); each built
     once per workdir (the second one's name carries its embedding sizes)."""
-    from cache import CacheJob, build_cache
-    from distill.tiny_models import make_tiny_open_clip
+    from cache import CacheJob, build_cache  # noqa: PLC0415 (lazy: torch after the flags)
+    from distill.tiny_models import make_tiny_open_clip  # noqa: PLC0415 (lazy: torch after the flags)
 
     def build(out: Path, specs: dict[str, str]) -> Path:
         if not out.exists():
@@ -125,8 +127,6 @@ def write_config(
     terms: list[dict] | None = None,
 ) -> Path:
     """WORK/config-NAME.yaml from configs/tiny-{contrastive,hybrid}.yaml; `terms` replaces the loss terms."""
-    import yaml
-
     name = name or mode
     base = yaml.safe_load(
         (REPO / "configs" / f"tiny-{'contrastive' if mode == 'contrastive' else 'hybrid'}.yaml").read_text()
@@ -188,8 +188,6 @@ def run_ours(config: Path, f) -> dict:
 
 
 def yaml_get(path: Path, *keys) -> Any:
-    import yaml
-
     d = yaml.safe_load(path.read_text())
     for k in keys:
         d = d[k]
@@ -221,9 +219,9 @@ def same_batch(trainer, batch, pairs: int) -> dict:
     optimizer), on ONE batch. No data, sampler or load drift between the two sides, so a few percent can be resolved
     that the trainer-level ratio (noise floor: its A/A row) cannot. Returns seconds (medians) and per-pair ratios:
     median and quartiles."""
-    from distill.losses import DistillLoss
-    from distill.losses.spec import LossTermCfg
-    from distill.training.step import Trainer
+    from distill.losses import DistillLoss  # noqa: PLC0415 (lazy: torch after the flags)
+    from distill.losses.spec import LossTermCfg  # noqa: PLC0415 (lazy: torch after the flags)
+    from distill.training.step import Trainer  # noqa: PLC0415 (lazy: torch after the flags)
 
     model, heads = trainer.model, trainer.model.heads
     infonce = Trainer(

@@ -1,5 +1,5 @@
-"""Corpus readers and the HDF5 feature cache (format 2: the layout of cache/store/layout.py, the feature data in segment files
-mapped by virtual datasets; v1 files still read).
+"""Corpus readers and the HDF5 feature cache (format 2: the layout of cache/store/layout.py, the feature data in
+segment files mapped by virtual datasets; v1 files still read).
 
 Public API:
     open_corpus(path) -> Corpus          CSV/TSV/JSONL tables and WebDataset shards (cache.sources.corpus)

@@ -297,14 +297,15 @@ def build_corpus(
 
 def _place_image(table: SourceTable, i: int, out_abs: Path, copy_images: bool) -> str:
     name = table.source.source_name
-    if isinstance(table.images, np.ndarray) or not isinstance(table.images[i], str):
+    image = table.images[i]
+    if isinstance(table.images, np.ndarray) or not isinstance(image, str):
         rel = Path("images") / name / f"{table.keys[i]}.png"  # keys[i] = SPLIT/INDEX
         dest = out_abs / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
-        arr = np.asarray(table.images[i])
+        arr = np.asarray(image)
         Image.fromarray(arr).save(dest)  # uint8 (H, W) -> 'L', (H, W, 3) -> 'RGB'
         return rel.as_posix()
-    src_path = table.images[i]
+    src_path = image
     if not os.path.isfile(src_path):
         raise CorpusBuildError(f"{table.where[i]}: image {src_path} not found (paths are relative to the CSV's folder)")
     if not copy_images:
@@ -337,7 +338,8 @@ def _write_csv(path: Path, columns: list[str], records) -> None:
 
 
 # -- recipe --------------------------------------------------------------------------------------------
-_SOURCE_DEFAULTS = {f.name: f.default for f in fields(CorpusSource)}  # the defaults, written once: CorpusSource's
+# the defaults, written once: CorpusSource's
+_SOURCE_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(CorpusSource)}
 
 
 def _one_as_list(v: Any) -> Any:

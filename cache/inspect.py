@@ -128,7 +128,7 @@ def check_segments(path: str, problems: dict[str, str]) -> None:
 
 def _teacher_damage(g, problems: dict[str, str]) -> list[str]:
     """The damaged segment files a teacher's datasets map."""
-    found = set()
+    found: set[str] = set()
     for ds in g.values():
         if isinstance(ds, h5py.Dataset) and ds.is_virtual:
             plist = ds.id.get_create_plist()

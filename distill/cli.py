@@ -14,11 +14,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cache.build.job import DEVICES, DTYPES, ON_BAD_SAMPLE, CacheJob
+from cache.sources.corpus import open_corpus
 from distill import __version__
 from distill.config.eval_job import DEVICES as EVAL_DEVICES
 from distill.config.eval_job import EvalJob
 from distill.config.flags import add_flag, job_fields
+from distill.corpus_cli import add_corpus_parser
 from distill.demo import DemoJob
+from distill.errors import BUG, describe, exit_code
+from distill.logs import setup_logging
+from student.tokenizer import train_wordpiece
+from teachers.registry import TEACHER_ALIASES, check_spec, list_teachers
 
 EPILOG = """SPEC forms: hf-hub:ORG/REPO, local-dir:PATH, MODEL/PRETRAINED_TAG (open_clip built-in),
 hf:HUB_ID_OR_FOLDER (any transformers dual encoder: CLIP, SigLIP; hf-clip: is the same), py:module:function,
@@ -85,8 +91,6 @@ def _pairs(values: Sequence[tuple[str, str]], flag: str) -> dict[str, str]:
 def _check_specs(pairs: Sequence[tuple[str, str]]) -> None:
     """Every SPEC parsed, its alias found and its local folder checked before torch is imported (a typo answers
     in about a second); the same checks `load_teacher` makes."""
-    from teachers.registry import check_spec
-
     for _, spec in pairs:
         check_spec(spec)
 
@@ -94,7 +98,7 @@ def _check_specs(pairs: Sequence[tuple[str, str]]) -> None:
 def cmd_cache(args: argparse.Namespace) -> int:
     _check_specs(args.teacher)
     job = CacheJob(**job_fields(CacheJob, args, teachers=_pairs(args.teacher, "--teacher")))  # before torch
-    from cache.build.run import build_cache  # lazy: torch only after the job is validated
+    from cache.build.run import build_cache  # noqa: PLC0415 (lazy: torch only after the job is validated)
 
     build_cache(job)
     return 0
@@ -102,20 +106,18 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     if args.list_teachers:
-        from teachers.registry import TEACHER_ALIASES, list_teachers
-
         for name in list_teachers():
             print(f"{name:16s} {TEACHER_ALIASES.get(name)}")
         return 0
     if not args.features:
         raise SystemExit("error: distill info needs FEATURES.h5 (or --list-teachers)")
-    from cache.inspect import check_segments, describe_cache
+    from cache.inspect import check_segments, describe_cache  # noqa: PLC0415 (lazy: torch kept off --help)
 
     text, damaged = describe_cache(args.features, all_bad=args.all_bad)
     print(text, flush=True)
     check_segments(args.features, damaged)  # a missing or truncated segment file: one error line, exit 2
     if args.verify:  # every row of every teacher: checksums, finiteness, unit norms (cache/store/verify.py)
-        from cache.store.verify import verify
+        from cache.store.verify import verify  # noqa: PLC0415 (lazy: h5py kept off --help)
 
         report = verify(args.features)
         print(report, file=sys.stdout if report.ok else sys.stderr)
@@ -130,8 +132,8 @@ class _TrainHelp(argparse.Action):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from distill.config.train_config import Config
-        from distill.config.usage import config_help
+        from distill.config.train_config import Config  # noqa: PLC0415 (lazy: config models kept off --help)
+        from distill.config.usage import config_help  # noqa: PLC0415 (lazy: config models kept off --help)
 
         print(config_help(Config), end="")
         parser.exit()
@@ -146,10 +148,10 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """`distill train`: the command line parsed once here; the config checked before torch loads, then in full by
     distill.train from its values (the file is not read again)."""
-    from distill.config.train_config import Config
+    from distill.config.train_config import Config  # noqa: PLC0415 (lazy: config models kept off --help)
 
     config = Config.from_argv(["--config", args.config, *args.overrides], static=True)  # a typo: before torch
-    from distill.train import main as train_module_main
+    from distill.train import main as train_module_main  # noqa: PLC0415 (lazy: torch after the config check)
 
     return train_module_main(config=config, source=args.config)
 
@@ -164,15 +166,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from student.export import export_checkpoint
+    from student.export import export_checkpoint, push_to_hub  # noqa: PLC0415 (lazy: torch kept off --help)
 
     out = export_checkpoint(
         args.checkpoint, args.out, report=args.report, text_config_from_hub=args.text_config_from_hub
     )
     print(f"exported student to {out}")
     if args.push_to_hub:
-        from student.export import push_to_hub
-
         push_to_hub(args.out, args.push_to_hub)
     return 0
 
@@ -182,8 +182,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     job = EvalJob(
         **job_fields(EvalJob, args, models=_pairs(args.model, "--model"), tasks=args.task, baselines=args.baseline)
     )  # before torch: models, baselines, task names
-    from distill.eval import run_eval  # lazy: torch only after the job is validated
-    from distill.eval.report import console_lines
+    from distill.eval import run_eval  # noqa: PLC0415 (lazy: torch only after the job is validated)
+    from distill.eval.report import console_lines  # noqa: PLC0415 (lazy: torch only after the job is validated)
 
     report = run_eval(job)
     for line in console_lines(report):  # the verdicts on the console, not only in report.md
@@ -193,12 +193,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
-    from cache.sources.corpus import open_corpus
-    from student.tokenizer import train_wordpiece
-
     corpus = open_corpus(args.data)
     out = train_wordpiece(corpus.captions, args.out, vocab_size=args.vocab_size, model_max_length=args.context_length)
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: PLC0415 (lazy: transformers kept off --help)
 
     size = len(AutoTokenizer.from_pretrained(str(out)))
     note = f" (asked for {args.vocab_size}: the captions hold no more pieces)" if size < args.vocab_size else ""
@@ -207,7 +204,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from distill.demo import run_demo  # lazy: the pipeline imports torch
+    from distill.demo import run_demo  # noqa: PLC0415 (lazy: the pipeline imports torch)
 
     run_demo(DemoJob(**job_fields(DemoJob, args)))
     return 0
@@ -343,8 +340,6 @@ def build_parser() -> argparse.ArgumentParser:
     _trust_remote_code_flag(v)
     v.set_defaults(func=cmd_eval)
 
-    from distill.corpus_cli import add_corpus_parser
-
     add_corpus_parser(sub)  # `distill corpus` (distill/corpus_cli.py)
 
     k = sub.add_parser("tokenizer", help="train a WordPiece vocabulary on a corpus's captions")
@@ -367,11 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from distill.logs import setup_logging
-
     setup_logging(args.verbose)
-    from distill.errors import BUG, describe, exit_code
-
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ is a worked example of every file format.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -18,6 +19,8 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
+from cache.sources.synthetic import SHAPES, make_synthetic_corpus
+from distill.logs import OUR_PACKAGES
 from teachers.kernel.config_model import Int, Section, Str
 
 log = logging.getLogger(__name__)
@@ -48,10 +51,6 @@ def _write_demo_tasks(root: Path, heldout_csv: Path) -> list[str]:
     Every path is relative to the file that holds it (task files resolve against their folder, CSV image paths
     against the CSV's), so the demo folder can be moved or copied and its tasks still run.
     """
-    import csv
-
-    from cache.sources.synthetic import SHAPES
-
     with open(heldout_csv, newline="") as f:
         rows = list(csv.DictReader(f))
     labelled = root / "heldout_shapes.csv"
@@ -85,8 +84,6 @@ def _relative(path: Path, start: Path) -> str:
 def _quiet_info():
     """Our own INFO lines (threads, vocabulary, parameter counts) hidden while the demo prints its own steps;
     `distill -v demo` shows them."""
-    from distill.logs import OUR_PACKAGES
-
     loggers = [logging.getLogger(name) for name in OUR_PACKAGES]
     levels = [lg.level for lg in loggers]
     if not log.isEnabledFor(logging.DEBUG):
@@ -129,12 +126,11 @@ def run_demo(job: DemoJob) -> dict:
 
 
 def _run_demo(job: DemoJob) -> dict:
-    from cache.build.run import CacheJob, build_cache
-    from cache.sources.synthetic import make_synthetic_corpus
-    from distill.config.train_config import Config
-    from distill.eval import EvalJob, run_eval
-    from distill.train import train
-    from student.export import export_checkpoint
+    from cache.build.run import CacheJob, build_cache  # noqa: PLC0415 (lazy: torch kept off `distill --help`)
+    from distill.config.train_config import Config  # noqa: PLC0415 (lazy: kept off `distill --help`)
+    from distill.eval import EvalJob, run_eval  # noqa: PLC0415 (lazy: torch kept off `distill --help`)
+    from distill.train import train  # noqa: PLC0415 (lazy: torch kept off `distill --help`)
+    from student.export import export_checkpoint  # noqa: PLC0415 (lazy: torch kept off `distill --help`)
 
     out = prepare_out_dir(Path(job.out))
     print(f"[1/5] generating a {job.rows}-row synthetic corpus; pretraining two small teacher CLIPs on it")

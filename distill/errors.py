@@ -176,13 +176,13 @@ def describe(e: BaseException, file: str | None = None) -> Failure | None:
     # our own messages, already naming the file
     ours: tuple[type[Exception], ...] = (ValueError,)
     if "cache" in sys.modules:  # else none of cache's errors can have been raised, and importing cache costs torch
-        from cache.sources.corpus import BadSampleError  # lazy: a config or SPEC typo answers in about a second
-        from cache.store.schema import CacheError
+        from cache.sources.corpus import BadSampleError  # noqa: PLC0415 (lazy: torch; see the check above)
+        from cache.store.schema import CacheError  # noqa: PLC0415 (lazy: torch; see the check above)
 
         ours = (ValueError, CacheError, BadSampleError)
 
     if "torch.distributed" in sys.modules:  # another rank of the job died (cache.build.dist.lost_peer)
-        from cache.build.dist import lost_peer  # lazy: importing cache costs torch
+        from cache.build.dist import lost_peer  # noqa: PLC0415 (lazy: torch kept off a typo's answer)
 
         if (lost := lost_peer(e)) is not None:
             return Failure(lost, ENVIRONMENT, abandon=True)

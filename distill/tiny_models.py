@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from student.tokenizer import train_wordpiece
 
@@ -33,8 +34,7 @@ def make_tiny_open_clip(
     out_dir: str | Path, embed_dim: int = 24, image_size: int = 32, width: int = 32, layers: int = 2, seed: int = 0
 ) -> Path:
     """An open_clip CLIP with its own ViT and text transformer, saved as a `local-dir:` folder."""
-    import open_clip  # lazy: each builder pays only for its own back-end
-    from safetensors.torch import save_file
+    import open_clip  # noqa: PLC0415 (lazy: heavy, per back-end)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,7 +69,7 @@ def make_tiny_hf_clip(
     seed: int = 0,
 ) -> Path:
     """A `transformers.CLIPModel` with a WordPiece tokenizer and CLIPImageProcessor, as an `hf-clip:` folder."""
-    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel  # lazy: as above
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel  # noqa: PLC0415 (lazy: heavy, per back-end)
 
     out = Path(out_dir)
     train_wordpiece(list(texts) * 4, out, vocab_size=200, model_max_length=32)
@@ -109,7 +109,7 @@ def make_tiny_hf_clip(
 
 def _tiny_wordpiece(out: Path, texts: Sequence[str], context: int):
     """A WordPiece fast tokenizer saved into `out` (the tiny models' stand-in for each model's own tokenizer)."""
-    from transformers import AutoTokenizer  # lazy: as above
+    from transformers import AutoTokenizer  # noqa: PLC0415 (lazy: heavy, per back-end)
 
     train_wordpiece(list(texts) * 4, out, vocab_size=200, model_max_length=context)
     return AutoTokenizer.from_pretrained(str(out))
@@ -127,7 +127,7 @@ def make_tiny_hf_siglip(
 ) -> Path:
     """A `transformers.SiglipModel` (what MedSigLIP and fixed-resolution SigLIP 2 load as) with a
     SiglipImageProcessor (squash to height x width, mean/std 0.5) and a set logit scale and bias, as an `hf:` folder."""
-    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel  # lazy: as above
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel  # noqa: PLC0415 (lazy: heavy, per back-end)
 
     out = Path(out_dir)
     tok = _tiny_wordpiece(out, texts, context)
@@ -156,7 +156,7 @@ def make_tiny_hf_siglip(
 
 def make_tiny_hf_siglip2_naflex(out_dir: str | Path, hidden: int = 32, seed: int = 0) -> Path:
     """A SigLIP 2 NaFlex `Siglip2Model` (variable patch counts per image): only its weights and config."""
-    from transformers import Siglip2Config, Siglip2Model  # lazy: as above
+    from transformers import Siglip2Config, Siglip2Model  # noqa: PLC0415 (lazy: heavy, per back-end)
 
     tower = {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 1, "num_attention_heads": 2}
     torch.manual_seed(seed)
@@ -238,12 +238,14 @@ def make_tiny_remote_code(
 ) -> Path:
     """A model folder whose config.json names its own code (auto_map -> modeling_tiny_dual.py in the folder), as
     hub models with remote code are published; `style` picks transformers' or open_clip's feature calls."""
-    from transformers import CLIPImageProcessor  # lazy: as above
+    from transformers import CLIPImageProcessor  # noqa: PLC0415 (lazy: heavy, per back-end)
 
     out = Path(out_dir)
     tok = _tiny_wordpiece(out, texts, 16)
     (out / "modeling_tiny_dual.py").write_text(REMOTE_MODELING)
     spec = importlib.util.spec_from_file_location(f"tiny_dual_{out.name}", out / "modeling_tiny_dual.py")
+    if spec is None or spec.loader is None:  # a .py path always has a spec and loader
+        raise ImportError(f"cannot load {out / 'modeling_tiny_dual.py'}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cls = "TinyDualModel" if style == "transformers" else "TinyOpenClipStyleModel"

@@ -19,10 +19,22 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from tqdm.auto import tqdm
 
 from distill.config.train_config import Config, ConfigError
+from distill.config.usage import config_help
+from distill.data.domains import DomainCounter, scheduled_counts
+from distill.data.loader import PairDataset
+from distill.errors import describe, exit_code
+from distill.launch_check import process_mismatch
+from distill.logs import setup_logging
+from distill.training.build_run import build_run, resolve_threads
 from distill.training.checkpoint import (
     TrainState,
     install_unwrapped_state_hooks,
@@ -35,6 +47,7 @@ from distill.training.grad_cache import merge_batches
 from distill.training.log import RunLogger, plot_loss_curves
 from distill.training.optim import build_optimizer, build_scheduler
 from distill.training.run_lock import run_lock
+from distill.training.step import Trainer
 from student import run_files
 from student.run_files import CorpusRecord, RunMeta, TeacherRecord
 
@@ -99,10 +112,6 @@ class LossWatch:
 
 
 def make_accelerator(cfg: Config):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedDataParallelKwargs
-
     # AcceleratorState is a process-wide singleton that refuses another mixed_precision; a second run in the same
     # process (the demo, a notebook, tests) starts from a clean one. PartialState (the process group) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -111,8 +120,6 @@ def make_accelerator(cfg: Config):
     # depend on the number of processes. build_run freezes every parameter no loss term reaches (the logit scale
     # under a feature-only loss, unread heads), so DDP needs no per-step search for unused parameters.
     # non_blocking: batches come pinned on CUDA (build_run), so their copy to the GPU overlaps the host's work.
-    from accelerate.utils import DataLoaderConfiguration
-
     return Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         step_scheduler_with_optimizer=False,
@@ -183,8 +190,6 @@ def check_resume_teachers(out: Path, attrs: dict[str, dict]) -> None:
 def domain_counter(run, state: TrainState, device):
     """Rows seen per domain (`distill.data.domains.DomainCounter`), started at a resumed run's scheduled counts; None
     when the corpus has no data.domain_column."""
-    from distill.data.domains import DomainCounter, scheduled_counts
-
     if run.domains is None:
         return None
     sampler, ids = run.loader.sampler, run.domains.ids[run.loader.dataset.corpus_rows]
@@ -195,14 +200,10 @@ def domain_counter(run, state: TrainState, device):
 
 def train(cfg: Config) -> dict:
     """Train as configured; returns {"output_dir", "step", "losses", "checkpoint"}."""
-    from distill.training.build_run import resolve_threads
-
     threads, why = resolve_threads(cfg.train.threads)  # before anything heavy (per process)
     torch.set_num_threads(threads)
     log.info("torch intra-op threads per process: %d (%s)", threads, why)
     accelerator = make_accelerator(cfg)
-    from distill.launch_check import process_mismatch
-
     mismatch = process_mismatch(accelerator.num_processes)  # accelerate launch --cpu --num_processes 2: one
     if mismatch and accelerator.is_main_process:
         log.warning(mismatch)
@@ -213,13 +214,6 @@ def train(cfg: Config) -> dict:
 
 
 def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    # lazy: the builders (open_clip, the cache readers) load only once a run starts, not for `--help` or a bad config
-    from distill.training.build_run import build_run
-    from distill.training.step import Trainer
-
     # before build_run, which writes RUN/student-config and RUN/tokenizer; the main process sets broken ones aside
     resume = resolve_resume(cfg.train.resume, out, set_aside=accelerator.is_main_process)
     set_seed(cfg.train.seed)
@@ -243,9 +237,10 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
     counter = domain_counter(run, state, accelerator.device)  # rows_per_domain (None: no data.domain_column)
     logger.truncate_after(state.step)
     trainer = Trainer.from_run(run, optimizer, cfg, accelerator=accelerator, model=model, scheduler=scheduler)
-    last_ckpt, sums, t_step, t_samples = None, {}, time.perf_counter(), 0
+    sums: dict[str, torch.Tensor] = {}
+    last_ckpt, t_step, t_samples = None, time.perf_counter(), 0
     watch = LossWatch(state.step, accelerator.device)
-    interpolation = run.loader.dataset.preprocess.interpolation  # for data.decode=device
+    interpolation = cast(PairDataset, run.loader.dataset).preprocess.interpolation  # for data.decode=device
     pad_id = getattr(run.loader.collate_fn, "pad_id", None)  # to merge caption batches trimmed to their longest
     skipped, skipped_total = 0, 0  # (teacher, row) pairs dropped: this process since the last log, all processes
     # a context manager, so the bar is closed on an error too and the message is not printed on the bar's line
@@ -346,22 +341,16 @@ def full_config(config: Config, source: str | None = None) -> Config:
 def main(argv: Sequence[str] | None = None, config: Config | None = None, source: str | None = None) -> int:
     """`python -m distill.train --config C.yaml [key=value ...]`; `distill train` passes the `config` it parsed
     (and its file as `source`) instead of a command line, so the command line is parsed once."""
-    from distill.logs import setup_logging
-
     setup_logging(verbose=False)  # a no-op under `distill [-v] train`, which set it up already
     if config is None:
         argv = sys.argv[1:] if argv is None else list(argv)
         if "-h" in argv or "--help" in argv:  # `python -m distill.train --help`: usage and every config key
-            from distill.config.usage import config_help
-
             print(config_help(Config), end="")
             return 0
         config = Config.from_argv(argv)
     else:
         config = full_config(config, source)
     result = train(config)
-    from accelerate import PartialState
-
     if PartialState().is_main_process:
         print(json.dumps(result))
     return 0
@@ -371,8 +360,6 @@ def module_main() -> int:
     """`python -m distill.train` / `accelerate launch -m distill.train`: main() with the `distill` CLI's one-line
     messages and exit codes (distill.errors: 1 environment, 2 bad input); an unexpected error keeps its traceback.
     `distill -v train ...` shows the traceback of an expected one too."""
-    from distill.errors import describe, exit_code
-
     try:
         return main()
     except Exception as e:

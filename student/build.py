@@ -16,10 +16,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import open_clip
 import torch
+from huggingface_hub import hf_hub_download
+from open_clip import CLIP, CustomTextCLIP
+from open_clip.model import get_model_preprocess_cfg, set_model_preprocess_cfg
+from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from torch import nn
+from transformers import AutoConfig, AutoTokenizer
 
 from student.presets import PRESETS, StudentPreset
+from teachers.open_clip_teacher import local_dir_overrides
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +111,6 @@ def apply_overrides(
 
 def write_text_config(text_config: dict[str, Any], out_dir: str | Path) -> Path:
     """Write the HF text tower's `config.json` (e.g. a BertConfig) into `out_dir`; return the file."""
-    from transformers import AutoConfig  # lazy: transformers costs seconds
-
     kw = dict(text_config)
     model_type = kw.pop("model_type", "bert")
     cfg = AutoConfig.for_model(model_type, **kw)
@@ -117,8 +122,6 @@ def write_text_config(text_config: dict[str, Any], out_dir: str | Path) -> Path:
 
 def _load_hf_tokenizer(preset: StudentPreset, tokenizer_dir: str | Path | None):
     """The transformers tokenizer for a preset: `tokenizer_dir`, else the preset's hub tokenizer if cached."""
-    from transformers import AutoTokenizer  # lazy: transformers costs seconds
-
     if tokenizer_dir is not None:
         path = Path(tokenizer_dir)
         if not path.is_dir():
@@ -151,10 +154,6 @@ def instantiate(model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any] | None
     Same class choice as `open_clip.create_model`: CustomTextCLIP for an HF text tower, CLIP otherwise.
     Refuses a timm tower whose trunk would not use `vision_cfg.image_size` (open_clip 3.3 ignores it).
     """
-    from open_clip import CLIP, CustomTextCLIP  # lazy: open_clip costs seconds
-    from open_clip.model import set_model_preprocess_cfg
-    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-
     cfg = copy.deepcopy(model_cfg)
     vision, text = cfg["vision_cfg"], cfg["text_cfg"]
     is_timm, is_hf = "timm_model_name" in vision, "hf_model_name" in text
@@ -235,17 +234,11 @@ def _read_spec_config(spec: str) -> tuple[dict, dict, str | None]:
             raise FileNotFoundError(f"{cfg_file} not found: a local-dir: model folder needs open_clip_config.json")
         cfg = json.loads(cfg_file.read_text())
         return cfg["model_cfg"], cfg.get("preprocess_cfg", {}), str(folder)
-    from huggingface_hub import hf_hub_download  # lazy: huggingface_hub only when a hub file is needed
-
     cfg = json.loads(Path(hf_hub_download(spec[len("hf-hub:") :], "open_clip_config.json")).read_text())
     return cfg["model_cfg"], cfg.get("preprocess_cfg", {}), None
 
 
 def _build_from_spec(spec: str, out: Path, overrides: dict):
-    import open_clip  # lazy: open_clip costs seconds
-
-    from teachers.open_clip_teacher import local_dir_overrides  # lazy: it imports torchvision (about a second)
-
     source_cfg, preprocess_cfg, folder = _read_spec_config(spec)
     base = _deep_merge(source_cfg, local_dir_overrides(folder) if folder else {})
     model_cfg, text_config, preprocess_cfg = apply_overrides(base, {}, preprocess_cfg, overrides)
@@ -275,9 +268,6 @@ def build_student(
     `tokenizer_dir`: a Hugging Face tokenizer folder (`distill tokenizer`); the BERT vocab size follows it.
     `overrides`: see `apply_overrides` (e.g. `embed_dim=256`, `patch_dropout=0.5`, `text_config={...}`).
     """
-    import open_clip  # lazy: open_clip costs seconds
-    from open_clip.model import get_model_preprocess_cfg
-
     out = Path(out_dir)
     if preset_or_spec in PRESETS:
         model, model_cfg = _build_from_preset(PRESETS.get(preset_or_spec), out, tokenizer_dir, overrides)

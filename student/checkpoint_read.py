@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from accelerate.utils import merge_fsdp_weights
 from safetensors.torch import load_file
 
 from student.run_files import STUDENT_CONFIG_DIR, TRAIN_STATE_FILE, read_train_state, student_config_dir
@@ -96,8 +97,6 @@ def load_training_state(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def _read_weights(f: Path) -> dict[str, torch.Tensor]:
     if f.name == FSDP_SHARDS:  # an FSDP run: merge the shards as `accelerate merge-weights` does
-        from accelerate.utils import merge_fsdp_weights  # lazy: accelerate only for FSDP shards
-
         with tempfile.TemporaryDirectory() as tmp:
             merge_fsdp_weights(str(f), tmp, safe_serialization=True)
             sd = load_file(str(Path(tmp) / "model.safetensors"))

@@ -18,8 +18,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
+import safetensors.torch
 import torch
 from torch import nn
+from transformers import AutoConfig
 
 from student.build import instantiate, name_text_tower
 from student.card import CardTeacher, ModelCard, card_for_hub, make_model_card, read_report
@@ -84,8 +87,6 @@ def check_hub_text_config(hub_id: str, student_dir: Path) -> None:
     ours_file = student_dir / "config.json"
     if not ours_file.is_file():
         return
-    from transformers import AutoConfig  # lazy: transformers costs seconds
-
     try:
         theirs = AutoConfig.from_pretrained(hub_id, local_files_only=True).to_dict()
     except (OSError, ValueError):
@@ -216,11 +217,8 @@ _OS_ERROR = re.compile(r"os error (\d+)")
 def _save_weights(sd: dict[str, torch.Tensor], path: Path, out: Path) -> None:
     """safetensors' save_file; its I/O failures (a SafetensorError "... (os error 28)") become the OSError they
     are, naming the weights file, so that a full disk reads as one (exit 1), not as a damaged file."""
-    # late: tests/test_disk_full.py and test_cli_errors.py patch safetensors.torch.save_file at its source
-    from safetensors.torch import save_file
-
-    try:
-        save_file(sd, str(path), metadata={"format": "pt"})
+    try:  # looked up at the call: tests/test_disk_full.py and test_cli_errors.py patch it at its source
+        safetensors.torch.save_file(sd, str(path), metadata={"format": "pt"})
     except OSError as e:
         raise OSError(e.errno, e.strerror or str(e), str(out / path.name)) from e
     except Exception as e:
@@ -339,11 +337,9 @@ def push_to_hub(
 
     Needs a network and a token (`huggingface-cli login` or HF_TOKEN); see `stage_for_hub` for what is uploaded.
     """
-    from huggingface_hub import HfApi  # lazy: huggingface_hub only when a hub file is needed
-
     with tempfile.TemporaryDirectory() as tmp:
         staged = stage_for_hub(path, repo, Path(tmp) / "export")
-        api = HfApi()
+        api = huggingface_hub.HfApi()  # looked up at the call: tests/test_export.py patches it at its source
         api.create_repo(repo, private=private, exist_ok=True)
         info = api.upload_folder(repo_id=repo, folder_path=str(staged), commit_message=commit_message)
     return str(getattr(info, "commit_url", info))

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from open_clip.transformer import PatchDropout
+from timm.layers import PatchDropout as TimmPatchDropout
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -146,13 +148,9 @@ def set_patch_dropout(model: nn.Module, prob: float) -> None:
     if trunk is not None:
         if not hasattr(trunk, "patch_drop"):
             raise ValueError(f"the timm trunk {type(trunk).__name__} has no patch dropout")
-        from timm.layers import PatchDropout as TimmPatchDropout  # lazy: timm costs seconds; only this branch needs it
-
         drop = TimmPatchDropout(prob, num_prefix_tokens=trunk.num_prefix_tokens) if prob > 0 else nn.Identity()
         trunk.patch_drop = drop
     elif hasattr(visual, "patch_dropout"):
-        from open_clip.transformer import PatchDropout  # lazy: open_clip costs seconds; only this branch needs it
-
         visual.patch_dropout = PatchDropout(prob) if prob > 0 else nn.Identity()
     else:
         raise ValueError(f"the image tower {type(visual).__name__} has no patch dropout")

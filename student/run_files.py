@@ -145,7 +145,7 @@ def read_run_meta(run: str | Path) -> RunMeta | None:
     if not path.is_file():
         return None
     data = _known(RunMeta, _read_json(path), path)
-    for name, t in data.get("teachers", {}).items():
+    for t in data.get("teachers", {}).values():
         _known(TeacherRecord, t, path)
     _known(CorpusRecord, data.get("corpus") or {}, path)
     try:

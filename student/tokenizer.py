@@ -16,6 +16,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -27,9 +29,8 @@ def train_wordpiece(
     model_max_length: int = 256,
 ) -> Path:
     """Train a BERT-style WordPiece tokenizer on `texts` and save it to `out_dir`."""
-    # lazy: `distill tokenizer` checks its flags before paying for tokenizers/transformers
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertTokenizer  # transformers 5: the fast (tokenizers) one; BertTokenizerFast is an alias
+    # transformers 5: BertTokenizer is the fast (tokenizers) one; BertTokenizerFast is an alias
+    from transformers import BertTokenizer  # noqa: PLC0415 (lazy: transformers, seconds, after `distill tokenizer` checked its corpus)
 
     texts = [t for t in texts if t and t.strip()]
     if not texts:

@@ -24,7 +24,10 @@ from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 
 import torch
+from huggingface_hub import hf_hub_download
 from PIL import Image
+from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from teachers.base import Teacher
 from teachers.hub import require_hub_file
@@ -71,8 +74,6 @@ def _auto_map_files(path: str, local: bool) -> list[str]:
             file = os.path.join(path, name)
         else:
             try:
-                from huggingface_hub import hf_hub_download  # lazy: huggingface_hub only when a hub file is needed
-
                 file = hf_hub_download(path, name)
             except Exception:  # absent from the repo, or not cached offline: transformers decides for this file
                 continue
@@ -108,8 +109,6 @@ def refuse_unasked_code(path: str, local: bool, trust_remote_code: bool) -> None
 def _no_loading_bar():
     """transformers' "Loading weights" bar off while a local folder loads (a second, one bar per model, on
     stderr, which holds only warnings and errors); kept with -v (DEBUG logging), where everything shows."""
-    from transformers.utils import logging as hf_logging  # lazy: transformers costs seconds
-
     if logging.getLogger(__name__).isEnabledFor(logging.DEBUG) or not hf_logging.is_progress_bar_enabled():
         yield
         return
@@ -192,8 +191,6 @@ class HFTeacher(Teacher):
     """A frozen `transformers` dual encoder (CLIPModel, SiglipModel, or a repo's own class) and its processors."""
 
     def __init__(self, spec: Spec, device: str | torch.device = "cpu", trust_remote_code: bool = False):
-        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer  # lazy: transformers costs seconds
-
         path = spec.target
         if path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
             raise FileNotFoundError(

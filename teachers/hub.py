@@ -8,6 +8,10 @@ open_clip asks for a file under two names in turn, so with no network an uncache
 
 from __future__ import annotations
 
+import huggingface_hub
+from huggingface_hub import constants
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError
+
 
 class HubUnavailableError(FileNotFoundError):
     """A hub model that is not in the local cache, while the Hub is off (HF_HUB_OFFLINE=1) or unreachable."""
@@ -19,9 +23,7 @@ class GatedModelError(PermissionError):
 
 def is_cached(repo_id: str, filename: str) -> bool:
     """Whether `filename` of `repo_id` is in the Hugging Face cache (no network)."""
-    from huggingface_hub import try_to_load_from_cache  # lazy: huggingface_hub only when a hub file is needed
-
-    return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    return isinstance(huggingface_hub.try_to_load_from_cache(repo_id, filename), str)
 
 
 def require_hub_file(repo_id: str, filenames: tuple[str, ...]) -> None:
@@ -31,22 +33,21 @@ def require_hub_file(repo_id: str, filenames: tuple[str, ...]) -> None:
     GatedModelError saying what to do (transformers' own message spans lines and buries that). A malformed id or
     another HTTP error from the Hub (a missing repo) returns: the loader then reports that error itself, at once.
     """
-    # lazy: huggingface_hub only when a hub file is needed
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url, is_offline_mode
-    from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_ETAG_TIMEOUT
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError
-
     try:
         if any(is_cached(repo_id, f) for f in filenames):
             return
     except HFValidationError:  # a malformed id: the loader names it
         return
-    if is_offline_mode():
+    # huggingface_hub's functions and settings are looked up at each call (HF_HUB_OFFLINE, HF_HUB_CACHE can change)
+    if huggingface_hub.is_offline_mode():
         raise HubUnavailableError(
-            f"{repo_id} is not in the Hugging Face cache ({HF_HUB_CACHE}) (looked for {' or '.join(filenames)})"
+            f"{repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+            f"(looked for {' or '.join(filenames)})"
         )
     try:  # a single HEAD request: huggingface_hub retries only when asked to
-        get_hf_file_metadata(hf_hub_url(repo_id, filenames[0]), timeout=HF_HUB_ETAG_TIMEOUT)
+        huggingface_hub.get_hf_file_metadata(
+            huggingface_hub.hf_hub_url(repo_id, filenames[0]), timeout=constants.HF_HUB_ETAG_TIMEOUT
+        )
     except GatedRepoError as e:
         raise GatedModelError(
             f"{repo_id} is gated on the Hugging Face Hub: accept its terms on "
@@ -59,6 +60,6 @@ def require_hub_file(repo_id: str, filenames: tuple[str, ...]) -> None:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise HubUnavailableError(
             f"the Hugging Face Hub cannot be reached ({type(e).__name__}: {first}) "
-            f"and {repo_id} is not in the local cache ({HF_HUB_CACHE}); connect to the "
+            f"and {repo_id} is not in the local cache ({constants.HF_HUB_CACHE}); connect to the "
             "network and retry, or give a local folder (local-dir:PATH, hf-clip:PATH)"
         ) from e

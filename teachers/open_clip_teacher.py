@@ -15,7 +15,11 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import open_clip
 import torch
+from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+from open_clip.model import get_model_preprocess_cfg
+from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
 
 from teachers.base import Teacher
 from teachers.hub import require_hub_file
@@ -61,17 +65,14 @@ def open_clip_args(spec: Spec) -> tuple[str, str | None, dict]:
     A built-in `MODEL/TAG` whose tag was trained with QuickGELU (the `openai` tags) gets `force_quick_gelu`, as
     open_clip's README asks; otherwise the activations differ from training and the embeddings are wrong.
     """
-    from open_clip import list_models  # lazy: open_clip costs seconds
-    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
-
     kwargs: dict = {"require_pretrained": True}
     if spec.kind == "local-dir":
         return f"local-dir:{spec.target}", None, {**kwargs, **local_dir_overrides(spec.target)}
     if spec.kind == "hf-hub":
         return f"hf-hub:{spec.target}", None, kwargs
     model_name, _, tag = spec.target.partition("/")
-    if model_name not in list_models():
-        near = difflib.get_close_matches(model_name, list_models(), n=3)
+    if model_name not in open_clip.list_models():
+        near = difflib.get_close_matches(model_name, open_clip.list_models(), n=3)
         raise ValueError(
             f"SPEC {spec.raw!r}: {model_name!r} is not an open_clip built-in model"
             + (f"; did you mean {', '.join(near)}?" if near else "; see open_clip.list_models()")
@@ -90,10 +91,6 @@ def open_clip_args(spec: Spec) -> tuple[str, str | None, dict]:
 
 def hub_files(spec: Spec) -> list[tuple[str, tuple[str, ...]]]:
     """(hub repo, the names open_clip tries for one file) for the first file open_clip will fetch for `spec`."""
-    # lazy: open_clip costs seconds
-    from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
-    from open_clip.pretrained import get_pretrained_cfg
-
     if spec.kind == "hf-hub":
         return [(spec.target, (HF_CONFIG_NAME,))]  # its first file; a missing weights file is open_clip's to name
     if spec.kind == "local-dir":
@@ -110,8 +107,6 @@ def hub_files(spec: Spec) -> list[tuple[str, tuple[str, ...]]]:
 
 def create_open_clip(spec: Spec, device: str | torch.device = "cpu"):
     """(model, preprocess, tokenizer) for an open_clip SPEC, offline-safe for our own exports."""
-    import open_clip  # lazy: open_clip costs seconds
-
     name, pretrained, kwargs = open_clip_args(spec)
     for repo, files in hub_files(spec):  # before open_clip, whose downloads retry for ~25 s with no network
         require_hub_file(repo, files)
@@ -128,8 +123,6 @@ class OpenClipTeacher(Teacher):
     """A frozen open_clip model; its own preprocess and tokenizer come from open_clip."""
 
     def __init__(self, spec: Spec, device: str | torch.device = "cpu"):
-        from open_clip.model import get_model_preprocess_cfg  # lazy: open_clip costs seconds
-
         model, preprocess, tokenizer = create_open_clip(spec, device)
         cfg = PreprocessCfg.from_open_clip(get_model_preprocess_cfg(model))
         self._setup(model, preprocess, tokenizer, spec.raw, cfg, device)

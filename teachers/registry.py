@@ -120,20 +120,17 @@ def load_teacher(spec: str, device: str | torch.device = "cpu", trust_remote_cod
     """
     parsed = check_spec(spec)
     if parsed.backend == "py":
-        # lazy: back-ends import torch and their libraries; the registry answers names without them
-        from teachers.py_teacher import load_py_teacher
+        from teachers.py_teacher import load_py_teacher  # noqa: PLC0415 (lazy: torch and back-ends kept off the light CLI path that checks SPECs)
 
         # the user's own code: its errors are its own
         return load_py_teacher(parsed, device=device, trust_remote_code=trust_remote_code)
     try:
         if parsed.backend == "open_clip":
-            # lazy: back-ends import torch and their libraries; the registry answers names without them
-            from teachers.open_clip_teacher import OpenClipTeacher
+            from teachers.open_clip_teacher import OpenClipTeacher  # noqa: PLC0415 (lazy: torch and back-ends kept off the light CLI path that checks SPECs)
 
             teacher: Teacher = OpenClipTeacher(parsed, device=device)
         elif parsed.backend in ("hf", "hf-clip"):
-            # lazy: back-ends import torch and their libraries; the registry answers names without them
-            from teachers.hf_teacher import HFTeacher
+            from teachers.hf_teacher import HFTeacher  # noqa: PLC0415 (lazy: torch and back-ends kept off the light CLI path that checks SPECs)
 
             teacher = HFTeacher(parsed, device=device, trust_remote_code=trust_remote_code)
         else:  # a plug-in back-end (resolve_spec only returns kinds that BACKENDS has)
@@ -152,9 +149,8 @@ def load_teacher(spec: str, device: str | torch.device = "cpu", trust_remote_cod
 def _load_plugin_teacher(parsed: Spec, device: str | torch.device, trust_remote_code: bool = False) -> Teacher:
     """Call a plug-in back-end's `load(spec, device)` (with `trust_remote_code=` when it takes one) and check that
     it kept the Teacher contract."""
-    # lazy: back-ends import torch and their libraries; the registry answers names without them
-    from teachers.base import Teacher
-    from teachers.py_teacher import accepted_kwargs
+    from teachers.base import Teacher  # noqa: PLC0415 (lazy: torch and back-ends kept off the light CLI path that checks SPECs)
+    from teachers.py_teacher import accepted_kwargs  # noqa: PLC0415 (lazy: torch and back-ends kept off the light CLI path that checks SPECs)
 
     load = BACKENDS.get(parsed.kind)
     teacher = load(parsed, **accepted_kwargs(load, device=device, trust_remote_code=trust_remote_code))

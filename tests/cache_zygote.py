@@ -24,6 +24,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+import cache.store.layout as L
+from cache.store.segments import SegmentInfo, list_segments, segment_dir
+from teachers.kernel.modality import Modality
+
 ATOL = 2e-3
 
 ZYGOTE = textwrap.dedent("""
@@ -105,6 +109,8 @@ class Zygote:
             env={**os.environ, "PYTHONPATH": path},
             cwd=root,
         )
+        assert self.p.stdout is not None and self.p.stdin is not None  # both piped above
+        self.stdin = self.p.stdin
         self.fd, self.buf = self.p.stdout.fileno(), b""
         assert self._line() == "READY"
 
@@ -137,9 +143,11 @@ class Zygote:
             "delay": self.delay if delay is None else delay,
             "fold_delay": self.fold_delay if fold_delay is None else fold_delay,
         }
-        self.p.stdin.write((json.dumps(cmd) + "\n").encode())
-        self.p.stdin.flush()
-        pid = int(self._line().split()[1])
+        self.stdin.write((json.dumps(cmd) + "\n").encode())
+        self.stdin.flush()
+        started = self._line()
+        assert started is not None  # blocking read: a line, or the assert inside _line fired
+        pid = int(started.split()[1])
         t0, killed = time.time(), False
         while (line := self._line(wait=0.002)) is None:
             t = time.time() - t0
@@ -157,16 +165,13 @@ class Zygote:
         return int(code)
 
     def close(self) -> None:
-        self.p.stdin.close()
+        self.stdin.close()
         self.p.wait(timeout=30)
 
 
 def committed_rows(out: Path, ref: dict, bad: Container[int] | None = None) -> dict[str, set[int]]:
     """Rows committed so far (done in the file, or stored in a committed chunk of a segment), each checked against
     the reference values `ref[teacher]["image" | "text"]`; with `bad`, a segment's bad rows must be among them."""
-    import cache.store.layout as L
-    from cache.store.segments import SegmentInfo, list_segments, segment_dir
-
     rows: dict[str, set[int]] = {name: set() for name in ref}
     if out.exists():
         with h5py.File(out, "r") as f:  # must open: a kill never leaves a broken file
@@ -184,7 +189,7 @@ def committed_rows(out: Path, ref: dict, bad: Container[int] | None = None) -> d
                 slots, ok = seg.written(name)
                 r = seg.rows[slots[ok]]
                 for what in ("image", "text") if len(r) else ():  # committed slots only: others may be half-written
-                    got = f[L.feature(name, what)][slots[ok]].astype(np.float32)
+                    got = f[L.feature(name, Modality(what))][slots[ok]].astype(np.float32)
                     np.testing.assert_allclose(got, ref[name][what][r], atol=ATOL)
                 if bad is not None:
                     assert all(b in bad for b in seg.bad.get(name, {}))

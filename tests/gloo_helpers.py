@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
+import torch.distributed as dist
+
 
 @contextmanager
 def counting_gloo_group(rank: int, world: int, init_file: str) -> Iterator[list[int]]:
     """Join a gloo group through `init_file` (one thread per process); yields [all_gather calls so far], reset it
     to 0 before the step to count; the group is destroyed on exit."""
-    import torch
-    import torch.distributed as dist
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     calls, all_gather = [0], dist.all_gather

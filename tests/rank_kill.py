@@ -140,7 +140,9 @@ class TorchRun:
             return self.p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.abort()
-            raise AssertionError(f"the launcher hung: still running {timeout:.0f} s later\n{self.output()[-3000:]}")
+            raise AssertionError(
+                f"the launcher hung: still running {timeout:.0f} s later\n{self.output()[-3000:]}"
+            ) from None
 
     def leftovers(self, grace: float = 10.0) -> list[str]:
         """Processes of this job still alive `grace` s after the launcher ended (none, unless one is orphaned)."""
@@ -217,7 +219,7 @@ class Ranks:
             self.abort()
             raise AssertionError(
                 f"rank {rank} hung: still running {timeout:.0f} s after the other died\n{self.err(rank)[-3000:]}"
-            )
+            ) from None
 
     def leftovers(self, grace: float = 10.0) -> list[str]:
         return leftovers(self.tag, grace)

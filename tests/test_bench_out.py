@@ -8,11 +8,12 @@ import json
 import os
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from benchmarks import bench_common
+from benchmarks import bench_common, input_pipeline, mt_setup, multi_teacher
 from benchmarks.bench_common import (
     DEFAULT_OUT,
     OUT_ENV,
@@ -23,6 +24,7 @@ from benchmarks.bench_common import (
     parse_flags,
     write_results,
 )
+from cache.sources.synthetic import make_synthetic_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,8 +81,6 @@ def test_help_lists_the_output_flags_with_their_comments(capsys):
 
 def test_quick_benchmark_writes_nothing_under_results(tmp_path, monkeypatch):
     """input_pipeline's quick mode at a reduced size, run from the project folder without --out."""
-    from benchmarks import input_pipeline
-
     monkeypatch.chdir(ROOT)  # where `bench-out/` would sit beside benchmarks/results/
     monkeypatch.setenv(OUT_ENV, str(tmp_path / "bench-out"))  # keep the checkout clean: its default folder here
     before = recorded_files()
@@ -150,8 +150,6 @@ def test_a_reader_never_sees_an_empty_task_file_while_another_harness_writes_it(
 
 
 def test_the_harness_writes_its_task_files_whole(tmp_path, monkeypatch):
-    from benchmarks import mt_setup, multi_teacher
-
     written = []
 
     def spy(path, text):
@@ -172,11 +170,6 @@ def test_the_harness_writes_its_task_files_whole(tmp_path, monkeypatch):
 def test_the_harness_tokenizer_lands_whole_over_a_half_written_folder(tmp_path):
     """The shared vocabulary is saved beside its folder and renamed into place; a folder an interrupted run left
     without tokenizer.json is replaced, and no temporary folder stays behind."""
-    from types import SimpleNamespace
-
-    from benchmarks import multi_teacher
-    from cache.sources.synthetic import make_synthetic_corpus
-
     corpus = make_synthetic_corpus(tmp_path / "corpus", n=16, image_size=16, seed=0)
     budget = SimpleNamespace(vocab_size=200)
     (tmp_path / "work").mkdir()

@@ -169,7 +169,10 @@ def test_dealt_readers_read_chunks_so_a_split_block_costs_at_most_a_chunk(tmp_pa
     whole = sum(_read_all(path, pairs).values(), Counter())
     unit, held = reader_blocks(BLOCK, BUFFER, chunk, dealt=True)
     chunks = sum(_read_all(path, pairs, unit, held).values(), Counter())
-    rows_read = lambda reads, rows: sum(min(rows, n - k * rows) * c for (t, k), c in reads.items() if t == "a")
+
+    def rows_read(reads, rows):
+        return sum(min(rows, n - k * rows) * c for (t, k), c in reads.items() if t == "a")
+
     # whole blocks re-read a block per split; chunks re-read at most a chunk per split and per leftover batch
     assert rows_read(chunks, chunk) < rows_read(whole, BLOCK)
     assert rows_read(chunks, chunk) <= n + 2 * ranks * workers * chunk + (n - used)

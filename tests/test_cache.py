@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import h5py
@@ -14,9 +16,12 @@ import pytest
 import torch
 from corpus_helpers import copy_corpus
 
-import teachers as teachers_mod
+import cache.build.run as build_run  # load_teacher is patched where cache.build.run uses it
+import cache.store.writer as W
 from cache import BadSampleError, CacheError, CacheJob, FeatureReader, build_cache, info, open_corpus
 from cache.build.views import draw_view_params
+from cache.store.segments import copy_cache
+from distill.tiny_models import make_tiny_open_clip
 from teachers import load_teacher
 
 ATOL = 2e-3  # float16 storage of unit vectors
@@ -132,9 +137,9 @@ def test_adding_a_teacher_computes_only_it(tmp_path, tiny_corpus, tiny_teachers,
         before = {k: f[f"teachers/oc/{k}"][:] for k in ("image", "text", "done")}
         stats_before = f["teachers/oc/stats/image_mean"][:]
     loaded = []
-    real = teachers_mod.load_teacher
+    real = build_run.load_teacher
     monkeypatch.setattr(
-        teachers_mod, "load_teacher", lambda spec, device="cpu", **kw: loaded.append(spec) or real(spec, device, **kw)
+        build_run, "load_teacher", lambda spec, device="cpu", **kw: loaded.append(spec) or real(spec, device, **kw)
     )
     summary = build_cache(_job(tiny_corpus, tiny_teachers, out))
     assert loaded == [tiny_teachers["hf"]]
@@ -298,9 +303,6 @@ def test_info_describes_the_file(full_cache, tiny_corpus, tiny_teachers):
 
 def test_webdataset_shards_cache_like_the_table(tmp_path, full_cache, tiny_corpus, tiny_teachers):
     """The same samples as .tar shards: same keys and fingerprint, same features as the CSV cache."""
-    import io
-    import tarfile
-
     with open(tiny_corpus, newline="") as f:
         rows = list(csv.DictReader(f))
     shards = tmp_path / "shards"
@@ -329,23 +331,26 @@ def test_webdataset_shards_cache_like_the_table(tmp_path, full_cache, tiny_corpu
 def _count_loads(monkeypatch, corpus_path) -> list[int]:
     """Record every `load_image` call of the corpus class (num_workers=0 keeps the calls in this process)."""
     cls = type(open_corpus(corpus_path))
-    calls, real = [], cls.load_image
-    monkeypatch.setattr(cls, "load_image", lambda self, i: calls.append(i) or real(self, i))
+    calls: list[int] = []
+    real = cls.load_image
+
+    def load_image(self, i):
+        calls.append(i)
+        return real(self, i)
+
+    monkeypatch.setattr(cls, "load_image", load_image)
     return calls
 
 
 def _record_parts(monkeypatch) -> dict[str, list[int]]:
-    import cache.store.writer as W
-
     parts: dict[str, list[int]] = {}
     real = W.write_part
-    monkeypatch.setattr(
-        W,
-        "write_part",
-        lambda out, name, rows, *a, **k: (
-            parts.setdefault(name, []).extend(int(r) for r in rows) or real(out, name, rows, *a, **k)
-        ),
-    )
+
+    def write_part(out, name, rows, *a, **k):
+        parts.setdefault(name, []).extend(int(r) for r in rows)
+        return real(out, name, rows, *a, **k)
+
+    monkeypatch.setattr(W, "write_part", write_part)
     return parts
 
 
@@ -378,8 +383,6 @@ def test_per_teacher_done_masks_decode_only_the_rows_still_needed(
 ):
     """Rows missing for oc only, for hf only, and for both: each row is decoded once, each teacher embeds only
     its own missing rows, rows done for both are not touched, and the result equals an uninterrupted run."""
-    from cache.store.segments import copy_cache
-
     out = tmp_path / "f.h5"
     copy_cache(str(full_cache), str(out))  # the file and its segment folder
     missing = {"oc": [1, 2, 3, 20], "hf": [3, 4, 5, 20, 31]}
@@ -456,8 +459,6 @@ def test_a_teacher_whose_embeddings_disagree_with_its_dimension_is_refused(
 
 def test_a_teacher_that_changed_dimension_under_the_same_spec_is_refused(tmp_path, tiny_corpus):
     """The folder behind a cached teacher now holds a model of another dimension: refused, file untouched."""
-    from distill.tiny_models import make_tiny_open_clip
-
     folder = make_tiny_open_clip(tmp_path / "t", embed_dim=24, seed=3)
     out = tmp_path / "f.h5"
     job = CacheJob(

@@ -99,7 +99,8 @@ def _kill_loop(tmp_path: Path, job: dict, kills: int, seed: int) -> list[str]:
         duration = time.time() - t0
         ref = _state(tmp_path / "ref.h5")
         assert len(ref["bad"]) == 7  # the NaN / zero rows of teacher x
-        out, rng, history, seen = tmp_path / "killed.h5", random.Random(seed), [], []
+        out, rng, seen = tmp_path / "killed.h5", random.Random(seed), []
+        history: list[dict[str, set[int]]] = []
         parts_per_run = 8  # 32 rows / chunk_rows 4: one commit per chunk for both teachers
         for i in range(kills):  # the kinds in turn, so even 3 kills cover parts, fold and time
             done = sum(len(r) for r in history[-1].values()) if history else 0

@@ -18,12 +18,16 @@ import pytest
 import torch
 from train_fixtures import load_weights, tiny_tokenizer  # noqa: F401  (fixture)
 
+import cache.store.writer as W
 from cache.build.run import CacheJob, build_cache
+from cache.inspect import info
 from cache.store.reader import FeatureReader
 from cache.store.schema import CacheError
 from cache.store.segments import copy_cache
 from cache.store.verify import BadRowsError, format_rows, verify
 from distill.cli import main
+from distill.config.train_config import ConfigError, DataCfg
+from distill.data.loader import Collate
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 8  # HDF5 chunk rows of the test cache: 4 chunks over the 32 rows, so a damaged chunk names 8 rows
@@ -353,8 +357,6 @@ def test_skip_trains_without_the_bad_teacher_rows_and_counts_them(
     assert so_far > 0 and logged[-1]["skipped_features"] == so_far  # one process: the log's total is its count
 
     # the same Collate on every row: exactly the damaged (teacher, row) pairs are dropped, nothing NaN survives
-    from distill.data.loader import Collate
-
     collate = Collate(
         lambda caps: torch.zeros(len(caps), 4, dtype=torch.long), str(path), ["oc", "hf"], bad_features="skip"
     )
@@ -368,8 +370,6 @@ def test_skip_trains_without_the_bad_teacher_rows_and_counts_them(
 
 
 def test_bad_features_option_is_validated():
-    from distill.config.train_config import ConfigError, DataCfg
-
     with pytest.raises(ConfigError, match="data.bad_features must be 'stop' or 'skip', got 'ignore'"):
         DataCfg(bad_features="ignore")
 
@@ -422,9 +422,6 @@ def test_info_on_a_damaged_file_is_one_line(tmp_path, checked_cache, capsys, dam
 
 # -- 6. an honest pending line after a kill before the first commit ---------------------------------------------
 def test_info_after_a_kill_before_the_first_commit(tmp_path, checked_cache):
-    import cache.store.writer as W
-    from cache.inspect import info
-
     path = _copy(checked_cache, tmp_path / "f.h5")
     W.write_meta(str(path), "new", {"attrs": {}, "dtype": "float16"})  # what a run writes before its first part
     (Path(W.teacher_parts_dir(str(path), "new")) / ".tmp-123-part-0000000000-8-123.npz").write_bytes(b"PK half")

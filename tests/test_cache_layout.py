@@ -132,7 +132,7 @@ def test_a_folded_file_has_exactly_the_layouts_tree(tmp_path):
             ]
         )
         assert dict(f.attrs)[L.Root.NUM_ROWS] == n and f.attrs[L.Root.SOURCE] == "c.csv"
-        img, txt, done = f[L.feature("t", "image")], f[L.feature("t", "text")], f[L.done("t")]
+        img, _txt, done = f[L.feature("t", "image")], f[L.feature("t", "text")], f[L.done("t")]
         # format 2: features, keys and views are virtual datasets over files in the segment folder
         assert all(f[x].is_virtual for x in (L.feature("t", "image"), L.feature("t", "text"), L.KEYS, L.VIEW_PARAMS))
         assert (img.shape, img.dtype, L.chunk_rows_of(img), L.chunk_rows_of(f[L.VIEW_PARAMS])) == (

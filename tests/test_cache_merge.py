@@ -27,6 +27,7 @@ from test_cache_faults import _assert_equal_to, _state, fault_job  # noqa: F401 
 from train_fixtures import tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
 
 import cache.store.layout as L
+import cache.store.segments as S
 import cache.store.writer as W
 from cache.build.commit import commit_chunk, deal, open_segment
 from cache.build.dist import DistEnv
@@ -35,6 +36,8 @@ from cache.store.reader import FeatureReader
 from cache.store.schema import CacheError
 from cache.store.segments import copy_cache, list_segments, read_log, segment_dir
 from cache.store.verify import verify
+from distill.train import train
+from teachers.kernel.modality import Modality
 
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 2e-3
@@ -42,7 +45,7 @@ ATOL = 2e-3
 
 def _sources(path: Path, name: str, what: str = "image") -> list[str]:
     with h5py.File(path, "r") as f:
-        return [vs.file_name for vs in f[L.feature(name, what)].virtual_sources()]
+        return [vs.file_name for vs in f[L.feature(name, Modality(what))].virtual_sources()]
 
 
 # -- several processes, killed and resumed, equal one -------------------------------------------------------------
@@ -103,6 +106,7 @@ def _torchrun(tmp_path: Path, kw: dict, delay: float, pythonpath: str, kill_afte
         time.sleep(0.01)
     proc.wait(timeout=60)
     if kill_after_commits == 0:
+        assert proc.stderr is not None  # piped above
         assert proc.returncode == 0, proc.stderr.read()[-3000:]
     return proc.returncode
 
@@ -227,8 +231,6 @@ def _unit(rng, n: int, d: int) -> np.ndarray:
 def _run(out: str, rows: np.ndarray, world: int, metas: dict, values: dict, bad: dict, finish: bool = True) -> None:
     """A cache run of `world` simulated processes over `rows` through the builder's commit path; `values[name]`:
     (image, text) of every row; `bad[name]`: rows that teacher fails on."""
-    import cache.store.segments as S
-
     run = S.next_run(segment_dir(out))
     for name, m in metas.items():
         W.write_meta(out, name, {**m, L.SINCE_RUN: m.get(L.SINCE_RUN, run)})
@@ -238,6 +240,7 @@ def _run(out: str, rows: np.ndarray, world: int, metas: dict, values: dict, bad:
         env = DistEnv(rank, world)
         mine = deal(chunks, env)
         seg = open_segment(out, run, env, mine, need, metas, 4, 4, "fp")
+        assert seg is not None  # every simulated process here is dealt rows
         for j, c in enumerate(mine):
             parts = []
             for name in metas:
@@ -320,8 +323,6 @@ def _to_format_1(src: Path, dst: Path) -> None:
 def test_a_format_1_file_still_reads_trains_and_resumes(
     tmp_path, tiny_corpus, tiny_teachers, tiny_cache, tiny_tokenizer
 ):
-    from distill.train import train
-
     old = tmp_path / "v1.h5"
     _to_format_1(tiny_cache, old)
     ref = _state(tiny_cache)

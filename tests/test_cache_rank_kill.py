@@ -20,6 +20,7 @@ from test_cache_faults import _assert_equal_to, _state
 
 from cache.build.run import CacheJob, build_cache
 from cache.store.segments import read_log, segment_dir
+from distill.errors import ENVIRONMENT, Failure, describe, exit_code
 
 TEACHER = '''
 import os, time
@@ -155,8 +156,6 @@ def test_the_surviving_cache_rank_ends_by_itself_in_one_line(tmp_path, job, vict
     ],
 )
 def test_a_lost_peer_is_an_environment_failure_in_one_line(text):
-    from distill.errors import ENVIRONMENT, describe
-
     failure = describe(RuntimeError(text))
     assert failure is not None and failure.code == ENVIRONMENT
     assert failure.message.startswith("another process of this distributed job stopped (Connection ")
@@ -167,8 +166,6 @@ def test_a_lost_peer_is_an_environment_failure_in_one_line(text):
 def test_a_lost_peer_leaves_at_once_and_other_failures_return(monkeypatch, capsys):
     """A survivor's process group is broken: its normal interpreter shutdown can abort in gloo's threads
     (std::terminate, exit -6, after the error line), so `exit_code` leaves with os._exit, output flushed."""
-    from distill.errors import ENVIRONMENT, Failure, describe, exit_code
-
     left = []
 
     def fake_exit(code):

@@ -20,6 +20,7 @@ import cache.store.writer as W
 from cache import CacheError, CacheJob, build_cache, open_corpus
 from cache.build.job import loader_sizes
 from distill.cli import build_parser
+from teachers.open_clip_teacher import OpenClipTeacher
 
 
 def _job(data, teachers, out, **kw) -> CacheJob:
@@ -105,8 +106,6 @@ def test_transform_key_is_equal_only_for_provably_equal_pipelines():
 
 
 def test_captions_are_tokenised_in_the_workers_with_equal_values(tmp_path, tiny_corpus, tiny_teachers, monkeypatch):
-    from teachers.open_clip_teacher import OpenClipTeacher
-
     ref = tmp_path / "ref.h5"
     build_cache(_job(tiny_corpus, tiny_teachers, ref))  # num_workers=0: everything in this process
     pids = tmp_path / "pids.txt"

@@ -15,10 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from train_fixtures import load_weights, tiny_config, tiny_tokenizer  # noqa: F401  (fixture)
 
 import distill.train as train_mod
+from distill.cli import main
 from distill.training.checkpoint import CheckpointError, list_checkpoints
+from student.export import export_checkpoint
 
 
 class Plant:
@@ -108,10 +111,6 @@ def test_a_planted_file_we_read_is_refused_by_name(run, name, tiny_corpus, tiny_
 
 
 def test_cli_prints_one_line_and_exit_2_for_a_refused_file(run, tiny_corpus, tiny_tokenizer, tmp_path, capsys):
-    import yaml
-
-    from distill.cli import main
-
     sentinel = tmp_path / "ran"
     torch.save(Plant(sentinel), run / "checkpoint-2" / "optimizer.bin")
     cfg = tmp_path / "cfg.yaml"
@@ -153,8 +152,6 @@ def test_auto_skips_a_broken_newest_checkpoint(run, damage, tiny_corpus, tiny_to
 
 
 def test_missing_model_is_named_on_explicit_resume_and_export(run, tiny_corpus, tiny_tokenizer, tmp_path):
-    from student.export import export_checkpoint
-
     (run / "checkpoint-2" / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"checkpoint-2/model\.safetensors is missing") as err:
         train_mod.train(_cfg(tiny_corpus, run, tiny_tokenizer, steps=3, resume=str(run / "checkpoint-2")))
@@ -165,8 +162,6 @@ def test_missing_model_is_named_on_explicit_resume_and_export(run, tiny_corpus, 
 
 
 def test_export_refuses_a_planted_model_by_name(run, tmp_path):
-    from student.export import export_checkpoint
-
     sentinel = tmp_path / "ran"
     torch.save(Plant(sentinel), run / "checkpoint-2" / "model.safetensors")
     with pytest.raises(ValueError, match=r"checkpoint-2/model\.safetensors cannot be read"):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +15,12 @@ import h5py
 import numpy as np
 import pytest
 from corpus_helpers import copy_corpus
+from transformers import AutoTokenizer
 
+import cache.build.run
+from cache import FeatureReader, open_corpus
 from distill.cli import build_parser, main
+from teachers import load_teacher
 
 SUBCOMMANDS = ["cache", "info", "train", "export", "eval", "corpus", "tokenizer", "demo"]
 
@@ -83,8 +89,6 @@ def test_missing_corpus_is_a_clear_error(tmp_path, capsys):
 
 
 def test_tokenizer_command_trains_a_loadable_vocab(tiny_corpus, tmp_path, capsys):
-    from transformers import AutoTokenizer
-
     out = tmp_path / "tok"
     assert (
         main(
@@ -198,14 +202,10 @@ def _cache_argv(data, out, *teachers, extra=()) -> list[str]:
 
 
 def _sha(path) -> str:
-    import hashlib
-
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def test_cache_refusals_exit_2_with_a_message_and_leave_the_file(tiny_corpus, tiny_teachers, tmp_path, capsys):
-    import socket
-
     out = tmp_path / "f.h5"
     oc, hf = f"oc={tiny_teachers['oc']}", f"hf={tiny_teachers['hf']}"
     assert main(_cache_argv(tiny_corpus, out, oc)) == 0
@@ -247,7 +247,7 @@ def test_cache_shows_rates_and_summarises_bad_samples(tiny_corpus, tiny_teachers
         rows[6]["caption"] = ""
 
     data = copy_corpus(tiny_corpus, tmp_path / "c" / "corpus.csv", edit)
-    keys = [l.split(",")[-1] for l in data.read_text().splitlines()[1:]]
+    keys = [ln.split(",")[-1] for ln in data.read_text().splitlines()[1:]]
     out = tmp_path / "f.h5"
     assert main(_cache_argv(data, out, f"oc={tiny_teachers['oc']}", f"hf={tiny_teachers['hf']}")) == 0
     cap = capsys.readouterr()
@@ -262,9 +262,6 @@ def test_cache_shows_rates_and_summarises_bad_samples(tiny_corpus, tiny_teachers
 
 
 def test_info_on_views_bad_samples_and_an_incomplete_teacher(tiny_corpus, tiny_teachers, tmp_path, capsys):
-    from cache import FeatureReader, open_corpus
-    from teachers import load_teacher
-
     data = copy_corpus(tiny_corpus, tmp_path / "c" / "corpus.csv", lambda rows: rows[9].update(caption=" "))
     out = tmp_path / "f.h5"
     # hf stops at the empty caption (row 9): chunks of 4 before it are kept, the teacher is incomplete
@@ -307,8 +304,6 @@ def test_info_on_views_bad_samples_and_an_incomplete_teacher(tiny_corpus, tiny_t
 
 
 def test_ctrl_c_says_how_to_resume(monkeypatch, tmp_path, capsys):
-    import cache.build.run
-
     def interrupted(job):
         raise KeyboardInterrupt
 
@@ -340,8 +335,6 @@ def test_distill_train_prints_its_result(tiny_corpus, tmp_path, capsys):
         == 0
     )
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    import json
-
     result = json.loads(last)
     assert result["step"] == 2 and result["output_dir"] == str(out) and "infonce" in result["losses"]
     assert result["checkpoint"].endswith("checkpoint-2")

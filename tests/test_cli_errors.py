@@ -16,12 +16,19 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import save_file
 
+import cache.store.segment_writer as SW
+import distill.cli
 from distill.cli import main
 from distill.errors import BAD_INPUT, ENVIRONMENT, describe
+from student import build_student
+from student.tokenizer import train_wordpiece
+from teachers.weights import DamagedWeightsError
 
 as_root = os.geteuid() == 0 if hasattr(os, "geteuid") else False
 needs_non_root = pytest.mark.skipif(as_root, reason="permissions do not bite root")
@@ -44,11 +51,6 @@ def run(tiny_corpus, tmp_path_factory) -> Path:
 
 def make_run_folder(tiny_corpus: Path, root: Path) -> Path:
     """A run folder as training leaves it: student/ (build_student) and checkpoint-1/model.safetensors."""
-    from safetensors.torch import save_file
-
-    from student import build_student
-    from student.tokenizer import train_wordpiece
-
     with open(tiny_corpus, newline="") as f:
         captions = [row["caption"] for row in csv.DictReader(f)]
     tok = train_wordpiece(captions, root / "tok", vocab_size=200, model_max_length=16)
@@ -147,8 +149,6 @@ def test_eval_of_an_hf_clip_folder_with_truncated_weights(tiny_teachers, task, t
 
 
 def test_verbose_shows_the_traceback(export, task, tmp_path):
-    from teachers.weights import DamagedWeightsError
-
     bad = damaged_copy(export, tmp_path / "t", WEIGHTS, lambda b: b[:100])
     with pytest.raises(DamagedWeightsError) as e:
         main(["-v", *eval_argv(f"local-dir:{bad.parent}", task, tmp_path / "r")])
@@ -251,8 +251,6 @@ def test_cache_into_a_read_only_folder(tiny_corpus, tiny_teachers, tmp_path, cap
 
 
 def test_cache_full_disk_keeps_committed_rows_and_resumes(tiny_corpus, tiny_teachers, tmp_path, capsys, monkeypatch):
-    import cache.store.segment_writer as SW
-
     out = tmp_path / "f.h5"
     real_write, calls = SW._pwrite_all, []
 
@@ -276,8 +274,6 @@ def test_cache_full_disk_keeps_committed_rows_and_resumes(tiny_corpus, tiny_teac
 
 # -- export and corpus: full disk ---------------------------------------------------------------------------
 def test_export_full_disk_names_the_weights_file(run, tmp_path, capsys, monkeypatch):
-    import safetensors.torch
-
     def full(tensors, filename, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(filename))
 
@@ -367,8 +363,6 @@ def test_describe_wrapped_disk_error_is_environment():
 
 
 def test_a_bug_keeps_its_traceback_and_says_so(monkeypatch, capsys):
-    import distill.cli
-
     def boom(args):
         raise ZeroDivisionError("oops")
 

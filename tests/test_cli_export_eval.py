@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from distill.cli import main
 from distill.training.heads import ProjectionHeads
 from student import build_student, load_student
+from student.tokenizer import train_wordpiece
 
 STEP = 4
 
@@ -25,8 +26,6 @@ STEP = 4
 @pytest.fixture(scope="module")
 def run(tiny_corpus, tmp_path_factory) -> Path:
     """A run folder as the trainer leaves it: student/ (build_student), run_meta.json, checkpoint-4/."""
-    from student.tokenizer import train_wordpiece
-
     with open(tiny_corpus, newline="") as f:
         captions = [row["caption"] for row in csv.DictReader(f)]
     tok = train_wordpiece(captions, tmp_path_factory.mktemp("tok"), vocab_size=300, model_max_length=32)

@@ -23,6 +23,7 @@ from distill.config.file import MAX_CONFIG_BYTES
 from distill.config.loss_names import BUILTIN_TERMS
 from distill.config.train_config import Config
 from distill.errors import BAD_INPUT
+from distill.losses import LOSSES
 from teachers import TeacherLoadError, load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,8 +126,6 @@ def test_static_and_full_checks_agree_on_a_good_config(tiny_corpus):
 
 def test_builtin_term_names_match_the_registry():
     """distill.config.loss_names.BUILTIN_TERMS (read before torch) says what the registered term classes say."""
-    from distill.losses import LOSSES
-
     assert {k: bool(LOSSES.get(k).uses_teachers) for k in BUILTIN_TERMS} == BUILTIN_TERMS
     assert set(BUILTIN_TERMS) <= set(LOSSES.list())
 

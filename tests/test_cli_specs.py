@@ -15,12 +15,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+import transformers.dynamic_module_utils as dmu
 from test_cli_errors import eval_argv, one_error_line, run, task  # noqa: F401  (fixtures)
 
+import distill.launch_check as launch_check
 from distill.cli import main
+from distill.config.train_config import Config
 from distill.errors import BAD_INPUT
 from distill.launch_check import process_mismatch, requested_processes
 from distill.tiny_models import make_tiny_hf_clip
+from distill.train import train
 from teachers import TeacherLoadError, load_teacher
 
 PLANTED = "open({marker!r}, 'w').write('the planted code ran')\n"
@@ -29,8 +33,6 @@ PLANTED = "open({marker!r}, 'w').write('the planted code ran')\n"
 @pytest.fixture(autouse=True)
 def modules_cache(tmp_path, monkeypatch):
     """Remote code is copied into transformers' modules cache: a temporary one, not the user's."""
-    import transformers.dynamic_module_utils as dmu
-
     monkeypatch.setattr(dmu, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
 
 
@@ -87,7 +89,7 @@ def test_auto_map_refused_at_the_command_line_and_the_flag_is_the_only_gate(clip
     line = one_error_line(capsys, "cache")
     assert f"SPEC 'hf:{folder}'" in line and "pass --trust-remote-code" in line and not marker.exists()
     # with the flag, transformers follows the auto_map: the folder's own code is what runs (here: the planted file)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (the planted stub fails somewhere in transformers; the marker is the check)
         load_teacher(f"hf:{folder}", trust_remote_code=True)
     assert marker.read_text() == "the planted code ran"
 
@@ -155,10 +157,6 @@ def test_requested_processes_from_the_launchers_environment():
 
 
 def test_one_process_where_two_were_asked_for_warns_with_the_cpu_recipe(tiny_corpus, tmp_path, monkeypatch, caplog):
-    import distill.launch_check as launch_check
-    from distill.config.train_config import Config
-    from distill.train import train
-
     for k, v in SIMPLE_LAUNCHER_ENV.items():  # what `accelerate launch --cpu --num_processes 2` exports
         monkeypatch.setenv(k, v)
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):

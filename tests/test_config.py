@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from distill.config.train_config import Config, ConfigError
+from distill.training.build_run import resolve_threads
 from distill.training.optim import accum_for_epoch, global_batch_for_epoch, lr_factor, param_groups, total_steps
+from student.presets import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"mode": "contrastive", "data": {"corpus": "c.csv"}}
@@ -42,8 +44,6 @@ def test_biomedclip_recipe_values():
     assert cfg.train.batch_schedule == ((0, 4096),)  # global batch 4k whatever the number of GPUs
     assert [global_batch_for_epoch(cfg.train, cfg.data.batch_size, n, 0) for n in (1, 8, 16)] == [4096] * 3
     assert [accum_for_epoch(cfg.train, cfg.data.batch_size, n, 0) for n in (1, 8, 16)] == [16, 2, 1]
-    from student.presets import get_preset
-
     model_cfg = get_preset(cfg.student.preset).model_cfg
     assert model_cfg["embed_dim"] == 512 and model_cfg["text_cfg"]["context_length"] == 256
     assert model_cfg["vision_cfg"]["timm_model_name"] == "vit_base_patch16_224"
@@ -270,8 +270,6 @@ def test_routing_confidence_and_threads_errors():
 
 
 def test_thread_count_obeys_the_config_key_then_omp_num_threads():
-    from distill.training.build_run import resolve_threads
-
     assert resolve_threads(3, env={"OMP_NUM_THREADS": "5"}, cores=16) == (3, "train.threads")
     assert resolve_threads(None, env={"OMP_NUM_THREADS": "5"}, cores=16) == (5, "OMP_NUM_THREADS")
     assert resolve_threads(None, env={}, cores=16, num_local_processes=4)[0] == 4

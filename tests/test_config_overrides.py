@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from distill.cli import main
 from distill.config.train_config import Config, ConfigError, LossTermCfg
 from distill.losses import CombineCfg, DistillLoss
 from teachers.kernel.config_model import UnknownNameError
@@ -129,8 +130,6 @@ def test_student_image_size_is_the_key():
 
 
 def test_train_help_lists_every_key_through_both_entry_points():
-    from distill.cli import main
-
     for argv in (["train", "--help"], ["train", "-h"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
@@ -156,8 +155,6 @@ def test_train_help_lists_every_key_through_both_entry_points():
 
 
 def test_cli_help_prints_the_keys(capsys):
-    from distill.cli import main
-
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out

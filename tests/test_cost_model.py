@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from benchmarks import cost_model
+
 
 def test_cost_model_counts_vit_b32_and_sizes_the_cache(tmp_path):
-    from benchmarks import cost_model
-
     out = tmp_path / "cost.json"
     cost_model.main(
         [

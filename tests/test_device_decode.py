@@ -16,10 +16,12 @@ import torch
 from PIL import Image
 from train_fixtures import read_log, tiny_config, tiny_tokenizer  # noqa: F401  (fixture)
 
+import distill.data.loader
 from cache.sources.corpus import open_corpus
 from cache.sources.image_decode import BadSampleError, DecodeLimits, jpeg_size
 from distill.data.device_decode import EncodedImages, decode_into
 from distill.data.loader import Collate, DataError, PairDataset, make_uint8_view_transform
+from distill.train import train
 from teachers.transforms import PreprocessCfg, apply_view, view_box
 
 
@@ -137,9 +139,6 @@ def test_dataset_sends_jpegs_encoded_with_the_worker_s_crop_and_decodes_the_rest
 
 
 def test_training_with_device_decoding_matches_worker_decoding(jpeg_corpus, tiny_tokenizer, tmp_path, monkeypatch):
-    import distill.data.loader
-    from distill.train import train
-
     calls = []
     real = distill.data.loader.decode_into
     monkeypatch.setattr(

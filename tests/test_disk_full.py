@@ -8,6 +8,7 @@ on a full disk; before the fix that process segfaulted, exit 139).
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import resource
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import h5py
 import pytest
+import safetensors
+import safetensors.torch
 from test_cli_errors import make_run_folder, one_error_line
 
 from distill.cli import main
@@ -182,8 +185,6 @@ def test_cache_at_the_file_size_limit_exits_1_without_a_crash(tiny_corpus, tiny_
 # -- 3. export onto a full disk: the old folder, or nothing ------------------------------------------------------
 def _full_safetensors(monkeypatch, after_bytes: int = 1000):
     """safetensors' save_file on a full disk: part of the file written, then its own error (os error 28)."""
-    import safetensors
-    import safetensors.torch
 
     def save_file(tensors, filename, *a, **k):
         Path(filename).write_bytes(b"\0" * after_bytes)
@@ -247,8 +248,6 @@ def test_a_teacher_that_does_not_load_leaves_no_empty_cache(tiny_corpus, tmp_pat
 
 def _corpus_with_missing(tiny_corpus: Path, tmp_path: Path, missing: int) -> Path:
     """The tiny corpus with its first `missing` rows pointing at images that do not exist."""
-    import csv
-
     with open(tiny_corpus, newline="") as f:
         rows = list(csv.DictReader(f))
     for i, row in enumerate(rows):

@@ -43,7 +43,7 @@ GLOBAL_OPTIONS = ("-v", "--verbose", "--version", "-h", "--help")
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$")
-REPO_PATH = re.compile(r"`((?:%s)/[^`\s]*)`" % "|".join(ROOMS))
+REPO_PATH = re.compile(r"`((?:{})/[^`\s]*)`".format("|".join(ROOMS)))
 
 
 # -- checkers ------------------------------------------------------------------------------------------------

@@ -11,8 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_fixtures import tiny_cache, tiny_tokenizer  # noqa: F401  (fixtures)
+import torch
+from accelerate.data_loader import BatchSamplerShard
+from test_train_distributed import _launch
+from torch.utils.data import BatchSampler
+from train_fixtures import load_weights, read_log, tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
 
+import distill.train as train_mod
+from cache.sources.corpus import open_corpus
+from distill.config.train_config import Config, ConfigError, DataCfg
+from distill.config.usage import config_help
+from distill.data.domains import build_balance, domain_ids, load_domains
+from distill.data.loader import DataError
 from distill.data.samplers import Dealing, DomainBalance, EpochSampler
 
 SIZES = (1600, 300, 100)  # a skewed corpus: the last domain is 5% of the rows (breast in issue 17: 4.7%)
@@ -112,9 +122,6 @@ def test_determinism_per_seed_and_epoch():
 def test_two_ranks_share_the_one_process_sequence(block):
     """Accelerate's own sharding (BatchSamplerShard: global batch g = rank 0's batch g then rank 1's) over the
     2-process loader gives back exactly the 1-process sequence: the order does not depend on the process count."""
-    from accelerate.data_loader import BatchSamplerShard
-    from torch.utils.data import BatchSampler
-
     ids = _ids()
     kw = {"block_ids": np.arange(len(ids)) // 256, "buffer_blocks": 2} if block else {}
     one = [i for _, i in _sampler(ids, 0.0, seed=4, global_batch=B, **kw)]
@@ -168,23 +175,16 @@ def _corpus(tmp_path: Path, domains, name="c.csv") -> Path:
 
 
 def _data(**kw):
-    from distill.config.train_config import DataCfg
-
     return DataCfg(**kw)
 
 
 @pytest.mark.parametrize("value", [1.5, -0.1, float("nan")])
 def test_config_refuses_alpha_outside_0_1(value):
-    from distill.config.train_config import Config, ConfigError
-
     with pytest.raises(ConfigError, match=r"data.domain_balance must be in \[0, 1\]"):
         Config.from_dict({"data": {"domain_balance": value}})
 
 
 def test_config_refuses_an_empty_column_name_and_documents_both_keys():
-    from distill.config.train_config import Config, ConfigError
-    from distill.config.usage import config_help
-
     with pytest.raises(ConfigError, match="data.domain_column must name a corpus column"):
         Config.from_dict({"data": {"domain_column": " "}})
     text = config_help(Config)
@@ -192,11 +192,6 @@ def test_config_refuses_an_empty_column_name_and_documents_both_keys():
 
 
 def test_domain_ids_and_corpus_errors(tmp_path, caplog):
-    from cache.sources.corpus import open_corpus
-    from distill.config.train_config import ConfigError
-    from distill.data.domains import build_balance, domain_ids, load_domains
-    from distill.data.loader import DataError
-
     corpus = open_corpus(_corpus(tmp_path, ["b", "a", "b", " c "]))
     ids, names = domain_ids(corpus, "domain")
     assert ids.tolist() == [1, 0, 1, 2] and names == ["a", "b", "c"]
@@ -249,8 +244,6 @@ def _domain_corpus(tiny_corpus: Path, out: Path) -> Path:
 
 
 def _cfg(corpus, cache, out, tokenizer, alpha, **kw):
-    from train_fixtures import tiny_config
-
     # 32 rows, 8 per step: 4 steps per epoch; data.sampler auto: block_shuffle (a cache is read)
     kw = {
         "train__max_steps": 7,
@@ -269,11 +262,6 @@ def test_log_counts_rows_per_domain_and_resume_repeats_them(
     quotas 32/3 each -> 11, 11, 10 (the 2 rows left go to the lowest ids on the tie), where alpha 1 gives the
     corpus's 24, 6, 2. A run killed after checkpoint-5 and resumed logs the same counts and losses as one that
     never stopped."""
-    import torch
-    from train_fixtures import load_weights, read_log
-
-    import distill.train as train_mod
-
     corpus = _domain_corpus(tiny_corpus, tmp_path / "corpus" / "corpus.csv")
     plain = tmp_path / "plain"
     train_mod.train(_cfg(corpus, tiny_cache, plain, tiny_tokenizer, 1.0, train__max_steps=4))
@@ -317,10 +305,6 @@ def test_log_counts_rows_per_domain_and_resume_repeats_them(
 def test_grad_cache_merged_batches_count_the_same_rows(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path):
     """data.micro_batch_size with accumulation 2 (GradCache merges the step's batches into one): 16 draws per step,
     so step 2 closes epoch 0 with the same quotas 11, 11, 10 as 4 steps of 8."""
-    from train_fixtures import read_log
-
-    import distill.train as train_mod
-
     corpus = _domain_corpus(tiny_corpus, tmp_path / "corpus" / "corpus.csv")
     out = tmp_path / "gc"
     train_mod.train(
@@ -344,10 +328,6 @@ def test_grad_cache_merged_batches_count_the_same_rows(tiny_corpus, tiny_cache, 
 def test_two_processes_equal_one_with_balance(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path):
     """Two processes (gloo on CPU) with 4 rows each draw the balanced rows of one process with 8: the same
     rows_per_domain in log.jsonl (summed over processes) and the same weights."""
-    import torch
-    from test_train_distributed import _launch
-    from train_fixtures import load_weights, read_log
-
     corpus = _domain_corpus(tiny_corpus, tmp_path / "corpus" / "corpus.csv")
     runs = {}
     for name, nproc, per_device in [("one", 1, 8), ("two", 2, 4)]:

@@ -18,12 +18,18 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from gloo_helpers import counting_gloo_group
 from test_losses import U, aff_tol, logit_err, nce_grad_err, nce_tol, sigmoid_aff_tol
-from train_fixtures import tiny_cache, tiny_tokenizer  # noqa: F401  (fixtures)
+from train_fixtures import tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
 
+from cache.sources.corpus import open_corpus
 from distill.config.train_config import Config, ConfigError, DataCfg, RoutingCfg
+from distill.data.cache_join import route_mask
+from distill.data.loader import Collate, DataError
 from distill.losses import CombineCfg, DistillLoss, LossTermCfg, StepContext, StudentOutput, TeacherBatch
 from distill.losses.distributed import StepGather
 from distill.losses.terms import Affinity
+from distill.train import make_accelerator, train
+from distill.training.build_run import build_run, loss_domains, teacher_batch
+from distill.training.grad_cache import merge_batches
 from teachers.kernel.modality import Pair
 
 N, E, D = 6, 4, 3
@@ -97,12 +103,12 @@ def _hand_affinity(student, teacher, t_scale, domains=None, captions=None, kl=Fa
             p_t = torch.softmax(t_scale * teacher[mine][i] @ teacher[other][cols].T, 0)
             if captions is not None:
                 classes = sorted({int(captions[j]) for j in cols})
-                merge = lambda p: torch.stack(
-                    [
-                        sum(p[k] for k, j in enumerate(cols) if int(captions[j]) == c)  # noqa
-                        for c in classes
-                    ]
-                )
+
+                def merge(p, cols=cols, classes=classes):  # called at once, in this iteration
+                    return torch.stack(
+                        [sum(p[k] for k, j in enumerate(cols) if int(captions[j]) == c) for c in classes]
+                    )
+
                 p_s, p_t = merge(p_s), merge(p_t)
             v = -(p_t * p_s.log()).sum()
             per_dir.append(v + (p_t * p_t.log()).sum() if kl else v)
@@ -276,10 +282,6 @@ def domain_corpus(tmp_path) -> Path:
 
 
 def test_routing_weights_by_column_value_and_their_errors(domain_corpus):
-    from cache.sources.corpus import open_corpus
-    from distill.data.cache_join import route_mask
-    from distill.data.loader import DataError
-
     corpus = open_corpus(domain_corpus)
     r = route_mask(
         RoutingCfg(column="site", teachers={"breast": ("oc",), "derm": ("oc",)}, weights={"breast": 4.0}),
@@ -301,11 +303,6 @@ def test_routing_weights_by_column_value_and_their_errors(domain_corpus):
 
 # -- how domain ids reach the loss, and the errors ----------------------------------------------------------------
 def test_domains_and_row_weights_travel_from_collate_to_the_loss(domain_corpus):
-    from cache.sources.corpus import open_corpus
-    from distill.data.loader import Collate, DataError
-    from distill.training.build_run import loss_domains, teacher_batch
-    from distill.training.grad_cache import merge_batches
-
     collate = Collate(
         lambda caps: torch.zeros(len(caps), 3, dtype=torch.long),
         domains=np.array([1, 0, 1]),
@@ -458,12 +455,6 @@ def test_two_processes_equal_one_process(tmp_path):
 # -- a tiny run ----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_tiny_run_trains_domain_local_with_per_domain_weights(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path):
-    from train_fixtures import tiny_config
-
-    from distill.data.loader import DataError
-    from distill.train import make_accelerator, train
-    from distill.training.build_run import build_run
-
     with open(tiny_corpus, newline="") as f:
         rows = list(csv.DictReader(f))
     corpus = tiny_corpus.parent / "corpus_domains.csv"  # beside the images its paths name

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from distill.cli import main
+from teachers import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,8 +144,6 @@ def test_cache_train_export_eval_on_real_data(shared_data, tiny_teachers, tmp_pa
 def test_demo_runs_the_whole_pipeline(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "12", "--teacher-steps", "8", "--rows", "48"]) == 0
-    from teachers import load_teacher
-
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["train"]["step"] == 12
     for rel in [

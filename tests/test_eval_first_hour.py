@@ -14,12 +14,15 @@ import pytest
 import yaml
 from PIL import Image
 
+from benchmarks import open_clip_baseline, train_overhead
 from distill.cli import main
 from distill.eval.bootstrap import Estimate
 from distill.eval.chance import majority_share
 from distill.eval.classification import classification_metrics
 from distill.eval.compare import overall_summary
 from distill.eval.report import build_report, console_lines, markdown_table, model_label
+from distill.eval.runner import _task_info
+from distill.eval.tasks import load_task
 from student.card import CardTeacher, ModelCard, make_model_card
 from student.run_files import student_config_dir
 from student.shown_paths import shown_path, shown_spec
@@ -226,9 +229,6 @@ def test_cli_eval_prints_verdicts_and_ships_no_absolute_paths(task_file, tiny_te
 
 
 def test_builtin_task_source_is_its_name(tmp_path):
-    from distill.eval.runner import _task_info
-    from distill.eval.tasks import load_task
-
     task = load_task("pneumoniamnist-zeroshot")
     info = _task_info(task, {}, tmp_path)
     assert info["source"] == "built-in task pneumoniamnist-zeroshot" and not info["dataset"].startswith("/")
@@ -259,8 +259,6 @@ def test_run_student_config_folder_and_runs_from_before_the_rename(tmp_path):
 
 
 def test_train_overhead_without_the_bench_extra_says_which_extra(monkeypatch, capsys):
-    from benchmarks import open_clip_baseline, train_overhead
-
     monkeypatch.setattr(open_clip_baseline, "BENCH_MODULES", ("json", "no_such_module_for_this_test"))
     assert train_overhead.main([]) == 2
     err = capsys.readouterr().err

@@ -131,10 +131,10 @@ def test_bootstrap_contains_point_narrows_and_is_seeded():
     for n in (40, 2000):
         y = rng.integers(0, 2, n)
         pred = np.where(rng.random(n) < 0.8, y, 1 - y)
-        est = bootstrap({"acc": lambda i: M.accuracy(y[i], pred[i])}, n, resamples=300, seed=3)["acc"]
+        est = bootstrap({"acc": lambda i, y=y, pred=pred: M.accuracy(y[i], pred[i])}, n, resamples=300, seed=3)["acc"]
         assert est.ci_low <= est.point <= est.ci_high and est.n == n
         widths.append(est.ci_high - est.ci_low)
-        again = bootstrap({"acc": lambda i: M.accuracy(y[i], pred[i])}, n, resamples=300, seed=3)["acc"]
+        again = bootstrap({"acc": lambda i, y=y, pred=pred: M.accuracy(y[i], pred[i])}, n, resamples=300, seed=3)["acc"]
         assert again == est
     assert widths[1] < widths[0] / 3  # ~1/sqrt(n): 40 -> 2000 samples is ~7x narrower
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +14,14 @@ import torch
 import yaml
 from PIL import Image
 
-from distill.eval import EvalJob, is_our_export, list_tasks, run_eval
+from distill.eval import EvalJob, is_our_export, list_tasks, pick_student, run_eval
 from distill.eval.bootstrap import Estimate
+from distill.eval.compare import overall_summary
 from distill.eval.datasets import load_splits
 from distill.eval.embeddings import EmbeddingCache
 from distill.eval.report import build_report, markdown_table
 from distill.eval.tasks import load_task
+from distill.tiny_models import make_tiny_open_clip
 from teachers import Teacher, load_teacher
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -26,8 +30,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def student_spec(tmp_path_factory) -> str:
     """A third tiny open_clip model dressed as our export (its model card names biomed-distill)."""
-    from distill.tiny_models import make_tiny_open_clip
-
     d = make_tiny_open_clip(tmp_path_factory.mktemp("student") / "s", embed_dim=24, seed=7)
     (d / "README.md").write_text("# student\nDistilled with biomed-distill from two teachers.\n")
     return f"local-dir:{d}"
@@ -48,14 +50,12 @@ def tmp_tasks(tmp_path_factory) -> list[str]:
             f"img/{i}.png,{['dark', 'grey', 'bright'][label]},a {['dark', 'grey', 'bright'][label]} scan {i % 6}"
         )
     (root / "data.csv").write_text("image,label,caption\n" + "\n".join(rows) + "\n")
-    np.savez(
-        root / "toy.npz",
-        **{
-            f"{s}_images": rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
-            for s, n in (("train", 30), ("val", 12), ("test", 20))
-        },
-        **{f"{s}_labels": (np.arange(n) % 2)[:, None] for s, n in (("train", 30), ("val", 12), ("test", 20))},
-    )
+    arrays: dict[str, np.ndarray] = {
+        f"{s}_images": rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        for s, n in (("train", 30), ("val", 12), ("test", 20))
+    }
+    arrays.update({f"{s}_labels": (np.arange(n) % 2)[:, None] for s, n in (("train", 30), ("val", 12), ("test", 20))})
+    np.savez(root / "toy.npz", **arrays)  # type: ignore[arg-type]  # numpy's stub: a **dict might fill allow_pickle
     tasks = {
         "toy-zeroshot": {
             "kind": "zeroshot",
@@ -129,7 +129,7 @@ def test_report_student_vs_two_teachers(tmp_path, tiny_teachers, student_spec, t
     assert "| task | metric | oc | hf | ours (student) | chance | ours − best teacher |" in md
     acc = zs["metrics"]["accuracy"]
     best = max(acc, key=lambda m: acc[m]["point"])
-    line = next(l for l in md.splitlines() if l.startswith("| toy-zeroshot | accuracy |"))
+    line = next(ln for ln in md.splitlines() if ln.startswith("| toy-zeroshot | accuracy |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[2 + list(models).index(best)].startswith("**")
     d = zs["differences"]["accuracy"]["student_minus_best_teacher"]
@@ -177,9 +177,6 @@ def test_embedding_cache_on_disk_is_reused(tmp_path, tiny_teachers, tmp_tasks):
 
 def test_embedding_cache_on_disk_notices_new_weights(tmp_path, tiny_teachers, tmp_tasks):
     """A model re-exported into the same folder keeps its SPEC but must not get the old embeddings back."""
-    import os
-    import shutil
-
     folder = tmp_path / "model"
     shutil.copytree(tiny_teachers["hf"].split(":", 1)[1], folder)
     test = load_splits(load_task(tmp_tasks[0]))["test"]
@@ -242,8 +239,6 @@ def test_baseline_roles_and_paired_resamples_for_every_task_kind(tmp_path, tiny_
     """The same model under two names, as student and baseline: on every task kind (zero-shot, retrieval, linear
     probe, fine-tuning) the paired difference is exactly 0 with interval [0, 0], which holds only if both names
     were scored on identical bootstrap resamples."""
-    from distill.eval.compare import overall_summary
-
     root = Path(tmp_tasks[0]).parent
     ft = root / "toy-finetune.yaml"
     ft.write_text(
@@ -320,6 +315,4 @@ def test_baseline_must_be_a_model_and_not_the_student(tmp_path, tiny_teachers, t
         EvalJob(student="a", baselines=("a",), **kw)
     with pytest.raises(ValueError, match="every model is a baseline"):
         EvalJob(baselines=("a", "b"), **kw)
-    from distill.eval import pick_student
-
     assert pick_student(EvalJob(baselines=("a",), **kw)) == "b"  # the default student is never a baseline

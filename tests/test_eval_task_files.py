@@ -9,6 +9,9 @@ import pytest
 import yaml
 from test_eval_tasks import write_csv
 
+from cache.sources.synthetic import SHAPES
+from distill.cli import main
+from distill.demo import _write_demo_tasks
 from distill.eval import EVALUATORS, DatasetCfg, FinetuneCfg, ProbeCfg, TaskError, TaskKind, list_tasks, load_task
 from distill.eval.retrieval import evaluate_retrieval
 from distill.eval.zeroshot import evaluate_zeroshot
@@ -120,8 +123,6 @@ def test_task_errors_are_config_errors_of_one_line(tmp_path):
 
 
 def test_cli_eval_prints_a_bad_task_file_in_one_line(tmp_path, capsys):
-    from distill.cli import main
-
     f = write_task(
         tmp_path / "t.yaml", name="t", kind="zeroshot", classes=["a", "b"], dataset={"path": "x.csv", "fromat": "csv"}
     )
@@ -201,9 +202,6 @@ def test_builtin_tasks_load_to_their_values(monkeypatch, tmp_path):
 
 
 def test_demo_task_files_load(tmp_path):
-    from cache.sources.synthetic import SHAPES
-    from distill.demo import _write_demo_tasks
-
     held = write_csv(
         tmp_path / "heldout.csv", ["image", "caption"], [[f"img/{i}.png", f"a {s} here"] for i, s in enumerate(SHAPES)]
     )

@@ -11,21 +11,27 @@ import sys
 import textwrap
 from pathlib import Path
 
+import huggingface_hub
+import open_clip
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from distill.training.heads import ProjectionHeads
 from student import build_student, export_checkpoint, export_student, load_student
+from student.build import instantiate
 from student.card import ModelCard, metrics_table
+from student.export import push_to_hub
+from student.tokenizer import train_wordpiece
+from teachers import load_teacher
+from teachers.open_clip_teacher import local_dir_overrides
 
 TEXTS = ["a ct scan of a red circle in the upper left", "an mri of a blue square", "ultrasound"]
 
 
 @pytest.fixture(scope="module")
 def wordpiece(tiny_corpus, tmp_path_factory) -> Path:
-    from student.tokenizer import train_wordpiece
-
     with open(tiny_corpus, newline="") as f:
         captions = [row["caption"] for row in csv.DictReader(f)]
     return train_wordpiece(captions, tmp_path_factory.mktemp("tok"), vocab_size=300, model_max_length=32)
@@ -43,9 +49,6 @@ def run_dir(wordpiece, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(run_dir):
     """The tiny student with non-initial weights (so a load that ignored the file could not pass)."""
-    from student.build import instantiate
-    from teachers.open_clip_teacher import local_dir_overrides
-
     cfg = json.loads((run_dir / "student" / "open_clip_config.json").read_text())
     model = instantiate({**cfg["model_cfg"], **local_dir_overrides(run_dir / "student")}, cfg["preprocess_cfg"])
     torch.manual_seed(7)
@@ -87,8 +90,6 @@ STOCK_LOAD = textwrap.dedent("""
 
 
 def test_export_loads_in_stock_open_clip_fresh_process(run_dir, trained, tmp_path):
-    import open_clip
-
     out = export_student(trained, run_dir / "student", tmp_path / "export", card=ModelCard(name="tiny-export", steps=3))
     names = {p.name for p in out.iterdir()}
     assert {
@@ -132,10 +133,6 @@ def test_export_loads_in_stock_open_clip_fresh_process(run_dir, trained, tmp_pat
 
 
 def test_load_student_after_move(run_dir, trained, tmp_path, monkeypatch):
-    import open_clip
-
-    from teachers import load_teacher
-
     monkeypatch.chdir(tmp_path)
     out = export_student(trained, run_dir / "student", Path("a") / "export")  # a relative --out
     text = json.loads((out / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
@@ -145,7 +142,7 @@ def test_load_student_after_move(run_dir, trained, tmp_path, monkeypatch):
     moved.parent.mkdir()
     shutil.move(str(out), str(moved))
     assert not out.exists()
-    with pytest.raises(Exception):  # stock open_clip follows the stale absolute path
+    with pytest.raises(Exception):  # noqa: B017 (stock open_clip follows the stale absolute path; its error is its own)
         open_clip.create_model_and_transforms(f"local-dir:{moved}")
     model, preprocess, tokenizer = load_student(moved)
     assert not model.training
@@ -156,8 +153,6 @@ def test_load_student_after_move(run_dir, trained, tmp_path, monkeypatch):
     with torch.no_grad():
         t_img, t_txt = teacher.encode_image(_inputs()), teacher.encode_text(teacher.tokenize(TEXTS))
     assert (t_img - ref_img).abs().max().item() <= 1e-5 and (t_txt - ref_txt).abs().max().item() <= 1e-5
-    from PIL import Image
-
     x = preprocess(Image.new("RGB", (48, 40), (200, 10, 10)))
     assert x.shape == (3, 32, 32)
     with pytest.raises(FileNotFoundError, match="no weights"):
@@ -300,10 +295,6 @@ def test_metrics_table_shapes():
 
 def test_push_to_hub_stages_a_hub_loadable_folder(run_dir, trained, tmp_path, monkeypatch):
     """No network here: HfApi is replaced by a recorder; what would be uploaded is checked instead."""
-    import huggingface_hub
-
-    from student.export import push_to_hub
-
     out = export_student(trained, run_dir / "student", tmp_path / "export")
     calls = []
 

@@ -9,11 +9,17 @@ import logging
 import shutil
 from pathlib import Path
 
+import httpx2
+import huggingface_hub
+import open_clip.pretrained
 import pytest
+import transformers.utils.hub
+from huggingface_hub import constants
 
 from cache.sources.synthetic import make_synthetic_corpus
 from distill.cli import main
 from distill.demo import _quiet_info, _write_demo_tasks
+from distill.logs import setup_logging
 from student.card import CardTeacher, ModelCard, make_model_card
 from student.export import card_from_run
 from student.run_files import (
@@ -26,6 +32,7 @@ from student.run_files import (
     write_run_meta,
     write_train_state,
 )
+from teachers import TeacherLoadError, load_teacher
 
 MODEL_CFG = {
     "embed_dim": 64,
@@ -136,8 +143,6 @@ def test_run_files_round_trip_and_feed_the_card(tmp_path):
 
 
 def test_the_demo_hides_our_info_lines_unless_verbose():
-    from distill.logs import setup_logging
-
     ours = logging.getLogger("distill.train")
     setup_logging(verbose=False)
     assert ours.isEnabledFor(logging.INFO)
@@ -156,10 +161,6 @@ def test_the_demo_hides_our_info_lines_unless_verbose():
 @pytest.fixture
 def empty_hub(tmp_path, monkeypatch):
     """An empty hub cache; every download function counts its calls (none may happen) and fails."""
-    import open_clip.pretrained
-    import transformers.utils.hub
-    from huggingface_hub import constants
-
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     calls = []
 
@@ -181,10 +182,6 @@ def empty_hub(tmp_path, monkeypatch):
     ],
 )
 def test_uncached_hub_model_fails_at_once_when_offline(spec, repo, empty_hub, monkeypatch):
-    from huggingface_hub import constants
-
-    from teachers import TeacherLoadError, load_teacher
-
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(TeacherLoadError, match=rf"(?s){repo} is not in the Hugging Face cache .*HF_HUB_OFFLINE=1"):
         load_teacher(spec)
@@ -192,12 +189,6 @@ def test_uncached_hub_model_fails_at_once_when_offline(spec, repo, empty_hub, mo
 
 
 def test_unreachable_hub_is_asked_once_without_retries(empty_hub, monkeypatch):
-    import httpx2
-    import huggingface_hub
-    from huggingface_hub import constants
-
-    from teachers import TeacherLoadError, load_teacher
-
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     probes = []
 

@@ -22,6 +22,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -31,6 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from distill.cli import main
 from teachers.base import Teacher
 from teachers.transforms import PreprocessCfg
 
@@ -152,7 +154,7 @@ def write_table(root: Path, fmt: str, items: list[Sample], fault: str | None, at
     keys = [f"k{i}" for i in range(len(items))]
     captions = {k: caption_of(k, s) for k, s in zip(keys, items)}
     (root / "img").mkdir()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for k, s in zip(keys, items):
         data = image_bytes(s)
         path = root / "img" / f"{k}.png"
@@ -202,9 +204,9 @@ def write_table(root: Path, fmt: str, items: list[Sample], fault: str | None, at
         mark = rows[at]["key"].encode() + b".png"  # present in every format, whichever column is kept
         pos = data.index(mark) + len(rows[at]["key"])
         data = data[:pos] + b"\xff" + data[pos:]
-        line, column = _utf8_position(data, pos)
+        line_no, col = _utf8_position(data, pos)
         exp.file = name
-        exp.message = rf"line {line}: not UTF-8 \(byte 0xff at column {column}\); save the file as UTF-8"
+        exp.message = rf"line {line_no}: not UTF-8 \(byte 0xff at column {col}\); save the file as UTF-8"
     elif fault == "empty_file":
         data = b""
         exp.file, exp.message = name, "empty file"
@@ -276,8 +278,6 @@ def write_shards(root: Path, items: list[Sample], fault: str | None, at: int, sp
 
 # -- running the command and checking what it did ---------------------------------------------------------------
 def run_cache(data: Path, out: Path) -> tuple[int, str]:
-    from distill.cli import main
-
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         rc = main(
@@ -310,6 +310,7 @@ def check(data: Path, out: Path, exp: Expect) -> None:
     rc, err = run_cache(data, out)
     assert "Traceback" not in err, err
     if exp.file is not None:
+        assert exp.message is not None  # set with every expected error
         lines = err.strip().splitlines()
         assert rc == 2 and len(lines) == 1, err
         assert lines[0].startswith("distill cache: error: ") and exp.file in lines[0], lines[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -64,8 +65,6 @@ def test_smoke_prints_samples_mfu_and_peak_memory(tmp_path):
     sps, mfu, mem = (float(x) for x in line.groups())
     assert sps > 0 and mem > 0
     assert abs(mfu - sps * fps / 0.5e12) <= 0.0005 + 1e-3 * mfu  # MFU = samples/s x FLOPs/sample / peak
-    import json
-
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert saved["variants"]["plain"]["status"] == "ok" and saved["variants"]["plain"]["steps"] == 3
     assert saved["variants"]["devdecode"]["status"] == "ok"  # the corpus is JPEG: decoded by the main process

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_train_distributed import _launch
+from test_train_fsdp import _launch_fsdp, _merged
+from torch._dynamo.utils import counters
 from train_fixtures import NO_DROPOUT, load_weights, nan_loss_at_call, read_log, tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401
 
+import distill.train as train_mod
+import distill.training.step as step_mod  # the module whose Trainer calls grad_cache_step
 from distill.config.train_config import Config, ConfigError
+from distill.data.loader import TrainBatch
 from distill.losses import DistillLoss, LossTermCfg, TeacherBatch
-from distill.training.grad_cache import RngSnapshot, chunk_slices, grad_cache_step
+from distill.train import train
+from distill.training.grad_cache import RngSnapshot, _flat, _unflat, chunk_slices, grad_cache_step, merge_batches
 from distill.training.heads import ProjectionHeads
 from distill.training.student_model import DistillModel
+from student import build_student
 from teachers.kernel.modality import Pair
 
 B, DIMS = 8, {"a": 24, "b": 40}
@@ -38,8 +46,6 @@ def test_config_checks_the_micro_batch():
 
 
 def _setup(tiny_tokenizer, tmp_path, dropout: bool, dtype: torch.dtype = torch.float32):
-    from student import build_student
-
     torch.manual_seed(0)
     kw = {"patch_dropout": 0.25} if dropout else dict(NO_DROPOUT)
     bundle = build_student("tiny", tmp_path / "student", tokenizer_dir=tiny_tokenizer, **kw)
@@ -126,9 +132,6 @@ def test_grad_cache_backward_hook_scales_like_accumulation(tiny_tokenizer, tmp_p
 
 
 def test_merge_batches_pads_captions_and_keeps_row_order():
-    from distill.data.loader import TrainBatch
-    from distill.training.grad_cache import merge_batches
-
     def batch(rows, width):
         n = len(rows)
         return TrainBatch(
@@ -151,8 +154,6 @@ def test_merge_batches_pads_captions_and_keeps_row_order():
 
 def _chunked_with_graph(model, images, tokens, micro, loss_fn):
     """Reference with dropout: the chunks embedded once, with graph (the masks GradCache's first pass draws)."""
-    from distill.training.grad_cache import _flat, _unflat
-
     outs = [_flat(model(images[s], tokens[s])) for s in chunk_slices(images.shape[0], micro)]
     flat = {k: v if k == "logit_scale" else torch.cat([o[k] for o in outs]) for k, v in outs[0].items()}
     losses = loss_fn(_unflat(flat, list(DIMS)))
@@ -179,8 +180,6 @@ def test_rng_replay_makes_dropout_and_patch_dropout_match(tiny_tokenizer, tmp_pa
 
 
 def _train(corpus, cache, tok, out, **kw):
-    from distill.train import train
-
     kw = {"train__log_every": 1, **kw}
     cfg = tiny_config(corpus, out, cache, tokenizer=tok, train__checkpoint_every=0, train__tensorboard="false", **kw)
     return train(cfg)
@@ -189,8 +188,6 @@ def _train(corpus, cache, tok, out, **kw):
 def test_training_with_micro_batches_equals_without(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path, monkeypatch):
     """Two optimizer steps of 2 accumulated loader batches of 8 in chunks of 3 equal two plain steps of batch 16:
     with micro batches the accumulated batches are ONE contrastive batch (same logged losses and weights)."""
-    import distill.training.step as step_mod  # the module whose Trainer calls grad_cache_step
-
     calls = []
     real = step_mod.grad_cache_step
     monkeypatch.setattr(
@@ -221,8 +218,6 @@ def test_two_processes_with_micro_batches_equal_one_without(tiny_corpus, tiny_ca
     """One process x 8 rows (plain, and in chunks of 3), two processes x 4 rows in chunks of 3 (the loss gathers
     the 8 rows; only the last chunk all-reduces) and two processes x 2 accumulated batches of 2 merged: the same
     logged losses and weights after 3 steps."""
-    from test_train_distributed import _launch
-
     runs = [
         ("one", 1, 8, 1, "null"),
         ("one_micro", 1, 8, 1, 3),
@@ -255,10 +250,7 @@ def test_a_nan_between_logging_steps_is_named_at_the_next_read(
     tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path, monkeypatch
 ):
     """Losses are read on the host only every log_every steps; the first non-finite step is still the one named."""
-    import distill.train as train_mod
-    import distill.training.build_run as build_run_mod
-
-    monkeypatch.setattr(build_run_mod, "build_run", nan_loss_at_call(3, keys=None))
+    monkeypatch.setattr(train_mod, "build_run", nan_loss_at_call(3, keys=None))
     with pytest.raises(train_mod.NonFiniteLossError, match=r"^step 3: non-finite loss \(.*infonce=nan") as err:
         _train(
             tiny_corpus,
@@ -276,8 +268,6 @@ def test_a_nan_between_logging_steps_is_named_at_the_next_read(
 @pytest.mark.slow  # inductor compiles the tiny model on CPU in about a minute on a shared machine
 def test_compile_trains_the_tiny_model_like_eager(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path):
     """train.compile goes through Accelerate; the checkpoint keeps the eager keys and about the eager weights."""
-    from torch._dynamo.utils import counters
-
     torch._dynamo.reset()
     counters.clear()
     runs = {
@@ -356,10 +346,6 @@ def test_fsdp2_with_micro_batches_equals_one_process_without(tiny_corpus, tiny_c
     same logged losses and weights after 2 steps as one process x 8 rows without micro batches. Under FSDP2 the
     first chunks' backward runs without the reduce-scatter (`accelerator.no_sync` sets
     `set_requires_gradient_sync(False)`), the no-graph pass unshards and reshards like any forward."""
-    from test_train_fsdp import _launch_fsdp, _merged
-
-    from distill.train import train
-
     common = dict(
         features=tiny_cache,
         tokenizer=tiny_tokenizer,

@@ -8,12 +8,18 @@ import textwrap
 from pathlib import Path
 
 import h5py
+import httpx2
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers.dynamic_module_utils as dmu
+from huggingface_hub import constants
+from huggingface_hub.errors import GatedRepoError
 from PIL import Image
 from test_cli_errors import eval_argv, task  # noqa: F401  (the 4-image retrieval task fixture)
+from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, SiglipModel
 
 from cache import CacheJob, build_cache, open_corpus
 from cache.store.layout import feature
@@ -47,15 +53,11 @@ def models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(autouse=True)
 def modules_cache(tmp_path, monkeypatch):
     """Remote code is copied into transformers' modules cache: a temporary one, not the user's."""
-    import transformers.dynamic_module_utils as dmu
-
     monkeypatch.setattr(dmu, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
 
 
 def _library_siglip(folder: Path, img: Image.Image, texts, **tok_kw):
     """SigLIP as transformers documents it: the image processor, the tokenizer padded to max_length."""
-    from transformers import AutoImageProcessor, AutoTokenizer, SiglipModel
-
     model = SiglipModel.from_pretrained(str(folder)).eval()
     tok = AutoTokenizer.from_pretrained(str(folder))
     t = tok(texts, truncation=True, return_tensors="pt", **tok_kw)
@@ -103,8 +105,6 @@ def test_remote_code_loads_only_with_the_flag(models):
     with pytest.raises(TeacherLoadError, match=r"contains its own model code .*pass --trust-remote-code") as e:
         load_teacher(spec)
     assert "\n" not in str(e.value)
-    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
-
     t = load_teacher(spec, trust_remote_code=True)
     folder = str(models["remote"])
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
@@ -124,8 +124,6 @@ def test_remote_code_loads_only_with_the_flag(models):
 def test_open_clip_style_remote_model_uses_encode_calls(models):
     """Models built on open_clip with their own code (ConceptCLIP) expose encode_image / encode_text, returning a
     tuple or a dict; the back-end reads them as the models' own evaluation code does."""
-    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
-
     folder = str(models["oc_style"])
     t = load_teacher(f"hf:{folder}", trust_remote_code=True)
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
@@ -230,11 +228,6 @@ def test_py_teacher_receives_trust_remote_code(tmp_path, monkeypatch, models):
 
 def test_gated_hub_model_is_named_with_what_to_do(tmp_path, monkeypatch):
     """MedSigLIP and ConceptCLIP are gated: without accepted terms the Hub answers 401/403; say what to do."""
-    import httpx2
-    import huggingface_hub
-    from huggingface_hub import constants
-    from huggingface_hub.errors import GatedRepoError
-
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
     monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
 

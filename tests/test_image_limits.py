@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import tarfile
 import textwrap
 import warnings
 from pathlib import Path
@@ -18,6 +19,11 @@ from PIL import Image, ImageFile
 from cache.build.image_rows import ImageRows, teacher_inputs
 from cache.sources.corpus import open_corpus
 from cache.sources.image_decode import BadSampleError, DecodeLimits, decode_image
+from distill.cli import _pixels, build_parser, main
+from distill.config.train_config import DataCfg
+from distill.data.loader import DataError, PairDataset
+from teachers import load_teacher
+from teachers.transforms import PreprocessCfg
 
 BOMB_REASON = "image is 12000x12000 = 144 Mpx, over the 64 Mpx limit (--max-pixels)"
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,8 +48,6 @@ def _corpus_with_bomb(tmp_path: Path) -> Path:
 def test_a_png_bomb_is_a_recorded_bad_sample_and_is_never_decoded(tmp_path, tiny_teachers, monkeypatch, capsys):
     """`distill cache` records the 144 Mpx PNG as bad with the size and the flag in the reason; no pixel of it is
     decoded (ImageFile.load never runs on a 12000 x 12000 image) and the other rows are cached."""
-    from distill.cli import main
-
     assert len(png_bomb()) < 20_000
     corpus = _corpus_with_bomb(tmp_path)
     loaded_sizes = []
@@ -116,8 +120,6 @@ def test_pil_limits_become_bad_samples_without_a_warning():
 
 def test_max_pixels_flag_reaches_the_cache(tmp_path, tiny_corpus, tiny_teachers, capsys):
     """`--max-pixels 2000` makes every 48 x 48 (2304 px) image of the tiny corpus bad; 64M is the default."""
-    from distill.cli import _pixels, build_parser, main
-
     args = build_parser().parse_args(["cache", "--data", "x", "--teacher", "a=b", "--out", "o"])
     assert args.max_pixels == 64_000_000
     assert _pixels("64M") == 64_000_000 and _pixels("1500") == 1500 and _pixels("0") == 0
@@ -178,8 +180,6 @@ def test_large_jpegs_are_drafted_and_small_ones_are_decoded_exactly():
 def test_the_draft_target_is_the_largest_input_any_teacher_needs(tiny_corpus, tiny_teachers):
     """Tiny teachers take 32 px inputs: the cache drafts to 32 (eval transform) or 53 with stored views (a view
     crop keeps at least sqrt(0.5 * 3/4) of a side); the limit passed to ImageRows is the corpus's."""
-    from teachers import load_teacher
-
     teachers = {name: load_teacher(spec) for name, spec in tiny_teachers.items()}
     corpus = open_corpus(tiny_corpus)
     rows = np.arange(4)
@@ -193,10 +193,6 @@ def test_the_draft_target_is_the_largest_input_any_teacher_needs(tiny_corpus, ti
 def test_training_stops_on_a_bomb_naming_the_row_and_the_setting(tmp_path):
     """PairDataset decodes under data.max_pixels: a bomb row is a DataError naming the row and the setting, before
     decoding; the default student crops (scale >= 0.9) set the JPEG draft target."""
-    from distill.config.train_config import DataCfg
-    from distill.data.loader import DataError, PairDataset
-    from teachers.transforms import PreprocessCfg
-
     corpus = open_corpus(_corpus_with_bomb(tmp_path))
     ds = PairDataset(corpus, PreprocessCfg(image_size=(224, 224)), max_pixels=DataCfg().max_pixels)
     assert ds.corpus.limits.draft_side == 273  # ceil(224 / sqrt(0.9 * 3/4)) = ceil(272.6)
@@ -214,8 +210,6 @@ def test_training_stops_on_a_bomb_naming_the_row_and_the_setting(tmp_path):
 def test_a_tar_member_too_large_for_any_image_within_the_limit_is_not_read(tmp_path):
     """With --max-pixels 1000 no image can take more than 8 bytes a pixel plus 16 MiB of metadata: a 17 MiB member
     is a bad sample before its bytes are read."""
-    import tarfile
-
     with tarfile.open(tmp_path / "00000.tar", "w") as tar:
         for name, data in (("big.png", bytes(17 << 20)), ("big.txt", b"a caption")):
             info = tarfile.TarInfo(name)

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 from train_fixtures import tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
 
-from distill.config.train_config import OptimCfg
+from distill.config.train_config import Config, OptimCfg
 from distill.data.loader import Collate, make_uint8_view_transform, trim_padding
+from distill.train import make_accelerator
 from distill.training.build_run import build_run, text_pad_id
 from distill.training.optim import build_optimizer, use_fused
 from distill.training.student_model import student_pixels
@@ -66,8 +67,6 @@ def test_collate_trims_only_with_a_pad_id():
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_corpus, tiny_tokenizer, tmp_path_factory):
-    from distill.train import make_accelerator
-
     cfg = tiny_config(
         tiny_corpus,
         tmp_path_factory.mktemp("run"),
@@ -101,9 +100,6 @@ def test_trimmed_captions_give_the_full_context_text_embeddings(tiny_run):
 def test_the_loader_persists_workers_and_yields_uint8_the_model_normalises(tiny_run):
     loader = tiny_run.loader
     assert loader.persistent_workers and loader.num_workers == 1 and loader.collate_fn.pad_id == 0
-    from distill.config.train_config import Config
-    from distill.train import make_accelerator
-
     cfg = Config.from_dict({"mode": "contrastive", "data": {"corpus": "c.csv"}})
     assert make_accelerator(cfg).dataloader_config.non_blocking  # pinned batches: the copy overlaps host work
     batch = next(iter(loader))

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
+from benchmarks import input_pipeline
+
 
 def test_input_pipeline_reduced_run_writes_its_figures(tmp_path):
-    from benchmarks import input_pipeline
-
     out = tmp_path / "ip.json"
     input_pipeline.main(
         [

@@ -15,6 +15,7 @@ import textwrap
 import tracemalloc
 from pathlib import Path
 
+import h5py
 import pytest
 from hostile_images import png_bytes
 
@@ -150,8 +151,6 @@ def test_distill_cache_records_the_member_as_bad_and_tokenises_the_cut_caption(s
     rc_plain, rc, before, after = map(int, res.stdout.split()[-4:])
     assert rc_plain == 0 and rc == 0, res.stderr
     assert after - before < 100, (before, after)
-    import h5py
-
     with h5py.File(out, "r") as f:
         assert f["keys"].asstr()[:].tolist() == ["a", "b", "c", "d"]
         assert f["bad/keys"].asstr()[:].tolist() == ["b"]

@@ -13,8 +13,10 @@ import tracemalloc
 
 import pytest
 
+from cache.corpus_build import CorpusBuildError, CorpusSource, build_corpus
 from cache.sources.base import MAX_CAPTION_BYTES, MAX_CELL_CHARS, MAX_COLUMNS
 from cache.sources.corpus import CorpusError, open_corpus
+from distill.cli import main
 
 
 def opened(path):
@@ -126,8 +128,6 @@ def test_a_50_mb_caption_on_line_2_is_named_at_line_2(tmp_path):
 
 
 def test_the_cli_names_line_2_in_one_line(tmp_path):
-    from distill.cli import main
-
     path = tmp_path / "c.csv"
     path.write_text("image,caption\na.png," + "x" * (MAX_CELL_CHARS + 1) + "\n")
     err = io.StringIO()
@@ -185,8 +185,6 @@ def test_long_captions_are_cut_at_a_character_boundary(tmp_path):
 
 def test_a_distill_corpus_source_with_a_quote_never_closed_is_named(tmp_path):
     """`distill corpus` reads its labelled CSV sources with the same reader (they merged rows the same way)."""
-    from cache.corpus_build import CorpusBuildError, CorpusSource, build_corpus
-
     path = tmp_path / "labels.csv"
     path.write_text('image,diagnosis\na.png,"nevus\nb.png,melanoma\n')
     with pytest.raises(

@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks.mt_setup import SetupError, load_domain_file, load_variant_file
+from cache.corpus_build import CorpusBuildError, load_recipe
+from distill.cli import main
+from distill.config.train_config import Config, ConfigError
+from distill.eval.tasks import TaskError, load_task
 from teachers.kernel.bounded_yaml import (
     MAX_YAML_ALIASES,
     MAX_YAML_BYTES,
@@ -72,8 +77,6 @@ def test_bombs_cycles_depth_and_size_are_refused_in_bounded_memory(text, message
 
 def test_a_train_config_bomb_is_one_line_exit_2(tmp_path, capsys):
     """`distill train --config bomb.yaml` ran 120 s, 1 GB and growing (issue 18): now one line naming the file."""
-    from distill.cli import main
-
     cfg = tmp_path / "bomb.yaml"
     cfg.write_text(bomb())
     assert main(["train", "--config", str(cfg)]) == 2
@@ -82,18 +85,12 @@ def test_a_train_config_bomb_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_an_override_value_bomb_is_refused_naming_the_override():
-    from distill.config.train_config import Config, ConfigError
-
     value = "{" + ", ".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)) + "}"
     with pytest.raises(ConfigError, match=r"override 'student.overrides=.*\(an alias bomb\?\)"):
         Config.from_dict({}, [f"student.overrides={{a0: &a0 lol, b: {value}}}"])
 
 
 def test_task_recipe_variant_and_domain_files_refuse_bombs(tmp_path):
-    from benchmarks.mt_setup import SetupError, load_domain_file, load_variant_file
-    from cache.corpus_build import CorpusBuildError, load_recipe
-    from distill.eval.tasks import TaskError, load_task
-
     path = tmp_path / "bomb.yaml"
     path.write_text(bomb())
     for load, error in (

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from open_clip.loss import ClipLoss, DistillClipLoss
 
 from distill.losses import (
     CombineCfg,
@@ -18,7 +19,9 @@ from distill.losses import (
     hadamard,
     phi_s_affine,
 )
-from distill.losses.combine import weight_matrix
+from distill.losses.combine import TeacherDraw, weight_matrix
+from distill.losses.distributed import StepGather
+from distill.losses.terms import StepContext
 from teachers.kernel.modality import Pair
 
 B, E = 6, 8
@@ -110,10 +113,10 @@ def make_batch(seed=0, b=B, dims=DIMS):
         image=_unit(b, E, g=g),
         text=_unit(b, E, g=g),
         logit_scale=torch.tensor(14.0),
-        projected={t: Pair.build(lambda m: torch.randn(b, d, generator=g)) for t, d in dims.items()},
+        projected={t: Pair.build(lambda m, d=d: torch.randn(b, d, generator=g)) for t, d in dims.items()},
     )
     teachers = TeacherBatch(
-        feats={t: Pair.build(lambda m: _unit(b, d, g=g)) for t, d in dims.items()},
+        feats={t: Pair.build(lambda m, d=d: _unit(b, d, g=g)) for t, d in dims.items()},
         logit_scale={t: SCALES.get(t, 30.0) for t in dims},
     )
     return student, teachers
@@ -150,8 +153,6 @@ def _norm(v):
 
 
 def test_infonce_equals_hand_computation_and_open_clip():
-    from open_clip.loss import ClipLoss
-
     student, _ = make_batch()
     out = _loss([LossTermCfg("infonce", "infonce")], teachers=())(student, None)
     # open_clip on float64 copies (it computes in its input dtype): the float32 term is within nce_tol (2.6e-5 of
@@ -164,8 +165,6 @@ def test_infonce_equals_hand_computation_and_open_clip():
 
 
 def test_infonce_gradients_equal_open_clip_and_scale_is_clamped():
-    from open_clip.loss import ClipLoss
-
     student, _ = make_batch(seed=1)
     grads = []
     for fn, dtype in (
@@ -201,9 +200,6 @@ def _hand_soft_rows(a, b, s, ids):
 
 
 def _per_row(loss, name, student, teachers=None, caption_ids=None, teacher=None):
-    from distill.losses.distributed import StepGather
-    from distill.losses.terms import StepContext
-
     ctx = StepContext(student, teachers, StepGather(lambda x, g: (x, 0)), caption_ids=caption_ids)
     return loss.terms[name].per_sample(ctx, teacher)
 
@@ -449,8 +445,6 @@ def test_affinity_two_teachers_of_different_dims(kl):
 
 
 def test_affinity_equals_open_clip_distill_loss():
-    from open_clip.loss import DistillClipLoss
-
     student, teachers = make_batch(seed=6)
     out = _loss([LossTermCfg("aff", "affinity", teachers={"b": 1.0})])(student, teachers)
     f = teachers.feats["b"]
@@ -733,8 +727,6 @@ def test_bad_batches_name_what_is_missing():
 
 
 def _draw(kept=("a", "b", "c"), uniforms=None):
-    from distill.losses.combine import TeacherDraw
-
     return TeacherDraw(
         kept={t: t in kept for t in ("a", "b", "c")}, uniforms=None if uniforms is None else torch.tensor(uniforms)
     )
@@ -843,9 +835,6 @@ def test_confidence_weights_equal_hand_computation():
         [LossTermCfg("f", "feature", teachers={"a": 1.0, "b": 2.0})],
         combine=CombineCfg(mode="confidence", temperature=0.5),
     )
-    from distill.losses.distributed import StepGather
-    from distill.losses.terms import StepContext
-
     ctx = StepContext(student, teachers, StepGather(lambda x, g: (x, 0)))
     p = {t: _hand_confidence(feats[t].image.tolist(), feats[t].text.tolist(), scales[t]) for t in feats}
     for t in feats:
@@ -879,9 +868,6 @@ def test_confidence_gives_a_noise_teacher_a_much_lower_weight():
     teachers = TeacherBatch({"good": Pair(img, txt), "noise": noise}, {"good": 50.0, "noise": 50.0})
     student, _ = make_batch(seed=1, b=n, dims={"good": d, "noise": d})
     loss = _loss([LossTermCfg("f", "feature")], teachers=("good", "noise"), combine=CombineCfg(mode="confidence"))
-    from distill.losses.distributed import StepGather
-    from distill.losses.terms import StepContext
-
     ctx = StepContext(student, teachers, StepGather(lambda x, g: (x, 0)))
     conf = torch.stack([ctx.log_confidence(t) for t in ("good", "noise")], 1)
     mix = weight_matrix(loss.combine_cfg, loss.teacher_weights["f"], loss.draw(n), n, log_confidence=conf)
@@ -891,8 +877,6 @@ def test_confidence_gives_a_noise_teacher_a_much_lower_weight():
 
 
 def test_confidence_is_computed_once_per_teacher_per_step(monkeypatch):
-    from distill.losses.terms import StepContext
-
     calls = []
     orig = StepContext.teacher_scale
     monkeypatch.setattr(StepContext, "teacher_scale", lambda self, name: calls.append(name) or orig(self, name))

@@ -96,7 +96,7 @@ def _global_batch():
     unit = lambda d: F.normalize(torch.randn(N, d, generator=g), dim=-1)  # noqa: E731
     leaves = {"image": unit(E), "text": unit(E)}
     leaves.update({f"{t}/{m}": torch.randn(N, d, generator=g) for t, d in DIMS.items() for m in ("image", "text")})
-    teachers = {t: Pair.build(lambda m: unit(d)) for t, d in DIMS.items()}
+    teachers = {t: Pair.build(lambda m, d=d: unit(d)) for t, d in DIMS.items()}
     return leaves, teachers
 
 
@@ -109,7 +109,7 @@ def _run(rows: slice, combine: CombineCfg, routed: bool = False, captions: bool 
         leaves["image"],
         leaves["text"],
         scale,
-        {t: Pair.build(lambda m: leaves[f"{t}/{m}"]) for t in DIMS},
+        {t: Pair(leaves[f"{t}/image"], leaves[f"{t}/text"]) for t in DIMS},
     )
     teachers = TeacherBatch(
         {t: f.map(lambda v: v[rows]) for t, f in feats.items()},

@@ -10,13 +10,26 @@ import pytest
 
 from benchmarks import mt_setup, mt_verdict
 from benchmarks.bench_common import parse_flags
+from benchmarks.multi_teacher import (
+    Flags,
+    baseline_overrides,
+    check_flags,
+    dev_task,
+    domain_sizes,
+    main,
+    sizes,
+    student_overrides,
+    uses_views,
+    variant_overrides,
+)
+from cache.sources.corpus import open_corpus
+from distill.config.train_config import Config
+from distill.eval.tasks import task_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_repeated_tuple_flags_accumulate():
-    from benchmarks.multi_teacher import Flags
-
     f = parse_flags(Flags, ["--teacher", "a=x", "--teacher", "b=y", "--task", "t1.yaml,t2.yaml", "--budget", "smoke"])
     assert f.teacher == ("a=x", "b=y")
     assert f.task == ("t1.yaml", "t2.yaml")
@@ -38,16 +51,12 @@ def test_plan_teachers_domain_and_general():
 
 
 def test_routing_placeholder_is_replaced():
-    from benchmarks.multi_teacher import variant_overrides
-
     v = mt_setup.VARIANTS["routed-feature"]
     ov = variant_overrides(v, "loss.routing={}")
     assert "loss.routing={}" in ov and mt_setup.ROUTING not in ov
 
 
 def test_domain_weights_placeholder_gives_sqrt_inverse_sizes(tmp_path):
-    from benchmarks.multi_teacher import domain_sizes, variant_overrides
-
     csv = tmp_path / "corpus.csv"
     csv.write_text(
         "image,caption,domain\n"
@@ -62,8 +71,6 @@ def test_domain_weights_placeholder_gives_sqrt_inverse_sizes(tmp_path):
 
 
 def test_every_builtin_variant_parses_as_a_config(tmp_path):
-    from distill.config.train_config import Config
-
     fill = {
         mt_setup.ROUTING: 'loss.routing={"column": "domain", "teachers": {"a": ["a"]}}',
         mt_setup.DOMAIN_WEIGHTS: 'loss.routing.weights={"a": 2.0}',
@@ -121,8 +128,6 @@ def test_verdict_words_at_the_boundaries(ci, expected):
 
 
 def test_flag_checks_name_the_flag():
-    from benchmarks.multi_teacher import Flags, check_flags, sizes
-
     assert check_flags(Flags()) == (0,)
     assert check_flags(Flags(student_seed=4)) == (4,)
     assert check_flags(Flags(seeds=(0, 1, 2))) == (0, 1, 2)
@@ -144,9 +149,6 @@ def test_flag_checks_name_the_flag():
 
 def test_dev_tasks_read_the_dev_corpus(tmp_path):
     """The dev copy of a domain's own task: its own name, the dev corpus's columns, class names in label order."""
-    from benchmarks.multi_teacher import dev_task
-    from distill.eval.tasks import task_from_dict
-
     dev = tmp_path / "corpus.csv"
     breast = mt_setup.BUILTIN_DOMAINS["breast_us"]
     t = dev_task(breast.tasks[0], dev, breast)
@@ -169,8 +171,6 @@ def test_dev_tasks_read_the_dev_corpus(tmp_path):
 
 
 def test_the_baseline_sees_the_students_augmentation(tmp_path):
-    from benchmarks.multi_teacher import Flags, baseline_overrides, student_overrides, uses_views
-
     base = ["data.corpus=c.csv", "data.flip=false", "data.crop_scale=[0.8, 1.0]", "train.seed=1"]
     views = baseline_overrides(base, tmp_path / "f.h5", True)
     assert views == [
@@ -186,8 +186,6 @@ def test_the_baseline_sees_the_students_augmentation(tmp_path):
     own = mt_setup.VARIANTS["routed-affinity-own-crops"]
     assert uses_views(Flags(views=4), mt_setup.VARIANTS["routed-affinity"]) and not uses_views(Flags(views=4), own)
     assert not uses_views(Flags(views=0), mt_setup.VARIANTS["routed-affinity"])
-    from distill.config.train_config import Config
-
     cfg = Config.from_yaml(ROOT / "configs" / "tiny-contrastive.yaml", overrides=views)
     assert cfg.mode == "contrastive" and cfg.data.use_views and cfg.data.features == str(tmp_path / "f.h5")
 
@@ -195,9 +193,6 @@ def test_the_baseline_sees_the_students_augmentation(tmp_path):
 @pytest.mark.slow
 def test_smoke_run_on_the_real_data_writes_consistent_verdicts(shared_data, tmp_path, monkeypatch):
     """The README's `--budget smoke` run, shrunk further: every stage on the four real domains, both outputs."""
-    from benchmarks.multi_teacher import main
-    from cache.sources.corpus import open_corpus
-
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     rc = main(

@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 
+from distill.losses import LOSSES
 from teachers import BACKENDS, PluginLoadError, Registry, Teacher, load_teacher, resolve_spec
 from teachers.registry import TEACHER_ALIASES
 
@@ -111,8 +112,6 @@ def test_registry_loads_entry_points_lazily_and_code_wins(installed):
 
 
 def test_loss_terms_come_from_the_biomed_distill_losses_group(installed):
-    from distill.losses import LOSSES
-
     installed(("lab_loss", "lab_plugin:MyLoss", "biomed_distill.losses"))
     try:
         assert "lab_loss" in LOSSES and LOSSES.get("lab_loss") is sys.modules["lab_plugin"].MyLoss

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
 
 import pytest
-from train_fixtures import tiny_config, tiny_tokenizer  # noqa: F401  (fixture)
+import yaml
+from train_fixtures import ROOT, tiny_config, tiny_tokenizer  # noqa: F401  (fixture)
 
 import distill.train as train_mod
 from distill.training.run_lock import RunInUseError
@@ -87,11 +89,6 @@ def test_the_lock_is_released_after_a_failing_run(tiny_corpus, tiny_tokenizer, t
 
 def test_the_module_entry_point_refuses_in_one_line(tiny_corpus, tiny_tokenizer, tmp_path):
     """`python -m distill.train` (what `accelerate launch -m distill.train` runs) gives the CLI's line and code."""
-    import os
-
-    import yaml
-    from train_fixtures import ROOT
-
     run = tmp_path / "run"
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(yaml.safe_dump(_cfg(tiny_corpus, run, tiny_tokenizer).to_dict()))

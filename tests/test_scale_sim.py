@@ -8,12 +8,12 @@ import json
 
 import h5py
 
+import cache.store.layout as L
+from benchmarks import scale_sim
+from cache.store.verify import verify
+
 
 def test_scale_sim_reduced_run_merges_cheaply(tmp_path):
-    import cache.store.layout as L
-    from benchmarks import scale_sim
-    from cache.store.verify import verify
-
     out, work = tmp_path / "ss.json", tmp_path / "work"
     scale_sim.main(
         [

@@ -12,17 +12,29 @@ import os
 
 import h5py
 import numpy as np
+import open_clip
 import pytest
 import torch
 import torch.multiprocessing as mp
 from gloo_helpers import counting_gloo_group
+from open_clip.loss import SigLipLoss
+from safetensors.torch import load_file, save_file
+from test_grad_cache import FP64_TOL, _assert_equal, _grads
 from test_losses import SCALES, U, _dot, _hand_affinity, aff_tol, logit_err, make_batch, sigmoid_aff_tol
 from test_losses import E as BATCH_E  # make_batch's student dimension
 from test_losses_distributed import CAPTION_IDS, DIMS, WORLD, E, N, _global_batch
-from train_fixtures import ROOT, load_weights, read_log, tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
+from train_fixtures import NO_DROPOUT, ROOT, load_weights, read_log, tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
 
+from cache.store.segments import copy_cache
+from distill.config.train_config import Config, StudentCfg
 from distill.losses import DistillLoss, LossTermCfg, StudentOutput, TeacherBatch, teacher_logit_bias
 from distill.losses.siglip import SIGLIP_INIT
+from distill.train import train
+from distill.training.build_run import build_student_model
+from distill.training.grad_cache import grad_cache_step
+from distill.training.student_model import DistillModel
+from student import build_student
+from student.export import export_checkpoint
 
 SIGMA = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
 
@@ -78,8 +90,6 @@ def _student(seed=0, scale=7.5, bias=-3.0, n=6):
 
 
 def test_siglip_equals_open_clip_and_the_hand_loop():
-    from open_clip.loss import SigLipLoss
-
     st = _student(seed=1)
     got = _siglip(st)
     # open_clip on float64 copies (it computes in its input dtype) and the float64 loop: within _siglip_tol (3.9e-5
@@ -97,8 +107,6 @@ def test_siglip_equals_open_clip_and_the_hand_loop():
 
 
 def test_siglip_gradients_equal_open_clip_and_the_closed_form_bias_gradient():
-    from open_clip.loss import SigLipLoss
-
     ours, ref = _student(seed=2), _student(seed=2)
     _siglip(ours).backward()
     keys = ("image", "text", "logit_scale", "logit_bias")
@@ -268,8 +276,6 @@ def _run(rows: slice) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, init_file: str, out_dir: str):
-    from safetensors.torch import save_file
-
     with counting_gloo_group(rank, WORLD, init_file) as calls:
         b = N // WORLD
         res = _run(slice(rank * b, (rank + 1) * b))
@@ -279,8 +285,6 @@ def _worker(rank: int, init_file: str, out_dir: str):
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
-    from safetensors.torch import load_file
-
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
     ref = _run(slice(None))
@@ -306,12 +310,6 @@ def test_two_processes_equal_one_process(tmp_path):
 @pytest.mark.slow
 def test_siglip_training_falls_and_the_export_carries_the_bias(tiny_corpus, tmp_path):
     """configs/siglip.yaml on the tiny corpus: the loss falls below what the bias alone can reach."""
-    import open_clip
-
-    from distill.config.train_config import Config
-    from distill.train import train
-    from student.export import export_checkpoint
-
     out = tmp_path / "run"
     cfg = Config.from_yaml(
         ROOT / "configs" / "siglip.yaml",
@@ -335,10 +333,6 @@ def test_siglip_training_falls_and_the_export_carries_the_bias(tiny_corpus, tmp_
 
 
 def test_a_loss_that_reads_the_bias_gives_the_student_siglips_init(tiny_tokenizer, tmp_path):
-    from distill.config.train_config import StudentCfg
-    from distill.training.build_run import build_student_model
-    from distill.training.student_model import DistillModel
-
     def built(logit_bias, **overrides):
         s = StudentCfg(preset="tiny", tokenizer_dir=str(tiny_tokenizer), overrides=overrides)
         return build_student_model(s, tmp_path / f"s{len(list(tmp_path.iterdir()))}", str(tiny_tokenizer), logit_bias)
@@ -360,13 +354,6 @@ def test_a_loss_that_reads_the_bias_gives_the_student_siglips_init(tiny_tokenize
 @pytest.mark.parametrize("micro", [3, 8])
 def test_micro_batches_give_the_bias_the_gradient_of_one_forward(tiny_tokenizer, tmp_path, micro):
     """Gradient caching treats the logit bias like the scale: one value per batch, its gradient sent once."""
-    from test_grad_cache import FP64_TOL, _assert_equal, _grads
-    from train_fixtures import NO_DROPOUT
-
-    from distill.training.grad_cache import grad_cache_step
-    from distill.training.student_model import DistillModel
-    from student import build_student
-
     torch.manual_seed(0)
     bundle = build_student(
         "tiny", tmp_path / "student", tokenizer_dir=tiny_tokenizer, init_logit_bias=-3.0, **NO_DROPOUT
@@ -392,9 +379,6 @@ def test_micro_batches_give_the_bias_the_gradient_of_one_forward(tiny_tokenizer,
 
 @pytest.mark.slow
 def test_affinity_from_a_sigmoid_teacher_trains_the_students_bias(tiny_corpus, tiny_cache, tmp_path):
-    from cache.store.segments import copy_cache
-    from distill.train import train
-
     cache = tmp_path / "features.h5"
     copy_cache(str(tiny_cache), str(cache))  # the file and its segment folder
     with h5py.File(cache, "r+") as f:

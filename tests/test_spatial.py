@@ -7,26 +7,60 @@ with our own code path.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
+import open_clip
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
+from test_grad_cache import FP64_TOL, _assert_equal
+from timm.models import register_model
+from timm.models.vision_transformer import _create_vision_transformer
+from train_fixtures import read_log, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
+from transformers import CLIPModel, SiglipConfig, SiglipModel
 
+from cache.build.job import CacheJob
+from cache.build.run import build_cache
+from cache.inspect import info
+from cache.sources.corpus import open_corpus
+from cache.store.reader import FeatureReader
+from cache.store.schema import CacheError
+from cache.store.segments import copy_cache
+from cache.store.verify import BadRowsError, verify
+from distill.cli import main
+from distill.data.loader import Collate, DataError
+from distill.losses import CombineCfg, DistillLoss, LossTermCfg, StudentOutput, TeacherBatch
+from distill.losses import combine as C
+from distill.losses.distributed import StepGather, all_gather_rows
+from distill.losses.terms import StepContext
+from distill.train import make_accelerator, train
+from distill.training.build_run import build_run, teacher_batch
+from distill.training.grad_cache import grad_cache_step, merge_batches
+from distill.training.heads import TokenAdaptors
+from distill.training.student_model import DistillModel
 from teachers import load_teacher
-from teachers.kernel.modality import Modality
-from teachers.tokens import TokensUnsupported, open_clip_visual_tokens, pool_tokens
+from teachers.base import Teacher
+from teachers.kernel.config_model import ConfigError
+from teachers.kernel.modality import Modality, Pair
+from teachers.tokens import (
+    TokensUnsupported,
+    hf_visual_tokens,
+    open_clip_visual_tokens,
+    pool_tokens,
+    visual_token_shape,
+)
+from teachers.transforms import PreprocessCfg
 
 TIMM_NAME = "test_vit_micro_patch8_32"
 
 
 def register_tiny_timm() -> str:
     """A 2-block, 32-wide timm ViT at 32 px (patch 8), registered with timm so open_clip can build it by name."""
-    import timm
-    from timm.models import register_model
-    from timm.models.vision_transformer import _create_vision_transformer
-
     if TIMM_NAME not in timm.list_models(TIMM_NAME):
 
         def test_vit_micro_patch8_32(pretrained: bool = False, **kwargs):
@@ -39,9 +73,6 @@ def register_tiny_timm() -> str:
 
 def make_tiny_timm_open_clip(out: Path, embed_dim: int = 20, seed: int = 3) -> Path:
     """An open_clip CLIP whose image tower is a timm trunk (BiomedCLIP's kind), as a `local-dir:` folder."""
-    import open_clip
-    from safetensors.torch import save_file
-
     register_tiny_timm()
     out.mkdir(parents=True, exist_ok=True)
     model_cfg = {
@@ -118,8 +149,6 @@ def test_timm_trunk_tokens_equal_forward_features_without_prefix(tmp_path):
 
 
 def test_hf_clip_tokens_are_the_normed_last_hidden_state_without_cls(tiny_teachers):
-    from transformers import CLIPModel
-
     t = load_teacher(tiny_teachers["hf"])
     model = CLIPModel.from_pretrained(tiny_teachers["hf"].removeprefix("hf-clip:")).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -135,10 +164,6 @@ def test_hf_clip_tokens_are_the_normed_last_hidden_state_without_cls(tiny_teache
 
 
 def test_hf_siglip_tokens_are_its_last_hidden_state(tmp_path):
-    from transformers import SiglipConfig, SiglipModel
-
-    from teachers.tokens import hf_visual_tokens
-
     cfg = SiglipConfig(
         vision_config={
             "hidden_size": 32,
@@ -167,8 +192,6 @@ def test_hf_siglip_tokens_are_its_last_hidden_state(tmp_path):
 
 
 def test_a_teacher_without_tokens_is_refused_in_one_line(tiny_teachers):
-    from teachers.base import Teacher
-
     class NoTokens(Teacher):
         def _image_features(self, images):
             return images.flatten(1)[:, :4]
@@ -178,8 +201,6 @@ def test_a_teacher_without_tokens_is_refused_in_one_line(tiny_teachers):
 
         def tokenize(self, texts):
             return torch.zeros(len(texts), 4)
-
-    from teachers.transforms import PreprocessCfg
 
     t = NoTokens(
         torch.nn.Identity(),
@@ -201,8 +222,6 @@ def test_open_clip_tokens_refuse_a_non_vit_tower():
 
 # -- the cache -----------------------------------------------------------------------------------------------
 def _job(data, teachers, out, **kw):
-    from cache.build.job import CacheJob
-
     kw = {"num_workers": 0, "batch_size": 8, "chunk_rows": 16, "progress": False, **kw}
     return CacheJob(data=str(data), teachers=teachers, out=str(out), **kw)
 
@@ -224,19 +243,12 @@ def _want_tokens(t, corpus, rows, g: int, params=None) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def token_cache(tmp_path_factory, tiny_corpus, tiny_teachers) -> Path:
-    from cache.build.run import build_cache
-
     out = tmp_path_factory.mktemp("tokens") / "features.h5"
     build_cache(_job(tiny_corpus, tiny_teachers, out, tokens=2))
     return out
 
 
 def test_cache_stores_pooled_tokens_float16(token_cache, tiny_corpus, tiny_teachers):
-    import h5py
-
-    from cache.sources.corpus import open_corpus
-    from cache.store.reader import FeatureReader
-
     corpus = open_corpus(tiny_corpus)
     with h5py.File(token_cache, "r") as f:
         for name, dim in (("oc", 32), ("hf", 32)):
@@ -256,12 +268,6 @@ def test_cache_stores_pooled_tokens_float16(token_cache, tiny_corpus, tiny_teach
 
 
 def test_cache_with_views_stores_tokens_per_view(tmp_path, tiny_corpus, tiny_teachers):
-    import h5py
-
-    from cache.build.run import build_cache
-    from cache.sources.corpus import open_corpus
-    from cache.store.reader import FeatureReader
-
     out = tmp_path / "f.h5"
     build_cache(_job(tiny_corpus, {"oc": tiny_teachers["oc"]}, out, views=2, tokens=1, dtype="float32"))
     corpus, t = open_corpus(tiny_corpus), load_teacher(tiny_teachers["oc"])
@@ -279,8 +285,6 @@ def test_cache_with_views_stores_tokens_per_view(tmp_path, tiny_corpus, tiny_tea
 
 
 def test_token_size_is_printed_and_a_run_over_max_gb_is_refused(tmp_path, tiny_corpus, tiny_teachers, capsys):
-    from distill.cli import main
-
     out = tmp_path / "f.h5"
     args = [
         "cache",
@@ -307,10 +311,6 @@ def test_token_size_is_printed_and_a_run_over_max_gb_is_refused(tmp_path, tiny_c
 
 
 def test_token_refusals_name_the_teacher_and_the_flag(tmp_path, tiny_corpus, tiny_teachers, token_cache):
-    from cache.build.run import build_cache
-    from cache.store.schema import CacheError
-    from cache.store.segments import copy_cache
-
     with pytest.raises(CacheError, match="teacher 'oc' has a 4 x 4 patch grid; use --tokens 4 or less"):
         build_cache(_job(tiny_corpus, {"oc": tiny_teachers["oc"]}, tmp_path / "a.h5", tokens=5))
     copy = tmp_path / "b.h5"
@@ -331,7 +331,6 @@ def test_token_refusals_name_the_teacher_and_the_flag(tmp_path, tiny_corpus, tin
         "    def tokenize(self, texts): return self.inner.tokenize(texts)\n"
         f"def make(): return Plain(load_teacher({tiny_teachers['oc']!r}))\n"
     )
-    import sys
 
     sys.path.insert(0, str(tmp_path))
     try:
@@ -342,12 +341,6 @@ def test_token_refusals_name_the_teacher_and_the_flag(tmp_path, tiny_corpus, tin
 
 
 def test_info_shows_the_grid_and_verify_checks_the_tokens(tmp_path, token_cache):
-    import h5py
-
-    from cache.inspect import info
-    from cache.store.segments import copy_cache
-    from cache.store.verify import verify
-
     text = info(str(token_cache))
     assert "patch tokens: 2 x 2 grid, 32-wide, shape (32, 4, 32)" in text and "/teachers/oc/tokens" in text
     assert verify(str(token_cache), progress=False).ok
@@ -361,8 +354,6 @@ def test_info_shows_the_grid_and_verify_checks_the_tokens(tmp_path, token_cache)
 
 # -- the student's tokens ------------------------------------------------------------------------------------
 def _tiny_clip(timm_trunk: bool):
-    import open_clip
-
     vision = (
         {
             "timm_model_name": register_tiny_timm(),
@@ -384,10 +375,6 @@ def _tiny_clip(timm_trunk: bool):
 
 @pytest.mark.parametrize("timm_trunk", [False, True], ids=["open_clip-vit", "timm-trunk"])
 def test_student_exposes_adapted_pooled_tokens_for_both_tower_kinds(timm_trunk):
-    from distill.training.heads import TokenAdaptors
-    from distill.training.student_model import DistillModel
-    from teachers.tokens import visual_token_shape
-
     clip = _tiny_clip(timm_trunk)
     h, w, dim = visual_token_shape(clip.visual)
     assert (h, w, dim) == (4, 4, 32 if timm_trunk else 48)
@@ -421,9 +408,6 @@ L1_A = [0.25, 1.75]
 
 
 def _spatial_inputs(route=None, feats: bool = False):
-    from distill.losses import StudentOutput, TeacherBatch
-    from teachers.kernel.modality import Pair
-
     t = lambda x: torch.tensor(x)  # noqa: E731
     e = F.normalize(torch.randn(2, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
     student = StudentOutput(
@@ -440,8 +424,6 @@ def _spatial_inputs(route=None, feats: bool = False):
 
 
 def test_spatial_term_values_by_hand():
-    from distill.losses import DistillLoss, LossTermCfg
-
     s, t = _spatial_inputs()
     loss = DistillLoss([LossTermCfg("sp", "spatial", 2.0)], ["a", "b"])  # weights a 1, b 1
     out = loss(s, t)
@@ -449,7 +431,7 @@ def test_spatial_term_values_by_hand():
     assert out["sp"].item() == pytest.approx(want) and out["loss"].item() == pytest.approx(want)
     one = DistillLoss([LossTermCfg("sp", "spatial", 1.0, {"a": 1.0, "b": 3.0})], ["a", "b"])
     assert one(s, t)["sp"].item() == pytest.approx(np.mean([0.25 * COS_A[i] + 0.75 * COS_B[i] for i in range(2)]))
-    for metric, per_a in (("smooth_l1", L1_A), ("cosine+smooth_l1", [0.9 * c + 0.1 * l for c, l in zip(COS_A, L1_A)])):
+    for metric, per_a in (("smooth_l1", L1_A), ("cosine+smooth_l1", [0.9 * c + 0.1 * d for c, d in zip(COS_A, L1_A)])):
         only_a = DistillLoss([LossTermCfg("sp", "spatial", 1.0, {"a": 1.0}, {"metric": metric})], ["a", "b"])
         assert only_a(s, t)["sp"].item() == pytest.approx(np.mean(per_a)), metric
     out["loss"].backward()
@@ -459,11 +441,6 @@ def test_spatial_term_values_by_hand():
 
 
 def test_spatial_term_with_routing_and_every_combine_mode():
-    from distill.losses import CombineCfg, DistillLoss, LossTermCfg
-    from distill.losses import combine as C
-    from distill.losses.distributed import StepGather, all_gather_rows
-    from distill.losses.terms import StepContext
-
     route = {"a": torch.tensor([True, False]), "b": torch.tensor([True, True])}
     s, t = _spatial_inputs(route, feats=True)
     routed = DistillLoss([LossTermCfg("sp", "spatial", 1.0, {"a": 1.0, "b": 3.0})], ["a", "b"])
@@ -492,8 +469,6 @@ def test_spatial_term_with_routing_and_every_combine_mode():
 
 
 def test_spatial_term_errors_name_the_teacher():
-    from distill.losses import DistillLoss, LossTermCfg
-
     s, t = _spatial_inputs()
     loss = DistillLoss([LossTermCfg("sp", "spatial")], ["a", "b"])
     assert loss.token_teachers() == ["a", "b"] and loss.student_modalities() == (Modality.IMAGE,)
@@ -507,25 +482,18 @@ def test_spatial_term_errors_name_the_teacher():
 
 
 # -- training ------------------------------------------------------------------------------------------------
-from train_fixtures import read_log, tiny_config, tiny_tokenizer  # noqa: E402,F401  (fixtures)
-
 SPATIAL_TERMS = "[{kind: infonce}, {kind: spatial, weight: 1.0}]"
 
 
 @pytest.fixture(scope="module")
 def spatial_cache(tmp_path_factory, tiny_corpus, tiny_teachers) -> Path:
     """Both tiny teachers with 2 stored views per image and their tokens on a 2 x 2 grid per view."""
-    from cache.build.run import build_cache
-
     out = tmp_path_factory.mktemp("spatial") / "features.h5"
     build_cache(_job(tiny_corpus, tiny_teachers, out, views=2, tokens=2))
     return out
 
 
 def test_a_tiny_spatial_run_lowers_the_spatial_loss(tiny_corpus, spatial_cache, tiny_tokenizer, tmp_path):
-    from distill.train import make_accelerator, train
-    from distill.training.build_run import build_run, teacher_batch
-
     cfg = tiny_config(
         tiny_corpus,
         tmp_path / "run",
@@ -552,12 +520,6 @@ def test_a_tiny_spatial_run_lowers_the_spatial_loss(tiny_corpus, spatial_cache, 
 
 
 def test_spatial_grad_cache_equals_one_forward(tiny_corpus, spatial_cache, tiny_tokenizer, tmp_path):
-    from test_grad_cache import FP64_TOL, _assert_equal
-
-    from distill.train import make_accelerator
-    from distill.training.build_run import build_run, teacher_batch
-    from distill.training.grad_cache import grad_cache_step, merge_batches
-
     cfg = tiny_config(tiny_corpus, tmp_path / "run", spatial_cache, tokenizer=tiny_tokenizer, loss__terms=SPATIAL_TERMS)
     run = build_run(cfg, make_accelerator(cfg))
     it = iter(run.loader)
@@ -585,11 +547,6 @@ def test_spatial_grad_cache_equals_one_forward(tiny_corpus, spatial_cache, tiny_
 def test_spatial_runs_are_refused_without_tokens_or_with_patch_dropout(
     tiny_corpus, spatial_cache, tiny_tokenizer, tmp_path, token_cache
 ):
-    from distill.data.loader import DataError
-    from distill.train import make_accelerator
-    from distill.training.build_run import build_run
-    from teachers.kernel.config_model import ConfigError
-
     def build(features, **kw):
         cfg = tiny_config(
             tiny_corpus, tmp_path / "r", features, tokenizer=tiny_tokenizer, loss__terms=SPATIAL_TERMS, **kw
@@ -606,10 +563,6 @@ def test_spatial_runs_are_refused_without_tokens_or_with_patch_dropout(
 
 def _no_token_copy(src: Path, tmp_path: Path) -> Path:
     """The token cache with teacher hf's tokens deleted (as if cached without --tokens)."""
-    import h5py
-
-    from cache.store.segments import copy_cache
-
     out = tmp_path / "notokens.h5"
     copy_cache(str(src), str(out))  # the file and its segment folder
     with h5py.File(out, "r+") as f:
@@ -619,12 +572,6 @@ def _no_token_copy(src: Path, tmp_path: Path) -> Path:
 
 
 def test_bad_cached_tokens_stop_or_drop_that_teacher_for_the_row(token_cache, tmp_path):
-    import h5py
-
-    from cache.store.segments import copy_cache
-    from cache.store.verify import BadRowsError
-    from distill.data.loader import Collate
-
     bad = tmp_path / "bad.h5"
     copy_cache(str(token_cache), str(bad))  # the file and its segment folder
     with h5py.File(bad, "r+") as f:

@@ -4,11 +4,17 @@ order (deterministic for a seed), eval over a stream."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import yaml
 from test_corpus import _write_shards
 from train_fixtures import read_log, tiny_config
 
@@ -22,6 +28,11 @@ from cache.store.shard_record import read_record, record_path
 from distill.cli import main
 from distill.data.samplers import Dealing
 from distill.data.stream_data import buffer_shuffle, stream_order
+from distill.eval import load_splits, load_task
+from distill.eval.context import EvalContext
+from distill.eval.retrieval import evaluate_retrieval
+from distill.train import train
+from teachers import load_teacher
 
 N_SHARDS = 4  # the 32-row tiny corpus, 10 rows per shard: 10, 10, 10, 2
 FAST = Retry(attempts=2, backoff_s=0.0)
@@ -53,8 +64,13 @@ def _job(data, teachers, out, **kw) -> CacheJob:
 
 def _count_opens(monkeypatch) -> list[str]:
     """Every shard stream the cursor opens (in this process) from now on."""
-    opened = []
-    monkeypatch.setattr(corpus_stream, "open_shard", lambda url: opened.append(url) or OPEN_SHARD(url))
+    opened: list[str] = []
+
+    def counting_open(url):
+        opened.append(url)
+        return OPEN_SHARD(url)
+
+    monkeypatch.setattr(corpus_stream, "open_shard", counting_open)
     return opened
 
 
@@ -244,7 +260,6 @@ def stream_cache(shards, tiny_teachers, tmp_path_factory):
 def test_training_on_a_stream_runs_in_stream_order_and_is_deterministic(shards, stream_cache, tmp_path, monkeypatch):
     features, listing = stream_cache
     monkeypatch.setenv("BIOMED_DISTILL_LISTINGS", str(listing))
-    from distill.train import train
 
     runs = []
     for k in range(2):
@@ -267,13 +282,6 @@ def test_training_on_a_stream_runs_in_stream_order_and_is_deterministic(shards, 
 
 
 def test_eval_retrieval_over_a_stream_equals_the_csv(shards, tiny_corpus, tiny_teachers, tmp_path):
-    import yaml
-
-    from distill.eval import load_splits, load_task
-    from distill.eval.context import EvalContext
-    from distill.eval.retrieval import evaluate_retrieval
-    from teachers import load_teacher
-
     model = load_teacher(tiny_teachers["oc"], "cpu")
     results = []
     for name, path in (("csv", str(tiny_corpus)), ("url", _url(shards))):
@@ -306,12 +314,6 @@ with open(f"{report}.{os.environ['RANK']}.json", "w") as f:
 @pytest.mark.slow
 def test_two_processes_each_list_and_read_their_own_shards(shards, tiny_teachers, tmp_path, listings):
     """torchrun, 2 ranks: shard i is listed and read by rank i % 2 only, once; the file equals one process's."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     teacher = {"oc": tiny_teachers["oc"]}
     build_cache(_job(shards, teacher, tmp_path / "local.h5"))
     driver = tmp_path / "driver.py"

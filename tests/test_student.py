@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from open_clip.transformer import PatchDropout as OpenClipPatchDropout
+from safetensors.torch import load_file
+from timm.layers import PatchDropout as TimmPatchDropout
+from transformers import AutoTokenizer
 
 from distill.training.heads import ProjectionHeads
 from student import (
@@ -23,6 +27,7 @@ from student import (
     write_text_config,
 )
 from student.build import _point_text_at
+from student.tokenizer import train_wordpiece
 
 
 def _captions(corpus: Path) -> list[str]:
@@ -33,8 +38,6 @@ def _captions(corpus: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def wordpiece(tiny_corpus, tmp_path_factory) -> Path:
     """A WordPiece tokenizer trained on the tiny corpus captions."""
-    from student.tokenizer import train_wordpiece
-
     return train_wordpiece(_captions(tiny_corpus), tmp_path_factory.mktemp("tok"), vocab_size=300, model_max_length=32)
 
 
@@ -139,8 +142,6 @@ def test_timm_tower_at_another_size_is_refused(tmp_path):
 
 
 def test_tiny_build_folder_tokenizer_and_forward(tiny, wordpiece):
-    from transformers import AutoTokenizer
-
     d = tiny.student_dir
     cfg = json.loads((d / "open_clip_config.json").read_text())
     assert cfg["model_cfg"]["text_cfg"]["hf_model_name"] == str(d.resolve())
@@ -180,8 +181,6 @@ def test_build_is_deterministic_under_seed(wordpiece, tmp_path):
 
 
 def test_build_overrides(wordpiece, tmp_path):
-    from open_clip.transformer import PatchDropout
-
     b = build_student(
         "tiny",
         tmp_path / "s",
@@ -190,7 +189,7 @@ def test_build_overrides(wordpiece, tmp_path):
         patch_dropout=0.5,
         text_config={"num_hidden_layers": 1},
     )
-    assert isinstance(b.model.visual.patch_dropout, PatchDropout) and b.model.visual.patch_dropout.prob == 0.5
+    assert isinstance(b.model.visual.patch_dropout, OpenClipPatchDropout) and b.model.visual.patch_dropout.prob == 0.5
     assert len(b.model.text.transformer.encoder.layer) == 1
     with torch.no_grad():
         assert b.model.eval().encode_text(b.tokenizer(["ct"])).shape == (1, 32)
@@ -211,8 +210,6 @@ def test_build_errors_are_clear(wordpiece, tmp_path):
 
 def test_build_from_pretrained_spec_keeps_weights(tiny_teachers, tmp_path):
     """A SPEC initialises the student from its weights (here a plain open_clip CLIP with its own tokenizer)."""
-    from safetensors.torch import load_file
-
     spec = tiny_teachers["oc"]
     b = build_student(spec, tmp_path / "student")
     src = load_file(str(Path(spec[len("local-dir:") :]) / "open_clip_model.safetensors"))
@@ -339,11 +336,9 @@ def test_patch_dropout_trains_only(tiny):
 
 
 def test_patch_dropout_timm(tmp_path):
-    from timm.layers import PatchDropout
-
     m = _meta_model("biomedclip-small", tmp_path)
     set_patch_dropout(m, 0.25)
-    assert isinstance(m.visual.trunk.patch_drop, PatchDropout) and m.visual.trunk.patch_drop.prob == 0.25
+    assert isinstance(m.visual.trunk.patch_drop, TimmPatchDropout) and m.visual.trunk.patch_drop.prob == 0.25
 
 
 def test_grad_checkpointing_same_gradients(wordpiece, tmp_path):

@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 
 from teachers import load_teacher
 from teachers.open_clip_teacher import OpenClipTeacher
@@ -23,7 +25,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 @pytest.fixture
 def unimed_example(monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLES))
-    import unimed_clip_teacher
+    import unimed_clip_teacher  # noqa: PLC0415 (lazy: importable only after the syspath_prepend above; popped after)
 
     yield unimed_clip_teacher
     sys.modules.pop("unimed_clip_teacher", None)
@@ -31,9 +33,6 @@ def unimed_example(monkeypatch):
 
 def _tiny_clip(folder: Path, **kw):
     """The tiny open_clip model of distill/tiny_models.py rebuilt from its config, with extra CLIP kwargs."""
-    import open_clip
-    from safetensors.torch import load_file
-
     cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
     model = open_clip.CLIP(**cfg, **kw)
     model.load_state_dict(load_file(folder / "open_clip_model.safetensors"), strict=False)
@@ -42,8 +41,6 @@ def _tiny_clip(folder: Path, **kw):
 
 def test_from_parts_wraps_a_model_built_elsewhere(tiny_teachers):
     """A fork's model, transform and tokenizer (here stock open_clip's) become a Teacher equal to the model."""
-    import open_clip
-
     folder = Path(tiny_teachers["oc"].removeprefix("local-dir:"))
     model = _tiny_clip(folder, init_logit_bias=-5.0)  # a sigmoid (SigLIP-style) open_clip model
     cfg = PreprocessCfg(image_size=(32, 32), mean=(0.5,) * 3, std=(0.25,) * 3)
@@ -62,8 +59,6 @@ def test_from_parts_wraps_a_model_built_elsewhere(tiny_teachers):
 
 def test_unimed_convert_keeps_the_tensors_and_unpickles_nothing_else(unimed_example, tmp_path):
     """The release's checkpoints hold a DDP `module.`-prefixed state_dict beside numpy training metadata."""
-    from safetensors.torch import load_file
-
     state = {"module.visual.proj": torch.randn(4, 3), "module.logit_scale": torch.tensor(4.6)}
     torch.save({"state_dict": state, "epoch": np.int64(31), "best_acc": np.float64(0.61)}, tmp_path / "ckpt.pt")
     unimed_example.convert(str(tmp_path / "ckpt.pt"), str(tmp_path / "w.safetensors"))

@@ -9,13 +9,19 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants
+from open_clip import factory, pretrained
+from open_clip.pretrained import get_pretrained_cfg
 from PIL import Image
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-from teachers import Teacher, load_teacher, parse_spec, resolve_spec
+from teachers import Teacher, TeacherLoadError, load_teacher, parse_spec, resolve_spec
 from teachers.kernel.registry import Registry
+from teachers.open_clip_teacher import open_clip_args
 from teachers.registry import TEACHER_ALIASES, list_teachers
 
 
@@ -85,8 +91,6 @@ def test_registry_refuses_duplicates():
 
 # -- back-ends against the libraries -------------------------------------------------------------------
 def test_open_clip_local_dir_matches_open_clip(tiny_teachers):
-    import open_clip
-
     t = load_teacher(tiny_teachers["oc"])
     path = tiny_teachers["oc"]
     model, _, preprocess = open_clip.create_model_and_transforms(path)
@@ -106,8 +110,6 @@ def test_open_clip_local_dir_matches_open_clip(tiny_teachers):
 
 
 def test_hf_clip_matches_transformers(tiny_teachers):
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
-
     folder = tiny_teachers["hf"].removeprefix("hf-clip:")
     t = load_teacher(tiny_teachers["hf"])
     model = CLIPModel.from_pretrained(folder).eval()
@@ -191,8 +193,6 @@ def _fake_hub_repo(cache: Path, repo_id: str, files: list[Path], commit: str = "
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch) -> Path:
     """An empty offline hub cache in tmp: HF_HUB_CACHE as a fresh process with the variable set would see it."""
-    from huggingface_hub import constants
-
     cache = tmp_path / "hub"
     cache.mkdir()
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
@@ -211,8 +211,6 @@ def _encode_oc(model, preprocess, tok, img, texts):
 
 
 def test_open_clip_hf_hub_matches_open_clip(tiny_teachers, hub_cache):
-    import open_clip
-
     folder = Path(tiny_teachers["oc"].removeprefix("local-dir:"))
     _fake_hub_repo(
         hub_cache, "fake-org/tiny-oc", [folder / "open_clip_config.json", folder / "open_clip_model.safetensors"]
@@ -238,8 +236,6 @@ def test_open_clip_hf_hub_matches_open_clip(tiny_teachers, hub_cache):
 
 def test_hf_hub_repo_without_weights_is_refused(tiny_teachers, hub_cache):
     """open_clip alone would warn and return a randomly initialised model; a teacher must not."""
-    from teachers import TeacherLoadError
-
     folder = Path(tiny_teachers["oc"].removeprefix("local-dir:"))
     _fake_hub_repo(hub_cache, "fake-org/no-weights", [folder / "open_clip_config.json"])
     with pytest.raises(TeacherLoadError, match=r"'hf-hub:fake-org/no-weights'.*could not be loaded"):
@@ -255,8 +251,6 @@ def test_hf_hub_repo_without_weights_is_refused(tiny_teachers, hub_cache):
 
 
 def test_hf_clip_hub_id_matches_transformers(tiny_teachers, hub_cache):
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
-
     folder = Path(tiny_teachers["hf"].removeprefix("hf-clip:"))
     _fake_hub_repo(hub_cache, "fake-org/tiny-hf", sorted(p for p in folder.iterdir() if p.is_file()))
     t = load_teacher("hf-clip:fake-org/tiny-hf")
@@ -279,10 +273,6 @@ def test_hf_clip_hub_id_matches_transformers(tiny_teachers, hub_cache):
 
 def test_builtin_model_tag_spec_resolves_like_open_clip():
     """No real tag can be downloaded here: check what reaches open_clip, with open_clip's own tag table."""
-    from open_clip.pretrained import get_pretrained_cfg
-
-    from teachers.open_clip_teacher import open_clip_args
-
     name, tag, kw = open_clip_args(parse_spec("ViT-B-32/openai"))
     assert (name, tag) == ("ViT-B-32", "openai") and get_pretrained_cfg(name, tag)["hf_hub"]
     assert kw == {"require_pretrained": True, "force_quick_gelu": True}  # OpenAI weights were trained with QuickGELU
@@ -297,9 +287,6 @@ def test_builtin_model_tag_spec_resolves_like_open_clip():
 def test_builtin_model_tag_loads_its_weights_through_the_hub_cache(tiny_teachers, hub_cache, monkeypatch):
     """The real MODEL/TAG path, end to end, on a tiny built-in registered for the test: open_clip's config and
     tag tables -> hf_hub_download from the offline cache -> strict checkpoint load -> the tag's preprocessing."""
-    import open_clip
-    from open_clip import factory, pretrained
-
     folder = Path(tiny_teachers["oc"].removeprefix("local-dir:"))
     cfg = json.loads((folder / "open_clip_config.json").read_text())
     monkeypatch.setitem(factory._MODEL_CONFIGS, "Tiny-OC-test", cfg["model_cfg"])

@@ -10,10 +10,14 @@ import pytest
 import torch
 from train_fixtures import load_weights, read_log, tiny_cache, tiny_config  # noqa: F401  (fixture)
 
+from cache.sources.corpus import open_corpus
+from cache.sources.synthetic import make_synthetic_corpus
+from cache.store.reader import FeatureReader
 from cache.store.segments import copy_cache
 from distill.data.cache_join import join_cache
-from distill.data.loader import DataError, PairDataset
+from distill.data.loader import Collate, DataError, PairDataset
 from distill.train import train
+from distill.training.student_model import student_pixels
 from teachers.transforms import PreprocessCfg, make_view_transform
 
 # 30 optimizer steps in every mode (the bar). From scratch, InfoNCE starts at ln(batch) = ln 8: the tiny
@@ -63,10 +67,6 @@ def test_loss_falls_and_run_files(mode, tiny_corpus, tiny_cache, tmp_path):
 
 
 def test_dataset_shows_the_student_the_stored_view(tiny_corpus, tiny_cache):
-    from cache.sources.corpus import open_corpus
-    from cache.store.reader import FeatureReader
-    from distill.training.student_model import student_pixels
-
     corpus = open_corpus(tiny_corpus)
     join = join_cache(corpus, tiny_cache, None)
     assert join.view_params.shape == (32, 2, 5) and sorted(join.teachers) == ["hf", "oc"]
@@ -85,7 +85,6 @@ def test_dataset_shows_the_student_the_stored_view(tiny_corpus, tiny_cache):
         assert torch.equal(ds[(epoch, i)]["image"], item["image"])  # the same (epoch, index): the same pixels
     assert seen == {0, 1}  # the view index is drawn per sample and epoch
     # the batch carries the same view's teacher features
-    from distill.data.loader import Collate
 
     items = [ds[(0, i)] for i in range(4)]
     batch = Collate(
@@ -99,8 +98,6 @@ def test_dataset_shows_the_student_the_stored_view(tiny_corpus, tiny_cache):
 
 
 def test_cache_missing_teacher_or_rows_is_a_clear_error(tiny_corpus, tiny_cache, tmp_path):
-    from cache.sources.corpus import open_corpus
-
     corpus = open_corpus(tiny_corpus)
     with pytest.raises(DataError, match=r"lacks teacher\(s\) \['biomedclip'\].*--teacher biomedclip=SPEC"):
         join_cache(corpus, tiny_cache, ["oc", "biomedclip"])
@@ -120,17 +117,12 @@ def test_cache_missing_teacher_or_rows_is_a_clear_error(tiny_corpus, tiny_cache,
 
 
 def test_cache_from_another_corpus_is_refused(tiny_cache, tmp_path):
-    from cache.sources.corpus import open_corpus
-    from cache.sources.synthetic import make_synthetic_corpus
-
     other = open_corpus(make_synthetic_corpus(tmp_path / "other", n=32, image_size=48, seed=5))
     with pytest.raises(DataError, match=r"built from another corpus.*fingerprint differs"):
         join_cache(other, tiny_cache, None)
 
 
 def test_bad_rows_in_the_cache_are_skipped(tiny_corpus, tiny_cache, tmp_path):
-    from cache.sources.corpus import open_corpus
-
     marked = tmp_path / "bad.h5"
     copy_cache(str(tiny_cache), str(marked))  # the file and its segment folder
     with h5py.File(marked, "r+") as f:

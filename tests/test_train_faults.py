@@ -17,6 +17,7 @@ from typing import NamedTuple
 import pytest
 import torch
 import yaml
+from accelerate import Accelerator
 from train_fixtures import ROOT, load_weights, nan_loss_at_call, read_log, tiny_config, tiny_tokenizer  # noqa: F401
 
 import distill.train as train_mod
@@ -63,7 +64,7 @@ def straight(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
 def test_a_nan_loss_stops_before_any_checkpoint_holds_it(straight, tiny_corpus, tiny_tokenizer, tmp_path, monkeypatch):
     run = tmp_path / "run"
     real_build = build_run_mod.build_run
-    monkeypatch.setattr(build_run_mod, "build_run", nan_loss_at_call(3))  # 3rd micro-batch = step 3
+    monkeypatch.setattr(train_mod, "build_run", nan_loss_at_call(3))  # 3rd micro-batch = step 3
     with pytest.raises(train_mod.NonFiniteLossError) as err:
         train_mod.train(_cfg(tiny_corpus, run, tiny_tokenizer, steps=6, every=2))
     msg = str(err.value)
@@ -73,7 +74,7 @@ def test_a_nan_loss_stops_before_any_checkpoint_holds_it(straight, tiny_corpus, 
     assert all(torch.isfinite(v).all() for v in load_weights(run / "checkpoint-2").values())
     assert [r["step"] for r in read_log(run)] == [1, 2]  # the NaN step was never logged
     # the checkpoint before the failure resumes to the uninterrupted result
-    monkeypatch.setattr(build_run_mod, "build_run", real_build)
+    monkeypatch.setattr(train_mod, "build_run", real_build)
     assert train_mod.train(_cfg(tiny_corpus, run, tiny_tokenizer, steps=6, every=2))["step"] == 6
     assert _equal(load_weights(run / "checkpoint-6"), load_weights(straight / "checkpoint-6"))
 
@@ -82,8 +83,6 @@ def test_a_nan_loss_stops_before_any_checkpoint_holds_it(straight, tiny_corpus, 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(
     fault, straight, tiny_corpus, tiny_tokenizer, tmp_path, monkeypatch
 ):
-    from accelerate import Accelerator
-
     run = tmp_path / "run"
     real_save = Accelerator.save_state
 

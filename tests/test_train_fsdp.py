@@ -21,6 +21,7 @@ import sys
 import pytest
 import torch
 import yaml
+from accelerate.utils import merge_fsdp_weights
 from train_fixtures import (  # noqa: F401
     LOSS_RTOL,
     ROOT,
@@ -35,6 +36,7 @@ from train_fixtures import (  # noqa: F401
 )
 
 import distill.train as train_mod
+from student.export import export_checkpoint, load_student
 
 pytestmark = pytest.mark.slow
 
@@ -96,8 +98,6 @@ def _launch_fsdp(cfg, tmp_path, name: str) -> subprocess.CompletedProcess:
 
 def _merged(ckpt) -> dict[str, torch.Tensor]:
     """The sharded FSDP checkpoint as one state dict, merged as `accelerate merge-weights` does (in place)."""
-    from accelerate.utils import merge_fsdp_weights
-
     shards = ckpt / "pytorch_model_fsdp_0"
     assert sorted(p.name for p in shards.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # sharded save
     assert not (ckpt / "model.safetensors").exists()
@@ -135,7 +135,6 @@ def test_fsdp2_equals_one_process_resumes_and_exports(tiny_corpus, tiny_cache, t
     assert f"Resuming from {tmp_path / 'resumed' / 'checkpoint-2'} at step 2" in res.stdout
 
     ref = load_weights(tmp_path / "one" / "checkpoint-3")
-    from student.export import export_checkpoint, load_student
 
     # distill export reads the sharded checkpoint directly (merging it as `accelerate merge-weights` would)
     direct, _, _ = load_student(export_checkpoint(tmp_path / "fsdp" / "checkpoint-3", tmp_path / "export-direct"))

@@ -12,6 +12,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from open_clip.transformer import PatchDropout
 from train_fixtures import (  # noqa: F401
     adamw_lipschitz,
     assert_same_weights,
@@ -23,11 +24,13 @@ from train_fixtures import (  # noqa: F401
     tiny_tokenizer,
 )
 
+from distill.data.loader import Collate, TrainBatch, caption_id
 from distill.losses import TeacherBatch
 from distill.train import make_accelerator, train
 from distill.training.build_run import build_run
 from distill.training.log import RunLogger
 from distill.training.optim import param_groups
+from distill.training.student_model import DistillModel
 
 
 def _build(cfg):
@@ -45,8 +48,6 @@ def _grads_after_one_step(run):
 
 
 def test_freezing_patch_dropout_and_checkpointing_from_the_config(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path):
-    from open_clip.transformer import PatchDropout
-
     cfg = tiny_config(
         tiny_corpus,
         tmp_path / "run",
@@ -102,8 +103,6 @@ def test_freezing_patch_dropout_and_checkpointing_from_the_config(tiny_corpus, t
 
 
 def test_bf16_autocast_runs_with_finite_losses(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path, monkeypatch):
-    from distill.training.student_model import DistillModel
-
     seen = []
     forward = DistillModel.forward
 
@@ -258,7 +257,6 @@ def test_tensorboard_gets_every_logged_value(tmp_path, monkeypatch):
 
 
 def test_collate_gives_each_caption_a_stable_63_bit_id():
-    from distill.data.loader import Collate, TrainBatch, caption_id
 
     # BLAKE2b of the UTF-8 string, top bit cleared: the same in every process, run and Python (no hash() salt)
     assert caption_id("a chest x-ray showing pneumonia") == 9188361894126729554
@@ -299,8 +297,6 @@ def templated_corpus(tiny_corpus):
 
 
 def test_contrastive_with_caption_positives_trains(templated_corpus, tmp_path):
-    from distill.data.loader import caption_id
-
     steps = 30
     out = tmp_path / "run"
     cfg = tiny_config(

@@ -3,12 +3,14 @@ stopped, across a batch-size schedule change (accumulation 1 -> 2) and with drop
 
 from __future__ import annotations
 
+import h5py
 import numpy as np
 import pytest
 import torch
 from train_fixtures import load_weights, read_log, tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
 
 import distill.train as train_mod
+from cache.store.segments import copy_cache
 from distill.training.checkpoint import list_checkpoints
 
 
@@ -76,10 +78,6 @@ def test_resume_matches_uninterrupted(tiny_corpus, tiny_cache, tiny_tokenizer, t
 
 def test_resume_refuses_a_cache_whose_teacher_dimension_changed(tiny_corpus, tiny_cache, tiny_tokenizer, tmp_path):
     """Resuming against a cache where a teacher now has another dimension names it instead of a size mismatch."""
-    import h5py
-
-    from cache.store.segments import copy_cache
-
     out = tmp_path / "run"
     train_mod.train(
         tiny_config(

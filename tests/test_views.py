@@ -16,9 +16,11 @@ import cache.store.layout as L
 import cache.store.writer as W
 from cache import CacheError, CacheJob, build_cache, info, open_corpus
 from cache.build.views import ViewDist, draw_view_params, read_view_dist
+from cache.store.segments import copy_cache
 from distill.cli import main
 from distill.config.train_config import Config, ConfigError
 from distill.data.loader import PairDataset
+from distill.train import train
 from distill.training.student_model import student_pixels
 from teachers import load_teacher
 from teachers.transforms import apply_view
@@ -171,8 +173,6 @@ def test_info_shows_the_views(color_cache, capsys):
 
 
 def test_other_view_flags_are_refused_when_adding_a_teacher(color_cache, tiny_corpus, tiny_teachers, tmp_path):
-    from cache.store.segments import copy_cache
-
     out = tmp_path / "f.h5"
     copy_cache(str(color_cache), str(out))  # the file and its segment folder
     with pytest.raises(CacheError) as e:
@@ -261,8 +261,6 @@ def test_a_five_column_file_of_an_earlier_version_reads_and_replays(tiny_corpus,
 
 
 def test_training_refuses_crop_settings_that_contradict_the_views(color_cache, tiny_corpus, tmp_path):
-    from distill.train import train
-
     views = ViewDist(2, scale=(0.3, 0.9), flip_p=0.5, color=0.5, seed=5)
 
     def data(**kw):

@@ -15,6 +15,8 @@ import torch
 from train_fixtures import read_log, tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
 
 import cache.store.reader as h5_reader
+from cache.build.run import CacheJob, build_cache
+from cache.sources.synthetic import make_synthetic_corpus
 from distill.config.train_config import ConfigError
 from distill.data.loader import DataError, make_uint8_view_transform, random_crop_params, sample_generator
 from distill.train import make_accelerator, train
@@ -133,9 +135,6 @@ def test_plain_contrastive_is_unchanged(tiny_corpus, tiny_cache, tiny_tokenizer,
 
 
 def test_refusals(tiny_corpus, tiny_teachers, tiny_cache, tiny_tokenizer, tmp_path):
-    from cache.build.run import CacheJob, build_cache
-    from cache.sources.synthetic import make_synthetic_corpus
-
     no_views = tmp_path / "no-views.h5"  # one teacher, no --views
     build_cache(
         CacheJob(

@@ -6,6 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
+
+import distill.training.build_run as build_run_mod
+from cache.build.run import CacheJob, build_cache
+from cache.sources.corpus import open_corpus
+from distill.config.train_config import Config
+from distill.training.optim import lr_factor
+from student.tokenizer import train_wordpiece
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_DROPOUT = {"text_config": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}
@@ -14,8 +23,6 @@ NO_DROPOUT = {"text_config": {"hidden_dropout_prob": 0.0, "attention_probs_dropo
 @pytest.fixture(scope="session")
 def tiny_cache(tiny_corpus, tiny_teachers, tmp_path_factory) -> Path:
     """Both tiny teachers over the 32-row corpus, with 2 stored views per image."""
-    from cache.build.run import CacheJob, build_cache
-
     out = tmp_path_factory.mktemp("cache") / "features.h5"
     build_cache(
         CacheJob(
@@ -35,16 +42,11 @@ def tiny_cache(tiny_corpus, tiny_teachers, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
     """One WordPiece folder shared by the runs that are compared (built once per session)."""
-    from cache.sources.corpus import open_corpus
-    from student.tokenizer import train_wordpiece
-
     return train_wordpiece(open_corpus(tiny_corpus).captions, tmp_path_factory.mktemp("tok") / "wp", vocab_size=1000)
 
 
 def tiny_config(corpus, out_dir, features=None, mode="hybrid", tokenizer=None, **sections):
     """configs/tiny-hybrid.yaml with this corpus/cache/output and `section.key=value` overrides from kwargs."""
-    from distill.config.train_config import Config
-
     overrides = [
         f"data.corpus={corpus}",
         f"train.output_dir={out_dir}",
@@ -86,8 +88,6 @@ def adamw_lipschitz(grad_max: float) -> dict:
 def max_gradient(ckpt_dir, cfg) -> float:
     """An upper bound of every |gradient| of the run so far, from the checkpoint's AdamW state: v_t >= (1 - b2) x
     b2^(t-1) x g_i^2 for each step i <= t."""
-    import torch
-
     state = torch.load(Path(ckpt_dir) / "optimizer.bin", weights_only=True)["state"]
     b2, t = cfg.optim.betas[1], cfg.train.max_steps
     return max((s["exp_avg_sq"] / ((1 - b2) * b2 ** (t - 1))).sqrt().max().item() for s in state.values())
@@ -105,8 +105,6 @@ LOSS_RTOL = 4e-4
 def assert_same_weights(a: dict, b: dict, cfg) -> None:
     """`a` == `b` (state dicts after cfg.train.max_steps steps of a run with `adamw_lipschitz`) up to the bound
     above."""
-    from distill.training.optim import lr_factor
-
     steps = cfg.train.max_steps
     sum_lr = sum(cfg.optim.lr * lr_factor(s, steps, cfg.optim) for s in range(steps))
     atol, rtol = 2.002 * sum_lr * GRAD_REL, steps * 2.0**-23  # x G / eps <= 1 (max_gradient checks G)
@@ -121,16 +119,12 @@ def read_log(run_dir) -> list[dict]:
 
 
 def load_weights(ckpt_dir) -> dict:
-    from safetensors.torch import load_file
-
     return load_file(str(Path(ckpt_dir) / "model.safetensors"))
 
 
 def nan_loss_at_call(n: int, keys=("infonce", "loss")):
-    """A replacement for distill.training.build_run.build_run whose loss turns the `keys` terms (None: all) NaN on its n-th
-    call."""
-    import distill.training.build_run as build_run_mod
-
+    """A replacement for distill.training.build_run.build_run whose loss turns the `keys` terms (None: all) NaN on its
+    n-th call."""
     real_build = build_run_mod.build_run
 
     def build(cfg, accelerator):

@@ -69,8 +69,18 @@ def open_segment(
 
 def commit_chunk(out: str, parts: list[tuple], segment: SegmentWriter, j: int) -> None:
     """Every teacher's rows of chunk j into the segment (`W.write_part`), then the chunk's commit."""
-    for name, *arrays, tokens in parts:
-        W.write_part(out, name, *arrays, **({} if tokens is None else {"tokens": tokens}), segment=segment)
+    for name, rows, image, text, bad_rows, bad_reasons, tokens in parts:
+        W.write_part(
+            out,
+            name,
+            rows,
+            image,
+            text,
+            bad_rows,
+            bad_reasons,
+            **({} if tokens is None else {"tokens": tokens}),
+            segment=segment,
+        )
     segment.commit(j)
 
 

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 from cache.build.views import RATIO, SCALE, ViewDist
 from cache.sources.base import BadSampleError, Corpus
 from cache.sources.image_decode import DEFAULT_MAX_PIXELS, DecodeLimits
+from teachers.base import Teacher
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,6 @@ def teacher_inputs(teachers: dict, views: bool | ViewDist) -> list[TeacherInput]
     """Each teacher's transform and tokenizer; transforms that provably compute the same tensor share a key:
     base-class transforms of equal preprocessing configs, or back-ends' pipelines with equal `transform_key`s.
     `views`: the stored views' ViewDist (True: the default one), whose smallest crop bounds the JPEG draft."""
-    from teachers.base import Teacher
-
     out = []
     for name, t in teachers.items():
         attr = "view_transform" if views else "image_transform"

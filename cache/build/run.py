@@ -17,6 +17,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from typing import cast
 
 import h5py
 import numpy as np
@@ -34,11 +35,12 @@ from cache.build.job import CacheJob, CacheSummary, EmbedCfg, Storage, TeacherSu
 from cache.build.stream import finish, note_unlisted, open_for_cache, stream_plan
 from cache.build.tokens import check_token_size, embed_images, token_dims
 from cache.build.views import read_view_dist
-from cache.sources.corpus import BadSampleError, Corpus
+from cache.sources.corpus import BadSampleError, Corpus, StreamCorpus
 from cache.sources.shard_listing import SHARD_UNREADABLE
 from cache.store.lock import WriterLock
 from cache.store.schema import CacheError, attrs_to_dict, check_root, check_teacher, storage_dtype, teacher_attrs
 from cache.store.verify import bad_row_mask, raise_damaged, row_problem
+from teachers import load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ def _prepare(job: CacheJob, corpus: Corpus, fp: str) -> None:
             f"--views {views_k}, or write another file"
         )
     asked = stored.differences(job.view_flags) if store.views and stored else []
-    if asked:  # the stored views are replayed for every teacher: other flags would be silently ignored
+    if asked and stored:  # the stored views are replayed for every teacher: other flags would be silently ignored
         raise CacheError(
             f"{out} stores views {stored.describe()}; this run asks {' '.join(asked)}: rerun with "
             f"{stored.flags()} (or without --view-* flags), or write another file"
@@ -295,8 +297,6 @@ def _load_teacher(
     name: str, spec: str, store: Storage, cached: dict | None, device: str, trust_remote_code: bool = False
 ):
     """Load one pending teacher and check it against its attrs in the file (`cached`, None when new)."""
-    from teachers import load_teacher
-
     teacher = load_teacher(spec, device, trust_remote_code=trust_remote_code)
     if cached is not None and int(cached["embed_dim"]) != teacher.embed_dim:
         raise CacheError(
@@ -397,8 +397,8 @@ def _build(job: CacheJob, env: DistEnv) -> CacheSummary:
                     " (auto)" if "auto" in (job.batch_size, job.num_workers) else "",
                 )
             plan = (
-                stream_plan(corpus, rows, env, cfg.num_workers, cfg.batch_size, job.chunk_rows)
-                if getattr(corpus, "streamed", False)
+                stream_plan(cast(StreamCorpus, corpus), rows, env, cfg.num_workers, cfg.batch_size, job.chunk_rows)
+                if getattr(corpus, "streamed", False)  # StreamCorpus.streamed
                 else None
             )  # whole shards per rank and worker
             mine = deal(chunks, env) if plan is None else plan_chunks(plan)

@@ -14,13 +14,12 @@ import numpy as np
 import torch
 
 from cache.store.schema import CacheError
+from teachers.tokens import TokensUnsupported, pool_tokens
 
 
 def embed_images(teacher, images: torch.Tensor, grid: int, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(L2-normalised embeddings (B, E), patch tokens pooled to (B, G*G, D) in the storage `dtype`, or None when
     `grid` is 0) from one forward pass. Cast on the device: a chunk's tokens wait there until it is committed."""
-    from teachers.tokens import pool_tokens
-
     if not grid:
         return teacher.encode_image(images), None
     emb, tokens, hw = teacher.encode_image_with_tokens(images)
@@ -52,8 +51,6 @@ class TokenSize:
 def token_dims(teachers: dict, grid: int, out: str) -> dict[str, int]:
     """{name: D} of each teacher's tokens; a teacher without tokens, or a patch grid smaller than G x G, is a
     CacheError naming it (before anything is written)."""
-    from teachers.tokens import TokensUnsupported
-
     dims = {}
     for name, t in teachers.items():
         try:

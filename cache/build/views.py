@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -93,8 +94,8 @@ class ViewDist:
         get = attrs.get
         return cls(
             int(views),
-            tuple(float(x) for x in get(A.SCALE, SCALE)),
-            tuple(float(x) for x in get(A.RATIO, RATIO)),
+            cast("tuple[float, float]", tuple(float(x) for x in get(A.SCALE, SCALE))),  # written as 2 numbers
+            cast("tuple[float, float]", tuple(float(x) for x in get(A.RATIO, RATIO))),
             float(get(A.FLIP_P, FLIP_P)),
             float(get(A.COLOR, COLOR)),
             int(get(A.SEED, 0)),
@@ -133,7 +134,7 @@ class ViewDist:
 def read_view_dist(f) -> ViewDist | None:
     """The distribution of the views stored in `f` (an open h5py.File, or a path), None when it has none."""
     if isinstance(f, (str, bytes)) or hasattr(f, "__fspath__"):
-        import h5py
+        import h5py  # noqa: PLC0415 (lazy: h5py kept off the light CLI path, which loads this module)
 
         with h5py.File(f, "r") as h:
             return read_view_dist(h)

@@ -103,8 +103,11 @@ def read_utf8_text(path: str | os.PathLike) -> str:
         data = f.read()
     try:
         return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        line, column, byte = utf8_problem(data)
+    except UnicodeDecodeError as e:
+        problem = utf8_problem(data)
+        if problem is None:  # cannot be: the text did not decode, so utf8_problem finds its first bad byte
+            raise TypeError(f"{path}: no undecodable byte found after {e}") from e
+        line, column, byte = problem
         raise CorpusError(
             f"{path} line {line}: not UTF-8 (byte {byte} at column {column}); save the file as UTF-8"
         ) from None
@@ -127,6 +130,7 @@ class Corpus(ABC):
     keys: list[str]
     captions: list[str]
     limits: DecodeLimits = DecodeLimits()  # how load_image decodes (cache.sources.image_decode)
+    _fingerprint: str | None  # computed on first use (subclasses may set it None in __init__)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -155,9 +159,10 @@ class Corpus(ABC):
         )
 
     def fingerprint(self) -> str:
-        if getattr(self, "_fingerprint", None) is None:
-            self._fingerprint = fingerprint_of(self.keys, self.captions)
-        return self._fingerprint
+        fp = getattr(self, "_fingerprint", None)
+        if fp is None:
+            fp = self._fingerprint = fingerprint_of(self.keys, self.captions)
+        return fp
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.source!r}, {len(self)} samples)"

@@ -67,6 +67,8 @@ def open_corpus(path: str | os.PathLike, stream: StreamOptions | None = None, fo
     any registered format with a corpus reader. `format` names the format instead of telling it from the path."""
     path = os.fspath(path)
     fmt = format_named(format, "corpus") if format else find_format(path, "corpus", "corpus")
+    if fmt.corpus is None:  # cannot be: both lookups return only a format that can read `need`
+        raise TypeError(f"format {fmt.name!r} has no corpus reader")
     return fmt.corpus(path, stream)
 
 
@@ -77,4 +79,6 @@ def read_labelled(
     reader (`split`: the npz split or class-folder subfolder; a table's split is a column, chosen by the caller)."""
     path = os.fspath(path)
     fmt = format_named(format, "labelled", what) if format else find_format(path, "labelled", what)
+    if fmt.labelled is None:  # cannot be: both lookups return only a format that can read `need`
+        raise TypeError(f"format {fmt.name!r} has no labelled reader")
     return fmt.labelled(path, split)

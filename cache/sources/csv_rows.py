@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import re
 from collections.abc import Iterator
+from typing import cast
 
 from cache.sources.base import MAX_CELL_CHARS, MAX_COLUMNS, CorpusError
 
@@ -45,7 +46,7 @@ class _Lines:
         return self
 
     def __next__(self) -> str:
-        line = _LINE.match(self._text, self._pos).group()
+        line = cast("re.Match[str]", _LINE.match(self._text, self._pos)).group()  # _LINE matches the empty string
         if not line:
             raise StopIteration
         self._pos += len(line)

@@ -97,7 +97,7 @@ class SourceTable:
     rows: list[dict[str, str]]  # metadata values per row
     where: list[str]  # "FILE row N (line L)" per row, for messages
     keys: list[str]  # per-source part of the key (unique within the source)
-    images: list[str] | np.ndarray  # absolute image paths, or a uint8 array (N, H, W[, 3])
+    images: list[str] | np.ndarray | list[np.ndarray]  # absolute image paths, or uint8 arrays (N, H, W[, 3])
     labels: list[str] | None = None  # raw label per row (None: the source has no labels)
 
     def __len__(self) -> int:
@@ -156,6 +156,8 @@ def _from_images(src: CorpusSource, path: Path, data: LabelledData) -> SourceTab
             else f"{path}: no rows"
         )
     labels = None if data.labels is None else _label_text(data.labels)
+    if data.keys is None or data.images is None:  # a reader whose rows carry their images names their keys too
+        raise TypeError(f"{path}: the format's reader returned images without keys")
     return SourceTable(
         src, data.origin, list(data.columns), data.rows, data.where, list(data.keys), data.images, labels
     )
@@ -176,7 +178,8 @@ def _from_table(src: CorpusSource, path: Path, data: LabelledData) -> SourceTabl
         )
     if src.domain_column is not None and src.domain_column not in columns:
         raise CorpusBuildError(f"{path}: domain column {src.domain_column!r} not found (columns: {listed})")
-    has_label = src.label_column is not None and src.label_column in columns
+    label_column = src.label_column if src.label_column is not None and src.label_column in columns else None
+    has_label = label_column is not None
     root = path.parent.resolve()
     rows, where, keys, images, labels = [], [], [], [], []
     seen: dict[str, str] = {}
@@ -194,8 +197,8 @@ def _from_table(src: CorpusSource, path: Path, data: LabelledData) -> SourceTabl
         keys.append(rel)
         rows.append({c: (row[c] or "") for c in columns if c != src.image_column})
         where.append(here)
-        if has_label:
-            labels.append((row[src.label_column] or "").strip())
+        if label_column is not None:
+            labels.append((row[label_column] or "").strip())
     if not raw_rows:
         raise CorpusBuildError(f"{path}: no rows (a header and nothing else)")
     if not rows:

@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import cast
 
 from cache.sources.base import CorpusError
 
@@ -84,8 +85,8 @@ def _check_scheme(scheme: str, spec: str) -> None:
         if not spec[len(PIPE) :].strip():
             raise CorpusError(f"{spec!r}: a pipe: shard needs a command after 'pipe:' (e.g. pipe:curl -s URL)")
         return
-    import fsspec
-    from fsspec.registry import known_implementations
+    import fsspec  # noqa: PLC0415 (lazy: fsspec kept off the light CLI path; URL shards only)
+    from fsspec.registry import known_implementations  # noqa: PLC0415 (lazy: fsspec kept off the light CLI path; URL shards only)
 
     try:
         fsspec.get_filesystem_class(scheme)
@@ -102,7 +103,7 @@ def open_shard(url: str) -> io.BufferedIOBase:
     """A readable binary stream of one shard; the caller closes it (a pipe's exit status is checked at its end)."""
     if url.startswith(PIPE):
         return io.BufferedReader(_PipeReader(url[len(PIPE) :]), 1 << 20)
-    import fsspec
+    import fsspec  # noqa: PLC0415 (lazy: fsspec kept off the light CLI path; URL shards only)
 
     return fsspec.open(url, "rb").open()
 
@@ -115,12 +116,14 @@ class _PipeReader(io.RawIOBase):
         self.cmd = cmd
         self.err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=self.err)
+        # stdout=PIPE with the default buffering: Popen opens it as a BufferedReader
+        self.stdout = cast(io.BufferedReader, self.proc.stdout)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:
-        n = self.proc.stdout.readinto(b)
+        n = self.stdout.readinto(b)
         if n == 0:
             rc = self.proc.wait()
             if rc != 0:
@@ -133,7 +136,7 @@ class _PipeReader(io.RawIOBase):
         if not self.closed:
             if self.proc.poll() is None:  # abandoned before its end (a reopened or failed shard)
                 self.proc.kill()
-            self.proc.stdout.close()
+            self.stdout.close()
             self.proc.wait()
             self.err.close()
         super().close()

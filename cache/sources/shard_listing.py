@@ -16,13 +16,15 @@ import logging
 import os
 import tarfile
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+from tqdm.auto import tqdm
 
 from cache.sources.base import IMAGE_EXTS, CorpusError
 from cache.sources.shard_io import Retry, is_local, open_shard
-from cache.sources.webdataset import check_key, is_end_block, member_key, read_caption
+from cache.sources.webdataset import check_key, is_end_block, member_file, member_key, read_caption
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ class _Tail:
 
     KEEP = 4 * tarfile.RECORDSIZE
 
-    def __init__(self, f):
+    def __init__(self, f) -> None:
         self.f, self.pos = f, 0
         self._chunks: deque[bytes] = deque()  # the last reads, at least KEEP bytes in all (not copied per read:
         self._held = 0  # skipping a 600 MB member takes 60,000 reads)
@@ -96,15 +98,18 @@ class _Tail:
         return tail[offset - start : offset - start + tarfile.BLOCKSIZE] if offset >= start else b""
 
 
-def iter_samples(url: str, f, seek: bool, want_image: Callable[[int], bool]) -> Iterator[Sample]:
+def iter_samples(url: str, f, seek: bool, want_image: Callable[[int], bool]) -> Generator[Sample, None, None]:
     """The samples of one open shard in member order; `seek`: skip member bytes by seeking (`r:`), else stream
     (`r|`). A sample's members must be next to each other (they are, as webdataset writes them)."""
     src = f if seek else _Tail(f)
     try:
-        tar = tarfile.open(fileobj=src, mode="r:" if seek else "r|")
+        # typeshed's _Fileobj asks for write/seek/tell/close too; reading ("r:" on f, "r|" on a _Tail) only reads
+        tar = tarfile.open(fileobj=src, mode="r:" if seek else "r|")  # type: ignore[call-overload]
     except (tarfile.TarError, EOFError) as e:
         raise ReadFailure(f"not a readable tar stream ({e})") from e
-    key, cur, seen = None, {}, set()
+    key: str | None = None
+    cur: dict[str, Any] = {}
+    seen: set[str] = set()
     try:
         for m in tar:
             named = member_key(url, m)
@@ -122,11 +127,11 @@ def iter_samples(url: str, f, seek: bool, want_image: Callable[[int], bool]) -> 
                 seen.add(k)
                 key, cur = k, {}
             if ext == "txt":
-                cur["txt"] = read_caption(url, m.name, tar.extractfile(m))
+                cur["txt"] = read_caption(url, m.name, member_file(tar, m))
             elif ext in IMAGE_EXTS and "size" not in cur:
                 cur["size"] = m.size
                 if want_image(m.size):
-                    cur["image"] = tar.extractfile(m).read()
+                    cur["image"] = member_file(tar, m).read()
         end = tar.offset
     except CorpusError:  # the shard itself is wrong (unsafe name, bad caption): no retry helps
         raise
@@ -199,8 +204,6 @@ class ListingStore:
 
 def list_shards(urls: list[str], retry: Retry, root: str | None = None, progress: bool = False) -> dict[str, str]:
     """List every shard of `urls` without a listing yet; returns the ones that failed (URL -> reason)."""
-    from tqdm.auto import tqdm
-
     store = ListingStore(root or listing_dir())
     todo = [u for u in urls if store.load(u) is None]
     failed = {}

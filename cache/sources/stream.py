@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -170,7 +172,8 @@ class _ShardStream:
         self.failures = 0
         self.max_bytes: int | None = None
         self._skipping = False
-        self._file = self._it = None
+        self._file: io.BufferedIOBase | None = None
+        self._it: Generator[Sample, None, None] | None = None
 
     def next(self) -> Sample:
         while True:

@@ -7,6 +7,7 @@ to match them: the demo's and tests' losses fall for a reason, not by chance.
 from __future__ import annotations
 
 import csv
+import json
 import random
 from pathlib import Path
 
@@ -54,8 +55,6 @@ def make_synthetic_corpus(
     out_dir: str | Path, n: int = 64, image_size: int = 48, seed: int = 0, fmt: str = "csv"
 ) -> Path:
     """Write `n` PNG images and `corpus.csv` (or `.jsonl`/`.tsv`) with columns image, caption, key."""
-    import json
-
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)

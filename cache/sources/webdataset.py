@@ -17,7 +17,7 @@ import glob
 import os
 import re
 import tarfile
-from typing import BinaryIO
+from typing import IO, cast
 
 from PIL import Image
 
@@ -95,7 +95,7 @@ class WebDatasetCorpus(Corpus):
                         order.append(key)
                     s = samples[key]
                     if ext == "txt":
-                        s["txt"] = read_caption(shard, m.name, tar.extractfile(m))
+                        s["txt"] = read_caption(shard, m.name, member_file(tar, m))
                     elif ext in IMAGE_EXTS and "image" not in s:
                         s["image"] = (s_idx, m.offset_data, m.size)
                 end = tar.offset  # where tarfile stopped: the end-of-archive marker, or the cut
@@ -151,7 +151,12 @@ def member_key(shard: str, m: tarfile.TarInfo) -> tuple[str, str] | None:
     return match.group(1), match.group(2).lower()
 
 
-def read_caption(shard: str, name: str, member: BinaryIO) -> str:
+def member_file(tar: tarfile.TarFile, m: tarfile.TarInfo) -> IO[bytes]:
+    """The bytes of member `m`, a regular file (`member_key` keeps only those, for which extractfile is not None)."""
+    return cast("IO[bytes]", tar.extractfile(m))
+
+
+def read_caption(shard: str, name: str, member: IO[bytes]) -> str:
     """A `txt` member's caption: its first MAX_CAPTION_BYTES only are read (cut at a character boundary; a longer
     caption is no use to a tokenizer and costs memory in every worker). Bytes that are not UTF-8 are refused,
     naming the member, line and column."""

@@ -62,7 +62,8 @@ TOKEN_CHUNK_BYTES = 4 * 1024 * 1024
 
 
 class ViewAttrs:
-    """Names of /views/params's attributes: the distribution its views were drawn from (`cache.build.views.ViewDist`)."""
+    """Names of /views/params's attributes: the distribution its views were drawn from
+    (`cache.build.views.ViewDist`)."""
 
     VIEWS = "views"
     SCALE = "scale"

@@ -59,18 +59,18 @@ class WriterLock:
                     continue  # released between our two calls: try again
                 pid, host = holder.get("pid"), holder.get("host")
                 if pid == me["pid"] and host == me["host"]:
-                    raise self.error(f"{self.target} is already being written by this process")
+                    raise self.error(f"{self.target} is already being written by this process") from None
                 if host not in (None, me["host"]):
                     raise self.error(
                         f"{self.target} is locked by pid {pid} on host {host} ({self.path}); if no "
                         f"writer is running there, delete {self.path} and rerun"
-                    )
+                    ) from None
                 if isinstance(pid, int) and _pid_alive(pid):
                     raise self.error(
                         f"{self.target} is being written by another process (pid {pid}) on host "
                         f"{host}, so it is in use; wait for it to finish, or if that process is not "
                         f"writing it, delete {self.path}"
-                    )
+                    ) from None
                 log.warning(
                     "taking over the stale lock %s: its writer (pid %s on host %s) is gone",
                     self.path,

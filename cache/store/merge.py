@@ -21,7 +21,7 @@ import cache.store.layout as L
 from cache.store.segment_writer import read_sums
 from cache.store.segments import SegmentInfo, SegTeacher
 from cache.store.stats import TeacherSums, sums_of_rows
-from teachers.kernel.modality import MODALITIES
+from teachers.kernel.modality import MODALITIES, Modality
 
 
 @dataclass
@@ -125,7 +125,7 @@ def plan_sums(plan: TeacherPlan, usable: np.ndarray) -> TeacherSums:
         slots, ok = s.written(plan.name)
         saved = read_sums(s.path, len(s.committed))
         with h5py.File(s.path, "r") as f:
-            img, txt = f[L.feature(plan.name, "image")], f[L.feature(plan.name, "text")]
+            img, txt = f[L.feature(plan.name, Modality.IMAGE)], f[L.feature(plan.name, Modality.TEXT)]
             if saved is not None and plan.name in saved:
                 total.merge(saved[plan.name])
                 stored = slots[ok]

@@ -17,7 +17,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from cache.store.schema import CacheError
 
@@ -35,8 +35,9 @@ _DISK_ERRORS = {
 def _disk_errno(e: BaseException) -> int | None:
     """The errno of a full/read-only/forbidden disk, also when HDF5 reports it only in its message (h5py raises
     OSError or RuntimeError, e.g. "Can't decrement id ref count (... errno = 28, ...)")."""
-    if getattr(e, "errno", None) in _DISK_ERRORS:
-        return e.errno
+    known = getattr(e, "errno", None)
+    if known in _DISK_ERRORS:
+        return known
     text = str(e)
     for code in _DISK_ERRORS:
         if os.strerror(code) in text or f"errno = {code}," in text:
@@ -108,7 +109,8 @@ class PartWriter:
     raised in the caller's thread (next `submit` or `join`) with its own message, and no later commit runs."""
 
     def __init__(self, depth: int = 1):
-        self.depth, self._pending = depth, deque()
+        self.depth = depth
+        self._pending: deque[Future[None]] = deque()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-parts")
         self._failed = threading.Event()
 

@@ -13,7 +13,8 @@ Two read paths, both returning the same values:
   rows are gathered in memory. With the trainer's block-shuffled `EpochSampler` (`block_shuffle_order`) and
   cache_blocks >= the shuffle buffer, each block is read once per epoch per process (worker) that draws from
   it; with the dealt order (data.sampler=block_deal, `distill.data.samplers.deal_order`) once per epoch in all:
-  bytes read per useful byte ~1 at any number of ranks and workers (benchmarks/input_pipeline.py). B should be a multiple of the file's chunk rows (`chunk_rows`).
+  bytes read per useful byte ~1 at any number of ranks and workers (benchmarks/input_pipeline.py). B should be a
+  multiple of the file's chunk rows (`chunk_rows`).
 
 The reader sees the file as it was when opened: rows committed by a running or killed `distill cache` that
 are still waiting in segments not yet folded in appear after the next fold. A format-2 file reads its rows
@@ -129,7 +130,8 @@ class FeatureReader:
         f = self._file()
         ds = self._ds.get((teacher, what))
         if ds is None:
-            ds = self._ds[(teacher, what)] = f[L.tokens(teacher) if what == L.TOKENS else L.feature(teacher, what)]
+            path = L.tokens(teacher) if what == L.TOKENS else L.feature(teacher, Modality(what))
+            ds = self._ds[(teacher, what)] = f[path]
         return ds
 
     def close(self) -> None:

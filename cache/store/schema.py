@@ -5,9 +5,13 @@ Every check here raises `CacheError` with the file named and what to do, before 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from cache.store.layout import Root
+from teachers.kernel.version import package_version
+from teachers.registry import resolve_spec
 
 FORMAT = "biomed-distill-features"
 VERSION = 2  # 2: teacher features, keys and views in segment files mapped by virtual datasets (`cache.store.layout`)
@@ -45,14 +49,12 @@ class CacheError(RuntimeError):
 
 
 def str_dtype():
-    import h5py
+    import h5py  # noqa: PLC0415 (lazy: h5py kept off the light CLI path, which loads this module)
 
     return h5py.string_dtype("utf-8")
 
 
 def created_by() -> str:
-    from teachers.kernel.version import package_version
-
     return f"biomed-distill {package_version()}"
 
 
@@ -64,8 +66,6 @@ def storage_dtype(name: str) -> np.dtype:
 
 def resolved(spec: str) -> str:
     """The spec an alias stands for, so `biomedclip` and its hf-hub: spec count as the same teacher."""
-    from teachers import resolve_spec
-
     try:
         s = resolve_spec(spec)
         return f"{s.kind}:{s.target}"
@@ -98,7 +98,7 @@ def check_root(f, path: str, fingerprint: str | None = None, num_rows: int | Non
 
 def virtual_sources(f) -> set[str]:
     """Every source file name (as stored: relative to the file's folder) of the virtual datasets in `f`."""
-    import h5py
+    import h5py  # noqa: PLC0415 (lazy: h5py kept off the light CLI path, which loads this module)
 
     names: set[str] = set()
 
@@ -115,8 +115,6 @@ def virtual_sources(f) -> set[str]:
 def check_sources(f, path: str) -> None:
     """Refuse a format-2 file whose segment files are not beside it: HDF5 would read their rows as its fill value
     (NaN) without a word, so a file copied or moved without its folder is named here, with the fix."""
-    import os
-
     base = os.path.dirname(os.path.abspath(path))
     missing = sorted(n for n in virtual_sources(f) if not os.path.isfile(os.path.join(base, n)))
     if missing:

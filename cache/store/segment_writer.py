@@ -46,8 +46,8 @@ class _Dataset:
     inner: tuple[int, ...]
     dtype: np.dtype
     chunk: int
+    twin: h5py.Dataset
     offsets: dict[int, tuple[int, int]] = field(default_factory=dict)  # chunk index -> (byte offset, size)
-    twin: h5py.Dataset | None = None
 
 
 class SegmentWriter:
@@ -92,17 +92,18 @@ class SegmentWriter:
         with h5py.File(self.path, "r") as f:
             for name in self.names:
                 for what, ds in f[L.teacher(name)].items():
-                    d = _Dataset(ds.shape[1:], ds.dtype, ds.chunks[0])
-                    for i in _chunks(ds):
-                        d.offsets[i.chunk_offset[0] // d.chunk] = (i.byte_offset, i.size)
-                    span = -(-longest // d.chunk) * d.chunk + d.chunk  # a chunk's rows may start mid-twin: + 1
-                    d.twin = self._mem.create_dataset(
+                    inner, chunk = ds.shape[1:], ds.chunks[0]
+                    span = -(-longest // chunk) * chunk + chunk  # a chunk's rows may start mid-twin: + 1
+                    twin = self._mem.create_dataset(
                         f"{name}/{what}",
-                        shape=(span, *d.inner),
-                        dtype=d.dtype,
-                        chunks=(d.chunk, *d.inner),
+                        shape=(span, *inner),
+                        dtype=ds.dtype,
+                        chunks=(chunk, *inner),
                         fletcher32=True,
                     )
+                    d = _Dataset(inner, ds.dtype, chunk, twin)
+                    for i in _chunks(ds):
+                        d.offsets[i.chunk_offset[0] // d.chunk] = (i.byte_offset, i.size)
                     self._sets[f"{name}/{what}"] = d
         self._fd = os.open(self.path, os.O_RDWR)
         self._log = os.open(log_path(self.path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -199,7 +200,7 @@ class SegmentWriter:
 def _chunks(ds: h5py.Dataset) -> list:
     """Every allocated chunk's StoreInfo (offset in the dataset, byte offset in the file, size)."""
     if hasattr(ds.id, "chunk_iter"):  # HDF5 >= 1.13: one pass
-        out = []
+        out: list = []
         ds.id.chunk_iter(out.append)
         return out
     return [ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks())]

@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
+from h5py import h5d, h5p
 
 import cache.store.layout as L
 from cache.store.disk import h5_on_disk, pwrite_all
 from cache.store.parts import disk_errors, removed_on_error
+from cache.store.schema import storage_dtype
 from cache.store.shard_record import record_path
+from teachers.kernel.modality import MODALITIES, Modality
 
 SEGMENT_FORMAT = "biomed-distill-segment"
 _NAME = re.compile(r"^run-(\d{6})-(rank-\d{4}-\d+|keys|views)\.h5$")
@@ -83,9 +86,6 @@ class SegTeacher:
 
     def datasets(self, rows: int, chunk: int) -> dict[str, dict]:
         """{dataset path tail: create_dataset args} for image, text and (with --tokens) tokens."""
-        from cache.store.schema import storage_dtype
-        from teachers.kernel.modality import MODALITIES, Modality
-
         d, k, dt = int(self.attrs["embed_dim"]), int(self.attrs.get("views", 0)), storage_dtype(self.dtype)
         out = {m.value: L.feature_dataset_args(rows, d, k, dt, chunk, m) for m in MODALITIES}
         grid = int(self.attrs.get("tokens", 0))
@@ -122,8 +122,6 @@ def create_segment(
 ) -> None:
     """Write segment `path` (atomically): its slots' rows, chunks, need (M, T), and per teacher its datasets,
     every chunk allocated (sparse) so that filling it later never changes the file's structure."""
-    from h5py import h5d, h5p
-
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
     with disk_errors(path), removed_on_error(tmp):
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -203,7 +201,7 @@ class SegmentInfo:
         with h5py.File(path, "r") as f:
             names = [str(n) for n in f[L.SEG_NEED].attrs["teachers"]]
             metas = {n: json.loads(f[L.teacher(n)].attrs["meta"]) for n in names}
-            chunk = max([L.chunk_rows_of(f[L.feature(n, "text")]) for n in names] or [1])
+            chunk = max([L.chunk_rows_of(f[L.feature(n, Modality.TEXT)]) for n in names] or [1])
             info = cls(
                 path,
                 run_of(path),
@@ -259,8 +257,6 @@ def copy_cache(src: str, dst: str) -> str:
 
 def relink(path: str, old: str, new: str) -> None:
     """Point every virtual dataset of `path` mapping files in folder `old` at folder `new` (names relative)."""
-    from h5py import h5d, h5p
-
     with disk_errors(path), h5_on_disk(path, "r+") as f:
         found = []
         f.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Dataset) and o.is_virtual else None)

@@ -35,18 +35,27 @@ class Sums:
             d = x.shape[-1]
             self.total = torch.zeros(d, dtype=torch.float64, device=x.device)
             self.outer = torch.zeros(d, d, dtype=torch.float64, device=x.device)
-        self.total += sign * x.sum(0).double()
-        self.outer += sign * (x.T @ x).double()
+        total, outer = self.moments()
+        total += sign * x.sum(0).double()  # in place: self.total, self.outer
+        outer += sign * (x.T @ x).double()
         self.count += sign * len(x)
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total, outer), which `add` and `merge` set together; TypeError before any row."""
+        if self.total is None or self.outer is None:
+            raise TypeError("Sums.moments: no rows summed yet (total/outer are None)")
+        return self.total, self.outer
 
     def merge(self, other: Sums) -> None:
         if other.total is None:
             return
+        other_total, other_outer = other.moments()
         if self.total is None:
-            self.total, self.outer = other.total.clone().cpu(), other.outer.clone().cpu()
+            self.total, self.outer = other_total.clone().cpu(), other_outer.clone().cpu()
         else:
-            self.total += other.total.cpu()
-            self.outer += other.outer.cpu()
+            total, outer = self.moments()
+            total += other_total.cpu()  # in place: self.total, self.outer
+            outer += other_outer.cpu()
         self.count += other.count
 
     def mean_cov(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +63,8 @@ class Sums:
         if self.total is None:
             return np.zeros(dim, np.float32), np.zeros((dim, dim), np.float32)
         n = self.count
-        total, outer = self.total.cpu().numpy(), self.outer.cpu().numpy()
+        total_t, outer_t = self.moments()
+        total, outer = total_t.cpu().numpy(), outer_t.cpu().numpy()
         mean = total / max(n, 1)
         cov = (outer - n * np.outer(mean, mean)) / max(n - 1, 1)
         return mean.astype(np.float32), cov.astype(np.float32)
@@ -82,7 +92,8 @@ class TeacherSums:
         out = {"rows": np.array(self.rows, np.int64)}
         for m, s in self.by.items():
             if s.total is not None:
-                out[f"{m}_total"], out[f"{m}_outer"] = s.total.cpu().numpy(), s.outer.cpu().numpy()
+                total, outer = s.moments()
+                out[f"{m}_total"], out[f"{m}_outer"] = total.cpu().numpy(), outer.cpu().numpy()
             out[f"{m}_count"] = np.array(s.count, np.int64)
         return out
 

@@ -17,6 +17,7 @@ from typing import NoReturn
 
 import h5py
 import numpy as np
+from tqdm.auto import tqdm
 
 import cache.store.layout as L
 from cache.store.schema import CacheError, check_root
@@ -174,8 +175,6 @@ def verify(path: str, block_rows: int = 8192, progress: bool | None = None) -> V
 
     progress: a tqdm bar (None: only when stderr is a terminal).
     """
-    from tqdm.auto import tqdm
-
     if not os.path.isfile(path):
         raise CacheError(f"{path} not found")
     try:
@@ -293,18 +292,18 @@ def _verify_dataset(
             xs = np.asarray(x[sel], dtype=np.float32)
             bad = bad_row_mask(xs) if unit else ~np.isfinite(xs.reshape(len(xs), -1)).all(1)
             if bad.any():
-                rows = np.flatnonzero(sel)[bad] + lo
+                bad_rows = np.flatnonzero(sel)[bad] + lo
                 if stats is not None:  # the rows are reported: statistics over them are not compared
-                    stats.complete &= not stats.usable[rows].any()
+                    stats.complete &= not stats.usable[bad_rows].any()
                 finite = np.isfinite(xs[bad].reshape(int(bad.sum()), -1)).all(axis=1)
-                found.setdefault("non-finite", []).append(rows[~finite])
-                found.setdefault("not unit-norm", []).append(rows[finite])
+                found.setdefault("non-finite", []).append(bad_rows[~finite])
+                found.setdefault("not unit-norm", []).append(bad_rows[finite])
         bar.update(hi - lo)
     order = ("checksum", "unreadable", "non-finite", "not unit-norm")
     return [
         Problem(name, modality, k, np.concatenate(found[k]))
         for k in order
-        if k in found and sum(len(r) for r in found[k])
+        if k in found and sum(len(r) for r in found[k]) > 0
     ]
 
 

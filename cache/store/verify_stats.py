@@ -89,12 +89,15 @@ class StatsCheck:
 
 def _mean_cov(acc: _Moments, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean, covariance (as `np.cov`: n - 1) and second moments E[x x^T] of the summed rows."""
-    if acc.total is None:
+    total, outer = acc.total, acc.outer
+    if total is None:
         z = np.zeros((dim, dim))
         return np.zeros(dim), z, z
+    if outer is None:  # `_Moments.add` sets both at once
+        raise TypeError("_Moments.outer is None while its total is set")
     n = acc.n
-    mean = acc.total / n
-    return mean, (acc.outer - n * np.outer(mean, mean)) / max(n - 1, 1), acc.outer / n
+    mean = total / n
+    return mean, (outer - n * np.outer(mean, mean)) / max(n - 1, 1), outer / n
 
 
 def tolerance(second: np.ndarray, mean: np.ndarray, cov: np.ndarray, summed_rows: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ of the terms. `tests/test_cli_fast_fail.py` checks that BUILTIN_TERMS agrees wit
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -41,9 +42,10 @@ def _registered_in_source(folder: Path) -> dict[str, bool]:
                         kind = args[0].value
             own = None
             for stmt in node.body:
-                targets = stmt.targets if isinstance(stmt, ast.Assign) else []
-                if any(getattr(t, "id", None) == "uses_teachers" for t in targets) and isinstance(
-                    stmt.value, ast.Constant
+                if (
+                    isinstance(stmt, ast.Assign)
+                    and any(getattr(t, "id", None) == "uses_teachers" for t in stmt.targets)
+                    and isinstance(stmt.value, ast.Constant)
                 ):
                     own = bool(stmt.value.value)
             classes[node.name] = (kind, [getattr(b, "id", "") for b in node.bases], own)
@@ -65,6 +67,4 @@ LOSS_ENTRY_POINTS = "biomed_distill.losses"  # the entry-point group of plug-in 
 
 def plugin_kinds() -> list[str]:
     """Term kinds that installed packages declare as entry points (read without importing them)."""
-    import importlib.metadata
-
     return sorted({ep.name for ep in importlib.metadata.entry_points(group=LOSS_ENTRY_POINTS)} - set(BUILTIN_TERMS))

@@ -82,6 +82,7 @@ def apply_override(root: type, d: dict, item: str, list_defaults: ListDefaults |
     path = key.split(".")
     tp: Any = root
     node: Any = d
+    slot: str | int
     for i, seg in enumerate(path):
         here, last = ".".join(path[:i]), i == len(path) - 1
         inner = _strip(tp)
@@ -100,7 +101,7 @@ def apply_override(root: type, d: dict, item: str, list_defaults: ListDefaults |
         if last:
             node[slot] = _parse(raw, tp, key, item)
             return
-        child = node[slot] if isinstance(node, list) else node.get(slot)
+        child = node.get(slot) if isinstance(node, dict) else node[slot]
         if not isinstance(child, (dict, list)):
             child = [] if get_origin(_strip(tp)) is tuple else {}
             node[slot] = child

@@ -19,7 +19,7 @@ import math
 import sys
 import types
 import typing
-from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, Union, cast, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -78,9 +78,9 @@ def _check_kind(kind: str, info: ValidationInfo | None) -> None:
 
 def term_class(kind: str) -> type[LossTerm]:
     """The registered term class of `kind`; KeyError with close matches when unknown (imports torch)."""
-    import distill.losses.siglip  # noqa: F401  (registers siglip)
-    import distill.losses.spatial  # noqa: F401  (registers spatial)
-    from distill.losses.terms import LOSSES
+    import distill.losses.siglip  # noqa: F401, PLC0415 (lazy: torch kept off the config check; registers siglip)
+    import distill.losses.spatial  # noqa: F401, PLC0415 (lazy: torch kept off the config check; registers spatial)
+    from distill.losses.terms import LOSSES  # noqa: PLC0415 (lazy: torch kept off the config check)
 
     return LOSSES.get(kind)
 
@@ -95,7 +95,7 @@ def _strict(tp: Any) -> Any:
         return _STRICT[tp]
     origin, args = get_origin(tp), get_args(tp)
     if origin in (Union, types.UnionType):
-        return Union[tuple(_strict(a) for a in args)]
+        return Union[tuple(_strict(a) for a in args)]  # noqa: UP007 (built from a runtime tuple: no X | Y spelling)
     if origin in (tuple, list) and args:
         return origin[tuple(_strict(a) if a is not Ellipsis else a for a in args)]
     return tp
@@ -105,7 +105,7 @@ def _strict(tp: Any) -> Any:
 def options_model(cls: type) -> type[BaseModel]:
     """A strict model of the options `cls` takes: its constructor's parameters, typed by their annotations
     (a choice is a Literal), with their defaults. An unannotated parameter takes any value."""
-    hints = typing.get_type_hints(cls.__init__)
+    hints = typing.get_type_hints(cast(Any, cls).__init__)  # the class's own constructor, not an instance's
     fields: dict[str, Any] = {}
     for p in inspect.signature(cls).parameters.values():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):

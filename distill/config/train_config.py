@@ -458,7 +458,7 @@ class Config(Section):
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict, overrides: Sequence[str] = (), static: bool = False) -> Config:
+    def from_dict(cls, d: object, overrides: Sequence[str] = (), static: bool = False) -> Config:
         """Build from a plain dict (as YAML gives) after applying `section.key=value` overrides. `static`: check
         without importing torch (loss terms by kind name only; see distill.config.terms), before the full check."""
         d = plain(d or {})

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, get_args, get_origin
+from collections.abc import Callable
+from typing import Any, cast, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
@@ -27,7 +28,7 @@ def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str]]:
         if is_model(inner) and f.default_factory is not None:  # a section: list its keys
             rows += _rows(inner, key + ".")
             continue
-        default = f.default_factory() if f.default_factory is not None else f.default
+        default = cast(Callable[[], Any], f.default_factory)() if f.default_factory is not None else f.default
         shown = (
             "(required)"
             if default is PydanticUndefined

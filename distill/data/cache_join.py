@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cache.sources.corpus import CorpusError
+from cache.store.reader import FeatureReader
 from distill.data.loader import DataError
 
 log = logging.getLogger(__name__)
@@ -34,8 +36,6 @@ class CacheJoin:
 
 def join_cache(corpus, features: str | Path, teachers: Sequence[str] | None, use_views: bool = True) -> CacheJoin:
     """Match corpus keys to cache keys and keep rows every used teacher has done; clear errors otherwise."""
-    from cache.store.reader import FeatureReader  # late: h5py loads only when features are read
-
     path = str(features)
     if not Path(path).is_file():
         raise DataError(
@@ -126,8 +126,6 @@ def route_mask(
     cache_teachers: every teacher in the feature cache (a routed name outside it is an error). used_rows: the corpus
     rows that train (after skipping bad ones); every teacher must be routed to at least one of them.
     """
-    from cache.sources.corpus import CorpusError
-
     where = f"loss.routing.column={routing.column!r}"
     try:
         cells = corpus.column(routing.column)

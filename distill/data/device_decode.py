@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as F
 
 from teachers.transforms import adjust_colour, view_box
 
@@ -36,8 +38,6 @@ class EncodedImages:
 
 
 def _decode(data: list[Tensor], device: torch.device) -> list[Tensor]:
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:  # nvJPEG refuses some streams libjpeg reads: those go through the CPU, one at a time
@@ -45,8 +45,6 @@ def _decode(data: list[Tensor], device: torch.device) -> list[Tensor]:
 
 
 def _decode_one(d: Tensor) -> Tensor:
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     return decode_jpeg(d, mode=ImageReadMode.RGB)
 
 
@@ -55,8 +53,6 @@ def decode_into(images: Tensor, encoded: EncodedImages, interpolation: str, rows
 
     A JPEG that neither nvJPEG nor libjpeg can decode is a ValueError naming its corpus rows (`rows`: the batch's).
     """
-    from torchvision.transforms.v2 import functional as F
-
     if not len(encoded):
         return images
     try:

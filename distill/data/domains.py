@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cache.sources.corpus import CorpusError
 from distill.data.loader import DataError
 from distill.data.samplers import DomainBalance, EpochSampler
 from teachers.kernel.config_model import ConfigError
@@ -28,8 +29,6 @@ def domain_ids(corpus, column: str = "domain", key: str = "data.domain_column") 
     one-line DataError naming `key` and the column (and the first such row). Cells are stripped of surrounding
     whitespace.
     """
-    from cache.sources.corpus import CorpusError
-
     try:
         cells = corpus.column(column)
     except CorpusError as e:

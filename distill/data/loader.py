@@ -13,12 +13,13 @@ each worker opens for itself (h5py handles must not cross a fork).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 import numpy as np
 import torch
@@ -27,7 +28,15 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from cache.build.views import RATIO  # the aspect range of the cache's stored views, for the student's own crops
+from cache.build.image_rows import needed_side
+from cache.build.views import (
+    RATIO,  # the aspect range of the cache's stored views, for the student's own crops
+    ViewDist,
+)
+from cache.sources.corpus import BadSampleError
+from cache.sources.image_decode import DecodeLimits, decode_image, jpeg_size
+from cache.sources.stream import ShardUnreadable
+from cache.store.reader import FeatureReader
 from cache.store.verify import BadRowsError, bad_row_mask, format_rows, row_problem
 from distill.data.device_decode import EncodedImages, decode_into
 from distill.data.inputs import BatchRows, InputValue, Producer, move_inputs, produce
@@ -45,6 +54,14 @@ class DataError(ValueError):
 
 
 SKIP_HINT = ", or set data.bad_features=skip to train those rows without that teacher"
+
+
+@overload
+def _move(t: torch.Tensor, device, non_blocking: bool) -> torch.Tensor: ...
+@overload
+def _move(t: torch.Tensor | None, device, non_blocking: bool) -> torch.Tensor | None: ...
+def _move(t: torch.Tensor | None, device, non_blocking: bool) -> torch.Tensor | None:
+    return None if t is None else t.to(device, non_blocking=non_blocking)
 
 
 @dataclass
@@ -67,7 +84,7 @@ class TrainBatch:
 
     def to(self, device, non_blocking: bool = False) -> TrainBatch:
         """Accelerate's send_to_device calls this."""
-        mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        mv = functools.partial(_move, device=device, non_blocking=non_blocking)
         return TrainBatch(
             mv(self.images),
             mv(self.tokens),
@@ -171,6 +188,13 @@ def trim_padding(tokens: torch.Tensor, pad_id: int | None) -> torch.Tensor:
     return tokens[:, : int(used.max()) + 1] if len(used) else tokens[:, :1]
 
 
+def _decoded(img: Image.Image | None) -> Image.Image:
+    """The image decoded in the worker; None only where the JPEG is left to the device (`data.decode: device`)."""
+    if img is None:
+        raise TypeError("no decoded image: this row's JPEG is decoded on the device")
+    return img
+
+
 class PairDataset(Dataset):
     """Usable corpus rows, each with the cache row of the same key; items are (epoch, index) or plain indices.
 
@@ -194,10 +218,6 @@ class PairDataset(Dataset):
         view_dist=None,
         decode: str = "worker",
     ):
-        from cache.build.image_rows import needed_side
-        from cache.build.views import ViewDist
-        from cache.sources.image_decode import DecodeLimits
-
         # the smallest crop the student sees: of the stored views (`view_dist`, the cache's ViewDist), else its own
         crop = (view_dist or ViewDist(1)).min_crop() if view_params is not None else (crop_scale[0], RATIO[0])
         self.corpus = corpus.with_limits(
@@ -226,12 +246,10 @@ class PairDataset(Dataset):
     def __getitem__(self, item) -> dict:
         i, gen = self.choose(item)
         row, cache_row = int(self.corpus_rows[i]), int(self.cache_rows[i])
-        from cache.sources.corpus import BadSampleError
-        from cache.sources.image_decode import decode_image
 
         try:
             raw, size = self._encoded(row) if self.decode == "device" else (None, None)
-            img = (
+            img: Image.Image | None = (
                 None
                 if size
                 else self.corpus.load_image(row)
@@ -239,8 +257,6 @@ class PairDataset(Dataset):
                 else decode_image(raw, None, self.corpus.keys[row], self.corpus.describe(row), self.corpus.limits)
             )
         except BadSampleError as e:
-            from cache.sources.stream import ShardUnreadable
-
             if isinstance(e, ShardUnreadable):  # the transport, not the sample: retried already
                 raise DataError(
                     f"{e}; when it is readable again, rerun the same command (training resumes from "
@@ -254,22 +270,22 @@ class PairDataset(Dataset):
             params = self.view_params[cache_row, k].tolist()
         else:
             k = -1
-            w, h = size or (img.width, img.height)
+            w, h = size or _decoded(img).size
             params = random_crop_params(gen, w, h, self.crop_scale, self.flip)
         item = {"caption": self.corpus.captions[row], "row": row, "cache_row": cache_row, "view": k}
         if size:  # decoded, cropped and resized on the training device (TrainBatch.decoded)
+            if raw is None:  # `_encoded` gives a size only with the bytes
+                raise TypeError(f"row {row}: a JPEG size without its bytes")
             return {
                 **item,
                 "encoded": torch.frombuffer(bytearray(raw), dtype=torch.uint8),
                 "params": params,
                 "size": tuple(self.preprocess.image_size),
             }
-        return {**item, "image": self.transform(img, params)}
+        return {**item, "image": self.transform(_decoded(img), params)}
 
     def _encoded(self, row: int) -> tuple[bytes | None, tuple[int, int] | None]:
         """A JPEG's bytes and (width, height), to decode on the device; (_, None): decode it here."""
-        from cache.sources.image_decode import jpeg_size
-
         raw = self.corpus.load_bytes(row)
         if raw is None:
             return None, None
@@ -335,8 +351,6 @@ class Collate:
     @property
     def reader(self):
         if self._reader is None:
-            from cache.store.reader import FeatureReader
-
             self._reader = FeatureReader(
                 self.features,
                 teachers=self.teachers,
@@ -351,6 +365,9 @@ class Collate:
     ) -> tuple[dict[str, Embeddings], dict[str, np.ndarray], np.ndarray]:
         """The rows' teacher features, the `token_teachers`' patch tokens (of the same views), and a (B, T) bool
         mask of the (row, teacher) pairs that are bad (non-finite tokens count)."""
+        features = self.features
+        if features is None:
+            raise ValueError("no feature cache to read teacher features from")
         try:
             got = self.reader.read(rows, self.teachers, views=views)
             toks = self.reader.read_tokens(rows, self.token_teachers, views=views) if self.token_teachers else {}
@@ -362,7 +379,7 @@ class Collate:
                 mask = bad_row_mask(x)
                 if mask.any() and self.bad_features == "stop":
                     first = int(np.flatnonzero(mask)[0])
-                    raise BadRowsError.of(self.features, t, m, rows[mask], row_problem(x[first]), SKIP_HINT)
+                    raise BadRowsError.of(features, t, m, rows[mask], row_problem(x[first]), SKIP_HINT)
                 bad[:, j] |= mask
         for t, x in toks.items():
             if x.ndim != 3:
@@ -372,7 +389,7 @@ class Collate:
                 )
             mask = ~np.isfinite(x.reshape(len(x), -1)).all(1)
             if mask.any() and self.bad_features == "stop":
-                raise BadRowsError.of(self.features, t, "patch-token", rows[mask], "non-finite", SKIP_HINT)
+                raise BadRowsError.of(features, t, "patch-token", rows[mask], "non-finite", SKIP_HINT)
             bad[:, self.teachers.index(t)] |= mask
         return got, toks, bad
 
@@ -425,10 +442,9 @@ class Collate:
             else {}
         )
         enc = [j for j, it in enumerate(items) if "encoded" in it]
-        size = items[enc[0]]["size"] if enc else None
         return TrainBatch(
             images=torch.stack(
-                [torch.zeros(3, *size, dtype=torch.uint8) if "encoded" in it else it["image"] for it in items]
+                [torch.zeros(3, *it["size"], dtype=torch.uint8) if "encoded" in it else it["image"] for it in items]
             ),
             tokens=trim_padding(self.tokenizer(captions), self.pad_id),
             rows=torch.tensor(corpus_rows, dtype=torch.long),

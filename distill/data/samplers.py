@@ -5,10 +5,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+from cache.store.reader import block_shuffle_order
 
 
 @dataclass(frozen=True)
@@ -44,8 +47,6 @@ def deal_order(block_ids: np.ndarray, buffer_blocks: int, dealing: Dealing, rng:
     its batches fall to. Each pair's rows are block-shuffled (`block_shuffle_order`: shuffled within buffers
     of `buffer_blocks` of its blocks), and global batch g is the next batch of `dealing.pair_of_batch(g)`.
     """
-    from cache.store.reader import block_shuffle_order  # late: h5py loads only when features are read
-
     block_ids = np.asarray(block_ids).reshape(-1)
     if len(block_ids) == 0:
         return np.zeros(0, dtype=np.int64)
@@ -218,12 +219,13 @@ class EpochSampler(Sampler):
         if self.balance is not None:
             return self._balanced_order()
         if self.dealing is not None:
-            return deal_order(
-                self.block_ids, self.buffer_blocks, self.dealing, np.random.default_rng((self.seed, self.epoch))
+            return deal_order(  # dealing comes with block_ids (__init__ checks)
+                cast(np.ndarray, self.block_ids),
+                self.buffer_blocks,
+                self.dealing,
+                np.random.default_rng((self.seed, self.epoch)),
             )
         if self.block_ids is not None:
-            from cache.store.reader import block_shuffle_order  # late: h5py loads only when features are read
-
             return block_shuffle_order(
                 self.block_ids, self.buffer_blocks, np.random.default_rng((self.seed, self.epoch))
             )
@@ -231,10 +233,9 @@ class EpochSampler(Sampler):
 
     def _balanced_order(self) -> np.ndarray:
         """The balanced draws (`DomainBalance.draw`), block-shuffled or dealt over their blocks like plain items."""
-        items = self.balance.draw(self.seed, self.epoch)
+        items = cast(DomainBalance, self.balance).draw(self.seed, self.epoch)  # called only with a balance
         if self.block_ids is None:
             return items  # already in a random order
-        from cache.store.reader import block_shuffle_order  # late: h5py loads only when features are read
 
         rng = np.random.default_rng((self.seed, self.epoch))
         blocks = self.block_ids[items]

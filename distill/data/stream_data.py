@@ -12,8 +12,13 @@ webdataset's `shuffle(n)`), so the worker's corpus cursor only ever keeps that w
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 
+from cache.sources.corpus import StreamOptions, is_stream_spec, open_corpus
+from cache.sources.shard_io import Retry
+from cache.store.shard_record import read_record
 from distill.config.train_config import ConfigError, DataCfg
 from distill.data.samplers import Dealing, EpochSampler, deal_order
 
@@ -69,7 +74,13 @@ class StreamSampler(EpochSampler):
         self.buffer = int(buffer)
 
     def order(self) -> np.ndarray:
-        return stream_order(self.block_ids, self.dealing, self.buffer, np.random.default_rng((self.seed, self.epoch)))
+        # built with both (shard ids, dealing)
+        return stream_order(
+            cast(np.ndarray, self.block_ids),
+            cast(Dealing, self.dealing),
+            self.buffer,
+            np.random.default_rng((self.seed, self.epoch)),
+        )
 
 
 def stream_sampler(
@@ -90,10 +101,6 @@ def open_train_corpus(data: DataCfg, accelerator):
     """The training corpus. Streamed shards: listed by the main process first (the others then read its
     listings), the shards the cache records as unlisted left out as they were when it was built, and each worker
     keeping up to 2 x data.stream_buffer samples read ahead."""
-    from cache.sources.corpus import StreamOptions, is_stream_spec, open_corpus
-    from cache.sources.shard_io import Retry
-    from cache.store.shard_record import read_record
-
     if not is_stream_spec(data.corpus):
         return open_corpus(data.corpus)
     skip = read_record(data.features).unlisted if data.features else {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image
@@ -32,7 +33,7 @@ class SplitData:
 
     key: str
     source: str  # file and split, for messages
-    images: Sequence | np.ndarray  # image paths, or a uint8 array (N, H, W[, C])
+    images: Sequence | np.ndarray | CorpusImages  # image paths, a uint8 array (N, H, W[, C]), or a corpus's rows
     labels: np.ndarray | None = None  # (N,) int64 class ids, or (N, C) float32 multi-hot
     captions: tuple[str, ...] | None = None
 
@@ -157,7 +158,7 @@ def _fraction_split(n: int, task: TaskCfg) -> dict[str, np.ndarray]:
     }
 
 
-def _no_splits(task: TaskCfg, path: Path, roles: Sequence[str]) -> None:
+def _no_splits(task: TaskCfg, path: Path | str, roles: Sequence[str]) -> None:
     if any(r != "test" for r in roles):
         raise TaskError(
             f"{task.source}: a {task.kind} task needs train, val and test splits but {path} has none; "
@@ -247,7 +248,9 @@ def _read_table(task: TaskCfg, path: Path, roles: Sequence[str], fmt: Format) ->
     out = {}
     for role in roles:
         sel = index[role]
-        images, labels, captions = [], [], []
+        images: list[Path] = []
+        labels: list[int | np.ndarray] = []
+        captions: list[str] = []
         for i in sel:
             row, where = rows[i], data.where[i]
             rel = (row[ds.image_column] or "").strip()
@@ -291,6 +294,8 @@ def _read_npz(task: TaskCfg, path: Path, roles: Sequence[str], fmt: Format) -> d
         data = _read(task, path, fmt, name, role)
         lk = f"{name}_labels"
         images, labels = data.images, np.asarray(data.labels)
+        if images is None:  # a plug-in's labelled reader that gives no images: SplitData needs them
+            raise TaskError(f"{path}: the {fmt.name} reader gave no images for the {role} split ({name})")
         labels = labels.reshape(len(labels), -1)
         n = len(task.classes)
         if labels.shape[1] > 1:
@@ -325,7 +330,9 @@ def _scan_classes(task: TaskCfg, path: Path, split: str | None) -> tuple[list[st
             raise TaskError(
                 f"{root / name}: folder {name!r} is not a known class (classes: {', '.join(task.label_names)})"
             )
-    return list(data.images), [lookup[c] for c in data.labels]
+    # the folder reader gives every image's path and its class folder's name
+    images, labels = cast(list[str], data.images), cast(list[str], data.labels)
+    return list(images), [lookup[c] for c in labels]
 
 
 def _read_folder(task: TaskCfg, path: Path, roles: Sequence[str]) -> dict[str, SplitData]:
@@ -336,7 +343,7 @@ def _read_folder(task: TaskCfg, path: Path, roles: Sequence[str]) -> dict[str, S
     n = len(task.classes)
 
     def make(images, labels, role) -> SplitData:
-        lab = np.asarray(labels, dtype=np.int64)
+        lab: np.ndarray = np.asarray(labels, dtype=np.int64)
         if task.multilabel:
             lab = np.eye(n, dtype=np.float32)[lab]
         return SplitData(

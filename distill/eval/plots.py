@@ -24,10 +24,10 @@ def model_label(m: str, role: str, n_models: int) -> str:
 def plot_task(report: dict, task: str, path: Path) -> Path:
     """A grouped bar chart (metrics x models) with CI error bars and a dashed chance line per metric;
     linear probes: the headline metric against shots, chance as a dashed line."""
-    import matplotlib  # lazy: only plots pay for matplotlib; Agg must be chosen before pyplot is imported
+    import matplotlib  # noqa: PLC0415 (lazy: heavy, only to plot; Agg first)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (lazy: heavy, only to plot; Agg first)
 
     t, models = report["tasks"][task], list(report["models"])
     role = {m: v.get("role", "teacher") for m, v in report["models"].items()}

@@ -24,6 +24,8 @@ from distill.eval.embeddings import EmbeddingCache
 from distill.eval.kinds import EVALUATORS
 from distill.eval.report import EvalReport, build_report, write_report
 from distill.eval.tasks import TaskCfg, load_task
+from student.shown_paths import shown_if_absolute, shown_path, shown_spec
+from teachers import load_teacher, resolve_spec
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,6 @@ def resolve_device(device: str) -> str:
 
 def is_our_export(spec: str) -> bool:
     """True for a `local-dir:` folder written by `distill export` (its model card or config names us)."""
-    from teachers import resolve_spec
-
     try:
         parsed = resolve_spec(spec)
     except (ValueError, KeyError):
@@ -67,8 +67,6 @@ def pick_student(job: EvalJob) -> str:
 
 def _task_info(task: TaskCfg, splits: dict[str, SplitData], out: Path) -> dict:
     """The task as report.json describes it, its files relative to the report folder `out` (or by name)."""
-    from student.shown_paths import shown_if_absolute, shown_path
-
     builtin = task.source.startswith("built-in task ")
     source = task.source.split(" (", 1)[0] if builtin else shown_path(task.source, out)
     dataset = task.dataset_path
@@ -104,8 +102,6 @@ def run_eval(job: EvalJob) -> EvalReport:
         seed=job.seed,
         cache=EmbeddingCache(job.cache_dir),
     )
-    from student.shown_paths import shown_spec
-    from teachers import load_teacher
 
     results: dict[str, dict[str, dict[str, Estimate]]] = {t.name: {} for t in tasks}
     models: dict[str, dict] = {}

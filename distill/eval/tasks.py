@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import yaml
 from pydantic import BeforeValidator, Field, PrivateAttr, Strict, ValidationError, field_validator, model_validator
 
 from cache.sources.corpus import DATA_FORMATS  # importing it registers the built-in formats
+from cache.sources.shard_io import is_stream_spec
 from distill.config.eval_job import TaskError, find_task, list_tasks  # noqa: F401  (re-exported)
 from distill.eval.kinds import EVALUATORS, SPLIT_ROLES, TaskKind
 from teachers.kernel.bounded_yaml import load_yaml
@@ -236,8 +237,6 @@ class TaskCfg(Section):
     @property
     def dataset_path(self) -> Path | str:
         """The dataset's file or folder; shard URLs and pipe: commands as written (a Path would mangle them)."""
-        from cache.sources.shard_io import is_stream_spec
-
         if is_stream_spec(self.dataset.path):
             return self.dataset.path
         p = Path(os.path.expanduser(self.dataset.path))
@@ -276,7 +275,8 @@ def load_task(name_or_path: str, max_samples: int | None = None) -> TaskCfg:
     if builtin:
         text, source, root = path.read_text(), f"built-in task {name_or_path} ({path})", data_root()
     else:
-        text, source, root = path.read_text(), str(path), Path(path).resolve().parent
+        # find_task gives a filesystem Path for a task file (a Traversable only for a built-in task)
+        text, source, root = path.read_text(), str(path), cast(Path, path).resolve().parent
     try:
         data = load_yaml(text)
     except yaml.YAMLError as e:

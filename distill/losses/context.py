@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +108,7 @@ class StepContext:
         if "caption_same" not in self._memo:
             targets = self.caption_targets()
             self._memo["caption_same"] = targets > 0
-        return self._memo["caption_same"]
+        return cast(Tensor, self._memo["caption_same"])
 
     def caption_classes(self) -> tuple[Tensor, int]:
         """((world * B,) int64 class of each global row, number of classes): rows with equal caption ids share a
@@ -118,7 +118,7 @@ class StepContext:
             all_ids, _ = self._constants(["caption_ids"])["caption_ids"]
             uniq, classes = torch.unique(all_ids.reshape(-1), return_inverse=True)
             self._memo["caption_classes"] = (classes.reshape(-1), int(uniq.numel()))
-        return self._memo["caption_classes"]
+        return cast(tuple[Tensor, int], self._memo["caption_classes"])
 
     def domain_keep(self) -> Tensor:
         """(B, world * B) bool: global row j is in local row i's domain (itself included), for `scope: domain`;
@@ -133,7 +133,7 @@ class StepContext:
             with torch.no_grad():
                 all_dom, _ = self._constants(["domains"])["domains"]
                 self._memo["domain_keep"] = mine == all_dom.reshape(1, -1)
-        return self._memo["domain_keep"]
+        return cast(Tensor, self._memo["domain_keep"])
 
     def row_weights(self) -> Tensor | None:
         """(B,) float32 per-row multipliers of the teacher terms (`loss.routing.weights`), None: all 1."""
@@ -151,7 +151,10 @@ class StepContext:
 
     def _local_domains(self) -> Tensor:
         """(B, 1) int64 domain ids on the device, checked."""
-        return self._per_row_ids(self.domains, "domains")
+        domains = self.domains
+        if domains is None:  # callers check first; reshaping None would fail here anyway
+            raise AttributeError("the batch carries no domain ids (TeacherBatch.domains)")
+        return self._per_row_ids(domains, "domains")
 
     def contrastive(self, logits: Tensor, offset: int, positives: str) -> Tensor:
         """(B,) cross-entropy of local rows' logits over the global batch: the diagonal label, or caption targets."""
@@ -208,7 +211,7 @@ class StepContext:
         if names is None:
             names = list(self.teachers.feats) if self.teachers is not None else []
         names = list(names) + ([teacher] if teacher is not None and teacher not in names else [])
-        parts = {f"teacher/{n}/{m}": self.teacher(n, m) for n in names for m in MODALITIES}
+        parts: dict[str, Tensor | None] = {f"teacher/{n}/{m}": self.teacher(n, m) for n in names for m in MODALITIES}
         ids = self._local_ids() if self._gathers_ids or "caption_ids" in keys else None
         if ids is not None:
             parts["caption_ids"] = ids

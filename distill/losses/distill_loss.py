@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ from distill.losses import combine as _combine
 from distill.losses.distributed import GatherFn, StepGather, all_gather_rows
 from distill.losses.phi_s import PhiS
 from distill.losses.spec import CombineCfg, LossTermCfg, build_term
-from distill.losses.terms import StepContext
+from distill.losses.terms import LossTerm, StepContext
 from distill.losses.types import StudentOutput, TeacherBatch
 from teachers.kernel.modality import MODALITIES, Modality
 
@@ -42,7 +42,7 @@ class DistillLoss(nn.Module):
         self,
         terms: list[LossTermCfg],
         teacher_names: list[str],
-        combine: CombineCfg = CombineCfg(),
+        combine: CombineCfg = CombineCfg(),  # noqa: B008 (a frozen config model: one shared default is safe)
         teacher_stats: dict[str, dict[str, np.ndarray]] | None = None,
         gather_fn: GatherFn | None = None,
     ):
@@ -60,7 +60,7 @@ class DistillLoss(nn.Module):
         self.terms = nn.ModuleDict({name: build_term(name, cfg.kind, cfg.kwargs) for name, cfg in self.cfgs.items()})
         self.teacher_weights: dict[str, dict[str, float]] = {}
         for name, cfg in self.cfgs.items():
-            term = self.terms[name]
+            term = self.term(name)
             if not term.uses_teachers:
                 if cfg.teachers is not None:
                     raise ValueError(f"loss term {name!r} (kind {cfg.kind!r}) uses no teachers; remove `teachers`")
@@ -82,28 +82,36 @@ class DistillLoss(nn.Module):
                 raise ValueError("balance='phi_s' needs teacher_stats (the cache's per-teacher mean and covariance)")
             self.phi_s = PhiS(teacher_stats, featured)
 
+    def term(self, name: str) -> LossTerm:
+        """The built term `name` (typed: nn.ModuleDict hands back plain Modules)."""
+        return cast(LossTerm, self.terms[name])
+
+    def named_terms(self) -> list[tuple[str, LossTerm]]:
+        """(name, term) for every built term, in config order."""
+        return [(name, cast(LossTerm, term)) for name, term in self.terms.items()]
+
     @property
     def uses_logit_scale(self) -> bool:
         """Whether any term reads the student's logit scale (a feature-only loss does not)."""
-        return any(t.uses_logit_scale for t in self.terms.values())
+        return any(t.uses_logit_scale for _, t in self.named_terms())
 
     def uses_logit_bias(self, teacher_biases: Mapping[str, float | None]) -> bool:
         """Whether some term reads the student's logit bias: siglip, or affinity from a teacher with a bias
         (`teacher_biases`: teacher -> its logit bias, None or absent for a softmax teacher)."""
         return any(
             term.reads_logit_bias([t for t in self.teacher_weights.get(n, {}) if teacher_biases.get(t) is not None])
-            for n, term in self.terms.items()
+            for n, term in self.named_terms()
         )
 
     def student_modalities(self) -> tuple[Modality, ...]:
         """The student towers some term reads; an image-only feature loss reads no text."""
-        used = {m for t in self.terms.values() for m in t.student_modalities()}
+        used = {m for _, t in self.named_terms() for m in t.student_modalities()}
         return tuple(m for m in MODALITIES if m in used)
 
     def head_modalities(self) -> dict[str, tuple[Modality, ...]]:
         """{teacher: modalities} of the student projection heads that some term reads (affinity reads none)."""
         used: dict[str, set[Modality]] = {}
-        for name, term in self.terms.items():
+        for name, term in self.named_terms():
             for t in self.teacher_weights.get(name, {}):
                 used.setdefault(t, set()).update(term.head_modalities())
         return {t: tuple(m for m in MODALITIES if m in ms) for t, ms in used.items() if ms}
@@ -126,14 +134,14 @@ class DistillLoss(nn.Module):
         """Whether some term (or the confidence weights) treats rows with the same caption as positives (then
         forward needs caption_ids)."""
         return (
-            any(getattr(t, "positives", "diagonal") == "caption" for t in self.terms.values())
+            any(getattr(t, "positives", "diagonal") == "caption" for _, t in self.named_terms())
             or self._confidence_option("positives") != "diagonal"
         )
 
     @property
     def uses_domains(self) -> bool:
         """Whether some term (or the confidence weights) has `scope: domain` (then TeacherBatch needs domains)."""
-        return any(t.uses_domains for n, t in self.terms.items() if n in self.teacher_weights) or (
+        return any(t.uses_domains for n, t in self.named_terms() if n in self.teacher_weights) or (
             bool(self.teacher_weights) and self._confidence_option("scope") != "batch"
         )
 
@@ -146,14 +154,14 @@ class DistillLoss(nn.Module):
         """The teachers whose features the step gathers across processes, all in one collective: those of the
         terms that read the global batch's teacher features, and every weighted teacher under confidence weights."""
         conf = self.combine_cfg.mode == "confidence"
-        used = {t for n, w in self.teacher_weights.items() if conf or self.terms[n].gathers_teachers for t in w}
+        used = {t for n, w in self.teacher_weights.items() if conf or self.term(n).gathers_teachers for t in w}
         return [t for t in self.teacher_names if t in used]
 
     def batch_inputs(self) -> dict[str, list[str]]:
         """{batch input name: the terms that read it}: the named per-row inputs (`distill.data.inputs`) the batches
         must carry, from each term's `batch_inputs` (a tuple of names; none by default)."""
         wanted: dict[str, list[str]] = {}
-        for name, term in self.terms.items():
+        for name, term in self.named_terms():
             for key in getattr(term, "batch_inputs", ()):
                 wanted.setdefault(key, []).append(name)
         return wanted
@@ -161,7 +169,7 @@ class DistillLoss(nn.Module):
     def token_teachers(self) -> list[str]:
         """The teachers whose cached patch tokens some term reads (`spatial`), in cache order: the batches must
         carry their tokens and the student needs a token adaptor for each."""
-        used = {t for n, w in self.teacher_weights.items() if self.terms[n].uses_tokens for t in w}
+        used = {t for n, w in self.teacher_weights.items() if self.term(n).uses_tokens for t in w}
         return [t for t in self.teacher_names if t in used]
 
     def forward(
@@ -187,10 +195,12 @@ class DistillLoss(nn.Module):
         scope, positives = self._confidence_option("scope"), self._confidence_option("positives")
         row_w = ctx.row_weights() if self.teacher_weights else None
         out: dict[str, Tensor] = {}
-        for name, term in self.terms.items():
+        for name, term in self.named_terms():
             if not term.uses_teachers:
                 value = term.per_sample(ctx, None).mean()
             else:
+                if step is None:  # unreachable: a term that uses teachers has teacher weights, so step was drawn
+                    raise RuntimeError(f"loss term {name!r} uses teachers but no teacher draw was made this step")
                 weights = self.teacher_weights[name]
                 per = torch.stack([term.per_sample(ctx, t) for t in weights], dim=1)  # (B, T)
                 names = list(weights)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.losses.terms import LossTerm, StepContext, register_loss
+from distill.losses.terms import LossTerm, StepContext, _named, register_loss
 from teachers.kernel.modality import Modality
 
 
@@ -78,6 +78,7 @@ class Spatial(LossTerm):
         return (Modality.IMAGE,)
 
     def per_sample(self, ctx: StepContext, teacher: str | None) -> Tensor:
+        teacher = _named(teacher)
         y = teacher_tokens(ctx, teacher)
         p = student_tokens(ctx, teacher, y.shape)
         cos = (1 - F.cosine_similarity(p, y, dim=-1)).mean(-1)

@@ -11,27 +11,35 @@ import dataclasses
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from cache.build.views import RATIO
+from cache.build.views import RATIO, read_view_dist
 from cache.sources.corpus import Corpus
+from cache.store.reader import FeatureReader
 from distill.config.train_config import Config, ConfigError, DataCfg, LossCfg, RoutingCfg, StudentCfg, TrainCfg
 from distill.data.cache_join import CacheJoin, Routing, join_cache, route_mask
 from distill.data.domains import Domains, build_balance, domain_ids, load_domains
 from distill.data.inputs import InputSetup, build_inputs
 from distill.data.loader import Collate, DataError, PairDataset, TrainBatch
 from distill.data.samplers import Dealing, DomainBalance, EpochSampler, reader_blocks
+from distill.data.stream_data import open_train_corpus, stream_sampler
 from distill.losses import SIGLIP_INIT, DistillLoss, LossTermCfg, TeacherBatch, teacher_logit_bias
-from distill.training.heads import TokenAdaptors
+from distill.training.heads import ProjectionHeads, TokenAdaptors
 from distill.training.optim import accum_for_epoch, global_batch_for_epoch, steps_per_epoch, total_steps
 from distill.training.student_model import DistillModel
+from student.build import build_student
+from student.freeze import apply_freezing
+from student.presets import PRESETS
 from student.run_files import STUDENT_CONFIG_DIR
+from student.tokenizer import train_wordpiece
+from teachers.tokens import TokensUnsupported, visual_token_shape
 from teachers.transforms import PreprocessCfg
 
 log = logging.getLogger(__name__)
@@ -96,8 +104,6 @@ def named_teachers(loss: LossCfg) -> list[str] | None:
 
 def build_tokenizer_dir(student: StudentCfg, corpus, output_dir: Path, accelerator) -> str | None:
     """The tokenizer folder: the configured one, the preset's own (None), or WordPiece trained on the corpus."""
-    from student.presets import PRESETS
-
     if student.tokenizer_dir or student.preset not in PRESETS:
         return student.tokenizer_dir
     if PRESETS.get(student.preset).tokenizer_hub_id:
@@ -105,8 +111,6 @@ def build_tokenizer_dir(student: StudentCfg, corpus, output_dir: Path, accelerat
     out = output_dir / "tokenizer"
     with accelerator.main_process_first():
         if accelerator.is_main_process and not (out / "tokenizer.json").is_file():
-            from student.tokenizer import train_wordpiece
-
             log.info(
                 "training a %d-token WordPiece vocabulary on %d captions -> %s", student.vocab_size, len(corpus), out
             )
@@ -117,9 +121,6 @@ def build_tokenizer_dir(student: StudentCfg, corpus, output_dir: Path, accelerat
 def build_student_model(s: StudentCfg, student_dir: Path, tokenizer_dir: str | None, logit_bias: bool = False):
     """logit_bias: the loss reads the student's logit bias, so the student gets one, with SigLIP's initial scale
     and bias (`SIGLIP_INIT`) unless student.overrides sets them (a SPEC's own weights replace both)."""
-    from student.build import build_student
-    from student.freeze import apply_freezing
-
     overrides = {**SIGLIP_INIT, **s.overrides} if logit_bias else s.overrides
     bundle = build_student(s.preset, student_dir, tokenizer_dir=tokenizer_dir, image_size=s.image_size, **overrides)
     apply_freezing(
@@ -133,19 +134,15 @@ def build_student_model(s: StudentCfg, student_dir: Path, tokenizer_dir: str | N
 
 
 def build_run(cfg: Config, accelerator) -> Run:
-    from accelerate.utils import set_seed
-
-    from cache.build.views import read_view_dist
-    from distill.data.stream_data import open_train_corpus, stream_sampler
-    from distill.training.heads import ProjectionHeads
-
     output_dir = Path(cfg.train.output_dir)
     corpus = open_train_corpus(cfg.data, accelerator)  # streamed shards: listed once, read in stream order
-    join = None
+    join: CacheJoin | None = None
     replay = replays_views(cfg)  # the same-views baseline: the cache's rows and stored views, no features read
     if cfg.mode != "contrastive" or replay:
+        if cfg.data.features is None:  # Config refuses it (a teacher mode needs data.features); replay implies it
+            raise ConfigError(f"mode={cfg.mode} needs data.features")
         join = join_cache(corpus, cfg.data.features, named_teachers(cfg.loss), use_views=cfg.data.use_views)
-    if replay and join.view_params is None:
+    if replay and join is not None and join.view_params is None:
         raise DataError(
             f"mode=contrastive with data.features={cfg.data.features} and data.use_views=true trains on "
             f"the cache's stored views, but that cache stores none (built without --views K); set "
@@ -153,9 +150,10 @@ def build_run(cfg: Config, accelerator) -> Run:
         )
     view_dist = read_view_dist(cfg.data.features) if join is not None and join.view_params is not None else None
     cfg.data.check_views(view_dist)  # data.flip / data.crop_scale set against the stored views: refused
-    teachers = dict(cfg.loss.teachers) if cfg.loss.teachers else {t: 1.0 for t in (join.teachers if join else {})}
+    cached: dict[str, dict] = join.teachers if join is not None else {}  # teacher -> attrs; no cache: none
+    teachers = dict(cfg.loss.teachers) if cfg.loss.teachers else {t: 1.0 for t in cached}
     terms = resolve_terms(cfg.terms, teachers)
-    used = sorted({t for term in terms for t in (term.teachers or {})}, key=list(join.teachers if join else []).index)
+    used = sorted({t for term in terms for t in (term.teachers or {})}, key=list(cached).index)
 
     tokenizer_dir = build_tokenizer_dir(cfg.student, corpus, output_dir, accelerator)
     tmp = None
@@ -165,12 +163,12 @@ def build_run(cfg: Config, accelerator) -> Run:
         student_dir = Path(tmp.name)
     stats = _teacher_stats(cfg.data.features, used) if cfg.loss.combine.balance == "phi_s" else None
     loss = DistillLoss(terms, teacher_names=used, combine=cfg.loss.combine, teacher_stats=stats)
-    biased = loss.uses_logit_bias({t: teacher_logit_bias(join.teachers[t]) for t in used})
+    biased = loss.uses_logit_bias({t: teacher_logit_bias(cached[t]) for t in used})
     set_seed(cfg.train.seed)  # identical initialisation on every process and on resume
     bundle = build_student_model(cfg.student, student_dir, tokenizer_dir, logit_bias=biased)
     reads = loss.head_modalities()  # heads only where a term reads them (affinity needs none)
     heads = (
-        ProjectionHeads(bundle.embed_dim, {t: int(join.teachers[t]["embed_dim"]) for t in used if t in reads})
+        ProjectionHeads(bundle.embed_dim, {t: int(cached[t]["embed_dim"]) for t in used if t in reads})
         if reads
         else None
     )
@@ -209,8 +207,8 @@ def build_run(cfg: Config, accelerator) -> Run:
         num_rows=len(ds),
         total_steps=0,
         teachers={t: teachers.get(t, 1.0) for t in used},
-        teacher_attrs={t: join.teachers[t] for t in used},
-        routing=None if routing is None else {"config": cfg.loss.routing.model_dump(), **routing.summary()},
+        teacher_attrs={t: cached[t] for t in used},
+        routing=None if routing is None else {"config": _dump(cfg.loss.routing), **routing.summary()},
         stored_views=views is not None,
         augmentation=augmentation_summary(cfg.data, view_dist),
     )
@@ -218,7 +216,7 @@ def build_run(cfg: Config, accelerator) -> Run:
     plan = dataclasses.replace(plan, total_steps=_total_steps(cfg.train, plan))
     domains = load_domains(cfg.data, corpus, streamed=getattr(corpus, "streamed", False))
     if getattr(corpus, "streamed", False):  # whole shards per (rank, worker), a bounded shuffle buffer
-        sampler = stream_sampler(
+        sampler: EpochSampler = stream_sampler(
             cfg.data, corpus, ds.corpus_rows, plan.global_batch, seed=cfg.train.seed, ranks=accelerator.num_processes
         )
     else:
@@ -289,11 +287,15 @@ def augmentation_summary(data: DataCfg, view_dist) -> str:
     )
 
 
+def _dump(routing: RoutingCfg | None) -> dict:
+    if routing is None:  # `build_routing` builds a route mask only from a loss.routing
+        raise ConfigError("a route mask without loss.routing")
+    return routing.model_dump()
+
+
 def build_adaptors(cfg: Config, loss: DistillLoss, join: CacheJoin | None, student) -> TokenAdaptors | None:
     """Per-teacher patch-token adaptors for the loss's spatial terms (None without one), after the checks that
     make their targets meaningful: tokens in the cache, the view the student sees, every student patch kept."""
-    from teachers.tokens import TokensUnsupported, visual_token_shape
-
     names = loss.token_teachers()
     if not names:
         return None
@@ -306,6 +308,8 @@ def build_adaptors(cfg: Config, loss: DistillLoss, join: CacheJoin | None, stude
         h, w, dim = visual_token_shape(student.visual)
     except TokensUnsupported as e:
         raise ConfigError(f"a spatial loss term needs the student's patch tokens: {e}") from None
+    if join is None:  # a spatial term reads teacher tokens: it comes with a teacher mode and its cache
+        raise ConfigError("a spatial loss term needs the teachers' patch tokens from data.features")
     grids = {}
     for t in names:
         attrs = join.teachers[t]
@@ -338,7 +342,7 @@ def build_adaptors(cfg: Config, loss: DistillLoss, join: CacheJoin | None, stude
 def text_pad_id(model) -> int | None:
     """The pad id of an HF text tower (it masks attention by `ids != pad_id`), so batches can be cut to their
     longest caption; None for other towers (open_clip's own text transformer pools by position: full context)."""
-    from open_clip.hf_model import HFTextEncoder
+    from open_clip.hf_model import HFTextEncoder  # noqa: PLC0415 (lazy: heavy open_clip, ~4 s)
 
     text = getattr(model, "text", None)
     pad = getattr(text.config, "pad_token_id", None) if isinstance(text, HFTextEncoder) else None
@@ -398,7 +402,7 @@ def teacher_batch(
 
 
 def resolve_threads(
-    threads: int | None, num_local_processes: int | None = None, env: dict | None = None, cores: int | None = None
+    threads: int | None, num_local_processes: int | None = None, env: Mapping | None = None, cores: int | None = None
 ) -> tuple[int, str]:
     """(torch intra-op threads per process, why): train.threads, else OMP_NUM_THREADS, else usable cores //
     processes on this node (LOCAL_WORLD_SIZE), at least 1."""
@@ -489,8 +493,8 @@ def _total_steps(train: TrainCfg, plan: RunPlan) -> int:
     return total_steps(train, plan.num_rows, plan.per_device_batch, plan.num_processes)
 
 
-def _teacher_stats(features: str, teachers: list[str]) -> dict:
-    from cache.store.reader import FeatureReader
-
+def _teacher_stats(features: str | None, teachers: list[str]) -> dict:
+    if features is None:  # Config refuses it: phi_s balances teacher terms, which read data.features
+        raise ConfigError("loss.combine.balance=phi_s needs data.features")
     with FeatureReader(features) as reader:
         return {t: reader.stats(t) for t in teachers}

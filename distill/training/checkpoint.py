@@ -17,6 +17,8 @@ import re
 import shutil
 from pathlib import Path
 
+from safetensors import safe_open
+
 from distill.training.collective import all_ok
 from distill.training.rng_state import save_rng_state
 from student import run_files
@@ -115,8 +117,6 @@ def why_unusable(ckpt: Path) -> str | None:
         return str(e)
     model = ckpt / MODEL_FILE
     if model.is_file():
-        from safetensors import safe_open
-
         try:
             with safe_open(str(model), framework="pt") as f:
                 list(f.keys())

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import load_fsdp_model, load_fsdp_optimizer
+from safetensors.torch import load_file
 
 from distill.training.checkpoint import (
     FSDP_MODEL_DIR,
@@ -77,8 +79,6 @@ def _load_into(path: Path, target, state_dict) -> None:
 
 def load_model_file(model: torch.nn.Module, path: Path) -> None:
     """model.safetensors (keys `student.*`, `heads.*`) into the unwrapped training module."""
-    from safetensors.torch import load_file
-
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; {_WHAT_TO_DO}")
     try:
@@ -126,7 +126,7 @@ def _restricted_pickle_load(f) -> Any:
 @contextmanager
 def _dcp_without_pickle() -> Iterator[None]:
     """During an FSDP load: DCP reads `.metadata` with the allow-list and non-tensor values with weights_only."""
-    from torch.distributed.checkpoint import default_planner, filesystem
+    from torch.distributed.checkpoint import default_planner, filesystem  # noqa: PLC0415 (lazy: heavy, ~2 s, FSDP only)
 
     planner_cls = default_planner.DefaultLoadPlanner
     original_load_bytes, original_pickle = planner_cls.load_bytes, filesystem.pickle
@@ -138,17 +138,19 @@ def _dcp_without_pickle() -> Iterator[None]:
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
 
-    planner_cls.load_bytes = load_bytes
-    filesystem.pickle = types.SimpleNamespace(load=_restricted_pickle_load, dump=pickle.dump)
+    # a deliberate patch of torch's planner method and of DCP's `pickle` module, undone below
+    planner_cls.load_bytes = load_bytes  # type: ignore[method-assign]  # patched for this load only
+    filesystem.pickle = types.SimpleNamespace(  # type: ignore[assignment]  # stands in for the pickle module
+        load=_restricted_pickle_load, dump=pickle.dump
+    )
     try:
         yield
     finally:
-        planner_cls.load_bytes, filesystem.pickle = original_load_bytes, original_pickle
+        planner_cls.load_bytes = original_load_bytes  # type: ignore[method-assign]  # restores torch's method
+        filesystem.pickle = original_pickle
 
 
 def _load_fsdp(accelerator, ckpt: Path, model, optimizer) -> None:
-    from accelerate.utils import load_fsdp_model, load_fsdp_optimizer
-
     for sub in (FSDP_MODEL_DIR, FSDP_OPTIMIZER_DIR):  # refuse before any collective starts: same on every rank
         meta = ckpt / sub / ".metadata"
         if meta.is_file():

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ContextManager
+from typing import cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -89,6 +89,16 @@ def chunk_slices(batch_size: int, micro: int) -> list[slice]:
     return [slice(s, min(s + micro, batch_size)) for s in range(0, batch_size, micro)]
 
 
+@overload
+def _cat(ts: Sequence[Tensor]) -> Tensor: ...
+@overload
+def _cat(ts: Sequence[Tensor | None]) -> Tensor | None: ...
+def _cat(ts: Sequence[Tensor | None]) -> Tensor | None:
+    """The batches' tensors concatenated by row; None where the batches carry none (an optional field: then every
+    batch of the step lacks it, as they come from one loader)."""
+    return None if ts[0] is None else torch.cat(cast("list[Tensor]", list(ts)))
+
+
 def merge_batches(batches: Sequence[TrainBatch], pad_id: int | None) -> TrainBatch:
     """One optimizer step's loader batches as one batch; captions padded with `pad_id` to the longest.
 
@@ -104,29 +114,28 @@ def merge_batches(batches: Sequence[TrainBatch], pad_id: int | None) -> TrainBat
             f"a pad token id; set data.trim_captions=false"
         )
     pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad_id or 0)  # noqa: E731
-    cat = lambda ts: None if ts[0] is None else torch.cat(list(ts))  # noqa: E731
     first = batches[0]
     feats = {
-        t: Pair(cat([b.teacher_feats[t].image for b in batches]), cat([b.teacher_feats[t].text for b in batches]))
+        t: Pair(_cat([b.teacher_feats[t].image for b in batches]), _cat([b.teacher_feats[t].text for b in batches]))
         for t in first.teacher_feats
     }
     return TrainBatch(
-        cat([b.images for b in batches]),
-        cat([pad(b.tokens) for b in batches]),
-        cat([b.rows for b in batches]),
-        cat([b.views for b in batches]),
+        _cat([b.images for b in batches]),
+        _cat([pad(b.tokens) for b in batches]),
+        _cat([b.rows for b in batches]),
+        _cat([b.views for b in batches]),
         feats,
-        cat([b.route for b in batches]),
-        cat([b.caption_ids for b in batches]),
+        _cat([b.route for b in batches]),
+        _cat([b.caption_ids for b in batches]),
         sum(b.skipped_features for b in batches),
-        teacher_tokens={t: cat([b.teacher_tokens[t] for b in batches]) for t in first.teacher_tokens},
-        domains=cat([b.domains for b in batches]),
-        row_weights=cat([b.row_weights for b in batches]),
+        teacher_tokens={t: _cat([b.teacher_tokens[t] for b in batches]) for t in first.teacher_tokens},
+        domains=_cat([b.domains for b in batches]),
+        row_weights=_cat([b.row_weights for b in batches]),
         inputs=concat_inputs([b.inputs for b in batches]),
     )
 
 
-def no_sync_of(accelerator, model: nn.Module) -> Callable[[], ContextManager]:
+def no_sync_of(accelerator, model: nn.Module) -> Callable[[], contextlib.AbstractContextManager]:
     """A context without the gradient all-reduce: DDP's own `no_sync` whenever the model is DDP-wrapped.
 
     Why not only `accelerator.no_sync`: it is a no-op for one process, but `torchrun --nproc_per_node=1` still wraps
@@ -144,7 +153,7 @@ def grad_cache_step(
     micro: int,
     loss_fn: LossFn,
     backward: Callable[[Tensor], None],
-    no_sync: Callable[[], ContextManager] = contextlib.nullcontext,
+    no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> dict[str, Tensor]:
     """One step's forward and backward in chunks of `micro` rows; returns the loss terms (detached).
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from teachers.kernel.modality import MODALITIES, Modality, Pair
+from teachers.tokens import pool_tokens
 
 
 class ProjectionHeads(nn.Module):
@@ -94,8 +95,6 @@ class TokenAdaptors(nn.Module):
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
         """(B, h*w, Ds) student patch tokens on an (h, w) grid -> {teacher: (B, G*G, Dt)} adapted and pooled."""
-        from teachers.tokens import pool_tokens
-
         return {n: pool_tokens(mlp(tokens), grid, self.grids[n]) for n, mlp in self.mlp.items()}
 
     def extra_repr(self) -> str:

@@ -20,10 +20,10 @@ class RunLogger:
         self._tb = None
         if enabled and tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (lazy: optional dependency tensorboard)
             except ImportError:
-                SummaryWriter = None
-            if SummaryWriter is not None:
+                pass
+            else:
                 self._tb = SummaryWriter(str(Path(output_dir) / "tb"))
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -64,10 +64,10 @@ def plot_loss_curves(
     rows = read_log(log_path) if Path(log_path).is_file() else []
     if not rows:
         return None
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (lazy: heavy, only to plot; Agg first)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (lazy: heavy, only to plot; Agg first)
 
     keys = sorted(
         {k for r in rows for k, v in r.items() if k not in skip and not isinstance(v, dict)},

@@ -21,7 +21,8 @@ def no_decay(name: str, p: torch.Tensor) -> bool:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups over the trainable params: decayed (matrices) and not decayed (see `no_decay`)."""
-    decay, rest = [], []
+    decay: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (rest if no_decay(name, p) else decay).append(p)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 def rng_file(folder: str | Path, rank: int) -> Path:
@@ -20,10 +23,9 @@ def rng_file(folder: str | Path, rank: int) -> Path:
 
 def save_rng_state(folder: str | Path, rank: int) -> Path:
     """Write this process's generator states to `folder/rng_state_RANK.safetensors`."""
-    from safetensors.torch import save_file
-
     version, py_state, gauss_next = random.getstate()
-    kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    np_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())  # legacy=True: the tuple
+    kind, np_keys, np_pos, np_has_gauss, np_gauss = np_state
     tensors = {
         "python": torch.tensor(py_state, dtype=torch.int64),
         "numpy": torch.from_numpy(np_keys.astype(np.int64)),
@@ -50,8 +52,6 @@ def load_rng_state(path: str | Path) -> list[str]:
 
     Raises ValueError naming the file when it is not what `save_rng_state` wrote.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:

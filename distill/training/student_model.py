@@ -8,7 +8,8 @@ the cache.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,9 @@ class DistillModel(nn.Module):
     term).
     """
 
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
+
     def __init__(
         self,
         student: nn.Module,
@@ -55,12 +59,12 @@ class DistillModel(nn.Module):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> StudentOutput:
         images = student_pixels(images, self.pixel_mean, self.pixel_std)
         image, spatial = self._encode_image(images)
-        text = self.student.encode_text(tokens, normalize=True)
+        text = self._student_method("encode_text")(tokens, normalize=True)
         projected = self.heads(image, text) if self.heads is not None else {}
         return StudentOutput(
             image=image,
             text=text,
-            logit_scale=self.student.logit_scale.exp(),
+            logit_scale=self._logit_scale().exp(),
             projected=projected,
             logit_bias=getattr(self.student, "logit_bias", None),
             tokens=spatial,
@@ -70,9 +74,18 @@ class DistillModel(nn.Module):
         """The normalised image embeddings and, with token adaptors (a spatial term), {teacher: (B, G*G, Dt)}
         adapted patch tokens from the same forward pass (`teachers.tokens`: after the tower's final norm)."""
         if self.adaptors is None:
-            return self.student.encode_image(images, normalize=True), {}
-        pooled, patches, grid = open_clip_visual_tokens(self.student.visual, images)
+            return self._student_method("encode_image")(images, normalize=True), {}
+        pooled, patches, grid = open_clip_visual_tokens(cast(nn.Module, self.student.visual), images)
         return F.normalize(pooled, dim=-1), self.adaptors(patches, grid)
+
+    def _student_method(self, name: str) -> Callable[..., torch.Tensor]:
+        """The open_clip student's `encode_text`/`encode_image` (nn.Module's attribute typing knows only
+        tensors and modules)."""
+        return cast("Callable[..., torch.Tensor]", getattr(self.student, name))
+
+    def _logit_scale(self) -> torch.Tensor:
+        """The open_clip student's logit scale parameter (log of the temperature's inverse)."""
+        return cast(torch.Tensor, self.student.logit_scale)
 
     def freeze_unreached(
         self,
@@ -104,10 +117,10 @@ class DistillModel(nn.Module):
                 p.requires_grad_(False)
                 frozen.append(f"student.{name}")
         for name in ("logit_scale", "logit_bias"):
-            p = getattr(self.student, name, None)
+            scalar = getattr(self.student, name, None)
             used = uses_logit_bias if name == "logit_bias" else uses_logit_scale
-            if isinstance(p, nn.Parameter) and p.requires_grad and not used:
-                p.requires_grad_(False)
+            if isinstance(scalar, nn.Parameter) and scalar.requires_grad and not used:
+                scalar.requires_grad_(False)
                 frozen.append(f"student.{name}")
         if self.heads is not None:
             for modality in MODALITIES:
@@ -135,4 +148,4 @@ class DistillModel(nn.Module):
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale: float = 100.0) -> None:
         """CLIP's rule: keep exp(logit_scale) in [1, max_scale] after every optimizer step."""
-        self.student.logit_scale.clamp_(0.0, math.log(max_scale))
+        self._logit_scale().clamp_(0.0, math.log(max_scale))

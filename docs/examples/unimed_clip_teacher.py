@@ -32,7 +32,9 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from teachers.open_clip_teacher import OpenClipTeacher
 from teachers.transforms import OPENAI_MEAN, OPENAI_STD, PreprocessCfg
@@ -45,9 +47,6 @@ CONTEXT_LENGTH = 256  # the release's HFTokenizer(..., context_length=256)
 def convert(checkpoint: str, out: str) -> None:
     """The release's pickle -> safetensors, once. `weights_only` refuses anything but tensors, containers and the
     numpy scalars the release stores beside them (its training metadata); the weights are its `state_dict`."""
-    import numpy as np
-    from safetensors.torch import save_file
-
     scalar = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar
     allowed = [
         np.dtype,
@@ -80,8 +79,6 @@ def load(
     model_name: str, text_encoder: str, device="cpu", src: str | None = None, weights: str | None = None
 ) -> OpenClipTeacher:
     """UniMed-CLIP `model_name` + `text_encoder` with the weights converted by `convert`, as a Teacher."""
-    from safetensors.torch import load_file
-
     oc = fork(src or os.environ["UNIMED_CLIP_SRC"])
     model, _, preprocess = oc.create_model_and_transforms(
         model_name, "", force_quick_gelu=True, mean=OPENAI_MEAN, std=OPENAI_STD, text_encoder_name=text_encoder
