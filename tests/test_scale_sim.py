@@ -48,7 +48,12 @@ def test_scale_sim_reduced_run_merges_cheaply(tmp_path):
     ):
         assert key in got, key
     assert got["rows"] == 150000 and got["read_rows_per_s"] > 0
-    assert got["merge_over_write"] < 0.1 and got["extra_disk_over_final"] < 0.1  # the bounds
+    # the merge copies no feature byte: FEATURES.h5 maps the segments (virtual datasets) and holds only metadata;
+    # its time (merge_over_write, a ratio of seconds) moves with the machine's load and is the benchmark's to
+    # record (benchmarks/results/scale_sim.json), not a test's to assert
+    assert got["merge_over_write"] > 0 and got["extra_disk_over_final"] < 0.1  # the disk bound
+    segments = sum(f.stat().st_size for f in (work / "features.h5.segments").rglob("*") if f.is_file())
+    assert (work / "features.h5").stat().st_size < 0.01 * segments
     assert got["segment_files"] == 2 and set(got["mappings_per_dataset"].values()) == {1 * 2}  # a range per process
     assert got["read"]["read_per_useful_byte"] < 2  # dealt readers read each chunk about once
     cache = work / "features.h5"
