@@ -19,6 +19,7 @@ from distill import __version__
 from distill.config.eval_job import DEVICES as EVAL_DEVICES
 from distill.config.eval_job import EvalJob
 from distill.config.flags import add_flag, job_fields
+from distill.config.teachers_job import TeachersJob
 from distill.corpus_cli import add_corpus_parser
 from distill.demo import DemoJob
 from distill.errors import BUG, describe, exit_code
@@ -122,6 +123,30 @@ def cmd_info(args: argparse.Namespace) -> int:
         report = verify(args.features)
         print(report, file=sys.stdout if report.ok else sys.stderr)
         return 0 if report.ok else 2
+    return 0
+
+
+def cmd_teachers(args: argparse.Namespace) -> int:
+    """`distill teachers`: per slice, each teacher's retrieval accuracy and agreement, from the cache alone."""
+    job = TeachersJob(**job_fields(TeachersJob, args))  # before torch
+    if not Path(job.features).is_file():
+        raise FileNotFoundError(f"feature cache {job.features} not found; build it with `distill cache`")
+    from distill import teacher_report as tr  # noqa: PLC0415 (lazy: the cache reader imports torch)
+    from distill import teacher_report_out as out  # noqa: PLC0415 (lazy: the cache reader imports torch)
+
+    if job.by is not None:
+        assert job.data is not None  # the job's check
+        slices = tr.by_column(job.features, job.data, job.by)
+    else:
+        assert job.clusters is not None  # the job's check
+        slices = tr.by_clusters(job.features, job.clusters, job.seed, job.data, job.cluster_teacher)
+    report = tr.score(job.features, slices, pool=job.pool, seed=job.seed)
+    print(out.table(report), flush=True)
+    if job.out:
+        folder = Path(job.out)
+        print(f"wrote {out.write_json(report, folder)} and {out.write_heatmap(report, folder)}")
+    if job.suggest:
+        print(f"wrote the loss.routing block to {out.write_suggestion(report, job.margin, Path(job.suggest))}")
     return 0
 
 
@@ -288,6 +313,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.set_defaults(func=cmd_info)
 
+    r = sub.add_parser(
+        "teachers",
+        help="which teacher knows which slice of the corpus, from a feature cache alone",
+        description="Per slice of the cache's rows (a corpus column, or k-means clusters of one teacher's image "
+        "embeddings) and per teacher: image-to-text top-1 retrieval within random pools of the slice, the "
+        "agreement of its top-1 choices with the other teachers', and the slice's size. No model is run.",
+    )
+    r.add_argument("features", help="FEATURES.h5")
+    add_flag(r, TeachersJob, "by", metavar="COLUMN")
+    add_flag(r, TeachersJob, "data", metavar="CORPUS")
+    add_flag(r, TeachersJob, "clusters", metavar="K")
+    add_flag(r, TeachersJob, "cluster_teacher", metavar="NAME")
+    add_flag(r, TeachersJob, "seed")
+    add_flag(r, TeachersJob, "pool", metavar="N")
+    add_flag(r, TeachersJob, "out", metavar="DIR")
+    add_flag(r, TeachersJob, "suggest", metavar="FILE")
+    add_flag(r, TeachersJob, "margin", metavar="M")
+    r.set_defaults(func=cmd_teachers)
+
     t = sub.add_parser("train", help="train a student (same as accelerate launch -m distill.train)", add_help=False)
     _train_arguments(t)
     t.set_defaults(func=cmd_train)
@@ -376,7 +420,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         failure = describe(
-            e, file={"info": getattr(args, "features", None), "cache": getattr(args, "out", None)}.get(args.command)
+            e,
+            file={
+                "info": getattr(args, "features", None),
+                "teachers": getattr(args, "features", None),
+                "cache": getattr(args, "out", None),
+            }.get(args.command),
         )
         if failure is None:  # a bug: keep its traceback for the report
             traceback.print_exc()

@@ -21,6 +21,7 @@ from cache.build.job import CacheJob
 from cache.corpus_build import CorpusBuildError, CorpusJob, RecipeSource
 from distill.cli import build_parser
 from distill.config.eval_job import EvalJob
+from distill.config.teachers_job import TeachersJob
 from distill.config.train_config import Config
 from distill.demo import DemoJob
 from teachers.kernel.config_model import ConfigError, field_default
@@ -47,7 +48,13 @@ def _subparser(name: str) -> argparse.ArgumentParser:
 
 @pytest.mark.parametrize(
     "command,models",
-    [("cache", (CacheJob,)), ("eval", (EvalJob,)), ("demo", (DemoJob,)), ("corpus", (RecipeSource, CorpusJob))],
+    [
+        ("cache", (CacheJob,)),
+        ("eval", (EvalJob,)),
+        ("demo", (DemoJob,)),
+        ("corpus", (RecipeSource, CorpusJob)),
+        ("teachers", (TeachersJob,)),
+    ],
 )
 def test_every_flag_is_a_field_with_its_default(command, models):
     seen = set()
