@@ -410,3 +410,24 @@ def head_corpus(path: Path, n: int) -> Path:
     out = path.with_name(f"{path.stem}_head{n}.csv")
     write_csv(out, rows)
     return out
+
+
+def synthetic_teacher_meta(name: str, dim: int, chunk_rows: int, **extra: object) -> dict:
+    """The writer's meta for a synthetic teacher `name` of width `dim` (cache_overhead and scale_sim write the
+    same datasets a real fold creates, without a model); `extra` adds keys (a fingerprint, the run)."""
+    return {
+        "attrs": {
+            "spec": f"synthetic:{name}",
+            "resolved_spec": f"synthetic:{name}",
+            "embed_dim": dim,
+            "logit_scale": 100.0,
+            "image_size": 224,
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+            "context_length": 77,
+            "views": 0,
+        },
+        "dtype": "float16",
+        "h5_chunk_rows": chunk_rows,
+        **extra,
+    }

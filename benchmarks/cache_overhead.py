@@ -51,6 +51,7 @@ from benchmarks.bench_common import (
     output_dir,
     parse_flags,
     quiet_libraries,
+    synthetic_teacher_meta,
     table,
     timed,
     write_results,
@@ -336,21 +337,7 @@ def write_feature_file(path: Path, rows: int, dims: tuple[int, ...], chunk_rows:
     with h5py.File(path, "r+") as f:
         for j, d in enumerate(dims):
             name = f"t{j}_{d}"
-            meta = {
-                "attrs": {
-                    "spec": f"synthetic:{name}",
-                    "resolved_spec": f"synthetic:{name}",
-                    "embed_dim": d,
-                    "logit_scale": 100.0,
-                    "image_size": 224,
-                    "mean": [0.5] * 3,
-                    "std": [0.5] * 3,
-                    "context_length": 77,
-                    "views": 0,
-                },
-                "dtype": "float16",
-                "h5_chunk_rows": chunk_rows,
-            }
+            meta = synthetic_teacher_meta(name, d, chunk_rows)
             g = W._ensure_group(f, name, meta)  # the exact datasets and chunks a fold creates
             x = rng.standard_normal((block, d)).astype(np.float32)
             x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench_common import Output, load_avg, parse_flags, table, write_results
+from benchmarks.bench_common import Output, load_avg, parse_flags, synthetic_teacher_meta, table, write_results
 from benchmarks.input_pipeline import pair_batches
 from teachers.kernel.modality import Modality
 
@@ -137,23 +137,7 @@ def write(out: Path, f: Flags) -> dict:
     metas = {}
     for j, d in enumerate(f.dims):
         name = f"t{j}_{d}"
-        metas[name] = {
-            "attrs": {
-                "spec": f"synthetic:{name}",
-                "resolved_spec": f"synthetic:{name}",
-                "embed_dim": d,
-                "logit_scale": 100.0,
-                "image_size": 224,
-                "mean": [0.5] * 3,
-                "std": [0.5] * 3,
-                "context_length": 77,
-                "views": 0,
-            },
-            "dtype": "float16",
-            "fingerprint": fp,
-            "h5_chunk_rows": f.h5_chunk_rows,
-            L.SINCE_RUN: run,
-        }
+        metas[name] = synthetic_teacher_meta(name, d, f.h5_chunk_rows, fingerprint=fp, **{L.SINCE_RUN: run})
         W.write_meta(str(out), name, metas[name])
     ctx = mp.get_context("spawn")
     queue, start = ctx.Queue(), ctx.Barrier(f.processes)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.sources.corpus import open_corpus
+from cache.sources.corpus import Corpus, open_corpus
 from cache.store.reader import FeatureReader
 from distill.data.cache_join import join_cache
 
@@ -112,11 +112,16 @@ def _open(path: str | Path) -> FeatureReader:
     return FeatureReader(str(path))
 
 
-def by_column(features: str | Path, data: str | Path, column: str) -> Slices:
-    """Slices by the values of corpus column `column`, the corpus joined to the cache by key."""
+def _corpus(data: str | Path) -> Corpus:
+    """The corpus named by --data (joined to the cache by key with training's `join_cache`)."""
     if not Path(data).exists():
         raise FileNotFoundError(f"corpus {data} not found: check --data")
-    corpus = open_corpus(str(data))
+    return open_corpus(str(data))
+
+
+def by_column(features: str | Path, data: str | Path, column: str) -> Slices:
+    """Slices by the values of corpus column `column`, the corpus joined to the cache by key."""
+    corpus = _corpus(data)
     cells = corpus.column(column)  # CorpusError (one line) naming the columns there are
     join = join_cache(corpus, features, None, use_views=False)
     order = np.argsort(join.cache_rows, kind="stable")
@@ -192,9 +197,7 @@ def by_clusters(
     """Slices by k-means clusters of `teacher`'s (default: the first) image embeddings, named by caption words."""
     captions: dict[int, str] = {}
     if data is not None:
-        if not Path(data).exists():
-            raise FileNotFoundError(f"corpus {data} not found: check --data")
-        corpus = open_corpus(str(data))
+        corpus = _corpus(data)
         join = join_cache(corpus, features, None, use_views=False)
         captions = {int(r): corpus.captions[int(i)] for r, i in zip(join.cache_rows, join.corpus_rows)}
     rows, ids, teacher = kmeans(features, k, seed, teacher)

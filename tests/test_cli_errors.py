@@ -216,7 +216,7 @@ def test_info_permission_denied_as_h5py_reports_it(tmp_path, capsys, monkeypatch
 
 
 # -- cache: read-only folder, full disk ---------------------------------------------------------------------
-def cache_argv(corpus, spec, out) -> list[str]:
+def cache_argv(corpus, spec, out, *extra) -> list[str]:
     return [
         "cache",
         "--data",
@@ -233,6 +233,7 @@ def cache_argv(corpus, spec, out) -> list[str]:
         "cpu",
         "--chunk-rows",
         "8",
+        *extra,
     ]
 
 

@@ -22,7 +22,7 @@ import h5py
 import pytest
 import safetensors
 import safetensors.torch
-from test_cli_errors import make_run_folder, one_error_line
+from test_cli_errors import cache_argv, make_run_folder, one_error_line
 
 from distill.cli import main
 from distill.errors import BAD_INPUT, ENVIRONMENT, describe
@@ -38,27 +38,6 @@ ENOSPC_TEXT = (
 
 def leftovers(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name.startswith((".tmp-", ".old-")))
-
-
-def cache_argv(corpus, spec, out, *extra) -> list[str]:
-    return [
-        "cache",
-        "--data",
-        str(corpus),
-        "--teacher",
-        f"oc={spec}",
-        "--out",
-        str(out),
-        "--batch-size",
-        "8",
-        "--num-workers",
-        "0",
-        "--device",
-        "cpu",
-        "--chunk-rows",
-        "8",
-        *extra,
-    ]
 
 
 # -- 1. the views side file: h5py's RuntimeError carrying errno 28 ----------------------------------------------
