@@ -319,6 +319,11 @@ AFFINITY = {"kind": "affinity", "weight": 1.0}
 AFF3 = {**AFFINITY, "weight": 3.0}
 AFF3_LOCAL = {**AFF3, "kwargs": {"scope": "domain"}}  # issue 17: a row's distributions over its own domain's rows
 # relational: image-image and text-text distributions over the other rows (affinity's pairs: intra), beside AFF3
+# issue 20: variants that must not read the domain column name one no corpus has, so nothing in the run can use it
+HIDE_DOMAINS = "data.domain_column=__no_domain_column__"
+# label-free routing (loss.routing.auto): K clusters of the teachers' joint embeddings, seeded by each run's train.seed
+AUTO_ROUTING = "loss.routing=" + json.dumps({"auto": {"clusters": 8, "margin": 0.05}})
+AUTO_ROUTING_16 = "loss.routing=" + json.dumps({"auto": {"clusters": 16, "margin": 0.02}})
 INTRA = {"name": "affinity_intra", "kind": "affinity", "weight": 1.0, "kwargs": {"pairs": "intra"}}
 
 VARIANTS: dict[str, Variant] = {
@@ -453,6 +458,27 @@ VARIANTS: dict[str, Variant] = {
             "routed-affinity-x3-intra3-balance0.3",
             (_terms(INFONCE, AFF3, {**INTRA, "weight": 3.0}), ROUTING, "data.domain_balance=0.3"),
             "routed InfoNCE + 3 x affinity + 3 x intra-modal affinity, domain d drawn as n_d^0.3",
+        ),
+        Variant(
+            "all-affinity-x3",
+            (_terms(INFONCE, AFF3), HIDE_DOMAINS),
+            "InfoNCE + 3 x affinity, every teacher on every sample (no domain column)",
+        ),
+        Variant(
+            "confidence-affinity-x3",
+            (_terms(INFONCE, AFF3), "loss.combine.mode=confidence", HIDE_DOMAINS),
+            "InfoNCE + 3 x affinity, teachers weighted per sample by their in-batch confidence (no domain column)",
+        ),
+        Variant(
+            "auto-routed-affinity-x3",
+            (_terms(INFONCE, AFF3), AUTO_ROUTING, HIDE_DOMAINS),
+            "InfoNCE + 3 x affinity, each row routed to the teachers of its k-means cluster (8 clusters of the "
+            "teachers' embeddings, teachers within 0.05 of the cluster's best skill; no domain column)",
+        ),
+        Variant(
+            "auto-routed-k16-affinity-x3",
+            (_terms(INFONCE, AFF3), AUTO_ROUTING_16, HIDE_DOMAINS),
+            "InfoNCE + 3 x affinity, routed by 16 clusters, teachers within 0.02 of the best skill (no domain column)",
         ),
         Variant(
             "mmkd",

@@ -139,14 +139,18 @@ def cmd_teachers(args: argparse.Namespace) -> int:
         slices = tr.by_column(job.features, job.data, job.by)
     else:
         assert job.clusters is not None  # the job's check
-        slices = tr.by_clusters(job.features, job.clusters, job.seed, job.data, job.cluster_teacher)
+        slices = tr.by_clusters(job.features, job.clusters, job.seed, job.data, job.cluster_teacher, job.cluster_on)
     report = tr.score(job.features, slices, pool=job.pool, seed=job.seed)
     print(out.table(report), flush=True)
     if job.out:
         folder = Path(job.out)
         print(f"wrote {out.write_json(report, folder)} and {out.write_heatmap(report, folder)}")
     if job.suggest:
-        print(f"wrote the loss.routing block to {out.write_suggestion(report, job.margin, Path(job.suggest))}")
+        auto = None
+        if job.clusters is not None:  # training's loss.routing.auto clusters its own rows with these settings
+            auto = {"clusters": job.clusters, "on": job.cluster_on, "seed": job.seed}
+            auto |= {"teacher": job.cluster_teacher} if job.cluster_teacher else {}
+        print(f"wrote the loss.routing block to {out.write_suggestion(report, job.margin, Path(job.suggest), auto)}")
     return 0
 
 
@@ -316,14 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "teachers",
         help="which teacher knows which slice of the corpus, from a feature cache alone",
-        description="Per slice of the cache's rows (a corpus column, or k-means clusters of one teacher's image "
-        "embeddings) and per teacher: image-to-text top-1 retrieval within random pools of the slice, the "
-        "agreement of its top-1 choices with the other teachers', and the slice's size. No model is run.",
+        description="Per slice of the cache's rows (a corpus column, or k-means clusters of the teachers' "
+        "embeddings) and per teacher: image-to-text top-1 retrieval within random pools of the slice, its skill "
+        "(that accuracy above the chance of its own choices, which ranks the teachers), the agreement of its top-1 "
+        "choices with the other teachers', and the slice's size. No model is run.",
     )
     r.add_argument("features", help="FEATURES.h5")
     add_flag(r, TeachersJob, "by", metavar="COLUMN")
     add_flag(r, TeachersJob, "data", metavar="CORPUS")
     add_flag(r, TeachersJob, "clusters", metavar="K")
+    add_flag(r, TeachersJob, "cluster_on", metavar="WHAT")
     add_flag(r, TeachersJob, "cluster_teacher", metavar="NAME")
     add_flag(r, TeachersJob, "seed")
     add_flag(r, TeachersJob, "pool", metavar="N")

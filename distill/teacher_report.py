@@ -3,16 +3,24 @@
 No model is run: every number comes from the teachers' stored image and text embeddings.
 
 Slices: the values of a corpus column (`by_column`, the corpus joined to the cache by key as training joins it,
-`distill.data.cache_join.join_cache`), or k-means clusters of one teacher's L2-normalised image embeddings
-(`by_clusters`, numpy, seeded), each named by its three commonest caption words (stop words left out) when the
-corpus is given, else `cluster-I`.
+`distill.data.cache_join.join_cache`), or k-means clusters (`by_clusters`, numpy, seeded) of the teachers'
+embeddings: by default every teacher's L2-normalised image and text embeddings side by side (`on="joint"`; or
+image or text only, or one teacher's), each cluster named by its three commonest caption words (stop words left
+out) when the corpus is given, else `cluster-I`. Training's label-free routing (`loss.routing.auto`,
+`distill.training.routing`) uses the same clusters and scores.
 
 Per slice and teacher (`score`):
 - accuracy: image-to-text top-1 retrieval within the slice. The slice's rows are shuffled (seeded) and cut into
   pools of `pool` rows; each row's image is ranked against the pool's captions by the teacher's cosine similarity,
-  and it scores when its own caption comes first. The last pool of a slice may be smaller (at least 2 rows; a
-  single leftover row is not scored). Chance is `chance` (the mean of 1 / pool size over the scored rows).
-- agreement: the fraction of scored rows where this teacher's top-1 caption is the same as another teacher's,
+  and it scores when its own caption comes first, or a copy of it does (a row whose text every teacher embeds
+  identically: templated captions such as "a chest x-ray showing pneumonia"). The last pool of a slice may be
+  smaller (at least 2 rows; a single leftover row is not scored). `chance` is the mean of 1 / pool size over the
+  scored rows (the floor for distinct captions; where captions repeat, a guess scores more: see skill).
+- skill: accuracy minus the hits the teacher's own choices would score at random (per pool, the sum over captions
+  of the rows choosing it times the rows holding it, over the pool's size). It is what ranks teachers (`best`,
+  `--suggest`, `loss.routing.auto`): on a slice of one template per class, a teacher that picks one template for
+  every image has accuracy (that template's share) but no skill.
+- agreement: the fraction of scored rows where this teacher's top-1 caption (or a copy) is another teacher's,
   averaged over the other teachers (1.0 with a single teacher).
 - rows: the slice's size (usable rows: done by every teacher and not marked bad).
 
@@ -64,11 +72,13 @@ class SliceScore:
     scored: int = 0
     chance: float = 0.0
     accuracy: dict[str, float] = field(default_factory=dict)
+    skill: dict[str, float] = field(default_factory=dict)  # accuracy minus what its choices hit by chance
     agreement: dict[str, float] = field(default_factory=dict)
 
     @property
     def best(self) -> str:
-        return max(self.accuracy, key=lambda t: self.accuracy[t]) if self.accuracy else ""
+        """The teacher with the highest skill (the first of equals)."""
+        return max(self.skill, key=lambda t: self.skill[t]) if self.skill else ""
 
 
 @dataclass(frozen=True)
@@ -89,7 +99,8 @@ class Report:
             "pool": self.pool,
             "seed": self.seed,
             "teachers": list(self.teachers),
-            "accuracy": "image-to-text top-1 within random pools of the slice",
+            "accuracy": "image-to-text top-1 within random pools of the slice (a copy of the own caption counts)",
+            "skill": "accuracy minus the hits its choices would score if they ignored the image",
             "agreement": "fraction of rows whose top-1 caption equals another teacher's, mean over the others",
             "slices": [
                 {
@@ -98,6 +109,7 @@ class Report:
                     "scored_rows": s.scored,
                     "chance": s.chance,
                     "accuracy": s.accuracy,
+                    "skill": s.skill,
                     "agreement": s.agreement,
                     "best": s.best,
                 }
@@ -138,11 +150,6 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def _image_block(reader: FeatureReader, teacher: str, rows: np.ndarray) -> np.ndarray:
-    views = np.zeros(len(rows), dtype=np.int64) if int(reader.teacher_attrs(teacher).get("views", 0) or 0) else None
-    return _normalise(reader.read(rows, [teacher], views=views)[teacher].image)
-
-
 def _blocks(rows: np.ndarray, block_rows: int) -> list[np.ndarray]:
     """`rows` (sorted) cut where they cross a multiple of block_rows: each piece lies in one block of the file."""
     if not len(rows):
@@ -152,22 +159,38 @@ def _blocks(rows: np.ndarray, block_rows: int) -> list[np.ndarray]:
     return np.split(rows, cuts)
 
 
-def kmeans(
-    features: str | Path, k: int, seed: int, teacher: str | None = None, iters: int = 25, block_rows: int = 0
-) -> tuple[np.ndarray, np.ndarray, str]:
-    """(usable rows, their cluster ids, teacher): k-means (k-means++ start, seeded) on L2-normalised image rows."""
-    block_rows = block_rows or DEFAULT_BLOCK_ROWS
-    with _open(features) as reader:
-        names = reader.teacher_names
-        if not names:
-            raise ValueError(f"{features} holds no teachers yet; add some with `distill cache`")
-        teacher = teacher or names[0]
-        if teacher not in names:
-            raise ValueError(f"--cluster-teacher {teacher!r} is not in {features} (it has {', '.join(names)})")
-        rows = reader.usable_rows()
-        if k < 1 or k > len(rows):
-            raise ValueError(f"--clusters {k} must be between 1 and the cache's {len(rows)} usable rows")
-        x = np.concatenate([_image_block(reader, teacher, b) for b in _blocks(rows, block_rows)])
+CLUSTER_ON = ("joint", "image", "text")
+PROJECT_DIM = 256  # wider concatenations are projected (seeded Gaussian) to this many dims before k-means
+
+
+def cluster_vectors(
+    reader: FeatureReader, rows: np.ndarray, teachers: Sequence[str], on: str, seed: int, block_rows: int = 0
+) -> np.ndarray:
+    """(len(rows), d) float32 unit vectors that k-means clusters: each teacher's L2-normalised image and/or text
+    embeddings (`on`: joint, image, text) concatenated and normalised, read by blocks. A concatenation wider than
+    PROJECT_DIM is multiplied by a seeded Gaussian matrix (random projection keeps cosines within a few hundredths),
+    so 1M rows x 9 teachers fit in about 1 GB."""
+    if on not in CLUSTER_ON:
+        raise ValueError(f"cluster on {on!r} is unknown; use one of {', '.join(CLUSTER_ON)}")
+    mods = {"joint": ("image", "text"), "image": ("image",), "text": ("text",)}[on]
+    wide = sum(int(reader.teacher_attrs(t)["embed_dim"]) for t in teachers) * len(mods)
+    proj = None
+    if wide > PROJECT_DIM:
+        proj = np.random.default_rng(seed).standard_normal((wide, PROJECT_DIM)).astype(np.float32)
+    out = []
+    for block in _blocks(rows, block_rows or DEFAULT_BLOCK_ROWS):
+        parts = []
+        for t in teachers:
+            views = np.zeros(len(block), dtype=np.int64) if int(reader.teacher_attrs(t).get("views", 0) or 0) else None
+            pair = reader.read(block, [t], views=views)[t]
+            parts += [_normalise(getattr(pair, m)) for m in mods]
+        x = np.concatenate(parts, axis=1)
+        out.append(_normalise(x if proj is None else x @ proj))
+    return np.concatenate(out) if out else np.zeros((0, PROJECT_DIM if proj is not None else wide), np.float32)
+
+
+def kmeans_ids(x: np.ndarray, k: int, seed: int, iters: int = 25) -> np.ndarray:
+    """Spherical k-means (k-means++ start, seeded) of unit rows `x`: each row's cluster id (int64)."""
     rng = np.random.default_rng(seed)
     centres = [x[int(rng.integers(len(x)))]]
     dist = np.full(len(x), np.inf, dtype=np.float64)
@@ -177,38 +200,85 @@ def kmeans(
         pick = int(rng.choice(len(x), p=dist / total)) if total > 0 else int(rng.integers(len(x)))
         centres.append(x[pick])
     c = np.stack(centres)
-    assign = np.zeros(len(x), dtype=np.int64)
+
+    def nearest() -> np.ndarray:
+        return np.concatenate([np.argmax(x[i : i + 65536] @ c.T, axis=1) for i in range(0, len(x), 65536)])
+
+    assign = np.full(len(x), -1, dtype=np.int64)
     for _ in range(iters):
-        new = np.concatenate([np.argmax(x[i : i + 65536] @ c.T, axis=1) for i in range(0, len(x), 65536)])
-        for j in range(k):
-            members = x[new == j]
-            if len(members):
-                c[j] = _normalise(members.mean(0))
+        new = nearest()
         if np.array_equal(new, assign):
             break
         assign = new
-    assign = np.concatenate([np.argmax(x[i : i + 65536] @ c.T, axis=1) for i in range(0, len(x), 65536)])
-    return rows, assign.astype(np.int64), teacher
+        for j in range(k):
+            members = x[assign == j]
+            if len(members):
+                c[j] = _normalise(members.mean(0))
+    return nearest().astype(np.int64)
+
+
+def kmeans(
+    features: str | Path,
+    k: int,
+    seed: int,
+    teacher: str | None = None,
+    rows: np.ndarray | None = None,
+    on: str = "joint",
+    teachers: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """(rows, their cluster ids, what was clustered) over `rows` (default: the cache's usable rows, sorted): the
+    embeddings of `teacher` alone, else of `teachers` (default: every teacher in the cache), `on` joint/image/text."""
+    with _open(features) as reader:
+        names = reader.teacher_names
+        if not names:
+            raise ValueError(f"{features} holds no teachers yet; add some with `distill cache`")
+        if teacher is not None and teacher not in names:
+            raise ValueError(f"cluster teacher {teacher!r} is not in {features} (it has {', '.join(names)})")
+        chosen = [teacher] if teacher is not None else list(teachers or names)
+        rows = reader.usable_rows() if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
+        if k < 1 or k > len(rows):
+            raise ValueError(f"--clusters {k} must be between 1 and the {len(rows)} rows to cluster")
+        x = cluster_vectors(reader, rows, chosen, on, seed)
+    return rows, kmeans_ids(x, k, seed), f"{on} embeddings of {', '.join(chosen)}"
 
 
 def by_clusters(
-    features: str | Path, k: int, seed: int, data: str | Path | None = None, teacher: str | None = None
+    features: str | Path,
+    k: int,
+    seed: int,
+    data: str | Path | None = None,
+    teacher: str | None = None,
+    on: str = "joint",
 ) -> Slices:
-    """Slices by k-means clusters of `teacher`'s (default: the first) image embeddings, named by caption words."""
+    """Slices by k-means clusters of the teachers' embeddings (`kmeans`), named by caption words."""
     captions: dict[int, str] = {}
     if data is not None:
         corpus = _corpus(data)
         join = join_cache(corpus, features, None, use_views=False)
         captions = {int(r): corpus.captions[int(i)] for r, i in zip(join.cache_rows, join.corpus_rows)}
-    rows, ids, teacher = kmeans(features, k, seed, teacher)
+    rows, ids, what = kmeans(features, k, seed, teacher, on=on)
     if captions:
         keep = np.isin(rows, np.fromiter(captions, dtype=np.int64))
         rows, ids = rows[keep], ids[keep]
-    names = [_cluster_name(j, [captions.get(int(r), "") for r in rows[ids == j]]) for j in range(k)]
+    names = cluster_names([[captions.get(int(r), "") for r in rows[ids == j]] for j in range(k)])
+    return Slices(names, rows, ids, f"clusters {k} ({what}, seed {seed})")
+
+
+def cluster_names(captions: Sequence[Sequence[str]]) -> list[str]:
+    """Each cluster's name from its captions' three commonest words (`cluster-J` without words), kept distinct."""
+    names = [_cluster_name(j, c) for j, c in enumerate(captions)]
     for j, n in enumerate(names):  # two clusters with the same words: keep both apart
         if names.count(n) > 1:
             names[j] = f"{n} ({j})"
-    return Slices(names, rows, ids, f"clusters {k} (teacher {teacher}, seed {seed})")
+    return names
+
+
+def within_margin(slice_score: SliceScore, teachers: Sequence[str], margin: float) -> list[str]:
+    """The teachers whose skill on the slice is within `margin` of its best (in `teachers` order)."""
+    if not slice_score.skill:
+        return []
+    top = max(slice_score.skill.values())
+    return [t for t in teachers if slice_score.skill.get(t, -np.inf) >= top - margin]
 
 
 def _cluster_name(j: int, captions: Sequence[str]) -> str:
@@ -222,6 +292,7 @@ def _cluster_name(j: int, captions: Sequence[str]) -> str:
 @dataclass
 class _Tally:
     correct: np.ndarray  # (S, T)
+    expected: np.ndarray  # (S, T) hits of the same choices matched to the pool's captions at random
     agree: np.ndarray  # (S, T, T)
     scored: np.ndarray  # (S,)
     inv_pool: np.ndarray  # (S,) sum of 1 / pool size over scored rows
@@ -231,24 +302,42 @@ def _score_pool(tally: _Tally, s: int, emb: dict[str, tuple[np.ndarray, np.ndarr
     n = len(next(iter(emb.values()))[0])
     if n < 2:
         return
-    top = np.stack([np.argmax(emb[t][0] @ emb[t][1].T, axis=1) for t in teachers])  # (T, n)
-    tally.correct[s] += (top == np.arange(n)).sum(1)
+    # a caption's identity in the pool: rows whose text every teacher embeds identically hold the same caption
+    # (templated captions), so retrieving a copy of one's own caption is a hit, and two teachers agree on it
+    texts = np.concatenate([emb[t][1] for t in teachers], axis=1)
+    caption = np.unique(texts, axis=0, return_inverse=True)[1].reshape(-1)
+    top = np.stack([caption[np.argmax(emb[t][0] @ emb[t][1].T, axis=1)] for t in teachers])  # (T, n)
+    tally.correct[s] += (top == caption[None, :]).sum(1)
+    # chance of those choices: sum over captions c of (rows choosing c) x (rows whose caption is c) / n. A teacher
+    # that picks the same template for every image scores that template's share, and no skill.
+    own = np.bincount(caption, minlength=n)
+    tally.expected[s] += np.array([(np.bincount(row, minlength=n) * own).sum() / n for row in top])
     tally.agree[s] += (top[:, None, :] == top[None, :, :]).sum(2)
     tally.scored[s] += n
     tally.inv_pool[s] += 1.0
 
 
-def score(features: str | Path, slices: Slices, pool: int = DEFAULT_POOL, seed: int = 0, block_rows: int = 0) -> Report:
-    """Per slice and teacher: retrieval accuracy in pools of `pool`, agreement, size (see the module docstring)."""
+def score(
+    features: str | Path,
+    slices: Slices,
+    pool: int = DEFAULT_POOL,
+    seed: int = 0,
+    block_rows: int = 0,
+    teachers: Sequence[str] | None = None,
+) -> Report:
+    """Per slice and teacher (default: every teacher in the cache): retrieval accuracy in pools of `pool`,
+    agreement, size (see the module docstring)."""
     if pool < 2:
         raise ValueError(f"--pool must be at least 2, got {pool}")
     block_rows = block_rows or DEFAULT_BLOCK_ROWS
     rng = np.random.default_rng(seed)
     with _open(features) as reader:
-        teachers = list(reader.teacher_names)
+        teachers = list(teachers or reader.teacher_names)
         views = {t: int(reader.teacher_attrs(t).get("views", 0) or 0) for t in teachers}
         n_s, n_t = len(slices.names), len(teachers)
-        tally = _Tally(np.zeros((n_s, n_t)), np.zeros((n_s, n_t, n_t)), np.zeros(n_s), np.zeros(n_s))
+        tally = _Tally(
+            np.zeros((n_s, n_t)), np.zeros((n_s, n_t)), np.zeros((n_s, n_t, n_t)), np.zeros(n_s), np.zeros(n_s)
+        )
         carry: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         order = np.argsort(slices.rows, kind="stable")
         rows_sorted, ids_sorted = slices.rows[order], slices.ids[order]
@@ -287,6 +376,7 @@ def score(features: str | Path, slices: Slices, pool: int = DEFAULT_POOL, seed: 
             score_s.chance = float(tally.inv_pool[s] / scored)
             for j, t in enumerate(teachers):
                 score_s.accuracy[t] = float(tally.correct[s, j] / scored)
+                score_s.skill[t] = float((tally.correct[s, j] - tally.expected[s, j]) / scored)
                 others = [tally.agree[s, j, u] / scored for u in range(n_t) if u != j]
                 score_s.agreement[t] = float(np.mean(others)) if others else 1.0
         out.append(score_s)

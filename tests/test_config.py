@@ -247,7 +247,7 @@ def test_routing_confidence_and_threads_errors():
             d["train"] = train
         return Config.from_dict(d)
 
-    with pytest.raises(ConfigError, match=r"loss\.routing is missing required key\(s\): column"):
+    with pytest.raises(ConfigError, match=r"loss\.routing needs column \(a corpus column\) or auto"):
         bad({"routing": {"teachers": {"x": ["a"]}}})
     with pytest.raises(ConfigError, match=r"unknown key 'loss\.routing\.teacher'.*did you mean 'teachers'"):
         bad({"routing": {"column": "d", "teacher": {"x": ["a"]}}})

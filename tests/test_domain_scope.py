@@ -28,8 +28,9 @@ from distill.losses import CombineCfg, DistillLoss, LossTermCfg, StepContext, St
 from distill.losses.distributed import StepGather
 from distill.losses.terms import Affinity
 from distill.train import make_accelerator, train
-from distill.training.build_run import build_run, loss_domains, teacher_batch
+from distill.training.build_run import build_run, teacher_batch
 from distill.training.grad_cache import merge_batches
+from distill.training.routing import loss_domains
 from teachers.kernel.modality import Pair
 
 N, E, D = 6, 4, 3
@@ -323,14 +324,14 @@ def test_domains_and_row_weights_travel_from_collate_to_the_loss(domain_corpus):
 
     corpus = open_corpus(domain_corpus)
     scoped = DistillLoss([LossTermCfg("aff", "affinity", kwargs={"scope": "domain"})], ["oc"])
-    assert loss_domains(DataCfg(domain_column="site"), scoped, corpus, None).tolist() == [0, 1, 0]
-    assert loss_domains(None, DistillLoss([LossTermCfg("aff", "affinity")], ["oc"]), corpus, None) is None
+    assert loss_domains(DataCfg(domain_column="site"), scoped.uses_domains, corpus, None).tolist() == [0, 1, 0]
+    assert loss_domains(None, DistillLoss([LossTermCfg("aff", "affinity")], ["oc"]).uses_domains, corpus, None) is None
     with pytest.raises(
         DataError,
         match=r"^scope: domain \(a loss term's kwargs or loss\.combine\.scope\) needs each "
         r"row's domain: data\.domain_column='domain': .*has no column 'domain'",
     ):
-        loss_domains(DataCfg(), scoped, corpus, None)
+        loss_domains(DataCfg(), scoped.uses_domains, corpus, None)
 
 
 def test_domain_scope_without_domain_ids_is_refused_in_one_line():

@@ -84,6 +84,7 @@ def _check_halves(report: tr.Report, names: dict[str, str]) -> None:
         assert s.best == knower
         assert s.accuracy[knower] > 0.95
         assert s.accuracy[other] < 4 / POOL  # chance is 1/POOL
+        assert s.skill[knower] > 0.9 and abs(s.skill[other]) < 4 / POOL  # distinct captions: skill ~ accuracy
         assert s.chance == pytest.approx(1 / POOL)
         assert 0 <= s.agreement[knower] < 0.3
 
@@ -115,12 +116,12 @@ def test_clusters_recover_the_halves_and_are_named_by_caption_words(cache) -> No
     _check_halves(tr.score(path, slices, pool=POOL), {"chest xray lung": "a", "skin lesion dermoscopy": "b"})
     again = tr.by_clusters(path, 2, seed=3, data=data)
     assert np.array_equal(again.ids, slices.ids)  # seeded
-    block = routing_block(tr.score(path, slices, pool=POOL), 0.1)
+    block = routing_block(tr.score(path, slices, pool=POOL), 0.1, auto={"clusters": 2, "on": "joint", "seed": 3})
     base = yaml.safe_load((ROOT / "configs" / "tiny-hybrid.yaml").read_text())
     base.setdefault("loss", {})["routing"] = block["loss"]["routing"]
     routing = Config.from_dict(base, static=True).loss.routing
-    assert routing is not None and routing.column == "cluster"
-    assert routing.teachers == {"chest xray lung": ("a",), "skin lesion dermoscopy": ("b",)}
+    assert routing is not None and routing.column is None and routing.auto is not None
+    assert (routing.auto.clusters, routing.auto.seed, routing.auto.margin, routing.auto.pool) == (2, 3, 0.1, POOL)
     unnamed = tr.by_clusters(path, 2, seed=3)
     assert sorted(unnamed.names) == ["cluster-0", "cluster-1"]
 
@@ -168,3 +169,58 @@ def test_a_missing_cache_is_one_line(tmp_path, capsys) -> None:
     assert main(["teachers", str(tmp_path / "none.h5"), "--clusters", "2"]) == BAD_INPUT
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "none.h5" in err and "not found" in err
+
+
+def test_clusters_suggest_an_auto_block_and_one_teachers_image_clusters_too(cache, tmp_path) -> None:
+    path, data = cache
+    suggest = tmp_path / "auto.yaml"
+    argv = ["teachers", str(path), "--clusters", "2", "--seed", "3", "--pool", str(POOL), "--data", str(data)]
+    assert main([*argv, "--suggest", str(suggest), "--margin", "0.2"]) == 0
+    block = yaml.safe_load(suggest.read_text())
+    assert block == {
+        "loss": {"routing": {"auto": {"clusters": 2, "on": "joint", "seed": 3, "margin": 0.2, "pool": 16}}}
+    }
+    # teacher a's images alone also split the halves (they are offset in opposite directions)
+    alone = tr.by_clusters(path, 2, seed=3, data=data, teacher="a", on="image")
+    assert sorted(alone.names) == ["chest xray lung", "skin lesion dermoscopy"] and "image embeddings of a" in alone.how
+
+
+def test_skill_removes_what_a_teachers_constant_choice_scores_on_templated_captions(tmp_path) -> None:
+    """Two templated captions (half the rows each): teacher `knows` matches each image to its class's caption,
+    teacher `constant` sends every image to the first caption. Accuracy: 1 and 0.5; skill: each pool's hits minus
+    sum_c (rows choosing c)(rows holding c) / n, i.e. 1 - 0.5 = 0.5 for `knows` and exactly 0 for `constant`."""
+    n, d = 128, 8
+    data = tmp_path / "corpus.csv"
+    labels = np.arange(n) % 2
+    with open(data, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption", "key"])
+        w.writerows(
+            [f"i{i}.png", f"an ultrasound, {'benign' if c == 0 else 'malignant'}", f"k{i}"]
+            for i, c in enumerate(labels)
+        )
+    corpus = open_corpus(str(data))
+    path = tmp_path / "features.h5"
+    W.create_file(str(path), list(corpus.keys), fingerprint=corpus.fingerprint(), source=str(data))
+    text = np.eye(d)[labels]  # identical rows for identical captions
+    rng = np.random.default_rng(0)
+    images = {
+        "knows": np.eye(d)[labels] + 0.1 * rng.random((n, d)),
+        "constant": np.eye(d)[np.zeros(n, int)] + 0.1 * rng.random((n, d)),
+    }
+    with h5py.File(path, "r+") as f:
+        for name, image in images.items():
+            meta = {
+                "attrs": {"spec": f"synthetic:{name}", "embed_dim": d, "views": 0},
+                "dtype": "float16",
+                "h5_chunk_rows": 64,
+            }
+            g = W._ensure_group(f, name, meta)
+            g["image"][...], g["text"][...], g["done"][...] = image, text, True
+    whole = tr.Slices(["all"], np.arange(n), np.zeros(n, dtype=np.int64), "one slice")
+    s = tr.score(path, whole, pool=POOL, seed=0).slices[0]
+    assert s.accuracy == {"knows": 1.0, "constant": 0.5} and s.skill["constant"] == 0.0
+    pools = labels[np.random.default_rng(0).permutation(n)].reshape(-1, POOL)  # score's pools (one block, seed 0)
+    own = [np.bincount(p, minlength=2) for p in pools]
+    assert s.skill["knows"] == pytest.approx(1 - sum((c**2).sum() / POOL for c in own) / n, abs=1e-12)
+    assert s.best == "knows" and tr.within_margin(s, ["knows", "constant"], 0.4) == ["knows"]

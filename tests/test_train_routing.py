@@ -141,6 +141,7 @@ def test_routed_training_run_records_routing_and_refuses_an_unrouted_teacher(
     assert meta["routing"] == {
         "config": {
             "column": "domain",
+            "auto": None,
             "teachers": {"derm": ["oc"], "rad": ["hf"], "both": ["oc", "hf"]},
             "default": [],
             "separator": "|",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
+from distill.config.routing import CLUSTER_ON
 from teachers.kernel.config_model import Float, Int, Section, Str
 
 
@@ -17,12 +18,17 @@ class TeachersJob(Section):
     by: Str | None = Field(None, description="slice by this corpus column (needs --data)")
     data: Str | None = Field(None, description="the cache's corpus (CSV/TSV/JSONL), joined by key")
     clusters: Int | None = Field(None, description="slice by K k-means clusters of image embeddings")
-    cluster_teacher: Str | None = Field(None, description="whose image embeddings to cluster (default: the first)")
+    cluster_on: Str = Field(
+        "joint", description="what --clusters clusters: joint (each teacher's image and text embeddings), image, text"
+    )
+    cluster_teacher: Str | None = Field(None, description="cluster this teacher's embeddings only (default: all)")
     seed: Int = Field(0, description="seed of the pools and the clusters")
     pool: Int = Field(64, description="rows per retrieval pool (chance ~ 1/N)")
     out: Str | None = Field(None, description="write teachers.json and teachers.png here")
     suggest: Str | None = Field(
-        None, description="write a YAML loss.routing block: per slice, the teachers within --margin of the best"
+        None,
+        description="write a YAML loss.routing block training accepts: per slice, the teachers within --margin of "
+        "the best skill (with --clusters: an auto block that clusters the training rows the same way)",
     )
     margin: Float = Field(0.05, description="accuracy margin for --suggest")
 
@@ -34,6 +40,8 @@ class TeachersJob(Section):
             raise ValueError("--by COLUMN needs --data CORPUS (the corpus that holds the column)")
         if self.clusters is not None and self.clusters < 1:
             raise ValueError(f"--clusters must be at least 1, got {self.clusters}")
+        if self.cluster_on not in CLUSTER_ON:
+            raise ValueError(f"--cluster-on {self.cluster_on!r} is unknown; use one of {', '.join(CLUSTER_ON)}")
         if self.pool < 2:
             raise ValueError(f"--pool must be at least 2, got {self.pool}")
         if self.margin < 0:

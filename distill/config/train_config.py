@@ -9,7 +9,6 @@ never written back here. The loss section's models (`LossTermCfg`, `CombineCfg`)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from pydantic import Field, ValidationError, ValidationInfo, model_validator
 
 from distill.config.file import read_config_text, split_argv
 from distill.config.overrides import apply_override, plain
+from distill.config.routing import RoutingCfg
 from distill.config.terms import CombineCfg, LossTermCfg, static
 from teachers.kernel.bounded_yaml import load_yaml
 from teachers.kernel.config_model import Bool, ConfigError, Float, Int, Section, Str, config_error
@@ -244,59 +244,6 @@ class DataCfg(Section):
                 f"{keys} from the config (the views decide), or set data.use_views=false to train "
                 f"on the student's own crops"
             )
-
-
-class RoutingCfg(Section):
-    """Per-sample teacher routing: which teachers distil which corpus rows, from a corpus column.
-
-    With `teachers`: the column's value picks the row's teachers (`default` for values not in the map).
-    Without: the cell itself lists teacher names separated by `separator` (`default` for empty cells).
-    A row routed to no teacher gets only the teacher-free terms (infonce).
-    """
-
-    where = "loss.routing"
-    column: Str = Field(description="a column of the CSV/TSV/JSONL corpus (besides image, caption, key)")
-    teachers: dict[Str, tuple[Str, ...]] | None = Field(
-        None, description="column value -> teacher names; null: the cell lists them"
-    )
-    default: tuple[Str, ...] = Field((), description="teachers of rows whose value is not in the map (or empty)")
-    separator: Str = Field("|", description="between teacher names in a cell (without `teachers`)")
-    weights: dict[Str, Float] = Field(
-        default_factory=dict,
-        description="column value -> weight (>= 0) multiplying "
-        "that row's teacher terms, not InfoNCE (values not listed: 1; a value the "
-        "column never holds: refused)",
-    )
-
-    @model_validator(mode="after")
-    def _valid(self) -> RoutingCfg:
-        _check(bool(self.column.strip()), "loss.routing.column must name a corpus column")
-        for value, w in self.weights.items():
-            _check(math.isfinite(w) and w >= 0, f"loss.routing.weights.{value} must be a finite number >= 0, got {w!r}")
-        _check(bool(self.separator), "loss.routing.separator must be a non-empty string, e.g. '|'")
-        if self.teachers is not None:
-            _check(
-                bool(self.teachers),
-                "loss.routing.teachers must map column values to teacher lists "
-                "(or be null: the column lists teacher names itself)",
-            )
-            for value, names in self.teachers.items():
-                _check(
-                    all(n.strip() for n in names),
-                    f"loss.routing.teachers.{value}: teacher names must be non-empty, got {list(names)}",
-                )
-        _check(
-            all(n.strip() for n in self.default),
-            f"loss.routing.default: teacher names must be non-empty, got {list(self.default)}",
-        )
-        return self
-
-    def named_teachers(self) -> list[str]:
-        """Every teacher the map and the default name (the cell-listed ones are only known from the corpus)."""
-        out: list[str] = []
-        for names in [*(self.teachers or {}).values(), self.default]:
-            out += [n for n in names if n not in out]
-        return out
 
 
 class LossCfg(Section):

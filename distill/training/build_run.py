@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader
 from cache.build.views import RATIO, read_view_dist
 from cache.sources.corpus import Corpus
 from cache.store.reader import FeatureReader
-from distill.config.train_config import Config, ConfigError, DataCfg, LossCfg, RoutingCfg, StudentCfg, TrainCfg
-from distill.data.cache_join import CacheJoin, Routing, join_cache, route_mask
-from distill.data.domains import Domains, build_balance, domain_ids, load_domains
+from distill.config.train_config import Config, ConfigError, DataCfg, LossCfg, StudentCfg, TrainCfg
+from distill.data.cache_join import CacheJoin, join_cache
+from distill.data.domains import Domains, build_balance, load_domains
 from distill.data.inputs import InputSetup, build_inputs
 from distill.data.loader import Collate, DataError, PairDataset, TrainBatch
 from distill.data.samplers import Dealing, DomainBalance, EpochSampler, reader_blocks
@@ -33,6 +33,7 @@ from distill.data.stream_data import open_train_corpus, stream_sampler
 from distill.losses import SIGLIP_INIT, DistillLoss, LossTermCfg, TeacherBatch, teacher_logit_bias
 from distill.training.heads import ProjectionHeads, TokenAdaptors
 from distill.training.optim import accum_for_epoch, global_batch_for_epoch, steps_per_epoch, total_steps
+from distill.training.routing import build_routing, loss_domains
 from distill.training.student_model import DistillModel
 from student.build import build_student
 from student.freeze import apply_freezing
@@ -185,7 +186,10 @@ def build_run(cfg: Config, accelerator) -> Run:
     if frozen:
         log.info("frozen because no loss term reaches them: %s", ", ".join(frozen))
 
-    routing = build_routing(cfg.loss.routing, corpus, join, used)
+    run_routing = build_routing(
+        cfg.loss.routing, corpus, join, used, cfg.data.features, accelerator, output_dir, cfg.train.seed
+    )  # a route mask by a column, or auto: clusters of the cache (computed once, saved in the run folder)
+    routing = run_routing.routing if run_routing is not None else None
     views = join.view_params if join is not None else None
     ds = PairDataset(
         corpus,
@@ -208,7 +212,7 @@ def build_run(cfg: Config, accelerator) -> Run:
         total_steps=0,
         teachers={t: teachers.get(t, 1.0) for t in used},
         teacher_attrs={t: cached[t] for t in used},
-        routing=None if routing is None else {"config": _dump(cfg.loss.routing), **routing.summary()},
+        routing=None if run_routing is None else run_routing.record(),
         stored_views=views is not None,
         augmentation=augmentation_summary(cfg.data, view_dist),
     )
@@ -246,7 +250,7 @@ def build_run(cfg: Config, accelerator) -> Run:
         bad_features=cfg.data.bad_features,
         pad_id=text_pad_id(bundle.model) if cfg.data.trim_captions else None,
         token_teachers=loss.token_teachers(),
-        domains=loss_domains(cfg.data, loss, corpus, domains),
+        domains=loss_domains(cfg.data, loss.uses_domains, corpus, domains, run_routing),
         row_weights=None if routing is None else routing.row_weights,
         inputs=build_inputs(loss.batch_inputs(), InputSetup(cfg, corpus, join, tuple(used))),
     )
@@ -285,12 +289,6 @@ def augmentation_summary(data: DataCfg, view_dist) -> str:
         f"own crops: scale {lo:g}-{hi:g}, ratio {RATIO[0]:.6g}-{RATIO[1]:.6g}, "
         f"{'flip p 0.5' if data.flip else 'no flips'}, no colour jitter"
     )
-
-
-def _dump(routing: RoutingCfg | None) -> dict:
-    if routing is None:  # `build_routing` builds a route mask only from a loss.routing
-        raise ConfigError("a route mask without loss.routing")
-    return routing.model_dump()
 
 
 def build_adaptors(cfg: Config, loss: DistillLoss, join: CacheJoin | None, student) -> TokenAdaptors | None:
@@ -347,40 +345,6 @@ def text_pad_id(model) -> int | None:
     text = getattr(model, "text", None)
     pad = getattr(text.config, "pad_token_id", None) if isinstance(text, HFTextEncoder) else None
     return None if pad is None else int(pad)
-
-
-def build_routing(cfg: RoutingCfg | None, corpus, join: CacheJoin | None, used: list[str]) -> Routing | None:
-    """loss.routing as a route mask over the loss's teachers `used` (None without routing); logs the counts."""
-    if cfg is None:
-        return None
-    if join is None or not used:
-        raise ConfigError(
-            "loss.routing is set, but no loss term uses teachers; add a teacher term or remove loss.routing"
-        )
-    routing = route_mask(cfg, corpus, used, join.cache_teachers, join.corpus_rows)
-    log.info(
-        "routing by column %r: rows per teacher %s; %d of %d rows have no teacher (teacher-free terms only)",
-        cfg.column,
-        routing.rows_per_teacher,
-        routing.unrouted_rows,
-        len(join.corpus_rows),
-    )
-    return routing
-
-
-def loss_domains(data: DataCfg, loss: DistillLoss, corpus, domains: Domains | None) -> np.ndarray | None:
-    """(N_corpus,) int64 domain ids for the loss's `scope: domain` (None when nothing has that scope); a corpus
-    without data.domain_column (or with empty cells) is refused in one line naming the key."""
-    if not loss.uses_domains:
-        return None
-    if domains is not None:
-        return domains.ids
-    try:
-        return domain_ids(corpus, data.domain_column)[0]
-    except DataError as e:
-        raise DataError(
-            f"scope: domain (a loss term's kwargs or loss.combine.scope) needs each row's domain: {e}"
-        ) from None
 
 
 def teacher_batch(
