@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.mt_confidence import table as confidence_table
+from benchmarks.mt_routing import report_table, routing_table
 from benchmarks.mt_stats import SeedValues, at_chance, domain_weights, interval, seed_draws, weighted_sum
 from distill.eval import Difference, verdict_word
 
@@ -419,6 +420,32 @@ def _setup_lines(setup: dict, chosen: str, n_variants: int, pick_on: str) -> lis
     return lines
 
 
+def routing_sections(setup: dict) -> list[str]:
+    """report.md's issue-20 sections: the teacher report of the cache, and where auto routing sent each domain."""
+    lines = []
+    if setup.get("teacher_report"):
+        lines += [
+            "## Which teacher knows which domain, from the cache alone (`distill teachers`)",
+            "",
+            "Skill (image-to-text top-1 within pools of 64, minus the hits of the teacher's own choices at random) "
+            "per slice: by the domain column, then by as many k-means clusters as domains "
+            f"({setup['teacher_report']['clustered']}), with the domains of each cluster's rows.",
+            "",
+            report_table(setup["teacher_report"]),
+            "",
+        ]
+    if setup.get("auto_routing_by_domain"):
+        lines += [
+            "## Where label-free routing sent each domain's rows (`loss.routing.auto`)",
+            "",
+            "Mean over seeds; the students never saw the domain column, it is read here only to check them.",
+            "",
+            routing_table(setup["auto_routing_by_domain"]),
+            "",
+        ]
+    return lines
+
+
 def write_outputs(out: Path, results: Mapping[str, dict], setup: dict, pick_on: str = "dev") -> dict[str, Path]:
     """OUT/report.md + OUT/verdict.json for the picked variant (test tasks only); OUT/ablation.{md,json,png} for
     all of them, ranked on `pick_on`. `results[name]`: {"variant", "test": entries, "dev": entries, "baseline_saw"};
@@ -461,6 +488,7 @@ def write_outputs(out: Path, results: Mapping[str, dict], setup: dict, pick_on: 
         "",
         confidence_table(setup["confidence_by_domain"]),
         "",
+        *routing_sections(setup),
         f"## The `distill eval` report of seed {seed0}",
         "",
         "(One seed, test tasks, every variant, baseline and teacher side by side: its `student` is the first "
@@ -490,7 +518,7 @@ def write_outputs(out: Path, results: Mapping[str, dict], setup: dict, pick_on: 
             f"on the {pick_on} tasks (picked: `{chosen}`); then the test tasks' student - baseline and student - "
             f"own-domain teacher on each headline metric. Intervals: {METHOD}. Chance: {CHANCE_RULE}.\n\n{table}\n\n"
             f"{notes}\n\nConfidence weights by domain (see report.md):\n\n"
-            f"{confidence_table(setup['confidence_by_domain'])}\n"
+            f"{confidence_table(setup['confidence_by_domain'])}\n\n" + "\n".join(routing_sections(setup))
         )
         (out / "ablation.json").write_text(
             json.dumps(

@@ -57,6 +57,7 @@ import yaml
 
 from benchmarks.bench_common import atomic_write_text, machine, parse_flags, quiet_libraries
 from benchmarks.mt_confidence import confidence_by_domain
+from benchmarks.mt_routing import auto_routing_by_domain, teacher_report
 from benchmarks.mt_setup import (
     ABLATION_VARIANTS,
     BUDGETS,
@@ -341,6 +342,12 @@ def write_tasks(domains: list[Domain], corpora: dict[str, Path], extra: tuple[st
 
 
 # -- training ---------------------------------------------------------------------------------------------
+def run_dir_of(spec: str) -> Path:
+    """The run folder of a student `train_and_export` returned (`local-dir:WORK/students/NAME` -> WORK/runs/NAME)."""
+    export = Path(spec.removeprefix("local-dir:"))
+    return export.parent.parent / "runs" / export.name
+
+
 def train_and_export(name: str, config: str, overrides: list[str], work: Path) -> str:
     """Train (or resume / skip a finished run) and export; returns the student's `local-dir:` SPEC."""
     from distill.config.train_config import Config  # noqa: PLC0415 (lazy: loaded after the flag and set-up checks)
@@ -619,6 +626,7 @@ def run(flags: Flags) -> dict:
     features = build_features(corpora["student"], specs, flags, work)
     timings["cache"] = time.perf_counter() - t0
     confidence = confidence_by_domain(str(features), str(corpora["student"]), seed=flags.seed)
+    report_of_cache = teacher_report(str(features), str(corpora["student"]), seed=flags.seed)  # issue 20
 
     def base(seed: int) -> list[str]:
         return common_overrides(
@@ -666,6 +674,13 @@ def run(flags: Flags) -> dict:
                 work,
             )
             timings[f"train {v.name} seed {seed}"] = time.perf_counter() - t0
+
+    own = {d.name: d.name for d in domains if d.name in specs}  # a trained teacher has its domain's name
+    auto = {
+        v.name: {s: auto_routing_by_domain(run_dir_of(trained[s][v.name]), str(corpora["student"]), own) for s in seeds}
+        for v in variants
+    }
+    auto = {name: per for name, per in auto.items() if any(per.values())}  # auto-routed variants only
 
     # one eval per seed and split, every model side by side: teachers and baselines are scored once, and every
     # model of a seed on the same row resamples (the eval seed is --seed for all)
@@ -752,6 +767,8 @@ def run(flags: Flags) -> dict:
         "tasks": {k: dataclasses.asdict(v) for k, v in files.info.items()},
         "own_tasks": {k: v.own for k, v in files.info.items() if v.own},
         "confidence_by_domain": confidence,
+        "teacher_report": report_of_cache,
+        "auto_routing_by_domain": auto,
     }
     paths = write_outputs(out, results, setup, flags.pick_on if files.dev else "test")
     stage(f"done in {timings['total']:.0f} s: {paths['report']} and {paths['verdict']} (picked {chosen})")

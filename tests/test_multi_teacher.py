@@ -212,7 +212,7 @@ def test_smoke_run_on_the_real_data_writes_consistent_verdicts(shared_data, tmp_
             "--max-rows-per-domain",
             "120",
             "--variant",
-            "routed-feature,confidence-feature",
+            "routed-feature,confidence-feature,auto-routed-affinity-x3",
         ]
     )
     assert rc == 0
@@ -228,7 +228,20 @@ def test_smoke_run_on_the_real_data_writes_consistent_verdicts(shared_data, tmp_
     ]
     abl = json.loads((out / "ablation.json").read_text())
     picked = abl["picked"]
-    assert picked in ("routed-feature", "confidence-feature") and abl["ranking"][0] == picked
+    assert picked in ("routed-feature", "confidence-feature", "auto-routed-affinity-x3") and abl["ranking"][0] == picked
+    # issue 20: the teacher report of the cache, and where auto routing sent each domain's rows (per seed)
+    report = abl["setup"]["teacher_report"]
+    assert [s["slice"] for s in report["by_domain"]] == ["breast_us", "chest_xray", "dermoscopy", "radiology"]
+    assert [sum(c["domains"].values()) for c in report["by_clusters"]] == [c["rows"] for c in report["by_clusters"]]
+    assert sum(c["rows"] for c in report["by_clusters"]) == sum(s["rows"] for s in report["by_domain"])
+    routed = abl["setup"]["auto_routing_by_domain"]
+    assert list(routed) == ["auto-routed-affinity-x3"] and list(routed["auto-routed-affinity-x3"]) == ["0"]
+    per_domain = routed["auto-routed-affinity-x3"]["0"]
+    assert sorted(per_domain) == ["breast_us", "chest_xray", "dermoscopy", "radiology"]
+    for d in per_domain.values():
+        assert 0 <= d["only_own"] <= d["own"] <= 1 and 1 <= d["teachers_per_row"] <= 4
+    assert sum(d["rows"] for d in per_domain.values()) == sum(s["rows"] for s in report["by_domain"])
+    assert "Where label-free routing sent each domain's rows" in (out / "report.md").read_text()
     assert entries == abl["variants"][picked]["entries"]  # verdict.json: the picked variant's test tasks
     for e in entries[:-1]:
         assert e["student"]["name"] == picked and e["baseline"]["name"] == "baseline"
