@@ -46,6 +46,7 @@ from distill.data.cache_join import join_cache
 
 DEFAULT_POOL = 64
 DEFAULT_BLOCK_ROWS = 65536
+CLUSTER_BLOCK_ROWS = 16384  # clustering holds one teacher's block as float32 at a time (32 MB at 512 dims)
 STOP_WORDS = frozenset(
     "a an the of in on at to for from by with without and or not no is are was were be been this that these those "
     "it its as into than then there here which who whom whose what when where how image images photo picture "
@@ -178,14 +179,20 @@ def cluster_vectors(
     if wide > PROJECT_DIM:
         proj = np.random.default_rng(seed).standard_normal((wide, PROJECT_DIM)).astype(np.float32)
     out = []
-    for block in _blocks(rows, block_rows or DEFAULT_BLOCK_ROWS):
-        parts = []
+    for block in _blocks(rows, block_rows or CLUSTER_BLOCK_ROWS):
+        parts, x, at = [], None, 0
         for t in teachers:
             views = np.zeros(len(block), dtype=np.int64) if int(reader.teacher_attrs(t).get("views", 0) or 0) else None
             pair = reader.read(block, [t], views=views)[t]
-            parts += [_normalise(getattr(pair, m)) for m in mods]
-        x = np.concatenate(parts, axis=1)
-        out.append(_normalise(x if proj is None else x @ proj))
+            for m in mods:
+                part = _normalise(getattr(pair, m))
+                if proj is None:
+                    parts.append(part)
+                else:  # the concatenation times proj, one part at a time: the wide block is never held
+                    y = part @ proj[at : at + part.shape[1]]
+                    x = y if x is None else x + y
+                at += part.shape[1]
+        out.append(_normalise(np.concatenate(parts, axis=1) if proj is None else x))
     return np.concatenate(out) if out else np.zeros((0, PROJECT_DIM if proj is not None else wide), np.float32)
 
 
@@ -304,14 +311,16 @@ def _score_pool(tally: _Tally, s: int, emb: dict[str, tuple[np.ndarray, np.ndarr
         return
     # a caption's identity in the pool: rows whose text every teacher embeds identically hold the same caption
     # (templated captions), so retrieving a copy of one's own caption is a hit, and two teachers agree on it
-    texts = np.concatenate([emb[t][1] for t in teachers], axis=1)
-    caption = np.unique(texts, axis=0, return_inverse=True)[1].reshape(-1)
+    first: dict[bytes, int] = {}
+    rows = [b"".join(emb[t][1][i].tobytes() for t in teachers) for i in range(n)]
+    caption = np.array([first.setdefault(r, len(first)) for r in rows], dtype=np.int64)  # exact, no sort
     top = np.stack([caption[np.argmax(emb[t][0] @ emb[t][1].T, axis=1)] for t in teachers])  # (T, n)
     tally.correct[s] += (top == caption[None, :]).sum(1)
-    # chance of those choices: sum over captions c of (rows choosing c) x (rows whose caption is c) / n. A teacher
-    # that picks the same template for every image scores that template's share, and no skill.
+    # chance of those choices: sum over captions c of (rows choosing c) x (rows whose caption is c) / n, i.e. each
+    # row's chosen caption's count in the pool. A teacher that picks the same template for every image scores that
+    # template's share, and no skill.
     own = np.bincount(caption, minlength=n)
-    tally.expected[s] += np.array([(np.bincount(row, minlength=n) * own).sum() / n for row in top])
+    tally.expected[s] += own[top].sum(1) / n
     tally.agree[s] += (top[:, None, :] == top[None, :, :]).sum(2)
     tally.scored[s] += n
     tally.inv_pool[s] += 1.0
