@@ -180,7 +180,9 @@ def cluster_vectors(
         proj = np.random.default_rng(seed).standard_normal((wide, PROJECT_DIM)).astype(np.float32)
     out = []
     for block in _blocks(rows, block_rows or CLUSTER_BLOCK_ROWS):
-        parts, x, at = [], None, 0
+        parts: list[np.ndarray] = []
+        x = np.zeros((len(block), PROJECT_DIM), np.float32)
+        at = 0
         for t in teachers:
             views = np.zeros(len(block), dtype=np.int64) if int(reader.teacher_attrs(t).get("views", 0) or 0) else None
             pair = reader.read(block, [t], views=views)[t]
@@ -189,8 +191,7 @@ def cluster_vectors(
                 if proj is None:
                     parts.append(part)
                 else:  # the concatenation times proj, one part at a time: the wide block is never held
-                    y = part @ proj[at : at + part.shape[1]]
-                    x = y if x is None else x + y
+                    x += part @ proj[at : at + part.shape[1]]
                 at += part.shape[1]
         out.append(_normalise(np.concatenate(parts, axis=1) if proj is None else x))
     return np.concatenate(out) if out else np.zeros((0, PROJECT_DIM if proj is not None else wide), np.float32)
