@@ -481,6 +481,12 @@ VARIANTS: dict[str, Variant] = {
             "InfoNCE + 3 x affinity, routed by 16 clusters, teachers within 0.02 of the best skill (no domain column)",
         ),
         Variant(
+            "auto-routed-k16-confidence-affinity-x3",
+            (_terms(INFONCE, AFF3), AUTO_ROUTING_16, "loss.combine.mode=confidence", HIDE_DOMAINS),
+            "InfoNCE + 3 x affinity, routed by 16 clusters (margin 0.02), each row's routed teachers weighted by "
+            "their in-batch confidence (no domain column)",
+        ),
+        Variant(
             "mmkd",
             (
                 _terms(

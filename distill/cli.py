@@ -198,7 +198,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from student.export import export_checkpoint, push_to_hub  # noqa: PLC0415 (lazy: torch kept off --help)
 
     out = export_checkpoint(
-        args.checkpoint, args.out, report=args.report, text_config_from_hub=args.text_config_from_hub
+        args.checkpoint,
+        args.out,
+        report=args.report,
+        text_config_from_hub=args.text_config_from_hub,
+        ema=args.ema,
+        average=args.average or (),
     )
     print(f"exported student to {out}")
     if args.push_to_hub:
@@ -350,6 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--text-config-from-hub",
         metavar="HUB_ID",
         help="name this hub id as the text tower's config (for publishing, as BiomedCLIP does)",
+    )
+    e.add_argument(
+        "--ema", action="store_true", help="export the checkpoint's EMA of the weights (trained with train.ema)"
+    )
+    e.add_argument(
+        "--average",
+        nargs="+",
+        metavar="CHECKPOINT",
+        help="average these checkpoints' weights (their EMAs with --ema) with CHECKPOINT's: one student's soup",
     )
     e.add_argument("--push-to-hub", metavar="REPO", help="upload the folder to the Hugging Face Hub")
     e.set_defaults(func=cmd_export)

@@ -43,6 +43,7 @@ from distill.training.checkpoint import (
     save_checkpoint,
 )
 from distill.training.checkpoint_load import load_checkpoint
+from distill.training.ema import Ema
 from distill.training.grad_cache import merge_batches
 from distill.training.log import RunLogger, plot_loss_curves
 from distill.training.optim import build_optimizer, build_scheduler
@@ -167,6 +168,20 @@ def write_run_meta(cfg: Config, run, out: Path, resumed_from: Path | None) -> No
     )
 
 
+def make_ema(cfg: Config, accelerator, model) -> Ema | None:
+    """train.ema's average of the student's weights on the main process (None without train.ema, and elsewhere)."""
+    if cfg.train.ema is None:
+        return None
+    if accelerator.distributed_type == "FSDP":
+        raise ConfigError(
+            "train.ema is not supported with FSDP yet (each process holds a shard of the weights); remove "
+            "train.ema, or train with DDP"
+        )
+    if not accelerator.is_main_process:
+        return None
+    return Ema(cfg.train.ema, accelerator.unwrap_model(model).student)
+
+
 def check_resume_teachers(out: Path, attrs: dict[str, dict]) -> None:
     """Refuse to resume when the cache's teachers differ (name or dimension) from those the run was trained with:
     the projection heads in the checkpoint would not fit, and loading would fail with a bare size mismatch."""
@@ -226,9 +241,12 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
     model, optimizer, loader, scheduler = accelerator.prepare(run.model, optimizer, run.loader, scheduler)
     state = TrainState()
     install_unwrapped_state_hooks(accelerator)
+    ema = make_ema(cfg, accelerator, model)  # train.ema: on the main process only (None elsewhere)
     if resume is not None:
         check_resume_teachers(out, plan.teacher_attrs)
         state = load_checkpoint(accelerator, resume, model, optimizer, scheduler)
+        if ema is not None:
+            ema.load(resume)
         accelerator.print(f"Resuming from {resume} at step {state.step} (epoch {state.epoch})")
     if accelerator.is_main_process:
         write_run_meta(cfg, run, out, resume)
@@ -270,6 +288,8 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
                 if not accelerator.sync_gradients:  # the scheduler and the logit-scale clamp ran in trainer.step
                     continue
                 state.step += 1
+                if ema is not None:
+                    ema.update(state.step)
                 state.samples_seen += plan.global_batch(state.epoch)
                 watch.add(sums)
                 sums, t_samples = {}, t_samples + plan.global_batch(state.epoch)
@@ -303,7 +323,7 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
                         },
                     )
                 if checkpoint_step:
-                    last_ckpt = save_checkpoint(accelerator, out, state, cfg.train.keep_last)
+                    last_ckpt = save_checkpoint(accelerator, out, state, cfg.train.keep_last, ema=ema)
                 if state.step >= plan.total_steps:
                     break
             else:  # the epoch ran out: the next one starts from its first batch
@@ -314,7 +334,7 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
                     )
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
     if last_ckpt is None or not last_ckpt.name.endswith(f"-{state.step}"):
-        last_ckpt = save_checkpoint(accelerator, out, state, cfg.train.keep_last)
+        last_ckpt = save_checkpoint(accelerator, out, state, cfg.train.keep_last, ema=ema)
     if accelerator.is_main_process:
         logger.close()
         plot_loss_curves(out / "log.jsonl", out / "loss_curves.png")

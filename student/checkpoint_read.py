@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from student.run_files import STUDENT_CONFIG_DIR, TRAIN_STATE_FILE, read_train_state, student_config_dir
 
+EMA_FILE = "ema.safetensors"  # train.ema's average, `student.*` keys like model.safetensors (distill.training.ema)
 CONFIG_NAME = "open_clip_config.json"  # the student's open_clip config, in RUN/student/ and in an export
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -105,3 +106,46 @@ def _read_weights(f: Path) -> dict[str, torch.Tensor]:
     else:
         sd = torch.load(f, map_location="cpu", weights_only=True)
     return sd
+
+
+def load_ema_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights with its EMA (`ema.safetensors`) in place of the averaged parameters."""
+    sd = load_training_state(ckpt)
+    f = ckpt / EMA_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} is missing: {ckpt} was trained without train.ema; export it without --ema")
+    try:
+        average = load_file(str(f))
+    except Exception as e:  # SafetensorError: truncated or not safetensors
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{f} cannot be read ({first}); export another checkpoint, or without --ema") from e
+    unknown = sorted(k for k in average if k not in sd or sd[k].shape != average[k].shape)
+    if unknown:
+        raise ValueError(f"{f} does not match {ckpt}'s weights (e.g. {unknown[0]!r}); export without --ema")
+    return {**sd, **{k: v.to(sd[k].dtype) for k, v in average.items()}}
+
+
+def average_states(states: list[tuple[Path, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """The mean of compatible state dicts (same keys and shapes; summed in float64, cast back); other dtypes (int
+    buffers) must be equal and are kept. A mismatch raises ValueError naming both checkpoints."""
+    (first_path, first), rest = states[0], states[1:]
+    for path, sd in rest:
+        if sd.keys() != first.keys():
+            diff = sorted(sd.keys() ^ first.keys())
+            raise ValueError(
+                f"{path} does not match {first_path}: {len(diff)} weight(s) not in both (e.g. {diff[0]!r}); "
+                "average checkpoints of one student architecture"
+            )
+        for k, v in sd.items():
+            if v.shape != first[k].shape or (not v.is_floating_point() and not torch.equal(v, first[k])):
+                raise ValueError(f"{path} does not match {first_path} at {k!r}; average checkpoints of one student")
+    out = {}
+    for k, v in first.items():
+        if v.is_floating_point():
+            total = torch.zeros_like(v, dtype=torch.float64)
+            for _, sd in states:
+                total += sd[k].double()
+            out[k] = (total / len(states)).to(v.dtype)
+        else:
+            out[k] = v
+    return out

@@ -9,12 +9,14 @@ the folder was moved, by pointing the text tower at the `config.json` inside it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,9 @@ from student.build import instantiate, name_text_tower
 from student.card import CardTeacher, ModelCard, card_for_hub, make_model_card, read_report
 from student.checkpoint_read import (
     CONFIG_NAME,
+    average_states,
     checkpoint_step,
+    load_ema_state,
     load_training_state,
     resolve_checkpoint,
     weights_file,
@@ -255,14 +259,25 @@ def export_checkpoint(
     report: str | Path | None = None,
     text_config_from_hub: str | None = None,
     name: str | None = None,
+    ema: bool = False,
+    average: Sequence[str | Path] = (),
 ) -> Path:
     """`distill export`: the student of a training checkpoint (heads dropped) as an export folder.
 
-    `name` titles the model card; by default the export folder's name (what the user called the model).
+    `name` titles the model card; by default the export folder's name (what the user called the model). `ema`:
+    the checkpoint's EMA of the weights (train.ema) instead of the weights; `average`: more checkpoints whose
+    weights (or EMAs) are averaged with this one's (a model soup of one run's checkpoints).
     """
     ckpt, run = resolve_checkpoint(checkpoint)
     student_dir = student_config_dir(run)
-    sd = load_training_state(ckpt)
+    read = load_ema_state if ema else load_training_state
+    sd = read(ckpt)
+    notes = [f"Weights: the exponential moving average (train.ema) of {ckpt.name}."] if ema else []
+    if average:
+        others = [resolve_checkpoint(c)[0] for c in average]
+        sd = average_states([(ckpt, sd), *((c, read(c)) for c in others)])
+        what = "EMAs" if ema else "weights"
+        notes = [f"Weights: the mean of the {what} of {', '.join(str(c) for c in [ckpt, *others])}."]
     student_sd = {k[len("student.") :]: v for k, v in sd.items() if k.startswith("student.")}
     if not student_sd:
         raise ValueError(
@@ -288,7 +303,9 @@ def export_checkpoint(
         model,
         student_dir,
         out_dir,
-        card=card_from_run(run, ckpt, report, name or Path(out_dir).resolve().name),
+        card=dataclasses.replace(
+            card_from_run(run, ckpt, report, name or Path(out_dir).resolve().name), notes=" ".join(notes) or None
+        ),
         text_config_from_hub=text_config_from_hub,
     )
 

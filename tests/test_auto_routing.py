@@ -173,8 +173,8 @@ def test_a_tiny_run_records_its_clusters_and_a_killed_run_resumes_equal(
     class Killed(Exception):
         pass
 
-    def save_then_die(accelerator, out, state, keep_last):
-        path = real_save(accelerator, out, state, keep_last)
+    def save_then_die(accelerator, out, state, keep_last, **kw):
+        path = real_save(accelerator, out, state, keep_last, **kw)
         if state.step == 5:
             raise Killed
         return path

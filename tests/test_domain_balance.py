@@ -281,8 +281,8 @@ def test_log_counts_rows_per_domain_and_resume_repeats_them(
     class Killed(Exception):
         pass
 
-    def save_then_die(accelerator, out, state, keep_last):
-        path = real_save(accelerator, out, state, keep_last)
+    def save_then_die(accelerator, out, state, keep_last, **kw):
+        path = real_save(accelerator, out, state, keep_last, **kw)
         if state.step == 5:
             raise Killed  # mid-epoch 1
         return path

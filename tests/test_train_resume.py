@@ -40,8 +40,8 @@ def test_resume_matches_uninterrupted(tiny_corpus, tiny_cache, tiny_tokenizer, t
     resumed = tmp_path / "resumed"
     real_save = train_mod.save_checkpoint
 
-    def save_then_die(accelerator, out, state, keep_last):
-        path = real_save(accelerator, out, state, keep_last)
+    def save_then_die(accelerator, out, state, keep_last, **kw):
+        path = real_save(accelerator, out, state, keep_last, **kw)
         if state.step == 5:
             raise Killed  # as if the job were killed right after checkpoint-5 (mid-epoch 1)
         return path

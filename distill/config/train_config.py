@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, ValidationInfo, model_validator
 
+from distill.config.ema import EmaCfg
 from distill.config.file import read_config_text, split_argv
 from distill.config.overrides import apply_override, plain
 from distill.config.routing import RoutingCfg
@@ -323,6 +324,7 @@ class TrainCfg(Section):
         None,
         description="torch threads per process; null: OMP_NUM_THREADS, else usable cores // processes on this node",
     )
+    ema: EmaCfg | None = Field(None, description="an EMA of the student's weights (null: none); see train.ema.*")
 
     @model_validator(mode="after")
     def _valid(self) -> TrainCfg:

@@ -277,8 +277,9 @@ def _write_error(accelerator, e: BaseException | None, final: Path, output_dir: 
     )
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, state: TrainState, keep_last: int) -> Path:
-    """save_state into `checkpoint-STEP.tmp`, add our RNG file and train_state.json, rename, prune to `keep_last`.
+def save_checkpoint(accelerator, output_dir: str | Path, state: TrainState, keep_last: int, ema=None) -> Path:
+    """save_state into `checkpoint-STEP.tmp`, add our RNG file (and `ema`'s average, `distill.training.ema.Ema`)
+    and train_state.json, rename, prune to `keep_last`.
 
     A write failure (full disk, I/O error) removes the `.tmp` folder on every process and raises
     CheckpointWriteError; the previous checkpoint is untouched, so the next run resumes from it.
@@ -296,6 +297,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainState, keep
         accelerator.save_state(str(tmp), safe_serialization=True)
         (tmp / f"random_states_{rank}.pkl").unlink(missing_ok=True)  # a pickle: ours is rng_state_RANK.safetensors
         save_rng_state(tmp, rank)
+        if ema is not None:  # the main process's
+            ema.save(tmp, state.step)
     except (OSError, RuntimeError) as e:
         if not _is_write_failure(e):
             raise
