@@ -17,7 +17,14 @@ from safetensors.torch import load_file
 from test_grad_cache import _assert_equal
 from test_teacher_report import HALF, N, cache  # noqa: F401  (fixture)
 from test_train_distributed import _launch
-from train_fixtures import load_weights, read_log, tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
+from train_fixtures import (  # noqa: F401  (fixtures)
+    load_weights,
+    read_log,
+    tiny_cache,
+    tiny_config,
+    tiny_tokenizer,
+    train_killed_after,
+)
 
 import cache.store.writer as W
 import distill.train as train_mod
@@ -168,21 +175,8 @@ def test_a_tiny_run_records_its_clusters_and_a_killed_run_resumes_equal(
     assert all(c["teachers"] == ["oc", "hf"] or c["teachers"] == ["hf", "oc"] for c in auto["clusters"])  # margin 1
     assert meta["routing"]["rows_per_teacher"] == {"oc": 32, "hf": 32} and (straight / AUTO_FILE).is_file()
 
-    resumed, real_save = tmp_path / "resumed", train_mod.save_checkpoint
-
-    class Killed(Exception):
-        pass
-
-    def save_then_die(accelerator, out, state, keep_last, **kw):
-        path = real_save(accelerator, out, state, keep_last, **kw)
-        if state.step == 5:
-            raise Killed
-        return path
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        train_mod.train(_cfg(tiny_corpus, tiny_cache, resumed, tiny_tokenizer))
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    resumed = tmp_path / "resumed"
+    train_killed_after(monkeypatch, _cfg(tiny_corpus, tiny_cache, resumed, tiny_tokenizer), 5)
     monkeypatch.setattr(routing_mod, "_compute", lambda *a: pytest.fail("a resumed run recomputed its clusters"))
     train_mod.train(_cfg(tiny_corpus, tiny_cache, resumed, tiny_tokenizer))
     # bit-equal: the same float32 operations in the same order, and the same clusters read back from the file

@@ -10,7 +10,13 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from train_fixtures import read_log, tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
+from train_fixtures import (  # noqa: F401  (fixtures)
+    read_log,
+    tiny_cache,
+    tiny_config,
+    tiny_tokenizer,
+    train_killed_after,
+)
 
 import distill.train as train_mod
 from distill.cli import main
@@ -105,21 +111,8 @@ def test_a_run_keeps_the_hand_ema_of_its_weights_and_a_killed_run_resumes_it_bit
         torch.testing.assert_close(ema[k].double(), want[k], rtol=0, atol=20 * U * m)
     assert any(not torch.equal(ema[k], weights[-1][k]) for k in ema)  # it is not the last weights
 
-    resumed, real_save = tmp_path / "resumed", train_mod.save_checkpoint
-
-    class Killed(Exception):
-        pass
-
-    def save_then_die(accelerator, out, state, keep_last, **kw):
-        path = real_save(accelerator, out, state, keep_last, **kw)
-        if state.step == 5:
-            raise Killed
-        return path
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        train_mod.train(_cfg(tiny_corpus, tiny_cache, resumed, tiny_tokenizer))
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    resumed = tmp_path / "resumed"
+    train_killed_after(monkeypatch, _cfg(tiny_corpus, tiny_cache, resumed, tiny_tokenizer), 5)
     train_mod.train(_cfg(tiny_corpus, tiny_cache, resumed, tiny_tokenizer))
     again = load_file(str(resumed / "checkpoint-7" / EMA_FILE))
     assert again.keys() == ema.keys() and all(torch.equal(again[k], ema[k]) for k in ema)

@@ -144,3 +144,26 @@ def nan_loss_at_call(n: int, keys=("infonce", "loss")):
         return built
 
     return build
+
+
+def train_killed_after(monkeypatch, cfg, step: int) -> None:
+    """Run `cfg` as if the job were killed right after writing checkpoint-`step` (the next run resumes from it)."""
+    import distill.train as train_mod  # noqa: PLC0415 (lazy: the tests that kill runs import it anyway)
+
+    real_save = train_mod.save_checkpoint
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(accelerator, out, state, keep_last, **kw):
+        path = real_save(accelerator, out, state, keep_last, **kw)
+        if state.step == step:
+            raise Killed
+        return path
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    try:
+        with pytest.raises(Killed):
+            train_mod.train(cfg)
+    finally:
+        monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
