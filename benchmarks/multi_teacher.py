@@ -125,6 +125,9 @@ class Flags:
     # compression, e.g. --teacher-width 128 --student-width 96)
     student_layers: int = 0  # students', baselines' and references' layers
     max_rows_per_domain: int = -1  # -1: the budget's value; 0: every row
+    ema: float = 0.0  # train.ema.decay for the students (0: none); each is also exported from its EMA and
+    # reported beside itself as VARIANT+ema
+    ema_start: float = 0.5  # the EMA averages from this fraction of the student steps (before: the weights)
 
 
 # -- small helpers ----------------------------------------------------------------------------------------
@@ -167,6 +170,10 @@ def check_flags(flags: Flags) -> tuple[int, ...]:
             "1: dev is the end of each domain's training part and the student's corpus its start, so "
             "they would overlap; lower one of them"
         )
+    if not 0.0 <= flags.ema < 1.0:
+        raise SetupError(f"--ema must be a decay in [0, 1) (0: no EMA), got {flags.ema}")
+    if not 0.0 <= flags.ema_start < 1.0:
+        raise SetupError(f"--ema-start must be a fraction of the steps in [0, 1), got {flags.ema_start}")
     if flags.pick_on not in ("dev", "test"):
         raise SetupError(f"--pick-on must be dev or test, got {flags.pick_on!r}")
     if flags.seeds and flags.student_seed >= 0:
@@ -348,8 +355,9 @@ def run_dir_of(spec: str) -> Path:
     return export.parent.parent / "runs" / export.name
 
 
-def train_and_export(name: str, config: str, overrides: list[str], work: Path) -> str:
-    """Train (or resume / skip a finished run) and export; returns the student's `local-dir:` SPEC."""
+def train_and_export(name: str, config: str, overrides: list[str], work: Path, ema: bool = False) -> str:
+    """Train (or resume / skip a finished run) and export; returns the student's `local-dir:` SPEC. With `ema`, the
+    run's EMA is exported too, beside it (`run_dir_of`'s folder name + `-ema`: `ema_spec`)."""
     from distill.config.train_config import Config  # noqa: PLC0415 (lazy: loaded after the flag and set-up checks)
     from distill.train import train  # noqa: PLC0415 (lazy: loaded after the flag and set-up checks)
     from student.export import export_checkpoint  # noqa: PLC0415 (lazy: loaded after the flag and set-up checks)
@@ -365,7 +373,15 @@ def train_and_export(name: str, config: str, overrides: list[str], work: Path) -
             f"{result['losses'].get('loss', float('nan')):.3f}"
         )
         export_checkpoint(str(run_dir), str(export_dir))
+    ema_dir = export_dir.with_name(export_dir.name + "-ema")
+    if ema and not (ema_dir / "open_clip_config.json").is_file():
+        export_checkpoint(str(run_dir), str(ema_dir), ema=True)
     return f"local-dir:{export_dir}"
+
+
+def ema_spec(spec: str) -> str:
+    """The EMA export beside a student `train_and_export(..., ema=True)` wrote."""
+    return spec + "-ema"
 
 
 def common_overrides(
@@ -659,6 +675,7 @@ def run(flags: Flags) -> dict:
     routing = routing_value(plans, [d.name for d in domains])
     weights = domain_weights_value(domain_sizes(corpora["student"]))
     trained: dict[int, dict[str, str]] = {seed: {} for seed in seeds}
+    ema = [f"train.ema.decay={flags.ema}", f"train.ema.start={int(b.student_steps * flags.ema_start)}"]
     for v in variants:
         for seed in seeds:
             t0 = time.perf_counter()
@@ -670,10 +687,19 @@ def run(flags: Flags) -> dict:
                     *student_overrides(base(seed), uses_views(flags, v)),
                     f"data.features={features}",
                     *variant_overrides(v, routing, weights),
+                    *(ema if flags.ema else []),
                 ],
                 work,
+                ema=bool(flags.ema),
             )
+            if flags.ema:  # its EMA, reported as a variant of its own beside it
+                trained[seed][f"{v.name}+ema"] = ema_spec(trained[seed][v.name])
             timings[f"train {v.name} seed {seed}"] = time.perf_counter() - t0
+    if flags.ema:
+        note = f"its EMA (decay {flags.ema} from step {int(b.student_steps * flags.ema_start)})"
+        variants = [
+            x for v in variants for x in (v, Variant(f"{v.name}+ema", v.overrides, f"{v.note or v.name}; {note}"))
+        ]
 
     own = {d.name: d.name for d in domains if d.name in specs}  # a trained teacher has its domain's name
     auto = {

@@ -138,6 +138,8 @@ def test_flag_checks_name_the_flag():
         (Flags(pick_on="val"), "--pick-on"),
         (Flags(seeds=(0, 0)), "--seeds must be distinct"),
         (Flags(seeds=(1,), student_seed=2), "--seeds or --student-seed"),
+        (Flags(ema=1.0), "--ema must be a decay in"),
+        (Flags(ema=0.9, ema_start=1.0), "--ema-start must be a fraction"),
     ]:
         with pytest.raises(mt_setup.SetupError, match=msg):
             check_flags(flags)
@@ -213,6 +215,8 @@ def test_smoke_run_on_the_real_data_writes_consistent_verdicts(shared_data, tmp_
             "120",
             "--variant",
             "routed-feature,confidence-feature,auto-routed-affinity-x3",
+            "--ema",
+            "0.9",
         ]
     )
     assert rc == 0
@@ -228,7 +232,15 @@ def test_smoke_run_on_the_real_data_writes_consistent_verdicts(shared_data, tmp_
     ]
     abl = json.loads((out / "ablation.json").read_text())
     picked = abl["picked"]
-    assert picked in ("routed-feature", "confidence-feature", "auto-routed-affinity-x3") and abl["ranking"][0] == picked
+    assert abl["ranking"][0] == picked
+    # --ema: every student is also reported from its EMA (trained with train.ema, exported with --ema)
+    assert sorted(abl["variants"]) == sorted(
+        n + e for n in ("routed-feature", "confidence-feature", "auto-routed-affinity-x3") for e in ("", "+ema")
+    )
+    ema_entry = abl["variants"]["routed-feature+ema"]["entries"][2]
+    plain_entry = abl["variants"]["routed-feature"]["entries"][2]
+    assert ema_entry["student"]["name"] == "routed-feature+ema" and ema_entry["baseline"] == plain_entry["baseline"]
+    assert ema_entry["student"]["value"] != plain_entry["student"]["value"]
     # issue 20: the teacher report of the cache, and where auto routing sent each domain's rows (per seed)
     report = abl["setup"]["teacher_report"]
     assert [s["slice"] for s in report["by_domain"]] == ["breast_us", "chest_xray", "dermoscopy", "radiology"]
