@@ -44,6 +44,7 @@ from distill.training.checkpoint import (
 )
 from distill.training.checkpoint_load import load_checkpoint
 from distill.training.ema import Ema
+from distill.training.eval_hook import EvalHook
 from distill.training.grad_cache import merge_batches
 from distill.training.log import RunLogger, plot_loss_curves
 from distill.training.optim import build_optimizer, build_scheduler
@@ -242,6 +243,9 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
     state = TrainState()
     install_unwrapped_state_hooks(accelerator)
     ema = make_ema(cfg, accelerator, model)  # train.ema: on the main process only (None elsewhere)
+    hook = None if cfg.train.eval is None else EvalHook(cfg.train.eval, out, run.student_dir, plan.total_steps)
+    if hook is not None and accelerator.is_main_process:
+        hook.check_tasks()  # a wrong task fails now, not after hours of training
     if resume is not None:
         check_resume_teachers(out, plan.teacher_attrs)
         state = load_checkpoint(accelerator, resume, model, optimizer, scheduler)
@@ -254,6 +258,8 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
     logger = RunLogger(out, enabled=accelerator.is_main_process, tensorboard=cfg.train.tensorboard)
     counter = domain_counter(run, state, accelerator.device)  # rows_per_domain (None: no data.domain_column)
     logger.truncate_after(state.step)
+    if hook is not None and accelerator.is_main_process:
+        hook.truncate_after(state.step)
     trainer = Trainer.from_run(run, optimizer, cfg, accelerator=accelerator, model=model, scheduler=scheduler)
     sums: dict[str, torch.Tensor] = {}
     last_ckpt, t_step, t_samples = None, time.perf_counter(), 0
@@ -296,7 +302,8 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
                 bar.update(1)
                 logging_step = state.step % cfg.train.log_every == 0 or state.step == plan.total_steps
                 checkpoint_step = bool(cfg.train.checkpoint_every) and state.step % cfg.train.checkpoint_every == 0
-                if not (logging_step or checkpoint_step):
+                eval_step = hook is not None and hook.due(state.step)
+                if not (logging_step or checkpoint_step or eval_step):
                     continue  # no host sync: the host queues the next step while this one runs
                 state.last_losses, bad_step, bad = watch.read(accelerator)
                 if bad_step:  # the first non-finite step on any process since the start (LossWatch)
@@ -322,6 +329,10 @@ def _train_locked(cfg: Config, accelerator, out: Path) -> dict:
                             **extra,
                         },
                     )
+                if eval_step and hook is not None:  # train.eval, before the checkpoint: a kill after it finds it done
+                    if accelerator.is_main_process:
+                        hook.run(accelerator.unwrap_model(model).student, ema, state.step)
+                    accelerator.wait_for_everyone()
                 if checkpoint_step:
                     last_ckpt = save_checkpoint(accelerator, out, state, cfg.train.keep_last, ema=ema)
                 if state.step >= plan.total_steps:

@@ -1,4 +1,5 @@
-"""`train.ema`: an exponential moving average of the student's weights, kept beside the run."""
+"""`train.ema` (an exponential moving average of the student's weights) and `train.eval` (evaluation during
+training): what a run keeps and checks of its student besides its checkpoints."""
 
 from __future__ import annotations
 
@@ -32,4 +33,27 @@ class EmaCfg(Section):
             raise ValueError(f"train.ema.start must be >= 0, got {self.start}")
         if self.device not in EMA_DEVICES:
             raise ValueError(f"train.ema.device {self.device!r} is unknown; use one of {', '.join(EMA_DEVICES)}")
+        return self
+
+
+class TrainEvalCfg(Section):
+    """`train.eval`: `distill eval`'s tasks run on the student (and its EMA) during training, every `every` optimizer
+    steps and at the end; each time `OUTPUT_DIR/eval.jsonl` gets a line of headline metrics and
+    `OUTPUT_DIR/eval/step-N/` the full report."""
+
+    where = "train.eval"
+    tasks: tuple[Str, ...] = Field(description="built-in task names or task YAML files (as distill eval --task)")
+    every: Int = Field(0, description="optimizer steps between evaluations (0: only at the end)")
+    max_samples: Int | None = Field(None, description="cap every split of every task (quick looks)")
+    device: Str = Field("auto", description="cpu | cuda | cuda:N | auto")
+    bootstrap: Int = Field(0, description="bootstrap resamples for the intervals of eval/step-N/ (0: none, fast)")
+
+    @model_validator(mode="after")
+    def _valid(self) -> TrainEvalCfg:
+        if not self.tasks:
+            raise ValueError("train.eval.tasks must name at least one task (a built-in name or a task .yaml)")
+        if self.every < 0:
+            raise ValueError(f"train.eval.every must be >= 0 (0: only at the end), got {self.every}")
+        if self.bootstrap < 0:
+            raise ValueError(f"train.eval.bootstrap must be >= 0, got {self.bootstrap}")
         return self

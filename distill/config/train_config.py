@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, ValidationInfo, model_validator
 
-from distill.config.ema import EmaCfg
+from distill.config.ema import EmaCfg, TrainEvalCfg
 from distill.config.file import read_config_text, split_argv
 from distill.config.overrides import apply_override, plain
 from distill.config.routing import RoutingCfg
@@ -325,6 +325,7 @@ class TrainCfg(Section):
         description="torch threads per process; null: OMP_NUM_THREADS, else usable cores // processes on this node",
     )
     ema: EmaCfg | None = Field(None, description="an EMA of the student's weights (null: none); see train.ema.*")
+    eval: TrainEvalCfg | None = Field(None, description="distill eval tasks during training (null: none)")
 
     @model_validator(mode="after")
     def _valid(self) -> TrainCfg:
