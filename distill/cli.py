@@ -16,6 +16,7 @@ from pathlib import Path
 from cache.build.job import DEVICES, DTYPES, ON_BAD_SAMPLE, CacheJob
 from cache.sources.corpus import open_corpus
 from distill import __version__
+from distill.audit_cli import add_audit_parser
 from distill.config.eval_job import DEVICES as EVAL_DEVICES
 from distill.config.eval_job import EvalJob
 from distill.config.flags import add_flag, job_fields
@@ -342,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(r, TeachersJob, "suggest", metavar="FILE")
     add_flag(r, TeachersJob, "margin", metavar="M")
     r.set_defaults(func=cmd_teachers)
+
+    add_audit_parser(sub)  # `distill audit` (distill/audit_cli.py)
 
     t = sub.add_parser("train", help="train a student (same as accelerate launch -m distill.train)", add_help=False)
     _train_arguments(t)

@@ -146,12 +146,12 @@ def by_column(features: str | Path, data: str | Path, column: str) -> Slices:
     return Slices(names, rows, ids, f"column {column}", column)
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
+def normalise(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float32, copy=False)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def _blocks(rows: np.ndarray, block_rows: int) -> list[np.ndarray]:
+def row_blocks(rows: np.ndarray, block_rows: int) -> list[np.ndarray]:
     """`rows` (sorted) cut where they cross a multiple of block_rows: each piece lies in one block of the file."""
     if not len(rows):
         return []
@@ -179,7 +179,7 @@ def cluster_vectors(
     if wide > PROJECT_DIM:
         proj = np.random.default_rng(seed).standard_normal((wide, PROJECT_DIM)).astype(np.float32)
     out = []
-    for block in _blocks(rows, block_rows or CLUSTER_BLOCK_ROWS):
+    for block in row_blocks(rows, block_rows or CLUSTER_BLOCK_ROWS):
         parts: list[np.ndarray] = []
         x = np.zeros((len(block), PROJECT_DIM), np.float32)
         at = 0
@@ -187,13 +187,13 @@ def cluster_vectors(
             views = np.zeros(len(block), dtype=np.int64) if int(reader.teacher_attrs(t).get("views", 0) or 0) else None
             pair = reader.read(block, [t], views=views)[t]
             for m in mods:
-                part = _normalise(getattr(pair, m))
+                part = normalise(getattr(pair, m))
                 if proj is None:
                     parts.append(part)
                 else:  # the concatenation times proj, one part at a time: the wide block is never held
                     x += part @ proj[at : at + part.shape[1]]
                 at += part.shape[1]
-        out.append(_normalise(np.concatenate(parts, axis=1) if proj is None else x))
+        out.append(normalise(np.concatenate(parts, axis=1) if proj is None else x))
     return np.concatenate(out) if out else np.zeros((0, PROJECT_DIM if proj is not None else wide), np.float32)
 
 
@@ -221,7 +221,7 @@ def kmeans_ids(x: np.ndarray, k: int, seed: int, iters: int = 25) -> np.ndarray:
         for j in range(k):
             members = x[assign == j]
             if len(members):
-                c[j] = _normalise(members.mean(0))
+                c[j] = normalise(members.mean(0))
     return nearest().astype(np.int64)
 
 
@@ -351,14 +351,14 @@ def score(
         carry: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         order = np.argsort(slices.rows, kind="stable")
         rows_sorted, ids_sorted = slices.rows[order], slices.ids[order]
-        for block in _blocks(rows_sorted, block_rows):
+        for block in row_blocks(rows_sorted, block_rows):
             lo = np.searchsorted(rows_sorted, block[0])
             ids = ids_sorted[lo : lo + len(block)]
             got = {}
             for t in teachers:
                 v = np.zeros(len(block), dtype=np.int64) if views[t] else None
                 pair = reader.read(block, [t], views=v)[t]
-                got[t] = (_normalise(pair.image), _normalise(pair.text))
+                got[t] = (normalise(pair.image), normalise(pair.text))
             for s in np.unique(ids).tolist():
                 here = ids == s
                 emb = {t: (got[t][0][here], got[t][1][here]) for t in teachers}
