@@ -64,7 +64,7 @@ class Drop:
 @dataclass
 class TaskCheck:
     name: str  # "TASK (role)"
-    task: str  # the task's name (what `unaudited_tasks` matches)
+    task: str  # the task's name (what `distill eval` looks up, `audit_out.audit_status`)
     images: int
     matched_images: int = 0  # task images that some corpus row copies
     rows: int = 0  # corpus rows that copy one of them

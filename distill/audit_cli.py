@@ -26,7 +26,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
     for line in out.console_lines(audit):
         print(line, flush=True)
     folder = Path(job.out)
-    written = [out.write_json(audit, folder), *out.write_csvs(audit, corpus, folder)]
+    report = out.write_json(audit, folder)
+    written = [report, *out.write_csvs(audit, corpus, folder)]
+    registered = out.register(audit, report)  # where distill eval looks it up for a student of this corpus
+    if registered is not None:
+        written.append(registered)
     sheet = out.write_sheet(audit, corpus, splits, folder, job.sheet_pairs)
     print(f"wrote {', '.join(map(str, written + ([sheet] if sheet else [])))}")
     if job.write_clean:

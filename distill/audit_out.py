@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cache.sources.corpus import Corpus
 from distill.audit import Audit, Pair
+from distill.audit_record import read_registry, registry_path
 from distill.eval.datasets import SplitData
 
 AUDIT_FILE = "audit.json"
@@ -32,17 +33,30 @@ def write_json(audit: Audit, out: Path) -> Path:
     return path
 
 
-def unaudited_tasks(audit_json: str | Path, fingerprint: str, tasks: list[str]) -> list[str]:
-    """The `tasks` an audit record (audit.json) did not check against the corpus of this fingerprint: all of them
-    when the record is missing or audited another corpus. For `distill eval` to warn before trusting a result."""
-    path = Path(audit_json)
-    if not path.is_file():
-        return list(tasks)
-    record = json.loads(path.read_text())
-    if record.get("corpus_fingerprint") != fingerprint:
-        return list(tasks)
-    done = {t.get("task") for t in record.get("tasks", [])}
-    return [t for t in tasks if t not in done]
+def register(audit: Audit, report: Path) -> Path | None:
+    """Add this audit's tasks (their leaked images and rows, the threshold, the report) to the corpus's record;
+    None without tasks. A later audit of a task replaces the earlier one."""
+    if not audit.tasks:
+        return None
+    path = registry_path(audit.features, audit.fingerprint)
+    record = read_registry(audit.features, audit.fingerprint) or {"corpus_fingerprint": audit.fingerprint}
+    tasks = record.setdefault("tasks", {})
+    for task in dict.fromkeys(t.task for t in audit.tasks):
+        splits = [t for t in audit.tasks if t.task == task]
+        tasks[task] = {
+            "images": sum(t.images for t in splits),
+            "matched_images": sum(t.matched_images for t in splits),
+            "rows": sum(t.rows for t in splits),
+            "threshold": audit.threshold,
+            "teacher": audit.teacher,
+            "corpus": audit.data,
+            "report": str(Path(report).resolve()),
+        }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def write_csvs(audit: Audit, corpus: Corpus, out: Path) -> tuple[Path, Path]:

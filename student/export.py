@@ -49,6 +49,7 @@ from teachers.spec import parse_spec
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "open_clip_model.safetensors"
+TRAINING_NAME = "training.json"  # the corpus (path, fingerprint) and feature cache the student was trained on
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
@@ -136,6 +137,7 @@ def export_student(
     out_dir: str | Path,
     card: ModelCard | None = None,
     text_config_from_hub: str | None = None,
+    training: dict | None = None,
 ) -> Path:
     """Write the export folder for `model` (the open_clip student) built by `build_student` into `student_dir`.
 
@@ -144,7 +146,7 @@ def export_student(
     tokenizer are named by the folder's absolute path, because stock open_clip reads them by that name from any
     working directory (a relative name would resolve against the caller's); `load_student` and `local-dir:` SPECs
     still load a moved folder. `text_config_from_hub` names a hub id (e.g. BiomedBERT's) instead, for publishing:
-    then no path of this machine is shipped.
+    then no path of this machine is shipped. `training` (the run's corpus and cache) is written as training.json.
     """
     src, out = Path(student_dir), Path(out_dir)
     cfg = _read_config(src)
@@ -161,6 +163,8 @@ def export_student(
                 _write(stage / f.name, f.read_bytes(), out)
         _save_weights(sd, stage / WEIGHTS_NAME, out)
         _write(stage / CONFIG_NAME, (json.dumps(cfg, indent=2) + "\n").encode(), out)
+        if training is not None:  # what it was trained on: `distill eval` looks up the corpus's audits with it
+            _write(stage / TRAINING_NAME, (json.dumps(training, indent=2) + "\n").encode(), out)
         _write(
             stage / "README.md",
             make_model_card(card, cfg["model_cfg"], _text_config(stage), n_params, folder_name=name).encode(),
@@ -231,6 +235,16 @@ def _save_weights(sd: dict[str, torch.Tensor], path: Path, out: Path) -> None:
             raise
         code = int(found.group(1))
         raise OSError(code, os.strerror(code), str(out / path.name)) from e
+
+
+def training_record(run: Path) -> dict | None:
+    """training.json of an export: the corpus and cache its run recorded (None for a run without run_meta.json)."""
+    meta = read_run_meta(run)
+    if meta is None:
+        return None
+    corpus = meta.corpus
+    features = str(Path(meta.features).resolve()) if meta.features else None  # as the audits beside it are named
+    return {"corpus": corpus.path, "corpus_fingerprint": corpus.fingerprint, "features": features}
 
 
 def card_from_run(run: Path, ckpt: Path, report: str | Path | None = None, name: str | None = None) -> ModelCard:
@@ -306,6 +320,7 @@ def export_checkpoint(
         card=dataclasses.replace(
             card_from_run(run, ckpt, report, name or Path(out_dir).resolve().name), notes=" ".join(notes) or None
         ),
+        training=None if text_config_from_hub else training_record(run),  # publishing ships no local path
         text_config_from_hub=text_config_from_hub,
     )
 
@@ -336,6 +351,7 @@ def stage_for_hub(path: str | Path, repo: str, staged: str | Path) -> Path:
     if not (folder / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{folder / WEIGHTS_NAME} not found: push an export made by `distill export`")
     shutil.copytree(folder, staged)
+    (staged / TRAINING_NAME).unlink(missing_ok=True)  # this machine's paths: not for the hub
     name = cfg["model_cfg"]["text_cfg"].get("hf_model_name")
     if name is not None and (name == "." or Path(name).is_absolute() or Path(name).exists()):  # not a hub id
         (staged / CONFIG_NAME).write_text(

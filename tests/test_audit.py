@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -18,12 +19,15 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from test_cli_export_eval import tasks  # noqa: F401  (fixture)
+from train_fixtures import tiny_cache, tiny_config, tiny_tokenizer  # noqa: F401  (fixtures)
 
 import cache.store.writer as W
+import distill.train as train_mod
 from benchmarks.bench_common import synthetic_teacher_meta
 from cache.sources.corpus import open_corpus
 from distill.audit import closest_in, nearest_within, run_audit
-from distill.audit_out import unaudited_tasks
+from distill.audit_record import audit_status, registry_path
 from distill.cli import main
 from distill.config.audit_job import AuditJob
 from teachers.registry import load_teacher
@@ -217,9 +221,12 @@ def test_the_command_writes_the_reports_and_the_clean_corpus(planted, tmp_path, 
     assert record["corpus_fingerprint"] == open_corpus(str(data)).fingerprint()
     assert [t["name"] for t in record["tasks"]] == ["shapes (test)"] and record["rows_to_drop"] == 6
     fingerprint = record["corpus_fingerprint"]
-    assert unaudited_tasks(out / "audit.json", fingerprint, ["shapes", "other"]) == ["other"]
-    assert unaudited_tasks(out / "audit.json", "another corpus", ["shapes"]) == ["shapes"]
-    assert unaudited_tasks(tmp_path / "none.json", fingerprint, ["shapes"]) == ["shapes"]
+    # the record beside the cache, which distill eval reads for a student trained on this corpus
+    assert registry_path(features, fingerprint).is_file()
+    status = audit_status(features, fingerprint, ["shapes", "other"])
+    assert status["shapes"].startswith("LEAK: 2 of 4 images are copied by 2 rows of the student's training corpus")
+    assert status["other"] == "never audited against the student's training corpus"
+    assert audit_status(features, "another corpus", ["shapes"])["shapes"].startswith("never audited")
     with (out / "pairs.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 6
     assert Image.open(out / "pairs.png").size[0] > 0
@@ -254,3 +261,45 @@ def test_bad_input_is_one_line(planted, tmp_path, capsys):
     assert main([*base, "--teacher", "nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--teacher 'nope' is not in" in err and "pix" in err and "\n" not in err
+
+
+def test_eval_states_the_audit_of_the_students_training_corpus(
+    tiny_corpus,
+    tiny_cache,  # noqa: F811
+    tiny_tokenizer,  # noqa: F811
+    tasks,  # noqa: F811
+    tmp_path,
+    caplog,
+    capsys,
+):
+    """An export records its run's corpus fingerprint and cache (training.json); distill eval looks up the audits
+    recorded beside that cache: 'never audited' (and a warning) before `distill audit --task`, its finding after."""
+    run = tmp_path / "run"
+    cfg = tiny_config(
+        tiny_corpus, run, tiny_cache, tokenizer=tiny_tokenizer, train__max_steps=2, train__tensorboard="false"
+    )
+    train_mod.train(cfg)
+    export = tmp_path / "student"
+    assert main(["export", str(run), "--out", str(export)]) == 0
+    training = json.loads((export / "training.json").read_text())
+    fingerprint = open_corpus(str(tiny_corpus)).fingerprint()
+    assert training == {
+        "corpus": str(tiny_corpus),
+        "corpus_fingerprint": fingerprint,
+        "features": str(tiny_cache.resolve()),
+    }
+
+    def evaluate(out):
+        argv = ["eval", "--model", f"student=local-dir:{export}", "--task", str(tasks["rt"]), "--out", str(out)]
+        assert main([*argv, "--bootstrap", "0", "--device", "cpu"]) == 0
+        return json.loads((out / "report.json").read_text())["tasks"]["rt"]["audit"]
+
+    with caplog.at_level(logging.WARNING, logger="distill.eval.runner"):
+        assert evaluate(tmp_path / "before") == "never audited against the student's training corpus"
+    assert "task(s) rt were never audited against the student's training corpus" in caplog.text
+    argv = ["audit", "--features", str(tiny_cache), "--data", str(tiny_corpus), "--task", str(tasks["rt"])]
+    assert main([*argv, "--teacher", "oc", "--out", str(tmp_path / "audit"), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    after = evaluate(tmp_path / "after")
+    assert after == audit_status(tiny_cache, fingerprint, ["rt"])["rt"] and not after.startswith("never")
+    assert f"**Audit**: {after}." in (tmp_path / "after" / "report.md").read_text()

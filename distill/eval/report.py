@@ -324,6 +324,8 @@ def write_markdown(report: dict, out: Path, charts: Mapping[str, str]) -> Path:
         said = task_sentence(report, task)
         if said:
             lines += ["", f"**Verdict** {said[0]}: {said[1]}" if t.get("verdict") else f"**Note**: {said[1]}"]
+        if t.get("audit"):  # distill audit's record for the student's training corpus (distill.audit_record)
+            lines += ["", f"**Audit**: {t['audit']}."]
         if task in charts:
             lines += ["", f"![{task}]({charts[task]})"]
     path = out / "report.md"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from distill.audit_record import training_audit
 from distill.config.eval_job import EvalJob
 
 # The built-in task kinds register themselves in EVALUATORS when their modules are imported (distill/eval/kinds.py)
@@ -63,6 +64,10 @@ def pick_student(job: EvalJob) -> str:
     candidates = [name for name in job.models if name not in job.baselines]
     ours = [name for name in candidates if is_our_export(job.models[name])]
     return ours[0] if ours else candidates[0]
+
+
+def _audit(audited: dict[str, str], task: str) -> dict[str, str]:
+    return {"audit": audited[task]} if task in audited else {}
 
 
 def _task_info(task: TaskCfg, splits: dict[str, SplitData], out: Path) -> dict:
@@ -128,10 +133,21 @@ def run_eval(job: EvalJob) -> EvalReport:
         for t in tasks
     }
     majority = {t.name: majority_levels(t, data[t.name]["test"], chance[t.name]) for t in tasks}
+    student = pick_student(job)
+    audited = training_audit(job.models.get(student), [t.name for t in tasks])  # {} unless our export
+    never = [t for t, said in audited.items() if said.startswith("never")]
+    if never:
+        log.warning(
+            "%s: task(s) %s were never audited against the student's training corpus; a copy of their images in it "
+            "would inflate the student's numbers (run `distill audit --features FEATURES.h5 --data CORPUS --task "
+            "TASK`, docs/audit.md)",
+            student,
+            ", ".join(never),
+        )
     report = build_report(
         models,
-        pick_student(job),
-        {t.name: _task_info(t, data[t.name], out) for t in tasks},
+        student,
+        {t.name: {**_task_info(t, data[t.name], out), **_audit(audited, t.name)} for t in tasks},
         results,
         settings,
         baselines=job.baselines,
