@@ -487,6 +487,20 @@ VARIANTS: dict[str, Variant] = {
             "their in-batch confidence (no domain column)",
         ),
         Variant(
+            "routed-affinity-x3-intra3-balance0.3-cappos",
+            (
+                _terms(
+                    {**INFONCE, "kwargs": {"positives": "caption"}},
+                    {**AFF3, "kwargs": {"positives": "caption"}},
+                    {**INTRA, "weight": 3.0},
+                ),
+                ROUTING,
+                "data.domain_balance=0.3",
+            ),
+            "the default recipe with identical captions as positives in InfoNCE and the image-text affinity (a "
+            "templated caption's other rows are no longer negatives)",
+        ),
+        Variant(
             "mmkd",
             (
                 _terms(
