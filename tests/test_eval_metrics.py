@@ -10,8 +10,9 @@ import torch
 
 from distill.eval import metrics as M
 from distill.eval.bootstrap import bootstrap
+from distill.eval.chance import retrieval_chance
 from distill.eval.classification import classification_metrics
-from distill.eval.retrieval import dedupe_captions, retrieval_hits, retrieval_metrics
+from distill.eval.retrieval import dedupe_captions, image_groups, positives, retrieval_hits, retrieval_metrics
 
 
 def test_rankdata_averages_ties():
@@ -110,6 +111,38 @@ def test_retrieval_with_shared_captions():
     assert res["image_to_text_R@1"].point == 0.5 and res["image_to_text_R@1"].n == 4
     assert res["image_to_text_R@5"].point == 1.0
     assert res["text_to_image_R@1"].point == 1.0 and res["text_to_image_R@1"].n == 3
+
+
+def test_retrieval_with_several_captions_per_image_counts_any_caption():
+    """COCO-style rows: each image listed once per caption. Rows naming the same file are one image query; it hits
+    when ANY of its captions comes first, and each caption query hits when its image comes first."""
+    paths = ["img/a.png", "img/./a.png", "img/b.png", "img/b.png", "img/c.png", "img/c.png"]
+    captions = ["a cat", "a small cat", "a dog", "a brown dog", "a bird", "a blue bird"]
+    group, first = image_groups(paths)
+    assert group.tolist() == [0, 0, 1, 1, 2, 2] and first.tolist() == [0, 2, 4]
+    assert image_groups(np.zeros((3, 4, 4), np.uint8))[0].tolist() == [0, 1, 2]  # arrays: one image per row
+    unique, owner = dedupe_captions(captions)
+    pos = positives(owner, group)
+    assert pos.astype(int).tolist() == [[1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1]]
+    text = torch.eye(6)
+    images = torch.tensor(
+        [
+            [0.1, 0.9, 0.0, 0.0, 0.0, 0.0],  # image a ranks its SECOND caption first: a hit (any caption counts)
+            [0.0, 0.0, 0.5, 0.0, 0.6, 0.0],  # image b ranks a bird caption first: a miss at 1, a hit at 5
+            [0.0, 0.0, 0.0, 0.0, 0.0, 1.0],  # image c: a hit
+        ]
+    )
+    i2t, t2i = retrieval_hits(images, text, pos)
+    assert i2t[:, 0].tolist() == [1, 0, 1] and i2t[:, 1].tolist() == [1, 1, 1]
+    # caption queries among the 3 images: "a brown dog" (column 3) has all-zero similarities, a 3-way tie (1/3 at 1);
+    # "a bird" (column 4) finds image b first, a miss
+    assert t2i[:, 0].tolist() == pytest.approx([1.0, 1.0, 1.0, 1 / 3, 0.0, 1.0])
+    res = retrieval_metrics(i2t, t2i, resamples=0)
+    assert res["image_to_text_R@1"].n == 3 and res["text_to_image_R@1"].n == 6
+    # chance: an image has 2 of 6 captions, a caption 1 of 3 images
+    table = retrieval_chance(pos)
+    assert table["image_to_text_R@1"] == pytest.approx(2 / 6) and table["text_to_image_R@1"] == pytest.approx(1 / 3)
+    assert table["image_to_text_R@5"] == pytest.approx(1.0)  # 5 of 6 captions always include one of 2
 
 
 def test_retrieval_of_perfect_and_constant_models():

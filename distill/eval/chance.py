@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from distill.eval.retrieval import KS, dedupe_captions
+from distill.eval.retrieval import KS, dedupe_captions, image_groups, positives
 
 
 def uniform_guess_macro_f1(labels: np.ndarray, n_classes: int) -> float:
@@ -32,18 +32,25 @@ def uniform_guess_macro_f1(labels: np.ndarray, n_classes: int) -> float:
 
 
 def retrieval_chance(owner: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
-    """R@k of a random ranking both ways, and their mean; `owner[i]` is image i's caption index (dedupe_captions)."""
-    owner = np.asarray(owner, dtype=np.int64)
-    n_img, n_txt = len(owner), int(owner.max()) + 1
-    per_caption = np.bincount(owner, minlength=n_txt)  # P_j images carry caption j
+    """R@k of a random ranking both ways, and their mean; `owner[i]` is image i's caption index (dedupe_captions),
+    or an (N_img, N_txt) bool mask of the captions each image has (`retrieval.positives`)."""
+    owner = np.asarray(owner)
+    pos = owner if owner.ndim == 2 else positives(owner)
+    n_img, n_txt = pos.shape
+    per_image, per_caption = pos.sum(1), pos.sum(0)  # captions an image has, images a caption has
     out = {}
     for k in ks:
-        out[f"image_to_text_R@{k}"] = min(1.0, k / n_txt)
-        i = np.arange(min(k, n_img), dtype=np.float64)[None, :]
-        miss = np.prod(np.clip(n_img - per_caption[:, None] - i, 0, None) / (n_img - i), axis=1)  # C(N-P,k)/C(N,k)
-        out[f"text_to_image_R@{k}"] = float(np.mean(1.0 - miss))
+        out[f"image_to_text_R@{k}"] = _any_in_top(per_image, n_txt, k)
+        out[f"text_to_image_R@{k}"] = _any_in_top(per_caption, n_img, k)
     out["mean_recall"] = float(np.mean(list(out.values())))
     return out
+
+
+def _any_in_top(p: np.ndarray, n: int, k: int) -> float:
+    """Mean over queries of P(one of a query's p positives among n items is in a random top k): 1 - C(n-p,k)/C(n,k)."""
+    i = np.arange(min(k, n), dtype=np.float64)[None, :]
+    miss = np.prod(np.clip(n - p[:, None] - i, 0, None) / (n - i), axis=1)
+    return float(np.mean(1.0 - miss))
 
 
 def classification_chance(metric: str, labels: np.ndarray | None, n_classes: int) -> float | None:
@@ -81,6 +88,6 @@ def chance_levels(task, test, metrics: Iterable[str]) -> dict[str, float | None]
     """{metric: chance level or None (unknown)} for a task (`TaskCfg`) and its test split (`SplitData`)."""
     metrics = list(metrics)
     if task.kind == "retrieval":
-        table = retrieval_chance(dedupe_captions(test.captions)[1])
+        table = retrieval_chance(positives(dedupe_captions(test.captions)[1], image_groups(test.images)[0]))
         return {m: table.get(m) for m in metrics}
     return {m: classification_chance(m, test.labels, len(task.classes)) for m in metrics}

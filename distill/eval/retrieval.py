@@ -1,16 +1,20 @@
-"""Image-text retrieval both ways (R@1, R@5, R@10) where several images can share one caption.
+"""Image-text retrieval both ways (R@1, R@5, R@10) where several images can share one caption and one image can
+have several captions.
 
-Captions are deduplicated (whitespace-normalised), so the gallery for image->text holds each text once. An image
-query is correct when its own caption is in the top k; a caption query is correct when ANY of the images that
-carry it is in the top k. Ties are broken at random in expectation, so a constant model scores chance.
+Captions are deduplicated (whitespace-normalised), so the gallery for image->text holds each text once; rows that
+name the same image file are one image (a dataset may list an image once per caption, as COCO does). An image query
+is correct when ANY of its captions is in the top k; a caption query is correct when ANY of the images that carry it
+is in the top k. Ties are broken at random in expectation, so a constant model scores chance.
 Intervals resample the queries of each direction (both directions in one bootstrap, as two strata);
 `mean_recall`, the mean of the six recalls, is the task's headline metric.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,12 +43,42 @@ def dedupe_captions(captions: Sequence[str]) -> tuple[list[str], np.ndarray]:
     return unique, owner
 
 
+def image_groups(images) -> tuple[np.ndarray, np.ndarray]:
+    """(image id of each row, first row of each image): rows naming the same file (after normalising the path) are
+    one image; images given as arrays or read from a corpus are one per row."""
+    n = len(images)
+    if not isinstance(images, (list, tuple)) or not all(isinstance(x, (str, Path)) for x in images):
+        return np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64)
+    index: dict[str, int] = {}
+    first: list[int] = []
+    group = np.empty(n, dtype=np.int64)
+    for i, item in enumerate(images):
+        key = os.path.normpath(str(item))
+        if key not in index:
+            index[key] = len(first)
+            first.append(i)
+        group[i] = index[key]
+    return group, np.asarray(first, dtype=np.int64)
+
+
+def positives(owner: np.ndarray, group: np.ndarray | None = None) -> np.ndarray:
+    """(N_images, N_captions) bool: image g carries caption j when some row of g has caption j (`owner`: each row's
+    caption index, `group`: each row's image index; None: one image per row)."""
+    owner = np.asarray(owner, dtype=np.int64)
+    group = np.arange(len(owner)) if group is None else np.asarray(group, dtype=np.int64)
+    pos = np.zeros((int(group.max()) + 1 if len(group) else 0, int(owner.max()) + 1 if len(owner) else 0), bool)
+    pos[group, owner] = True
+    return pos
+
+
 def retrieval_hits(
     image_emb: torch.Tensor, text_emb: torch.Tensor, owner: np.ndarray, ks: Sequence[int] = KS
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-query probability of a hit in the top k, (Q, len(ks)): (images among texts, texts among images)."""
+    """Per-query probability of a hit in the top k, (Q, len(ks)): (images among texts, texts among images).
+    `owner`: each image's caption index (N_img,), or an (N_img, N_txt) bool mask of the captions each image has."""
     sim = (image_emb.float() @ text_emb.float().T).numpy()  # (N_img, N_txt)
-    pos = owner[:, None] == np.arange(text_emb.shape[0])[None, :]  # image i carries text j
+    owner = np.asarray(owner)
+    pos = owner if owner.ndim == 2 else owner[:, None] == np.arange(text_emb.shape[0])[None, :]
     return M.hit_probabilities(sim, pos, ks), M.hit_probabilities(sim.T, pos.T, ks)
 
 
@@ -78,6 +112,7 @@ def retrieval_metrics(
 def evaluate_retrieval(task, model: Teacher, name: str, splits: dict, ctx: EvalContext) -> dict[str, Estimate]:
     test = splits["test"]
     unique, owner = dedupe_captions(test.captions)
-    img = ctx.cache.images(name, model, test, ctx.batch_size, ctx.num_workers)
+    group, first = image_groups(test.images)
+    img = ctx.cache.images(name, model, test, ctx.batch_size, ctx.num_workers)[torch.from_numpy(first)]
     txt = encode_texts(model, unique)
-    return retrieval_metrics(*retrieval_hits(img, txt, owner), ctx.bootstrap, ctx.seed)
+    return retrieval_metrics(*retrieval_hits(img, txt, positives(owner, group)), ctx.bootstrap, ctx.seed)
