@@ -34,8 +34,8 @@ from cache.sources.corpus import Corpus, open_corpus
 from cache.store.reader import FeatureReader
 from distill.config.audit_job import AuditJob
 from distill.data.cache_join import join_cache
-from distill.eval.datasets import SplitData
-from distill.teacher_report import DEFAULT_BLOCK_ROWS, normalise, row_blocks
+from distill.eval.datasets import SplitData, image_paths
+from distill.teacher_report import DEFAULT_BLOCK_ROWS, normalise, read_view0, row_blocks
 
 HALF_ELEMENTS = 1 << 28  # above this many embedding values (1 GB as float32), hold them as float16
 SENSITIVITY = (0.90, 0.95, 0.98, 0.99)  # thresholds at which the report counts rows with a near neighbour
@@ -146,23 +146,22 @@ def corpus_hashes(corpus: Corpus, rows: np.ndarray) -> list[str]:
 
 def split_hashes(data: SplitData) -> list[str]:
     """A task split's image hashes: file bytes for images given as paths, else decoded pixels."""
-    if isinstance(data.images, (list, tuple)) and all(isinstance(p, (str, Path)) for p in data.images):
-        return [image_hash(Path(p).read_bytes()) for p in data.images]
+    paths = image_paths(data.images)
+    if paths is not None:
+        return [image_hash(Path(p).read_bytes()) for p in paths]
     return [image_hash(None, data.image(i)) for i in range(len(data))]
 
 
 # -- stage 2: embeddings, block by block -------------------------------------------------------------------
 def read_images(reader: FeatureReader, teacher: str, cache_rows: np.ndarray, block_rows: int) -> np.ndarray:
     """(len(cache_rows), D) unit image embeddings of `teacher`, in the order of `cache_rows`, read by blocks."""
-    views = int(reader.teacher_attrs(teacher).get("views", 0) or 0)
     dim = int(reader.teacher_attrs(teacher)["embed_dim"])
     dtype = np.float16 if len(cache_rows) * dim > HALF_ELEMENTS else np.float32
     order = np.argsort(cache_rows, kind="stable")
     out = np.empty((len(cache_rows), dim), dtype)
     at = 0
     for block in tqdm(row_blocks(cache_rows[order], block_rows), desc=f"reading {teacher}", unit="block", leave=False):
-        v = np.zeros(len(block), dtype=np.int64) if views else None
-        out[order[at : at + len(block)]] = normalise(reader.read(block, [teacher], views=v)[teacher].image)
+        out[order[at : at + len(block)]] = normalise(read_view0(reader, teacher, block).image)
         at += len(block)
     return out
 

@@ -151,6 +151,12 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def read_view0(reader: FeatureReader, teacher: str, rows: np.ndarray):
+    """`teacher`'s stored pair (image, text) of sorted cache `rows`; a teacher cached with views gives view 0."""
+    views = np.zeros(len(rows), dtype=np.int64) if int(reader.teacher_attrs(teacher).get("views", 0) or 0) else None
+    return reader.read(rows, [teacher], views=views)[teacher]
+
+
 def row_blocks(rows: np.ndarray, block_rows: int) -> list[np.ndarray]:
     """`rows` (sorted) cut where they cross a multiple of block_rows: each piece lies in one block of the file."""
     if not len(rows):
@@ -184,8 +190,7 @@ def cluster_vectors(
         x = np.zeros((len(block), PROJECT_DIM), np.float32)
         at = 0
         for t in teachers:
-            views = np.zeros(len(block), dtype=np.int64) if int(reader.teacher_attrs(t).get("views", 0) or 0) else None
-            pair = reader.read(block, [t], views=views)[t]
+            pair = read_view0(reader, t, block)
             for m in mods:
                 part = normalise(getattr(pair, m))
                 if proj is None:
@@ -343,7 +348,6 @@ def score(
     rng = np.random.default_rng(seed)
     with _open(features) as reader:
         teachers = list(teachers or reader.teacher_names)
-        views = {t: int(reader.teacher_attrs(t).get("views", 0) or 0) for t in teachers}
         n_s, n_t = len(slices.names), len(teachers)
         tally = _Tally(
             np.zeros((n_s, n_t)), np.zeros((n_s, n_t)), np.zeros((n_s, n_t, n_t)), np.zeros(n_s), np.zeros(n_s)
@@ -356,8 +360,7 @@ def score(
             ids = ids_sorted[lo : lo + len(block)]
             got = {}
             for t in teachers:
-                v = np.zeros(len(block), dtype=np.int64) if views[t] else None
-                pair = reader.read(block, [t], views=v)[t]
+                pair = read_view0(reader, t, block)
                 got[t] = (normalise(pair.image), normalise(pair.text))
             for s in np.unique(ids).tolist():
                 here = ids == s

@@ -6,14 +6,9 @@ import math
 
 from pydantic import Field, model_validator
 
-from teachers.kernel.config_model import Float, Int, Section, Str
+from teachers.kernel.config_model import Float, Int, Section, Str, check
 
 CLUSTER_ON = ("joint", "image", "text")  # distill.teacher_report.CLUSTER_ON (this module stays numpy-free)
-
-
-def _check(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ValueError(msg)
 
 
 class AutoRoutingCfg(Section):
@@ -37,15 +32,13 @@ class AutoRoutingCfg(Section):
 
     @model_validator(mode="after")
     def _valid(self) -> AutoRoutingCfg:
-        _check(self.clusters >= 1, f"loss.routing.auto.clusters must be at least 1, got {self.clusters}")
-        _check(
+        check(self.clusters >= 1, f"loss.routing.auto.clusters must be at least 1, got {self.clusters}")
+        check(
             math.isfinite(self.margin) and self.margin >= 0,
             f"loss.routing.auto.margin must be a finite number >= 0, got {self.margin!r}",
         )
-        _check(
-            self.on in CLUSTER_ON, f"loss.routing.auto.on {self.on!r} is unknown; use one of {', '.join(CLUSTER_ON)}"
-        )
-        _check(self.pool >= 2, f"loss.routing.auto.pool must be at least 2, got {self.pool}")
+        check(self.on in CLUSTER_ON, f"loss.routing.auto.on {self.on!r} is unknown; use one of {', '.join(CLUSTER_ON)}")
+        check(self.pool >= 2, f"loss.routing.auto.pool must be at least 2, got {self.pool}")
         return self
 
 
@@ -75,34 +68,34 @@ class RoutingCfg(Section):
 
     @model_validator(mode="after")
     def _valid(self) -> RoutingCfg:
-        _check(
+        check(
             self.column is not None or self.auto is not None,
             "loss.routing needs column (a corpus column) or auto (clusters of the cache, no column needed)",
         )
-        _check(self.column is None or self.auto is None, "loss.routing takes column or auto, not both")
+        check(self.column is None or self.auto is None, "loss.routing takes column or auto, not both")
         if self.auto is not None:
-            _check(
+            check(
                 self.teachers is None and not self.default and not self.weights,
                 "loss.routing.auto chooses each cluster's teachers itself; remove loss.routing.teachers, "
                 "default and weights (they map values of a column)",
             )
             return self
-        _check(bool((self.column or "").strip()), "loss.routing.column must name a corpus column")
+        check(bool((self.column or "").strip()), "loss.routing.column must name a corpus column")
         for value, w in self.weights.items():
-            _check(math.isfinite(w) and w >= 0, f"loss.routing.weights.{value} must be a finite number >= 0, got {w!r}")
-        _check(bool(self.separator), "loss.routing.separator must be a non-empty string, e.g. '|'")
+            check(math.isfinite(w) and w >= 0, f"loss.routing.weights.{value} must be a finite number >= 0, got {w!r}")
+        check(bool(self.separator), "loss.routing.separator must be a non-empty string, e.g. '|'")
         if self.teachers is not None:
-            _check(
+            check(
                 bool(self.teachers),
                 "loss.routing.teachers must map column values to teacher lists "
                 "(or be null: the column lists teacher names itself)",
             )
             for value, names in self.teachers.items():
-                _check(
+                check(
                     all(n.strip() for n in names),
                     f"loss.routing.teachers.{value}: teacher names must be non-empty, got {list(names)}",
                 )
-        _check(
+        check(
             all(n.strip() for n in self.default),
             f"loss.routing.default: teacher names must be non-empty, got {list(self.default)}",
         )

@@ -22,7 +22,7 @@ from distill.config.overrides import apply_override, plain
 from distill.config.routing import RoutingCfg
 from distill.config.terms import CombineCfg, LossTermCfg, static
 from teachers.kernel.bounded_yaml import load_yaml
-from teachers.kernel.config_model import Bool, ConfigError, Float, Int, Section, Str, config_error
+from teachers.kernel.config_model import Bool, ConfigError, Float, Int, Section, Str, check, config_error
 
 __all__ = [
     "Config",
@@ -64,11 +64,6 @@ def default_terms(mode: str) -> tuple[LossTermCfg, ...]:
     return tuple(LossTermCfg(**t) for t in DEFAULT_TERMS[mode])
 
 
-def _check(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ValueError(msg)
-
-
 class StudentCfg(Section):
     where = "student"
     preset: Str = Field("tiny", description="student preset (biomedclip, biomedclip-small, tiny) or a model spec")
@@ -88,13 +83,13 @@ class StudentCfg(Section):
 
     @model_validator(mode="after")
     def _valid(self) -> StudentCfg:
-        _check(self.freeze_vision_blocks >= 0, "student.freeze_vision_blocks must be >= 0")
-        _check(self.lock_text_layers >= 0, "student.lock_text_layers must be >= 0")
-        _check(0.0 <= self.patch_dropout < 1.0, "student.patch_dropout must be in [0, 1)")
-        _check(self.vocab_size > 0, "student.vocab_size must be > 0")
-        _check(self.image_size is None or self.image_size > 0, "student.image_size must be > 0")
+        check(self.freeze_vision_blocks >= 0, "student.freeze_vision_blocks must be >= 0")
+        check(self.lock_text_layers >= 0, "student.lock_text_layers must be >= 0")
+        check(0.0 <= self.patch_dropout < 1.0, "student.patch_dropout must be in [0, 1)")
+        check(self.vocab_size > 0, "student.vocab_size must be > 0")
+        check(self.image_size is None or self.image_size > 0, "student.image_size must be > 0")
         for k in self.overrides:
-            _check(
+            check(
                 k not in _STUDENT_ARGS, f"student.overrides.{k} is not an override; set {_STUDENT_ARGS.get(k)} instead"
             )
         return self
@@ -187,37 +182,37 @@ class DataCfg(Section):
 
     @model_validator(mode="after")
     def _valid(self) -> DataCfg:
-        _check(self.batch_size > 0, "data.batch_size must be > 0")
-        _check(
+        check(self.batch_size > 0, "data.batch_size must be > 0")
+        check(
             self.micro_batch_size is None or 0 < self.micro_batch_size <= self.batch_size,
             f"data.micro_batch_size must be in [1, data.batch_size={self.batch_size}] or null (off), "
             f"got {self.micro_batch_size}",
         )
-        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
-        _check(self.sampler in SAMPLERS, f"data.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        _check(self.decode in ("worker", "device"), f"data.decode must be worker or device, got {self.decode!r}")
-        _check(self.block_rows > 0, f"data.block_rows must be > 0, got {self.block_rows}")
-        _check(self.max_pixels >= 0, f"data.max_pixels must be >= 0 (0: PIL's own limit), got {self.max_pixels}")
-        _check(
+        check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        check(self.sampler in SAMPLERS, f"data.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        check(self.decode in ("worker", "device"), f"data.decode must be worker or device, got {self.decode!r}")
+        check(self.block_rows > 0, f"data.block_rows must be > 0, got {self.block_rows}")
+        check(self.max_pixels >= 0, f"data.max_pixels must be >= 0 (0: PIL's own limit), got {self.max_pixels}")
+        check(
             self.shuffle_buffer_blocks > 0, f"data.shuffle_buffer_blocks must be > 0, got {self.shuffle_buffer_blocks}"
         )
-        _check(
+        check(
             self.stream_buffer >= 1 and self.shard_attempts >= 1,
             f"data.stream_buffer and data.shard_attempts must be >= 1, got {self.stream_buffer} and "
             f"{self.shard_attempts}",
         )
-        _check(
+        check(
             self.bad_features in ("stop", "skip"),
             f"data.bad_features must be 'stop' or 'skip', got {self.bad_features!r}",
         )
-        _check(
+        check(
             0.0 <= self.domain_balance <= 1.0,
             f"data.domain_balance must be in [0, 1] (1: proportional, 0: uniform over domains), got "
             f"{self.domain_balance}",
         )
-        _check(bool(self.domain_column.strip()), "data.domain_column must name a corpus column, got an empty name")
+        check(bool(self.domain_column.strip()), "data.domain_column must name a corpus column, got an empty name")
         lo, hi = self.crop_scale
-        _check(0.0 < lo <= hi <= 1.0, f"data.crop_scale must be 0 < lo <= hi <= 1, got {self.crop_scale}")
+        check(0.0 < lo <= hi <= 1.0, f"data.crop_scale must be 0 < lo <= hi <= 1, got {self.crop_scale}")
         return self
 
     def check_views(self, views) -> None:
@@ -261,14 +256,14 @@ class LossCfg(Section):
     @model_validator(mode="after")
     def _valid(self) -> LossCfg:
         for t, w in (self.teachers or {}).items():
-            _check(w >= 0, f"loss.teachers.{t} must be >= 0, got {w}")
-        _check(
+            check(w >= 0, f"loss.teachers.{t} must be >= 0, got {w}")
+        check(
             not self.teachers or any(w > 0 for w in self.teachers.values()),
             "loss.teachers: every weight is 0; give one teacher a weight > 0",
         )
         labels = [t.label for t in self.terms]
         dup = sorted({x for x in labels if labels.count(x) > 1})
-        _check(not dup, f"loss.terms: duplicate term names {dup}; give each a distinct name:")
+        check(not dup, f"loss.terms: duplicate term names {dup}; give each a distinct name:")
         return self
 
 
@@ -289,13 +284,13 @@ class OptimCfg(Section):
 
     @model_validator(mode="after")
     def _valid(self) -> OptimCfg:
-        _check(self.lr > 0, "optim.lr must be > 0")
-        _check(0 <= self.min_lr <= self.lr, "optim.min_lr must be in [0, optim.lr]")
-        _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
-        _check(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
-        _check(self.schedule in SCHEDULES, f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        _check(self.logit_scale_max > 1, "optim.logit_scale_max must be > 1")
-        _check(self.fused in FUSED, f"optim.fused must be one of {FUSED}, got {self.fused!r}")
+        check(self.lr > 0, "optim.lr must be > 0")
+        check(0 <= self.min_lr <= self.lr, "optim.min_lr must be in [0, optim.lr]")
+        check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+        check(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+        check(self.schedule in SCHEDULES, f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        check(self.logit_scale_max > 1, "optim.logit_scale_max must be > 1")
+        check(self.fused in FUSED, f"optim.fused must be one of {FUSED}, got {self.fused!r}")
         return self
 
 
@@ -329,23 +324,23 @@ class TrainCfg(Section):
 
     @model_validator(mode="after")
     def _valid(self) -> TrainCfg:
-        _check(self.max_steps is None or self.max_steps > 0, "train.max_steps must be > 0 (or null)")
-        _check(self.epochs > 0, "train.epochs must be > 0")
-        _check(
+        check(self.max_steps is None or self.max_steps > 0, "train.max_steps must be > 0 (or null)")
+        check(self.epochs > 0, "train.epochs must be > 0")
+        check(
             self.mixed_precision in PRECISIONS,
             f"train.mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}",
         )
-        _check(self.grad_accum > 0, "train.grad_accum must be > 0")
-        _check(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
-        _check(self.keep_last > 0, "train.keep_last must be > 0")
-        _check(self.log_every > 0, "train.log_every must be > 0")
-        _check(self.threads is None or self.threads > 0, f"train.threads must be > 0 (or null), got {self.threads}")
-        _check(bool(self.resume), "train.resume must be auto, none or a checkpoint path")
+        check(self.grad_accum > 0, "train.grad_accum must be > 0")
+        check(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
+        check(self.keep_last > 0, "train.keep_last must be > 0")
+        check(self.log_every > 0, "train.log_every must be > 0")
+        check(self.threads is None or self.threads > 0, f"train.threads must be > 0 (or null), got {self.threads}")
+        check(bool(self.resume), "train.resume must be auto, none or a checkpoint path")
         if self.batch_schedule:
             epochs = [e for e, _ in self.batch_schedule]
-            _check(epochs[0] == 0, "train.batch_schedule must start at epoch 0, e.g. [[0, 4096], [8, 65536]]")
-            _check(epochs == sorted(set(epochs)), "train.batch_schedule epochs must be strictly increasing")
-            _check(all(b > 0 for _, b in self.batch_schedule), "train.batch_schedule batch sizes must be > 0")
+            check(epochs[0] == 0, "train.batch_schedule must start at epoch 0, e.g. [[0, 4096], [8, 65536]]")
+            check(epochs == sorted(set(epochs)), "train.batch_schedule epochs must be strictly increasing")
+            check(all(b > 0 for _, b in self.batch_schedule), "train.batch_schedule batch sizes must be > 0")
         return self
 
 
@@ -359,10 +354,10 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _valid(self, info: ValidationInfo) -> Config:
-        _check(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
-        _check(bool(self.data.corpus), "data.corpus is required: the corpus file (CSV/TSV/JSONL) or shards")
+        check(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
+        check(bool(self.data.corpus), "data.corpus is required: the corpus file (CSV/TSV/JSONL) or shards")
         if self.mode != "contrastive":
-            _check(
+            check(
                 self.data.features is not None,
                 f"mode={self.mode} needs data.features: build a cache with `distill cache --data CORPUS "
                 f"--teacher NAME=SPEC --out FEATURES.h5` and set data.features=FEATURES.h5 "
@@ -372,29 +367,29 @@ class Config(Section):
         if None in uses.values():  # a plug-in's term, before torch is imported: checked by the full validation
             return self
         if self.mode == "contrastive":
-            _check(
+            check(
                 not self.loss.teachers,
                 "mode=contrastive uses no teachers, but loss.teachers is set; use mode=hybrid or remove loss.teachers",
             )
             bad = [n for n, u in uses.items() if u]
-            _check(
+            check(
                 not bad,
                 f"mode=contrastive trains with InfoNCE only, but loss.terms has teacher terms {bad}; "
                 f"use mode=hybrid (both) or mode=distill (teacher terms only)",
             )
-            _check(
+            check(
                 self.loss.routing is None,
                 "mode=contrastive uses no teachers, but loss.routing is set; use mode=hybrid or remove loss.routing",
             )
         elif self.mode == "distill":
             bad = [n for n, u in uses.items() if not u]
-            _check(
+            check(
                 not bad,
                 f"mode=distill uses teacher terms only, but loss.terms has {bad}; "
                 f"use mode=hybrid for InfoNCE plus distillation",
             )
         elif uses:
-            _check(
+            check(
                 any(uses.values()) and not all(uses.values()),
                 f"mode=hybrid needs a teacher-free term (infonce) and at least one teacher term; loss.terms "
                 f"has {[t.kind for t in self.loss.terms]}",

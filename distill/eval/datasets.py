@@ -27,6 +27,14 @@ from distill.eval.tasks import DATA_ENV, SPLIT_ROLES, TaskCfg, TaskError
 from student.shown_paths import shown_path
 
 
+def image_paths(images) -> list[str] | None:
+    """The image files of a split that names its images by path (a list or tuple of paths); None for images given
+    as an array or read from a corpus."""
+    if isinstance(images, (list, tuple)) and all(isinstance(p, (str, Path)) for p in images):
+        return [str(p) for p in images]
+    return None
+
+
 @dataclass(frozen=True, eq=False)
 class SplitData:
     """The samples of one split. `key` identifies it for the embedding cache."""

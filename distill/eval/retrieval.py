@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ import torch
 from distill.eval import metrics as M
 from distill.eval.bootstrap import Estimate, Metric, bootstrap
 from distill.eval.context import EvalContext
+from distill.eval.datasets import image_paths
 from distill.eval.embeddings import encode_texts
 from distill.eval.kinds import register_kind
 from teachers import Teacher
@@ -46,14 +46,14 @@ def dedupe_captions(captions: Sequence[str]) -> tuple[list[str], np.ndarray]:
 def image_groups(images) -> tuple[np.ndarray, np.ndarray]:
     """(image id of each row, first row of each image): rows naming the same file (after normalising the path) are
     one image; images given as arrays or read from a corpus are one per row."""
-    n = len(images)
-    if not isinstance(images, (list, tuple)) or not all(isinstance(x, (str, Path)) for x in images):
+    n, paths = len(images), image_paths(images)
+    if paths is None:
         return np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64)
     index: dict[str, int] = {}
     first: list[int] = []
     group = np.empty(n, dtype=np.int64)
-    for i, item in enumerate(images):
-        key = os.path.normpath(str(item))
+    for i, item in enumerate(paths):
+        key = os.path.normpath(item)
         if key not in index:
             index[key] = len(first)
             first.append(i)

@@ -118,11 +118,10 @@ def loss_domains(data: DataCfg, uses_domains: bool, corpus, domains: Domains | N
 
 
 # -- label-free: clusters of the cache ------------------------------------------------------------------------------
-def _settings(auto: AutoRoutingCfg, features: str, used: list[str], rows: np.ndarray) -> str:
-    """What the saved clusters depend on; a saved file with other settings is recomputed, not reused."""
-    return json.dumps(
-        {"auto": auto.model_dump(), "features": str(features), "teachers": used, "rows": len(rows)}, sort_keys=True
-    )
+def _settings(auto: AutoRoutingCfg, features: str, used: list[str]) -> str:
+    """What the saved clusters depend on besides the rows (compared themselves, `_load`); a saved file with other
+    settings is recomputed, not reused."""
+    return json.dumps({"auto": auto.model_dump(), "features": str(features), "teachers": used}, sort_keys=True)
 
 
 Result = tuple[np.ndarray, np.ndarray, list[dict]]  # cluster id of each row, (K, T) bool choice, scores per cluster
@@ -175,7 +174,7 @@ def _load(path: Path, settings: str, rows: np.ndarray) -> Result | None:
 
 def _main_result(auto, features, rows, used, output_dir) -> Result:
     path = Path(output_dir) / AUTO_FILE if output_dir is not None else None
-    settings = _settings(auto, features, used, rows)
+    settings = _settings(auto, features, used)
     got = _load(path, settings, rows) if path is not None else None
     if got is not None:
         log.info("auto routing: reusing the clusters in %s", path)

@@ -54,6 +54,12 @@ Str = Annotated[str, Strict()]
 Float = Annotated[float, BeforeValidator(_no_bool)]
 
 
+def check(ok: bool, msg: str) -> None:
+    """Inside a Section's validator: fail with `msg` (pydantic turns the ValueError into the one-line ConfigError)."""
+    if not ok:
+        raise ValueError(msg)
+
+
 class Section(BaseModel):
     """A frozen config model: unknown keys and wrong types are refused; direct construction raises ConfigError."""
 
